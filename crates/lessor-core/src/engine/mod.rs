@@ -1,0 +1,736 @@
+//! The queue engine: the [`Engine`] handle the server calls, and one task per queue that owns its partitions.
+//!
+//! Every queue runs as one tokio task (see [`queue`]). Requests reach it through a bounded inbox; the task drains
+//! whatever has arrived, then applies it as batches: one storage call per partition per kind of request
+//! (produce, lease, complete, retry). While a storage call is in flight new requests pile up in the inbox and form
+//! the next batch, so concurrent requests share each write (and each fsync on persistent stores). Lease expiry,
+//! schedules and item expiry come from the partitions' ordered deadline indexes through one timer per queue.
+
+mod placement;
+mod queue;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot, Mutex};
+use tokio::task::JoinHandle;
+
+pub use placement::{place, shares, StoreWeight};
+
+use crate::error::{QueueError, StorageErrorKind};
+use crate::storage::{PartitionStore, QueuesStore};
+use crate::time::{SharedClock, Ts};
+use crate::types::{ClearRequest, Item, ItemId, Limits, NewItem, QueueInfo, DEFAULT_NAMESPACE};
+use crate::validate;
+use queue::{Cold, Msg, QueueTask};
+
+/// One configured partition store.
+#[derive(Clone, Debug)]
+pub struct NamedStore {
+    /// The `partition-storage` name.
+    pub name: String,
+    /// Placement weight.
+    pub affinity: f64,
+    /// The backend.
+    pub store: Arc<dyn PartitionStore>,
+}
+
+/// Everything the engine needs.
+#[derive(Clone, Debug)]
+pub struct EngineConfig {
+    /// Queue definitions.
+    pub queues: Arc<dyn QueuesStore>,
+    /// Partition stores, in configuration order.
+    pub stores: Vec<NamedStore>,
+    /// Limits and defaults.
+    pub limits: Limits,
+    /// Time source.
+    pub clock: SharedClock,
+}
+
+/// Counters and gauges of one queue, updated by its task and read by `/metrics`.
+#[derive(Debug, Default)]
+pub struct QueueMetrics {
+    /// Items produced.
+    pub produced: AtomicU64,
+    /// Items leased.
+    pub leased: AtomicU64,
+    /// Items completed.
+    pub completed: AtomicU64,
+    /// Items retried (requeued or scheduled).
+    pub retried: AtomicU64,
+    /// Leases that expired.
+    pub lease_expired: AtomicU64,
+    /// Items that died (moved to the dead-letter queue or deleted).
+    pub dead_lettered: AtomicU64,
+    /// Ready items now.
+    pub ready: AtomicU64,
+    /// Leased items now.
+    pub leased_now: AtomicU64,
+    /// Scheduled items now.
+    pub scheduled: AtomicU64,
+    /// Lease requests waiting now.
+    pub lease_waiting: AtomicU64,
+}
+
+/// A produce item as the server hands it over.
+#[derive(Clone, Debug, Default)]
+pub struct ProduceItem {
+    /// Zero for "now"; a time closer than the schedule threshold also means now.
+    pub enqueue_at: Ts,
+    /// See [`Item::reference`].
+    pub reference: String,
+    /// See [`Item::encoding`].
+    pub encoding: String,
+    /// See [`Item::kind`].
+    pub kind: String,
+    /// The payload.
+    pub payload: bytes::Bytes,
+}
+
+/// A lease answer: the items all come from one partition.
+#[derive(Clone, Debug, Default)]
+pub struct LeaseResult {
+    /// The partition to name in complete and retry.
+    pub partition: u32,
+    /// The leased items.
+    pub items: Vec<Item>,
+}
+
+/// A retry item as the server hands it over.
+#[derive(Clone, Debug)]
+pub struct RetryRequestItem {
+    /// The id from the lease.
+    pub id: String,
+    /// Zero for now.
+    pub retry_at: Ts,
+    /// Dead-letter the item.
+    pub dead: bool,
+}
+
+/// Which fields an update sets; `None` leaves the stored value alone.
+#[derive(Clone, Debug, Default)]
+pub struct QueueUpdate {
+    /// The queue to update.
+    pub name: String,
+    /// New lease timeout.
+    pub lease_timeout: Option<Duration>,
+    /// New expire timeout.
+    pub expire_timeout: Option<Duration>,
+    /// New max attempts (0 = unlimited).
+    pub max_attempts: Option<u32>,
+    /// New dead-letter queue ("" removes it).
+    pub dead_queue: Option<String>,
+    /// New reference.
+    pub reference: Option<String>,
+    /// New partition count (may only grow).
+    pub requested_partitions: Option<u32>,
+}
+
+/// Statistics of one partition as reported by `queue.stats`.
+#[derive(Clone, Debug, Default)]
+pub struct PartitionReport {
+    /// Partition number.
+    pub partition: u32,
+    /// Ready plus leased items.
+    pub total: u64,
+    /// Leased items.
+    pub total_leased: u64,
+    /// Consecutive storage failures (0 = healthy).
+    pub failures: u32,
+    /// Mean age of items.
+    pub average_age: Duration,
+    /// Mean time left on leases.
+    pub average_leased_age: Duration,
+    /// Scheduled items.
+    pub scheduled: u64,
+}
+
+/// `queue.stats` answer.
+#[derive(Clone, Debug, Default)]
+pub struct QueueStats {
+    /// Produce requests waiting in the inbox.
+    pub produce_waiting: u64,
+    /// Lease requests long-polling.
+    pub lease_waiting: u64,
+    /// Complete requests waiting in the inbox.
+    pub complete_waiting: u64,
+    /// Requests in the inbox.
+    pub in_flight: u64,
+    /// One entry per partition.
+    pub partitions: Vec<PartitionReport>,
+}
+
+#[derive(Debug)]
+struct QueueHandle {
+    tx: mpsc::Sender<Msg>,
+    metrics: Arc<QueueMetrics>,
+    task: Arc<Mutex<Option<JoinHandle<()>>>>,
+}
+
+#[derive(Debug)]
+pub(crate) struct Inner {
+    config: EngineConfig,
+    queues: RwLock<HashMap<String, Arc<QueueHandle>>>,
+    load_lock: Mutex<()>,
+    shutting_down: AtomicBool,
+}
+
+/// The engine handle; cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Engine {
+    inner: Arc<Inner>,
+}
+
+impl Engine {
+    /// Builds an engine; queues load lazily on first use.
+    pub fn new(config: EngineConfig) -> Result<Engine, QueueError> {
+        if config.stores.is_empty() {
+            return Err(QueueError::Invalid("partition-storage is invalid; at least one store is required".into()));
+        }
+        if !config.stores.iter().any(|s| s.affinity > 0.0) {
+            return Err(QueueError::Invalid(
+                "partition-storage is invalid; at least one store needs an affinity greater than 0".into(),
+            ));
+        }
+        Ok(Engine {
+            inner: Arc::new(Inner {
+                config,
+                queues: RwLock::new(HashMap::new()),
+                load_lock: Mutex::new(()),
+                shutting_down: AtomicBool::new(false),
+            }),
+        })
+    }
+
+    /// The engine's clock.
+    pub fn clock(&self) -> &SharedClock {
+        &self.inner.config.clock
+    }
+
+    /// The engine's limits.
+    pub fn limits(&self) -> &Limits {
+        &self.inner.config.limits
+    }
+
+    fn check_running(&self) -> Result<(), QueueError> {
+        if self.inner.shutting_down.load(Ordering::Acquire) {
+            return Err(QueueError::ShuttingDown);
+        }
+        Ok(())
+    }
+
+    // ---- queue definitions -------------------------------------------------------------------------------------
+
+    /// Creates a queue.
+    pub async fn create_queue(&self, mut info: QueueInfo) -> Result<(), QueueError> {
+        self.check_running()?;
+        validate::queue_name("queue_name", &info.name)?;
+        validate_options(&info)?;
+        if info.lease_timeout.is_zero() {
+            return Err(QueueError::Invalid("lease_timeout is required; '1m' is a typical value".into()));
+        }
+        if info.expire_timeout.is_zero() {
+            return Err(QueueError::Invalid("expire_timeout is required; '24h' is a typical value".into()));
+        }
+        if info.namespace.is_empty() {
+            info.namespace = DEFAULT_NAMESPACE.to_string();
+        }
+        if info.requested_partitions == 0 {
+            info.requested_partitions = 1;
+        }
+        self.validate_dead_queue(&info.name, &info.dead_queue).await?;
+        if info.partitions.is_empty() {
+            info.partitions = place(&self.weights(), 0, info.requested_partitions);
+        } else {
+            self.validate_placement(&info)?;
+        }
+        let now = self.clock().now();
+        info.created_at = now;
+        info.updated_at = now;
+        match self.inner.config.queues.add(&info).await {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind == StorageErrorKind::AlreadyExists => Err(QueueError::QueueExists(info.name)),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Adds a queue declared in the configuration file, unless it exists already.
+    pub async fn declare_queue(&self, info: QueueInfo) -> Result<(), QueueError> {
+        match self.create_queue(info).await {
+            Ok(()) | Err(QueueError::QueueExists(_)) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn weights(&self) -> Vec<StoreWeight> {
+        self.inner
+            .config
+            .stores
+            .iter()
+            .map(|s| StoreWeight { name: s.name.clone(), affinity: s.affinity })
+            .collect()
+    }
+
+    fn validate_placement(&self, info: &QueueInfo) -> Result<(), QueueError> {
+        for (i, p) in info.partitions.iter().enumerate() {
+            if p.partition as usize != i {
+                return Err(QueueError::Invalid(format!(
+                    "partitions is invalid; partition numbers must run from 0 in order, found '{}' at position {i}",
+                    p.partition
+                )));
+            }
+            if !self.inner.config.stores.iter().any(|s| s.name == p.storage_name) {
+                return Err(QueueError::Invalid(format!(
+                    "invalid partition storage; queue '{}' references '{}' which is undefined",
+                    info.name, p.storage_name
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    async fn validate_dead_queue(&self, name: &str, dead_queue: &str) -> Result<(), QueueError> {
+        if dead_queue.is_empty() {
+            return Ok(());
+        }
+        validate::queue_name("dead_queue", dead_queue)?;
+        if dead_queue == name {
+            return Err(QueueError::Invalid("dead_queue cannot reference itself".into()));
+        }
+        let Some(dlq) = self.inner.config.queues.get(dead_queue).await? else {
+            return Err(QueueError::Invalid(format!(
+                "dead_queue does not exist; '{dead_queue}' was not found, create it first"
+            )));
+        };
+        if !dlq.dead_queue.is_empty() {
+            return Err(QueueError::Invalid(format!(
+                "dead_queue is invalid; '{dead_queue}' already has its own dead_queue configured"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Changes the fields the update sets, and only those.
+    pub async fn update_queue(&self, update: QueueUpdate) -> Result<(), QueueError> {
+        self.check_running()?;
+        validate::queue_name("queue_name", &update.name)?;
+        let _guard = self.inner.load_lock.lock().await;
+        let Some(mut info) = self.inner.config.queues.get(&update.name).await? else {
+            return Err(QueueError::QueueNotFound(update.name));
+        };
+        if let Some(t) = update.lease_timeout {
+            info.lease_timeout = t;
+        }
+        if let Some(t) = update.expire_timeout {
+            info.expire_timeout = t;
+        }
+        if let Some(m) = update.max_attempts {
+            info.max_attempts = m;
+        }
+        if let Some(r) = update.reference {
+            info.reference = r;
+        }
+        if let Some(d) = update.dead_queue {
+            self.validate_dead_queue(&info.name, &d).await?;
+            info.dead_queue = d;
+        }
+        if let Some(n) = update.requested_partitions {
+            let have = info.partitions.len() as u32;
+            if n < have {
+                return Err(QueueError::Invalid(format!(
+                    "requested_partitions is invalid; cannot shrink from '{have}' to '{n}' partitions"
+                )));
+            }
+            if n > validate::MAX_PARTITIONS {
+                return Err(QueueError::Invalid(format!(
+                    "requested_partitions is invalid; cannot be greater than '{}'",
+                    validate::MAX_PARTITIONS
+                )));
+            }
+            info.partitions.extend(place(&self.weights(), have, n - have));
+            info.requested_partitions = n;
+        }
+        validate_options(&info)?;
+        info.updated_at = self.clock().now();
+        self.inner.config.queues.update(&info).await?;
+        let handle = self.inner.queues.read().map_err(poisoned)?.get(&info.name).cloned();
+        if let Some(h) = handle {
+            let (tx, rx) = oneshot::channel();
+            if h.tx.send(Msg::Cold(Cold::UpdateInfo(Box::new(info), tx))).await.is_ok() {
+                let _ = rx.await;
+            }
+        }
+        Ok(())
+    }
+
+    /// Deletes a queue with its items. Waiting requests get "queue is shutting down".
+    pub async fn delete_queue(&self, name: &str) -> Result<(), QueueError> {
+        self.check_running()?;
+        validate::queue_name("queue_name", name)?;
+        let _guard = self.inner.load_lock.lock().await;
+        let Some(info) = self.inner.config.queues.get(name).await? else {
+            return Err(QueueError::QueueNotFound(name.to_string()));
+        };
+        self.inner.config.queues.delete(name).await?;
+        let handle = self.inner.queues.write().map_err(poisoned)?.remove(name);
+        if let Some(h) = handle {
+            stop_queue(&h).await;
+        }
+        for p in &info.partitions {
+            if let Some(s) = self.inner.config.stores.iter().find(|s| s.name == p.storage_name) {
+                if let Err(e) = s.store.destroy(name, p.partition).await {
+                    tracing::warn!(queue = name, partition = p.partition, error = %e, "partition data not removed");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The queue's definition.
+    pub async fn queue_info(&self, name: &str) -> Result<QueueInfo, QueueError> {
+        self.check_running()?;
+        validate::queue_name("queue_name", name)?;
+        self.inner.config.queues.get(name).await?.ok_or_else(|| QueueError::QueueNotFound(name.to_string()))
+    }
+
+    /// Queues in name order from `pivot` (inclusive), in `namespace` (all namespaces when empty).
+    pub async fn list_queues(
+        &self,
+        pivot: &str,
+        limit: usize,
+        namespace: &str,
+    ) -> Result<Vec<QueueInfo>, QueueError> {
+        self.check_running()?;
+        let mut out = Vec::new();
+        let mut from = pivot.to_string();
+        // Filter after fetching but keep paging, so the limit counts matching queues (Querator applies the limit
+        // before the namespace filter).
+        loop {
+            let page = self.inner.config.queues.list(&from, limit.max(1) + 1).await?;
+            let full = page.len() > limit.max(1);
+            let mut last = None;
+            for q in page {
+                if out.len() >= limit {
+                    return Ok(out);
+                }
+                last = Some(q.name.clone());
+                if namespace.is_empty() || q.namespace == namespace {
+                    out.push(q);
+                }
+            }
+            match (full, last) {
+                (true, Some(l)) if out.len() < limit => from = format!("{l}\0"),
+                _ => return Ok(out),
+            }
+        }
+    }
+
+    /// Probes the queue store (health checks).
+    pub async fn health(&self) -> Result<(), String> {
+        self.inner.config.queues.ping().await.map_err(|e| e.message)
+    }
+
+    // ---- queue operations --------------------------------------------------------------------------------------
+
+    async fn handle(&self, name: &str) -> Result<Arc<QueueHandle>, QueueError> {
+        self.check_running()?;
+        validate::queue_name("queue_name", name)?;
+        if let Some(h) = self.inner.queues.read().map_err(poisoned)?.get(name) {
+            return Ok(h.clone());
+        }
+        let _guard = self.inner.load_lock.lock().await;
+        if let Some(h) = self.inner.queues.read().map_err(poisoned)?.get(name) {
+            return Ok(h.clone());
+        }
+        self.check_running()?;
+        let info =
+            self.inner.config.queues.get(name).await?.ok_or_else(|| QueueError::QueueNotFound(name.to_string()))?;
+        let (tx, rx) = mpsc::channel(self.limits().max_requests_per_queue.max(1));
+        let metrics = Arc::new(QueueMetrics::default());
+        let task = QueueTask::new(info, rx, Arc::downgrade(&self.inner), self.inner.config.clone(), metrics.clone());
+        let join = tokio::spawn(task.run());
+        let h = Arc::new(QueueHandle { tx, metrics, task: Arc::new(Mutex::new(Some(join))) });
+        self.inner.queues.write().map_err(poisoned)?.insert(name.to_string(), h.clone());
+        Ok(h)
+    }
+
+    async fn call<T>(
+        &self,
+        name: &str,
+        make: impl FnOnce(oneshot::Sender<Result<T, QueueError>>) -> Msg,
+    ) -> Result<T, QueueError> {
+        let h = self.handle(name).await?;
+        send(&h, make).await
+    }
+
+    /// Produces items; returns once storage holds them.
+    pub async fn produce(
+        &self,
+        queue: &str,
+        items: Vec<ProduceItem>,
+        request_timeout: Option<Duration>,
+    ) -> Result<(), QueueError> {
+        let limits = self.limits();
+        let _timeout = validate::request_timeout(request_timeout, limits.min_request_timeout, limits.max_request_timeout)?;
+        if items.is_empty() {
+            return Err(QueueError::Invalid("items cannot be empty; at least one item is required".into()));
+        }
+        if items.len() > limits.max_produce_batch {
+            return Err(QueueError::Invalid(format!(
+                "items is invalid; max_produce_batch_size is {} but received {}",
+                limits.max_produce_batch,
+                items.len()
+            )));
+        }
+        self.call(queue, |reply| Msg::Produce { items, reply }).await
+    }
+
+    /// Leases up to `batch_size` items, waiting up to `request_timeout` for the first one.
+    pub async fn lease(
+        &self,
+        queue: &str,
+        batch_size: i64,
+        client_id: &str,
+        request_timeout: Option<Duration>,
+    ) -> Result<LeaseResult, QueueError> {
+        let limits = self.limits();
+        if client_id.trim().is_empty() {
+            return Err(QueueError::Invalid("invalid client id; cannot be empty".into()));
+        }
+        if client_id.len() > validate::MAX_CLIENT_ID {
+            return Err(QueueError::Invalid(format!(
+                "invalid client id; cannot be longer than {} characters",
+                validate::MAX_CLIENT_ID
+            )));
+        }
+        if batch_size <= 0 {
+            return Err(QueueError::Invalid("invalid batch size; must be greater than zero".into()));
+        }
+        if batch_size as usize > limits.max_lease_batch {
+            return Err(QueueError::Invalid(format!(
+                "invalid batch size; max_lease_batch_size is {}, but {batch_size} was requested",
+                limits.max_lease_batch
+            )));
+        }
+        let timeout = validate::request_timeout(request_timeout, limits.min_request_timeout, limits.max_request_timeout)?;
+        let deadline = self.clock().now().add(timeout);
+        let client_id = client_id.to_string();
+        self.call(queue, |reply| Msg::Lease { n: batch_size as usize, client_id, deadline, reply }).await
+    }
+
+    /// Completes leased items: all of the ids or none.
+    pub async fn complete(
+        &self,
+        queue: &str,
+        partition: i64,
+        ids: Vec<String>,
+        request_timeout: Option<Duration>,
+    ) -> Result<(), QueueError> {
+        let limits = self.limits();
+        if ids.is_empty() {
+            return Err(QueueError::Invalid("ids is invalid; list of ids cannot be empty".into()));
+        }
+        if ids.len() > limits.max_complete_batch {
+            return Err(QueueError::Invalid(format!(
+                "ids is invalid; max_complete_batch_size is {} but received {}",
+                limits.max_complete_batch,
+                ids.len()
+            )));
+        }
+        validate::request_timeout(request_timeout, Duration::ZERO, limits.max_request_timeout)?;
+        let ids = parse_ids(&ids)?;
+        let partition = partition_number(partition)?;
+        self.call(queue, |reply| Msg::Complete { partition, ids, reply }).await
+    }
+
+    /// Retries leased items: all of them or none.
+    pub async fn retry(
+        &self,
+        queue: &str,
+        partition: i64,
+        items: Vec<RetryRequestItem>,
+    ) -> Result<(), QueueError> {
+        let limits = self.limits();
+        if items.is_empty() {
+            return Err(QueueError::Invalid("items is invalid; list of items cannot be empty".into()));
+        }
+        if items.len() > limits.max_complete_batch {
+            return Err(QueueError::Invalid(format!(
+                "items is invalid; max_complete_batch_size is {} but received {}",
+                limits.max_complete_batch,
+                items.len()
+            )));
+        }
+        let ids = parse_ids(&items.iter().map(|i| i.id.clone()).collect::<Vec<_>>())?;
+        let items = ids.into_iter().zip(items).map(|(id, i)| (id, i.retry_at, i.dead)).collect();
+        let partition = partition_number(partition)?;
+        self.call(queue, |reply| Msg::Retry { partition, items, reply }).await
+    }
+
+    /// Statistics of the queue.
+    pub async fn stats(&self, queue: &str) -> Result<QueueStats, QueueError> {
+        self.call(queue, |reply| Msg::Cold(Cold::Stats(reply))).await
+    }
+
+    /// Clears items as the request says.
+    pub async fn clear(&self, queue: &str, request: ClearRequest) -> Result<(), QueueError> {
+        if !request.queue && !request.scheduled {
+            return Err(QueueError::Invalid(
+                "invalid clear request; one of 'queue', 'scheduled' must be true".into(),
+            ));
+        }
+        self.call(queue, |reply| Msg::Cold(Cold::Clear(request, reply))).await
+    }
+
+    /// Re-reads every partition's counts and deadlines from storage and retries failed partitions now.
+    pub async fn reload(&self, queue: &str) -> Result<(), QueueError> {
+        self.call(queue, |reply| Msg::Cold(Cold::Reload(reply))).await
+    }
+
+    /// Lists stored items of a partition (ready and leased, or scheduled).
+    pub async fn storage_list(
+        &self,
+        queue: &str,
+        partition: i64,
+        pivot: &str,
+        limit: usize,
+        scheduled: bool,
+    ) -> Result<Vec<Item>, QueueError> {
+        let pivot = if pivot.is_empty() { None } else { Some(parse_id(pivot)?) };
+        let partition = partition_number(partition)?;
+        self.call(queue, |reply| Msg::Cold(Cold::List { partition, pivot, limit, scheduled, reply })).await
+    }
+
+    /// Imports raw items into a partition.
+    pub async fn storage_import(&self, queue: &str, partition: i64, items: Vec<Item>) -> Result<Vec<Item>, QueueError> {
+        if items.is_empty() {
+            return Err(QueueError::Invalid("items is invalid; cannot be empty".into()));
+        }
+        if items.len() > self.limits().max_produce_batch * 10 {
+            return Err(QueueError::Invalid(format!(
+                "items is invalid; at most {} items per import",
+                self.limits().max_produce_batch * 10
+            )));
+        }
+        let partition = partition_number(partition)?;
+        self.call(queue, |reply| Msg::Cold(Cold::Import { partition, items, reply })).await
+    }
+
+    /// Deletes items of a partition by id, whatever their state.
+    pub async fn storage_delete(&self, queue: &str, partition: i64, ids: Vec<String>) -> Result<(), QueueError> {
+        if ids.is_empty() {
+            return Err(QueueError::Invalid("ids is invalid; cannot be empty".into()));
+        }
+        let ids = parse_ids(&ids)?;
+        let partition = partition_number(partition)?;
+        self.call(queue, |reply| Msg::Cold(Cold::Delete { partition, ids, reply })).await
+    }
+
+    /// Metrics of every loaded queue.
+    pub fn queue_metrics(&self) -> Vec<(String, Arc<QueueMetrics>)> {
+        match self.inner.queues.read() {
+            Ok(m) => m.iter().map(|(k, v)| (k.clone(), v.metrics.clone())).collect(),
+            Err(_) => Vec::new(),
+        }
+    }
+
+    /// Stops every queue: waiting requests get "queue is shutting down", in-flight storage calls finish, stores
+    /// close. Later calls get "service is shutting down".
+    pub async fn shutdown(&self) {
+        self.inner.shutting_down.store(true, Ordering::Release);
+        let _guard = self.inner.load_lock.lock().await;
+        let handles: Vec<_> = match self.inner.queues.write() {
+            Ok(mut m) => m.drain().map(|(_, h)| h).collect(),
+            Err(_) => Vec::new(),
+        };
+        futures::future::join_all(handles.iter().map(|h| stop_queue(h))).await;
+        for s in &self.inner.config.stores {
+            s.store.close().await;
+        }
+        self.inner.config.queues.close().await;
+    }
+
+    /// Hands dead items to the dead-letter queue `queue` (idempotent by source_id).
+    ///
+    /// Boxed with an explicit `Send` bound: the queue task awaits this, and this may load (spawn) a queue task,
+    /// a cycle the compiler cannot prove `Send` through on its own.
+    pub(crate) fn dead_letter(
+        inner: &Arc<Inner>,
+        queue: &str,
+        items: Vec<NewItem>,
+    ) -> crate::time::BoxFuture<'static, Result<(), QueueError>> {
+        let engine = Engine { inner: inner.clone() };
+        let queue = queue.to_string();
+        Box::pin(async move { engine.call(&queue, |reply| Msg::DeadLetter { items, reply }).await })
+    }
+}
+
+async fn send<T>(
+    h: &QueueHandle,
+    make: impl FnOnce(oneshot::Sender<Result<T, QueueError>>) -> Msg,
+) -> Result<T, QueueError> {
+    let (tx, rx) = oneshot::channel();
+    match h.tx.try_send(make(tx)) {
+        Ok(()) => {}
+        Err(mpsc::error::TrySendError::Full(_)) => return Err(QueueError::Overloaded),
+        Err(mpsc::error::TrySendError::Closed(_)) => return Err(QueueError::QueueShuttingDown),
+    }
+    rx.await.unwrap_or(Err(QueueError::QueueShuttingDown))
+}
+
+async fn stop_queue(h: &QueueHandle) {
+    let (tx, rx) = oneshot::channel();
+    // A full inbox must not stop shutdown: wait for room, the task drains it.
+    if h.tx.send(Msg::Shutdown(tx)).await.is_ok() {
+        let _ = rx.await;
+    }
+    if let Some(join) = h.task.lock().await.take() {
+        let _ = join.await;
+    }
+}
+
+fn poisoned<T>(_: T) -> QueueError {
+    QueueError::StorageFailed("queue table lock poisoned".into())
+}
+
+fn validate_options(info: &QueueInfo) -> Result<(), QueueError> {
+    if info.reference.len() > validate::MAX_REFERENCE {
+        return Err(QueueError::Invalid(format!(
+            "reference is invalid; cannot be greater than '{}' characters",
+            validate::MAX_REFERENCE
+        )));
+    }
+    if info.max_attempts > validate::MAX_ATTEMPTS {
+        return Err(QueueError::Invalid(format!(
+            "max_attempts is invalid; cannot be greater than '{}'",
+            validate::MAX_ATTEMPTS
+        )));
+    }
+    if info.requested_partitions > validate::MAX_PARTITIONS {
+        return Err(QueueError::Invalid(format!(
+            "requested_partitions is invalid; cannot be greater than '{}'",
+            validate::MAX_PARTITIONS
+        )));
+    }
+    if !info.lease_timeout.is_zero() && !info.expire_timeout.is_zero() && info.lease_timeout > info.expire_timeout {
+        return Err(QueueError::Invalid(
+            "lease_timeout is too long; lease_timeout cannot be greater than the expire_timeout".into(),
+        ));
+    }
+    Ok(())
+}
+
+fn parse_id(s: &str) -> Result<ItemId, QueueError> {
+    s.parse::<ItemId>().map_err(|e| QueueError::Invalid(format!("invalid storage id; '{s}': {e}")))
+}
+
+fn parse_ids(ids: &[String]) -> Result<Vec<ItemId>, QueueError> {
+    ids.iter().map(|s| parse_id(s)).collect()
+}
+
+fn partition_number(p: i64) -> Result<u32, QueueError> {
+    u32::try_from(p).map_err(|_| QueueError::Invalid(format!("partition is invalid; '{p}' is not a valid partition")))
+}

@@ -1,0 +1,141 @@
+//! Error types of the core layer.
+//!
+//! [`StorageError`] is what backends return: a [`StorageErrorKind`] the engine branches on, plus a message for the
+//! log. [`QueueError`] is what the engine returns to the server; its `Display` is the client-facing message in
+//! Querator's `<constant>; <details>` form, and `lessor-server` maps each variant to a wire code in exactly one
+//! place.
+
+use thiserror::Error;
+
+/// What kind of failure a backend hit; the engine decides retry and health from this, never from text.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum StorageErrorKind {
+    /// The backend cannot be reached or answered too late; trying again later may work.
+    Unavailable,
+    /// The disk (or database) is out of space; writes resume once space is back.
+    NoSpace,
+    /// A write's durability is unknown (a failed fsync): the store refuses writes until it is reopened.
+    Poisoned,
+    /// Another process holds the store.
+    Locked,
+    /// The stored data is not in a format this build reads.
+    Corrupt,
+    /// The record to add already exists.
+    AlreadyExists,
+    /// The configuration of the store is wrong.
+    Config,
+    /// Anything else.
+    Other,
+}
+
+/// A backend failure.
+#[derive(Debug, Error, Clone)]
+#[error("{kind:?}: {message}")]
+pub struct StorageError {
+    /// What kind of failure.
+    pub kind: StorageErrorKind,
+    /// Details for logs and operators.
+    pub message: String,
+}
+
+impl StorageError {
+    /// Builds an error of `kind`.
+    pub fn new(kind: StorageErrorKind, message: impl Into<String>) -> Self {
+        StorageError { kind, message: message.into() }
+    }
+
+    /// A transient failure.
+    pub fn unavailable(message: impl Into<String>) -> Self {
+        Self::new(StorageErrorKind::Unavailable, message)
+    }
+
+    /// Any other failure.
+    pub fn other(message: impl Into<String>) -> Self {
+        Self::new(StorageErrorKind::Other, message)
+    }
+
+    /// Whether retrying the request later may succeed.
+    pub fn is_transient(&self) -> bool {
+        matches!(self.kind, StorageErrorKind::Unavailable | StorageErrorKind::NoSpace)
+    }
+}
+
+/// Why one id of a complete or retry request cannot be applied. A request with any such id changes nothing.
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+pub enum ItemError {
+    /// No item has that id in the partition (completed, moved by a lease expiry, or never existed).
+    #[error("'{0}' does not exist")]
+    NotFound(String),
+    /// The item exists but nobody holds it.
+    #[error("'{0}' is not marked as leased")]
+    NotLeased(String),
+    /// The same id appears twice in one request.
+    #[error("'{0}' appears more than once")]
+    Duplicate(String),
+}
+
+/// An engine failure, as returned to the server. Variants map one-to-one onto wire codes in `lessor-server`.
+#[derive(Debug, Error, Clone)]
+#[non_exhaustive]
+pub enum QueueError {
+    /// Input that breaks a rule; the message names the field and the rule (400).
+    #[error("{0}")]
+    Invalid(String),
+    /// The named queue does not exist (400).
+    #[error("queue does not exist; no such queue named '{0}'")]
+    QueueNotFound(String),
+    /// A queue with that name exists already (400).
+    #[error("invalid queue; '{0}' already exists")]
+    QueueExists(String),
+    /// Another lease request with the same client id is waiting (400).
+    #[error("duplicate client id; a client cannot make multiple leased requests to the same queue")]
+    DuplicateClientId,
+    /// A complete names an id that cannot be completed (400); nothing in the request was applied.
+    #[error("item(s) cannot be completed; {0}")]
+    CannotComplete(ItemError),
+    /// A retry names an id that cannot be retried (400); nothing in the request was applied.
+    #[error("item(s) cannot be retried; {0}")]
+    CannotRetry(ItemError),
+    /// The long-poll lease ended with no item (454).
+    #[error("request timeout; no items are in the queue, try again")]
+    LeaseTimeout,
+    /// The queue's inbox is full (454).
+    #[error("queue is overloaded; try again later")]
+    Overloaded,
+    /// The partition is failing; retry later (454).
+    #[error("partition not available; partition '{0}' is failing, retry again")]
+    PartitionUnavailable(u32),
+    /// Every partition of the queue is failing (454).
+    #[error("queue has no available partitions; every partition is failing, retry again")]
+    NoAvailablePartitions,
+    /// A transient storage failure (454); the request was not applied.
+    #[error("internal error, try your request again; {0}")]
+    Transient(String),
+    /// A storage failure that retrying will not fix (453).
+    #[error("storage failure; {0}")]
+    StorageFailed(String),
+    /// The server is stopping (453).
+    #[error("service is shutting down")]
+    ShuttingDown,
+    /// The queue is stopping (deleted, or the server is stopping) (453).
+    #[error("queue is shutting down")]
+    QueueShuttingDown,
+}
+
+impl QueueError {
+    /// Builds the error for a failed storage call.
+    pub fn from_storage(e: &StorageError) -> Self {
+        if e.is_transient() {
+            QueueError::Transient(e.message.clone())
+        } else {
+            QueueError::StorageFailed(e.message.clone())
+        }
+    }
+}
+
+impl From<StorageError> for QueueError {
+    fn from(e: StorageError) -> Self {
+        QueueError::from_storage(&e)
+    }
+}

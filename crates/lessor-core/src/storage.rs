@@ -1,0 +1,206 @@
+//! The storage traits every backend implements, and their contracts.
+//!
+//! A backend provides a [`QueuesStore`] (queue definitions) and/or a [`PartitionStore`] (queue items). A partition
+//! store hands out [`Partition`] handles; each partition is owned by exactly one queue task in this process, which
+//! calls it with whole batches: one call per partition per kind of request. Backends implement the item state
+//! machine themselves, with ordered indexes, so no call costs more as the partition grows:
+//!
+//! ```text
+//!            produce (enqueue_at > now)        schedule due (new id, tail)
+//!   ---------------------------------> SCHEDULED ----------------------------+
+//!   produce                                 ^ retry with retry_at             v
+//!   -----------------------------------> READY ---- lease ----> LEASED ----- complete ---> gone
+//!                                           ^  lease expiry / retry (new id)   |
+//!                                           +----------------------------------+
+//!   LEASED/READY --(max attempts reached at expiry or retry, expire_deadline, retry dead)--> DEAD
+//!   DEAD: deleted at once when the queue has no dead-letter queue, otherwise kept hidden until the engine has
+//!   written it to the dead-letter queue (idempotent by source_id) and calls `remove_dead`.
+//! ```
+//!
+//! Contracts shared by every method:
+//! - A returned `Err` means the call changed nothing. Backends that cannot promise that for a failure (a failed
+//!   fsync) must poison themselves and refuse later writes with [`StorageErrorKind::Poisoned`].
+//! - `Ok` from a write means the write is as durable as the store's configured durability mode says
+//!   (memory: in RAM; fjall `sync`: fsynced; postgres: committed).
+//! - Ids only grow within a partition, including across restarts; a moved item gets a fresh, larger id.
+
+use std::fmt::Debug;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+
+use crate::error::{ItemError, StorageError};
+#[allow(unused_imports)]
+use crate::error::StorageErrorKind;
+use crate::time::Ts;
+use crate::types::{ClearRequest, Item, ItemId, NewItem, PartitionCounts, PartitionStats, QueueInfo};
+
+/// Queue definitions.
+#[async_trait]
+pub trait QueuesStore: Send + Sync + Debug + 'static {
+    /// The queue named `name`, if any.
+    async fn get(&self, name: &str) -> Result<Option<QueueInfo>, StorageError>;
+    /// Adds a queue; [`StorageErrorKind::AlreadyExists`] when the name is taken.
+    async fn add(&self, info: &QueueInfo) -> Result<(), StorageError>;
+    /// Replaces an existing queue's definition.
+    async fn update(&self, info: &QueueInfo) -> Result<(), StorageError>;
+    /// Removes a queue's definition; removing a missing queue is `Ok`.
+    async fn delete(&self, name: &str) -> Result<(), StorageError>;
+    /// Up to `limit` queues in name order, starting at `pivot` (inclusive).
+    async fn list(&self, pivot: &str, limit: usize) -> Result<Vec<QueueInfo>, StorageError>;
+    /// A cheap round trip that proves the store answers (health checks).
+    async fn ping(&self) -> Result<(), StorageError> {
+        self.list("", 1).await.map(|_| ())
+    }
+    /// Releases resources; later calls may fail.
+    async fn close(&self);
+}
+
+/// A backend that holds partitions, one `partition-storage` entry of the configuration.
+#[async_trait]
+pub trait PartitionStore: Send + Sync + Debug + 'static {
+    /// The driver name, for logs.
+    fn driver(&self) -> &'static str;
+    /// Opens (creating on first use) partition `partition` of `queue`. Fails while the backend is down; the engine
+    /// keeps the partition marked failed and tries again.
+    async fn open(&self, queue: &str, partition: u32) -> Result<Arc<dyn Partition>, StorageError>;
+    /// Deletes a partition's items for good (queue deletion). Deleting a missing partition is `Ok`.
+    async fn destroy(&self, queue: &str, partition: u32) -> Result<(), StorageError>;
+    /// True when other servers may change the same partitions (a shared database): the engine then refreshes its
+    /// counts from [`Partition::counts`] periodically instead of trusting its own bookkeeping alone.
+    fn shared(&self) -> bool {
+        false
+    }
+    /// Releases resources.
+    async fn close(&self);
+}
+
+/// What the lifecycle and retries need to know about the queue's current settings.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct LifecyclePolicy {
+    /// 0 = unlimited. An item whose attempts reached this when its lease ends (expiry or retry) is dead.
+    pub max_attempts: u32,
+    /// Whether dead items are kept for transfer to a dead-letter queue (true) or deleted (false).
+    pub has_dead_queue: bool,
+}
+
+impl LifecyclePolicy {
+    /// Whether an item leased `attempts` times has no attempt left.
+    pub fn exhausted(&self, attempts: u32) -> bool {
+        self.max_attempts != 0 && attempts >= self.max_attempts
+    }
+}
+
+/// What to do with one leased item of a retry request (the engine resolves the schedule threshold).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RetryAction {
+    /// Back to the tail of the ready queue now, with a new id.
+    Requeue,
+    /// Into the schedule until the given time (same id until it comes due).
+    Schedule(Ts),
+    /// Dead: dead-lettered or deleted according to the policy.
+    Dead,
+}
+
+/// One id of a retry request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RetryOp {
+    /// The leased item.
+    pub id: ItemId,
+    /// What to do with it.
+    pub action: RetryAction,
+}
+
+/// How many items a retry request moved where.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RetryOutcome {
+    /// Re-queued at the tail.
+    pub requeued: u64,
+    /// Scheduled for later.
+    pub scheduled: u64,
+    /// Dead (dead-lettered or deleted).
+    pub dead: u64,
+}
+
+/// What one lifecycle pass did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LifecycleOutcome {
+    /// Leases that expired and went back to the tail.
+    pub lease_expired: u64,
+    /// Scheduled items that came due and joined the tail.
+    pub enqueued: u64,
+    /// Items that died (max attempts at lease expiry, or expire_deadline passed).
+    pub dead: u64,
+    /// True when `limit` stopped the pass before every due action was taken.
+    pub more: bool,
+}
+
+/// One partition of one queue. Not shared: one queue task calls it, one call at a time.
+#[async_trait]
+pub trait Partition: Send + Sync + Debug + 'static {
+    /// Appends items in order. Items with a non-zero `enqueue_at` go to the schedule instead of the ready queue.
+    /// Items whose non-empty `source_id` is already present are skipped (idempotent dead-letter moves); their slot in
+    /// the returned vector holds the id of the item already stored. Returns the ids in input order.
+    async fn produce(&self, items: Vec<NewItem>) -> Result<Vec<ItemId>, StorageError>;
+
+    /// Leases up to `n` ready items from the head, in id order: each gets `is_leased`, `lease_deadline` and
+    /// `attempts + 1`. Returns the leased items (fewer than `n`, possibly none, when fewer are ready).
+    async fn lease(&self, n: usize, lease_deadline: Ts) -> Result<Vec<Item>, StorageError>;
+
+    /// Completes (deletes) leased items. Each inner request is applied whole or not at all: if any of its ids is
+    /// missing, not leased, or repeated, that request gets the first such [`ItemError`] and none of its ids change.
+    /// Valid requests of the same call are applied together in one write.
+    async fn complete(&self, requests: Vec<Vec<ItemId>>) -> Result<Vec<Result<(), ItemError>>, StorageError>;
+
+    /// Retries leased items; the same all-or-nothing rule per request as [`Partition::complete`]. A requeue or
+    /// schedule of an item whose attempts are exhausted under `policy` makes it dead instead.
+    async fn retry(
+        &self,
+        requests: Vec<Vec<RetryOp>>,
+        policy: LifecyclePolicy,
+    ) -> Result<Vec<Result<RetryOutcome, ItemError>>, StorageError>;
+
+    /// Applies every lifecycle action due at `now`, at most `limit` of them, using the ordered deadline indexes:
+    /// expired leases go to the tail (new id) or die when their attempts are exhausted; due scheduled items go to
+    /// the tail (new id); items past `expire_deadline` die.
+    async fn lifecycle(
+        &self,
+        now: Ts,
+        policy: LifecyclePolicy,
+        limit: usize,
+    ) -> Result<LifecycleOutcome, StorageError>;
+
+    /// Up to `limit` dead items waiting for transfer to the dead-letter queue, in id order.
+    async fn dead_items(&self, limit: usize) -> Result<Vec<Item>, StorageError>;
+
+    /// Removes dead items once the dead-letter queue holds them. Missing ids are ignored.
+    async fn remove_dead(&self, ids: Vec<ItemId>) -> Result<(), StorageError>;
+
+    /// The earliest instant at which [`Partition::lifecycle`] has something to do: the earliest lease deadline,
+    /// schedule time or expire deadline, or `Ts::ZERO` when dead items wait for transfer. `None` when nothing is
+    /// pending. Must be cheap (the head of an index), never a scan.
+    async fn next_deadline(&self) -> Result<Option<Ts>, StorageError>;
+
+    /// Current counts (also a health probe).
+    async fn counts(&self) -> Result<PartitionCounts, StorageError>;
+
+    /// Counts and ages, without scanning items.
+    async fn stats(&self, now: Ts) -> Result<PartitionStats, StorageError>;
+
+    /// Up to `limit` items in id order from `pivot` (inclusive; the next greater id when it is gone). With
+    /// `scheduled` false: ready and leased items; with `scheduled` true: scheduled items.
+    async fn list(&self, pivot: Option<ItemId>, limit: usize, scheduled: bool) -> Result<Vec<Item>, StorageError>;
+
+    /// Adds items as given (state, deadlines, attempts, source_id), with new ids and `created_at` kept when set.
+    /// Items whose non-empty `source_id` is already present are skipped. Returns the stored items.
+    async fn import(&self, items: Vec<Item>) -> Result<Vec<Item>, StorageError>;
+
+    /// Deletes items by id, whatever their state. Missing ids are ignored.
+    async fn delete(&self, ids: Vec<ItemId>) -> Result<(), StorageError>;
+
+    /// Removes items as the request says.
+    async fn clear(&self, request: ClearRequest) -> Result<(), StorageError>;
+
+    /// Flushes and releases resources.
+    async fn close(&self);
+}

@@ -1,0 +1,246 @@
+//! The values Lessor stores and moves: items, their ids, queue definitions and partition placement.
+
+use std::fmt;
+use std::str::FromStr;
+use std::time::Duration;
+
+use bytes::Bytes;
+
+use crate::time::Ts;
+
+/// An item's id inside one partition.
+///
+/// Ids are a per-partition sequence that only grows, so id order is FIFO order. An item gets a **new id every time
+/// it re-enters the ready queue** (lease expiry, immediate retry, a schedule coming due): the new id is what puts it at
+/// the tail, and it is also Lessor's lease fence. An id names one lease cycle of an item, so a consumer whose lease
+/// expired holds an id that no longer exists and can never complete or retry the item another consumer now holds.
+///
+/// On the wire an id is 16 lowercase hex digits, which sort as strings in the same order as the numbers.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct ItemId(pub u64);
+
+impl fmt::Display for ItemId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:016x}", self.0)
+    }
+}
+
+impl fmt::Debug for ItemId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "ItemId({:016x})", self.0)
+    }
+}
+
+impl FromStr for ItemId {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if s.len() != 16 || !s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
+            return Err("expected 16 lowercase hexadecimal digits".to_string());
+        }
+        u64::from_str_radix(s, 16).map(ItemId).map_err(|e| e.to_string())
+    }
+}
+
+/// An item as stored in a partition.
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct Item {
+    /// Position and lease fence, see [`ItemId`].
+    pub id: ItemId,
+    /// Set on items moved to a dead-letter queue or imported: the key that makes those moves idempotent.
+    pub source_id: String,
+    /// Whether a consumer holds the item.
+    pub is_leased: bool,
+    /// When the current lease ends (zero when not leased).
+    pub lease_deadline: Ts,
+    /// When the item expires whatever its state.
+    pub expire_deadline: Ts,
+    /// When a scheduled item becomes ready (zero when the item is not scheduled).
+    pub enqueue_at: Ts,
+    /// When the item was first produced.
+    pub created_at: Ts,
+    /// How many times the item was leased.
+    pub attempts: u32,
+    /// Stored for import compatibility; the queue's max_attempts is what the lifecycle applies.
+    pub max_attempts: u32,
+    /// User correlation string.
+    pub reference: String,
+    /// User encoding tag.
+    pub encoding: String,
+    /// User kind tag.
+    pub kind: String,
+    /// The payload.
+    pub payload: Bytes,
+}
+
+impl Item {
+    /// Whether the item waits for its schedule.
+    pub fn is_scheduled(&self) -> bool {
+        !self.enqueue_at.is_zero()
+    }
+
+    /// Approximate bytes this item occupies beyond its payload: used for memory accounting.
+    pub fn overhead(&self) -> usize {
+        std::mem::size_of::<Item>() + self.source_id.len() + self.reference.len() + self.encoding.len() + self.kind.len()
+    }
+}
+
+/// What a producer sends for one item; the engine fills the deadlines before storage sees it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NewItem {
+    /// See [`Item::source_id`]; empty for ordinary produce.
+    pub source_id: String,
+    /// Zero for ready items, otherwise when the item becomes ready.
+    pub enqueue_at: Ts,
+    /// When the item expires.
+    pub expire_deadline: Ts,
+    /// When it was produced (kept across dead-letter moves).
+    pub created_at: Ts,
+    /// See [`Item::reference`].
+    pub reference: String,
+    /// See [`Item::encoding`].
+    pub encoding: String,
+    /// See [`Item::kind`].
+    pub kind: String,
+    /// The payload.
+    pub payload: Bytes,
+}
+
+/// One item of a retry request.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RetryItem {
+    /// The leased item.
+    pub id: ItemId,
+    /// Zero (or within the immediate threshold) re-queues at the tail now; later schedules the item.
+    pub retry_at: Ts,
+    /// Give up on the item: dead-letter it (or delete it when the queue has no dead-letter queue).
+    pub dead: bool,
+}
+
+/// Where one partition of a queue lives.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PartitionInfo {
+    /// The partition number, 0-based.
+    pub partition: u32,
+    /// The `partition-storage` entry that holds it.
+    pub storage_name: String,
+    /// Reserved: read-only partitions take no produce (stored, not yet enforced).
+    pub read_only: bool,
+}
+
+/// A queue's definition, as stored by the [`crate::storage::QueuesStore`].
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct QueueInfo {
+    /// Unique name.
+    pub name: String,
+    /// Namespace (`_system` when not given).
+    pub namespace: String,
+    /// Creation time.
+    pub created_at: Ts,
+    /// Last update time.
+    pub updated_at: Ts,
+    /// Dead-letter queue name, empty for none.
+    pub dead_queue: String,
+    /// User reference string.
+    pub reference: String,
+    /// How long a lease lasts.
+    pub lease_timeout: Duration,
+    /// How long an item may live.
+    pub expire_timeout: Duration,
+    /// 0 = unlimited.
+    pub max_attempts: u32,
+    /// How many partitions the queue asked for.
+    pub requested_partitions: u32,
+    /// Placement of each partition, in partition order.
+    pub partitions: Vec<PartitionInfo>,
+}
+
+/// Namespace used when a request names none.
+pub const DEFAULT_NAMESPACE: &str = "_system";
+
+/// Counts a partition keeps, used for load balancing, stats and metrics.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PartitionCounts {
+    /// Items a lease can take now.
+    pub ready: u64,
+    /// Items held by consumers.
+    pub leased: u64,
+    /// Items waiting for their schedule.
+    pub scheduled: u64,
+}
+
+/// A partition's statistics at one instant.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PartitionStats {
+    /// The counts.
+    pub counts: PartitionCounts,
+    /// Mean age of non-scheduled items (now - created_at).
+    pub average_age: Duration,
+    /// Mean time left on current leases.
+    pub average_leased_age: Duration,
+    /// Payload bytes held (ready, leased and scheduled).
+    pub payload_bytes: u64,
+}
+
+/// What a clear request removes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ClearRequest {
+    /// Remove ready items (un-leased ones only, unless destructive).
+    pub queue: bool,
+    /// Remove scheduled items.
+    pub scheduled: bool,
+    /// With `queue`, remove leased items too.
+    pub destructive: bool,
+}
+
+/// Engine limits and defaults; the server fills them from configuration.
+#[derive(Clone, Debug)]
+pub struct Limits {
+    /// Most items in one produce request.
+    pub max_produce_batch: usize,
+    /// Most items one lease request may ask for.
+    pub max_lease_batch: usize,
+    /// Most ids in one complete or retry request.
+    pub max_complete_batch: usize,
+    /// Requests that may wait in one queue's inbox before callers get "overloaded".
+    pub max_requests_per_queue: usize,
+    /// Longest request_timeout accepted.
+    pub max_request_timeout: Duration,
+    /// Shortest request_timeout accepted for produce and lease (exclusive).
+    pub min_request_timeout: Duration,
+    /// enqueue_at / retry_at closer than this to now means "now".
+    pub schedule_threshold: Duration,
+    /// Storage calls per partition that one batch may not exceed before the rest waits for the next round.
+    pub max_items_per_storage_call: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_produce_batch: 1000,
+            max_lease_batch: 1000,
+            max_complete_batch: 1000,
+            max_requests_per_queue: 4096,
+            max_request_timeout: Duration::from_secs(15 * 60),
+            min_request_timeout: Duration::from_millis(10),
+            schedule_threshold: Duration::from_millis(100),
+            max_items_per_storage_call: 10_000,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn item_id_round_trips_and_sorts_as_text() {
+        let a = ItemId(0x1234);
+        let b = ItemId(0xff_0000);
+        assert_eq!(a.to_string().parse::<ItemId>(), Ok(a));
+        assert!(a.to_string() < b.to_string());
+        assert!("xyz".parse::<ItemId>().is_err());
+        assert!("000000000000000G".parse::<ItemId>().is_err());
+        assert!("000000000000000A".parse::<ItemId>().is_err());
+    }
+}

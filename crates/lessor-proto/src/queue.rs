@@ -1,0 +1,390 @@
+//! Messages of the `/v1/queue.*` endpoints (Querator `proto/queue.proto`, package `querator`): produce, lease,
+//! complete, retry, stats, clear and reload, plus `QueueInfo`, which `queues.create`/`update`/`info` use.
+//!
+//! Field numbers and JSON names match Querator's proto file; see the crate docs for how JSON is read and
+//! written.
+
+use crate::json::{message, Bool, Bytes, Msg, Rep, Str, I32};
+use crate::timestamp::Timestamp;
+
+message! {
+    /// Body of `/v1/queue.produce`: items to add to one queue.
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct QueueProduceRequest {
+        /// Name of the queue the items go to.
+        #[json(Str, "queue_name", "queueName")]
+        #[prost(string, tag = "1")]
+        pub queue_name: String,
+        /// How long the client waits for the items to be accepted, as a Go duration (`"1m"`).
+        #[json(Str, "request_timeout", "requestTimeout")]
+        #[prost(string, tag = "2")]
+        pub request_timeout: String,
+        /// The items to produce.
+        #[json(Rep<QueueProduceItem>, "items")]
+        #[prost(message, repeated, tag = "3")]
+        pub items: Vec<QueueProduceItem>,
+    }
+}
+
+message! {
+    /// One item of a produce request.
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct QueueProduceItem {
+        /// User-defined encoding of the payload.
+        #[json(Str, "encoding")]
+        #[prost(string, tag = "1")]
+        pub encoding: String,
+        /// User-defined kind or type of the payload.
+        #[json(Str, "kind")]
+        #[prost(string, tag = "2")]
+        pub kind: String,
+        /// User-defined reference.
+        #[json(Str, "reference")]
+        #[prost(string, tag = "3")]
+        pub reference: String,
+        /// When set, the item is scheduled and enters the queue at this time.
+        #[json(Msg<Timestamp>, "enqueue_at", "enqueueAt")]
+        #[prost(message, optional, tag = "4")]
+        pub enqueue_at: Option<Timestamp>,
+        /// Binary payload (base64 in JSON); takes precedence over `utf8` when non-empty.
+        #[json(Bytes, "bytes")]
+        #[prost(bytes = "vec", tag = "5")]
+        pub bytes: Vec<u8>,
+        /// UTF-8 payload, used when `bytes` is empty.
+        #[json(Str, "utf8")]
+        #[prost(string, tag = "6")]
+        pub utf8: String,
+    }
+}
+
+message! {
+    /// Body of `/v1/queue.lease`: a long-poll for up to `batch_size` items.
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct QueueLeaseRequest {
+        /// Name of the queue to lease from.
+        #[json(Str, "queue_name", "queueName")]
+        #[prost(string, tag = "1")]
+        pub queue_name: String,
+        /// Maximum number of items wanted.
+        #[json(I32, "batch_size", "batchSize")]
+        #[prost(int32, tag = "2")]
+        pub batch_size: i32,
+        /// Caller-chosen id, unique per consumer.
+        #[json(Str, "client_id", "clientId")]
+        #[prost(string, tag = "3")]
+        pub client_id: String,
+        /// How long to wait for items, as a Go duration.
+        #[json(Str, "request_timeout", "requestTimeout")]
+        #[prost(string, tag = "4")]
+        pub request_timeout: String,
+    }
+}
+
+message! {
+    /// One leased item.
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct QueueLeaseItem {
+        /// User-defined encoding of the payload.
+        #[json(Str, "encoding")]
+        #[prost(string, tag = "1")]
+        pub encoding: String,
+        /// User-defined kind of the payload.
+        #[json(Str, "kind")]
+        #[prost(string, tag = "2")]
+        pub kind: String,
+        /// User-defined reference.
+        #[json(Str, "reference")]
+        #[prost(string, tag = "3")]
+        pub reference: String,
+        /// Item id, unique within its partition.
+        #[json(Str, "id")]
+        #[prost(string, tag = "4")]
+        pub id: String,
+        /// Times the item has been leased or retried.
+        #[json(I32, "attempts")]
+        #[prost(int32, tag = "5")]
+        pub attempts: i32,
+        /// When the lease expires and the item is offered again.
+        #[json(Msg<Timestamp>, "lease_deadline", "leaseDeadline")]
+        #[prost(message, optional, tag = "6")]
+        pub lease_deadline: Option<Timestamp>,
+        /// The payload (base64 in JSON).
+        #[json(Bytes, "bytes")]
+        #[prost(bytes = "vec", tag = "7")]
+        pub bytes: Vec<u8>,
+    }
+}
+
+message! {
+    /// Reply of `/v1/queue.lease`: items from a single partition.
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct QueueLeaseResponse {
+        /// Name of the queue.
+        #[json(Str, "queue_name", "queueName")]
+        #[prost(string, tag = "1")]
+        pub queue_name: String,
+        /// Partition every item came from; complete and retry must name it.
+        #[json(I32, "partition")]
+        #[prost(int32, tag = "2")]
+        pub partition: i32,
+        /// The leased items.
+        #[json(Rep<QueueLeaseItem>, "items")]
+        #[prost(message, repeated, tag = "3")]
+        pub items: Vec<QueueLeaseItem>,
+    }
+}
+
+message! {
+    /// Body of `/v1/queue.complete`: marks leased items done.
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct QueueCompleteRequest {
+        /// Name of the queue.
+        #[json(Str, "queue_name", "queueName")]
+        #[prost(string, tag = "1")]
+        pub queue_name: String,
+        /// Partition the ids belong to.
+        #[json(I32, "partition")]
+        #[prost(int32, tag = "2")]
+        pub partition: i32,
+        /// How long to wait for the operation, as a Go duration.
+        #[json(Str, "request_timeout", "requestTimeout")]
+        #[prost(string, tag = "3")]
+        pub request_timeout: String,
+        /// Ids of the leased items to complete.
+        #[json(Rep<String>, "ids")]
+        #[prost(string, repeated, tag = "4")]
+        pub ids: Vec<String>,
+    }
+}
+
+message! {
+    /// Body of `/v1/queue.retry`: returns leased items to the queue, now or later, or dead-letters them.
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct QueueRetryRequest {
+        /// Name of the queue.
+        #[json(Str, "queue_name", "queueName")]
+        #[prost(string, tag = "1")]
+        pub queue_name: String,
+        /// Partition the items belong to.
+        #[json(I32, "partition")]
+        #[prost(int32, tag = "2")]
+        pub partition: i32,
+        /// The items to retry.
+        #[json(Rep<QueueRetryItem>, "items")]
+        #[prost(message, repeated, tag = "3")]
+        pub items: Vec<QueueRetryItem>,
+    }
+}
+
+message! {
+    /// One item of a retry request.
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct QueueRetryItem {
+        /// Id of the leased item.
+        #[json(Str, "id")]
+        #[prost(string, tag = "1")]
+        pub id: String,
+        /// When the item becomes available again; absent or past means now.
+        #[json(Msg<Timestamp>, "retry_at", "retryAt")]
+        #[prost(message, optional, tag = "2")]
+        pub retry_at: Option<Timestamp>,
+        /// Send the item to the dead-letter queue instead of retrying it.
+        #[json(Bool, "dead")]
+        #[prost(bool, tag = "3")]
+        pub dead: bool,
+    }
+}
+
+message! {
+    /// A queue's configuration: the body of `/v1/queues.create` and `/v1/queues.update`, and the reply of
+    /// `/v1/queues.info`.
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct QueueInfo {
+        /// Name of the queue.
+        #[json(Str, "queue_name", "queueName")]
+        #[prost(string, tag = "1")]
+        pub queue_name: String,
+        /// When the queue was created.
+        #[json(Msg<Timestamp>, "created_at", "createdAt")]
+        #[prost(message, optional, tag = "2")]
+        pub created_at: Option<Timestamp>,
+        /// When the queue was last updated.
+        #[json(Msg<Timestamp>, "updated_at", "updatedAt")]
+        #[prost(message, optional, tag = "3")]
+        pub updated_at: Option<Timestamp>,
+        /// Name of the dead-letter queue, if any.
+        #[json(Str, "dead_queue", "deadQueue")]
+        #[prost(string, tag = "4")]
+        pub dead_queue: String,
+        /// User-defined reference.
+        #[json(Str, "reference")]
+        #[prost(string, tag = "5")]
+        pub reference: String,
+        /// Lease duration of the queue, as a Go duration.
+        #[json(Str, "lease_timeout", "leaseTimeout")]
+        #[prost(string, tag = "6")]
+        pub lease_timeout: String,
+        /// How long an item may live regardless of attempts, as a Go duration.
+        #[json(Str, "expire_timeout", "expireTimeout")]
+        #[prost(string, tag = "7")]
+        pub expire_timeout: String,
+        /// Attempts allowed before dead-lettering; 0 means unlimited.
+        #[json(I32, "max_attempts", "maxAttempts")]
+        #[prost(int32, tag = "8")]
+        pub max_attempts: i32,
+        /// Number of partitions requested.
+        #[json(I32, "requested_partitions", "requestedPartitions")]
+        #[prost(int32, tag = "9")]
+        pub requested_partitions: i32,
+        /// Per-partition information (Querator never fills it).
+        #[json(Rep<PartitionInfo>, "partitions")]
+        #[prost(message, repeated, tag = "10")]
+        pub partitions: Vec<PartitionInfo>,
+        /// Namespace owning the queue.
+        #[json(Str, "namespace")]
+        #[prost(string, tag = "11")]
+        pub namespace: String,
+    }
+}
+
+message! {
+    /// Information about one partition of a queue.
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct PartitionInfo {
+        /// Partition number.
+        #[json(I32, "partition")]
+        #[prost(int32, tag = "1")]
+        pub partition: i32,
+    }
+}
+
+message! {
+    /// Body of `/v1/queue.clear`. Field 2 is unused (it was `retry` in older Querator versions).
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct QueueClearRequest {
+        /// Name of the queue.
+        #[json(Str, "queue_name", "queueName")]
+        #[prost(string, tag = "1")]
+        pub queue_name: String,
+        /// Clear scheduled items.
+        #[json(Bool, "scheduled")]
+        #[prost(bool, tag = "3")]
+        pub scheduled: bool,
+        /// Clear items waiting in the queue.
+        #[json(Bool, "queue")]
+        #[prost(bool, tag = "4")]
+        pub queue: bool,
+        /// Remove items regardless of their lease state.
+        #[json(Bool, "destructive")]
+        #[prost(bool, tag = "5")]
+        pub destructive: bool,
+    }
+}
+
+message! {
+    /// Body of `/v1/queue.reload`.
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct QueueReloadRequest {
+        /// Name of the queue.
+        #[json(Str, "queue_name", "queueName")]
+        #[prost(string, tag = "1")]
+        pub queue_name: String,
+    }
+}
+
+message! {
+    /// Body of `/v1/queue.stats`.
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct QueueStatsRequest {
+        /// Name of the queue.
+        #[json(Str, "queue_name", "queueName")]
+        #[prost(string, tag = "1")]
+        pub queue_name: String,
+    }
+}
+
+message! {
+    /// Reply of `/v1/queue.stats`. `logical_queues` has no `json_name` in Querator's proto, so its JSON
+    /// name is the lowerCamelCase `logicalQueues`.
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct QueueStatsResponse {
+        /// Name of the queue.
+        #[json(Str, "queue_name", "queueName")]
+        #[prost(string, tag = "1")]
+        pub queue_name: String,
+        /// Stats of each logical queue.
+        #[json(Rep<QueueLogicalStats>, "logicalQueues")]
+        #[prost(message, repeated, tag = "2")]
+        pub logical_queues: Vec<QueueLogicalStats>,
+    }
+}
+
+message! {
+    /// Stats of one partition.
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct QueuePartitionStats {
+        /// Partition number.
+        #[json(I32, "partition")]
+        #[prost(int32, tag = "1")]
+        pub partition: i32,
+        /// Items stored in the partition.
+        #[json(I32, "total")]
+        #[prost(int32, tag = "2")]
+        pub total: i32,
+        /// Items currently leased.
+        #[json(I32, "total_leased", "totalLeased")]
+        #[prost(int32, tag = "3")]
+        pub total_leased: i32,
+        /// Failures since the partition last became available; -1 when it is not ready.
+        #[json(I32, "failures")]
+        #[prost(int32, tag = "4")]
+        pub failures: i32,
+        /// Average age of the items, as a Go duration.
+        #[json(Str, "average_age", "averageAge")]
+        #[prost(string, tag = "5")]
+        pub average_age: String,
+        /// Average age of the leased items, as a Go duration.
+        #[json(Str, "average_leased_age", "averageLeasedAge")]
+        #[prost(string, tag = "6")]
+        pub average_leased_age: String,
+        /// Scheduled items.
+        #[json(I32, "scheduled")]
+        #[prost(int32, tag = "7")]
+        pub scheduled: i32,
+        /// Un-leased items the in-memory state counts (newer Querator versions only).
+        #[json(I32, "un_leased", "unLeased")]
+        #[prost(int32, tag = "8")]
+        pub un_leased: i32,
+        /// Time until the partition's lifecycle pass, as a Go duration (newer Querator versions only).
+        #[json(Str, "next_lifecycle_run", "nextLifecycleRun")]
+        #[prost(string, tag = "9")]
+        pub next_lifecycle_run: String,
+    }
+}
+
+message! {
+    /// Stats of one logical queue (Querator runs one per queue per process).
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct QueueLogicalStats {
+        /// Produce requests waiting to be processed.
+        #[json(I32, "produce_waiting", "produceWaiting")]
+        #[prost(int32, tag = "6")]
+        pub produce_waiting: i32,
+        /// Lease requests waiting for items.
+        #[json(I32, "lease_waiting", "leaseWaiting")]
+        #[prost(int32, tag = "7")]
+        pub lease_waiting: i32,
+        /// Complete requests waiting to be processed.
+        #[json(I32, "complete_waiting", "completeWaiting")]
+        #[prost(int32, tag = "8")]
+        pub complete_waiting: i32,
+        /// Requests in flight.
+        #[json(I32, "in_flight", "inFlight")]
+        #[prost(int32, tag = "10")]
+        pub in_flight: i32,
+        /// Stats of each partition.
+        #[json(Rep<QueuePartitionStats>, "partitions")]
+        #[prost(message, repeated, tag = "11")]
+        pub partitions: Vec<QueuePartitionStats>,
+    }
+}
