@@ -42,7 +42,10 @@ pub struct StorageError {
 impl StorageError {
     /// Builds an error of `kind`.
     pub fn new(kind: StorageErrorKind, message: impl Into<String>) -> Self {
-        StorageError { kind, message: message.into() }
+        StorageError {
+            kind,
+            message: message.into(),
+        }
     }
 
     /// A transient failure.
@@ -57,7 +60,10 @@ impl StorageError {
 
     /// Whether retrying the request later may succeed.
     pub fn is_transient(&self) -> bool {
-        matches!(self.kind, StorageErrorKind::Unavailable | StorageErrorKind::NoSpace)
+        matches!(
+            self.kind,
+            StorageErrorKind::Unavailable | StorageErrorKind::NoSpace
+        )
     }
 }
 

@@ -29,9 +29,9 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 
-use crate::error::{ItemError, StorageError};
 #[allow(unused_imports)]
 use crate::error::StorageErrorKind;
+use crate::error::{ItemError, StorageError};
 use crate::time::Ts;
 use crate::types::{ClearRequest, Item, ItemId, NewItem, PartitionCounts, PartitionStats, QueueInfo};
 
@@ -189,7 +189,12 @@ pub trait Partition: Send + Sync + Debug + 'static {
 
     /// Up to `limit` items in id order from `pivot` (inclusive; the next greater id when it is gone). With
     /// `scheduled` false: ready and leased items; with `scheduled` true: scheduled items.
-    async fn list(&self, pivot: Option<ItemId>, limit: usize, scheduled: bool) -> Result<Vec<Item>, StorageError>;
+    async fn list(
+        &self,
+        pivot: Option<ItemId>,
+        limit: usize,
+        scheduled: bool,
+    ) -> Result<Vec<Item>, StorageError>;
 
     /// Adds items as given (state, deadlines, attempts, source_id), with new ids and `created_at` kept when set.
     /// Items whose non-empty `source_id` is already present are skipped. Returns the stored items.

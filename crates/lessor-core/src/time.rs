@@ -143,7 +143,10 @@ mod tests {
         tokio::task::yield_now().await;
         assert!(!sleeper.is_finished());
         c.advance(Duration::from_secs(1));
-        tokio::time::timeout(Duration::from_secs(5), sleeper).await.expect("woke").expect("joined");
+        tokio::time::timeout(Duration::from_secs(5), sleeper)
+            .await
+            .expect("woke")
+            .expect("joined");
         assert_eq!(c.now(), Ts(3_000_000));
     }
 

@@ -35,7 +35,11 @@ impl FromStr for ItemId {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        if s.len() != 16 || !s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
+        if s.len() != 16
+            || !s
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        {
             return Err("expected 16 lowercase hexadecimal digits".to_string());
         }
         u64::from_str_radix(s, 16).map(ItemId).map_err(|e| e.to_string())
@@ -71,6 +75,9 @@ pub struct Item {
     pub kind: String,
     /// The payload.
     pub payload: Bytes,
+    /// Dead and waiting for transfer to the dead-letter queue: hidden from leases, lists and stats. Never on the
+    /// wire; persisted so a move in flight survives a restart.
+    pub dead: bool,
 }
 
 impl Item {
@@ -81,7 +88,11 @@ impl Item {
 
     /// Approximate bytes this item occupies beyond its payload: used for memory accounting.
     pub fn overhead(&self) -> usize {
-        std::mem::size_of::<Item>() + self.source_id.len() + self.reference.len() + self.encoding.len() + self.kind.len()
+        std::mem::size_of::<Item>()
+            + self.source_id.len()
+            + self.reference.len()
+            + self.encoding.len()
+            + self.kind.len()
     }
 }
 

@@ -28,16 +28,24 @@ pub fn queue_name(field: &str, name: &str) -> Result<(), QueueError> {
         return Err(invalid(format!("{field} is invalid; cannot be empty")));
     }
     if name.len() > MAX_QUEUE_NAME {
-        return Err(invalid(format!("{field} is invalid; cannot be greater than '{MAX_QUEUE_NAME}' characters")));
+        return Err(invalid(format!(
+            "{field} is invalid; cannot be greater than '{MAX_QUEUE_NAME}' characters"
+        )));
     }
     if name.chars().any(char::is_whitespace) {
-        return Err(invalid(format!("{field} is invalid; '{name}' cannot contain whitespace")));
+        return Err(invalid(format!(
+            "{field} is invalid; '{name}' cannot contain whitespace"
+        )));
     }
     if name.contains('~') {
-        return Err(invalid(format!("{field} is invalid; '{name}' cannot contain '~' character")));
+        return Err(invalid(format!(
+            "{field} is invalid; '{name}' cannot contain '~' character"
+        )));
     }
     if name.contains('/') || name.chars().any(char::is_control) {
-        return Err(invalid(format!("{field} is invalid; '{name}' cannot contain '/' or control characters")));
+        return Err(invalid(format!(
+            "{field} is invalid; '{name}' cannot contain '/' or control characters"
+        )));
     }
     Ok(())
 }
@@ -49,9 +57,9 @@ pub fn request_timeout(
     max: Duration,
 ) -> Result<Duration, QueueError> {
     match timeout {
-        None | Some(Duration::ZERO) => {
-            Err(invalid("request timeout is required; '5m' is recommended, 15m is the maximum".to_string()))
-        }
+        None | Some(Duration::ZERO) => Err(invalid(
+            "request timeout is required; '5m' is recommended, 15m is the maximum".to_string(),
+        )),
         Some(t) if t > max => Err(invalid(format!(
             "request timeout is invalid; maximum timeout is '{}' but '{}' was requested",
             fmt_secs(max),
@@ -79,11 +87,15 @@ fn fmt_secs(d: Duration) -> String {
 /// Checks a list limit, mapping 0 to the default.
 pub fn list_limit(limit: i64, default: usize) -> Result<usize, QueueError> {
     if limit < 0 {
-        return Err(invalid(format!("limit is invalid; must be zero or positive, got '{limit}'")));
+        return Err(invalid(format!(
+            "limit is invalid; must be zero or positive, got '{limit}'"
+        )));
     }
     let limit = usize::try_from(limit).unwrap_or(usize::MAX);
     if limit > MAX_LIST_LIMIT {
-        return Err(invalid(format!("limit is invalid; cannot be greater than '{MAX_LIST_LIMIT}'")));
+        return Err(invalid(format!(
+            "limit is invalid; cannot be greater than '{MAX_LIST_LIMIT}'"
+        )));
     }
     Ok(if limit == 0 { default } else { limit })
 }
@@ -109,6 +121,9 @@ mod tests {
         assert!(request_timeout(None, min, max).is_err());
         assert!(request_timeout(Some(Duration::from_millis(10)), min, max).is_err());
         assert!(request_timeout(Some(Duration::from_secs(901)), min, max).is_err());
-        assert_eq!(request_timeout(Some(Duration::from_secs(900)), min, max).ok(), Some(max));
+        assert_eq!(
+            request_timeout(Some(Duration::from_secs(900)), min, max).ok(),
+            Some(max)
+        );
     }
 }

@@ -188,7 +188,9 @@ impl Engine {
     /// Builds an engine; queues load lazily on first use.
     pub fn new(config: EngineConfig) -> Result<Engine, QueueError> {
         if config.stores.is_empty() {
-            return Err(QueueError::Invalid("partition-storage is invalid; at least one store is required".into()));
+            return Err(QueueError::Invalid(
+                "partition-storage is invalid; at least one store is required".into(),
+            ));
         }
         if !config.stores.iter().any(|s| s.affinity > 0.0) {
             return Err(QueueError::Invalid(
@@ -230,10 +232,14 @@ impl Engine {
         validate::queue_name("queue_name", &info.name)?;
         validate_options(&info)?;
         if info.lease_timeout.is_zero() {
-            return Err(QueueError::Invalid("lease_timeout is required; '1m' is a typical value".into()));
+            return Err(QueueError::Invalid(
+                "lease_timeout is required; '1m' is a typical value".into(),
+            ));
         }
         if info.expire_timeout.is_zero() {
-            return Err(QueueError::Invalid("expire_timeout is required; '24h' is a typical value".into()));
+            return Err(QueueError::Invalid(
+                "expire_timeout is required; '24h' is a typical value".into(),
+            ));
         }
         if info.namespace.is_empty() {
             info.namespace = DEFAULT_NAMESPACE.to_string();
@@ -270,7 +276,10 @@ impl Engine {
             .config
             .stores
             .iter()
-            .map(|s| StoreWeight { name: s.name.clone(), affinity: s.affinity })
+            .map(|s| StoreWeight {
+                name: s.name.clone(),
+                affinity: s.affinity,
+            })
             .collect()
     }
 
@@ -356,10 +365,20 @@ impl Engine {
         validate_options(&info)?;
         info.updated_at = self.clock().now();
         self.inner.config.queues.update(&info).await?;
-        let handle = self.inner.queues.read().map_err(poisoned)?.get(&info.name).cloned();
+        let handle = self
+            .inner
+            .queues
+            .read()
+            .map_err(poisoned)?
+            .get(&info.name)
+            .cloned();
         if let Some(h) = handle {
             let (tx, rx) = oneshot::channel();
-            if h.tx.send(Msg::Cold(Cold::UpdateInfo(Box::new(info), tx))).await.is_ok() {
+            if h.tx
+                .send(Msg::Cold(Cold::UpdateInfo(Box::new(info), tx)))
+                .await
+                .is_ok()
+            {
                 let _ = rx.await;
             }
         }
@@ -393,7 +412,12 @@ impl Engine {
     pub async fn queue_info(&self, name: &str) -> Result<QueueInfo, QueueError> {
         self.check_running()?;
         validate::queue_name("queue_name", name)?;
-        self.inner.config.queues.get(name).await?.ok_or_else(|| QueueError::QueueNotFound(name.to_string()))
+        self.inner
+            .config
+            .queues
+            .get(name)
+            .await?
+            .ok_or_else(|| QueueError::QueueNotFound(name.to_string()))
     }
 
     /// Queues in name order from `pivot` (inclusive), in `namespace` (all namespaces when empty).
@@ -446,14 +470,33 @@ impl Engine {
             return Ok(h.clone());
         }
         self.check_running()?;
-        let info =
-            self.inner.config.queues.get(name).await?.ok_or_else(|| QueueError::QueueNotFound(name.to_string()))?;
+        let info = self
+            .inner
+            .config
+            .queues
+            .get(name)
+            .await?
+            .ok_or_else(|| QueueError::QueueNotFound(name.to_string()))?;
         let (tx, rx) = mpsc::channel(self.limits().max_requests_per_queue.max(1));
         let metrics = Arc::new(QueueMetrics::default());
-        let task = QueueTask::new(info, rx, Arc::downgrade(&self.inner), self.inner.config.clone(), metrics.clone());
+        let task = QueueTask::new(
+            info,
+            rx,
+            Arc::downgrade(&self.inner),
+            self.inner.config.clone(),
+            metrics.clone(),
+        );
         let join = tokio::spawn(task.run());
-        let h = Arc::new(QueueHandle { tx, metrics, task: Arc::new(Mutex::new(Some(join))) });
-        self.inner.queues.write().map_err(poisoned)?.insert(name.to_string(), h.clone());
+        let h = Arc::new(QueueHandle {
+            tx,
+            metrics,
+            task: Arc::new(Mutex::new(Some(join))),
+        });
+        self.inner
+            .queues
+            .write()
+            .map_err(poisoned)?
+            .insert(name.to_string(), h.clone());
         Ok(h)
     }
 
@@ -474,9 +517,15 @@ impl Engine {
         request_timeout: Option<Duration>,
     ) -> Result<(), QueueError> {
         let limits = self.limits();
-        let _timeout = validate::request_timeout(request_timeout, limits.min_request_timeout, limits.max_request_timeout)?;
+        let _timeout = validate::request_timeout(
+            request_timeout,
+            limits.min_request_timeout,
+            limits.max_request_timeout,
+        )?;
         if items.is_empty() {
-            return Err(QueueError::Invalid("items cannot be empty; at least one item is required".into()));
+            return Err(QueueError::Invalid(
+                "items cannot be empty; at least one item is required".into(),
+            ));
         }
         if items.len() > limits.max_produce_batch {
             return Err(QueueError::Invalid(format!(
@@ -507,7 +556,9 @@ impl Engine {
             )));
         }
         if batch_size <= 0 {
-            return Err(QueueError::Invalid("invalid batch size; must be greater than zero".into()));
+            return Err(QueueError::Invalid(
+                "invalid batch size; must be greater than zero".into(),
+            ));
         }
         if batch_size as usize > limits.max_lease_batch {
             return Err(QueueError::Invalid(format!(
@@ -515,10 +566,20 @@ impl Engine {
                 limits.max_lease_batch
             )));
         }
-        let timeout = validate::request_timeout(request_timeout, limits.min_request_timeout, limits.max_request_timeout)?;
+        let timeout = validate::request_timeout(
+            request_timeout,
+            limits.min_request_timeout,
+            limits.max_request_timeout,
+        )?;
         let deadline = self.clock().now().add(timeout);
         let client_id = client_id.to_string();
-        self.call(queue, |reply| Msg::Lease { n: batch_size as usize, client_id, deadline, reply }).await
+        self.call(queue, |reply| Msg::Lease {
+            n: batch_size as usize,
+            client_id,
+            deadline,
+            reply,
+        })
+        .await
     }
 
     /// Completes leased items: all of the ids or none.
@@ -531,7 +592,9 @@ impl Engine {
     ) -> Result<(), QueueError> {
         let limits = self.limits();
         if ids.is_empty() {
-            return Err(QueueError::Invalid("ids is invalid; list of ids cannot be empty".into()));
+            return Err(QueueError::Invalid(
+                "ids is invalid; list of ids cannot be empty".into(),
+            ));
         }
         if ids.len() > limits.max_complete_batch {
             return Err(QueueError::Invalid(format!(
@@ -543,7 +606,12 @@ impl Engine {
         validate::request_timeout(request_timeout, Duration::ZERO, limits.max_request_timeout)?;
         let ids = parse_ids(&ids)?;
         let partition = partition_number(partition)?;
-        self.call(queue, |reply| Msg::Complete { partition, ids, reply }).await
+        self.call(queue, |reply| Msg::Complete {
+            partition,
+            ids,
+            reply,
+        })
+        .await
     }
 
     /// Retries leased items: all of them or none.
@@ -555,7 +623,9 @@ impl Engine {
     ) -> Result<(), QueueError> {
         let limits = self.limits();
         if items.is_empty() {
-            return Err(QueueError::Invalid("items is invalid; list of items cannot be empty".into()));
+            return Err(QueueError::Invalid(
+                "items is invalid; list of items cannot be empty".into(),
+            ));
         }
         if items.len() > limits.max_complete_batch {
             return Err(QueueError::Invalid(format!(
@@ -565,9 +635,18 @@ impl Engine {
             )));
         }
         let ids = parse_ids(&items.iter().map(|i| i.id.clone()).collect::<Vec<_>>())?;
-        let items = ids.into_iter().zip(items).map(|(id, i)| (id, i.retry_at, i.dead)).collect();
+        let items = ids
+            .into_iter()
+            .zip(items)
+            .map(|(id, i)| (id, i.retry_at, i.dead))
+            .collect();
         let partition = partition_number(partition)?;
-        self.call(queue, |reply| Msg::Retry { partition, items, reply }).await
+        self.call(queue, |reply| Msg::Retry {
+            partition,
+            items,
+            reply,
+        })
+        .await
     }
 
     /// Statistics of the queue.
@@ -582,7 +661,8 @@ impl Engine {
                 "invalid clear request; one of 'queue', 'scheduled' must be true".into(),
             ));
         }
-        self.call(queue, |reply| Msg::Cold(Cold::Clear(request, reply))).await
+        self.call(queue, |reply| Msg::Cold(Cold::Clear(request, reply)))
+            .await
     }
 
     /// Re-reads every partition's counts and deadlines from storage and retries failed partitions now.
@@ -599,13 +679,31 @@ impl Engine {
         limit: usize,
         scheduled: bool,
     ) -> Result<Vec<Item>, QueueError> {
-        let pivot = if pivot.is_empty() { None } else { Some(parse_id(pivot)?) };
+        let pivot = if pivot.is_empty() {
+            None
+        } else {
+            Some(parse_id(pivot)?)
+        };
         let partition = partition_number(partition)?;
-        self.call(queue, |reply| Msg::Cold(Cold::List { partition, pivot, limit, scheduled, reply })).await
+        self.call(queue, |reply| {
+            Msg::Cold(Cold::List {
+                partition,
+                pivot,
+                limit,
+                scheduled,
+                reply,
+            })
+        })
+        .await
     }
 
     /// Imports raw items into a partition.
-    pub async fn storage_import(&self, queue: &str, partition: i64, items: Vec<Item>) -> Result<Vec<Item>, QueueError> {
+    pub async fn storage_import(
+        &self,
+        queue: &str,
+        partition: i64,
+        items: Vec<Item>,
+    ) -> Result<Vec<Item>, QueueError> {
         if items.is_empty() {
             return Err(QueueError::Invalid("items is invalid; cannot be empty".into()));
         }
@@ -616,17 +714,36 @@ impl Engine {
             )));
         }
         let partition = partition_number(partition)?;
-        self.call(queue, |reply| Msg::Cold(Cold::Import { partition, items, reply })).await
+        self.call(queue, |reply| {
+            Msg::Cold(Cold::Import {
+                partition,
+                items,
+                reply,
+            })
+        })
+        .await
     }
 
     /// Deletes items of a partition by id, whatever their state.
-    pub async fn storage_delete(&self, queue: &str, partition: i64, ids: Vec<String>) -> Result<(), QueueError> {
+    pub async fn storage_delete(
+        &self,
+        queue: &str,
+        partition: i64,
+        ids: Vec<String>,
+    ) -> Result<(), QueueError> {
         if ids.is_empty() {
             return Err(QueueError::Invalid("ids is invalid; cannot be empty".into()));
         }
         let ids = parse_ids(&ids)?;
         let partition = partition_number(partition)?;
-        self.call(queue, |reply| Msg::Cold(Cold::Delete { partition, ids, reply })).await
+        self.call(queue, |reply| {
+            Msg::Cold(Cold::Delete {
+                partition,
+                ids,
+                reply,
+            })
+        })
+        .await
     }
 
     /// Metrics of every loaded queue.
@@ -664,7 +781,11 @@ impl Engine {
     ) -> crate::time::BoxFuture<'static, Result<(), QueueError>> {
         let engine = Engine { inner: inner.clone() };
         let queue = queue.to_string();
-        Box::pin(async move { engine.call(&queue, |reply| Msg::DeadLetter { items, reply }).await })
+        Box::pin(async move {
+            engine
+                .call(&queue, |reply| Msg::DeadLetter { items, reply })
+                .await
+        })
     }
 }
 
@@ -715,7 +836,10 @@ fn validate_options(info: &QueueInfo) -> Result<(), QueueError> {
             validate::MAX_PARTITIONS
         )));
     }
-    if !info.lease_timeout.is_zero() && !info.expire_timeout.is_zero() && info.lease_timeout > info.expire_timeout {
+    if !info.lease_timeout.is_zero()
+        && !info.expire_timeout.is_zero()
+        && info.lease_timeout > info.expire_timeout
+    {
         return Err(QueueError::Invalid(
             "lease_timeout is too long; lease_timeout cannot be greater than the expire_timeout".into(),
         ));
@@ -724,7 +848,8 @@ fn validate_options(info: &QueueInfo) -> Result<(), QueueError> {
 }
 
 fn parse_id(s: &str) -> Result<ItemId, QueueError> {
-    s.parse::<ItemId>().map_err(|e| QueueError::Invalid(format!("invalid storage id; '{s}': {e}")))
+    s.parse::<ItemId>()
+        .map_err(|e| QueueError::Invalid(format!("invalid storage id; '{s}': {e}")))
 }
 
 fn parse_ids(ids: &[String]) -> Result<Vec<ItemId>, QueueError> {
@@ -732,5 +857,6 @@ fn parse_ids(ids: &[String]) -> Result<Vec<ItemId>, QueueError> {
 }
 
 fn partition_number(p: i64) -> Result<u32, QueueError> {
-    u32::try_from(p).map_err(|_| QueueError::Invalid(format!("partition is invalid; '{p}' is not a valid partition")))
+    u32::try_from(p)
+        .map_err(|_| QueueError::Invalid(format!("partition is invalid; '{p}' is not a valid partition")))
 }

@@ -21,7 +21,10 @@ pub fn shares(stores: &[StoreWeight], n: u32) -> Vec<u32> {
     if total <= 0.0 || stores.is_empty() {
         return vec![0; stores.len()];
     }
-    let exact: Vec<f64> = stores.iter().map(|s| s.affinity.max(0.0) / total * f64::from(n)).collect();
+    let exact: Vec<f64> = stores
+        .iter()
+        .map(|s| s.affinity.max(0.0) / total * f64::from(n))
+        .collect();
     let mut counts: Vec<u32> = exact.iter().map(|e| e.floor() as u32).collect();
     let placed: u32 = counts.iter().sum();
     let mut order: Vec<usize> = (0..stores.len()).filter(|&i| stores[i].affinity > 0.0).collect();
@@ -29,7 +32,9 @@ pub fn shares(stores: &[StoreWeight], n: u32) -> Vec<u32> {
     order.sort_by(|&a, &b| {
         let fa = exact[a] - exact[a].floor();
         let fb = exact[b] - exact[b].floor();
-        fb.partial_cmp(&fa).unwrap_or(std::cmp::Ordering::Equal).then(a.cmp(&b))
+        fb.partial_cmp(&fa)
+            .unwrap_or(std::cmp::Ordering::Equal)
+            .then(a.cmp(&b))
     });
     for &i in order.iter().cycle().take(n.saturating_sub(placed) as usize) {
         counts[i] += 1;
@@ -43,7 +48,11 @@ pub fn place(stores: &[StoreWeight], first: u32, n: u32) -> Vec<PartitionInfo> {
     let mut next = first;
     for (store, count) in stores.iter().zip(shares(stores, n)) {
         for _ in 0..count {
-            out.push(PartitionInfo { partition: next, storage_name: store.name.clone(), read_only: false });
+            out.push(PartitionInfo {
+                partition: next,
+                storage_name: store.name.clone(),
+                read_only: false,
+            });
             next += 1;
         }
     }
@@ -55,7 +64,13 @@ mod tests {
     use super::*;
 
     fn w(a: &[f64]) -> Vec<StoreWeight> {
-        a.iter().enumerate().map(|(i, &affinity)| StoreWeight { name: format!("s{i}"), affinity }).collect()
+        a.iter()
+            .enumerate()
+            .map(|(i, &affinity)| StoreWeight {
+                name: format!("s{i}"),
+                affinity,
+            })
+            .collect()
     }
 
     #[test]

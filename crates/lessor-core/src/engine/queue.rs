@@ -19,9 +19,7 @@ use super::{EngineConfig, Inner, LeaseResult, PartitionReport, QueueMetrics, Que
 use crate::error::{QueueError, StorageError};
 use crate::storage::{LifecyclePolicy, Partition, PartitionStore, RetryAction, RetryOp};
 use crate::time::Ts;
-use crate::types::{
-    ClearRequest, Item, ItemId, NewItem, PartitionCounts, PartitionInfo, QueueInfo,
-};
+use crate::types::{ClearRequest, Item, ItemId, NewItem, PartitionCounts, PartitionInfo, QueueInfo};
 
 type Reply<T> = oneshot::Sender<Result<T, QueueError>>;
 
@@ -35,11 +33,30 @@ const DEAD_BATCH: usize = 1000;
 const SHARED_REFRESH: Duration = Duration::from_millis(500);
 
 pub(crate) enum Msg {
-    Produce { items: Vec<super::ProduceItem>, reply: Reply<()> },
-    Lease { n: usize, client_id: String, deadline: Ts, reply: Reply<LeaseResult> },
-    Complete { partition: u32, ids: Vec<ItemId>, reply: Reply<()> },
-    Retry { partition: u32, items: Vec<(ItemId, Ts, bool)>, reply: Reply<()> },
-    DeadLetter { items: Vec<NewItem>, reply: Reply<()> },
+    Produce {
+        items: Vec<super::ProduceItem>,
+        reply: Reply<()>,
+    },
+    Lease {
+        n: usize,
+        client_id: String,
+        deadline: Ts,
+        reply: Reply<LeaseResult>,
+    },
+    Complete {
+        partition: u32,
+        ids: Vec<ItemId>,
+        reply: Reply<()>,
+    },
+    Retry {
+        partition: u32,
+        items: Vec<(ItemId, Ts, bool)>,
+        reply: Reply<()>,
+    },
+    DeadLetter {
+        items: Vec<NewItem>,
+        reply: Reply<()>,
+    },
     Cold(Cold),
     Shutdown(oneshot::Sender<()>),
 }
@@ -48,9 +65,23 @@ pub(crate) enum Cold {
     Stats(Reply<QueueStats>),
     Clear(ClearRequest, Reply<()>),
     Reload(Reply<()>),
-    List { partition: u32, pivot: Option<ItemId>, limit: usize, scheduled: bool, reply: Reply<Vec<Item>> },
-    Import { partition: u32, items: Vec<Item>, reply: Reply<Vec<Item>> },
-    Delete { partition: u32, ids: Vec<ItemId>, reply: Reply<()> },
+    List {
+        partition: u32,
+        pivot: Option<ItemId>,
+        limit: usize,
+        scheduled: bool,
+        reply: Reply<Vec<Item>>,
+    },
+    Import {
+        partition: u32,
+        items: Vec<Item>,
+        reply: Reply<Vec<Item>>,
+    },
+    Delete {
+        partition: u32,
+        ids: Vec<ItemId>,
+        reply: Reply<()>,
+    },
     UpdateInfo(Box<QueueInfo>, oneshot::Sender<()>),
 }
 
@@ -158,7 +189,10 @@ impl QueueTask {
     }
 
     fn policy(&self) -> LifecyclePolicy {
-        LifecyclePolicy { max_attempts: self.info.max_attempts, has_dead_queue: !self.info.dead_queue.is_empty() }
+        LifecyclePolicy {
+            max_attempts: self.info.max_attempts,
+            has_dead_queue: !self.info.dead_queue.is_empty(),
+        }
     }
 
     fn now(&self) -> Ts {
@@ -211,15 +245,37 @@ impl QueueTask {
             match m {
                 Msg::Produce { items, reply } => produces.push((items, reply)),
                 Msg::DeadLetter { items, reply } => dead_letters.push((items, reply)),
-                Msg::Lease { n, client_id, deadline, reply } => {
-                    if self.waiters.iter().any(|w| w.client_id == client_id && !w.reply.is_closed()) {
+                Msg::Lease {
+                    n,
+                    client_id,
+                    deadline,
+                    reply,
+                } => {
+                    if self
+                        .waiters
+                        .iter()
+                        .any(|w| w.client_id == client_id && !w.reply.is_closed())
+                    {
                         let _ = reply.send(Err(QueueError::DuplicateClientId));
                     } else {
-                        self.waiters.push_back(Waiter { client_id, n, deadline, reply });
+                        self.waiters.push_back(Waiter {
+                            client_id,
+                            n,
+                            deadline,
+                            reply,
+                        });
                     }
                 }
-                Msg::Complete { partition, ids, reply } => completes.entry(partition).or_default().push((ids, reply)),
-                Msg::Retry { partition, items, reply } => retries.entry(partition).or_default().push((items, reply)),
+                Msg::Complete {
+                    partition,
+                    ids,
+                    reply,
+                } => completes.entry(partition).or_default().push((ids, reply)),
+                Msg::Retry {
+                    partition,
+                    items,
+                    reply,
+                } => retries.entry(partition).or_default().push((items, reply)),
                 Msg::Cold(c) => colds.push(c),
                 Msg::Shutdown(done) => shutdown = Some(done),
             }
@@ -269,7 +325,8 @@ impl QueueTask {
 
     async fn recover(&mut self, now: Ts) {
         for i in 0..self.parts.len() {
-            let due_refresh = self.parts[i].failures == 0 && self.parts[i].shared && self.parts[i].refresh_at <= now;
+            let due_refresh =
+                self.parts[i].failures == 0 && self.parts[i].shared && self.parts[i].refresh_at <= now;
             if self.parts[i].failures > 0 && self.parts[i].retry_at <= now || due_refresh {
                 self.probe(i, now).await;
             }
@@ -310,7 +367,9 @@ impl QueueTask {
     async fn lifecycle(&mut self, now: Ts) {
         let policy = self.policy();
         for i in 0..self.parts.len() {
-            let Some(h) = self.parts[i].healthy() else { continue };
+            let Some(h) = self.parts[i].healthy() else {
+                continue;
+            };
             let due = matches!(self.parts[i].next_deadline, Some(d) if d <= now);
             if !due {
                 continue;
@@ -323,8 +382,12 @@ impl QueueTask {
                     continue;
                 }
             };
-            self.metrics.lease_expired.fetch_add(outcome.lease_expired, Ordering::Relaxed);
-            self.metrics.dead_lettered.fetch_add(outcome.dead, Ordering::Relaxed);
+            self.metrics
+                .lease_expired
+                .fetch_add(outcome.lease_expired, Ordering::Relaxed);
+            self.metrics
+                .dead_lettered
+                .fetch_add(outcome.dead, Ordering::Relaxed);
             if outcome.dead > 0 || outcome.lease_expired > 0 || outcome.enqueued > 0 {
                 tracing::debug!(queue = %name, partition = self.parts[i].num, ?outcome, "lifecycle");
             }
@@ -371,7 +434,9 @@ impl QueueTask {
                 Ok(items) => items,
                 Err(e) => return self.parts[i].fail(now, &name, &e),
             };
-            let Some(engine) = self.engine.upgrade() else { return };
+            let Some(engine) = self.engine.upgrade() else {
+                return;
+            };
             let ids: Vec<ItemId> = items.iter().map(|it| it.id).collect();
             let news: Vec<NewItem> = items
                 .into_iter()
@@ -391,7 +456,11 @@ impl QueueTask {
             let dlq = self.info.dead_queue.clone();
             // The dead-letter queue's task never waits on this one (a dead-letter queue cannot have its own), so
             // waiting here cannot deadlock; the timeout bounds how long this queue stalls if it is slow.
-            let sent = tokio::time::timeout(Duration::from_secs(5), super::Engine::dead_letter(&engine, &dlq, news)).await;
+            let sent = tokio::time::timeout(
+                Duration::from_secs(5),
+                super::Engine::dead_letter(&engine, &dlq, news),
+            )
+            .await;
             match sent {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => {
@@ -419,7 +488,9 @@ impl QueueTask {
     /// Picks the healthy partition with the fewest ready items (ties: lowest number), skipping `exclude`.
     fn least_loaded(&self, exclude: &[usize]) -> Option<usize> {
         (0..self.parts.len())
-            .filter(|i| self.parts[*i].failures == 0 && self.parts[*i].handle.is_some() && !exclude.contains(i))
+            .filter(|i| {
+                self.parts[*i].failures == 0 && self.parts[*i].handle.is_some() && !exclude.contains(i)
+            })
             .min_by_key(|&i| (self.parts[i].counts.ready + self.parts[i].counts.scheduled, i))
     }
 
@@ -500,7 +571,9 @@ impl QueueTask {
                         let p = &mut self.parts[i];
                         p.counts.ready += ready;
                         p.counts.scheduled += scheduled;
-                        self.metrics.produced.fetch_add(ready + scheduled, Ordering::Relaxed);
+                        self.metrics
+                            .produced
+                            .fetch_add(ready + scheduled, Ordering::Relaxed);
                     }
                     Err(e) => {
                         let name = self.info.name.clone();
@@ -566,7 +639,9 @@ impl QueueTask {
     /// The partition a complete or retry names, or the error to answer with.
     fn target(&self, partition: u32) -> Result<Arc<dyn Partition>, QueueError> {
         let Some(p) = self.parts.get(partition as usize) else {
-            return Err(QueueError::Invalid(format!("partition is invalid; '{partition}' is not a valid partition")));
+            return Err(QueueError::Invalid(format!(
+                "partition is invalid; '{partition}' is not a valid partition"
+            )));
         };
         p.healthy().ok_or(QueueError::PartitionUnavailable(partition))
     }
@@ -595,7 +670,9 @@ impl QueueTask {
                             Ok(()) => {
                                 let p = &mut self.parts[partition as usize];
                                 p.counts.leased = p.counts.leased.saturating_sub(ids.len() as u64);
-                                self.metrics.completed.fetch_add(ids.len() as u64, Ordering::Relaxed);
+                                self.metrics
+                                    .completed
+                                    .fetch_add(ids.len() as u64, Ordering::Relaxed);
                                 let _ = reply.send(Ok(()));
                             }
                             Err(e) => {
@@ -670,7 +747,9 @@ impl QueueTask {
                                 if o.dead > 0 && policy.has_dead_queue {
                                     p.pull_deadline(now); // transfer the dead items on the next pass
                                 }
-                                self.metrics.retried.fetch_add(o.requeued + o.scheduled, Ordering::Relaxed);
+                                self.metrics
+                                    .retried
+                                    .fetch_add(o.requeued + o.scheduled, Ordering::Relaxed);
                                 self.metrics.dead_lettered.fetch_add(o.dead, Ordering::Relaxed);
                                 let _ = reply.send(Ok(()));
                             }
@@ -700,12 +779,16 @@ impl QueueTask {
         let mut tried: Vec<usize> = Vec::new();
         while !self.waiters.is_empty() {
             let pick = (0..self.parts.len())
-                .filter(|i| !tried.contains(i) && self.parts[*i].failures == 0 && self.parts[*i].handle.is_some())
+                .filter(|i| {
+                    !tried.contains(i) && self.parts[*i].failures == 0 && self.parts[*i].handle.is_some()
+                })
                 .filter(|i| self.parts[*i].counts.ready > 0 || self.parts[*i].shared)
                 .max_by_key(|&i| (self.parts[i].counts.ready, std::cmp::Reverse(i)));
             let Some(i) = pick else { return };
             tried.push(i);
-            let Some(h) = self.parts[i].healthy() else { continue };
+            let Some(h) = self.parts[i].healthy() else {
+                continue;
+            };
             let wanted: usize = self.waiters.iter().map(|w| w.n).sum();
             let want = wanted.min(self.config.limits.max_items_per_storage_call);
             let deadline = now.add(self.info.lease_timeout);
@@ -764,7 +847,10 @@ impl QueueTask {
             if hand.is_empty() {
                 self.waiters.push_back(w);
             } else {
-                let _ = w.reply.send(Ok(LeaseResult { partition, items: hand }));
+                let _ = w.reply.send(Ok(LeaseResult {
+                    partition,
+                    items: hand,
+                }));
             }
         }
         // Items nobody could take stay leased until their deadline, which the storage call already set; that only
@@ -798,7 +884,11 @@ impl QueueTask {
                     ..Default::default()
                 };
                 for p in &self.parts {
-                    let mut r = PartitionReport { partition: p.num, failures: p.failures, ..Default::default() };
+                    let mut r = PartitionReport {
+                        partition: p.num,
+                        failures: p.failures,
+                        ..Default::default()
+                    };
                     if let Some(h) = p.healthy() {
                         match h.stats(now).await {
                             Ok(s) => {
@@ -808,7 +898,9 @@ impl QueueTask {
                                 r.average_age = s.average_age;
                                 r.average_leased_age = s.average_leased_age;
                             }
-                            Err(e) => tracing::warn!(queue = %self.info.name, partition = p.num, error = %e, "stats failed"),
+                            Err(e) => {
+                                tracing::warn!(queue = %self.info.name, partition = p.num, error = %e, "stats failed")
+                            }
                         }
                     }
                     out.partitions.push(r);
@@ -838,14 +930,27 @@ impl QueueTask {
                 }
                 let _ = reply.send(Ok(()));
             }
-            Cold::List { partition, pivot, limit, scheduled, reply } => {
+            Cold::List {
+                partition,
+                pivot,
+                limit,
+                scheduled,
+                reply,
+            } => {
                 let r = match self.part_handle(partition) {
-                    Ok(h) => h.list(pivot, limit, scheduled).await.map_err(|e| QueueError::from_storage(&e)),
+                    Ok(h) => h
+                        .list(pivot, limit, scheduled)
+                        .await
+                        .map_err(|e| QueueError::from_storage(&e)),
                     Err(e) => Err(e),
                 };
                 let _ = reply.send(r);
             }
-            Cold::Import { partition, items, reply } => {
+            Cold::Import {
+                partition,
+                items,
+                reply,
+            } => {
                 let r = match self.part_handle(partition) {
                     Ok(h) => h.import(items).await.map_err(|e| QueueError::from_storage(&e)),
                     Err(e) => Err(e),
@@ -854,7 +959,11 @@ impl QueueTask {
                 self.probe(partition as usize, now).await;
                 let _ = reply.send(r);
             }
-            Cold::Delete { partition, ids, reply } => {
+            Cold::Delete {
+                partition,
+                ids,
+                reply,
+            } => {
                 let r = match self.part_handle(partition) {
                     Ok(h) => h.delete(ids).await.map_err(|e| QueueError::from_storage(&e)),
                     Err(e) => Err(e),
@@ -887,7 +996,9 @@ impl QueueTask {
         self.metrics.ready.store(ready, Ordering::Relaxed);
         self.metrics.leased_now.store(leased, Ordering::Relaxed);
         self.metrics.scheduled.store(scheduled, Ordering::Relaxed);
-        self.metrics.lease_waiting.store(self.waiters.len() as u64, Ordering::Relaxed);
+        self.metrics
+            .lease_waiting
+            .store(self.waiters.len() as u64, Ordering::Relaxed);
     }
 
     /// Answers everything still waiting with "queue is shutting down" and closes the partitions.

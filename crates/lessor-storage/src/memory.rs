@@ -1,0 +1,218 @@
+//! The memory backend: queues and partitions in RAM.
+//!
+//! Nothing survives the process. A partition is a [`PartitionState`] behind a mutex; the queue task is its only
+//! caller, so the lock is never contended and no call blocks for long. Partitions live in the store until their
+//! queue is deleted, so a queue task that reloads finds its items again.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use async_trait::async_trait;
+use lessor_core::error::{ItemError, StorageError, StorageErrorKind};
+use lessor_core::storage::{
+    LifecycleOutcome, LifecyclePolicy, Partition, PartitionStore, QueuesStore, RetryOp, RetryOutcome,
+};
+use lessor_core::time::{SystemClock, Ts};
+use lessor_core::types::{ClearRequest, Item, ItemId, NewItem, PartitionCounts, PartitionStats, QueueInfo};
+
+use crate::state::PartitionState;
+
+fn lock<T>(m: &Mutex<T>) -> Result<MutexGuard<'_, T>, StorageError> {
+    m.lock().map_err(|_| {
+        StorageError::new(
+            StorageErrorKind::Poisoned,
+            "memory store lock poisoned by a panic",
+        )
+    })
+}
+
+/// Queue definitions in RAM.
+#[derive(Debug, Default)]
+pub struct MemoryQueues {
+    queues: Mutex<BTreeMap<String, QueueInfo>>,
+}
+
+impl MemoryQueues {
+    /// An empty store.
+    pub fn new() -> Self {
+        Self::default()
+    }
+}
+
+#[async_trait]
+impl QueuesStore for MemoryQueues {
+    async fn get(&self, name: &str) -> Result<Option<QueueInfo>, StorageError> {
+        Ok(lock(&self.queues)?.get(name).cloned())
+    }
+
+    async fn add(&self, info: &QueueInfo) -> Result<(), StorageError> {
+        let mut q = lock(&self.queues)?;
+        if q.contains_key(&info.name) {
+            return Err(StorageError::new(
+                StorageErrorKind::AlreadyExists,
+                format!("queue '{}' exists", info.name),
+            ));
+        }
+        q.insert(info.name.clone(), info.clone());
+        Ok(())
+    }
+
+    async fn update(&self, info: &QueueInfo) -> Result<(), StorageError> {
+        lock(&self.queues)?.insert(info.name.clone(), info.clone());
+        Ok(())
+    }
+
+    async fn delete(&self, name: &str) -> Result<(), StorageError> {
+        lock(&self.queues)?.remove(name);
+        Ok(())
+    }
+
+    async fn list(&self, pivot: &str, limit: usize) -> Result<Vec<QueueInfo>, StorageError> {
+        Ok(lock(&self.queues)?
+            .range(pivot.to_string()..)
+            .take(limit)
+            .map(|(_, v)| v.clone())
+            .collect())
+    }
+
+    async fn close(&self) {}
+}
+
+/// Partitions in RAM.
+#[derive(Debug, Default)]
+pub struct MemoryStore {
+    partitions: Mutex<HashMap<(String, u32), Arc<MemoryPartition>>>,
+}
+
+impl MemoryStore {
+    /// An empty store.
+    pub fn new() -> Self {
+        Self::default()
+    }
+}
+
+#[async_trait]
+impl PartitionStore for MemoryStore {
+    fn driver(&self) -> &'static str {
+        "memory"
+    }
+
+    async fn open(&self, queue: &str, partition: u32) -> Result<Arc<dyn Partition>, StorageError> {
+        let mut parts = lock(&self.partitions)?;
+        let p = parts.entry((queue.to_string(), partition)).or_insert_with(|| {
+            // Ids start at the current time in microseconds, so a deleted and re-created queue never reuses an id.
+            let floor = u64::try_from(SystemClock.now_us()).unwrap_or(1);
+            Arc::new(MemoryPartition {
+                state: Mutex::new(PartitionState::new(floor)),
+            })
+        });
+        Ok(p.clone())
+    }
+
+    async fn destroy(&self, queue: &str, partition: u32) -> Result<(), StorageError> {
+        lock(&self.partitions)?.remove(&(queue.to_string(), partition));
+        Ok(())
+    }
+
+    async fn close(&self) {}
+}
+
+trait NowUs {
+    fn now_us(&self) -> i64;
+}
+
+impl NowUs for SystemClock {
+    fn now_us(&self) -> i64 {
+        lessor_core::time::Clock::now(self).0
+    }
+}
+
+/// One partition in RAM.
+#[derive(Debug)]
+pub struct MemoryPartition {
+    state: Mutex<PartitionState>,
+}
+
+impl MemoryPartition {
+    fn state(&self) -> Result<MutexGuard<'_, PartitionState>, StorageError> {
+        lock(&self.state)
+    }
+}
+
+#[async_trait]
+impl Partition for MemoryPartition {
+    async fn produce(&self, items: Vec<NewItem>) -> Result<Vec<ItemId>, StorageError> {
+        Ok(self.state()?.produce(items).0)
+    }
+
+    async fn lease(&self, n: usize, lease_deadline: Ts) -> Result<Vec<Item>, StorageError> {
+        Ok(self.state()?.lease(n, lease_deadline).0)
+    }
+
+    async fn complete(&self, requests: Vec<Vec<ItemId>>) -> Result<Vec<Result<(), ItemError>>, StorageError> {
+        Ok(self.state()?.complete(requests).0)
+    }
+
+    async fn retry(
+        &self,
+        requests: Vec<Vec<RetryOp>>,
+        policy: LifecyclePolicy,
+    ) -> Result<Vec<Result<RetryOutcome, ItemError>>, StorageError> {
+        Ok(self.state()?.retry(requests, policy).0)
+    }
+
+    async fn lifecycle(
+        &self,
+        now: Ts,
+        policy: LifecyclePolicy,
+        limit: usize,
+    ) -> Result<LifecycleOutcome, StorageError> {
+        Ok(self.state()?.lifecycle(now, policy, limit).0)
+    }
+
+    async fn dead_items(&self, limit: usize) -> Result<Vec<Item>, StorageError> {
+        Ok(self.state()?.dead_items(limit))
+    }
+
+    async fn remove_dead(&self, ids: Vec<ItemId>) -> Result<(), StorageError> {
+        self.state()?.remove_dead(ids);
+        Ok(())
+    }
+
+    async fn next_deadline(&self) -> Result<Option<Ts>, StorageError> {
+        Ok(self.state()?.next_deadline())
+    }
+
+    async fn counts(&self) -> Result<PartitionCounts, StorageError> {
+        Ok(self.state()?.counts())
+    }
+
+    async fn stats(&self, now: Ts) -> Result<PartitionStats, StorageError> {
+        Ok(self.state()?.stats(now))
+    }
+
+    async fn list(
+        &self,
+        pivot: Option<ItemId>,
+        limit: usize,
+        scheduled: bool,
+    ) -> Result<Vec<Item>, StorageError> {
+        Ok(self.state()?.list(pivot, limit, scheduled))
+    }
+
+    async fn import(&self, items: Vec<Item>) -> Result<Vec<Item>, StorageError> {
+        Ok(self.state()?.import(items).0)
+    }
+
+    async fn delete(&self, ids: Vec<ItemId>) -> Result<(), StorageError> {
+        self.state()?.delete(ids);
+        Ok(())
+    }
+
+    async fn clear(&self, request: ClearRequest) -> Result<(), StorageError> {
+        self.state()?.clear(request);
+        Ok(())
+    }
+
+    async fn close(&self) {}
+}

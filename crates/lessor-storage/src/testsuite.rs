@@ -1,0 +1,704 @@
+//! The storage conformance suite: every rule of the storage contract, written once and run against every backend.
+//!
+//! A backend's test file calls [`conformance_tests!`](crate::conformance_tests) with an async function that returns
+//! a [`TestBackend`]; the macro expands to one `#[tokio::test]` per case, so a failure names its case. Every case uses
+//! its own queue name, so backends that share a database between tests stay isolated.
+
+use std::any::Any;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use lessor_core::error::{ItemError, StorageErrorKind};
+use lessor_core::storage::{LifecyclePolicy, Partition, PartitionStore, QueuesStore, RetryAction, RetryOp};
+use lessor_core::time::Ts;
+use lessor_core::types::{ClearRequest, Item, ItemId, NewItem, PartitionInfo, QueueInfo};
+
+/// What a backend hands the suite.
+pub struct TestBackend {
+    /// The partition store under test.
+    pub partitions: Arc<dyn PartitionStore>,
+    /// The queue store under test.
+    pub queues: Arc<dyn QueuesStore>,
+    /// Anything that must live as long as the test (a temp dir, a database handle).
+    pub guard: Box<dyn Any + Send>,
+}
+
+/// A fixed instant all cases count from.
+pub const T0: Ts = Ts(1_800_000_000_000_000);
+const SEC: Duration = Duration::from_secs(1);
+const NO_DLQ: LifecyclePolicy = LifecyclePolicy {
+    max_attempts: 0,
+    has_dead_queue: false,
+};
+
+static SEQ: AtomicU64 = AtomicU64::new(0);
+
+/// A queue name unique to this process and run.
+pub fn unique_queue(case: &str) -> String {
+    let n = SEQ.fetch_add(1, Ordering::Relaxed);
+    let pid = std::process::id();
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    format!("{case}-{pid}-{n}-{}", t % 1_000_000_000)
+}
+
+fn item(payload: &str) -> NewItem {
+    NewItem {
+        source_id: String::new(),
+        enqueue_at: Ts::ZERO,
+        expire_deadline: T0.add(SEC * 3600),
+        created_at: T0,
+        reference: format!("ref-{payload}"),
+        encoding: "text/plain".into(),
+        kind: "test".into(),
+        payload: Bytes::from(payload.to_string()),
+    }
+}
+
+fn items(n: usize) -> Vec<NewItem> {
+    (0..n).map(|i| item(&format!("p{i}"))).collect()
+}
+
+fn payloads(items: &[Item]) -> Vec<String> {
+    items
+        .iter()
+        .map(|i| String::from_utf8_lossy(&i.payload).into_owned())
+        .collect()
+}
+
+async fn open(b: &TestBackend, case: &str) -> Arc<dyn Partition> {
+    b.partitions
+        .open(&unique_queue(case), 0)
+        .await
+        .expect("open partition")
+}
+
+/// Produced items lease in FIFO order with their fields intact, each with a deadline and one attempt.
+pub async fn produce_then_lease_in_fifo_order(b: TestBackend) {
+    let p = open(&b, "fifo").await;
+    let ids = p.produce(items(5)).await.expect("produce");
+    assert_eq!(ids.len(), 5);
+    assert!(ids.windows(2).all(|w| w[0] < w[1]), "ids must grow: {ids:?}");
+    let got = p.lease(3, T0.add(SEC * 60)).await.expect("lease");
+    assert_eq!(payloads(&got), vec!["p0", "p1", "p2"]);
+    for it in &got {
+        assert!(it.is_leased);
+        assert_eq!(it.attempts, 1);
+        assert_eq!(it.lease_deadline, T0.add(SEC * 60));
+        assert_eq!(it.encoding, "text/plain");
+        assert_eq!(it.kind, "test");
+        assert_eq!(it.created_at, T0);
+        assert_eq!(it.expire_deadline, T0.add(SEC * 3600));
+    }
+    assert_eq!(got[0].reference, "ref-p0");
+    let rest = p.lease(10, T0.add(SEC * 60)).await.expect("lease");
+    assert_eq!(payloads(&rest), vec!["p3", "p4"]);
+    assert!(p.lease(10, T0).await.expect("lease").is_empty());
+    let c = p.counts().await.expect("counts");
+    assert_eq!((c.ready, c.leased, c.scheduled), (0, 5, 0));
+}
+
+/// Completing removes leased items; a request with any bad id changes nothing.
+pub async fn complete_is_all_or_nothing(b: TestBackend) {
+    let p = open(&b, "complete").await;
+    p.produce(items(4)).await.expect("produce");
+    let leased = p.lease(3, T0.add(SEC)).await.expect("lease");
+    let ready_id = p.list(None, 10, false).await.expect("list")[3].id;
+    let res = p
+        .complete(vec![
+            vec![leased[0].id, ready_id],     // not leased -> nothing
+            vec![leased[1].id, ItemId(1)],    // missing -> nothing
+            vec![leased[2].id, leased[2].id], // duplicate -> nothing
+            vec![leased[0].id],               // fine
+        ])
+        .await
+        .expect("complete");
+    assert_eq!(res[0], Err(ItemError::NotLeased(ready_id.to_string())));
+    assert_eq!(res[1], Err(ItemError::NotFound(ItemId(1).to_string())));
+    assert_eq!(res[2], Err(ItemError::Duplicate(leased[2].id.to_string())));
+    assert_eq!(res[3], Ok(()));
+    let left: Vec<ItemId> = p
+        .list(None, 10, false)
+        .await
+        .expect("list")
+        .iter()
+        .map(|i| i.id)
+        .collect();
+    assert_eq!(left, vec![leased[1].id, leased[2].id, ready_id]);
+    assert_eq!(
+        p.complete(vec![vec![leased[0].id]]).await.expect("complete")[0],
+        Err(ItemError::NotFound(leased[0].id.to_string()))
+    );
+    let c = p.counts().await.expect("counts");
+    assert_eq!((c.ready, c.leased), (1, 2));
+}
+
+/// An immediate retry puts the item at the tail under a new id; the old id is gone (fencing).
+pub async fn retry_requeues_at_tail_with_new_id(b: TestBackend) {
+    let p = open(&b, "retry-tail").await;
+    p.produce(items(3)).await.expect("produce");
+    let first = p.lease(1, T0.add(SEC)).await.expect("lease").remove(0);
+    let res = p
+        .retry(
+            vec![vec![RetryOp {
+                id: first.id,
+                action: RetryAction::Requeue,
+            }]],
+            NO_DLQ,
+        )
+        .await
+        .expect("retry");
+    assert_eq!(res[0].as_ref().map(|o| o.requeued), Ok(1));
+    let all = p.lease(10, T0.add(SEC)).await.expect("lease");
+    assert_eq!(payloads(&all), vec!["p1", "p2", "p0"]);
+    assert_ne!(all[2].id, first.id);
+    assert!(all[2].id > all[1].id);
+    assert_eq!(all[2].attempts, 2, "attempts count every lease");
+    let stale = p.complete(vec![vec![first.id]]).await.expect("complete");
+    assert_eq!(stale[0], Err(ItemError::NotFound(first.id.to_string())));
+}
+
+/// A retry with a later time schedules the item; it is listed as scheduled and becomes ready when due.
+pub async fn retry_schedules_and_lifecycle_enqueues(b: TestBackend) {
+    let p = open(&b, "retry-sched").await;
+    p.produce(items(1)).await.expect("produce");
+    let it = p.lease(1, T0.add(SEC)).await.expect("lease").remove(0);
+    let at = T0.add(SEC * 30);
+    let res = p
+        .retry(
+            vec![vec![RetryOp {
+                id: it.id,
+                action: RetryAction::Schedule(at),
+            }]],
+            NO_DLQ,
+        )
+        .await
+        .expect("retry");
+    assert_eq!(res[0].as_ref().map(|o| o.scheduled), Ok(1));
+    assert!(p.lease(1, T0.add(SEC)).await.expect("lease").is_empty());
+    let sched = p.list(None, 10, true).await.expect("list");
+    assert_eq!(sched.len(), 1);
+    assert_eq!(sched[0].enqueue_at, at);
+    assert!(!sched[0].is_leased);
+    assert_eq!(p.counts().await.expect("counts").scheduled, 1);
+    assert_eq!(p.next_deadline().await.expect("deadline"), Some(at));
+    let early = p
+        .lifecycle(T0.add(SEC * 29), NO_DLQ, 100)
+        .await
+        .expect("lifecycle");
+    assert_eq!(early.enqueued, 0);
+    let o = p.lifecycle(at, NO_DLQ, 100).await.expect("lifecycle");
+    assert_eq!(o.enqueued, 1);
+    let again = p.lease(1, at.add(SEC)).await.expect("lease");
+    assert_eq!(payloads(&again), vec!["p0"]);
+    assert_eq!(again[0].attempts, 2);
+    assert!(p.list(None, 10, true).await.expect("list").is_empty());
+}
+
+/// `dead` deletes without a dead-letter queue and keeps the item for transfer with one.
+pub async fn retry_dead_follows_policy(b: TestBackend) {
+    let p = open(&b, "retry-dead").await;
+    p.produce(items(2)).await.expect("produce");
+    let l = p.lease(2, T0.add(SEC)).await.expect("lease");
+    let r = p
+        .retry(
+            vec![vec![RetryOp {
+                id: l[0].id,
+                action: RetryAction::Dead,
+            }]],
+            NO_DLQ,
+        )
+        .await
+        .expect("retry");
+    assert_eq!(r[0].as_ref().map(|o| o.dead), Ok(1));
+    assert!(p.dead_items(10).await.expect("dead").is_empty());
+    let dlq = LifecyclePolicy {
+        max_attempts: 0,
+        has_dead_queue: true,
+    };
+    p.retry(
+        vec![vec![RetryOp {
+            id: l[1].id,
+            action: RetryAction::Dead,
+        }]],
+        dlq,
+    )
+    .await
+    .expect("retry");
+    let dead = p.dead_items(10).await.expect("dead");
+    assert_eq!(payloads(&dead), vec!["p1"]);
+    assert_eq!(
+        p.next_deadline().await.expect("deadline"),
+        Some(Ts::ZERO),
+        "dead items want transfer now"
+    );
+    assert!(
+        p.list(None, 10, false).await.expect("list").is_empty(),
+        "dead items are hidden"
+    );
+    let c = p.counts().await.expect("counts");
+    assert_eq!((c.ready, c.leased, c.scheduled), (0, 0, 0));
+    p.remove_dead(vec![dead[0].id, ItemId(7)])
+        .await
+        .expect("remove dead");
+    assert!(p.dead_items(10).await.expect("dead").is_empty());
+    assert_eq!(p.next_deadline().await.expect("deadline"), None);
+}
+
+/// A retry of an item that used all its attempts makes it dead instead of re-queueing it.
+pub async fn retry_with_exhausted_attempts_dies(b: TestBackend) {
+    let p = open(&b, "retry-exhausted").await;
+    p.produce(items(1)).await.expect("produce");
+    let it = p.lease(1, T0.add(SEC)).await.expect("lease").remove(0);
+    let policy = LifecyclePolicy {
+        max_attempts: 1,
+        has_dead_queue: true,
+    };
+    let r = p
+        .retry(
+            vec![vec![RetryOp {
+                id: it.id,
+                action: RetryAction::Requeue,
+            }]],
+            policy,
+        )
+        .await
+        .expect("retry");
+    assert_eq!(r[0].as_ref().map(|o| (o.requeued, o.dead)), Ok((0, 1)));
+    assert_eq!(p.dead_items(10).await.expect("dead").len(), 1);
+}
+
+/// An expired lease goes back to the tail under a new id; the stale id can neither complete nor retry.
+pub async fn lease_expiry_requeues_and_fences(b: TestBackend) {
+    let p = open(&b, "expiry").await;
+    p.produce(items(2)).await.expect("produce");
+    let a = p.lease(1, T0.add(SEC * 10)).await.expect("lease").remove(0);
+    assert_eq!(p.next_deadline().await.expect("deadline"), Some(T0.add(SEC * 10)));
+    let o = p
+        .lifecycle(T0.add(SEC * 10), NO_DLQ, 100)
+        .await
+        .expect("lifecycle");
+    assert_eq!(o.lease_expired, 1);
+    let next = p.lease(10, T0.add(SEC * 20)).await.expect("lease");
+    assert_eq!(
+        payloads(&next),
+        vec!["p1", "p0"],
+        "the expired item goes to the tail"
+    );
+    assert_eq!(next[1].attempts, 2);
+    assert_ne!(next[1].id, a.id);
+    let c = p.complete(vec![vec![a.id]]).await.expect("complete");
+    assert_eq!(c[0], Err(ItemError::NotFound(a.id.to_string())));
+    let r = p
+        .retry(
+            vec![vec![RetryOp {
+                id: a.id,
+                action: RetryAction::Requeue,
+            }]],
+            NO_DLQ,
+        )
+        .await
+        .expect("retry");
+    assert!(r[0].is_err());
+    assert_eq!(
+        p.complete(vec![vec![next[1].id]]).await.expect("complete")[0],
+        Ok(())
+    );
+}
+
+/// When the last allowed lease expires, the item dies: deleted without a DLQ, kept for transfer with one.
+pub async fn lease_expiry_at_max_attempts_dies(b: TestBackend) {
+    let p = open(&b, "max-attempts").await;
+    p.produce(items(2)).await.expect("produce");
+    let policy = LifecyclePolicy {
+        max_attempts: 2,
+        has_dead_queue: true,
+    };
+    for round in 0..2u32 {
+        let l = p.lease(10, T0.add(SEC)).await.expect("lease");
+        assert_eq!(l.len(), 2, "round {round}");
+        assert!(l.iter().all(|i| i.attempts == round + 1));
+        let o = p.lifecycle(T0.add(SEC), policy, 100).await.expect("lifecycle");
+        if round == 0 {
+            assert_eq!((o.lease_expired, o.dead), (2, 0));
+        } else {
+            assert_eq!((o.lease_expired, o.dead), (0, 2));
+        }
+    }
+    assert_eq!(p.dead_items(10).await.expect("dead").len(), 2);
+    assert_eq!(p.counts().await.expect("counts").ready, 0);
+}
+
+/// Items past their expire deadline die, leased or not; scheduled items wait for their schedule.
+pub async fn expire_deadline_kills_items(b: TestBackend) {
+    let p = open(&b, "expire").await;
+    let mut batch = items(3);
+    batch[0].expire_deadline = T0.add(SEC * 5);
+    batch[1].expire_deadline = T0.add(SEC * 5);
+    p.produce(batch).await.expect("produce");
+    p.lease(1, T0.add(SEC * 100)).await.expect("lease");
+    assert_eq!(p.next_deadline().await.expect("deadline"), Some(T0.add(SEC * 5)));
+    let o = p
+        .lifecycle(T0.add(SEC * 5), NO_DLQ, 100)
+        .await
+        .expect("lifecycle");
+    assert_eq!(o.dead, 2);
+    let left = p.list(None, 10, false).await.expect("list");
+    assert_eq!(payloads(&left), vec!["p2"]);
+    let c = p.counts().await.expect("counts");
+    assert_eq!((c.ready, c.leased), (1, 0));
+}
+
+/// Scheduled items stay out of leases and lists until due, then join the tail in schedule order (FIFO among
+/// equal times), whatever order they were produced in.
+pub async fn scheduled_items_come_due_in_order(b: TestBackend) {
+    let p = open(&b, "scheduled").await;
+    let mut batch = items(4);
+    batch[0].enqueue_at = T0.add(SEC * 20);
+    batch[1].enqueue_at = T0.add(SEC * 10);
+    batch[2].enqueue_at = T0.add(SEC * 10);
+    p.produce(batch).await.expect("produce");
+    assert_eq!(
+        payloads(&p.list(None, 10, false).await.expect("list")),
+        vec!["p3"]
+    );
+    assert_eq!(
+        payloads(&p.list(None, 10, true).await.expect("list")),
+        vec!["p0", "p1", "p2"]
+    );
+    assert_eq!(p.counts().await.expect("counts").scheduled, 3);
+    assert_eq!(p.next_deadline().await.expect("deadline"), Some(T0.add(SEC * 10)));
+    let o = p
+        .lifecycle(T0.add(SEC * 10), NO_DLQ, 100)
+        .await
+        .expect("lifecycle");
+    assert_eq!(o.enqueued, 2);
+    assert_eq!(
+        p.next_deadline()
+            .await
+            .expect("deadline")
+            .map(|d| d <= T0.add(SEC * 20)),
+        Some(true)
+    );
+    p.lifecycle(T0.add(SEC * 25), NO_DLQ, 100)
+        .await
+        .expect("lifecycle");
+    let l = p.lease(10, T0.add(SEC * 100)).await.expect("lease");
+    assert_eq!(payloads(&l), vec!["p3", "p1", "p2", "p0"]);
+}
+
+/// The lifecycle limit bounds one pass and says there is more.
+pub async fn lifecycle_respects_limit(b: TestBackend) {
+    let p = open(&b, "lifecycle-limit").await;
+    p.produce(items(5)).await.expect("produce");
+    p.lease(5, T0.add(SEC)).await.expect("lease");
+    let o = p.lifecycle(T0.add(SEC), NO_DLQ, 2).await.expect("lifecycle");
+    assert_eq!(o.lease_expired, 2);
+    assert!(o.more);
+    let o = p.lifecycle(T0.add(SEC), NO_DLQ, 100).await.expect("lifecycle");
+    assert_eq!(o.lease_expired, 3);
+    assert!(!o.more);
+    assert_eq!(p.counts().await.expect("counts").ready, 5);
+}
+
+/// Items carrying a source id already present are skipped, on produce and import: dead-letter moves are idempotent.
+pub async fn source_id_makes_moves_idempotent(b: TestBackend) {
+    let p = open(&b, "source-id").await;
+    let mut a = item("a");
+    a.source_id = "src-1".into();
+    let first = p.produce(vec![a.clone()]).await.expect("produce");
+    let again = p.produce(vec![a.clone(), item("b")]).await.expect("produce");
+    assert_eq!(again[0], first[0]);
+    assert_eq!(p.counts().await.expect("counts").ready, 2);
+    let imported = p
+        .import(vec![Item {
+            source_id: "src-1".into(),
+            payload: Bytes::from_static(b"x"),
+            ..Default::default()
+        }])
+        .await
+        .expect("import");
+    assert!(imported.is_empty());
+    // Once the item is gone its source id may be used again.
+    let l = p.lease(1, T0.add(SEC)).await.expect("lease");
+    assert_eq!(l[0].source_id, "src-1");
+    p.complete(vec![vec![l[0].id]]).await.expect("complete");
+    assert_eq!(p.produce(vec![a]).await.expect("produce").len(), 1);
+    assert_eq!(p.counts().await.expect("counts").ready, 2);
+}
+
+/// Lists run in id order from an inclusive pivot, or from the next id when the pivot is gone.
+pub async fn list_pages_from_pivot(b: TestBackend) {
+    let p = open(&b, "list").await;
+    let ids = p.produce(items(10)).await.expect("produce");
+    let page = p.list(Some(ids[3]), 3, false).await.expect("list");
+    assert_eq!(page.iter().map(|i| i.id).collect::<Vec<_>>(), ids[3..6].to_vec());
+    p.delete(vec![ids[6]]).await.expect("delete");
+    let page = p.list(Some(ids[6]), 2, false).await.expect("list");
+    assert_eq!(page.iter().map(|i| i.id).collect::<Vec<_>>(), ids[7..9].to_vec());
+    assert!(p
+        .list(Some(ItemId(u64::MAX)), 5, false)
+        .await
+        .expect("list")
+        .is_empty());
+}
+
+/// Import assigns new ids and keeps every other field, leased state included.
+pub async fn import_keeps_fields(b: TestBackend) {
+    let p = open(&b, "import").await;
+    let src = Item {
+        id: ItemId(42),
+        source_id: "s-9".into(),
+        is_leased: true,
+        lease_deadline: T0.add(SEC * 7),
+        expire_deadline: T0.add(SEC * 70),
+        enqueue_at: Ts::ZERO,
+        created_at: T0,
+        attempts: 3,
+        max_attempts: 5,
+        reference: "r".into(),
+        encoding: "e".into(),
+        kind: "k".into(),
+        payload: Bytes::from_static(b"payload"),
+        dead: false,
+    };
+    let out = p.import(vec![src.clone()]).await.expect("import");
+    assert_eq!(out.len(), 1);
+    let got = &p.list(None, 10, false).await.expect("list")[0];
+    assert_eq!(got.id, out[0].id);
+    assert_eq!(
+        Item {
+            id: src.id,
+            ..got.clone()
+        },
+        src
+    );
+    let c = p.counts().await.expect("counts");
+    assert_eq!((c.ready, c.leased), (0, 1));
+    assert_eq!(p.next_deadline().await.expect("deadline"), Some(T0.add(SEC * 7)));
+}
+
+/// Delete removes items in any state and ignores unknown ids.
+pub async fn delete_ignores_missing(b: TestBackend) {
+    let p = open(&b, "delete").await;
+    let mut batch = items(3);
+    batch[2].enqueue_at = T0.add(SEC * 100);
+    let ids = p.produce(batch).await.expect("produce");
+    p.lease(1, T0.add(SEC)).await.expect("lease");
+    p.delete(vec![ids[0], ids[2], ItemId(3)]).await.expect("delete");
+    p.delete(vec![ids[0]]).await.expect("delete again");
+    let c = p.counts().await.expect("counts");
+    assert_eq!((c.ready, c.leased, c.scheduled), (1, 0, 0));
+}
+
+/// Clear: ready only, then destructive (leased too), then scheduled.
+pub async fn clear_modes(b: TestBackend) {
+    let p = open(&b, "clear").await;
+    let mut batch = items(4);
+    batch[3].enqueue_at = T0.add(SEC * 100);
+    p.produce(batch).await.expect("produce");
+    p.lease(1, T0.add(SEC)).await.expect("lease");
+    p.clear(ClearRequest {
+        queue: true,
+        scheduled: false,
+        destructive: false,
+    })
+    .await
+    .expect("clear");
+    let c = p.counts().await.expect("counts");
+    assert_eq!((c.ready, c.leased, c.scheduled), (0, 1, 1));
+    p.clear(ClearRequest {
+        queue: true,
+        scheduled: false,
+        destructive: true,
+    })
+    .await
+    .expect("clear");
+    let c = p.counts().await.expect("counts");
+    assert_eq!((c.ready, c.leased, c.scheduled), (0, 0, 1));
+    p.clear(ClearRequest {
+        queue: false,
+        scheduled: true,
+        destructive: false,
+    })
+    .await
+    .expect("clear");
+    assert_eq!(p.counts().await.expect("counts").scheduled, 0);
+    assert_eq!(p.next_deadline().await.expect("deadline"), None);
+}
+
+/// Stats report counts and mean ages.
+pub async fn stats_report_ages(b: TestBackend) {
+    let p = open(&b, "stats").await;
+    p.produce(items(4)).await.expect("produce");
+    p.lease(2, T0.add(SEC * 60)).await.expect("lease");
+    let s = p.stats(T0.add(SEC * 10)).await.expect("stats");
+    assert_eq!((s.counts.ready, s.counts.leased), (2, 2));
+    assert_eq!(s.average_age, SEC * 10);
+    assert_eq!(s.average_leased_age, SEC * 50);
+    assert!(s.payload_bytes >= 8);
+}
+
+/// Reopening a partition finds its items, and new ids keep growing.
+pub async fn reopen_keeps_items_and_id_order(b: TestBackend) {
+    let q = unique_queue("reopen");
+    let p = b.partitions.open(&q, 3).await.expect("open");
+    let ids = p.produce(items(3)).await.expect("produce");
+    p.lease(1, T0.add(SEC)).await.expect("lease");
+    p.close().await;
+    drop(p);
+    let p = b.partitions.open(&q, 3).await.expect("reopen");
+    let c = p.counts().await.expect("counts");
+    assert_eq!((c.ready, c.leased), (2, 1));
+    let more = p.produce(items(1)).await.expect("produce");
+    assert!(more[0] > ids[2]);
+    b.partitions.destroy(&q, 3).await.expect("destroy");
+    let p = b.partitions.open(&q, 3).await.expect("open after destroy");
+    assert_eq!(
+        p.counts().await.expect("counts").ready,
+        0,
+        "destroy removes the items"
+    );
+}
+
+/// Partitions of one queue, and equal partition numbers of two queues, are independent.
+pub async fn partitions_are_independent(b: TestBackend) {
+    let q1 = unique_queue("indep");
+    let q2 = unique_queue("indep");
+    let a = b.partitions.open(&q1, 0).await.expect("open");
+    let c = b.partitions.open(&q1, 1).await.expect("open");
+    let d = b.partitions.open(&q2, 0).await.expect("open");
+    a.produce(items(2)).await.expect("produce");
+    assert_eq!(c.counts().await.expect("counts").ready, 0);
+    assert_eq!(d.counts().await.expect("counts").ready, 0);
+}
+
+/// A large batch keeps order and counts exact.
+pub async fn large_batches_keep_order(b: TestBackend) {
+    let p = open(&b, "large").await;
+    for _ in 0..5 {
+        p.produce(items(1000)).await.expect("produce");
+    }
+    let mut seen = 0;
+    let mut last = ItemId(0);
+    loop {
+        let l = p.lease(700, T0.add(SEC)).await.expect("lease");
+        if l.is_empty() {
+            break;
+        }
+        for it in &l {
+            assert!(it.id > last);
+            last = it.id;
+        }
+        seen += l.len();
+        let ids = l.iter().map(|i| i.id).collect();
+        assert_eq!(p.complete(vec![ids]).await.expect("complete")[0], Ok(()));
+    }
+    assert_eq!(seen, 5000);
+    let c = p.counts().await.expect("counts");
+    assert_eq!((c.ready, c.leased), (0, 0));
+}
+
+/// Queue definitions: add, duplicate, get, update, list from a pivot, delete.
+pub async fn queues_store_crud(b: TestBackend) {
+    let prefix = unique_queue("qs");
+    let mk = |n: &str| QueueInfo {
+        name: format!("{prefix}-{n}"),
+        namespace: "_system".into(),
+        created_at: T0,
+        updated_at: T0,
+        lease_timeout: SEC * 60,
+        expire_timeout: SEC * 3600,
+        requested_partitions: 2,
+        partitions: vec![
+            PartitionInfo {
+                partition: 0,
+                storage_name: "a".into(),
+                read_only: false,
+            },
+            PartitionInfo {
+                partition: 1,
+                storage_name: "b".into(),
+                read_only: false,
+            },
+        ],
+        ..Default::default()
+    };
+    for n in ["c", "a", "b"] {
+        b.queues.add(&mk(n)).await.expect("add");
+    }
+    let dup = b.queues.add(&mk("a")).await.expect_err("duplicate");
+    assert_eq!(dup.kind, StorageErrorKind::AlreadyExists);
+    let got = b
+        .queues
+        .get(&format!("{prefix}-a"))
+        .await
+        .expect("get")
+        .expect("exists");
+    assert_eq!(got, mk("a"));
+    let mut upd = mk("a");
+    upd.max_attempts = 9;
+    upd.dead_queue = "x".into();
+    b.queues.update(&upd).await.expect("update");
+    assert_eq!(b.queues.get(&upd.name).await.expect("get"), Some(upd.clone()));
+    let page = b.queues.list(&format!("{prefix}-b"), 10).await.expect("list");
+    let names: Vec<_> = page
+        .iter()
+        .map(|q| q.name.clone())
+        .filter(|n| n.starts_with(&prefix))
+        .collect();
+    assert_eq!(names, vec![format!("{prefix}-b"), format!("{prefix}-c")]);
+    b.queues.delete(&format!("{prefix}-b")).await.expect("delete");
+    b.queues
+        .delete(&format!("{prefix}-b"))
+        .await
+        .expect("delete missing is ok");
+    assert_eq!(b.queues.get(&format!("{prefix}-b")).await.expect("get"), None);
+    b.queues.ping().await.expect("ping");
+}
+
+/// Expands to one `#[tokio::test]` per conformance case for the backend `$make` (an async fn returning
+/// `Option<TestBackend>`; `None` skips, e.g. when no database is configured).
+#[macro_export]
+macro_rules! conformance_tests {
+    ($make:path) => {
+        $crate::conformance_tests!(@cases $make;
+            produce_then_lease_in_fifo_order,
+            complete_is_all_or_nothing,
+            retry_requeues_at_tail_with_new_id,
+            retry_schedules_and_lifecycle_enqueues,
+            retry_dead_follows_policy,
+            retry_with_exhausted_attempts_dies,
+            lease_expiry_requeues_and_fences,
+            lease_expiry_at_max_attempts_dies,
+            expire_deadline_kills_items,
+            scheduled_items_come_due_in_order,
+            lifecycle_respects_limit,
+            source_id_makes_moves_idempotent,
+            list_pages_from_pivot,
+            import_keeps_fields,
+            delete_ignores_missing,
+            clear_modes,
+            stats_report_ages,
+            reopen_keeps_items_and_id_order,
+            partitions_are_independent,
+            large_batches_keep_order,
+            queues_store_crud
+        );
+    };
+    (@cases $make:path; $($case:ident),* $(,)?) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $case() {
+                match $make().await {
+                    Some(backend) => $crate::testsuite::$case(backend).await,
+                    None => eprintln!("skipped: backend not configured"),
+                }
+            }
+        )*
+    };
+}
