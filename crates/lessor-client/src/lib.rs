@@ -1,1 +1,434 @@
-//! placeholder
+//! Async client for the Lessor/Querator v1 HTTP API, used by the CLI and the black-box tests.
+//!
+//! Every API call is a `POST` of a [`lessor_proto`] message to a fixed path; the reply is decoded by its
+//! `Content-Type`. The client speaks protobuf by default, like Querator's Go client, and JSON on request
+//! ([`Client::with_encoding`]) so tests can exercise both encodings. It does no retries: check
+//! [`ClientError::is_retryable`] and decide.
+//!
+//! # Layout
+//! * [`Client`] — one method per route, plus [`Client::health`], [`Client::metrics`] and [`Client::raw`]
+//!   for hand-made requests.
+//! * [`ClientError`] (module [`error`]) — what a call fails with.
+//! * [`routes`] — the paths.
+//!
+//! This crate is *not* a server or a CLI; it holds no state beyond a connection pool.
+//!
+//! # Example
+//! ```no_run
+//! # async fn demo() -> Result<(), lessor_client::ClientError> {
+//! use lessor_client::Client;
+//! use lessor_proto::{QueueLeaseRequest, QueueProduceItem, QueueProduceRequest};
+//!
+//! let client = Client::new("http://127.0.0.1:2319")?;
+//! client
+//!     .queue_produce(&QueueProduceRequest {
+//!         queue_name: "orders".into(),
+//!         request_timeout: "1m".into(),
+//!         items: vec![QueueProduceItem { utf8: "hello".into(), ..Default::default() }],
+//!     })
+//!     .await?;
+//! let leased = client
+//!     .queue_lease(&QueueLeaseRequest {
+//!         queue_name: "orders".into(),
+//!         batch_size: 10,
+//!         client_id: "worker-1".into(),
+//!         request_timeout: "5s".into(),
+//!     })
+//!     .await?;
+//! println!("{} item(s) from partition {}", leased.items.len(), leased.partition);
+//! # Ok(()) }
+//! ```
+
+#![deny(missing_docs)]
+
+pub mod error;
+pub mod routes;
+
+use bytes::Bytes;
+use lessor_proto::{
+    decode, encode, request_encoding, QueueClearRequest, QueueCompleteRequest, QueueInfo, QueueLeaseRequest,
+    QueueLeaseResponse, QueueProduceRequest, QueueReloadRequest, QueueRetryRequest, QueueStatsRequest,
+    QueueStatsResponse, QueuesDeleteRequest, QueuesInfoRequest, QueuesListRequest, QueuesListResponse, Reply,
+    StorageItemsDeleteRequest, StorageItemsImportRequest, StorageItemsImportResponse,
+    StorageItemsListRequest, StorageItemsListResponse,
+};
+use prost::Message;
+use reqwest::header::{HeaderMap, HeaderValue, ACCEPT, AUTHORIZATION, CONTENT_TYPE};
+use reqwest::{Method, StatusCode, Url};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+pub use error::ClientError;
+/// The wire types, re-exported so callers need not depend on `lessor-proto` themselves.
+pub use lessor_proto as proto;
+pub use lessor_proto::Encoding;
+
+/// A handle on one Lessor (or Querator) server. Cloning is cheap and shares the connection pool.
+#[derive(Debug, Clone)]
+pub struct Client {
+    http: reqwest::Client,
+    /// Endpoint without a trailing slash, e.g. `http://127.0.0.1:2319`.
+    endpoint: String,
+    encoding: Encoding,
+    api_key: Option<String>,
+}
+
+impl Client {
+    /// A client for `endpoint` (`http://host:port`, optionally with a path prefix), using protobuf.
+    ///
+    /// # Errors
+    /// [`ClientError::InvalidEndpoint`] when the endpoint is not an `http://` URL with a host. `https://`
+    /// is refused because this build has no TLS.
+    pub fn new(endpoint: &str) -> Result<Client, ClientError> {
+        let invalid = |reason: &str| ClientError::InvalidEndpoint {
+            endpoint: endpoint.to_string(),
+            reason: reason.to_string(),
+        };
+        let url = Url::parse(endpoint).map_err(|e| invalid(&e.to_string()))?;
+        match url.scheme() {
+            "http" => {}
+            "https" => return Err(invalid("https needs TLS, which this client is built without")),
+            _ => return Err(invalid("the scheme must be http")),
+        }
+        if url.host_str().is_none_or(str::is_empty) {
+            return Err(invalid("missing host"));
+        }
+        if url.query().is_some() || url.fragment().is_some() {
+            return Err(invalid("an endpoint cannot have a query or fragment"));
+        }
+        Ok(Client {
+            http: reqwest::Client::new(),
+            endpoint: endpoint.trim_end_matches('/').to_string(),
+            encoding: Encoding::Protobuf,
+            api_key: None,
+        })
+    }
+
+    /// Uses `encoding` for request bodies and asks for it in replies (`Accept`).
+    pub fn with_encoding(mut self, encoding: Encoding) -> Self {
+        self.encoding = encoding;
+        self
+    }
+
+    /// Sends `Authorization: Bearer <key>` with every call.
+    pub fn with_api_key(mut self, key: impl Into<String>) -> Self {
+        self.api_key = Some(key.into());
+        self
+    }
+
+    /// Uses a caller-built `reqwest::Client` (timeouts, pool sizes, ...).
+    pub fn with_http_client(mut self, http: reqwest::Client) -> Self {
+        self.http = http;
+        self
+    }
+
+    /// The encoding in use.
+    pub fn encoding(&self) -> Encoding {
+        self.encoding
+    }
+
+    /// The endpoint, without a trailing slash.
+    pub fn endpoint(&self) -> &str {
+        &self.endpoint
+    }
+
+    // ---------------------------------------------------------------------------------------------
+    // Queue
+    // ---------------------------------------------------------------------------------------------
+
+    /// `POST /v1/queue.produce`: adds items to a queue.
+    ///
+    /// # Errors
+    /// Any [`ClientError`]; the service's refusals are [`ClientError::Api`].
+    pub async fn queue_produce(&self, req: &QueueProduceRequest) -> Result<(), ClientError> {
+        self.call_reply(routes::QUEUE_PRODUCE, req).await
+    }
+
+    /// `POST /v1/queue.lease`: long-polls for up to `batch_size` items of one partition. When nothing
+    /// arrives before `request_timeout` the service answers 454 ([`ClientError::is_retryable`]).
+    ///
+    /// # Errors
+    /// Any [`ClientError`].
+    pub async fn queue_lease(&self, req: &QueueLeaseRequest) -> Result<QueueLeaseResponse, ClientError> {
+        self.call(routes::QUEUE_LEASE, req).await
+    }
+
+    /// `POST /v1/queue.complete`: marks leased items done.
+    ///
+    /// # Errors
+    /// Any [`ClientError`].
+    pub async fn queue_complete(&self, req: &QueueCompleteRequest) -> Result<(), ClientError> {
+        self.call_reply(routes::QUEUE_COMPLETE, req).await
+    }
+
+    /// `POST /v1/queue.retry`: returns leased items to the queue or dead-letters them.
+    ///
+    /// # Errors
+    /// Any [`ClientError`].
+    pub async fn queue_retry(&self, req: &QueueRetryRequest) -> Result<(), ClientError> {
+        self.call_reply(routes::QUEUE_RETRY, req).await
+    }
+
+    /// `POST /v1/queue.stats`: per-partition counters of a queue.
+    ///
+    /// # Errors
+    /// Any [`ClientError`].
+    pub async fn queue_stats(&self, req: &QueueStatsRequest) -> Result<QueueStatsResponse, ClientError> {
+        self.call(routes::QUEUE_STATS, req).await
+    }
+
+    /// `POST /v1/queue.clear`: removes waiting and/or scheduled items.
+    ///
+    /// # Errors
+    /// Any [`ClientError`].
+    pub async fn queue_clear(&self, req: &QueueClearRequest) -> Result<(), ClientError> {
+        self.call_reply(routes::QUEUE_CLEAR, req).await
+    }
+
+    /// `POST /v1/queue.reload`: reloads a queue's partitions from storage.
+    ///
+    /// # Errors
+    /// Any [`ClientError`].
+    pub async fn queue_reload(&self, req: &QueueReloadRequest) -> Result<(), ClientError> {
+        self.call_reply(routes::QUEUE_RELOAD, req).await
+    }
+
+    // ---------------------------------------------------------------------------------------------
+    // Queues
+    // ---------------------------------------------------------------------------------------------
+
+    /// `POST /v1/queues.create`: creates a queue.
+    ///
+    /// # Errors
+    /// Any [`ClientError`].
+    pub async fn queues_create(&self, info: &QueueInfo) -> Result<(), ClientError> {
+        self.call_reply(routes::QUEUES_CREATE, info).await
+    }
+
+    /// `POST /v1/queues.list`: one page of queues.
+    ///
+    /// # Errors
+    /// Any [`ClientError`].
+    pub async fn queues_list(&self, req: &QueuesListRequest) -> Result<QueuesListResponse, ClientError> {
+        self.call(routes::QUEUES_LIST, req).await
+    }
+
+    /// `POST /v1/queues.update`: changes a queue's configuration.
+    ///
+    /// # Errors
+    /// Any [`ClientError`].
+    pub async fn queues_update(&self, info: &QueueInfo) -> Result<(), ClientError> {
+        self.call_reply(routes::QUEUES_UPDATE, info).await
+    }
+
+    /// `POST /v1/queues.delete`: deletes a queue and its items.
+    ///
+    /// # Errors
+    /// Any [`ClientError`].
+    pub async fn queues_delete(&self, req: &QueuesDeleteRequest) -> Result<(), ClientError> {
+        self.call_reply(routes::QUEUES_DELETE, req).await
+    }
+
+    /// `POST /v1/queues.info`: one queue's configuration.
+    ///
+    /// # Errors
+    /// Any [`ClientError`].
+    pub async fn queues_info(&self, req: &QueuesInfoRequest) -> Result<QueueInfo, ClientError> {
+        self.call(routes::QUEUES_INFO, req).await
+    }
+
+    // ---------------------------------------------------------------------------------------------
+    // Storage
+    // ---------------------------------------------------------------------------------------------
+
+    /// `POST /v1/storage/items.list`: raw items of one partition.
+    ///
+    /// # Errors
+    /// Any [`ClientError`].
+    pub async fn storage_items_list(
+        &self,
+        req: &StorageItemsListRequest,
+    ) -> Result<StorageItemsListResponse, ClientError> {
+        self.call(routes::STORAGE_ITEMS_LIST, req).await
+    }
+
+    /// `POST /v1/storage/scheduled.list`: scheduled items of one partition.
+    ///
+    /// # Errors
+    /// Any [`ClientError`].
+    pub async fn storage_scheduled_list(
+        &self,
+        req: &StorageItemsListRequest,
+    ) -> Result<StorageItemsListResponse, ClientError> {
+        self.call(routes::STORAGE_SCHEDULED_LIST, req).await
+    }
+
+    /// `POST /v1/storage/items.import`: writes raw items; the reply carries their new ids.
+    ///
+    /// # Errors
+    /// Any [`ClientError`].
+    pub async fn storage_items_import(
+        &self,
+        req: &StorageItemsImportRequest,
+    ) -> Result<StorageItemsImportResponse, ClientError> {
+        self.call(routes::STORAGE_ITEMS_IMPORT, req).await
+    }
+
+    /// `POST /v1/storage/items.delete`: deletes raw items by id.
+    ///
+    /// # Errors
+    /// Any [`ClientError`].
+    pub async fn storage_items_delete(&self, req: &StorageItemsDeleteRequest) -> Result<(), ClientError> {
+        self.call_reply(routes::STORAGE_ITEMS_DELETE, req).await
+    }
+
+    // ---------------------------------------------------------------------------------------------
+    // Health, metrics, raw
+    // ---------------------------------------------------------------------------------------------
+
+    /// `GET /health`: the health document (`{"status": "pass" | "fail", ...}`). A 503 whose body is a
+    /// health document is returned as `Ok` too: read `status` to tell pass from fail.
+    ///
+    /// # Errors
+    /// [`ClientError::Transport`], or [`ClientError::Http`] when the body is not JSON.
+    pub async fn health(&self) -> Result<serde_json::Value, ClientError> {
+        let (status, _headers, body) = self
+            .send(Method::GET, routes::HEALTH, None, None, Vec::new())
+            .await?;
+        match serde_json::from_slice::<serde_json::Value>(&body) {
+            Ok(doc @ serde_json::Value::Object(_))
+                if status == StatusCode::OK || status == StatusCode::SERVICE_UNAVAILABLE =>
+            {
+                Ok(doc)
+            }
+            _ => Err(ClientError::Http {
+                status: status.as_u16(),
+                body: String::from_utf8_lossy(&body).into_owned(),
+            }),
+        }
+    }
+
+    /// `GET /metrics`: the Prometheus text exposition.
+    ///
+    /// # Errors
+    /// [`ClientError::Transport`], or [`ClientError::Http`] on a non-200 status.
+    pub async fn metrics(&self) -> Result<String, ClientError> {
+        let (status, _headers, body) = self
+            .send(Method::GET, routes::METRICS, None, None, Vec::new())
+            .await?;
+        let text = String::from_utf8_lossy(&body).into_owned();
+        if status == StatusCode::OK {
+            Ok(text)
+        } else {
+            Err(ClientError::Http {
+                status: status.as_u16(),
+                body: text,
+            })
+        }
+    }
+
+    /// `POST`s `body` to `path` (e.g. `"/v1/queue.produce"`) with exactly the given `Content-Type` and
+    /// `Accept` and returns the reply as it is, whatever its status. Meant for tests of malformed input and
+    /// content negotiation.
+    ///
+    /// `None` leaves `Content-Type` out. For `Accept`, the HTTP stack sends `Accept: */*` when `None` is
+    /// given; DUH-RPC servers treat that exactly like a missing header (JSON).
+    ///
+    /// # Errors
+    /// [`ClientError::Transport`] only.
+    pub async fn raw(
+        &self,
+        path: &str,
+        content_type: Option<&str>,
+        accept: Option<&str>,
+        body: impl Into<Vec<u8>>,
+    ) -> Result<(StatusCode, HeaderMap, Bytes), ClientError> {
+        self.send(Method::POST, path, content_type, accept, body.into())
+            .await
+    }
+
+    /// Like [`Client::raw`] with any HTTP method (to test that only `POST` is allowed).
+    ///
+    /// # Errors
+    /// [`ClientError::Transport`] only.
+    pub async fn raw_with_method(
+        &self,
+        method: Method,
+        path: &str,
+        content_type: Option<&str>,
+        accept: Option<&str>,
+        body: impl Into<Vec<u8>>,
+    ) -> Result<(StatusCode, HeaderMap, Bytes), ClientError> {
+        self.send(method, path, content_type, accept, body.into()).await
+    }
+
+    // ---------------------------------------------------------------------------------------------
+    // Internals
+    // ---------------------------------------------------------------------------------------------
+
+    /// Sends one request and reads the whole reply.
+    async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        content_type: Option<&str>,
+        accept: Option<&str>,
+        body: Vec<u8>,
+    ) -> Result<(StatusCode, HeaderMap, Bytes), ClientError> {
+        let url = format!("{}{}", self.endpoint, path);
+        let mut rb = self.http.request(method, url);
+        if let Some(ct) = content_type {
+            rb = rb.header(CONTENT_TYPE, ct);
+        }
+        if let Some(a) = accept {
+            rb = rb.header(ACCEPT, a);
+        }
+        if let Some(key) = &self.api_key {
+            let mut value =
+                HeaderValue::try_from(format!("Bearer {key}")).map_err(|_| ClientError::InvalidEndpoint {
+                    endpoint: self.endpoint.clone(),
+                    reason: "the API key is not a valid header value".to_string(),
+                })?;
+            value.set_sensitive(true);
+            rb = rb.header(AUTHORIZATION, value);
+        }
+        let resp = rb.body(body).send().await?;
+        let status = resp.status();
+        let headers = resp.headers().clone();
+        let bytes = resp.bytes().await?;
+        Ok((status, headers, bytes))
+    }
+
+    /// POSTs `req` in the client's encoding and decodes a 200 reply as `Resp`.
+    async fn call<Req, Resp>(&self, path: &str, req: &Req) -> Result<Resp, ClientError>
+    where
+        Req: Message + Serialize,
+        Resp: Message + Default + DeserializeOwned,
+    {
+        let ct = self.encoding.content_type();
+        let (status, headers, body) = self
+            .send(Method::POST, path, Some(ct), Some(ct), encode(self.encoding, req))
+            .await?;
+        let reply_ct = headers.get(CONTENT_TYPE).and_then(|v| v.to_str().ok());
+        if status != StatusCode::OK {
+            return Err(error::error_from_reply(status.as_u16(), reply_ct, &body));
+        }
+        // A 200 is decoded by its own Content-Type; a missing one means the encoding we asked for.
+        let enc = match reply_ct {
+            None => self.encoding,
+            Some(ct) => request_encoding(Some(ct)).map_err(|_| ClientError::Http {
+                status: status.as_u16(),
+                body: String::from_utf8_lossy(&body).into_owned(),
+            })?,
+        };
+        decode(enc, &body).map_err(ClientError::Decode)
+    }
+
+    /// Like [`Client::call`] for routes whose success reply is the `Reply{code: 200}` envelope.
+    async fn call_reply<Req>(&self, path: &str, req: &Req) -> Result<(), ClientError>
+    where
+        Req: Message + Serialize,
+    {
+        self.call::<Req, Reply>(path, req).await.map(drop)
+    }
+}

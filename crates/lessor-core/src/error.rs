@@ -82,8 +82,10 @@ pub enum ItemError {
 }
 
 /// An engine failure, as returned to the server. Variants map one-to-one onto wire codes in `lessor-server`.
+///
+/// Deliberately not `#[non_exhaustive]`: the server's mapping to wire codes must be an exhaustive match, so a new
+/// variant cannot ship without a code.
 #[derive(Debug, Error, Clone)]
-#[non_exhaustive]
 pub enum QueueError {
     /// Input that breaks a rule; the message names the field and the rule (400).
     #[error("{0}")]

@@ -17,7 +17,6 @@ const HOUR: u128 = 60 * MIN;
 /// Go's `time.Duration` is an `i64` of nanoseconds; anything longer is an overflow there too.
 const MAX_NANOS: u128 = i64::MAX as u128;
 
-
 fn unit_nanos(unit: &str) -> Option<u128> {
     Some(match unit {
         "ns" => NS,
@@ -105,7 +104,9 @@ pub fn parse_go_duration(s: &str) -> Result<Duration, String> {
         }
 
         // Unit: everything up to the next digit or '.'.
-        let unit_len = rest.find(|c: char| c == '.' || c.is_ascii_digit()).unwrap_or(rest.len());
+        let unit_len = rest
+            .find(|c: char| c == '.' || c.is_ascii_digit())
+            .unwrap_or(rest.len());
         let unit = &rest[..unit_len];
         if unit.is_empty() {
             return Err(format!("missing unit in duration '{s}'"));
@@ -140,7 +141,7 @@ fn push_frac(out: &mut String, v: u128, prec: u32) {
     out.push_str(&whole.to_string());
     if frac != 0 {
         let mut digits = prec as usize;
-        while frac % 10 == 0 {
+        while frac.is_multiple_of(10) {
             frac /= 10;
             digits -= 1;
         }
@@ -248,9 +249,30 @@ mod tests {
     #[test]
     fn parse_errors() {
         let cases = [
-            "", "3", "-", "s", ".", "-.", ".s", "+.s", "1d", "1.5x", "5 s", " 5s", "5s ", "\u{00b5}", "1e3s",
-            "-1s", "-1.5h", "-300ms", "9223372036854775808ns", "9223372036854775.808us", "9223372037s",
-            "100000000000000000000h", "1h-1m", "0x10s",
+            "",
+            "3",
+            "-",
+            "s",
+            ".",
+            "-.",
+            ".s",
+            "+.s",
+            "1d",
+            "1.5x",
+            "5 s",
+            " 5s",
+            "5s ",
+            "\u{00b5}",
+            "1e3s",
+            "-1s",
+            "-1.5h",
+            "-300ms",
+            "9223372036854775808ns",
+            "9223372036854775.808us",
+            "9223372037s",
+            "100000000000000000000h",
+            "1h-1m",
+            "0x10s",
         ];
         for input in cases {
             assert!(parse_go_duration(input).is_err(), "input {input:?} should fail");
@@ -259,10 +281,22 @@ mod tests {
 
     #[test]
     fn error_messages_name_the_problem() {
-        assert_eq!(parse_go_duration("3").unwrap_err(), "missing unit in duration '3'");
-        assert_eq!(parse_go_duration("1d").unwrap_err(), "unknown unit 'd' in duration '1d'");
-        assert_eq!(parse_go_duration("-1s").unwrap_err(), "negative duration '-1s' is not allowed");
-        assert_eq!(parse_go_duration("abc").unwrap_err(), "invalid duration 'abc'");
+        assert_eq!(
+            parse_go_duration("3").expect_err("should fail"),
+            "missing unit in duration '3'"
+        );
+        assert_eq!(
+            parse_go_duration("1d").expect_err("should fail"),
+            "unknown unit 'd' in duration '1d'"
+        );
+        assert_eq!(
+            parse_go_duration("-1s").expect_err("should fail"),
+            "negative duration '-1s' is not allowed"
+        );
+        assert_eq!(
+            parse_go_duration("abc").expect_err("should fail"),
+            "invalid duration 'abc'"
+        );
     }
 
     #[test]
@@ -281,7 +315,10 @@ mod tests {
             (Duration::from_secs(4 * 60 + 5), "4m5s"),
             (ns(4 * 60_000_000_000 + 5_001_000_000), "4m5.001s"),
             (Duration::from_secs(5 * 3600 + 6 * 60 + 7), "5h6m7s"),
-            (ns((5 * 3600 + 6 * 60 + 7) * 1_000_000_000 + 1_000_000), "5h6m7.001s"),
+            (
+                ns((5 * 3600 + 6 * 60 + 7) * 1_000_000_000 + 1_000_000),
+                "5h6m7.001s",
+            ),
             (Duration::from_secs(3600), "1h0m0s"),
             (Duration::from_secs(86_400), "24h0m0s"),
             (ns(8 * 3600 * 1_000_000_000 + 1), "8h0m0.000000001s"),
@@ -294,7 +331,15 @@ mod tests {
 
     #[test]
     fn format_then_parse_round_trips() {
-        for n in [1u64, 999, 1_000, 1_234_567, 59_999_999_999, 3_600_000_000_001, 86_400_000_000_000] {
+        for n in [
+            1u64,
+            999,
+            1_000,
+            1_234_567,
+            59_999_999_999,
+            3_600_000_000_001,
+            86_400_000_000_000,
+        ] {
             let d = ns(n);
             assert_eq!(parse_go_duration(&format_go_duration(d)), Ok(d));
         }

@@ -71,7 +71,10 @@ impl Timestamp {
         let nanos = n.rem_euclid(NANOS_PER_SEC);
         let seconds = i64::try_from(secs).unwrap_or(if secs < 0 { i64::MIN } else { i64::MAX });
         // rem_euclid keeps nanos in 0..1e9, which fits i32.
-        Timestamp { seconds, nanos: nanos as i32 }
+        Timestamp {
+            seconds,
+            nanos: nanos as i32,
+        }
     }
 
     /// Nanoseconds since the epoch (exact for every `seconds`/`nanos` pair).
@@ -303,7 +306,10 @@ fn parse_rfc3339(b: &[u8]) -> Result<Timestamp, String> {
         return Err("outside 0001-01-01T00:00:00Z..9999-12-31T23:59:59Z".to_string());
     }
     // nanos < 1e9 by construction.
-    Ok(Timestamp { seconds, nanos: nanos as i32 })
+    Ok(Timestamp {
+        seconds,
+        nanos: nanos as i32,
+    })
 }
 
 #[cfg(test)]

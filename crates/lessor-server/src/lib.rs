@@ -1,1 +1,114 @@
-//! placeholder
+//! Lessor's HTTP server: it reads the configuration, builds the storage backends and the engine, and serves
+//! Querator's v1 API over JSON and protobuf.
+//!
+//! It is not: the queue logic (`lessor-core`), a backend (`lessor-storage`) or the wire types (`lessor-proto`).
+//! The binary only parses flags and calls [`serve`]; tests call [`start`] on port 0 with an injected clock.
+//!
+//! # Layout
+//! - [`config`]: the YAML file (seeds' format), validation, and building stores from drivers.
+//! - [`error`]: [`error::ApiError`] and the one place errors become wire codes.
+//! - [`http`]: routes, content negotiation, body limits, handlers.
+//! - [`convert`]: wire messages to and from core types.
+//! - [`metrics`]: `/metrics` (request latency per route, per-queue gauges and counters).
+
+pub mod config;
+pub mod convert;
+pub mod error;
+pub mod http;
+pub mod metrics;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use lessor_core::engine::Engine;
+use lessor_core::time::{SharedClock, SystemClock};
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+pub use config::Config;
+
+/// The version reported by `/health`.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// Builds the engine from the configuration and declares the configured queues.
+pub async fn build_engine(config: &Config, clock: SharedClock) -> Result<Engine, String> {
+    let engine = config.build_engine(clock).await?;
+    for q in config.declared_queues()? {
+        let name = q.name.clone();
+        engine.declare_queue(q).await.map_err(|e| format!("queues: '{name}': {e}"))?;
+    }
+    Ok(engine)
+}
+
+/// Serves on `listener` until `shutdown` resolves, then stops the engine (waiting requests get "shutting down",
+/// in-flight storage calls finish) and lets in-flight HTTP exchanges complete.
+pub async fn serve(
+    listener: TcpListener,
+    engine: Engine,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let state = http::AppState::new(engine.clone());
+    let app = http::router(state);
+    let stop_engine = engine.clone();
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move {
+            shutdown.await;
+            tracing::info!("shutting down");
+            stop_engine.shutdown().await;
+        })
+        .await
+}
+
+/// A server running in the background (tests, `lessor bench`).
+pub struct RunningServer {
+    /// The bound address.
+    pub addr: SocketAddr,
+    /// The engine (for tests that inspect it).
+    pub engine: Engine,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<std::io::Result<()>>>,
+}
+
+impl RunningServer {
+    /// `http://<addr>`.
+    pub fn endpoint(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Stops the server gracefully and waits for it.
+    pub async fn stop(mut self) {
+        self.stop_now().await;
+    }
+
+    async fn stop_now(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(t) = self.task.take() {
+            let _ = t.await;
+        }
+    }
+}
+
+impl Drop for RunningServer {
+    fn drop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+    }
+}
+
+/// Starts a server on `address` (use port 0 for tests) in the background.
+pub async fn start(config: &Config, address: &str, clock: Option<SharedClock>) -> Result<RunningServer, String> {
+    let clock = clock.unwrap_or_else(|| Arc::new(SystemClock));
+    let engine = build_engine(config, clock).await?;
+    let listener = TcpListener::bind(address).await.map_err(|e| format!("address: cannot listen on '{address}': {e}"))?;
+    let addr = listener.local_addr().map_err(|e| e.to_string())?;
+    let (tx, rx) = oneshot::channel::<()>();
+    let task = tokio::spawn(serve(listener, engine.clone(), async move {
+        let _ = rx.await;
+    }));
+    Ok(RunningServer { addr, engine, stop: Some(tx), task: Some(task) })
+}

@@ -1,0 +1,211 @@
+//! Wire messages to and from core types: timestamps, durations, items, queue definitions, stats.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use lessor_core::engine::{ProduceItem, QueueStats, QueueUpdate, RetryRequestItem};
+use lessor_core::time::Ts;
+use lessor_core::types::{Item, ItemId, QueueInfo};
+use lessor_proto::duration::{format_go_duration, parse_go_duration};
+use lessor_proto::{self as pb, Timestamp};
+
+use crate::error::ApiError;
+
+/// A wire timestamp as microseconds (unset stays zero).
+pub fn ts_from(t: &Option<Timestamp>) -> Ts {
+    match t {
+        None => Ts::ZERO,
+        Some(t) => Ts(i64::try_from(t.unix_nanos() / 1000).unwrap_or(if t.seconds < 0 { i64::MIN } else { i64::MAX })),
+    }
+}
+
+/// Microseconds as a wire timestamp (zero and "never" stay unset).
+pub fn ts_to(t: Ts) -> Option<Timestamp> {
+    if t.is_zero() || t == Ts::NEVER {
+        None
+    } else {
+        Some(Timestamp::from_unix_nanos(i128::from(t.0) * 1000))
+    }
+}
+
+/// Parses an optional Go duration field; empty means unset.
+pub fn duration(field: &str, s: &str) -> Result<Option<Duration>, ApiError> {
+    if s.is_empty() {
+        return Ok(None);
+    }
+    parse_go_duration(s).map(Some).map_err(|e| {
+        ApiError::InvalidField(format!("{field} is invalid; {e} - expected format: 900ms, 5m or 15m"))
+    })
+}
+
+/// Produce items.
+pub fn produce_items(items: Vec<pb::QueueProduceItem>) -> Vec<ProduceItem> {
+    items
+        .into_iter()
+        .map(|i| ProduceItem {
+            enqueue_at: ts_from(&i.enqueue_at),
+            reference: i.reference,
+            encoding: i.encoding,
+            kind: i.kind,
+            payload: if i.bytes.is_empty() { Bytes::from(i.utf8.into_bytes()) } else { Bytes::from(i.bytes) },
+        })
+        .collect()
+}
+
+/// A leased item.
+pub fn lease_item(i: Item) -> pb::QueueLeaseItem {
+    pb::QueueLeaseItem {
+        encoding: i.encoding,
+        kind: i.kind,
+        reference: i.reference,
+        id: i.id.to_string(),
+        attempts: i32::try_from(i.attempts).unwrap_or(i32::MAX),
+        lease_deadline: ts_to(i.lease_deadline),
+        bytes: i.payload.to_vec(),
+    }
+}
+
+/// Retry items.
+pub fn retry_items(items: Vec<pb::QueueRetryItem>) -> Vec<RetryRequestItem> {
+    items
+        .into_iter()
+        .map(|i| RetryRequestItem { id: i.id, retry_at: ts_from(&i.retry_at), dead: i.dead })
+        .collect()
+}
+
+/// A stored item, every field filled (Querator leaves enqueue_at and dead_deadline out).
+pub fn storage_item(i: Item) -> pb::StorageItem {
+    pb::StorageItem {
+        id: i.id.to_string(),
+        source_id: i.source_id,
+        is_leased: i.is_leased,
+        lease_deadline: ts_to(i.lease_deadline),
+        expire_deadline: ts_to(i.expire_deadline),
+        dead_deadline: None,
+        created_at: ts_to(i.created_at),
+        updated_at: None,
+        enqueue_at: ts_to(i.enqueue_at),
+        attempts: i32::try_from(i.attempts).unwrap_or(i32::MAX),
+        max_attempts: i32::try_from(i.max_attempts).unwrap_or(i32::MAX),
+        reference: i.reference,
+        encoding: i.encoding,
+        kind: i.kind,
+        payload: i.payload.to_vec(),
+    }
+}
+
+/// An imported item.
+pub fn import_item(i: pb::StorageItem) -> Result<Item, ApiError> {
+    let non_negative = |field: &str, v: i32| -> Result<u32, ApiError> {
+        u32::try_from(v).map_err(|_| ApiError::InvalidField(format!("{field} is invalid; cannot be negative")))
+    };
+    Ok(Item {
+        id: ItemId(0),
+        source_id: i.source_id,
+        is_leased: i.is_leased,
+        lease_deadline: ts_from(&i.lease_deadline),
+        expire_deadline: ts_from(&i.expire_deadline),
+        enqueue_at: ts_from(&i.enqueue_at),
+        created_at: ts_from(&i.created_at),
+        attempts: non_negative("attempts", i.attempts)?,
+        max_attempts: non_negative("max_attempts", i.max_attempts)?,
+        reference: i.reference,
+        encoding: i.encoding,
+        kind: i.kind,
+        payload: Bytes::from(i.payload),
+        dead: false,
+    })
+}
+
+/// A queue definition from `queues.create`.
+pub fn queue_info_in(q: pb::QueueInfo) -> Result<QueueInfo, ApiError> {
+    if q.max_attempts < 0 {
+        return Err(ApiError::InvalidField("max_attempts is invalid; cannot be negative".into()));
+    }
+    if q.requested_partitions < 0 {
+        return Err(ApiError::InvalidField("requested_partitions is invalid; cannot be negative".into()));
+    }
+    Ok(QueueInfo {
+        name: q.queue_name,
+        namespace: q.namespace,
+        dead_queue: q.dead_queue,
+        reference: q.reference,
+        lease_timeout: duration("lease_timeout", &q.lease_timeout)?.unwrap_or_default(),
+        expire_timeout: duration("expire_timeout", &q.expire_timeout)?.unwrap_or_default(),
+        max_attempts: q.max_attempts as u32,
+        requested_partitions: q.requested_partitions as u32,
+        ..Default::default()
+    })
+}
+
+/// A `queues.update`: only the fields the request sets change. A field at its zero value (empty string, 0) is "not
+/// set", because proto3 cannot tell the two apart; Querator instead overwrote max_attempts, reference and dead_queue
+/// with whatever was sent, so omitting them reset them.
+pub fn queue_update(q: pb::QueueInfo) -> Result<QueueUpdate, ApiError> {
+    if q.max_attempts < 0 {
+        return Err(ApiError::InvalidField("max_attempts is invalid; cannot be negative".into()));
+    }
+    if q.requested_partitions < 0 {
+        return Err(ApiError::InvalidField("requested_partitions is invalid; cannot be negative".into()));
+    }
+    let opt = |s: String| if s.is_empty() { None } else { Some(s) };
+    Ok(QueueUpdate {
+        name: q.queue_name,
+        lease_timeout: duration("lease_timeout", &q.lease_timeout)?,
+        expire_timeout: duration("expire_timeout", &q.expire_timeout)?,
+        max_attempts: if q.max_attempts == 0 { None } else { Some(q.max_attempts as u32) },
+        dead_queue: opt(q.dead_queue),
+        reference: opt(q.reference),
+        requested_partitions: if q.requested_partitions == 0 { None } else { Some(q.requested_partitions as u32) },
+    })
+}
+
+/// A queue definition for `queues.info` and `queues.list`.
+pub fn queue_info_out(q: QueueInfo) -> pb::QueueInfo {
+    pb::QueueInfo {
+        queue_name: q.name,
+        created_at: ts_to(q.created_at),
+        updated_at: ts_to(q.updated_at),
+        dead_queue: q.dead_queue,
+        reference: q.reference,
+        lease_timeout: format_go_duration(q.lease_timeout),
+        expire_timeout: format_go_duration(q.expire_timeout),
+        max_attempts: i32::try_from(q.max_attempts).unwrap_or(i32::MAX),
+        requested_partitions: i32::try_from(q.requested_partitions).unwrap_or(i32::MAX),
+        partitions: q
+            .partitions
+            .iter()
+            .map(|p| pb::PartitionInfo { partition: i32::try_from(p.partition).unwrap_or(i32::MAX) })
+            .collect(),
+        namespace: q.namespace,
+    }
+}
+
+/// `queue.stats`.
+pub fn stats_out(queue: String, s: QueueStats) -> pb::QueueStatsResponse {
+    let c = |v: u64| i32::try_from(v).unwrap_or(i32::MAX);
+    pb::QueueStatsResponse {
+        queue_name: queue,
+        logical_queues: vec![pb::QueueLogicalStats {
+            produce_waiting: c(s.produce_waiting),
+            lease_waiting: c(s.lease_waiting),
+            complete_waiting: c(s.complete_waiting),
+            in_flight: c(s.in_flight),
+            partitions: s
+                .partitions
+                .into_iter()
+                .map(|p| pb::QueuePartitionStats {
+                    partition: i32::try_from(p.partition).unwrap_or(i32::MAX),
+                    total: c(p.total),
+                    total_leased: c(p.total_leased),
+                    failures: i32::try_from(p.failures).unwrap_or(i32::MAX),
+                    average_age: format_go_duration(p.average_age),
+                    average_leased_age: format_go_duration(p.average_leased_age),
+                    scheduled: c(p.scheduled),
+                    un_leased: c(p.total.saturating_sub(p.total_leased)),
+                    next_lifecycle_run: String::new(),
+                })
+                .collect(),
+        }],
+    }
+}

@@ -1,0 +1,59 @@
+//! The server's error type and the one place where every error becomes a wire code.
+
+use lessor_core::error::QueueError;
+use lessor_proto::CodecError;
+
+/// Anything a request can fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// The engine refused or failed the request.
+    #[error(transparent)]
+    Queue(#[from] QueueError),
+    /// A header or body that does not decode.
+    #[error(transparent)]
+    Codec(#[from] CodecError),
+    /// A field that does not parse (duration, timestamp); the message names the field.
+    #[error("{0}")]
+    InvalidField(String),
+    /// The body is larger than the route allows.
+    #[error("request body exceeds {0} limit")]
+    BodyTooLarge(usize),
+    /// A method other than POST on an RPC route.
+    #[error("http method '{0}' not allowed; only POST")]
+    MethodNotAllowed(String),
+    /// An unknown path.
+    #[error("no such method; {0}")]
+    NoSuchMethod(String),
+    /// The body could not be read from the connection.
+    #[error("request body could not be read; {0}")]
+    BodyRead(String),
+}
+
+impl ApiError {
+    /// The wire code (also the HTTP status). Exhaustive on purpose: a new error cannot ship without a code.
+    pub fn code(&self) -> u16 {
+        match self {
+            ApiError::Queue(e) => match e {
+                QueueError::Invalid(_)
+                | QueueError::QueueNotFound(_)
+                | QueueError::QueueExists(_)
+                | QueueError::DuplicateClientId
+                | QueueError::CannotComplete(_)
+                | QueueError::CannotRetry(_) => 400,
+                QueueError::LeaseTimeout
+                | QueueError::Overloaded
+                | QueueError::PartitionUnavailable(_)
+                | QueueError::NoAvailablePartitions
+                | QueueError::Transient(_) => 454,
+                QueueError::StorageFailed(_) | QueueError::ShuttingDown | QueueError::QueueShuttingDown => 453,
+            },
+            ApiError::Codec(e) => match e {
+                CodecError::UnsupportedContentType(_) | CodecError::UnsupportedAccept(_) => 455,
+                CodecError::InvalidJson(_) | CodecError::InvalidProtobuf(_) => 455,
+            },
+            ApiError::InvalidField(_) | ApiError::BodyTooLarge(_) | ApiError::MethodNotAllowed(_) => 400,
+            ApiError::BodyRead(_) => 400,
+            ApiError::NoSuchMethod(_) => 501,
+        }
+    }
+}
