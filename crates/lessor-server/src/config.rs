@@ -149,19 +149,27 @@ impl Config {
 
     /// Reads and parses a file.
     pub fn from_file(path: &str) -> Result<Config, String> {
-        let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read config file '{path}': {e}"))?;
+        let text =
+            std::fs::read_to_string(path).map_err(|e| format!("cannot read config file '{path}': {e}"))?;
         Self::from_yaml(&text).map_err(|e| format!("{path}: {e}"))
     }
 
     /// The configuration used when no file is given: persistent storage under `data_dir` when the embedded engine
     /// is compiled in, memory otherwise.
     pub fn default_persistent(data_dir: &str) -> Config {
-        let (driver, dir) = if Driver::Fjall.compiled() { ("fjall", Some(data_dir.to_string())) } else { ("memory", None) };
+        let (driver, dir) = if Driver::Fjall.compiled() {
+            ("fjall", Some(data_dir.to_string()))
+        } else {
+            ("memory", None)
+        };
         let store = |name: Option<&str>| StoreSection {
             name: name.map(str::to_string),
             driver: Some(driver.to_string()),
             affinity: name.map(|_| 1.0),
-            config: StoreConfig { storage_dir: dir.clone(), ..Default::default() },
+            config: StoreConfig {
+                storage_dir: dir.clone(),
+                ..Default::default()
+            },
         };
         Config {
             queue_storage: Some(store(None)),
@@ -173,7 +181,10 @@ impl Config {
     /// A memory-only configuration (tests).
     pub fn memory() -> Config {
         Config {
-            queue_storage: Some(StoreSection { driver: Some("memory".into()), ..Default::default() }),
+            queue_storage: Some(StoreSection {
+                driver: Some("memory".into()),
+                ..Default::default()
+            }),
             partition_storage: vec![StoreSection {
                 name: Some("memory-0".into()),
                 driver: Some("memory".into()),
@@ -193,12 +204,19 @@ impl Config {
     pub fn validate(&self) -> Result<(), String> {
         if let Some(h) = &self.logging.handler {
             if !matches!(h.as_str(), "text" | "color" | "json") {
-                return Err(format!("logging.handler: invalid handler; '{h}' is not one of (text, color, json)"));
+                return Err(format!(
+                    "logging.handler: invalid handler; '{h}' is not one of (text, color, json)"
+                ));
             }
         }
         if let Some(l) = &self.logging.level {
-            if !matches!(l.to_ascii_lowercase().as_str(), "debug" | "info" | "warn" | "error" | "trace") {
-                return Err(format!("logging.level: invalid level; '{l}' is not one of (debug, info, warn, error)"));
+            if !matches!(
+                l.to_ascii_lowercase().as_str(),
+                "debug" | "info" | "warn" | "error" | "trace"
+            ) {
+                return Err(format!(
+                    "logging.level: invalid level; '{l}' is not one of (debug, info, warn, error)"
+                ));
             }
         }
         if let Some(q) = &self.queue_storage {
@@ -213,7 +231,11 @@ impl Config {
                 return Err(format!("{at}.name: '{name}' is used by more than one store"));
             }
         }
-        if !self.partition_storage.is_empty() && !self.partition_storage.iter().any(|s| s.affinity.unwrap_or(1.0) > 0.0)
+        if !self.partition_storage.is_empty()
+            && !self
+                .partition_storage
+                .iter()
+                .any(|s| s.affinity.unwrap_or(1.0) > 0.0)
         {
             return Err("partition-storage: at least one store needs an affinity greater than 0".into());
         }
@@ -234,7 +256,10 @@ impl Config {
         if self.partition_storage.is_empty() {
             return vec!["default".into()];
         }
-        self.partition_storage.iter().map(|s| s.name.clone().unwrap_or_default()).collect()
+        self.partition_storage
+            .iter()
+            .map(|s| s.name.clone().unwrap_or_default())
+            .collect()
     }
 
     fn limits(&self) -> Limits {
@@ -253,17 +278,39 @@ impl Config {
     /// Opens every store and builds the engine.
     pub async fn build_engine(&self, clock: SharedClock) -> Result<Engine, String> {
         let default = Config::default_persistent(DEFAULT_DATA_DIR);
-        let qs = self.queue_storage.clone().or(default.queue_storage.clone()).unwrap_or_default();
-        let parts = if self.partition_storage.is_empty() { default.partition_storage.clone() } else { self.partition_storage.clone() };
-        let queues = open_queues(&qs).await.map_err(|e| format!("queue-storage: {e}"))?;
+        let qs = self
+            .queue_storage
+            .clone()
+            .or(default.queue_storage.clone())
+            .unwrap_or_default();
+        let parts = if self.partition_storage.is_empty() {
+            default.partition_storage.clone()
+        } else {
+            self.partition_storage.clone()
+        };
+        let queues = open_queues(&qs)
+            .await
+            .map_err(|e| format!("queue-storage: {e}"))?;
         let mut stores = Vec::new();
         for (i, s) in parts.iter().enumerate() {
-            let store = open_partitions(s).await.map_err(|e| format!("partition-storage[{i}]: {e}"))?;
+            let store = open_partitions(s)
+                .await
+                .map_err(|e| format!("partition-storage[{i}]: {e}"))?;
             let name = s.name.clone().unwrap_or_else(|| "default".into());
             tracing::info!(store = %name, driver = store.driver(), affinity = s.affinity.unwrap_or(1.0), "partition storage ready");
-            stores.push(NamedStore { name, affinity: s.affinity.unwrap_or(1.0), store });
+            stores.push(NamedStore {
+                name,
+                affinity: s.affinity.unwrap_or(1.0),
+                store,
+            });
         }
-        Engine::new(EngineConfig { queues, stores, limits: self.limits(), clock }).map_err(|e| e.to_string())
+        Engine::new(EngineConfig {
+            queues,
+            stores,
+            limits: self.limits(),
+            clock,
+        })
+        .map_err(|e| e.to_string())
     }
 
     /// The queues declared in the file, as definitions.
@@ -274,7 +321,9 @@ impl Config {
                 let dur = |field: &str, v: &Option<String>| -> Result<Duration, String> {
                     match v {
                         None => Ok(Duration::ZERO),
-                        Some(s) => parse_go_duration(s).map_err(|e| format!("queues: '{}': {field}: {e}", q.name)),
+                        Some(s) => {
+                            parse_go_duration(s).map_err(|e| format!("queues: '{}': {field}: {e}", q.name))
+                        }
                     }
                 };
                 Ok(QueueInfo {
@@ -304,7 +353,9 @@ impl Config {
 fn driver_of(s: &StoreSection) -> Result<Driver, String> {
     let d: Driver = s.driver.as_deref().unwrap_or("memory").parse()?;
     if !d.compiled() {
-        return Err(format!("driver '{d}' is not compiled into this build; rebuild with `--features {d}`"));
+        return Err(format!(
+            "driver '{d}' is not compiled into this build; rebuild with `--features {d}`"
+        ));
     }
     Ok(d)
 }
@@ -315,11 +366,15 @@ fn check_store(at: &str, s: &StoreSection, partition: bool) -> Result<(), String
         return Err(format!("{at}.name: a partition store needs a name"));
     }
     if !partition && s.affinity.is_some() {
-        return Err(format!("{at}.affinity: only partition-storage entries take an affinity"));
+        return Err(format!(
+            "{at}.affinity: only partition-storage entries take an affinity"
+        ));
     }
     if let Some(a) = s.affinity {
         if !a.is_finite() || a < 0.0 {
-            return Err(format!("{at}.affinity: must be zero or a positive number, got {a}"));
+            return Err(format!(
+                "{at}.affinity: must be zero or a positive number, got {a}"
+            ));
         }
     }
     let c = &s.config;
@@ -346,7 +401,9 @@ fn check_store(at: &str, s: &StoreSection, partition: bool) -> Result<(), String
             }
             if let Some(m) = &c.durability {
                 if !matches!(m.as_str(), "sync" | "interval" | "none") {
-                    return Err(format!("{at}.config.durability: '{m}' is not one of (sync, interval, none)"));
+                    return Err(format!(
+                        "{at}.config.durability: '{m}' is not one of (sync, interval, none)"
+                    ));
                 }
             }
             if let Some(i) = &c.sync_interval {
@@ -358,7 +415,9 @@ fn check_store(at: &str, s: &StoreSection, partition: bool) -> Result<(), String
             reject("durability", c.durability.is_some())?;
             reject("sync-interval", c.sync_interval.is_some())?;
             if c.connection_string.as_deref().unwrap_or("").is_empty() {
-                return Err(format!("{at}.config.connection-string: required by driver 'postgres'"));
+                return Err(format!(
+                    "{at}.config.connection-string: required by driver 'postgres'"
+                ));
             }
         }
     }
@@ -415,17 +474,23 @@ mod tests {
     fn unknown_keys_are_named() {
         let e = Config::from_yaml("adress: 1.2.3.4:1\n").expect_err("unknown key");
         assert!(e.contains("adress"), "{e}");
-        let e = Config::from_yaml("queue-storage:\n  driver: memory\n  confg: {}\n").expect_err("unknown key");
+        let e =
+            Config::from_yaml("queue-storage:\n  driver: memory\n  confg: {}\n").expect_err("unknown key");
         assert!(e.contains("confg"), "{e}");
-        let e = Config::from_yaml("partition-storage:\n  - name: a\n    driver: memory\n    config: { storge-dir: x }\n")
-            .expect_err("unknown key");
+        let e = Config::from_yaml(
+            "partition-storage:\n  - name: a\n    driver: memory\n    config: { storge-dir: x }\n",
+        )
+        .expect_err("unknown key");
         assert!(e.contains("storge-dir"), "{e}");
     }
 
     #[test]
     fn unknown_driver_lists_valid_ones() {
         let e = Config::from_yaml("queue-storage:\n  driver: mysql\n").expect_err("bad driver");
-        assert!(e.contains("'mysql'") && e.contains("memory") && e.contains("fjall") && e.contains("postgres"), "{e}");
+        assert!(
+            e.contains("'mysql'") && e.contains("memory") && e.contains("fjall") && e.contains("postgres"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -455,7 +520,8 @@ mod tests {
         )
         .expect_err("undefined store");
         assert!(e.contains("'b' which is undefined"), "{e}");
-        let e = Config::from_yaml("queue-storage:\n  driver: memory\n  config: { storage-dir: /x }\n").expect_err("memory dir");
+        let e = Config::from_yaml("queue-storage:\n  driver: memory\n  config: { storage-dir: /x }\n")
+            .expect_err("memory dir");
         assert!(e.contains("storage-dir"), "{e}");
     }
 }

@@ -15,7 +15,11 @@ use crate::error::ApiError;
 pub fn ts_from(t: &Option<Timestamp>) -> Ts {
     match t {
         None => Ts::ZERO,
-        Some(t) => Ts(i64::try_from(t.unix_nanos() / 1000).unwrap_or(if t.seconds < 0 { i64::MIN } else { i64::MAX })),
+        Some(t) => Ts(i64::try_from(t.unix_nanos() / 1000).unwrap_or(if t.seconds < 0 {
+            i64::MIN
+        } else {
+            i64::MAX
+        })),
     }
 }
 
@@ -34,7 +38,9 @@ pub fn duration(field: &str, s: &str) -> Result<Option<Duration>, ApiError> {
         return Ok(None);
     }
     parse_go_duration(s).map(Some).map_err(|e| {
-        ApiError::InvalidField(format!("{field} is invalid; {e} - expected format: 900ms, 5m or 15m"))
+        ApiError::InvalidField(format!(
+            "{field} is invalid; {e} - expected format: 900ms, 5m or 15m"
+        ))
     })
 }
 
@@ -47,7 +53,11 @@ pub fn produce_items(items: Vec<pb::QueueProduceItem>) -> Vec<ProduceItem> {
             reference: i.reference,
             encoding: i.encoding,
             kind: i.kind,
-            payload: if i.bytes.is_empty() { Bytes::from(i.utf8.into_bytes()) } else { Bytes::from(i.bytes) },
+            payload: if i.bytes.is_empty() {
+                Bytes::from(i.utf8.into_bytes())
+            } else {
+                Bytes::from(i.bytes)
+            },
         })
         .collect()
 }
@@ -69,7 +79,11 @@ pub fn lease_item(i: Item) -> pb::QueueLeaseItem {
 pub fn retry_items(items: Vec<pb::QueueRetryItem>) -> Vec<RetryRequestItem> {
     items
         .into_iter()
-        .map(|i| RetryRequestItem { id: i.id, retry_at: ts_from(&i.retry_at), dead: i.dead })
+        .map(|i| RetryRequestItem {
+            id: i.id,
+            retry_at: ts_from(&i.retry_at),
+            dead: i.dead,
+        })
         .collect()
 }
 
@@ -97,7 +111,8 @@ pub fn storage_item(i: Item) -> pb::StorageItem {
 /// An imported item.
 pub fn import_item(i: pb::StorageItem) -> Result<Item, ApiError> {
     let non_negative = |field: &str, v: i32| -> Result<u32, ApiError> {
-        u32::try_from(v).map_err(|_| ApiError::InvalidField(format!("{field} is invalid; cannot be negative")))
+        u32::try_from(v)
+            .map_err(|_| ApiError::InvalidField(format!("{field} is invalid; cannot be negative")))
     };
     Ok(Item {
         id: ItemId(0),
@@ -120,10 +135,14 @@ pub fn import_item(i: pb::StorageItem) -> Result<Item, ApiError> {
 /// A queue definition from `queues.create`.
 pub fn queue_info_in(q: pb::QueueInfo) -> Result<QueueInfo, ApiError> {
     if q.max_attempts < 0 {
-        return Err(ApiError::InvalidField("max_attempts is invalid; cannot be negative".into()));
+        return Err(ApiError::InvalidField(
+            "max_attempts is invalid; cannot be negative".into(),
+        ));
     }
     if q.requested_partitions < 0 {
-        return Err(ApiError::InvalidField("requested_partitions is invalid; cannot be negative".into()));
+        return Err(ApiError::InvalidField(
+            "requested_partitions is invalid; cannot be negative".into(),
+        ));
     }
     Ok(QueueInfo {
         name: q.queue_name,
@@ -143,20 +162,32 @@ pub fn queue_info_in(q: pb::QueueInfo) -> Result<QueueInfo, ApiError> {
 /// with whatever was sent, so omitting them reset them.
 pub fn queue_update(q: pb::QueueInfo) -> Result<QueueUpdate, ApiError> {
     if q.max_attempts < 0 {
-        return Err(ApiError::InvalidField("max_attempts is invalid; cannot be negative".into()));
+        return Err(ApiError::InvalidField(
+            "max_attempts is invalid; cannot be negative".into(),
+        ));
     }
     if q.requested_partitions < 0 {
-        return Err(ApiError::InvalidField("requested_partitions is invalid; cannot be negative".into()));
+        return Err(ApiError::InvalidField(
+            "requested_partitions is invalid; cannot be negative".into(),
+        ));
     }
     let opt = |s: String| if s.is_empty() { None } else { Some(s) };
     Ok(QueueUpdate {
         name: q.queue_name,
         lease_timeout: duration("lease_timeout", &q.lease_timeout)?,
         expire_timeout: duration("expire_timeout", &q.expire_timeout)?,
-        max_attempts: if q.max_attempts == 0 { None } else { Some(q.max_attempts as u32) },
+        max_attempts: if q.max_attempts == 0 {
+            None
+        } else {
+            Some(q.max_attempts as u32)
+        },
         dead_queue: opt(q.dead_queue),
         reference: opt(q.reference),
-        requested_partitions: if q.requested_partitions == 0 { None } else { Some(q.requested_partitions as u32) },
+        requested_partitions: if q.requested_partitions == 0 {
+            None
+        } else {
+            Some(q.requested_partitions as u32)
+        },
     })
 }
 
@@ -175,7 +206,9 @@ pub fn queue_info_out(q: QueueInfo) -> pb::QueueInfo {
         partitions: q
             .partitions
             .iter()
-            .map(|p| pb::PartitionInfo { partition: i32::try_from(p.partition).unwrap_or(i32::MAX) })
+            .map(|p| pb::PartitionInfo {
+                partition: i32::try_from(p.partition).unwrap_or(i32::MAX),
+            })
             .collect(),
         namespace: q.namespace,
     }

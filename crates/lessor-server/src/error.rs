@@ -45,7 +45,9 @@ impl ApiError {
                 | QueueError::PartitionUnavailable(_)
                 | QueueError::NoAvailablePartitions
                 | QueueError::Transient(_) => 454,
-                QueueError::StorageFailed(_) | QueueError::ShuttingDown | QueueError::QueueShuttingDown => 453,
+                QueueError::StorageFailed(_) | QueueError::ShuttingDown | QueueError::QueueShuttingDown => {
+                    453
+                }
             },
             ApiError::Codec(e) => match e {
                 CodecError::UnsupportedContentType(_) | CodecError::UnsupportedAccept(_) => 455,

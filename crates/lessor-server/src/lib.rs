@@ -37,7 +37,10 @@ pub async fn build_engine(config: &Config, clock: SharedClock) -> Result<Engine,
     let engine = config.build_engine(clock).await?;
     for q in config.declared_queues()? {
         let name = q.name.clone();
-        engine.declare_queue(q).await.map_err(|e| format!("queues: '{name}': {e}"))?;
+        engine
+            .declare_queue(q)
+            .await
+            .map_err(|e| format!("queues: '{name}': {e}"))?;
     }
     Ok(engine)
 }
@@ -101,14 +104,25 @@ impl Drop for RunningServer {
 }
 
 /// Starts a server on `address` (use port 0 for tests) in the background.
-pub async fn start(config: &Config, address: &str, clock: Option<SharedClock>) -> Result<RunningServer, String> {
+pub async fn start(
+    config: &Config,
+    address: &str,
+    clock: Option<SharedClock>,
+) -> Result<RunningServer, String> {
     let clock = clock.unwrap_or_else(|| Arc::new(SystemClock));
     let engine = build_engine(config, clock).await?;
-    let listener = TcpListener::bind(address).await.map_err(|e| format!("address: cannot listen on '{address}': {e}"))?;
+    let listener = TcpListener::bind(address)
+        .await
+        .map_err(|e| format!("address: cannot listen on '{address}': {e}"))?;
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
     let (tx, rx) = oneshot::channel::<()>();
     let task = tokio::spawn(serve(listener, engine.clone(), async move {
         let _ = rx.await;
     }));
-    Ok(RunningServer { addr, engine, stop: Some(tx), task: Some(task) })
+    Ok(RunningServer {
+        addr,
+        engine,
+        stop: Some(tx),
+        task: Some(task),
+    })
 }

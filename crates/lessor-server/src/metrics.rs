@@ -8,7 +8,7 @@ use std::sync::atomic::Ordering;
 
 use lessor_core::engine::Engine;
 use prometheus_client::encoding::text::encode;
-use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric, EncodeLabelSet};
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
 use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::ConstGauge;
@@ -48,12 +48,25 @@ impl Metrics {
         let mut registry = Registry::with_prefix("lessor");
         let requests = Family::<RouteLabels, Counter>::default();
         // 50 µs .. ~26 s in 20 doubling steps: long-poll leases land in the top buckets, hot calls in the bottom.
-        let latency =
-            Family::<RouteOnly, Histogram>::new_with_constructor(|| Histogram::new(exponential_buckets(0.00005, 2.0, 20)));
-        registry.register("http_requests", "Requests answered, by route and wire code", requests.clone());
-        registry.register("http_request_duration_seconds", "Request latency by route", latency.clone());
+        let latency = Family::<RouteOnly, Histogram>::new_with_constructor(|| {
+            Histogram::new(exponential_buckets(0.00005, 2.0, 20))
+        });
+        registry.register(
+            "http_requests",
+            "Requests answered, by route and wire code",
+            requests.clone(),
+        );
+        registry.register(
+            "http_request_duration_seconds",
+            "Request latency by route",
+            latency.clone(),
+        );
         registry.register_collector(Box::new(QueueCollector { engine }));
-        Metrics { registry, requests, latency }
+        Metrics {
+            registry,
+            requests,
+            latency,
+        }
     }
 
     /// The Prometheus text exposition.
@@ -77,10 +90,18 @@ impl prometheus_client::collector::Collector for QueueCollector {
         queues.sort_by(|a, b| a.0.cmp(&b.0));
         type Pick = fn(&lessor_core::engine::QueueMetrics) -> u64;
         let gauges: [(&str, &str, Pick); 4] = [
-            ("queue_ready_items", "Items ready to lease", |m| m.ready.load(Ordering::Relaxed)),
-            ("queue_leased_items", "Items leased", |m| m.leased_now.load(Ordering::Relaxed)),
-            ("queue_scheduled_items", "Items scheduled for later", |m| m.scheduled.load(Ordering::Relaxed)),
-            ("queue_lease_waiting", "Lease requests long-polling", |m| m.lease_waiting.load(Ordering::Relaxed)),
+            ("queue_ready_items", "Items ready to lease", |m| {
+                m.ready.load(Ordering::Relaxed)
+            }),
+            ("queue_leased_items", "Items leased", |m| {
+                m.leased_now.load(Ordering::Relaxed)
+            }),
+            ("queue_scheduled_items", "Items scheduled for later", |m| {
+                m.scheduled.load(Ordering::Relaxed)
+            }),
+            ("queue_lease_waiting", "Lease requests long-polling", |m| {
+                m.lease_waiting.load(Ordering::Relaxed)
+            }),
         ];
         for (name, help, pick) in gauges {
             let mut fam = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
@@ -90,14 +111,26 @@ impl prometheus_client::collector::Collector for QueueCollector {
             }
         }
         let counters: [(&str, &str, Pick); 6] = [
-            ("queue_produced", "Items produced", |m| m.produced.load(Ordering::Relaxed)),
-            ("queue_leased", "Items leased", |m| m.leased.load(Ordering::Relaxed)),
-            ("queue_completed", "Items completed", |m| m.completed.load(Ordering::Relaxed)),
-            ("queue_retried", "Items retried", |m| m.retried.load(Ordering::Relaxed)),
-            ("queue_lease_expired", "Leases that expired", |m| m.lease_expired.load(Ordering::Relaxed)),
-            ("queue_dead_lettered", "Items dead-lettered or dropped as dead", |m| {
-                m.dead_lettered.load(Ordering::Relaxed)
+            ("queue_produced", "Items produced", |m| {
+                m.produced.load(Ordering::Relaxed)
             }),
+            ("queue_leased", "Items leased", |m| {
+                m.leased.load(Ordering::Relaxed)
+            }),
+            ("queue_completed", "Items completed", |m| {
+                m.completed.load(Ordering::Relaxed)
+            }),
+            ("queue_retried", "Items retried", |m| {
+                m.retried.load(Ordering::Relaxed)
+            }),
+            ("queue_lease_expired", "Leases that expired", |m| {
+                m.lease_expired.load(Ordering::Relaxed)
+            }),
+            (
+                "queue_dead_lettered",
+                "Items dead-lettered or dropped as dead",
+                |m| m.dead_lettered.load(Ordering::Relaxed),
+            ),
         ];
         for (name, help, pick) in counters {
             let mut fam = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;

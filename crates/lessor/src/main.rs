@@ -1,1 +1,17 @@
-fn main() {}
+//! The `lessor` binary: a thin shell over the libraries.
+//!
+//! `lessor server` runs the queue server; the other commands are a client of a running server (`--endpoint`,
+//! `LESSOR_ENDPOINT`); `lessor bench` drives a server with load.
+
+mod cli;
+
+use clap::Parser;
+
+#[tokio::main]
+async fn main() {
+    let args = cli::Cli::parse();
+    if let Err(e) = cli::run(args).await {
+        eprintln!("error: {e}");
+        std::process::exit(1);
+    }
+}

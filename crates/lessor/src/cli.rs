@@ -1,0 +1,533 @@
+//! Command-line parsing and the client commands. Output is readable by default and JSON with `--json`; API errors
+//! print their code and message.
+
+use std::io::Read;
+
+use clap::{Args, Parser, Subcommand};
+use lessor_client::{Client, ClientError};
+use lessor_proto::{self as pb, Timestamp};
+use lessor_server::Config;
+
+/// Lessor: a durable, partitioned, lease-based work-queue server.
+#[derive(Parser, Debug)]
+#[command(name = "lessor", version)]
+pub struct Cli {
+    /// Server to talk to (client commands).
+    #[arg(
+        long,
+        global = true,
+        env = "LESSOR_ENDPOINT",
+        default_value = "http://127.0.0.1:2319"
+    )]
+    endpoint: String,
+    /// Print machine-readable JSON.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the server.
+    Server(ServerArgs),
+    /// Produce one item (payload from --payload or stdin).
+    Produce {
+        /// Queue name.
+        queue: String,
+        /// The payload; read from stdin when absent.
+        #[arg(short, long)]
+        payload: Option<String>,
+        /// Encoding tag.
+        #[arg(long, default_value = "")]
+        encoding: String,
+        /// Kind tag.
+        #[arg(long, default_value = "")]
+        kind: String,
+        /// Reference.
+        #[arg(long, default_value = "")]
+        reference: String,
+        /// Deliver later (RFC 3339).
+        #[arg(long)]
+        enqueue_at: Option<String>,
+        /// Request timeout.
+        #[arg(long, default_value = "30s")]
+        timeout: String,
+    },
+    /// Lease items.
+    Lease {
+        /// Queue name.
+        queue: String,
+        /// Consumer id (random by default).
+        #[arg(short, long)]
+        client_id: Option<String>,
+        /// Items wanted.
+        #[arg(short, long, default_value_t = 1)]
+        batch_size: i32,
+        /// How long to wait for an item.
+        #[arg(long, default_value = "30s")]
+        timeout: String,
+    },
+    /// Complete leased items.
+    Complete {
+        /// Queue name.
+        queue: String,
+        /// Ids from the lease.
+        ids: Vec<String>,
+        /// Partition from the lease.
+        #[arg(short, long)]
+        partition: i32,
+        /// Request timeout.
+        #[arg(long, default_value = "30s")]
+        timeout: String,
+    },
+    /// Retry leased items (now, later, or dead).
+    Retry {
+        /// Queue name.
+        queue: String,
+        /// Ids from the lease.
+        ids: Vec<String>,
+        /// Partition from the lease.
+        #[arg(short, long)]
+        partition: i32,
+        /// Retry at this time (RFC 3339) instead of now.
+        #[arg(long)]
+        retry_at: Option<String>,
+        /// Give up: dead-letter the items.
+        #[arg(long)]
+        dead: bool,
+    },
+    /// Create a queue.
+    Create(QueueArgs),
+    /// Update the given fields of a queue.
+    Update(QueueArgs),
+    /// Delete a queue and its items.
+    Delete {
+        /// Queue name.
+        queue: String,
+    },
+    /// List queues.
+    List {
+        /// Start at this name (inclusive).
+        #[arg(long, default_value = "")]
+        pivot: String,
+        /// Most queues to show.
+        #[arg(long, default_value_t = 100)]
+        limit: i32,
+    },
+    /// Show a queue's definition.
+    Info {
+        /// Queue name.
+        queue: String,
+    },
+    /// Show a queue's statistics.
+    Stats {
+        /// Queue name.
+        queue: String,
+    },
+    /// Remove items from a queue.
+    Clear {
+        /// Queue name.
+        queue: String,
+        /// Remove ready items.
+        #[arg(long)]
+        queue_items: bool,
+        /// Remove scheduled items.
+        #[arg(long)]
+        scheduled: bool,
+        /// With --queue-items, remove leased items too.
+        #[arg(long)]
+        destructive: bool,
+    },
+}
+
+/// `lessor server` flags.
+#[derive(Args, Debug)]
+pub struct ServerArgs {
+    /// YAML configuration file.
+    #[arg(long, env = "LESSOR_CONFIG")]
+    config: Option<String>,
+    /// Listen address (overrides the file).
+    #[arg(long, env = "LESSOR_ADDRESS")]
+    address: Option<String>,
+    /// Data directory used when no configuration file is given.
+    #[arg(long, env = "LESSOR_DATA_DIR", default_value = lessor_server::config::DEFAULT_DATA_DIR)]
+    data_dir: String,
+    /// Log level (overrides the file).
+    #[arg(long, env = "LESSOR_LOG_LEVEL")]
+    log_level: Option<String>,
+}
+
+/// Queue fields for create and update.
+#[derive(Args, Debug)]
+struct QueueArgs {
+    /// Queue name.
+    queue: String,
+    /// Lease timeout (Go duration). Create defaults to 1m.
+    #[arg(long)]
+    lease_timeout: Option<String>,
+    /// Expire timeout (Go duration). Create defaults to 24h.
+    #[arg(long)]
+    expire_timeout: Option<String>,
+    /// Max attempts (0 = unlimited).
+    #[arg(long)]
+    max_attempts: Option<i32>,
+    /// Dead-letter queue.
+    #[arg(long)]
+    dead_queue: Option<String>,
+    /// Reference.
+    #[arg(long)]
+    reference: Option<String>,
+    /// Partitions.
+    #[arg(long)]
+    partitions: Option<i32>,
+}
+
+fn api(e: ClientError) -> String {
+    match (e.code(), e.message()) {
+        (Some(code), Some(msg)) => format!("{code}: {msg}"),
+        _ => e.to_string(),
+    }
+}
+
+fn timestamp(field: &str, s: &Option<String>) -> Result<Option<Timestamp>, String> {
+    s.as_deref()
+        .map(|v| Timestamp::parse_rfc3339(v).map_err(|e| format!("--{field}: {e}")))
+        .transpose()
+}
+
+fn print<T: serde::Serialize + std::fmt::Debug>(json: bool, v: &T, human: impl FnOnce(&T) -> String) {
+    if json {
+        println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+    } else {
+        println!("{}", human(v));
+    }
+}
+
+/// Runs a command.
+pub async fn run(cli: Cli) -> Result<(), String> {
+    let json = cli.json;
+    if let Command::Server(args) = cli.command {
+        return server(args).await;
+    }
+    let c = Client::new(&cli.endpoint).map_err(|e| e.to_string())?;
+    match cli.command {
+        Command::Server(_) => unreachable!("handled above"),
+        Command::Produce {
+            queue,
+            payload,
+            encoding,
+            kind,
+            reference,
+            enqueue_at,
+            timeout,
+        } => {
+            let payload = match payload {
+                Some(p) => p.into_bytes(),
+                None => {
+                    let mut b = Vec::new();
+                    std::io::stdin()
+                        .read_to_end(&mut b)
+                        .map_err(|e| format!("reading stdin: {e}"))?;
+                    b
+                }
+            };
+            let req = pb::QueueProduceRequest {
+                queue_name: queue.clone(),
+                request_timeout: timeout,
+                items: vec![pb::QueueProduceItem {
+                    encoding,
+                    kind,
+                    reference,
+                    enqueue_at: timestamp("enqueue-at", &enqueue_at)?,
+                    bytes: payload,
+                    utf8: String::new(),
+                }],
+            };
+            c.queue_produce(&req).await.map_err(api)?;
+            if json {
+                println!("{{\"code\":200}}");
+            } else {
+                println!("produced 1 item to '{queue}'");
+            }
+        }
+        Command::Lease {
+            queue,
+            client_id,
+            batch_size,
+            timeout,
+        } => {
+            let client_id =
+                client_id.unwrap_or_else(|| format!("cli-{}-{}", std::process::id(), now_nanos()));
+            let req = pb::QueueLeaseRequest {
+                queue_name: queue,
+                batch_size,
+                client_id,
+                request_timeout: timeout,
+            };
+            let r = c.queue_lease(&req).await.map_err(api)?;
+            print(json, &r, |r| {
+                let mut s = format!("partition {} ({} items)", r.partition, r.items.len());
+                for i in &r.items {
+                    let deadline = i
+                        .lease_deadline
+                        .as_ref()
+                        .map(|t| t.to_rfc3339())
+                        .unwrap_or_default();
+                    s.push_str(&format!(
+                        "\n{}  attempts={}  lease_deadline={}  {}",
+                        i.id,
+                        i.attempts,
+                        deadline,
+                        String::from_utf8_lossy(&i.bytes)
+                    ));
+                }
+                s
+            });
+        }
+        Command::Complete {
+            queue,
+            ids,
+            partition,
+            timeout,
+        } => {
+            let n = ids.len();
+            let req = pb::QueueCompleteRequest {
+                queue_name: queue,
+                partition,
+                request_timeout: timeout,
+                ids,
+            };
+            c.queue_complete(&req).await.map_err(api)?;
+            if !json {
+                println!("completed {n} items");
+            }
+        }
+        Command::Retry {
+            queue,
+            ids,
+            partition,
+            retry_at,
+            dead,
+        } => {
+            let at = timestamp("retry-at", &retry_at)?;
+            let n = ids.len();
+            let items = ids
+                .into_iter()
+                .map(|id| pb::QueueRetryItem {
+                    id,
+                    retry_at: at,
+                    dead,
+                })
+                .collect();
+            c.queue_retry(&pb::QueueRetryRequest {
+                queue_name: queue,
+                partition,
+                items,
+            })
+            .await
+            .map_err(api)?;
+            if !json {
+                println!("retried {n} items");
+            }
+        }
+        Command::Create(a) => {
+            let lease = a.lease_timeout.unwrap_or_else(|| "1m".into());
+            let info = pb::QueueInfo {
+                queue_name: a.queue.clone(),
+                lease_timeout: lease,
+                expire_timeout: a.expire_timeout.unwrap_or_else(|| "24h".into()),
+                max_attempts: a.max_attempts.unwrap_or(0),
+                dead_queue: a.dead_queue.unwrap_or_default(),
+                reference: a.reference.unwrap_or_default(),
+                requested_partitions: a.partitions.unwrap_or(1),
+                ..Default::default()
+            };
+            c.queues_create(&info).await.map_err(api)?;
+            if !json {
+                println!("created queue '{}'", a.queue);
+            }
+        }
+        Command::Update(a) => {
+            let info = pb::QueueInfo {
+                queue_name: a.queue.clone(),
+                lease_timeout: a.lease_timeout.unwrap_or_default(),
+                expire_timeout: a.expire_timeout.unwrap_or_default(),
+                max_attempts: a.max_attempts.unwrap_or(0),
+                dead_queue: a.dead_queue.unwrap_or_default(),
+                reference: a.reference.unwrap_or_default(),
+                requested_partitions: a.partitions.unwrap_or(0),
+                ..Default::default()
+            };
+            c.queues_update(&info).await.map_err(api)?;
+            if !json {
+                println!("updated queue '{}'", a.queue);
+            }
+        }
+        Command::Delete { queue } => {
+            c.queues_delete(&pb::QueuesDeleteRequest {
+                queue_name: queue.clone(),
+                force: false,
+            })
+            .await
+            .map_err(api)?;
+            if !json {
+                println!("deleted queue '{queue}'");
+            }
+        }
+        Command::List { pivot, limit } => {
+            let r = c
+                .queues_list(&pb::QueuesListRequest {
+                    pivot,
+                    limit,
+                    ..Default::default()
+                })
+                .await
+                .map_err(api)?;
+            print(json, &r, |r| {
+                let mut s = format!(
+                    "{:<32} {:>10} {:>10} {:>8} {:>5} DEAD_QUEUE",
+                    "NAME", "LEASE", "EXPIRE", "ATTEMPTS", "PARTS"
+                );
+                for q in &r.items {
+                    s.push_str(&format!(
+                        "\n{:<32} {:>10} {:>10} {:>8} {:>5} {}",
+                        q.queue_name,
+                        q.lease_timeout,
+                        q.expire_timeout,
+                        q.max_attempts,
+                        q.requested_partitions,
+                        q.dead_queue
+                    ));
+                }
+                s
+            });
+        }
+        Command::Info { queue } => {
+            let r = c
+                .queues_info(&pb::QueuesInfoRequest { queue_name: queue })
+                .await
+                .map_err(api)?;
+            print(json, &r, |q| {
+                format!(
+                    "name:          {}\nlease timeout: {}\nexpire timeout:{}\nmax attempts:  {}\ndead queue:    {}\npartitions:    {}\nreference:     {}",
+                    q.queue_name, q.lease_timeout, q.expire_timeout, q.max_attempts, q.dead_queue, q.requested_partitions, q.reference
+                )
+            });
+        }
+        Command::Stats { queue } => {
+            let r = c
+                .queue_stats(&pb::QueueStatsRequest { queue_name: queue })
+                .await
+                .map_err(api)?;
+            print(json, &r, |r| {
+                let mut s = format!(
+                    "{:>9} {:>10} {:>10} {:>10} {:>9} {:>12}",
+                    "PARTITION", "TOTAL", "LEASED", "SCHEDULED", "FAILURES", "AVG AGE"
+                );
+                for l in &r.logical_queues {
+                    for p in &l.partitions {
+                        s.push_str(&format!(
+                            "\n{:>9} {:>10} {:>10} {:>10} {:>9} {:>12}",
+                            p.partition, p.total, p.total_leased, p.scheduled, p.failures, p.average_age
+                        ));
+                    }
+                    s.push_str(&format!("\nwaiting leases: {}", l.lease_waiting));
+                }
+                s
+            });
+        }
+        Command::Clear {
+            queue,
+            queue_items,
+            scheduled,
+            destructive,
+        } => {
+            let req = pb::QueueClearRequest {
+                queue_name: queue,
+                queue: queue_items,
+                scheduled,
+                destructive,
+            };
+            c.queue_clear(&req).await.map_err(api)?;
+            if !json {
+                println!("cleared");
+            }
+        }
+    }
+    Ok(())
+}
+
+fn now_nanos() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0)
+        % 1_000_000
+}
+
+async fn server(args: ServerArgs) -> Result<(), String> {
+    let mut config = match &args.config {
+        Some(path) => Config::from_file(path)?,
+        None => Config::default_persistent(&args.data_dir),
+    };
+    if let Some(a) = args.address {
+        config.address = Some(a);
+    }
+    if let Some(l) = args.log_level {
+        config.logging.level = Some(l);
+    }
+    config.validate()?;
+    init_logging(&config);
+    let address = config.address().to_string();
+    let engine =
+        lessor_server::build_engine(&config, std::sync::Arc::new(lessor_core::time::SystemClock)).await?;
+    let listener = tokio::net::TcpListener::bind(&address)
+        .await
+        .map_err(|e| format!("cannot listen on '{address}': {e}"))?;
+    tracing::info!(address = %address, version = lessor_server::VERSION, "lessor listening");
+    lessor_server::serve(listener, engine, shutdown_signal())
+        .await
+        .map_err(|e| e.to_string())?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+}
+
+fn init_logging(config: &Config) {
+    let level = config
+        .logging
+        .level
+        .clone()
+        .unwrap_or_else(|| "info".into())
+        .to_ascii_lowercase();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match config.logging.handler.as_deref() {
+        Some("json") => builder.json().init(),
+        _ => builder.init(),
+    }
+}
