@@ -948,9 +948,19 @@ impl QueueTask {
             }
             Cold::Import {
                 partition,
-                items,
+                mut items,
                 reply,
             } => {
+                // Querator reads an omitted expire_deadline as 1970 and expires the item at once; here an omitted
+                // deadline means the queue's expire_timeout from now, and an omitted created_at means now.
+                for it in &mut items {
+                    if it.expire_deadline.is_zero() {
+                        it.expire_deadline = now.add(self.info.expire_timeout);
+                    }
+                    if it.created_at.is_zero() {
+                        it.created_at = now;
+                    }
+                }
                 let r = match self.part_handle(partition) {
                     Ok(h) => h.import(items).await.map_err(|e| QueueError::from_storage(&e)),
                     Err(e) => Err(e),
