@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Runs every test: unit, conformance (memory, fjall, postgres), black-box HTTP, crash and two-server tests.
+#
+# PostgreSQL: when LESSOR_TEST_DATABASE_URL is set, the postgres tests use that database (each test makes its own
+# tables). Otherwise this script starts a throwaway cluster (installing PostgreSQL from Debian's packages when it is
+# missing) and removes it afterwards.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if ! command -v cargo >/dev/null 2>&1 && [ -f "$HOME/.cargo/env" ]; then
+    # shellcheck disable=SC1091
+    . "$HOME/.cargo/env"
+fi
+
+if [ -z "${LESSOR_TEST_DATABASE_URL:-}" ]; then
+    eval "$(scripts/pg-test-cluster.sh start)"
+    trap 'scripts/pg-test-cluster.sh stop >/dev/null 2>&1 || true' EXIT
+fi
+export LESSOR_TEST_DATABASE_URL
+
+cargo fmt --all -- --check
+cargo test --workspace --all-features "$@"
