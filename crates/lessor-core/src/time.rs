@@ -28,6 +28,7 @@ impl Ts {
     }
 
     /// This instant plus a duration, saturating instead of overflowing.
+    #[allow(clippy::should_implement_trait)]
     pub fn add(self, d: Duration) -> Ts {
         let us = i64::try_from(d.as_micros()).unwrap_or(i64::MAX);
         Ts(self.0.saturating_add(us))

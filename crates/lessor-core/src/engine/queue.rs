@@ -22,6 +22,12 @@ use crate::time::Ts;
 use crate::types::{ClearRequest, Item, ItemId, NewItem, PartitionCounts, PartitionInfo, QueueInfo};
 
 type Reply<T> = oneshot::Sender<Result<T, QueueError>>;
+/// Complete requests of one pass, by partition.
+type CompleteGroups = HashMap<u32, Vec<(Vec<ItemId>, Reply<()>)>>;
+/// Retry requests of one pass, by partition: (id, retry_at, dead) per item.
+type RetryGroups = HashMap<u32, Vec<(Vec<(ItemId, Ts, bool)>, Reply<()>)>>;
+/// Produce requests bound for one partition, with the partitions each already failed on.
+type ProduceGroup = Vec<(Vec<NewItem>, Reply<()>, Vec<usize>)>;
 
 /// Most messages taken from the inbox per pass.
 const MAX_DRAIN: usize = 8192;
@@ -237,8 +243,8 @@ impl QueueTask {
 
         let mut produces = Vec::new();
         let mut dead_letters = Vec::new();
-        let mut completes: HashMap<u32, Vec<(Vec<ItemId>, Reply<()>)>> = HashMap::new();
-        let mut retries: HashMap<u32, Vec<(Vec<(ItemId, Ts, bool)>, Reply<()>)>> = HashMap::new();
+        let mut completes: CompleteGroups = HashMap::new();
+        let mut retries: RetryGroups = HashMap::new();
         let mut colds = Vec::new();
         let mut shutdown = None;
         for m in batch.drain(..) {
@@ -525,7 +531,7 @@ impl QueueTask {
         // Each round writes every pending request to one partition (one storage call per partition); requests
         // whose partition failed fail over to another healthy partition in the next round.
         while !pending.is_empty() {
-            let mut groups: HashMap<usize, Vec<(Vec<NewItem>, Reply<()>, Vec<usize>)>> = HashMap::new();
+            let mut groups: HashMap<usize, ProduceGroup> = HashMap::new();
             for (items, reply, tried) in pending.drain(..) {
                 match self.least_loaded(&tried) {
                     Some(i) => {
@@ -646,7 +652,7 @@ impl QueueTask {
         p.healthy().ok_or(QueueError::PartitionUnavailable(partition))
     }
 
-    async fn complete(&mut self, groups: HashMap<u32, Vec<(Vec<ItemId>, Reply<()>)>>, now: Ts) {
+    async fn complete(&mut self, groups: CompleteGroups, now: Ts) {
         let mut calls = Vec::new();
         for (partition, reqs) in groups {
             match self.target(partition) {
@@ -692,7 +698,7 @@ impl QueueTask {
         }
     }
 
-    async fn retry(&mut self, groups: HashMap<u32, Vec<(Vec<(ItemId, Ts, bool)>, Reply<()>)>>, now: Ts) {
+    async fn retry(&mut self, groups: RetryGroups, now: Ts) {
         let threshold = now.add(self.config.limits.schedule_threshold);
         let policy = self.policy();
         let mut calls = Vec::new();
