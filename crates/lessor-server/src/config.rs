@@ -440,28 +440,80 @@ async fn open_partitions(s: &StoreSection) -> Result<Arc<dyn PartitionStore>, St
     }
 }
 
-/// Constructors of the feature-gated backends; each returns "not compiled" when its feature is off (which
-/// [`driver_of`] already reports, so these arms are unreachable in practice).
+/// Constructors of the feature-gated backends. With a feature off, [`driver_of`] already refused the driver, so the
+/// fallback arms only keep the match total.
 mod backends {
     use super::*;
 
-    #[allow(unused_variables)]
+    #[cfg(feature = "fjall")]
+    fn fjall_args(s: &StoreSection) -> Result<(String, lessor_storage::fjall::Durability), String> {
+        let dir = s.config.storage_dir.clone().unwrap_or_else(|| DEFAULT_DATA_DIR.to_string());
+        let interval = match &s.config.sync_interval {
+            Some(i) => Some(parse_go_duration(i).map_err(|e| format!("sync-interval: {e}"))?.as_millis() as u64),
+            None => None,
+        };
+        let d = lessor_storage::fjall::Durability::from_config(s.config.durability.as_deref(), interval)
+            .map_err(|e| e.message)?;
+        Ok((dir, d))
+    }
+
+    #[cfg(feature = "fjall")]
     pub(super) async fn fjall_queues(s: &StoreSection) -> Result<Arc<dyn QueuesStore>, String> {
-        Err("driver 'fjall' is not compiled into this build".into())
+        let (dir, d) = fjall_args(s)?;
+        // Opening reads the disk: keep it off the async workers.
+        let q = tokio::task::spawn_blocking(move || lessor_storage::fjall::FjallQueues::open(dir, d))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.message)?;
+        Ok(Arc::new(q))
     }
 
-    #[allow(unused_variables)]
+    #[cfg(feature = "fjall")]
     pub(super) async fn fjall_partitions(s: &StoreSection) -> Result<Arc<dyn PartitionStore>, String> {
+        let (dir, d) = fjall_args(s)?;
+        let p = tokio::task::spawn_blocking(move || lessor_storage::fjall::FjallStore::open(dir, d))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.message)?;
+        Ok(Arc::new(p))
+    }
+
+    #[cfg(not(feature = "fjall"))]
+    pub(super) async fn fjall_queues(_s: &StoreSection) -> Result<Arc<dyn QueuesStore>, String> {
         Err("driver 'fjall' is not compiled into this build".into())
     }
 
-    #[allow(unused_variables)]
+    #[cfg(not(feature = "fjall"))]
+    pub(super) async fn fjall_partitions(_s: &StoreSection) -> Result<Arc<dyn PartitionStore>, String> {
+        Err("driver 'fjall' is not compiled into this build".into())
+    }
+
+    #[cfg(feature = "postgres")]
+    fn pg_config(s: &StoreSection) -> lessor_storage::postgres::PgConfig {
+        let mut c = lessor_storage::postgres::PgConfig::new(s.config.connection_string.clone().unwrap_or_default());
+        if let Some(n) = s.config.max_conns {
+            c = c.with_max_conns(n);
+        }
+        c
+    }
+
+    #[cfg(feature = "postgres")]
     pub(super) async fn pg_queues(s: &StoreSection) -> Result<Arc<dyn QueuesStore>, String> {
+        Ok(Arc::new(lessor_storage::postgres::PgQueues::new(&pg_config(s)).map_err(|e| e.message)?))
+    }
+
+    #[cfg(feature = "postgres")]
+    pub(super) async fn pg_partitions(s: &StoreSection) -> Result<Arc<dyn PartitionStore>, String> {
+        Ok(Arc::new(lessor_storage::postgres::PgStore::new(&pg_config(s)).map_err(|e| e.message)?))
+    }
+
+    #[cfg(not(feature = "postgres"))]
+    pub(super) async fn pg_queues(_s: &StoreSection) -> Result<Arc<dyn QueuesStore>, String> {
         Err("driver 'postgres' is not compiled into this build".into())
     }
 
-    #[allow(unused_variables)]
-    pub(super) async fn pg_partitions(s: &StoreSection) -> Result<Arc<dyn PartitionStore>, String> {
+    #[cfg(not(feature = "postgres"))]
+    pub(super) async fn pg_partitions(_s: &StoreSection) -> Result<Arc<dyn PartitionStore>, String> {
         Err("driver 'postgres' is not compiled into this build".into())
     }
 }

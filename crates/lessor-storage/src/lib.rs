@@ -10,7 +10,11 @@
 //! - [`testsuite`]: the conformance suite, written once and instantiated for every backend by
 //!   [`conformance_tests!`].
 
+#[cfg(feature = "fjall")]
+pub mod fjall;
 pub mod memory;
+#[cfg(feature = "postgres")]
+pub mod postgres;
 pub mod state;
 pub mod testsuite;
 

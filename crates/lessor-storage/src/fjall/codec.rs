@@ -1,0 +1,331 @@
+//! The on-disk encoding of items and queue definitions: a compact binary format with a version byte in front of
+//! every record.
+//!
+//! The version byte lets a later build read old records (or refuse them clearly) without a whole-store migration.
+//! Integers are LEB128 varints (signed ones zig-zag encoded) because most fields are small or zero: an unleased,
+//! unscheduled item spends one byte on each of its unset deadlines. An item's id is not in the record: it is the
+//! key. Integrity is fjall's job (checksummed journal and blocks), so records carry no checksum of their own.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use lessor_core::error::{StorageError, StorageErrorKind};
+use lessor_core::time::Ts;
+use lessor_core::types::{Item, ItemId, PartitionInfo, QueueInfo};
+
+/// Version byte of item records written by this build.
+const ITEM_V1: u8 = 1;
+/// Version byte of queue records written by this build.
+const QUEUE_V1: u8 = 1;
+
+const FLAG_LEASED: u8 = 1;
+const FLAG_DEAD: u8 = 2;
+
+/// The key of an item: its id, big-endian, so key order is id (FIFO) order.
+pub(crate) fn item_key(id: ItemId) -> [u8; 8] {
+    id.0.to_be_bytes()
+}
+
+/// The id of an item key, `None` for keys that are not item keys (bookkeeping keys have another length).
+pub(crate) fn item_id(key: &[u8]) -> Option<ItemId> {
+    <[u8; 8]>::try_from(key).ok().map(|b| ItemId(u64::from_be_bytes(b)))
+}
+
+/// Encodes an item (everything but its id, which is the key).
+pub(crate) fn encode_item(it: &Item) -> Vec<u8> {
+    let mut w = Writer(Vec::with_capacity(
+        40 + it.payload.len() + it.source_id.len() + it.reference.len() + it.encoding.len() + it.kind.len(),
+    ));
+    w.0.push(ITEM_V1);
+    let mut flags = 0;
+    if it.is_leased {
+        flags |= FLAG_LEASED;
+    }
+    if it.dead {
+        flags |= FLAG_DEAD;
+    }
+    w.0.push(flags);
+    w.ts(it.lease_deadline);
+    w.ts(it.expire_deadline);
+    w.ts(it.enqueue_at);
+    w.ts(it.created_at);
+    w.uint(u64::from(it.attempts));
+    w.uint(u64::from(it.max_attempts));
+    w.bytes(it.source_id.as_bytes());
+    w.bytes(it.reference.as_bytes());
+    w.bytes(it.encoding.as_bytes());
+    w.bytes(it.kind.as_bytes());
+    // The payload runs to the end of the record: no length needed.
+    w.0.extend_from_slice(&it.payload);
+    w.0
+}
+
+/// Decodes an item stored under `id`; `what` names the record in error messages.
+pub(crate) fn decode_item(id: ItemId, buf: &[u8], what: &str) -> Result<Item, StorageError> {
+    let mut r = Reader { buf, what };
+    let version = r.byte()?;
+    if version != ITEM_V1 {
+        return Err(corrupt(format!(
+            "{what}: item {id} has record version {version}, this build reads version {ITEM_V1}"
+        )));
+    }
+    let flags = r.byte()?;
+    Ok(Item {
+        id,
+        is_leased: flags & FLAG_LEASED != 0,
+        dead: flags & FLAG_DEAD != 0,
+        lease_deadline: r.ts()?,
+        expire_deadline: r.ts()?,
+        enqueue_at: r.ts()?,
+        created_at: r.ts()?,
+        attempts: r.u32()?,
+        max_attempts: r.u32()?,
+        source_id: r.string()?,
+        reference: r.string()?,
+        encoding: r.string()?,
+        kind: r.string()?,
+        payload: Bytes::copy_from_slice(r.rest()),
+    })
+}
+
+/// Encodes a queue definition.
+pub(crate) fn encode_queue(q: &QueueInfo) -> Vec<u8> {
+    let mut w = Writer(Vec::with_capacity(64 + q.name.len() + q.reference.len()));
+    w.0.push(QUEUE_V1);
+    w.bytes(q.name.as_bytes());
+    w.bytes(q.namespace.as_bytes());
+    w.ts(q.created_at);
+    w.ts(q.updated_at);
+    w.bytes(q.dead_queue.as_bytes());
+    w.bytes(q.reference.as_bytes());
+    w.duration(q.lease_timeout);
+    w.duration(q.expire_timeout);
+    w.uint(u64::from(q.max_attempts));
+    w.uint(u64::from(q.requested_partitions));
+    w.uint(q.partitions.len() as u64);
+    for p in &q.partitions {
+        w.uint(u64::from(p.partition));
+        w.bytes(p.storage_name.as_bytes());
+        w.0.push(u8::from(p.read_only));
+    }
+    w.0
+}
+
+/// Decodes a queue definition; `what` names the record in error messages.
+pub(crate) fn decode_queue(buf: &[u8], what: &str) -> Result<QueueInfo, StorageError> {
+    let mut r = Reader { buf, what };
+    let version = r.byte()?;
+    if version != QUEUE_V1 {
+        return Err(corrupt(format!(
+            "{what}: record version {version}, this build reads version {QUEUE_V1}"
+        )));
+    }
+    let mut q = QueueInfo {
+        name: r.string()?,
+        namespace: r.string()?,
+        created_at: r.ts()?,
+        updated_at: r.ts()?,
+        dead_queue: r.string()?,
+        reference: r.string()?,
+        lease_timeout: r.duration()?,
+        expire_timeout: r.duration()?,
+        max_attempts: r.u32()?,
+        requested_partitions: r.u32()?,
+        partitions: Vec::new(),
+    };
+    let n = r.uint()?;
+    for _ in 0..n {
+        q.partitions.push(PartitionInfo {
+            partition: r.u32()?,
+            storage_name: r.string()?,
+            read_only: r.byte()? != 0,
+        });
+    }
+    if !r.buf.is_empty() {
+        return Err(corrupt(format!("{what}: {} unexpected trailing bytes", r.buf.len())));
+    }
+    Ok(q)
+}
+
+fn corrupt(message: String) -> StorageError {
+    StorageError::new(StorageErrorKind::Corrupt, message)
+}
+
+struct Writer(Vec<u8>);
+
+impl Writer {
+    fn uint(&mut self, mut v: u64) {
+        while v >= 0x80 {
+            self.0.push((v as u8) | 0x80);
+            v >>= 7;
+        }
+        self.0.push(v as u8);
+    }
+
+    fn ts(&mut self, t: Ts) {
+        // Zig-zag, so small negative values stay short too.
+        self.uint(((t.0 << 1) ^ (t.0 >> 63)) as u64);
+    }
+
+    fn duration(&mut self, d: Duration) {
+        self.uint(d.as_secs());
+        self.uint(u64::from(d.subsec_nanos()));
+    }
+
+    fn bytes(&mut self, b: &[u8]) {
+        self.uint(b.len() as u64);
+        self.0.extend_from_slice(b);
+    }
+}
+
+struct Reader<'a> {
+    buf: &'a [u8],
+    what: &'a str,
+}
+
+impl<'a> Reader<'a> {
+    fn short(&self) -> StorageError {
+        corrupt(format!("{}: record ends early", self.what))
+    }
+
+    fn byte(&mut self) -> Result<u8, StorageError> {
+        let (&b, rest) = self.buf.split_first().ok_or_else(|| self.short())?;
+        self.buf = rest;
+        Ok(b)
+    }
+
+    fn uint(&mut self) -> Result<u64, StorageError> {
+        let mut v = 0u64;
+        for shift in (0..64).step_by(7) {
+            let b = self.byte()?;
+            v |= u64::from(b & 0x7f) << shift;
+            if b & 0x80 == 0 {
+                return Ok(v);
+            }
+        }
+        Err(corrupt(format!("{}: varint longer than 64 bits", self.what)))
+    }
+
+    fn u32(&mut self) -> Result<u32, StorageError> {
+        let v = self.uint()?;
+        u32::try_from(v).map_err(|_| corrupt(format!("{}: {v} does not fit 32 bits", self.what)))
+    }
+
+    fn ts(&mut self) -> Result<Ts, StorageError> {
+        let z = self.uint()?;
+        Ok(Ts(((z >> 1) as i64) ^ -((z & 1) as i64)))
+    }
+
+    fn duration(&mut self) -> Result<Duration, StorageError> {
+        let secs = self.uint()?;
+        let nanos = self.u32()?;
+        if nanos >= 1_000_000_000 {
+            return Err(corrupt(format!("{}: {nanos} nanoseconds is not below one second", self.what)));
+        }
+        Ok(Duration::new(secs, nanos))
+    }
+
+    fn take(&mut self, n: u64) -> Result<&'a [u8], StorageError> {
+        let n = usize::try_from(n).map_err(|_| self.short())?;
+        if n > self.buf.len() {
+            return Err(self.short());
+        }
+        let (head, rest) = self.buf.split_at(n);
+        self.buf = rest;
+        Ok(head)
+    }
+
+    fn string(&mut self) -> Result<String, StorageError> {
+        let n = self.uint()?;
+        let b = self.take(n)?;
+        String::from_utf8(b.to_vec()).map_err(|_| corrupt(format!("{}: text field is not UTF-8", self.what)))
+    }
+
+    fn rest(&mut self) -> &'a [u8] {
+        std::mem::take(&mut self.buf)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Item {
+        Item {
+            id: ItemId(77),
+            source_id: "src".into(),
+            is_leased: true,
+            lease_deadline: Ts(1_800_000_000_123_456),
+            expire_deadline: Ts(1_800_000_100_000_000),
+            enqueue_at: Ts::ZERO,
+            created_at: Ts(-5),
+            attempts: 3,
+            max_attempts: u32::MAX,
+            reference: "ref".into(),
+            encoding: "application/json".into(),
+            kind: "k".into(),
+            payload: Bytes::from_static(b"{\"a\":1}"),
+            dead: true,
+        }
+    }
+
+    #[test]
+    fn item_round_trips() {
+        let it = sample();
+        let buf = encode_item(&it);
+        assert_eq!(decode_item(it.id, &buf, "test").expect("decode"), it);
+        let empty = Item::default();
+        assert_eq!(
+            decode_item(ItemId(0), &encode_item(&empty), "test").expect("decode"),
+            empty
+        );
+    }
+
+    #[test]
+    fn item_refuses_unknown_version_and_truncation() {
+        let mut buf = encode_item(&sample());
+        buf[0] = 9;
+        let e = decode_item(ItemId(1), &buf, "test").expect_err("version");
+        assert_eq!(e.kind, StorageErrorKind::Corrupt);
+        assert!(e.message.contains("record version 9"), "{}", e.message);
+        let buf = encode_item(&sample());
+        let e = decode_item(ItemId(1), &buf[..10], "test").expect_err("short");
+        assert_eq!(e.kind, StorageErrorKind::Corrupt);
+    }
+
+    #[test]
+    fn queue_round_trips() {
+        let q = QueueInfo {
+            name: "q".into(),
+            namespace: "_system".into(),
+            created_at: Ts(1),
+            updated_at: Ts(2),
+            dead_queue: "dlq".into(),
+            reference: "r".into(),
+            lease_timeout: Duration::new(60, 5),
+            expire_timeout: Duration::from_secs(3600),
+            max_attempts: 7,
+            requested_partitions: 2,
+            partitions: vec![
+                PartitionInfo {
+                    partition: 0,
+                    storage_name: "a".into(),
+                    read_only: false,
+                },
+                PartitionInfo {
+                    partition: 1,
+                    storage_name: "b".into(),
+                    read_only: true,
+                },
+            ],
+        };
+        assert_eq!(decode_queue(&encode_queue(&q), "test").expect("decode"), q);
+    }
+
+    #[test]
+    fn keys_sort_as_ids() {
+        assert!(item_key(ItemId(255)) < item_key(ItemId(256)));
+        assert_eq!(item_id(&item_key(ItemId(42))), Some(ItemId(42)));
+        assert_eq!(item_id(b"hwm"), None);
+    }
+}

@@ -1,0 +1,680 @@
+//! One fjall database in one directory, as both fjall stores use it: opening (format marker, lock, version
+//! checks), atomic group writes with the configured [`Durability`], and the failure rules.
+//!
+//! Failure rules, in the order the issue asks for them:
+//! - A failed fsync poisons the engine for good: the kernel may have dropped the dirty pages, so a later fsync that
+//!   succeeds proves nothing. Every later write gets [`StorageErrorKind::Poisoned`] until the process restarts.
+//! - A failed write (disk full, an I/O error on `write`) leaves fjall refusing writes too, but nothing is lost: the
+//!   journal on disk holds every acknowledged batch. The engine marks itself broken and reopens the database
+//!   (replaying the journal) before the next write, at most once per [`REOPEN_BACKOFF`], so writes resume by
+//!   themselves once space is back. Disk full maps to [`StorageErrorKind::NoSpace`].
+//! - fjall also stops writing when one of its background threads fails (a flush or compaction). The engine cannot
+//!   see why; when the disk is nearly full it treats the stop as "disk full" (reopen later), otherwise as poison,
+//!   because the background failure may have been a journal fsync.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
+use lessor_core::error::{StorageError, StorageErrorKind};
+
+use super::{Durability, FORMAT_VERSION};
+
+/// The marker file naming what a database directory holds and in which format.
+pub(crate) const FORMAT_FILE: &str = "LESSOR-FORMAT";
+/// Shortest pause between two reopen attempts for writes after a failed write.
+pub(crate) const REOPEN_BACKOFF: Duration = Duration::from_secs(1);
+/// Free space under which a background failure of fjall is taken for a full disk.
+const LOW_SPACE: u64 = 64 * 1024 * 1024;
+
+/// A failure to inject, for tests of the failure rules (see [`super::FjallStore::inject_fault`]).
+#[doc(hidden)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fault {
+    /// Every write fails as if the disk were full, before anything reaches the journal, until cleared.
+    NoSpace,
+    /// The next fsync fails with an I/O error.
+    SyncFails,
+}
+
+/// One atomic change to one keyspace: `puts` then `dels`, each key at most once.
+pub(crate) struct Unit {
+    pub(crate) keyspace: Arc<str>,
+    pub(crate) puts: Vec<(Vec<u8>, Vec<u8>)>,
+    pub(crate) dels: Vec<Vec<u8>>,
+}
+
+struct State {
+    /// The open database; `None` after a failed reopen or after close.
+    db: Option<Database>,
+    /// Keyspace handles of `db`, so writes do not look them up each time. Cleared whenever `db` is.
+    keyspaces: HashMap<Arc<str>, Keyspace>,
+    /// Why the database must be reopened before the next write.
+    broken: Option<StorageError>,
+    /// No reopen for writes before this instant.
+    retry_at: Option<Instant>,
+    closed: bool,
+}
+
+/// The interval fsync thread: dropping the sender wakes and stops it.
+struct Syncer {
+    stop: mpsc::Sender<()>,
+    thread: JoinHandle<()>,
+}
+
+/// One fjall database and its failure state.
+pub(crate) struct Engine {
+    /// What this engine serves, for messages ("partition store", "queue store").
+    label: &'static str,
+    /// The configured storage-dir, for messages.
+    storage_dir: PathBuf,
+    /// The database directory inside it.
+    dir: PathBuf,
+    durability: Durability,
+    keyspace_options: fn() -> KeyspaceCreateOptions,
+    state: Mutex<State>,
+    /// Serialises write groups, so a failure is classified before the next group starts.
+    write_lock: Mutex<()>,
+    /// Set once after a failed fsync; every later write gets this error.
+    poison: OnceLock<StorageError>,
+    /// Mirrors `state.broken.is_some()` for a lock-free check on the hot path.
+    broken: AtomicBool,
+    /// Writes handed to the OS since the last fsync (interval mode).
+    dirty: AtomicBool,
+    /// fsyncs done, to show that concurrent writes share them.
+    fsyncs: AtomicU64,
+    fault: Mutex<Option<Fault>>,
+    syncer: Mutex<Option<Syncer>>,
+}
+
+impl fmt::Debug for Engine {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Engine")
+            .field("label", &self.label)
+            .field("dir", &self.dir)
+            .field("durability", &self.durability)
+            .field("poisoned", &self.poison.get().is_some())
+            .field("broken", &self.broken.load(Ordering::Relaxed))
+            .finish()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding one of these locks leaves plain data behind, never a half-done fjall call: keep going.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Engine {
+    /// Opens (creating on first use) the database `<storage_dir>/<sub>` holding a `kind` store.
+    pub(crate) fn open(
+        storage_dir: &Path,
+        sub: &str,
+        kind: &'static str,
+        label: &'static str,
+        durability: Durability,
+        keyspace_options: fn() -> KeyspaceCreateOptions,
+    ) -> Result<Arc<Engine>, StorageError> {
+        let dir = storage_dir.join(sub);
+        fs::create_dir_all(&dir).map_err(|e| {
+            let kind = if is_no_space(&e) {
+                StorageErrorKind::NoSpace
+            } else {
+                StorageErrorKind::Config
+            };
+            StorageError::new(
+                kind,
+                format!("cannot create storage-dir '{}': {e}", dir.display()),
+            )
+        })?;
+        check_format(&dir, kind)?;
+        let engine = Engine {
+            label,
+            storage_dir: storage_dir.to_path_buf(),
+            dir,
+            durability,
+            keyspace_options,
+            state: Mutex::new(State {
+                db: None,
+                keyspaces: HashMap::new(),
+                broken: None,
+                retry_at: None,
+                closed: false,
+            }),
+            write_lock: Mutex::new(()),
+            poison: OnceLock::new(),
+            broken: AtomicBool::new(false),
+            dirty: AtomicBool::new(false),
+            fsyncs: AtomicU64::new(0),
+            fault: Mutex::new(None),
+            syncer: Mutex::new(None),
+        };
+        let db = engine.open_db()?;
+        lock(&engine.state).db = Some(db);
+        let engine = Arc::new(engine);
+        if let Durability::Interval(every) = durability {
+            start_syncer(&engine, every)?;
+        }
+        Ok(engine)
+    }
+
+    /// The database directory.
+    pub(crate) fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    fn open_db(&self) -> Result<Database, StorageError> {
+        Database::builder(&self.dir)
+            // Lessor decides when the journal is flushed and fsynced (see `commit_group`).
+            .manual_journal_persist(true)
+            // Reads happen once per partition open (a scan): a large block cache would only hold cold data.
+            .cache_size(8 * 1024 * 1024)
+            // The journal is replayed at start-up: keep it short. Reaching this size also makes fjall flush the
+            // memtables that pin the oldest journal, which bounds the second copy of the items (the first is in
+            // PartitionState) held in memtables.
+            .max_journaling_size(128 * 1024 * 1024)
+            .open()
+            .map_err(|e| self.open_error(e))
+    }
+
+    /// Maps an error of opening or reading.
+    fn open_error(&self, e: fjall::Error) -> StorageError {
+        match e {
+            fjall::Error::Locked => StorageError::new(
+                StorageErrorKind::Locked,
+                format!(
+                    "storage-dir '{}' is in use: another process holds the lock of the {} at '{}' (is another \
+                     lessor server running on this storage-dir?)",
+                    self.storage_dir.display(),
+                    self.label,
+                    self.dir.join("lock").display()
+                ),
+            ),
+            fjall::Error::InvalidVersion(v) => StorageError::new(
+                StorageErrorKind::Corrupt,
+                format!(
+                    "the {} at '{}' has fjall disk format {v:?}, this build reads fjall format V3",
+                    self.label,
+                    self.dir.display()
+                ),
+            ),
+            other => self.error(other, "reading"),
+        }
+    }
+
+    /// Maps an error by what it says, without changing the engine's state.
+    fn error(&self, e: fjall::Error, doing: &str) -> StorageError {
+        let what = format!("{} at '{}'", self.label, self.dir.display());
+        if let Some(io) = find_io(&e) {
+            let kind = if is_no_space(io) {
+                StorageErrorKind::NoSpace
+            } else {
+                StorageErrorKind::Unavailable
+            };
+            let hint = if kind == StorageErrorKind::NoSpace {
+                "disk full; writes resume once space is freed"
+            } else {
+                "I/O error"
+            };
+            return StorageError::new(kind, format!("{hint} {doing} the {what}: {io}"));
+        }
+        let kind = match e {
+            fjall::Error::Poisoned => StorageErrorKind::Poisoned,
+            fjall::Error::Locked => StorageErrorKind::Locked,
+            fjall::Error::JournalRecovery(_)
+            | fjall::Error::InvalidVersion(_)
+            | fjall::Error::Decompress(_)
+            | fjall::Error::InvalidTrailer
+            | fjall::Error::InvalidTag(_)
+            | fjall::Error::Unrecoverable
+            | fjall::Error::Storage(_) => StorageErrorKind::Corrupt,
+            _ => StorageErrorKind::Other,
+        };
+        StorageError::new(kind, format!("{doing} the {what} failed: {e:?}"))
+    }
+
+    fn closed_error(&self) -> StorageError {
+        StorageError::unavailable(format!("the {} at '{}' is closed", self.label, self.dir.display()))
+    }
+
+    /// Whether writes need the slow path of [`Engine::check_writable`].
+    pub(crate) fn needs_check(&self) -> bool {
+        self.poison.get().is_some() || self.broken.load(Ordering::Acquire)
+    }
+
+    /// Fails when writes are refused now: after a failed fsync, or while a broken database cannot be reopened yet.
+    /// Blocking (it may reopen the database).
+    pub(crate) fn check_writable(&self) -> Result<(), StorageError> {
+        if let Some(e) = self.poison.get() {
+            return Err(e.clone());
+        }
+        let mut st = lock(&self.state);
+        self.reopen_if_broken(&mut st, true)
+    }
+
+    /// Reopens the database when a failed write broke it. `backoff`: honour [`REOPEN_BACKOFF`] (writes do; reads,
+    /// which need a database that matches the disk, do not).
+    fn reopen_if_broken(&self, st: &mut State, backoff: bool) -> Result<(), StorageError> {
+        if st.closed {
+            return Err(self.closed_error());
+        }
+        let Some(why) = st.broken.clone() else {
+            return Ok(());
+        };
+        if backoff && st.retry_at.is_some_and(|t| Instant::now() < t) {
+            return Err(why);
+        }
+        // Every handle must go before fjall releases its lock file and a new instance can take it.
+        st.keyspaces.clear();
+        st.db = None;
+        match self.open_db() {
+            Ok(db) => {
+                st.db = Some(db);
+                st.broken = None;
+                st.retry_at = None;
+                self.broken.store(false, Ordering::Release);
+                tracing::info!(dir = %self.dir.display(), store = self.label, "storage reopened after a failed write");
+                Ok(())
+            }
+            Err(e) => {
+                st.retry_at = Some(Instant::now() + REOPEN_BACKOFF);
+                tracing::warn!(dir = %self.dir.display(), store = self.label, error = %e, "storage reopen failed");
+                if e.kind == StorageErrorKind::Locked {
+                    // Our own readers still hold the old instance: a later attempt will do.
+                    return Err(StorageError::unavailable(format!(
+                        "the {} at '{}' is reopening after a failed write ({}); try again",
+                        self.label,
+                        self.dir.display(),
+                        why.message
+                    )));
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// The handle of keyspace `name`, creating it when `create` is set; `None` when it does not exist. Blocking.
+    pub(crate) fn keyspace(&self, name: &str, create: bool) -> Result<Option<Keyspace>, StorageError> {
+        let db = {
+            let mut st = lock(&self.state);
+            self.reopen_if_broken(&mut st, false)?;
+            if let Some(ks) = st.keyspaces.get(name) {
+                return Ok(Some(ks.clone()));
+            }
+            let Some(db) = st.db.clone() else {
+                return Err(self.closed_error());
+            };
+            db
+        };
+        if !create && !db.keyspace_exists(name) {
+            return Ok(None);
+        }
+        // Creating a keyspace fsyncs: do it without holding the state lock.
+        let ks = db
+            .keyspace(name, self.keyspace_options)
+            .map_err(|e| self.error(e, "opening a keyspace of"))?;
+        Ok(Some(ks))
+    }
+
+    /// Writes `units` as one atomic batch and makes it as durable as the configured mode says. Returns one result
+    /// per unit: units whose keyspace no longer exists fail alone, everything else shares the batch's fate.
+    /// Blocking.
+    pub(crate) fn commit_group(&self, units: Vec<Unit>) -> Vec<Result<(), StorageError>> {
+        let _w = lock(&self.write_lock);
+        let n = units.len();
+        if let Some(e) = self.poison.get() {
+            return vec![Err(e.clone()); n];
+        }
+        let (db, handles) = {
+            let mut st = lock(&self.state);
+            if let Err(e) = self.reopen_if_broken(&mut st, true) {
+                return vec![Err(e); n];
+            }
+            let Some(db) = st.db.clone() else {
+                return vec![Err(self.closed_error()); n];
+            };
+            let mut handles = Vec::with_capacity(n);
+            for u in &units {
+                handles.push(self.resolve(&mut st, &db, &u.keyspace));
+            }
+            (db, handles)
+        };
+        let mut results: Vec<Result<(), StorageError>> = Vec::with_capacity(n);
+        let mut batch = db.batch().durability(None);
+        for (u, h) in units.into_iter().zip(&handles) {
+            match h {
+                Ok(ks) => {
+                    for (k, v) in u.puts {
+                        batch.insert(ks, k, v);
+                    }
+                    for k in u.dels {
+                        batch.remove(ks, k);
+                    }
+                    results.push(Ok(()));
+                }
+                Err(e) => results.push(Err(e.clone())),
+            }
+        }
+        if batch.is_empty() {
+            return results;
+        }
+        let outcome = self.commit_and_persist(&db, batch);
+        drop(handles);
+        drop(db);
+        if let Err(e) = outcome {
+            for r in results.iter_mut().filter(|r| r.is_ok()) {
+                *r = Err(e.clone());
+            }
+        }
+        results
+    }
+
+    /// A cached keyspace handle; never creates one (a missing keyspace was destroyed).
+    fn resolve(&self, st: &mut State, db: &Database, name: &Arc<str>) -> Result<Keyspace, StorageError> {
+        if let Some(ks) = st.keyspaces.get(name) {
+            return Ok(ks.clone());
+        }
+        if !db.keyspace_exists(name) {
+            return Err(StorageError::other(format!(
+                "keyspace '{name}' of the {} at '{}' no longer exists (destroyed)",
+                self.label,
+                self.dir.display()
+            )));
+        }
+        let ks = db
+            .keyspace(name, self.keyspace_options)
+            .map_err(|e| self.error(e, "opening a keyspace of"))?;
+        st.keyspaces.insert(name.clone(), ks.clone());
+        Ok(ks)
+    }
+
+    fn commit_and_persist(&self, db: &Database, batch: fjall::OwnedWriteBatch) -> Result<(), StorageError> {
+        if *lock(&self.fault) == Some(Fault::NoSpace) {
+            let e = StorageError::new(
+                StorageErrorKind::NoSpace,
+                format!(
+                    "disk full; writes resume once space is freed (injected) writing the {} at '{}'",
+                    self.label,
+                    self.dir.display()
+                ),
+            );
+            self.mark_broken(&e);
+            return Err(e);
+        }
+        batch.commit().map_err(|e| self.write_failed(e))?;
+        // Hand the journal to the OS in every mode: after this a process crash loses nothing.
+        db.persist(PersistMode::Buffer)
+            .map_err(|e| self.write_failed(e))?;
+        match self.durability {
+            Durability::Sync => self.fsync(db),
+            Durability::Interval(_) | Durability::None => {
+                self.dirty.store(true, Ordering::Release);
+                Ok(())
+            }
+        }
+    }
+
+    /// fsyncs the journal; a failure poisons the engine.
+    fn fsync(&self, db: &Database) -> Result<(), StorageError> {
+        let injected = {
+            let mut f = lock(&self.fault);
+            if *f == Some(Fault::SyncFails) {
+                *f = None;
+                true
+            } else {
+                false
+            }
+        };
+        self.fsyncs.fetch_add(1, Ordering::Relaxed);
+        let res = if injected {
+            Err(fjall::Error::Io(io::Error::other("injected fsync failure")))
+        } else {
+            db.persist(PersistMode::SyncData)
+        };
+        match res {
+            Ok(()) => Ok(()),
+            Err(fjall::Error::Poisoned) => Err(self.write_failed(fjall::Error::Poisoned)),
+            Err(e) => Err(self.poison(format!("fsync of the journal failed ({e})"))),
+        }
+    }
+
+    /// Classifies a failed write (the journal append or its hand-over to the OS) and records it.
+    fn write_failed(&self, e: fjall::Error) -> StorageError {
+        if matches!(e, fjall::Error::Poisoned) {
+            // fjall stopped on its own: one of its background threads failed and we cannot see why.
+            if low_space(&self.dir) {
+                let err = StorageError::new(
+                    StorageErrorKind::NoSpace,
+                    format!(
+                        "disk full; writes resume once space is freed (the {} at '{}' stopped writing while the \
+                         disk is nearly full)",
+                        self.label,
+                        self.dir.display()
+                    ),
+                );
+                self.mark_broken(&err);
+                return err;
+            }
+            return self.poison("the storage engine stopped writing after a background I/O failure".to_string());
+        }
+        let err = self.error(e, "writing");
+        tracing::error!(dir = %self.dir.display(), store = self.label, error = %err, "write failed");
+        self.mark_broken(&err);
+        err
+    }
+
+    fn mark_broken(&self, e: &StorageError) {
+        let mut st = lock(&self.state);
+        st.broken = Some(e.clone());
+        st.retry_at = Some(Instant::now() + REOPEN_BACKOFF);
+        self.broken.store(true, Ordering::Release);
+    }
+
+    /// Poisons the engine for good and returns the error every later write gets.
+    fn poison(&self, why: String) -> StorageError {
+        let e = StorageError::new(
+            StorageErrorKind::Poisoned,
+            format!(
+                "store refuses writes after a failed fsync; restart the server ({} at '{}': {why})",
+                self.label,
+                self.dir.display()
+            ),
+        );
+        tracing::error!(dir = %self.dir.display(), store = self.label, error = %e, "storage poisoned");
+        self.poison.get_or_init(|| e).clone()
+    }
+
+    /// fsyncs if anything was written since the last fsync (the interval thread).
+    fn sync_if_dirty(&self) {
+        if self.needs_check() || !self.dirty.swap(false, Ordering::AcqRel) {
+            return;
+        }
+        let db = lock(&self.state).db.clone();
+        if let Some(db) = db {
+            if let Err(e) = db.persist(PersistMode::Buffer) {
+                self.write_failed(e);
+                return;
+            }
+            // The error is recorded; the next write reports it.
+            let _ = self.fsync(&db);
+        }
+    }
+
+    /// Deletes keyspace `name` and its data; a missing keyspace is fine. Blocking.
+    pub(crate) fn drop_keyspace(&self, name: &str) -> Result<(), StorageError> {
+        let _w = lock(&self.write_lock);
+        if let Some(e) = self.poison.get() {
+            return Err(e.clone());
+        }
+        let mut st = lock(&self.state);
+        self.reopen_if_broken(&mut st, true)?;
+        st.keyspaces.remove(name);
+        let Some(db) = st.db.clone() else {
+            return Err(self.closed_error());
+        };
+        drop(st);
+        if !db.keyspace_exists(name) {
+            return Ok(());
+        }
+        let ks = db
+            .keyspace(name, self.keyspace_options)
+            .map_err(|e| self.error(e, "opening a keyspace of"))?;
+        db.delete_keyspace(ks)
+            .map_err(|e| self.error(e, "deleting a keyspace of"))
+    }
+
+    /// fsyncs done so far.
+    pub(crate) fn fsyncs(&self) -> u64 {
+        self.fsyncs.load(Ordering::Relaxed)
+    }
+
+    /// Sets or clears an injected fault.
+    pub(crate) fn inject(&self, fault: Option<Fault>) {
+        *lock(&self.fault) = fault;
+    }
+
+    /// Stops the interval thread, fsyncs what is pending and releases the database (and its lock). Blocking.
+    pub(crate) fn close(&self) {
+        if let Some(s) = lock(&self.syncer).take() {
+            drop(s.stop);
+            let _ = s.thread.join();
+        }
+        let _w = lock(&self.write_lock);
+        let mut st = lock(&self.state);
+        if st.closed {
+            return;
+        }
+        if let Some(db) = &st.db {
+            if !self.needs_check() {
+                if let Err(e) = db.persist(PersistMode::SyncAll) {
+                    tracing::warn!(dir = %self.dir.display(), error = ?e, "final fsync at close failed");
+                }
+            }
+        }
+        st.keyspaces.clear();
+        st.db = None;
+        st.closed = true;
+    }
+}
+
+fn start_syncer(engine: &Arc<Engine>, every: Duration) -> Result<(), StorageError> {
+    let weak = Arc::downgrade(engine);
+    let (stop, rx) = mpsc::channel::<()>();
+    let thread = std::thread::Builder::new()
+        .name("lessor-fjall-sync".into())
+        .spawn(move || {
+            // A message or a dropped sender both mean stop.
+            while let Err(mpsc::RecvTimeoutError::Timeout) = rx.recv_timeout(every) {
+                let Some(engine) = weak.upgrade() else { break };
+                engine.sync_if_dirty();
+            }
+        })
+        .map_err(|e| StorageError::other(format!("cannot start the fsync thread: {e}")))?;
+    *lock(&engine.syncer) = Some(Syncer { stop, thread });
+    Ok(())
+}
+
+/// Checks the format marker of `dir`, writing it into a new, empty directory.
+fn check_format(dir: &Path, kind: &str) -> Result<(), StorageError> {
+    let path = dir.join(FORMAT_FILE);
+    let corrupt = |m: String| StorageError::new(StorageErrorKind::Corrupt, m);
+    match fs::read_to_string(&path) {
+        Ok(text) => {
+            let words: Vec<&str> = text.split_whitespace().collect();
+            let [magic, found_kind, version] = words[..] else {
+                return Err(corrupt(format!("'{}' is not a lessor format marker", path.display())));
+            };
+            if magic != "lessor-fjall" {
+                return Err(corrupt(format!("'{}' is not a lessor format marker", path.display())));
+            }
+            if found_kind != kind {
+                return Err(corrupt(format!(
+                    "'{}' holds a lessor {found_kind} store, not a {kind} store",
+                    dir.display()
+                )));
+            }
+            match version.parse::<u32>() {
+                Ok(FORMAT_VERSION) => Ok(()),
+                _ => Err(corrupt(format!(
+                    "'{}' was written in storage format version {version}; this build reads version \
+                     {FORMAT_VERSION} only (use the lessor release that wrote it, or move the directory away)",
+                    dir.display()
+                ))),
+            }
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            let not_empty = fs::read_dir(dir)
+                .map_err(|e| io_error(dir, &e))?
+                .next()
+                .is_some();
+            if not_empty {
+                // Data without a marker was not written by lessor (or lost its marker): refuse rather than guess.
+                return Err(corrupt(format!(
+                    "'{}' is not empty but has no {FORMAT_FILE} marker: it is not a lessor {kind} store",
+                    dir.display()
+                )));
+            }
+            write_marker(dir, kind).map_err(|e| io_error(dir, &e))
+        }
+        Err(e) => Err(io_error(dir, &e)),
+    }
+}
+
+/// Writes the marker atomically: a temporary file, fsynced, renamed, then the directory fsynced.
+fn write_marker(dir: &Path, kind: &str) -> io::Result<()> {
+    let tmp = dir.join(format!("{FORMAT_FILE}.tmp"));
+    {
+        use std::io::Write;
+        let mut f = fs::File::create(&tmp)?;
+        writeln!(f, "lessor-fjall {kind} {FORMAT_VERSION}")?;
+        f.sync_all()?;
+    }
+    fs::rename(&tmp, dir.join(FORMAT_FILE))?;
+    fs::File::open(dir)?.sync_all()
+}
+
+fn io_error(dir: &Path, e: &io::Error) -> StorageError {
+    let kind = if is_no_space(e) {
+        StorageErrorKind::NoSpace
+    } else {
+        StorageErrorKind::Unavailable
+    };
+    StorageError::new(kind, format!("I/O error on '{}': {e}", dir.display()))
+}
+
+/// The I/O error at the root of a fjall error, if any.
+fn find_io(e: &fjall::Error) -> Option<&io::Error> {
+    match e {
+        fjall::Error::Io(io) => Some(io),
+        fjall::Error::Storage(fjall::LsmError::Io(io)) => Some(io),
+        _ => None,
+    }
+}
+
+/// Whether an I/O error means "no space left" (disk full or quota).
+pub(crate) fn is_no_space(e: &io::Error) -> bool {
+    const ENOSPC: i32 = 28;
+    const EDQUOT: i32 = 122;
+    matches!(e.kind(), io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded)
+        || matches!(e.raw_os_error(), Some(ENOSPC | EDQUOT))
+}
+
+/// Whether the filesystem holding `dir` is nearly full.
+#[cfg(unix)]
+fn low_space(dir: &Path) -> bool {
+    rustix::fs::statvfs(dir)
+        .map(|s| s.f_bavail.saturating_mul(s.f_frsize) < LOW_SPACE)
+        .unwrap_or(false)
+}
+
+#[cfg(not(unix))]
+fn low_space(_dir: &Path) -> bool {
+    false
+}

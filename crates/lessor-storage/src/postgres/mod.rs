@@ -1,0 +1,34 @@
+//! The PostgreSQL backend: queue definitions ([`PgQueues`]) and partitions ([`PgStore`]) in a database that several
+//! Lessor servers may share.
+//!
+//! Configuration is a [`PgConfig`] (`connection-string`, `max-conns`). Stores that name the same connection string
+//! share one connection pool. Nothing connects until the first call, so a server starts while its database is down;
+//! calls then fail with [`StorageErrorKind::Unavailable`](lessor_core::error::StorageErrorKind::Unavailable) until it
+//! is back (the engine keeps such partitions marked failed and probes them again).
+//!
+//! # Layout
+//! - `pool`: configuration, the process-wide pool registry, error mapping and the pipelined transaction helper.
+//! - `schema`: versioned migrations under an advisory lock, item table naming and DDL.
+//! - `queues`: [`PgQueues`].
+//! - `partition`: [`PgStore`] and [`PgPartition`], the item state machine in SQL.
+//! - `sql`: the statement texts of one partition.
+//!
+//! # Sharing a database between servers
+//! Each call locks the rows it decides on in the statement that decides (`FOR UPDATE`, `SKIP LOCKED` where any due
+//! row will do), so two servers never lease one item twice and never apply one lifecycle action twice. Ids come from
+//! a per-table sequence, so they are unique across servers and only grow; items produced at the same time by two
+//! servers may become visible slightly out of id order (a later id can commit first), which FIFO tolerates.
+//!
+//! Tables live in the first schema of the connection's `search_path`; to use another schema, set it in the
+//! connection string (`options=-csearch_path%3Dmyschema`).
+
+mod partition;
+mod pool;
+mod queues;
+mod schema;
+mod sql;
+
+pub use partition::{PgPartition, PgStore};
+pub use pool::PgConfig;
+pub use queues::PgQueues;
+pub use schema::{table_name, SCHEMA_VERSION};

@@ -1,0 +1,688 @@
+//! Partitions as PostgreSQL tables: [`PgStore`] opens them, [`PgPartition`] implements the item state machine in SQL.
+//!
+//! Several servers may work on one table at once (the store is [`PartitionStore::shared`]). Every call is one
+//! statement, or one transaction whose first statement locks the rows it reads, so concurrent servers never lease
+//! an item twice or apply a lifecycle action twice, and a call that fails changed nothing (except when the
+//! connection dies during `COMMIT`, where no client of any database can know the outcome: the call reports
+//! `Unavailable` and the items are leased or moved at most once all the same).
+//!
+//! Round trips per call: produce, lease, delete, clear, counts, stats, next_deadline and lists one each; complete
+//! one when every id is leased (else two more: lock and check, then delete and commit); retry two; lifecycle one to
+//! three (one per kind of due action, the last carrying the COMMIT).
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use lessor_core::error::{ItemError, StorageError};
+use lessor_core::storage::{
+    LifecycleOutcome, LifecyclePolicy, Partition, PartitionStore, RetryAction, RetryOp, RetryOutcome,
+};
+use lessor_core::time::{Clock, SystemClock, Ts};
+use lessor_core::types::{ClearRequest, Item, ItemId, NewItem, PartitionCounts, PartitionStats};
+use tokio_postgres::Row;
+
+use super::pool::{acquire, pg_err, prepare, PgConfig, Shared, Tx};
+use super::schema::{self, table_name};
+use super::sql::{Sql, RETRY_DELETE, RETRY_KEEP_DEAD, RETRY_REQUEUE, RETRY_SCHEDULE};
+
+/// Partitions in PostgreSQL, one table each.
+#[derive(Debug)]
+pub struct PgStore {
+    shared: Mutex<Option<Arc<Shared>>>,
+}
+
+impl PgStore {
+    /// A store on the pool of `cfg.connection_string` (shared with every other store using the same string).
+    /// Never connects: tables are created on first open, and calls fail with `Unavailable` while the database is
+    /// down. Fails only on an invalid configuration.
+    pub fn new(cfg: &PgConfig) -> Result<Self, StorageError> {
+        Ok(PgStore {
+            shared: Mutex::new(Some(acquire(cfg)?)),
+        })
+    }
+
+    fn shared(&self) -> Result<Arc<Shared>, StorageError> {
+        take_shared(&self.shared, "store")
+    }
+}
+
+fn take_shared(m: &Mutex<Option<Arc<Shared>>>, what: &str) -> Result<Arc<Shared>, StorageError> {
+    m.lock()
+        .map_err(|_| StorageError::other(format!("postgres {what} lock poisoned")))?
+        .clone()
+        .ok_or_else(|| StorageError::other(format!("postgres {what} is closed")))
+}
+
+fn release(m: &Mutex<Option<Arc<Shared>>>) {
+    if let Ok(mut s) = m.lock() {
+        s.take();
+    }
+}
+
+#[async_trait]
+impl PartitionStore for PgStore {
+    fn driver(&self) -> &'static str {
+        "postgres"
+    }
+
+    async fn open(&self, queue: &str, partition: u32) -> Result<Arc<dyn Partition>, StorageError> {
+        let shared = self.shared()?;
+        let table = table_name(queue, partition);
+        // A new table's ids start at the current time in microseconds, so a queue deleted and created again never
+        // reuses an id that a consumer of the old queue may still hold.
+        let first_id = SystemClock.now().0.max(1);
+        schema::ensure_partition(&shared, &table, queue, partition, first_id).await?;
+        Ok(Arc::new(PgPartition {
+            sql: Sql::new(&table),
+            shared: Mutex::new(Some(shared)),
+            table,
+        }))
+    }
+
+    async fn destroy(&self, queue: &str, partition: u32) -> Result<(), StorageError> {
+        let shared = self.shared()?;
+        schema::drop_partition(&shared, &table_name(queue, partition), queue, partition).await
+    }
+
+    fn shared(&self) -> bool {
+        true
+    }
+
+    async fn close(&self) {
+        release(&self.shared);
+    }
+}
+
+/// One partition: a table `items_<hash>_<partition>`.
+#[derive(Debug)]
+pub struct PgPartition {
+    shared: Mutex<Option<Arc<Shared>>>,
+    table: String,
+    sql: Sql,
+}
+
+/// What complete and retry learn about a live item they name.
+#[derive(Clone, Copy)]
+struct LiveRow {
+    is_leased: bool,
+    attempts: u32,
+}
+
+/// An item id as stored (`BIGINT`); ids beyond `i64::MAX` cannot exist in a table.
+fn db_id(id: ItemId) -> Option<i64> {
+    i64::try_from(id.0).ok()
+}
+
+fn item_id(v: i64) -> ItemId {
+    ItemId(u64::try_from(v).unwrap_or(0))
+}
+
+fn count(v: i64) -> u64 {
+    u64::try_from(v).unwrap_or(0)
+}
+
+fn limit_param(n: usize) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+fn decode(r: &Row) -> Result<Item, StorageError> {
+    let attempts: i64 = r.try_get(7).map_err(pg_err)?;
+    let max_attempts: i64 = r.try_get(8).map_err(pg_err)?;
+    let source_id: Option<String> = r.try_get(1).map_err(pg_err)?;
+    let payload: Vec<u8> = r.try_get(12).map_err(pg_err)?;
+    Ok(Item {
+        id: item_id(r.try_get(0).map_err(pg_err)?),
+        source_id: source_id.unwrap_or_default(),
+        is_leased: r.try_get(2).map_err(pg_err)?,
+        lease_deadline: Ts(r.try_get(3).map_err(pg_err)?),
+        expire_deadline: Ts(r.try_get(4).map_err(pg_err)?),
+        enqueue_at: Ts(r.try_get(5).map_err(pg_err)?),
+        created_at: Ts(r.try_get(6).map_err(pg_err)?),
+        attempts: u32::try_from(attempts.max(0)).unwrap_or(u32::MAX),
+        max_attempts: u32::try_from(max_attempts.max(0)).unwrap_or(u32::MAX),
+        reference: r.try_get(9).map_err(pg_err)?,
+        encoding: r.try_get(10).map_err(pg_err)?,
+        kind: r.try_get(11).map_err(pg_err)?,
+        payload: Bytes::from(payload),
+        dead: r.try_get(13).map_err(pg_err)?,
+    })
+}
+
+fn decode_sorted(rows: &[Row]) -> Result<Vec<Item>, StorageError> {
+    let mut items = rows.iter().map(decode).collect::<Result<Vec<_>, _>>()?;
+    // RETURNING gives no order; the contract's order is the id order.
+    items.sort_unstable_by_key(|i| i.id);
+    Ok(items)
+}
+
+/// Checks one complete or retry request the way the memory backend does, id by id in request order: the first
+/// repeated, missing (or already consumed by an earlier request of the batch) or unleased id fails the request.
+fn check_request(
+    ids: impl Iterator<Item = ItemId>,
+    live: &HashMap<u64, LiveRow>,
+    gone: &HashSet<u64>,
+) -> Result<(), ItemError> {
+    let mut seen = HashSet::new();
+    for id in ids {
+        if !seen.insert(id) {
+            return Err(ItemError::Duplicate(id.to_string()));
+        }
+        match live.get(&id.0) {
+            Some(_) if gone.contains(&id.0) => return Err(ItemError::NotFound(id.to_string())),
+            None => return Err(ItemError::NotFound(id.to_string())),
+            Some(r) if !r.is_leased => return Err(ItemError::NotLeased(id.to_string())),
+            Some(_) => {}
+        }
+    }
+    Ok(())
+}
+
+/// The distinct storable ids of a batch of requests.
+fn distinct_ids<'a>(ids: impl Iterator<Item = &'a ItemId>) -> Vec<i64> {
+    let mut v: Vec<i64> = ids.filter_map(|id| db_id(*id)).collect();
+    v.sort_unstable();
+    v.dedup();
+    v
+}
+
+fn live_rows(rows: &[Row]) -> Result<HashMap<u64, LiveRow>, StorageError> {
+    rows.iter()
+        .map(|r| {
+            let id: i64 = r.try_get(0).map_err(pg_err)?;
+            let attempts: i64 = r.try_get(2).map_err(pg_err)?;
+            Ok((
+                item_id(id).0,
+                LiveRow {
+                    is_leased: r.try_get(1).map_err(pg_err)?,
+                    attempts: u32::try_from(attempts.max(0)).unwrap_or(u32::MAX),
+                },
+            ))
+        })
+        .collect()
+}
+
+impl PgPartition {
+    fn shared(&self) -> Result<Arc<Shared>, StorageError> {
+        take_shared(&self.shared, "partition")
+    }
+
+    /// The table this partition lives in.
+    pub fn table(&self) -> &str {
+        &self.table
+    }
+
+    /// Resolves the ids of items skipped as duplicates whose stored row the produce statement could not see
+    /// (another server inserted it after the statement's snapshot was taken).
+    async fn existing_ids(&self, source_ids: Vec<&str>) -> Result<HashMap<String, i64>, StorageError> {
+        let shared = self.shared()?;
+        let conn = shared.conn().await?;
+        let stmt = prepare(&conn, &self.sql.source_ids).await?;
+        let rows = conn.query(&stmt, &[&source_ids]).await.map_err(pg_err)?;
+        rows.iter()
+            .map(|r| Ok((r.try_get(0).map_err(pg_err)?, r.try_get(1).map_err(pg_err)?)))
+            .collect()
+    }
+
+    async fn next_deadline_now(&self) -> Result<Option<Ts>, StorageError> {
+        let shared = self.shared()?;
+        let conn = shared.conn().await?;
+        let stmt = prepare(&conn, &self.sql.next_deadline).await?;
+        let row = conn.query_one(&stmt, &[]).await.map_err(pg_err)?;
+        let dead: bool = row.try_get(0).map_err(pg_err)?;
+        if dead {
+            return Ok(Some(Ts::ZERO));
+        }
+        let mut next: Option<i64> = None;
+        for i in 1..4 {
+            let v: Option<i64> = row.try_get(i).map_err(pg_err)?;
+            next = match (next, v) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+        }
+        Ok(next.map(Ts))
+    }
+}
+
+#[async_trait]
+impl Partition for PgPartition {
+    async fn produce(&self, items: Vec<NewItem>) -> Result<Vec<ItemId>, StorageError> {
+        if items.is_empty() {
+            return Ok(Vec::new());
+        }
+        // A source id repeated within the batch is sent once; later copies take the first one's id, as if they
+        // had been produced one after the other.
+        let mut first: HashMap<&str, usize> = HashMap::new();
+        let mut slot = Vec::with_capacity(items.len());
+        let mut sent: Vec<&NewItem> = Vec::with_capacity(items.len());
+        for it in &items {
+            if !it.source_id.is_empty() {
+                if let Some(&k) = first.get(it.source_id.as_str()) {
+                    slot.push(k);
+                    continue;
+                }
+                first.insert(&it.source_id, sent.len());
+            }
+            slot.push(sent.len());
+            sent.push(it);
+        }
+        let source: Vec<Option<&str>> = sent
+            .iter()
+            .map(|i| (!i.source_id.is_empty()).then_some(i.source_id.as_str()))
+            .collect();
+        let enqueue_at: Vec<i64> = sent.iter().map(|i| i.enqueue_at.0).collect();
+        let expire: Vec<i64> = sent.iter().map(|i| i.expire_deadline.0).collect();
+        let created: Vec<i64> = sent.iter().map(|i| i.created_at.0).collect();
+        let reference: Vec<&str> = sent.iter().map(|i| i.reference.as_str()).collect();
+        let encoding: Vec<&str> = sent.iter().map(|i| i.encoding.as_str()).collect();
+        let kind: Vec<&str> = sent.iter().map(|i| i.kind.as_str()).collect();
+        let payload: Vec<&[u8]> = sent.iter().map(|i| i.payload.as_ref()).collect();
+
+        let shared = self.shared()?;
+        let conn = shared.conn().await?;
+        let stmt = prepare(&conn, &self.sql.produce).await?;
+        let rows = conn
+            .query(
+                &stmt,
+                &[&source, &enqueue_at, &expire, &created, &reference, &encoding, &kind, &payload],
+            )
+            .await
+            .map_err(pg_err)?;
+        drop(conn);
+        let mut ids: Vec<Option<i64>> = vec![None; sent.len()];
+        for r in &rows {
+            let rn: i64 = r.try_get(0).map_err(pg_err)?;
+            let k = usize::try_from(rn - 1).unwrap_or(usize::MAX);
+            if let Some(slot) = ids.get_mut(k) {
+                *slot = r.try_get(1).map_err(pg_err)?;
+            }
+        }
+        let unresolved: Vec<&str> = ids
+            .iter()
+            .zip(&source)
+            .filter_map(|(id, s)| if id.is_none() { *s } else { None })
+            .collect();
+        if !unresolved.is_empty() {
+            // The items are stored already; a failure here must not report the produce as failed.
+            match self.existing_ids(unresolved).await {
+                Ok(found) => {
+                    for (id, s) in ids.iter_mut().zip(&source) {
+                        if let (None, Some(s)) = (&id, s) {
+                            *id = found.get(*s).copied();
+                        }
+                    }
+                }
+                Err(e) => tracing::warn!(table = %self.table, error = %e, "postgres: cannot resolve duplicate ids"),
+            }
+        }
+        // A duplicate whose stored copy vanished again (completed in between) has no id left to report: 0.
+        Ok(slot
+            .into_iter()
+            .map(|k| item_id(ids.get(k).copied().flatten().unwrap_or(0)))
+            .collect())
+    }
+
+    async fn lease(&self, n: usize, lease_deadline: Ts) -> Result<Vec<Item>, StorageError> {
+        if n == 0 {
+            return Ok(Vec::new());
+        }
+        let shared = self.shared()?;
+        let conn = shared.conn().await?;
+        let stmt = prepare(&conn, &self.sql.lease).await?;
+        let rows = conn
+            .query(&stmt, &[&limit_param(n), &lease_deadline.0])
+            .await
+            .map_err(pg_err)?;
+        decode_sorted(&rows)
+    }
+
+    async fn complete(&self, requests: Vec<Vec<ItemId>>) -> Result<Vec<Result<(), ItemError>>, StorageError> {
+        let total: usize = requests.iter().map(Vec::len).sum();
+        if total == 0 {
+            return Ok(requests.iter().map(|_| Ok(())).collect());
+        }
+        let ids = distinct_ids(requests.iter().flatten());
+        let shared = self.shared()?;
+        let conn = shared.conn().await?;
+        if ids.len() == total {
+            // Every id is distinct and storable: try the one-statement path, which deletes all of them when every
+            // one is leased (the normal case) and nothing otherwise.
+            let stmt = prepare(&conn, &self.sql.complete_all).await?;
+            let row = conn.query_one(&stmt, &[&ids]).await.map_err(pg_err)?;
+            let deleted: i64 = row.try_get(0).map_err(pg_err)?;
+            if count(deleted) == total as u64 {
+                return Ok(requests.iter().map(|_| Ok(())).collect());
+            }
+        }
+        // Some request fails: lock the named live rows, judge each request in order, delete the valid ones.
+        let lock = prepare(&conn, &self.sql.lock_live).await?;
+        let delete = prepare(&conn, &self.sql.delete_ids).await?;
+        let (tx, rows) = Tx::begin(conn, &lock, &[&ids]).await?;
+        let live = live_rows(&rows)?;
+        let mut gone = HashSet::new();
+        let mut doomed: Vec<i64> = Vec::new();
+        let out: Vec<Result<(), ItemError>> = requests
+            .iter()
+            .map(|req| {
+                check_request(req.iter().copied(), &live, &gone)?;
+                for id in req {
+                    gone.insert(id.0);
+                    doomed.extend(db_id(*id));
+                }
+                Ok(())
+            })
+            .collect();
+        if doomed.is_empty() {
+            tx.rollback().await;
+        } else {
+            tx.query_commit(&delete, &[&doomed]).await?;
+        }
+        Ok(out)
+    }
+
+    async fn retry(
+        &self,
+        requests: Vec<Vec<RetryOp>>,
+        policy: LifecyclePolicy,
+    ) -> Result<Vec<Result<RetryOutcome, ItemError>>, StorageError> {
+        if requests.iter().all(Vec::is_empty) {
+            return Ok(requests.iter().map(|_| Ok(RetryOutcome::default())).collect());
+        }
+        let ids = distinct_ids(requests.iter().flatten().map(|op| &op.id));
+        let shared = self.shared()?;
+        let conn = shared.conn().await?;
+        let lock = prepare(&conn, &self.sql.lock_live).await?;
+        let apply = prepare(&conn, &self.sql.retry_apply).await?;
+        let (tx, rows) = Tx::begin(conn, &lock, &[&ids]).await?;
+        let live = live_rows(&rows)?;
+        let mut gone = HashSet::new();
+        let (mut op_ids, mut op_actions, mut op_at) = (Vec::new(), Vec::new(), Vec::new());
+        let mut expected = RetryOutcome::default();
+        let out: Vec<Result<RetryOutcome, ItemError>> = requests
+            .iter()
+            .map(|req| {
+                check_request(req.iter().map(|o| o.id), &live, &gone)?;
+                let mut o = RetryOutcome::default();
+                for op in req {
+                    gone.insert(op.id.0);
+                    let attempts = live.get(&op.id.0).map_or(0, |r| r.attempts);
+                    let action = match op.action {
+                        RetryAction::Dead => RetryAction::Dead,
+                        _ if policy.exhausted(attempts) => RetryAction::Dead,
+                        a => a,
+                    };
+                    let (code, at) = match action {
+                        RetryAction::Requeue => {
+                            o.requeued += 1;
+                            (RETRY_REQUEUE, 0)
+                        }
+                        RetryAction::Schedule(at) => {
+                            o.scheduled += 1;
+                            (RETRY_SCHEDULE, at.0)
+                        }
+                        RetryAction::Dead => {
+                            o.dead += 1;
+                            (if policy.has_dead_queue { RETRY_KEEP_DEAD } else { RETRY_DELETE }, 0)
+                        }
+                    };
+                    if let Some(id) = db_id(op.id) {
+                        op_ids.push(id);
+                        op_actions.push(code);
+                        op_at.push(at);
+                    }
+                }
+                expected.requeued += o.requeued;
+                expected.scheduled += o.scheduled;
+                expected.dead += o.dead;
+                Ok(o)
+            })
+            .collect();
+        if op_ids.is_empty() {
+            tx.rollback().await;
+            return Ok(out);
+        }
+        let rows = tx.query_commit(&apply, &[&op_ids, &op_actions, &op_at]).await?;
+        if let Some(r) = rows.first() {
+            let got = (
+                count(r.try_get(0).map_err(pg_err)?),
+                count(r.try_get(1).map_err(pg_err)?),
+                count(r.try_get(2).map_err(pg_err)?),
+            );
+            // The rows were locked since they were read, so this cannot differ; say so loudly if it ever does.
+            if got != (expected.requeued, expected.scheduled, expected.dead) {
+                tracing::error!(table = %self.table, ?got, ?expected, "postgres: retry moved other rows than it locked");
+            }
+        }
+        Ok(out)
+    }
+
+    async fn lifecycle(
+        &self,
+        now: Ts,
+        policy: LifecyclePolicy,
+        limit: usize,
+    ) -> Result<LifecycleOutcome, StorageError> {
+        let mut o = LifecycleOutcome::default();
+        if limit > 0 {
+            let shared = self.shared()?;
+            let conn = shared.conn().await?;
+            let leases = prepare(&conn, &self.sql.expire_leases).await?;
+            let due = prepare(&conn, &self.sql.enqueue_due).await?;
+            let expire = prepare(&conn, &self.sql.expire_items).await?;
+            let max = i64::from(policy.max_attempts);
+            let keep = policy.has_dead_queue;
+            // The three kinds run in the memory backend's order (lease expiries, schedules, expire deadlines) in
+            // one transaction, each seeing the moves before it: an item whose lease expired and whose expire
+            // deadline passed is requeued, then dies, exactly as in memory.
+            let (tx, rows) = Tx::begin(conn, &leases, &[&now.0, &limit_param(limit), &max, &keep]).await?;
+            let row = rows.first().ok_or_else(|| StorageError::other("postgres: no lifecycle row"))?;
+            o.lease_expired = count(row.try_get(0).map_err(pg_err)?);
+            o.dead = count(row.try_get(1).map_err(pg_err)?);
+            let mut left = limit.saturating_sub(usize::try_from(o.lease_expired + o.dead).unwrap_or(usize::MAX));
+            let mut tx = Some(tx);
+            if left > 0 {
+                let (t, rows) = tx
+                    .take()
+                    .ok_or_else(|| StorageError::other("postgres: transaction lost"))?
+                    .query(&due, &[&now.0, &limit_param(left)])
+                    .await?;
+                tx = Some(t);
+                let n = rows.first().map(|r| r.try_get::<_, i64>(0)).transpose().map_err(pg_err)?;
+                o.enqueued = count(n.unwrap_or(0));
+                left = left.saturating_sub(usize::try_from(o.enqueued).unwrap_or(usize::MAX));
+            }
+            let tx = tx.ok_or_else(|| StorageError::other("postgres: transaction lost"))?;
+            if left > 0 {
+                let rows = tx.query_commit(&expire, &[&now.0, &limit_param(left), &keep]).await?;
+                let n = rows.first().map(|r| r.try_get::<_, i64>(0)).transpose().map_err(pg_err)?;
+                o.dead += count(n.unwrap_or(0));
+                left = left.saturating_sub(usize::try_from(count(n.unwrap_or(0))).unwrap_or(usize::MAX));
+            } else {
+                tx.commit().await?;
+            }
+            if left > 0 {
+                return Ok(o);
+            }
+        }
+        // The limit stopped the pass: is anything else due? The moves are committed, so a failure to ask must
+        // not fail the call; assuming more only costs the engine one more pass.
+        o.more = match self.next_deadline_now().await {
+            Ok(d) => d.is_some_and(|d| d <= now),
+            Err(_) => true,
+        };
+        Ok(o)
+    }
+
+    async fn dead_items(&self, limit: usize) -> Result<Vec<Item>, StorageError> {
+        let shared = self.shared()?;
+        let conn = shared.conn().await?;
+        let stmt = prepare(&conn, &self.sql.dead_items).await?;
+        let rows = conn.query(&stmt, &[&limit_param(limit)]).await.map_err(pg_err)?;
+        rows.iter().map(decode).collect()
+    }
+
+    async fn remove_dead(&self, ids: Vec<ItemId>) -> Result<(), StorageError> {
+        let ids = distinct_ids(ids.iter());
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let shared = self.shared()?;
+        let conn = shared.conn().await?;
+        let stmt = prepare(&conn, &self.sql.remove_dead).await?;
+        conn.execute(&stmt, &[&ids]).await.map_err(pg_err)?;
+        Ok(())
+    }
+
+    async fn next_deadline(&self) -> Result<Option<Ts>, StorageError> {
+        self.next_deadline_now().await
+    }
+
+    async fn counts(&self) -> Result<PartitionCounts, StorageError> {
+        let shared = self.shared()?;
+        let conn = shared.conn().await?;
+        let stmt = prepare(&conn, &self.sql.counts).await?;
+        let r = conn.query_one(&stmt, &[]).await.map_err(pg_err)?;
+        Ok(PartitionCounts {
+            ready: count(r.try_get(0).map_err(pg_err)?),
+            leased: count(r.try_get(1).map_err(pg_err)?),
+            scheduled: count(r.try_get(2).map_err(pg_err)?),
+        })
+    }
+
+    async fn stats(&self, now: Ts) -> Result<PartitionStats, StorageError> {
+        let shared = self.shared()?;
+        let conn = shared.conn().await?;
+        let stmt = prepare(&conn, &self.sql.stats).await?;
+        let r = conn.query_one(&stmt, &[]).await.map_err(pg_err)?;
+        let mean_created: Option<i64> = r.try_get(3).map_err(pg_err)?;
+        let mean_deadline: Option<i64> = r.try_get(4).map_err(pg_err)?;
+        let bytes: i64 = r.try_get(5).map_err(pg_err)?;
+        Ok(PartitionStats {
+            counts: PartitionCounts {
+                ready: count(r.try_get(0).map_err(pg_err)?),
+                leased: count(r.try_get(1).map_err(pg_err)?),
+                scheduled: count(r.try_get(2).map_err(pg_err)?),
+            },
+            average_age: mean_created.map_or(Duration::ZERO, |c| now.since(Ts(c))),
+            average_leased_age: mean_deadline.map_or(Duration::ZERO, |d| Ts(d).since(now)),
+            payload_bytes: count(bytes),
+        })
+    }
+
+    async fn list(
+        &self,
+        pivot: Option<ItemId>,
+        limit: usize,
+        scheduled: bool,
+    ) -> Result<Vec<Item>, StorageError> {
+        let Some(from) = db_id(pivot.unwrap_or(ItemId(0))) else {
+            // No stored id is that large.
+            return Ok(Vec::new());
+        };
+        let shared = self.shared()?;
+        let conn = shared.conn().await?;
+        let sql = if scheduled {
+            &self.sql.list_scheduled
+        } else {
+            &self.sql.list_live
+        };
+        let stmt = prepare(&conn, sql).await?;
+        let rows = conn
+            .query(&stmt, &[&from, &limit_param(limit)])
+            .await
+            .map_err(pg_err)?;
+        rows.iter().map(decode).collect()
+    }
+
+    async fn import(&self, items: Vec<Item>) -> Result<Vec<Item>, StorageError> {
+        // Normalised as the memory backend does; a source id repeated within the batch keeps its first item.
+        let mut seen = HashSet::new();
+        let items: Vec<Item> = items
+            .into_iter()
+            .filter(|it| it.source_id.is_empty() || seen.insert(it.source_id.clone()))
+            .map(|mut it| {
+                it.dead = false;
+                if !it.is_leased || it.is_scheduled() {
+                    it.is_leased = false;
+                    it.lease_deadline = Ts::ZERO;
+                }
+                it
+            })
+            .collect();
+        if items.is_empty() {
+            return Ok(Vec::new());
+        }
+        let source: Vec<Option<&str>> = items
+            .iter()
+            .map(|i| (!i.source_id.is_empty()).then_some(i.source_id.as_str()))
+            .collect();
+        let leased: Vec<bool> = items.iter().map(|i| i.is_leased).collect();
+        let lease_deadline: Vec<i64> = items.iter().map(|i| i.lease_deadline.0).collect();
+        let expire: Vec<i64> = items.iter().map(|i| i.expire_deadline.0).collect();
+        let enqueue_at: Vec<i64> = items.iter().map(|i| i.enqueue_at.0).collect();
+        let created: Vec<i64> = items.iter().map(|i| i.created_at.0).collect();
+        let attempts: Vec<i64> = items.iter().map(|i| i64::from(i.attempts)).collect();
+        let max_attempts: Vec<i64> = items.iter().map(|i| i64::from(i.max_attempts)).collect();
+        let reference: Vec<&str> = items.iter().map(|i| i.reference.as_str()).collect();
+        let encoding: Vec<&str> = items.iter().map(|i| i.encoding.as_str()).collect();
+        let kind: Vec<&str> = items.iter().map(|i| i.kind.as_str()).collect();
+        let payload: Vec<&[u8]> = items.iter().map(|i| i.payload.as_ref()).collect();
+        let shared = self.shared()?;
+        let conn = shared.conn().await?;
+        let stmt = prepare(&conn, &self.sql.import).await?;
+        let rows = conn
+            .query(
+                &stmt,
+                &[
+                    &source,
+                    &leased,
+                    &lease_deadline,
+                    &expire,
+                    &enqueue_at,
+                    &created,
+                    &attempts,
+                    &max_attempts,
+                    &reference,
+                    &encoding,
+                    &kind,
+                    &payload,
+                ],
+            )
+            .await
+            .map_err(pg_err)?;
+        decode_sorted(&rows)
+    }
+
+    async fn delete(&self, ids: Vec<ItemId>) -> Result<(), StorageError> {
+        let ids = distinct_ids(ids.iter());
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let shared = self.shared()?;
+        let conn = shared.conn().await?;
+        let stmt = prepare(&conn, &self.sql.delete_ids).await?;
+        conn.execute(&stmt, &[&ids]).await.map_err(pg_err)?;
+        Ok(())
+    }
+
+    async fn clear(&self, request: ClearRequest) -> Result<(), StorageError> {
+        let Some(sql) = self
+            .sql
+            .clear(request.queue, request.destructive, request.scheduled)
+        else {
+            return Ok(());
+        };
+        let shared = self.shared()?;
+        let conn = shared.conn().await?;
+        let stmt = prepare(&conn, &sql).await?;
+        conn.execute(&stmt, &[]).await.map_err(pg_err)?;
+        Ok(())
+    }
+
+    async fn close(&self) {
+        release(&self.shared);
+    }
+}

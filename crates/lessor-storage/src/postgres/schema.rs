@@ -1,0 +1,280 @@
+//! The database schema: versioned migrations of the shared tables, and the per-partition item tables.
+//!
+//! Several servers may start against one database at once, so every schema change runs inside a transaction that
+//! first takes a transaction-scoped advisory lock: `CREATE ... IF NOT EXISTS` alone is not safe under concurrency
+//! (two sessions can both pass the existence check and one then fails on a catalog unique index).
+//!
+//! - `lessor_schema(version)`: one row, the number of migrations applied. A database migrated by a newer build is
+//!   refused with [`StorageErrorKind::Corrupt`] instead of being misread.
+//! - `queues`: queue definitions ([`super::PgQueues`]).
+//! - `lessor_partitions`: which queue and partition owns each item table, so a hash collision between two queue names
+//!   is reported instead of silently mixing their items, and operators can map a table back to its queue.
+//! - `items_<12 hex digits of md5(queue)>_<partition, 6 digits>` and its id sequence: one partition's items, created
+//!   on first open (see [`partition_ddl`]).
+//!
+//! Timestamps are `BIGINT` microseconds since the Unix epoch (exactly [`lessor_core::time::Ts`]), 0 meaning unset,
+//! so values round-trip bit for bit and the partial-index predicates compare integers.
+
+use lessor_core::error::{StorageError, StorageErrorKind};
+use md5::{Digest, Md5};
+
+use super::pool::{pg_err, prepare, Shared, Tx};
+
+/// Lock key of the migrations (a single-bigint advisory lock; "lessor" in ASCII).
+const MIGRATION_LOCK: i64 = 0x6c65_7373_6f72;
+/// First key of the per-table DDL locks (two-int advisory locks, a key space apart from the single-bigint one);
+/// the second key is `hashtext(table name)`.
+const TABLE_LOCK_CLASS: i32 = 0x6c73_7372;
+
+/// The migrations, in order; `lessor_schema.version` counts how many ran. Append only: never edit a released one.
+const MIGRATIONS: &[&str] = &[
+    // 1: queue definitions and the partition table registry. Plain CREATE TABLE: a `queues` table that exists
+    // without a schema version belongs to someone else (Querator's has other columns), and must stop us loudly.
+    r#"
+    CREATE TABLE queues (
+        name TEXT COLLATE "C" PRIMARY KEY,
+        namespace TEXT NOT NULL DEFAULT '',
+        created_at BIGINT NOT NULL,
+        updated_at BIGINT NOT NULL,
+        dead_queue TEXT NOT NULL DEFAULT '',
+        reference TEXT NOT NULL DEFAULT '',
+        lease_timeout_ns BIGINT NOT NULL,
+        expire_timeout_ns BIGINT NOT NULL,
+        max_attempts BIGINT NOT NULL DEFAULT 0,
+        requested_partitions BIGINT NOT NULL DEFAULT 0,
+        partition_info JSONB NOT NULL DEFAULT '[]'::jsonb
+    );
+    CREATE TABLE lessor_partitions (
+        table_name TEXT PRIMARY KEY,
+        queue TEXT NOT NULL,
+        partition BIGINT NOT NULL,
+        created_at BIGINT NOT NULL
+    );
+    "#,
+];
+
+/// The schema version this build writes and reads.
+pub const SCHEMA_VERSION: i32 = MIGRATIONS.len() as i32;
+
+/// Runs the migrations once per pool; a failure is not remembered, so the next call tries again.
+pub(crate) async fn ensure(shared: &Shared) -> Result<(), StorageError> {
+    shared.schema.get_or_try_init(|| migrate(shared)).await.map(|_| ())
+}
+
+async fn migrate(shared: &Shared) -> Result<(), StorageError> {
+    let conn = shared.conn().await?;
+    let setup = format!(
+        "SELECT pg_advisory_xact_lock({MIGRATION_LOCK});
+         CREATE TABLE IF NOT EXISTS lessor_schema (
+             singleton BOOLEAN PRIMARY KEY DEFAULT true CHECK (singleton),
+             version INTEGER NOT NULL
+         );"
+    );
+    let tx = Tx::begin_simple(conn, &setup).await?;
+    let read = prepare(tx.conn()?, "SELECT version FROM lessor_schema").await?;
+    let (tx, rows) = tx.query(&read, &[]).await?;
+    let current: i32 = match rows.first() {
+        Some(r) => r.try_get(0).map_err(pg_err)?,
+        None => 0,
+    };
+    if current > SCHEMA_VERSION {
+        tx.rollback().await;
+        return Err(StorageError::new(
+            StorageErrorKind::Corrupt,
+            format!(
+                "postgres: the database schema is at version {current}, newer than this build's {SCHEMA_VERSION}; \
+                 upgrade lessor"
+            ),
+        ));
+    }
+    if current == SCHEMA_VERSION {
+        return tx.commit().await;
+    }
+    let mut tx = tx;
+    for (i, ddl) in MIGRATIONS.iter().enumerate().skip(usize::try_from(current).unwrap_or(0)) {
+        tracing::info!(version = i + 1, "postgres: migrating the schema");
+        tx = tx.batch(ddl).await?;
+    }
+    let write = prepare(
+        tx.conn()?,
+        "INSERT INTO lessor_schema (singleton, version) VALUES (true, $1)
+         ON CONFLICT (singleton) DO UPDATE SET version = EXCLUDED.version",
+    )
+    .await?;
+    tx.query_commit(&write, &[&SCHEMA_VERSION]).await?;
+    Ok(())
+}
+
+/// The item table of partition `partition` of `queue`: `items_<first 12 hex digits of md5(queue)>_<partition>`, the
+/// partition zero-padded to 6 digits (`hello`, 0 -> `items_5d41402abc4b_000000`). Only `[a-z0-9_]`, so the name is
+/// safe to splice into SQL unquoted.
+pub fn table_name(queue: &str, partition: u32) -> String {
+    let digest = Md5::digest(queue.as_bytes());
+    let hex: String = digest[..6].iter().map(|b| format!("{b:02x}")).collect();
+    format!("items_{hex}_{partition:06}")
+}
+
+/// DDL of one item table, its id sequence and its indexes; idempotent.
+///
+/// Columns follow Querator's layout, adapted: `id` is a `BIGINT` from the table's own sequence (started at the
+/// current time in microseconds, so a deleted and re-created queue never hands out an id an old consumer may still
+/// hold), timestamps are `BIGINT` microseconds with 0 for unset, `dead` marks items waiting for the dead-letter
+/// queue, and `payload_len` keeps stats from reading payloads.
+///
+/// Each partial index serves one state, so every hot query reads the head of one index:
+/// - `_src`: unique source ids (idempotent dead-letter moves, `ON CONFLICT`);
+/// - `_ready`: lease order (covers created_at and payload_len, for counts and stats);
+/// - `_leased`: lease expiry order;
+/// - `_sched`: schedule order (FIFO among equal times);
+/// - `_expire`: expire-deadline order of ready and leased items;
+/// - `_dead`: items waiting for transfer.
+pub(crate) fn partition_ddl(table: &str, first_id: i64) -> String {
+    format!(
+        r#"
+        CREATE SEQUENCE IF NOT EXISTS {table}_id_seq START WITH {first_id};
+        CREATE TABLE IF NOT EXISTS {table} (
+            id BIGINT PRIMARY KEY DEFAULT nextval('{table}_id_seq'),
+            source_id TEXT,
+            is_leased BOOLEAN NOT NULL DEFAULT false,
+            lease_deadline BIGINT NOT NULL DEFAULT 0,
+            expire_deadline BIGINT NOT NULL,
+            enqueue_at BIGINT NOT NULL DEFAULT 0,
+            created_at BIGINT NOT NULL,
+            attempts BIGINT NOT NULL DEFAULT 0,
+            max_attempts BIGINT NOT NULL DEFAULT 0,
+            reference TEXT NOT NULL DEFAULT '',
+            encoding TEXT NOT NULL DEFAULT '',
+            kind TEXT NOT NULL DEFAULT '',
+            payload BYTEA NOT NULL,
+            payload_len BIGINT NOT NULL DEFAULT 0,
+            dead BOOLEAN NOT NULL DEFAULT false
+        ) WITH (
+            -- Every item is inserted, updated and deleted within minutes: vacuum well before the default 20%
+            -- of dead rows, so index heads stay short.
+            autovacuum_vacuum_scale_factor = 0.02,
+            autovacuum_analyze_scale_factor = 0.05
+        );
+        ALTER SEQUENCE {table}_id_seq OWNED BY {table}.id;
+        CREATE UNIQUE INDEX IF NOT EXISTS {table}_src ON {table} (source_id) WHERE source_id IS NOT NULL;
+        CREATE INDEX IF NOT EXISTS {table}_ready ON {table} (id) INCLUDE (created_at, payload_len)
+            WHERE NOT is_leased AND enqueue_at = 0 AND NOT dead;
+        CREATE INDEX IF NOT EXISTS {table}_leased ON {table} (lease_deadline, id) INCLUDE (created_at, payload_len)
+            WHERE is_leased AND NOT dead;
+        CREATE INDEX IF NOT EXISTS {table}_sched ON {table} (enqueue_at, id) INCLUDE (payload_len)
+            WHERE enqueue_at <> 0 AND NOT dead;
+        CREATE INDEX IF NOT EXISTS {table}_expire ON {table} (expire_deadline, id)
+            WHERE enqueue_at = 0 AND NOT dead;
+        CREATE INDEX IF NOT EXISTS {table}_dead ON {table} (id) WHERE dead;
+        "#
+    )
+}
+
+fn owner_mismatch(table: &str, queue: &str, partition: u32, owner: &str, owner_part: i64) -> StorageError {
+    StorageError::new(
+        StorageErrorKind::Config,
+        format!(
+            "postgres: table {table} for queue '{queue}' partition {partition} already holds queue '{owner}' \
+             partition {owner_part} (the queue names' md5 prefixes collide; rename one queue)"
+        ),
+    )
+}
+
+/// Creates partition `partition` of `queue` unless it exists. Checks first without locking, so opening an existing
+/// partition costs one query.
+pub(crate) async fn ensure_partition(
+    shared: &Shared,
+    table: &str,
+    queue: &str,
+    partition: u32,
+    first_id: i64,
+) -> Result<(), StorageError> {
+    ensure(shared).await?;
+    let conn = shared.conn().await?;
+    let check = prepare(
+        &conn,
+        "SELECT queue, partition, to_regclass($1) IS NOT NULL
+         FROM lessor_partitions WHERE table_name = $1",
+    )
+    .await?;
+    let rows = conn.query(&check, &[&table]).await.map_err(pg_err)?;
+    if let Some(r) = rows.first() {
+        let owner: String = r.try_get(0).map_err(pg_err)?;
+        let owner_part: i64 = r.try_get(1).map_err(pg_err)?;
+        let exists: bool = r.try_get(2).map_err(pg_err)?;
+        if owner != queue || owner_part != i64::from(partition) {
+            return Err(owner_mismatch(table, queue, partition, &owner, owner_part));
+        }
+        if exists {
+            return Ok(());
+        }
+    }
+    let lock = format!("SELECT pg_advisory_xact_lock({TABLE_LOCK_CLASS}, hashtext('{table}'))");
+    let tx = Tx::begin_simple(conn, &lock).await?;
+    let owner = prepare(
+        tx.conn()?,
+        "SELECT queue, partition FROM lessor_partitions WHERE table_name = $1",
+    )
+    .await?;
+    let (tx, rows) = tx.query(&owner, &[&table]).await?;
+    if let Some(r) = rows.first() {
+        let owner: String = r.try_get(0).map_err(pg_err)?;
+        let owner_part: i64 = r.try_get(1).map_err(pg_err)?;
+        if owner != queue || owner_part != i64::from(partition) {
+            tx.rollback().await;
+            return Err(owner_mismatch(table, queue, partition, &owner, owner_part));
+        }
+    }
+    let tx = tx.batch(&partition_ddl(table, first_id)).await?;
+    let register = prepare(
+        tx.conn()?,
+        "INSERT INTO lessor_partitions (table_name, queue, partition, created_at)
+         VALUES ($1, $2, $3, $4) ON CONFLICT (table_name) DO NOTHING",
+    )
+    .await?;
+    tx.query_commit(&register, &[&table, &queue, &i64::from(partition), &first_id])
+        .await?;
+    tracing::info!(queue, partition, table, "postgres: created partition table");
+    Ok(())
+}
+
+/// Drops a partition's table and sequence. A table registered to another queue (a hash collision) is left alone.
+pub(crate) async fn drop_partition(shared: &Shared, table: &str, queue: &str, partition: u32) -> Result<(), StorageError> {
+    ensure(shared).await?;
+    let conn = shared.conn().await?;
+    let lock = format!("SELECT pg_advisory_xact_lock({TABLE_LOCK_CLASS}, hashtext('{table}'))");
+    let tx = Tx::begin_simple(conn, &lock).await?;
+    let owner = prepare(
+        tx.conn()?,
+        "SELECT queue, partition FROM lessor_partitions WHERE table_name = $1",
+    )
+    .await?;
+    let (tx, rows) = tx.query(&owner, &[&table]).await?;
+    if let Some(r) = rows.first() {
+        let owner: String = r.try_get(0).map_err(pg_err)?;
+        let owner_part: i64 = r.try_get(1).map_err(pg_err)?;
+        if owner != queue || owner_part != i64::from(partition) {
+            tx.rollback().await;
+            return Ok(());
+        }
+    }
+    let tx = tx
+        .batch(&format!(
+            "DROP TABLE IF EXISTS {table}; DROP SEQUENCE IF EXISTS {table}_id_seq;"
+        ))
+        .await?;
+    let unregister = prepare(tx.conn()?, "DELETE FROM lessor_partitions WHERE table_name = $1").await?;
+    tx.query_commit(&unregister, &[&table]).await?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn table_names_follow_the_documented_scheme() {
+        assert_eq!(table_name("hello", 0), "items_5d41402abc4b_000000");
+        assert_eq!(table_name("hello", 1), "items_5d41402abc4b_000001");
+        assert_eq!(table_name("hello", 1_234_567), "items_5d41402abc4b_1234567");
+    }
+}

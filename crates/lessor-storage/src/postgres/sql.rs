@@ -1,0 +1,354 @@
+//! The SQL text of one partition's statements, built once per opened partition.
+//!
+//! Every statement that decides which rows to touch locks them in the same statement (`FOR UPDATE`, with `SKIP
+//! LOCKED` where any due row will do), so servers sharing a table never hand out or move one item twice. Each
+//! predicate is spelled exactly like the partial index it should use (literal `0`, never a parameter), because the
+//! planner only picks a partial index whose predicate it can prove from the query's text.
+//!
+//! Moves to the tail take fresh ids from the table's sequence. `nextval` order inside one statement is not
+//! guaranteed, so the statements draw one fresh id per moved row, sort the fresh ids, and hand them out in the
+//! order the contract asks for (by ordinal, deadline or schedule time); ids therefore grow in exactly that order.
+
+/// Item columns in [`super::partition`]'s decode order.
+const COLS: &str = "t.id, t.source_id, t.is_leased, t.lease_deadline, t.expire_deadline, t.enqueue_at, t.created_at, \
+                    t.attempts, t.max_attempts, t.reference, t.encoding, t.kind, t.payload, t.dead";
+
+/// Predicates of the item states; the same text as the partial indexes of [`super::schema::partition_ddl`].
+pub(crate) const READY: &str = "NOT is_leased AND enqueue_at = 0 AND NOT dead";
+pub(crate) const LEASED: &str = "is_leased AND NOT dead";
+pub(crate) const SCHEDULED: &str = "enqueue_at <> 0 AND NOT dead";
+/// Ready or leased: what complete and retry may name, and what `expire_deadline` applies to.
+pub(crate) const LIVE: &str = "enqueue_at = 0 AND NOT dead";
+
+/// Action codes of the retry statement.
+pub(crate) const RETRY_REQUEUE: i32 = 0;
+pub(crate) const RETRY_SCHEDULE: i32 = 1;
+pub(crate) const RETRY_KEEP_DEAD: i32 = 2;
+pub(crate) const RETRY_DELETE: i32 = 3;
+
+/// One partition's statements.
+#[derive(Debug)]
+pub(crate) struct Sql {
+    pub produce: String,
+    pub source_ids: String,
+    pub lease: String,
+    pub complete_all: String,
+    pub lock_live: String,
+    pub delete_ids: String,
+    pub retry_apply: String,
+    pub expire_leases: String,
+    pub enqueue_due: String,
+    pub expire_items: String,
+    pub dead_items: String,
+    pub remove_dead: String,
+    pub next_deadline: String,
+    pub counts: String,
+    pub stats: String,
+    pub list_live: String,
+    pub list_scheduled: String,
+    pub import: String,
+    table: String,
+}
+
+/// CTEs `fresh` and `ids(id, rn)`: one fresh id per row of `source` (a CTE with an `rn` column numbering its rows
+/// in the wanted order), numbered in increasing id order, so joining on `rn` gives the n-th row the n-th id.
+fn fresh_ids(table: &str, source: &str) -> String {
+    format!(
+        "fresh AS MATERIALIZED (SELECT nextval('{table}_id_seq') AS id FROM {source}),
+         ids AS (SELECT id, row_number() OVER (ORDER BY id) AS rn FROM fresh)"
+    )
+}
+
+/// A data-modifying CTE `name` that moves the rows of `source` (columns `id`, `rn`) to the tail: new id, ready.
+fn move_to_tail(table: &str, name: &str, source: &str) -> String {
+    format!(
+        "{name} AS (
+            UPDATE {table} AS t SET id = ids.id, is_leased = false, lease_deadline = 0, enqueue_at = 0
+            FROM {source} JOIN ids ON ids.rn = {source}.rn
+            WHERE t.id = {source}.id
+            RETURNING 1)"
+    )
+}
+
+/// Data-modifying CTEs `kept` and `deleted` that kill the rows of `source` (column `id`): kept for the dead-letter
+/// queue when `keep` (an SQL boolean) holds, deleted otherwise.
+fn kill(table: &str, source: &str, keep: &str) -> String {
+    format!(
+        "kept AS (
+            UPDATE {table} AS t SET dead = true, is_leased = false, lease_deadline = 0
+            FROM {source} WHERE {keep} AND t.id = {source}.id RETURNING 1),
+         deleted AS (
+            DELETE FROM {table} AS t USING {source} WHERE NOT {keep} AND t.id = {source}.id RETURNING 1)"
+    )
+}
+
+impl Sql {
+    pub(crate) fn new(t: &str) -> Sql {
+        Sql {
+            // $1..$8: arrays of the new items' fields. Returns (ordinal, id) per input row; id is the fresh id, or
+            // for a row skipped on a duplicate source id the id already stored (NULL when that row is not visible
+            // yet: inserted concurrently by another server).
+            produce: format!(
+                "WITH b AS (
+                    SELECT * FROM unnest($1::text[], $2::int8[], $3::int8[], $4::int8[], $5::text[], $6::text[],
+                                         $7::text[], $8::bytea[])
+                    WITH ORDINALITY AS u(source_id, enqueue_at, expire_deadline, created_at, reference, encoding,
+                                         kind, payload, rn)),
+                 {fresh},
+                 ins AS (
+                    INSERT INTO {t} AS t (id, source_id, enqueue_at, expire_deadline, created_at, reference,
+                                          encoding, kind, payload, payload_len)
+                    SELECT ids.id, b.source_id, b.enqueue_at, b.expire_deadline, b.created_at, b.reference,
+                           b.encoding, b.kind, b.payload, octet_length(b.payload)
+                    FROM b JOIN ids ON ids.rn = b.rn
+                    ON CONFLICT (source_id) WHERE source_id IS NOT NULL DO NOTHING
+                    RETURNING t.id)
+                 SELECT b.rn, COALESCE(ins.id, (SELECT e.id FROM {t} e WHERE e.source_id = b.source_id))
+                 FROM b JOIN ids ON ids.rn = b.rn LEFT JOIN ins ON ins.id = ids.id",
+                fresh = fresh_ids(t, "b"),
+            ),
+            source_ids: format!("SELECT source_id, id FROM {t} WHERE source_id = ANY($1::text[])"),
+            // $1 limit, $2 lease deadline.
+            lease: format!(
+                "WITH c AS MATERIALIZED (
+                    SELECT id FROM {t} WHERE {READY} ORDER BY id LIMIT $1::int8 FOR UPDATE SKIP LOCKED)
+                 UPDATE {t} AS t SET is_leased = true, lease_deadline = $2::int8, attempts = t.attempts + 1
+                 FROM c WHERE t.id = c.id
+                 RETURNING {COLS}"
+            ),
+            // $1 ids (distinct). Deletes them all when every one is live and leased, otherwise nothing; returns
+            // how many it deleted. Locks in id order, like every blocking lock here, so two callers cannot
+            // deadlock.
+            complete_all: format!(
+                "WITH c AS MATERIALIZED (
+                    SELECT id, is_leased FROM {t} WHERE id = ANY($1::int8[]) AND {LIVE} ORDER BY id FOR UPDATE),
+                 ok AS (SELECT count(*) = cardinality($1::int8[]) AND bool_and(is_leased) IS TRUE AS ok FROM c),
+                 d AS (DELETE FROM {t} AS t USING c WHERE t.id = c.id AND (SELECT ok FROM ok) RETURNING 1)
+                 SELECT count(*) FROM d"
+            ),
+            // $1 ids. Locks the live ones (waiting for a concurrent move to finish: a moved row then no longer
+            // matches and reads as missing).
+            lock_live: format!(
+                "SELECT id, is_leased, attempts FROM {t} WHERE id = ANY($1::int8[]) AND {LIVE}
+                 ORDER BY id FOR UPDATE"
+            ),
+            delete_ids: format!("DELETE FROM {t} WHERE id = ANY($1::int8[])"),
+            // $1 ids, $2 action codes, $3 schedule times, in request order; every row already locked.
+            retry_apply: format!(
+                "WITH op AS (
+                    SELECT * FROM unnest($1::int8[], $2::int4[], $3::int8[]) WITH ORDINALITY AS u(id, action, at, ord)),
+                 rq AS MATERIALIZED (
+                    SELECT id, row_number() OVER (ORDER BY ord) AS rn FROM op WHERE action = {RETRY_REQUEUE}),
+                 {fresh},
+                 {requeued},
+                 scheduled AS (
+                    UPDATE {t} AS t SET is_leased = false, lease_deadline = 0, enqueue_at = op.at
+                    FROM op WHERE op.action = {RETRY_SCHEDULE} AND t.id = op.id RETURNING 1),
+                 dying AS MATERIALIZED (
+                    SELECT id, action = {RETRY_KEEP_DEAD} AS keep FROM op
+                    WHERE action IN ({RETRY_KEEP_DEAD}, {RETRY_DELETE})),
+                 {kill}
+                 SELECT (SELECT count(*) FROM requeued), (SELECT count(*) FROM scheduled),
+                        (SELECT count(*) FROM kept) + (SELECT count(*) FROM deleted)",
+                fresh = fresh_ids(t, "rq"),
+                requeued = move_to_tail(t, "requeued", "rq"),
+                kill = kill(t, "dying", "dying.keep"),
+            ),
+            // $1 now, $2 limit, $3 max attempts (0 = unlimited), $4 keep dead items. Expired leases go to the
+            // tail in (deadline, id) order, or die when their attempts are used up.
+            expire_leases: format!(
+                "WITH due AS MATERIALIZED (
+                    SELECT id, attempts, lease_deadline FROM {t} WHERE {LEASED} AND lease_deadline <= $1::int8
+                    ORDER BY lease_deadline, id LIMIT $2::int8 FOR UPDATE SKIP LOCKED),
+                 rq AS MATERIALIZED (
+                    SELECT id, row_number() OVER (ORDER BY lease_deadline, id) AS rn FROM due
+                    WHERE $3::int8 = 0 OR attempts < $3::int8),
+                 dying AS MATERIALIZED (SELECT id FROM due WHERE $3::int8 <> 0 AND attempts >= $3::int8),
+                 {fresh},
+                 {requeued},
+                 {kill}
+                 SELECT (SELECT count(*) FROM requeued), (SELECT count(*) FROM kept) + (SELECT count(*) FROM deleted)",
+                fresh = fresh_ids(t, "rq"),
+                requeued = move_to_tail(t, "requeued", "rq"),
+                kill = kill(t, "dying", "$4::bool"),
+            ),
+            // $1 now, $2 limit. Due scheduled items join the tail in (enqueue_at, id) order.
+            enqueue_due: format!(
+                "WITH due AS MATERIALIZED (
+                    SELECT id, enqueue_at FROM {t} WHERE {SCHEDULED} AND enqueue_at <= $1::int8
+                    ORDER BY enqueue_at, id LIMIT $2::int8 FOR UPDATE SKIP LOCKED),
+                 rq AS MATERIALIZED (SELECT id, row_number() OVER (ORDER BY enqueue_at, id) AS rn FROM due),
+                 {fresh},
+                 {moved}
+                 SELECT count(*) FROM moved",
+                fresh = fresh_ids(t, "rq"),
+                moved = move_to_tail(t, "moved", "rq"),
+            ),
+            // $1 now, $2 limit, $3 keep dead items. Live items past their expire deadline die.
+            expire_items: format!(
+                "WITH due AS MATERIALIZED (
+                    SELECT id FROM {t} WHERE {LIVE} AND expire_deadline <= $1::int8
+                    ORDER BY expire_deadline, id LIMIT $2::int8 FOR UPDATE SKIP LOCKED),
+                 {kill}
+                 SELECT (SELECT count(*) FROM kept) + (SELECT count(*) FROM deleted)",
+                kill = kill(t, "due", "$3::bool"),
+            ),
+            dead_items: format!("SELECT {COLS} FROM {t} AS t WHERE dead ORDER BY id LIMIT $1::int8"),
+            remove_dead: format!("DELETE FROM {t} WHERE id = ANY($1::int8[]) AND dead"),
+            // Each MIN reads the head of its partial index.
+            next_deadline: format!(
+                "SELECT EXISTS (SELECT 1 FROM {t} WHERE dead),
+                        (SELECT min(lease_deadline) FROM {t} WHERE {LEASED}),
+                        (SELECT min(enqueue_at) FROM {t} WHERE {SCHEDULED}),
+                        (SELECT min(expire_deadline) FROM {t} WHERE {LIVE})"
+            ),
+            counts: format!(
+                "SELECT (SELECT count(*) FROM {t} WHERE {READY}),
+                        (SELECT count(*) FROM {t} WHERE {LEASED}),
+                        (SELECT count(*) FROM {t} WHERE {SCHEDULED})"
+            ),
+            // Sums over the covering partial indexes (created_at, lease_deadline and payload_len are in them), so
+            // no payload is read; the means are exact integer divisions, truncated like the memory backend's.
+            stats: format!(
+                "WITH r AS (SELECT count(*) AS n, sum(created_at) AS created, sum(payload_len) AS bytes
+                            FROM {t} WHERE {READY}),
+                      l AS (SELECT count(*) AS n, sum(created_at) AS created, sum(lease_deadline) AS deadline,
+                                   sum(payload_len) AS bytes
+                            FROM {t} WHERE {LEASED}),
+                      s AS (SELECT count(*) AS n, sum(payload_len) AS bytes FROM {t} WHERE {SCHEDULED})
+                 SELECT r.n, l.n, s.n,
+                        CASE WHEN r.n + l.n > 0
+                             THEN div(coalesce(r.created, 0) + coalesce(l.created, 0), r.n + l.n)::int8 END,
+                        CASE WHEN l.n > 0 THEN div(l.deadline, l.n)::int8 END,
+                        (coalesce(r.bytes, 0) + coalesce(l.bytes, 0) + coalesce(s.bytes, 0))::int8
+                 FROM r, l, s"
+            ),
+            list_live: format!(
+                "SELECT {COLS} FROM {t} AS t WHERE id >= $1::int8 AND {LIVE} ORDER BY id LIMIT $2::int8"
+            ),
+            list_scheduled: format!(
+                "SELECT {COLS} FROM {t} AS t WHERE id >= $1::int8 AND {SCHEDULED} ORDER BY id LIMIT $2::int8"
+            ),
+            // $1..$12: arrays of the imported items' fields; returns the rows stored.
+            import: format!(
+                "WITH b AS (
+                    SELECT * FROM unnest($1::text[], $2::bool[], $3::int8[], $4::int8[], $5::int8[], $6::int8[],
+                                         $7::int8[], $8::int8[], $9::text[], $10::text[], $11::text[], $12::bytea[])
+                    WITH ORDINALITY AS u(source_id, is_leased, lease_deadline, expire_deadline, enqueue_at,
+                                         created_at, attempts, max_attempts, reference, encoding, kind, payload, rn)),
+                 {fresh}
+                 INSERT INTO {t} AS t (id, source_id, is_leased, lease_deadline, expire_deadline, enqueue_at,
+                                       created_at, attempts, max_attempts, reference, encoding, kind, payload,
+                                       payload_len)
+                 SELECT ids.id, b.source_id, b.is_leased, b.lease_deadline, b.expire_deadline, b.enqueue_at,
+                        b.created_at, b.attempts, b.max_attempts, b.reference, b.encoding, b.kind, b.payload,
+                        octet_length(b.payload)
+                 FROM b JOIN ids ON ids.rn = b.rn
+                 ON CONFLICT (source_id) WHERE source_id IS NOT NULL DO NOTHING
+                 RETURNING {COLS}",
+                fresh = fresh_ids(t, "b"),
+            ),
+            table: t.to_string(),
+        }
+    }
+
+    /// The DELETE of a clear request (four variants, each prepared on first use); `None` when it removes nothing.
+    pub(crate) fn clear(&self, queue: bool, destructive: bool, scheduled: bool) -> Option<String> {
+        let mut conds = Vec::new();
+        if queue {
+            conds.push(if destructive { LIVE } else { READY });
+        }
+        if scheduled {
+            conds.push(SCHEDULED);
+        }
+        if conds.is_empty() {
+            return None;
+        }
+        let cond = conds
+            .iter()
+            .map(|c| format!("({c})"))
+            .collect::<Vec<_>>()
+            .join(" OR ");
+        Some(format!("DELETE FROM {} WHERE {cond}", self.table))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    use crate::postgres::{PgConfig, PgStore};
+    use lessor_core::storage::PartitionStore;
+
+    /// Each hot statement reads the head of an index, never the whole table: checked on the generic plans
+    /// (what a cached prepared statement runs) over a table with items in every state. Needs
+    /// `LESSOR_TEST_DATABASE_URL`; skipped without it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn hot_statements_use_their_indexes() {
+        let Ok(url) = std::env::var("LESSOR_TEST_DATABASE_URL") else {
+            eprintln!("skipped: LESSOR_TEST_DATABASE_URL is not set");
+            return;
+        };
+        let queue = crate::testsuite::unique_queue("pg-plans");
+        let store = PgStore::new(&PgConfig::new(format!("{url}?application_name=plans"))).expect("store");
+        store.open(&queue, 0).await.expect("open");
+        let t = crate::postgres::table_name(&queue, 0);
+        let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.expect("connect");
+        tokio::spawn(conn);
+        // 100k items: mostly ready, some leased, scheduled and dead, with kilobyte payloads.
+        client
+            .batch_execute(&format!(
+                "INSERT INTO {t} (id, is_leased, lease_deadline, expire_deadline, enqueue_at, created_at, payload,
+                                  payload_len, dead)
+                 SELECT g, g % 10 = 1, CASE WHEN g % 10 = 1 THEN g ELSE 0 END, g + 1000000,
+                        CASE WHEN g % 10 = 2 THEN g + 500 ELSE 0 END, g, convert_to(repeat('x', 1000), 'UTF8'),
+                        1000, g % 50 = 3
+                 FROM generate_series(1, 100000) g;
+                 VACUUM ANALYZE {t};"
+            ))
+            .await
+            .expect("fill");
+        let s = Sql::new(&t);
+        let cases: Vec<(&str, &str, &str)> = vec![
+            ("lease", &s.lease, "(100, 5)"),
+            ("complete_all", &s.complete_all, "('{1,11,21}')"),
+            ("lock_live", &s.lock_live, "('{1,11,21}')"),
+            ("delete_ids", &s.delete_ids, "('{1,11,21}')"),
+            ("retry_apply", &s.retry_apply, "('{1,11}', '{0,1}', '{0,5}')"),
+            ("expire_leases", &s.expire_leases, "(500, 100, 3, true)"),
+            ("enqueue_due", &s.enqueue_due, "(500, 100)"),
+            ("expire_items", &s.expire_items, "(1000500, 100, true)"),
+            ("dead_items", &s.dead_items, "(100)"),
+            ("remove_dead", &s.remove_dead, "('{3,53}')"),
+            ("next_deadline", &s.next_deadline, ""),
+            ("list_live", &s.list_live, "(5000, 100)"),
+            ("list_scheduled", &s.list_scheduled, "(5000, 100)"),
+            ("counts", &s.counts, ""),
+            ("stats", &s.stats, ""),
+        ];
+        client
+            .batch_execute("SET plan_cache_mode = force_generic_plan")
+            .await
+            .expect("set");
+        for (name, sql, args) in cases {
+            client
+                .batch_execute(&format!("PREPARE plan_{name} AS {sql}"))
+                .await
+                .unwrap_or_else(|e| panic!("{name}: {e:?}"));
+            let plan: Vec<String> = client
+                .simple_query(&format!("EXPLAIN EXECUTE plan_{name} {args}"))
+                .await
+                .expect("explain")
+                .into_iter()
+                .filter_map(|m| match m {
+                    tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_string),
+                    _ => None,
+                })
+                .collect();
+            let plan = plan.join("\n");
+            eprintln!("--- {name}\n{plan}");
+            assert!(!plan.contains(&format!("Seq Scan on {t}")), "{name} scans the table:\n{plan}");
+        }
+        store.destroy(&queue, 0).await.expect("destroy");
+    }
+}

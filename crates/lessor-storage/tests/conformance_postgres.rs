@@ -1,0 +1,38 @@
+//! The storage conformance suite against PostgreSQL.
+//!
+//! Needs a database: `eval "$(scripts/pg-test-cluster.sh start)"` sets `LESSOR_TEST_DATABASE_URL`. Without it every
+//! case is skipped (and says so). Cases share the database; each uses its own queue names.
+#![cfg(feature = "postgres")]
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use lessor_storage::postgres::{PgConfig, PgQueues, PgStore};
+use lessor_storage::testsuite::TestBackend;
+
+/// The test database's URL with a per-call `application_name`.
+///
+/// Every `#[tokio::test]` runs its own runtime, and a pooled connection lives on the runtime that opened it, so
+/// cases must not share a pool: stores share pools by connection string, and the distinct name keeps them apart.
+fn unique_url(base: &str) -> String {
+    static N: AtomicU64 = AtomicU64::new(0);
+    let name = format!("lessor-test-{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed));
+    if base.contains("://") {
+        let sep = if base.contains('?') { '&' } else { '?' };
+        format!("{base}{sep}application_name={name}")
+    } else {
+        format!("{base} application_name={name}")
+    }
+}
+
+async fn pg_backend() -> Option<TestBackend> {
+    let url = std::env::var("LESSOR_TEST_DATABASE_URL").ok()?;
+    let cfg = PgConfig::new(unique_url(&url)).with_max_conns(4);
+    Some(TestBackend {
+        partitions: Arc::new(PgStore::new(&cfg).expect("postgres partition store")),
+        queues: Arc::new(PgQueues::new(&cfg).expect("postgres queue store")),
+        guard: Box::new(()),
+    })
+}
+
+lessor_storage::conformance_tests!(pg_backend);

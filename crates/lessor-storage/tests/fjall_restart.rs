@@ -1,0 +1,376 @@
+//! Restart, exclusive use and format checks of the fjall backend: what is on disk comes back whole, a torn journal
+//! tail never stops start-up, and a directory that is in use or in an unknown format is refused clearly.
+#![cfg(feature = "fjall")]
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use bytes::Bytes;
+use lessor_core::error::StorageErrorKind;
+use lessor_core::storage::{LifecyclePolicy, Partition, PartitionStore, QueuesStore, RetryAction, RetryOp};
+use lessor_core::time::Ts;
+use lessor_core::types::{Item, NewItem, PartitionInfo, QueueInfo};
+use lessor_storage::fjall::{Durability, FjallQueues, FjallStore, FORMAT_VERSION, PARTITIONS_DIR, QUEUES_DIR};
+
+const T0: Ts = Ts(1_800_000_000_000_000);
+const SEC: Duration = Duration::from_secs(1);
+const DLQ: LifecyclePolicy = LifecyclePolicy {
+    max_attempts: 2,
+    has_dead_queue: true,
+};
+
+fn item(payload: &str) -> NewItem {
+    NewItem {
+        expire_deadline: T0.add(SEC * 3600),
+        created_at: T0,
+        reference: format!("ref-{payload}"),
+        encoding: "text/plain".into(),
+        kind: "test".into(),
+        payload: Bytes::from(payload.to_string()),
+        ..Default::default()
+    }
+}
+
+fn queue(name: &str) -> QueueInfo {
+    QueueInfo {
+        name: name.into(),
+        namespace: "_system".into(),
+        created_at: T0,
+        updated_at: T0,
+        dead_queue: format!("{name}-dlq"),
+        lease_timeout: SEC * 60,
+        expire_timeout: SEC * 3600,
+        max_attempts: 2,
+        requested_partitions: 1,
+        partitions: vec![PartitionInfo {
+            partition: 0,
+            storage_name: "fjall-01".into(),
+            read_only: false,
+        }],
+        ..Default::default()
+    }
+}
+
+/// Everything a partition can tell about its items.
+#[derive(Debug, PartialEq)]
+struct Snapshot {
+    live: Vec<Item>,
+    scheduled: Vec<Item>,
+    dead: Vec<Item>,
+    next_deadline: Option<Ts>,
+}
+
+async fn snapshot(p: &dyn Partition) -> Snapshot {
+    Snapshot {
+        live: p.list(None, 1000, false).await.expect("list"),
+        scheduled: p.list(None, 1000, true).await.expect("list scheduled"),
+        dead: p.dead_items(1000).await.expect("dead items"),
+        next_deadline: p.next_deadline().await.expect("deadline"),
+    }
+}
+
+fn open_both(dir: &Path) -> (FjallStore, FjallQueues) {
+    (
+        FjallStore::open(dir, Durability::Sync).expect("open partition store"),
+        FjallQueues::open(dir, Durability::Sync).expect("open queue store"),
+    )
+}
+
+#[tokio::test]
+async fn restart_keeps_queues_items_leases_schedules_and_dead_items() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (store, queues) = open_both(dir.path());
+    queues.add(&queue("orders")).await.expect("add queue");
+    let p = store.open("orders", 0).await.expect("open");
+    let mut batch: Vec<NewItem> = (0..6).map(|i| item(&format!("p{i}"))).collect();
+    batch[5].enqueue_at = T0.add(SEC * 30);
+    let ids = p.produce(batch).await.expect("produce");
+    // p0, p1 leased until T0+10s.
+    let leased = p.lease(2, T0.add(SEC * 10)).await.expect("lease");
+    assert_eq!(leased.len(), 2);
+    // p2 given up on: dead, waiting for transfer to the dead-letter queue.
+    let l = p.lease(1, T0.add(SEC * 10)).await.expect("lease");
+    p.retry(
+        vec![vec![RetryOp {
+            id: l[0].id,
+            action: RetryAction::Dead,
+        }]],
+        DLQ,
+    )
+    .await
+    .expect("retry dead");
+    // p3 retried into the schedule.
+    let l = p.lease(1, T0.add(SEC * 10)).await.expect("lease");
+    p.retry(
+        vec![vec![RetryOp {
+            id: l[0].id,
+            action: RetryAction::Schedule(T0.add(SEC * 20)),
+        }]],
+        DLQ,
+    )
+    .await
+    .expect("retry");
+    // p4's lease expires: back in the queue with one attempt used.
+    p.lease(1, T0.add(SEC)).await.expect("lease");
+    let o = p.lifecycle(T0.add(SEC), DLQ, 10).await.expect("lifecycle");
+    assert_eq!(o.lease_expired, 1);
+    p.complete(vec![vec![leased[1].id]]).await.expect("complete");
+    let before = snapshot(p.as_ref()).await;
+    assert_eq!(before.dead.len(), 1);
+    assert_eq!(before.scheduled.len(), 2);
+    assert_eq!(before.live.len(), 2, "p0 leased, p4 ready again");
+    assert_eq!(before.live[1].attempts, 1);
+    let stats_before = p.stats(T0.add(SEC * 5)).await.expect("stats");
+    p.close().await;
+    drop(p);
+    store.close().await;
+    queues.close().await;
+    drop((store, queues));
+
+    let (store, queues) = open_both(dir.path());
+    assert_eq!(queues.get("orders").await.expect("get"), Some(queue("orders")));
+    let p = store.open("orders", 0).await.expect("reopen");
+    let after = snapshot(p.as_ref()).await;
+    assert_eq!(after, before, "items, leases with deadlines and attempts, schedule and dead items");
+    assert_eq!(p.stats(T0.add(SEC * 5)).await.expect("stats"), stats_before);
+    // The lease survives with its deadline: it expires on time and the item returns with a new, larger id.
+    let o = p.lifecycle(T0.add(SEC * 10), DLQ, 10).await.expect("lifecycle");
+    assert_eq!(o.lease_expired, 1);
+    // Scheduled items still fire on time.
+    let o = p.lifecycle(T0.add(SEC * 30), DLQ, 10).await.expect("lifecycle");
+    assert_eq!(o.enqueued, 2);
+    let more = p.produce(vec![item("new")]).await.expect("produce");
+    let highest = ids.iter().chain(before.live.iter().map(|i| &i.id)).max().copied();
+    assert!(Some(more[0]) > highest, "ids keep growing across restarts");
+    // The dead item is transferred once: removed, it stays removed.
+    let dead = p.dead_items(10).await.expect("dead");
+    p.remove_dead(dead.iter().map(|i| i.id).collect())
+        .await
+        .expect("remove dead");
+    store.close().await;
+    queues.close().await;
+    drop((p, store, queues));
+    let (store, _queues) = open_both(dir.path());
+    let p = store.open("orders", 0).await.expect("reopen");
+    assert!(p.dead_items(10).await.expect("dead").is_empty());
+}
+
+#[tokio::test]
+async fn restart_keeps_acknowledged_writes_in_every_durability_mode() {
+    for durability in [
+        Durability::Sync,
+        Durability::Interval(Duration::from_millis(5)),
+        Durability::None,
+    ] {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = FjallStore::open(dir.path(), durability).expect("open");
+        let p = store.open("q", 1).await.expect("open");
+        for i in 0..20 {
+            p.produce(vec![item(&format!("p{i}"))]).await.expect("produce");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        // No close: dropping is what a crashed process does to its handles (the OS keeps what was written).
+        drop(p);
+        drop(store);
+        let store = reopen_when_unlocked(dir.path(), durability).await;
+        let p = store.open("q", 1).await.expect("open");
+        assert_eq!(p.counts().await.expect("counts").ready, 20, "{durability}");
+    }
+}
+
+/// Opens the store once the previous instance's threads have let go of the lock.
+async fn reopen_when_unlocked(dir: &Path, durability: Durability) -> FjallStore {
+    for _ in 0..50 {
+        match FjallStore::open(dir, durability) {
+            Ok(s) => return s,
+            Err(e) if e.kind == StorageErrorKind::Locked => tokio::time::sleep(Duration::from_millis(100)).await,
+            Err(e) => panic!("reopen: {e}"),
+        }
+    }
+    panic!("the store stayed locked after its handles were dropped");
+}
+
+/// The newest journal file of the partition store in `dir`.
+fn newest_journal(dir: &Path) -> PathBuf {
+    let mut found: Vec<(u64, PathBuf)> = Vec::new();
+    let mut stack = vec![dir.join(PARTITIONS_DIR)];
+    while let Some(d) = stack.pop() {
+        for e in fs::read_dir(&d).expect("read dir") {
+            let path = e.expect("entry").path();
+            if path.is_dir() {
+                stack.push(path);
+            } else if let Some(n) = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .and_then(|n| n.strip_suffix(".jnl"))
+                .and_then(|n| n.parse().ok())
+            {
+                found.push((n, path));
+            }
+        }
+    }
+    found.into_iter().max().expect("a journal file").1
+}
+
+/// Length of a journal without its zero-filled preallocated tail.
+fn written_len(bytes: &[u8]) -> usize {
+    bytes.iter().rposition(|b| *b != 0).map_or(0, |i| i + 1)
+}
+
+async fn produce_and_close(dir: &Path, n: usize) {
+    let store = FjallStore::open(dir, Durability::Sync).expect("open");
+    let p = store.open("torn", 0).await.expect("open");
+    for i in 0..n {
+        p.produce(vec![item(&format!("p{i}"))]).await.expect("produce");
+    }
+    p.close().await;
+    store.close().await;
+}
+
+#[tokio::test]
+async fn garbage_after_the_journal_tail_never_prevents_start_up() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    produce_and_close(dir.path(), 10).await;
+    let jnl = newest_journal(dir.path());
+    let mut bytes = fs::read(&jnl).expect("read journal");
+    let end = written_len(&bytes);
+    assert!(end > 0, "the journal holds the batches");
+    let garbage: Vec<u8> = (0..4096u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8 | 1).collect();
+    bytes.truncate(end);
+    bytes.extend_from_slice(&garbage);
+    fs::write(&jnl, &bytes).expect("write journal");
+
+    let store = FjallStore::open(dir.path(), Durability::Sync).expect("start-up despite garbage");
+    let p = store.open("torn", 0).await.expect("open");
+    assert_eq!(p.counts().await.expect("counts").ready, 10, "every acknowledged item is there");
+    p.produce(vec![item("after")]).await.expect("writes work after recovery");
+    p.close().await;
+    store.close().await;
+    let store = FjallStore::open(dir.path(), Durability::Sync).expect("reopen");
+    let p = store.open("torn", 0).await.expect("open");
+    assert_eq!(p.counts().await.expect("counts").ready, 11);
+}
+
+#[tokio::test]
+async fn a_torn_last_batch_never_prevents_start_up() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    produce_and_close(dir.path(), 10).await;
+    let jnl = newest_journal(dir.path());
+    let bytes = fs::read(&jnl).expect("read journal");
+    let end = written_len(&bytes);
+    // Cut the file inside its last batch, as a crash in the middle of an append leaves it.
+    fs::write(&jnl, &bytes[..end - 7]).expect("truncate journal");
+
+    let store = FjallStore::open(dir.path(), Durability::Sync).expect("start-up despite a torn tail");
+    let p = store.open("torn", 0).await.expect("open");
+    let n = p.counts().await.expect("counts").ready;
+    assert_eq!(n, 9, "only the torn batch is missing");
+    let listed = p.list(None, 100, false).await.expect("list");
+    for (i, it) in listed.iter().enumerate() {
+        assert_eq!(it.payload, Bytes::from(format!("p{i}")), "earlier batches intact");
+    }
+    p.produce(vec![item("after")]).await.expect("writes work after recovery");
+}
+
+#[tokio::test]
+async fn a_second_open_of_the_same_storage_dir_fails_with_locked() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (store, queues) = open_both(dir.path());
+    let e = FjallStore::open(dir.path(), Durability::Sync).expect_err("partition store in use");
+    assert_eq!(e.kind, StorageErrorKind::Locked);
+    assert!(e.message.contains(&dir.path().display().to_string()), "names the dir: {}", e.message);
+    let e = FjallQueues::open(dir.path(), Durability::Sync).expect_err("queue store in use");
+    assert_eq!(e.kind, StorageErrorKind::Locked);
+    assert!(e.message.contains("another process"), "{}", e.message);
+    store.close().await;
+    queues.close().await;
+    // Closing releases the lock.
+    let _again = open_both(dir.path());
+}
+
+#[tokio::test]
+async fn unknown_format_versions_and_foreign_directories_are_refused() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (store, queues) = open_both(dir.path());
+    store.close().await;
+    queues.close().await;
+    drop((store, queues));
+    let marker = dir.path().join(PARTITIONS_DIR).join("LESSOR-FORMAT");
+    let text = fs::read_to_string(&marker).expect("marker");
+    assert_eq!(text.trim(), format!("lessor-fjall partitions {FORMAT_VERSION}"));
+    fs::write(&marker, "lessor-fjall partitions 99\n").expect("write marker");
+    let e = FjallStore::open(dir.path(), Durability::Sync).expect_err("future version");
+    assert_eq!(e.kind, StorageErrorKind::Corrupt);
+    assert!(e.message.contains("version 99"), "{}", e.message);
+
+    // The queue store's directory is not a partition store.
+    let e = FjallStore::open(dir.path().join(QUEUES_DIR).parent().expect("parent"), Durability::Sync);
+    assert!(e.is_err());
+    let q_marker = dir.path().join(QUEUES_DIR).join("LESSOR-FORMAT");
+    fs::copy(&q_marker, &marker).expect("copy marker");
+    let e = FjallStore::open(dir.path(), Durability::Sync).expect_err("wrong kind");
+    assert_eq!(e.kind, StorageErrorKind::Corrupt);
+    assert!(e.message.contains("queues store"), "{}", e.message);
+
+    // Data without a marker is not ours.
+    let foreign = tempfile::tempdir().expect("temp dir");
+    fs::create_dir_all(foreign.path().join(PARTITIONS_DIR)).expect("mkdir");
+    fs::write(foreign.path().join(PARTITIONS_DIR).join("000001.sst"), b"x").expect("write");
+    let e = FjallStore::open(foreign.path(), Durability::Sync).expect_err("foreign");
+    assert_eq!(e.kind, StorageErrorKind::Corrupt);
+    assert!(e.message.contains("LESSOR-FORMAT"), "{}", e.message);
+}
+
+#[tokio::test]
+async fn destroy_removes_the_data_for_good() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = FjallStore::open(dir.path(), Durability::Sync).expect("open");
+    let p = store.open("gone", 2).await.expect("open");
+    p.produce(vec![item("a"), item("b")]).await.expect("produce");
+    let keep = store.open("kept", 2).await.expect("open");
+    keep.produce(vec![item("c")]).await.expect("produce");
+    store.destroy("gone", 2).await.expect("destroy");
+    store.destroy("never-existed", 0).await.expect("destroy missing");
+    assert!(p.counts().await.is_err(), "a destroyed partition's handle is closed");
+    store.close().await;
+    drop((p, keep, store));
+    let store = FjallStore::open(dir.path(), Durability::Sync).expect("reopen");
+    let p = store.open("gone", 2).await.expect("open");
+    assert_eq!(p.counts().await.expect("counts").ready, 0);
+    let keep = store.open("kept", 2).await.expect("open");
+    assert_eq!(keep.counts().await.expect("counts").ready, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_writes_to_many_partitions_share_fsyncs() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = std::sync::Arc::new(FjallStore::open(dir.path(), Durability::Sync).expect("open"));
+    let mut parts = Vec::new();
+    for i in 0..32 {
+        parts.push(store.open("group", i).await.expect("open"));
+    }
+    let before = store.fsyncs();
+    let rounds = 20;
+    let tasks: Vec<_> = parts
+        .iter()
+        .cloned()
+        .map(|p| {
+            tokio::spawn(async move {
+                for r in 0..rounds {
+                    p.produce(vec![item(&format!("r{r}"))]).await.expect("produce");
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.expect("task");
+    }
+    let writes = parts.len() as u64 * rounds;
+    let fsyncs = store.fsyncs() - before;
+    assert!(fsyncs < writes, "{writes} writes took {fsyncs} fsyncs: no group commit");
+    eprintln!("{writes} acknowledged writes from 32 partitions shared {fsyncs} fsyncs");
+    for p in &parts {
+        assert_eq!(p.counts().await.expect("counts").ready, rounds);
+    }
+}
