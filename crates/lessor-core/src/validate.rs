@@ -75,7 +75,9 @@ pub fn request_timeout(
 }
 
 fn fmt_secs(d: Duration) -> String {
-    if d.as_millis() < 1000 {
+    if d < Duration::from_millis(1) {
+        format!("{d:?}")
+    } else if d.as_millis() < 1000 {
         format!("{}ms", d.as_millis())
     } else if d.subsec_millis() == 0 {
         format!("{}s", d.as_secs())

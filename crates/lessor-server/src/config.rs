@@ -447,9 +447,17 @@ mod backends {
 
     #[cfg(feature = "fjall")]
     fn fjall_args(s: &StoreSection) -> Result<(String, lessor_storage::fjall::Durability), String> {
-        let dir = s.config.storage_dir.clone().unwrap_or_else(|| DEFAULT_DATA_DIR.to_string());
+        let dir = s
+            .config
+            .storage_dir
+            .clone()
+            .unwrap_or_else(|| DEFAULT_DATA_DIR.to_string());
         let interval = match &s.config.sync_interval {
-            Some(i) => Some(parse_go_duration(i).map_err(|e| format!("sync-interval: {e}"))?.as_millis() as u64),
+            Some(i) => Some(
+                parse_go_duration(i)
+                    .map_err(|e| format!("sync-interval: {e}"))?
+                    .as_millis() as u64,
+            ),
             None => None,
         };
         let d = lessor_storage::fjall::Durability::from_config(s.config.durability.as_deref(), interval)
@@ -490,7 +498,8 @@ mod backends {
 
     #[cfg(feature = "postgres")]
     fn pg_config(s: &StoreSection) -> lessor_storage::postgres::PgConfig {
-        let mut c = lessor_storage::postgres::PgConfig::new(s.config.connection_string.clone().unwrap_or_default());
+        let mut c =
+            lessor_storage::postgres::PgConfig::new(s.config.connection_string.clone().unwrap_or_default());
         if let Some(n) = s.config.max_conns {
             c = c.with_max_conns(n);
         }
@@ -499,12 +508,16 @@ mod backends {
 
     #[cfg(feature = "postgres")]
     pub(super) async fn pg_queues(s: &StoreSection) -> Result<Arc<dyn QueuesStore>, String> {
-        Ok(Arc::new(lessor_storage::postgres::PgQueues::new(&pg_config(s)).map_err(|e| e.message)?))
+        Ok(Arc::new(
+            lessor_storage::postgres::PgQueues::new(&pg_config(s)).map_err(|e| e.message)?,
+        ))
     }
 
     #[cfg(feature = "postgres")]
     pub(super) async fn pg_partitions(s: &StoreSection) -> Result<Arc<dyn PartitionStore>, String> {
-        Ok(Arc::new(lessor_storage::postgres::PgStore::new(&pg_config(s)).map_err(|e| e.message)?))
+        Ok(Arc::new(
+            lessor_storage::postgres::PgStore::new(&pg_config(s)).map_err(|e| e.message)?,
+        ))
     }
 
     #[cfg(not(feature = "postgres"))]

@@ -27,11 +27,11 @@ use crate::convert;
 use crate::error::ApiError;
 use crate::metrics::{Metrics, RouteLabels, RouteOnly};
 
-/// Body limits (bytes). Querator's lease/stats/clear/reload limit is 512 B, which a long queue name in JSON can
+/// Body limits (bytes, SI units as Querator's). Querator's lease/stats/clear/reload limit is 512 B, which a long queue name in JSON can
 /// exceed; 4 KB keeps the protection without rejecting valid requests.
 const SMALL: usize = 4 * 1024;
-const DEFAULT: usize = 256 * 1024;
-const UPDATE: usize = 512 * 1024;
+const DEFAULT: usize = 256 * 1000;
+const UPDATE: usize = 512 * 1000;
 const IMPORT: usize = 64 * 1000 * 1000;
 
 /// Shared state of the handlers.
@@ -202,7 +202,7 @@ async fn produce(State(st): State<AppState>, req: Request) -> Response {
         req,
         limit,
         |e, r: pb::QueueProduceRequest| async move {
-            let timeout = convert::duration("request_timeout", &r.request_timeout)?;
+            let timeout = convert::duration("request timeout", &r.request_timeout)?;
             e.produce(&r.queue_name, convert::produce_items(r.items), timeout)
                 .await?;
             Ok(ok())
@@ -218,7 +218,7 @@ async fn lease(State(st): State<AppState>, req: Request) -> Response {
         req,
         SMALL,
         |e, r: pb::QueueLeaseRequest| async move {
-            let timeout = convert::duration("request_timeout", &r.request_timeout)?;
+            let timeout = convert::duration("request timeout", &r.request_timeout)?;
             let res = e
                 .lease(&r.queue_name, i64::from(r.batch_size), &r.client_id, timeout)
                 .await?;
@@ -239,7 +239,7 @@ async fn complete(State(st): State<AppState>, req: Request) -> Response {
         req,
         DEFAULT,
         |e, r: pb::QueueCompleteRequest| async move {
-            let timeout = convert::duration("request_timeout", &r.request_timeout)?;
+            let timeout = convert::duration("request timeout", &r.request_timeout)?;
             e.complete(&r.queue_name, i64::from(r.partition), r.ids, timeout)
                 .await?;
             Ok(ok())

@@ -34,9 +34,16 @@ impl Env {
             _ => (Config::memory(), None),
         };
         let clock = ManualClock::starting_now();
-        let srv = start(&config, "127.0.0.1:0", Some(Arc::new(clock.clone()))).await.expect("server starts");
+        let srv = start(&config, "127.0.0.1:0", Some(Arc::new(clock.clone())))
+            .await
+            .expect("server starts");
         let c = Client::new(&srv.endpoint()).expect("client").with_encoding(enc);
-        Env { srv: Some(srv), c, clock, _dir: dir }
+        Env {
+            srv: Some(srv),
+            c,
+            clock,
+            _dir: dir,
+        }
     }
 
     async fn create(&self, name: &str, f: impl FnOnce(&mut pb::QueueInfo)) {

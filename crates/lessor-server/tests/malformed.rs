@@ -159,8 +159,7 @@ async fn expect_error(
     c: &Client,
     method: Method,
     path: &str,
-    ct: Option<&str>,
-    accept: Option<&str>,
+    (ct, accept): (Option<&str>, Option<&str>),
     body: &[u8],
     code: u16,
     needle: &str,
@@ -187,7 +186,7 @@ async fn expect_error(
 
 /// POSTs JSON text that must fail with `code` and `needle`, answered in JSON.
 async fn json_error(c: &Client, path: &str, body: &str, code: u16, needle: &str) -> Reply {
-    expect_error(c, Method::POST, path, JSON, JSON, body.as_bytes(), code, needle).await
+    expect_error(c, Method::POST, path, (JSON, JSON), body.as_bytes(), code, needle).await
 }
 
 /// POSTs a message as protobuf that must fail with `code` and `needle`, answered in protobuf.
@@ -199,7 +198,7 @@ async fn proto_error<T: prost::Message + serde::Serialize>(
     needle: &str,
 ) {
     let body = encode(Encoding::Protobuf, msg);
-    let r = expect_error(c, Method::POST, path, PROTO, PROTO, &body, code, needle).await;
+    let r = expect_error(c, Method::POST, path, (PROTO, PROTO), &body, code, needle).await;
     assert_eq!(r.code, i32::from(code));
 }
 
@@ -277,7 +276,7 @@ async fn broken_and_mistyped_json() {
     let mut bad_utf8 = br#"{"queue_name":""#.to_vec();
     bad_utf8.extend_from_slice(&[0xff, 0xfe]);
     bad_utf8.extend_from_slice(br#""}"#);
-    expect_error(&c, Method::POST, p, JSON, JSON, &bad_utf8, 455, "invalid JSON").await;
+    expect_error(&c, Method::POST, p, (JSON, JSON), &bad_utf8, 455, "invalid JSON").await;
     srv.stop().await;
 }
 
@@ -342,8 +341,7 @@ async fn truncated_and_garbage_protobuf() {
             &c,
             Method::POST,
             p,
-            PROTO,
-            PROTO,
+            (PROTO, PROTO),
             truncated,
             455,
             "invalid protobuf",
@@ -354,8 +352,7 @@ async fn truncated_and_garbage_protobuf() {
         &c,
         Method::POST,
         p,
-        PROTO,
-        PROTO,
+        (PROTO, PROTO),
         &[0xff; 12],
         455,
         "invalid protobuf",
@@ -366,8 +363,7 @@ async fn truncated_and_garbage_protobuf() {
         &c,
         Method::POST,
         p,
-        PROTO,
-        PROTO,
+        (PROTO, PROTO),
         &[0x0a, 0xff, 0xff, 0xff, 0x0f, b'm'],
         455,
         "invalid protobuf",
@@ -378,8 +374,7 @@ async fn truncated_and_garbage_protobuf() {
         &c,
         Method::POST,
         p,
-        PROTO,
-        JSON,
+        (PROTO, JSON),
         &[0x0a, 0x02, 0xff, 0xfe],
         455,
         "invalid protobuf",
@@ -390,22 +385,20 @@ async fn truncated_and_garbage_protobuf() {
         &c,
         Method::POST,
         "/v1/queue.lease",
-        PROTO,
-        PROTO,
+        (PROTO, PROTO),
         &[0x10, 0xff, 0xff, 0xff],
         455,
         "invalid protobuf",
     )
     .await;
     // Protobuf sent as JSON and the other way round.
-    expect_error(&c, Method::POST, p, JSON, JSON, &good, 455, "invalid JSON").await;
+    expect_error(&c, Method::POST, p, (JSON, JSON), &good, 455, "invalid JSON").await;
     let json = produce_json(1, "1m");
     expect_error(
         &c,
         Method::POST,
         p,
-        PROTO,
-        PROTO,
+        (PROTO, PROTO),
         json.as_bytes(),
         455,
         "invalid protobuf",
@@ -429,8 +422,7 @@ async fn content_negotiation_errors() {
             &c,
             Method::POST,
             p,
-            Some(ct),
-            JSON,
+            (Some(ct), JSON),
             body.as_bytes(),
             455,
             "unsupported content type",
@@ -448,8 +440,7 @@ async fn content_negotiation_errors() {
             &c,
             Method::POST,
             p,
-            JSON,
-            Some(accept),
+            (JSON, Some(accept)),
             body.as_bytes(),
             455,
             "unsupported accept type",
@@ -474,7 +465,7 @@ async fn wrong_methods_and_unknown_paths() {
     for route in ROUTES {
         for m in [Method::GET, Method::PUT, Method::DELETE, Method::PATCH] {
             let needle = format!("http method '{m}' not allowed; only POST");
-            expect_error(&c, m, route, None, None, b"", 400, &needle).await;
+            expect_error(&c, m, route, (None, None), b"", 400, &needle).await;
         }
     }
     for path in [
@@ -484,7 +475,7 @@ async fn wrong_methods_and_unknown_paths() {
         "/nope",
         "/v2/queue.produce",
     ] {
-        let r = expect_error(&c, Method::POST, path, JSON, JSON, b"{}", 501, "no such method").await;
+        let r = expect_error(&c, Method::POST, path, (JSON, JSON), b"{}", 501, "no such method").await;
         assert!(r.message.contains(path), "{}", r.message);
     }
     // /health and /metrics are GET-only routes of their own.
@@ -510,8 +501,7 @@ async fn oversized_bodies() {
             &c,
             Method::POST,
             route,
-            JSON,
-            JSON,
+            (JSON, JSON),
             big.as_bytes(),
             400,
             "request body exceeds 4096 limit",
@@ -535,8 +525,7 @@ async fn oversized_bodies() {
             &c,
             Method::POST,
             route,
-            JSON,
-            JSON,
+            (JSON, JSON),
             big.as_bytes(),
             400,
             "request body exceeds",
@@ -1096,9 +1085,9 @@ async fn missing_required_fields() {
         ("/v1/storage/items.import", "items is invalid"),
     ] {
         for (ct, accept) in [(JSON, JSON), (PROTO, PROTO), (None, None)] {
-            expect_error(&c, Method::POST, route, ct, accept, b"", 400, needle).await;
+            expect_error(&c, Method::POST, route, (ct, accept), b"", 400, needle).await;
         }
-        expect_error(&c, Method::POST, route, JSON, JSON, b"{}", 400, needle).await;
+        expect_error(&c, Method::POST, route, (JSON, JSON), b"{}", 400, needle).await;
     }
     json_error(
         &c,
