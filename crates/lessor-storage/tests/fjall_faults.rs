@@ -52,7 +52,10 @@ async fn produce_until_ok(p: &dyn Partition, items: Vec<NewItem>, limit: Duratio
         match p.produce(items.clone()).await {
             Ok(ids) => return ids,
             Err(e) if start.elapsed() < limit => {
-                assert!(e.is_transient(), "only transient errors while space comes back: {e}");
+                assert!(
+                    e.is_transient(),
+                    "only transient errors while space comes back: {e}"
+                );
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
             Err(e) => panic!("writes did not resume: {e}"),
@@ -77,7 +80,10 @@ async fn injected_disk_full_fails_the_write_keeps_reads_and_resumes() {
     assert_eq!(e.kind, StorageErrorKind::NoSpace, "{e}");
     assert!(e.is_transient());
     assert!(e.message.contains("disk full"), "{}", e.message);
-    let e = p.complete(vec![vec![leased[0].id]]).await.expect_err("still full");
+    let e = p
+        .complete(vec![vec![leased[0].id]])
+        .await
+        .expect_err("still full");
     assert_eq!(e.kind, StorageErrorKind::NoSpace);
     // Reads keep working and show only what was acknowledged.
     let c = p.counts().await.expect("counts while full");
@@ -93,7 +99,10 @@ async fn injected_disk_full_fails_the_write_keeps_reads_and_resumes() {
 
     store.inject_fault(None);
     produce_until_ok(p.as_ref(), vec![text("c")], Duration::from_secs(10)).await;
-    assert_eq!(p.complete(vec![vec![leased[0].id]]).await.expect("complete")[0], Ok(()));
+    assert_eq!(
+        p.complete(vec![vec![leased[0].id]]).await.expect("complete")[0],
+        Ok(())
+    );
     other.produce(vec![text("y")]).await.expect("produce");
     p.close().await;
     other.close().await;
@@ -103,9 +112,16 @@ async fn injected_disk_full_fails_the_write_keeps_reads_and_resumes() {
     let store = FjallStore::open(dir.path(), Durability::Sync).expect("reopen");
     let p = store.open("full", 0).await.expect("open");
     let live = p.list(None, 10, false).await.expect("list");
-    assert_eq!(payloads(&live), vec![Bytes::from("b"), Bytes::from("c")], "nothing lost, nothing invented");
+    assert_eq!(
+        payloads(&live),
+        vec![Bytes::from("b"), Bytes::from("c")],
+        "nothing lost, nothing invented"
+    );
     let other = store.open("full", 1).await.expect("open");
-    assert_eq!(payloads(&other.list(None, 10, false).await.expect("list")), vec![Bytes::from("y")]);
+    assert_eq!(
+        payloads(&other.list(None, 10, false).await.expect("list")),
+        vec![Bytes::from("y")]
+    );
 }
 
 #[tokio::test]
@@ -121,10 +137,18 @@ async fn a_failed_fsync_poisons_the_store_for_good() {
     for _ in 0..3 {
         let e: StorageError = p.produce(vec![text("refused")]).await.expect_err("poisoned");
         assert_eq!(e.kind, StorageErrorKind::Poisoned);
-        assert!(e.message.contains("store refuses writes after a failed fsync; restart the server"), "{}", e.message);
+        assert!(
+            e.message
+                .contains("store refuses writes after a failed fsync; restart the server"),
+            "{}",
+            e.message
+        );
     }
     let q = store.open("poison", 1).await.expect("open another partition");
-    assert_eq!(q.produce(vec![text("x")]).await.expect_err("poisoned").kind, StorageErrorKind::Poisoned);
+    assert_eq!(
+        q.produce(vec![text("x")]).await.expect_err("poisoned").kind,
+        StorageErrorKind::Poisoned
+    );
     // Reads still answer.
     assert!(p.counts().await.expect("counts").ready >= 1);
     store.close().await;
@@ -134,7 +158,9 @@ async fn a_failed_fsync_poisons_the_store_for_good() {
     let p = store.open("poison", 0).await.expect("open");
     let live = p.list(None, 10, false).await.expect("list");
     assert_eq!(live[0].payload, Bytes::from("kept"));
-    p.produce(vec![text("after restart")]).await.expect("writes again");
+    p.produce(vec![text("after restart")])
+        .await
+        .expect("writes again");
 }
 
 /// A tmpfs mounted for one test, unmounted when dropped.
@@ -169,7 +195,9 @@ impl Drop for Tmpfs {
 #[tokio::test]
 async fn real_disk_full_on_a_small_tmpfs_fails_writes_keeps_data_and_resumes() {
     let Some(fs) = Tmpfs::mount("8m") else {
-        eprintln!("skipped: cannot mount a tmpfs here (needs root); the injected-fault test covers the rules");
+        eprintln!(
+            "skipped: cannot mount a tmpfs here (needs root); the injected-fault test covers the rules"
+        );
         return;
     };
     let storage = fs.path().join("data");
@@ -198,7 +226,10 @@ async fn real_disk_full_on_a_small_tmpfs_fails_writes_keeps_data_and_resumes() {
     let live = p.list(None, 10_000, false).await.expect("list on a full disk");
     assert_eq!(payloads(&live), acked);
     // The failed item is not there, and a write as large still finds no room.
-    let e = p.produce(vec![item(noise(7, 256 * 1024))]).await.expect_err("still full");
+    let e = p
+        .produce(vec![item(noise(7, 256 * 1024))])
+        .await
+        .expect_err("still full");
     assert_eq!(e.kind, StorageErrorKind::NoSpace, "{e}");
 
     std::fs::remove_file(&filler).expect("free space");

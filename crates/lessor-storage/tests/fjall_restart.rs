@@ -11,7 +11,9 @@ use lessor_core::error::StorageErrorKind;
 use lessor_core::storage::{LifecyclePolicy, Partition, PartitionStore, QueuesStore, RetryAction, RetryOp};
 use lessor_core::time::Ts;
 use lessor_core::types::{Item, NewItem, PartitionInfo, QueueInfo};
-use lessor_storage::fjall::{Durability, FjallQueues, FjallStore, FORMAT_VERSION, PARTITIONS_DIR, QUEUES_DIR};
+use lessor_storage::fjall::{
+    Durability, FjallQueues, FjallStore, FORMAT_VERSION, PARTITIONS_DIR, QUEUES_DIR,
+};
 
 const T0: Ts = Ts(1_800_000_000_000_000);
 const SEC: Duration = Duration::from_secs(1);
@@ -132,7 +134,10 @@ async fn restart_keeps_queues_items_leases_schedules_and_dead_items() {
     assert_eq!(queues.get("orders").await.expect("get"), Some(queue("orders")));
     let p = store.open("orders", 0).await.expect("reopen");
     let after = snapshot(p.as_ref()).await;
-    assert_eq!(after, before, "items, leases with deadlines and attempts, schedule and dead items");
+    assert_eq!(
+        after, before,
+        "items, leases with deadlines and attempts, schedule and dead items"
+    );
     assert_eq!(p.stats(T0.add(SEC * 5)).await.expect("stats"), stats_before);
     // The lease survives with its deadline: it expires on time and the item returns with a new, larger id.
     let o = p.lifecycle(T0.add(SEC * 10), DLQ, 10).await.expect("lifecycle");
@@ -184,7 +189,9 @@ async fn reopen_when_unlocked(dir: &Path, durability: Durability) -> FjallStore 
     for _ in 0..50 {
         match FjallStore::open(dir, durability) {
             Ok(s) => return s,
-            Err(e) if e.kind == StorageErrorKind::Locked => tokio::time::sleep(Duration::from_millis(100)).await,
+            Err(e) if e.kind == StorageErrorKind::Locked => {
+                tokio::time::sleep(Duration::from_millis(100)).await
+            }
             Err(e) => panic!("reopen: {e}"),
         }
     }
@@ -236,15 +243,23 @@ async fn garbage_after_the_journal_tail_never_prevents_start_up() {
     let mut bytes = fs::read(&jnl).expect("read journal");
     let end = written_len(&bytes);
     assert!(end > 0, "the journal holds the batches");
-    let garbage: Vec<u8> = (0..4096u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8 | 1).collect();
+    let garbage: Vec<u8> = (0..4096u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8 | 1)
+        .collect();
     bytes.truncate(end);
     bytes.extend_from_slice(&garbage);
     fs::write(&jnl, &bytes).expect("write journal");
 
     let store = FjallStore::open(dir.path(), Durability::Sync).expect("start-up despite garbage");
     let p = store.open("torn", 0).await.expect("open");
-    assert_eq!(p.counts().await.expect("counts").ready, 10, "every acknowledged item is there");
-    p.produce(vec![item("after")]).await.expect("writes work after recovery");
+    assert_eq!(
+        p.counts().await.expect("counts").ready,
+        10,
+        "every acknowledged item is there"
+    );
+    p.produce(vec![item("after")])
+        .await
+        .expect("writes work after recovery");
     p.close().await;
     store.close().await;
     let store = FjallStore::open(dir.path(), Durability::Sync).expect("reopen");
@@ -270,7 +285,9 @@ async fn a_torn_last_batch_never_prevents_start_up() {
     for (i, it) in listed.iter().enumerate() {
         assert_eq!(it.payload, Bytes::from(format!("p{i}")), "earlier batches intact");
     }
-    p.produce(vec![item("after")]).await.expect("writes work after recovery");
+    p.produce(vec![item("after")])
+        .await
+        .expect("writes work after recovery");
 }
 
 #[tokio::test]
@@ -279,7 +296,11 @@ async fn a_second_open_of_the_same_storage_dir_fails_with_locked() {
     let (store, queues) = open_both(dir.path());
     let e = FjallStore::open(dir.path(), Durability::Sync).expect_err("partition store in use");
     assert_eq!(e.kind, StorageErrorKind::Locked);
-    assert!(e.message.contains(&dir.path().display().to_string()), "names the dir: {}", e.message);
+    assert!(
+        e.message.contains(&dir.path().display().to_string()),
+        "names the dir: {}",
+        e.message
+    );
     let e = FjallQueues::open(dir.path(), Durability::Sync).expect_err("queue store in use");
     assert_eq!(e.kind, StorageErrorKind::Locked);
     assert!(e.message.contains("another process"), "{}", e.message);
@@ -305,7 +326,10 @@ async fn unknown_format_versions_and_foreign_directories_are_refused() {
     assert!(e.message.contains("version 99"), "{}", e.message);
 
     // The queue store's directory is not a partition store.
-    let e = FjallStore::open(dir.path().join(QUEUES_DIR).parent().expect("parent"), Durability::Sync);
+    let e = FjallStore::open(
+        dir.path().join(QUEUES_DIR).parent().expect("parent"),
+        Durability::Sync,
+    );
     assert!(e.is_err());
     let q_marker = dir.path().join(QUEUES_DIR).join("LESSOR-FORMAT");
     fs::copy(&q_marker, &marker).expect("copy marker");
@@ -332,7 +356,10 @@ async fn destroy_removes_the_data_for_good() {
     keep.produce(vec![item("c")]).await.expect("produce");
     store.destroy("gone", 2).await.expect("destroy");
     store.destroy("never-existed", 0).await.expect("destroy missing");
-    assert!(p.counts().await.is_err(), "a destroyed partition's handle is closed");
+    assert!(
+        p.counts().await.is_err(),
+        "a destroyed partition's handle is closed"
+    );
     store.close().await;
     drop((p, keep, store));
     let store = FjallStore::open(dir.path(), Durability::Sync).expect("reopen");
@@ -368,9 +395,66 @@ async fn concurrent_writes_to_many_partitions_share_fsyncs() {
     }
     let writes = parts.len() as u64 * rounds;
     let fsyncs = store.fsyncs() - before;
-    assert!(fsyncs < writes, "{writes} writes took {fsyncs} fsyncs: no group commit");
+    assert!(
+        fsyncs < writes,
+        "{writes} writes took {fsyncs} fsyncs: no group commit"
+    );
     eprintln!("{writes} acknowledged writes from 32 partitions shared {fsyncs} fsyncs");
     for p in &parts {
         assert_eq!(p.counts().await.expect("counts").ready, rounds);
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_opens_of_one_partition_share_it() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = FjallStore::open(dir.path(), Durability::Sync).expect("open");
+    let (a, b) = tokio::join!(store.open("shared", 0), store.open("shared", 0));
+    let (a, b) = (a.expect("open"), b.expect("open"));
+    a.produce(vec![item("x")]).await.expect("produce");
+    assert_eq!(b.counts().await.expect("counts").ready, 1, "one state, not two");
+}
+
+#[tokio::test]
+async fn leases_rewrite_item_metadata_not_payloads() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = FjallStore::open(dir.path(), Durability::Sync).expect("open");
+    let p = store.open("lean", 0).await.expect("open");
+    // Incompressible payloads, so the journal's compression cannot hide a rewrite.
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let batch = (0..50)
+        .map(|_| {
+            let payload: Vec<u8> = (0..16 * 1024)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    x as u8
+                })
+                .collect();
+            NewItem {
+                payload: Bytes::from(payload),
+                ..item("")
+            }
+        })
+        .collect();
+    p.produce(batch).await.expect("produce");
+    let jnl = newest_journal(dir.path());
+    let after_produce = written_len(&fs::read(&jnl).expect("journal"));
+    assert!(after_produce > 50 * 16 * 1024, "payloads are in the journal");
+    let leased = p.lease(50, T0.add(SEC)).await.expect("lease");
+    assert_eq!(leased.len(), 50);
+    let after_lease = written_len(&fs::read(&jnl).expect("journal"));
+    assert!(
+        after_lease - after_produce < 16 * 1024,
+        "a lease of 50 items wrote {} bytes: payloads rewritten",
+        after_lease - after_produce
+    );
+    p.close().await;
+    store.close().await;
+    drop((p, store));
+    let store = FjallStore::open(dir.path(), Durability::Sync).expect("reopen");
+    let p = store.open("lean", 0).await.expect("open");
+    let back = p.list(None, 100, false).await.expect("list");
+    assert_eq!(back, leased, "leased items come back whole, payloads included");
 }

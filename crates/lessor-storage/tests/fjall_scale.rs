@@ -107,7 +107,10 @@ async fn idle_memory_of_a_thousand_partitions() {
                 .await
                 .expect("produce");
         }
-        eprintln!("created {PARTS} partitions with {ITEMS} items each in {:.2?}", started.elapsed());
+        eprintln!(
+            "created {PARTS} partitions with {ITEMS} items each in {:.2?}",
+            started.elapsed()
+        );
         store.close().await;
     }
     // Measure in a steady state: the store reopened, every partition open and idle.
@@ -134,5 +137,8 @@ async fn idle_memory_of_a_thousand_partitions() {
         after_store.saturating_sub(base),
         after.saturating_sub(base),
     );
-    assert!(per < 1024.0, "idle memory per partition must stay under 1 MiB, got {per:.1} KiB");
+    assert!(
+        per < 1024.0,
+        "idle memory per partition must stay under 1 MiB, got {per:.1} KiB"
+    );
 }

@@ -80,7 +80,8 @@ async fn concurrent_leases_from_two_servers_never_share_an_item() {
     let workers = handles(&a, &b, &q, 8).await;
     produce(&workers[0], 2000).await;
     let mut tasks = Vec::new();
-    for p in workers.iter().cloned() {
+    for p in &workers {
+        let p = Arc::clone(p);
         tasks.push(tokio::spawn(async move {
             let mut got = Vec::new();
             loop {
@@ -114,7 +115,8 @@ async fn concurrent_leases_from_two_servers_never_share_an_item() {
 /// Runs lifecycle passes from every handle at once until none has anything left; returns the summed outcome.
 async fn race_lifecycle(workers: &[Arc<dyn Partition>], now: Ts, policy: LifecyclePolicy) -> LifecycleOutcome {
     let mut tasks = Vec::new();
-    for p in workers.iter().cloned() {
+    for p in workers {
+        let p = Arc::clone(p);
         tasks.push(tokio::spawn(async move {
             let mut sum = LifecycleOutcome::default();
             loop {

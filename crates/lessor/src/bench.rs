@@ -164,21 +164,30 @@ pub async fn run(args: BenchArgs) -> Result<(), String> {
                         .prefix("lessor-bench-")
                         .tempdir()
                         .map_err(|e| format!("bench: cannot create a temporary directory: {e}"))?;
-                    let config = fjall_config(dir.path().to_string_lossy().as_ref(), args.durability.as_deref())?;
+                    let config =
+                        fjall_config(dir.path().to_string_lossy().as_ref(), args.durability.as_deref())?;
                     tempdir = Some(dir);
                     config
                 }
             };
             let s = lessor_server::start(&config, "127.0.0.1:0", None)
                 .await
-                .map_err(|e| format!("bench: cannot start the in-process {backend:?} server: {e}").to_lowercase())?;
+                .map_err(|e| {
+                    format!("bench: cannot start the in-process {backend:?} server: {e}").to_lowercase()
+                })?;
             let e = s.endpoint();
             server = Some(s);
             e
         }
     };
-    let encoding = if args.json { Encoding::Json } else { Encoding::Protobuf };
-    let client = Client::new(&endpoint).map_err(|e| format!("bench: {e}"))?.with_encoding(encoding);
+    let encoding = if args.json {
+        Encoding::Json
+    } else {
+        Encoding::Protobuf
+    };
+    let client = Client::new(&endpoint)
+        .map_err(|e| format!("bench: {e}"))?
+        .with_encoding(encoding);
 
     let queue = unique_queue_name(&args.queue_prefix);
     client
@@ -236,7 +245,9 @@ pub async fn run(args: BenchArgs) -> Result<(), String> {
     let progress = (!args.quiet).then(|| tokio::spawn(progress(shared.clone())));
     let cpu_before = report::CpuSample::now();
     let outcome = execute(&shared, args.workload).await;
-    let cpu = cpu_before.zip(report::CpuSample::now()).and_then(|(a, b)| a.usage_since(&b));
+    let cpu = cpu_before
+        .zip(report::CpuSample::now())
+        .and_then(|(a, b)| a.usage_since(&b));
     if let Some(p) = progress {
         p.abort();
         if std::io::stderr().is_terminal() {
@@ -246,7 +257,10 @@ pub async fn run(args: BenchArgs) -> Result<(), String> {
 
     // Clean up whatever happened.
     let deleted = client
-        .queues_delete(&QueuesDeleteRequest { queue_name: queue.clone(), force: true })
+        .queues_delete(&QueuesDeleteRequest {
+            queue_name: queue.clone(),
+            force: true,
+        })
         .await;
     if let Some(s) = server {
         s.stop().await;
@@ -265,7 +279,12 @@ pub async fn run(args: BenchArgs) -> Result<(), String> {
             std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0)
         );
     }
-    if let Some(lag) = rows.iter().map(|r| r.stats.lag_max).max().filter(|l| !l.is_zero()) {
+    if let Some(lag) = rows
+        .iter()
+        .map(|r| r.stats.lag_max)
+        .max()
+        .filter(|l| !l.is_zero())
+    {
         println!(
             "schedule lag: sends were at most {:.3} ms behind the --rate schedule",
             lag.as_secs_f64() * 1000.0
@@ -305,26 +324,39 @@ pub async fn run(args: BenchArgs) -> Result<(), String> {
 fn fjall_config(dir: &str, durability: Option<&str>) -> Result<Config, String> {
     let mut config = Config::default_persistent(dir);
     let is_fjall = |c: &Config| {
-        c.partition_storage.iter().all(|s| s.driver.as_deref() == Some("fjall"))
+        c.partition_storage
+            .iter()
+            .all(|s| s.driver.as_deref() == Some("fjall"))
             && c.queue_storage.as_ref().and_then(|s| s.driver.as_deref()) == Some("fjall")
     };
     if !is_fjall(&config) {
-        return Err("bench: --backend fjall: the fjall storage driver is not compiled into this build \
+        return Err(
+            "bench: --backend fjall: the fjall storage driver is not compiled into this build \
                     (rebuild with the 'fjall' feature, or use --backend memory or --endpoint)"
-            .into());
+                .into(),
+        );
     }
     if let Some(d) = durability {
-        for s in config.partition_storage.iter_mut().chain(config.queue_storage.iter_mut()) {
+        for s in config
+            .partition_storage
+            .iter_mut()
+            .chain(config.queue_storage.iter_mut())
+        {
             s.config.durability = Some(d.to_string());
         }
     }
-    config.validate().map_err(|e| format!("bench: --backend fjall: {e}"))?;
+    config
+        .validate()
+        .map_err(|e| format!("bench: --backend fjall: {e}"))?;
     Ok(config)
 }
 
 /// `<prefix>-<pid>-<unix millis>`: unique enough for concurrent runs against one server.
 fn unique_queue_name(prefix: &str) -> String {
-    let millis = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis()).unwrap_or(0);
+    let millis = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis())
+        .unwrap_or(0);
     format!("{prefix}-{}-{millis}", std::process::id())
 }
 
@@ -365,22 +397,33 @@ impl Plan {
             lessor_proto::duration::parse_go_duration(v).map_err(|e| format!("bench: --{flag} '{v}': {e}"))
         };
         if !(1..=1000).contains(&a.batch) {
-            return Err(format!("bench: --batch must be between 1 and 1000, got {}", a.batch));
+            return Err(format!(
+                "bench: --batch must be between 1 and 1000, got {}",
+                a.batch
+            ));
         }
         if a.partitions == 0 {
             return Err("bench: --partitions must be at least 1".into());
         }
         let producers = a.producers;
-        let consumers = if a.workload == Workload::Produce { 0 } else { a.consumers };
+        let consumers = if a.workload == Workload::Produce {
+            0
+        } else {
+            a.consumers
+        };
         if producers == 0 {
             return Err("bench: --producers must be at least 1".into());
         }
         if a.workload != Workload::Produce && consumers == 0 {
-            return Err(format!("bench: the {:?} workload needs --consumers >= 1", a.workload).to_lowercase());
+            return Err(
+                format!("bench: the {:?} workload needs --consumers >= 1", a.workload).to_lowercase(),
+            );
         }
         let stop = match (a.workload, a.items, &a.duration) {
             (Workload::Drain, _, Some(_)) => {
-                return Err("bench: the drain workload runs until --items are consumed; drop --duration".into())
+                return Err(
+                    "bench: the drain workload runs until --items are consumed; drop --duration".into(),
+                )
             }
             (Workload::Drain, None, None) => Stop::Items(1_000_000),
             (_, Some(_), Some(_)) => return Err("bench: give --duration or --items, not both".into()),
@@ -543,7 +586,10 @@ async fn execute(shared: &Arc<Shared>, workload: Workload) -> Result<Vec<Row>, S
             let (lease, complete, e2e) = join_consumers(consumers).await?;
             let (produce, p_elapsed) = produced?;
             let c_elapsed = consume_elapsed(shared, start);
-            let mut e2e_stats = OpStats { items: e2e.len(), ..Default::default() };
+            let mut e2e_stats = OpStats {
+                items: e2e.len(),
+                ..Default::default()
+            };
             e2e_stats.hist = e2e;
             Ok(vec![
                 Row {
@@ -588,7 +634,9 @@ async fn produce_phase(
             let (shared, budget) = (shared.clone(), budget.clone());
             // Stagger paced producers so their batches do not all leave at once.
             let offset = pace.map(|p| p * u32::try_from(i).unwrap_or(0) / shared.plan.producers as u32);
-            tokio::spawn(async move { producer(&shared, &budget, pace, start + offset.unwrap_or_default()).await })
+            tokio::spawn(
+                async move { producer(&shared, &budget, pace, start + offset.unwrap_or_default()).await },
+            )
         })
         .collect();
     let mut total = OpStats::default();
@@ -598,8 +646,15 @@ async fn produce_phase(
     }
     let elapsed = start.elapsed();
     if total.requests == 0 && total.errors > 0 {
-        let first = shared.errors.lock().ok().and_then(|e| e.first().cloned()).unwrap_or_default();
-        return Err(format!("bench: every produce request failed; first error: {first}"));
+        let first = shared
+            .errors
+            .lock()
+            .ok()
+            .and_then(|e| e.first().cloned())
+            .unwrap_or_default();
+        return Err(format!(
+            "bench: every produce request failed; first error: {first}"
+        ));
     }
     Ok((total, elapsed))
 }
@@ -628,7 +683,10 @@ async fn producer(shared: &Shared, budget: &Budget, pace: Option<Duration>, star
             .map(|_| {
                 let mut bytes = filler.clone();
                 bytes[..8].copy_from_slice(&stamp);
-                QueueProduceItem { bytes, ..Default::default() }
+                QueueProduceItem {
+                    bytes,
+                    ..Default::default()
+                }
             })
             .collect();
         let req = QueueProduceRequest {
@@ -720,7 +778,8 @@ fn consume_elapsed(shared: &Shared, start: Instant) -> Duration {
 
 /// One consumer: leases, records, completes, until told to stop.
 async fn consumer(shared: &Shared, id: usize, mut stop: watch::Receiver<bool>, e2e: bool) -> ConsumerResult {
-    let (mut lease, mut complete, mut e2e_hist) = (OpStats::default(), OpStats::default(), report::new_hist());
+    let (mut lease, mut complete, mut e2e_hist) =
+        (OpStats::default(), OpStats::default(), report::new_hist());
     let req = QueueLeaseRequest {
         queue_name: shared.queue.clone(),
         batch_size: i32::try_from(shared.plan.batch).unwrap_or(1000),
@@ -782,7 +841,9 @@ async fn consumer(shared: &Shared, id: usize, mut stop: watch::Receiver<bool>, e
                 complete.requests += 1;
                 complete.items += n;
                 shared.completed.fetch_add(n, Ordering::Relaxed);
-                shared.last_complete_ns.fetch_max(shared.since_epoch(end), Ordering::Relaxed);
+                shared
+                    .last_complete_ns
+                    .fetch_max(shared.since_epoch(end), Ordering::Relaxed);
             }
             Err(e) => {
                 complete.errors += 1;
@@ -820,7 +881,11 @@ async fn progress(shared: Arc<Shared>) {
         }
         (last_p, last_c) = (p, c);
         let mut err = std::io::stderr().lock();
-        let _ = if tty { write!(err, "\r{line}") } else { writeln!(err, "{line}") };
+        let _ = if tty {
+            write!(err, "\r{line}")
+        } else {
+            writeln!(err, "{line}")
+        };
         let _ = err.flush();
     }
 }
@@ -858,7 +923,10 @@ mod tests {
     fn args_parse_under_a_parent_with_global_flags() {
         Cli::command().debug_assert();
         let b = parse(&["bench"]);
-        assert_eq!((b.workload, b.backend, b.batch, b.payload), (Workload::Pipeline, None, 100, 100));
+        assert_eq!(
+            (b.workload, b.backend, b.batch, b.payload),
+            (Workload::Pipeline, None, 100, 100)
+        );
         // The parent's default reaches the subcommand: without --backend, bench targets it.
         assert_eq!(b.endpoint.as_deref(), Some("http://127.0.0.1:2319"));
         assert!(!b.json);
@@ -866,7 +934,16 @@ mod tests {
         assert!(b.json);
         assert_eq!(b.backend, Some(Backend::Fjall));
         let b = parse(&[
-            "bench", "--json", "--endpoint", "http://h:1", "--workload", "drain", "--items", "5", "--rate", "10",
+            "bench",
+            "--json",
+            "--endpoint",
+            "http://h:1",
+            "--workload",
+            "drain",
+            "--items",
+            "5",
+            "--rate",
+            "10",
         ]);
         assert!(b.json);
         assert_eq!(b.endpoint.as_deref(), Some("http://h:1"));
@@ -877,7 +954,10 @@ mod tests {
     fn plans_validate_their_inputs() {
         let plan = |a: &[&str]| Plan::from_args(&parse(a));
         assert!(matches!(plan(&["bench"]).map(|p| p.stop), Ok(Stop::For(d)) if d == Duration::from_secs(10)));
-        assert!(matches!(plan(&["bench", "--workload", "drain"]).map(|p| p.stop), Ok(Stop::Items(1_000_000))));
+        assert!(matches!(
+            plan(&["bench", "--workload", "drain"]).map(|p| p.stop),
+            Ok(Stop::Items(1_000_000))
+        ));
         assert!(plan(&["bench", "--workload", "drain", "--duration", "1s"]).is_err());
         assert!(plan(&["bench", "--items", "1", "--duration", "1s"]).is_err());
         assert!(plan(&["bench", "--batch", "0"]).is_err());
@@ -886,7 +966,17 @@ mod tests {
         assert!(plan(&["bench", "--rate", "0"]).is_err());
         assert!(plan(&["bench", "--consumers", "0"]).is_err());
         assert!(plan(&["bench", "--workload", "produce", "--consumers", "0"]).is_ok());
-        let p = plan(&["bench", "--rate", "10000", "--producers", "4", "--batch", "100", "--payload", "3"]);
+        let p = plan(&[
+            "bench",
+            "--rate",
+            "10000",
+            "--producers",
+            "4",
+            "--batch",
+            "100",
+            "--payload",
+            "3",
+        ]);
         let p = p.unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(p.pace, Some(Duration::from_millis(40)));
         assert_eq!(p.payload, 8);
@@ -895,7 +985,10 @@ mod tests {
     #[test]
     fn item_budget_is_shared_exactly() {
         let b = Budget::new(Stop::Items(250));
-        assert_eq!((b.claim(100), b.claim(100), b.claim(100), b.claim(100)), (100, 100, 50, 0));
+        assert_eq!(
+            (b.claim(100), b.claim(100), b.claim(100), b.claim(100)),
+            (100, 100, 50, 0)
+        );
         let b = Budget::new(Stop::For(Duration::ZERO));
         assert_eq!(b.claim(100), 0);
     }
@@ -907,9 +1000,25 @@ mod tests {
                 let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
                 let out = dir.path().join("out.json");
                 let out_s = out.to_string_lossy().to_string();
-                let mut a = vec!["bench", "--backend", "memory", "--workload", workload, "--items", "2000"];
+                let mut a = vec![
+                    "bench",
+                    "--backend",
+                    "memory",
+                    "--workload",
+                    workload,
+                    "--items",
+                    "2000",
+                ];
                 a.extend(["--batch", "50"]);
-                a.extend(["--producers", "2", "--consumers", "2", "--quiet", "--json-out", &out_s]);
+                a.extend([
+                    "--producers",
+                    "2",
+                    "--consumers",
+                    "2",
+                    "--quiet",
+                    "--json-out",
+                    &out_s,
+                ]);
                 if json {
                     a.push("--json");
                 }
@@ -931,7 +1040,16 @@ mod tests {
 
     #[tokio::test]
     async fn fjall_backend_runs_or_explains_why_not() {
-        let a = parse(&["bench", "--backend", "fjall", "--workload", "drain", "--items", "200", "--quiet"]);
+        let a = parse(&[
+            "bench",
+            "--backend",
+            "fjall",
+            "--workload",
+            "drain",
+            "--items",
+            "200",
+            "--quiet",
+        ]);
         match run(a).await {
             Ok(()) => {}
             Err(e) => assert!(e.contains("fjall"), "{e}"),

@@ -1,10 +1,15 @@
 //! The on-disk encoding of items and queue definitions: a compact binary format with a version byte in front of
 //! every record.
 //!
+//! An item is two records: its metadata under its id (8 bytes, big-endian, so key order is FIFO order) and its
+//! payload under the id followed by [`PAYLOAD_TAG`], which sorts right after the metadata. The payload never changes
+//! once written, so the frequent updates (lease, retry into the schedule, death) rewrite only the small metadata
+//! record; an empty payload has no record at all.
+//!
 //! The version byte lets a later build read old records (or refuse them clearly) without a whole-store migration.
 //! Integers are LEB128 varints (signed ones zig-zag encoded) because most fields are small or zero: an unleased,
-//! unscheduled item spends one byte on each of its unset deadlines. An item's id is not in the record: it is the
-//! key. Integrity is fjall's job (checksummed journal and blocks), so records carry no checksum of their own.
+//! unscheduled item spends one byte on each of its unset deadlines. Integrity is fjall's job (checksummed journal
+//! and blocks), so records carry no checksum of their own.
 
 use std::time::Duration;
 
@@ -13,28 +18,53 @@ use lessor_core::error::{StorageError, StorageErrorKind};
 use lessor_core::time::Ts;
 use lessor_core::types::{Item, ItemId, PartitionInfo, QueueInfo};
 
-/// Version byte of item records written by this build.
+/// Version byte of item metadata records written by this build.
 const ITEM_V1: u8 = 1;
 /// Version byte of queue records written by this build.
 const QUEUE_V1: u8 = 1;
+/// Last byte of a payload key.
+pub(crate) const PAYLOAD_TAG: u8 = b'p';
 
 const FLAG_LEASED: u8 = 1;
 const FLAG_DEAD: u8 = 2;
 
-/// The key of an item: its id, big-endian, so key order is id (FIFO) order.
-pub(crate) fn item_key(id: ItemId) -> [u8; 8] {
-    id.0.to_be_bytes()
+/// What a key of a partition keyspace names.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Key {
+    /// An item's metadata.
+    Meta(ItemId),
+    /// An item's payload.
+    Payload(ItemId),
+    /// Bookkeeping (see the partition store).
+    Other,
 }
 
-/// The id of an item key, `None` for keys that are not item keys (bookkeeping keys have another length).
-pub(crate) fn item_id(key: &[u8]) -> Option<ItemId> {
-    <[u8; 8]>::try_from(key).ok().map(|b| ItemId(u64::from_be_bytes(b)))
+/// The key of an item's metadata.
+pub(crate) fn meta_key(id: ItemId) -> Vec<u8> {
+    id.0.to_be_bytes().to_vec()
 }
 
-/// Encodes an item (everything but its id, which is the key).
-pub(crate) fn encode_item(it: &Item) -> Vec<u8> {
+/// The key of an item's payload.
+pub(crate) fn payload_key(id: ItemId) -> Vec<u8> {
+    let mut k = meta_key(id);
+    k.push(PAYLOAD_TAG);
+    k
+}
+
+/// Classifies a key of a partition keyspace.
+pub(crate) fn parse_key(key: &[u8]) -> Key {
+    let id = |b: &[u8]| <[u8; 8]>::try_from(b).ok().map(|b| ItemId(u64::from_be_bytes(b)));
+    match key.len() {
+        8 => id(key).map_or(Key::Other, Key::Meta),
+        9 if key[8] == PAYLOAD_TAG => id(&key[..8]).map_or(Key::Other, Key::Payload),
+        _ => Key::Other,
+    }
+}
+
+/// Encodes an item's metadata: everything but its id (the key) and its payload (a record of its own).
+pub(crate) fn encode_meta(it: &Item) -> Vec<u8> {
     let mut w = Writer(Vec::with_capacity(
-        40 + it.payload.len() + it.source_id.len() + it.reference.len() + it.encoding.len() + it.kind.len(),
+        40 + it.source_id.len() + it.reference.len() + it.encoding.len() + it.kind.len(),
     ));
     w.0.push(ITEM_V1);
     let mut flags = 0;
@@ -55,13 +85,11 @@ pub(crate) fn encode_item(it: &Item) -> Vec<u8> {
     w.bytes(it.reference.as_bytes());
     w.bytes(it.encoding.as_bytes());
     w.bytes(it.kind.as_bytes());
-    // The payload runs to the end of the record: no length needed.
-    w.0.extend_from_slice(&it.payload);
     w.0
 }
 
-/// Decodes an item stored under `id`; `what` names the record in error messages.
-pub(crate) fn decode_item(id: ItemId, buf: &[u8], what: &str) -> Result<Item, StorageError> {
+/// Decodes the metadata of item `id` (its payload left empty); `what` names the record in error messages.
+pub(crate) fn decode_meta(id: ItemId, buf: &[u8], what: &str) -> Result<Item, StorageError> {
     let mut r = Reader { buf, what };
     let version = r.byte()?;
     if version != ITEM_V1 {
@@ -70,7 +98,7 @@ pub(crate) fn decode_item(id: ItemId, buf: &[u8], what: &str) -> Result<Item, St
         )));
     }
     let flags = r.byte()?;
-    Ok(Item {
+    let it = Item {
         id,
         is_leased: flags & FLAG_LEASED != 0,
         dead: flags & FLAG_DEAD != 0,
@@ -84,8 +112,15 @@ pub(crate) fn decode_item(id: ItemId, buf: &[u8], what: &str) -> Result<Item, St
         reference: r.string()?,
         encoding: r.string()?,
         kind: r.string()?,
-        payload: Bytes::copy_from_slice(r.rest()),
-    })
+        payload: Bytes::new(),
+    };
+    if !r.buf.is_empty() {
+        return Err(corrupt(format!(
+            "{what}: item {id} has {} unexpected trailing bytes",
+            r.buf.len()
+        )));
+    }
+    Ok(it)
 }
 
 /// Encodes a queue definition.
@@ -142,7 +177,10 @@ pub(crate) fn decode_queue(buf: &[u8], what: &str) -> Result<QueueInfo, StorageE
         });
     }
     if !r.buf.is_empty() {
-        return Err(corrupt(format!("{what}: {} unexpected trailing bytes", r.buf.len())));
+        return Err(corrupt(format!(
+            "{what}: {} unexpected trailing bytes",
+            r.buf.len()
+        )));
     }
     Ok(q)
 }
@@ -220,7 +258,10 @@ impl<'a> Reader<'a> {
         let secs = self.uint()?;
         let nanos = self.u32()?;
         if nanos >= 1_000_000_000 {
-            return Err(corrupt(format!("{}: {nanos} nanoseconds is not below one second", self.what)));
+            return Err(corrupt(format!(
+                "{}: {nanos} nanoseconds is not below one second",
+                self.what
+            )));
         }
         Ok(Duration::new(secs, nanos))
     }
@@ -239,10 +280,6 @@ impl<'a> Reader<'a> {
         let n = self.uint()?;
         let b = self.take(n)?;
         String::from_utf8(b.to_vec()).map_err(|_| corrupt(format!("{}: text field is not UTF-8", self.what)))
-    }
-
-    fn rest(&mut self) -> &'a [u8] {
-        std::mem::take(&mut self.buf)
     }
 }
 
@@ -270,26 +307,34 @@ mod tests {
     }
 
     #[test]
-    fn item_round_trips() {
+    fn item_metadata_round_trips_without_the_payload() {
         let it = sample();
-        let buf = encode_item(&it);
-        assert_eq!(decode_item(it.id, &buf, "test").expect("decode"), it);
+        let buf = encode_meta(&it);
+        assert!(!buf.windows(it.payload.len()).any(|w| w == &it.payload[..]));
+        let back = decode_meta(it.id, &buf, "test").expect("decode");
+        assert_eq!(
+            back,
+            Item {
+                payload: Bytes::new(),
+                ..it
+            }
+        );
         let empty = Item::default();
         assert_eq!(
-            decode_item(ItemId(0), &encode_item(&empty), "test").expect("decode"),
+            decode_meta(ItemId(0), &encode_meta(&empty), "test").expect("decode"),
             empty
         );
     }
 
     #[test]
     fn item_refuses_unknown_version_and_truncation() {
-        let mut buf = encode_item(&sample());
+        let mut buf = encode_meta(&sample());
         buf[0] = 9;
-        let e = decode_item(ItemId(1), &buf, "test").expect_err("version");
+        let e = decode_meta(ItemId(1), &buf, "test").expect_err("version");
         assert_eq!(e.kind, StorageErrorKind::Corrupt);
         assert!(e.message.contains("record version 9"), "{}", e.message);
-        let buf = encode_item(&sample());
-        let e = decode_item(ItemId(1), &buf[..10], "test").expect_err("short");
+        let buf = encode_meta(&sample());
+        let e = decode_meta(ItemId(1), &buf[..10], "test").expect_err("short");
         assert_eq!(e.kind, StorageErrorKind::Corrupt);
     }
 
@@ -323,9 +368,24 @@ mod tests {
     }
 
     #[test]
-    fn keys_sort_as_ids() {
-        assert!(item_key(ItemId(255)) < item_key(ItemId(256)));
-        assert_eq!(item_id(&item_key(ItemId(42))), Some(ItemId(42)));
-        assert_eq!(item_id(b"hwm"), None);
+    fn keys_sort_as_ids_with_each_payload_right_after_its_metadata() {
+        let mut keys = [
+            meta_key(ItemId(256)),
+            payload_key(ItemId(255)),
+            meta_key(ItemId(255)),
+            payload_key(ItemId(256)),
+        ];
+        keys.sort();
+        assert_eq!(
+            keys.iter().map(|k| parse_key(k)).collect::<Vec<_>>(),
+            vec![
+                Key::Meta(ItemId(255)),
+                Key::Payload(ItemId(255)),
+                Key::Meta(ItemId(256)),
+                Key::Payload(ItemId(256))
+            ]
+        );
+        assert_eq!(parse_key(b"hwm"), Key::Other);
+        assert_eq!(parse_key(b"123456789"), Key::Other);
     }
 }

@@ -241,7 +241,11 @@ impl Engine {
     }
 
     fn closed_error(&self) -> StorageError {
-        StorageError::unavailable(format!("the {} at '{}' is closed", self.label, self.dir.display()))
+        StorageError::unavailable(format!(
+            "the {} at '{}' is closed",
+            self.label,
+            self.dir.display()
+        ))
     }
 
     /// Whether writes need the slow path of [`Engine::check_writable`].
@@ -462,7 +466,8 @@ impl Engine {
                 self.mark_broken(&err);
                 return err;
             }
-            return self.poison("the storage engine stopped writing after a background I/O failure".to_string());
+            return self
+                .poison("the storage engine stopped writing after a background I/O failure".to_string());
         }
         let err = self.error(e, "writing");
         tracing::error!(dir = %self.dir.display(), store = self.label, error = %err, "write failed");
@@ -589,10 +594,16 @@ fn check_format(dir: &Path, kind: &str) -> Result<(), StorageError> {
         Ok(text) => {
             let words: Vec<&str> = text.split_whitespace().collect();
             let [magic, found_kind, version] = words[..] else {
-                return Err(corrupt(format!("'{}' is not a lessor format marker", path.display())));
+                return Err(corrupt(format!(
+                    "'{}' is not a lessor format marker",
+                    path.display()
+                )));
             };
             if magic != "lessor-fjall" {
-                return Err(corrupt(format!("'{}' is not a lessor format marker", path.display())));
+                return Err(corrupt(format!(
+                    "'{}' is not a lessor format marker",
+                    path.display()
+                )));
             }
             if found_kind != kind {
                 return Err(corrupt(format!(
@@ -610,10 +621,7 @@ fn check_format(dir: &Path, kind: &str) -> Result<(), StorageError> {
             }
         }
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
-            let not_empty = fs::read_dir(dir)
-                .map_err(|e| io_error(dir, &e))?
-                .next()
-                .is_some();
+            let not_empty = fs::read_dir(dir).map_err(|e| io_error(dir, &e))?.next().is_some();
             if not_empty {
                 // Data without a marker was not written by lessor (or lost its marker): refuse rather than guess.
                 return Err(corrupt(format!(
@@ -662,8 +670,10 @@ fn find_io(e: &fjall::Error) -> Option<&io::Error> {
 pub(crate) fn is_no_space(e: &io::Error) -> bool {
     const ENOSPC: i32 = 28;
     const EDQUOT: i32 = 122;
-    matches!(e.kind(), io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded)
-        || matches!(e.raw_os_error(), Some(ENOSPC | EDQUOT))
+    matches!(
+        e.kind(),
+        io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded
+    ) || matches!(e.raw_os_error(), Some(ENOSPC | EDQUOT))
 }
 
 /// Whether the filesystem holding `dir` is nearly full.

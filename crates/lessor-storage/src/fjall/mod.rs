@@ -138,7 +138,11 @@ pub fn keyspace_name(queue: &str, partition: u32) -> String {
     while !queue.is_char_boundary(cut) {
         cut -= 1;
     }
-    format!("{}~{:016x}-{partition:06}-partition", &queue[..cut], fnv1a(queue.as_bytes()))
+    format!(
+        "{}~{:016x}-{partition:06}-partition",
+        &queue[..cut],
+        fnv1a(queue.as_bytes())
+    )
 }
 
 /// FNV-1a, 64 bits: stable across builds and platforms, unlike std's hasher.
@@ -160,13 +164,26 @@ mod tests {
         let ok = |mode, ms| Durability::from_config(mode, ms).expect("valid");
         assert_eq!(ok(None, None), Durability::Sync);
         assert_eq!(ok(Some("NONE"), None), Durability::None);
-        assert_eq!(ok(Some("interval"), None), Durability::Interval(Durability::DEFAULT_INTERVAL));
-        assert_eq!(ok(Some("interval"), Some(250)), Durability::Interval(Duration::from_millis(250)));
-        for (mode, ms) in [(Some("fast"), None), (Some("sync"), Some(5)), (Some("interval"), Some(0))] {
+        assert_eq!(
+            ok(Some("interval"), None),
+            Durability::Interval(Durability::DEFAULT_INTERVAL)
+        );
+        assert_eq!(
+            ok(Some("interval"), Some(250)),
+            Durability::Interval(Duration::from_millis(250))
+        );
+        for (mode, ms) in [
+            (Some("fast"), None),
+            (Some("sync"), Some(5)),
+            (Some("interval"), Some(0)),
+        ] {
             let e = Durability::from_config(mode, ms).expect_err("invalid");
             assert_eq!(e.kind, StorageErrorKind::Config, "{mode:?} {ms:?}");
         }
-        assert_eq!(Durability::Interval(Duration::from_millis(20)).to_string(), "interval (20 ms)");
+        assert_eq!(
+            Durability::Interval(Duration::from_millis(20)).to_string(),
+            "interval (20 ms)"
+        );
     }
 
     #[test]

@@ -15,6 +15,7 @@ use std::sync::{mpsc, Arc, Mutex, RwLock, Weak};
 use std::thread::JoinHandle;
 
 use async_trait::async_trait;
+use bytes::Bytes;
 use fjall::KeyspaceCreateOptions;
 use lessor_core::error::{ItemError, StorageError};
 use lessor_core::storage::{
@@ -24,7 +25,7 @@ use lessor_core::time::{Clock, SystemClock, Ts};
 use lessor_core::types::{ClearRequest, Item, ItemId, NewItem, PartitionCounts, PartitionStats};
 use tokio::sync::oneshot;
 
-use super::codec::{decode_item, encode_item, item_id, item_key};
+use super::codec::{decode_meta, encode_meta, meta_key, parse_key, payload_key, Key};
 use super::engine::{Engine, Fault, Unit};
 use super::{keyspace_name, Durability, PARTITIONS_DIR};
 use crate::state::{Changes, PartitionState};
@@ -56,6 +57,8 @@ struct Shared {
     writer: Mutex<Option<JoinHandle<()>>>,
     /// Open partitions by keyspace name, so a second open of a live partition shares its state.
     open: Mutex<HashMap<String, Weak<FjallPartition>>>,
+    /// Opens in progress by keyspace name, so two concurrent opens of one partition load it once.
+    opening: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 impl Shared {
@@ -106,13 +109,20 @@ impl Shared {
                         format!("reading {what} failed: {e:?}"),
                     )
                 })?;
-                match item_id(&k) {
-                    Some(id) => items.push(decode_item(id, &v, &what)?),
-                    None if &*k == HWM_KEY => {
+                match parse_key(&k) {
+                    Key::Meta(id) => items.push(decode_meta(id, &v, &what)?),
+                    // A payload sorts right after its item's metadata.
+                    Key::Payload(id) => match items.last_mut() {
+                        Some(it) if it.id == id => it.payload = Bytes::copy_from_slice(&v),
+                        _ => {
+                            tracing::warn!(partition = %name, item = %id, "payload without an item: ignored")
+                        }
+                    },
+                    Key::Other if &*k == HWM_KEY => {
                         hwm = <[u8; 8]>::try_from(&*v).map(u64::from_be_bytes).unwrap_or(0);
                     }
                     // Keys of a later format version this one does not know: leave them be.
-                    None => {}
+                    Key::Other => {}
                 }
             }
             let state = PartitionState::load(items, floor.max(hwm.saturating_add(1)));
@@ -198,6 +208,7 @@ impl FjallStore {
                 tx: RwLock::new(Some(tx)),
                 writer: Mutex::new(Some(writer)),
                 open: Mutex::new(HashMap::new()),
+                opening: Mutex::new(HashMap::new()),
             }),
         })
     }
@@ -222,16 +233,18 @@ impl FjallStore {
     fn registry(&self) -> std::sync::MutexGuard<'_, HashMap<String, Weak<FjallPartition>>> {
         self.shared.open.lock().unwrap_or_else(|e| e.into_inner())
     }
-}
 
-#[async_trait]
-impl PartitionStore for FjallStore {
-    fn driver(&self) -> &'static str {
-        "fjall"
+    fn gates(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<tokio::sync::Mutex<()>>>> {
+        self.shared.opening.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    async fn open(&self, queue: &str, partition: u32) -> Result<Arc<dyn Partition>, StorageError> {
-        let name = keyspace_name(queue, partition);
+    /// Returns the live partition `name` or loads it; the caller holds the partition's open gate.
+    async fn open_gated(
+        &self,
+        queue: &str,
+        partition: u32,
+        name: String,
+    ) -> Result<Arc<dyn Partition>, StorageError> {
         let live = self.registry().get(&name).and_then(Weak::upgrade);
         if let Some(p) = live.filter(|p| !p.closed.load(Ordering::Acquire)) {
             return Ok(p);
@@ -259,6 +272,28 @@ impl PartitionStore for FjallStore {
         self.registry().insert(name.to_string(), Arc::downgrade(&p));
         Ok(p)
     }
+}
+
+#[async_trait]
+impl PartitionStore for FjallStore {
+    fn driver(&self) -> &'static str {
+        "fjall"
+    }
+
+    async fn open(&self, queue: &str, partition: u32) -> Result<Arc<dyn Partition>, StorageError> {
+        let name = keyspace_name(queue, partition);
+        let gate = self.gates().entry(name.clone()).or_default().clone();
+        let loaded = {
+            let _g = gate.lock().await;
+            self.open_gated(queue, partition, name.clone()).await
+        };
+        let mut gates = self.gates();
+        // Forget the gate unless another open is waiting on it (the map and this call hold the only references).
+        if Arc::strong_count(&gate) == 2 {
+            gates.remove(&name);
+        }
+        loaded
+    }
 
     async fn destroy(&self, queue: &str, partition: u32) -> Result<(), StorageError> {
         let name = keyspace_name(queue, partition);
@@ -271,11 +306,7 @@ impl PartitionStore for FjallStore {
 
     async fn close(&self) {
         // Dropping the sender ends the writer thread once it has answered every job already sent.
-        self.shared
-            .tx
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .take();
+        self.shared.tx.write().unwrap_or_else(|e| e.into_inner()).take();
         let writer = self
             .shared
             .writer
@@ -370,8 +401,9 @@ impl FjallPartition {
         }
     }
 
-    /// Encodes a change set: one operation per key, the final one (an id put and then removed within one call is
-    /// removed; an id put twice keeps its last version), so a batch never holds two versions of a key.
+    /// Encodes a change set with one operation per key, the final one: an id put and then removed within one call
+    /// is removed, an id put twice keeps its last version, so a batch never holds two versions of a key. Ids above
+    /// `hwm` are new and get their payload written; older ids only change their metadata (a payload never changes).
     fn unit(&self, ch: &Changes, hwm: u64) -> (Unit, u64) {
         let gone: HashSet<ItemId> = ch.del.iter().copied().collect();
         let mut seen = HashSet::with_capacity(ch.put.len());
@@ -382,12 +414,19 @@ impl FjallPartition {
             if gone.contains(&it.id) || !seen.insert(it.id) {
                 continue;
             }
-            puts.push((item_key(it.id).to_vec(), encode_item(it)));
+            puts.push((meta_key(it.id), encode_meta(it)));
+            if it.id.0 > hwm && !it.payload.is_empty() {
+                puts.push((payload_key(it.id), it.payload.to_vec()));
+            }
         }
         if top > hwm {
             puts.push((HWM_KEY.to_vec(), top.to_be_bytes().to_vec()));
         }
-        let dels = gone.iter().map(|id| item_key(*id).to_vec()).collect();
+        let mut dels = Vec::with_capacity(gone.len() * 2);
+        for id in gone {
+            dels.push(meta_key(id));
+            dels.push(payload_key(id));
+        }
         (
             Unit {
                 keyspace: self.name.clone(),

@@ -72,9 +72,9 @@ impl FjallQueues {
     ) -> Result<T, StorageError> {
         let engine = self.engine.clone();
         tokio::task::spawn_blocking(move || {
-            let ks = engine
-                .keyspace(KEYSPACE, false)?
-                .ok_or_else(|| StorageError::new(StorageErrorKind::Corrupt, "the queues keyspace is missing"))?;
+            let ks = engine.keyspace(KEYSPACE, false)?.ok_or_else(|| {
+                StorageError::new(StorageErrorKind::Corrupt, "the queues keyspace is missing")
+            })?;
             f(&engine, &ks)
         })
         .await
@@ -107,10 +107,7 @@ impl FjallQueues {
                     dels: vec![key],
                 },
             };
-            engine
-                .commit_group(vec![unit])
-                .pop()
-                .unwrap_or(Ok(()))
+            engine.commit_group(vec![unit]).pop().unwrap_or(Ok(()))
         })
         .await
     }

@@ -188,20 +188,24 @@ fn distinct_ids<'a>(ids: impl Iterator<Item = &'a ItemId>) -> Vec<i64> {
     v
 }
 
+/// The live (ready or leased) rows among those `lock_live` locked; scheduled and dead items read as missing.
 fn live_rows(rows: &[Row]) -> Result<HashMap<u64, LiveRow>, StorageError> {
-    rows.iter()
-        .map(|r| {
-            let id: i64 = r.try_get(0).map_err(pg_err)?;
-            let attempts: i64 = r.try_get(2).map_err(pg_err)?;
-            Ok((
-                item_id(id).0,
-                LiveRow {
-                    is_leased: r.try_get(1).map_err(pg_err)?,
-                    attempts: u32::try_from(attempts.max(0)).unwrap_or(u32::MAX),
-                },
-            ))
-        })
-        .collect()
+    let mut live = HashMap::with_capacity(rows.len());
+    for r in rows {
+        if !r.try_get::<_, bool>(3).map_err(pg_err)? {
+            continue;
+        }
+        let id: i64 = r.try_get(0).map_err(pg_err)?;
+        let attempts: i64 = r.try_get(2).map_err(pg_err)?;
+        live.insert(
+            item_id(id).0,
+            LiveRow {
+                is_leased: r.try_get(1).map_err(pg_err)?,
+                attempts: u32::try_from(attempts.max(0)).unwrap_or(u32::MAX),
+            },
+        );
+    }
+    Ok(live)
 }
 
 impl PgPartition {
@@ -284,20 +288,33 @@ impl Partition for PgPartition {
         let shared = self.shared()?;
         let conn = shared.conn().await?;
         let stmt = prepare(&conn, &self.sql.produce).await?;
-        let rows = conn
-            .query(
+        let row = conn
+            .query_one(
                 &stmt,
                 &[&source, &enqueue_at, &expire, &created, &reference, &encoding, &kind, &payload],
             )
             .await
             .map_err(pg_err)?;
         drop(conn);
-        let mut ids: Vec<Option<i64>> = vec![None; sent.len()];
-        for r in &rows {
-            let rn: i64 = r.try_get(0).map_err(pg_err)?;
+        let fresh: Vec<i64> = row.try_get(0).map_err(pg_err)?;
+        let inserted: HashSet<i64> = row
+            .try_get::<_, Option<Vec<i64>>>(1)
+            .map_err(pg_err)?
+            .unwrap_or_default()
+            .into_iter()
+            .collect();
+        let dup_rn: Vec<i64> = row.try_get::<_, Option<Vec<i64>>>(2).map_err(pg_err)?.unwrap_or_default();
+        let dup_id: Vec<i64> = row.try_get::<_, Option<Vec<i64>>>(3).map_err(pg_err)?.unwrap_or_default();
+        // Each input row's id: its fresh id when inserted, else the id of the stored copy it duplicates.
+        let mut ids: Vec<Option<i64>> = fresh
+            .iter()
+            .map(|id| inserted.contains(id).then_some(*id))
+            .collect();
+        ids.resize(sent.len(), None);
+        for (rn, id) in dup_rn.into_iter().zip(dup_id) {
             let k = usize::try_from(rn - 1).unwrap_or(usize::MAX);
-            if let Some(slot) = ids.get_mut(k) {
-                *slot = r.try_get(1).map_err(pg_err)?;
+            if let Some(slot @ None) = ids.get_mut(k) {
+                *slot = Some(id);
             }
         }
         let unresolved: Vec<&str> = ids

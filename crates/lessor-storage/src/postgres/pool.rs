@@ -105,6 +105,15 @@ fn build_pool(cfg: &PgConfig) -> Result<Pool, StorageError> {
     if pg.get_tcp_user_timeout().is_none() {
         pg.tcp_user_timeout(TCP_USER_TIMEOUT);
     }
+    // Every statement of this backend is written to be served by an index. A queue table swings between empty
+    // and large faster than autovacuum re-analyses it, and a plan made while statistics said "empty" would read
+    // the whole table on every call of the next burst; disabling sequential scans makes the planner take the index
+    // path whatever the statistics say (it remains a cost penalty, not a hard ban).
+    let opts = match pg.get_options() {
+        Some(o) if !o.is_empty() => format!("{o} -c enable_seqscan=off"),
+        _ => "-c enable_seqscan=off".to_string(),
+    };
+    pg.options(opts);
     if pg.get_application_name().is_none() {
         pg.application_name("lessor");
     }

@@ -46,7 +46,14 @@ pub struct OpStats {
 
 impl Default for OpStats {
     fn default() -> Self {
-        OpStats { requests: 0, items: 0, errors: 0, retries: 0, hist: new_hist(), lag_max: Duration::ZERO }
+        OpStats {
+            requests: 0,
+            items: 0,
+            errors: 0,
+            retries: 0,
+            hist: new_hist(),
+            lag_max: Duration::ZERO,
+        }
     }
 }
 
@@ -111,7 +118,7 @@ impl Row {
                 "p99_9": self.quantile_ms(0.999),
                 "max": self.max_ms(),
             },
-            "schedule_lag_max_ms": (!self.stats.lag_max.is_zero()).then(|| self.stats.lag_max.as_secs_f64() * 1000.0),
+            "schedule_lag_max_ms": (!self.stats.lag_max.is_zero()).then_some(self.stats.lag_max.as_secs_f64() * 1000.0),
             "measures": self.note,
         })
     }
@@ -123,7 +130,7 @@ pub fn thousands(v: f64) -> String {
     let digits = n.to_string();
     let mut out = String::with_capacity(digits.len() + digits.len() / 3);
     for (i, c) in digits.chars().enumerate() {
-        if i > 0 && (digits.len() - i) % 3 == 0 {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
             out.push(',');
         }
         out.push(c);
@@ -139,13 +146,26 @@ fn ms(v: Option<f64>) -> String {
 pub fn table(rows: &[Row]) -> String {
     let mut out = format!(
         "{:<11} {:>10} {:>12} {:>12} {:>9} {:>9} {:>9} {:>9} {:>7} {:>7}\n",
-        "operation", "requests", "items", "items/s", "p50 ms", "p99 ms", "p99.9 ms", "max ms", "454s", "errors"
+        "operation",
+        "requests",
+        "items",
+        "items/s",
+        "p50 ms",
+        "p99 ms",
+        "p99.9 ms",
+        "max ms",
+        "454s",
+        "errors"
     );
     for r in rows {
         out.push_str(&format!(
             "{:<11} {:>10} {:>12} {:>12} {:>9} {:>9} {:>9} {:>9} {:>7} {:>7}\n",
             r.name,
-            if r.elapsed.is_some() { thousands(r.stats.requests as f64) } else { "-".into() },
+            if r.elapsed.is_some() {
+                thousands(r.stats.requests as f64)
+            } else {
+                "-".into()
+            },
             thousands(r.stats.items as f64),
             r.rate().map_or_else(|| "-".to_string(), thousands),
             ms(r.quantile_ms(0.50)),
@@ -201,8 +221,13 @@ impl CpuSample {
     /// Reads the counters; `None` without `/proc`.
     pub fn now() -> Option<CpuSample> {
         let stat = std::fs::read_to_string("/proc/stat").ok()?;
-        let fields: Vec<u64> =
-            stat.lines().next()?.split_whitespace().skip(1).filter_map(|f| f.parse().ok()).collect();
+        let fields: Vec<u64> = stat
+            .lines()
+            .next()?
+            .split_whitespace()
+            .skip(1)
+            .filter_map(|f| f.parse().ok())
+            .collect();
         // user nice system idle iowait irq softirq steal [guest guest_nice, already counted in user/nice]
         let total: u64 = fields.iter().take(8).sum();
         let idle = fields.get(3).copied().unwrap_or(0) + fields.get(4).copied().unwrap_or(0);
@@ -211,7 +236,11 @@ impl CpuSample {
         let rest = own_stat.rsplit_once(')')?.1;
         let f: Vec<&str> = rest.split_whitespace().collect();
         let own = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
-        Some(CpuSample { busy: total.saturating_sub(idle), total, own })
+        Some(CpuSample {
+            busy: total.saturating_sub(idle),
+            total,
+            own,
+        })
     }
 
     /// CPU use between `self` and `later`, as percentages of the whole machine: (this process, everything
@@ -256,7 +285,12 @@ mod tests {
         }
         s.requests = 10;
         s.items = 1000;
-        let row = Row { name: "produce", stats: s, elapsed: Some(Duration::from_secs(2)), note: "" };
+        let row = Row {
+            name: "produce",
+            stats: s,
+            elapsed: Some(Duration::from_secs(2)),
+            note: "",
+        };
         assert_eq!(row.rate(), Some(500.0));
         let p50 = row.quantile_ms(0.5).unwrap_or_default();
         assert!((0.49..=0.51).contains(&p50), "{p50}");
@@ -277,7 +311,10 @@ mod tests {
         std::hint::black_box(x);
         let Some(b) = CpuSample::now() else { return };
         if let Some((own, other)) = a.usage_since(&b) {
-            assert!((0.0..=100.0).contains(&own) && (0.0..=100.0).contains(&other), "{own} {other}");
+            assert!(
+                (0.0..=100.0).contains(&own) && (0.0..=100.0).contains(&other),
+                "{own} {other}"
+            );
         }
     }
 

@@ -1,0 +1,341 @@
+#!/usr/bin/env python3
+"""Peer comparison driver for `scripts/peers-bench.sh`.
+
+Runs one pipeline workload (producers and consumers at the same time) against a queue system on loopback and
+prints one result line: items/s produced and consumed, produce-ack p99 and end-to-end (produce-to-receive)
+p50/p99 in milliseconds.
+
+Systems and the primitive used for "lease + complete":
+  beanstalkd  put / reserve + delete            (one job per call: the protocol has no batches)
+  redis       Streams: XADD (pipelined batch) / XREADGROUP COUNT batch + XACK (pending-entries list = lease)
+  nats        JetStream work-queue stream: publish (batch of async acks) / pull fetch(batch) + ack
+  lessor      HTTP JSON: /v1/queue.produce / /v1/queue.lease + /v1/queue.complete (same driver, for a
+              like-for-like comparison with the peers; `lessor bench` is the native Rust driver)
+
+Every worker is its own process (the GIL would otherwise serialise them). Payloads carry the send time
+(time.time_ns(), 8 bytes little-endian) in their first 8 bytes. Python is usually the bottleneck here: read
+the numbers as "what a Python client gets", and compare systems with each other, not with `lessor bench`.
+"""
+
+import argparse
+import base64
+import http.client
+import json
+import multiprocessing as mp
+import os
+import struct
+import sys
+import time
+import uuid
+
+
+def stamp_payload(size):
+    return struct.pack("<Q", time.time_ns()) + b"x" * (size - 8)
+
+
+def sent_ns(payload):
+    return struct.unpack("<Q", payload[:8])[0]
+
+
+def pct(values, q):
+    if not values:
+        return None
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q * len(values)))]
+
+
+# --------------------------------------------------------------------------------------------------------
+# beanstalkd
+# --------------------------------------------------------------------------------------------------------
+def beanstalk_producer(a, deadline, out):
+    import greenstalk
+
+    c = greenstalk.Client(("127.0.0.1", a.port), use=a.queue, encoding=None)
+    n, acks = 0, []
+    while time.time() < deadline:
+        t0 = time.perf_counter()
+        for _ in range(a.batch):
+            c.put(stamp_payload(a.payload))
+        acks.append(time.perf_counter() - t0)
+        n += a.batch
+    out.put(("p", n, acks, []))
+
+
+def beanstalk_consumer(a, stop_at, out):
+    import greenstalk
+
+    c = greenstalk.Client(("127.0.0.1", a.port), watch=a.queue, encoding=None)
+    n, e2e = 0, []
+    while time.time() < stop_at:
+        try:
+            job = c.reserve(timeout=1)
+        except greenstalk.TimedOutError:
+            continue
+        e2e.append((time.time_ns() - sent_ns(job.body)) / 1e9)
+        c.delete(job)
+        n += 1
+    out.put(("c", n, [], e2e))
+
+
+# --------------------------------------------------------------------------------------------------------
+# redis streams
+# --------------------------------------------------------------------------------------------------------
+def redis_setup(a):
+    import redis
+
+    r = redis.Redis(port=a.port)
+    r.delete(a.queue)
+    r.xgroup_create(a.queue, "workers", id="0", mkstream=True)
+
+
+def redis_producer(a, deadline, out):
+    import redis
+
+    r = redis.Redis(port=a.port)
+    n, acks = 0, []
+    while time.time() < deadline:
+        t0 = time.perf_counter()
+        p = r.pipeline(transaction=False)
+        for _ in range(a.batch):
+            p.xadd(a.queue, {"b": stamp_payload(a.payload)})
+        p.execute()
+        acks.append(time.perf_counter() - t0)
+        n += a.batch
+    out.put(("p", n, acks, []))
+
+
+def redis_consumer(a, stop_at, out, ident):
+    import redis
+
+    r = redis.Redis(port=a.port)
+    n, e2e = 0, []
+    while time.time() < stop_at:
+        res = r.xreadgroup("workers", f"c{ident}", {a.queue: ">"}, count=a.batch, block=1000)
+        if not res:
+            continue
+        now = time.time_ns()
+        ids = []
+        for _, entries in res:
+            for mid, fields in entries:
+                e2e.append((now - sent_ns(fields[b"b"])) / 1e9)
+                ids.append(mid)
+        r.xack(a.queue, "workers", *ids)
+        n += len(ids)
+    out.put(("c", n, [], e2e))
+
+
+# --------------------------------------------------------------------------------------------------------
+# NATS JetStream
+# --------------------------------------------------------------------------------------------------------
+def nats_setup(a):
+    import asyncio
+
+    import nats
+    from nats.js.api import RetentionPolicy, StreamConfig
+
+    async def go():
+        nc = await nats.connect(f"nats://127.0.0.1:{a.port}")
+        js = nc.jetstream()
+        try:
+            await js.delete_stream(a.queue)
+        except Exception:
+            pass
+        await js.add_stream(
+            StreamConfig(name=a.queue, subjects=[a.queue], retention=RetentionPolicy.WORK_QUEUE, storage="memory")
+        )
+        await nc.close()
+
+    asyncio.run(go())
+
+
+def nats_producer(a, deadline, out):
+    import asyncio
+
+    import nats
+
+    async def go():
+        nc = await nats.connect(f"nats://127.0.0.1:{a.port}")
+        js = nc.jetstream()
+        n, acks = 0, []
+        while time.time() < deadline:
+            t0 = time.perf_counter()
+            await asyncio.gather(*(js.publish(a.queue, stamp_payload(a.payload)) for _ in range(a.batch)))
+            acks.append(time.perf_counter() - t0)
+            n += a.batch
+        await nc.close()
+        return n, acks
+
+    n, acks = asyncio.run(go())
+    out.put(("p", n, acks, []))
+
+
+def nats_consumer(a, stop_at, out, ident):
+    import asyncio
+
+    import nats
+    from nats.errors import TimeoutError as NatsTimeout
+
+    async def go():
+        nc = await nats.connect(f"nats://127.0.0.1:{a.port}")
+        js = nc.jetstream()
+        sub = await js.pull_subscribe(a.queue, durable="workers")
+        n, e2e = 0, []
+        while time.time() < stop_at:
+            try:
+                msgs = await sub.fetch(a.batch, timeout=1)
+            except NatsTimeout:
+                continue
+            now = time.time_ns()
+            for m in msgs:
+                e2e.append((now - sent_ns(m.data)) / 1e9)
+            await asyncio.gather(*(m.ack() for m in msgs))
+            n += len(msgs)
+        await nc.close()
+        return n, e2e
+
+    n, e2e = asyncio.run(go())
+    out.put(("c", n, [], e2e))
+
+
+# --------------------------------------------------------------------------------------------------------
+# Lessor over HTTP JSON (same driver as the peers)
+# --------------------------------------------------------------------------------------------------------
+def lessor_call(conn, path, body):
+    conn.request("POST", path, json.dumps(body), {"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    data = resp.read()
+    return resp.status, (json.loads(data) if data else {})
+
+
+def lessor_setup(a):
+    conn = http.client.HTTPConnection("127.0.0.1", a.port)
+    status, body = lessor_call(
+        conn, "/v1/queues.create", {"queue_name": a.queue, "lease_timeout": "1m", "expire_timeout": "24h"}
+    )
+    if status != 200:
+        sys.exit(f"lessor: cannot create the queue: {status} {body}")
+
+
+def lessor_producer(a, deadline, out):
+    conn = http.client.HTTPConnection("127.0.0.1", a.port)
+    n, acks = 0, []
+    while time.time() < deadline:
+        items = [{"bytes": base64.b64encode(stamp_payload(a.payload)).decode()} for _ in range(a.batch)]
+        t0 = time.perf_counter()
+        status, body = lessor_call(
+            conn, "/v1/queue.produce", {"queue_name": a.queue, "request_timeout": "30s", "items": items}
+        )
+        if status != 200:
+            sys.exit(f"lessor: produce failed: {status} {body}")
+        acks.append(time.perf_counter() - t0)
+        n += a.batch
+    out.put(("p", n, acks, []))
+
+
+def lessor_consumer(a, stop_at, out, ident):
+    conn = http.client.HTTPConnection("127.0.0.1", a.port)
+    n, e2e = 0, []
+    client_id = f"peers-{ident}-{uuid.uuid4().hex[:8]}"
+    while time.time() < stop_at:
+        status, body = lessor_call(
+            conn,
+            "/v1/queue.lease",
+            {"queue_name": a.queue, "batch_size": a.batch, "client_id": client_id, "request_timeout": "1s"},
+        )
+        if status == 454:
+            continue
+        if status != 200:
+            sys.exit(f"lessor: lease failed: {status} {body}")
+        now = time.time_ns()
+        items = body.get("items", [])
+        for it in items:
+            e2e.append((now - sent_ns(base64.b64decode(it["bytes"]))) / 1e9)
+        status, body = lessor_call(
+            conn,
+            "/v1/queue.complete",
+            {
+                "queue_name": a.queue,
+                "partition": body.get("partition", 0),
+                "request_timeout": "30s",
+                "ids": [it["id"] for it in items],
+            },
+        )
+        if status != 200:
+            sys.exit(f"lessor: complete failed: {status} {body}")
+        n += len(items)
+    out.put(("c", n, [], e2e))
+
+
+def lessor_teardown(a):
+    conn = http.client.HTTPConnection("127.0.0.1", a.port)
+    lessor_call(conn, "/v1/queues.delete", {"queue_name": a.queue, "force": True})
+
+
+SYSTEMS = {
+    "beanstalkd": (None, beanstalk_producer, lambda a, s, o, i: beanstalk_consumer(a, s, o), None),
+    "redis": (redis_setup, redis_producer, redis_consumer, None),
+    "nats": (nats_setup, nats_producer, nats_consumer, None),
+    "lessor": (lessor_setup, lessor_producer, lessor_consumer, lessor_teardown),
+}
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("system", choices=sorted(SYSTEMS))
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--producers", type=int, default=4)
+    p.add_argument("--consumers", type=int, default=4)
+    p.add_argument("--batch", type=int, default=100)
+    p.add_argument("--payload", type=int, default=100)
+    p.add_argument("--duration", type=float, default=10.0)
+    p.add_argument("--json-out")
+    a = p.parse_args()
+    a.payload = max(a.payload, 8)
+    a.queue = f"peers{os.getpid()}"
+    setup, producer, consumer, teardown = SYSTEMS[a.system]
+    if setup:
+        setup(a)
+
+    out = mp.Queue()
+    start = time.time()
+    deadline = start + a.duration
+    # Consumers keep going a little after the producers stop, to drain what is in flight.
+    stop_at = deadline + 2.0
+    procs = [mp.Process(target=producer, args=(a, deadline, out)) for _ in range(a.producers)]
+    procs += [mp.Process(target=consumer, args=(a, stop_at, out, i)) for i in range(a.consumers)]
+    for pr in procs:
+        pr.start()
+    produced = consumed = 0
+    acks, e2e = [], []
+    for _ in procs:
+        kind, n, ak, ee = out.get()
+        if kind == "p":
+            produced += n
+        else:
+            consumed += n
+        acks += ak
+        e2e += ee
+    for pr in procs:
+        pr.join()
+    if teardown:
+        teardown(a)
+
+    ms = lambda v: None if v is None else round(v * 1000, 3)  # noqa: E731
+    res = {
+        "system": a.system,
+        "produced": produced,
+        "consumed": consumed,
+        "produce_items_per_s": round(produced / a.duration),
+        "consume_items_per_s": round(consumed / a.duration),
+        "produce_batch_p99_ms": ms(pct(acks, 0.99)),
+        "e2e_p50_ms": ms(pct(e2e, 0.50)),
+        "e2e_p99_ms": ms(pct(e2e, 0.99)),
+    }
+    print(json.dumps(res))
+    if a.json_out:
+        with open(a.json_out, "w") as f:
+            json.dump(res, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
