@@ -15,7 +15,7 @@ fn items(n: usize) -> Vec<NewItem> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn measure() {
     let url = std::env::var("LESSOR_TEST_DATABASE_URL").expect("url");
-    let store = PgStore::new(&PgConfig::new(format!("{url}?application_name=measure"))).expect("s");
+    let store = PgStore::new(&PgConfig::new(format!("{url}&application_name=measure"))).expect("s");
     let q = unique_queue("measure");
     let p = store.open(&q, 0).await.expect("open");
     for &batch in &[1usize, 100, 1000] {
@@ -44,6 +44,18 @@ async fn measure() {
         p.retry(vec![chunk.iter().map(|i| RetryOp { id: i.id, action: RetryAction::Requeue }).collect()], LifecyclePolicy::default()).await.expect("r");
     }
     println!("retry requeue 10x100: {:?} per call", t.elapsed() / 10);
+    for &n in &[1000usize, 4000] {
+        p.produce(items(n)).await.expect("p");
+        let l = p.lease(n, T0.add(Duration::from_secs(60))).await.expect("l");
+        let t = Instant::now();
+        p.retry(vec![l.iter().map(|i| RetryOp { id: i.id, action: RetryAction::Requeue }).collect()], LifecyclePolicy::default()).await.expect("r");
+        println!("retry requeue 1x{n}: {:?}", t.elapsed());
+        let l = p.lease(n, T0.add(Duration::from_secs(60))).await.expect("l");
+        let t = Instant::now();
+        p.retry(vec![l.iter().map(|i| RetryOp { id: i.id, action: RetryAction::Schedule(T0.add(Duration::from_secs(5))) }).collect()], LifecyclePolicy::default()).await.expect("r");
+        println!("retry schedule 1x{n}: {:?}", t.elapsed());
+        p.clear(lessor_core::types::ClearRequest { queue: true, scheduled: true, destructive: true }).await.expect("clear");
+    }
     // slow complete path: one bad id per batch
     let l = p.lease(1000, T0.add(Duration::from_secs(60))).await.expect("l");
     let t = Instant::now();

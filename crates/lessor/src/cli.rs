@@ -31,6 +31,8 @@ pub struct Cli {
 enum Command {
     /// Run the server.
     Server(ServerArgs),
+    /// Drive a server with load and report throughput and latency.
+    Bench(crate::bench::BenchArgs),
     /// Produce one item (payload from --payload or stdin).
     Produce {
         /// Queue name.
@@ -207,12 +209,14 @@ fn print<T: serde::Serialize + std::fmt::Debug>(json: bool, v: &T, human: impl F
 /// Runs a command.
 pub async fn run(cli: Cli) -> Result<(), String> {
     let json = cli.json;
-    if let Command::Server(args) = cli.command {
-        return server(args).await;
-    }
+    let cli = match cli.command {
+        Command::Server(args) => return server(args).await,
+        Command::Bench(args) => return crate::bench::run(args).await,
+        command => Cli { command, ..cli },
+    };
     let c = Client::new(&cli.endpoint).map_err(|e| e.to_string())?;
     match cli.command {
-        Command::Server(_) => unreachable!("handled above"),
+        Command::Server(_) | Command::Bench(_) => unreachable!("handled above"),
         Command::Produce {
             queue,
             payload,

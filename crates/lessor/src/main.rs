@@ -3,6 +3,7 @@
 //! `lessor server` runs the queue server; the other commands are a client of a running server (`--endpoint`,
 //! `LESSOR_ENDPOINT`); `lessor bench` drives a server with load.
 
+mod bench;
 mod cli;
 
 use clap::Parser;
