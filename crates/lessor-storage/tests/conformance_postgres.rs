@@ -16,7 +16,11 @@ use lessor_storage::testsuite::TestBackend;
 /// cases must not share a pool: stores share pools by connection string, and the distinct name keeps them apart.
 fn unique_url(base: &str) -> String {
     static N: AtomicU64 = AtomicU64::new(0);
-    let name = format!("lessor-test-{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed));
+    let name = format!(
+        "lessor-test-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    );
     if base.contains("://") {
         let sep = if base.contains('?') { '&' } else { '?' };
         format!("{base}{sep}application_name={name}")

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use lessor_core::error::{StorageErrorKind, ItemError};
+use lessor_core::error::{ItemError, StorageErrorKind};
 use lessor_core::storage::{LifecycleOutcome, LifecyclePolicy, Partition, PartitionStore, QueuesStore};
 use lessor_core::time::Ts;
 use lessor_core::types::{ItemId, NewItem};
@@ -25,7 +25,11 @@ const SEC: Duration = Duration::from_secs(1);
 /// `conformance_postgres.rs`): two stores built from two such URLs behave like two servers.
 fn unique_url(base: &str) -> String {
     static N: AtomicU64 = AtomicU64::new(0);
-    let name = format!("lessor-shared-{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed));
+    let name = format!(
+        "lessor-shared-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    );
     if base.contains("://") {
         let sep = if base.contains('?') { '&' } else { '?' };
         format!("{base}{sep}application_name={name}")
@@ -113,7 +117,11 @@ async fn concurrent_leases_from_two_servers_never_share_an_item() {
 }
 
 /// Runs lifecycle passes from every handle at once until none has anything left; returns the summed outcome.
-async fn race_lifecycle(workers: &[Arc<dyn Partition>], now: Ts, policy: LifecyclePolicy) -> LifecycleOutcome {
+async fn race_lifecycle(
+    workers: &[Arc<dyn Partition>],
+    now: Ts,
+    policy: LifecyclePolicy,
+) -> LifecycleOutcome {
     let mut tasks = Vec::new();
     for p in workers {
         let p = Arc::clone(p);
@@ -159,7 +167,10 @@ async fn racing_lifecycles_apply_each_action_exactly_once() {
     // Round 2: lease again (attempts 2), expire with max_attempts 2 and a dead-letter queue: all die once.
     let l = workers[2].lease(n, T0.add(SEC * 2)).await.expect("lease");
     assert_eq!(l.len(), n);
-    assert!(l.iter().all(|i| i.attempts == 2), "each item was requeued exactly once");
+    assert!(
+        l.iter().all(|i| i.attempts == 2),
+        "each item was requeued exactly once"
+    );
     let policy = LifecyclePolicy {
         max_attempts: 2,
         has_dead_queue: true,
@@ -167,7 +178,13 @@ async fn racing_lifecycles_apply_each_action_exactly_once() {
     let o = race_lifecycle(&workers, T0.add(SEC * 2), policy).await;
     assert_eq!((o.lease_expired, o.dead), (0, n as u64));
     assert_eq!(workers[3].dead_items(2 * n).await.expect("dead").len(), n);
-    let dead: Vec<ItemId> = workers[3].dead_items(2 * n).await.expect("dead").iter().map(|i| i.id).collect();
+    let dead: Vec<ItemId> = workers[3]
+        .dead_items(2 * n)
+        .await
+        .expect("dead")
+        .iter()
+        .map(|i| i.id)
+        .collect();
     workers[3].remove_dead(dead).await.expect("remove dead");
 
     // Round 3: scheduled items come due once each, in schedule order.
@@ -244,7 +261,9 @@ async fn tables_are_named_by_queue_hash_and_partition() {
         eprintln!("skipped: LESSOR_TEST_DATABASE_URL is not set");
         return;
     };
-    let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.expect("connect");
+    let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .expect("connect");
     tokio::spawn(conn);
     let exists = |t: &'static str| {
         let client = &client;

@@ -240,6 +240,11 @@ impl Engine {
         StorageError::new(kind, format!("{doing} the {what} failed: {e:?}"))
     }
 
+    /// Maps an error of reading stored records.
+    pub(crate) fn read_error(&self, e: fjall::Error) -> StorageError {
+        self.error(e, "reading")
+    }
+
     fn closed_error(&self) -> StorageError {
         StorageError::unavailable(format!(
             "the {} at '{}' is closed",

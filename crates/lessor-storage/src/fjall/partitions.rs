@@ -103,12 +103,7 @@ impl Shared {
             let mut items = Vec::new();
             let mut hwm = 0u64;
             for kv in ks.iter() {
-                let (k, v) = kv.into_inner().map_err(|e| {
-                    StorageError::new(
-                        lessor_core::error::StorageErrorKind::Unavailable,
-                        format!("reading {what} failed: {e:?}"),
-                    )
-                })?;
+                let (k, v) = kv.into_inner().map_err(|e| engine.read_error(e))?;
                 match parse_key(&k) {
                     Key::Meta(id) => items.push(decode_meta(id, &v, &what)?),
                     // A payload sorts right after its item's metadata.
@@ -121,7 +116,7 @@ impl Shared {
                     Key::Other if &*k == HWM_KEY => {
                         hwm = <[u8; 8]>::try_from(&*v).map(u64::from_be_bytes).unwrap_or(0);
                     }
-                    // Keys of a later format version this one does not know: leave them be.
+                    // No other key is written; one that is there anyway carries nothing this build needs.
                     Key::Other => {}
                 }
             }

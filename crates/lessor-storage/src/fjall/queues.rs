@@ -88,7 +88,11 @@ impl FjallQueues {
         self.with(move |engine, ks| {
             let _w = write.lock().unwrap_or_else(|e| e.into_inner());
             engine.check_writable()?;
-            if must_be_new && ks.contains_key(name.as_bytes()).map_err(read_error)? {
+            if must_be_new
+                && ks
+                    .contains_key(name.as_bytes())
+                    .map_err(|e| engine.read_error(e))?
+            {
                 return Err(StorageError::new(
                     StorageErrorKind::AlreadyExists,
                     format!("queue '{name}' exists"),
@@ -113,17 +117,13 @@ impl FjallQueues {
     }
 }
 
-fn read_error(e: fjall::Error) -> StorageError {
-    StorageError::unavailable(format!("reading queue definitions failed: {e:?}"))
-}
-
 #[async_trait]
 impl QueuesStore for FjallQueues {
     async fn get(&self, name: &str) -> Result<Option<QueueInfo>, StorageError> {
         let name = name.to_string();
-        self.with(move |_, ks| {
+        self.with(move |engine, ks| {
             ks.get(name.as_bytes())
-                .map_err(read_error)?
+                .map_err(|e| engine.read_error(e))?
                 .map(|v| decode_queue(&v, &format!("queue definition '{name}'")))
                 .transpose()
         })
@@ -144,10 +144,10 @@ impl QueuesStore for FjallQueues {
 
     async fn list(&self, pivot: &str, limit: usize) -> Result<Vec<QueueInfo>, StorageError> {
         let pivot = pivot.as_bytes().to_vec();
-        self.with(move |_, ks| {
+        self.with(move |engine, ks| {
             let mut out = Vec::with_capacity(limit.min(1024));
             for kv in ks.range(pivot..).take(limit) {
-                let (k, v) = kv.into_inner().map_err(read_error)?;
+                let (k, v) = kv.into_inner().map_err(|e| engine.read_error(e))?;
                 let what = format!("queue definition '{}'", String::from_utf8_lossy(&k));
                 out.push(decode_queue(&v, &what)?);
             }

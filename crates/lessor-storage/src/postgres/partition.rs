@@ -291,7 +291,16 @@ impl Partition for PgPartition {
         let row = conn
             .query_one(
                 &stmt,
-                &[&source, &enqueue_at, &expire, &created, &reference, &encoding, &kind, &payload],
+                &[
+                    &source,
+                    &enqueue_at,
+                    &expire,
+                    &created,
+                    &reference,
+                    &encoding,
+                    &kind,
+                    &payload,
+                ],
             )
             .await
             .map_err(pg_err)?;
@@ -303,8 +312,14 @@ impl Partition for PgPartition {
             .unwrap_or_default()
             .into_iter()
             .collect();
-        let dup_rn: Vec<i64> = row.try_get::<_, Option<Vec<i64>>>(2).map_err(pg_err)?.unwrap_or_default();
-        let dup_id: Vec<i64> = row.try_get::<_, Option<Vec<i64>>>(3).map_err(pg_err)?.unwrap_or_default();
+        let dup_rn: Vec<i64> = row
+            .try_get::<_, Option<Vec<i64>>>(2)
+            .map_err(pg_err)?
+            .unwrap_or_default();
+        let dup_id: Vec<i64> = row
+            .try_get::<_, Option<Vec<i64>>>(3)
+            .map_err(pg_err)?
+            .unwrap_or_default();
         // Each input row's id: its fresh id when inserted, else the id of the stored copy it duplicates.
         let mut ids: Vec<Option<i64>> = fresh
             .iter()
@@ -332,7 +347,9 @@ impl Partition for PgPartition {
                         }
                     }
                 }
-                Err(e) => tracing::warn!(table = %self.table, error = %e, "postgres: cannot resolve duplicate ids"),
+                Err(e) => {
+                    tracing::warn!(table = %self.table, error = %e, "postgres: cannot resolve duplicate ids")
+                }
             }
         }
         // A duplicate whose stored copy vanished again (completed in between) has no id left to report: 0.
@@ -442,7 +459,14 @@ impl Partition for PgPartition {
                         }
                         RetryAction::Dead => {
                             o.dead += 1;
-                            (if policy.has_dead_queue { RETRY_KEEP_DEAD } else { RETRY_DELETE }, 0)
+                            (
+                                if policy.has_dead_queue {
+                                    RETRY_KEEP_DEAD
+                                } else {
+                                    RETRY_DELETE
+                                },
+                                0,
+                            )
                         }
                     };
                     if let Some(id) = db_id(op.id) {
@@ -495,10 +519,13 @@ impl Partition for PgPartition {
             // one transaction, each seeing the moves before it: an item whose lease expired and whose expire
             // deadline passed is requeued, then dies, exactly as in memory.
             let (tx, rows) = Tx::begin(conn, &leases, &[&now.0, &limit_param(limit), &max, &keep]).await?;
-            let row = rows.first().ok_or_else(|| StorageError::other("postgres: no lifecycle row"))?;
+            let row = rows
+                .first()
+                .ok_or_else(|| StorageError::other("postgres: no lifecycle row"))?;
             o.lease_expired = count(row.try_get(0).map_err(pg_err)?);
             o.dead = count(row.try_get(1).map_err(pg_err)?);
-            let mut left = limit.saturating_sub(usize::try_from(o.lease_expired + o.dead).unwrap_or(usize::MAX));
+            let mut left =
+                limit.saturating_sub(usize::try_from(o.lease_expired + o.dead).unwrap_or(usize::MAX));
             let mut tx = Some(tx);
             if left > 0 {
                 let (t, rows) = tx
@@ -507,14 +534,24 @@ impl Partition for PgPartition {
                     .query(&due, &[&now.0, &limit_param(left)])
                     .await?;
                 tx = Some(t);
-                let n = rows.first().map(|r| r.try_get::<_, i64>(0)).transpose().map_err(pg_err)?;
+                let n = rows
+                    .first()
+                    .map(|r| r.try_get::<_, i64>(0))
+                    .transpose()
+                    .map_err(pg_err)?;
                 o.enqueued = count(n.unwrap_or(0));
                 left = left.saturating_sub(usize::try_from(o.enqueued).unwrap_or(usize::MAX));
             }
             let tx = tx.ok_or_else(|| StorageError::other("postgres: transaction lost"))?;
             if left > 0 {
-                let rows = tx.query_commit(&expire, &[&now.0, &limit_param(left), &keep]).await?;
-                let n = rows.first().map(|r| r.try_get::<_, i64>(0)).transpose().map_err(pg_err)?;
+                let rows = tx
+                    .query_commit(&expire, &[&now.0, &limit_param(left), &keep])
+                    .await?;
+                let n = rows
+                    .first()
+                    .map(|r| r.try_get::<_, i64>(0))
+                    .transpose()
+                    .map_err(pg_err)?;
                 o.dead += count(n.unwrap_or(0));
                 left = left.saturating_sub(usize::try_from(count(n.unwrap_or(0))).unwrap_or(usize::MAX));
             } else {

@@ -146,7 +146,9 @@ fn build_pool(cfg: &PgConfig) -> Result<Pool, StorageError> {
 pub(crate) fn pool_err(e: PoolError) -> StorageError {
     match e {
         PoolError::Backend(e) => pg_err(e),
-        PoolError::Timeout(t) => StorageError::unavailable(format!("postgres: timed out ({t:?}) getting a connection")),
+        PoolError::Timeout(t) => {
+            StorageError::unavailable(format!("postgres: timed out ({t:?}) getting a connection"))
+        }
         PoolError::Closed => StorageError::unavailable("postgres: pool closed"),
         PoolError::NoRuntimeSpecified => StorageError::new(StorageErrorKind::Config, "postgres: no runtime"),
         PoolError::PostCreateHook(e) => StorageError::unavailable(format!("postgres: {e}")),
@@ -239,7 +241,11 @@ pub(crate) struct Tx {
 
 impl Tx {
     /// Starts a transaction and runs its first statement in the same round trip.
-    pub(crate) async fn begin(conn: Object, stmt: &Statement, params: &Params<'_>) -> Result<(Tx, Vec<Row>), StorageError> {
+    pub(crate) async fn begin(
+        conn: Object,
+        stmt: &Statement,
+        params: &Params<'_>,
+    ) -> Result<(Tx, Vec<Row>), StorageError> {
         let tx = Tx { conn: Some(conn) };
         let c = tx.client()?;
         let (begin, rows) = tokio::join!(c.batch_execute("BEGIN"), c.query(stmt, params));
@@ -283,7 +289,11 @@ impl Tx {
     }
 
     /// Runs a statement inside the transaction; on failure the transaction is rolled back.
-    pub(crate) async fn query(self, stmt: &Statement, params: &Params<'_>) -> Result<(Tx, Vec<Row>), StorageError> {
+    pub(crate) async fn query(
+        self,
+        stmt: &Statement,
+        params: &Params<'_>,
+    ) -> Result<(Tx, Vec<Row>), StorageError> {
         match self.client()?.query(stmt, params).await {
             Ok(rows) => Ok((self, rows)),
             Err(e) => {
@@ -296,7 +306,11 @@ impl Tx {
     /// Runs the last statement and commits, in one round trip. When the statement fails, the server answers the
     /// COMMIT with a rollback, so an `Err` changed nothing; only a failure of the COMMIT itself (a lost connection)
     /// leaves the outcome unknown.
-    pub(crate) async fn query_commit(mut self, stmt: &Statement, params: &Params<'_>) -> Result<Vec<Row>, StorageError> {
+    pub(crate) async fn query_commit(
+        mut self,
+        stmt: &Statement,
+        params: &Params<'_>,
+    ) -> Result<Vec<Row>, StorageError> {
         let c = self.client()?;
         let (rows, commit) = tokio::join!(c.query(stmt, params), c.batch_execute("COMMIT"));
         if commit.is_ok() {

@@ -58,7 +58,11 @@ pub const SCHEMA_VERSION: i32 = MIGRATIONS.len() as i32;
 
 /// Runs the migrations once per pool; a failure is not remembered, so the next call tries again.
 pub(crate) async fn ensure(shared: &Shared) -> Result<(), StorageError> {
-    shared.schema.get_or_try_init(|| migrate(shared)).await.map(|_| ())
+    shared
+        .schema
+        .get_or_try_init(|| migrate(shared))
+        .await
+        .map(|_| ())
 }
 
 async fn migrate(shared: &Shared) -> Result<(), StorageError> {
@@ -91,7 +95,11 @@ async fn migrate(shared: &Shared) -> Result<(), StorageError> {
         return tx.commit().await;
     }
     let mut tx = tx;
-    for (i, ddl) in MIGRATIONS.iter().enumerate().skip(usize::try_from(current).unwrap_or(0)) {
+    for (i, ddl) in MIGRATIONS
+        .iter()
+        .enumerate()
+        .skip(usize::try_from(current).unwrap_or(0))
+    {
         tracing::info!(version = i + 1, "postgres: migrating the schema");
         tx = tx.batch(ddl).await?;
     }
@@ -238,7 +246,12 @@ pub(crate) async fn ensure_partition(
 }
 
 /// Drops a partition's table and sequence. A table registered to another queue (a hash collision) is left alone.
-pub(crate) async fn drop_partition(shared: &Shared, table: &str, queue: &str, partition: u32) -> Result<(), StorageError> {
+pub(crate) async fn drop_partition(
+    shared: &Shared,
+    table: &str,
+    queue: &str,
+    partition: u32,
+) -> Result<(), StorageError> {
     ensure(shared).await?;
     let conn = shared.conn().await?;
     let lock = format!("SELECT pg_advisory_xact_lock({TABLE_LOCK_CLASS}, hashtext('{table}'))");

@@ -17,7 +17,8 @@
 //! misestimated sets would be quadratic).
 
 /// Item columns in [`super::partition`]'s decode order.
-const COLS: &str = "t.id, t.source_id, t.is_leased, t.lease_deadline, t.expire_deadline, t.enqueue_at, t.created_at, \
+const COLS: &str =
+    "t.id, t.source_id, t.is_leased, t.lease_deadline, t.expire_deadline, t.enqueue_at, t.created_at, \
                     t.attempts, t.max_attempts, t.reference, t.encoding, t.kind, t.payload, t.dead";
 
 /// Predicates of the item states; the same text as the partial indexes of [`super::schema::partition_ddl`].
@@ -319,7 +320,9 @@ mod tests {
         let store = PgStore::new(&PgConfig::new(format!("{url}?application_name=plans"))).expect("store");
         store.open(&queue, 0).await.expect("open");
         let t = crate::postgres::table_name(&queue, 0);
-        let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.expect("connect");
+        let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+            .await
+            .expect("connect");
         tokio::spawn(conn);
         // 100k items: mostly ready, some leased, scheduled and dead, with kilobyte payloads.
         client
