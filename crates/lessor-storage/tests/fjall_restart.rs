@@ -458,3 +458,31 @@ async fn leases_rewrite_item_metadata_not_payloads() {
     let back = p.list(None, 100, false).await.expect("list");
     assert_eq!(back, leased, "leased items come back whole, payloads included");
 }
+
+#[tokio::test]
+async fn interval_mode_acknowledges_first_and_fsyncs_in_the_background() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = FjallStore::open(dir.path(), Durability::Interval(Duration::from_millis(20))).expect("open");
+    let p = store.open("interval", 0).await.expect("open");
+    let before = store.fsyncs();
+    for i in 0..10 {
+        p.produce(vec![item(&format!("p{i}"))]).await.expect("produce");
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while store.fsyncs() == before {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the interval thread never fsynced"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(
+        store.fsyncs() - before < 10,
+        "writes did not wait for an fsync each"
+    );
+    // Nothing new written: the interval thread stays idle.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let idle = store.fsyncs();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(store.fsyncs(), idle);
+}

@@ -81,6 +81,12 @@ pub(crate) fn acquire(cfg: &PgConfig) -> Result<Arc<Shared>, StorageError> {
         .map_err(|_| StorageError::other("postgres pool registry poisoned by a panic"))?;
     pools.retain(|_, w| w.strong_count() > 0);
     if let Some(shared) = pools.get(&cfg.connection_string).and_then(Weak::upgrade) {
+        if shared.pool.status().max_size != pool_size(cfg) {
+            tracing::warn!(
+                max_conns = shared.pool.status().max_size,
+                "postgres: stores share a connection string but ask for different max-conns; the first one applies"
+            );
+        }
         return Ok(shared);
     }
     let shared = Arc::new(Shared {
@@ -89,6 +95,14 @@ pub(crate) fn acquire(cfg: &PgConfig) -> Result<Arc<Shared>, StorageError> {
     });
     pools.insert(cfg.connection_string.clone(), Arc::downgrade(&shared));
     Ok(shared)
+}
+
+fn pool_size(cfg: &PgConfig) -> usize {
+    let n = match cfg.max_conns {
+        None | Some(0) => PgConfig::DEFAULT_MAX_CONNS,
+        Some(n) => n,
+    };
+    usize::try_from(n).unwrap_or(usize::MAX)
 }
 
 fn build_pool(cfg: &PgConfig) -> Result<Pool, StorageError> {
@@ -117,10 +131,6 @@ fn build_pool(cfg: &PgConfig) -> Result<Pool, StorageError> {
     if pg.get_application_name().is_none() {
         pg.application_name("lessor");
     }
-    let size = match cfg.max_conns {
-        None | Some(0) => PgConfig::DEFAULT_MAX_CONNS,
-        Some(n) => n,
-    };
     let manager = Manager::from_config(
         pg,
         NoTls,
@@ -131,7 +141,7 @@ fn build_pool(cfg: &PgConfig) -> Result<Pool, StorageError> {
         },
     );
     Pool::builder(manager)
-        .max_size(usize::try_from(size).unwrap_or(usize::MAX))
+        .max_size(pool_size(cfg))
         .runtime(Runtime::Tokio1)
         .wait_timeout(Some(WAIT_TIMEOUT))
         // Bounded by connect_timeout too; this also covers the authentication exchange.
@@ -224,8 +234,17 @@ fn transient_state(code: &SqlState) -> bool {
 /// Query parameters.
 pub(crate) type Params<'a> = [&'a (dyn ToSql + Sync)];
 
-/// A prepared statement, cached per connection (statements name per-partition tables, so the text is the key).
+/// Most statements one connection keeps prepared. Statements name per-partition tables, so a server with many
+/// partitions would otherwise keep (number of partitions x ~20) prepared plans alive in every backend process.
+/// Past the bound the connection's cache is emptied (dropping a statement deallocates it on the server) and refills
+/// with what is in use.
+const MAX_PREPARED_PER_CONN: usize = 2000;
+
+/// A prepared statement, cached per connection.
 pub(crate) async fn prepare(conn: &Object, sql: &str) -> Result<Statement, StorageError> {
+    if conn.statement_cache.size() >= MAX_PREPARED_PER_CONN {
+        conn.statement_cache.clear();
+    }
     conn.prepare_cached(sql).await.map_err(pg_err)
 }
 

@@ -17,6 +17,7 @@
 
 use lessor_core::error::{StorageError, StorageErrorKind};
 use md5::{Digest, Md5};
+use tokio_postgres::error::SqlState;
 
 use super::pool::{pg_err, prepare, Shared, Tx};
 
@@ -67,6 +68,19 @@ pub(crate) async fn ensure(shared: &Shared) -> Result<(), StorageError> {
 
 async fn migrate(shared: &Shared) -> Result<(), StorageError> {
     let conn = shared.conn().await?;
+    // Fast path without locks or DDL: a database already at this version needs nothing, and a role without CREATE
+    // rights can then run on a schema an administrator migrated.
+    match conn.query_opt("SELECT version FROM lessor_schema", &[]).await {
+        Ok(Some(r)) => {
+            let v: i32 = r.try_get(0).map_err(pg_err)?;
+            if v == SCHEMA_VERSION {
+                return Ok(());
+            }
+        }
+        Ok(None) => {}
+        Err(e) if e.code() == Some(&SqlState::UNDEFINED_TABLE) => {}
+        Err(e) => return Err(pg_err(e)),
+    }
     let setup = format!(
         "SELECT pg_advisory_xact_lock({MIGRATION_LOCK});
          CREATE TABLE IF NOT EXISTS lessor_schema (
