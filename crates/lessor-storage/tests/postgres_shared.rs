@@ -324,3 +324,63 @@ async fn stores_start_with_the_database_down_and_report_unavailable() {
     let e = PgStore::new(&PgConfig::new("postgres://host:notaport/db")).expect_err("bad string");
     assert_eq!(e.kind, StorageErrorKind::Config, "{e}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_schema_from_a_newer_build_is_refused() {
+    let Ok(url) = std::env::var("LESSOR_TEST_DATABASE_URL") else {
+        eprintln!("skipped: LESSOR_TEST_DATABASE_URL is not set");
+        return;
+    };
+    // A private PostgreSQL schema (through search_path), so the shared tables of the other tests stay untouched.
+    let schema = format!("lessor_newer_{}", std::process::id());
+    let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .expect("connect");
+    tokio::spawn(conn);
+    client
+        .batch_execute(&format!(
+            "DROP SCHEMA IF EXISTS {schema} CASCADE; CREATE SCHEMA {schema};
+             CREATE TABLE {schema}.lessor_schema (singleton BOOLEAN PRIMARY KEY, version INTEGER NOT NULL);
+             INSERT INTO {schema}.lessor_schema VALUES (true, 999);"
+        ))
+        .await
+        .expect("newer schema");
+    let sep = if url.contains('?') { '&' } else { '?' };
+    let cfg = PgConfig::new(unique_url(&format!("{url}{sep}options=-csearch_path%3D{schema}")));
+    let queues = PgQueues::new(&cfg).expect("queues");
+    let e = queues.get("q").await.expect_err("newer schema");
+    assert_eq!(e.kind, StorageErrorKind::Corrupt, "{e}");
+    let store = PgStore::new(&cfg).expect("store");
+    let e = store.open("q", 0).await.expect_err("newer schema");
+    assert_eq!(e.kind, StorageErrorKind::Corrupt, "{e}");
+
+    // The same schema at the current version works, and the tables land in it.
+    client
+        .batch_execute(&format!("DROP SCHEMA {schema} CASCADE; CREATE SCHEMA {schema}"))
+        .await
+        .expect("fresh schema");
+    let cfg = PgConfig::new(unique_url(&format!("{url}{sep}options=-csearch_path%3D{schema}")));
+    let store = PgStore::new(&cfg).expect("store");
+    let p = store.open("q", 0).await.expect("open");
+    p.produce(items(1, "s")).await.expect("produce");
+    let n: i64 = client
+        .query_one(
+            &format!("SELECT count(*) FROM {schema}.{}", table_name("q", 0)),
+            &[],
+        )
+        .await
+        .expect("count")
+        .get(0);
+    assert_eq!(n, 1);
+    let v: i32 = client
+        .query_one(&format!("SELECT version FROM {schema}.lessor_schema"), &[])
+        .await
+        .expect("version")
+        .get(0);
+    assert_eq!(v, lessor_storage::postgres::SCHEMA_VERSION);
+    store.close().await;
+    client
+        .batch_execute(&format!("DROP SCHEMA {schema} CASCADE"))
+        .await
+        .expect("drop schema");
+}

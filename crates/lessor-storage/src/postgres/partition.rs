@@ -6,9 +6,11 @@
 //! connection dies during `COMMIT`, where no client of any database can know the outcome: the call reports
 //! `Unavailable` and the items are leased or moved at most once all the same).
 //!
-//! Round trips per call: produce, lease, delete, clear, counts, stats, next_deadline and lists one each; complete
-//! one when every id is leased (else two more: lock and check, then delete and commit); retry two; lifecycle one to
-//! three (one per kind of due action, the last carrying the COMMIT).
+//! Round trips per call (plus one per statement the connection has not prepared yet): produce, lease, delete,
+//! clear, counts, stats, next_deadline and lists one each; complete one when every id is leased (else two more:
+//! lock and check, then delete and commit); retry two (lock and check, then apply and commit); lifecycle one to
+//! three (one per kind of due action, `BEGIN` and `COMMIT` riding along), plus one `next_deadline` when the limit
+//! cut the pass short.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -45,11 +47,11 @@ impl PgStore {
     }
 
     fn shared(&self) -> Result<Arc<Shared>, StorageError> {
-        take_shared(&self.shared, "store")
+        current_pool(&self.shared, "store")
     }
 }
 
-fn take_shared(m: &Mutex<Option<Arc<Shared>>>, what: &str) -> Result<Arc<Shared>, StorageError> {
+fn current_pool(m: &Mutex<Option<Arc<Shared>>>, what: &str) -> Result<Arc<Shared>, StorageError> {
     m.lock()
         .map_err(|_| StorageError::other(format!("postgres {what} lock poisoned")))?
         .clone()
@@ -210,7 +212,7 @@ fn live_rows(rows: &[Row]) -> Result<HashMap<u64, LiveRow>, StorageError> {
 
 impl PgPartition {
     fn shared(&self) -> Result<Arc<Shared>, StorageError> {
-        take_shared(&self.shared, "partition")
+        current_pool(&self.shared, "partition")
     }
 
     /// The table this partition lives in.

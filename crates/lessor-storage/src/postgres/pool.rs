@@ -113,6 +113,13 @@ fn build_pool(cfg: &PgConfig) -> Result<Pool, StorageError> {
             format!("invalid connection-string: {e}"),
         )
     })?;
+    if pg.get_ssl_mode() == tokio_postgres::config::SslMode::Require {
+        return Err(StorageError::new(
+            StorageErrorKind::Config,
+            "connection-string: sslmode=require needs TLS, which this build does not include; use sslmode=disable \
+             or prefer (plain text), or a TLS-terminating proxy",
+        ));
+    }
     if pg.get_connect_timeout().is_none() {
         pg.connect_timeout(CONNECT_TIMEOUT);
     }
@@ -364,5 +371,30 @@ impl Drop for Tx {
             // Detach from the pool and close: the server rolls back whatever the transaction did.
             drop(Object::take(conn));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stores_on_one_connection_string_share_a_pool_until_the_last_lets_go() {
+        let a = PgConfig::new("postgres://u@127.0.0.1:1/pool_share_a");
+        let b = PgConfig::new("postgres://u@127.0.0.1:1/pool_share_b").with_max_conns(3);
+        let a1 = acquire(&a).expect("pool");
+        let a2 = acquire(&a).expect("pool");
+        let b1 = acquire(&b).expect("pool");
+        assert!(Arc::ptr_eq(&a1, &a2));
+        assert!(!Arc::ptr_eq(&a1, &b1));
+        assert_eq!(b1.pool.status().max_size, 3);
+        assert_eq!(a1.pool.status().max_size, PgConfig::DEFAULT_MAX_CONNS as usize);
+        let weak = Arc::downgrade(&a1);
+        drop((a1, a2));
+        assert!(weak.upgrade().is_none(), "the registry holds no strong reference");
+        let e = acquire(&PgConfig::new("postgres://u@h:port/x")).expect_err("bad string");
+        assert_eq!(e.kind, StorageErrorKind::Config);
+        let e = acquire(&PgConfig::new("postgres://u@h/x?sslmode=require")).expect_err("no TLS");
+        assert_eq!(e.kind, StorageErrorKind::Config);
     }
 }
