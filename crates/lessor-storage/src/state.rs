@@ -1,13 +1,28 @@
-//! The item state machine of one partition over in-memory ordered indexes.
+//! The item state machine of one partition over compact in-memory indexes.
 //!
 //! [`PartitionState`] implements every rule of the [`lessor_core::storage::Partition`] contract synchronously and
-//! reports each change as a [`Changes`] set (items written, ids removed). The memory backend is this state behind a
-//! mutex; a persistent backend can keep the same state as its index and write each change set to disk, so rules
-//! live in one place. Every operation costs O(log n) per item touched: heads of ordered sets, never scans.
+//! can report each change as a [`Changes`] set (items written, ids removed). The memory backend is this state behind
+//! a mutex (with change tracking off); the fjall backend keeps the same state as its index and writes each change set
+//! to disk, so the rules live in one place.
+//!
+//! # Why it looks like this
+//! A queue holds millions of small items, so the per-item cost matters more than anything else here:
+//! - Ready and leased items live in [`Slot`]s, 48 bytes each, in chunks of 1,024 addressed by id. Ids grow by one
+//!   per allocation, so a chunk is dense while its items are in the queue and is freed once all of them are gone.
+//!   Strings and the payload share one boxed byte buffer; absent strings cost nothing.
+//! - The ready queue needs no index of its own: an item becomes ready only under a fresh id at the tail, and leases
+//!   take from the head, so every ready id lies at or after a cursor that only moves forward.
+//! - Deadline indexes (lease expiry, item expiry) map a deadline to the ids sharing it. A batch shares one deadline,
+//!   so an entry costs one id. Entries of items that left are dropped lazily, but the first entry of each index is
+//!   kept valid after every operation, so the next deadline is always exact.
+//! - Scheduled and dead items are rarer and keep whole [`Item`]s in ordered maps.
+//!
+//! Every operation costs O(log n) per item touched; none scans the partition.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::Duration;
 
+use bytes::Bytes;
 use lessor_core::error::ItemError;
 use lessor_core::storage::{LifecycleOutcome, LifecyclePolicy, RetryAction, RetryOp, RetryOutcome};
 use lessor_core::time::Ts;
@@ -29,18 +44,151 @@ impl Changes {
     }
 }
 
-/// One partition's items and indexes.
+const CHUNK: u64 = 1024;
+const LIVE: u8 = 1;
+const LEASED: u8 = 2;
+
+// Bits of the first byte of a slot's data buffer: which optional fields follow, each as u32 length + bytes
+// (max_attempts as a u32), in this order; the payload is the rest.
+const HAS_SOURCE: u8 = 1;
+const HAS_REFERENCE: u8 = 2;
+const HAS_ENCODING: u8 = 4;
+const HAS_KIND: u8 = 8;
+const HAS_MAX_ATTEMPTS: u8 = 16;
+
+/// One ready or leased item, or a tombstone (`flags == 0`).
 #[derive(Debug, Default)]
+struct Slot {
+    created_at: i64,
+    expire_deadline: i64,
+    lease_deadline: i64,
+    attempts: u32,
+    flags: u8,
+    data: Option<Box<[u8]>>,
+}
+
+impl Slot {
+    fn live(&self) -> bool {
+        self.flags & LIVE != 0
+    }
+
+    fn leased(&self) -> bool {
+        self.flags & LEASED != 0
+    }
+
+    fn from_item(it: &Item) -> Slot {
+        let mut header = 0u8;
+        let mut len = 1 + it.payload.len();
+        for (bit, s) in [
+            (HAS_SOURCE, &it.source_id),
+            (HAS_REFERENCE, &it.reference),
+            (HAS_ENCODING, &it.encoding),
+            (HAS_KIND, &it.kind),
+        ] {
+            if !s.is_empty() {
+                header |= bit;
+                len += 4 + s.len();
+            }
+        }
+        if it.max_attempts != 0 {
+            header |= HAS_MAX_ATTEMPTS;
+            len += 4;
+        }
+        let mut buf = Vec::with_capacity(len);
+        buf.push(header);
+        for s in [&it.source_id, &it.reference, &it.encoding, &it.kind] {
+            if !s.is_empty() {
+                buf.extend_from_slice(&(s.len() as u32).to_le_bytes());
+                buf.extend_from_slice(s.as_bytes());
+            }
+        }
+        if it.max_attempts != 0 {
+            buf.extend_from_slice(&it.max_attempts.to_le_bytes());
+        }
+        buf.extend_from_slice(&it.payload);
+        Slot {
+            created_at: it.created_at.0,
+            expire_deadline: it.expire_deadline.0,
+            lease_deadline: if it.is_leased { it.lease_deadline.0 } else { 0 },
+            attempts: it.attempts,
+            flags: LIVE | if it.is_leased { LEASED } else { 0 },
+            data: Some(buf.into_boxed_slice()),
+        }
+    }
+
+    fn to_item(&self, id: u64) -> Item {
+        let mut it = Item {
+            id: ItemId(id),
+            is_leased: self.leased(),
+            lease_deadline: Ts(self.lease_deadline),
+            expire_deadline: Ts(self.expire_deadline),
+            created_at: Ts(self.created_at),
+            attempts: self.attempts,
+            ..Default::default()
+        };
+        let Some(data) = &self.data else { return it };
+        let header = data.first().copied().unwrap_or(0);
+        let mut pos = 1usize;
+        let mut take = |data: &[u8]| -> String {
+            let n = data
+                .get(pos..pos + 4)
+                .map_or(0, |b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize);
+            let s = data
+                .get(pos + 4..pos + 4 + n)
+                .map(|b| String::from_utf8_lossy(b).into_owned())
+                .unwrap_or_default();
+            pos += 4 + n;
+            s
+        };
+        if header & HAS_SOURCE != 0 {
+            it.source_id = take(data);
+        }
+        if header & HAS_REFERENCE != 0 {
+            it.reference = take(data);
+        }
+        if header & HAS_ENCODING != 0 {
+            it.encoding = take(data);
+        }
+        if header & HAS_KIND != 0 {
+            it.kind = take(data);
+        }
+        if header & HAS_MAX_ATTEMPTS != 0 {
+            if let Some(b) = data.get(pos..pos + 4) {
+                it.max_attempts = u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+            }
+            pos += 4;
+        }
+        it.payload = Bytes::copy_from_slice(data.get(pos..).unwrap_or_default());
+        it
+    }
+
+    fn payload_len(&self) -> u64 {
+        // The whole buffer counts: strings are user bytes too.
+        self.data.as_ref().map_or(0, |d| d.len().saturating_sub(1) as u64)
+    }
+}
+
+#[derive(Debug, Default)]
+struct Chunk {
+    slots: Vec<Slot>,
+    live: u32,
+}
+
+/// One partition's items and indexes.
+#[derive(Debug)]
 pub struct PartitionState {
     next_id: u64,
-    /// Ready and leased items, in id (FIFO) order.
-    live: BTreeMap<u64, Item>,
-    /// Ids of ready items.
-    ready: BTreeSet<u64>,
-    /// (lease deadline, id) of leased items.
-    leased: BTreeSet<(Ts, u64)>,
-    /// (expire deadline, id) of live items.
-    expire: BTreeSet<(Ts, u64)>,
+    track: bool,
+    /// Ready and leased items, by id / CHUNK.
+    chunks: BTreeMap<u64, Chunk>,
+    /// Every ready id is at or after this one.
+    cursor: u64,
+    ready: u64,
+    leased: u64,
+    /// Lease deadline -> ids leased with it (lazily pruned).
+    leases: BTreeMap<Ts, Vec<u64>>,
+    /// Expire deadline -> ids of live items with it (lazily pruned).
+    expire: BTreeMap<Ts, Vec<u64>>,
     /// Scheduled items by id.
     sched: BTreeMap<u64, Item>,
     /// (enqueue_at, id) of scheduled items: FIFO among equal times.
@@ -56,23 +204,60 @@ pub struct PartitionState {
     payload_bytes: u64,
 }
 
+impl Default for PartitionState {
+    fn default() -> Self {
+        PartitionState::new(1)
+    }
+}
+
 impl PartitionState {
     /// An empty partition whose ids start above `floor` (use the current time in microseconds, so ids stay unique
-    /// across a delete and re-create).
+    /// across a delete and re-create). Changes are tracked.
     pub fn new(floor: u64) -> Self {
         PartitionState {
             next_id: floor.max(1),
-            ..Default::default()
+            track: true,
+            chunks: BTreeMap::new(),
+            cursor: 0,
+            ready: 0,
+            leased: 0,
+            leases: BTreeMap::new(),
+            expire: BTreeMap::new(),
+            sched: BTreeMap::new(),
+            sched_idx: BTreeSet::new(),
+            dead: BTreeMap::new(),
+            by_source: HashMap::new(),
+            sum_created: 0,
+            sum_lease: 0,
+            payload_bytes: 0,
         }
+    }
+
+    /// Stops building change sets (a backend with nothing to persist saves the copies).
+    pub fn without_changes(mut self) -> Self {
+        self.track = false;
+        self
     }
 
     /// Rebuilds the state from stored items (any order). Ids continue above the largest seen and `floor`.
     pub fn load(items: impl IntoIterator<Item = Item>, floor: u64) -> Self {
+        let mut items: Vec<Item> = items.into_iter().collect();
+        items.sort_unstable_by_key(|it| it.id);
         let mut s = PartitionState::new(floor);
+        let mut min_ready = u64::MAX;
         for it in items {
             s.next_id = s.next_id.max(it.id.0 + 1);
+            if !it.dead && !it.is_scheduled() && !it.is_leased {
+                min_ready = min_ready.min(it.id.0);
+            }
             s.insert(it);
         }
+        s.cursor = if min_ready == u64::MAX {
+            s.next_id
+        } else {
+            min_ready
+        };
+        s.clean_fronts();
         s
     }
 
@@ -80,6 +265,13 @@ impl PartitionState {
         let id = ItemId(self.next_id);
         self.next_id += 1;
         id
+    }
+
+    fn slot(&self, id: u64) -> Option<&Slot> {
+        self.chunks
+            .get(&(id / CHUNK))
+            .and_then(|c| c.slots.get((id % CHUNK) as usize))
+            .filter(|s| s.live())
     }
 
     /// Puts an item in the indexes its fields call for.
@@ -91,33 +283,57 @@ impl PartitionState {
         self.payload_bytes += it.payload.len() as u64;
         if it.dead {
             self.dead.insert(id, it);
-        } else if it.is_scheduled() {
+            return;
+        }
+        if it.is_scheduled() {
             self.sched_idx.insert((it.enqueue_at, id));
             self.sched.insert(id, it);
-        } else {
-            if it.is_leased {
-                self.leased.insert((it.lease_deadline, id));
-                self.sum_lease += i128::from(it.lease_deadline.0);
-            } else {
-                self.ready.insert(id);
-            }
-            self.expire.insert((it.expire_deadline, id));
-            self.sum_created += i128::from(it.created_at.0);
-            self.live.insert(id, it);
+            return;
         }
+        let slot = Slot::from_item(&it);
+        if slot.leased() {
+            self.leased += 1;
+            self.sum_lease += i128::from(slot.lease_deadline);
+            self.leases.entry(Ts(slot.lease_deadline)).or_default().push(id);
+        } else {
+            self.ready += 1;
+        }
+        self.expire.entry(Ts(slot.expire_deadline)).or_default().push(id);
+        self.sum_created += i128::from(slot.created_at);
+        let chunk = self.chunks.entry(id / CHUNK).or_default();
+        let off = (id % CHUNK) as usize;
+        while chunk.slots.len() <= off {
+            chunk.slots.push(Slot::default());
+        }
+        if !chunk.slots[off].live() {
+            chunk.live += 1;
+        }
+        chunk.slots[off] = slot;
+    }
+
+    /// Takes a live item out of the chunks (its deadline entries go stale and are pruned lazily).
+    fn take_live(&mut self, id: u64) -> Option<Item> {
+        let key = id / CHUNK;
+        let chunk = self.chunks.get_mut(&key)?;
+        let slot = chunk.slots.get_mut((id % CHUNK) as usize).filter(|s| s.live())?;
+        let slot = std::mem::take(slot);
+        chunk.live -= 1;
+        if chunk.live == 0 {
+            self.chunks.remove(&key);
+        }
+        if slot.leased() {
+            self.leased -= 1;
+            self.sum_lease -= i128::from(slot.lease_deadline);
+        } else {
+            self.ready -= 1;
+        }
+        self.sum_created -= i128::from(slot.created_at);
+        Some(slot.to_item(id))
     }
 
     /// Takes an item out of every index.
     fn remove(&mut self, id: u64) -> Option<Item> {
-        let it = if let Some(it) = self.live.remove(&id) {
-            if it.is_leased {
-                self.leased.remove(&(it.lease_deadline, id));
-                self.sum_lease -= i128::from(it.lease_deadline.0);
-            } else {
-                self.ready.remove(&id);
-            }
-            self.expire.remove(&(it.expire_deadline, id));
-            self.sum_created -= i128::from(it.created_at.0);
+        let it = if let Some(it) = self.take_live(id) {
             it
         } else if let Some(it) = self.sched.remove(&id) {
             self.sched_idx.remove(&(it.enqueue_at, id));
@@ -132,15 +348,67 @@ impl PartitionState {
         Some(it)
     }
 
+    fn lease_valid(&self, d: Ts, id: u64) -> bool {
+        self.slot(id)
+            .is_some_and(|s| s.leased() && s.lease_deadline == d.0)
+    }
+
+    fn expire_valid(&self, e: Ts, id: u64) -> bool {
+        self.slot(id).is_some_and(|s| s.expire_deadline == e.0)
+    }
+
+    /// Drops stale entries at the front of both deadline indexes, so their first keys are real deadlines.
+    fn clean_fronts(&mut self) {
+        while let Some(mut e) = self.leases.first_entry() {
+            let d = *e.key();
+            let ids = std::mem::take(e.get_mut());
+            let kept: Vec<u64> = ids.into_iter().filter(|&id| self.lease_valid(d, id)).collect();
+            if kept.is_empty() {
+                self.leases.remove(&d);
+            } else {
+                self.leases.insert(d, kept);
+                break;
+            }
+        }
+        while let Some(mut e) = self.expire.first_entry() {
+            let d = *e.key();
+            let ids = std::mem::take(e.get_mut());
+            let kept: Vec<u64> = ids.into_iter().filter(|&id| self.expire_valid(d, id)).collect();
+            if kept.is_empty() {
+                self.expire.remove(&d);
+            } else {
+                self.expire.insert(d, kept);
+                break;
+            }
+        }
+    }
+
+    fn record_put(&self, ch: &mut Changes, id: u64) {
+        if self.track {
+            if let Some(s) = self.slot(id) {
+                ch.put.push(s.to_item(id));
+            } else if let Some(it) = self.sched.get(&id).or_else(|| self.dead.get(&id)) {
+                ch.put.push(it.clone());
+            }
+        }
+    }
+
+    fn record_del(&self, ch: &mut Changes, id: ItemId) {
+        if self.track {
+            ch.del.push(id);
+        }
+    }
+
     /// Re-inserts `it` at the tail with a fresh id, recording the move.
     fn requeue(&mut self, mut it: Item, ch: &mut Changes) {
-        ch.del.push(it.id);
+        self.record_del(ch, it.id);
         it.id = self.alloc();
         it.is_leased = false;
         it.lease_deadline = Ts::ZERO;
         it.enqueue_at = Ts::ZERO;
-        ch.put.push(it.clone());
+        let id = it.id.0;
         self.insert(it);
+        self.record_put(ch, id);
     }
 
     /// Kills an item: kept for transfer when a dead-letter queue exists, dropped otherwise.
@@ -149,10 +417,11 @@ impl PartitionState {
             it.dead = true;
             it.is_leased = false;
             it.lease_deadline = Ts::ZERO;
-            ch.put.push(it.clone());
+            let id = it.id.0;
             self.insert(it);
+            self.record_put(ch, id);
         } else {
-            ch.del.push(it.id);
+            self.record_del(ch, it.id);
         }
     }
 
@@ -171,44 +440,78 @@ impl PartitionState {
             let it = Item {
                 id,
                 source_id: n.source_id,
-                is_leased: false,
-                lease_deadline: Ts::ZERO,
                 expire_deadline: n.expire_deadline,
                 enqueue_at: n.enqueue_at,
                 created_at: n.created_at,
-                attempts: 0,
-                max_attempts: 0,
                 reference: n.reference,
                 encoding: n.encoding,
                 kind: n.kind,
                 payload: n.payload,
-                dead: false,
+                ..Default::default()
             };
             ids.push(id);
-            ch.put.push(it.clone());
+            if self.track {
+                ch.put.push(it.clone());
+            }
             self.insert(it);
         }
+        self.clean_fronts();
         (ids, ch)
     }
 
     /// See [`lessor_core::storage::Partition::lease`].
     pub fn lease(&mut self, n: usize, deadline: Ts) -> (Vec<Item>, Changes) {
-        let mut out = Vec::with_capacity(n.min(self.ready.len()));
-        while out.len() < n {
-            let Some(id) = self.ready.pop_first() else { break };
-            let Some(it) = self.live.get_mut(&id) else {
-                continue;
+        let mut out = Vec::with_capacity(n.min(self.ready as usize));
+        let mut taken = Vec::with_capacity(out.capacity());
+        while out.len() < n && self.ready > 0 {
+            let Some((&key, chunk)) = self.chunks.range_mut(self.cursor / CHUNK..).next() else {
+                break;
             };
-            it.is_leased = true;
-            it.lease_deadline = deadline;
-            it.attempts = it.attempts.saturating_add(1);
-            self.leased.insert((deadline, id));
-            self.sum_lease += i128::from(deadline.0);
-            out.push(it.clone());
+            let start = if key == self.cursor / CHUNK {
+                (self.cursor % CHUNK) as usize
+            } else {
+                0
+            };
+            let mut off = start;
+            while off < chunk.slots.len() && out.len() < n {
+                let s = &mut chunk.slots[off];
+                if s.live() && !s.leased() {
+                    s.flags |= LEASED;
+                    s.lease_deadline = deadline.0;
+                    s.attempts = s.attempts.saturating_add(1);
+                    let id = key * CHUNK + off as u64;
+                    out.push(s.to_item(id));
+                    taken.push(id);
+                }
+                off += 1;
+            }
+            let exhausted = off >= chunk.slots.len();
+            self.cursor = key * CHUNK + off as u64;
+            if exhausted && out.len() < n {
+                // Later ids of this chunk may still arrive while it is the last chunk, so the cursor stays at its
+                // last slot; once a later chunk exists, no id of this one will be handed out again.
+                if self.chunks.range((key + 1)..).next().is_some() {
+                    self.cursor = (key + 1) * CHUNK;
+                } else {
+                    break;
+                }
+            }
         }
-        let ch = Changes {
-            put: out.clone(),
-            del: Vec::new(),
+        let got = out.len() as u64;
+        self.ready -= got;
+        self.leased += got;
+        self.sum_lease += i128::from(deadline.0) * i128::from(got);
+        if !taken.is_empty() {
+            self.leases.entry(deadline).or_default().extend(taken);
+        }
+        self.clean_fronts();
+        let ch = if self.track {
+            Changes {
+                put: out.clone(),
+                del: Vec::new(),
+            }
+        } else {
+            Changes::default()
         };
         (out, ch)
     }
@@ -219,9 +522,9 @@ impl PartitionState {
             if !seen.insert(id) {
                 return Err(ItemError::Duplicate(id.to_string()));
             }
-            match self.live.get(&id.0) {
+            match self.slot(id.0) {
                 None => return Err(ItemError::NotFound(id.to_string())),
-                Some(it) if !it.is_leased => return Err(ItemError::NotLeased(id.to_string())),
+                Some(s) if !s.leased() => return Err(ItemError::NotLeased(id.to_string())),
                 Some(_) => {}
             }
         }
@@ -239,10 +542,11 @@ impl PartitionState {
             }
             for id in ids {
                 self.remove(id.0);
-                ch.del.push(id);
+                self.record_del(&mut ch, id);
             }
             out.push(Ok(()));
         }
+        self.clean_fronts();
         (out, ch)
     }
 
@@ -283,14 +587,51 @@ impl PartitionState {
                         it.is_leased = false;
                         it.lease_deadline = Ts::ZERO;
                         it.enqueue_at = at;
-                        ch.put.push(it.clone());
+                        let id = it.id.0;
                         self.insert(it);
+                        self.record_put(&mut ch, id);
                     }
                 }
             }
             out.push(Ok(o));
         }
+        self.clean_fronts();
         (out, ch)
+    }
+
+    /// The next due lease expiry (valid entry), removing it from the index.
+    fn pop_due_lease(&mut self, now: Ts) -> Option<u64> {
+        loop {
+            let mut e = self.leases.first_entry()?;
+            let d = *e.key();
+            if d > now {
+                return None;
+            }
+            match e.get_mut().pop() {
+                None => {
+                    e.remove();
+                }
+                Some(id) if self.lease_valid(d, id) => return Some(id),
+                Some(_) => {}
+            }
+        }
+    }
+
+    fn pop_due_expire(&mut self, now: Ts) -> Option<u64> {
+        loop {
+            let mut e = self.expire.first_entry()?;
+            let d = *e.key();
+            if d > now {
+                return None;
+            }
+            match e.get_mut().pop() {
+                None => {
+                    e.remove();
+                }
+                Some(id) if self.expire_valid(d, id) => return Some(id),
+                Some(_) => {}
+            }
+        }
     }
 
     /// See [`lessor_core::storage::Partition::lifecycle`].
@@ -302,38 +643,47 @@ impl PartitionState {
     ) -> (LifecycleOutcome, Changes) {
         let mut ch = Changes::default();
         let mut o = LifecycleOutcome::default();
-        let mut done = 0;
-        while done < limit {
-            let lease = self.leased.first().filter(|(d, _)| *d <= now).copied();
-            let sched = self.sched_idx.first().filter(|(t, _)| *t <= now).copied();
-            let exp = self.expire.first().filter(|(e, _)| *e <= now).copied();
-            if let Some((d, id)) = lease {
-                // Drop the index entry first, so a stale entry can never spin this loop.
-                self.leased.remove(&(d, id));
-                let Some(it) = self.remove(id) else { continue };
-                if policy.exhausted(it.attempts) {
-                    o.dead += 1;
-                    self.die(it, policy, &mut ch);
-                } else {
-                    o.lease_expired += 1;
-                    self.requeue(it, &mut ch);
-                }
-            } else if let Some((t, id)) = sched {
-                self.sched_idx.remove(&(t, id));
-                let Some(it) = self.remove(id) else { continue };
-                o.enqueued += 1;
-                self.requeue(it, &mut ch);
-            } else if let Some((e, id)) = exp {
-                self.expire.remove(&(e, id));
-                let Some(it) = self.remove(id) else { continue };
+        // Items of one lease batch share a deadline; requeue them in id order so they keep their relative order.
+        let mut expired: Vec<u64> = Vec::new();
+        while expired.len() < limit {
+            match self.pop_due_lease(now) {
+                Some(id) => expired.push(id),
+                None => break,
+            }
+        }
+        expired.sort_unstable();
+        let mut done = expired.len();
+        for id in expired {
+            let Some(it) = self.remove(id) else { continue };
+            if policy.exhausted(it.attempts) {
                 o.dead += 1;
                 self.die(it, policy, &mut ch);
             } else {
-                return (o, ch);
+                o.lease_expired += 1;
+                self.requeue(it, &mut ch);
+            }
+        }
+        while done < limit {
+            let Some(&(t, id)) = self.sched_idx.first().filter(|(t, _)| *t <= now) else {
+                break;
+            };
+            self.sched_idx.remove(&(t, id));
+            if let Some(it) = self.remove(id) {
+                o.enqueued += 1;
+                self.requeue(it, &mut ch);
             }
             done += 1;
         }
-        o.more = self.next_deadline().is_some_and(|d| d <= now);
+        while done < limit {
+            let Some(id) = self.pop_due_expire(now) else { break };
+            if let Some(it) = self.remove(id) {
+                o.dead += 1;
+                self.die(it, policy, &mut ch);
+            }
+            done += 1;
+        }
+        self.clean_fronts();
+        o.more = done >= limit && self.next_deadline().is_some_and(|d| d <= now);
         (o, ch)
     }
 
@@ -348,7 +698,7 @@ impl PartitionState {
         for id in ids {
             if self.dead.contains_key(&id.0) {
                 self.remove(id.0);
-                ch.del.push(id);
+                self.record_del(&mut ch, id);
             }
         }
         ch
@@ -360,9 +710,9 @@ impl PartitionState {
             return Some(Ts::ZERO);
         }
         [
-            self.leased.first().map(|x| x.0),
+            self.leases.keys().next().copied(),
             self.sched_idx.first().map(|x| x.0),
-            self.expire.first().map(|x| x.0),
+            self.expire.keys().next().copied(),
         ]
         .into_iter()
         .flatten()
@@ -372,16 +722,16 @@ impl PartitionState {
     /// See [`lessor_core::storage::Partition::counts`].
     pub fn counts(&self) -> PartitionCounts {
         PartitionCounts {
-            ready: self.ready.len() as u64,
-            leased: self.leased.len() as u64,
+            ready: self.ready,
+            leased: self.leased,
             scheduled: self.sched.len() as u64,
         }
     }
 
     /// See [`lessor_core::storage::Partition::stats`].
     pub fn stats(&self, now: Ts) -> PartitionStats {
-        let live = self.live.len() as i128;
-        let leased = self.leased.len() as i128;
+        let live = i128::from(self.ready + self.leased);
+        let leased = i128::from(self.leased);
         let avg = |sum: i128, n: i128, later: bool| -> Duration {
             if n == 0 {
                 return Duration::ZERO;
@@ -404,8 +754,28 @@ impl PartitionState {
     /// See [`lessor_core::storage::Partition::list`].
     pub fn list(&self, pivot: Option<ItemId>, limit: usize, scheduled: bool) -> Vec<Item> {
         let from = pivot.map_or(0, |p| p.0);
-        let map = if scheduled { &self.sched } else { &self.live };
-        map.range(from..).take(limit).map(|(_, it)| it.clone()).collect()
+        if scheduled {
+            return self
+                .sched
+                .range(from..)
+                .take(limit)
+                .map(|(_, it)| it.clone())
+                .collect();
+        }
+        let mut out = Vec::new();
+        for (&key, chunk) in self.chunks.range(from / CHUNK..) {
+            for (off, s) in chunk.slots.iter().enumerate() {
+                let id = key * CHUNK + off as u64;
+                if id < from || !s.live() {
+                    continue;
+                }
+                if out.len() >= limit {
+                    return out;
+                }
+                out.push(s.to_item(id));
+            }
+        }
+        out
     }
 
     /// See [`lessor_core::storage::Partition::import`].
@@ -425,10 +795,13 @@ impl PartitionState {
                 it.is_leased = false;
                 it.lease_deadline = Ts::ZERO;
             }
-            ch.put.push(it.clone());
+            if self.track {
+                ch.put.push(it.clone());
+            }
             out.push(it.clone());
             self.insert(it);
         }
+        self.clean_fronts();
         (out, ch)
     }
 
@@ -437,9 +810,10 @@ impl PartitionState {
         let mut ch = Changes::default();
         for id in ids {
             if self.remove(id.0).is_some() {
-                ch.del.push(id);
+                self.record_del(&mut ch, id);
             }
         }
+        self.clean_fronts();
         ch
     }
 
@@ -447,10 +821,12 @@ impl PartitionState {
     pub fn clear(&mut self, req: ClearRequest) -> Changes {
         let mut victims: Vec<u64> = Vec::new();
         if req.queue {
-            if req.destructive {
-                victims.extend(self.live.keys().copied());
-            } else {
-                victims.extend(self.ready.iter().copied());
+            for (&key, chunk) in &self.chunks {
+                for (off, s) in chunk.slots.iter().enumerate() {
+                    if s.live() && (req.destructive || !s.leased()) {
+                        victims.push(key * CHUNK + off as u64);
+                    }
+                }
             }
         }
         if req.scheduled {
@@ -459,19 +835,90 @@ impl PartitionState {
         let mut ch = Changes::default();
         for id in victims {
             if self.remove(id).is_some() {
-                ch.del.push(ItemId(id));
+                self.record_del(&mut ch, ItemId(id));
             }
         }
+        self.clean_fronts();
         ch
     }
 
-    /// Number of items of every kind (for memory accounting).
+    /// Number of items of every kind.
     pub fn len(&self) -> usize {
-        self.live.len() + self.sched.len() + self.dead.len()
+        (self.ready + self.leased) as usize + self.sched.len() + self.dead.len()
     }
 
     /// Whether the partition holds nothing.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// Payload bytes of live items (for memory accounting in tests and benchmarks).
+    pub fn live_payload_bytes(&self) -> u64 {
+        self.chunks
+            .values()
+            .flat_map(|c| c.slots.iter())
+            .map(Slot::payload_len)
+            .sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn new_item(p: &str, enqueue_at: Ts) -> NewItem {
+        NewItem {
+            enqueue_at,
+            expire_deadline: Ts(10_000_000),
+            created_at: Ts(1),
+            payload: Bytes::from(p.to_string()),
+            ..Default::default()
+        }
+    }
+
+    /// Ready items spread over chunks with gaps (ids taken by scheduled items) are all found, in order.
+    #[test]
+    fn lease_crosses_chunks_and_gaps() {
+        let mut s = PartitionState::new(1);
+        let mut batch = Vec::new();
+        for i in 0..3000u32 {
+            // Every id between 500 and 2500 goes to the schedule, so chunks have holes and one chunk has none.
+            let at = if (500..2500).contains(&i) {
+                Ts(5_000_000)
+            } else {
+                Ts::ZERO
+            };
+            batch.push(new_item(&i.to_string(), at));
+        }
+        s.produce(batch);
+        let got = s.lease(5000, Ts(100)).0;
+        assert_eq!(got.len(), 1000);
+        assert!(got.windows(2).all(|w| w[0].id < w[1].id));
+        // Newly ready items after the cursor passed are found too.
+        s.produce(vec![new_item("late", Ts::ZERO)]);
+        assert_eq!(s.lease(10, Ts(100)).0.len(), 1);
+        assert_eq!(s.counts().ready, 0);
+    }
+
+    /// Fields survive the compact encoding.
+    #[test]
+    fn slot_round_trip() {
+        let it = Item {
+            id: ItemId(7),
+            source_id: "s".into(),
+            is_leased: true,
+            lease_deadline: Ts(5),
+            expire_deadline: Ts(9),
+            created_at: Ts(3),
+            attempts: 2,
+            max_attempts: 4,
+            reference: "r".into(),
+            encoding: "e".into(),
+            kind: "k".into(),
+            payload: Bytes::from_static(b"pay"),
+            ..Default::default()
+        };
+        assert_eq!(Slot::from_item(&it).to_item(7), it);
+        assert_eq!(std::mem::size_of::<Slot>(), 48);
     }
 }
