@@ -3,6 +3,10 @@
 # loopback and prints items/s and p99 latency per system, one line each.
 #
 #   scripts/peers-bench.sh [--duration SECONDS] [--producers N] [--consumers N] [--batch N] [--payload BYTES]
+#                          [--rate ITEMS_PER_S]
+#
+# Without --rate the producers run flat out and end-to-end latency is mostly backlog (queueing) time; give
+# --rate (e.g. 5000) for a latency comparison at a load every system sustains.
 #
 # Needs root for apt-get (or the three servers already on PATH) and pip. Lessor is measured twice: with
 # `lessor bench` (native Rust driver, protobuf) and with the same Python driver as the peers (JSON), so the
@@ -10,7 +14,7 @@
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
-DURATION=10 PRODUCERS=4 CONSUMERS=4 BATCH=100 PAYLOAD=100
+DURATION=10 PRODUCERS=4 CONSUMERS=4 BATCH=100 PAYLOAD=100 RATE=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --duration) DURATION=$2; shift 2 ;;
@@ -18,7 +22,8 @@ while [ $# -gt 0 ]; do
     --consumers) CONSUMERS=$2; shift 2 ;;
     --batch) BATCH=$2; shift 2 ;;
     --payload) PAYLOAD=$2; shift 2 ;;
-    -h|--help) sed -n '2,9p' "$0"; exit 0 ;;
+    --rate) RATE=$2; shift 2 ;;
+    -h|--help) sed -n '2,14p' "$0"; exit 0 ;;
     *) echo "unknown argument: $1" >&2; exit 2 ;;
   esac
 done
@@ -63,7 +68,9 @@ wait_port() {
   return 1
 }
 DRIVER=(python3 scripts/peers/peers_bench.py --producers "$PRODUCERS" --consumers "$CONSUMERS" --batch "$BATCH"
-        --payload "$PAYLOAD" --duration "$DURATION")
+        --payload "$PAYLOAD" --duration "$DURATION" --rate "$RATE")
+RATE_FLAG=()
+if [ "$RATE" != 0 ]; then RATE_FLAG=(--rate "$RATE"); fi
 
 run_peer() { # name port
   "${DRIVER[@]}" "$1" --port "$2" --json-out "$OUT/$1.json" >/dev/null
@@ -71,7 +78,8 @@ run_peer() { # name port
 
 # Lessor, native driver (starts its own in-process memory server).
 "$LESSOR_BIN" bench --backend memory --workload pipeline --producers "$PRODUCERS" --consumers "$CONSUMERS" \
-  --batch "$BATCH" --payload "$PAYLOAD" --duration "${DURATION}s" --quiet --json-out "$OUT/lessor-bench.json" >/dev/null
+  --batch "$BATCH" --payload "$PAYLOAD" --duration "${DURATION}s" "${RATE_FLAG[@]}" --quiet \
+  --json-out "$OUT/lessor-bench.json" >/dev/null
 
 # Lessor, Python driver: a memory server of its own.
 port=$(free_port)
@@ -96,11 +104,12 @@ port=$(free_port)
 nats-server -a 127.0.0.1 -p "$port" -js -sd "$OUT/nats" >"$OUT/nats.log" 2>&1 & PIDS+=($!)
 wait_port "$port" && run_peer nats "$port"
 
-python3 - "$OUT" "$PRODUCERS" "$CONSUMERS" "$BATCH" "$PAYLOAD" "$DURATION" <<'PY'
+python3 - "$OUT" "$PRODUCERS" "$CONSUMERS" "$BATCH" "$PAYLOAD" "$DURATION" "$RATE" <<'PY'
 import json, os, sys
-out, producers, consumers, batch, payload, duration = sys.argv[1:]
-print(f"pipeline, {producers} producers / {consumers} consumers, batch {batch}, payload {payload} B, {duration} s, loopback, "
-      f"{os.cpu_count()} cpus")
+out, producers, consumers, batch, payload, duration, rate = sys.argv[1:]
+pace = f"paced at {rate} items/s" if rate != "0" else "unpaced"
+print(f"pipeline, {producers} producers / {consumers} consumers, batch {batch}, payload {payload} B, {duration} s, {pace}, "
+      f"loopback, {os.cpu_count()} cpus")
 print(f"{'system':<26} {'produced/s':>12} {'consumed/s':>12} {'e2e p50 ms':>11} {'e2e p99 ms':>11}")
 def row(name, p, c, p50, p99):
     f = lambda v: "-" if v is None else f"{v:.3f}"

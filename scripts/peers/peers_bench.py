@@ -1,9 +1,10 @@
 #!/usr/bin/env python3
 """Peer comparison driver for `scripts/peers-bench.sh`.
 
-Runs one pipeline workload (producers and consumers at the same time) against a queue system on loopback and
-prints one result line: items/s produced and consumed, produce-ack p99 and end-to-end (produce-to-receive)
-p50/p99 in milliseconds.
+Runs one pipeline workload (producers and consumers at the same time, optionally paced with --rate) against a
+queue system on loopback and prints one JSON line: items/s produced (until the last produce) and consumed
+(until the last receive; consumers get 5 s after the producers stop to drain the backlog), produce-batch p99
+and end-to-end (produce-to-receive) p50/p99 in milliseconds.
 
 Systems and the primitive used for "lease + complete":
   beanstalkd  put / reserve + delete            (one job per call: the protocol has no batches)
@@ -37,6 +38,20 @@ def sent_ns(payload):
     return struct.unpack("<Q", payload[:8])[0]
 
 
+class Pacer:
+    """Fixed schedule for one producer: `rate` items/s in total, shared by `producers`; no-op without --rate."""
+
+    def __init__(self, a):
+        self.interval = a.batch * a.producers / a.rate if a.rate else 0.0
+        self.next = time.time()
+
+    def delay(self):
+        if not self.interval:
+            return 0.0
+        self.next += self.interval
+        return max(0.0, self.next - self.interval - time.time())
+
+
 def pct(values, q):
     if not values:
         return None
@@ -52,20 +67,22 @@ def beanstalk_producer(a, deadline, out):
 
     c = greenstalk.Client(("127.0.0.1", a.port), use=a.queue, encoding=None)
     n, acks = 0, []
+    pacer = Pacer(a)
     while time.time() < deadline:
+        time.sleep(pacer.delay())
         t0 = time.perf_counter()
         for _ in range(a.batch):
             c.put(stamp_payload(a.payload))
         acks.append(time.perf_counter() - t0)
         n += a.batch
-    out.put(("p", n, acks, []))
+    out.put(("p", n, acks, [], time.time()))
 
 
 def beanstalk_consumer(a, stop_at, out):
     import greenstalk
 
     c = greenstalk.Client(("127.0.0.1", a.port), watch=a.queue, encoding=None)
-    n, e2e = 0, []
+    n, e2e, last = 0, [], 0.0
     while time.time() < stop_at:
         try:
             job = c.reserve(timeout=1)
@@ -74,7 +91,8 @@ def beanstalk_consumer(a, stop_at, out):
         e2e.append((time.time_ns() - sent_ns(job.body)) / 1e9)
         c.delete(job)
         n += 1
-    out.put(("c", n, [], e2e))
+        last = time.time()
+    out.put(("c", n, [], e2e, last))
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -93,7 +111,9 @@ def redis_producer(a, deadline, out):
 
     r = redis.Redis(port=a.port)
     n, acks = 0, []
+    pacer = Pacer(a)
     while time.time() < deadline:
+        time.sleep(pacer.delay())
         t0 = time.perf_counter()
         p = r.pipeline(transaction=False)
         for _ in range(a.batch):
@@ -101,14 +121,14 @@ def redis_producer(a, deadline, out):
         p.execute()
         acks.append(time.perf_counter() - t0)
         n += a.batch
-    out.put(("p", n, acks, []))
+    out.put(("p", n, acks, [], time.time()))
 
 
 def redis_consumer(a, stop_at, out, ident):
     import redis
 
     r = redis.Redis(port=a.port)
-    n, e2e = 0, []
+    n, e2e, last = 0, [], 0.0
     while time.time() < stop_at:
         res = r.xreadgroup("workers", f"c{ident}", {a.queue: ">"}, count=a.batch, block=1000)
         if not res:
@@ -121,7 +141,8 @@ def redis_consumer(a, stop_at, out, ident):
                 ids.append(mid)
         r.xack(a.queue, "workers", *ids)
         n += len(ids)
-    out.put(("c", n, [], e2e))
+        last = time.time()
+    out.put(("c", n, [], e2e, last))
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -157,7 +178,9 @@ def nats_producer(a, deadline, out):
         nc = await nats.connect(f"nats://127.0.0.1:{a.port}")
         js = nc.jetstream()
         n, acks = 0, []
+        pacer = Pacer(a)
         while time.time() < deadline:
+            await asyncio.sleep(pacer.delay())
             t0 = time.perf_counter()
             await asyncio.gather(*(js.publish(a.queue, stamp_payload(a.payload)) for _ in range(a.batch)))
             acks.append(time.perf_counter() - t0)
@@ -166,7 +189,7 @@ def nats_producer(a, deadline, out):
         return n, acks
 
     n, acks = asyncio.run(go())
-    out.put(("p", n, acks, []))
+    out.put(("p", n, acks, [], time.time()))
 
 
 def nats_consumer(a, stop_at, out, ident):
@@ -179,22 +202,23 @@ def nats_consumer(a, stop_at, out, ident):
         nc = await nats.connect(f"nats://127.0.0.1:{a.port}")
         js = nc.jetstream()
         sub = await js.pull_subscribe(a.queue, durable="workers")
-        n, e2e = 0, []
+        n, e2e, last = 0, [], 0.0
         while time.time() < stop_at:
             try:
                 msgs = await sub.fetch(a.batch, timeout=1)
-            except NatsTimeout:
+            except (NatsTimeout, asyncio.TimeoutError):
                 continue
             now = time.time_ns()
             for m in msgs:
                 e2e.append((now - sent_ns(m.data)) / 1e9)
             await asyncio.gather(*(m.ack() for m in msgs))
             n += len(msgs)
+            last = time.time()
         await nc.close()
-        return n, e2e
+        return n, e2e, last
 
-    n, e2e = asyncio.run(go())
-    out.put(("c", n, [], e2e))
+    n, e2e, last = asyncio.run(go())
+    out.put(("c", n, [], e2e, last))
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -219,7 +243,9 @@ def lessor_setup(a):
 def lessor_producer(a, deadline, out):
     conn = http.client.HTTPConnection("127.0.0.1", a.port)
     n, acks = 0, []
+    pacer = Pacer(a)
     while time.time() < deadline:
+        time.sleep(pacer.delay())
         items = [{"bytes": base64.b64encode(stamp_payload(a.payload)).decode()} for _ in range(a.batch)]
         t0 = time.perf_counter()
         status, body = lessor_call(
@@ -229,13 +255,14 @@ def lessor_producer(a, deadline, out):
             sys.exit(f"lessor: produce failed: {status} {body}")
         acks.append(time.perf_counter() - t0)
         n += a.batch
-    out.put(("p", n, acks, []))
+    out.put(("p", n, acks, [], time.time()))
 
 
 def lessor_consumer(a, stop_at, out, ident):
     conn = http.client.HTTPConnection("127.0.0.1", a.port)
     n, e2e = 0, []
     client_id = f"peers-{ident}-{uuid.uuid4().hex[:8]}"
+    last = 0.0
     while time.time() < stop_at:
         status, body = lessor_call(
             conn,
@@ -263,7 +290,8 @@ def lessor_consumer(a, stop_at, out, ident):
         if status != 200:
             sys.exit(f"lessor: complete failed: {status} {body}")
         n += len(items)
-    out.put(("c", n, [], e2e))
+        last = time.time()
+    out.put(("c", n, [], e2e, last))
 
 
 def lessor_teardown(a):
@@ -288,6 +316,7 @@ def main():
     p.add_argument("--batch", type=int, default=100)
     p.add_argument("--payload", type=int, default=100)
     p.add_argument("--duration", type=float, default=10.0)
+    p.add_argument("--rate", type=float, default=0.0, help="total produce rate in items/s (0: unpaced)")
     p.add_argument("--json-out")
     a = p.parse_args()
     a.payload = max(a.payload, 8)
@@ -300,19 +329,30 @@ def main():
     start = time.time()
     deadline = start + a.duration
     # Consumers keep going a little after the producers stop, to drain what is in flight.
-    stop_at = deadline + 2.0
+    stop_at = deadline + 5.0
     procs = [mp.Process(target=producer, args=(a, deadline, out)) for _ in range(a.producers)]
     procs += [mp.Process(target=consumer, args=(a, stop_at, out, i)) for i in range(a.consumers)]
     for pr in procs:
         pr.start()
     produced = consumed = 0
     acks, e2e = [], []
-    for _ in procs:
-        kind, n, ak, ee = out.get()
+    p_end = c_end = start
+    import queue as queue_mod
+
+    results = []
+    while len(results) < len(procs):
+        try:
+            results.append(out.get(timeout=1))
+        except queue_mod.Empty:
+            if not any(pr.is_alive() for pr in procs) and out.empty():
+                sys.exit(f"{a.system}: a worker died without reporting (see its traceback above)")
+    for kind, n, ak, ee, end in results:
         if kind == "p":
             produced += n
+            p_end = max(p_end, end)
         else:
             consumed += n
+            c_end = max(c_end, end)
         acks += ak
         e2e += ee
     for pr in procs:
@@ -325,8 +365,9 @@ def main():
         "system": a.system,
         "produced": produced,
         "consumed": consumed,
-        "produce_items_per_s": round(produced / a.duration),
-        "consume_items_per_s": round(consumed / a.duration),
+        "produce_items_per_s": round(produced / max(p_end - start, 1e-9)),
+        "consume_items_per_s": round(consumed / max(c_end - start, 1e-9)),
+        "rate": a.rate or None,
         "produce_batch_p99_ms": ms(pct(acks, 0.99)),
         "e2e_p50_ms": ms(pct(e2e, 0.50)),
         "e2e_p99_ms": ms(pct(e2e, 0.99)),

@@ -110,7 +110,11 @@ impl PartitionStore for MemoryStore {
     }
 
     async fn destroy(&self, queue: &str, partition: u32) -> Result<(), StorageError> {
-        lock(&self.partitions)?.remove(&(queue.to_string(), partition));
+        let gone = lock(&self.partitions)?.remove(&(queue.to_string(), partition));
+        // Freeing millions of items takes a while: do it off the async workers.
+        if let Some(p) = gone {
+            let _ = tokio::task::spawn_blocking(move || drop(p)).await;
+        }
         Ok(())
     }
 

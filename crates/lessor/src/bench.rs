@@ -69,15 +69,14 @@ pub enum Backend {
     Fjall,
 }
 
-/// `lessor bench`: load-test a server (an in-process one by default).
+/// `lessor bench`: load-test an in-process server (`--backend`) or a running one (`--endpoint`).
 #[derive(clap::Args, Debug, Clone)]
 pub struct BenchArgs {
-    /// Benchmark this server; used when --backend is not given. (When the binary's global --endpoint has a
-    /// default, that default arrives here too.)
+    /// Server to benchmark when no --backend is given (under the `lessor` binary this is the global
+    /// --endpoint, default http://127.0.0.1:2319 or LESSOR_ENDPOINT).
     #[arg(long)]
     pub endpoint: Option<String>,
-    /// Start an in-process server with this storage and benchmark it (takes precedence over --endpoint).
-    /// Default: memory when no endpoint is known.
+    /// Start an in-process server with this storage and benchmark it instead of --endpoint.
     #[arg(long, value_enum)]
     pub backend: Option<Backend>,
     /// fjall durability of the in-process server: sync, interval or none (default: the server's).

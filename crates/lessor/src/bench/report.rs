@@ -228,23 +228,22 @@ impl CpuSample {
             .skip(1)
             .filter_map(|f| f.parse().ok())
             .collect();
-        // user nice system idle iowait irq softirq steal [guest guest_nice, already counted in user/nice]
+        // user nice system idle iowait irq softirq steal [guest guest_nice, already counted in user/nice].
+        // Interrupt time (irq, softirq) is left out of `busy`: loopback traffic of the benchmark itself lands
+        // there, so counting it as "other processes" would overstate competing load.
         let total: u64 = fields.iter().take(8).sum();
-        let idle = fields.get(3).copied().unwrap_or(0) + fields.get(4).copied().unwrap_or(0);
+        let at = |i: usize| fields.get(i).copied().unwrap_or(0);
+        let busy = at(0) + at(1) + at(2) + at(7);
         let own_stat = std::fs::read_to_string("/proc/self/stat").ok()?;
         // Fields after the parenthesised command name: state is field 3, utime 14, stime 15.
         let rest = own_stat.rsplit_once(')')?.1;
         let f: Vec<&str> = rest.split_whitespace().collect();
         let own = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
-        Some(CpuSample {
-            busy: total.saturating_sub(idle),
-            total,
-            own,
-        })
+        Some(CpuSample { busy, total, own })
     }
 
     /// CPU use between `self` and `later`, as percentages of the whole machine: (this process, everything
-    /// else). "Everything else" shows whether other work competed with the benchmark.
+    /// else but interrupts). "Everything else" shows whether other work competed with the benchmark.
     pub fn usage_since(&self, later: &CpuSample) -> Option<(f64, f64)> {
         let total = later.total.checked_sub(self.total)? as f64;
         if total <= 0.0 {
