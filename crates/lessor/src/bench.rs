@@ -28,6 +28,7 @@
 //! The module does not retry anything but 454 replies; other errors are counted and the first few are
 //! printed.
 
+pub mod chart;
 mod report;
 
 use std::io::{IsTerminal, Write as _};

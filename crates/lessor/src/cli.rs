@@ -33,6 +33,8 @@ enum Command {
     Server(ServerArgs),
     /// Drive a server with load and report throughput and latency.
     Bench(crate::bench::BenchArgs),
+    /// Draw `bench --json-out` results as an SVG bar chart.
+    BenchChart(crate::bench::chart::ChartArgs),
     /// Produce one item (payload from --payload or stdin).
     Produce {
         /// Queue name.
@@ -212,11 +214,12 @@ pub async fn run(cli: Cli) -> Result<(), String> {
     let cli = match cli.command {
         Command::Server(args) => return server(args).await,
         Command::Bench(args) => return crate::bench::run(args).await,
+        Command::BenchChart(args) => return crate::bench::chart::run(args),
         command => Cli { command, ..cli },
     };
     let c = Client::new(&cli.endpoint).map_err(|e| e.to_string())?;
     match cli.command {
-        Command::Server(_) | Command::Bench(_) => unreachable!("handled above"),
+        Command::Server(_) | Command::Bench(_) | Command::BenchChart(_) => unreachable!("handled above"),
         Command::Produce {
             queue,
             payload,
