@@ -300,8 +300,14 @@ impl PartitionState {
         }
         self.expire.entry(Ts(slot.expire_deadline)).or_default().push(id);
         self.sum_created += i128::from(slot.created_at);
-        let chunk = self.chunks.entry(id / CHUNK).or_default();
         let off = (id % CHUNK) as usize;
+        // A chunk started at its first slot is being appended to in order: give it its full size at once instead
+        // of growing it by doubling (each growth copies the chunk). Chunks started elsewhere (reloads, gaps) grow
+        // as needed so a sparse chunk stays small.
+        let chunk = self.chunks.entry(id / CHUNK).or_insert_with(|| Chunk {
+            slots: Vec::with_capacity(if off == 0 { CHUNK as usize } else { 0 }),
+            live: 0,
+        });
         while chunk.slots.len() <= off {
             chunk.slots.push(Slot::default());
         }
