@@ -1,0 +1,798 @@
+//! Crash safety of the real `lessor` binary on its default storage (fjall, `durability: sync`).
+//!
+//! The test starts `lessor server --data-dir <tmp>/data --address 127.0.0.1:<port>`, drives a mixed load
+//! (produce, including scheduled items; lease; complete; immediate and delayed retry) from several client tasks
+//! over protobuf, and kills the server with SIGKILL at a random moment. It then restarts the server on the same
+//! data directory, checks that it becomes healthy within a few seconds (a torn journal tail never prevents
+//! start-up), lists every item of the queue (both partitions, ready/leased and scheduled, with paging) and compares
+//! the listing with what the clients were told:
+//!
+//! * every item whose produce got a 200 is present exactly once (items are tracked by a unique payload);
+//! * every item whose complete got a 200 is gone, and an item once seen gone never comes back;
+//! * an item is never present twice, and nothing is present that no client produced;
+//! * items whose produce or complete got no answer (in flight at the kill) may be either way.
+//!
+//! Leased items are accepted whether they are still leased or back in the queue: the lease timeout is 2 s of wall
+//! time in a separate process, so the test cannot control when leases expire. The data directory is kept across
+//! all iterations, so state (and the journal) accumulates; after each verification the model takes the observed
+//! state as the truth for the next round.
+//!
+//! A second test is the control: with partitions kept in memory, the same procedure must report lost items, so the
+//! check cannot pass vacuously.
+//!
+//! The choices (load length, batch sizes, actions) come from a seed printed at the start; set `LESSOR_CRASH_SEED`
+//! to repeat them (the interleaving with the server is not reproducible, the choices are). Set `LESSOR_CRASH_DIR`
+//! to a new directory to keep the data directory and the server logs afterwards.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use lessor_client::{proto as pb, Client, ClientError};
+
+const QUEUE: &str = "crash";
+const PARTITIONS: i32 = 2;
+/// Kill points: each iteration is restart → verify → load → SIGKILL.
+const ITERATIONS: usize = 20;
+const PRODUCERS: usize = 2;
+const CONSUMERS: usize = 4;
+/// How long a restarted server may take to answer `/health` with `pass`.
+const STARTUP_LIMIT: Duration = Duration::from_secs(10);
+/// Page size of the storage listings (small, so paging is exercised).
+const PAGE: i32 = 250;
+
+// ---- a small deterministic random source (splitmix64) ----------------------------------------------------------
+
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    /// A number in `lo..=hi`.
+    fn range(&mut self, lo: u64, hi: u64) -> u64 {
+        lo + self.next() % (hi - lo + 1)
+    }
+
+    fn fork(&mut self) -> Rng {
+        Rng(self.next())
+    }
+}
+
+// ---- the server process -------------------------------------------------------------------------------------------
+
+/// A running `lessor server` child; killed (SIGKILL) and reaped on drop so a failing test leaves nothing behind.
+struct Server {
+    child: Child,
+    endpoint: String,
+    log: PathBuf,
+}
+
+impl Server {
+    /// Starts the binary on `data` (the default configuration, or the YAML file `config` when given) on a free
+    /// port and waits until it is healthy. Returns the server, a client for it and how long start-up took.
+    ///
+    /// The port is found by binding port 0 and releasing it, so another process may take it before the server
+    /// binds it; then the server exits with "cannot listen" and is started again on another port. Health only
+    /// counts once this very process listens on the port (read from `/proc`), so a stranger that took the port
+    /// cannot answer for it.
+    async fn start(data: &Path, log: &Path, config: Option<&Path>) -> (Server, Client, Duration) {
+        for _ in 0..5 {
+            let port = {
+                let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a free port");
+                l.local_addr().expect("local addr").port()
+            };
+            let mut server = Server::spawn(data, log, config, port);
+            let client = Client::new(&server.endpoint).expect("client");
+            match server.wait_healthy(&client, port).await {
+                Some(took) => return (server, client, took),
+                None => println!("port {port} was taken before the server bound it; starting again"),
+            }
+        }
+        panic!("could not start the server on a free port in 5 attempts");
+    }
+
+    fn spawn(data: &Path, log: &Path, config: Option<&Path>, port: u16) -> Server {
+        let address = format!("127.0.0.1:{port}");
+        let log_file = std::fs::File::create(log).expect("create server log");
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_lessor"));
+        cmd.arg("server");
+        if let Some(c) = config {
+            cmd.arg("--config").arg(c);
+        }
+        let child = cmd
+            .arg("--data-dir")
+            .arg(data)
+            .arg("--address")
+            .arg(&address)
+            .arg("--log-level")
+            .arg("info")
+            .env_remove("LESSOR_CONFIG")
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(log_file))
+            .spawn()
+            .expect("spawn lessor server");
+        Server {
+            child,
+            endpoint: format!("http://{address}"),
+            log: log.to_path_buf(),
+        }
+    }
+
+    /// Waits until this process listens on `port` and `/health` passes; returns how long that took, or `None`
+    /// when the port was taken. Panics if the process exits otherwise or the limit passes.
+    async fn wait_healthy(&mut self, client: &Client, port: u16) -> Option<Duration> {
+        let t0 = Instant::now();
+        let mut last = String::from("not listening yet");
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                let log = log_tail(&self.log);
+                if log.contains("cannot listen on") {
+                    return None;
+                }
+                panic!("the server exited during start-up ({status}); log:\n{log}");
+            }
+            if listens(self.child.id(), port) {
+                last = match tokio::time::timeout(Duration::from_secs(2), client.health()).await {
+                    Ok(Ok(doc)) if doc.get("status").and_then(|s| s.as_str()) == Some("pass") => {
+                        return Some(t0.elapsed());
+                    }
+                    Ok(Ok(doc)) => doc.to_string(),
+                    Ok(Err(e)) => e.to_string(),
+                    Err(_) => "no answer within 2 s".into(),
+                };
+            }
+            assert!(
+                t0.elapsed() < STARTUP_LIMIT,
+                "the server did not become healthy within {STARTUP_LIMIT:?}; last /health answer: {last}; log:\n{}",
+                log_tail(&self.log)
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// SIGKILL (what `Child::kill` sends on unix) and reap.
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Whether process `pid` has a socket listening on 127.0.0.1:`port` (IPv4, from `/proc/net/tcp` and the
+/// process's file descriptors).
+fn listens(pid: u32, port: u16) -> bool {
+    let table = std::fs::read_to_string("/proc/net/tcp").unwrap_or_default();
+    let suffix = format!(":{port:04X}");
+    let inodes: HashSet<String> = table
+        .lines()
+        .skip(1)
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            // local_address is field 1, the state field 3 (0A = LISTEN), the inode field 9.
+            (f.len() > 9 && f[1].ends_with(&suffix) && f[3] == "0A").then(|| format!("socket:[{}]", f[9]))
+        })
+        .collect();
+    if inodes.is_empty() {
+        return false;
+    }
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| std::fs::read_link(e.path()).ok())
+        .any(|target| inodes.contains(target.to_string_lossy().as_ref()))
+}
+
+fn log_tail(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(40)..].join("\n")
+}
+
+// ---- the model of what the clients were told ----------------------------------------------------------------------
+
+#[derive(Default)]
+struct Entry {
+    /// A produce got a 200, or a verification saw the item.
+    known: bool,
+    /// Complete requests naming the item that have not been answered yet.
+    completing: u32,
+    /// A complete got a 200: the item must be gone.
+    completed: bool,
+    /// A complete got no answer (or an ambiguous one): the item may be gone.
+    complete_unknown: bool,
+    /// A verification saw the item absent: it must never come back.
+    gone: bool,
+}
+
+type Model = Arc<Mutex<HashMap<String, Entry>>>;
+
+#[derive(Default)]
+struct Counters {
+    produced: AtomicU64,
+    produce_unknown: AtomicU64,
+    leased: AtomicU64,
+    completed: AtomicU64,
+    complete_rejected: AtomicU64,
+    complete_unknown: AtomicU64,
+    retried: AtomicU64,
+    retry_rejected: AtomicU64,
+    retry_unknown: AtomicU64,
+}
+
+impl Counters {
+    fn get(c: &AtomicU64) -> u64 {
+        c.load(Ordering::Relaxed)
+    }
+
+    fn add(c: &AtomicU64, n: usize) {
+        c.fetch_add(n as u64, Ordering::Relaxed);
+    }
+}
+
+/// What every load task shares.
+struct Shared {
+    client: Client,
+    model: Model,
+    counters: Counters,
+    /// Set just before the SIGKILL: transport errors from then on are expected.
+    killed: AtomicBool,
+    /// Set after the SIGKILL: tasks stop.
+    stop: AtomicBool,
+    /// Things that must not happen, reported at the end of the iteration.
+    violations: Mutex<Vec<String>>,
+}
+
+impl Shared {
+    fn unexpected(&self, what: String) {
+        self.violations.lock().expect("lock").push(what);
+    }
+
+    /// Whether an error is the expected consequence of the kill; otherwise it is recorded as a violation.
+    fn after_kill(&self, op: &str, e: &ClientError) -> bool {
+        if matches!(e, ClientError::Transport(_)) && self.killed.load(Ordering::SeqCst) {
+            return true;
+        }
+        self.unexpected(format!("{op}: unexpected error before the kill: {e}"));
+        false
+    }
+}
+
+fn now_plus(d: Duration) -> pb::Timestamp {
+    pb::Timestamp::from_system_time(SystemTime::now() + d)
+}
+
+async fn producer(sh: Arc<Shared>, iter: usize, task: usize, mut rng: Rng) {
+    let mut seq = 0u32;
+    while !sh.stop.load(Ordering::SeqCst) {
+        let n = rng.range(1, 10);
+        let scheduled = rng.range(0, 9) == 0;
+        let payloads: Vec<String> = (0..n)
+            .map(|_| {
+                seq += 1;
+                format!("i{iter:02}-p{task}-{seq:06}")
+            })
+            .collect();
+        {
+            let mut m = sh.model.lock().expect("lock");
+            for p in &payloads {
+                m.insert(p.clone(), Entry::default());
+            }
+        }
+        let enqueue_at = scheduled.then(|| now_plus(Duration::from_millis(rng.range(300, 3000))));
+        let req = pb::QueueProduceRequest {
+            queue_name: QUEUE.into(),
+            request_timeout: "5s".into(),
+            items: payloads
+                .iter()
+                .map(|p| pb::QueueProduceItem {
+                    encoding: "text/plain".into(),
+                    kind: "crash".into(),
+                    reference: p.clone(),
+                    enqueue_at,
+                    bytes: p.as_bytes().to_vec(),
+                    utf8: String::new(),
+                })
+                .collect(),
+        };
+        match sh.client.queue_produce(&req).await {
+            Ok(()) => {
+                let mut m = sh.model.lock().expect("lock");
+                for p in &payloads {
+                    m.get_mut(p).expect("inserted above").known = true;
+                }
+                Counters::add(&sh.counters.produced, payloads.len());
+            }
+            Err(e) => {
+                // No answer: the items may or may not be stored; the model keeps them as "maybe".
+                Counters::add(&sh.counters.produce_unknown, payloads.len());
+                if sh.after_kill("produce", &e) {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+}
+
+enum Action {
+    Complete,
+    RetryNow,
+    RetryLater,
+    Abandon,
+}
+
+async fn consumer(sh: Arc<Shared>, task: usize, mut rng: Rng) {
+    while !sh.stop.load(Ordering::SeqCst) {
+        let lease = sh
+            .client
+            .queue_lease(&pb::QueueLeaseRequest {
+                queue_name: QUEUE.into(),
+                batch_size: rng.range(1, 20) as i32,
+                client_id: format!("consumer-{task}"),
+                request_timeout: "250ms".into(),
+            })
+            .await;
+        let resp = match lease {
+            Ok(r) => r,
+            Err(e) if e.is_retryable() => continue, // nothing to lease within the request timeout
+            Err(e) => {
+                if sh.after_kill("lease", &e) {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                continue;
+            }
+        };
+        Counters::add(&sh.counters.leased, resp.items.len());
+        let mut complete: Vec<(String, String)> = Vec::new();
+        let mut retry: Vec<pb::QueueRetryItem> = Vec::new();
+        {
+            let m = sh.model.lock().expect("lock");
+            for it in &resp.items {
+                let payload = String::from_utf8_lossy(&it.bytes).into_owned();
+                match m.get(&payload) {
+                    None => sh.unexpected(format!("leased an item nobody produced: {payload:?} ({})", it.id)),
+                    Some(e) if e.gone => sh.unexpected(format!(
+                        "leased {payload} ({}), which a verification had seen gone",
+                        it.id
+                    )),
+                    Some(_) => {}
+                }
+                let action = match rng.range(0, 99) {
+                    0..=69 => Action::Complete,
+                    70..=84 => Action::RetryNow,
+                    85..=91 => Action::RetryLater,
+                    _ => Action::Abandon,
+                };
+                match action {
+                    Action::Complete => complete.push((it.id.clone(), payload)),
+                    Action::RetryNow => retry.push(pb::QueueRetryItem {
+                        id: it.id.clone(),
+                        retry_at: None,
+                        dead: false,
+                    }),
+                    Action::RetryLater => retry.push(pb::QueueRetryItem {
+                        id: it.id.clone(),
+                        retry_at: Some(now_plus(Duration::from_millis(rng.range(300, 1500)))),
+                        dead: false,
+                    }),
+                    Action::Abandon => {} // the lease expires after 2 s
+                }
+            }
+        }
+        if !complete.is_empty() {
+            {
+                let mut m = sh.model.lock().expect("lock");
+                for (_, p) in &complete {
+                    if let Some(e) = m.get_mut(p) {
+                        e.completing += 1;
+                    }
+                }
+            }
+            let r = sh
+                .client
+                .queue_complete(&pb::QueueCompleteRequest {
+                    queue_name: QUEUE.into(),
+                    partition: resp.partition,
+                    request_timeout: "5s".into(),
+                    ids: complete.iter().map(|(id, _)| id.clone()).collect(),
+                })
+                .await;
+            let mut m = sh.model.lock().expect("lock");
+            for (_, p) in &complete {
+                if let Some(e) = m.get_mut(p) {
+                    e.completing -= 1;
+                    match &r {
+                        Ok(()) => e.completed = true,
+                        // 400: the request was refused as a whole (a lease that expired meanwhile); nothing applied.
+                        Err(err) if err.code() == Some(400) => {}
+                        Err(_) => e.complete_unknown = true,
+                    }
+                }
+            }
+            drop(m);
+            match &r {
+                Ok(()) => Counters::add(&sh.counters.completed, complete.len()),
+                Err(err) if err.code() == Some(400) => {
+                    Counters::add(&sh.counters.complete_rejected, complete.len())
+                }
+                Err(err) => {
+                    Counters::add(&sh.counters.complete_unknown, complete.len());
+                    if sh.after_kill("complete", err) {
+                        return;
+                    }
+                }
+            }
+        }
+        if !retry.is_empty() {
+            let n = retry.len();
+            let r = sh
+                .client
+                .queue_retry(&pb::QueueRetryRequest {
+                    queue_name: QUEUE.into(),
+                    partition: resp.partition,
+                    items: retry,
+                })
+                .await;
+            // A retry never removes an item (no `dead`), so the model does not change either way.
+            match &r {
+                Ok(()) => Counters::add(&sh.counters.retried, n),
+                Err(err) if err.code() == Some(400) => Counters::add(&sh.counters.retry_rejected, n),
+                Err(err) => {
+                    Counters::add(&sh.counters.retry_unknown, n);
+                    if sh.after_kill("retry", err) {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+}
+
+// ---- verification --------------------------------------------------------------------------------------------------
+
+/// One listed item: (partition, scheduled list?, id, payload, leased?).
+type Listed = (i32, bool, String, String, bool);
+
+/// Lists every item of the queue, all partitions, both lists, page by page (the pivot is inclusive).
+async fn list_all(client: &Client) -> Vec<Listed> {
+    let mut out = Vec::new();
+    for partition in 0..PARTITIONS {
+        for scheduled in [false, true] {
+            let mut pivot = String::new();
+            loop {
+                let req = pb::StorageItemsListRequest {
+                    queue_name: QUEUE.into(),
+                    partition,
+                    pivot: pivot.clone(),
+                    limit: PAGE,
+                };
+                let page = if scheduled {
+                    client.storage_scheduled_list(&req).await
+                } else {
+                    client.storage_items_list(&req).await
+                }
+                .expect("list items")
+                .items;
+                let full = page.len() == PAGE as usize;
+                let mut last = None;
+                for it in page {
+                    if !pivot.is_empty() && it.id == pivot {
+                        continue; // the pivot itself, already taken from the previous page
+                    }
+                    last = Some(it.id.clone());
+                    let payload = String::from_utf8_lossy(&it.payload).into_owned();
+                    out.push((partition, scheduled, it.id, payload, it.is_leased));
+                }
+                match last {
+                    Some(id) if full => pivot = id,
+                    _ => break,
+                }
+            }
+        }
+    }
+    out
+}
+
+/// The violations one listing shows, by payload, without changing the model.
+fn check(model: &HashMap<String, Entry>, listed: &[Listed]) -> BTreeMap<String, String> {
+    let mut v = BTreeMap::new();
+    let mut seen: HashMap<&str, Vec<&Listed>> = HashMap::new();
+    for l in listed {
+        seen.entry(l.3.as_str()).or_default().push(l);
+    }
+    for (payload, copies) in &seen {
+        if copies.len() > 1 {
+            v.insert(
+                payload.to_string(),
+                format!("{payload} is present {} times: {copies:?}", copies.len()),
+            );
+        }
+        if !model.contains_key(*payload) {
+            v.insert(
+                payload.to_string(),
+                format!("{payload} is present but no client produced it: {copies:?}"),
+            );
+        }
+    }
+    for (payload, e) in model {
+        assert_eq!(e.completing, 0, "every task has finished");
+        let present = seen.get(payload.as_str());
+        let problem = if e.gone && present.is_some() {
+            format!("{payload} came back after being gone: {present:?}")
+        } else if e.completed && present.is_some() {
+            format!("{payload} was completed (200) but is present: {present:?}")
+        } else if e.known && !e.completed && !e.complete_unknown && present.is_none() {
+            format!(
+                "{payload} was acknowledged (produce 200 or seen before) and never completed, but is lost"
+            )
+        } else {
+            continue;
+        };
+        v.insert(payload.clone(), problem);
+    }
+    v
+}
+
+/// Lists the queue and compares it with the model; on success the observed state becomes the model's truth and the
+/// last listing is returned with the number of distinct items present and the number of listings taken.
+///
+/// The server's timers keep running while the test pages through the lists: a lease that expires or a schedule that
+/// comes due gives its item a new id, so one listing can show the item twice (old and new id) or miss it (moved
+/// behind the pages already read). Each item moves at most once during a verification (nobody leases, completes or
+/// retries meanwhile, and the expire timeout is a day), and items never disappear on their own. So a violation is
+/// only reported when every one of several listings shows it, and an item counts as present when any listing shows
+/// it.
+async fn verify(client: &Client, model: &Model) -> Result<(Vec<Listed>, usize, usize), Vec<String>> {
+    let mut listings = vec![list_all(client).await, list_all(client).await];
+    let mut persisting = {
+        let m = model.lock().expect("lock");
+        let first = check(&m, &listings[0]);
+        let mut second = check(&m, &listings[1]);
+        second.retain(|k, _| first.contains_key(k));
+        second
+    };
+    for _ in 0..3 {
+        if persisting.is_empty() {
+            break;
+        }
+        let next = list_all(client).await;
+        let now = check(&model.lock().expect("lock"), &next);
+        persisting = now
+            .into_iter()
+            .filter(|(k, _)| persisting.contains_key(k))
+            .collect();
+        listings.push(next);
+    }
+    if !persisting.is_empty() {
+        return Err(persisting.into_values().collect());
+    }
+    let present: HashSet<&str> = listings.iter().flatten().map(|l| l.3.as_str()).collect();
+    let mut m = model.lock().expect("lock");
+    for (payload, e) in m.iter_mut() {
+        let here = present.contains(payload.as_str());
+        *e = Entry {
+            known: here,
+            gone: !here,
+            ..Entry::default()
+        };
+    }
+    let (n, taken) = (present.len(), listings.len());
+    Ok((listings.pop().unwrap_or_default(), n, taken))
+}
+
+// ---- the test ------------------------------------------------------------------------------------------------------
+
+fn seed() -> u64 {
+    std::env::var("LESSOR_CRASH_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64)
+                .unwrap_or(1)
+        })
+}
+
+/// `iterations` rounds of restart → verify → load → SIGKILL, then a last restart → verify. Returns the summed
+/// counters (produced, produce unanswered, leased, completed, complete refused, complete unanswered, retried,
+/// retry refused, retry unanswered), or the violations found.
+async fn run(seed: u64, iterations: usize, root: &Path, config: Option<&Path>) -> Result<[u64; 9], String> {
+    let mut rng = Rng(seed);
+    let data = root.join("data");
+    let model: Model = Arc::new(Mutex::new(HashMap::new()));
+    let t_start = Instant::now();
+    let mut slowest_start = Duration::ZERO;
+    let mut totals = [0u64; 9];
+
+    for iter in 0..=iterations {
+        let log = root.join(format!("server-{iter:02}.log"));
+        let (mut server, client, startup) = Server::start(&data, &log, config).await;
+        slowest_start = slowest_start.max(startup);
+        if iter == 0 {
+            client
+                .queues_create(&pb::QueueInfo {
+                    queue_name: QUEUE.into(),
+                    lease_timeout: "2s".into(),
+                    expire_timeout: "24h".into(),
+                    requested_partitions: PARTITIONS,
+                    ..Default::default()
+                })
+                .await
+                .expect("create queue");
+        }
+
+        // Verify what the previous kill left behind.
+        let (listed, present, listings) = match verify(&client, &model).await {
+            Ok(r) => r,
+            Err(violations) => {
+                return Err(format!(
+                    "seed {seed}, after kill {iter}: {} violation(s):\n{}\nserver log:\n{}",
+                    violations.len(),
+                    violations.iter().take(30).cloned().collect::<Vec<_>>().join("\n"),
+                    log_tail(&log)
+                ))
+            }
+        };
+        let leased = listed.iter().filter(|l| l.4).count();
+        let scheduled = listed.iter().filter(|l| l.1).count();
+        if iter == iterations {
+            println!(
+                "after the last kill: start-up {} ms, verified {present} items ({leased} leased, {scheduled} scheduled)",
+                startup.as_millis()
+            );
+            break;
+        }
+        // Load, then SIGKILL at a random moment.
+        let sh = Arc::new(Shared {
+            client: client.clone(),
+            model: model.clone(),
+            counters: Counters::default(),
+            killed: AtomicBool::new(false),
+            stop: AtomicBool::new(false),
+            violations: Mutex::new(Vec::new()),
+        });
+        let mut tasks = Vec::new();
+        for task in 0..PRODUCERS {
+            tasks.push(tokio::spawn(producer(sh.clone(), iter, task, rng.fork())));
+        }
+        for task in 0..CONSUMERS {
+            tasks.push(tokio::spawn(consumer(sh.clone(), task, rng.fork())));
+        }
+        let load = Duration::from_millis(rng.range(100, 500));
+        tokio::time::sleep(load).await;
+        sh.killed.store(true, Ordering::SeqCst);
+        server.kill();
+        sh.stop.store(true, Ordering::SeqCst);
+        for t in tasks {
+            tokio::time::timeout(Duration::from_secs(10), t)
+                .await
+                .expect("load task ends after the kill")
+                .expect("load task does not panic");
+        }
+        let c = &sh.counters;
+        let figures = [
+            &c.produced,
+            &c.produce_unknown,
+            &c.leased,
+            &c.completed,
+            &c.complete_rejected,
+            &c.complete_unknown,
+            &c.retried,
+            &c.retry_rejected,
+            &c.retry_unknown,
+        ]
+        .map(Counters::get);
+        for (t, f) in totals.iter_mut().zip(figures) {
+            *t += f;
+        }
+        println!(
+            "round {iter:>2}: start-up {:>4} ms, verified {present} items ({leased} leased, {scheduled} scheduled; {listings} listings) | \
+             load {} ms, SIGKILL: produced {} (+{} unanswered), leased {}, completed {} (+{} refused, +{} unanswered), \
+             retried {} (+{} refused, +{} unanswered)",
+            startup.as_millis(),
+            load.as_millis(),
+            figures[0],
+            figures[1],
+            figures[2],
+            figures[3],
+            figures[4],
+            figures[5],
+            figures[6],
+            figures[7],
+            figures[8],
+        );
+        let violations = std::mem::take(&mut *sh.violations.lock().expect("lock"));
+        if !violations.is_empty() {
+            return Err(format!(
+                "seed {seed}, during load {iter}: {}\nserver log:\n{}",
+                violations.join("\n"),
+                log_tail(&log)
+            ));
+        }
+    }
+    println!(
+        "{iterations} kills in {:.1} s; slowest start-up {} ms; totals: produced {} (+{} unanswered), leased {}, \
+         completed {} (+{} refused, +{} unanswered), retried {} (+{} refused, +{} unanswered)",
+        t_start.elapsed().as_secs_f64(),
+        slowest_start.as_millis(),
+        totals[0],
+        totals[1],
+        totals[2],
+        totals[3],
+        totals[4],
+        totals[5],
+        totals[6],
+        totals[7],
+        totals[8],
+    );
+    Ok(totals)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acknowledged_work_survives_sigkill() {
+    let seed = seed();
+    println!("crash test seed {seed} (LESSOR_CRASH_SEED={seed} repeats the choices)");
+    // LESSOR_CRASH_DIR keeps the data directory and the server logs for inspection (it must not exist yet).
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let root = match std::env::var_os("LESSOR_CRASH_DIR") {
+        Some(dir) => {
+            let dir = PathBuf::from(dir);
+            std::fs::create_dir(&dir).expect("LESSOR_CRASH_DIR must be a new directory");
+            dir
+        }
+        None => tmp.path().to_path_buf(),
+    };
+    match run(seed, ITERATIONS, &root, None).await {
+        Ok(totals) => assert!(
+            totals[0] > 0 && totals[3] > 0,
+            "the load produced and completed something"
+        ),
+        Err(e) => panic!("{e}"),
+    }
+}
+
+/// The check is not vacuous: with items kept in memory only (queue definitions on disk, so the queue survives), the
+/// same procedure must report acknowledged items as lost after the first kill.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_check_catches_lost_items() {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let config = tmp.path().join("volatile.yaml");
+    let data = tmp.path().join("data");
+    std::fs::write(
+        &config,
+        format!(
+            "queue-storage:\n  driver: fjall\n  config:\n    storage-dir: {}\npartition-storage:\n  - name: volatile\n    \
+             driver: memory\n    affinity: 1\n",
+            data.display()
+        ),
+    )
+    .expect("write config");
+    let seed = seed();
+    let e = run(seed, 2, tmp.path(), Some(&config))
+        .await
+        .expect_err("items kept only in memory are lost by a SIGKILL, and the check must notice");
+    assert!(e.contains("after kill 1") && e.contains("is lost"), "{e}");
+    println!(
+        "control run with memory partitions failed as it must:\n{}",
+        e.lines().next().unwrap_or("")
+    );
+}

@@ -1,0 +1,566 @@
+//! Measurements of the default storage (fjall, `durability: sync`) through the whole server, ignored by default
+//! because they take minutes and their figures only mean something in release mode. Run them one at a time, each
+//! in its own process (the memory figures read this process's RSS):
+//!
+//! ```text
+//! for t in throughput_with_1k_queued throughput_with_1m_queued_and_restart restart_after_sigkill_with_1m \
+//!     idle_rss_per_partition; do
+//!   cargo test --release -p lessor --test fjall_depth -- --ignored --nocapture --exact $t
+//! done
+//! ```
+//!
+//! Each test starts an in-process server on the default persistent configuration in a temporary directory and
+//! drives it over HTTP with protobuf, as a client would:
+//!
+//! * **Throughput at a depth**: the queue (one partition) is pre-filled to the depth with produce batches of 1,000,
+//!   then 25 rounds alternate a produce phase (4 producers, batches of 100 items of 100 bytes, 4,000 items) and a
+//!   lease+complete phase (4 consumers, each leasing 100 and completing them in one request, 4,000 items), so the
+//!   depth stays between D and D + 4,000. The rates are items over the summed wall time of each kind of phase; three such runs, the median is
+//!   reported.
+//! * **Start-up with 1,000,000 items**: after the deep run the server is stopped gracefully, and the time from
+//!   calling `start` to the first successful lease is measured (twice; the data is in the page cache both times).
+//!   The same after a SIGKILL of the real binary right after a 1,000,000-item pre-fill, when fjall has to replay
+//!   its journal.
+//! * **Idle memory per partition**: RSS before and after creating 10 queues of 100 partitions and opening them all
+//!   (a stats call per queue), divided by 1,000; then the same for opening them from disk in a restarted server,
+//!   measured on the real binary in its own process.
+//!
+//! Servers and clients share the process and its tokio runtime, so on a small machine the client's work competes
+//! with the server's; the figures are for comparing depths on one machine, not absolute capacity.
+
+use std::time::{Duration, Instant};
+
+use lessor_client::{proto as pb, Client};
+use lessor_server::{start, Config, RunningServer};
+
+const WORKERS: usize = 4;
+const BATCH: usize = 100;
+const PAYLOAD: usize = 100;
+const PREFILL_BATCH: usize = 1000;
+const ROUNDS: usize = 25;
+/// Runs of `ROUNDS` rounds; the median is reported.
+const REPEATS: usize = 3;
+const ROUND_ITEMS: usize = 4000;
+const QUEUE: &str = "depth";
+
+/// Resident memory of this process in KiB (`VmRSS` of `/proc/self/status`).
+fn rss_kib() -> u64 {
+    rss_of("self")
+}
+
+/// utime + stime of one `/proc/.../stat` line, in clock ticks (1/100 s on Linux).
+fn stat_ticks(stat: &str) -> u64 {
+    // The fields after the command name, which is in parentheses and may contain spaces; utime and stime are
+    // fields 14 and 15 of the line, 12 and 13 after the name.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<u64> = rest.split_whitespace().map(|x| x.parse().unwrap_or(0)).collect();
+    f.get(11).copied().unwrap_or(0) + f.get(12).copied().unwrap_or(0)
+}
+
+/// CPU time of this process so far: (all threads, fjall's background workers only). Everything runs in this
+/// process: the server's tokio workers, its fjall writer thread, fjall's flush and compaction workers, the client.
+fn cpu_time() -> (Duration, Duration) {
+    let total = stat_ticks(&std::fs::read_to_string("/proc/self/stat").unwrap_or_default());
+    let mut fjall = 0;
+    for t in std::fs::read_dir("/proc/self/task")
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+        if comm.starts_with("fjall:") {
+            fjall += stat_ticks(&std::fs::read_to_string(t.path().join("stat")).unwrap_or_default());
+        }
+    }
+    (
+        Duration::from_millis(total * 10),
+        Duration::from_millis(fjall * 10),
+    )
+}
+
+/// CPU used since `since`, as (all threads, fjall workers).
+fn cpu_since(since: (Duration, Duration)) -> (Duration, Duration) {
+    let now = cpu_time();
+    (now.0.saturating_sub(since.0), now.1.saturating_sub(since.1))
+}
+
+/// CPU time the whole machine spent busy (all CPUs, every process, interrupts included), from `/proc/stat`.
+fn machine_busy() -> Duration {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let f: Vec<u64> = stat
+        .lines()
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .skip(1)
+        .map(|x| x.parse().unwrap_or(0))
+        .collect();
+    // user nice system idle iowait irq softirq steal ...: everything but idle and iowait.
+    let busy: u64 = f
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i != 3 && *i != 4 && *i < 8)
+        .map(|(_, v)| v)
+        .sum();
+    Duration::from_millis(busy * 10)
+}
+
+/// Share of the machine (0-100 %) that other processes used over `wall`, given the machine's and this process's
+/// busy time over the same span.
+fn other_pct(machine: Duration, own: Duration, wall: Duration) -> f64 {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+    (machine.saturating_sub(own).as_secs_f64() / (wall.as_secs_f64() * cpus) * 100.0).min(100.0)
+}
+
+fn mib(kib: u64) -> f64 {
+    kib as f64 / 1024.0
+}
+
+async fn serve(dir: &tempfile::TempDir) -> (RunningServer, Client) {
+    let path = dir.path().to_str().expect("utf-8 path");
+    let srv = start(&Config::default_persistent(path), "127.0.0.1:0", None)
+        .await
+        .expect("server starts");
+    let c = Client::new(&srv.endpoint()).expect("client");
+    (srv, c)
+}
+
+async fn create(c: &Client, name: &str, partitions: i32) {
+    c.queues_create(&pb::QueueInfo {
+        queue_name: name.into(),
+        lease_timeout: "10m".into(),
+        expire_timeout: "24h".into(),
+        requested_partitions: partitions,
+        ..Default::default()
+    })
+    .await
+    .expect("create queue");
+}
+
+fn produce_req(first: usize, n: usize) -> pb::QueueProduceRequest {
+    pb::QueueProduceRequest {
+        queue_name: QUEUE.into(),
+        request_timeout: "1m".into(),
+        items: (first..first + n)
+            .map(|i| pb::QueueProduceItem {
+                bytes: format!("{i:0PAYLOAD$}").into_bytes(),
+                ..Default::default()
+            })
+            .collect(),
+    }
+}
+
+/// `total` items from `WORKERS` concurrent producers in batches of `batch`; returns the wall time.
+async fn produce(c: &Client, first: usize, total: usize, batch: usize) -> Duration {
+    let t0 = Instant::now();
+    let per = total / WORKERS;
+    let tasks: Vec<_> = (0..WORKERS)
+        .map(|w| {
+            let c = c.clone();
+            tokio::spawn(async move {
+                let start = first + w * per;
+                let mut i = 0;
+                while i < per {
+                    let n = batch.min(per - i);
+                    c.queue_produce(&produce_req(start + i, n))
+                        .await
+                        .expect("produce");
+                    i += n;
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.expect("producer");
+    }
+    t0.elapsed()
+}
+
+/// `WORKERS` consumers lease and complete `total` items, batches of `BATCH`; returns the wall time.
+async fn lease_complete(c: &Client, total: usize) -> Duration {
+    let t0 = Instant::now();
+    let per = total / WORKERS;
+    let tasks: Vec<_> = (0..WORKERS)
+        .map(|w| {
+            let c = c.clone();
+            tokio::spawn(async move {
+                let mut done = 0;
+                while done < per {
+                    let r = c
+                        .queue_lease(&pb::QueueLeaseRequest {
+                            queue_name: QUEUE.into(),
+                            batch_size: BATCH.min(per - done) as i32,
+                            client_id: format!("consumer-{w}"),
+                            request_timeout: "10s".into(),
+                        })
+                        .await
+                        .expect("lease");
+                    done += r.items.len();
+                    c.queue_complete(&pb::QueueCompleteRequest {
+                        queue_name: QUEUE.into(),
+                        partition: r.partition,
+                        request_timeout: "1m".into(),
+                        ids: r.items.into_iter().map(|i| i.id).collect(),
+                    })
+                    .await
+                    .expect("complete");
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.expect("consumer");
+    }
+    t0.elapsed()
+}
+
+/// Items in the queue (all partitions): (total, leased).
+async fn depth(c: &Client) -> (i64, i64) {
+    let s = c
+        .queue_stats(&pb::QueueStatsRequest {
+            queue_name: QUEUE.into(),
+        })
+        .await
+        .expect("stats");
+    s.logical_queues
+        .iter()
+        .flat_map(|l| &l.partitions)
+        .fold((0, 0), |(t, l), p| {
+            (t + i64::from(p.total), l + i64::from(p.total_leased))
+        })
+}
+
+fn rate(items: usize, d: Duration) -> f64 {
+    items as f64 / d.as_secs_f64()
+}
+
+/// Pre-fills the queue to `base` items, then alternates produce and lease+complete phases; prints and returns
+/// (produce items/s, lease+complete items/s).
+async fn measure_at_depth(c: &Client, base: usize) -> (f64, f64) {
+    create(c, QUEUE, 1).await;
+    let rss0 = rss_kib();
+    let cpu0 = cpu_time();
+    let fill = produce(c, 0, base, PREFILL_BATCH).await;
+    let fill_cpu = cpu_since(cpu0);
+    let rss1 = rss_kib();
+    println!(
+        "pre-fill: {base} items in {:.2} s ({:.0} items/s, batches of {PREFILL_BATCH}; CPU {:.1} us per item, {:.1} in \
+         fjall workers); RSS {:.0} -> {:.0} MiB ({:.0} bytes per item)",
+        fill.as_secs_f64(),
+        rate(base, fill),
+        per_item(fill_cpu.0, base),
+        per_item(fill_cpu.1, base),
+        mib(rss0),
+        mib(rss1),
+        (rss1.saturating_sub(rss0) * 1024) as f64 / base as f64
+    );
+    // One unmeasured round to warm connections and caches.
+    let mut next = base;
+    produce(c, next, ROUND_ITEMS, BATCH).await;
+    next += ROUND_ITEMS;
+    lease_complete(c, ROUND_ITEMS).await;
+    let (mut ps, mut lcs) = (Vec::new(), Vec::new());
+    for rep in 1..=REPEATS {
+        let (d0, _) = depth(c).await;
+        let (mut tp, mut tc) = (Duration::ZERO, Duration::ZERO);
+        let (mut cp, mut cc) = ((Duration::ZERO, Duration::ZERO), (Duration::ZERO, Duration::ZERO));
+        let (mut lo, mut hi) = (i64::MAX, 0);
+        let (wall0, machine0, own0) = (Instant::now(), machine_busy(), cpu_time().0);
+        for _ in 0..ROUNDS {
+            lo = lo.min(depth(c).await.0);
+            let cpu0 = cpu_time();
+            tp += produce(c, next, ROUND_ITEMS, BATCH).await;
+            let d = cpu_since(cpu0);
+            (cp.0, cp.1) = (cp.0 + d.0, cp.1 + d.1);
+            next += ROUND_ITEMS;
+            hi = hi.max(depth(c).await.0);
+            let cpu0 = cpu_time();
+            tc += lease_complete(c, ROUND_ITEMS).await;
+            let d = cpu_since(cpu0);
+            (cc.0, cc.1) = (cc.0 + d.0, cc.1 + d.1);
+        }
+        let other = other_pct(
+            machine_busy().saturating_sub(machine0),
+            cpu_time().0.saturating_sub(own0),
+            wall0.elapsed(),
+        );
+        let (d1, leased) = depth(c).await;
+        let n = ROUNDS * ROUND_ITEMS;
+        let (p, lc) = (rate(n, tp), rate(n, tc));
+        println!(
+            "run {rep}: depth {d0} (range {lo}..{hi}; {d1} at the end, {leased} leased): produce {p:.0} items/s \
+             ({n} items in {:.2} s; CPU {:.1} us per item, {:.1} of it in fjall workers), lease+complete {lc:.0} \
+             items/s ({n} items in {:.2} s; CPU {:.1} us per item, {:.1} in fjall workers); other processes used \
+             {other:.0} % of the machine",
+            tp.as_secs_f64(),
+            per_item(cp.0, n),
+            per_item(cp.1, n),
+            tc.as_secs_f64(),
+            per_item(cc.0, n),
+            per_item(cc.1, n),
+        );
+        ps.push(p);
+        lcs.push(lc);
+    }
+    let (p, lc) = (median(ps), median(lcs));
+    println!(
+        "depth ~{base}: median of {REPEATS} runs: produce {p:.0} items/s, lease+complete {lc:.0} items/s \
+         ({WORKERS} producers / {WORKERS} consumers, batches of {BATCH}, {PAYLOAD}-byte payloads)"
+    );
+    (p, lc)
+}
+
+fn per_item(d: Duration, n: usize) -> f64 {
+    d.as_secs_f64() * 1e6 / n as f64
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "measurement; run in release, see the module docs"]
+async fn throughput_with_1k_queued() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (srv, c) = serve(&dir).await;
+    measure_at_depth(&c, 1_000).await;
+    srv.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "measurement; run in release, see the module docs"]
+async fn throughput_with_1m_queued_and_restart() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (srv, c) = serve(&dir).await;
+    measure_at_depth(&c, 1_000_000).await;
+    let (mut items, _) = depth(&c).await;
+    let t_stop = Instant::now();
+    srv.stop().await;
+    println!("graceful stop: {:.2} s", t_stop.elapsed().as_secs_f64());
+    let size: u64 = walk_size(dir.path());
+    println!(
+        "data directory: {:.0} MiB for {items} items",
+        size as f64 / 1048576.0
+    );
+
+    for attempt in 1..=2 {
+        let t0 = Instant::now();
+        let (srv, c) = serve(&dir).await;
+        let started = t0.elapsed();
+        let r = c
+            .queue_lease(&pb::QueueLeaseRequest {
+                queue_name: QUEUE.into(),
+                batch_size: 1,
+                client_id: "restart".into(),
+                request_timeout: "1m".into(),
+            })
+            .await
+            .expect("first lease after restart");
+        let leased = t0.elapsed();
+        assert_eq!(r.items.len(), 1);
+        c.queue_complete(&pb::QueueCompleteRequest {
+            queue_name: QUEUE.into(),
+            partition: r.partition,
+            request_timeout: "1m".into(),
+            ids: r.items.into_iter().map(|i| i.id).collect(),
+        })
+        .await
+        .expect("complete");
+        let (after, _) = depth(&c).await;
+        println!(
+            "restart {attempt} with {items} items: start returned after {:.3} s, first lease after {:.3} s; \
+             {after} items after completing it; RSS {:.0} MiB",
+            started.as_secs_f64(),
+            leased.as_secs_f64(),
+            mib(rss_kib())
+        );
+        assert_eq!(after, items - 1, "every item is back after the restart");
+        items = after;
+        srv.stop().await;
+    }
+}
+
+/// Starts the real binary on `dir` (default configuration) on a free port and waits until `/health` answers.
+async fn spawn_binary(dir: &std::path::Path) -> (std::process::Child, Client) {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_lessor"))
+        .arg("server")
+        .arg("--data-dir")
+        .arg(dir)
+        .arg("--address")
+        .arg(format!("127.0.0.1:{port}"))
+        .arg("--log-level")
+        .arg("warn")
+        .env_remove("LESSOR_CONFIG")
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn lessor server");
+    let c = Client::new(&format!("http://127.0.0.1:{port}")).expect("client");
+    let t0 = Instant::now();
+    while c.health().await.is_err() {
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("the server exited during start-up: {status}");
+        }
+        assert!(t0.elapsed() < Duration::from_secs(60), "the server starts");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    (child, c)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "measurement; run in release, see the module docs"]
+async fn restart_after_sigkill_with_1m() {
+    const N: usize = 1_000_000;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (mut child, c) = spawn_binary(dir.path()).await;
+    create(&c, QUEUE, 1).await;
+    let fill = produce(&c, 0, N, PREFILL_BATCH).await;
+    println!(
+        "pre-fill (real binary): {N} items in {:.2} s ({:.0} items/s)",
+        fill.as_secs_f64(),
+        rate(N, fill)
+    );
+    // SIGKILL right after the last acknowledgement: whatever fjall had not flushed must come back from the journal.
+    let _ = child.kill();
+    let _ = child.wait();
+    println!(
+        "data directory after SIGKILL: {:.0} MiB",
+        walk_size(dir.path()) as f64 / 1048576.0
+    );
+    for attempt in 1..=2 {
+        let t0 = Instant::now();
+        let (mut child, c) = spawn_binary(dir.path()).await;
+        let healthy = t0.elapsed();
+        let r = c
+            .queue_lease(&pb::QueueLeaseRequest {
+                queue_name: QUEUE.into(),
+                batch_size: 1,
+                client_id: "restart".into(),
+                request_timeout: "1m".into(),
+            })
+            .await
+            .expect("first lease after restart");
+        let leased = t0.elapsed();
+        let (items, _) = depth(&c).await;
+        println!(
+            "restart {attempt} after SIGKILL: /health after {:.3} s, first lease after {:.3} s; {items} items \
+             ({} leased)",
+            healthy.as_secs_f64(),
+            leased.as_secs_f64(),
+            r.items.len()
+        );
+        assert_eq!(items as usize, N, "every acknowledged item is back");
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}
+
+fn walk_size(p: &std::path::Path) -> u64 {
+    let Ok(rd) = std::fs::read_dir(p) else {
+        return 0;
+    };
+    rd.flatten()
+        .map(|e| match e.metadata() {
+            Ok(m) if m.is_dir() => walk_size(&e.path()),
+            Ok(m) => m.len(),
+            Err(_) => 0,
+        })
+        .sum()
+}
+
+/// `VmRSS` of a `/proc/<pid>/status` (`self` or a child's pid), in KiB.
+fn rss_of(pid: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|n| n.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+async fn stats(c: &Client, queue: &str) -> usize {
+    let s = c
+        .queue_stats(&pb::QueueStatsRequest {
+            queue_name: queue.into(),
+        })
+        .await
+        .expect("stats");
+    s.logical_queues.iter().map(|l| l.partitions.len()).sum()
+}
+
+/// Stats on every queue (which opens all their partitions); returns the time taken.
+async fn open_all(c: &Client, queues: usize, parts: usize) -> Duration {
+    let t0 = Instant::now();
+    for q in 0..queues {
+        assert_eq!(
+            stats(c, &format!("idle-{q}")).await,
+            parts,
+            "every partition is open"
+        );
+    }
+    t0.elapsed()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "measurement; run in release, see the module docs"]
+async fn idle_rss_per_partition() {
+    const QUEUES: usize = 10;
+    const PARTS: usize = 100;
+    const N: usize = QUEUES * PARTS;
+    let settle = Duration::from_millis(500);
+    let dir = tempfile::tempdir().expect("temp dir");
+
+    // 1. In this process: create the queues, then open them all.
+    let (srv, c) = serve(&dir).await;
+    // Warm the server and the client (connections, one queue's code paths) before the baseline.
+    create(&c, "warm", 1).await;
+    stats(&c, "warm").await;
+    tokio::time::sleep(settle).await;
+    let before = rss_kib();
+    let t0 = Instant::now();
+    for q in 0..QUEUES {
+        create(&c, &format!("idle-{q}"), PARTS as i32).await;
+    }
+    let created = t0.elapsed();
+    let opened = open_all(&c, QUEUES, PARTS).await;
+    tokio::time::sleep(settle).await;
+    let after = rss_kib();
+    println!(
+        "new: {N} partitions ({QUEUES} queues x {PARTS}) created in {:.2} s, opened (first stats) in {:.2} s; \
+         RSS {:.1} -> {:.1} MiB: {:.1} KiB per idle partition",
+        created.as_secs_f64(),
+        opened.as_secs_f64(),
+        mib(before),
+        mib(after),
+        after.saturating_sub(before) as f64 / N as f64
+    );
+    srv.stop().await;
+
+    // 2. A restart in a fresh process (the real binary, so memory freed above cannot be reused): open them all
+    //    from disk.
+    let (mut child, c) = spawn_binary(dir.path()).await;
+    let pid = child.id().to_string();
+    stats(&c, "warm").await;
+    tokio::time::sleep(settle).await;
+    let before = rss_of(&pid);
+    let opened = open_all(&c, QUEUES, PARTS).await;
+    tokio::time::sleep(settle).await;
+    let after = rss_of(&pid);
+    let _ = child.kill();
+    let _ = child.wait();
+    println!(
+        "restart (separate process): {N} partitions opened from disk in {:.2} s; server RSS {:.1} -> {:.1} MiB: \
+         {:.1} KiB per idle partition",
+        opened.as_secs_f64(),
+        mib(before),
+        mib(after),
+        after.saturating_sub(before) as f64 / N as f64
+    );
+}
