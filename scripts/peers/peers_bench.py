@@ -9,7 +9,11 @@ and end-to-end (produce-to-receive) p50/p99 in milliseconds.
 Systems and the primitive used for "lease + complete":
   beanstalkd  put / reserve + delete            (one job per call: the protocol has no batches)
   redis       Streams: XADD (pipelined batch) / XREADGROUP COUNT batch + XACK (pending-entries list = lease)
-  nats        JetStream work-queue stream: publish (batch of async acks) / pull fetch(batch) + ack
+  nats        JetStream work-queue stream, file storage: publish (batch of async acks) / pull fetch(batch) + ack
+  postgres    plain table queue: INSERT of a batch (one statement, unnest of a bytea[]) /
+              UPDATE ... SET leased_until WHERE id IN (SELECT ... FOR UPDATE SKIP LOCKED LIMIT batch) RETURNING +
+              DELETE WHERE id = ANY(ids); every statement is its own transaction (autocommit), and consumers poll
+              (2 ms sleep after an empty lease: a plain table queue has no long poll)
   lessor      HTTP JSON: /v1/queue.produce / /v1/queue.lease + /v1/queue.complete (same driver, for a
               like-for-like comparison with the peers; `lessor bench` is the native Rust driver)
 
@@ -152,7 +156,7 @@ def nats_setup(a):
     import asyncio
 
     import nats
-    from nats.js.api import RetentionPolicy, StreamConfig
+    from nats.js.api import RetentionPolicy, StorageType, StreamConfig
 
     async def go():
         nc = await nats.connect(f"nats://127.0.0.1:{a.port}")
@@ -162,7 +166,9 @@ def nats_setup(a):
         except Exception:
             pass
         await js.add_stream(
-            StreamConfig(name=a.queue, subjects=[a.queue], retention=RetentionPolicy.WORK_QUEUE, storage="memory")
+            StreamConfig(
+                name=a.queue, subjects=[a.queue], retention=RetentionPolicy.WORK_QUEUE, storage=StorageType.FILE
+            )
         )
         await nc.close()
 
@@ -219,6 +225,67 @@ def nats_consumer(a, stop_at, out, ident):
 
     n, e2e, last = asyncio.run(go())
     out.put(("c", n, [], e2e, last))
+
+
+# --------------------------------------------------------------------------------------------------------
+# PostgreSQL: a plain FOR UPDATE SKIP LOCKED table queue
+# --------------------------------------------------------------------------------------------------------
+def pg_connect(a):
+    import psycopg
+
+    return psycopg.connect(a.dsn, autocommit=True)
+
+
+def pg_setup(a):
+    with pg_connect(a) as c:
+        c.execute(f"DROP TABLE IF EXISTS {a.queue}")
+        c.execute(
+            f"CREATE TABLE {a.queue} (id bigserial PRIMARY KEY, payload bytea NOT NULL, leased_until timestamptz)"
+        )
+
+
+def pg_producer(a, deadline, out):
+    c = pg_connect(a)
+    insert = f"INSERT INTO {a.queue} (payload) SELECT unnest(%s::bytea[])"
+    n, acks = 0, []
+    pacer = Pacer(a)
+    while time.time() < deadline:
+        time.sleep(pacer.delay())
+        t0 = time.perf_counter()
+        c.execute(insert, ([stamp_payload(a.payload) for _ in range(a.batch)],))
+        acks.append(time.perf_counter() - t0)
+        n += a.batch
+    c.close()
+    out.put(("p", n, acks, [], time.time()))
+
+
+def pg_consumer(a, stop_at, out, ident):
+    c = pg_connect(a)
+    lease = (
+        f"UPDATE {a.queue} SET leased_until = now() + interval '30s' WHERE id IN ("
+        f"SELECT id FROM {a.queue} WHERE leased_until IS NULL OR leased_until < now() "
+        "ORDER BY id LIMIT %s FOR UPDATE SKIP LOCKED) RETURNING id, payload"
+    )
+    complete = f"DELETE FROM {a.queue} WHERE id = ANY(%s)"
+    n, e2e, last = 0, [], 0.0
+    while time.time() < stop_at:
+        rows = c.execute(lease, (a.batch,)).fetchall()
+        if not rows:
+            time.sleep(0.002)
+            continue
+        now = time.time_ns()
+        for _, payload in rows:
+            e2e.append((now - sent_ns(payload)) / 1e9)
+        c.execute(complete, ([r[0] for r in rows],))
+        n += len(rows)
+        last = time.time()
+    c.close()
+    out.put(("c", n, [], e2e, last))
+
+
+def pg_teardown(a):
+    with pg_connect(a) as c:
+        c.execute(f"DROP TABLE IF EXISTS {a.queue}")
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -304,6 +371,7 @@ SYSTEMS = {
     "redis": (redis_setup, redis_producer, redis_consumer, None),
     "nats": (nats_setup, nats_producer, nats_consumer, None),
     "lessor": (lessor_setup, lessor_producer, lessor_consumer, lessor_teardown),
+    "postgres": (pg_setup, pg_producer, pg_consumer, pg_teardown),
 }
 
 
@@ -311,6 +379,8 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("system", choices=sorted(SYSTEMS))
     p.add_argument("--port", type=int, required=True)
+    p.add_argument("--dbname", default="postgres", help="postgres: database to use")
+    p.add_argument("--user", default="postgres", help="postgres: role to connect as")
     p.add_argument("--producers", type=int, default=4)
     p.add_argument("--consumers", type=int, default=4)
     p.add_argument("--batch", type=int, default=100)
@@ -321,6 +391,7 @@ def main():
     a = p.parse_args()
     a.payload = max(a.payload, 8)
     a.queue = f"peers{os.getpid()}"
+    a.dsn = f"host=127.0.0.1 port={a.port} dbname={a.dbname} user={a.user}"
     setup, producer, consumer, teardown = SYSTEMS[a.system]
     if setup:
         setup(a)

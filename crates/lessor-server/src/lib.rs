@@ -35,14 +35,49 @@ pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 /// Builds the engine from the configuration and declares the configured queues.
 pub async fn build_engine(config: &Config, clock: SharedClock) -> Result<Engine, String> {
     let engine = config.build_engine(clock).await?;
+    let mut pending = Vec::new();
     for q in config.declared_queues()? {
         let name = q.name.clone();
-        engine
-            .declare_queue(q)
-            .await
-            .map_err(|e| format!("queues: '{name}': {e}"))?;
+        match engine.declare_queue(q.clone()).await {
+            Ok(()) => {}
+            // The store is down (a database not reachable yet): start anyway, as with every other storage outage,
+            // and keep declaring in the background. Queues declared later in the file may name this one as their
+            // dead-letter queue, so the rest wait in order behind it.
+            Err(e) if !pending.is_empty() || is_outage(&e) => {
+                tracing::warn!(queue = %name, error = %e, "declared queue not written yet; retrying in the background");
+                pending.push(q);
+            }
+            Err(e) => return Err(format!("queues: '{name}': {e}")),
+        }
+    }
+    if !pending.is_empty() {
+        let engine = engine.clone();
+        tokio::spawn(async move {
+            for q in pending {
+                loop {
+                    match engine.declare_queue(q.clone()).await {
+                        Ok(()) => {
+                            tracing::info!(queue = %q.name, "declared queue written");
+                            break;
+                        }
+                        Err(e) if is_outage(&e) => {
+                            tokio::time::sleep(std::time::Duration::from_secs(1)).await
+                        }
+                        Err(e) => {
+                            tracing::error!(queue = %q.name, error = %e, "declared queue rejected");
+                            break;
+                        }
+                    }
+                }
+            }
+        });
     }
     Ok(engine)
+}
+
+/// Whether an error means the storage is unreachable for now (retrying later may work).
+fn is_outage(e: &lessor_core::error::QueueError) -> bool {
+    matches!(e, lessor_core::error::QueueError::Transient(_))
 }
 
 /// Serves on `listener` until `shutdown` resolves, then stops the engine (waiting requests get "shutting down",

@@ -1,6 +1,11 @@
 //! Black-box tests of the v1 API: the real server on port 0, driven through the client over protobuf and JSON,
 //! with an injected clock so leases, schedules and expiry never wait on wall time. The scenarios port Querator's
 //! functional suites (queue, queues, retry, partitions, storage, shutdown) and add Lessor's deliberate fixes.
+//!
+//! Every scenario runs over protobuf and JSON on memory storage, and over protobuf on fjall (feature `fjall`) and on
+//! PostgreSQL (feature `postgres`, when `LESSOR_TEST_DATABASE_URL` is set; skipped with a message otherwise). Each
+//! PostgreSQL run gets a database of its own, created from that URL and dropped afterwards, because every scenario
+//! reuses the same queue names.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -11,7 +16,7 @@ use lessor_proto::Timestamp;
 use lessor_server::{start, Config, RunningServer};
 
 tokio::task_local! {
-    /// Which backend the current test runs on ("memory" or "fjall").
+    /// Which backend the current test runs on ("memory", "fjall" or "postgres").
     static BACKEND: &'static str;
 }
 
@@ -20,18 +25,26 @@ struct Env {
     c: Client,
     clock: ManualClock,
     _dir: Option<tempfile::TempDir>,
+    /// The PostgreSQL database of this run (dropped with the `Env`, after the server).
+    _db: Option<Box<dyn std::any::Any + Send>>,
 }
 
 impl Env {
     async fn new(enc: Encoding) -> Env {
         let backend = BACKEND.try_with(|b| *b).unwrap_or("memory");
-        let (config, dir) = match backend {
+        type Guard = Option<Box<dyn std::any::Any + Send>>;
+        let (config, dir, db): (Config, _, Guard) = match backend {
             "fjall" => {
                 let dir = tempfile::tempdir().expect("temp dir");
                 let path = dir.path().to_str().expect("utf-8 path").to_string();
-                (Config::default_persistent(&path), Some(dir))
+                (Config::default_persistent(&path), Some(dir), None)
             }
-            _ => (Config::memory(), None),
+            #[cfg(feature = "postgres")]
+            "postgres" => {
+                let d = pg::Database::create().await;
+                (d.config(), None, Some(Box::new(d)))
+            }
+            _ => (Config::memory(), None, None),
         };
         let clock = ManualClock::starting_now();
         let srv = start(&config, "127.0.0.1:0", Some(Arc::new(clock.clone())))
@@ -43,6 +56,7 @@ impl Env {
             c,
             clock,
             _dir: dir,
+            _db: db,
         }
     }
 
@@ -189,6 +203,116 @@ where
     panic!("timed out waiting for: {what}");
 }
 
+/// A database per test run, so runs that reuse queue names cannot see each other's tables.
+#[cfg(feature = "postgres")]
+mod pg {
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    use lessor_server::Config;
+
+    /// The server to create test databases on, from `LESSOR_TEST_DATABASE_URL`.
+    pub(super) fn admin_url() -> Option<String> {
+        std::env::var("LESSOR_TEST_DATABASE_URL")
+            .ok()
+            .filter(|u| !u.trim().is_empty())
+    }
+
+    /// `url` naming database `db` instead of its own (URI or key=value form).
+    fn with_dbname(url: &str, db: &str) -> String {
+        let Some(scheme_end) = url.find("://") else {
+            // key=value: a later key overrides an earlier one.
+            return format!("{url} dbname={db}");
+        };
+        let (base, query) = match url.find('?') {
+            Some(q) => (&url[..q], &url[q..]),
+            None => (url, ""),
+        };
+        let authority_end = base[scheme_end + 3..]
+            .find('/')
+            .map_or(base.len(), |i| scheme_end + 3 + i);
+        format!("{}/{db}{query}", &base[..authority_end])
+    }
+
+    async fn execute(url: &str, sql: &str) -> Result<(), tokio_postgres::Error> {
+        let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls).await?;
+        let task = tokio::spawn(conn);
+        let r = client.batch_execute(sql).await;
+        drop(client);
+        let _ = task.await;
+        r
+    }
+
+    /// A fresh database, dropped (with whatever still connects to it) when this value is dropped.
+    pub(super) struct Database {
+        admin: String,
+        name: String,
+        url: String,
+    }
+
+    impl Database {
+        pub(super) async fn create() -> Database {
+            static N: AtomicU64 = AtomicU64::new(0);
+            let admin = admin_url().expect("LESSOR_TEST_DATABASE_URL");
+            let stamp = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_micros() % 1_000_000_000);
+            let name = format!(
+                "lessor_t_{}_{}_{stamp}",
+                std::process::id(),
+                N.fetch_add(1, Ordering::Relaxed)
+            );
+            execute(&admin, &format!("CREATE DATABASE {name}"))
+                .await
+                .unwrap_or_else(|e| panic!("CREATE DATABASE {name}: {e}"));
+            let url = with_dbname(&admin, &name);
+            Database { admin, name, url }
+        }
+
+        /// Queue definitions and partitions both in this database.
+        pub(super) fn config(&self) -> Config {
+            let url = serde_json::to_string(&self.url).expect("string");
+            Config::from_yaml(&format!(
+                "queue-storage:\n  driver: postgres\n  config:\n    connection-string: {url}\n\
+                 partition-storage:\n  - name: pg-0\n    driver: postgres\n    affinity: 1\n    \
+                 config:\n      connection-string: {url}\n"
+            ))
+            .expect("postgres config")
+        }
+    }
+
+    impl Drop for Database {
+        fn drop(&mut self) {
+            // Best effort, on a thread of its own: this runs inside the test's runtime, which cannot block on
+            // itself. FORCE ends the connections the stopping server may still hold.
+            let (admin, name) = (self.admin.clone(), self.name.clone());
+            let dropper = std::thread::spawn(move || {
+                let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() else {
+                    return;
+                };
+                let sql = format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)");
+                if let Err(e) = rt.block_on(execute(&admin, &sql)) {
+                    eprintln!("warning: {sql}: {e}");
+                }
+            });
+            let _ = dropper.join();
+        }
+    }
+
+    #[test]
+    fn database_names_replace_the_url_path() {
+        assert_eq!(with_dbname("postgres://u@h:1/db", "x"), "postgres://u@h:1/x");
+        assert_eq!(with_dbname("postgres://u@h:1", "x"), "postgres://u@h:1/x");
+        assert_eq!(
+            with_dbname("postgres://u@h/db?sslmode=disable", "x"),
+            "postgres://u@h/x?sslmode=disable"
+        );
+        assert_eq!(
+            with_dbname("host=h user=u dbname=db", "x"),
+            "host=h user=u dbname=db dbname=x"
+        );
+    }
+}
+
 macro_rules! both_encodings {
     ($($name:ident),* $(,)?) => {
         mod protobuf {
@@ -204,6 +328,17 @@ macro_rules! both_encodings {
             $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                async fn $name() {
                    super::BACKEND.scope("fjall", super::$name(lessor_client::Encoding::Protobuf)).await
+               } )*
+        }
+        #[cfg(feature = "postgres")]
+        mod postgres {
+            $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+               async fn $name() {
+                   if super::pg::admin_url().is_none() {
+                       eprintln!("skipped: LESSOR_TEST_DATABASE_URL is not set");
+                       return;
+                   }
+                   super::BACKEND.scope("postgres", super::$name(lessor_client::Encoding::Protobuf)).await
                } )*
         }
     };

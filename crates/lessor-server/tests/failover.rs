@@ -279,3 +279,24 @@ async fn every_partition_failing_is_a_retryable_error() {
         .expect_err("still down");
     assert!(matches!(err, QueueError::NoAvailablePartitions), "{err:?}");
 }
+
+/// A server whose database is down still starts, even with queues declared in its file; calls answer 454 until the
+/// database is back (here it never is).
+#[cfg(feature = "postgres")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn starts_with_the_database_down_and_declared_queues() {
+    let yaml = "queue-storage:\n  driver: postgres\n  config: { connection-string: 'postgres://nobody@127.0.0.1:1/none?connect_timeout=1' }\n\
+                partition-storage:\n  - name: pg\n    driver: postgres\n    affinity: 1\n    config: { connection-string: 'postgres://nobody@127.0.0.1:1/none?connect_timeout=1' }\n\
+                queues:\n  - name: jobs\n    lease-timeout: 1m\n    expire-timeout: 1h\n";
+    let config = lessor_server::Config::from_yaml(yaml).expect("config");
+    let srv = lessor_server::start(&config, "127.0.0.1:0", None).await.expect("starts while the database is down");
+    let c = lessor_client::Client::new(&srv.endpoint()).expect("client");
+    let err = c
+        .queues_info(&lessor_client::proto::QueuesInfoRequest { queue_name: "jobs".into() })
+        .await
+        .expect_err("database down");
+    assert_eq!(err.code(), Some(454), "{err:?}");
+    let health = c.health().await.expect("health answers");
+    assert_eq!(health["status"], "fail");
+    srv.stop().await;
+}

@@ -330,42 +330,60 @@ impl QueueTask {
     // ---- health ------------------------------------------------------------------------------------------------
 
     async fn recover(&mut self, now: Ts) {
-        for i in 0..self.parts.len() {
-            let due_refresh =
-                self.parts[i].failures == 0 && self.parts[i].shared && self.parts[i].refresh_at <= now;
-            if self.parts[i].failures > 0 && self.parts[i].retry_at <= now || due_refresh {
-                self.probe(i, now).await;
-            }
-        }
+        let due: Vec<usize> = (0..self.parts.len())
+            .filter(|&i| {
+                let p = &self.parts[i];
+                (p.failures > 0 && p.retry_at <= now) || (p.failures == 0 && p.shared && p.refresh_at <= now)
+            })
+            .collect();
+        self.probe_many(&due, now).await;
     }
 
     /// Opens (if needed) and re-reads a partition; marks it healthy or failed.
     async fn probe(&mut self, i: usize, now: Ts) {
+        self.probe_many(&[i], now).await;
+    }
+
+    /// Probes several partitions at once: opening a new partition can take milliseconds (a persistent store
+    /// creates and syncs it), and a queue with a hundred partitions must not open them one after another.
+    async fn probe_many(&mut self, which: &[usize], now: Ts) {
+        if which.is_empty() {
+            return;
+        }
         let name = self.info.name.clone();
-        let p = &mut self.parts[i];
-        let handle = match &p.handle {
-            Some(h) => h.clone(),
-            None => match p.store.open(&name, p.num).await {
-                Ok(h) => {
-                    p.handle = Some(h.clone());
-                    h
+        let probes = which.iter().filter(|&&i| i < self.parts.len()).map(|&i| {
+            let p = &self.parts[i];
+            let (store, handle, num, name) = (p.store.clone(), p.handle.clone(), p.num, name.clone());
+            async move {
+                let result = async {
+                    let h = match handle {
+                        Some(h) => h,
+                        None => store.open(&name, num).await?,
+                    };
+                    let counts = h.counts().await?;
+                    let deadline = h.next_deadline().await?;
+                    Ok::<_, StorageError>((h, counts, deadline))
                 }
-                Err(e) => return p.fail(now, &name, &e),
-            },
-        };
-        match handle.counts().await {
-            Ok(c) => p.counts = c,
-            Err(e) => return p.fail(now, &name, &e),
+                .await;
+                (i, result)
+            }
+        });
+        for (i, result) in join_all(probes).await {
+            let p = &mut self.parts[i];
+            match result {
+                Ok((h, counts, deadline)) => {
+                    p.handle = Some(h);
+                    p.counts = counts;
+                    p.next_deadline = deadline;
+                    if p.failures > 1 {
+                        tracing::info!(queue = %name, partition = p.num, "partition recovered");
+                    }
+                    p.failures = 0;
+                    p.refresh_at = now.add(SHARED_REFRESH);
+                }
+                Err(e) => p.fail(now, &name, &e),
+            }
         }
-        match handle.next_deadline().await {
-            Ok(d) => p.next_deadline = d,
-            Err(e) => return p.fail(now, &name, &e),
-        }
-        if p.failures > 1 {
-            tracing::info!(queue = %name, partition = p.num, "partition recovered");
-        }
-        p.failures = 0;
-        p.refresh_at = now.add(SHARED_REFRESH);
     }
 
     // ---- lifecycle ---------------------------------------------------------------------------------------------
@@ -931,9 +949,8 @@ impl QueueTask {
                 let _ = reply.send(result);
             }
             Cold::Reload(reply) => {
-                for i in 0..self.parts.len() {
-                    self.probe(i, now).await;
-                }
+                let all: Vec<usize> = (0..self.parts.len()).collect();
+                self.probe_many(&all, now).await;
                 let _ = reply.send(Ok(()));
             }
             Cold::List {

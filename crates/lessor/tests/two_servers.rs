@@ -1,0 +1,1040 @@
+//! Real `lessor server` processes on PostgreSQL, under concurrent load, with failures injected from outside:
+//!
+//! - two servers sharing one database never lease one item to two consumers at once, and every item is completed
+//!   exactly once, none lost;
+//! - lease expiry and dead-lettering run on both servers but apply once per item;
+//! - one of two servers killed with SIGKILL mid-load: the other keeps serving, nothing acknowledged is lost, and
+//!   the items the dead server's consumers held come back after their lease expires (wall time, 2 s leases);
+//! - PostgreSQL stopped and restarted mid-load: requests fail with 454 while it is down (never 500 or 453), nothing
+//!   acknowledged is lost, and service resumes by itself.
+//!
+//! Items are tracked by payload, since an item gets a new id each time it is leased. A [`Ledger`] records every
+//! acknowledged produce, every lease (with its deadline) and every completion, and flags a lease of an item whose
+//! previous lease had not expired when the new one arrived.
+//!
+//! The first three tests need `LESSOR_TEST_DATABASE_URL` and make a database of their own there; the restart test
+//! runs a private cluster through `scripts/pg-test-cluster.sh`, like `lessor-storage`'s `postgres_restart.rs`, when
+//! PostgreSQL is installed locally. Without them the tests are skipped with a message. They run one at a time.
+#![cfg(feature = "postgres")]
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use lessor_client::{proto as pb, Client, ClientError};
+use tokio::task::JoinHandle;
+
+/// The tests start processes and measure wall time: one at a time.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+// ---- databases ---------------------------------------------------------------------------------------------------
+
+fn admin_url() -> Option<String> {
+    std::env::var("LESSOR_TEST_DATABASE_URL")
+        .ok()
+        .filter(|u| !u.trim().is_empty())
+}
+
+/// `url` naming database `db` instead of its own (URI or key=value form).
+fn with_dbname(url: &str, db: &str) -> String {
+    let Some(scheme_end) = url.find("://") else {
+        return format!("{url} dbname={db}");
+    };
+    let (base, query) = match url.find('?') {
+        Some(q) => (&url[..q], &url[q..]),
+        None => (url, ""),
+    };
+    let authority_end = base[scheme_end + 3..]
+        .find('/')
+        .map_or(base.len(), |i| scheme_end + 3 + i);
+    format!("{}/{db}{query}", &base[..authority_end])
+}
+
+async fn execute(url: &str, sql: &str) -> Result<(), tokio_postgres::Error> {
+    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls).await?;
+    let task = tokio::spawn(conn);
+    let r = client.batch_execute(sql).await;
+    drop(client);
+    let _ = task.await;
+    r
+}
+
+/// A fresh database on the test server, dropped when this value is dropped.
+struct Database {
+    admin: String,
+    name: String,
+    url: String,
+}
+
+impl Database {
+    async fn create() -> Database {
+        static N: AtomicU64 = AtomicU64::new(0);
+        let admin = admin_url().expect("LESSOR_TEST_DATABASE_URL");
+        let stamp = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_micros() % 1_000_000_000);
+        let name = format!(
+            "lessor_two_{}_{}_{stamp}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        );
+        execute(&admin, &format!("CREATE DATABASE {name}"))
+            .await
+            .unwrap_or_else(|e| panic!("CREATE DATABASE {name}: {e}"));
+        let url = with_dbname(&admin, &name);
+        Database { admin, name, url }
+    }
+}
+
+impl Drop for Database {
+    fn drop(&mut self) {
+        // On a thread of its own: this runs inside the test's runtime, which cannot block on itself.
+        let (admin, name) = (self.admin.clone(), self.name.clone());
+        let dropper = std::thread::spawn(move || {
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() else {
+                return;
+            };
+            let sql = format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)");
+            if let Err(e) = rt.block_on(execute(&admin, &sql)) {
+                eprintln!("warning: {sql}: {e}");
+            }
+        });
+        let _ = dropper.join();
+    }
+}
+
+/// A private PostgreSQL cluster run by `scripts/pg-test-cluster.sh`, removed on drop.
+struct Cluster {
+    dir: PathBuf,
+}
+
+impl Cluster {
+    fn script() -> PathBuf {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../scripts/pg-test-cluster.sh")
+    }
+
+    fn run(&self, cmd: &str) -> String {
+        let out = Command::new("bash")
+            .arg(Self::script())
+            .arg(cmd)
+            .env("LESSOR_PG_DIR", &self.dir)
+            .env("LESSOR_PG_PORT", "55470")
+            .env("LESSOR_PG_DB", "lessor_faults")
+            .output()
+            .expect("run pg-test-cluster.sh");
+        assert!(
+            out.status.success(),
+            "pg-test-cluster.sh {cmd} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Starts a new cluster and returns it with its URL.
+    fn start() -> (Cluster, String) {
+        let dir = std::env::temp_dir().join(format!("lessor-two-servers-pg-{}", std::process::id()));
+        let c = Cluster { dir };
+        let out = c.run("start");
+        let url = out
+            .trim()
+            .strip_prefix("export LESSOR_TEST_DATABASE_URL=")
+            .unwrap_or_else(|| panic!("unexpected output: {out}"))
+            .to_string();
+        (c, url)
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        let _ = Command::new("bash")
+            .arg(Self::script())
+            .arg("stop")
+            .env("LESSOR_PG_DIR", &self.dir)
+            .output();
+    }
+}
+
+/// Whether the script can start a local server without installing one.
+fn postgres_installed() -> bool {
+    let in_path = std::env::var_os("PATH")
+        .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join("initdb").is_file()));
+    let debian = std::fs::read_dir("/usr/lib/postgresql")
+        .map(|dirs| dirs.flatten().any(|d| d.path().join("bin/initdb").is_file()))
+        .unwrap_or(false);
+    in_path || debian
+}
+
+// ---- servers -----------------------------------------------------------------------------------------------------
+
+/// A `lessor server` process; killed (SIGKILL) on drop.
+struct Server {
+    name: String,
+    child: Child,
+    client: Client,
+    log: PathBuf,
+}
+
+impl Server {
+    /// Starts `lessor server` with queue definitions and items in the database at `url`, and waits until it answers.
+    async fn start(name: &str, url: &str, dir: &Path) -> Server {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("free port")
+            .port();
+        let url = serde_json::to_string(url).expect("string");
+        let config = format!(
+            "address: 127.0.0.1:{port}\nlogging:\n  level: warn\n\
+             queue-storage:\n  driver: postgres\n  config:\n    connection-string: {url}\n    max-conns: 8\n\
+             partition-storage:\n  - name: pg-0\n    driver: postgres\n    affinity: 1\n    config:\n      \
+             connection-string: {url}\n      max-conns: 8\n"
+        );
+        let config_path = dir.join(format!("{name}.yaml"));
+        std::fs::write(&config_path, config).expect("write config");
+        let log = dir.join(format!("{name}.log"));
+        let out = std::fs::File::create(&log).expect("log file");
+        let err = out.try_clone().expect("log file");
+        let child = Command::new(env!("CARGO_BIN_EXE_lessor"))
+            .arg("server")
+            .arg("--config")
+            .arg(&config_path)
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .expect("spawn lessor server");
+        let client = Client::new(&format!("http://127.0.0.1:{port}")).expect("client");
+        let mut s = Server {
+            name: name.to_string(),
+            child,
+            client,
+            log,
+        };
+        let t0 = Instant::now();
+        loop {
+            if s.client.health().await.is_ok() {
+                return s;
+            }
+            if let Ok(Some(status)) = s.child.try_wait() {
+                panic!("server {name} exited with {status}: {}", s.log_tail());
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(30),
+                "server {name} did not come up: {}",
+                s.log_tail()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(40)..].join("\n")
+    }
+
+    /// SIGKILL: no graceful shutdown, no flush.
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+async fn create_queue(c: &Client, name: &str, f: impl FnOnce(&mut pb::QueueInfo)) {
+    let mut q = pb::QueueInfo {
+        queue_name: name.into(),
+        lease_timeout: "2s".into(),
+        expire_timeout: "24h".into(),
+        requested_partitions: 2,
+        ..Default::default()
+    };
+    f(&mut q);
+    c.queues_create(&q).await.expect("create queue");
+}
+
+/// Ready plus leased plus scheduled items of `queue`, as the server reads them from the database.
+async fn remaining(c: &Client, queue: &str) -> Result<i64, ClientError> {
+    let s = c
+        .queue_stats(&pb::QueueStatsRequest {
+            queue_name: queue.into(),
+        })
+        .await?;
+    Ok(s.logical_queues[0]
+        .partitions
+        .iter()
+        .map(|p| i64::from(p.total) + i64::from(p.scheduled))
+        .sum())
+}
+
+// ---- the ledger --------------------------------------------------------------------------------------------------
+
+fn now_nanos() -> i128 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i128::try_from(d.as_nanos()).unwrap_or(i128::MAX))
+}
+
+/// The current lease of one item.
+struct Holder {
+    consumer: String,
+    deadline: i128,
+}
+
+/// Everything the workers saw, by payload.
+#[derive(Default)]
+struct Ledger {
+    /// Produced with a 200.
+    acked: HashSet<String>,
+    /// Produce failed: the items may or may not be stored.
+    unacked: HashSet<String>,
+    /// Items whose current lease the ledger knows.
+    holders: HashMap<String, Holder>,
+    /// Leases per item, with the attempts the server reported.
+    leases: HashMap<String, Vec<i32>>,
+    /// Completes answered 200, per item.
+    completed: HashMap<String, u32>,
+    /// Completes answered "does not exist" (the lease expired first) or lost with a killed server.
+    in_doubt: HashSet<String>,
+    /// Leases by server name.
+    leased_via: HashMap<String, u64>,
+    /// A lease of an item whose previous lease was still running.
+    violations: Vec<String>,
+    /// Failures that are not allowed where they happened.
+    bad: Vec<String>,
+    /// 454 answers other than a long-poll that found nothing, with the phase they happened in.
+    retryable: Vec<(u8, String)>,
+    /// Long-polls that found nothing.
+    empty_polls: u64,
+}
+
+impl Ledger {
+    fn leased(&mut self, consumer: &str, server: &str, items: &[pb::QueueLeaseItem]) {
+        let now = now_nanos();
+        for it in items {
+            let p = String::from_utf8_lossy(&it.bytes).into_owned();
+            let deadline = it.lease_deadline.map_or(0, |d| d.unix_nanos());
+            if let Some(h) = self.holders.get(&p) {
+                if h.deadline > now {
+                    self.violations.push(format!(
+                        "{p} leased to {consumer} via {server} while {} held it for {} ms more",
+                        h.consumer,
+                        (h.deadline - now) / 1_000_000
+                    ));
+                }
+            }
+            self.holders.insert(
+                p.clone(),
+                Holder {
+                    consumer: consumer.to_string(),
+                    deadline,
+                },
+            );
+            self.leases.entry(p).or_default().push(it.attempts);
+        }
+        *self.leased_via.entry(server.to_string()).or_default() += items.len() as u64;
+    }
+
+    fn completed(&mut self, consumer: &str, payloads: &[String]) {
+        for p in payloads {
+            *self.completed.entry(p.clone()).or_default() += 1;
+            if self.holders.get(p).is_some_and(|h| h.consumer == consumer) {
+                self.holders.remove(p);
+            }
+        }
+    }
+
+    /// What is wrong with the end state: a double lease, an unexpected failure, an acknowledged item never
+    /// completed (nor its completion in doubt), an item completed twice, or an item leased that was never produced.
+    fn problems(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        let some = |v: &[String]| v[..v.len().min(5)].join(" | ");
+        if !self.violations.is_empty() {
+            out.push(format!(
+                "{} leases of items already leased, e.g. {}",
+                self.violations.len(),
+                some(&self.violations)
+            ));
+        }
+        if !self.bad.is_empty() {
+            out.push(format!(
+                "{} unexpected failures, e.g. {}",
+                self.bad.len(),
+                some(&self.bad)
+            ));
+        }
+        let twice: Vec<String> = self
+            .completed
+            .iter()
+            .filter(|(_, n)| **n > 1)
+            .map(|(p, n)| format!("{p} x{n}"))
+            .collect();
+        if !twice.is_empty() {
+            out.push(format!("completed more than once: {}", some(&twice)));
+        }
+        let lost: Vec<String> = self
+            .acked
+            .iter()
+            .filter(|p| !self.completed.contains_key(*p) && !self.in_doubt.contains(*p))
+            .cloned()
+            .collect();
+        if !lost.is_empty() {
+            out.push(format!(
+                "{} acknowledged items never completed, e.g. {}",
+                lost.len(),
+                some(&lost)
+            ));
+        }
+        let unknown: Vec<String> = self
+            .leases
+            .keys()
+            .filter(|p| !self.acked.contains(*p) && !self.unacked.contains(*p))
+            .cloned()
+            .collect();
+        if !unknown.is_empty() {
+            out.push(format!("leased but never produced: {}", some(&unknown)));
+        }
+        out
+    }
+
+    fn check(&self) {
+        let p = self.problems();
+        assert!(p.is_empty(), "{}", p.join("\n"));
+    }
+}
+
+// ---- workers -----------------------------------------------------------------------------------------------------
+
+/// What the workers share.
+#[derive(Clone)]
+struct Run {
+    ledger: Arc<Mutex<Ledger>>,
+    queue: String,
+    /// Producers stop.
+    stop_producing: Arc<AtomicBool>,
+    /// Consumers stop.
+    stop_consuming: Arc<AtomicBool>,
+    /// The test's phase, stamped on 454 answers (0 before any fault).
+    phase: Arc<AtomicU8>,
+}
+
+impl Run {
+    fn new(queue: &str) -> Run {
+        Run {
+            ledger: Arc::default(),
+            queue: queue.into(),
+            stop_producing: Arc::default(),
+            stop_consuming: Arc::default(),
+            phase: Arc::default(),
+        }
+    }
+
+    fn ledger(&self) -> std::sync::MutexGuard<'_, Ledger> {
+        self.ledger.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Records a failure: 454 is always allowed (and noted with the phase), a transport error only from a server
+    /// that was killed on purpose, anything else never.
+    fn failed(&self, what: &str, e: &ClientError, killed: &AtomicBool) {
+        let mut l = self.ledger();
+        match e.code() {
+            Some(454) if e.message().is_some_and(|m| m.starts_with("request timeout")) => l.empty_polls += 1,
+            Some(454) => {
+                let phase = self.phase.load(Ordering::SeqCst);
+                l.retryable.push((phase, format!("{what}: {e}")));
+            }
+            None if killed.load(Ordering::SeqCst) => {}
+            _ => l.bad.push(format!("{what}: {e}")),
+        }
+    }
+
+    /// Produces batches of `batch` items tagged `tag`, pausing `pause` between batches, until told to stop or until
+    /// `limit` items were sent.
+    fn producer(
+        &self,
+        server: &Server,
+        tag: &str,
+        batch: usize,
+        pause: Duration,
+        limit: usize,
+        killed: Arc<AtomicBool>,
+    ) -> JoinHandle<()> {
+        let (run, c, tag) = (self.clone(), server.client.clone(), tag.to_string());
+        tokio::spawn(async move {
+            let mut n = 0;
+            while !run.stop_producing.load(Ordering::SeqCst) && n < limit {
+                let payloads: Vec<String> = (n..n + batch).map(|i| format!("{tag}-{i}")).collect();
+                n += batch;
+                let req = pb::QueueProduceRequest {
+                    queue_name: run.queue.clone(),
+                    request_timeout: "10s".into(),
+                    items: payloads
+                        .iter()
+                        .map(|p| pb::QueueProduceItem {
+                            bytes: p.as_bytes().to_vec(),
+                            ..Default::default()
+                        })
+                        .collect(),
+                };
+                match c.queue_produce(&req).await {
+                    Ok(()) => run.ledger().acked.extend(payloads),
+                    Err(e) => {
+                        run.ledger().unacked.extend(payloads);
+                        run.failed(&format!("produce {tag}"), &e, &killed);
+                        if killed.load(Ordering::SeqCst) && e.code().is_none() {
+                            return;
+                        }
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                }
+                tokio::time::sleep(pause).await;
+            }
+        })
+    }
+
+    /// Leases batches of 10 and completes each after holding it for `hold`, until told to stop. A complete that
+    /// gets 454 is retried; "does not exist" (the lease ran out first) puts the items in doubt.
+    fn consumer(
+        &self,
+        server: &Server,
+        name: &str,
+        hold: Duration,
+        killed: Arc<AtomicBool>,
+    ) -> JoinHandle<()> {
+        let (run, c, name) = (self.clone(), server.client.clone(), name.to_string());
+        let server_name = server.name.clone();
+        tokio::spawn(async move {
+            while !run.stop_consuming.load(Ordering::SeqCst) {
+                let lease = c
+                    .queue_lease(&pb::QueueLeaseRequest {
+                        queue_name: run.queue.clone(),
+                        batch_size: 10,
+                        client_id: name.clone(),
+                        request_timeout: "1s".into(),
+                    })
+                    .await;
+                let l = match lease {
+                    Ok(l) => l,
+                    Err(e) => {
+                        run.failed(&format!("lease {name}"), &e, &killed);
+                        if killed.load(Ordering::SeqCst) && e.code().is_none() {
+                            return;
+                        }
+                        if e.code() != Some(454)
+                            || !e.message().is_some_and(|m| m.starts_with("request timeout"))
+                        {
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                        }
+                        continue;
+                    }
+                };
+                run.ledger().leased(&name, &server_name, &l.items);
+                tokio::time::sleep(hold).await;
+                let payloads: Vec<String> = l
+                    .items
+                    .iter()
+                    .map(|i| String::from_utf8_lossy(&i.bytes).into_owned())
+                    .collect();
+                let req = pb::QueueCompleteRequest {
+                    queue_name: run.queue.clone(),
+                    partition: l.partition,
+                    request_timeout: "10s".into(),
+                    ids: l.items.iter().map(|i| i.id.clone()).collect(),
+                };
+                loop {
+                    match c.queue_complete(&req).await {
+                        Ok(()) => {
+                            run.ledger().completed(&name, &payloads);
+                            break;
+                        }
+                        Err(e)
+                            if e.code() == Some(400)
+                                && e.message().is_some_and(|m| m.contains("does not exist")) =>
+                        {
+                            // The lease expired before the complete arrived (it comes back), or an earlier try
+                            // that answered 454 was applied after all.
+                            run.ledger().in_doubt.extend(payloads);
+                            break;
+                        }
+                        Err(e) => {
+                            run.failed(&format!("complete {name}"), &e, &killed);
+                            if e.code() != Some(454) {
+                                run.ledger().in_doubt.extend(payloads);
+                                if killed.load(Ordering::SeqCst) && e.code().is_none() {
+                                    return;
+                                }
+                                break;
+                            }
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                        }
+                    }
+                }
+            }
+        })
+    }
+}
+
+/// Waits (bounded) until `server` reports nothing left in the queue and every acknowledged item is accounted for.
+async fn drained(run: &Run, server: &Server, within: Duration) {
+    let t0 = Instant::now();
+    loop {
+        let accounted = {
+            let l = run.ledger();
+            l.acked
+                .iter()
+                .all(|p| l.completed.contains_key(p) || l.in_doubt.contains(p))
+        };
+        if accounted && remaining(&server.client, &run.queue).await.is_ok_and(|n| n == 0) {
+            return;
+        }
+        if t0.elapsed() > within {
+            let left = remaining(&server.client, &run.queue).await;
+            let l = run.ledger();
+            let missing = l
+                .acked
+                .iter()
+                .filter(|p| !l.completed.contains_key(*p) && !l.in_doubt.contains(*p))
+                .count();
+            panic!(
+                "not drained after {within:?}: {left:?} items left in the queue, {missing} acknowledged items not \
+                 completed; server log:\n{}",
+                server.log_tail()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn join_all(tasks: Vec<JoinHandle<()>>) {
+    for t in tasks {
+        t.await.expect("worker panicked");
+    }
+}
+
+// ---- tests -------------------------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_servers_never_lease_one_item_twice() {
+    let _serial = SERIAL.lock().await;
+    if admin_url().is_none() {
+        eprintln!("skipped: LESSOR_TEST_DATABASE_URL is not set");
+        return;
+    }
+    let db = Database::create().await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let a = Server::start("a", &db.url, dir.path()).await;
+    let b = Server::start("b", &db.url, dir.path()).await;
+    // Long leases: none can run out here, so any second lease of an item is a double delivery.
+    create_queue(&a.client, "shared", |q| q.lease_timeout = "30s".into()).await;
+
+    let run = Run::new("shared");
+    let alive = Arc::new(AtomicBool::new(false));
+    let mut producers = Vec::new();
+    let mut consumers = Vec::new();
+    for (s, tag) in [(&a, "a0"), (&a, "a1"), (&b, "b0"), (&b, "b1")] {
+        producers.push(run.producer(s, tag, 20, Duration::ZERO, 400, alive.clone()));
+    }
+    for (s, name) in [(&a, "ca0"), (&a, "ca1"), (&b, "cb0"), (&b, "cb1")] {
+        consumers.push(run.consumer(s, name, Duration::ZERO, alive.clone()));
+    }
+    join_all(producers).await;
+    drained(&run, &a, Duration::from_secs(60)).await;
+    run.stop_consuming.store(true, Ordering::SeqCst);
+    join_all(consumers).await;
+
+    {
+        let l = run.ledger();
+        l.check();
+        assert_eq!(l.acked.len(), 1600, "every produce was acknowledged");
+        assert!(l.in_doubt.is_empty(), "no lease ran out: {:?}", l.in_doubt);
+        assert!(l.retryable.is_empty(), "{:?}", l.retryable);
+        for s in ["a", "b"] {
+            assert!(
+                l.leased_via.get(s).copied().unwrap_or(0) > 0,
+                "server {s} leased nothing: {:?}",
+                l.leased_via
+            );
+        }
+        eprintln!("leased via {:?}", l.leased_via);
+    }
+    assert_eq!(remaining(&b.client, "shared").await.expect("stats"), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lease_expiry_and_dead_lettering_apply_once_across_two_servers() {
+    let _serial = SERIAL.lock().await;
+    if admin_url().is_none() {
+        eprintln!("skipped: LESSOR_TEST_DATABASE_URL is not set");
+        return;
+    }
+    let db = Database::create().await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let a = Server::start("a", &db.url, dir.path()).await;
+    let b = Server::start("b", &db.url, dir.path()).await;
+    create_queue(&a.client, "life-dead", |_| {}).await;
+    create_queue(&a.client, "life", |q| {
+        q.max_attempts = 2;
+        q.dead_queue = "life-dead".into();
+    })
+    .await;
+    let expected: HashSet<String> = (0..100).map(|i| format!("l-{i}")).collect();
+    for chunk in 0..5 {
+        a.client
+            .queue_produce(&pb::QueueProduceRequest {
+                queue_name: "life".into(),
+                request_timeout: "10s".into(),
+                items: (chunk * 20..chunk * 20 + 20)
+                    .map(|i| pb::QueueProduceItem {
+                        bytes: format!("l-{i}").into_bytes(),
+                        ..Default::default()
+                    })
+                    .collect(),
+            })
+            .await
+            .expect("produce");
+    }
+
+    // Leases everything from `queue` through both servers in turn; each item must come exactly once.
+    let lease_all = |queue: &'static str, attempts: i32| {
+        let (a, b) = (a.client.clone(), b.client.clone());
+        let expected = expected.clone();
+        async move {
+            let mut got: HashMap<String, String> = HashMap::new();
+            let t0 = Instant::now();
+            let mut turn = 0;
+            while got.len() < expected.len() {
+                assert!(
+                    t0.elapsed() < Duration::from_secs(30),
+                    "{queue}: only {} of {} items came back",
+                    got.len(),
+                    expected.len()
+                );
+                let c = if turn % 2 == 0 { &a } else { &b };
+                turn += 1;
+                let r = c
+                    .queue_lease(&pb::QueueLeaseRequest {
+                        queue_name: queue.into(),
+                        batch_size: 7,
+                        client_id: format!("w{turn}"),
+                        request_timeout: "1s".into(),
+                    })
+                    .await;
+                match r {
+                    Ok(r) => {
+                        for it in r.items {
+                            let p = String::from_utf8_lossy(&it.bytes).into_owned();
+                            assert_eq!(it.attempts, attempts, "{queue}: {p}");
+                            assert!(
+                                got.insert(p.clone(), it.id).is_none(),
+                                "{queue}: {p} leased twice"
+                            );
+                        }
+                    }
+                    Err(e) if e.code() == Some(454) => {}
+                    Err(e) => panic!("{queue}: lease: {e}"),
+                }
+            }
+            assert_eq!(got.keys().cloned().collect::<HashSet<_>>(), expected);
+            // Nothing else is there to lease: no item was requeued twice.
+            for c in [&a, &b] {
+                let e = c
+                    .queue_lease(&pb::QueueLeaseRequest {
+                        queue_name: queue.into(),
+                        batch_size: 100,
+                        client_id: "probe".into(),
+                        request_timeout: "200ms".into(),
+                    })
+                    .await
+                    .expect_err("nothing left");
+                assert_eq!(e.code(), Some(454), "{e}");
+            }
+            got
+        }
+    };
+    let first = lease_all("life", 1).await;
+    // The leases run out (2 s): both servers see the deadline, the item goes back once.
+    let second = lease_all("life", 2).await;
+    for (p, id) in &second {
+        assert_ne!(first.get(p), Some(id), "{p} kept its id across a requeue");
+    }
+    // They run out again: max_attempts 2 sends each item to the dead-letter queue, once.
+    let dead = lease_all("life-dead", 1).await;
+    assert_eq!(dead.len(), 100);
+    assert_eq!(remaining(&a.client, "life").await.expect("stats"), 0);
+    assert_eq!(remaining(&b.client, "life-dead").await.expect("stats"), 100);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_one_server_loses_nothing_acknowledged() {
+    let _serial = SERIAL.lock().await;
+    if admin_url().is_none() {
+        eprintln!("skipped: LESSOR_TEST_DATABASE_URL is not set");
+        return;
+    }
+    let db = Database::create().await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let a = Server::start("a", &db.url, dir.path()).await;
+    let mut b = Server::start("b", &db.url, dir.path()).await;
+    create_queue(&a.client, "k", |_| {}).await;
+
+    let run = Run::new("k");
+    let a_alive = Arc::new(AtomicBool::new(false));
+    let b_killed = Arc::new(AtomicBool::new(false));
+    let mut producers = vec![
+        run.producer(
+            &a,
+            "pa",
+            10,
+            Duration::from_millis(20),
+            usize::MAX,
+            a_alive.clone(),
+        ),
+        run.producer(
+            &b,
+            "pb",
+            10,
+            Duration::from_millis(20),
+            usize::MAX,
+            b_killed.clone(),
+        ),
+    ];
+    // B's consumers hold their leases a while, so some are held when B dies.
+    let mut consumers = vec![
+        run.consumer(&a, "ca0", Duration::ZERO, a_alive.clone()),
+        run.consumer(&a, "ca1", Duration::from_millis(20), a_alive.clone()),
+        run.consumer(&b, "cb0", Duration::from_millis(300), b_killed.clone()),
+        run.consumer(&b, "cb1", Duration::from_millis(300), b_killed.clone()),
+    ];
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // A lease through B that nobody will complete, so the kill surely strands some leases.
+    let stranded = loop {
+        let r = b
+            .client
+            .queue_lease(&pb::QueueLeaseRequest {
+                queue_name: "k".into(),
+                batch_size: 20,
+                client_id: "stranded".into(),
+                request_timeout: "1s".into(),
+            })
+            .await;
+        match r {
+            Ok(r) => break r,
+            Err(e) if e.code() == Some(454) => continue,
+            Err(e) => panic!("lease: {e}"),
+        }
+    };
+    run.ledger().leased("stranded", "b", &stranded.items);
+    b_killed.store(true, Ordering::SeqCst);
+    b.kill();
+    let held_by_b: HashSet<String> = {
+        let l = run.ledger();
+        l.holders
+            .iter()
+            .filter(|(_, h)| h.consumer.starts_with("cb") || h.consumer == "stranded")
+            .map(|(p, _)| p.clone())
+            .collect()
+    };
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    run.stop_producing.store(true, Ordering::SeqCst);
+    for p in producers.drain(..) {
+        p.await.expect("producer");
+    }
+    drained(&run, &a, Duration::from_secs(60)).await;
+    run.stop_consuming.store(true, Ordering::SeqCst);
+    for c in consumers.drain(..) {
+        c.await.expect("consumer");
+    }
+
+    let l = run.ledger();
+    l.check();
+    assert!(
+        l.retryable.is_empty(),
+        "A kept serving without a retryable failure: {:?}",
+        l.retryable
+    );
+    assert!(!held_by_b.is_empty());
+    // What B's consumers held came back to A's consumers after the lease ran out, as a new attempt.
+    for p in &held_by_b {
+        let attempts = l.leases.get(p).expect("leased");
+        if l.completed.contains_key(p) && attempts.len() == 1 {
+            // B completed it before dying (its reply may have been lost).
+            continue;
+        }
+        assert!(
+            attempts.len() >= 2 && attempts.last() > attempts.first(),
+            "{p} held through B: leases {attempts:?}"
+        );
+    }
+    for it in &stranded.items {
+        let p = String::from_utf8_lossy(&it.bytes).into_owned();
+        assert_eq!(
+            l.completed.get(&p),
+            Some(&1),
+            "stranded {p} was completed through A"
+        );
+    }
+    eprintln!(
+        "acked {}, completed {}, held by B at the kill {}, leased via {:?}",
+        l.acked.len(),
+        l.completed.len(),
+        held_by_b.len(),
+        l.leased_via
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn database_restart_fails_requests_with_454_and_recovers() {
+    let _serial = SERIAL.lock().await;
+    if admin_url().is_none() {
+        eprintln!("skipped: LESSOR_TEST_DATABASE_URL is not set");
+        return;
+    }
+    if !postgres_installed() {
+        eprintln!("skipped: no local PostgreSQL to stop and start");
+        return;
+    }
+    let (cluster, url) = Cluster::start();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let s = Server::start("solo", &url, dir.path()).await;
+    create_queue(&s.client, "f", |q| q.lease_timeout = "3s".into()).await;
+
+    let run = Run::new("f");
+    let never = Arc::new(AtomicBool::new(false));
+    let producers = vec![
+        run.producer(&s, "p0", 10, Duration::from_millis(20), usize::MAX, never.clone()),
+        run.producer(&s, "p1", 10, Duration::from_millis(20), usize::MAX, never.clone()),
+    ];
+    let consumers = vec![
+        run.consumer(&s, "c0", Duration::ZERO, never.clone()),
+        run.consumer(&s, "c1", Duration::from_millis(50), never.clone()),
+    ];
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let before = run.ledger().acked.len();
+    assert!(before > 0, "nothing produced before the outage");
+
+    // Down for three seconds under load.
+    cluster.run("halt");
+    run.phase.store(1, Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let acked_down = run.ledger().acked.len();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        run.ledger().acked.len(),
+        acked_down,
+        "no produce can be acknowledged while the database is down"
+    );
+
+    // Back: service resumes without anyone touching the server.
+    cluster.run("start");
+    run.phase.store(2, Ordering::SeqCst);
+    let back = Instant::now();
+    let resumed = loop {
+        if run.ledger().acked.len() > acked_down {
+            break back.elapsed();
+        }
+        assert!(
+            back.elapsed() < Duration::from_secs(30),
+            "service did not resume within 30 s; server log:\n{}",
+            s.log_tail()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    // A fast restart (connections cut, server back at once) under load.
+    cluster.run("restart");
+    run.phase.store(3, Ordering::SeqCst);
+    let acked_restart = run.ledger().acked.len();
+    let back = Instant::now();
+    while run.ledger().acked.len() <= acked_restart {
+        assert!(
+            back.elapsed() < Duration::from_secs(30),
+            "service did not resume after the restart; server log:\n{}",
+            s.log_tail()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let resumed_restart = back.elapsed();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    run.stop_producing.store(true, Ordering::SeqCst);
+    join_all(producers).await;
+    drained(&run, &s, Duration::from_secs(60)).await;
+    run.stop_consuming.store(true, Ordering::SeqCst);
+    join_all(consumers).await;
+
+    let l = run.ledger();
+    l.check();
+    let down: Vec<&String> = l
+        .retryable
+        .iter()
+        .filter(|(p, _)| *p == 1)
+        .map(|(_, m)| m)
+        .collect();
+    assert!(
+        !down.is_empty(),
+        "requests failed with 454 while the database was down"
+    );
+    // The kinds of answers seen: "<call> <worker>: 454 Retry Request: <constant>".
+    let kinds: std::collections::BTreeSet<String> = l
+        .retryable
+        .iter()
+        .map(|(_, m)| {
+            let call = m.split(' ').next().unwrap_or_default();
+            let rest = m.split_once(": ").map_or("", |(_, r)| r);
+            format!("{call}: {}", rest.split(';').next().unwrap_or_default())
+        })
+        .collect();
+    eprintln!("454 answers seen: {kinds:?}");
+    eprintln!(
+        "acked {} ({} before the outage), completed {}, in doubt {}; 454s while down {}, after {} (e.g. {:?}); \
+         resumed {resumed:?} after start, {resumed_restart:?} after restart",
+        l.acked.len(),
+        before,
+        l.completed.len(),
+        l.in_doubt.len(),
+        down.len(),
+        l.retryable.len() - down.len(),
+        down.first()
+    );
+    drop(s);
+    drop(cluster);
+}
+
+/// The ledger itself: a second lease of an item whose lease is still running is flagged, one after expiry is not.
+#[test]
+fn ledger_flags_a_lease_of_a_held_item() {
+    let item = |deadline_ms_from_now: i128, attempts: i32| pb::QueueLeaseItem {
+        id: "1".into(),
+        attempts,
+        lease_deadline: Some(pb::Timestamp::from_unix_nanos(
+            now_nanos() + deadline_ms_from_now * 1_000_000,
+        )),
+        bytes: b"x-1".to_vec(),
+        ..Default::default()
+    };
+    let mut l = Ledger::default();
+    l.acked.insert("x-1".into());
+    l.leased("c1", "a", &[item(-1, 1)]);
+    l.leased("c2", "b", &[item(60_000, 2)]);
+    assert!(l.violations.is_empty(), "the first lease had expired");
+    l.leased("c3", "a", &[item(60_000, 3)]);
+    assert_eq!(l.violations.len(), 1, "c2 still held it");
+    l.violations.clear();
+    l.completed("c3", &["x-1".into()]);
+    l.check();
+    l.completed("c3", &["x-1".into()]);
+    let p = l.problems();
+    assert!(
+        p.len() == 1 && p[0].starts_with("completed more than once"),
+        "{p:?}"
+    );
+    l.acked.insert("x-2".into());
+    assert_eq!(l.problems().len(), 2, "x-2 was never completed");
+}
