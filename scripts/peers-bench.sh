@@ -44,7 +44,7 @@ done
 for m in ${MODES//,/ }; do
   case "$m" in fsync|default) ;; *) echo "unknown mode: $m (fsync, default)" >&2; exit 2 ;; esac
 done
-log() { echo "peers-bench: $*" >&2; }
+log() { echo "peers-bench $(date +%T): $*" >&2; }
 
 OUT=$(mktemp -d -t lessor-peers-XXXXXX)
 # The PostgreSQL server runs as an unprivileged user when we are root: it must reach its directory in here.
@@ -161,9 +161,10 @@ start_postgres() {
   local d="$OUT/pg" user bin port
   user=$(cat "$d/user") bin=$(cat "$d/bin") port=$(cat "$d/port")
   local run=()
-  [ "$user" != "$(id -un)" ] && run=(runuser -u "$user" --)
+  if [ "$user" != "$(id -un)" ]; then run=(runuser -u "$user" --); fi
   "${run[@]}" "$bin/pg_ctl" -D "$d/data" -l "$d/server.log" -w -t 60 -o "-c listen_addresses=127.0.0.1 -p $port \
-      -k $d/sock -c max_connections=100 -c fsync=on -c synchronous_commit=on -c full_page_writes=on" start >&2 || return 1
+      -k $d/sock -c max_connections=100 -c fsync=on -c synchronous_commit=on -c full_page_writes=on" start >&2 ||
+    return 1
   PG_PORT=$port
 }
 

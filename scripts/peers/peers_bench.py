@@ -3,8 +3,9 @@
 
 Runs one pipeline workload (producers and consumers at the same time, optionally paced with --rate) against a
 queue system on loopback and prints one JSON line: items/s produced (until the last produce) and consumed
-(until the last receive; consumers get 5 s after the producers stop to drain the backlog), produce-batch p99
-and end-to-end (produce-to-receive) p50/p99 in milliseconds.
+(until the last receive; consumers get up to 5 s after the producers stop to drain the backlog, and stop as
+soon as everything produced was consumed), produce-batch p99 and end-to-end (produce-to-receive) p50/p99 in
+milliseconds.
 
 Systems and the primitive used for "lease + complete":
   beanstalkd  put / reserve + delete            (one job per call: the protocol has no batches)
@@ -56,6 +57,18 @@ class Pacer:
         return max(0.0, self.next - self.interval - time.time())
 
 
+def count(counter, k):
+    with counter.get_lock():
+        counter.value += k
+
+
+def consuming(a, stop_at):
+    """Consumers stop at stop_at, or earlier once the producers are done and everything produced was consumed."""
+    if time.time() >= stop_at:
+        return False
+    return not (a.producers_done.value == a.producers and a.consumed_total.value >= a.produced_total.value)
+
+
 def pct(values, q):
     if not values:
         return None
@@ -79,6 +92,8 @@ def beanstalk_producer(a, deadline, out):
             c.put(stamp_payload(a.payload))
         acks.append(time.perf_counter() - t0)
         n += a.batch
+        count(a.produced_total, a.batch)
+    count(a.producers_done, 1)
     out.put(("p", n, acks, [], time.time()))
 
 
@@ -87,7 +102,7 @@ def beanstalk_consumer(a, stop_at, out):
 
     c = greenstalk.Client(("127.0.0.1", a.port), watch=a.queue, encoding=None)
     n, e2e, last = 0, [], 0.0
-    while time.time() < stop_at:
+    while consuming(a, stop_at):
         try:
             job = c.reserve(timeout=1)
         except greenstalk.TimedOutError:
@@ -95,6 +110,7 @@ def beanstalk_consumer(a, stop_at, out):
         e2e.append((time.time_ns() - sent_ns(job.body)) / 1e9)
         c.delete(job)
         n += 1
+        count(a.consumed_total, 1)
         last = time.time()
     out.put(("c", n, [], e2e, last))
 
@@ -125,6 +141,8 @@ def redis_producer(a, deadline, out):
         p.execute()
         acks.append(time.perf_counter() - t0)
         n += a.batch
+        count(a.produced_total, a.batch)
+    count(a.producers_done, 1)
     out.put(("p", n, acks, [], time.time()))
 
 
@@ -133,7 +151,7 @@ def redis_consumer(a, stop_at, out, ident):
 
     r = redis.Redis(port=a.port)
     n, e2e, last = 0, [], 0.0
-    while time.time() < stop_at:
+    while consuming(a, stop_at):
         res = r.xreadgroup("workers", f"c{ident}", {a.queue: ">"}, count=a.batch, block=1000)
         if not res:
             continue
@@ -145,6 +163,7 @@ def redis_consumer(a, stop_at, out, ident):
                 ids.append(mid)
         r.xack(a.queue, "workers", *ids)
         n += len(ids)
+        count(a.consumed_total, len(ids))
         last = time.time()
     out.put(("c", n, [], e2e, last))
 
@@ -191,10 +210,12 @@ def nats_producer(a, deadline, out):
             await asyncio.gather(*(js.publish(a.queue, stamp_payload(a.payload)) for _ in range(a.batch)))
             acks.append(time.perf_counter() - t0)
             n += a.batch
+            count(a.produced_total, a.batch)
         await nc.close()
         return n, acks
 
     n, acks = asyncio.run(go())
+    count(a.producers_done, 1)
     out.put(("p", n, acks, [], time.time()))
 
 
@@ -209,7 +230,7 @@ def nats_consumer(a, stop_at, out, ident):
         js = nc.jetstream()
         sub = await js.pull_subscribe(a.queue, durable="workers")
         n, e2e, last = 0, [], 0.0
-        while time.time() < stop_at:
+        while consuming(a, stop_at):
             try:
                 msgs = await sub.fetch(a.batch, timeout=1)
             except (NatsTimeout, asyncio.TimeoutError):
@@ -219,6 +240,7 @@ def nats_consumer(a, stop_at, out, ident):
                 e2e.append((now - sent_ns(m.data)) / 1e9)
             await asyncio.gather(*(m.ack() for m in msgs))
             n += len(msgs)
+            count(a.consumed_total, len(msgs))
             last = time.time()
         await nc.close()
         return n, e2e, last
@@ -255,7 +277,9 @@ def pg_producer(a, deadline, out):
         c.execute(insert, ([stamp_payload(a.payload) for _ in range(a.batch)],))
         acks.append(time.perf_counter() - t0)
         n += a.batch
+        count(a.produced_total, a.batch)
     c.close()
+    count(a.producers_done, 1)
     out.put(("p", n, acks, [], time.time()))
 
 
@@ -268,7 +292,7 @@ def pg_consumer(a, stop_at, out, ident):
     )
     complete = f"DELETE FROM {a.queue} WHERE id = ANY(%s)"
     n, e2e, last = 0, [], 0.0
-    while time.time() < stop_at:
+    while consuming(a, stop_at):
         rows = c.execute(lease, (a.batch,)).fetchall()
         if not rows:
             time.sleep(0.002)
@@ -278,6 +302,7 @@ def pg_consumer(a, stop_at, out, ident):
             e2e.append((now - sent_ns(payload)) / 1e9)
         c.execute(complete, ([r[0] for r in rows],))
         n += len(rows)
+        count(a.consumed_total, len(rows))
         last = time.time()
     c.close()
     out.put(("c", n, [], e2e, last))
@@ -322,6 +347,8 @@ def lessor_producer(a, deadline, out):
             sys.exit(f"lessor: produce failed: {status} {body}")
         acks.append(time.perf_counter() - t0)
         n += a.batch
+        count(a.produced_total, a.batch)
+    count(a.producers_done, 1)
     out.put(("p", n, acks, [], time.time()))
 
 
@@ -330,7 +357,7 @@ def lessor_consumer(a, stop_at, out, ident):
     n, e2e = 0, []
     client_id = f"peers-{ident}-{uuid.uuid4().hex[:8]}"
     last = 0.0
-    while time.time() < stop_at:
+    while consuming(a, stop_at):
         status, body = lessor_call(
             conn,
             "/v1/queue.lease",
@@ -357,6 +384,7 @@ def lessor_consumer(a, stop_at, out, ident):
         if status != 200:
             sys.exit(f"lessor: complete failed: {status} {body}")
         n += len(items)
+        count(a.consumed_total, len(items))
         last = time.time()
     out.put(("c", n, [], e2e, last))
 
@@ -399,8 +427,9 @@ def main():
     out = mp.Queue()
     start = time.time()
     deadline = start + a.duration
-    # Consumers keep going a little after the producers stop, to drain what is in flight.
+    # Consumers keep going up to 5 s after the producers stop, to drain what is in flight (less once it is all in).
     stop_at = deadline + 5.0
+    a.produced_total, a.consumed_total, a.producers_done = mp.Value("q", 0), mp.Value("q", 0), mp.Value("i", 0)
     procs = [mp.Process(target=producer, args=(a, deadline, out)) for _ in range(a.producers)]
     procs += [mp.Process(target=consumer, args=(a, stop_at, out, i)) for i in range(a.consumers)]
     for pr in procs:
