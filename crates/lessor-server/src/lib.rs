@@ -90,6 +90,12 @@ pub async fn serve(
     let state = http::AppState::new(engine.clone());
     let app = http::router(state);
     let stop_engine = engine.clone();
+    // Replies are small and latency matters: never let Nagle hold a reply back waiting for an ACK.
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %e, "could not set TCP_NODELAY");
+        }
+    });
     axum::serve(listener, app)
         .with_graceful_shutdown(async move {
             shutdown.await;
