@@ -186,9 +186,9 @@ pub struct PartitionState {
     ready: u64,
     leased: u64,
     /// Lease deadline -> ids leased with it (lazily pruned).
-    leases: BTreeMap<Ts, Vec<u64>>,
+    leases: DeadlineIndex,
     /// Expire deadline -> ids of live items with it (lazily pruned).
-    expire: BTreeMap<Ts, Vec<u64>>,
+    expire: DeadlineIndex,
     /// Scheduled items by id.
     sched: BTreeMap<u64, Item>,
     /// (enqueue_at, id) of scheduled items: FIFO among equal times.
@@ -354,39 +354,11 @@ impl PartitionState {
         Some(it)
     }
 
-    fn lease_valid(&self, d: Ts, id: u64) -> bool {
-        self.slot(id)
-            .is_some_and(|s| s.leased() && s.lease_deadline == d.0)
-    }
-
-    fn expire_valid(&self, e: Ts, id: u64) -> bool {
-        self.slot(id).is_some_and(|s| s.expire_deadline == e.0)
-    }
-
     /// Drops stale entries at the front of both deadline indexes, so their first keys are real deadlines.
     fn clean_fronts(&mut self) {
-        while let Some(mut e) = self.leases.first_entry() {
-            let d = *e.key();
-            let ids = std::mem::take(e.get_mut());
-            let kept: Vec<u64> = ids.into_iter().filter(|&id| self.lease_valid(d, id)).collect();
-            if kept.is_empty() {
-                self.leases.remove(&d);
-            } else {
-                self.leases.insert(d, kept);
-                break;
-            }
-        }
-        while let Some(mut e) = self.expire.first_entry() {
-            let d = *e.key();
-            let ids = std::mem::take(e.get_mut());
-            let kept: Vec<u64> = ids.into_iter().filter(|&id| self.expire_valid(d, id)).collect();
-            if kept.is_empty() {
-                self.expire.remove(&d);
-            } else {
-                self.expire.insert(d, kept);
-                break;
-            }
-        }
+        let chunks = &self.chunks;
+        clean_front(&mut self.leases, |d, id| lease_valid(chunks, d, id));
+        clean_front(&mut self.expire, |d, id| expire_valid(chunks, d, id));
     }
 
     fn record_put(&self, ch: &mut Changes, id: u64) {
@@ -605,39 +577,16 @@ impl PartitionState {
         (out, ch)
     }
 
-    /// The next due lease expiry (valid entry), removing it from the index.
-    fn pop_due_lease(&mut self, now: Ts) -> Option<u64> {
-        loop {
-            let mut e = self.leases.first_entry()?;
-            let d = *e.key();
-            if d > now {
-                return None;
-            }
-            match e.get_mut().pop() {
-                None => {
-                    e.remove();
-                }
-                Some(id) if self.lease_valid(d, id) => return Some(id),
-                Some(_) => {}
-            }
-        }
+    /// The next lease due to expire at `now`, taken out of the index.
+    fn due_lease(&mut self, now: Ts) -> Option<u64> {
+        let chunks = &self.chunks;
+        pop_due(&mut self.leases, now, |d, id| lease_valid(chunks, d, id))
     }
 
-    fn pop_due_expire(&mut self, now: Ts) -> Option<u64> {
-        loop {
-            let mut e = self.expire.first_entry()?;
-            let d = *e.key();
-            if d > now {
-                return None;
-            }
-            match e.get_mut().pop() {
-                None => {
-                    e.remove();
-                }
-                Some(id) if self.expire_valid(d, id) => return Some(id),
-                Some(_) => {}
-            }
-        }
+    /// The next item due to expire at `now`, taken out of the index.
+    fn due_expire(&mut self, now: Ts) -> Option<u64> {
+        let chunks = &self.chunks;
+        pop_due(&mut self.expire, now, |d, id| expire_valid(chunks, d, id))
     }
 
     /// See [`lessor_core::storage::Partition::lifecycle`].
@@ -652,7 +601,7 @@ impl PartitionState {
         // Items of one lease batch share a deadline; requeue them in id order so they keep their relative order.
         let mut expired: Vec<u64> = Vec::new();
         while expired.len() < limit {
-            match self.pop_due_lease(now) {
+            match self.due_lease(now) {
                 Some(id) => expired.push(id),
                 None => break,
             }
@@ -681,7 +630,7 @@ impl PartitionState {
             done += 1;
         }
         while done < limit {
-            let Some(id) = self.pop_due_expire(now) else { break };
+            let Some(id) = self.due_expire(now) else { break };
             if let Some(it) = self.remove(id) {
                 o.dead += 1;
                 self.die(it, policy, &mut ch);
@@ -865,6 +814,55 @@ impl PartitionState {
             .flat_map(|c| c.slots.iter())
             .map(Slot::payload_len)
             .sum()
+    }
+}
+
+/// A deadline index: deadline -> ids that had it when added. Entries of items that left or changed are dropped
+/// lazily; `valid` tells a current entry from a stale one.
+type DeadlineIndex = BTreeMap<Ts, Vec<u64>>;
+
+fn slot_in(chunks: &BTreeMap<u64, Chunk>, id: u64) -> Option<&Slot> {
+    chunks
+        .get(&(id / CHUNK))
+        .and_then(|c| c.slots.get((id % CHUNK) as usize))
+        .filter(|s| s.live())
+}
+
+fn lease_valid(chunks: &BTreeMap<u64, Chunk>, d: Ts, id: u64) -> bool {
+    slot_in(chunks, id).is_some_and(|s| s.leased() && s.lease_deadline == d.0)
+}
+
+fn expire_valid(chunks: &BTreeMap<u64, Chunk>, e: Ts, id: u64) -> bool {
+    slot_in(chunks, id).is_some_and(|s| s.expire_deadline == e.0)
+}
+
+/// Removes stale entries from the front of `index` until its first deadline has a current entry.
+fn clean_front(index: &mut DeadlineIndex, valid: impl Fn(Ts, u64) -> bool) {
+    while let Some(mut e) = index.first_entry() {
+        let d = *e.key();
+        e.get_mut().retain(|&id| valid(d, id));
+        if !e.get().is_empty() {
+            return;
+        }
+        e.remove();
+    }
+}
+
+/// Takes the next current entry due at `now` out of `index`.
+fn pop_due(index: &mut DeadlineIndex, now: Ts, valid: impl Fn(Ts, u64) -> bool) -> Option<u64> {
+    loop {
+        let mut e = index.first_entry()?;
+        let d = *e.key();
+        if d > now {
+            return None;
+        }
+        match e.get_mut().pop() {
+            None => {
+                e.remove();
+            }
+            Some(id) if valid(d, id) => return Some(id),
+            Some(_) => {}
+        }
     }
 }
 

@@ -180,9 +180,6 @@ impl Engine {
             // memtables that pin the oldest journal, which bounds the second copy of the items (the first is in
             // PartitionState) held in memtables.
             .max_journaling_size(128 * 1024 * 1024)
-            // All memtables together: with 1,000 partitions the per-partition memtable size alone would allow
-            // gigabytes; past this fjall flushes the largest.
-            .max_write_buffer_size(Some(128 * 1024 * 1024))
             .open()
             .map_err(|e| self.open_error(e))
     }

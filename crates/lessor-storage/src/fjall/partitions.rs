@@ -39,8 +39,8 @@ const MAX_GROUP: usize = 1024;
 fn keyspace_options() -> KeyspaceCreateOptions {
     // Queue items are mostly deleted soon after they are written: a roomy memtable lets many of them die before
     // they are flushed, which cut flush and compaction work enough to raise the drain rate from 99k to 126k items/s.
-    // Memory stays bounded by the database-wide write buffer limit (see `Engine::open_db`), not by this size times
-    // the partition count.
+    // Memory stays bounded by the journal limit (see `Engine::open_db`: reaching it makes fjall flush the memtables
+    // that pin the oldest journal), not by this size times the partition count.
     KeyspaceCreateOptions::default().max_memtable_size(64 * 1024 * 1024)
 }
 
