@@ -206,71 +206,21 @@ where
 /// A database per test run, so runs that reuse queue names cannot see each other's tables.
 #[cfg(feature = "postgres")]
 mod pg {
-    use std::sync::atomic::{AtomicU64, Ordering};
-
     use lessor_server::Config;
+    pub(super) use lessor_testkit::admin_url;
+    use lessor_testkit::TestDatabase;
 
-    /// The server to create test databases on, from `LESSOR_TEST_DATABASE_URL`.
-    pub(super) fn admin_url() -> Option<String> {
-        std::env::var("LESSOR_TEST_DATABASE_URL")
-            .ok()
-            .filter(|u| !u.trim().is_empty())
-    }
-
-    /// `url` naming database `db` instead of its own (URI or key=value form).
-    fn with_dbname(url: &str, db: &str) -> String {
-        let Some(scheme_end) = url.find("://") else {
-            // key=value: a later key overrides an earlier one.
-            return format!("{url} dbname={db}");
-        };
-        let (base, query) = match url.find('?') {
-            Some(q) => (&url[..q], &url[q..]),
-            None => (url, ""),
-        };
-        let authority_end = base[scheme_end + 3..]
-            .find('/')
-            .map_or(base.len(), |i| scheme_end + 3 + i);
-        format!("{}/{db}{query}", &base[..authority_end])
-    }
-
-    async fn execute(url: &str, sql: &str) -> Result<(), tokio_postgres::Error> {
-        let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls).await?;
-        let task = tokio::spawn(conn);
-        let r = client.batch_execute(sql).await;
-        drop(client);
-        let _ = task.await;
-        r
-    }
-
-    /// A fresh database, dropped (with whatever still connects to it) when this value is dropped.
-    pub(super) struct Database {
-        admin: String,
-        name: String,
-        url: String,
-    }
+    /// A fresh database with queue definitions and partitions both in it.
+    pub(super) struct Database(TestDatabase);
 
     impl Database {
         pub(super) async fn create() -> Database {
-            static N: AtomicU64 = AtomicU64::new(0);
-            let admin = admin_url().expect("LESSOR_TEST_DATABASE_URL");
-            let stamp = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_micros() % 1_000_000_000);
-            let name = format!(
-                "lessor_t_{}_{}_{stamp}",
-                std::process::id(),
-                N.fetch_add(1, Ordering::Relaxed)
-            );
-            execute(&admin, &format!("CREATE DATABASE {name}"))
-                .await
-                .unwrap_or_else(|e| panic!("CREATE DATABASE {name}: {e}"));
-            let url = with_dbname(&admin, &name);
-            Database { admin, name, url }
+            Database(TestDatabase::create("lessor_t").await)
         }
 
         /// Queue definitions and partitions both in this database.
         pub(super) fn config(&self) -> Config {
-            let url = serde_json::to_string(&self.url).expect("string");
+            let url = serde_json::to_string(self.0.url()).expect("string");
             Config::from_yaml(&format!(
                 "queue-storage:\n  driver: postgres\n  config:\n    connection-string: {url}\n\
                  partition-storage:\n  - name: pg-0\n    driver: postgres\n    affinity: 1\n    \
@@ -278,38 +228,6 @@ mod pg {
             ))
             .expect("postgres config")
         }
-    }
-
-    impl Drop for Database {
-        fn drop(&mut self) {
-            // Best effort, on a thread of its own: this runs inside the test's runtime, which cannot block on
-            // itself. FORCE ends the connections the stopping server may still hold.
-            let (admin, name) = (self.admin.clone(), self.name.clone());
-            let dropper = std::thread::spawn(move || {
-                let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() else {
-                    return;
-                };
-                let sql = format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)");
-                if let Err(e) = rt.block_on(execute(&admin, &sql)) {
-                    eprintln!("warning: {sql}: {e}");
-                }
-            });
-            let _ = dropper.join();
-        }
-    }
-
-    #[test]
-    fn database_names_replace_the_url_path() {
-        assert_eq!(with_dbname("postgres://u@h:1/db", "x"), "postgres://u@h:1/x");
-        assert_eq!(with_dbname("postgres://u@h:1", "x"), "postgres://u@h:1/x");
-        assert_eq!(
-            with_dbname("postgres://u@h/db?sslmode=disable", "x"),
-            "postgres://u@h/x?sslmode=disable"
-        );
-        assert_eq!(
-            with_dbname("host=h user=u dbname=db", "x"),
-            "host=h user=u dbname=db dbname=x"
-        );
     }
 }
 

@@ -11,105 +11,22 @@
 #![cfg(all(feature = "fjall", feature = "postgres"))]
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use lessor_client::{proto as pb, Client};
 use lessor_server::{start, Config, RunningServer};
 use lessor_storage::postgres::table_name;
 
-/// The server to create test databases on.
-fn admin_url() -> Option<String> {
-    std::env::var("LESSOR_TEST_DATABASE_URL")
-        .ok()
-        .filter(|u| !u.trim().is_empty())
-}
+use lessor_testkit::{admin_url, connect, TestDatabase as Database};
 
-/// `url` naming database `db` instead of its own (URI or key=value form).
-fn with_dbname(url: &str, db: &str) -> String {
-    let Some(scheme_end) = url.find("://") else {
-        return format!("{url} dbname={db}");
-    };
-    let (base, query) = match url.find('?') {
-        Some(q) => (&url[..q], &url[q..]),
-        None => (url, ""),
-    };
-    let authority_end = base[scheme_end + 3..]
-        .find('/')
-        .map_or(base.len(), |i| scheme_end + 3 + i);
-    format!("{}/{db}{query}", &base[..authority_end])
-}
-
-async fn connect(url: &str) -> tokio_postgres::Client {
-    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
-        .await
-        .unwrap_or_else(|e| panic!("connect to {url}: {e}"));
-    tokio::spawn(conn);
-    client
-}
-
-/// A fresh database, dropped when this value is dropped.
-struct Database {
-    admin: String,
-    name: String,
-    url: String,
-}
-
-impl Database {
-    async fn create() -> Database {
-        static N: AtomicU64 = AtomicU64::new(0);
-        let admin = admin_url().expect("LESSOR_TEST_DATABASE_URL");
-        let stamp = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_micros() % 1_000_000_000);
-        let name = format!(
-            "lessor_mix_{}_{}_{stamp}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        );
-        connect(&admin)
-            .await
-            .batch_execute(&format!("CREATE DATABASE {name}"))
-            .await
-            .unwrap_or_else(|e| panic!("CREATE DATABASE {name}: {e}"));
-        let url = with_dbname(&admin, &name);
-        Database { admin, name, url }
-    }
-
-    /// The connection string quoted for YAML.
-    fn yaml_url(&self) -> String {
-        serde_json::to_string(&self.url).expect("string")
-    }
-}
-
-impl Drop for Database {
-    fn drop(&mut self) {
-        // On a thread of its own: this runs inside the test's runtime, which cannot block on itself.
-        let (admin, name) = (self.admin.clone(), self.name.clone());
-        let dropper = std::thread::spawn(move || {
-            let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() else {
-                return;
-            };
-            rt.block_on(async {
-                let Ok((c, conn)) = tokio_postgres::connect(&admin, tokio_postgres::NoTls).await else {
-                    return;
-                };
-                let task = tokio::spawn(conn);
-                let sql = format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)");
-                if let Err(e) = c.batch_execute(&sql).await {
-                    eprintln!("warning: {sql}: {e}");
-                }
-                drop(c);
-                let _ = task.await;
-            });
-        });
-        let _ = dropper.join();
-    }
+/// The connection string quoted for YAML.
+fn yaml_url(db: &Database) -> String {
+    serde_json::to_string(db.url()).expect("string")
 }
 
 /// Where the items of `queue` live in postgres: partition -> item count, from the partition registry.
 async fn postgres_partitions(db: &Database, queue: &str) -> BTreeMap<u32, i64> {
-    let c = connect(&db.url).await;
+    let c = connect(db.url()).await;
     let rows = c
         .query(
             "SELECT partition FROM lessor_partitions WHERE queue = $1 ORDER BY partition",
@@ -227,14 +144,14 @@ async fn fjall_queue_storage_with_postgres_partitions() {
         eprintln!("skipped: LESSOR_TEST_DATABASE_URL is not set");
         return;
     }
-    let db = Database::create().await;
+    let db = Database::create("lessor_mix").await;
     let dir = tempfile::tempdir().expect("temp dir");
     let config = Config::from_yaml(&format!(
         "queue-storage:\n  driver: fjall\n  config:\n    storage-dir: {dir}\n\
          partition-storage:\n  - name: pg-0\n    driver: postgres\n    affinity: 1\n    \
          config:\n      connection-string: {url}\n",
         dir = serde_json::to_string(&dir.path()).expect("path"),
-        url = db.yaml_url(),
+        url = yaml_url(&db),
     ))
     .expect("config");
 
@@ -273,7 +190,7 @@ async fn fjall_queue_storage_with_postgres_partitions() {
             .collect::<BTreeMap<_, _>>(),
         "both partitions are postgres tables, holding what was not completed"
     );
-    let rows: i64 = connect(&db.url)
+    let rows: i64 = connect(db.url())
         .await
         .query_one("SELECT count(*) FROM queues", &[])
         .await
@@ -315,7 +232,7 @@ async fn fjall_and_postgres_partition_stores_share_a_queue() {
         eprintln!("skipped: LESSOR_TEST_DATABASE_URL is not set");
         return;
     }
-    let db = Database::create().await;
+    let db = Database::create("lessor_mix").await;
     let dir = tempfile::tempdir().expect("temp dir");
     let dir_yaml = serde_json::to_string(&dir.path()).expect("path");
     let disk = |affinity: u32| {
@@ -326,7 +243,7 @@ async fn fjall_and_postgres_partition_stores_share_a_queue() {
     let pg = |affinity: u32| {
         format!(
             "  - name: pg-0\n    driver: postgres\n    affinity: {affinity}\n    config:\n      connection-string: {}\n",
-            db.yaml_url()
+            yaml_url(&db)
         )
     };
     let head = format!(
@@ -471,14 +388,4 @@ async fn fjall_and_postgres_partition_stores_share_a_queue() {
     srv.stop().await;
     // Give the stopped server's pool a moment to close before the database is dropped.
     tokio::time::sleep(Duration::from_millis(50)).await;
-}
-
-#[test]
-fn database_names_replace_the_url_path() {
-    assert_eq!(with_dbname("postgres://u@h:1/db", "x"), "postgres://u@h:1/x");
-    assert_eq!(with_dbname("postgres://u@h:1", "x"), "postgres://u@h:1/x");
-    assert_eq!(
-        with_dbname("postgres://u@h/db?sslmode=disable", "x"),
-        "postgres://u@h/x?sslmode=disable"
-    );
 }

@@ -6,8 +6,6 @@
 //! this machine runs the postgres tests.
 #![cfg(feature = "postgres")]
 
-use std::path::PathBuf;
-use std::process::Command;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -17,66 +15,7 @@ use lessor_core::types::{NewItem, QueueInfo};
 use lessor_storage::postgres::{PgConfig, PgQueues, PgStore};
 use lessor_storage::testsuite::T0;
 
-/// A private cluster, removed on drop.
-struct Cluster {
-    dir: PathBuf,
-}
-
-impl Cluster {
-    fn script() -> PathBuf {
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../scripts/pg-test-cluster.sh")
-    }
-
-    fn run(&self, cmd: &str) -> String {
-        let out = Command::new("bash")
-            .arg(Self::script())
-            .arg(cmd)
-            .env("LESSOR_PG_DIR", &self.dir)
-            .env("LESSOR_PG_PORT", "55439")
-            .env("LESSOR_PG_DB", "lessor_restart")
-            .output()
-            .expect("run pg-test-cluster.sh");
-        assert!(
-            out.status.success(),
-            "pg-test-cluster.sh {cmd} failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-
-    /// Starts a new cluster and returns its URL.
-    fn start() -> (Cluster, String) {
-        let dir = std::env::temp_dir().join(format!("lessor-pg-restart-{}", std::process::id()));
-        let c = Cluster { dir };
-        let out = c.run("start");
-        let url = out
-            .trim()
-            .strip_prefix("export LESSOR_TEST_DATABASE_URL=")
-            .unwrap_or_else(|| panic!("unexpected output: {out}"))
-            .to_string();
-        (c, url)
-    }
-}
-
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        let _ = Command::new("bash")
-            .arg(Self::script())
-            .arg("stop")
-            .env("LESSOR_PG_DIR", &self.dir)
-            .output();
-    }
-}
-
-/// Whether the script can start a local server without installing one.
-fn postgres_installed() -> bool {
-    let in_path = std::env::var_os("PATH")
-        .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join("initdb").is_file()));
-    let debian = std::fs::read_dir("/usr/lib/postgresql")
-        .map(|dirs| dirs.flatten().any(|d| d.path().join("bin/initdb").is_file()))
-        .unwrap_or(false);
-    in_path || debian
-}
+use lessor_testkit::{postgres_installed, Cluster};
 
 fn item(i: usize) -> NewItem {
     NewItem {
@@ -117,7 +56,7 @@ async fn calls_fail_while_the_database_is_down_and_recover_after() {
         eprintln!("skipped: the test database is remote and no local PostgreSQL can be started");
         return;
     }
-    let (cluster, url) = Cluster::start();
+    let (cluster, url) = Cluster::start("restart", 55439, "lessor_restart");
     let cfg = PgConfig::new(&url).with_max_conns(4);
     let store = PgStore::new(&cfg).expect("store");
     let queues = PgQueues::new(&cfg).expect("queues");

@@ -20,7 +20,7 @@
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -32,140 +32,7 @@ static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 // ---- databases ---------------------------------------------------------------------------------------------------
 
-fn admin_url() -> Option<String> {
-    std::env::var("LESSOR_TEST_DATABASE_URL")
-        .ok()
-        .filter(|u| !u.trim().is_empty())
-}
-
-/// `url` naming database `db` instead of its own (URI or key=value form).
-fn with_dbname(url: &str, db: &str) -> String {
-    let Some(scheme_end) = url.find("://") else {
-        return format!("{url} dbname={db}");
-    };
-    let (base, query) = match url.find('?') {
-        Some(q) => (&url[..q], &url[q..]),
-        None => (url, ""),
-    };
-    let authority_end = base[scheme_end + 3..]
-        .find('/')
-        .map_or(base.len(), |i| scheme_end + 3 + i);
-    format!("{}/{db}{query}", &base[..authority_end])
-}
-
-async fn execute(url: &str, sql: &str) -> Result<(), tokio_postgres::Error> {
-    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls).await?;
-    let task = tokio::spawn(conn);
-    let r = client.batch_execute(sql).await;
-    drop(client);
-    let _ = task.await;
-    r
-}
-
-/// A fresh database on the test server, dropped when this value is dropped.
-struct Database {
-    admin: String,
-    name: String,
-    url: String,
-}
-
-impl Database {
-    async fn create() -> Database {
-        static N: AtomicU64 = AtomicU64::new(0);
-        let admin = admin_url().expect("LESSOR_TEST_DATABASE_URL");
-        let stamp = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_micros() % 1_000_000_000);
-        let name = format!(
-            "lessor_two_{}_{}_{stamp}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        );
-        execute(&admin, &format!("CREATE DATABASE {name}"))
-            .await
-            .unwrap_or_else(|e| panic!("CREATE DATABASE {name}: {e}"));
-        let url = with_dbname(&admin, &name);
-        Database { admin, name, url }
-    }
-}
-
-impl Drop for Database {
-    fn drop(&mut self) {
-        // On a thread of its own: this runs inside the test's runtime, which cannot block on itself.
-        let (admin, name) = (self.admin.clone(), self.name.clone());
-        let dropper = std::thread::spawn(move || {
-            let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() else {
-                return;
-            };
-            let sql = format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)");
-            if let Err(e) = rt.block_on(execute(&admin, &sql)) {
-                eprintln!("warning: {sql}: {e}");
-            }
-        });
-        let _ = dropper.join();
-    }
-}
-
-/// A private PostgreSQL cluster run by `scripts/pg-test-cluster.sh`, removed on drop.
-struct Cluster {
-    dir: PathBuf,
-}
-
-impl Cluster {
-    fn script() -> PathBuf {
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../scripts/pg-test-cluster.sh")
-    }
-
-    fn run(&self, cmd: &str) -> String {
-        let out = Command::new("bash")
-            .arg(Self::script())
-            .arg(cmd)
-            .env("LESSOR_PG_DIR", &self.dir)
-            .env("LESSOR_PG_PORT", "55470")
-            .env("LESSOR_PG_DB", "lessor_faults")
-            .output()
-            .expect("run pg-test-cluster.sh");
-        assert!(
-            out.status.success(),
-            "pg-test-cluster.sh {cmd} failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-
-    /// Starts a new cluster and returns it with its URL.
-    fn start() -> (Cluster, String) {
-        let dir = std::env::temp_dir().join(format!("lessor-two-servers-pg-{}", std::process::id()));
-        let c = Cluster { dir };
-        let out = c.run("start");
-        let url = out
-            .trim()
-            .strip_prefix("export LESSOR_TEST_DATABASE_URL=")
-            .unwrap_or_else(|| panic!("unexpected output: {out}"))
-            .to_string();
-        (c, url)
-    }
-}
-
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        let _ = Command::new("bash")
-            .arg(Self::script())
-            .arg("stop")
-            .env("LESSOR_PG_DIR", &self.dir)
-            .output();
-    }
-}
-
-/// Whether the script can start a local server without installing one.
-fn postgres_installed() -> bool {
-    let in_path = std::env::var_os("PATH")
-        .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join("initdb").is_file()));
-    let debian = std::fs::read_dir("/usr/lib/postgresql")
-        .map(|dirs| dirs.flatten().any(|d| d.path().join("bin/initdb").is_file()))
-        .unwrap_or(false);
-    in_path || debian
-}
+use lessor_testkit::{admin_url, postgres_installed, Cluster, TestDatabase as Database};
 
 // ---- servers -----------------------------------------------------------------------------------------------------
 
@@ -627,10 +494,10 @@ async fn two_servers_never_lease_one_item_twice() {
         eprintln!("skipped: LESSOR_TEST_DATABASE_URL is not set");
         return;
     }
-    let db = Database::create().await;
+    let db = Database::create("lessor_two").await;
     let dir = tempfile::tempdir().expect("temp dir");
-    let a = Server::start("a", &db.url, dir.path()).await;
-    let b = Server::start("b", &db.url, dir.path()).await;
+    let a = Server::start("a", db.url(), dir.path()).await;
+    let b = Server::start("b", db.url(), dir.path()).await;
     // Long leases: none can run out here, so any second lease of an item is a double delivery.
     create_queue(&a.client, "shared", |q| q.lease_timeout = "30s".into()).await;
 
@@ -674,10 +541,10 @@ async fn lease_expiry_and_dead_lettering_apply_once_across_two_servers() {
         eprintln!("skipped: LESSOR_TEST_DATABASE_URL is not set");
         return;
     }
-    let db = Database::create().await;
+    let db = Database::create("lessor_two").await;
     let dir = tempfile::tempdir().expect("temp dir");
-    let a = Server::start("a", &db.url, dir.path()).await;
-    let b = Server::start("b", &db.url, dir.path()).await;
+    let a = Server::start("a", db.url(), dir.path()).await;
+    let b = Server::start("b", db.url(), dir.path()).await;
     create_queue(&a.client, "life-dead", |_| {}).await;
     create_queue(&a.client, "life", |q| {
         q.max_attempts = 2;
@@ -778,10 +645,10 @@ async fn killing_one_server_loses_nothing_acknowledged() {
         eprintln!("skipped: LESSOR_TEST_DATABASE_URL is not set");
         return;
     }
-    let db = Database::create().await;
+    let db = Database::create("lessor_two").await;
     let dir = tempfile::tempdir().expect("temp dir");
-    let a = Server::start("a", &db.url, dir.path()).await;
-    let mut b = Server::start("b", &db.url, dir.path()).await;
+    let a = Server::start("a", db.url(), dir.path()).await;
+    let mut b = Server::start("b", db.url(), dir.path()).await;
     create_queue(&a.client, "k", |_| {}).await;
 
     let run = Run::new("k");
@@ -900,7 +767,7 @@ async fn database_restart_fails_requests_with_454_and_recovers() {
         eprintln!("skipped: no local PostgreSQL to stop and start");
         return;
     }
-    let (cluster, url) = Cluster::start();
+    let (cluster, url) = Cluster::start("two-servers", 55470, "lessor_faults");
     let dir = tempfile::tempdir().expect("temp dir");
     let s = Server::start("solo", &url, dir.path()).await;
     create_queue(&s.client, "f", |q| q.lease_timeout = "3s".into()).await;
