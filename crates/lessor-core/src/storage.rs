@@ -61,11 +61,31 @@ pub trait QueuesStore: Send + Sync + Debug + 'static {
 pub trait PartitionStore: Send + Sync + Debug + 'static {
     /// The driver name, for logs.
     fn driver(&self) -> &'static str;
+    /// Most partitions of one queue this store holds. The engine refuses (400) a queue whose placement would put
+    /// more partitions than this into the store, so that no valid request can make the store do unbounded work.
+    fn max_partitions(&self) -> u32 {
+        crate::validate::MAX_PARTITIONS
+    }
+    /// Prepares partitions `partitions` of `queue` before the queue's definition is stored (queue creation or
+    /// growth), so that the request asking for many partitions pays for them, not the first produce. Idempotent:
+    /// partitions that exist stay as they are. The default does nothing (`open` creates on first use).
+    async fn create(&self, queue: &str, partitions: &[u32]) -> Result<(), StorageError> {
+        let _ = (queue, partitions);
+        Ok(())
+    }
     /// Opens (creating on first use) partition `partition` of `queue`. Fails while the backend is down; the engine
     /// keeps the partition marked failed and tries again.
     async fn open(&self, queue: &str, partition: u32) -> Result<Arc<dyn Partition>, StorageError>;
     /// Deletes a partition's items for good (queue deletion). Deleting a missing partition is `Ok`.
     async fn destroy(&self, queue: &str, partition: u32) -> Result<(), StorageError>;
+    /// Deletes several partitions of `queue` for good (queue deletion). Stores that can do it in one write
+    /// override this; the default destroys them one by one and stops at the first failure.
+    async fn destroy_many(&self, queue: &str, partitions: &[u32]) -> Result<(), StorageError> {
+        for &p in partitions {
+            self.destroy(queue, p).await?;
+        }
+        Ok(())
+    }
     /// True when other servers may change the same partitions (a shared database): the engine then refreshes its
     /// counts from [`Partition::counts`] periodically instead of trusting its own bookkeeping alone.
     fn shared(&self) -> bool {

@@ -12,7 +12,7 @@ use lessor_core::storage::{LifecyclePolicy, Partition, PartitionStore, QueuesSto
 use lessor_core::time::Ts;
 use lessor_core::types::{Item, NewItem, PartitionInfo, QueueInfo};
 use lessor_storage::fjall::{
-    Durability, FjallQueues, FjallStore, FORMAT_VERSION, PARTITIONS_DIR, QUEUES_DIR,
+    Durability, FjallQueues, FjallStore, PARTITIONS_DIR, PARTITIONS_FORMAT_VERSION, QUEUES_DIR,
 };
 
 const T0: Ts = Ts(1_800_000_000_000_000);
@@ -319,7 +319,10 @@ async fn unknown_format_versions_and_foreign_directories_are_refused() {
     drop((store, queues));
     let marker = dir.path().join(PARTITIONS_DIR).join("LESSOR-FORMAT");
     let text = fs::read_to_string(&marker).expect("marker");
-    assert_eq!(text.trim(), format!("lessor-fjall partitions {FORMAT_VERSION}"));
+    assert_eq!(
+        text.trim(),
+        format!("lessor-fjall partitions {PARTITIONS_FORMAT_VERSION}")
+    );
     fs::write(&marker, "lessor-fjall partitions 99\n").expect("write marker");
     let e = FjallStore::open(dir.path(), Durability::Sync).expect_err("future version");
     assert_eq!(e.kind, StorageErrorKind::Corrupt);

@@ -23,10 +23,10 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
+use fjall::{AbstractTree, Database, Keyspace, KeyspaceCreateOptions, PersistMode};
 use lessor_core::error::{StorageError, StorageErrorKind};
 
-use super::{Durability, FORMAT_VERSION};
+use super::Durability;
 
 /// The marker file naming what a database directory holds and in which format.
 pub(crate) const FORMAT_FILE: &str = "LESSOR-FORMAT";
@@ -113,7 +113,9 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Engine {
-    /// Opens (creating on first use) the database `<storage_dir>/<sub>` holding a `kind` store.
+    /// Opens (creating on first use) the database `<storage_dir>/<sub>` holding a `kind` store. A new directory
+    /// gets `format.current`; an existing one must be at `format.current` or one of `format.upgradable`. Returns
+    /// the engine and the version found on disk, so the caller can upgrade an older layout.
     pub(crate) fn open(
         storage_dir: &Path,
         sub: &str,
@@ -121,7 +123,8 @@ impl Engine {
         label: &'static str,
         durability: Durability,
         keyspace_options: fn() -> KeyspaceCreateOptions,
-    ) -> Result<Arc<Engine>, StorageError> {
+        format: Formats,
+    ) -> Result<(Arc<Engine>, u32), StorageError> {
         let dir = storage_dir.join(sub);
         fs::create_dir_all(&dir).map_err(|e| {
             let kind = if is_no_space(&e) {
@@ -134,7 +137,7 @@ impl Engine {
                 format!("cannot create storage-dir '{}': {e}", dir.display()),
             )
         })?;
-        check_format(&dir, kind)?;
+        let found = check_format(&dir, kind, format)?;
         let engine = Engine {
             label,
             storage_dir: storage_dir.to_path_buf(),
@@ -162,7 +165,36 @@ impl Engine {
         if let Durability::Interval(every) = durability {
             start_syncer(&engine, every)?;
         }
-        Ok(engine)
+        Ok((engine, found))
+    }
+
+    /// Records that the directory now holds `version` of its format (after an upgrade). Atomic.
+    pub(crate) fn set_format_version(&self, kind: &str, version: u32) -> Result<(), StorageError> {
+        write_marker(&self.dir, kind, version).map_err(|e| io_error(&self.dir, &e))
+    }
+
+    /// The open database, for whole-store maintenance (upgrades). Blocking callers only.
+    pub(crate) fn database(&self) -> Result<Database, StorageError> {
+        let mut st = lock(&self.state);
+        self.reopen_if_broken(&mut st, false)?;
+        st.db.clone().ok_or_else(|| self.closed_error())
+    }
+
+    /// fsyncs everything written so far (journal and data), whatever the durability mode. Blocking.
+    pub(crate) fn sync_all(&self) -> Result<(), StorageError> {
+        let db = self.database()?;
+        db.persist(PersistMode::SyncAll).map_err(|e| self.write_failed(e))
+    }
+
+    /// Drops the on-disk tables of keyspace `name` that hold only keys in `[lo, hi)`: whole files go at once,
+    /// without writing a tombstone per key. Only for key ranges nothing reads or writes any more. Blocking.
+    pub(crate) fn drop_range(&self, name: &str, lo: &[u8], hi: &[u8]) -> Result<(), StorageError> {
+        let Some(ks) = self.keyspace(name, false)? else {
+            return Ok(());
+        };
+        ks.tree
+            .drop_range(lo..hi)
+            .map_err(|e| self.error(fjall::Error::Storage(e), "dropping a key range of"))
     }
 
     /// The database directory.
@@ -517,29 +549,6 @@ impl Engine {
         }
     }
 
-    /// Deletes keyspace `name` and its data; a missing keyspace is fine. Blocking.
-    pub(crate) fn drop_keyspace(&self, name: &str) -> Result<(), StorageError> {
-        let _w = lock(&self.write_lock);
-        if let Some(e) = self.poison.get() {
-            return Err(e.clone());
-        }
-        let mut st = lock(&self.state);
-        self.reopen_if_broken(&mut st, true)?;
-        st.keyspaces.remove(name);
-        let Some(db) = st.db.clone() else {
-            return Err(self.closed_error());
-        };
-        drop(st);
-        if !db.keyspace_exists(name) {
-            return Ok(());
-        }
-        let ks = db
-            .keyspace(name, self.keyspace_options)
-            .map_err(|e| self.error(e, "opening a keyspace of"))?;
-        db.delete_keyspace(ks)
-            .map_err(|e| self.error(e, "deleting a keyspace of"))
-    }
-
     /// fsyncs done so far.
     pub(crate) fn fsyncs(&self) -> u64 {
         self.fsyncs.load(Ordering::Relaxed)
@@ -591,8 +600,17 @@ fn start_syncer(engine: &Arc<Engine>, every: Duration) -> Result<(), StorageErro
     Ok(())
 }
 
-/// Checks the format marker of `dir`, writing it into a new, empty directory.
-fn check_format(dir: &Path, kind: &str) -> Result<(), StorageError> {
+/// The format versions a store reads.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Formats {
+    /// What this build writes.
+    pub(crate) current: u32,
+    /// Older versions the store upgrades on open.
+    pub(crate) upgradable: &'static [u32],
+}
+
+/// Checks the format marker of `dir`, writing the current one into a new, empty directory. Returns the version.
+fn check_format(dir: &Path, kind: &str, format: Formats) -> Result<u32, StorageError> {
     let path = dir.join(FORMAT_FILE);
     let corrupt = |m: String| StorageError::new(StorageErrorKind::Corrupt, m);
     match fs::read_to_string(&path) {
@@ -617,11 +635,17 @@ fn check_format(dir: &Path, kind: &str) -> Result<(), StorageError> {
                 )));
             }
             match version.parse::<u32>() {
-                Ok(FORMAT_VERSION) => Ok(()),
+                Ok(v) if v == format.current || format.upgradable.contains(&v) => Ok(v),
                 _ => Err(corrupt(format!(
-                    "'{}' was written in storage format version {version}; this build reads version \
-                     {FORMAT_VERSION} only (use the lessor release that wrote it, or move the directory away)",
-                    dir.display()
+                    "'{}' was written in storage format version {version}; this build reads version {}{} \
+                     (use the lessor release that wrote it, or move the directory away)",
+                    dir.display(),
+                    format.current,
+                    if format.upgradable.is_empty() {
+                        " only".to_string()
+                    } else {
+                        format!(" and upgrades {:?}", format.upgradable)
+                    }
                 ))),
             }
         }
@@ -634,19 +658,20 @@ fn check_format(dir: &Path, kind: &str) -> Result<(), StorageError> {
                     dir.display()
                 )));
             }
-            write_marker(dir, kind).map_err(|e| io_error(dir, &e))
+            write_marker(dir, kind, format.current).map_err(|e| io_error(dir, &e))?;
+            Ok(format.current)
         }
         Err(e) => Err(io_error(dir, &e)),
     }
 }
 
 /// Writes the marker atomically: a temporary file, fsynced, renamed, then the directory fsynced.
-fn write_marker(dir: &Path, kind: &str) -> io::Result<()> {
+fn write_marker(dir: &Path, kind: &str, version: u32) -> io::Result<()> {
     let tmp = dir.join(format!("{FORMAT_FILE}.tmp"));
     {
         use std::io::Write;
         let mut f = fs::File::create(&tmp)?;
-        writeln!(f, "lessor-fjall {kind} {FORMAT_VERSION}")?;
+        writeln!(f, "lessor-fjall {kind} {version}")?;
         f.sync_all()?;
     }
     fs::rename(&tmp, dir.join(FORMAT_FILE))?;

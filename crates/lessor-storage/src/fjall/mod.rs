@@ -6,14 +6,21 @@
 //!
 //! # Layout
 //! One fjall database per store, not one per partition: a database costs two background threads and its own
-//! journal, while a keyspace costs a few kilobytes, and one journal lets a single fsync cover the writes of every
-//! partition of the store (group commit).
+//! journal, and one journal lets a single fsync cover the writes of every partition of the store (group commit).
+//! Partitions are not keyspaces either: fjall records every keyspace it creates in its own metadata, and creating
+//! thousands of them cost seconds each and disk that came back only at restart. A partition is a numeric prefix
+//! (its *pid*) inside one `items` keyspace, so creating one is a catalog entry and deleting one is a background
+//! range deletion.
 //!
 //! ```text
 //! <storage-dir>/
 //!   ~queue-storage-partition/   FjallQueues: one database, keyspace "queues" (name -> queue definition)
-//!   ~partitions/                FjallStore: one database, one keyspace per partition,
-//!                                 named "<queue>-<NNNNNN>-partition" (item id big-endian -> item)
+//!   ~partitions/                FjallStore: one database, one keyspace "items"
+//!       catalog (pid 0)           0 + 'p' + "<queue>-<NNNNNN>-partition" -> pid (u64 BE)
+//!                                 0 + 'd' + pid -> name   (destroyed; items still being deleted)
+//!       items (pid >= 1)          pid (u64 BE) + item id (u64 BE)        -> item metadata
+//!                                 pid (u64 BE) + item id (u64 BE) + 'p'  -> payload
+//!                                 pid (u64 BE) + "hwm"                   -> highest id ever written
 //! ```
 //!
 //! Each database directory holds a `LESSOR-FORMAT` marker naming what it holds and its format version; opening
@@ -26,11 +33,13 @@
 //! - `codec`: the binary record format.
 //! - `partitions`: [`FjallStore`] and [`FjallPartition`], with the writer thread that group-commits.
 //! - `queues`: [`FjallQueues`].
+//! - `upgrade`: rewrites a format-1 partition store (a keyspace per partition) into the format-2 layout.
 
 mod codec;
 mod engine;
 mod partitions;
 mod queues;
+mod upgrade;
 
 use std::fmt;
 use std::str::FromStr;
@@ -46,8 +55,12 @@ pub use queues::FjallQueues;
 pub const QUEUES_DIR: &str = "~queue-storage-partition";
 /// Directory of the partition store inside `storage-dir`.
 pub const PARTITIONS_DIR: &str = "~partitions";
-/// Format version of the databases this build writes and reads.
-pub const FORMAT_VERSION: u32 = 1;
+/// Format version of the partition store this build writes. Version 1 kept one keyspace per partition; version 2
+/// keeps every partition in one `items` keyspace under a numeric prefix (see [`FjallStore`]). Version 1 stores
+/// are upgraded when they open.
+pub const PARTITIONS_FORMAT_VERSION: u32 = 2;
+/// Format version of the queue store this build writes and reads.
+pub const QUEUES_FORMAT_VERSION: u32 = 1;
 
 /// When a write counts as done.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]

@@ -1,4 +1,5 @@
-//! [`FjallStore`] and its partitions: items in memory, every change set written to one fjall keyspace per partition.
+//! [`FjallStore`] and its partitions: items in memory, every change set written under the partition's prefix in the
+//! store's one `items` keyspace.
 //!
 //! A partition applies each call to its [`PartitionState`] and sends the resulting change set to the store's writer
 //! thread, which collects whatever batches arrived meanwhile, from any partition, and writes them as one atomic
@@ -6,18 +7,25 @@
 //!
 //! When a write fails the partition's memory is already ahead of the disk, so the partition marks itself stale and
 //! re-reads its items on its next call: memory never claims what the disk does not hold.
+//!
+//! Partitions are numbered (their *pid*) by the catalog, kept under pid 0 of the same keyspace. Creating partitions writes catalog entries, in
+//! one batch for a whole queue; destroying one replaces its entry by a deletion record in one atomic write and hands
+//! the pid to the reclaimer thread, which drops the prefix's whole on-disk tables, deletes what is left in bounded
+//! chunks through the writer (so serving traffic keeps its share), and finally removes the deletion record. A
+//! restart resumes unfinished deletions from those records.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::fmt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex, RwLock, Weak};
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
 use fjall::KeyspaceCreateOptions;
-use lessor_core::error::{ItemError, StorageError};
+use lessor_core::error::{ItemError, StorageError, StorageErrorKind};
 use lessor_core::storage::{
     LifecycleOutcome, LifecyclePolicy, Partition, PartitionStore, RetryOp, RetryOutcome,
 };
@@ -26,28 +34,83 @@ use lessor_core::types::{ClearRequest, Item, ItemId, NewItem, PartitionCounts, P
 use tokio::sync::oneshot;
 
 use super::codec::{decode_meta, encode_meta, meta_key, parse_key, payload_key, Key};
-use super::engine::{Engine, Fault, Unit};
-use super::{keyspace_name, Durability, PARTITIONS_DIR};
+use super::engine::{Engine, Fault, Formats, Unit};
+use super::{keyspace_name, upgrade, Durability, PARTITIONS_DIR, PARTITIONS_FORMAT_VERSION};
 use crate::state::{Changes, PartitionState};
 
-/// Bookkeeping key of a partition keyspace: the highest id ever written, so ids keep growing across restarts even
-/// when the items that carried the highest ids are gone. Item keys are 8 bytes; this one is not.
+/// Keyspace holding every partition's items, each under its pid, and the catalog under pid 0.
+pub(crate) const ITEMS: &str = "items";
+/// The pid of the catalog: partition names to pids, and destroyed pids until their items are gone. Keeping it in
+/// the items keyspace lets a partition's first write carry its catalog entry in the same atomic batch.
+const CATALOG_PID: u64 = 0;
+/// Catalog key tag of a live partition: `'p' + name -> pid`.
+const CAT_PARTITION: u8 = b'p';
+/// Catalog key tag of a destroyed partition whose items are still being deleted: `'d' + pid -> name`.
+const CAT_DELETING: u8 = b'd';
+/// Bookkeeping key of a partition (after its pid): the highest id ever written, so ids keep growing across restarts
+/// even when the items that carried the highest ids are gone. Item keys are 8 or 9 bytes; this one is not.
 const HWM_KEY: &[u8] = b"hwm";
 /// Most batches one group commit takes.
 const MAX_GROUP: usize = 1024;
+/// Most keys one reclaimer write deletes: small enough that serving writes queued behind it wait little.
+const RECLAIM_CHUNK: usize = 4096;
+/// Pause of the reclaimer after a failed write before it tries again.
+const RECLAIM_BACKOFF: Duration = Duration::from_secs(1);
+/// Most partitions of one queue in one fjall store. Creating 10,000 costs one catalog write; the bound is what a
+/// queue task does per pass over its partitions, measured in docs/benchmarks.md.
+pub const MAX_PARTITIONS: u32 = 65_536;
 
-fn keyspace_options() -> KeyspaceCreateOptions {
+pub(crate) fn keyspace_options() -> KeyspaceCreateOptions {
     // Queue items are mostly deleted soon after they are written: a roomy memtable lets many of them die before
     // they are flushed, which cut flush and compaction work enough to raise the drain rate from 99k to 126k items/s.
     // Memory stays bounded by the journal limit (see `Engine::open_db`: reaching it makes fjall flush the memtables
-    // that pin the oldest journal), not by this size times the partition count.
+    // that pin the oldest journal).
     KeyspaceCreateOptions::default().max_memtable_size(64 * 1024 * 1024)
+}
+
+/// The key of `inner` (an item key or [`HWM_KEY`]) in partition `pid`.
+pub(crate) fn item_key(pid: u64, inner: &[u8]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(8 + inner.len());
+    k.extend_from_slice(&pid.to_be_bytes());
+    k.extend_from_slice(inner);
+    k
+}
+
+/// The catalog key of partition `name`.
+pub(crate) fn catalog_key(name: &str) -> Vec<u8> {
+    let mut k = item_key(CATALOG_PID, &[CAT_PARTITION]);
+    k.extend_from_slice(name.as_bytes());
+    k
+}
+
+/// The catalog key of the deletion record of `pid`.
+fn deleting_key(pid: u64) -> Vec<u8> {
+    item_key(CATALOG_PID, &[CAT_DELETING])
+        .into_iter()
+        .chain(pid.to_be_bytes())
+        .collect()
+}
+
+/// A pid stored as a value.
+fn decode_pid(v: &[u8]) -> Option<u64> {
+    <[u8; 8]>::try_from(v).ok().map(u64::from_be_bytes)
 }
 
 /// A job for the writer thread.
 struct Job {
     unit: Unit,
     reply: oneshot::Sender<Result<(), StorageError>>,
+}
+
+/// Partition names and their pids. An entry is on disk once `create` wrote it or the partition's first write
+/// carried it; an entry only in memory names an empty partition, which a restart forgets harmlessly.
+#[derive(Default)]
+struct Catalog {
+    /// Name -> (pid, whether the entry is known to be on disk).
+    by_name: HashMap<Arc<str>, (u64, bool)>,
+    /// Above every pid in use, in the catalog or under deletion. A pid is reused only after a restart and only
+    /// once nothing of it is left.
+    next_pid: u64,
 }
 
 /// What the store and its partitions share.
@@ -57,24 +120,40 @@ struct Shared {
     /// The writer thread's inbox; `None` once the store is closed.
     tx: RwLock<Option<mpsc::Sender<Job>>>,
     writer: Mutex<Option<JoinHandle<()>>>,
-    /// Open partitions by keyspace name, so a second open of a live partition shares its state.
+    /// The reclaimer thread's inbox of destroyed pids; `None` once the store is closed.
+    reclaim_tx: Mutex<Option<mpsc::Sender<u64>>>,
+    reclaimer: Mutex<Option<JoinHandle<()>>>,
+    /// Destroyed partitions whose items are not all deleted yet.
+    reclaiming: AtomicU64,
+    /// The catalog. An async lock: `create` and `destroy` hold it while their write reaches the disk.
+    catalog: tokio::sync::Mutex<Catalog>,
+    /// Open partitions by name, so a second open of a live partition shares its state.
     open: Mutex<HashMap<String, Weak<FjallPartition>>>,
-    /// Opens in progress by keyspace name, so two concurrent opens of one partition load it once.
+    /// Opens and destroys in progress by name, so they never interleave for one partition.
     opening: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 impl Shared {
     /// Sends one change set to the writer thread and waits for it to be written.
     async fn submit(&self, unit: Unit) -> Result<(), StorageError> {
-        let (reply, rx) = oneshot::channel();
-        {
-            let tx = self.tx.read().unwrap_or_else(|e| e.into_inner());
-            let Some(tx) = tx.as_ref() else {
-                return Err(self.closed());
-            };
-            tx.send(Job { unit, reply }).map_err(|_| self.closed())?;
-        }
+        let rx = self.send(unit)?;
         rx.await.map_err(|_| self.closed())?
+    }
+
+    /// [`Shared::submit`] for threads outside the async runtime.
+    fn submit_blocking(&self, unit: Unit) -> Result<(), StorageError> {
+        let rx = self.send(unit)?;
+        rx.blocking_recv().map_err(|_| self.closed())?
+    }
+
+    fn send(&self, unit: Unit) -> Result<oneshot::Receiver<Result<(), StorageError>>, StorageError> {
+        let (reply, rx) = oneshot::channel();
+        let tx = self.tx.read().unwrap_or_else(|e| e.into_inner());
+        let Some(tx) = tx.as_ref() else {
+            return Err(self.closed());
+        };
+        tx.send(Job { unit, reply }).map_err(|_| self.closed())?;
+        Ok(rx)
     }
 
     fn closed(&self) -> StorageError {
@@ -93,20 +172,21 @@ impl Shared {
         blocking(move || engine.check_writable()).await
     }
 
-    /// Reads a partition's items from disk into a new state; also returns the stored id high-water mark.
-    async fn load(&self, name: Arc<str>, create: bool) -> Result<(PartitionState, u64), StorageError> {
+    /// Reads partition `pid`'s items from disk into a new state; also returns the stored id high-water mark.
+    async fn load(&self, name: Arc<str>, pid: u64) -> Result<(PartitionState, u64), StorageError> {
         let engine = self.engine.clone();
         blocking(move || {
             let floor = u64::try_from(SystemClock.now().0).unwrap_or(1);
-            let Some(ks) = engine.keyspace(&name, create)? else {
+            let Some(ks) = engine.keyspace(ITEMS, true)? else {
                 return Ok((PartitionState::new(floor), 0));
             };
             let what = format!("partition '{name}' in '{}'", engine.dir().display());
             let mut items = Vec::new();
             let mut hwm = 0u64;
-            for kv in ks.iter() {
+            for kv in ks.prefix(pid.to_be_bytes()) {
                 let (k, v) = kv.into_inner().map_err(|e| engine.read_error(e))?;
-                match parse_key(&k) {
+                let inner = &k[8..];
+                match parse_key(inner) {
                     Key::Meta(id) => items.push(decode_meta(id, &v, &what)?),
                     // A payload sorts right after its item's metadata.
                     Key::Payload(id) => match items.last_mut() {
@@ -115,8 +195,8 @@ impl Shared {
                             tracing::warn!(partition = %name, item = %id, "payload without an item: ignored")
                         }
                     },
-                    Key::Other if &*k == HWM_KEY => {
-                        hwm = <[u8; 8]>::try_from(&*v).map(u64::from_be_bytes).unwrap_or(0);
+                    Key::Other if inner == HWM_KEY => {
+                        hwm = decode_pid(&v).unwrap_or(0);
                     }
                     // No other key is written; one that is there anyway carries nothing this build needs.
                     Key::Other => {}
@@ -127,6 +207,95 @@ impl Shared {
         })
         .await
     }
+
+    /// The pid of partition `name` and whether its catalog entry is on disk, handing out a new pid (in memory
+    /// only: the partition's first write stores it) when it has none.
+    async fn pid(&self, name: &Arc<str>) -> (u64, bool) {
+        let mut cat = self.catalog.lock().await;
+        if let Some(&entry) = cat.by_name.get(name) {
+            return entry;
+        }
+        let pid = cat.next_pid;
+        cat.next_pid += 1;
+        cat.by_name.insert(name.clone(), (pid, false));
+        (pid, false)
+    }
+
+    /// Hands a destroyed pid to the reclaimer.
+    fn reclaim(&self, pid: u64) {
+        self.reclaiming.fetch_add(1, Ordering::AcqRel);
+        let tx = self.reclaim_tx.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(tx) = tx.as_ref() {
+            // A closed reclaimer leaves the deletion record: the next start finishes the job.
+            let _ = tx.send(pid);
+        }
+    }
+
+    /// Up to `limit` keys of `items` in `[from, hi)`.
+    fn keys_from(&self, from: &[u8], hi: &[u8], limit: usize) -> Result<Vec<Vec<u8>>, StorageError> {
+        let Some(ks) = self.engine.keyspace(ITEMS, false)? else {
+            return Ok(Vec::new());
+        };
+        let mut keys = Vec::new();
+        for kv in ks.range(from..hi).take(limit) {
+            let k = kv.key().map_err(|e| self.engine.read_error(e))?;
+            keys.push(k.to_vec());
+        }
+        Ok(keys)
+    }
+
+    /// Builds the next reclaimer write from the front of `work`: tombstones for up to [`RECLAIM_CHUNK`] keys of
+    /// destroyed pids, plus the deletion record of every pid that write empties. Returns the write, the new scan
+    /// position of each pid it touched (applied once the write succeeds), and how many pids it finishes.
+    fn next_reclaim(
+        &self,
+        work: &mut VecDeque<Reclaim>,
+    ) -> Result<(Vec<Vec<u8>>, Vec<Vec<u8>>, usize), StorageError> {
+        let mut dels = Vec::new();
+        let mut positions = Vec::new();
+        let mut finished = 0;
+        for r in work.iter_mut() {
+            let room = RECLAIM_CHUNK - dels.len();
+            if room == 0 {
+                break;
+            }
+            let hi = r.pid.saturating_add(1).to_be_bytes();
+            let mut keys = self.keys_from(&r.from, &hi, room)?;
+            if keys.len() == RECLAIM_CHUNK && !r.dropped {
+                // A large partition: drop its whole on-disk tables at once instead of a tombstone per key, then
+                // tombstone what is left (memtables, tables shared with a neighbour).
+                r.dropped = true;
+                if let Err(e) = self.engine.drop_range(ITEMS, &r.from, &hi) {
+                    tracing::warn!(pid = r.pid, error = %e, "dropping a destroyed partition's tables failed");
+                }
+                keys = self.keys_from(&r.from, &hi, room)?;
+            }
+            let done = keys.len() < room;
+            let next = match keys.last() {
+                Some(k) => {
+                    let mut n = k.clone();
+                    n.push(0);
+                    n
+                }
+                None => r.from.clone(),
+            };
+            dels.extend(keys);
+            positions.push(next);
+            if !done {
+                break;
+            }
+            dels.push(deleting_key(r.pid));
+            finished += 1;
+        }
+        Ok((dels, positions, finished))
+    }
+}
+
+/// A destroyed pid being deleted, and where its next scan starts.
+struct Reclaim {
+    pid: u64,
+    from: Vec<u8>,
+    dropped: bool,
 }
 
 /// Runs blocking work off the async runtime.
@@ -156,7 +325,63 @@ fn writer_loop(engine: Arc<Engine>, rx: mpsc::Receiver<Job>) {
     }
 }
 
-/// Partitions in fjall: one database under `<storage-dir>/~partitions/`, one keyspace per partition.
+/// The reclaimer thread: deletes destroyed partitions in writes of bounded size that go through the writer like any
+/// other, so serving traffic keeps its share of the disk. Many small partitions share one write.
+fn reclaimer_loop(shared: Weak<Shared>, rx: mpsc::Receiver<u64>) {
+    let mut work: VecDeque<Reclaim> = VecDeque::new();
+    let add = |work: &mut VecDeque<Reclaim>, pid: u64| {
+        work.push_back(Reclaim {
+            pid,
+            from: pid.to_be_bytes().to_vec(),
+            dropped: false,
+        })
+    };
+    loop {
+        if work.is_empty() {
+            match rx.recv() {
+                Ok(pid) => add(&mut work, pid),
+                Err(_) => return,
+            }
+        }
+        while let Ok(pid) = rx.try_recv() {
+            add(&mut work, pid);
+        }
+        let Some(shared) = shared.upgrade() else { return };
+        if shared.tx.read().unwrap_or_else(|e| e.into_inner()).is_none() {
+            return;
+        }
+        let step = shared
+            .next_reclaim(&mut work)
+            .and_then(|(dels, positions, finished)| {
+                shared.submit_blocking(Unit {
+                    keyspace: ITEMS.into(),
+                    puts: Vec::new(),
+                    dels,
+                })?;
+                Ok((positions, finished))
+            });
+        match step {
+            Ok((positions, finished)) => {
+                for (r, from) in work.iter_mut().zip(positions) {
+                    r.from = from;
+                }
+                for _ in 0..finished {
+                    work.pop_front();
+                }
+                shared.reclaiming.fetch_sub(finished as u64, Ordering::AcqRel);
+            }
+            Err(e) if e.kind == StorageErrorKind::Poisoned => return,
+            Err(e) => {
+                // The deletion records stay until their pid is empty: a later attempt (or restart) finishes.
+                tracing::warn!(error = %e, "deleting destroyed partitions failed; retrying");
+                drop(shared);
+                std::thread::sleep(RECLAIM_BACKOFF);
+            }
+        }
+    }
+}
+
+/// Partitions in fjall: one database under `<storage-dir>/~partitions/`, every partition a prefix of one keyspace.
 pub struct FjallStore {
     shared: Arc<Shared>,
 }
@@ -171,19 +396,29 @@ impl fmt::Debug for FjallStore {
 }
 
 impl FjallStore {
-    /// Opens (creating on first use) the partition store under `storage_dir`. Fails with `Locked` when another
-    /// process uses the directory and with `Corrupt` when it holds an unknown format. Blocking: run it at start-up
-    /// or in `spawn_blocking`.
+    /// Opens (creating on first use) the partition store under `storage_dir`, upgrading a format-1 store. Fails
+    /// with `Locked` when another process uses the directory and with `Corrupt` when it holds an unknown format.
+    /// Blocking: run it at start-up or in `spawn_blocking`.
     pub fn open(storage_dir: impl Into<PathBuf>, durability: Durability) -> Result<Self, StorageError> {
         let storage_dir = storage_dir.into();
-        let engine = Engine::open(
+        let (engine, version) = Engine::open(
             &storage_dir,
             PARTITIONS_DIR,
             "partitions",
             "partition store",
             durability,
             keyspace_options,
+            Formats {
+                current: PARTITIONS_FORMAT_VERSION,
+                upgradable: &[1],
+            },
         )?;
+        if version == 1 {
+            upgrade::from_v1(&engine)?;
+        }
+        upgrade::drop_leftovers(&engine)?;
+        engine.keyspace(ITEMS, true)?;
+        let (catalog, deleting) = read_catalog(&engine)?;
         let (tx, rx) = mpsc::channel();
         let writer = {
             let engine = engine.clone();
@@ -192,22 +427,39 @@ impl FjallStore {
                 .spawn(move || writer_loop(engine, rx))
                 .map_err(|e| StorageError::other(format!("cannot start the fjall writer thread: {e}")))?
         };
+        let (reclaim_tx, reclaim_rx) = mpsc::channel();
+        let shared = Arc::new(Shared {
+            engine,
+            storage_dir: storage_dir.clone(),
+            tx: RwLock::new(Some(tx)),
+            writer: Mutex::new(Some(writer)),
+            reclaim_tx: Mutex::new(Some(reclaim_tx)),
+            reclaimer: Mutex::new(None),
+            reclaiming: AtomicU64::new(0),
+            catalog: tokio::sync::Mutex::new(catalog),
+            open: Mutex::new(HashMap::new()),
+            opening: Mutex::new(HashMap::new()),
+        });
+        let reclaimer = {
+            let weak = Arc::downgrade(&shared);
+            std::thread::Builder::new()
+                .name("lessor-fjall-reclaim".into())
+                .spawn(move || reclaimer_loop(weak, reclaim_rx))
+                .map_err(|e| StorageError::other(format!("cannot start the fjall reclaimer thread: {e}")))?
+        };
+        *shared.reclaimer.lock().unwrap_or_else(|e| e.into_inner()) = Some(reclaimer);
+        let unfinished = deleting.len();
+        for pid in deleting {
+            shared.reclaim(pid);
+        }
         tracing::info!(
             storage_dir = %storage_dir.display(),
             engine = "fjall",
             %durability,
+            unfinished_deletions = unfinished,
             "partition storage open"
         );
-        Ok(FjallStore {
-            shared: Arc::new(Shared {
-                engine,
-                storage_dir,
-                tx: RwLock::new(Some(tx)),
-                writer: Mutex::new(Some(writer)),
-                open: Mutex::new(HashMap::new()),
-                opening: Mutex::new(HashMap::new()),
-            }),
-        })
+        Ok(FjallStore { shared })
     }
 
     /// The configured storage-dir.
@@ -227,15 +479,48 @@ impl FjallStore {
         self.shared.engine.fsyncs()
     }
 
+    /// Destroyed partitions whose items are still being deleted in the background.
+    pub fn pending_deletions(&self) -> u64 {
+        self.shared.reclaiming.load(Ordering::Acquire)
+    }
+
+    /// Keys stored in the items keyspace, catalog included (tests of space reclamation). Blocking; scans.
+    #[doc(hidden)]
+    pub fn stored_keys(&self) -> Result<usize, StorageError> {
+        let Some(ks) = self.shared.engine.keyspace(ITEMS, false)? else {
+            return Ok(0);
+        };
+        let mut n = 0;
+        for kv in ks.iter() {
+            kv.key().map_err(|e| self.shared.engine.read_error(e))?;
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    /// Partitions with a catalog entry (created and not destroyed).
+    pub async fn partition_count(&self) -> usize {
+        self.shared.catalog.lock().await.by_name.len()
+    }
+
     fn registry(&self) -> std::sync::MutexGuard<'_, HashMap<String, Weak<FjallPartition>>> {
         self.shared.open.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn gates(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<tokio::sync::Mutex<()>>>> {
-        self.shared.opening.lock().unwrap_or_else(|e| e.into_inner())
+    fn gate(&self, name: &str) -> Arc<tokio::sync::Mutex<()>> {
+        let mut gates = self.shared.opening.lock().unwrap_or_else(|e| e.into_inner());
+        gates.entry(name.to_string()).or_default().clone()
     }
 
-    /// Returns the live partition `name` or loads it; the caller holds the partition's open gate.
+    fn forget_gate(&self, name: &str, gate: Arc<tokio::sync::Mutex<()>>) {
+        let mut gates = self.shared.opening.lock().unwrap_or_else(|e| e.into_inner());
+        // Forget the gate unless another call is waiting on it (the map and `gate` hold the only references).
+        if Arc::strong_count(&gate) == 2 {
+            gates.remove(name);
+        }
+    }
+
+    /// Returns the live partition `name` or loads it; the caller holds the partition's gate.
     async fn open_gated(
         &self,
         queue: &str,
@@ -248,16 +533,20 @@ impl FjallStore {
         }
         let name: Arc<str> = name.into();
         let started = std::time::Instant::now();
-        let (state, hwm) = self.shared.load(name.clone(), true).await?;
+        let (pid, stored) = self.shared.pid(&name).await;
+        let (state, hwm) = self.shared.load(name.clone(), pid).await?;
         tracing::debug!(
             queue,
             partition,
+            pid,
             items = state.len(),
             elapsed_ms = started.elapsed().as_millis() as u64,
             "partition loaded"
         );
         let p = Arc::new(FjallPartition {
             name: name.clone(),
+            pid,
+            registered: AtomicBool::new(stored),
             shared: self.shared.clone(),
             inner: tokio::sync::Mutex::new(Inner {
                 state,
@@ -269,6 +558,94 @@ impl FjallStore {
         self.registry().insert(name.to_string(), Arc::downgrade(&p));
         Ok(p)
     }
+
+    /// Destroys partitions `names` in one write; the caller holds their gates.
+    async fn destroy_gated(&self, names: &[String]) -> Result<(), StorageError> {
+        for name in names {
+            let live = self.registry().remove(name).and_then(|w| w.upgrade());
+            if let Some(p) = live {
+                p.closed.store(true, Ordering::Release);
+                // A write in flight holds the lock until the disk has it: after this, nothing writes under the pid.
+                drop(p.inner.lock().await);
+            }
+        }
+        let mut cat = self.shared.catalog.lock().await;
+        let mut puts = Vec::new();
+        let mut dels = Vec::new();
+        let mut pids = Vec::new();
+        for name in names {
+            if let Some(&(pid, _)) = cat.by_name.get(name.as_str()) {
+                puts.push((deleting_key(pid), name.as_bytes().to_vec()));
+                dels.push(catalog_key(name));
+                pids.push(pid);
+            }
+        }
+        if pids.is_empty() {
+            return Ok(());
+        }
+        self.shared
+            .submit(Unit {
+                keyspace: ITEMS.into(),
+                puts,
+                dels,
+            })
+            .await?;
+        for name in names {
+            cat.by_name.remove(name.as_str());
+        }
+        drop(cat);
+        for pid in pids {
+            self.shared.reclaim(pid);
+        }
+        Ok(())
+    }
+}
+
+/// Reads the catalog: live partitions, the next pid, and the pids whose deletion is unfinished.
+fn read_catalog(engine: &Engine) -> Result<(Catalog, Vec<u64>), StorageError> {
+    let mut cat = Catalog::default();
+    let mut deleting = Vec::new();
+    let corrupt = |what: &str| {
+        StorageError::new(
+            StorageErrorKind::Corrupt,
+            format!(
+                "the catalog of the partition store at '{}' holds a bad {what} record",
+                engine.dir().display()
+            ),
+        )
+    };
+    let Some(ks) = engine.keyspace(ITEMS, true)? else {
+        return Ok((cat, deleting));
+    };
+    let mut max_pid = CATALOG_PID;
+    for kv in ks.prefix(CATALOG_PID.to_be_bytes()) {
+        let (k, v) = kv.into_inner().map_err(|e| engine.read_error(e))?;
+        let rest = &k[8..];
+        match rest.first() {
+            Some(&CAT_PARTITION) => {
+                let name = std::str::from_utf8(&rest[1..]).map_err(|_| corrupt("partition"))?;
+                let pid = decode_pid(&v).ok_or_else(|| corrupt("partition"))?;
+                max_pid = max_pid.max(pid);
+                cat.by_name.insert(name.into(), (pid, true));
+            }
+            Some(&CAT_DELETING) => {
+                let pid = decode_pid(&rest[1..]).ok_or_else(|| corrupt("deletion"))?;
+                max_pid = max_pid.max(pid);
+                deleting.push(pid);
+            }
+            _ => {}
+        }
+    }
+    // Items under a pid above every catalog record (written with an entry a crash lost? never: the entry rides in
+    // the same batch as the first items) would still keep their pid from being handed out again.
+    if let Some(kv) = ks.last_key_value() {
+        let k = kv.key().map_err(|e| engine.read_error(e))?;
+        if let Some(pid) = k.get(..8).and_then(decode_pid) {
+            max_pid = max_pid.max(pid);
+        }
+    }
+    cat.next_pid = max_pid + 1;
+    Ok((cat, deleting))
 }
 
 #[async_trait]
@@ -277,31 +654,98 @@ impl PartitionStore for FjallStore {
         "fjall"
     }
 
+    fn max_partitions(&self) -> u32 {
+        MAX_PARTITIONS
+    }
+
+    async fn create(&self, queue: &str, partitions: &[u32]) -> Result<(), StorageError> {
+        let mut cat = self.shared.catalog.lock().await;
+        let mut next = cat.next_pid;
+        let mut added: Vec<(Arc<str>, u64)> = Vec::new();
+        let mut seen = HashSet::new();
+        let mut puts = Vec::new();
+        for &p in partitions {
+            let name: Arc<str> = keyspace_name(queue, p).into();
+            if !seen.insert(name.clone()) {
+                continue;
+            }
+            let pid = match cat.by_name.get(&name) {
+                Some(&(_, true)) => continue,
+                Some(&(pid, false)) => pid,
+                None => {
+                    next += 1;
+                    next - 1
+                }
+            };
+            puts.push((catalog_key(&name), pid.to_be_bytes().to_vec()));
+            added.push((name, pid));
+        }
+        if added.is_empty() {
+            return Ok(());
+        }
+        // One write for the whole queue: 10,000 partitions cost one batch and one fsync.
+        self.shared
+            .submit(Unit {
+                keyspace: ITEMS.into(),
+                puts,
+                dels: Vec::new(),
+            })
+            .await?;
+        cat.next_pid = next;
+        for (name, pid) in added {
+            cat.by_name.insert(name, (pid, true));
+        }
+        Ok(())
+    }
+
     async fn open(&self, queue: &str, partition: u32) -> Result<Arc<dyn Partition>, StorageError> {
         let name = keyspace_name(queue, partition);
-        let gate = self.gates().entry(name.clone()).or_default().clone();
+        let gate = self.gate(&name);
         let loaded = {
             let _g = gate.lock().await;
             self.open_gated(queue, partition, name.clone()).await
         };
-        let mut gates = self.gates();
-        // Forget the gate unless another open is waiting on it (the map and this call hold the only references).
-        if Arc::strong_count(&gate) == 2 {
-            gates.remove(&name);
-        }
+        self.forget_gate(&name, gate);
         loaded
     }
 
     async fn destroy(&self, queue: &str, partition: u32) -> Result<(), StorageError> {
-        let name = keyspace_name(queue, partition);
-        if let Some(p) = self.registry().remove(&name).and_then(|w| w.upgrade()) {
-            p.closed.store(true, Ordering::Release);
+        self.destroy_many(queue, &[partition]).await
+    }
+
+    async fn destroy_many(&self, queue: &str, partitions: &[u32]) -> Result<(), StorageError> {
+        let mut partitions = partitions.to_vec();
+        // Sorted and unique: gates are taken in one order (no deadlock with another destroy) and once each.
+        partitions.sort_unstable();
+        partitions.dedup();
+        let names: Vec<String> = partitions.iter().map(|&p| keyspace_name(queue, p)).collect();
+        let gates: Vec<_> = names.iter().map(|n| self.gate(n)).collect();
+        let done = {
+            let mut held = Vec::with_capacity(gates.len());
+            for g in &gates {
+                held.push(g.lock().await);
+            }
+            self.destroy_gated(&names).await
+        };
+        for (name, gate) in names.iter().zip(gates) {
+            self.forget_gate(name, gate);
         }
-        let engine = self.shared.engine.clone();
-        blocking(move || engine.drop_keyspace(&name)).await
+        done
     }
 
     async fn close(&self) {
+        // The reclaimer first: it writes through the writer. Unfinished deletions resume at the next open.
+        self.shared
+            .reclaim_tx
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        let reclaimer = self
+            .shared
+            .reclaimer
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
         // Dropping the sender ends the writer thread once it has answered every job already sent.
         self.shared.tx.write().unwrap_or_else(|e| e.into_inner()).take();
         let writer = self
@@ -312,6 +756,9 @@ impl PartitionStore for FjallStore {
             .take();
         let engine = self.shared.engine.clone();
         let _ = tokio::task::spawn_blocking(move || {
+            if let Some(r) = reclaimer {
+                let _ = r.join();
+            }
             if let Some(w) = writer {
                 let _ = w.join();
             }
@@ -333,6 +780,10 @@ struct Inner {
 /// One partition of a [`FjallStore`].
 pub struct FjallPartition {
     name: Arc<str>,
+    /// The prefix of this partition's keys in the `items` keyspace.
+    pid: u64,
+    /// Whether the catalog entry naming `pid` is on disk; until it is, every write carries it.
+    registered: AtomicBool,
     shared: Arc<Shared>,
     /// Only the owning queue task calls, one call at a time; an async lock because a write holds it while it waits
     /// for the disk.
@@ -343,7 +794,8 @@ pub struct FjallPartition {
 impl fmt::Debug for FjallPartition {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("FjallPartition")
-            .field("keyspace", &self.name)
+            .field("name", &self.name)
+            .field("pid", &self.pid)
             .field("closed", &self.closed.load(Ordering::Relaxed))
             .finish()
     }
@@ -352,15 +804,18 @@ impl fmt::Debug for FjallPartition {
 impl FjallPartition {
     /// Locks the state, re-reading it from disk first when a failed write left it stale.
     async fn lock(&self) -> Result<tokio::sync::MutexGuard<'_, Inner>, StorageError> {
+        let closed = || StorageError::unavailable(format!("partition '{}' is closed", self.name));
         if self.closed.load(Ordering::Acquire) {
-            return Err(StorageError::unavailable(format!(
-                "partition '{}' is closed",
-                self.name
-            )));
+            return Err(closed());
         }
         let mut g = self.inner.lock().await;
+        // Checked again under the lock: a destroy sets the flag and then waits for the lock, so no write under a
+        // destroyed pid can start after the destroy has passed this point.
+        if self.closed.load(Ordering::Acquire) {
+            return Err(closed());
+        }
         if g.stale {
-            let (state, hwm) = self.shared.load(self.name.clone(), false).await?;
+            let (state, hwm) = self.shared.load(self.name.clone(), self.pid).await?;
             tracing::info!(partition = %self.name, items = state.len(), "partition re-read from disk after a failed write");
             g.state = state;
             g.hwm = hwm;
@@ -389,6 +844,7 @@ impl FjallPartition {
         match self.shared.submit(unit).await {
             Ok(()) => {
                 g.hwm = top;
+                self.registered.store(true, Ordering::Release);
                 Ok(out)
             }
             Err(e) => {
@@ -411,22 +867,25 @@ impl FjallPartition {
             if gone.contains(&it.id) || !seen.insert(it.id) {
                 continue;
             }
-            puts.push((meta_key(it.id), encode_meta(it)));
+            puts.push((item_key(self.pid, &meta_key(it.id)), encode_meta(it)));
             if it.id.0 > hwm && !it.payload.is_empty() {
-                puts.push((payload_key(it.id), it.payload.to_vec()));
+                puts.push((item_key(self.pid, &payload_key(it.id)), it.payload.to_vec()));
             }
         }
         if top > hwm {
-            puts.push((HWM_KEY.to_vec(), top.to_be_bytes().to_vec()));
+            puts.push((item_key(self.pid, HWM_KEY), top.to_be_bytes().to_vec()));
+        }
+        if !self.registered.load(Ordering::Acquire) {
+            puts.push((catalog_key(&self.name), self.pid.to_be_bytes().to_vec()));
         }
         let mut dels = Vec::with_capacity(gone.len() * 2);
         for id in gone {
-            dels.push(meta_key(id));
-            dels.push(payload_key(id));
+            dels.push(item_key(self.pid, &meta_key(id)));
+            dels.push(item_key(self.pid, &payload_key(id)));
         }
         (
             Unit {
-                keyspace: self.name.clone(),
+                keyspace: ITEMS.into(),
                 puts,
                 dels,
             },

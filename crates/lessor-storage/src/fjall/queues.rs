@@ -14,8 +14,8 @@ use lessor_core::storage::QueuesStore;
 use lessor_core::types::QueueInfo;
 
 use super::codec::{decode_queue, encode_queue};
-use super::engine::{Engine, Unit};
-use super::{Durability, QUEUES_DIR};
+use super::engine::{Engine, Formats, Unit};
+use super::{Durability, QUEUES_DIR, QUEUES_FORMAT_VERSION};
 
 const KEYSPACE: &str = "queues";
 
@@ -42,13 +42,17 @@ impl FjallQueues {
     /// uses the directory and with `Corrupt` when it holds an unknown format. Blocking.
     pub fn open(storage_dir: impl Into<PathBuf>, durability: Durability) -> Result<Self, StorageError> {
         let storage_dir = storage_dir.into();
-        let engine = Engine::open(
+        let (engine, _version) = Engine::open(
             &storage_dir,
             QUEUES_DIR,
             "queues",
             "queue store",
             durability,
             KeyspaceCreateOptions::default,
+            Formats {
+                current: QUEUES_FORMAT_VERSION,
+                upgradable: &[],
+            },
         )?;
         engine.keyspace(KEYSPACE, true)?;
         tracing::info!(storage_dir = %storage_dir.display(), engine = "fjall", %durability, "queue storage open");
