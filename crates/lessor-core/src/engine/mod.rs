@@ -22,7 +22,9 @@ pub use placement::{place, shares, StoreWeight};
 use crate::error::{QueueError, StorageErrorKind};
 use crate::storage::{PartitionStore, QueuesStore};
 use crate::time::{SharedClock, Ts};
-use crate::types::{ClearRequest, Item, ItemId, Limits, NewItem, QueueInfo, DEFAULT_NAMESPACE};
+use crate::types::{
+    ClearRequest, Item, ItemId, Limits, NewItem, PartitionInfo, QueueInfo, DEFAULT_NAMESPACE,
+};
 use crate::validate;
 use queue::{Cold, Msg, QueueTask};
 
@@ -253,6 +255,7 @@ impl Engine {
         } else {
             self.validate_placement(&info)?;
         }
+        self.prepare_partitions(&info.name, &info.partitions, 0).await?;
         let now = self.clock().now();
         info.created_at = now;
         info.updated_at = now;
@@ -361,6 +364,8 @@ impl Engine {
             }
             info.partitions.extend(place(&self.weights(), have, n - have));
             info.requested_partitions = n;
+            self.prepare_partitions(&info.name, &info.partitions, have as usize)
+                .await?;
         }
         validate_options(&info)?;
         info.updated_at = self.clock().now();
@@ -398,11 +403,53 @@ impl Engine {
         if let Some(h) = handle {
             stop_queue(&h).await;
         }
-        for p in &info.partitions {
-            if let Some(s) = self.inner.config.stores.iter().find(|s| s.name == p.storage_name) {
-                if let Err(e) = s.store.destroy(name, p.partition).await {
-                    tracing::warn!(queue = name, partition = p.partition, error = %e, "partition data not removed");
-                }
+        // One call per store: a store that can delete many partitions in one write does (fjall).
+        for s in &self.inner.config.stores {
+            let mine: Vec<u32> = info
+                .partitions
+                .iter()
+                .filter(|p| p.storage_name == s.name)
+                .map(|p| p.partition)
+                .collect();
+            if mine.is_empty() {
+                continue;
+            }
+            if let Err(e) = s.store.destroy_many(name, &mine).await {
+                tracing::warn!(queue = name, store = %s.name, partitions = mine.len(), error = %e, "partition data not removed");
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks that no store gets more partitions of the queue than it holds, then creates partitions
+    /// `placement[from..]` in their stores, so the request that asks for them pays for them (not the first
+    /// produce, and not the queue task).
+    async fn prepare_partitions(
+        &self,
+        queue: &str,
+        placement: &[PartitionInfo],
+        from: usize,
+    ) -> Result<(), QueueError> {
+        for s in &self.inner.config.stores {
+            let n = placement.iter().filter(|p| p.storage_name == s.name).count();
+            let max = s.store.max_partitions();
+            if n > max as usize {
+                return Err(QueueError::Invalid(format!(
+                    "requested_partitions is invalid; partition storage '{}' ({}) holds at most '{max}' partitions \
+                     of one queue, this placement puts '{n}' there",
+                    s.name,
+                    s.store.driver()
+                )));
+            }
+        }
+        for s in &self.inner.config.stores {
+            let new: Vec<u32> = placement[from.min(placement.len())..]
+                .iter()
+                .filter(|p| p.storage_name == s.name)
+                .map(|p| p.partition)
+                .collect();
+            if !new.is_empty() {
+                s.store.create(queue, &new).await?;
             }
         }
         Ok(())

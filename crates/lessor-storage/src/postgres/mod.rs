@@ -28,7 +28,7 @@ mod queues;
 mod schema;
 mod sql;
 
-pub use partition::{PgPartition, PgStore};
+pub use partition::{PgPartition, PgStore, MAX_PARTITIONS};
 pub use pool::PgConfig;
 pub use queues::PgQueues;
 pub use schema::{table_name, SCHEMA_VERSION};

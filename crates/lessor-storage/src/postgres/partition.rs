@@ -64,10 +64,36 @@ fn release(m: &Mutex<Option<Arc<Shared>>>) {
     }
 }
 
+/// Most partitions of one queue in one PostgreSQL store: each is a table with a sequence and indexes, created in
+/// its own transaction (measured in docs/benchmarks.md), and every server probes every table of a queue it serves.
+pub const MAX_PARTITIONS: u32 = 1_024;
+/// Partition tables created at once by `create`.
+const CREATE_CONCURRENCY: usize = 8;
+
 #[async_trait]
 impl PartitionStore for PgStore {
     fn driver(&self) -> &'static str {
         "postgres"
+    }
+
+    fn max_partitions(&self) -> u32 {
+        MAX_PARTITIONS
+    }
+
+    async fn create(&self, queue: &str, partitions: &[u32]) -> Result<(), StorageError> {
+        let shared = self.shared()?;
+        let first_id = SystemClock.now().0.max(1);
+        // A table, its sequence and its indexes are one transaction each: a few at a time keeps the pool's other
+        // users served while a wide queue is created.
+        for chunk in partitions.chunks(CREATE_CONCURRENCY) {
+            futures::future::try_join_all(chunk.iter().map(|&p| {
+                let table = table_name(queue, p);
+                let shared = shared.clone();
+                async move { schema::ensure_partition(&shared, &table, queue, p, first_id).await }
+            }))
+            .await?;
+        }
+        Ok(())
     }
 
     async fn open(&self, queue: &str, partition: u32) -> Result<Arc<dyn Partition>, StorageError> {
