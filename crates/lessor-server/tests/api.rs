@@ -207,7 +207,6 @@ where
 #[cfg(feature = "postgres")]
 mod pg {
     use lessor_server::Config;
-    pub(super) use lessor_testkit::admin_url;
     use lessor_testkit::TestDatabase;
 
     /// A fresh database with queue definitions and partitions both in it.
@@ -252,8 +251,7 @@ macro_rules! both_encodings {
         mod postgres {
             $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                async fn $name() {
-                   if super::pg::admin_url().is_none() {
-                       eprintln!("skipped: LESSOR_TEST_DATABASE_URL is not set");
+                   if lessor_testkit::database_or_skip().is_none() {
                        return;
                    }
                    super::BACKEND.scope("postgres", super::$name(lessor_client::Encoding::Protobuf)).await

@@ -17,7 +17,7 @@ use lessor_client::{proto as pb, Client};
 use lessor_server::{start, Config, RunningServer};
 use lessor_storage::postgres::table_name;
 
-use lessor_testkit::{admin_url, connect, TestDatabase as Database};
+use lessor_testkit::{connect, TestDatabase as Database};
 
 /// The connection string quoted for YAML.
 fn yaml_url(db: &Database) -> String {
@@ -140,8 +140,7 @@ async fn drain(c: &Client, queue: &str) -> BTreeSet<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fjall_queue_storage_with_postgres_partitions() {
-    if admin_url().is_none() {
-        eprintln!("skipped: LESSOR_TEST_DATABASE_URL is not set");
+    if lessor_testkit::database_or_skip().is_none() {
         return;
     }
     let db = Database::create("lessor_mix").await;
@@ -228,8 +227,7 @@ async fn fjall_queue_storage_with_postgres_partitions() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fjall_and_postgres_partition_stores_share_a_queue() {
-    if admin_url().is_none() {
-        eprintln!("skipped: LESSOR_TEST_DATABASE_URL is not set");
+    if lessor_testkit::database_or_skip().is_none() {
         return;
     }
     let db = Database::create("lessor_mix").await;

@@ -48,12 +48,11 @@ where
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn calls_fail_while_the_database_is_down_and_recover_after() {
-    if std::env::var("LESSOR_TEST_DATABASE_URL").is_err() {
-        eprintln!("skipped: LESSOR_TEST_DATABASE_URL is not set");
+    if lessor_testkit::database_or_skip().is_none() {
         return;
     }
     if !postgres_installed() {
-        eprintln!("skipped: the test database is remote and no local PostgreSQL can be started");
+        lessor_testkit::skip_or_fail("the test database is remote and no local PostgreSQL can be started");
         return;
     }
     let (cluster, url) = Cluster::start("restart", 55439, "lessor_restart");

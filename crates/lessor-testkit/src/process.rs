@@ -255,6 +255,9 @@ mod tests {
         let tail = log_tail(&dir);
         let _ = std::fs::remove_file(&dir);
         assert_eq!(tail.lines().count(), 40);
-        assert!(tail.starts_with("line 10\n") && tail.ends_with("line 49"), "{tail}");
+        assert!(
+            tail.starts_with("line 10\n") && tail.ends_with("line 49"),
+            "{tail}"
+        );
     }
 }
