@@ -40,9 +40,7 @@ fn unique_url(base: &str) -> String {
 
 /// Two stores on separate pools, or `None` when no database is configured.
 fn two_servers() -> Option<(Arc<PgStore>, Arc<PgStore>)> {
-    let Some(url) = lessor_testkit::database_or_skip() else {
-        return None;
-    };
+    let url = lessor_testkit::database_or_skip()?;
     let a = PgStore::new(&PgConfig::new(unique_url(&url)).with_max_conns(8)).expect("store a");
     let b = PgStore::new(&PgConfig::new(unique_url(&url)).with_max_conns(8)).expect("store b");
     Some((Arc::new(a), Arc::new(b)))
