@@ -188,19 +188,26 @@ fn assert_api(e: ClientError, code: i32, contains: &str) {
     );
 }
 
-/// Polls (bounded) until `f` holds, for effects of a clock advance that the server applies asynchronously.
+/// Polls (bounded, 1 s) until `f` holds, for effects of a clock advance that the server applies asynchronously.
 async fn eventually<F, Fut>(what: &str, mut f: F)
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,
 {
-    for _ in 0..200 {
-        if f().await {
-            return;
+    let probe = || {
+        let holds = f();
+        async move {
+            if holds.await {
+                Ok(())
+            } else {
+                Err("not yet".to_string())
+            }
         }
-        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
+    if let Err(t) = lessor_testkit::poll_until(Duration::from_secs(1), Duration::from_millis(5), probe).await
+    {
+        panic!("timed out waiting for: {what} ({t})");
     }
-    panic!("timed out waiting for: {what}");
 }
 
 /// A database per test run, so runs that reuse queue names cannot see each other's tables.

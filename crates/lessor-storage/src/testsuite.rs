@@ -739,7 +739,11 @@ mod tests {
         let src = include_str!("testsuite.rs");
         let defined = cases_defined(src);
         let listed = cases_listed(src);
-        assert!(defined.len() >= 20, "found only {} cases: {defined:?}", defined.len());
+        assert!(
+            defined.len() >= 20,
+            "found only {} cases: {defined:?}",
+            defined.len()
+        );
         let missing: Vec<&String> = defined.iter().filter(|c| !listed.contains(c)).collect();
         let unknown: Vec<&String> = listed.iter().filter(|c| !defined.contains(c)).collect();
         assert!(
