@@ -3,9 +3,9 @@
 //! functional suites (queue, queues, retry, partitions, storage, shutdown) and add Lessor's deliberate fixes.
 //!
 //! Every scenario runs over protobuf and JSON on memory storage, and over protobuf on fjall (feature `fjall`) and on
-//! PostgreSQL (feature `postgres`, when `LESSOR_TEST_DATABASE_URL` is set; skipped with a message otherwise). Each
-//! PostgreSQL run gets a database of its own, created from that URL and dropped afterwards, because every scenario
-//! reuses the same queue names.
+//! PostgreSQL (feature `postgres`, when `LESSOR_TEST_DATABASE_URL` is set; skipped with a message otherwise, failed
+//! when `CI` is set). Each PostgreSQL run gets a database of its own, created from that URL and dropped afterwards,
+//! because every scenario reuses the same queue names.
 
 use std::sync::Arc;
 use std::time::Duration;

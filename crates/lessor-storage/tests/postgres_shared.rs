@@ -2,8 +2,8 @@
 //! processes would have) race on the same partition, and each item is leased, moved or completed exactly once.
 //! Also: table naming, and stores that start while the database is down.
 //!
-//! The database tests need `LESSOR_TEST_DATABASE_URL` (see `scripts/pg-test-cluster.sh`) and are skipped without it;
-//! the down-database tests need no database.
+//! The database tests need `LESSOR_TEST_DATABASE_URL` (see `scripts/pg-test-cluster.sh`) and are skipped without it
+//! (failed when `CI` is set); the down-database tests need no database.
 #![cfg(feature = "postgres")]
 
 use std::collections::HashSet;
