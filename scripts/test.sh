@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# Runs every test: unit, conformance (memory, fjall, postgres), black-box HTTP, crash and two-server tests.
+# Runs every check CI runs: formatting, clippy (warnings are errors; unwrap() denied outside tests), then every test:
+# unit, conformance (memory, fjall, postgres), black-box HTTP, crash and two-server tests. Arguments go to
+# `cargo test`.
 #
 # PostgreSQL: when LESSOR_TEST_DATABASE_URL is set, the postgres tests use that database (each test makes its own
 # tables). Otherwise this script starts a throwaway cluster (installing PostgreSQL from Debian's packages when it is
@@ -19,4 +21,5 @@ fi
 export LESSOR_TEST_DATABASE_URL
 
 cargo fmt --all -- --check
+cargo clippy --workspace --all-features --all-targets -- -D warnings
 cargo test --workspace --all-features "$@"

@@ -3,9 +3,9 @@
 //! functional suites (queue, queues, retry, partitions, storage, shutdown) and add Lessor's deliberate fixes.
 //!
 //! Every scenario runs over protobuf and JSON on memory storage, and over protobuf on fjall (feature `fjall`) and on
-//! PostgreSQL (feature `postgres`, when `LESSOR_TEST_DATABASE_URL` is set; skipped with a message otherwise). Each
-//! PostgreSQL run gets a database of its own, created from that URL and dropped afterwards, because every scenario
-//! reuses the same queue names.
+//! PostgreSQL (feature `postgres`, when `LESSOR_TEST_DATABASE_URL` is set; skipped with a message otherwise, failed
+//! when `CI` is set). Each PostgreSQL run gets a database of its own, created from that URL and dropped afterwards,
+//! because every scenario reuses the same queue names.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -188,26 +188,32 @@ fn assert_api(e: ClientError, code: i32, contains: &str) {
     );
 }
 
-/// Polls (bounded) until `f` holds, for effects of a clock advance that the server applies asynchronously.
+/// Polls (bounded, 1 s) until `f` holds, for effects of a clock advance that the server applies asynchronously.
 async fn eventually<F, Fut>(what: &str, mut f: F)
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,
 {
-    for _ in 0..200 {
-        if f().await {
-            return;
+    let probe = || {
+        let holds = f();
+        async move {
+            if holds.await {
+                Ok(())
+            } else {
+                Err("not yet".to_string())
+            }
         }
-        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
+    if let Err(t) = lessor_testkit::poll_until(Duration::from_secs(1), Duration::from_millis(5), probe).await
+    {
+        panic!("timed out waiting for: {what} ({t})");
     }
-    panic!("timed out waiting for: {what}");
 }
 
 /// A database per test run, so runs that reuse queue names cannot see each other's tables.
 #[cfg(feature = "postgres")]
 mod pg {
     use lessor_server::Config;
-    pub(super) use lessor_testkit::admin_url;
     use lessor_testkit::TestDatabase;
 
     /// A fresh database with queue definitions and partitions both in it.
@@ -252,8 +258,7 @@ macro_rules! both_encodings {
         mod postgres {
             $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                async fn $name() {
-                   if super::pg::admin_url().is_none() {
-                       eprintln!("skipped: LESSOR_TEST_DATABASE_URL is not set");
+                   if lessor_testkit::database_or_skip().is_none() {
                        return;
                    }
                    super::BACKEND.scope("postgres", super::$name(lessor_client::Encoding::Protobuf)).await

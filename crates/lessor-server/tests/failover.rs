@@ -289,10 +289,8 @@ async fn starts_with_the_database_down_and_declared_queues() {
                 partition-storage:\n  - name: pg\n    driver: postgres\n    affinity: 1\n    config: { connection-string: 'postgres://nobody@127.0.0.1:1/none?connect_timeout=1' }\n\
                 queues:\n  - name: jobs\n    lease-timeout: 1m\n    expire-timeout: 1h\n";
     let config = lessor_server::Config::from_yaml(yaml).expect("config");
-    let srv = lessor_server::start(&config, "127.0.0.1:0", None)
-        .await
-        .expect("starts while the database is down");
-    let c = lessor_client::Client::new(&srv.endpoint()).expect("client");
+    // Starts while the database is down.
+    let (srv, c) = lessor_testkit::server::start(&config, None).await;
     let err = c
         .queues_info(&lessor_client::proto::QueuesInfoRequest {
             queue_name: "jobs".into(),

@@ -33,7 +33,8 @@ use lessor_client::proto::{
     QueueRetryItem, QueueRetryRequest, QueueStatsRequest,
 };
 use lessor_client::{Client, ClientError};
-use lessor_core::time::{Clock, ManualClock};
+use lessor_core::time::Clock;
+use lessor_testkit::Rng;
 
 // =============================================================================================================
 // The model
@@ -449,32 +450,9 @@ fn checker_models_retry_and_expiry_as_tail_appends() {
 // Recording histories against a real server
 // =============================================================================================================
 
-/// SplitMix64: a small deterministic generator so a failing seed can be replayed.
-#[derive(Clone)]
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in `lo..=hi`.
-    fn range(&mut self, lo: usize, hi: usize) -> usize {
-        lo + (self.next() % (hi - lo + 1) as u64) as usize
-    }
-
-    fn percent(&mut self, p: u32) -> bool {
-        self.next() % 100 < u64::from(p)
-    }
-}
-
 /// Lets other tasks run a little, to vary interleavings without depending on wall-clock time.
 async fn jitter(rng: &mut Rng) {
-    for _ in 0..rng.range(0, 16) {
+    for _ in 0..rng.range_usize(0, 16) {
         tokio::task::yield_now().await;
     }
 }
@@ -688,7 +666,7 @@ async fn eventually(mut cond: impl FnMut() -> bool) -> bool {
 
 async fn consumer(ctx: Ctx, who: String, plan: Plan, mut rng: Rng) {
     loop {
-        let batch = rng.range(1, plan.max_batch);
+        let batch = rng.range_usize(1, plan.max_batch);
         let Some(items) = ctx.lease(&who, batch).await else {
             break;
         };
@@ -726,15 +704,7 @@ async fn consumer(ctx: Ctx, who: String, plan: Plan, mut rng: Rng) {
 }
 
 async fn run(plan: Plan, seed: u64) {
-    let clock = ManualClock::starting_now();
-    let srv = lessor_server::start(
-        &lessor_server::Config::memory(),
-        "127.0.0.1:0",
-        Some(Arc::new(clock.clone())),
-    )
-    .await
-    .expect("server starts");
-    let client = Client::new(&srv.endpoint()).expect("client");
+    let (srv, client, clock) = lessor_testkit::server::memory_with_manual_clock().await;
     let queue = format!("lin-{}-{seed}", plan.name);
     client
         .queues_create(&QueueInfo {
@@ -755,13 +725,13 @@ async fn run(plan: Plan, seed: u64) {
         }),
         progress: Arc::new(Progress::default()),
     };
-    let mut rng = Rng(seed);
+    let mut rng = Rng::new(seed);
     let total = plan.producers * plan.items_per_producer;
 
     let mut producers = Vec::new();
     for p in 0..plan.producers {
         let ctx = ctx.clone();
-        let mut rng = Rng(rng.next());
+        let mut rng = rng.fork();
         let first = p * plan.items_per_producer;
         let max_produce = plan.max_produce;
         let keys: Vec<Key> = (first..first + plan.items_per_producer)
@@ -771,7 +741,7 @@ async fn run(plan: Plan, seed: u64) {
             let who = format!("p{p}");
             let mut rest = keys.as_slice();
             while !rest.is_empty() {
-                let n = rng.range(1, max_produce.min(rest.len()));
+                let n = rng.range_usize(1, max_produce.min(rest.len()));
                 ctx.produce(&who, rest[..n].to_vec()).await;
                 rest = &rest[n..];
                 jitter(&mut rng).await;
@@ -784,7 +754,7 @@ async fn run(plan: Plan, seed: u64) {
     let mut stallers = Vec::new();
     for s in 0..plan.stallers {
         let ctx = ctx.clone();
-        let batch = rng.range(1, 2);
+        let batch = rng.range_usize(1, 2);
         stallers.push(tokio::spawn(async move {
             let who = format!("s{s}");
             ctx.lease(&who, batch).await.map_or(0, |items| items.len())
@@ -798,12 +768,7 @@ async fn run(plan: Plan, seed: u64) {
     let mut consumers = Vec::new();
     for c in 0..plan.consumers {
         let who = format!("c{c}");
-        consumers.push(tokio::spawn(consumer(
-            ctx.clone(),
-            who,
-            plan.clone(),
-            Rng(rng.next()),
-        )));
+        consumers.push(tokio::spawn(consumer(ctx.clone(), who, plan.clone(), rng.fork())));
     }
 
     // Expiries at random points of the consumers' progress; the first one must come before the consumers run
@@ -811,7 +776,7 @@ async fn run(plan: Plan, seed: u64) {
     let mut threshold = 0;
     for e in 0..plan.expiries {
         let cap = if e == 0 { (total - held) / 2 } else { total - 1 };
-        threshold = rng.range(threshold.min(cap), cap);
+        threshold = rng.range_usize(threshold.min(cap), cap);
         let progress = ctx.progress.clone();
         assert!(
             eventually(|| progress.completed.load(Ordering::SeqCst) >= threshold).await,

@@ -54,10 +54,7 @@ async fn server(manual_clock: bool) -> (RunningServer, Client) {
     } else {
         None
     };
-    let srv = lessor_server::start(&lessor_server::Config::memory(), "127.0.0.1:0", clock)
-        .await
-        .expect("server starts");
-    let c = Client::new(&srv.endpoint()).expect("client");
+    let (srv, c) = lessor_testkit::server::start(&lessor_server::Config::memory(), clock).await;
     c.queues_create(&QueueInfo {
         queue_name: QUEUE.into(),
         lease_timeout: "1m".into(),
@@ -220,58 +217,51 @@ fn produce_json(items: usize, timeout: &str) -> String {
 async fn broken_and_mistyped_json() {
     let (srv, c) = server(true).await;
     let p = "/v1/queue.produce";
-    json_error(&c, p, r#"{"queue_name": "#, 455, "invalid JSON").await;
-    json_error(&c, p, "not json at all", 455, "invalid JSON").await;
-    json_error(&c, p, "[1,2,3]", 455, "invalid JSON").await;
-    json_error(&c, p, r#"{"queue_name":"mq"} trailing"#, 455, "invalid JSON").await;
-    json_error(&c, p, r#"{"queue_name":"mq","items":5}"#, 455, "invalid JSON").await;
-    json_error(
-        &c,
-        p,
-        r#"{"queue_name":"mq","items":[{"bytes":"%%%"}]}"#,
-        455,
-        "invalid JSON",
-    )
-    .await;
-    json_error(
-        &c,
-        p,
-        r#"{"queue_name":"mq","items":[{"enqueue_at":"yesterday"}]}"#,
-        455,
-        "invalid JSON",
-    )
-    .await;
-    json_error(&c, p, r#"{"queue_name":12}"#, 455, "invalid JSON").await;
-    json_error(
-        &c,
-        p,
-        r#"{"queue_name":"mq","queue_name":"mq"}"#,
-        455,
-        "queue_name",
-    )
-    .await;
+    for (path, body, code, needle) in [
+        (p, r#"{"queue_name": "#, 455, "invalid JSON"),
+        (p, "not json at all", 455, "invalid JSON"),
+        (p, "[1,2,3]", 455, "invalid JSON"),
+        (p, r#"{"queue_name":"mq"} trailing"#, 455, "invalid JSON"),
+        (p, r#"{"queue_name":"mq","items":5}"#, 455, "invalid JSON"),
+        (
+            p,
+            r#"{"queue_name":"mq","items":[{"bytes":"%%%"}]}"#,
+            455,
+            "invalid JSON",
+        ),
+        (
+            p,
+            r#"{"queue_name":"mq","items":[{"enqueue_at":"yesterday"}]}"#,
+            455,
+            "invalid JSON",
+        ),
+        (p, r#"{"queue_name":12}"#, 455, "invalid JSON"),
+        (p, r#"{"queue_name":"mq","queue_name":"mq"}"#, 455, "queue_name"),
+    ] {
+        json_error(&c, path, body, code, needle).await;
+    }
     let l = "/v1/queue.lease";
-    json_error(&c, l, &lease_json(r#""abc""#, "1s"), 455, "invalid JSON").await;
-    json_error(&c, l, &lease_json("1.5", "1s"), 455, "invalid JSON").await;
-    json_error(&c, l, &lease_json("99999999999", "1s"), 455, "invalid JSON").await;
-    json_error(&c, l, &lease_json("true", "1s"), 455, "invalid JSON").await;
-    json_error(
-        &c,
-        "/v1/queue.complete",
-        r#"{"queue_name":"mq","ids":"0000000000000001"}"#,
-        455,
-        "invalid JSON",
-    )
-    .await;
-    json_error(
-        &c,
-        "/v1/queue.clear",
-        r#"{"queue_name":"mq","queue":"yes"}"#,
-        455,
-        "invalid JSON",
-    )
-    .await;
-    json_error(&c, "/v1/queues.list", r#"{"limit":{}}"#, 455, "invalid JSON").await;
+    for (path, body, code, needle) in [
+        (l, lease_json(r#""abc""#, "1s").as_str(), 455, "invalid JSON"),
+        (l, lease_json("1.5", "1s").as_str(), 455, "invalid JSON"),
+        (l, lease_json("99999999999", "1s").as_str(), 455, "invalid JSON"),
+        (l, lease_json("true", "1s").as_str(), 455, "invalid JSON"),
+        (
+            "/v1/queue.complete",
+            r#"{"queue_name":"mq","ids":"0000000000000001"}"#,
+            455,
+            "invalid JSON",
+        ),
+        (
+            "/v1/queue.clear",
+            r#"{"queue_name":"mq","queue":"yes"}"#,
+            455,
+            "invalid JSON",
+        ),
+        ("/v1/queues.list", r#"{"limit":{}}"#, 455, "invalid JSON"),
+    ] {
+        json_error(&c, path, body, code, needle).await;
+    }
     // Invalid UTF-8 inside a JSON string.
     let mut bad_utf8 = br#"{"queue_name":""#.to_vec();
     bad_utf8.extend_from_slice(&[0xff, 0xfe]);
@@ -292,30 +282,28 @@ async fn unknown_json_fields_are_named() {
     )
     .await;
     assert!(r.message.contains("unknown field"), "{}", r.message);
-    json_error(
-        &c,
-        "/v1/queue.lease",
-        r#"{"queue_name":"mq","batchSize":1,"batch":2}"#,
-        455,
-        "batch",
-    )
-    .await;
-    json_error(
-        &c,
-        "/v1/queue.produce",
-        r#"{"queue_name":"mq","items":[{"payload":"x"}]}"#,
-        455,
-        "payload",
-    )
-    .await;
-    json_error(
-        &c,
-        "/v1/queues.create",
-        r#"{"queue_name":"x","lease":"1m"}"#,
-        455,
-        "lease",
-    )
-    .await;
+    for (path, body, code, needle) in [
+        (
+            "/v1/queue.lease",
+            r#"{"queue_name":"mq","batchSize":1,"batch":2}"#,
+            455,
+            "batch",
+        ),
+        (
+            "/v1/queue.produce",
+            r#"{"queue_name":"mq","items":[{"payload":"x"}]}"#,
+            455,
+            "payload",
+        ),
+        (
+            "/v1/queues.create",
+            r#"{"queue_name":"x","lease":"1m"}"#,
+            455,
+            "lease",
+        ),
+    ] {
+        json_error(&c, path, body, code, needle).await;
+    }
     srv.stop().await;
 }
 
@@ -348,51 +336,47 @@ async fn truncated_and_garbage_protobuf() {
         )
         .await;
     }
-    expect_error(
-        &c,
-        Method::POST,
-        p,
-        (PROTO, PROTO),
-        &[0xff; 12],
-        455,
-        "invalid protobuf",
-    )
-    .await;
-    // A length prefix far beyond the body.
-    expect_error(
-        &c,
-        Method::POST,
-        p,
-        (PROTO, PROTO),
-        &[0x0a, 0xff, 0xff, 0xff, 0x0f, b'm'],
-        455,
-        "invalid protobuf",
-    )
-    .await;
-    // A string field holding invalid UTF-8.
-    expect_error(
-        &c,
-        Method::POST,
-        p,
-        (PROTO, JSON),
-        &[0x0a, 0x02, 0xff, 0xfe],
-        455,
-        "invalid protobuf",
-    )
-    .await;
-    // A varint that never ends.
-    expect_error(
-        &c,
-        Method::POST,
-        "/v1/queue.lease",
-        (PROTO, PROTO),
-        &[0x10, 0xff, 0xff, 0xff],
-        455,
-        "invalid protobuf",
-    )
-    .await;
-    // Protobuf sent as JSON and the other way round.
-    expect_error(&c, Method::POST, p, (JSON, JSON), &good, 455, "invalid JSON").await;
+    for (method, path, types, body, code, needle) in [
+        (
+            Method::POST,
+            p,
+            (PROTO, PROTO),
+            &[0xff; 12][..],
+            455,
+            "invalid protobuf",
+        ),
+        // A length prefix far beyond the body.
+        (
+            Method::POST,
+            p,
+            (PROTO, PROTO),
+            &[0x0a, 0xff, 0xff, 0xff, 0x0f, b'm'][..],
+            455,
+            "invalid protobuf",
+        ),
+        // A string field holding invalid UTF-8.
+        (
+            Method::POST,
+            p,
+            (PROTO, JSON),
+            &[0x0a, 0x02, 0xff, 0xfe][..],
+            455,
+            "invalid protobuf",
+        ),
+        // A varint that never ends.
+        (
+            Method::POST,
+            "/v1/queue.lease",
+            (PROTO, PROTO),
+            &[0x10, 0xff, 0xff, 0xff][..],
+            455,
+            "invalid protobuf",
+        ),
+        // Protobuf sent as JSON and the other way round.
+        (Method::POST, p, (JSON, JSON), &good[..], 455, "invalid JSON"),
+    ] {
+        expect_error(&c, method, path, types, body, code, needle).await;
+    }
     let json = produce_json(1, "1m");
     expect_error(
         &c,
@@ -554,66 +538,51 @@ async fn oversized_bodies() {
 async fn unknown_queues() {
     let (srv, c) = server(true).await;
     let needle = "queue does not exist; no such queue named 'nope'";
-    json_error(
-        &c,
-        "/v1/queue.produce",
-        r#"{"queue_name":"nope","request_timeout":"1m","items":[{"utf8":"x"}]}"#,
-        400,
-        needle,
-    )
-    .await;
-    json_error(
-        &c,
-        "/v1/queue.lease",
-        r#"{"queue_name":"nope","batch_size":1,"client_id":"c","request_timeout":"1s"}"#,
-        400,
-        needle,
-    )
-    .await;
-    json_error(
-        &c,
-        "/v1/queue.complete",
-        r#"{"queue_name":"nope","request_timeout":"1s","ids":["0000000000000001"]}"#,
-        400,
-        needle,
-    )
-    .await;
-    json_error(
-        &c,
-        "/v1/queue.retry",
-        r#"{"queue_name":"nope","items":[{"id":"0000000000000001"}]}"#,
-        400,
-        needle,
-    )
-    .await;
-    json_error(&c, "/v1/queue.stats", r#"{"queue_name":"nope"}"#, 400, needle).await;
-    json_error(
-        &c,
-        "/v1/queue.clear",
-        r#"{"queue_name":"nope","queue":true}"#,
-        400,
-        needle,
-    )
-    .await;
-    json_error(&c, "/v1/queue.reload", r#"{"queue_name":"nope"}"#, 400, needle).await;
-    json_error(&c, "/v1/queues.info", r#"{"queue_name":"nope"}"#, 400, needle).await;
-    json_error(&c, "/v1/queues.delete", r#"{"queue_name":"nope"}"#, 400, needle).await;
-    json_error(
-        &c,
-        "/v1/queues.update",
-        r#"{"queue_name":"nope","max_attempts":3}"#,
-        400,
-        needle,
-    )
-    .await;
-    json_error(
-        &c,
-        "/v1/storage/items.list",
-        r#"{"queue_name":"nope"}"#,
-        400,
-        needle,
-    )
-    .await;
+    for (path, body, code, needle) in [
+        (
+            "/v1/queue.produce",
+            r#"{"queue_name":"nope","request_timeout":"1m","items":[{"utf8":"x"}]}"#,
+            400,
+            needle,
+        ),
+        (
+            "/v1/queue.lease",
+            r#"{"queue_name":"nope","batch_size":1,"client_id":"c","request_timeout":"1s"}"#,
+            400,
+            needle,
+        ),
+        (
+            "/v1/queue.complete",
+            r#"{"queue_name":"nope","request_timeout":"1s","ids":["0000000000000001"]}"#,
+            400,
+            needle,
+        ),
+        (
+            "/v1/queue.retry",
+            r#"{"queue_name":"nope","items":[{"id":"0000000000000001"}]}"#,
+            400,
+            needle,
+        ),
+        ("/v1/queue.stats", r#"{"queue_name":"nope"}"#, 400, needle),
+        (
+            "/v1/queue.clear",
+            r#"{"queue_name":"nope","queue":true}"#,
+            400,
+            needle,
+        ),
+        ("/v1/queue.reload", r#"{"queue_name":"nope"}"#, 400, needle),
+        ("/v1/queues.info", r#"{"queue_name":"nope"}"#, 400, needle),
+        ("/v1/queues.delete", r#"{"queue_name":"nope"}"#, 400, needle),
+        (
+            "/v1/queues.update",
+            r#"{"queue_name":"nope","max_attempts":3}"#,
+            400,
+            needle,
+        ),
+        ("/v1/storage/items.list", r#"{"queue_name":"nope"}"#, 400, needle),
+    ] {
+        json_error(&c, path, body, code, needle).await;
+    }
     proto_error(
         &c,
         "/v1/queue.produce",
@@ -627,87 +596,91 @@ async fn unknown_queues() {
     )
     .await;
     // Names that cannot be queue names are refused as such.
-    json_error(
-        &c,
-        "/v1/queue.stats",
-        r#"{"queue_name":"a b"}"#,
-        400,
-        "queue_name is invalid",
-    )
-    .await;
-    json_error(
-        &c,
-        "/v1/queue.stats",
-        r#"{"queue_name":""}"#,
-        400,
-        "queue_name is invalid; cannot be empty",
-    )
-    .await;
-    json_error(
-        &c,
-        "/v1/queue.stats",
-        r#"{"queue_name":"a~b"}"#,
-        400,
-        "queue_name is invalid",
-    )
-    .await;
+    for (path, body, code, needle) in [
+        (
+            "/v1/queue.stats",
+            r#"{"queue_name":"a b"}"#,
+            400,
+            "queue_name is invalid",
+        ),
+        (
+            "/v1/queue.stats",
+            r#"{"queue_name":""}"#,
+            400,
+            "queue_name is invalid; cannot be empty",
+        ),
+        (
+            "/v1/queue.stats",
+            r#"{"queue_name":"a~b"}"#,
+            400,
+            "queue_name is invalid",
+        ),
+    ] {
+        json_error(&c, path, body, code, needle).await;
+    }
     srv.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn batch_sizes_over_the_limits() {
     let (srv, c) = server(true).await;
-    json_error(
-        &c,
-        "/v1/queue.produce",
-        &produce_json(1001, "1m"),
-        400,
-        "items is invalid; max_produce_batch_size is 1000 but received 1001",
-    )
-    .await;
-    json_error(
-        &c,
-        "/v1/queue.produce",
-        &produce_json(0, "1m"),
-        400,
-        "items cannot be empty",
-    )
-    .await;
+    for (path, body, code, needle) in [
+        (
+            "/v1/queue.produce",
+            produce_json(1001, "1m").as_str(),
+            400,
+            "items is invalid; max_produce_batch_size is 1000 but received 1001",
+        ),
+        (
+            "/v1/queue.produce",
+            produce_json(0, "1m").as_str(),
+            400,
+            "items cannot be empty",
+        ),
+    ] {
+        json_error(&c, path, body, code, needle).await;
+    }
     let l = "/v1/queue.lease";
-    json_error(
-        &c,
-        l,
-        &lease_json("100000", "1s"),
-        400,
-        "invalid batch size; max_lease_batch_size is 1000, but 100000 was requested",
-    )
-    .await;
-    json_error(
-        &c,
-        l,
-        &lease_json("1001", "1s"),
-        400,
-        "max_lease_batch_size is 1000",
-    )
-    .await;
-    json_error(
-        &c,
-        l,
-        &lease_json("0", "1s"),
-        400,
-        "invalid batch size; must be greater than zero",
-    )
-    .await;
-    json_error(
-        &c,
-        l,
-        &lease_json("-5", "1s"),
-        400,
-        "invalid batch size; must be greater than zero",
-    )
-    .await;
-    json_error(&c, l, &lease_json("2147483647", "1s"), 400, "invalid batch size").await;
-    json_error(&c, l, &lease_json("-2147483648", "1s"), 400, "invalid batch size").await;
+    for (path, body, code, needle) in [
+        (
+            l,
+            lease_json("100000", "1s").as_str(),
+            400,
+            "invalid batch size; max_lease_batch_size is 1000, but 100000 was requested",
+        ),
+        (
+            l,
+            lease_json("1001", "1s").as_str(),
+            400,
+            "max_lease_batch_size is 1000",
+        ),
+        (
+            l,
+            lease_json("0", "1s").as_str(),
+            400,
+            "invalid batch size; must be greater than zero",
+        ),
+        (
+            l,
+            lease_json("-5", "1s").as_str(),
+            400,
+            "invalid batch size; must be greater than zero",
+        ),
+        (
+            l,
+            lease_json("2147483647", "1s").as_str(),
+            400,
+            "invalid batch size",
+        ),
+        (
+            l,
+            lease_json("-2147483648", "1s").as_str(),
+            400,
+            "invalid batch size",
+        ),
+    ] {
+        json_error(&c, path, body, code, needle).await;
+    }
     proto_error(
         &c,
         l,
@@ -736,31 +709,24 @@ async fn batch_sizes_over_the_limits() {
     )
     .await;
     let items: Vec<String> = (0..1001).map(|i| format!(r#"{{"id":"{i:016x}"}}"#)).collect();
-    json_error(
-        &c,
-        "/v1/queue.retry",
-        &format!(r#"{{"queue_name":"mq","items":[{}]}}"#, items.join(",")),
-        400,
-        "items is invalid; max_complete_batch_size is 1000 but received 1001",
-    )
-    .await;
-    json_error(
-        &c,
-        "/v1/queues.list",
-        r#"{"limit":100000}"#,
-        400,
-        "limit is invalid",
-    )
-    .await;
-    json_error(&c, "/v1/queues.list", r#"{"limit":-1}"#, 400, "limit is invalid").await;
-    json_error(
-        &c,
-        "/v1/storage/items.list",
-        r#"{"queue_name":"mq","limit":-1}"#,
-        400,
-        "limit is invalid",
-    )
-    .await;
+    for (path, body, code, needle) in [
+        (
+            "/v1/queue.retry",
+            format!(r#"{{"queue_name":"mq","items":[{}]}}"#, items.join(",")).as_str(),
+            400,
+            "items is invalid; max_complete_batch_size is 1000 but received 1001",
+        ),
+        ("/v1/queues.list", r#"{"limit":100000}"#, 400, "limit is invalid"),
+        ("/v1/queues.list", r#"{"limit":-1}"#, 400, "limit is invalid"),
+        (
+            "/v1/storage/items.list",
+            r#"{"queue_name":"mq","limit":-1}"#,
+            400,
+            "limit is invalid",
+        ),
+    ] {
+        json_error(&c, path, body, code, needle).await;
+    }
     srv.stop().await;
 }
 
@@ -806,22 +772,22 @@ async fn absurd_timeouts() {
             }
         }
     }
-    json_error(
-        &c,
-        "/v1/queue.lease",
-        &lease_json("1", ""),
-        400,
-        "request timeout is required",
-    )
-    .await;
-    json_error(
-        &c,
-        "/v1/queue.produce",
-        &produce_json(1, ""),
-        400,
-        "request timeout is required",
-    )
-    .await;
+    for (path, body, code, needle) in [
+        (
+            "/v1/queue.lease",
+            lease_json("1", "").as_str(),
+            400,
+            "request timeout is required",
+        ),
+        (
+            "/v1/queue.produce",
+            produce_json(1, "").as_str(),
+            400,
+            "request timeout is required",
+        ),
+    ] {
+        json_error(&c, path, body, code, needle).await;
+    }
     // Complete has a maximum but no minimum.
     for (t, needle) in [
         ("999999h", "maximum timeout"),
@@ -832,30 +798,28 @@ async fn absurd_timeouts() {
         json_error(&c, "/v1/queue.complete", &body, 400, needle).await;
     }
     // Queue durations are checked by name too.
-    json_error(
-        &c,
-        "/v1/queues.create",
-        r#"{"queue_name":"t1","lease_timeout":"-1m","expire_timeout":"24h"}"#,
-        400,
-        "lease_timeout is invalid",
-    )
-    .await;
-    json_error(
-        &c,
-        "/v1/queues.create",
-        r#"{"queue_name":"t1","lease_timeout":"1m","expire_timeout":"forever"}"#,
-        400,
-        "expire_timeout is invalid",
-    )
-    .await;
-    json_error(
-        &c,
-        "/v1/queues.create",
-        r#"{"queue_name":"t1","lease_timeout":"2h","expire_timeout":"1h"}"#,
-        400,
-        "lease_timeout is too long",
-    )
-    .await;
+    for (path, body, code, needle) in [
+        (
+            "/v1/queues.create",
+            r#"{"queue_name":"t1","lease_timeout":"-1m","expire_timeout":"24h"}"#,
+            400,
+            "lease_timeout is invalid",
+        ),
+        (
+            "/v1/queues.create",
+            r#"{"queue_name":"t1","lease_timeout":"1m","expire_timeout":"forever"}"#,
+            400,
+            "expire_timeout is invalid",
+        ),
+        (
+            "/v1/queues.create",
+            r#"{"queue_name":"t1","lease_timeout":"2h","expire_timeout":"1h"}"#,
+            400,
+            "lease_timeout is too long",
+        ),
+    ] {
+        json_error(&c, path, body, code, needle).await;
+    }
     srv.stop().await;
 }
 
@@ -867,195 +831,165 @@ async fn negative_partitions_and_bad_ids() {
         format!(r#"{{"queue_name":"mq","partition":{partition},"request_timeout":"1m","ids":[{ids}]}}"#)
     };
     let cp = "/v1/queue.complete";
-    json_error(
-        &c,
-        cp,
-        &complete("-1", &format!("\"{id}\"")),
-        400,
-        "partition is invalid; '-1' is not a valid partition",
-    )
-    .await;
-    json_error(
-        &c,
-        cp,
-        &complete("65234", &format!("\"{id}\"")),
-        400,
-        "partition is invalid; '65234'",
-    )
-    .await;
-    json_error(
-        &c,
-        cp,
-        &complete("0", r#""xyz""#),
-        400,
-        "invalid storage id; 'xyz'",
-    )
-    .await;
-    json_error(
-        &c,
-        cp,
-        &complete("0", r#""000000000000000A""#),
-        400,
-        "invalid storage id; '000000000000000A'",
-    )
-    .await;
-    json_error(&c, cp, &complete("0", r#""""#), 400, "invalid storage id; ''").await;
-    json_error(
-        &c,
-        cp,
-        &complete("0", r#""00000000000000001""#),
-        400,
-        "invalid storage id",
-    )
-    .await;
-    json_error(
-        &c,
-        cp,
-        &complete("0", ""),
-        400,
-        "ids is invalid; list of ids cannot be empty",
-    )
-    .await;
-    json_error(
-        &c,
-        cp,
-        &complete("0", &format!("\"{id}\"")),
-        400,
-        &format!("item(s) cannot be completed; '{id}' does not exist"),
-    )
-    .await;
-    json_error(
-        &c,
-        cp,
-        &complete("0", &format!("\"{id}\",\"{id}\"")),
-        400,
-        "item(s) cannot be completed",
-    )
-    .await;
+    for (path, body, code, needle) in [
+        (
+            cp,
+            complete("-1", &format!("\"{id}\"")).as_str(),
+            400,
+            "partition is invalid; '-1' is not a valid partition",
+        ),
+        (
+            cp,
+            complete("65234", &format!("\"{id}\"")).as_str(),
+            400,
+            "partition is invalid; '65234'",
+        ),
+        (
+            cp,
+            complete("0", r#""xyz""#).as_str(),
+            400,
+            "invalid storage id; 'xyz'",
+        ),
+        (
+            cp,
+            complete("0", r#""000000000000000A""#).as_str(),
+            400,
+            "invalid storage id; '000000000000000A'",
+        ),
+        (cp, complete("0", r#""""#).as_str(), 400, "invalid storage id; ''"),
+        (
+            cp,
+            complete("0", r#""00000000000000001""#).as_str(),
+            400,
+            "invalid storage id",
+        ),
+        (
+            cp,
+            complete("0", "").as_str(),
+            400,
+            "ids is invalid; list of ids cannot be empty",
+        ),
+        (
+            cp,
+            complete("0", &format!("\"{id}\"")).as_str(),
+            400,
+            &format!("item(s) cannot be completed; '{id}' does not exist"),
+        ),
+        (
+            cp,
+            complete("0", &format!("\"{id}\",\"{id}\"")).as_str(),
+            400,
+            "item(s) cannot be completed",
+        ),
+    ] {
+        json_error(&c, path, body, code, needle).await;
+    }
 
     let rp = "/v1/queue.retry";
     let retry = |partition: &str, id: &str| {
         format!(r#"{{"queue_name":"mq","partition":{partition},"items":[{{"id":"{id}"}}]}}"#)
     };
-    json_error(
-        &c,
-        rp,
-        &retry("-7", id),
-        400,
-        "partition is invalid; '-7' is not a valid partition",
-    )
-    .await;
-    json_error(
-        &c,
-        rp,
-        &retry("0", "not-an-id"),
-        400,
-        "invalid storage id; 'not-an-id'",
-    )
-    .await;
-    json_error(
-        &c,
-        rp,
-        &retry("0", id),
-        400,
-        &format!("item(s) cannot be retried; '{id}' does not exist"),
-    )
-    .await;
-    json_error(
-        &c,
-        rp,
-        r#"{"queue_name":"mq","items":[]}"#,
-        400,
-        "items is invalid; list of items cannot be empty",
-    )
-    .await;
+    for (path, body, code, needle) in [
+        (
+            rp,
+            retry("-7", id).as_str(),
+            400,
+            "partition is invalid; '-7' is not a valid partition",
+        ),
+        (
+            rp,
+            retry("0", "not-an-id").as_str(),
+            400,
+            "invalid storage id; 'not-an-id'",
+        ),
+        (
+            rp,
+            retry("0", id).as_str(),
+            400,
+            &format!("item(s) cannot be retried; '{id}' does not exist"),
+        ),
+        (
+            rp,
+            r#"{"queue_name":"mq","items":[]}"#,
+            400,
+            "items is invalid; list of items cannot be empty",
+        ),
+    ] {
+        json_error(&c, path, body, code, needle).await;
+    }
 
     let sl = "/v1/storage/items.list";
-    json_error(
-        &c,
-        sl,
-        r#"{"queue_name":"mq","partition":-1}"#,
-        400,
-        "partition is invalid; '-1'",
-    )
-    .await;
-    json_error(
-        &c,
-        sl,
-        r#"{"queue_name":"mq","partition":3}"#,
-        400,
-        "partition is invalid; '3'",
-    )
-    .await;
-    json_error(
-        &c,
-        sl,
-        r#"{"queue_name":"mq","pivot":"zz"}"#,
-        400,
-        "invalid storage id; 'zz'",
-    )
-    .await;
+    for (path, body, code, needle) in [
+        (
+            sl,
+            r#"{"queue_name":"mq","partition":-1}"#,
+            400,
+            "partition is invalid; '-1'",
+        ),
+        (
+            sl,
+            r#"{"queue_name":"mq","partition":3}"#,
+            400,
+            "partition is invalid; '3'",
+        ),
+        (
+            sl,
+            r#"{"queue_name":"mq","pivot":"zz"}"#,
+            400,
+            "invalid storage id; 'zz'",
+        ),
+    ] {
+        json_error(&c, path, body, code, needle).await;
+    }
     let sd = "/v1/storage/items.delete";
-    json_error(
-        &c,
-        sd,
-        r#"{"queue_name":"mq","ids":["zz"]}"#,
-        400,
-        "invalid storage id; 'zz'",
-    )
-    .await;
-    json_error(
-        &c,
-        sd,
-        r#"{"queue_name":"mq","partition":-2,"ids":["0000000000000001"]}"#,
-        400,
-        "partition is invalid",
-    )
-    .await;
-    json_error(&c, sd, r#"{"queue_name":"mq"}"#, 400, "ids is invalid").await;
+    for (path, body, code, needle) in [
+        (
+            sd,
+            r#"{"queue_name":"mq","ids":["zz"]}"#,
+            400,
+            "invalid storage id; 'zz'",
+        ),
+        (
+            sd,
+            r#"{"queue_name":"mq","partition":-2,"ids":["0000000000000001"]}"#,
+            400,
+            "partition is invalid",
+        ),
+        (sd, r#"{"queue_name":"mq"}"#, 400, "ids is invalid"),
+    ] {
+        json_error(&c, path, body, code, needle).await;
+    }
     let si = "/v1/storage/items.import";
-    json_error(
-        &c,
-        si,
-        r#"{"queue_name":"mq","partition":-1,"items":[{"payload":"eA=="}]}"#,
-        400,
-        "partition is invalid",
-    )
-    .await;
-    json_error(
-        &c,
-        si,
-        r#"{"queue_name":"mq","items":[{"attempts":-1}]}"#,
-        400,
-        "attempts is invalid",
-    )
-    .await;
-    json_error(
-        &c,
-        si,
-        r#"{"queue_name":"mq","items":[]}"#,
-        400,
-        "items is invalid",
-    )
-    .await;
-
-    // Queue definitions with negative numbers.
-    json_error(
-        &c,
-        "/v1/queues.create",
-        r#"{"queue_name":"n1","lease_timeout":"1m","expire_timeout":"1h","max_attempts":-1}"#,
-        400,
-        "max_attempts is invalid",
-    )
-    .await;
-    json_error(
-        &c,
-        "/v1/queues.create",
-        r#"{"queue_name":"n1","lease_timeout":"1m","expire_timeout":"1h","requested_partitions":-3}"#,
-        400,
-        "requested_partitions is invalid",
-    )
-    .await;
+    for (path, body, code, needle) in [
+        (
+            si,
+            r#"{"queue_name":"mq","partition":-1,"items":[{"payload":"eA=="}]}"#,
+            400,
+            "partition is invalid",
+        ),
+        (
+            si,
+            r#"{"queue_name":"mq","items":[{"attempts":-1}]}"#,
+            400,
+            "attempts is invalid",
+        ),
+        (si, r#"{"queue_name":"mq","items":[]}"#, 400, "items is invalid"),
+        // Queue definitions with negative numbers.
+        (
+            "/v1/queues.create",
+            r#"{"queue_name":"n1","lease_timeout":"1m","expire_timeout":"1h","max_attempts":-1}"#,
+            400,
+            "max_attempts is invalid",
+        ),
+        (
+            "/v1/queues.create",
+            r#"{"queue_name":"n1","lease_timeout":"1m","expire_timeout":"1h","requested_partitions":-3}"#,
+            400,
+            "requested_partitions is invalid",
+        ),
+    ] {
+        json_error(&c, path, body, code, needle).await;
+    }
     srv.stop().await;
 }
 
@@ -1089,38 +1023,34 @@ async fn missing_required_fields() {
         }
         expect_error(&c, Method::POST, route, (JSON, JSON), b"{}", 400, needle).await;
     }
-    json_error(
-        &c,
-        "/v1/queue.clear",
-        r#"{"queue_name":"mq"}"#,
-        400,
-        "invalid clear request",
-    )
-    .await;
-    json_error(
-        &c,
-        "/v1/queues.create",
-        r#"{"queue_name":"x1"}"#,
-        400,
-        "lease_timeout is required",
-    )
-    .await;
-    json_error(
-        &c,
-        "/v1/queues.create",
-        r#"{"queue_name":"x1","lease_timeout":"1m"}"#,
-        400,
-        "expire_timeout is required",
-    )
-    .await;
-    json_error(
-        &c,
-        "/v1/queue.lease",
-        r#"{"queue_name":"mq","client_id":"   ","batch_size":1}"#,
-        400,
-        "invalid client id",
-    )
-    .await;
+    for (path, body, code, needle) in [
+        (
+            "/v1/queue.clear",
+            r#"{"queue_name":"mq"}"#,
+            400,
+            "invalid clear request",
+        ),
+        (
+            "/v1/queues.create",
+            r#"{"queue_name":"x1"}"#,
+            400,
+            "lease_timeout is required",
+        ),
+        (
+            "/v1/queues.create",
+            r#"{"queue_name":"x1","lease_timeout":"1m"}"#,
+            400,
+            "expire_timeout is required",
+        ),
+        (
+            "/v1/queue.lease",
+            r#"{"queue_name":"mq","client_id":"   ","batch_size":1}"#,
+            400,
+            "invalid client id",
+        ),
+    ] {
+        json_error(&c, path, body, code, needle).await;
+    }
     let long_client = format!(
         r#"{{"queue_name":"mq","client_id":"{}","batch_size":1,"request_timeout":"1s"}}"#,
         "c".repeat(600)

@@ -19,7 +19,6 @@ use lessor_client::proto::{
     QueueProduceRequest, QueueRetryItem, QueueRetryRequest, QueueStatsRequest,
 };
 use lessor_client::{Client, ClientError, Encoding};
-use lessor_core::time::ManualClock;
 use proptest::prelude::*;
 
 const QUEUE: &str = "prop";
@@ -254,20 +253,13 @@ async fn stats_totals(client: &Client) -> (i32, i32) {
 }
 
 async fn scenario(p: Params) {
-    let clock = ManualClock::starting_now();
-    let srv = lessor_server::start(
-        &lessor_server::Config::memory(),
-        "127.0.0.1:0",
-        Some(Arc::new(clock.clone())),
-    )
-    .await
-    .expect("server starts");
+    let (srv, client, clock) = lessor_testkit::server::memory_with_manual_clock().await;
     let enc = if p.json {
         Encoding::Json
     } else {
         Encoding::Protobuf
     };
-    let client = Client::new(&srv.endpoint()).expect("client").with_encoding(enc);
+    let client = client.with_encoding(enc);
     client
         .queues_create(&QueueInfo {
             queue_name: QUEUE.into(),

@@ -7,8 +7,8 @@
 //!
 //! # Layout
 //! - [`memory`]: RAM-only queues and partitions (tests, development, ephemeral work).
-//! - [`testsuite`]: the conformance suite, written once and instantiated for every backend by
-//!   [`conformance_tests!`].
+//! - `testsuite` (feature `testsuite`): the conformance suite, written once and instantiated for every backend by
+//!   `conformance_tests!`.
 
 #[cfg(feature = "fjall")]
 pub mod fjall;
@@ -16,6 +16,7 @@ pub mod memory;
 #[cfg(feature = "postgres")]
 pub mod postgres;
 pub mod state;
+#[cfg(any(test, feature = "testsuite"))]
 pub mod testsuite;
 
 use std::fmt;

@@ -3,6 +3,11 @@
 //! A backend's test file calls [`conformance_tests!`](crate::conformance_tests) with an async function that returns
 //! a [`TestBackend`]; the macro expands to one `#[tokio::test]` per case, so a failure names its case. Every case uses
 //! its own queue name, so backends that share a database between tests stay isolated.
+//!
+//! Compiled only with the `testsuite` feature (the crate's own tests turn it on through a dev-dependency on
+//! itself), so the library that ships carries none of it. A case is a `pub async fn <name>(b: TestBackend)` at the
+//! top level of this file; a unit test below fails when one is missing from the macro's list, so a new case cannot
+//! silently never run.
 
 use std::any::Any;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -701,4 +706,58 @@ macro_rules! conformance_tests {
             }
         )*
     };
+}
+
+#[cfg(test)]
+mod tests {
+    /// The top-level `pub async fn <name>(b: TestBackend)` cases of this file, in order.
+    fn cases_defined(src: &str) -> Vec<String> {
+        src.lines()
+            .filter_map(|l| l.strip_prefix("pub async fn "))
+            .filter(|rest| rest.contains("(b: TestBackend)"))
+            .filter_map(|rest| rest.split('(').next())
+            .map(|name| name.trim().to_string())
+            .collect()
+    }
+
+    /// The names the macro expands to tests, from its `@cases $make;` list.
+    fn cases_listed(src: &str) -> Vec<String> {
+        let start = src.find("(@cases $make;\n").expect("the macro's case list");
+        let list = &src[start..];
+        let end = list.find(");").expect("the end of the macro's case list");
+        list[..end]
+            .lines()
+            .skip(1)
+            .map(|l| l.trim().trim_end_matches(','))
+            .filter(|l| !l.is_empty())
+            .map(str::to_string)
+            .collect()
+    }
+
+    #[test]
+    fn every_case_is_in_the_macros_list() {
+        let src = include_str!("testsuite.rs");
+        let defined = cases_defined(src);
+        let listed = cases_listed(src);
+        assert!(
+            defined.len() >= 20,
+            "found only {} cases: {defined:?}",
+            defined.len()
+        );
+        let missing: Vec<&String> = defined.iter().filter(|c| !listed.contains(c)).collect();
+        let unknown: Vec<&String> = listed.iter().filter(|c| !defined.contains(c)).collect();
+        assert!(
+            missing.is_empty(),
+            "conformance cases defined but not listed in conformance_tests! (they would never run): {missing:?}"
+        );
+        assert!(unknown.is_empty(), "listed but not defined: {unknown:?}");
+    }
+
+    #[test]
+    fn the_list_parser_sees_a_missing_case() {
+        let src = "pub async fn a(b: TestBackend) {}\npub async fn c(b: TestBackend) {}\n\
+                   $crate::conformance_tests!(@cases $make;\n    a,\n    z\n);\n";
+        assert_eq!(cases_defined(src), ["a", "c"]);
+        assert_eq!(cases_listed(src), ["a", "z"]);
+    }
 }

@@ -1,7 +1,7 @@
 //! The storage conformance suite against PostgreSQL.
 //!
 //! Needs a database: `eval "$(scripts/pg-test-cluster.sh start)"` sets `LESSOR_TEST_DATABASE_URL`. Without it every
-//! case is skipped (and says so). Cases share the database; each uses its own queue names.
+//! case is skipped (and says so), or fails when `CI` is set. Cases share the database; each uses its own queue names.
 #![cfg(feature = "postgres")]
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -30,7 +30,7 @@ fn unique_url(base: &str) -> String {
 }
 
 async fn pg_backend() -> Option<TestBackend> {
-    let url = std::env::var("LESSOR_TEST_DATABASE_URL").ok()?;
+    let url = lessor_testkit::database_or_skip()?;
     let cfg = PgConfig::new(unique_url(&url)).with_max_conns(4);
     Some(TestBackend {
         partitions: Arc::new(PgStore::new(&cfg).expect("postgres partition store")),

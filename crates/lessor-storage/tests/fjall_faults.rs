@@ -195,8 +195,8 @@ impl Drop for Tmpfs {
 #[tokio::test]
 async fn real_disk_full_on_a_small_tmpfs_fails_writes_keeps_data_and_resumes() {
     let Some(fs) = Tmpfs::mount("8m") else {
-        eprintln!(
-            "skipped: cannot mount a tmpfs here (needs root); the injected-fault test covers the rules"
+        lessor_testkit::skip_or_fail(
+            "cannot mount a tmpfs here (needs root); the injected-fault test covers the rules",
         );
         return;
     };

@@ -47,8 +47,7 @@ async fn empty(p: &dyn Partition) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "measurement: run with --ignored --nocapture"]
 async fn measure_call_costs() {
-    let Ok(url) = std::env::var("LESSOR_TEST_DATABASE_URL") else {
-        eprintln!("skipped: LESSOR_TEST_DATABASE_URL is not set");
+    let Some(url) = lessor_testkit::database_or_skip() else {
         return;
     };
     let store = PgStore::new(&PgConfig::new(url)).expect("store");

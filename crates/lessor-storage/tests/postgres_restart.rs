@@ -32,28 +32,29 @@ where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<T, lessor_core::error::StorageError>>,
 {
-    let mut last = None;
-    for _ in 0..20 {
-        match f().await {
-            Ok(v) => return v,
-            Err(e) => {
+    let attempt = || {
+        let call = f();
+        async move {
+            call.await.map_err(|e| {
+                // Only "unavailable" may happen while the pool replaces dead connections.
                 assert_eq!(e.kind, StorageErrorKind::Unavailable, "{what}: {e}");
-                last = Some(e);
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
+                format!("{e:?}")
+            })
         }
+    };
+    match lessor_testkit::poll_until(Duration::from_secs(2), Duration::from_millis(100), attempt).await {
+        Ok(v) => v,
+        Err(t) => panic!("{what} did not recover: {t}"),
     }
-    panic!("{what} did not recover: {last:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn calls_fail_while_the_database_is_down_and_recover_after() {
-    if std::env::var("LESSOR_TEST_DATABASE_URL").is_err() {
-        eprintln!("skipped: LESSOR_TEST_DATABASE_URL is not set");
+    if lessor_testkit::database_or_skip().is_none() {
         return;
     }
     if !postgres_installed() {
-        eprintln!("skipped: the test database is remote and no local PostgreSQL can be started");
+        lessor_testkit::skip_or_fail("the test database is remote and no local PostgreSQL can be started");
         return;
     }
     let (cluster, url) = Cluster::start("restart", 55439, "lessor_restart");

@@ -2,8 +2,8 @@
 //! processes would have) race on the same partition, and each item is leased, moved or completed exactly once.
 //! Also: table naming, and stores that start while the database is down.
 //!
-//! The database tests need `LESSOR_TEST_DATABASE_URL` (see `scripts/pg-test-cluster.sh`) and are skipped without it;
-//! the down-database tests need no database.
+//! The database tests need `LESSOR_TEST_DATABASE_URL` (see `scripts/pg-test-cluster.sh`) and are skipped without it
+//! (failed when `CI` is set); the down-database tests need no database.
 #![cfg(feature = "postgres")]
 
 use std::collections::HashSet;
@@ -40,10 +40,7 @@ fn unique_url(base: &str) -> String {
 
 /// Two stores on separate pools, or `None` when no database is configured.
 fn two_servers() -> Option<(Arc<PgStore>, Arc<PgStore>)> {
-    let Ok(url) = std::env::var("LESSOR_TEST_DATABASE_URL") else {
-        eprintln!("skipped: LESSOR_TEST_DATABASE_URL is not set");
-        return None;
-    };
+    let url = lessor_testkit::database_or_skip()?;
     let a = PgStore::new(&PgConfig::new(unique_url(&url)).with_max_conns(8)).expect("store a");
     let b = PgStore::new(&PgConfig::new(unique_url(&url)).with_max_conns(8)).expect("store b");
     Some((Arc::new(a), Arc::new(b)))
@@ -257,8 +254,7 @@ async fn racing_completes_succeed_once_per_item() {
 async fn tables_are_named_by_queue_hash_and_partition() {
     assert_eq!(table_name("hello", 0), "items_5d41402abc4b_000000");
     assert_eq!(table_name("hello", 1), "items_5d41402abc4b_000001");
-    let Ok(url) = std::env::var("LESSOR_TEST_DATABASE_URL") else {
-        eprintln!("skipped: LESSOR_TEST_DATABASE_URL is not set");
+    let Some(url) = lessor_testkit::database_or_skip() else {
         return;
     };
     let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
@@ -327,8 +323,7 @@ async fn stores_start_with_the_database_down_and_report_unavailable() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_schema_from_a_newer_build_is_refused() {
-    let Ok(url) = std::env::var("LESSOR_TEST_DATABASE_URL") else {
-        eprintln!("skipped: LESSOR_TEST_DATABASE_URL is not set");
+    let Some(url) = lessor_testkit::database_or_skip() else {
         return;
     };
     // A private PostgreSQL schema (through search_path), so the shared tables of the other tests stay untouched.

@@ -1,181 +1,51 @@
-//! Test support shared by Lessor's test suites (a dev-dependency only; nothing here ships).
+//! Lessor's one test harness, shared by every crate's test suites (a dev-dependency only; nothing here ships).
 //!
-//! - [`TestDatabase`]: a fresh database on the server named by `LESSOR_TEST_DATABASE_URL`, dropped afterwards, so
-//!   tests that reuse queue names never see each other's tables.
-//! - [`Cluster`]: a private PostgreSQL cluster run by `scripts/pg-test-cluster.sh`, for tests that stop and restart
-//!   the database itself.
+//! - [`db`]: PostgreSQL for the tests: the server named by `LESSOR_TEST_DATABASE_URL`, a fresh database per test,
+//!   private clusters for tests that stop and restart the database.
+//! - [`rng`]: a small seeded random source whose seed is printed and can be set from the environment, so a failing
+//!   run can be repeated.
+//! - [`eventually`]: poll a condition until a deadline, failing with what was last seen.
+//! - `server` (feature `server`): a Lessor server inside the test process, on a port the OS picks.
+//! - `process` (feature `server`): the real `lessor` binary as a child process, for tests that kill it.
+//!
+//! Tests that need something the machine may lack (a database, root) call [`skip_or_fail`]: on a developer machine
+//! they skip with a message; under CI they fail, so a CI that lost its database cannot pass by skipping.
 
-use std::path::PathBuf;
-use std::process::Command;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{SystemTime, UNIX_EPOCH};
+pub mod db;
+pub mod eventually;
+#[cfg(feature = "server")]
+pub mod process;
+pub mod rng;
+#[cfg(feature = "server")]
+pub mod server;
 
-/// The server to create test databases on, from `LESSOR_TEST_DATABASE_URL` (None when unset or blank).
-pub fn admin_url() -> Option<String> {
-    std::env::var("LESSOR_TEST_DATABASE_URL")
-        .ok()
-        .filter(|u| !u.trim().is_empty())
+pub use db::{
+    admin_url, connect, database_or_skip, execute, postgres_installed, with_dbname, Cluster, TestDatabase,
+};
+pub use eventually::{eventually, poll_until};
+pub use rng::Rng;
+
+/// Whether this run is a CI run: the variable `CI` is set to anything but empty, `0` or `false` (CI services set
+/// `CI=true`).
+pub fn in_ci() -> bool {
+    ci_value(std::env::var("CI").ok().as_deref())
 }
 
-/// `url` naming database `db` instead of its own (URI or key=value form).
-pub fn with_dbname(url: &str, db: &str) -> String {
-    let Some(scheme_end) = url.find("://") else {
-        // key=value: a later key overrides an earlier one.
-        return format!("{url} dbname={db}");
-    };
-    let (base, query) = match url.find('?') {
-        Some(q) => (&url[..q], &url[q..]),
-        None => (url, ""),
-    };
-    let authority_end = base[scheme_end + 3..]
-        .find('/')
-        .map_or(base.len(), |i| scheme_end + 3 + i);
-    format!("{}/{db}{query}", &base[..authority_end])
+fn ci_value(v: Option<&str>) -> bool {
+    v.is_some_and(|v| !matches!(v.trim().to_ascii_lowercase().as_str(), "" | "0" | "false"))
 }
 
-/// Connects to `url`; the connection task runs on the current runtime.
-pub async fn connect(url: &str) -> tokio_postgres::Client {
-    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
-        .await
-        .unwrap_or_else(|e| panic!("connect to {url}: {e}"));
-    tokio::spawn(conn);
-    client
-}
-
-/// Runs `sql` on a connection of its own, closed afterwards.
-pub async fn execute(url: &str, sql: &str) -> Result<(), tokio_postgres::Error> {
-    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls).await?;
-    let task = tokio::spawn(conn);
-    let r = client.batch_execute(sql).await;
-    drop(client);
-    let _ = task.await;
-    r
-}
-
-/// A fresh database, dropped (with whatever still connects to it) when this value is dropped.
-pub struct TestDatabase {
-    admin: String,
-    name: String,
-    url: String,
-}
-
-impl TestDatabase {
-    /// Creates `<prefix>_<pid>_<n>_<stamp>` on the server of `LESSOR_TEST_DATABASE_URL` (panics when unset: check
-    /// [`admin_url`] first to skip).
-    pub async fn create(prefix: &str) -> TestDatabase {
-        static N: AtomicU64 = AtomicU64::new(0);
-        let admin = admin_url().expect("LESSOR_TEST_DATABASE_URL");
-        let stamp = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_micros() % 1_000_000_000);
-        let name = format!(
-            "{prefix}_{}_{}_{stamp}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        );
-        execute(&admin, &format!("CREATE DATABASE {name}"))
-            .await
-            .unwrap_or_else(|e| panic!("CREATE DATABASE {name}: {e}"));
-        let url = with_dbname(&admin, &name);
-        TestDatabase { admin, name, url }
-    }
-
-    /// The connection string of this database.
-    pub fn url(&self) -> &str {
-        &self.url
-    }
-
-    /// The database's name.
-    pub fn name(&self) -> &str {
-        &self.name
-    }
-}
-
-impl Drop for TestDatabase {
-    fn drop(&mut self) {
-        // Best effort, on a thread of its own: this runs inside the test's runtime, which cannot block on itself.
-        // FORCE ends the connections a stopping server may still hold.
-        let (admin, name) = (self.admin.clone(), self.name.clone());
-        let dropper = std::thread::spawn(move || {
-            let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() else {
-                return;
-            };
-            let sql = format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)");
-            if let Err(e) = rt.block_on(execute(&admin, &sql)) {
-                eprintln!("warning: {sql}: {e}");
-            }
-        });
-        let _ = dropper.join();
-    }
-}
-
-/// A private PostgreSQL cluster run by `scripts/pg-test-cluster.sh`, stopped and removed on drop.
-pub struct Cluster {
-    dir: PathBuf,
-    port: u16,
-    db: String,
-}
-
-impl Cluster {
-    fn script() -> PathBuf {
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../scripts/pg-test-cluster.sh")
-    }
-
-    /// Runs a script command (`start`, `stop`, `halt`, `restart`, `url`) on this cluster; panics on failure.
-    pub fn run(&self, cmd: &str) -> String {
-        let out = Command::new("bash")
-            .arg(Self::script())
-            .arg(cmd)
-            .env("LESSOR_PG_DIR", &self.dir)
-            .env("LESSOR_PG_PORT", self.port.to_string())
-            .env("LESSOR_PG_DB", &self.db)
-            .output()
-            .expect("run pg-test-cluster.sh");
-        assert!(
-            out.status.success(),
-            "pg-test-cluster.sh {cmd} failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-
-    /// Starts a new cluster in a temp dir tagged `tag`, on `port` (or the next free one), with database `db`;
-    /// returns it with its URL.
-    pub fn start(tag: &str, port: u16, db: &str) -> (Cluster, String) {
-        let dir = std::env::temp_dir().join(format!("lessor-pg-{tag}-{}", std::process::id()));
-        let c = Cluster {
-            dir,
-            port,
-            db: db.to_string(),
-        };
-        let out = c.run("start");
-        let url = out
-            .trim()
-            .strip_prefix("export LESSOR_TEST_DATABASE_URL=")
-            .unwrap_or_else(|| panic!("unexpected output: {out}"))
-            .to_string();
-        (c, url)
-    }
-}
-
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        let _ = Command::new("bash")
-            .arg(Self::script())
-            .arg("stop")
-            .env("LESSOR_PG_DIR", &self.dir)
-            .output();
-    }
-}
-
-/// Whether the script can start a local server without installing one.
-pub fn postgres_installed() -> bool {
-    let in_path = std::env::var_os("PATH")
-        .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join("initdb").is_file()));
-    let debian = std::fs::read_dir("/usr/lib/postgresql")
-        .map(|dirs| dirs.flatten().any(|d| d.path().join("bin/initdb").is_file()))
-        .unwrap_or(false);
-    in_path || debian
+/// Skips a test that cannot run here for `reason`, with a message, or fails it under CI (see [`in_ci`]), where
+/// every test must run. The caller returns right after.
+///
+/// # Panics
+/// Under CI, always.
+pub fn skip_or_fail(reason: &str) {
+    assert!(
+        !in_ci(),
+        "cannot run: {reason}; CI is set, and a CI run must run every test (unset CI to skip it locally)"
+    );
+    eprintln!("skipped: {reason}");
 }
 
 #[cfg(test)]
@@ -183,16 +53,13 @@ mod tests {
     use super::*;
 
     #[test]
-    fn database_names_replace_the_url_path() {
-        assert_eq!(
-            with_dbname("postgres://u@h:5/a?x=1", "b"),
-            "postgres://u@h:5/b?x=1"
-        );
-        assert_eq!(with_dbname("postgres://u@h:5", "b"), "postgres://u@h:5/b");
-        assert_eq!(
-            with_dbname("postgres://u@h/db?sslmode=disable", "x"),
-            "postgres://u@h/x?sslmode=disable"
-        );
-        assert_eq!(with_dbname("host=h dbname=a", "b"), "host=h dbname=a dbname=b");
+    fn ci_is_any_value_but_empty_zero_or_false() {
+        assert!(ci_value(Some("true")));
+        assert!(ci_value(Some("1")));
+        assert!(ci_value(Some("yes")));
+        assert!(!ci_value(None));
+        assert!(!ci_value(Some("")));
+        assert!(!ci_value(Some("0")));
+        assert!(!ci_value(Some("FALSE")));
     }
 }

@@ -21,17 +21,18 @@
 //! check cannot pass vacuously.
 //!
 //! The choices (load length, batch sizes, actions) come from a seed printed at the start; set `LESSOR_CRASH_SEED`
-//! to repeat them (the interleaving with the server is not reproducible, the choices are). Set `LESSOR_CRASH_DIR`
-//! to a new directory to keep the data directory and the server logs afterwards.
+//! (or `LESSOR_TEST_SEED`) to repeat them (the interleaving with the server is not reproducible, the choices are).
+//! Set `LESSOR_CRASH_DIR` to a new directory to keep the data directory and the server logs afterwards.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime};
 
 use lessor_client::{proto as pb, Client, ClientError};
+use lessor_testkit::process::{log_tail, ServerCommand};
+use lessor_testkit::Rng;
 
 const QUEUE: &str = "crash";
 const PARTITIONS: i32 = 2;
@@ -44,165 +45,18 @@ const STARTUP_LIMIT: Duration = Duration::from_secs(10);
 /// Page size of the storage listings (small, so paging is exercised).
 const PAGE: i32 = 250;
 
-// ---- a small deterministic random source (splitmix64) ----------------------------------------------------------
-
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
+/// How the server of every round is started: the real binary on `data` (the default configuration, or the YAML
+/// file `config` when given), logging to `log`.
+fn server_command(data: &Path, log: &Path, config: Option<&Path>) -> ServerCommand {
+    let mut cmd = ServerCommand::new(env!("CARGO_BIN_EXE_lessor"), log)
+        .startup_limit(STARTUP_LIMIT)
+        .data_dir(data)
+        .arg("--log-level")
+        .arg("info");
+    if let Some(c) = config {
+        cmd = cmd.config(c);
     }
-
-    /// A number in `lo..=hi`.
-    fn range(&mut self, lo: u64, hi: u64) -> u64 {
-        lo + self.next() % (hi - lo + 1)
-    }
-
-    fn fork(&mut self) -> Rng {
-        Rng(self.next())
-    }
-}
-
-// ---- the server process -------------------------------------------------------------------------------------------
-
-/// A running `lessor server` child; killed (SIGKILL) and reaped on drop so a failing test leaves nothing behind.
-struct Server {
-    child: Child,
-    endpoint: String,
-    log: PathBuf,
-}
-
-impl Server {
-    /// Starts the binary on `data` (the default configuration, or the YAML file `config` when given) on a free
-    /// port and waits until it is healthy. Returns the server, a client for it and how long start-up took.
-    ///
-    /// The port is found by binding port 0 and releasing it, so another process may take it before the server
-    /// binds it; then the server exits with "cannot listen" and is started again on another port. Health only
-    /// counts once this very process listens on the port (read from `/proc`), so a stranger that took the port
-    /// cannot answer for it.
-    async fn start(data: &Path, log: &Path, config: Option<&Path>) -> (Server, Client, Duration) {
-        for _ in 0..5 {
-            let port = {
-                let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a free port");
-                l.local_addr().expect("local addr").port()
-            };
-            let mut server = Server::spawn(data, log, config, port);
-            let client = Client::new(&server.endpoint).expect("client");
-            match server.wait_healthy(&client, port).await {
-                Some(took) => return (server, client, took),
-                None => println!("port {port} was taken before the server bound it; starting again"),
-            }
-        }
-        panic!("could not start the server on a free port in 5 attempts");
-    }
-
-    fn spawn(data: &Path, log: &Path, config: Option<&Path>, port: u16) -> Server {
-        let address = format!("127.0.0.1:{port}");
-        let log_file = std::fs::File::create(log).expect("create server log");
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_lessor"));
-        cmd.arg("server");
-        if let Some(c) = config {
-            cmd.arg("--config").arg(c);
-        }
-        let child = cmd
-            .arg("--data-dir")
-            .arg(data)
-            .arg("--address")
-            .arg(&address)
-            .arg("--log-level")
-            .arg("info")
-            .env_remove("LESSOR_CONFIG")
-            .env_remove("RUST_LOG")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::from(log_file))
-            .spawn()
-            .expect("spawn lessor server");
-        Server {
-            child,
-            endpoint: format!("http://{address}"),
-            log: log.to_path_buf(),
-        }
-    }
-
-    /// Waits until this process listens on `port` and `/health` passes; returns how long that took, or `None`
-    /// when the port was taken. Panics if the process exits otherwise or the limit passes.
-    async fn wait_healthy(&mut self, client: &Client, port: u16) -> Option<Duration> {
-        let t0 = Instant::now();
-        let mut last = String::from("not listening yet");
-        loop {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                let log = log_tail(&self.log);
-                if log.contains("cannot listen on") {
-                    return None;
-                }
-                panic!("the server exited during start-up ({status}); log:\n{log}");
-            }
-            if listens(self.child.id(), port) {
-                last = match tokio::time::timeout(Duration::from_secs(2), client.health()).await {
-                    Ok(Ok(doc)) if doc.get("status").and_then(|s| s.as_str()) == Some("pass") => {
-                        return Some(t0.elapsed());
-                    }
-                    Ok(Ok(doc)) => doc.to_string(),
-                    Ok(Err(e)) => e.to_string(),
-                    Err(_) => "no answer within 2 s".into(),
-                };
-            }
-            assert!(
-                t0.elapsed() < STARTUP_LIMIT,
-                "the server did not become healthy within {STARTUP_LIMIT:?}; last /health answer: {last}; log:\n{}",
-                log_tail(&self.log)
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    }
-
-    /// SIGKILL (what `Child::kill` sends on unix) and reap.
-    fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
-/// Whether process `pid` has a socket listening on 127.0.0.1:`port` (IPv4, from `/proc/net/tcp` and the
-/// process's file descriptors).
-fn listens(pid: u32, port: u16) -> bool {
-    let table = std::fs::read_to_string("/proc/net/tcp").unwrap_or_default();
-    let suffix = format!(":{port:04X}");
-    let inodes: HashSet<String> = table
-        .lines()
-        .skip(1)
-        .filter_map(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            // local_address is field 1, the state field 3 (0A = LISTEN), the inode field 9.
-            (f.len() > 9 && f[1].ends_with(&suffix) && f[3] == "0A").then(|| format!("socket:[{}]", f[9]))
-        })
-        .collect();
-    if inodes.is_empty() {
-        return false;
-    }
-    std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|e| std::fs::read_link(e.path()).ok())
-        .any(|target| inodes.contains(target.to_string_lossy().as_ref()))
-}
-
-fn log_tail(path: &Path) -> String {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(40)..].join("\n")
+    cmd
 }
 
 // ---- the model of what the clients were told ----------------------------------------------------------------------
@@ -600,23 +454,16 @@ async fn verify(client: &Client, model: &Model) -> Result<(Vec<Listed>, usize, u
 
 // ---- the test ------------------------------------------------------------------------------------------------------
 
+/// The seed of the load's choices (printed; `LESSOR_CRASH_SEED` or `LESSOR_TEST_SEED` sets it).
 fn seed() -> u64 {
-    std::env::var("LESSOR_CRASH_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map(|d| d.as_nanos() as u64)
-                .unwrap_or(1)
-        })
+    lessor_testkit::rng::seed("LESSOR_CRASH_SEED")
 }
 
 /// `iterations` rounds of restart → verify → load → SIGKILL, then a last restart → verify. Returns the summed
 /// counters (produced, produce unanswered, leased, completed, complete refused, complete unanswered, retried,
 /// retry refused, retry unanswered), or the violations found.
 async fn run(seed: u64, iterations: usize, root: &Path, config: Option<&Path>) -> Result<[u64; 9], String> {
-    let mut rng = Rng(seed);
+    let mut rng = Rng::new(seed);
     let data = root.join("data");
     let model: Model = Arc::new(Mutex::new(HashMap::new()));
     let t_start = Instant::now();
@@ -625,7 +472,8 @@ async fn run(seed: u64, iterations: usize, root: &Path, config: Option<&Path>) -
 
     for iter in 0..=iterations {
         let log = root.join(format!("server-{iter:02}.log"));
-        let (mut server, client, startup) = Server::start(&data, &log, config).await;
+        let mut server = server_command(&data, &log, config).start().await;
+        let (client, startup) = (server.client().clone(), server.startup());
         slowest_start = slowest_start.max(startup);
         if iter == 0 {
             client
@@ -750,7 +598,6 @@ async fn run(seed: u64, iterations: usize, root: &Path, config: Option<&Path>) -
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acknowledged_work_survives_sigkill() {
     let seed = seed();
-    println!("crash test seed {seed} (LESSOR_CRASH_SEED={seed} repeats the choices)");
     // LESSOR_CRASH_DIR keeps the data directory and the server logs for inspection (it must not exist yet).
     let tmp = tempfile::tempdir().expect("temp dir");
     let root = match std::env::var_os("LESSOR_CRASH_DIR") {

@@ -31,7 +31,8 @@
 use std::time::{Duration, Instant};
 
 use lessor_client::{proto as pb, Client};
-use lessor_server::{start, Config, RunningServer};
+use lessor_server::{Config, RunningServer};
+use lessor_testkit::process::{ServerCommand, ServerProcess};
 
 const WORKERS: usize = 4;
 const BATCH: usize = 100;
@@ -118,11 +119,7 @@ fn mib(kib: u64) -> f64 {
 
 async fn serve(dir: &tempfile::TempDir) -> (RunningServer, Client) {
     let path = dir.path().to_str().expect("utf-8 path");
-    let srv = start(&Config::default_persistent(path), "127.0.0.1:0", None)
-        .await
-        .expect("server starts");
-    let c = Client::new(&srv.endpoint()).expect("client");
-    (srv, c)
+    lessor_testkit::server::start(&Config::default_persistent(path), None).await
 }
 
 async fn create(c: &Client, name: &str, partitions: i32) {
@@ -381,34 +378,18 @@ async fn throughput_with_1m_queued_and_restart() {
     }
 }
 
-/// Starts the real binary on `dir` (default configuration) on a free port and waits until `/health` answers.
-async fn spawn_binary(dir: &std::path::Path) -> (std::process::Child, Client) {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("free port")
-        .port();
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_lessor"))
-        .arg("server")
-        .arg("--data-dir")
-        .arg(dir)
-        .arg("--address")
-        .arg(format!("127.0.0.1:{port}"))
+/// Starts the real binary on `dir` (default configuration) on a free port, logging to `log`, and waits until
+/// `/health` passes.
+async fn spawn_binary(dir: &std::path::Path, log: &std::path::Path) -> (ServerProcess, Client) {
+    let server = ServerCommand::new(env!("CARGO_BIN_EXE_lessor"), log)
+        .data_dir(dir)
         .arg("--log-level")
         .arg("warn")
-        .env_remove("LESSOR_CONFIG")
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .expect("spawn lessor server");
-    let c = Client::new(&format!("http://127.0.0.1:{port}")).expect("client");
-    let t0 = Instant::now();
-    while c.health().await.is_err() {
-        if let Ok(Some(status)) = child.try_wait() {
-            panic!("the server exited during start-up: {status}");
-        }
-        assert!(t0.elapsed() < Duration::from_secs(60), "the server starts");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    (child, c)
+        .startup_limit(Duration::from_secs(60))
+        .start()
+        .await;
+    let c = server.client().clone();
+    (server, c)
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -416,7 +397,8 @@ async fn spawn_binary(dir: &std::path::Path) -> (std::process::Child, Client) {
 async fn restart_after_sigkill_with_1m() {
     const N: usize = 1_000_000;
     let dir = tempfile::tempdir().expect("temp dir");
-    let (mut child, c) = spawn_binary(dir.path()).await;
+    let logs = tempfile::tempdir().expect("temp dir for the server log");
+    let (mut child, c) = spawn_binary(dir.path(), &logs.path().join("server.log")).await;
     create(&c, QUEUE, 1).await;
     let fill = produce(&c, 0, N, PREFILL_BATCH).await;
     println!(
@@ -425,15 +407,14 @@ async fn restart_after_sigkill_with_1m() {
         rate(N, fill)
     );
     // SIGKILL right after the last acknowledgement: whatever fjall had not flushed must come back from the journal.
-    let _ = child.kill();
-    let _ = child.wait();
+    child.kill();
     println!(
         "data directory after SIGKILL: {:.0} MiB",
         walk_size(dir.path()) as f64 / 1048576.0
     );
     for attempt in 1..=2 {
         let t0 = Instant::now();
-        let (mut child, c) = spawn_binary(dir.path()).await;
+        let (mut child, c) = spawn_binary(dir.path(), &logs.path().join("server.log")).await;
         let healthy = t0.elapsed();
         let r = c
             .queue_lease(&pb::QueueLeaseRequest {
@@ -454,8 +435,7 @@ async fn restart_after_sigkill_with_1m() {
             r.items.len()
         );
         assert_eq!(items as usize, N, "every acknowledged item is back");
-        let _ = child.kill();
-        let _ = child.wait();
+        child.kill();
     }
 }
 
@@ -516,6 +496,7 @@ async fn idle_rss_per_partition() {
     const N: usize = QUEUES * PARTS;
     let settle = Duration::from_millis(500);
     let dir = tempfile::tempdir().expect("temp dir");
+    let logs = tempfile::tempdir().expect("temp dir for the server log");
 
     // 1. In this process: create the queues, then open them all.
     let (srv, c) = serve(&dir).await;
@@ -545,16 +526,15 @@ async fn idle_rss_per_partition() {
 
     // 2. A restart in a fresh process (the real binary, so memory freed above cannot be reused): open them all
     //    from disk.
-    let (mut child, c) = spawn_binary(dir.path()).await;
-    let pid = child.id().to_string();
+    let (mut child, c) = spawn_binary(dir.path(), &logs.path().join("server.log")).await;
+    let pid = child.pid().to_string();
     stats(&c, "warm").await;
     tokio::time::sleep(settle).await;
     let before = rss_of(&pid);
     let opened = open_all(&c, QUEUES, PARTS).await;
     tokio::time::sleep(settle).await;
     let after = rss_of(&pid);
-    let _ = child.kill();
-    let _ = child.wait();
+    child.kill();
     println!(
         "restart (separate process): {N} partitions opened from disk in {:.2} s; server RSS {:.1} -> {:.1} MiB: \
          {:.1} KiB per idle partition",

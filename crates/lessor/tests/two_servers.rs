@@ -14,12 +14,11 @@
 //!
 //! The first three tests need `LESSOR_TEST_DATABASE_URL` and make a database of their own there; the restart test
 //! runs a private cluster through `scripts/pg-test-cluster.sh`, like `lessor-storage`'s `postgres_restart.rs`, when
-//! PostgreSQL is installed locally. Without them the tests are skipped with a message. They run one at a time.
+//! PostgreSQL is installed locally. Without them the tests are skipped with a message (or fail when `CI` is set). They run one at a time.
 #![cfg(feature = "postgres")]
 
 use std::collections::{HashMap, HashSet};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -32,86 +31,52 @@ static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 // ---- databases ---------------------------------------------------------------------------------------------------
 
-use lessor_testkit::{admin_url, postgres_installed, Cluster, TestDatabase as Database};
+use lessor_testkit::process::{ServerCommand, ServerProcess};
+use lessor_testkit::{
+    database_or_skip, poll_until, postgres_installed, skip_or_fail, Cluster, TestDatabase as Database,
+};
 
 // ---- servers -----------------------------------------------------------------------------------------------------
 
-/// A `lessor server` process; killed (SIGKILL) on drop.
+/// A `lessor server` process with its name (for messages) and a client; killed (SIGKILL) on drop.
 struct Server {
     name: String,
-    child: Child,
+    process: ServerProcess,
     client: Client,
-    log: PathBuf,
 }
 
 impl Server {
     /// Starts `lessor server` with queue definitions and items in the database at `url`, and waits until it answers.
     async fn start(name: &str, url: &str, dir: &Path) -> Server {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("free port")
-            .port();
         let url = serde_json::to_string(url).expect("string");
         let config = format!(
-            "address: 127.0.0.1:{port}\nlogging:\n  level: warn\n\
+            "logging:\n  level: warn\n\
              queue-storage:\n  driver: postgres\n  config:\n    connection-string: {url}\n    max-conns: 8\n\
              partition-storage:\n  - name: pg-0\n    driver: postgres\n    affinity: 1\n    config:\n      \
              connection-string: {url}\n      max-conns: 8\n"
         );
         let config_path = dir.join(format!("{name}.yaml"));
         std::fs::write(&config_path, config).expect("write config");
-        let log = dir.join(format!("{name}.log"));
-        let out = std::fs::File::create(&log).expect("log file");
-        let err = out.try_clone().expect("log file");
-        let child = Command::new(env!("CARGO_BIN_EXE_lessor"))
-            .arg("server")
-            .arg("--config")
-            .arg(&config_path)
-            .stdin(Stdio::null())
-            .stdout(out)
-            .stderr(err)
-            .spawn()
-            .expect("spawn lessor server");
-        let client = Client::new(&format!("http://127.0.0.1:{port}")).expect("client");
-        let mut s = Server {
+        let process = ServerCommand::new(env!("CARGO_BIN_EXE_lessor"), dir.join(format!("{name}.log")))
+            .config(&config_path)
+            .startup_limit(Duration::from_secs(30))
+            .start()
+            .await;
+        let client = process.client().clone();
+        Server {
             name: name.to_string(),
-            child,
+            process,
             client,
-            log,
-        };
-        let t0 = Instant::now();
-        loop {
-            if s.client.health().await.is_ok() {
-                return s;
-            }
-            if let Ok(Some(status)) = s.child.try_wait() {
-                panic!("server {name} exited with {status}: {}", s.log_tail());
-            }
-            assert!(
-                t0.elapsed() < Duration::from_secs(30),
-                "server {name} did not come up: {}",
-                s.log_tail()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
 
     fn log_tail(&self) -> String {
-        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(40)..].join("\n")
+        self.process.log_tail()
     }
 
     /// SIGKILL: no graceful shutdown, no flush.
     fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        self.kill();
+        self.process.kill();
     }
 }
 
@@ -450,32 +415,24 @@ impl Run {
 
 /// Waits (bounded) until `server` reports nothing left in the queue and every acknowledged item is accounted for.
 async fn drained(run: &Run, server: &Server, within: Duration) {
-    let t0 = Instant::now();
-    loop {
-        let accounted = {
+    let probe = move || async move {
+        let left = remaining(&server.client, &run.queue).await;
+        let missing = {
             let l = run.ledger();
             l.acked
                 .iter()
-                .all(|p| l.completed.contains_key(p) || l.in_doubt.contains(p))
-        };
-        if accounted && remaining(&server.client, &run.queue).await.is_ok_and(|n| n == 0) {
-            return;
-        }
-        if t0.elapsed() > within {
-            let left = remaining(&server.client, &run.queue).await;
-            let l = run.ledger();
-            let missing = l
-                .acked
-                .iter()
                 .filter(|p| !l.completed.contains_key(*p) && !l.in_doubt.contains(*p))
-                .count();
-            panic!(
-                "not drained after {within:?}: {left:?} items left in the queue, {missing} acknowledged items not \
-                 completed; server log:\n{}",
-                server.log_tail()
-            );
+                .count()
+        };
+        match left {
+            Ok(0) if missing == 0 => Ok(()),
+            left => Err(format!(
+                "{left:?} items left in the queue, {missing} acknowledged items not completed"
+            )),
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    if let Err(t) = poll_until(within, Duration::from_millis(100), probe).await {
+        panic!("not drained: {t}; server log:\n{}", server.log_tail());
     }
 }
 
@@ -490,8 +447,7 @@ async fn join_all(tasks: Vec<JoinHandle<()>>) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_servers_never_lease_one_item_twice() {
     let _serial = SERIAL.lock().await;
-    if admin_url().is_none() {
-        eprintln!("skipped: LESSOR_TEST_DATABASE_URL is not set");
+    if database_or_skip().is_none() {
         return;
     }
     let db = Database::create("lessor_two").await;
@@ -537,8 +493,7 @@ async fn two_servers_never_lease_one_item_twice() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lease_expiry_and_dead_lettering_apply_once_across_two_servers() {
     let _serial = SERIAL.lock().await;
-    if admin_url().is_none() {
-        eprintln!("skipped: LESSOR_TEST_DATABASE_URL is not set");
+    if database_or_skip().is_none() {
         return;
     }
     let db = Database::create("lessor_two").await;
@@ -641,8 +596,7 @@ async fn lease_expiry_and_dead_lettering_apply_once_across_two_servers() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_one_server_loses_nothing_acknowledged() {
     let _serial = SERIAL.lock().await;
-    if admin_url().is_none() {
-        eprintln!("skipped: LESSOR_TEST_DATABASE_URL is not set");
+    if database_or_skip().is_none() {
         return;
     }
     let db = Database::create("lessor_two").await;
@@ -759,12 +713,11 @@ async fn killing_one_server_loses_nothing_acknowledged() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn database_restart_fails_requests_with_454_and_recovers() {
     let _serial = SERIAL.lock().await;
-    if admin_url().is_none() {
-        eprintln!("skipped: LESSOR_TEST_DATABASE_URL is not set");
+    if database_or_skip().is_none() {
         return;
     }
     if !postgres_installed() {
-        eprintln!("skipped: no local PostgreSQL to stop and start");
+        skip_or_fail("no local PostgreSQL to stop and start");
         return;
     }
     let (cluster, url) = Cluster::start("two-servers", 55470, "lessor_faults");

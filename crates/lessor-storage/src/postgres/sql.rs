@@ -370,8 +370,7 @@ mod tests {
     /// must still lead every id-set statement through the primary key. Needs `LESSOR_TEST_DATABASE_URL`.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn hot_statements_use_their_indexes() {
-        let Ok(url) = std::env::var("LESSOR_TEST_DATABASE_URL") else {
-            eprintln!("skipped: LESSOR_TEST_DATABASE_URL is not set");
+        let Some(url) = lessor_testkit::database_or_skip() else {
             return;
         };
         let queue = crate::testsuite::unique_queue("pg-plans");
