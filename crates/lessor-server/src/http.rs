@@ -7,7 +7,7 @@
 //!
 //! Paths, messages and body limits come from the route table ([`lessor_proto::routes`]); this module adds one
 //! handler per route (the `fn(Api) -> Api` functions below, which name their route once) and the plumbing they share
-//! ([`rpc`]).
+//! (`rpc`).
 //!
 //! # Connection hygiene
 //! A request refused before its body has been read (455 for a bad `Content-Type` or `Accept`, 400 for a wrong method
