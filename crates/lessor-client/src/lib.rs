@@ -6,8 +6,8 @@
 //! [`ClientError::is_retryable`] and decide.
 //!
 //! # Layout
-//! * [`Client`] — [`Client::call`] for any route, one typed method per route, plus [`Client::health`], [`Client::metrics`] and [`Client::raw`]
-//!   for hand-made requests.
+//! * [`Client`] — [`Client::call`] for any route, one typed method per route, plus [`Client::health`],
+//!   [`Client::metrics`] and [`Client::raw`] for hand-made requests.
 //! * [`ClientError`] (module [`error`]) — what a call fails with.
 //! * [`routes`] — the route table (re-exported from [`lessor_proto::routes`]): [`Client::call`] takes a route
 //!   type, the typed methods fill it in.
@@ -131,8 +131,8 @@ impl Client {
     }
 
     /// Calls any RPC of the route table: `POST R::PATH` with `req` in the client's encoding, and the 200 reply
-    /// decoded as `R::Response` (a [`Reply`](lessor_proto::Reply) for RPCs that return nothing). The typed methods below are this with
-    /// the route filled in.
+    /// decoded as `R::Response` (a [`Reply`](lessor_proto::Reply) for RPCs that return nothing). The typed
+    /// methods below are this with the route filled in.
     ///
     /// ```no_run
     /// # async fn demo(client: &lessor_client::Client) -> Result<(), lessor_client::ClientError> {

@@ -172,29 +172,41 @@ macro_rules! routes {
 
 routes! {
     /// Adds items to a queue.
-    QueueProduce => "/v1/queue.produce", QueueProduceRequest => Reply, BodyLimit::MaxProduceBody, QueueProduce;
+    QueueProduce => "/v1/queue.produce", QueueProduceRequest => Reply,
+        BodyLimit::MaxProduceBody, QueueProduce;
     /// Leases items (long-poll).
-    QueueLease => "/v1/queue.lease", QueueLeaseRequest => QueueLeaseResponse, BodyLimit::Fixed(SMALL_BODY), QueueLease;
+    QueueLease => "/v1/queue.lease", QueueLeaseRequest => QueueLeaseResponse,
+        BodyLimit::Fixed(SMALL_BODY), QueueLease;
     /// Completes leased items.
-    QueueComplete => "/v1/queue.complete", QueueCompleteRequest => Reply, BodyLimit::Fixed(DEFAULT_BODY), QueueComplete;
+    QueueComplete => "/v1/queue.complete", QueueCompleteRequest => Reply,
+        BodyLimit::Fixed(DEFAULT_BODY), QueueComplete;
     /// Retries or dead-letters leased items.
-    QueueRetry => "/v1/queue.retry", QueueRetryRequest => Reply, BodyLimit::Fixed(DEFAULT_BODY), QueueRetry;
+    QueueRetry => "/v1/queue.retry", QueueRetryRequest => Reply,
+        BodyLimit::Fixed(DEFAULT_BODY), QueueRetry;
     /// Per-partition statistics of a queue.
-    QueueStats => "/v1/queue.stats", QueueStatsRequest => QueueStatsResponse, BodyLimit::Fixed(SMALL_BODY), QueueStats;
+    QueueStats => "/v1/queue.stats", QueueStatsRequest => QueueStatsResponse,
+        BodyLimit::Fixed(SMALL_BODY), QueueStats;
     /// Clears a queue.
-    QueueClear => "/v1/queue.clear", QueueClearRequest => Reply, BodyLimit::Fixed(SMALL_BODY), QueueClear;
+    QueueClear => "/v1/queue.clear", QueueClearRequest => Reply,
+        BodyLimit::Fixed(SMALL_BODY), QueueClear;
     /// Reloads a queue's partitions.
-    QueueReload => "/v1/queue.reload", QueueReloadRequest => Reply, BodyLimit::Fixed(SMALL_BODY), QueueUpdate;
+    QueueReload => "/v1/queue.reload", QueueReloadRequest => Reply,
+        BodyLimit::Fixed(SMALL_BODY), QueueUpdate;
     /// Creates a queue.
-    QueuesCreate => "/v1/queues.create", QueueInfo => Reply, BodyLimit::Fixed(DEFAULT_BODY), QueueCreate;
+    QueuesCreate => "/v1/queues.create", QueueInfo => Reply,
+        BodyLimit::Fixed(DEFAULT_BODY), QueueCreate;
     /// Lists queues.
-    QueuesList => "/v1/queues.list", QueuesListRequest => QueuesListResponse, BodyLimit::Fixed(DEFAULT_BODY), QueueList;
+    QueuesList => "/v1/queues.list", QueuesListRequest => QueuesListResponse,
+        BodyLimit::Fixed(DEFAULT_BODY), QueueList;
     /// Updates a queue.
-    QueuesUpdate => "/v1/queues.update", QueueInfo => Reply, BodyLimit::Fixed(UPDATE_BODY), QueueUpdate;
+    QueuesUpdate => "/v1/queues.update", QueueInfo => Reply,
+        BodyLimit::Fixed(UPDATE_BODY), QueueUpdate;
     /// Deletes a queue.
-    QueuesDelete => "/v1/queues.delete", QueuesDeleteRequest => Reply, BodyLimit::Fixed(DEFAULT_BODY), QueueDelete;
+    QueuesDelete => "/v1/queues.delete", QueuesDeleteRequest => Reply,
+        BodyLimit::Fixed(DEFAULT_BODY), QueueDelete;
     /// One queue's configuration.
-    QueuesInfo => "/v1/queues.info", QueuesInfoRequest => QueueInfo, BodyLimit::Fixed(DEFAULT_BODY), QueueStats;
+    QueuesInfo => "/v1/queues.info", QueuesInfoRequest => QueueInfo,
+        BodyLimit::Fixed(DEFAULT_BODY), QueueStats;
     /// Lists raw items of a partition.
     StorageItemsList => "/v1/storage/items.list", StorageItemsListRequest => StorageItemsListResponse,
         BodyLimit::Fixed(DEFAULT_BODY), QueueStats;
