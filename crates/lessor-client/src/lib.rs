@@ -6,10 +6,11 @@
 //! [`ClientError::is_retryable`] and decide.
 //!
 //! # Layout
-//! * [`Client`] — one method per route, plus [`Client::health`], [`Client::metrics`] and [`Client::raw`]
-//!   for hand-made requests.
+//! * [`Client`] — [`Client::call`] for any route, one typed method per route, plus [`Client::health`],
+//!   [`Client::metrics`] and [`Client::raw`] for hand-made requests.
 //! * [`ClientError`] (module [`error`]) — what a call fails with.
-//! * [`routes`] — the paths.
+//! * [`routes`] — the route table (re-exported from [`lessor_proto::routes`]): [`Client::call`] takes a route
+//!   type, the typed methods fill it in.
 //!
 //! This crate is *not* a server or a CLI; it holds no state beyond a connection pool.
 //!
@@ -48,15 +49,12 @@ use bytes::Bytes;
 use lessor_proto::{
     decode, encode, request_encoding, QueueClearRequest, QueueCompleteRequest, QueueInfo, QueueLeaseRequest,
     QueueLeaseResponse, QueueProduceRequest, QueueReloadRequest, QueueRetryRequest, QueueStatsRequest,
-    QueueStatsResponse, QueuesDeleteRequest, QueuesInfoRequest, QueuesListRequest, QueuesListResponse, Reply,
+    QueueStatsResponse, QueuesDeleteRequest, QueuesInfoRequest, QueuesListRequest, QueuesListResponse, Rpc,
     StorageItemsDeleteRequest, StorageItemsImportRequest, StorageItemsImportResponse,
     StorageItemsListRequest, StorageItemsListResponse,
 };
-use prost::Message;
 use reqwest::header::{HeaderMap, HeaderValue, ACCEPT, AUTHORIZATION, CONTENT_TYPE};
 use reqwest::{Method, StatusCode, Url};
-use serde::de::DeserializeOwned;
-use serde::Serialize;
 
 pub use error::ClientError;
 /// The wire types, re-exported so callers need not depend on `lessor-proto` themselves.
@@ -132,6 +130,50 @@ impl Client {
         &self.endpoint
     }
 
+    /// Calls any RPC of the route table: `POST R::PATH` with `req` in the client's encoding, and the 200 reply
+    /// decoded as `R::Response` (a [`Reply`](lessor_proto::Reply) for RPCs that return nothing). The typed
+    /// methods below are this with the route filled in.
+    ///
+    /// ```no_run
+    /// # async fn demo(client: &lessor_client::Client) -> Result<(), lessor_client::ClientError> {
+    /// use lessor_client::routes::QueuesInfo;
+    /// use lessor_proto::QueuesInfoRequest;
+    ///
+    /// let info = client
+    ///     .call::<QueuesInfo>(&QueuesInfoRequest { queue_name: "orders".into() })
+    ///     .await?;
+    /// println!("{}", info.lease_timeout);
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    /// Any [`ClientError`]; the service's refusals are [`ClientError::Api`].
+    pub async fn call<R: Rpc>(&self, req: &R::Request) -> Result<R::Response, ClientError> {
+        let ct = self.encoding.content_type();
+        let (status, headers, body) = self
+            .send(
+                Method::POST,
+                R::PATH,
+                Some(ct),
+                Some(ct),
+                encode(self.encoding, req),
+            )
+            .await?;
+        let reply_ct = headers.get(CONTENT_TYPE).and_then(|v| v.to_str().ok());
+        if status != StatusCode::OK {
+            return Err(error::error_from_reply(status.as_u16(), reply_ct, &body));
+        }
+        // A 200 is decoded by its own Content-Type; a missing one means the encoding we asked for.
+        let enc = match reply_ct {
+            None => self.encoding,
+            Some(ct) => request_encoding(Some(ct)).map_err(|_| ClientError::Http {
+                status: status.as_u16(),
+                body: String::from_utf8_lossy(&body).into_owned(),
+            })?,
+        };
+        decode(enc, &body).map_err(ClientError::Decode)
+    }
+
     // ---------------------------------------------------------------------------------------------
     // Queue
     // ---------------------------------------------------------------------------------------------
@@ -141,7 +183,7 @@ impl Client {
     /// # Errors
     /// Any [`ClientError`]; the service's refusals are [`ClientError::Api`].
     pub async fn queue_produce(&self, req: &QueueProduceRequest) -> Result<(), ClientError> {
-        self.call_reply(routes::QUEUE_PRODUCE, req).await
+        self.call::<routes::QueueProduce>(req).await.map(drop)
     }
 
     /// `POST /v1/queue.lease`: long-polls for up to `batch_size` items of one partition. When nothing
@@ -150,7 +192,7 @@ impl Client {
     /// # Errors
     /// Any [`ClientError`].
     pub async fn queue_lease(&self, req: &QueueLeaseRequest) -> Result<QueueLeaseResponse, ClientError> {
-        self.call(routes::QUEUE_LEASE, req).await
+        self.call::<routes::QueueLease>(req).await
     }
 
     /// `POST /v1/queue.complete`: marks leased items done.
@@ -158,7 +200,7 @@ impl Client {
     /// # Errors
     /// Any [`ClientError`].
     pub async fn queue_complete(&self, req: &QueueCompleteRequest) -> Result<(), ClientError> {
-        self.call_reply(routes::QUEUE_COMPLETE, req).await
+        self.call::<routes::QueueComplete>(req).await.map(drop)
     }
 
     /// `POST /v1/queue.retry`: returns leased items to the queue or dead-letters them.
@@ -166,7 +208,7 @@ impl Client {
     /// # Errors
     /// Any [`ClientError`].
     pub async fn queue_retry(&self, req: &QueueRetryRequest) -> Result<(), ClientError> {
-        self.call_reply(routes::QUEUE_RETRY, req).await
+        self.call::<routes::QueueRetry>(req).await.map(drop)
     }
 
     /// `POST /v1/queue.stats`: per-partition counters of a queue.
@@ -174,7 +216,7 @@ impl Client {
     /// # Errors
     /// Any [`ClientError`].
     pub async fn queue_stats(&self, req: &QueueStatsRequest) -> Result<QueueStatsResponse, ClientError> {
-        self.call(routes::QUEUE_STATS, req).await
+        self.call::<routes::QueueStats>(req).await
     }
 
     /// `POST /v1/queue.clear`: removes waiting and/or scheduled items.
@@ -182,7 +224,7 @@ impl Client {
     /// # Errors
     /// Any [`ClientError`].
     pub async fn queue_clear(&self, req: &QueueClearRequest) -> Result<(), ClientError> {
-        self.call_reply(routes::QUEUE_CLEAR, req).await
+        self.call::<routes::QueueClear>(req).await.map(drop)
     }
 
     /// `POST /v1/queue.reload`: reloads a queue's partitions from storage.
@@ -190,7 +232,7 @@ impl Client {
     /// # Errors
     /// Any [`ClientError`].
     pub async fn queue_reload(&self, req: &QueueReloadRequest) -> Result<(), ClientError> {
-        self.call_reply(routes::QUEUE_RELOAD, req).await
+        self.call::<routes::QueueReload>(req).await.map(drop)
     }
 
     // ---------------------------------------------------------------------------------------------
@@ -202,7 +244,7 @@ impl Client {
     /// # Errors
     /// Any [`ClientError`].
     pub async fn queues_create(&self, info: &QueueInfo) -> Result<(), ClientError> {
-        self.call_reply(routes::QUEUES_CREATE, info).await
+        self.call::<routes::QueuesCreate>(info).await.map(drop)
     }
 
     /// `POST /v1/queues.list`: one page of queues.
@@ -210,7 +252,7 @@ impl Client {
     /// # Errors
     /// Any [`ClientError`].
     pub async fn queues_list(&self, req: &QueuesListRequest) -> Result<QueuesListResponse, ClientError> {
-        self.call(routes::QUEUES_LIST, req).await
+        self.call::<routes::QueuesList>(req).await
     }
 
     /// `POST /v1/queues.update`: changes a queue's configuration.
@@ -218,7 +260,7 @@ impl Client {
     /// # Errors
     /// Any [`ClientError`].
     pub async fn queues_update(&self, info: &QueueInfo) -> Result<(), ClientError> {
-        self.call_reply(routes::QUEUES_UPDATE, info).await
+        self.call::<routes::QueuesUpdate>(info).await.map(drop)
     }
 
     /// `POST /v1/queues.delete`: deletes a queue and its items.
@@ -226,7 +268,7 @@ impl Client {
     /// # Errors
     /// Any [`ClientError`].
     pub async fn queues_delete(&self, req: &QueuesDeleteRequest) -> Result<(), ClientError> {
-        self.call_reply(routes::QUEUES_DELETE, req).await
+        self.call::<routes::QueuesDelete>(req).await.map(drop)
     }
 
     /// `POST /v1/queues.info`: one queue's configuration.
@@ -234,7 +276,7 @@ impl Client {
     /// # Errors
     /// Any [`ClientError`].
     pub async fn queues_info(&self, req: &QueuesInfoRequest) -> Result<QueueInfo, ClientError> {
-        self.call(routes::QUEUES_INFO, req).await
+        self.call::<routes::QueuesInfo>(req).await
     }
 
     // ---------------------------------------------------------------------------------------------
@@ -249,7 +291,7 @@ impl Client {
         &self,
         req: &StorageItemsListRequest,
     ) -> Result<StorageItemsListResponse, ClientError> {
-        self.call(routes::STORAGE_ITEMS_LIST, req).await
+        self.call::<routes::StorageItemsList>(req).await
     }
 
     /// `POST /v1/storage/scheduled.list`: scheduled items of one partition.
@@ -260,7 +302,7 @@ impl Client {
         &self,
         req: &StorageItemsListRequest,
     ) -> Result<StorageItemsListResponse, ClientError> {
-        self.call(routes::STORAGE_SCHEDULED_LIST, req).await
+        self.call::<routes::StorageScheduledList>(req).await
     }
 
     /// `POST /v1/storage/items.import`: writes raw items; the reply carries their new ids.
@@ -271,7 +313,7 @@ impl Client {
         &self,
         req: &StorageItemsImportRequest,
     ) -> Result<StorageItemsImportResponse, ClientError> {
-        self.call(routes::STORAGE_ITEMS_IMPORT, req).await
+        self.call::<routes::StorageItemsImport>(req).await
     }
 
     /// `POST /v1/storage/items.delete`: deletes raw items by id.
@@ -279,7 +321,7 @@ impl Client {
     /// # Errors
     /// Any [`ClientError`].
     pub async fn storage_items_delete(&self, req: &StorageItemsDeleteRequest) -> Result<(), ClientError> {
-        self.call_reply(routes::STORAGE_ITEMS_DELETE, req).await
+        self.call::<routes::StorageItemsDelete>(req).await.map(drop)
     }
 
     // ---------------------------------------------------------------------------------------------
@@ -397,38 +439,5 @@ impl Client {
         let headers = resp.headers().clone();
         let bytes = resp.bytes().await?;
         Ok((status, headers, bytes))
-    }
-
-    /// POSTs `req` in the client's encoding and decodes a 200 reply as `Resp`.
-    async fn call<Req, Resp>(&self, path: &str, req: &Req) -> Result<Resp, ClientError>
-    where
-        Req: Message + Serialize,
-        Resp: Message + Default + DeserializeOwned,
-    {
-        let ct = self.encoding.content_type();
-        let (status, headers, body) = self
-            .send(Method::POST, path, Some(ct), Some(ct), encode(self.encoding, req))
-            .await?;
-        let reply_ct = headers.get(CONTENT_TYPE).and_then(|v| v.to_str().ok());
-        if status != StatusCode::OK {
-            return Err(error::error_from_reply(status.as_u16(), reply_ct, &body));
-        }
-        // A 200 is decoded by its own Content-Type; a missing one means the encoding we asked for.
-        let enc = match reply_ct {
-            None => self.encoding,
-            Some(ct) => request_encoding(Some(ct)).map_err(|_| ClientError::Http {
-                status: status.as_u16(),
-                body: String::from_utf8_lossy(&body).into_owned(),
-            })?,
-        };
-        decode(enc, &body).map_err(ClientError::Decode)
-    }
-
-    /// Like [`Client::call`] for routes whose success reply is the `Reply{code: 200}` envelope.
-    async fn call_reply<Req>(&self, path: &str, req: &Req) -> Result<(), ClientError>
-    where
-        Req: Message + Serialize,
-    {
-        self.call::<Req, Reply>(path, req).await.map(drop)
     }
 }

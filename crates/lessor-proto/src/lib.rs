@@ -18,8 +18,10 @@
 //! * [`timestamp`] — `google.protobuf.Timestamp`.
 //! * [`codec`] — content negotiation and encode/decode of bodies.
 //! * [`duration`] — Go duration strings.
+//! * [`routes`] — the route table: path, messages, body limit and permission of every RPC, shared by the
+//!   server's router and the client.
 //!
-//! This crate is *not* the HTTP layer: it knows nothing of routes, status codes or limits.
+//! This crate is *not* the HTTP layer: it describes the routes but serves and sends nothing.
 //!
 //! # Example
 //! ```
@@ -43,6 +45,7 @@ pub mod duration;
 pub mod queue;
 pub mod queues;
 pub mod reply;
+pub mod routes;
 pub mod storage;
 pub mod timestamp;
 
@@ -54,6 +57,7 @@ pub use queue::{
 };
 pub use queues::{QueuesDeleteRequest, QueuesInfoRequest, QueuesListRequest, QueuesListResponse};
 pub use reply::{code_text, Reply};
+pub use routes::{Rpc, ROUTES};
 pub use storage::{
     StorageItem, StorageItemsDeleteRequest, StorageItemsImportRequest, StorageItemsImportResponse,
     StorageItemsListRequest, StorageItemsListResponse,

@@ -2,37 +2,50 @@
 //!
 //! Every RPC is `POST /v1/<resource>.<method>` with a JSON or protobuf body chosen by `Content-Type`, answered in
 //! the encoding `Accept` asks for. Errors use the `{code, code_text, message, details}` envelope with the HTTP status
-//! equal to the code. Bodies are read with a per-route limit before decoding, so an oversized body costs at most the
-//! limit.
+//! equal to the code, and Querator's code text as the reason phrase where HTTP has none (453, 454, 455). Bodies are
+//! read with a per-route limit before decoding, so an oversized body costs at most the limit.
+//!
+//! Paths, messages and body limits come from the route table ([`lessor_proto::routes`]); this module adds one
+//! handler per route (the `fn(Api) -> Api` functions below, which name their route once) and the plumbing they share
+//! (`rpc`).
+//!
+//! # Connection hygiene
+//! A request refused before its body has been read (455 for a bad `Content-Type` or `Accept`, 400 for a wrong method
+//! or a body over the limit, 501 for an unknown path) still has the rest of its body read and dropped, up to the
+//! route's limit plus [`DRAIN_SLACK`] in all and for at most [`DRAIN_TIME`]: the connection then serves the next
+//! request, and a client still sending an oversized body can read the 400 instead of a reset. When the body is longer
+//! or slower than that, or the client waits on `Expect: 100-continue` for a body nobody will read, the answer carries
+//! `Connection: close`, so a pooled client never finds out on its next request.
 
 use std::future::Future;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use axum::body::Body;
+use axum::body::{Body, HttpBody};
 use axum::extract::{Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get};
 use axum::Router;
+use bytes::{Bytes, BytesMut};
 use http_body_util::BodyExt;
 use lessor_core::engine::Engine;
 use lessor_core::types::{ClearRequest, DEFAULT_NAMESPACE};
 use lessor_core::validate;
+use lessor_proto::routes::{self, Rpc};
 use lessor_proto::{self as pb, Encoding, Reply};
-use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use crate::convert;
 use crate::error::ApiError;
 use crate::metrics::{Metrics, RouteLabels, RouteOnly};
 
-/// Body limits (bytes, SI units as Querator's). Querator's lease/stats/clear/reload limit is 512 B, which a long queue name in JSON can
-/// exceed; 4 KB keeps the protection without rejecting valid requests.
-const SMALL: usize = 4 * 1024;
-const DEFAULT: usize = 256 * 1000;
-const UPDATE: usize = 512 * 1000;
-const IMPORT: usize = 64 * 1000 * 1000;
+/// How far past a route's body limit the server reads (and drops) a body it refuses, so the client can read the
+/// answer and reuse the connection. Bounded, so a refused upload costs at most this much more than an accepted one.
+pub const DRAIN_SLACK: usize = 4 * 1024 * 1024;
+
+/// How long the server waits for the rest of a body it refuses before answering with `Connection: close`.
+pub const DRAIN_TIME: Duration = Duration::from_secs(5);
 
 /// Shared state of the handlers.
 #[derive(Clone)]
@@ -45,7 +58,7 @@ pub struct AppState {
 impl AppState {
     /// State over an engine.
     pub fn new(engine: Engine) -> Self {
-        Self::with_limits(engine, 5_000_000)
+        Self::with_limits(engine, routes::DEFAULT_MAX_PRODUCE_BODY)
     }
 
     /// State with a produce body limit.
@@ -59,29 +72,62 @@ impl AppState {
     }
 }
 
+/// The handler of every RPC, one per entry of [`routes::ROUTES`] (checked by a test).
+const HANDLERS: [fn(Api) -> Api; 16] = [
+    produce,
+    lease,
+    complete,
+    retry,
+    stats,
+    clear,
+    reload,
+    queues_create,
+    queues_list,
+    queues_update,
+    queues_delete,
+    queues_info,
+    storage_list,
+    storage_scheduled,
+    storage_import,
+    storage_delete,
+];
+
 /// The router: RPC routes, `/health`, `/metrics`, and Querator's answers for wrong methods and unknown paths.
 pub fn router(state: AppState) -> Router {
-    Router::new()
-        .route("/health", get(health))
-        .route("/metrics", get(metrics))
-        .route("/v1/queue.produce", any(produce))
-        .route("/v1/queue.lease", any(lease))
-        .route("/v1/queue.complete", any(complete))
-        .route("/v1/queue.retry", any(retry))
-        .route("/v1/queue.stats", any(stats))
-        .route("/v1/queue.clear", any(clear))
-        .route("/v1/queue.reload", any(reload))
-        .route("/v1/queues.create", any(queues_create))
-        .route("/v1/queues.list", any(queues_list))
-        .route("/v1/queues.update", any(queues_update))
-        .route("/v1/queues.delete", any(queues_delete))
-        .route("/v1/queues.info", any(queues_info))
-        .route("/v1/storage/items.list", any(storage_list))
-        .route("/v1/storage/scheduled.list", any(storage_scheduled))
-        .route("/v1/storage/items.import", any(storage_import))
-        .route("/v1/storage/items.delete", any(storage_delete))
+    api()
+        .router
+        .route(routes::HEALTH, get(health))
+        .route(routes::METRICS, get(metrics))
         .fallback(no_such_method)
         .with_state(state)
+}
+
+/// The RPC routes, from [`HANDLERS`].
+fn api() -> Api {
+    HANDLERS.iter().fold(Api::default(), |api, add| add(api))
+}
+
+/// The RPC routes being assembled: each handler adds itself under its route's path.
+#[derive(Default)]
+struct Api {
+    router: Router<AppState>,
+    /// Paths added so far, to check the router against the route table.
+    paths: Vec<&'static str>,
+}
+
+impl Api {
+    /// Serves `R` with `handler`, which turns the decoded request into the response (or an error) on the engine.
+    fn rpc<R, F, Fut>(mut self, _route: R, handler: F) -> Api
+    where
+        R: Rpc + Send + Sync + 'static,
+        F: FnOnce(Engine, R::Request) -> Fut + Clone + Send + Sync + 'static,
+        Fut: Future<Output = Result<R::Response, ApiError>> + Send + 'static,
+    {
+        self.paths.push(R::PATH);
+        let route = any(move |State(st): State<AppState>, req: Request| rpc::<R, F, Fut>(st, req, handler));
+        self.router = self.router.route(R::PATH, route);
+        self
+    }
 }
 
 fn header_str(h: &HeaderMap, name: header::HeaderName) -> Option<&str> {
@@ -95,11 +141,28 @@ fn error_response(enc: Encoding, e: &ApiError) -> Response {
         tracing::error!(error = %e, code, "request failed");
     }
     let reply = Reply::new(i32::from(code), e.to_string());
-    encoded(
+    let mut r = encoded(
         enc,
         StatusCode::from_u16(code).unwrap_or(StatusCode::BAD_REQUEST),
         &reply,
-    )
+    );
+    if let Some(reason) = reason_phrase(r.status()) {
+        r.extensions_mut().insert(reason);
+    }
+    r
+}
+
+/// The reason phrase of a status HTTP does not name: Querator's own codes (453, 454, 455) would otherwise go out as
+/// `HTTP/1.1 454 <none>`, so they carry their code text. `None` for standard codes (hyper writes those itself).
+fn reason_phrase(status: StatusCode) -> Option<hyper::ext::ReasonPhrase> {
+    if status.canonical_reason().is_some() {
+        return None;
+    }
+    let text = pb::code_text(i32::from(status.as_u16()));
+    if text.is_empty() {
+        return None;
+    }
+    hyper::ext::ReasonPhrase::try_from(Bytes::from_static(text.as_bytes())).ok()
 }
 
 fn encoded<T: prost::Message + Serialize>(enc: Encoding, status: StatusCode, msg: &T) -> Response {
@@ -112,41 +175,40 @@ fn encoded<T: prost::Message + Serialize>(enc: Encoding, status: StatusCode, msg
     r
 }
 
+/// Says `Connection: close` on an answer that leaves part of the request body unread: hyper closes such a
+/// connection after the answer, and a client must hear it before it sends the next request on it.
+fn closing(mut r: Response, reusable: bool) -> Response {
+    if !reusable {
+        r.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    r
+}
+
 /// Runs one RPC: method check, content negotiation, bounded body read, decode, handler, encode, metrics.
-async fn rpc<Req, Res, F, Fut>(
-    st: AppState,
-    route: &'static str,
-    req: Request,
-    limit: usize,
-    f: F,
-) -> Response
+async fn rpc<R, F, Fut>(st: AppState, req: Request, handler: F) -> Response
 where
-    Req: prost::Message + Default + DeserializeOwned,
-    Res: prost::Message + Serialize,
-    F: FnOnce(Engine, Req) -> Fut,
-    Fut: Future<Output = Result<Res, ApiError>>,
+    R: Rpc,
+    F: FnOnce(Engine, R::Request) -> Fut,
+    Fut: Future<Output = Result<R::Response, ApiError>>,
 {
     let started = Instant::now();
+    let limit = R::BODY_LIMIT.bytes(st.max_produce_body);
     let (parts, body) = req.into_parts();
+    let mut body = RequestBody::new(body, &parts.headers);
     let accept = pb::response_encoding(header_str(&parts.headers, header::ACCEPT));
     let out_enc = *accept.as_ref().unwrap_or(&Encoding::Json);
-    let result: Result<Res, ApiError> = async {
-        let out = accept?;
-        let _ = out;
-        if parts.method != Method::POST {
-            return Err(ApiError::MethodNotAllowed(parts.method.to_string()));
-        }
-        // curl sends form-urlencoded unless told otherwise; a form body is never valid here, so reading it as JSON
-        // lets `curl -d '{...}'` work (Querator answers 455).
-        let ct = header_str(&parts.headers, header::CONTENT_TYPE).filter(|ct| {
-            !ct.trim_start()
-                .to_ascii_lowercase()
-                .starts_with("application/x-www-form-urlencoded")
-        });
-        let in_enc = pb::request_encoding(ct)?;
-        let bytes = read_limited(body, limit).await?;
-        let msg: Req = pb::decode(in_enc, &bytes)?;
-        f(st.engine.clone(), msg).await
+    let result: Result<R::Response, ApiError> = async {
+        let in_enc = match check_head(&parts, accept) {
+            Ok(enc) => enc,
+            Err(e) => {
+                body.discard(limit).await;
+                return Err(e);
+            }
+        };
+        let bytes = body.read(limit).await?;
+        let msg: R::Request = pb::decode(in_enc, &bytes)?;
+        handler(st.engine.clone(), msg).await
     }
     .await;
     let (response, code) = match result {
@@ -156,36 +218,163 @@ where
     st.metrics
         .requests
         .get_or_create(&RouteLabels {
-            route: route.to_string(),
+            route: R::PATH.to_string(),
             code,
         })
         .inc();
     st.metrics
         .latency
         .get_or_create(&RouteOnly {
-            route: route.to_string(),
+            route: R::PATH.to_string(),
         })
         .observe(started.elapsed().as_secs_f64());
-    response
+    closing(response, body.reusable)
 }
 
-async fn read_limited(body: Body, limit: usize) -> Result<bytes::Bytes, ApiError> {
-    let limited = http_body_util::Limited::new(body, limit);
-    match limited.collect().await {
-        Ok(c) => Ok(c.to_bytes()),
-        Err(e) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => {
-            Err(ApiError::BodyTooLarge(limit))
+/// The checks made before reading the body, in Querator's order: `Accept`, method, `Content-Type`. Returns the
+/// request body's encoding.
+fn check_head(
+    parts: &axum::http::request::Parts,
+    accept: Result<Encoding, pb::CodecError>,
+) -> Result<Encoding, ApiError> {
+    accept?;
+    if parts.method != Method::POST {
+        return Err(ApiError::MethodNotAllowed(parts.method.to_string()));
+    }
+    // curl sends form-urlencoded unless told otherwise; a form body is never valid here, so reading it as JSON
+    // lets `curl -d '{...}'` work (Querator answers 455).
+    let ct = header_str(&parts.headers, header::CONTENT_TYPE).filter(|ct| {
+        !ct.trim_start()
+            .to_ascii_lowercase()
+            .starts_with("application/x-www-form-urlencoded")
+    });
+    Ok(pb::request_encoding(ct)?)
+}
+
+/// A request body being read, with what the connection needs to know afterwards.
+struct RequestBody {
+    body: Body,
+    /// `Content-Length`, when the client sent one.
+    declared: Option<usize>,
+    /// The client sent `Expect: 100-continue`: it waits for a go-ahead (sent by hyper on the first read) before
+    /// sending the body.
+    expects_continue: bool,
+    /// Bytes read so far.
+    read: usize,
+    /// Whether the body has been polled at all (after which hyper has sent `100 Continue` if it was asked for).
+    polled: bool,
+    /// Whether the connection can serve another request: false once part of the body is left unread.
+    reusable: bool,
+}
+
+impl RequestBody {
+    fn new(body: Body, headers: &HeaderMap) -> Self {
+        let declared = header_str(headers, header::CONTENT_LENGTH).and_then(|v| v.trim().parse().ok());
+        let expects_continue = header_str(headers, header::EXPECT)
+            .is_some_and(|v| v.trim().eq_ignore_ascii_case("100-continue"));
+        RequestBody {
+            body,
+            declared,
+            expects_continue,
+            read: 0,
+            polled: false,
+            reusable: true,
         }
-        Err(e) => Err(ApiError::BodyRead(e.to_string())),
+    }
+
+    /// The next chunk of data; `None` at the end.
+    async fn next(&mut self) -> Option<Result<Bytes, ApiError>> {
+        self.polled = true;
+        loop {
+            match self.body.frame().await? {
+                Ok(frame) => {
+                    // Trailers carry no data; skip them.
+                    if let Ok(data) = frame.into_data() {
+                        self.read = self.read.saturating_add(data.len());
+                        return Some(Ok(data));
+                    }
+                }
+                Err(e) => {
+                    self.reusable = false;
+                    return Some(Err(ApiError::BodyRead(e.to_string())));
+                }
+            }
+        }
+    }
+
+    /// The whole body, refused over `limit` bytes (the rest is then discarded, see [`RequestBody::discard`]).
+    async fn read(&mut self, limit: usize) -> Result<Bytes, ApiError> {
+        // A declared length over the limit is refused before reading anything: a client waiting on
+        // `Expect: 100-continue` is then told without sending its body.
+        if self.declared.is_some_and(|n| n > limit) {
+            self.discard(limit).await;
+            return Err(ApiError::BodyTooLarge(limit));
+        }
+        // One chunk is the common case: keep it as it is rather than copying it.
+        let mut first: Option<Bytes> = None;
+        let mut rest = BytesMut::new();
+        while let Some(chunk) = self.next().await {
+            let chunk = chunk?;
+            if self.read > limit {
+                self.discard(limit).await;
+                return Err(ApiError::BodyTooLarge(limit));
+            }
+            match &first {
+                None => first = Some(chunk),
+                Some(f) => {
+                    if rest.is_empty() {
+                        rest.extend_from_slice(f);
+                    }
+                    rest.extend_from_slice(&chunk);
+                }
+            }
+        }
+        Ok(if rest.is_empty() {
+            first.unwrap_or_default()
+        } else {
+            rest.freeze()
+        })
+    }
+
+    /// Reads and drops the rest of a body the server will not use, so the connection can serve the next request,
+    /// within `limit + DRAIN_SLACK` bytes in all and [`DRAIN_TIME`]. Gives up (marking the connection not reusable)
+    /// beyond those, or when the client still waits for `100 Continue`: asking for a body only to drop it is
+    /// pointless, and the client sends nothing once it has the answer.
+    async fn discard(&mut self, limit: usize) {
+        if self.body.is_end_stream() {
+            return;
+        }
+        let budget = limit.saturating_add(DRAIN_SLACK);
+        if (self.expects_continue && !self.polled) || self.declared.is_some_and(|n| n > budget) {
+            self.reusable = false;
+            return;
+        }
+        let drained = tokio::time::timeout(DRAIN_TIME, async {
+            while let Some(chunk) = self.next().await {
+                if chunk.is_err() || self.read > budget {
+                    return false;
+                }
+            }
+            true
+        })
+        .await;
+        if drained != Ok(true) {
+            self.reusable = false;
+        }
     }
 }
 
 async fn no_such_method(req: Request) -> Response {
-    let enc = pb::response_encoding(header_str(req.headers(), header::ACCEPT)).unwrap_or(Encoding::Json);
-    if req.method() != Method::POST && req.uri().path().starts_with("/v1/") {
-        return error_response(enc, &ApiError::MethodNotAllowed(req.method().to_string()));
-    }
-    error_response(enc, &ApiError::NoSuchMethod(req.uri().path().to_string()))
+    let (parts, body) = req.into_parts();
+    let mut body = RequestBody::new(body, &parts.headers);
+    body.discard(0).await;
+    let enc = pb::response_encoding(header_str(&parts.headers, header::ACCEPT)).unwrap_or(Encoding::Json);
+    let r = if parts.method != Method::POST && parts.uri.path().starts_with("/v1/") {
+        error_response(enc, &ApiError::MethodNotAllowed(parts.method.to_string()))
+    } else {
+        error_response(enc, &ApiError::NoSuchMethod(parts.uri.path().to_string()))
+    };
+    closing(r, body.reusable)
 }
 
 fn ok() -> Reply {
@@ -194,13 +383,9 @@ fn ok() -> Reply {
 
 // ---- queue ---------------------------------------------------------------------------------------------------
 
-async fn produce(State(st): State<AppState>, req: Request) -> Response {
-    let limit = st.max_produce_body;
-    rpc(
-        st,
-        "/v1/queue.produce",
-        req,
-        limit,
+fn produce(api: Api) -> Api {
+    api.rpc(
+        lessor_proto::routes::QueueProduce,
         |e, r: pb::QueueProduceRequest| async move {
             let timeout = convert::duration("request timeout", &r.request_timeout)?;
             e.produce(&r.queue_name, convert::produce_items(r.items), timeout)
@@ -208,15 +393,11 @@ async fn produce(State(st): State<AppState>, req: Request) -> Response {
             Ok(ok())
         },
     )
-    .await
 }
 
-async fn lease(State(st): State<AppState>, req: Request) -> Response {
-    rpc(
-        st,
-        "/v1/queue.lease",
-        req,
-        SMALL,
+fn lease(api: Api) -> Api {
+    api.rpc(
+        lessor_proto::routes::QueueLease,
         |e, r: pb::QueueLeaseRequest| async move {
             let timeout = convert::duration("request timeout", &r.request_timeout)?;
             let res = e
@@ -229,15 +410,11 @@ async fn lease(State(st): State<AppState>, req: Request) -> Response {
             })
         },
     )
-    .await
 }
 
-async fn complete(State(st): State<AppState>, req: Request) -> Response {
-    rpc(
-        st,
-        "/v1/queue.complete",
-        req,
-        DEFAULT,
+fn complete(api: Api) -> Api {
+    api.rpc(
+        lessor_proto::routes::QueueComplete,
         |e, r: pb::QueueCompleteRequest| async move {
             let timeout = convert::duration("request timeout", &r.request_timeout)?;
             e.complete(&r.queue_name, i64::from(r.partition), r.ids, timeout)
@@ -245,15 +422,11 @@ async fn complete(State(st): State<AppState>, req: Request) -> Response {
             Ok(ok())
         },
     )
-    .await
 }
 
-async fn retry(State(st): State<AppState>, req: Request) -> Response {
-    rpc(
-        st,
-        "/v1/queue.retry",
-        req,
-        DEFAULT,
+fn retry(api: Api) -> Api {
+    api.rpc(
+        lessor_proto::routes::QueueRetry,
         |e, r: pb::QueueRetryRequest| async move {
             e.retry(
                 &r.queue_name,
@@ -264,29 +437,21 @@ async fn retry(State(st): State<AppState>, req: Request) -> Response {
             Ok(ok())
         },
     )
-    .await
 }
 
-async fn stats(State(st): State<AppState>, req: Request) -> Response {
-    rpc(
-        st,
-        "/v1/queue.stats",
-        req,
-        SMALL,
+fn stats(api: Api) -> Api {
+    api.rpc(
+        lessor_proto::routes::QueueStats,
         |e, r: pb::QueueStatsRequest| async move {
             let s = e.stats(&r.queue_name).await?;
             Ok(convert::stats_out(r.queue_name, s))
         },
     )
-    .await
 }
 
-async fn clear(State(st): State<AppState>, req: Request) -> Response {
-    rpc(
-        st,
-        "/v1/queue.clear",
-        req,
-        SMALL,
+fn clear(api: Api) -> Api {
+    api.rpc(
+        lessor_proto::routes::QueueClear,
         |e, r: pb::QueueClearRequest| async move {
             let c = ClearRequest {
                 queue: r.queue,
@@ -297,45 +462,33 @@ async fn clear(State(st): State<AppState>, req: Request) -> Response {
             Ok(ok())
         },
     )
-    .await
 }
 
-async fn reload(State(st): State<AppState>, req: Request) -> Response {
-    rpc(
-        st,
-        "/v1/queue.reload",
-        req,
-        SMALL,
+fn reload(api: Api) -> Api {
+    api.rpc(
+        lessor_proto::routes::QueueReload,
         |e, r: pb::QueueReloadRequest| async move {
             e.reload(&r.queue_name).await?;
             Ok(ok())
         },
     )
-    .await
 }
 
 // ---- queues --------------------------------------------------------------------------------------------------
 
-async fn queues_create(State(st): State<AppState>, req: Request) -> Response {
-    rpc(
-        st,
-        "/v1/queues.create",
-        req,
-        DEFAULT,
+fn queues_create(api: Api) -> Api {
+    api.rpc(
+        lessor_proto::routes::QueuesCreate,
         |e, r: pb::QueueInfo| async move {
             e.create_queue(convert::queue_info_in(r)?).await?;
             Ok(ok())
         },
     )
-    .await
 }
 
-async fn queues_list(State(st): State<AppState>, req: Request) -> Response {
-    rpc(
-        st,
-        "/v1/queues.list",
-        req,
-        DEFAULT,
+fn queues_list(api: Api) -> Api {
+    api.rpc(
+        lessor_proto::routes::QueuesList,
         |e, r: pb::QueuesListRequest| async move {
             let limit = validate::list_limit(i64::from(r.limit), 1000)?;
             let ns = if r.namespace.is_empty() {
@@ -349,58 +502,42 @@ async fn queues_list(State(st): State<AppState>, req: Request) -> Response {
             })
         },
     )
-    .await
 }
 
-async fn queues_update(State(st): State<AppState>, req: Request) -> Response {
-    rpc(
-        st,
-        "/v1/queues.update",
-        req,
-        UPDATE,
+fn queues_update(api: Api) -> Api {
+    api.rpc(
+        lessor_proto::routes::QueuesUpdate,
         |e, r: pb::QueueInfo| async move {
             e.update_queue(convert::queue_update(r)?).await?;
             Ok(ok())
         },
     )
-    .await
 }
 
-async fn queues_delete(State(st): State<AppState>, req: Request) -> Response {
-    rpc(
-        st,
-        "/v1/queues.delete",
-        req,
-        DEFAULT,
+fn queues_delete(api: Api) -> Api {
+    api.rpc(
+        lessor_proto::routes::QueuesDelete,
         |e, r: pb::QueuesDeleteRequest| async move {
             e.delete_queue(&r.queue_name).await?;
             Ok(ok())
         },
     )
-    .await
 }
 
-async fn queues_info(State(st): State<AppState>, req: Request) -> Response {
-    rpc(
-        st,
-        "/v1/queues.info",
-        req,
-        DEFAULT,
+fn queues_info(api: Api) -> Api {
+    api.rpc(
+        lessor_proto::routes::QueuesInfo,
         |e, r: pb::QueuesInfoRequest| async move {
             Ok(convert::queue_info_out(e.queue_info(&r.queue_name).await?))
         },
     )
-    .await
 }
 
 // ---- storage -------------------------------------------------------------------------------------------------
 
-async fn storage_list(State(st): State<AppState>, req: Request) -> Response {
-    rpc(
-        st,
-        "/v1/storage/items.list",
-        req,
-        DEFAULT,
+fn storage_list(api: Api) -> Api {
+    api.rpc(
+        lessor_proto::routes::StorageItemsList,
         |e, r: pb::StorageItemsListRequest| async move {
             let limit = validate::list_limit(i64::from(r.limit), 1000)?;
             let items = e
@@ -411,15 +548,11 @@ async fn storage_list(State(st): State<AppState>, req: Request) -> Response {
             })
         },
     )
-    .await
 }
 
-async fn storage_scheduled(State(st): State<AppState>, req: Request) -> Response {
-    rpc(
-        st,
-        "/v1/storage/scheduled.list",
-        req,
-        DEFAULT,
+fn storage_scheduled(api: Api) -> Api {
+    api.rpc(
+        lessor_proto::routes::StorageScheduledList,
         |e, r: pb::StorageItemsListRequest| async move {
             let limit = validate::list_limit(i64::from(r.limit), 1000)?;
             let items = e
@@ -430,15 +563,11 @@ async fn storage_scheduled(State(st): State<AppState>, req: Request) -> Response
             })
         },
     )
-    .await
 }
 
-async fn storage_import(State(st): State<AppState>, req: Request) -> Response {
-    rpc(
-        st,
-        "/v1/storage/items.import",
-        req,
-        IMPORT,
+fn storage_import(api: Api) -> Api {
+    api.rpc(
+        lessor_proto::routes::StorageItemsImport,
         |e, r: pb::StorageItemsImportRequest| async move {
             let items = r
                 .items
@@ -453,22 +582,17 @@ async fn storage_import(State(st): State<AppState>, req: Request) -> Response {
             })
         },
     )
-    .await
 }
 
-async fn storage_delete(State(st): State<AppState>, req: Request) -> Response {
-    rpc(
-        st,
-        "/v1/storage/items.delete",
-        req,
-        DEFAULT,
+fn storage_delete(api: Api) -> Api {
+    api.rpc(
+        lessor_proto::routes::StorageItemsDelete,
         |e, r: pb::StorageItemsDeleteRequest| async move {
             e.storage_delete(&r.queue_name, i64::from(r.partition), r.ids)
                 .await?;
             Ok(ok())
         },
     )
-    .await
 }
 
 // ---- health and metrics ----------------------------------------------------------------------------------------
@@ -518,4 +642,34 @@ async fn metrics(State(st): State<AppState>) -> Response {
         HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
     );
     r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The router serves every route of the table, once, and nothing else: a route added to the table without a
+    /// handler (or the reverse) fails here rather than answering 501 in production.
+    #[test]
+    fn every_route_of_the_table_has_one_handler() {
+        let mut served = api().paths;
+        served.sort_unstable();
+        let mut table: Vec<&str> = routes::ROUTES.iter().map(|r| r.path).collect();
+        table.sort_unstable();
+        assert_eq!(served, table);
+    }
+
+    #[test]
+    fn querator_codes_get_their_reason_phrase() {
+        let phrase = |code: u16| {
+            let status = StatusCode::from_u16(code).expect("valid status");
+            reason_phrase(status).map(|p| String::from_utf8_lossy(p.as_bytes()).into_owned())
+        };
+        assert_eq!(phrase(453).as_deref(), Some("Request Failed"));
+        assert_eq!(phrase(454).as_deref(), Some("Retry Request"));
+        assert_eq!(phrase(455).as_deref(), Some("Client Content Error"));
+        // Standard codes keep hyper's canonical phrase; unknown ones have none to give.
+        assert_eq!(phrase(400), None);
+        assert_eq!(phrase(599), None);
+    }
 }

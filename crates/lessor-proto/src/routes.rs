@@ -1,0 +1,255 @@
+//! The route table of the v1 API: for every RPC its path, request and response messages, body limit and the
+//! permission it needs, in one place that the server's router and the client's calls are both built from.
+//!
+//! Each RPC is a type implementing [`Rpc`] (for example [`QueueProduce`]), so a caller names the route once and the
+//! compiler checks that the request and response it passes match it. [`ROUTES`] lists them all for code that has to
+//! enumerate the API (building a router, checking that every route is served, documentation).
+//!
+//! Every RPC is `POST`; the health and metrics documents are plain `GET`s at [`HEALTH`] and [`METRICS`].
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use crate::queue::{
+    QueueClearRequest, QueueCompleteRequest, QueueInfo, QueueLeaseRequest, QueueLeaseResponse,
+    QueueProduceRequest, QueueReloadRequest, QueueRetryRequest, QueueStatsRequest, QueueStatsResponse,
+};
+use crate::queues::{QueuesDeleteRequest, QueuesInfoRequest, QueuesListRequest, QueuesListResponse};
+use crate::reply::Reply;
+use crate::storage::{
+    StorageItemsDeleteRequest, StorageItemsImportRequest, StorageItemsImportResponse,
+    StorageItemsListRequest, StorageItemsListResponse,
+};
+
+/// `GET`: the health document.
+pub const HEALTH: &str = "/health";
+/// `GET`: the Prometheus/OpenMetrics text.
+pub const METRICS: &str = "/metrics";
+
+/// Body limits in bytes, SI units as Querator's. Querator's lease/stats/clear/reload limit is 512 B, which a long
+/// queue name in JSON can exceed; 4 KB keeps the protection without rejecting valid requests.
+pub const SMALL_BODY: usize = 4 * 1024;
+/// Limit of most RPCs (256 KB).
+pub const DEFAULT_BODY: usize = 256 * 1000;
+/// Limit of `queues.update` (512 KB).
+pub const UPDATE_BODY: usize = 512 * 1000;
+/// Limit of `storage/items.import` (64 MB).
+pub const IMPORT_BODY: usize = 64 * 1000 * 1000;
+/// Default of the configurable produce limit (`limits.max-produce-body`, 5 MB).
+pub const DEFAULT_MAX_PRODUCE_BODY: usize = 5_000_000;
+
+/// How large a request body a route accepts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodyLimit {
+    /// A fixed number of bytes.
+    Fixed(usize),
+    /// The server's configured produce limit (`limits.max-produce-body`, [`DEFAULT_MAX_PRODUCE_BODY`] unless set).
+    MaxProduceBody,
+}
+
+impl BodyLimit {
+    /// The limit in bytes, given the server's configured produce limit.
+    pub const fn bytes(self, max_produce_body: usize) -> usize {
+        match self {
+            BodyLimit::Fixed(n) => n,
+            BodyLimit::MaxProduceBody => max_produce_body,
+        }
+    }
+}
+
+/// The permission a route needs, as Querator names them (`service/service.go`). Not enforced yet: the slot is here
+/// so that authorisation is one more column of this table rather than a second list of paths.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Permission {
+    /// `queue.produce`.
+    QueueProduce,
+    /// `queue.lease`.
+    QueueLease,
+    /// `queue.complete`.
+    QueueComplete,
+    /// `queue.retry`.
+    QueueRetry,
+    /// `queue.stats` (also the read-only queue and storage views).
+    QueueStats,
+    /// `queue.clear` (also deleting raw items).
+    QueueClear,
+    /// `queue.create`.
+    QueueCreate,
+    /// `queue.list`.
+    QueueList,
+    /// `queue.update` (also reload).
+    QueueUpdate,
+    /// `queue.delete`.
+    QueueDelete,
+}
+
+impl Permission {
+    /// Querator's name of the permission (`"queue.produce"`, ...).
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Permission::QueueProduce => "queue.produce",
+            Permission::QueueLease => "queue.lease",
+            Permission::QueueComplete => "queue.complete",
+            Permission::QueueRetry => "queue.retry",
+            Permission::QueueStats => "queue.stats",
+            Permission::QueueClear => "queue.clear",
+            Permission::QueueCreate => "queue.create",
+            Permission::QueueList => "queue.list",
+            Permission::QueueUpdate => "queue.update",
+            Permission::QueueDelete => "queue.delete",
+        }
+    }
+}
+
+/// A wire message as both ends need it: protobuf and protojson, in both directions, movable across tasks.
+pub trait WireMessage:
+    prost::Message + Default + Serialize + DeserializeOwned + Send + Sync + 'static
+{
+}
+
+impl<T> WireMessage for T where
+    T: prost::Message + Default + Serialize + DeserializeOwned + Send + Sync + 'static
+{
+}
+
+/// One RPC of the v1 API: `POST PATH` with a [`Rpc::Request`] body, answered with a [`Rpc::Response`] (or the
+/// [`Reply`] error envelope).
+pub trait Rpc {
+    /// The request body.
+    type Request: WireMessage;
+    /// The body of a successful (200) reply; [`Reply`] for RPCs that return nothing.
+    type Response: WireMessage;
+    /// The path, e.g. `/v1/queue.produce`.
+    const PATH: &'static str;
+    /// How large a request body the server reads before refusing it.
+    const BODY_LIMIT: BodyLimit;
+    /// The permission the caller needs.
+    const PERMISSION: Permission;
+    /// The route as a value, for [`ROUTES`].
+    const ROUTE: Route = Route {
+        path: Self::PATH,
+        body_limit: Self::BODY_LIMIT,
+        permission: Self::PERMISSION,
+    };
+}
+
+/// The untyped part of an [`Rpc`], for enumerating the table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Route {
+    /// The path.
+    pub path: &'static str,
+    /// The body limit.
+    pub body_limit: BodyLimit,
+    /// The permission it needs.
+    pub permission: Permission,
+}
+
+/// Declares the route types and [`ROUTES`] from one table, so a route cannot be declared without being listed.
+macro_rules! routes {
+    ($(
+        $(#[$doc:meta])*
+        $name:ident => $path:literal, $req:ty => $res:ty, $limit:expr, $perm:ident;
+    )*) => {
+        $(
+            $(#[$doc])*
+            #[derive(Debug, Clone, Copy, Default)]
+            pub struct $name;
+
+            impl Rpc for $name {
+                type Request = $req;
+                type Response = $res;
+                const PATH: &'static str = $path;
+                const BODY_LIMIT: BodyLimit = $limit;
+                const PERMISSION: Permission = Permission::$perm;
+            }
+        )*
+
+        /// Every RPC of the table, in Querator's order.
+        pub const ROUTES: &[Route] = &[$(<$name as Rpc>::ROUTE),*];
+    };
+}
+
+routes! {
+    /// Adds items to a queue.
+    QueueProduce => "/v1/queue.produce", QueueProduceRequest => Reply,
+        BodyLimit::MaxProduceBody, QueueProduce;
+    /// Leases items (long-poll).
+    QueueLease => "/v1/queue.lease", QueueLeaseRequest => QueueLeaseResponse,
+        BodyLimit::Fixed(SMALL_BODY), QueueLease;
+    /// Completes leased items.
+    QueueComplete => "/v1/queue.complete", QueueCompleteRequest => Reply,
+        BodyLimit::Fixed(DEFAULT_BODY), QueueComplete;
+    /// Retries or dead-letters leased items.
+    QueueRetry => "/v1/queue.retry", QueueRetryRequest => Reply,
+        BodyLimit::Fixed(DEFAULT_BODY), QueueRetry;
+    /// Per-partition statistics of a queue.
+    QueueStats => "/v1/queue.stats", QueueStatsRequest => QueueStatsResponse,
+        BodyLimit::Fixed(SMALL_BODY), QueueStats;
+    /// Clears a queue.
+    QueueClear => "/v1/queue.clear", QueueClearRequest => Reply,
+        BodyLimit::Fixed(SMALL_BODY), QueueClear;
+    /// Reloads a queue's partitions.
+    QueueReload => "/v1/queue.reload", QueueReloadRequest => Reply,
+        BodyLimit::Fixed(SMALL_BODY), QueueUpdate;
+    /// Creates a queue.
+    QueuesCreate => "/v1/queues.create", QueueInfo => Reply,
+        BodyLimit::Fixed(DEFAULT_BODY), QueueCreate;
+    /// Lists queues.
+    QueuesList => "/v1/queues.list", QueuesListRequest => QueuesListResponse,
+        BodyLimit::Fixed(DEFAULT_BODY), QueueList;
+    /// Updates a queue.
+    QueuesUpdate => "/v1/queues.update", QueueInfo => Reply,
+        BodyLimit::Fixed(UPDATE_BODY), QueueUpdate;
+    /// Deletes a queue.
+    QueuesDelete => "/v1/queues.delete", QueuesDeleteRequest => Reply,
+        BodyLimit::Fixed(DEFAULT_BODY), QueueDelete;
+    /// One queue's configuration.
+    QueuesInfo => "/v1/queues.info", QueuesInfoRequest => QueueInfo,
+        BodyLimit::Fixed(DEFAULT_BODY), QueueStats;
+    /// Lists raw items of a partition.
+    StorageItemsList => "/v1/storage/items.list", StorageItemsListRequest => StorageItemsListResponse,
+        BodyLimit::Fixed(DEFAULT_BODY), QueueStats;
+    /// Lists scheduled items of a partition.
+    StorageScheduledList => "/v1/storage/scheduled.list", StorageItemsListRequest => StorageItemsListResponse,
+        BodyLimit::Fixed(DEFAULT_BODY), QueueStats;
+    /// Imports raw items.
+    StorageItemsImport => "/v1/storage/items.import", StorageItemsImportRequest => StorageItemsImportResponse,
+        BodyLimit::Fixed(IMPORT_BODY), QueueProduce;
+    /// Deletes raw items.
+    StorageItemsDelete => "/v1/storage/items.delete", StorageItemsDeleteRequest => Reply,
+        BodyLimit::Fixed(DEFAULT_BODY), QueueClear;
+}
+
+/// The route at `path`, if there is one.
+pub fn route(path: &str) -> Option<&'static Route> {
+    ROUTES.iter().find(|r| r.path == path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_are_unique_and_versioned() {
+        let mut paths: Vec<&str> = ROUTES.iter().map(|r| r.path).collect();
+        assert_eq!(paths.len(), 16);
+        paths.sort_unstable();
+        paths.dedup();
+        assert_eq!(paths.len(), 16, "a path is listed twice");
+        assert!(paths.iter().all(|p| p.starts_with("/v1/")));
+    }
+
+    #[test]
+    fn table_matches_querator() {
+        assert_eq!(
+            route("/v1/queue.lease").map(|r| r.body_limit),
+            Some(BodyLimit::Fixed(4096))
+        );
+        assert_eq!(QueueProduce::BODY_LIMIT.bytes(1000), 1000);
+        assert_eq!(StorageItemsImport::BODY_LIMIT.bytes(1000), 64_000_000);
+        assert_eq!(QueueReload::PERMISSION.as_str(), "queue.update");
+        assert_eq!(StorageItemsDelete::PERMISSION.as_str(), "queue.clear");
+        assert_eq!(route("/v1/queue.nope"), None);
+    }
+}
