@@ -247,10 +247,7 @@ impl Shared {
     /// Builds the next reclaimer write from the front of `work`: tombstones for up to [`RECLAIM_CHUNK`] keys of
     /// destroyed pids, plus the deletion record of every pid that write empties. Returns the write, the new scan
     /// position of each pid it touched (applied once the write succeeds), and how many pids it finishes.
-    fn next_reclaim(
-        &self,
-        work: &mut VecDeque<Reclaim>,
-    ) -> Result<(Vec<Vec<u8>>, Vec<Vec<u8>>, usize), StorageError> {
+    fn next_reclaim(&self, work: &mut VecDeque<Reclaim>) -> Result<ReclaimStep, StorageError> {
         let mut dels = Vec::new();
         let mut positions = Vec::new();
         let mut finished = 0;
@@ -287,8 +284,22 @@ impl Shared {
             dels.push(deleting_key(r.pid));
             finished += 1;
         }
-        Ok((dels, positions, finished))
+        Ok(ReclaimStep {
+            dels,
+            positions,
+            finished,
+        })
     }
+}
+
+/// One reclaimer write and what it achieves once it succeeds.
+struct ReclaimStep {
+    /// Keys to delete.
+    dels: Vec<Vec<u8>>,
+    /// The next scan position of each pid at the front of the work queue that the write touches.
+    positions: Vec<Vec<u8>>,
+    /// How many pids at the front the write empties (their deletion records included).
+    finished: usize,
 }
 
 /// A destroyed pid being deleted, and where its next scan starts.
@@ -350,16 +361,14 @@ fn reclaimer_loop(shared: Weak<Shared>, rx: mpsc::Receiver<u64>) {
         if shared.tx.read().unwrap_or_else(|e| e.into_inner()).is_none() {
             return;
         }
-        let step = shared
-            .next_reclaim(&mut work)
-            .and_then(|(dels, positions, finished)| {
-                shared.submit_blocking(Unit {
-                    keyspace: ITEMS.into(),
-                    puts: Vec::new(),
-                    dels,
-                })?;
-                Ok((positions, finished))
-            });
+        let step = shared.next_reclaim(&mut work).and_then(|step| {
+            shared.submit_blocking(Unit {
+                keyspace: ITEMS.into(),
+                puts: Vec::new(),
+                dels: step.dels,
+            })?;
+            Ok((step.positions, step.finished))
+        });
         match step {
             Ok((positions, finished)) => {
                 for (r, from) in work.iter_mut().zip(positions) {

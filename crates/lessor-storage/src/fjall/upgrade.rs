@@ -33,9 +33,8 @@ fn from_v1_until(engine: &Engine, stop_after: usize) -> Result<(), StorageError>
         ks.clear()
             .map_err(|e| engine_error(engine, e, "clearing a partially upgraded keyspace of"))?;
     }
-    let mut pid = 1u64;
     let mut copied = 0u64;
-    for (i, name) in old.iter().enumerate() {
+    for (pid, (i, name)) in (1u64..).zip(old.iter().enumerate()) {
         if i == stop_after {
             return Err(StorageError::other("upgrade stopped (test)"));
         }
@@ -58,7 +57,6 @@ fn from_v1_until(engine: &Engine, stop_after: usize) -> Result<(), StorageError>
             ITEMS,
             vec![(catalog_key(name), pid.to_be_bytes().to_vec())],
         )?;
-        pid += 1;
     }
     engine.sync_all()?;
     engine.set_format_version("partitions", PARTITIONS_FORMAT_VERSION)?;
@@ -140,8 +138,8 @@ mod tests {
                 let it = Item {
                     id: ItemId(1_000 + i),
                     attempts: (i % 3) as u32,
-                    is_leased: i % 5 == 0,
-                    lease_deadline: if i % 5 == 0 {
+                    is_leased: i.is_multiple_of(5),
+                    lease_deadline: if i.is_multiple_of(5) {
                         Ts(2_000_000_000_000_000)
                     } else {
                         Ts::ZERO
@@ -174,7 +172,7 @@ mod tests {
                 let i = i as u64 + 1;
                 assert_eq!(it.id, ItemId(1_000 + i));
                 assert_eq!(it.payload, Bytes::from(format!("{queue}/{partition}/{i}")));
-                assert_eq!(it.is_leased, i % 5 == 0);
+                assert_eq!(it.is_leased, i.is_multiple_of(5));
                 assert_eq!(it.reference, format!("r{i}"));
             }
             // The high-water mark came along: new ids stay above every id ever handed out.
