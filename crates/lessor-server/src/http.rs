@@ -220,7 +220,12 @@ async fn lease(State(st): State<AppState>, req: Request) -> Response {
         |e, r: pb::QueueLeaseRequest| async move {
             let timeout = convert::duration("request timeout", &r.request_timeout)?;
             let res = e
-                .lease(&r.queue_name, i64::from(r.batch_size), &r.client_id, timeout)
+                .lease(
+                    &r.queue_name,
+                    convert::batch_size(r.batch_size),
+                    &r.client_id,
+                    timeout,
+                )
                 .await?;
             Ok(pb::QueueLeaseResponse {
                 queue_name: r.queue_name,
@@ -240,8 +245,9 @@ async fn complete(State(st): State<AppState>, req: Request) -> Response {
         DEFAULT,
         |e, r: pb::QueueCompleteRequest| async move {
             let timeout = convert::duration("request timeout", &r.request_timeout)?;
-            e.complete(&r.queue_name, i64::from(r.partition), r.ids, timeout)
-                .await?;
+            let ids = convert::item_ids(&r.ids)?;
+            let partition = convert::partition(r.partition)?;
+            e.complete(&r.queue_name, partition, ids, timeout).await?;
             Ok(ok())
         },
     )
@@ -255,12 +261,9 @@ async fn retry(State(st): State<AppState>, req: Request) -> Response {
         req,
         DEFAULT,
         |e, r: pb::QueueRetryRequest| async move {
-            e.retry(
-                &r.queue_name,
-                i64::from(r.partition),
-                convert::retry_items(r.items),
-            )
-            .await?;
+            let items = convert::retry_items(r.items)?;
+            let partition = convert::partition(r.partition)?;
+            e.retry(&r.queue_name, partition, items).await?;
             Ok(ok())
         },
     )
@@ -403,8 +406,10 @@ async fn storage_list(State(st): State<AppState>, req: Request) -> Response {
         DEFAULT,
         |e, r: pb::StorageItemsListRequest| async move {
             let limit = validate::list_limit(i64::from(r.limit), 1000)?;
+            let pivot = convert::pivot(&r.pivot)?;
+            let partition = convert::partition(r.partition)?;
             let items = e
-                .storage_list(&r.queue_name, i64::from(r.partition), &r.pivot, limit, false)
+                .storage_list(&r.queue_name, partition, pivot, limit, false)
                 .await?;
             Ok(pb::StorageItemsListResponse {
                 items: items.into_iter().map(convert::storage_item).collect(),
@@ -422,8 +427,10 @@ async fn storage_scheduled(State(st): State<AppState>, req: Request) -> Response
         DEFAULT,
         |e, r: pb::StorageItemsListRequest| async move {
             let limit = validate::list_limit(i64::from(r.limit), 1000)?;
+            let pivot = convert::pivot(&r.pivot)?;
+            let partition = convert::partition(r.partition)?;
             let items = e
-                .storage_list(&r.queue_name, i64::from(r.partition), &r.pivot, limit, true)
+                .storage_list(&r.queue_name, partition, pivot, limit, true)
                 .await?;
             Ok(pb::StorageItemsListResponse {
                 items: items.into_iter().map(convert::storage_item).collect(),
@@ -445,9 +452,8 @@ async fn storage_import(State(st): State<AppState>, req: Request) -> Response {
                 .into_iter()
                 .map(convert::import_item)
                 .collect::<Result<Vec<_>, _>>()?;
-            let out = e
-                .storage_import(&r.queue_name, i64::from(r.partition), items)
-                .await?;
+            let partition = convert::partition(r.partition)?;
+            let out = e.storage_import(&r.queue_name, partition, items).await?;
             Ok(pb::StorageItemsImportResponse {
                 items: out.into_iter().map(convert::storage_item).collect(),
             })
@@ -463,8 +469,9 @@ async fn storage_delete(State(st): State<AppState>, req: Request) -> Response {
         req,
         DEFAULT,
         |e, r: pb::StorageItemsDeleteRequest| async move {
-            e.storage_delete(&r.queue_name, i64::from(r.partition), r.ids)
-                .await?;
+            let ids = convert::item_ids(&r.ids)?;
+            let partition = convert::partition(r.partition)?;
+            e.storage_delete(&r.queue_name, partition, ids).await?;
             Ok(ok())
         },
     )
