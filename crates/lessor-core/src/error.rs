@@ -1,9 +1,9 @@
 //! Error types of the core layer.
 //!
 //! [`StorageError`] is what backends return: a [`StorageErrorKind`] the engine branches on, a message for the log,
-//! and optionally the driver error underneath as its `source`. [`QueueError`] is what the engine returns to the server; its `Display` is the client-facing message in
-//! Querator's `<constant>; <details>` form, and `lessor-server` maps each variant to a wire code in exactly one
-//! place.
+//! and optionally the driver error underneath as its `source`. [`QueueError`] is what the engine returns to the
+//! server; its `Display` is the client-facing message in Querator's `<constant>; <details>` form, and
+//! `lessor-server` maps each variant to a wire code in exactly one place.
 
 use std::sync::Arc;
 

@@ -2,9 +2,10 @@
 //!
 //! Every queue runs as one tokio task (see the private `queue` module). Requests reach it through a bounded inbox;
 //! the task drains whatever has arrived, then applies it as batches: one storage call per partition per kind of
-//! request (produce, lease, complete, retry). While a storage call is in flight new requests pile up in the inbox and form
-//! the next batch, so concurrent requests share each write (and each fsync on persistent stores). Lease expiry,
-//! schedules and item expiry come from the partitions' ordered deadline indexes through one timer per queue.
+//! request (produce, lease, complete, retry). While a storage call is in flight new requests pile up in the inbox
+//! and form the next batch, so concurrent requests share each write (and each fsync on persistent stores). Lease
+//! expiry, schedules and item expiry come from the partitions' ordered deadline indexes through one timer per
+//! queue.
 //!
 //! The engine speaks domain types only (partition numbers, [`ItemId`]s, [`Duration`]s, [`Ts`]): turning wire
 //! shapes into them is the server's job, in one place (`lessor-server`'s `convert`), with the messages of
