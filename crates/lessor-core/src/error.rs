@@ -147,8 +147,8 @@ pub enum QueueError {
     /// The long-poll lease ended with no item (454).
     #[error("request timeout; no items are in the queue, try again")]
     LeaseTimeout,
-    /// A produce could not be stored before its request_timeout ran out (454). Whether storage took it in the end is
-    /// unknown to the caller, as with any timeout; the argument names the request.
+    /// A produce could not be stored before its request_timeout ran out (454). Whether storage took it in the
+    /// end is unknown to the caller, as with any timeout; the argument names the request.
     #[error("request timeout; {0} did not finish within request_timeout, try again")]
     RequestTimeout(&'static str),
     /// The queue's inbox is full (454).
