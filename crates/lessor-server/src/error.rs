@@ -57,3 +57,16 @@ impl ApiError {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_timeouts_are_retryable_454() {
+        let produce = ApiError::from(QueueError::RequestTimeout("produce"));
+        assert_eq!(produce.code(), 454);
+        assert!(produce.to_string().starts_with("request timeout; "), "{produce}");
+        assert_eq!(ApiError::from(QueueError::LeaseTimeout).code(), 454);
+    }
+}
