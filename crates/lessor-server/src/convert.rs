@@ -58,6 +58,14 @@ pub fn item_ids(ids: &[String]) -> Result<Vec<ItemId>, ApiError> {
     Ok(validate::item_ids(ids)?)
 }
 
+/// How many entries a list returns when the request leaves `limit` at 0 (Querator's default).
+const DEFAULT_LIST_LIMIT: usize = 1000;
+
+/// A list limit (signed on the wire; 0 means the default).
+pub fn list_limit(limit: i32) -> Result<usize, ApiError> {
+    Ok(validate::list_limit(i64::from(limit), DEFAULT_LIST_LIMIT)?)
+}
+
 /// A list pivot: empty means "from the start".
 pub fn pivot(s: &str) -> Result<Option<ItemId>, ApiError> {
     if s.is_empty() {

@@ -18,7 +18,6 @@ use axum::Router;
 use http_body_util::BodyExt;
 use lessor_core::engine::Engine;
 use lessor_core::types::{ClearRequest, DEFAULT_NAMESPACE};
-use lessor_core::validate;
 use lessor_proto::{self as pb, Encoding, Reply};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -340,7 +339,7 @@ async fn queues_list(State(st): State<AppState>, req: Request) -> Response {
         req,
         DEFAULT,
         |e, r: pb::QueuesListRequest| async move {
-            let limit = validate::list_limit(i64::from(r.limit), 1000)?;
+            let limit = convert::list_limit(r.limit)?;
             let ns = if r.namespace.is_empty() {
                 DEFAULT_NAMESPACE.to_string()
             } else {
@@ -405,7 +404,7 @@ async fn storage_list(State(st): State<AppState>, req: Request) -> Response {
         req,
         DEFAULT,
         |e, r: pb::StorageItemsListRequest| async move {
-            let limit = validate::list_limit(i64::from(r.limit), 1000)?;
+            let limit = convert::list_limit(r.limit)?;
             let pivot = convert::pivot(&r.pivot)?;
             let partition = convert::partition(r.partition)?;
             let items = e
@@ -426,7 +425,7 @@ async fn storage_scheduled(State(st): State<AppState>, req: Request) -> Response
         req,
         DEFAULT,
         |e, r: pb::StorageItemsListRequest| async move {
-            let limit = validate::list_limit(i64::from(r.limit), 1000)?;
+            let limit = convert::list_limit(r.limit)?;
             let pivot = convert::pivot(&r.pivot)?;
             let partition = convert::partition(r.partition)?;
             let items = e
