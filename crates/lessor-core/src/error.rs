@@ -1,9 +1,11 @@
 //! Error types of the core layer.
 //!
-//! [`StorageError`] is what backends return: a [`StorageErrorKind`] the engine branches on, plus a message for the
-//! log. [`QueueError`] is what the engine returns to the server; its `Display` is the client-facing message in
-//! Querator's `<constant>; <details>` form, and `lessor-server` maps each variant to a wire code in exactly one
-//! place.
+//! [`StorageError`] is what backends return: a [`StorageErrorKind`] the engine branches on, a message for the log,
+//! and optionally the driver error underneath as its `source`. [`QueueError`] is what the engine returns to the
+//! server; its `Display` is the client-facing message in Querator's `<constant>; <details>` form, and
+//! `lessor-server` maps each variant to a wire code in exactly one place.
+
+use std::sync::Arc;
 
 use thiserror::Error;
 
@@ -29,14 +31,44 @@ pub enum StorageErrorKind {
     Other,
 }
 
-/// A backend failure.
+impl StorageErrorKind {
+    /// The kind in words, as it starts a log line.
+    pub fn describe(self) -> &'static str {
+        match self {
+            StorageErrorKind::Unavailable => "storage unavailable",
+            StorageErrorKind::NoSpace => "storage out of space",
+            StorageErrorKind::Poisoned => "storage refuses writes after a failed sync",
+            StorageErrorKind::Locked => "storage locked by another process",
+            StorageErrorKind::Corrupt => "stored data unreadable",
+            StorageErrorKind::AlreadyExists => "record already exists",
+            StorageErrorKind::Config => "storage misconfigured",
+            StorageErrorKind::Other => "storage failed",
+        }
+    }
+}
+
+impl std::fmt::Display for StorageErrorKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.describe())
+    }
+}
+
+/// The underlying error a [`StorageError`] was built from; shared so the error stays `Clone` (one failed storage
+/// call answers every request of its batch).
+pub type ErrorSource = Arc<dyn std::error::Error + Send + Sync + 'static>;
+
+/// A backend failure: what kind (the engine branches on it), what failed (for the log), and optionally the error
+/// from the driver underneath, kept as the [`std::error::Error::source`] so a log line can print the whole chain.
 #[derive(Debug, Error, Clone)]
-#[error("{kind:?}: {message}")]
+#[error("{kind}: {message}")]
 pub struct StorageError {
     /// What kind of failure.
     pub kind: StorageErrorKind,
     /// Details for logs and operators.
     pub message: String,
+    /// The driver's error underneath, when there is one.
+    #[source]
+    pub source: Option<ErrorSource>,
 }
 
 impl StorageError {
@@ -45,6 +77,7 @@ impl StorageError {
         StorageError {
             kind,
             message: message.into(),
+            source: None,
         }
     }
 
@@ -56,6 +89,12 @@ impl StorageError {
     /// Any other failure.
     pub fn other(message: impl Into<String>) -> Self {
         Self::new(StorageErrorKind::Other, message)
+    }
+
+    /// Keeps `source` as the cause of this error.
+    pub fn with_source(mut self, source: impl std::error::Error + Send + Sync + 'static) -> Self {
+        self.source = Some(Arc::new(source));
+        self
     }
 
     /// Whether retrying the request later may succeed.
@@ -108,6 +147,10 @@ pub enum QueueError {
     /// The long-poll lease ended with no item (454).
     #[error("request timeout; no items are in the queue, try again")]
     LeaseTimeout,
+    /// A produce could not be stored before its request_timeout ran out (454). Whether storage took it in the
+    /// end is unknown to the caller, as with any timeout; the argument names the request.
+    #[error("request timeout; {0} did not finish within request_timeout, try again")]
+    RequestTimeout(&'static str),
     /// The queue's inbox is full (454).
     #[error("queue is overloaded; try again later")]
     Overloaded,
@@ -145,5 +188,23 @@ impl QueueError {
 impl From<StorageError> for QueueError {
     fn from(e: StorageError) -> Self {
         QueueError::from_storage(&e)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::error::Error as _;
+
+    #[test]
+    fn storage_error_reads_well_and_keeps_its_cause() {
+        let io = std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out");
+        let e = StorageError::unavailable("partition 'q/0' unreachable").with_source(io);
+        assert_eq!(e.to_string(), "storage unavailable: partition 'q/0' unreachable");
+        let cause = e.source().expect("source kept");
+        assert_eq!(cause.to_string(), "connect timed out");
+        // Clone shares the cause rather than dropping it.
+        assert!(e.clone().source().is_some());
+        assert!(StorageError::other("x").source().is_none());
     }
 }

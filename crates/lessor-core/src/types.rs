@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
-use crate::time::Ts;
+use crate::time::{Clock, SystemClock, Ts};
 
 /// An item's id inside one partition.
 ///
@@ -18,6 +18,17 @@ use crate::time::Ts;
 /// On the wire an id is 16 lowercase hex digits, which sort as strings in the same order as the numbers.
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
 pub struct ItemId(pub u64);
+
+impl ItemId {
+    /// Where a new partition's ids start: the current wall-clock time in microseconds (at least 1).
+    ///
+    /// The one rule every backend follows when it creates a partition: ids only grow within a partition, and
+    /// starting them at the clock means a queue deleted and created again never hands out an id that a consumer of
+    /// the old queue may still hold (and so could complete by mistake).
+    pub fn floor_now() -> ItemId {
+        ItemId(u64::try_from(SystemClock.now().0).unwrap_or(1).max(1))
+    }
+}
 
 impl fmt::Display for ItemId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -253,5 +264,16 @@ mod tests {
         assert!("xyz".parse::<ItemId>().is_err());
         assert!("000000000000000G".parse::<ItemId>().is_err());
         assert!("000000000000000A".parse::<ItemId>().is_err());
+    }
+
+    #[test]
+    fn ids_start_at_the_wall_clock() {
+        let before = SystemClock.now().0;
+        let floor = ItemId::floor_now().0;
+        let after = SystemClock.now().0;
+        assert!(
+            (before as u64..=after as u64).contains(&floor),
+            "{before} <= {floor} <= {after}"
+        );
     }
 }

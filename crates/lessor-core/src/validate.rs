@@ -1,9 +1,16 @@
 //! Input rules shared by the engine and the server, each failing with a message that names the field and the
 //! rule.
+//!
+//! Every client-facing validation message is built by [`invalid`], [`rejected`] or [`required`], so Querator's
+//! phrasing is written once. The server's `convert` module uses the parsing rules here ([`item_id`],
+//! [`partition`], [`not_negative`]) to turn wire values into domain types; the engine applies the rules that need
+//! its limits.
 
+use std::fmt;
 use std::time::Duration;
 
 use crate::error::QueueError;
+use crate::types::ItemId;
 
 /// Longest queue name.
 pub const MAX_QUEUE_NAME: usize = 512;
@@ -18,34 +25,119 @@ pub const MAX_LIST_LIMIT: usize = 65_536;
 /// Longest client id.
 pub const MAX_CLIENT_ID: usize = 512;
 
-fn invalid(msg: String) -> QueueError {
-    QueueError::Invalid(msg)
+/// The rule a value broke, in Querator's `<field> is invalid; <rule>` form. Every "is invalid" message is built
+/// here, so the phrasing lives in one place and a message always names its field.
+pub fn invalid(field: &str, rule: impl fmt::Display) -> QueueError {
+    QueueError::Invalid(format!("{field} is invalid; {rule}"))
+}
+
+/// Querator's other phrasing, `invalid <what>; <rule>`, used for client ids, batch sizes, storage ids, clear
+/// requests and partition storage (the wire messages must not change).
+pub fn rejected(what: &str, rule: impl fmt::Display) -> QueueError {
+    QueueError::Invalid(format!("invalid {what}; {rule}"))
+}
+
+/// A required value that is missing: `<field> is required; <hint>`.
+pub fn required(field: &str, hint: impl fmt::Display) -> QueueError {
+    QueueError::Invalid(format!("{field} is required; {hint}"))
 }
 
 /// Checks a queue name (also used for `dead_queue`, with `field` naming which).
 pub fn queue_name(field: &str, name: &str) -> Result<(), QueueError> {
     if name.trim().is_empty() {
-        return Err(invalid(format!("{field} is invalid; cannot be empty")));
+        return Err(invalid(field, "cannot be empty"));
     }
     if name.len() > MAX_QUEUE_NAME {
-        return Err(invalid(format!(
-            "{field} is invalid; cannot be greater than '{MAX_QUEUE_NAME}' characters"
-        )));
+        return Err(invalid(
+            field,
+            format!("cannot be greater than '{MAX_QUEUE_NAME}' characters"),
+        ));
     }
     if name.chars().any(char::is_whitespace) {
-        return Err(invalid(format!(
-            "{field} is invalid; '{name}' cannot contain whitespace"
-        )));
+        return Err(invalid(field, format!("'{name}' cannot contain whitespace")));
     }
     if name.contains('~') {
-        return Err(invalid(format!(
-            "{field} is invalid; '{name}' cannot contain '~' character"
-        )));
+        return Err(invalid(field, format!("'{name}' cannot contain '~' character")));
     }
     if name.contains('/') || name.chars().any(char::is_control) {
-        return Err(invalid(format!(
-            "{field} is invalid; '{name}' cannot contain '/' or control characters"
-        )));
+        return Err(invalid(
+            field,
+            format!("'{name}' cannot contain '/' or control characters"),
+        ));
+    }
+    Ok(())
+}
+
+/// Checks a lease client id: not blank, not too long.
+pub fn client_id(id: &str) -> Result<(), QueueError> {
+    if id.trim().is_empty() {
+        return Err(rejected("client id", "cannot be empty"));
+    }
+    if id.len() > MAX_CLIENT_ID {
+        return Err(rejected(
+            "client id",
+            format!("cannot be longer than {MAX_CLIENT_ID} characters"),
+        ));
+    }
+    Ok(())
+}
+
+/// Checks how many items a lease asks for: at least one, at most `max`.
+pub fn lease_batch_size(n: usize, max: usize) -> Result<(), QueueError> {
+    if n == 0 {
+        return Err(rejected("batch size", "must be greater than zero"));
+    }
+    if n > max {
+        return Err(rejected(
+            "batch size",
+            format!("max_lease_batch_size is {max}, but {n} was requested"),
+        ));
+    }
+    Ok(())
+}
+
+/// Checks the size of a list in a request: `field` holds `got` entries, the `limit` setting allows `max`.
+pub fn batch_len(field: &str, limit: &str, max: usize, got: usize) -> Result<(), QueueError> {
+    if got > max {
+        return Err(invalid(field, format!("{limit} is {max} but received {got}")));
+    }
+    Ok(())
+}
+
+/// Parses an item id as the wire carries it (16 lowercase hex digits).
+pub fn item_id(s: &str) -> Result<ItemId, QueueError> {
+    s.parse::<ItemId>()
+        .map_err(|e| rejected("storage id", format!("'{s}': {e}")))
+}
+
+/// Parses a list of wire item ids; the first bad one fails the whole list.
+pub fn item_ids<S: AsRef<str>>(ids: &[S]) -> Result<Vec<ItemId>, QueueError> {
+    ids.iter().map(|s| item_id(s.as_ref())).collect()
+}
+
+/// Checks a partition number from the wire (a signed integer there).
+pub fn partition(p: i64) -> Result<u32, QueueError> {
+    u32::try_from(p).map_err(|_| no_such_partition(p))
+}
+
+/// The error for a partition number the queue does not have.
+pub fn no_such_partition(p: impl fmt::Display) -> QueueError {
+    invalid("partition", format!("'{p}' is not a valid partition"))
+}
+
+/// Checks a count that the wire carries signed but that cannot be negative (max_attempts, requested_partitions,
+/// attempts).
+pub fn not_negative(field: &str, v: i32) -> Result<u32, QueueError> {
+    u32::try_from(v).map_err(|_| invalid(field, "cannot be negative"))
+}
+
+/// Checks a partition count against [`MAX_PARTITIONS`].
+pub fn partition_count(n: u32) -> Result<(), QueueError> {
+    if n > MAX_PARTITIONS {
+        return Err(invalid(
+            "requested_partitions",
+            format!("cannot be greater than '{MAX_PARTITIONS}'"),
+        ));
     }
     Ok(())
 }
@@ -57,19 +149,26 @@ pub fn request_timeout(
     max: Duration,
 ) -> Result<Duration, QueueError> {
     match timeout {
-        None | Some(Duration::ZERO) => Err(invalid(
-            "request timeout is required; '5m' is recommended, 15m is the maximum".to_string(),
+        None | Some(Duration::ZERO) => Err(required(
+            "request timeout",
+            "'5m' is recommended, 15m is the maximum",
         )),
-        Some(t) if t > max => Err(invalid(format!(
-            "request timeout is invalid; maximum timeout is '{}' but '{}' was requested",
-            fmt_secs(max),
-            fmt_secs(t)
-        ))),
-        Some(t) if t <= min_exclusive => Err(invalid(format!(
-            "request timeout is invalid; minimum timeout is greater than '{}' but '{}' was requested",
-            fmt_secs(min_exclusive),
-            fmt_secs(t)
-        ))),
+        Some(t) if t > max => Err(invalid(
+            "request timeout",
+            format!(
+                "maximum timeout is '{}' but '{}' was requested",
+                fmt_secs(max),
+                fmt_secs(t)
+            ),
+        )),
+        Some(t) if t <= min_exclusive => Err(invalid(
+            "request timeout",
+            format!(
+                "minimum timeout is greater than '{}' but '{}' was requested",
+                fmt_secs(min_exclusive),
+                fmt_secs(t)
+            ),
+        )),
         Some(t) => Ok(t),
     }
 }
@@ -89,15 +188,17 @@ fn fmt_secs(d: Duration) -> String {
 /// Checks a list limit, mapping 0 to the default.
 pub fn list_limit(limit: i64, default: usize) -> Result<usize, QueueError> {
     if limit < 0 {
-        return Err(invalid(format!(
-            "limit is invalid; must be zero or positive, got '{limit}'"
-        )));
+        return Err(invalid(
+            "limit",
+            format!("must be zero or positive, got '{limit}'"),
+        ));
     }
     let limit = usize::try_from(limit).unwrap_or(usize::MAX);
     if limit > MAX_LIST_LIMIT {
-        return Err(invalid(format!(
-            "limit is invalid; cannot be greater than '{MAX_LIST_LIMIT}'"
-        )));
+        return Err(invalid(
+            "limit",
+            format!("cannot be greater than '{MAX_LIST_LIMIT}'"),
+        ));
     }
     Ok(if limit == 0 { default } else { limit })
 }
@@ -114,6 +215,33 @@ mod tests {
             assert!(e.starts_with("queue_name is invalid;"), "{e}");
         }
         assert!(queue_name("dead_queue", &"x".repeat(513)).is_err());
+    }
+
+    #[test]
+    fn messages_name_field_and_rule() {
+        assert_eq!(
+            partition(-1).expect_err("negative").to_string(),
+            "partition is invalid; '-1' is not a valid partition"
+        );
+        assert_eq!(partition(3).ok(), Some(3));
+        assert_eq!(
+            item_id("nope").expect_err("bad id").to_string(),
+            "invalid storage id; 'nope': expected 16 lowercase hexadecimal digits"
+        );
+        assert_eq!(
+            lease_batch_size(0, 10).expect_err("zero").to_string(),
+            "invalid batch size; must be greater than zero"
+        );
+        assert_eq!(
+            batch_len("ids", "max_complete_batch_size", 2, 3)
+                .expect_err("too many")
+                .to_string(),
+            "ids is invalid; max_complete_batch_size is 2 but received 3"
+        );
+        assert_eq!(
+            not_negative("attempts", -2).expect_err("negative").to_string(),
+            "attempts is invalid; cannot be negative"
+        );
     }
 
     #[test]

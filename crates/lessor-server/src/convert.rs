@@ -1,11 +1,17 @@
-//! Wire messages to and from core types: timestamps, durations, items, queue definitions, stats.
+//! Wire messages to and from core types: timestamps, durations, partitions, item ids, items, queue definitions,
+//! stats.
+//!
+//! This is the one wire-to-domain boundary: everything the wire carries in its own shape (signed integers, hex id
+//! strings, Go durations, protobuf timestamps) is parsed and checked here, and the engine only ever sees domain
+//! types. Messages come from `lessor_core::validate`, so they read the same whichever layer finds the problem.
 
 use std::time::Duration;
 
 use bytes::Bytes;
-use lessor_core::engine::{ProduceItem, QueueStats, QueueUpdate, RetryRequestItem};
+use lessor_core::engine::{ProduceItem, QueueStats, QueueUpdate};
 use lessor_core::time::Ts;
-use lessor_core::types::{Item, ItemId, QueueInfo};
+use lessor_core::types::{Item, ItemId, QueueInfo, RetryItem};
+use lessor_core::validate;
 use lessor_proto::duration::{format_go_duration, parse_go_duration};
 use lessor_proto::{self as pb, Timestamp};
 
@@ -37,11 +43,41 @@ pub fn duration(field: &str, s: &str) -> Result<Option<Duration>, ApiError> {
     if s.is_empty() {
         return Ok(None);
     }
-    parse_go_duration(s).map(Some).map_err(|e| {
-        ApiError::InvalidField(format!(
-            "{field} is invalid; {e} - expected format: 900ms, 5m or 15m"
-        ))
-    })
+    parse_go_duration(s)
+        .map(Some)
+        .map_err(|e| validate::invalid(field, format!("{e} - expected format: 900ms, 5m or 15m")).into())
+}
+
+/// A partition number (signed on the wire).
+pub fn partition(p: i32) -> Result<u32, ApiError> {
+    Ok(validate::partition(i64::from(p))?)
+}
+
+/// Item ids as the wire carries them (16 lowercase hex digits each).
+pub fn item_ids(ids: &[String]) -> Result<Vec<ItemId>, ApiError> {
+    Ok(validate::item_ids(ids)?)
+}
+
+/// How many entries a list returns when the request leaves `limit` at 0 (Querator's default).
+const DEFAULT_LIST_LIMIT: usize = 1000;
+
+/// A list limit (signed on the wire; 0 means the default).
+pub fn list_limit(limit: i32) -> Result<usize, ApiError> {
+    Ok(validate::list_limit(i64::from(limit), DEFAULT_LIST_LIMIT)?)
+}
+
+/// A list pivot: empty means "from the start".
+pub fn pivot(s: &str) -> Result<Option<ItemId>, ApiError> {
+    if s.is_empty() {
+        return Ok(None);
+    }
+    Ok(Some(validate::item_id(s)?))
+}
+
+/// A lease batch size (signed on the wire). A negative size breaks the same rule as zero, "must be greater than
+/// zero", which the engine checks together with the maximum, so it maps to zero here.
+pub fn batch_size(n: i32) -> usize {
+    usize::try_from(n).unwrap_or(0)
 }
 
 /// Produce items.
@@ -75,14 +111,16 @@ pub fn lease_item(i: Item) -> pb::QueueLeaseItem {
     }
 }
 
-/// Retry items.
-pub fn retry_items(items: Vec<pb::QueueRetryItem>) -> Vec<RetryRequestItem> {
+/// Retry items; the first bad id fails the request.
+pub fn retry_items(items: Vec<pb::QueueRetryItem>) -> Result<Vec<RetryItem>, ApiError> {
     items
         .into_iter()
-        .map(|i| RetryRequestItem {
-            id: i.id,
-            retry_at: ts_from(&i.retry_at),
-            dead: i.dead,
+        .map(|i| {
+            Ok(RetryItem {
+                id: validate::item_id(&i.id)?,
+                retry_at: ts_from(&i.retry_at),
+                dead: i.dead,
+            })
         })
         .collect()
 }
@@ -110,10 +148,6 @@ pub fn storage_item(i: Item) -> pb::StorageItem {
 
 /// An imported item.
 pub fn import_item(i: pb::StorageItem) -> Result<Item, ApiError> {
-    let non_negative = |field: &str, v: i32| -> Result<u32, ApiError> {
-        u32::try_from(v)
-            .map_err(|_| ApiError::InvalidField(format!("{field} is invalid; cannot be negative")))
-    };
     Ok(Item {
         id: ItemId(0),
         source_id: i.source_id,
@@ -122,8 +156,8 @@ pub fn import_item(i: pb::StorageItem) -> Result<Item, ApiError> {
         expire_deadline: ts_from(&i.expire_deadline),
         enqueue_at: ts_from(&i.enqueue_at),
         created_at: ts_from(&i.created_at),
-        attempts: non_negative("attempts", i.attempts)?,
-        max_attempts: non_negative("max_attempts", i.max_attempts)?,
+        attempts: validate::not_negative("attempts", i.attempts)?,
+        max_attempts: validate::not_negative("max_attempts", i.max_attempts)?,
         reference: i.reference,
         encoding: i.encoding,
         kind: i.kind,
@@ -134,16 +168,8 @@ pub fn import_item(i: pb::StorageItem) -> Result<Item, ApiError> {
 
 /// A queue definition from `queues.create`.
 pub fn queue_info_in(q: pb::QueueInfo) -> Result<QueueInfo, ApiError> {
-    if q.max_attempts < 0 {
-        return Err(ApiError::InvalidField(
-            "max_attempts is invalid; cannot be negative".into(),
-        ));
-    }
-    if q.requested_partitions < 0 {
-        return Err(ApiError::InvalidField(
-            "requested_partitions is invalid; cannot be negative".into(),
-        ));
-    }
+    let max_attempts = validate::not_negative("max_attempts", q.max_attempts)?;
+    let requested_partitions = validate::not_negative("requested_partitions", q.requested_partitions)?;
     Ok(QueueInfo {
         name: q.queue_name,
         namespace: q.namespace,
@@ -151,8 +177,8 @@ pub fn queue_info_in(q: pb::QueueInfo) -> Result<QueueInfo, ApiError> {
         reference: q.reference,
         lease_timeout: duration("lease_timeout", &q.lease_timeout)?.unwrap_or_default(),
         expire_timeout: duration("expire_timeout", &q.expire_timeout)?.unwrap_or_default(),
-        max_attempts: q.max_attempts as u32,
-        requested_partitions: q.requested_partitions as u32,
+        max_attempts,
+        requested_partitions,
         ..Default::default()
     })
 }
@@ -161,33 +187,17 @@ pub fn queue_info_in(q: pb::QueueInfo) -> Result<QueueInfo, ApiError> {
 /// set", because proto3 cannot tell the two apart; Querator instead overwrote max_attempts, reference and dead_queue
 /// with whatever was sent, so omitting them reset them.
 pub fn queue_update(q: pb::QueueInfo) -> Result<QueueUpdate, ApiError> {
-    if q.max_attempts < 0 {
-        return Err(ApiError::InvalidField(
-            "max_attempts is invalid; cannot be negative".into(),
-        ));
-    }
-    if q.requested_partitions < 0 {
-        return Err(ApiError::InvalidField(
-            "requested_partitions is invalid; cannot be negative".into(),
-        ));
-    }
+    let max_attempts = validate::not_negative("max_attempts", q.max_attempts)?;
+    let requested_partitions = validate::not_negative("requested_partitions", q.requested_partitions)?;
     let opt = |s: String| if s.is_empty() { None } else { Some(s) };
     Ok(QueueUpdate {
         name: q.queue_name,
         lease_timeout: duration("lease_timeout", &q.lease_timeout)?,
         expire_timeout: duration("expire_timeout", &q.expire_timeout)?,
-        max_attempts: if q.max_attempts == 0 {
-            None
-        } else {
-            Some(q.max_attempts as u32)
-        },
+        max_attempts: (max_attempts != 0).then_some(max_attempts),
         dead_queue: opt(q.dead_queue),
         reference: opt(q.reference),
-        requested_partitions: if q.requested_partitions == 0 {
-            None
-        } else {
-            Some(q.requested_partitions as u32)
-        },
+        requested_partitions: (requested_partitions != 0).then_some(requested_partitions),
     })
 }
 

@@ -12,9 +12,6 @@ pub enum ApiError {
     /// A header or body that does not decode.
     #[error(transparent)]
     Codec(#[from] CodecError),
-    /// A field that does not parse (duration, timestamp); the message names the field.
-    #[error("{0}")]
-    InvalidField(String),
     /// The body is larger than the route allows.
     #[error("request body exceeds {0} limit")]
     BodyTooLarge(usize),
@@ -41,6 +38,7 @@ impl ApiError {
                 | QueueError::CannotComplete(_)
                 | QueueError::CannotRetry(_) => 400,
                 QueueError::LeaseTimeout
+                | QueueError::RequestTimeout(_)
                 | QueueError::Overloaded
                 | QueueError::PartitionUnavailable(_)
                 | QueueError::NoAvailablePartitions
@@ -53,9 +51,22 @@ impl ApiError {
                 CodecError::UnsupportedContentType(_) | CodecError::UnsupportedAccept(_) => 455,
                 CodecError::InvalidJson(_) | CodecError::InvalidProtobuf(_) => 455,
             },
-            ApiError::InvalidField(_) | ApiError::BodyTooLarge(_) | ApiError::MethodNotAllowed(_) => 400,
+            ApiError::BodyTooLarge(_) | ApiError::MethodNotAllowed(_) => 400,
             ApiError::BodyRead(_) => 400,
             ApiError::NoSuchMethod(_) => 501,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_timeouts_are_retryable_454() {
+        let produce = ApiError::from(QueueError::RequestTimeout("produce"));
+        assert_eq!(produce.code(), 454);
+        assert!(produce.to_string().starts_with("request timeout; "), "{produce}");
+        assert_eq!(ApiError::from(QueueError::LeaseTimeout).code(), 454);
     }
 }

@@ -31,7 +31,6 @@ use bytes::{Bytes, BytesMut};
 use http_body_util::BodyExt;
 use lessor_core::engine::Engine;
 use lessor_core::types::{ClearRequest, DEFAULT_NAMESPACE};
-use lessor_core::validate;
 use lessor_proto::routes::{self, Rpc};
 use lessor_proto::{self as pb, Encoding, Reply};
 use serde::Serialize;
@@ -401,7 +400,12 @@ fn lease(api: Api) -> Api {
         |e, r: pb::QueueLeaseRequest| async move {
             let timeout = convert::duration("request timeout", &r.request_timeout)?;
             let res = e
-                .lease(&r.queue_name, i64::from(r.batch_size), &r.client_id, timeout)
+                .lease(
+                    &r.queue_name,
+                    convert::batch_size(r.batch_size),
+                    &r.client_id,
+                    timeout,
+                )
                 .await?;
             Ok(pb::QueueLeaseResponse {
                 queue_name: r.queue_name,
@@ -417,8 +421,9 @@ fn complete(api: Api) -> Api {
         lessor_proto::routes::QueueComplete,
         |e, r: pb::QueueCompleteRequest| async move {
             let timeout = convert::duration("request timeout", &r.request_timeout)?;
-            e.complete(&r.queue_name, i64::from(r.partition), r.ids, timeout)
-                .await?;
+            let ids = convert::item_ids(&r.ids)?;
+            let partition = convert::partition(r.partition)?;
+            e.complete(&r.queue_name, partition, ids, timeout).await?;
             Ok(ok())
         },
     )
@@ -428,12 +433,9 @@ fn retry(api: Api) -> Api {
     api.rpc(
         lessor_proto::routes::QueueRetry,
         |e, r: pb::QueueRetryRequest| async move {
-            e.retry(
-                &r.queue_name,
-                i64::from(r.partition),
-                convert::retry_items(r.items),
-            )
-            .await?;
+            let items = convert::retry_items(r.items)?;
+            let partition = convert::partition(r.partition)?;
+            e.retry(&r.queue_name, partition, items).await?;
             Ok(ok())
         },
     )
@@ -490,7 +492,7 @@ fn queues_list(api: Api) -> Api {
     api.rpc(
         lessor_proto::routes::QueuesList,
         |e, r: pb::QueuesListRequest| async move {
-            let limit = validate::list_limit(i64::from(r.limit), 1000)?;
+            let limit = convert::list_limit(r.limit)?;
             let ns = if r.namespace.is_empty() {
                 DEFAULT_NAMESPACE.to_string()
             } else {
@@ -539,9 +541,11 @@ fn storage_list(api: Api) -> Api {
     api.rpc(
         lessor_proto::routes::StorageItemsList,
         |e, r: pb::StorageItemsListRequest| async move {
-            let limit = validate::list_limit(i64::from(r.limit), 1000)?;
+            let limit = convert::list_limit(r.limit)?;
+            let pivot = convert::pivot(&r.pivot)?;
+            let partition = convert::partition(r.partition)?;
             let items = e
-                .storage_list(&r.queue_name, i64::from(r.partition), &r.pivot, limit, false)
+                .storage_list(&r.queue_name, partition, pivot, limit, false)
                 .await?;
             Ok(pb::StorageItemsListResponse {
                 items: items.into_iter().map(convert::storage_item).collect(),
@@ -554,9 +558,11 @@ fn storage_scheduled(api: Api) -> Api {
     api.rpc(
         lessor_proto::routes::StorageScheduledList,
         |e, r: pb::StorageItemsListRequest| async move {
-            let limit = validate::list_limit(i64::from(r.limit), 1000)?;
+            let limit = convert::list_limit(r.limit)?;
+            let pivot = convert::pivot(&r.pivot)?;
+            let partition = convert::partition(r.partition)?;
             let items = e
-                .storage_list(&r.queue_name, i64::from(r.partition), &r.pivot, limit, true)
+                .storage_list(&r.queue_name, partition, pivot, limit, true)
                 .await?;
             Ok(pb::StorageItemsListResponse {
                 items: items.into_iter().map(convert::storage_item).collect(),
@@ -574,9 +580,8 @@ fn storage_import(api: Api) -> Api {
                 .into_iter()
                 .map(convert::import_item)
                 .collect::<Result<Vec<_>, _>>()?;
-            let out = e
-                .storage_import(&r.queue_name, i64::from(r.partition), items)
-                .await?;
+            let partition = convert::partition(r.partition)?;
+            let out = e.storage_import(&r.queue_name, partition, items).await?;
             Ok(pb::StorageItemsImportResponse {
                 items: out.into_iter().map(convert::storage_item).collect(),
             })
@@ -588,8 +593,9 @@ fn storage_delete(api: Api) -> Api {
     api.rpc(
         lessor_proto::routes::StorageItemsDelete,
         |e, r: pb::StorageItemsDeleteRequest| async move {
-            e.storage_delete(&r.queue_name, i64::from(r.partition), r.ids)
-                .await?;
+            let ids = convert::item_ids(&r.ids)?;
+            let partition = convert::partition(r.partition)?;
+            e.storage_delete(&r.queue_name, partition, ids).await?;
             Ok(ok())
         },
     )

@@ -206,7 +206,7 @@ async fn produce_fails_over_and_failed_partition_recovers() {
         .produce("q", vec![item("d")], t)
         .await
         .expect("fails over, never a false 200");
-    let p1 = engine.storage_list("q", 1, "", 100, false).await.expect("list");
+    let p1 = engine.storage_list("q", 1, None, 100, false).await.expect("list");
     let texts: Vec<_> = p1
         .iter()
         .map(|i| String::from_utf8_lossy(&i.payload).into_owned())
@@ -216,7 +216,7 @@ async fn produce_fails_over_and_failed_partition_recovers() {
     assert!(stats.partitions[0].failures > 0, "partition 0 is marked failing");
     // Complete/retry on the failed partition: a retryable error, not a 500.
     let err = engine
-        .complete("q", 0, vec!["0000000000000001".into()], t)
+        .complete("q", 0, vec![lessor_core::types::ItemId(1)], t)
         .await
         .expect_err("failing partition");
     assert!(matches!(err, QueueError::PartitionUnavailable(0)), "{err:?}");

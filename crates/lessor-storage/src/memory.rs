@@ -12,7 +12,7 @@ use lessor_core::error::{ItemError, StorageError, StorageErrorKind};
 use lessor_core::storage::{
     LifecycleOutcome, LifecyclePolicy, Partition, PartitionStore, QueuesStore, RetryOp, RetryOutcome,
 };
-use lessor_core::time::{SystemClock, Ts};
+use lessor_core::time::Ts;
 use lessor_core::types::{ClearRequest, Item, ItemId, NewItem, PartitionCounts, PartitionStats, QueueInfo};
 
 use crate::state::PartitionState;
@@ -101,7 +101,7 @@ impl PartitionStore for MemoryStore {
         let mut parts = lock(&self.partitions)?;
         let p = parts.entry((queue.to_string(), partition)).or_insert_with(|| {
             // Ids start at the current time in microseconds, so a deleted and re-created queue never reuses an id.
-            let floor = u64::try_from(SystemClock.now_us()).unwrap_or(1);
+            let floor = ItemId::floor_now().0;
             Arc::new(MemoryPartition {
                 state: Mutex::new(PartitionState::new(floor)),
             })
@@ -119,16 +119,6 @@ impl PartitionStore for MemoryStore {
     }
 
     async fn close(&self) {}
-}
-
-trait NowUs {
-    fn now_us(&self) -> i64;
-}
-
-impl NowUs for SystemClock {
-    fn now_us(&self) -> i64 {
-        lessor_core::time::Clock::now(self).0
-    }
 }
 
 /// One partition in RAM.

@@ -69,7 +69,6 @@ async fn total_items(c: &Client, name: &str) -> i64 {
     let stats = c
         .queue_stats(&pb::QueueStatsRequest {
             queue_name: name.into(),
-            ..Default::default()
         })
         .await
         .unwrap_or_else(|e| panic!("stats of {name}: {e}"));
@@ -190,7 +189,6 @@ async fn a_queue_with_thousands_of_partitions_is_created_served_and_deleted() {
                 batch_size: 50,
                 client_id: "w".into(),
                 request_timeout: "5s".into(),
-                ..Default::default()
             })
             .await
             .expect("lease");

@@ -1,17 +1,25 @@
 //! The queue engine: the [`Engine`] handle the server calls, and one task per queue that owns its partitions.
 //!
-//! Every queue runs as one tokio task (see [`queue`]). Requests reach it through a bounded inbox; the task drains
-//! whatever has arrived, then applies it as batches: one storage call per partition per kind of request
-//! (produce, lease, complete, retry). While a storage call is in flight new requests pile up in the inbox and form
-//! the next batch, so concurrent requests share each write (and each fsync on persistent stores). Lease expiry,
-//! schedules and item expiry come from the partitions' ordered deadline indexes through one timer per queue.
+//! Every queue runs as one tokio task (see the private `queue` module). Requests reach it through a bounded inbox;
+//! the task drains whatever has arrived, then applies it as batches: one storage call per partition per kind of
+//! request (produce, lease, complete, retry). While a storage call is in flight new requests pile up in the inbox
+//! and form the next batch, so concurrent requests share each write (and each fsync on persistent stores). Lease
+//! expiry, schedules and item expiry come from the partitions' ordered deadline indexes through one timer per
+//! queue.
+//!
+//! The engine speaks domain types only (partition numbers, [`ItemId`]s, [`Duration`]s, [`Ts`]): turning wire
+//! shapes into them is the server's job, in one place (`lessor-server`'s `convert`), with the messages of
+//! [`crate::validate`]. Rules that need the engine's limits (batch sizes, timeout bounds) are checked here.
 
 mod placement;
 mod queue;
+#[cfg(test)]
+mod tests;
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, RwLock, Weak};
 use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot, Mutex};
@@ -19,14 +27,14 @@ use tokio::task::JoinHandle;
 
 pub use placement::{place, shares, StoreWeight};
 
-use crate::error::{QueueError, StorageErrorKind};
+use crate::error::{QueueError, StorageError, StorageErrorKind};
 use crate::storage::{PartitionStore, QueuesStore};
-use crate::time::{SharedClock, Ts};
+use crate::time::{BoxFuture, SharedClock, Ts};
 use crate::types::{
-    ClearRequest, Item, ItemId, Limits, NewItem, PartitionInfo, QueueInfo, DEFAULT_NAMESPACE,
+    ClearRequest, Item, ItemId, Limits, NewItem, PartitionInfo, QueueInfo, RetryItem, DEFAULT_NAMESPACE,
 };
 use crate::validate;
-use queue::{Cold, Msg, QueueTask};
+use queue::{Cold, DeadLetterSink, Msg, QueueTask};
 
 /// One configured partition store.
 #[derive(Clone, Debug)]
@@ -99,17 +107,6 @@ pub struct LeaseResult {
     pub partition: u32,
     /// The leased items.
     pub items: Vec<Item>,
-}
-
-/// A retry item as the server hands it over.
-#[derive(Clone, Debug)]
-pub struct RetryRequestItem {
-    /// The id from the lease.
-    pub id: String,
-    /// Zero for now.
-    pub retry_at: Ts,
-    /// Dead-letter the item.
-    pub dead: bool,
 }
 
 /// Which fields an update sets; `None` leaves the stored value alone.
@@ -190,13 +187,15 @@ impl Engine {
     /// Builds an engine; queues load lazily on first use.
     pub fn new(config: EngineConfig) -> Result<Engine, QueueError> {
         if config.stores.is_empty() {
-            return Err(QueueError::Invalid(
-                "partition-storage is invalid; at least one store is required".into(),
+            return Err(validate::invalid(
+                "partition-storage",
+                "at least one store is required",
             ));
         }
         if !config.stores.iter().any(|s| s.affinity > 0.0) {
-            return Err(QueueError::Invalid(
-                "partition-storage is invalid; at least one store needs an affinity greater than 0".into(),
+            return Err(validate::invalid(
+                "partition-storage",
+                "at least one store needs an affinity greater than 0",
             ));
         }
         Ok(Engine {
@@ -234,14 +233,10 @@ impl Engine {
         validate::queue_name("queue_name", &info.name)?;
         validate_options(&info)?;
         if info.lease_timeout.is_zero() {
-            return Err(QueueError::Invalid(
-                "lease_timeout is required; '1m' is a typical value".into(),
-            ));
+            return Err(validate::required("lease_timeout", "'1m' is a typical value"));
         }
         if info.expire_timeout.is_zero() {
-            return Err(QueueError::Invalid(
-                "expire_timeout is required; '24h' is a typical value".into(),
-            ));
+            return Err(validate::required("expire_timeout", "'24h' is a typical value"));
         }
         if info.namespace.is_empty() {
             info.namespace = DEFAULT_NAMESPACE.to_string();
@@ -289,16 +284,22 @@ impl Engine {
     fn validate_placement(&self, info: &QueueInfo) -> Result<(), QueueError> {
         for (i, p) in info.partitions.iter().enumerate() {
             if p.partition as usize != i {
-                return Err(QueueError::Invalid(format!(
-                    "partitions is invalid; partition numbers must run from 0 in order, found '{}' at position {i}",
-                    p.partition
-                )));
+                return Err(validate::invalid(
+                    "partitions",
+                    format!(
+                        "partition numbers must run from 0 in order, found '{}' at position {i}",
+                        p.partition
+                    ),
+                ));
             }
             if !self.inner.config.stores.iter().any(|s| s.name == p.storage_name) {
-                return Err(QueueError::Invalid(format!(
-                    "invalid partition storage; queue '{}' references '{}' which is undefined",
-                    info.name, p.storage_name
-                )));
+                return Err(validate::rejected(
+                    "partition storage",
+                    format!(
+                        "queue '{}' references '{}' which is undefined",
+                        info.name, p.storage_name
+                    ),
+                ));
             }
         }
         Ok(())
@@ -318,9 +319,10 @@ impl Engine {
             )));
         };
         if !dlq.dead_queue.is_empty() {
-            return Err(QueueError::Invalid(format!(
-                "dead_queue is invalid; '{dead_queue}' already has its own dead_queue configured"
-            )));
+            return Err(validate::invalid(
+                "dead_queue",
+                format!("'{dead_queue}' already has its own dead_queue configured"),
+            ));
         }
         Ok(())
     }
@@ -352,16 +354,12 @@ impl Engine {
         if let Some(n) = update.requested_partitions {
             let have = info.partitions.len() as u32;
             if n < have {
-                return Err(QueueError::Invalid(format!(
-                    "requested_partitions is invalid; cannot shrink from '{have}' to '{n}' partitions"
-                )));
+                return Err(validate::invalid(
+                    "requested_partitions",
+                    format!("cannot shrink from '{have}' to '{n}' partitions"),
+                ));
             }
-            if n > validate::MAX_PARTITIONS {
-                return Err(QueueError::Invalid(format!(
-                    "requested_partitions is invalid; cannot be greater than '{}'",
-                    validate::MAX_PARTITIONS
-                )));
-            }
+            validate::partition_count(n)?;
             info.partitions.extend(place(&self.weights(), have, n - have));
             info.requested_partitions = n;
             self.prepare_partitions(&info.name, &info.partitions, have as usize)
@@ -499,9 +497,9 @@ impl Engine {
         }
     }
 
-    /// Probes the queue store (health checks).
-    pub async fn health(&self) -> Result<(), String> {
-        self.inner.config.queues.ping().await.map_err(|e| e.message)
+    /// Probes the queue store (health checks); the error keeps its kind and cause for the log.
+    pub async fn health(&self) -> Result<(), StorageError> {
+        self.inner.config.queues.ping().await
     }
 
     // ---- queue operations --------------------------------------------------------------------------------------
@@ -529,7 +527,7 @@ impl Engine {
         let task = QueueTask::new(
             info,
             rx,
-            Arc::downgrade(&self.inner),
+            Arc::new(EngineSink(Arc::downgrade(&self.inner))),
             self.inner.config.clone(),
             metrics.clone(),
         );
@@ -556,7 +554,8 @@ impl Engine {
         send(&h, make).await
     }
 
-    /// Produces items; returns once storage holds them.
+    /// Produces items; returns once storage holds them, or with [`QueueError::RequestTimeout`] when that does not
+    /// happen within `request_timeout` (a hung partition, a full inbox draining slowly).
     pub async fn produce(
         &self,
         queue: &str,
@@ -564,7 +563,7 @@ impl Engine {
         request_timeout: Option<Duration>,
     ) -> Result<(), QueueError> {
         let limits = self.limits();
-        let _timeout = validate::request_timeout(
+        let timeout = validate::request_timeout(
             request_timeout,
             limits.min_request_timeout,
             limits.max_request_timeout,
@@ -574,45 +573,36 @@ impl Engine {
                 "items cannot be empty; at least one item is required".into(),
             ));
         }
-        if items.len() > limits.max_produce_batch {
-            return Err(QueueError::Invalid(format!(
-                "items is invalid; max_produce_batch_size is {} but received {}",
-                limits.max_produce_batch,
-                items.len()
-            )));
-        }
-        self.call(queue, |reply| Msg::Produce { items, reply }).await
+        validate::batch_len(
+            "items",
+            "max_produce_batch_size",
+            limits.max_produce_batch,
+            items.len(),
+        )?;
+        let deadline = self.clock().now().add(timeout);
+        self.within(
+            deadline,
+            "produce",
+            self.call(queue, |reply| Msg::Produce {
+                items,
+                deadline,
+                reply,
+            }),
+        )
+        .await
     }
 
     /// Leases up to `batch_size` items, waiting up to `request_timeout` for the first one.
     pub async fn lease(
         &self,
         queue: &str,
-        batch_size: i64,
+        batch_size: usize,
         client_id: &str,
         request_timeout: Option<Duration>,
     ) -> Result<LeaseResult, QueueError> {
         let limits = self.limits();
-        if client_id.trim().is_empty() {
-            return Err(QueueError::Invalid("invalid client id; cannot be empty".into()));
-        }
-        if client_id.len() > validate::MAX_CLIENT_ID {
-            return Err(QueueError::Invalid(format!(
-                "invalid client id; cannot be longer than {} characters",
-                validate::MAX_CLIENT_ID
-            )));
-        }
-        if batch_size <= 0 {
-            return Err(QueueError::Invalid(
-                "invalid batch size; must be greater than zero".into(),
-            ));
-        }
-        if batch_size as usize > limits.max_lease_batch {
-            return Err(QueueError::Invalid(format!(
-                "invalid batch size; max_lease_batch_size is {}, but {batch_size} was requested",
-                limits.max_lease_batch
-            )));
-        }
+        validate::client_id(client_id)?;
+        validate::lease_batch_size(batch_size, limits.max_lease_batch)?;
         let timeout = validate::request_timeout(
             request_timeout,
             limits.min_request_timeout,
@@ -621,7 +611,7 @@ impl Engine {
         let deadline = self.clock().now().add(timeout);
         let client_id = client_id.to_string();
         self.call(queue, |reply| Msg::Lease {
-            n: batch_size as usize,
+            n: batch_size,
             client_id,
             deadline,
             reply,
@@ -630,29 +620,28 @@ impl Engine {
     }
 
     /// Completes leased items: all of the ids or none.
+    ///
+    /// `request_timeout` is checked but not yet applied to the wait, unlike produce's: a test that jumps the
+    /// manual clock by minutes while completes are in flight (linearizability) would need to treat a timed-out
+    /// complete as an ambiguous outcome first.
     pub async fn complete(
         &self,
         queue: &str,
-        partition: i64,
-        ids: Vec<String>,
+        partition: u32,
+        ids: Vec<ItemId>,
         request_timeout: Option<Duration>,
     ) -> Result<(), QueueError> {
         let limits = self.limits();
         if ids.is_empty() {
-            return Err(QueueError::Invalid(
-                "ids is invalid; list of ids cannot be empty".into(),
-            ));
+            return Err(validate::invalid("ids", "list of ids cannot be empty"));
         }
-        if ids.len() > limits.max_complete_batch {
-            return Err(QueueError::Invalid(format!(
-                "ids is invalid; max_complete_batch_size is {} but received {}",
-                limits.max_complete_batch,
-                ids.len()
-            )));
-        }
+        validate::batch_len(
+            "ids",
+            "max_complete_batch_size",
+            limits.max_complete_batch,
+            ids.len(),
+        )?;
         validate::request_timeout(request_timeout, Duration::ZERO, limits.max_request_timeout)?;
-        let ids = parse_ids(&ids)?;
-        let partition = partition_number(partition)?;
         self.call(queue, |reply| Msg::Complete {
             partition,
             ids,
@@ -662,38 +651,39 @@ impl Engine {
     }
 
     /// Retries leased items: all of them or none.
-    pub async fn retry(
-        &self,
-        queue: &str,
-        partition: i64,
-        items: Vec<RetryRequestItem>,
-    ) -> Result<(), QueueError> {
+    pub async fn retry(&self, queue: &str, partition: u32, items: Vec<RetryItem>) -> Result<(), QueueError> {
         let limits = self.limits();
         if items.is_empty() {
-            return Err(QueueError::Invalid(
-                "items is invalid; list of items cannot be empty".into(),
-            ));
+            return Err(validate::invalid("items", "list of items cannot be empty"));
         }
-        if items.len() > limits.max_complete_batch {
-            return Err(QueueError::Invalid(format!(
-                "items is invalid; max_complete_batch_size is {} but received {}",
-                limits.max_complete_batch,
-                items.len()
-            )));
-        }
-        let ids = parse_ids(&items.iter().map(|i| i.id.clone()).collect::<Vec<_>>())?;
-        let items = ids
-            .into_iter()
-            .zip(items)
-            .map(|(id, i)| (id, i.retry_at, i.dead))
-            .collect();
-        let partition = partition_number(partition)?;
+        validate::batch_len(
+            "items",
+            "max_complete_batch_size",
+            limits.max_complete_batch,
+            items.len(),
+        )?;
         self.call(queue, |reply| Msg::Retry {
             partition,
             items,
             reply,
         })
         .await
+    }
+
+    /// Runs `request` until `deadline` on the engine's clock, then gives up with [`QueueError::RequestTimeout`].
+    /// The request may still complete in the queue task afterwards; the caller only stops waiting, as with any
+    /// timeout. The engine's clock (not tokio's) decides, so tests move time instead of sleeping.
+    async fn within<T>(
+        &self,
+        deadline: Ts,
+        what: &'static str,
+        request: impl Future<Output = Result<T, QueueError>>,
+    ) -> Result<T, QueueError> {
+        tokio::select! {
+            biased;
+            r = request => r,
+            () = self.clock().sleep_until(deadline) => Err(QueueError::RequestTimeout(what)),
+        }
     }
 
     /// Statistics of the queue.
@@ -704,8 +694,9 @@ impl Engine {
     /// Clears items as the request says.
     pub async fn clear(&self, queue: &str, request: ClearRequest) -> Result<(), QueueError> {
         if !request.queue && !request.scheduled {
-            return Err(QueueError::Invalid(
-                "invalid clear request; one of 'queue', 'scheduled' must be true".into(),
+            return Err(validate::rejected(
+                "clear request",
+                "one of 'queue', 'scheduled' must be true",
             ));
         }
         self.call(queue, |reply| Msg::Cold(Cold::Clear(request, reply)))
@@ -717,21 +708,15 @@ impl Engine {
         self.call(queue, |reply| Msg::Cold(Cold::Reload(reply))).await
     }
 
-    /// Lists stored items of a partition (ready and leased, or scheduled).
+    /// Lists stored items of a partition (ready and leased, or scheduled), from `pivot` (inclusive) when given.
     pub async fn storage_list(
         &self,
         queue: &str,
-        partition: i64,
-        pivot: &str,
+        partition: u32,
+        pivot: Option<ItemId>,
         limit: usize,
         scheduled: bool,
     ) -> Result<Vec<Item>, QueueError> {
-        let pivot = if pivot.is_empty() {
-            None
-        } else {
-            Some(parse_id(pivot)?)
-        };
-        let partition = partition_number(partition)?;
         self.call(queue, |reply| {
             Msg::Cold(Cold::List {
                 partition,
@@ -748,19 +733,19 @@ impl Engine {
     pub async fn storage_import(
         &self,
         queue: &str,
-        partition: i64,
+        partition: u32,
         items: Vec<Item>,
     ) -> Result<Vec<Item>, QueueError> {
         if items.is_empty() {
-            return Err(QueueError::Invalid("items is invalid; cannot be empty".into()));
+            return Err(validate::invalid("items", "cannot be empty"));
         }
-        if items.len() > self.limits().max_produce_batch * 10 {
-            return Err(QueueError::Invalid(format!(
-                "items is invalid; at most {} items per import",
-                self.limits().max_produce_batch * 10
-            )));
+        let max = self.limits().max_produce_batch * 10;
+        if items.len() > max {
+            return Err(validate::invalid(
+                "items",
+                format!("at most {max} items per import"),
+            ));
         }
-        let partition = partition_number(partition)?;
         self.call(queue, |reply| {
             Msg::Cold(Cold::Import {
                 partition,
@@ -775,14 +760,12 @@ impl Engine {
     pub async fn storage_delete(
         &self,
         queue: &str,
-        partition: i64,
-        ids: Vec<String>,
+        partition: u32,
+        ids: Vec<ItemId>,
     ) -> Result<(), QueueError> {
         if ids.is_empty() {
-            return Err(QueueError::Invalid("ids is invalid; cannot be empty".into()));
+            return Err(validate::invalid("ids", "cannot be empty"));
         }
-        let ids = parse_ids(&ids)?;
-        let partition = partition_number(partition)?;
         self.call(queue, |reply| {
             Msg::Cold(Cold::Delete {
                 partition,
@@ -816,19 +799,23 @@ impl Engine {
         }
         self.inner.config.queues.close().await;
     }
+}
 
-    /// Hands dead items to the dead-letter queue `queue` (idempotent by source_id).
-    ///
-    /// Boxed with an explicit `Send` bound: the queue task awaits this, and this may load (spawn) a queue task,
-    /// a cycle the compiler cannot prove `Send` through on its own.
-    pub(crate) fn dead_letter(
-        inner: &Arc<Inner>,
-        queue: &str,
-        items: Vec<NewItem>,
-    ) -> crate::time::BoxFuture<'static, Result<(), QueueError>> {
-        let engine = Engine { inner: inner.clone() };
+/// The [`DeadLetterSink`] the engine gives each queue task: it loads the dead-letter queue if needed and hands it
+/// the items through its inbox.
+///
+/// It holds the engine weakly: the engine's queue table holds every task's inbox, so a strong reference from inside
+/// a task would keep every inbox open and no task would ever see its inbox close when the engine is dropped.
+struct EngineSink(Weak<Inner>);
+
+impl DeadLetterSink for EngineSink {
+    fn send(&self, queue: &str, items: Vec<NewItem>) -> BoxFuture<'static, Result<(), QueueError>> {
+        let engine = self.0.upgrade().map(|inner| Engine { inner });
         let queue = queue.to_string();
         Box::pin(async move {
+            let Some(engine) = engine else {
+                return Err(QueueError::ShuttingDown);
+            };
             engine
                 .call(&queue, |reply| Msg::DeadLetter { items, reply })
                 .await
@@ -866,23 +853,18 @@ fn poisoned<T>(_: T) -> QueueError {
 
 fn validate_options(info: &QueueInfo) -> Result<(), QueueError> {
     if info.reference.len() > validate::MAX_REFERENCE {
-        return Err(QueueError::Invalid(format!(
-            "reference is invalid; cannot be greater than '{}' characters",
-            validate::MAX_REFERENCE
-        )));
+        return Err(validate::invalid(
+            "reference",
+            format!("cannot be greater than '{}' characters", validate::MAX_REFERENCE),
+        ));
     }
     if info.max_attempts > validate::MAX_ATTEMPTS {
-        return Err(QueueError::Invalid(format!(
-            "max_attempts is invalid; cannot be greater than '{}'",
-            validate::MAX_ATTEMPTS
-        )));
+        return Err(validate::invalid(
+            "max_attempts",
+            format!("cannot be greater than '{}'", validate::MAX_ATTEMPTS),
+        ));
     }
-    if info.requested_partitions > validate::MAX_PARTITIONS {
-        return Err(QueueError::Invalid(format!(
-            "requested_partitions is invalid; cannot be greater than '{}'",
-            validate::MAX_PARTITIONS
-        )));
-    }
+    validate::partition_count(info.requested_partitions)?;
     if !info.lease_timeout.is_zero()
         && !info.expire_timeout.is_zero()
         && info.lease_timeout > info.expire_timeout
@@ -892,18 +874,4 @@ fn validate_options(info: &QueueInfo) -> Result<(), QueueError> {
         ));
     }
     Ok(())
-}
-
-fn parse_id(s: &str) -> Result<ItemId, QueueError> {
-    s.parse::<ItemId>()
-        .map_err(|e| QueueError::Invalid(format!("invalid storage id; '{s}': {e}")))
-}
-
-fn parse_ids(ids: &[String]) -> Result<Vec<ItemId>, QueueError> {
-    ids.iter().map(|s| parse_id(s)).collect()
-}
-
-fn partition_number(p: i64) -> Result<u32, QueueError> {
-    u32::try_from(p)
-        .map_err(|_| QueueError::Invalid(format!("partition is invalid; '{p}' is not a valid partition")))
 }

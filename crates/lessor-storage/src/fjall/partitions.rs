@@ -29,7 +29,7 @@ use lessor_core::error::{ItemError, StorageError, StorageErrorKind};
 use lessor_core::storage::{
     LifecycleOutcome, LifecyclePolicy, Partition, PartitionStore, RetryOp, RetryOutcome,
 };
-use lessor_core::time::{Clock, SystemClock, Ts};
+use lessor_core::time::Ts;
 use lessor_core::types::{ClearRequest, Item, ItemId, NewItem, PartitionCounts, PartitionStats};
 use tokio::sync::oneshot;
 
@@ -176,7 +176,7 @@ impl Shared {
     async fn load(&self, name: Arc<str>, pid: u64) -> Result<(PartitionState, u64), StorageError> {
         let engine = self.engine.clone();
         blocking(move || {
-            let floor = u64::try_from(SystemClock.now().0).unwrap_or(1);
+            let floor = ItemId::floor_now().0;
             let Some(ks) = engine.keyspace(ITEMS, true)? else {
                 return Ok((PartitionState::new(floor), 0));
             };

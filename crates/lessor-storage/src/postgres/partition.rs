@@ -22,7 +22,7 @@ use lessor_core::error::{ItemError, StorageError};
 use lessor_core::storage::{
     LifecycleOutcome, LifecyclePolicy, Partition, PartitionStore, RetryAction, RetryOp, RetryOutcome,
 };
-use lessor_core::time::{Clock, SystemClock, Ts};
+use lessor_core::time::Ts;
 use lessor_core::types::{ClearRequest, Item, ItemId, NewItem, PartitionCounts, PartitionStats};
 use tokio_postgres::Row;
 
@@ -82,7 +82,7 @@ impl PartitionStore for PgStore {
 
     async fn create(&self, queue: &str, partitions: &[u32]) -> Result<(), StorageError> {
         let shared = self.shared()?;
-        let first_id = SystemClock.now().0.max(1);
+        let first_id = i64::try_from(ItemId::floor_now().0).unwrap_or(i64::MAX);
         // A table, its sequence and its indexes are one transaction each: a few at a time keeps the pool's other
         // users served while a wide queue is created.
         for chunk in partitions.chunks(CREATE_CONCURRENCY) {
@@ -101,7 +101,7 @@ impl PartitionStore for PgStore {
         let table = table_name(queue, partition);
         // A new table's ids start at the current time in microseconds, so a queue deleted and created again never
         // reuses an id that a consumer of the old queue may still hold.
-        let first_id = SystemClock.now().0.max(1);
+        let first_id = i64::try_from(ItemId::floor_now().0).unwrap_or(i64::MAX);
         schema::ensure_partition(&shared, &table, queue, partition, first_id).await?;
         Ok(Arc::new(PgPartition {
             sql: Sql::new(&table),

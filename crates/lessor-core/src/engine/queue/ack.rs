@@ -1,0 +1,150 @@
+//! Complete and retry: the requests of a pass grouped by partition, one storage call per partition per kind; a
+//! request naming any id that cannot be applied changes nothing.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use futures::future::join_all;
+
+use super::{CompleteGroups, QueueTask, RetryGroups};
+use crate::error::QueueError;
+use crate::storage::{Partition, RetryAction, RetryOp};
+use crate::time::Ts;
+use crate::types::ItemId;
+use crate::validate;
+
+impl QueueTask {
+    /// The partition a complete or retry names, or the error to answer with.
+    pub(super) fn target(&self, partition: u32) -> Result<Arc<dyn Partition>, QueueError> {
+        let Some(p) = self.parts.get(partition as usize) else {
+            return Err(validate::no_such_partition(partition));
+        };
+        p.healthy().ok_or(QueueError::PartitionUnavailable(partition))
+    }
+
+    /// Applies the completes of one pass, one storage call per partition.
+    pub(super) async fn complete(&mut self, groups: CompleteGroups, now: Ts) {
+        let mut calls = Vec::new();
+        for (partition, reqs) in groups {
+            match self.target(partition) {
+                Ok(h) => calls.push(async move {
+                    let ids: Vec<Vec<ItemId>> = reqs.iter().map(|r| r.0.clone()).collect();
+                    let res = h.complete(ids).await;
+                    (partition, reqs, res)
+                }),
+                Err(e) => {
+                    for (_, reply) in reqs {
+                        let _ = reply.send(Err(e.clone()));
+                    }
+                }
+            }
+        }
+        for (partition, reqs, res) in join_all(calls).await {
+            match res {
+                Ok(results) => {
+                    for ((ids, reply), r) in reqs.into_iter().zip(results) {
+                        match r {
+                            Ok(()) => {
+                                let p = &mut self.parts[partition as usize];
+                                p.counts.leased = p.counts.leased.saturating_sub(ids.len() as u64);
+                                self.metrics
+                                    .completed
+                                    .fetch_add(ids.len() as u64, Ordering::Relaxed);
+                                let _ = reply.send(Ok(()));
+                            }
+                            Err(e) => {
+                                let _ = reply.send(Err(QueueError::CannotComplete(e)));
+                            }
+                        }
+                    }
+                }
+                Err(e) => {
+                    let name = self.info.name.clone();
+                    self.parts[partition as usize].fail(now, &name, &e);
+                    for (_, reply) in reqs {
+                        let _ = reply.send(Err(QueueError::from_storage(&e)));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Applies the retries of one pass, one storage call per partition: each item is requeued now, scheduled, or
+    /// dead-lettered.
+    pub(super) async fn retry(&mut self, groups: RetryGroups, now: Ts) {
+        let threshold = now.add(self.config.limits.schedule_threshold);
+        let policy = self.policy();
+        let mut calls = Vec::new();
+        for (partition, reqs) in groups {
+            match self.target(partition) {
+                Ok(h) => {
+                    let ops: Vec<Vec<RetryOp>> = reqs
+                        .iter()
+                        .map(|(items, _)| {
+                            items
+                                .iter()
+                                .map(|it| RetryOp {
+                                    id: it.id,
+                                    action: if it.dead {
+                                        RetryAction::Dead
+                                    } else if it.retry_at < threshold {
+                                        RetryAction::Requeue
+                                    } else {
+                                        RetryAction::Schedule(it.retry_at)
+                                    },
+                                })
+                                .collect()
+                        })
+                        .collect();
+                    calls.push(async move {
+                        let res = h.retry(ops.clone(), policy).await;
+                        (partition, reqs, ops, res)
+                    })
+                }
+                Err(e) => {
+                    for (_, reply) in reqs {
+                        let _ = reply.send(Err(e.clone()));
+                    }
+                }
+            }
+        }
+        for (partition, reqs, ops, res) in join_all(calls).await {
+            let p = &mut self.parts[partition as usize];
+            match res {
+                Ok(results) => {
+                    for (((_, reply), ops), r) in reqs.into_iter().zip(ops).zip(results) {
+                        match r {
+                            Ok(o) => {
+                                p.counts.leased = p.counts.leased.saturating_sub(ops.len() as u64);
+                                p.counts.ready += o.requeued;
+                                p.counts.scheduled += o.scheduled;
+                                for op in &ops {
+                                    if let RetryAction::Schedule(at) = op.action {
+                                        p.pull_deadline(at);
+                                    }
+                                }
+                                if o.dead > 0 && policy.has_dead_queue {
+                                    p.pull_deadline(now); // transfer the dead items on the next pass
+                                }
+                                self.metrics
+                                    .retried
+                                    .fetch_add(o.requeued + o.scheduled, Ordering::Relaxed);
+                                self.metrics.dead_lettered.fetch_add(o.dead, Ordering::Relaxed);
+                                let _ = reply.send(Ok(()));
+                            }
+                            Err(e) => {
+                                let _ = reply.send(Err(QueueError::CannotRetry(e)));
+                            }
+                        }
+                    }
+                }
+                Err(e) => {
+                    p.fail(now, &self.info.name, &e);
+                    for (_, reply) in reqs {
+                        let _ = reply.send(Err(QueueError::from_storage(&e)));
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,130 @@
+//! Cold requests, answered one by one after the batched work of a pass: stats, clear, reload, the storage API
+//! (list, import, delete) and definition updates.
+
+use super::{Cold, QueueTask};
+use crate::engine::{PartitionReport, QueueStats};
+use crate::error::QueueError;
+use crate::time::Ts;
+
+impl QueueTask {
+    /// Answers one cold request.
+    pub(super) async fn cold(&mut self, c: Cold, now: Ts) {
+        match c {
+            Cold::Stats(reply) => {
+                let mut out = QueueStats {
+                    lease_waiting: self.waiters.len() as u64,
+                    in_flight: self.rx.len() as u64,
+                    ..Default::default()
+                };
+                for p in &self.parts {
+                    let mut r = PartitionReport {
+                        partition: p.num,
+                        failures: p.failures,
+                        ..Default::default()
+                    };
+                    if let Some(h) = p.healthy() {
+                        match h.stats(now).await {
+                            Ok(s) => {
+                                r.total = s.counts.ready + s.counts.leased;
+                                r.total_leased = s.counts.leased;
+                                r.scheduled = s.counts.scheduled;
+                                r.average_age = s.average_age;
+                                r.average_leased_age = s.average_leased_age;
+                            }
+                            Err(e) => {
+                                tracing::warn!(queue = %self.info.name, partition = p.num, error = %e, "stats failed")
+                            }
+                        }
+                    }
+                    out.partitions.push(r);
+                }
+                let _ = reply.send(Ok(out));
+            }
+            Cold::Clear(req, reply) => {
+                let mut result = Ok(());
+                for i in 0..self.parts.len() {
+                    let Some(h) = self.parts[i].healthy() else {
+                        result = Err(QueueError::PartitionUnavailable(self.parts[i].num));
+                        continue;
+                    };
+                    if let Err(e) = h.clear(req).await {
+                        result = Err(QueueError::from_storage(&e));
+                        continue;
+                    }
+                    if let Ok(c) = h.counts().await {
+                        self.parts[i].counts = c;
+                    }
+                }
+                let _ = reply.send(result);
+            }
+            Cold::Reload(reply) => {
+                let all: Vec<usize> = (0..self.parts.len()).collect();
+                self.probe_many(&all, now).await;
+                let _ = reply.send(Ok(()));
+            }
+            Cold::List {
+                partition,
+                pivot,
+                limit,
+                scheduled,
+                reply,
+            } => {
+                let r = match self.target(partition) {
+                    Ok(h) => h
+                        .list(pivot, limit, scheduled)
+                        .await
+                        .map_err(|e| QueueError::from_storage(&e)),
+                    Err(e) => Err(e),
+                };
+                let _ = reply.send(r);
+            }
+            Cold::Import {
+                partition,
+                mut items,
+                reply,
+            } => {
+                // Querator reads an omitted expire_deadline as 1970 and expires the item at once; here an omitted
+                // deadline means the queue's expire_timeout from now, and an omitted created_at means now.
+                for it in &mut items {
+                    if it.expire_deadline.is_zero() {
+                        it.expire_deadline = now.add(self.info.expire_timeout);
+                    }
+                    if it.created_at.is_zero() {
+                        it.created_at = now;
+                    }
+                }
+                let r = match self.target(partition) {
+                    Ok(h) => h.import(items).await.map_err(|e| QueueError::from_storage(&e)),
+                    Err(e) => Err(e),
+                };
+                // Unlike Querator, counts and deadlines follow an import at once: no reload needed.
+                self.probe(partition as usize, now).await;
+                let _ = reply.send(r);
+            }
+            Cold::Delete {
+                partition,
+                ids,
+                reply,
+            } => {
+                let r = match self.target(partition) {
+                    Ok(h) => h.delete(ids).await.map_err(|e| QueueError::from_storage(&e)),
+                    Err(e) => Err(e),
+                };
+                if r.is_ok() {
+                    self.probe(partition as usize, now).await;
+                }
+                let _ = reply.send(r);
+            }
+            Cold::UpdateInfo(info, done) => {
+                self.set_info(*info);
+                // A lowered max_attempts or a new dead-letter queue applies to items already dead or leased.
+                for p in &mut self.parts {
+                    if p.failures == 0 {
+                        p.pull_deadline(now);
+                    }
+                }
+                let _ = done.send(());
+            }
+        }
+    }
+}

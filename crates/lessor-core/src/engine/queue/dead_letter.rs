@@ -1,0 +1,129 @@
+//! Dead-lettering: moving this queue's dead items to its dead-letter queue, and storing items moved here.
+//!
+//! The move goes through a [`DeadLetterSink`] the engine hands each task, so the task never reaches back into the
+//! engine itself; the sink is idempotent by source id, so a move repeated after a failure is not doubled.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use std::time::Duration;
+
+use super::{QueueTask, Reply, DEAD_BATCH};
+use crate::error::QueueError;
+use crate::storage::Partition;
+use crate::time::{BoxFuture, Ts};
+use crate::types::{ItemId, NewItem};
+
+/// Where a queue task sends its dead items: the dead-letter queue named in its definition.
+///
+/// The engine gives each task one, so the task knows how to hand items on without knowing the engine. Stores are
+/// idempotent by [`NewItem::source_id`], so sending the same items again after a failure does not double them.
+pub(crate) trait DeadLetterSink: Send + Sync + 'static {
+    /// Stores `items` in the queue named `queue`; resolves once that queue's storage holds them.
+    ///
+    /// Boxed with an explicit `Send` bound: the receiving queue may have to be loaded (a task spawned) first, a
+    /// cycle through the task type the compiler cannot prove `Send` on its own.
+    fn send(&self, queue: &str, items: Vec<NewItem>) -> BoxFuture<'static, Result<(), QueueError>>;
+}
+
+/// How long one move may stall this queue when the dead-letter queue is slow.
+const DEAD_LETTER_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long to wait before trying a failed move again.
+const DEAD_LETTER_RETRY: Duration = Duration::from_secs(1);
+
+impl QueueTask {
+    /// Moves partition `i`'s dead items to the dead-letter queue in batches, removing each batch only once the
+    /// dead-letter queue holds it; a failed move backs off and is retried on a later pass.
+    pub(super) async fn transfer_dead(&mut self, i: usize, h: &Arc<dyn Partition>, now: Ts) {
+        let name = self.info.name.clone();
+        let num = self.parts[i].num;
+        loop {
+            let items = match h.dead_items(DEAD_BATCH).await {
+                Ok(items) if items.is_empty() => return,
+                Ok(items) => items,
+                Err(e) => return self.parts[i].fail(now, &name, &e),
+            };
+            let ids: Vec<ItemId> = items.iter().map(|it| it.id).collect();
+            let news: Vec<NewItem> = items
+                .into_iter()
+                .map(|it| NewItem {
+                    // The key that makes the move idempotent: the same dead item always carries the same source id.
+                    source_id: format!("{name}/{num}/{}", it.id),
+                    enqueue_at: Ts::ZERO,
+                    expire_deadline: Ts::ZERO,
+                    created_at: it.created_at,
+                    reference: it.reference,
+                    encoding: it.encoding,
+                    kind: it.kind,
+                    payload: it.payload,
+                })
+                .collect();
+            let full = ids.len() == DEAD_BATCH;
+            let dlq = self.info.dead_queue.clone();
+            // The dead-letter queue's task never waits on this one (a dead-letter queue cannot have its own), so
+            // waiting here cannot deadlock; the timeout bounds how long this queue stalls if it is slow.
+            let sent = tokio::time::timeout(DEAD_LETTER_TIMEOUT, self.dead_letters.send(&dlq, news)).await;
+            match sent {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    tracing::warn!(queue = %name, dead_queue = %dlq, error = %e, "dead-letter move failed; will retry");
+                    self.dead_retry_at = now.add(DEAD_LETTER_RETRY);
+                    return;
+                }
+                Err(_) => {
+                    tracing::warn!(queue = %name, dead_queue = %dlq, "dead-letter move timed out; will retry");
+                    self.dead_retry_at = now.add(DEAD_LETTER_RETRY);
+                    return;
+                }
+            }
+            if let Err(e) = h.remove_dead(ids).await {
+                return self.parts[i].fail(now, &name, &e);
+            }
+            if !full {
+                return;
+            }
+        }
+    }
+
+    /// Dead items from another queue: always written to partition 0, so a repeated move finds the earlier copy by
+    /// its source id and is not doubled.
+    pub(super) async fn accept_dead_letters(&mut self, requests: Vec<(Vec<NewItem>, Reply<()>)>, now: Ts) {
+        let Some(h) = self.parts.first().and_then(|p| p.healthy()) else {
+            for (_, reply) in requests {
+                let _ = reply.send(Err(QueueError::PartitionUnavailable(0)));
+            }
+            return;
+        };
+        let expire = now.add(self.info.expire_timeout);
+        let all: Vec<NewItem> = requests
+            .iter()
+            .flat_map(|r| r.0.iter().cloned())
+            .map(|mut it| {
+                it.expire_deadline = expire;
+                it
+            })
+            .collect();
+        let n = all.len() as u64;
+        match h.produce(all).await {
+            Ok(_) => {
+                self.parts[0].pull_deadline(expire);
+                // Duplicates were skipped by the store; re-read the exact count rather than guess.
+                match h.counts().await {
+                    Ok(c) => self.parts[0].counts = c,
+                    Err(_) => self.parts[0].counts.ready += n,
+                }
+                self.metrics.produced.fetch_add(n, Ordering::Relaxed);
+                for (_, reply) in requests {
+                    let _ = reply.send(Ok(()));
+                }
+            }
+            Err(e) => {
+                let name = self.info.name.clone();
+                self.parts[0].fail(now, &name, &e);
+                for (_, reply) in requests {
+                    let _ = reply.send(Err(QueueError::from_storage(&e)));
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,97 @@
+//! Partition health: opening partitions, probing failed ones on their backoff, re-reading partitions on shared
+//! stores (another server may change them), and the stand-in for a store the configuration lost.
+
+use std::sync::Arc;
+
+use std::time::Duration;
+
+use futures::future::join_all;
+
+use super::QueueTask;
+use crate::error::{StorageError, StorageErrorKind};
+use crate::storage::{Partition, PartitionStore};
+use crate::time::Ts;
+
+/// How often counts of partitions on shared stores are re-read.
+const SHARED_REFRESH: Duration = Duration::from_millis(500);
+
+impl QueueTask {
+    /// Probes the failed partitions whose backoff is over and the shared ones due a refresh.
+    pub(super) async fn recover(&mut self, now: Ts) {
+        let due: Vec<usize> = (0..self.parts.len())
+            .filter(|&i| {
+                let p = &self.parts[i];
+                (p.failures > 0 && p.retry_at <= now) || (p.failures == 0 && p.shared && p.refresh_at <= now)
+            })
+            .collect();
+        self.probe_many(&due, now).await;
+    }
+
+    /// Opens (if needed) and re-reads a partition; marks it healthy or failed.
+    pub(super) async fn probe(&mut self, i: usize, now: Ts) {
+        self.probe_many(&[i], now).await;
+    }
+
+    /// Probes several partitions at once: opening a new partition can take milliseconds (a persistent store
+    /// creates and syncs it), and a queue with a hundred partitions must not open them one after another.
+    pub(super) async fn probe_many(&mut self, which: &[usize], now: Ts) {
+        if which.is_empty() {
+            return;
+        }
+        let name = self.info.name.clone();
+        let probes = which.iter().filter(|&&i| i < self.parts.len()).map(|&i| {
+            let p = &self.parts[i];
+            let (store, handle, num, name) = (p.store.clone(), p.handle.clone(), p.num, name.clone());
+            async move {
+                let result = async {
+                    let h = match handle {
+                        Some(h) => h,
+                        None => store.open(&name, num).await?,
+                    };
+                    let counts = h.counts().await?;
+                    let deadline = h.next_deadline().await?;
+                    Ok::<_, StorageError>((h, counts, deadline))
+                }
+                .await;
+                (i, result)
+            }
+        });
+        for (i, result) in join_all(probes).await {
+            let p = &mut self.parts[i];
+            match result {
+                Ok((h, counts, deadline)) => {
+                    p.handle = Some(h);
+                    p.counts = counts;
+                    p.next_deadline = deadline;
+                    if p.failures > 1 {
+                        tracing::info!(queue = %name, partition = p.num, "partition recovered");
+                    }
+                    p.failures = 0;
+                    p.refresh_at = now.add(SHARED_REFRESH);
+                }
+                Err(e) => p.fail(now, &name, &e),
+            }
+        }
+    }
+}
+
+/// Stands in for a store the configuration no longer defines, so the partition reports why it fails.
+#[derive(Debug)]
+pub(super) struct MissingStore(pub(super) String);
+
+#[async_trait::async_trait]
+impl PartitionStore for MissingStore {
+    fn driver(&self) -> &'static str {
+        "missing"
+    }
+    async fn open(&self, _queue: &str, _partition: u32) -> Result<Arc<dyn Partition>, StorageError> {
+        Err(StorageError::new(
+            StorageErrorKind::Config,
+            format!("partition storage '{}' is not in the configuration", self.0),
+        ))
+    }
+    async fn destroy(&self, _queue: &str, _partition: u32) -> Result<(), StorageError> {
+        Ok(())
+    }
+    async fn close(&self) {}
+}

@@ -1,0 +1,114 @@
+//! Leases: long-polling lease requests wait in the task; each pass deals ready items out round-robin and answers
+//! the requests whose timeout has passed.
+
+use std::sync::atomic::Ordering;
+
+use std::collections::VecDeque;
+
+use super::QueueTask;
+use crate::engine::LeaseResult;
+use crate::error::QueueError;
+use crate::time::Ts;
+use crate::types::Item;
+
+impl QueueTask {
+    /// Serves waiting lease requests. Each round picks the healthy partition with the most ready items and makes
+    /// one storage call for everything the waiters still want, then deals the items out one at a time in turn
+    /// (round-robin), so concurrent consumers share fairly. A waiter that got anything is answered.
+    pub(super) async fn serve_leases(&mut self, now: Ts) {
+        self.waiters.retain(|w| !w.reply.is_closed());
+        let mut tried: Vec<usize> = Vec::new();
+        while !self.waiters.is_empty() {
+            let pick = (0..self.parts.len())
+                .filter(|i| {
+                    !tried.contains(i) && self.parts[*i].failures == 0 && self.parts[*i].handle.is_some()
+                })
+                .filter(|i| self.parts[*i].counts.ready > 0 || self.parts[*i].shared)
+                .max_by_key(|&i| (self.parts[i].counts.ready, std::cmp::Reverse(i)));
+            let Some(i) = pick else { return };
+            tried.push(i);
+            let Some(h) = self.parts[i].healthy() else {
+                continue;
+            };
+            let wanted: usize = self.waiters.iter().map(|w| w.n).sum();
+            let want = wanted.min(self.config.limits.max_items_per_storage_call);
+            let deadline = now.add(self.info.lease_timeout);
+            let items = match h.lease(want, deadline).await {
+                Ok(items) => items,
+                Err(e) => {
+                    let name = self.info.name.clone();
+                    self.parts[i].fail(now, &name, &e);
+                    continue;
+                }
+            };
+            let p = &mut self.parts[i];
+            let got = items.len() as u64;
+            if got < want as u64 {
+                // The partition had fewer ready items than we believed (shared store, or drift): trust storage.
+                p.counts.ready = 0;
+            } else {
+                p.counts.ready = p.counts.ready.saturating_sub(got);
+            }
+            p.counts.leased += got;
+            if got > 0 {
+                p.pull_deadline(deadline);
+            }
+            self.metrics.leased.fetch_add(got, Ordering::Relaxed);
+            let num = p.num;
+            self.deal(num, items);
+        }
+    }
+
+    /// Deals `items` out one at a time to the waiters in turn; every waiter that got something is answered.
+    fn deal(&mut self, partition: u32, items: Vec<Item>) {
+        if items.is_empty() {
+            return;
+        }
+        let n = self.waiters.len();
+        let mut hands: Vec<Vec<Item>> = (0..n).map(|_| Vec::new()).collect();
+        let mut it = items.into_iter();
+        'deal: loop {
+            let mut gave = false;
+            for (k, w) in self.waiters.iter().enumerate() {
+                if hands[k].len() < w.n {
+                    match it.next() {
+                        Some(item) => {
+                            hands[k].push(item);
+                            gave = true;
+                        }
+                        None => break 'deal,
+                    }
+                }
+            }
+            if !gave {
+                break;
+            }
+        }
+        let waiters = std::mem::take(&mut self.waiters);
+        for (w, hand) in waiters.into_iter().zip(hands) {
+            if hand.is_empty() {
+                self.waiters.push_back(w);
+            } else {
+                let _ = w.reply.send(Ok(LeaseResult {
+                    partition,
+                    items: hand,
+                }));
+            }
+        }
+        // Items nobody could take stay leased until their deadline, which the storage call already set; that only
+        // happens when a waiter vanished between the count and the call.
+    }
+
+    /// Answers the waiters whose long-poll ended with "no items".
+    pub(super) fn expire_waiters(&mut self, now: Ts) {
+        let mut keep = VecDeque::with_capacity(self.waiters.len());
+        for w in self.waiters.drain(..) {
+            if w.deadline <= now {
+                let _ = w.reply.send(Err(QueueError::LeaseTimeout));
+            } else {
+                keep.push_back(w);
+            }
+        }
+        self.waiters = keep;
+    }
+}

@@ -1,0 +1,422 @@
+//! The task that owns one queue's partitions.
+//!
+//! The loop: wait for a message or the next deadline; drain the inbox; run due lifecycle work; apply produces,
+//! completes and retries as one storage call per partition per kind; register new lease requests; serve waiting
+//! leases from the fullest healthy partition, round-robin across waiting consumers; answer expired long-polls;
+//! answer cold requests (stats, clear, storage...) one by one. Items that become ready (produce, retry, lease
+//! expiry, schedule) are handed to waiting leases in the same pass, so no consumer waits for another request to
+//! arrive.
+//!
+//! # Layout
+//! - this file: the messages, the task's state, the loop and one pass over a drained batch;
+//! - [`produce`]: placing produced items on the least-loaded healthy partition, with fail-over;
+//! - [`lease`]: serving long-polling lease requests round-robin, and expiring them;
+//! - [`ack`]: complete and retry, one storage call per partition;
+//! - [`lifecycle`]: lease expiry, schedules and item expiry as their deadlines come due;
+//! - [`dead_letter`]: moving dead items to the dead-letter queue (through a [`DeadLetterSink`]) and accepting
+//!   items moved here;
+//! - [`cold`]: stats, clear, reload, the storage API and definition updates, answered one by one;
+//! - [`health`]: opening partitions, probing failed ones and re-reading shared ones.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot};
+
+mod ack;
+mod cold;
+mod dead_letter;
+mod health;
+mod lease;
+mod lifecycle;
+mod produce;
+
+pub(crate) use dead_letter::DeadLetterSink;
+use health::MissingStore;
+
+use super::{EngineConfig, LeaseResult, ProduceItem, QueueMetrics, QueueStats};
+use crate::error::{QueueError, StorageError};
+use crate::storage::{LifecyclePolicy, Partition, PartitionStore};
+use crate::time::Ts;
+use crate::types::{
+    ClearRequest, Item, ItemId, NewItem, PartitionCounts, PartitionInfo, QueueInfo, RetryItem,
+};
+
+type Reply<T> = oneshot::Sender<Result<T, QueueError>>;
+/// Complete requests of one pass, by partition.
+type CompleteGroups = HashMap<u32, Vec<(Vec<ItemId>, Reply<()>)>>;
+/// Retry requests of one pass, by partition.
+type RetryGroups = HashMap<u32, Vec<(Vec<RetryItem>, Reply<()>)>>;
+
+/// Most messages taken from the inbox per pass.
+const MAX_DRAIN: usize = 8192;
+/// Most dead items handed to the dead-letter queue per call.
+const DEAD_BATCH: usize = 1000;
+
+/// A request to the queue task.
+pub(crate) enum Msg {
+    Produce {
+        items: Vec<ProduceItem>,
+        /// When the caller stops waiting: a request still in the inbox then is answered, not stored.
+        deadline: Ts,
+        reply: Reply<()>,
+    },
+    Lease {
+        n: usize,
+        client_id: String,
+        deadline: Ts,
+        reply: Reply<LeaseResult>,
+    },
+    Complete {
+        partition: u32,
+        ids: Vec<ItemId>,
+        reply: Reply<()>,
+    },
+    Retry {
+        partition: u32,
+        items: Vec<RetryItem>,
+        reply: Reply<()>,
+    },
+    DeadLetter {
+        items: Vec<NewItem>,
+        reply: Reply<()>,
+    },
+    Cold(Cold),
+    Shutdown(oneshot::Sender<()>),
+}
+
+/// A request answered on its own, after the batched work of a pass.
+pub(crate) enum Cold {
+    Stats(Reply<QueueStats>),
+    Clear(ClearRequest, Reply<()>),
+    Reload(Reply<()>),
+    List {
+        partition: u32,
+        pivot: Option<ItemId>,
+        limit: usize,
+        scheduled: bool,
+        reply: Reply<Vec<Item>>,
+    },
+    Import {
+        partition: u32,
+        items: Vec<Item>,
+        reply: Reply<Vec<Item>>,
+    },
+    Delete {
+        partition: u32,
+        ids: Vec<ItemId>,
+        reply: Reply<()>,
+    },
+    UpdateInfo(Box<QueueInfo>, oneshot::Sender<()>),
+}
+
+/// What the task knows about one partition: its handle, its health and the counts it balances load by.
+struct Part {
+    /// Partition number.
+    num: u32,
+    /// The store that holds it.
+    store: Arc<dyn PartitionStore>,
+    /// Whether other servers may change it (counts are then re-read every [`health`] refresh).
+    shared: bool,
+    /// Open handle; `None` until the first successful probe.
+    handle: Option<Arc<dyn Partition>>,
+    /// Counts as of the last storage call, adjusted by every call since.
+    counts: PartitionCounts,
+    /// Consecutive failures; 0 means healthy.
+    failures: u32,
+    /// When a failed partition is probed again.
+    retry_at: Ts,
+    /// The earliest lifecycle deadline (lease end, schedule, expiry) in the partition.
+    next_deadline: Option<Ts>,
+    /// When a shared partition's counts are re-read.
+    refresh_at: Ts,
+}
+
+impl Part {
+    fn healthy(&self) -> Option<Arc<dyn Partition>> {
+        if self.failures == 0 {
+            self.handle.clone()
+        } else {
+            None
+        }
+    }
+
+    fn fail(&mut self, now: Ts, queue: &str, e: &StorageError) {
+        self.failures = self.failures.saturating_add(1);
+        // Back off 500 ms growing by 1.5x up to 5 s, so a dead backend is probed but not hammered.
+        let backoff = (500.0 * 1.5f64.powi(self.failures.min(10) as i32 - 1)).min(5000.0);
+        self.retry_at = now.add(Duration::from_millis(backoff as u64));
+        tracing::warn!(queue, partition = self.num, failures = self.failures, error = %e, "partition failing");
+    }
+
+    /// Makes sure the lifecycle runs no later than `t`.
+    fn pull_deadline(&mut self, t: Ts) {
+        self.next_deadline = Some(self.next_deadline.map_or(t, |d| d.min(t)));
+    }
+}
+
+/// A lease request waiting (long-polling) for items.
+struct Waiter {
+    client_id: String,
+    n: usize,
+    deadline: Ts,
+    reply: Reply<LeaseResult>,
+}
+
+/// One queue's task: its definition, its partitions, its waiting leases and its inbox.
+pub(crate) struct QueueTask {
+    info: QueueInfo,
+    parts: Vec<Part>,
+    /// Lease requests in arrival order (the order items are dealt in).
+    waiters: VecDeque<Waiter>,
+    rx: mpsc::Receiver<Msg>,
+    /// Where dead items go; given by the engine, so the task needs nothing else from it.
+    dead_letters: Arc<dyn DeadLetterSink>,
+    config: EngineConfig,
+    metrics: Arc<QueueMetrics>,
+    /// When a failed dead-letter move is tried again.
+    dead_retry_at: Ts,
+}
+
+impl QueueTask {
+    /// A task for `info`, reading requests from `rx`; start it with [`QueueTask::run`].
+    pub(crate) fn new(
+        info: QueueInfo,
+        rx: mpsc::Receiver<Msg>,
+        dead_letters: Arc<dyn DeadLetterSink>,
+        config: EngineConfig,
+        metrics: Arc<QueueMetrics>,
+    ) -> Self {
+        let mut t = QueueTask {
+            info: QueueInfo::default(),
+            parts: Vec::new(),
+            waiters: VecDeque::new(),
+            rx,
+            dead_letters,
+            config,
+            metrics,
+            dead_retry_at: Ts::ZERO,
+        };
+        t.set_info(info);
+        t
+    }
+
+    /// Takes a new definition; partitions it adds start unopened (the next pass opens them).
+    fn set_info(&mut self, info: QueueInfo) {
+        for p in &info.partitions[self.parts.len().min(info.partitions.len())..] {
+            let store = self.find_store(p);
+            let shared = store.shared();
+            self.parts.push(Part {
+                num: p.partition,
+                store,
+                shared,
+                handle: None,
+                counts: PartitionCounts::default(),
+                // Not opened yet: "failed" with a retry due now, so the first pass opens it.
+                failures: 1,
+                retry_at: Ts::ZERO,
+                next_deadline: None,
+                refresh_at: Ts::ZERO,
+            });
+        }
+        self.info = info;
+    }
+
+    fn find_store(&self, p: &PartitionInfo) -> Arc<dyn PartitionStore> {
+        match self.config.stores.iter().find(|s| s.name == p.storage_name) {
+            Some(s) => s.store.clone(),
+            // Placement names a store the configuration no longer has: the partition stays failed and
+            // says why on every probe.
+            None => Arc::new(MissingStore(p.storage_name.clone())),
+        }
+    }
+
+    fn policy(&self) -> LifecyclePolicy {
+        LifecyclePolicy {
+            max_attempts: self.info.max_attempts,
+            has_dead_queue: !self.info.dead_queue.is_empty(),
+        }
+    }
+
+    fn now(&self) -> Ts {
+        self.config.clock.now()
+    }
+
+    /// The task loop; returns once the queue is stopped (shutdown message or closed inbox).
+    pub(crate) async fn run(mut self) {
+        let mut batch: Vec<Msg> = Vec::new();
+        loop {
+            let wake = self.next_wake();
+            let now = self.now();
+            if wake > now {
+                let sleep = self.config.clock.sleep_until(wake);
+                tokio::select! {
+                    biased;
+                    m = self.rx.recv() => match m {
+                        Some(m) => batch.push(m),
+                        None => { self.stop().await; return; }
+                    },
+                    _ = sleep => {}
+                }
+            }
+            while batch.len() < MAX_DRAIN {
+                match self.rx.try_recv() {
+                    Ok(m) => batch.push(m),
+                    Err(_) => break,
+                }
+            }
+            if let Some(done) = self.pass(&mut batch).await {
+                self.stop().await;
+                let _ = done.send(());
+                return;
+            }
+        }
+    }
+
+    /// One pass over a drained batch. Returns the shutdown acknowledgement when asked to stop.
+    async fn pass(&mut self, batch: &mut Vec<Msg>) -> Option<oneshot::Sender<()>> {
+        let now = self.now();
+        self.recover(now).await;
+        self.lifecycle(now).await;
+
+        let mut produces = Vec::new();
+        let mut dead_letters = Vec::new();
+        let mut completes: CompleteGroups = HashMap::new();
+        let mut retries: RetryGroups = HashMap::new();
+        let mut colds = Vec::new();
+        let mut shutdown = None;
+        for m in batch.drain(..) {
+            match m {
+                Msg::Produce {
+                    items,
+                    deadline,
+                    reply,
+                } => produces.push((items, deadline, reply)),
+                Msg::DeadLetter { items, reply } => dead_letters.push((items, reply)),
+                Msg::Lease {
+                    n,
+                    client_id,
+                    deadline,
+                    reply,
+                } => {
+                    if self
+                        .waiters
+                        .iter()
+                        .any(|w| w.client_id == client_id && !w.reply.is_closed())
+                    {
+                        let _ = reply.send(Err(QueueError::DuplicateClientId));
+                    } else {
+                        self.waiters.push_back(Waiter {
+                            client_id,
+                            n,
+                            deadline,
+                            reply,
+                        });
+                    }
+                }
+                Msg::Complete {
+                    partition,
+                    ids,
+                    reply,
+                } => completes.entry(partition).or_default().push((ids, reply)),
+                Msg::Retry {
+                    partition,
+                    items,
+                    reply,
+                } => retries.entry(partition).or_default().push((items, reply)),
+                Msg::Cold(c) => colds.push(c),
+                Msg::Shutdown(done) => shutdown = Some(done),
+            }
+        }
+        if !produces.is_empty() {
+            self.produce(produces, now).await;
+        }
+        if !dead_letters.is_empty() {
+            self.accept_dead_letters(dead_letters, now).await;
+        }
+        if !completes.is_empty() {
+            self.complete(completes, now).await;
+        }
+        if !retries.is_empty() {
+            self.retry(retries, now).await;
+        }
+        for c in colds {
+            self.cold(c, now).await;
+        }
+        self.serve_leases(now).await;
+        self.expire_waiters(now);
+        self.publish();
+        shutdown
+    }
+
+    /// When the loop must wake even without a message: a long-poll ending, a partition probe, a deadline.
+    fn next_wake(&self) -> Ts {
+        let mut wake = Ts::NEVER;
+        for w in &self.waiters {
+            wake = wake.min(w.deadline);
+        }
+        for p in &self.parts {
+            if p.failures > 0 {
+                wake = wake.min(p.retry_at);
+            } else {
+                if let Some(d) = p.next_deadline {
+                    wake = wake.min(d);
+                }
+                if p.shared {
+                    wake = wake.min(p.refresh_at);
+                }
+            }
+        }
+        wake
+    }
+
+    /// Publishes the gauges `/metrics` reads.
+    fn publish(&self) {
+        let (mut ready, mut leased, mut scheduled) = (0, 0, 0);
+        for p in &self.parts {
+            ready += p.counts.ready;
+            leased += p.counts.leased;
+            scheduled += p.counts.scheduled;
+        }
+        self.metrics.ready.store(ready, Ordering::Relaxed);
+        self.metrics.leased_now.store(leased, Ordering::Relaxed);
+        self.metrics.scheduled.store(scheduled, Ordering::Relaxed);
+        self.metrics
+            .lease_waiting
+            .store(self.waiters.len() as u64, Ordering::Relaxed);
+    }
+
+    /// Answers everything still waiting with "queue is shutting down" and closes the partitions.
+    async fn stop(&mut self) {
+        for w in self.waiters.drain(..) {
+            let _ = w.reply.send(Err(QueueError::QueueShuttingDown));
+        }
+        self.rx.close();
+        while let Ok(m) = self.rx.try_recv() {
+            let e = Err(QueueError::QueueShuttingDown);
+            match m {
+                Msg::Produce { reply, .. } => drop(reply.send(e)),
+                Msg::Lease { reply, .. } => drop(reply.send(Err(QueueError::QueueShuttingDown))),
+                Msg::Complete { reply, .. } | Msg::Retry { reply, .. } | Msg::DeadLetter { reply, .. } => {
+                    drop(reply.send(e))
+                }
+                Msg::Cold(c) => match c {
+                    Cold::Stats(r) => drop(r.send(Err(QueueError::QueueShuttingDown))),
+                    Cold::Clear(_, r) | Cold::Reload(r) | Cold::Delete { reply: r, .. } => drop(r.send(e)),
+                    Cold::List { reply, .. } | Cold::Import { reply, .. } => {
+                        drop(reply.send(Err(QueueError::QueueShuttingDown)))
+                    }
+                    Cold::UpdateInfo(_, done) => drop(done.send(())),
+                },
+                Msg::Shutdown(done) => drop(done.send(())),
+            }
+        }
+        for p in &mut self.parts {
+            if let Some(h) = p.handle.take() {
+                h.close().await;
+            }
+        }
+    }
+}

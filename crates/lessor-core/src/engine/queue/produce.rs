@@ -1,0 +1,139 @@
+//! Produce: every produce of a pass goes to the least-loaded healthy partition, one storage call per partition;
+//! requests whose partition fails move to another healthy partition in the next round.
+
+use std::sync::atomic::Ordering;
+
+use std::collections::HashMap;
+
+use futures::future::join_all;
+
+use super::{QueueTask, Reply};
+use crate::engine::ProduceItem;
+use crate::error::{QueueError, StorageError};
+use crate::time::Ts;
+use crate::types::NewItem;
+
+/// Produce requests bound for one partition, with the partitions each already failed on.
+type ProduceGroup = Vec<(Vec<NewItem>, Reply<()>, Vec<usize>)>;
+
+impl QueueTask {
+    /// Picks the healthy partition with the fewest ready items (ties: lowest number), skipping `exclude`.
+    fn least_loaded(&self, exclude: &[usize]) -> Option<usize> {
+        (0..self.parts.len())
+            .filter(|i| {
+                self.parts[*i].failures == 0 && self.parts[*i].handle.is_some() && !exclude.contains(i)
+            })
+            .min_by_key(|&i| (self.parts[i].counts.ready + self.parts[i].counts.scheduled, i))
+    }
+
+    /// Stores the produce requests of one pass. A request whose caller already gave up (its request_timeout
+    /// passed while it waited in the inbox) is answered with a timeout and not stored, so a producer that retries
+    /// after the timeout does not find its items stored twice.
+    pub(super) async fn produce(&mut self, requests: Vec<(Vec<ProduceItem>, Ts, Reply<()>)>, now: Ts) {
+        let threshold = now.add(self.config.limits.schedule_threshold);
+        let expire = self.info.expire_timeout;
+        let mut pending: Vec<(Vec<NewItem>, Reply<()>, Vec<usize>)> = requests
+            .into_iter()
+            .filter_map(|(items, deadline, reply)| {
+                if reply.is_closed() {
+                    return None;
+                }
+                if deadline <= now {
+                    let _ = reply.send(Err(QueueError::RequestTimeout("produce")));
+                    return None;
+                }
+                Some((items, reply))
+            })
+            .map(|(items, reply)| {
+                let items = items
+                    .into_iter()
+                    .map(|it| {
+                        let scheduled = it.enqueue_at >= threshold;
+                        let enqueue_at = if scheduled { it.enqueue_at } else { Ts::ZERO };
+                        // Expiry counts from when the item becomes ready, so a far schedule does not expire on arrival.
+                        let start = if scheduled { it.enqueue_at } else { now };
+                        NewItem {
+                            source_id: String::new(),
+                            enqueue_at,
+                            expire_deadline: start.add(expire),
+                            created_at: now,
+                            reference: it.reference,
+                            encoding: it.encoding,
+                            kind: it.kind,
+                            payload: it.payload,
+                        }
+                    })
+                    .collect();
+                (items, reply, Vec::new())
+            })
+            .collect();
+        // Each round writes every pending request to one partition (one storage call per partition); requests
+        // whose partition failed fail over to another healthy partition in the next round.
+        while !pending.is_empty() {
+            let mut groups: HashMap<usize, ProduceGroup> = HashMap::new();
+            for (items, reply, tried) in pending.drain(..) {
+                match self.least_loaded(&tried) {
+                    Some(i) => {
+                        let c = &mut self.parts[i].counts;
+                        c.ready += items.len() as u64; // provisional, so the next request goes elsewhere
+                        groups.entry(i).or_default().push((items, reply, tried));
+                    }
+                    None => {
+                        let _ = reply.send(Err(QueueError::NoAvailablePartitions));
+                    }
+                }
+            }
+            let calls = groups.into_iter().map(|(i, reqs)| {
+                let h = self.parts[i].healthy();
+                async move {
+                    let all: Vec<NewItem> = reqs.iter().flat_map(|r| r.0.iter().cloned()).collect();
+                    let res = match h {
+                        Some(h) => h.produce(all).await,
+                        None => Err(StorageError::unavailable("partition closed")),
+                    };
+                    (i, reqs, res)
+                }
+            });
+            for (i, reqs, res) in join_all(calls).await {
+                let total: u64 = reqs.iter().map(|r| r.0.len() as u64).sum();
+                self.parts[i].counts.ready -= total;
+                match res {
+                    Ok(_) => {
+                        let mut ready = 0;
+                        let mut scheduled = 0;
+                        for (items, reply, _) in reqs {
+                            for it in &items {
+                                if it.enqueue_at.is_zero() {
+                                    ready += 1;
+                                } else {
+                                    scheduled += 1;
+                                    self.parts[i].pull_deadline(it.enqueue_at);
+                                }
+                                self.parts[i].pull_deadline(it.expire_deadline);
+                            }
+                            let _ = reply.send(Ok(()));
+                        }
+                        let p = &mut self.parts[i];
+                        p.counts.ready += ready;
+                        p.counts.scheduled += scheduled;
+                        self.metrics
+                            .produced
+                            .fetch_add(ready + scheduled, Ordering::Relaxed);
+                    }
+                    Err(e) => {
+                        let name = self.info.name.clone();
+                        self.parts[i].fail(now, &name, &e);
+                        for (items, reply, mut tried) in reqs {
+                            tried.push(i);
+                            if tried.len() >= self.parts.len() {
+                                let _ = reply.send(Err(QueueError::from_storage(&e)));
+                            } else {
+                                pending.push((items, reply, tried));
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,280 @@
+//! Engine tests that need a store the real backends cannot imitate: a partition whose produce hangs.
+//!
+//! The store here is a test double kept inside the core (which has no backend to wrap): partitions open, report
+//! empty counts, and store produced items only once the test lets them; every other call is unused by these tests
+//! and fails loudly if reached.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio::sync::Semaphore;
+
+use super::{Engine, EngineConfig, NamedStore, ProduceItem};
+use crate::error::{ItemError, QueueError, StorageError};
+use crate::storage::{
+    LifecycleOutcome, LifecyclePolicy, Partition, PartitionStore, QueuesStore, RetryOp, RetryOutcome,
+};
+use crate::time::{ManualClock, Ts};
+use crate::types::{ClearRequest, Item, ItemId, Limits, NewItem, PartitionCounts, PartitionStats, QueueInfo};
+
+/// Queue definitions in a map.
+#[derive(Debug, Default)]
+struct Queues(Mutex<BTreeMap<String, QueueInfo>>);
+
+#[async_trait]
+impl QueuesStore for Queues {
+    async fn get(&self, name: &str) -> Result<Option<QueueInfo>, StorageError> {
+        Ok(self.0.lock().expect("queues lock").get(name).cloned())
+    }
+    async fn add(&self, info: &QueueInfo) -> Result<(), StorageError> {
+        self.0
+            .lock()
+            .expect("queues lock")
+            .insert(info.name.clone(), info.clone());
+        Ok(())
+    }
+    async fn update(&self, info: &QueueInfo) -> Result<(), StorageError> {
+        self.add(info).await
+    }
+    async fn delete(&self, name: &str) -> Result<(), StorageError> {
+        self.0.lock().expect("queues lock").remove(name);
+        Ok(())
+    }
+    async fn list(&self, _pivot: &str, _limit: usize) -> Result<Vec<QueueInfo>, StorageError> {
+        Ok(self.0.lock().expect("queues lock").values().cloned().collect())
+    }
+    async fn close(&self) {}
+}
+
+/// A store whose produce calls wait for a permit from `gate` (none at first: they hang).
+#[derive(Debug, Clone)]
+struct Gated {
+    gate: Arc<Semaphore>,
+    /// Set once a produce call has started waiting.
+    entered: Arc<AtomicBool>,
+    /// Items produce calls stored.
+    stored: Arc<AtomicUsize>,
+}
+
+impl Gated {
+    fn new() -> Self {
+        Gated {
+            gate: Arc::new(Semaphore::new(0)),
+            entered: Arc::new(AtomicBool::new(false)),
+            stored: Arc::new(AtomicUsize::new(0)),
+        }
+    }
+}
+
+#[async_trait]
+impl PartitionStore for Gated {
+    fn driver(&self) -> &'static str {
+        "gated"
+    }
+    async fn open(&self, _queue: &str, _partition: u32) -> Result<Arc<dyn Partition>, StorageError> {
+        Ok(Arc::new(self.clone()))
+    }
+    async fn destroy(&self, _queue: &str, _partition: u32) -> Result<(), StorageError> {
+        Ok(())
+    }
+    async fn close(&self) {}
+}
+
+fn unused<T>() -> Result<T, StorageError> {
+    Err(StorageError::other("not used by these tests"))
+}
+
+#[async_trait]
+impl Partition for Gated {
+    async fn produce(&self, items: Vec<NewItem>) -> Result<Vec<ItemId>, StorageError> {
+        self.entered.store(true, Ordering::SeqCst);
+        let permit = self
+            .gate
+            .acquire()
+            .await
+            .map_err(|_| StorageError::unavailable("gate closed"))?;
+        permit.forget();
+        let first = self.stored.fetch_add(items.len(), Ordering::SeqCst) as u64;
+        Ok((0..items.len() as u64).map(|i| ItemId(first + i + 1)).collect())
+    }
+    async fn lease(&self, _n: usize, _deadline: Ts) -> Result<Vec<Item>, StorageError> {
+        unused()
+    }
+    async fn complete(&self, _r: Vec<Vec<ItemId>>) -> Result<Vec<Result<(), ItemError>>, StorageError> {
+        unused()
+    }
+    async fn retry(
+        &self,
+        _r: Vec<Vec<RetryOp>>,
+        _p: LifecyclePolicy,
+    ) -> Result<Vec<Result<RetryOutcome, ItemError>>, StorageError> {
+        unused()
+    }
+    async fn lifecycle(
+        &self,
+        _now: Ts,
+        _p: LifecyclePolicy,
+        _limit: usize,
+    ) -> Result<LifecycleOutcome, StorageError> {
+        unused()
+    }
+    async fn dead_items(&self, _limit: usize) -> Result<Vec<Item>, StorageError> {
+        unused()
+    }
+    async fn remove_dead(&self, _ids: Vec<ItemId>) -> Result<(), StorageError> {
+        unused()
+    }
+    async fn next_deadline(&self) -> Result<Option<Ts>, StorageError> {
+        Ok(None)
+    }
+    async fn counts(&self) -> Result<PartitionCounts, StorageError> {
+        Ok(PartitionCounts::default())
+    }
+    async fn stats(&self, _now: Ts) -> Result<PartitionStats, StorageError> {
+        Ok(PartitionStats::default())
+    }
+    async fn list(
+        &self,
+        _pivot: Option<ItemId>,
+        _limit: usize,
+        _scheduled: bool,
+    ) -> Result<Vec<Item>, StorageError> {
+        unused()
+    }
+    async fn import(&self, _items: Vec<Item>) -> Result<Vec<Item>, StorageError> {
+        unused()
+    }
+    async fn delete(&self, _ids: Vec<ItemId>) -> Result<(), StorageError> {
+        unused()
+    }
+    async fn clear(&self, _request: ClearRequest) -> Result<(), StorageError> {
+        unused()
+    }
+    async fn close(&self) {}
+}
+
+async fn engine_over(store: &Gated, clock: &ManualClock) -> Engine {
+    let engine = Engine::new(EngineConfig {
+        queues: Arc::new(Queues::default()),
+        stores: vec![NamedStore {
+            name: "gated".into(),
+            affinity: 1.0,
+            store: Arc::new(store.clone()),
+        }],
+        limits: Limits::default(),
+        clock: Arc::new(clock.clone()),
+    })
+    .expect("engine");
+    engine
+        .create_queue(QueueInfo {
+            name: "q".into(),
+            lease_timeout: Duration::from_secs(60),
+            expire_timeout: Duration::from_secs(3600),
+            ..Default::default()
+        })
+        .await
+        .expect("create");
+    engine
+}
+
+fn item(p: &'static str) -> ProduceItem {
+    ProduceItem {
+        payload: bytes::Bytes::from_static(p.as_bytes()),
+        ..Default::default()
+    }
+}
+
+/// Waits (in real time, briefly) until `cond` holds; the engine runs on other tasks.
+async fn until(cond: impl Fn() -> bool) {
+    for _ in 0..2000 {
+        if cond() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    panic!("condition never held");
+}
+
+/// Bounds a wait that must finish, so a regression fails instead of hanging the test run.
+async fn finishes<T>(f: impl std::future::Future<Output = T>) -> T {
+    tokio::time::timeout(Duration::from_secs(10), f)
+        .await
+        .expect("finished without the test waiting for it")
+}
+
+#[tokio::test]
+async fn produce_gives_up_with_454_when_storage_hangs_past_request_timeout() {
+    let clock = ManualClock::starting_now();
+    let store = Gated::new();
+    let engine = engine_over(&store, &clock).await;
+    let produce = {
+        let engine = engine.clone();
+        tokio::spawn(async move {
+            engine
+                .produce("q", vec![item("a")], Some(Duration::from_secs(5)))
+                .await
+        })
+    };
+    until(|| store.entered.load(Ordering::SeqCst)).await;
+
+    // Within the timeout the produce keeps waiting for storage.
+    clock.advance(Duration::from_secs(4));
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    assert!(!produce.is_finished(), "gave up before its request_timeout");
+
+    clock.advance(Duration::from_secs(1));
+    let err = finishes(produce)
+        .await
+        .expect("joined")
+        .expect_err("a hung store must not answer 200");
+    assert!(matches!(err, QueueError::RequestTimeout("produce")), "{err:?}");
+    // The same constant part as the lease timeout: clients treat both as "retry the request".
+    assert_eq!(
+        err.to_string(),
+        "request timeout; produce did not finish within request_timeout, try again"
+    );
+    assert_eq!(store.stored.load(Ordering::SeqCst), 0);
+}
+
+#[tokio::test]
+async fn produce_that_timed_out_in_the_inbox_is_not_stored_later() {
+    let clock = ManualClock::starting_now();
+    let store = Gated::new();
+    let engine = engine_over(&store, &clock).await;
+    let timeout = Some(Duration::from_secs(5));
+    // The first produce holds the queue task in a hung storage call...
+    let first = {
+        let engine = engine.clone();
+        tokio::spawn(async move { engine.produce("q", vec![item("a")], timeout).await })
+    };
+    until(|| store.entered.load(Ordering::SeqCst)).await;
+    // ...so the second waits in the inbox until both callers give up.
+    let second = {
+        let engine = engine.clone();
+        tokio::spawn(async move { engine.produce("q", vec![item("b"), item("c")], timeout).await })
+    };
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    clock.advance(Duration::from_secs(6));
+    for p in [first, second] {
+        let err = finishes(p).await.expect("joined").expect_err("timed out");
+        assert!(matches!(err, QueueError::RequestTimeout(_)), "{err:?}");
+    }
+
+    // Storage comes back: the call in flight finishes, the abandoned request is dropped, not stored.
+    store.gate.add_permits(10);
+    finishes(engine.stats("q")).await.expect("stats");
+    assert_eq!(
+        store.stored.load(Ordering::SeqCst),
+        1,
+        "only the call in flight stored"
+    );
+
+    // And a fresh produce is stored as usual.
+    finishes(engine.produce("q", vec![item("d")], timeout))
+        .await
+        .expect("produce after recovery");
+    assert_eq!(store.stored.load(Ordering::SeqCst), 2);
+}
