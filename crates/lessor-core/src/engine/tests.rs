@@ -12,7 +12,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use tokio::sync::Semaphore;
 
-use super::{Engine, EngineConfig, NamedStore, ProduceItem};
+use super::{Engine, EngineConfig, NamedStore, ProduceItem, QueueUpdate};
 use crate::error::{ItemError, QueueError, StorageError};
 use crate::storage::{
     LifecycleOutcome, LifecyclePolicy, Partition, PartitionStore, QueuesStore, RetryOp, RetryOutcome,
@@ -277,4 +277,106 @@ async fn produce_that_timed_out_in_the_inbox_is_not_stored_later() {
         .await
         .expect("produce after recovery");
     assert_eq!(store.stored.load(Ordering::SeqCst), 2);
+}
+
+/// A store that holds at most 8 partitions of a queue and records what the engine asks it to create and destroy.
+#[derive(Debug, Default)]
+struct Small {
+    created: Mutex<Vec<(String, Vec<u32>)>>,
+    destroyed: Mutex<Vec<(String, Vec<u32>)>>,
+}
+
+#[async_trait]
+impl PartitionStore for Small {
+    fn driver(&self) -> &'static str {
+        "small"
+    }
+    fn max_partitions(&self) -> u32 {
+        8
+    }
+    async fn create(&self, queue: &str, partitions: &[u32]) -> Result<(), StorageError> {
+        self.created
+            .lock()
+            .expect("lock")
+            .push((queue.to_string(), partitions.to_vec()));
+        Ok(())
+    }
+    async fn open(&self, _queue: &str, _partition: u32) -> Result<Arc<dyn Partition>, StorageError> {
+        unused()
+    }
+    async fn destroy(&self, _queue: &str, _partition: u32) -> Result<(), StorageError> {
+        unused()
+    }
+    async fn destroy_many(&self, queue: &str, partitions: &[u32]) -> Result<(), StorageError> {
+        self.destroyed
+            .lock()
+            .expect("lock")
+            .push((queue.to_string(), partitions.to_vec()));
+        Ok(())
+    }
+    async fn close(&self) {}
+}
+
+#[tokio::test]
+async fn partitions_are_created_before_the_answer_within_each_stores_maximum_and_destroyed_in_one_call() {
+    let small = Arc::new(Small::default());
+    let engine = Engine::new(EngineConfig {
+        queues: Arc::new(Queues::default()),
+        stores: vec![NamedStore {
+            name: "small-0".into(),
+            affinity: 1.0,
+            store: small.clone(),
+        }],
+        limits: Limits::default(),
+        clock: Arc::new(ManualClock::starting_now()),
+    })
+    .expect("engine");
+    let info = |n: u32| QueueInfo {
+        name: "q".into(),
+        lease_timeout: Duration::from_secs(60),
+        expire_timeout: Duration::from_secs(3600),
+        requested_partitions: n,
+        ..Default::default()
+    };
+    let e = engine
+        .create_queue(info(9))
+        .await
+        .expect_err("over the store's maximum");
+    assert_eq!(
+        e.to_string(),
+        "requested_partitions is invalid; partition storage 'small-0' (small) holds at most '8' partitions of one \
+         queue, this placement puts '9' there"
+    );
+    assert!(
+        small.created.lock().expect("lock").is_empty(),
+        "nothing created for a refused queue"
+    );
+    assert!(engine.queue_info("q").await.is_err(), "and no definition stored");
+
+    engine.create_queue(info(3)).await.expect("create");
+    assert_eq!(
+        *small.created.lock().expect("lock"),
+        vec![("q".to_string(), vec![0, 1, 2])]
+    );
+    let grow = |n: u32| QueueUpdate {
+        name: "q".into(),
+        requested_partitions: Some(n),
+        ..Default::default()
+    };
+    engine
+        .update_queue(grow(9))
+        .await
+        .expect_err("growth over the maximum");
+    engine.update_queue(grow(5)).await.expect("grow");
+    assert_eq!(
+        small.created.lock().expect("lock").last(),
+        Some(&("q".to_string(), vec![3, 4])),
+        "only the new partitions"
+    );
+    engine.delete_queue("q").await.expect("delete");
+    assert_eq!(
+        *small.destroyed.lock().expect("lock"),
+        vec![("q".to_string(), vec![0, 1, 2, 3, 4])],
+        "one call for the whole queue"
+    );
 }
