@@ -648,4 +648,149 @@ mod tests {
             .to_string();
         assert!(e.contains("storage-dir"), "{e}");
     }
+
+    /// The example file shipped at the repository root.
+    const EXAMPLE: &str = include_str!("../../../config.example.yaml");
+
+    #[test]
+    fn example_file_parses_and_builds_specs() {
+        let all_compiled = ["fjall", "postgres"].iter().all(|d| driver_compiled(d));
+        let c = match Config::from_yaml(EXAMPLE) {
+            Ok(c) => c,
+            Err(e) => {
+                // A build without a driver refuses it by name, as documented; anything else is a broken example.
+                assert!(!all_compiled, "config.example.yaml: {e}");
+                assert!(e.to_string().contains("not compiled into this build"), "{e}");
+                return;
+            }
+        };
+        assert_eq!(c.address(), "127.0.0.1:2319");
+        assert_eq!(c.max_produce_body(), 5_000_000);
+        assert_eq!(c.limits().max_requests_per_queue, 4096);
+        let (queues, stores) = c.store_specs().expect("specs");
+        assert_eq!(queues.driver().name, "fjall");
+        let drivers: Vec<(&str, &str)> = stores
+            .iter()
+            .map(|(n, _, s)| (n.as_str(), s.driver().name))
+            .collect();
+        assert_eq!(
+            drivers,
+            [("disk-0", "fjall"), ("pg-0", "postgres"), ("ram-0", "memory")]
+        );
+        let declared = c.declared_queues().expect("queues");
+        assert_eq!(declared[1].name, "jobs");
+        assert_eq!(declared[1].dead_queue, "jobs-dead");
+        assert_eq!(declared[1].partitions[1].storage_name, "pg-0");
+    }
+
+    #[test]
+    fn example_file_shows_every_key() {
+        let keys = [
+            "address",
+            "logging",
+            "handler",
+            "level",
+            "queue-storage",
+            "partition-storage",
+            "name",
+            "driver",
+            "affinity",
+            "config",
+            "queues",
+            "dead-queue",
+            "lease-timeout",
+            "expire-timeout",
+            "max-attempts",
+            "reference",
+            "requested-partitions",
+            "partitions",
+            "partition",
+            "read-only",
+            "storage-name",
+            "limits",
+            "max-produce-body",
+            "max-requests-per-queue",
+        ];
+        // Every setting of every driver, compiled in or not: a new driver's keys must be documented too.
+        let driver_keys = registry::DRIVERS.iter().flat_map(|d| d.keys.iter().copied());
+        for key in keys.into_iter().chain(driver_keys) {
+            assert!(
+                EXAMPLE.lines().any(|l| l
+                    .trim_start()
+                    .trim_start_matches("- ")
+                    .starts_with(&format!("{key}:"))),
+                "config.example.yaml does not show '{key}'"
+            );
+        }
+        for d in registry::DRIVERS {
+            assert!(
+                EXAMPLE.contains(&format!("driver: {}", d.name)),
+                "no store uses driver '{}'",
+                d.name
+            );
+        }
+    }
+
+    #[test]
+    fn errors_name_the_entry_and_key() {
+        let e = Config::from_yaml(
+            "partition-storage:\n  - name: a\n    driver: memory\n  - name: a\n    driver: memory\n",
+        )
+        .expect_err("duplicate");
+        assert_eq!(
+            e.to_string(),
+            "partition-storage[1].name: 'a' is used by more than one store"
+        );
+        let e = Config::from_yaml("queue-storage:\n  driver: memory\n  config: { max-conns: 3 }\n")
+            .expect_err("key");
+        assert_eq!(
+            e.to_string(),
+            "queue-storage.config.max-conns: not a setting of driver 'memory'"
+        );
+        assert!(
+            matches!(
+                e,
+                ConfigError::Store {
+                    source: SpecError::NotASetting { .. },
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
+        let e = Config::from_yaml("queue-storage:\n  driver: mysql\n").expect_err("driver");
+        assert!(
+            e.to_string()
+                .starts_with("queue-storage.driver: invalid driver; 'mysql' is not one of"),
+            "{e}"
+        );
+        let e = Config::from_file("/nonexistent/lessor.yaml").expect_err("missing file");
+        assert!(
+            std::error::Error::source(&e).is_some(),
+            "the io error is kept as the source"
+        );
+        assert!(
+            e.to_string()
+                .starts_with("cannot read config file '/nonexistent/lessor.yaml'"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_driver_not_compiled_in_is_its_own_error() {
+        for d in registry::DRIVERS.iter().filter(|d| !d.compiled) {
+            let e = Config::from_yaml(&format!("queue-storage:\n  driver: {}\n", d.name))
+                .expect_err("not compiled");
+            assert!(e.to_string().contains("is not compiled into this build"), "{e}");
+        }
+        if driver_compiled("fjall") {
+            let c = Config::from_yaml(
+                "queue-storage:\n  driver: badger\n  config: { storage-dir: /tmp/x, durability: none, max-conns: 1 }\n",
+            );
+            let e = c.expect_err("postgres key on fjall").to_string();
+            assert_eq!(
+                e,
+                "queue-storage.config.max-conns: not a setting of driver 'fjall'"
+            );
+        }
+    }
 }
