@@ -560,3 +560,19 @@ fn default_directives(level: &str) -> String {
     let quiet = if level == "error" { "error" } else { "warn" };
     format!("{level},fjall={quiet},lsm_tree={quiet}")
 }
+
+#[cfg(test)]
+mod logging_tests {
+    use super::default_directives;
+
+    #[test]
+    fn storage_engine_logs_are_held_at_warn() {
+        assert_eq!(default_directives("debug"), "debug,fjall=warn,lsm_tree=warn");
+        assert_eq!(default_directives("info"), "info,fjall=warn,lsm_tree=warn");
+        // Never more verbose than the level asked for.
+        assert_eq!(default_directives("error"), "error,fjall=error,lsm_tree=error");
+        for level in ["trace", "debug", "info", "warn", "error"] {
+            tracing_subscriber::EnvFilter::try_new(default_directives(level)).expect("a valid filter");
+        }
+    }
+}

@@ -5,6 +5,9 @@
 //!   (the default, 5,000,000, would accept it), while a small one is still accepted.
 //! * `max-requests-per-queue: 1`: bursts of concurrent produces on one queue get 454 `queue is overloaded` (with the
 //!   default, 4096, the burst's 32 requests could never fill the queue's inbox).
+//!
+//! Both also read the server's log, which goes to a file: it must carry no ANSI colour codes (colour is for
+//! terminals) and none of the storage engine's own INFO lines (held at WARN unless `RUST_LOG` asks).
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -86,6 +89,31 @@ impl Server {
     }
 }
 
+impl Server {
+    /// Stops the server and checks its log: written to a file, so no colour codes; the server's own INFO lines
+    /// but not fjall's.
+    fn stop_and_check_log(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let log = std::fs::read_to_string(&self.log).expect("read the log");
+        assert!(
+            log.contains("lessor listening"),
+            "the server logs at INFO:\n{log}"
+        );
+        assert!(
+            !log.contains('\u{1b}'),
+            "ANSI escape codes in a log written to a file:\n{log}"
+        );
+        for line in log.lines() {
+            let engine = line.contains(" fjall::") || line.contains(" fjall:") || line.contains(" lsm_tree");
+            assert!(
+                !(engine && line.contains(" INFO ")),
+                "storage engine INFO line in the log: {line}"
+            );
+        }
+    }
+}
+
 impl Drop for Server {
     fn drop(&mut self) {
         let _ = self.child.kill();
@@ -132,6 +160,7 @@ async fn max_produce_body_is_applied() {
         .expect_err("a body over the limit is refused");
     assert_eq!(e.code(), Some(400), "{e}");
     assert_eq!(e.message(), Some("request body exceeds 1000 limit"), "{e}");
+    server.stop_and_check_log();
 }
 
 /// Needs fjall (a default feature of the binary) to keep the queue busy.
@@ -187,4 +216,5 @@ async fn max_requests_per_queue_is_applied() {
         Some("queue is overloaded; try again later"),
         "{overloaded}"
     );
+    server.stop_and_check_log();
 }
