@@ -155,6 +155,26 @@ pub fn driver_compiled(name: &str) -> bool {
     registry::lookup(name).is_ok_and(|d| d.compiled)
 }
 
+/// The stores a configuration describes, checked by the driver registry but not opened.
+#[derive(Clone, Debug)]
+pub struct StoreSpecs {
+    /// The queue store.
+    pub queues: StoreSpec,
+    /// The partition stores, in file order.
+    pub partitions: Vec<PartitionSpec>,
+}
+
+/// One partition store of a configuration.
+#[derive(Clone, Debug)]
+pub struct PartitionSpec {
+    /// Its name (queue placement refers to it).
+    pub name: String,
+    /// Its placement weight.
+    pub affinity: f64,
+    /// What to open.
+    pub spec: StoreSpec,
+}
+
 /// The whole file.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
@@ -448,12 +468,12 @@ impl Config {
         self.limits.max_produce_body.unwrap_or(DEFAULT_MAX_PRODUCE_BODY)
     }
 
-    /// The queue store's specification and each partition store's (name, affinity, specification), with the
-    /// defaults filled in for sections the file leaves out.
+    /// The queue store's and the partition stores' specifications, with the defaults filled in for sections the
+    /// file leaves out.
     ///
     /// # Errors
     /// A store entry the driver registry refuses.
-    pub fn store_specs(&self) -> Result<(StoreSpec, Vec<(String, f64, StoreSpec)>), ConfigError> {
+    pub fn store_specs(&self) -> Result<StoreSpecs, ConfigError> {
         let default = Config::default_persistent(DEFAULT_DATA_DIR);
         let qs = self
             .queue_storage
@@ -466,13 +486,15 @@ impl Config {
             self.partition_storage.clone()
         };
         let queues = spec_at("queue-storage", &qs)?;
-        let mut stores = Vec::new();
+        let mut partitions = Vec::new();
         for (i, s) in parts.iter().enumerate() {
-            let spec = spec_at(&format!("partition-storage[{i}]"), s)?;
-            let name = s.name.clone().unwrap_or_else(|| "default".into());
-            stores.push((name, s.affinity.unwrap_or(1.0), spec));
+            partitions.push(PartitionSpec {
+                name: s.name.clone().unwrap_or_else(|| "default".into()),
+                affinity: s.affinity.unwrap_or(1.0),
+                spec: spec_at(&format!("partition-storage[{i}]"), s)?,
+            });
         }
-        Ok((queues, stores))
+        Ok(StoreSpecs { queues, partitions })
     }
 
     /// Opens every store and builds the engine.
@@ -480,8 +502,9 @@ impl Config {
     /// # Errors
     /// A store entry that is invalid or cannot be opened, or stores the engine refuses.
     pub async fn build_engine(&self, clock: SharedClock) -> Result<Engine, ConfigError> {
-        let (queue_spec, specs) = self.store_specs()?;
-        let queues = queue_spec
+        let specs = self.store_specs()?;
+        let queues = specs
+            .queues
             .open_queues()
             .await
             .map_err(|source| ConfigError::Open {
@@ -489,7 +512,7 @@ impl Config {
                 source,
             })?;
         let mut stores = Vec::new();
-        for (i, (name, affinity, spec)) in specs.into_iter().enumerate() {
+        for (i, PartitionSpec { name, affinity, spec }) in specs.partitions.into_iter().enumerate() {
             let store = spec.open_partitions().await.map_err(|source| ConfigError::Open {
                 at: format!("partition-storage[{i}]"),
                 source,
@@ -667,11 +690,12 @@ mod tests {
         assert_eq!(c.address(), "127.0.0.1:2319");
         assert_eq!(c.max_produce_body(), 5_000_000);
         assert_eq!(c.limits().max_requests_per_queue, 4096);
-        let (queues, stores) = c.store_specs().expect("specs");
-        assert_eq!(queues.driver().name, "fjall");
-        let drivers: Vec<(&str, &str)> = stores
+        let specs = c.store_specs().expect("specs");
+        assert_eq!(specs.queues.driver().name, "fjall");
+        let drivers: Vec<(&str, &str)> = specs
+            .partitions
             .iter()
-            .map(|(n, _, s)| (n.as_str(), s.driver().name))
+            .map(|p| (p.name.as_str(), p.spec.driver().name))
             .collect();
         assert_eq!(
             drivers,
