@@ -10,25 +10,170 @@
 //!   - { name: jobs, lease-timeout: 1m, expire-timeout: 24h, max-attempts: 5, dead-queue: jobs-dead }
 //! ```
 //! With no file at all the server keeps everything under `./data` with the embedded engine when it is compiled in
-//! (memory otherwise).
+//! (memory otherwise). `config.example.yaml` at the repository root lists every key with its meaning.
+//!
+//! This module only maps the file to typed values: which settings a driver takes, how they are checked and how a
+//! store is opened belong to the driver registry of `lessor-storage` ([`lessor_storage::registry`]); a store entry
+//! becomes a [`StoreSpec`] there. Errors are [`ConfigError`]s that name the key (`partition-storage[1].config.
+//! storage-dir: required by driver 'fjall'`).
 
-use std::collections::HashSet;
-use std::sync::Arc;
+use std::collections::{BTreeMap, HashSet};
 use std::time::Duration;
 
 use lessor_core::engine::{Engine, EngineConfig, NamedStore};
-use lessor_core::storage::{PartitionStore, QueuesStore};
+use lessor_core::error::QueueError;
 use lessor_core::time::SharedClock;
 use lessor_core::types::{Limits, PartitionInfo, QueueInfo};
 use lessor_proto::duration::parse_go_duration;
-use lessor_storage::memory::{MemoryQueues, MemoryStore};
-use lessor_storage::Driver;
+use lessor_storage::registry::{self, OpenError, Settings, SpecError, StoreSpec};
 use serde::Deserialize;
+use thiserror::Error;
 
 /// Default listen address.
 pub const DEFAULT_ADDRESS: &str = "127.0.0.1:2319";
 /// Default data directory of the embedded engine.
 pub const DEFAULT_DATA_DIR: &str = "./data";
+/// Default largest produce body, in bytes (Querator's).
+pub const DEFAULT_MAX_PRODUCE_BODY: usize = 5_000_000;
+
+/// What is wrong with a configuration, or why the stores it describes could not be opened.
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    /// The file cannot be read.
+    #[error("cannot read config file '{path}': {source}")]
+    Read {
+        /// The file.
+        path: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A problem in a given file (the path prefixes the inner error).
+    #[error("{path}: {source}")]
+    InFile {
+        /// The file.
+        path: String,
+        /// The problem.
+        #[source]
+        source: Box<ConfigError>,
+    },
+    /// Not YAML, or not the expected shape (unknown keys are reported here, by name).
+    #[error("invalid configuration: {source}")]
+    Syntax {
+        /// The parser's error.
+        #[source]
+        source: serde_saphyr::Error,
+    },
+    /// `logging.handler` or `logging.level` has a value outside its list.
+    #[error("logging.{field}: invalid {field}; '{value}' is not one of ({allowed})")]
+    Logging {
+        /// `handler` or `level`.
+        field: &'static str,
+        /// The value given.
+        value: String,
+        /// The values allowed.
+        allowed: &'static str,
+    },
+    /// A store entry the driver registry refused (unknown driver, driver not compiled in, bad settings).
+    #[error("{at}.{source}")]
+    Store {
+        /// The entry (`queue-storage`, `partition-storage[1]`).
+        at: String,
+        /// The registry's reason, naming the key.
+        #[source]
+        source: SpecError,
+    },
+    /// A partition store without a name.
+    #[error("{at}.name: a partition store needs a name")]
+    StoreNameMissing {
+        /// The entry.
+        at: String,
+    },
+    /// Two partition stores with one name.
+    #[error("{at}.name: '{name}' is used by more than one store")]
+    StoreNameTaken {
+        /// The entry.
+        at: String,
+        /// The name.
+        name: String,
+    },
+    /// An affinity on the queue store.
+    #[error("{at}.affinity: only partition-storage entries take an affinity")]
+    AffinityNotAllowed {
+        /// The entry.
+        at: String,
+    },
+    /// A negative, infinite or NaN affinity.
+    #[error("{at}.affinity: must be zero or a positive number, got {value}")]
+    AffinityInvalid {
+        /// The entry.
+        at: String,
+        /// The value given.
+        value: f64,
+    },
+    /// Every partition store has affinity 0, so no new partition could be placed.
+    #[error("partition-storage: at least one store needs an affinity greater than 0")]
+    NoAffinity,
+    /// A declared queue places a partition on a store that is not defined.
+    #[error("queues: invalid partition storage; queue '{queue}' references '{store}' which is undefined")]
+    UndefinedStore {
+        /// The queue.
+        queue: String,
+        /// The store named.
+        store: String,
+    },
+    /// A declared queue's duration is not a Go duration.
+    #[error("queues: '{queue}': {field}: {reason}")]
+    QueueDuration {
+        /// The queue.
+        queue: String,
+        /// The key.
+        field: &'static str,
+        /// Why.
+        reason: String,
+    },
+    /// A store could not be opened.
+    #[error("{at}: {source}")]
+    Open {
+        /// The entry.
+        at: String,
+        /// The backend's failure.
+        #[source]
+        source: OpenError,
+    },
+    /// The engine refused the stores.
+    #[error("cannot start the engine: {source}")]
+    Engine {
+        /// The engine's reason.
+        #[source]
+        source: QueueError,
+    },
+}
+
+/// Whether this build includes the storage driver `name` (canonical name or alias); unknown drivers are not.
+pub fn driver_compiled(name: &str) -> bool {
+    registry::lookup(name).is_ok_and(|d| d.compiled)
+}
+
+/// The stores a configuration describes, checked by the driver registry but not opened.
+#[derive(Clone, Debug)]
+pub struct StoreSpecs {
+    /// The queue store.
+    pub queues: StoreSpec,
+    /// The partition stores, in file order.
+    pub partitions: Vec<PartitionSpec>,
+}
+
+/// One partition store of a configuration.
+#[derive(Clone, Debug)]
+pub struct PartitionSpec {
+    /// Its name (queue placement refers to it).
+    pub name: String,
+    /// Its placement weight.
+    pub affinity: f64,
+    /// What to open.
+    pub spec: StoreSpec,
+}
 
 /// The whole file.
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -72,25 +217,60 @@ pub struct StoreSection {
     pub driver: Option<String>,
     /// Placement weight (partition stores only).
     pub affinity: Option<f64>,
-    /// Driver settings.
+    /// Driver settings, as written; the driver registry says which keys a driver takes and checks their values.
     #[serde(default)]
-    pub config: StoreConfig,
+    pub config: BTreeMap<String, Scalar>,
 }
 
-/// Driver settings; which keys apply depends on the driver.
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "kebab-case")]
-pub struct StoreConfig {
-    /// fjall: the data directory.
-    pub storage_dir: Option<String>,
-    /// fjall: `sync` (default), `interval` or `none`.
-    pub durability: Option<String>,
-    /// fjall with `interval`: how often to fsync (Go duration, default `100ms`).
-    pub sync_interval: Option<String>,
-    /// postgres: libpq URI.
-    pub connection_string: Option<String>,
-    /// postgres: pool size.
-    pub max_conns: Option<u32>,
+/// One value of a store's `config:` mapping. The driver reads every value from its text, so `max-conns: 10` and
+/// `max-conns: "10"` mean the same.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(untagged)]
+pub enum Scalar {
+    /// `true` or `false`.
+    Bool(bool),
+    /// A whole number.
+    Int(i64),
+    /// A number with a fraction.
+    Float(f64),
+    /// Text.
+    Text(String),
+}
+
+impl Scalar {
+    fn text(&self) -> String {
+        match self {
+            Scalar::Bool(b) => b.to_string(),
+            Scalar::Int(i) => i.to_string(),
+            Scalar::Float(f) => f.to_string(),
+            Scalar::Text(t) => t.clone(),
+        }
+    }
+}
+
+impl From<&str> for Scalar {
+    fn from(s: &str) -> Self {
+        Scalar::Text(s.to_string())
+    }
+}
+
+impl StoreSection {
+    /// The driver named by the entry (`memory` when none is given).
+    pub fn driver_name(&self) -> &str {
+        self.driver.as_deref().unwrap_or("memory")
+    }
+
+    /// The entry as a checked store specification (driver known and compiled in, settings valid).
+    ///
+    /// # Errors
+    /// The registry's reason, naming the key relative to the entry (prefix it with the entry's place).
+    pub fn spec(&self) -> Result<StoreSpec, SpecError> {
+        let mut settings = Settings::new(parse_go_duration);
+        for (k, v) in &self.config {
+            settings.insert(k.clone(), v.text());
+        }
+        StoreSpec::from_settings(self.driver_name(), &settings)
+    }
 }
 
 /// One declared queue.
@@ -141,35 +321,40 @@ pub struct LimitsSection {
 
 impl Config {
     /// Parses a YAML document.
-    pub fn from_yaml(text: &str) -> Result<Config, String> {
-        let c: Config = serde_saphyr::from_str(text).map_err(|e| format!("invalid configuration: {e}"))?;
+    pub fn from_yaml(text: &str) -> Result<Config, ConfigError> {
+        let c: Config = serde_saphyr::from_str(text).map_err(|source| ConfigError::Syntax { source })?;
         c.validate()?;
         Ok(c)
     }
 
     /// Reads and parses a file.
-    pub fn from_file(path: &str) -> Result<Config, String> {
-        let text =
-            std::fs::read_to_string(path).map_err(|e| format!("cannot read config file '{path}': {e}"))?;
-        Self::from_yaml(&text).map_err(|e| format!("{path}: {e}"))
+    pub fn from_file(path: &str) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_string(),
+            source,
+        })?;
+        Self::from_yaml(&text).map_err(|e| ConfigError::InFile {
+            path: path.to_string(),
+            source: Box::new(e),
+        })
     }
 
     /// The configuration used when no file is given: persistent storage under `data_dir` when the embedded engine
     /// is compiled in, memory otherwise.
     pub fn default_persistent(data_dir: &str) -> Config {
-        let (driver, dir) = if Driver::Fjall.compiled() {
-            ("fjall", Some(data_dir.to_string()))
+        let (driver, config) = if driver_compiled("fjall") {
+            (
+                "fjall",
+                BTreeMap::from([("storage-dir".to_string(), Scalar::from(data_dir))]),
+            )
         } else {
-            ("memory", None)
+            ("memory", BTreeMap::new())
         };
         let store = |name: Option<&str>| StoreSection {
             name: name.map(str::to_string),
             driver: Some(driver.to_string()),
             affinity: name.map(|_| 1.0),
-            config: StoreConfig {
-                storage_dir: dir.clone(),
-                ..Default::default()
-            },
+            config: config.clone(),
         };
         Config {
             queue_storage: Some(store(None)),
@@ -200,13 +385,18 @@ impl Config {
         self.address.as_deref().unwrap_or(DEFAULT_ADDRESS)
     }
 
-    /// Cross-field checks that serde cannot express.
-    pub fn validate(&self) -> Result<(), String> {
+    /// Cross-field checks that serde cannot express; every store entry is checked by the driver registry.
+    ///
+    /// # Errors
+    /// The first problem found, naming its key.
+    pub fn validate(&self) -> Result<(), ConfigError> {
         if let Some(h) = &self.logging.handler {
             if !matches!(h.as_str(), "text" | "color" | "json") {
-                return Err(format!(
-                    "logging.handler: invalid handler; '{h}' is not one of (text, color, json)"
-                ));
+                return Err(ConfigError::Logging {
+                    field: "handler",
+                    value: h.clone(),
+                    allowed: "text, color, json",
+                });
             }
         }
         if let Some(l) = &self.logging.level {
@@ -214,9 +404,11 @@ impl Config {
                 l.to_ascii_lowercase().as_str(),
                 "debug" | "info" | "warn" | "error" | "trace"
             ) {
-                return Err(format!(
-                    "logging.level: invalid level; '{l}' is not one of (debug, info, warn, error)"
-                ));
+                return Err(ConfigError::Logging {
+                    field: "level",
+                    value: l.clone(),
+                    allowed: "debug, info, warn, error",
+                });
             }
         }
         if let Some(q) = &self.queue_storage {
@@ -228,7 +420,7 @@ impl Config {
             check_store(&at, s, true)?;
             let name = s.name.clone().unwrap_or_default();
             if !names.insert(name.clone()) {
-                return Err(format!("{at}.name: '{name}' is used by more than one store"));
+                return Err(ConfigError::StoreNameTaken { at, name });
             }
         }
         if !self.partition_storage.is_empty()
@@ -237,15 +429,15 @@ impl Config {
                 .iter()
                 .any(|s| s.affinity.unwrap_or(1.0) > 0.0)
         {
-            return Err("partition-storage: at least one store needs an affinity greater than 0".into());
+            return Err(ConfigError::NoAffinity);
         }
         for q in &self.queues {
             for p in &q.partitions {
                 if !self.partition_names().contains(&p.storage_name) {
-                    return Err(format!(
-                        "queues: invalid partition storage; queue '{}' references '{}' which is undefined",
-                        q.name, p.storage_name
-                    ));
+                    return Err(ConfigError::UndefinedStore {
+                        queue: q.name.clone(),
+                        store: p.storage_name.clone(),
+                    });
                 }
             }
         }
@@ -262,7 +454,8 @@ impl Config {
             .collect()
     }
 
-    fn limits(&self) -> Limits {
+    /// The engine's limits: the defaults with the file's `limits` applied.
+    pub fn limits(&self) -> Limits {
         let mut l = Limits::default();
         if let Some(n) = self.limits.max_requests_per_queue {
             l.max_requests_per_queue = n.max(1);
@@ -272,11 +465,15 @@ impl Config {
 
     /// Largest produce body.
     pub fn max_produce_body(&self) -> usize {
-        self.limits.max_produce_body.unwrap_or(5_000_000)
+        self.limits.max_produce_body.unwrap_or(DEFAULT_MAX_PRODUCE_BODY)
     }
 
-    /// Opens every store and builds the engine.
-    pub async fn build_engine(&self, clock: SharedClock) -> Result<Engine, String> {
+    /// The queue store's and the partition stores' specifications, with the defaults filled in for sections the
+    /// file leaves out.
+    ///
+    /// # Errors
+    /// A store entry the driver registry refuses.
+    pub fn store_specs(&self) -> Result<StoreSpecs, ConfigError> {
         let default = Config::default_persistent(DEFAULT_DATA_DIR);
         let qs = self
             .queue_storage
@@ -288,19 +485,42 @@ impl Config {
         } else {
             self.partition_storage.clone()
         };
-        let queues = open_queues(&qs)
-            .await
-            .map_err(|e| format!("queue-storage: {e}"))?;
-        let mut stores = Vec::new();
+        let queues = spec_at("queue-storage", &qs)?;
+        let mut partitions = Vec::new();
         for (i, s) in parts.iter().enumerate() {
-            let store = open_partitions(s)
-                .await
-                .map_err(|e| format!("partition-storage[{i}]: {e}"))?;
-            let name = s.name.clone().unwrap_or_else(|| "default".into());
-            tracing::info!(store = %name, driver = store.driver(), affinity = s.affinity.unwrap_or(1.0), "partition storage ready");
+            partitions.push(PartitionSpec {
+                name: s.name.clone().unwrap_or_else(|| "default".into()),
+                affinity: s.affinity.unwrap_or(1.0),
+                spec: spec_at(&format!("partition-storage[{i}]"), s)?,
+            });
+        }
+        Ok(StoreSpecs { queues, partitions })
+    }
+
+    /// Opens every store and builds the engine.
+    ///
+    /// # Errors
+    /// A store entry that is invalid or cannot be opened, or stores the engine refuses.
+    pub async fn build_engine(&self, clock: SharedClock) -> Result<Engine, ConfigError> {
+        let specs = self.store_specs()?;
+        let queues = specs
+            .queues
+            .open_queues()
+            .await
+            .map_err(|source| ConfigError::Open {
+                at: "queue-storage".into(),
+                source,
+            })?;
+        let mut stores = Vec::new();
+        for (i, PartitionSpec { name, affinity, spec }) in specs.partitions.into_iter().enumerate() {
+            let store = spec.open_partitions().await.map_err(|source| ConfigError::Open {
+                at: format!("partition-storage[{i}]"),
+                source,
+            })?;
+            tracing::info!(store = %name, driver = store.driver(), affinity, "partition storage ready");
             stores.push(NamedStore {
                 name,
-                affinity: s.affinity.unwrap_or(1.0),
+                affinity,
                 store,
             });
         }
@@ -310,20 +530,25 @@ impl Config {
             limits: self.limits(),
             clock,
         })
-        .map_err(|e| e.to_string())
+        .map_err(|source| ConfigError::Engine { source })
     }
 
     /// The queues declared in the file, as definitions.
-    pub fn declared_queues(&self) -> Result<Vec<QueueInfo>, String> {
+    ///
+    /// # Errors
+    /// A duration that is not a Go duration.
+    pub fn declared_queues(&self) -> Result<Vec<QueueInfo>, ConfigError> {
         self.queues
             .iter()
             .map(|q| {
-                let dur = |field: &str, v: &Option<String>| -> Result<Duration, String> {
+                let dur = |field: &'static str, v: &Option<String>| -> Result<Duration, ConfigError> {
                     match v {
                         None => Ok(Duration::ZERO),
-                        Some(s) => {
-                            parse_go_duration(s).map_err(|e| format!("queues: '{}': {field}: {e}", q.name))
-                        }
+                        Some(s) => parse_go_duration(s).map_err(|reason| ConfigError::QueueDuration {
+                            queue: q.name.clone(),
+                            field,
+                            reason,
+                        }),
                     }
                 };
                 Ok(QueueInfo {
@@ -350,185 +575,32 @@ impl Config {
     }
 }
 
-fn driver_of(s: &StoreSection) -> Result<Driver, String> {
-    let d: Driver = s.driver.as_deref().unwrap_or("memory").parse()?;
-    if !d.compiled() {
-        return Err(format!(
-            "driver '{d}' is not compiled into this build; rebuild with `--features {d}`"
-        ));
-    }
-    Ok(d)
+/// The entry's specification, with errors placed at `at`.
+fn spec_at(at: &str, s: &StoreSection) -> Result<StoreSpec, ConfigError> {
+    s.spec().map_err(|source| ConfigError::Store {
+        at: at.to_string(),
+        source,
+    })
 }
 
-fn check_store(at: &str, s: &StoreSection, partition: bool) -> Result<(), String> {
-    let d = driver_of(s).map_err(|e| format!("{at}.driver: {e}"))?;
+/// Checks one store entry: its place-specific rules here, its driver and settings in the registry.
+fn check_store(at: &str, s: &StoreSection, partition: bool) -> Result<(), ConfigError> {
+    spec_at(at, s)?;
     if partition && s.name.as_deref().unwrap_or("").is_empty() {
-        return Err(format!("{at}.name: a partition store needs a name"));
+        return Err(ConfigError::StoreNameMissing { at: at.to_string() });
     }
     if !partition && s.affinity.is_some() {
-        return Err(format!(
-            "{at}.affinity: only partition-storage entries take an affinity"
-        ));
+        return Err(ConfigError::AffinityNotAllowed { at: at.to_string() });
     }
-    if let Some(a) = s.affinity {
-        if !a.is_finite() || a < 0.0 {
-            return Err(format!(
-                "{at}.affinity: must be zero or a positive number, got {a}"
-            ));
-        }
-    }
-    let c = &s.config;
-    let reject = |key: &str, present: bool| -> Result<(), String> {
-        if present {
-            Err(format!("{at}.config.{key}: not a setting of driver '{d}'"))
-        } else {
-            Ok(())
-        }
-    };
-    match d {
-        Driver::Memory => {
-            reject("storage-dir", c.storage_dir.is_some())?;
-            reject("durability", c.durability.is_some())?;
-            reject("sync-interval", c.sync_interval.is_some())?;
-            reject("connection-string", c.connection_string.is_some())?;
-            reject("max-conns", c.max_conns.is_some())?;
-        }
-        Driver::Fjall => {
-            reject("connection-string", c.connection_string.is_some())?;
-            reject("max-conns", c.max_conns.is_some())?;
-            if c.storage_dir.as_deref().unwrap_or("").is_empty() {
-                return Err(format!("{at}.config.storage-dir: required by driver 'fjall'"));
-            }
-            if let Some(m) = &c.durability {
-                if !matches!(m.as_str(), "sync" | "interval" | "none") {
-                    return Err(format!(
-                        "{at}.config.durability: '{m}' is not one of (sync, interval, none)"
-                    ));
-                }
-            }
-            if let Some(i) = &c.sync_interval {
-                parse_go_duration(i).map_err(|e| format!("{at}.config.sync-interval: {e}"))?;
-            }
-        }
-        Driver::Postgres => {
-            reject("storage-dir", c.storage_dir.is_some())?;
-            reject("durability", c.durability.is_some())?;
-            reject("sync-interval", c.sync_interval.is_some())?;
-            if c.connection_string.as_deref().unwrap_or("").is_empty() {
-                return Err(format!(
-                    "{at}.config.connection-string: required by driver 'postgres'"
-                ));
-            }
+    if let Some(value) = s.affinity {
+        if !value.is_finite() || value < 0.0 {
+            return Err(ConfigError::AffinityInvalid {
+                at: at.to_string(),
+                value,
+            });
         }
     }
     Ok(())
-}
-
-async fn open_queues(s: &StoreSection) -> Result<Arc<dyn QueuesStore>, String> {
-    match driver_of(s)? {
-        Driver::Memory => Ok(Arc::new(MemoryQueues::new())),
-        Driver::Fjall => backends::fjall_queues(s).await,
-        Driver::Postgres => backends::pg_queues(s).await,
-    }
-}
-
-async fn open_partitions(s: &StoreSection) -> Result<Arc<dyn PartitionStore>, String> {
-    match driver_of(s)? {
-        Driver::Memory => Ok(Arc::new(MemoryStore::new())),
-        Driver::Fjall => backends::fjall_partitions(s).await,
-        Driver::Postgres => backends::pg_partitions(s).await,
-    }
-}
-
-/// Constructors of the feature-gated backends. With a feature off, [`driver_of`] already refused the driver, so the
-/// fallback arms only keep the match total.
-mod backends {
-    use super::*;
-
-    #[cfg(feature = "fjall")]
-    fn fjall_args(s: &StoreSection) -> Result<(String, lessor_storage::fjall::Durability), String> {
-        let dir = s
-            .config
-            .storage_dir
-            .clone()
-            .unwrap_or_else(|| DEFAULT_DATA_DIR.to_string());
-        let interval = match &s.config.sync_interval {
-            Some(i) => Some(
-                parse_go_duration(i)
-                    .map_err(|e| format!("sync-interval: {e}"))?
-                    .as_millis() as u64,
-            ),
-            None => None,
-        };
-        let d = lessor_storage::fjall::Durability::from_config(s.config.durability.as_deref(), interval)
-            .map_err(|e| e.message)?;
-        Ok((dir, d))
-    }
-
-    #[cfg(feature = "fjall")]
-    pub(super) async fn fjall_queues(s: &StoreSection) -> Result<Arc<dyn QueuesStore>, String> {
-        let (dir, d) = fjall_args(s)?;
-        // Opening reads the disk: keep it off the async workers.
-        let q = tokio::task::spawn_blocking(move || lessor_storage::fjall::FjallQueues::open(dir, d))
-            .await
-            .map_err(|e| e.to_string())?
-            .map_err(|e| e.message)?;
-        Ok(Arc::new(q))
-    }
-
-    #[cfg(feature = "fjall")]
-    pub(super) async fn fjall_partitions(s: &StoreSection) -> Result<Arc<dyn PartitionStore>, String> {
-        let (dir, d) = fjall_args(s)?;
-        let p = tokio::task::spawn_blocking(move || lessor_storage::fjall::FjallStore::open(dir, d))
-            .await
-            .map_err(|e| e.to_string())?
-            .map_err(|e| e.message)?;
-        Ok(Arc::new(p))
-    }
-
-    #[cfg(not(feature = "fjall"))]
-    pub(super) async fn fjall_queues(_s: &StoreSection) -> Result<Arc<dyn QueuesStore>, String> {
-        Err("driver 'fjall' is not compiled into this build".into())
-    }
-
-    #[cfg(not(feature = "fjall"))]
-    pub(super) async fn fjall_partitions(_s: &StoreSection) -> Result<Arc<dyn PartitionStore>, String> {
-        Err("driver 'fjall' is not compiled into this build".into())
-    }
-
-    #[cfg(feature = "postgres")]
-    fn pg_config(s: &StoreSection) -> lessor_storage::postgres::PgConfig {
-        let mut c =
-            lessor_storage::postgres::PgConfig::new(s.config.connection_string.clone().unwrap_or_default());
-        if let Some(n) = s.config.max_conns {
-            c = c.with_max_conns(n);
-        }
-        c
-    }
-
-    #[cfg(feature = "postgres")]
-    pub(super) async fn pg_queues(s: &StoreSection) -> Result<Arc<dyn QueuesStore>, String> {
-        Ok(Arc::new(
-            lessor_storage::postgres::PgQueues::new(&pg_config(s)).map_err(|e| e.message)?,
-        ))
-    }
-
-    #[cfg(feature = "postgres")]
-    pub(super) async fn pg_partitions(s: &StoreSection) -> Result<Arc<dyn PartitionStore>, String> {
-        Ok(Arc::new(
-            lessor_storage::postgres::PgStore::new(&pg_config(s)).map_err(|e| e.message)?,
-        ))
-    }
-
-    #[cfg(not(feature = "postgres"))]
-    pub(super) async fn pg_queues(_s: &StoreSection) -> Result<Arc<dyn QueuesStore>, String> {
-        Err("driver 'postgres' is not compiled into this build".into())
-    }
-
-    #[cfg(not(feature = "postgres"))]
-    pub(super) async fn pg_partitions(_s: &StoreSection) -> Result<Arc<dyn PartitionStore>, String> {
-        Err("driver 'postgres' is not compiled into this build".into())
-    }
 }
 
 #[cfg(test)]
@@ -537,21 +609,27 @@ mod tests {
 
     #[test]
     fn unknown_keys_are_named() {
-        let e = Config::from_yaml("adress: 1.2.3.4:1\n").expect_err("unknown key");
+        let e = Config::from_yaml("adress: 1.2.3.4:1\n")
+            .expect_err("unknown key")
+            .to_string();
         assert!(e.contains("adress"), "{e}");
-        let e =
-            Config::from_yaml("queue-storage:\n  driver: memory\n  confg: {}\n").expect_err("unknown key");
+        let e = Config::from_yaml("queue-storage:\n  driver: memory\n  confg: {}\n")
+            .expect_err("unknown key")
+            .to_string();
         assert!(e.contains("confg"), "{e}");
         let e = Config::from_yaml(
             "partition-storage:\n  - name: a\n    driver: memory\n    config: { storge-dir: x }\n",
         )
-        .expect_err("unknown key");
+        .expect_err("unknown key")
+        .to_string();
         assert!(e.contains("storge-dir"), "{e}");
     }
 
     #[test]
     fn unknown_driver_lists_valid_ones() {
-        let e = Config::from_yaml("queue-storage:\n  driver: mysql\n").expect_err("bad driver");
+        let e = Config::from_yaml("queue-storage:\n  driver: mysql\n")
+            .expect_err("bad driver")
+            .to_string();
         assert!(
             e.contains("'mysql'") && e.contains("memory") && e.contains("fjall") && e.contains("postgres"),
             "{e}"
@@ -575,18 +653,168 @@ mod tests {
 
     #[test]
     fn bad_values_are_explained() {
-        let e = Config::from_yaml("logging:\n  handler: xml\n").expect_err("bad handler");
+        let e = Config::from_yaml("logging:\n  handler: xml\n")
+            .expect_err("bad handler")
+            .to_string();
         assert!(e.contains("logging.handler"), "{e}");
         let e = Config::from_yaml("partition-storage:\n  - name: a\n    driver: memory\n    affinity: -1\n")
-            .expect_err("negative affinity");
+            .expect_err("negative affinity")
+            .to_string();
         assert!(e.contains("affinity"), "{e}");
         let e = Config::from_yaml(
             "partition-storage:\n  - name: a\n    driver: memory\nqueues:\n  - name: q\n    partitions: [ { partition: 0, storage-name: b } ]\n",
         )
-        .expect_err("undefined store");
+        .expect_err("undefined store").to_string();
         assert!(e.contains("'b' which is undefined"), "{e}");
         let e = Config::from_yaml("queue-storage:\n  driver: memory\n  config: { storage-dir: /x }\n")
-            .expect_err("memory dir");
+            .expect_err("memory dir")
+            .to_string();
         assert!(e.contains("storage-dir"), "{e}");
+    }
+
+    /// The example file shipped at the repository root.
+    const EXAMPLE: &str = include_str!("../../../config.example.yaml");
+
+    #[test]
+    fn example_file_parses_and_builds_specs() {
+        let all_compiled = ["fjall", "postgres"].iter().all(|d| driver_compiled(d));
+        let c = match Config::from_yaml(EXAMPLE) {
+            Ok(c) => c,
+            Err(e) => {
+                // A build without a driver refuses it by name, as documented; anything else is a broken example.
+                assert!(!all_compiled, "config.example.yaml: {e}");
+                assert!(e.to_string().contains("not compiled into this build"), "{e}");
+                return;
+            }
+        };
+        assert_eq!(c.address(), "127.0.0.1:2319");
+        assert_eq!(c.max_produce_body(), 5_000_000);
+        assert_eq!(c.limits().max_requests_per_queue, 4096);
+        let specs = c.store_specs().expect("specs");
+        assert_eq!(specs.queues.driver().name, "fjall");
+        let drivers: Vec<(&str, &str)> = specs
+            .partitions
+            .iter()
+            .map(|p| (p.name.as_str(), p.spec.driver().name))
+            .collect();
+        assert_eq!(
+            drivers,
+            [("disk-0", "fjall"), ("pg-0", "postgres"), ("ram-0", "memory")]
+        );
+        let declared = c.declared_queues().expect("queues");
+        assert_eq!(declared[1].name, "jobs");
+        assert_eq!(declared[1].dead_queue, "jobs-dead");
+        assert_eq!(declared[1].partitions[1].storage_name, "pg-0");
+    }
+
+    #[test]
+    fn example_file_shows_every_key() {
+        let keys = [
+            "address",
+            "logging",
+            "handler",
+            "level",
+            "queue-storage",
+            "partition-storage",
+            "name",
+            "driver",
+            "affinity",
+            "config",
+            "queues",
+            "dead-queue",
+            "lease-timeout",
+            "expire-timeout",
+            "max-attempts",
+            "reference",
+            "requested-partitions",
+            "partitions",
+            "partition",
+            "read-only",
+            "storage-name",
+            "limits",
+            "max-produce-body",
+            "max-requests-per-queue",
+        ];
+        // Every setting of every driver, compiled in or not: a new driver's keys must be documented too.
+        let driver_keys = registry::DRIVERS.iter().flat_map(|d| d.keys.iter().copied());
+        for key in keys.into_iter().chain(driver_keys) {
+            assert!(
+                EXAMPLE.lines().any(|l| l
+                    .trim_start()
+                    .trim_start_matches("- ")
+                    .starts_with(&format!("{key}:"))),
+                "config.example.yaml does not show '{key}'"
+            );
+        }
+        for d in registry::DRIVERS {
+            assert!(
+                EXAMPLE.contains(&format!("driver: {}", d.name)),
+                "no store uses driver '{}'",
+                d.name
+            );
+        }
+    }
+
+    #[test]
+    fn errors_name_the_entry_and_key() {
+        let e = Config::from_yaml(
+            "partition-storage:\n  - name: a\n    driver: memory\n  - name: a\n    driver: memory\n",
+        )
+        .expect_err("duplicate");
+        assert_eq!(
+            e.to_string(),
+            "partition-storage[1].name: 'a' is used by more than one store"
+        );
+        let e = Config::from_yaml("queue-storage:\n  driver: memory\n  config: { max-conns: 3 }\n")
+            .expect_err("key");
+        assert_eq!(
+            e.to_string(),
+            "queue-storage.config.max-conns: not a setting of driver 'memory'"
+        );
+        assert!(
+            matches!(
+                e,
+                ConfigError::Store {
+                    source: SpecError::NotASetting { .. },
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
+        let e = Config::from_yaml("queue-storage:\n  driver: mysql\n").expect_err("driver");
+        assert!(
+            e.to_string()
+                .starts_with("queue-storage.driver: invalid driver; 'mysql' is not one of"),
+            "{e}"
+        );
+        let e = Config::from_file("/nonexistent/lessor.yaml").expect_err("missing file");
+        assert!(
+            std::error::Error::source(&e).is_some(),
+            "the io error is kept as the source"
+        );
+        assert!(
+            e.to_string()
+                .starts_with("cannot read config file '/nonexistent/lessor.yaml'"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_driver_not_compiled_in_is_its_own_error() {
+        for d in registry::DRIVERS.iter().filter(|d| !d.compiled) {
+            let e = Config::from_yaml(&format!("queue-storage:\n  driver: {}\n", d.name))
+                .expect_err("not compiled");
+            assert!(e.to_string().contains("is not compiled into this build"), "{e}");
+        }
+        if driver_compiled("fjall") {
+            let c = Config::from_yaml(
+                "queue-storage:\n  driver: badger\n  config: { storage-dir: /tmp/x, durability: none, max-conns: 1 }\n",
+            );
+            let e = c.expect_err("postgres key on fjall").to_string();
+            assert_eq!(
+                e,
+                "queue-storage.config.max-conns: not a setting of driver 'fjall'"
+            );
+        }
     }
 }

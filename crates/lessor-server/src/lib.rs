@@ -5,7 +5,8 @@
 //! The binary only parses flags and calls [`serve`]; tests call [`start`] on port 0 with an injected clock.
 //!
 //! # Layout
-//! - [`config`]: the YAML file (seeds' format), validation, and building stores from drivers.
+//! - [`config`]: the YAML file (seeds' format) mapped to store specifications of the storage crate's driver registry,
+//!   and validation.
 //! - [`error`]: [`error::ApiError`] and the one place errors become wire codes.
 //! - [`http`]: routes, content negotiation, body limits, handlers.
 //! - [`convert`]: wire messages to and from core types.
@@ -27,13 +28,74 @@ use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
-pub use config::Config;
+pub use config::{Config, ConfigError};
+
+/// Why a server could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The configuration is invalid or its stores cannot be opened.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// A queue declared in the file was refused (an invalid definition, not an outage).
+    #[error("queues: '{queue}': {source}")]
+    DeclareQueue {
+        /// The queue.
+        queue: String,
+        /// The engine's reason.
+        #[source]
+        source: lessor_core::error::QueueError,
+    },
+    /// The listen address cannot be bound.
+    #[error("address: cannot listen on '{address}': {source}")]
+    Listen {
+        /// The address.
+        address: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Serving stopped with an error.
+    #[error("serving failed: {source}")]
+    Serve {
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// What [`serve`] needs besides the engine: the request limits of the configuration that the HTTP layer applies.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ServeOptions {
+    /// Largest produce body, in bytes (`limits.max-produce-body`).
+    pub max_produce_body: usize,
+}
+
+impl Default for ServeOptions {
+    fn default() -> Self {
+        ServeOptions {
+            max_produce_body: config::DEFAULT_MAX_PRODUCE_BODY,
+        }
+    }
+}
+
+impl ServeOptions {
+    /// The options a configuration asks for. (`limits.max-requests-per-queue` is the engine's; [`build_engine`]
+    /// applies it.)
+    pub fn from_config(config: &Config) -> Self {
+        ServeOptions {
+            max_produce_body: config.max_produce_body(),
+        }
+    }
+}
 
 /// The version reported by `/health`.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
 /// Builds the engine from the configuration and declares the configured queues.
-pub async fn build_engine(config: &Config, clock: SharedClock) -> Result<Engine, String> {
+///
+/// # Errors
+/// An invalid configuration, a store that cannot be opened, or a declared queue the engine refuses.
+pub async fn build_engine(config: &Config, clock: SharedClock) -> Result<Engine, StartError> {
     let engine = config.build_engine(clock).await?;
     let mut pending = Vec::new();
     for q in config.declared_queues()? {
@@ -47,7 +109,7 @@ pub async fn build_engine(config: &Config, clock: SharedClock) -> Result<Engine,
                 tracing::warn!(queue = %name, error = %e, "declared queue not written yet; retrying in the background");
                 pending.push(q);
             }
-            Err(e) => return Err(format!("queues: '{name}': {e}")),
+            Err(source) => return Err(StartError::DeclareQueue { queue: name, source }),
         }
     }
     if !pending.is_empty() {
@@ -85,9 +147,10 @@ fn is_outage(e: &lessor_core::error::QueueError) -> bool {
 pub async fn serve(
     listener: TcpListener,
     engine: Engine,
+    options: ServeOptions,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let state = http::AppState::new(engine.clone());
+    let state = http::AppState::with_limits(engine.clone(), options.max_produce_body);
     let app = http::router(state);
     let stop_engine = engine.clone();
     // Replies are small and latency matters: never let Nagle hold a reply back waiting for an ACK.
@@ -144,20 +207,26 @@ impl Drop for RunningServer {
     }
 }
 
-/// Starts a server on `address` (use port 0 for tests) in the background.
+/// Starts a server on `address` (use port 0 for tests) in the background, with the configuration's limits.
+///
+/// # Errors
+/// See [`StartError`].
 pub async fn start(
     config: &Config,
     address: &str,
     clock: Option<SharedClock>,
-) -> Result<RunningServer, String> {
+) -> Result<RunningServer, StartError> {
     let clock = clock.unwrap_or_else(|| Arc::new(SystemClock));
     let engine = build_engine(config, clock).await?;
-    let listener = TcpListener::bind(address)
-        .await
-        .map_err(|e| format!("address: cannot listen on '{address}': {e}"))?;
-    let addr = listener.local_addr().map_err(|e| e.to_string())?;
+    let listen_error = |source| StartError::Listen {
+        address: address.to_string(),
+        source,
+    };
+    let listener = TcpListener::bind(address).await.map_err(listen_error)?;
+    let addr = listener.local_addr().map_err(listen_error)?;
     let (tx, rx) = oneshot::channel::<()>();
-    let task = tokio::spawn(serve(listener, engine.clone(), async move {
+    let options = ServeOptions::from_config(config);
+    let task = tokio::spawn(serve(listener, engine.clone(), options, async move {
         let _ = rx.await;
     }));
     Ok(RunningServer {

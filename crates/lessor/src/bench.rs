@@ -320,29 +320,25 @@ pub async fn run(args: BenchArgs) -> Result<(), String> {
     Ok(())
 }
 
-/// The in-process fjall configuration, or a clear error when this build has no fjall.
+/// The in-process fjall configuration, or a clear error when this build has no fjall. The stores are opened by the
+/// storage crate's driver registry like the server's, so the durability value is checked there too.
 fn fjall_config(dir: &str, durability: Option<&str>) -> Result<Config, String> {
-    let mut config = Config::default_persistent(dir);
-    let is_fjall = |c: &Config| {
-        c.partition_storage
-            .iter()
-            .all(|s| s.driver.as_deref() == Some("fjall"))
-            && c.queue_storage.as_ref().and_then(|s| s.driver.as_deref()) == Some("fjall")
-    };
-    if !is_fjall(&config) {
+    let compiled = lessor_server::config::driver_compiled("fjall");
+    if !compiled {
         return Err(
             "bench: --backend fjall: the fjall storage driver is not compiled into this build \
                     (rebuild with the 'fjall' feature, or use --backend memory or --endpoint)"
                 .into(),
         );
     }
+    let mut config = Config::default_persistent(dir);
     if let Some(d) = durability {
         for s in config
             .partition_storage
             .iter_mut()
             .chain(config.queue_storage.iter_mut())
         {
-            s.config.durability = Some(d.to_string());
+            s.config.insert("durability".into(), d.into());
         }
     }
     config

@@ -6,7 +6,7 @@ use std::io::Read;
 use clap::{Args, Parser, Subcommand};
 use lessor_client::{Client, ClientError};
 use lessor_proto::{self as pb, Timestamp};
-use lessor_server::Config;
+use lessor_server::{Config, StartError};
 
 /// Lessor: a durable, partitioned, lease-based work-queue server.
 #[derive(Parser, Debug)]
@@ -212,7 +212,7 @@ fn print<T: serde::Serialize + std::fmt::Debug>(json: bool, v: &T, human: impl F
 pub async fn run(cli: Cli) -> Result<(), String> {
     let json = cli.json;
     let cli = match cli.command {
-        Command::Server(args) => return server(args).await,
+        Command::Server(args) => return server(args).await.map_err(|e| e.to_string()),
         Command::Bench(args) => return crate::bench::run(args).await,
         Command::BenchChart(args) => return crate::bench::chart::run(args),
         command => Cli { command, ..cli },
@@ -473,7 +473,7 @@ fn now_nanos() -> u128 {
         % 1_000_000
 }
 
-async fn server(args: ServerArgs) -> Result<(), String> {
+async fn server(args: ServerArgs) -> Result<(), StartError> {
     let mut config = match &args.config {
         Some(path) => Config::from_file(path)?,
         None => Config::default_persistent(&args.data_dir),
@@ -491,11 +491,15 @@ async fn server(args: ServerArgs) -> Result<(), String> {
         lessor_server::build_engine(&config, std::sync::Arc::new(lessor_core::time::SystemClock)).await?;
     let listener = tokio::net::TcpListener::bind(&address)
         .await
-        .map_err(|e| format!("cannot listen on '{address}': {e}"))?;
+        .map_err(|source| StartError::Listen {
+            address: address.clone(),
+            source,
+        })?;
     tracing::info!(address = %address, version = lessor_server::VERSION, "lessor listening");
-    lessor_server::serve(listener, engine, shutdown_signal())
+    let options = lessor_server::ServeOptions::from_config(&config);
+    lessor_server::serve(listener, engine, options, shutdown_signal())
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(|source| StartError::Serve { source })?;
     tracing::info!("stopped");
     Ok(())
 }
@@ -521,7 +525,17 @@ async fn shutdown_signal() {
     }
 }
 
+/// Sets up the log: level from the file (or `--log-level`), unless `RUST_LOG` is set, which wins entirely.
+///
+/// The storage engine's own crates (`fjall`, `lsm_tree`) log routine work at INFO ("Finished ingestion writer",
+/// compactions); they are held at WARN by default so the server's log stays about the server. `RUST_LOG` can still
+/// ask for them (`RUST_LOG=info,fjall=debug`).
+///
+/// Text logs are coloured only when stderr is a terminal, so a log file or a pipe gets no escape codes; the `color`
+/// handler asks for colour regardless, `json` never has it.
 fn init_logging(config: &Config) {
+    use std::io::IsTerminal;
+
     let level = config
         .logging
         .level
@@ -529,12 +543,36 @@ fn init_logging(config: &Config) {
         .unwrap_or_else(|| "info".into())
         .to_ascii_lowercase();
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_directives(&level)));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
     match config.logging.handler.as_deref() {
         Some("json") => builder.json().init(),
-        _ => builder.init(),
+        Some("color") => builder.with_ansi(true).init(),
+        _ => builder.with_ansi(std::io::stderr().is_terminal()).init(),
+    }
+}
+
+/// The log filter used when `RUST_LOG` is not set: `level` for everything, the storage engine's crates no more
+/// verbose than WARN.
+fn default_directives(level: &str) -> String {
+    let quiet = if level == "error" { "error" } else { "warn" };
+    format!("{level},fjall={quiet},lsm_tree={quiet}")
+}
+
+#[cfg(test)]
+mod logging_tests {
+    use super::default_directives;
+
+    #[test]
+    fn storage_engine_logs_are_held_at_warn() {
+        assert_eq!(default_directives("debug"), "debug,fjall=warn,lsm_tree=warn");
+        assert_eq!(default_directives("info"), "info,fjall=warn,lsm_tree=warn");
+        // Never more verbose than the level asked for.
+        assert_eq!(default_directives("error"), "error,fjall=error,lsm_tree=error");
+        for level in ["trace", "debug", "info", "warn", "error"] {
+            tracing_subscriber::EnvFilter::try_new(default_directives(level)).expect("a valid filter");
+        }
     }
 }

@@ -1,0 +1,497 @@
+//! The driver registry: the one place that turns a store specification (a driver name plus its settings) into a
+//! queue store or a partition store.
+//!
+//! Everything above this crate (the server's configuration, `lessor bench`, tests) names a driver and hands over
+//! its raw settings; it never knows which settings a driver takes, how they are checked, or which constructor opens
+//! the store. That knowledge sits next to each driver, in a [`DriverEntry`] listed once in [`DRIVERS`].
+//!
+//! # Adding a driver
+//! 1. Write the backend module (behind a cargo feature when it pulls dependencies in).
+//! 2. Write its entry: a module under `registry/` with a typed settings struct implementing [`DriverConfig`], a
+//!    `parse` function reading it from [`Settings`], and a `pub(super) const DRIVER: DriverEntry`. Its `open_*`
+//!    functions call the backend's constructors. In a build without the backend's feature, give the typed settings
+//!    a field of an empty stand-in type (see `registry/fjall.rs`), so they cannot be built and the `open_*`
+//!    functions are an empty `match`; [`StoreSpec::from_settings`] refuses the driver by name before that.
+//! 3. Add one line to [`DRIVERS`].
+//!
+//! Nothing above this crate changes: the server's configuration accepts the new name, checks its keys and opens
+//! it through [`StoreSpec`].
+//!
+//! # Errors
+//! [`SpecError`] says what is wrong with a specification (unknown driver, driver not compiled in, a key the driver
+//! does not take, a missing or invalid value), naming the key; the caller prefixes where the specification came from
+//! (`partition-storage[1]`). [`OpenError`] is a store that could not be opened, with the backend's error as its
+//! source.
+
+mod fjall;
+mod memory;
+mod postgres;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use lessor_core::error::StorageError;
+use lessor_core::storage::{PartitionStore, QueuesStore};
+use thiserror::Error;
+
+pub use self::fjall::FjallConfig;
+pub use self::memory::MemoryConfig;
+pub use self::postgres::PostgresConfig;
+
+/// Every driver Lessor knows, compiled in or not, in the order error messages list them. Adding a driver adds one
+/// line here.
+pub static DRIVERS: &[&DriverEntry] = &[&memory::DRIVER, &fjall::DRIVER, &postgres::DRIVER];
+
+/// One driver: its names, the settings it takes, whether this build has it, and how to read its settings.
+pub struct DriverEntry {
+    /// The canonical name (`driver:` in the configuration file, error messages, logs).
+    pub name: &'static str,
+    /// Other accepted names (matched without regard to case, like the canonical name).
+    pub aliases: &'static [&'static str],
+    /// The keys of its `config:` section.
+    pub keys: &'static [&'static str],
+    /// Whether this build includes the driver.
+    pub compiled: bool,
+    /// Reads the typed settings; the keys are already known to be among [`DriverEntry::keys`].
+    pub parse: fn(&Settings) -> Result<Arc<dyn DriverConfig>, SpecError>,
+}
+
+impl DriverEntry {
+    /// Whether `name` (any case) names this driver.
+    pub fn answers_to(&self, name: &str) -> bool {
+        let name = name.to_ascii_lowercase();
+        self.name == name || self.aliases.contains(&name.as_str())
+    }
+}
+
+impl fmt::Debug for DriverEntry {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DriverEntry")
+            .field("name", &self.name)
+            .field("aliases", &self.aliases)
+            .field("compiled", &self.compiled)
+            .finish_non_exhaustive()
+    }
+}
+
+impl fmt::Display for DriverEntry {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name)
+    }
+}
+
+/// The driver named `name` (canonical name or alias, any case), compiled in or not.
+///
+/// # Errors
+/// [`SpecError::UnknownDriver`], listing the known drivers.
+pub fn lookup(name: &str) -> Result<&'static DriverEntry, SpecError> {
+    DRIVERS
+        .iter()
+        .copied()
+        .find(|d| d.answers_to(name))
+        .ok_or_else(|| {
+            let (known, aliases) = known_drivers();
+            SpecError::UnknownDriver {
+                name: name.to_string(),
+                known,
+                aliases,
+            }
+        })
+}
+
+/// The canonical names (`memory, fjall, postgres`) and a note on the aliases that are not just other spellings of
+/// them (` (badger is accepted as an alias of fjall)`), for error messages.
+fn known_drivers() -> (String, String) {
+    let names: Vec<&str> = DRIVERS.iter().map(|d| d.name).collect();
+    let aliases: Vec<String> = DRIVERS
+        .iter()
+        .flat_map(|d| {
+            d.aliases
+                .iter()
+                .filter(|a| !a.starts_with(d.name) && !d.name.starts_with(**a) && !a.ends_with(d.name))
+                .map(move |a| format!("{a} is accepted as an alias of {}", d.name))
+        })
+        .collect();
+    let note = if aliases.is_empty() {
+        String::new()
+    } else {
+        format!(" ({})", aliases.join("; "))
+    };
+    (names.join(", "), note)
+}
+
+/// Parses a duration written in a configuration file. Durations use the wire's Go syntax (`100ms`, `1m30s`), whose
+/// parser lives in `lessor-proto` above this crate, so the caller supplies it.
+pub type DurationParser = fn(&str) -> Result<Duration, String>;
+
+/// The raw settings of one store (the `config:` mapping): key to value as written, every scalar as text.
+#[derive(Clone)]
+pub struct Settings {
+    values: BTreeMap<String, String>,
+    parse_duration: DurationParser,
+}
+
+impl fmt::Debug for Settings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_map().entries(self.values.iter()).finish()
+    }
+}
+
+impl Settings {
+    /// No settings; durations are read with `parse_duration`.
+    pub fn new(parse_duration: DurationParser) -> Self {
+        Settings {
+            values: BTreeMap::new(),
+            parse_duration,
+        }
+    }
+
+    /// Adds (or replaces) a setting.
+    pub fn with(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.insert(key, value);
+        self
+    }
+
+    /// Adds (or replaces) a setting.
+    pub fn insert(&mut self, key: impl Into<String>, value: impl Into<String>) {
+        self.values.insert(key.into(), value.into());
+    }
+
+    /// The keys given.
+    pub fn keys(&self) -> impl Iterator<Item = &str> {
+        self.values.keys().map(String::as_str)
+    }
+
+    /// The text of `key`, if given.
+    pub fn text(&self, key: &'static str) -> Option<&str> {
+        self.values.get(key).map(String::as_str)
+    }
+
+    /// The text of `key`, which must be given and not empty.
+    pub fn required(&self, key: &'static str, driver: &'static str) -> Result<&str, SpecError> {
+        match self.text(key) {
+            Some(v) if !v.is_empty() => Ok(v),
+            _ => Err(SpecError::Missing { key, driver }),
+        }
+    }
+
+    /// `key` as a whole number, if given.
+    pub fn u32(&self, key: &'static str) -> Result<Option<u32>, SpecError> {
+        self.text(key)
+            .map(|v| {
+                v.trim().parse::<u32>().map_err(|_| SpecError::Invalid {
+                    key,
+                    reason: format!("'{v}' is not a whole number between 0 and {}", u32::MAX),
+                })
+            })
+            .transpose()
+    }
+
+    /// `key` as a duration in the wire's Go syntax, if given.
+    pub fn duration(&self, key: &'static str) -> Result<Option<Duration>, SpecError> {
+        self.text(key)
+            .map(|v| (self.parse_duration)(v).map_err(|reason| SpecError::Invalid { key, reason }))
+            .transpose()
+    }
+}
+
+/// A driver's typed settings, and how to open its stores with them.
+#[async_trait]
+pub trait DriverConfig: fmt::Debug + Send + Sync {
+    /// The driver these settings belong to.
+    fn driver(&self) -> &'static DriverEntry;
+
+    /// Opens (or creates) the store of queue definitions.
+    async fn open_queues(&self) -> Result<Arc<dyn QueuesStore>, OpenError>;
+
+    /// Opens (or creates) a store of partitions.
+    async fn open_partitions(&self) -> Result<Arc<dyn PartitionStore>, OpenError>;
+}
+
+/// A checked store specification: a compiled-in driver and its typed settings.
+#[derive(Clone, Debug)]
+pub struct StoreSpec {
+    config: Arc<dyn DriverConfig>,
+}
+
+impl StoreSpec {
+    /// Checks `settings` against the driver named `driver` and reads them into its typed settings.
+    ///
+    /// # Errors
+    /// An unknown driver, a driver not compiled into this build, a key the driver does not take, or a missing or
+    /// invalid value (see [`SpecError`]).
+    pub fn from_settings(driver: &str, settings: &Settings) -> Result<StoreSpec, SpecError> {
+        let entry = lookup(driver)?;
+        if !entry.compiled {
+            return Err(SpecError::NotCompiled { driver: entry.name });
+        }
+        for key in settings.keys() {
+            if entry.keys.contains(&key) {
+                continue;
+            }
+            return Err(if DRIVERS.iter().any(|d| d.keys.contains(&key)) {
+                SpecError::NotASetting {
+                    key: key.to_string(),
+                    driver: entry.name,
+                }
+            } else {
+                SpecError::UnknownSetting {
+                    key: key.to_string(),
+                    driver: entry.name,
+                    known: entry.keys.join(", "),
+                }
+            });
+        }
+        Ok(StoreSpec {
+            config: (entry.parse)(settings)?,
+        })
+    }
+
+    /// A specification from typed settings (code that knows which driver it wants, such as tests).
+    ///
+    /// # Errors
+    /// [`SpecError::NotCompiled`] when this build lacks the driver.
+    pub fn new(config: impl DriverConfig + 'static) -> Result<StoreSpec, SpecError> {
+        let entry = config.driver();
+        if !entry.compiled {
+            return Err(SpecError::NotCompiled { driver: entry.name });
+        }
+        Ok(StoreSpec {
+            config: Arc::new(config),
+        })
+    }
+
+    /// The driver.
+    pub fn driver(&self) -> &'static DriverEntry {
+        self.config.driver()
+    }
+
+    /// The typed settings.
+    pub fn config(&self) -> &dyn DriverConfig {
+        self.config.as_ref()
+    }
+
+    /// Opens the store of queue definitions this specification describes.
+    ///
+    /// # Errors
+    /// The backend's failure to open (see [`OpenError`]).
+    pub async fn open_queues(&self) -> Result<Arc<dyn QueuesStore>, OpenError> {
+        self.config.open_queues().await
+    }
+
+    /// Opens the partition store this specification describes.
+    ///
+    /// # Errors
+    /// The backend's failure to open (see [`OpenError`]).
+    pub async fn open_partitions(&self) -> Result<Arc<dyn PartitionStore>, OpenError> {
+        self.config.open_partitions().await
+    }
+}
+
+/// What is wrong with a store specification. Messages name the key relative to the store entry
+/// (`config.storage-dir: ...`, `driver: ...`) so the caller only prefixes the entry.
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+pub enum SpecError {
+    /// No driver has this name.
+    #[error("driver: invalid driver; '{name}' is not one of ({known}){aliases}")]
+    UnknownDriver {
+        /// The name given.
+        name: String,
+        /// The known drivers.
+        known: String,
+        /// Aliases worth mentioning (` (badger is accepted as an alias of fjall)`), or nothing.
+        aliases: String,
+    },
+    /// The driver exists but this build does not include it.
+    #[error("driver: driver '{driver}' is not compiled into this build; rebuild with `--features {driver}`")]
+    NotCompiled {
+        /// The driver.
+        driver: &'static str,
+    },
+    /// A key of another driver.
+    #[error("config.{key}: not a setting of driver '{driver}'")]
+    NotASetting {
+        /// The key.
+        key: String,
+        /// The driver.
+        driver: &'static str,
+    },
+    /// A key no driver takes (a typo, usually).
+    #[error("config.{key}: unknown setting; driver '{driver}' takes ({known})")]
+    UnknownSetting {
+        /// The key.
+        key: String,
+        /// The driver.
+        driver: &'static str,
+        /// The keys it takes.
+        known: String,
+    },
+    /// A key the driver needs.
+    #[error("config.{key}: required by driver '{driver}'")]
+    Missing {
+        /// The key.
+        key: &'static str,
+        /// The driver.
+        driver: &'static str,
+    },
+    /// A value the driver cannot use.
+    #[error("config.{key}: {reason}")]
+    Invalid {
+        /// The key.
+        key: &'static str,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// A store that could not be opened.
+#[derive(Debug, Error)]
+pub enum OpenError {
+    /// The backend refused (a locked directory, an unreachable database, data of another format...).
+    #[error("cannot open the {driver} store: {source}")]
+    Backend {
+        /// The driver.
+        driver: &'static str,
+        /// The backend's error.
+        #[source]
+        source: StorageError,
+    },
+    /// Opening panicked or was cancelled on the blocking thread pool.
+    #[error("cannot open the {driver} store: the opening task failed: {source}")]
+    Task {
+        /// The driver.
+        driver: &'static str,
+        /// Why the task ended.
+        #[source]
+        source: tokio::task::JoinError,
+    },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings() -> Settings {
+        Settings::new(|s| match s {
+            "1s" => Ok(Duration::from_secs(1)),
+            other => Err(format!("invalid duration '{other}'")),
+        })
+    }
+
+    #[test]
+    fn names_and_aliases_resolve() {
+        assert_eq!(lookup("memory").expect("memory").name, "memory");
+        assert_eq!(lookup("InMemory").expect("alias").name, "memory");
+        assert_eq!(lookup("badger").expect("alias").name, "fjall");
+        assert_eq!(lookup("PostgreSQL").expect("alias").name, "postgres");
+        let e = lookup("mysql").expect_err("unknown").to_string();
+        assert!(
+            e.contains("'mysql'")
+                && e.contains("memory, fjall, postgres")
+                && e.contains("badger is accepted as an alias of fjall"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn every_driver_is_listed_once() {
+        let mut names: Vec<&str> = DRIVERS
+            .iter()
+            .flat_map(|d| std::iter::once(d.name).chain(d.aliases.iter().copied()))
+            .collect();
+        let n = names.len();
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names.len(), n, "a name or alias is used by two drivers");
+    }
+
+    #[test]
+    fn keys_are_checked_by_name() {
+        let e = StoreSpec::from_settings("memory", &settings().with("storage-dir", "/x"))
+            .expect_err("memory dir");
+        assert_eq!(
+            e.to_string(),
+            "config.storage-dir: not a setting of driver 'memory'"
+        );
+        let e = StoreSpec::from_settings("memory", &settings().with("storge-dir", "/x")).expect_err("typo");
+        assert!(
+            e.to_string().starts_with("config.storge-dir: unknown setting"),
+            "{e}"
+        );
+        StoreSpec::from_settings("memory", &settings()).expect("memory takes nothing");
+    }
+
+    #[test]
+    fn driver_settings_are_checked() {
+        if fjall::DRIVER.compiled {
+            let e = StoreSpec::from_settings("fjall", &settings()).expect_err("no dir");
+            assert_eq!(e.to_string(), "config.storage-dir: required by driver 'fjall'");
+            let e = StoreSpec::from_settings(
+                "fjall",
+                &settings().with("storage-dir", "d").with("durability", "often"),
+            )
+            .expect_err("bad mode");
+            assert!(
+                e.to_string()
+                    .contains("'often' is not one of (sync, interval, none)"),
+                "{e}"
+            );
+            let e = StoreSpec::from_settings(
+                "fjall",
+                &settings()
+                    .with("storage-dir", "d")
+                    .with("durability", "interval")
+                    .with("sync-interval", "2x"),
+            )
+            .expect_err("bad interval");
+            assert!(
+                e.to_string()
+                    .starts_with("config.sync-interval: invalid duration"),
+                "{e}"
+            );
+            StoreSpec::from_settings(
+                "badger",
+                &settings()
+                    .with("storage-dir", "d")
+                    .with("durability", "interval")
+                    .with("sync-interval", "1s"),
+            )
+            .expect("valid fjall settings");
+        } else {
+            let e = StoreSpec::from_settings("fjall", &settings()).expect_err("not compiled");
+            assert!(matches!(e, SpecError::NotCompiled { driver: "fjall" }), "{e}");
+        }
+        if postgres::DRIVER.compiled {
+            let e = StoreSpec::from_settings("postgres", &settings()).expect_err("no url");
+            assert_eq!(
+                e.to_string(),
+                "config.connection-string: required by driver 'postgres'"
+            );
+            let e = StoreSpec::from_settings(
+                "postgres",
+                &settings()
+                    .with("connection-string", "postgres://x")
+                    .with("max-conns", "ten"),
+            )
+            .expect_err("bad pool size");
+            assert!(
+                e.to_string()
+                    .starts_with("config.max-conns: 'ten' is not a whole number"),
+                "{e}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn memory_spec_opens_both_kinds() {
+        let spec = StoreSpec::from_settings("memory", &settings()).expect("spec");
+        assert_eq!(spec.driver().name, "memory");
+        let queues = spec.open_queues().await.expect("queues");
+        assert!(queues.get("nothing").await.expect("get").is_none());
+        let parts = spec.open_partitions().await.expect("partitions");
+        assert_eq!(parts.driver(), "memory");
+    }
+}

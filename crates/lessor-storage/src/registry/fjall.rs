@@ -1,0 +1,118 @@
+//! The registry entry of the fjall driver (embedded LSM engine): `storage-dir`, `durability` and `sync-interval`,
+//! opened with the backend's own constructors. `badger` is accepted as an alias so the seeds' files keep working.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use lessor_core::storage::{PartitionStore, QueuesStore};
+
+use super::{DriverConfig, DriverEntry, OpenError, Settings, SpecError};
+
+/// When a write counts as done (the backend's type when fjall is compiled in).
+#[cfg(feature = "fjall")]
+pub use crate::fjall::Durability;
+
+/// Stand-in for the backend's durability type in builds without fjall. It has no values, so a [`FjallConfig`]
+/// cannot exist in such a build: the type system, not a runtime check, keeps the driver out.
+#[cfg(not(feature = "fjall"))]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Durability {}
+
+/// The fjall driver's entry.
+pub(super) const DRIVER: DriverEntry = DriverEntry {
+    name: "fjall",
+    aliases: &["badger"],
+    keys: &["storage-dir", "durability", "sync-interval"],
+    compiled: cfg!(feature = "fjall"),
+    parse,
+};
+
+/// Settings of the fjall driver.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FjallConfig {
+    /// The data directory (`storage-dir`); queue definitions and partitions live in subdirectories of it.
+    pub storage_dir: PathBuf,
+    /// `durability` with its `sync-interval`.
+    pub durability: Durability,
+}
+
+#[cfg(feature = "fjall")]
+fn parse(s: &Settings) -> Result<Arc<dyn DriverConfig>, SpecError> {
+    let storage_dir = PathBuf::from(s.required("storage-dir", DRIVER.name)?);
+    // The mode is checked on its own first so a bad mode is reported against `durability`; the combination with
+    // the interval is then the backend's rule.
+    if let Some(mode) = s.text("durability").map(str::trim).filter(|m| !m.is_empty()) {
+        mode.parse::<Durability>().map_err(|reason| SpecError::Invalid {
+            key: "durability",
+            reason,
+        })?;
+    }
+    let interval_ms = s
+        .duration("sync-interval")?
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+    let durability =
+        Durability::from_config(s.text("durability"), interval_ms).map_err(|e| SpecError::Invalid {
+            key: "sync-interval",
+            reason: e.message,
+        })?;
+    Ok(Arc::new(FjallConfig {
+        storage_dir,
+        durability,
+    }))
+}
+
+#[cfg(not(feature = "fjall"))]
+fn parse(_: &Settings) -> Result<Arc<dyn DriverConfig>, SpecError> {
+    Err(SpecError::NotCompiled { driver: DRIVER.name })
+}
+
+#[async_trait]
+impl DriverConfig for FjallConfig {
+    fn driver(&self) -> &'static DriverEntry {
+        &DRIVER
+    }
+
+    #[cfg(feature = "fjall")]
+    async fn open_queues(&self) -> Result<Arc<dyn QueuesStore>, OpenError> {
+        let (dir, durability) = (self.storage_dir.clone(), self.durability);
+        // Opening reads the disk: keep it off the async workers.
+        let q = tokio::task::spawn_blocking(move || crate::fjall::FjallQueues::open(dir, durability))
+            .await
+            .map_err(|source| OpenError::Task {
+                driver: DRIVER.name,
+                source,
+            })?
+            .map_err(|source| OpenError::Backend {
+                driver: DRIVER.name,
+                source,
+            })?;
+        Ok(Arc::new(q))
+    }
+
+    #[cfg(feature = "fjall")]
+    async fn open_partitions(&self) -> Result<Arc<dyn PartitionStore>, OpenError> {
+        let (dir, durability) = (self.storage_dir.clone(), self.durability);
+        let p = tokio::task::spawn_blocking(move || crate::fjall::FjallStore::open(dir, durability))
+            .await
+            .map_err(|source| OpenError::Task {
+                driver: DRIVER.name,
+                source,
+            })?
+            .map_err(|source| OpenError::Backend {
+                driver: DRIVER.name,
+                source,
+            })?;
+        Ok(Arc::new(p))
+    }
+
+    #[cfg(not(feature = "fjall"))]
+    async fn open_queues(&self) -> Result<Arc<dyn QueuesStore>, OpenError> {
+        match self.durability {}
+    }
+
+    #[cfg(not(feature = "fjall"))]
+    async fn open_partitions(&self) -> Result<Arc<dyn PartitionStore>, OpenError> {
+        match self.durability {}
+    }
+}
