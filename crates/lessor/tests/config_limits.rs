@@ -14,7 +14,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use lessor_client::proto::{QueueProduceItem, QueueProduceRequest};
-use lessor_client::{Client, ClientError};
+use lessor_client::Client;
 
 /// How long the server may take to answer `/health` with `pass`.
 const STARTUP_LIMIT: Duration = Duration::from_secs(20);
@@ -190,7 +190,7 @@ async fn max_requests_per_queue_is_applied() {
             let client = server.client.clone();
             tokio::spawn(async move { client.queue_produce(&produce("busy", 100, 1_000)).await })
         });
-        let mut overloaded: Option<ClientError> = None;
+        let mut overloaded: Option<lessor_client::ClientError> = None;
         for call in calls.collect::<Vec<_>>() {
             match call.await.expect("producer task") {
                 Ok(()) => {}
