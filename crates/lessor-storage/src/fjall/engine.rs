@@ -244,7 +244,7 @@ impl Engine {
     /// Maps an error by what it says, without changing the engine's state.
     fn error(&self, e: fjall::Error, doing: &str) -> StorageError {
         let what = format!("{} at '{}'", self.label, self.dir.display());
-        if let Some(io) = find_io(&e) {
+        let io = find_io(&e).map(|io| {
             let kind = if is_no_space(io) {
                 StorageErrorKind::NoSpace
             } else {
@@ -255,7 +255,10 @@ impl Engine {
             } else {
                 "I/O error"
             };
-            return StorageError::new(kind, format!("{hint} {doing} the {what}: {io}"));
+            (kind, format!("{hint} {doing} the {what}: {io}"))
+        });
+        if let Some((kind, message)) = io {
+            return StorageError::new(kind, message).with_source(e);
         }
         let kind = match e {
             fjall::Error::Poisoned => StorageErrorKind::Poisoned,
@@ -269,7 +272,7 @@ impl Engine {
             | fjall::Error::Storage(_) => StorageErrorKind::Corrupt,
             _ => StorageErrorKind::Other,
         };
-        StorageError::new(kind, format!("{doing} the {what} failed: {e:?}"))
+        StorageError::new(kind, format!("{doing} the {what} failed: {e}")).with_source(e)
     }
 
     /// Maps an error of reading stored records.

@@ -279,6 +279,80 @@ impl PgPartition {
     }
 }
 
+/// The fields of an item that produce and import both write, borrowed from a [`NewItem`] or an [`Item`].
+struct Common<'a> {
+    source_id: &'a str,
+    enqueue_at: Ts,
+    expire_deadline: Ts,
+    created_at: Ts,
+    reference: &'a str,
+    encoding: &'a str,
+    kind: &'a str,
+    payload: &'a [u8],
+}
+
+impl<'a> From<&'a NewItem> for Common<'a> {
+    fn from(i: &'a NewItem) -> Self {
+        Common {
+            source_id: &i.source_id,
+            enqueue_at: i.enqueue_at,
+            expire_deadline: i.expire_deadline,
+            created_at: i.created_at,
+            reference: &i.reference,
+            encoding: &i.encoding,
+            kind: &i.kind,
+            payload: &i.payload,
+        }
+    }
+}
+
+impl<'a> From<&'a Item> for Common<'a> {
+    fn from(i: &'a Item) -> Self {
+        Common {
+            source_id: &i.source_id,
+            enqueue_at: i.enqueue_at,
+            expire_deadline: i.expire_deadline,
+            created_at: i.created_at,
+            reference: &i.reference,
+            encoding: &i.encoding,
+            kind: &i.kind,
+            payload: &i.payload,
+        }
+    }
+}
+
+/// Those fields as one array per column: the produce and import statements `unnest` them, so a whole batch is
+/// one statement.
+#[derive(Default)]
+struct Columns<'a> {
+    /// `NULL` for an empty source id (the unique index ignores NULLs).
+    source: Vec<Option<&'a str>>,
+    enqueue_at: Vec<i64>,
+    expire: Vec<i64>,
+    created: Vec<i64>,
+    reference: Vec<&'a str>,
+    encoding: Vec<&'a str>,
+    kind: Vec<&'a str>,
+    payload: Vec<&'a [u8]>,
+}
+
+impl<'a> Columns<'a> {
+    fn of(rows: impl Iterator<Item = Common<'a>>) -> Self {
+        let mut c = Columns::default();
+        for r in rows {
+            c.source.push((!r.source_id.is_empty()).then_some(r.source_id));
+            c.enqueue_at.push(r.enqueue_at.0);
+            c.expire.push(r.expire_deadline.0);
+            c.created.push(r.created_at.0);
+            c.reference.push(r.reference);
+            c.encoding.push(r.encoding);
+            c.kind.push(r.kind);
+            c.payload.push(r.payload);
+        }
+        c
+    }
+}
+
 #[async_trait]
 impl Partition for PgPartition {
     async fn produce(&self, items: Vec<NewItem>) -> Result<Vec<ItemId>, StorageError> {
@@ -301,17 +375,7 @@ impl Partition for PgPartition {
             slot.push(sent.len());
             sent.push(it);
         }
-        let source: Vec<Option<&str>> = sent
-            .iter()
-            .map(|i| (!i.source_id.is_empty()).then_some(i.source_id.as_str()))
-            .collect();
-        let enqueue_at: Vec<i64> = sent.iter().map(|i| i.enqueue_at.0).collect();
-        let expire: Vec<i64> = sent.iter().map(|i| i.expire_deadline.0).collect();
-        let created: Vec<i64> = sent.iter().map(|i| i.created_at.0).collect();
-        let reference: Vec<&str> = sent.iter().map(|i| i.reference.as_str()).collect();
-        let encoding: Vec<&str> = sent.iter().map(|i| i.encoding.as_str()).collect();
-        let kind: Vec<&str> = sent.iter().map(|i| i.kind.as_str()).collect();
-        let payload: Vec<&[u8]> = sent.iter().map(|i| i.payload.as_ref()).collect();
+        let c = Columns::of(sent.iter().map(|i| Common::from(*i)));
 
         let shared = self.shared()?;
         let conn = shared.conn().await?;
@@ -320,14 +384,14 @@ impl Partition for PgPartition {
             .query_one(
                 &stmt,
                 &[
-                    &source,
-                    &enqueue_at,
-                    &expire,
-                    &created,
-                    &reference,
-                    &encoding,
-                    &kind,
-                    &payload,
+                    &c.source,
+                    &c.enqueue_at,
+                    &c.expire,
+                    &c.created,
+                    &c.reference,
+                    &c.encoding,
+                    &c.kind,
+                    &c.payload,
                 ],
             )
             .await
@@ -362,14 +426,14 @@ impl Partition for PgPartition {
         }
         let unresolved: Vec<&str> = ids
             .iter()
-            .zip(&source)
+            .zip(&c.source)
             .filter_map(|(id, s)| if id.is_none() { *s } else { None })
             .collect();
         if !unresolved.is_empty() {
             // The items are stored already; a failure here must not report the produce as failed.
             match self.existing_ids(unresolved).await {
                 Ok(found) => {
-                    for (id, s) in ids.iter_mut().zip(&source) {
+                    for (id, s) in ids.iter_mut().zip(&c.source) {
                         if let (None, Some(s)) = (&id, s) {
                             *id = found.get(*s).copied();
                         }
@@ -697,21 +761,12 @@ impl Partition for PgPartition {
         if items.is_empty() {
             return Ok(Vec::new());
         }
-        let source: Vec<Option<&str>> = items
-            .iter()
-            .map(|i| (!i.source_id.is_empty()).then_some(i.source_id.as_str()))
-            .collect();
+        let c = Columns::of(items.iter().map(Common::from));
+        // The state columns only an import sets.
         let leased: Vec<bool> = items.iter().map(|i| i.is_leased).collect();
         let lease_deadline: Vec<i64> = items.iter().map(|i| i.lease_deadline.0).collect();
-        let expire: Vec<i64> = items.iter().map(|i| i.expire_deadline.0).collect();
-        let enqueue_at: Vec<i64> = items.iter().map(|i| i.enqueue_at.0).collect();
-        let created: Vec<i64> = items.iter().map(|i| i.created_at.0).collect();
         let attempts: Vec<i64> = items.iter().map(|i| i64::from(i.attempts)).collect();
         let max_attempts: Vec<i64> = items.iter().map(|i| i64::from(i.max_attempts)).collect();
-        let reference: Vec<&str> = items.iter().map(|i| i.reference.as_str()).collect();
-        let encoding: Vec<&str> = items.iter().map(|i| i.encoding.as_str()).collect();
-        let kind: Vec<&str> = items.iter().map(|i| i.kind.as_str()).collect();
-        let payload: Vec<&[u8]> = items.iter().map(|i| i.payload.as_ref()).collect();
         let shared = self.shared()?;
         let conn = shared.conn().await?;
         let stmt = prepare(&conn, &self.sql.import).await?;
@@ -719,18 +774,18 @@ impl Partition for PgPartition {
             .query(
                 &stmt,
                 &[
-                    &source,
+                    &c.source,
                     &leased,
                     &lease_deadline,
-                    &expire,
-                    &enqueue_at,
-                    &created,
+                    &c.expire,
+                    &c.enqueue_at,
+                    &c.created,
                     &attempts,
                     &max_attempts,
-                    &reference,
-                    &encoding,
-                    &kind,
-                    &payload,
+                    &c.reference,
+                    &c.encoding,
+                    &c.kind,
+                    &c.payload,
                 ],
             )
             .await

@@ -189,7 +189,7 @@ pub(crate) fn pg_err(e: tokio_postgres::Error) -> StorageError {
         } else {
             StorageErrorKind::Other
         };
-        return StorageError::new(kind, msg);
+        return StorageError::new(kind, msg).with_source(e);
     }
     // The driver's other errors carry no code; their kinds are private, but the connection-level ones are closed
     // connections, I/O failures (the source is an io::Error) and the few messages matched here.
@@ -210,11 +210,12 @@ pub(crate) fn pg_err(e: tokio_postgres::Error) -> StorageError {
         Some(s) => format!("postgres: {text}: {s}"),
         None => format!("postgres: {text}"),
     };
-    if connection {
+    let err = if connection {
         StorageError::unavailable(detail)
     } else {
         StorageError::other(detail)
-    }
+    };
+    err.with_source(e)
 }
 
 /// SQLSTATEs after which trying again later may work.
