@@ -39,21 +39,23 @@ fn keys(store: &FjallStore) -> usize {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn ten_thousand_partitions_are_one_catalog_write_and_open_concurrently() {
+async fn ten_thousand_partitions_are_a_few_catalog_writes_and_open_concurrently() {
     let dir = tempfile::tempdir().expect("tmp");
     let store = Arc::new(FjallStore::open(dir.path(), Durability::Sync).expect("open"));
     let parts: Vec<u32> = (0..10_000).collect();
     let fsyncs = store.fsyncs();
     store.create("wide", &parts).await.expect("create");
-    assert_eq!(
-        store.fsyncs() - fsyncs,
-        1,
-        "the whole queue's catalog is one write"
+    // Written in bounded chunks of 256 entries (so other queues' writes are never held up for long), not one
+    // write or fsync per partition.
+    let writes = store.fsyncs() - fsyncs;
+    assert!(
+        (1..=40).contains(&writes),
+        "{writes} fsyncs for 10,000 catalog entries"
     );
     assert_eq!(store.partition_count().await, 10_000);
     // Idempotent.
     store.create("wide", &parts).await.expect("create again");
-    assert_eq!(store.fsyncs() - fsyncs, 1, "nothing new to write");
+    assert_eq!(store.fsyncs() - fsyncs, writes, "nothing new to write");
 
     let opened: Vec<Arc<dyn Partition>> = join_all(parts.iter().map(|&p| {
         let store = store.clone();

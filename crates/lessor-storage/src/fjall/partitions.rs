@@ -8,9 +8,9 @@
 //! When a write fails the partition's memory is already ahead of the disk, so the partition marks itself stale and
 //! re-reads its items on its next call: memory never claims what the disk does not hold.
 //!
-//! Partitions are numbered (their *pid*) by the catalog, kept under pid 0 of the same keyspace. Creating partitions writes catalog entries, in
-//! one batch for a whole queue; destroying one replaces its entry by a deletion record in one atomic write and hands
-//! the pid to the reclaimer thread, which drops the prefix's whole on-disk tables, deletes what is left in bounded
+//! Partitions are numbered (their *pid*) by the catalog, kept under pid 0 of the same keyspace. Creating partitions
+//! writes catalog entries, in a few bounded writes for a whole queue; destroying one replaces its entry by a
+//! deletion record in one atomic write and hands the pid to the reclaimer thread, which drops the prefix's whole on-disk tables, deletes what is left in bounded
 //! chunks through the writer (so serving traffic keeps its share), and finally removes the deletion record. A
 //! restart resumes unfinished deletions from those records.
 
@@ -53,7 +53,12 @@ const HWM_KEY: &[u8] = b"hwm";
 /// Most batches one group commit takes.
 const MAX_GROUP: usize = 1024;
 /// Most keys one reclaimer write deletes: small enough that serving writes queued behind it wait little.
-const RECLAIM_CHUNK: usize = 4096;
+const RECLAIM_CHUNK: usize = 1024;
+/// Most partitions one catalog write of `create` or `destroy_many` names, for the same reason.
+const CATALOG_CHUNK: usize = 256;
+/// Partitions loaded from disk at once. A queue opening thousands of partitions must not fill the blocking pool
+/// with scans that crowd out every other queue on a small machine.
+const CONCURRENT_LOADS: usize = 2;
 /// Pause of the reclaimer after a failed write before it tries again.
 const RECLAIM_BACKOFF: Duration = Duration::from_secs(1);
 /// Most partitions of one queue in one fjall store. Creating 10,000 costs one catalog write; the bound is what a
@@ -129,6 +134,8 @@ struct Shared {
     catalog: tokio::sync::Mutex<Catalog>,
     /// Open partitions by name, so a second open of a live partition shares its state.
     open: Mutex<HashMap<String, Weak<FjallPartition>>>,
+    /// Bounds concurrent partition loads (see [`CONCURRENT_LOADS`]).
+    loads: tokio::sync::Semaphore,
     /// Opens and destroys in progress by name, so they never interleave for one partition.
     opening: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
@@ -174,6 +181,7 @@ impl Shared {
 
     /// Reads partition `pid`'s items from disk into a new state; also returns the stored id high-water mark.
     async fn load(&self, name: Arc<str>, pid: u64) -> Result<(PartitionState, u64), StorageError> {
+        let _permit = self.loads.acquire().await.map_err(|_| self.closed())?;
         let engine = self.engine.clone();
         blocking(move || {
             let floor = ItemId::floor_now().0;
@@ -447,6 +455,7 @@ impl FjallStore {
             reclaiming: AtomicU64::new(0),
             catalog: tokio::sync::Mutex::new(catalog),
             open: Mutex::new(HashMap::new()),
+            loads: tokio::sync::Semaphore::new(CONCURRENT_LOADS),
             opening: Mutex::new(HashMap::new()),
         });
         let reclaimer = {
@@ -579,32 +588,26 @@ impl FjallStore {
             }
         }
         let mut cat = self.shared.catalog.lock().await;
-        let mut puts = Vec::new();
-        let mut dels = Vec::new();
-        let mut pids = Vec::new();
-        for name in names {
-            if let Some(&(pid, _)) = cat.by_name.get(name.as_str()) {
-                puts.push((deleting_key(pid), name.as_bytes().to_vec()));
-                dels.push(catalog_key(name));
-                pids.push(pid);
+        let doomed: Vec<(&String, u64)> = names
+            .iter()
+            .filter_map(|n| cat.by_name.get(n.as_str()).map(|&(pid, _)| (n, pid)))
+            .collect();
+        // Bounded writes, as in `create`; each partition's entry and deletion record change in one of them.
+        for chunk in doomed.chunks(CATALOG_CHUNK) {
+            self.shared
+                .submit(Unit {
+                    keyspace: ITEMS.into(),
+                    puts: chunk
+                        .iter()
+                        .map(|(name, pid)| (deleting_key(*pid), name.as_bytes().to_vec()))
+                        .collect(),
+                    dels: chunk.iter().map(|(name, _)| catalog_key(name)).collect(),
+                })
+                .await?;
+            for (name, pid) in chunk {
+                cat.by_name.remove(name.as_str());
+                self.shared.reclaim(*pid);
             }
-        }
-        if pids.is_empty() {
-            return Ok(());
-        }
-        self.shared
-            .submit(Unit {
-                keyspace: ITEMS.into(),
-                puts,
-                dels,
-            })
-            .await?;
-        for name in names {
-            cat.by_name.remove(name.as_str());
-        }
-        drop(cat);
-        for pid in pids {
-            self.shared.reclaim(pid);
         }
         Ok(())
     }
@@ -692,17 +695,23 @@ impl PartitionStore for FjallStore {
         if added.is_empty() {
             return Ok(());
         }
-        // One write for the whole queue: 10,000 partitions cost one batch and one fsync.
-        self.shared
-            .submit(Unit {
-                keyspace: ITEMS.into(),
-                puts,
-                dels: Vec::new(),
-            })
-            .await?;
+        // Pids handed out now are never handed out again, even if a write below fails (an unused pid costs nothing).
         cat.next_pid = next;
-        for (name, pid) in added {
-            cat.by_name.insert(name, (pid, true));
+        // Bounded writes, one after another: the writer serves every queue, and a 10,000-entry batch would hold up
+        // their writes for milliseconds. Each entry stands alone (the queue's definition is stored only after all of
+        // them), so the chunks need not be one atomic write.
+        let mut puts = puts.into_iter();
+        for chunk in added.chunks(CATALOG_CHUNK) {
+            self.shared
+                .submit(Unit {
+                    keyspace: ITEMS.into(),
+                    puts: puts.by_ref().take(chunk.len()).collect(),
+                    dels: Vec::new(),
+                })
+                .await?;
+            for (name, pid) in chunk {
+                cat.by_name.insert(name.clone(), (*pid, true));
+            }
         }
         Ok(())
     }
