@@ -112,6 +112,7 @@ fn engine_error(engine: &Engine, e: fjall::Error, doing: &str) -> StorageError {
 #[cfg(test)]
 mod tests {
     use std::path::Path;
+    use std::sync::Arc;
 
     use bytes::Bytes;
     use fjall::Database;
@@ -159,6 +160,23 @@ mod tests {
         db.persist(fjall::PersistMode::SyncAll).expect("sync");
     }
 
+    /// The partition store's engine alone, as `FjallStore::open` opens it, without upgrading anything.
+    fn open_engine(dir: &Path) -> (Arc<Engine>, u32) {
+        Engine::open(
+            dir,
+            PARTITIONS_DIR,
+            "partitions",
+            "partition store",
+            Durability::Sync,
+            keyspace_options,
+            Formats {
+                current: PARTITIONS_FORMAT_VERSION,
+                upgradable: &[1],
+            },
+        )
+        .expect("open the engine")
+    }
+
     async fn check_upgraded(dir: &Path, partitions: &[(&str, u32, u64)]) {
         let store = FjallStore::open(dir, Durability::Sync).expect("open upgrades");
         let marker = std::fs::read_to_string(dir.join(PARTITIONS_DIR).join(FORMAT_FILE)).expect("marker");
@@ -188,19 +206,7 @@ mod tests {
         }
         store.close().await;
         // Only the new layout is left.
-        let (engine, version) = Engine::open(
-            dir,
-            PARTITIONS_DIR,
-            "partitions",
-            "partition store",
-            Durability::Sync,
-            keyspace_options,
-            Formats {
-                current: PARTITIONS_FORMAT_VERSION,
-                upgradable: &[1],
-            },
-        )
-        .expect("reopen engine");
+        let (engine, version) = open_engine(dir);
         assert_eq!(version, 2);
         assert!(old_keyspaces(&engine).expect("names").is_empty());
         engine.close();
@@ -225,19 +231,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tmp");
         write_v1(dir.path(), LAYOUT);
         {
-            let (engine, version) = Engine::open(
-                dir.path(),
-                PARTITIONS_DIR,
-                "partitions",
-                "partition store",
-                Durability::Sync,
-                keyspace_options,
-                Formats {
-                    current: PARTITIONS_FORMAT_VERSION,
-                    upgradable: &[1],
-                },
-            )
-            .expect("engine");
+            let (engine, version) = open_engine(dir.path());
             assert_eq!(version, 1);
             from_v1_until(&engine, 2).expect_err("stopped half-way");
             engine.close();

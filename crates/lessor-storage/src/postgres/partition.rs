@@ -305,35 +305,27 @@ struct Common<'a> {
     payload: &'a [u8],
 }
 
-impl<'a> From<&'a NewItem> for Common<'a> {
-    fn from(i: &'a NewItem) -> Self {
-        Common {
-            source_id: &i.source_id,
-            enqueue_at: i.enqueue_at,
-            expire_deadline: i.expire_deadline,
-            created_at: i.created_at,
-            reference: &i.reference,
-            encoding: &i.encoding,
-            kind: &i.kind,
-            payload: &i.payload,
+/// `Common` from either item type: they name these fields alike.
+macro_rules! common_from {
+    ($t:ty) => {
+        impl<'a> From<&'a $t> for Common<'a> {
+            fn from(i: &'a $t) -> Self {
+                Common {
+                    source_id: &i.source_id,
+                    enqueue_at: i.enqueue_at,
+                    expire_deadline: i.expire_deadline,
+                    created_at: i.created_at,
+                    reference: &i.reference,
+                    encoding: &i.encoding,
+                    kind: &i.kind,
+                    payload: &i.payload,
+                }
+            }
         }
-    }
+    };
 }
-
-impl<'a> From<&'a Item> for Common<'a> {
-    fn from(i: &'a Item) -> Self {
-        Common {
-            source_id: &i.source_id,
-            enqueue_at: i.enqueue_at,
-            expire_deadline: i.expire_deadline,
-            created_at: i.created_at,
-            reference: &i.reference,
-            encoding: &i.encoding,
-            kind: &i.kind,
-            payload: &i.payload,
-        }
-    }
-}
+common_from!(NewItem);
+common_from!(Item);
 
 /// Those fields as one array per column: the produce and import statements `unnest` them, so a whole batch is
 /// one statement.

@@ -67,6 +67,23 @@ fn parse(_: &Settings) -> Result<Arc<dyn DriverConfig>, SpecError> {
     Err(SpecError::NotCompiled { driver: DRIVER.name })
 }
 
+/// Runs a store's opening, which reads the disk, off the async workers.
+#[cfg(feature = "fjall")]
+async fn blocking_open<T: Send + 'static>(
+    open: impl FnOnce() -> Result<T, lessor_core::error::StorageError> + Send + 'static,
+) -> Result<T, OpenError> {
+    tokio::task::spawn_blocking(open)
+        .await
+        .map_err(|source| OpenError::Task {
+            driver: DRIVER.name,
+            source,
+        })?
+        .map_err(|source| OpenError::Backend {
+            driver: DRIVER.name,
+            source,
+        })
+}
+
 #[async_trait]
 impl DriverConfig for FjallConfig {
     fn driver(&self) -> &'static DriverEntry {
@@ -76,34 +93,17 @@ impl DriverConfig for FjallConfig {
     #[cfg(feature = "fjall")]
     async fn open_queues(&self) -> Result<Arc<dyn QueuesStore>, OpenError> {
         let (dir, durability) = (self.storage_dir.clone(), self.durability);
-        // Opening reads the disk: keep it off the async workers.
-        let q = tokio::task::spawn_blocking(move || crate::fjall::FjallQueues::open(dir, durability))
-            .await
-            .map_err(|source| OpenError::Task {
-                driver: DRIVER.name,
-                source,
-            })?
-            .map_err(|source| OpenError::Backend {
-                driver: DRIVER.name,
-                source,
-            })?;
-        Ok(Arc::new(q))
+        Ok(Arc::new(
+            blocking_open(move || crate::fjall::FjallQueues::open(dir, durability)).await?,
+        ))
     }
 
     #[cfg(feature = "fjall")]
     async fn open_partitions(&self) -> Result<Arc<dyn PartitionStore>, OpenError> {
         let (dir, durability) = (self.storage_dir.clone(), self.durability);
-        let p = tokio::task::spawn_blocking(move || crate::fjall::FjallStore::open(dir, durability))
-            .await
-            .map_err(|source| OpenError::Task {
-                driver: DRIVER.name,
-                source,
-            })?
-            .map_err(|source| OpenError::Backend {
-                driver: DRIVER.name,
-                source,
-            })?;
-        Ok(Arc::new(p))
+        Ok(Arc::new(
+            blocking_open(move || crate::fjall::FjallStore::open(dir, durability)).await?,
+        ))
     }
 
     #[cfg(not(feature = "fjall"))]
