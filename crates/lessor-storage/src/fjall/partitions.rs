@@ -116,6 +116,9 @@ struct Catalog {
     /// Above every pid in use, in the catalog or under deletion. A pid is reused only after a restart and only
     /// once nothing of it is left.
     next_pid: u64,
+    /// Pids this process handed out and nobody has opened yet: nothing can be stored under them, so opening one
+    /// needs no disk read (a new 10,000-partition queue opens without 10,000 scans).
+    fresh: HashSet<u64>,
 }
 
 /// What the store and its partitions share.
@@ -216,17 +219,19 @@ impl Shared {
         .await
     }
 
-    /// The pid of partition `name` and whether its catalog entry is on disk, handing out a new pid (in memory
-    /// only: the partition's first write stores it) when it has none.
-    async fn pid(&self, name: &Arc<str>) -> (u64, bool) {
+    /// The pid of partition `name`, whether its catalog entry is on disk, and whether the pid is fresh (handed out
+    /// by this process and never opened: nothing is stored under it). Hands out a new pid (in memory only: the
+    /// partition's first write stores it) when it has none. The pid is no longer fresh afterwards.
+    async fn pid(&self, name: &Arc<str>) -> (u64, bool, bool) {
         let mut cat = self.catalog.lock().await;
-        if let Some(&entry) = cat.by_name.get(name) {
-            return entry;
+        if let Some(&(pid, stored)) = cat.by_name.get(name) {
+            let fresh = cat.fresh.remove(&pid);
+            return (pid, stored, fresh);
         }
         let pid = cat.next_pid;
         cat.next_pid += 1;
         cat.by_name.insert(name.clone(), (pid, false));
-        (pid, false)
+        (pid, false, true)
     }
 
     /// Hands a destroyed pid to the reclaimer.
@@ -551,8 +556,12 @@ impl FjallStore {
         }
         let name: Arc<str> = name.into();
         let started = std::time::Instant::now();
-        let (pid, stored) = self.shared.pid(&name).await;
-        let (state, hwm) = self.shared.load(name.clone(), pid).await?;
+        let (pid, stored, fresh) = self.shared.pid(&name).await;
+        let (state, hwm) = if fresh {
+            (PartitionState::new(ItemId::floor_now().0), 0)
+        } else {
+            self.shared.load(name.clone(), pid).await?
+        };
         tracing::debug!(
             queue,
             partition,
@@ -606,6 +615,7 @@ impl FjallStore {
                 .await?;
             for (name, pid) in chunk {
                 cat.by_name.remove(name.as_str());
+                cat.fresh.remove(pid);
                 self.shared.reclaim(*pid);
             }
         }
@@ -686,6 +696,7 @@ impl PartitionStore for FjallStore {
                 Some(&(pid, false)) => pid,
                 None => {
                     next += 1;
+                    cat.fresh.insert(next - 1);
                     next - 1
                 }
             };
