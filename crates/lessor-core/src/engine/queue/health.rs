@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use std::time::Duration;
 
-use futures::future::join_all;
+use futures::stream::{self, StreamExt};
 
 use super::QueueTask;
 use crate::error::{StorageError, StorageErrorKind};
@@ -14,6 +14,9 @@ use crate::time::Ts;
 
 /// How often counts of partitions on shared stores are re-read.
 const SHARED_REFRESH: Duration = Duration::from_millis(500);
+/// Partitions probed at once. Enough to hide a store's latency; bounded so a queue with 65,536 partitions does not
+/// queue 65,536 futures on one store's locks (a wake storm that took 11 s to open them all).
+const PROBE_CONCURRENCY: usize = 64;
 
 impl QueueTask {
     /// Probes the failed partitions whose backoff is over and the shared ones due a refresh.
@@ -32,31 +35,40 @@ impl QueueTask {
         self.probe_many(&[i], now).await;
     }
 
-    /// Probes several partitions at once: opening a new partition can take milliseconds (a persistent store
-    /// creates and syncs it), and a queue with a hundred partitions must not open them one after another.
+    /// Probes several partitions at once (at most [`PROBE_CONCURRENCY`]): opening a partition can take
+    /// milliseconds (a database round trip), and a queue with a hundred partitions must not open them one after
+    /// another.
     pub(super) async fn probe_many(&mut self, which: &[usize], now: Ts) {
         if which.is_empty() {
             return;
         }
         let name = self.info.name.clone();
-        let probes = which.iter().filter(|&&i| i < self.parts.len()).map(|&i| {
-            let p = &self.parts[i];
-            let (store, handle, num, name) = (p.store.clone(), p.handle.clone(), p.num, name.clone());
-            async move {
-                let result = async {
-                    let h = match handle {
-                        Some(h) => h,
-                        None => store.open(&name, num).await?,
-                    };
-                    let counts = h.counts().await?;
-                    let deadline = h.next_deadline().await?;
-                    Ok::<_, StorageError>((h, counts, deadline))
+        let probes: Vec<_> = which
+            .iter()
+            .filter(|&&i| i < self.parts.len())
+            .map(|&i| {
+                let p = &self.parts[i];
+                let (store, handle, num, name) = (p.store.clone(), p.handle.clone(), p.num, name.clone());
+                async move {
+                    let result = async {
+                        let h = match handle {
+                            Some(h) => h,
+                            None => store.open(&name, num).await?,
+                        };
+                        let counts = h.counts().await?;
+                        let deadline = h.next_deadline().await?;
+                        Ok::<_, StorageError>((h, counts, deadline))
+                    }
+                    .await;
+                    (i, result)
                 }
-                .await;
-                (i, result)
-            }
-        });
-        for (i, result) in join_all(probes).await {
+            })
+            .collect();
+        let results: Vec<_> = stream::iter(probes)
+            .buffer_unordered(PROBE_CONCURRENCY)
+            .collect()
+            .await;
+        for (i, result) in results {
             let p = &mut self.parts[i];
             match result {
                 Ok((h, counts, deadline)) => {
