@@ -245,10 +245,84 @@ pub fn stats_out(queue: String, s: QueueStats) -> pb::QueueStatsResponse {
                     average_age: format_go_duration(p.average_age),
                     average_leased_age: format_go_duration(p.average_leased_age),
                     scheduled: c(p.scheduled),
-                    un_leased: c(p.total.saturating_sub(p.total_leased)),
+                    // Not Querator's fields: left at zero, so neither encoding carries them and a strict
+                    // protojson decoder of Querator's QueuePartitionStats (unknown fields are errors) reads the
+                    // reply. `total - total_leased` gives the same figure.
+                    un_leased: 0,
                     next_lifecycle_run: String::new(),
                 })
                 .collect(),
         }],
+    }
+}
+
+#[cfg(test)]
+mod strict_querator_tests {
+    use lessor_core::engine::PartitionReport;
+
+    use super::*;
+
+    /// Every key of a JSON object must be one Querator's message has: a strict protojson decoder (unknown fields
+    /// are errors, the default of Google's libraries) rejects the whole reply otherwise.
+    fn only_keys(v: &serde_json::Value, allowed: &[&str], what: &str) {
+        let obj = v
+            .as_object()
+            .unwrap_or_else(|| panic!("{what} is not an object: {v}"));
+        for k in obj.keys() {
+            assert!(
+                allowed.contains(&k.as_str()),
+                "{what} has '{k}', which Querator's message lacks: {v}"
+            );
+        }
+    }
+
+    #[test]
+    fn queue_stats_json_carries_only_queraters_fields() {
+        let stats = QueueStats {
+            produce_waiting: 1,
+            lease_waiting: 2,
+            complete_waiting: 3,
+            in_flight: 4,
+            partitions: vec![PartitionReport {
+                partition: 1,
+                total: 10,
+                total_leased: 3,
+                failures: 0,
+                average_age: Duration::from_secs(5),
+                average_leased_age: Duration::from_secs(1),
+                scheduled: 2,
+            }],
+        };
+        let json = pb::encode(pb::Encoding::Json, &stats_out("q".into(), stats));
+        let v: serde_json::Value = serde_json::from_slice(&json).expect("json");
+        only_keys(&v, &["queue_name", "logicalQueues"], "QueueStatsResponse");
+        let logical = &v["logicalQueues"][0];
+        only_keys(
+            logical,
+            &[
+                "produce_waiting",
+                "lease_waiting",
+                "complete_waiting",
+                "in_flight",
+                "partitions",
+            ],
+            "QueueLogicalStats",
+        );
+        let part = &logical["partitions"][0];
+        only_keys(
+            part,
+            &[
+                "partition",
+                "total",
+                "total_leased",
+                "failures",
+                "average_age",
+                "average_leased_age",
+                "scheduled",
+            ],
+            "QueuePartitionStats",
+        );
+        assert_eq!(part["total"], 10);
+        assert_eq!(part["total_leased"], 3);
     }
 }
