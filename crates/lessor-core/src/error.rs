@@ -138,6 +138,10 @@ pub enum QueueError {
     /// Another lease request with the same client id is waiting (400).
     #[error("duplicate client id; a client cannot make multiple leased requests to the same queue")]
     DuplicateClientId,
+    /// A complete or retry names an id that no item has (400); nothing in the request was applied. Querator's
+    /// wording, which clients match on the part before the `;`.
+    #[error("invalid storage id; '{0}' does not exist")]
+    NoSuchId(String),
     /// A complete names an id that cannot be completed (400); nothing in the request was applied.
     #[error("item(s) cannot be completed; {0}")]
     CannotComplete(ItemError),
@@ -175,6 +179,22 @@ pub enum QueueError {
 }
 
 impl QueueError {
+    /// The error for an id a complete cannot apply.
+    pub fn cannot_complete(e: ItemError) -> Self {
+        match e {
+            ItemError::NotFound(id) => QueueError::NoSuchId(id),
+            other => QueueError::CannotComplete(other),
+        }
+    }
+
+    /// The error for an id a retry cannot apply.
+    pub fn cannot_retry(e: ItemError) -> Self {
+        match e {
+            ItemError::NotFound(id) => QueueError::NoSuchId(id),
+            other => QueueError::CannotRetry(other),
+        }
+    }
+
     /// Builds the error for a failed storage call.
     pub fn from_storage(e: &StorageError) -> Self {
         if e.is_transient() {

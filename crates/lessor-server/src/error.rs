@@ -35,6 +35,7 @@ impl ApiError {
                 | QueueError::QueueNotFound(_)
                 | QueueError::QueueExists(_)
                 | QueueError::DuplicateClientId
+                | QueueError::NoSuchId(_)
                 | QueueError::CannotComplete(_)
                 | QueueError::CannotRetry(_) => 400,
                 QueueError::LeaseTimeout

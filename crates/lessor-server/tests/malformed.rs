@@ -873,13 +873,14 @@ async fn negative_partitions_and_bad_ids() {
             cp,
             complete("0", &format!("\"{id}\"")).as_str(),
             400,
-            &format!("item(s) cannot be completed; '{id}' does not exist"),
+            &format!("invalid storage id; '{id}' does not exist"),
         ),
         (
             cp,
             complete("0", &format!("\"{id}\",\"{id}\"")).as_str(),
             400,
-            "item(s) cannot be completed",
+            // Ids are checked in order, existence first, as Querator does.
+            "invalid storage id; ",
         ),
     ] {
         json_error(&c, path, body, code, needle).await;
@@ -906,7 +907,7 @@ async fn negative_partitions_and_bad_ids() {
             rp,
             retry("0", id).as_str(),
             400,
-            &format!("item(s) cannot be retried; '{id}' does not exist"),
+            &format!("invalid storage id; '{id}' does not exist"),
         ),
         (
             rp,

@@ -53,7 +53,7 @@ impl QueueTask {
                                 let _ = reply.send(Ok(()));
                             }
                             Err(e) => {
-                                let _ = reply.send(Err(QueueError::CannotComplete(e)));
+                                let _ = reply.send(Err(QueueError::cannot_complete(e)));
                             }
                         }
                     }
@@ -133,7 +133,7 @@ impl QueueTask {
                                 let _ = reply.send(Ok(()));
                             }
                             Err(e) => {
-                                let _ = reply.send(Err(QueueError::CannotRetry(e)));
+                                let _ = reply.send(Err(QueueError::cannot_retry(e)));
                             }
                         }
                     }
