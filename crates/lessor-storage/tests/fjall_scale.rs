@@ -28,31 +28,11 @@ fn item(i: usize, payload: usize) -> NewItem {
 
 /// Resident memory of this process in KiB.
 fn rss_kib() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|n| n.parse().ok())
-        })
-        .unwrap_or(0)
+    lessor_testkit::measure::rss_kib("self")
 }
 
 fn disk_bytes(dir: &std::path::Path) -> u64 {
-    let mut total = 0;
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
-            match e.metadata() {
-                Ok(m) if m.is_dir() => stack.push(e.path()),
-                // Journals are preallocated sparse files: count what is allocated, not their length.
-                Ok(m) => total += std::os::unix::fs::MetadataExt::blocks(&m) * 512,
-                Err(_) => {}
-            }
-        }
-    }
-    total
+    lessor_testkit::measure::disk_usage(dir)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

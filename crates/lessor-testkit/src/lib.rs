@@ -5,6 +5,7 @@
 //! - [`rng`]: a small seeded random source whose seed is printed and can be set from the environment, so a failing
 //!   run can be repeated.
 //! - [`eventually`]: poll a condition until a deadline, failing with what was last seen.
+//! - [`measure`]: a process's resident memory and a directory's disk usage, for resource tests.
 //! - `server` (feature `server`): a Lessor server inside the test process, on a port the OS picks.
 //! - `process` (feature `server`): the real `lessor` binary as a child process, for tests that kill it.
 //!
@@ -13,6 +14,7 @@
 
 pub mod db;
 pub mod eventually;
+pub mod measure;
 #[cfg(feature = "server")]
 pub mod process;
 pub mod rng;

@@ -10,6 +10,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use lessor_client::{proto as pb, Client};
+use lessor_testkit::measure::{disk_usage as disk, rss_kib};
 use lessor_testkit::process::{ServerCommand, ServerProcess};
 
 fn cycles() -> usize {
@@ -80,37 +81,9 @@ async fn total_items(c: &Client, name: &str) -> i64 {
         .sum()
 }
 
-/// Bytes the files under `path` occupy on disk.
-fn disk(path: &Path) -> u64 {
-    let mut total = 0;
-    let mut stack = vec![path.to_path_buf()];
-    while let Some(p) = stack.pop() {
-        let Ok(entries) = std::fs::read_dir(&p) else {
-            continue;
-        };
-        for e in entries.flatten() {
-            match e.metadata() {
-                Ok(m) if m.is_dir() => stack.push(e.path()),
-                Ok(m) => total += std::os::unix::fs::MetadataExt::blocks(&m) * 512,
-                Err(_) => {}
-            }
-        }
-    }
-    total
-}
-
 /// Resident memory of process `pid` in bytes.
 fn rss(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|n| n.parse::<u64>().ok())
-        })
-        .unwrap_or(0)
-        * 1024
+    rss_kib(&pid.to_string()) * 1024
 }
 
 /// fjall keyspace directories of the partition store: format 2 has exactly `items` plus fjall's own metadata.

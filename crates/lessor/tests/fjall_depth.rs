@@ -32,6 +32,7 @@ use std::time::{Duration, Instant};
 
 use lessor_client::{proto as pb, Client};
 use lessor_server::{Config, RunningServer};
+use lessor_testkit::measure::{disk_usage, rss_kib};
 use lessor_testkit::process::{ServerCommand, ServerProcess};
 
 const WORKERS: usize = 4;
@@ -45,8 +46,8 @@ const ROUND_ITEMS: usize = 4000;
 const QUEUE: &str = "depth";
 
 /// Resident memory of this process in KiB (`VmRSS` of `/proc/self/status`).
-fn rss_kib() -> u64 {
-    rss_of("self")
+fn own_rss_kib() -> u64 {
+    rss_kib("self")
 }
 
 /// utime + stime of one `/proc/.../stat` line, in clock ticks (1/100 s on Linux).
@@ -235,11 +236,11 @@ fn rate(items: usize, d: Duration) -> f64 {
 /// (produce items/s, lease+complete items/s).
 async fn measure_at_depth(c: &Client, base: usize) -> (f64, f64) {
     create(c, QUEUE, 1).await;
-    let rss0 = rss_kib();
+    let rss0 = own_rss_kib();
     let cpu0 = cpu_time();
     let fill = produce(c, 0, base, PREFILL_BATCH).await;
     let fill_cpu = cpu_since(cpu0);
-    let rss1 = rss_kib();
+    let rss1 = own_rss_kib();
     println!(
         "pre-fill: {base} items in {:.2} s ({:.0} items/s, batches of {PREFILL_BATCH}; CPU {:.1} us per item, {:.1} in \
          fjall workers); RSS {:.0} -> {:.0} MiB ({:.0} bytes per item)",
@@ -335,7 +336,7 @@ async fn throughput_with_1m_queued_and_restart() {
     let t_stop = Instant::now();
     srv.stop().await;
     println!("graceful stop: {:.2} s", t_stop.elapsed().as_secs_f64());
-    let size: u64 = walk_size(dir.path());
+    let size: u64 = disk_usage(dir.path());
     println!(
         "data directory: {:.0} MiB for {items} items",
         size as f64 / 1048576.0
@@ -370,7 +371,7 @@ async fn throughput_with_1m_queued_and_restart() {
              {after} items after completing it; RSS {:.0} MiB",
             started.as_secs_f64(),
             leased.as_secs_f64(),
-            mib(rss_kib())
+            mib(own_rss_kib())
         );
         assert_eq!(after, items - 1, "every item is back after the restart");
         items = after;
@@ -410,7 +411,7 @@ async fn restart_after_sigkill_with_1m() {
     child.kill();
     println!(
         "data directory after SIGKILL: {:.0} MiB",
-        walk_size(dir.path()) as f64 / 1048576.0
+        disk_usage(dir.path()) as f64 / 1048576.0
     );
     for attempt in 1..=2 {
         let t0 = Instant::now();
@@ -437,32 +438,6 @@ async fn restart_after_sigkill_with_1m() {
         assert_eq!(items as usize, N, "every acknowledged item is back");
         child.kill();
     }
-}
-
-fn walk_size(p: &std::path::Path) -> u64 {
-    let Ok(rd) = std::fs::read_dir(p) else {
-        return 0;
-    };
-    rd.flatten()
-        .map(|e| match e.metadata() {
-            Ok(m) if m.is_dir() => walk_size(&e.path()),
-            Ok(m) => m.len(),
-            Err(_) => 0,
-        })
-        .sum()
-}
-
-/// `VmRSS` of a `/proc/<pid>/status` (`self` or a child's pid), in KiB.
-fn rss_of(pid: &str) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|n| n.parse().ok())
-        })
-        .unwrap_or(0)
 }
 
 async fn stats(c: &Client, queue: &str) -> usize {
@@ -504,7 +479,7 @@ async fn idle_rss_per_partition() {
     create(&c, "warm", 1).await;
     stats(&c, "warm").await;
     tokio::time::sleep(settle).await;
-    let before = rss_kib();
+    let before = own_rss_kib();
     let t0 = Instant::now();
     for q in 0..QUEUES {
         create(&c, &format!("idle-{q}"), PARTS as i32).await;
@@ -512,7 +487,7 @@ async fn idle_rss_per_partition() {
     let created = t0.elapsed();
     let opened = open_all(&c, QUEUES, PARTS).await;
     tokio::time::sleep(settle).await;
-    let after = rss_kib();
+    let after = own_rss_kib();
     println!(
         "new: {N} partitions ({QUEUES} queues x {PARTS}) created in {:.2} s, opened (first stats) in {:.2} s; \
          RSS {:.1} -> {:.1} MiB: {:.1} KiB per idle partition",
@@ -530,10 +505,10 @@ async fn idle_rss_per_partition() {
     let pid = child.pid().to_string();
     stats(&c, "warm").await;
     tokio::time::sleep(settle).await;
-    let before = rss_of(&pid);
+    let before = rss_kib(&pid);
     let opened = open_all(&c, QUEUES, PARTS).await;
     tokio::time::sleep(settle).await;
-    let after = rss_of(&pid);
+    let after = rss_kib(&pid);
     child.kill();
     println!(
         "restart (separate process): {N} partitions opened from disk in {:.2} s; server RSS {:.1} -> {:.1} MiB: \

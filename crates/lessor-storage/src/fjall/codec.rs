@@ -39,12 +39,15 @@ pub(crate) enum Key {
     Other,
 }
 
-/// The key of an item's metadata.
+/// The key of an item's metadata within its partition (format 1 wrote exactly this; format 2 puts the pid in
+/// front, in one allocation, in the partition store). Tests build keys with it.
+#[cfg(test)]
 pub(crate) fn meta_key(id: ItemId) -> Vec<u8> {
     id.0.to_be_bytes().to_vec()
 }
 
-/// The key of an item's payload.
+/// The key of an item's payload within its partition (see [`meta_key`]).
+#[cfg(test)]
 pub(crate) fn payload_key(id: ItemId) -> Vec<u8> {
     let mut k = meta_key(id);
     k.push(PAYLOAD_TAG);

@@ -33,7 +33,7 @@ use lessor_core::time::Ts;
 use lessor_core::types::{ClearRequest, Item, ItemId, NewItem, PartitionCounts, PartitionStats};
 use tokio::sync::oneshot;
 
-use super::codec::{decode_meta, encode_meta, meta_key, parse_key, payload_key, Key};
+use super::codec::{decode_meta, encode_meta, parse_key, Key, PAYLOAD_TAG};
 use super::engine::{Engine, Fault, Formats, Unit};
 use super::{keyspace_name, upgrade, Durability, PARTITIONS_DIR, PARTITIONS_FORMAT_VERSION};
 use crate::state::{Changes, PartitionState};
@@ -81,6 +81,27 @@ pub(crate) fn item_key(pid: u64, inner: &[u8]) -> Vec<u8> {
     k
 }
 
+/// The key of item `id`'s metadata (or with `payload`, its payload) in partition `pid`, built in one allocation:
+/// the write path makes two of these per item.
+fn pid_item_key(pid: u64, id: ItemId, payload: bool) -> Vec<u8> {
+    let mut k = Vec::with_capacity(17);
+    k.extend_from_slice(&pid.to_be_bytes());
+    k.extend_from_slice(&id.0.to_be_bytes());
+    if payload {
+        k.push(PAYLOAD_TAG);
+    }
+    k
+}
+
+#[cfg(test)]
+#[test]
+fn pid_item_keys_are_the_pid_followed_by_the_item_keys() {
+    use super::codec::{meta_key, payload_key};
+    let id = ItemId(0x0102_0304_0506_0708);
+    assert_eq!(pid_item_key(9, id, false), item_key(9, &meta_key(id)));
+    assert_eq!(pid_item_key(9, id, true), item_key(9, &payload_key(id)));
+}
+
 /// The catalog key of partition `name`.
 pub(crate) fn catalog_key(name: &str) -> Vec<u8> {
     let mut k = item_key(CATALOG_PID, &[CAT_PARTITION]);
@@ -124,6 +145,8 @@ struct Catalog {
 /// What the store and its partitions share.
 struct Shared {
     engine: Arc<Engine>,
+    /// [`ITEMS`], allocated once: every write names it.
+    items: Arc<str>,
     storage_dir: PathBuf,
     /// The writer thread's inbox; `None` once the store is closed.
     tx: RwLock<Option<mpsc::Sender<Job>>>,
@@ -376,7 +399,7 @@ fn reclaimer_loop(shared: Weak<Shared>, rx: mpsc::Receiver<u64>) {
         }
         let step = shared.next_reclaim(&mut work).and_then(|step| {
             shared.submit_blocking(Unit {
-                keyspace: ITEMS.into(),
+                keyspace: shared.items.clone(),
                 puts: Vec::new(),
                 dels: step.dels,
             })?;
@@ -452,6 +475,7 @@ impl FjallStore {
         let (reclaim_tx, reclaim_rx) = mpsc::channel();
         let shared = Arc::new(Shared {
             engine,
+            items: ITEMS.into(),
             storage_dir: storage_dir.clone(),
             tx: RwLock::new(Some(tx)),
             writer: Mutex::new(Some(writer)),
@@ -605,7 +629,7 @@ impl FjallStore {
         for chunk in doomed.chunks(CATALOG_CHUNK) {
             self.shared
                 .submit(Unit {
-                    keyspace: ITEMS.into(),
+                    keyspace: self.shared.items.clone(),
                     puts: chunk
                         .iter()
                         .map(|(name, pid)| (deleting_key(*pid), name.as_bytes().to_vec()))
@@ -715,7 +739,7 @@ impl PartitionStore for FjallStore {
         for chunk in added.chunks(CATALOG_CHUNK) {
             self.shared
                 .submit(Unit {
-                    keyspace: ITEMS.into(),
+                    keyspace: self.shared.items.clone(),
                     puts: puts.by_ref().take(chunk.len()).collect(),
                     dels: Vec::new(),
                 })
@@ -896,9 +920,9 @@ impl FjallPartition {
             if gone.contains(&it.id) || !seen.insert(it.id) {
                 continue;
             }
-            puts.push((item_key(self.pid, &meta_key(it.id)), encode_meta(it)));
+            puts.push((pid_item_key(self.pid, it.id, false), encode_meta(it)));
             if it.id.0 > hwm && !it.payload.is_empty() {
-                puts.push((item_key(self.pid, &payload_key(it.id)), it.payload.to_vec()));
+                puts.push((pid_item_key(self.pid, it.id, true), it.payload.to_vec()));
             }
         }
         if top > hwm {
@@ -909,12 +933,12 @@ impl FjallPartition {
         }
         let mut dels = Vec::with_capacity(gone.len() * 2);
         for id in gone {
-            dels.push(item_key(self.pid, &meta_key(id)));
-            dels.push(item_key(self.pid, &payload_key(id)));
+            dels.push(pid_item_key(self.pid, id, false));
+            dels.push(pid_item_key(self.pid, id, true));
         }
         (
             Unit {
-                keyspace: ITEMS.into(),
+                keyspace: self.shared.items.clone(),
                 puts,
                 dels,
             },
