@@ -4,7 +4,7 @@
 #![cfg(feature = "fjall")]
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use futures::future::join_all;
@@ -12,6 +12,7 @@ use lessor_core::storage::{Partition, PartitionStore};
 use lessor_core::time::Ts;
 use lessor_core::types::NewItem;
 use lessor_storage::fjall::{Durability, Fault, FjallStore};
+use lessor_testkit::eventually;
 
 fn item(i: usize) -> NewItem {
     NewItem {
@@ -21,17 +22,15 @@ fn item(i: usize) -> NewItem {
     }
 }
 
-/// Polls until the store's background deletions are done, failing with what is left after `within`.
+/// Waits until the store's background deletions are done, failing with what is left after `within`.
 async fn reclaimed(store: &FjallStore, within: Duration) {
-    let until = Instant::now() + within;
-    while store.pending_deletions() > 0 {
-        assert!(
-            Instant::now() < until,
-            "{} deletions still pending after {within:?}",
-            store.pending_deletions()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    eventually("background deletions done", within, || async {
+        match store.pending_deletions() {
+            0 => Ok(()),
+            n => Err(format!("{n} deletions pending")),
+        }
+    })
+    .await;
 }
 
 fn keys(store: &FjallStore) -> usize {
@@ -148,9 +147,14 @@ async fn an_interrupted_deletion_finishes_after_a_restart() {
     store.destroy("gone", 0).await.expect_err("disk full");
     assert_eq!(store.partition_count().await, 1);
     store.inject_fault(None);
-    tokio::time::sleep(Duration::from_millis(1_100)).await;
-    // ...then it is accepted, and the reclaimer's own writes fail, leaving the deletion record behind.
-    store.destroy("gone", 0).await.expect("destroy");
+    // ...then it is accepted once the store has reopened (after its reopen back-off), and the reclaimer's own
+    // writes fail, leaving the deletion record behind.
+    eventually(
+        "the destroy is accepted once the disk is back",
+        Duration::from_secs(10),
+        || async { store.destroy("gone", 0).await.map_err(|e| e.to_string()) },
+    )
+    .await;
     store.inject_fault(Some(Fault::NoSpace));
     store.close().await;
     drop(store);
