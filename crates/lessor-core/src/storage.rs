@@ -52,6 +52,10 @@ pub trait QueuesStore: Send + Sync + Debug + 'static {
     async fn ping(&self) -> Result<(), StorageError> {
         self.list("", 1).await.map(|_| ())
     }
+    /// The store of users, keys, roles and bindings that lives with these queue definitions (the same database
+    /// or directory), so that several servers sharing the queues also share who may use them.
+    fn auth(&self) -> Arc<dyn crate::auth::AuthStore>;
+
     /// Releases resources; later calls may fail.
     async fn close(&self);
 }

@@ -57,49 +57,18 @@ impl BodyLimit {
     }
 }
 
-/// The permission a route needs, as Querator names them (`service/service.go`). Not enforced yet: the slot is here
-/// so that authorisation is one more column of this table rather than a second list of paths.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-#[non_exhaustive]
-pub enum Permission {
-    /// `queue.produce`.
-    QueueProduce,
-    /// `queue.lease`.
-    QueueLease,
-    /// `queue.complete`.
-    QueueComplete,
-    /// `queue.retry`.
-    QueueRetry,
-    /// `queue.stats` (also the read-only queue and storage views).
-    QueueStats,
-    /// `queue.clear` (also deleting raw items).
-    QueueClear,
-    /// `queue.create`.
-    QueueCreate,
-    /// `queue.list`.
-    QueueList,
-    /// `queue.update` (also reload).
-    QueueUpdate,
-    /// `queue.delete`.
-    QueueDelete,
-}
+/// The permission a route needs, as Querator names them (`service/service.go`).
+pub use lessor_core::auth::Permission;
 
-impl Permission {
-    /// Querator's name of the permission (`"queue.produce"`, ...).
-    pub const fn as_str(self) -> &'static str {
-        match self {
-            Permission::QueueProduce => "queue.produce",
-            Permission::QueueLease => "queue.lease",
-            Permission::QueueComplete => "queue.complete",
-            Permission::QueueRetry => "queue.retry",
-            Permission::QueueStats => "queue.stats",
-            Permission::QueueClear => "queue.clear",
-            Permission::QueueCreate => "queue.create",
-            Permission::QueueList => "queue.list",
-            Permission::QueueUpdate => "queue.update",
-            Permission::QueueDelete => "queue.delete",
-        }
-    }
+/// Where a route's permission is checked: the namespace the request acts in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Target<'a> {
+    /// The namespace of the named queue (known only once the queue has been looked up).
+    Queue(&'a str),
+    /// The named namespace (`_system` when empty).
+    Namespace(&'a str),
+    /// `_system`.
+    System,
 }
 
 /// A wire message as both ends need it: protobuf and protojson, in both directions, movable across tasks.
@@ -126,6 +95,8 @@ pub trait Rpc {
     const BODY_LIMIT: BodyLimit;
     /// The permission the caller needs.
     const PERMISSION: Permission;
+    /// Where the permission is checked for `request`.
+    fn target(request: &Self::Request) -> Target<'_>;
     /// The route as a value, for [`ROUTES`].
     const ROUTE: Route = Route {
         path: Self::PATH,
@@ -149,7 +120,7 @@ pub struct Route {
 macro_rules! routes {
     ($(
         $(#[$doc:meta])*
-        $name:ident => $path:literal, $req:ty => $res:ty, $limit:expr, $perm:ident;
+        $name:ident => $path:literal, $req:ty => $res:ty, $limit:expr, $perm:ident, |$r:ident| $target:expr;
     )*) => {
         $(
             $(#[$doc])*
@@ -162,6 +133,9 @@ macro_rules! routes {
                 const PATH: &'static str = $path;
                 const BODY_LIMIT: BodyLimit = $limit;
                 const PERMISSION: Permission = Permission::$perm;
+                fn target($r: &Self::Request) -> Target<'_> {
+                    $target
+                }
             }
         )*
 
@@ -173,52 +147,52 @@ macro_rules! routes {
 routes! {
     /// Adds items to a queue.
     QueueProduce => "/v1/queue.produce", QueueProduceRequest => Reply,
-        BodyLimit::MaxProduceBody, QueueProduce;
+        BodyLimit::MaxProduceBody, QueueProduce, |r| Target::Queue(&r.queue_name);
     /// Leases items (long-poll).
     QueueLease => "/v1/queue.lease", QueueLeaseRequest => QueueLeaseResponse,
-        BodyLimit::Fixed(SMALL_BODY), QueueLease;
+        BodyLimit::Fixed(SMALL_BODY), QueueLease, |r| Target::Queue(&r.queue_name);
     /// Completes leased items.
     QueueComplete => "/v1/queue.complete", QueueCompleteRequest => Reply,
-        BodyLimit::Fixed(DEFAULT_BODY), QueueComplete;
+        BodyLimit::Fixed(DEFAULT_BODY), QueueComplete, |r| Target::Queue(&r.queue_name);
     /// Retries or dead-letters leased items.
     QueueRetry => "/v1/queue.retry", QueueRetryRequest => Reply,
-        BodyLimit::Fixed(DEFAULT_BODY), QueueRetry;
+        BodyLimit::Fixed(DEFAULT_BODY), QueueRetry, |r| Target::Queue(&r.queue_name);
     /// Per-partition statistics of a queue.
     QueueStats => "/v1/queue.stats", QueueStatsRequest => QueueStatsResponse,
-        BodyLimit::Fixed(SMALL_BODY), QueueStats;
+        BodyLimit::Fixed(SMALL_BODY), QueueStats, |r| Target::Queue(&r.queue_name);
     /// Clears a queue.
     QueueClear => "/v1/queue.clear", QueueClearRequest => Reply,
-        BodyLimit::Fixed(SMALL_BODY), QueueClear;
+        BodyLimit::Fixed(SMALL_BODY), QueueClear, |r| Target::Queue(&r.queue_name);
     /// Reloads a queue's partitions.
     QueueReload => "/v1/queue.reload", QueueReloadRequest => Reply,
-        BodyLimit::Fixed(SMALL_BODY), QueueUpdate;
+        BodyLimit::Fixed(SMALL_BODY), QueueUpdate, |r| Target::Queue(&r.queue_name);
     /// Creates a queue.
     QueuesCreate => "/v1/queues.create", QueueInfo => Reply,
-        BodyLimit::Fixed(DEFAULT_BODY), QueueCreate;
+        BodyLimit::Fixed(DEFAULT_BODY), QueueCreate, |r| Target::Namespace(&r.namespace);
     /// Lists queues.
     QueuesList => "/v1/queues.list", QueuesListRequest => QueuesListResponse,
-        BodyLimit::Fixed(DEFAULT_BODY), QueueList;
+        BodyLimit::Fixed(DEFAULT_BODY), QueueList, |r| Target::Namespace(&r.namespace);
     /// Updates a queue.
     QueuesUpdate => "/v1/queues.update", QueueInfo => Reply,
-        BodyLimit::Fixed(UPDATE_BODY), QueueUpdate;
+        BodyLimit::Fixed(UPDATE_BODY), QueueUpdate, |r| Target::Queue(&r.queue_name);
     /// Deletes a queue.
     QueuesDelete => "/v1/queues.delete", QueuesDeleteRequest => Reply,
-        BodyLimit::Fixed(DEFAULT_BODY), QueueDelete;
+        BodyLimit::Fixed(DEFAULT_BODY), QueueDelete, |r| Target::Queue(&r.queue_name);
     /// One queue's configuration.
     QueuesInfo => "/v1/queues.info", QueuesInfoRequest => QueueInfo,
-        BodyLimit::Fixed(DEFAULT_BODY), QueueStats;
+        BodyLimit::Fixed(DEFAULT_BODY), QueueStats, |r| Target::Queue(&r.queue_name);
     /// Lists raw items of a partition.
     StorageItemsList => "/v1/storage/items.list", StorageItemsListRequest => StorageItemsListResponse,
-        BodyLimit::Fixed(DEFAULT_BODY), QueueStats;
+        BodyLimit::Fixed(DEFAULT_BODY), QueueStats, |r| Target::Queue(&r.queue_name);
     /// Lists scheduled items of a partition.
     StorageScheduledList => "/v1/storage/scheduled.list", StorageItemsListRequest => StorageItemsListResponse,
-        BodyLimit::Fixed(DEFAULT_BODY), QueueStats;
+        BodyLimit::Fixed(DEFAULT_BODY), QueueStats, |r| Target::Queue(&r.queue_name);
     /// Imports raw items.
     StorageItemsImport => "/v1/storage/items.import", StorageItemsImportRequest => StorageItemsImportResponse,
-        BodyLimit::Fixed(IMPORT_BODY), QueueProduce;
+        BodyLimit::Fixed(IMPORT_BODY), QueueProduce, |r| Target::Queue(&r.queue_name);
     /// Deletes raw items.
     StorageItemsDelete => "/v1/storage/items.delete", StorageItemsDeleteRequest => Reply,
-        BodyLimit::Fixed(DEFAULT_BODY), QueueClear;
+        BodyLimit::Fixed(DEFAULT_BODY), QueueClear, |r| Target::Queue(&r.queue_name);
 }
 
 /// The route at `path`, if there is one.

@@ -8,6 +8,8 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use async_trait::async_trait;
+use lessor_core::auth::memory::MemoryAuthStore;
+use lessor_core::auth::AuthStore;
 use lessor_core::error::{ItemError, StorageError, StorageErrorKind};
 use lessor_core::storage::{
     LifecycleOutcome, LifecyclePolicy, Partition, PartitionStore, QueuesStore, RetryOp, RetryOutcome,
@@ -30,6 +32,7 @@ fn lock<T>(m: &Mutex<T>) -> Result<MutexGuard<'_, T>, StorageError> {
 #[derive(Debug, Default)]
 pub struct MemoryQueues {
     queues: Mutex<BTreeMap<String, QueueInfo>>,
+    auth: Arc<MemoryAuthStore>,
 }
 
 impl MemoryQueues {
@@ -41,6 +44,10 @@ impl MemoryQueues {
 
 #[async_trait]
 impl QueuesStore for MemoryQueues {
+    fn auth(&self) -> Arc<dyn AuthStore> {
+        self.auth.clone()
+    }
+
     async fn get(&self, name: &str) -> Result<Option<QueueInfo>, StorageError> {
         Ok(lock(&self.queues)?.get(name).cloned())
     }

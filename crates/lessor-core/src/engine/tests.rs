@@ -22,10 +22,16 @@ use crate::types::{ClearRequest, Item, ItemId, Limits, NewItem, PartitionCounts,
 
 /// Queue definitions in a map.
 #[derive(Debug, Default)]
-struct Queues(Mutex<BTreeMap<String, QueueInfo>>);
+struct Queues(
+    Mutex<BTreeMap<String, QueueInfo>>,
+    Arc<crate::auth::memory::MemoryAuthStore>,
+);
 
 #[async_trait]
 impl QueuesStore for Queues {
+    fn auth(&self) -> Arc<dyn crate::auth::AuthStore> {
+        self.1.clone()
+    }
     async fn get(&self, name: &str) -> Result<Option<QueueInfo>, StorageError> {
         Ok(self.0.lock().expect("queues lock").get(name).cloned())
     }

@@ -26,6 +26,8 @@ pub struct FjallQueues {
     keyspace: Arc<str>,
     /// Serialises writes, so `add` checks and inserts as one step.
     write: Arc<Mutex<()>>,
+    /// PLACEHOLDER until the backend's own auth store lands (branch h-store): users and keys in RAM.
+    auth: Arc<lessor_core::auth::memory::MemoryAuthStore>,
 }
 
 impl fmt::Debug for FjallQueues {
@@ -57,6 +59,7 @@ impl FjallQueues {
         engine.keyspace(KEYSPACE, true)?;
         tracing::info!(storage_dir = %storage_dir.display(), engine = "fjall", %durability, "queue storage open");
         Ok(FjallQueues {
+            auth: Arc::default(),
             engine,
             storage_dir,
             keyspace: KEYSPACE.into(),
@@ -123,6 +126,10 @@ impl FjallQueues {
 
 #[async_trait]
 impl QueuesStore for FjallQueues {
+    fn auth(&self) -> Arc<dyn lessor_core::auth::AuthStore> {
+        self.auth.clone()
+    }
+
     async fn get(&self, name: &str) -> Result<Option<QueueInfo>, StorageError> {
         let name = name.to_string();
         self.with(move |engine, ks| {

@@ -25,6 +25,8 @@ const COLUMNS: &str = "name, namespace, created_at, updated_at, dead_queue, refe
 #[derive(Debug)]
 pub struct PgQueues {
     shared: Mutex<Option<Arc<Shared>>>,
+    /// PLACEHOLDER until the backend's own auth store lands (branch h-store): users and keys in RAM.
+    auth: Arc<lessor_core::auth::memory::MemoryAuthStore>,
 }
 
 impl PgQueues {
@@ -33,6 +35,7 @@ impl PgQueues {
     /// while the database is down. Fails only on an invalid configuration.
     pub fn new(cfg: &PgConfig) -> Result<Self, StorageError> {
         Ok(PgQueues {
+            auth: Arc::default(),
             shared: Mutex::new(Some(acquire(cfg)?)),
         })
     }
@@ -158,6 +161,10 @@ const INSERT: &str = "INSERT INTO queues (name, namespace, created_at, updated_a
 
 #[async_trait]
 impl QueuesStore for PgQueues {
+    fn auth(&self) -> Arc<dyn lessor_core::auth::AuthStore> {
+        self.auth.clone()
+    }
+
     async fn get(&self, name: &str) -> Result<Option<QueueInfo>, StorageError> {
         let shared = self.shared().await?;
         let conn = shared.conn().await?;
