@@ -74,6 +74,18 @@ pub enum ConfigError {
         /// The values allowed.
         allowed: &'static str,
     },
+    /// `auth-backend.driver` is not a known backend.
+    #[error("auth-backend.driver: invalid auth-backend driver; '{value}' is not one of (none, internal)")]
+    AuthDriver {
+        /// The value given.
+        value: String,
+    },
+    /// `auth-backend` options that do not fit together.
+    #[error("auth-backend: {reason}")]
+    AuthOption {
+        /// What is wrong.
+        reason: &'static str,
+    },
     /// A store entry the driver registry refused (unknown driver, driver not compiled in, bad settings).
     #[error("{at}.{source}")]
     Store {
@@ -195,6 +207,37 @@ pub struct Config {
     /// Request limits.
     #[serde(default)]
     pub limits: LimitsSection,
+    /// Authentication and authorisation (Querator's key).
+    #[serde(default)]
+    pub auth_backend: AuthSection,
+}
+
+/// `auth-backend`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct AuthSection {
+    /// `none` (default: every request is allowed everything) or `internal` (users, keys and roles kept in the
+    /// queue storage).
+    pub driver: Option<String>,
+    /// With `internal`: whether requests without a key are administrators until the operator closes the door
+    /// (default true, as Querator).
+    pub open_door: Option<bool>,
+    /// With `internal` and `open-door: false`: where the first start writes the key of the user `admin`.
+    pub bootstrap_key_file: Option<String>,
+}
+
+impl AuthSection {
+    /// Whether the `internal` backend is on.
+    pub fn internal(&self) -> bool {
+        self.driver
+            .as_deref()
+            .is_some_and(|d| d.eq_ignore_ascii_case("internal"))
+    }
+
+    /// Whether anonymous requests start out as administrators.
+    pub fn open_door(&self) -> bool {
+        self.open_door.unwrap_or(true)
+    }
 }
 
 /// `logging`.
@@ -410,6 +453,32 @@ impl Config {
                     allowed: "debug, info, warn, error",
                 });
             }
+        }
+        if let Some(d) = &self.auth_backend.driver {
+            if !matches!(d.to_ascii_lowercase().as_str(), "" | "none" | "internal") {
+                return Err(ConfigError::AuthDriver { value: d.clone() });
+            }
+        }
+        if !self.auth_backend.internal()
+            && (self.auth_backend.open_door.is_some() || self.auth_backend.bootstrap_key_file.is_some())
+        {
+            return Err(ConfigError::AuthOption {
+                reason: "open-door and bootstrap-key-file apply only to driver: internal",
+            });
+        }
+        if self.auth_backend.internal()
+            && !self.auth_backend.open_door()
+            && self
+                .auth_backend
+                .bootstrap_key_file
+                .as_deref()
+                .unwrap_or("")
+                .is_empty()
+        {
+            return Err(ConfigError::AuthOption {
+                reason:
+                    "open-door: false needs bootstrap-key-file, where the first start writes the admin key",
+            });
         }
         if let Some(q) = &self.queue_storage {
             check_store("queue-storage", q, false)?;
@@ -734,6 +803,9 @@ mod tests {
             "limits",
             "max-produce-body",
             "max-requests-per-queue",
+            "auth-backend",
+            "open-door",
+            "bootstrap-key-file",
         ];
         // Every setting of every driver, compiled in or not: a new driver's keys must be documented too.
         let driver_keys = registry::DRIVERS.iter().flat_map(|d| d.keys.iter().copied());

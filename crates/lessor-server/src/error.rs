@@ -1,5 +1,6 @@
 //! The server's error type and the one place where every error becomes a wire code.
 
+use lessor_core::auth::AuthError;
 use lessor_core::error::QueueError;
 use lessor_proto::CodecError;
 
@@ -9,6 +10,9 @@ pub enum ApiError {
     /// The engine refused or failed the request.
     #[error(transparent)]
     Queue(#[from] QueueError),
+    /// Authentication, authorisation or auth administration failed.
+    #[error(transparent)]
+    Auth(#[from] AuthError),
     /// A header or body that does not decode.
     #[error(transparent)]
     Codec(#[from] CodecError),
@@ -47,6 +51,17 @@ impl ApiError {
                 QueueError::StorageFailed(_) | QueueError::ShuttingDown | QueueError::QueueShuttingDown => {
                     453
                 }
+            },
+            ApiError::Auth(e) => match e {
+                AuthError::Unauthenticated
+                | AuthError::BadHeader
+                | AuthError::UnknownKey
+                | AuthError::ExpiredKey
+                | AuthError::InvalidKey => 401,
+                AuthError::AccessDenied => 403,
+                AuthError::Invalid(_) => 400,
+                AuthError::NotFound(_) | AuthError::CheckFailed | AuthError::StorageFailed(_) => 453,
+                AuthError::Transient(_) => 454,
             },
             ApiError::Codec(e) => match e {
                 CodecError::UnsupportedContentType(_) | CodecError::UnsupportedAccept(_) => 455,

@@ -29,9 +29,11 @@ use axum::routing::{any, get};
 use axum::Router;
 use bytes::{Bytes, BytesMut};
 use http_body_util::BodyExt;
+use lessor_core::auth::memory::MemoryAuthStore;
+use lessor_core::auth::{Auth, AuthError, AuthMode, Principal};
 use lessor_core::engine::Engine;
 use lessor_core::types::{ClearRequest, DEFAULT_NAMESPACE};
-use lessor_proto::routes::{self, Rpc};
+use lessor_proto::routes::{self, Rpc, Target};
 use lessor_proto::{self as pb, Encoding, Reply};
 use serde::Serialize;
 
@@ -50,25 +52,49 @@ pub const DRAIN_TIME: Duration = Duration::from_secs(5);
 #[derive(Clone)]
 pub struct AppState {
     engine: Engine,
+    auth: Auth,
     metrics: Arc<Metrics>,
     max_produce_body: usize,
 }
 
 impl AppState {
-    /// State over an engine.
+    /// State over an engine, without auth (Querator's `none` backend).
     pub fn new(engine: Engine) -> Self {
         Self::with_limits(engine, routes::DEFAULT_MAX_PRODUCE_BODY)
     }
 
-    /// State with a produce body limit.
+    /// State with a produce body limit, without auth.
     pub fn with_limits(engine: Engine, max_produce_body: usize) -> Self {
+        let auth = Auth::new(
+            Arc::new(MemoryAuthStore::new()),
+            engine.clock().clone(),
+            AuthMode::Disabled,
+        );
+        Self::with_auth(engine, auth, max_produce_body)
+    }
+
+    /// State with an auth service and a produce body limit.
+    pub fn with_auth(engine: Engine, auth: Auth, max_produce_body: usize) -> Self {
         let metrics = Arc::new(Metrics::new(engine.clone()));
         AppState {
             engine,
+            auth,
             metrics,
             max_produce_body,
         }
     }
+}
+
+/// What a handler gets besides its request: the engine, the auth service, and who is asking (already allowed to
+/// call the route).
+#[derive(Clone)]
+pub struct Ctx {
+    /// The queue engine.
+    pub engine: Engine,
+    /// The auth service.
+    pub auth: Auth,
+    /// The caller.
+    pub principal: Principal,
 }
 
 /// The handler of every RPC, one per entry of [`routes::ROUTES`] (checked by a test).
@@ -119,7 +145,7 @@ impl Api {
     fn rpc<R, F, Fut>(mut self, _route: R, handler: F) -> Api
     where
         R: Rpc + Send + Sync + 'static,
-        F: FnOnce(Engine, R::Request) -> Fut + Clone + Send + Sync + 'static,
+        F: FnOnce(Ctx, R::Request) -> Fut + Clone + Send + Sync + 'static,
         Fut: Future<Output = Result<R::Response, ApiError>> + Send + 'static,
     {
         self.paths.push(R::PATH);
@@ -147,6 +173,10 @@ fn error_response(enc: Encoding, e: &ApiError) -> Response {
     );
     if let Some(reason) = reason_phrase(r.status()) {
         r.extensions_mut().insert(reason);
+    }
+    if code == 401 {
+        r.headers_mut()
+            .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
     }
     r
 }
@@ -188,7 +218,7 @@ fn closing(mut r: Response, reusable: bool) -> Response {
 async fn rpc<R, F, Fut>(st: AppState, req: Request, handler: F) -> Response
 where
     R: Rpc,
-    F: FnOnce(Engine, R::Request) -> Fut,
+    F: FnOnce(Ctx, R::Request) -> Fut,
     Fut: Future<Output = Result<R::Response, ApiError>>,
 {
     let started = Instant::now();
@@ -198,8 +228,14 @@ where
     let accept = pb::response_encoding(header_str(&parts.headers, header::ACCEPT));
     let out_enc = *accept.as_ref().unwrap_or(&Encoding::Json);
     let result: Result<R::Response, ApiError> = async {
-        let in_enc = match check_head(&parts, accept) {
-            Ok(enc) => enc,
+        let head = match check_head(&parts, accept) {
+            Ok(enc) => authenticate(&st.auth, &parts.headers)
+                .await
+                .map(|principal| (enc, principal)),
+            Err(e) => Err(e),
+        };
+        let (in_enc, principal) = match head {
+            Ok(head) => head,
             Err(e) => {
                 body.discard(limit).await;
                 return Err(e);
@@ -207,7 +243,13 @@ where
         };
         let bytes = body.read(limit).await?;
         let msg: R::Request = pb::decode(in_enc, &bytes)?;
-        handler(st.engine.clone(), msg).await
+        authorize::<R>(&st, &principal, &msg).await?;
+        let ctx = Ctx {
+            engine: st.engine.clone(),
+            auth: st.auth.clone(),
+            principal,
+        };
+        handler(ctx, msg).await
     }
     .await;
     let (response, code) = match result {
@@ -228,6 +270,40 @@ where
         })
         .observe(started.elapsed().as_secs_f64());
     closing(response, body.reusable)
+}
+
+/// The caller, from the `Authorization` header: `Bearer <key>`, or no header for the anonymous principal. A header
+/// of another shape is refused even with auth off, as Querator does.
+async fn authenticate(auth: &Auth, headers: &HeaderMap) -> Result<Principal, ApiError> {
+    let token = match headers.get(header::AUTHORIZATION) {
+        None => None,
+        Some(v) => {
+            let v = v.to_str().map_err(|_| AuthError::BadHeader)?;
+            Some(v.strip_prefix("Bearer ").ok_or(AuthError::BadHeader)?)
+        }
+    };
+    Ok(auth.authenticate(token).await?)
+}
+
+/// Whether `principal` may call `R` with `msg`, checked in the namespace the route names.
+///
+/// For a queue route that is the queue's namespace. A queue that does not exist has none, so the check is made in
+/// `_system`: only a principal allowed system-wide hears "queue does not exist", and anyone else gets the same 403
+/// whether the queue is missing or belongs to a namespace they cannot use (Querator looks the queue up first and so
+/// tells anyone which queues exist).
+async fn authorize<R: Rpc>(st: &AppState, principal: &Principal, msg: &R::Request) -> Result<(), ApiError> {
+    if !st.auth.enabled() {
+        return Ok(());
+    }
+    let namespace: Arc<str> = match R::target(msg) {
+        Target::Queue(name) => match st.engine.queue_namespace(name).await? {
+            Some(ns) => ns,
+            None => DEFAULT_NAMESPACE.into(),
+        },
+        Target::Namespace(ns) if !ns.is_empty() => ns.into(),
+        Target::Namespace(_) | Target::System => DEFAULT_NAMESPACE.into(),
+    };
+    Ok(st.auth.authorize(principal, &namespace, R::PERMISSION).await?)
 }
 
 /// The checks made before reading the body, in Querator's order: `Accept`, method, `Content-Type`. Returns the
@@ -385,7 +461,7 @@ fn ok() -> Reply {
 fn produce(api: Api) -> Api {
     api.rpc(
         lessor_proto::routes::QueueProduce,
-        |e, r: pb::QueueProduceRequest| async move {
+        |Ctx { engine: e, .. }, r: pb::QueueProduceRequest| async move {
             let timeout = convert::duration("request timeout", &r.request_timeout)?;
             e.produce(&r.queue_name, convert::produce_items(r.items), timeout)
                 .await?;
@@ -397,7 +473,7 @@ fn produce(api: Api) -> Api {
 fn lease(api: Api) -> Api {
     api.rpc(
         lessor_proto::routes::QueueLease,
-        |e, r: pb::QueueLeaseRequest| async move {
+        |Ctx { engine: e, .. }, r: pb::QueueLeaseRequest| async move {
             let timeout = convert::duration("request timeout", &r.request_timeout)?;
             let res = e
                 .lease(
@@ -419,7 +495,7 @@ fn lease(api: Api) -> Api {
 fn complete(api: Api) -> Api {
     api.rpc(
         lessor_proto::routes::QueueComplete,
-        |e, r: pb::QueueCompleteRequest| async move {
+        |Ctx { engine: e, .. }, r: pb::QueueCompleteRequest| async move {
             let timeout = convert::duration("request timeout", &r.request_timeout)?;
             let ids = convert::item_ids(&r.ids)?;
             let partition = convert::partition(r.partition)?;
@@ -432,7 +508,7 @@ fn complete(api: Api) -> Api {
 fn retry(api: Api) -> Api {
     api.rpc(
         lessor_proto::routes::QueueRetry,
-        |e, r: pb::QueueRetryRequest| async move {
+        |Ctx { engine: e, .. }, r: pb::QueueRetryRequest| async move {
             let items = convert::retry_items(r.items)?;
             let partition = convert::partition(r.partition)?;
             e.retry(&r.queue_name, partition, items).await?;
@@ -444,7 +520,7 @@ fn retry(api: Api) -> Api {
 fn stats(api: Api) -> Api {
     api.rpc(
         lessor_proto::routes::QueueStats,
-        |e, r: pb::QueueStatsRequest| async move {
+        |Ctx { engine: e, .. }, r: pb::QueueStatsRequest| async move {
             let s = e.stats(&r.queue_name).await?;
             Ok(convert::stats_out(r.queue_name, s))
         },
@@ -454,7 +530,7 @@ fn stats(api: Api) -> Api {
 fn clear(api: Api) -> Api {
     api.rpc(
         lessor_proto::routes::QueueClear,
-        |e, r: pb::QueueClearRequest| async move {
+        |Ctx { engine: e, .. }, r: pb::QueueClearRequest| async move {
             let c = ClearRequest {
                 queue: r.queue,
                 scheduled: r.scheduled,
@@ -469,7 +545,7 @@ fn clear(api: Api) -> Api {
 fn reload(api: Api) -> Api {
     api.rpc(
         lessor_proto::routes::QueueReload,
-        |e, r: pb::QueueReloadRequest| async move {
+        |Ctx { engine: e, .. }, r: pb::QueueReloadRequest| async move {
             e.reload(&r.queue_name).await?;
             Ok(ok())
         },
@@ -481,7 +557,7 @@ fn reload(api: Api) -> Api {
 fn queues_create(api: Api) -> Api {
     api.rpc(
         lessor_proto::routes::QueuesCreate,
-        |e, r: pb::QueueInfo| async move {
+        |Ctx { engine: e, .. }, r: pb::QueueInfo| async move {
             e.create_queue(convert::queue_info_in(r)?).await?;
             Ok(ok())
         },
@@ -491,7 +567,7 @@ fn queues_create(api: Api) -> Api {
 fn queues_list(api: Api) -> Api {
     api.rpc(
         lessor_proto::routes::QueuesList,
-        |e, r: pb::QueuesListRequest| async move {
+        |Ctx { engine: e, .. }, r: pb::QueuesListRequest| async move {
             let limit = convert::list_limit(r.limit)?;
             let ns = if r.namespace.is_empty() {
                 DEFAULT_NAMESPACE.to_string()
@@ -509,7 +585,7 @@ fn queues_list(api: Api) -> Api {
 fn queues_update(api: Api) -> Api {
     api.rpc(
         lessor_proto::routes::QueuesUpdate,
-        |e, r: pb::QueueInfo| async move {
+        |Ctx { engine: e, .. }, r: pb::QueueInfo| async move {
             e.update_queue(convert::queue_update(r)?).await?;
             Ok(ok())
         },
@@ -519,7 +595,7 @@ fn queues_update(api: Api) -> Api {
 fn queues_delete(api: Api) -> Api {
     api.rpc(
         lessor_proto::routes::QueuesDelete,
-        |e, r: pb::QueuesDeleteRequest| async move {
+        |Ctx { engine: e, .. }, r: pb::QueuesDeleteRequest| async move {
             e.delete_queue(&r.queue_name).await?;
             Ok(ok())
         },
@@ -529,7 +605,7 @@ fn queues_delete(api: Api) -> Api {
 fn queues_info(api: Api) -> Api {
     api.rpc(
         lessor_proto::routes::QueuesInfo,
-        |e, r: pb::QueuesInfoRequest| async move {
+        |Ctx { engine: e, .. }, r: pb::QueuesInfoRequest| async move {
             Ok(convert::queue_info_out(e.queue_info(&r.queue_name).await?))
         },
     )
@@ -540,7 +616,7 @@ fn queues_info(api: Api) -> Api {
 fn storage_list(api: Api) -> Api {
     api.rpc(
         lessor_proto::routes::StorageItemsList,
-        |e, r: pb::StorageItemsListRequest| async move {
+        |Ctx { engine: e, .. }, r: pb::StorageItemsListRequest| async move {
             let limit = convert::list_limit(r.limit)?;
             let pivot = convert::pivot(&r.pivot)?;
             let partition = convert::partition(r.partition)?;
@@ -557,7 +633,7 @@ fn storage_list(api: Api) -> Api {
 fn storage_scheduled(api: Api) -> Api {
     api.rpc(
         lessor_proto::routes::StorageScheduledList,
-        |e, r: pb::StorageItemsListRequest| async move {
+        |Ctx { engine: e, .. }, r: pb::StorageItemsListRequest| async move {
             let limit = convert::list_limit(r.limit)?;
             let pivot = convert::pivot(&r.pivot)?;
             let partition = convert::partition(r.partition)?;
@@ -574,7 +650,7 @@ fn storage_scheduled(api: Api) -> Api {
 fn storage_import(api: Api) -> Api {
     api.rpc(
         lessor_proto::routes::StorageItemsImport,
-        |e, r: pb::StorageItemsImportRequest| async move {
+        |Ctx { engine: e, .. }, r: pb::StorageItemsImportRequest| async move {
             let items = r
                 .items
                 .into_iter()
@@ -592,7 +668,7 @@ fn storage_import(api: Api) -> Api {
 fn storage_delete(api: Api) -> Api {
     api.rpc(
         lessor_proto::routes::StorageItemsDelete,
-        |e, r: pb::StorageItemsDeleteRequest| async move {
+        |Ctx { engine: e, .. }, r: pb::StorageItemsDeleteRequest| async move {
             let ids = convert::item_ids(&r.ids)?;
             let partition = convert::partition(r.partition)?;
             e.storage_delete(&r.queue_name, partition, ids).await?;

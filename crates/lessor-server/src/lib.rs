@@ -22,6 +22,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use lessor_core::auth::{Auth, AuthError, AuthMode};
 use lessor_core::engine::Engine;
 use lessor_core::time::{SharedClock, SystemClock};
 use tokio::net::TcpListener;
@@ -45,6 +46,13 @@ pub enum StartError {
         #[source]
         source: lessor_core::error::QueueError,
     },
+    /// The auth bootstrap failed (the key file cannot be written, the storage refused it).
+    #[error("auth-backend: {source}")]
+    AuthBootstrap {
+        /// Why.
+        #[source]
+        source: AuthError,
+    },
     /// The listen address cannot be bound.
     #[error("address: cannot listen on '{address}': {source}")]
     Listen {
@@ -63,29 +71,119 @@ pub enum StartError {
     },
 }
 
-/// What [`serve`] needs besides the engine: the request limits of the configuration that the HTTP layer applies.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// What [`serve`] needs besides the engine: the request limits of the configuration that the HTTP layer applies,
+/// and the auth service.
+#[derive(Clone, Debug)]
 pub struct ServeOptions {
     /// Largest produce body, in bytes (`limits.max-produce-body`).
     pub max_produce_body: usize,
+    /// Authentication and authorisation; `None`: every request may do everything (`auth-backend: none`).
+    pub auth: Option<Auth>,
 }
 
 impl Default for ServeOptions {
     fn default() -> Self {
         ServeOptions {
             max_produce_body: config::DEFAULT_MAX_PRODUCE_BODY,
+            auth: None,
         }
     }
 }
 
 impl ServeOptions {
-    /// The options a configuration asks for. (`limits.max-requests-per-queue` is the engine's; [`build_engine`]
-    /// applies it.)
+    /// The options a configuration asks for, without auth (see [`build_auth`]). (`limits.max-requests-per-queue`
+    /// is the engine's; [`build_engine`] applies it.)
     pub fn from_config(config: &Config) -> Self {
         ServeOptions {
             max_produce_body: config.max_produce_body(),
+            auth: None,
         }
     }
+}
+
+/// How often a server polls the auth store's generation, so that a key or user deleted through another server
+/// stops working here within this period.
+pub const AUTH_POLL: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// The auth service the configuration asks for, over the engine's queue storage, bootstrapped: `_system` and the
+/// standard roles, the open door, or the first start's admin user and key file. With `auth-backend: none` it is
+/// `None`. When the storage is down (a database not reachable yet), the bootstrap keeps trying in the background,
+/// as queue declarations do; requests fail with 454 until it can read keys.
+///
+/// # Errors
+/// A bootstrap key file that cannot be written, or a bootstrap the storage refuses.
+pub async fn build_auth(config: &Config, engine: &Engine) -> Result<Option<Auth>, StartError> {
+    if !config.auth_backend.internal() {
+        return Ok(None);
+    }
+    let auth = Auth::new(engine.auth_store(), engine.clock().clone(), AuthMode::Internal);
+    let open_door = config.auth_backend.open_door();
+    let key_file = config.auth_backend.bootstrap_key_file.clone().unwrap_or_default();
+    match bootstrap(&auth, open_door, &key_file).await {
+        Ok(()) => {}
+        Err(AuthError::Transient(e)) => {
+            tracing::warn!(error = %e, "auth bootstrap waits for the storage; retrying in the background");
+            let auth = auth.clone();
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                    match bootstrap(&auth, open_door, &key_file).await {
+                        Err(AuthError::Transient(_)) => continue,
+                        Err(e) => {
+                            tracing::error!(error = %e, "auth bootstrap failed");
+                            break;
+                        }
+                        Ok(()) => break,
+                    }
+                }
+            });
+        }
+        Err(source) => return Err(StartError::AuthBootstrap { source }),
+    }
+    Ok(Some(auth))
+}
+
+async fn bootstrap(auth: &Auth, open_door: bool, key_file: &str) -> Result<(), AuthError> {
+    let report = auth
+        .bootstrap(open_door, |key| {
+            write_key_file(std::path::Path::new(key_file), key)
+                .map_err(|e| format!("cannot write bootstrap-key-file '{key_file}': {e}"))
+        })
+        .await?;
+    if report.created_admin {
+        tracing::info!(file = %key_file, "created user 'admin' bound to Admin; its API key is in the bootstrap key file");
+    }
+    if report.closed_door {
+        tracing::info!("open-door: false removed the anonymous Admin binding");
+    }
+    Ok(())
+}
+
+/// Writes `key` alone on one line to `path`, readable by its owner only, atomically (a crash leaves the old file or
+/// the new one, never half a key).
+fn write_key_file(path: &std::path::Path, key: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(std::path::Path::new("."));
+    std::fs::create_dir_all(dir)?;
+    let tmp = dir.join(format!(
+        ".{}.tmp",
+        path.file_name().and_then(|n| n.to_str()).unwrap_or("admin.key")
+    ));
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let mut f = options.open(&tmp)?;
+    #[cfg(unix)]
+    f.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+    f.write_all(key.as_bytes())?;
+    f.write_all(b"\n")?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    std::fs::File::open(dir)?.sync_all()
 }
 
 /// The version reported by `/health`.
@@ -150,8 +248,17 @@ pub async fn serve(
     options: ServeOptions,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let state = http::AppState::with_limits(engine.clone(), options.max_produce_body);
+    let state = match options.auth.clone() {
+        Some(auth) => http::AppState::with_auth(engine.clone(), auth, options.max_produce_body),
+        None => http::AppState::with_limits(engine.clone(), options.max_produce_body),
+    };
     let app = http::router(state);
+    // Revocations made through other servers on the same store reach this one within one poll.
+    let watcher = options
+        .auth
+        .clone()
+        .map(|auth| tokio::spawn(async move { auth.watch(AUTH_POLL, std::future::pending::<()>()).await }));
+    let _stop_watcher = AbortOnDrop(watcher);
     let stop_engine = engine.clone();
     // Replies are small and latency matters: never let Nagle hold a reply back waiting for an ACK.
     let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
@@ -166,6 +273,17 @@ pub async fn serve(
             stop_engine.shutdown().await;
         })
         .await
+}
+
+/// Aborts a background task when dropped (when [`serve`] returns, however it returns).
+struct AbortOnDrop(Option<JoinHandle<()>>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        if let Some(t) = self.0.take() {
+            t.abort();
+        }
+    }
 }
 
 /// A server running in the background (tests, `lessor bench`).
@@ -225,7 +343,8 @@ pub async fn start(
     let listener = TcpListener::bind(address).await.map_err(listen_error)?;
     let addr = listener.local_addr().map_err(listen_error)?;
     let (tx, rx) = oneshot::channel::<()>();
-    let options = ServeOptions::from_config(config);
+    let mut options = ServeOptions::from_config(config);
+    options.auth = build_auth(config, &engine).await?;
     let task = tokio::spawn(serve(listener, engine.clone(), options, async move {
         let _ = rx.await;
     }));

@@ -496,7 +496,8 @@ async fn server(args: ServerArgs) -> Result<(), StartError> {
             source,
         })?;
     tracing::info!(address = %address, version = lessor_server::VERSION, "lessor listening");
-    let options = lessor_server::ServeOptions::from_config(&config);
+    let mut options = lessor_server::ServeOptions::from_config(&config);
+    options.auth = lessor_server::build_auth(&config, &engine).await?;
     lessor_server::serve(listener, engine, options, shutdown_signal())
         .await
         .map_err(|source| StartError::Serve { source })?;

@@ -164,6 +164,8 @@ pub struct QueueStats {
 
 #[derive(Debug)]
 struct QueueHandle {
+    /// The queue's namespace, for authorisation without a storage read.
+    namespace: Arc<str>,
     tx: mpsc::Sender<Msg>,
     metrics: Arc<QueueMetrics>,
     task: Arc<Mutex<Option<JoinHandle<()>>>>,
@@ -211,6 +213,16 @@ impl Engine {
     /// The engine's clock.
     pub fn clock(&self) -> &SharedClock {
         &self.inner.config.clock
+    }
+
+    /// The auth store that lives with the queue definitions.
+    pub fn auth_store(&self) -> Arc<dyn crate::auth::AuthStore> {
+        self.inner.config.queues.auth()
+    }
+
+    /// Whether any queue belongs to `namespace`.
+    pub async fn has_queues_in(&self, namespace: &str) -> Result<bool, QueueError> {
+        Ok(!self.list_queues("", 1, namespace).await?.is_empty())
     }
 
     /// The engine's limits.
@@ -502,6 +514,17 @@ impl Engine {
         self.inner.config.queues.ping().await
     }
 
+    /// The namespace of a queue, `None` when there is no such queue (or its name is not valid). Loads the queue
+    /// when it is not running yet (the request being authorised is about to use it anyway), so a running queue
+    /// answers without a storage read.
+    pub async fn queue_namespace(&self, name: &str) -> Result<Option<Arc<str>>, QueueError> {
+        match self.handle(name).await {
+            Ok(h) => Ok(Some(h.namespace.clone())),
+            Err(QueueError::QueueNotFound(_) | QueueError::Invalid(_)) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
     // ---- queue operations --------------------------------------------------------------------------------------
 
     async fn handle(&self, name: &str) -> Result<Arc<QueueHandle>, QueueError> {
@@ -524,6 +547,11 @@ impl Engine {
             .ok_or_else(|| QueueError::QueueNotFound(name.to_string()))?;
         let (tx, rx) = mpsc::channel(self.limits().max_requests_per_queue.max(1));
         let metrics = Arc::new(QueueMetrics::default());
+        let namespace: Arc<str> = if info.namespace.is_empty() {
+            DEFAULT_NAMESPACE.into()
+        } else {
+            info.namespace.as_str().into()
+        };
         let task = QueueTask::new(
             info,
             rx,
@@ -533,6 +561,7 @@ impl Engine {
         );
         let join = tokio::spawn(task.run());
         let h = Arc::new(QueueHandle {
+            namespace,
             tx,
             metrics,
             task: Arc::new(Mutex::new(Some(join))),
