@@ -22,6 +22,9 @@ pub mod records;
 pub mod service;
 pub mod store;
 
+#[cfg(test)]
+mod tests;
+
 pub use admin::{BootstrapReport, KeySpec, NamespaceSpec};
 pub use error::AuthError;
 pub use model::{ApiKey, Namespace, Principal, Role, RoleBinding, User};
