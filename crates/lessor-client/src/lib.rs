@@ -58,10 +58,10 @@ use reqwest::header::{HeaderMap, HeaderValue, ACCEPT, AUTHORIZATION, CONTENT_TYP
 use reqwest::{Method, StatusCode, Url};
 
 pub use error::ClientError;
-pub use tls::TlsConfig;
 /// The wire types, re-exported so callers need not depend on `lessor-proto` themselves.
 pub use lessor_proto as proto;
 pub use lessor_proto::Encoding;
+pub use tls::TlsConfig;
 
 /// A handle on one Lessor (or Querator) server. Cloning is cheap and shares the connection pool.
 #[derive(Debug, Clone)]

@@ -116,7 +116,12 @@ fn certificates(pem: &[u8], what: &str) -> Result<Vec<CertificateDer<'static>>, 
     Ok(certs)
 }
 
-fn identity(cert_pem: &[u8], key_pem: &[u8], cert_what: &str, key_what: &str) -> Result<reqwest::Identity, ClientError> {
+fn identity(
+    cert_pem: &[u8],
+    key_pem: &[u8],
+    cert_what: &str,
+    key_what: &str,
+) -> Result<reqwest::Identity, ClientError> {
     certificates(cert_pem, cert_what)?;
     PrivateKeyDer::from_pem_slice(key_pem).map_err(|e| match e {
         rustls::pki_types::pem::Error::NoItemsFound => tls_err(key_what, "no private key in file"),

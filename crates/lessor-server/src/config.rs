@@ -763,12 +763,16 @@ mod tests {
             .collect();
         for key in ["tls", "cert-file", "key-file", "client-ca-file", "client-auth"] {
             assert!(
-                tls_block.lines().any(|l| l.trim_start().starts_with(&format!("{key}:"))),
+                tls_block
+                    .lines()
+                    .any(|l| l.trim_start().starts_with(&format!("{key}:"))),
                 "config.example.yaml does not show 'tls.{key}'"
             );
         }
         let c = Config::from_yaml(&tls_block).expect("the example's tls block parses");
-        assert!(c.tls.is_some_and(|t| t.client_auth == Some(crate::tls::ClientAuth::Required)));
+        assert!(c
+            .tls
+            .is_some_and(|t| t.client_auth == Some(crate::tls::ClientAuth::Required)));
         for d in registry::DRIVERS {
             assert!(
                 EXAMPLE.contains(&format!("driver: {}", d.name)),
@@ -828,17 +832,25 @@ mod tests {
             .expect_err("unknown key")
             .to_string();
         assert!(e.contains("cert-fil"), "{e}");
-        let e = Config::from_yaml("tls:\n  cert-file: a\n  key-file: b\n  client-ca-file: c\n  client-auth: maybe\n")
-            .expect_err("bad client-auth")
-            .to_string();
+        let e = Config::from_yaml(
+            "tls:\n  cert-file: a\n  key-file: b\n  client-ca-file: c\n  client-auth: maybe\n",
+        )
+        .expect_err("bad client-auth")
+        .to_string();
         assert!(e.contains("maybe"), "{e}");
         let e = Config::from_yaml("tls:\n  cert-file: a\n  key-file: b\n  client-auth: optional\n")
             .expect_err("client-auth without a CA")
             .to_string();
-        assert!(e.contains("tls.client-auth") && e.contains("client-ca-file"), "{e}");
-        let e = Config::from_yaml("tls:\n  cert-file: a\n").expect_err("no key-file").to_string();
+        assert!(
+            e.contains("tls.client-auth") && e.contains("client-ca-file"),
+            "{e}"
+        );
+        let e = Config::from_yaml("tls:\n  cert-file: a\n")
+            .expect_err("no key-file")
+            .to_string();
         assert!(e.contains("key-file"), "{e}");
-        let c = Config::from_yaml("tls:\n  cert-file: /x/a.crt\n  key-file: /x/a.key\n").expect("minimal tls");
+        let c =
+            Config::from_yaml("tls:\n  cert-file: /x/a.crt\n  key-file: /x/a.key\n").expect("minimal tls");
         let tls = c.tls.expect("tls");
         assert_eq!(tls.cert_file, std::path::PathBuf::from("/x/a.crt"));
         assert!(tls.client_ca_file.is_none() && tls.client_auth.is_none());

@@ -253,7 +253,11 @@ pub async fn start(
 ) -> Result<RunningServer, StartError> {
     let clock = clock.unwrap_or_else(|| Arc::new(SystemClock));
     // Certificate problems are found before any store is opened.
-    let tls = config.tls.as_ref().map(tls::TlsSection::server_config).transpose()?;
+    let tls = config
+        .tls
+        .as_ref()
+        .map(tls::TlsSection::server_config)
+        .transpose()?;
     let engine = build_engine(config, clock).await?;
     let listen_error = |source| StartError::Listen {
         address: address.to_string(),

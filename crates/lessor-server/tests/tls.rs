@@ -104,9 +104,14 @@ async fn a_client_trusting_the_ca_works_and_others_are_refused() {
     // A name the certificate does not have.
     let by_name = Client::new(&format!("https://127.0.0.2:{}", srv.addr.port()));
     if let Ok(c) = by_name {
-        let c = c.with_tls(&TlsConfig::new().add_ca_file(ca.ca_file()).unwrap()).unwrap();
+        let c = c
+            .with_tls(&TlsConfig::new().add_ca_file(ca.ca_file()).unwrap())
+            .unwrap();
         // 127.0.0.2 may not be routable on every machine; either way it must not succeed.
-        assert!(c.health().await.is_err(), "a certificate without 127.0.0.2 must not pass");
+        assert!(
+            c.health().await.is_err(),
+            "a certificate without 127.0.0.2 must not pass"
+        );
     }
     // The first client still works after all those failures.
     produce_and_lease(&good, "tls-q2").await.unwrap();
@@ -242,7 +247,10 @@ async fn bad_certificate_files_stop_the_start_naming_the_file() {
         None,
     );
     let e = start_err(cfg).await;
-    assert!(e.starts_with("tls.cert-file: cannot read '") && e.contains("missing.crt"), "{e}");
+    assert!(
+        e.starts_with("tls.cert-file: cannot read '") && e.contains("missing.crt"),
+        "{e}"
+    );
 
     let empty = dir.path().join("empty.pem");
     std::fs::write(&empty, "just text\n").unwrap();
@@ -255,7 +263,10 @@ async fn bad_certificate_files_stop_the_start_naming_the_file() {
         None,
     ))
     .await;
-    assert!(e.contains("tls.cert-file") && e.contains("empty.pem") && e.contains("no certificate"), "{e}");
+    assert!(
+        e.contains("tls.cert-file") && e.contains("empty.pem") && e.contains("no certificate"),
+        "{e}"
+    );
 
     let e = start_err(tls_config(
         &CertFiles {

@@ -31,7 +31,10 @@ async fn open(url: &str) -> Result<(), StorageError> {
 /// connection (`application_name`) so that connections of earlier calls, still closing, are not counted.
 async fn encrypted(admin: &tokio_postgres::Client, url: &str) -> bool {
     static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-    let name = format!("lessor_tls_{}", N.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
+    let name = format!(
+        "lessor_tls_{}",
+        N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    );
     let named = if url.starts_with("postgres://") {
         let sep = if url.contains('?') { '&' } else { '?' };
         format!("{url}{sep}application_name={name}")
@@ -39,7 +42,10 @@ async fn encrypted(admin: &tokio_postgres::Client, url: &str) -> bool {
         format!("{url} application_name={name}")
     };
     let store = PgStore::new(&PgConfig::new(&named).with_max_conns(1)).expect("store");
-    let p = store.open("tls", 0).await.unwrap_or_else(|e| panic!("{url}: {e}"));
+    let p = store
+        .open("tls", 0)
+        .await
+        .unwrap_or_else(|e| panic!("{url}: {e}"));
     let seen: Vec<bool> = admin
         .query(
             "SELECT s.ssl FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) WHERE a.application_name = $1",
@@ -73,7 +79,9 @@ async fn sslmodes_encrypt_and_verify_as_libpq() {
     let admin = lessor_testkit::connect(&url).await;
 
     // Before TLS is on: require is refused, prefer (and the default) fall back to plain text.
-    let e = open(&with_params(&url, "sslmode=require")).await.expect_err("no TLS on the server");
+    let e = open(&with_params(&url, "sslmode=require"))
+        .await
+        .expect_err("no TLS on the server");
     println!("require without server TLS: {e}");
     assert!(!encrypted(&admin, &with_params(&url, "sslmode=prefer")).await);
     assert!(!encrypted(&admin, &url).await);
@@ -88,24 +96,36 @@ async fn sslmodes_encrypt_and_verify_as_libpq() {
     for f in [&tls_dir, &server.cert, &server.key] {
         std::os::unix::fs::chown(f, Some(owner.uid()), Some(owner.gid())).expect("chown");
     }
-    std::fs::set_permissions(&server.key, std::os::unix::fs::PermissionsExt::from_mode(0o600)).expect("chmod");
+    std::fs::set_permissions(&server.key, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+        .expect("chmod");
     for sql in [
         format!("ALTER SYSTEM SET ssl_cert_file = '{}'", server.cert.display()),
         format!("ALTER SYSTEM SET ssl_key_file = '{}'", server.key.display()),
         "ALTER SYSTEM SET ssl = on".to_string(),
         "SELECT pg_reload_conf()".to_string(),
     ] {
-        admin.batch_execute(&sql).await.unwrap_or_else(|e| panic!("{sql}: {e}"));
+        admin
+            .batch_execute(&sql)
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"));
     }
     let ssl_on = || async {
-        let row = admin.query_one("SHOW ssl", &[]).await.map_err(|e| e.to_string())?;
+        let row = admin
+            .query_one("SHOW ssl", &[])
+            .await
+            .map_err(|e| e.to_string())?;
         match row.get::<_, String>(0).as_str() {
             "on" => Ok(()),
             v => Err(format!("ssl = {v}")),
         }
     };
-    if let Err(last) = lessor_testkit::poll_until(Duration::from_secs(10), Duration::from_millis(50), ssl_on).await {
-        panic!("ssl did not turn on: {last}; server log:\n{}", cluster_log(&cluster));
+    if let Err(last) =
+        lessor_testkit::poll_until(Duration::from_secs(10), Duration::from_millis(50), ssl_on).await
+    {
+        panic!(
+            "ssl did not turn on: {last}; server log:\n{}",
+            cluster_log(&cluster)
+        );
     }
 
     let ca_file = ca.ca_file().display().to_string();
@@ -119,33 +139,64 @@ async fn sslmodes_encrypt_and_verify_as_libpq() {
     // verify-ca: the chain counts, the name does not.
     let verify_ca = with_params(&url, &format!("sslmode=verify-ca&sslrootcert={ca_file}"));
     assert!(encrypted(&admin, &verify_ca).await);
-    let by_other_name = format!("host=db.example hostaddr=127.0.0.1 port={} user=postgres dbname=lessor_tls", port(&url));
-    assert!(encrypted(&admin, &format!("{by_other_name} sslmode=verify-ca sslrootcert={ca_file}")).await);
-    let e = open(&with_params(&url, &format!("sslmode=verify-ca&sslrootcert={other_ca}")))
+    let by_other_name = format!(
+        "host=db.example hostaddr=127.0.0.1 port={} user=postgres dbname=lessor_tls",
+        port(&url)
+    );
+    assert!(
+        encrypted(
+            &admin,
+            &format!("{by_other_name} sslmode=verify-ca sslrootcert={ca_file}")
+        )
         .await
-        .expect_err("another CA");
+    );
+    let e = open(&with_params(
+        &url,
+        &format!("sslmode=verify-ca&sslrootcert={other_ca}"),
+    ))
+    .await
+    .expect_err("another CA");
     println!("verify-ca with another CA: {e}");
     // require with a root certificate verifies the chain, as in libpq.
-    open(&with_params(&url, &format!("sslmode=require&sslrootcert={other_ca}")))
-        .await
-        .expect_err("require + sslrootcert of another CA");
+    open(&with_params(
+        &url,
+        &format!("sslmode=require&sslrootcert={other_ca}"),
+    ))
+    .await
+    .expect_err("require + sslrootcert of another CA");
 
     // verify-full: chain and name.
-    assert!(encrypted(&admin, &with_params(&url, &format!("sslmode=verify-full&sslrootcert={ca_file}"))).await);
-    let e = open(&format!("{by_other_name} sslmode=verify-full sslrootcert={ca_file}"))
+    assert!(
+        encrypted(
+            &admin,
+            &with_params(&url, &format!("sslmode=verify-full&sslrootcert={ca_file}"))
+        )
         .await
-        .expect_err("the certificate does not name db.example");
+    );
+    let e = open(&format!(
+        "{by_other_name} sslmode=verify-full sslrootcert={ca_file}"
+    ))
+    .await
+    .expect_err("the certificate does not name db.example");
     println!("verify-full with another name: {e}");
-    open(&with_params(&url, &format!("sslmode=verify-full&sslrootcert={other_ca}")))
-        .await
-        .expect_err("another CA");
+    open(&with_params(
+        &url,
+        &format!("sslmode=verify-full&sslrootcert={other_ca}"),
+    ))
+    .await
+    .expect_err("another CA");
     drop(admin);
     drop(cluster);
 }
 
 fn port(url: &str) -> u16 {
     let after = url.rsplit_once(':').expect("port").1;
-    after.split('/').next().expect("port").parse().expect("port number")
+    after
+        .split('/')
+        .next()
+        .expect("port")
+        .parse()
+        .expect("port number")
 }
 
 fn cluster_log(cluster: &Cluster) -> String {

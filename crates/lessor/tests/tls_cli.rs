@@ -17,7 +17,12 @@ use lessor_testkit::tls::TestCa;
 fn lessor(endpoint: &str, args: &[&str], env: &[(&str, &Path)]) -> Output {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_lessor"));
     cmd.arg("--endpoint").arg(endpoint).args(args);
-    for var in ["LESSOR_TLS_CA", "LESSOR_TLS_CERT", "LESSOR_TLS_KEY", "LESSOR_ENDPOINT"] {
+    for var in [
+        "LESSOR_TLS_CA",
+        "LESSOR_TLS_CERT",
+        "LESSOR_TLS_KEY",
+        "LESSOR_ENDPOINT",
+    ] {
         cmd.env_remove(var);
     }
     for (k, v) in env {
@@ -72,9 +77,7 @@ async fn client_commands_speak_https_with_the_tls_flags() {
         alice.key.display().to_string(),
     );
     let flags = ["--tls-ca", &ca_s, "--tls-cert", &cert_s, "--tls-key", &key_s];
-    let with = |args: &[&str]| -> Vec<String> {
-        flags.iter().chain(args).map(|s| s.to_string()).collect()
-    };
+    let with = |args: &[&str]| -> Vec<String> { flags.iter().chain(args).map(|s| s.to_string()).collect() };
     let run = |args: Vec<String>| {
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         lessor(&endpoint, &args, &[])
@@ -96,10 +99,21 @@ async fn client_commands_speak_https_with_the_tls_flags() {
     );
     assert!(o.status.success(), "{}", text(&o));
     // The JSON carries the payload in base64: "hello over tls".
-    assert!(String::from_utf8_lossy(&o.stdout).contains("aGVsbG8gb3ZlciB0bHM="), "{}", text(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("aGVsbG8gb3ZlciB0bHM="),
+        "{}",
+        text(&o)
+    );
 
     // No client certificate: refused by the server.
-    let o = run(vec!["--tls-ca".into(), ca_s.clone(), "produce".into(), "jobs".into(), "-p".into(), "x".into()]);
+    let o = run(vec![
+        "--tls-ca".into(),
+        ca_s.clone(),
+        "produce".into(),
+        "jobs".into(),
+        "-p".into(),
+        "x".into(),
+    ]);
     assert!(!o.status.success(), "{}", text(&o));
     assert!(text(&o).contains("transport error"), "{}", text(&o));
     // No CA: the server is not trusted.
@@ -121,10 +135,18 @@ async fn client_commands_speak_https_with_the_tls_flags() {
     // A CA file that holds no certificate is named.
     let o = run(vec!["--tls-ca".into(), key_s.clone(), "list".into()]);
     assert!(!o.status.success(), "{}", text(&o));
-    assert!(text(&o).contains(&key_s) && text(&o).contains("no certificate"), "{}", text(&o));
+    assert!(
+        text(&o).contains(&key_s) && text(&o).contains("no certificate"),
+        "{}",
+        text(&o)
+    );
     // Nothing the refused commands sent arrived: the one item is leased, and no other is there to lease.
     let o = run(with(&["--json", "lease", "jobs", "--timeout", "1s"]));
-    assert!(!String::from_utf8_lossy(&o.stdout).contains("\"bytes\""), "{}", text(&o));
+    assert!(
+        !String::from_utf8_lossy(&o.stdout).contains("\"bytes\""),
+        "{}",
+        text(&o)
+    );
     drop(srv);
 
     // A key that does not belong to the certificate stops the server at start-up, naming both files.
@@ -149,5 +171,8 @@ async fn client_commands_speak_https_with_the_tls_flags() {
         .unwrap();
     assert!(!o.status.success(), "{}", text(&o));
     let out = text(&o);
-    assert!(out.contains("does not match") && out.contains("main-server.crt") && out.contains("main-other.key"), "{out}");
+    assert!(
+        out.contains("does not match") && out.contains("main-server.crt") && out.contains("main-other.key"),
+        "{out}"
+    );
 }

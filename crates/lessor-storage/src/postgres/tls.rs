@@ -251,13 +251,22 @@ pub(crate) fn connector(params: &TlsParams) -> Result<RustlsConnect, StorageErro
             let Some(path) = &params.root_cert else {
                 return Err(config_err(format!(
                     "connection-string: sslmode={} needs sslrootcert=<file> (the CA certificate, PEM)",
-                    if params.mode == SslMode::VerifyCa { "verify-ca" } else { "verify-full" }
+                    if params.mode == SslMode::VerifyCa {
+                        "verify-ca"
+                    } else {
+                        "verify-full"
+                    }
                 )));
             };
             let roots = read_roots(path)?;
             let webpki = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone())
                 .build()
-                .map_err(|e| config_err(format!("connection-string: sslrootcert '{}': {e}", path.display())))?;
+                .map_err(|e| {
+                    config_err(format!(
+                        "connection-string: sslrootcert '{}': {e}",
+                        path.display()
+                    ))
+                })?;
             if params.mode == SslMode::VerifyCa {
                 Arc::new(ChainOnly(webpki))
             } else {
@@ -287,9 +296,7 @@ fn read_roots(path: &Path) -> Result<RootCertStore, StorageError> {
     }
     let mut roots = RootCertStore::empty();
     for c in certs {
-        roots
-            .add(c)
-            .map_err(|e| config_err(format!("{}: {e}", at())))?;
+        roots.add(c).map_err(|e| config_err(format!("{}: {e}", at())))?;
     }
     Ok(roots)
 }
@@ -438,7 +445,11 @@ impl tokio_postgres::tls::TlsStream for RustlsStream {
 }
 
 impl AsyncRead for RustlsStream {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
         Pin::new(&mut *self.0).poll_read(cx, buf)
     }
 }
@@ -463,22 +474,29 @@ mod tests {
 
     #[test]
     fn tls_parameters_leave_the_uri_and_the_rest_stays() {
-        let (rest, p) = split("postgres://u@h:5/db?sslmode=verify-full&connect_timeout=5&sslrootcert=%2Fetc%2Fca.crt")
-            .expect("split");
+        let (rest, p) =
+            split("postgres://u@h:5/db?sslmode=verify-full&connect_timeout=5&sslrootcert=%2Fetc%2Fca.crt")
+                .expect("split");
         assert_eq!(rest, "postgres://u@h:5/db?connect_timeout=5");
         assert_eq!(p.mode, SslMode::VerifyFull);
         assert_eq!(p.root_cert.as_deref(), Some(Path::new("/etc/ca.crt")));
         let (rest, p) = split("postgres://u@h/db?sslmode=disable").expect("split");
         assert_eq!((rest.as_str(), p.mode), ("postgres://u@h/db", SslMode::Disable));
         let (rest, p) = split("postgres://u@h/db").expect("split");
-        assert_eq!((rest.as_str(), p.mode, p.root_cert), ("postgres://u@h/db", SslMode::Prefer, None));
+        assert_eq!(
+            (rest.as_str(), p.mode, p.root_cert),
+            ("postgres://u@h/db", SslMode::Prefer, None)
+        );
     }
 
     #[test]
     fn tls_parameters_leave_key_value_strings() {
         let (rest, p) =
             split("host=h sslmode = verify-ca  sslrootcert='/my dir/ca\\'s.crt' dbname=x").expect("split");
-        assert_eq!(rest.split_whitespace().collect::<Vec<_>>(), ["host=h", "dbname=x"]);
+        assert_eq!(
+            rest.split_whitespace().collect::<Vec<_>>(),
+            ["host=h", "dbname=x"]
+        );
         assert_eq!(p.mode, SslMode::VerifyCa);
         assert_eq!(p.root_cert.as_deref(), Some(Path::new("/my dir/ca's.crt")));
         // libpq: require with a root certificate verifies the chain.
