@@ -293,3 +293,66 @@ async fn bad_certificate_files_stop_the_start_naming_the_file() {
     let e = start_err(tls_config(&server, Some(&empty), None)).await;
     assert!(e.contains("tls.client-ca-file") && e.contains("empty.pem"), "{e}");
 }
+
+#[tokio::test]
+async fn shutdown_over_tls_answers_waiting_leases_and_stops() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = TestCa::new(dir.path(), "main");
+    let server = ca.server("server", &["127.0.0.1"]);
+    let srv = start(&tls_config(&server, None, None)).await;
+    let c = client(&srv, &TlsConfig::new().add_ca_file(ca.ca_file()).unwrap());
+    c.queues_create(&pb::QueueInfo {
+        queue_name: "q".into(),
+        lease_timeout: "1m".into(),
+        expire_timeout: "1h".into(),
+        requested_partitions: 1,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let waiting = c.clone();
+    let waiter = tokio::spawn(async move {
+        waiting
+            .queue_lease(&QueueLeaseRequest {
+                queue_name: "q".into(),
+                batch_size: 1,
+                client_id: "w".into(),
+                request_timeout: "1m".into(),
+            })
+            .await
+    });
+    lessor_testkit::eventually("the lease is waiting", Duration::from_secs(5), || async {
+        let s = c
+            .queue_stats(&pb::QueueStatsRequest {
+                queue_name: "q".into(),
+            })
+            .await
+            .map_err(|e| e.to_string())?;
+        let waiting = s.logical_queues.first().map_or(0, |l| l.lease_waiting);
+        if waiting == 1 {
+            Ok(())
+        } else {
+            Err(format!("{waiting} waiting"))
+        }
+    })
+    .await;
+    let addr = srv.addr;
+    let stopping = tokio::spawn(srv.stop());
+    // The waiting request is answered over its TLS connection, not cut off.
+    let err = tokio::time::timeout(Duration::from_secs(5), waiter)
+        .await
+        .expect("answered")
+        .unwrap()
+        .expect_err("shutdown");
+    assert_eq!(err.code(), Some(453), "{err:?}");
+    assert!(err.message().unwrap_or("").contains("shutting down"), "{err:?}");
+    tokio::time::timeout(Duration::from_secs(5), stopping)
+        .await
+        .expect("stops")
+        .unwrap();
+    // Stopped means the port is closed: no new connection is accepted.
+    assert!(
+        tokio::net::TcpStream::connect(addr).await.is_err(),
+        "still listening after stop"
+    );
+}
