@@ -50,6 +50,12 @@ pub enum ClientError {
     /// A 200 reply whose body does not decode as the expected message.
     #[error("could not decode the reply: {0}")]
     Decode(#[source] CodecError),
+    /// The TLS settings cannot be used (a CA or certificate file that holds none, a key that does not match).
+    #[error("TLS: {reason}")]
+    Tls {
+        /// What is wrong, naming the file.
+        reason: String,
+    },
 }
 
 impl ClientError {
@@ -59,7 +65,10 @@ impl ClientError {
         match self {
             ClientError::Api { code, .. } => Some(*code),
             ClientError::Http { status, .. } => Some(i32::from(*status)),
-            ClientError::InvalidEndpoint { .. } | ClientError::Transport(_) | ClientError::Decode(_) => None,
+            ClientError::InvalidEndpoint { .. }
+            | ClientError::Transport(_)
+            | ClientError::Decode(_)
+            | ClientError::Tls { .. } => None,
         }
     }
 
@@ -85,7 +94,7 @@ impl From<reqwest::Error> for ClientError {
 }
 
 /// The error and its sources, joined with `": "` (reqwest's own message alone is rarely enough).
-fn chain(e: &reqwest::Error) -> String {
+pub(crate) fn chain(e: &reqwest::Error) -> String {
     let mut out = e.to_string();
     let mut source = e.source();
     while let Some(s) = source {

@@ -44,6 +44,7 @@
 
 pub mod error;
 pub mod routes;
+pub mod tls;
 
 use bytes::Bytes;
 use lessor_proto::{
@@ -60,6 +61,7 @@ pub use error::ClientError;
 /// The wire types, re-exported so callers need not depend on `lessor-proto` themselves.
 pub use lessor_proto as proto;
 pub use lessor_proto::Encoding;
+pub use tls::TlsConfig;
 
 /// A handle on one Lessor (or Querator) server. Cloning is cheap and shares the connection pool.
 #[derive(Debug, Clone)]
@@ -72,11 +74,12 @@ pub struct Client {
 }
 
 impl Client {
-    /// A client for `endpoint` (`http://host:port`, optionally with a path prefix), using protobuf.
+    /// A client for `endpoint` (`http://host:port` or `https://host:port`, optionally with a path prefix), using
+    /// protobuf. An `https://` endpoint trusts the built-in public roots; [`Client::with_tls`] adds a private CA
+    /// or a client certificate.
     ///
     /// # Errors
-    /// [`ClientError::InvalidEndpoint`] when the endpoint is not an `http://` URL with a host. `https://`
-    /// is refused because this build has no TLS.
+    /// [`ClientError::InvalidEndpoint`] when the endpoint is not an `http://` or `https://` URL with a host.
     pub fn new(endpoint: &str) -> Result<Client, ClientError> {
         let invalid = |reason: &str| ClientError::InvalidEndpoint {
             endpoint: endpoint.to_string(),
@@ -84,9 +87,8 @@ impl Client {
         };
         let url = Url::parse(endpoint).map_err(|e| invalid(&e.to_string()))?;
         match url.scheme() {
-            "http" => {}
-            "https" => return Err(invalid("https needs TLS, which this client is built without")),
-            _ => return Err(invalid("the scheme must be http")),
+            "http" | "https" => {}
+            _ => return Err(invalid("the scheme must be http or https")),
         }
         if url.host_str().is_none_or(str::is_empty) {
             return Err(invalid("missing host"));
@@ -112,6 +114,19 @@ impl Client {
     pub fn with_api_key(mut self, key: impl Into<String>) -> Self {
         self.api_key = Some(key.into());
         self
+    }
+
+    /// Uses `tls` for `https://` connections: extra trusted CAs and an optional client certificate (mutual TLS).
+    /// Replaces the HTTP client (settings made with [`Client::with_http_client`] before are lost; to combine them,
+    /// build the `reqwest::Client` yourself). An `http://` endpoint ignores the settings.
+    ///
+    /// # Errors
+    /// [`ClientError::Tls`] when rustls refuses the settings (a client key that does not match its certificate).
+    pub fn with_tls(mut self, tls: &TlsConfig) -> Result<Self, ClientError> {
+        self.http = tls.builder().build().map_err(|e| ClientError::Tls {
+            reason: error::chain(&e),
+        })?;
+        Ok(self)
     }
 
     /// Uses a caller-built `reqwest::Client` (timeouts, pool sizes, ...).

@@ -153,6 +153,9 @@ pub enum ConfigError {
         #[source]
         source: OpenError,
     },
+    /// The `tls` section is invalid, or its files cannot be used.
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
     /// The engine refused the stores.
     #[error("cannot start the engine: {source}")]
     Engine {
@@ -210,6 +213,8 @@ pub struct Config {
     /// Authentication and authorisation (Querator's key).
     #[serde(default)]
     pub auth_backend: AuthSection,
+    /// HTTPS: the server's certificate and key, and optionally the CA of client certificates.
+    pub tls: Option<crate::tls::TlsSection>,
 }
 
 /// `auth-backend`.
@@ -453,6 +458,9 @@ impl Config {
                     allowed: "debug, info, warn, error",
                 });
             }
+        }
+        if let Some(tls) = &self.tls {
+            tls.validate()?;
         }
         if let Some(d) = &self.auth_backend.driver {
             if !matches!(d.to_ascii_lowercase().as_str(), "" | "none" | "internal") {
@@ -818,6 +826,25 @@ mod tests {
                 "config.example.yaml does not show '{key}'"
             );
         }
+        // The tls block is commented out (its files do not exist here); it must still show every key and parse.
+        let tls_block: String = EXAMPLE
+            .lines()
+            .skip_while(|l| !l.starts_with("# tls:"))
+            .take_while(|l| l.starts_with('#'))
+            .map(|l| format!("{}\n", l.trim_start_matches('#').strip_prefix(' ').unwrap_or("")))
+            .collect();
+        for key in ["tls", "cert-file", "key-file", "client-ca-file", "client-auth"] {
+            assert!(
+                tls_block
+                    .lines()
+                    .any(|l| l.trim_start().starts_with(&format!("{key}:"))),
+                "config.example.yaml does not show 'tls.{key}'"
+            );
+        }
+        let c = Config::from_yaml(&tls_block).expect("the example's tls block parses");
+        assert!(c
+            .tls
+            .is_some_and(|t| t.client_auth == Some(crate::tls::ClientAuth::Required)));
         for d in registry::DRIVERS {
             assert!(
                 EXAMPLE.contains(&format!("driver: {}", d.name)),
@@ -869,6 +896,36 @@ mod tests {
                 .starts_with("cannot read config file '/nonexistent/lessor.yaml'"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn tls_section_keys_and_values_are_checked() {
+        let e = Config::from_yaml("tls:\n  cert-file: a\n  key-file: b\n  cert-fil: c\n")
+            .expect_err("unknown key")
+            .to_string();
+        assert!(e.contains("cert-fil"), "{e}");
+        let e = Config::from_yaml(
+            "tls:\n  cert-file: a\n  key-file: b\n  client-ca-file: c\n  client-auth: maybe\n",
+        )
+        .expect_err("bad client-auth")
+        .to_string();
+        assert!(e.contains("maybe"), "{e}");
+        let e = Config::from_yaml("tls:\n  cert-file: a\n  key-file: b\n  client-auth: optional\n")
+            .expect_err("client-auth without a CA")
+            .to_string();
+        assert!(
+            e.contains("tls.client-auth") && e.contains("client-ca-file"),
+            "{e}"
+        );
+        let e = Config::from_yaml("tls:\n  cert-file: a\n")
+            .expect_err("no key-file")
+            .to_string();
+        assert!(e.contains("key-file"), "{e}");
+        let c =
+            Config::from_yaml("tls:\n  cert-file: /x/a.crt\n  key-file: /x/a.key\n").expect("minimal tls");
+        let tls = c.tls.expect("tls");
+        assert_eq!(tls.cert_file, std::path::PathBuf::from("/x/a.crt"));
+        assert!(tls.client_ca_file.is_none() && tls.client_auth.is_none());
     }
 
     #[test]

@@ -11,12 +11,14 @@
 //! - [`http`]: routes, content negotiation, body limits, handlers.
 //! - [`convert`]: wire messages to and from core types.
 //! - [`metrics`]: `/metrics` (request latency per route, per-queue gauges and counters).
+//! - [`tls`]: HTTPS (the `tls` section, rustls, handshakes off the accept path).
 
 pub mod config;
 pub mod convert;
 pub mod error;
 pub mod http;
 pub mod metrics;
+pub mod tls;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -25,7 +27,7 @@ use std::sync::Arc;
 use lessor_core::auth::{Auth, AuthError, AuthMode};
 use lessor_core::engine::Engine;
 use lessor_core::time::{SharedClock, SystemClock};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
@@ -53,6 +55,9 @@ pub enum StartError {
         #[source]
         source: AuthError,
     },
+    /// The `tls` section's files cannot be used (the error names the file and the problem).
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
     /// The listen address cannot be bound.
     #[error("address: cannot listen on '{address}': {source}")]
     Listen {
@@ -248,6 +253,40 @@ pub async fn serve(
     options: ServeOptions,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp: &mut TcpStream| set_nodelay(tcp));
+    serve_on(listener, engine, options, shutdown).await
+}
+
+/// [`serve`] over TLS: the same router and shutdown, on connections whose handshake finished (see [`tls`]).
+/// Build `tls` with [`tls::TlsSection::server_config`].
+pub async fn serve_tls(
+    listener: TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+    engine: Engine,
+    options: ServeOptions,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let listener = tls::TlsListener::new(listener, tls, set_nodelay)?;
+    serve_on(listener, engine, options, shutdown).await
+}
+
+/// Replies are small and latency matters: never let Nagle hold a reply back waiting for an ACK.
+fn set_nodelay(tcp: &TcpStream) {
+    if let Err(e) = tcp.set_nodelay(true) {
+        tracing::debug!(error = %e, "could not set TCP_NODELAY");
+    }
+}
+
+async fn serve_on<L>(
+    listener: L,
+    engine: Engine,
+    options: ServeOptions,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()>
+where
+    L: axum::serve::Listener,
+    L::Addr: std::fmt::Debug,
+{
     let state = match options.auth.clone() {
         Some(auth) => http::AppState::with_auth(engine.clone(), auth, options.max_produce_body),
         None => http::AppState::with_limits(engine.clone(), options.max_produce_body),
@@ -260,12 +299,6 @@ pub async fn serve(
         .map(|auth| tokio::spawn(async move { auth.watch(AUTH_POLL, std::future::pending::<()>()).await }));
     let _stop_watcher = AbortOnDrop(watcher);
     let stop_engine = engine.clone();
-    // Replies are small and latency matters: never let Nagle hold a reply back waiting for an ACK.
-    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
-        if let Err(e) = tcp.set_nodelay(true) {
-            tracing::debug!(error = %e, "could not set TCP_NODELAY");
-        }
-    });
     axum::serve(listener, app)
         .with_graceful_shutdown(async move {
             shutdown.await;
@@ -294,12 +327,14 @@ pub struct RunningServer {
     pub engine: Engine,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<std::io::Result<()>>>,
+    https: bool,
 }
 
 impl RunningServer {
-    /// `http://<addr>`.
+    /// `http://<addr>`, or `https://<addr>` when the configuration has a `tls` section.
     pub fn endpoint(&self) -> String {
-        format!("http://{}", self.addr)
+        let scheme = if self.https { "https" } else { "http" };
+        format!("{scheme}://{}", self.addr)
     }
 
     /// Stops the server gracefully and waits for it.
@@ -335,6 +370,12 @@ pub async fn start(
     clock: Option<SharedClock>,
 ) -> Result<RunningServer, StartError> {
     let clock = clock.unwrap_or_else(|| Arc::new(SystemClock));
+    // Certificate problems are found before any store is opened.
+    let tls = config
+        .tls
+        .as_ref()
+        .map(tls::TlsSection::server_config)
+        .transpose()?;
     let engine = build_engine(config, clock).await?;
     let listen_error = |source| StartError::Listen {
         address: address.to_string(),
@@ -345,13 +386,19 @@ pub async fn start(
     let (tx, rx) = oneshot::channel::<()>();
     let mut options = ServeOptions::from_config(config);
     options.auth = build_auth(config, &engine).await?;
-    let task = tokio::spawn(serve(listener, engine.clone(), options, async move {
+    let stopped = async move {
         let _ = rx.await;
-    }));
+    };
+    let https = tls.is_some();
+    let task = match tls {
+        None => tokio::spawn(serve(listener, engine.clone(), options, stopped)),
+        Some(tls) => tokio::spawn(serve_tls(listener, tls, engine.clone(), options, stopped)),
+    };
     Ok(RunningServer {
         addr,
         engine,
         stop: Some(tx),
         task: Some(task),
+        https,
     })
 }

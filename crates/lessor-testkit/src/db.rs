@@ -152,6 +152,11 @@ impl Cluster {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
+    /// The cluster's directory (its data directory is `data/` inside, owned by the OS user the server runs as).
+    pub fn dir(&self) -> &std::path::Path {
+        &self.dir
+    }
+
     /// Starts a new cluster in a temp dir tagged `tag`, on `port` (or the next free one), with database `db`;
     /// returns it with its URL.
     pub fn start(tag: &str, port: u16, db: &str) -> (Cluster, String) {

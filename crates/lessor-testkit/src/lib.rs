@@ -8,6 +8,7 @@
 //! - [`measure`]: a process's resident memory and a directory's disk usage, for resource tests.
 //! - `server` (feature `server`): a Lessor server inside the test process, on a port the OS picks.
 //! - `process` (feature `server`): the real `lessor` binary as a child process, for tests that kill it.
+//! - `tls` (feature `tls`): a private CA and certificates it signs, as PEM files, for the TLS tests.
 //!
 //! Tests that need something the machine may lack (a database, root) call [`skip_or_fail`]: on a developer machine
 //! they skip with a message; under CI they fail, so a CI that lost its database cannot pass by skipping.
@@ -20,6 +21,8 @@ pub mod process;
 pub mod rng;
 #[cfg(feature = "server")]
 pub mod server;
+#[cfg(feature = "tls")]
+pub mod tls;
 
 pub use db::{
     admin_url, connect, database_or_skip, execute, postgres_installed, with_dbname, Cluster, TestDatabase,

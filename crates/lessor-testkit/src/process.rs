@@ -24,6 +24,7 @@ pub struct ServerCommand {
     args: Vec<OsString>,
     log: PathBuf,
     startup_limit: Duration,
+    tls: Option<lessor_client::TlsConfig>,
 }
 
 impl ServerCommand {
@@ -34,7 +35,15 @@ impl ServerCommand {
             args: Vec::new(),
             log: log.into(),
             startup_limit: Duration::from_secs(10),
+            tls: None,
         }
+    }
+
+    /// The server serves HTTPS (its configuration has a `tls` section): talk to it over `https://` with `tls`
+    /// (the CA that signed its certificate, and a client certificate when it asks for one).
+    pub fn https(mut self, tls: lessor_client::TlsConfig) -> ServerCommand {
+        self.tls = Some(tls);
+        self
     }
 
     /// Adds an argument after `server` (the address is added by [`ServerCommand::start`]).
@@ -103,8 +112,12 @@ impl ServerCommand {
             .stderr(err)
             .spawn()
             .unwrap_or_else(|e| panic!("spawn {} server: {e}", self.binary.display()));
-        let endpoint = format!("http://{address}");
-        let client = Client::new(&endpoint).expect("a client for the server");
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        let endpoint = format!("{scheme}://{address}");
+        let mut client = Client::new(&endpoint).expect("a client for the server");
+        if let Some(tls) = &self.tls {
+            client = client.with_tls(tls).expect("a TLS client for the server");
+        }
         ServerProcess {
             child,
             client,
@@ -132,7 +145,7 @@ impl ServerProcess {
         &self.client
     }
 
-    /// `http://127.0.0.1:<port>`.
+    /// `http://127.0.0.1:<port>` (`https://` with [`ServerCommand::https`]).
     pub fn endpoint(&self) -> &str {
         &self.endpoint
     }

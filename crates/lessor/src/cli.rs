@@ -23,8 +23,61 @@ pub struct Cli {
     /// Print machine-readable JSON.
     #[arg(long, global = true)]
     json: bool,
+    #[command(flatten)]
+    tls: TlsArgs,
     #[command(subcommand)]
     command: Command,
+}
+
+/// TLS options of the client commands (for `https://` endpoints).
+#[derive(Args, Debug, Clone, Default)]
+pub struct TlsArgs {
+    /// Extra CA certificate(s) to trust, PEM (besides the built-in public roots).
+    #[arg(long = "tls-ca", global = true, env = "LESSOR_TLS_CA", value_name = "FILE")]
+    pub ca: Option<std::path::PathBuf>,
+    /// Client certificate chain, PEM, for servers that ask for one (with --tls-key).
+    #[arg(
+        long = "tls-cert",
+        global = true,
+        env = "LESSOR_TLS_CERT",
+        value_name = "FILE",
+        requires = "key"
+    )]
+    pub cert: Option<std::path::PathBuf>,
+    /// The client certificate's private key, PEM (with --tls-cert).
+    #[arg(
+        long = "tls-key",
+        global = true,
+        env = "LESSOR_TLS_KEY",
+        value_name = "FILE",
+        requires = "cert"
+    )]
+    pub key: Option<std::path::PathBuf>,
+}
+
+impl TlsArgs {
+    /// The client's TLS configuration, files read and checked.
+    ///
+    /// # Errors
+    /// A file that cannot be read or holds no certificate or key, naming the flag and the file.
+    pub fn config(&self) -> Result<lessor_client::TlsConfig, ClientError> {
+        let mut tls = lessor_client::TlsConfig::new();
+        if let Some(ca) = &self.ca {
+            tls = tls.add_ca_file(ca)?;
+        }
+        if let (Some(cert), Some(key)) = (&self.cert, &self.key) {
+            tls = tls.identity_files(cert, key)?;
+        }
+        Ok(tls)
+    }
+
+    /// A client for `endpoint` with these options.
+    ///
+    /// # Errors
+    /// An invalid endpoint or TLS file.
+    pub fn client(&self, endpoint: &str) -> Result<Client, ClientError> {
+        Client::new(endpoint)?.with_tls(&self.config()?)
+    }
 }
 
 #[derive(Subcommand, Debug)]
@@ -217,7 +270,7 @@ pub async fn run(cli: Cli) -> Result<(), String> {
         Command::BenchChart(args) => return crate::bench::chart::run(args),
         command => Cli { command, ..cli },
     };
-    let c = Client::new(&cli.endpoint).map_err(|e| e.to_string())?;
+    let c = cli.tls.client(&cli.endpoint).map_err(|e| e.to_string())?;
     match cli.command {
         Command::Server(_) | Command::Bench(_) | Command::BenchChart(_) => unreachable!("handled above"),
         Command::Produce {
@@ -487,6 +540,11 @@ async fn server(args: ServerArgs) -> Result<(), StartError> {
     config.validate()?;
     init_logging(&config);
     let address = config.address().to_string();
+    let tls = config
+        .tls
+        .as_ref()
+        .map(lessor_server::tls::TlsSection::server_config)
+        .transpose()?;
     let engine =
         lessor_server::build_engine(&config, std::sync::Arc::new(lessor_core::time::SystemClock)).await?;
     let listener = tokio::net::TcpListener::bind(&address)
@@ -495,12 +553,14 @@ async fn server(args: ServerArgs) -> Result<(), StartError> {
             address: address.clone(),
             source,
         })?;
-    tracing::info!(address = %address, version = lessor_server::VERSION, "lessor listening");
+    tracing::info!(address = %address, version = lessor_server::VERSION, tls = tls.is_some(), "lessor listening");
     let mut options = lessor_server::ServeOptions::from_config(&config);
     options.auth = lessor_server::build_auth(&config, &engine).await?;
-    lessor_server::serve(listener, engine, options, shutdown_signal())
-        .await
-        .map_err(|source| StartError::Serve { source })?;
+    match tls {
+        None => lessor_server::serve(listener, engine, options, shutdown_signal()).await,
+        Some(tls) => lessor_server::serve_tls(listener, tls, engine, options, shutdown_signal()).await,
+    }
+    .map_err(|source| StartError::Serve { source })?;
     tracing::info!("stopped");
     Ok(())
 }

@@ -12,12 +12,17 @@
 //! - `queues`: [`PgQueues`].
 //! - `partition`: [`PgStore`] and [`PgPartition`], the item state machine in SQL.
 //! - `sql`: the statement texts of one partition.
+//! - [`tls`]: `sslmode`/`sslrootcert` of the connection string and the rustls connector.
 //!
 //! # Sharing a database between servers
 //! Each call locks the rows it decides on in the statement that decides (`FOR UPDATE`, `SKIP LOCKED` where any due
 //! row will do), so two servers never lease one item twice and never apply one lifecycle action twice. Ids come from
 //! a per-table sequence, so they are unique across servers and only grow; items produced at the same time by two
 //! servers may become visible slightly out of id order (a later id can commit first), which FIFO tolerates.
+//!
+//! # TLS
+//! `sslmode=disable|prefer|require|verify-ca|verify-full` and `sslrootcert=<file>` in the connection string, with
+//! libpq's meanings (see [`tls`]).
 //!
 //! Tables live in the first schema of the connection's `search_path`; to use another schema, set it in the
 //! connection string (`options=-csearch_path%3Dmyschema`).
@@ -27,6 +32,7 @@ mod pool;
 mod queues;
 mod schema;
 mod sql;
+pub mod tls;
 
 pub use partition::{PgPartition, PgStore, MAX_PARTITIONS};
 pub use pool::PgConfig;

@@ -13,13 +13,13 @@ use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, PoolError, Recycli
 use lessor_core::error::{StorageError, StorageErrorKind};
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::ToSql;
-use tokio_postgres::{NoTls, Row, Statement};
+use tokio_postgres::{Row, Statement};
 
 /// Settings of one postgres store (`config:` of a `queue-storage` or `partition-storage` entry).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PgConfig {
-    /// libpq URI or key=value string (`connection-string`). TLS is not built in: use `sslmode=disable` (the
-    /// default `prefer` falls back to plain text) and a network you trust, or a TLS-terminating proxy.
+    /// libpq URI or key=value string (`connection-string`). TLS follows libpq's `sslmode` (`disable`, `prefer`
+    /// (the default), `require`, `verify-ca`, `verify-full`) and `sslrootcert`: see [`super::tls`].
     pub connection_string: String,
     /// Most connections the pool opens (`max-conns`); `None` or 0 means [`PgConfig::DEFAULT_MAX_CONNS`]. When
     /// several stores share a connection string, the first one to build the pool sets its size.
@@ -106,20 +106,18 @@ fn pool_size(cfg: &PgConfig) -> usize {
 }
 
 fn build_pool(cfg: &PgConfig) -> Result<Pool, StorageError> {
-    let mut pg: tokio_postgres::Config = cfg.connection_string.parse().map_err(|e| {
+    // The driver knows neither verify-ca/verify-full nor sslrootcert: those are taken out here and enforced by the
+    // rustls connector.
+    let (conn, tls) = super::tls::split(&cfg.connection_string)?;
+    let connector = super::tls::connector(&tls)?;
+    let mut pg: tokio_postgres::Config = conn.parse().map_err(|e| {
         // The parse error may quote the string, which can hold a password: say only what is wrong.
         StorageError::new(
             StorageErrorKind::Config,
             format!("invalid connection-string: {e}"),
         )
     })?;
-    if pg.get_ssl_mode() == tokio_postgres::config::SslMode::Require {
-        return Err(StorageError::new(
-            StorageErrorKind::Config,
-            "connection-string: sslmode=require needs TLS, which this build does not include; use sslmode=disable \
-             or prefer (plain text), or a TLS-terminating proxy",
-        ));
-    }
+    pg.ssl_mode(tls.mode.driver_mode());
     if pg.get_connect_timeout().is_none() {
         pg.connect_timeout(CONNECT_TIMEOUT);
     }
@@ -140,7 +138,7 @@ fn build_pool(cfg: &PgConfig) -> Result<Pool, StorageError> {
     }
     let manager = Manager::from_config(
         pg,
-        NoTls,
+        connector,
         ManagerConfig {
             // `Fast` only checks that the socket is open; a connection broken since then fails its next call
             // with `Unavailable`, and the pool drops it on return.
@@ -395,7 +393,10 @@ mod tests {
         assert!(weak.upgrade().is_none(), "the registry holds no strong reference");
         let e = acquire(&PgConfig::new("postgres://u@h:port/x")).expect_err("bad string");
         assert_eq!(e.kind, StorageErrorKind::Config);
-        let e = acquire(&PgConfig::new("postgres://u@h/x?sslmode=require")).expect_err("no TLS");
+        let e = acquire(&PgConfig::new("postgres://u@h/x?sslmode=verify-full")).expect_err("no sslrootcert");
         assert_eq!(e.kind, StorageErrorKind::Config);
+        let e = acquire(&PgConfig::new("postgres://u@h/x?sslmode=bogus")).expect_err("bad sslmode");
+        assert_eq!(e.kind, StorageErrorKind::Config);
+        assert!(acquire(&PgConfig::new("postgres://u@h/x?sslmode=require")).is_ok());
     }
 }
