@@ -3,6 +3,10 @@
 //! create/list/update/delete cycles, Querator's error codes and messages for reserved names, duplicates, unknown ids
 //! and blocked deletions, that listings never carry key material, that JSON replies hold only Querator's fields, and
 //! that with the door closed a request needs a key, the bootstrap key works and a minted key is checked.
+//!
+//! The full cycle runs in JSON and protobuf on memory storage, and in protobuf on fjall (feature `fjall`) and on
+//! PostgreSQL (feature `postgres`, when `LESSOR_TEST_DATABASE_URL` is set), where the records live in the queue
+//! storage's own tables.
 
 use lessor_client::routes::{
     ApiKeysCreate, ApiKeysDelete, ApiKeysList, NamespacesCreate, NamespacesDelete, NamespacesList,
@@ -12,9 +16,22 @@ use lessor_client::routes::{
 use lessor_client::{proto as pb, Client, ClientError, Encoding};
 use lessor_server::{Config, RunningServer};
 
-const OPEN_DOOR: &str = "queue-storage:\n  driver: memory\n\
-                         partition-storage:\n  - name: m\n    driver: memory\n    affinity: 1\n\
-                         auth-backend:\n  driver: internal\n";
+const MEMORY: &str = "queue-storage:\n  driver: memory\n\
+                      partition-storage:\n  - name: m\n    driver: memory\n    affinity: 1\n";
+const INTERNAL: &str = "auth-backend:\n  driver: internal\n";
+const OPEN_DOOR: &str = concat!(
+    "queue-storage:\n  driver: memory\n",
+    "partition-storage:\n  - name: m\n    driver: memory\n    affinity: 1\n",
+    "auth-backend:\n  driver: internal\n"
+);
+
+/// Queue storage and partitions in one store of `driver` with `config` (a YAML flow mapping).
+fn storage(driver: &str, config: &str) -> String {
+    format!(
+        "queue-storage:\n  driver: {driver}\n  config: {config}\n\
+         partition-storage:\n  - name: s\n    driver: {driver}\n    affinity: 1\n    config: {config}\n"
+    )
+}
 
 async fn start(yaml: &str) -> (RunningServer, Client) {
     let config = Config::from_yaml(yaml).expect("config");
@@ -51,9 +68,9 @@ async fn namespaces(c: &Client) -> Vec<pb::NamespaceInfo> {
         .items
 }
 
-/// Every route, with its create/list/delete cycle and refusals, in one encoding.
-async fn every_route(enc: Encoding) {
-    let (srv, c) = start(OPEN_DOOR).await;
+/// Every route, with its create/list/delete cycle and refusals, in one encoding, over the given storage section.
+async fn every_route(enc: Encoding, storage: &str) {
+    let (srv, c) = start(&format!("{storage}{INTERNAL}")).await;
     let c = c.with_encoding(enc);
 
     // ---- namespaces
@@ -495,12 +512,39 @@ async fn every_route(enc: Encoding) {
 
 #[tokio::test]
 async fn every_route_in_json() {
-    every_route(Encoding::Json).await;
+    every_route(Encoding::Json, MEMORY).await;
 }
 
 #[tokio::test]
 async fn every_route_in_protobuf() {
-    every_route(Encoding::Protobuf).await;
+    every_route(Encoding::Protobuf, MEMORY).await;
+}
+
+#[cfg(feature = "fjall")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_route_on_fjall() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = serde_json::to_string(&dir.path().display().to_string()).expect("path");
+    every_route(
+        Encoding::Protobuf,
+        &storage("fjall", &format!("{{storage-dir: {path}}}")),
+    )
+    .await;
+}
+
+#[cfg(feature = "postgres")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_route_on_postgres() {
+    if lessor_testkit::db::database_or_skip().is_none() {
+        return;
+    }
+    let db = lessor_testkit::TestDatabase::create("lessor_auth").await;
+    let url = serde_json::to_string(db.url()).expect("url");
+    every_route(
+        Encoding::Protobuf,
+        &storage("postgres", &format!("{{connection-string: {url}}}")),
+    )
+    .await;
 }
 
 /// The fields a strict protojson decoder of each Querator message accepts.
