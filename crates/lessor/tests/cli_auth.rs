@@ -302,6 +302,12 @@ async fn cli_manages_namespaces_users_keys_roles_and_bindings() {
     assert_eq!(only["items"][0]["user_id"], alice.as_str());
     let table = ok(ep, &admin, &["rolebinding", "list", "-n", "team-a"]).await;
     assert!(table.starts_with("ID") && table.contains(&bob), "{table}");
+    // The table names the role and the user, which the bindings carry only as ids.
+    let row = table
+        .lines()
+        .find(|l| l.contains(&alice))
+        .expect("alice's binding");
+    assert!(row.contains(" producer ") && row.contains(" alice "), "{row}");
     let err = fails(ep, Some(&admin), &["namespace", "delete", "team-a"]).await;
     assert!(err.contains("400: namespace has role bindings;"), "{err}");
 

@@ -155,6 +155,43 @@ pub struct RoleArgs {
     permissions: Vec<String>,
 }
 
+/// Role and user names for a binding table, which the bindings carry only as ids. Best effort: a caller allowed to
+/// list bindings may not be allowed to list roles or users, and then sees ids.
+#[derive(Default)]
+struct Names {
+    roles: std::collections::HashMap<String, String>,
+    users: std::collections::HashMap<String, String>,
+}
+
+impl Names {
+    async fn fetch(c: &Client, namespace: &str) -> Names {
+        let mut names = Names::default();
+        let role_req = pb::RolesListRequest {
+            namespace: namespace.to_string(),
+            ..Default::default()
+        };
+        if let Ok(r) = c.roles_list(&role_req).await {
+            names.roles.extend(r.items.into_iter().map(|r| (r.id, r.name)));
+        }
+        if let Ok(r) = c.users_list(&pb::UsersListRequest::default()).await {
+            names
+                .users
+                .extend(r.items.into_iter().map(|u| (u.id, u.username)));
+        }
+        names
+    }
+
+    /// The role's name, or its id when unknown.
+    fn role(&self, id: &str) -> String {
+        self.roles.get(id).cloned().unwrap_or_else(|| id.to_string())
+    }
+
+    /// The user's name, or nothing when unknown.
+    fn user(&self, id: &str) -> String {
+        self.users.get(id).cloned().unwrap_or_default()
+    }
+}
+
 /// `lessor rolebinding ...`.
 #[derive(Subcommand, Debug)]
 pub enum RoleBindingCmd {
@@ -539,13 +576,18 @@ pub async fn rolebinding(c: &Client, json: bool, cmd: RoleBindingCmd) -> Result<
         } => {
             let r = c
                 .rolebindings_list(&pb::RoleBindingsListRequest {
-                    namespace,
+                    namespace: namespace.clone(),
                     user_id_filter: user,
                     limit: page.limit,
                     pivot: page.pivot,
                 })
                 .await
                 .map_err(api)?;
+            let names = if json {
+                Names::default()
+            } else {
+                Names::fetch(c, &namespace).await
+            };
             print(json, &r, |r| {
                 let rows = r
                     .items
@@ -554,13 +596,14 @@ pub async fn rolebinding(c: &Client, json: bool, cmd: RoleBindingCmd) -> Result<
                         vec![
                             b.id.clone(),
                             b.namespace.clone(),
+                            names.role(&b.role_id),
                             b.user_id.clone(),
-                            b.role_id.clone(),
+                            names.user(&b.user_id),
                             when(&b.created_at),
                         ]
                     })
                     .collect();
-                table(&["ID", "NAMESPACE", "USER", "ROLE ID", "CREATED"], rows)
+                table(&["ID", "NAMESPACE", "ROLE", "USER", "USERNAME", "CREATED"], rows)
             });
         }
         RoleBindingCmd::Delete(a) => {
