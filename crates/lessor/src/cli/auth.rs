@@ -645,6 +645,50 @@ mod tests {
     }
 
     #[test]
+    fn command_line_is_consistent_and_takes_permissions_both_ways() {
+        use clap::{CommandFactory, Parser};
+
+        use crate::cli::{Cli, Command};
+
+        Cli::command().debug_assert();
+        let cli = Cli::try_parse_from([
+            "lessor",
+            "--api-key",
+            "k",
+            "role",
+            "create",
+            "r",
+            "-n",
+            "team",
+            "-p",
+            "queue.produce,queue.lease",
+            "--permission",
+            "queue.stats",
+        ])
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(cli.api_key.as_deref(), Some("k"));
+        let Command::Role(RoleCmd::Create(a)) = cli.command else {
+            panic!("parsed as {:?}", cli.command);
+        };
+        assert_eq!(a.namespace, "team");
+        assert_eq!(a.permissions, ["queue.produce", "queue.lease", "queue.stats"]);
+        // A role needs permissions; --expires-at and --expires-in exclude each other.
+        assert!(Cli::try_parse_from(["lessor", "role", "create", "r"]).is_err());
+        assert!(Cli::try_parse_from([
+            "lessor",
+            "apikey",
+            "create",
+            "--user",
+            "u",
+            "--expires-at",
+            "2030-01-01T00:00:00Z",
+            "--expires-in",
+            "1h"
+        ])
+        .is_err());
+    }
+
+    #[test]
     fn expiry_from_a_time_or_a_duration() {
         assert_eq!(
             expiry(Some("2030-01-01T00:00:00Z".into()), None).expect("at"),
