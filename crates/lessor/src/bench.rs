@@ -83,6 +83,10 @@ pub struct BenchArgs {
     /// Start an in-process server with this storage and benchmark it instead of --endpoint.
     #[arg(long, value_enum)]
     pub backend: Option<Backend>,
+    /// With --backend: turn auth on in the in-process server (`auth-backend: internal`, door closed) and send its
+    /// bootstrap admin key with every request, to measure what authentication and authorisation cost.
+    #[arg(long, requires = "backend")]
+    pub auth: bool,
     /// fjall durability of the in-process server: sync, interval or none (default: the server's).
     #[arg(long)]
     pub durability: Option<String>,
@@ -152,6 +156,17 @@ pub async fn run(args: BenchArgs) -> Result<(), String> {
     // The server: our own, or the one given.
     let mut tempdir: Option<tempfile::TempDir> = None;
     let mut server: Option<RunningServer> = None;
+    let mut api_key = args.api_key.clone().filter(|k| !k.is_empty());
+    let key_dir = if args.auth {
+        Some(
+            tempfile::Builder::new()
+                .prefix("lessor-bench-key-")
+                .tempdir()
+                .map_err(|e| format!("bench: cannot create a temporary directory: {e}"))?,
+        )
+    } else {
+        None
+    };
     let backend = match (args.backend, &args.endpoint) {
         (Some(b), _) => Some(b),
         (None, Some(_)) => None,
@@ -160,7 +175,7 @@ pub async fn run(args: BenchArgs) -> Result<(), String> {
     let endpoint = match backend {
         None => args.endpoint.clone().unwrap_or_default(),
         Some(backend) => {
-            let config = match backend {
+            let mut config = match backend {
                 Backend::Memory => Config::memory(),
                 Backend::Fjall => {
                     let dir = tempfile::Builder::new()
@@ -173,11 +188,24 @@ pub async fn run(args: BenchArgs) -> Result<(), String> {
                     config
                 }
             };
+            let key_file = key_dir.as_ref().map(|d| d.path().join("admin.key"));
+            if let Some(file) = &key_file {
+                config.auth_backend = lessor_server::config::AuthSection {
+                    driver: Some("internal".into()),
+                    open_door: Some(false),
+                    bootstrap_key_file: Some(file.to_string_lossy().into_owned()),
+                };
+            }
             let s = lessor_server::start(&config, "127.0.0.1:0", None)
                 .await
                 .map_err(|e| {
                     format!("bench: cannot start the in-process {backend:?} server: {e}").to_lowercase()
                 })?;
+            if let Some(file) = &key_file {
+                let key = std::fs::read_to_string(file)
+                    .map_err(|e| format!("bench: cannot read the bootstrap key: {e}"))?;
+                api_key = Some(key.trim().to_string());
+            }
             let e = s.endpoint();
             server = Some(s);
             e
@@ -191,7 +219,7 @@ pub async fn run(args: BenchArgs) -> Result<(), String> {
     let mut client = Client::new(&endpoint)
         .map_err(|e| format!("bench: {e}"))?
         .with_encoding(encoding);
-    if let Some(key) = args.api_key.as_deref().filter(|k| !k.is_empty()) {
+    if let Some(key) = api_key.as_deref() {
         client = client.with_api_key(key);
     }
 
