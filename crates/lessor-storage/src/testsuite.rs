@@ -666,6 +666,203 @@ pub async fn queues_store_crud(b: TestBackend) {
     b.queues.ping().await.expect("ping");
 }
 
+// ---- auth store ------------------------------------------------------------------------------------------------
+
+fn auth_key(prefix: &str, rest: &[u8]) -> Vec<u8> {
+    let mut k = prefix.as_bytes().to_vec();
+    k.extend_from_slice(rest);
+    k
+}
+
+/// The key-value contract of the auth store: reads, prefix scans in byte order, atomic conditional commits, and a
+/// generation that grows with every commit.
+pub async fn auth_store_kv_contract(b: TestBackend) {
+    use lessor_core::auth::{CheckFailed, Commit};
+    let store = b.queues.auth();
+    let p = format!("{}\u{1}", unique_queue("kv"));
+    let k = |rest: &[u8]| auth_key(&p, rest);
+    assert_eq!(store.get(&k(b"a")).await.unwrap(), None);
+    let g0 = store.generation().await.unwrap();
+
+    let mut c = Commit::default();
+    for key in [&b"b"[..], b"a", b"a\x00z", b"a\xff", b"\xff", b"c"] {
+        c.put(k(key), key.to_vec());
+    }
+    store.commit(c).await.unwrap().unwrap();
+    let g1 = store.generation().await.unwrap();
+    assert!(g1 > g0, "generation grows with a commit: {g0} -> {g1}");
+    assert_eq!(store.get(&k(b"a")).await.unwrap().as_deref(), Some(&b"a"[..]));
+
+    let all = store.scan(&p.as_bytes(), &[], 100).await.unwrap();
+    let keys: Vec<Vec<u8>> = all.iter().map(|(key, _)| key[p.len()..].to_vec()).collect();
+    assert_eq!(
+        keys,
+        [&b"a"[..], b"a\x00z", b"a\xff", b"b", b"c", b"\xff"].map(|x| x.to_vec()),
+        "byte order"
+    );
+    let under_a = store.scan(&k(b"a"), &[], 100).await.unwrap();
+    assert_eq!(under_a.len(), 3, "prefix 'a' covers a, a\\0z and a\\xff");
+    let from_b = store.scan(p.as_bytes(), &k(b"b"), 2).await.unwrap();
+    assert_eq!(from_b.len(), 2);
+    assert_eq!(&from_b[0].0[p.len()..], b"b");
+    assert_eq!(&from_b[1].0[p.len()..], b"c");
+    assert!(store.scan(&k(b"zz"), &[], 10).await.unwrap().is_empty());
+
+    // A failing check applies nothing and names itself.
+    let mut c = Commit::default();
+    c.present(k(b"a"))
+        .absent(k(b"b"))
+        .put(k(b"new"), b"x".to_vec())
+        .delete(k(b"a"));
+    assert_eq!(store.commit(c).await.unwrap(), Err(CheckFailed { index: 1 }));
+    assert_eq!(store.get(&k(b"new")).await.unwrap(), None);
+    assert!(store.get(&k(b"a")).await.unwrap().is_some());
+
+    // Checks that hold: writes apply, deletes of missing keys are fine, the last write of a key wins.
+    let mut c = Commit::default();
+    c.present(k(b"a"))
+        .absent(k(b"new"))
+        .delete(k(b"a"))
+        .delete(k(b"missing"))
+        .put(k(b"new"), b"1".to_vec())
+        .put(k(b"new"), b"2".to_vec())
+        .put(k(b"gone"), b"x".to_vec())
+        .delete(k(b"gone"));
+    store.commit(c).await.unwrap().unwrap();
+    assert_eq!(store.get(&k(b"a")).await.unwrap(), None);
+    assert_eq!(store.get(&k(b"new")).await.unwrap().as_deref(), Some(&b"2"[..]));
+    assert_eq!(store.get(&k(b"gone")).await.unwrap(), None);
+    assert!(store.generation().await.unwrap() > g1);
+}
+
+/// Many commits racing to create one key: exactly one wins.
+pub async fn auth_store_racing_creates(b: TestBackend) {
+    use lessor_core::auth::Commit;
+    let store = b.queues.auth();
+    let key = unique_queue("race").into_bytes();
+    let mut tasks = Vec::new();
+    for i in 0..16u8 {
+        let store = store.clone();
+        let key = key.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut c = Commit::default();
+            c.absent(key.clone()).put(key, vec![i]);
+            store.commit(c).await.unwrap().is_ok()
+        }));
+    }
+    let mut wins = 0;
+    for t in tasks {
+        if t.await.unwrap() {
+            wins += 1;
+        }
+    }
+    assert_eq!(wins, 1, "exactly one create wins");
+    assert_eq!(store.get(&key).await.unwrap().map(|v| v.len()), Some(1));
+}
+
+/// The auth service's rules on this backend's store: users, keys, roles, bindings, scopes, cascades, revocation
+/// seen through the generation by a second service on the same store.
+pub async fn auth_service_rules(b: TestBackend) {
+    use lessor_core::auth::{Auth, AuthError, AuthMode, KeySpec, NamespaceSpec, Permission};
+    use lessor_core::time::ManualClock;
+    let clock = Arc::new(ManualClock::new(T0));
+    let store = b.queues.auth();
+    let auth = Auth::new(store.clone(), clock.clone(), AuthMode::Internal);
+    let other = Auth::new(store, clock.clone(), AuthMode::Internal);
+    auth.bootstrap(true, |_| Ok(())).await.unwrap();
+    for role in ["Admin", "NamespaceOwner", "PublicViewer"] {
+        assert!(auth.role("_system", role).await.unwrap().is_some(), "{role}");
+    }
+    let n = unique_queue("ns");
+    auth.namespace_create(NamespaceSpec {
+        name: n.clone(),
+        ..NamespaceSpec::default()
+    })
+    .await
+    .unwrap();
+    let dup = auth
+        .namespace_create(NamespaceSpec {
+            name: n.clone(),
+            ..NamespaceSpec::default()
+        })
+        .await
+        .unwrap_err();
+    assert!(dup.to_string().starts_with("namespace already exists;"), "{dup}");
+    auth.role_create(&n, "worker", &["queue.lease".to_string()])
+        .await
+        .unwrap();
+    let uname = unique_queue("user");
+    let u = auth.user_create(&uname, "", "").await.unwrap();
+    assert!(
+        auth.user_create(&uname, "", "").await.is_err(),
+        "usernames are unique"
+    );
+    auth.binding_create(&n, "worker", &u).await.unwrap();
+    let (rec, key) = auth
+        .key_create(KeySpec {
+            user_id: u.clone(),
+            namespace_scope: n.clone(),
+            expires_at: T0.add(SEC * 60),
+            ..KeySpec::default()
+        })
+        .await
+        .unwrap();
+    assert!(auth
+        .key_list(&u, "", 0)
+        .await
+        .unwrap()
+        .iter()
+        .any(|k| k.id == rec.id));
+    let p = auth.authenticate(Some(&key)).await.unwrap();
+    assert_eq!(
+        (p.user_id.as_str(), p.namespace_scope.as_str()),
+        (u.as_str(), n.as_str())
+    );
+    auth.authorize(&p, &n, Permission::QueueLease).await.unwrap();
+    assert!(matches!(
+        auth.authorize(&p, &n, Permission::QueueDelete).await,
+        Err(AuthError::AccessDenied)
+    ));
+    assert!(auth
+        .authorize(&p, "elsewhere", Permission::QueueLease)
+        .await
+        .is_err());
+
+    // Revocation through the other service reaches this one at its next generation poll.
+    auth.refresh().await.unwrap();
+    other.key_delete(&rec.id).await.unwrap();
+    assert!(
+        auth.authenticate(Some(&key)).await.is_ok(),
+        "cached until the poll"
+    );
+    assert!(auth.refresh().await.unwrap());
+    assert!(matches!(
+        auth.authenticate(Some(&key)).await,
+        Err(AuthError::UnknownKey)
+    ));
+
+    // Expiry, and the user cascade.
+    let (_, key2) = auth
+        .key_create(KeySpec {
+            user_id: u.clone(),
+            expires_at: T0.add(SEC * 60),
+            ..KeySpec::default()
+        })
+        .await
+        .unwrap();
+    auth.authenticate(Some(&key2)).await.unwrap();
+    clock.advance(SEC * 61);
+    assert!(matches!(
+        auth.authenticate(Some(&key2)).await,
+        Err(AuthError::ExpiredKey)
+    ));
+    auth.user_delete(&u).await.unwrap();
+    assert!(auth.key_list(&u, "", 0).await.unwrap().is_empty());
+    assert!(auth.binding_list(&n, &u, "", 0).await.unwrap().is_empty());
+    auth.role_delete(&n, "worker").await.unwrap();
+    auth.namespace_delete(&n, false).await.unwrap();
+}
+
 /// Expands to one `#[tokio::test]` per conformance case for the backend `$make` (an async fn returning
 /// `Option<TestBackend>`; `None` skips, e.g. when no database is configured).
 #[macro_export]
@@ -692,7 +889,10 @@ macro_rules! conformance_tests {
             reopen_keeps_items_and_id_order,
             partitions_are_independent,
             large_batches_keep_order,
-            queues_store_crud
+            queues_store_crud,
+            auth_store_kv_contract,
+            auth_store_racing_creates,
+            auth_service_rules
         );
     };
     (@cases $make:path; $($case:ident),* $(,)?) => {

@@ -489,3 +489,35 @@ async fn interval_mode_acknowledges_first_and_fsyncs_in_the_background() {
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert_eq!(store.fsyncs(), idle);
 }
+
+#[tokio::test]
+async fn restart_keeps_auth_records_and_their_generation() {
+    use lessor_core::auth::Commit;
+    let dir = tempfile::tempdir().unwrap();
+    let before = {
+        let queues = FjallQueues::open(dir.path(), Durability::Sync).unwrap();
+        let auth = queues.auth();
+        let mut c = Commit::default();
+        c.absent(b"k".to_vec()).put(b"k".to_vec(), b"v".to_vec());
+        auth.commit(c).await.unwrap().unwrap();
+        let g = auth.generation().await.unwrap();
+        assert!(g > 0);
+        queues.close().await;
+        g
+    };
+    let queues = FjallQueues::open(dir.path(), Durability::Sync).unwrap();
+    let auth = queues.auth();
+    assert_eq!(auth.get(b"k").await.unwrap().as_deref(), Some(&b"v"[..]));
+    assert_eq!(
+        auth.generation().await.unwrap(),
+        before,
+        "the generation never goes back"
+    );
+    let mut c = Commit::default();
+    c.absent(b"k".to_vec()).put(b"k".to_vec(), b"w".to_vec());
+    assert!(
+        auth.commit(c).await.unwrap().is_err(),
+        "the record is still there"
+    );
+    queues.close().await;
+}

@@ -14,7 +14,8 @@
 //!
 //! ```text
 //! <storage-dir>/
-//!   ~queue-storage-partition/   FjallQueues: one database, keyspace "queues" (name -> queue definition)
+//!   ~queue-storage-partition/   FjallQueues: one database, keyspace "queues" (name -> queue definition),
+//!                               "auth" and "auth-meta" (users, keys, roles, bindings: see `auth`)
 //!   ~partitions/                FjallStore: one database, one keyspace "items"
 //!       catalog (pid 0)           0 + 'p' + "<queue>-<NNNNNN>-partition" -> pid (u64 BE)
 //!                                 0 + 'd' + pid -> name   (destroyed; items still being deleted)
@@ -33,8 +34,10 @@
 //! - `codec`: the binary record format.
 //! - `partitions`: [`FjallStore`] and [`FjallPartition`], with the writer thread that group-commits.
 //! - `queues`: [`FjallQueues`].
+//! - `auth`: the auth records next to the queue definitions.
 //! - `upgrade`: rewrites a format-1 partition store (a keyspace per partition) into the format-2 layout.
 
+mod auth;
 mod codec;
 mod engine;
 mod partitions;

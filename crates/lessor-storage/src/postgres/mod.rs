@@ -27,6 +27,7 @@
 //! Tables live in the first schema of the connection's `search_path`; to use another schema, set it in the
 //! connection string (`options=-csearch_path%3Dmyschema`).
 
+mod auth;
 mod partition;
 mod pool;
 mod queues;
@@ -34,6 +35,7 @@ mod schema;
 mod sql;
 pub mod tls;
 
+pub use auth::PgAuth;
 pub use partition::{PgPartition, PgStore, MAX_PARTITIONS};
 pub use pool::PgConfig;
 pub use queues::PgQueues;

@@ -15,6 +15,7 @@ use lessor_core::types::{PartitionInfo, QueueInfo};
 use serde_json::{json, Value};
 use tokio_postgres::Row;
 
+use super::auth::PgAuth;
 use super::pool::{acquire, pg_err, prepare, PgConfig, Shared};
 use super::schema;
 
@@ -25,8 +26,8 @@ const COLUMNS: &str = "name, namespace, created_at, updated_at, dead_queue, refe
 #[derive(Debug)]
 pub struct PgQueues {
     shared: Mutex<Option<Arc<Shared>>>,
-    /// PLACEHOLDER until the backend's own auth store lands (branch h-store): users and keys in RAM.
-    auth: Arc<lessor_core::auth::memory::MemoryAuthStore>,
+    /// Users, keys, roles and bindings, on the same database.
+    auth: Arc<PgAuth>,
 }
 
 impl PgQueues {
@@ -34,9 +35,10 @@ impl PgQueues {
     /// Never connects: the schema is created or migrated on the first call, and calls fail with `Unavailable`
     /// while the database is down. Fails only on an invalid configuration.
     pub fn new(cfg: &PgConfig) -> Result<Self, StorageError> {
+        let shared = acquire(cfg)?;
         Ok(PgQueues {
-            auth: Arc::default(),
-            shared: Mutex::new(Some(acquire(cfg)?)),
+            auth: Arc::new(PgAuth::new(shared.clone())),
+            shared: Mutex::new(Some(shared)),
         })
     }
 
