@@ -681,32 +681,39 @@ pub async fn auth_store_kv_contract(b: TestBackend) {
     let store = b.queues.auth();
     let p = format!("{}\u{1}", unique_queue("kv"));
     let k = |rest: &[u8]| auth_key(&p, rest);
-    assert_eq!(store.get(&k(b"a")).await.unwrap(), None);
-    let g0 = store.generation().await.unwrap();
+    assert_eq!(store.get(&k(b"a")).await.expect("auth call"), None);
+    let g0 = store.generation().await.expect("auth call");
 
     let mut c = Commit::default();
     for key in [&b"b"[..], b"a", b"a\x00z", b"a\xff", b"\xff", b"c"] {
         c.put(k(key), key.to_vec());
     }
-    store.commit(c).await.unwrap().unwrap();
-    let g1 = store.generation().await.unwrap();
+    store.commit(c).await.expect("auth call").expect("auth call");
+    let g1 = store.generation().await.expect("auth call");
     assert!(g1 > g0, "generation grows with a commit: {g0} -> {g1}");
-    assert_eq!(store.get(&k(b"a")).await.unwrap().as_deref(), Some(&b"a"[..]));
+    assert_eq!(
+        store.get(&k(b"a")).await.expect("auth call").as_deref(),
+        Some(&b"a"[..])
+    );
 
-    let all = store.scan(&p.as_bytes(), &[], 100).await.unwrap();
+    let all = store.scan(&p.as_bytes(), &[], 100).await.expect("auth call");
     let keys: Vec<Vec<u8>> = all.iter().map(|(key, _)| key[p.len()..].to_vec()).collect();
     assert_eq!(
         keys,
         [&b"a"[..], b"a\x00z", b"a\xff", b"b", b"c", b"\xff"].map(|x| x.to_vec()),
         "byte order"
     );
-    let under_a = store.scan(&k(b"a"), &[], 100).await.unwrap();
+    let under_a = store.scan(&k(b"a"), &[], 100).await.expect("auth call");
     assert_eq!(under_a.len(), 3, "prefix 'a' covers a, a\\0z and a\\xff");
-    let from_b = store.scan(p.as_bytes(), &k(b"b"), 2).await.unwrap();
+    let from_b = store.scan(p.as_bytes(), &k(b"b"), 2).await.expect("auth call");
     assert_eq!(from_b.len(), 2);
     assert_eq!(&from_b[0].0[p.len()..], b"b");
     assert_eq!(&from_b[1].0[p.len()..], b"c");
-    assert!(store.scan(&k(b"zz"), &[], 10).await.unwrap().is_empty());
+    assert!(store
+        .scan(&k(b"zz"), &[], 10)
+        .await
+        .expect("auth call")
+        .is_empty());
 
     // A failing check applies nothing and names itself.
     let mut c = Commit::default();
@@ -714,9 +721,12 @@ pub async fn auth_store_kv_contract(b: TestBackend) {
         .absent(k(b"b"))
         .put(k(b"new"), b"x".to_vec())
         .delete(k(b"a"));
-    assert_eq!(store.commit(c).await.unwrap(), Err(CheckFailed { index: 1 }));
-    assert_eq!(store.get(&k(b"new")).await.unwrap(), None);
-    assert!(store.get(&k(b"a")).await.unwrap().is_some());
+    assert_eq!(
+        store.commit(c).await.expect("auth call"),
+        Err(CheckFailed { index: 1 })
+    );
+    assert_eq!(store.get(&k(b"new")).await.expect("auth call"), None);
+    assert!(store.get(&k(b"a")).await.expect("auth call").is_some());
 
     // Checks that hold: writes apply, deletes of missing keys are fine, the last write of a key wins.
     let mut c = Commit::default();
@@ -728,11 +738,14 @@ pub async fn auth_store_kv_contract(b: TestBackend) {
         .put(k(b"new"), b"2".to_vec())
         .put(k(b"gone"), b"x".to_vec())
         .delete(k(b"gone"));
-    store.commit(c).await.unwrap().unwrap();
-    assert_eq!(store.get(&k(b"a")).await.unwrap(), None);
-    assert_eq!(store.get(&k(b"new")).await.unwrap().as_deref(), Some(&b"2"[..]));
-    assert_eq!(store.get(&k(b"gone")).await.unwrap(), None);
-    assert!(store.generation().await.unwrap() > g1);
+    store.commit(c).await.expect("auth call").expect("auth call");
+    assert_eq!(store.get(&k(b"a")).await.expect("auth call"), None);
+    assert_eq!(
+        store.get(&k(b"new")).await.expect("auth call").as_deref(),
+        Some(&b"2"[..])
+    );
+    assert_eq!(store.get(&k(b"gone")).await.expect("auth call"), None);
+    assert!(store.generation().await.expect("auth call") > g1);
 }
 
 /// Many commits racing to create one key: exactly one wins.
@@ -747,17 +760,20 @@ pub async fn auth_store_racing_creates(b: TestBackend) {
         tasks.push(tokio::spawn(async move {
             let mut c = Commit::default();
             c.absent(key.clone()).put(key, vec![i]);
-            store.commit(c).await.unwrap().is_ok()
+            store.commit(c).await.expect("auth call").is_ok()
         }));
     }
     let mut wins = 0;
     for t in tasks {
-        if t.await.unwrap() {
+        if t.await.expect("auth call") {
             wins += 1;
         }
     }
     assert_eq!(wins, 1, "exactly one create wins");
-    assert_eq!(store.get(&key).await.unwrap().map(|v| v.len()), Some(1));
+    assert_eq!(
+        store.get(&key).await.expect("auth call").map(|v| v.len()),
+        Some(1)
+    );
 }
 
 /// The auth service's rules on this backend's store: users, keys, roles, bindings, scopes, cascades, revocation
@@ -769,9 +785,12 @@ pub async fn auth_service_rules(b: TestBackend) {
     let store = b.queues.auth();
     let auth = Auth::new(store.clone(), clock.clone(), AuthMode::Internal);
     let other = Auth::new(store, clock.clone(), AuthMode::Internal);
-    auth.bootstrap(true, |_| Ok(())).await.unwrap();
+    auth.bootstrap(true, |_| Ok(())).await.expect("auth call");
     for role in ["Admin", "NamespaceOwner", "PublicViewer"] {
-        assert!(auth.role("_system", role).await.unwrap().is_some(), "{role}");
+        assert!(
+            auth.role("_system", role).await.expect("auth call").is_some(),
+            "{role}"
+        );
     }
     let n = unique_queue("ns");
     auth.namespace_create(NamespaceSpec {
@@ -779,25 +798,25 @@ pub async fn auth_service_rules(b: TestBackend) {
         ..NamespaceSpec::default()
     })
     .await
-    .unwrap();
+    .expect("auth call");
     let dup = auth
         .namespace_create(NamespaceSpec {
             name: n.clone(),
             ..NamespaceSpec::default()
         })
         .await
-        .unwrap_err();
+        .expect_err("must fail");
     assert!(dup.to_string().starts_with("namespace already exists;"), "{dup}");
     auth.role_create(&n, "worker", &["queue.lease".to_string()])
         .await
-        .unwrap();
+        .expect("auth call");
     let uname = unique_queue("user");
-    let u = auth.user_create(&uname, "", "").await.unwrap();
+    let u = auth.user_create(&uname, "", "").await.expect("auth call");
     assert!(
         auth.user_create(&uname, "", "").await.is_err(),
         "usernames are unique"
     );
-    auth.binding_create(&n, "worker", &u).await.unwrap();
+    auth.binding_create(&n, "worker", &u).await.expect("auth call");
     let (rec, key) = auth
         .key_create(KeySpec {
             user_id: u.clone(),
@@ -806,19 +825,21 @@ pub async fn auth_service_rules(b: TestBackend) {
             ..KeySpec::default()
         })
         .await
-        .unwrap();
+        .expect("auth call");
     assert!(auth
         .key_list(&u, "", 0)
         .await
-        .unwrap()
+        .expect("auth call")
         .iter()
         .any(|k| k.id == rec.id));
-    let p = auth.authenticate(Some(&key)).await.unwrap();
+    let p = auth.authenticate(Some(&key)).await.expect("auth call");
     assert_eq!(
         (p.user_id.as_str(), p.namespace_scope.as_str()),
         (u.as_str(), n.as_str())
     );
-    auth.authorize(&p, &n, Permission::QueueLease).await.unwrap();
+    auth.authorize(&p, &n, Permission::QueueLease)
+        .await
+        .expect("auth call");
     assert!(matches!(
         auth.authorize(&p, &n, Permission::QueueDelete).await,
         Err(AuthError::AccessDenied)
@@ -829,13 +850,13 @@ pub async fn auth_service_rules(b: TestBackend) {
         .is_err());
 
     // Revocation through the other service reaches this one at its next generation poll.
-    auth.refresh().await.unwrap();
-    other.key_delete(&rec.id).await.unwrap();
+    auth.refresh().await.expect("auth call");
+    other.key_delete(&rec.id).await.expect("auth call");
     assert!(
         auth.authenticate(Some(&key)).await.is_ok(),
         "cached until the poll"
     );
-    assert!(auth.refresh().await.unwrap());
+    assert!(auth.refresh().await.expect("auth call"));
     assert!(matches!(
         auth.authenticate(Some(&key)).await,
         Err(AuthError::UnknownKey)
@@ -849,18 +870,22 @@ pub async fn auth_service_rules(b: TestBackend) {
             ..KeySpec::default()
         })
         .await
-        .unwrap();
-    auth.authenticate(Some(&key2)).await.unwrap();
+        .expect("auth call");
+    auth.authenticate(Some(&key2)).await.expect("auth call");
     clock.advance(SEC * 61);
     assert!(matches!(
         auth.authenticate(Some(&key2)).await,
         Err(AuthError::ExpiredKey)
     ));
-    auth.user_delete(&u).await.unwrap();
-    assert!(auth.key_list(&u, "", 0).await.unwrap().is_empty());
-    assert!(auth.binding_list(&n, &u, "", 0).await.unwrap().is_empty());
-    auth.role_delete(&n, "worker").await.unwrap();
-    auth.namespace_delete(&n, false).await.unwrap();
+    auth.user_delete(&u).await.expect("auth call");
+    assert!(auth.key_list(&u, "", 0).await.expect("auth call").is_empty());
+    assert!(auth
+        .binding_list(&n, &u, "", 0)
+        .await
+        .expect("auth call")
+        .is_empty());
+    auth.role_delete(&n, "worker").await.expect("auth call");
+    auth.namespace_delete(&n, false).await.expect("auth call");
 }
 
 /// Expands to one `#[tokio::test]` per conformance case for the backend `$make` (an async fn returning
