@@ -696,7 +696,7 @@ pub async fn auth_store_kv_contract(b: TestBackend) {
         Some(&b"a"[..])
     );
 
-    let all = store.scan(&p.as_bytes(), &[], 100).await.expect("auth call");
+    let all = store.scan(p.as_bytes(), &[], 100).await.expect("auth call");
     let keys: Vec<Vec<u8>> = all.iter().map(|(key, _)| key[p.len()..].to_vec()).collect();
     assert_eq!(
         keys,
