@@ -574,8 +574,18 @@ fn reload(api: Api) -> Api {
 fn queues_create(api: Api) -> Api {
     api.rpc(
         lessor_proto::routes::QueuesCreate,
-        |Ctx { engine: e, .. }, r: pb::QueueInfo| async move {
-            e.create_queue(convert::queue_info_in(r)?).await?;
+        |Ctx { engine: e, auth, .. }, r: pb::QueueInfo| async move {
+            let info = convert::queue_info_in(r)?;
+            // With auth on, a queue belongs to a namespace that exists: roles and bindings can then govern it,
+            // and deleting the namespace sees it.
+            if auth.enabled() && !auth.namespace_exists(&info.namespace).await? {
+                return Err(AuthError::NotFound(format!(
+                    "namespace does not exist; '{}' was not found",
+                    info.namespace
+                ))
+                .into());
+            }
+            e.create_queue(info).await?;
             Ok(ok())
         },
     )

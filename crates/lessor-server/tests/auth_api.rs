@@ -977,3 +977,39 @@ fn hostile_input_on_every_auth_route_is_a_clean_4xx() {
         srv.stop().await;
     });
 }
+
+/// With auth on, a queue is created only in a namespace that exists (its roles and bindings can then govern it);
+/// with auth off, any namespace name is accepted, as before.
+#[tokio::test]
+async fn queues_are_created_in_existing_namespaces_only_with_auth_on() {
+    let queue = |name: &str, namespace: &str| pb::QueueInfo {
+        queue_name: name.into(),
+        namespace: namespace.into(),
+        lease_timeout: "1m".into(),
+        expire_timeout: "1h".into(),
+        requested_partitions: 1,
+        ..Default::default()
+    };
+    let (srv, c) = start(OPEN_DOOR).await;
+    assert_refused(
+        c.queues_create(&queue("q1", "nowhere")).await,
+        453,
+        "namespace does not exist; 'nowhere' was not found",
+    );
+    c.call::<NamespacesCreate>(&ns("somewhere", "", ""))
+        .await
+        .expect("create namespace");
+    c.queues_create(&queue("q1", "somewhere"))
+        .await
+        .expect("queue in an existing namespace");
+    c.queues_create(&queue("q2", ""))
+        .await
+        .expect("the default namespace _system exists");
+    srv.stop().await;
+
+    let (srv, c) = lessor_testkit::server::memory().await;
+    c.queues_create(&queue("q3", "anywhere"))
+        .await
+        .expect("auth off: any namespace");
+    srv.stop().await;
+}
