@@ -1,7 +1,8 @@
 //! [`FjallQueues`]: queue definitions in their own fjall database, `<storage-dir>/~queue-storage-partition/`.
 //!
 //! Definitions change rarely and are read by name or listed in name order, which is key order in the `queues`
-//! keyspace, so every call goes straight to fjall (off the async runtime) without a cache to keep in step.
+//! keyspace, so every call goes straight to fjall (off the async runtime) without a cache to keep in step. The same
+//! database holds the auth store ([`super::auth::FjallAuth`]).
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -13,6 +14,7 @@ use lessor_core::error::{StorageError, StorageErrorKind};
 use lessor_core::storage::QueuesStore;
 use lessor_core::types::QueueInfo;
 
+use super::auth::FjallAuth;
 use super::codec::{decode_queue, encode_queue};
 use super::engine::{Engine, Formats, Unit};
 use super::{Durability, QUEUES_DIR, QUEUES_FORMAT_VERSION};
@@ -26,8 +28,8 @@ pub struct FjallQueues {
     keyspace: Arc<str>,
     /// Serialises writes, so `add` checks and inserts as one step.
     write: Arc<Mutex<()>>,
-    /// PLACEHOLDER until the backend's own auth store lands (branch h-store): users and keys in RAM.
-    auth: Arc<lessor_core::auth::memory::MemoryAuthStore>,
+    /// Users, keys, roles and bindings, in the same database.
+    auth: Arc<FjallAuth>,
 }
 
 impl fmt::Debug for FjallQueues {
@@ -57,9 +59,10 @@ impl FjallQueues {
             },
         )?;
         engine.keyspace(KEYSPACE, true)?;
+        let auth = Arc::new(FjallAuth::open(engine.clone())?);
         tracing::info!(storage_dir = %storage_dir.display(), engine = "fjall", %durability, "queue storage open");
         Ok(FjallQueues {
-            auth: Arc::default(),
+            auth,
             engine,
             storage_dir,
             keyspace: KEYSPACE.into(),

@@ -10,6 +10,7 @@
 //! - `pool`: configuration, the process-wide pool registry, error mapping and the pipelined transaction helper.
 //! - `schema`: versioned migrations under an advisory lock, item table naming and DDL.
 //! - `queues`: [`PgQueues`].
+//! - `auth`: [`PgAuth`], users, keys, roles and bindings shared by every server on the database.
 //! - `partition`: [`PgStore`] and [`PgPartition`], the item state machine in SQL.
 //! - `sql`: the statement texts of one partition.
 //!
@@ -22,12 +23,14 @@
 //! Tables live in the first schema of the connection's `search_path`; to use another schema, set it in the
 //! connection string (`options=-csearch_path%3Dmyschema`).
 
+mod auth;
 mod partition;
 mod pool;
 mod queues;
 mod schema;
 mod sql;
 
+pub use auth::PgAuth;
 pub use partition::{PgPartition, PgStore, MAX_PARTITIONS};
 pub use pool::PgConfig;
 pub use queues::PgQueues;

@@ -15,6 +15,7 @@ use lessor_core::types::{PartitionInfo, QueueInfo};
 use serde_json::{json, Value};
 use tokio_postgres::Row;
 
+use super::auth::PgAuth;
 use super::pool::{acquire, pg_err, prepare, PgConfig, Shared};
 use super::schema;
 
@@ -24,9 +25,10 @@ const COLUMNS: &str = "name, namespace, created_at, updated_at, dead_queue, refe
 /// Queue definitions in PostgreSQL.
 #[derive(Debug)]
 pub struct PgQueues {
-    shared: Mutex<Option<Arc<Shared>>>,
-    /// PLACEHOLDER until the backend's own auth store lands (branch h-store): users and keys in RAM.
-    auth: Arc<lessor_core::auth::memory::MemoryAuthStore>,
+    /// The pool; shared with `auth`, so closing this store closes both.
+    shared: Arc<Mutex<Option<Arc<Shared>>>>,
+    /// Users, keys, roles and bindings, in the same database.
+    auth: Arc<PgAuth>,
 }
 
 impl PgQueues {
@@ -34,9 +36,10 @@ impl PgQueues {
     /// Never connects: the schema is created or migrated on the first call, and calls fail with `Unavailable`
     /// while the database is down. Fails only on an invalid configuration.
     pub fn new(cfg: &PgConfig) -> Result<Self, StorageError> {
+        let shared = Arc::new(Mutex::new(Some(acquire(cfg)?)));
         Ok(PgQueues {
-            auth: Arc::default(),
-            shared: Mutex::new(Some(acquire(cfg)?)),
+            auth: Arc::new(PgAuth::new(shared.clone())),
+            shared,
         })
     }
 

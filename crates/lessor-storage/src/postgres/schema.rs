@@ -7,6 +7,7 @@
 //! - `lessor_schema(version)`: one row, the number of migrations applied. A database migrated by a newer build is
 //!   refused with [`StorageErrorKind::Corrupt`] instead of being misread.
 //! - `queues`: queue definitions ([`super::PgQueues`]).
+//! - `lessor_auth`, `lessor_auth_generation` (version 2): the auth store ([`super::PgAuth`]).
 //! - `lessor_partitions`: which queue and partition owns each item table, so a hash collision between two queue names
 //!   is reported instead of silently mixing their items, and operators can map a table back to its queue.
 //! - `items_<12 hex digits of md5(queue)>_<partition, 6 digits>` and its id sequence: one partition's items, created
@@ -51,6 +52,18 @@ const MIGRATIONS: &[&str] = &[
         partition BIGINT NOT NULL,
         created_at BIGINT NOT NULL
     );
+    "#,
+    // 2: the auth store (see `super::auth`): ordered keys and values, and the generation every server polls.
+    r#"
+    CREATE TABLE lessor_auth (
+        key BYTEA PRIMARY KEY,
+        value BYTEA NOT NULL
+    );
+    CREATE TABLE lessor_auth_generation (
+        singleton BOOLEAN PRIMARY KEY DEFAULT true CHECK (singleton),
+        generation BIGINT NOT NULL
+    );
+    INSERT INTO lessor_auth_generation (singleton, generation) VALUES (true, 0);
     "#,
 ];
 
