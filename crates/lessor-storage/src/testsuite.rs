@@ -7,7 +7,7 @@
 //! Compiled only with the `testsuite` feature (the crate's own tests turn it on through a dev-dependency on
 //! itself), so the library that ships carries none of it. A case is a `pub async fn <name>(b: TestBackend)` at the
 //! top level of this file; a unit test below fails when one is missing from the macro's list, so a new case cannot
-//! silently never run.
+//! silently never run. The auth store's cases live in [`auth`] and are listed the same way.
 
 use std::any::Any;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -20,6 +20,8 @@ use lessor_core::storage::{LifecyclePolicy, Partition, PartitionStore, QueuesSto
 use lessor_core::time::Ts;
 use lessor_core::types::{ClearRequest, Item, ItemId, NewItem, PartitionInfo, QueueInfo};
 
+pub mod auth;
+
 /// What a backend hands the suite.
 pub struct TestBackend {
     /// The partition store under test.
@@ -28,6 +30,12 @@ pub struct TestBackend {
     pub queues: Arc<dyn QueuesStore>,
     /// Anything that must live as long as the test (a temp dir, a database handle).
     pub guard: Box<dyn Any + Send>,
+    /// A second handle on the same queue store, as another server sharing it would open it (`None` when one
+    /// process alone can open the store).
+    pub peer: Option<Arc<dyn QueuesStore>>,
+    /// Whether this case is the only user of the auth store (not a database shared with other cases), so that
+    /// exact generations and the one-time bootstrap can be asserted.
+    pub private_auth: bool,
 }
 
 /// A fixed instant all cases count from.
@@ -694,6 +702,21 @@ macro_rules! conformance_tests {
             large_batches_keep_order,
             queues_store_crud
         );
+        $crate::conformance_tests!(@auth_cases $make;
+            auth_kv_get_put_delete,
+            auth_kv_scan_order_and_bounds,
+            auth_kv_commit_is_atomic,
+            auth_kv_generation_is_shared,
+            auth_kv_concurrent_absent_race,
+            auth_service_bootstrap,
+            auth_service_user_delete_cascades,
+            auth_service_key_expiry_and_revocation,
+            auth_service_roles,
+            auth_service_namespaces,
+            auth_service_authorize_scopes,
+            auth_service_binding_list_filter,
+            auth_service_cross_server_revocation
+        );
     };
     (@cases $make:path; $($case:ident),* $(,)?) => {
         $(
@@ -701,6 +724,17 @@ macro_rules! conformance_tests {
             async fn $case() {
                 match $make().await {
                     Some(backend) => $crate::testsuite::$case(backend).await,
+                    None => eprintln!("skipped: backend not configured"),
+                }
+            }
+        )*
+    };
+    (@auth_cases $make:path; $($case:ident),* $(,)?) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $case() {
+                match $make().await {
+                    Some(backend) => $crate::testsuite::auth::$case(backend).await,
                     None => eprintln!("skipped: backend not configured"),
                 }
             }
@@ -720,9 +754,11 @@ mod tests {
             .collect()
     }
 
-    /// The names the macro expands to tests, from its `@cases $make;` list.
-    fn cases_listed(src: &str) -> Vec<String> {
-        let start = src.find("(@cases $make;\n").expect("the macro's case list");
+    /// The names the macro expands to tests, from its `<list> $make;` list (`@cases` or `@auth_cases`).
+    fn cases_listed(src: &str, list: &str) -> Vec<String> {
+        let start = src
+            .find(&format!("({list} $make;\n"))
+            .expect("the macro's case list");
         let list = &src[start..];
         let end = list.find(");").expect("the end of the macro's case list");
         list[..end]
@@ -738,7 +774,7 @@ mod tests {
     fn every_case_is_in_the_macros_list() {
         let src = include_str!("testsuite.rs");
         let defined = cases_defined(src);
-        let listed = cases_listed(src);
+        let listed = cases_listed(src, "@cases");
         assert!(
             defined.len() >= 20,
             "found only {} cases: {defined:?}",
@@ -754,10 +790,18 @@ mod tests {
     }
 
     #[test]
+    fn every_auth_case_is_in_the_macros_list() {
+        let defined = cases_defined(include_str!("testsuite/auth.rs"));
+        let listed = cases_listed(include_str!("testsuite.rs"), "@auth_cases");
+        assert!(defined.len() >= 10, "found only {} auth cases: {defined:?}", defined.len());
+        assert_eq!(defined, listed, "auth cases defined (left) and listed in conformance_tests! (right)");
+    }
+
+    #[test]
     fn the_list_parser_sees_a_missing_case() {
         let src = "pub async fn a(b: TestBackend) {}\npub async fn c(b: TestBackend) {}\n\
                    $crate::conformance_tests!(@cases $make;\n    a,\n    z\n);\n";
         assert_eq!(cases_defined(src), ["a", "c"]);
-        assert_eq!(cases_listed(src), ["a", "z"]);
+        assert_eq!(cases_listed(src, "@cases"), ["a", "z"]);
     }
 }
