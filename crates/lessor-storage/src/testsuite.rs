@@ -793,8 +793,15 @@ mod tests {
     fn every_auth_case_is_in_the_macros_list() {
         let defined = cases_defined(include_str!("testsuite/auth.rs"));
         let listed = cases_listed(include_str!("testsuite.rs"), "@auth_cases");
-        assert!(defined.len() >= 10, "found only {} auth cases: {defined:?}", defined.len());
-        assert_eq!(defined, listed, "auth cases defined (left) and listed in conformance_tests! (right)");
+        assert!(
+            defined.len() >= 10,
+            "found only {} auth cases: {defined:?}",
+            defined.len()
+        );
+        assert_eq!(
+            defined, listed,
+            "auth cases defined (left) and listed in conformance_tests! (right)"
+        );
     }
 
     #[test]

@@ -44,9 +44,7 @@ pub struct FjallAuth {
 
 impl fmt::Debug for FjallAuth {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("FjallAuth")
-            .field("engine", &self.engine)
-            .finish()
+        f.debug_struct("FjallAuth").field("engine", &self.engine).finish()
     }
 }
 
@@ -55,9 +53,9 @@ impl FjallAuth {
     /// before auth existed has none: its auth store starts empty). Blocking.
     pub(crate) fn open(engine: Arc<Engine>) -> Result<Self, StorageError> {
         engine.keyspace(AUTH_KEYSPACE, true)?;
-        let meta = engine
-            .keyspace(AUTH_META_KEYSPACE, true)?
-            .ok_or_else(|| StorageError::new(StorageErrorKind::Corrupt, "the auth-meta keyspace is missing"))?;
+        let meta = engine.keyspace(AUTH_META_KEYSPACE, true)?.ok_or_else(|| {
+            StorageError::new(StorageErrorKind::Corrupt, "the auth-meta keyspace is missing")
+        })?;
         let generation = match meta.get(GENERATION_KEY).map_err(|e| engine.read_error(e))? {
             None => 0,
             Some(v) => {

@@ -113,13 +113,21 @@ pub async fn auth_kv_scan_order_and_bounds(b: TestBackend) {
     sorted.sort();
     let all = s.scan(&p, &[], 100).await.expect("scan");
     assert_eq!(keys(&all), sorted, "bytewise order, nothing outside the prefix");
-    assert_eq!(all[0].0.as_ref(), p.as_slice(), "the prefix itself is in its range");
+    assert_eq!(
+        all[0].0.as_ref(),
+        p.as_slice(),
+        "the prefix itself is in its range"
+    );
     let value_of = |t: &[u8]| {
         let i = tails.iter().position(|x| x == t).expect("a tail");
         vec![u8::try_from(i).expect("few")]
     };
     for (key, v) in &all {
-        assert_eq!(v.to_vec(), value_of(&key[p.len()..]), "values travel with their keys");
+        assert_eq!(
+            v.to_vec(),
+            value_of(&key[p.len()..]),
+            "values travel with their keys"
+        );
     }
 
     // limit
@@ -192,7 +200,9 @@ pub async fn auth_kv_commit_is_atomic(b: TestBackend) {
     c.absent(x.clone()).put(y.clone(), b"y".to_vec());
     assert_eq!(s.commit(c).await.expect("commit"), Err(CheckFailed { index: 0 }));
     let mut c = Commit::default();
-    c.present(x.clone()).present(a.clone()).put(y.clone(), b"y".to_vec());
+    c.present(x.clone())
+        .present(a.clone())
+        .put(y.clone(), b"y".to_vec());
     assert_eq!(s.commit(c).await.expect("commit"), Err(CheckFailed { index: 1 }));
     assert_eq!(s.get(&y).await.expect("get"), None);
 
@@ -244,11 +254,20 @@ pub async fn auth_kv_generation_is_shared(b: TestBackend) {
     if b.private_auth {
         assert_eq!(seen, last);
     }
-    assert_eq!(t.get(&k(&p, &[1])).await.expect("peer get"), Some(Bytes::from_static(b"v")));
+    assert_eq!(
+        t.get(&k(&p, &[1])).await.expect("peer get"),
+        Some(Bytes::from_static(b"v"))
+    );
     put(t.as_ref(), k(&p, b"peer"), b"w").await;
     let after = s.generation().await.expect("generation");
-    assert!(after > seen, "a commit through the peer moves everyone's generation: {seen} -> {after}");
-    assert_eq!(s.get(&k(&p, b"peer")).await.expect("get"), Some(Bytes::from_static(b"w")));
+    assert!(
+        after > seen,
+        "a commit through the peer moves everyone's generation: {seen} -> {after}"
+    );
+    assert_eq!(
+        s.get(&k(&p, b"peer")).await.expect("get"),
+        Some(Bytes::from_static(b"w"))
+    );
 }
 
 /// Many tasks (on two handles when the store has a peer) race to create one key: exactly one wins, and the value
@@ -267,9 +286,7 @@ pub async fn auth_kv_concurrent_absent_race(b: TestBackend) {
         let own = k(&p, &[b'/', b'o', i]);
         tasks.push(tokio::spawn(async move {
             let mut c = Commit::default();
-            c.absent(target.clone())
-                .put(target, vec![i])
-                .put(own, vec![i]);
+            c.absent(target.clone()).put(target, vec![i]).put(own, vec![i]);
             (i, s.commit(c).await.expect("commit"))
         }));
     }
@@ -283,7 +300,10 @@ pub async fn auth_kv_concurrent_absent_race(b: TestBackend) {
     }
     assert_eq!(winners.len(), 1, "exactly one winner: {winners:?}");
     let s = b.queues.auth();
-    assert_eq!(s.get(&target).await.expect("get"), Some(Bytes::from(vec![winners[0]])));
+    assert_eq!(
+        s.get(&target).await.expect("get"),
+        Some(Bytes::from(vec![winners[0]]))
+    );
     // The losers' other writes did not land either.
     let own = s.scan(&k(&p, b"/o"), &[], 100).await.expect("scan");
     assert_eq!(keys(&own), vec![k(&p, &[b'/', b'o', winners[0]])]);
@@ -339,7 +359,10 @@ pub async fn auth_service_bootstrap(b: TestBackend) {
         .expect("bootstrap");
     assert!(!first.door_open);
     assert!(auth.namespace_exists("_system").await.expect("exists"));
-    assert!(auth.namespace_exists("").await.expect("exists"), "empty means _system");
+    assert!(
+        auth.namespace_exists("").await.expect("exists"),
+        "empty means _system"
+    );
     let roles: Vec<String> = auth
         .role_list("_system", "", 100)
         .await
@@ -384,7 +407,11 @@ pub async fn auth_service_bootstrap(b: TestBackend) {
         "standard roles are not duplicated"
     );
     assert_eq!(
-        auth.role("_system", "Admin").await.expect("role").expect("Admin").id,
+        auth.role("_system", "Admin")
+            .await
+            .expect("role")
+            .expect("Admin")
+            .id,
         admin_role.id,
         "the standard role keeps its id"
     );
@@ -414,9 +441,14 @@ pub async fn auth_service_user_delete_cascades(b: TestBackend) {
     let (rec, secret) = auth.key_create(key_spec(&uid, "", Ts::ZERO)).await.expect("key");
     let (_, secret2) = auth.key_create(key_spec(&uid, &ns, Ts::ZERO)).await.expect("key");
     let who = auth.authenticate(Some(&secret)).await.expect("key works");
-    assert_eq!((who.user_id.as_str(), who.username.as_str()), (uid.as_str(), name.as_str()));
+    assert_eq!(
+        (who.user_id.as_str(), who.username.as_str()),
+        (uid.as_str(), name.as_str())
+    );
     assert_eq!(who.key_id, rec.id);
-    auth.authorize(&who, &ns, Permission::QueueLease).await.expect("bound");
+    auth.authorize(&who, &ns, Permission::QueueLease)
+        .await
+        .expect("bound");
     assert_eq!(auth.key_list(&uid, "", 100).await.expect("keys").len(), 2);
     let listed = auth.user_list(&uid, 1).await.expect("users");
     assert_eq!(listed.first().map(|u| u.id.as_str()), Some(uid.as_str()));
@@ -424,26 +456,58 @@ pub async fn auth_service_user_delete_cascades(b: TestBackend) {
     auth.user_delete(&uid).await.expect("delete");
     assert!(auth.user(&uid).await.expect("user").is_none());
     for s in [&secret, &secret2] {
-        assert!(matches!(auth.authenticate(Some(s)).await, Err(AuthError::UnknownKey)));
+        assert!(matches!(
+            auth.authenticate(Some(s)).await,
+            Err(AuthError::UnknownKey)
+        ));
     }
     assert!(auth.key_list(&uid, "", 100).await.expect("keys").is_empty());
-    assert!(auth.binding_list(&ns, &uid, "", 100).await.expect("bindings").is_empty());
-    assert!(auth.binding_list(&ns, "", "", 100).await.expect("bindings").is_empty());
+    assert!(auth
+        .binding_list(&ns, &uid, "", 100)
+        .await
+        .expect("bindings")
+        .is_empty());
+    assert!(auth
+        .binding_list(&ns, "", "", 100)
+        .await
+        .expect("bindings")
+        .is_empty());
     // The key records and indexes are gone, not only hidden.
     let raw = b.queues.auth();
-    assert_eq!(raw.get(&records::key(records::tag::KEY, &[&rec.id])).await.expect("get"), None);
-    assert_eq!(raw.get(&records::key(records::tag::KEY_HASH, &[&rec.hash])).await.expect("get"), None);
+    assert_eq!(
+        raw.get(&records::key(records::tag::KEY, &[&rec.id]))
+            .await
+            .expect("get"),
+        None
+    );
+    assert_eq!(
+        raw.get(&records::key(records::tag::KEY_HASH, &[&rec.hash]))
+            .await
+            .expect("get"),
+        None
+    );
     // The role is free to go, and the name to be taken again.
-    auth.role_delete(&ns, "worker").await.expect("role has no bindings left");
-    assert!(matches!(auth.user_delete(&uid).await, Err(AuthError::NotFound(_))));
-    let again = auth.user_create(&name, "", "").await.expect("the name is free again");
+    auth.role_delete(&ns, "worker")
+        .await
+        .expect("role has no bindings left");
+    assert!(matches!(
+        auth.user_delete(&uid).await,
+        Err(AuthError::NotFound(_))
+    ));
+    let again = auth
+        .user_create(&name, "", "")
+        .await
+        .expect("the name is free again");
     assert_ne!(again, uid);
 }
 
 /// Expired keys get `ExpiredKey`, revoked keys `UnknownKey`, malformed ones `InvalidKey`.
 pub async fn auth_service_key_expiry_and_revocation(b: TestBackend) {
     let (auth, clock) = booted(&b).await;
-    let uid = auth.user_create(&unique("user-keys"), "", "").await.expect("user");
+    let uid = auth
+        .user_create(&unique("user-keys"), "", "")
+        .await
+        .expect("user");
     let (_, short) = auth
         .key_create(key_spec(&uid, "", T0.add(Duration::from_secs(60))))
         .await
@@ -454,18 +518,35 @@ pub async fn auth_service_key_expiry_and_revocation(b: TestBackend) {
     ));
     auth.authenticate(Some(&short)).await.expect("not yet expired");
     clock.advance(Duration::from_secs(61));
-    assert!(matches!(auth.authenticate(Some(&short)).await, Err(AuthError::ExpiredKey)));
+    assert!(matches!(
+        auth.authenticate(Some(&short)).await,
+        Err(AuthError::ExpiredKey)
+    ));
 
     let (rec, long) = auth.key_create(key_spec(&uid, "", Ts::ZERO)).await.expect("key");
     auth.authenticate(Some(&long)).await.expect("works");
     auth.key_delete(&rec.id).await.expect("revoke");
     auth.invalidate();
-    assert!(matches!(auth.authenticate(Some(&long)).await, Err(AuthError::UnknownKey)));
-    assert!(matches!(auth.key_delete(&rec.id).await, Err(AuthError::NotFound(_))));
-    assert!(matches!(auth.authenticate(Some("qtr-nope")).await, Err(AuthError::InvalidKey)));
+    assert!(matches!(
+        auth.authenticate(Some(&long)).await,
+        Err(AuthError::UnknownKey)
+    ));
+    assert!(matches!(
+        auth.key_delete(&rec.id).await,
+        Err(AuthError::NotFound(_))
+    ));
+    assert!(matches!(
+        auth.authenticate(Some("qtr-nope")).await,
+        Err(AuthError::InvalidKey)
+    ));
     // A well-formed key nobody holds.
-    let made_up = lessor_core::auth::key::generate("live").expect("randomness").secret;
-    assert!(matches!(auth.authenticate(Some(&made_up)).await, Err(AuthError::UnknownKey)));
+    let made_up = lessor_core::auth::key::generate("live")
+        .expect("randomness")
+        .secret;
+    assert!(matches!(
+        auth.authenticate(Some(&made_up)).await,
+        Err(AuthError::UnknownKey)
+    ));
 }
 
 /// Roles: create, update, delete; standard names refused; deletion refused while bound; duplicate bindings
@@ -475,7 +556,8 @@ pub async fn auth_service_roles(b: TestBackend) {
     let ns = unique("ns-roles");
     auth.namespace_create(ns_spec(&ns)).await.expect("namespace");
     assert!(matches!(
-        auth.role_create(&unique("ns-missing"), "r", &perms(&[Permission::QueueList])).await,
+        auth.role_create(&unique("ns-missing"), "r", &perms(&[Permission::QueueList]))
+            .await,
         Err(AuthError::NotFound(_))
     ));
     let id = auth
@@ -492,30 +574,42 @@ pub async fn auth_service_roles(b: TestBackend) {
             Err(AuthError::Invalid(m)) if m.starts_with("cannot modify or delete standard role")
         ));
         assert!(matches!(
-            auth.role_update("_system", std, &perms(&[Permission::QueueList])).await,
+            auth.role_update("_system", std, &perms(&[Permission::QueueList]))
+                .await,
             Err(AuthError::Invalid(_))
         ));
-        assert!(matches!(auth.role_delete("_system", std).await, Err(AuthError::Invalid(_))));
+        assert!(matches!(
+            auth.role_delete("_system", std).await,
+            Err(AuthError::Invalid(_))
+        ));
     }
     assert!(matches!(
         auth.role_create(&ns, "bad", &["queue.fly".to_string()]).await,
         Err(AuthError::Invalid(_))
     ));
     clock.advance(Duration::from_secs(5));
-    auth.role_update(&ns, "reader", &perms(&[Permission::QueueList, Permission::QueueStats]))
-        .await
-        .expect("update");
+    auth.role_update(
+        &ns,
+        "reader",
+        &perms(&[Permission::QueueList, Permission::QueueStats]),
+    )
+    .await
+    .expect("update");
     let role = auth.role(&ns, "reader").await.expect("role").expect("exists");
     assert_eq!(role.id, id);
     assert_eq!(role.created_at, T0);
     assert_eq!(role.updated_at, T0.add(Duration::from_secs(5)));
     assert!(role.permission_set().contains(Permission::QueueStats));
     assert!(matches!(
-        auth.role_update(&ns, "nobody", &perms(&[Permission::QueueList])).await,
+        auth.role_update(&ns, "nobody", &perms(&[Permission::QueueList]))
+            .await,
         Err(AuthError::NotFound(_))
     ));
 
-    let uid = auth.user_create(&unique("user-roles"), "", "").await.expect("user");
+    let uid = auth
+        .user_create(&unique("user-roles"), "", "")
+        .await
+        .expect("user");
     auth.binding_create(&ns, "reader", &uid).await.expect("bind");
     assert!(matches!(
         auth.binding_create(&ns, "reader", &uid).await,
@@ -537,7 +631,10 @@ pub async fn auth_service_roles(b: TestBackend) {
     auth.role_delete(&ns, "reader").await.expect("delete");
     assert!(auth.role(&ns, "reader").await.expect("role").is_none());
     assert!(auth.role_list(&ns, "", 100).await.expect("roles").is_empty());
-    assert!(matches!(auth.role_delete(&ns, "reader").await, Err(AuthError::NotFound(_))));
+    assert!(matches!(
+        auth.role_delete(&ns, "reader").await,
+        Err(AuthError::NotFound(_))
+    ));
 }
 
 /// Namespaces: update keeps `created_at`; deletion is refused while bindings, roles or queues remain (in that
@@ -562,7 +659,10 @@ pub async fn auth_service_namespaces(b: TestBackend) {
     let got = auth.namespace(&ns).await.expect("get").expect("exists");
     assert_eq!(got.created_at, T0, "update keeps created_at");
     assert_eq!(got.updated_at, T0.add(Duration::from_secs(10)));
-    assert_eq!((got.description.as_str(), got.api_key_tag.as_str()), ("changed", "tenant"));
+    assert_eq!(
+        (got.description.as_str(), got.api_key_tag.as_str()),
+        ("changed", "tenant")
+    );
     assert!(matches!(
         auth.namespace_update(ns_spec(&unique("ns-none"))).await,
         Err(AuthError::NotFound(_))
@@ -570,7 +670,9 @@ pub async fn auth_service_namespaces(b: TestBackend) {
     let listed = auth.namespace_list(&ns, 1).await.expect("list");
     assert_eq!(listed.first().map(|n| n.name.as_str()), Some(ns.as_str()));
 
-    auth.role_create(&ns, "r", &perms(&[Permission::QueueList])).await.expect("role");
+    auth.role_create(&ns, "r", &perms(&[Permission::QueueList]))
+        .await
+        .expect("role");
     let uid = auth.user_create(&unique("user-ns"), "", "").await.expect("user");
     auth.binding_create(&ns, "r", &uid).await.expect("bind");
     assert!(matches!(
@@ -589,7 +691,10 @@ pub async fn auth_service_namespaces(b: TestBackend) {
     ));
     auth.namespace_delete(&ns, false).await.expect("delete");
     assert!(!auth.namespace_exists(&ns).await.expect("exists"));
-    assert!(matches!(auth.namespace_delete(&ns, false).await, Err(AuthError::NotFound(_))));
+    assert!(matches!(
+        auth.namespace_delete(&ns, false).await,
+        Err(AuthError::NotFound(_))
+    ));
 }
 
 /// Authorisation: bindings grant in their namespace only; a scoped key cannot leave its namespace; `_system`
@@ -606,53 +711,81 @@ pub async fn auth_service_authorize_scopes(b: TestBackend) {
     auth.role_create(&other, "producer", &perms(&[Permission::QueueProduce]))
         .await
         .expect("role");
-    let uid = auth.user_create(&unique("user-scope"), "", "").await.expect("user");
+    let uid = auth
+        .user_create(&unique("user-scope"), "", "")
+        .await
+        .expect("user");
     auth.binding_create(&a, "producer", &uid).await.expect("bind a");
-    auth.binding_create(&other, "producer", &uid).await.expect("bind b");
+    auth.binding_create(&other, "producer", &uid)
+        .await
+        .expect("bind b");
     let (_, free) = auth.key_create(key_spec(&uid, "", Ts::ZERO)).await.expect("key");
-    let (_, scoped) = auth.key_create(key_spec(&uid, &other, Ts::ZERO)).await.expect("key");
+    let (_, scoped) = auth
+        .key_create(key_spec(&uid, &other, Ts::ZERO))
+        .await
+        .expect("key");
 
     let p = auth.authenticate(Some(&free)).await.expect("auth");
-    auth.authorize(&p, &a, Permission::QueueProduce).await.expect("bound in a");
-    auth.authorize(&p, &other, Permission::QueueProduce).await.expect("bound in b");
+    auth.authorize(&p, &a, Permission::QueueProduce)
+        .await
+        .expect("bound in a");
+    auth.authorize(&p, &other, Permission::QueueProduce)
+        .await
+        .expect("bound in b");
     assert!(matches!(
         auth.authorize(&p, &a, Permission::QueueDelete).await,
         Err(AuthError::AccessDenied)
     ));
     assert!(matches!(
-        auth.authorize(&p, &unique("ns-c"), Permission::QueueProduce).await,
+        auth.authorize(&p, &unique("ns-c"), Permission::QueueProduce)
+            .await,
         Err(AuthError::AccessDenied)
     ));
     let s = auth.authenticate(Some(&scoped)).await.expect("auth");
     assert_eq!(s.namespace_scope, other);
-    auth.authorize(&s, &other, Permission::QueueProduce).await.expect("inside its scope");
+    auth.authorize(&s, &other, Permission::QueueProduce)
+        .await
+        .expect("inside its scope");
     assert!(
-        matches!(auth.authorize(&s, &a, Permission::QueueProduce).await, Err(AuthError::AccessDenied)),
+        matches!(
+            auth.authorize(&s, &a, Permission::QueueProduce).await,
+            Err(AuthError::AccessDenied)
+        ),
         "a scoped key cannot use the user's grants in another namespace"
     );
 
     // A `_system` binding cascades into every namespace, but not past a key's scope (except into `_system`).
     let sys = auth.user_create(&unique("user-sys"), "", "").await.expect("user");
-    auth.binding_create("_system", "NamespaceOwner", &sys).await.expect("bind");
+    auth.binding_create("_system", "NamespaceOwner", &sys)
+        .await
+        .expect("bind");
     let (_, sys_free) = auth.key_create(key_spec(&sys, "", Ts::ZERO)).await.expect("key");
     let (_, sys_scoped) = auth.key_create(key_spec(&sys, &a, Ts::ZERO)).await.expect("key");
     let q = auth.authenticate(Some(&sys_free)).await.expect("auth");
     for n in [a.as_str(), other.as_str(), "_system"] {
-        auth.authorize(&q, n, Permission::QueueClear).await.expect("cascade");
+        auth.authorize(&q, n, Permission::QueueClear)
+            .await
+            .expect("cascade");
     }
     assert!(matches!(
         auth.authorize(&q, &a, Permission::UserCreate).await,
         Err(AuthError::AccessDenied)
     ));
     let r = auth.authenticate(Some(&sys_scoped)).await.expect("auth");
-    auth.authorize(&r, &a, Permission::QueueClear).await.expect("in scope, through _system");
-    auth.authorize(&r, "_system", Permission::QueueClear).await.expect("_system through _system");
+    auth.authorize(&r, &a, Permission::QueueClear)
+        .await
+        .expect("in scope, through _system");
+    auth.authorize(&r, "_system", Permission::QueueClear)
+        .await
+        .expect("_system through _system");
     assert!(matches!(
         auth.authorize(&r, &other, Permission::QueueClear).await,
         Err(AuthError::AccessDenied)
     ));
     // Unbinding takes effect at once on this server.
-    auth.binding_delete("_system", "NamespaceOwner", &sys).await.expect("unbind");
+    auth.binding_delete("_system", "NamespaceOwner", &sys)
+        .await
+        .expect("unbind");
     assert!(matches!(
         auth.authorize(&q, &a, Permission::QueueClear).await,
         Err(AuthError::AccessDenied)
@@ -664,8 +797,12 @@ pub async fn auth_service_binding_list_filter(b: TestBackend) {
     let (auth, _clock) = booted(&b).await;
     let ns = unique("ns-bindlist");
     auth.namespace_create(ns_spec(&ns)).await.expect("namespace");
-    auth.role_create(&ns, "one", &perms(&[Permission::QueueList])).await.expect("role");
-    auth.role_create(&ns, "two", &perms(&[Permission::QueueStats])).await.expect("role");
+    auth.role_create(&ns, "one", &perms(&[Permission::QueueList]))
+        .await
+        .expect("role");
+    auth.role_create(&ns, "two", &perms(&[Permission::QueueStats]))
+        .await
+        .expect("role");
     let u1 = auth.user_create(&unique("user-bl1"), "", "").await.expect("user");
     let u2 = auth.user_create(&unique("user-bl2"), "", "").await.expect("user");
     auth.binding_create(&ns, "one", &u1).await.expect("bind");
@@ -680,11 +817,18 @@ pub async fn auth_service_binding_list_filter(b: TestBackend) {
         of(auth.binding_list(&ns, &u1, "", 100).await.expect("list")),
         vec![u1.clone(), u1.clone()]
     );
-    assert_eq!(of(auth.binding_list(&ns, &u2, "", 100).await.expect("list")), vec![u2.clone()]);
+    assert_eq!(
+        of(auth.binding_list(&ns, &u2, "", 100).await.expect("list")),
+        vec![u2.clone()]
+    );
     let mut all = vec![u1.clone(), u1.clone(), u2.clone()];
     all.sort();
     assert_eq!(of(auth.binding_list(&ns, "", "", 100).await.expect("list")), all);
-    assert!(auth.binding_list(&ns, "nobody", "", 100).await.expect("list").is_empty());
+    assert!(auth
+        .binding_list(&ns, "nobody", "", 100)
+        .await
+        .expect("list")
+        .is_empty());
     let bindings = auth.binding_list(&ns, &u2, "", 100).await.expect("list");
     assert_eq!(bindings[0].namespace, ns);
 }
@@ -703,24 +847,47 @@ pub async fn auth_service_cross_server_revocation(b: TestBackend) {
     let uid = a.user_create(&unique("user-xsrv"), "", "").await.expect("user");
     let (rec, secret) = a.key_create(key_spec(&uid, "", Ts::ZERO)).await.expect("key");
     let (rec2, secret2) = a.key_create(key_spec(&uid, "", Ts::ZERO)).await.expect("key");
-    assert_eq!(other.authenticate(Some(&secret)).await.expect("B sees the key").user_id, uid);
+    assert_eq!(
+        other
+            .authenticate(Some(&secret))
+            .await
+            .expect("B sees the key")
+            .user_id,
+        uid
+    );
     other.authenticate(Some(&secret2)).await.expect("B sees the key");
 
     a.key_delete(&rec.id).await.expect("revoke through A");
-    assert!(matches!(a.authenticate(Some(&secret)).await, Err(AuthError::UnknownKey)));
+    assert!(matches!(
+        a.authenticate(Some(&secret)).await,
+        Err(AuthError::UnknownKey)
+    ));
     other
         .authenticate(Some(&secret))
         .await
         .expect("B still trusts its cache before it polls");
     assert!(other.refresh().await.expect("poll"), "B sees the generation move");
-    assert!(matches!(other.authenticate(Some(&secret)).await, Err(AuthError::UnknownKey)));
-    other.authenticate(Some(&secret2)).await.expect("the other key still works");
+    assert!(matches!(
+        other.authenticate(Some(&secret)).await,
+        Err(AuthError::UnknownKey)
+    ));
+    other
+        .authenticate(Some(&secret2))
+        .await
+        .expect("the other key still works");
 
     // Deleting the user through B reaches A the same way.
     a.refresh().await.expect("first poll");
     a.authenticate(Some(&secret2)).await.expect("cached on A");
     other.user_delete(&uid).await.expect("delete through B");
     assert!(a.refresh().await.expect("poll"));
-    assert!(matches!(a.authenticate(Some(&secret2)).await, Err(AuthError::UnknownKey)));
-    assert!(a.key_list(&uid, "", 10).await.expect("keys").is_empty(), "{}", rec2.id);
+    assert!(matches!(
+        a.authenticate(Some(&secret2)).await,
+        Err(AuthError::UnknownKey)
+    ));
+    assert!(
+        a.key_list(&uid, "", 10).await.expect("keys").is_empty(),
+        "{}",
+        rec2.id
+    );
 }
