@@ -715,7 +715,8 @@ macro_rules! conformance_tests {
             auth_service_namespaces,
             auth_service_authorize_scopes,
             auth_service_binding_list_filter,
-            auth_service_cross_server_revocation
+            auth_service_cross_server_revocation,
+            auth_service_key_use_is_recorded_sparingly
         );
     };
     (@cases $make:path; $($case:ident),* $(,)?) => {

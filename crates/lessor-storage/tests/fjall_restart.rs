@@ -553,8 +553,9 @@ async fn restart_keeps_auth_records_and_generation() {
             store.generation().await.expect("generation") >= generation,
             "never backwards"
         );
+        let admin_key = admin_key.lock().expect("lock").clone();
         let admin = auth
-            .authenticate(Some(&admin_key.lock().expect("lock")))
+            .authenticate(Some(&admin_key))
             .await
             .expect("the bootstrap key still works");
         assert_eq!(admin.username, "admin");

@@ -891,3 +891,72 @@ pub async fn auth_service_cross_server_revocation(b: TestBackend) {
         rec2.id
     );
 }
+
+/// Polls `cond` until it holds (background work of the service, such as recording a key's use), failing after a
+/// generous bound.
+async fn wait_for<F, Fut>(what: &str, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    for _ in 0..1000 {
+        if cond().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("timed out waiting for {what}");
+}
+
+/// A key's use is recorded (`last_used_at`) at a cache miss, but not again within `TOUCH_EVERY`: a record is a
+/// commit, every commit moves the generation and so drops every server's caches, and recording every miss made each
+/// use cause the next miss.
+pub async fn auth_service_key_use_is_recorded_sparingly(b: TestBackend) {
+    use lessor_core::auth::service::TOUCH_EVERY;
+    use lessor_core::time::Clock;
+
+    let (auth, clock) = booted(&b).await;
+    let store = b.queues.auth();
+    let uid = auth
+        .user_create(&unique("user-touch"), "", "")
+        .await
+        .expect("user");
+    let (rec, secret) = auth.key_create(key_spec(&uid, "", Ts::ZERO)).await.expect("key");
+    let last_used = |auth: Auth, uid: String, id: String| async move {
+        auth.key_list(&uid, "", 10)
+            .await
+            .expect("keys")
+            .into_iter()
+            .find(|k| k.id == id)
+            .map(|k| k.last_used_at)
+    };
+    clock.advance(Duration::from_secs(1));
+    let first = clock.now();
+    auth.authenticate(Some(&secret)).await.expect("key works");
+    wait_for("the first use to be recorded", || {
+        let seen = last_used(auth.clone(), uid.clone(), rec.id.clone());
+        async move { seen.await == Some(first) }
+    })
+    .await;
+    let g = store.generation().await.expect("generation");
+    for _ in 0..3 {
+        clock.advance(Duration::from_secs(60));
+        auth.invalidate();
+        auth.authenticate(Some(&secret)).await.expect("key works");
+    }
+    clock.advance(TOUCH_EVERY);
+    let later = clock.now();
+    auth.invalidate();
+    auth.authenticate(Some(&secret)).await.expect("key works");
+    wait_for("the later use to be recorded", || {
+        let seen = last_used(auth.clone(), uid.clone(), rec.id.clone());
+        async move { seen.await == Some(later) }
+    })
+    .await;
+    let after = store.generation().await.expect("generation");
+    if b.private_auth {
+        assert_eq!(after, g + 1, "one record in TOUCH_EVERY, not one per cache miss");
+    } else {
+        assert!(after > g);
+    }
+}
