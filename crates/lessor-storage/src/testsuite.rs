@@ -7,7 +7,7 @@
 //! Compiled only with the `testsuite` feature (the crate's own tests turn it on through a dev-dependency on
 //! itself), so the library that ships carries none of it. A case is a `pub async fn <name>(b: TestBackend)` at the
 //! top level of this file; a unit test below fails when one is missing from the macro's list, so a new case cannot
-//! silently never run.
+//! silently never run. The auth store's cases live in [`auth`] and are listed the same way.
 
 use std::any::Any;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -20,6 +20,8 @@ use lessor_core::storage::{LifecyclePolicy, Partition, PartitionStore, QueuesSto
 use lessor_core::time::Ts;
 use lessor_core::types::{ClearRequest, Item, ItemId, NewItem, PartitionInfo, QueueInfo};
 
+pub mod auth;
+
 /// What a backend hands the suite.
 pub struct TestBackend {
     /// The partition store under test.
@@ -28,6 +30,12 @@ pub struct TestBackend {
     pub queues: Arc<dyn QueuesStore>,
     /// Anything that must live as long as the test (a temp dir, a database handle).
     pub guard: Box<dyn Any + Send>,
+    /// A second handle on the same queue store, as another server sharing it would open it (`None` when one
+    /// process alone can open the store).
+    pub peer: Option<Arc<dyn QueuesStore>>,
+    /// Whether this case is the only user of the auth store (not a database shared with other cases), so that
+    /// exact generations and the one-time bootstrap can be asserted.
+    pub private_auth: bool,
 }
 
 /// A fixed instant all cases count from.
@@ -666,228 +674,6 @@ pub async fn queues_store_crud(b: TestBackend) {
     b.queues.ping().await.expect("ping");
 }
 
-// ---- auth store ------------------------------------------------------------------------------------------------
-
-fn auth_key(prefix: &str, rest: &[u8]) -> Vec<u8> {
-    let mut k = prefix.as_bytes().to_vec();
-    k.extend_from_slice(rest);
-    k
-}
-
-/// The key-value contract of the auth store: reads, prefix scans in byte order, atomic conditional commits, and a
-/// generation that grows with every commit.
-pub async fn auth_store_kv_contract(b: TestBackend) {
-    use lessor_core::auth::{CheckFailed, Commit};
-    let store = b.queues.auth();
-    let p = format!("{}\u{1}", unique_queue("kv"));
-    let k = |rest: &[u8]| auth_key(&p, rest);
-    assert_eq!(store.get(&k(b"a")).await.expect("auth call"), None);
-    let g0 = store.generation().await.expect("auth call");
-
-    let mut c = Commit::default();
-    for key in [&b"b"[..], b"a", b"a\x00z", b"a\xff", b"\xff", b"c"] {
-        c.put(k(key), key.to_vec());
-    }
-    store.commit(c).await.expect("auth call").expect("auth call");
-    let g1 = store.generation().await.expect("auth call");
-    assert!(g1 > g0, "generation grows with a commit: {g0} -> {g1}");
-    assert_eq!(
-        store.get(&k(b"a")).await.expect("auth call").as_deref(),
-        Some(&b"a"[..])
-    );
-
-    let all = store.scan(p.as_bytes(), &[], 100).await.expect("auth call");
-    let keys: Vec<Vec<u8>> = all.iter().map(|(key, _)| key[p.len()..].to_vec()).collect();
-    assert_eq!(
-        keys,
-        [&b"a"[..], b"a\x00z", b"a\xff", b"b", b"c", b"\xff"].map(|x| x.to_vec()),
-        "byte order"
-    );
-    let under_a = store.scan(&k(b"a"), &[], 100).await.expect("auth call");
-    assert_eq!(under_a.len(), 3, "prefix 'a' covers a, a\\0z and a\\xff");
-    let from_b = store.scan(p.as_bytes(), &k(b"b"), 2).await.expect("auth call");
-    assert_eq!(from_b.len(), 2);
-    assert_eq!(&from_b[0].0[p.len()..], b"b");
-    assert_eq!(&from_b[1].0[p.len()..], b"c");
-    assert!(store
-        .scan(&k(b"zz"), &[], 10)
-        .await
-        .expect("auth call")
-        .is_empty());
-
-    // A failing check applies nothing and names itself.
-    let mut c = Commit::default();
-    c.present(k(b"a"))
-        .absent(k(b"b"))
-        .put(k(b"new"), b"x".to_vec())
-        .delete(k(b"a"));
-    assert_eq!(
-        store.commit(c).await.expect("auth call"),
-        Err(CheckFailed { index: 1 })
-    );
-    assert_eq!(store.get(&k(b"new")).await.expect("auth call"), None);
-    assert!(store.get(&k(b"a")).await.expect("auth call").is_some());
-
-    // Checks that hold: writes apply, deletes of missing keys are fine, the last write of a key wins.
-    let mut c = Commit::default();
-    c.present(k(b"a"))
-        .absent(k(b"new"))
-        .delete(k(b"a"))
-        .delete(k(b"missing"))
-        .put(k(b"new"), b"1".to_vec())
-        .put(k(b"new"), b"2".to_vec())
-        .put(k(b"gone"), b"x".to_vec())
-        .delete(k(b"gone"));
-    store.commit(c).await.expect("auth call").expect("auth call");
-    assert_eq!(store.get(&k(b"a")).await.expect("auth call"), None);
-    assert_eq!(
-        store.get(&k(b"new")).await.expect("auth call").as_deref(),
-        Some(&b"2"[..])
-    );
-    assert_eq!(store.get(&k(b"gone")).await.expect("auth call"), None);
-    assert!(store.generation().await.expect("auth call") > g1);
-}
-
-/// Many commits racing to create one key: exactly one wins.
-pub async fn auth_store_racing_creates(b: TestBackend) {
-    use lessor_core::auth::Commit;
-    let store = b.queues.auth();
-    let key = unique_queue("race").into_bytes();
-    let mut tasks = Vec::new();
-    for i in 0..16u8 {
-        let store = store.clone();
-        let key = key.clone();
-        tasks.push(tokio::spawn(async move {
-            let mut c = Commit::default();
-            c.absent(key.clone()).put(key, vec![i]);
-            store.commit(c).await.expect("auth call").is_ok()
-        }));
-    }
-    let mut wins = 0;
-    for t in tasks {
-        if t.await.expect("auth call") {
-            wins += 1;
-        }
-    }
-    assert_eq!(wins, 1, "exactly one create wins");
-    assert_eq!(
-        store.get(&key).await.expect("auth call").map(|v| v.len()),
-        Some(1)
-    );
-}
-
-/// The auth service's rules on this backend's store: users, keys, roles, bindings, scopes, cascades, revocation
-/// seen through the generation by a second service on the same store.
-pub async fn auth_service_rules(b: TestBackend) {
-    use lessor_core::auth::{Auth, AuthError, AuthMode, KeySpec, NamespaceSpec, Permission};
-    use lessor_core::time::ManualClock;
-    let clock = Arc::new(ManualClock::new(T0));
-    let store = b.queues.auth();
-    let auth = Auth::new(store.clone(), clock.clone(), AuthMode::Internal);
-    let other = Auth::new(store, clock.clone(), AuthMode::Internal);
-    auth.bootstrap(true, |_| Ok(())).await.expect("auth call");
-    for role in ["Admin", "NamespaceOwner", "PublicViewer"] {
-        assert!(
-            auth.role("_system", role).await.expect("auth call").is_some(),
-            "{role}"
-        );
-    }
-    let n = unique_queue("ns");
-    auth.namespace_create(NamespaceSpec {
-        name: n.clone(),
-        ..NamespaceSpec::default()
-    })
-    .await
-    .expect("auth call");
-    let dup = auth
-        .namespace_create(NamespaceSpec {
-            name: n.clone(),
-            ..NamespaceSpec::default()
-        })
-        .await
-        .expect_err("must fail");
-    assert!(dup.to_string().starts_with("namespace already exists;"), "{dup}");
-    auth.role_create(&n, "worker", &["queue.lease".to_string()])
-        .await
-        .expect("auth call");
-    let uname = unique_queue("user");
-    let u = auth.user_create(&uname, "", "").await.expect("auth call");
-    assert!(
-        auth.user_create(&uname, "", "").await.is_err(),
-        "usernames are unique"
-    );
-    auth.binding_create(&n, "worker", &u).await.expect("auth call");
-    let (rec, key) = auth
-        .key_create(KeySpec {
-            user_id: u.clone(),
-            namespace_scope: n.clone(),
-            expires_at: T0.add(SEC * 60),
-            ..KeySpec::default()
-        })
-        .await
-        .expect("auth call");
-    assert!(auth
-        .key_list(&u, "", 0)
-        .await
-        .expect("auth call")
-        .iter()
-        .any(|k| k.id == rec.id));
-    let p = auth.authenticate(Some(&key)).await.expect("auth call");
-    assert_eq!(
-        (p.user_id.as_str(), p.namespace_scope.as_str()),
-        (u.as_str(), n.as_str())
-    );
-    auth.authorize(&p, &n, Permission::QueueLease)
-        .await
-        .expect("auth call");
-    assert!(matches!(
-        auth.authorize(&p, &n, Permission::QueueDelete).await,
-        Err(AuthError::AccessDenied)
-    ));
-    assert!(auth
-        .authorize(&p, "elsewhere", Permission::QueueLease)
-        .await
-        .is_err());
-
-    // Revocation through the other service reaches this one at its next generation poll.
-    auth.refresh().await.expect("auth call");
-    other.key_delete(&rec.id).await.expect("auth call");
-    assert!(
-        auth.authenticate(Some(&key)).await.is_ok(),
-        "cached until the poll"
-    );
-    assert!(auth.refresh().await.expect("auth call"));
-    assert!(matches!(
-        auth.authenticate(Some(&key)).await,
-        Err(AuthError::UnknownKey)
-    ));
-
-    // Expiry, and the user cascade.
-    let (_, key2) = auth
-        .key_create(KeySpec {
-            user_id: u.clone(),
-            expires_at: T0.add(SEC * 60),
-            ..KeySpec::default()
-        })
-        .await
-        .expect("auth call");
-    auth.authenticate(Some(&key2)).await.expect("auth call");
-    clock.advance(SEC * 61);
-    assert!(matches!(
-        auth.authenticate(Some(&key2)).await,
-        Err(AuthError::ExpiredKey)
-    ));
-    auth.user_delete(&u).await.expect("auth call");
-    assert!(auth.key_list(&u, "", 0).await.expect("auth call").is_empty());
-    assert!(auth
-        .binding_list(&n, &u, "", 0)
-        .await
-        .expect("auth call")
-        .is_empty());
-    auth.role_delete(&n, "worker").await.expect("auth call");
-    auth.namespace_delete(&n, false).await.expect("auth call");
-}
-
 /// Expands to one `#[tokio::test]` per conformance case for the backend `$make` (an async fn returning
 /// `Option<TestBackend>`; `None` skips, e.g. when no database is configured).
 #[macro_export]
@@ -914,10 +700,23 @@ macro_rules! conformance_tests {
             reopen_keeps_items_and_id_order,
             partitions_are_independent,
             large_batches_keep_order,
-            queues_store_crud,
-            auth_store_kv_contract,
-            auth_store_racing_creates,
-            auth_service_rules
+            queues_store_crud
+        );
+        $crate::conformance_tests!(@auth_cases $make;
+            auth_kv_get_put_delete,
+            auth_kv_scan_order_and_bounds,
+            auth_kv_commit_is_atomic,
+            auth_kv_generation_is_shared,
+            auth_kv_concurrent_absent_race,
+            auth_service_bootstrap,
+            auth_service_user_delete_cascades,
+            auth_service_key_expiry_and_revocation,
+            auth_service_roles,
+            auth_service_namespaces,
+            auth_service_authorize_scopes,
+            auth_service_binding_list_filter,
+            auth_service_cross_server_revocation,
+            auth_service_key_use_is_recorded_sparingly
         );
     };
     (@cases $make:path; $($case:ident),* $(,)?) => {
@@ -926,6 +725,17 @@ macro_rules! conformance_tests {
             async fn $case() {
                 match $make().await {
                     Some(backend) => $crate::testsuite::$case(backend).await,
+                    None => eprintln!("skipped: backend not configured"),
+                }
+            }
+        )*
+    };
+    (@auth_cases $make:path; $($case:ident),* $(,)?) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $case() {
+                match $make().await {
+                    Some(backend) => $crate::testsuite::auth::$case(backend).await,
                     None => eprintln!("skipped: backend not configured"),
                 }
             }
@@ -945,9 +755,11 @@ mod tests {
             .collect()
     }
 
-    /// The names the macro expands to tests, from its `@cases $make;` list.
-    fn cases_listed(src: &str) -> Vec<String> {
-        let start = src.find("(@cases $make;\n").expect("the macro's case list");
+    /// The names the macro expands to tests, from its `<list> $make;` list (`@cases` or `@auth_cases`).
+    fn cases_listed(src: &str, list: &str) -> Vec<String> {
+        let start = src
+            .find(&format!("({list} $make;\n"))
+            .expect("the macro's case list");
         let list = &src[start..];
         let end = list.find(");").expect("the end of the macro's case list");
         list[..end]
@@ -963,7 +775,7 @@ mod tests {
     fn every_case_is_in_the_macros_list() {
         let src = include_str!("testsuite.rs");
         let defined = cases_defined(src);
-        let listed = cases_listed(src);
+        let listed = cases_listed(src, "@cases");
         assert!(
             defined.len() >= 20,
             "found only {} cases: {defined:?}",
@@ -979,10 +791,25 @@ mod tests {
     }
 
     #[test]
+    fn every_auth_case_is_in_the_macros_list() {
+        let defined = cases_defined(include_str!("testsuite/auth.rs"));
+        let listed = cases_listed(include_str!("testsuite.rs"), "@auth_cases");
+        assert!(
+            defined.len() >= 10,
+            "found only {} auth cases: {defined:?}",
+            defined.len()
+        );
+        assert_eq!(
+            defined, listed,
+            "auth cases defined (left) and listed in conformance_tests! (right)"
+        );
+    }
+
+    #[test]
     fn the_list_parser_sees_a_missing_case() {
         let src = "pub async fn a(b: TestBackend) {}\npub async fn c(b: TestBackend) {}\n\
                    $crate::conformance_tests!(@cases $make;\n    a,\n    z\n);\n";
         assert_eq!(cases_defined(src), ["a", "c"]);
-        assert_eq!(cases_listed(src), ["a", "z"]);
+        assert_eq!(cases_listed(src, "@cases"), ["a", "z"]);
     }
 }

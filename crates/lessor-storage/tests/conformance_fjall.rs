@@ -15,6 +15,9 @@ async fn fjall_backend() -> Option<TestBackend> {
         partitions: Arc::new(partitions),
         queues: Arc::new(queues),
         guard: Box::new(dir),
+        // fjall's lock file keeps a second handle (another process) out of the directory.
+        peer: None,
+        private_auth: true,
     })
 }
 

@@ -6,10 +6,14 @@ use lessor_storage::memory::{MemoryQueues, MemoryStore};
 use lessor_storage::testsuite::TestBackend;
 
 async fn memory() -> Option<TestBackend> {
+    let queues: Arc<MemoryQueues> = Arc::new(MemoryQueues::new());
     Some(TestBackend {
         partitions: Arc::new(MemoryStore::new()),
-        queues: Arc::new(MemoryQueues::new()),
+        // Another handle on the same store: what a second server would share, as far as RAM can be shared.
+        peer: Some(queues.clone()),
+        queues,
         guard: Box::new(()),
+        private_auth: true,
     })
 }
 

@@ -490,34 +490,84 @@ async fn interval_mode_acknowledges_first_and_fsyncs_in_the_background() {
     assert_eq!(store.fsyncs(), idle);
 }
 
-#[tokio::test]
-async fn restart_keeps_auth_records_and_their_generation() {
-    use lessor_core::auth::Commit;
-    let dir = tempfile::tempdir().unwrap();
-    let before = {
-        let queues = FjallQueues::open(dir.path(), Durability::Sync).unwrap();
-        let auth = queues.auth();
-        let mut c = Commit::default();
-        c.absent(b"k".to_vec()).put(b"k".to_vec(), b"v".to_vec());
-        auth.commit(c).await.unwrap().unwrap();
-        let g = auth.generation().await.unwrap();
-        assert!(g > 0);
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_keeps_auth_records_and_generation() {
+    use std::sync::{Arc, Mutex};
+
+    use lessor_core::auth::{Auth, AuthMode, KeySpec, NamespaceSpec, Permission};
+    use lessor_core::time::ManualClock;
+
+    // `none` too: auth commits are fsynced whatever the queue store's durability mode.
+    for durability in [Durability::Sync, Durability::None] {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let clock = Arc::new(ManualClock::new(T0));
+        let queues = FjallQueues::open(dir.path(), durability).expect("open");
+        let auth = Auth::new(queues.auth(), clock.clone(), AuthMode::Internal);
+        let admin_key = Arc::new(Mutex::new(String::new()));
+        let w = admin_key.clone();
+        let report = auth
+            .bootstrap(false, move |k| {
+                *w.lock().expect("lock") = k.to_string();
+                Ok(())
+            })
+            .await
+            .expect("bootstrap");
+        assert!(report.created_admin);
+        auth.namespace_create(NamespaceSpec {
+            name: "tenant".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("namespace");
+        let uid = auth.user_create("alice", "", "").await.expect("user");
+        auth.binding_create("_system", "PublicViewer", &uid)
+            .await
+            .expect("bind");
+        let (_, secret) = auth
+            .key_create(KeySpec {
+                user_id: uid.clone(),
+                ..Default::default()
+            })
+            .await
+            .expect("key");
+        let generation = queues.auth().generation().await.expect("generation");
+        assert!(generation > 0);
+        drop(auth);
         queues.close().await;
-        g
-    };
-    let queues = FjallQueues::open(dir.path(), Durability::Sync).unwrap();
-    let auth = queues.auth();
-    assert_eq!(auth.get(b"k").await.unwrap().as_deref(), Some(&b"v"[..]));
-    assert_eq!(
-        auth.generation().await.unwrap(),
-        before,
-        "the generation never goes back"
-    );
-    let mut c = Commit::default();
-    c.absent(b"k".to_vec()).put(b"k".to_vec(), b"w".to_vec());
-    assert!(
-        auth.commit(c).await.unwrap().is_err(),
-        "the record is still there"
-    );
-    queues.close().await;
+        drop(queues);
+
+        let queues = FjallQueues::open(dir.path(), durability).expect("reopen");
+        let store = queues.auth();
+        assert_eq!(
+            store.generation().await.expect("generation"),
+            generation,
+            "{durability}: the generation survives a restart"
+        );
+        let auth = Auth::new(store.clone(), clock, AuthMode::Internal);
+        let again = auth.bootstrap(false, |_| Ok(())).await.expect("bootstrap");
+        assert!(
+            !again.created_admin,
+            "the bootstrap runs once per store, not per start"
+        );
+        assert!(
+            store.generation().await.expect("generation") >= generation,
+            "never backwards"
+        );
+        let admin_key = admin_key.lock().expect("lock").clone();
+        let admin = auth
+            .authenticate(Some(&admin_key))
+            .await
+            .expect("the bootstrap key still works");
+        assert_eq!(admin.username, "admin");
+        let alice = auth
+            .authenticate(Some(&secret))
+            .await
+            .expect("alice's key still works");
+        assert_eq!(alice.user_id, uid);
+        auth.authorize(&alice, "tenant", Permission::SystemHealth)
+            .await
+            .expect("her binding survived");
+        assert!(auth.namespace_exists("tenant").await.expect("exists"));
+        queues.close().await;
+    }
 }

@@ -379,3 +379,78 @@ async fn a_schema_from_a_newer_build_is_refused() {
         .await
         .expect("drop schema");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_version_1_schema_migrates_and_gains_the_auth_store() {
+    use lessor_core::auth::Commit;
+
+    if lessor_testkit::database_or_skip().is_none() {
+        return;
+    }
+    let db = lessor_testkit::TestDatabase::create("lessor_migrate").await;
+    // What a build before the auth store left behind: migration 1 and a queue.
+    lessor_testkit::execute(
+        db.url(),
+        "CREATE TABLE lessor_schema (singleton BOOLEAN PRIMARY KEY DEFAULT true CHECK (singleton),
+                                     version INTEGER NOT NULL);
+         INSERT INTO lessor_schema VALUES (true, 1);
+         CREATE TABLE queues (
+             name TEXT COLLATE \"C\" PRIMARY KEY, namespace TEXT NOT NULL DEFAULT '',
+             created_at BIGINT NOT NULL, updated_at BIGINT NOT NULL, dead_queue TEXT NOT NULL DEFAULT '',
+             reference TEXT NOT NULL DEFAULT '', lease_timeout_ns BIGINT NOT NULL,
+             expire_timeout_ns BIGINT NOT NULL, max_attempts BIGINT NOT NULL DEFAULT 0,
+             requested_partitions BIGINT NOT NULL DEFAULT 0, partition_info JSONB NOT NULL DEFAULT '[]'::jsonb);
+         CREATE TABLE lessor_partitions (table_name TEXT PRIMARY KEY, queue TEXT NOT NULL,
+                                         partition BIGINT NOT NULL, created_at BIGINT NOT NULL);
+         INSERT INTO queues (name, created_at, updated_at, lease_timeout_ns, expire_timeout_ns)
+             VALUES ('old', 1, 1, 60000000000, 3600000000000);",
+    )
+    .await
+    .expect("a version 1 schema");
+    let queues = PgQueues::new(&PgConfig::new(unique_url(db.url()))).expect("queues");
+    let auth = queues.auth();
+    assert_eq!(
+        auth.generation().await.expect("generation"),
+        0,
+        "an empty auth store"
+    );
+    assert!(auth.scan(b"", b"", 10).await.expect("scan").is_empty());
+    let mut c = Commit::default();
+    c.absent(b"k".to_vec()).put(b"k".to_vec(), b"v".to_vec());
+    auth.commit(c).await.expect("commit").expect("absent");
+    assert_eq!(auth.generation().await.expect("generation"), 1);
+    assert!(
+        queues.get("old").await.expect("get").is_some(),
+        "queue definitions are kept"
+    );
+    let client = lessor_testkit::connect(db.url()).await;
+    let v: i32 = client
+        .query_one("SELECT version FROM lessor_schema", &[])
+        .await
+        .expect("version")
+        .get(0);
+    assert_eq!(v, lessor_storage::postgres::SCHEMA_VERSION);
+    assert_eq!(v, 2);
+    drop(client);
+    queues.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auth_store_reports_an_unreachable_database_as_unavailable() {
+    let cfg = PgConfig::new("postgres://lessor@127.0.0.1:1/lessor?connect_timeout=2");
+    let queues = PgQueues::new(&cfg).expect("building a store never connects");
+    let auth = queues.auth();
+    let e = auth.get(b"k").await.expect_err("no database");
+    assert_eq!(e.kind, StorageErrorKind::Unavailable, "{e}");
+    assert!(e.is_transient());
+    let e = auth.generation().await.expect_err("no database");
+    assert_eq!(e.kind, StorageErrorKind::Unavailable, "{e}");
+    let e = auth
+        .commit(lessor_core::auth::Commit::default())
+        .await
+        .expect_err("no database");
+    assert_eq!(e.kind, StorageErrorKind::Unavailable, "{e}");
+    // A closed queue store closes its auth store too.
+    queues.close().await;
+    assert!(auth.scan(b"", b"", 1).await.is_err());
+}

@@ -40,6 +40,9 @@ pub const MAX_CACHED_USERS: usize = 100_000;
 /// than judged on a partial list.
 pub const MAX_BINDINGS_PER_USER: usize = 10_000;
 
+/// Least time between two records of one key's use (`last_used_at`), see [`Auth::authenticate`].
+pub const TOUCH_EVERY: Duration = Duration::from_secs(60 * 60);
+
 /// How a server runs auth.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AuthMode {
@@ -192,7 +195,12 @@ impl Auth {
             return Ok(unknown);
         };
         let user: User = records::decode(&user_at, &user)?;
-        self.touch_key(record.id.clone(), now);
+        // Recording a use is a commit, and every commit moves the generation, which drops the caches of every
+        // server: touching at every cache miss would make each use cause the next miss, a loop at the poll rate.
+        // Touching at most once per TOUCH_EVERY per key ends it.
+        if record.last_used_at.is_zero() || now.since(record.last_used_at) >= TOUCH_EVERY {
+            self.touch_key(record.id.clone(), now);
+        }
         Ok(KeyEntry::Known {
             principal: Principal {
                 user_id: user.id,

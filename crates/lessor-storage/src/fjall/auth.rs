@@ -1,15 +1,21 @@
-//! [`FjallAuth`]: the auth records (users, keys, roles, bindings) in the queue store's fjall database, keyspace
-//! `auth`, with the store's generation in keyspace `auth-meta`.
+//! [`FjallAuth`]: the auth store of the fjall backend, in the queue store's database
+//! (`<storage-dir>/~queue-storage-partition/`), so users and keys live next to the queue definitions.
 //!
-//! A commit checks its preconditions and writes its records and the next generation in one fjall batch, under a
-//! lock that every auth commit takes, so no other commit slips between the checks and the writes. The batch goes
-//! through the engine's group commit, so it is as durable as the queue definitions (fsync before the answer with
-//! the default durability) and a failed fsync poisons the store like any other write. Older directories simply
-//! have no `auth` keyspace yet: it is created on first use, and an absent generation reads as 0.
+//! Two keyspaces: `auth` holds the auth model's keys and values exactly as [`AuthStore`] sees them (fjall orders
+//! keys bytewise, which is the order the trait asks for), and `auth-meta` holds the generation under
+//! [`GENERATION_KEY`]. A commit checks its preconditions and writes its changes plus the next generation as one
+//! fjall batch, under one lock, so checks and writes see no other commit in between and the generation on disk
+//! moves with the data it describes.
+//!
+//! Only one process can open the directory (fjall's lock file), so the generation is also kept in memory: polling
+//! it costs no disk read and no blocking call.
+//!
+//! Auth commits are always fsynced before they are answered, whatever the store's durability mode: a revocation
+//! that a power loss undoes would bring a deleted key back to life. A failed fsync poisons the engine as every
+//! other write does.
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
@@ -18,54 +24,66 @@ use lessor_core::auth::{AuthStore, Check, CheckFailed, Commit, Write};
 use lessor_core::error::{StorageError, StorageErrorKind};
 
 use super::engine::{Engine, Unit};
+use super::Durability;
 
-const RECORDS: &str = "auth";
-const META: &str = "auth-meta";
-const GENERATION: &[u8] = b"generation";
+/// Keyspace of the auth model's records.
+pub(crate) const AUTH_KEYSPACE: &str = "auth";
+/// Keyspace of the auth store's own state (the generation).
+pub(crate) const AUTH_META_KEYSPACE: &str = "auth-meta";
+/// Key of the generation (u64, big-endian) in [`AUTH_META_KEYSPACE`].
+pub(crate) const GENERATION_KEY: &[u8] = b"generation";
 
-/// The auth store of a fjall queue store.
+/// Users, keys, roles and bindings in the queue store's fjall database.
 pub struct FjallAuth {
     engine: Arc<Engine>,
-    /// Serialises commits: checks and writes are one step.
-    write: Arc<Mutex<()>>,
-    /// The last committed generation (read from disk at open).
-    generation: Arc<AtomicU64>,
+    keyspace: Arc<str>,
+    meta: Arc<str>,
+    /// The generation last written; the lock also serialises commits (checks, then the batch).
+    generation: Arc<Mutex<u64>>,
 }
 
 impl fmt::Debug for FjallAuth {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("FjallAuth")
-            .field("generation", &self.generation.load(Ordering::Relaxed))
-            .finish_non_exhaustive()
+        f.debug_struct("FjallAuth").field("engine", &self.engine).finish()
     }
 }
 
 impl FjallAuth {
-    /// The auth store over `engine` (the queue store's), creating its keyspaces when missing. Blocking.
+    /// Opens the auth store in `engine`'s database, creating its keyspaces on first use (a directory written
+    /// before auth existed has none: its auth store starts empty). Blocking.
     pub(crate) fn open(engine: Arc<Engine>) -> Result<Self, StorageError> {
-        engine.keyspace(RECORDS, true)?;
-        let meta = engine
-            .keyspace(META, true)?
-            .ok_or_else(|| StorageError::new(StorageErrorKind::Corrupt, "auth-meta keyspace missing"))?;
-        let generation = match meta.get(GENERATION).map_err(|e| engine.read_error(e))? {
-            Some(v) => decode_generation(&v)?,
+        engine.keyspace(AUTH_KEYSPACE, true)?;
+        let meta = engine.keyspace(AUTH_META_KEYSPACE, true)?.ok_or_else(|| {
+            StorageError::new(StorageErrorKind::Corrupt, "the auth-meta keyspace is missing")
+        })?;
+        let generation = match meta.get(GENERATION_KEY).map_err(|e| engine.read_error(e))? {
             None => 0,
+            Some(v) => {
+                let bytes: [u8; 8] = v.as_ref().try_into().map_err(|_| {
+                    StorageError::new(
+                        StorageErrorKind::Corrupt,
+                        format!("the auth generation is {} bytes long, not 8", v.len()),
+                    )
+                })?;
+                u64::from_be_bytes(bytes)
+            }
         };
         Ok(FjallAuth {
             engine,
-            write: Arc::new(Mutex::new(())),
-            generation: Arc::new(AtomicU64::new(generation)),
+            keyspace: AUTH_KEYSPACE.into(),
+            meta: AUTH_META_KEYSPACE.into(),
+            generation: Arc::new(Mutex::new(generation)),
         })
     }
 
-    /// Runs `f` with the records keyspace, off the async runtime.
+    /// Runs `f` with the auth keyspace, off the async runtime.
     async fn with<T: Send + 'static>(
         &self,
         f: impl FnOnce(&Engine, &fjall::Keyspace) -> Result<T, StorageError> + Send + 'static,
     ) -> Result<T, StorageError> {
         let engine = self.engine.clone();
         tokio::task::spawn_blocking(move || {
-            let ks = engine.keyspace(RECORDS, false)?.ok_or_else(|| {
+            let ks = engine.keyspace(AUTH_KEYSPACE, false)?.ok_or_else(|| {
                 StorageError::new(StorageErrorKind::Corrupt, "the auth keyspace is missing")
             })?;
             f(&engine, &ks)
@@ -73,13 +91,6 @@ impl FjallAuth {
         .await
         .map_err(|e| StorageError::other(format!("storage task failed: {e}")))?
     }
-}
-
-fn decode_generation(v: &[u8]) -> Result<u64, StorageError> {
-    let bytes: [u8; 8] = v
-        .try_into()
-        .map_err(|_| StorageError::new(StorageErrorKind::Corrupt, "auth generation is not 8 bytes"))?;
-    Ok(u64::from_be_bytes(bytes))
 }
 
 #[async_trait]
@@ -108,16 +119,19 @@ impl AuthStore for FjallAuth {
             prefix.clone()
         };
         self.with(move |engine, ks| {
-            let mut out = Vec::new();
+            let mut out = Vec::with_capacity(limit.min(1024));
+            if limit == 0 {
+                return Ok(out);
+            }
             for kv in ks.range(start..) {
-                if out.len() >= limit {
-                    break;
-                }
                 let (k, v) = kv.into_inner().map_err(|e| engine.read_error(e))?;
                 if !k.starts_with(&prefix) {
                     break;
                 }
                 out.push((Bytes::copy_from_slice(&k), Bytes::copy_from_slice(&v)));
+                if out.len() >= limit {
+                    break;
+                }
             }
             Ok(out)
         })
@@ -125,10 +139,11 @@ impl AuthStore for FjallAuth {
     }
 
     async fn commit(&self, commit: Commit) -> Result<Result<(), CheckFailed>, StorageError> {
-        let write = self.write.clone();
         let generation = self.generation.clone();
+        let keyspace = self.keyspace.clone();
+        let meta = self.meta.clone();
         self.with(move |engine, ks| {
-            let _w = write.lock().unwrap_or_else(|e| e.into_inner());
+            let mut current = generation.lock().unwrap_or_else(|e| e.into_inner());
             engine.check_writable()?;
             for (index, check) in commit.checks.iter().enumerate() {
                 let exists = ks.contains_key(check.key()).map_err(|e| engine.read_error(e))?;
@@ -140,41 +155,50 @@ impl AuthStore for FjallAuth {
                     return Ok(Err(CheckFailed { index }));
                 }
             }
-            // Later writes of a key win, whatever the batch does with a put and a delete of one key.
+            // A fjall batch takes each key once: keep each key's last write, as applying them in order would.
             let mut last: BTreeMap<Vec<u8>, Option<Vec<u8>>> = BTreeMap::new();
-            for w in commit.writes {
-                match w {
+            for write in commit.writes {
+                match write {
                     Write::Put(k, v) => last.insert(k, Some(v)),
                     Write::Delete(k) => last.insert(k, None),
                 };
             }
-            let mut records = Unit {
-                keyspace: RECORDS.into(),
+            let mut data = Unit {
+                keyspace,
                 puts: Vec::new(),
                 dels: Vec::new(),
             };
             for (k, v) in last {
                 match v {
-                    Some(v) => records.puts.push((k, v)),
-                    None => records.dels.push(k),
+                    Some(v) => data.puts.push((k, v)),
+                    None => data.dels.push(k),
                 }
             }
-            let next = generation.load(Ordering::Acquire) + 1;
-            let meta = Unit {
-                keyspace: META.into(),
-                puts: vec![(GENERATION.to_vec(), next.to_be_bytes().to_vec())],
+            let next = *current + 1;
+            let gen = Unit {
+                keyspace: meta,
+                puts: vec![(GENERATION_KEY.to_vec(), next.to_be_bytes().to_vec())],
                 dels: Vec::new(),
             };
-            for r in engine.commit_group(vec![records, meta]) {
-                r?;
+            let outcome = engine
+                .commit_group(vec![data, gen])
+                .into_iter()
+                .find(Result::is_err)
+                .unwrap_or(Ok(()));
+            // After a failed write the batch may still be visible (a failed fsync): count it as a change either way,
+            // so that the generation never understates what readers may have seen. It never goes backwards: the
+            // next commit writes a larger number still.
+            *current = next;
+            outcome?;
+            if engine.durability() != Durability::Sync {
+                engine.sync_journal()?;
             }
-            generation.store(next, Ordering::Release);
             Ok(Ok(()))
         })
         .await
     }
 
     async fn generation(&self) -> Result<u64, StorageError> {
-        Ok(self.generation.load(Ordering::Acquire))
+        Ok(*self.generation.lock().unwrap_or_else(|e| e.into_inner()))
     }
 }

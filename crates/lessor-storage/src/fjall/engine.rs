@@ -197,6 +197,25 @@ impl Engine {
             .map_err(|e| self.error(fjall::Error::Storage(e), "dropping a key range of"))
     }
 
+    /// The configured durability mode.
+    pub(crate) fn durability(&self) -> Durability {
+        self.durability
+    }
+
+    /// fsyncs the journal now, whatever the durability mode (writes that must be durable at once, such as auth
+    /// changes, in the modes that do not fsync each write). A failure poisons the engine, as in `commit_group`.
+    /// Blocking.
+    pub(crate) fn sync_journal(&self) -> Result<(), StorageError> {
+        let _w = lock(&self.write_lock);
+        if let Some(e) = self.poison.get() {
+            return Err(e.clone());
+        }
+        let db = self.database()?;
+        db.persist(PersistMode::Buffer)
+            .map_err(|e| self.write_failed(e))?;
+        self.fsync(&db)
+    }
+
     /// The database directory.
     pub(crate) fn dir(&self) -> &Path {
         &self.dir

@@ -15,7 +15,8 @@
 //! ```text
 //! <storage-dir>/
 //!   ~queue-storage-partition/   FjallQueues: one database, keyspace "queues" (name -> queue definition),
-//!                               "auth" and "auth-meta" (users, keys, roles, bindings: see `auth`)
+//!                                 keyspace "auth" (the auth model's keys -> values, see `auth`),
+//!                                 keyspace "auth-meta" ("generation" -> u64 BE)
 //!   ~partitions/                FjallStore: one database, one keyspace "items"
 //!       catalog (pid 0)           0 + 'p' + "<queue>-<NNNNNN>-partition" -> pid (u64 BE)
 //!                                 0 + 'd' + pid -> name   (destroyed; items still being deleted)
@@ -34,7 +35,7 @@
 //! - `codec`: the binary record format.
 //! - `partitions`: [`FjallStore`] and [`FjallPartition`], with the writer thread that group-commits.
 //! - `queues`: [`FjallQueues`].
-//! - `auth`: the auth records next to the queue definitions.
+//! - `auth`: [`FjallAuth`], the auth store in the queue store's database.
 //! - `upgrade`: rewrites a format-1 partition store (a keyspace per partition) into the format-2 layout.
 
 mod auth;
@@ -50,6 +51,7 @@ use std::time::Duration;
 
 use lessor_core::error::{StorageError, StorageErrorKind};
 
+pub use auth::FjallAuth;
 pub use engine::Fault;
 pub use partitions::{FjallPartition, FjallStore};
 pub use queues::FjallQueues;
@@ -62,7 +64,9 @@ pub const PARTITIONS_DIR: &str = "~partitions";
 /// keeps every partition in one `items` keyspace under a numeric prefix (see [`FjallStore`]). Version 1 stores
 /// are upgraded when they open.
 pub const PARTITIONS_FORMAT_VERSION: u32 = 2;
-/// Format version of the queue store this build writes and reads.
+/// Format version of the queue store this build writes and reads. The auth keyspaces did not change it: they are
+/// new keyspaces beside `queues`, created when a store opens (an older directory gets them empty), and a build
+/// without auth ignores them.
 pub const QUEUES_FORMAT_VERSION: u32 = 1;
 
 /// When a write counts as done.

@@ -1,7 +1,8 @@
 //! [`FjallQueues`]: queue definitions in their own fjall database, `<storage-dir>/~queue-storage-partition/`.
 //!
 //! Definitions change rarely and are read by name or listed in name order, which is key order in the `queues`
-//! keyspace, so every call goes straight to fjall (off the async runtime) without a cache to keep in step.
+//! keyspace, so every call goes straight to fjall (off the async runtime) without a cache to keep in step. The same
+//! database holds the auth store ([`super::auth::FjallAuth`]).
 
 use std::fmt;
 use std::path::{Path, PathBuf};

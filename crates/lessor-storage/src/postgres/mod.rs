@@ -10,6 +10,7 @@
 //! - `pool`: configuration, the process-wide pool registry, error mapping and the pipelined transaction helper.
 //! - `schema`: versioned migrations under an advisory lock, item table naming and DDL.
 //! - `queues`: [`PgQueues`].
+//! - `auth`: [`PgAuth`], users, keys, roles and bindings shared by every server on the database.
 //! - `partition`: [`PgStore`] and [`PgPartition`], the item state machine in SQL.
 //! - `sql`: the statement texts of one partition.
 //! - [`tls`]: `sslmode`/`sslrootcert` of the connection string and the rustls connector.

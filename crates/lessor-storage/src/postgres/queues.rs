@@ -25,8 +25,9 @@ const COLUMNS: &str = "name, namespace, created_at, updated_at, dead_queue, refe
 /// Queue definitions in PostgreSQL.
 #[derive(Debug)]
 pub struct PgQueues {
-    shared: Mutex<Option<Arc<Shared>>>,
-    /// Users, keys, roles and bindings, on the same database.
+    /// The pool; shared with `auth`, so closing this store closes both.
+    shared: Arc<Mutex<Option<Arc<Shared>>>>,
+    /// Users, keys, roles and bindings, in the same database.
     auth: Arc<PgAuth>,
 }
 
@@ -35,10 +36,10 @@ impl PgQueues {
     /// Never connects: the schema is created or migrated on the first call, and calls fail with `Unavailable`
     /// while the database is down. Fails only on an invalid configuration.
     pub fn new(cfg: &PgConfig) -> Result<Self, StorageError> {
-        let shared = acquire(cfg)?;
+        let shared = Arc::new(Mutex::new(Some(acquire(cfg)?)));
         Ok(PgQueues {
             auth: Arc::new(PgAuth::new(shared.clone())),
-            shared: Mutex::new(Some(shared)),
+            shared,
         })
     }
 

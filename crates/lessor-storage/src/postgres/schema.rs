@@ -7,7 +7,7 @@
 //! - `lessor_schema(version)`: one row, the number of migrations applied. A database migrated by a newer build is
 //!   refused with [`StorageErrorKind::Corrupt`] instead of being misread.
 //! - `queues`: queue definitions ([`super::PgQueues`]).
-//! - `lessor_auth`, `lessor_auth_generation`: the auth records and their generation ([`super::PgAuth`]).
+//! - `lessor_auth`, `lessor_auth_generation` (version 2): the auth store ([`super::PgAuth`]).
 //! - `lessor_partitions`: which queue and partition owns each item table, so a hash collision between two queue names
 //!   is reported instead of silently mixing their items, and operators can map a table back to its queue.
 //! - `items_<12 hex digits of md5(queue)>_<partition, 6 digits>` and its id sequence: one partition's items, created
@@ -53,7 +53,7 @@ const MIGRATIONS: &[&str] = &[
         created_at BIGINT NOT NULL
     );
     "#,
-    // 2: auth records (users, keys, roles, bindings: see `super::auth`) and their generation counter.
+    // 2: the auth store (see `super::auth`): ordered keys and values, and the generation every server polls.
     r#"
     CREATE TABLE lessor_auth (
         key BYTEA PRIMARY KEY,
@@ -63,7 +63,7 @@ const MIGRATIONS: &[&str] = &[
         singleton BOOLEAN PRIMARY KEY DEFAULT true CHECK (singleton),
         generation BIGINT NOT NULL
     );
-    INSERT INTO lessor_auth_generation (generation) VALUES (0);
+    INSERT INTO lessor_auth_generation (singleton, generation) VALUES (true, 0);
     "#,
 ];
 
