@@ -716,7 +716,8 @@ macro_rules! conformance_tests {
             auth_service_authorize_scopes,
             auth_service_binding_list_filter,
             auth_service_cross_server_revocation,
-            auth_service_key_use_is_recorded_sparingly
+            auth_service_key_use_is_recorded_sparingly,
+            auth_kv_silent_commit_keeps_the_generation
         );
     };
     (@cases $make:path; $($case:ident),* $(,)?) => {

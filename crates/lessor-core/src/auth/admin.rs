@@ -518,7 +518,9 @@ impl Auth {
         rec.last_used_at = now;
         let mut c = Commit::default();
         c.present(at.clone()).put(at, encode(&rec));
-        // Not through `self.commit`: recording a use changes no permission, so caches stay.
+        // Silent, and not through `self.commit`: recording a use changes no permission, so no cache anywhere is
+        // dropped for it.
+        c.silent = true;
         let _ = self.store().commit(c).await?;
         Ok(())
     }

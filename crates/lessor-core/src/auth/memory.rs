@@ -73,6 +73,7 @@ impl AuthStore for MemoryAuthStore {
                 return Ok(Err(CheckFailed { index }));
             }
         }
+        let silent = commit.silent;
         for write in commit.writes {
             match write {
                 Write::Put(k, v) => {
@@ -83,7 +84,9 @@ impl AuthStore for MemoryAuthStore {
                 }
             }
         }
-        state.generation += 1;
+        if !silent {
+            state.generation += 1;
+        }
         Ok(Ok(()))
     }
 

@@ -195,9 +195,8 @@ impl Auth {
             return Ok(unknown);
         };
         let user: User = records::decode(&user_at, &user)?;
-        // Recording a use is a commit, and every commit moves the generation, which drops the caches of every
-        // server: touching at every cache miss would make each use cause the next miss, a loop at the poll rate.
-        // Touching at most once per TOUCH_EVERY per key ends it.
+        // Recording a use is a write per cache miss; a silent one (it moves no generation, so no server drops its
+        // caches for it), and at most once per TOUCH_EVERY per key, so busy keys cost the store almost nothing.
         if record.last_used_at.is_zero() || now.since(record.last_used_at) >= TOUCH_EVERY {
             self.touch_key(record.id.clone(), now);
         }

@@ -45,6 +45,9 @@ pub struct Commit {
     pub checks: Vec<Check>,
     /// Writes, applied in order.
     pub writes: Vec<Write>,
+    /// A change that grants and revokes nothing (a key's last-use time): it does not move
+    /// [`AuthStore::generation`], so it does not make every server drop its caches.
+    pub silent: bool,
 }
 
 impl Commit {
@@ -87,7 +90,8 @@ pub struct CheckFailed {
 /// - [`AuthStore::commit`] is atomic and serialisable across every server sharing the store: no other commit
 ///   happens between its checks and its writes, and after it returns `Ok(Ok(()))` the writes are durable (on disk
 ///   for persistent backends) and visible to every later read on any server;
-/// - [`AuthStore::generation`] increases with every successful commit and is shared by every server on the store,
+/// - [`AuthStore::generation`] increases with every successful commit that is not [`Commit::silent`] and is shared
+///   by every server on the store,
 ///   so a server that sees it change knows that something may have been revoked.
 #[async_trait]
 pub trait AuthStore: Send + Sync + std::fmt::Debug + 'static {
@@ -106,6 +110,6 @@ pub trait AuthStore: Send + Sync + std::fmt::Debug + 'static {
     /// Applies `commit` atomically when its checks hold.
     async fn commit(&self, commit: Commit) -> Result<Result<(), CheckFailed>, StorageError>;
 
-    /// A number that grows with every successful commit, on every server sharing the store.
+    /// A number that grows with every successful commit (silent ones excepted), on every server sharing the store.
     async fn generation(&self) -> Result<u64, StorageError>;
 }

@@ -155,6 +155,7 @@ impl AuthStore for FjallAuth {
                     return Ok(Err(CheckFailed { index }));
                 }
             }
+            let silent = commit.silent;
             // A fjall batch takes each key once: keep each key's last write, as applying them in order would.
             let mut last: BTreeMap<Vec<u8>, Option<Vec<u8>>> = BTreeMap::new();
             for write in commit.writes {
@@ -174,14 +175,17 @@ impl AuthStore for FjallAuth {
                     None => data.dels.push(k),
                 }
             }
-            let next = *current + 1;
-            let gen = Unit {
-                keyspace: meta,
-                puts: vec![(GENERATION_KEY.to_vec(), next.to_be_bytes().to_vec())],
-                dels: Vec::new(),
-            };
+            let next = if silent { *current } else { *current + 1 };
+            let mut units = vec![data];
+            if !silent {
+                units.push(Unit {
+                    keyspace: meta,
+                    puts: vec![(GENERATION_KEY.to_vec(), next.to_be_bytes().to_vec())],
+                    dels: Vec::new(),
+                });
+            }
             let outcome = engine
-                .commit_group(vec![data, gen])
+                .commit_group(units)
                 .into_iter()
                 .find(Result::is_err)
                 .unwrap_or(Ok(()));

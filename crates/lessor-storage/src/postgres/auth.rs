@@ -121,9 +121,15 @@ impl AuthStore for PgAuth {
     async fn commit(&self, commit: Commit) -> Result<Result<(), CheckFailed>, StorageError> {
         let shared = self.shared().await?;
         let conn = shared.conn().await?;
+        // Locking the generation row serialises auth commits across servers; a silent commit locks it without
+        // moving it.
         let bump = prepare(
             &conn,
-            "UPDATE lessor_auth_generation SET generation = generation + 1 RETURNING generation",
+            if commit.silent {
+                "SELECT generation FROM lessor_auth_generation FOR UPDATE"
+            } else {
+                "UPDATE lessor_auth_generation SET generation = generation + 1 RETURNING generation"
+            },
         )
         .await?;
         let (mut tx, rows) = Tx::begin(conn, &bump, &[]).await?;
