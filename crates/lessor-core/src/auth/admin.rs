@@ -365,6 +365,21 @@ impl Auth {
         c.present(at.clone())
             .delete(at)
             .delete(rkey(tag::USERNAME, &[&user.username]));
+        self.user_leftovers(id, &mut c).await?;
+        self.commit(c).await?.map_err(|_| user_not_found(id))?;
+        // A key or binding created for the user between the scan above and the commit (on another server) would
+        // survive it: it grants nothing (authentication needs the user), but would keep its role and namespace
+        // from being deleted. Sweep once more now that no new one can be made.
+        let mut sweep = Commit::default();
+        self.user_leftovers(id, &mut sweep).await?;
+        if !sweep.writes.is_empty() {
+            self.commit(sweep).await?.ok();
+        }
+        Ok(())
+    }
+
+    /// Adds to `c` the removal of every key and role binding of user `id`.
+    async fn user_leftovers(&self, id: &str, c: &mut Commit) -> Result<(), AuthError> {
         let keys = self
             .store()
             .scan(&prefix(tag::USER_KEY, &[id]), &[], MAX_CASCADE)
@@ -372,7 +387,7 @@ impl Auth {
         for (k, _) in keys {
             let seg = records::segments(&k);
             if let [_, key_id] = seg.as_slice() {
-                self.delete_key_writes(key_id, &mut c).await?;
+                self.delete_key_writes(key_id, c).await?;
             }
         }
         let bindings = self
@@ -382,10 +397,10 @@ impl Auth {
         for (k, _) in bindings {
             let seg = records::segments(&k);
             if let [_, ns, role_id] = seg.as_slice() {
-                binding_delete_writes(ns, id, role_id, &mut c);
+                binding_delete_writes(ns, id, role_id, c);
             }
         }
-        self.commit(c).await?.map_err(|_| user_not_found(id))
+        Ok(())
     }
 
     // ---- api keys ------------------------------------------------------------------------------------------
