@@ -744,12 +744,25 @@ async fn health(State(st): State<AppState>) -> Response {
     r
 }
 
-async fn metrics(State(st): State<AppState>) -> Response {
-    let mut r = st.metrics.render().into_response();
-    r.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
-    );
+/// `/metrics`: Prometheus text format 0.0.4 (as Querator), or OpenMetrics when the scraper's `Accept` asks for it
+/// (Prometheus does when its scrape protocols allow).
+async fn metrics(State(st): State<AppState>, headers: HeaderMap) -> Response {
+    let openmetrics = header_str(&headers, header::ACCEPT)
+        .is_some_and(|a| a.to_ascii_lowercase().contains("application/openmetrics-text"));
+    let (body, content_type) = if openmetrics {
+        (
+            st.metrics.render(),
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )
+    } else {
+        (
+            st.metrics.render_text(),
+            "text/plain; version=0.0.4; charset=utf-8",
+        )
+    };
+    let mut r = body.into_response();
+    r.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
     r
 }
 

@@ -69,13 +69,85 @@ impl Metrics {
         }
     }
 
-    /// The Prometheus text exposition.
+    /// The OpenMetrics text exposition (what scrapers asking for `application/openmetrics-text` get).
     pub fn render(&self) -> String {
         let mut out = String::new();
         if encode(&mut out, &self.registry).is_err() {
             out.clear();
         }
         out
+    }
+
+    /// The Prometheus text format 0.0.4 (what every other scraper gets, as Querator serves).
+    pub fn render_text(&self) -> String {
+        openmetrics_to_text(&self.render())
+    }
+}
+
+/// Rewrites an OpenMetrics exposition as Prometheus text format 0.0.4: no `# EOF` or `# UNIT` lines, `unknown`
+/// becomes `untyped`, and a counter family is named after its samples (`x_total`), since 0.0.4 has no family name
+/// apart from the sample name. Histogram and gauge lines are the same in both formats.
+pub fn openmetrics_to_text(om: &str) -> String {
+    let mut out = String::with_capacity(om.len());
+    // The HELP line waits for its TYPE line, which says whether its name needs `_total`.
+    let mut help: Option<(&str, &str)> = None;
+    for line in om.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix("# HELP ") {
+            if let Some((name, text)) = help.take() {
+                out.push_str(&format!("# HELP {name} {text}\n"));
+            }
+            let (name, text) = rest.split_once(' ').unwrap_or((rest, ""));
+            help = Some((name, text));
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let (name, kind) = rest.split_once(' ').unwrap_or((rest, "untyped"));
+            let (name, kind) = match kind {
+                "counter" if !name.ends_with("_total") => (format!("{name}_total"), "counter"),
+                "unknown" => (name.to_string(), "untyped"),
+                other => (name.to_string(), other),
+            };
+            if let Some((_, text)) = help.take() {
+                out.push_str(&format!("# HELP {name} {text}\n"));
+            }
+            out.push_str(&format!("# TYPE {name} {kind}\n"));
+            continue;
+        }
+        if let Some((name, text)) = help.take() {
+            out.push_str(&format!("# HELP {name} {text}\n"));
+        }
+        out.push_str(line);
+        out.push('\n');
+    }
+    if let Some((name, text)) = help.take() {
+        out.push_str(&format!("# HELP {name} {text}\n"));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::openmetrics_to_text;
+
+    #[test]
+    fn openmetrics_becomes_text_0_0_4() {
+        let om = "# HELP lessor_http_requests Requests answered.\n# TYPE lessor_http_requests counter\n\
+                  lessor_http_requests_total{route=\"/v1/queue.lease\",code=\"200\"} 3\n\
+                  # HELP lessor_up Whether.\n# TYPE lessor_up unknown\n# UNIT lessor_up seconds\nlessor_up 1\n\
+                  # HELP lessor_lat Latency.\n# TYPE lessor_lat histogram\nlessor_lat_bucket{le=\"+Inf\"} 1\n\
+                  lessor_lat_sum 0.1\nlessor_lat_count 1\n# EOF\n";
+        let text = openmetrics_to_text(om);
+        assert_eq!(
+            text,
+            "# HELP lessor_http_requests_total Requests answered.\n# TYPE lessor_http_requests_total counter\n\
+             lessor_http_requests_total{route=\"/v1/queue.lease\",code=\"200\"} 3\n\
+             # HELP lessor_up Whether.\n# TYPE lessor_up untyped\nlessor_up 1\n\
+             # HELP lessor_lat Latency.\n# TYPE lessor_lat histogram\nlessor_lat_bucket{le=\"+Inf\"} 1\n\
+             lessor_lat_sum 0.1\nlessor_lat_count 1\n"
+        );
     }
 }
 

@@ -367,3 +367,69 @@ async fn status_lines_carry_querator_code_texts() {
         .expect("stops")
         .expect("join");
 }
+
+/// `/metrics` is Prometheus text format 0.0.4 (as Querator serves it) unless the scraper asks for OpenMetrics.
+#[tokio::test]
+async fn metrics_format_follows_accept() {
+    let srv = server().await;
+    let mut raw = Raw::connect(srv.addr).await;
+    let get = |accept: Option<&str>| {
+        let mut r = "GET /metrics HTTP/1.1\r\nHost: lessor\r\n".to_string();
+        if let Some(a) = accept {
+            r.push_str(&format!("Accept: {a}\r\n"));
+        }
+        r.push_str("\r\n");
+        r.into_bytes()
+    };
+
+    for accept in [None, Some("text/plain;version=0.0.4;q=0.5,*/*;q=0.1")] {
+        raw.send(&get(accept)).await;
+        let a = raw.answer().await;
+        assert_eq!(a.code(), 200, "{a:?}");
+        assert_eq!(
+            a.header("content-type"),
+            Some("text/plain; version=0.0.4; charset=utf-8")
+        );
+        assert!(
+            !a.body.contains("# EOF") && !a.body.contains("# UNIT"),
+            "{}",
+            a.body
+        );
+        for line in a.body.lines() {
+            if let Some(t) = line.strip_prefix("# TYPE ") {
+                let (name, kind) = t.split_once(' ').expect("TYPE name kind");
+                assert!(
+                    ["counter", "gauge", "histogram", "summary", "untyped"].contains(&kind),
+                    "{line}"
+                );
+                if kind == "counter" {
+                    assert!(
+                        name.ends_with("_total"),
+                        "0.0.4 counters are named as their samples: {line}"
+                    );
+                }
+            } else if !line.starts_with("# HELP ") {
+                let (name_labels, value) = line.rsplit_once(' ').expect("sample: name value");
+                assert!(value.parse::<f64>().is_ok(), "{line}");
+                assert!(!name_labels.is_empty() && !name_labels.starts_with('#'), "{line}");
+            }
+        }
+        assert!(
+            a.body.contains("# TYPE lessor_http_requests_total counter"),
+            "{}",
+            a.body
+        );
+    }
+
+    raw.send(&get(Some(
+        "application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5",
+    )))
+    .await;
+    let a = raw.answer().await;
+    assert_eq!(
+        a.header("content-type"),
+        Some("application/openmetrics-text; version=1.0.0; charset=utf-8")
+    );
+    assert!(a.body.trim_end().ends_with("# EOF"), "{}", a.body);
+    srv.stop().await;
+}
