@@ -72,7 +72,7 @@ def background(endpoint, queue, stop, samples):
 def wide(args):
     c = Conn(args.endpoint)
     bgq = f"bg-{os.getpid()}"
-    c.ok("/v1/queues.create", {"queue_name": bgq, "lease_timeout": "1m", "expire_timeout": "1h"})
+    c.ok("/v1/queues.create", {"queue_name": bgq, "lease_timeout": "1m", "expire_timeout": "1h", "requested_partitions": 1})
     stop, samples = threading.Event(), []
     t = threading.Thread(target=background, args=(args.endpoint, bgq, stop, samples), daemon=True)
     t.start()

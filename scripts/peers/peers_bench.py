@@ -326,7 +326,7 @@ def lessor_call(conn, path, body):
 def lessor_setup(a):
     conn = http.client.HTTPConnection("127.0.0.1", a.port)
     status, body = lessor_call(
-        conn, "/v1/queues.create", {"queue_name": a.queue, "lease_timeout": "1m", "expire_timeout": "24h"}
+        conn, "/v1/queues.create", {"queue_name": a.queue, "lease_timeout": "1m", "expire_timeout": "24h", "requested_partitions": 1}
     )
     if status != 200:
         sys.exit(f"lessor: cannot create the queue: {status} {body}")

@@ -509,13 +509,31 @@ fn lease(api: Api) -> Api {
     )
 }
 
+/// A parsed partition number or id list, or, when it does not parse, the first problem in Querator's order: a
+/// missing queue, then a partition the queue does not have, then the value itself.
+async fn after_target<T>(
+    engine: &Engine,
+    queue: &str,
+    partition: i32,
+    parsed: Result<T, ApiError>,
+) -> Result<T, ApiError> {
+    match parsed {
+        Ok(v) => Ok(v),
+        Err(e) => {
+            engine.check_target(queue, i64::from(partition)).await?;
+            Err(e)
+        }
+    }
+}
+
 fn complete(api: Api) -> Api {
     api.rpc(
         lessor_proto::routes::QueueComplete,
         |Ctx { engine: e, .. }, r: pb::QueueCompleteRequest| async move {
             let timeout = convert::duration("request timeout", &r.request_timeout)?;
-            let ids = convert::item_ids(&r.ids)?;
-            let partition = convert::partition(r.partition)?;
+            let ids = after_target(&e, &r.queue_name, r.partition, convert::item_ids(&r.ids)).await?;
+            let partition =
+                after_target(&e, &r.queue_name, r.partition, convert::partition(r.partition)).await?;
             e.complete(&r.queue_name, partition, ids, timeout).await?;
             Ok(ok())
         },
@@ -526,8 +544,9 @@ fn retry(api: Api) -> Api {
     api.rpc(
         lessor_proto::routes::QueueRetry,
         |Ctx { engine: e, .. }, r: pb::QueueRetryRequest| async move {
-            let items = convert::retry_items(r.items)?;
-            let partition = convert::partition(r.partition)?;
+            let items = after_target(&e, &r.queue_name, r.partition, convert::retry_items(r.items)).await?;
+            let partition =
+                after_target(&e, &r.queue_name, r.partition, convert::partition(r.partition)).await?;
             e.retry(&r.queue_name, partition, items).await?;
             Ok(ok())
         },
@@ -646,7 +665,8 @@ fn storage_list(api: Api) -> Api {
         |Ctx { engine: e, .. }, r: pb::StorageItemsListRequest| async move {
             let limit = convert::list_limit(r.limit)?;
             let pivot = convert::pivot(&r.pivot)?;
-            let partition = convert::partition(r.partition)?;
+            let partition =
+                after_target(&e, &r.queue_name, r.partition, convert::partition(r.partition)).await?;
             let items = e
                 .storage_list(&r.queue_name, partition, pivot, limit, false)
                 .await?;
@@ -663,7 +683,8 @@ fn storage_scheduled(api: Api) -> Api {
         |Ctx { engine: e, .. }, r: pb::StorageItemsListRequest| async move {
             let limit = convert::list_limit(r.limit)?;
             let pivot = convert::pivot(&r.pivot)?;
-            let partition = convert::partition(r.partition)?;
+            let partition =
+                after_target(&e, &r.queue_name, r.partition, convert::partition(r.partition)).await?;
             let items = e
                 .storage_list(&r.queue_name, partition, pivot, limit, true)
                 .await?;
@@ -683,7 +704,8 @@ fn storage_import(api: Api) -> Api {
                 .into_iter()
                 .map(convert::import_item)
                 .collect::<Result<Vec<_>, _>>()?;
-            let partition = convert::partition(r.partition)?;
+            let partition =
+                after_target(&e, &r.queue_name, r.partition, convert::partition(r.partition)).await?;
             let out = e.storage_import(&r.queue_name, partition, items).await?;
             Ok(pb::StorageItemsImportResponse {
                 items: out.into_iter().map(convert::storage_item).collect(),
@@ -696,8 +718,9 @@ fn storage_delete(api: Api) -> Api {
     api.rpc(
         lessor_proto::routes::StorageItemsDelete,
         |Ctx { engine: e, .. }, r: pb::StorageItemsDeleteRequest| async move {
-            let ids = convert::item_ids(&r.ids)?;
-            let partition = convert::partition(r.partition)?;
+            let ids = after_target(&e, &r.queue_name, r.partition, convert::item_ids(&r.ids)).await?;
+            let partition =
+                after_target(&e, &r.queue_name, r.partition, convert::partition(r.partition)).await?;
             e.storage_delete(&r.queue_name, partition, ids).await?;
             Ok(ok())
         },

@@ -65,6 +65,7 @@ impl Env {
             queue_name: name.into(),
             lease_timeout: "1m".into(),
             expire_timeout: "24h".into(),
+            requested_partitions: 1,
             ..Default::default()
         };
         f(&mut q);
@@ -741,6 +742,7 @@ async fn queues_crud_and_validation(enc: Encoding) {
         queue_name: "a".into(),
         lease_timeout: "1m".into(),
         expire_timeout: "1h".into(),
+        requested_partitions: 1,
         ..Default::default()
     };
     assert_api(
@@ -753,6 +755,7 @@ async fn queues_crud_and_validation(enc: Encoding) {
             queue_name: "z".into(),
             lease_timeout: "1m".into(),
             expire_timeout: "1h".into(),
+            requested_partitions: 1,
             ..Default::default()
         };
         f(&mut q);
@@ -861,6 +864,7 @@ async fn update_changes_only_given_fields(enc: Encoding) {
     e.c.queues_update(&pb::QueueInfo {
         queue_name: "q".into(),
         lease_timeout: "30s".into(),
+        requested_partitions: 1,
         ..Default::default()
     })
     .await

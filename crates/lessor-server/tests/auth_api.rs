@@ -448,6 +448,7 @@ async fn every_route(enc: Encoding, storage: &str) {
         namespace: "team-a".into(),
         lease_timeout: "1m".into(),
         expire_timeout: "1h".into(),
+        requested_partitions: 1,
         ..Default::default()
     })
     .await

@@ -257,6 +257,7 @@ async fn every_partition_failing_is_a_retryable_error() {
         name: "q".into(),
         lease_timeout: Duration::from_secs(60),
         expire_timeout: Duration::from_secs(3600),
+        requested_partitions: 1,
         ..Default::default()
     };
     engine.create_queue(info).await.expect("create");

@@ -59,6 +59,7 @@ async fn server(manual_clock: bool) -> (RunningServer, Client) {
         queue_name: QUEUE.into(),
         lease_timeout: "1m".into(),
         expire_timeout: "24h".into(),
+        requested_partitions: 1,
         ..Default::default()
     })
     .await

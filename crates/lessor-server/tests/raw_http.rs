@@ -25,6 +25,7 @@ async fn server() -> RunningServer {
         queue_name: "q".into(),
         lease_timeout: "1m".into(),
         expire_timeout: "24h".into(),
+        requested_partitions: 1,
         ..Default::default()
     })
     .await

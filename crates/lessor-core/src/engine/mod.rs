@@ -254,7 +254,14 @@ impl Engine {
             info.namespace = DEFAULT_NAMESPACE.to_string();
         }
         if info.requested_partitions == 0 {
-            info.requested_partitions = 1;
+            // As Querator: a queue asks for at least one partition (configuration files default it themselves).
+            if info.partitions.is_empty() {
+                return Err(validate::invalid(
+                    "requested_partitions",
+                    "cannot be less than '1'",
+                ));
+            }
+            info.requested_partitions = u32::try_from(info.partitions.len()).unwrap_or(u32::MAX);
         }
         self.validate_dead_queue(&info.name, &info.dead_queue).await?;
         if info.partitions.is_empty() {
@@ -522,6 +529,18 @@ impl Engine {
             Ok(h) => Ok(Some(h.namespace.clone())),
             Err(QueueError::QueueNotFound(_) | QueueError::Invalid(_)) => Ok(None),
             Err(e) => Err(e),
+        }
+    }
+
+    /// Checks, in Querator's order, what comes before the ids of a complete, retry or delete: that the queue
+    /// exists, then that it has `partition`. Used on the error path only (when the ids do not parse), so the answer
+    /// names the first problem as Querator does; it may read the queue store.
+    pub async fn check_target(&self, name: &str, partition: i64) -> Result<(), QueueError> {
+        let info = self.queue_info(name).await?;
+        let count = info.partitions.len().max(info.requested_partitions as usize);
+        match usize::try_from(partition) {
+            Ok(p) if p < count => Ok(()),
+            _ => Err(validate::no_such_partition(partition)),
         }
     }
 

@@ -179,6 +179,7 @@ async fn engine_over(store: &Gated, clock: &ManualClock) -> Engine {
             name: "q".into(),
             lease_timeout: Duration::from_secs(60),
             expire_timeout: Duration::from_secs(3600),
+            requested_partitions: 1,
             ..Default::default()
         })
         .await
