@@ -144,8 +144,16 @@ pub async fn build_auth(config: &Config, engine: &Engine) -> Result<Option<Auth>
 }
 
 async fn bootstrap(auth: &Auth, open_door: bool, key_file: &str) -> Result<(), AuthError> {
+    // A key file left by an earlier start is the operator's admin credential: when the store has lost the admin
+    // (memory storage restarted, a wiped store), that key is registered again instead of a new one overwriting the
+    // file.
+    let held = if open_door || key_file.is_empty() {
+        None
+    } else {
+        std::fs::read_to_string(key_file).ok()
+    };
     let report = auth
-        .bootstrap(open_door, |key| {
+        .bootstrap(open_door, held.as_deref(), |key| {
             write_key_file(std::path::Path::new(key_file), key)
                 .map_err(|e| format!("cannot write bootstrap-key-file '{key_file}': {e}"))
         })

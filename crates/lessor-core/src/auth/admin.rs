@@ -761,9 +761,15 @@ impl Auth {
     /// - closed: any open-door binding is removed, and the first start creates the user `admin` bound to Admin
     ///   with a key handed to `write_admin_key` before it is stored (so a key that could not be written is never
     ///   live). Later starts, on any server of the store, do neither.
+    ///
+    /// `held_key` is a key the operator already holds from an earlier start (the key file): when the store has no
+    /// bootstrap administrator (memory storage after a restart, or a wiped store), that key is registered for the
+    /// new `admin` instead of minting one, and `write_admin_key` is not called, so the key file keeps working and
+    /// is never rewritten. A `held_key` that is not a well-formed key is ignored.
     pub async fn bootstrap(
         &self,
         open_door: bool,
+        held_key: Option<&str>,
         write_admin_key: impl FnOnce(&str) -> Result<(), String>,
     ) -> Result<BootstrapReport, AuthError> {
         let mut report = BootstrapReport::default();
@@ -814,7 +820,9 @@ impl Auth {
                 self.commit(c).await?.ok();
                 report.closed_door = true;
             }
-            report.created_admin = self.bootstrap_admin(&admin_role, write_admin_key).await?;
+            report.created_admin = self
+                .bootstrap_admin(&admin_role, held_key, write_admin_key)
+                .await?;
         }
         report.door_open = self.exists(&door_at).await?;
         if report.door_open {
@@ -902,6 +910,7 @@ impl Auth {
     async fn bootstrap_admin(
         &self,
         admin_role: &Role,
+        held_key: Option<&str>,
         write_admin_key: impl FnOnce(&str) -> Result<(), String>,
     ) -> Result<bool, AuthError> {
         let marker = rkey(tag::MARKER, &[ADMIN_MARKER]);
@@ -909,9 +918,15 @@ impl Auth {
             return Ok(false);
         }
         let now = self.now();
-        let minted = key::generate(key::DEFAULT_TAG)
-            .map_err(|e| AuthError::StorageFailed(format!("no OS randomness: {e}")))?;
-        write_admin_key(&minted.secret).map_err(AuthError::StorageFailed)?;
+        let minted = match held_key.and_then(key::from_secret) {
+            Some(held) => held,
+            None => {
+                let minted = key::generate(key::DEFAULT_TAG)
+                    .map_err(|e| AuthError::StorageFailed(format!("no OS randomness: {e}")))?;
+                write_admin_key(&minted.secret).map_err(AuthError::StorageFailed)?;
+                minted
+            }
+        };
         let user = User {
             id: new_id(now)?,
             username: BOOTSTRAP_ADMIN.to_string(),
