@@ -1293,3 +1293,100 @@ async fn refused_within(server: &Server, key: Cred<'_>, limit: Duration) -> Dura
     );
     took
 }
+
+/// Two servers of one database starting at the same moment, with the door closed: one admin is created, and the
+/// key file holds its key (never a key the store did not take), whether they share the key file's path or each
+/// has its own (then the loser's file is removed).
+#[cfg(feature = "postgres")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_servers_starting_together_agree_on_one_admin_key() {
+    let Some(env) = Env::new(Backend::Postgres).await else {
+        return;
+    };
+    // The same path.
+    let closed = env.closed_door();
+    let (one, two) = tokio::join!(env.start("one", &closed), env.start("two", &closed));
+    let key = admin_key(&env.key_file());
+    for s in [&one, &two] {
+        s.call("/v1/queues.list", Cred::Key(&key), &json!({})).await.ok();
+    }
+    drop((one, two));
+
+    // Paths of their own, on a fresh database.
+    let Some(env) = Env::new(Backend::Postgres).await else {
+        return;
+    };
+    let own = |name: &str| {
+        format!(
+            "{{ driver: internal, open-door: false, bootstrap-key-file: {} }}",
+            quoted(&env.path(&format!("{name}.key")))
+        )
+    };
+    let (c1, c2) = (own("one"), own("two"));
+    let (one, two) = tokio::join!(env.start("one", &c1), env.start("two", &c2));
+    let files: Vec<PathBuf> = ["one.key", "two.key"]
+        .iter()
+        .map(|f| env.path(f))
+        .filter(|p| p.exists())
+        .collect();
+    assert_eq!(files.len(), 1, "one key file, the winner's: {files:?}");
+    let key = admin_key(&files[0]);
+    for s in [&one, &two] {
+        s.call("/v1/queues.list", Cred::Key(&key), &json!({})).await.ok();
+    }
+}
+
+/// A bootstrap key file that holds something else is never overwritten (the server refuses to start, naming the
+/// file); an empty one, created ahead to set its owner, gets the key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bootstrap_key_file_is_never_clobbered() {
+    let Some(env) = Env::new(Backend::Memory).await else {
+        return;
+    };
+    std::fs::write(env.key_file(), "my notes\n").expect("write");
+    let config = env.path("c.yaml");
+    std::fs::write(
+        &config,
+        format!("{}auth-backend: {}\n", env.storage_yaml(), env.closed_door()),
+    )
+    .expect("write the config");
+    let out = tokio::time::timeout(
+        Duration::from_secs(30),
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_lessor"))
+            .arg("server")
+            .arg("--config")
+            .arg(&config)
+            .arg("--address")
+            .arg("127.0.0.1:0")
+            .env_remove("LESSOR_CONFIG")
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .expect("the server stops by itself")
+    .expect("run the server");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success(), "the server refused to start");
+    assert!(
+        format!("{stdout}{stderr}").contains("does not hold an API key"),
+        "the error names the problem: {stdout}{stderr}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(env.key_file()).expect("read"),
+        "my notes\n"
+    );
+
+    std::fs::write(env.key_file(), "").expect("truncate");
+    std::fs::set_permissions(env.key_file(), std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    let (server, key) = env.start_closed("s").await;
+    let mode = std::fs::metadata(env.key_file())
+        .expect("stat")
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+    server
+        .call("/v1/queues.list", Cred::Key(&key), &json!({}))
+        .await
+        .ok();
+}
