@@ -1011,3 +1011,59 @@ fn role_not_found(namespace: &str, name: &str) -> AuthError {
         "role does not exist; '{name}' was not found in namespace '{namespace}'"
     ))
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::auth::memory::MemoryAuthStore;
+    use crate::auth::service::AuthMode;
+    use crate::time::ManualClock;
+
+    fn auth() -> Auth {
+        Auth::new(
+            Arc::new(MemoryAuthStore::new()),
+            Arc::new(ManualClock::starting_now()),
+            AuthMode::Internal,
+        )
+    }
+
+    #[tokio::test]
+    async fn a_held_key_is_registered_instead_of_minting_one() {
+        let held = key::generate(key::DEFAULT_TAG).unwrap().secret;
+        let a = auth();
+        let mut wrote = false;
+        let report = a
+            .bootstrap(false, Some(&format!("{held}\n")), |_| {
+                wrote = true;
+                Ok(())
+            })
+            .await
+            .unwrap();
+        assert!(report.created_admin && !wrote, "{report:?}, wrote {wrote}");
+        let admin = a.authenticate(Some(&held)).await.unwrap();
+        assert_eq!(admin.username, BOOTSTRAP_ADMIN);
+        let again = a
+            .bootstrap(false, Some(&held), |_| Err("no second admin".into()))
+            .await
+            .unwrap();
+        assert!(!again.created_admin);
+    }
+
+    #[tokio::test]
+    async fn a_malformed_held_key_is_ignored_and_a_new_one_written() {
+        let a = auth();
+        let mut written = String::new();
+        let report = a
+            .bootstrap(false, Some("my notes"), |k| {
+                written = k.to_string();
+                Ok(())
+            })
+            .await
+            .unwrap();
+        assert!(report.created_admin);
+        assert!(key::well_formed(&written));
+        a.authenticate(Some(&written)).await.unwrap();
+    }
+}
