@@ -7,7 +7,9 @@
 //!
 //! # Layout
 //! * [`Client`] — [`Client::call`] for any route, one typed method per route, plus [`Client::health`],
-//!   [`Client::metrics`] and [`Client::raw`] for hand-made requests.
+//!   [`Client::metrics`] and [`Client::raw`] for hand-made requests. The access-control calls
+//!   (`namespaces_*`, `users_*`, `apikeys_*`, `roles_*`, `rolebindings_*`) live in their own module;
+//!   [`Client::with_api_key`] sends a key with every request.
 //! * [`ClientError`] (module [`error`]) — what a call fails with.
 //! * [`routes`] — the route table (re-exported from [`lessor_proto::routes`]): [`Client::call`] takes a route
 //!   type, the typed methods fill it in.
@@ -42,6 +44,7 @@
 
 #![deny(missing_docs)]
 
+mod admin;
 pub mod error;
 pub mod routes;
 

@@ -13,7 +13,9 @@
 //!   (see [`duration`]).
 //!
 //! # Layout
-//! * [`queue`], [`queues`], [`storage`] — the messages, one module per Querator proto file.
+//! * [`queue`], [`queues`], [`storage`] — the queue messages, one module per Querator proto file.
+//! * [`namespaces`], [`users`], [`apikeys`], [`roles`] — the access-control messages (namespaces, users, API keys,
+//!   roles and role bindings), likewise.
 //! * [`reply`] — the `duh.v1.Reply` envelope and standard code texts.
 //! * [`timestamp`] — `google.protobuf.Timestamp`.
 //! * [`codec`] — content negotiation and encode/decode of bodies.
@@ -40,16 +42,25 @@
 
 mod json;
 
+pub mod apikeys;
 pub mod codec;
 pub mod duration;
+pub mod namespaces;
 pub mod queue;
 pub mod queues;
 pub mod reply;
+pub mod roles;
 pub mod routes;
 pub mod storage;
 pub mod timestamp;
+pub mod users;
 
+pub use apikeys::{
+    APIKeyCreateRequest, APIKeyCreateResponse, APIKeyMetadata, APIKeysDeleteRequest, APIKeysListRequest,
+    APIKeysListResponse,
+};
 pub use codec::{decode, encode, request_encoding, response_encoding, CodecError, Encoding};
+pub use namespaces::{NamespaceInfo, NamespacesDeleteRequest, NamespacesListRequest, NamespacesListResponse};
 pub use queue::{
     PartitionInfo, QueueClearRequest, QueueCompleteRequest, QueueInfo, QueueLeaseItem, QueueLeaseRequest,
     QueueLeaseResponse, QueueLogicalStats, QueuePartitionStats, QueueProduceItem, QueueProduceRequest,
@@ -57,9 +68,17 @@ pub use queue::{
 };
 pub use queues::{QueuesDeleteRequest, QueuesInfoRequest, QueuesListRequest, QueuesListResponse};
 pub use reply::{code_text, Reply};
+pub use roles::{
+    Role, RoleBinding, RoleBindingCreateRequest, RoleBindingCreateResponse, RoleBindingDeleteRequest,
+    RoleBindingsListRequest, RoleBindingsListResponse, RoleCreateRequest, RoleCreateResponse,
+    RoleUpdateRequest, RolesDeleteRequest, RolesListRequest, RolesListResponse,
+};
 pub use routes::{Rpc, ROUTES};
 pub use storage::{
     StorageItem, StorageItemsDeleteRequest, StorageItemsImportRequest, StorageItemsImportResponse,
     StorageItemsListRequest, StorageItemsListResponse,
 };
 pub use timestamp::Timestamp;
+pub use users::{
+    User, UserCreateRequest, UserCreateResponse, UsersDeleteRequest, UsersListRequest, UsersListResponse,
+};

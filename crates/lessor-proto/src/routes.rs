@@ -10,15 +10,29 @@
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
+use crate::apikeys::{
+    APIKeyCreateRequest, APIKeyCreateResponse, APIKeysDeleteRequest, APIKeysListRequest, APIKeysListResponse,
+};
+use crate::namespaces::{
+    NamespaceInfo, NamespacesDeleteRequest, NamespacesListRequest, NamespacesListResponse,
+};
 use crate::queue::{
     QueueClearRequest, QueueCompleteRequest, QueueInfo, QueueLeaseRequest, QueueLeaseResponse,
     QueueProduceRequest, QueueReloadRequest, QueueRetryRequest, QueueStatsRequest, QueueStatsResponse,
 };
 use crate::queues::{QueuesDeleteRequest, QueuesInfoRequest, QueuesListRequest, QueuesListResponse};
 use crate::reply::Reply;
+use crate::roles::{
+    RoleBindingCreateRequest, RoleBindingCreateResponse, RoleBindingDeleteRequest, RoleBindingsListRequest,
+    RoleBindingsListResponse, RoleCreateRequest, RoleCreateResponse, RoleUpdateRequest, RolesDeleteRequest,
+    RolesListRequest, RolesListResponse,
+};
 use crate::storage::{
     StorageItemsDeleteRequest, StorageItemsImportRequest, StorageItemsImportResponse,
     StorageItemsListRequest, StorageItemsListResponse,
+};
+use crate::users::{
+    UserCreateRequest, UserCreateResponse, UsersDeleteRequest, UsersListRequest, UsersListResponse,
 };
 
 /// `GET`: the health document.
@@ -193,6 +207,57 @@ routes! {
     /// Deletes raw items.
     StorageItemsDelete => "/v1/storage/items.delete", StorageItemsDeleteRequest => Reply,
         BodyLimit::Fixed(DEFAULT_BODY), QueueClear, |r| Target::Queue(&r.queue_name);
+    /// Creates a namespace.
+    NamespacesCreate => "/v1/namespaces.create", NamespaceInfo => Reply,
+        BodyLimit::Fixed(DEFAULT_BODY), NamespaceCreate, |_r| Target::System;
+    /// Replaces a namespace's description and key tag.
+    NamespacesUpdate => "/v1/namespaces.update", NamespaceInfo => Reply,
+        BodyLimit::Fixed(DEFAULT_BODY), NamespaceUpdate, |_r| Target::System;
+    /// Lists namespaces.
+    NamespacesList => "/v1/namespaces.list", NamespacesListRequest => NamespacesListResponse,
+        BodyLimit::Fixed(DEFAULT_BODY), NamespaceList, |_r| Target::System;
+    /// Deletes an empty namespace.
+    NamespacesDelete => "/v1/namespaces.delete", NamespacesDeleteRequest => Reply,
+        BodyLimit::Fixed(DEFAULT_BODY), NamespaceDelete, |_r| Target::System;
+    /// Creates a user.
+    UsersCreate => "/v1/users.create", UserCreateRequest => UserCreateResponse,
+        BodyLimit::Fixed(DEFAULT_BODY), UserCreate, |_r| Target::System;
+    /// Lists users.
+    UsersList => "/v1/users.list", UsersListRequest => UsersListResponse,
+        BodyLimit::Fixed(DEFAULT_BODY), UserList, |_r| Target::System;
+    /// Deletes a user with its keys and bindings.
+    UsersDelete => "/v1/users.delete", UsersDeleteRequest => Reply,
+        BodyLimit::Fixed(DEFAULT_BODY), UserDelete, |_r| Target::System;
+    /// Mints an API key (the reply is the only time the key is sent).
+    ApiKeysCreate => "/v1/apikeys.create", APIKeyCreateRequest => APIKeyCreateResponse,
+        BodyLimit::Fixed(DEFAULT_BODY), ApiKeyCreate, |_r| Target::System;
+    /// Lists API keys (metadata only).
+    ApiKeysList => "/v1/apikeys.list", APIKeysListRequest => APIKeysListResponse,
+        BodyLimit::Fixed(DEFAULT_BODY), ApiKeyList, |_r| Target::System;
+    /// Revokes an API key.
+    ApiKeysDelete => "/v1/apikeys.delete", APIKeysDeleteRequest => Reply,
+        BodyLimit::Fixed(DEFAULT_BODY), ApiKeyDelete, |_r| Target::System;
+    /// Creates a role in a namespace.
+    RolesCreate => "/v1/roles.create", RoleCreateRequest => RoleCreateResponse,
+        BodyLimit::Fixed(DEFAULT_BODY), RoleCreate, |r| Target::Namespace(&r.namespace);
+    /// Lists a namespace's roles.
+    RolesList => "/v1/roles.list", RolesListRequest => RolesListResponse,
+        BodyLimit::Fixed(DEFAULT_BODY), RoleList, |r| Target::Namespace(&r.namespace);
+    /// Replaces a role's permissions.
+    RolesUpdate => "/v1/roles.update", RoleUpdateRequest => Reply,
+        BodyLimit::Fixed(DEFAULT_BODY), RoleUpdate, |r| Target::Namespace(&r.namespace);
+    /// Deletes a role nobody is bound to.
+    RolesDelete => "/v1/roles.delete", RolesDeleteRequest => Reply,
+        BodyLimit::Fixed(DEFAULT_BODY), RoleDelete, |r| Target::Namespace(&r.namespace);
+    /// Binds a user to a role of a namespace.
+    RoleBindingsCreate => "/v1/rolebindings.create", RoleBindingCreateRequest => RoleBindingCreateResponse,
+        BodyLimit::Fixed(DEFAULT_BODY), RoleBindingCreate, |r| Target::Namespace(&r.namespace);
+    /// Lists a namespace's role bindings (one user's when filtered).
+    RoleBindingsList => "/v1/rolebindings.list", RoleBindingsListRequest => RoleBindingsListResponse,
+        BodyLimit::Fixed(DEFAULT_BODY), RoleBindingList, |r| Target::Namespace(&r.namespace);
+    /// Removes a role binding.
+    RoleBindingsDelete => "/v1/rolebindings.delete", RoleBindingDeleteRequest => Reply,
+        BodyLimit::Fixed(DEFAULT_BODY), RoleBindingDelete, |r| Target::Namespace(&r.namespace);
 }
 
 /// The route at `path`, if there is one.
@@ -207,10 +272,10 @@ mod tests {
     #[test]
     fn paths_are_unique_and_versioned() {
         let mut paths: Vec<&str> = ROUTES.iter().map(|r| r.path).collect();
-        assert_eq!(paths.len(), 16);
+        assert_eq!(paths.len(), 33);
         paths.sort_unstable();
         paths.dedup();
-        assert_eq!(paths.len(), 16, "a path is listed twice");
+        assert_eq!(paths.len(), 33, "a path is listed twice");
         assert!(paths.iter().all(|p| p.starts_with("/v1/")));
     }
 
@@ -225,5 +290,57 @@ mod tests {
         assert_eq!(QueueReload::PERMISSION.as_str(), "queue.update");
         assert_eq!(StorageItemsDelete::PERMISSION.as_str(), "queue.clear");
         assert_eq!(route("/v1/queue.nope"), None);
+    }
+
+    #[test]
+    fn auth_routes_match_querator() {
+        let expect = [
+            ("/v1/namespaces.create", "namespace.create"),
+            ("/v1/namespaces.update", "namespace.update"),
+            ("/v1/namespaces.list", "namespace.list"),
+            ("/v1/namespaces.delete", "namespace.delete"),
+            ("/v1/users.create", "user.create"),
+            ("/v1/users.list", "user.list"),
+            ("/v1/users.delete", "user.delete"),
+            ("/v1/apikeys.create", "apikey.create"),
+            ("/v1/apikeys.list", "apikey.list"),
+            ("/v1/apikeys.delete", "apikey.delete"),
+            ("/v1/roles.create", "role.create"),
+            ("/v1/roles.update", "role.update"),
+            ("/v1/roles.list", "role.list"),
+            ("/v1/roles.delete", "role.delete"),
+            ("/v1/rolebindings.create", "rolebinding.create"),
+            ("/v1/rolebindings.list", "rolebinding.list"),
+            ("/v1/rolebindings.delete", "rolebinding.delete"),
+        ];
+        for (path, perm) in expect {
+            let r = route(path).unwrap_or_else(|| panic!("{path} is not routed"));
+            assert_eq!(r.permission.as_str(), perm, "{path}");
+            assert_eq!(r.body_limit, BodyLimit::Fixed(256_000), "{path}");
+        }
+    }
+
+    #[test]
+    fn auth_routes_name_their_target() {
+        use crate::{NamespaceInfo, RoleBindingsListRequest, RoleCreateRequest, UsersDeleteRequest};
+        let ns = NamespaceInfo {
+            name: "team-a".into(),
+            ..Default::default()
+        };
+        // A namespace's own routes are checked in `_system`, not in the namespace they name.
+        assert_eq!(NamespacesCreate::target(&ns), Target::System);
+        assert_eq!(
+            UsersDelete::target(&UsersDeleteRequest::default()),
+            Target::System
+        );
+        let role = RoleCreateRequest {
+            namespace: "team-a".into(),
+            ..Default::default()
+        };
+        assert_eq!(RolesCreate::target(&role), Target::Namespace("team-a"));
+        assert_eq!(
+            RoleBindingsList::target(&RoleBindingsListRequest::default()),
+            Target::Namespace("")
+        );
     }
 }

@@ -15,6 +15,12 @@ fn decode_all(enc: Encoding, body: &[u8]) {
     let _ = decode::<QueuesListRequest>(enc, body);
     let _ = decode::<StorageItemsImportRequest>(enc, body);
     let _ = decode::<Reply>(enc, body);
+    let _ = decode::<NamespaceInfo>(enc, body);
+    let _ = decode::<UsersListResponse>(enc, body);
+    let _ = decode::<APIKeyCreateRequest>(enc, body);
+    let _ = decode::<APIKeysListResponse>(enc, body);
+    let _ = decode::<RoleCreateRequest>(enc, body);
+    let _ = decode::<RoleBindingsListResponse>(enc, body);
 }
 
 /// Text built from JSON tokens, field names and timestamp/base64 fragments, so the fuzzer reaches deep

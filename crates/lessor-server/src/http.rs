@@ -37,9 +37,9 @@ use lessor_proto::routes::{self, Rpc, Target};
 use lessor_proto::{self as pb, Encoding, Reply};
 use serde::Serialize;
 
-use crate::convert;
 use crate::error::ApiError;
 use crate::metrics::{Metrics, RouteLabels, RouteOnly};
+use crate::{admin, convert};
 
 /// How far past a route's body limit the server reads (and drops) a body it refuses, so the client can read the
 /// answer and reuse the connection. Bounded, so a refused upload costs at most this much more than an accepted one.
@@ -98,7 +98,7 @@ pub struct Ctx {
 }
 
 /// The handler of every RPC, one per entry of [`routes::ROUTES`] (checked by a test).
-const HANDLERS: [fn(Api) -> Api; 16] = [
+const HANDLERS: [fn(Api) -> Api; 33] = [
     produce,
     lease,
     complete,
@@ -115,6 +115,23 @@ const HANDLERS: [fn(Api) -> Api; 16] = [
     storage_scheduled,
     storage_import,
     storage_delete,
+    admin::namespaces_create,
+    admin::namespaces_update,
+    admin::namespaces_list,
+    admin::namespaces_delete,
+    admin::users_create,
+    admin::users_list,
+    admin::users_delete,
+    admin::apikeys_create,
+    admin::apikeys_list,
+    admin::apikeys_delete,
+    admin::roles_create,
+    admin::roles_list,
+    admin::roles_update,
+    admin::roles_delete,
+    admin::rolebindings_create,
+    admin::rolebindings_list,
+    admin::rolebindings_delete,
 ];
 
 /// The router: RPC routes, `/health`, `/metrics`, and Querator's answers for wrong methods and unknown paths.
@@ -134,7 +151,7 @@ fn api() -> Api {
 
 /// The RPC routes being assembled: each handler adds itself under its route's path.
 #[derive(Default)]
-struct Api {
+pub(crate) struct Api {
     router: Router<AppState>,
     /// Paths added so far, to check the router against the route table.
     paths: Vec<&'static str>,
@@ -142,7 +159,7 @@ struct Api {
 
 impl Api {
     /// Serves `R` with `handler`, which turns the decoded request into the response (or an error) on the engine.
-    fn rpc<R, F, Fut>(mut self, _route: R, handler: F) -> Api
+    pub(crate) fn rpc<R, F, Fut>(mut self, _route: R, handler: F) -> Api
     where
         R: Rpc + Send + Sync + 'static,
         F: FnOnce(Ctx, R::Request) -> Fut + Clone + Send + Sync + 'static,

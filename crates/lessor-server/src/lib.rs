@@ -9,9 +9,11 @@
 //!   and validation.
 //! - [`error`]: [`error::ApiError`] and the one place errors become wire codes.
 //! - [`http`]: routes, content negotiation, body limits, handlers.
+//! - `admin`: the handlers of the access-control routes (namespaces, users, API keys, roles, role bindings).
 //! - [`convert`]: wire messages to and from core types.
 //! - [`metrics`]: `/metrics` (request latency per route, per-queue gauges and counters).
 
+mod admin;
 pub mod config;
 pub mod convert;
 pub mod error;
@@ -106,17 +108,21 @@ impl ServeOptions {
 pub const AUTH_POLL: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// The auth service the configuration asks for, over the engine's queue storage, bootstrapped: `_system` and the
-/// standard roles, the open door, or the first start's admin user and key file. With `auth-backend: none` it is
-/// `None`. When the storage is down (a database not reachable yet), the bootstrap keeps trying in the background,
-/// as queue declarations do; requests fail with 454 until it can read keys.
+/// standard roles, the open door, or the first start's admin user and key file. With `auth-backend: none` it checks
+/// nobody (every request may do everything, as Querator's `none`) but still keeps its records in the queue storage,
+/// with `_system` and the standard roles, so the namespace, user, key, role and binding routes work and the data is
+/// there when the server is switched to `internal`. When the storage is down (a database not reachable yet), the
+/// bootstrap keeps trying in the background, as queue declarations do; requests fail with 454 until it can read keys.
 ///
 /// # Errors
 /// A bootstrap key file that cannot be written, or a bootstrap the storage refuses.
 pub async fn build_auth(config: &Config, engine: &Engine) -> Result<Option<Auth>, StartError> {
-    if !config.auth_backend.internal() {
-        return Ok(None);
-    }
-    let auth = Auth::new(engine.auth_store(), engine.clock().clone(), AuthMode::Internal);
+    let mode = if config.auth_backend.internal() {
+        AuthMode::Internal
+    } else {
+        AuthMode::Disabled
+    };
+    let auth = Auth::new(engine.auth_store(), engine.clock().clone(), mode);
     let open_door = config.auth_backend.open_door();
     let key_file = config.auth_backend.bootstrap_key_file.clone().unwrap_or_default();
     match bootstrap(&auth, open_door, &key_file).await {
@@ -321,10 +327,10 @@ pub async fn serve(
     };
     let app = http::router(state);
     // Revocations made through other servers on the same store reach this one within one poll.
-    let watcher = options
-        .auth
-        .clone()
-        .map(|auth| tokio::spawn(async move { auth.watch(AUTH_POLL, std::future::pending::<()>()).await }));
+    let watcher =
+        options.auth.clone().filter(Auth::enabled).map(|auth| {
+            tokio::spawn(async move { auth.watch(AUTH_POLL, std::future::pending::<()>()).await })
+        });
     let _stop_watcher = AbortOnDrop(watcher);
     let stop_engine = engine.clone();
     // Replies are small and latency matters: never let Nagle hold a reply back waiting for an ACK.

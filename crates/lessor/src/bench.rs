@@ -77,6 +77,9 @@ pub struct BenchArgs {
     /// --endpoint, default http://127.0.0.1:2319 or LESSOR_ENDPOINT).
     #[arg(long)]
     pub endpoint: Option<String>,
+    /// API key for --endpoint (under the `lessor` binary this is the global --api-key or LESSOR_API_KEY).
+    #[arg(long)]
+    pub api_key: Option<String>,
     /// Start an in-process server with this storage and benchmark it instead of --endpoint.
     #[arg(long, value_enum)]
     pub backend: Option<Backend>,
@@ -185,9 +188,12 @@ pub async fn run(args: BenchArgs) -> Result<(), String> {
     } else {
         Encoding::Protobuf
     };
-    let client = Client::new(&endpoint)
+    let mut client = Client::new(&endpoint)
         .map_err(|e| format!("bench: {e}"))?
         .with_encoding(encoding);
+    if let Some(key) = args.api_key.as_deref().filter(|k| !k.is_empty()) {
+        client = client.with_api_key(key);
+    }
 
     let queue = unique_queue_name(&args.queue_prefix);
     client

@@ -1,5 +1,8 @@
 //! Command-line parsing and the client commands. Output is readable by default and JSON with `--json`; API errors
-//! print their code and message.
+//! print their code and message. The access-control commands (namespaces, users, API keys, roles, role bindings)
+//! are in [`auth`].
+
+mod auth;
 
 use std::io::Read;
 
@@ -23,6 +26,9 @@ pub struct Cli {
     /// Print machine-readable JSON.
     #[arg(long, global = true)]
     json: bool,
+    /// API key sent as `Authorization: Bearer <key>` (client commands and bench).
+    #[arg(long, global = true, env = "LESSOR_API_KEY", hide_env_values = true)]
+    api_key: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -143,6 +149,21 @@ enum Command {
         #[arg(long)]
         destructive: bool,
     },
+    /// Manage namespaces.
+    #[command(subcommand)]
+    Namespace(auth::NamespaceCmd),
+    /// Manage users.
+    #[command(subcommand)]
+    User(auth::UserCmd),
+    /// Manage API keys.
+    #[command(subcommand, name = "apikey")]
+    ApiKey(auth::ApiKeyCmd),
+    /// Manage roles.
+    #[command(subcommand)]
+    Role(auth::RoleCmd),
+    /// Manage role bindings.
+    #[command(subcommand)]
+    Rolebinding(auth::RoleBindingCmd),
 }
 
 /// `lessor server` flags.
@@ -217,7 +238,10 @@ pub async fn run(cli: Cli) -> Result<(), String> {
         Command::BenchChart(args) => return crate::bench::chart::run(args),
         command => Cli { command, ..cli },
     };
-    let c = Client::new(&cli.endpoint).map_err(|e| e.to_string())?;
+    let mut c = Client::new(&cli.endpoint).map_err(|e| e.to_string())?;
+    if let Some(key) = cli.api_key.as_deref().filter(|k| !k.is_empty()) {
+        c = c.with_api_key(key);
+    }
     match cli.command {
         Command::Server(_) | Command::Bench(_) | Command::BenchChart(_) => unreachable!("handled above"),
         Command::Produce {
@@ -461,6 +485,11 @@ pub async fn run(cli: Cli) -> Result<(), String> {
                 println!("cleared");
             }
         }
+        Command::Namespace(cmd) => auth::namespace(&c, json, cmd).await?,
+        Command::User(cmd) => auth::user(&c, json, cmd).await?,
+        Command::ApiKey(cmd) => auth::apikey(&c, json, cmd).await?,
+        Command::Role(cmd) => auth::role(&c, json, cmd).await?,
+        Command::Rolebinding(cmd) => auth::rolebinding(&c, json, cmd).await?,
     }
     Ok(())
 }
