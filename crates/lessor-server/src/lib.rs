@@ -155,23 +155,75 @@ pub async fn build_auth(config: &Config, engine: &Engine) -> Result<Option<Auth>
 }
 
 async fn bootstrap(auth: &Auth, open_door: bool, key_file: &str) -> Result<(), AuthError> {
-    let report = auth
-        .bootstrap(open_door, |key| {
-            write_key_file(std::path::Path::new(key_file), key)
-                .map_err(|e| format!("cannot write bootstrap-key-file '{key_file}': {e}"))
-        })
-        .await?;
-    if report.created_admin {
-        tracing::info!(file = %key_file, "created user 'admin' bound to Admin; its API key is in the bootstrap key file");
+    let path = std::path::Path::new(key_file);
+    // A key file left by an earlier start is the operator's admin credential: when the store has lost the admin
+    // (memory storage restarted, a wiped store), that key is registered again instead of a new one overwriting the
+    // file. Two tries: a key file that another server of the same store writes to the same path while this one
+    // mints its own is adopted on the second, instead of being overwritten with a key the store never takes.
+    for _ in 0..2 {
+        let held = if open_door || key_file.is_empty() {
+            None
+        } else {
+            read_key_file(path)
+        };
+        // Set by the writer below, which runs inside the bootstrap future (so shared through a mutex, not a cell).
+        let written: std::sync::Mutex<Option<String>> = std::sync::Mutex::new(None);
+        let raced = std::sync::atomic::AtomicBool::new(false);
+        let result = auth
+            .bootstrap(open_door, held.as_deref(), |key| match write_key_file(path, key) {
+                Ok(()) => {
+                    *written.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(key.to_string());
+                    Ok(())
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                    raced.store(true, std::sync::atomic::Ordering::Relaxed);
+                    Err(format!(
+                        "bootstrap-key-file '{key_file}' exists and does not hold an API key; move it away or \
+                         point bootstrap-key-file elsewhere"
+                    ))
+                }
+                Err(e) => Err(format!("cannot write bootstrap-key-file '{key_file}': {e}")),
+            })
+            .await;
+        if raced.load(std::sync::atomic::Ordering::Relaxed) && held.is_none() && read_key_file(path).is_some()
+        {
+            continue;
+        }
+        let report = result?;
+        let written = written
+            .into_inner()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(key) = written {
+            // Another server of the same store created the admin first (with a key file elsewhere): the key written
+            // here was never stored, so the file would only mislead.
+            if !report.created_admin && auth.authenticate(Some(&key)).await.is_err() {
+                let _ = std::fs::remove_file(path);
+                tracing::warn!(file = %key_file, "another server created the user 'admin' first; its key is in that server's bootstrap-key-file");
+            }
+        }
+        if report.created_admin {
+            tracing::info!(file = %key_file, "created user 'admin' bound to Admin; its API key is in the bootstrap key file");
+        }
+        if report.closed_door {
+            tracing::info!("open-door: false removed the anonymous Admin binding");
+        }
+        return Ok(());
     }
-    if report.closed_door {
-        tracing::info!("open-door: false removed the anonymous Admin binding");
-    }
-    Ok(())
+    Err(AuthError::StorageFailed(format!(
+        "bootstrap-key-file '{key_file}' kept changing during start-up"
+    )))
 }
 
-/// Writes `key` alone on one line to `path`, readable by its owner only, atomically (a crash leaves the old file or
-/// the new one, never half a key).
+/// The key in a bootstrap key file, when it exists and holds one.
+fn read_key_file(path: &std::path::Path) -> Option<String> {
+    let text = std::fs::read_to_string(path).ok()?;
+    lessor_core::auth::key::from_secret(&text).map(|k| k.secret)
+}
+
+/// Writes `key` alone on one line to `path`, readable by its owner only, atomically (a crash leaves no file or the
+/// whole key, never half a key). An existing file is replaced only when it is empty (created ahead by the operator
+/// to set its owner); otherwise the answer is [`std::io::ErrorKind::AlreadyExists`], so a key another server just
+/// wrote there is never overwritten.
 fn write_key_file(path: &std::path::Path, key: &str) -> std::io::Result<()> {
     use std::io::Write;
     let dir = path
@@ -179,9 +231,11 @@ fn write_key_file(path: &std::path::Path, key: &str) -> std::io::Result<()> {
         .filter(|d| !d.as_os_str().is_empty())
         .unwrap_or(std::path::Path::new("."));
     std::fs::create_dir_all(dir)?;
+    // A name of this process's own: servers sharing the directory must not write the same temporary file.
     let tmp = dir.join(format!(
-        ".{}.tmp",
-        path.file_name().and_then(|n| n.to_str()).unwrap_or("admin.key")
+        ".{}.{}.tmp",
+        path.file_name().and_then(|n| n.to_str()).unwrap_or("admin.key"),
+        std::process::id()
     ));
     let mut options = std::fs::OpenOptions::new();
     options.write(true).create(true).truncate(true);
@@ -193,7 +247,20 @@ fn write_key_file(path: &std::path::Path, key: &str) -> std::io::Result<()> {
     f.write_all(key.as_bytes())?;
     f.write_all(b"\n")?;
     f.sync_all()?;
-    std::fs::rename(&tmp, path)?;
+    let placed = match std::fs::metadata(path) {
+        Ok(m) if m.len() == 0 => std::fs::rename(&tmp, path),
+        Ok(_) => Err(std::io::Error::from(std::io::ErrorKind::AlreadyExists)),
+        // A hard link is placed only if nothing is there yet, atomically; where links are not supported, rename.
+        Err(_) => match std::fs::hard_link(&tmp, path) {
+            Ok(()) => std::fs::remove_file(&tmp),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Err(e),
+            Err(_) => std::fs::rename(&tmp, path),
+        },
+    };
+    if placed.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    placed?;
     std::fs::File::open(dir)?.sync_all()
 }
 

@@ -8,8 +8,9 @@
 //!
 //! A property test then posts arbitrary bytes and JSON-ish text to every route with every content type and
 //! checks that the server never answers 5xx, always answers with a well-formed envelope, and still reports
-//! healthy afterwards. That server runs on the system clock: the generated requests never contain a long
-//! request timeout, so the rare valid lease they form ends within a second instead of long-polling forever.
+//! healthy afterwards; a second one does the same with auth on, over the auth routes too. These servers run on the
+//! system clock: the generated requests never contain a long request timeout, so the rare valid lease they form
+//! ends within a second instead of long-polling forever.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -48,6 +49,32 @@ const ROUTES: &[&str] = &[
     "/v1/storage/items.delete",
 ];
 
+/// The auth routes (namespaces, users, API keys, roles, role bindings).
+const AUTH_ROUTES: &[&str] = &[
+    "/v1/namespaces.create",
+    "/v1/namespaces.update",
+    "/v1/namespaces.list",
+    "/v1/namespaces.delete",
+    "/v1/users.create",
+    "/v1/users.list",
+    "/v1/users.delete",
+    "/v1/apikeys.create",
+    "/v1/apikeys.list",
+    "/v1/apikeys.delete",
+    "/v1/roles.create",
+    "/v1/roles.update",
+    "/v1/roles.list",
+    "/v1/roles.delete",
+    "/v1/rolebindings.create",
+    "/v1/rolebindings.list",
+    "/v1/rolebindings.delete",
+];
+
+/// Every RPC route.
+fn all_routes() -> impl Iterator<Item = &'static str> {
+    ROUTES.iter().chain(AUTH_ROUTES).copied()
+}
+
 async fn server(manual_clock: bool) -> (RunningServer, Client) {
     let clock: Option<lessor_core::time::SharedClock> = if manual_clock {
         Some(Arc::new(ManualClock::starting_now()))
@@ -64,6 +91,69 @@ async fn server(manual_clock: bool) -> (RunningServer, Client) {
     })
     .await
     .expect("queue created");
+    (srv, c)
+}
+
+/// A memory server with auth on (`internal`, open door, so anonymous requests run as administrators and reach
+/// every handler), the queue [`QUEUE`], and auth records the fuzzer's names hit: namespace `fz` with a role `fz`
+/// bound to a user, and a key for that user.
+async fn auth_server() -> (RunningServer, Client) {
+    let config = lessor_server::Config::from_yaml(
+        "queue-storage: { driver: memory }\n\
+         partition-storage: [ { name: ram, driver: memory } ]\n\
+         auth-backend: { driver: internal, open-door: true }\n",
+    )
+    .expect("config");
+    let (srv, c) = lessor_testkit::server::start(&config, None).await;
+    let ok = |what: &str, a: &Answer| {
+        assert_eq!(a.status, 200, "{what}: {:?}", String::from_utf8_lossy(&a.body));
+    };
+    let post = |path: &'static str, body: String| {
+        let c = c.clone();
+        async move { send(&c, Method::POST, path, JSON, JSON, body.as_bytes()).await }
+    };
+    let a = post(
+        "/v1/queues.create",
+        format!(r#"{{"queue_name":"{QUEUE}","lease_timeout":"1m","expire_timeout":"24h"}}"#),
+    )
+    .await;
+    ok("queues.create", &a);
+    ok(
+        "namespaces.create",
+        &post(
+            "/v1/namespaces.create",
+            r#"{"name":"fz","api_key_tag":"fz"}"#.into(),
+        )
+        .await,
+    );
+    ok(
+        "roles.create",
+        &post(
+            "/v1/roles.create",
+            r#"{"namespace":"fz","name":"fz","permissions":["queue.stats"]}"#.into(),
+        )
+        .await,
+    );
+    let user = post("/v1/users.create", r#"{"username":"fz"}"#.into()).await;
+    ok("users.create", &user);
+    let user: serde_json::Value = serde_json::from_slice(&user.body).expect("JSON");
+    let id = user["id"].as_str().expect("the user id").to_string();
+    ok(
+        "rolebindings.create",
+        &post(
+            "/v1/rolebindings.create",
+            format!(r#"{{"namespace":"fz","role_name":"fz","user_id":"{id}"}}"#),
+        )
+        .await,
+    );
+    ok(
+        "apikeys.create",
+        &post(
+            "/v1/apikeys.create",
+            format!(r#"{{"user_id":"{id}","namespace_scope":"fz"}}"#),
+        )
+        .await,
+    );
     (srv, c)
 }
 
@@ -447,7 +537,7 @@ async fn content_negotiation_errors() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wrong_methods_and_unknown_paths() {
     let (srv, c) = server(true).await;
-    for route in ROUTES {
+    for route in all_routes() {
         for m in [Method::GET, Method::PUT, Method::DELETE, Method::PATCH] {
             let needle = format!("http method '{m}' not allowed; only POST");
             expect_error(&c, m, route, (None, None), b"", 400, &needle).await;
@@ -1098,6 +1188,21 @@ fn jsonish() -> impl Strategy<Value = String> {
         Just("is_leased"),
         Just("namespace"),
         Just("zzz"),
+        // The auth messages' fields.
+        Just("name"),
+        Just("description"),
+        Just("api_key_tag"),
+        Just("created_at"),
+        Just("username"),
+        Just("email"),
+        Just("external_id"),
+        Just("user_id"),
+        Just("namespace_scope"),
+        Just("expires_at"),
+        Just("key_tag"),
+        Just("role_name"),
+        Just("permissions"),
+        Just("user_id_filter"),
     ]
     .prop_map(|k| format!("\"{k}\""));
     let scalar = prop_oneof![
@@ -1128,6 +1233,17 @@ fn jsonish() -> impl Strategy<Value = String> {
         Just("\"0001-01-01T00:00:00Z\"".to_string()),
         Just("\"2024-13-45T99:99:99+25:00\"".to_string()),
         Just("\"\\ud800\"".to_string()),
+        // Names the auth routes know: reserved and standard ones, permissions, tags, keys.
+        Just("\"_system\"".to_string()),
+        Just("\"_x\"".to_string()),
+        Just("\"Admin\"".to_string()),
+        Just("\"NamespaceOwner\"".to_string()),
+        Just("\"queue.produce\"".to_string()),
+        Just("\"namespace.create\"".to_string()),
+        Just("\"queue.*\"".to_string()),
+        Just("\"live\"".to_string()),
+        Just("\"a:b\"".to_string()),
+        Just("\"qtr-live-0123456789012345678901234567890123456789012\"".to_string()),
         "\"\\PC{0,10}\"",
         any::<i64>().prop_map(|n| n.to_string()),
     ];
@@ -1172,6 +1288,8 @@ fn jsonish() -> impl Strategy<Value = String> {
         Just(",".to_string()),
         Just("\"queue_name\"".to_string()),
         Just("\"items\"".to_string()),
+        Just("\"permissions\"".to_string()),
+        Just("\"user_id\"".to_string()),
         Just("\"fz\"".to_string()),
         Just("null".to_string()),
         Just("-".to_string()),
@@ -1190,14 +1308,15 @@ enum Body {
     Text(String),
 }
 
-#[test]
-fn arbitrary_input_never_fails_the_server() {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
-    let (srv, c) = rt.block_on(server(false));
+/// Posts `cases` arbitrary requests to `routes` of the server behind `clients` (one picked per request, so the
+/// `Authorization` header varies too) and checks that none gets a 5xx or a malformed answer, and that the server
+/// still answers and still has the test queue afterwards. Returns the answers' statuses per route.
+fn fuzz(
+    rt: &tokio::runtime::Runtime,
+    clients: &[Client],
+    routes: &[&'static str],
+    cases: u32,
+) -> std::collections::HashMap<&'static str, Vec<u16>> {
     let content_types = [
         Some("application/json"),
         Some("application/protobuf"),
@@ -1209,22 +1328,34 @@ fn arbitrary_input_never_fails_the_server() {
         proptest::collection::vec(any::<u8>(), 0..600).prop_map(Body::Bytes),
         jsonish().prop_map(Body::Text),
     ];
-    let strategy = (0..ROUTES.len(), 0..content_types.len(), 0..accepts.len(), body);
+    let strategy = (
+        0..routes.len(),
+        0..content_types.len(),
+        0..accepts.len(),
+        0..clients.len(),
+        body,
+    );
     let mut runner = TestRunner::new(RunnerConfig {
-        cases: 768,
+        cases,
         max_shrink_iters: 64,
         failure_persistence: None,
         ..RunnerConfig::default()
     });
-    let result = runner.run(&strategy, |(route, ct, accept, body)| {
-        let path = ROUTES[route];
+    let seen = std::sync::Mutex::new(std::collections::HashMap::<&'static str, Vec<u16>>::new());
+    let result = runner.run(&strategy, |(route, ct, accept, client, body)| {
+        let path = routes[route];
         let (ct, accept) = (content_types[ct], accepts[accept]);
         let bytes = match &body {
             Body::Bytes(b) => b.clone(),
             Body::Text(t) => t.clone().into_bytes(),
         };
-        let a = rt.block_on(send(&c, Method::POST, path, ct, accept, &bytes));
-        let what = format!("POST {path} ({ct:?} -> {accept:?}) with {body:?}");
+        let a = rt.block_on(send(&clients[client], Method::POST, path, ct, accept, &bytes));
+        seen.lock()
+            .expect("not poisoned")
+            .entry(path)
+            .or_default()
+            .push(a.status);
+        let what = format!("POST {path} ({ct:?} -> {accept:?}, client {client}) with {body:?}");
         prop_assert!(
             a.status < 500,
             "{what}: status {} body {:?}",
@@ -1243,7 +1374,10 @@ fn arbitrary_input_never_fails_the_server() {
         };
         prop_assert_eq!(a.content_type.as_str(), want_ct, "{}", what);
         if a.status != 200 {
-            envelope(&a, &what);
+            let reply = envelope(&a, &what);
+            for trace in ["panicked", "backtrace", ".rs:"] {
+                prop_assert!(!reply.message.contains(trace), "{what}: {:?}", reply.message);
+            }
         }
         Ok(())
     });
@@ -1252,7 +1386,7 @@ fn arbitrary_input_never_fails_the_server() {
     }
     // The server still answers, and our queue is intact.
     rt.block_on(async {
-        let a = send(&c, Method::GET, "/health", None, None, b"").await;
+        let a = send(&clients[0], Method::GET, "/health", None, None, b"").await;
         assert_eq!(
             a.status,
             200,
@@ -1260,7 +1394,7 @@ fn arbitrary_input_never_fails_the_server() {
             String::from_utf8_lossy(&a.body)
         );
         let stats = send(
-            &c,
+            &clients[0],
             Method::POST,
             "/v1/queue.stats",
             JSON,
@@ -1269,6 +1403,58 @@ fn arbitrary_input_never_fails_the_server() {
         )
         .await;
         assert_eq!(stats.status, 200);
+    });
+    seen.into_inner().expect("not poisoned")
+}
+
+#[test]
+fn arbitrary_input_never_fails_the_server() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let (srv, c) = rt.block_on(server(false));
+    fuzz(&rt, &[c], ROUTES, 768);
+    rt.block_on(srv.stop());
+}
+
+/// The same with auth on (`internal`, open door) over every route, the auth routes included, with requests
+/// without a key (administrators, so every handler runs), with a well-formed key nobody holds and with garbage:
+/// no 5xx, no stack trace, always the envelope. The auth handlers must really have run: some requests succeeded and
+/// some were refused by a handler's own checks.
+#[test]
+fn arbitrary_input_never_fails_the_server_with_auth() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let (srv, c) = rt.block_on(auth_server());
+    let clients = [
+        c.clone(),
+        c.clone(),
+        c.clone()
+            .with_api_key("qtr-live-0123456789012345678901234567890123456789012"),
+        c.clone().with_api_key("garbage"),
+    ];
+    let routes: Vec<&'static str> = all_routes().collect();
+    let seen = fuzz(&rt, &clients, &routes, 1536);
+    let auth: Vec<u16> = AUTH_ROUTES
+        .iter()
+        .flat_map(|r| seen.get(r).cloned().unwrap_or_default())
+        .collect();
+    let count = |f: &dyn Fn(u16) -> bool| auth.iter().filter(|&&s| f(s)).count();
+    assert!(count(&|s| s == 200) > 0, "no auth request succeeded: {auth:?}");
+    assert!(
+        count(&|s| s == 400 || s == 453) > 0,
+        "no auth request reached a handler's checks: {auth:?}"
+    );
+    assert!(count(&|s| s == 401) > 0, "the bad keys were refused: {auth:?}");
+    // The door is still open: anonymous still administers.
+    rt.block_on(async {
+        let a = send(&c, Method::POST, "/v1/users.list", JSON, JSON, b"{}").await;
+        assert_eq!(a.status, 200, "{:?}", String::from_utf8_lossy(&a.body));
         srv.stop().await;
     });
 }

@@ -778,9 +778,15 @@ impl Auth {
     /// - closed: any open-door binding is removed, and the first start creates the user `admin` bound to Admin
     ///   with a key handed to `write_admin_key` before it is stored (so a key that could not be written is never
     ///   live). Later starts, on any server of the store, do neither.
+    ///
+    /// `held_key` is a key the operator already holds from an earlier start (the key file): when the store has no
+    /// bootstrap administrator (memory storage after a restart, or a wiped store), that key is registered for the
+    /// new `admin` instead of minting one, and `write_admin_key` is not called, so the key file keeps working and
+    /// is never rewritten. A `held_key` that is not a well-formed key is ignored.
     pub async fn bootstrap(
         &self,
         open_door: bool,
+        held_key: Option<&str>,
         write_admin_key: impl FnOnce(&str) -> Result<(), String>,
     ) -> Result<BootstrapReport, AuthError> {
         let mut report = BootstrapReport::default();
@@ -831,7 +837,9 @@ impl Auth {
                 self.commit(c).await?.ok();
                 report.closed_door = true;
             }
-            report.created_admin = self.bootstrap_admin(&admin_role, write_admin_key).await?;
+            report.created_admin = self
+                .bootstrap_admin(&admin_role, held_key, write_admin_key)
+                .await?;
         }
         report.door_open = self.exists(&door_at).await?;
         if report.door_open {
@@ -919,6 +927,7 @@ impl Auth {
     async fn bootstrap_admin(
         &self,
         admin_role: &Role,
+        held_key: Option<&str>,
         write_admin_key: impl FnOnce(&str) -> Result<(), String>,
     ) -> Result<bool, AuthError> {
         let marker = rkey(tag::MARKER, &[ADMIN_MARKER]);
@@ -926,9 +935,15 @@ impl Auth {
             return Ok(false);
         }
         let now = self.now();
-        let minted = key::generate(key::DEFAULT_TAG)
-            .map_err(|e| AuthError::StorageFailed(format!("no OS randomness: {e}")))?;
-        write_admin_key(&minted.secret).map_err(AuthError::StorageFailed)?;
+        let minted = match held_key.and_then(key::from_secret) {
+            Some(held) => held,
+            None => {
+                let minted = key::generate(key::DEFAULT_TAG)
+                    .map_err(|e| AuthError::StorageFailed(format!("no OS randomness: {e}")))?;
+                write_admin_key(&minted.secret).map_err(AuthError::StorageFailed)?;
+                minted
+            }
+        };
         let user = User {
             id: new_id(now)?,
             username: BOOTSTRAP_ADMIN.to_string(),
@@ -1012,4 +1027,60 @@ fn role_not_found(namespace: &str, name: &str) -> AuthError {
     AuthError::NotFound(format!(
         "role does not exist; '{name}' was not found in namespace '{namespace}'"
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::auth::memory::MemoryAuthStore;
+    use crate::auth::service::AuthMode;
+    use crate::time::ManualClock;
+
+    fn auth() -> Auth {
+        Auth::new(
+            Arc::new(MemoryAuthStore::new()),
+            Arc::new(ManualClock::starting_now()),
+            AuthMode::Internal,
+        )
+    }
+
+    #[tokio::test]
+    async fn a_held_key_is_registered_instead_of_minting_one() {
+        let held = key::generate(key::DEFAULT_TAG).unwrap().secret;
+        let a = auth();
+        let mut wrote = false;
+        let report = a
+            .bootstrap(false, Some(&format!("{held}\n")), |_| {
+                wrote = true;
+                Ok(())
+            })
+            .await
+            .unwrap();
+        assert!(report.created_admin && !wrote, "{report:?}, wrote {wrote}");
+        let admin = a.authenticate(Some(&held)).await.unwrap();
+        assert_eq!(admin.username, BOOTSTRAP_ADMIN);
+        let again = a
+            .bootstrap(false, Some(&held), |_| Err("no second admin".into()))
+            .await
+            .unwrap();
+        assert!(!again.created_admin);
+    }
+
+    #[tokio::test]
+    async fn a_malformed_held_key_is_ignored_and_a_new_one_written() {
+        let a = auth();
+        let mut written = String::new();
+        let report = a
+            .bootstrap(false, Some("my notes"), |k| {
+                written = k.to_string();
+                Ok(())
+            })
+            .await
+            .unwrap();
+        assert!(report.created_admin);
+        assert!(key::well_formed(&written));
+        a.authenticate(Some(&written)).await.unwrap();
+    }
 }

@@ -61,6 +61,22 @@ pub fn generate(tag: &str) -> Result<NewKey, getrandom::Error> {
     })
 }
 
+/// An existing key (one handed out earlier) in the form [`generate`] returns, or `None` when it is not
+/// [`well_formed`].
+pub fn from_secret(secret: &str) -> Option<NewKey> {
+    let secret = secret.trim();
+    if !well_formed(secret) {
+        return None;
+    }
+    let (head, entropy) = secret.rsplit_once('-')?;
+    let prefix_len = entropy.len().min(PREFIX_ENTROPY);
+    Some(NewKey {
+        secret: secret.to_string(),
+        prefix: format!("{head}-{}", &entropy[..prefix_len]),
+        hash: hash(secret),
+    })
+}
+
 /// Whether `key` has the shape of a key: three `-`-separated segments, `qtr`, a valid tag, and at least 43 base62
 /// characters of entropy. Checked before any lookup, so garbage never reaches the cache or the store.
 pub fn well_formed(key: &str) -> bool {
@@ -132,6 +148,18 @@ mod tests {
         assert!(!format!("{k:?}").contains(&k.secret));
         let other = generate("live").unwrap();
         assert_ne!(k.secret, other.secret);
+    }
+
+    #[test]
+    fn an_existing_key_reads_back_as_minted() {
+        let k = generate("live").unwrap();
+        let back = from_secret(&format!("{}\n", k.secret)).expect("a minted key is well formed");
+        assert_eq!(
+            (back.secret, back.prefix, back.hash),
+            (k.secret, k.prefix, k.hash)
+        );
+        assert!(from_secret("qtr-live-short").is_none());
+        assert!(from_secret("").is_none());
     }
 
     #[test]
