@@ -506,7 +506,7 @@ async fn restart_keeps_auth_records_and_generation() {
         let admin_key = Arc::new(Mutex::new(String::new()));
         let w = admin_key.clone();
         let report = auth
-            .bootstrap(false, move |k| {
+            .bootstrap(false, None, move |k| {
                 *w.lock().expect("lock") = k.to_string();
                 Ok(())
             })
@@ -544,7 +544,7 @@ async fn restart_keeps_auth_records_and_generation() {
             "{durability}: the generation survives a restart"
         );
         let auth = Auth::new(store.clone(), clock, AuthMode::Internal);
-        let again = auth.bootstrap(false, |_| Ok(())).await.expect("bootstrap");
+        let again = auth.bootstrap(false, None, |_| Ok(())).await.expect("bootstrap");
         assert!(
             !again.created_admin,
             "the bootstrap runs once per store, not per start"

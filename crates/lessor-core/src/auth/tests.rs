@@ -39,7 +39,7 @@ async fn closed_door_bootstrap_creates_one_admin_and_denies_anonymous() {
     let (auth, _, _) = service();
     let mut written = None;
     let r = auth
-        .bootstrap(false, |k| {
+        .bootstrap(false, None, |k| {
             written = Some(k.to_string());
             Ok(())
         })
@@ -59,7 +59,7 @@ async fn closed_door_bootstrap_creates_one_admin_and_denies_anonymous() {
     ));
     // A second start writes nothing and creates nobody.
     let again = auth
-        .bootstrap(false, |_| panic!("second start must not write a key"))
+        .bootstrap(false, None, |_| panic!("second start must not write a key"))
         .await
         .unwrap();
     assert!(!again.created_admin);
@@ -69,7 +69,7 @@ async fn closed_door_bootstrap_creates_one_admin_and_denies_anonymous() {
 #[tokio::test]
 async fn open_door_binding_is_made_once() {
     let (auth, _, _) = service();
-    let r = auth.bootstrap(true, |_| Ok(())).await.unwrap();
+    let r = auth.bootstrap(true, None, |_| Ok(())).await.unwrap();
     assert!(r.opened_door && r.door_open);
     let anon = Principal::anonymous();
     auth.authorize(&anon, "ns", Permission::QueueCreate)
@@ -82,7 +82,7 @@ async fn open_door_binding_is_made_once() {
         .authorize(&anon, "ns", Permission::QueueCreate)
         .await
         .is_err());
-    let r = auth.bootstrap(true, |_| Ok(())).await.unwrap();
+    let r = auth.bootstrap(true, None, |_| Ok(())).await.unwrap();
     assert!(
         !r.opened_door && !r.door_open,
         "a restart must not reopen the door"
@@ -92,7 +92,7 @@ async fn open_door_binding_is_made_once() {
 #[tokio::test]
 async fn namespace_bindings_scopes_and_the_system_cascade() {
     let (auth, _, _) = service();
-    auth.bootstrap(false, |_| Ok(())).await.unwrap();
+    auth.bootstrap(false, None, |_| Ok(())).await.unwrap();
     for ns in ["team-a", "team-b"] {
         auth.namespace_create(NamespaceSpec {
             name: ns.into(),
@@ -149,7 +149,7 @@ async fn namespace_bindings_scopes_and_the_system_cascade() {
 #[tokio::test]
 async fn revocation_expiry_and_cascades() {
     let (auth, clock, store) = service();
-    auth.bootstrap(true, |_| Ok(())).await.unwrap();
+    auth.bootstrap(true, None, |_| Ok(())).await.unwrap();
     let (u, key) = user_with_key(&auth, "u", "").await;
     let p = auth.authenticate(Some(&key)).await.unwrap();
     assert_eq!(p.user_id, u);
@@ -191,7 +191,7 @@ async fn revocation_expiry_and_cascades() {
 #[tokio::test]
 async fn admin_rules() {
     let (auth, clock, _) = service();
-    auth.bootstrap(true, |_| Ok(())).await.unwrap();
+    auth.bootstrap(true, None, |_| Ok(())).await.unwrap();
     let reserved = auth
         .namespace_create(NamespaceSpec {
             name: "_mine".into(),

@@ -318,7 +318,7 @@ fn service(store: Arc<dyn AuthStore>) -> (Auth, Arc<ManualClock>) {
 
 async fn booted(b: &TestBackend) -> (Auth, Arc<ManualClock>) {
     let (auth, clock) = service(b.queues.auth());
-    auth.bootstrap(false, |_| Ok(())).await.expect("bootstrap");
+    auth.bootstrap(false, None, |_| Ok(())).await.expect("bootstrap");
     (auth, clock)
 }
 
@@ -351,7 +351,7 @@ pub async fn auth_service_bootstrap(b: TestBackend) {
     let written: Arc<Mutex<Vec<String>>> = Arc::default();
     let w = written.clone();
     let first = auth
-        .bootstrap(false, move |k| {
+        .bootstrap(false, None, move |k| {
             w.lock().expect("lock").push(k.to_string());
             Ok(())
         })
@@ -392,7 +392,7 @@ pub async fn auth_service_bootstrap(b: TestBackend) {
     let again = Arc::new(Mutex::new(0));
     let a = again.clone();
     let second = auth
-        .bootstrap(false, move |_| {
+        .bootstrap(false, None, move |_| {
             *a.lock().expect("lock") += 1;
             Ok(())
         })
