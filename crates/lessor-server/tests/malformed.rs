@@ -114,7 +114,7 @@ async fn auth_server() -> (RunningServer, Client) {
     };
     let a = post(
         "/v1/queues.create",
-        format!(r#"{{"queue_name":"{QUEUE}","lease_timeout":"1m","expire_timeout":"24h"}}"#),
+        format!(r#"{{"queue_name":"{QUEUE}","lease_timeout":"1m","expire_timeout":"24h","requested_partitions":1}}"#),
     )
     .await;
     ok("queues.create", &a);
