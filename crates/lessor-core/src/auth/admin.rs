@@ -291,7 +291,29 @@ impl Auth {
         }
         let mut c = Commit::default();
         c.present(at.clone()).delete(at);
-        self.commit(c).await?.map_err(|_| namespace_not_found(name))
+        self.commit(c).await?.map_err(|_| namespace_not_found(name))?;
+        // A role or binding created in the namespace on another server between the checks above and the commit
+        // would outlive it (and come back to life if the name were reused): sweep once more, now that none can be
+        // created (creating one needs the namespace).
+        let mut sweep = Commit::default();
+        for role in self
+            .scan_records::<Role>(&prefix(tag::ROLE, &[name]), &[], MAX_CASCADE)
+            .await?
+        {
+            sweep
+                .delete(rkey(tag::ROLE, &[name, &role.name]))
+                .delete(rkey(tag::ROLE_ID, &[&role.id, name, &role.name]));
+        }
+        for b in self
+            .scan_records::<RoleBinding>(&prefix(tag::BINDING, &[name]), &[], MAX_CASCADE)
+            .await?
+        {
+            binding_delete_writes(name, &b.user_id, &b.role_id, &mut sweep);
+        }
+        if !sweep.writes.is_empty() {
+            self.commit(sweep).await?.ok();
+        }
+        Ok(())
     }
 
     // ---- users ---------------------------------------------------------------------------------------------

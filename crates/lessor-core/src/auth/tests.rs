@@ -286,3 +286,74 @@ async fn admin_rules() {
     auth.namespace_delete("n", false).await.unwrap();
     assert!(auth.namespace("n").await.unwrap().is_none());
 }
+
+/// A store that lets a "second server" create a role in namespace `n` just before the commit that deletes `n`,
+/// after the namespace delete checked for roles: the race the post-delete sweep exists for.
+#[derive(Debug)]
+struct RacingStore {
+    inner: Arc<MemoryAuthStore>,
+    raced: std::sync::atomic::AtomicBool,
+}
+
+#[async_trait::async_trait]
+impl AuthStore for RacingStore {
+    async fn get(&self, key: &[u8]) -> Result<Option<bytes::Bytes>, crate::error::StorageError> {
+        self.inner.get(key).await
+    }
+    async fn scan(
+        &self,
+        prefix: &[u8],
+        from: &[u8],
+        limit: usize,
+    ) -> Result<Vec<(bytes::Bytes, bytes::Bytes)>, crate::error::StorageError> {
+        self.inner.scan(prefix, from, limit).await
+    }
+    async fn commit(&self, c: Commit) -> Result<Result<(), CheckFailed>, crate::error::StorageError> {
+        let deletes_namespace = c
+            .writes
+            .iter()
+            .any(|w| matches!(w, Write::Delete(k) if *k == records::key(records::tag::NAMESPACE, &["n"])));
+        if deletes_namespace && !self.raced.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            let other = Auth::new(
+                self.inner.clone(),
+                Arc::new(ManualClock::new(T0)),
+                AuthMode::Internal,
+            );
+            other
+                .role_create("n", "late", &perms(&["queue.lease"]))
+                .await
+                .expect("the racing role");
+        }
+        self.inner.commit(c).await
+    }
+    async fn generation(&self) -> Result<u64, crate::error::StorageError> {
+        self.inner.generation().await
+    }
+}
+
+#[tokio::test]
+async fn namespace_delete_sweeps_a_role_created_meanwhile() {
+    let inner = Arc::new(MemoryAuthStore::new());
+    let store = Arc::new(RacingStore {
+        inner: inner.clone(),
+        raced: Default::default(),
+    });
+    let auth = Auth::new(store, Arc::new(ManualClock::new(T0)), AuthMode::Internal);
+    auth.namespace_create(NamespaceSpec {
+        name: "n".into(),
+        ..NamespaceSpec::default()
+    })
+    .await
+    .unwrap();
+    auth.namespace_delete("n", false).await.unwrap();
+    assert!(auth.namespace("n").await.unwrap().is_none());
+    assert!(
+        auth.role_list("n", "", 0).await.unwrap().is_empty(),
+        "the role created during the delete is swept"
+    );
+    assert!(inner
+        .scan(&records::prefix(records::tag::ROLE_ID, &[]), &[], 10)
+        .await
+        .unwrap()
+        .is_empty());
+}
