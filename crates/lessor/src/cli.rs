@@ -287,7 +287,10 @@ pub async fn run(cli: Cli) -> Result<(), String> {
     let json = cli.json;
     let cli = match cli.command {
         Command::Server(args) => return server(args).await.map_err(|e| e.to_string()),
-        Command::Bench(args) => return crate::bench::run(args).await,
+        Command::Bench(mut args) => {
+            args.tls = cli.tls.config().map_err(|e| e.to_string())?;
+            return crate::bench::run(args).await;
+        }
         Command::BenchChart(args) => return crate::bench::chart::run(args),
         command => Cli { command, ..cli },
     };
