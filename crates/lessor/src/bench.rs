@@ -83,7 +83,7 @@ pub struct BenchArgs {
     /// TLS settings for an `https://` --endpoint (under the `lessor` binary: the global --tls-ca, --tls-cert and
     /// --tls-key).
     #[arg(skip)]
-    pub tls: lessor_client::TlsConfig,
+    pub tls: Option<Box<lessor_client::TlsConfig>>,
     /// Start an in-process server with this storage and benchmark it instead of --endpoint.
     #[arg(long, value_enum)]
     pub backend: Option<Backend>,
@@ -223,8 +223,8 @@ pub async fn run(args: BenchArgs) -> Result<(), String> {
     let mut client = Client::new(&endpoint)
         .map_err(|e| format!("bench: {e}"))?
         .with_encoding(encoding);
-    if backend.is_none() {
-        client = client.with_tls(&args.tls).map_err(|e| format!("bench: {e}"))?;
+    if let (None, Some(tls)) = (backend, &args.tls) {
+        client = client.with_tls(tls).map_err(|e| format!("bench: {e}"))?;
     }
     if let Some(key) = api_key.as_deref() {
         client = client.with_api_key(key);

@@ -288,7 +288,7 @@ pub async fn run(cli: Cli) -> Result<(), String> {
     let cli = match cli.command {
         Command::Server(args) => return server(args).await.map_err(|e| e.to_string()),
         Command::Bench(mut args) => {
-            args.tls = cli.tls.config().map_err(|e| e.to_string())?;
+            args.tls = Some(Box::new(cli.tls.config().map_err(|e| e.to_string())?));
             return crate::bench::run(args).await;
         }
         Command::BenchChart(args) => return crate::bench::chart::run(args),
