@@ -106,6 +106,9 @@ pub struct LifecyclePolicy {
     pub max_attempts: u32,
     /// Whether dead items are kept for transfer to a dead-letter queue (true) or deleted (false).
     pub has_dead_queue: bool,
+    /// When on, an expired lease puts the item into the schedule until `now + backoff.delay(attempts, id)` (the
+    /// item keeps its id there, as any scheduled item) instead of at the tail of the ready queue.
+    pub backoff: crate::types::Backoff,
 }
 
 impl LifecyclePolicy {
@@ -124,6 +127,10 @@ pub enum RetryAction {
     Schedule(Ts),
     /// Dead: dead-lettered or deleted according to the policy.
     Dead,
+    /// A retry without a time under a backoff policy: schedule until `now + policy.backoff.delay(attempts, id)`
+    /// (attempts as stored, i.e. counting the lease being retried), or requeue when the policy has no backoff.
+    /// The value is `now`.
+    Backoff(Ts),
 }
 
 /// One id of a retry request.
@@ -165,16 +172,32 @@ pub trait Partition: Send + Sync + Debug + 'static {
     /// Appends items in order. Items with a non-zero `enqueue_at` go to the schedule instead of the ready queue.
     /// Items whose non-empty `source_id` is already present are skipped (idempotent dead-letter moves); their slot in
     /// the returned vector holds the id of the item already stored. Returns the ids in input order.
+    ///
+    /// Deduplication: an item with a non-empty `dedup_id` is skipped when the store holds a live record for that
+    /// key (`until` > the item's `created_at`), its slot holding the recorded id; otherwise the item is stored
+    /// together with a record `(dedup_id, id, dedup_until)`, in the same atomic write. A second item with the same
+    /// key in the same call is skipped the same way. The scope of the check is the partition for stores owned by
+    /// one process (the engine checks across partitions) and the whole queue for shared stores (postgres), so
+    /// that several servers agree. Expired records are dropped by later calls, at least as many per call as the
+    /// call adds, so their number stays bounded by the produce rate times the window.
     async fn produce(&self, items: Vec<NewItem>) -> Result<Vec<ItemId>, StorageError>;
 
-    /// Leases up to `n` ready items from the head, in id order: each gets `is_leased`, `lease_deadline` and
-    /// `attempts + 1`. Returns the leased items (fewer than `n`, possibly none, when fewer are ready).
+    /// Leases up to `n` ready items from the head, highest priority first and in id order within a priority: each
+    /// gets `is_leased`, `lease_deadline` and `attempts + 1`; the result is in that serving order. Returns the leased items (fewer than `n`, possibly none, when fewer are ready).
     async fn lease(&self, n: usize, lease_deadline: Ts) -> Result<Vec<Item>, StorageError>;
 
     /// Completes (deletes) leased items. Each inner request is applied whole or not at all: if any of its ids is
     /// missing, not leased, or repeated, that request gets the first such [`ItemError`] and none of its ids change.
     /// Valid requests of the same call are applied together in one write.
     async fn complete(&self, requests: Vec<Vec<ItemId>>) -> Result<Vec<Result<(), ItemError>>, StorageError>;
+
+    /// Extends leases: each request `(ids, deadline)` sets the lease deadline of every id to `deadline`, with the
+    /// same all-or-nothing rule per request as [`Partition::complete`] (an id that is missing, not leased or
+    /// repeated fails the request and changes nothing). The lease expiry index follows the new deadlines.
+    async fn extend(
+        &self,
+        requests: Vec<(Vec<ItemId>, Ts)>,
+    ) -> Result<Vec<Result<(), ItemError>>, StorageError>;
 
     /// Retries leased items; the same all-or-nothing rule per request as [`Partition::complete`]. A requeue or
     /// schedule of an item whose attempts are exhausted under `policy` makes it dead instead.
@@ -185,14 +208,19 @@ pub trait Partition: Send + Sync + Debug + 'static {
     ) -> Result<Vec<Result<RetryOutcome, ItemError>>, StorageError>;
 
     /// Applies every lifecycle action due at `now`, at most `limit` of them, using the ordered deadline indexes:
-    /// expired leases go to the tail (new id) or die when their attempts are exhausted; due scheduled items go to
-    /// the tail (new id); items past `expire_deadline` die.
+    /// expired leases go to the tail (new id), or into the schedule under a backoff policy (see
+    /// [`LifecyclePolicy::backoff`]), or die when their attempts are exhausted; due scheduled items go to
+    /// the tail (new id); items past `expire_deadline` die. Expired dedup records may be dropped here too.
     async fn lifecycle(
         &self,
         now: Ts,
         policy: LifecyclePolicy,
         limit: usize,
     ) -> Result<LifecycleOutcome, StorageError>;
+
+    /// The live dedup records (`until` > `now`), so the engine can check keys across partitions after a restart.
+    /// Stores that check the whole queue themselves (shared stores) may return none.
+    async fn dedup_records(&self, now: Ts) -> Result<Vec<crate::types::DedupRecord>, StorageError>;
 
     /// Up to `limit` dead items waiting for transfer to the dead-letter queue, in id order.
     async fn dead_items(&self, limit: usize) -> Result<Vec<Item>, StorageError>;

@@ -89,6 +89,8 @@ pub struct Item {
     /// Dead and waiting for transfer to the dead-letter queue: hidden from leases, lists and stats. Never on the
     /// wire; persisted so a move in flight survives a restart.
     pub dead: bool,
+    /// 0..=[`MAX_PRIORITY`]; a lease serves higher priorities first, FIFO (id order) within one priority.
+    pub priority: u8,
 }
 
 impl Item {
@@ -126,7 +128,86 @@ pub struct NewItem {
     pub kind: String,
     /// The payload.
     pub payload: Bytes,
+    /// 0..=[`MAX_PRIORITY`], see [`Item::priority`].
+    pub priority: u8,
+    /// Non-empty for idempotent produce: the store keeps a record of the key until `dedup_until`, and skips a later
+    /// item carrying the same key while that record lives (see [`crate::storage::Partition::produce`]).
+    pub dedup_id: String,
+    /// When the dedup record ends; ignored when `dedup_id` is empty.
+    pub dedup_until: Ts,
 }
+
+/// Highest item priority; 0 (the default) is the lowest.
+pub const MAX_PRIORITY: u8 = 9;
+/// Longest deduplication key, in bytes.
+pub const MAX_DEDUP_ID: usize = 128;
+
+/// A dedup record as a store keeps it: while it lives, items carrying `dedup_id` are skipped.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DedupRecord {
+    /// The producer's key.
+    pub dedup_id: String,
+    /// The item stored under it (it may have been consumed since).
+    pub id: ItemId,
+    /// When the record ends.
+    pub until: Ts,
+}
+
+/// Retry backoff of a queue: how long an item waits before its next attempt after a lease expiry or a retry
+/// without `retry_at`. `base` zero means off (Querator's behaviour: back to the tail at once).
+#[derive(Clone, Copy, Debug, PartialEq, Default)]
+pub struct Backoff {
+    /// Delay before the second attempt; zero turns backoff off.
+    pub base: Duration,
+    /// Growth per attempt (>= 1.0; 0 is read as 2.0).
+    pub factor: f64,
+    /// Longest delay (zero: no bound but the validation limit).
+    pub max: Duration,
+    /// 0.0..=1.0: fraction of the delay that is randomised (0.2 = the delay is between 80 % and 100 %).
+    pub jitter: f64,
+}
+
+impl Eq for Backoff {}
+
+impl Backoff {
+    /// Whether the policy delays retries at all.
+    pub fn is_on(&self) -> bool {
+        !self.base.is_zero()
+    }
+
+    /// The delay before the attempt after `attempts` leases: `min(max, base * factor^(attempts-1))`, reduced by up
+    /// to `jitter` of itself. The jitter comes from a hash of `id` and `attempts`, so it differs between items (no
+    /// thundering herd) but is reproducible (tests can check bounds).
+    pub fn delay(&self, attempts: u32, id: ItemId) -> Duration {
+        if !self.is_on() {
+            return Duration::ZERO;
+        }
+        let factor = if self.factor <= 0.0 { 2.0 } else { self.factor.max(1.0) };
+        let exp = attempts.saturating_sub(1).min(64) as i32;
+        let mut secs = self.base.as_secs_f64() * factor.powi(exp);
+        let cap = if self.max.is_zero() { MAX_BACKOFF } else { self.max.min(MAX_BACKOFF) };
+        if !secs.is_finite() || secs > cap.as_secs_f64() {
+            secs = cap.as_secs_f64();
+        }
+        let jitter = self.jitter.clamp(0.0, 1.0);
+        if jitter > 0.0 {
+            // splitmix64 of (id, attempts): a uniform fraction in [0, 1).
+            let mut z = id.0 ^ (u64::from(attempts) << 56) ^ 0x9E37_79B9_7F4A_7C15;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            z ^= z >> 31;
+            let r = (z >> 11) as f64 / (1u64 << 53) as f64;
+            secs *= 1.0 - jitter * r;
+        }
+        Duration::from_secs_f64(secs.max(0.0))
+    }
+}
+
+/// Longest backoff delay accepted (and the cap when `max` is zero).
+pub const MAX_BACKOFF: Duration = Duration::from_secs(7 * 24 * 3600);
+
+/// Default deduplication window of a queue.
+pub const DEFAULT_DEDUP_WINDOW: Duration = Duration::from_secs(5 * 60);
 
 /// One item of a retry request.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -175,6 +256,34 @@ pub struct QueueInfo {
     pub requested_partitions: u32,
     /// Placement of each partition, in partition order.
     pub partitions: Vec<PartitionInfo>,
+    /// How long a produced item's `dedup_id` is remembered ([`DEFAULT_DEDUP_WINDOW`] unless set).
+    pub dedup_window: Duration,
+    /// Retry backoff (off unless `base` is set).
+    pub retry_backoff: Backoff,
+    /// A paused queue accepts produce but serves no lease until resumed.
+    pub paused: bool,
+    /// Longest lease one extension may ask for (zero: the queue's `expire_timeout`).
+    pub max_lease_timeout: Duration,
+}
+
+impl QueueInfo {
+    /// The deduplication window in force.
+    pub fn effective_dedup_window(&self) -> Duration {
+        if self.dedup_window.is_zero() {
+            DEFAULT_DEDUP_WINDOW
+        } else {
+            self.dedup_window
+        }
+    }
+
+    /// The longest lease an extension may set.
+    pub fn effective_max_lease(&self) -> Duration {
+        if self.max_lease_timeout.is_zero() {
+            self.expire_timeout
+        } else {
+            self.max_lease_timeout
+        }
+    }
 }
 
 /// Namespace used when a request names none.

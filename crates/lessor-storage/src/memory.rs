@@ -15,7 +15,7 @@ use lessor_core::storage::{
     LifecycleOutcome, LifecyclePolicy, Partition, PartitionStore, QueuesStore, RetryOp, RetryOutcome,
 };
 use lessor_core::time::Ts;
-use lessor_core::types::{ClearRequest, Item, ItemId, NewItem, PartitionCounts, PartitionStats, QueueInfo};
+use lessor_core::types::{ClearRequest, DedupRecord, Item, ItemId, NewItem, PartitionCounts, PartitionStats, QueueInfo};
 
 use crate::state::PartitionState;
 
@@ -152,6 +152,17 @@ impl Partition for MemoryPartition {
 
     async fn complete(&self, requests: Vec<Vec<ItemId>>) -> Result<Vec<Result<(), ItemError>>, StorageError> {
         Ok(self.state()?.complete(requests).0)
+    }
+
+    async fn extend(
+        &self,
+        requests: Vec<(Vec<ItemId>, Ts)>,
+    ) -> Result<Vec<Result<(), ItemError>>, StorageError> {
+        Ok(self.state()?.extend(requests).0)
+    }
+
+    async fn dedup_records(&self, now: Ts) -> Result<Vec<DedupRecord>, StorageError> {
+        Ok(self.state()?.dedup_records(now))
     }
 
     async fn retry(

@@ -211,6 +211,24 @@ impl Default for PartitionState {
 }
 
 impl PartitionState {
+    /// Extends leases (see [`lessor_core::storage::Partition::extend`]). TODO(issue 10): implement.
+    pub fn extend(&mut self, requests: Vec<(Vec<ItemId>, Ts)>) -> (Vec<Result<(), ItemError>>, Changes) {
+        let _ = &requests;
+        (
+            requests
+                .iter()
+                .map(|r| Err(ItemError::NotFound(r.0.first().map(|i| i.to_string()).unwrap_or_default())))
+                .collect(),
+            Changes::default(),
+        )
+    }
+
+    /// The live dedup records. TODO(issue 10): implement.
+    pub fn dedup_records(&self, now: Ts) -> Vec<lessor_core::types::DedupRecord> {
+        let _ = now;
+        Vec::new()
+    }
+
     /// An empty partition whose ids start above `floor` (use the current time in microseconds, so ids stay unique
     /// across a delete and re-create). Changes are tracked.
     pub fn new(floor: u64) -> Self {

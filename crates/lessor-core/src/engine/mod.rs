@@ -98,6 +98,10 @@ pub struct ProduceItem {
     pub kind: String,
     /// The payload.
     pub payload: bytes::Bytes,
+    /// 0..=[`crate::types::MAX_PRIORITY`]; higher is served first.
+    pub priority: u8,
+    /// Empty, or the producer's idempotency key (see [`crate::types::NewItem::dedup_id`]).
+    pub dedup_id: String,
 }
 
 /// A lease answer: the items all come from one partition.
@@ -126,6 +130,62 @@ pub struct QueueUpdate {
     pub reference: Option<String>,
     /// New partition count (may only grow).
     pub requested_partitions: Option<u32>,
+    /// New deduplication window.
+    pub dedup_window: Option<Duration>,
+    /// New retry backoff policy (`base` zero turns it off).
+    pub retry_backoff: Option<crate::types::Backoff>,
+    /// New longest lease extension (zero: the expire timeout).
+    pub max_lease_timeout: Option<Duration>,
+}
+
+/// Which items a browse returns.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum BrowseState {
+    /// Ready and leased items (id order).
+    #[default]
+    Queued,
+    /// Ready items only.
+    Ready,
+    /// Leased items only.
+    Leased,
+    /// Scheduled items.
+    Scheduled,
+}
+
+/// A browse request: one page of one partition's items, without leasing them.
+#[derive(Clone, Debug, Default)]
+pub struct BrowseRequest {
+    /// The partition.
+    pub partition: u32,
+    /// Which items.
+    pub state: BrowseState,
+    /// Only this priority, when set.
+    pub priority: Option<u8>,
+    /// Start at this id (inclusive); `None` starts at the head.
+    pub pivot: Option<ItemId>,
+    /// Most items returned.
+    pub limit: usize,
+}
+
+/// A browsed item: the item, and for leased items who holds it when this server handed the lease out.
+#[derive(Clone, Debug, Default)]
+pub struct BrowsedItem {
+    /// The item.
+    pub item: Item,
+    /// The `client_id` of the lease request that got it; empty when unknown (leased before a restart, or by
+    /// another server sharing the store).
+    pub holder: String,
+}
+
+/// One page of a browse.
+#[derive(Clone, Debug, Default)]
+pub struct BrowsePage {
+    /// The items, in id order.
+    pub items: Vec<BrowsedItem>,
+    /// Where the next page starts; `None` at the end. A page may hold fewer than `limit` items (even none) and
+    /// still have a next pivot: the scan per request is bounded, so a filter matching few items cannot make one
+    /// request read a whole partition.
+    pub next_pivot: Option<ItemId>,
 }
 
 /// Statistics of one partition as reported by `queue.stats`.

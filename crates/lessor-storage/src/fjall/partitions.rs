@@ -30,7 +30,7 @@ use lessor_core::storage::{
     LifecycleOutcome, LifecyclePolicy, Partition, PartitionStore, RetryOp, RetryOutcome,
 };
 use lessor_core::time::Ts;
-use lessor_core::types::{ClearRequest, Item, ItemId, NewItem, PartitionCounts, PartitionStats};
+use lessor_core::types::{ClearRequest, DedupRecord, Item, ItemId, NewItem, PartitionCounts, PartitionStats};
 use tokio::sync::oneshot;
 
 use super::codec::{decode_meta, encode_meta, parse_key, Key, PAYLOAD_TAG};
@@ -959,6 +959,17 @@ impl Partition for FjallPartition {
 
     async fn complete(&self, requests: Vec<Vec<ItemId>>) -> Result<Vec<Result<(), ItemError>>, StorageError> {
         self.write(|s| s.complete(requests)).await
+    }
+
+    async fn extend(
+        &self,
+        requests: Vec<(Vec<ItemId>, Ts)>,
+    ) -> Result<Vec<Result<(), ItemError>>, StorageError> {
+        self.write(|s| s.extend(requests)).await
+    }
+
+    async fn dedup_records(&self, now: Ts) -> Result<Vec<DedupRecord>, StorageError> {
+        self.read(|s| s.dedup_records(now)).await
     }
 
     async fn retry(

@@ -515,6 +515,21 @@ impl Partition for PgPartition {
         Ok(out)
     }
 
+    async fn extend(
+        &self,
+        requests: Vec<(Vec<ItemId>, Ts)>,
+    ) -> Result<Vec<Result<(), ItemError>>, StorageError> {
+        // TODO(issue 10): implement.
+        let _ = requests;
+        Err(StorageError::other("extend is not implemented yet"))
+    }
+
+    async fn dedup_records(&self, now: Ts) -> Result<Vec<lessor_core::types::DedupRecord>, StorageError> {
+        // The database checks the whole queue itself.
+        let _ = now;
+        Ok(Vec::new())
+    }
+
     async fn retry(
         &self,
         requests: Vec<Vec<RetryOp>>,

@@ -56,6 +56,9 @@ impl QueueTask {
                     encoding: it.encoding,
                     kind: it.kind,
                     payload: it.payload,
+                    priority: it.priority,
+                    dedup_id: String::new(),
+                    dedup_until: Ts::ZERO,
                 })
                 .collect();
             let full = ids.len() == DEAD_BATCH;

@@ -237,6 +237,7 @@ impl QueueTask {
         LifecyclePolicy {
             max_attempts: self.info.max_attempts,
             has_dead_queue: !self.info.dead_queue.is_empty(),
+            backoff: self.info.retry_backoff,
         }
     }
 
