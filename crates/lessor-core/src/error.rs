@@ -148,6 +148,9 @@ pub enum QueueError {
     /// A retry names an id that cannot be retried (400); nothing in the request was applied.
     #[error("item(s) cannot be retried; {0}")]
     CannotRetry(ItemError),
+    /// An extend names an id that cannot be extended (400); nothing in the request was applied.
+    #[error("item(s) cannot be extended; {0}")]
+    CannotExtend(ItemError),
     /// The long-poll lease ended with no item (454).
     #[error("request timeout; no items are in the queue, try again")]
     LeaseTimeout,
@@ -192,6 +195,14 @@ impl QueueError {
         match e {
             ItemError::NotFound(id) => QueueError::NoSuchId(id),
             other => QueueError::CannotRetry(other),
+        }
+    }
+
+    /// The error for an id an extend cannot apply.
+    pub fn cannot_extend(e: ItemError) -> Self {
+        match e {
+            ItemError::NotFound(id) => QueueError::NoSuchId(id),
+            other => QueueError::CannotExtend(other),
         }
     }
 

@@ -170,6 +170,14 @@ pub struct Backoff {
 impl Eq for Backoff {}
 
 impl Backoff {
+    /// No backoff: retries go back to the tail at once.
+    pub const OFF: Backoff = Backoff {
+        base: Duration::ZERO,
+        factor: 0.0,
+        max: Duration::ZERO,
+        jitter: 0.0,
+    };
+
     /// Whether the policy delays retries at all.
     pub fn is_on(&self) -> bool {
         !self.base.is_zero()

@@ -173,7 +173,7 @@ pub fn request_timeout(
     }
 }
 
-fn fmt_secs(d: Duration) -> String {
+pub(crate) fn fmt_secs(d: Duration) -> String {
     if d < Duration::from_millis(1) {
         format!("{d:?}")
     } else if d.as_millis() < 1000 {
@@ -183,6 +183,78 @@ fn fmt_secs(d: Duration) -> String {
     } else {
         format!("{:.3}s", d.as_secs_f64())
     }
+}
+
+/// Most items one browse request returns.
+pub const MAX_BROWSE: usize = 1000;
+/// Longest deduplication window.
+pub const MAX_DEDUP_WINDOW: Duration = Duration::from_secs(7 * 24 * 3600);
+
+/// Checks an item priority (0..=[`crate::types::MAX_PRIORITY`]).
+pub fn priority(field: &str, p: i64) -> Result<u8, QueueError> {
+    let max = crate::types::MAX_PRIORITY;
+    if p < 0 || p > i64::from(max) {
+        return Err(invalid(
+            field,
+            format!("must be between 0 and {max}, got '{p}'"),
+        ));
+    }
+    Ok(p as u8)
+}
+
+/// Checks a deduplication key: empty means "no key"; otherwise at most [`crate::types::MAX_DEDUP_ID`] bytes, not
+/// only white space, and no control characters (so keys print and compare as users expect).
+pub fn dedup_id(field: &str, id: &str) -> Result<(), QueueError> {
+    let max = crate::types::MAX_DEDUP_ID;
+    if id.is_empty() {
+        return Ok(());
+    }
+    if id.len() > max {
+        return Err(invalid(
+            field,
+            format!("cannot be longer than {max} bytes, got {}", id.len()),
+        ));
+    }
+    if id.trim().is_empty() {
+        return Err(invalid(field, "cannot be only white space"));
+    }
+    if id.chars().any(char::is_control) {
+        return Err(invalid(field, "cannot contain control characters"));
+    }
+    Ok(())
+}
+
+/// Checks a queue's retry backoff policy.
+pub fn backoff(b: &crate::types::Backoff) -> Result<(), QueueError> {
+    let max = crate::types::MAX_BACKOFF;
+    if b.base > max {
+        return Err(invalid(
+            "retry_backoff.base",
+            format!("cannot be greater than {}", fmt_secs(max)),
+        ));
+    }
+    if b.max > max {
+        return Err(invalid(
+            "retry_backoff.max",
+            format!("cannot be greater than {}", fmt_secs(max)),
+        ));
+    }
+    if !b.max.is_zero() && b.max < b.base {
+        return Err(invalid("retry_backoff.max", "cannot be less than retry_backoff.base"));
+    }
+    if !(b.factor == 0.0 || (1.0..=100.0).contains(&b.factor)) {
+        return Err(invalid(
+            "retry_backoff.factor",
+            format!("must be between 1 and 100 (0 means 2), got '{}'", b.factor),
+        ));
+    }
+    if !(0.0..=1.0).contains(&b.jitter) {
+        return Err(invalid(
+            "retry_backoff.jitter",
+            format!("must be between 0 and 1, got '{}'", b.jitter),
+        ));
+    }
+    Ok(())
 }
 
 /// Checks a list limit, mapping 0 to the default.

@@ -94,6 +94,7 @@ pub fn produce_items(items: Vec<pb::QueueProduceItem>) -> Vec<ProduceItem> {
             } else {
                 Bytes::from(i.bytes)
             },
+            ..Default::default() // TODO(issue 10): priority and dedup_id from the wire
         })
         .collect()
 }
@@ -163,6 +164,7 @@ pub fn import_item(i: pb::StorageItem) -> Result<Item, ApiError> {
         kind: i.kind,
         payload: Bytes::from(i.payload),
         dead: false,
+        priority: 0, // TODO(issue 10)
     })
 }
 
@@ -198,6 +200,7 @@ pub fn queue_update(q: pb::QueueInfo) -> Result<QueueUpdate, ApiError> {
         dead_queue: opt(q.dead_queue),
         reference: opt(q.reference),
         requested_partitions: (requested_partitions != 0).then_some(requested_partitions),
+        ..Default::default() // TODO(issue 10): dedup window, backoff, max lease from the wire
     })
 }
 

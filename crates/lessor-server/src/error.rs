@@ -41,7 +41,8 @@ impl ApiError {
                 | QueueError::DuplicateClientId
                 | QueueError::NoSuchId(_)
                 | QueueError::CannotComplete(_)
-                | QueueError::CannotRetry(_) => 400,
+                | QueueError::CannotRetry(_)
+                | QueueError::CannotExtend(_) => 400,
                 QueueError::LeaseTimeout
                 | QueueError::RequestTimeout(_)
                 | QueueError::Overloaded

@@ -80,6 +80,20 @@ impl Partition for FlakyPartition {
         guard!(self);
         self.inner.complete(r).await
     }
+    async fn extend(
+        &self,
+        r: Vec<(Vec<lessor_core::types::ItemId>, lessor_core::time::Ts)>,
+    ) -> Result<Vec<Result<(), lessor_core::error::ItemError>>, StorageError> {
+        guard!(self);
+        self.inner.extend(r).await
+    }
+    async fn dedup_records(
+        &self,
+        now: lessor_core::time::Ts,
+    ) -> Result<Vec<lessor_core::types::DedupRecord>, StorageError> {
+        guard!(self);
+        self.inner.dedup_records(now).await
+    }
     async fn retry(
         &self,
         r: Vec<Vec<lessor_core::storage::RetryOp>>,

@@ -574,7 +574,8 @@ impl PartitionState {
                         o.dead += 1;
                         self.die(it, policy, &mut ch);
                     }
-                    RetryAction::Requeue => {
+                    // TODO(issue 10): apply the policy's backoff.
+                    RetryAction::Requeue | RetryAction::Backoff(_) => {
                         o.requeued += 1;
                         self.requeue(it, &mut ch);
                     }

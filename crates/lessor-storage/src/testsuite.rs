@@ -18,7 +18,7 @@ use bytes::Bytes;
 use lessor_core::error::{ItemError, StorageErrorKind};
 use lessor_core::storage::{LifecyclePolicy, Partition, PartitionStore, QueuesStore, RetryAction, RetryOp};
 use lessor_core::time::Ts;
-use lessor_core::types::{ClearRequest, Item, ItemId, NewItem, PartitionInfo, QueueInfo};
+use lessor_core::types::{Backoff, ClearRequest, Item, ItemId, NewItem, PartitionInfo, QueueInfo};
 
 pub mod auth;
 
@@ -44,6 +44,7 @@ const SEC: Duration = Duration::from_secs(1);
 const NO_DLQ: LifecyclePolicy = LifecyclePolicy {
     max_attempts: 0,
     has_dead_queue: false,
+    backoff: Backoff::OFF,
 };
 
 static SEQ: AtomicU64 = AtomicU64::new(0);
@@ -69,6 +70,7 @@ fn item(payload: &str) -> NewItem {
         encoding: "text/plain".into(),
         kind: "test".into(),
         payload: Bytes::from(payload.to_string()),
+        ..Default::default()
     }
 }
 
@@ -232,6 +234,7 @@ pub async fn retry_dead_follows_policy(b: TestBackend) {
     let dlq = LifecyclePolicy {
         max_attempts: 0,
         has_dead_queue: true,
+        backoff: Backoff::OFF,
     };
     p.retry(
         vec![vec![RetryOp {
@@ -270,6 +273,7 @@ pub async fn retry_with_exhausted_attempts_dies(b: TestBackend) {
     let policy = LifecyclePolicy {
         max_attempts: 1,
         has_dead_queue: true,
+        backoff: Backoff::OFF,
     };
     let r = p
         .retry(
@@ -330,6 +334,7 @@ pub async fn lease_expiry_at_max_attempts_dies(b: TestBackend) {
     let policy = LifecyclePolicy {
         max_attempts: 2,
         has_dead_queue: true,
+        backoff: Backoff::OFF,
     };
     for round in 0..2u32 {
         let l = p.lease(10, T0.add(SEC)).await.expect("lease");
@@ -478,6 +483,7 @@ pub async fn import_keeps_fields(b: TestBackend) {
         kind: "k".into(),
         payload: Bytes::from_static(b"payload"),
         dead: false,
+        priority: 0,
     };
     let out = p.import(vec![src.clone()]).await.expect("import");
     assert_eq!(out.len(), 1);

@@ -20,6 +20,7 @@ const SEC: Duration = Duration::from_secs(1);
 const DLQ: LifecyclePolicy = LifecyclePolicy {
     max_attempts: 2,
     has_dead_queue: true,
+    backoff: lessor_core::types::Backoff::OFF,
 };
 
 fn item(payload: &str) -> NewItem {

@@ -171,6 +171,7 @@ async fn racing_lifecycles_apply_each_action_exactly_once() {
     let policy = LifecyclePolicy {
         max_attempts: 2,
         has_dead_queue: true,
+        ..Default::default()
     };
     let o = race_lifecycle(&workers, T0.add(SEC * 2), policy).await;
     assert_eq!((o.lease_expired, o.dead), (0, n as u64));

@@ -75,6 +75,12 @@ pub struct QueueMetrics {
     pub lease_expired: AtomicU64,
     /// Items that died (moved to the dead-letter queue or deleted).
     pub dead_lettered: AtomicU64,
+    /// Produced items acknowledged without being stored again (their dedup key was seen within the window).
+    pub deduplicated: AtomicU64,
+    /// Leases extended.
+    pub extended: AtomicU64,
+    /// Dedup keys held in memory now.
+    pub dedup_keys: AtomicU64,
     /// Ready items now.
     pub ready: AtomicU64,
     /// Leased items now.
@@ -444,27 +450,19 @@ impl Engine {
             self.prepare_partitions(&info.name, &info.partitions, have as usize)
                 .await?;
         }
+        if let Some(w) = update.dedup_window {
+            info.dedup_window = w;
+        }
+        if let Some(b) = update.retry_backoff {
+            info.retry_backoff = b;
+        }
+        if let Some(m) = update.max_lease_timeout {
+            info.max_lease_timeout = m;
+        }
         validate_options(&info)?;
         info.updated_at = self.clock().now();
         self.inner.config.queues.update(&info).await?;
-        let handle = self
-            .inner
-            .queues
-            .read()
-            .map_err(poisoned)?
-            .get(&info.name)
-            .cloned();
-        if let Some(h) = handle {
-            let (tx, rx) = oneshot::channel();
-            if h.tx
-                .send(Msg::Cold(Cold::UpdateInfo(Box::new(info), tx)))
-                .await
-                .is_ok()
-            {
-                let _ = rx.await;
-            }
-        }
-        Ok(())
+        self.push_info(info).await
     }
 
     /// Deletes a queue with its items. Waiting requests get "queue is shutting down".
@@ -687,6 +685,14 @@ impl Engine {
             limits.max_produce_batch,
             items.len(),
         )?;
+        for (i, it) in items.iter().enumerate() {
+            if it.priority > crate::types::MAX_PRIORITY {
+                validate::priority(&format!("items[{i}].priority"), i64::from(it.priority))?;
+            }
+            if !it.dedup_id.is_empty() {
+                validate::dedup_id(&format!("items[{i}].dedup_id"), &it.dedup_id)?;
+            }
+        }
         let deadline = self.clock().now().add(timeout);
         self.within(
             deadline,
@@ -776,6 +782,96 @@ impl Engine {
             reply,
         })
         .await
+    }
+
+    /// Extends the leases of `ids` (all of them or none): each deadline becomes now + `lease_timeout` (the
+    /// queue's `lease_timeout` when `None`), which may not exceed the queue's max lease. Fenced like complete: an
+    /// id whose lease ended (moved under a new id) is unknown, and the request changes nothing.
+    pub async fn extend(
+        &self,
+        queue: &str,
+        partition: u32,
+        ids: Vec<ItemId>,
+        lease_timeout: Option<Duration>,
+        request_timeout: Option<Duration>,
+    ) -> Result<(), QueueError> {
+        let limits = self.limits();
+        if ids.is_empty() {
+            return Err(validate::invalid("ids", "list of ids cannot be empty"));
+        }
+        validate::batch_len(
+            "ids",
+            "max_complete_batch_size",
+            limits.max_complete_batch,
+            ids.len(),
+        )?;
+        validate::request_timeout(request_timeout, Duration::ZERO, limits.max_request_timeout)?;
+        if lease_timeout.is_some_and(|d| d.is_zero()) {
+            return Err(validate::invalid("lease_timeout", "must be greater than 0"));
+        }
+        self.call(queue, |reply| Msg::Extend {
+            partition,
+            ids,
+            lease_timeout,
+            reply,
+        })
+        .await
+    }
+
+    /// Pauses (`true`) or resumes a queue. A paused queue accepts produce and every other request, but serves
+    /// no lease: lease requests long-poll until it is resumed or their timeout ends. Stored with the definition,
+    /// so a pause survives a restart (and is seen by every server sharing the store).
+    pub async fn set_paused(&self, queue: &str, paused: bool) -> Result<(), QueueError> {
+        self.check_running()?;
+        validate::queue_name("queue_name", queue)?;
+        let _guard = self.inner.load_lock.lock().await;
+        let Some(mut info) = self.inner.config.queues.get(queue).await? else {
+            return Err(QueueError::QueueNotFound(queue.to_string()));
+        };
+        if info.paused == paused {
+            return Ok(());
+        }
+        info.paused = paused;
+        info.updated_at = self.clock().now();
+        self.inner.config.queues.update(&info).await?;
+        self.push_info(info).await
+    }
+
+    /// Hands a stored definition to the queue's task, when it runs.
+    async fn push_info(&self, info: QueueInfo) -> Result<(), QueueError> {
+        let handle = self
+            .inner
+            .queues
+            .read()
+            .map_err(poisoned)?
+            .get(&info.name)
+            .cloned();
+        if let Some(h) = handle {
+            let (tx, rx) = oneshot::channel();
+            if h.tx
+                .send(Msg::Cold(Cold::UpdateInfo(Box::new(info), tx)))
+                .await
+                .is_ok()
+            {
+                let _ = rx.await;
+            }
+        }
+        Ok(())
+    }
+
+    /// One page of a partition's items, without leasing them (see [`BrowseRequest`]).
+    pub async fn browse(&self, queue: &str, request: BrowseRequest) -> Result<BrowsePage, QueueError> {
+        if request.limit == 0 || request.limit > validate::MAX_BROWSE {
+            return Err(validate::invalid(
+                "limit",
+                format!("must be between 1 and {}", validate::MAX_BROWSE),
+            ));
+        }
+        if let Some(p) = request.priority {
+            validate::priority("priority", i64::from(p))?;
+        }
+        self.call(queue, |reply| Msg::Cold(Cold::Browse { request, reply }))
+            .await
     }
 
     /// Runs `request` until `deadline` on the engine's clock, then gives up with [`QueueError::RequestTimeout`].
@@ -973,6 +1069,28 @@ fn validate_options(info: &QueueInfo) -> Result<(), QueueError> {
         ));
     }
     validate::partition_count(info.requested_partitions)?;
+    validate::backoff(&info.retry_backoff)?;
+    if info.dedup_window > validate::MAX_DEDUP_WINDOW {
+        return Err(validate::invalid(
+            "dedup_window",
+            "cannot be greater than '168h'",
+        ));
+    }
+    if !info.max_lease_timeout.is_zero()
+        && !info.expire_timeout.is_zero()
+        && info.max_lease_timeout > info.expire_timeout
+    {
+        return Err(validate::invalid(
+            "max_lease_timeout",
+            "cannot be greater than the expire_timeout",
+        ));
+    }
+    if !info.max_lease_timeout.is_zero() && info.max_lease_timeout < info.lease_timeout {
+        return Err(validate::invalid(
+            "max_lease_timeout",
+            "cannot be less than the lease_timeout",
+        ));
+    }
     if !info.lease_timeout.is_zero()
         && !info.expire_timeout.is_zero()
         && info.lease_timeout > info.expire_timeout

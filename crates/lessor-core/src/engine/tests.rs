@@ -112,6 +112,12 @@ impl Partition for Gated {
     async fn complete(&self, _r: Vec<Vec<ItemId>>) -> Result<Vec<Result<(), ItemError>>, StorageError> {
         unused()
     }
+    async fn extend(&self, _r: Vec<(Vec<ItemId>, Ts)>) -> Result<Vec<Result<(), ItemError>>, StorageError> {
+        unused()
+    }
+    async fn dedup_records(&self, _now: Ts) -> Result<Vec<crate::types::DedupRecord>, StorageError> {
+        Ok(Vec::new())
+    }
     async fn retry(
         &self,
         _r: Vec<Vec<RetryOp>>,

@@ -116,6 +116,7 @@ pub(crate) fn decode_meta(id: ItemId, buf: &[u8], what: &str) -> Result<Item, St
         encoding: r.string()?,
         kind: r.string()?,
         payload: Bytes::new(),
+        priority: 0, // TODO(issue 10): persist
     };
     if !r.buf.is_empty() {
         return Err(corrupt(format!(
@@ -170,6 +171,7 @@ pub(crate) fn decode_queue(buf: &[u8], what: &str) -> Result<QueueInfo, StorageE
         max_attempts: r.u32()?,
         requested_partitions: r.u32()?,
         partitions: Vec::new(),
+        ..Default::default() // TODO(issue 10): persist the new fields
     };
     let n = r.uint()?;
     for _ in 0..n {
@@ -306,6 +308,7 @@ mod tests {
             kind: "k".into(),
             payload: Bytes::from_static(b"{\"a\":1}"),
             dead: true,
+            priority: 0,
         }
     }
 
@@ -366,6 +369,7 @@ mod tests {
                     read_only: true,
                 },
             ],
+            ..Default::default()
         };
         assert_eq!(decode_queue(&encode_queue(&q), "test").expect("decode"), q);
     }

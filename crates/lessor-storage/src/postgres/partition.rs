@@ -190,6 +190,7 @@ fn decode(r: &Row) -> Result<Item, StorageError> {
         kind: r.try_get(11).map_err(pg_err)?,
         payload: Bytes::from(payload),
         dead: r.try_get(13).map_err(pg_err)?,
+        priority: 0, // TODO(issue 10): persist
     })
 }
 
@@ -569,6 +570,11 @@ impl Partition for PgPartition {
                         RetryAction::Schedule(at) => {
                             o.scheduled += 1;
                             (RETRY_SCHEDULE, at.0)
+                        }
+                        // TODO(issue 10): apply the policy's backoff.
+                        RetryAction::Backoff(_) => {
+                            o.requeued += 1;
+                            (RETRY_REQUEUE, 0)
                         }
                         RetryAction::Dead => {
                             o.dead += 1;

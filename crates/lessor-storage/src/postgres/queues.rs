@@ -129,6 +129,7 @@ fn decode(r: &Row) -> Result<QueueInfo, StorageError> {
         requested_partitions: to_u32(r.try_get(9).map_err(pg_err)?),
         partitions: parse_partitions(&name, &parts)?,
         name,
+        ..Default::default() // TODO(issue 10): persist the new fields
     })
 }
 

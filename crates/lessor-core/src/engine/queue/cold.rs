@@ -115,6 +115,10 @@ impl QueueTask {
                 }
                 let _ = reply.send(r);
             }
+            Cold::Browse { request, reply } => {
+                let r = self.browse(request).await;
+                let _ = reply.send(r);
+            }
             Cold::UpdateInfo(info, done) => {
                 self.set_info(*info);
                 // A lowered max_attempts or a new dead-letter queue applies to items already dead or leased.

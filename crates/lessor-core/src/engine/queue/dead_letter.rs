@@ -115,6 +115,7 @@ impl QueueTask {
                     Ok(c) => self.parts[0].counts = c,
                     Err(_) => self.parts[0].counts.ready += n,
                 }
+                self.parts[0].top_priority = crate::types::MAX_PRIORITY;
                 self.metrics.produced.fetch_add(n, Ordering::Relaxed);
                 for (_, reply) in requests {
                     let _ = reply.send(Ok(()));

@@ -51,13 +51,18 @@ impl QueueTask {
                 let (store, handle, num, name) = (p.store.clone(), p.handle.clone(), p.num, name.clone());
                 async move {
                     let result = async {
-                        let h = match handle {
-                            Some(h) => h,
-                            None => store.open(&name, num).await?,
+                        // A partition opened for the first time hands its dedup records to the queue-wide index.
+                        let (h, records) = match handle {
+                            Some(h) => (h, Vec::new()),
+                            None => {
+                                let h = store.open(&name, num).await?;
+                                let records = h.dedup_records(now).await?;
+                                (h, records)
+                            }
                         };
                         let counts = h.counts().await?;
                         let deadline = h.next_deadline().await?;
-                        Ok::<_, StorageError>((h, counts, deadline))
+                        Ok::<_, StorageError>((h, counts, deadline, records))
                     }
                     .await;
                     (i, result)
@@ -69,11 +74,16 @@ impl QueueTask {
             .collect()
             .await;
         for (i, result) in results {
-            let p = &mut self.parts[i];
             match result {
-                Ok((h, counts, deadline)) => {
+                Ok((h, counts, deadline, records)) => {
+                    for r in records {
+                        let k = self.dedup.hash(&r.dedup_id);
+                        self.dedup.insert(k, r.until);
+                    }
+                    let p = &mut self.parts[i];
                     p.handle = Some(h);
                     p.counts = counts;
+                    p.top_priority = crate::types::MAX_PRIORITY;
                     p.next_deadline = deadline;
                     if p.failures > 1 {
                         tracing::info!(queue = %name, partition = p.num, "partition recovered");
@@ -81,7 +91,7 @@ impl QueueTask {
                     p.failures = 0;
                     p.refresh_at = now.add(SHARED_REFRESH);
                 }
-                Err(e) => p.fail(now, &name, &e),
+                Err(e) => self.parts[i].fail(now, &name, &e),
             }
         }
     }

@@ -17,6 +17,10 @@ impl QueueTask {
     /// (round-robin), so concurrent consumers share fairly. A waiter that got anything is answered.
     pub(super) async fn serve_leases(&mut self, now: Ts) {
         self.waiters.retain(|w| !w.reply.is_closed());
+        if self.info.paused {
+            // Waiters long-poll until the queue is resumed (the resume's pass serves them) or their timeout ends.
+            return;
+        }
         let mut tried: Vec<usize> = Vec::new();
         while !self.waiters.is_empty() {
             let pick = (0..self.parts.len())
@@ -24,7 +28,11 @@ impl QueueTask {
                     !tried.contains(i) && self.parts[*i].failures == 0 && self.parts[*i].handle.is_some()
                 })
                 .filter(|i| self.parts[*i].counts.ready > 0 || self.parts[*i].shared)
-                .max_by_key(|&i| (self.parts[i].counts.ready, std::cmp::Reverse(i)));
+                // Highest priority first (an upper bound the task keeps per partition), then the fullest.
+                .max_by_key(|&i| {
+                    let p = &self.parts[i];
+                    (p.top_priority, p.counts.ready, std::cmp::Reverse(i))
+                });
             let Some(i) = pick else { return };
             tried.push(i);
             let Some(h) = self.parts[i].healthy() else {
@@ -43,9 +51,12 @@ impl QueueTask {
             };
             let p = &mut self.parts[i];
             let got = items.len() as u64;
+            // Items come highest priority first: what is left is at most the last one's priority.
+            p.top_priority = items.last().map_or(0, |it| it.priority);
             if got < want as u64 {
                 // The partition had fewer ready items than we believed (shared store, or drift): trust storage.
                 p.counts.ready = 0;
+                p.top_priority = 0;
             } else {
                 p.counts.ready = p.counts.ready.saturating_sub(got);
             }
@@ -89,6 +100,7 @@ impl QueueTask {
             if hand.is_empty() {
                 self.waiters.push_back(w);
             } else {
+                self.holders.record(partition, &w.client_id, &hand);
                 let _ = w.reply.send(Ok(LeaseResult {
                     partition,
                     items: hand,

@@ -56,6 +56,7 @@ impl QueueTask {
                 (Ok(c), Ok(d)) => {
                     let p = &mut self.parts[i];
                     p.counts = c;
+                    p.top_priority = crate::types::MAX_PRIORITY;
                     p.next_deadline = d;
                     if outcome.more {
                         p.next_deadline = Some(now);

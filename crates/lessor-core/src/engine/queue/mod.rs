@@ -26,8 +26,10 @@ use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 
 mod ack;
+mod browse;
 mod cold;
 mod dead_letter;
+mod dedup;
 mod health;
 mod lease;
 mod lifecycle;
@@ -36,7 +38,7 @@ mod produce;
 pub(crate) use dead_letter::DeadLetterSink;
 use health::MissingStore;
 
-use super::{EngineConfig, LeaseResult, ProduceItem, QueueMetrics, QueueStats};
+use super::{BrowsePage, BrowseRequest, EngineConfig, LeaseResult, ProduceItem, QueueMetrics, QueueStats};
 use crate::error::{QueueError, StorageError};
 use crate::storage::{LifecyclePolicy, Partition, PartitionStore};
 use crate::time::Ts;
@@ -49,6 +51,8 @@ type Reply<T> = oneshot::Sender<Result<T, QueueError>>;
 type CompleteGroups = HashMap<u32, Vec<(Vec<ItemId>, Reply<()>)>>;
 /// Retry requests of one pass, by partition.
 type RetryGroups = HashMap<u32, Vec<(Vec<RetryItem>, Reply<()>)>>;
+/// Extend requests of one pass, by partition: ids, lease timeout, reply.
+type ExtendGroups = HashMap<u32, Vec<(Vec<ItemId>, Option<Duration>, Reply<()>)>>;
 
 /// Most messages taken from the inbox per pass.
 const MAX_DRAIN: usize = 8192;
@@ -77,6 +81,12 @@ pub(crate) enum Msg {
     Retry {
         partition: u32,
         items: Vec<RetryItem>,
+        reply: Reply<()>,
+    },
+    Extend {
+        partition: u32,
+        ids: Vec<ItemId>,
+        lease_timeout: Option<Duration>,
         reply: Reply<()>,
     },
     DeadLetter {
@@ -110,6 +120,10 @@ pub(crate) enum Cold {
         reply: Reply<()>,
     },
     UpdateInfo(Box<QueueInfo>, oneshot::Sender<()>),
+    Browse {
+        request: BrowseRequest,
+        reply: Reply<BrowsePage>,
+    },
 }
 
 /// What the task knows about one partition: its handle, its health and the counts it balances load by.
@@ -132,6 +146,9 @@ struct Part {
     next_deadline: Option<Ts>,
     /// When a shared partition's counts are re-read.
     refresh_at: Ts,
+    /// No ready item of the partition has a higher priority than this (an upper bound: raised by produce and by
+    /// anything that may make items ready, lowered by what a lease returns).
+    top_priority: u8,
 }
 
 impl Part {
@@ -178,6 +195,10 @@ pub(crate) struct QueueTask {
     metrics: Arc<QueueMetrics>,
     /// When a failed dead-letter move is tried again.
     dead_retry_at: Ts,
+    /// The queue-wide index of recent dedup keys (see [`dedup`]).
+    dedup: dedup::DedupIndex,
+    /// Who holds the leases this server handed out, for browse (see [`browse`]).
+    holders: browse::Holders,
 }
 
 impl QueueTask {
@@ -198,6 +219,8 @@ impl QueueTask {
             config,
             metrics,
             dead_retry_at: Ts::ZERO,
+            dedup: dedup::DedupIndex::default(),
+            holders: browse::Holders::default(),
         };
         t.set_info(info);
         t
@@ -219,6 +242,7 @@ impl QueueTask {
                 retry_at: Ts::ZERO,
                 next_deadline: None,
                 refresh_at: Ts::ZERO,
+                top_priority: crate::types::MAX_PRIORITY,
             });
         }
         self.info = info;
@@ -281,11 +305,13 @@ impl QueueTask {
         let now = self.now();
         self.recover(now).await;
         self.lifecycle(now).await;
+        self.holders.prune(now);
 
         let mut produces = Vec::new();
         let mut dead_letters = Vec::new();
         let mut completes: CompleteGroups = HashMap::new();
         let mut retries: RetryGroups = HashMap::new();
+        let mut extends: ExtendGroups = HashMap::new();
         let mut colds = Vec::new();
         let mut shutdown = None;
         for m in batch.drain(..) {
@@ -327,6 +353,15 @@ impl QueueTask {
                     items,
                     reply,
                 } => retries.entry(partition).or_default().push((items, reply)),
+                Msg::Extend {
+                    partition,
+                    ids,
+                    lease_timeout,
+                    reply,
+                } => extends
+                    .entry(partition)
+                    .or_default()
+                    .push((ids, lease_timeout, reply)),
                 Msg::Cold(c) => colds.push(c),
                 Msg::Shutdown(done) => shutdown = Some(done),
             }
@@ -342,6 +377,9 @@ impl QueueTask {
         }
         if !retries.is_empty() {
             self.retry(retries, now).await;
+        }
+        if !extends.is_empty() {
+            self.extend(extends, now).await;
         }
         for c in colds {
             self.cold(c, now).await;
@@ -387,6 +425,9 @@ impl QueueTask {
         self.metrics
             .lease_waiting
             .store(self.waiters.len() as u64, Ordering::Relaxed);
+        self.metrics
+            .dedup_keys
+            .store(self.dedup.len() as u64, Ordering::Relaxed);
     }
 
     /// Answers everything still waiting with "queue is shutting down" and closes the partitions.
@@ -400,9 +441,10 @@ impl QueueTask {
             match m {
                 Msg::Produce { reply, .. } => drop(reply.send(e)),
                 Msg::Lease { reply, .. } => drop(reply.send(Err(QueueError::QueueShuttingDown))),
-                Msg::Complete { reply, .. } | Msg::Retry { reply, .. } | Msg::DeadLetter { reply, .. } => {
-                    drop(reply.send(e))
-                }
+                Msg::Complete { reply, .. }
+                | Msg::Retry { reply, .. }
+                | Msg::Extend { reply, .. }
+                | Msg::DeadLetter { reply, .. } => drop(reply.send(e)),
                 Msg::Cold(c) => match c {
                     Cold::Stats(r) => drop(r.send(Err(QueueError::QueueShuttingDown))),
                     Cold::Clear(_, r) | Cold::Reload(r) | Cold::Delete { reply: r, .. } => drop(r.send(e)),
@@ -410,6 +452,7 @@ impl QueueTask {
                         drop(reply.send(Err(QueueError::QueueShuttingDown)))
                     }
                     Cold::UpdateInfo(_, done) => drop(done.send(())),
+                    Cold::Browse { reply, .. } => drop(reply.send(Err(QueueError::QueueShuttingDown))),
                 },
                 Msg::Shutdown(done) => drop(done.send(())),
             }

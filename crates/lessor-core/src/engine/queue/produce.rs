@@ -3,7 +3,7 @@
 
 use std::sync::atomic::Ordering;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use futures::future::join_all;
 
@@ -13,8 +13,10 @@ use crate::error::{QueueError, StorageError};
 use crate::time::Ts;
 use crate::types::NewItem;
 
-/// Produce requests bound for one partition, with the partitions each already failed on.
-type ProduceGroup = Vec<(Vec<NewItem>, Reply<()>, Vec<usize>)>;
+/// A produce request on its way to storage: items, reply, and the partitions it already failed on.
+type ProduceRequest = (Vec<NewItem>, Reply<()>, Vec<usize>);
+/// Produce requests bound for one partition.
+type ProduceGroup = Vec<ProduceRequest>;
 
 impl QueueTask {
     /// Picks the healthy partition with the fewest ready items (ties: lowest number), skipping `exclude`.
@@ -32,7 +34,7 @@ impl QueueTask {
     pub(super) async fn produce(&mut self, requests: Vec<(Vec<ProduceItem>, Ts, Reply<()>)>, now: Ts) {
         let threshold = now.add(self.config.limits.schedule_threshold);
         let expire = self.info.expire_timeout;
-        let mut pending: Vec<(Vec<NewItem>, Reply<()>, Vec<usize>)> = requests
+        let mut pending: Vec<ProduceRequest> = requests
             .into_iter()
             .filter_map(|(items, deadline, reply)| {
                 if reply.is_closed() {
@@ -61,12 +63,73 @@ impl QueueTask {
                             encoding: it.encoding,
                             kind: it.kind,
                             payload: it.payload,
+                            priority: it.priority,
+                            dedup_id: it.dedup_id,
+                            dedup_until: Ts::ZERO,
                         }
                     })
                     .collect();
                 (items, reply, Vec::new())
             })
             .collect();
+        // Requests that share a dedup key with an earlier request of this pass wait until that one's write is
+        // known: then the key is in the index (the later request is a duplicate) or it is not (the write failed,
+        // and the later request stores the item). So a duplicate is never acknowledged for an item that failed.
+        loop {
+            let (now_batch, later) = self.dedup_filter(pending, now);
+            self.store(now_batch, now).await;
+            if later.is_empty() {
+                return;
+            }
+            pending = later;
+        }
+    }
+
+    /// Splits requests into those to store now (items whose dedup key is known dropped: they are acknowledged
+    /// without being stored again) and those that must wait for an earlier request of the pass with a common key.
+    fn dedup_filter(&mut self, pending: Vec<ProduceRequest>, now: Ts) -> (Vec<ProduceRequest>, Vec<ProduceRequest>) {
+        if pending.iter().all(|r| r.0.iter().all(|it| it.dedup_id.is_empty())) {
+            return (pending, Vec::new());
+        }
+        let until = now.add(self.info.effective_dedup_window());
+        let total: usize = pending.iter().map(|r| r.0.len()).sum();
+        self.dedup.prune(now, 64 + 2 * total);
+        let mut claimed: HashSet<u128> = HashSet::new();
+        let mut store = Vec::with_capacity(pending.len());
+        let mut later = Vec::new();
+        for (items, reply, tried) in pending {
+            let hashes: Vec<Option<u128>> = items
+                .iter()
+                .map(|it| (!it.dedup_id.is_empty()).then(|| self.dedup.hash(&it.dedup_id)))
+                .collect();
+            if hashes.iter().flatten().any(|h| claimed.contains(h)) {
+                later.push((items, reply, tried));
+                continue;
+            }
+            let mut mine: HashSet<u128> = HashSet::new();
+            let mut keep = Vec::with_capacity(items.len());
+            for (mut it, h) in items.into_iter().zip(hashes) {
+                if let Some(h) = h {
+                    if self.dedup.contains(h, now) || !mine.insert(h) {
+                        self.metrics.deduplicated.fetch_add(1, Ordering::Relaxed);
+                        continue;
+                    }
+                    it.dedup_until = until;
+                }
+                keep.push(it);
+            }
+            claimed.extend(mine);
+            if keep.is_empty() {
+                let _ = reply.send(Ok(()));
+            } else {
+                store.push((keep, reply, tried));
+            }
+        }
+        (store, later)
+    }
+
+    /// Writes produce requests, one storage call per partition per round.
+    async fn store(&mut self, mut pending: Vec<ProduceRequest>, now: Ts) {
         // Each round writes every pending request to one partition (one storage call per partition); requests
         // whose partition failed fail over to another healthy partition in the next round.
         while !pending.is_empty() {
@@ -101,10 +164,16 @@ impl QueueTask {
                     Ok(_) => {
                         let mut ready = 0;
                         let mut scheduled = 0;
+                        let mut top = self.parts[i].top_priority;
                         for (items, reply, _) in reqs {
                             for it in &items {
+                                if !it.dedup_id.is_empty() {
+                                    let h = self.dedup.hash(&it.dedup_id);
+                                    self.dedup.insert(h, it.dedup_until);
+                                }
                                 if it.enqueue_at.is_zero() {
                                     ready += 1;
+                                    top = top.max(it.priority);
                                 } else {
                                     scheduled += 1;
                                     self.parts[i].pull_deadline(it.enqueue_at);
@@ -115,6 +184,7 @@ impl QueueTask {
                         }
                         let p = &mut self.parts[i];
                         p.counts.ready += ready;
+                        p.top_priority = top;
                         p.counts.scheduled += scheduled;
                         self.metrics
                             .produced

@@ -1,0 +1,115 @@
+//! Idempotent produce across partitions: the queue task's index of the dedup keys stored within the window.
+//!
+//! Partitions keep durable dedup records written atomically with their items (see
+//! [`crate::storage::Partition::produce`]), but a partition only checks its own records, and produce spreads items
+//! over partitions. This index is the queue-wide check for one server: a key seen within the window is answered
+//! "stored" without a storage call. It is rebuilt from the partitions' records when they open, so it survives a
+//! restart; shared stores (postgres) also check the whole queue themselves, which covers servers that share it.
+//!
+//! Memory: keys are kept as 128-bit hashes, never as strings, so an entry costs the same whatever the key's
+//! length: 24 bytes in the map plus 24 in the expiry queue, with the hash tables' slack (measured in
+//! docs/benchmarks.md). Entries leave once their window has passed, so the index holds at most the keys produced
+//! within one window.
+
+use std::collections::hash_map::RandomState;
+use std::collections::{HashMap, VecDeque};
+use std::hash::BuildHasher;
+
+use crate::time::Ts;
+
+/// Queue-wide recent dedup keys.
+#[derive(Debug)]
+pub(super) struct DedupIndex {
+    /// Key hash -> end of its window.
+    live: HashMap<u128, Ts>,
+    /// (end of window, key hash) in insertion order, to drop expired entries without a scan. Window changes make
+    /// the order inexact; an entry popped early is kept if its map entry says it still lives.
+    order: VecDeque<(Ts, u128)>,
+    /// Two independent keyed hashers make the 128-bit hash; random per process, since only this process reads it.
+    h1: RandomState,
+    h2: RandomState,
+}
+
+impl Default for DedupIndex {
+    fn default() -> Self {
+        DedupIndex {
+            live: HashMap::new(),
+            order: VecDeque::new(),
+            h1: RandomState::new(),
+            h2: RandomState::new(),
+        }
+    }
+}
+
+impl DedupIndex {
+    /// The hash a key is indexed by.
+    pub(super) fn hash(&self, key: &str) -> u128 {
+        (u128::from(self.h1.hash_one(key)) << 64) | u128::from(self.h2.hash_one(key))
+    }
+
+    /// Whether the key's window is still open at `now`.
+    pub(super) fn contains(&self, h: u128, now: Ts) -> bool {
+        self.live.get(&h).is_some_and(|until| *until > now)
+    }
+
+    /// Records a key stored until `until` (keeps the later end when it is known already).
+    pub(super) fn insert(&mut self, h: u128, until: Ts) {
+        let e = self.live.entry(h).or_insert(until);
+        if *e < until {
+            *e = until;
+        }
+        self.order.push_back((until, h));
+    }
+
+    /// Drops entries whose window ended; bounded work per call (`budget` entries) so a produce pays little.
+    pub(super) fn prune(&mut self, now: Ts, budget: usize) {
+        for _ in 0..budget {
+            match self.order.front() {
+                Some(&(until, h)) if until <= now => {
+                    self.order.pop_front();
+                    if self.live.get(&h).is_some_and(|u| *u <= now) {
+                        self.live.remove(&h);
+                    }
+                }
+                _ => return,
+            }
+        }
+    }
+
+    /// Number of keys held (metrics, tests).
+    pub(super) fn len(&self) -> usize {
+        self.live.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn keys_live_for_their_window_then_leave() {
+        let mut d = DedupIndex::default();
+        let t0 = Ts(1_000_000);
+        let a = d.hash("a");
+        assert_ne!(a, d.hash("b"));
+        d.insert(a, t0.add(Duration::from_secs(5)));
+        assert!(d.contains(a, t0));
+        assert!(!d.contains(d.hash("b"), t0));
+        d.prune(t0.add(Duration::from_secs(4)), 10);
+        assert_eq!(d.len(), 1);
+        assert!(!d.contains(a, t0.add(Duration::from_secs(5))));
+        d.prune(t0.add(Duration::from_secs(5)), 10);
+        assert_eq!(d.len(), 0);
+    }
+
+    #[test]
+    fn a_renewed_key_survives_the_prune_of_its_first_entry() {
+        let mut d = DedupIndex::default();
+        let h = d.hash("k");
+        d.insert(h, Ts(10));
+        d.insert(h, Ts(20));
+        d.prune(Ts(15), 10);
+        assert!(d.contains(h, Ts(15)));
+    }
+}
