@@ -13,6 +13,7 @@
 
 mod placement;
 mod queue;
+mod redrive;
 #[cfg(test)]
 mod tests;
 
@@ -26,6 +27,7 @@ use tokio::sync::{mpsc, oneshot, Mutex};
 use tokio::task::JoinHandle;
 
 pub use placement::{place, shares, StoreWeight};
+pub use redrive::{RedriveRequest, RedriveStatus, RedriveTask};
 
 use crate::error::{QueueError, StorageError, StorageErrorKind};
 use crate::storage::{PartitionStore, QueuesStore};
@@ -872,6 +874,30 @@ impl Engine {
         }
         self.call(queue, |reply| Msg::Cold(Cold::Browse { request, reply }))
             .await
+    }
+
+    /// Starts a redrive task (see [`RedriveRequest`]); it runs in the background and survives restarts.
+    pub async fn redrive_start(&self, request: RedriveRequest) -> Result<RedriveTask, QueueError> {
+        let _ = request;
+        Err(QueueError::Invalid("redrive is not implemented yet".into()))
+    }
+
+    /// One redrive task by id.
+    pub async fn redrive_get(&self, id: &str) -> Result<RedriveTask, QueueError> {
+        let _ = id;
+        Err(QueueError::Invalid("redrive is not implemented yet".into()))
+    }
+
+    /// Redrive tasks, newest first; only those of `dead_queue` when it is not empty.
+    pub async fn redrive_list(&self, dead_queue: &str) -> Result<Vec<RedriveTask>, QueueError> {
+        let _ = dead_queue;
+        Err(QueueError::Invalid("redrive is not implemented yet".into()))
+    }
+
+    /// Cancels a running redrive task; items moved so far stay moved. Returns the task as it stands.
+    pub async fn redrive_cancel(&self, id: &str) -> Result<RedriveTask, QueueError> {
+        let _ = id;
+        Err(QueueError::Invalid("redrive is not implemented yet".into()))
     }
 
     /// Runs `request` until `deadline` on the engine's clock, then gives up with [`QueueError::RequestTimeout`].
