@@ -245,6 +245,8 @@ pub(crate) struct Inner {
     queues: RwLock<HashMap<String, Arc<QueueHandle>>>,
     load_lock: Mutex<()>,
     shutting_down: AtomicBool,
+    /// This engine's id among servers sharing a store (owner of the redrive tasks it runs).
+    instance: String,
 }
 
 /// The engine handle; cheap to clone.
@@ -274,6 +276,7 @@ impl Engine {
                 queues: RwLock::new(HashMap::new()),
                 load_lock: Mutex::new(()),
                 shutting_down: AtomicBool::new(false),
+                instance: instance_id(),
             }),
         })
     }
@@ -876,30 +879,6 @@ impl Engine {
             .await
     }
 
-    /// Starts a redrive task (see [`RedriveRequest`]); it runs in the background and survives restarts.
-    pub async fn redrive_start(&self, request: RedriveRequest) -> Result<RedriveTask, QueueError> {
-        let _ = request;
-        Err(QueueError::Invalid("redrive is not implemented yet".into()))
-    }
-
-    /// One redrive task by id.
-    pub async fn redrive_get(&self, id: &str) -> Result<RedriveTask, QueueError> {
-        let _ = id;
-        Err(QueueError::Invalid("redrive is not implemented yet".into()))
-    }
-
-    /// Redrive tasks, newest first; only those of `dead_queue` when it is not empty.
-    pub async fn redrive_list(&self, dead_queue: &str) -> Result<Vec<RedriveTask>, QueueError> {
-        let _ = dead_queue;
-        Err(QueueError::Invalid("redrive is not implemented yet".into()))
-    }
-
-    /// Cancels a running redrive task; items moved so far stay moved. Returns the task as it stands.
-    pub async fn redrive_cancel(&self, id: &str) -> Result<RedriveTask, QueueError> {
-        let _ = id;
-        Err(QueueError::Invalid("redrive is not implemented yet".into()))
-    }
-
     /// Runs `request` until `deadline` on the engine's clock, then gives up with [`QueueError::RequestTimeout`].
     /// The request may still complete in the queue task afterwards; the caller only stops waiting, as with any
     /// timeout. The engine's clock (not tokio's) decides, so tests move time instead of sleeping.
@@ -1075,6 +1054,16 @@ async fn stop_queue(h: &QueueHandle) {
     if let Some(join) = h.task.lock().await.take() {
         let _ = join.await;
     }
+}
+
+/// A random id for this engine instance.
+fn instance_id() -> String {
+    let mut raw = [0u8; 8];
+    if getrandom::fill(&mut raw).is_err() {
+        // Only used to tell servers apart; the clock is unique enough then.
+        raw = (crate::time::Clock::now(&crate::time::SystemClock).0 as u64).to_le_bytes();
+    }
+    raw.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 fn poisoned<T>(_: T) -> QueueError {

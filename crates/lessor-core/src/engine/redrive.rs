@@ -68,3 +68,522 @@ pub struct RedriveTask {
     /// When its progress was last saved.
     pub updated_at: Ts,
 }
+
+// ---- the runner ----------------------------------------------------------------------------------------------
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use super::queue::Msg;
+use super::Engine;
+use crate::auth::records::{key, prefix};
+use crate::auth::store::Commit;
+use crate::error::QueueError;
+use crate::types::{ItemId, NewItem};
+use crate::validate;
+
+/// Table tag of redrive tasks in the metadata store (the ordered store that also holds users and keys, so every
+/// server sharing the queue definitions sees the same tasks).
+const TAG: u8 = b'T';
+/// Items moved per batch at most.
+const BATCH: usize = 100;
+/// Tasks kept; starting one more forgets the oldest finished ones.
+const KEEP: usize = 1000;
+/// A running task whose progress is older than this is taken over by a server that starts (its runner died).
+const STALE: Duration = Duration::from_secs(15);
+/// Pause after a failed batch before trying again.
+const RETRY_AFTER: Duration = Duration::from_secs(1);
+/// Prefix of the dedup keys redrive writes: users cannot send control characters, so these never meet theirs.
+const DEDUP_PREFIX: &str = "\u{1}redrive:";
+
+/// A task as stored.
+#[derive(Serialize, Deserialize)]
+struct Stored {
+    id: String,
+    dead_queue: String,
+    target_queue: String,
+    source_queue: String,
+    kind: String,
+    rate_per_sec: u32,
+    max_items: u64,
+    status: String,
+    moved: u64,
+    skipped: u64,
+    remaining: u64,
+    error: String,
+    created_at: i64,
+    updated_at: i64,
+    /// The server running it.
+    owner: String,
+}
+
+impl Stored {
+    fn task(&self) -> RedriveTask {
+        RedriveTask {
+            id: self.id.clone(),
+            request: RedriveRequest {
+                dead_queue: self.dead_queue.clone(),
+                target_queue: self.target_queue.clone(),
+                source_queue: self.source_queue.clone(),
+                kind: self.kind.clone(),
+                rate_per_sec: self.rate_per_sec,
+                max_items: self.max_items,
+            },
+            status: match self.status.as_str() {
+                "completed" => RedriveStatus::Completed,
+                "cancelled" => RedriveStatus::Cancelled,
+                "failed" => RedriveStatus::Failed,
+                _ => RedriveStatus::Running,
+            },
+            moved: self.moved,
+            skipped: self.skipped,
+            remaining: self.remaining,
+            error: self.error.clone(),
+            created_at: Ts(self.created_at),
+            updated_at: Ts(self.updated_at),
+        }
+    }
+}
+
+fn task_key(id: &str) -> Vec<u8> {
+    key(TAG, &[id])
+}
+
+/// The queue a dead item came from: dead-letter moves set its source id to `queue/partition/id`.
+pub(crate) fn source_queue_of(source_id: &str) -> Option<&str> {
+    let mut parts = source_id.rsplitn(3, '/');
+    let id = parts.next()?;
+    let partition = parts.next()?;
+    let queue = parts.next()?;
+    (id.parse::<ItemId>().is_ok() && partition.parse::<u32>().is_ok() && !queue.is_empty()).then_some(queue)
+}
+
+impl Engine {
+    async fn load_task(&self, id: &str) -> Result<Option<Stored>, QueueError> {
+        let Some(v) = self.auth_store().get(&task_key(id)).await? else {
+            return Ok(None);
+        };
+        serde_json::from_slice(&v)
+            .map(Some)
+            .map_err(|e| QueueError::StorageFailed(format!("redrive task '{id}' unreadable: {e}")))
+    }
+
+    async fn save_task(&self, t: &Stored) -> Result<(), QueueError> {
+        let mut c = Commit {
+            silent: true,
+            ..Default::default()
+        };
+        let v = serde_json::to_vec(t).map_err(|e| QueueError::StorageFailed(e.to_string()))?;
+        c.put(task_key(&t.id), v);
+        self.auth_store()
+            .commit(c)
+            .await?
+            .map_err(|_| QueueError::StorageFailed("redrive task write refused".into()))
+    }
+
+    async fn all_tasks(&self) -> Result<Vec<Stored>, QueueError> {
+        let p = prefix(TAG, &[]);
+        let mut out = Vec::new();
+        let mut from: Vec<u8> = Vec::new();
+        loop {
+            let page = self.auth_store().scan(&p, &from, 500).await?;
+            let full = page.len() == 500;
+            for (k, v) in &page {
+                if let Ok(t) = serde_json::from_slice::<Stored>(v) {
+                    out.push(t);
+                }
+                from = k.to_vec();
+                from.push(0);
+            }
+            if !full {
+                return Ok(out);
+            }
+        }
+    }
+
+    /// Starts a redrive task (see [`RedriveRequest`]); it runs in the background and survives restarts.
+    pub async fn redrive_start(&self, request: RedriveRequest) -> Result<RedriveTask, QueueError> {
+        self.check_running()?;
+        validate::queue_name("dead_queue", &request.dead_queue)?;
+        self.queue_info(&request.dead_queue).await?;
+        if !self.is_dead_letter_queue(&request.dead_queue).await? {
+            return Err(validate::invalid(
+                "dead_queue",
+                format!(
+                    "'{}' is not the dead_queue of any queue; only a dead-letter queue can be redriven",
+                    request.dead_queue
+                ),
+            ));
+        }
+        if !request.target_queue.is_empty() {
+            validate::queue_name("target_queue", &request.target_queue)?;
+            if request.target_queue == request.dead_queue {
+                return Err(validate::invalid(
+                    "target_queue",
+                    "cannot be the dead-letter queue itself",
+                ));
+            }
+            if self.inner.config.queues.get(&request.target_queue).await?.is_none() {
+                return Err(validate::invalid(
+                    "target_queue",
+                    format!("queue '{}' does not exist", request.target_queue),
+                ));
+            }
+        }
+        if !request.source_queue.is_empty() {
+            validate::queue_name("source_queue", &request.source_queue)?;
+        }
+        let mut all = self.all_tasks().await?;
+        if let Some(t) = all
+            .iter()
+            .find(|t| t.dead_queue == request.dead_queue && t.status == "running")
+        {
+            return Err(validate::invalid(
+                "dead_queue",
+                format!("redrive task '{}' is already running on '{}'", t.id, t.dead_queue),
+            ));
+        }
+        // Forget the oldest finished tasks beyond the number kept.
+        all.sort_by_key(|t| std::cmp::Reverse(t.created_at));
+        for old in all.iter().skip(KEEP - 1).filter(|t| t.status != "running") {
+            let mut c = Commit {
+                silent: true,
+                ..Default::default()
+            };
+            c.delete(task_key(&old.id));
+            let _ = self.auth_store().commit(c).await;
+        }
+        let now = self.clock().now();
+        let mut raw = [0u8; 4];
+        getrandom::fill(&mut raw).map_err(|e| QueueError::StorageFailed(e.to_string()))?;
+        let stored = Stored {
+            id: format!("rd-{:012x}-{}", now.0.max(0), hex(&raw)),
+            dead_queue: request.dead_queue,
+            target_queue: request.target_queue,
+            source_queue: request.source_queue,
+            kind: request.kind,
+            rate_per_sec: request.rate_per_sec,
+            max_items: request.max_items,
+            status: "running".into(),
+            moved: 0,
+            skipped: 0,
+            remaining: 0,
+            error: String::new(),
+            created_at: now.0,
+            updated_at: now.0,
+            owner: self.inner.instance.clone(),
+        };
+        self.save_task(&stored).await?;
+        let task = stored.task();
+        self.spawn_redrive(stored);
+        Ok(task)
+    }
+
+    /// Whether some queue names `name` as its dead-letter queue.
+    async fn is_dead_letter_queue(&self, name: &str) -> Result<bool, QueueError> {
+        let mut from = String::new();
+        loop {
+            let page = self.inner.config.queues.list(&from, 1000).await?;
+            if page.iter().any(|q| q.dead_queue == name) {
+                return Ok(true);
+            }
+            match page.last() {
+                Some(l) if page.len() == 1000 => from = format!("{}\0", l.name),
+                _ => return Ok(false),
+            }
+        }
+    }
+
+    /// One redrive task by id.
+    pub async fn redrive_get(&self, id: &str) -> Result<RedriveTask, QueueError> {
+        self.load_task(id)
+            .await?
+            .map(|t| t.task())
+            .ok_or_else(|| no_such_task(id))
+    }
+
+    /// Redrive tasks, newest first; only those of `dead_queue` when it is not empty.
+    pub async fn redrive_list(&self, dead_queue: &str) -> Result<Vec<RedriveTask>, QueueError> {
+        let mut all = self.all_tasks().await?;
+        all.retain(|t| dead_queue.is_empty() || t.dead_queue == dead_queue);
+        all.sort_by_key(|t| std::cmp::Reverse(t.created_at));
+        Ok(all.iter().map(Stored::task).collect())
+    }
+
+    /// Cancels a running redrive task; items moved so far stay moved. Returns the task as it stands. The runner
+    /// (on this server or another sharing the store) stops before its next batch.
+    pub async fn redrive_cancel(&self, id: &str) -> Result<RedriveTask, QueueError> {
+        let Some(mut t) = self.load_task(id).await? else {
+            return Err(no_such_task(id));
+        };
+        if t.status == "running" {
+            t.status = "cancelled".into();
+            t.updated_at = self.clock().now().0;
+            self.save_task(&t).await?;
+        }
+        Ok(t.task())
+    }
+
+    /// Resumes the running tasks whose runner is gone (a restart, or a server that died): called once when the
+    /// server starts. A task another live server is running (recent progress) is left to it.
+    pub async fn resume_redrives(&self) -> Result<usize, QueueError> {
+        let now = self.clock().now();
+        let mut n = 0;
+        for mut t in self.all_tasks().await? {
+            if t.status != "running" {
+                continue;
+            }
+            let fresh = now.0.saturating_sub(t.updated_at) < STALE.as_micros() as i64;
+            if fresh && t.owner != self.inner.instance && !t.owner.is_empty() {
+                continue;
+            }
+            t.owner = self.inner.instance.clone();
+            t.updated_at = now.0;
+            self.save_task(&t).await?;
+            tracing::info!(task = %t.id, dead_queue = %t.dead_queue, moved = t.moved, "resuming redrive");
+            self.spawn_redrive(t);
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    fn spawn_redrive(&self, t: Stored) {
+        let engine = Engine {
+            inner: self.inner.clone(),
+        };
+        tokio::spawn(async move {
+            let id = t.id.clone();
+            if let Err(e) = engine.run_redrive(t).await {
+                tracing::warn!(task = %id, error = %e, "redrive stopped");
+            }
+        });
+    }
+
+    /// The runner: batches of ready items from each partition of the dead-letter queue, moved to their targets
+    /// (idempotent by source id and dedup record), then deleted from the dead-letter queue. Progress is saved after
+    /// every batch; a killed server resumes the task and repeats at most the batch in flight, which the targets
+    /// recognise, so nothing is lost or doubled.
+    async fn run_redrive(&self, mut t: Stored) -> Result<(), QueueError> {
+        let started = self.clock().now();
+        let moved_at_start = t.moved;
+        let mut pivots: HashMap<u32, Option<ItemId>> = HashMap::new();
+        loop {
+            if self.inner.shutting_down.load(std::sync::atomic::Ordering::Acquire) {
+                return Ok(());
+            }
+            // Cancelled (here or on another server), or taken over by another server: stop.
+            match self.load_task(&t.id).await {
+                Ok(Some(cur)) if cur.status != "running" || cur.owner != t.owner => return Ok(()),
+                Ok(Some(_)) => {}
+                Ok(None) => return Ok(()),
+                Err(e) => {
+                    tracing::warn!(task = %t.id, error = %e, "redrive cannot read its task; will retry");
+                    self.clock().sleep_until(self.clock().now().add(RETRY_AFTER)).await;
+                    continue;
+                }
+            }
+            let info = match self.queue_info(&t.dead_queue).await {
+                Ok(i) => i,
+                Err(QueueError::QueueNotFound(_)) => return self.finish(&mut t, "failed", "dead_queue was deleted").await,
+                Err(e) => {
+                    tracing::warn!(task = %t.id, error = %e, "redrive will retry");
+                    self.clock().sleep_until(self.clock().now().add(RETRY_AFTER)).await;
+                    continue;
+                }
+            };
+            let mut want = BATCH;
+            if t.rate_per_sec > 0 {
+                want = want.min(t.rate_per_sec as usize);
+            }
+            if t.max_items > 0 {
+                want = want.min(t.max_items.saturating_sub(t.moved) as usize);
+                if want == 0 {
+                    return self.finish(&mut t, "completed", "").await;
+                }
+            }
+            let mut progressed = false;
+            let mut exhausted = true;
+            for p in 0..info.partitions.len() as u32 {
+                let pivot = pivots.get(&p).copied().flatten();
+                let items = match self.storage_list(&t.dead_queue, p, pivot, want * 4, false).await {
+                    Ok(items) => items,
+                    Err(e) => {
+                        tracing::warn!(task = %t.id, partition = p, error = %e, "redrive list failed; will retry");
+                        exhausted = false;
+                        continue;
+                    }
+                };
+                if items.len() == want * 4 {
+                    exhausted = false;
+                }
+                let mut batch: Vec<(String, ItemId, NewItem)> = Vec::new();
+                let mut next_pivot = pivot;
+                for it in items {
+                    if batch.len() == want {
+                        exhausted = false;
+                        break;
+                    }
+                    next_pivot = Some(ItemId(it.id.0.saturating_add(1)));
+                    let origin = source_queue_of(&it.source_id).map(str::to_string);
+                    let target = if t.target_queue.is_empty() {
+                        origin.clone()
+                    } else {
+                        Some(t.target_queue.clone())
+                    };
+                    let matches = !it.is_leased
+                        && (t.source_queue.is_empty() || origin.as_deref() == Some(&t.source_queue))
+                        && (t.kind.is_empty() || it.kind == t.kind);
+                    let Some(target) = target.filter(|_| matches) else {
+                        t.skipped += 1;
+                        continue;
+                    };
+                    let source_id = if it.source_id.is_empty() {
+                        format!("{}/{p}/{}", t.dead_queue, it.id)
+                    } else {
+                        it.source_id.clone()
+                    };
+                    batch.push((
+                        target,
+                        it.id,
+                        NewItem {
+                            dedup_id: format!("{DEDUP_PREFIX}{source_id}"),
+                            source_id,
+                            reference: it.reference,
+                            encoding: it.encoding,
+                            kind: it.kind,
+                            payload: it.payload,
+                            priority: it.priority,
+                            ..Default::default()
+                        },
+                    ));
+                }
+                if batch.is_empty() {
+                    pivots.insert(p, next_pivot);
+                    continue;
+                }
+                match self.move_batch(&t.dead_queue, p, batch).await {
+                    Ok(n) => {
+                        t.moved += n;
+                        progressed = true;
+                        // Moved items are gone and skipped ones stay skipped: continue after the last one looked at.
+                        pivots.insert(p, next_pivot);
+                    }
+                    Err(MoveError::Fatal(msg)) => return self.finish(&mut t, "failed", &msg).await,
+                    Err(MoveError::Retry(e)) => {
+                        tracing::warn!(task = %t.id, partition = p, error = %e, "redrive batch failed; will retry");
+                        exhausted = false;
+                    }
+                }
+                if t.max_items > 0 && t.moved >= t.max_items {
+                    break;
+                }
+            }
+            t.remaining = self.remaining(&t.dead_queue).await;
+            t.updated_at = self.clock().now().0;
+            if let Ok(Some(cur)) = self.load_task(&t.id).await {
+                if cur.status != "running" || cur.owner != t.owner {
+                    return Ok(());
+                }
+            }
+            self.save_task(&t).await?;
+            if exhausted && !progressed {
+                return self.finish(&mut t, "completed", "").await;
+            }
+            if !progressed {
+                self.clock().sleep_until(self.clock().now().add(RETRY_AFTER)).await;
+                continue;
+            }
+            if t.rate_per_sec > 0 {
+                // Keep the average at or below the rate since this runner started.
+                let done = (t.moved - moved_at_start) as f64;
+                let due = started.add(Duration::from_secs_f64(done / f64::from(t.rate_per_sec)));
+                if due > self.clock().now() {
+                    self.clock().sleep_until(due).await;
+                }
+            }
+        }
+    }
+
+    /// Moves one batch: the items reach their targets first, then leave the dead-letter queue.
+    async fn move_batch(
+        &self,
+        dead_queue: &str,
+        partition: u32,
+        batch: Vec<(String, ItemId, NewItem)>,
+    ) -> Result<u64, MoveError> {
+        let mut by_target: HashMap<String, Vec<NewItem>> = HashMap::new();
+        let mut ids = Vec::with_capacity(batch.len());
+        for (target, id, item) in batch {
+            by_target.entry(target).or_default().push(item);
+            ids.push(id);
+        }
+        for (target, items) in by_target {
+            let r = self.call(&target, |reply| Msg::Moved { items, reply }).await;
+            match r {
+                Ok(()) => {}
+                Err(QueueError::QueueNotFound(q)) => {
+                    return Err(MoveError::Fatal(format!("target queue '{q}' does not exist")))
+                }
+                Err(e) => return Err(MoveError::Retry(e)),
+            }
+        }
+        let n = ids.len() as u64;
+        self.storage_delete(dead_queue, partition, ids)
+            .await
+            .map_err(MoveError::Retry)?;
+        Ok(n)
+    }
+
+    /// Items left in the dead-letter queue (ready, leased and scheduled), for progress.
+    async fn remaining(&self, dead_queue: &str) -> u64 {
+        match self.stats(dead_queue).await {
+            Ok(s) => s.partitions.iter().map(|p| p.total + p.scheduled).sum(),
+            Err(_) => 0,
+        }
+    }
+
+    async fn finish(&self, t: &mut Stored, status: &str, error: &str) -> Result<(), QueueError> {
+        if let Ok(Some(cur)) = self.load_task(&t.id).await {
+            if cur.status != "running" {
+                return Ok(());
+            }
+        }
+        t.status = status.into();
+        t.error = error.into();
+        t.remaining = self.remaining(&t.dead_queue).await;
+        t.updated_at = self.clock().now().0;
+        tracing::info!(task = %t.id, status, moved = t.moved, skipped = t.skipped, "redrive finished");
+        self.save_task(t).await
+    }
+}
+
+enum MoveError {
+    /// Stops the task.
+    Fatal(String),
+    /// Tried again.
+    Retry(QueueError),
+}
+
+fn no_such_task(id: &str) -> QueueError {
+    validate::invalid("task_id", format!("no redrive task '{id}'"))
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn source_queue_is_read_from_dead_letter_source_ids() {
+        assert_eq!(source_queue_of("orders/3/0000000000000a1f"), Some("orders"));
+        assert_eq!(source_queue_of("a.b-c/0/0000000000000001"), Some("a.b-c"));
+        assert_eq!(source_queue_of("orders/x/0000000000000a1f"), None);
+        assert_eq!(source_queue_of("orders/3/zz"), None);
+        assert_eq!(source_queue_of("imported-key"), None);
+    }
+}

@@ -130,4 +130,57 @@ impl QueueTask {
             }
         }
     }
+
+    /// Items moved here by a redrive, all or nothing: each is written to the partition its source id hashes to
+    /// (stable while the partition count is), with its dedup record; a request fails whole when any of its
+    /// partitions fails, and the redrive tries it again.
+    pub(super) async fn accept_moved(&mut self, items: Vec<NewItem>, reply: Reply<()>, now: Ts) {
+        let n = self.parts.len().max(1) as u64;
+        let expire = now.add(self.info.expire_timeout);
+        let until = now.add(self.info.effective_dedup_window());
+        let mut groups: std::collections::BTreeMap<usize, Vec<NewItem>> = Default::default();
+        for mut it in items {
+            let p = (stable_hash(&it.source_id) % n) as usize;
+            it.expire_deadline = expire;
+            it.created_at = now;
+            if !it.dedup_id.is_empty() {
+                it.dedup_until = until;
+            }
+            groups.entry(p).or_default().push(it);
+        }
+        for (p, items) in groups {
+            let Some(h) = self.parts.get(p).and_then(|x| x.healthy()) else {
+                let _ = reply.send(Err(QueueError::PartitionUnavailable(p as u32)));
+                return;
+            };
+            let count = items.len() as u64;
+            let top = items.iter().map(|it| it.priority).max().unwrap_or(0);
+            if let Err(e) = h.produce(items).await {
+                let name = self.info.name.clone();
+                self.parts[p].fail(now, &name, &e);
+                let _ = reply.send(Err(QueueError::from_storage(&e)));
+                return;
+            }
+            let part = &mut self.parts[p];
+            part.pull_deadline(expire);
+            match h.counts().await {
+                Ok(c) => part.counts = c,
+                Err(_) => part.counts.ready += count,
+            }
+            part.top_priority = part.top_priority.max(top);
+            self.metrics.produced.fetch_add(count, Ordering::Relaxed);
+        }
+        let _ = reply.send(Ok(()));
+    }
+}
+
+/// FNV-1a: a hash that is the same in every process and build, so a moved item goes to the same partition when a
+/// redrive is resumed after a restart.
+fn stable_hash(s: &str) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in s.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h
 }

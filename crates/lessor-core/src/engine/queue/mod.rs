@@ -93,6 +93,12 @@ pub(crate) enum Msg {
         items: Vec<NewItem>,
         reply: Reply<()>,
     },
+    /// Items moved here by a redrive: each goes to the partition its source id hashes to, so a repeated move
+    /// meets the earlier copy (source id) or its dedup record and is not doubled.
+    Moved {
+        items: Vec<NewItem>,
+        reply: Reply<()>,
+    },
     Cold(Cold),
     Shutdown(oneshot::Sender<()>),
 }
@@ -309,6 +315,7 @@ impl QueueTask {
 
         let mut produces = Vec::new();
         let mut dead_letters = Vec::new();
+        let mut moved = Vec::new();
         let mut completes: CompleteGroups = HashMap::new();
         let mut retries: RetryGroups = HashMap::new();
         let mut extends: ExtendGroups = HashMap::new();
@@ -322,6 +329,7 @@ impl QueueTask {
                     reply,
                 } => produces.push((items, deadline, reply)),
                 Msg::DeadLetter { items, reply } => dead_letters.push((items, reply)),
+                Msg::Moved { items, reply } => moved.push((items, reply)),
                 Msg::Lease {
                     n,
                     client_id,
@@ -371,6 +379,9 @@ impl QueueTask {
         }
         if !dead_letters.is_empty() {
             self.accept_dead_letters(dead_letters, now).await;
+        }
+        for (items, reply) in moved {
+            self.accept_moved(items, reply, now).await;
         }
         if !completes.is_empty() {
             self.complete(completes, now).await;
@@ -444,6 +455,7 @@ impl QueueTask {
                 Msg::Complete { reply, .. }
                 | Msg::Retry { reply, .. }
                 | Msg::Extend { reply, .. }
+                | Msg::Moved { reply, .. }
                 | Msg::DeadLetter { reply, .. } => drop(reply.send(e)),
                 Msg::Cold(c) => match c {
                     Cold::Stats(r) => drop(r.send(Err(QueueError::QueueShuttingDown))),
