@@ -694,6 +694,9 @@ fn redrive_list(api: Api) -> Api {
 /// The task `r` names, when it belongs to the dead-letter queue `r` names (if any): the permission was checked in
 /// that queue's namespace, so a task of another queue must look exactly like one that does not exist.
 async fn named_task(e: &Engine, r: &pb::RedriveTaskRequest) -> Result<RedriveTask, ApiError> {
+    if r.task_id.is_empty() {
+        return Err(lessor_core::validate::invalid("task_id", "cannot be empty").into());
+    }
     let task = e.redrive_get(&r.task_id).await?;
     if !r.dead_queue.is_empty() && task.request.dead_queue != r.dead_queue {
         return Err(lessor_core::validate::invalid(

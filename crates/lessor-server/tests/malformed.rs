@@ -47,6 +47,15 @@ const ROUTES: &[&str] = &[
     "/v1/storage/scheduled.list",
     "/v1/storage/items.import",
     "/v1/storage/items.delete",
+    // Lessor's extensions.
+    "/v1/queue.extend",
+    "/v1/queue.pause",
+    "/v1/queue.resume",
+    "/v1/queue.browse",
+    "/v1/queue.redrive",
+    "/v1/redrive.list",
+    "/v1/redrive.get",
+    "/v1/redrive.cancel",
 ];
 
 /// The auth routes (namespaces, users, API keys, roles, role bindings).
@@ -570,6 +579,13 @@ async fn oversized_bodies() {
         "/v1/queue.stats",
         "/v1/queue.clear",
         "/v1/queue.reload",
+        "/v1/queue.pause",
+        "/v1/queue.resume",
+        "/v1/queue.browse",
+        "/v1/queue.redrive",
+        "/v1/redrive.list",
+        "/v1/redrive.get",
+        "/v1/redrive.cancel",
     ] {
         let big = format!(r#"{{"queue_name":"{}"}}"#, "q".repeat(5000));
         expect_error(
@@ -593,6 +609,7 @@ async fn oversized_bodies() {
     for route in [
         "/v1/queue.complete",
         "/v1/queue.retry",
+        "/v1/queue.extend",
         "/v1/queues.create",
         "/v1/storage/items.delete",
     ] {
@@ -671,6 +688,22 @@ async fn unknown_queues() {
             needle,
         ),
         ("/v1/storage/items.list", r#"{"queue_name":"nope"}"#, 400, needle),
+        (
+            "/v1/queue.extend",
+            r#"{"queue_name":"nope","ids":["0000000000000001"],"request_timeout":"1s"}"#,
+            400,
+            needle,
+        ),
+        ("/v1/queue.pause", r#"{"queue_name":"nope"}"#, 400, needle),
+        ("/v1/queue.resume", r#"{"queue_name":"nope"}"#, 400, needle),
+        ("/v1/queue.browse", r#"{"queue_name":"nope"}"#, 400, needle),
+        (
+            "/v1/queue.browse",
+            r#"{"queue_name":"nope","state":"bogus"}"#,
+            400,
+            needle,
+        ),
+        ("/v1/queue.redrive", r#"{"dead_queue":"nope"}"#, 400, needle),
     ] {
         json_error(&c, path, body, code, needle).await;
     }
@@ -1109,6 +1142,13 @@ async fn missing_required_fields() {
         ("/v1/storage/items.list", "queue_name is invalid; cannot be empty"),
         ("/v1/storage/items.delete", "ids is invalid"),
         ("/v1/storage/items.import", "items is invalid"),
+        ("/v1/queue.extend", "ids is invalid; list of ids cannot be empty"),
+        ("/v1/queue.pause", "queue_name is invalid; cannot be empty"),
+        ("/v1/queue.resume", "queue_name is invalid; cannot be empty"),
+        ("/v1/queue.browse", "queue_name is invalid; cannot be empty"),
+        ("/v1/queue.redrive", "dead_queue is invalid; cannot be empty"),
+        ("/v1/redrive.get", "task_id is invalid; cannot be empty"),
+        ("/v1/redrive.cancel", "task_id is invalid; cannot be empty"),
     ] {
         for (ct, accept) in [(JSON, JSON), (PROTO, PROTO), (None, None)] {
             expect_error(&c, Method::POST, route, (ct, accept), b"", 400, needle).await;
@@ -1203,6 +1243,20 @@ fn jsonish() -> impl Strategy<Value = String> {
         Just("role_name"),
         Just("permissions"),
         Just("user_id_filter"),
+        // Lessor's extension fields.
+        Just("dedup_id"),
+        Just("priority"),
+        Just("dedup_window"),
+        Just("retry_backoff"),
+        Just("max_lease_timeout"),
+        Just("paused"),
+        Just("state"),
+        Just("target_queue"),
+        Just("source_queue"),
+        Just("kind"),
+        Just("rate_per_sec"),
+        Just("max_items"),
+        Just("task_id"),
     ]
     .prop_map(|k| format!("\"{k}\""));
     let scalar = prop_oneof![
@@ -1233,6 +1287,12 @@ fn jsonish() -> impl Strategy<Value = String> {
         Just("\"0001-01-01T00:00:00Z\"".to_string()),
         Just("\"2024-13-45T99:99:99+25:00\"".to_string()),
         Just("\"\\ud800\"".to_string()),
+        Just("\"ready\"".to_string()),
+        Just("\"leased\"".to_string()),
+        Just("\"scheduled\"".to_string()),
+        Just("9".to_string()),
+        Just("10".to_string()),
+        Just("\"NaN\"".to_string()),
         // Names the auth routes know: reserved and standard ones, permissions, tags, keys.
         Just("\"_system\"".to_string()),
         Just("\"_x\"".to_string()),
@@ -1255,6 +1315,10 @@ fn jsonish() -> impl Strategy<Value = String> {
                     prop_oneof![
                         Just("\"utf8\"".to_string()),
                         Just("\"id\"".to_string()),
+                        Just("\"priority\"".to_string()),
+                        Just("\"dedup_id\"".to_string()),
+                        Just("\"base\"".to_string()),
+                        Just("\"factor\"".to_string()),
                         Just("\"x\"".to_string())
                     ],
                     inner
