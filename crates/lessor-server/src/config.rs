@@ -342,6 +342,26 @@ pub struct QueueSection {
     /// Explicit placement.
     #[serde(default)]
     pub partitions: Vec<PartitionSection>,
+    /// Lessor extension: dedup window (Go duration; default 5m).
+    pub dedup_window: Option<String>,
+    /// Lessor extension: longest lease an extension may set (Go duration; default the expire timeout).
+    pub max_lease_timeout: Option<String>,
+    /// Lessor extension: retry backoff (off unless `base` is set).
+    pub retry_backoff: Option<BackoffSection>,
+}
+
+/// A declared queue's retry backoff.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct BackoffSection {
+    /// Go duration: the delay before the second attempt.
+    pub base: Option<String>,
+    /// Go duration: the longest delay.
+    pub max: Option<String>,
+    /// Growth per attempt (1 to 100; 0 means 2).
+    pub factor: Option<f64>,
+    /// Random fraction of each delay (0 to 1).
+    pub jitter: Option<f64>,
 }
 
 /// Explicit placement of one partition.
@@ -636,6 +656,17 @@ impl Config {
                     expire_timeout: dur("expire-timeout", &q.expire_timeout)?,
                     max_attempts: q.max_attempts.unwrap_or(0),
                     requested_partitions: q.requested_partitions.unwrap_or(q.partitions.len().max(1) as u32),
+                    dedup_window: dur("dedup-window", &q.dedup_window)?,
+                    max_lease_timeout: dur("max-lease-timeout", &q.max_lease_timeout)?,
+                    retry_backoff: match &q.retry_backoff {
+                        None => lessor_core::types::Backoff::OFF,
+                        Some(b) => lessor_core::types::Backoff {
+                            base: dur("retry-backoff.base", &b.base)?,
+                            max: dur("retry-backoff.max", &b.max)?,
+                            factor: b.factor.unwrap_or(0.0),
+                            jitter: b.jitter.unwrap_or(0.0),
+                        },
+                    },
                     partitions: q
                         .partitions
                         .iter()
@@ -782,6 +813,12 @@ mod tests {
         assert_eq!(declared[1].name, "jobs");
         assert_eq!(declared[1].dead_queue, "jobs-dead");
         assert_eq!(declared[1].partitions[1].storage_name, "pg-0");
+        assert_eq!(declared[1].dedup_window, Duration::from_secs(600));
+        assert_eq!(declared[1].max_lease_timeout, Duration::from_secs(7200));
+        assert_eq!(declared[1].retry_backoff.base, Duration::from_secs(1));
+        assert_eq!(declared[1].retry_backoff.max, Duration::from_secs(300));
+        assert_eq!((declared[1].retry_backoff.factor, declared[1].retry_backoff.jitter), (2.0, 0.2));
+        assert_eq!(declared[0].retry_backoff, lessor_core::types::Backoff::OFF);
     }
 
     #[test]
@@ -808,6 +845,13 @@ mod tests {
             "partition",
             "read-only",
             "storage-name",
+            "dedup-window",
+            "max-lease-timeout",
+            "retry-backoff",
+            "base",
+            "max",
+            "factor",
+            "jitter",
             "limits",
             "max-produce-body",
             "max-requests-per-queue",

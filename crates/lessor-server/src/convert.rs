@@ -468,6 +468,106 @@ mod strict_querator_tests {
     }
 
     #[test]
+    fn queue_info_and_lease_items_without_extensions_carry_only_queraters_fields() {
+        let info = QueueInfo {
+            name: "q".into(),
+            namespace: "ns".into(),
+            dead_queue: "dlq".into(),
+            reference: "r".into(),
+            lease_timeout: Duration::from_secs(60),
+            expire_timeout: Duration::from_secs(3600),
+            max_attempts: 3,
+            requested_partitions: 2,
+            created_at: Ts(1_000_000),
+            updated_at: Ts(2_000_000),
+            ..Default::default()
+        };
+        // The stored zero goes out, not the 5-minute window it stands for.
+        assert!(!info.effective_dedup_window().is_zero());
+        let json = pb::encode(pb::Encoding::Json, &queue_info_out(info));
+        let v: serde_json::Value = serde_json::from_slice(&json).expect("json");
+        only_keys(
+            &v,
+            &[
+                "queue_name",
+                "created_at",
+                "updated_at",
+                "dead_queue",
+                "reference",
+                "lease_timeout",
+                "expire_timeout",
+                "max_attempts",
+                "requested_partitions",
+                "partitions",
+                "namespace",
+            ],
+            "QueueInfo",
+        );
+        let item = Item {
+            id: ItemId(7),
+            attempts: 1,
+            lease_deadline: Ts(5_000_000),
+            payload: Bytes::from_static(b"x"),
+            ..Default::default()
+        };
+        let json = pb::encode(pb::Encoding::Json, &lease_item(item));
+        let v: serde_json::Value = serde_json::from_slice(&json).expect("json");
+        only_keys(
+            &v,
+            &["encoding", "kind", "reference", "id", "attempts", "lease_deadline", "bytes"],
+            "QueueLeaseItem",
+        );
+    }
+
+    #[test]
+    fn queue_info_round_trips_the_extension_fields() {
+        let wire = pb::QueueInfo {
+            queue_name: "q".into(),
+            dedup_window: "90s".into(),
+            retry_backoff: Some(pb::RetryBackoff {
+                base: "2s".into(),
+                max: String::new(),
+                factor: 1.5,
+                jitter: 0.1,
+            }),
+            paused: true,
+            max_lease_timeout: "1h".into(),
+            ..Default::default()
+        };
+        let out = queue_info_out(queue_info_in(wire).expect("in"));
+        assert_eq!(out.dedup_window, "1m30s");
+        assert_eq!(out.max_lease_timeout, "1h0m0s");
+        assert!(out.paused);
+        assert_eq!(
+            out.retry_backoff,
+            Some(pb::RetryBackoff {
+                base: "2s".into(),
+                max: String::new(),
+                factor: 1.5,
+                jitter: 0.1,
+            })
+        );
+        // An update: empty means unchanged, an empty backoff message turns backoff off, "0s" sets zero.
+        let u = queue_update(pb::QueueInfo {
+            queue_name: "q".into(),
+            retry_backoff: Some(pb::RetryBackoff::default()),
+            max_lease_timeout: "0s".into(),
+            paused: true,
+            ..Default::default()
+        })
+        .expect("update");
+        assert_eq!(u.dedup_window, None);
+        assert_eq!(u.retry_backoff, Some(Backoff::OFF));
+        assert_eq!(u.max_lease_timeout, Some(Duration::ZERO));
+        let e = queue_update(pb::QueueInfo {
+            dedup_window: "-1s".into(),
+            ..Default::default()
+        })
+        .expect_err("negative");
+        assert!(e.to_string().starts_with("dedup_window is invalid; "), "{e}");
+    }
+
+    #[test]
     fn queue_stats_json_carries_only_queraters_fields() {
         let stats = QueueStats {
             produce_waiting: 1,
