@@ -1,8 +1,10 @@
 //! Command-line parsing and the client commands. Output is readable by default and JSON with `--json`; API errors
 //! print their code and message. The access-control commands (namespaces, users, API keys, roles, role bindings)
-//! are in [`auth`].
+//! are in [`auth`]; the commands of Lessor's extension routes (extend, pause, resume, browse, redrive) in
+//! [`extensions`].
 
 mod auth;
+mod extensions;
 
 use std::io::Read;
 
@@ -113,6 +115,12 @@ enum Command {
         /// Deliver later (RFC 3339).
         #[arg(long)]
         enqueue_at: Option<String>,
+        /// Priority, 0 (default, lowest) to 9; higher is leased first.
+        #[arg(long, default_value_t = 0, hide_default_value = true, allow_negative_numbers = true)]
+        priority: i32,
+        /// Idempotency key: within the queue's dedup window, the same key is stored once.
+        #[arg(long, default_value = "", hide_default_value = true)]
+        dedup_id: String,
         /// Request timeout.
         #[arg(long, default_value = "30s")]
         timeout: String,
@@ -160,6 +168,22 @@ enum Command {
         #[arg(long)]
         dead: bool,
     },
+    /// Extend the leases of held items (heartbeat).
+    Extend(extensions::ExtendArgs),
+    /// Pause a queue: produce is still accepted, leases wait until it is resumed.
+    Pause {
+        /// Queue name.
+        queue: String,
+    },
+    /// Resume a paused queue.
+    Resume {
+        /// Queue name.
+        queue: String,
+    },
+    /// List a partition's items by state, without leasing them.
+    Browse(extensions::BrowseArgs),
+    /// Move items out of a dead-letter queue (a server-side task), or list, show and cancel such tasks.
+    Redrive(extensions::RedriveArgs),
     /// Create a queue.
     Create(QueueArgs),
     /// Update the given fields of a queue.
@@ -259,6 +283,56 @@ struct QueueArgs {
     /// Partitions.
     #[arg(long)]
     partitions: Option<i32>,
+    /// How long a dedup_id is remembered (Go duration; default 5m).
+    #[arg(long)]
+    dedup_window: Option<String>,
+    /// Longest lease an extension may set (Go duration; default: the expire timeout; "0s" resets).
+    #[arg(long)]
+    max_lease_timeout: Option<String>,
+    /// Retry backoff: delay before the second attempt (Go duration; "0s" turns backoff off).
+    #[arg(long)]
+    retry_backoff_base: Option<String>,
+    /// Retry backoff: longest delay (Go duration).
+    #[arg(long)]
+    retry_backoff_max: Option<String>,
+    /// Retry backoff: growth per attempt (1-100; 0 means 2).
+    #[arg(long)]
+    retry_backoff_factor: Option<f64>,
+    /// Retry backoff: random fraction of each delay (0-1).
+    #[arg(long)]
+    retry_backoff_jitter: Option<f64>,
+}
+
+impl QueueArgs {
+    fn sets_backoff(&self) -> bool {
+        self.retry_backoff_base.is_some()
+            || self.retry_backoff_max.is_some()
+            || self.retry_backoff_factor.is_some()
+            || self.retry_backoff_jitter.is_some()
+    }
+
+    /// `current` with the backoff flags given laid over it: the wire replaces the whole policy, so an update of one
+    /// setting must send the others as they are.
+    fn backoff(&self, current: Option<pb::RetryBackoff>) -> pb::RetryBackoff {
+        let mut b = current.unwrap_or_default();
+        if let Some(v) = &self.retry_backoff_base {
+            // A zero base turns backoff off: send the empty policy rather than the other settings without a base.
+            if lessor_proto::duration::parse_go_duration(v).is_ok_and(|d| d.is_zero()) {
+                return pb::RetryBackoff::default();
+            }
+            b.base = v.clone();
+        }
+        if let Some(v) = &self.retry_backoff_max {
+            b.max = v.clone();
+        }
+        if let Some(v) = self.retry_backoff_factor {
+            b.factor = v;
+        }
+        if let Some(v) = self.retry_backoff_jitter {
+            b.jitter = v;
+        }
+        b
+    }
 }
 
 fn api(e: ClientError) -> String {
@@ -307,6 +381,8 @@ pub async fn run(cli: Cli) -> Result<(), String> {
             kind,
             reference,
             enqueue_at,
+            priority,
+            dedup_id,
             timeout,
         } => {
             let payload = match payload {
@@ -329,6 +405,8 @@ pub async fn run(cli: Cli) -> Result<(), String> {
                     enqueue_at: timestamp("enqueue-at", &enqueue_at)?,
                     bytes: payload,
                     utf8: String::new(),
+                    dedup_id,
+                    priority,
                 }],
             };
             c.queue_produce(&req).await.map_err(api)?;
@@ -361,11 +439,17 @@ pub async fn run(cli: Cli) -> Result<(), String> {
                         .as_ref()
                         .map(|t| t.to_rfc3339())
                         .unwrap_or_default();
+                    let priority = if i.priority != 0 {
+                        format!("  priority={}", i.priority)
+                    } else {
+                        String::new()
+                    };
                     s.push_str(&format!(
-                        "\n{}  attempts={}  lease_deadline={}  {}",
+                        "\n{}  attempts={}  lease_deadline={}{}  {}",
                         i.id,
                         i.attempts,
                         deadline,
+                        priority,
                         String::from_utf8_lossy(&i.bytes)
                     ));
                 }
@@ -419,6 +503,7 @@ pub async fn run(cli: Cli) -> Result<(), String> {
             }
         }
         Command::Create(a) => {
+            let retry_backoff = a.sets_backoff().then(|| a.backoff(None));
             let lease = a.lease_timeout.unwrap_or_else(|| "1m".into());
             let info = pb::QueueInfo {
                 queue_name: a.queue.clone(),
@@ -428,6 +513,9 @@ pub async fn run(cli: Cli) -> Result<(), String> {
                 dead_queue: a.dead_queue.unwrap_or_default(),
                 reference: a.reference.unwrap_or_default(),
                 requested_partitions: a.partitions.unwrap_or(1),
+                dedup_window: a.dedup_window.unwrap_or_default(),
+                max_lease_timeout: a.max_lease_timeout.unwrap_or_default(),
+                retry_backoff,
                 ..Default::default()
             };
             c.queues_create(&info).await.map_err(api)?;
@@ -436,6 +524,17 @@ pub async fn run(cli: Cli) -> Result<(), String> {
             }
         }
         Command::Update(a) => {
+            let retry_backoff = if a.sets_backoff() {
+                let current = c
+                    .queues_info(&pb::QueuesInfoRequest {
+                        queue_name: a.queue.clone(),
+                    })
+                    .await
+                    .map_err(api)?;
+                Some(a.backoff(current.retry_backoff))
+            } else {
+                None
+            };
             let info = pb::QueueInfo {
                 queue_name: a.queue.clone(),
                 lease_timeout: a.lease_timeout.unwrap_or_default(),
@@ -444,6 +543,9 @@ pub async fn run(cli: Cli) -> Result<(), String> {
                 dead_queue: a.dead_queue.unwrap_or_default(),
                 reference: a.reference.unwrap_or_default(),
                 requested_partitions: a.partitions.unwrap_or(0),
+                dedup_window: a.dedup_window.unwrap_or_default(),
+                max_lease_timeout: a.max_lease_timeout.unwrap_or_default(),
+                retry_backoff,
                 ..Default::default()
             };
             c.queues_update(&info).await.map_err(api)?;
@@ -496,9 +598,30 @@ pub async fn run(cli: Cli) -> Result<(), String> {
                 .await
                 .map_err(api)?;
             print(json, &r, |q| {
+                let or = |v: &str, default: &str| if v.is_empty() { default.to_string() } else { v.to_string() };
+                let backoff = match &q.retry_backoff {
+                    Some(b) if !b.base.is_empty() => format!(
+                        "base {}, max {}, factor {}, jitter {}",
+                        b.base,
+                        or(&b.max, "-"),
+                        if b.factor == 0.0 { 2.0 } else { b.factor },
+                        b.jitter
+                    ),
+                    _ => "off".to_string(),
+                };
                 format!(
-                    "name:          {}\nlease timeout: {}\nexpire timeout:{}\nmax attempts:  {}\ndead queue:    {}\npartitions:    {}\nreference:     {}",
-                    q.queue_name, q.lease_timeout, q.expire_timeout, q.max_attempts, q.dead_queue, q.requested_partitions, q.reference
+                    "name:          {}\nlease timeout: {}\nexpire timeout:{}\nmax attempts:  {}\ndead queue:    {}\npartitions:    {}\nreference:     {}\npaused:        {}\ndedup window:  {}\nmax lease:     {}\nretry backoff: {}",
+                    q.queue_name,
+                    q.lease_timeout,
+                    q.expire_timeout,
+                    q.max_attempts,
+                    q.dead_queue,
+                    q.requested_partitions,
+                    q.reference,
+                    if q.paused { "yes" } else { "no" },
+                    or(&q.dedup_window, "5m0s (default)"),
+                    or(&q.max_lease_timeout, "the expire timeout"),
+                    backoff
                 )
             });
         }
@@ -541,6 +664,11 @@ pub async fn run(cli: Cli) -> Result<(), String> {
                 println!("cleared");
             }
         }
+        Command::Extend(a) => extensions::extend(&c, json, a).await?,
+        Command::Pause { queue } => extensions::pause(&c, json, queue, true).await?,
+        Command::Resume { queue } => extensions::pause(&c, json, queue, false).await?,
+        Command::Browse(a) => extensions::browse(&c, json, a).await?,
+        Command::Redrive(a) => extensions::redrive(&c, json, a).await?,
         Command::Namespace(cmd) => auth::namespace(&c, json, cmd).await?,
         Command::User(cmd) => auth::user(&c, json, cmd).await?,
         Command::ApiKey(cmd) => auth::apikey(&c, json, cmd).await?,

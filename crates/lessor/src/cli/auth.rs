@@ -227,13 +227,13 @@ pub struct BindingArgs {
 }
 
 /// A timestamp for a table: whole seconds, empty when unset.
-fn when(t: &Option<Timestamp>) -> String {
+pub(super) fn when(t: &Option<Timestamp>) -> String {
     t.map(|t| Timestamp::new(t.seconds, 0).to_rfc3339())
         .unwrap_or_default()
 }
 
 /// Lays out rows under headers, each column as wide as its widest cell.
-fn table(headers: &[&str], rows: Vec<Vec<String>>) -> String {
+pub(super) fn table(headers: &[&str], rows: Vec<Vec<String>>) -> String {
     let mut widths: Vec<usize> = headers.iter().map(|h| h.chars().count()).collect();
     for row in &rows {
         for (w, cell) in widths.iter_mut().zip(row) {
@@ -254,7 +254,7 @@ fn table(headers: &[&str], rows: Vec<Vec<String>>) -> String {
 }
 
 /// Prints `done` unless `--json` (an empty reply has nothing to show).
-fn done(json: bool, what: String) {
+pub(super) fn done(json: bool, what: String) {
     if !json {
         println!("{what}");
     }
