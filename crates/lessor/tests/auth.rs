@@ -625,6 +625,24 @@ fn foreign_requests(queue: &str, partition: i64, ids: &[String]) -> Vec<(&'stati
             json!({"queue_name": queue, "partition": partition, "ids": [ids[0]]}),
         ),
         ("/v1/queues.delete", json!({"queue_name": queue})),
+        // Lessor's extensions.
+        (
+            "/v1/queue.extend",
+            json!({"queue_name": queue, "partition": partition, "request_timeout": "5s", "ids": [ids[0]], "lease_timeout": "1h"}),
+        ),
+        ("/v1/queue.pause", json!({"queue_name": queue})),
+        ("/v1/queue.resume", json!({"queue_name": queue})),
+        ("/v1/queue.browse", json!({"queue_name": queue, "partition": partition})),
+        ("/v1/queue.redrive", json!({"dead_queue": queue})),
+        ("/v1/redrive.list", json!({"dead_queue": queue})),
+        (
+            "/v1/redrive.get",
+            json!({"task_id": "rd-000000000000-00000000", "dead_queue": queue}),
+        ),
+        (
+            "/v1/redrive.cancel",
+            json!({"task_id": "rd-000000000000-00000000", "dead_queue": queue}),
+        ),
     ]
 }
 
@@ -713,6 +731,24 @@ async fn tenants_are_isolated(backend: Backend) {
         .await
         .ok();
     assert_eq!(queue_totals(&server, a, "qa").await, (1, 0));
+    // Lessor's extension routes work on A's own queue.
+    let browsed = server
+        .call("/v1/queue.browse", a, &json!({"queue_name": "qa", "partition": p}))
+        .await
+        .ok();
+    assert_eq!(browsed["items"].as_array().map(Vec::len), Some(1), "{browsed}");
+    server
+        .call("/v1/queue.pause", a, &json!({"queue_name": "qa"}))
+        .await
+        .ok();
+    server
+        .call("/v1/queue.resume", a, &json!({"queue_name": "qa"}))
+        .await
+        .ok();
+    server
+        .call("/v1/redrive.list", a, &json!({"dead_queue": "qa"}))
+        .await
+        .ok();
     let listed = server
         .call("/v1/storage/items.list", a, &json!({"queue_name": "qa"}))
         .await
