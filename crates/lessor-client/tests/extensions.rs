@@ -71,11 +71,19 @@ async fn every_extension_call(enc: Encoding) {
     .await
     .expect("create");
     let info = c
-        .queues_info(&pb::QueuesInfoRequest { queue_name: "q".into() })
+        .queues_info(&pb::QueuesInfoRequest {
+            queue_name: "q".into(),
+        })
         .await
         .expect("info");
-    assert_eq!((info.dedup_window.as_str(), info.max_lease_timeout.as_str()), ("2m0s", "1h0m0s"));
-    assert_eq!(info.retry_backoff.map(|b| (b.base, b.factor, b.jitter)), Some(("5s".to_string(), 2.0, 0.5)));
+    assert_eq!(
+        (info.dedup_window.as_str(), info.max_lease_timeout.as_str()),
+        ("2m0s", "1h0m0s")
+    );
+    assert_eq!(
+        info.retry_backoff.map(|b| (b.base, b.factor, b.jitter)),
+        Some(("5s".to_string(), 2.0, 0.5))
+    );
 
     // Produce with a priority and a dedup key; the duplicate is acknowledged and not stored.
     let keyed = |text: &str| pb::QueueProduceItem {
@@ -85,9 +93,19 @@ async fn every_extension_call(enc: Encoding) {
         ..Default::default()
     };
     produce(&c, "q", vec![keyed("first")]).await.expect("produce");
-    produce(&c, "q", vec![keyed("second")]).await.expect("a duplicate is acknowledged");
+    produce(&c, "q", vec![keyed("second")])
+        .await
+        .expect("a duplicate is acknowledged");
     refused(
-        produce(&c, "q", vec![pb::QueueProduceItem { priority: -3, ..keyed("x") }]).await,
+        produce(
+            &c,
+            "q",
+            vec![pb::QueueProduceItem {
+                priority: -3,
+                ..keyed("x")
+            }],
+        )
+        .await,
         "items[0].priority is invalid",
     );
 
@@ -102,7 +120,10 @@ async fn every_extension_call(enc: Encoding) {
         .await
         .expect("browse");
     assert_eq!(page.items.len(), 1, "{page:?}");
-    assert_eq!((page.items[0].payload.as_slice(), page.items[0].priority), (&b"first"[..], 4));
+    assert_eq!(
+        (page.items[0].payload.as_slice(), page.items[0].priority),
+        (&b"first"[..], 4)
+    );
     assert!(page.next_pivot.is_empty());
 
     // Lease, extend, complete.
@@ -137,13 +158,23 @@ async fn every_extension_call(enc: Encoding) {
     .expect("complete");
 
     // Pause and resume.
-    c.queue_pause(&pb::QueuePauseRequest { queue_name: "q".into() }).await.expect("pause");
+    c.queue_pause(&pb::QueuePauseRequest {
+        queue_name: "q".into(),
+    })
+    .await
+    .expect("pause");
     let info = c
-        .queues_info(&pb::QueuesInfoRequest { queue_name: "q".into() })
+        .queues_info(&pb::QueuesInfoRequest {
+            queue_name: "q".into(),
+        })
         .await
         .expect("info");
     assert!(info.paused);
-    c.queue_resume(&pb::QueueResumeRequest { queue_name: "q".into() }).await.expect("resume");
+    c.queue_resume(&pb::QueueResumeRequest {
+        queue_name: "q".into(),
+    })
+    .await
+    .expect("resume");
 
     // Redrive: one dead item back to its queue.
     c.queues_create(&queue("dlq")).await.expect("dlq");
@@ -153,9 +184,16 @@ async fn every_extension_call(enc: Encoding) {
     })
     .await
     .expect("src");
-    produce(&c, "src", vec![pb::QueueProduceItem { utf8: "poison".into(), ..Default::default() }])
-        .await
-        .expect("produce");
+    produce(
+        &c,
+        "src",
+        vec![pb::QueueProduceItem {
+            utf8: "poison".into(),
+            ..Default::default()
+        }],
+    )
+    .await
+    .expect("produce");
     let l = lease(&c, "src", 1).await;
     c.queue_retry(&pb::QueueRetryRequest {
         queue_name: "src".into(),
@@ -169,17 +207,29 @@ async fn every_extension_call(enc: Encoding) {
     .await
     .expect("dead");
     let dead_count = || async {
-        c.queue_stats(&pb::QueueStatsRequest { queue_name: "dlq".into() })
-            .await
-            .map(|s| s.logical_queues[0].partitions.iter().map(|p| p.total).sum::<i32>())
-            .map_err(|e| e.to_string())
+        c.queue_stats(&pb::QueueStatsRequest {
+            queue_name: "dlq".into(),
+        })
+        .await
+        .map(|s| {
+            s.logical_queues[0]
+                .partitions
+                .iter()
+                .map(|p| p.total)
+                .sum::<i32>()
+        })
+        .map_err(|e| e.to_string())
     };
-    lessor_testkit::eventually("the item reaches the dead-letter queue", Duration::from_secs(5), || async {
-        match dead_count().await? {
-            1 => Ok(()),
-            n => Err(format!("{n} dead")),
-        }
-    })
+    lessor_testkit::eventually(
+        "the item reaches the dead-letter queue",
+        Duration::from_secs(5),
+        || async {
+            match dead_count().await? {
+                1 => Ok(()),
+                n => Err(format!("{n} dead")),
+            }
+        },
+    )
     .await;
     let task = c
         .queue_redrive(&pb::QueueRedriveRequest {
@@ -196,15 +246,28 @@ async fn every_extension_call(enc: Encoding) {
     };
     let done = lessor_testkit::eventually("the redrive completes", Duration::from_secs(5), || async {
         let t = c.redrive_get(&get).await.map_err(|e| e.to_string())?;
-        if t.status == "completed" { Ok(t) } else { Err(format!("{t:?}")) }
+        if t.status == "completed" {
+            Ok(t)
+        } else {
+            Err(format!("{t:?}"))
+        }
     })
     .await;
     assert_eq!(done.moved, 1);
     let listed = c
-        .redrive_list(&pb::RedriveListRequest { dead_queue: "dlq".into() })
+        .redrive_list(&pb::RedriveListRequest {
+            dead_queue: "dlq".into(),
+        })
         .await
         .expect("list");
-    assert_eq!(listed.items.iter().map(|t| t.task_id.as_str()).collect::<Vec<_>>(), [task.task_id.as_str()]);
+    assert_eq!(
+        listed
+            .items
+            .iter()
+            .map(|t| t.task_id.as_str())
+            .collect::<Vec<_>>(),
+        [task.task_id.as_str()]
+    );
     assert_eq!(c.redrive_cancel(&get).await.expect("cancel").status, "completed");
     refused(
         c.queue_redrive(&pb::QueueRedriveRequest {

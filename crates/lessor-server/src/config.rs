@@ -817,7 +817,10 @@ mod tests {
         assert_eq!(declared[1].max_lease_timeout, Duration::from_secs(7200));
         assert_eq!(declared[1].retry_backoff.base, Duration::from_secs(1));
         assert_eq!(declared[1].retry_backoff.max, Duration::from_secs(300));
-        assert_eq!((declared[1].retry_backoff.factor, declared[1].retry_backoff.jitter), (2.0, 0.2));
+        assert_eq!(
+            (declared[1].retry_backoff.factor, declared[1].retry_backoff.jitter),
+            (2.0, 0.2)
+        );
         assert_eq!(declared[0].retry_backoff, lessor_core::types::Backoff::OFF);
     }
 

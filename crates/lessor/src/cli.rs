@@ -116,7 +116,12 @@ enum Command {
         #[arg(long)]
         enqueue_at: Option<String>,
         /// Priority, 0 (default, lowest) to 9; higher is leased first.
-        #[arg(long, default_value_t = 0, hide_default_value = true, allow_negative_numbers = true)]
+        #[arg(
+            long,
+            default_value_t = 0,
+            hide_default_value = true,
+            allow_negative_numbers = true
+        )]
         priority: i32,
         /// Idempotency key: within the queue's dedup window, the same key is stored once.
         #[arg(long, default_value = "", hide_default_value = true)]
@@ -598,7 +603,13 @@ pub async fn run(cli: Cli) -> Result<(), String> {
                 .await
                 .map_err(api)?;
             print(json, &r, |q| {
-                let or = |v: &str, default: &str| if v.is_empty() { default.to_string() } else { v.to_string() };
+                let or = |v: &str, default: &str| {
+                    if v.is_empty() {
+                        default.to_string()
+                    } else {
+                        v.to_string()
+                    }
+                };
                 let backoff = match &q.retry_backoff {
                     Some(b) if !b.base.is_empty() => format!(
                         "base {}, max {}, factor {}, jitter {}",

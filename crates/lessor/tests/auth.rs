@@ -632,7 +632,10 @@ fn foreign_requests(queue: &str, partition: i64, ids: &[String]) -> Vec<(&'stati
         ),
         ("/v1/queue.pause", json!({"queue_name": queue})),
         ("/v1/queue.resume", json!({"queue_name": queue})),
-        ("/v1/queue.browse", json!({"queue_name": queue, "partition": partition})),
+        (
+            "/v1/queue.browse",
+            json!({"queue_name": queue, "partition": partition}),
+        ),
         ("/v1/queue.redrive", json!({"dead_queue": queue})),
         ("/v1/redrive.list", json!({"dead_queue": queue})),
         (
@@ -733,7 +736,11 @@ async fn tenants_are_isolated(backend: Backend) {
     assert_eq!(queue_totals(&server, a, "qa").await, (1, 0));
     // Lessor's extension routes work on A's own queue.
     let browsed = server
-        .call("/v1/queue.browse", a, &json!({"queue_name": "qa", "partition": p}))
+        .call(
+            "/v1/queue.browse",
+            a,
+            &json!({"queue_name": "qa", "partition": p}),
+        )
         .await
         .ok();
     assert_eq!(browsed["items"].as_array().map(Vec::len), Some(1), "{browsed}");

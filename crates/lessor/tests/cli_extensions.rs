@@ -102,35 +102,72 @@ async fn queue_settings_priorities_dedup_extend_pause_and_browse() {
         "{info}"
     );
     let human = ok(ep, &["info", "jobs"]).await;
-    assert!(human.contains("retry backoff: base 1s, max 1m0s, factor 3, jitter 0.5"), "{human}");
-    assert!(human.contains("dedup window:  10m0s") && human.contains("paused:        no"), "{human}");
+    assert!(
+        human.contains("retry backoff: base 1s, max 1m0s, factor 3, jitter 0.5"),
+        "{human}"
+    );
+    assert!(
+        human.contains("dedup window:  10m0s") && human.contains("paused:        no"),
+        "{human}"
+    );
     // A zero base turns it off.
     ok(ep, &["update", "jobs", "--retry-backoff-base", "0s"]).await;
     let info = ok_json(ep, &["info", "jobs"]).await;
     assert!(info.get("retry_backoff").is_none(), "{info}");
     assert!(ok(ep, &["info", "jobs"]).await.contains("retry backoff: off"));
-    let err = fails(ep, &["update", "jobs", "--retry-backoff-factor", "0.5", "--retry-backoff-base", "1s"]).await;
-    assert!(err.contains("400: retry_backoff.factor is invalid; must be between 1 and 100"), "{err}");
+    let err = fails(
+        ep,
+        &[
+            "update",
+            "jobs",
+            "--retry-backoff-factor",
+            "0.5",
+            "--retry-backoff-base",
+            "1s",
+        ],
+    )
+    .await;
+    assert!(
+        err.contains("400: retry_backoff.factor is invalid; must be between 1 and 100"),
+        "{err}"
+    );
     let err = fails(ep, &["create", "bad", "--dedup-window", "sometimes"]).await;
-    assert!(err.contains("400: dedup_window is invalid; invalid duration 'sometimes'"), "{err}");
+    assert!(
+        err.contains("400: dedup_window is invalid; invalid duration 'sometimes'"),
+        "{err}"
+    );
 
     // ---- produce with priorities and dedup keys
-    for (payload, priority, key) in [("low", "0", ""), ("high", "7", "k-high"), ("high again", "7", "k-high")] {
+    for (payload, priority, key) in [
+        ("low", "0", ""),
+        ("high", "7", "k-high"),
+        ("high again", "7", "k-high"),
+    ] {
         let mut args = vec!["produce", "jobs", "-p", payload, "--priority", priority];
         if !key.is_empty() {
             args.extend(["--dedup-id", key]);
         }
         ok(ep, &args).await;
     }
-    assert_eq!(total(ep, "jobs").await, 2, "the second k-high was acknowledged, not stored");
+    assert_eq!(
+        total(ep, "jobs").await,
+        2,
+        "the second k-high was acknowledged, not stored"
+    );
     let err = fails(ep, &["produce", "jobs", "-p", "x", "--priority", "-1"]).await;
-    assert!(err.contains("400: items[0].priority is invalid; must be between 0 and 9, got '-1'"), "{err}");
+    assert!(
+        err.contains("400: items[0].priority is invalid; must be between 0 and 9, got '-1'"),
+        "{err}"
+    );
 
     // ---- browse before leasing: both ready, priority shown
     let table = ok(ep, &["browse", "jobs"]).await;
     let mut lines = table.lines();
     let header = lines.next().expect("header");
-    assert!(header.starts_with("ID") && header.contains("STATE") && header.contains("HOLDER"), "{table}");
+    assert!(
+        header.starts_with("ID") && header.contains("STATE") && header.contains("HOLDER"),
+        "{table}"
+    );
     assert_eq!(lines.clone().count(), 2, "{table}");
     assert!(lines.all(|l| l.contains("ready")), "{table}");
     let page = ok(ep, &["browse", "jobs", "--limit", "1"]).await;
@@ -143,13 +180,27 @@ async fn queue_settings_priorities_dedup_extend_pause_and_browse() {
     let id = item["id"].as_str().expect("id").to_string();
     let partition = leased["partition"].as_i64().unwrap_or(0).to_string();
     let human = ok(ep, &["lease", "jobs"]).await;
-    assert!(human.contains("low") && !human.contains("priority="), "priority 0 is not shown: {human}");
+    assert!(
+        human.contains("low") && !human.contains("priority="),
+        "priority 0 is not shown: {human}"
+    );
 
     // ---- extend
-    let out = ok(ep, &["extend", "jobs", &id, "-p", &partition, "--lease-timeout", "15m"]).await;
+    let out = ok(
+        ep,
+        &["extend", "jobs", &id, "-p", &partition, "--lease-timeout", "15m"],
+    )
+    .await;
     assert!(out.contains("extended 1 leases"), "{out}");
-    let err = fails(ep, &["extend", "jobs", &id, "-p", &partition, "--lease-timeout", "21m"]).await;
-    assert!(err.contains("400: lease_timeout is invalid; cannot be greater than the queue's max_lease_timeout"), "{err}");
+    let err = fails(
+        ep,
+        &["extend", "jobs", &id, "-p", &partition, "--lease-timeout", "21m"],
+    )
+    .await;
+    assert!(
+        err.contains("400: lease_timeout is invalid; cannot be greater than the queue's max_lease_timeout"),
+        "{err}"
+    );
     let leased = ok_json(ep, &["browse", "jobs", "--state", "leased", "--priority", "7"]).await;
     assert_eq!(leased["items"][0]["holder"], "worker-9", "{leased}");
     assert_eq!(leased["items"][0]["id"], id.as_str(), "{leased}");
@@ -162,7 +213,10 @@ async fn queue_settings_priorities_dedup_extend_pause_and_browse() {
     assert_eq!(ok_json(ep, &["info", "jobs"]).await["paused"], true);
     ok(ep, &["produce", "jobs", "-p", "while paused"]).await;
     let err = fails(ep, &["lease", "jobs", "--timeout", "300ms"]).await;
-    assert!(err.contains("454: request timeout"), "a paused queue serves no lease: {err}");
+    assert!(
+        err.contains("454: request timeout"),
+        "a paused queue serves no lease: {err}"
+    );
     let out = ok(ep, &["resume", "jobs"]).await;
     assert!(out.contains("resumed queue 'jobs'"), "{out}");
     let got = ok(ep, &["lease", "jobs"]).await;
@@ -178,7 +232,11 @@ async fn redrive_start_wait_list_get_and_cancel() {
     let ep = srv.endpoint();
     let ep = ep.as_str();
     ok(ep, &["create", "dlq"]).await;
-    ok(ep, &["create", "src", "--dead-queue", "dlq", "--max-attempts", "1"]).await;
+    ok(
+        ep,
+        &["create", "src", "--dead-queue", "dlq", "--max-attempts", "1"],
+    )
+    .await;
     for p in ["a", "b", "c"] {
         ok(ep, &["produce", "src", "-p", p, "--kind", "mail"]).await;
     }
@@ -202,7 +260,10 @@ async fn redrive_start_wait_list_get_and_cancel() {
     .await;
 
     let err = fails(ep, &["redrive", "src"]).await;
-    assert!(err.contains("400: dead_queue is invalid; 'src' is not the dead_queue of any queue"), "{err}");
+    assert!(
+        err.contains("400: dead_queue is invalid; 'src' is not the dead_queue of any queue"),
+        "{err}"
+    );
     let err = fails(ep, &["redrive"]).await;
     assert!(err.contains("name the dead-letter queue"), "{err}");
 
@@ -219,20 +280,36 @@ async fn redrive_start_wait_list_get_and_cancel() {
 
     let listed = ok_json(ep, &["redrive", "list", "dlq"]).await;
     assert_eq!(listed["items"][0]["task_id"], task_id.as_str(), "{listed}");
-    assert_eq!(listed["items"][0]["max_items"], "2", "int64 is a string in JSON: {listed}");
+    assert_eq!(
+        listed["items"][0]["max_items"], "2",
+        "int64 is a string in JSON: {listed}"
+    );
     let table = ok(ep, &["redrive", "list"]).await;
-    assert!(table.starts_with("TASK") && table.contains(&task_id) && table.contains("(sources)"), "{table}");
+    assert!(
+        table.starts_with("TASK") && table.contains(&task_id) && table.contains("(sources)"),
+        "{table}"
+    );
     let got = ok_json(ep, &["redrive", "get", &task_id, "--dead-queue", "dlq"]).await;
-    assert_eq!((got["status"].as_str(), got["moved"].as_str()), (Some("completed"), Some("2")), "{got}");
+    assert_eq!(
+        (got["status"].as_str(), got["moved"].as_str()),
+        (Some("completed"), Some("2")),
+        "{got}"
+    );
     let out = ok(ep, &["redrive", "cancel", &task_id]).await;
     assert!(out.contains(&task_id) && out.contains("completed"), "{out}");
     let err = fails(ep, &["redrive", "get", &task_id, "--dead-queue", "src"]).await;
-    assert!(err.contains(&format!("400: task_id is invalid; no redrive task '{task_id}'")), "{err}");
+    assert!(
+        err.contains(&format!("400: task_id is invalid; no redrive task '{task_id}'")),
+        "{err}"
+    );
 
     // Without --wait: the task as started, to a named queue.
     ok(ep, &["create", "retry-here"]).await;
     let started = ok_json(ep, &["redrive", "dlq", "--to", "retry-here"]).await;
     assert_eq!(started["target_queue"], "retry-here", "{started}");
-    assert!(started["task_id"].as_str().is_some_and(|t| t.starts_with("rd-")), "{started}");
+    assert!(
+        started["task_id"].as_str().is_some_and(|t| t.starts_with("rd-")),
+        "{started}"
+    );
     srv.stop().await;
 }

@@ -77,10 +77,20 @@ pub struct RedriveStart {
     #[arg(long)]
     kind: Option<String>,
     /// Most items moved per second (default: no limit).
-    #[arg(long = "rate", value_name = "N", default_value_t = 0, hide_default_value = true)]
+    #[arg(
+        long = "rate",
+        value_name = "N",
+        default_value_t = 0,
+        hide_default_value = true
+    )]
     rate_per_sec: i32,
     /// Most items moved in all (default: every matching item).
-    #[arg(long = "max", value_name = "N", default_value_t = 0, hide_default_value = true)]
+    #[arg(
+        long = "max",
+        value_name = "N",
+        default_value_t = 0,
+        hide_default_value = true
+    )]
     max_items: i64,
     /// Wait until the task ends, printing its progress.
     #[arg(long)]
@@ -144,7 +154,10 @@ pub async fn pause(c: &Client, json: bool, queue: String, paused: bool) -> Resul
         })
         .await
         .map_err(api)?;
-        done(json, format!("paused queue '{queue}' (produce is accepted, leases wait)"));
+        done(
+            json,
+            format!("paused queue '{queue}' (produce is accepted, leases wait)"),
+        );
     } else {
         c.queue_resume(&pb::QueueResumeRequest {
             queue_name: queue.clone(),
@@ -206,7 +219,15 @@ pub async fn browse(c: &Client, json: bool, a: BrowseArgs) -> Result<(), String>
             })
             .collect();
         let mut s = table(
-            &["ID", "STATE", "PRIORITY", "ATTEMPTS", "HOLDER", "DEADLINE/DUE", "PAYLOAD"],
+            &[
+                "ID",
+                "STATE",
+                "PRIORITY",
+                "ATTEMPTS",
+                "HOLDER",
+                "DEADLINE/DUE",
+                "PAYLOAD",
+            ],
             rows,
         );
         if !r.next_pivot.is_empty() {
@@ -251,7 +272,15 @@ fn task_table(tasks: &[pb::RedriveTask]) -> String {
         .collect();
     table(
         &[
-            "TASK", "DEAD QUEUE", "TO", "STATUS", "MOVED", "SKIPPED", "REMAINING", "CREATED", "ERROR",
+            "TASK",
+            "DEAD QUEUE",
+            "TO",
+            "STATUS",
+            "MOVED",
+            "SKIPPED",
+            "REMAINING",
+            "CREATED",
+            "ERROR",
         ],
         rows,
     )
@@ -283,7 +312,10 @@ pub async fn redrive(c: &Client, json: bool, a: RedriveArgs) -> Result<(), Strin
         None => {
             let s = a.start;
             let Some(dead_queue) = s.dead_queue else {
-                return Err("redrive: name the dead-letter queue (lessor redrive DLQ), or use list, get or cancel".into());
+                return Err(
+                    "redrive: name the dead-letter queue (lessor redrive DLQ), or use list, get or cancel"
+                        .into(),
+                );
             };
             let task = c
                 .queue_redrive(&pb::QueueRedriveRequest {
@@ -311,7 +343,8 @@ pub async fn redrive(c: &Client, json: bool, a: RedriveArgs) -> Result<(), Strin
             while last.status == "running" {
                 tokio::time::sleep(WAIT_POLL).await;
                 let now = c.redrive_get(&req).await.map_err(api)?;
-                if !json && (now.moved, now.skipped, &now.status) != (last.moved, last.skipped, &last.status) {
+                if !json && (now.moved, now.skipped, &now.status) != (last.moved, last.skipped, &last.status)
+                {
                     println!("{}", task_line(&now));
                 }
                 last = now;
