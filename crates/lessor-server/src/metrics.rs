@@ -161,7 +161,7 @@ impl prometheus_client::collector::Collector for QueueCollector {
         let mut queues = self.engine.queue_metrics();
         queues.sort_by(|a, b| a.0.cmp(&b.0));
         type Pick = fn(&lessor_core::engine::QueueMetrics) -> u64;
-        let gauges: [(&str, &str, Pick); 4] = [
+        let gauges: [(&str, &str, Pick); 5] = [
             ("queue_ready_items", "Items ready to lease", |m| {
                 m.ready.load(Ordering::Relaxed)
             }),
@@ -174,6 +174,9 @@ impl prometheus_client::collector::Collector for QueueCollector {
             ("queue_lease_waiting", "Lease requests long-polling", |m| {
                 m.lease_waiting.load(Ordering::Relaxed)
             }),
+            ("queue_dedup_keys", "Dedup keys remembered in memory", |m| {
+                m.dedup_keys.load(Ordering::Relaxed)
+            }),
         ];
         for (name, help, pick) in gauges {
             let mut fam = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
@@ -182,7 +185,7 @@ impl prometheus_client::collector::Collector for QueueCollector {
                 ConstGauge::new(pick(m) as i64).encode(fam.encode_family(&labels)?)?;
             }
         }
-        let counters: [(&str, &str, Pick); 6] = [
+        let counters: [(&str, &str, Pick); 8] = [
             ("queue_produced", "Items produced", |m| {
                 m.produced.load(Ordering::Relaxed)
             }),
@@ -203,6 +206,14 @@ impl prometheus_client::collector::Collector for QueueCollector {
                 "Items dead-lettered or dropped as dead",
                 |m| m.dead_lettered.load(Ordering::Relaxed),
             ),
+            (
+                "queue_deduplicated",
+                "Produced items acknowledged without being stored again (dedup key seen)",
+                |m| m.deduplicated.load(Ordering::Relaxed),
+            ),
+            ("queue_extended", "Leases extended", |m| {
+                m.extended.load(Ordering::Relaxed)
+            }),
         ];
         for (name, help, pick) in counters {
             let mut fam = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;

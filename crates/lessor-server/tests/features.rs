@@ -273,6 +273,16 @@ where
     lessor_testkit::eventually(what, Duration::from_secs(5), probe).await
 }
 
+/// The value of a per-queue metric in `/metrics`.
+async fn metric(e: &Env, name: &str, queue: &str) -> f64 {
+    let text = e.c.metrics().await.expect("metrics");
+    let prefix = format!("{name}{{queue=\"{queue}\"}} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {prefix} in:\n{text}"))
+}
+
 /// The JSON keys of Querator's `QueueInfo`.
 const QUERATOR_QUEUE_INFO: &[&str] = &[
     "queue_name",
@@ -395,6 +405,7 @@ async fn extend_keeps_an_item_past_its_original_lease(enc: Encoding) {
     })
     .await
     .expect("the holder completes after 18 s");
+    assert_eq!(metric(&e, "lessor_queue_extended_total", "q").await, 2.0);
 }
 
 /// An extend naming an id whose lease already ended (the item moved on under a new id) is refused naming that id,
@@ -582,6 +593,8 @@ async fn dedup_stores_a_key_once_within_its_window(enc: Encoding) {
     }
     got.sort();
     assert_eq!(got, ["first", "no key", "no key", "other"]);
+    assert!(metric(&e, "lessor_queue_deduplicated_total", "q").await >= 6.0);
+    assert!(metric(&e, "lessor_queue_dedup_keys", "q").await >= 1.0);
 
     // Consuming the item does not end the window; the window's end does.
     e.produce("q", vec![with_key("late", "order-1")])
