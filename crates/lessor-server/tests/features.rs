@@ -555,6 +555,27 @@ async fn priorities_are_served_highest_first(enc: Encoding) {
         8,
         "refused requests stored nothing (5 + 3 produced)"
     );
+    // Storage lists carry the priority, and an import keeps it.
+    let listed = e.list("q").await;
+    assert!(listed.iter().any(|i| i.priority == 9) && listed.iter().any(|i| i.priority == 0));
+    let import = |priority: i32| pb::StorageItemsImportRequest {
+        queue_name: "q".into(),
+        partition: 0,
+        items: vec![pb::StorageItem {
+            payload: b"imported".to_vec(),
+            priority,
+            ..Default::default()
+        }],
+    };
+    assert_api(
+        e.c.storage_items_import(&import(12)).await,
+        400,
+        "items[0].priority is invalid; must be between 0 and 9, got '12'",
+    );
+    let out = e.c.storage_items_import(&import(6)).await.expect("import");
+    assert_eq!(out.items[0].priority, 6);
+    let back = e.list("q").await;
+    assert!(back.iter().any(|i| i.payload == b"imported" && i.priority == 6), "{back:?}");
 }
 
 // ---- idempotent produce ----------------------------------------------------------------------------------------
