@@ -575,7 +575,10 @@ async fn priorities_are_served_highest_first(enc: Encoding) {
     let out = e.c.storage_items_import(&import(6)).await.expect("import");
     assert_eq!(out.items[0].priority, 6);
     let back = e.list("q").await;
-    assert!(back.iter().any(|i| i.payload == b"imported" && i.priority == 6), "{back:?}");
+    assert!(
+        back.iter().any(|i| i.payload == b"imported" && i.priority == 6),
+        "{back:?}"
+    );
 }
 
 // ---- idempotent produce ----------------------------------------------------------------------------------------
