@@ -247,6 +247,8 @@ pub(crate) struct Inner {
     shutting_down: AtomicBool,
     /// This engine's id among servers sharing a store (owner of the redrive tasks it runs).
     instance: String,
+    /// Ids of the redrive tasks running in this process.
+    redrives: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
 /// The engine handle; cheap to clone.
@@ -277,6 +279,7 @@ impl Engine {
                 load_lock: Mutex::new(()),
                 shutting_down: AtomicBool::new(false),
                 instance: instance_id(),
+                redrives: Default::default(),
             }),
         })
     }
