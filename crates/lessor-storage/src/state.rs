@@ -555,7 +555,9 @@ impl PartitionState {
     /// Drops up to `limit` dedup records that ended at or before `now`.
     fn prune_dedup(&mut self, now: Ts, limit: usize, ch: &mut Changes) {
         for _ in 0..limit {
-            let Some(e) = self.dedup_idx.first_entry() else { return };
+            let Some(e) = self.dedup_idx.first_entry() else {
+                return;
+            };
             let (until, id) = *e.key();
             if until > now {
                 return;
@@ -1173,7 +1175,10 @@ mod tests {
         assert_eq!(s.ready_by_prio[5], 10);
         assert!(s.fifo[5].len() <= 2 * 10 + COMPACT_SLACK, "{}", s.fifo[5].len());
         let got = s.lease(100, Ts(100)).0;
-        assert_eq!(got.iter().map(|i| i.id).collect::<Vec<_>>(), ids[9_990..].to_vec());
+        assert_eq!(
+            got.iter().map(|i| i.id).collect::<Vec<_>>(),
+            ids[9_990..].to_vec()
+        );
         assert!(s.fifo[5].is_empty());
         assert_eq!(s.counts().ready, 0);
     }
