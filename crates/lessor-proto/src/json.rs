@@ -8,7 +8,9 @@
 //! * input accepts the `json_name` and every alias the message lists (the proto field name), rejects
 //!   unknown and duplicated fields with an error that names the field, and treats `null` as the default;
 //! * `bytes` are standard base64 on output; input accepts standard or URL-safe, padded or not;
-//! * `int32` is a JSON number on output; input takes a number or a string holding an integer;
+//! * `int32` is a JSON number on output; input takes a number or a string holding an integer; `int64` is a
+//!   string on output (protojson's rule) and takes either on input; `double` is a number (`"NaN"` and
+//!   `"Infinity"` as strings); a proto3 `optional` field is written whenever it is set, zero included;
 //! * a message must be a JSON object (an array is refused, unlike serde's derived structs).
 //!
 //! This module is private: the macro and codecs are implementation details of the message modules.
@@ -131,6 +133,152 @@ impl<'de> Visitor<'de> for I32Visitor {
         match v.parse::<f64>() {
             Ok(f) => Self::from_f64(f),
             Err(_) => Err(E::custom(format_args!("invalid int32 string '{v}'"))),
+        }
+    }
+}
+
+/// proto3 `optional int32` fields (`Option<i32>`, explicit presence): written whenever set, zero included, so
+/// "absent" and "0" stay different (Lessor's browse filter uses this: absent means any priority).
+pub(crate) struct OptI32;
+
+impl Codec for OptI32 {
+    type Value = Option<i32>;
+    fn is_default(v: &Option<i32>) -> bool {
+        v.is_none()
+    }
+    fn ser<S: Serializer>(v: &Option<i32>, s: S) -> Result<S::Ok, S::Error> {
+        match v {
+            Some(n) => s.serialize_i32(*n),
+            None => s.serialize_none(),
+        }
+    }
+    fn de<'de, D: Deserializer<'de>>(d: D) -> Result<Option<i32>, D::Error> {
+        d.deserialize_any(I32Visitor).map(Some)
+    }
+}
+
+/// `int64` fields: a decimal string on output (protojson's rule, since JavaScript numbers lose precision past
+/// 2^53); a number or a decimal string on input.
+pub(crate) struct I64;
+
+impl Codec for I64 {
+    type Value = i64;
+    fn is_default(v: &i64) -> bool {
+        *v == 0
+    }
+    fn ser<S: Serializer>(v: &i64, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(v)
+    }
+    fn de<'de, D: Deserializer<'de>>(d: D) -> Result<i64, D::Error> {
+        d.deserialize_any(I64Visitor)
+    }
+}
+
+struct I64Visitor;
+
+impl I64Visitor {
+    fn from_f64<E: de::Error>(v: f64) -> Result<i64, E> {
+        // 2^63 is exact in f64; anything at or above it (or below -2^63) does not fit.
+        const LIMIT: f64 = 9_223_372_036_854_775_808.0;
+        if v.fract() != 0.0 || !v.is_finite() {
+            return Err(E::custom(format_args!("int64 value {v} is not an integer")));
+        }
+        if !(-LIMIT..LIMIT).contains(&v) {
+            return Err(E::custom(format_args!("int64 value {v} is out of range")));
+        }
+        Ok(v as i64)
+    }
+}
+
+impl<'de> Visitor<'de> for I64Visitor {
+    type Value = i64;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a 64-bit integer (number or string)")
+    }
+
+    fn visit_i64<E: de::Error>(self, v: i64) -> Result<i64, E> {
+        Ok(v)
+    }
+
+    fn visit_u64<E: de::Error>(self, v: u64) -> Result<i64, E> {
+        i64::try_from(v).map_err(|_| E::custom(format_args!("int64 value {v} is out of range")))
+    }
+
+    fn visit_f64<E: de::Error>(self, v: f64) -> Result<i64, E> {
+        Self::from_f64(v)
+    }
+
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<i64, E> {
+        if v.trim() != v || v.is_empty() {
+            return Err(E::custom(format_args!("invalid int64 string '{v}'")));
+        }
+        if let Ok(n) = v.parse::<i64>() {
+            return Ok(n);
+        }
+        match v.parse::<f64>() {
+            Ok(f) => Self::from_f64(f),
+            Err(_) => Err(E::custom(format_args!("invalid int64 string '{v}'"))),
+        }
+    }
+}
+
+/// `double` fields: a JSON number on output (`"NaN"`, `"Infinity"`, `"-Infinity"` as strings, as protojson
+/// writes them); a number or such a string on input.
+pub(crate) struct F64;
+
+impl Codec for F64 {
+    type Value = f64;
+    fn is_default(v: &f64) -> bool {
+        // Negative zero is not the default bit pattern; protojson writes it.
+        v.to_bits() == 0
+    }
+    fn ser<S: Serializer>(v: &f64, s: S) -> Result<S::Ok, S::Error> {
+        if v.is_nan() {
+            s.serialize_str("NaN")
+        } else if v.is_infinite() {
+            s.serialize_str(if *v > 0.0 { "Infinity" } else { "-Infinity" })
+        } else {
+            s.serialize_f64(*v)
+        }
+    }
+    fn de<'de, D: Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+        d.deserialize_any(F64Visitor)
+    }
+}
+
+struct F64Visitor;
+
+impl<'de> Visitor<'de> for F64Visitor {
+    type Value = f64;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a number (or a string holding one)")
+    }
+
+    fn visit_i64<E: de::Error>(self, v: i64) -> Result<f64, E> {
+        Ok(v as f64)
+    }
+
+    fn visit_u64<E: de::Error>(self, v: u64) -> Result<f64, E> {
+        Ok(v as f64)
+    }
+
+    fn visit_f64<E: de::Error>(self, v: f64) -> Result<f64, E> {
+        Ok(v)
+    }
+
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<f64, E> {
+        match v {
+            "NaN" => Ok(f64::NAN),
+            "Infinity" => Ok(f64::INFINITY),
+            "-Infinity" => Ok(f64::NEG_INFINITY),
+            _ if v.trim() != v || v.is_empty() => Err(E::custom(format_args!("invalid double string '{v}'"))),
+            _ => v
+                .parse::<f64>()
+                .ok()
+                .filter(|f| f.is_finite())
+                .ok_or_else(|| E::custom(format_args!("invalid double string '{v}'"))),
         }
     }
 }

@@ -14,6 +14,9 @@
 //!
 //! # Layout
 //! * [`queue`], [`queues`], [`storage`] — the queue messages, one module per Querator proto file.
+//! * [`extensions`] — Lessor's own routes' messages (extend, pause, resume, browse, redrive) and
+//!   [`RetryBackoff`]; the extension fields of Querator's messages are numbered from
+//!   [`extensions::FIRST_EXTENSION_FIELD`] and omitted when zero.
 //! * [`namespaces`], [`users`], [`apikeys`], [`roles`] — the access-control messages (namespaces, users, API keys,
 //!   roles and role bindings), likewise.
 //! * [`reply`] — the `duh.v1.Reply` envelope and standard code texts.
@@ -45,6 +48,7 @@ mod json;
 pub mod apikeys;
 pub mod codec;
 pub mod duration;
+pub mod extensions;
 pub mod namespaces;
 pub mod queue;
 pub mod queues;
@@ -60,6 +64,11 @@ pub use apikeys::{
     APIKeysListResponse,
 };
 pub use codec::{decode, encode, request_encoding, response_encoding, CodecError, Encoding};
+pub use extensions::{
+    BrowseItem, QueueBrowseRequest, QueueBrowseResponse, QueueExtendRequest, QueuePauseRequest,
+    QueueRedriveRequest, QueueResumeRequest, RedriveListRequest, RedriveListResponse, RedriveTask,
+    RedriveTaskRequest, RetryBackoff,
+};
 pub use namespaces::{NamespaceInfo, NamespacesDeleteRequest, NamespacesListRequest, NamespacesListResponse};
 pub use queue::{
     PartitionInfo, QueueClearRequest, QueueCompleteRequest, QueueInfo, QueueLeaseItem, QueueLeaseRequest,

@@ -2,8 +2,11 @@
 //! complete, retry, stats, clear and reload, plus `QueueInfo`, which `queues.create`/`update`/`info` use.
 //!
 //! Field numbers and JSON names match Querator's proto file; see the crate docs for how JSON is read and
-//! written.
+//! written. Lessor's extension fields (numbered from [`crate::extensions::FIRST_EXTENSION_FIELD`], well clear of
+//! Querator's) are at their zero value unless a Lessor feature is in use, so they are left out of both encodings
+//! and Querator's clients never see them.
 
+use crate::extensions::RetryBackoff;
 use crate::json::{message, Bool, Bytes, Msg, Rep, Str, I32};
 use crate::timestamp::Timestamp;
 
@@ -54,6 +57,16 @@ message! {
         #[json(Str, "utf8")]
         #[prost(string, tag = "6")]
         pub utf8: String,
+        /// Lessor extension: idempotency key. Within the queue's `dedup_window`, a second item with the same key
+        /// (in any partition) is acknowledged but not stored again. Empty: no deduplication.
+        #[json(Str, "dedup_id", "dedupId")]
+        #[prost(string, tag = "100")]
+        pub dedup_id: String,
+        /// Lessor extension: 0 (the default, lowest) to 9; a lease serves higher priorities first, FIFO within
+        /// one priority.
+        #[json(I32, "priority")]
+        #[prost(int32, tag = "101")]
+        pub priority: i32,
     }
 }
 
@@ -112,6 +125,10 @@ message! {
         #[json(Bytes, "bytes")]
         #[prost(bytes = "vec", tag = "7")]
         pub bytes: Vec<u8>,
+        /// Lessor extension: the item's priority (omitted when 0).
+        #[json(I32, "priority")]
+        #[prost(int32, tag = "100")]
+        pub priority: i32,
     }
 }
 
@@ -244,6 +261,27 @@ message! {
         #[json(Str, "namespace")]
         #[prost(string, tag = "11")]
         pub namespace: String,
+        /// Lessor extension: how long an item's `dedup_id` is remembered, as a Go duration. Empty (or `"0s"`)
+        /// means the default, 5 minutes. In an update, empty leaves it unchanged.
+        #[json(Str, "dedup_window", "dedupWindow")]
+        #[prost(string, tag = "100")]
+        pub dedup_window: String,
+        /// Lessor extension: retry backoff after a lease expiry or a retry without `retry_at`. Absent: off
+        /// (Querator's behaviour). In an update, absent leaves it unchanged and `{}` turns it off.
+        #[json(Msg<RetryBackoff>, "retry_backoff", "retryBackoff")]
+        #[prost(message, optional, tag = "101")]
+        pub retry_backoff: Option<RetryBackoff>,
+        /// Lessor extension: the queue is paused (`queue.pause`): produce is accepted, leases wait. A create
+        /// with `true` makes the queue paused from the start; an update ignores it (so writing back what
+        /// `queues.info` returned changes nothing): use `queue.pause` and `queue.resume`.
+        #[json(Bool, "paused")]
+        #[prost(bool, tag = "102")]
+        pub paused: bool,
+        /// Lessor extension: the longest lease one `queue.extend` may set, as a Go duration. Empty (or `"0s"`)
+        /// means the queue's `expire_timeout`. In an update, empty leaves it unchanged and `"0s"` resets it.
+        #[json(Str, "max_lease_timeout", "maxLeaseTimeout")]
+        #[prost(string, tag = "103")]
+        pub max_lease_timeout: String,
     }
 }
 

@@ -13,6 +13,10 @@ use serde::Serialize;
 use crate::apikeys::{
     APIKeyCreateRequest, APIKeyCreateResponse, APIKeysDeleteRequest, APIKeysListRequest, APIKeysListResponse,
 };
+use crate::extensions::{
+    QueueBrowseRequest, QueueBrowseResponse, QueueExtendRequest, QueuePauseRequest, QueueRedriveRequest,
+    QueueResumeRequest, RedriveListRequest, RedriveListResponse, RedriveTask, RedriveTaskRequest,
+};
 use crate::namespaces::{
     NamespaceInfo, NamespacesDeleteRequest, NamespacesListRequest, NamespacesListResponse,
 };
@@ -153,7 +157,7 @@ macro_rules! routes {
             }
         )*
 
-        /// Every RPC of the table, in Querator's order.
+        /// Every RPC of the table, in Querator's order, Lessor's extensions after Querator's queue routes.
         pub const ROUTES: &[Route] = &[$(<$name as Rpc>::ROUTE),*];
     };
 }
@@ -207,6 +211,32 @@ routes! {
     /// Deletes raw items.
     StorageItemsDelete => "/v1/storage/items.delete", StorageItemsDeleteRequest => Reply,
         BodyLimit::Fixed(DEFAULT_BODY), QueueClear, |r| Target::Queue(&r.queue_name);
+    /// Lessor extension: extends held leases (heartbeat). `queue.lease`, as it keeps what a lease took.
+    QueueExtend => "/v1/queue.extend", QueueExtendRequest => Reply,
+        BodyLimit::Fixed(DEFAULT_BODY), QueueLease, |r| Target::Queue(&r.queue_name);
+    /// Lessor extension: pauses a queue (produce still accepted, leases wait).
+    QueuePause => "/v1/queue.pause", QueuePauseRequest => Reply,
+        BodyLimit::Fixed(SMALL_BODY), QueueUpdate, |r| Target::Queue(&r.queue_name);
+    /// Lessor extension: resumes a paused queue.
+    QueueResume => "/v1/queue.resume", QueueResumeRequest => Reply,
+        BodyLimit::Fixed(SMALL_BODY), QueueUpdate, |r| Target::Queue(&r.queue_name);
+    /// Lessor extension: one page of a partition's items by state, without leasing them. `queue.stats`, like
+    /// `storage/items.list`, which shows the same payloads.
+    QueueBrowse => "/v1/queue.browse", QueueBrowseRequest => QueueBrowseResponse,
+        BodyLimit::Fixed(SMALL_BODY), QueueStats, |r| Target::Queue(&r.queue_name);
+    /// Lessor extension: starts a dead-letter redrive task. `queue.update` on the dead-letter queue (the server
+    /// also checks `queue.produce` on a named `target_queue`).
+    QueueRedrive => "/v1/queue.redrive", QueueRedriveRequest => RedriveTask,
+        BodyLimit::Fixed(SMALL_BODY), QueueUpdate, |r| Target::Queue(&r.dead_queue);
+    /// Lessor extension: lists redrive tasks (of one dead-letter queue, or all of them in `_system`).
+    RedriveList => "/v1/redrive.list", RedriveListRequest => RedriveListResponse,
+        BodyLimit::Fixed(SMALL_BODY), QueueStats, |r| queue_or_system(&r.dead_queue);
+    /// Lessor extension: one redrive task.
+    RedriveGet => "/v1/redrive.get", RedriveTaskRequest => RedriveTask,
+        BodyLimit::Fixed(SMALL_BODY), QueueStats, |r| queue_or_system(&r.dead_queue);
+    /// Lessor extension: cancels a running redrive task.
+    RedriveCancel => "/v1/redrive.cancel", RedriveTaskRequest => RedriveTask,
+        BodyLimit::Fixed(SMALL_BODY), QueueUpdate, |r| queue_or_system(&r.dead_queue);
     /// Creates a namespace.
     NamespacesCreate => "/v1/namespaces.create", NamespaceInfo => Reply,
         BodyLimit::Fixed(DEFAULT_BODY), NamespaceCreate, |_r| Target::System;
@@ -260,6 +290,29 @@ routes! {
         BodyLimit::Fixed(DEFAULT_BODY), RoleBindingDelete, |r| Target::Namespace(&r.namespace);
 }
 
+/// The target of the redrive task routes: the dead-letter queue when the request names one, else `_system` (a task
+/// id alone says nothing about whose it is before it is looked up, so only a principal allowed everywhere may
+/// use it bare).
+fn queue_or_system(dead_queue: &str) -> Target<'_> {
+    if dead_queue.is_empty() {
+        Target::System
+    } else {
+        Target::Queue(dead_queue)
+    }
+}
+
+/// Lessor's own routes (Querator has none of them), for documentation and tests that must tell them apart.
+pub const EXTENSION_PATHS: &[&str] = &[
+    QueueExtend::PATH,
+    QueuePause::PATH,
+    QueueResume::PATH,
+    QueueBrowse::PATH,
+    QueueRedrive::PATH,
+    RedriveList::PATH,
+    RedriveGet::PATH,
+    RedriveCancel::PATH,
+];
+
 /// The route at `path`, if there is one.
 pub fn route(path: &str) -> Option<&'static Route> {
     ROUTES.iter().find(|r| r.path == path)
@@ -272,10 +325,10 @@ mod tests {
     #[test]
     fn paths_are_unique_and_versioned() {
         let mut paths: Vec<&str> = ROUTES.iter().map(|r| r.path).collect();
-        assert_eq!(paths.len(), 33);
+        assert_eq!(paths.len(), 41);
         paths.sort_unstable();
         paths.dedup();
-        assert_eq!(paths.len(), 33, "a path is listed twice");
+        assert_eq!(paths.len(), 41, "a path is listed twice");
         assert!(paths.iter().all(|p| p.starts_with("/v1/")));
     }
 
@@ -318,6 +371,45 @@ mod tests {
             assert_eq!(r.permission.as_str(), perm, "{path}");
             assert_eq!(r.body_limit, BodyLimit::Fixed(256_000), "{path}");
         }
+    }
+
+    #[test]
+    fn extension_routes_have_limits_permissions_and_targets() {
+        use crate::{QueueRedriveRequest, RedriveTaskRequest};
+        let expect = [
+            ("/v1/queue.extend", "queue.lease", DEFAULT_BODY),
+            ("/v1/queue.pause", "queue.update", SMALL_BODY),
+            ("/v1/queue.resume", "queue.update", SMALL_BODY),
+            ("/v1/queue.browse", "queue.stats", SMALL_BODY),
+            ("/v1/queue.redrive", "queue.update", SMALL_BODY),
+            ("/v1/redrive.list", "queue.stats", SMALL_BODY),
+            ("/v1/redrive.get", "queue.stats", SMALL_BODY),
+            ("/v1/redrive.cancel", "queue.update", SMALL_BODY),
+        ];
+        assert_eq!(EXTENSION_PATHS.len(), expect.len());
+        for (path, perm, limit) in expect {
+            assert!(EXTENSION_PATHS.contains(&path), "{path}");
+            let r = route(path).unwrap_or_else(|| panic!("{path} is not routed"));
+            assert_eq!(r.permission.as_str(), perm, "{path}");
+            assert_eq!(r.body_limit, BodyLimit::Fixed(limit), "{path}");
+        }
+        let start = QueueRedriveRequest {
+            dead_queue: "dlq".into(),
+            target_queue: "other".into(),
+            ..Default::default()
+        };
+        assert_eq!(QueueRedrive::target(&start), Target::Queue("dlq"));
+        let bare = RedriveTaskRequest {
+            task_id: "t".into(),
+            dead_queue: String::new(),
+        };
+        assert_eq!(RedriveGet::target(&bare), Target::System);
+        assert_eq!(RedriveCancel::target(&bare), Target::System);
+        let named = RedriveTaskRequest {
+            dead_queue: "dlq".into(),
+            ..bare
+        };
+        assert_eq!(RedriveCancel::target(&named), Target::Queue("dlq"));
     }
 
     #[test]

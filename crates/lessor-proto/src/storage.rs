@@ -152,5 +152,9 @@ message! {
         #[json(Bytes, "payload")]
         #[prost(bytes = "vec", tag = "15")]
         pub payload: Vec<u8>,
+        /// Lessor extension: the item's priority, 0 to 9 (omitted when 0, so Querator's clients never see it).
+        #[json(I32, "priority")]
+        #[prost(int32, tag = "100")]
+        pub priority: i32,
     }
 }

@@ -21,6 +21,13 @@ fn decode_all(enc: Encoding, body: &[u8]) {
     let _ = decode::<APIKeysListResponse>(enc, body);
     let _ = decode::<RoleCreateRequest>(enc, body);
     let _ = decode::<RoleBindingsListResponse>(enc, body);
+    // Lessor's extension messages.
+    let _ = decode::<QueueExtendRequest>(enc, body);
+    let _ = decode::<QueueBrowseRequest>(enc, body);
+    let _ = decode::<QueueBrowseResponse>(enc, body);
+    let _ = decode::<QueueRedriveRequest>(enc, body);
+    let _ = decode::<RedriveListResponse>(enc, body);
+    let _ = decode::<RetryBackoff>(enc, body);
 }
 
 /// Text built from JSON tokens, field names and timestamp/base64 fragments, so the fuzzer reaches deep
@@ -46,6 +53,11 @@ fn jsonish() -> impl Strategy<Value = String> {
         Just("\"logicalQueues\"".to_string()),
         Just("\"details\"".to_string()),
         Just("\"code\"".to_string()),
+        Just("\"priority\"".to_string()),
+        Just("\"retry_backoff\"".to_string()),
+        Just("\"factor\"".to_string()),
+        Just("\"max_items\"".to_string()),
+        Just("\"NaN\"".to_string()),
         Just("\"2026-01-02T03:04:05.123Z\"".to_string()),
         Just("\"9999-12-31T23:59:59+23:59\"".to_string()),
         Just("\"aGk=\"".to_string()),

@@ -26,6 +26,7 @@ fn sample_produce() -> QueueProduceRequest {
                 enqueue_at: Some(Timestamp::new(1_767_323_045, 123_456_000)),
                 bytes: vec![0, 1, 2, 250, 251, 252, 253, 254, 255],
                 utf8: String::new(),
+                ..Default::default()
             },
             QueueProduceItem {
                 utf8: "hello".into(),
@@ -52,6 +53,7 @@ fn sample_storage_item() -> StorageItem {
         encoding: "e".into(),
         kind: "k".into(),
         payload: b"payload".to_vec(),
+        priority: 0,
     }
 }
 
@@ -91,6 +93,7 @@ fn round_trips_in_both_encodings() {
             attempts: 1,
             lease_deadline: Some(Timestamp::new(1, 1_000)),
             bytes: b"x".to_vec(),
+            priority: 0,
         }],
     });
     round_trip(&QueueCompleteRequest {
@@ -152,6 +155,7 @@ fn round_trips_in_both_encodings() {
         requested_partitions: 3,
         partitions: vec![PartitionInfo { partition: 0 }, PartitionInfo { partition: 1 }],
         namespace: "ns".into(),
+        ..Default::default()
     };
     round_trip(&info);
     round_trip(&QueuesListRequest {
@@ -576,4 +580,345 @@ fn invalid_protobuf_is_reported() {
     // Protobuf ignores unknown fields (unlike JSON).
     let ok: QueueStatsRequest = decode(Encoding::Protobuf, &[0x0a, 1, b'q', 0x78, 1]).expect("unknown field");
     assert_eq!(ok.queue_name, "q");
+}
+
+// ---- Lessor extensions ----------------------------------------------------------------------------------------
+
+/// The JSON keys of Querator's `QueueInfo`, `QueueLeaseItem`, `QueueProduceItem` and `StorageItem`: a strict
+/// protojson decoder (unknown fields are errors) of Querator's messages accepts nothing else.
+const QUERATOR_QUEUE_INFO: &[&str] = &[
+    "queue_name",
+    "created_at",
+    "updated_at",
+    "dead_queue",
+    "reference",
+    "lease_timeout",
+    "expire_timeout",
+    "max_attempts",
+    "requested_partitions",
+    "partitions",
+    "namespace",
+];
+const QUERATOR_LEASE_ITEM: &[&str] = &[
+    "encoding",
+    "kind",
+    "reference",
+    "id",
+    "attempts",
+    "lease_deadline",
+    "bytes",
+];
+const QUERATOR_STORAGE_ITEM: &[&str] = &[
+    "id",
+    "source_id",
+    "is_leased",
+    "lease_deadline",
+    "expire_deadline",
+    "dead_deadline",
+    "created_at",
+    "updated_at",
+    "enqueue_at",
+    "attempts",
+    "max_attempts",
+    "reference",
+    "encoding",
+    "kind",
+    "payload",
+];
+
+fn only_keys(v: &Value, allowed: &[&str]) {
+    for k in v.as_object().expect("an object").keys() {
+        assert!(allowed.contains(&k.as_str()), "'{k}' is not Querator's: {v}");
+    }
+}
+
+fn full_queue_info() -> QueueInfo {
+    QueueInfo {
+        queue_name: "q".into(),
+        created_at: Some(Timestamp::new(1, 0)),
+        updated_at: Some(Timestamp::new(2, 0)),
+        dead_queue: "q-dlq".into(),
+        reference: "ref".into(),
+        lease_timeout: "30s".into(),
+        expire_timeout: "24h0m0s".into(),
+        max_attempts: 5,
+        requested_partitions: 3,
+        partitions: vec![PartitionInfo { partition: 0 }],
+        namespace: "ns".into(),
+        dedup_window: "10m0s".into(),
+        retry_backoff: Some(RetryBackoff {
+            base: "1s".into(),
+            max: "5m0s".into(),
+            factor: 2.5,
+            jitter: 0.2,
+        }),
+        paused: true,
+        max_lease_timeout: "1h0m0s".into(),
+    }
+}
+
+#[test]
+fn extension_messages_round_trip_in_both_encodings() {
+    round_trip(&full_queue_info());
+    round_trip(&QueueProduceRequest {
+        queue_name: "q".into(),
+        request_timeout: "1m".into(),
+        items: vec![QueueProduceItem {
+            utf8: "x".into(),
+            dedup_id: "order-17".into(),
+            priority: 9,
+            ..Default::default()
+        }],
+    });
+    round_trip(&QueueLeaseResponse {
+        queue_name: "q".into(),
+        partition: 1,
+        items: vec![QueueLeaseItem {
+            id: "0000000000000001".into(),
+            priority: 3,
+            ..Default::default()
+        }],
+    });
+    round_trip(&StorageItem {
+        priority: 7,
+        ..sample_storage_item()
+    });
+    round_trip(&QueueExtendRequest {
+        queue_name: "q".into(),
+        partition: 2,
+        ids: vec!["a".into(), "b".into()],
+        lease_timeout: "10m".into(),
+        request_timeout: "5s".into(),
+    });
+    round_trip(&QueuePauseRequest {
+        queue_name: "q".into(),
+    });
+    round_trip(&QueueResumeRequest {
+        queue_name: "q".into(),
+    });
+    for priority in [None, Some(0), Some(9)] {
+        round_trip(&QueueBrowseRequest {
+            queue_name: "q".into(),
+            partition: 1,
+            state: "leased".into(),
+            priority,
+            pivot: "0000000000000001".into(),
+            limit: 50,
+        });
+    }
+    round_trip(&QueueBrowseResponse {
+        items: vec![BrowseItem {
+            id: "0000000000000001".into(),
+            state: "leased".into(),
+            holder: "worker-1".into(),
+            lease_deadline: Some(Timestamp::new(10, 0)),
+            priority: 4,
+            attempts: 2,
+            enqueue_at: Some(Timestamp::new(11, 0)),
+            expire_deadline: Some(Timestamp::new(12, 0)),
+            created_at: Some(Timestamp::new(13, 0)),
+            reference: "r".into(),
+            encoding: "e".into(),
+            kind: "k".into(),
+            payload: vec![0, 255],
+            source_id: "s".into(),
+        }],
+        next_pivot: "0000000000000002".into(),
+    });
+    let task = RedriveTask {
+        task_id: "rd-1".into(),
+        dead_queue: "dlq".into(),
+        target_queue: "t".into(),
+        source_queue: "s".into(),
+        kind: "k".into(),
+        rate_per_sec: 100,
+        max_items: 9_007_199_254_740_993, // 2^53 + 1: exact only as a string in JSON
+        status: "running".into(),
+        moved: 5,
+        skipped: 1,
+        remaining: 3,
+        error: "e".into(),
+        created_at: Some(Timestamp::new(20, 0)),
+        updated_at: Some(Timestamp::new(21, 0)),
+    };
+    round_trip(&task);
+    round_trip(&RedriveListResponse {
+        items: vec![task.clone(), RedriveTask::default()],
+    });
+    round_trip(&QueueRedriveRequest {
+        dead_queue: "dlq".into(),
+        target_queue: "t".into(),
+        source_queue: "s".into(),
+        kind: "k".into(),
+        rate_per_sec: 10,
+        max_items: 1000,
+    });
+    round_trip(&RedriveListRequest {
+        dead_queue: "dlq".into(),
+    });
+    round_trip(&RedriveTaskRequest {
+        task_id: "rd-1".into(),
+        dead_queue: "dlq".into(),
+    });
+}
+
+#[test]
+fn zero_extension_fields_are_absent_so_querator_clients_see_their_messages() {
+    // Every Querator field set, every extension at zero: only Querator's keys, in both messages that gained fields.
+    let info = QueueInfo {
+        dedup_window: String::new(),
+        retry_backoff: None,
+        paused: false,
+        max_lease_timeout: String::new(),
+        ..full_queue_info()
+    };
+    let v = to_json(&info);
+    only_keys(&v, QUERATOR_QUEUE_INFO);
+    assert_eq!(v.as_object().map(|o| o.len()), Some(QUERATOR_QUEUE_INFO.len()));
+    let lease = QueueLeaseItem {
+        encoding: "e".into(),
+        kind: "k".into(),
+        reference: "r".into(),
+        id: "i".into(),
+        attempts: 1,
+        lease_deadline: Some(Timestamp::new(1, 0)),
+        bytes: b"x".to_vec(),
+        priority: 0,
+    };
+    only_keys(&to_json(&lease), QUERATOR_LEASE_ITEM);
+    only_keys(&to_json(&sample_storage_item()), QUERATOR_STORAGE_ITEM);
+    let produce = to_json(&sample_produce());
+    for item in produce["items"].as_array().expect("items") {
+        assert!(item.get("priority").is_none() && item.get("dedup_id").is_none(), "{item}");
+    }
+    // In protobuf, zero extension fields add no byte either.
+    use prost::Message;
+    let querator_only = QueueInfo {
+        namespace: "n".into(),
+        ..Default::default()
+    };
+    assert_eq!(querator_only.encode_to_vec(), vec![0x5a, 1, b'n']);
+}
+
+#[test]
+fn set_extension_fields_use_their_names_and_numbers() {
+    let v = to_json(&full_queue_info());
+    assert_eq!(v["dedup_window"], "10m0s");
+    assert_eq!(
+        v["retry_backoff"],
+        json!({"base": "1s", "max": "5m0s", "factor": 2.5, "jitter": 0.2})
+    );
+    assert_eq!(v["paused"], true);
+    assert_eq!(v["max_lease_timeout"], "1h0m0s");
+    use prost::Message;
+    // Extension fields are numbered from 100: field 100 varint key is 0xa0 0x06, field 100 length-delimited is
+    // 0xa2 0x06, field 101 varint is 0xa8 0x06.
+    assert_eq!(extensions::FIRST_EXTENSION_FIELD, 100);
+    let pi = QueueProduceItem {
+        dedup_id: "d".into(),
+        priority: 2,
+        ..Default::default()
+    };
+    assert_eq!(pi.encode_to_vec(), vec![0xa2, 0x06, 1, b'd', 0xa8, 0x06, 2]);
+    let li = QueueLeaseItem {
+        priority: 9,
+        ..Default::default()
+    };
+    assert_eq!(li.encode_to_vec(), vec![0xa0, 0x06, 9]);
+    let si = StorageItem {
+        priority: 1,
+        ..Default::default()
+    };
+    assert_eq!(si.encode_to_vec(), vec![0xa0, 0x06, 1]);
+    let qi = QueueInfo {
+        dedup_window: "1s".into(),
+        paused: true,
+        max_lease_timeout: "2s".into(),
+        ..Default::default()
+    };
+    // dedup_window = 100 (0xa2 0x06), paused = 102 (0xb0 0x06), max_lease_timeout = 103 (0xba 0x06).
+    assert_eq!(
+        qi.encode_to_vec(),
+        vec![0xa2, 0x06, 2, b'1', b's', 0xb0, 0x06, 1, 0xba, 0x06, 2, b'2', b's']
+    );
+    // retry_backoff = 101, a message (0xaa 0x06); an empty one is present (it turns backoff off in an update).
+    let off = QueueInfo {
+        retry_backoff: Some(RetryBackoff::default()),
+        ..Default::default()
+    };
+    assert_eq!(off.encode_to_vec(), vec![0xaa, 0x06, 0]);
+    let back = QueueInfo::decode(off.encode_to_vec().as_slice()).expect("decode");
+    assert_eq!(back.retry_backoff, Some(RetryBackoff::default()));
+    assert_eq!(to_json(&off), json!({"retry_backoff": {}}));
+    let from_json: QueueInfo = from_json(r#"{"retry_backoff":{}}"#).expect("json");
+    assert_eq!(from_json.retry_backoff, Some(RetryBackoff::default()));
+}
+
+#[test]
+fn extension_json_accepts_proto_names_and_rejects_unknown_fields() {
+    let info: QueueInfo = from_json(
+        r#"{"queueName":"q","dedupWindow":"1m","retryBackoff":{"base":"1s","factor":"3","jitter":0},
+            "maxLeaseTimeout":"1h","paused":true}"#,
+    )
+    .expect("proto names");
+    assert_eq!(info.dedup_window, "1m");
+    assert_eq!(info.retry_backoff.as_ref().map(|b| b.factor), Some(3.0));
+    assert_eq!(info.max_lease_timeout, "1h");
+    assert!(info.paused);
+    let item: QueueProduceItem = from_json(r#"{"dedupId":"k","priority":"4"}"#).expect("proto names");
+    assert_eq!((item.dedup_id.as_str(), item.priority), ("k", 4));
+    let err = from_json::<RetryBackoff>(r#"{"base":"1s","multiplier":2}"#).unwrap_err();
+    assert!(err.to_string().contains("unknown field 'multiplier'"), "{err}");
+    let err = from_json::<QueueExtendRequest>(r#"{"queue_name":"q","ttl":"1m"}"#).unwrap_err();
+    assert!(err.to_string().contains("unknown field 'ttl'"), "{err}");
+    let err = from_json::<QueueBrowseRequest>(r#"{"priority":1.5}"#).unwrap_err();
+    assert!(err.to_string().contains("not an integer"), "{err}");
+}
+
+#[test]
+fn json_doubles_and_int64s_follow_protojson() {
+    // double: numbers out, NaN and infinities as strings; numbers or strings in.
+    let b = RetryBackoff {
+        factor: f64::NAN,
+        jitter: f64::INFINITY,
+        ..Default::default()
+    };
+    assert_eq!(to_json(&b), json!({"factor": "NaN", "jitter": "Infinity"}));
+    let back: RetryBackoff = from_json(r#"{"factor":"-Infinity","jitter":"0.25"}"#).expect("strings");
+    assert_eq!((back.factor, back.jitter), (f64::NEG_INFINITY, 0.25));
+    let back: RetryBackoff = from_json(r#"{"factor":2,"jitter":1e-1}"#).expect("numbers");
+    assert_eq!((back.factor, back.jitter), (2.0, 0.1));
+    assert!(from_json::<RetryBackoff>(r#"{"factor":"two"}"#).is_err());
+    assert!(from_json::<RetryBackoff>(r#"{"factor":true}"#).is_err());
+    // int64: a string out (exact past 2^53), a number or a string in.
+    let t = RedriveTask {
+        moved: i64::MAX,
+        ..Default::default()
+    };
+    assert_eq!(to_json(&t), json!({"moved": "9223372036854775807"}));
+    let t: RedriveTask = from_json(r#"{"moved":12,"skipped":"13","remaining":1e2}"#).expect("int64");
+    assert_eq!((t.moved, t.skipped, t.remaining), (12, 13, 100));
+    assert!(from_json::<RedriveTask>(r#"{"moved":"9223372036854775808"}"#).is_err());
+    assert!(from_json::<RedriveTask>(r#"{"moved":1.5}"#).is_err());
+}
+
+#[test]
+fn browse_priority_keeps_absent_and_zero_apart() {
+    use prost::Message;
+    let any = QueueBrowseRequest::default();
+    let zero = QueueBrowseRequest {
+        priority: Some(0),
+        ..Default::default()
+    };
+    // proto3 `optional`: a set zero is on the wire (field 4, varint 0), an absent one is not.
+    assert_eq!(any.encode_to_vec(), Vec::<u8>::new());
+    assert_eq!(zero.encode_to_vec(), vec![0x20, 0]);
+    assert_eq!(
+        QueueBrowseRequest::decode(zero.encode_to_vec().as_slice()).expect("decode").priority,
+        Some(0)
+    );
+    assert_eq!(to_json(&any), json!({}));
+    assert_eq!(to_json(&zero), json!({"priority": 0}));
+    let null: QueueBrowseRequest = from_json(r#"{"priority":null}"#).expect("null");
+    assert_eq!(null.priority, None);
 }

@@ -1,0 +1,347 @@
+//! Messages of Lessor's extension routes, which Querator does not have: lease extension (`queue.extend`), pause and
+//! resume (`queue.pause`, `queue.resume`), browsing items without leasing them (`queue.browse`), and dead-letter
+//! redrive (`queue.redrive`, `redrive.list`, `redrive.get`, `redrive.cancel`); plus [`RetryBackoff`], the
+//! `QueueInfo.retry_backoff` extension field.
+//!
+//! The JSON rules are the same as for Querator's messages (see the crate docs): zero values are omitted, the
+//! snake_case name and the lowerCamelCase proto name are both accepted. Fields that Lessor adds to Querator's own
+//! messages (`QueueProduceItem.dedup_id`, `QueueInfo.dedup_window`, ...) are numbered from
+//! [`FIRST_EXTENSION_FIELD`], so they cannot collide with a field Querator adds later in its own range.
+//!
+//! The browse filter `priority` is a proto3 `optional` field, so "absent" (any priority) and `0` stay apart:
+//! ```
+//! use lessor_proto::{decode, encode, Encoding, QueueBrowseRequest};
+//!
+//! let any: QueueBrowseRequest = decode(Encoding::Json, br#"{"queue_name":"q"}"#).unwrap();
+//! assert_eq!(any.priority, None);
+//! let zero: QueueBrowseRequest = decode(Encoding::Json, br#"{"queue_name":"q","priority":0}"#).unwrap();
+//! assert_eq!(zero.priority, Some(0));
+//! assert_eq!(encode(Encoding::Json, &zero), br#"{"queue_name":"q","priority":0}"#);
+//! ```
+
+use crate::json::{message, Bytes, Msg, OptI32, Rep, Str, F64, I32, I64};
+use crate::timestamp::Timestamp;
+
+/// The first field number Lessor uses for its extension fields in Querator's messages (Querator numbers its
+/// fields from 1 and, at the version Lessor follows, stops at 15).
+pub const FIRST_EXTENSION_FIELD: u32 = 100;
+
+message! {
+    /// A queue's retry backoff (`QueueInfo.retry_backoff`): after a lease expiry, or a retry without `retry_at`,
+    /// the item waits `min(max, base × factor^(attempts-1))`, less up to `jitter` of that, before its next
+    /// attempt. `base` empty or zero turns backoff off.
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct RetryBackoff {
+        /// Delay before the second attempt, as a Go duration (`"1s"`); empty or `"0s"`: off.
+        #[json(Str, "base")]
+        #[prost(string, tag = "1")]
+        pub base: String,
+        /// Longest delay, as a Go duration; empty: bounded only by the server's limit (168h).
+        #[json(Str, "max")]
+        #[prost(string, tag = "2")]
+        pub max: String,
+        /// Growth per attempt, 1 to 100; 0 means 2.
+        #[json(F64, "factor")]
+        #[prost(double, tag = "3")]
+        pub factor: f64,
+        /// 0 to 1: the fraction of each delay that is random (0.2: between 80 % and 100 % of it).
+        #[json(F64, "jitter")]
+        #[prost(double, tag = "4")]
+        pub jitter: f64,
+    }
+}
+
+message! {
+    /// Body of `/v1/queue.extend`: pushes the lease deadline of held items to now + `lease_timeout`. All the ids
+    /// or none: an id that is not leased any more (its lease expired and the item moved on) fails the request.
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct QueueExtendRequest {
+        /// Name of the queue.
+        #[json(Str, "queue_name", "queueName")]
+        #[prost(string, tag = "1")]
+        pub queue_name: String,
+        /// Partition the ids belong to (from the lease).
+        #[json(I32, "partition")]
+        #[prost(int32, tag = "2")]
+        pub partition: i32,
+        /// Ids of the leased items.
+        #[json(Rep<String>, "ids")]
+        #[prost(string, repeated, tag = "3")]
+        pub ids: Vec<String>,
+        /// New lease length from now, as a Go duration; empty: the queue's `lease_timeout`. At most the queue's
+        /// `max_lease_timeout`.
+        #[json(Str, "lease_timeout", "leaseTimeout")]
+        #[prost(string, tag = "4")]
+        pub lease_timeout: String,
+        /// How long to wait for the operation, as a Go duration.
+        #[json(Str, "request_timeout", "requestTimeout")]
+        #[prost(string, tag = "5")]
+        pub request_timeout: String,
+    }
+}
+
+message! {
+    /// Body of `/v1/queue.pause`.
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct QueuePauseRequest {
+        /// Name of the queue.
+        #[json(Str, "queue_name", "queueName")]
+        #[prost(string, tag = "1")]
+        pub queue_name: String,
+    }
+}
+
+message! {
+    /// Body of `/v1/queue.resume`.
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct QueueResumeRequest {
+        /// Name of the queue.
+        #[json(Str, "queue_name", "queueName")]
+        #[prost(string, tag = "1")]
+        pub queue_name: String,
+    }
+}
+
+message! {
+    /// Body of `/v1/queue.browse`: one page of a partition's items, in id order, without leasing them.
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct QueueBrowseRequest {
+        /// Name of the queue.
+        #[json(Str, "queue_name", "queueName")]
+        #[prost(string, tag = "1")]
+        pub queue_name: String,
+        /// Partition to browse.
+        #[json(I32, "partition")]
+        #[prost(int32, tag = "2")]
+        pub partition: i32,
+        /// `"ready"`, `"leased"`, `"scheduled"`, or empty for ready and leased items together.
+        #[json(Str, "state")]
+        #[prost(string, tag = "3")]
+        pub state: String,
+        /// Only items of this priority. A proto3 `optional` field: absent means any priority, `0` means priority 0
+        /// (JSON writes it whenever it is set).
+        #[json(OptI32, "priority")]
+        #[prost(int32, optional, tag = "4")]
+        pub priority: Option<i32>,
+        /// Item id to start from (inclusive); empty: the head. A reply's `next_pivot` continues it.
+        #[json(Str, "pivot")]
+        #[prost(string, tag = "5")]
+        pub pivot: String,
+        /// Most items returned, 1 to 1000; 0 means 100.
+        #[json(I32, "limit")]
+        #[prost(int32, tag = "6")]
+        pub limit: i32,
+    }
+}
+
+message! {
+    /// Reply of `/v1/queue.browse`.
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct QueueBrowseResponse {
+        /// The items of the page, in id order.
+        #[json(Rep<BrowseItem>, "items")]
+        #[prost(message, repeated, tag = "1")]
+        pub items: Vec<BrowseItem>,
+        /// Pivot of the next page; empty at the end. A page may hold fewer than `limit` items and still have a
+        /// next page (each request reads a bounded part of the partition).
+        #[json(Str, "next_pivot", "nextPivot")]
+        #[prost(string, tag = "2")]
+        pub next_pivot: String,
+    }
+}
+
+message! {
+    /// One browsed item.
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct BrowseItem {
+        /// Item id.
+        #[json(Str, "id")]
+        #[prost(string, tag = "1")]
+        pub id: String,
+        /// `"ready"`, `"leased"` or `"scheduled"`.
+        #[json(Str, "state")]
+        #[prost(string, tag = "2")]
+        pub state: String,
+        /// For a leased item, the `client_id` of the lease request that holds it; empty when the server does not
+        /// know (leased before a restart, or through another server sharing the storage).
+        #[json(Str, "holder")]
+        #[prost(string, tag = "3")]
+        pub holder: String,
+        /// When the lease ends (leased items).
+        #[json(Msg<Timestamp>, "lease_deadline", "leaseDeadline")]
+        #[prost(message, optional, tag = "4")]
+        pub lease_deadline: Option<Timestamp>,
+        /// Priority, 0 to 9.
+        #[json(I32, "priority")]
+        #[prost(int32, tag = "5")]
+        pub priority: i32,
+        /// Times the item has been leased.
+        #[json(I32, "attempts")]
+        #[prost(int32, tag = "6")]
+        pub attempts: i32,
+        /// When a scheduled item enters the queue.
+        #[json(Msg<Timestamp>, "enqueue_at", "enqueueAt")]
+        #[prost(message, optional, tag = "7")]
+        pub enqueue_at: Option<Timestamp>,
+        /// When the item expires regardless of attempts.
+        #[json(Msg<Timestamp>, "expire_deadline", "expireDeadline")]
+        #[prost(message, optional, tag = "8")]
+        pub expire_deadline: Option<Timestamp>,
+        /// When the item was created.
+        #[json(Msg<Timestamp>, "created_at", "createdAt")]
+        #[prost(message, optional, tag = "9")]
+        pub created_at: Option<Timestamp>,
+        /// User-defined reference.
+        #[json(Str, "reference")]
+        #[prost(string, tag = "10")]
+        pub reference: String,
+        /// User-defined encoding.
+        #[json(Str, "encoding")]
+        #[prost(string, tag = "11")]
+        pub encoding: String,
+        /// User-defined kind.
+        #[json(Str, "kind")]
+        #[prost(string, tag = "12")]
+        pub kind: String,
+        /// The payload (base64 in JSON).
+        #[json(Bytes, "payload")]
+        #[prost(bytes = "vec", tag = "13")]
+        pub payload: Vec<u8>,
+        /// Id of the item this one was moved from (dead-letter moves).
+        #[json(Str, "source_id", "sourceId")]
+        #[prost(string, tag = "14")]
+        pub source_id: String,
+    }
+}
+
+message! {
+    /// Body of `/v1/queue.redrive`: starts a server-side task moving items out of a dead-letter queue.
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct QueueRedriveRequest {
+        /// The dead-letter queue (it must be some queue's `dead_queue`).
+        #[json(Str, "dead_queue", "deadQueue")]
+        #[prost(string, tag = "1")]
+        pub dead_queue: String,
+        /// Where the items go; empty: back to the queue each came from.
+        #[json(Str, "target_queue", "targetQueue")]
+        #[prost(string, tag = "2")]
+        pub target_queue: String,
+        /// Only items that came from this queue; empty: any.
+        #[json(Str, "source_queue", "sourceQueue")]
+        #[prost(string, tag = "3")]
+        pub source_queue: String,
+        /// Only items of this kind; empty: any.
+        #[json(Str, "kind")]
+        #[prost(string, tag = "4")]
+        pub kind: String,
+        /// Most items moved per second; 0: as fast as storage allows.
+        #[json(I32, "rate_per_sec", "ratePerSec")]
+        #[prost(int32, tag = "5")]
+        pub rate_per_sec: i32,
+        /// Most items moved in all; 0: every matching item.
+        #[json(I64, "max_items", "maxItems")]
+        #[prost(int64, tag = "6")]
+        pub max_items: i64,
+    }
+}
+
+message! {
+    /// A redrive task: the reply of `/v1/queue.redrive`, `/v1/redrive.get` and `/v1/redrive.cancel`.
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct RedriveTask {
+        /// The task id.
+        #[json(Str, "task_id", "taskId")]
+        #[prost(string, tag = "1")]
+        pub task_id: String,
+        /// The dead-letter queue it moves items out of.
+        #[json(Str, "dead_queue", "deadQueue")]
+        #[prost(string, tag = "2")]
+        pub dead_queue: String,
+        /// Where items go; empty: their source queues.
+        #[json(Str, "target_queue", "targetQueue")]
+        #[prost(string, tag = "3")]
+        pub target_queue: String,
+        /// Source filter; empty: any.
+        #[json(Str, "source_queue", "sourceQueue")]
+        #[prost(string, tag = "4")]
+        pub source_queue: String,
+        /// Kind filter; empty: any.
+        #[json(Str, "kind")]
+        #[prost(string, tag = "5")]
+        pub kind: String,
+        /// Rate limit (items per second); 0: none.
+        #[json(I32, "rate_per_sec", "ratePerSec")]
+        #[prost(int32, tag = "6")]
+        pub rate_per_sec: i32,
+        /// Item limit; 0: none.
+        #[json(I64, "max_items", "maxItems")]
+        #[prost(int64, tag = "7")]
+        pub max_items: i64,
+        /// `"running"`, `"completed"`, `"cancelled"` or `"failed"`.
+        #[json(Str, "status")]
+        #[prost(string, tag = "8")]
+        pub status: String,
+        /// Items moved so far.
+        #[json(I64, "moved")]
+        #[prost(int64, tag = "9")]
+        pub moved: i64,
+        /// Items looked at and left in the dead-letter queue (filtered out, or leased).
+        #[json(I64, "skipped")]
+        #[prost(int64, tag = "10")]
+        pub skipped: i64,
+        /// Items in the dead-letter queue when the task last looked.
+        #[json(I64, "remaining")]
+        #[prost(int64, tag = "11")]
+        pub remaining: i64,
+        /// Why the task failed; empty otherwise.
+        #[json(Str, "error")]
+        #[prost(string, tag = "12")]
+        pub error: String,
+        /// When it was started.
+        #[json(Msg<Timestamp>, "created_at", "createdAt")]
+        #[prost(message, optional, tag = "13")]
+        pub created_at: Option<Timestamp>,
+        /// When its progress was last saved.
+        #[json(Msg<Timestamp>, "updated_at", "updatedAt")]
+        #[prost(message, optional, tag = "14")]
+        pub updated_at: Option<Timestamp>,
+    }
+}
+
+message! {
+    /// Body of `/v1/redrive.list`.
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct RedriveListRequest {
+        /// Only the tasks of this dead-letter queue; empty: every task (checked in `_system`).
+        #[json(Str, "dead_queue", "deadQueue")]
+        #[prost(string, tag = "1")]
+        pub dead_queue: String,
+    }
+}
+
+message! {
+    /// Reply of `/v1/redrive.list`: tasks, newest first.
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct RedriveListResponse {
+        /// The tasks.
+        #[json(Rep<RedriveTask>, "items")]
+        #[prost(message, repeated, tag = "1")]
+        pub items: Vec<RedriveTask>,
+    }
+}
+
+message! {
+    /// Body of `/v1/redrive.get` and `/v1/redrive.cancel`.
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct RedriveTaskRequest {
+        /// The task id.
+        #[json(Str, "task_id", "taskId")]
+        #[prost(string, tag = "1")]
+        pub task_id: String,
+        /// The task's dead-letter queue. When set, the permission is checked in that queue's namespace (and a task
+        /// of another queue is "not found"); when empty, in `_system`, which only administrators hold.
+        #[json(Str, "dead_queue", "deadQueue")]
+        #[prost(string, tag = "2")]
+        pub dead_queue: String,
+    }
+}
