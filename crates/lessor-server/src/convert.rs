@@ -109,6 +109,7 @@ pub fn lease_item(i: Item) -> pb::QueueLeaseItem {
         attempts: i32::try_from(i.attempts).unwrap_or(i32::MAX),
         lease_deadline: ts_to(i.lease_deadline),
         bytes: i.payload.to_vec(),
+        ..Default::default() // TODO(issue 10): extension fields
     }
 }
 
@@ -144,6 +145,7 @@ pub fn storage_item(i: Item) -> pb::StorageItem {
         encoding: i.encoding,
         kind: i.kind,
         payload: i.payload.to_vec(),
+        ..Default::default() // TODO(issue 10): extension fields
     }
 }
 
@@ -224,6 +226,7 @@ pub fn queue_info_out(q: QueueInfo) -> pb::QueueInfo {
             })
             .collect(),
         namespace: q.namespace,
+        ..Default::default() // TODO(issue 10): extension fields
     }
 }
 

@@ -36,7 +36,10 @@ async fn depth(c: &Client, q: &str) -> i64 {
 }
 
 async fn task(c: &Client, id: &str) -> pb::RedriveTask {
-    c.call::<RedriveGet>(&pb::RedriveTaskRequest { task_id: id.into() })
+    c.call::<RedriveGet>(&pb::RedriveTaskRequest {
+        task_id: id.into(),
+        ..Default::default()
+    })
         .await
         .expect("redrive.get")
 }
