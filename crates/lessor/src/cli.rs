@@ -329,6 +329,7 @@ pub async fn run(cli: Cli) -> Result<(), String> {
                     enqueue_at: timestamp("enqueue-at", &enqueue_at)?,
                     bytes: payload,
                     utf8: String::new(),
+                    ..Default::default()
                 }],
             };
             c.queue_produce(&req).await.map_err(api)?;
