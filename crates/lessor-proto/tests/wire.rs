@@ -789,7 +789,10 @@ fn zero_extension_fields_are_absent_so_querator_clients_see_their_messages() {
     only_keys(&to_json(&sample_storage_item()), QUERATOR_STORAGE_ITEM);
     let produce = to_json(&sample_produce());
     for item in produce["items"].as_array().expect("items") {
-        assert!(item.get("priority").is_none() && item.get("dedup_id").is_none(), "{item}");
+        assert!(
+            item.get("priority").is_none() && item.get("dedup_id").is_none(),
+            "{item}"
+        );
     }
     // In protobuf, zero extension fields add no byte either.
     use prost::Message;
@@ -914,7 +917,9 @@ fn browse_priority_keeps_absent_and_zero_apart() {
     assert_eq!(any.encode_to_vec(), Vec::<u8>::new());
     assert_eq!(zero.encode_to_vec(), vec![0x20, 0]);
     assert_eq!(
-        QueueBrowseRequest::decode(zero.encode_to_vec().as_slice()).expect("decode").priority,
+        QueueBrowseRequest::decode(zero.encode_to_vec().as_slice())
+            .expect("decode")
+            .priority,
         Some(0)
     );
     assert_eq!(to_json(&any), json!({}));

@@ -58,10 +58,14 @@ async fn run(keys: bool, without: isize) -> isize {
     };
     e.produce("q", vec![one("warm".into())], T).await.expect("warm");
     let l = e.lease("q", 1, "c", T).await.expect("lease");
-    e.complete("q", 0, vec![l.items[0].id], T).await.expect("complete");
+    e.complete("q", 0, vec![l.items[0].id], T)
+        .await
+        .expect("complete");
     let base = live();
     for chunk in 0..KEYS / 1000 {
-        let items = (0..1000).map(|i| one(format!("{:036}", chunk * 1000 + i))).collect();
+        let items = (0..1000)
+            .map(|i| one(format!("{:036}", chunk * 1000 + i)))
+            .collect();
         e.produce("q", items, T).await.expect("produce");
     }
     // The same keys again: acknowledged, not stored.
@@ -90,7 +94,9 @@ async fn run(keys: bool, without: isize) -> isize {
     // Once the window has passed, produces prune the records and the memory comes back.
     clock.advance(Duration::from_secs(61));
     for chunk in 0..KEYS / 1000 {
-        let items = (0..1000).map(|i| one(format!("n{:035}", chunk * 1000 + i))).collect();
+        let items = (0..1000)
+            .map(|i| one(format!("n{:035}", chunk * 1000 + i)))
+            .collect();
         e.produce("q", items, T).await.expect("produce new keys");
     }
     let mut done = 0;
@@ -124,6 +130,12 @@ async fn a_dedup_key_costs_a_bounded_number_of_bytes() {
     println!(
         "{KEYS} items completed: {without} bytes held without keys, {with} with 36-byte keys: {per_key:.0} bytes per key"
     );
-    assert!(per_key > 16.0, "the keys are held somewhere: {per_key:.1} bytes per key");
-    assert!(per_key < 512.0, "a key costs a bounded amount: {per_key:.1} bytes per key");
+    assert!(
+        per_key > 16.0,
+        "the keys are held somewhere: {per_key:.1} bytes per key"
+    );
+    assert!(
+        per_key < 512.0,
+        "a key costs a bounded amount: {per_key:.1} bytes per key"
+    );
 }

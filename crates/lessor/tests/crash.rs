@@ -162,6 +162,7 @@ async fn producer(sh: Arc<Shared>, iter: usize, task: usize, mut rng: Rng) {
                     enqueue_at,
                     bytes: p.as_bytes().to_vec(),
                     utf8: String::new(),
+                    ..Default::default()
                 })
                 .collect(),
         };

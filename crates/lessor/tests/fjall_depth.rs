@@ -150,7 +150,11 @@ fn produce_req(first: usize, n: usize) -> pb::QueueProduceRequest {
                 pb::QueueProduceItem {
                     bytes: format!("{i:0PAYLOAD$}").into_bytes(),
                     // Priorities 0..=9 in turn, so every lease skips across all ten levels.
-                    priority: if mode & MIXED_PRIORITIES != 0 { (i % 10) as i32 } else { 0 },
+                    priority: if mode & MIXED_PRIORITIES != 0 {
+                        (i % 10) as i32
+                    } else {
+                        0
+                    },
                     // A 36-byte key per item (the length of a UUID), every one distinct.
                     dedup_id: if mode & DEDUP_KEYS != 0 {
                         format!("{i:036}")
@@ -408,7 +412,11 @@ async fn priorities_1k_vs_1m_queued() {
         let mut rates = Vec::new();
         for base in [1_000, 1_000_000] {
             let dir = tempfile::tempdir().expect("temp dir");
-            let (srv, c) = if backend == "memory" { serve_memory().await } else { serve(&dir).await };
+            let (srv, c) = if backend == "memory" {
+                serve_memory().await
+            } else {
+                serve(&dir).await
+            };
             println!("== {backend}, mixed priorities, depth {base}");
             rates.push(measure_at_depth(&c, base).await);
             srv.stop().await;
@@ -430,7 +438,11 @@ async fn dedup_cost() {
         for mode in [0, DEDUP_KEYS, 0, DEDUP_KEYS] {
             MODE.store(mode, std::sync::atomic::Ordering::Relaxed);
             let dir = tempfile::tempdir().expect("temp dir");
-            let (srv, c) = if backend == "memory" { serve_memory().await } else { serve(&dir).await };
+            let (srv, c) = if backend == "memory" {
+                serve_memory().await
+            } else {
+                serve(&dir).await
+            };
             create(&c, QUEUE, 1).await;
             // Warm up, then measure produce alone (the keys cost at produce).
             produce(&c, 0, 20_000, BATCH).await;

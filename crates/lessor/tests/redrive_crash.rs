@@ -40,8 +40,8 @@ async fn task(c: &Client, id: &str) -> pb::RedriveTask {
         task_id: id.into(),
         ..Default::default()
     })
-        .await
-        .expect("redrive.get")
+    .await
+    .expect("redrive.get")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -110,7 +110,10 @@ async fn redrive_killed_mid_move_loses_and_doubles_nothing() {
     }
     let t0 = Instant::now();
     while depth(&c, "dlq").await < ITEMS as i64 {
-        assert!(t0.elapsed() < Duration::from_secs(30), "dead items reach the dead-letter queue");
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "dead items reach the dead-letter queue"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let started = c
@@ -133,14 +136,20 @@ async fn redrive_killed_mid_move_loses_and_doubles_nothing() {
             if t.moved > moved || round == 1 {
                 break;
             }
-            assert!(t0.elapsed() < Duration::from_secs(60), "the task is taken over: {t:?}");
+            assert!(
+                t0.elapsed() < Duration::from_secs(60),
+                "the task is taken over: {t:?}"
+            );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         tokio::time::sleep(Duration::from_millis(extra_ms)).await;
         srv.kill();
         srv = cmd.start().await;
         let t = task(srv.client(), &id).await;
-        println!("round {round}: killed and restarted; task {} moved {} remaining {}", t.status, t.moved, t.remaining);
+        println!(
+            "round {round}: killed and restarted; task {} moved {} remaining {}",
+            t.status, t.moved, t.remaining
+        );
         assert_eq!(t.status, "running", "the task survives the kill");
         assert!(t.moved < ITEMS as i64, "killed mid-move");
         moved = t.moved;
@@ -162,7 +171,11 @@ async fn redrive_killed_mid_move_loses_and_doubles_nothing() {
     };
     assert_eq!(done.status, "completed", "{done:?}");
     assert_eq!(depth(&c, "dlq").await, 0, "the dead-letter queue is empty");
-    assert_eq!(depth(&c, "jobs").await, ITEMS as i64, "every item is back exactly once");
+    assert_eq!(
+        depth(&c, "jobs").await,
+        ITEMS as i64,
+        "every item is back exactly once"
+    );
     // Read every item back: distinct payloads, each one once, attempts reset.
     let mut seen = HashSet::new();
     while seen.len() < ITEMS {

@@ -1089,10 +1089,7 @@ fn validate_options(info: &QueueInfo) -> Result<(), QueueError> {
     validate::partition_count(info.requested_partitions)?;
     validate::backoff(&info.retry_backoff)?;
     if info.dedup_window > validate::MAX_DEDUP_WINDOW {
-        return Err(validate::invalid(
-            "dedup_window",
-            "cannot be greater than '168h'",
-        ));
+        return Err(validate::invalid("dedup_window", "cannot be greater than '168h'"));
     }
     if !info.max_lease_timeout.is_zero()
         && !info.expire_timeout.is_zero()

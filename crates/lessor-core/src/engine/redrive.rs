@@ -225,7 +225,14 @@ impl Engine {
                     "cannot be the dead-letter queue itself",
                 ));
             }
-            if self.inner.config.queues.get(&request.target_queue).await?.is_none() {
+            if self
+                .inner
+                .config
+                .queues
+                .get(&request.target_queue)
+                .await?
+                .is_none()
+            {
                 return Err(validate::invalid(
                     "target_queue",
                     format!("queue '{}' does not exist", request.target_queue),
@@ -386,7 +393,11 @@ impl Engine {
         let moved_at_start = t.moved;
         let mut pivots: HashMap<u32, Option<ItemId>> = HashMap::new();
         loop {
-            if self.inner.shutting_down.load(std::sync::atomic::Ordering::Acquire) {
+            if self
+                .inner
+                .shutting_down
+                .load(std::sync::atomic::Ordering::Acquire)
+            {
                 return Ok(());
             }
             // Cancelled (here or on another server), or taken over by another server: stop.
@@ -396,16 +407,22 @@ impl Engine {
                 Ok(None) => return Ok(()),
                 Err(e) => {
                     tracing::warn!(task = %t.id, error = %e, "redrive cannot read its task; will retry");
-                    self.clock().sleep_until(self.clock().now().add(RETRY_AFTER)).await;
+                    self.clock()
+                        .sleep_until(self.clock().now().add(RETRY_AFTER))
+                        .await;
                     continue;
                 }
             }
             let info = match self.queue_info(&t.dead_queue).await {
                 Ok(i) => i,
-                Err(QueueError::QueueNotFound(_)) => return self.finish(&mut t, "failed", "dead_queue was deleted").await,
+                Err(QueueError::QueueNotFound(_)) => {
+                    return self.finish(&mut t, "failed", "dead_queue was deleted").await
+                }
                 Err(e) => {
                     tracing::warn!(task = %t.id, error = %e, "redrive will retry");
-                    self.clock().sleep_until(self.clock().now().add(RETRY_AFTER)).await;
+                    self.clock()
+                        .sleep_until(self.clock().now().add(RETRY_AFTER))
+                        .await;
                     continue;
                 }
             };
@@ -508,7 +525,9 @@ impl Engine {
                 return self.finish(&mut t, "completed", "").await;
             }
             if !progressed {
-                self.clock().sleep_until(self.clock().now().add(RETRY_AFTER)).await;
+                self.clock()
+                    .sleep_until(self.clock().now().add(RETRY_AFTER))
+                    .await;
                 continue;
             }
             if t.rate_per_sec > 0 {
