@@ -217,7 +217,11 @@ impl PartitionState {
         (
             requests
                 .iter()
-                .map(|r| Err(ItemError::NotFound(r.0.first().map(|i| i.to_string()).unwrap_or_default())))
+                .map(|r| {
+                    Err(ItemError::NotFound(
+                        r.0.first().map(|i| i.to_string()).unwrap_or_default(),
+                    ))
+                })
                 .collect(),
             Changes::default(),
         )
