@@ -183,7 +183,7 @@ pub fn table_name(queue: &str, partition: u32) -> String {
 
 /// The layout of item tables this build creates: 2 added `priority` and the `_ready_p` index (replacing `_ready`).
 /// Tables registered with an older layout are upgraded by [`ensure_partition`] (see [`upgrade_ddl`]).
-pub(crate) const PARTITION_LAYOUT: i32 = 2;
+pub const PARTITION_LAYOUT: i32 = 2;
 
 /// DDL of one item table, its id sequence and its indexes; idempotent.
 ///
