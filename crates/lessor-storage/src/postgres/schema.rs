@@ -414,11 +414,11 @@ pub(crate) async fn drop_queue_dedup(shared: &Shared, queue: &str) -> Result<(),
     let stmt = prepare(
         &conn,
         "WITH d AS MATERIALIZED (
-            SELECT dedup_id FROM lessor_dedup WHERE queue = $1 ORDER BY dedup_id LIMIT $2 FOR UPDATE SKIP LOCKED),
+            SELECT dedup_id FROM lessor_dedup
+            WHERE queue = $1 AND NOT EXISTS (SELECT 1 FROM lessor_partitions WHERE queue = $1)
+            ORDER BY dedup_id LIMIT $2 FOR UPDATE SKIP LOCKED),
          gone AS (
-            DELETE FROM lessor_dedup x
-            WHERE x.queue = $1 AND x.dedup_id = ANY(ARRAY(SELECT dedup_id FROM d))
-              AND NOT EXISTS (SELECT 1 FROM lessor_partitions WHERE queue = $1)
+            DELETE FROM lessor_dedup x WHERE x.queue = $1 AND x.dedup_id = ANY(ARRAY(SELECT dedup_id FROM d))
             RETURNING 1)
          SELECT count(*) FROM gone",
     )
