@@ -81,7 +81,12 @@ async fn dedup_and_extension_across_two_servers() {
     let clock = ManualClock::starting_now();
     let a = engine(&db, &clock).await;
     let b = engine(&db, &clock).await;
-    a.create_queue(queue("jobs", "", 4)).await.expect("create");
+    a.create_queue(QueueInfo {
+        max_attempts: 0,
+        ..queue("jobs", "", 4)
+    })
+    .await
+    .expect("create");
 
     // The same 50 keys through both servers, concurrently and in several requests: each key stored once.
     let send = |e: Engine, tag: &'static str| async move {
