@@ -9,7 +9,9 @@
 //! * [`Client`] — [`Client::call`] for any route, one typed method per route, plus [`Client::health`],
 //!   [`Client::metrics`] and [`Client::raw`] for hand-made requests. The access-control calls
 //!   (`namespaces_*`, `users_*`, `apikeys_*`, `roles_*`, `rolebindings_*`) live in their own module;
-//!   [`Client::with_api_key`] sends a key with every request.
+//!   [`Client::with_api_key`] sends a key with every request. Lessor's extension routes (`queue_extend`,
+//!   `queue_pause`, `queue_resume`, `queue_browse`, `queue_redrive`, `redrive_*`) live in theirs too; a Querator
+//!   server answers them 501.
 //! * [`ClientError`] (module [`error`]) — what a call fails with.
 //! * [`routes`] — the route table (re-exported from [`lessor_proto::routes`]): [`Client::call`] takes a route
 //!   type, the typed methods fill it in.
@@ -45,6 +47,7 @@
 #![deny(missing_docs)]
 
 mod admin;
+mod extensions;
 pub mod error;
 pub mod routes;
 pub mod tls;

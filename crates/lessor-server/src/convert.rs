@@ -8,9 +8,11 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use lessor_core::engine::{ProduceItem, QueueStats, QueueUpdate};
+use lessor_core::engine::{
+    BrowsePage, BrowseRequest, BrowseState, ProduceItem, QueueStats, QueueUpdate, RedriveRequest, RedriveTask,
+};
 use lessor_core::time::Ts;
-use lessor_core::types::{Item, ItemId, QueueInfo, RetryItem};
+use lessor_core::types::{Backoff, Item, ItemId, QueueInfo, RetryItem};
 use lessor_core::validate;
 use lessor_proto::duration::{format_go_duration, parse_go_duration};
 use lessor_proto::{self as pb, Timestamp};
@@ -80,21 +82,28 @@ pub fn batch_size(n: i32) -> usize {
     usize::try_from(n).unwrap_or(0)
 }
 
-/// Produce items.
-pub fn produce_items(items: Vec<pb::QueueProduceItem>) -> Vec<ProduceItem> {
+/// Produce items. The Lessor extension fields are checked here, where the wire's signed priority still exists: a
+/// negative one cannot reach the engine's `u8`. Errors name the item (`items[3].priority`).
+pub fn produce_items(items: Vec<pb::QueueProduceItem>) -> Result<Vec<ProduceItem>, ApiError> {
     items
         .into_iter()
-        .map(|i| ProduceItem {
-            enqueue_at: ts_from(&i.enqueue_at),
-            reference: i.reference,
-            encoding: i.encoding,
-            kind: i.kind,
-            payload: if i.bytes.is_empty() {
-                Bytes::from(i.utf8.into_bytes())
-            } else {
-                Bytes::from(i.bytes)
-            },
-            ..Default::default() // TODO(issue 10): priority and dedup_id from the wire
+        .enumerate()
+        .map(|(n, i)| {
+            let priority = validate::priority(&format!("items[{n}].priority"), i64::from(i.priority))?;
+            validate::dedup_id(&format!("items[{n}].dedup_id"), &i.dedup_id)?;
+            Ok(ProduceItem {
+                enqueue_at: ts_from(&i.enqueue_at),
+                reference: i.reference,
+                encoding: i.encoding,
+                kind: i.kind,
+                payload: if i.bytes.is_empty() {
+                    Bytes::from(i.utf8.into_bytes())
+                } else {
+                    Bytes::from(i.bytes)
+                },
+                priority,
+                dedup_id: i.dedup_id,
+            })
         })
         .collect()
 }
@@ -109,7 +118,7 @@ pub fn lease_item(i: Item) -> pb::QueueLeaseItem {
         attempts: i32::try_from(i.attempts).unwrap_or(i32::MAX),
         lease_deadline: ts_to(i.lease_deadline),
         bytes: i.payload.to_vec(),
-        ..Default::default() // TODO(issue 10): extension fields
+        priority: i32::from(i.priority),
     }
 }
 
@@ -145,12 +154,22 @@ pub fn storage_item(i: Item) -> pb::StorageItem {
         encoding: i.encoding,
         kind: i.kind,
         payload: i.payload.to_vec(),
-        ..Default::default() // TODO(issue 10): extension fields
+        priority: i32::from(i.priority),
     }
 }
 
-/// An imported item.
-pub fn import_item(i: pb::StorageItem) -> Result<Item, ApiError> {
+/// Imported items (`items[n].priority` names a bad priority).
+pub fn import_items(items: Vec<pb::StorageItem>) -> Result<Vec<Item>, ApiError> {
+    items
+        .into_iter()
+        .enumerate()
+        .map(|(n, i)| import_item(n, i))
+        .collect()
+}
+
+/// The `n`-th imported item.
+fn import_item(n: usize, i: pb::StorageItem) -> Result<Item, ApiError> {
+    let priority = validate::priority(&format!("items[{n}].priority"), i64::from(i.priority))?;
     Ok(Item {
         id: ItemId(0),
         source_id: i.source_id,
@@ -166,11 +185,13 @@ pub fn import_item(i: pb::StorageItem) -> Result<Item, ApiError> {
         kind: i.kind,
         payload: Bytes::from(i.payload),
         dead: false,
-        priority: 0, // TODO(issue 10)
+        priority,
     })
 }
 
-/// A queue definition from `queues.create`.
+/// A queue definition from `queues.create`. Lessor's extension fields keep their zero value when absent: the
+/// definition stores "not set" (an empty `dedup_window` is the 5-minute default), so `queues.info` answers with
+/// what was sent and a Querator client never sees a field it did not ask for.
 pub fn queue_info_in(q: pb::QueueInfo) -> Result<QueueInfo, ApiError> {
     let max_attempts = validate::not_negative("max_attempts", q.max_attempts)?;
     let requested_partitions = validate::not_negative("requested_partitions", q.requested_partitions)?;
@@ -183,6 +204,14 @@ pub fn queue_info_in(q: pb::QueueInfo) -> Result<QueueInfo, ApiError> {
         expire_timeout: duration("expire_timeout", &q.expire_timeout)?.unwrap_or_default(),
         max_attempts,
         requested_partitions,
+        dedup_window: duration("dedup_window", &q.dedup_window)?.unwrap_or_default(),
+        retry_backoff: q
+            .retry_backoff
+            .map(|b| backoff_in(&b))
+            .transpose()?
+            .unwrap_or(Backoff::OFF),
+        paused: q.paused,
+        max_lease_timeout: duration("max_lease_timeout", &q.max_lease_timeout)?.unwrap_or_default(),
         ..Default::default()
     })
 }
@@ -190,6 +219,11 @@ pub fn queue_info_in(q: pb::QueueInfo) -> Result<QueueInfo, ApiError> {
 /// A `queues.update`: only the fields the request sets change. A field at its zero value (empty string, 0) is "not
 /// set", because proto3 cannot tell the two apart; Querator instead overwrote max_attempts, reference and dead_queue
 /// with whatever was sent, so omitting them reset them.
+///
+/// Lessor's extensions: `dedup_window` and `max_lease_timeout` change when the string is not empty (`"0s"` sets
+/// zero: the default window, or the expire timeout as the longest lease); `retry_backoff` changes when the
+/// message is present, and an empty one (`{}`) turns backoff off; `paused` is ignored (`queue.pause` and
+/// `queue.resume` change it), so writing back what `queues.info` returned changes nothing.
 pub fn queue_update(q: pb::QueueInfo) -> Result<QueueUpdate, ApiError> {
     let max_attempts = validate::not_negative("max_attempts", q.max_attempts)?;
     let requested_partitions = validate::not_negative("requested_partitions", q.requested_partitions)?;
@@ -202,12 +236,42 @@ pub fn queue_update(q: pb::QueueInfo) -> Result<QueueUpdate, ApiError> {
         dead_queue: opt(q.dead_queue),
         reference: opt(q.reference),
         requested_partitions: (requested_partitions != 0).then_some(requested_partitions),
-        ..Default::default() // TODO(issue 10): dedup window, backoff, max lease from the wire
+        dedup_window: duration("dedup_window", &q.dedup_window)?,
+        retry_backoff: q.retry_backoff.map(|b| backoff_in(&b)).transpose()?,
+        max_lease_timeout: duration("max_lease_timeout", &q.max_lease_timeout)?,
     })
 }
 
-/// A queue definition for `queues.info` and `queues.list`.
+/// A retry backoff policy from the wire; the engine checks the ranges (`retry_backoff.factor is invalid; ...`).
+fn backoff_in(b: &pb::RetryBackoff) -> Result<Backoff, ApiError> {
+    Ok(Backoff {
+        base: duration("retry_backoff.base", &b.base)?.unwrap_or_default(),
+        max: duration("retry_backoff.max", &b.max)?.unwrap_or_default(),
+        factor: b.factor,
+        jitter: b.jitter,
+    })
+}
+
+/// A duration the definition may leave unset: zero goes out as the empty string (omitted from JSON), unlike
+/// Querator's own timeouts, which are always set.
+fn optional_duration(d: Duration) -> String {
+    if d.is_zero() {
+        String::new()
+    } else {
+        format_go_duration(d)
+    }
+}
+
+/// A queue definition for `queues.info` and `queues.list`, with the stored values: an extension left unset stays
+/// absent on the wire (never the default it stands for), so a Querator client reads only Querator's fields.
 pub fn queue_info_out(q: QueueInfo) -> pb::QueueInfo {
+    let b = q.retry_backoff;
+    let retry_backoff = (b != Backoff::OFF).then(|| pb::RetryBackoff {
+        base: optional_duration(b.base),
+        max: optional_duration(b.max),
+        factor: b.factor,
+        jitter: b.jitter,
+    });
     pb::QueueInfo {
         queue_name: q.name,
         created_at: ts_to(q.created_at),
@@ -226,7 +290,128 @@ pub fn queue_info_out(q: QueueInfo) -> pb::QueueInfo {
             })
             .collect(),
         namespace: q.namespace,
-        ..Default::default() // TODO(issue 10): extension fields
+        dedup_window: optional_duration(q.dedup_window),
+        retry_backoff,
+        paused: q.paused,
+        max_lease_timeout: optional_duration(q.max_lease_timeout),
+    }
+}
+
+/// How many items a browse returns when the request leaves `limit` at 0: a screenful, not a dump.
+const DEFAULT_BROWSE_LIMIT: usize = 100;
+
+/// A browse request: the state word, the optional priority filter, the pivot and the limit.
+pub fn browse_request(r: &pb::QueueBrowseRequest, partition: u32) -> Result<BrowseRequest, ApiError> {
+    let state = match r.state.as_str() {
+        "" => BrowseState::Queued,
+        "ready" => BrowseState::Ready,
+        "leased" => BrowseState::Leased,
+        "scheduled" => BrowseState::Scheduled,
+        other => {
+            return Err(validate::invalid(
+                "state",
+                format!("must be one of 'ready', 'leased', 'scheduled' or empty, got '{other}'"),
+            )
+            .into())
+        }
+    };
+    let priority = r
+        .priority
+        .map(|p| validate::priority("priority", i64::from(p)))
+        .transpose()?;
+    let limit = match r.limit {
+        0 => DEFAULT_BROWSE_LIMIT,
+        n => usize::try_from(n)
+            .ok()
+            .filter(|&n| n <= validate::MAX_BROWSE)
+            .ok_or_else(|| {
+                validate::invalid(
+                    "limit",
+                    format!("must be between 1 and {} (0 means {DEFAULT_BROWSE_LIMIT}), got '{n}'", validate::MAX_BROWSE),
+                )
+            })?,
+    };
+    Ok(BrowseRequest {
+        partition,
+        state,
+        priority,
+        pivot: pivot(&r.pivot)?,
+        limit,
+    })
+}
+
+/// A browse page; `scheduled` says whether the page lists the schedule (storage keeps scheduled items apart, so
+/// the request, not a field of the item, says which they are).
+pub fn browse_out(page: BrowsePage, scheduled: bool) -> pb::QueueBrowseResponse {
+    pb::QueueBrowseResponse {
+        items: page
+            .items
+            .into_iter()
+            .map(|b| {
+                let i = b.item;
+                let state = if scheduled {
+                    "scheduled"
+                } else if i.is_leased {
+                    "leased"
+                } else {
+                    "ready"
+                };
+                pb::BrowseItem {
+                    id: i.id.to_string(),
+                    state: state.to_string(),
+                    holder: b.holder,
+                    lease_deadline: if i.is_leased { ts_to(i.lease_deadline) } else { None },
+                    priority: i32::from(i.priority),
+                    attempts: i32::try_from(i.attempts).unwrap_or(i32::MAX),
+                    enqueue_at: ts_to(i.enqueue_at),
+                    expire_deadline: ts_to(i.expire_deadline),
+                    created_at: ts_to(i.created_at),
+                    reference: i.reference,
+                    encoding: i.encoding,
+                    kind: i.kind,
+                    payload: i.payload.to_vec(),
+                    source_id: i.source_id,
+                }
+            })
+            .collect(),
+        next_pivot: page.next_pivot.map(|p| p.to_string()).unwrap_or_default(),
+    }
+}
+
+/// A redrive request; negative limits break the rule they would break at zero's other side.
+pub fn redrive_request(r: pb::QueueRedriveRequest) -> Result<RedriveRequest, ApiError> {
+    let rate_per_sec = u32::try_from(r.rate_per_sec)
+        .map_err(|_| validate::invalid("rate_per_sec", "cannot be negative (0 means no limit)"))?;
+    let max_items = u64::try_from(r.max_items)
+        .map_err(|_| validate::invalid("max_items", "cannot be negative (0 means no limit)"))?;
+    Ok(RedriveRequest {
+        dead_queue: r.dead_queue,
+        target_queue: r.target_queue,
+        source_queue: r.source_queue,
+        kind: r.kind,
+        rate_per_sec,
+        max_items,
+    })
+}
+
+/// A redrive task.
+pub fn redrive_out(t: RedriveTask) -> pb::RedriveTask {
+    let n = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+    pb::RedriveTask {
+        task_id: t.id,
+        dead_queue: t.request.dead_queue,
+        target_queue: t.request.target_queue,
+        source_queue: t.request.source_queue,
+        kind: t.request.kind,
+        rate_per_sec: i32::try_from(t.request.rate_per_sec).unwrap_or(i32::MAX),
+        max_items: n(t.request.max_items),
+        status: t.status.as_str().to_string(),
+        moved: n(t.moved),
+        skipped: n(t.skipped),
+        remaining: n(t.remaining),
+        error: t.error,
+        created_at: ts_to(t.created_at),
+        updated_at: ts_to(t.updated_at),
     }
 }
 

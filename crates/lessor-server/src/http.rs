@@ -30,8 +30,8 @@ use axum::Router;
 use bytes::{Bytes, BytesMut};
 use http_body_util::BodyExt;
 use lessor_core::auth::memory::MemoryAuthStore;
-use lessor_core::auth::{Auth, AuthError, AuthMode, Principal};
-use lessor_core::engine::Engine;
+use lessor_core::auth::{Auth, AuthError, AuthMode, Permission, Principal};
+use lessor_core::engine::{Engine, RedriveTask};
 use lessor_core::types::{ClearRequest, DEFAULT_NAMESPACE};
 use lessor_proto::routes::{self, Rpc, Target};
 use lessor_proto::{self as pb, Encoding, Reply};
@@ -98,7 +98,7 @@ pub struct Ctx {
 }
 
 /// The handler of every RPC, one per entry of [`routes::ROUTES`] (checked by a test).
-const HANDLERS: [fn(Api) -> Api; 33] = [
+const HANDLERS: [fn(Api) -> Api; 41] = [
     produce,
     lease,
     complete,
@@ -106,6 +106,14 @@ const HANDLERS: [fn(Api) -> Api; 33] = [
     stats,
     clear,
     reload,
+    extend,
+    pause,
+    resume,
+    browse,
+    redrive_start,
+    redrive_list,
+    redrive_get,
+    redrive_cancel,
     queues_create,
     queues_list,
     queues_update,
@@ -480,7 +488,7 @@ fn produce(api: Api) -> Api {
         lessor_proto::routes::QueueProduce,
         |Ctx { engine: e, .. }, r: pb::QueueProduceRequest| async move {
             let timeout = convert::duration("request timeout", &r.request_timeout)?;
-            e.produce(&r.queue_name, convert::produce_items(r.items), timeout)
+            e.produce(&r.queue_name, convert::produce_items(r.items)?, timeout)
                 .await?;
             Ok(ok())
         },
@@ -584,6 +592,134 @@ fn reload(api: Api) -> Api {
         |Ctx { engine: e, .. }, r: pb::QueueReloadRequest| async move {
             e.reload(&r.queue_name).await?;
             Ok(ok())
+        },
+    )
+}
+
+// ---- Lessor extensions ---------------------------------------------------------------------------------------
+
+fn extend(api: Api) -> Api {
+    api.rpc(
+        lessor_proto::routes::QueueExtend,
+        |Ctx { engine: e, .. }, r: pb::QueueExtendRequest| async move {
+            let timeout = convert::duration("request timeout", &r.request_timeout)?;
+            let lease = convert::duration("lease_timeout", &r.lease_timeout)?;
+            let ids = after_target(&e, &r.queue_name, r.partition, convert::item_ids(&r.ids)).await?;
+            let partition =
+                after_target(&e, &r.queue_name, r.partition, convert::partition(r.partition)).await?;
+            e.extend(&r.queue_name, partition, ids, lease, timeout).await?;
+            Ok(ok())
+        },
+    )
+}
+
+fn pause(api: Api) -> Api {
+    api.rpc(
+        lessor_proto::routes::QueuePause,
+        |Ctx { engine: e, .. }, r: pb::QueuePauseRequest| async move {
+            e.set_paused(&r.queue_name, true).await?;
+            Ok(ok())
+        },
+    )
+}
+
+fn resume(api: Api) -> Api {
+    api.rpc(
+        lessor_proto::routes::QueueResume,
+        |Ctx { engine: e, .. }, r: pb::QueueResumeRequest| async move {
+            e.set_paused(&r.queue_name, false).await?;
+            Ok(ok())
+        },
+    )
+}
+
+fn browse(api: Api) -> Api {
+    api.rpc(
+        lessor_proto::routes::QueueBrowse,
+        |Ctx { engine: e, .. }, r: pb::QueueBrowseRequest| async move {
+            let partition =
+                after_target(&e, &r.queue_name, r.partition, convert::partition(r.partition)).await?;
+            let req = after_target(
+                &e,
+                &r.queue_name,
+                r.partition,
+                convert::browse_request(&r, partition),
+            )
+            .await?;
+            let scheduled = req.state == lessor_core::engine::BrowseState::Scheduled;
+            let page = e.browse(&r.queue_name, req).await?;
+            Ok(convert::browse_out(page, scheduled))
+        },
+    )
+}
+
+fn redrive_start(api: Api) -> Api {
+    api.rpc(
+        lessor_proto::routes::QueueRedrive,
+        |Ctx {
+             engine: e,
+             auth,
+             principal,
+         },
+         r: pb::QueueRedriveRequest| async move {
+            // The route checks `queue.update` on the dead-letter queue. Moving items into a named queue is also a
+            // produce there, which may be another namespace's queue: the caller must be allowed that too. (Items
+            // going back to their own source queues return where that queue's owner chose to dead-letter them.)
+            if auth.enabled() && !r.target_queue.is_empty() {
+                let ns: Arc<str> = e
+                    .queue_namespace(&r.target_queue)
+                    .await?
+                    .unwrap_or_else(|| DEFAULT_NAMESPACE.into());
+                auth.authorize(&principal, &ns, Permission::QueueProduce)
+                    .await?;
+            }
+            let task = e.redrive_start(convert::redrive_request(r)?).await?;
+            Ok(convert::redrive_out(task))
+        },
+    )
+}
+
+fn redrive_list(api: Api) -> Api {
+    api.rpc(
+        lessor_proto::routes::RedriveList,
+        |Ctx { engine: e, .. }, r: pb::RedriveListRequest| async move {
+            let tasks = e.redrive_list(&r.dead_queue).await?;
+            Ok(pb::RedriveListResponse {
+                items: tasks.into_iter().map(convert::redrive_out).collect(),
+            })
+        },
+    )
+}
+
+/// The task `r` names, when it belongs to the dead-letter queue `r` names (if any): the permission was checked in
+/// that queue's namespace, so a task of another queue must look exactly like one that does not exist.
+async fn named_task(e: &Engine, r: &pb::RedriveTaskRequest) -> Result<RedriveTask, ApiError> {
+    let task = e.redrive_get(&r.task_id).await?;
+    if !r.dead_queue.is_empty() && task.request.dead_queue != r.dead_queue {
+        return Err(lessor_core::validate::invalid(
+            "task_id",
+            format!("no redrive task '{}'", r.task_id),
+        )
+        .into());
+    }
+    Ok(task)
+}
+
+fn redrive_get(api: Api) -> Api {
+    api.rpc(
+        lessor_proto::routes::RedriveGet,
+        |Ctx { engine: e, .. }, r: pb::RedriveTaskRequest| async move {
+            Ok(convert::redrive_out(named_task(&e, &r).await?))
+        },
+    )
+}
+
+fn redrive_cancel(api: Api) -> Api {
+    api.rpc(
+        lessor_proto::routes::RedriveCancel,
+        |Ctx { engine: e, .. }, r: pb::RedriveTaskRequest| async move {
+            named_task(&e, &r).await?;
+            Ok(convert::redrive_out(e.redrive_cancel(&r.task_id).await?))
         },
     )
 }
@@ -699,11 +835,7 @@ fn storage_import(api: Api) -> Api {
     api.rpc(
         lessor_proto::routes::StorageItemsImport,
         |Ctx { engine: e, .. }, r: pb::StorageItemsImportRequest| async move {
-            let items = r
-                .items
-                .into_iter()
-                .map(convert::import_item)
-                .collect::<Result<Vec<_>, _>>()?;
+            let items = convert::import_items(r.items)?;
             let partition =
                 after_target(&e, &r.queue_name, r.partition, convert::partition(r.partition)).await?;
             let out = e.storage_import(&r.queue_name, partition, items).await?;
