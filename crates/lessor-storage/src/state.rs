@@ -17,8 +17,9 @@
 //!   and a FIFO holding more than twice its ready count is compacted, so stale ids cost O(1) each, amortized.
 //!   A lease serves the FIFOs from the highest priority down, then the cursor: no cost grows with depth.
 //! - Deadline indexes (lease expiry, item expiry) map a deadline to the ids sharing it. A batch shares one deadline,
-//!   so an entry costs one id. Entries of items that left are dropped lazily, but the first entry of each index is
-//!   kept valid after every operation, so the next deadline is always exact.
+//!   so an entry costs one id. Entries of items that left (or whose lease was extended: the new deadline gets an
+//!   entry of its own) are dropped lazily, but the first deadline of each index keeps a current id last in its list
+//!   after every operation, so the next deadline is always exact.
 //! - Scheduled and dead items are rarer and keep whole [`Item`]s in ordered maps.
 //! - Dedup records ([`dedup`]) live beside the items and outlive them on purpose: a consumed item's key must still
 //!   be refused within the window.
@@ -1025,13 +1026,19 @@ fn expire_valid(chunks: &BTreeMap<u64, Chunk>, e: Ts, id: u64) -> bool {
     slot_in(chunks, id).is_some_and(|s| s.expire_deadline == e.0)
 }
 
-/// Removes stale entries from the front of `index` until its first deadline has a current entry.
+/// Removes stale entries from the front of `index` until its first deadline has a current entry. Within that
+/// deadline only the stale ids at the end go (as `pop_due` takes them): checking the whole list on every call would
+/// cost a batch's worth of lookups per call while a long-lived item (a low priority, a long lease) keeps an old
+/// deadline first.
 fn clean_front(index: &mut DeadlineIndex, valid: impl Fn(Ts, u64) -> bool) {
     while let Some(mut e) = index.first_entry() {
         let d = *e.key();
-        e.get_mut().retain(|&id| valid(d, id));
-        if !e.get().is_empty() {
-            return;
+        let ids = e.get_mut();
+        while let Some(&id) = ids.last() {
+            if valid(d, id) {
+                return;
+            }
+            ids.pop();
         }
         e.remove();
     }
