@@ -2,7 +2,8 @@
 //!
 //! # Why it looks like this
 //! With a key on every item, this set is on the produce path of every item, so it must cost little time and memory
-//! per record (measured with `examples/memory_overhead.rs`; figures in docs/benchmarks.md):
+//! per record (measured with `examples/memory_overhead.rs`: about 100 to 135 resident bytes per record with 16- to
+//! 36-byte keys, against about 200 for a map plus an ordered index of shared strings):
 //! - Records live in a FIFO in the order they were added, each with its key in one boxed string. Their `until` is
 //!   `created_at + window`, so the FIFO is in expiry order and expired records are dropped from its front, O(1)
 //!   each. When the order is broken (the window was shortened, the clock stepped back), an expired record behind a
