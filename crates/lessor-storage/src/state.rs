@@ -21,7 +21,7 @@
 //!   entry of its own) are dropped lazily, but the first deadline of each index keeps a current id last in its list
 //!   after every operation, so the next deadline is always exact.
 //! - Scheduled and dead items are rarer and keep whole [`Item`]s in ordered maps.
-//! - Dedup records ([`dedup`]) live beside the items and outlive them on purpose: a consumed item's key must still
+//! - Dedup records (the `dedup` submodule) live beside the items and outlive them on purpose: a consumed item's key must still
 //!   be refused within the window.
 //!
 //! Every operation costs O(log n) per item touched; none scans the partition.
