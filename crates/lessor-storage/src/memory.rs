@@ -112,7 +112,8 @@ impl PartitionStore for MemoryStore {
             // Ids start at the current time in microseconds, so a deleted and re-created queue never reuses an id.
             let floor = ItemId::floor_now().0;
             Arc::new(MemoryPartition {
-                state: Mutex::new(PartitionState::new(floor)),
+                // Nothing to persist: building change sets would only copy every item written.
+                state: Mutex::new(PartitionState::new(floor).without_changes()),
             })
         });
         Ok(p.clone())

@@ -17,17 +17,16 @@
 //!   and a FIFO holding more than twice its ready count is compacted, so stale ids cost O(1) each, amortized.
 //!   A lease serves the FIFOs from the highest priority down, then the cursor: no cost grows with depth.
 //! - Deadline indexes (lease expiry, item expiry) map a deadline to the ids sharing it. A batch shares one deadline,
-//!   so an entry costs one id. Entries of items that left are dropped lazily, but the first entry of each index is
-//!   kept valid after every operation, so the next deadline is always exact.
+//!   so an entry costs one id. Entries of items that left (or whose lease was extended: the new deadline gets an
+//!   entry of its own) are dropped lazily, but the first deadline of each index keeps a current id last in its list
+//!   after every operation, so the next deadline is always exact.
 //! - Scheduled and dead items are rarer and keep whole [`Item`]s in ordered maps.
-//! - Dedup records map a key to (id, until), with an index ordered by `until` so expired records are dropped from
-//!   its front; the key string is shared by both (one `Arc<str>`). Records outlive their items on purpose: a
-//!   consumed item's key must still be refused within the window.
+//! - Dedup records (the `dedup` submodule) live beside the items and outlive them on purpose: a consumed item's key must still
+//!   be refused within the window.
 //!
 //! Every operation costs O(log n) per item touched; none scans the partition.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
-use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -37,6 +36,10 @@ use lessor_core::time::Ts;
 use lessor_core::types::{
     ClearRequest, DedupRecord, Item, ItemId, NewItem, PartitionCounts, PartitionStats, MAX_PRIORITY,
 };
+
+mod dedup;
+
+use dedup::DedupSet;
 
 /// What an operation changed, for a persistent backend to write in one atomic batch.
 #[derive(Debug, Default, Clone)]
@@ -231,10 +234,8 @@ pub struct PartitionState {
     /// Sum of lease deadlines over leased items.
     sum_lease: i128,
     payload_bytes: u64,
-    /// Dedup key -> (id, until) of its record.
-    dedup: HashMap<Arc<str>, (u64, Ts)>,
-    /// (until, id) -> key of every dedup record: expired ones are at the front.
-    dedup_idx: BTreeMap<(Ts, u64), Arc<str>>,
+    /// Dedup records.
+    dedup: DedupSet,
 }
 
 impl Default for PartitionState {
@@ -265,8 +266,7 @@ impl PartitionState {
             sum_created: 0,
             sum_lease: 0,
             payload_bytes: 0,
-            dedup: HashMap::new(),
-            dedup_idx: BTreeMap::new(),
+            dedup: DedupSet::default(),
         }
     }
 
@@ -301,15 +301,7 @@ impl PartitionState {
     /// Adds stored dedup records to a state built by [`PartitionState::load`] (expired ones too: later calls drop
     /// them, and their deletion reaches the disk). Of two records of one key, the later `until` holds the key.
     pub fn with_dedup(mut self, records: impl IntoIterator<Item = DedupRecord>) -> Self {
-        for r in records {
-            let key: Arc<str> = Arc::from(r.dedup_id);
-            let newer = self.dedup.get(&key).is_none_or(|&(_, until)| r.until >= until);
-            if newer {
-                self.dedup.insert(key.clone(), (r.id.0, r.until));
-            }
-            // Both stay in the index, so the older one is pruned (and deleted from disk) in time.
-            self.dedup_idx.insert((r.until, r.id.0), key);
-        }
+        self.dedup.restore(records);
         self
     }
 
@@ -494,18 +486,32 @@ impl PartitionState {
                     continue;
                 }
             }
-            if !n.dedup_id.is_empty() {
-                if let Some(&(existing, until)) = self.dedup.get(n.dedup_id.as_str()) {
-                    if until > n.created_at {
-                        ids.push(ItemId(existing));
+            let probe = if n.dedup_id.is_empty() {
+                None
+            } else {
+                match self.dedup.find(&n.dedup_id, n.created_at) {
+                    (Some(existing), _) => {
+                        ids.push(existing);
                         continue;
                     }
+                    (None, probe) => Some(probe),
                 }
-            }
+            };
             let id = self.alloc();
-            if !n.dedup_id.is_empty() && n.dedup_until > n.created_at {
-                self.record_dedup(&n.dedup_id, id, n.dedup_until, &mut ch);
-                recorded += 1;
+            if let Some(probe) = probe.filter(|_| n.dedup_until > n.created_at) {
+                if self
+                    .dedup
+                    .insert(probe, &n.dedup_id, id, n.dedup_until, n.created_at)
+                {
+                    recorded += 1;
+                    if self.track {
+                        ch.dedup_put.push(DedupRecord {
+                            dedup_id: n.dedup_id.clone(),
+                            id,
+                            until: n.dedup_until,
+                        });
+                    }
+                }
             }
             let it = Item {
                 id,
@@ -531,64 +537,24 @@ impl PartitionState {
         (ids, ch)
     }
 
-    /// Records `key` for item `id` until `until`, replacing (and deleting) an earlier record of the key.
-    fn record_dedup(&mut self, key: &str, id: ItemId, until: Ts, ch: &mut Changes) {
-        let key: Arc<str> = match self.dedup.get_key_value(key) {
-            Some((k, _)) => k.clone(),
-            None => Arc::from(key),
-        };
-        if let Some((old_id, old_until)) = self.dedup.insert(key.clone(), (id.0, until)) {
-            if self.dedup_idx.remove(&(old_until, old_id)).is_some() && self.track {
-                ch.dedup_del.push((old_until, ItemId(old_id)));
-            }
-        }
-        if self.track {
-            ch.dedup_put.push(DedupRecord {
-                dedup_id: key.to_string(),
-                id,
-                until,
-            });
-        }
-        self.dedup_idx.insert((until, id.0), key);
-    }
-
     /// Drops up to `limit` dedup records that ended at or before `now`.
     fn prune_dedup(&mut self, now: Ts, limit: usize, ch: &mut Changes) {
-        for _ in 0..limit {
-            let Some(e) = self.dedup_idx.first_entry() else {
-                return;
-            };
-            let (until, id) = *e.key();
-            if until > now {
-                return;
+        let track = self.track;
+        self.dedup.prune(now, limit, |until, id| {
+            if track {
+                ch.dedup_del.push((until, id));
             }
-            let key = e.remove();
-            // The key may be held by a newer record (see `with_dedup`): only its own record is removed.
-            if self.dedup.get(&key).is_some_and(|&(held, _)| held == id) {
-                self.dedup.remove(&key);
-            }
-            if self.track {
-                ch.dedup_del.push((until, ItemId(id)));
-            }
-        }
+        });
     }
 
     /// See [`lessor_core::storage::Partition::dedup_records`].
     pub fn dedup_records(&self, now: Ts) -> Vec<DedupRecord> {
-        self.dedup_idx
-            .range((Ts(now.0.saturating_add(1)), 0)..)
-            .filter(|((until, _), _)| *until > now)
-            .map(|(&(until, id), key)| DedupRecord {
-                dedup_id: key.to_string(),
-                id: ItemId(id),
-                until,
-            })
-            .collect()
+        self.dedup.live(now)
     }
 
     /// Number of dedup records held, expired ones not yet dropped included.
     pub fn dedup_len(&self) -> usize {
-        self.dedup_idx.len()
+        self.dedup.len()
     }
 
     /// See [`lessor_core::storage::Partition::lease`].
@@ -1060,13 +1026,19 @@ fn expire_valid(chunks: &BTreeMap<u64, Chunk>, e: Ts, id: u64) -> bool {
     slot_in(chunks, id).is_some_and(|s| s.expire_deadline == e.0)
 }
 
-/// Removes stale entries from the front of `index` until its first deadline has a current entry.
+/// Removes stale entries from the front of `index` until its first deadline has a current entry. Within that
+/// deadline only the stale ids at the end go (as `pop_due` takes them): checking the whole list on every call would
+/// cost a batch's worth of lookups per call while a long-lived item (a low priority, a long lease) keeps an old
+/// deadline first.
 fn clean_front(index: &mut DeadlineIndex, valid: impl Fn(Ts, u64) -> bool) {
     while let Some(mut e) = index.first_entry() {
         let d = *e.key();
-        e.get_mut().retain(|&id| valid(d, id));
-        if !e.get().is_empty() {
-            return;
+        let ids = e.get_mut();
+        while let Some(&id) = ids.last() {
+            if valid(d, id) {
+                return;
+            }
+            ids.pop();
         }
         e.remove();
     }
@@ -1219,7 +1191,7 @@ mod tests {
         assert_eq!(ch.dedup_del.len(), 50);
         s.lifecycle(Ts(20), LifecyclePolicy::default(), 1000);
         assert_eq!(s.dedup_len(), 1);
-        assert_eq!(s.dedup.len(), 1);
+        assert_eq!(s.dedup.keys(), 1);
         assert_eq!(s.dedup_records(Ts(0)).len(), 1);
     }
 
@@ -1230,10 +1202,19 @@ mod tests {
         let a = s.produce(vec![keyed("k", 1, 10)]).0;
         let (b, ch) = s.produce(vec![keyed("k", 10, 20)]);
         assert_ne!(a, b);
+        // The ended record is dropped by the same call (it ended before the call's items were produced).
         assert_eq!(ch.dedup_del, vec![(Ts(10), a[0])]);
         assert_eq!(ch.dedup_put.len(), 1);
         assert_eq!(s.dedup_len(), 1);
         assert_eq!(s.produce(vec![keyed("k", 15, 30)]).0, b);
+        assert_eq!(
+            s.dedup_records(Ts(0)),
+            vec![DedupRecord {
+                dedup_id: "k".into(),
+                id: b[0],
+                until: Ts(20)
+            }]
+        );
     }
 
     /// Records given back after a restart work as before; of two records of one key the later one holds it, and
