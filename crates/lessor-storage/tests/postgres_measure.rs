@@ -225,9 +225,11 @@ async fn measure_issue10_costs() {
         );
     }
 
-    // Lease + complete (and produce) at depth, priorities mixed; the depth is filled by SQL.
-    let mut rates = Vec::new();
-    for depth in [1_000usize, 1_000_000] {
+    // Lease + complete (and produce) at depth, priorities mixed; the depths are filled by SQL, then phases alternate
+    // between the shallow and the deep queue, so that load from elsewhere on the machine hits both alike.
+    let depths = [1_000usize, 1_000_000];
+    let mut queues = Vec::new();
+    for depth in depths {
         let q = unique_queue("measure-depth");
         let p = store.open(&q, 0).await.expect("open");
         let t = lessor_storage::postgres::table_name(&q, 0);
@@ -248,14 +250,18 @@ async fn measure_issue10_costs() {
             .batch_execute(&format!("VACUUM ANALYZE {t}"))
             .await
             .expect("vacuum");
-        let filled = fill.elapsed();
-        let (mut prod, mut drain) = (Vec::new(), Vec::new());
-        for _phase in 0..5 {
+        println!("depth {depth:8}: filled in {:?}", fill.elapsed());
+        queues.push((q, p));
+    }
+    let mut prod = vec![Vec::new(); depths.len()];
+    let mut drain = vec![Vec::new(); depths.len()];
+    for _phase in 0..7 {
+        for (k, (_, p)) in queues.iter().enumerate() {
             let t = Instant::now();
             for _ in 0..20 {
                 p.produce(mixed(100, None)).await.expect("produce");
             }
-            prod.push(2000.0 / t.elapsed().as_secs_f64());
+            prod[k].push(2000.0 / t.elapsed().as_secs_f64());
             let t = Instant::now();
             for _ in 0..20 {
                 let l = p.lease(100, T0.add(MINUTE)).await.expect("lease");
@@ -266,14 +272,24 @@ async fn measure_issue10_costs() {
                     .expect("complete");
                 assert!(r[0].is_ok());
             }
-            drain.push(2000.0 / t.elapsed().as_secs_f64());
+            drain[k].push(2000.0 / t.elapsed().as_secs_f64());
         }
-        let (pm, dm) = (median(prod.clone()), median(drain.clone()));
+    }
+    let mut rates = Vec::new();
+    for (k, depth) in depths.iter().enumerate() {
+        let (pm, dm) = (median(prod[k].clone()), median(drain[k].clone()));
         println!(
-            "depth {depth:8} (filled in {filled:?}): produce {pm:8.0} items/s, lease+complete {dm:8.0} items/s \
-             (phases: {prod:.0?} / {drain:.0?})"
+            "depth {depth:8}: produce {pm:8.0} items/s, lease+complete {dm:8.0} items/s (phases: {:.0?} / {:.0?})",
+            prod[k], drain[k]
         );
         rates.push((pm, dm));
+    }
+    println!(
+        "deep / shallow: produce {:.2}, lease+complete {:.2}",
+        rates[1].0 / rates[0].0,
+        rates[1].1 / rates[0].1
+    );
+    for (depth, (q, p)) in depths.iter().zip(&queues) {
         // Extension of 100 held leases in one request.
         let l = p.lease(100, T0.add(MINUTE)).await.expect("lease");
         let ids: Vec<ItemId> = l.iter().map(|i| i.id).collect();
@@ -289,13 +305,8 @@ async fn measure_issue10_costs() {
             "depth {depth:8}: extend of 100 leases: {}",
             per_call(t.elapsed(), 50)
         );
-        store.destroy(&q, 0).await.expect("destroy");
+        store.destroy(q, 0).await.expect("destroy");
     }
-    println!(
-        "deep / shallow: produce {:.2}, lease+complete {:.2}",
-        rates[1].0 / rates[0].0,
-        rates[1].1 / rates[0].1
-    );
 
     // Upgrade of a table of layout 1 (before priorities), on the open after the build that added them.
     for rows in [100_000usize, 1_000_000] {
