@@ -47,8 +47,8 @@
 #![deny(missing_docs)]
 
 mod admin;
-mod extensions;
 pub mod error;
+mod extensions;
 pub mod routes;
 pub mod tls;
 

@@ -327,7 +327,10 @@ pub fn browse_request(r: &pb::QueueBrowseRequest, partition: u32) -> Result<Brow
             .ok_or_else(|| {
                 validate::invalid(
                     "limit",
-                    format!("must be between 1 and {} (0 means {DEFAULT_BROWSE_LIMIT}), got '{n}'", validate::MAX_BROWSE),
+                    format!(
+                        "must be between 1 and {} (0 means {DEFAULT_BROWSE_LIMIT}), got '{n}'",
+                        validate::MAX_BROWSE
+                    ),
                 )
             })?,
     };
@@ -360,7 +363,11 @@ pub fn browse_out(page: BrowsePage, scheduled: bool) -> pb::QueueBrowseResponse 
                     id: i.id.to_string(),
                     state: state.to_string(),
                     holder: b.holder,
-                    lease_deadline: if i.is_leased { ts_to(i.lease_deadline) } else { None },
+                    lease_deadline: if i.is_leased {
+                        ts_to(i.lease_deadline)
+                    } else {
+                        None
+                    },
                     priority: i32::from(i.priority),
                     attempts: i32::try_from(i.attempts).unwrap_or(i32::MAX),
                     enqueue_at: ts_to(i.enqueue_at),

@@ -670,8 +670,7 @@ fn redrive_start(api: Api) -> Api {
                     .queue_namespace(&r.target_queue)
                     .await?
                     .unwrap_or_else(|| DEFAULT_NAMESPACE.into());
-                auth.authorize(&principal, &ns, Permission::QueueProduce)
-                    .await?;
+                auth.authorize(&principal, &ns, Permission::QueueProduce).await?;
             }
             let task = e.redrive_start(convert::redrive_request(r)?).await?;
             Ok(convert::redrive_out(task))
@@ -696,11 +695,9 @@ fn redrive_list(api: Api) -> Api {
 async fn named_task(e: &Engine, r: &pb::RedriveTaskRequest) -> Result<RedriveTask, ApiError> {
     let task = e.redrive_get(&r.task_id).await?;
     if !r.dead_queue.is_empty() && task.request.dead_queue != r.dead_queue {
-        return Err(lessor_core::validate::invalid(
-            "task_id",
-            format!("no redrive task '{}'", r.task_id),
-        )
-        .into());
+        return Err(
+            lessor_core::validate::invalid("task_id", format!("no redrive task '{}'", r.task_id)).into(),
+        );
     }
     Ok(task)
 }

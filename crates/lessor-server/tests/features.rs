@@ -100,7 +100,11 @@ impl Env {
     }
 
     /// A lease request that long-polls for up to a minute, run in the background.
-    fn lease_later(&self, q: &str, client: &str) -> tokio::task::JoinHandle<Result<pb::QueueLeaseResponse, ClientError>> {
+    fn lease_later(
+        &self,
+        q: &str,
+        client: &str,
+    ) -> tokio::task::JoinHandle<Result<pb::QueueLeaseResponse, ClientError>> {
         let c = self.c.clone();
         let req = pb::QueueLeaseRequest {
             queue_name: q.into(),
@@ -111,7 +115,13 @@ impl Env {
         tokio::spawn(async move { c.queue_lease(&req).await })
     }
 
-    async fn extend(&self, q: &str, partition: i32, ids: Vec<String>, lease: &str) -> Result<(), ClientError> {
+    async fn extend(
+        &self,
+        q: &str,
+        partition: i32,
+        ids: Vec<String>,
+        lease: &str,
+    ) -> Result<(), ClientError> {
         self.c
             .queue_extend(&pb::QueueExtendRequest {
                 queue_name: q.into(),
@@ -123,7 +133,11 @@ impl Env {
             .await
     }
 
-    async fn browse(&self, q: &str, f: impl FnOnce(&mut pb::QueueBrowseRequest)) -> Result<pb::QueueBrowseResponse, ClientError> {
+    async fn browse(
+        &self,
+        q: &str,
+        f: impl FnOnce(&mut pb::QueueBrowseRequest),
+    ) -> Result<pb::QueueBrowseResponse, ClientError> {
         let mut r = pb::QueueBrowseRequest {
             queue_name: q.into(),
             ..Default::default()
@@ -173,7 +187,12 @@ impl Env {
         let body = format!(r#"{{"queue_name":"{q}"}}"#);
         let (status, _, bytes) = self
             .c
-            .raw("/v1/queues.info", Some("application/json"), Some("application/json"), body)
+            .raw(
+                "/v1/queues.info",
+                Some("application/json"),
+                Some("application/json"),
+                body,
+            )
             .await
             .expect("info");
         assert_eq!(status.as_u16(), 200, "{}", String::from_utf8_lossy(&bytes));
@@ -239,7 +258,10 @@ fn assert_api<T: std::fmt::Debug>(r: Result<T, ClientError>, code: i32, contains
     let e = r.expect_err("the request should be refused");
     assert_eq!(e.code(), Some(code), "{e:?}");
     let msg = e.message().unwrap_or_default().to_string();
-    assert!(msg.contains(contains), "message {msg:?} should contain {contains:?}");
+    assert!(
+        msg.contains(contains),
+        "message {msg:?} should contain {contains:?}"
+    );
 }
 
 /// Polls (bounded) until `probe` returns `Ok`, for effects the server applies asynchronously after a clock move.
@@ -330,7 +352,11 @@ async fn extend_keeps_an_item_past_its_original_lease(enc: Encoding) {
     let deadline = e.now_plus(Duration::from_secs(30));
     let stored = e.list("q").await;
     let k = stored.iter().find(|i| i.id == kept).expect("kept item");
-    assert_eq!(k.lease_deadline, Some(deadline), "the deadline is now + lease_timeout");
+    assert_eq!(
+        k.lease_deadline,
+        Some(deadline),
+        "the deadline is now + lease_timeout"
+    );
 
     // Past the original deadline: the lifecycle pass that requeues "dropped" leaves "kept" leased, same id.
     e.advance(Duration::from_secs(10)).await;
@@ -344,14 +370,22 @@ async fn extend_keeps_an_item_past_its_original_lease(enc: Encoding) {
     })
     .await;
     let stored = e.list("q").await;
-    let k = stored.iter().find(|i| i.id == kept).expect("kept item is still there");
+    let k = stored
+        .iter()
+        .find(|i| i.id == kept)
+        .expect("kept item is still there");
     assert!(k.is_leased, "{k:?}");
     assert_eq!(k.lease_deadline, Some(deadline));
     // An extension with no lease_timeout uses the queue's.
     e.extend("q", l.partition, vec![kept.clone()], "")
         .await
         .expect("extend by the queue's lease_timeout");
-    let k = e.list("q").await.into_iter().find(|i| i.id == kept).expect("kept");
+    let k = e
+        .list("q")
+        .await
+        .into_iter()
+        .find(|i| i.id == kept)
+        .expect("kept");
     assert_eq!(k.lease_deadline, Some(e.now_plus(Duration::from_secs(10))));
     e.c.queue_complete(&pb::QueueCompleteRequest {
         queue_name: "q".into(),
@@ -418,8 +452,14 @@ async fn extend_past_the_max_lease_and_bad_extends_are_refused(enc: Encoding) {
         "lease_timeout is invalid; cannot be greater than the queue's max_lease_timeout",
     );
     assert_eq!(e.list("q").await[0].lease_deadline, before, "nothing changed");
-    e.extend("q", 0, vec![id.clone()], "10m").await.expect("up to the max");
-    assert_api(e.extend("q", 0, vec![], "1m").await, 400, "ids is invalid; list of ids cannot be empty");
+    e.extend("q", 0, vec![id.clone()], "10m")
+        .await
+        .expect("up to the max");
+    assert_api(
+        e.extend("q", 0, vec![], "1m").await,
+        400,
+        "ids is invalid; list of ids cannot be empty",
+    );
     assert_api(
         e.extend("q", 0, vec![id.clone()], "soon").await,
         400,
@@ -481,8 +521,13 @@ async fn priorities_are_served_highest_first(enc: Encoding) {
     e.produce("q", vec![with_priority("a", 1), with_priority("b", 1)])
         .await
         .expect("produce");
-    e.produce("q", vec![with_priority("urgent", 8)]).await.expect("produce");
-    assert_eq!(texts(&e.lease("q", 1, "w").await.expect("lease").items), ["urgent"]);
+    e.produce("q", vec![with_priority("urgent", 8)])
+        .await
+        .expect("produce");
+    assert_eq!(
+        texts(&e.lease("q", 1, "w").await.expect("lease").items),
+        ["urgent"]
+    );
 
     assert_api(
         e.produce("q", vec![item("ok"), with_priority("neg", -1)]).await,
@@ -503,18 +548,28 @@ async fn dedup_stores_a_key_once_within_its_window(enc: Encoding) {
     let e = Env::new(enc).await;
     e.create("q", |q| q.requested_partitions = 3).await;
     // The same key in one request, in later requests, and (with three partitions) wherever they land.
-    e.produce("q", vec![with_key("first", "order-1"), with_key("again", "order-1")])
-        .await
-        .expect("produce");
+    e.produce(
+        "q",
+        vec![with_key("first", "order-1"), with_key("again", "order-1")],
+    )
+    .await
+    .expect("produce");
     for n in 0..5 {
         e.produce("q", vec![with_key(&format!("retry-{n}"), "order-1")])
             .await
             .expect("a duplicate is acknowledged");
     }
-    e.produce("q", vec![with_key("other", "order-2"), item("no key"), item("no key")])
-        .await
-        .expect("produce");
-    assert_eq!(e.totals("q").await.0, 4, "order-1 once, order-2 once, two items without a key");
+    e.produce(
+        "q",
+        vec![with_key("other", "order-2"), item("no key"), item("no key")],
+    )
+    .await
+    .expect("produce");
+    assert_eq!(
+        e.totals("q").await.0,
+        4,
+        "order-1 once, order-2 once, two items without a key"
+    );
     // One lease answers from one partition: lease until the four items are out (the manual clock never lets a
     // lease on an empty queue time out, so never ask for more than is there).
     let mut got = Vec::new();
@@ -525,7 +580,9 @@ async fn dedup_stores_a_key_once_within_its_window(enc: Encoding) {
     assert_eq!(got, ["first", "no key", "no key", "other"]);
 
     // Consuming the item does not end the window; the window's end does.
-    e.produce("q", vec![with_key("late", "order-1")]).await.expect("produce");
+    e.produce("q", vec![with_key("late", "order-1")])
+        .await
+        .expect("produce");
     assert_eq!(e.totals("q").await.0, 4, "still within the window");
     e.advance(Duration::from_secs(5 * 60 + 1)).await;
     e.produce("q", vec![with_key("next window", "order-1")])
@@ -559,30 +616,42 @@ async fn dedup_stores_a_key_once_within_its_window(enc: Encoding) {
 async fn pause_holds_leases_until_resume(enc: Encoding) {
     let e = Env::new(enc).await;
     e.create("q", |_| {}).await;
-    e.c.queue_pause(&pb::QueuePauseRequest { queue_name: "q".into() })
-        .await
-        .expect("pause");
+    e.c.queue_pause(&pb::QueuePauseRequest {
+        queue_name: "q".into(),
+    })
+    .await
+    .expect("pause");
     assert!(e.info("q").await.paused);
     assert_eq!(e.info_json("q").await["paused"], true);
     let waiter = e.lease_later("q", "w");
     eventually("the lease waits", || async {
         let n = e.stats("q").await.lease_waiting;
-        if n == 1 { Ok(()) } else { Err(format!("{n} waiting")) }
+        if n == 1 {
+            Ok(())
+        } else {
+            Err(format!("{n} waiting"))
+        }
     })
     .await;
-    e.produce("q", vec![item("held")]).await.expect("produce is accepted while paused");
+    e.produce("q", vec![item("held")])
+        .await
+        .expect("produce is accepted while paused");
     // The item is stored and the lease still waits for it.
     assert_eq!(e.totals("q").await.0, 1);
     assert_eq!(e.stats("q").await.lease_waiting, 1);
     assert!(!waiter.is_finished(), "a paused queue serves no lease");
     // Pausing twice is fine; a short lease on a paused queue times out on the clock.
-    e.c.queue_pause(&pb::QueuePauseRequest { queue_name: "q".into() })
-        .await
-        .expect("pause again");
+    e.c.queue_pause(&pb::QueuePauseRequest {
+        queue_name: "q".into(),
+    })
+    .await
+    .expect("pause again");
 
-    e.c.queue_resume(&pb::QueueResumeRequest { queue_name: "q".into() })
-        .await
-        .expect("resume");
+    e.c.queue_resume(&pb::QueueResumeRequest {
+        queue_name: "q".into(),
+    })
+    .await
+    .expect("resume");
     let got = tokio::time::timeout(Duration::from_secs(5), waiter)
         .await
         .expect("the waiting lease is served on resume")
@@ -593,12 +662,18 @@ async fn pause_holds_leases_until_resume(enc: Encoding) {
     assert!(e.info_json("q").await.get("paused").is_none(), "false is omitted");
 
     assert_api(
-        e.c.queue_pause(&pb::QueuePauseRequest { queue_name: "nope".into() }).await,
+        e.c.queue_pause(&pb::QueuePauseRequest {
+            queue_name: "nope".into(),
+        })
+        .await,
         400,
         "queue does not exist",
     );
     assert_api(
-        e.c.queue_resume(&pb::QueueResumeRequest { queue_name: String::new() }).await,
+        e.c.queue_resume(&pb::QueueResumeRequest {
+            queue_name: String::new(),
+        })
+        .await,
         400,
         "queue_name is invalid; cannot be empty",
     );
@@ -621,7 +696,13 @@ async fn browse_by_state_with_paging_and_holders(enc: Encoding) {
     e.create("q", |_| {}).await;
     e.produce(
         "q",
-        vec![item("0"), with_priority("1", 3), item("2"), with_priority("3", 3), item("4")],
+        vec![
+            item("0"),
+            with_priority("1", 3),
+            item("2"),
+            with_priority("3", 3),
+            item("4"),
+        ],
     )
     .await
     .expect("produce");
@@ -645,15 +726,26 @@ async fn browse_by_state_with_paging_and_holders(enc: Encoding) {
             .await
             .expect("browse");
         assert!(page.items.len() <= 2);
-        seen.extend(page.items.iter().map(|i| String::from_utf8_lossy(&i.payload).into_owned()));
+        seen.extend(
+            page.items
+                .iter()
+                .map(|i| String::from_utf8_lossy(&i.payload).into_owned()),
+        );
         if page.next_pivot.is_empty() {
             break;
         }
         pivot = page.next_pivot;
     }
-    assert_eq!(seen, ["0", "1", "2", "3", "4"], "id order, every queued item once");
+    assert_eq!(
+        seen,
+        ["0", "1", "2", "3", "4"],
+        "id order, every queued item once"
+    );
 
-    let leased = e.browse("q", |r| r.state = "leased".into()).await.expect("browse");
+    let leased = e
+        .browse("q", |r| r.state = "leased".into())
+        .await
+        .expect("browse");
     assert_eq!(leased.items.len(), 2);
     for it in &leased.items {
         assert_eq!((it.state.as_str(), it.holder.as_str()), ("leased", "worker-7"));
@@ -661,13 +753,26 @@ async fn browse_by_state_with_paging_and_holders(enc: Encoding) {
         assert_eq!((it.priority, it.attempts), (3, 1));
     }
     let ready = e.browse("q", |r| r.state = "ready".into()).await.expect("browse");
-    let ready_texts: Vec<_> = ready.items.iter().map(|i| String::from_utf8_lossy(&i.payload).into_owned()).collect();
+    let ready_texts: Vec<_> = ready
+        .items
+        .iter()
+        .map(|i| String::from_utf8_lossy(&i.payload).into_owned())
+        .collect();
     assert_eq!(ready_texts, ["0", "2", "4"]);
-    assert!(ready.items.iter().all(|i| i.state == "ready" && i.holder.is_empty() && i.lease_deadline.is_none()));
-    let scheduled = e.browse("q", |r| r.state = "scheduled".into()).await.expect("browse");
+    assert!(ready
+        .items
+        .iter()
+        .all(|i| i.state == "ready" && i.holder.is_empty() && i.lease_deadline.is_none()));
+    let scheduled = e
+        .browse("q", |r| r.state = "scheduled".into())
+        .await
+        .expect("browse");
     assert_eq!(scheduled.items.len(), 1);
     assert_eq!(scheduled.items[0].state, "scheduled");
-    assert_eq!(scheduled.items[0].enqueue_at, Some(e.now_plus(Duration::from_secs(3600))));
+    assert_eq!(
+        scheduled.items[0].enqueue_at,
+        Some(e.now_plus(Duration::from_secs(3600)))
+    );
     // The priority filter: 0 is a filter, not "any".
     let p0 = e.browse("q", |r| r.priority = Some(0)).await.expect("browse");
     assert_eq!(p0.items.len(), 3);
@@ -688,14 +793,26 @@ async fn browse_by_state_with_paging_and_holders(enc: Encoding) {
         400,
         "state is invalid; must be one of 'ready', 'leased', 'scheduled' or empty, got 'dead'",
     );
-    assert_api(e.browse("q", |r| r.limit = 1001).await, 400, "limit is invalid; must be between 1 and 1000");
-    assert_api(e.browse("q", |r| r.limit = -1).await, 400, "limit is invalid; must be between 1 and 1000");
+    assert_api(
+        e.browse("q", |r| r.limit = 1001).await,
+        400,
+        "limit is invalid; must be between 1 and 1000",
+    );
+    assert_api(
+        e.browse("q", |r| r.limit = -1).await,
+        400,
+        "limit is invalid; must be between 1 and 1000",
+    );
     assert_api(
         e.browse("q", |r| r.priority = Some(-1)).await,
         400,
         "priority is invalid; must be between 0 and 9, got '-1'",
     );
-    assert_api(e.browse("q", |r| r.pivot = "xyz".into()).await, 400, "invalid storage id; 'xyz'");
+    assert_api(
+        e.browse("q", |r| r.pivot = "xyz".into()).await,
+        400,
+        "invalid storage id; 'xyz'",
+    );
     assert_api(
         e.browse("q", |r| r.partition = 3).await,
         400,
@@ -732,9 +849,15 @@ async fn backoff_schedules_retries(enc: Encoding) {
     })
     .await
     .expect("retry");
-    let scheduled = e.browse("q", |r| r.state = "scheduled".into()).await.expect("browse");
+    let scheduled = e
+        .browse("q", |r| r.state = "scheduled".into())
+        .await
+        .expect("browse");
     assert_eq!(scheduled.items.len(), 1, "{scheduled:?}");
-    assert_eq!(scheduled.items[0].enqueue_at, Some(e.now_plus(Duration::from_secs(10))));
+    assert_eq!(
+        scheduled.items[0].enqueue_at,
+        Some(e.now_plus(Duration::from_secs(10)))
+    );
     assert_eq!(e.totals("q").await, (0, 1));
     assert_api(e.lease("q", 1, "w").await, 454, "request timeout");
 
@@ -751,7 +874,10 @@ async fn backoff_schedules_retries(enc: Encoding) {
     // Its lease expires: the second backoff is 10 s × 2 = 20 s.
     e.advance(Duration::from_secs(30)).await;
     let s = eventually("the expired lease is scheduled", || async {
-        let page = e.browse("q", |r| r.state = "scheduled".into()).await.map_err(|e| e.to_string())?;
+        let page = e
+            .browse("q", |r| r.state = "scheduled".into())
+            .await
+            .map_err(|e| e.to_string())?;
         if page.items.len() == 1 {
             Ok(page)
         } else {
@@ -770,7 +896,12 @@ async fn queue_info_carries_the_stored_extension_fields(enc: Encoding) {
     e.create("plain", |_| {}).await;
     let info = e.info("plain").await;
     assert_eq!(
-        (info.dedup_window.as_str(), info.retry_backoff.is_none(), info.paused, info.max_lease_timeout.as_str()),
+        (
+            info.dedup_window.as_str(),
+            info.retry_backoff.is_none(),
+            info.paused,
+            info.max_lease_timeout.as_str()
+        ),
         ("", true, false, "")
     );
     let json = e.info_json("plain").await;
@@ -779,9 +910,8 @@ async fn queue_info_carries_the_stored_extension_fields(enc: Encoding) {
     }
     // The lease reply of a priority-0 item has Querator's fields only.
     e.produce("plain", vec![item("x")]).await.expect("produce");
-    let (_, _, body) = e
-        .c
-        .raw(
+    let (_, _, body) =
+        e.c.raw(
             "/v1/queue.lease",
             Some("application/json"),
             Some("application/json"),
@@ -824,7 +954,10 @@ async fn queue_info_carries_the_stored_extension_fields(enc: Encoding) {
     .await
     .expect("update");
     let info = e.info("full").await;
-    assert_eq!((info.dedup_window.as_str(), info.max_lease_timeout.as_str()), ("1m0s", "2h0m0s"));
+    assert_eq!(
+        (info.dedup_window.as_str(), info.max_lease_timeout.as_str()),
+        ("1m0s", "2h0m0s")
+    );
     assert!(info.retry_backoff.is_some());
     // An empty backoff turns it off; "0s" resets max_lease_timeout to "the expire timeout".
     e.c.queues_update(&pb::QueueInfo {
@@ -836,7 +969,10 @@ async fn queue_info_carries_the_stored_extension_fields(enc: Encoding) {
     .await
     .expect("update");
     let info = e.info("full").await;
-    assert_eq!((info.retry_backoff.is_none(), info.max_lease_timeout.as_str()), (true, ""));
+    assert_eq!(
+        (info.retry_backoff.is_none(), info.max_lease_timeout.as_str()),
+        (true, "")
+    );
     assert_eq!(info.dedup_window, "1m0s");
 
     // Bad values name the field and the rule.
@@ -852,8 +988,14 @@ async fn queue_info_carries_the_stored_extension_fields(enc: Encoding) {
         q
     };
     for (q, msg) in [
-        (bad(|q| q.dedup_window = "often".into()), "dedup_window is invalid; invalid duration 'often'"),
-        (bad(|q| q.dedup_window = "169h".into()), "dedup_window is invalid; cannot be greater than '168h'"),
+        (
+            bad(|q| q.dedup_window = "often".into()),
+            "dedup_window is invalid; invalid duration 'often'",
+        ),
+        (
+            bad(|q| q.dedup_window = "169h".into()),
+            "dedup_window is invalid; cannot be greater than '168h'",
+        ),
         (
             bad(|q| q.max_lease_timeout = "2h".into()),
             "max_lease_timeout is invalid; cannot be greater than the expire_timeout",
@@ -904,7 +1046,9 @@ async fn redrive_moves_dead_items_back(enc: Encoding) {
     })
     .await;
     e.create("elsewhere", |_| {}).await;
-    e.produce("src", vec![item("a"), item("b"), item("c")]).await.expect("produce");
+    e.produce("src", vec![item("a"), item("b"), item("c")])
+        .await
+        .expect("produce");
     let l = e.lease("src", 3, "w").await.expect("lease");
     e.c.queue_retry(&pb::QueueRetryRequest {
         queue_name: "src".into(),
@@ -923,30 +1067,39 @@ async fn redrive_moves_dead_items_back(enc: Encoding) {
     .expect("dead");
     eventually("three items in the dead-letter queue", || async {
         let t = e.totals("dlq").await;
-        if t.0 == 3 { Ok(()) } else { Err(format!("{t:?}")) }
+        if t.0 == 3 {
+            Ok(())
+        } else {
+            Err(format!("{t:?}"))
+        }
     })
     .await;
 
-    let task = e
-        .c
-        .queue_redrive(&pb::QueueRedriveRequest {
+    let task =
+        e.c.queue_redrive(&pb::QueueRedriveRequest {
             dead_queue: "dlq".into(),
             ..Default::default()
         })
         .await
         .expect("redrive");
-    assert_eq!((task.dead_queue.as_str(), task.status.as_str()), ("dlq", "running"));
+    assert_eq!(
+        (task.dead_queue.as_str(), task.status.as_str()),
+        ("dlq", "running")
+    );
     assert!(!task.task_id.is_empty());
     let done = eventually("the redrive completes", || async {
-        let t = e
-            .c
-            .redrive_get(&pb::RedriveTaskRequest {
+        let t =
+            e.c.redrive_get(&pb::RedriveTaskRequest {
                 task_id: task.task_id.clone(),
                 dead_queue: String::new(),
             })
             .await
             .map_err(|e| e.to_string())?;
-        if t.status == "completed" { Ok(t) } else { Err(format!("{t:?}")) }
+        if t.status == "completed" {
+            Ok(t)
+        } else {
+            Err(format!("{t:?}"))
+        }
     })
     .await;
     assert_eq!(done.moved, 3);
@@ -955,26 +1108,31 @@ async fn redrive_moves_dead_items_back(enc: Encoding) {
     let mut got = texts(&back.items);
     got.sort();
     assert_eq!(got, ["a", "b", "c"]);
-    assert!(back.items.iter().all(|i| i.attempts == 1), "attempts reset: {back:?}");
+    assert!(
+        back.items.iter().all(|i| i.attempts == 1),
+        "attempts reset: {back:?}"
+    );
 
-    let listed = e
-        .c
-        .redrive_list(&pb::RedriveListRequest { dead_queue: "dlq".into() })
+    let listed =
+        e.c.redrive_list(&pb::RedriveListRequest {
+            dead_queue: "dlq".into(),
+        })
         .await
         .expect("list");
     assert_eq!(listed.items.len(), 1);
     assert_eq!(listed.items[0].task_id, task.task_id);
     assert!(e
         .c
-        .redrive_list(&pb::RedriveListRequest { dead_queue: "src".into() })
+        .redrive_list(&pb::RedriveListRequest {
+            dead_queue: "src".into()
+        })
         .await
         .expect("list")
         .items
         .is_empty());
     // A finished task cancels to itself; a task asked for under another queue does not exist.
-    let c = e
-        .c
-        .redrive_cancel(&pb::RedriveTaskRequest {
+    let c =
+        e.c.redrive_cancel(&pb::RedriveTaskRequest {
             task_id: task.task_id.clone(),
             dead_queue: "dlq".into(),
         })
@@ -1013,8 +1171,14 @@ async fn redrive_moves_dead_items_back(enc: Encoding) {
             "dead_queue is invalid; 'elsewhere' is not the dead_queue of any queue",
         ),
         (r(|r| r.dead_queue = "nope".into()), "queue does not exist"),
-        (r(|r| r.rate_per_sec = -1), "rate_per_sec is invalid; cannot be negative"),
-        (r(|r| r.max_items = -5), "max_items is invalid; cannot be negative"),
+        (
+            r(|r| r.rate_per_sec = -1),
+            "rate_per_sec is invalid; cannot be negative",
+        ),
+        (
+            r(|r| r.max_items = -5),
+            "max_items is invalid; cannot be negative",
+        ),
         (
             r(|r| r.target_queue = "dlq".into()),
             "target_queue is invalid; cannot be the dead-letter queue itself",
@@ -1044,7 +1208,9 @@ async fn extension_routes_check_their_permissions() {
         key_file.display()
     );
     let (_srv, c) = lessor_testkit::server::start(&Config::from_yaml(&yaml).expect("config"), None).await;
-    let admin = c.clone().with_api_key(std::fs::read_to_string(&key_file).expect("key").trim());
+    let admin = c
+        .clone()
+        .with_api_key(std::fs::read_to_string(&key_file).expect("key").trim());
     for ns in ["team-a", "team-b"] {
         admin
             .namespaces_create(&pb::NamespaceInfo {
@@ -1063,10 +1229,22 @@ async fn extension_routes_check_their_permissions() {
         requested_partitions: 1,
         ..Default::default()
     };
-    admin.queues_create(&queue("a-dlq", "team-a", "")).await.expect("queue");
-    admin.queues_create(&queue("a-src", "team-a", "a-dlq")).await.expect("queue");
-    admin.queues_create(&queue("a-other", "team-a", "")).await.expect("queue");
-    admin.queues_create(&queue("b-q", "team-b", "")).await.expect("queue");
+    admin
+        .queues_create(&queue("a-dlq", "team-a", ""))
+        .await
+        .expect("queue");
+    admin
+        .queues_create(&queue("a-src", "team-a", "a-dlq"))
+        .await
+        .expect("queue");
+    admin
+        .queues_create(&queue("a-other", "team-a", ""))
+        .await
+        .expect("queue");
+    admin
+        .queues_create(&queue("b-q", "team-b", ""))
+        .await
+        .expect("queue");
 
     // A user who may operate team-a's queues but not produce anywhere, and a viewer who may only read them.
     let key_for = |user: &'static str, perms: &'static [&'static str]| {
@@ -1116,12 +1294,18 @@ async fn extension_routes_check_their_permissions() {
         queue_name: "a-src".into(),
         ..Default::default()
     };
-    viewer.queue_browse(&browse).await.expect("queue.stats may browse");
+    viewer
+        .queue_browse(&browse)
+        .await
+        .expect("queue.stats may browse");
     let pause = pb::QueuePauseRequest {
         queue_name: "a-src".into(),
     };
     assert_api(viewer.queue_pause(&pause).await, 403, "access denied");
-    operator.queue_pause(&pause).await.expect("queue.update may pause");
+    operator
+        .queue_pause(&pause)
+        .await
+        .expect("queue.update may pause");
     operator
         .queue_resume(&pb::QueueResumeRequest {
             queue_name: "a-src".into(),
@@ -1154,7 +1338,11 @@ async fn extension_routes_check_their_permissions() {
         ..Default::default()
     };
     assert_api(viewer.queue_redrive(&redrive("")).await, 403, "access denied");
-    assert_api(operator.queue_redrive(&redrive("b-q")).await, 403, "access denied");
+    assert_api(
+        operator.queue_redrive(&redrive("b-q")).await,
+        403,
+        "access denied",
+    );
     let task = operator
         .queue_redrive(&redrive("a-other"))
         .await
@@ -1163,7 +1351,10 @@ async fn extension_routes_check_their_permissions() {
         task_id: task.task_id.clone(),
         dead_queue: dead_queue.into(),
     };
-    viewer.redrive_get(&get("a-dlq")).await.expect("queue.stats reads the task");
+    viewer
+        .redrive_get(&get("a-dlq"))
+        .await
+        .expect("queue.stats reads the task");
     viewer
         .redrive_list(&pb::RedriveListRequest {
             dead_queue: "a-dlq".into(),
@@ -1177,7 +1368,13 @@ async fn extension_routes_check_their_permissions() {
         403,
         "access denied",
     );
-    admin.redrive_get(&get("")).await.expect("the admin reads any task");
+    admin
+        .redrive_get(&get(""))
+        .await
+        .expect("the admin reads any task");
     assert_api(viewer.redrive_cancel(&get("a-dlq")).await, 403, "access denied");
-    operator.redrive_cancel(&get("a-dlq")).await.expect("queue.update cancels");
+    operator
+        .redrive_cancel(&get("a-dlq"))
+        .await
+        .expect("queue.update cancels");
 }

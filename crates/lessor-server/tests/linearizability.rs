@@ -572,7 +572,11 @@ impl Ctx {
             .map(|k| QueueProduceItem {
                 reference: format!("k{k}"),
                 utf8: format!("k{k}"),
-                dedup_id: if self.extensions { format!("k{k}") } else { String::new() },
+                dedup_id: if self.extensions {
+                    format!("k{k}")
+                } else {
+                    String::new()
+                },
                 priority: if self.extensions { prio(*k) as i32 } else { 0 },
                 ..Default::default()
             })
@@ -845,7 +849,11 @@ async fn run(plan: Plan, seed: u64) {
         let keys: Vec<Key> = (first..first + plan.items_per_producer)
             .map(|k| {
                 // With extensions, a key's thousands digit is its priority (see `prio`).
-                let p = if extensions { rng.range_usize(0, 2) as Key } else { 0 };
+                let p = if extensions {
+                    rng.range_usize(0, 2) as Key
+                } else {
+                    0
+                };
                 p * 1000 + k as Key
             })
             .collect();
@@ -1086,7 +1094,10 @@ fn checker_rejects_a_duplicate_stored_twice() {
         op(6, 7, Call::Complete(vec![1]), Ret::Ok),
         op(8, 9, lc2, lr2),
     ];
-    assert!(check(&h, LeaseRule::Prefix).is_err(), "a key produced twice is stored once");
+    assert!(
+        check(&h, LeaseRule::Prefix).is_err(),
+        "a key produced twice is stored once"
+    );
 }
 
 #[test]
@@ -1097,7 +1108,15 @@ fn checker_rejects_an_extended_lease_that_expires_early() {
     let h = vec![
         op(0, 1, Call::Produce(vec![1]), Ret::Ok),
         op(2, 3, lc, lr),
-        op(4, 5, Call::Extend { ids: vec![1], lease: 500 }, Ret::Ok),
+        op(
+            4,
+            5,
+            Call::Extend {
+                ids: vec![1],
+                lease: 500,
+            },
+            Ret::Ok,
+        ),
         op(6, 7, Call::Expire { cutoff: 200 }, Ret::Ok),
         op(8, 9, lc2, lr2),
     ];

@@ -97,7 +97,9 @@ async fn dedup_and_extension_across_two_servers() {
                     keyed(&format!("item-{k}"), &format!("key-{k}"))
                 })
                 .collect();
-            e.produce("jobs", items, T).await.unwrap_or_else(|e| panic!("{tag}: {e}"));
+            e.produce("jobs", items, T)
+                .await
+                .unwrap_or_else(|e| panic!("{tag}: {e}"));
         }
     };
     tokio::join!(send(a.clone(), "a"), send(b.clone(), "b"), send(a.clone(), "a2"));
@@ -134,7 +136,11 @@ async fn dedup_and_extension_across_two_servers() {
     })
     .await
     .expect("the expired lease's ids are fenced");
-    assert_eq!(stored(&a, "jobs").await.len(), 45, "nothing lost by the failed extension");
+    assert_eq!(
+        stored(&a, "jobs").await.len(),
+        45,
+        "nothing lost by the failed extension"
+    );
     a.shutdown().await;
     b.shutdown().await;
 }
@@ -170,7 +176,11 @@ async fn redrive_taken_over_by_the_other_server() {
     poll_until(Duration::from_secs(20), Duration::from_millis(20), || async {
         let s = a.stats("dlq").await.map_err(|e| e.to_string())?;
         let d: u64 = s.partitions.iter().map(|p| p.total).sum();
-        if d == n as u64 { Ok(()) } else { Err(format!("{d} dead")) }
+        if d == n as u64 {
+            Ok(())
+        } else {
+            Err(format!("{d} dead"))
+        }
     })
     .await
     .expect("dead items reach the dead-letter queue");
@@ -186,7 +196,11 @@ async fn redrive_taken_over_by_the_other_server() {
         .expect("start");
     poll_until(Duration::from_secs(10), Duration::from_millis(20), || async {
         let t = a.redrive_get(&t.id).await.map_err(|e| e.to_string())?;
-        if t.moved >= 2 { Ok(()) } else { Err(format!("{t:?}")) }
+        if t.moved >= 2 {
+            Ok(())
+        } else {
+            Err(format!("{t:?}"))
+        }
     })
     .await
     .expect("first batch");
@@ -194,14 +208,22 @@ async fn redrive_taken_over_by_the_other_server() {
 
     // B starts later and finds the task silent: it takes it over (its clock is the shared manual clock).
     let b = engine(&db, &clock).await;
-    assert_eq!(b.resume_redrives().await.expect("resume"), 0, "A's task is recent: left alone");
+    assert_eq!(
+        b.resume_redrives().await.expect("resume"),
+        0,
+        "A's task is recent: left alone"
+    );
     clock.advance(Duration::from_secs(11));
     // Taken over now (or by B's own periodic look, whichever comes first).
     b.resume_redrives().await.expect("resume");
     let done = poll_until(Duration::from_secs(60), Duration::from_millis(20), || async {
         clock.advance(Duration::from_secs(1)); // the rate limit waits on the manual clock
         let t = b.redrive_get(&t.id).await.map_err(|e| e.to_string())?;
-        if t.status == RedriveStatus::Running { Err(format!("{t:?}")) } else { Ok(t) }
+        if t.status == RedriveStatus::Running {
+            Err(format!("{t:?}"))
+        } else {
+            Ok(t)
+        }
     })
     .await
     .expect("B finishes the task");
