@@ -190,10 +190,18 @@ impl Backoff {
         if !self.is_on() {
             return Duration::ZERO;
         }
-        let factor = if self.factor <= 0.0 { 2.0 } else { self.factor.max(1.0) };
+        let factor = if self.factor <= 0.0 {
+            2.0
+        } else {
+            self.factor.max(1.0)
+        };
         let exp = attempts.saturating_sub(1).min(64) as i32;
         let mut secs = self.base.as_secs_f64() * factor.powi(exp);
-        let cap = if self.max.is_zero() { MAX_BACKOFF } else { self.max.min(MAX_BACKOFF) };
+        let cap = if self.max.is_zero() {
+            MAX_BACKOFF
+        } else {
+            self.max.min(MAX_BACKOFF)
+        };
         if !secs.is_finite() || secs > cap.as_secs_f64() {
             secs = cap.as_secs_f64();
         }

@@ -194,10 +194,7 @@ pub const MAX_DEDUP_WINDOW: Duration = Duration::from_secs(7 * 24 * 3600);
 pub fn priority(field: &str, p: i64) -> Result<u8, QueueError> {
     let max = crate::types::MAX_PRIORITY;
     if p < 0 || p > i64::from(max) {
-        return Err(invalid(
-            field,
-            format!("must be between 0 and {max}, got '{p}'"),
-        ));
+        return Err(invalid(field, format!("must be between 0 and {max}, got '{p}'")));
     }
     Ok(p as u8)
 }
@@ -240,7 +237,10 @@ pub fn backoff(b: &crate::types::Backoff) -> Result<(), QueueError> {
         ));
     }
     if !b.max.is_zero() && b.max < b.base {
-        return Err(invalid("retry_backoff.max", "cannot be less than retry_backoff.base"));
+        return Err(invalid(
+            "retry_backoff.max",
+            "cannot be less than retry_backoff.base",
+        ));
     }
     if !(b.factor == 0.0 || (1.0..=100.0).contains(&b.factor)) {
         return Err(invalid(

@@ -310,24 +310,20 @@ pub async fn build_engine(config: &Config, clock: SharedClock) -> Result<Engine,
             }
         });
     }
-    // Redrive tasks left running by a stopped (or killed) server carry on, in the background: a store that is
-    // down now must not stop the server from starting.
+    // Redrive tasks left running by a stopped (or killed) server, here or on another server sharing the store,
+    // carry on: looked for now and every few seconds, in the background (a store that is down must not stop the
+    // server from starting).
     {
         let engine = engine.clone();
         tokio::spawn(async move {
-            for attempt in 0..60u32 {
+            loop {
                 match engine.resume_redrives().await {
-                    Ok(n) => {
-                        if n > 0 {
-                            tracing::info!(tasks = n, "redrive tasks resumed");
-                        }
-                        return;
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, attempt, "redrive tasks not resumed yet; retrying");
-                        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
-                    }
+                    Ok(n) if n > 0 => tracing::info!(tasks = n, "redrive tasks resumed"),
+                    Ok(_) => {}
+                    Err(lessor_core::error::QueueError::ShuttingDown) => return,
+                    Err(e) => tracing::warn!(error = %e, "redrive tasks not checked; will retry"),
                 }
+                tokio::time::sleep(std::time::Duration::from_secs(5)).await;
             }
         });
     }

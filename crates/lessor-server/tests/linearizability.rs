@@ -17,7 +17,14 @@
 //! - complete requires every id to be leased and removes them; a failed complete requires some id not leased;
 //! - retry (immediate) requires leased ids and appends their keys to the tail, in request order;
 //! - lease expiry moves every lease whose deadline is at or before the new time to the tail, in (deadline, id)
-//!   order.
+//!   order;
+//! - priorities (Lessor extension): a key's priority is `key / 1000`; a lease serves the queue in priority order
+//!   (highest first, FIFO within a priority), so "the head" above means the head of that order;
+//! - idempotent produce (Lessor extension): every item carries its key as its dedup id, so a produce appends only
+//!   the keys never produced before (the test's clock never passes the dedup window);
+//! - extend (Lessor extension) requires every id to be leased and sets their deadlines to the model's clock plus
+//!   the requested lease; a refused extend requires some id not leased. The model's clock is the cutoff of the last
+//!   expiry (the manual clock only moves there).
 //!
 //! Items are tracked by their payload (`k<n>`, also the reference) because ids change when an item re-enters
 //! the queue; lease ids are only used to match completes and retries to the lease that handed them out. The
@@ -64,10 +71,20 @@ struct Lent {
     key: Key,
 }
 
+/// Priority of a key: keys of priority p are numbered from p * 1000.
+fn prio(k: Key) -> u32 {
+    k / 1000
+}
+
 /// What a client asked for.
 #[derive(Clone, Debug)]
 enum Call {
     Produce(Vec<Key>),
+    /// Extend the leases of the ids by `lease` µs from the current time.
+    Extend {
+        ids: Vec<u64>,
+        lease: i64,
+    },
     Lease {
         batch: usize,
     },
@@ -105,6 +122,10 @@ struct Op {
 struct State {
     queue: Vec<Key>,
     leased: Vec<Lent>,
+    /// Every key ever stored (sorted): a produce of one of them again is a duplicate.
+    produced: Vec<Key>,
+    /// The server's clock (µs) as of the last expiry.
+    now: i64,
 }
 
 impl State {
@@ -131,9 +152,28 @@ fn step(s: &State, call: &Call, ret: &Ret, rule: LeaseRule) -> Option<State> {
     let mut next = s.clone();
     match (call, ret) {
         (Call::Produce(keys), Ret::Ok) => {
-            next.queue.extend(keys);
+            for k in keys {
+                if let Err(at) = next.produced.binary_search(k) {
+                    next.produced.insert(at, *k);
+                    next.queue.push(*k);
+                }
+            }
             Some(next)
         }
+        (Call::Extend { ids, lease }, Ret::Ok) => {
+            if !s.all_leased(ids) {
+                return None;
+            }
+            let deadline = s.now + lease;
+            for l in &mut next.leased {
+                if ids.contains(&l.id) {
+                    l.deadline = deadline;
+                }
+            }
+            next.leased.sort_unstable();
+            Some(next)
+        }
+        (Call::Extend { ids, .. }, Ret::Refused) => (!s.all_leased(ids)).then_some(next),
         (Call::Lease { .. }, Ret::Empty) => s.queue.is_empty().then_some(next),
         (Call::Lease { batch }, Ret::Leased(items)) => {
             if items.is_empty() || items.len() > *batch {
@@ -143,10 +183,13 @@ fn step(s: &State, call: &Call, ret: &Ret, rule: LeaseRule) -> Option<State> {
             if items.iter().any(|l| s.lent(l.id).is_some()) {
                 return None;
             }
+            // The serving order: highest priority first, FIFO within one (a stable sort keeps FIFO).
+            let mut order = s.queue.clone();
+            order.sort_by_key(|k| std::cmp::Reverse(prio(*k)));
             let mut positions = Vec::with_capacity(items.len());
             let mut from = 0;
             for l in items {
-                let at = from + s.queue[from..].iter().position(|k| *k == l.key)?;
+                let at = from + order[from..].iter().position(|k| *k == l.key)?;
                 positions.push(at);
                 from = at + 1;
             }
@@ -157,9 +200,8 @@ fn step(s: &State, call: &Call, ret: &Ret, rule: LeaseRule) -> Option<State> {
             if !ok {
                 return None;
             }
-            for p in positions.iter().rev() {
-                next.queue.remove(*p);
-            }
+            let taken: HashSet<Key> = positions.iter().map(|p| order[*p]).collect();
+            next.queue.retain(|k| !taken.contains(k));
             next.leased.extend(items.iter().copied());
             next.leased.sort_unstable();
             Some(next)
@@ -181,6 +223,7 @@ fn step(s: &State, call: &Call, ret: &Ret, rule: LeaseRule) -> Option<State> {
         }
         (Call::Complete(ids) | Call::Retry(ids), Ret::Refused) => (!s.all_leased(ids)).then_some(next),
         (Call::Expire { cutoff }, Ret::Ok) => {
+            next.now = *cutoff;
             let split = next.leased.partition_point(|l| l.deadline <= *cutoff);
             let expired: Vec<Lent> = next.leased.drain(..split).collect();
             next.queue.extend(expired.iter().map(|l| l.key));
@@ -255,6 +298,11 @@ impl Search<'_> {
 /// Checks that `ops` is linearizable with respect to the model queue starting empty. On failure the message
 /// shows the history and the longest order the search could build.
 fn check(ops: &[Op], rule: LeaseRule) -> Result<(), String> {
+    check_from(ops, rule, State::default())
+}
+
+/// [`check`] from a given start state (the server's clock at the start).
+fn check_from(ops: &[Op], rule: LeaseRule, start: State) -> Result<(), String> {
     assert!(
         ops.len() <= 128,
         "history of {} ops is too long for the checker",
@@ -269,10 +317,10 @@ fn check(ops: &[Op], rule: LeaseRule) -> Result<(), String> {
         seen: HashSet::new(),
         path: Vec::new(),
         best: Vec::new(),
-        best_state: State::default(),
+        best_state: start.clone(),
         visited: 0,
     };
-    if search.dfs(0, &State::default())? {
+    if search.dfs(0, &start)? {
         return Ok(());
     }
     let mut msg = format!(
@@ -500,6 +548,8 @@ struct Ctx {
     queue: String,
     rec: Arc<Recorder>,
     progress: Arc<Progress>,
+    /// Items carry their key as dedup id and their priority (Lessor extensions).
+    extensions: bool,
 }
 
 fn key_of(payload: &[u8]) -> Key {
@@ -522,6 +572,12 @@ impl Ctx {
             .map(|k| QueueProduceItem {
                 reference: format!("k{k}"),
                 utf8: format!("k{k}"),
+                dedup_id: if self.extensions {
+                    format!("k{k}")
+                } else {
+                    String::new()
+                },
+                priority: if self.extensions { prio(*k) as i32 } else { 0 },
                 ..Default::default()
             })
             .collect();
@@ -581,6 +637,39 @@ impl Ctx {
                 None
             }
             Err(e) => panic!("{who}: lease failed: {e}"),
+        }
+    }
+
+    /// Extends the leases of the items by `lease`; returns whether the server accepted.
+    async fn extend(&self, who: &str, items: &[Lent], lease: Duration) -> bool {
+        let ids: Vec<u64> = items.iter().map(|l| l.id).collect();
+        let at = self.rec.now();
+        let res = self
+            .client
+            .call::<lessor_proto::routes::QueueExtend>(&lessor_proto::QueueExtendRequest {
+                queue_name: self.queue.clone(),
+                partition: 0,
+                ids: ids.iter().map(|id| format!("{id:016x}")).collect(),
+                lease_timeout: format!("{}s", lease.as_secs()),
+                request_timeout: "1m".into(),
+            })
+            .await;
+        let call = Call::Extend {
+            ids,
+            lease: i64::try_from(lease.as_micros()).expect("lease fits"),
+        };
+        match res {
+            Ok(_) => {
+                self.rec.push(who, at, call, Ret::Ok);
+                true
+            }
+            Err(ClientError::Api {
+                code: 400, message, ..
+            }) if message.contains("does not exist") => {
+                self.rec.push(who, at, call, Ret::Refused);
+                false
+            }
+            Err(e) => panic!("{who}: extend failed: {e}"),
         }
     }
 
@@ -651,7 +740,14 @@ struct Plan {
     /// Clock advances past the lease timeout while the consumers work.
     expiries: usize,
     rule: LeaseRule,
+    /// Lessor extensions: priorities 0..=2, a dedup id on every item, producers sending some items twice, and
+    /// consumers extending some leases (by [`EXTEND_BY`]) before settling them.
+    extensions: bool,
 }
+
+/// How long an extension makes a lease: longer than one clock advance, so an extended lease outlives an expiry
+/// that an unextended one would not.
+const EXTEND_BY: Duration = Duration::from_secs(90);
 
 /// Polls `cond` every few milliseconds, up to ~30 s of wall time; false when it never held.
 async fn eventually(mut cond: impl FnMut() -> bool) -> bool {
@@ -671,6 +767,16 @@ async fn consumer(ctx: Ctx, who: String, plan: Plan, mut rng: Rng) {
             break;
         };
         jitter(&mut rng).await;
+        let items = if plan.extensions && rng.percent(50) {
+            // Keep the lease going; when it was refused (the lease ended), nothing of it may be settled.
+            if !ctx.extend(&who, &items, EXTEND_BY).await {
+                continue;
+            }
+            jitter(&mut rng).await;
+            items
+        } else {
+            items
+        };
         let (mut retry, mut done) = (Vec::new(), Vec::new());
         for l in items {
             let again = rng.percent(plan.retry_percent) && {
@@ -724,6 +830,11 @@ async fn run(plan: Plan, seed: u64) {
             ops: Mutex::new(Vec::new()),
         }),
         progress: Arc::new(Progress::default()),
+        extensions: plan.extensions,
+    };
+    let start = State {
+        now: clock.now().0,
+        ..Default::default()
     };
     let mut rng = Rng::new(seed);
     let total = plan.producers * plan.items_per_producer;
@@ -734,15 +845,31 @@ async fn run(plan: Plan, seed: u64) {
         let mut rng = rng.fork();
         let first = p * plan.items_per_producer;
         let max_produce = plan.max_produce;
+        let extensions = plan.extensions;
         let keys: Vec<Key> = (first..first + plan.items_per_producer)
-            .map(|k| k as Key)
+            .map(|k| {
+                // With extensions, a key's thousands digit is its priority (see `prio`).
+                let p = if extensions {
+                    rng.range_usize(0, 2) as Key
+                } else {
+                    0
+                };
+                p * 1000 + k as Key
+            })
             .collect();
         producers.push(tokio::spawn(async move {
             let who = format!("p{p}");
             let mut rest = keys.as_slice();
+            let mut sent: Vec<Key> = Vec::new();
             while !rest.is_empty() {
                 let n = rng.range_usize(1, max_produce.min(rest.len()));
-                ctx.produce(&who, rest[..n].to_vec()).await;
+                let mut batch = rest[..n].to_vec();
+                // An at-least-once producer: sometimes a key it already sent goes again, alone or with new ones.
+                if extensions && !sent.is_empty() && rng.percent(40) {
+                    batch.push(sent[rng.range_usize(0, sent.len() - 1)]);
+                }
+                ctx.produce(&who, batch).await;
+                sent.extend_from_slice(&rest[..n]);
                 rest = &rest[n..];
                 jitter(&mut rng).await;
             }
@@ -837,7 +964,7 @@ async fn run(plan: Plan, seed: u64) {
     );
 
     let ops = ctx.rec.ops.lock().expect("ops lock").clone();
-    if let Err(e) = check(&ops, plan.rule) {
+    if let Err(e) = check_from(&ops, plan.rule, start) {
         panic!("{} seed {seed}: {e}", plan.name);
     }
     srv.stop().await;
@@ -868,6 +995,7 @@ async fn produce_lease_complete_single_item_leases() {
         stallers: 0,
         expiries: 0,
         rule: LeaseRule::Prefix,
+        extensions: false,
     };
     run_seeds(plan, &SEEDS).await;
 }
@@ -885,6 +1013,7 @@ async fn produce_lease_complete() {
         stallers: 0,
         expiries: 0,
         rule: LeaseRule::HeadSubsequence,
+        extensions: false,
     };
     run_seeds(plan, &SEEDS).await;
 }
@@ -902,6 +1031,7 @@ async fn produce_lease_retry_complete() {
         stallers: 0,
         expiries: 0,
         rule: LeaseRule::HeadSubsequence,
+        extensions: false,
     };
     run_seeds(plan, &SEEDS).await;
 }
@@ -919,6 +1049,86 @@ async fn lease_expiry() {
         stallers: 3,
         expiries: 2,
         rule: LeaseRule::HeadSubsequence,
+        extensions: false,
     };
     run_seeds(plan, &SEEDS).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn extensions_priorities_dedup_and_extend() {
+    let plan = Plan {
+        name: "ext",
+        max_produce: 3,
+        producers: 2,
+        items_per_producer: 6,
+        consumers: 2,
+        max_batch: 2,
+        retry_percent: 20,
+        stallers: 2,
+        expiries: 2,
+        rule: LeaseRule::HeadSubsequence,
+        extensions: true,
+    };
+    run_seeds(plan, &SEEDS).await;
+}
+
+#[test]
+fn checker_rejects_a_lower_priority_served_first() {
+    // k1000 has priority 1, k1 priority 0: the lease must take k1000 although k1 came first.
+    let (lc, lr) = lease(1, &[lent(1, 1)]);
+    let h = vec![op(0, 1, Call::Produce(vec![1, 1000]), Ret::Ok), op(2, 3, lc, lr)];
+    assert!(check(&h, LeaseRule::Prefix).is_err());
+    let (lc, lr) = lease(1, &[lent(1, 1000)]);
+    let h = vec![op(0, 1, Call::Produce(vec![1, 1000]), Ret::Ok), op(2, 3, lc, lr)];
+    check(&h, LeaseRule::Prefix).expect("highest priority first");
+}
+
+#[test]
+fn checker_rejects_a_duplicate_stored_twice() {
+    let (lc1, lr1) = lease(1, &[lent(1, 5)]);
+    let (lc2, lr2) = lease(1, &[lent(2, 5)]);
+    let h = vec![
+        op(0, 1, Call::Produce(vec![5]), Ret::Ok),
+        op(2, 3, Call::Produce(vec![5]), Ret::Ok),
+        op(4, 5, lc1, lr1),
+        op(6, 7, Call::Complete(vec![1]), Ret::Ok),
+        op(8, 9, lc2, lr2),
+    ];
+    assert!(
+        check(&h, LeaseRule::Prefix).is_err(),
+        "a key produced twice is stored once"
+    );
+}
+
+#[test]
+fn checker_rejects_an_extended_lease_that_expires_early() {
+    // Leased at 0 (deadline 100), extended by 500 at time 0: an expiry at 200 must not take it back.
+    let (lc, lr) = lease(1, &[lent(1, 1)]);
+    let (lc2, lr2) = lease(1, &[lent(2, 1)]);
+    let h = vec![
+        op(0, 1, Call::Produce(vec![1]), Ret::Ok),
+        op(2, 3, lc, lr),
+        op(
+            4,
+            5,
+            Call::Extend {
+                ids: vec![1],
+                lease: 500,
+            },
+            Ret::Ok,
+        ),
+        op(6, 7, Call::Expire { cutoff: 200 }, Ret::Ok),
+        op(8, 9, lc2, lr2),
+    ];
+    assert!(check(&h, LeaseRule::Prefix).is_err());
+    // Without the extension the same expiry does take it back.
+    let (lc, lr) = lease(1, &[lent(1, 1)]);
+    let (lc2, lr2) = lease(1, &[lent(2, 1)]);
+    let h = vec![
+        op(0, 1, Call::Produce(vec![1]), Ret::Ok),
+        op(2, 3, lc, lr),
+        op(6, 7, Call::Expire { cutoff: 200 }, Ret::Ok),
+        op(8, 9, lc2, lr2),
+    ];
+    check(&h, LeaseRule::Prefix).expect("expired and leased again");
 }

@@ -6,7 +6,10 @@
 //! - every produced item is leased exactly once per lease cycle (never held by two consumers, never leased again
 //!   after it completed), with its payload, encoding, kind and reference preserved and `attempts` equal to the
 //!   number of times it was leased;
-//! - items leased for the first time reach each consumer in FIFO (production) order;
+//! - items leased for the first time reach each consumer in FIFO (production) order within their priority;
+//! - Lessor extensions, chosen at random per case: priorities (0..=2); a dedup id on every item with every produce
+//!   request sent twice (an at-least-once producer), which must store each item once; lease extensions before
+//!   settling, which must always be accepted for a lease that is held;
 //! - every item completes exactly once, after which the queue is empty (stats total 0, nothing leased) and a final
 //!   lease ends with 454 "request timeout".
 
@@ -41,6 +44,9 @@ struct Params {
     retry_percent: u64,
     json: bool,
     seed: u64,
+    priorities: bool,
+    dedup: bool,
+    extend_percent: u64,
 }
 
 /// What a produced item must look like when leased.
@@ -86,6 +92,8 @@ fn build_items(p: &Params) -> (Vec<QueueProduceItem>, Vec<Expected>) {
             encoding: p.encoding.clone(),
             kind: p.kind.clone(),
             reference: reference.clone(),
+            priority: if p.priorities { (i % 3) as i32 } else { 0 },
+            dedup_id: if p.dedup { format!("d{i}") } else { String::new() },
             ..Default::default()
         };
         let payload = if i % 3 == 0 {
@@ -145,7 +153,8 @@ fn on_leased(shared: &Shared, who: &str, it: &QueueLeaseItem) -> usize {
 }
 
 async fn consumer(client: Client, shared: Arc<Shared>, who: String, p: Params, mut rng: u64) {
-    let mut last_first_cycle: Option<usize> = None;
+    // The last first-cycle item seen, per priority.
+    let mut last_first_cycle: [Option<usize>; 3] = [None; 3];
     loop {
         let res = client
             .queue_lease(&QueueLeaseRequest {
@@ -175,6 +184,22 @@ async fn consumer(client: Client, shared: Arc<Shared>, who: String, p: Params, m
             leased.items.len() <= p.lease_batch,
             "{who}: more items than the batch size"
         );
+        rng = rng
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(1_442_695_040_888_963_407);
+        if (rng >> 33) % 100 < p.extend_percent {
+            // Nobody else can hold these and no clock moves while the consumers run: the extension must hold.
+            client
+                .call::<lessor_proto::routes::QueueExtend>(&lessor_proto::QueueExtendRequest {
+                    queue_name: QUEUE.into(),
+                    partition: leased.partition,
+                    ids: leased.items.iter().map(|it| it.id.clone()).collect(),
+                    lease_timeout: "5m".into(),
+                    request_timeout: "1m".into(),
+                })
+                .await
+                .unwrap_or_else(|e| panic!("{who}: extend failed: {e}"));
+        }
         let mut complete = Vec::new();
         let mut retry = Vec::new();
         for it in &leased.items {
@@ -182,12 +207,15 @@ async fn consumer(client: Client, shared: Arc<Shared>, who: String, p: Params, m
             let mut track = shared.track.lock().expect("track lock");
             let t = &mut track[i];
             if t.leases == 1 {
-                // Items on their first cycle keep their production order.
+                // Items on their first cycle keep their production order (within their priority).
+                let level = if p.priorities { i % 3 } else { 0 };
+                assert_eq!(it.priority, level as i32, "{who}: priority of item {i}");
+                let last = &mut last_first_cycle[level];
                 assert!(
-                    last_first_cycle.is_none_or(|last| last < i),
-                    "{who}: item {i} after item {last_first_cycle:?}: FIFO order broken"
+                    last.is_none_or(|last| last < i),
+                    "{who}: item {i} after item {last:?}: FIFO order broken"
                 );
-                last_first_cycle = Some(i);
+                *last = Some(i);
             }
             rng = rng
                 .wrapping_mul(6_364_136_223_846_793_005)
@@ -290,14 +318,17 @@ async fn scenario(p: Params) {
     }
     // Produce while the consumers are already long-polling.
     for chunk in items.chunks(p.produce_batch) {
-        client
-            .queue_produce(&QueueProduceRequest {
-                queue_name: QUEUE.into(),
-                request_timeout: "1m".into(),
-                items: chunk.to_vec(),
-            })
-            .await
-            .expect("produce");
+        // With dedup ids, each request goes twice, as a producer that lost the first answer would send it.
+        for _ in 0..if p.dedup { 2 } else { 1 } {
+            client
+                .queue_produce(&QueueProduceRequest {
+                    queue_name: QUEUE.into(),
+                    request_timeout: "1m".into(),
+                    items: chunk.to_vec(),
+                })
+                .await
+                .expect("produce");
+        }
     }
 
     // Wait (bounded) for every item to complete; a consumer that panicked ends the wait early.
@@ -377,6 +408,7 @@ fn params() -> impl Strategy<Value = Params> {
         proptest::collection::vec(any::<u8>(), 0..48),
         ("\\PC{0,12}", "\\PC{0,12}", "\\PC{0,24}"),
         (1usize..=4, 0u64..=50, any::<bool>(), any::<u64>()),
+        (any::<bool>(), any::<bool>(), 0u64..=50),
     )
         .prop_map(
             |(
@@ -384,6 +416,7 @@ fn params() -> impl Strategy<Value = Params> {
                 payload,
                 (encoding, kind, reference),
                 (consumers, retry, json, seed),
+                (priorities, dedup, extend_percent),
             )| {
                 Params {
                     count,
@@ -397,6 +430,9 @@ fn params() -> impl Strategy<Value = Params> {
                     retry_percent: retry,
                     json,
                     seed,
+                    priorities,
+                    dedup,
+                    extend_percent,
                 }
             },
         )

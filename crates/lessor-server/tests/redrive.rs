@@ -5,7 +5,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use lessor_core::engine::{Engine, EngineConfig, NamedStore, ProduceItem, RedriveRequest, RedriveStatus, RedriveTask};
+use lessor_core::engine::{
+    Engine, EngineConfig, NamedStore, ProduceItem, RedriveRequest, RedriveStatus, RedriveTask,
+};
 use lessor_core::time::ManualClock;
 use lessor_core::types::{Limits, QueueInfo, RetryItem};
 use lessor_storage::memory::{MemoryQueues, MemoryStore};
@@ -89,7 +91,11 @@ async fn setup(e: &Engine, na: usize, nb: usize) {
     }
     let want = (na + nb) as u64;
     poll_until(Duration::from_secs(10), Duration::from_millis(10), || async {
-        if depth(e, "dlq").await == want { Ok(()) } else { Err(format!("dlq {}", depth(e, "dlq").await)) }
+        if depth(e, "dlq").await == want {
+            Ok(())
+        } else {
+            Err(format!("dlq {}", depth(e, "dlq").await))
+        }
     })
     .await
     .expect("dead items reach the dead-letter queue");
@@ -98,7 +104,11 @@ async fn setup(e: &Engine, na: usize, nb: usize) {
 async fn wait_done(e: &Engine, id: &str) -> RedriveTask {
     poll_until(Duration::from_secs(20), Duration::from_millis(10), || async {
         let t = e.redrive_get(id).await.expect("get");
-        if t.status != RedriveStatus::Running { Ok(t) } else { Err(format!("{t:?}")) }
+        if t.status != RedriveStatus::Running {
+            Ok(t)
+        } else {
+            Err(format!("{t:?}"))
+        }
     })
     .await
     .expect("redrive finishes")
@@ -152,8 +162,12 @@ async fn items_go_back_to_their_sources_with_attempts_reset() {
     b.sort();
     assert_eq!(a.len(), 30);
     assert_eq!(b.len(), 20);
-    assert!(a.iter().all(|(p, attempts, kind)| p.starts_with('a') && *attempts == 1 && kind == "x"));
-    assert!(b.iter().all(|(p, attempts, kind)| p.starts_with('b') && *attempts == 1 && kind == "y"));
+    assert!(a
+        .iter()
+        .all(|(p, attempts, kind)| p.starts_with('a') && *attempts == 1 && kind == "x"));
+    assert!(b
+        .iter()
+        .all(|(p, attempts, kind)| p.starts_with('b') && *attempts == 1 && kind == "y"));
     let distinct: std::collections::HashSet<_> = a.iter().map(|x| &x.0).collect();
     assert_eq!(distinct.len(), 30, "no item doubled");
     let listed = e.redrive_list("dlq").await.expect("list");
@@ -217,7 +231,11 @@ async fn rate_limit_and_cancel() {
     // At 2 items/s the first batch is 2 items, then the task waits for the (manual) clock.
     let first = poll_until(Duration::from_secs(10), Duration::from_millis(10), || async {
         let t = e.redrive_get(&t.id).await.expect("get");
-        if t.moved >= 2 { Ok(t) } else { Err(format!("{t:?}")) }
+        if t.moved >= 2 {
+            Ok(t)
+        } else {
+            Err(format!("{t:?}"))
+        }
     })
     .await
     .expect("first batch");
@@ -234,7 +252,14 @@ async fn rate_limit_and_cancel() {
     assert!(err.to_string().starts_with("dead_queue is invalid;"), "{err}");
     clock.advance(Duration::from_secs(1));
     poll_until(Duration::from_secs(10), Duration::from_millis(10), || async {
-        { let t = e.redrive_get(&t.id).await.expect("get"); if t.moved >= 4 { Ok(()) } else { Err(format!("{t:?}")) } }
+        {
+            let t = e.redrive_get(&t.id).await.expect("get");
+            if t.moved >= 4 {
+                Ok(())
+            } else {
+                Err(format!("{t:?}"))
+            }
+        }
     })
     .await
     .expect("second batch after a second");
@@ -264,13 +289,19 @@ async fn bad_requests_name_the_field() {
         async move { e.redrive_start(r).await.expect_err("refused").to_string() }
     };
     let m = start("a", "").await;
-    assert!(m.starts_with("dead_queue is invalid;") && m.contains("not the dead_queue of any queue"), "{m}");
+    assert!(
+        m.starts_with("dead_queue is invalid;") && m.contains("not the dead_queue of any queue"),
+        "{m}"
+    );
     let m = start("nope", "").await;
     assert!(m.starts_with("queue does not exist;"), "{m}");
     let m = start("dlq", "dlq").await;
     assert!(m.starts_with("target_queue is invalid;"), "{m}");
     let m = start("dlq", "missing").await;
-    assert!(m.starts_with("target_queue is invalid;") && m.contains("does not exist"), "{m}");
+    assert!(
+        m.starts_with("target_queue is invalid;") && m.contains("does not exist"),
+        "{m}"
+    );
     let m = e.redrive_get("rd-nope").await.expect_err("unknown").to_string();
     assert!(m.starts_with("task_id is invalid;"), "{m}");
 }

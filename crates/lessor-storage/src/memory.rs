@@ -15,7 +15,9 @@ use lessor_core::storage::{
     LifecycleOutcome, LifecyclePolicy, Partition, PartitionStore, QueuesStore, RetryOp, RetryOutcome,
 };
 use lessor_core::time::Ts;
-use lessor_core::types::{ClearRequest, DedupRecord, Item, ItemId, NewItem, PartitionCounts, PartitionStats, QueueInfo};
+use lessor_core::types::{
+    ClearRequest, DedupRecord, Item, ItemId, NewItem, PartitionCounts, PartitionStats, QueueInfo,
+};
 
 use crate::state::PartitionState;
 
@@ -110,7 +112,8 @@ impl PartitionStore for MemoryStore {
             // Ids start at the current time in microseconds, so a deleted and re-created queue never reuses an id.
             let floor = ItemId::floor_now().0;
             Arc::new(MemoryPartition {
-                state: Mutex::new(PartitionState::new(floor)),
+                // Nothing to persist: building change sets would only copy every item written.
+                state: Mutex::new(PartitionState::new(floor).without_changes()),
             })
         });
         Ok(p.clone())

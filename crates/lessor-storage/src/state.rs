@@ -10,23 +10,36 @@
 //! - Ready and leased items live in [`Slot`]s, 48 bytes each, in chunks of 1,024 addressed by id. Ids grow by one
 //!   per allocation, so a chunk is dense while its items are in the queue and is freed once all of them are gone.
 //!   Strings and the payload share one boxed byte buffer; absent strings cost nothing.
-//! - The ready queue needs no index of its own: an item becomes ready only under a fresh id at the tail, and leases
-//!   take from the head, so every ready id lies at or after a cursor that only moves forward.
+//! - The ready queue of priority 0 (the default) needs no index of its own: an item becomes ready only under a
+//!   fresh id at the tail, and leases take from the head, so every ready priority-0 id lies at or after a cursor
+//!   that only moves forward. Each higher priority has a FIFO of ids (8 bytes per ready item), pushed in id order
+//!   for the same reason; ids that stopped being ready (deleted, expired) are skipped when they reach the front,
+//!   and a FIFO holding more than twice its ready count is compacted, so stale ids cost O(1) each, amortized.
+//!   A lease serves the FIFOs from the highest priority down, then the cursor: no cost grows with depth.
 //! - Deadline indexes (lease expiry, item expiry) map a deadline to the ids sharing it. A batch shares one deadline,
-//!   so an entry costs one id. Entries of items that left are dropped lazily, but the first entry of each index is
-//!   kept valid after every operation, so the next deadline is always exact.
+//!   so an entry costs one id. Entries of items that left (or whose lease was extended: the new deadline gets an
+//!   entry of its own) are dropped lazily, but the first deadline of each index keeps a current id last in its list
+//!   after every operation, so the next deadline is always exact.
 //! - Scheduled and dead items are rarer and keep whole [`Item`]s in ordered maps.
+//! - Dedup records (the `dedup` submodule) live beside the items and outlive them on purpose: a consumed item's key must still
+//!   be refused within the window.
 //!
 //! Every operation costs O(log n) per item touched; none scans the partition.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::time::Duration;
 
 use bytes::Bytes;
 use lessor_core::error::ItemError;
 use lessor_core::storage::{LifecycleOutcome, LifecyclePolicy, RetryAction, RetryOp, RetryOutcome};
 use lessor_core::time::Ts;
-use lessor_core::types::{ClearRequest, Item, ItemId, NewItem, PartitionCounts, PartitionStats};
+use lessor_core::types::{
+    ClearRequest, DedupRecord, Item, ItemId, NewItem, PartitionCounts, PartitionStats, MAX_PRIORITY,
+};
+
+mod dedup;
+
+use dedup::DedupSet;
 
 /// What an operation changed, for a persistent backend to write in one atomic batch.
 #[derive(Debug, Default, Clone)]
@@ -35,14 +48,25 @@ pub struct Changes {
     pub put: Vec<Item>,
     /// Ids removed.
     pub del: Vec<ItemId>,
+    /// Dedup records written.
+    pub dedup_put: Vec<DedupRecord>,
+    /// Dedup records removed, by `(until, id)` (what identifies a record: a key may be recorded again later).
+    pub dedup_del: Vec<(Ts, ItemId)>,
 }
 
 impl Changes {
     /// Whether nothing changed.
     pub fn is_empty(&self) -> bool {
-        self.put.is_empty() && self.del.is_empty()
+        self.put.is_empty() && self.del.is_empty() && self.dedup_put.is_empty() && self.dedup_del.is_empty()
     }
 }
+
+/// Number of priorities (0..=MAX_PRIORITY).
+const PRIORITIES: usize = MAX_PRIORITY as usize + 1;
+/// A priority FIFO is compacted once it holds more than twice its ready items plus this many ids.
+const COMPACT_SLACK: usize = 64;
+/// Expired dedup records a produce call drops beyond as many as it adds, so a backlog drains too.
+const PRUNE_EXTRA: usize = 16;
 
 const CHUNK: u64 = 1024;
 const LIVE: u8 = 1;
@@ -64,6 +88,8 @@ struct Slot {
     lease_deadline: i64,
     attempts: u32,
     flags: u8,
+    /// Fits in the padding after `flags`: the slot stays 48 bytes.
+    priority: u8,
     data: Option<Box<[u8]>>,
 }
 
@@ -112,6 +138,7 @@ impl Slot {
             lease_deadline: if it.is_leased { it.lease_deadline.0 } else { 0 },
             attempts: it.attempts,
             flags: LIVE | if it.is_leased { LEASED } else { 0 },
+            priority: it.priority.min(MAX_PRIORITY),
             data: Some(buf.into_boxed_slice()),
         }
     }
@@ -124,6 +151,7 @@ impl Slot {
             expire_deadline: Ts(self.expire_deadline),
             created_at: Ts(self.created_at),
             attempts: self.attempts,
+            priority: self.priority,
             ..Default::default()
         };
         let Some(data) = &self.data else { return it };
@@ -181,9 +209,13 @@ pub struct PartitionState {
     track: bool,
     /// Ready and leased items, by id / CHUNK.
     chunks: BTreeMap<u64, Chunk>,
-    /// Every ready id is at or after this one.
+    /// Every ready priority-0 id is at or after this one.
     cursor: u64,
     ready: u64,
+    /// Ready items per priority (they sum to `ready`).
+    ready_by_prio: [u64; PRIORITIES],
+    /// Per priority above 0: ready ids in id order, plus stale ids of items that left (skipped lazily).
+    fifo: [VecDeque<u64>; PRIORITIES],
     leased: u64,
     /// Lease deadline -> ids leased with it (lazily pruned).
     leases: DeadlineIndex,
@@ -202,6 +234,8 @@ pub struct PartitionState {
     /// Sum of lease deadlines over leased items.
     sum_lease: i128,
     payload_bytes: u64,
+    /// Dedup records.
+    dedup: DedupSet,
 }
 
 impl Default for PartitionState {
@@ -211,24 +245,6 @@ impl Default for PartitionState {
 }
 
 impl PartitionState {
-    /// Extends leases (see [`lessor_core::storage::Partition::extend`]). TODO(issue 10): implement.
-    pub fn extend(&mut self, requests: Vec<(Vec<ItemId>, Ts)>) -> (Vec<Result<(), ItemError>>, Changes) {
-        let _ = &requests;
-        (
-            requests
-                .iter()
-                .map(|r| Err(ItemError::NotFound(r.0.first().map(|i| i.to_string()).unwrap_or_default())))
-                .collect(),
-            Changes::default(),
-        )
-    }
-
-    /// The live dedup records. TODO(issue 10): implement.
-    pub fn dedup_records(&self, now: Ts) -> Vec<lessor_core::types::DedupRecord> {
-        let _ = now;
-        Vec::new()
-    }
-
     /// An empty partition whose ids start above `floor` (use the current time in microseconds, so ids stay unique
     /// across a delete and re-create). Changes are tracked.
     pub fn new(floor: u64) -> Self {
@@ -238,6 +254,8 @@ impl PartitionState {
             chunks: BTreeMap::new(),
             cursor: 0,
             ready: 0,
+            ready_by_prio: [0; PRIORITIES],
+            fifo: std::array::from_fn(|_| VecDeque::new()),
             leased: 0,
             leases: BTreeMap::new(),
             expire: BTreeMap::new(),
@@ -248,6 +266,7 @@ impl PartitionState {
             sum_created: 0,
             sum_lease: 0,
             payload_bytes: 0,
+            dedup: DedupSet::default(),
         }
     }
 
@@ -265,7 +284,7 @@ impl PartitionState {
         let mut min_ready = u64::MAX;
         for it in items {
             s.next_id = s.next_id.max(it.id.0 + 1);
-            if !it.dead && !it.is_scheduled() && !it.is_leased {
+            if !it.dead && !it.is_scheduled() && !it.is_leased && it.priority == 0 {
                 min_ready = min_ready.min(it.id.0);
             }
             s.insert(it);
@@ -277,6 +296,13 @@ impl PartitionState {
         };
         s.clean_fronts();
         s
+    }
+
+    /// Adds stored dedup records to a state built by [`PartitionState::load`] (expired ones too: later calls drop
+    /// them, and their deletion reaches the disk). Of two records of one key, the later `until` holds the key.
+    pub fn with_dedup(mut self, records: impl IntoIterator<Item = DedupRecord>) -> Self {
+        self.dedup.restore(records);
+        self
     }
 
     fn alloc(&mut self) -> ItemId {
@@ -315,6 +341,12 @@ impl PartitionState {
             self.leases.entry(Ts(slot.lease_deadline)).or_default().push(id);
         } else {
             self.ready += 1;
+            let p = usize::from(slot.priority);
+            self.ready_by_prio[p] += 1;
+            if p > 0 {
+                // Ids reach a FIFO in increasing order: ready items always get the newest id (load sorts).
+                self.fifo[p].push_back(id);
+            }
         }
         self.expire.entry(Ts(slot.expire_deadline)).or_default().push(id);
         self.sum_created += i128::from(slot.created_at);
@@ -350,6 +382,14 @@ impl PartitionState {
             self.sum_lease -= i128::from(slot.lease_deadline);
         } else {
             self.ready -= 1;
+            let p = usize::from(slot.priority);
+            self.ready_by_prio[p] -= 1;
+            // The id stays in its FIFO until it reaches the front; compact once stale ids are the majority, so
+            // they never cost more than O(1) each.
+            if p > 0 && self.fifo[p].len() > 2 * self.ready_by_prio[p] as usize + COMPACT_SLACK {
+                let chunks = &self.chunks;
+                self.fifo[p].retain(|&id| ready_in(chunks, id));
+            }
         }
         self.sum_created -= i128::from(slot.created_at);
         Some(slot.to_item(id))
@@ -407,6 +447,17 @@ impl PartitionState {
         self.record_put(ch, id);
     }
 
+    /// Puts `it` into the schedule until `at`, keeping its id, recording the change.
+    fn schedule(&mut self, mut it: Item, at: Ts, ch: &mut Changes) {
+        it.is_leased = false;
+        it.lease_deadline = Ts::ZERO;
+        // A zero time would read as "not scheduled".
+        it.enqueue_at = at.max(Ts(1));
+        let id = it.id.0;
+        self.insert(it);
+        self.record_put(ch, id);
+    }
+
     /// Kills an item: kept for transfer when a dead-letter queue exists, dropped otherwise.
     fn die(&mut self, mut it: Item, policy: LifecyclePolicy, ch: &mut Changes) {
         if policy.has_dead_queue {
@@ -425,6 +476,9 @@ impl PartitionState {
     pub fn produce(&mut self, items: Vec<NewItem>) -> (Vec<ItemId>, Changes) {
         let mut ids = Vec::with_capacity(items.len());
         let mut ch = Changes::default();
+        // Records that ended before the earliest item of the call are expired for every item of it.
+        let earliest = items.iter().map(|n| n.created_at).min().unwrap_or(Ts::ZERO);
+        let mut recorded = 0usize;
         for n in items {
             if !n.source_id.is_empty() {
                 if let Some(&existing) = self.by_source.get(&n.source_id) {
@@ -432,7 +486,33 @@ impl PartitionState {
                     continue;
                 }
             }
+            let probe = if n.dedup_id.is_empty() {
+                None
+            } else {
+                match self.dedup.find(&n.dedup_id, n.created_at) {
+                    (Some(existing), _) => {
+                        ids.push(existing);
+                        continue;
+                    }
+                    (None, probe) => Some(probe),
+                }
+            };
             let id = self.alloc();
+            if let Some(probe) = probe.filter(|_| n.dedup_until > n.created_at) {
+                if self
+                    .dedup
+                    .insert(probe, &n.dedup_id, id, n.dedup_until, n.created_at)
+                {
+                    recorded += 1;
+                    if self.track {
+                        ch.dedup_put.push(DedupRecord {
+                            dedup_id: n.dedup_id.clone(),
+                            id,
+                            until: n.dedup_until,
+                        });
+                    }
+                }
+            }
             let it = Item {
                 id,
                 source_id: n.source_id,
@@ -443,6 +523,7 @@ impl PartitionState {
                 encoding: n.encoding,
                 kind: n.kind,
                 payload: n.payload,
+                priority: n.priority.min(MAX_PRIORITY),
                 ..Default::default()
             };
             ids.push(id);
@@ -451,15 +532,53 @@ impl PartitionState {
             }
             self.insert(it);
         }
+        self.prune_dedup(earliest, recorded + PRUNE_EXTRA, &mut ch);
         self.clean_fronts();
         (ids, ch)
+    }
+
+    /// Drops up to `limit` dedup records that ended at or before `now`.
+    fn prune_dedup(&mut self, now: Ts, limit: usize, ch: &mut Changes) {
+        let track = self.track;
+        self.dedup.prune(now, limit, |until, id| {
+            if track {
+                ch.dedup_del.push((until, id));
+            }
+        });
+    }
+
+    /// See [`lessor_core::storage::Partition::dedup_records`].
+    pub fn dedup_records(&self, now: Ts) -> Vec<DedupRecord> {
+        self.dedup.live(now)
+    }
+
+    /// Number of dedup records held, expired ones not yet dropped included.
+    pub fn dedup_len(&self) -> usize {
+        self.dedup.len()
     }
 
     /// See [`lessor_core::storage::Partition::lease`].
     pub fn lease(&mut self, n: usize, deadline: Ts) -> (Vec<Item>, Changes) {
         let mut out = Vec::with_capacity(n.min(self.ready as usize));
         let mut taken = Vec::with_capacity(out.capacity());
-        while out.len() < n && self.ready > 0 {
+        for p in (1..PRIORITIES).rev() {
+            while out.len() < n && self.ready_by_prio[p] > 0 {
+                let Some(id) = self.fifo[p].pop_front() else {
+                    break;
+                };
+                // Stale ids (items that left the ready queue since) are dropped here.
+                let Some(s) = slot_mut(&mut self.chunks, id).filter(|s| !s.leased()) else {
+                    continue;
+                };
+                s.flags |= LEASED;
+                s.lease_deadline = deadline.0;
+                s.attempts = s.attempts.saturating_add(1);
+                out.push(s.to_item(id));
+                taken.push(id);
+                self.ready_by_prio[p] -= 1;
+            }
+        }
+        while out.len() < n && self.ready_by_prio[0] > 0 {
             let Some((&key, chunk)) = self.chunks.range_mut(self.cursor / CHUNK..).next() else {
                 break;
             };
@@ -471,13 +590,15 @@ impl PartitionState {
             let mut off = start;
             while off < chunk.slots.len() && out.len() < n {
                 let s = &mut chunk.slots[off];
-                if s.live() && !s.leased() {
+                // Higher priorities are served from their FIFOs; the cursor passes over them.
+                if s.live() && !s.leased() && s.priority == 0 {
                     s.flags |= LEASED;
                     s.lease_deadline = deadline.0;
                     s.attempts = s.attempts.saturating_add(1);
                     let id = key * CHUNK + off as u64;
                     out.push(s.to_item(id));
                     taken.push(id);
+                    self.ready_by_prio[0] -= 1;
                 }
                 off += 1;
             }
@@ -504,7 +625,7 @@ impl PartitionState {
         let ch = if self.track {
             Changes {
                 put: out.clone(),
-                del: Vec::new(),
+                ..Default::default()
             }
         } else {
             Changes::default()
@@ -546,6 +667,37 @@ impl PartitionState {
         (out, ch)
     }
 
+    /// See [`lessor_core::storage::Partition::extend`].
+    pub fn extend(&mut self, requests: Vec<(Vec<ItemId>, Ts)>) -> (Vec<Result<(), ItemError>>, Changes) {
+        let mut ch = Changes::default();
+        let mut out = Vec::with_capacity(requests.len());
+        for (ids, deadline) in requests {
+            if let Err(e) = self.check_leased(ids.iter().copied()) {
+                out.push(Err(e));
+                continue;
+            }
+            for &id in &ids {
+                let Some(s) = slot_mut(&mut self.chunks, id.0) else {
+                    continue;
+                };
+                self.sum_lease += i128::from(deadline.0) - i128::from(s.lease_deadline);
+                s.lease_deadline = deadline.0;
+                // The entry under the old deadline goes stale (it no longer matches the slot) and is dropped
+                // lazily, like entries of items that left.
+                self.record_put(&mut ch, id.0);
+            }
+            if !ids.is_empty() {
+                self.leases
+                    .entry(deadline)
+                    .or_default()
+                    .extend(ids.iter().map(|i| i.0));
+            }
+            out.push(Ok(()));
+        }
+        self.clean_fronts();
+        (out, ch)
+    }
+
     /// See [`lessor_core::storage::Partition::retry`].
     pub fn retry(
         &mut self,
@@ -561,7 +713,7 @@ impl PartitionState {
             }
             let mut o = RetryOutcome::default();
             for op in ops {
-                let Some(mut it) = self.remove(op.id.0) else {
+                let Some(it) = self.remove(op.id.0) else {
                     continue;
                 };
                 let action = match op.action {
@@ -574,19 +726,18 @@ impl PartitionState {
                         o.dead += 1;
                         self.die(it, policy, &mut ch);
                     }
-                    // TODO(issue 10): apply the policy's backoff.
+                    RetryAction::Backoff(now) if policy.backoff.is_on() => {
+                        o.scheduled += 1;
+                        let at = now.add(policy.backoff.delay(it.attempts, it.id));
+                        self.schedule(it, at, &mut ch);
+                    }
                     RetryAction::Requeue | RetryAction::Backoff(_) => {
                         o.requeued += 1;
                         self.requeue(it, &mut ch);
                     }
                     RetryAction::Schedule(at) => {
                         o.scheduled += 1;
-                        it.is_leased = false;
-                        it.lease_deadline = Ts::ZERO;
-                        it.enqueue_at = at;
-                        let id = it.id.0;
-                        self.insert(it);
-                        self.record_put(&mut ch, id);
+                        self.schedule(it, at, &mut ch);
                     }
                 }
             }
@@ -632,6 +783,10 @@ impl PartitionState {
             if policy.exhausted(it.attempts) {
                 o.dead += 1;
                 self.die(it, policy, &mut ch);
+            } else if policy.backoff.is_on() {
+                o.lease_expired += 1;
+                let at = now.add(policy.backoff.delay(it.attempts, it.id));
+                self.schedule(it, at, &mut ch);
             } else {
                 o.lease_expired += 1;
                 self.requeue(it, &mut ch);
@@ -656,6 +811,9 @@ impl PartitionState {
             }
             done += 1;
         }
+        // Expired dedup records go too, within the same bound; they are no deadline of their own (produce drops
+        // them as well), so they do not count towards `more`.
+        self.prune_dedup(now, limit, &mut ch);
         self.clean_fronts();
         o.more = done >= limit && self.next_deadline().is_some_and(|d| d <= now);
         (o, ch)
@@ -762,6 +920,7 @@ impl PartitionState {
             }
             it.id = self.alloc();
             it.dead = false;
+            it.priority = it.priority.min(MAX_PRIORITY);
             if !it.is_leased {
                 it.lease_deadline = Ts::ZERO;
             }
@@ -847,6 +1006,18 @@ fn slot_in(chunks: &BTreeMap<u64, Chunk>, id: u64) -> Option<&Slot> {
         .filter(|s| s.live())
 }
 
+fn slot_mut(chunks: &mut BTreeMap<u64, Chunk>, id: u64) -> Option<&mut Slot> {
+    chunks
+        .get_mut(&(id / CHUNK))
+        .and_then(|c| c.slots.get_mut((id % CHUNK) as usize))
+        .filter(|s| s.live())
+}
+
+/// Whether `id` is a ready item.
+fn ready_in(chunks: &BTreeMap<u64, Chunk>, id: u64) -> bool {
+    slot_in(chunks, id).is_some_and(|s| !s.leased())
+}
+
 fn lease_valid(chunks: &BTreeMap<u64, Chunk>, d: Ts, id: u64) -> bool {
     slot_in(chunks, id).is_some_and(|s| s.leased() && s.lease_deadline == d.0)
 }
@@ -855,13 +1026,19 @@ fn expire_valid(chunks: &BTreeMap<u64, Chunk>, e: Ts, id: u64) -> bool {
     slot_in(chunks, id).is_some_and(|s| s.expire_deadline == e.0)
 }
 
-/// Removes stale entries from the front of `index` until its first deadline has a current entry.
+/// Removes stale entries from the front of `index` until its first deadline has a current entry. Within that
+/// deadline only the stale ids at the end go (as `pop_due` takes them): checking the whole list on every call would
+/// cost a batch's worth of lookups per call while a long-lived item (a low priority, a long lease) keeps an old
+/// deadline first.
 fn clean_front(index: &mut DeadlineIndex, valid: impl Fn(Ts, u64) -> bool) {
     while let Some(mut e) = index.first_entry() {
         let d = *e.key();
-        e.get_mut().retain(|&id| valid(d, id));
-        if !e.get().is_empty() {
-            return;
+        let ids = e.get_mut();
+        while let Some(&id) = ids.last() {
+            if valid(d, id) {
+                return;
+            }
+            ids.pop();
         }
         e.remove();
     }
@@ -939,9 +1116,143 @@ mod tests {
             encoding: "e".into(),
             kind: "k".into(),
             payload: Bytes::from_static(b"pay"),
+            priority: 9,
             ..Default::default()
         };
         assert_eq!(Slot::from_item(&it).to_item(7), it);
         assert_eq!(std::mem::size_of::<Slot>(), 48);
+    }
+
+    fn keyed(key: &str, created_at: i64, until: i64) -> NewItem {
+        NewItem {
+            dedup_id: key.into(),
+            dedup_until: Ts(until),
+            created_at: Ts(created_at),
+            ..new_item(key, Ts::ZERO)
+        }
+    }
+
+    /// Ids of high-priority items that leave without a lease (deleted here) do not pile up in their FIFO.
+    #[test]
+    fn priority_fifo_drops_stale_ids() {
+        let mut s = PartitionState::new(1);
+        let batch = (0..10_000)
+            .map(|i| NewItem {
+                priority: 5,
+                ..new_item(&i.to_string(), Ts::ZERO)
+            })
+            .collect();
+        let ids = s.produce(batch).0;
+        s.delete(ids[..9_990].to_vec());
+        assert_eq!(s.ready_by_prio[5], 10);
+        assert!(s.fifo[5].len() <= 2 * 10 + COMPACT_SLACK, "{}", s.fifo[5].len());
+        let got = s.lease(100, Ts(100)).0;
+        assert_eq!(
+            got.iter().map(|i| i.id).collect::<Vec<_>>(),
+            ids[9_990..].to_vec()
+        );
+        assert!(s.fifo[5].is_empty());
+        assert_eq!(s.counts().ready, 0);
+    }
+
+    /// Priority-0 items behind many higher-priority ones are found by the cursor, which passes the others once.
+    #[test]
+    fn cursor_skips_higher_priorities() {
+        let mut s = PartitionState::new(1);
+        let batch = (0..3000u32)
+            .map(|i| NewItem {
+                priority: if i % 3 == 0 { 0 } else { 2 },
+                ..new_item(&i.to_string(), Ts::ZERO)
+            })
+            .collect();
+        s.produce(batch);
+        let first = s.lease(2000, Ts(100)).0;
+        assert!(first.iter().all(|i| i.priority == 2));
+        let rest = s.lease(5000, Ts(100)).0;
+        assert_eq!(rest.len(), 1000);
+        assert!(rest.windows(2).all(|w| w[0].id < w[1].id && w[0].priority == 0));
+        assert_eq!(s.counts().ready, 0);
+    }
+
+    /// Produce drops at least as many expired records as it adds, lifecycle drops them too, and every drop is in
+    /// the change set.
+    #[test]
+    fn expired_dedup_records_are_dropped() {
+        let mut s = PartitionState::new(1);
+        for i in 0..100 {
+            s.produce(vec![keyed(&format!("old{i}"), 1, 10)]);
+        }
+        assert_eq!(s.dedup_len(), 100);
+        let (_, ch) = s.produce(vec![keyed("new0", 20, 500)]);
+        assert_eq!(ch.dedup_put.len(), 1);
+        assert_eq!(ch.dedup_del.len(), 1 + PRUNE_EXTRA);
+        assert_eq!(s.dedup_len(), 100 - PRUNE_EXTRA);
+        let (_, ch) = s.lifecycle(Ts(20), LifecyclePolicy::default(), 50);
+        assert_eq!(ch.dedup_del.len(), 50);
+        s.lifecycle(Ts(20), LifecyclePolicy::default(), 1000);
+        assert_eq!(s.dedup_len(), 1);
+        assert_eq!(s.dedup.keys(), 1);
+        assert_eq!(s.dedup_records(Ts(0)).len(), 1);
+    }
+
+    /// A key recorded again after its record ended replaces the record, on disk too.
+    #[test]
+    fn a_key_recorded_again_replaces_its_record() {
+        let mut s = PartitionState::new(1);
+        let a = s.produce(vec![keyed("k", 1, 10)]).0;
+        let (b, ch) = s.produce(vec![keyed("k", 10, 20)]);
+        assert_ne!(a, b);
+        // The ended record is dropped by the same call (it ended before the call's items were produced).
+        assert_eq!(ch.dedup_del, vec![(Ts(10), a[0])]);
+        assert_eq!(ch.dedup_put.len(), 1);
+        assert_eq!(s.dedup_len(), 1);
+        assert_eq!(s.produce(vec![keyed("k", 15, 30)]).0, b);
+        assert_eq!(
+            s.dedup_records(Ts(0)),
+            vec![DedupRecord {
+                dedup_id: "k".into(),
+                id: b[0],
+                until: Ts(20)
+            }]
+        );
+    }
+
+    /// Records given back after a restart work as before; of two records of one key the later one holds it, and
+    /// the other is dropped in time.
+    #[test]
+    fn with_dedup_restores_records() {
+        let rec = |k: &str, id: u64, until: i64| DedupRecord {
+            dedup_id: k.into(),
+            id: ItemId(id),
+            until: Ts(until),
+        };
+        let mut s = PartitionState::load(Vec::new(), 100).with_dedup(vec![
+            rec("a", 5, 50),
+            rec("b", 6, 30),
+            rec("b", 7, 40),
+        ]);
+        assert_eq!(s.produce(vec![keyed("a", 20, 90)]).0, vec![ItemId(5)]);
+        assert_eq!(s.produce(vec![keyed("b", 20, 90)]).0, vec![ItemId(7)]);
+        let (_, ch) = s.lifecycle(Ts(35), LifecyclePolicy::default(), 100);
+        assert_eq!(ch.dedup_del, vec![(Ts(30), ItemId(6))]);
+        assert_eq!(s.produce(vec![keyed("b", 36, 90)]).0, vec![ItemId(7)]);
+        assert_eq!(s.dedup_records(Ts(45)), vec![rec("a", 5, 50)]);
+    }
+
+    /// Extension moves the slot's deadline, the lease sums and the expiry index together.
+    #[test]
+    fn extend_keeps_lease_sums() {
+        let mut s = PartitionState::new(1);
+        s.produce(vec![new_item("a", Ts::ZERO), new_item("b", Ts::ZERO)]);
+        let l = s.lease(2, Ts(100)).0;
+        let (r, ch) = s.extend(vec![(vec![l[0].id], Ts(300))]);
+        assert_eq!(r, vec![Ok(())]);
+        assert_eq!(ch.put.len(), 1);
+        assert_eq!(ch.put[0].lease_deadline, Ts(300));
+        assert_eq!(s.sum_lease, 400);
+        assert_eq!(s.next_deadline(), Some(Ts(100)));
+        s.lifecycle(Ts(100), LifecyclePolicy::default(), 10);
+        assert_eq!(s.next_deadline(), Some(Ts(300)));
+        assert_eq!(s.sum_lease, 300);
     }
 }

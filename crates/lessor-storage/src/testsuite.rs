@@ -7,7 +7,8 @@
 //! Compiled only with the `testsuite` feature (the crate's own tests turn it on through a dev-dependency on
 //! itself), so the library that ships carries none of it. A case is a `pub async fn <name>(b: TestBackend)` at the
 //! top level of this file; a unit test below fails when one is missing from the macro's list, so a new case cannot
-//! silently never run. The auth store's cases live in [`auth`] and are listed the same way.
+//! silently never run. The auth store's cases live in [`auth`], and the cases of lease extension, priorities, retry
+//! backoff and deduplication in [`features`]; both are listed the same way.
 
 use std::any::Any;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -21,6 +22,7 @@ use lessor_core::time::Ts;
 use lessor_core::types::{Backoff, ClearRequest, Item, ItemId, NewItem, PartitionInfo, QueueInfo};
 
 pub mod auth;
+pub mod features;
 
 /// What a backend hands the suite.
 pub struct TestBackend {
@@ -725,6 +727,21 @@ macro_rules! conformance_tests {
             auth_service_key_use_is_recorded_sparingly,
             auth_kv_silent_commit_keeps_the_generation
         );
+        $crate::conformance_tests!(@feature_cases $make;
+            extend_moves_the_lease_deadline,
+            extend_is_all_or_nothing,
+            priority_serves_highest_first_fifo_within,
+            priority_survives_requeue_expiry_and_schedule,
+            priority_kept_by_list_import_and_dead_items,
+            backoff_on_lease_expiry_schedules,
+            backoff_retry_schedules_or_requeues,
+            dedup_skips_within_call_and_window,
+            dedup_key_accepted_again_after_until,
+            dedup_records_lists_live_records,
+            dedup_record_outlives_its_item,
+            dedup_expired_records_are_pruned,
+            queue_info_round_trips_new_fields
+        );
     };
     (@cases $make:path; $($case:ident),* $(,)?) => {
         $(
@@ -748,6 +765,17 @@ macro_rules! conformance_tests {
             }
         )*
     };
+    (@feature_cases $make:path; $($case:ident),* $(,)?) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $case() {
+                match $make().await {
+                    Some(backend) => $crate::testsuite::features::$case(backend).await,
+                    None => eprintln!("skipped: backend not configured"),
+                }
+            }
+        )*
+    };
 }
 
 #[cfg(test)]
@@ -762,7 +790,8 @@ mod tests {
             .collect()
     }
 
-    /// The names the macro expands to tests, from its `<list> $make;` list (`@cases` or `@auth_cases`).
+    /// The names the macro expands to tests, from its `<list> $make;` list (`@cases`, `@auth_cases` or
+    /// `@feature_cases`).
     fn cases_listed(src: &str, list: &str) -> Vec<String> {
         let start = src
             .find(&format!("({list} $make;\n"))
@@ -809,6 +838,21 @@ mod tests {
         assert_eq!(
             defined, listed,
             "auth cases defined (left) and listed in conformance_tests! (right)"
+        );
+    }
+
+    #[test]
+    fn every_feature_case_is_in_the_macros_list() {
+        let defined = cases_defined(include_str!("testsuite/features.rs"));
+        let listed = cases_listed(include_str!("testsuite.rs"), "@feature_cases");
+        assert!(
+            defined.len() >= 10,
+            "found only {} feature cases: {defined:?}",
+            defined.len()
+        );
+        assert_eq!(
+            defined, listed,
+            "feature cases defined (left) and listed in conformance_tests! (right)"
         );
     }
 

@@ -10,7 +10,7 @@ use bytes::Bytes;
 use lessor_core::error::StorageErrorKind;
 use lessor_core::storage::{LifecyclePolicy, Partition, PartitionStore, QueuesStore, RetryAction, RetryOp};
 use lessor_core::time::Ts;
-use lessor_core::types::{Item, NewItem, PartitionInfo, QueueInfo};
+use lessor_core::types::{Backoff, DedupRecord, Item, NewItem, PartitionInfo, QueueInfo};
 use lessor_storage::fjall::{
     Durability, FjallQueues, FjallStore, PARTITIONS_DIR, PARTITIONS_FORMAT_VERSION, QUEUES_DIR,
 };
@@ -160,6 +160,151 @@ async fn restart_keeps_queues_items_leases_schedules_and_dead_items() {
     let (store, _queues) = open_both(dir.path());
     let p = store.open("orders", 0).await.expect("reopen");
     assert!(p.dead_items(10).await.expect("dead").is_empty());
+}
+
+/// The issue-10 state survives a restart: item priorities (and the serving order they give), extended lease
+/// deadlines, an item backed off into the schedule after a lease expiry, dedup records (also of consumed items;
+/// pruned ones stay gone) and the queue settings.
+#[tokio::test]
+async fn restart_keeps_priorities_dedup_records_backoff_and_queue_settings() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (store, queues) = open_both(dir.path());
+    let mut q = queue("features");
+    q.dedup_window = SEC * 120;
+    q.retry_backoff = Backoff {
+        base: SEC * 10,
+        factor: 3.0,
+        max: SEC * 600,
+        jitter: 0.3,
+    };
+    q.paused = true;
+    q.max_lease_timeout = SEC * 900;
+    queues.add(&q).await.expect("add queue");
+    let policy = LifecyclePolicy {
+        max_attempts: 5,
+        has_dead_queue: true,
+        backoff: q.retry_backoff,
+    };
+    let p = store.open("features", 0).await.expect("open");
+    let keyed = |payload: &str, key: &str, priority: u8, until: Ts| NewItem {
+        priority,
+        dedup_id: key.into(),
+        dedup_until: until,
+        ..item(payload)
+    };
+    // Records that end early, dropped by a lifecycle pass before the restart: they must stay gone.
+    p.produce(vec![keyed("short", "short-key", 0, T0.add(SEC * 5))])
+        .await
+        .expect("produce");
+    let until = T0.add(SEC * 120);
+    let ids = p
+        .produce(vec![
+            keyed("a", "ka", 0, until),
+            keyed("b", "kb", 3, until),
+            keyed("c", "kc", 9, until),
+            keyed("d", "kd", 3, until),
+            keyed("e", "ke", 5, until),
+        ])
+        .await
+        .expect("produce");
+    // c (9) is consumed: its record must still refuse "kc" after the restart.
+    let c = p.lease(1, T0.add(SEC * 10)).await.expect("lease").remove(0);
+    assert_eq!(c.priority, 9);
+    p.complete(vec![vec![c.id]]).await.expect("complete");
+    // e (5) is leased and extended.
+    let e = p.lease(1, T0.add(SEC * 10)).await.expect("lease").remove(0);
+    assert_eq!(e.priority, 5);
+    assert_eq!(
+        p.extend(vec![(vec![e.id], T0.add(SEC * 300))])
+            .await
+            .expect("extend"),
+        vec![Ok(())]
+    );
+    // b (3) is leased, its lease expires under the backoff policy: scheduled, same id.
+    let b = p.lease(1, T0.add(SEC * 10)).await.expect("lease").remove(0);
+    assert_eq!(b.id, ids[1]);
+    let now = T0.add(SEC * 10);
+    let o = p.lifecycle(now, policy, 100).await.expect("lifecycle");
+    assert_eq!(o.lease_expired, 1);
+    let due = now.add(q.retry_backoff.delay(1, b.id));
+    let before = snapshot(p.as_ref()).await;
+    assert_eq!(before.scheduled.len(), 1);
+    assert_eq!(
+        (before.scheduled[0].id, before.scheduled[0].enqueue_at),
+        (b.id, due)
+    );
+    let records_before = p.dedup_records(T0).await.expect("records");
+    assert_eq!(
+        records_before.len(),
+        5,
+        "the short record was dropped: {records_before:?}"
+    );
+    assert!(records_before.iter().all(|r| r.dedup_id != "short-key"));
+    p.close().await;
+    drop(p);
+    store.close().await;
+    queues.close().await;
+    drop((store, queues));
+
+    let (store, queues) = open_both(dir.path());
+    assert_eq!(queues.get("features").await.expect("get"), Some(q));
+    let p = store.open("features", 0).await.expect("reopen");
+    assert_eq!(snapshot(p.as_ref()).await, before);
+    let mut records_after = p.dedup_records(T0).await.expect("records");
+    let mut expected = records_before.clone();
+    records_after.sort_by(|x, y| x.dedup_id.cmp(&y.dedup_id));
+    expected.sort_by(|x, y| x.dedup_id.cmp(&y.dedup_id));
+    assert_eq!(records_after, expected);
+    assert!(records_after.contains(&DedupRecord {
+        dedup_id: "kc".into(),
+        id: c.id,
+        until,
+    }));
+    // Every key is still refused within the window, the consumed item's too.
+    let again = p
+        .produce(vec![
+            keyed("a2", "ka", 0, until.add(SEC)),
+            keyed("c2", "kc", 9, until.add(SEC)),
+        ])
+        .await
+        .expect("produce");
+    assert_eq!(again, vec![ids[0], c.id]);
+    // The backed-off item comes due on time, not before.
+    let o = p.lifecycle(Ts(due.0 - 1), policy, 100).await.expect("lifecycle");
+    assert_eq!(o.enqueued, 0);
+    let o = p.lifecycle(due, policy, 100).await.expect("lifecycle");
+    assert_eq!(o.enqueued, 1);
+    // The extended lease holds until its new deadline.
+    let o = p
+        .lifecycle(T0.add(SEC * 299), policy, 100)
+        .await
+        .expect("lifecycle");
+    assert_eq!(o.lease_expired, 0);
+    assert_eq!(p.counts().await.expect("counts").leased, 1);
+    assert_eq!(
+        p.next_deadline().await.expect("deadline"),
+        Some(T0.add(SEC * 300))
+    );
+    // Leases serve priorities in order.
+    p.produce(vec![keyed("f", "kf", 3, until)])
+        .await
+        .expect("produce");
+    let l = p.lease(10, due.add(SEC)).await.expect("lease");
+    let order: Vec<(String, u8)> = l
+        .iter()
+        .map(|i| (String::from_utf8_lossy(&i.payload).into_owned(), i.priority))
+        .collect();
+    assert_eq!(
+        order,
+        vec![
+            ("d".into(), 3),
+            ("b".into(), 3),
+            ("f".into(), 3),
+            ("short".into(), 0),
+            ("a".into(), 0)
+        ]
+    );
+    assert_eq!(l[1].attempts, 2);
 }
 
 #[tokio::test]

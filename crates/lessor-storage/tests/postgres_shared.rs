@@ -1,6 +1,9 @@
 //! The postgres backend when several servers share one database: two independent stores (two pools, as two
 //! processes would have) race on the same partition, and each item is leased, moved or completed exactly once.
-//! Also: table naming, and stores that start while the database is down.
+//! Issue 10: keyed produce racing into different partitions stores each key once, a lease extension is fenced by
+//! another server's lifecycle, concurrent leases serve priorities in order, and tables of the layout before
+//! priorities are upgraded once when several servers open them. Also: table naming, and stores that start while
+//! the database is down.
 //!
 //! The database tests need `LESSOR_TEST_DATABASE_URL` (see `scripts/pg-test-cluster.sh`) and are skipped without it
 //! (failed when `CI` is set); the down-database tests need no database.
@@ -14,8 +17,9 @@ use std::time::Duration;
 use bytes::Bytes;
 use lessor_core::error::{ItemError, StorageErrorKind};
 use lessor_core::storage::{LifecycleOutcome, LifecyclePolicy, Partition, PartitionStore, QueuesStore};
+use lessor_core::storage::{RetryAction, RetryOp};
 use lessor_core::time::Ts;
-use lessor_core::types::{ItemId, NewItem};
+use lessor_core::types::{Backoff, Item, ItemId, NewItem};
 use lessor_storage::postgres::{table_name, PgConfig, PgQueues, PgStore};
 use lessor_storage::testsuite::{unique_queue, T0};
 
@@ -431,7 +435,7 @@ async fn a_version_1_schema_migrates_and_gains_the_auth_store() {
         .expect("version")
         .get(0);
     assert_eq!(v, lessor_storage::postgres::SCHEMA_VERSION);
-    assert_eq!(v, 2);
+    assert_eq!(v, 3);
     drop(client);
     queues.close().await;
 }
@@ -454,4 +458,456 @@ async fn auth_store_reports_an_unreachable_database_as_unavailable() {
     // A closed queue store closes its auth store too.
     queues.close().await;
     assert!(auth.scan(b"", b"", 1).await.is_err());
+}
+
+/// Many keyed produces race: four handles (two per server) produce the same keys into four different partitions of
+/// one queue, in different orders and batchings, so most keys are claimed concurrently. Each key is stored exactly
+/// once, every producer is told the one stored id, and the queue's records go with its last partition.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn keyed_produces_racing_into_different_partitions_store_each_key_once() {
+    let Some((a, b)) = two_servers() else { return };
+    let Some(url) = lessor_testkit::database_or_skip() else {
+        return;
+    };
+    let q = unique_queue("pg-dedup-race");
+    let parts = 4u32;
+    let mut workers = Vec::new();
+    for i in 0..parts {
+        let store = if i % 2 == 0 { &a } else { &b };
+        workers.push(store.open(&q, i).await.expect("open"));
+    }
+    let keys = 300usize;
+    let until = T0.add(SEC * 300);
+    let mut tasks = Vec::new();
+    for (w, p) in workers.iter().cloned().enumerate() {
+        let mut order: Vec<usize> = (0..keys).collect();
+        order.rotate_left(w * 37);
+        if w % 2 == 1 {
+            order.reverse();
+        }
+        tasks.push(tokio::spawn(async move {
+            let mut got = vec![ItemId(0); keys];
+            for chunk in order.chunks(7 + w * 6) {
+                let batch = chunk
+                    .iter()
+                    .map(|&k| NewItem {
+                        expire_deadline: T0.add(SEC * 3600),
+                        created_at: T0,
+                        payload: Bytes::from(format!("w{w}-k{k}")),
+                        dedup_id: format!("key-{k}"),
+                        dedup_until: until,
+                        ..Default::default()
+                    })
+                    .collect();
+                let ids = p.produce(batch).await.expect("produce");
+                for (&k, id) in chunk.iter().zip(ids) {
+                    got[k] = id;
+                }
+            }
+            got
+        }));
+    }
+    let mut answers = Vec::new();
+    for t in tasks {
+        answers.push(t.await.expect("join"));
+    }
+    let mut stored: Vec<(ItemId, String, u32)> = Vec::new();
+    for (i, p) in workers.iter().enumerate() {
+        for it in p.list(None, 10 * keys, false).await.expect("list") {
+            stored.push((it.id, String::from_utf8_lossy(&it.payload).into_owned(), i as u32));
+        }
+    }
+    assert_eq!(stored.len(), keys, "each key stored once across the partitions");
+    let by_key: std::collections::HashMap<usize, ItemId> = stored
+        .iter()
+        .map(|(id, payload, _)| {
+            let k: usize = payload
+                .split("-k")
+                .nth(1)
+                .and_then(|k| k.parse().ok())
+                .expect("payload");
+            (k, *id)
+        })
+        .collect();
+    assert_eq!(by_key.len(), keys, "no key stored twice");
+    for (w, got) in answers.iter().enumerate() {
+        for (k, id) in got.iter().enumerate() {
+            assert_eq!(*id, by_key[&k], "producer {w} was told the stored id of key {k}");
+        }
+    }
+    let spread: HashSet<u32> = stored.iter().map(|s| s.2).collect();
+    assert!(
+        spread.len() >= 2,
+        "the race stored keys in several partitions: {spread:?}"
+    );
+    // One record per key, naming the partition that holds its item.
+    let client = lessor_testkit::connect(&url).await;
+    let rows = client
+        .query(
+            "SELECT dedup_id, item_id, partition FROM lessor_dedup WHERE queue = $1",
+            &[&q],
+        )
+        .await
+        .expect("records");
+    assert_eq!(rows.len(), keys);
+    let home: std::collections::HashMap<ItemId, u32> = stored.iter().map(|s| (s.0, s.2)).collect();
+    for r in &rows {
+        let id = ItemId(u64::try_from(r.get::<_, i64>(1)).expect("id"));
+        assert_eq!(
+            Some(&u32::try_from(r.get::<_, i64>(2)).expect("partition")),
+            home.get(&id)
+        );
+    }
+    let partitions: Vec<u32> = (0..parts).collect();
+    b.destroy_many(&q, &partitions[..2]).await.expect("destroy");
+    let left: i64 = client
+        .query_one("SELECT count(*) FROM lessor_dedup WHERE queue = $1", &[&q])
+        .await
+        .expect("count")
+        .get(0);
+    assert_eq!(
+        left, keys as i64,
+        "records stay while partitions of the queue remain"
+    );
+    a.destroy_many(&q, &partitions[2..]).await.expect("destroy");
+    let left: i64 = client
+        .query_one("SELECT count(*) FROM lessor_dedup WHERE queue = $1", &[&q])
+        .await
+        .expect("count")
+        .get(0);
+    assert_eq!(left, 0, "the queue's records went with its last partition");
+}
+
+/// A worker on one server holds leases that another server's lifecycle moves: its extensions of the moved ids
+/// fail (the item went back to the tail with a new id, or into the backoff schedule under its id) and change
+/// nothing, while the leases it still holds extend.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn extension_is_fenced_after_another_servers_lifecycle_moved_the_item() {
+    let Some((a, b)) = two_servers() else { return };
+    let q = unique_queue("pg-extend-fence");
+    let worker = a.open(&q, 0).await.expect("open");
+    let other = b.open(&q, 0).await.expect("open");
+    produce(&worker, 3).await;
+    let l = worker.lease(3, T0.add(SEC * 10)).await.expect("lease");
+    let o = other
+        .lifecycle(T0.add(SEC * 10), LifecyclePolicy::default(), 100)
+        .await
+        .expect("lifecycle");
+    assert_eq!(o.lease_expired, 3);
+    let r = worker
+        .extend(vec![
+            (vec![l[0].id], T0.add(SEC * 60)),
+            (vec![l[1].id, l[2].id], T0.add(SEC * 60)),
+        ])
+        .await
+        .expect("extend");
+    assert_eq!(
+        r,
+        vec![
+            Err(ItemError::NotFound(l[0].id.to_string())),
+            Err(ItemError::NotFound(l[1].id.to_string()))
+        ]
+    );
+    let c = other.counts().await.expect("counts");
+    assert_eq!((c.ready, c.leased), (3, 0), "a fenced extension leases nothing");
+
+    // Under a backoff policy the moved items keep their ids in the schedule: still fenced.
+    let backoff = LifecyclePolicy {
+        backoff: Backoff {
+            base: SEC * 30,
+            factor: 2.0,
+            max: SEC * 300,
+            jitter: 0.0,
+        },
+        ..Default::default()
+    };
+    let l = worker.lease(3, T0.add(SEC * 20)).await.expect("lease");
+    assert_eq!(
+        worker
+            .extend(vec![(vec![l[0].id], T0.add(SEC * 100))])
+            .await
+            .expect("extend"),
+        vec![Ok(())]
+    );
+    let o = other
+        .lifecycle(T0.add(SEC * 50), backoff, 100)
+        .await
+        .expect("lifecycle");
+    assert_eq!((o.lease_expired, o.enqueued), (2, 0));
+    let sched: Vec<ItemId> = other
+        .list(None, 10, true)
+        .await
+        .expect("list")
+        .iter()
+        .map(|i| i.id)
+        .collect();
+    assert_eq!(sched, vec![l[1].id, l[2].id], "backed-off items keep their ids");
+    let r = worker
+        .extend(vec![
+            (vec![l[1].id], T0.add(SEC * 200)),
+            (vec![l[0].id, l[2].id], T0.add(SEC * 200)),
+        ])
+        .await
+        .expect("extend");
+    assert_eq!(
+        r,
+        vec![
+            Err(ItemError::NotFound(l[1].id.to_string())),
+            Err(ItemError::NotFound(l[2].id.to_string()))
+        ]
+    );
+    let held = other.list(None, 10, false).await.expect("list");
+    assert_eq!(held.len(), 1);
+    assert_eq!(
+        (held[0].id, held[0].lease_deadline),
+        (l[0].id, T0.add(SEC * 100)),
+        "the failed request did not touch the lease it also named"
+    );
+    assert_eq!(
+        worker.complete(vec![vec![l[0].id]]).await.expect("complete"),
+        vec![Ok(())]
+    );
+    a.destroy(&q, 0).await.expect("destroy");
+}
+
+/// Extensions from one server race lifecycle passes from the other over 500 expired leases: every request of ten
+/// ids is applied whole (its items stay leased) or fails whole (its items go back to the tail), never in part.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn extensions_racing_a_lifecycle_are_all_or_nothing() {
+    let Some((a, b)) = two_servers() else { return };
+    let q = unique_queue("pg-extend-race");
+    let extenders = handles(&a, &a, &q, 3).await;
+    let movers = handles(&b, &b, &q, 3).await;
+    let n = 500;
+    produce(&extenders[0], n).await;
+    let l = extenders[0].lease(n, T0.add(SEC * 10)).await.expect("lease");
+    let mut ids: Vec<ItemId> = l.iter().map(|i| i.id).collect();
+    ids.reverse();
+    let chunks: Vec<Vec<ItemId>> = ids.chunks(10).map(<[ItemId]>::to_vec).collect();
+    let mut tasks = Vec::new();
+    for (i, p) in extenders.iter().cloned().enumerate() {
+        let mine: Vec<Vec<ItemId>> = chunks.iter().skip(i).step_by(extenders.len()).cloned().collect();
+        tasks.push(tokio::spawn(async move {
+            let mut kept = 0usize;
+            for pair in mine.chunks(2) {
+                let reqs = pair.iter().map(|c| (c.clone(), T0.add(SEC * 100))).collect();
+                for r in p.extend(reqs).await.expect("extend") {
+                    match r {
+                        Ok(()) => kept += 10,
+                        Err(ItemError::NotFound(_)) => {}
+                        Err(e) => panic!("unexpected {e}"),
+                    }
+                }
+            }
+            kept
+        }));
+    }
+    let moved = race_lifecycle(&movers, T0.add(SEC * 10), LifecyclePolicy::default()).await;
+    let mut kept = 0;
+    for t in tasks {
+        kept += t.await.expect("join");
+    }
+    // Leases a failed request left behind expire in a last pass.
+    let rest = race_lifecycle(&movers, T0.add(SEC * 10), LifecyclePolicy::default()).await;
+    let c = movers[0].counts().await.expect("counts");
+    eprintln!(
+        "extensions racing a lifecycle: {kept} of {n} leases kept, {} moved during the race",
+        moved.lease_expired
+    );
+    assert_eq!(
+        c.leased as usize, kept,
+        "exactly the items of successful requests are held"
+    );
+    assert_eq!(c.ready as usize, n - kept);
+    assert_eq!((moved.lease_expired + rest.lease_expired) as usize, n - kept);
+    let held = movers[1].list(None, n, false).await.expect("list");
+    assert!(held
+        .iter()
+        .filter(|i| i.is_leased)
+        .all(|i| i.lease_deadline == T0.add(SEC * 100)));
+    b.destroy(&q, 0).await.expect("destroy");
+}
+
+/// Leasers on two servers drain a partition of mixed priorities at once: each batch comes highest priority first
+/// and in id order within one, no leaser ever gets a higher priority than it had already passed (anything higher
+/// went to another leaser), and every item is leased once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_leases_serve_priorities_in_order() {
+    let Some((a, b)) = two_servers() else { return };
+    let q = unique_queue("pg-prio-race");
+    let workers = handles(&a, &b, &q, 4).await;
+    let n = 1200;
+    for chunk in 0..n / 400 {
+        let batch: Vec<NewItem> = (0..400)
+            .map(|i| NewItem {
+                priority: u8::try_from((chunk * 400 + i) * 7 % 10).expect("priority"),
+                ..items(1, &format!("c{chunk}-{i}")).remove(0)
+            })
+            .collect();
+        workers[0].produce(batch).await.expect("produce");
+    }
+    let mut tasks = Vec::new();
+    for p in &workers {
+        let p = Arc::clone(p);
+        tasks.push(tokio::spawn(async move {
+            let mut batches: Vec<Vec<Item>> = Vec::new();
+            loop {
+                let l = p.lease(29, T0.add(SEC * 600)).await.expect("lease");
+                if l.is_empty() {
+                    return batches;
+                }
+                batches.push(l);
+            }
+        }));
+    }
+    let mut seen = HashSet::new();
+    for t in tasks {
+        let batches = t.await.expect("join");
+        let mut floor = u8::MAX;
+        for batch in &batches {
+            let order: Vec<(std::cmp::Reverse<u8>, ItemId)> = batch
+                .iter()
+                .map(|i| (std::cmp::Reverse(i.priority), i.id))
+                .collect();
+            let mut sorted = order.clone();
+            sorted.sort();
+            assert_eq!(
+                order, sorted,
+                "a batch is served highest priority first, then by id"
+            );
+            assert!(
+                batch[0].priority <= floor,
+                "a later batch never serves a higher priority"
+            );
+            floor = batch[batch.len() - 1].priority;
+            for it in batch {
+                assert!(seen.insert(it.id), "leased twice");
+            }
+        }
+    }
+    assert_eq!(seen.len(), n);
+    a.destroy(&q, 0).await.expect("destroy");
+}
+
+/// The item table DDL of layout 1 (before priorities), as older builds created it.
+fn layout_1_ddl(t: &str) -> String {
+    format!(
+        "CREATE SEQUENCE {t}_id_seq START WITH 1000;
+         CREATE TABLE {t} (
+            id BIGINT PRIMARY KEY DEFAULT nextval('{t}_id_seq'), source_id TEXT,
+            is_leased BOOLEAN NOT NULL DEFAULT false, lease_deadline BIGINT NOT NULL DEFAULT 0,
+            expire_deadline BIGINT NOT NULL, enqueue_at BIGINT NOT NULL DEFAULT 0, created_at BIGINT NOT NULL,
+            attempts BIGINT NOT NULL DEFAULT 0, max_attempts BIGINT NOT NULL DEFAULT 0,
+            reference TEXT NOT NULL DEFAULT '', encoding TEXT NOT NULL DEFAULT '', kind TEXT NOT NULL DEFAULT '',
+            payload BYTEA NOT NULL, payload_len BIGINT NOT NULL DEFAULT 0, dead BOOLEAN NOT NULL DEFAULT false);
+         ALTER SEQUENCE {t}_id_seq OWNED BY {t}.id;
+         CREATE UNIQUE INDEX {t}_src ON {t} (source_id) WHERE source_id IS NOT NULL;
+         CREATE INDEX {t}_ready ON {t} (id) INCLUDE (created_at, payload_len)
+            WHERE NOT is_leased AND enqueue_at = 0 AND NOT dead;
+         CREATE INDEX {t}_leased ON {t} (lease_deadline, id) INCLUDE (created_at, payload_len)
+            WHERE is_leased AND NOT dead;
+         CREATE INDEX {t}_sched ON {t} (enqueue_at, id) INCLUDE (payload_len) WHERE enqueue_at <> 0 AND NOT dead;
+         CREATE INDEX {t}_expire ON {t} (expire_deadline, id) WHERE enqueue_at = 0 AND NOT dead;
+         CREATE INDEX {t}_dead ON {t} (id) WHERE dead;"
+    )
+}
+
+/// A partition table an older build made (no priority column, the id-ordered ready index, registered as layout 1)
+/// is upgraded when servers next open it: eight opens from two servers at once all succeed, the upgrade runs once,
+/// the items are kept (priority 0, FIFO) and new items are served by priority.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_layout_1_table_is_upgraded_once_by_concurrent_opens() {
+    let Some((a, _)) = two_servers() else { return };
+    let Some(url) = lessor_testkit::database_or_skip() else {
+        return;
+    };
+    let q = unique_queue("pg-upgrade");
+    let t = table_name(&q, 0);
+    // Registers the partition (and migrates the shared tables), then swaps in a layout-1 table with 1000 items.
+    a.open(&q, 0).await.expect("open");
+    let client = lessor_testkit::connect(&url).await;
+    client
+        .batch_execute(&format!(
+            "DROP TABLE {t}; {ddl}
+             INSERT INTO {t} (expire_deadline, created_at, payload, payload_len)
+                SELECT {exp}, {t0}, convert_to('old-' || g, 'UTF8'), 5 FROM generate_series(1, 1000) g;
+             UPDATE lessor_partitions SET layout = 1 WHERE table_name = '{t}';",
+            ddl = layout_1_ddl(&t),
+            exp = T0.add(SEC * 3600).0,
+            t0 = T0.0,
+        ))
+        .await
+        .expect("layout 1 table");
+    let (a2, b2) = two_servers().expect("stores");
+    let started = std::time::Instant::now();
+    let opens = (0..8).map(|i| {
+        let store = if i % 2 == 0 {
+            Arc::clone(&a2)
+        } else {
+            Arc::clone(&b2)
+        };
+        let q = q.clone();
+        tokio::spawn(async move { store.open(&q, 0).await.map(|_| ()) })
+    });
+    for r in futures::future::join_all(opens).await {
+        r.expect("join").expect("open during the upgrade");
+    }
+    eprintln!(
+        "8 concurrent opens with the upgrade of 1000 items: {:?}",
+        started.elapsed()
+    );
+    let indexes: Vec<String> = client
+        .query(
+            "SELECT indexname FROM pg_indexes WHERE tablename = $1 ORDER BY indexname",
+            &[&t],
+        )
+        .await
+        .expect("indexes")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert!(indexes.contains(&format!("{t}_ready_p")), "{indexes:?}");
+    assert!(
+        !indexes.contains(&format!("{t}_ready")),
+        "the old ready index is gone: {indexes:?}"
+    );
+    let layout: i32 = client
+        .query_one(
+            "SELECT layout FROM lessor_partitions WHERE table_name = $1",
+            &[&t],
+        )
+        .await
+        .expect("layout")
+        .get(0);
+    assert_eq!(layout, lessor_storage::postgres::PARTITION_LAYOUT);
+
+    let p = b2.open(&q, 0).await.expect("open");
+    let first = p.lease(3, T0.add(SEC * 60)).await.expect("lease");
+    let payloads: Vec<&[u8]> = first.iter().map(|i| &i.payload[..]).collect();
+    assert_eq!(payloads, vec![&b"old-1"[..], b"old-2", b"old-3"]);
+    assert!(first.iter().all(|i| i.priority == 0));
+    p.produce(vec![NewItem {
+        priority: 4,
+        ..items(1, "new").remove(0)
+    }])
+    .await
+    .expect("produce");
+    let next = p.lease(2, T0.add(SEC * 60)).await.expect("lease");
+    assert_eq!((next[0].priority, &next[0].payload[..]), (4, &b"new-0"[..]));
+    assert_eq!(&next[1].payload[..], b"old-4");
+    let c = p.counts().await.expect("counts");
+    assert_eq!((c.ready, c.leased), (996, 5));
+    // Retries keep working on upgraded rows.
+    let r = p
+        .retry(
+            vec![vec![RetryOp {
+                id: next[1].id,
+                action: RetryAction::Requeue,
+            }]],
+            LifecyclePolicy::default(),
+        )
+        .await
+        .expect("retry");
+    assert!(r[0].is_ok());
+    a.destroy(&q, 0).await.expect("destroy");
 }

@@ -45,6 +45,11 @@ const REPEATS: usize = 3;
 const ROUND_ITEMS: usize = 4000;
 const QUEUE: &str = "depth";
 
+/// What produced items carry (bits of [`MODE`]): set by the feature measurements before they start.
+const MIXED_PRIORITIES: u8 = 1;
+const DEDUP_KEYS: u8 = 2;
+static MODE: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+
 /// Resident memory of this process in KiB (`VmRSS` of `/proc/self/status`).
 fn own_rss_kib() -> u64 {
     rss_kib("self")
@@ -140,9 +145,24 @@ fn produce_req(first: usize, n: usize) -> pb::QueueProduceRequest {
         queue_name: QUEUE.into(),
         request_timeout: "1m".into(),
         items: (first..first + n)
-            .map(|i| pb::QueueProduceItem {
-                bytes: format!("{i:0PAYLOAD$}").into_bytes(),
-                ..Default::default()
+            .map(|i| {
+                let mode = MODE.load(std::sync::atomic::Ordering::Relaxed);
+                pb::QueueProduceItem {
+                    bytes: format!("{i:0PAYLOAD$}").into_bytes(),
+                    // Priorities 0..=9 in turn, so every lease skips across all ten levels.
+                    priority: if mode & MIXED_PRIORITIES != 0 {
+                        (i % 10) as i32
+                    } else {
+                        0
+                    },
+                    // A 36-byte key per item (the length of a UUID), every one distinct.
+                    dedup_id: if mode & DEDUP_KEYS != 0 {
+                        format!("{i:036}")
+                    } else {
+                        String::new()
+                    },
+                    ..Default::default()
+                }
             })
             .collect(),
     }
@@ -377,6 +397,74 @@ async fn throughput_with_1m_queued_and_restart() {
         items = after;
         srv.stop().await;
     }
+}
+
+async fn serve_memory() -> (RunningServer, Client) {
+    lessor_testkit::server::start(&Config::memory(), None).await
+}
+
+/// Priorities: the same depth runs with items of priorities 0..=9 mixed, on fjall and on memory.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "measurement; run in release, see the module docs"]
+async fn priorities_1k_vs_1m_queued() {
+    MODE.store(MIXED_PRIORITIES, std::sync::atomic::Ordering::Relaxed);
+    for backend in ["memory", "fjall"] {
+        let mut rates = Vec::new();
+        for base in [1_000, 1_000_000] {
+            let dir = tempfile::tempdir().expect("temp dir");
+            let (srv, c) = if backend == "memory" {
+                serve_memory().await
+            } else {
+                serve(&dir).await
+            };
+            println!("== {backend}, mixed priorities, depth {base}");
+            rates.push(measure_at_depth(&c, base).await);
+            srv.stop().await;
+        }
+        println!(
+            "{backend}, mixed priorities: 1M/1k ratio: produce {:.2}, lease+complete {:.2}",
+            rates[1].0 / rates[0].0,
+            rates[1].1 / rates[0].1
+        );
+    }
+}
+
+/// Dedup: produce throughput with a key on every item against none, and the memory a key costs.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "measurement; run in release, see the module docs"]
+async fn dedup_cost() {
+    for backend in ["memory", "fjall"] {
+        let mut rates = Vec::new();
+        for mode in [0, DEDUP_KEYS, 0, DEDUP_KEYS] {
+            MODE.store(mode, std::sync::atomic::Ordering::Relaxed);
+            let dir = tempfile::tempdir().expect("temp dir");
+            let (srv, c) = if backend == "memory" {
+                serve_memory().await
+            } else {
+                serve(&dir).await
+            };
+            create(&c, QUEUE, 1).await;
+            // Warm up, then measure produce alone (the keys cost at produce).
+            produce(&c, 0, 20_000, BATCH).await;
+            let n = 200_000;
+            let d = produce(&c, 20_000, n, BATCH).await;
+            let r = rate(n, d);
+            println!("{backend}, dedup keys {}: produce {r:.0} items/s", mode != 0);
+            rates.push((mode, r));
+            srv.stop().await;
+        }
+        let avg = |m: u8| {
+            let v: Vec<f64> = rates.iter().filter(|x| x.0 == m).map(|x| x.1).collect();
+            v.iter().sum::<f64>() / v.len() as f64
+        };
+        println!(
+            "{backend}: produce with a key on every item is {:.1} % slower ({:.0} vs {:.0} items/s, mean of 2 runs each)",
+            (1.0 - avg(DEDUP_KEYS) / avg(0)) * 100.0,
+            avg(DEDUP_KEYS),
+            avg(0)
+        );
+    }
+    // Memory per key: crates/lessor-server/tests/dedup_memory.rs counts it exactly.
 }
 
 /// Starts the real binary on `dir` (default configuration) on a free port, logging to `log`, and waits until

@@ -247,6 +247,8 @@ pub(crate) struct Inner {
     shutting_down: AtomicBool,
     /// This engine's id among servers sharing a store (owner of the redrive tasks it runs).
     instance: String,
+    /// Ids of the redrive tasks running in this process.
+    redrives: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
 /// The engine handle; cheap to clone.
@@ -277,6 +279,7 @@ impl Engine {
                 load_lock: Mutex::new(()),
                 shutting_down: AtomicBool::new(false),
                 instance: instance_id(),
+                redrives: Default::default(),
             }),
         })
     }
@@ -1086,10 +1089,7 @@ fn validate_options(info: &QueueInfo) -> Result<(), QueueError> {
     validate::partition_count(info.requested_partitions)?;
     validate::backoff(&info.retry_backoff)?;
     if info.dedup_window > validate::MAX_DEDUP_WINDOW {
-        return Err(validate::invalid(
-            "dedup_window",
-            "cannot be greater than '168h'",
-        ));
+        return Err(validate::invalid("dedup_window", "cannot be greater than '168h'"));
     }
     if !info.max_lease_timeout.is_zero()
         && !info.expire_timeout.is_zero()

@@ -92,7 +92,7 @@ const BATCH: usize = 100;
 /// Tasks kept; starting one more forgets the oldest finished ones.
 const KEEP: usize = 1000;
 /// A running task whose progress is older than this is taken over by a server that starts (its runner died).
-const STALE: Duration = Duration::from_secs(15);
+const STALE: Duration = Duration::from_secs(10);
 /// Pause after a failed batch before trying again.
 const RETRY_AFTER: Duration = Duration::from_secs(1);
 /// Prefix of the dedup keys redrive writes: users cannot send control characters, so these never meet theirs.
@@ -225,7 +225,14 @@ impl Engine {
                     "cannot be the dead-letter queue itself",
                 ));
             }
-            if self.inner.config.queues.get(&request.target_queue).await?.is_none() {
+            if self
+                .inner
+                .config
+                .queues
+                .get(&request.target_queue)
+                .await?
+                .is_none()
+            {
                 return Err(validate::invalid(
                     "target_queue",
                     format!("queue '{}' does not exist", request.target_queue),
@@ -326,17 +333,19 @@ impl Engine {
         Ok(t.task())
     }
 
-    /// Resumes the running tasks whose runner is gone (a restart, or a server that died): called once when the
-    /// server starts. A task another live server is running (recent progress) is left to it.
+    /// Resumes the running tasks whose runner is gone (a restart, or a server that died); the server calls it
+    /// periodically. A task that made progress recently is left to whoever runs it: its runner saves progress at
+    /// least every second or so, so a task silent for [`STALE`] has no live runner.
     pub async fn resume_redrives(&self) -> Result<usize, QueueError> {
+        self.check_running()?;
         let now = self.clock().now();
         let mut n = 0;
         for mut t in self.all_tasks().await? {
-            if t.status != "running" {
+            if t.status != "running" || self.running_here(&t.id) {
                 continue;
             }
             let fresh = now.0.saturating_sub(t.updated_at) < STALE.as_micros() as i64;
-            if fresh && t.owner != self.inner.instance && !t.owner.is_empty() {
+            if fresh && !t.owner.is_empty() {
                 continue;
             }
             t.owner = self.inner.instance.clone();
@@ -349,14 +358,28 @@ impl Engine {
         Ok(n)
     }
 
+    fn running_here(&self, id: &str) -> bool {
+        self.inner
+            .redrives
+            .lock()
+            .map(|s| s.contains(id))
+            .unwrap_or(false)
+    }
+
     fn spawn_redrive(&self, t: Stored) {
         let engine = Engine {
             inner: self.inner.clone(),
         };
+        if let Ok(mut s) = self.inner.redrives.lock() {
+            s.insert(t.id.clone());
+        }
         tokio::spawn(async move {
             let id = t.id.clone();
             if let Err(e) = engine.run_redrive(t).await {
                 tracing::warn!(task = %id, error = %e, "redrive stopped");
+            }
+            if let Ok(mut s) = engine.inner.redrives.lock() {
+                s.remove(&id);
             }
         });
     }
@@ -370,7 +393,11 @@ impl Engine {
         let moved_at_start = t.moved;
         let mut pivots: HashMap<u32, Option<ItemId>> = HashMap::new();
         loop {
-            if self.inner.shutting_down.load(std::sync::atomic::Ordering::Acquire) {
+            if self
+                .inner
+                .shutting_down
+                .load(std::sync::atomic::Ordering::Acquire)
+            {
                 return Ok(());
             }
             // Cancelled (here or on another server), or taken over by another server: stop.
@@ -380,16 +407,22 @@ impl Engine {
                 Ok(None) => return Ok(()),
                 Err(e) => {
                     tracing::warn!(task = %t.id, error = %e, "redrive cannot read its task; will retry");
-                    self.clock().sleep_until(self.clock().now().add(RETRY_AFTER)).await;
+                    self.clock()
+                        .sleep_until(self.clock().now().add(RETRY_AFTER))
+                        .await;
                     continue;
                 }
             }
             let info = match self.queue_info(&t.dead_queue).await {
                 Ok(i) => i,
-                Err(QueueError::QueueNotFound(_)) => return self.finish(&mut t, "failed", "dead_queue was deleted").await,
+                Err(QueueError::QueueNotFound(_)) => {
+                    return self.finish(&mut t, "failed", "dead_queue was deleted").await
+                }
                 Err(e) => {
                     tracing::warn!(task = %t.id, error = %e, "redrive will retry");
-                    self.clock().sleep_until(self.clock().now().add(RETRY_AFTER)).await;
+                    self.clock()
+                        .sleep_until(self.clock().now().add(RETRY_AFTER))
+                        .await;
                     continue;
                 }
             };
@@ -492,7 +525,9 @@ impl Engine {
                 return self.finish(&mut t, "completed", "").await;
             }
             if !progressed {
-                self.clock().sleep_until(self.clock().now().add(RETRY_AFTER)).await;
+                self.clock()
+                    .sleep_until(self.clock().now().add(RETRY_AFTER))
+                    .await;
                 continue;
             }
             if t.rate_per_sec > 0 {

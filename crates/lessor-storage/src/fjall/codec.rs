@@ -6,7 +6,11 @@
 //! once written, so the frequent updates (lease, retry into the schedule, death) rewrite only the small metadata
 //! record; an empty payload has no record at all.
 //!
-//! The version byte lets a later build read old records (or refuse them clearly) without a whole-store migration.
+//! A dedup record lives under [`DEDUP_TAG`] followed by its `until` and its item's id (17 bytes, so no item key can
+//! be mistaken for one), its key string as the value: records sort by expiry, and deleting one needs no string.
+//!
+//! The version byte lets a later build read old records (or refuse them clearly) without a whole-store migration:
+//! version 2 of items adds the priority, version 2 of queues the issue-10 settings; version 1 records still read.
 //! Integers are LEB128 varints (signed ones zig-zag encoded) because most fields are small or zero: an unleased,
 //! unscheduled item spends one byte on each of its unset deadlines. Integrity is fjall's job (checksummed journal
 //! and blocks), so records carry no checksum of their own.
@@ -16,14 +20,25 @@ use std::time::Duration;
 use bytes::Bytes;
 use lessor_core::error::{StorageError, StorageErrorKind};
 use lessor_core::time::Ts;
-use lessor_core::types::{Item, ItemId, PartitionInfo, QueueInfo};
+use lessor_core::types::{Backoff, DedupRecord, Item, ItemId, PartitionInfo, QueueInfo};
 
-/// Version byte of item metadata records written by this build.
+/// Version byte of item metadata records of earlier builds (no priority).
 const ITEM_V1: u8 = 1;
-/// Version byte of queue records written by this build.
+/// Version byte of item metadata records written by this build: a priority byte follows the flags.
+const ITEM_V2: u8 = 2;
+/// Version byte of queue records of earlier builds.
 const QUEUE_V1: u8 = 1;
+/// Version byte of queue records written by this build: the dedup window, retry backoff, pause flag and max lease
+/// follow the partitions.
+const QUEUE_V2: u8 = 2;
+/// Version byte of dedup record values.
+const DEDUP_V1: u8 = 1;
 /// Last byte of a payload key.
 pub(crate) const PAYLOAD_TAG: u8 = b'p';
+/// First byte of a dedup record key.
+pub(crate) const DEDUP_TAG: u8 = b'd';
+/// Length of a dedup record key: tag, until, id.
+const DEDUP_KEY_LEN: usize = 17;
 
 const FLAG_LEASED: u8 = 1;
 const FLAG_DEAD: u8 = 2;
@@ -35,6 +50,8 @@ pub(crate) enum Key {
     Meta(ItemId),
     /// An item's payload.
     Payload(ItemId),
+    /// A dedup record: its `until` and item id.
+    Dedup(Ts, ItemId),
     /// Bookkeeping (see the partition store).
     Other,
 }
@@ -60,7 +77,51 @@ pub(crate) fn parse_key(key: &[u8]) -> Key {
     match key.len() {
         8 => id(key).map_or(Key::Other, Key::Meta),
         9 if key[8] == PAYLOAD_TAG => id(&key[..8]).map_or(Key::Other, Key::Payload),
+        DEDUP_KEY_LEN if key[0] == DEDUP_TAG => match (id(&key[1..9]), id(&key[9..])) {
+            // The sign bit is flipped so that negative times sort first (see `dedup_key`).
+            (Some(until), Some(item)) => Key::Dedup(Ts((until.0 ^ (1 << 63)) as i64), item),
+            _ => Key::Other,
+        },
         _ => Key::Other,
+    }
+}
+
+/// The key of a dedup record within its partition: [`DEDUP_TAG`], `until` (big-endian with the sign bit flipped,
+/// so keys sort by time), the item id.
+pub(crate) fn dedup_key(until: Ts, id: ItemId) -> [u8; DEDUP_KEY_LEN] {
+    let mut k = [0u8; DEDUP_KEY_LEN];
+    k[0] = DEDUP_TAG;
+    k[1..9].copy_from_slice(&((until.0 as u64) ^ (1 << 63)).to_be_bytes());
+    k[9..].copy_from_slice(&id.0.to_be_bytes());
+    k
+}
+
+/// Encodes the value of a dedup record: its key string.
+pub(crate) fn encode_dedup(dedup_id: &str) -> Vec<u8> {
+    let mut v = Vec::with_capacity(1 + dedup_id.len());
+    v.push(DEDUP_V1);
+    v.extend_from_slice(dedup_id.as_bytes());
+    v
+}
+
+/// Decodes a dedup record stored under `(until, id)`; `what` names the partition in error messages.
+pub(crate) fn decode_dedup(
+    until: Ts,
+    id: ItemId,
+    buf: &[u8],
+    what: &str,
+) -> Result<DedupRecord, StorageError> {
+    match buf.split_first() {
+        Some((&DEDUP_V1, key)) => Ok(DedupRecord {
+            dedup_id: String::from_utf8(key.to_vec())
+                .map_err(|_| corrupt(format!("{what}: the dedup key of item {id} is not UTF-8")))?,
+            id,
+            until,
+        }),
+        Some((v, _)) => Err(corrupt(format!(
+            "{what}: the dedup record of item {id} has version {v}, this build reads version {DEDUP_V1}"
+        ))),
+        None => Err(corrupt(format!("{what}: the dedup record of item {id} is empty"))),
     }
 }
 
@@ -69,7 +130,7 @@ pub(crate) fn encode_meta(it: &Item) -> Vec<u8> {
     let mut w = Writer(Vec::with_capacity(
         40 + it.source_id.len() + it.reference.len() + it.encoding.len() + it.kind.len(),
     ));
-    w.0.push(ITEM_V1);
+    w.0.push(ITEM_V2);
     let mut flags = 0;
     if it.is_leased {
         flags |= FLAG_LEASED;
@@ -78,6 +139,7 @@ pub(crate) fn encode_meta(it: &Item) -> Vec<u8> {
         flags |= FLAG_DEAD;
     }
     w.0.push(flags);
+    w.0.push(it.priority);
     w.ts(it.lease_deadline);
     w.ts(it.expire_deadline);
     w.ts(it.enqueue_at);
@@ -95,12 +157,13 @@ pub(crate) fn encode_meta(it: &Item) -> Vec<u8> {
 pub(crate) fn decode_meta(id: ItemId, buf: &[u8], what: &str) -> Result<Item, StorageError> {
     let mut r = Reader { buf, what };
     let version = r.byte()?;
-    if version != ITEM_V1 {
+    if version != ITEM_V1 && version != ITEM_V2 {
         return Err(corrupt(format!(
-            "{what}: item {id} has record version {version}, this build reads version {ITEM_V1}"
+            "{what}: item {id} has record version {version}, this build reads versions {ITEM_V1} and {ITEM_V2}"
         )));
     }
     let flags = r.byte()?;
+    let priority = if version >= ITEM_V2 { r.byte()? } else { 0 };
     let it = Item {
         id,
         is_leased: flags & FLAG_LEASED != 0,
@@ -116,7 +179,7 @@ pub(crate) fn decode_meta(id: ItemId, buf: &[u8], what: &str) -> Result<Item, St
         encoding: r.string()?,
         kind: r.string()?,
         payload: Bytes::new(),
-        priority: 0, // TODO(issue 10): persist
+        priority,
     };
     if !r.buf.is_empty() {
         return Err(corrupt(format!(
@@ -130,7 +193,7 @@ pub(crate) fn decode_meta(id: ItemId, buf: &[u8], what: &str) -> Result<Item, St
 /// Encodes a queue definition.
 pub(crate) fn encode_queue(q: &QueueInfo) -> Vec<u8> {
     let mut w = Writer(Vec::with_capacity(64 + q.name.len() + q.reference.len()));
-    w.0.push(QUEUE_V1);
+    w.0.push(QUEUE_V2);
     w.bytes(q.name.as_bytes());
     w.bytes(q.namespace.as_bytes());
     w.ts(q.created_at);
@@ -147,6 +210,13 @@ pub(crate) fn encode_queue(q: &QueueInfo) -> Vec<u8> {
         w.bytes(p.storage_name.as_bytes());
         w.0.push(u8::from(p.read_only));
     }
+    w.duration(q.dedup_window);
+    w.duration(q.retry_backoff.base);
+    w.f64(q.retry_backoff.factor);
+    w.duration(q.retry_backoff.max);
+    w.f64(q.retry_backoff.jitter);
+    w.0.push(u8::from(q.paused));
+    w.duration(q.max_lease_timeout);
     w.0
 }
 
@@ -154,9 +224,9 @@ pub(crate) fn encode_queue(q: &QueueInfo) -> Vec<u8> {
 pub(crate) fn decode_queue(buf: &[u8], what: &str) -> Result<QueueInfo, StorageError> {
     let mut r = Reader { buf, what };
     let version = r.byte()?;
-    if version != QUEUE_V1 {
+    if version != QUEUE_V1 && version != QUEUE_V2 {
         return Err(corrupt(format!(
-            "{what}: record version {version}, this build reads version {QUEUE_V1}"
+            "{what}: record version {version}, this build reads versions {QUEUE_V1} and {QUEUE_V2}"
         )));
     }
     let mut q = QueueInfo {
@@ -171,7 +241,8 @@ pub(crate) fn decode_queue(buf: &[u8], what: &str) -> Result<QueueInfo, StorageE
         max_attempts: r.u32()?,
         requested_partitions: r.u32()?,
         partitions: Vec::new(),
-        ..Default::default() // TODO(issue 10): persist the new fields
+        // Version 1 records predate these settings: their defaults (off, the default window) apply.
+        ..Default::default()
     };
     let n = r.uint()?;
     for _ in 0..n {
@@ -180,6 +251,17 @@ pub(crate) fn decode_queue(buf: &[u8], what: &str) -> Result<QueueInfo, StorageE
             storage_name: r.string()?,
             read_only: r.byte()? != 0,
         });
+    }
+    if version >= QUEUE_V2 {
+        q.dedup_window = r.duration()?;
+        q.retry_backoff = Backoff {
+            base: r.duration()?,
+            factor: r.f64()?,
+            max: r.duration()?,
+            jitter: r.f64()?,
+        };
+        q.paused = r.byte()? != 0;
+        q.max_lease_timeout = r.duration()?;
     }
     if !r.buf.is_empty() {
         return Err(corrupt(format!(
@@ -218,6 +300,11 @@ impl Writer {
     fn bytes(&mut self, b: &[u8]) {
         self.uint(b.len() as u64);
         self.0.extend_from_slice(b);
+    }
+
+    fn f64(&mut self, v: f64) {
+        // Exact bits: a factor read back must equal the one written.
+        self.0.extend_from_slice(&v.to_bits().to_le_bytes());
     }
 }
 
@@ -271,6 +358,13 @@ impl<'a> Reader<'a> {
         Ok(Duration::new(secs, nanos))
     }
 
+    fn f64(&mut self) -> Result<f64, StorageError> {
+        let b = self.take(8)?;
+        let mut a = [0u8; 8];
+        a.copy_from_slice(b);
+        Ok(f64::from_bits(u64::from_le_bytes(a)))
+    }
+
     fn take(&mut self, n: u64) -> Result<&'a [u8], StorageError> {
         let n = usize::try_from(n).map_err(|_| self.short())?;
         if n > self.buf.len() {
@@ -308,7 +402,7 @@ mod tests {
             kind: "k".into(),
             payload: Bytes::from_static(b"{\"a\":1}"),
             dead: true,
-            priority: 0,
+            priority: 7,
         }
     }
 
@@ -369,9 +463,87 @@ mod tests {
                     read_only: true,
                 },
             ],
-            ..Default::default()
+            dedup_window: Duration::new(90, 1),
+            retry_backoff: Backoff {
+                base: Duration::from_millis(1500),
+                factor: 2.5,
+                max: Duration::from_secs(120),
+                jitter: 0.1,
+            },
+            paused: true,
+            max_lease_timeout: Duration::from_secs(600),
         };
         assert_eq!(decode_queue(&encode_queue(&q), "test").expect("decode"), q);
+    }
+
+    /// A version-1 item record (before priorities) reads with priority 0.
+    #[test]
+    fn item_version_1_reads() {
+        let it = sample();
+        let mut v1 = encode_meta(&it);
+        assert_eq!(v1[0], ITEM_V2);
+        v1.remove(2); // the priority byte, right after the flags
+        v1[0] = ITEM_V1;
+        let back = decode_meta(it.id, &v1, "test").expect("decode v1");
+        assert_eq!(
+            back,
+            Item {
+                payload: Bytes::new(),
+                priority: 0,
+                ..it
+            }
+        );
+    }
+
+    /// A version-1 queue record (before the issue-10 settings) reads with them off.
+    #[test]
+    fn queue_version_1_reads() {
+        let q = QueueInfo {
+            name: "q".into(),
+            namespace: "ns".into(),
+            lease_timeout: Duration::from_secs(60),
+            partitions: vec![PartitionInfo {
+                partition: 0,
+                storage_name: "a".into(),
+                read_only: false,
+            }],
+            ..Default::default()
+        };
+        let mut v1 = encode_queue(&q);
+        // The v2 tail of a default queue: four zero durations (two bytes each), two f64, the pause flag.
+        v1.truncate(v1.len() - (4 * 2 + 2 * 8 + 1));
+        v1[0] = QUEUE_V1;
+        assert_eq!(decode_queue(&v1, "test").expect("decode v1"), q);
+        let mut bad = encode_queue(&q);
+        bad[0] = 3;
+        assert!(decode_queue(&bad, "test").is_err());
+    }
+
+    /// Dedup keys carry their time and id, sort by time (negative ones first), and never read as item keys.
+    #[test]
+    fn dedup_keys_round_trip_and_sort_by_time() {
+        let cases = [
+            (Ts(-5), ItemId(9)),
+            (Ts(0), ItemId(3)),
+            (Ts(1_800_000_000_000_000), ItemId(1)),
+            (Ts(1_800_000_000_000_000), ItemId(2)),
+            (Ts(i64::MAX), ItemId(u64::MAX)),
+        ];
+        let keys: Vec<_> = cases.iter().map(|&(t, id)| dedup_key(t, id)).collect();
+        assert!(keys.windows(2).all(|w| w[0] < w[1]));
+        for (k, &(t, id)) in keys.iter().zip(&cases) {
+            assert_eq!(parse_key(k), Key::Dedup(t, id));
+        }
+        let v = encode_dedup("key-1");
+        assert_eq!(
+            decode_dedup(Ts(5), ItemId(6), &v, "test").expect("decode"),
+            DedupRecord {
+                dedup_id: "key-1".into(),
+                id: ItemId(6),
+                until: Ts(5),
+            }
+        );
+        assert!(decode_dedup(Ts(5), ItemId(6), &[9, b'x'], "test").is_err());
     }
 
     #[test]

@@ -33,7 +33,9 @@ use lessor_core::time::Ts;
 use lessor_core::types::{ClearRequest, DedupRecord, Item, ItemId, NewItem, PartitionCounts, PartitionStats};
 use tokio::sync::oneshot;
 
-use super::codec::{decode_meta, encode_meta, parse_key, Key, PAYLOAD_TAG};
+use super::codec::{
+    decode_dedup, decode_meta, dedup_key, encode_dedup, encode_meta, parse_key, Key, PAYLOAD_TAG,
+};
 use super::engine::{Engine, Fault, Formats, Unit};
 use super::{keyspace_name, upgrade, Durability, PARTITIONS_DIR, PARTITIONS_FORMAT_VERSION};
 use crate::state::{Changes, PartitionState};
@@ -79,6 +81,11 @@ pub(crate) fn item_key(pid: u64, inner: &[u8]) -> Vec<u8> {
     k.extend_from_slice(&pid.to_be_bytes());
     k.extend_from_slice(inner);
     k
+}
+
+/// The key of the dedup record `(until, id)` in partition `pid`.
+fn pid_dedup_key(pid: u64, until: Ts, id: ItemId) -> Vec<u8> {
+    item_key(pid, &dedup_key(until, id))
 }
 
 /// The key of item `id`'s metadata (or with `payload`, its payload) in partition `pid`, built in one allocation:
@@ -216,6 +223,7 @@ impl Shared {
             };
             let what = format!("partition '{name}' in '{}'", engine.dir().display());
             let mut items = Vec::new();
+            let mut dedup = Vec::new();
             let mut hwm = 0u64;
             for kv in ks.prefix(pid.to_be_bytes()) {
                 let (k, v) = kv.into_inner().map_err(|e| engine.read_error(e))?;
@@ -229,6 +237,7 @@ impl Shared {
                             tracing::warn!(partition = %name, item = %id, "payload without an item: ignored")
                         }
                     },
+                    Key::Dedup(until, id) => dedup.push(decode_dedup(until, id, &v, &what)?),
                     Key::Other if inner == HWM_KEY => {
                         hwm = decode_pid(&v).unwrap_or(0);
                     }
@@ -236,7 +245,7 @@ impl Shared {
                     Key::Other => {}
                 }
             }
-            let state = PartitionState::load(items, floor.max(hwm.saturating_add(1)));
+            let state = PartitionState::load(items, floor.max(hwm.saturating_add(1))).with_dedup(dedup);
             Ok((state, hwm))
         })
         .await
@@ -931,10 +940,22 @@ impl FjallPartition {
         if !self.registered.load(Ordering::Acquire) {
             puts.push((catalog_key(&self.name), self.pid.to_be_bytes().to_vec()));
         }
-        let mut dels = Vec::with_capacity(gone.len() * 2);
+        // Dedup records ride in the same batch as their items. A record is never written and removed by one call
+        // (a call only drops records that ended before its items were produced), but keep one operation per key
+        // anyway, as for items.
+        let dropped: HashSet<(Ts, ItemId)> = ch.dedup_del.iter().copied().collect();
+        for r in &ch.dedup_put {
+            if !dropped.contains(&(r.until, r.id)) {
+                puts.push((pid_dedup_key(self.pid, r.until, r.id), encode_dedup(&r.dedup_id)));
+            }
+        }
+        let mut dels = Vec::with_capacity(gone.len() * 2 + dropped.len());
         for id in gone {
             dels.push(pid_item_key(self.pid, id, false));
             dels.push(pid_item_key(self.pid, id, true));
+        }
+        for (until, id) in dropped {
+            dels.push(pid_dedup_key(self.pid, until, id));
         }
         (
             Unit {

@@ -40,4 +40,4 @@ pub use auth::PgAuth;
 pub use partition::{PgPartition, PgStore, MAX_PARTITIONS};
 pub use pool::PgConfig;
 pub use queues::PgQueues;
-pub use schema::{table_name, SCHEMA_VERSION};
+pub use schema::{table_name, PARTITION_LAYOUT, SCHEMA_VERSION};

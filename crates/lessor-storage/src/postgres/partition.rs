@@ -7,11 +7,21 @@
 //! `Unavailable` and the items are leased or moved at most once all the same).
 //!
 //! Round trips per call (plus one per statement the connection has not prepared yet): produce, lease, delete,
-//! clear, counts, stats, next_deadline and lists one each; complete one when every id is leased (else two more:
-//! lock and check, then delete and commit); retry two (lock and check, then apply and commit); lifecycle one to
-//! three (one per kind of due action, `BEGIN` and `COMMIT` riding along), plus one `next_deadline` when the limit
-//! cut the pass short.
+//! clear, counts, stats, next_deadline and lists one each; complete and extend one when every id is leased (else
+//! two more: lock and check, then apply and commit); retry two (lock and check, then apply and commit); lifecycle
+//! one to three (one per kind of due action, `BEGIN` and `COMMIT` riding along; one more under a backoff policy,
+//! whose schedule times are computed here between locking the expired leases and moving them), plus one
+//! `next_deadline` when the limit cut the pass short, plus one that drops expired dedup records.
+//!
+//! # Idempotent produce
+//! Dedup records live in one table for the whole database, `lessor_dedup`, keyed by `(queue, dedup_id)`, so every
+//! partition and every server checks the same records (the contract's "whole queue" scope for shared stores, and
+//! why [`Partition::dedup_records`] returns none). A keyed produce claims its keys and inserts its items in one
+//! statement (see `super::sql`); it costs one round trip like any produce, with the statement that drops expired
+//! records of the queue (up to twice as many as the call adds) pipelined behind it. The records of a queue go when
+//! its last partition is destroyed.
 
+use std::cmp::Reverse;
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -107,12 +117,15 @@ impl PartitionStore for PgStore {
             sql: Sql::new(&table),
             shared: Mutex::new(Some(shared)),
             table,
+            queue: queue.to_string(),
+            partition,
         }))
     }
 
     async fn destroy(&self, queue: &str, partition: u32) -> Result<(), StorageError> {
         let shared = self.shared()?;
-        schema::drop_partition(&shared, &table_name(queue, partition), queue, partition).await
+        schema::drop_partition(&shared, &table_name(queue, partition), queue, partition).await?;
+        schema::drop_queue_dedup(&shared, queue).await
     }
 
     async fn destroy_many(&self, queue: &str, partitions: &[u32]) -> Result<(), StorageError> {
@@ -126,7 +139,7 @@ impl PartitionStore for PgStore {
             }))
             .await?;
         }
-        Ok(())
+        schema::drop_queue_dedup(&shared, queue).await
     }
 
     fn shared(&self) -> bool {
@@ -144,7 +157,13 @@ pub struct PgPartition {
     shared: Mutex<Option<Arc<Shared>>>,
     table: String,
     sql: Sql,
+    /// The queue and partition, for the queue-wide dedup records.
+    queue: String,
+    partition: u32,
 }
+
+/// Expired dedup records a lifecycle pass drops at most.
+const LIFECYCLE_DEDUP_PRUNE: i64 = 1000;
 
 /// What complete and retry learn about a live item they name.
 #[derive(Clone, Copy)]
@@ -190,7 +209,7 @@ fn decode(r: &Row) -> Result<Item, StorageError> {
         kind: r.try_get(11).map_err(pg_err)?,
         payload: Bytes::from(payload),
         dead: r.try_get(13).map_err(pg_err)?,
-        priority: 0, // TODO(issue 10): persist
+        priority: u8::try_from(r.try_get::<_, i16>(14).map_err(pg_err)?.max(0)).unwrap_or(u8::MAX),
     })
 }
 
@@ -199,6 +218,29 @@ fn decode_sorted(rows: &[Row]) -> Result<Vec<Item>, StorageError> {
     // RETURNING gives no order; the contract's order is the id order.
     items.sort_unstable_by_key(|i| i.id);
     Ok(items)
+}
+
+/// Leased rows in serving order: highest priority first, id order within a priority (RETURNING gives no order).
+fn decode_serving_order(rows: &[Row]) -> Result<Vec<Item>, StorageError> {
+    let mut items = rows.iter().map(decode).collect::<Result<Vec<_>, _>>()?;
+    items.sort_unstable_by_key(|i| (Reverse(i.priority), i.id));
+    Ok(items)
+}
+
+/// The microsecond value of a time, at least 1: a schedule time of 0 would read as "not scheduled".
+fn schedule_at(t: Ts) -> i64 {
+    t.0.max(1)
+}
+
+/// An array column that is NULL when the aggregate had no rows.
+fn opt_vec<T>(row: &Row, i: usize) -> Result<Vec<T>, StorageError>
+where
+    for<'a> T: tokio_postgres::types::FromSql<'a>,
+{
+    Ok(row
+        .try_get::<_, Option<Vec<T>>>(i)
+        .map_err(pg_err)?
+        .unwrap_or_default())
 }
 
 /// Checks one complete or retry request the way the memory backend does, id by id in request order: the first
@@ -221,6 +263,20 @@ fn check_request(
         }
     }
     Ok(())
+}
+
+/// The distinct storable ids of extension requests in id order, each with its deadline (the last request naming an
+/// id wins).
+fn deadlines_by_id<'a>(requests: impl Iterator<Item = (&'a Vec<ItemId>, Ts)>) -> (Vec<i64>, Vec<i64>) {
+    let mut by_id: HashMap<i64, i64> = HashMap::new();
+    for (ids, deadline) in requests {
+        for id in ids.iter().filter_map(|id| db_id(*id)) {
+            by_id.insert(id, deadline.0);
+        }
+    }
+    let mut pairs: Vec<(i64, i64)> = by_id.into_iter().collect();
+    pairs.sort_unstable();
+    pairs.into_iter().unzip()
 }
 
 /// The distinct storable ids of a batch of requests.
@@ -273,6 +329,168 @@ impl PgPartition {
             .collect()
     }
 
+    /// Fills the ids of keyed items the produce statement skipped because their key's record is live: from the
+    /// records the statement saw, or, for keys another server claimed after the statement's snapshot was taken,
+    /// from the records as committed now. The items are stored by then, so a failed look-up only leaves ids unknown.
+    async fn resolve_deduplicated(
+        &self,
+        row: &Row,
+        sent: &[&NewItem],
+        ids: &mut [Option<i64>],
+    ) -> Result<(), StorageError> {
+        let claimed: HashSet<String> = opt_vec::<String>(row, 4)?.into_iter().collect();
+        let known_keys: Vec<String> = opt_vec(row, 5)?;
+        let known_ids: Vec<i64> = opt_vec(row, 6)?;
+        let known_until: Vec<i64> = opt_vec(row, 7)?;
+        let known: HashMap<&str, (i64, i64)> = known_keys
+            .iter()
+            .map(String::as_str)
+            .zip(known_ids.into_iter().zip(known_until))
+            .collect();
+        let mut later: Vec<&str> = Vec::new();
+        for (it, id) in sent.iter().zip(ids.iter_mut()) {
+            if id.is_some() || it.dedup_id.is_empty() || claimed.contains(&it.dedup_id) {
+                continue;
+            }
+            match known.get(it.dedup_id.as_str()) {
+                Some(&(stored, until)) if until > it.created_at.0 => *id = Some(stored),
+                _ => later.push(&it.dedup_id),
+            }
+        }
+        if later.is_empty() {
+            return Ok(());
+        }
+        let found: Result<HashMap<String, i64>, StorageError> = async {
+            let shared = self.shared()?;
+            let conn = shared.conn().await?;
+            let stmt = prepare(&conn, &self.sql.dedup_lookup).await?;
+            let rows = conn.query(&stmt, &[&self.queue, &later]).await.map_err(pg_err)?;
+            rows.iter()
+                .map(|r| Ok((r.try_get(0).map_err(pg_err)?, r.try_get(1).map_err(pg_err)?)))
+                .collect()
+        }
+        .await;
+        match found {
+            Ok(found) => {
+                for (it, id) in sent.iter().zip(ids.iter_mut()) {
+                    if id.is_none() && !it.dedup_id.is_empty() {
+                        *id = found.get(&it.dedup_id).copied();
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::warn!(queue = %self.queue, error = %e, "postgres: cannot resolve deduplicated ids")
+            }
+        }
+        Ok(())
+    }
+
+    /// The moves of a lifecycle pass, in one transaction; `more` says whether the limit was reached.
+    async fn lifecycle_moves(
+        &self,
+        now: Ts,
+        policy: LifecyclePolicy,
+        limit: usize,
+    ) -> Result<LifecycleOutcome, StorageError> {
+        let mut o = LifecycleOutcome::default();
+        if limit == 0 {
+            o.more = true;
+            return Ok(o);
+        }
+        let shared = self.shared()?;
+        let conn = shared.conn().await?;
+        let due = prepare(&conn, &self.sql.enqueue_due).await?;
+        let expire = prepare(&conn, &self.sql.expire_items).await?;
+        let keep = policy.has_dead_queue;
+        // The three kinds run in the memory backend's order (lease expiries, schedules, expire deadlines) in one
+        // transaction, each seeing the moves before it: an item whose lease expired and whose expire deadline
+        // passed is requeued, then dies, exactly as in memory.
+        let tx = if policy.backoff.is_on() {
+            // Expired leases go into the schedule for a delay that depends on each item's id and attempts, which
+            // the statement locking them returns; the moves then go in one statement, like a retry's.
+            let lock = prepare(&conn, &self.sql.lock_expired).await?;
+            let apply = prepare(&conn, &self.sql.retry_apply).await?;
+            let (tx, rows) = Tx::begin(conn, &lock, &[&now.0, &limit_param(limit)]).await?;
+            let (mut op_ids, mut op_actions, mut op_at) = (Vec::new(), Vec::new(), Vec::new());
+            for r in &rows {
+                let id: i64 = r.try_get(0).map_err(pg_err)?;
+                let attempts: i64 = r.try_get(1).map_err(pg_err)?;
+                let attempts = u32::try_from(attempts.max(0)).unwrap_or(u32::MAX);
+                op_ids.push(id);
+                if policy.exhausted(attempts) {
+                    o.dead += 1;
+                    op_actions.push(if keep { RETRY_KEEP_DEAD } else { RETRY_DELETE });
+                    op_at.push(0);
+                } else {
+                    o.lease_expired += 1;
+                    op_actions.push(RETRY_SCHEDULE);
+                    op_at.push(schedule_at(now.add(policy.backoff.delay(attempts, item_id(id)))));
+                }
+            }
+            if op_ids.is_empty() {
+                tx
+            } else {
+                tx.query(&apply, &[&op_ids, &op_actions, &op_at]).await?.0
+            }
+        } else {
+            let leases = prepare(&conn, &self.sql.expire_leases).await?;
+            let max = i64::from(policy.max_attempts);
+            let (tx, rows) = Tx::begin(conn, &leases, &[&now.0, &limit_param(limit), &max, &keep]).await?;
+            let row = rows
+                .first()
+                .ok_or_else(|| StorageError::other("postgres: no lifecycle row"))?;
+            o.lease_expired = count(row.try_get(0).map_err(pg_err)?);
+            o.dead = count(row.try_get(1).map_err(pg_err)?);
+            tx
+        };
+        let mut left = limit.saturating_sub(usize::try_from(o.lease_expired + o.dead).unwrap_or(usize::MAX));
+        let mut tx = Some(tx);
+        if left > 0 {
+            let (t, rows) = tx
+                .take()
+                .ok_or_else(|| StorageError::other("postgres: transaction lost"))?
+                .query(&due, &[&now.0, &limit_param(left)])
+                .await?;
+            tx = Some(t);
+            let n = rows
+                .first()
+                .map(|r| r.try_get::<_, i64>(0))
+                .transpose()
+                .map_err(pg_err)?;
+            o.enqueued = count(n.unwrap_or(0));
+            left = left.saturating_sub(usize::try_from(o.enqueued).unwrap_or(usize::MAX));
+        }
+        let tx = tx.ok_or_else(|| StorageError::other("postgres: transaction lost"))?;
+        if left > 0 {
+            let rows = tx
+                .query_commit(&expire, &[&now.0, &limit_param(left), &keep])
+                .await?;
+            let n = rows
+                .first()
+                .map(|r| r.try_get::<_, i64>(0))
+                .transpose()
+                .map_err(pg_err)?;
+            o.dead += count(n.unwrap_or(0));
+            left = left.saturating_sub(usize::try_from(count(n.unwrap_or(0))).unwrap_or(usize::MAX));
+        } else {
+            tx.commit().await?;
+        }
+        o.more = left == 0;
+        Ok(o)
+    }
+
+    /// Drops up to `limit` dedup records of the queue that expired by `now`; returns how many.
+    async fn prune_dedup(&self, now: Ts, limit: i64) -> Result<u64, StorageError> {
+        let shared = self.shared()?;
+        let conn = shared.conn().await?;
+        let stmt = prepare(&conn, &self.sql.prune_dedup).await?;
+        let row = conn
+            .query_one(&stmt, &[&self.queue, &now.0, &limit])
+            .await
+            .map_err(pg_err)?;
+        Ok(count(row.try_get(0).map_err(pg_err)?))
+    }
+
     async fn next_deadline_now(&self) -> Result<Option<Ts>, StorageError> {
         let shared = self.shared()?;
         let conn = shared.conn().await?;
@@ -297,6 +515,7 @@ impl PgPartition {
 /// The fields of an item that produce and import both write, borrowed from a [`NewItem`] or an [`Item`].
 struct Common<'a> {
     source_id: &'a str,
+    priority: u8,
     enqueue_at: Ts,
     expire_deadline: Ts,
     created_at: Ts,
@@ -313,6 +532,7 @@ macro_rules! common_from {
             fn from(i: &'a $t) -> Self {
                 Common {
                     source_id: &i.source_id,
+                    priority: i.priority,
                     enqueue_at: i.enqueue_at,
                     expire_deadline: i.expire_deadline,
                     created_at: i.created_at,
@@ -341,6 +561,7 @@ struct Columns<'a> {
     encoding: Vec<&'a str>,
     kind: Vec<&'a str>,
     payload: Vec<&'a [u8]>,
+    priority: Vec<i16>,
 }
 
 impl<'a> Columns<'a> {
@@ -355,6 +576,7 @@ impl<'a> Columns<'a> {
             c.encoding.push(r.encoding);
             c.kind.push(r.kind);
             c.payload.push(r.payload);
+            c.priority.push(i16::from(r.priority));
         }
         c
     }
@@ -366,59 +588,92 @@ impl Partition for PgPartition {
         if items.is_empty() {
             return Ok(Vec::new());
         }
-        // A source id repeated within the batch is sent once; later copies take the first one's id, as if they
-        // had been produced one after the other.
-        let mut first: HashMap<&str, usize> = HashMap::new();
+        // A source id or dedup key repeated within the batch is sent once; later copies take the first one's id,
+        // as if they had been produced one after the other.
+        let mut first_source: HashMap<&str, usize> = HashMap::new();
+        let mut first_key: HashMap<&str, usize> = HashMap::new();
         let mut slot = Vec::with_capacity(items.len());
         let mut sent: Vec<&NewItem> = Vec::with_capacity(items.len());
         for it in &items {
+            let earlier = (!it.source_id.is_empty())
+                .then(|| first_source.get(it.source_id.as_str()))
+                .flatten()
+                .or_else(|| {
+                    (!it.dedup_id.is_empty())
+                        .then(|| first_key.get(it.dedup_id.as_str()))
+                        .flatten()
+                });
+            if let Some(&k) = earlier {
+                slot.push(k);
+                continue;
+            }
             if !it.source_id.is_empty() {
-                if let Some(&k) = first.get(it.source_id.as_str()) {
-                    slot.push(k);
-                    continue;
-                }
-                first.insert(&it.source_id, sent.len());
+                first_source.insert(&it.source_id, sent.len());
+            }
+            if !it.dedup_id.is_empty() {
+                first_key.insert(&it.dedup_id, sent.len());
             }
             slot.push(sent.len());
             sent.push(it);
         }
         let c = Columns::of(sent.iter().map(|i| Common::from(*i)));
+        let keyed = !first_key.is_empty();
 
         let shared = self.shared()?;
         let conn = shared.conn().await?;
-        let stmt = prepare(&conn, &self.sql.produce).await?;
-        let row = conn
-            .query_one(
-                &stmt,
-                &[
-                    &c.source,
-                    &c.enqueue_at,
-                    &c.expire,
-                    &c.created,
-                    &c.reference,
-                    &c.encoding,
-                    &c.kind,
-                    &c.payload,
-                ],
-            )
-            .await
-            .map_err(pg_err)?;
+        let base: [&(dyn tokio_postgres::types::ToSql + Sync); 9] = [
+            &c.source,
+            &c.enqueue_at,
+            &c.expire,
+            &c.created,
+            &c.reference,
+            &c.encoding,
+            &c.kind,
+            &c.payload,
+            &c.priority,
+        ];
+        let row = if keyed {
+            let keys: Vec<Option<&str>> = sent
+                .iter()
+                .map(|i| (!i.dedup_id.is_empty()).then_some(i.dedup_id.as_str()))
+                .collect();
+            let until: Vec<i64> = sent.iter().map(|i| i.dedup_until.0).collect();
+            let key_list: Vec<&str> = keys.iter().flatten().copied().collect();
+            let partition = i64::from(self.partition);
+            let mut params = base.to_vec();
+            params.extend_from_slice(&[&keys, &until, &self.queue, &partition, &key_list]);
+            // Records expired for every item of the batch; dropping twice as many as the call adds keeps their
+            // number bounded by the produce rate times the window.
+            let now = sent
+                .iter()
+                .filter(|i| !i.dedup_id.is_empty())
+                .map(|i| i.created_at.0)
+                .min()
+                .unwrap_or(0);
+            let prune_limit = limit_param(2 * key_list.len() + 16);
+            let stmt = prepare(&conn, &self.sql.produce_dedup).await?;
+            let prune = prepare(&conn, &self.sql.prune_dedup).await?;
+            // Pipelined: one round trip. The prune runs after the produce commits, in a statement of its own.
+            let prune_params: [&(dyn tokio_postgres::types::ToSql + Sync); 3] =
+                [&self.queue, &now, &prune_limit];
+            let (row, pruned) = tokio::join!(
+                conn.query_one(&stmt, &params),
+                conn.query_one(&prune, &prune_params)
+            );
+            if let Err(e) = pruned {
+                // Housekeeping only: the next call drops them.
+                tracing::warn!(queue = %self.queue, error = %e, "postgres: cannot drop expired dedup records");
+            }
+            row.map_err(pg_err)?
+        } else {
+            let stmt = prepare(&conn, &self.sql.produce).await?;
+            conn.query_one(&stmt, &base).await.map_err(pg_err)?
+        };
         drop(conn);
         let fresh: Vec<i64> = row.try_get(0).map_err(pg_err)?;
-        let inserted: HashSet<i64> = row
-            .try_get::<_, Option<Vec<i64>>>(1)
-            .map_err(pg_err)?
-            .unwrap_or_default()
-            .into_iter()
-            .collect();
-        let dup_rn: Vec<i64> = row
-            .try_get::<_, Option<Vec<i64>>>(2)
-            .map_err(pg_err)?
-            .unwrap_or_default();
-        let dup_id: Vec<i64> = row
-            .try_get::<_, Option<Vec<i64>>>(3)
-            .map_err(pg_err)?
-            .unwrap_or_default();
+        let inserted: HashSet<i64> = opt_vec::<i64>(&row, 1)?.into_iter().collect();
+        let dup_rn: Vec<i64> = opt_vec(&row, 2)?;
+        let dup_id: Vec<i64> = opt_vec(&row, 3)?;
         // Each input row's id: its fresh id when inserted, else the id of the stored copy it duplicates.
         let mut ids: Vec<Option<i64>> = fresh
             .iter()
@@ -430,6 +685,9 @@ impl Partition for PgPartition {
             if let Some(slot @ None) = ids.get_mut(k) {
                 *slot = Some(id);
             }
+        }
+        if keyed {
+            self.resolve_deduplicated(&row, &sent, &mut ids).await?;
         }
         let unresolved: Vec<&str> = ids
             .iter()
@@ -469,7 +727,7 @@ impl Partition for PgPartition {
             .query(&stmt, &[&limit_param(n), &lease_deadline.0])
             .await
             .map_err(pg_err)?;
-        decode_sorted(&rows)
+        decode_serving_order(&rows)
     }
 
     async fn complete(&self, requests: Vec<Vec<ItemId>>) -> Result<Vec<Result<(), ItemError>>, StorageError> {
@@ -520,9 +778,47 @@ impl Partition for PgPartition {
         &self,
         requests: Vec<(Vec<ItemId>, Ts)>,
     ) -> Result<Vec<Result<(), ItemError>>, StorageError> {
-        // TODO(issue 10): implement.
-        let _ = requests;
-        Err(StorageError::other("extend is not implemented yet"))
+        let total: usize = requests.iter().map(|r| r.0.len()).sum();
+        if total == 0 {
+            return Ok(requests.iter().map(|_| Ok(())).collect());
+        }
+        let ids = distinct_ids(requests.iter().flat_map(|r| r.0.iter()));
+        let shared = self.shared()?;
+        let conn = shared.conn().await?;
+        let stmt = prepare(&conn, &self.sql.extend_all).await?;
+        if ids.len() == total {
+            // Every id is distinct and storable: one statement sets all of them when every one is leased (the
+            // normal case) and none otherwise.
+            let (ids, deadlines) = deadlines_by_id(requests.iter().map(|r| (&r.0, r.1)));
+            let row = conn.query_one(&stmt, &[&ids, &deadlines]).await.map_err(pg_err)?;
+            let set: i64 = row.try_get(0).map_err(pg_err)?;
+            if count(set) == total as u64 {
+                return Ok(requests.iter().map(|_| Ok(())).collect());
+            }
+        }
+        // Some request fails (or names an id another request names too): lock the named live rows, judge each
+        // request, set the valid ones. An id in two valid requests takes the later one's deadline, as if they had
+        // been applied one after the other.
+        let lock = prepare(&conn, &self.sql.lock_live).await?;
+        let (tx, rows) = Tx::begin(conn, &lock, &[&ids]).await?;
+        let live = live_rows(&rows)?;
+        let none = HashSet::new();
+        let mut valid = Vec::new();
+        let out: Vec<Result<(), ItemError>> = requests
+            .iter()
+            .map(|(req, deadline)| {
+                check_request(req.iter().copied(), &live, &none)?;
+                valid.push((req, *deadline));
+                Ok(())
+            })
+            .collect();
+        if valid.is_empty() {
+            tx.rollback().await;
+        } else {
+            let (ids, deadlines) = deadlines_by_id(valid.into_iter());
+            tx.query_commit(&stmt, &[&ids, &deadlines]).await?;
+        }
+        Ok(out)
     }
 
     async fn dedup_records(&self, now: Ts) -> Result<Vec<lessor_core::types::DedupRecord>, StorageError> {
@@ -571,7 +867,14 @@ impl Partition for PgPartition {
                             o.scheduled += 1;
                             (RETRY_SCHEDULE, at.0)
                         }
-                        // TODO(issue 10): apply the policy's backoff.
+                        // The delay depends on the attempts read under the lock, so it is computed here.
+                        RetryAction::Backoff(now) if policy.backoff.is_on() => {
+                            o.scheduled += 1;
+                            (
+                                RETRY_SCHEDULE,
+                                schedule_at(now.add(policy.backoff.delay(attempts, op.id))),
+                            )
+                        }
                         RetryAction::Backoff(_) => {
                             o.requeued += 1;
                             (RETRY_REQUEUE, 0)
@@ -625,68 +928,24 @@ impl Partition for PgPartition {
         policy: LifecyclePolicy,
         limit: usize,
     ) -> Result<LifecycleOutcome, StorageError> {
-        let mut o = LifecycleOutcome::default();
-        if limit > 0 {
-            let shared = self.shared()?;
-            let conn = shared.conn().await?;
-            let leases = prepare(&conn, &self.sql.expire_leases).await?;
-            let due = prepare(&conn, &self.sql.enqueue_due).await?;
-            let expire = prepare(&conn, &self.sql.expire_items).await?;
-            let max = i64::from(policy.max_attempts);
-            let keep = policy.has_dead_queue;
-            // The three kinds run in the memory backend's order (lease expiries, schedules, expire deadlines) in
-            // one transaction, each seeing the moves before it: an item whose lease expired and whose expire
-            // deadline passed is requeued, then dies, exactly as in memory.
-            let (tx, rows) = Tx::begin(conn, &leases, &[&now.0, &limit_param(limit), &max, &keep]).await?;
-            let row = rows
-                .first()
-                .ok_or_else(|| StorageError::other("postgres: no lifecycle row"))?;
-            o.lease_expired = count(row.try_get(0).map_err(pg_err)?);
-            o.dead = count(row.try_get(1).map_err(pg_err)?);
-            let mut left =
-                limit.saturating_sub(usize::try_from(o.lease_expired + o.dead).unwrap_or(usize::MAX));
-            let mut tx = Some(tx);
-            if left > 0 {
-                let (t, rows) = tx
-                    .take()
-                    .ok_or_else(|| StorageError::other("postgres: transaction lost"))?
-                    .query(&due, &[&now.0, &limit_param(left)])
-                    .await?;
-                tx = Some(t);
-                let n = rows
-                    .first()
-                    .map(|r| r.try_get::<_, i64>(0))
-                    .transpose()
-                    .map_err(pg_err)?;
-                o.enqueued = count(n.unwrap_or(0));
-                left = left.saturating_sub(usize::try_from(o.enqueued).unwrap_or(usize::MAX));
-            }
-            let tx = tx.ok_or_else(|| StorageError::other("postgres: transaction lost"))?;
-            if left > 0 {
-                let rows = tx
-                    .query_commit(&expire, &[&now.0, &limit_param(left), &keep])
-                    .await?;
-                let n = rows
-                    .first()
-                    .map(|r| r.try_get::<_, i64>(0))
-                    .transpose()
-                    .map_err(pg_err)?;
-                o.dead += count(n.unwrap_or(0));
-                left = left.saturating_sub(usize::try_from(count(n.unwrap_or(0))).unwrap_or(usize::MAX));
-            } else {
-                tx.commit().await?;
-            }
-            if left > 0 {
-                return Ok(o);
-            }
+        let o = self.lifecycle_moves(now, policy, limit).await?;
+        // Dedup records are the queue's, not this partition's: any partition's pass may drop some. Housekeeping
+        // after the moves committed, so a failure must not fail the call.
+        if let Err(e) = self.prune_dedup(now, LIFECYCLE_DEDUP_PRUNE).await {
+            tracing::warn!(queue = %self.queue, error = %e, "postgres: cannot drop expired dedup records");
+        }
+        if !o.more {
+            return Ok(o);
         }
         // The limit stopped the pass: is anything else due? The moves are committed, so a failure to ask must
         // not fail the call; assuming more only costs the engine one more pass.
-        o.more = match self.next_deadline_now().await {
-            Ok(d) => d.is_some_and(|d| d <= now),
-            Err(_) => true,
-        };
-        Ok(o)
+        Ok(LifecycleOutcome {
+            more: match self.next_deadline_now().await {
+                Ok(d) => d.is_some_and(|d| d <= now),
+                Err(_) => true,
+            },
+            ..o
+        })
     }
 
     async fn dead_items(&self, limit: usize) -> Result<Vec<Item>, StorageError> {
@@ -813,6 +1072,7 @@ impl Partition for PgPartition {
                     &c.encoding,
                     &c.kind,
                     &c.payload,
+                    &c.priority,
                 ],
             )
             .await

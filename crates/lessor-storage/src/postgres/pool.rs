@@ -128,9 +128,15 @@ fn build_pool(cfg: &PgConfig) -> Result<Pool, StorageError> {
     // and large faster than autovacuum re-analyses it, and a plan made while statistics said "empty" would read
     // the whole table on every call of the next burst; disabling sequential scans makes the planner take the index
     // path whatever the statistics say (it remains a cost penalty, not a hard ban).
+    //
+    // Generic plans always: every statement is prepared once per connection and written (and tested, see
+    // `sql::tests`) to be served by its indexes whatever its parameters. Left to choose, PostgreSQL plans a statement
+    // anew on each call when the generic plan's estimate looks worse than the custom ones, which the keyed produce's
+    // does (array parameters of unknown length): planning it cost more than running it (0.45 ms of 0.65 ms).
+    let session = "-c enable_seqscan=off -c plan_cache_mode=force_generic_plan";
     let opts = match pg.get_options() {
-        Some(o) if !o.is_empty() => format!("{o} -c enable_seqscan=off"),
-        _ => "-c enable_seqscan=off".to_string(),
+        Some(o) if !o.is_empty() => format!("{o} {session}"),
+        _ => session.to_string(),
     };
     pg.options(opts);
     if pg.get_application_name().is_none() {

@@ -1,7 +1,9 @@
 //! Queue definitions in the `queues` table.
 //!
 //! Durations are stored in nanoseconds (as Querator does), timestamps in microseconds, and the partition placement
-//! as a JSONB array of `{partition, storage_name, read_only}` objects. Names use the "C" collation, so `list` pages
+//! as a JSONB array of `{partition, storage_name, read_only}` objects. The retry backoff is four columns (base, factor,
+//! max, jitter); like the other settings added by schema version 3 (dedup window, pause, longest lease), their zero
+//! defaults mean "off" or "the default", which is what a queue defined before them had. Names use the "C" collation, so `list` pages
 //! in byte order like every other backend.
 
 use std::sync::{Arc, Mutex};
@@ -11,7 +13,7 @@ use async_trait::async_trait;
 use lessor_core::error::{StorageError, StorageErrorKind};
 use lessor_core::storage::QueuesStore;
 use lessor_core::time::Ts;
-use lessor_core::types::{PartitionInfo, QueueInfo};
+use lessor_core::types::{Backoff, PartitionInfo, QueueInfo};
 use serde_json::{json, Value};
 use tokio_postgres::Row;
 
@@ -20,7 +22,9 @@ use super::pool::{acquire, pg_err, prepare, PgConfig, Shared};
 use super::schema;
 
 const COLUMNS: &str = "name, namespace, created_at, updated_at, dead_queue, reference, lease_timeout_ns, \
-                       expire_timeout_ns, max_attempts, requested_partitions, partition_info::text";
+                       expire_timeout_ns, max_attempts, requested_partitions, partition_info::text, \
+                       dedup_window_ns, backoff_base_ns, backoff_factor, backoff_max_ns, backoff_jitter, paused, \
+                       max_lease_timeout_ns";
 
 /// Queue definitions in PostgreSQL.
 #[derive(Debug)]
@@ -129,11 +133,19 @@ fn decode(r: &Row) -> Result<QueueInfo, StorageError> {
         requested_partitions: to_u32(r.try_get(9).map_err(pg_err)?),
         partitions: parse_partitions(&name, &parts)?,
         name,
-        ..Default::default() // TODO(issue 10): persist the new fields
+        dedup_window: from_nanos(r.try_get(11).map_err(pg_err)?),
+        retry_backoff: Backoff {
+            base: from_nanos(r.try_get(12).map_err(pg_err)?),
+            factor: r.try_get(13).map_err(pg_err)?,
+            max: from_nanos(r.try_get(14).map_err(pg_err)?),
+            jitter: r.try_get(15).map_err(pg_err)?,
+        },
+        paused: r.try_get(16).map_err(pg_err)?,
+        max_lease_timeout: from_nanos(r.try_get(17).map_err(pg_err)?),
     })
 }
 
-/// Runs `sql` with the eleven columns of `info` as parameters `$1..$11`.
+/// Runs `sql` with the eighteen columns of `info` as parameters `$1..$18`.
 async fn write(shared: &Shared, sql: &str, info: &QueueInfo) -> Result<(), StorageError> {
     let conn = shared.conn().await?;
     let stmt = prepare(&conn, sql).await?;
@@ -152,6 +164,13 @@ async fn write(shared: &Shared, sql: &str, info: &QueueInfo) -> Result<(), Stora
             &i64::from(info.max_attempts),
             &i64::from(info.requested_partitions),
             &parts,
+            &nanos(info.dedup_window),
+            &nanos(info.retry_backoff.base),
+            &info.retry_backoff.factor,
+            &nanos(info.retry_backoff.max),
+            &info.retry_backoff.jitter,
+            &info.paused,
+            &nanos(info.max_lease_timeout),
         ],
     )
     .await
@@ -160,8 +179,11 @@ async fn write(shared: &Shared, sql: &str, info: &QueueInfo) -> Result<(), Stora
 }
 
 const INSERT: &str = "INSERT INTO queues (name, namespace, created_at, updated_at, dead_queue, reference, \
-                      lease_timeout_ns, expire_timeout_ns, max_attempts, requested_partitions, partition_info) \
-                      VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11::text::jsonb)";
+                      lease_timeout_ns, expire_timeout_ns, max_attempts, requested_partitions, partition_info, \
+                      dedup_window_ns, backoff_base_ns, backoff_factor, backoff_max_ns, backoff_jitter, paused, \
+                      max_lease_timeout_ns) \
+                      VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11::text::jsonb, $12, $13, $14, $15, $16, \
+                      $17, $18)";
 
 #[async_trait]
 impl QueuesStore for PgQueues {
@@ -200,7 +222,11 @@ impl QueuesStore for PgQueues {
              created_at = EXCLUDED.created_at, updated_at = EXCLUDED.updated_at, dead_queue = EXCLUDED.dead_queue, \
              reference = EXCLUDED.reference, lease_timeout_ns = EXCLUDED.lease_timeout_ns, \
              expire_timeout_ns = EXCLUDED.expire_timeout_ns, max_attempts = EXCLUDED.max_attempts, \
-             requested_partitions = EXCLUDED.requested_partitions, partition_info = EXCLUDED.partition_info"
+             requested_partitions = EXCLUDED.requested_partitions, partition_info = EXCLUDED.partition_info, \
+             dedup_window_ns = EXCLUDED.dedup_window_ns, backoff_base_ns = EXCLUDED.backoff_base_ns, \
+             backoff_factor = EXCLUDED.backoff_factor, backoff_max_ns = EXCLUDED.backoff_max_ns, \
+             backoff_jitter = EXCLUDED.backoff_jitter, paused = EXCLUDED.paused, \
+             max_lease_timeout_ns = EXCLUDED.max_lease_timeout_ns"
         );
         write(&shared, &sql, info).await
     }

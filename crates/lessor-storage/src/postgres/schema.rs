@@ -9,7 +9,10 @@
 //! - `queues`: queue definitions ([`super::PgQueues`]).
 //! - `lessor_auth`, `lessor_auth_generation` (version 2): the auth store ([`super::PgAuth`]).
 //! - `lessor_partitions`: which queue and partition owns each item table, so a hash collision between two queue names
-//!   is reported instead of silently mixing their items, and operators can map a table back to its queue.
+//!   is reported instead of silently mixing their items, and operators can map a table back to its queue; and
+//!   (version 3) the table's layout, so a table made by an older build is upgraded when it is next opened.
+//! - `lessor_dedup` (version 3): the dedup records of every queue, keyed by `(queue, dedup_id)`, so that servers
+//!   producing into different partitions of one queue agree on which item a key stored.
 //! - `items_<12 hex digits of md5(queue)>_<partition, 6 digits>` and its id sequence: one partition's items, created
 //!   on first open (see [`partition_ddl`]).
 //!
@@ -64,6 +67,35 @@ const MIGRATIONS: &[&str] = &[
         generation BIGINT NOT NULL
     );
     INSERT INTO lessor_auth_generation (singleton, generation) VALUES (true, 0);
+    "#,
+    // 3: issue 10. Queue settings for dedup, retry backoff, pause and the longest lease extension (zero values
+    // mean "off" or "the default", so existing queues keep their behaviour); the layout version of each item table
+    // (1: before priorities, see `partition_ddl`), looked up by queue when a queue's last table goes; and the
+    // queue-wide dedup records (see `super::partition`), expired ones found by `(queue, until)`.
+    r#"
+    ALTER TABLE queues
+        ADD COLUMN dedup_window_ns BIGINT NOT NULL DEFAULT 0,
+        ADD COLUMN backoff_base_ns BIGINT NOT NULL DEFAULT 0,
+        ADD COLUMN backoff_factor DOUBLE PRECISION NOT NULL DEFAULT 0,
+        ADD COLUMN backoff_max_ns BIGINT NOT NULL DEFAULT 0,
+        ADD COLUMN backoff_jitter DOUBLE PRECISION NOT NULL DEFAULT 0,
+        ADD COLUMN paused BOOLEAN NOT NULL DEFAULT false,
+        ADD COLUMN max_lease_timeout_ns BIGINT NOT NULL DEFAULT 0;
+    ALTER TABLE lessor_partitions ADD COLUMN layout INTEGER NOT NULL DEFAULT 1;
+    CREATE INDEX lessor_partitions_queue ON lessor_partitions (queue);
+    CREATE TABLE lessor_dedup (
+        queue TEXT COLLATE "C" NOT NULL,
+        dedup_id TEXT COLLATE "C" NOT NULL,
+        item_id BIGINT NOT NULL,
+        partition BIGINT NOT NULL,
+        created_at BIGINT NOT NULL,
+        until BIGINT NOT NULL,
+        PRIMARY KEY (queue, dedup_id)
+    ) WITH (
+        autovacuum_vacuum_scale_factor = 0.02,
+        autovacuum_analyze_scale_factor = 0.05
+    );
+    CREATE INDEX lessor_dedup_until ON lessor_dedup (queue, until);
     "#,
 ];
 
@@ -149,6 +181,10 @@ pub fn table_name(queue: &str, partition: u32) -> String {
     format!("items_{hex}_{partition:06}")
 }
 
+/// The layout of item tables this build creates: 2 added `priority` and the `_ready_p` index (replacing `_ready`).
+/// Tables registered with an older layout are upgraded by [`ensure_partition`] (see [`upgrade_ddl`]).
+pub const PARTITION_LAYOUT: i32 = 2;
+
 /// DDL of one item table, its id sequence and its indexes; idempotent.
 ///
 /// Columns follow Querator's layout, adapted: `id` is a `BIGINT` from the table's own sequence (started at the
@@ -158,7 +194,8 @@ pub fn table_name(queue: &str, partition: u32) -> String {
 ///
 /// Each partial index serves one state, so every hot query reads the head of one index:
 /// - `_src`: unique source ids (idempotent dead-letter moves, `ON CONFLICT`);
-/// - `_ready`: lease order (covers created_at and payload_len, for counts and stats);
+/// - `_ready_p`: lease order, highest priority first then FIFO (covers created_at and payload_len, for counts and
+///   stats);
 /// - `_leased`: lease expiry order;
 /// - `_sched`: schedule order (FIFO among equal times);
 /// - `_expire`: expire-deadline order of ready and leased items;
@@ -182,7 +219,8 @@ pub(crate) fn partition_ddl(table: &str, first_id: i64) -> String {
             kind TEXT NOT NULL DEFAULT '',
             payload BYTEA NOT NULL,
             payload_len BIGINT NOT NULL DEFAULT 0,
-            dead BOOLEAN NOT NULL DEFAULT false
+            dead BOOLEAN NOT NULL DEFAULT false,
+            priority SMALLINT NOT NULL DEFAULT 0
         ) WITH (
             -- Every item is inserted, updated and deleted within minutes: vacuum well before the default 20%
             -- of dead rows, so index heads stay short.
@@ -191,8 +229,8 @@ pub(crate) fn partition_ddl(table: &str, first_id: i64) -> String {
         );
         ALTER SEQUENCE {table}_id_seq OWNED BY {table}.id;
         CREATE UNIQUE INDEX IF NOT EXISTS {table}_src ON {table} (source_id) WHERE source_id IS NOT NULL;
-        CREATE INDEX IF NOT EXISTS {table}_ready ON {table} (id) INCLUDE (created_at, payload_len)
-            WHERE NOT is_leased AND enqueue_at = 0 AND NOT dead;
+        CREATE INDEX IF NOT EXISTS {table}_ready_p ON {table} (priority DESC, id) INCLUDE (created_at, payload_len)
+            WHERE {ready};
         CREATE INDEX IF NOT EXISTS {table}_leased ON {table} (lease_deadline, id) INCLUDE (created_at, payload_len)
             WHERE is_leased AND NOT dead;
         CREATE INDEX IF NOT EXISTS {table}_sched ON {table} (enqueue_at, id) INCLUDE (payload_len)
@@ -200,7 +238,27 @@ pub(crate) fn partition_ddl(table: &str, first_id: i64) -> String {
         CREATE INDEX IF NOT EXISTS {table}_expire ON {table} (expire_deadline, id)
             WHERE enqueue_at = 0 AND NOT dead;
         CREATE INDEX IF NOT EXISTS {table}_dead ON {table} (id) WHERE dead;
-        "#
+        "#,
+        ready = super::sql::READY,
+    )
+}
+
+/// DDL that brings a table of layout 1 to [`PARTITION_LAYOUT`]; idempotent.
+///
+/// Adding a column with a constant default only writes the catalog. The new ready index is built inside the same
+/// transaction, so the table is locked for the time of one pass over it (measured in docs/benchmarks.md): item
+/// tables are queues, mostly small. `CREATE INDEX CONCURRENTLY` would not block, but it cannot run inside the
+/// transaction that holds the table's advisory lock, and concurrent builds on several tables wait for each other.
+/// The old `_ready` index goes, so that produce and requeue do not maintain two ready indexes.
+pub(crate) fn upgrade_ddl(table: &str) -> String {
+    format!(
+        r#"
+        ALTER TABLE {table} ADD COLUMN IF NOT EXISTS priority SMALLINT NOT NULL DEFAULT 0;
+        CREATE INDEX IF NOT EXISTS {table}_ready_p ON {table} (priority DESC, id) INCLUDE (created_at, payload_len)
+            WHERE {ready};
+        DROP INDEX IF EXISTS {table}_ready;
+        "#,
+        ready = super::sql::READY,
     )
 }
 
@@ -214,8 +272,9 @@ fn owner_mismatch(table: &str, queue: &str, partition: u32, owner: &str, owner_p
     )
 }
 
-/// Creates partition `partition` of `queue` unless it exists. Checks first without locking, so opening an existing
-/// partition costs one query.
+/// Creates partition `partition` of `queue` unless it exists, and upgrades its table when an older build made it.
+/// Checks first without locking, so opening an existing, current partition costs one query; several servers
+/// opening it at once serialise on the table's advisory lock, and the later ones find the work done.
 pub(crate) async fn ensure_partition(
     shared: &Shared,
     table: &str,
@@ -227,7 +286,7 @@ pub(crate) async fn ensure_partition(
     let conn = shared.conn().await?;
     let check = prepare(
         &conn,
-        "SELECT queue, partition, to_regclass($1) IS NOT NULL
+        "SELECT queue, partition, to_regclass($1) IS NOT NULL, layout
          FROM lessor_partitions WHERE table_name = $1",
     )
     .await?;
@@ -236,39 +295,75 @@ pub(crate) async fn ensure_partition(
         let owner: String = r.try_get(0).map_err(pg_err)?;
         let owner_part: i64 = r.try_get(1).map_err(pg_err)?;
         let exists: bool = r.try_get(2).map_err(pg_err)?;
+        let layout: i32 = r.try_get(3).map_err(pg_err)?;
         if owner != queue || owner_part != i64::from(partition) {
             return Err(owner_mismatch(table, queue, partition, &owner, owner_part));
         }
-        if exists {
+        if exists && layout >= PARTITION_LAYOUT {
             return Ok(());
         }
     }
     let lock = format!("SELECT pg_advisory_xact_lock({TABLE_LOCK_CLASS}, hashtext('{table}'))");
     let tx = Tx::begin_simple(conn, &lock).await?;
-    let owner = prepare(
+    // Read again under the lock: another server may have created or upgraded the table meanwhile.
+    let state = prepare(
         tx.conn()?,
-        "SELECT queue, partition FROM lessor_partitions WHERE table_name = $1",
+        "SELECT p.queue, p.partition, p.layout, to_regclass($1) IS NOT NULL
+         FROM (SELECT $1::text AS t) x LEFT JOIN lessor_partitions p ON p.table_name = x.t",
     )
     .await?;
-    let (tx, rows) = tx.query(&owner, &[&table]).await?;
-    if let Some(r) = rows.first() {
-        let owner: String = r.try_get(0).map_err(pg_err)?;
-        let owner_part: i64 = r.try_get(1).map_err(pg_err)?;
+    let (tx, rows) = tx.query(&state, &[&table]).await?;
+    let r = rows
+        .first()
+        .ok_or_else(|| StorageError::other("postgres: no partition state row"))?;
+    let owner: Option<String> = r.try_get(0).map_err(pg_err)?;
+    let owner_part: Option<i64> = r.try_get(1).map_err(pg_err)?;
+    let layout: Option<i32> = r.try_get(2).map_err(pg_err)?;
+    let exists: bool = r.try_get(3).map_err(pg_err)?;
+    if let (Some(owner), Some(owner_part)) = (&owner, owner_part) {
         if owner != queue || owner_part != i64::from(partition) {
             tx.rollback().await;
-            return Err(owner_mismatch(table, queue, partition, &owner, owner_part));
+            return Err(owner_mismatch(table, queue, partition, owner, owner_part));
         }
     }
-    let tx = tx.batch(&partition_ddl(table, first_id)).await?;
+    let ddl = if !exists {
+        partition_ddl(table, first_id)
+    } else if layout.is_none_or(|l| l < PARTITION_LAYOUT) {
+        // A table without a registration row can only be ours from before registration was atomic; upgrading
+        // it is idempotent either way.
+        upgrade_ddl(table)
+    } else {
+        return tx.commit().await;
+    };
+    let tx = tx.batch(&ddl).await?;
     let register = prepare(
         tx.conn()?,
-        "INSERT INTO lessor_partitions (table_name, queue, partition, created_at)
-         VALUES ($1, $2, $3, $4) ON CONFLICT (table_name) DO NOTHING",
+        "INSERT INTO lessor_partitions (table_name, queue, partition, created_at, layout)
+         VALUES ($1, $2, $3, $4, $5) ON CONFLICT (table_name) DO UPDATE SET layout = EXCLUDED.layout",
     )
     .await?;
-    tx.query_commit(&register, &[&table, &queue, &i64::from(partition), &first_id])
-        .await?;
-    tracing::info!(queue, partition, table, "postgres: created partition table");
+    tx.query_commit(
+        &register,
+        &[
+            &table,
+            &queue,
+            &i64::from(partition),
+            &first_id,
+            &PARTITION_LAYOUT,
+        ],
+    )
+    .await?;
+    if exists {
+        tracing::info!(
+            queue,
+            partition,
+            table,
+            layout = PARTITION_LAYOUT,
+            "postgres: upgraded partition table"
+        );
+    } else {
+        tracing::info!(queue, partition, table, "postgres: created partition table");
+    }
     Ok(())
 }
 
@@ -305,6 +400,39 @@ pub(crate) async fn drop_partition(
     let unregister = prepare(tx.conn()?, "DELETE FROM lessor_partitions WHERE table_name = $1").await?;
     tx.query_commit(&unregister, &[&table]).await?;
     Ok(())
+}
+
+/// Rows deleted per statement when a queue's dedup records go.
+const DEDUP_DROP_BATCH: i64 = 10_000;
+
+/// Deletes the dedup records of `queue` once no table of it is registered (its last partition was destroyed), in
+/// bounded statements so no transaction grows with the number of keys. Called after partitions are dropped, not
+/// in the drops' transactions: concurrent drops of a queue's last tables would each still see the others.
+pub(crate) async fn drop_queue_dedup(shared: &Shared, queue: &str) -> Result<(), StorageError> {
+    ensure(shared).await?;
+    let conn = shared.conn().await?;
+    let stmt = prepare(
+        &conn,
+        "WITH d AS MATERIALIZED (
+            SELECT dedup_id FROM lessor_dedup
+            WHERE queue = $1 AND NOT EXISTS (SELECT 1 FROM lessor_partitions WHERE queue = $1)
+            ORDER BY dedup_id LIMIT $2 FOR UPDATE SKIP LOCKED),
+         gone AS (
+            DELETE FROM lessor_dedup x WHERE x.queue = $1 AND x.dedup_id = ANY(ARRAY(SELECT dedup_id FROM d))
+            RETURNING 1)
+         SELECT count(*) FROM gone",
+    )
+    .await?;
+    loop {
+        let row = conn
+            .query_one(&stmt, &[&queue, &DEDUP_DROP_BATCH])
+            .await
+            .map_err(pg_err)?;
+        let n: i64 = row.try_get(0).map_err(pg_err)?;
+        if n < DEDUP_DROP_BATCH {
+            return Ok(());
+        }
+    }
 }
 
 #[cfg(test)]

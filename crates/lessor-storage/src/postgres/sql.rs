@@ -20,7 +20,7 @@
 /// Item columns in [`super::partition`]'s decode order.
 const COLS: &str =
     "t.id, t.source_id, t.is_leased, t.lease_deadline, t.expire_deadline, t.enqueue_at, t.created_at, \
-                    t.attempts, t.max_attempts, t.reference, t.encoding, t.kind, t.payload, t.dead";
+                    t.attempts, t.max_attempts, t.reference, t.encoding, t.kind, t.payload, t.dead, t.priority";
 
 /// Predicates of the item states; the same text as the partial indexes of [`super::schema::partition_ddl`].
 pub(crate) const READY: &str = "NOT is_leased AND enqueue_at = 0 AND NOT dead";
@@ -39,9 +39,14 @@ pub(crate) const RETRY_DELETE: i32 = 3;
 #[derive(Debug)]
 pub(crate) struct Sql {
     pub produce: String,
+    pub produce_dedup: String,
     pub source_ids: String,
+    pub dedup_lookup: String,
+    pub prune_dedup: String,
     pub lease: String,
     pub complete_all: String,
+    pub extend_all: String,
+    pub lock_expired: String,
     pub lock_live: String,
     pub delete_ids: String,
     pub retry_apply: String,
@@ -105,41 +110,109 @@ fn kill(table: &str, keep_ids: &str, delete_ids: &str) -> String {
     )
 }
 
+/// The produce statement, with or without dedup records.
+///
+/// Both: $1..$9 arrays of the new items' fields. Returns one row: the fresh id of each input row (in input order),
+/// the ids actually inserted (rows with a source id already stored are skipped), and for skipped rows the input
+/// ordinals and ids of the stored copies visible to the statement (a copy inserted concurrently by another server
+/// is not: the caller looks those up afterwards).
+///
+/// With dedup: $10 each row's dedup key (NULL for none; distinct), $11 each row's record end, $12 the queue, $13 the
+/// partition, $14 the keys (no NULLs). Each keyed row first claims its key in `lessor_dedup`: a new key is
+/// inserted, an expired record (`until` <= the row's `created_at`) is replaced, a live one is left alone; only rows
+/// whose claim succeeded (or that have no key) are inserted, in the same statement, hence the same transaction.
+/// Two servers claiming one key serialise on the record's unique index: the second waits for the first to commit,
+/// then sees a live record and stores nothing. Claims are made in key order, so two producers whose batches share
+/// several keys cannot deadlock. A row whose source id is already stored claims nothing (it is a repeated
+/// dead-letter move, skipped anyway). The row also returns the keys claimed, and the records of the batch's keys
+/// visible to the statement (key, item id, end): an unclaimed key whose record is not visible or not live was
+/// claimed concurrently, and the caller looks it up afterwards.
+fn produce(t: &str, dedup: bool) -> String {
+    let (claim, filter, extra) = if dedup {
+        (
+            format!(
+                "claim AS (
+                    INSERT INTO lessor_dedup AS d (queue, dedup_id, item_id, partition, created_at, until)
+                    SELECT $12::text, b.dedup_id, {new}, $13::int8, b.created_at, b.dedup_until FROM b
+                    WHERE b.dedup_id IS NOT NULL
+                      AND (b.source_id IS NULL
+                           OR NOT EXISTS (SELECT 1 FROM {t} e WHERE e.source_id = b.source_id))
+                    ORDER BY b.dedup_id COLLATE \"C\"
+                    ON CONFLICT (queue, dedup_id) DO UPDATE
+                    SET item_id = EXCLUDED.item_id, partition = EXCLUDED.partition,
+                        created_at = EXCLUDED.created_at, until = EXCLUDED.until
+                    WHERE d.until <= EXCLUDED.created_at
+                    RETURNING d.dedup_id),
+                 known AS (
+                    SELECT dedup_id, item_id, until FROM lessor_dedup
+                    WHERE queue = $12::text AND dedup_id = ANY($14::text[])),",
+                new = new_id("b.rn"),
+            ),
+            "WHERE b.dedup_id IS NULL OR b.dedup_id IN (SELECT dedup_id FROM claim)",
+            ", (SELECT array_agg(dedup_id) FROM claim),
+               (SELECT array_agg(dedup_id) FROM known), (SELECT array_agg(item_id) FROM known),
+               (SELECT array_agg(until) FROM known)",
+        )
+    } else {
+        (String::new(), "", "")
+    };
+    let (dedup_args, dedup_cols) = if dedup {
+        (", $10::text[], $11::int8[]", ", dedup_id, dedup_until")
+    } else {
+        ("", "")
+    };
+    format!(
+        "WITH b AS (
+            SELECT * FROM unnest($1::text[], $2::int8[], $3::int8[], $4::int8[], $5::text[], $6::text[],
+                                 $7::text[], $8::bytea[], $9::int2[]{dedup_args})
+            WITH ORDINALITY AS u(source_id, enqueue_at, expire_deadline, created_at, reference, encoding,
+                                 kind, payload, priority{dedup_cols}, rn)),
+         {fresh},
+         {claim}
+         ins AS (
+            INSERT INTO {t} AS t (id, source_id, enqueue_at, expire_deadline, created_at, reference,
+                                  encoding, kind, payload, payload_len, priority)
+            SELECT {new}, b.source_id, b.enqueue_at, b.expire_deadline, b.created_at, b.reference,
+                   b.encoding, b.kind, b.payload, octet_length(b.payload), b.priority
+            FROM b
+            {filter}
+            ON CONFLICT (source_id) WHERE source_id IS NOT NULL DO NOTHING
+            RETURNING t.id),
+         dup AS (
+            SELECT b.rn, e.id FROM b JOIN {t} e ON e.source_id = b.source_id
+            WHERE e.source_id = ANY($1::text[]))
+         SELECT (SELECT ids FROM fresh), (SELECT array_agg(id) FROM ins),
+                (SELECT array_agg(rn) FROM dup), (SELECT array_agg(id) FROM dup){extra}",
+        fresh = fresh_ids(t, "b"),
+        new = new_id("b.rn"),
+    )
+}
+
 impl Sql {
     pub(crate) fn new(t: &str) -> Sql {
         Sql {
-            // $1..$8: arrays of the new items' fields. Returns one row: the fresh id of each input row (in input
-            // order), the ids actually inserted (rows with a source id already stored are skipped), and for skipped
-            // rows the input ordinals and ids of the stored copies visible to the statement (a copy inserted
-            // concurrently by another server is not: the caller looks those up afterwards).
-            produce: format!(
-                "WITH b AS (
-                    SELECT * FROM unnest($1::text[], $2::int8[], $3::int8[], $4::int8[], $5::text[], $6::text[],
-                                         $7::text[], $8::bytea[])
-                    WITH ORDINALITY AS u(source_id, enqueue_at, expire_deadline, created_at, reference, encoding,
-                                         kind, payload, rn)),
-                 {fresh},
-                 ins AS (
-                    INSERT INTO {t} AS t (id, source_id, enqueue_at, expire_deadline, created_at, reference,
-                                          encoding, kind, payload, payload_len)
-                    SELECT {new}, b.source_id, b.enqueue_at, b.expire_deadline, b.created_at, b.reference,
-                           b.encoding, b.kind, b.payload, octet_length(b.payload)
-                    FROM b
-                    ON CONFLICT (source_id) WHERE source_id IS NOT NULL DO NOTHING
-                    RETURNING t.id),
-                 dup AS (
-                    SELECT b.rn, e.id FROM b JOIN {t} e ON e.source_id = b.source_id
-                    WHERE e.source_id = ANY($1::text[]))
-                 SELECT (SELECT ids FROM fresh), (SELECT array_agg(id) FROM ins),
-                        (SELECT array_agg(rn) FROM dup), (SELECT array_agg(id) FROM dup)",
-                fresh = fresh_ids(t, "b"),
-                new = new_id("b.rn"),
-            ),
+            produce: produce(t, false),
+            produce_dedup: produce(t, true),
             source_ids: format!("SELECT source_id, id FROM {t} WHERE source_id = ANY($1::text[])"),
+            // $1 queue, $2 keys: the records as committed now (after a produce that could not see them).
+            dedup_lookup: "SELECT dedup_id, item_id FROM lessor_dedup WHERE queue = $1::text AND dedup_id = ANY($2::text[])"
+                .to_string(),
+            // $1 queue, $2 now, $3 limit: drops expired dedup records of the queue, oldest first. A statement of
+            // its own (never inside produce's): it only takes rows no one holds, so it never waits and cannot join
+            // a deadlock with the claims of concurrent producers.
+            prune_dedup: "WITH x AS MATERIALIZED (
+                    SELECT dedup_id FROM lessor_dedup WHERE queue = $1::text AND until <= $2::int8
+                    ORDER BY until LIMIT $3::int8 FOR UPDATE SKIP LOCKED),
+                 gone AS (
+                    DELETE FROM lessor_dedup d
+                    WHERE d.queue = $1::text AND d.dedup_id = ANY(ARRAY(SELECT dedup_id FROM x)) RETURNING 1)
+                 SELECT count(*) FROM gone"
+                .to_string(),
             // $1 limit, $2 lease deadline.
             lease: format!(
                 "WITH c AS MATERIALIZED (
-                    SELECT id FROM {t} WHERE {READY} ORDER BY id LIMIT $1::int8 FOR UPDATE SKIP LOCKED)
+                    SELECT id FROM {t} WHERE {READY} ORDER BY priority DESC, id LIMIT $1::int8
+                    FOR UPDATE SKIP LOCKED)
                  UPDATE {t} AS t SET is_leased = true, lease_deadline = $2::int8, attempts = t.attempts + 1
                  WHERE t.id = ANY(ARRAY(SELECT id FROM c))
                  RETURNING {COLS}"
@@ -155,6 +228,25 @@ impl Sql {
                  d AS (DELETE FROM {t} AS t WHERE t.id = ANY(ARRAY(SELECT id FROM c)) AND (SELECT ok FROM ok)
                        RETURNING 1)
                  SELECT count(*) FROM d"
+            ),
+            // $1 ids (distinct), $2 the new lease deadline of each. Sets them all when every one is live and
+            // leased, otherwise none (as `complete_all`); returns how many it set.
+            extend_all: format!(
+                "WITH c AS MATERIALIZED (
+                    SELECT id, is_leased AND {LIVE} AS ok FROM {t} WHERE id = ANY($1::int8[]) ORDER BY id FOR UPDATE),
+                 ok AS (SELECT count(*) = cardinality($1::int8[]) AND bool_and(ok) IS TRUE AS ok FROM c),
+                 dl AS MATERIALIZED (
+                    SELECT jsonb_object_agg(id::text, at) AS m FROM unnest($1::int8[], $2::int8[]) AS u(id, at)),
+                 u AS (UPDATE {t} AS t SET lease_deadline = ((SELECT m FROM dl) ->> t.id::text)::int8
+                       WHERE t.id = ANY(ARRAY(SELECT id FROM c)) AND (SELECT ok FROM ok)
+                       RETURNING 1)
+                 SELECT count(*) FROM u"
+            ),
+            // $1 now, $2 limit: locks the expired leases, for a lifecycle under a backoff policy, whose schedule
+            // times depend on each item's id and attempts (computed by the caller, then applied by `retry_apply`).
+            lock_expired: format!(
+                "SELECT id, attempts FROM {t} WHERE {LEASED} AND lease_deadline <= $1::int8
+                 ORDER BY lease_deadline, id LIMIT $2::int8 FOR UPDATE SKIP LOCKED"
             ),
             // $1 ids. Locks them (waiting for a concurrent move to finish: a moved row then no longer matches and
             // reads as missing) and says which are live, i.e. nameable by complete and retry (see `complete_all`
@@ -266,20 +358,22 @@ impl Sql {
             list_scheduled: format!(
                 "SELECT {COLS} FROM {t} AS t WHERE id >= $1::int8 AND ({SCHEDULED}) IS TRUE ORDER BY id LIMIT $2::int8"
             ),
-            // $1..$12: arrays of the imported items' fields; returns the rows stored.
+            // $1..$13: arrays of the imported items' fields; returns the rows stored.
             import: format!(
                 "WITH b AS (
                     SELECT * FROM unnest($1::text[], $2::bool[], $3::int8[], $4::int8[], $5::int8[], $6::int8[],
-                                         $7::int8[], $8::int8[], $9::text[], $10::text[], $11::text[], $12::bytea[])
+                                         $7::int8[], $8::int8[], $9::text[], $10::text[], $11::text[], $12::bytea[],
+                                         $13::int2[])
                     WITH ORDINALITY AS u(source_id, is_leased, lease_deadline, expire_deadline, enqueue_at,
-                                         created_at, attempts, max_attempts, reference, encoding, kind, payload, rn)),
+                                         created_at, attempts, max_attempts, reference, encoding, kind, payload,
+                                         priority, rn)),
                  {fresh}
                  INSERT INTO {t} AS t (id, source_id, is_leased, lease_deadline, expire_deadline, enqueue_at,
                                        created_at, attempts, max_attempts, reference, encoding, kind, payload,
-                                       payload_len)
+                                       payload_len, priority)
                  SELECT {new}, b.source_id, b.is_leased, b.lease_deadline, b.expire_deadline, b.enqueue_at,
                         b.created_at, b.attempts, b.max_attempts, b.reference, b.encoding, b.kind, b.payload,
-                        octet_length(b.payload)
+                        octet_length(b.payload), b.priority
                  FROM b
                  ON CONFLICT (source_id) WHERE source_id IS NOT NULL DO NOTHING
                  RETURNING {COLS}",
@@ -318,11 +412,30 @@ mod tests {
     use crate::postgres::{PgConfig, PgStore};
     use lessor_core::storage::PartitionStore;
 
-    /// Generic plans (what a cached prepared statement runs) of every statement that reads items, by name.
-    async fn plans(client: &tokio_postgres::Client, s: &Sql, round: &str) -> Vec<(&'static str, String)> {
+    /// Generic plans (what a cached prepared statement runs) of every statement that reads items or dedup records,
+    /// by name.
+    async fn plans(
+        client: &tokio_postgres::Client,
+        s: &Sql,
+        queue: &str,
+        round: &str,
+    ) -> Vec<(&'static str, String)> {
+        let produce_args = format!(
+            "(ARRAY[NULL, 'src-1'], ARRAY[0, 0]::int8[], ARRAY[2000000, 2000000]::int8[], ARRAY[600, 600]::int8[],
+              ARRAY['', ''], ARRAY['', ''], ARRAY['', ''], ARRAY['\\x00', '\\x01']::bytea[], ARRAY[3, 0]::int2[],
+              ARRAY['key-17', 'key-99999999'], ARRAY[900, 900]::int8[], '{queue}', 0,
+              ARRAY['key-17', 'key-99999999'])"
+        );
+        let prune_args = format!("('{queue}', 500, 100)");
+        let lookup_args = format!("('{queue}', ARRAY['key-17', 'key-18'])");
         let cases: Vec<(&str, &str, &str)> = vec![
             ("lease", &s.lease, "(100, 5)"),
             ("complete_all", &s.complete_all, "('{1,11,21}')"),
+            ("extend_all", &s.extend_all, "('{1,11,21}', '{7,7,7}')"),
+            ("lock_expired", &s.lock_expired, "(500, 100)"),
+            ("produce_dedup", &s.produce_dedup, &produce_args),
+            ("prune_dedup", &s.prune_dedup, &prune_args),
+            ("dedup_lookup", &s.dedup_lookup, &lookup_args),
             ("lock_live", &s.lock_live, "('{1,11,21}')"),
             ("delete_ids", &s.delete_ids, "('{1,11,21}')"),
             ("retry_apply", &s.retry_apply, "('{1,11}', '{0,1}', '{0,5}')"),
@@ -388,29 +501,38 @@ mod tests {
             ))
             .await
             .expect("analyze empty");
-        // 100k items: mostly ready, some leased, scheduled and dead, with kilobyte payloads.
+        // 100k items: mostly ready, some leased, scheduled and dead, with kilobyte payloads and mixed priorities;
+        // and 100k dedup records of the queue, a tenth of them expired. Committed synchronously (the test cluster
+        // commits asynchronously): VACUUM marks pages all-visible only once the inserting commit is flushed, and
+        // without that the planner prices index-only scans (counts, stats) as random heap reads.
         client
             .batch_execute(&format!(
-                "INSERT INTO {t} (id, is_leased, lease_deadline, expire_deadline, enqueue_at, created_at, payload,
-                                  payload_len, dead)
+                "SET synchronous_commit = on;
+                 INSERT INTO {t} (id, is_leased, lease_deadline, expire_deadline, enqueue_at, created_at, payload,
+                                  payload_len, dead, priority)
                  SELECT g, g % 10 = 1, CASE WHEN g % 10 = 1 THEN g ELSE 0 END, g + 1000000,
                         CASE WHEN g % 10 = 2 THEN g + 500 ELSE 0 END, g, convert_to(repeat('x', 1000), 'UTF8'),
-                        1000, g % 50 = 3
+                        1000, g % 50 = 3, (g / 7) % 10
+                 FROM generate_series(1, 100000) g;
+                 INSERT INTO lessor_dedup (queue, dedup_id, item_id, partition, created_at, until)
+                 SELECT '{queue}', 'key-' || g, g, 0, g, CASE WHEN g % 10 = 0 THEN g ELSE g + 10000000 END
                  FROM generate_series(1, 100000) g"
             ))
             .await
             .expect("fill");
         let s = Sql::new(&t);
         let seq = format!("Seq Scan on {t}");
+        let seq_dedup = "Seq Scan on lessor_dedup";
         let mut bad = Vec::new();
 
         client
             .batch_execute("SET enable_seqscan = off")
             .await
             .expect("set");
-        for (name, plan) in plans(&client, &s, "stale statistics").await {
+        for (name, plan) in plans(&client, &s, &queue, "stale statistics").await {
             let by_id = [
                 "complete_all",
+                "extend_all",
                 "lock_live",
                 "delete_ids",
                 "retry_apply",
@@ -421,8 +543,11 @@ mod tests {
             let other_index = ["_ready", "_leased", "_sched", "_expire"]
                 .iter()
                 .any(|i| plan.contains(&format!("{t}{i}")));
-            if plan.contains(&seq) || (by_id.contains(&name) && other_index) {
+            if plan.contains(&seq) || plan.contains(seq_dedup) || (by_id.contains(&name) && other_index) {
                 bad.push(format!("stale/{name}"));
+            }
+            if name == "lease" && !plan.contains(&format!("{t}_ready_p")) {
+                bad.push(format!("stale/{name} (not by the priority index)"));
             }
         }
 
@@ -431,9 +556,16 @@ mod tests {
             .batch_execute(&format!("VACUUM ANALYZE {t}"))
             .await
             .expect("vacuum");
-        for (name, plan) in plans(&client, &s, "fresh statistics").await {
-            if plan.contains(&seq) {
+        client
+            .batch_execute("ANALYZE lessor_dedup")
+            .await
+            .expect("analyze");
+        for (name, plan) in plans(&client, &s, &queue, "fresh statistics").await {
+            if plan.contains(&seq) || plan.contains(seq_dedup) {
                 bad.push(format!("fresh/{name}"));
+            }
+            if name == "lease" && !plan.contains(&format!("{t}_ready_p")) {
+                bad.push(format!("fresh/{name} (not by the priority index)"));
             }
         }
         assert!(

@@ -132,9 +132,14 @@ impl QueueTask {
                                         RetryAction::Schedule(at) => p.pull_deadline(at),
                                         // The delay depends on each item's attempts, which only storage knows:
                                         // look again after the shortest possible one.
-                                        RetryAction::Backoff(now) => p.pull_deadline(now.add(
-                                            policy.backoff.base.mul_f64(1.0 - policy.backoff.jitter.clamp(0.0, 1.0)),
-                                        )),
+                                        RetryAction::Backoff(now) => p.pull_deadline(
+                                            now.add(
+                                                policy
+                                                    .backoff
+                                                    .base
+                                                    .mul_f64(1.0 - policy.backoff.jitter.clamp(0.0, 1.0)),
+                                            ),
+                                        ),
                                         _ => {}
                                     }
                                 }

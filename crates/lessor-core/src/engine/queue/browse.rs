@@ -69,11 +69,7 @@ impl Holders {
                 return;
             }
             self.by_deadline.pop_first();
-            if self
-                .by_item
-                .get(&(partition, id))
-                .is_some_and(|e| e.1 <= now)
-            {
+            if self.by_item.get(&(partition, id)).is_some_and(|e| e.1 <= now) {
                 self.by_item.remove(&(partition, id));
             }
         }

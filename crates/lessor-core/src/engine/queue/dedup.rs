@@ -13,15 +13,35 @@
 
 use std::collections::hash_map::RandomState;
 use std::collections::{HashMap, VecDeque};
-use std::hash::BuildHasher;
+use std::hash::{BuildHasher, BuildHasherDefault, Hasher};
 
 use crate::time::Ts;
+
+/// The map's own hasher: its keys are already keyed hashes, uniformly spread, so hashing them again (SipHash,
+/// the default) would only cost time. Takes the low 64 bits.
+#[derive(Default)]
+struct PassThrough(u64);
+
+impl Hasher for PassThrough {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        // Only u128 keys reach here (through write_u128); fold anything else in, in case.
+        for b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(*b);
+        }
+    }
+    fn write_u128(&mut self, v: u128) {
+        self.0 = v as u64;
+    }
+}
 
 /// Queue-wide recent dedup keys.
 #[derive(Debug)]
 pub(super) struct DedupIndex {
     /// Key hash -> end of its window.
-    live: HashMap<u128, Ts>,
+    live: HashMap<u128, Ts, BuildHasherDefault<PassThrough>>,
     /// (end of window, key hash) in insertion order, to drop expired entries without a scan. Window changes make
     /// the order inexact; an entry popped early is kept if its map entry says it still lives.
     order: VecDeque<(Ts, u128)>,
@@ -33,7 +53,7 @@ pub(super) struct DedupIndex {
 impl Default for DedupIndex {
     fn default() -> Self {
         DedupIndex {
-            live: HashMap::new(),
+            live: HashMap::default(),
             order: VecDeque::new(),
             h1: RandomState::new(),
             h2: RandomState::new(),

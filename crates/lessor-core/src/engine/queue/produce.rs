@@ -87,8 +87,15 @@ impl QueueTask {
 
     /// Splits requests into those to store now (items whose dedup key is known dropped: they are acknowledged
     /// without being stored again) and those that must wait for an earlier request of the pass with a common key.
-    fn dedup_filter(&mut self, pending: Vec<ProduceRequest>, now: Ts) -> (Vec<ProduceRequest>, Vec<ProduceRequest>) {
-        if pending.iter().all(|r| r.0.iter().all(|it| it.dedup_id.is_empty())) {
+    fn dedup_filter(
+        &mut self,
+        pending: Vec<ProduceRequest>,
+        now: Ts,
+    ) -> (Vec<ProduceRequest>, Vec<ProduceRequest>) {
+        if pending
+            .iter()
+            .all(|r| r.0.iter().all(|it| it.dedup_id.is_empty()))
+        {
             return (pending, Vec::new());
         }
         let until = now.add(self.info.effective_dedup_window());

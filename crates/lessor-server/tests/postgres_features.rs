@@ -1,0 +1,237 @@
+//! Two servers (two engines, each with its own connections) on one PostgreSQL database: the Lessor extensions stay
+//! correct when the servers share queues.
+//!
+//! - idempotent produce: the same keys produced on both servers, into different partitions, are stored once;
+//! - lease extension: a lease handed out by one server is extended through the other, and survives a lifecycle
+//!   pass that would have expired it; an id the other server's lifecycle moved is fenced (400, nothing changed);
+//! - redrive: a task started on one server that dies mid-move is taken over by the other and finishes, with every
+//!   item moved exactly once.
+//!
+//! Needs the `postgres` feature and `LESSOR_TEST_DATABASE_URL` (skipped without it, failed when `CI` is set).
+#![cfg(feature = "postgres")]
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use lessor_core::engine::{Engine, ProduceItem, RedriveRequest, RedriveStatus};
+use lessor_core::error::QueueError;
+use lessor_core::time::ManualClock;
+use lessor_core::types::{QueueInfo, RetryItem};
+use lessor_server::Config;
+use lessor_testkit::eventually::poll_until;
+use lessor_testkit::TestDatabase as Database;
+
+const T: Option<Duration> = Some(Duration::from_secs(10));
+
+async fn engine(db: &Database, clock: &ManualClock) -> Engine {
+    let config = Config::from_yaml(&format!(
+        "queue-storage:\n  driver: postgres\n  config:\n    connection-string: {url}\n\
+         partition-storage:\n  - name: pg-0\n    driver: postgres\n    affinity: 1\n    \
+         config:\n      connection-string: {url}\n",
+        url = serde_json::to_string(db.url()).expect("url"),
+    ))
+    .expect("config");
+    lessor_server::build_engine(&config, Arc::new(clock.clone()))
+        .await
+        .expect("engine")
+}
+
+fn queue(name: &str, dead: &str, partitions: u32) -> QueueInfo {
+    QueueInfo {
+        name: name.into(),
+        dead_queue: dead.into(),
+        lease_timeout: Duration::from_secs(30),
+        expire_timeout: Duration::from_secs(3600),
+        max_attempts: 1,
+        requested_partitions: partitions,
+        ..Default::default()
+    }
+}
+
+fn keyed(payload: &str, key: &str) -> ProduceItem {
+    ProduceItem {
+        payload: bytes::Bytes::from(payload.to_string()),
+        dedup_id: key.into(),
+        ..Default::default()
+    }
+}
+
+/// Items stored in a queue, as every partition lists them (ready and leased, and scheduled).
+async fn stored(e: &Engine, q: &str) -> Vec<String> {
+    let info = e.queue_info(q).await.expect("info");
+    let mut out = Vec::new();
+    for p in 0..info.partitions.len() as u32 {
+        for scheduled in [false, true] {
+            for it in e.storage_list(q, p, None, 10_000, scheduled).await.expect("list") {
+                out.push(String::from_utf8_lossy(&it.payload).into_owned());
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dedup_and_extension_across_two_servers() {
+    if lessor_testkit::database_or_skip().is_none() {
+        return;
+    }
+    let db = Database::create("lessor_feat").await;
+    let clock = ManualClock::starting_now();
+    let a = engine(&db, &clock).await;
+    let b = engine(&db, &clock).await;
+    a.create_queue(QueueInfo {
+        max_attempts: 0,
+        ..queue("jobs", "", 4)
+    })
+    .await
+    .expect("create");
+
+    // The same 50 keys through both servers, concurrently and in several requests: each key stored once.
+    let send = |e: Engine, tag: &'static str| async move {
+        for chunk in 0..5 {
+            let items = (0..10)
+                .map(|i| {
+                    let k = chunk * 10 + i;
+                    keyed(&format!("item-{k}"), &format!("key-{k}"))
+                })
+                .collect();
+            e.produce("jobs", items, T)
+                .await
+                .unwrap_or_else(|e| panic!("{tag}: {e}"));
+        }
+    };
+    tokio::join!(send(a.clone(), "a"), send(b.clone(), "b"), send(a.clone(), "a2"));
+    let items = stored(&a, "jobs").await;
+    let distinct: HashSet<_> = items.iter().collect();
+    assert_eq!(items.len(), 50, "each key stored once: {items:?}");
+    assert_eq!(distinct.len(), 50);
+
+    // Lease on A, extend through B: the lease outlives its original deadline.
+    let l = a.lease("jobs", 5, "worker", T).await.expect("lease");
+    let ids: Vec<_> = l.items.iter().map(|it| it.id).collect();
+    clock.advance(Duration::from_secs(20));
+    b.extend("jobs", l.partition, ids.clone(), Some(Duration::from_secs(60)), T)
+        .await
+        .expect("extend through the other server");
+    clock.advance(Duration::from_secs(20)); // 40 s after the lease: past 30 s, within the extension
+    a.reload("jobs").await.expect("reload A");
+    b.reload("jobs").await.expect("reload B");
+    a.complete("jobs", l.partition, ids, T)
+        .await
+        .expect("the extended lease is still held");
+
+    // A lease that ran out is moved by a lifecycle pass (new id): extending its old id is fenced on both servers.
+    let l = b.lease("jobs", 3, "slow", T).await.expect("lease");
+    let ids: Vec<_> = l.items.iter().map(|it| it.id).collect();
+    clock.advance(Duration::from_secs(31));
+    poll_until(Duration::from_secs(10), Duration::from_millis(20), || async {
+        a.reload("jobs").await.map_err(|e| e.to_string())?;
+        b.reload("jobs").await.map_err(|e| e.to_string())?;
+        match a.extend("jobs", l.partition, ids.clone(), None, T).await {
+            Err(QueueError::NoSuchId(_)) => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await
+    .expect("the expired lease's ids are fenced");
+    assert_eq!(
+        stored(&a, "jobs").await.len(),
+        45,
+        "nothing lost by the failed extension"
+    );
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redrive_taken_over_by_the_other_server() {
+    if lessor_testkit::database_or_skip().is_none() {
+        return;
+    }
+    let db = Database::create("lessor_feat").await;
+    let clock = ManualClock::starting_now();
+    let a = engine(&db, &clock).await;
+    a.create_queue(queue("dlq", "", 1)).await.expect("dlq");
+    a.create_queue(queue("jobs", "dlq", 2)).await.expect("jobs");
+    let n = 40;
+    let items = (0..n).map(|i| keyed(&format!("item-{i}"), "")).collect();
+    a.produce("jobs", items, T).await.expect("produce");
+    let mut dead = 0;
+    while dead < n {
+        let l = a.lease("jobs", 100, "killer", T).await.expect("lease");
+        dead += l.items.len();
+        let items = l
+            .items
+            .iter()
+            .map(|it| RetryItem {
+                id: it.id,
+                retry_at: Default::default(),
+                dead: true,
+            })
+            .collect();
+        a.retry("jobs", l.partition, items).await.expect("dead");
+    }
+    poll_until(Duration::from_secs(20), Duration::from_millis(20), || async {
+        let s = a.stats("dlq").await.map_err(|e| e.to_string())?;
+        let d: u64 = s.partitions.iter().map(|p| p.total).sum();
+        if d == n as u64 {
+            Ok(())
+        } else {
+            Err(format!("{d} dead"))
+        }
+    })
+    .await
+    .expect("dead items reach the dead-letter queue");
+
+    // A moves 2 items a second, then "dies" (stops) after the first batches.
+    let t = a
+        .redrive_start(RedriveRequest {
+            dead_queue: "dlq".into(),
+            rate_per_sec: 2,
+            ..Default::default()
+        })
+        .await
+        .expect("start");
+    poll_until(Duration::from_secs(10), Duration::from_millis(20), || async {
+        let t = a.redrive_get(&t.id).await.map_err(|e| e.to_string())?;
+        if t.moved >= 2 {
+            Ok(())
+        } else {
+            Err(format!("{t:?}"))
+        }
+    })
+    .await
+    .expect("first batch");
+    a.shutdown().await;
+
+    // B starts later and finds the task silent: it takes it over (its clock is the shared manual clock).
+    let b = engine(&db, &clock).await;
+    assert_eq!(
+        b.resume_redrives().await.expect("resume"),
+        0,
+        "A's task is recent: left alone"
+    );
+    clock.advance(Duration::from_secs(11));
+    // Taken over now (or by B's own periodic look, whichever comes first).
+    b.resume_redrives().await.expect("resume");
+    let done = poll_until(Duration::from_secs(60), Duration::from_millis(20), || async {
+        clock.advance(Duration::from_secs(1)); // the rate limit waits on the manual clock
+        let t = b.redrive_get(&t.id).await.map_err(|e| e.to_string())?;
+        if t.status == RedriveStatus::Running {
+            Err(format!("{t:?}"))
+        } else {
+            Ok(t)
+        }
+    })
+    .await
+    .expect("B finishes the task");
+    assert_eq!(done.status, RedriveStatus::Completed, "{done:?}");
+    let back = stored(&b, "jobs").await;
+    let distinct: HashSet<_> = back.iter().collect();
+    assert_eq!(back.len(), n, "every item back once: {back:?}");
+    assert_eq!(distinct.len(), n);
+    assert!(stored(&b, "dlq").await.is_empty());
+    b.shutdown().await;
+}
