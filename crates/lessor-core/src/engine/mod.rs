@@ -753,6 +753,17 @@ impl Engine {
         ids: Vec<ItemId>,
         request_timeout: Option<Duration>,
     ) -> Result<(), QueueError> {
+        self.check_ids(&ids, request_timeout)?;
+        self.call(queue, |reply| Msg::Complete {
+            partition,
+            ids,
+            reply,
+        })
+        .await
+    }
+
+    /// The checks complete and extend share: a non-empty id list within the batch limit, a valid request timeout.
+    fn check_ids(&self, ids: &[ItemId], request_timeout: Option<Duration>) -> Result<(), QueueError> {
         let limits = self.limits();
         if ids.is_empty() {
             return Err(validate::invalid("ids", "list of ids cannot be empty"));
@@ -764,12 +775,7 @@ impl Engine {
             ids.len(),
         )?;
         validate::request_timeout(request_timeout, Duration::ZERO, limits.max_request_timeout)?;
-        self.call(queue, |reply| Msg::Complete {
-            partition,
-            ids,
-            reply,
-        })
-        .await
+        Ok(())
     }
 
     /// Retries leased items: all of them or none.
@@ -803,17 +809,7 @@ impl Engine {
         lease_timeout: Option<Duration>,
         request_timeout: Option<Duration>,
     ) -> Result<(), QueueError> {
-        let limits = self.limits();
-        if ids.is_empty() {
-            return Err(validate::invalid("ids", "list of ids cannot be empty"));
-        }
-        validate::batch_len(
-            "ids",
-            "max_complete_batch_size",
-            limits.max_complete_batch,
-            ids.len(),
-        )?;
-        validate::request_timeout(request_timeout, Duration::ZERO, limits.max_request_timeout)?;
+        self.check_ids(&ids, request_timeout)?;
         if lease_timeout.is_some_and(|d| d.is_zero()) {
             return Err(validate::invalid("lease_timeout", "must be greater than 0"));
         }

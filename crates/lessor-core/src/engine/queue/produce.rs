@@ -13,8 +13,9 @@ use crate::error::{QueueError, StorageError};
 use crate::time::Ts;
 use crate::types::NewItem;
 
-/// A produce request on its way to storage: items, reply, and the partitions it already failed on.
-type ProduceRequest = (Vec<NewItem>, Reply<()>, Vec<usize>);
+/// A produce request on its way to storage: items, reply, the partitions it already failed on, and the hashes of
+/// its items' dedup keys (computed once, entered into the queue-wide index when the write succeeds).
+type ProduceRequest = (Vec<NewItem>, Reply<()>, Vec<usize>, Vec<u128>);
 /// Produce requests bound for one partition.
 type ProduceGroup = Vec<ProduceRequest>;
 
@@ -69,7 +70,7 @@ impl QueueTask {
                         }
                     })
                     .collect();
-                (items, reply, Vec::new())
+                (items, reply, Vec::new(), Vec::new())
             })
             .collect();
         // Requests that share a dedup key with an earlier request of this pass wait until that one's write is
@@ -104,13 +105,13 @@ impl QueueTask {
         let mut claimed: HashSet<u128> = HashSet::new();
         let mut store = Vec::with_capacity(pending.len());
         let mut later = Vec::new();
-        for (items, reply, tried) in pending {
+        for (items, reply, tried, _) in pending {
             let hashes: Vec<Option<u128>> = items
                 .iter()
                 .map(|it| (!it.dedup_id.is_empty()).then(|| self.dedup.hash(&it.dedup_id)))
                 .collect();
             if hashes.iter().flatten().any(|h| claimed.contains(h)) {
-                later.push((items, reply, tried));
+                later.push((items, reply, tried, Vec::new()));
                 continue;
             }
             let mut mine: HashSet<u128> = HashSet::new();
@@ -125,11 +126,12 @@ impl QueueTask {
                 }
                 keep.push(it);
             }
+            let keys: Vec<u128> = mine.iter().copied().collect();
             claimed.extend(mine);
             if keep.is_empty() {
                 let _ = reply.send(Ok(()));
             } else {
-                store.push((keep, reply, tried));
+                store.push((keep, reply, tried, keys));
             }
         }
         (store, later)
@@ -141,12 +143,12 @@ impl QueueTask {
         // whose partition failed fail over to another healthy partition in the next round.
         while !pending.is_empty() {
             let mut groups: HashMap<usize, ProduceGroup> = HashMap::new();
-            for (items, reply, tried) in pending.drain(..) {
+            for (items, reply, tried, keys) in pending.drain(..) {
                 match self.least_loaded(&tried) {
                     Some(i) => {
                         let c = &mut self.parts[i].counts;
                         c.ready += items.len() as u64; // provisional, so the next request goes elsewhere
-                        groups.entry(i).or_default().push((items, reply, tried));
+                        groups.entry(i).or_default().push((items, reply, tried, keys));
                     }
                     None => {
                         let _ = reply.send(Err(QueueError::NoAvailablePartitions));
@@ -172,12 +174,12 @@ impl QueueTask {
                         let mut ready = 0;
                         let mut scheduled = 0;
                         let mut top = self.parts[i].top_priority;
-                        for (items, reply, _) in reqs {
+                        let until = now.add(self.info.effective_dedup_window());
+                        for (items, reply, _, keys) in reqs {
+                            for h in keys {
+                                self.dedup.insert(h, until);
+                            }
                             for it in &items {
-                                if !it.dedup_id.is_empty() {
-                                    let h = self.dedup.hash(&it.dedup_id);
-                                    self.dedup.insert(h, it.dedup_until);
-                                }
                                 if it.enqueue_at.is_zero() {
                                     ready += 1;
                                     top = top.max(it.priority);
@@ -200,12 +202,12 @@ impl QueueTask {
                     Err(e) => {
                         let name = self.info.name.clone();
                         self.parts[i].fail(now, &name, &e);
-                        for (items, reply, mut tried) in reqs {
+                        for (items, reply, mut tried, keys) in reqs {
                             tried.push(i);
                             if tried.len() >= self.parts.len() {
                                 let _ = reply.send(Err(QueueError::from_storage(&e)));
                             } else {
-                                pending.push((items, reply, tried));
+                                pending.push((items, reply, tried, keys));
                             }
                         }
                     }
