@@ -48,9 +48,10 @@ pub struct Changes {
     pub put: Vec<Item>,
     /// Ids removed.
     pub del: Vec<ItemId>,
-    /// Dedup records written.
+    /// Dedup records written: one group (a produce call's), stored together and named by the first record's
+    /// `(until, id)`.
     pub dedup_put: Vec<DedupRecord>,
-    /// Dedup records removed, by `(until, id)` (what identifies a record: a key may be recorded again later).
+    /// Dedup groups removed (every record of the group has ended), by name.
     pub dedup_del: Vec<(Ts, ItemId)>,
 }
 
@@ -298,9 +299,9 @@ impl PartitionState {
         s
     }
 
-    /// Adds stored dedup records to a state built by [`PartitionState::load`] (expired ones too: later calls drop
+    /// Adds stored dedup groups to a state built by [`PartitionState::load`] (expired ones too: later calls drop
     /// them, and their deletion reaches the disk). Of two records of one key, the later `until` holds the key.
-    pub fn with_dedup(mut self, records: impl IntoIterator<Item = DedupRecord>) -> Self {
+    pub fn with_dedup(mut self, records: impl IntoIterator<Item = Vec<DedupRecord>>) -> Self {
         self.dedup.restore(records);
         self
     }
@@ -532,6 +533,8 @@ impl PartitionState {
             }
             self.insert(it);
         }
+        // The call's records are one group on disk (see the `dedup` module); its name is its first record's.
+        self.dedup.seal();
         self.prune_dedup(earliest, recorded + PRUNE_EXTRA, &mut ch);
         self.clean_fronts();
         (ids, ch)
@@ -1227,9 +1230,9 @@ mod tests {
             until: Ts(until),
         };
         let mut s = PartitionState::load(Vec::new(), 100).with_dedup(vec![
-            rec("a", 5, 50),
-            rec("b", 6, 30),
-            rec("b", 7, 40),
+            vec![rec("a", 5, 50)],
+            vec![rec("b", 6, 30)],
+            vec![rec("b", 7, 40)],
         ]);
         assert_eq!(s.produce(vec![keyed("a", 20, 90)]).0, vec![ItemId(5)]);
         assert_eq!(s.produce(vec![keyed("b", 20, 90)]).0, vec![ItemId(7)]);
@@ -1237,6 +1240,35 @@ mod tests {
         assert_eq!(ch.dedup_del, vec![(Ts(30), ItemId(6))]);
         assert_eq!(s.produce(vec![keyed("b", 36, 90)]).0, vec![ItemId(7)]);
         assert_eq!(s.dedup_records(Ts(45)), vec![rec("a", 5, 50)]);
+    }
+
+    /// The records of one produce call are one group: written together, and deleted (by the first record's name)
+    /// only when the last of them has ended; restored groups behave the same.
+    #[test]
+    fn a_calls_records_are_one_group() {
+        let mut s = PartitionState::new(1);
+        let (ids, ch) = s.produce(vec![keyed("a", 1, 10), keyed("b", 1, 10), keyed("c", 1, 10)]);
+        assert_eq!(ch.dedup_put.len(), 3);
+        assert_eq!((ch.dedup_put[0].until, ch.dedup_put[0].id), (Ts(10), ids[0]));
+        let (_, ch) = s.lifecycle(Ts(9), LifecyclePolicy::default(), 2);
+        assert!(ch.dedup_del.is_empty(), "nothing has ended");
+        let (_, ch) = s.lifecycle(Ts(10), LifecyclePolicy::default(), 2);
+        assert!(ch.dedup_del.is_empty(), "one record of the group is left");
+        assert_eq!(s.dedup_len(), 1);
+        let (_, ch) = s.lifecycle(Ts(10), LifecyclePolicy::default(), 2);
+        assert_eq!(ch.dedup_del, vec![(Ts(10), ids[0])]);
+        let rec = |k: &str, id: u64, until: i64| DedupRecord {
+            dedup_id: k.into(),
+            id: ItemId(id),
+            until: Ts(until),
+        };
+        let mut s = PartitionState::load(Vec::new(), 100).with_dedup(vec![
+            vec![rec("x", 8, 20), rec("y", 9, 20)],
+            vec![rec("z", 3, 15)],
+        ]);
+        assert_eq!(s.produce(vec![keyed("y", 12, 90)]).0, vec![ItemId(9)]);
+        let (_, ch) = s.lifecycle(Ts(20), LifecyclePolicy::default(), 100);
+        assert_eq!(ch.dedup_del, vec![(Ts(15), ItemId(3)), (Ts(20), ItemId(8))]);
     }
 
     /// Extension moves the slot's deadline, the lease sums and the expiry index together.

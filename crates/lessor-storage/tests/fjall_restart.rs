@@ -162,6 +162,68 @@ async fn restart_keeps_queues_items_leases_schedules_and_dead_items() {
     assert!(p.dead_items(10).await.expect("dead").is_empty());
 }
 
+/// A produce call's dedup records are one group on disk: a group whose records have all ended is gone after a
+/// restart, and a group with one live record left keeps it.
+#[tokio::test]
+async fn dedup_groups_leave_the_disk_once_every_record_has_ended() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (store, queues) = open_both(dir.path());
+    queues.add(&queue("groups")).await.expect("add");
+    let p = store.open("groups", 0).await.expect("open");
+    let keyed = |key: &str, until: Ts| NewItem {
+        dedup_id: key.into(),
+        dedup_until: until,
+        ..item(key)
+    };
+    let (early, late) = (T0.add(SEC * 5), T0.add(SEC * 50));
+    p.produce(vec![
+        keyed("g1-a", early),
+        keyed("g1-b", early),
+        keyed("g1-c", early),
+    ])
+    .await
+    .expect("produce");
+    let mixed = p
+        .produce(vec![keyed("g2-a", early), keyed("g2-b", late)])
+        .await
+        .expect("produce");
+    assert_eq!(p.dedup_records(T0).await.expect("records").len(), 5);
+    // Every record of the first group and the first of the second end at `early`.
+    p.lifecycle(early, LifecyclePolicy::default(), 100)
+        .await
+        .expect("lifecycle");
+    p.close().await;
+    drop(p);
+    store.close().await;
+    queues.close().await;
+    drop((store, queues));
+
+    let (store, _queues) = open_both(dir.path());
+    let p = store.open("groups", 0).await.expect("reopen");
+    let live = p.dedup_records(T0).await.expect("records");
+    let mut keys: Vec<&str> = live.iter().map(|r| r.dedup_id.as_str()).collect();
+    keys.sort_unstable();
+    assert_eq!(
+        keys,
+        vec!["g2-a", "g2-b"],
+        "the first group is gone from disk; the second is whole, one record still live"
+    );
+    // The live record still refuses its key; the ended ones do not.
+    let again = p
+        .produce(vec![keyed("g2-b", late), keyed("g1-a", late)])
+        .await
+        .expect("produce");
+    assert_eq!(again[0], mixed[1]);
+    assert_ne!(again[1], again[0]);
+    p.lifecycle(late, LifecyclePolicy::default(), 100)
+        .await
+        .expect("lifecycle");
+    assert!(
+        p.dedup_records(T0).await.expect("records").is_empty(),
+        "every record has ended and left"
+    );
+}
+
 /// The issue-10 state survives a restart: item priorities (and the serving order they give), extended lease
 /// deadlines, an item backed off into the schedule after a lease expiry, dedup records (also of consumed items;
 /// pruned ones stay gone) and the queue settings.

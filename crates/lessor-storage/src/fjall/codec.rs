@@ -6,8 +6,11 @@
 //! once written, so the frequent updates (lease, retry into the schedule, death) rewrite only the small metadata
 //! record; an empty payload has no record at all.
 //!
-//! A dedup record lives under [`DEDUP_TAG`] followed by its `until` and its item's id (17 bytes, so no item key can
-//! be mistaken for one), its key string as the value: records sort by expiry, and deleting one needs no string.
+//! Dedup records live in groups, one per produce call: the group's key is [`DEDUP_TAG`] followed by its first
+//! record's `until` and item id (17 bytes, so no item key can be mistaken for one), and its value lists the
+//! records (version 2; version 1, one record whose value is its key string, still reads). Groups sort by expiry,
+//! and deleting one needs no string. One entry per call instead of one per item keeps the key's cost at the
+//! bytes it adds to the batch, not a third entry per item (measured in docs/benchmarks.md).
 //!
 //! The version byte lets a later build read old records (or refuse them clearly) without a whole-store migration:
 //! version 2 of items adds the priority, version 2 of queues the issue-10 settings; version 1 records still read.
@@ -31,8 +34,10 @@ const QUEUE_V1: u8 = 1;
 /// Version byte of queue records written by this build: the dedup window, retry backoff, pause flag and max lease
 /// follow the partitions.
 const QUEUE_V2: u8 = 2;
-/// Version byte of dedup record values.
+/// Version byte of dedup values of earlier builds: one record, the value is its key string.
 const DEDUP_V1: u8 = 1;
+/// Version byte of dedup values written by this build: a group of records.
+const DEDUP_V2: u8 = 2;
 /// Last byte of a payload key.
 pub(crate) const PAYLOAD_TAG: u8 = b'p';
 /// First byte of a dedup record key.
@@ -96,30 +101,59 @@ pub(crate) fn dedup_key(until: Ts, id: ItemId) -> [u8; DEDUP_KEY_LEN] {
     k
 }
 
-/// Encodes the value of a dedup record: its key string.
-pub(crate) fn encode_dedup(dedup_id: &str) -> Vec<u8> {
-    let mut v = Vec::with_capacity(1 + dedup_id.len());
-    v.push(DEDUP_V1);
-    v.extend_from_slice(dedup_id.as_bytes());
-    v
+/// Encodes the value of a dedup group (see the module docs): the records in order, each as the difference of its
+/// `until` and id from the first record's (which are in the key), then its key string.
+pub(crate) fn encode_dedup(records: &[DedupRecord]) -> Vec<u8> {
+    let Some(first) = records.first() else {
+        return vec![DEDUP_V2];
+    };
+    let mut w = Writer(Vec::with_capacity(
+        1 + records.iter().map(|r| r.dedup_id.len() + 4).sum::<usize>(),
+    ));
+    w.0.push(DEDUP_V2);
+    for r in records {
+        w.ts(Ts(r.until.0.wrapping_sub(first.until.0)));
+        w.uint(r.id.0.wrapping_sub(first.id.0));
+        w.bytes(r.dedup_id.as_bytes());
+    }
+    w.0
 }
 
-/// Decodes a dedup record stored under `(until, id)`; `what` names the partition in error messages.
+/// Decodes the dedup group stored under `(until, id)`; `what` names the partition in error messages.
 pub(crate) fn decode_dedup(
     until: Ts,
     id: ItemId,
     buf: &[u8],
     what: &str,
-) -> Result<DedupRecord, StorageError> {
+) -> Result<Vec<DedupRecord>, StorageError> {
     match buf.split_first() {
-        Some((&DEDUP_V1, key)) => Ok(DedupRecord {
+        Some((&DEDUP_V1, key)) => Ok(vec![DedupRecord {
             dedup_id: String::from_utf8(key.to_vec())
                 .map_err(|_| corrupt(format!("{what}: the dedup key of item {id} is not UTF-8")))?,
             id,
             until,
-        }),
+        }]),
+        Some((&DEDUP_V2, rest)) => {
+            let what = format!("{what}: the dedup records of item {id} on");
+            let mut r = Reader { buf: rest, what: &what };
+            let mut out = Vec::new();
+            while !r.buf.is_empty() {
+                let (dt, di) = (r.ts()?.0, r.uint()?);
+                if out.is_empty() && (dt, di) != (0, 0) {
+                    return Err(corrupt(format!("{what}: the first record is not the one the key names")));
+                }
+                let t = Ts(until.0.wrapping_add(dt));
+                let i = ItemId(id.0.wrapping_add(di));
+                out.push(DedupRecord {
+                    dedup_id: r.string()?,
+                    id: i,
+                    until: t,
+                });
+            }
+            Ok(out)
+        }
         Some((v, _)) => Err(corrupt(format!(
-            "{what}: the dedup record of item {id} has version {v}, this build reads version {DEDUP_V1}"
+            "{what}: the dedup record of item {id} has version {v}, this build reads versions {DEDUP_V1} and {DEDUP_V2}"
         ))),
         None => Err(corrupt(format!("{what}: the dedup record of item {id} is empty"))),
     }
@@ -534,14 +568,24 @@ mod tests {
         for (k, &(t, id)) in keys.iter().zip(&cases) {
             assert_eq!(parse_key(k), Key::Dedup(t, id));
         }
-        let v = encode_dedup("key-1");
+        let rec = |k: &str, id: u64, until: i64| DedupRecord {
+            dedup_id: k.into(),
+            id: ItemId(id),
+            until: Ts(until),
+        };
+        let group = vec![rec("key-1", 6, 5), rec("", 9, 5), rec("k\u{e9}y-3", 12, -7)];
+        let v = encode_dedup(&group);
+        assert_eq!(decode_dedup(Ts(5), ItemId(6), &v, "test").expect("decode"), group);
+        // A first record that is not the one the key names: refused.
+        assert!(decode_dedup(Ts(5), ItemId(6), &[DEDUP_V2, 0, 1, 0], "test").is_err());
+        // Truncated: refused.
+        assert!(decode_dedup(Ts(5), ItemId(6), &v[..v.len() - 1], "test").is_err());
+        // Version 1 (earlier builds): one record, the value is the key.
+        let mut v1 = vec![DEDUP_V1];
+        v1.extend_from_slice(b"key-1");
         assert_eq!(
-            decode_dedup(Ts(5), ItemId(6), &v, "test").expect("decode"),
-            DedupRecord {
-                dedup_id: "key-1".into(),
-                id: ItemId(6),
-                until: Ts(5),
-            }
+            decode_dedup(Ts(5), ItemId(6), &v1, "test").expect("decode v1"),
+            vec![rec("key-1", 6, 5)]
         );
         assert!(decode_dedup(Ts(5), ItemId(6), &[9, b'x'], "test").is_err());
     }

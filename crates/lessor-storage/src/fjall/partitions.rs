@@ -940,13 +940,16 @@ impl FjallPartition {
         if !self.registered.load(Ordering::Acquire) {
             puts.push((catalog_key(&self.name), self.pid.to_be_bytes().to_vec()));
         }
-        // Dedup records ride in the same batch as their items. A record is never written and removed by one call
-        // (a call only drops records that ended before its items were produced), but keep one operation per key
-        // anyway, as for items.
+        // A call's dedup records are one group, one entry in the same batch as their items. A group is never
+        // written and removed by one call (a call only drops records that ended before its items were produced),
+        // but keep one operation per key anyway, as for items.
         let dropped: HashSet<(Ts, ItemId)> = ch.dedup_del.iter().copied().collect();
-        for r in &ch.dedup_put {
-            if !dropped.contains(&(r.until, r.id)) {
-                puts.push((pid_dedup_key(self.pid, r.until, r.id), encode_dedup(&r.dedup_id)));
+        if let Some(first) = ch.dedup_put.first() {
+            if !dropped.contains(&(first.until, first.id)) {
+                puts.push((
+                    pid_dedup_key(self.pid, first.until, first.id),
+                    encode_dedup(&ch.dedup_put),
+                ));
             }
         }
         let mut dels = Vec::with_capacity(gone.len() * 2 + dropped.len());

@@ -15,6 +15,10 @@
 //!   nothing.
 //! - A key recorded again once its record ended points the table at the new record; the old one stays in the FIFO
 //!   until its turn, and is reported dropped then, so a persistent store deletes it from disk.
+//! - Records are stored on disk in groups, one per produce call (one key-value entry for a whole batch instead of
+//!   one per item: a third entry per item cost fjall more than the rest of the key's work together). A group is
+//!   named by its first record's `(until, id)` and is reported dropped when its last record leaves the FIFO;
+//!   records of a call are consecutive in the FIFO, so the groups leave in the order they came.
 
 use std::collections::hash_map::RandomState;
 use std::collections::{HashMap, VecDeque};
@@ -60,6 +64,10 @@ pub(crate) struct DedupSet {
     /// Records in the order they were added; record `seq` is at `seq - first_seq`.
     fifo: VecDeque<Record>,
     first_seq: u64,
+    /// The groups of the FIFO's records, in the same order: (records still in the FIFO, the group's name).
+    groups: VecDeque<(u32, Ts, ItemId)>,
+    /// Records added since the last [`DedupSet::seal`], not yet in a group.
+    open: u32,
 }
 
 /// What [`DedupSet::find`] learnt about a key, for the [`DedupSet::insert`] that may follow.
@@ -116,13 +124,26 @@ impl DedupSet {
             key: key.into(),
         });
         self.table.insert(probe.hash, seq);
+        self.open += 1;
         true
     }
 
-    /// Drops up to `limit` records from the front that ended at or before `now`, calling `dropped(until, id)` for
-    /// each.
+    /// Closes the records added since the last call into one group, named by the first of them; returns that name,
+    /// or `None` when nothing was added.
+    pub(crate) fn seal(&mut self) -> Option<(Ts, ItemId)> {
+        let n = std::mem::take(&mut self.open);
+        let first = self.fifo.len().checked_sub(n as usize)?;
+        let r = self.fifo.get(first).filter(|_| n > 0)?;
+        let name = (r.until, ItemId(r.id));
+        self.groups.push_back((n, name.0, name.1));
+        Some(name)
+    }
+
+    /// Drops up to `limit` records from the front that ended at or before `now`, calling `dropped(until, id)` with
+    /// a group's name when its last record goes. Records not sealed into a group yet are never dropped.
     pub(crate) fn prune(&mut self, now: Ts, limit: usize, mut dropped: impl FnMut(Ts, ItemId)) {
-        for _ in 0..limit {
+        let sealed = self.fifo.len() - self.open as usize;
+        for _ in 0..limit.min(sealed) {
             if self.fifo.front().is_none_or(|r| r.until > now) {
                 return;
             }
@@ -134,7 +155,14 @@ impl DedupSet {
             if self.table.get(&hash) == Some(&seq) {
                 self.table.remove(&hash);
             }
-            dropped(r.until, ItemId(r.id));
+            if let Some(g) = self.groups.front_mut() {
+                g.0 -= 1;
+                if g.0 == 0 {
+                    let (_, until, id) = *g;
+                    self.groups.pop_front();
+                    dropped(until, id);
+                }
+            }
         }
     }
 
@@ -151,11 +179,19 @@ impl DedupSet {
             .collect()
     }
 
-    /// Adds stored records (any order, expired ones included: they are dropped in turn, and reported so). Of two
-    /// records of one key, the one with the later `until` holds it.
-    pub(crate) fn restore(&mut self, records: impl IntoIterator<Item = DedupRecord>) {
-        let mut records: Vec<DedupRecord> = records.into_iter().collect();
-        records.sort_by_key(|r| (r.until, r.id));
+    /// Adds stored groups of records (any order, expired ones included: they are dropped in turn, and reported so);
+    /// a group is named by its first record. Of two records of one key, the later one in `(until, id)` order holds
+    /// it.
+    pub(crate) fn restore(&mut self, groups: impl IntoIterator<Item = Vec<DedupRecord>>) {
+        let mut groups: Vec<Vec<DedupRecord>> = groups.into_iter().filter(|g| !g.is_empty()).collect();
+        groups.sort_by_key(|g| (g[0].until, g[0].id));
+        for g in groups {
+            self.groups.push_back((g.len() as u32, g[0].until, g[0].id));
+            self.restore_group(g);
+        }
+    }
+
+    fn restore_group(&mut self, records: Vec<DedupRecord>) {
         for r in records {
             let hash = self.hash(&r.dedup_id);
             let seq = self.first_seq + self.fifo.len() as u64;
@@ -189,6 +225,7 @@ mod tests {
         let (found, probe) = s.find(key, Ts(at));
         if found.is_none() {
             assert!(s.insert(probe, key, ItemId(id), Ts(until), Ts(at)));
+            s.seal();
         }
         found
     }
