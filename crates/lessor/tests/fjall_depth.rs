@@ -48,6 +48,8 @@ const QUEUE: &str = "depth";
 /// What produced items carry (bits of [`MODE`]): set by the feature measurements before they start.
 const MIXED_PRIORITIES: u8 = 1;
 const DEDUP_KEYS: u8 = 2;
+/// No key, but 36 more payload bytes: the control that shows what the key's bytes alone cost on the wire.
+const PAD_36: u8 = 4;
 static MODE: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
 
 /// Resident memory of this process in KiB (`VmRSS` of `/proc/self/status`).
@@ -148,7 +150,11 @@ fn produce_req(first: usize, n: usize) -> pb::QueueProduceRequest {
             .map(|i| {
                 let mode = MODE.load(std::sync::atomic::Ordering::Relaxed);
                 pb::QueueProduceItem {
-                    bytes: format!("{i:0PAYLOAD$}").into_bytes(),
+                    bytes: if mode & PAD_36 != 0 {
+                        format!("{i:0w$}", w = PAYLOAD + 36).into_bytes()
+                    } else {
+                        format!("{i:0PAYLOAD$}").into_bytes()
+                    },
                     // Priorities 0..=9 in turn, so every lease skips across all ten levels.
                     priority: if mode & MIXED_PRIORITIES != 0 {
                         (i % 10) as i32
@@ -440,13 +446,19 @@ async fn priorities_1k_vs_1m_queued() {
 async fn dedup_cost() {
     const ROUNDS: usize = 5;
     const N: usize = 200_000;
+    // LESSOR_BENCH_BACKENDS=memory (or fjall) runs one of them, e.g. under a profiler.
+    let only = std::env::var("LESSOR_BENCH_BACKENDS").unwrap_or_default();
     for backend in ["memory", "fjall"] {
-        let mut rates: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
-        let mut cpu: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
-        for round in 0..2 * ROUNDS {
-            let keyed = round % 2;
+        if !only.is_empty() && !only.split(',').any(|b| b == backend) {
+            continue;
+        }
+        // Modes in turn: plain, a key on every item, 36 more payload bytes and no key (the control).
+        let mut rates: [Vec<f64>; 3] = [Vec::new(), Vec::new(), Vec::new()];
+        let mut cpu: [Vec<f64>; 3] = [Vec::new(), Vec::new(), Vec::new()];
+        for round in 0..3 * ROUNDS {
+            let keyed = round % 3;
             MODE.store(
-                if keyed == 1 { DEDUP_KEYS } else { 0 },
+                [0, DEDUP_KEYS, PAD_36][keyed],
                 std::sync::atomic::Ordering::Relaxed,
             );
             let dir = tempfile::tempdir().expect("temp dir");
@@ -503,8 +515,8 @@ async fn dedup_cost() {
             // Clock ticks are 10 ms; per item in microseconds.
             let us = ticks as f64 * 10_000.0 / N as f64;
             println!(
-                "{backend}, dedup keys {}: produce {r:.0} items/s, server CPU {us:.2} us/item",
-                keyed == 1
+                "{backend}, {}: produce {r:.0} items/s, server CPU {us:.2} us/item",
+                ["no key", "a key on every item", "no key, payload +36 B"][keyed]
             );
             rates[keyed].push(r);
             cpu[keyed].push(us);
@@ -514,13 +526,19 @@ async fn dedup_cost() {
             v.sort_by(f64::total_cmp);
             v[v.len() / 2]
         };
-        let (r0, r1) = (median(&mut rates[0]), median(&mut rates[1]));
-        let (c0, c1) = (median(&mut cpu[0]), median(&mut cpu[1]));
+        let (r0, r1, r2) = (
+            median(&mut rates[0]),
+            median(&mut rates[1]),
+            median(&mut rates[2]),
+        );
+        let (c0, c1, c2) = (median(&mut cpu[0]), median(&mut cpu[1]), median(&mut cpu[2]));
         println!(
             "{backend}: with a key on every item produce is {:.1} % slower ({r1:.0} vs {r0:.0} items/s, medians of \
-             {ROUNDS}); server CPU {c1:.2} vs {c0:.2} us/item (+{:.1} %)",
+             {ROUNDS}); server CPU {c1:.2} vs {c0:.2} us/item (+{:.1} %); control, payload +36 B without a key: \
+             {:.1} % slower ({r2:.0} items/s), server CPU {c2:.2} us/item",
             (1.0 - r1 / r0) * 100.0,
-            (c1 / c0 - 1.0) * 100.0
+            (c1 / c0 - 1.0) * 100.0,
+            (1.0 - r2 / r0) * 100.0,
         );
     }
     // Memory per key: crates/lessor-server/tests/dedup_memory.rs counts it exactly.

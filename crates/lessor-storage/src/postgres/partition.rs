@@ -329,9 +329,9 @@ impl PgPartition {
             .collect()
     }
 
-    /// Fills the ids of keyed items the produce statement skipped because their key's record is live: from the
-    /// records the statement saw, or, for keys another server claimed after the statement's snapshot was taken,
-    /// from the records as committed now. The items are stored by then, so a failed look-up only leaves ids unknown.
+    /// Fills the ids of keyed items the produce statement skipped because their key's record is live, from the
+    /// records as committed now (one more round trip, only when the batch held duplicates). The items are stored
+    /// by then, so a failed look-up only leaves ids unknown.
     async fn resolve_deduplicated(
         &self,
         row: &Row,
@@ -339,24 +339,12 @@ impl PgPartition {
         ids: &mut [Option<i64>],
     ) -> Result<(), StorageError> {
         let claimed: HashSet<String> = opt_vec::<String>(row, 4)?.into_iter().collect();
-        let known_keys: Vec<String> = opt_vec(row, 5)?;
-        let known_ids: Vec<i64> = opt_vec(row, 6)?;
-        let known_until: Vec<i64> = opt_vec(row, 7)?;
-        let known: HashMap<&str, (i64, i64)> = known_keys
+        let later: Vec<&str> = sent
             .iter()
-            .map(String::as_str)
-            .zip(known_ids.into_iter().zip(known_until))
+            .zip(ids.iter())
+            .filter(|(it, id)| id.is_none() && !it.dedup_id.is_empty() && !claimed.contains(&it.dedup_id))
+            .map(|(it, _)| it.dedup_id.as_str())
             .collect();
-        let mut later: Vec<&str> = Vec::new();
-        for (it, id) in sent.iter().zip(ids.iter_mut()) {
-            if id.is_some() || it.dedup_id.is_empty() || claimed.contains(&it.dedup_id) {
-                continue;
-            }
-            match known.get(it.dedup_id.as_str()) {
-                Some(&(stored, until)) if until > it.created_at.0 => *id = Some(stored),
-                _ => later.push(&it.dedup_id),
-            }
-        }
         if later.is_empty() {
             return Ok(());
         }
@@ -638,10 +626,10 @@ impl Partition for PgPartition {
                 .map(|i| (!i.dedup_id.is_empty()).then_some(i.dedup_id.as_str()))
                 .collect();
             let until: Vec<i64> = sent.iter().map(|i| i.dedup_until.0).collect();
-            let key_list: Vec<&str> = keys.iter().flatten().copied().collect();
+            let key_count = keys.iter().flatten().count();
             let partition = i64::from(self.partition);
             let mut params = base.to_vec();
-            params.extend_from_slice(&[&keys, &until, &self.queue, &partition, &key_list]);
+            params.extend_from_slice(&[&keys, &until, &self.queue, &partition]);
             // Records expired for every item of the batch; dropping twice as many as the call adds keeps their
             // number bounded by the produce rate times the window.
             let now = sent
@@ -650,7 +638,7 @@ impl Partition for PgPartition {
                 .map(|i| i.created_at.0)
                 .min()
                 .unwrap_or(0);
-            let prune_limit = limit_param(2 * key_list.len() + 16);
+            let prune_limit = limit_param(2 * key_count + 16);
             let stmt = prepare(&conn, &self.sql.produce_dedup).await?;
             let prune = prepare(&conn, &self.sql.prune_dedup).await?;
             // Pipelined: one round trip. The prune runs after the produce commits, in a statement of its own.

@@ -118,15 +118,14 @@ fn kill(table: &str, keep_ids: &str, delete_ids: &str) -> String {
 /// is not: the caller looks those up afterwards).
 ///
 /// With dedup: $10 each row's dedup key (NULL for none; distinct), $11 each row's record end, $12 the queue, $13 the
-/// partition, $14 the keys (no NULLs). Each keyed row first claims its key in `lessor_dedup`: a new key is
+/// partition. Each keyed row first claims its key in `lessor_dedup`: a new key is
 /// inserted, an expired record (`until` <= the row's `created_at`) is replaced, a live one is left alone; only rows
 /// whose claim succeeded (or that have no key) are inserted, in the same statement, hence the same transaction.
 /// Two servers claiming one key serialise on the record's unique index: the second waits for the first to commit,
 /// then sees a live record and stores nothing. Claims are made in key order, so two producers whose batches share
 /// several keys cannot deadlock. A row whose source id is already stored claims nothing (it is a repeated
-/// dead-letter move, skipped anyway). The row also returns the keys claimed, and the records of the batch's keys
-/// visible to the statement (key, item id, end): an unclaimed key whose record is not visible or not live was
-/// claimed concurrently, and the caller looks it up afterwards.
+/// dead-letter move, skipped anyway). The row also returns the keys claimed; the caller looks up the items of the
+/// others (duplicates) afterwards, so the common case (no duplicate) probes each key's index entry once.
 fn produce(t: &str, dedup: bool) -> String {
     let (claim, filter, extra) = if dedup {
         (
@@ -142,16 +141,11 @@ fn produce(t: &str, dedup: bool) -> String {
                     SET item_id = EXCLUDED.item_id, partition = EXCLUDED.partition,
                         created_at = EXCLUDED.created_at, until = EXCLUDED.until
                     WHERE d.until <= EXCLUDED.created_at
-                    RETURNING d.dedup_id),
-                 known AS (
-                    SELECT dedup_id, item_id, until FROM lessor_dedup
-                    WHERE queue = $12::text AND dedup_id = ANY($14::text[])),",
+                    RETURNING d.dedup_id),",
                 new = new_id("b.rn"),
             ),
             "WHERE b.dedup_id IS NULL OR b.dedup_id IN (SELECT dedup_id FROM claim)",
-            ", (SELECT array_agg(dedup_id) FROM claim),
-               (SELECT array_agg(dedup_id) FROM known), (SELECT array_agg(item_id) FROM known),
-               (SELECT array_agg(until) FROM known)",
+            ", (SELECT array_agg(dedup_id) FROM claim)",
         )
     } else {
         (String::new(), "", "")

@@ -13,7 +13,9 @@
 
 use std::collections::hash_map::RandomState;
 use std::collections::{HashMap, VecDeque};
-use std::hash::{BuildHasher, BuildHasherDefault, Hasher};
+use std::hash::{BuildHasher, BuildHasherDefault, Hash, Hasher};
+
+use siphasher::sip128::{Hasher128, SipHasher13};
 
 use crate::time::Ts;
 
@@ -45,9 +47,10 @@ pub(super) struct DedupIndex {
     /// (end of window, key hash) in insertion order, to drop expired entries without a scan. Window changes make
     /// the order inexact; an entry popped early is kept if its map entry says it still lives.
     order: VecDeque<(Ts, u128)>,
-    /// Two independent keyed hashers make the 128-bit hash; random per process, since only this process reads it.
-    h1: RandomState,
-    h2: RandomState,
+    /// The secret key of the 128-bit SipHash-1-3 the index uses: random per process, since only this process
+    /// reads the index (one pass over the key gives all 128 bits).
+    k0: u64,
+    k1: u64,
 }
 
 impl Default for DedupIndex {
@@ -55,8 +58,10 @@ impl Default for DedupIndex {
         DedupIndex {
             live: HashMap::default(),
             order: VecDeque::new(),
-            h1: RandomState::new(),
-            h2: RandomState::new(),
+            // The standard library's per-process random keys, drawn out through its own hasher: no other source
+            // of randomness is needed, and the index's key is as secret as a HashMap's.
+            k0: RandomState::new().hash_one(0u8),
+            k1: RandomState::new().hash_one(1u8),
         }
     }
 }
@@ -64,7 +69,9 @@ impl Default for DedupIndex {
 impl DedupIndex {
     /// The hash a key is indexed by.
     pub(super) fn hash(&self, key: &str) -> u128 {
-        (u128::from(self.h1.hash_one(key)) << 64) | u128::from(self.h2.hash_one(key))
+        let mut h = SipHasher13::new_with_keys(self.k0, self.k1);
+        key.hash(&mut h);
+        h.finish128().as_u128()
     }
 
     /// Whether the key's window is still open at `now`.
