@@ -22,7 +22,7 @@ use crate::time::Ts;
 /// The map's own hasher: its keys are already keyed hashes, uniformly spread, so hashing them again (SipHash,
 /// the default) would only cost time. Takes the low 64 bits.
 #[derive(Default)]
-struct PassThrough(u64);
+pub(super) struct PassThrough(u64);
 
 impl Hasher for PassThrough {
     fn finish(&self) -> u64 {
@@ -38,6 +38,9 @@ impl Hasher for PassThrough {
         self.0 = v as u64;
     }
 }
+
+/// A set of key hashes (they are keyed hashes already, so the set does not hash them again).
+pub(super) type HashSet128 = std::collections::HashSet<u128, BuildHasherDefault<PassThrough>>;
 
 /// Queue-wide recent dedup keys.
 #[derive(Debug)]

@@ -3,10 +3,11 @@
 
 use std::sync::atomic::Ordering;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 
 use futures::future::join_all;
 
+use super::dedup::HashSet128;
 use super::{QueueTask, Reply};
 use crate::engine::ProduceItem;
 use crate::error::{QueueError, StorageError};
@@ -102,7 +103,7 @@ impl QueueTask {
         let until = now.add(self.info.effective_dedup_window());
         let total: usize = pending.iter().map(|r| r.0.len()).sum();
         self.dedup.prune(now, 64 + 2 * total);
-        let mut claimed: HashSet<u128> = HashSet::new();
+        let mut claimed = HashSet128::default();
         let mut store = Vec::with_capacity(pending.len());
         let mut later = Vec::new();
         for (items, reply, tried, _) in pending {
@@ -114,7 +115,7 @@ impl QueueTask {
                 later.push((items, reply, tried, Vec::new()));
                 continue;
             }
-            let mut mine: HashSet<u128> = HashSet::new();
+            let mut mine = HashSet128::with_capacity_and_hasher(items.len(), Default::default());
             let mut keep = Vec::with_capacity(items.len());
             for (mut it, h) in items.into_iter().zip(hashes) {
                 if let Some(h) = h {
