@@ -212,10 +212,20 @@ pub fn dedup_id(field: &str, id: &str) -> Result<(), QueueError> {
             format!("cannot be longer than {max} bytes, got {}", id.len()),
         ));
     }
-    if id.trim().is_empty() {
+    // Keys are on the produce path of every keyed item: ASCII keys (the usual UUIDs and hashes) are checked a byte
+    // at a time; others go through the Unicode-aware checks.
+    let (blank, control) = if id.is_ascii() {
+        (
+            id.bytes().all(|b| b.is_ascii_whitespace() || b == 0x0b),
+            id.bytes().any(|b| b.is_ascii_control()),
+        )
+    } else {
+        (id.trim().is_empty(), id.chars().any(char::is_control))
+    };
+    if blank {
         return Err(invalid(field, "cannot be only white space"));
     }
-    if id.chars().any(char::is_control) {
+    if control {
         return Err(invalid(field, "cannot contain control characters"));
     }
     Ok(())
@@ -327,5 +337,29 @@ mod tests {
             request_timeout(Some(Duration::from_secs(900)), min, max).ok(),
             Some(max)
         );
+    }
+
+    /// The ASCII fast path and the Unicode path agree: blanks and control characters are refused by name, keys of
+    /// printable text of either kind pass, and the length limit is in bytes.
+    #[test]
+    fn dedup_ids() {
+        let max = crate::types::MAX_DEDUP_ID;
+        for ok in ["", "a", "order-1234", "k\u{e9}y", " padded ", "\u{3000}x", &"x".repeat(max)] {
+            assert!(dedup_id("dedup_id", ok).is_ok(), "{ok:?}");
+        }
+        for (bad, rule) in [
+            (" ", "white space"),
+            ("\t\r\n", "white space"),
+            ("\u{b}", "white space"),
+            ("\u{3000}", "white space"),
+            ("a\u{0}b", "control"),
+            ("a\u{1}redrive:x", "control"),
+            ("a\u{7f}", "control"),
+            ("\u{e9}\u{85}", "control"),
+            (&"x".repeat(max + 1), "longer than"),
+        ] {
+            let e = dedup_id("dedup_id", bad).expect_err(bad).to_string();
+            assert!(e.contains("dedup_id") && e.contains(rule), "{bad:?}: {e}");
+        }
     }
 }
