@@ -344,7 +344,15 @@ mod tests {
     #[test]
     fn dedup_ids() {
         let max = crate::types::MAX_DEDUP_ID;
-        for ok in ["", "a", "order-1234", "k\u{e9}y", " padded ", "\u{3000}x", &"x".repeat(max)] {
+        for ok in [
+            "",
+            "a",
+            "order-1234",
+            "k\u{e9}y",
+            " padded ",
+            "\u{3000}x",
+            &"x".repeat(max),
+        ] {
             assert!(dedup_id("dedup_id", ok).is_ok(), "{ok:?}");
         }
         for (bad, rule) in [

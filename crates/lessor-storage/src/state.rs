@@ -191,6 +191,32 @@ impl Slot {
         it
     }
 
+    /// The item's source id bytes (empty when it has none) and where its payload starts in the buffer, read
+    /// without copying anything out.
+    fn layout(&self) -> (&[u8], usize) {
+        let Some(data) = &self.data else {
+            return (&[], 0);
+        };
+        let header = data.first().copied().unwrap_or(0);
+        let mut pos = 1usize;
+        let mut source: &[u8] = &[];
+        for bit in [HAS_SOURCE, HAS_REFERENCE, HAS_ENCODING, HAS_KIND] {
+            if header & bit != 0 {
+                let n = data
+                    .get(pos..pos + 4)
+                    .map_or(0, |b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize);
+                if bit == HAS_SOURCE {
+                    source = data.get(pos + 4..pos + 4 + n).unwrap_or_default();
+                }
+                pos += 4 + n;
+            }
+        }
+        if header & HAS_MAX_ATTEMPTS != 0 {
+            pos += 4;
+        }
+        (source, pos.min(data.len()))
+    }
+
     fn payload_len(&self) -> u64 {
         // The whole buffer counts: strings are user bytes too.
         self.data.as_ref().map_or(0, |d| d.len().saturating_sub(1) as u64)
@@ -370,6 +396,30 @@ impl PartitionState {
 
     /// Takes a live item out of the chunks (its deadline entries go stale and are pruned lazily).
     fn take_live(&mut self, id: u64) -> Option<Item> {
+        self.take_live_slot(id).map(|s| s.to_item(id))
+    }
+
+    /// Removes an item from every index without building it (complete: nothing reads the item, so its payload is
+    /// not copied out only to be dropped).
+    fn discard(&mut self, id: u64) {
+        let Some(slot) = self.take_live_slot(id) else {
+            self.remove(id);
+            return;
+        };
+        let (source, payload_at) = slot.layout();
+        if !source.is_empty() {
+            if let Ok(source) = std::str::from_utf8(source) {
+                if self.by_source.get(source) == Some(&id) {
+                    self.by_source.remove(source);
+                }
+            }
+        }
+        let total = slot.data.as_ref().map_or(0, |d| d.len());
+        self.payload_bytes -= (total - payload_at) as u64;
+    }
+
+    /// [`PartitionState::take_live`] without building the item.
+    fn take_live_slot(&mut self, id: u64) -> Option<Slot> {
         let key = id / CHUNK;
         let chunk = self.chunks.get_mut(&key)?;
         let slot = chunk.slots.get_mut((id % CHUNK) as usize).filter(|s| s.live())?;
@@ -393,7 +443,7 @@ impl PartitionState {
             }
         }
         self.sum_created -= i128::from(slot.created_at);
-        Some(slot.to_item(id))
+        Some(slot)
     }
 
     /// Takes an item out of every index.
@@ -661,7 +711,7 @@ impl PartitionState {
                 continue;
             }
             for id in ids {
-                self.remove(id.0);
+                self.discard(id.0);
                 self.record_del(&mut ch, id);
             }
             out.push(Ok(()));
@@ -1077,6 +1127,37 @@ mod tests {
             payload: Bytes::from(p.to_string()),
             ..Default::default()
         }
+    }
+
+    /// Complete drops items without building them: the payload total and the source-id index stay exact (a
+    /// completed dead-letter copy can be moved in again), whatever strings the item carries.
+    #[test]
+    fn complete_keeps_payload_bytes_and_source_ids_exact() {
+        let mut s = PartitionState::new(1);
+        let items: Vec<NewItem> = (0..4)
+            .map(|i| NewItem {
+                source_id: if i % 2 == 0 {
+                    format!("src-{i}")
+                } else {
+                    String::new()
+                },
+                reference: if i == 1 { "ref".into() } else { String::new() },
+                kind: if i == 2 { "kind".into() } else { String::new() },
+                ..new_item(&"p".repeat(10 + i), Ts::ZERO)
+            })
+            .collect();
+        let ids = s.produce(items.clone()).0;
+        assert_eq!(s.stats(Ts(1)).payload_bytes, 10 + 11 + 12 + 13);
+        let leased = s.lease(4, Ts(100)).0;
+        assert_eq!(leased.len(), 4);
+        let (res, ch) = s.complete(vec![ids[..2].to_vec()]);
+        assert_eq!(res, vec![Ok(())]);
+        assert_eq!(ch.del.len(), 2);
+        assert_eq!(s.stats(Ts(1)).payload_bytes, 12 + 13);
+        // The completed item's source id is free again; the live one's is still known.
+        let again = s.produce(items).0;
+        assert!(again[0] > ids[3], "stored anew");
+        assert_eq!(again[2], ids[2], "still held by the live item");
     }
 
     /// Ready items spread over chunks with gaps (ids taken by scheduled items) are all found, in order.

@@ -52,9 +52,24 @@ const DEDUP_KEYS: u8 = 2;
 const PAD_36: u8 = 4;
 static MODE: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
 
-/// Resident memory of this process in KiB (`VmRSS` of `/proc/self/status`).
+/// The process the CPU and memory figures are read from: 0 = this one (in-process server), else the pid of the
+/// real binary a measurement started.
+static SERVER_PID: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+
+/// `/proc/<this>` for the measured server process.
+fn server_proc() -> String {
+    match SERVER_PID.load(std::sync::atomic::Ordering::Relaxed) {
+        0 => "/proc/self".to_string(),
+        pid => format!("/proc/{pid}"),
+    }
+}
+
+/// Resident memory of the measured server process in KiB (`VmRSS`).
 fn own_rss_kib() -> u64 {
-    rss_kib("self")
+    match SERVER_PID.load(std::sync::atomic::Ordering::Relaxed) {
+        0 => rss_kib("self"),
+        pid => rss_kib(&pid.to_string()),
+    }
 }
 
 /// utime + stime of one `/proc/.../stat` line, in clock ticks (1/100 s on Linux).
@@ -69,9 +84,10 @@ fn stat_ticks(stat: &str) -> u64 {
 /// CPU time of this process so far: (all threads, fjall's background workers only). Everything runs in this
 /// process: the server's tokio workers, its fjall writer thread, fjall's flush and compaction workers, the client.
 fn cpu_time() -> (Duration, Duration) {
-    let total = stat_ticks(&std::fs::read_to_string("/proc/self/stat").unwrap_or_default());
+    let proc = server_proc();
+    let total = stat_ticks(&std::fs::read_to_string(format!("{proc}/stat")).unwrap_or_default());
     let mut fjall = 0;
-    for t in std::fs::read_dir("/proc/self/task")
+    for t in std::fs::read_dir(format!("{proc}/task"))
         .into_iter()
         .flatten()
         .flatten()
@@ -405,10 +421,6 @@ async fn throughput_with_1m_queued_and_restart() {
     }
 }
 
-async fn serve_memory() -> (RunningServer, Client) {
-    lessor_testkit::server::start(&Config::memory(), None).await
-}
-
 /// Priorities: the same depth runs with items of priorities 0..=9 mixed, on fjall and on memory.
 #[tokio::test(flavor = "multi_thread")]
 #[ignore = "measurement; run in release, see the module docs"]
@@ -418,14 +430,13 @@ async fn priorities_1k_vs_1m_queued() {
         let mut rates = Vec::new();
         for base in [1_000, 1_000_000] {
             let dir = tempfile::tempdir().expect("temp dir");
-            let (srv, c) = if backend == "memory" {
-                serve_memory().await
-            } else {
-                serve(&dir).await
-            };
-            println!("== {backend}, mixed priorities, depth {base}");
-            rates.push(measure_at_depth(&c, base).await);
-            srv.stop().await;
+            // The real binary, with the allocator it ships with; its CPU and memory are what the figures show.
+            let mut server = spawn_backend(backend, dir.path()).await;
+            SERVER_PID.store(server.pid(), std::sync::atomic::Ordering::Relaxed);
+            println!("== {backend}, mixed priorities, depth {base} (real binary)");
+            rates.push(measure_at_depth(&server.client().clone(), base).await);
+            SERVER_PID.store(0, std::sync::atomic::Ordering::Relaxed);
+            server.kill();
         }
         println!(
             "{backend}, mixed priorities: 1M/1k ratio: produce {:.2}, lease+complete {:.2}",
@@ -467,23 +478,7 @@ async fn dedup_cost() {
                 std::sync::atomic::Ordering::Relaxed,
             );
             let dir = tempfile::tempdir().expect("temp dir");
-            let logs = tempfile::tempdir().expect("temp dir for the log");
-            let mut cmd = ServerCommand::new(env!("CARGO_BIN_EXE_lessor"), logs.path().join("server.log"))
-                .arg("--log-level")
-                .arg("warn")
-                .startup_limit(Duration::from_secs(60));
-            if backend == "memory" {
-                let cfg = dir.path().join("memory.yaml");
-                std::fs::write(
-                    &cfg,
-                    "queue-storage: { driver: memory }\npartition-storage: [ { name: ram, driver: memory } ]\n",
-                )
-                .expect("write config");
-                cmd = cmd.config(&cfg);
-            } else {
-                cmd = cmd.data_dir(dir.path());
-            }
-            let mut server = cmd.start().await;
+            let mut server = spawn_backend(backend, dir.path()).await;
             let c = server.client().clone();
             create(&c, QUEUE, 1).await;
             produce(&c, 0, 20_000, BATCH).await;
@@ -547,6 +542,27 @@ async fn dedup_cost() {
         );
     }
     // Memory per key: crates/lessor-server/tests/dedup_memory.rs counts it exactly.
+}
+
+/// Starts the real binary with `backend` ("memory", or "fjall": the default configuration on `dir`), its log in
+/// `dir` too.
+async fn spawn_backend(backend: &str, dir: &std::path::Path) -> ServerProcess {
+    let mut cmd = ServerCommand::new(env!("CARGO_BIN_EXE_lessor"), dir.join("server.log"))
+        .arg("--log-level")
+        .arg("warn")
+        .startup_limit(Duration::from_secs(60));
+    if backend == "memory" {
+        let cfg = dir.join("memory.yaml");
+        std::fs::write(
+            &cfg,
+            "queue-storage: { driver: memory }\npartition-storage: [ { name: ram, driver: memory } ]\n",
+        )
+        .expect("write config");
+        cmd = cmd.config(&cfg);
+    } else {
+        cmd = cmd.data_dir(&dir.join("data"));
+    }
+    cmd.start().await
 }
 
 /// Starts the real binary on `dir` (default configuration) on a free port, logging to `log`, and waits until
