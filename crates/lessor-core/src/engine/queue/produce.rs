@@ -156,19 +156,32 @@ impl QueueTask {
                     }
                 }
             }
-            let calls = groups.into_iter().map(|(i, reqs)| {
+            // A copy of the items is kept for failover only when another healthy partition could take them;
+            // otherwise they move into the call (a key costs an allocation and a copy per item otherwise).
+            let spare = self
+                .parts
+                .iter()
+                .filter(|p| p.failures == 0 && p.handle.is_some())
+                .count()
+                > 1;
+            let calls = groups.into_iter().map(|(i, mut reqs)| {
                 let h = self.parts[i].healthy();
+                let sums: Vec<Summary> = reqs.iter().map(|r| Summary::of(&r.0)).collect();
+                let all: Vec<NewItem> = if spare {
+                    reqs.iter().flat_map(|r| r.0.iter().cloned()).collect()
+                } else {
+                    reqs.iter_mut().flat_map(|r| std::mem::take(&mut r.0)).collect()
+                };
                 async move {
-                    let all: Vec<NewItem> = reqs.iter().flat_map(|r| r.0.iter().cloned()).collect();
                     let res = match h {
                         Some(h) => h.produce(all).await,
                         None => Err(StorageError::unavailable("partition closed")),
                     };
-                    (i, reqs, res)
+                    (i, reqs, sums, res)
                 }
             });
-            for (i, reqs, res) in join_all(calls).await {
-                let total: u64 = reqs.iter().map(|r| r.0.len() as u64).sum();
+            for (i, reqs, sums, res) in join_all(calls).await {
+                let total: u64 = sums.iter().map(|s| s.ready + s.scheduled).sum();
                 self.parts[i].counts.ready -= total;
                 match res {
                     Ok(_) => {
@@ -176,19 +189,15 @@ impl QueueTask {
                         let mut scheduled = 0;
                         let mut top = self.parts[i].top_priority;
                         let until = now.add(self.info.effective_dedup_window());
-                        for (items, reply, _, keys) in reqs {
+                        for ((_, reply, _, keys), sum) in reqs.into_iter().zip(sums) {
                             for h in keys {
                                 self.dedup.insert(h, until);
                             }
-                            for it in &items {
-                                if it.enqueue_at.is_zero() {
-                                    ready += 1;
-                                    top = top.max(it.priority);
-                                } else {
-                                    scheduled += 1;
-                                    self.parts[i].pull_deadline(it.enqueue_at);
-                                }
-                                self.parts[i].pull_deadline(it.expire_deadline);
+                            ready += sum.ready;
+                            scheduled += sum.scheduled;
+                            top = top.max(sum.top);
+                            if let Some(t) = sum.earliest {
+                                self.parts[i].pull_deadline(t);
                             }
                             let _ = reply.send(Ok(()));
                         }
@@ -199,6 +208,14 @@ impl QueueTask {
                         self.metrics
                             .produced
                             .fetch_add(ready + scheduled, Ordering::Relaxed);
+                    }
+                    Err(e) if !spare => {
+                        // No other partition could take them (and their items moved into the call).
+                        let name = self.info.name.clone();
+                        self.parts[i].fail(now, &name, &e);
+                        for (_, reply, _, _) in reqs {
+                            let _ = reply.send(Err(QueueError::from_storage(&e)));
+                        }
                     }
                     Err(e) => {
                         let name = self.info.name.clone();
@@ -215,5 +232,39 @@ impl QueueTask {
                 }
             }
         }
+    }
+}
+
+/// What a stored produce request changes in the queue task's bookkeeping, taken before its items go to storage.
+struct Summary {
+    ready: u64,
+    scheduled: u64,
+    /// Highest priority among its ready items.
+    top: u8,
+    /// Earliest schedule or expiry deadline among its items.
+    earliest: Option<Ts>,
+}
+
+impl Summary {
+    fn of(items: &[NewItem]) -> Summary {
+        let mut s = Summary {
+            ready: 0,
+            scheduled: 0,
+            top: 0,
+            earliest: None,
+        };
+        for it in items {
+            let mut pull = |t: Ts| s.earliest = Some(s.earliest.map_or(t, |d| d.min(t)));
+            if it.enqueue_at.is_zero() {
+                pull(it.expire_deadline);
+                s.ready += 1;
+                s.top = s.top.max(it.priority);
+            } else {
+                pull(it.enqueue_at);
+                pull(it.expire_deadline);
+                s.scheduled += 1;
+            }
+        }
+        s
     }
 }
