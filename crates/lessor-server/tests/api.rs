@@ -7,56 +7,29 @@
 //! when `CI` is set). Each PostgreSQL run gets a database of its own, created from that URL and dropped afterwards,
 //! because every scenario reuses the same queue names.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use lessor_client::{proto as pb, Client, ClientError, Encoding};
 use lessor_core::time::{Clock, ManualClock};
 use lessor_proto::Timestamp;
-use lessor_server::{start, Config, RunningServer};
-
-tokio::task_local! {
-    /// Which backend the current test runs on ("memory", "fjall" or "postgres").
-    static BACKEND: &'static str;
-}
+use lessor_server::RunningServer;
 
 struct Env {
     srv: Option<RunningServer>,
     c: Client,
     clock: ManualClock,
-    _dir: Option<tempfile::TempDir>,
-    /// The PostgreSQL database of this run (dropped with the `Env`, after the server).
-    _db: Option<Box<dyn std::any::Any + Send>>,
+    /// What keeps the server's storage alive (a temporary directory, a database), dropped after the server.
+    _storage: lessor_testkit::server::BackendServer,
 }
 
 impl Env {
     async fn new(enc: Encoding) -> Env {
-        let backend = BACKEND.try_with(|b| *b).unwrap_or("memory");
-        type Guard = Option<Box<dyn std::any::Any + Send>>;
-        let (config, dir, db): (Config, _, Guard) = match backend {
-            "fjall" => {
-                let dir = tempfile::tempdir().expect("temp dir");
-                let path = dir.path().to_str().expect("utf-8 path").to_string();
-                (Config::default_persistent(&path), Some(dir), None)
-            }
-            #[cfg(feature = "postgres")]
-            "postgres" => {
-                let d = pg::Database::create().await;
-                (d.config(), None, Some(Box::new(d)))
-            }
-            _ => (Config::memory(), None, None),
-        };
-        let clock = ManualClock::starting_now();
-        let srv = start(&config, "127.0.0.1:0", Some(Arc::new(clock.clone())))
-            .await
-            .expect("server starts");
-        let c = Client::new(&srv.endpoint()).expect("client").with_encoding(enc);
+        let mut b = lessor_testkit::server::on_backend(enc).await;
         Env {
-            srv: Some(srv),
-            c,
-            clock,
-            _dir: dir,
-            _db: db,
+            srv: b.server.take(),
+            c: b.client.clone(),
+            clock: b.clock.clone(),
+            _storage: b,
         }
     }
 
@@ -211,64 +184,7 @@ where
     }
 }
 
-/// A database per test run, so runs that reuse queue names cannot see each other's tables.
-#[cfg(feature = "postgres")]
-mod pg {
-    use lessor_server::Config;
-    use lessor_testkit::TestDatabase;
-
-    /// A fresh database with queue definitions and partitions both in it.
-    pub(super) struct Database(TestDatabase);
-
-    impl Database {
-        pub(super) async fn create() -> Database {
-            Database(TestDatabase::create("lessor_t").await)
-        }
-
-        /// Queue definitions and partitions both in this database.
-        pub(super) fn config(&self) -> Config {
-            let url = serde_json::to_string(self.0.url()).expect("string");
-            Config::from_yaml(&format!(
-                "queue-storage:\n  driver: postgres\n  config:\n    connection-string: {url}\n\
-                 partition-storage:\n  - name: pg-0\n    driver: postgres\n    affinity: 1\n    \
-                 config:\n      connection-string: {url}\n"
-            ))
-            .expect("postgres config")
-        }
-    }
-}
-
-macro_rules! both_encodings {
-    ($($name:ident),* $(,)?) => {
-        mod protobuf {
-            $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-               async fn $name() { super::$name(lessor_client::Encoding::Protobuf).await } )*
-        }
-        mod json {
-            $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-               async fn $name() { super::$name(lessor_client::Encoding::Json).await } )*
-        }
-        #[cfg(feature = "fjall")]
-        mod fjall {
-            $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-               async fn $name() {
-                   super::BACKEND.scope("fjall", super::$name(lessor_client::Encoding::Protobuf)).await
-               } )*
-        }
-        #[cfg(feature = "postgres")]
-        mod postgres {
-            $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-               async fn $name() {
-                   if lessor_testkit::database_or_skip().is_none() {
-                       return;
-                   }
-                   super::BACKEND.scope("postgres", super::$name(lessor_client::Encoding::Protobuf)).await
-               } )*
-        }
-    };
-}
-
-both_encodings!(
+lessor_testkit::every_backend!(
     produce_lease_complete_round_trip,
     lease_long_poll_wakes_on_produce,
     lease_times_out_on_the_clock,

@@ -7,13 +7,11 @@
 //! for the field it names and the rule it states, and the queue definition is checked to carry the stored values
 //! (unset extensions absent from JSON, so Querator's strict clients still read it).
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use lessor_client::{proto as pb, Client, ClientError, Encoding};
 use lessor_core::time::{Clock, ManualClock};
 use lessor_proto::Timestamp;
-use lessor_server::{start, Config, RunningServer};
 
 tokio::task_local! {
     /// Which backend the current test runs on ("memory", "fjall" or "postgres").
@@ -21,48 +19,19 @@ tokio::task_local! {
 }
 
 struct Env {
-    _srv: RunningServer,
     c: Client,
     clock: ManualClock,
-    _dir: Option<tempfile::TempDir>,
-    _db: Option<Box<dyn std::any::Any + Send>>,
+    /// The server and what keeps its storage alive.
+    _srv: lessor_testkit::server::BackendServer,
 }
 
 impl Env {
     async fn new(enc: Encoding) -> Env {
-        let backend = BACKEND.try_with(|b| *b).unwrap_or("memory");
-        type Guard = Option<Box<dyn std::any::Any + Send>>;
-        let (config, dir, db): (Config, _, Guard) = match backend {
-            "fjall" => {
-                let dir = tempfile::tempdir().expect("temp dir");
-                let path = dir.path().to_str().expect("utf-8 path").to_string();
-                (Config::default_persistent(&path), Some(dir), None)
-            }
-            #[cfg(feature = "postgres")]
-            "postgres" => {
-                let d = lessor_testkit::TestDatabase::create("lessor_f").await;
-                let url = serde_json::to_string(d.url()).expect("string");
-                let config = Config::from_yaml(&format!(
-                    "queue-storage:\n  driver: postgres\n  config:\n    connection-string: {url}\n\
-                     partition-storage:\n  - name: pg-0\n    driver: postgres\n    affinity: 1\n    \
-                     config:\n      connection-string: {url}\n"
-                ))
-                .expect("postgres config");
-                (config, None, Some(Box::new(d)))
-            }
-            _ => (Config::memory(), None, None),
-        };
-        let clock = ManualClock::starting_now();
-        let srv = start(&config, "127.0.0.1:0", Some(Arc::new(clock.clone())))
-            .await
-            .expect("server starts");
-        let c = Client::new(&srv.endpoint()).expect("client").with_encoding(enc);
+        let b = lessor_testkit::server::on_backend(enc).await;
         Env {
-            _srv: srv,
-            c,
-            clock,
-            _dir: dir,
-            _db: db,
+            c: b.client.clone(),
+            clock: b.clock.clone(),
+            _srv: b,
         }
     }
 
@@ -298,37 +267,7 @@ const QUERATOR_QUEUE_INFO: &[&str] = &[
     "namespace",
 ];
 
-macro_rules! every_backend {
-    ($($name:ident),* $(,)?) => {
-        mod protobuf {
-            $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-               async fn $name() { super::$name(lessor_client::Encoding::Protobuf).await } )*
-        }
-        mod json {
-            $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-               async fn $name() { super::$name(lessor_client::Encoding::Json).await } )*
-        }
-        #[cfg(feature = "fjall")]
-        mod fjall {
-            $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-               async fn $name() {
-                   super::BACKEND.scope("fjall", super::$name(lessor_client::Encoding::Protobuf)).await
-               } )*
-        }
-        #[cfg(feature = "postgres")]
-        mod postgres {
-            $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-               async fn $name() {
-                   if lessor_testkit::database_or_skip().is_none() {
-                       return;
-                   }
-                   super::BACKEND.scope("postgres", super::$name(lessor_client::Encoding::Protobuf)).await
-               } )*
-        }
-    };
-}
-
-every_backend!(
+lessor_testkit::every_backend!(
     extend_keeps_an_item_past_its_original_lease,
     extend_of_a_stale_id_changes_nothing,
     extend_past_the_max_lease_and_bad_extends_are_refused,
@@ -1249,7 +1188,8 @@ async fn extension_routes_check_their_permissions() {
          auth-backend:\n  driver: internal\n  open-door: false\n  bootstrap-key-file: {}\n",
         key_file.display()
     );
-    let (_srv, c) = lessor_testkit::server::start(&Config::from_yaml(&yaml).expect("config"), None).await;
+    let (_srv, c) =
+        lessor_testkit::server::start(&lessor_server::Config::from_yaml(&yaml).expect("config"), None).await;
     let admin = c
         .clone()
         .with_api_key(std::fs::read_to_string(&key_file).expect("key").trim());

@@ -31,3 +31,106 @@ pub async fn memory_with_manual_clock() -> (RunningServer, Client, ManualClock) 
     let (srv, client) = start(&Config::memory(), Some(Arc::new(clock.clone()))).await;
     (srv, client, clock)
 }
+
+tokio::task_local! {
+    /// The backend the current test runs its server on: "memory" (also when unset), "fjall" or "postgres". Set by
+    /// the tests [`crate::every_backend!`] generates.
+    pub static BACKEND: &'static str;
+}
+
+/// A server on the current test's [`BACKEND`] and a [`ManualClock`], with what keeps its storage alive (a
+/// temporary directory, a database dropped at the end).
+pub struct BackendServer {
+    /// The server (an `Option` so a test can take it to stop it).
+    pub server: Option<RunningServer>,
+    /// A client of it.
+    pub client: Client,
+    /// The clock the server runs on; tests move it.
+    pub clock: ManualClock,
+    _dir: Option<tempfile::TempDir>,
+    _db: Option<crate::TestDatabase>,
+}
+
+/// The configuration that keeps queue definitions and partitions both in the database at `url`.
+///
+/// # Panics
+/// When the YAML does not parse (a bug here).
+pub fn postgres_config(url: &str) -> Config {
+    // A single-quoted YAML scalar: only the quote itself needs escaping.
+    let url = format!("'{}'", url.replace('\'', "''"));
+    Config::from_yaml(&format!(
+        "queue-storage:\n  driver: postgres\n  config:\n    connection-string: {url}\n\
+         partition-storage:\n  - name: pg-0\n    driver: postgres\n    affinity: 1\n    \
+         config:\n      connection-string: {url}\n"
+    ))
+    .expect("postgres config")
+}
+
+/// Starts a server on the current test's [`BACKEND`] (a fresh temporary directory for fjall, a fresh database
+/// for postgres) on a manual clock starting now; its client speaks `encoding`.
+///
+/// # Panics
+/// When the server does not start, or postgres is asked for without a test database.
+pub async fn on_backend(encoding: lessor_client::Encoding) -> BackendServer {
+    let backend = BACKEND.try_with(|b| *b).unwrap_or("memory");
+    let (config, dir, db) = match backend {
+        "fjall" => {
+            let dir = tempfile::tempdir().expect("temp dir");
+            let path = dir.path().to_str().expect("utf-8 path").to_string();
+            (Config::default_persistent(&path), Some(dir), None)
+        }
+        "postgres" => {
+            let d = crate::TestDatabase::create("lessor_t").await;
+            (postgres_config(d.url()), None, Some(d))
+        }
+        _ => (Config::memory(), None, None),
+    };
+    let clock = ManualClock::starting_now();
+    let (server, client) = start(&config, Some(Arc::new(clock.clone()))).await;
+    BackendServer {
+        server: Some(server),
+        client: client.with_encoding(encoding),
+        clock,
+        _dir: dir,
+        _db: db,
+    }
+}
+
+/// Declares each named `async fn(lessor_client::Encoding)` of the calling test file as a test on every backend:
+/// memory with protobuf and with JSON, then (with the calling crate's `fjall` and `postgres` features) fjall and
+/// postgres with protobuf. The function starts its server with [`on_backend`]; postgres tests skip (fail under CI)
+/// without a test database.
+#[macro_export]
+macro_rules! every_backend {
+    ($($name:ident),* $(,)?) => {
+        mod protobuf {
+            $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+               async fn $name() { super::$name(lessor_client::Encoding::Protobuf).await } )*
+        }
+        mod json {
+            $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+               async fn $name() { super::$name(lessor_client::Encoding::Json).await } )*
+        }
+        #[cfg(feature = "fjall")]
+        mod fjall {
+            $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+               async fn $name() {
+                   $crate::server::BACKEND
+                       .scope("fjall", super::$name(lessor_client::Encoding::Protobuf))
+                       .await
+               } )*
+        }
+        #[cfg(feature = "postgres")]
+        mod postgres {
+            $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+               async fn $name() {
+                   if $crate::database_or_skip().is_none() {
+                       return;
+                   }
+                   $crate::server::BACKEND
+                       .scope("postgres", super::$name(lessor_client::Encoding::Protobuf))
+                       .await
+               } )*
+        }
+    };
+}
