@@ -530,7 +530,7 @@ impl PartitionState {
         // Records that ended before the earliest item of the call are expired for every item of it.
         let earliest = items.iter().map(|n| n.created_at).min().unwrap_or(Ts::ZERO);
         let mut recorded = 0usize;
-        for n in items {
+        for mut n in items {
             if !n.source_id.is_empty() {
                 if let Some(&existing) = self.by_source.get(&n.source_id) {
                     ids.push(ItemId(existing));
@@ -550,14 +550,14 @@ impl PartitionState {
             };
             let id = self.alloc();
             if let Some(probe) = probe.filter(|_| n.dedup_until > n.created_at) {
-                if self
-                    .dedup
-                    .insert(probe, &n.dedup_id, id, n.dedup_until, n.created_at)
-                {
+                // The record takes the key string itself; a persistent store gets a copy for its write.
+                let key = std::mem::take(&mut n.dedup_id);
+                let copy = self.track.then(|| key.clone());
+                if self.dedup.insert(probe, key, id, n.dedup_until, n.created_at) {
                     recorded += 1;
-                    if self.track {
+                    if let Some(dedup_id) = copy {
                         ch.dedup_put.push(DedupRecord {
-                            dedup_id: n.dedup_id.clone(),
+                            dedup_id,
                             id,
                             until: n.dedup_until,
                         });

@@ -111,7 +111,7 @@ impl DedupSet {
 
     /// Records `key` for item `id` until `until`, after a [`DedupSet::find`] that found no live record at `at`.
     /// Returns false (and records nothing) when another key with the same hash still holds a live record.
-    pub(crate) fn insert(&mut self, probe: Probe, key: &str, id: ItemId, until: Ts, at: Ts) -> bool {
+    pub(crate) fn insert(&mut self, probe: Probe, key: String, id: ItemId, until: Ts, at: Ts) -> bool {
         if let Some((seq, false)) = probe.held {
             if self.get(seq).is_some_and(|r| r.until > at) {
                 return false;
@@ -121,7 +121,7 @@ impl DedupSet {
         self.fifo.push_back(Record {
             until,
             id: id.0,
-            key: key.into(),
+            key: key.into_boxed_str(),
         });
         self.table.insert(probe.hash, seq);
         self.open += 1;
@@ -224,7 +224,7 @@ mod tests {
     fn add(s: &mut DedupSet, key: &str, id: u64, at: i64, until: i64) -> Option<ItemId> {
         let (found, probe) = s.find(key, Ts(at));
         if found.is_none() {
-            assert!(s.insert(probe, key, ItemId(id), Ts(until), Ts(at)));
+            assert!(s.insert(probe, key.to_string(), ItemId(id), Ts(until), Ts(at)));
             s.seal();
         }
         found
@@ -240,12 +240,12 @@ mod tests {
         s.table.insert(hb, 0);
         let (found, probe) = s.find("b", Ts(5));
         assert_eq!(found, None, "another key's record is not this key's");
-        assert!(!s.insert(probe, "b", ItemId(2), Ts(100), Ts(5)));
+        assert!(!s.insert(probe, "b".into(), ItemId(2), Ts(100), Ts(5)));
         assert_eq!(s.find("a", Ts(5)).0, Some(ItemId(1)));
         // Once the colliding record has ended, the slot is taken over.
         let (found, probe) = s.find("b", Ts(100));
         assert_eq!(found, None);
-        assert!(s.insert(probe, "b", ItemId(3), Ts(200), Ts(100)));
+        assert!(s.insert(probe, "b".into(), ItemId(3), Ts(200), Ts(100)));
         assert_eq!(s.find("b", Ts(150)).0, Some(ItemId(3)));
     }
 
