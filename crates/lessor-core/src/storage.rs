@@ -95,8 +95,24 @@ pub trait PartitionStore: Send + Sync + Debug + 'static {
     fn shared(&self) -> bool {
         false
     }
+    /// Notices of items made ready by other servers sharing this store, as they happen (PostgreSQL's
+    /// LISTEN/NOTIFY), so that a consumer waiting here is served at once instead of at the next periodic refresh.
+    /// Best effort: a notice lost (a dropped connection, a lagging receiver) only delays the item until that
+    /// refresh. `None` (the default): the store pushes nothing. Called from within the async runtime.
+    fn notices(&self) -> Option<tokio::sync::broadcast::Receiver<Notice>> {
+        None
+    }
     /// Releases resources.
     async fn close(&self);
+}
+
+/// Another server made items ready in a partition of a shared store (see [`PartitionStore::notices`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Notice {
+    /// The queue.
+    pub queue: Arc<str>,
+    /// The partition.
+    pub partition: u32,
 }
 
 /// What the lifecycle and retries need to know about the queue's current settings.

@@ -359,6 +359,9 @@ pub struct Limits {
     pub schedule_threshold: Duration,
     /// Storage calls per partition that one batch may not exceed before the rest waits for the next round.
     pub max_items_per_storage_call: usize,
+    /// How often the counts of partitions on shared stores are re-read (other servers change them). Stores that
+    /// push notices (PostgreSQL) wake consumers at once; this refresh is what remains when a notice is lost.
+    pub shared_refresh: Duration,
 }
 
 impl Default for Limits {
@@ -372,6 +375,7 @@ impl Default for Limits {
             min_request_timeout: Duration::from_millis(10),
             schedule_threshold: Duration::from_millis(100),
             max_items_per_storage_call: 10_000,
+            shared_refresh: Duration::from_millis(500),
         }
     }
 }

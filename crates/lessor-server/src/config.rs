@@ -134,6 +134,14 @@ pub enum ConfigError {
         /// The store named.
         store: String,
     },
+    /// A `limits` value out of its range.
+    #[error("{field}: {reason}")]
+    Limit {
+        /// The key.
+        field: &'static str,
+        /// Why.
+        reason: String,
+    },
     /// A declared queue's duration is not a Go duration.
     #[error("queues: '{queue}': {field}: {reason}")]
     QueueDuration {
@@ -385,6 +393,9 @@ pub struct LimitsSection {
     pub max_produce_body: Option<usize>,
     /// Requests one queue may hold before answering "overloaded" (default 4096).
     pub max_requests_per_queue: Option<usize>,
+    /// How often a server re-reads partitions that other servers share (Go duration, default 500ms; PostgreSQL
+    /// also wakes consumers at once by notification, so this bounds only the delay after a lost one).
+    pub shared_refresh: Option<String>,
 }
 
 impl Config {
@@ -482,6 +493,23 @@ impl Config {
         if let Some(tls) = &self.tls {
             tls.validate()?;
         }
+        if let Some(d) = &self.limits.shared_refresh {
+            match parse_go_duration(d) {
+                Ok(v) if !v.is_zero() && v <= Duration::from_secs(3600) => {}
+                Ok(_) => {
+                    return Err(ConfigError::Limit {
+                        field: "limits.shared-refresh",
+                        reason: "must be above 0 and at most 1h".into(),
+                    })
+                }
+                Err(reason) => {
+                    return Err(ConfigError::Limit {
+                        field: "limits.shared-refresh",
+                        reason,
+                    })
+                }
+            }
+        }
         if let Some(d) = &self.auth_backend.driver {
             if !matches!(d.to_ascii_lowercase().as_str(), "" | "none" | "internal") {
                 return Err(ConfigError::AuthDriver { value: d.clone() });
@@ -556,6 +584,10 @@ impl Config {
         let mut l = Limits::default();
         if let Some(n) = self.limits.max_requests_per_queue {
             l.max_requests_per_queue = n.max(1);
+        }
+        if let Some(d) = self.limits.shared_refresh.as_deref().map(parse_go_duration) {
+            // Checked by `validate`.
+            l.shared_refresh = d.unwrap_or(l.shared_refresh);
         }
         l
     }
@@ -731,6 +763,23 @@ mod tests {
         .expect_err("unknown key")
         .to_string();
         assert!(e.contains("storge-dir"), "{e}");
+    }
+
+    /// `limits.shared-refresh` is a Go duration above 0 and at most an hour; the default is 500ms.
+    #[test]
+    fn shared_refresh_is_checked_and_applied() {
+        assert_eq!(
+            Config::memory().limits().shared_refresh,
+            Duration::from_millis(500)
+        );
+        let c = Config::from_yaml("limits:\n  shared-refresh: 2s\n").expect("valid");
+        assert_eq!(c.limits().shared_refresh, Duration::from_secs(2));
+        for bad in ["0s", "2h", "soon", "-1s"] {
+            let e = Config::from_yaml(&format!("limits:\n  shared-refresh: {bad}\n"))
+                .expect_err(bad)
+                .to_string();
+            assert!(e.contains("limits.shared-refresh"), "{bad}: {e}");
+        }
     }
 
     #[test]

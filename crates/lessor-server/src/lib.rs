@@ -310,6 +310,8 @@ pub async fn build_engine(config: &Config, clock: SharedClock) -> Result<Engine,
             }
         });
     }
+    // Items other servers sharing a store make ready wake the consumers waiting here at once.
+    engine.watch_notices();
     // Redrive tasks left running by a stopped (or killed) server, here or on another server sharing the store,
     // carry on: looked for now and every few seconds, in the background (a store that is down must not stop the
     // server from starting).

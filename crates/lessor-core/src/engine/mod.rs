@@ -284,6 +284,43 @@ impl Engine {
         })
     }
 
+    /// Forwards the stores' notices (items another server sharing a store made ready) to the queue tasks holding
+    /// those partitions, so consumers waiting here are served at once rather than at the next periodic refresh
+    /// (which stays, and covers any notice lost). Call once, from within the runtime; the forwarding tasks end with
+    /// the engine or the store.
+    pub fn watch_notices(&self) {
+        for s in &self.inner.config.stores {
+            let Some(mut rx) = s.store.notices() else {
+                continue;
+            };
+            let inner = Arc::downgrade(&self.inner);
+            tokio::spawn(async move {
+                loop {
+                    let notice = match rx.recv().await {
+                        Ok(n) => n,
+                        // Skipped notices only wait for the periodic refresh.
+                        Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                        Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                    };
+                    let Some(inner) = inner.upgrade() else { return };
+                    if inner.shutting_down.load(Ordering::Acquire) {
+                        return;
+                    }
+                    // A queue not loaded here has no one waiting here.
+                    let handle = inner
+                        .queues
+                        .read()
+                        .ok()
+                        .and_then(|q| q.get(&*notice.queue).cloned());
+                    if let Some(h) = handle {
+                        // A full inbox is busy anyway: its next pass serves the waiters.
+                        let _ = h.tx.try_send(Msg::Wake(notice.partition));
+                    }
+                }
+            });
+        }
+    }
+
     /// The engine's clock.
     pub fn clock(&self) -> &SharedClock {
         &self.inner.config.clock

@@ -29,6 +29,7 @@
 //! connection string (`options=-csearch_path%3Dmyschema`).
 
 mod auth;
+mod notify;
 mod partition;
 mod pool;
 mod queues;

@@ -23,6 +23,7 @@
 
 use std::cmp::Reverse;
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -119,6 +120,7 @@ impl PartitionStore for PgStore {
             table,
             queue: queue.to_string(),
             partition,
+            announcing: Arc::new(AtomicU8::new(IDLE)),
         }))
     }
 
@@ -146,6 +148,10 @@ impl PartitionStore for PgStore {
         true
     }
 
+    fn notices(&self) -> Option<tokio::sync::broadcast::Receiver<lessor_core::storage::Notice>> {
+        Some(self.shared().ok()?.notifier.subscribe())
+    }
+
     async fn close(&self) {
         release(&self.shared);
     }
@@ -160,7 +166,16 @@ pub struct PgPartition {
     /// The queue and partition, for the queue-wide dedup records.
     queue: String,
     partition: u32,
+    /// Whether a notification of ready items is being sent ([`IDLE`], [`SENDING`], [`AGAIN`]).
+    announcing: Arc<AtomicU8>,
 }
+
+/// No notification is being sent for the partition.
+const IDLE: u8 = 0;
+/// One is being sent.
+const SENDING: u8 = 1;
+/// One is being sent, and another write committed since it started: send one more after it.
+const AGAIN: u8 = 2;
 
 /// Expired dedup records a lifecycle pass drops at most.
 const LIFECYCLE_DEDUP_PRUNE: i64 = 1000;
@@ -310,6 +325,60 @@ fn live_rows(rows: &[Row]) -> Result<HashMap<u64, LiveRow>, StorageError> {
 impl PgPartition {
     fn shared(&self) -> Result<Arc<Shared>, StorageError> {
         current_pool(&self.shared, "partition")
+    }
+
+    /// Tells the other servers on the database that this partition has new ready items (see the `notify`
+    /// module); called after the write committed. In the background and coalesced: while a notification is being
+    /// sent, later writes ask for one more after it, so every commit is followed by at least one notification and a
+    /// burst of writes costs a few.
+    fn announce(&self) {
+        loop {
+            match self
+                .announcing
+                .compare_exchange(IDLE, SENDING, Ordering::AcqRel, Ordering::Acquire)
+            {
+                Ok(_) => break,
+                Err(SENDING) => {
+                    if self
+                        .announcing
+                        .compare_exchange(SENDING, AGAIN, Ordering::AcqRel, Ordering::Acquire)
+                        .is_ok()
+                    {
+                        return;
+                    }
+                }
+                Err(_) => return,
+            }
+        }
+        let Ok(shared) = self.shared() else {
+            self.announcing.store(IDLE, Ordering::Release);
+            return;
+        };
+        let state = self.announcing.clone();
+        let payload = shared.notifier.payload(&self.queue, self.partition);
+        tokio::spawn(async move {
+            loop {
+                let sent = async {
+                    let conn = shared.conn().await?;
+                    let stmt = prepare(&conn, "SELECT pg_notify($1::text, $2::text)").await?;
+                    conn.execute(&stmt, &[&super::notify::CHANNEL, &payload])
+                        .await
+                        .map_err(pg_err)
+                }
+                .await;
+                if let Err(e) = sent {
+                    // Best effort: the other servers' periodic refresh finds the items anyway.
+                    tracing::debug!(error = %e, "postgres: cannot notify the other servers");
+                }
+                if state
+                    .compare_exchange(SENDING, IDLE, Ordering::AcqRel, Ordering::Acquire)
+                    .is_ok()
+                {
+                    return;
+                }
+                state.store(SENDING, Ordering::Release);
+            }
+        });
     }
 
     /// The table this partition lives in.
@@ -658,6 +727,9 @@ impl Partition for PgPartition {
             conn.query_one(&stmt, &base).await.map_err(pg_err)?
         };
         drop(conn);
+        if sent.iter().any(|i| i.enqueue_at.is_zero()) {
+            self.announce();
+        }
         let fresh: Vec<i64> = row.try_get(0).map_err(pg_err)?;
         let inserted: HashSet<i64> = opt_vec::<i64>(&row, 1)?.into_iter().collect();
         let dup_rn: Vec<i64> = opt_vec(&row, 2)?;
@@ -896,6 +968,9 @@ impl Partition for PgPartition {
             return Ok(out);
         }
         let rows = tx.query_commit(&apply, &[&op_ids, &op_actions, &op_at]).await?;
+        if expected.requeued > 0 {
+            self.announce();
+        }
         if let Some(r) = rows.first() {
             let got = (
                 count(r.try_get(0).map_err(pg_err)?),
@@ -917,6 +992,9 @@ impl Partition for PgPartition {
         limit: usize,
     ) -> Result<LifecycleOutcome, StorageError> {
         let o = self.lifecycle_moves(now, policy, limit).await?;
+        if o.lease_expired + o.enqueued > 0 {
+            self.announce();
+        }
         // Dedup records are the queue's, not this partition's: any partition's pass may drop some. Housekeeping
         // after the moves committed, so a failure must not fail the call.
         if let Err(e) = self.prune_dedup(now, LIFECYCLE_DEDUP_PRUNE).await {

@@ -60,6 +60,8 @@ pub(crate) struct Shared {
     pub(crate) pool: Pool,
     /// Set once the schema migrations ran on this database; not set on failure, so the next call retries.
     pub(crate) schema: tokio::sync::OnceCell<()>,
+    /// Notifications to and from the other servers on this database.
+    pub(crate) notifier: Arc<super::notify::Notifier>,
 }
 
 impl Shared {
@@ -89,9 +91,11 @@ pub(crate) fn acquire(cfg: &PgConfig) -> Result<Arc<Shared>, StorageError> {
         }
         return Ok(shared);
     }
+    let (pool, config, connector) = build_pool(cfg)?;
     let shared = Arc::new(Shared {
-        pool: build_pool(cfg)?,
+        pool,
         schema: tokio::sync::OnceCell::new(),
+        notifier: Arc::new(super::notify::Notifier::new(config, connector)),
     });
     pools.insert(cfg.connection_string.clone(), Arc::downgrade(&shared));
     Ok(shared)
@@ -105,7 +109,10 @@ fn pool_size(cfg: &PgConfig) -> usize {
     usize::try_from(n).unwrap_or(usize::MAX)
 }
 
-fn build_pool(cfg: &PgConfig) -> Result<Pool, StorageError> {
+/// The pool, and the connection settings it uses (for the listening connection, which is not pooled).
+fn build_pool(
+    cfg: &PgConfig,
+) -> Result<(Pool, tokio_postgres::Config, super::tls::RustlsConnect), StorageError> {
     // The driver knows neither verify-ca/verify-full nor sslrootcert: those are taken out here and enforced by the
     // rustls connector.
     let (conn, tls) = super::tls::split(&cfg.connection_string)?;
@@ -142,6 +149,7 @@ fn build_pool(cfg: &PgConfig) -> Result<Pool, StorageError> {
     if pg.get_application_name().is_none() {
         pg.application_name("lessor");
     }
+    let listen = (pg.clone(), connector.clone());
     let manager = Manager::from_config(
         pg,
         connector,
@@ -151,7 +159,7 @@ fn build_pool(cfg: &PgConfig) -> Result<Pool, StorageError> {
             recycling_method: RecyclingMethod::Fast,
         },
     );
-    Pool::builder(manager)
+    let pool = Pool::builder(manager)
         .max_size(pool_size(cfg))
         .runtime(Runtime::Tokio1)
         .wait_timeout(Some(WAIT_TIMEOUT))
@@ -159,7 +167,8 @@ fn build_pool(cfg: &PgConfig) -> Result<Pool, StorageError> {
         .create_timeout(Some(CONNECT_TIMEOUT * 2))
         .recycle_timeout(Some(CONNECT_TIMEOUT))
         .build()
-        .map_err(|e| StorageError::new(StorageErrorKind::Config, format!("postgres pool: {e}")))
+        .map_err(|e| StorageError::new(StorageErrorKind::Config, format!("postgres pool: {e}")))?;
+    Ok((pool, listen.0, listen.1))
 }
 
 /// Maps a pool failure: timeouts and a closed pool are transient, a backend error is classified by

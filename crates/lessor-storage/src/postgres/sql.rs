@@ -417,8 +417,7 @@ mod tests {
         let produce_args = format!(
             "(ARRAY[NULL, 'src-1'], ARRAY[0, 0]::int8[], ARRAY[2000000, 2000000]::int8[], ARRAY[600, 600]::int8[],
               ARRAY['', ''], ARRAY['', ''], ARRAY['', ''], ARRAY['\\x00', '\\x01']::bytea[], ARRAY[3, 0]::int2[],
-              ARRAY['key-17', 'key-99999999'], ARRAY[900, 900]::int8[], '{queue}', 0,
-              ARRAY['key-17', 'key-99999999'])"
+              ARRAY['key-17', 'key-99999999'], ARRAY[900, 900]::int8[], '{queue}', 0)"
         );
         let prune_args = format!("('{queue}', 500, 100)");
         let lookup_args = format!("('{queue}', ARRAY['key-17', 'key-18'])");

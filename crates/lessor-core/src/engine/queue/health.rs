@@ -3,8 +3,6 @@
 
 use std::sync::Arc;
 
-use std::time::Duration;
-
 use futures::stream::{self, StreamExt};
 
 use super::QueueTask;
@@ -12,8 +10,6 @@ use crate::error::{StorageError, StorageErrorKind};
 use crate::storage::{Partition, PartitionStore};
 use crate::time::Ts;
 
-/// How often counts of partitions on shared stores are re-read.
-const SHARED_REFRESH: Duration = Duration::from_millis(500);
 /// Partitions probed at once. Enough to hide a store's latency; bounded so a queue with 65,536 partitions does not
 /// queue 65,536 futures on one store's locks (a wake storm that took 11 s to open them all).
 const PROBE_CONCURRENCY: usize = 64;
@@ -89,7 +85,7 @@ impl QueueTask {
                         tracing::info!(queue = %name, partition = p.num, "partition recovered");
                     }
                     p.failures = 0;
-                    p.refresh_at = now.add(SHARED_REFRESH);
+                    p.refresh_at = now.add(self.config.limits.shared_refresh);
                 }
                 Err(e) => self.parts[i].fail(now, &name, &e),
             }

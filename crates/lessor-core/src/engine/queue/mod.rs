@@ -100,6 +100,8 @@ pub(crate) enum Msg {
         reply: Reply<()>,
     },
     Cold(Cold),
+    /// Another server made items ready in this partition (a store notice): re-read it now.
+    Wake(u32),
     Shutdown(oneshot::Sender<()>),
 }
 
@@ -320,6 +322,7 @@ impl QueueTask {
         let mut retries: RetryGroups = HashMap::new();
         let mut extends: ExtendGroups = HashMap::new();
         let mut colds = Vec::new();
+        let mut woken: Vec<usize> = Vec::new();
         let mut shutdown = None;
         for m in batch.drain(..) {
             match m {
@@ -371,8 +374,18 @@ impl QueueTask {
                     .or_default()
                     .push((ids, lease_timeout, reply)),
                 Msg::Cold(c) => colds.push(c),
+                Msg::Wake(p) => {
+                    if let Some(i) = self.parts.iter().position(|x| x.num == p && x.shared) {
+                        if !woken.contains(&i) {
+                            woken.push(i);
+                        }
+                    }
+                }
                 Msg::Shutdown(done) => shutdown = Some(done),
             }
+        }
+        if !woken.is_empty() {
+            self.probe_many(&woken, now).await;
         }
         if !produces.is_empty() {
             self.produce(produces, now).await;
@@ -466,6 +479,7 @@ impl QueueTask {
                     Cold::UpdateInfo(_, done) => drop(done.send(())),
                     Cold::Browse { reply, .. } => drop(reply.send(Err(QueueError::QueueShuttingDown))),
                 },
+                Msg::Wake(_) => {}
                 Msg::Shutdown(done) => drop(done.send(())),
             }
         }

@@ -1,0 +1,230 @@
+//! Cross-server wakeups on PostgreSQL: two servers share one database, a consumer waits on one of them, items are
+//! made ready through the other. The servers re-read shared partitions only every hour here
+//! (`limits.shared-refresh: 1h`), so a consumer served within its request timeout was woken by a notification;
+//! the fault cases use a short refresh to show that a lost notification only delays an item.
+//!
+//! The two servers run in this process; each gets its own connection string (an `application_name`), so they do
+//! not share a pool or a notification listener, as two processes would not.
+#![cfg(feature = "postgres")]
+
+use std::time::{Duration, Instant};
+
+use lessor_client::{proto as pb, Client};
+use lessor_server::{Config, RunningServer};
+use lessor_testkit::{connect, eventually, TestDatabase};
+
+/// The database's URL with an `application_name`, so each server has a pool (and listener) of its own.
+fn url_for(db: &TestDatabase, name: &str) -> String {
+    let sep = if db.url().contains('?') { '&' } else { '?' };
+    format!("{}{sep}application_name={name}", db.url())
+}
+
+fn config(url: &str, refresh: &str) -> Config {
+    let url = format!("'{}'", url.replace('\'', "''"));
+    Config::from_yaml(&format!(
+        "queue-storage:\n  driver: postgres\n  config:\n    connection-string: {url}\n\
+         partition-storage:\n  - name: pg-0\n    driver: postgres\n    affinity: 1\n    \
+         config:\n      connection-string: {url}\n\
+         limits:\n  shared-refresh: {refresh}\n"
+    ))
+    .expect("config")
+}
+
+async fn two_servers(db: &TestDatabase, refresh: &str) -> [(RunningServer, Client); 2] {
+    let a = lessor_testkit::server::start(&config(&url_for(db, "lessor-a"), refresh), None).await;
+    let b = lessor_testkit::server::start(&config(&url_for(db, "lessor-b"), refresh), None).await;
+    [a, b]
+}
+
+async fn create(c: &Client, queue: &str) {
+    c.queues_create(&pb::QueueInfo {
+        queue_name: queue.into(),
+        lease_timeout: "1m".into(),
+        expire_timeout: "1h".into(),
+        requested_partitions: 1,
+        ..Default::default()
+    })
+    .await
+    .expect("create");
+}
+
+async fn produce(c: &Client, queue: &str, payload: &str) {
+    c.queue_produce(&pb::QueueProduceRequest {
+        queue_name: queue.into(),
+        request_timeout: "10s".into(),
+        items: vec![pb::QueueProduceItem {
+            bytes: payload.as_bytes().to_vec(),
+            ..Default::default()
+        }],
+    })
+    .await
+    .expect("produce");
+}
+
+/// A lease waiting on `c` (up to `wait`), started now.
+fn lease_later(
+    c: &Client,
+    queue: &str,
+    wait: &str,
+) -> tokio::task::JoinHandle<Result<pb::QueueLeaseResponse, lessor_client::ClientError>> {
+    let c = c.clone();
+    let req = pb::QueueLeaseRequest {
+        queue_name: queue.into(),
+        batch_size: 1,
+        client_id: format!("waiter-{}", rand_suffix()),
+        request_timeout: wait.into(),
+    };
+    tokio::spawn(async move { c.queue_lease(&req).await })
+}
+
+fn rand_suffix() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos())
+}
+
+/// Loads the queue on `c`'s server (an empty lease), so the notice finds its queue task.
+async fn warm(c: &Client, queue: &str) {
+    let r = lease_later(c, queue, "20ms").await.expect("join");
+    assert!(
+        r.map(|r| r.items.is_empty()).unwrap_or(true),
+        "nothing to lease yet"
+    );
+}
+
+/// The listening connections of the two servers (their application names), by pid.
+async fn listeners(db: &TestDatabase) -> Vec<i32> {
+    let c = connect(db.url()).await;
+    c.query(
+        "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND query LIKE 'LISTEN %' \
+         AND application_name LIKE 'lessor-%'",
+        &[],
+    )
+    .await
+    .expect("pg_stat_activity")
+    .iter()
+    .map(|r| r.get(0))
+    .collect()
+}
+
+async fn wait_for_listeners(db: &TestDatabase, n: usize) -> Vec<i32> {
+    eventually("the servers listen", Duration::from_secs(20), || async {
+        let l = listeners(db).await;
+        if l.len() == n {
+            Ok(l)
+        } else {
+            Err(format!("{} listening connections", l.len()))
+        }
+    })
+    .await
+}
+
+/// A produce on A wakes a consumer long-polling on B at once, with B's periodic refresh an hour away.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_produce_on_one_server_wakes_a_consumer_waiting_on_the_other() {
+    if lessor_testkit::database_or_skip().is_none() {
+        return;
+    }
+    let db = TestDatabase::create("lessor_wake").await;
+    let [(_a, a), (_b, b)] = two_servers(&db, "1h").await;
+    create(&a, "jobs").await;
+    warm(&b, "jobs").await;
+    wait_for_listeners(&db, 2).await;
+    for round in 0..5 {
+        let waiting = lease_later(&b, "jobs", "30s");
+        // Let the lease reach B's queue task before the item exists, as a consumer already waiting would.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let t0 = Instant::now();
+        produce(&a, "jobs", &format!("item-{round}")).await;
+        let got = waiting.await.expect("join").expect("lease on B");
+        assert_eq!(got.items.len(), 1, "round {round}: B's consumer got the item");
+        assert_eq!(got.items[0].bytes, format!("item-{round}").into_bytes());
+        println!(
+            "round {round}: produced on A, leased on B after {:?}",
+            t0.elapsed()
+        );
+        b.queue_complete(&pb::QueueCompleteRequest {
+            queue_name: "jobs".into(),
+            partition: got.partition,
+            request_timeout: "5s".into(),
+            ids: vec![got.items[0].id.clone()],
+        })
+        .await
+        .expect("complete");
+    }
+}
+
+/// The listening connection killed by `pg_terminate_backend` comes back on its own, and wakeups with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wakeups_resume_after_the_listening_connection_is_killed() {
+    if lessor_testkit::database_or_skip().is_none() {
+        return;
+    }
+    let db = TestDatabase::create("lessor_wake").await;
+    let [(_a, a), (_b, b)] = two_servers(&db, "1h").await;
+    create(&a, "jobs").await;
+    warm(&b, "jobs").await;
+    let before = wait_for_listeners(&db, 2).await;
+    let admin = connect(db.url()).await;
+    for pid in &before {
+        admin
+            .execute("SELECT pg_terminate_backend($1)", &[pid])
+            .await
+            .expect("terminate");
+    }
+    let after = eventually("new listening connections", Duration::from_secs(20), || async {
+        let l = listeners(&db).await;
+        if l.len() == 2 && l.iter().all(|p| !before.contains(p)) {
+            Ok(l)
+        } else {
+            Err(format!("listeners {l:?}, killed {before:?}"))
+        }
+    })
+    .await;
+    assert_eq!(after.len(), 2);
+    let waiting = lease_later(&b, "jobs", "30s");
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    produce(&a, "jobs", "after-kill").await;
+    let got = waiting.await.expect("join").expect("lease on B");
+    assert_eq!(got.items.len(), 1, "woken after the listener came back");
+}
+
+/// A notification lost while B cannot hear it (its listener is being killed over and over) only delays the item
+/// until B's periodic refresh: nothing is stranded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_notification_only_waits_for_the_refresh() {
+    if lessor_testkit::database_or_skip().is_none() {
+        return;
+    }
+    let db = TestDatabase::create("lessor_wake").await;
+    let [(_a, a), (_b, b)] = two_servers(&db, "1s").await;
+    create(&a, "jobs").await;
+    warm(&b, "jobs").await;
+    wait_for_listeners(&db, 2).await;
+    // Keep B deaf: kill its listener as soon as it appears, for the whole test.
+    let killer = {
+        let url = db.url().to_string();
+        tokio::spawn(async move {
+            let c = connect(&url).await;
+            loop {
+                let _ = c
+                    .execute(
+                        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+                         WHERE datname = current_database() AND query LIKE 'LISTEN %' \
+                         AND application_name = 'lessor-b'",
+                        &[],
+                    )
+                    .await;
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let waiting = lease_later(&b, "jobs", "30s");
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    produce(&a, "jobs", "unheard").await;
+    let got = waiting.await.expect("join").expect("lease on B");
+    killer.abort();
+    assert_eq!(got.items.len(), 1, "the refresh found the item");
+    assert_eq!(got.items[0].bytes, b"unheard".to_vec());
+}
