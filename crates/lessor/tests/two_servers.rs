@@ -490,6 +490,109 @@ async fn two_servers_never_lease_one_item_twice() {
     assert_eq!(remaining(&b.client, "shared").await.expect("stats"), 0);
 }
 
+/// Cross-server wakeup latency (issue 13's benchmark): items produced on server A at a steady 1,000 items/s (one
+/// item per request), leased by consumers long-polling on server B; the latency of each item is from just before
+/// its produce request to the lease answer that returns it. Prints the percentiles; run with
+/// `cargo test --release -p lessor --test two_servers -- --ignored --nocapture --exact wakeup_latency_across_servers`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "measurement: run in release with --ignored --nocapture"]
+async fn wakeup_latency_across_servers() {
+    let _serial = SERIAL.lock().await;
+    if database_or_skip().is_none() {
+        return;
+    }
+    const RATE: u64 = 1000;
+    const SECONDS: u64 = 10;
+    let db = Database::create("lessor_wakeup").await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let a = Server::start("a", db.url(), dir.path()).await;
+    let b = Server::start("b", db.url(), dir.path()).await;
+    create_queue(&a.client, "wake", |q| q.lease_timeout = "30s".into()).await;
+    let total = (RATE * SECONDS) as usize;
+    let latencies = Arc::new(Mutex::new(Vec::with_capacity(total)));
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut consumers = Vec::new();
+    for i in 0..4 {
+        let (c, latencies, stop) = (b.client.clone(), latencies.clone(), stop.clone());
+        consumers.push(tokio::spawn(async move {
+            while !stop.load(Ordering::SeqCst) {
+                let Ok(r) = c
+                    .queue_lease(&pb::QueueLeaseRequest {
+                        queue_name: "wake".into(),
+                        batch_size: 100,
+                        client_id: format!("wake-{i}"),
+                        request_timeout: "1s".into(),
+                    })
+                    .await
+                else {
+                    continue;
+                };
+                let now = now_nanos();
+                let mut ids = Vec::new();
+                for it in &r.items {
+                    let sent: i128 = String::from_utf8_lossy(&it.bytes).parse().unwrap_or(now);
+                    latencies.lock().expect("lock").push((now - sent) as f64 / 1e6);
+                    ids.push(it.id.clone());
+                }
+                if !ids.is_empty() {
+                    let _ = c
+                        .queue_complete(&pb::QueueCompleteRequest {
+                            queue_name: "wake".into(),
+                            partition: r.partition,
+                            request_timeout: "5s".into(),
+                            ids,
+                        })
+                        .await;
+                }
+            }
+        }));
+    }
+    // Let the consumers wait on B first.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let start = tokio::time::Instant::now();
+    let mut producing = Vec::with_capacity(total);
+    for i in 0..total as u64 {
+        tokio::time::sleep_until(start + Duration::from_micros(i * 1_000_000 / RATE)).await;
+        let c = a.client.clone();
+        producing.push(tokio::spawn(async move {
+            c.queue_produce(&pb::QueueProduceRequest {
+                queue_name: "wake".into(),
+                request_timeout: "10s".into(),
+                items: vec![pb::QueueProduceItem {
+                    bytes: now_nanos().to_string().into_bytes(),
+                    ..Default::default()
+                }],
+            })
+            .await
+            .expect("produce");
+        }));
+    }
+    for p in producing {
+        p.await.expect("producer");
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while latencies.lock().expect("lock").len() < total && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    stop.store(true, Ordering::SeqCst);
+    for c in consumers {
+        let _ = c.await;
+    }
+    let mut l = latencies.lock().expect("lock").clone();
+    assert_eq!(l.len(), total, "every item was leased on B");
+    l.sort_by(f64::total_cmp);
+    let pct = |p: f64| l[((l.len() as f64 * p) as usize).min(l.len() - 1)];
+    println!(
+        "produce on A -> lease on B, {RATE} items/s for {SECONDS} s: p50 {:.2} ms, p90 {:.2} ms, p99 {:.2} ms, \
+         p99.9 {:.2} ms, max {:.2} ms",
+        pct(0.5),
+        pct(0.9),
+        pct(0.99),
+        pct(0.999),
+        l[l.len() - 1]
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lease_expiry_and_dead_lettering_apply_once_across_two_servers() {
     let _serial = SERIAL.lock().await;

@@ -384,8 +384,12 @@ impl QueueTask {
                 Msg::Shutdown(done) => shutdown = Some(done),
             }
         }
-        if !woken.is_empty() {
-            self.probe_many(&woken, now).await;
+        // A woken partition has ready items another server made: it goes first when the waiters are served (a
+        // lease is the one round trip that finds them; its counts are re-read at the periodic refresh).
+        for i in woken {
+            let p = &mut self.parts[i];
+            p.counts.ready = p.counts.ready.max(1);
+            p.top_priority = crate::types::MAX_PRIORITY;
         }
         if !produces.is_empty() {
             self.produce(produces, now).await;
