@@ -11,12 +11,12 @@ use std::time::{Duration, Instant};
 
 use lessor_client::{proto as pb, Client};
 use lessor_server::{Config, RunningServer};
-use lessor_testkit::{connect, eventually, TestDatabase};
+use lessor_testkit::{connect, eventually, postgres_installed, skip_or_fail, Cluster, TestDatabase};
 
 /// The database's URL with an `application_name`, so each server has a pool (and listener) of its own.
-fn url_for(db: &TestDatabase, name: &str) -> String {
-    let sep = if db.url().contains('?') { '&' } else { '?' };
-    format!("{}{sep}application_name={name}", db.url())
+fn url_for(db: &str, name: &str) -> String {
+    let sep = if db.contains('?') { '&' } else { '?' };
+    format!("{db}{sep}application_name={name}")
 }
 
 fn config(url: &str, refresh: &str) -> Config {
@@ -30,7 +30,7 @@ fn config(url: &str, refresh: &str) -> Config {
     .expect("config")
 }
 
-async fn two_servers(db: &TestDatabase, refresh: &str) -> [(RunningServer, Client); 2] {
+async fn two_servers(db: &str, refresh: &str) -> [(RunningServer, Client); 2] {
     let a = lessor_testkit::server::start(&config(&url_for(db, "lessor-a"), refresh), None).await;
     let b = lessor_testkit::server::start(&config(&url_for(db, "lessor-b"), refresh), None).await;
     [a, b]
@@ -93,8 +93,8 @@ async fn warm(c: &Client, queue: &str) {
 }
 
 /// The listening connections of the two servers (their application names), by pid.
-async fn listeners(db: &TestDatabase) -> Vec<i32> {
-    let c = connect(db.url()).await;
+async fn listeners(db: &str) -> Vec<i32> {
+    let c = connect(db).await;
     c.query(
         "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND query LIKE 'LISTEN %' \
          AND application_name LIKE 'lessor-%'",
@@ -107,7 +107,7 @@ async fn listeners(db: &TestDatabase) -> Vec<i32> {
     .collect()
 }
 
-async fn wait_for_listeners(db: &TestDatabase, n: usize) -> Vec<i32> {
+async fn wait_for_listeners(db: &str, n: usize) -> Vec<i32> {
     eventually("the servers listen", Duration::from_secs(20), || async {
         let l = listeners(db).await;
         if l.len() == n {
@@ -126,10 +126,10 @@ async fn a_produce_on_one_server_wakes_a_consumer_waiting_on_the_other() {
         return;
     }
     let db = TestDatabase::create("lessor_wake").await;
-    let [(_a, a), (_b, b)] = two_servers(&db, "1h").await;
+    let [(_a, a), (_b, b)] = two_servers(db.url(), "1h").await;
     create(&a, "jobs").await;
     warm(&b, "jobs").await;
-    wait_for_listeners(&db, 2).await;
+    wait_for_listeners(db.url(), 2).await;
     for round in 0..5 {
         let waiting = lease_later(&b, "jobs", "30s");
         // Let the lease reach B's queue task before the item exists, as a consumer already waiting would.
@@ -161,10 +161,10 @@ async fn wakeups_resume_after_the_listening_connection_is_killed() {
         return;
     }
     let db = TestDatabase::create("lessor_wake").await;
-    let [(_a, a), (_b, b)] = two_servers(&db, "1h").await;
+    let [(_a, a), (_b, b)] = two_servers(db.url(), "1h").await;
     create(&a, "jobs").await;
     warm(&b, "jobs").await;
-    let before = wait_for_listeners(&db, 2).await;
+    let before = wait_for_listeners(db.url(), 2).await;
     let admin = connect(db.url()).await;
     for pid in &before {
         admin
@@ -173,7 +173,7 @@ async fn wakeups_resume_after_the_listening_connection_is_killed() {
             .expect("terminate");
     }
     let after = eventually("new listening connections", Duration::from_secs(20), || async {
-        let l = listeners(&db).await;
+        let l = listeners(db.url()).await;
         if l.len() == 2 && l.iter().all(|p| !before.contains(p)) {
             Ok(l)
         } else {
@@ -197,10 +197,10 @@ async fn a_lost_notification_only_waits_for_the_refresh() {
         return;
     }
     let db = TestDatabase::create("lessor_wake").await;
-    let [(_a, a), (_b, b)] = two_servers(&db, "1s").await;
+    let [(_a, a), (_b, b)] = two_servers(db.url(), "1s").await;
     create(&a, "jobs").await;
     warm(&b, "jobs").await;
-    wait_for_listeners(&db, 2).await;
+    wait_for_listeners(db.url(), 2).await;
     // Keep B deaf: kill its listener as soon as it appears, for the whole test.
     let killer = {
         let url = db.url().to_string();
@@ -227,4 +227,69 @@ async fn a_lost_notification_only_waits_for_the_refresh() {
     killer.abort();
     assert_eq!(got.items.len(), 1, "the refresh found the item");
     assert_eq!(got.items[0].bytes, b"unheard".to_vec());
+}
+
+/// PostgreSQL restarted (every connection cut, the server back at once): the listeners reconnect by themselves
+/// and wakeups resume; an item produced while B could not hear is still served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wakeups_resume_after_a_database_restart() {
+    if !postgres_installed() {
+        skip_or_fail("PostgreSQL is not installed; skipping the restart test");
+        return;
+    }
+    let (cluster, url) = Cluster::start("wakeups", 55486, "lessor_wake");
+    let [(_a, a), (_b, b)] = two_servers(&url, "2s").await;
+    create(&a, "jobs").await;
+    warm(&b, "jobs").await;
+    let before = wait_for_listeners(&url, 2).await;
+    cluster.run("restart");
+    // Produced once the database is back but perhaps before B listens again: the refresh finds it.
+    eventually("A produces again", Duration::from_secs(30), || async {
+        a.queue_produce(&pb::QueueProduceRequest {
+            queue_name: "jobs".into(),
+            request_timeout: "2s".into(),
+            items: vec![pb::QueueProduceItem {
+                bytes: b"during".to_vec(),
+                ..Default::default()
+            }],
+        })
+        .await
+        .map_err(|e| e.to_string())
+    })
+    .await;
+    let got = eventually(
+        "B serves the item produced across the restart",
+        Duration::from_secs(30),
+        || async {
+            match lease_later(&b, "jobs", "1s").await.expect("join") {
+                Ok(r) if !r.items.is_empty() => Ok(r),
+                Ok(_) => Err("nothing yet".to_string()),
+                Err(e) => Err(e.to_string()),
+            }
+        },
+    )
+    .await;
+    assert_eq!(got.items[0].bytes, b"during".to_vec());
+    // Both listen again, on new connections; a produce on A wakes B's waiting consumer at once.
+    let after = eventually("new listening connections", Duration::from_secs(30), || async {
+        let l = listeners(&url).await;
+        if l.len() == 2 && l.iter().all(|p| !before.contains(p)) {
+            Ok(l)
+        } else {
+            Err(format!("listeners {l:?}, before the restart {before:?}"))
+        }
+    })
+    .await;
+    assert_eq!(after.len(), 2);
+    let waiting = lease_later(&b, "jobs", "30s");
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let t0 = Instant::now();
+    produce(&a, "jobs", "after").await;
+    let got = waiting.await.expect("join").expect("lease on B");
+    assert_eq!(got.items.len(), 1);
+    assert_eq!(got.items[0].bytes, b"after".to_vec());
+    println!(
+        "after the restart: produced on A, leased on B after {:?}",
+        t0.elapsed()
+    );
 }
