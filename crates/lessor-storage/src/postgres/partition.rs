@@ -176,6 +176,8 @@ const IDLE: u8 = 0;
 const SENDING: u8 = 1;
 /// One is being sent, and another write committed since it started: send one more after it.
 const AGAIN: u8 = 2;
+/// Shortest time between two notifications of one partition while writes keep coming.
+const ANNOUNCE_INTERVAL: std::time::Duration = std::time::Duration::from_millis(1);
 
 /// Expired dedup records a lifecycle pass drops at most.
 const LIFECYCLE_DEDUP_PRUNE: i64 = 1000;
@@ -377,6 +379,9 @@ impl PgPartition {
                     return;
                 }
                 state.store(SENDING, Ordering::Release);
+                // Under a stream of writes, at most one notification per partition per interval: the others'
+                // consumers wait that much longer at worst, and the database is not sent one per batch.
+                tokio::time::sleep(ANNOUNCE_INTERVAL).await;
             }
         });
     }
