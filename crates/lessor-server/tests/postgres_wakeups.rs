@@ -402,3 +402,18 @@ async fn a_stalled_database_loses_nothing_and_wakeups_resume() {
     assert_eq!(r.items.len(), 1);
     assert_eq!(r.items[0].bytes, b"after".to_vec());
 }
+
+/// A stopped server closes its listening connection (nothing lingers on the database).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_server_stops_listening() {
+    if lessor_testkit::database_or_skip().is_none() {
+        return;
+    }
+    let db = TestDatabase::create("lessor_wake").await;
+    let [(a, _), (b, _)] = two_servers(db.url(), "1h").await;
+    wait_for_listeners(db.url(), 2).await;
+    b.stop().await;
+    wait_for_listeners(db.url(), 1).await;
+    a.stop().await;
+    wait_for_listeners(db.url(), 0).await;
+}

@@ -38,6 +38,8 @@ pub(crate) struct Notifier {
     started: OnceLock<()>,
     config: tokio_postgres::Config,
     connector: RustlsConnect,
+    /// Dropped with the notifier, which ends the listening task (and closes its connection) at once.
+    _stop: tokio::sync::watch::Sender<()>,
 }
 
 impl std::fmt::Debug for Notifier {
@@ -60,6 +62,7 @@ impl Notifier {
             started: OnceLock::new(),
             config,
             connector,
+            _stop: tokio::sync::watch::channel(()).0,
         }
     }
 
@@ -72,7 +75,7 @@ impl Notifier {
     pub(crate) fn subscribe(self: &Arc<Self>) -> broadcast::Receiver<Notice> {
         let rx = self.tx.subscribe();
         self.started.get_or_init(|| {
-            tokio::spawn(listen(Arc::downgrade(self)));
+            tokio::spawn(listen(Arc::downgrade(self), self._stop.subscribe()));
         });
         rx
     }
@@ -92,7 +95,15 @@ impl Notifier {
 }
 
 /// Keeps one connection listening while the notifier lives and anyone subscribes; reconnects with backoff.
-async fn listen(notifier: Weak<Notifier>) {
+async fn listen(notifier: Weak<Notifier>, mut stop: tokio::sync::watch::Receiver<()>) {
+    tokio::select! {
+        () = listen_until_dropped(notifier) => {}
+        // Err: the notifier was dropped (its sender with it).
+        _ = stop.changed() => {}
+    }
+}
+
+async fn listen_until_dropped(notifier: Weak<Notifier>) {
     let mut backoff = BACKOFF_MIN;
     loop {
         let Some(n) = notifier.upgrade() else { return };
