@@ -119,6 +119,28 @@ async fn wait_for_listeners(db: &str, n: usize) -> Vec<i32> {
     .await
 }
 
+/// Two servers on the database at `url` with the queue "jobs" created on A and loaded on B, both listening;
+/// returns them (servers first, to keep them alive) with their clients and the listeners' pids.
+async fn ready_pair(url: &str, refresh: &str) -> ([RunningServer; 2], Client, Client, Vec<i32>) {
+    let [(sa, a), (sb, b)] = two_servers(url, refresh).await;
+    create(&a, "jobs").await;
+    warm(&b, "jobs").await;
+    let pids = wait_for_listeners(url, 2).await;
+    ([sa, sb], a, b, pids)
+}
+
+/// A consumer waits on `b`, then `payload` is produced on `a`: returns what the consumer got.
+async fn produce_while_waiting(a: &Client, b: &Client, payload: &str) -> pb::QueueLeaseResponse {
+    let waiting = lease_later(b, "jobs", "30s");
+    // Let the lease reach B's queue task before the item exists, as a consumer already waiting would.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    produce(a, "jobs", payload).await;
+    let got = waiting.await.expect("join").expect("lease on B");
+    assert_eq!(got.items.len(), 1, "B's waiting consumer got the item");
+    assert_eq!(got.items[0].bytes, payload.as_bytes().to_vec());
+    got
+}
+
 /// A produce on A wakes a consumer long-polling on B at once, with B's periodic refresh an hour away.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_produce_on_one_server_wakes_a_consumer_waiting_on_the_other() {
@@ -126,19 +148,10 @@ async fn a_produce_on_one_server_wakes_a_consumer_waiting_on_the_other() {
         return;
     }
     let db = TestDatabase::create("lessor_wake").await;
-    let [(_a, a), (_b, b)] = two_servers(db.url(), "1h").await;
-    create(&a, "jobs").await;
-    warm(&b, "jobs").await;
-    wait_for_listeners(db.url(), 2).await;
+    let (_servers, a, b, _) = ready_pair(db.url(), "1h").await;
     for round in 0..5 {
-        let waiting = lease_later(&b, "jobs", "30s");
-        // Let the lease reach B's queue task before the item exists, as a consumer already waiting would.
-        tokio::time::sleep(Duration::from_millis(50)).await;
         let t0 = Instant::now();
-        produce(&a, "jobs", &format!("item-{round}")).await;
-        let got = waiting.await.expect("join").expect("lease on B");
-        assert_eq!(got.items.len(), 1, "round {round}: B's consumer got the item");
-        assert_eq!(got.items[0].bytes, format!("item-{round}").into_bytes());
+        let got = produce_while_waiting(&a, &b, &format!("item-{round}")).await;
         println!(
             "round {round}: produced on A, leased on B after {:?}",
             t0.elapsed()
@@ -161,10 +174,7 @@ async fn wakeups_resume_after_the_listening_connection_is_killed() {
         return;
     }
     let db = TestDatabase::create("lessor_wake").await;
-    let [(_a, a), (_b, b)] = two_servers(db.url(), "1h").await;
-    create(&a, "jobs").await;
-    warm(&b, "jobs").await;
-    let before = wait_for_listeners(db.url(), 2).await;
+    let (_servers, a, b, before) = ready_pair(db.url(), "1h").await;
     let admin = connect(db.url()).await;
     for pid in &before {
         admin
@@ -182,11 +192,7 @@ async fn wakeups_resume_after_the_listening_connection_is_killed() {
     })
     .await;
     assert_eq!(after.len(), 2);
-    let waiting = lease_later(&b, "jobs", "30s");
-    tokio::time::sleep(Duration::from_millis(50)).await;
-    produce(&a, "jobs", "after-kill").await;
-    let got = waiting.await.expect("join").expect("lease on B");
-    assert_eq!(got.items.len(), 1, "woken after the listener came back");
+    produce_while_waiting(&a, &b, "after-kill").await;
 }
 
 /// A notification lost while B cannot hear it (its listener is being killed over and over) only delays the item
@@ -197,10 +203,7 @@ async fn a_lost_notification_only_waits_for_the_refresh() {
         return;
     }
     let db = TestDatabase::create("lessor_wake").await;
-    let [(_a, a), (_b, b)] = two_servers(db.url(), "1s").await;
-    create(&a, "jobs").await;
-    warm(&b, "jobs").await;
-    wait_for_listeners(db.url(), 2).await;
+    let (_servers, a, b, _) = ready_pair(db.url(), "1s").await;
     // Keep B deaf: kill its listener as soon as it appears, for the whole test.
     let killer = {
         let url = db.url().to_string();
@@ -238,10 +241,7 @@ async fn wakeups_resume_after_a_database_restart() {
         return;
     }
     let (cluster, url) = Cluster::start("wakeups", 55486, "lessor_wake");
-    let [(_a, a), (_b, b)] = two_servers(&url, "2s").await;
-    create(&a, "jobs").await;
-    warm(&b, "jobs").await;
-    let before = wait_for_listeners(&url, 2).await;
+    let (_servers, a, b, before) = ready_pair(&url, "2s").await;
     cluster.run("restart");
     // Produced once the database is back but perhaps before B listens again: the refresh finds it.
     eventually("A produces again", Duration::from_secs(30), || async {
@@ -281,17 +281,7 @@ async fn wakeups_resume_after_a_database_restart() {
     })
     .await;
     assert_eq!(after.len(), 2);
-    let waiting = lease_later(&b, "jobs", "30s");
-    tokio::time::sleep(Duration::from_millis(50)).await;
-    let t0 = Instant::now();
-    produce(&a, "jobs", "after").await;
-    let got = waiting.await.expect("join").expect("lease on B");
-    assert_eq!(got.items.len(), 1);
-    assert_eq!(got.items[0].bytes, b"after".to_vec());
-    println!(
-        "after the restart: produced on A, leased on B after {:?}",
-        t0.elapsed()
-    );
+    produce_while_waiting(&a, &b, "after").await;
 }
 
 /// Signals every process of the cluster (the postmaster, from its pid file, and its children).
@@ -331,10 +321,7 @@ async fn a_stalled_database_loses_nothing_and_wakeups_resume() {
         return;
     }
     let (cluster, url) = Cluster::start("stall", 55488, "lessor_stall");
-    let [(_a, a), (_b, b)] = two_servers(&url, "1s").await;
-    create(&a, "jobs").await;
-    warm(&b, "jobs").await;
-    wait_for_listeners(&url, 2).await;
+    let (_servers, a, b, _) = ready_pair(&url, "1s").await;
     produce(&a, "jobs", "before").await;
     signal_cluster(&cluster, "STOP");
     // A produce during the stall: it may fail or time out, but if it is acknowledged it must be served later.
@@ -395,12 +382,7 @@ async fn a_stalled_database_loses_nothing_and_wakeups_resume() {
     expected.sort();
     assert_eq!(got, expected, "every acknowledged item, once");
     // And a consumer waiting on B is woken by a produce on A again.
-    let waiting = lease_later(&b, "jobs", "30s");
-    tokio::time::sleep(Duration::from_millis(50)).await;
-    produce(&a, "jobs", "after").await;
-    let r = waiting.await.expect("join").expect("lease on B");
-    assert_eq!(r.items.len(), 1);
-    assert_eq!(r.items[0].bytes, b"after".to_vec());
+    produce_while_waiting(&a, &b, "after").await;
 }
 
 /// A stopped server closes its listening connection (nothing lingers on the database).
