@@ -216,6 +216,22 @@ MANIFEST="$OUT/manifest.tsv"
 : >"$MANIFEST"
 row() { printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$@" >>"$MANIFEST"; }
 
+# The machine is shared: wait (up to 15 s) until it has been at least 90 % idle for a second, so other work
+# disturbs the runs less. The "other" column of the table shows what still ran during each run.
+wait_idle() {
+  local a b
+  for _ in $(seq 1 15); do
+    a=$(awk '/^cpu /{print $2+$3+$4+$7+$8+$9, $2+$3+$4+$5+$6+$7+$8+$9}' /proc/stat)
+    sleep 1
+    b=$(awk '/^cpu /{print $2+$3+$4+$7+$8+$9, $2+$3+$4+$5+$6+$7+$8+$9}' /proc/stat)
+    # busy% = delta busy / delta total
+    if awk -v a="$a" -v b="$b" 'BEGIN{split(a,x," "); split(b,y," "); exit !((y[1]-x[1]) * 10 <= (y[2]-x[2]))}'; then
+      return 0
+    fi
+  done
+  log "the machine was not idle for 15 s; running anyway"
+}
+
 # bench MODE SYSTEM KIND: starts the server, runs the driver once, stops the server.
 bench() {
   local mode=$1 system=$2 kind=$3 file="$OUT/$1-$2-$3.json" conns=1 pid extra=()
@@ -235,6 +251,7 @@ bench() {
     fi
     pid=$SERVER_PID
   fi
+  wait_idle
   log "$mode $system $kind ($SETTING, $conns connection(s) per worker)"
   if "$PEERS_BIN" "$system" --url "$URL" --mode "$mode" --producers "$PRODUCERS" --consumers "$CONSUMERS" \
       --batch "$BATCH" --size "$SIZE" --duration "$DURATION" --connections "$conns" --server-pid "$pid" \
