@@ -76,7 +76,7 @@ impl Peer for Lessor {
             match self.client.queue_produce(&req).await {
                 Ok(()) => return Ok(()),
                 // 454: the server asks for a retry (e.g. a partition moving); nothing was stored.
-                Err(e) if e.is_retryable() => tokio::task::yield_now().await,
+                Err(e) if e.is_retryable() => tokio::time::sleep(std::time::Duration::from_millis(1)).await,
                 Err(e) => return Err(e.to_string()),
             }
         }
