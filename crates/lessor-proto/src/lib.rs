@@ -46,6 +46,7 @@
 mod json;
 
 pub mod apikeys;
+pub mod backup;
 pub mod codec;
 pub mod duration;
 pub mod extensions;
