@@ -68,7 +68,8 @@ pub use codec::{decode, encode, request_encoding, response_encoding, CodecError,
 pub use extensions::{
     BrowseItem, QueueBrowseRequest, QueueBrowseResponse, QueueExtendRequest, QueuePauseRequest,
     QueueRedriveRequest, QueueResumeRequest, RedriveListRequest, RedriveListResponse, RedriveTask,
-    RedriveTaskRequest, RetryBackoff,
+    RedriveTaskRequest, RestoreBeginRequest, RestoreBeginResponse, RestoreFinishRequest,
+    RestoreImportRequest, RestoreImportResponse, RetryBackoff, StorageBackupRequest,
 };
 pub use namespaces::{NamespaceInfo, NamespacesDeleteRequest, NamespacesListRequest, NamespacesListResponse};
 pub use queue::{

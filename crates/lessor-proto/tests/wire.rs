@@ -770,6 +770,7 @@ fn zero_extension_fields_are_absent_so_querator_clients_see_their_messages() {
         retry_backoff: None,
         paused: false,
         max_lease_timeout: String::new(),
+        restoring: false,
         ..full_queue_info()
     };
     let v = to_json(&info);
