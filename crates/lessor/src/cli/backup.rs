@@ -549,25 +549,38 @@ pub async fn restore(c: &Client, args: RestoreArgs, json: bool) -> Result<(), St
         }
         match info(c, &q.dead_queue).await? {
             Some(_) => {}
-            None => return Err(format!(
+            None => {
+                return Err(format!(
                 "queue '{}' names '{}' as its dead-letter queue, which is neither restored (add --queue {}) \
                      nor on the server; nothing was written",
                 q.name, q.dead_queue, q.dead_queue
-            )),
+            ))
+            }
         }
     }
-    let mut resumed = Vec::new();
+    // A queue that exists is refused (unless --overwrite), except in a resumed run: one the earlier run left
+    // restoring is taken up again, and one it already finished (all queues finish together at the end, so the
+    // earlier run was killed while finishing) is recognised by its item counts and skipped.
+    let mut existing = Vec::new();
     for q in &selected {
         let name = target_name(&q.name);
-        if let Some(existing) = info(c, &name).await? {
-            if existing.restoring {
-                resumed.push(name);
-            } else if !args.overwrite {
-                return Err(format!(
-                    "queue '{name}' exists on the server; use --overwrite to replace it (or --rename); nothing was \
-                     written"
-                ));
-            }
+        if let Some(i) = info(c, &name).await? {
+            existing.push((q.name.clone(), name, i.restoring));
+        }
+    }
+    let resuming = existing.iter().any(|(_, _, restoring)| *restoring);
+    let mut resumed = Vec::new();
+    let mut done: HashSet<String> = HashSet::new();
+    for (old, name, restoring) in &existing {
+        if *restoring {
+            resumed.push(name.clone());
+        } else if resuming && !args.overwrite && holds_backup(c, name, &verified, old).await? {
+            done.insert(name.clone());
+        } else if !args.overwrite {
+            return Err(format!(
+                "queue '{name}' exists on the server; use --overwrite to replace it (or --rename); nothing was \
+                 written"
+            ));
         }
     }
     // Dead-letter queues first (the header lists them first; a selection keeps that order).
@@ -589,6 +602,15 @@ pub async fn restore(c: &Client, args: RestoreArgs, json: bool) -> Result<(), St
     let mut skipped_items = 0u64;
     for q in &selected {
         let name = target_name(&q.name);
+        if done.contains(&name) {
+            let n = verified
+                .blocks
+                .get(&q.name)
+                .map_or(0, |b| b.iter().map(|b| b.items).sum::<u64>());
+            skipped_items += n;
+            bar.inc(n);
+            continue;
+        }
         let mut rec = q.clone();
         rec.name = name.clone();
         let begin = c
@@ -620,6 +642,11 @@ pub async fn restore(c: &Client, args: RestoreArgs, json: bool) -> Result<(), St
             sent_items += sent;
             skipped_items += skipped;
         }
+    }
+    // Every queue opens at once, only when all of them are in: a restore killed earlier leaves them all
+    // restoring (closed to traffic), never some open and some half filled.
+    for q in &selected {
+        let name = target_name(&q.name);
         c.call::<pb::routes::StorageRestoreFinish>(&pb::RestoreFinishRequest {
             queue_name: name.clone(),
         })
@@ -658,6 +685,29 @@ pub async fn restore(c: &Client, args: RestoreArgs, json: bool) -> Result<(), St
         );
     }
     Ok(())
+}
+
+/// Whether queue `name` holds exactly the items the backup has for queue `old`, partition by partition (how a
+/// resumed restore recognises a queue the interrupted run had finished).
+async fn holds_backup(c: &Client, name: &str, verified: &Verified, old: &str) -> Result<bool, String> {
+    let stats = c
+        .queue_stats(&pb::QueueStatsRequest {
+            queue_name: name.to_string(),
+        })
+        .await
+        .map_err(|e| format!("reading the stats of '{name}': {e}"))?;
+    let mut want: BTreeMap<u32, u64> = BTreeMap::new();
+    for b in verified.blocks.get(old).into_iter().flatten() {
+        *want.entry(b.partition).or_default() += b.items;
+    }
+    let mut have: BTreeMap<u32, u64> = BTreeMap::new();
+    for p in stats.logical_queues.iter().flat_map(|l| &l.partitions) {
+        let n = u64::try_from(p.total).unwrap_or(0) + u64::try_from(p.scheduled).unwrap_or(0);
+        if n > 0 {
+            have.insert(u32::try_from(p.partition).unwrap_or(u32::MAX), n);
+        }
+    }
+    Ok(want == have)
 }
 
 async fn info(c: &Client, name: &str) -> Result<Option<pb::QueueInfo>, String> {
