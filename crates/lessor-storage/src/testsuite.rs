@@ -720,7 +720,7 @@ pub async fn snapshot_reads_every_state_in_id_order(b: TestBackend) {
     assert!(all.windows(2).all(|w| w[0].id < w[1].id), "id order");
     let by_payload = |s: &str| {
         all.iter()
-            .find(|i| i.payload == Bytes::from(s.to_string()))
+            .find(|i| i.payload.as_ref() == s.as_bytes())
             .cloned()
             .unwrap_or_else(|| panic!("{s} missing from the snapshot"))
     };

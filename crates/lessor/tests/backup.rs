@@ -156,10 +156,14 @@ fn item(tag: &str, n: usize) -> pb::QueueProduceItem {
     pb::QueueProduceItem {
         bytes: format!("{tag}-{n:06}").into_bytes(),
         reference: format!("r{n}"),
-        encoding: if n % 3 == 0 { "json".into() } else { String::new() },
+        encoding: if n.is_multiple_of(3) {
+            "json".into()
+        } else {
+            String::new()
+        },
         kind: format!("k{}", n % 4),
-        priority: (n % 5 == 0) as i32 * ((n % 9) as i32 + 1),
-        enqueue_at: (n % 7 == 0).then(|| {
+        priority: n.is_multiple_of(5) as i32 * ((n % 9) as i32 + 1),
+        enqueue_at: n.is_multiple_of(7).then(|| {
             pb::Timestamp::from_system_time(std::time::SystemTime::now() + Duration::from_secs(3600))
         }),
         ..Default::default()

@@ -481,8 +481,18 @@ mod tests {
             },
             paused: true,
             max_lease_timeout: Duration::from_secs(600),
+            restoring: false,
         };
-        assert_eq!(decode_queue(&encode_queue(&q), "test").expect("decode"), q);
+        let plain = encode_queue(&q);
+        assert_eq!(
+            plain[0], QUEUE_V2,
+            "a queue not being restored keeps the older record version"
+        );
+        assert_eq!(decode_queue(&plain, "test").expect("decode"), q);
+        let restoring = QueueInfo { restoring: true, ..q };
+        let v3 = encode_queue(&restoring);
+        assert_eq!(v3[0], QUEUE_V3);
+        assert_eq!(decode_queue(&v3, "test").expect("decode"), restoring);
     }
 
     /// A version-1 item record (before priorities) reads with priority 0.
