@@ -76,8 +76,13 @@ impl QueueTask {
         let storage = |e: crate::error::StorageError| QueueError::from_storage(&e);
         let n = items.len() as u64;
         let c = h.counts().await.map_err(storage)?;
-        // Dead items are not counted; the restore cannot have written more of them than the page end.
-        let dead_limit = usize::try_from(offset.saturating_add(n)).unwrap_or(usize::MAX);
+        // Dead items are not in the counts. The restore cannot have written more of them than the page's end; an
+        // empty page (asking where to resume) counts them all: a restoring queue holds only what it restored.
+        let dead_limit = if n == 0 {
+            usize::MAX
+        } else {
+            usize::try_from(offset.saturating_add(n)).unwrap_or(usize::MAX)
+        };
         let dead = h.dead_items(dead_limit).await.map_err(storage)?.len() as u64;
         let have = c.ready + c.leased + c.scheduled + dead;
         if have < offset {
