@@ -356,6 +356,11 @@ message! {
         #[json(Rep<String>, "queue_names", "queueNames")]
         #[prost(string, repeated, tag = "1")]
         pub queue_names: Vec<String>,
+        /// Most items per second the backup reads (0: as fast as it can), to leave the serving path more of a
+        /// small machine.
+        #[json(I64, "max_items_per_sec", "maxItemsPerSec")]
+        #[prost(int64, tag = "2")]
+        pub max_items_per_sec: i64,
     }
 }
 

@@ -67,7 +67,11 @@ pub(crate) async fn backup(State(st): State<AppState>, req: Request) -> Response
                 st.auth.authorize(&principal, ns, Permission::QueueStats).await?;
             }
         }
-        Ok(stream_backup(st.engine.clone(), st.metrics.clone(), queues))
+        if msg.max_items_per_sec < 0 {
+            return Err(invalid("max_items_per_sec", "cannot be negative"));
+        }
+        let rate = u64::try_from(msg.max_items_per_sec).unwrap_or(0);
+        Ok(stream_backup(st.engine.clone(), st.metrics.clone(), queues, rate))
     }
     .await;
     let (response, code) = match started {
@@ -120,12 +124,12 @@ fn backup_id() -> String {
 }
 
 /// Starts the producer task and answers with the stream it feeds.
-fn stream_backup(engine: Engine, metrics: Arc<Metrics>, queues: Vec<QueueInfo>) -> Response {
+fn stream_backup(engine: Engine, metrics: Arc<Metrics>, queues: Vec<QueueInfo>, rate: u64) -> Response {
     let (tx, rx) = mpsc::channel::<Result<Bytes, std::io::Error>>(IN_FLIGHT_BLOCKS);
     tokio::spawn(async move {
         metrics.backups_running.inc();
         let started = Instant::now();
-        let r = produce_backup(&engine, &metrics, &queues, &tx).await;
+        let r = produce_backup(&engine, &metrics, &queues, rate, &tx).await;
         metrics.backups_running.dec();
         match r {
             Ok(items) => {
@@ -152,8 +156,10 @@ async fn produce_backup(
     engine: &Engine,
     metrics: &Metrics,
     queues: &[QueueInfo],
+    rate: u64,
     tx: &mpsc::Sender<Result<Bytes, std::io::Error>>,
 ) -> Result<u64, String> {
+    let started = Instant::now();
     let send = |chunk: Vec<u8>| async {
         metrics.backup_bytes.inc_by(chunk.len() as u64);
         tx.send(Ok(Bytes::from(chunk)))
@@ -208,6 +214,14 @@ async fn produce_backup(
                 metrics.backup_items.inc_by(n);
                 first += n;
                 trailer.blocks += 1;
+                if rate > 0 {
+                    // Paced: no further than `rate` items per second since the start.
+                    let due =
+                        std::time::Duration::from_secs_f64((trailer.items + first) as f64 / rate as f64);
+                    if let Some(wait) = due.checked_sub(started.elapsed()) {
+                        tokio::time::sleep(wait).await;
+                    }
+                }
             }
             trailer.items += first;
             trailer.partitions.push(fmt::PartitionCount {

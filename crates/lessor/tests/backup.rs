@@ -842,6 +842,14 @@ async fn migrate_fjall_to_postgres_and_back() {
     ok(&srv.endpoint(), &["backup", "--output", a.to_str().unwrap()]).await;
     srv.stop().await;
 
+    // An auth record to carry over (the auth store lives with the queue definitions).
+    let clock: lessor_core::time::SharedClock = Arc::new(lessor_core::time::SystemClock);
+    let engine = fj.config().build_engine(clock.clone()).await.unwrap();
+    let mut commit = lessor_core::auth::store::Commit::default();
+    commit.put(b"zz-migrate-test".to_vec(), b"kept".to_vec());
+    engine.auth_store().commit(commit).await.unwrap().unwrap();
+    engine.shutdown().await;
+
     let out = ok(
         "http://unused",
         &[
@@ -889,5 +897,16 @@ async fn migrate_fjall_to_postgres_and_back() {
         let (want, got) = (read_backup(&a), read_backup(&f));
         assert_eq!(want.queues, got.queues, "{name}: definitions");
         assert_eq!(want.items, got.items, "{name}: items");
+    }
+    for b in [&pg, &fj2] {
+        let engine = b.config().build_engine(clock.clone()).await.unwrap();
+        let v = engine.auth_store().get(b"zz-migrate-test").await.unwrap();
+        assert_eq!(
+            v.as_deref(),
+            Some(&b"kept"[..]),
+            "{}: auth records are migrated",
+            b.name()
+        );
+        engine.shutdown().await;
     }
 }

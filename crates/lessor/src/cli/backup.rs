@@ -59,6 +59,10 @@ pub struct BackupArgs {
     /// Back up only this queue (repeatable); default: every queue.
     #[arg(long = "queue")]
     queues: Vec<String>,
+    /// Read at most this many items per second (0: as fast as possible), to leave more of a small machine to the
+    /// serving path.
+    #[arg(long, default_value_t = 0)]
+    max_rate: i64,
     #[command(flatten)]
     s3: S3Args,
 }
@@ -313,6 +317,7 @@ pub async fn backup(c: &Client, args: BackupArgs, json: bool) -> Result<(), Stri
     let mut stream = c
         .storage_backup(&pb::StorageBackupRequest {
             queue_names: args.queues.clone(),
+            max_items_per_sec: args.max_rate,
         })
         .await
         .map_err(|e| format!("starting the backup: {e}"))?;
