@@ -200,16 +200,19 @@ async fn produce_backup(
                 } else {
                     fmt::BLOCK_ITEMS
                 };
-                let block = fmt::ItemBlock {
-                    queue: q.name.clone(),
-                    partition,
-                    first,
-                    items: items.iter().map(fmt::ItemRecord::from_item).collect(),
-                };
-                let record =
-                    tokio::task::spawn_blocking(move || fmt::encode_record(RecordKind::Items, &block))
-                        .await
-                        .map_err(|e| format!("encoding a block: {e}"))?;
+                let queue = q.name.clone();
+                // Converting and encoding are CPU work: on the blocking pool, off the serving threads.
+                let record = tokio::task::spawn_blocking(move || {
+                    let block = fmt::ItemBlock {
+                        queue,
+                        partition,
+                        first,
+                        items: items.into_iter().map(fmt::ItemRecord::from_owned).collect(),
+                    };
+                    fmt::encode_record(RecordKind::Items, &block)
+                })
+                .await
+                .map_err(|e| format!("encoding a block: {e}"))?;
                 send(record).await?;
                 metrics.backup_items.inc_by(n);
                 first += n;

@@ -329,11 +329,12 @@ pub async fn backup(c: &Client, args: BackupArgs, json: bool) -> Result<(), Stri
         let items = items.clone();
         let bar = bar.clone();
         std::thread::spawn(move || {
-            fmt::verify(
+            fmt::verify_with(
                 ChunkReader {
                     rx,
                     cur: bytes::Bytes::new(),
                 },
+                fmt::Depth::Blocks,
                 |n, _| {
                     items.fetch_add(n, Ordering::Relaxed);
                     bar.inc(n);
