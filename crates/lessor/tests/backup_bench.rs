@@ -161,7 +161,11 @@ async fn backup_and_restore_one_million_items() {
     }
     eprintln!("filled {n} items in {:.1}s", fill.elapsed().as_secs_f64());
 
-    let file = dir.path().join("bench.lbk");
+    // Where backup files go (`LESSOR_BENCH_BACKUP_DIR`, e.g. /dev/shm to keep their writes off the server's disk).
+    let out_dir = std::env::var("LESSOR_BENCH_BACKUP_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|_| dir.path().to_path_buf());
+    let file = out_dir.join(format!("bench-{}.lbk", std::process::id()));
     let ep = srv.endpoint();
     let f = file.to_str().unwrap().to_string();
     let took = tokio::task::spawn_blocking({
@@ -182,8 +186,12 @@ async fn backup_and_restore_one_million_items() {
     let alone = serving_rate(&c, "live", Duration::from_secs(5)).await;
     let busy = Arc::new(AtomicBool::new(true));
     let backups = {
-        let (ep, busy) = (ep.clone(), busy.clone());
-        let f2 = dir.path().join("loop.lbk").to_str().unwrap().to_string();
+        let (ep, busy, out_dir) = (ep.clone(), busy.clone(), out_dir.clone());
+        let f2 = out_dir
+            .join(format!("loop-{}.lbk", std::process::id()))
+            .to_str()
+            .unwrap()
+            .to_string();
         tokio::task::spawn_blocking(move || {
             let mut k = 0;
             while busy.load(Ordering::Relaxed) {
@@ -203,8 +211,12 @@ async fn backup_and_restore_one_million_items() {
     let rate: String = std::env::var("LESSOR_BENCH_BACKUP_RATE").unwrap_or_else(|_| "100000".into());
     let busy = Arc::new(AtomicBool::new(true));
     let backups = {
-        let (ep, busy, rate) = (ep.clone(), busy.clone(), rate.clone());
-        let f2 = dir.path().join("paced.lbk").to_str().unwrap().to_string();
+        let (ep, busy, rate, out_dir) = (ep.clone(), busy.clone(), rate.clone(), out_dir.clone());
+        let f2 = out_dir
+            .join(format!("paced-{}.lbk", std::process::id()))
+            .to_str()
+            .unwrap()
+            .to_string();
         tokio::task::spawn_blocking(move || {
             let mut took = Duration::ZERO;
             while busy.load(Ordering::Relaxed) {
@@ -238,4 +250,7 @@ async fn backup_and_restore_one_million_items() {
         n as f64 / took.as_secs_f64()
     );
     dst.stop().await;
+    for f in ["bench", "loop", "paced"] {
+        let _ = std::fs::remove_file(out_dir.join(format!("{f}-{}.lbk", std::process::id())));
+    }
 }
