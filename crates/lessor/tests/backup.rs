@@ -404,6 +404,16 @@ async fn bad_input_is_refused_before_anything_is_written() {
     )
     .await;
     let bytes = std::fs::read(&good).unwrap();
+    // The backups show in /metrics.
+    let m = c.metrics().await.unwrap();
+    let value = |name: &str| -> f64 {
+        m.lines()
+            .find_map(|l| l.strip_prefix(name).and_then(|r| r.trim().parse().ok()))
+            .unwrap_or_else(|| panic!("{name} missing from /metrics"))
+    };
+    assert!(value("lessor_backup_items_total ") >= 900.0, "{m}");
+    assert!(value("lessor_backup_bytes_total ") > 0.0);
+    assert_eq!(value("lessor_backups_running "), 0.0);
 
     let (dst, c2) = lessor_testkit::server::memory().await;
     let ep = dst.endpoint();
