@@ -920,3 +920,127 @@ async fn migrate_fjall_to_postgres_and_back() {
         engine.shutdown().await;
     }
 }
+
+// ---- permissions ---------------------------------------------------------------------------------------------------
+
+async fn ok_key(endpoint: &str, key: &str, args: &[&str]) -> String {
+    let mut all = vec!["--api-key", key];
+    all.extend_from_slice(args);
+    ok(endpoint, &all).await
+}
+
+async fn fails_key(endpoint: &str, key: &str, args: &[&str]) -> String {
+    let mut all = vec!["--api-key", key];
+    all.extend_from_slice(args);
+    fails(endpoint, &all).await
+}
+
+/// Backup needs `queue.stats` on every queue it covers; restore needs `queue.create` and `queue.produce`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn backup_and_restore_use_the_permission_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let key_file = dir.path().join("admin.key");
+    let yaml = format!(
+        "queue-storage:\n  driver: memory\npartition-storage:\n  - name: m\n    driver: memory\n    affinity: 1\n\
+         auth-backend:\n  driver: internal\n  open-door: false\n  bootstrap-key-file: {}\n",
+        key_file.display()
+    );
+    let (srv, _) = lessor_testkit::server::start(&Config::from_yaml(&yaml).unwrap(), None).await;
+    let admin = std::fs::read_to_string(&key_file).unwrap().trim().to_string();
+    let ep = srv.endpoint();
+    let ep = ep.as_str();
+    ok_key(ep, &admin, &["namespace", "create", "team-a"]).await;
+    let c = Client::new(ep).unwrap().with_api_key(admin.clone());
+    for (q, ns) in [("a-jobs", "team-a"), ("sys-jobs", "_system")] {
+        c.queues_create(&pb::QueueInfo {
+            queue_name: q.into(),
+            namespace: ns.into(),
+            lease_timeout: "1m".into(),
+            expire_timeout: "1h".into(),
+            requested_partitions: 1,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        ok_key(ep, &admin, &["produce", q, "-p", "x"]).await;
+    }
+    // A reader of team-a only.
+    let out = ok_key(ep, &admin, &["user", "create", "reader"]).await;
+    let reader = out.trim().rsplit(' ').next().unwrap().to_string();
+    ok_key(
+        ep,
+        &admin,
+        &["role", "create", "viewer", "-n", "team-a", "-p", "queue.stats"],
+    )
+    .await;
+    ok_key(
+        ep,
+        &admin,
+        &[
+            "rolebinding",
+            "create",
+            "-n",
+            "team-a",
+            "--role",
+            "viewer",
+            "--user",
+            &reader,
+        ],
+    )
+    .await;
+    let key: serde_json::Value =
+        serde_json::from_str(&ok_key(ep, &admin, &["--json", "apikey", "create", "--user", &reader]).await)
+            .unwrap();
+    let key = key["key"].as_str().unwrap().to_string();
+
+    let mine = dir.path().join("a.lbk");
+    ok_key(
+        ep,
+        &key,
+        &["backup", "--queue", "a-jobs", "--output", mine.to_str().unwrap()],
+    )
+    .await;
+    let e = fails_key(
+        ep,
+        &key,
+        &["backup", "--output", dir.path().join("all.lbk").to_str().unwrap()],
+    )
+    .await;
+    assert!(
+        e.contains("403"),
+        "a backup of every queue includes one the reader may not read: {e}"
+    );
+    assert!(!dir.path().join("all.lbk").exists() && !dir.path().join("all.lbk.partial").exists());
+    // Restoring needs queue.create and queue.produce: the reader has neither.
+    let e = fails_key(
+        ep,
+        &key,
+        &[
+            "restore",
+            "--input",
+            mine.to_str().unwrap(),
+            "--rename",
+            "a-copy",
+            "--queue",
+            "a-jobs",
+        ],
+    )
+    .await;
+    assert!(e.contains("403"), "{e}");
+    let e = fails_key(ep, &admin, &["info", "a-copy"]).await;
+    assert!(e.contains("does not exist"), "nothing was created: {e}");
+    ok_key(
+        ep,
+        &admin,
+        &[
+            "restore",
+            "--input",
+            mine.to_str().unwrap(),
+            "--rename",
+            "a-copy",
+            "--queue",
+            "a-jobs",
+        ],
+    )
+    .await;
+}
