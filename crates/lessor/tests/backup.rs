@@ -1044,3 +1044,111 @@ async fn backup_and_restore_use_the_permission_model() {
     )
     .await;
 }
+
+/// The restore routes themselves: a block sent twice is imported once, a block past the partition's end is
+/// refused naming where to resume, a restoring queue refuses traffic, and finishing opens it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restore_blocks_land_exactly_once() {
+    use prost::Message;
+    let (srv, c) = lessor_testkit::server::memory().await;
+    let rec = fmt::QueueRecord {
+        name: "r".into(),
+        lease_timeout_ns: 60_000_000_000,
+        expire_timeout_ns: 3_600_000_000_000,
+        partitions: 1,
+        ..Default::default()
+    };
+    let begin = c
+        .call::<pb::routes::StorageRestoreBegin>(&pb::RestoreBeginRequest {
+            queue: rec.encode_to_vec(),
+            namespace: String::new(),
+            overwrite: false,
+        })
+        .await
+        .unwrap();
+    assert_eq!(begin.partition_items, vec![0]);
+    let now = lessor_core::time::Clock::now(&lessor_core::time::SystemClock).0;
+    let block = |first: u64, n: u64| {
+        let b = fmt::ItemBlock {
+            queue: "r".into(),
+            partition: 0,
+            first,
+            items: (first..first + n)
+                .map(|i| fmt::ItemRecord {
+                    payload: format!("p{i}").into_bytes().into(),
+                    created_at: now,
+                    expire_deadline: now + 3_600_000_000,
+                    ..Default::default()
+                })
+                .collect(),
+        };
+        let body = fmt::compress(&b);
+        pb::RestoreImportRequest {
+            queue_name: "r".into(),
+            crc32: i64::from(crc32fast::hash(&body)),
+            block: body,
+        }
+    };
+    let import = |req: pb::RestoreImportRequest| {
+        let c = c.clone();
+        async move { c.call::<pb::routes::StorageRestoreImport>(&req).await }
+    };
+    assert_eq!(import(block(0, 5)).await.unwrap().partition_items, 5);
+    assert_eq!(
+        import(block(0, 5)).await.unwrap().partition_items,
+        5,
+        "sent again: nothing doubled"
+    );
+    assert_eq!(
+        import(block(3, 4)).await.unwrap().partition_items,
+        7,
+        "overlapping: only the new part"
+    );
+    let e = import(block(10, 2)).await.unwrap_err().to_string();
+    assert!(e.contains("resume from item 7"), "{e}");
+    let mut bad = block(7, 1);
+    bad.crc32 += 1;
+    let e = import(bad).await.unwrap_err().to_string();
+    assert!(e.contains("crc32"), "{e}");
+    let e = c
+        .queue_lease(&pb::QueueLeaseRequest {
+            queue_name: "r".into(),
+            batch_size: 1,
+            client_id: "x".into(),
+            request_timeout: "1s".into(),
+        })
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("being restored"), "{e}");
+    let info = c
+        .queues_info(&pb::QueuesInfoRequest {
+            queue_name: "r".into(),
+        })
+        .await
+        .unwrap();
+    assert!(info.restoring);
+    c.call::<pb::routes::StorageRestoreFinish>(&pb::RestoreFinishRequest {
+        queue_name: "r".into(),
+    })
+    .await
+    .unwrap();
+    let l = c
+        .queue_lease(&pb::QueueLeaseRequest {
+            queue_name: "r".into(),
+            batch_size: 10,
+            client_id: "x".into(),
+            request_timeout: "1s".into(),
+        })
+        .await
+        .unwrap();
+    let got: Vec<String> = l
+        .items
+        .iter()
+        .map(|i| String::from_utf8_lossy(&i.bytes).into_owned())
+        .collect();
+    assert_eq!(got, (0..7).map(|i| format!("p{i}")).collect::<Vec<_>>());
+    let e = import(block(7, 1)).await.unwrap_err().to_string();
+    assert!(e.contains("not being restored"), "{e}");
+    srv.stop().await;
+}
