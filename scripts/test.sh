@@ -6,6 +6,9 @@
 # PostgreSQL: when LESSOR_TEST_DATABASE_URL is set, the postgres tests use that database (each test makes its own
 # tables). Otherwise this script starts a throwaway cluster (installing PostgreSQL from Debian's packages when it is
 # missing) and removes it afterwards.
+#
+# S3: when LESSOR_TEST_S3_ENDPOINT is set, the backup tests that use object storage use that server; otherwise this
+# script starts a throwaway moto_server (installing it with pip when it is missing) and stops it afterwards.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -14,11 +17,18 @@ if ! command -v cargo >/dev/null 2>&1 && [ -f "$HOME/.cargo/env" ]; then
     . "$HOME/.cargo/env"
 fi
 
+cleanup=()
+trap 'for c in "${cleanup[@]}"; do eval "$c"; done' EXIT
 if [ -z "${LESSOR_TEST_DATABASE_URL:-}" ]; then
     eval "$(scripts/pg-test-cluster.sh start)"
-    trap 'scripts/pg-test-cluster.sh stop >/dev/null 2>&1 || true' EXIT
+    cleanup+=('scripts/pg-test-cluster.sh stop >/dev/null 2>&1 || true')
 fi
 export LESSOR_TEST_DATABASE_URL
+if [ -z "${LESSOR_TEST_S3_ENDPOINT:-}" ]; then
+    eval "$(scripts/s3-test-server.sh start)"
+    cleanup+=('scripts/s3-test-server.sh stop >/dev/null 2>&1 || true')
+fi
+export LESSOR_TEST_S3_ENDPOINT
 
 cargo fmt --all -- --check
 cargo clippy --workspace --all-features --all-targets -- -D warnings

@@ -69,6 +69,21 @@ pub use lessor_proto as proto;
 pub use lessor_proto::Encoding;
 pub use tls::TlsConfig;
 
+/// The body of a backup being received (see [`Client::storage_backup`]).
+#[derive(Debug)]
+pub struct BackupStream(reqwest::Response);
+
+impl BackupStream {
+    /// The next chunk of the backup file, `None` at its end. A server that fails mid-way ends the body with an
+    /// error, which shows here as [`ClientError::Transport`].
+    ///
+    /// # Errors
+    /// [`ClientError::Transport`] when the connection or the server fails.
+    pub async fn chunk(&mut self) -> Result<Option<Bytes>, ClientError> {
+        Ok(self.0.chunk().await?)
+    }
+}
+
 /// A handle on one Lessor (or Querator) server. Cloning is cheap and shares the connection pool.
 #[derive(Debug, Clone)]
 pub struct Client {
@@ -425,19 +440,55 @@ impl Client {
         self.send(method, path, content_type, accept, body.into()).await
     }
 
+    /// `POST /v1/storage.backup` (Lessor extension): starts a backup and returns its body, the backup file, to
+    /// be read chunk by chunk with [`BackupStream::chunk`].
+    ///
+    /// # Errors
+    /// Any [`ClientError`]; the service's refusals (before the first byte) are [`ClientError::Api`].
+    pub async fn storage_backup(
+        &self,
+        req: &lessor_proto::StorageBackupRequest,
+    ) -> Result<BackupStream, ClientError> {
+        let ct = self.encoding.content_type();
+        let resp = self
+            .builder(
+                Method::POST,
+                lessor_proto::routes::STORAGE_BACKUP,
+                Some(ct),
+                Some(ct),
+            )?
+            .body(encode(self.encoding, req))
+            .send()
+            .await?;
+        let status = resp.status();
+        if status != StatusCode::OK {
+            let reply_ct = resp
+                .headers()
+                .get(CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string);
+            let body = resp.bytes().await?;
+            return Err(error::error_from_reply(
+                status.as_u16(),
+                reply_ct.as_deref(),
+                &body,
+            ));
+        }
+        Ok(BackupStream(resp))
+    }
+
     // ---------------------------------------------------------------------------------------------
     // Internals
     // ---------------------------------------------------------------------------------------------
 
-    /// Sends one request and reads the whole reply.
-    async fn send(
+    /// A request with the endpoint, content negotiation and the API key set.
+    fn builder(
         &self,
         method: Method,
         path: &str,
         content_type: Option<&str>,
         accept: Option<&str>,
-        body: Vec<u8>,
-    ) -> Result<(StatusCode, HeaderMap, Bytes), ClientError> {
+    ) -> Result<reqwest::RequestBuilder, ClientError> {
         let url = format!("{}{}", self.endpoint, path);
         let mut rb = self.http.request(method, url);
         if let Some(ct) = content_type {
@@ -455,6 +506,19 @@ impl Client {
             value.set_sensitive(true);
             rb = rb.header(AUTHORIZATION, value);
         }
+        Ok(rb)
+    }
+
+    /// Sends one request and reads the whole reply.
+    async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        content_type: Option<&str>,
+        accept: Option<&str>,
+        body: Vec<u8>,
+    ) -> Result<(StatusCode, HeaderMap, Bytes), ClientError> {
+        let rb = self.builder(method, path, content_type, accept)?;
         let resp = rb.body(body).send().await?;
         let status = resp.status();
         let headers = resp.headers().clone();

@@ -151,6 +151,9 @@ pub enum QueueError {
     /// An extend names an id that cannot be extended (400); nothing in the request was applied.
     #[error("item(s) cannot be extended; {0}")]
     CannotExtend(ItemError),
+    /// The queue is being restored from a backup and takes no traffic until the restore finishes (400).
+    #[error("queue is being restored; '{0}' accepts requests once `lessor restore` has finished")]
+    Restoring(String),
     /// The long-poll lease ended with no item (454).
     #[error("request timeout; no items are in the queue, try again")]
     LeaseTimeout,

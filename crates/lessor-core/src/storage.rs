@@ -264,9 +264,19 @@ pub trait Partition: Send + Sync + Debug + 'static {
         scheduled: bool,
     ) -> Result<Vec<Item>, StorageError>;
 
-    /// Adds items as given (state, deadlines, attempts, source_id), with new ids and `created_at` kept when set.
-    /// Items whose non-empty `source_id` is already present are skipped. Returns the stored items.
+    /// Adds items as given (state, deadlines, attempts, source_id, `dead`), with new ids (in input order) and
+    /// `created_at` kept when set. Items whose non-empty `source_id` is already present are skipped. Returns the
+    /// stored items.
     async fn import(&self, items: Vec<Item>) -> Result<Vec<Item>, StorageError>;
+
+    /// A point-in-time read of every item of the partition, in every state (ready, leased, scheduled, dead and
+    /// waiting for transfer), in id order, for backups. The snapshot sees the partition as it was when this call
+    /// returned; later calls on the partition do not change what it reads, and it does not hold the partition up
+    /// while it is being read (the queue task goes on serving). The default refuses: a store that cannot take one
+    /// says so instead of returning a torn copy.
+    async fn snapshot(&self) -> Result<Box<dyn PartitionSnapshot>, StorageError> {
+        Err(StorageError::other("this partition store cannot take snapshots"))
+    }
 
     /// Deletes items by id, whatever their state. Missing ids are ignored.
     async fn delete(&self, ids: Vec<ItemId>) -> Result<(), StorageError>;
@@ -276,4 +286,34 @@ pub trait Partition: Send + Sync + Debug + 'static {
 
     /// Flushes and releases resources.
     async fn close(&self);
+}
+
+/// A point-in-time read of one partition (see [`Partition::snapshot`]), consumed page by page. Owned: it may be
+/// read from any task while the partition keeps serving.
+#[async_trait]
+pub trait PartitionSnapshot: Send + Debug + 'static {
+    /// Up to `limit` items following the ones already returned, in id order; empty once every item was read.
+    async fn next(&mut self, limit: usize) -> Result<Vec<Item>, StorageError>;
+}
+
+/// A snapshot over items already copied out of the partition (stores that keep their items in memory).
+#[derive(Debug)]
+pub struct CopiedSnapshot {
+    items: std::vec::IntoIter<Item>,
+}
+
+impl CopiedSnapshot {
+    /// A snapshot reading `items` (already in id order).
+    pub fn new(items: Vec<Item>) -> Self {
+        CopiedSnapshot {
+            items: items.into_iter(),
+        }
+    }
+}
+
+#[async_trait]
+impl PartitionSnapshot for CopiedSnapshot {
+    async fn next(&mut self, limit: usize) -> Result<Vec<Item>, StorageError> {
+        Ok(self.items.by_ref().take(limit.max(1)).collect())
+    }
 }

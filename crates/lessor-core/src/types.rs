@@ -280,6 +280,10 @@ pub struct QueueInfo {
     pub paused: bool,
     /// Longest lease one extension may ask for (zero: the queue's `expire_timeout`).
     pub max_lease_timeout: Duration,
+    /// The queue is being filled by a restore (`storage.restore.*`): it refuses produce, lease, complete, retry,
+    /// extend, clear and item edits, and runs no lifecycle, until the restore finishes. Persisted, so a server
+    /// killed mid-restore keeps the queue closed and the restore can resume.
+    pub restoring: bool,
 }
 
 impl QueueInfo {

@@ -1,6 +1,7 @@
 //! Messages of Lessor's extension routes, which Querator does not have: lease extension (`queue.extend`), pause and
 //! resume (`queue.pause`, `queue.resume`), browsing items without leasing them (`queue.browse`), and dead-letter
-//! redrive (`queue.redrive`, `redrive.list`, `redrive.get`, `redrive.cancel`); plus [`RetryBackoff`], the
+//! redrive (`queue.redrive`, `redrive.list`, `redrive.get`, `redrive.cancel`), backup and restore
+//! (`storage.backup`, `storage.restore.begin`, `storage.restore.import`, `storage.restore.finish`); plus [`RetryBackoff`], the
 //! `QueueInfo.retry_backoff` extension field.
 //!
 //! The JSON rules are the same as for Querator's messages (see the crate docs): zero values are omitted, the
@@ -19,7 +20,7 @@
 //! assert_eq!(encode(Encoding::Json, &zero), br#"{"queue_name":"q","priority":0}"#);
 //! ```
 
-use crate::json::{message, Bytes, Msg, OptI32, Rep, Str, F64, I32, I64};
+use crate::json::{message, Bool, Bytes, Msg, OptI32, Rep, Str, F64, I32, I64};
 use crate::timestamp::Timestamp;
 
 /// The first field number Lessor uses for its extension fields in Querator's messages (Querator numbers its
@@ -343,5 +344,95 @@ message! {
         #[json(Str, "dead_queue", "deadQueue")]
         #[prost(string, tag = "2")]
         pub dead_queue: String,
+    }
+}
+
+message! {
+    /// Body of `/v1/storage.backup`: the queues to back up. The reply is not a message but the backup file itself
+    /// (`application/octet-stream`, streamed; see [`crate::backup`]).
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct StorageBackupRequest {
+        /// Queue names; empty: every queue.
+        #[json(Rep<String>, "queue_names", "queueNames")]
+        #[prost(string, repeated, tag = "1")]
+        pub queue_names: Vec<String>,
+        /// Most items per second the backup reads (0: as fast as it can), to leave the serving path more of a
+        /// small machine.
+        #[json(I64, "max_items_per_sec", "maxItemsPerSec")]
+        #[prost(int64, tag = "2")]
+        pub max_items_per_sec: i64,
+    }
+}
+
+message! {
+    /// Body of `/v1/storage.restore.begin`: creates the queue in the restoring state (or finds it there, to resume).
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct RestoreBeginRequest {
+        /// The queue's definition: a protobuf [`crate::backup::QueueRecord`], with the name it gets here.
+        #[json(Bytes, "queue")]
+        #[prost(bytes = "vec", tag = "1")]
+        pub queue: Vec<u8>,
+        /// The queue's namespace (the one in `queue`), where `queue.create` is checked.
+        #[json(Str, "namespace")]
+        #[prost(string, tag = "2")]
+        pub namespace: String,
+        /// Replace an existing queue of that name (its items are deleted).
+        #[json(Bool, "overwrite")]
+        #[prost(bool, tag = "3")]
+        pub overwrite: bool,
+    }
+}
+
+message! {
+    /// Reply of `/v1/storage.restore.begin`: how many items each partition holds already (zero for a new
+    /// restore), so a resumed restore skips the blocks that are in.
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct RestoreBeginResponse {
+        /// Items held per partition, in partition order.
+        #[json(Rep<i64>, "partition_items", "partitionItems")]
+        #[prost(int64, repeated, tag = "1")]
+        pub partition_items: Vec<i64>,
+    }
+}
+
+message! {
+    /// Body of `/v1/storage.restore.import`: one block of a backup file, imported into the queue it names here.
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct RestoreImportRequest {
+        /// The queue being restored.
+        #[json(Str, "queue_name", "queueName")]
+        #[prost(string, tag = "1")]
+        pub queue_name: String,
+        /// The block as stored in the file: a zstd-compressed [`crate::backup::ItemBlock`] (its partition and
+        /// first item say where it goes; its queue name is ignored).
+        #[json(Bytes, "block")]
+        #[prost(bytes = "vec", tag = "2")]
+        pub block: Vec<u8>,
+        /// CRC-32 of `block`, as the file's record header holds it.
+        #[json(I64, "crc32")]
+        #[prost(int64, tag = "3")]
+        pub crc32: i64,
+    }
+}
+
+message! {
+    /// Reply of `/v1/storage.restore.import`.
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct RestoreImportResponse {
+        /// Items the partition holds after the block (where its next block starts).
+        #[json(I64, "partition_items", "partitionItems")]
+        #[prost(int64, tag = "1")]
+        pub partition_items: i64,
+    }
+}
+
+message! {
+    /// Body of `/v1/storage.restore.finish`: ends a restore; the queue takes traffic again.
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct RestoreFinishRequest {
+        /// The queue being restored.
+        #[json(Str, "queue_name", "queueName")]
+        #[prost(string, tag = "1")]
+        pub queue_name: String,
     }
 }

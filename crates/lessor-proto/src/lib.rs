@@ -46,6 +46,7 @@
 mod json;
 
 pub mod apikeys;
+pub mod backup;
 pub mod codec;
 pub mod duration;
 pub mod extensions;
@@ -67,7 +68,8 @@ pub use codec::{decode, encode, request_encoding, response_encoding, CodecError,
 pub use extensions::{
     BrowseItem, QueueBrowseRequest, QueueBrowseResponse, QueueExtendRequest, QueuePauseRequest,
     QueueRedriveRequest, QueueResumeRequest, RedriveListRequest, RedriveListResponse, RedriveTask,
-    RedriveTaskRequest, RetryBackoff,
+    RedriveTaskRequest, RestoreBeginRequest, RestoreBeginResponse, RestoreFinishRequest,
+    RestoreImportRequest, RestoreImportResponse, RetryBackoff, StorageBackupRequest,
 };
 pub use namespaces::{NamespaceInfo, NamespacesDeleteRequest, NamespacesListRequest, NamespacesListResponse};
 pub use queue::{

@@ -282,6 +282,11 @@ message! {
         #[json(Str, "max_lease_timeout", "maxLeaseTimeout")]
         #[prost(string, tag = "103")]
         pub max_lease_timeout: String,
+        /// Lessor extension, output only: the queue is being filled by `lessor restore` and refuses produce,
+        /// lease and the other item requests until the restore finishes. Ignored in create and update.
+        #[json(Bool, "restoring")]
+        #[prost(bool, tag = "104")]
+        pub restoring: bool,
     }
 }
 

@@ -16,6 +16,8 @@ use crate::apikeys::{
 use crate::extensions::{
     QueueBrowseRequest, QueueBrowseResponse, QueueExtendRequest, QueuePauseRequest, QueueRedriveRequest,
     QueueResumeRequest, RedriveListRequest, RedriveListResponse, RedriveTask, RedriveTaskRequest,
+    RestoreBeginRequest, RestoreBeginResponse, RestoreFinishRequest, RestoreImportRequest,
+    RestoreImportResponse,
 };
 use crate::namespaces::{
     NamespaceInfo, NamespacesDeleteRequest, NamespacesListRequest, NamespacesListResponse,
@@ -43,6 +45,10 @@ use crate::users::{
 pub const HEALTH: &str = "/health";
 /// `GET`: the Prometheus/OpenMetrics text.
 pub const METRICS: &str = "/metrics";
+/// `POST` (Lessor extension): a backup of the queues a [`crate::extensions::StorageBackupRequest`] names, streamed
+/// as the reply body in the [`crate::backup`] format. Not in [`ROUTES`]: its reply is a file, not a message.
+/// Needs `queue.stats` in the namespace of every queue it covers.
+pub const STORAGE_BACKUP: &str = "/v1/storage.backup";
 
 /// Body limits in bytes, SI units as Querator's. Querator's lease/stats/clear/reload limit is 512 B, which a long
 /// queue name in JSON can exceed; 4 KB keeps the protection without rejecting valid requests.
@@ -237,6 +243,16 @@ routes! {
     /// Lessor extension: cancels a running redrive task.
     RedriveCancel => "/v1/redrive.cancel", RedriveTaskRequest => RedriveTask,
         BodyLimit::Fixed(SMALL_BODY), QueueUpdate, |r| queue_or_system(&r.dead_queue);
+    /// Lessor extension: starts (or resumes) restoring a queue from a backup: creates it in the restoring state.
+    /// `queue.create` in the queue's namespace (the server also checks `queue.produce` there).
+    StorageRestoreBegin => "/v1/storage.restore.begin", RestoreBeginRequest => RestoreBeginResponse,
+        BodyLimit::Fixed(DEFAULT_BODY), QueueCreate, |r| Target::Namespace(&r.namespace);
+    /// Lessor extension: imports one backup block into a restoring queue, exactly once.
+    StorageRestoreImport => "/v1/storage.restore.import", RestoreImportRequest => RestoreImportResponse,
+        BodyLimit::Fixed(IMPORT_BODY), QueueProduce, |r| Target::Queue(&r.queue_name);
+    /// Lessor extension: ends a restore; the queue takes traffic again.
+    StorageRestoreFinish => "/v1/storage.restore.finish", RestoreFinishRequest => Reply,
+        BodyLimit::Fixed(SMALL_BODY), QueueProduce, |r| Target::Queue(&r.queue_name);
     /// Creates a namespace.
     NamespacesCreate => "/v1/namespaces.create", NamespaceInfo => Reply,
         BodyLimit::Fixed(DEFAULT_BODY), NamespaceCreate, |_r| Target::System;
@@ -325,10 +341,10 @@ mod tests {
     #[test]
     fn paths_are_unique_and_versioned() {
         let mut paths: Vec<&str> = ROUTES.iter().map(|r| r.path).collect();
-        assert_eq!(paths.len(), 41);
+        assert_eq!(paths.len(), 44);
         paths.sort_unstable();
         paths.dedup();
-        assert_eq!(paths.len(), 41, "a path is listed twice");
+        assert_eq!(paths.len(), 44, "a path is listed twice");
         assert!(paths.iter().all(|p| p.starts_with("/v1/")));
     }
 

@@ -654,6 +654,7 @@ fn full_queue_info() -> QueueInfo {
         }),
         paused: true,
         max_lease_timeout: "1h0m0s".into(),
+        restoring: true,
     }
 }
 
@@ -770,6 +771,7 @@ fn zero_extension_fields_are_absent_so_querator_clients_see_their_messages() {
         retry_backoff: None,
         paused: false,
         max_lease_timeout: String::new(),
+        restoring: false,
         ..full_queue_info()
     };
     let v = to_json(&info);
@@ -813,6 +815,7 @@ fn set_extension_fields_use_their_names_and_numbers() {
     );
     assert_eq!(v["paused"], true);
     assert_eq!(v["max_lease_timeout"], "1h0m0s");
+    assert_eq!(v["restoring"], true);
     use prost::Message;
     // Extension fields are numbered from 100: field 100 varint key is 0xa0 0x06, field 100 length-delimited is
     // 0xa2 0x06, field 101 varint is 0xa8 0x06.

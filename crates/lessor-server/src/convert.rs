@@ -294,6 +294,7 @@ pub fn queue_info_out(q: QueueInfo) -> pb::QueueInfo {
         retry_backoff,
         paused: q.paused,
         max_lease_timeout: optional_duration(q.max_lease_timeout),
+        restoring: q.restoring,
     }
 }
 

@@ -42,7 +42,8 @@ impl ApiError {
                 | QueueError::NoSuchId(_)
                 | QueueError::CannotComplete(_)
                 | QueueError::CannotRetry(_)
-                | QueueError::CannotExtend(_) => 400,
+                | QueueError::CannotExtend(_)
+                | QueueError::Restoring(_) => 400,
                 QueueError::LeaseTimeout
                 | QueueError::RequestTimeout(_)
                 | QueueError::Overloaded

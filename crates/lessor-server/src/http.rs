@@ -39,7 +39,7 @@ use serde::Serialize;
 
 use crate::error::ApiError;
 use crate::metrics::{Metrics, RouteLabels, RouteOnly};
-use crate::{admin, convert};
+use crate::{admin, backup, convert};
 
 /// How far past a route's body limit the server reads (and drops) a body it refuses, so the client can read the
 /// answer and reuse the connection. Bounded, so a refused upload costs at most this much more than an accepted one.
@@ -51,9 +51,9 @@ pub const DRAIN_TIME: Duration = Duration::from_secs(5);
 /// Shared state of the handlers.
 #[derive(Clone)]
 pub struct AppState {
-    engine: Engine,
-    auth: Auth,
-    metrics: Arc<Metrics>,
+    pub(crate) engine: Engine,
+    pub(crate) auth: Auth,
+    pub(crate) metrics: Arc<Metrics>,
     max_produce_body: usize,
 }
 
@@ -95,10 +95,12 @@ pub struct Ctx {
     pub auth: Auth,
     /// The caller.
     pub principal: Principal,
+    /// The server's metrics (for routes that count more than requests).
+    pub metrics: Arc<Metrics>,
 }
 
 /// The handler of every RPC, one per entry of [`routes::ROUTES`] (checked by a test).
-const HANDLERS: [fn(Api) -> Api; 41] = [
+const HANDLERS: [fn(Api) -> Api; 44] = [
     produce,
     lease,
     complete,
@@ -123,6 +125,9 @@ const HANDLERS: [fn(Api) -> Api; 41] = [
     storage_scheduled,
     storage_import,
     storage_delete,
+    backup::restore_begin,
+    backup::restore_import,
+    backup::restore_finish,
     admin::namespaces_create,
     admin::namespaces_update,
     admin::namespaces_list,
@@ -148,6 +153,7 @@ pub fn router(state: AppState) -> Router {
         .router
         .route(routes::HEALTH, get(health))
         .route(routes::METRICS, get(metrics))
+        .route(routes::STORAGE_BACKUP, any(backup::backup))
         .fallback(no_such_method)
         .with_state(state)
 }
@@ -180,12 +186,12 @@ impl Api {
     }
 }
 
-fn header_str(h: &HeaderMap, name: header::HeaderName) -> Option<&str> {
+pub(crate) fn header_str(h: &HeaderMap, name: header::HeaderName) -> Option<&str> {
     h.get(name).and_then(|v| v.to_str().ok())
 }
 
 /// Writes an error envelope in the encoding the client accepts (JSON when Accept itself is the problem).
-fn error_response(enc: Encoding, e: &ApiError) -> Response {
+pub(crate) fn error_response(enc: Encoding, e: &ApiError) -> Response {
     let code = e.code();
     if code == 500 {
         tracing::error!(error = %e, code, "request failed");
@@ -231,7 +237,7 @@ fn encoded<T: prost::Message + Serialize>(enc: Encoding, status: StatusCode, msg
 
 /// Says `Connection: close` on an answer that leaves part of the request body unread: hyper closes such a
 /// connection after the answer, and a client must hear it before it sends the next request on it.
-fn closing(mut r: Response, reusable: bool) -> Response {
+pub(crate) fn closing(mut r: Response, reusable: bool) -> Response {
     if !reusable {
         r.headers_mut()
             .insert(header::CONNECTION, HeaderValue::from_static("close"));
@@ -273,6 +279,7 @@ where
             engine: st.engine.clone(),
             auth: st.auth.clone(),
             principal,
+            metrics: st.metrics.clone(),
         };
         handler(ctx, msg).await
     }
@@ -299,7 +306,7 @@ where
 
 /// The caller, from the `Authorization` header: `Bearer <key>`, or no header for the anonymous principal. A header
 /// of another shape is refused even with auth off, as Querator does.
-async fn authenticate(auth: &Auth, headers: &HeaderMap) -> Result<Principal, ApiError> {
+pub(crate) async fn authenticate(auth: &Auth, headers: &HeaderMap) -> Result<Principal, ApiError> {
     let token = match headers.get(header::AUTHORIZATION) {
         None => None,
         Some(v) => {
@@ -333,7 +340,7 @@ async fn authorize<R: Rpc>(st: &AppState, principal: &Principal, msg: &R::Reques
 
 /// The checks made before reading the body, in Querator's order: `Accept`, method, `Content-Type`. Returns the
 /// request body's encoding.
-fn check_head(
+pub(crate) fn check_head(
     parts: &axum::http::request::Parts,
     accept: Result<Encoding, pb::CodecError>,
 ) -> Result<Encoding, ApiError> {
@@ -352,7 +359,7 @@ fn check_head(
 }
 
 /// A request body being read, with what the connection needs to know afterwards.
-struct RequestBody {
+pub(crate) struct RequestBody {
     body: Body,
     /// `Content-Length`, when the client sent one.
     declared: Option<usize>,
@@ -364,11 +371,11 @@ struct RequestBody {
     /// Whether the body has been polled at all (after which hyper has sent `100 Continue` if it was asked for).
     polled: bool,
     /// Whether the connection can serve another request: false once part of the body is left unread.
-    reusable: bool,
+    pub(crate) reusable: bool,
 }
 
 impl RequestBody {
-    fn new(body: Body, headers: &HeaderMap) -> Self {
+    pub(crate) fn new(body: Body, headers: &HeaderMap) -> Self {
         let declared = header_str(headers, header::CONTENT_LENGTH).and_then(|v| v.trim().parse().ok());
         let expects_continue = header_str(headers, header::EXPECT)
             .is_some_and(|v| v.trim().eq_ignore_ascii_case("100-continue"));
@@ -403,7 +410,7 @@ impl RequestBody {
     }
 
     /// The whole body, refused over `limit` bytes (the rest is then discarded, see [`RequestBody::discard`]).
-    async fn read(&mut self, limit: usize) -> Result<Bytes, ApiError> {
+    pub(crate) async fn read(&mut self, limit: usize) -> Result<Bytes, ApiError> {
         // A declared length over the limit is refused before reading anything: a client waiting on
         // `Expect: 100-continue` is then told without sending its body.
         if self.declared.is_some_and(|n| n > limit) {
@@ -440,7 +447,7 @@ impl RequestBody {
     /// within `limit + DRAIN_SLACK` bytes in all and [`DRAIN_TIME`]. Gives up (marking the connection not reusable)
     /// beyond those, or when the client still waits for `100 Continue`: asking for a body only to drop it is
     /// pointless, and the client sends nothing once it has the answer.
-    async fn discard(&mut self, limit: usize) {
+    pub(crate) async fn discard(&mut self, limit: usize) {
         if self.body.is_end_stream() {
             return;
         }
@@ -660,6 +667,7 @@ fn redrive_start(api: Api) -> Api {
              engine: e,
              auth,
              principal,
+             ..
          },
          r: pb::QueueRedriveRequest| async move {
             // The route checks `queue.update` on the dead-letter queue. Moving items into a named queue is also a

@@ -15,6 +15,7 @@
 //! - [`tls`]: HTTPS (the `tls` section, rustls, handshakes off the accept path).
 
 mod admin;
+mod backup;
 pub mod config;
 pub mod convert;
 pub mod error;

@@ -11,7 +11,7 @@ use prometheus_client::encoding::text::encode;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
 use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
@@ -40,6 +40,16 @@ pub struct Metrics {
     pub requests: Family<RouteLabels, Counter>,
     /// Request latency in seconds, by route.
     pub latency: Family<RouteOnly, Histogram>,
+    /// Items written into backups.
+    pub backup_items: Counter,
+    /// Bytes of backup files sent.
+    pub backup_bytes: Counter,
+    /// Backups that ended with an error.
+    pub backups_failed: Counter,
+    /// Backups being sent now.
+    pub backups_running: Gauge,
+    /// Items restored from backups (including blocks sent again by a resumed restore).
+    pub restore_items: Counter,
 }
 
 impl Metrics {
@@ -61,11 +71,38 @@ impl Metrics {
             "Request latency by route",
             latency.clone(),
         );
+        let backup_items = Counter::default();
+        let backup_bytes = Counter::default();
+        let backups_failed = Counter::default();
+        let backups_running = Gauge::default();
+        let restore_items = Counter::default();
+        registry.register("backup_items", "Items written into backups", backup_items.clone());
+        registry.register("backup_bytes", "Bytes of backup files sent", backup_bytes.clone());
+        registry.register(
+            "backups_failed",
+            "Backups that ended with an error",
+            backups_failed.clone(),
+        );
+        registry.register(
+            "backups_running",
+            "Backups being sent now",
+            backups_running.clone(),
+        );
+        registry.register(
+            "restore_items",
+            "Items received by restores (blocks a resumed restore sends again count again)",
+            restore_items.clone(),
+        );
         registry.register_collector(Box::new(QueueCollector { engine }));
         Metrics {
             registry,
             requests,
             latency,
+            backup_items,
+            backup_bytes,
+            backups_failed,
+            backups_running,
+            restore_items,
         }
     }
 

@@ -12,7 +12,8 @@ use lessor_core::auth::memory::MemoryAuthStore;
 use lessor_core::auth::AuthStore;
 use lessor_core::error::{ItemError, StorageError, StorageErrorKind};
 use lessor_core::storage::{
-    LifecycleOutcome, LifecyclePolicy, Partition, PartitionStore, QueuesStore, RetryOp, RetryOutcome,
+    CopiedSnapshot, LifecycleOutcome, LifecyclePolicy, Partition, PartitionSnapshot, PartitionStore,
+    QueuesStore, RetryOp, RetryOutcome,
 };
 use lessor_core::time::Ts;
 use lessor_core::types::{
@@ -227,6 +228,12 @@ impl Partition for MemoryPartition {
     async fn clear(&self, request: ClearRequest) -> Result<(), StorageError> {
         self.state()?.clear(request);
         Ok(())
+    }
+
+    async fn snapshot(&self) -> Result<Box<dyn PartitionSnapshot>, StorageError> {
+        // A copy under the lock: one instant of the partition. The memory store serves tests and small setups,
+        // where copying the items is cheaper than anything cleverer.
+        Ok(Box::new(CopiedSnapshot::new(self.state()?.all_items())))
     }
 
     async fn close(&self) {}

@@ -972,7 +972,8 @@ impl PartitionState {
                 continue;
             }
             it.id = self.alloc();
-            it.dead = false;
+            // A dead item (from a backup) stays dead: the engine moves it to the dead-letter queue as it would
+            // have on the backed-up server.
             it.priority = it.priority.min(MAX_PRIORITY);
             if !it.is_leased {
                 it.lease_deadline = Ts::ZERO;
@@ -989,6 +990,22 @@ impl PartitionState {
         }
         self.clean_fronts();
         (out, ch)
+    }
+
+    /// Every item in every state (ready, leased, scheduled, dead), in id order: the copy a memory snapshot reads.
+    pub fn all_items(&self) -> Vec<Item> {
+        let mut out = Vec::with_capacity(self.len());
+        for (&key, chunk) in &self.chunks {
+            for (off, s) in chunk.slots.iter().enumerate() {
+                if s.live() {
+                    out.push(s.to_item(key * CHUNK + off as u64));
+                }
+            }
+        }
+        out.extend(self.sched.values().cloned());
+        out.extend(self.dead.values().cloned());
+        out.sort_unstable_by_key(|it| it.id);
+        out
     }
 
     /// See [`lessor_core::storage::Partition::delete`].

@@ -682,6 +682,144 @@ pub async fn queues_store_crud(b: TestBackend) {
     b.queues.ping().await.expect("ping");
 }
 
+/// Reads a whole snapshot in pages of `page` items.
+async fn read_snapshot(p: &Arc<dyn Partition>, page: usize) -> Vec<Item> {
+    let mut snap = p.snapshot().await.expect("snapshot");
+    let mut out = Vec::new();
+    loop {
+        let got = snap.next(page).await.expect("snapshot page");
+        if got.is_empty() {
+            return out;
+        }
+        assert!(got.len() <= page, "a page holds at most the limit");
+        out.extend(got);
+    }
+}
+
+/// A snapshot reads every item in every state (ready, leased, scheduled, dead), in id order, with every field.
+pub async fn snapshot_reads_every_state_in_id_order(b: TestBackend) {
+    let p = open(&b, "snap-states").await;
+    let mut batch = items(5);
+    batch[3].enqueue_at = T0.add(SEC * 600);
+    batch[4].priority = 7;
+    p.produce(batch).await.expect("produce");
+    // Leases serve priority 7 first, then p0: two leased items.
+    let leased = p.lease(2, T0.add(SEC * 60)).await.expect("lease");
+    assert_eq!(payloads(&leased), vec!["p4", "p0"]);
+    // One of them dies and waits for its dead-letter queue.
+    let policy = LifecyclePolicy {
+        has_dead_queue: true,
+        ..NO_DLQ
+    };
+    let dead_op = RetryOp {
+        id: leased[1].id,
+        action: RetryAction::Dead,
+    };
+    p.retry(vec![vec![dead_op]], policy).await.expect("retry");
+    let all = read_snapshot(&p, 2).await;
+    assert!(all.windows(2).all(|w| w[0].id < w[1].id), "id order");
+    let by_payload = |s: &str| {
+        all.iter()
+            .find(|i| i.payload.as_ref() == s.as_bytes())
+            .cloned()
+            .unwrap_or_else(|| panic!("{s} missing from the snapshot"))
+    };
+    assert_eq!(all.len(), 5);
+    assert!(by_payload("p0").dead);
+    let p4 = by_payload("p4");
+    assert!(p4.is_leased && p4.priority == 7 && p4.attempts == 1);
+    assert_eq!(p4.lease_deadline, T0.add(SEC * 60));
+    assert_eq!(by_payload("p3").enqueue_at, T0.add(SEC * 600));
+    let p1 = by_payload("p1");
+    assert!(!p1.is_leased && !p1.dead && p1.attempts == 0);
+    assert_eq!(p1.reference, "ref-p1");
+    assert_eq!((p1.encoding.as_str(), p1.kind.as_str()), ("text/plain", "test"));
+    assert_eq!(p1.created_at, T0);
+    assert_eq!(p1.expire_deadline, T0.add(SEC * 3600));
+    // An empty partition gives an empty snapshot.
+    let empty = open(&b, "snap-empty").await;
+    assert!(read_snapshot(&empty, 10).await.is_empty());
+}
+
+/// A snapshot is one instant: writes made after it was taken do not show in it, even while it is being read.
+pub async fn snapshot_is_point_in_time(b: TestBackend) {
+    let p = open(&b, "snap-instant").await;
+    p.produce(items(300)).await.expect("produce");
+    let mut snap = p.snapshot().await.expect("snapshot");
+    let first = snap.next(100).await.expect("page");
+    // Change the partition in every way while the snapshot is half read.
+    let leased = p.lease(150, T0.add(SEC * 60)).await.expect("lease");
+    let ids: Vec<ItemId> = leased.iter().map(|i| i.id).collect();
+    assert_eq!(p.complete(vec![ids]).await.expect("complete")[0], Ok(()));
+    p.produce(items(50)).await.expect("produce more");
+    let mut all = first;
+    loop {
+        let page = snap.next(100).await.expect("page");
+        if page.is_empty() {
+            break;
+        }
+        all.extend(page);
+    }
+    assert_eq!(
+        all.len(),
+        300,
+        "the snapshot holds what the partition held when it was taken"
+    );
+    assert!(all.iter().all(|i| !i.is_leased));
+    let expected: Vec<String> = (0..300).map(|i| format!("p{i}")).collect();
+    assert_eq!(payloads(&all), expected);
+}
+
+/// Import keeps items dead (restoring a backup taken while dead items waited for their dead-letter queue), and
+/// the imported order is the input order.
+pub async fn import_keeps_dead_items_and_order(b: TestBackend) {
+    let p = open(&b, "import-dead").await;
+    let mk = |s: &str, dead: bool| Item {
+        expire_deadline: T0.add(SEC * 3600),
+        created_at: T0,
+        payload: Bytes::from(s.to_string()),
+        dead,
+        ..Default::default()
+    };
+    let out = p
+        .import(vec![mk("a", false), mk("b", true), mk("c", false)])
+        .await
+        .expect("import");
+    assert_eq!(out.len(), 3);
+    assert!(out.windows(2).all(|w| w[0].id < w[1].id));
+    let dead = p.dead_items(10).await.expect("dead items");
+    assert_eq!(payloads(&dead), vec!["b"]);
+    let c = p.counts().await.expect("counts");
+    assert_eq!(c.ready, 2);
+    assert_eq!(payloads(&read_snapshot(&p, 10).await), vec!["a", "b", "c"]);
+}
+
+/// The restoring flag of a queue definition is stored and read back, and cleared by an update.
+pub async fn queue_restoring_flag_round_trips(b: TestBackend) {
+    let mut q = QueueInfo {
+        name: unique_queue("restoring"),
+        namespace: "_system".into(),
+        created_at: T0,
+        updated_at: T0,
+        lease_timeout: SEC * 60,
+        expire_timeout: SEC * 3600,
+        requested_partitions: 1,
+        partitions: vec![PartitionInfo {
+            partition: 0,
+            storage_name: "a".into(),
+            read_only: false,
+        }],
+        restoring: true,
+        ..Default::default()
+    };
+    b.queues.add(&q).await.expect("add");
+    assert_eq!(b.queues.get(&q.name).await.expect("get"), Some(q.clone()));
+    q.restoring = false;
+    b.queues.update(&q).await.expect("update");
+    assert_eq!(b.queues.get(&q.name).await.expect("get"), Some(q.clone()));
+    b.queues.delete(&q.name).await.expect("delete");
+}
+
 /// Expands to one `#[tokio::test]` per conformance case for the backend `$make` (an async fn returning
 /// `Option<TestBackend>`; `None` skips, e.g. when no database is configured).
 #[macro_export]
@@ -708,7 +846,11 @@ macro_rules! conformance_tests {
             reopen_keeps_items_and_id_order,
             partitions_are_independent,
             large_batches_keep_order,
-            queues_store_crud
+            queues_store_crud,
+            snapshot_reads_every_state_in_id_order,
+            snapshot_is_point_in_time,
+            import_keeps_dead_items_and_order,
+            queue_restoring_flag_round_trips
         );
         $crate::conformance_tests!(@auth_cases $make;
             auth_kv_get_put_delete,

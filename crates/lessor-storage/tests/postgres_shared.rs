@@ -435,7 +435,7 @@ async fn a_version_1_schema_migrates_and_gains_the_auth_store() {
         .expect("version")
         .get(0);
     assert_eq!(v, lessor_storage::postgres::SCHEMA_VERSION);
-    assert_eq!(v, 3);
+    assert_eq!(v, 4);
     drop(client);
     queues.close().await;
 }

@@ -1,9 +1,10 @@
 //! Command-line parsing and the client commands. Output is readable by default and JSON with `--json`; API errors
 //! print their code and message. The access-control commands (namespaces, users, API keys, roles, role bindings)
 //! are in [`auth`]; the commands of Lessor's extension routes (extend, pause, resume, browse, redrive) in
-//! [`extensions`].
+//! [`extensions`]; backup, restore and offline migration in [`backup`].
 
 mod auth;
+mod backup;
 mod extensions;
 
 use std::io::Read;
@@ -231,6 +232,12 @@ enum Command {
         #[arg(long)]
         destructive: bool,
     },
+    /// Back up a running server (or some of its queues) to a file or to S3-compatible object storage.
+    Backup(backup::BackupArgs),
+    /// Restore queues from a backup into the server (re-run the same command to resume an interrupted restore).
+    Restore(backup::RestoreArgs),
+    /// Copy every queue, item and auth record from one storage configuration to another (servers stopped).
+    Migrate(backup::MigrateArgs),
     /// Manage namespaces.
     #[command(subcommand)]
     Namespace(auth::NamespaceCmd),
@@ -371,6 +378,7 @@ pub async fn run(cli: Cli) -> Result<(), String> {
             return crate::bench::run(args).await;
         }
         Command::BenchChart(args) => return crate::bench::chart::run(args),
+        Command::Migrate(args) => return backup::migrate(args, json).await,
         command => Cli { command, ..cli },
     };
     let mut c = cli.tls.client(&cli.endpoint).map_err(|e| e.to_string())?;
@@ -378,7 +386,11 @@ pub async fn run(cli: Cli) -> Result<(), String> {
         c = c.with_api_key(key);
     }
     match cli.command {
-        Command::Server(_) | Command::Bench(_) | Command::BenchChart(_) => unreachable!("handled above"),
+        Command::Server(_) | Command::Bench(_) | Command::BenchChart(_) | Command::Migrate(_) => {
+            unreachable!("handled above")
+        }
+        Command::Backup(args) => return backup::backup(&c, args, json).await,
+        Command::Restore(args) => return backup::restore(&c, args, json).await,
         Command::Produce {
             queue,
             payload,

@@ -1021,6 +1021,101 @@ impl Engine {
         .await
     }
 
+    // ---- backup and restore ------------------------------------------------------------------------------------
+
+    /// A point-in-time read of one partition (see [`crate::storage::Partition::snapshot`]). The queue task takes
+    /// it between its other calls, so it is one instant of that partition; the caller reads it at its own pace
+    /// while the queue keeps serving.
+    pub async fn snapshot(
+        &self,
+        queue: &str,
+        partition: u32,
+    ) -> Result<Box<dyn crate::storage::PartitionSnapshot>, QueueError> {
+        self.call(queue, |reply| Msg::Cold(Cold::Snapshot { partition, reply }))
+            .await
+    }
+
+    /// Starts (or resumes) the restore of a queue: creates it from `info` with [`QueueInfo::restoring`] set, on
+    /// this server's stores (the placement of the backed-up server is not kept: `info.partitions` only gives the
+    /// partition count). A queue of that name that is already restoring with as many partitions is resumed; any
+    /// other existing queue is [`QueueError::QueueExists`] unless `overwrite`, which deletes it first.
+    pub async fn restore_begin(&self, mut info: QueueInfo, overwrite: bool) -> Result<QueueInfo, QueueError> {
+        self.check_running()?;
+        validate::queue_name("queue_name", &info.name)?;
+        let count = u32::try_from(info.partitions.len())
+            .unwrap_or(u32::MAX)
+            .max(info.requested_partitions)
+            .max(1);
+        if let Some(existing) = self.inner.config.queues.get(&info.name).await? {
+            let resumable = existing.restoring && existing.partitions.len() == count as usize;
+            if resumable && !overwrite {
+                return Ok(existing);
+            }
+            if !overwrite {
+                return Err(QueueError::QueueExists(info.name));
+            }
+            self.delete_queue(&info.name).await?;
+        }
+        info.partitions = Vec::new();
+        info.requested_partitions = count;
+        info.restoring = true;
+        let created_at = info.created_at;
+        self.create_queue(info.clone()).await?;
+        let mut stored = self.queue_info(&info.name).await?;
+        if !created_at.is_zero() && stored.created_at != created_at {
+            // The definition keeps the backed-up queue's creation time.
+            stored.created_at = created_at;
+            self.inner.config.queues.update(&stored).await?;
+        }
+        Ok(stored)
+    }
+
+    /// Imports one restore page of `partition`, starting at item `offset` of that partition's backup stream: the
+    /// items the partition already holds are skipped, so re-sending pages after an interruption imports nothing
+    /// twice. Returns the partition's item count afterwards (where the next page starts).
+    pub async fn restore_import(
+        &self,
+        queue: &str,
+        partition: u32,
+        offset: u64,
+        items: Vec<Item>,
+    ) -> Result<u64, QueueError> {
+        let max = self.limits().max_produce_batch * 10;
+        if items.len() > max {
+            return Err(validate::invalid(
+                "items",
+                format!("at most {max} items per restore page"),
+            ));
+        }
+        self.call(queue, |reply| {
+            Msg::Cold(Cold::RestoreImport {
+                partition,
+                offset,
+                items,
+                reply,
+            })
+        })
+        .await
+    }
+
+    /// Ends a restore: the queue takes traffic and runs its lifecycle again. Finishing a queue that is not
+    /// restoring is `Ok` (a re-run after the first finish was answered too late).
+    pub async fn restore_finish(&self, queue: &str) -> Result<(), QueueError> {
+        self.check_running()?;
+        validate::queue_name("queue_name", queue)?;
+        let _guard = self.inner.load_lock.lock().await;
+        let Some(mut info) = self.inner.config.queues.get(queue).await? else {
+            return Err(QueueError::QueueNotFound(queue.to_string()));
+        };
+        if !info.restoring {
+            return Ok(());
+        }
+        info.restoring = false;
+        info.updated_at = self.clock().now();
+        self.inner.config.queues.update(&info).await?;
+        self.push_info(info).await
+    }
+
     /// Metrics of every loaded queue.
     pub fn queue_metrics(&self) -> Vec<(String, Arc<QueueMetrics>)> {
         match self.inner.queues.read() {

@@ -34,6 +34,9 @@ const QUEUE_V1: u8 = 1;
 /// Version byte of queue records written by this build: the dedup window, retry backoff, pause flag and max lease
 /// follow the partitions.
 const QUEUE_V2: u8 = 2;
+/// Version 2 plus a restoring flag (issue 11). Written only for a queue being restored, so a queue definition
+/// stays readable by builds that predate restores whenever it can be.
+const QUEUE_V3: u8 = 3;
 /// Version byte of dedup values of earlier builds: one record, the value is its key string.
 const DEDUP_V1: u8 = 1;
 /// Version byte of dedup values written by this build: a group of records.
@@ -227,7 +230,7 @@ pub(crate) fn decode_meta(id: ItemId, buf: &[u8], what: &str) -> Result<Item, St
 /// Encodes a queue definition.
 pub(crate) fn encode_queue(q: &QueueInfo) -> Vec<u8> {
     let mut w = Writer(Vec::with_capacity(64 + q.name.len() + q.reference.len()));
-    w.0.push(QUEUE_V2);
+    w.0.push(if q.restoring { QUEUE_V3 } else { QUEUE_V2 });
     w.bytes(q.name.as_bytes());
     w.bytes(q.namespace.as_bytes());
     w.ts(q.created_at);
@@ -251,6 +254,9 @@ pub(crate) fn encode_queue(q: &QueueInfo) -> Vec<u8> {
     w.f64(q.retry_backoff.jitter);
     w.0.push(u8::from(q.paused));
     w.duration(q.max_lease_timeout);
+    if q.restoring {
+        w.0.push(1);
+    }
     w.0
 }
 
@@ -258,9 +264,9 @@ pub(crate) fn encode_queue(q: &QueueInfo) -> Vec<u8> {
 pub(crate) fn decode_queue(buf: &[u8], what: &str) -> Result<QueueInfo, StorageError> {
     let mut r = Reader { buf, what };
     let version = r.byte()?;
-    if version != QUEUE_V1 && version != QUEUE_V2 {
+    if !(QUEUE_V1..=QUEUE_V3).contains(&version) {
         return Err(corrupt(format!(
-            "{what}: record version {version}, this build reads versions {QUEUE_V1} and {QUEUE_V2}"
+            "{what}: record version {version}, this build reads versions {QUEUE_V1} to {QUEUE_V3}"
         )));
     }
     let mut q = QueueInfo {
@@ -296,6 +302,9 @@ pub(crate) fn decode_queue(buf: &[u8], what: &str) -> Result<QueueInfo, StorageE
         };
         q.paused = r.byte()? != 0;
         q.max_lease_timeout = r.duration()?;
+    }
+    if version >= QUEUE_V3 {
+        q.restoring = r.byte()? != 0;
     }
     if !r.buf.is_empty() {
         return Err(corrupt(format!(
@@ -506,8 +515,18 @@ mod tests {
             },
             paused: true,
             max_lease_timeout: Duration::from_secs(600),
+            restoring: false,
         };
-        assert_eq!(decode_queue(&encode_queue(&q), "test").expect("decode"), q);
+        let plain = encode_queue(&q);
+        assert_eq!(
+            plain[0], QUEUE_V2,
+            "a queue not being restored keeps the older record version"
+        );
+        assert_eq!(decode_queue(&plain, "test").expect("decode"), q);
+        let restoring = QueueInfo { restoring: true, ..q };
+        let v3 = encode_queue(&restoring);
+        assert_eq!(v3[0], QUEUE_V3);
+        assert_eq!(decode_queue(&v3, "test").expect("decode"), restoring);
     }
 
     /// A version-1 item record (before priorities) reads with priority 0.

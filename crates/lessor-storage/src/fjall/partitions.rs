@@ -27,7 +27,7 @@ use bytes::Bytes;
 use fjall::KeyspaceCreateOptions;
 use lessor_core::error::{ItemError, StorageError, StorageErrorKind};
 use lessor_core::storage::{
-    LifecycleOutcome, LifecyclePolicy, Partition, PartitionStore, RetryOp, RetryOutcome,
+    LifecycleOutcome, LifecyclePolicy, Partition, PartitionSnapshot, PartitionStore, RetryOp, RetryOutcome,
 };
 use lessor_core::time::Ts;
 use lessor_core::types::{ClearRequest, DedupRecord, Item, ItemId, NewItem, PartitionCounts, PartitionStats};
@@ -830,6 +830,85 @@ impl PartitionStore for FjallStore {
     }
 }
 
+/// A point-in-time read of one partition: a database snapshot walked in key order, one page per call.
+struct FjallSnapshot {
+    engine: Arc<Engine>,
+    name: Arc<str>,
+    snap: fjall::Snapshot,
+    /// `None` when the store never wrote an item: the snapshot is empty.
+    ks: Option<fjall::Keyspace>,
+    /// The next key to read (inclusive).
+    from: Vec<u8>,
+    /// The first key after the partition's prefix.
+    end: Vec<u8>,
+}
+
+impl fmt::Debug for FjallSnapshot {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("FjallSnapshot").field("name", &self.name).finish()
+    }
+}
+
+impl FjallSnapshot {
+    /// Reads up to `limit` items from `self.from`, leaving `self.from` at the first key not read.
+    fn page(&mut self, limit: usize) -> Result<Vec<Item>, StorageError> {
+        use fjall::Readable;
+        let Some(ks) = &self.ks else {
+            return Ok(Vec::new());
+        };
+        let what = format!("partition '{}' in '{}'", self.name, self.engine.dir().display());
+        let mut items: Vec<Item> = Vec::new();
+        let mut next = self.end.clone();
+        for kv in self.snap.range(ks, self.from.as_slice()..self.end.as_slice()) {
+            let (k, v) = kv.into_inner().map_err(|e| self.engine.read_error(e))?;
+            let inner = &k[8..];
+            match parse_key(inner) {
+                Key::Meta(id) => {
+                    if items.len() >= limit.max(1) {
+                        next = k.to_vec();
+                        break;
+                    }
+                    items.push(decode_meta(id, &v, &what)?);
+                }
+                // A payload sorts right after its item's metadata.
+                Key::Payload(id) => {
+                    if let Some(it) = items.last_mut().filter(|it| it.id == id) {
+                        it.payload = Bytes::copy_from_slice(&v);
+                    }
+                }
+                Key::Dedup(..) | Key::Other => {}
+            }
+        }
+        self.from = next;
+        Ok(items)
+    }
+}
+
+#[async_trait]
+impl PartitionSnapshot for FjallSnapshot {
+    async fn next(&mut self, limit: usize) -> Result<Vec<Item>, StorageError> {
+        if self.from >= self.end {
+            return Ok(Vec::new());
+        }
+        // Reading pages from disk blocks: on the blocking pool, with the snapshot moved there and back.
+        let mut me = FjallSnapshot {
+            engine: self.engine.clone(),
+            name: self.name.clone(),
+            snap: self.snap.clone(),
+            ks: self.ks.clone(),
+            from: std::mem::take(&mut self.from),
+            end: self.end.clone(),
+        };
+        let (items, from) = blocking(move || {
+            let items = me.page(limit)?;
+            Ok((items, me.from))
+        })
+        .await?;
+        self.from = from;
+        Ok(items)
+    }
+}
+
 /// A partition's state behind its lock.
 struct Inner {
     state: PartitionState,
@@ -1048,6 +1127,30 @@ impl Partition for FjallPartition {
 
     async fn delete(&self, ids: Vec<ItemId>) -> Result<(), StorageError> {
         self.write(|s| ((), s.delete(ids))).await
+    }
+
+    async fn snapshot(&self) -> Result<Box<dyn PartitionSnapshot>, StorageError> {
+        // Holding the partition's lock means none of its writes is in flight: every write it acknowledged is in
+        // the database, and the database snapshot taken now reads exactly that, from disk and memtables, without
+        // copying anything and without holding the partition up while it is read.
+        let _g = self.lock().await?;
+        let engine = self.shared.engine.clone();
+        let name = self.name.clone();
+        let pid = self.pid;
+        blocking(move || {
+            let db = engine.database()?;
+            let ks = engine.keyspace(ITEMS, false)?;
+            let snap = db.snapshot();
+            Ok(Box::new(FjallSnapshot {
+                engine,
+                name,
+                snap,
+                ks,
+                from: pid.to_be_bytes().to_vec(),
+                end: (pid + 1).to_be_bytes().to_vec(),
+            }) as Box<dyn PartitionSnapshot>)
+        })
+        .await
     }
 
     async fn clear(&self, request: ClearRequest) -> Result<(), StorageError> {

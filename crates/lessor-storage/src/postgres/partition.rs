@@ -31,7 +31,8 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use lessor_core::error::{ItemError, StorageError};
 use lessor_core::storage::{
-    LifecycleOutcome, LifecyclePolicy, Partition, PartitionStore, RetryAction, RetryOp, RetryOutcome,
+    LifecycleOutcome, LifecyclePolicy, Partition, PartitionSnapshot, PartitionStore, RetryAction, RetryOp,
+    RetryOutcome,
 };
 use lessor_core::time::Ts;
 use lessor_core::types::{ClearRequest, Item, ItemId, NewItem, PartitionCounts, PartitionStats};
@@ -154,6 +155,43 @@ impl PartitionStore for PgStore {
 
     async fn close(&self) {
         release(&self.shared);
+    }
+}
+
+/// A point-in-time read of one partition: a read-only REPEATABLE READ transaction paged by id.
+struct PgSnapshot {
+    /// `None` once every row was read (the transaction is then rolled back and the connection pooled again).
+    tx: Option<Tx>,
+    sql: String,
+    /// The next id to read (inclusive).
+    from: i64,
+    table: String,
+}
+
+impl std::fmt::Debug for PgSnapshot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgSnapshot").field("table", &self.table).finish()
+    }
+}
+
+#[async_trait]
+impl PartitionSnapshot for PgSnapshot {
+    async fn next(&mut self, limit: usize) -> Result<Vec<Item>, StorageError> {
+        let Some(tx) = self.tx.take() else {
+            return Ok(Vec::new());
+        };
+        let stmt = prepare(tx.conn()?, &self.sql).await?;
+        let (tx, rows) = tx.query(&stmt, &[&self.from, &limit_param(limit.max(1))]).await?;
+        let items = rows.iter().map(decode).collect::<Result<Vec<_>, _>>()?;
+        match items.last() {
+            Some(last) => {
+                self.from = db_id(last.id).unwrap_or(i64::MAX).saturating_add(1);
+                self.tx = Some(tx);
+            }
+            // The end: nothing to keep the transaction open for.
+            None => tx.rollback().await,
+        }
+        Ok(items)
     }
 }
 
@@ -1107,7 +1145,6 @@ impl Partition for PgPartition {
             .into_iter()
             .filter(|it| it.source_id.is_empty() || seen.insert(it.source_id.clone()))
             .map(|mut it| {
-                it.dead = false;
                 if !it.is_leased || it.is_scheduled() {
                     it.is_leased = false;
                     it.lease_deadline = Ts::ZERO;
@@ -1124,6 +1161,7 @@ impl Partition for PgPartition {
         let lease_deadline: Vec<i64> = items.iter().map(|i| i.lease_deadline.0).collect();
         let attempts: Vec<i64> = items.iter().map(|i| i64::from(i.attempts)).collect();
         let max_attempts: Vec<i64> = items.iter().map(|i| i64::from(i.max_attempts)).collect();
+        let dead: Vec<bool> = items.iter().map(|i| i.dead).collect();
         let shared = self.shared()?;
         let conn = shared.conn().await?;
         let stmt = prepare(&conn, &self.sql.import).await?;
@@ -1144,11 +1182,30 @@ impl Partition for PgPartition {
                     &c.kind,
                     &c.payload,
                     &c.priority,
+                    &dead,
                 ],
             )
             .await
             .map_err(pg_err)?;
         decode_sorted(&rows)
+    }
+
+    async fn snapshot(&self) -> Result<Box<dyn PartitionSnapshot>, StorageError> {
+        // A read-only REPEATABLE READ transaction on a connection of its own: its first statement fixes the
+        // snapshot, here, while the queue task has no other call on the partition in flight; the pages are read
+        // later at the reader's pace while the partition keeps serving on the other connections.
+        let shared = self.shared()?;
+        let conn = shared.conn().await?;
+        conn.batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SELECT 1")
+            .await
+            .map_err(pg_err)?;
+        let tx = Tx::from_open(conn);
+        Ok(Box::new(PgSnapshot {
+            tx: Some(tx),
+            sql: self.sql.snapshot_page.clone(),
+            from: 0,
+            table: self.table.clone(),
+        }))
     }
 
     async fn delete(&self, ids: Vec<ItemId>) -> Result<(), StorageError> {

@@ -300,6 +300,11 @@ impl Tx {
         }
     }
 
+    /// Wraps a connection on which the caller has already started a transaction (a `BEGIN` with options).
+    pub(crate) fn from_open(conn: Object) -> Tx {
+        Tx { conn: Some(conn) }
+    }
+
     /// Starts a transaction with a batch of simple statements (DDL, advisory locks), in one round trip.
     pub(crate) async fn begin_simple(conn: Object, sql: &str) -> Result<Tx, StorageError> {
         let tx = Tx { conn: Some(conn) };

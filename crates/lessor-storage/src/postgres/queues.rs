@@ -24,7 +24,7 @@ use super::schema;
 const COLUMNS: &str = "name, namespace, created_at, updated_at, dead_queue, reference, lease_timeout_ns, \
                        expire_timeout_ns, max_attempts, requested_partitions, partition_info::text, \
                        dedup_window_ns, backoff_base_ns, backoff_factor, backoff_max_ns, backoff_jitter, paused, \
-                       max_lease_timeout_ns";
+                       max_lease_timeout_ns, restoring";
 
 /// Queue definitions in PostgreSQL.
 #[derive(Debug)]
@@ -142,10 +142,11 @@ fn decode(r: &Row) -> Result<QueueInfo, StorageError> {
         },
         paused: r.try_get(16).map_err(pg_err)?,
         max_lease_timeout: from_nanos(r.try_get(17).map_err(pg_err)?),
+        restoring: r.try_get(18).map_err(pg_err)?,
     })
 }
 
-/// Runs `sql` with the eighteen columns of `info` as parameters `$1..$18`.
+/// Runs `sql` with the nineteen columns of `info` as parameters `$1..$19`.
 async fn write(shared: &Shared, sql: &str, info: &QueueInfo) -> Result<(), StorageError> {
     let conn = shared.conn().await?;
     let stmt = prepare(&conn, sql).await?;
@@ -171,6 +172,7 @@ async fn write(shared: &Shared, sql: &str, info: &QueueInfo) -> Result<(), Stora
             &info.retry_backoff.jitter,
             &info.paused,
             &nanos(info.max_lease_timeout),
+            &info.restoring,
         ],
     )
     .await
@@ -181,9 +183,9 @@ async fn write(shared: &Shared, sql: &str, info: &QueueInfo) -> Result<(), Stora
 const INSERT: &str = "INSERT INTO queues (name, namespace, created_at, updated_at, dead_queue, reference, \
                       lease_timeout_ns, expire_timeout_ns, max_attempts, requested_partitions, partition_info, \
                       dedup_window_ns, backoff_base_ns, backoff_factor, backoff_max_ns, backoff_jitter, paused, \
-                      max_lease_timeout_ns) \
+                      max_lease_timeout_ns, restoring) \
                       VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11::text::jsonb, $12, $13, $14, $15, $16, \
-                      $17, $18)";
+                      $17, $18, $19)";
 
 #[async_trait]
 impl QueuesStore for PgQueues {
@@ -226,7 +228,7 @@ impl QueuesStore for PgQueues {
              dedup_window_ns = EXCLUDED.dedup_window_ns, backoff_base_ns = EXCLUDED.backoff_base_ns, \
              backoff_factor = EXCLUDED.backoff_factor, backoff_max_ns = EXCLUDED.backoff_max_ns, \
              backoff_jitter = EXCLUDED.backoff_jitter, paused = EXCLUDED.paused, \
-             max_lease_timeout_ns = EXCLUDED.max_lease_timeout_ns"
+             max_lease_timeout_ns = EXCLUDED.max_lease_timeout_ns, restoring = EXCLUDED.restoring"
         );
         write(&shared, &sql, info).await
     }

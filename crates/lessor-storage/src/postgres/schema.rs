@@ -97,6 +97,10 @@ const MIGRATIONS: &[&str] = &[
     );
     CREATE INDEX lessor_dedup_until ON lessor_dedup (queue, until);
     "#,
+    // 4: issue 11. A queue being filled by a restore (`QueueInfo::restoring`).
+    r#"
+    ALTER TABLE queues ADD COLUMN restoring BOOLEAN NOT NULL DEFAULT false;
+    "#,
 ];
 
 /// The schema version this build writes and reads.

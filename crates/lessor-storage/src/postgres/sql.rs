@@ -60,6 +60,7 @@ pub(crate) struct Sql {
     pub stats: String,
     pub list_live: String,
     pub list_scheduled: String,
+    pub snapshot_page: String,
     pub import: String,
     table: String,
 }
@@ -349,25 +350,27 @@ impl Sql {
             list_live: format!(
                 "SELECT {COLS} FROM {t} AS t WHERE id >= $1::int8 AND ({LIVE}) IS TRUE ORDER BY id LIMIT $2::int8"
             ),
+            // Every item in id order from $1 (inclusive): the pages of a snapshot, read inside its transaction.
+            snapshot_page: format!("SELECT {COLS} FROM {t} AS t WHERE id >= $1::int8 ORDER BY id LIMIT $2::int8"),
             list_scheduled: format!(
                 "SELECT {COLS} FROM {t} AS t WHERE id >= $1::int8 AND ({SCHEDULED}) IS TRUE ORDER BY id LIMIT $2::int8"
             ),
-            // $1..$13: arrays of the imported items' fields; returns the rows stored.
+            // $1..$14: arrays of the imported items' fields; returns the rows stored.
             import: format!(
                 "WITH b AS (
                     SELECT * FROM unnest($1::text[], $2::bool[], $3::int8[], $4::int8[], $5::int8[], $6::int8[],
                                          $7::int8[], $8::int8[], $9::text[], $10::text[], $11::text[], $12::bytea[],
-                                         $13::int2[])
+                                         $13::int2[], $14::bool[])
                     WITH ORDINALITY AS u(source_id, is_leased, lease_deadline, expire_deadline, enqueue_at,
                                          created_at, attempts, max_attempts, reference, encoding, kind, payload,
-                                         priority, rn)),
+                                         priority, dead, rn)),
                  {fresh}
                  INSERT INTO {t} AS t (id, source_id, is_leased, lease_deadline, expire_deadline, enqueue_at,
                                        created_at, attempts, max_attempts, reference, encoding, kind, payload,
-                                       payload_len, priority)
+                                       payload_len, priority, dead)
                  SELECT {new}, b.source_id, b.is_leased, b.lease_deadline, b.expire_deadline, b.enqueue_at,
                         b.created_at, b.attempts, b.max_attempts, b.reference, b.encoding, b.kind, b.payload,
-                        octet_length(b.payload), b.priority
+                        octet_length(b.payload), b.priority, b.dead
                  FROM b
                  ON CONFLICT (source_id) WHERE source_id IS NOT NULL DO NOTHING
                  RETURNING {COLS}",

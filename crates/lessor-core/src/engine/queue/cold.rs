@@ -9,6 +9,10 @@ use crate::time::Ts;
 impl QueueTask {
     /// Answers one cold request.
     pub(super) async fn cold(&mut self, c: Cold, now: Ts) {
+        let c = match self.refuse_cold_while_restoring(c) {
+            Some(c) => c,
+            None => return,
+        };
         match c {
             Cold::Stats(reply) => {
                 let mut out = QueueStats {
@@ -117,6 +121,22 @@ impl QueueTask {
             }
             Cold::Browse { request, reply } => {
                 let r = self.browse(request).await;
+                let _ = reply.send(r);
+            }
+            Cold::Snapshot { partition, reply } => {
+                let r = match self.target(partition) {
+                    Ok(h) => h.snapshot().await.map_err(|e| QueueError::from_storage(&e)),
+                    Err(e) => Err(e),
+                };
+                let _ = reply.send(r);
+            }
+            Cold::RestoreImport {
+                partition,
+                offset,
+                items,
+                reply,
+            } => {
+                let r = self.restore_import(partition, offset, items, now).await;
                 let _ = reply.send(r);
             }
             Cold::UpdateInfo(info, done) => {

@@ -34,13 +34,14 @@ mod health;
 mod lease;
 mod lifecycle;
 mod produce;
+mod restore;
 
 pub(crate) use dead_letter::DeadLetterSink;
 use health::MissingStore;
 
 use super::{BrowsePage, BrowseRequest, EngineConfig, LeaseResult, ProduceItem, QueueMetrics, QueueStats};
 use crate::error::{QueueError, StorageError};
-use crate::storage::{LifecyclePolicy, Partition, PartitionStore};
+use crate::storage::{LifecyclePolicy, Partition, PartitionSnapshot, PartitionStore};
 use crate::time::Ts;
 use crate::types::{
     ClearRequest, Item, ItemId, NewItem, PartitionCounts, PartitionInfo, QueueInfo, RetryItem,
@@ -131,6 +132,18 @@ pub(crate) enum Cold {
     Browse {
         request: BrowseRequest,
         reply: Reply<BrowsePage>,
+    },
+    /// A point-in-time read of one partition, taken between the task's other calls (see [`restore`]).
+    Snapshot {
+        partition: u32,
+        reply: Reply<Box<dyn PartitionSnapshot>>,
+    },
+    /// One page of a restore, starting at item `offset` of the partition's backup stream.
+    RestoreImport {
+        partition: u32,
+        offset: u64,
+        items: Vec<Item>,
+        reply: Reply<u64>,
     },
 }
 
@@ -312,7 +325,12 @@ impl QueueTask {
     async fn pass(&mut self, batch: &mut Vec<Msg>) -> Option<oneshot::Sender<()>> {
         let now = self.now();
         self.recover(now).await;
-        self.lifecycle(now).await;
+        if self.info.restoring {
+            // Nothing may change the partitions but the restore itself: its resume point is their item count.
+            self.refuse_while_restoring(batch);
+        } else {
+            self.lifecycle(now).await;
+        }
         self.holders.prune(now);
 
         let mut produces = Vec::new();
@@ -482,6 +500,8 @@ impl QueueTask {
                     }
                     Cold::UpdateInfo(_, done) => drop(done.send(())),
                     Cold::Browse { reply, .. } => drop(reply.send(Err(QueueError::QueueShuttingDown))),
+                    Cold::Snapshot { reply, .. } => drop(reply.send(Err(QueueError::QueueShuttingDown))),
+                    Cold::RestoreImport { reply, .. } => drop(reply.send(Err(QueueError::QueueShuttingDown))),
                 },
                 Msg::Wake(_) => {}
                 Msg::Shutdown(done) => drop(done.send(())),

@@ -1,0 +1,969 @@
+//! `lessor backup`, `lessor restore` and `lessor migrate`: online backups of a running server to a local file or
+//! S3-compatible object storage, restores into any server, and offline migration between storage configurations.
+//!
+//! What makes them safe to interrupt:
+//! - a backup is written to `FILE.partial` (or an S3 multipart upload) and verified as it streams in (every
+//!   checksum, the trailer, the end marker); only a complete, verified backup is fsynced and renamed to `FILE` (or
+//!   has its upload completed). A killed backup leaves at most a `.partial` file, never a file that looks done;
+//! - a restore verifies the whole input before it writes anything, then creates each queue in the restoring state
+//!   (closed to traffic) and sends blocks the server imports exactly once, so re-running the same command after a
+//!   kill (of the client or of the server) resumes where it stopped;
+//! - a migration drives the same restore engine calls directly on two storage configurations.
+
+use std::collections::{BTreeMap, HashSet};
+use std::io::{Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::Args;
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use lessor_client::Client;
+use lessor_proto::backup::{self as fmt, BackupError, QueueRecord, RecordKind};
+use lessor_proto::{self as pb};
+use object_store::aws::AmazonS3Builder;
+use object_store::{ObjectStore, RetryConfig, WriteMultipart};
+use prost::Message;
+use tokio::io::AsyncWriteExt;
+
+/// Where S3-compatible object storage is and how to sign in (for `s3://` inputs and outputs).
+#[derive(Args, Debug, Clone, Default)]
+pub struct S3Args {
+    /// S3 endpoint URL (e.g. `http://127.0.0.1:9000` for a local server); empty: AWS.
+    #[arg(long, env = "AWS_ENDPOINT_URL")]
+    s3_endpoint: Option<String>,
+    /// Region.
+    #[arg(long, env = "AWS_REGION", default_value = "us-east-1")]
+    s3_region: String,
+    /// Access key id.
+    #[arg(long, env = "AWS_ACCESS_KEY_ID", hide_env_values = true)]
+    s3_access_key: Option<String>,
+    /// Secret access key.
+    #[arg(long, env = "AWS_SECRET_ACCESS_KEY", hide_env_values = true)]
+    s3_secret_key: Option<String>,
+    /// Address buckets as `ENDPOINT/BUCKET` (most self-hosted servers) rather than `BUCKET.ENDPOINT`.
+    #[arg(long, env = "AWS_S3_FORCE_PATH_STYLE")]
+    s3_path_style: bool,
+    /// Attempts of each S3 request before giving up.
+    #[arg(long, default_value_t = 3)]
+    s3_retries: usize,
+}
+
+/// `lessor backup` flags.
+#[derive(Args, Debug)]
+pub struct BackupArgs {
+    /// Where the backup goes: a file path, or `s3://BUCKET/KEY`.
+    #[arg(long, short)]
+    output: String,
+    /// Back up only this queue (repeatable); default: every queue.
+    #[arg(long = "queue")]
+    queues: Vec<String>,
+    /// Read at most this many items per second (0: as fast as possible), to leave more of a small machine to the
+    /// serving path.
+    #[arg(long, default_value_t = 0)]
+    max_rate: i64,
+    #[command(flatten)]
+    s3: S3Args,
+}
+
+/// `lessor restore` flags.
+#[derive(Args, Debug)]
+pub struct RestoreArgs {
+    /// The backup: a file path, or `s3://BUCKET/KEY`.
+    #[arg(long, short)]
+    input: String,
+    /// Restore only this queue (repeatable); default: every queue of the backup.
+    #[arg(long = "queue")]
+    queues: Vec<String>,
+    /// Restore the (single) selected queue under this name.
+    #[arg(long)]
+    rename: Option<String>,
+    /// Replace queues that exist on the server (their items are deleted first).
+    #[arg(long)]
+    overwrite: bool,
+    #[command(flatten)]
+    s3: S3Args,
+}
+
+/// `lessor migrate` flags.
+#[derive(Args, Debug)]
+pub struct MigrateArgs {
+    /// Configuration file of the source (its server must be stopped).
+    #[arg(long)]
+    from: String,
+    /// Configuration file of the target.
+    #[arg(long)]
+    to: String,
+    /// Migrate only this queue (repeatable); default: every queue.
+    #[arg(long = "queue")]
+    queues: Vec<String>,
+    /// Replace queues that exist in the target.
+    #[arg(long)]
+    overwrite: bool,
+    /// Leave users, keys, roles and bindings out.
+    #[arg(long)]
+    skip_auth: bool,
+}
+
+/// A backup's location.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Location {
+    File(PathBuf),
+    S3 { bucket: String, key: String },
+}
+
+fn location(s: &str) -> Result<Location, String> {
+    if let Some(rest) = s.strip_prefix("s3://") {
+        let (bucket, key) = rest.split_once('/').unwrap_or((rest, ""));
+        if bucket.is_empty() || key.is_empty() {
+            return Err(format!(
+                "'{s}' is not a valid S3 location: expected s3://BUCKET/KEY"
+            ));
+        }
+        return Ok(Location::S3 {
+            bucket: bucket.to_string(),
+            key: key.to_string(),
+        });
+    }
+    if s.is_empty() {
+        return Err("the backup location is empty".into());
+    }
+    Ok(Location::File(PathBuf::from(s)))
+}
+
+fn s3_store(args: &S3Args, bucket: &str) -> Result<Arc<dyn ObjectStore>, String> {
+    let mut b = AmazonS3Builder::new()
+        .with_bucket_name(bucket)
+        .with_region(&args.s3_region)
+        .with_virtual_hosted_style_request(!args.s3_path_style)
+        .with_retry(RetryConfig {
+            max_retries: args.s3_retries.saturating_sub(1),
+            retry_timeout: Duration::from_secs(30),
+            ..Default::default()
+        });
+    if let Some(e) = args.s3_endpoint.as_deref().filter(|e| !e.is_empty()) {
+        b = b.with_endpoint(e).with_allow_http(e.starts_with("http://"));
+    }
+    if let Some(k) = &args.s3_access_key {
+        b = b.with_access_key_id(k);
+    }
+    if let Some(k) = &args.s3_secret_key {
+        b = b.with_secret_access_key(k);
+    }
+    Ok(Arc::new(b.build().map_err(|e| format!("S3 configuration: {e}"))?))
+}
+
+/// A progress bar on stderr when it is a terminal and output is not JSON.
+fn progress(json: bool, total: Option<u64>, what: &str) -> ProgressBar {
+    let pb = match total {
+        Some(n) => ProgressBar::new(n),
+        None => ProgressBar::new_spinner(),
+    };
+    if json {
+        pb.set_draw_target(ProgressDrawTarget::hidden());
+    }
+    let template = if total.is_some() {
+        format!("{what} [{{bar:30}}] {{pos}}/{{len}} items, {{msg}} ({{per_sec}}, ETA {{eta}})")
+    } else {
+        format!("{what} {{spinner}} {{pos}} items, {{msg}} ({{per_sec}}, {{elapsed}})")
+    };
+    if let Ok(style) = ProgressStyle::with_template(&template) {
+        pb.set_style(style.progress_chars("=> "));
+    }
+    pb.enable_steady_tick(Duration::from_millis(200));
+    pb
+}
+
+fn mib(bytes: u64) -> String {
+    format!("{:.1} MiB", bytes as f64 / (1024.0 * 1024.0))
+}
+
+/// A [`Read`] over chunks handed in from another thread: lets the verifier check a backup while it streams.
+struct ChunkReader {
+    rx: std::sync::mpsc::Receiver<bytes::Bytes>,
+    cur: bytes::Bytes,
+}
+
+impl Read for ChunkReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        while self.cur.is_empty() {
+            match self.rx.recv() {
+                Ok(b) => self.cur = b,
+                Err(_) => return Ok(0),
+            }
+        }
+        let n = buf.len().min(self.cur.len());
+        buf[..n].copy_from_slice(&self.cur[..n]);
+        let _ = self.cur.split_to(n);
+        Ok(n)
+    }
+}
+
+/// Where backup bytes go while they arrive.
+enum Sink {
+    File {
+        partial: PathBuf,
+        target: PathBuf,
+        file: tokio::fs::File,
+    },
+    S3 {
+        upload: WriteMultipart,
+        key: String,
+    },
+}
+
+impl Sink {
+    async fn open(loc: &Location, s3: &S3Args) -> Result<Sink, String> {
+        match loc {
+            Location::File(path) => {
+                let mut partial = path.clone().into_os_string();
+                partial.push(".partial");
+                let partial = PathBuf::from(partial);
+                let file = tokio::fs::File::create(&partial)
+                    .await
+                    .map_err(|e| format!("creating '{}': {e}", partial.display()))?;
+                Ok(Sink::File {
+                    partial,
+                    target: path.clone(),
+                    file,
+                })
+            }
+            Location::S3 { bucket, key } => {
+                let store = s3_store(s3, bucket)?;
+                let upload = store
+                    .put_multipart(&object_store::path::Path::from(key.as_str()))
+                    .await
+                    .map_err(|e| format!("starting the upload to s3://{bucket}/{key}: {e}"))?;
+                Ok(Sink::S3 {
+                    upload: WriteMultipart::new_with_chunk_size(upload, 16 * 1024 * 1024),
+                    key: format!("s3://{bucket}/{key}"),
+                })
+            }
+        }
+    }
+
+    async fn write(&mut self, chunk: &bytes::Bytes) -> Result<(), String> {
+        match self {
+            Sink::File { file, partial, .. } => file
+                .write_all(chunk)
+                .await
+                .map_err(|e| format!("writing '{}': {e}", partial.display())),
+            Sink::S3 { upload, key } => {
+                upload
+                    .wait_for_capacity(4)
+                    .await
+                    .map_err(|e| format!("uploading to {key}: {e}"))?;
+                upload.write(chunk);
+                Ok(())
+            }
+        }
+    }
+
+    /// Makes the backup visible under its name: fsync and rename, or complete the upload.
+    async fn commit(self) -> Result<String, String> {
+        match self {
+            Sink::File {
+                partial,
+                target,
+                mut file,
+            } => {
+                file.flush()
+                    .await
+                    .map_err(|e| format!("writing '{}': {e}", partial.display()))?;
+                file.sync_all()
+                    .await
+                    .map_err(|e| format!("syncing '{}': {e}", partial.display()))?;
+                drop(file);
+                tokio::fs::rename(&partial, &target).await.map_err(|e| {
+                    format!("renaming '{}' to '{}': {e}", partial.display(), target.display())
+                })?;
+                // The rename is durable once the directory is.
+                if let Some(dir) = target.parent().filter(|d| !d.as_os_str().is_empty()) {
+                    if let Ok(d) = std::fs::File::open(dir) {
+                        let _ = d.sync_all();
+                    }
+                }
+                Ok(target.display().to_string())
+            }
+            Sink::S3 { upload, key } => {
+                upload
+                    .finish()
+                    .await
+                    .map_err(|e| format!("completing the upload to {key}: {e}"))?;
+                Ok(key)
+            }
+        }
+    }
+
+    /// Leaves nothing that looks like a backup: removes the partial file, aborts the upload.
+    async fn abort(self) {
+        match self {
+            Sink::File { partial, file, .. } => {
+                drop(file);
+                let _ = tokio::fs::remove_file(&partial).await;
+            }
+            Sink::S3 { upload, .. } => {
+                let _ = upload.abort().await;
+            }
+        }
+    }
+}
+
+/// `lessor backup`.
+pub async fn backup(c: &Client, args: BackupArgs, json: bool) -> Result<(), String> {
+    let loc = location(&args.output)?;
+    let started = Instant::now();
+    let mut stream = c
+        .storage_backup(&pb::StorageBackupRequest {
+            queue_names: args.queues.clone(),
+            max_items_per_sec: args.max_rate,
+        })
+        .await
+        .map_err(|e| format!("starting the backup: {e}"))?;
+    let mut sink = Sink::open(&loc, &args.s3).await?;
+    let bar = progress(json, None, "backup");
+    let items = Arc::new(AtomicU64::new(0));
+    let (tx, rx) = std::sync::mpsc::sync_channel::<bytes::Bytes>(16);
+    let verifier = {
+        let items = items.clone();
+        let bar = bar.clone();
+        std::thread::spawn(move || {
+            fmt::verify_with(
+                ChunkReader {
+                    rx,
+                    cur: bytes::Bytes::new(),
+                },
+                fmt::Depth::Blocks,
+                |n, _| {
+                    items.fetch_add(n, Ordering::Relaxed);
+                    bar.inc(n);
+                },
+            )
+        })
+    };
+    let mut bytes = 0u64;
+    let received: Result<(), String> = async {
+        while let Some(chunk) = stream
+            .chunk()
+            .await
+            .map_err(|e| format!("the server ended the backup early: {e}"))?
+        {
+            bytes += chunk.len() as u64;
+            bar.set_message(mib(bytes));
+            sink.write(&chunk).await?;
+            // The verifier went away: it found an error, reported below.
+            if tx.send(chunk).is_err() {
+                break;
+            }
+        }
+        Ok(())
+    }
+    .await;
+    drop(tx);
+    let verified = verifier
+        .join()
+        .map_err(|_| "the backup verifier panicked".to_string())?;
+    bar.finish_and_clear();
+    let summary = match (received, verified) {
+        (Ok(()), Ok(s)) => s,
+        (Err(e), _) => {
+            sink.abort().await;
+            return Err(e);
+        }
+        (Ok(()), Err(e)) => {
+            sink.abort().await;
+            return Err(format!("the backup received is not valid: {e}"));
+        }
+    };
+    let place = sink.commit().await?;
+    let secs = started.elapsed().as_secs_f64();
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "output": place,
+                "backup_id": summary.header.backup_id,
+                "queues": summary.header.queues.len(),
+                "items": summary.items,
+                "blocks": summary.blocks,
+                "bytes": bytes,
+                "seconds": secs,
+            })
+        );
+    } else {
+        println!(
+            "backup {} written to {place}: {} queues, {} items, {} in {:.1}s ({:.0} items/s)",
+            summary.header.backup_id,
+            summary.header.queues.len(),
+            summary.items,
+            mib(bytes),
+            secs,
+            summary.items as f64 / secs.max(1e-9)
+        );
+    }
+    Ok(())
+}
+
+/// Where one block lies in a verified backup file.
+#[derive(Debug, Clone)]
+struct BlockRef {
+    partition: u32,
+    first: u64,
+    items: u64,
+    /// Byte offset of the record's body and its length and checksum.
+    offset: u64,
+    len: usize,
+    crc: u32,
+}
+
+/// A verified local backup: its summary and where each queue's blocks are.
+struct Verified {
+    summary: fmt::Summary,
+    blocks: BTreeMap<String, Vec<BlockRef>>,
+}
+
+/// Verifies a local backup file and indexes its blocks (a second, cheap pass over record headers and block
+/// headers; the first pass checked everything).
+fn verify_file(path: &Path, bar: &ProgressBar) -> Result<Verified, String> {
+    let open = || std::fs::File::open(path).map_err(|e| format!("opening '{}': {e}", path.display()));
+    let reader = std::io::BufReader::with_capacity(1 << 20, open()?);
+    let summary = fmt::verify(reader, |n, _| bar.inc(n)).map_err(|e| describe(path, &e))?;
+    let mut r = fmt::Reader::new(std::io::BufReader::with_capacity(1 << 20, open()?))
+        .map_err(|e| describe(path, &e))?;
+    let mut blocks: BTreeMap<String, Vec<BlockRef>> = BTreeMap::new();
+    let mut offset = 12u64;
+    while let Some(rec) = r.next_raw().map_err(|e| describe(path, &e))? {
+        let body_at = offset + 9;
+        offset = body_at + rec.body.len() as u64;
+        if rec.kind != RecordKind::Items {
+            continue;
+        }
+        let block: fmt::ItemBlock = fmt::decode_body(&rec.body).map_err(|e| describe(path, &e))?;
+        blocks.entry(block.queue.clone()).or_default().push(BlockRef {
+            partition: block.partition,
+            first: block.first,
+            items: block.items.len() as u64,
+            offset: body_at,
+            len: rec.body.len(),
+            crc: crc32(&rec.body),
+        });
+    }
+    Ok(Verified { summary, blocks })
+}
+
+fn crc32(b: &[u8]) -> u32 {
+    // The same checksum the file's record headers hold.
+    let mut h = crc32fast::Hasher::new();
+    h.update(b);
+    h.finalize()
+}
+
+fn describe(path: &Path, e: &BackupError) -> String {
+    format!("'{}': {e}", path.display())
+}
+
+/// Downloads an S3 object to a temporary file (restores read their input twice: verify, then restore).
+async fn download(
+    s3: &S3Args,
+    bucket: &str,
+    key: &str,
+    json: bool,
+) -> Result<tempfile::NamedTempFile, String> {
+    use futures::StreamExt;
+    let store = s3_store(s3, bucket)?;
+    let what = format!("s3://{bucket}/{key}");
+    let got = store
+        .get(&object_store::path::Path::from(key))
+        .await
+        .map_err(|e| format!("reading {what}: {e}"))?;
+    let tmp = tempfile::NamedTempFile::new().map_err(|e| format!("creating a temporary file: {e}"))?;
+    let mut file = tokio::fs::File::create(tmp.path())
+        .await
+        .map_err(|e| format!("creating a temporary file: {e}"))?;
+    let bar = progress(json, Some(got.meta.size), "download");
+    let mut stream = got.into_stream();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|e| format!("reading {what}: {e}"))?;
+        bar.inc(chunk.len() as u64);
+        file.write_all(&chunk)
+            .await
+            .map_err(|e| format!("writing a temporary file: {e}"))?;
+    }
+    file.flush()
+        .await
+        .map_err(|e| format!("writing a temporary file: {e}"))?;
+    bar.finish_and_clear();
+    Ok(tmp)
+}
+
+/// `lessor restore`.
+pub async fn restore(c: &Client, args: RestoreArgs, json: bool) -> Result<(), String> {
+    let started = Instant::now();
+    let loc = location(&args.input)?;
+    let (_tmp, path) = match &loc {
+        Location::File(p) => (None, p.clone()),
+        Location::S3 { bucket, key } => {
+            let tmp = download(&args.s3, bucket, key, json).await?;
+            let p = tmp.path().to_path_buf();
+            (Some(tmp), p)
+        }
+    };
+    // 1. Verify everything before writing anything.
+    let bar = progress(json, None, "verify");
+    let verified = {
+        let path = path.clone();
+        let bar2 = bar.clone();
+        tokio::task::spawn_blocking(move || verify_file(&path, &bar2))
+            .await
+            .map_err(|e| format!("verifying: {e}"))??
+    };
+    bar.finish_and_clear();
+    let header = &verified.summary.header;
+    let mut selected: Vec<QueueRecord> = if args.queues.is_empty() {
+        header.queues.clone()
+    } else {
+        let mut out = Vec::new();
+        for name in &args.queues {
+            match header.queues.iter().find(|q| &q.name == name) {
+                Some(q) => out.push(q.clone()),
+                None => return Err(format!("queue '{name}' is not in the backup")),
+            }
+        }
+        out
+    };
+    let renames: Vec<(String, String)> = match &args.rename {
+        Some(new) => {
+            if selected.len() != 1 {
+                return Err("--rename needs exactly one --queue".into());
+            }
+            vec![(selected[0].name.clone(), new.clone())]
+        }
+        None => Vec::new(),
+    };
+    let target_name = |n: &str| {
+        renames
+            .iter()
+            .find(|(old, _)| old == n)
+            .map_or_else(|| n.to_string(), |(_, new)| new.clone())
+    };
+    // 2. Dead-letter queues are restored too or exist on the server; existing queues need --overwrite.
+    let names: HashSet<String> = selected.iter().map(|q| q.name.clone()).collect();
+    for q in &selected {
+        if q.dead_queue.is_empty() || names.contains(&q.dead_queue) {
+            continue;
+        }
+        match info(c, &q.dead_queue).await? {
+            Some(_) => {}
+            None => {
+                return Err(format!(
+                "queue '{}' names '{}' as its dead-letter queue, which is neither restored (add --queue {}) \
+                     nor on the server; nothing was written",
+                q.name, q.dead_queue, q.dead_queue
+            ))
+            }
+        }
+    }
+    // A queue that exists is refused (unless --overwrite), except in a resumed run: one the earlier run left
+    // restoring is taken up again, and one it already finished (all queues finish together at the end, so the
+    // earlier run was killed while finishing) is recognised by its item counts and skipped.
+    let mut existing = Vec::new();
+    for q in &selected {
+        let name = target_name(&q.name);
+        if let Some(i) = info(c, &name).await? {
+            existing.push((q.name.clone(), name, i.restoring));
+        }
+    }
+    let resuming = existing.iter().any(|(_, _, restoring)| *restoring);
+    let mut resumed = Vec::new();
+    let mut done: HashSet<String> = HashSet::new();
+    for (old, name, restoring) in &existing {
+        if *restoring {
+            resumed.push(name.clone());
+        } else if resuming && !args.overwrite && holds_backup(c, name, &verified, old).await? {
+            done.insert(name.clone());
+        } else if !args.overwrite {
+            return Err(format!(
+                "queue '{name}' exists on the server; use --overwrite to replace it (or --rename); nothing was \
+                 written"
+            ));
+        }
+    }
+    // Dead-letter queues first (the header lists them first; a selection keeps that order).
+    let dead: HashSet<String> = selected.iter().map(|q| q.dead_queue.clone()).collect();
+    selected.sort_by_key(|q| !dead.contains(&q.name));
+
+    // 3. Restore, queue by queue; each is resumable.
+    let total: u64 = selected
+        .iter()
+        .map(|q| {
+            verified
+                .blocks
+                .get(&q.name)
+                .map_or(0, |b| b.iter().map(|b| b.items).sum::<u64>())
+        })
+        .sum();
+    let bar = progress(json, Some(total), "restore");
+    let mut sent_items = 0u64;
+    let mut skipped_items = 0u64;
+    for q in &selected {
+        let name = target_name(&q.name);
+        if done.contains(&name) {
+            let n = verified
+                .blocks
+                .get(&q.name)
+                .map_or(0, |b| b.iter().map(|b| b.items).sum::<u64>());
+            skipped_items += n;
+            bar.inc(n);
+            continue;
+        }
+        let mut rec = q.clone();
+        rec.name = name.clone();
+        let begin = c
+            .call::<pb::routes::StorageRestoreBegin>(&pb::RestoreBeginRequest {
+                queue: rec.encode_to_vec(),
+                namespace: rec.namespace.clone(),
+                overwrite: args.overwrite && !resumed.contains(&name),
+            })
+            .await
+            .map_err(|e| format!("restoring '{name}': {e}"))?;
+        let have = begin.partition_items;
+        let blocks = verified.blocks.get(&q.name).cloned().unwrap_or_default();
+        // Partitions in parallel (each one's blocks in order: the server imports a block only right after the one
+        // before it).
+        let mut by_part: BTreeMap<u32, Vec<BlockRef>> = BTreeMap::new();
+        for b in blocks {
+            by_part.entry(b.partition).or_default().push(b);
+        }
+        let results = futures::future::join_all(by_part.into_iter().map(|(p, blocks)| {
+            let have = have
+                .get(p as usize)
+                .copied()
+                .map_or(0, |h| u64::try_from(h).unwrap_or(0));
+            restore_partition(c, &path, &name, blocks, have, &bar)
+        }))
+        .await;
+        for r in results {
+            let (sent, skipped) = r?;
+            sent_items += sent;
+            skipped_items += skipped;
+        }
+    }
+    // Every queue opens at once, only when all of them are in: a restore killed earlier leaves them all
+    // restoring (closed to traffic), never some open and some half filled.
+    for q in &selected {
+        let name = target_name(&q.name);
+        c.call::<pb::routes::StorageRestoreFinish>(&pb::RestoreFinishRequest {
+            queue_name: name.clone(),
+        })
+        .await
+        .map_err(|e| format!("finishing '{name}': {e}"))?;
+    }
+    bar.finish_and_clear();
+    let secs = started.elapsed().as_secs_f64();
+    let queue_names: Vec<String> = selected.iter().map(|q| target_name(&q.name)).collect();
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "backup_id": header.backup_id,
+                "queues": queue_names,
+                "items": total,
+                "items_sent": sent_items,
+                "items_already_restored": skipped_items,
+                "resumed": resumed,
+                "seconds": secs,
+            })
+        );
+    } else {
+        println!(
+            "restored {} queues ({}), {} items in {:.1}s ({:.0} items/s){}",
+            queue_names.len(),
+            queue_names.join(", "),
+            total,
+            secs,
+            total as f64 / secs.max(1e-9),
+            if skipped_items > 0 {
+                format!("; {skipped_items} were already restored by an earlier run")
+            } else {
+                String::new()
+            }
+        );
+    }
+    Ok(())
+}
+
+/// Whether queue `name` holds exactly the items the backup has for queue `old`, partition by partition (how a
+/// resumed restore recognises a queue the interrupted run had finished).
+async fn holds_backup(c: &Client, name: &str, verified: &Verified, old: &str) -> Result<bool, String> {
+    let stats = c
+        .queue_stats(&pb::QueueStatsRequest {
+            queue_name: name.to_string(),
+        })
+        .await
+        .map_err(|e| format!("reading the stats of '{name}': {e}"))?;
+    let mut want: BTreeMap<u32, u64> = BTreeMap::new();
+    for b in verified.blocks.get(old).into_iter().flatten() {
+        *want.entry(b.partition).or_default() += b.items;
+    }
+    let mut have: BTreeMap<u32, u64> = BTreeMap::new();
+    for p in stats.logical_queues.iter().flat_map(|l| &l.partitions) {
+        let n = u64::try_from(p.total).unwrap_or(0) + u64::try_from(p.scheduled).unwrap_or(0);
+        if n > 0 {
+            have.insert(u32::try_from(p.partition).unwrap_or(u32::MAX), n);
+        }
+    }
+    Ok(want == have)
+}
+
+async fn info(c: &Client, name: &str) -> Result<Option<pb::QueueInfo>, String> {
+    match c
+        .queues_info(&pb::QueuesInfoRequest {
+            queue_name: name.to_string(),
+        })
+        .await
+    {
+        Ok(i) => Ok(Some(i)),
+        Err(lessor_client::ClientError::Api { message, .. }) if message.contains("does not exist") => {
+            Ok(None)
+        }
+        Err(e) => Err(format!("looking up queue '{name}': {e}")),
+    }
+}
+
+/// Sends one partition's blocks from item `have` on; returns (items sent, items skipped as already there).
+async fn restore_partition(
+    c: &Client,
+    path: &Path,
+    queue: &str,
+    blocks: Vec<BlockRef>,
+    have: u64,
+    bar: &ProgressBar,
+) -> Result<(u64, u64), String> {
+    let mut file = std::fs::File::open(path).map_err(|e| format!("opening '{}': {e}", path.display()))?;
+    let (mut sent, mut skipped) = (0u64, 0u64);
+    for b in blocks {
+        if b.first + b.items <= have {
+            skipped += b.items;
+            bar.inc(b.items);
+            continue;
+        }
+        let mut body = vec![0u8; b.len];
+        file.seek(SeekFrom::Start(b.offset))
+            .and_then(|_| file.read_exact(&mut body))
+            .map_err(|e| format!("reading '{}': {e}", path.display()))?;
+        let r = c
+            .call::<pb::routes::StorageRestoreImport>(&pb::RestoreImportRequest {
+                queue_name: queue.to_string(),
+                block: body,
+                crc32: i64::from(b.crc),
+            })
+            .await
+            .map_err(|e| format!("restoring partition {} of '{queue}': {e}", b.partition))?;
+        let now = u64::try_from(r.partition_items).unwrap_or(0);
+        if now != b.first + b.items {
+            return Err(format!(
+                "restoring partition {} of '{queue}': the server holds {now} items after a block ending at item {}; \
+                 the queue changed during the restore",
+                b.partition,
+                b.first + b.items
+            ));
+        }
+        sent += b.items;
+        bar.inc(b.items);
+    }
+    Ok((sent, skipped))
+}
+
+/// `lessor migrate`: copies queue definitions, items and auth data from one storage configuration to another,
+/// with no server running. Each queue goes through the restoring state, so an interrupted migration resumes when
+/// run again.
+pub async fn migrate(args: MigrateArgs, json: bool) -> Result<(), String> {
+    let started = Instant::now();
+    let load = |p: &str| lessor_server::Config::from_file(p).map_err(|e| format!("'{p}': {e}"));
+    let (from_cfg, to_cfg) = (load(&args.from)?, load(&args.to)?);
+    let clock: lessor_core::time::SharedClock = Arc::new(lessor_core::time::SystemClock);
+    let src = from_cfg
+        .build_engine(clock.clone())
+        .await
+        .map_err(|e| format!("opening the source '{}': {e}", args.from))?;
+    let dst = to_cfg
+        .build_engine(clock)
+        .await
+        .map_err(|e| format!("opening the target '{}': {e}", args.to))?;
+    let result = migrate_engines(&src, &dst, &args, json).await;
+    src.shutdown().await;
+    dst.shutdown().await;
+    let (queues, items, auth_keys) = result?;
+    let secs = started.elapsed().as_secs_f64();
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({"queues": queues, "items": items, "auth_records": auth_keys, "seconds": secs})
+        );
+    } else {
+        println!(
+            "migrated {} queues, {items} items and {auth_keys} auth records in {secs:.1}s",
+            queues.len()
+        );
+    }
+    Ok(())
+}
+
+/// Items per page of a migration.
+const MIGRATE_PAGE: usize = 2000;
+
+async fn migrate_engines(
+    src: &lessor_core::engine::Engine,
+    dst: &lessor_core::engine::Engine,
+    args: &MigrateArgs,
+    json: bool,
+) -> Result<(Vec<String>, u64, u64), String> {
+    let e = |what: &str, err: lessor_core::error::QueueError| format!("{what}: {err}");
+    let mut queues = Vec::new();
+    let mut pivot = String::new();
+    loop {
+        let page = src
+            .list_queues(&pivot, 1000, "")
+            .await
+            .map_err(|x| e("listing queues", x))?;
+        let full = page.len() == 1000;
+        if let Some(l) = page.last() {
+            pivot = format!("{}\0", l.name);
+        }
+        queues.extend(page);
+        if !full {
+            break;
+        }
+    }
+    if !args.queues.is_empty() {
+        for n in &args.queues {
+            if !queues.iter().any(|q| &q.name == n) {
+                return Err(format!("queue '{n}' is not in the source"));
+            }
+        }
+        queues.retain(|q| args.queues.contains(&q.name));
+    }
+    // Refuse before writing anything.
+    for q in &queues {
+        match dst.queue_info(&q.name).await {
+            Ok(t) if !t.restoring && !args.overwrite => {
+                return Err(format!(
+                    "queue '{}' exists in the target; use --overwrite to replace it; nothing was written",
+                    q.name
+                ))
+            }
+            Ok(_) | Err(lessor_core::error::QueueError::QueueNotFound(_)) => {}
+            Err(x) => return Err(e("reading the target", x)),
+        }
+    }
+    let dead: HashSet<String> = queues.iter().map(|q| q.dead_queue.clone()).collect();
+    queues.sort_by_key(|q| !dead.contains(&q.name));
+    let bar = progress(json, None, "migrate");
+    let mut items = 0u64;
+    for q in &queues {
+        let resume = matches!(dst.queue_info(&q.name).await, Ok(t) if t.restoring);
+        let mut info = q.clone();
+        info.restoring = false;
+        let stored = dst
+            .restore_begin(info, args.overwrite && !resume)
+            .await
+            .map_err(|x| e(&format!("creating '{}'", q.name), x))?;
+        for p in 0..q.partitions.len() as u32 {
+            if p as usize >= stored.partitions.len() {
+                break;
+            }
+            let mut have = dst
+                .restore_import(&q.name, p, 0, Vec::new())
+                .await
+                .map_err(|x| e(&format!("reading partition {p} of '{}'", q.name), x))?;
+            let mut snap = src
+                .snapshot(&q.name, p)
+                .await
+                .map_err(|x| e(&format!("reading partition {p} of '{}'", q.name), x))?;
+            let mut offset = 0u64;
+            loop {
+                let page = snap
+                    .next(MIGRATE_PAGE)
+                    .await
+                    .map_err(|x| format!("reading partition {p} of '{}': {x}", q.name))?;
+                if page.is_empty() {
+                    break;
+                }
+                let n = page.len() as u64;
+                if offset + n > have {
+                    have = dst
+                        .restore_import(&q.name, p, offset, page)
+                        .await
+                        .map_err(|x| e(&format!("writing partition {p} of '{}'", q.name), x))?;
+                }
+                offset += n;
+                items += n;
+                bar.inc(n);
+            }
+        }
+        dst.restore_finish(&q.name)
+            .await
+            .map_err(|x| e(&format!("finishing '{}'", q.name), x))?;
+    }
+    bar.finish_and_clear();
+    let auth = if args.skip_auth {
+        0
+    } else {
+        copy_auth(src, dst).await?
+    };
+    Ok((queues.iter().map(|q| q.name.clone()).collect(), items, auth))
+}
+
+/// Copies every auth record (users, keys, roles, bindings) in pages, each page one commit. Re-running copies them
+/// again, which writes the same values.
+async fn copy_auth(
+    src: &lessor_core::engine::Engine,
+    dst: &lessor_core::engine::Engine,
+) -> Result<u64, String> {
+    let (from, to) = (src.auth_store(), dst.auth_store());
+    let mut cursor: Vec<u8> = Vec::new();
+    let mut n = 0u64;
+    loop {
+        let page = from
+            .scan(b"", &cursor, 500)
+            .await
+            .map_err(|e| format!("reading auth records: {e}"))?;
+        if page.is_empty() {
+            return Ok(n);
+        }
+        let mut commit = lessor_core::auth::store::Commit::default();
+        for (k, v) in &page {
+            commit.put(k.to_vec(), v.to_vec());
+        }
+        n += page.len() as u64;
+        to.commit(commit)
+            .await
+            .map_err(|e| format!("writing auth records: {e}"))?
+            .map_err(|_| "writing auth records: a precondition failed".to_string())?;
+        let Some((last, _)) = page.last() else {
+            return Ok(n);
+        };
+        cursor = last.to_vec();
+        cursor.push(0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn locations_parse() {
+        assert_eq!(
+            location("s3://b/k/x.bak").unwrap(),
+            Location::S3 {
+                bucket: "b".into(),
+                key: "k/x.bak".into()
+            }
+        );
+        assert!(location("s3://b").is_err());
+        assert!(location("s3:///k").is_err());
+        assert_eq!(location("/tmp/x").unwrap(), Location::File("/tmp/x".into()));
+    }
+}
