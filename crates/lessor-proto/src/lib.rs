@@ -51,6 +51,7 @@ pub mod codec;
 pub mod duration;
 pub mod extensions;
 pub mod namespaces;
+pub mod querator_keys;
 pub mod queue;
 pub mod queues;
 pub mod reply;

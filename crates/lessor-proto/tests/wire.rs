@@ -584,47 +584,11 @@ fn invalid_protobuf_is_reported() {
 
 // ---- Lessor extensions ----------------------------------------------------------------------------------------
 
-/// The JSON keys of Querator's `QueueInfo`, `QueueLeaseItem`, `QueueProduceItem` and `StorageItem`: a strict
-/// protojson decoder (unknown fields are errors) of Querator's messages accepts nothing else.
-const QUERATOR_QUEUE_INFO: &[&str] = &[
-    "queue_name",
-    "created_at",
-    "updated_at",
-    "dead_queue",
-    "reference",
-    "lease_timeout",
-    "expire_timeout",
-    "max_attempts",
-    "requested_partitions",
-    "partitions",
-    "namespace",
-];
-const QUERATOR_LEASE_ITEM: &[&str] = &[
-    "encoding",
-    "kind",
-    "reference",
-    "id",
-    "attempts",
-    "lease_deadline",
-    "bytes",
-];
-const QUERATOR_STORAGE_ITEM: &[&str] = &[
-    "id",
-    "source_id",
-    "is_leased",
-    "lease_deadline",
-    "expire_deadline",
-    "dead_deadline",
-    "created_at",
-    "updated_at",
-    "enqueue_at",
-    "attempts",
-    "max_attempts",
-    "reference",
-    "encoding",
-    "kind",
-    "payload",
-];
+// The JSON keys of Querator's messages: a strict protojson decoder of them accepts nothing else.
+use lessor_proto::querator_keys::{
+    LEASE_ITEM as QUERATOR_LEASE_ITEM, QUEUE_INFO as QUERATOR_QUEUE_INFO,
+    STORAGE_ITEM as QUERATOR_STORAGE_ITEM,
+};
 
 fn only_keys(v: &Value, allowed: &[&str]) {
     for k in v.as_object().expect("an object").keys() {

@@ -494,23 +494,7 @@ mod strict_querator_tests {
         assert!(!info.effective_dedup_window().is_zero());
         let json = pb::encode(pb::Encoding::Json, &queue_info_out(info));
         let v: serde_json::Value = serde_json::from_slice(&json).expect("json");
-        only_keys(
-            &v,
-            &[
-                "queue_name",
-                "created_at",
-                "updated_at",
-                "dead_queue",
-                "reference",
-                "lease_timeout",
-                "expire_timeout",
-                "max_attempts",
-                "requested_partitions",
-                "partitions",
-                "namespace",
-            ],
-            "QueueInfo",
-        );
+        only_keys(&v, lessor_proto::querator_keys::QUEUE_INFO, "QueueInfo");
         let item = Item {
             id: ItemId(7),
             attempts: 1,
@@ -520,19 +504,7 @@ mod strict_querator_tests {
         };
         let json = pb::encode(pb::Encoding::Json, &lease_item(item));
         let v: serde_json::Value = serde_json::from_slice(&json).expect("json");
-        only_keys(
-            &v,
-            &[
-                "encoding",
-                "kind",
-                "reference",
-                "id",
-                "attempts",
-                "lease_deadline",
-                "bytes",
-            ],
-            "QueueLeaseItem",
-        );
+        only_keys(&v, lessor_proto::querator_keys::LEASE_ITEM, "QueueLeaseItem");
     }
 
     #[test]

@@ -252,20 +252,7 @@ async fn metric(e: &Env, name: &str, queue: &str) -> f64 {
         .unwrap_or_else(|| panic!("no {prefix} in:\n{text}"))
 }
 
-/// The JSON keys of Querator's `QueueInfo`.
-const QUERATOR_QUEUE_INFO: &[&str] = &[
-    "queue_name",
-    "created_at",
-    "updated_at",
-    "dead_queue",
-    "reference",
-    "lease_timeout",
-    "expire_timeout",
-    "max_attempts",
-    "requested_partitions",
-    "partitions",
-    "namespace",
-];
+use lessor_proto::querator_keys::QUEUE_INFO as QUERATOR_QUEUE_INFO;
 
 lessor_testkit::every_backend!(
     extend_keeps_an_item_past_its_original_lease,
