@@ -36,15 +36,7 @@ impl Env {
     }
 
     async fn create(&self, name: &str, f: impl FnOnce(&mut pb::QueueInfo)) {
-        let mut q = pb::QueueInfo {
-            queue_name: name.into(),
-            lease_timeout: "1m".into(),
-            expire_timeout: "24h".into(),
-            requested_partitions: 1,
-            ..Default::default()
-        };
-        f(&mut q);
-        self.c.queues_create(&q).await.expect("create queue");
+        lessor_testkit::server::create_queue(&self.c, name, f).await;
     }
 
     async fn produce(&self, q: &str, items: Vec<pb::QueueProduceItem>) -> Result<(), ClientError> {
@@ -58,14 +50,7 @@ impl Env {
     }
 
     async fn lease(&self, q: &str, n: i32, client: &str) -> Result<pb::QueueLeaseResponse, ClientError> {
-        self.c
-            .queue_lease(&pb::QueueLeaseRequest {
-                queue_name: q.into(),
-                batch_size: n,
-                client_id: client.into(),
-                request_timeout: "5s".into(),
-            })
-            .await
+        lessor_testkit::server::lease(&self.c, q, n, client).await
     }
 
     /// A lease request that long-polls for up to a minute, run in the background.

@@ -134,3 +134,36 @@ macro_rules! every_backend {
         }
     };
 }
+
+/// Creates queue `name` (1-minute leases, 24-hour expiry, one partition) after `f` adjusted the definition.
+///
+/// # Panics
+/// When the server refuses it.
+pub async fn create_queue(client: &Client, name: &str, f: impl FnOnce(&mut lessor_client::proto::QueueInfo)) {
+    let mut q = lessor_client::proto::QueueInfo {
+        queue_name: name.into(),
+        lease_timeout: "1m".into(),
+        expire_timeout: "24h".into(),
+        requested_partitions: 1,
+        ..Default::default()
+    };
+    f(&mut q);
+    client.queues_create(&q).await.expect("create queue");
+}
+
+/// Leases up to `n` items of `queue` as consumer `consumer`, waiting at most 5 s.
+pub async fn lease(
+    client: &Client,
+    queue: &str,
+    n: i32,
+    consumer: &str,
+) -> Result<lessor_client::proto::QueueLeaseResponse, lessor_client::ClientError> {
+    client
+        .queue_lease(&lessor_client::proto::QueueLeaseRequest {
+            queue_name: queue.into(),
+            batch_size: n,
+            client_id: consumer.into(),
+            request_timeout: "5s".into(),
+        })
+        .await
+}
