@@ -189,13 +189,18 @@ pub trait Partition: Send + Sync + Debug + 'static {
     /// Items whose non-empty `source_id` is already present are skipped (idempotent dead-letter moves); their slot in
     /// the returned vector holds the id of the item already stored. Returns the ids in input order.
     ///
-    /// Deduplication: an item with a non-empty `dedup_id` is skipped when the store holds a live record for that
-    /// key (`until` > the item's `created_at`), its slot holding the recorded id; otherwise the item is stored
-    /// together with a record `(dedup_id, id, dedup_until)`, in the same atomic write. A second item with the same
-    /// key in the same call is skipped the same way. The scope of the check is the partition for stores owned by
-    /// one process (the engine checks across partitions) and the whole queue for shared stores (postgres), so
-    /// that several servers agree. Expired records are dropped by later calls, at least as many per call as the
-    /// call adds, so their number stays bounded by the produce rate times the window.
+    /// Deduplication depends on who can see every write of the queue:
+    /// - Stores owned by one process (memory, fjall): the caller (the engine's queue-wide index) is the only check;
+    ///   the partition does not look keys up. It stores every item and, for an item with a non-empty `dedup_id` and
+    ///   `dedup_until` after its `created_at`, a record `(dedup_id, id, dedup_until)` in the same atomic write, so
+    ///   that [`Partition::dedup_records`] can rebuild the caller's index after a restart.
+    /// - Shared stores (postgres, [`PartitionStore::shared`]): several servers write the queue, so the store checks
+    ///   the whole queue itself: an item whose key has a live record (`until` > the item's `created_at`) is
+    ///   skipped, its slot holding the recorded id; a second item with the same key in the same call is skipped the
+    ///   same way; otherwise the item is stored with its record in the same atomic write.
+    ///
+    /// Either way, expired records are dropped by later calls, at least as many per call as the call adds, so their
+    /// number stays bounded by the produce rate times the window.
     async fn produce(&self, items: Vec<NewItem>) -> Result<Vec<ItemId>, StorageError>;
 
     /// Leases up to `n` ready items from the head, highest priority first and in id order within a priority: each

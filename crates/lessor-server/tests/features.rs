@@ -35,6 +35,12 @@ impl Env {
         }
     }
 
+    /// Restarts the server on the same storage (a memory server starts empty: callers skip it there).
+    async fn restart(&mut self) {
+        self._srv.restart().await;
+        self.c = self._srv.client.clone();
+    }
+
     async fn create(&self, name: &str, f: impl FnOnce(&mut pb::QueueInfo)) {
         lessor_testkit::server::create_queue(&self.c, name, f).await;
     }
@@ -245,6 +251,7 @@ lessor_testkit::every_backend!(
     extend_past_the_max_lease_and_bad_extends_are_refused,
     priorities_are_served_highest_first,
     dedup_stores_a_key_once_within_its_window,
+    dedup_keys_survive_consumption_and_restart,
     pause_holds_leases_until_resume,
     browse_by_state_with_paging_and_holders,
     backoff_schedules_retries,
@@ -561,6 +568,60 @@ async fn dedup_stores_a_key_once_within_its_window(enc: Encoding) {
     e.produce("q", vec![with_key("max", &"k".repeat(128))])
         .await
         .expect("128 bytes is allowed");
+}
+
+/// Keys of items consumed, leased or waiting, spread over several partitions, are still refused after a restart
+/// (persistent backends): the queue-wide index is rebuilt from the partitions' records, which the partitions keep
+/// without checking them.
+async fn dedup_keys_survive_consumption_and_restart(enc: Encoding) {
+    let mut e = Env::new(enc).await;
+    e.create("q", |q| q.requested_partitions = 3).await;
+    for n in 0..12 {
+        e.produce("q", vec![with_key(&format!("item-{n}"), &format!("key-{n}"))])
+            .await
+            .expect("produce");
+    }
+    let per_partition: Vec<i32> = e.stats("q").await.partitions.iter().map(|p| p.total).collect();
+    assert!(
+        per_partition.iter().filter(|n| **n > 0).count() >= 2,
+        "the keys are spread over partitions: {per_partition:?}"
+    );
+    // Consume half of them: leased items are completed per partition.
+    let mut consumed = 0;
+    while consumed < 6 {
+        let l = e.lease("q", 1, "w").await.expect("lease");
+        for it in l.items {
+            e.c.queue_complete(&pb::QueueCompleteRequest {
+                queue_name: "q".into(),
+                partition: l.partition,
+                request_timeout: "5s".into(),
+                ids: vec![it.id],
+            })
+            .await
+            .expect("complete");
+            consumed += 1;
+        }
+    }
+    assert_eq!(e.totals("q").await.0, 6);
+    if e._srv.backend() != "memory" {
+        e.restart().await;
+        assert_eq!(e.totals("q").await.0, 6, "nothing lost in the restart");
+    }
+    let again: Vec<pb::QueueProduceItem> = (0..12)
+        .map(|n| with_key(&format!("again-{n}"), &format!("key-{n}")))
+        .chain([with_key("fresh", "key-new")])
+        .collect();
+    e.produce("q", again).await.expect("produce");
+    assert_eq!(
+        e.totals("q").await.0,
+        7,
+        "every old key refused (consumed or not), the new one stored"
+    );
+    e.advance(Duration::from_secs(5 * 60 + 1)).await;
+    e.produce("q", vec![with_key("next window", "key-0")])
+        .await
+        .expect("produce");
+    assert_eq!(e.totals("q").await.0, 8, "a new window stores the key again");
 }
 
 // ---- pause and resume ------------------------------------------------------------------------------------------

@@ -47,6 +47,7 @@ pub struct BackendServer {
     pub client: Client,
     /// The clock the server runs on; tests move it.
     pub clock: ManualClock,
+    config: Config,
     _dir: Option<tempfile::TempDir>,
     _db: Option<crate::TestDatabase>,
 }
@@ -91,8 +92,31 @@ pub async fn on_backend(encoding: lessor_client::Encoding) -> BackendServer {
         server: Some(server),
         client: client.with_encoding(encoding),
         clock,
+        config,
         _dir: dir,
         _db: db,
+    }
+}
+
+impl BackendServer {
+    /// The backend this server runs on ("memory", "fjall" or "postgres").
+    pub fn backend(&self) -> &'static str {
+        BACKEND.try_with(|b| *b).unwrap_or("memory")
+    }
+
+    /// Stops the server and starts a new one on the same storage and clock (a memory server starts empty), with a
+    /// client of the same encoding in [`BackendServer::client`].
+    ///
+    /// # Panics
+    /// When the new server does not start.
+    pub async fn restart(&mut self) {
+        if let Some(s) = self.server.take() {
+            s.stop().await;
+        }
+        let encoding = self.client.encoding();
+        let (server, client) = start(&self.config, Some(Arc::new(self.clock.clone()))).await;
+        self.server = Some(server);
+        self.client = client.with_encoding(encoding);
     }
 }
 

@@ -1,52 +1,26 @@
 //! The dedup records of one partition: which key was stored under which item until when.
 //!
 //! # Why it looks like this
-//! With a key on every item, this set is on the produce path of every item, so it must cost little time and memory
-//! per record (measured with `examples/memory_overhead.rs`: about 100 to 135 resident bytes per record with 16- to
-//! 36-byte keys, against about 200 for a map plus an ordered index of shared strings):
-//! - Records live in a FIFO in the order they were added, each with its key in one boxed string. Their `until` is
-//!   `created_at + window`, so the FIFO is in expiry order and expired records are dropped from its front, O(1)
-//!   each. When the order is broken (the window was shortened, the clock stepped back), an expired record behind a
-//!   live one waits for it; every lookup checks `until`, so it is only kept longer, never obeyed.
-//! - The lookup table maps a keyed SipHash of the key (the standard, flood-resistant hash, computed once per key) to
-//!   the record's position, so the table holds 16 bytes per record and never rehashes strings as it grows. The key
-//!   string of the record is compared on every hit: two keys with one hash are never confused. In that case (odds
-//!   about n²/2⁶⁵) the second key's item is stored without a record, i.e. it is not deduplicated, which loses
-//!   nothing.
-//! - A key recorded again once its record ended points the table at the new record; the old one stays in the FIFO
-//!   until its turn, and is reported dropped then, so a persistent store deletes it from disk.
+//! The partition records keys but does not check them: the queue task's index (one per queue, in the engine) is the
+//! only check for stores owned by one process, and it is rebuilt from these records when a queue opens (see
+//! [`lessor_core::storage::Partition::produce`]). A second lookup table here cost as much again as the engine's
+//! index for nothing (each key hashed twice, two tables growing and missing the cache), so records are only a FIFO:
+//! - Records live in the order they were added, each with its key in one boxed string (moved in, not copied). Their
+//!   `until` is `created_at + window`, so the FIFO is in expiry order and expired records are dropped from its
+//!   front, O(1) each, no hashing. When the order is broken (the window was shortened, the clock stepped back), an
+//!   expired record behind a live one waits for it; [`DedupSet::live`] checks `until`, so it is only kept longer,
+//!   never obeyed.
+//! - A key recorded again (the engine found its record ended) leaves both records in the FIFO until their turn;
+//!   readers keep the later `until` of a key.
 //! - Records are stored on disk in groups, one per produce call (one key-value entry for a whole batch instead of
 //!   one per item: a third entry per item cost fjall more than the rest of the key's work together). A group is
 //!   named by its first record's `(until, id)` and is reported dropped when its last record leaves the FIFO;
 //!   records of a call are consecutive in the FIFO, so the groups leave in the order they came.
 
-use std::collections::hash_map::RandomState;
-use std::collections::{HashMap, VecDeque};
-use std::hash::{BuildHasher, BuildHasherDefault, Hasher};
+use std::collections::VecDeque;
 
 use lessor_core::time::Ts;
 use lessor_core::types::{DedupRecord, ItemId};
-
-/// A hasher for keys that already are hashes: it passes the `u64` through.
-#[derive(Default)]
-struct PassThrough(u64);
-
-impl Hasher for PassThrough {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-
-    fn write(&mut self, bytes: &[u8]) {
-        // Only `u64` keys are hashed with it (see `write_u64`); this keeps the trait whole.
-        for &b in bytes {
-            self.0 = self.0.rotate_left(8) ^ u64::from(b);
-        }
-    }
-
-    fn write_u64(&mut self, v: u64) {
-        self.0 = v;
-    }
-}
 
 #[derive(Debug)]
 struct Record {
@@ -58,74 +32,23 @@ struct Record {
 /// A partition's dedup records.
 #[derive(Debug, Default)]
 pub(crate) struct DedupSet {
-    hasher: RandomState,
-    /// Hash of a key -> sequence number of the record holding the key.
-    table: HashMap<u64, u64, BuildHasherDefault<PassThrough>>,
-    /// Records in the order they were added; record `seq` is at `seq - first_seq`.
+    /// Records in the order they were added.
     fifo: VecDeque<Record>,
-    first_seq: u64,
     /// The groups of the FIFO's records, in the same order: (records still in the FIFO, the group's name).
     groups: VecDeque<(u32, Ts, ItemId)>,
     /// Records added since the last [`DedupSet::seal`], not yet in a group.
     open: u32,
 }
 
-/// What [`DedupSet::find`] learnt about a key, for the [`DedupSet::insert`] that may follow.
-pub(crate) struct Probe {
-    hash: u64,
-    /// The record holding the key's hash, if any: (sequence number, whether it holds this very key).
-    held: Option<(u64, bool)>,
-}
-
 impl DedupSet {
-    fn hash(&self, key: &str) -> u64 {
-        self.hasher.hash_one(key)
-    }
-
-    fn get(&self, seq: u64) -> Option<&Record> {
-        self.fifo
-            .get(usize::try_from(seq.checked_sub(self.first_seq)?).ok()?)
-    }
-
-    /// Looks `key` up: the id of its record when that record lives at `at` (`until > at`), and a probe for
-    /// [`DedupSet::insert`].
-    pub(crate) fn find(&self, key: &str, at: Ts) -> (Option<ItemId>, Probe) {
-        let hash = self.hash(key);
-        let Some(&seq) = self.table.get(&hash) else {
-            return (None, Probe { hash, held: None });
-        };
-        // The table only names records in the FIFO (`prune` removes an entry with its record).
-        let Some(r) = self.get(seq) else {
-            return (None, Probe { hash, held: None });
-        };
-        let same = *r.key == *key;
-        let live = same && r.until > at;
-        (
-            live.then_some(ItemId(r.id)),
-            Probe {
-                hash,
-                held: Some((seq, same)),
-            },
-        )
-    }
-
-    /// Records `key` for item `id` until `until`, after a [`DedupSet::find`] that found no live record at `at`.
-    /// Returns false (and records nothing) when another key with the same hash still holds a live record.
-    pub(crate) fn insert(&mut self, probe: Probe, key: String, id: ItemId, until: Ts, at: Ts) -> bool {
-        if let Some((seq, false)) = probe.held {
-            if self.get(seq).is_some_and(|r| r.until > at) {
-                return false;
-            }
-        }
-        let seq = self.first_seq + self.fifo.len() as u64;
+    /// Records `key` for item `id` until `until`.
+    pub(crate) fn insert(&mut self, key: String, id: ItemId, until: Ts) {
         self.fifo.push_back(Record {
             until,
             id: id.0,
             key: key.into_boxed_str(),
         });
-        self.table.insert(probe.hash, seq);
         self.open += 1;
-        true
     }
 
     /// Closes the records added since the last call into one group, named by the first of them; returns that name,
@@ -147,14 +70,7 @@ impl DedupSet {
             if self.fifo.front().is_none_or(|r| r.until > now) {
                 return;
             }
-            let Some(r) = self.fifo.pop_front() else { return };
-            let seq = self.first_seq;
-            self.first_seq += 1;
-            let hash = self.hash(&r.key);
-            // The key may be held by a later record by now: only this record's entry goes.
-            if self.table.get(&hash) == Some(&seq) {
-                self.table.remove(&hash);
-            }
+            self.fifo.pop_front();
             if let Some(g) = self.groups.front_mut() {
                 g.0 -= 1;
                 if g.0 == 0 {
@@ -166,12 +82,14 @@ impl DedupSet {
         }
     }
 
-    /// The records holding their key that live at `now` (`until > now`), in the order they were added.
+    /// The records that live at `now` (`until > now`), in the order they were added. A key recorded twice while
+    /// both records live (only when the caller broke the contract, or the clock stepped back) is listed twice; the
+    /// engine keeps the later `until`.
     pub(crate) fn live(&self, now: Ts) -> Vec<DedupRecord> {
-        (self.first_seq..)
-            .zip(&self.fifo)
-            .filter(|(seq, r)| r.until > now && self.table.get(&self.hash(&r.key)) == Some(seq))
-            .map(|(_, r)| DedupRecord {
+        self.fifo
+            .iter()
+            .filter(|r| r.until > now)
+            .map(|r| DedupRecord {
                 dedup_id: r.key.to_string(),
                 id: ItemId(r.id),
                 until: r.until,
@@ -180,28 +98,19 @@ impl DedupSet {
     }
 
     /// Adds stored groups of records (any order, expired ones included: they are dropped in turn, and reported so);
-    /// a group is named by its first record. Of two records of one key, the later one in `(until, id)` order holds
-    /// it.
+    /// a group is named by its first record.
     pub(crate) fn restore(&mut self, groups: impl IntoIterator<Item = Vec<DedupRecord>>) {
         let mut groups: Vec<Vec<DedupRecord>> = groups.into_iter().filter(|g| !g.is_empty()).collect();
         groups.sort_by_key(|g| (g[0].until, g[0].id));
         for g in groups {
             self.groups.push_back((g.len() as u32, g[0].until, g[0].id));
-            self.restore_group(g);
-        }
-    }
-
-    fn restore_group(&mut self, records: Vec<DedupRecord>) {
-        for r in records {
-            let hash = self.hash(&r.dedup_id);
-            let seq = self.first_seq + self.fifo.len() as u64;
-            self.fifo.push_back(Record {
-                until: r.until,
-                id: r.id.0,
-                key: r.dedup_id.into_boxed_str(),
-            });
-            // Sorted by `until`: a later record of the same key replaces the earlier one in the table.
-            self.table.insert(hash, seq);
+            for r in g {
+                self.fifo.push_back(Record {
+                    until: r.until,
+                    id: r.id.0,
+                    key: r.dedup_id.into_boxed_str(),
+                });
+            }
         }
     }
 
@@ -209,58 +118,25 @@ impl DedupSet {
     pub(crate) fn len(&self) -> usize {
         self.fifo.len()
     }
-
-    /// Records the lookup table points at (one per key).
-    #[cfg(test)]
-    pub(crate) fn keys(&self) -> usize {
-        self.table.len()
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn add(s: &mut DedupSet, key: &str, id: u64, at: i64, until: i64) -> Option<ItemId> {
-        let (found, probe) = s.find(key, Ts(at));
-        if found.is_none() {
-            assert!(s.insert(probe, key.to_string(), ItemId(id), Ts(until), Ts(at)));
-            s.seal();
-        }
-        found
+    fn add(s: &mut DedupSet, key: &str, id: u64, until: i64) {
+        s.insert(key.to_string(), ItemId(id), Ts(until));
+        s.seal();
     }
 
-    /// Two keys with one hash are told apart by their strings; the second is not recorded while the first lives.
-    #[test]
-    fn a_hash_collision_never_confuses_keys() {
-        let mut s = DedupSet::default();
-        add(&mut s, "a", 1, 0, 100);
-        // Force a collision: point the hash of "b" at the record of "a".
-        let hb = s.hash("b");
-        s.table.insert(hb, 0);
-        let (found, probe) = s.find("b", Ts(5));
-        assert_eq!(found, None, "another key's record is not this key's");
-        assert!(!s.insert(probe, "b".into(), ItemId(2), Ts(100), Ts(5)));
-        assert_eq!(s.find("a", Ts(5)).0, Some(ItemId(1)));
-        // Once the colliding record has ended, the slot is taken over.
-        let (found, probe) = s.find("b", Ts(100));
-        assert_eq!(found, None);
-        assert!(s.insert(probe, "b".into(), ItemId(3), Ts(200), Ts(100)));
-        assert_eq!(s.find("b", Ts(150)).0, Some(ItemId(3)));
-    }
-
-    /// An expired record stuck behind a live one (the window was shortened) is obeyed by no lookup, listed by no
-    /// `live`, and dropped once the record in front of it goes.
+    /// An expired record stuck behind a live one (the window was shortened) is listed by no `live`, and dropped
+    /// once the record in front of it goes.
     #[test]
     fn out_of_order_expiry_is_only_kept_longer() {
         let mut s = DedupSet::default();
-        add(&mut s, "long", 1, 0, 1000);
-        add(&mut s, "short", 2, 0, 10);
-        assert_eq!(
-            add(&mut s, "short", 3, 20, 30),
-            None,
-            "the ended record is not obeyed"
-        );
+        add(&mut s, "long", 1, 1000);
+        add(&mut s, "short", 2, 10);
+        add(&mut s, "short", 3, 30);
         assert_eq!(
             s.live(Ts(20)).iter().map(|r| r.id).collect::<Vec<_>>(),
             vec![ItemId(1), ItemId(3)]
@@ -273,6 +149,20 @@ mod tests {
             dropped,
             vec![(Ts(1000), ItemId(1)), (Ts(10), ItemId(2)), (Ts(30), ItemId(3))]
         );
-        assert_eq!((s.len(), s.keys()), (0, 0));
+        assert_eq!(s.len(), 0);
+    }
+
+    /// Records not sealed into a group are never pruned, even when ended.
+    #[test]
+    fn open_records_wait_for_their_seal() {
+        let mut s = DedupSet::default();
+        s.insert("a".into(), ItemId(1), Ts(5));
+        let mut dropped = Vec::new();
+        s.prune(Ts(10), 10, |t, id| dropped.push((t, id)));
+        assert_eq!((s.len(), dropped.len()), (1, 0));
+        assert_eq!(s.seal(), Some((Ts(5), ItemId(1))));
+        assert_eq!(s.seal(), None, "nothing added since");
+        s.prune(Ts(10), 10, |t, id| dropped.push((t, id)));
+        assert_eq!(dropped, vec![(Ts(5), ItemId(1))]);
     }
 }

@@ -1,10 +1,11 @@
 //! Conformance cases of the issue-10 storage contract: lease extension, priorities, retry backoff, deduplication
 //! records, and the queue settings that carry them (see the doc comments of [`lessor_core::storage::Partition`]).
 //!
-//! Dedup scope differs between stores (one partition for stores owned by one process, the whole queue for shared
-//! ones), so every dedup case works within one partition, where both scopes agree. Shared stores may answer
-//! `dedup_records` with nothing (they check the whole queue themselves); the cases that read records accept that
-//! from a shared store only.
+//! Dedup differs between stores: stores owned by one process record keys without checking them (the engine's
+//! queue-wide index checks), shared stores check the whole queue themselves. The cases that expect a duplicate to be
+//! skipped run on shared stores; the cases on records run on both. Shared stores may answer `dedup_records` with
+//! nothing (they check the whole queue themselves); the cases that read records accept that from a shared store
+//! only.
 //!
 //! A case is a `pub async fn <name>(b: TestBackend)` here, listed in the `@feature_cases` list of
 //! `conformance_tests!` (a unit test of the parent module checks that none is missing).
@@ -413,11 +414,36 @@ pub async fn backoff_retry_schedules_or_requeues(b: TestBackend) {
     assert_eq!(again[0].attempts, 2);
 }
 
-/// A second item with a live key is skipped, in the same call and in later ones, its slot holding the first id;
-/// items are stored once.
+/// Shared stores: a second item with a live key is skipped, in the same call and in later ones, its slot holding
+/// the first id; items are stored once. Stores owned by one process: every item is stored and every key recorded
+/// with its own item's id (the engine checks keys, not the partition).
 pub async fn dedup_skips_within_call_and_window(b: TestBackend) {
     let p = open(&b, "dedup-skip").await;
     let until = T0.add(SEC * 300);
+    if !b.partitions.shared() {
+        let out = p
+            .produce(vec![
+                keyed("a", "k1", T0, until),
+                item("c"),
+                keyed("d", "k2", T0, until),
+                keyed("e", "k3", T0, T0),
+            ])
+            .await
+            .expect("produce");
+        assert!(out.windows(2).all(|w| w[0] < w[1]), "{out:?}");
+        assert_eq!(p.counts().await.expect("counts").ready, 4);
+        let r = records(&b, p.as_ref(), T0).await.expect("records");
+        let rec = |k: &str, id: ItemId| DedupRecord {
+            dedup_id: k.into(),
+            id,
+            until,
+        };
+        // "k3" has no window (until is not after created_at): no record.
+        assert_eq!(r, vec![rec("k1", out[0]), rec("k2", out[2])]);
+        let l = p.lease(10, T0.add(SEC * 400)).await.expect("lease");
+        assert_eq!(payloads(&l), vec!["a", "c", "d", "e"]);
+        return;
+    }
     let out = p
         .produce(vec![
             keyed("a", "k1", T0, until),
@@ -472,8 +498,16 @@ pub async fn dedup_key_accepted_again_after_until(b: TestBackend) {
         .produce(vec![keyed("c", "k", until.add(SEC), until.add(SEC * 301))])
         .await
         .expect("produce");
-    assert_eq!(third, second, "the new record now holds the key");
-    assert_eq!(p.counts().await.expect("counts").ready, 2);
+    if b.partitions.shared() {
+        assert_eq!(third, second, "the new record now holds the key");
+        assert_eq!(p.counts().await.expect("counts").ready, 2);
+    } else {
+        // Not a caller an owned store expects (the engine would have skipped the item), but it stays consistent:
+        // the item is stored, and the later record is the one listed below once the earlier has ended.
+        assert_ne!(third, second);
+        assert_eq!(p.counts().await.expect("counts").ready, 3);
+        return;
+    }
     if let Some(r) = records(&b, p.as_ref(), until).await {
         assert_eq!(
             r,
@@ -523,7 +557,8 @@ pub async fn dedup_records_lists_live_records(b: TestBackend) {
     );
 }
 
-/// A record outlives its item: once the item is completed (or deleted), the key is still skipped.
+/// A record outlives its item: once the item is completed (or deleted), its record is still listed (owned stores:
+/// the engine rebuilds its index from it) and the key is still skipped (shared stores).
 pub async fn dedup_record_outlives_its_item(b: TestBackend) {
     let p = open(&b, "dedup-outlives").await;
     let until = T0.add(SEC * 300);
@@ -538,6 +573,13 @@ pub async fn dedup_record_outlives_its_item(b: TestBackend) {
         vec![Ok(())]
     );
     p.delete(vec![first[1]]).await.expect("delete");
+    if let Some(r) = records(&b, p.as_ref(), T0.add(SEC)).await {
+        let ids: Vec<(String, ItemId)> = r.into_iter().map(|r| (r.dedup_id, r.id)).collect();
+        assert_eq!(ids, vec![("k".into(), first[0]), ("k2".into(), first[1])]);
+    }
+    if !b.partitions.shared() {
+        return;
+    }
     let again = p
         .produce(vec![
             keyed("a2", "k", T0.add(SEC), until),

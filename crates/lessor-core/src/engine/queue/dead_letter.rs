@@ -138,17 +138,29 @@ impl QueueTask {
         let n = self.parts.len().max(1) as u64;
         let expire = now.add(self.info.expire_timeout);
         let until = now.add(self.info.effective_dedup_window());
-        let mut groups: std::collections::BTreeMap<usize, Vec<NewItem>> = Default::default();
+        let mut groups: std::collections::BTreeMap<usize, (Vec<NewItem>, Vec<u128>)> = Default::default();
+        self.dedup.prune(now, 64 + 2 * items.len());
         for mut it in items {
             let p = (stable_hash(&it.source_id) % n) as usize;
             it.expire_deadline = expire;
             it.created_at = now;
+            let group = groups.entry(p).or_default();
             if !it.dedup_id.is_empty() {
+                // The queue-wide index is the only dedup check of stores owned by one process: an item whose
+                // move already landed (and may have been consumed since) is not moved twice.
+                let h = self.dedup.hash(&it.dedup_id);
+                if self.dedup.contains(h, now) {
+                    continue;
+                }
                 it.dedup_until = until;
+                group.1.push(h);
             }
-            groups.entry(p).or_default().push(it);
+            group.0.push(it);
         }
-        for (p, items) in groups {
+        for (p, (items, keys)) in groups {
+            if items.is_empty() {
+                continue;
+            }
             let Some(h) = self.parts.get(p).and_then(|x| x.healthy()) else {
                 let _ = reply.send(Err(QueueError::PartitionUnavailable(p as u32)));
                 return;
@@ -160,6 +172,9 @@ impl QueueTask {
                 self.parts[p].fail(now, &name, &e);
                 let _ = reply.send(Err(QueueError::from_storage(&e)));
                 return;
+            }
+            for h in keys {
+                self.dedup.insert(h, until);
             }
             let part = &mut self.parts[p];
             part.pull_deadline(expire);
