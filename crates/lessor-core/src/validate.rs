@@ -25,6 +25,25 @@ pub const MAX_LIST_LIMIT: usize = 65_536;
 /// Longest client id.
 pub const MAX_CLIENT_ID: usize = 512;
 
+/// A field's name in an error message: a `&str`, or a closure that builds it, for per-item names such as
+/// `items[3].priority` that would otherwise be formatted for every valid item too (a cost on the produce path).
+pub trait FieldName {
+    /// The name.
+    fn name(self) -> String;
+}
+
+impl FieldName for &str {
+    fn name(self) -> String {
+        self.to_string()
+    }
+}
+
+impl<F: FnOnce() -> String> FieldName for F {
+    fn name(self) -> String {
+        self()
+    }
+}
+
 /// The rule a value broke, in Querator's `<field> is invalid; <rule>` form. Every "is invalid" message is built
 /// here, so the phrasing lives in one place and a message always names its field.
 pub fn invalid(field: &str, rule: impl fmt::Display) -> QueueError {
@@ -191,42 +210,49 @@ pub const MAX_BROWSE: usize = 1000;
 pub const MAX_DEDUP_WINDOW: Duration = Duration::from_secs(7 * 24 * 3600);
 
 /// Checks an item priority (0..=[`crate::types::MAX_PRIORITY`]).
-pub fn priority(field: &str, p: i64) -> Result<u8, QueueError> {
+pub fn priority(field: impl FieldName, p: i64) -> Result<u8, QueueError> {
     let max = crate::types::MAX_PRIORITY;
     if p < 0 || p > i64::from(max) {
-        return Err(invalid(field, format!("must be between 0 and {max}, got '{p}'")));
+        return Err(invalid(
+            &field.name(),
+            format!("must be between 0 and {max}, got '{p}'"),
+        ));
     }
     Ok(p as u8)
 }
 
 /// Checks a deduplication key: empty means "no key"; otherwise at most [`crate::types::MAX_DEDUP_ID`] bytes, not
 /// only white space, and no control characters (so keys print and compare as users expect).
-pub fn dedup_id(field: &str, id: &str) -> Result<(), QueueError> {
+pub fn dedup_id(field: impl FieldName, id: &str) -> Result<(), QueueError> {
     let max = crate::types::MAX_DEDUP_ID;
     if id.is_empty() {
         return Ok(());
     }
     if id.len() > max {
         return Err(invalid(
-            field,
+            &field.name(),
             format!("cannot be longer than {max} bytes, got {}", id.len()),
         ));
     }
-    // Keys are on the produce path of every keyed item: ASCII keys (the usual UUIDs and hashes) are checked a byte
-    // at a time; others go through the Unicode-aware checks.
-    let (blank, control) = if id.is_ascii() {
-        (
-            id.bytes().all(|b| b.is_ascii_whitespace() || b == 0x0b),
-            id.bytes().any(|b| b.is_ascii_control()),
-        )
-    } else {
-        (id.trim().is_empty(), id.chars().any(char::is_control))
-    };
+    // Keys are on the produce path of every keyed item: ASCII keys (the usual UUIDs and hashes) are checked in one
+    // pass a byte at a time; others go through the Unicode-aware checks.
+    let (mut blank, mut control, mut ascii) = (true, false, true);
+    for b in id.bytes() {
+        if !b.is_ascii() {
+            ascii = false;
+            break;
+        }
+        blank &= b.is_ascii_whitespace() || b == 0x0b;
+        control |= b.is_ascii_control();
+    }
+    if !ascii {
+        (blank, control) = (id.trim().is_empty(), id.chars().any(char::is_control));
+    }
     if blank {
-        return Err(invalid(field, "cannot be only white space"));
+        return Err(invalid(&field.name(), "cannot be only white space"));
     }
     if control {
-        return Err(invalid(field, "cannot contain control characters"));
+        return Err(invalid(&field.name(), "cannot contain control characters"));
     }
     Ok(())
 }

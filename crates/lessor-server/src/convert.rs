@@ -89,8 +89,8 @@ pub fn produce_items(items: Vec<pb::QueueProduceItem>) -> Result<Vec<ProduceItem
         .into_iter()
         .enumerate()
         .map(|(n, i)| {
-            let priority = validate::priority(&format!("items[{n}].priority"), i64::from(i.priority))?;
-            validate::dedup_id(&format!("items[{n}].dedup_id"), &i.dedup_id)?;
+            let priority = validate::priority(|| format!("items[{n}].priority"), i64::from(i.priority))?;
+            validate::dedup_id(|| format!("items[{n}].dedup_id"), &i.dedup_id)?;
             Ok(ProduceItem {
                 enqueue_at: ts_from(&i.enqueue_at),
                 reference: i.reference,
@@ -169,7 +169,7 @@ pub fn import_items(items: Vec<pb::StorageItem>) -> Result<Vec<Item>, ApiError> 
 
 /// The `n`-th imported item.
 fn import_item(n: usize, i: pb::StorageItem) -> Result<Item, ApiError> {
-    let priority = validate::priority(&format!("items[{n}].priority"), i64::from(i.priority))?;
+    let priority = validate::priority(|| format!("items[{n}].priority"), i64::from(i.priority))?;
     Ok(Item {
         id: ItemId(0),
         source_id: i.source_id,

@@ -732,10 +732,10 @@ impl Engine {
         )?;
         for (i, it) in items.iter().enumerate() {
             if it.priority > crate::types::MAX_PRIORITY {
-                validate::priority(&format!("items[{i}].priority"), i64::from(it.priority))?;
+                validate::priority(|| format!("items[{i}].priority"), i64::from(it.priority))?;
             }
             if !it.dedup_id.is_empty() {
-                validate::dedup_id(&format!("items[{i}].dedup_id"), &it.dedup_id)?;
+                validate::dedup_id(|| format!("items[{i}].dedup_id"), &it.dedup_id)?;
             }
         }
         let deadline = self.clock().now().add(timeout);

@@ -103,36 +103,45 @@ impl QueueTask {
         let until = now.add(self.info.effective_dedup_window());
         let total: usize = pending.iter().map(|r| r.0.len()).sum();
         self.dedup.prune(now, 64 + 2 * total);
-        let mut claimed = HashSet128::default();
+        // Keys of the requests already taken in this pass; also catches a key repeated within one request (its
+        // second insert fails). Sized once, so it never grows while the pass fills it.
+        let mut claimed = HashSet128::with_capacity_and_hasher(total, Default::default());
+        let mut hashes: Vec<Option<u128>> = Vec::new();
         let mut store = Vec::with_capacity(pending.len());
         let mut later = Vec::new();
-        for (items, reply, tried, _) in pending {
-            let hashes: Vec<Option<u128>> = items
-                .iter()
-                .map(|it| (!it.dedup_id.is_empty()).then(|| self.dedup.hash(&it.dedup_id)))
-                .collect();
+        for (mut items, reply, tried, _) in pending {
+            hashes.clear();
+            hashes.extend(
+                items
+                    .iter()
+                    .map(|it| (!it.dedup_id.is_empty()).then(|| self.dedup.hash(&it.dedup_id))),
+            );
             if hashes.iter().flatten().any(|h| claimed.contains(h)) {
                 later.push((items, reply, tried, Vec::new()));
                 continue;
             }
-            let mut mine = HashSet128::with_capacity_and_hasher(items.len(), Default::default());
-            let mut keep = Vec::with_capacity(items.len());
-            for (mut it, h) in items.into_iter().zip(hashes) {
-                if let Some(h) = h {
-                    if self.dedup.contains(h, now) || !mine.insert(h) {
-                        self.metrics.deduplicated.fetch_add(1, Ordering::Relaxed);
-                        continue;
-                    }
-                    it.dedup_until = until;
+            let mut keys = Vec::with_capacity(hashes.iter().flatten().count());
+            let mut next = hashes.iter();
+            let mut skipped = 0u64;
+            items.retain_mut(|it| {
+                let Some(h) = next.next().copied().flatten() else {
+                    return true;
+                };
+                if self.dedup.contains(h, now) || !claimed.insert(h) {
+                    skipped += 1;
+                    return false;
                 }
-                keep.push(it);
+                it.dedup_until = until;
+                keys.push(h);
+                true
+            });
+            if skipped > 0 {
+                self.metrics.deduplicated.fetch_add(skipped, Ordering::Relaxed);
             }
-            let keys: Vec<u128> = mine.iter().copied().collect();
-            claimed.extend(mine);
-            if keep.is_empty() {
+            if items.is_empty() {
                 let _ = reply.send(Ok(()));
             } else {
-                store.push((keep, reply, tried, keys));
+                store.push((items, reply, tried, keys));
             }
         }
         (store, later)
