@@ -82,15 +82,14 @@ pub fn batch_size(n: i32) -> usize {
     usize::try_from(n).unwrap_or(0)
 }
 
-/// Produce items. The Lessor extension fields are checked here, where the wire's signed priority still exists: a
-/// negative one cannot reach the engine's `u8`. Errors name the item (`items[3].priority`).
+/// Produce items. The priority is checked here, where the wire's signed value still exists: a negative one cannot
+/// reach the engine's `u8`. Errors name the item (`items[3].priority`). Dedup keys are checked once, by the engine.
 pub fn produce_items(items: Vec<pb::QueueProduceItem>) -> Result<Vec<ProduceItem>, ApiError> {
     items
         .into_iter()
         .enumerate()
         .map(|(n, i)| {
             let priority = validate::priority(|| format!("items[{n}].priority"), i64::from(i.priority))?;
-            validate::dedup_id(|| format!("items[{n}].dedup_id"), &i.dedup_id)?;
             Ok(ProduceItem {
                 enqueue_at: ts_from(&i.enqueue_at),
                 reference: i.reference,
