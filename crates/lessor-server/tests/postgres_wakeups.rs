@@ -284,34 +284,6 @@ async fn wakeups_resume_after_a_database_restart() {
     produce_while_waiting(&a, &b, "after").await;
 }
 
-/// Signals every process of the cluster (the postmaster, from its pid file, and its children).
-fn signal_cluster(cluster: &Cluster, signal: &str) {
-    let pidfile = cluster.dir().join("data").join("postmaster.pid");
-    let pid = std::fs::read_to_string(&pidfile)
-        .expect("postmaster.pid")
-        .lines()
-        .next()
-        .expect("a pid")
-        .trim()
-        .to_string();
-    let children = std::process::Command::new("pgrep")
-        .args(["-P", &pid])
-        .output()
-        .expect("pgrep");
-    let mut pids = vec![pid];
-    pids.extend(
-        String::from_utf8_lossy(&children.stdout)
-            .split_whitespace()
-            .map(str::to_string),
-    );
-    let status = std::process::Command::new("kill")
-        .arg(format!("-{signal}"))
-        .args(&pids)
-        .status()
-        .expect("kill");
-    assert!(status.success(), "kill -{signal} {pids:?}");
-}
-
 /// The database stalls (every process stopped with SIGSTOP for 3 s, as a network stall would look): requests in
 /// that time fail or wait, nothing acknowledged is lost, and once it resumes consumers on B are woken again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -323,7 +295,7 @@ async fn a_stalled_database_loses_nothing_and_wakeups_resume() {
     let (cluster, url) = Cluster::start("stall", 55488, "lessor_stall");
     let (_servers, a, b, _) = ready_pair(&url, "1s").await;
     produce(&a, "jobs", "before").await;
-    signal_cluster(&cluster, "STOP");
+    cluster.signal("STOP");
     // A produce during the stall: it may fail or time out, but if it is acknowledged it must be served later.
     let during = a
         .queue_produce(&pb::QueueProduceRequest {
@@ -336,7 +308,7 @@ async fn a_stalled_database_loses_nothing_and_wakeups_resume() {
         })
         .await;
     tokio::time::sleep(Duration::from_secs(2)).await;
-    signal_cluster(&cluster, "CONT");
+    cluster.signal("CONT");
     let mut expected = vec![b"before".to_vec()];
     if during.is_ok() {
         expected.push(b"during".to_vec());

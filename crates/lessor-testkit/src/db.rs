@@ -55,6 +55,24 @@ pub async fn connect(url: &str) -> tokio_postgres::Client {
     client
 }
 
+/// Ends every other client connection to the server at `url` with `pg_terminate_backend` (as an operator or a
+/// failover would), the servers' pooled and listening connections included; returns how many were ended.
+///
+/// # Panics
+/// When the server cannot be reached.
+pub async fn terminate_connections(url: &str) -> i64 {
+    let c = connect(url).await;
+    let row = c
+        .query_one(
+            "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) FROM pg_stat_activity \
+             WHERE pid <> pg_backend_pid() AND backend_type = 'client backend'",
+            &[],
+        )
+        .await
+        .unwrap_or_else(|e| panic!("pg_terminate_backend on {url}: {e}"));
+    row.get(0)
+}
+
 /// Runs `sql` on a connection of its own, closed afterwards.
 pub async fn execute(url: &str, sql: &str) -> Result<(), tokio_postgres::Error> {
     let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls).await?;
@@ -155,6 +173,35 @@ impl Cluster {
     /// The cluster's directory (its data directory is `data/` inside, owned by the OS user the server runs as).
     pub fn dir(&self) -> &std::path::Path {
         &self.dir
+    }
+
+    /// Sends `signal` (`STOP`, `CONT`...) to the cluster's postmaster and every process it started (its backends
+    /// and workers): `STOP` then `CONT` looks to clients like a network stall.
+    ///
+    /// # Panics
+    /// When the cluster is not running or `kill` fails.
+    pub fn signal(&self, signal: &str) {
+        let pidfile = self.dir.join("data").join("postmaster.pid");
+        let pid = std::fs::read_to_string(&pidfile)
+            .expect("postmaster.pid")
+            .lines()
+            .next()
+            .expect("a pid")
+            .trim()
+            .to_string();
+        let children = Command::new("pgrep").args(["-P", &pid]).output().expect("pgrep");
+        let mut pids = vec![pid];
+        pids.extend(
+            String::from_utf8_lossy(&children.stdout)
+                .split_whitespace()
+                .map(str::to_string),
+        );
+        let status = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .args(&pids)
+            .status()
+            .expect("kill");
+        assert!(status.success(), "kill -{signal} {pids:?}");
     }
 
     /// Starts a new cluster in a temp dir tagged `tag`, on `port` (or the next free one), with database `db`;

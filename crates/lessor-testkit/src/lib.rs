@@ -25,7 +25,8 @@ pub mod server;
 pub mod tls;
 
 pub use db::{
-    admin_url, connect, database_or_skip, execute, postgres_installed, with_dbname, Cluster, TestDatabase,
+    admin_url, connect, database_or_skip, execute, postgres_installed, terminate_connections, with_dbname,
+    Cluster, TestDatabase,
 };
 pub use eventually::{eventually, poll_until};
 pub use rng::Rng;

@@ -6,7 +6,12 @@
 //! - one of two servers killed with SIGKILL mid-load: the other keeps serving, nothing acknowledged is lost, and
 //!   the items the dead server's consumers held come back after their lease expires (wall time, 2 s leases);
 //! - PostgreSQL stopped and restarted mid-load: requests fail with 454 while it is down (never 500 or 453), nothing
-//!   acknowledged is lost, and service resumes by itself.
+//!   acknowledged is lost, and service resumes by itself;
+//! - two servers under load through three database faults in turn (every connection killed with
+//!   `pg_terminate_backend`, the listening ones included; the database stalled with SIGSTOP; a restart): nothing
+//!   acknowledged lost, no double lease, service back on both servers without operator action after each, and
+//!   consumers on both servers served afterwards (`lessor-server`'s `postgres_wakeups.rs` checks the wakeups
+//!   themselves after each of these faults).
 //!
 //! Items are tracked by payload, since an item gets a new id each time it is leased. A [`Ledger`] records every
 //! acknowledged produce, every lease (with its deadline) and every completion, and flags a lease of an item whose
@@ -927,6 +932,129 @@ async fn database_restart_fails_requests_with_454_and_recovers() {
         down.first()
     );
     drop(s);
+    drop(cluster);
+}
+
+/// Waits until both servers acknowledged produce again after a fault (phase `phase`), and returns how long it took.
+async fn both_resume(run: &Run, servers: &[&Server], tags: [&str; 2], phase: &str) -> Duration {
+    let count = |tag: &str| {
+        let prefix = format!("{tag}-");
+        run.ledger()
+            .acked
+            .iter()
+            .filter(|p| p.starts_with(&prefix))
+            .count()
+    };
+    let before = [count(tags[0]), count(tags[1])];
+    let t0 = Instant::now();
+    while count(tags[0]) <= before[0] || count(tags[1]) <= before[1] {
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "service did not resume on both servers within 30 s after {phase}; logs:\n{}\n{}",
+            servers[0].log_tail(),
+            servers[1].log_tail()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    t0.elapsed()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_servers_survive_connection_kills_stalls_and_restarts() {
+    let _serial = SERIAL.lock().await;
+    if database_or_skip().is_none() {
+        return;
+    }
+    if !postgres_installed() {
+        skip_or_fail("no local PostgreSQL to stop and start");
+        return;
+    }
+    let (cluster, url) = Cluster::start("two-faults", 55476, "lessor_faults2");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let a = Server::start("a", &url, dir.path()).await;
+    let b = Server::start("b", &url, dir.path()).await;
+    create_queue(&a.client, "f", |q| {
+        q.lease_timeout = "3s".into();
+        q.requested_partitions = 2;
+    })
+    .await;
+
+    // Producers on A only and on B only, consumers on both: items produced on A are also leased through B.
+    let run = Run::new("f");
+    let never = Arc::new(AtomicBool::new(false));
+    let producers = vec![
+        run.producer(&a, "pa", 10, Duration::from_millis(20), usize::MAX, never.clone()),
+        run.producer(&b, "pb", 10, Duration::from_millis(20), usize::MAX, never.clone()),
+    ];
+    let consumers = vec![
+        run.consumer(&a, "ca", Duration::ZERO, never.clone()),
+        run.consumer(&b, "cb", Duration::from_millis(20), never.clone()),
+    ];
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+
+    // 1. Every client connection of both servers ended by the database (pools and LISTEN connections).
+    run.phase.store(1, Ordering::SeqCst);
+    let ended = lessor_testkit::terminate_connections(&url).await;
+    assert!(
+        ended >= 2,
+        "both servers' connections, listeners included ({ended})"
+    );
+    let after_kill = both_resume(&run, &[&a, &b], ["pa", "pb"], "pg_terminate_backend").await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    // 2. A stall: every database process stopped for 3 s, as a network partition looks to the servers.
+    run.phase.store(2, Ordering::SeqCst);
+    cluster.signal("STOP");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    cluster.signal("CONT");
+    let after_stall = both_resume(&run, &[&a, &b], ["pa", "pb"], "the stall").await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    // 3. A restart of PostgreSQL.
+    run.phase.store(3, Ordering::SeqCst);
+    cluster.run("restart");
+    let after_restart = both_resume(&run, &[&a, &b], ["pa", "pb"], "the restart").await;
+
+    // Consumers on both servers still served after the faults, the listening connections included.
+    let leased_before: HashMap<String, u64> = run.ledger().leased_via.clone();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    {
+        let l = run.ledger();
+        for s in ["a", "b"] {
+            let (now, then) = (
+                l.leased_via.get(s).copied().unwrap_or(0),
+                leased_before.get(s).copied().unwrap_or(0),
+            );
+            assert!(
+                now > then,
+                "nothing leased through {s} after the faults ({then} -> {now})"
+            );
+        }
+    }
+    run.stop_producing.store(true, Ordering::SeqCst);
+    join_all(producers).await;
+    drained(&run, &a, Duration::from_secs(60)).await;
+    run.stop_consuming.store(true, Ordering::SeqCst);
+    join_all(consumers).await;
+
+    let l = run.ledger();
+    l.check();
+    let cross = l.leases.keys().filter(|p| p.starts_with("pa-")).count();
+    assert!(cross > 0, "items produced on A were leased");
+    eprintln!(
+        "acked {}, completed {}, in doubt {}, 454 answers {} (by phase: {:?}); leased via {:?}; service back \
+         {after_kill:?} after pg_terminate_backend ({ended} connections), {after_stall:?} after the stall, \
+         {after_restart:?} after the restart",
+        l.acked.len(),
+        l.completed.len(),
+        l.in_doubt.len(),
+        l.retryable.len(),
+        (1..=3u8)
+            .map(|p| l.retryable.iter().filter(|(x, _)| *x == p).count())
+            .collect::<Vec<_>>(),
+        l.leased_via
+    );
+    drop((a, b));
     drop(cluster);
 }
 
