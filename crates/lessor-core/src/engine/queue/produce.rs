@@ -16,7 +16,7 @@ use crate::types::NewItem;
 
 /// A produce request on its way to storage: items, reply, the partitions it already failed on, and the hashes of
 /// its items' dedup keys (computed once, entered into the queue-wide index when the write succeeds).
-type ProduceRequest = (Vec<NewItem>, Reply<()>, Vec<usize>, Vec<u128>);
+type ProduceRequest = (Vec<NewItem>, Reply<()>, Vec<usize>, Vec<super::dedup::KeyHash>);
 /// Produce requests bound for one partition.
 type ProduceGroup = Vec<ProduceRequest>;
 
@@ -106,7 +106,7 @@ impl QueueTask {
         // Keys of the requests already taken in this pass; also catches a key repeated within one request (its
         // second insert fails). Sized once, so it never grows while the pass fills it.
         let mut claimed = HashSet128::with_capacity_and_hasher(total, Default::default());
-        let mut hashes: Vec<Option<u128>> = Vec::new();
+        let mut hashes: Vec<Option<super::dedup::KeyHash>> = Vec::new();
         let mut store = Vec::with_capacity(pending.len());
         let mut later = Vec::new();
         for (mut items, reply, tried, _) in pending {
