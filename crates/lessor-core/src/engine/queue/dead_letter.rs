@@ -138,7 +138,8 @@ impl QueueTask {
         let n = self.parts.len().max(1) as u64;
         let expire = now.add(self.info.expire_timeout);
         let until = now.add(self.info.effective_dedup_window());
-        let mut groups: std::collections::BTreeMap<usize, (Vec<NewItem>, Vec<super::dedup::KeyHash>)> = Default::default();
+        let mut groups: std::collections::BTreeMap<usize, (Vec<NewItem>, Vec<super::dedup::KeyHash>)> =
+            Default::default();
         self.dedup.prune(now, 64 + 2 * items.len());
         for mut it in items {
             let p = (stable_hash(&it.source_id) % n) as usize;
