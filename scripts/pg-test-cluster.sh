@@ -12,7 +12,9 @@
 #
 # Settings (environment):
 #   LESSOR_PG_DIR   where the cluster lives (default: ${TMPDIR:-/tmp}/lessor-pg-test-<uid>)
-#   LESSOR_PG_PORT  first TCP port to try (default 54329; the next free one is used when it is taken)
+#   LESSOR_PG_PORT  first TCP port to try (default 62329; the next free one is used when it is taken)
+#                   Test ports lie above Linux's ephemeral range (32768-60999): a port in that range can be taken
+#                   at any moment by the local end of some client connection, and the server then fails to bind.
 #   LESSOR_PG_DB    database to create (default lessor_test)
 #
 # initdb refuses to run as root, so as root the server runs as the `postgres` OS user (created by the Debian
@@ -21,7 +23,7 @@
 set -euo pipefail
 
 PG_DIR="${LESSOR_PG_DIR:-${TMPDIR:-/tmp}/lessor-pg-test-$(id -u)}"
-PG_PORT_START="${LESSOR_PG_PORT:-54329}"
+PG_PORT_START="${LESSOR_PG_PORT:-62329}"
 PG_DB="${LESSOR_PG_DB:-lessor_test}"
 # The database role; initdb creates it as the superuser, independent of the OS user that runs the server.
 PG_ROLE="postgres"

@@ -10,11 +10,12 @@
 #
 # Settings (environment):
 #   LESSOR_S3_DIR   where the pid and log live (default: ${TMPDIR:-/tmp}/lessor-s3-test-<uid>)
-#   LESSOR_S3_PORT  first TCP port to try (default 54339; the next free one is used when it is taken)
+#   LESSOR_S3_PORT  first TCP port to try (default 62339; the next free one is used when it is taken)
+#                   (above the ephemeral range 32768-60999, where client connections can take a port at any time)
 set -euo pipefail
 
 S3_DIR="${LESSOR_S3_DIR:-${TMPDIR:-/tmp}/lessor-s3-test-$(id -u)}"
-S3_PORT_START="${LESSOR_S3_PORT:-54339}"
+S3_PORT_START="${LESSOR_S3_PORT:-62339}"
 MOTO_VERSION="5.2.1"
 
 log() { echo "s3-test-server: $*" >&2; }

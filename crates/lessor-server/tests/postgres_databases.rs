@@ -83,8 +83,8 @@ async fn one_database_down_fails_only_its_partitions() {
         skip_or_fail("PostgreSQL is not installed; skipping the two-database test");
         return;
     }
-    let (_a, url_a) = Cluster::start("db-a", 55482, "lessor_a");
-    let (b, url_b) = Cluster::start("db-b", 55484, "lessor_b");
+    let (_a, url_a) = Cluster::start("db-a", 63482, "lessor_a");
+    let (b, url_b) = Cluster::start("db-b", 63484, "lessor_b");
     let config = Config::from_yaml(&format!(
         "queue-storage:\n  driver: postgres\n  config:\n    connection-string: {qa}\n\
          partition-storage:\n\

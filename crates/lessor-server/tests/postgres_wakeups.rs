@@ -240,7 +240,7 @@ async fn wakeups_resume_after_a_database_restart() {
         skip_or_fail("PostgreSQL is not installed; skipping the restart test");
         return;
     }
-    let (cluster, url) = Cluster::start("wakeups", 55486, "lessor_wake");
+    let (cluster, url) = Cluster::start("wakeups", 63486, "lessor_wake");
     let (_servers, a, b, before) = ready_pair(&url, "2s").await;
     cluster.run("restart");
     // Produced once the database is back but perhaps before B listens again: the refresh finds it.
@@ -292,7 +292,7 @@ async fn a_stalled_database_loses_nothing_and_wakeups_resume() {
         skip_or_fail("PostgreSQL is not installed; skipping the stall test");
         return;
     }
-    let (cluster, url) = Cluster::start("stall", 55488, "lessor_stall");
+    let (cluster, url) = Cluster::start("stall", 63488, "lessor_stall");
     let (_servers, a, b, _) = ready_pair(&url, "1s").await;
     produce(&a, "jobs", "before").await;
     cluster.signal("STOP");

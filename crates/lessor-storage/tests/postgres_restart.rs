@@ -57,7 +57,7 @@ async fn calls_fail_while_the_database_is_down_and_recover_after() {
         lessor_testkit::skip_or_fail("the test database is remote and no local PostgreSQL can be started");
         return;
     }
-    let (cluster, url) = Cluster::start("restart", 55439, "lessor_restart");
+    let (cluster, url) = Cluster::start("restart", 63439, "lessor_restart");
     let cfg = PgConfig::new(&url).with_max_conns(4);
     let store = PgStore::new(&cfg).expect("store");
     let queues = PgQueues::new(&cfg).expect("queues");

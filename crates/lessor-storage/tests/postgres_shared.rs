@@ -911,3 +911,47 @@ async fn a_layout_1_table_is_upgraded_once_by_concurrent_opens() {
     assert!(r[0].is_ok());
     a.destroy(&q, 0).await.expect("destroy");
 }
+
+/// A lease starts where the previous one of its partition stopped (so it skips the dead index entries earlier
+/// leases left behind); an item that becomes ready below that position, as a lease rolled back on another server
+/// leaves it, is still served: by the first lease that finds nothing from the position, which then reads the ready
+/// index from its start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_item_ready_below_the_lease_position_is_still_served() {
+    let Some(url) = lessor_testkit::database_or_skip() else {
+        return;
+    };
+    let store = PgStore::new(&PgConfig::new(unique_url(&url))).expect("store");
+    let q = unique_queue("pg-lease-hint");
+    let p = store.open(&q, 0).await.expect("open");
+    p.produce(items(3, "h")).await.expect("produce");
+    let first = p.lease(2, T0.add(SEC * 600)).await.expect("lease");
+    assert_eq!(first.len(), 2);
+    // The first item goes back to ready with its id, below where the next lease starts.
+    let client = lessor_testkit::connect(&url).await;
+    let table = table_name(&q, 0);
+    let low = i64::try_from(first[0].id.0).expect("id");
+    let n = client
+        .execute(
+            &format!("UPDATE {table} SET is_leased = false, lease_deadline = 0 WHERE id = $1"),
+            &[&low],
+        )
+        .await
+        .expect("unlease");
+    assert_eq!(n, 1);
+    let second = p.lease(10, T0.add(SEC * 600)).await.expect("lease");
+    let payloads = |v: &[Item]| v.iter().map(|i| i.payload.clone()).collect::<Vec<_>>();
+    assert_eq!(
+        payloads(&second),
+        vec![Bytes::from("h-2")],
+        "started after the last leased item"
+    );
+    let third = p.lease(10, T0.add(SEC * 600)).await.expect("lease");
+    assert_eq!(
+        payloads(&third),
+        vec![Bytes::from("h-0")],
+        "nothing after the position: read from the start"
+    );
+    assert!(p.lease(10, T0.add(SEC * 600)).await.expect("lease").is_empty());
+    store.destroy(&q, 0).await.expect("destroy");
+}

@@ -75,7 +75,7 @@ async fn sslmodes_encrypt_and_verify_as_libpq() {
         lessor_testkit::skip_or_fail("no local PostgreSQL can be started for a private TLS cluster");
         return;
     }
-    let (cluster, url) = Cluster::start("tls", 55480, "lessor_tls");
+    let (cluster, url) = Cluster::start("tls", 63480, "lessor_tls");
     let admin = lessor_testkit::connect(&url).await;
 
     // Before TLS is on: require is refused, prefer (and the default) fall back to plain text.

@@ -205,7 +205,8 @@ impl Cluster {
     }
 
     /// Starts a new cluster in a temp dir tagged `tag`, on `port` (or the next free one), with database `db`;
-    /// returns it with its URL.
+    /// returns it with its URL. Pick `port` above 61000: ports in Linux's ephemeral range (32768-60999) can be
+    /// held by the local end of any client connection when the server (re)binds.
     pub fn start(tag: &str, port: u16, db: &str) -> (Cluster, String) {
         let dir = std::env::temp_dir().join(format!("lessor-pg-{tag}-{}", std::process::id()));
         let c = Cluster {

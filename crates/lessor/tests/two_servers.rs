@@ -828,7 +828,7 @@ async fn database_restart_fails_requests_with_454_and_recovers() {
         skip_or_fail("no local PostgreSQL to stop and start");
         return;
     }
-    let (cluster, url) = Cluster::start("two-servers", 55470, "lessor_faults");
+    let (cluster, url) = Cluster::start("two-servers", 63470, "lessor_faults");
     let dir = tempfile::tempdir().expect("temp dir");
     let s = Server::start("solo", &url, dir.path()).await;
     create_queue(&s.client, "f", |q| q.lease_timeout = "3s".into()).await;
@@ -969,7 +969,7 @@ async fn two_servers_survive_connection_kills_stalls_and_restarts() {
         skip_or_fail("no local PostgreSQL to stop and start");
         return;
     }
-    let (cluster, url) = Cluster::start("two-faults", 55476, "lessor_faults2");
+    let (cluster, url) = Cluster::start("two-faults", 63476, "lessor_faults2");
     let dir = tempfile::tempdir().expect("temp dir");
     let a = Server::start("a", &url, dir.path()).await;
     let b = Server::start("b", &url, dir.path()).await;
