@@ -16,10 +16,13 @@
 #                   Test ports lie above Linux's ephemeral range (32768-60999): a port in that range can be taken
 #                   at any moment by the local end of some client connection, and the server then fails to bind.
 #   LESSOR_PG_DB    database to create (default lessor_test)
+#   LESSOR_PG_DURABLE  1: run with fsync, synchronous_commit and full_page_writes on (benchmarks); default off
+#   LESSOR_PG_OPTIONS  more server options, e.g. "-c shared_preload_libraries=pg_stat_statements"
 #
 # initdb refuses to run as root, so as root the server runs as the `postgres` OS user (created by the Debian
 # package), or as `nobody` when that user does not exist. When no PostgreSQL is installed, the script installs
-# Debian's `postgresql` package. The cluster trusts every local connection and has fsync off: it is for tests only.
+# Debian's `postgresql` package. The cluster trusts every local connection and has fsync off unless
+# LESSOR_PG_DURABLE=1: it is for tests and benchmarks only.
 set -euo pipefail
 
 PG_DIR="${LESSOR_PG_DIR:-${TMPDIR:-/tmp}/lessor-pg-test-$(id -u)}"
@@ -116,9 +119,13 @@ start_server() {
         port="$(pick_port)"
         echo "$port" >"$PG_DIR/port"
     fi
+    local durability="-c fsync=off -c synchronous_commit=off -c full_page_writes=off"
+    if [[ "${LESSOR_PG_DURABLE:-0}" == 1 ]]; then
+        durability="-c fsync=on -c synchronous_commit=on -c full_page_writes=on"
+    fi
     as_user "$user" "$bin/pg_ctl" -D "$PG_DIR/data" -l "$PG_DIR/server.log" -w -t 60 \
-        -o "-c listen_addresses=127.0.0.1 -p $port -k $PG_DIR/sock -c max_connections=300 -c fsync=off \
-            -c synchronous_commit=off -c full_page_writes=off" start >&2 ||
+        -o "-c listen_addresses=127.0.0.1 -p $port -k $PG_DIR/sock -c max_connections=300 $durability \
+            ${LESSOR_PG_OPTIONS:-}" start >&2 ||
         {
             tail -n 30 "$PG_DIR/server.log" >&2 || true
             die "server did not start (log: $PG_DIR/server.log)"

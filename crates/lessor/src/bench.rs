@@ -136,6 +136,11 @@ pub struct BenchArgs {
     /// Name prefix of the benchmark queue; a unique suffix is appended.
     #[arg(long, default_value = "bench")]
     pub queue_prefix: String,
+    /// Use this queue (created when missing, kept afterwards) instead of a new one, so that several bench
+    /// processes can drive one queue through different servers. End-to-end latency means nothing when several
+    /// processes share the queue: each measures from its own clock origin.
+    #[arg(long, conflicts_with = "queue_prefix")]
+    pub queue: Option<String>,
     /// Write the results as JSON to this file.
     #[arg(long)]
     pub json_out: Option<PathBuf>,
@@ -230,8 +235,12 @@ pub async fn run(args: BenchArgs) -> Result<(), String> {
         client = client.with_api_key(key);
     }
 
-    let queue = unique_queue_name(&args.queue_prefix);
-    client
+    let own_queue = args.queue.is_none();
+    let queue = args
+        .queue
+        .clone()
+        .unwrap_or_else(|| unique_queue_name(&args.queue_prefix));
+    let created = client
         .queues_create(&QueueInfo {
             queue_name: queue.clone(),
             lease_timeout: args.lease_timeout.clone(),
@@ -240,15 +249,20 @@ pub async fn run(args: BenchArgs) -> Result<(), String> {
             reference: "lessor bench".into(),
             ..Default::default()
         })
-        .await
-        .map_err(|e| {
-            let hint = if backend.is_none() {
-                " (start a server there, or pass --backend memory|fjall for an in-process one)"
-            } else {
-                ""
-            };
-            format!("bench: cannot create queue '{queue}' at {endpoint}: {e}{hint}")
-        })?;
+        .await;
+    // A shared queue may have been created by another bench process already.
+    let created = match created {
+        Err(e) if !own_queue && e.to_string().contains("already exists") => Ok(()),
+        other => other.map(|_| ()),
+    };
+    created.map_err(|e| {
+        let hint = if backend.is_none() {
+            " (start a server there, or pass --backend memory|fjall for an in-process one)"
+        } else {
+            ""
+        };
+        format!("bench: cannot create queue '{queue}' at {endpoint}: {e}{hint}")
+    })?;
 
     let target = match backend {
         None => endpoint.clone(),
@@ -296,13 +310,18 @@ pub async fn run(args: BenchArgs) -> Result<(), String> {
         }
     }
 
-    // Clean up whatever happened.
-    let deleted = client
-        .queues_delete(&QueuesDeleteRequest {
-            queue_name: queue.clone(),
-            force: true,
-        })
-        .await;
+    // Clean up whatever happened (a queue named by --queue stays).
+    let deleted = if own_queue {
+        client
+            .queues_delete(&QueuesDeleteRequest {
+                queue_name: queue.clone(),
+                force: true,
+            })
+            .await
+            .map(|_| ())
+    } else {
+        Ok(())
+    };
     if let Some(s) = server {
         s.stop().await;
     }
