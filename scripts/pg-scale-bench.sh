@@ -150,6 +150,12 @@ for dbs in $DATABASES; do
         items=$(jq -s '[.[].results.complete.items // 0] | add' "$run"/bench*.json)
         wal=0; dbus=0; calls=0
         for i in $(seq 1 "$dbs"); do
+            psql -q "${URL[$i]}" -c "SELECT calls, rows, round(mean_exec_time::numeric, 3) AS ms_per_call,
+                    round((total_exec_time * 1000 / nullif(rows, 0))::numeric, 1) AS us_per_row,
+                    round((wal_bytes / nullif(rows, 0))::numeric) AS wal_per_row,
+                    left(regexp_replace(query, '\s+', ' ', 'g'), 70) AS statement
+                FROM pg_stat_statements WHERE calls > 10 ORDER BY total_exec_time DESC LIMIT 10" \
+                >"$run/statements-db$i.txt" 2>&1 || true
             read -r w2 <<<"$(psql -qAt "${URL[$i]}" -c "SELECT wal_bytes FROM pg_stat_wal")"
             read -r us c <<<"$(psql -qAt -F ' ' "${URL[$i]}" -c "SELECT coalesce(sum(total_exec_time), 0) * 1000, coalesce(sum(calls), 0) FROM pg_stat_statements WHERE query !~* 'pg_stat'")"
             wal=$(echo "$wal + $w2" | bc); dbus=$(echo "$dbus + $us" | bc -l); calls=$((calls + c))

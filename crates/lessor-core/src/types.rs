@@ -364,7 +364,8 @@ pub struct Limits {
     /// Storage calls per partition that one batch may not exceed before the rest waits for the next round.
     pub max_items_per_storage_call: usize,
     /// How often the counts of partitions on shared stores are re-read (other servers change them). Stores that
-    /// push notices (PostgreSQL) wake consumers at once; this refresh is what remains when a notice is lost.
+    /// push notices (PostgreSQL) wake consumers at once; this refresh is what remains when a notice is lost. The
+    /// engine stretches it to 20 times what the last re-read took (counting a deep partition is slow).
     pub shared_refresh: Duration,
 }
 

@@ -63,6 +63,12 @@ struct Gated {
     entered: Arc<AtomicBool>,
     /// Items produce calls stored.
     stored: Arc<AtomicUsize>,
+    /// Whether the store says other servers share it.
+    shared: bool,
+    /// Time each `counts` call takes, on the test's clock.
+    counts_cost: Option<(ManualClock, Duration)>,
+    /// `counts` calls so far.
+    counts_calls: Arc<AtomicUsize>,
 }
 
 impl Gated {
@@ -71,6 +77,18 @@ impl Gated {
             gate: Arc::new(Semaphore::new(0)),
             entered: Arc::new(AtomicBool::new(false)),
             stored: Arc::new(AtomicUsize::new(0)),
+            shared: false,
+            counts_cost: None,
+            counts_calls: Arc::new(AtomicUsize::new(0)),
+        }
+    }
+
+    /// A shared store whose `counts` takes `cost` of `clock`'s time.
+    fn shared_with_slow_counts(clock: &ManualClock, cost: Duration) -> Self {
+        Gated {
+            shared: true,
+            counts_cost: Some((clock.clone(), cost)),
+            ..Gated::new()
         }
     }
 }
@@ -79,6 +97,9 @@ impl Gated {
 impl PartitionStore for Gated {
     fn driver(&self) -> &'static str {
         "gated"
+    }
+    fn shared(&self) -> bool {
+        self.shared
     }
     async fn open(&self, _queue: &str, _partition: u32) -> Result<Arc<dyn Partition>, StorageError> {
         Ok(Arc::new(self.clone()))
@@ -143,6 +164,10 @@ impl Partition for Gated {
         Ok(None)
     }
     async fn counts(&self) -> Result<PartitionCounts, StorageError> {
+        self.counts_calls.fetch_add(1, Ordering::SeqCst);
+        if let Some((clock, cost)) = &self.counts_cost {
+            clock.advance(*cost);
+        }
         Ok(PartitionCounts::default())
     }
     async fn stats(&self, _now: Ts) -> Result<PartitionStats, StorageError> {
@@ -392,4 +417,32 @@ async fn partitions_are_created_before_the_answer_within_each_stores_maximum_and
         vec![("q".to_string(), vec![0, 1, 2, 3, 4])],
         "one call for the whole queue"
     );
+}
+
+/// A shared partition is re-read every `limits.shared_refresh` (500 ms), but never sooner than 20 times what the last
+/// re-read took: counting a deep partition in a database costs time that grows with its depth, and the queue waits.
+#[tokio::test]
+async fn a_slow_refresh_of_a_shared_partition_spaces_out_the_next() {
+    let clock = ManualClock::starting_now();
+    let store = Gated::shared_with_slow_counts(&clock, Duration::from_millis(100));
+    let engine = engine_over(&store, &clock).await;
+    store.gate.add_permits(1);
+    finishes(engine.produce("q", vec![item("a")], Some(Duration::from_secs(5))))
+        .await
+        .expect("produce");
+    let calls = || store.counts_calls.load(Ordering::SeqCst);
+    until(|| calls() >= 1).await;
+    let first = calls();
+    // The re-read took 100 ms: the next one waits 2 s, not 500 ms.
+    for _ in 0..17 {
+        clock.advance(Duration::from_millis(100));
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    assert_eq!(
+        calls(),
+        first,
+        "re-read again within 20 times the cost of the last one"
+    );
+    clock.advance(Duration::from_millis(500));
+    until(|| calls() > first).await;
 }

@@ -13,6 +13,8 @@ use crate::time::Ts;
 /// Partitions probed at once. Enough to hide a store's latency; bounded so a queue with 65,536 partitions does not
 /// queue 65,536 futures on one store's locks (a wake storm that took 11 s to open them all).
 const PROBE_CONCURRENCY: usize = 64;
+/// A shared partition's refresh waits at least this many times as long as the last refresh took.
+const REFRESH_COST_FACTOR: u32 = 20;
 
 impl QueueTask {
     /// Probes the failed partitions whose backoff is over and the shared ones due a refresh.
@@ -65,10 +67,21 @@ impl QueueTask {
                 }
             })
             .collect();
+        let started = self.config.clock.now();
         let results: Vec<_> = stream::iter(probes)
             .buffer_unordered(PROBE_CONCURRENCY)
             .collect()
             .await;
+        // Re-reading a partition costs the store time that grows with its depth (PostgreSQL counts the rows of
+        // each state), and the queue waits for it: the next refresh comes after at least REFRESH_COST_FACTOR
+        // times what this one took, so refreshes take at most 1/REFRESH_COST_FACTOR of the queue's time and of
+        // a database connection whatever the depth. Notifications, not refreshes, wake consumers.
+        let took = self.config.clock.now().since(started);
+        let refresh = self
+            .config
+            .limits
+            .shared_refresh
+            .max(took.saturating_mul(REFRESH_COST_FACTOR));
         for (i, result) in results {
             match result {
                 Ok((h, counts, deadline, records)) => {
@@ -85,7 +98,7 @@ impl QueueTask {
                         tracing::info!(queue = %name, partition = p.num, "partition recovered");
                     }
                     p.failures = 0;
-                    p.refresh_at = now.add(self.config.limits.shared_refresh);
+                    p.refresh_at = now.add(refresh);
                 }
                 Err(e) => self.parts[i].fail(now, &name, &e),
             }
