@@ -164,6 +164,10 @@ pub enum QueueError {
     /// The queue's inbox is full (454).
     #[error("queue is overloaded; try again later")]
     Overloaded,
+    /// The queue holds as many live dedup keys as `limits.max-dedup-keys` allows (454): the produce added none of its
+    /// items; it succeeds once older keys leave the dedup window.
+    #[error("queue is overloaded; it holds {0} live dedup keys (limits.max-dedup-keys), try again once older keys leave the dedup window")]
+    DedupFull(usize),
     /// The partition is failing; retry later (454).
     #[error("partition not available; partition '{0}' is failing, retry again")]
     PartitionUnavailable(u32),

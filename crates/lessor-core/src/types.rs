@@ -367,6 +367,10 @@ pub struct Limits {
     /// push notices (PostgreSQL) wake consumers at once; this refresh is what remains when a notice is lost. The
     /// engine stretches it to 20 times what the last re-read took (counting a deep partition is slow).
     pub shared_refresh: Duration,
+    /// Live dedup keys one queue may hold (its window's worth); a produce that would add keys beyond this gets
+    /// [`crate::error::QueueError::DedupFull`] (454) until older keys leave the window. Bounds the index's memory
+    /// (about 176 bytes per key) whatever the produce rate and window.
+    pub max_dedup_keys: usize,
 }
 
 impl Default for Limits {
@@ -381,6 +385,7 @@ impl Default for Limits {
             schedule_threshold: Duration::from_millis(100),
             max_items_per_storage_call: 10_000,
             shared_refresh: Duration::from_millis(500),
+            max_dedup_keys: 10_000_000,
         }
     }
 }

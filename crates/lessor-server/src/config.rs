@@ -35,6 +35,8 @@ pub const DEFAULT_ADDRESS: &str = "127.0.0.1:2319";
 pub const DEFAULT_DATA_DIR: &str = "./data";
 /// Default largest produce body, in bytes (Querator's).
 pub const DEFAULT_MAX_PRODUCE_BODY: usize = 5_000_000;
+/// Highest `limits.max-dedup-keys` accepted: a billion keys take about 176 GB.
+const MAX_DEDUP_KEYS: usize = 1_000_000_000;
 
 /// What is wrong with a configuration, or why the stores it describes could not be opened.
 #[derive(Debug, Error)]
@@ -396,6 +398,9 @@ pub struct LimitsSection {
     /// How often a server re-reads partitions that other servers share (Go duration, default 500ms; PostgreSQL
     /// also wakes consumers at once by notification, so this bounds only the delay after a lost one).
     pub shared_refresh: Option<String>,
+    /// Live dedup keys one queue may hold (default 10,000,000, about 1.8 GB of index); keyed produce beyond it gets
+    /// 454 until older keys leave the window.
+    pub max_dedup_keys: Option<usize>,
 }
 
 impl Config {
@@ -510,6 +515,14 @@ impl Config {
                 }
             }
         }
+        if let Some(n) = self.limits.max_dedup_keys {
+            if n == 0 || n > MAX_DEDUP_KEYS {
+                return Err(ConfigError::Limit {
+                    field: "limits.max-dedup-keys",
+                    reason: format!("must be between 1 and {MAX_DEDUP_KEYS}"),
+                });
+            }
+        }
         if let Some(d) = &self.auth_backend.driver {
             if !matches!(d.to_ascii_lowercase().as_str(), "" | "none" | "internal") {
                 return Err(ConfigError::AuthDriver { value: d.clone() });
@@ -588,6 +601,9 @@ impl Config {
         if let Some(d) = self.limits.shared_refresh.as_deref().map(parse_go_duration) {
             // Checked by `validate`.
             l.shared_refresh = d.unwrap_or(l.shared_refresh);
+        }
+        if let Some(n) = self.limits.max_dedup_keys {
+            l.max_dedup_keys = n;
         }
         l
     }
@@ -763,6 +779,20 @@ mod tests {
         .expect_err("unknown key")
         .to_string();
         assert!(e.contains("storge-dir"), "{e}");
+    }
+
+    /// `limits.max-dedup-keys` is between 1 and a billion; the default is ten million.
+    #[test]
+    fn max_dedup_keys_is_checked_and_applied() {
+        assert_eq!(Config::memory().limits().max_dedup_keys, 10_000_000);
+        let c = Config::from_yaml("limits:\n  max-dedup-keys: 5000\n").expect("valid");
+        assert_eq!(c.limits().max_dedup_keys, 5000);
+        for bad in ["0", "1000000001"] {
+            let e = Config::from_yaml(&format!("limits:\n  max-dedup-keys: {bad}\n"))
+                .expect_err(bad)
+                .to_string();
+            assert!(e.contains("limits.max-dedup-keys"), "{bad}: {e}");
+        }
     }
 
     /// `limits.shared-refresh` is a Go duration above 0 and at most an hour; the default is 500ms.

@@ -47,6 +47,7 @@ impl ApiError {
                 QueueError::LeaseTimeout
                 | QueueError::RequestTimeout(_)
                 | QueueError::Overloaded
+                | QueueError::DedupFull(_)
                 | QueueError::PartitionUnavailable(_)
                 | QueueError::NoAvailablePartitions
                 | QueueError::Transient(_) => 454,

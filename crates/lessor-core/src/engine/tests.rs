@@ -194,6 +194,10 @@ impl Partition for Gated {
 }
 
 async fn engine_over(store: &Gated, clock: &ManualClock) -> Engine {
+    engine_with_limits(store, clock, Limits::default()).await
+}
+
+async fn engine_with_limits(store: &Gated, clock: &ManualClock, limits: Limits) -> Engine {
     let engine = Engine::new(EngineConfig {
         queues: Arc::new(Queues::default()),
         stores: vec![NamedStore {
@@ -201,7 +205,7 @@ async fn engine_over(store: &Gated, clock: &ManualClock) -> Engine {
             affinity: 1.0,
             store: Arc::new(store.clone()),
         }],
-        limits: Limits::default(),
+        limits,
         clock: Arc::new(clock.clone()),
     })
     .expect("engine");
@@ -211,6 +215,7 @@ async fn engine_over(store: &Gated, clock: &ManualClock) -> Engine {
             lease_timeout: Duration::from_secs(60),
             expire_timeout: Duration::from_secs(3600),
             requested_partitions: 1,
+            dedup_window: Duration::from_secs(60),
             ..Default::default()
         })
         .await
@@ -445,4 +450,59 @@ async fn a_slow_refresh_of_a_shared_partition_spaces_out_the_next() {
     );
     clock.advance(Duration::from_millis(500));
     until(|| calls() > first).await;
+}
+
+fn keyed(key: &str) -> ProduceItem {
+    ProduceItem {
+        payload: bytes::Bytes::from(format!("payload of {key}")),
+        dedup_id: key.to_string(),
+        ..Default::default()
+    }
+}
+
+/// `limits.max_dedup_keys` bounds a queue's live keys: a produce that would add keys beyond it stores nothing and
+/// gets 454 `DedupFull`; items without keys, and repeats of keys already held, still go through; once keys leave the
+/// window, new ones are taken again.
+#[tokio::test]
+async fn dedup_keys_beyond_the_limit_are_refused_until_the_window_moves_on() {
+    let clock = ManualClock::starting_now();
+    let store = Gated::new();
+    store.gate.add_permits(100);
+    let limits = Limits {
+        max_dedup_keys: 3,
+        ..Limits::default()
+    };
+    let engine = engine_with_limits(&store, &clock, limits).await;
+    let t = Some(Duration::from_secs(5));
+    finishes(engine.produce("q", vec![keyed("a"), keyed("b")], t))
+        .await
+        .expect("two keys");
+    let err = finishes(engine.produce("q", vec![keyed("c"), keyed("d")], t))
+        .await
+        .expect_err("four keys are above the limit");
+    assert!(matches!(err, QueueError::DedupFull(3)), "{err:?}");
+    assert!(err.to_string().starts_with("queue is overloaded; "), "{err}");
+    assert_eq!(
+        store.stored.load(Ordering::SeqCst),
+        2,
+        "nothing of the refused request stored"
+    );
+    // A third key fits; a repeat of a held key and an item without a key need no room.
+    finishes(engine.produce("q", vec![keyed("c")], t))
+        .await
+        .expect("third key");
+    finishes(engine.produce("q", vec![keyed("a"), item("plain")], t))
+        .await
+        .expect("a duplicate and a plain item");
+    assert_eq!(store.stored.load(Ordering::SeqCst), 4);
+    assert!(matches!(
+        finishes(engine.produce("q", vec![keyed("e")], t)).await,
+        Err(QueueError::DedupFull(3))
+    ));
+    // The window (60 s) passes: the old keys leave and new ones fit.
+    clock.advance(Duration::from_secs(61));
+    finishes(engine.produce("q", vec![keyed("e"), keyed("f")], t))
+        .await
+        .expect("room again");
+    assert_eq!(store.stored.load(Ordering::SeqCst), 6);
 }

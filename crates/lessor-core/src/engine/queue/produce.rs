@@ -120,6 +120,20 @@ impl QueueTask {
                 later.push((items, reply, tried, Vec::new()));
                 continue;
             }
+            // The index's memory is bounded: a request whose new keys would take the queue past the limit stores
+            // nothing (its duplicates are not acknowledged either: the client retries the whole request).
+            let max = self.config.limits.max_dedup_keys;
+            if self.dedup.len() + claimed.len() + hashes.len() > max {
+                let new = hashes
+                    .iter()
+                    .flatten()
+                    .filter(|h| !self.dedup.contains(**h, now))
+                    .count();
+                if new > 0 && self.dedup.len() + claimed.len() + new > max {
+                    let _ = reply.send(Err(QueueError::DedupFull(max)));
+                    continue;
+                }
+            }
             let mut keys = Vec::with_capacity(hashes.iter().flatten().count());
             let mut next = hashes.iter();
             let mut skipped = 0u64;
