@@ -1,6 +1,6 @@
-//! Partitions over two PostgreSQL databases (two private clusters): one database down makes only its partitions
-//! fail (454 for requests that name them), the others keep serving produce and lease, and when it comes back
-//! everything it held is served again, nothing lost.
+//! Partitions over two PostgreSQL databases (two private clusters), served by two servers: one database down makes
+//! only its partitions fail on both servers (454 for requests that name them), the others keep serving produce and
+//! lease, and when it comes back everything it held is served again, nothing lost and nothing served twice.
 #![cfg(feature = "postgres")]
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -105,8 +105,13 @@ async fn one_database_down_fails_only_its_partitions() {
     })
     .await
     .expect("create");
+    // A second server over the same two databases: both serve the queue.
+    let (_srv2, c2) = lessor_testkit::server::start(&config, None).await;
+    let servers = [&c, &c2];
     for i in 0..4 {
-        produce(&c, "spread", i * 10, 10).await.expect("produce");
+        produce(servers[i % 2], "spread", i * 10, 10)
+            .await
+            .expect("produce");
     }
     let on_a = partitions_in(&url_a, "spread").await;
     let on_b = partitions_in(&url_b, "spread").await;
@@ -120,14 +125,14 @@ async fn one_database_down_fails_only_its_partitions() {
     b.run("halt");
     // Produce keeps working: requests that meet a partition of B move to one of A.
     for i in 0..10 {
-        produce(&c, "spread", 100 + i * 10, 10)
+        produce(servers[i % 2], "spread", 100 + i * 10, 10)
             .await
             .expect("produce while B is down");
     }
     // Leases keep working from A's partitions, and only from them.
     let mut served: BTreeMap<u32, Vec<String>> = BTreeMap::new();
-    for _ in 0..20 {
-        for (p, items) in lease_and_complete(&c, "spread").await {
+    for round in 0..20 {
+        for (p, items) in lease_and_complete(servers[round % 2], "spread").await {
             assert!(on_a.contains(&p), "partition {p} is on the stopped database");
             served.entry(p).or_default().extend(items);
         }
@@ -136,21 +141,23 @@ async fn one_database_down_fails_only_its_partitions() {
     assert!(during >= 100, "A's partitions served: {during} items");
     // A request that names a partition of B gets 454 (retry later), not a 500.
     let p_b = *on_b.iter().next().expect("a partition on B");
-    let e = c
-        .storage_items_list(&pb::StorageItemsListRequest {
-            queue_name: "spread".into(),
-            partition: i32::try_from(p_b).expect("partition"),
-            ..Default::default()
-        })
-        .await
-        .expect_err("B is down");
-    assert_eq!(e.code(), Some(454), "{e}");
+    for server in servers {
+        let e = server
+            .storage_items_list(&pb::StorageItemsListRequest {
+                queue_name: "spread".into(),
+                partition: i32::try_from(p_b).expect("partition"),
+                ..Default::default()
+            })
+            .await
+            .expect_err("B is down");
+        assert_eq!(e.code(), Some(454), "{e}");
+    }
 
     // B comes back: its items are served again, nothing lost, nothing twice.
     b.run("start");
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    loop {
-        for (p, items) in lease_and_complete(&c, "spread").await {
+    for round in 0.. {
+        for (p, items) in lease_and_complete(servers[round % 2], "spread").await {
             served.entry(p).or_default().extend(items);
         }
         let n: usize = served.values().map(Vec::len).sum();
