@@ -34,6 +34,23 @@ use tokio::task::JoinHandle;
 /// The tests start processes and measure wall time: one at a time.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
+/// For a test that stops, restarts or stalls its database: the serial lock and a private cluster, or `None` (the
+/// test is skipped) without a test database or a local PostgreSQL to start.
+async fn fault_cluster(
+    tag: &str,
+    port: u16,
+    db: &str,
+) -> Option<(tokio::sync::MutexGuard<'static, ()>, Cluster, String)> {
+    let serial = SERIAL.lock().await;
+    database_or_skip()?;
+    if !postgres_installed() {
+        skip_or_fail("no local PostgreSQL to stop and start");
+        return None;
+    }
+    let (cluster, url) = Cluster::start(tag, port, db);
+    Some((serial, cluster, url))
+}
+
 // ---- databases ---------------------------------------------------------------------------------------------------
 
 use lessor_testkit::process::{ServerCommand, ServerProcess};
@@ -820,15 +837,9 @@ async fn killing_one_server_loses_nothing_acknowledged() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn database_restart_fails_requests_with_454_and_recovers() {
-    let _serial = SERIAL.lock().await;
-    if database_or_skip().is_none() {
+    let Some((_serial, cluster, url)) = fault_cluster("two-servers", 63470, "lessor_faults").await else {
         return;
-    }
-    if !postgres_installed() {
-        skip_or_fail("no local PostgreSQL to stop and start");
-        return;
-    }
-    let (cluster, url) = Cluster::start("two-servers", 63470, "lessor_faults");
+    };
     let dir = tempfile::tempdir().expect("temp dir");
     let s = Server::start("solo", &url, dir.path()).await;
     create_queue(&s.client, "f", |q| q.lease_timeout = "3s".into()).await;
@@ -961,15 +972,9 @@ async fn both_resume(run: &Run, servers: &[&Server], tags: [&str; 2], phase: &st
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_servers_survive_connection_kills_stalls_and_restarts() {
-    let _serial = SERIAL.lock().await;
-    if database_or_skip().is_none() {
+    let Some((_serial, cluster, url)) = fault_cluster("two-faults", 63476, "lessor_faults2").await else {
         return;
-    }
-    if !postgres_installed() {
-        skip_or_fail("no local PostgreSQL to stop and start");
-        return;
-    }
-    let (cluster, url) = Cluster::start("two-faults", 63476, "lessor_faults2");
+    };
     let dir = tempfile::tempdir().expect("temp dir");
     let a = Server::start("a", &url, dir.path()).await;
     let b = Server::start("b", &url, dir.path()).await;
