@@ -311,6 +311,25 @@ impl Run {
 
     /// Produces batches of `batch` items tagged `tag`, pausing `pause` between batches, until told to stop or until
     /// `limit` items were sent.
+    /// The steady load of the fault tests: producers sending 10 items every 20 ms and consumers holding each lease
+    /// for their given time, none of them ever killed.
+    fn steady_load(
+        &self,
+        producers: &[(&Server, &str)],
+        consumers: &[(&Server, &str, Duration)],
+    ) -> (Vec<JoinHandle<()>>, Vec<JoinHandle<()>>) {
+        let never = Arc::new(AtomicBool::new(false));
+        let p = producers
+            .iter()
+            .map(|(s, tag)| self.producer(s, tag, 10, Duration::from_millis(20), usize::MAX, never.clone()))
+            .collect();
+        let c = consumers
+            .iter()
+            .map(|(s, name, hold)| self.consumer(s, name, *hold, never.clone()))
+            .collect();
+        (p, c)
+    }
+
     fn producer(
         &self,
         server: &Server,
@@ -845,15 +864,10 @@ async fn database_restart_fails_requests_with_454_and_recovers() {
     create_queue(&s.client, "f", |q| q.lease_timeout = "3s".into()).await;
 
     let run = Run::new("f");
-    let never = Arc::new(AtomicBool::new(false));
-    let producers = vec![
-        run.producer(&s, "p0", 10, Duration::from_millis(20), usize::MAX, never.clone()),
-        run.producer(&s, "p1", 10, Duration::from_millis(20), usize::MAX, never.clone()),
-    ];
-    let consumers = vec![
-        run.consumer(&s, "c0", Duration::ZERO, never.clone()),
-        run.consumer(&s, "c1", Duration::from_millis(50), never.clone()),
-    ];
+    let (producers, consumers) = run.steady_load(
+        &[(&s, "p0"), (&s, "p1")],
+        &[(&s, "c0", Duration::ZERO), (&s, "c1", Duration::from_millis(50))],
+    );
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let before = run.ledger().acked.len();
     assert!(before > 0, "nothing produced before the outage");
@@ -986,15 +1000,10 @@ async fn two_servers_survive_connection_kills_stalls_and_restarts() {
 
     // Producers on A only and on B only, consumers on both: items produced on A are also leased through B.
     let run = Run::new("f");
-    let never = Arc::new(AtomicBool::new(false));
-    let producers = vec![
-        run.producer(&a, "pa", 10, Duration::from_millis(20), usize::MAX, never.clone()),
-        run.producer(&b, "pb", 10, Duration::from_millis(20), usize::MAX, never.clone()),
-    ];
-    let consumers = vec![
-        run.consumer(&a, "ca", Duration::ZERO, never.clone()),
-        run.consumer(&b, "cb", Duration::from_millis(20), never.clone()),
-    ];
+    let (producers, consumers) = run.steady_load(
+        &[(&a, "pa"), (&b, "pb")],
+        &[(&a, "ca", Duration::ZERO), (&b, "cb", Duration::from_millis(20))],
+    );
     tokio::time::sleep(Duration::from_millis(1500)).await;
 
     // 1. Every client connection of both servers ended by the database (pools and LISTEN connections).
