@@ -36,7 +36,7 @@ pub const FORMAT_VERSION: u32 = 1;
 /// hostile file can make a reader allocate.
 pub const MAX_RECORD: usize = 64 * 1024 * 1024;
 /// Items per block the server writes (fewer when their payloads are large, see [`BLOCK_BYTES`]).
-pub const BLOCK_ITEMS: usize = 2000;
+pub const BLOCK_ITEMS: usize = 8000;
 /// Uncompressed payload bytes after which the server closes a block.
 pub const BLOCK_BYTES: usize = 4 * 1024 * 1024;
 /// zstd level: the fast end, which compresses queue items well and keeps the backup bound by storage reads.

@@ -296,6 +296,9 @@ where
         })
         .inc();
     st.metrics
+        .answered
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    st.metrics
         .latency
         .get_or_create(&RouteOnly {
             route: R::PATH.to_string(),

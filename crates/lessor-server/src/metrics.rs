@@ -50,6 +50,9 @@ pub struct Metrics {
     pub backups_running: Gauge,
     /// Items restored from backups (including blocks sent again by a resumed restore).
     pub restore_items: Counter,
+    /// Requests answered by the API routes (not exported): background work such as a backup reads it to see
+    /// whether the server is serving, and yields while it is.
+    pub answered: std::sync::atomic::AtomicU64,
 }
 
 impl Metrics {
@@ -103,6 +106,7 @@ impl Metrics {
             backups_failed,
             backups_running,
             restore_items,
+            answered: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
