@@ -67,8 +67,9 @@ pub use apikeys::{
 };
 pub use codec::{decode, encode, request_encoding, response_encoding, CodecError, Encoding};
 pub use extensions::{
-    BrowseItem, QueueBrowseRequest, QueueBrowseResponse, QueueExtendRequest, QueuePauseRequest,
-    QueueRedriveRequest, QueueResumeRequest, RedriveListRequest, RedriveListResponse, RedriveTask,
+    BrowseItem, PartitionMove, QueueBrowseRequest, QueueBrowseResponse, QueueExtendRequest, QueuePauseRequest,
+    QueueRebalanceRequest, QueueRedriveRequest, RebalanceListRequest, RebalanceListResponse, RebalanceTask,
+    RebalanceTaskRequest, QueueResumeRequest, RedriveListRequest, RedriveListResponse, RedriveTask,
     RedriveTaskRequest, RestoreBeginRequest, RestoreBeginResponse, RestoreFinishRequest,
     RestoreImportRequest, RestoreImportResponse, RetryBackoff, StorageBackupRequest,
 };

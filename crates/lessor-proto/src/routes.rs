@@ -14,8 +14,9 @@ use crate::apikeys::{
     APIKeyCreateRequest, APIKeyCreateResponse, APIKeysDeleteRequest, APIKeysListRequest, APIKeysListResponse,
 };
 use crate::extensions::{
-    QueueBrowseRequest, QueueBrowseResponse, QueueExtendRequest, QueuePauseRequest, QueueRedriveRequest,
-    QueueResumeRequest, RedriveListRequest, RedriveListResponse, RedriveTask, RedriveTaskRequest,
+    QueueBrowseRequest, QueueBrowseResponse, QueueExtendRequest, QueuePauseRequest, QueueRebalanceRequest,
+    QueueRedriveRequest, QueueResumeRequest, RebalanceListRequest, RebalanceListResponse, RebalanceTask,
+    RebalanceTaskRequest, RedriveListRequest, RedriveListResponse, RedriveTask, RedriveTaskRequest,
     RestoreBeginRequest, RestoreBeginResponse, RestoreFinishRequest, RestoreImportRequest,
     RestoreImportResponse,
 };
@@ -243,6 +244,16 @@ routes! {
     /// Lessor extension: cancels a running redrive task.
     RedriveCancel => "/v1/redrive.cancel", RedriveTaskRequest => RedriveTask,
         BodyLimit::Fixed(SMALL_BODY), QueueUpdate, |r| queue_or_system(&r.dead_queue);
+    /// Declared by Querator but never routed there: starts an online rebalance task (partition moves between
+    /// stores, shrinking, spreading by affinity). `queue.update` on the queue.
+    QueuesRebalance => "/v1/queues.rebalance", QueueRebalanceRequest => RebalanceTask,
+        BodyLimit::Fixed(DEFAULT_BODY), QueueUpdate, |r| Target::Queue(&r.queue_name);
+    /// Lessor extension: lists rebalance tasks (of one queue, or all of them in `_system`).
+    RebalanceList => "/v1/rebalance.list", RebalanceListRequest => RebalanceListResponse,
+        BodyLimit::Fixed(SMALL_BODY), QueueStats, |r| queue_or_system(&r.queue_name);
+    /// Lessor extension: one rebalance task.
+    RebalanceGet => "/v1/rebalance.get", RebalanceTaskRequest => RebalanceTask,
+        BodyLimit::Fixed(SMALL_BODY), QueueStats, |r| queue_or_system(&r.queue_name);
     /// Lessor extension: starts (or resumes) restoring a queue from a backup: creates it in the restoring state.
     /// `queue.create` in the queue's namespace (the server also checks `queue.produce` there).
     StorageRestoreBegin => "/v1/storage.restore.begin", RestoreBeginRequest => RestoreBeginResponse,
@@ -327,6 +338,8 @@ pub const EXTENSION_PATHS: &[&str] = &[
     RedriveList::PATH,
     RedriveGet::PATH,
     RedriveCancel::PATH,
+    RebalanceList::PATH,
+    RebalanceGet::PATH,
 ];
 
 /// The route at `path`, if there is one.
