@@ -96,7 +96,10 @@ impl Client {
     ///
     /// # Errors
     /// Any [`ClientError`].
-    pub async fn rebalance_list(&self, req: &RebalanceListRequest) -> Result<RebalanceListResponse, ClientError> {
+    pub async fn rebalance_list(
+        &self,
+        req: &RebalanceListRequest,
+    ) -> Result<RebalanceListResponse, ClientError> {
         self.call::<routes::RebalanceList>(req).await
     }
 

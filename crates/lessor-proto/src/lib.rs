@@ -67,10 +67,10 @@ pub use apikeys::{
 };
 pub use codec::{decode, encode, request_encoding, response_encoding, CodecError, Encoding};
 pub use extensions::{
-    BrowseItem, PartitionMove, QueueBrowseRequest, QueueBrowseResponse, QueueExtendRequest, QueuePauseRequest,
-    QueueRebalanceRequest, QueueRedriveRequest, RebalanceListRequest, RebalanceListResponse, RebalanceTask,
-    RebalanceTaskRequest, QueueResumeRequest, RedriveListRequest, RedriveListResponse, RedriveTask,
-    RedriveTaskRequest, RestoreBeginRequest, RestoreBeginResponse, RestoreFinishRequest,
+    BrowseItem, PartitionMove, QueueBrowseRequest, QueueBrowseResponse, QueueExtendRequest,
+    QueuePauseRequest, QueueRebalanceRequest, QueueRedriveRequest, QueueResumeRequest, RebalanceListRequest,
+    RebalanceListResponse, RebalanceTask, RebalanceTaskRequest, RedriveListRequest, RedriveListResponse,
+    RedriveTask, RedriveTaskRequest, RestoreBeginRequest, RestoreBeginResponse, RestoreFinishRequest,
     RestoreImportRequest, RestoreImportResponse, RetryBackoff, StorageBackupRequest,
 };
 pub use namespaces::{NamespaceInfo, NamespacesDeleteRequest, NamespacesListRequest, NamespacesListResponse};

@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use lessor_core::engine::{
-    BrowsePage, BrowseRequest, BrowseState, PartitionMove, ProduceItem, QueueStats, QueueUpdate, RebalanceRequest,
-    RebalanceTask, RedriveRequest, RedriveTask,
+    BrowsePage, BrowseRequest, BrowseState, PartitionMove, ProduceItem, QueueStats, QueueUpdate,
+    RebalanceRequest, RebalanceTask, RedriveRequest, RedriveTask,
 };
 use lessor_core::time::Ts;
 use lessor_core::types::{Backoff, Item, ItemId, QueueInfo, RetryItem};

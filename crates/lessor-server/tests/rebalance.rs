@@ -143,7 +143,11 @@ async fn move_keeps_items_in_every_state_and_leases_in_flight() {
     // ones, and one that was leased and retried (attempts 1, ready again).
     let mut batch = Vec::new();
     for i in 0..1200 {
-        let dedup = if i % 10 == 0 { format!("key-{i}") } else { String::new() };
+        let dedup = if i % 10 == 0 {
+            format!("key-{i}")
+        } else {
+            String::new()
+        };
         batch.push(item(format!("r{i:05}"), [0, 5, 9][i % 3], &dedup));
     }
     for chunk in batch.chunks(100) {
@@ -202,7 +206,11 @@ async fn move_keeps_items_in_every_state_and_leases_in_flight() {
         .expect("produce during move");
     tokio::time::sleep(Duration::from_millis(300)).await;
     let mid = e.rebalance_get(&task.id).await.expect("get");
-    assert_eq!(mid.status, RebalanceStatus::Running, "waits for the leases in flight: {mid:?}");
+    assert_eq!(
+        mid.status,
+        RebalanceStatus::Running,
+        "waits for the leases in flight: {mid:?}"
+    );
     let (done_ids, retry_ids) = held.items.split_at(10);
     e.complete("q", 0, done_ids.iter().map(|it| it.id).collect(), T)
         .await
@@ -237,17 +245,30 @@ async fn move_keeps_items_in_every_state_and_leases_in_flight() {
     let (ready_before, sched_before): (Vec<_>, Vec<_>) = before_free.iter().cloned().partition(|s| !s.3);
     let (ready_after, sched_after): (Vec<_>, Vec<_>) = after_shapes.iter().cloned().partition(|s| !s.3);
     assert_eq!(sched_after, sched_before, "scheduled items kept as they were");
-    assert_eq!(&ready_after[..ready_before.len()], &ready_before[..], "order and fields kept");
-    let back: Vec<String> = ready_after[ready_before.len()..].iter().map(|s| s.0.clone()).collect();
+    assert_eq!(
+        &ready_after[..ready_before.len()],
+        &ready_before[..],
+        "order and fields kept"
+    );
+    let back: Vec<String> = ready_after[ready_before.len()..]
+        .iter()
+        .map(|s| s.0.clone())
+        .collect();
     let mut want: Vec<String> = retry_ids.iter().map(payload).collect();
     let mut got = back.clone();
     want.sort();
     got.sort();
     assert_eq!(got, want, "retried leases come back after the rest");
-    assert!(ready_after[ready_before.len()..].iter().all(|s| s.2 == 1), "attempts kept");
+    assert!(
+        ready_after[ready_before.len()..].iter().all(|s| s.2 == 1),
+        "attempts kept"
+    );
     // The produce during the move went to partition 1.
     let p1 = items_of(&e, "q", 1).await;
-    assert_eq!(p1.iter().map(payload).collect::<Vec<_>>(), vec!["during".to_string()]);
+    assert_eq!(
+        p1.iter().map(payload).collect::<Vec<_>>(),
+        vec!["during".to_string()]
+    );
 
     // Dedup keys are kept: producing a key again stores nothing.
     e.produce("q", vec![item("again".into(), 0, "key-10")], T)
@@ -355,14 +376,20 @@ async fn shrink_drains_removed_partitions_into_the_others() {
     let gone: Vec<String> = held.iter().map(payload).collect();
     want.retain(|p| !gone.contains(p));
     want.sort();
-    assert_eq!(all, want, "nothing lost, nothing doubled, nothing completed brought back");
+    assert_eq!(
+        all, want,
+        "nothing lost, nothing doubled, nothing completed brought back"
+    );
     for (removed, target) in [(2u32, &p0), (3u32, &p1)] {
         let mine: Vec<&String> = by_part[&removed]
             .iter()
             .filter(|p| !gone.contains(p) && p.as_str() != "sched")
             .collect();
         let seen: Vec<&String> = target.iter().filter(|p| mine.contains(p)).collect();
-        assert_eq!(seen, mine, "partition {removed}'s order kept in its new partition");
+        assert_eq!(
+            seen, mine,
+            "partition {removed}'s order kept in its new partition"
+        );
     }
     let err = e.complete("q", 3, held.iter().map(|it| it.id).collect(), T).await;
     assert!(err.is_err(), "partition 3 is gone");
@@ -388,7 +415,10 @@ async fn bad_requests_name_the_field() {
     };
     let cases: Vec<(RebalanceRequest, &str)> = vec![
         (mv("q", 0, "nope"), "moves[0].to_store is invalid"),
-        (mv("q", 0, "a"), "moves[0].to_store is invalid; partition 0 is already in 'a'"),
+        (
+            mv("q", 0, "a"),
+            "moves[0].to_store is invalid; partition 0 is already in 'a'",
+        ),
         (mv("q", 7, "b"), "moves[0].partition is invalid"),
         (mv("one", 0, "b"), "moves is invalid; 'one' has one partition"),
         (
@@ -438,7 +468,9 @@ async fn bad_requests_name_the_field() {
     assert_eq!(t.status, RebalanceStatus::Completed);
     assert!(t.moves.is_empty());
     // One running task per queue: hold a lease so the move waits.
-    e.produce("q", vec![item("x".into(), 0, "")], T).await.expect("produce");
+    e.produce("q", vec![item("x".into(), 0, "")], T)
+        .await
+        .expect("produce");
     let l = e.lease("q", 1, "c", T).await.expect("lease");
     let first = e.rebalance_start(mv("q", l.partition, "b")).await.expect("move");
     let second = e.rebalance_start(mv("q", (l.partition + 1) % 3, "b")).await;
@@ -453,8 +485,13 @@ async fn bad_requests_name_the_field() {
             ..Default::default()
         })
         .await;
-    assert!(matches!(&grow, Err(QueueError::Invalid(m)) if m.contains("is running")), "{grow:?}");
-    e.complete("q", l.partition, vec![l.items[0].id], T).await.expect("complete");
+    assert!(
+        matches!(&grow, Err(QueueError::Invalid(m)) if m.contains("is running")),
+        "{grow:?}"
+    );
+    e.complete("q", l.partition, vec![l.items[0].id], T)
+        .await
+        .expect("complete");
     assert_eq!(wait_done(&e, &first.id).await.status, RebalanceStatus::Completed);
     let listed = e.rebalance_list("q").await.expect("list");
     assert_eq!(listed.len(), 3);
@@ -472,7 +509,9 @@ async fn spread_moves_partitions_to_match_affinities() {
         .await
         .expect("create");
     for i in 0..20 {
-        e.produce("q", vec![item(format!("i{i}"), 0, "")], T).await.expect("produce");
+        e.produce("q", vec![item(format!("i{i}"), 0, "")], T)
+            .await
+            .expect("produce");
     }
     e.shutdown().await;
     // The operator gives `b` an affinity: a spread moves half the partitions there.
@@ -518,7 +557,13 @@ async fn a_move_interrupted_by_a_restart_resumes() {
         .await
         .expect("create");
     for i in 0..30 {
-        let items = (0..100).map(|j| item(format!("i{:05}", i * 100 + j), 0, "")).collect();
+        // One item in a hundred has a dedup key: the moved partition's records must survive a restart.
+        let items = (0..100)
+            .map(|j| {
+                let dedup = if j == 0 { format!("key-{i}") } else { String::new() };
+                item(format!("i{:05}", i * 100 + j), 0, &dedup)
+            })
+            .collect();
         e.produce("q", items, T).await.expect("produce");
     }
     let before: Vec<String> = items_of(&e, "q", 0).await.iter().map(payload).collect();
@@ -547,12 +592,32 @@ async fn a_move_interrupted_by_a_restart_resumes() {
     assert_eq!(e.resume_rebalances().await.expect("resume"), 1);
     let done = wait_done(&e, &t.id).await;
     assert_eq!(done.status, RebalanceStatus::Completed, "{done:?}");
-    assert_eq!(e.queue_info("q").await.expect("info").partitions[0].storage_name, "b");
+    assert_eq!(
+        e.queue_info("q").await.expect("info").partitions[0].storage_name,
+        "b"
+    );
     let mut after: Vec<String> = items_of(&e, "q", 0).await.iter().map(payload).collect();
     // The held lease expired during the move and came back at the tail.
     assert_eq!(after.pop(), Some(payload(&held.items[0])));
     let mut want = before.clone();
     want.retain(|p| *p != payload(&held.items[0]));
     assert_eq!(after, want, "every item once, in order");
+    e.shutdown().await;
+    drop(e);
+    // After one more restart the keys of the moved partition are still known (read back from its new store).
+    let e = open();
+    let count = |e: Engine| async move {
+        let mut n = 0;
+        for p in 0..2 {
+            n += items_of(&e, "q", p).await.len();
+        }
+        n
+    };
+    let before = count(e.clone()).await;
+    let again: Vec<ProduceItem> = (0..30)
+        .map(|i| item(format!("dup{i}"), 0, &format!("key-{i}")))
+        .collect();
+    e.produce("q", again, T).await.expect("produce known keys");
+    assert_eq!(count(e.clone()).await, before, "known keys are not stored again");
     e.shutdown().await;
 }

@@ -133,13 +133,16 @@ async fn consumer(sh: Arc<Shared>, id: usize) {
             let mut led = sh.ledger.lock().expect("ledger");
             for (it, p) in l.items.iter().zip(&payloads) {
                 if led.completed.contains(p) {
-                    led.errors.push(format!("{p}: leased again after its complete was acknowledged"));
+                    led.errors
+                        .push(format!("{p}: leased again after its complete was acknowledged"));
                 }
                 if let Some(until) = led.leased_until.get(p).copied() {
                     // A lease may be handed out again only once the previous one ended (with some slack for
                     // clock reading).
                     if until > now + Duration::from_millis(300) {
-                        led.errors.push(format!("{p}: leased twice (previous lease valid until {until:?})"));
+                        led.errors.push(format!(
+                            "{p}: leased twice (previous lease valid until {until:?})"
+                        ));
                     }
                 }
                 led.leased_until.insert(p.clone(), deadline(&it.lease_deadline));
@@ -195,12 +198,18 @@ async fn kill_mid_way(cmd: &ServerCommand, mut srv: ServerProcess, sh: &Shared, 
     let t0 = Instant::now();
     loop {
         let t = rebalance_get(srv.client(), id).await.expect("rebalance.get");
-        assert_eq!(t.status, "running", "killed mid-way: the task must still run: {t:?}");
+        assert_eq!(
+            t.status, "running",
+            "killed mid-way: the task must still run: {t:?}"
+        );
         if t.moved > 0 {
             println!("killing mid-way: {t:?}");
             break;
         }
-        assert!(t0.elapsed() < Duration::from_secs(60), "the task makes progress: {t:?}");
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "the task makes progress: {t:?}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     srv.kill();
@@ -248,7 +257,9 @@ async fn rebalance_under_load_survives_sigkill() {
         next: AtomicU64::new(0),
     });
     for chunk in 0..PRELOAD / 1000 {
-        let payloads: Vec<String> = (0..1000).map(|i| format!("pre-{:06}", chunk * 1000 + i)).collect();
+        let payloads: Vec<String> = (0..1000)
+            .map(|i| format!("pre-{:06}", chunk * 1000 + i))
+            .collect();
         c.queue_produce(&pb::QueueProduceRequest {
             queue_name: QUEUE.into(),
             request_timeout: "30s".into(),
@@ -347,7 +358,10 @@ async fn rebalance_under_load_survives_sigkill() {
         if left == 0 {
             break;
         }
-        assert!(t0.elapsed() < Duration::from_secs(120), "the queue drains: {left} left");
+        assert!(
+            t0.elapsed() < Duration::from_secs(120),
+            "the queue drains: {left} left"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     sh.stop.store(true, Ordering::Relaxed);
@@ -360,7 +374,12 @@ async fn rebalance_under_load_survives_sigkill() {
         .iter()
         .filter(|p| !led.completed.contains(*p) && !led.maybe_completed.contains(*p))
         .collect();
-    assert!(lost.is_empty(), "{} acknowledged items lost, e.g. {:?}", lost.len(), &lost[..lost.len().min(5)]);
+    assert!(
+        lost.is_empty(),
+        "{} acknowledged items lost, e.g. {:?}",
+        lost.len(),
+        &lost[..lost.len().min(5)]
+    );
     let unknown: Vec<&String> = led
         .completed
         .iter()

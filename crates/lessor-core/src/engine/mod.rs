@@ -28,9 +28,7 @@ use tokio::sync::{mpsc, oneshot, Mutex};
 use tokio::task::JoinHandle;
 
 pub use placement::{place, shares, StoreWeight};
-pub use rebalance::{
-    PartitionMove, RebalanceProgress, RebalanceRequest, RebalanceStatus, RebalanceTask,
-};
+pub use rebalance::{PartitionMove, RebalanceProgress, RebalanceRequest, RebalanceStatus, RebalanceTask};
 pub use redrive::{RedriveRequest, RedriveStatus, RedriveTask};
 
 use crate::error::{QueueError, StorageError, StorageErrorKind};
@@ -494,7 +492,10 @@ impl Engine {
                 if let Some(id) = self.rebalancing(&info.name).await? {
                     return Err(validate::invalid(
                         "requested_partitions",
-                        format!("rebalance task '{id}' is running on '{}'; change partitions once it is done", info.name),
+                        format!(
+                            "rebalance task '{id}' is running on '{}'; change partitions once it is done",
+                            info.name
+                        ),
                     ));
                 }
             }

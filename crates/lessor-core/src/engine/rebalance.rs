@@ -247,7 +247,9 @@ impl Engine {
         if info.restoring {
             return Err(QueueError::Restoring(info.name));
         }
-        let asked = usize::from(!request.moves.is_empty()) + usize::from(request.spread) + usize::from(request.partitions > 0);
+        let asked = usize::from(!request.moves.is_empty())
+            + usize::from(request.spread)
+            + usize::from(request.partitions > 0);
         if asked != 1 {
             return Err(validate::invalid(
                 "rebalance request",
@@ -378,7 +380,11 @@ impl Engine {
         let plan = stored.plan(have);
         let (tx, rx) = tokio::sync::oneshot::channel();
         let h = self.handle(&info.name).await?;
-        if h.tx.send(super::Msg::Cold(Cold::RebalanceInstall(plan, tx))).await.is_ok() {
+        if h.tx
+            .send(super::Msg::Cold(Cold::RebalanceInstall(plan, tx)))
+            .await
+            .is_ok()
+        {
             let _ = rx.await;
         }
         tracing::info!(task = %stored.id, queue = %stored.queue, moves = stored.moves.len(), partitions = shrink, "rebalance started");
@@ -572,7 +578,9 @@ impl Engine {
             }
             let report = match self.report(&t, false).await {
                 Ok(r) => r,
-                Err(QueueError::QueueNotFound(_)) => return self.fail_rebalance(&mut t, "the queue was deleted").await,
+                Err(QueueError::QueueNotFound(_)) => {
+                    return self.fail_rebalance(&mut t, "the queue was deleted").await
+                }
                 Err(e) => {
                     tracing::warn!(task = %t.id, error = %e, "rebalance watcher will retry");
                     self.sleep(RETRY_AFTER).await;
@@ -585,7 +593,10 @@ impl Engine {
                 let (tx, rx) = tokio::sync::oneshot::channel();
                 let h = self.handle(&t.queue).await?;
                 if h.tx
-                    .send(super::Msg::Cold(Cold::RebalanceInstall(t.plan(info.partitions.len()), tx)))
+                    .send(super::Msg::Cold(Cold::RebalanceInstall(
+                        t.plan(info.partitions.len()),
+                        tx,
+                    )))
                     .await
                     .is_ok()
                 {

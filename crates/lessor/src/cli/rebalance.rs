@@ -83,11 +83,7 @@ fn parse_move(s: &str) -> Result<pb::PartitionMove, String> {
 fn task_line(t: &pb::RebalanceTask) -> String {
     let mut s = format!(
         "task {}  {}  {}  moved={}  remaining={}",
-        t.task_id,
-        t.queue_name,
-        t.status,
-        t.moved,
-        t.remaining
+        t.task_id, t.queue_name, t.status, t.moved, t.remaining
     );
     if !t.error.is_empty() {
         s.push_str(&format!("  error: {}", t.error));
@@ -126,7 +122,16 @@ fn task_table(tasks: &[pb::RebalanceTask]) -> String {
         })
         .collect();
     table(
-        &["TASK", "QUEUE", "WHAT", "STATUS", "MOVED", "REMAINING", "CREATED", "ERROR"],
+        &[
+            "TASK",
+            "QUEUE",
+            "WHAT",
+            "STATUS",
+            "MOVED",
+            "REMAINING",
+            "CREATED",
+            "ERROR",
+        ],
         rows,
     )
 }

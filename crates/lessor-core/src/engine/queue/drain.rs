@@ -263,7 +263,14 @@ impl QueueTask {
             self.wait_for_leases(now);
             return Ok(());
         }
-        // Every removed partition is empty: drop them. The engine persists the placement, then destroys them.
+        // Every removed partition is empty: their dedup records go to the partitions that took their items, then
+        // they are dropped. The engine persists the placement, then destroys them.
+        for i in n..self.parts.len() {
+            let target = self.parts[i % n]
+                .healthy()
+                .ok_or_else(|| format!("target partition {} is unavailable", i % n))?;
+            self.carry_dedup(i, &target, now).await?;
+        }
         let dropped: Vec<_> = self.parts.drain(n..).collect();
         let mut retired = Vec::new();
         for p in dropped {
@@ -302,7 +309,9 @@ impl QueueTask {
             self.wait_for_leases(now);
             return Ok(());
         }
-        // The source is empty: the partition lives in its new store from now on.
+        // The source is empty: its dedup records go along (they outlive the items they name), and the partition
+        // lives in its new store from now on.
+        self.carry_dedup(i, &dest, now).await?;
         let Some(d) = self.rebalance.as_mut().and_then(|r| r.dest.take()) else {
             return Ok(());
         };
@@ -372,6 +381,18 @@ impl QueueTask {
         Ok(handle)
     }
 
+    /// Copies partition `i`'s live dedup records into `target`.
+    async fn carry_dedup(&mut self, i: usize, target: &Arc<dyn Partition>, now: Ts) -> Result<(), String> {
+        let src = self.parts[i]
+            .healthy()
+            .ok_or_else(|| format!("partition {} is unavailable", self.parts[i].num))?;
+        let records = src.dedup_records(now).await.map_err(|e| e.to_string())?;
+        if !records.is_empty() {
+            target.import_dedup(records).await.map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    }
+
     /// Whether partition `i` holds nothing at all (no item in any state, no dead item waiting for transfer).
     async fn source_empty(&mut self, i: usize) -> Result<bool, String> {
         let h = self.parts[i]
@@ -428,7 +449,11 @@ impl QueueTask {
         if chunk.is_empty() {
             return Ok(0);
         }
-        let id = self.rebalance.as_ref().map(|r| r.plan.id.clone()).unwrap_or_default();
+        let id = self
+            .rebalance
+            .as_ref()
+            .map(|r| r.plan.id.clone())
+            .unwrap_or_default();
         let ids: Vec<ItemId> = chunk.iter().map(|it| it.id).collect();
         self.write_journal(&id, num, &ids).await?;
         let n = self.import_and_delete(&id, num, &src, &target, chunk).await?;
@@ -563,7 +588,9 @@ impl QueueTask {
         }
         found.sort_by_key(|it| it.id);
         tracing::info!(queue = %self.info.name, task = %task, items = found.len(), "replaying the rebalance chunk in flight");
-        let n = self.import_and_delete(&task, j.source, &src, &target, found).await?;
+        let n = self
+            .import_and_delete(&task, j.source, &src, &target, found)
+            .await?;
         self.probe(i, now).await;
         if let Some(t) = target_part {
             self.probe(t, now).await;
