@@ -354,10 +354,10 @@ mod tests {
     #[test]
     fn paths_are_unique_and_versioned() {
         let mut paths: Vec<&str> = ROUTES.iter().map(|r| r.path).collect();
-        assert_eq!(paths.len(), 44);
+        assert_eq!(paths.len(), 47);
         paths.sort_unstable();
         paths.dedup();
-        assert_eq!(paths.len(), 44, "a path is listed twice");
+        assert_eq!(paths.len(), 47, "a path is listed twice");
         assert!(paths.iter().all(|p| p.starts_with("/v1/")));
     }
 
@@ -414,6 +414,8 @@ mod tests {
             ("/v1/redrive.list", "queue.stats", SMALL_BODY),
             ("/v1/redrive.get", "queue.stats", SMALL_BODY),
             ("/v1/redrive.cancel", "queue.update", SMALL_BODY),
+            ("/v1/rebalance.list", "queue.stats", SMALL_BODY),
+            ("/v1/rebalance.get", "queue.stats", SMALL_BODY),
         ];
         assert_eq!(EXTENSION_PATHS.len(), expect.len());
         for (path, perm, limit) in expect {
@@ -439,6 +441,19 @@ mod tests {
             ..bare
         };
         assert_eq!(RedriveCancel::target(&named), Target::Queue("dlq"));
+        // Querator's declared rebalance route: queue.update on the queue it names.
+        let r = route("/v1/queues.rebalance").unwrap_or_else(|| panic!("queues.rebalance is not routed"));
+        assert_eq!(r.permission.as_str(), "queue.update");
+        let bare = crate::RebalanceTaskRequest {
+            task_id: "t".into(),
+            queue_name: String::new(),
+        };
+        assert_eq!(RebalanceGet::target(&bare), Target::System);
+        let named = crate::RebalanceTaskRequest {
+            queue_name: "q".into(),
+            ..bare
+        };
+        assert_eq!(RebalanceGet::target(&named), Target::Queue("q"));
     }
 
     #[test]

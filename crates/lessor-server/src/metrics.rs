@@ -262,7 +262,8 @@ impl prometheus_client::collector::Collector for QueueCollector {
         // Rebalance tasks watched by this server: items moved and left, by task and queue.
         let mut tasks = self.engine.rebalance_progress();
         tasks.sort_by(|a, b| a.id.cmp(&b.id));
-        let progress: [(&str, &str, fn(&lessor_core::engine::RebalanceProgress) -> u64); 2] = [
+        type Progress = fn(&lessor_core::engine::RebalanceProgress) -> u64;
+        let progress: [(&str, &str, Progress); 2] = [
             (
                 "rebalance_moved_items",
                 "Items a running rebalance task moved so far",

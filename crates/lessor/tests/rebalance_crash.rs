@@ -71,7 +71,7 @@ impl Shared {
 }
 
 fn deadline(ts: &Option<pb::Timestamp>) -> SystemTime {
-    let t = ts.clone().unwrap_or_default();
+    let t = (*ts).unwrap_or_default();
     SystemTime::UNIX_EPOCH + Duration::new(t.seconds.max(0) as u64, t.nanos.max(0) as u32)
 }
 
