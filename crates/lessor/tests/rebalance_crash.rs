@@ -396,3 +396,70 @@ async fn rebalance_under_load_survives_sigkill() {
     drop(led);
     srv.kill();
 }
+
+async fn lessor(endpoint: &str, args: &[&str]) -> std::process::Output {
+    tokio::process::Command::new(env!("CARGO_BIN_EXE_lessor"))
+        .args(args)
+        .env("LESSOR_ENDPOINT", endpoint)
+        .env_remove("LESSOR_API_KEY")
+        .env_remove("RUST_LOG")
+        .output()
+        .await
+        .expect("run lessor")
+}
+
+/// The CLI: `lessor rebalance QUEUE --move P=STORE` waits for the task and prints it (`--json`), `list` and `get`
+/// show it, and a bad request exits non-zero with the server's message naming the field.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_rebalance_waits_and_reports() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut srv = server(dir.path()).start().await;
+    let c = srv.client().clone();
+    c.queues_create(&pb::QueueInfo {
+        queue_name: QUEUE.into(),
+        lease_timeout: "1m".into(),
+        expire_timeout: "24h".into(),
+        requested_partitions: 2,
+        ..Default::default()
+    })
+    .await
+    .expect("create");
+    for b in 0..2 {
+        c.queue_produce(&pb::QueueProduceRequest {
+            queue_name: QUEUE.into(),
+            request_timeout: "30s".into(),
+            items: (0..1000)
+                .map(|i| pb::QueueProduceItem {
+                    utf8: format!("x{b}-{i}"),
+                    ..Default::default()
+                })
+                .collect(),
+        })
+        .await
+        .expect("produce");
+    }
+    let e = srv.endpoint().to_string();
+    let out = lessor(
+        &e,
+        &["--json", "rebalance", QUEUE, "--move", "0=b", "--move", "1=b"],
+    )
+    .await;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let task: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(task["status"], "completed", "{task}");
+    assert_eq!(task["moved"], "2000", "{task}");
+    let id = task["task_id"].as_str().expect("task id").to_string();
+    let out = lessor(&e, &["--json", "rebalance", "get", &id, "--queue", QUEUE]).await;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = lessor(&e, &["rebalance", "list", QUEUE]).await;
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(table.contains(&id) && table.contains("0->b,1->b"), "{table}");
+    let out = lessor(&e, &["rebalance", QUEUE, "--move", "0=nowhere"]).await;
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("moves[0].to_store is invalid"), "{err}");
+    let out = lessor(&e, &["rebalance", QUEUE, "--move", "zero=b"]).await;
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("is not a partition number"));
+    srv.kill();
+}
