@@ -476,6 +476,10 @@ message! {
         #[json(I32, "partitions")]
         #[prost(int32, tag = "103")]
         pub partitions: i32,
+        /// Most items moved per second; 0: as fast as the queue allows.
+        #[json(I64, "max_items_per_sec", "maxItemsPerSec")]
+        #[prost(int64, tag = "104")]
+        pub max_items_per_sec: i64,
     }
 }
 
@@ -523,6 +527,10 @@ message! {
         #[json(Msg<Timestamp>, "updated_at", "updatedAt")]
         #[prost(message, optional, tag = "109")]
         pub updated_at: Option<Timestamp>,
+        /// The rate limit (items per second); 0: none.
+        #[json(I64, "max_items_per_sec", "maxItemsPerSec")]
+        #[prost(int64, tag = "110")]
+        pub max_items_per_sec: i64,
     }
 }
 

@@ -439,11 +439,18 @@ pub fn rebalance_request(r: pb::QueueRebalanceRequest) -> Result<RebalanceReques
             to_store: m.to_store,
         });
     }
+    let max_items_per_sec = u32::try_from(r.max_items_per_sec).map_err(|_| {
+        validate::invalid(
+            "max_items_per_sec",
+            format!("must be between 0 (no limit) and {}", u32::MAX),
+        )
+    })?;
     Ok(RebalanceRequest {
         queue: r.queue_name,
         moves,
         spread: r.spread,
         partitions,
+        max_items_per_sec,
     })
 }
 
@@ -468,6 +475,7 @@ pub fn rebalance_out(t: RebalanceTask) -> pb::RebalanceTask {
         error: t.error,
         created_at: ts_to(t.created_at),
         updated_at: ts_to(t.updated_at),
+        max_items_per_sec: i64::from(t.max_items_per_sec),
     }
 }
 

@@ -266,7 +266,7 @@ fn cpu_seconds() -> f64 {
 }
 
 /// Starts a rebalance of `queue` moving `partitions` to `store` and waits for it; returns (items moved, seconds).
-async fn move_partitions(c: &Client, queue: &str, partitions: &[i32], store: &str) -> (i64, f64) {
+async fn move_partitions(c: &Client, queue: &str, partitions: &[i32], store: &str, rate: i64) -> (i64, f64) {
     let start = Instant::now();
     let t = c
         .queues_rebalance(&pb::QueueRebalanceRequest {
@@ -278,6 +278,7 @@ async fn move_partitions(c: &Client, queue: &str, partitions: &[i32], store: &st
                     to_store: store.into(),
                 })
                 .collect(),
+            max_items_per_sec: rate,
             ..Default::default()
         })
         .await
@@ -362,7 +363,7 @@ async fn serving_during_a_partition_move() {
     let alone = serving_rate(&c, "live", Duration::from_secs(5)).await;
     let cpu_serving = (cpu_seconds() - cpu0) / (alone * 5.0 / 3.0 * 10.0);
     let cpu0 = cpu_seconds();
-    let (moved, secs) = move_partitions(&c, "bulk", &[0, 1], "b").await;
+    let (moved, secs) = move_partitions(&c, "bulk", &[0, 1], "b", 0).await;
     let cpu_move = cpu_seconds() - cpu0;
     eprintln!(
         "move alone: {moved} items in {secs:.2}s = {:.0} items/s, {:.1} µs CPU per item moved",
@@ -373,10 +374,15 @@ async fn serving_during_a_partition_move() {
         "serving alone: {alone:.0} ops/s, {:.1} µs CPU per item (produce+lease+complete of one item, load generator included)",
         cpu_serving * 1e6
     );
-    // Back to `a` while the serving loop runs; serving is measured over the move's duration.
+    // Back to `a` while the serving loop runs (paced at `LESSOR_BENCH_MOVE_RATE` items/s when set); serving is
+    // measured over the move's duration.
+    let rate: i64 = std::env::var("LESSOR_BENCH_MOVE_RATE")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
     let busy = {
         let c = c.clone();
-        tokio::spawn(async move { move_partitions(&c, "bulk", &[0, 1], "a").await })
+        tokio::spawn(async move { move_partitions(&c, "bulk", &[0, 1], "a", rate).await })
     };
     let start = Instant::now();
     let mut rates = Vec::new();
@@ -386,7 +392,7 @@ async fn serving_during_a_partition_move() {
     let (moved2, secs2) = busy.await.unwrap();
     let during = rates.iter().sum::<f64>() / rates.len().max(1) as f64;
     eprintln!(
-        "move under load: {moved2} items in {secs2:.2}s = {:.0} items/s; serving {during:.0} ops/s over {:.1}s = {:.0} % of alone",
+        "move under load (max rate {rate}): {moved2} items in {secs2:.2}s = {:.0} items/s; serving {during:.0} ops/s over {:.1}s = {:.0} % of alone",
         moved2 as f64 / secs2,
         start.elapsed().as_secs_f64(),
         during / alone * 100.0

@@ -439,15 +439,33 @@ async fn cli_rebalance_waits_and_reports() {
         .expect("produce");
     }
     let e = srv.endpoint().to_string();
+    let t0 = Instant::now();
     let out = lessor(
         &e,
-        &["--json", "rebalance", QUEUE, "--move", "0=b", "--move", "1=b"],
+        &[
+            "--json",
+            "rebalance",
+            QUEUE,
+            "--move",
+            "0=b",
+            "--move",
+            "1=b",
+            "--max-rate",
+            "4000",
+        ],
     )
     .await;
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // 2,000 items at most 4,000 a second: half a second at least (the first chunk of 500 goes at once).
+    assert!(
+        t0.elapsed() >= Duration::from_millis(350),
+        "paced: {:?}",
+        t0.elapsed()
+    );
     let task: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
     assert_eq!(task["status"], "completed", "{task}");
     assert_eq!(task["moved"], "2000", "{task}");
+    assert_eq!(task["max_items_per_sec"], "4000", "{task}");
     let id = task["task_id"].as_str().expect("task id").to_string();
     let out = lessor(&e, &["--json", "rebalance", "get", &id, "--queue", QUEUE]).await;
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));

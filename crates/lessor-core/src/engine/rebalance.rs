@@ -54,6 +54,9 @@ pub struct RebalanceRequest {
     /// A new partition count (0: unchanged). More: the queue grows at once (as `queues.update`); fewer: the
     /// removed partitions (the highest numbers) are drained into the others.
     pub partitions: u32,
+    /// Most items moved per second (0: as fast as the queue's passes allow), so a move leaves the machine to the
+    /// serving path.
+    pub max_items_per_sec: u32,
 }
 
 /// Where a rebalance task stands.
@@ -90,6 +93,8 @@ pub struct RebalanceTask {
     pub moves: Vec<PartitionMove>,
     /// The partition count asked for (0: unchanged).
     pub partitions: u32,
+    /// The rate limit (items per second; 0: none).
+    pub max_items_per_sec: u32,
     /// Where it stands.
     pub status: RebalanceStatus,
     /// Items moved so far.
@@ -124,6 +129,8 @@ struct Stored {
     queue: String,
     moves: Vec<PartitionMove>,
     partitions: u32,
+    #[serde(default)]
+    max_items_per_sec: u32,
     status: String,
     moved: u64,
     remaining: u64,
@@ -139,6 +146,7 @@ impl Stored {
             queue: self.queue.clone(),
             moves: self.moves.clone(),
             partitions: self.partitions,
+            max_items_per_sec: self.max_items_per_sec,
             status: match self.status.as_str() {
                 "completed" => RebalanceStatus::Completed,
                 "failed" => RebalanceStatus::Failed,
@@ -163,6 +171,7 @@ impl Stored {
             shrink_to: (self.partitions > 0 && (self.partitions as usize) < current_partitions)
                 .then_some(self.partitions),
             moved: self.moved,
+            max_items_per_sec: self.max_items_per_sec,
         }
     }
 }
@@ -369,6 +378,7 @@ impl Engine {
             queue: info.name.clone(),
             moves,
             partitions: shrink,
+            max_items_per_sec: request.max_items_per_sec,
             status: "running".into(),
             moved: 0,
             remaining: 0,
@@ -456,6 +466,7 @@ impl Engine {
             queue: queue.to_string(),
             moves: Vec::new(),
             partitions,
+            max_items_per_sec: 0,
             status: "completed".into(),
             moved: 0,
             remaining: 0,
@@ -579,7 +590,7 @@ impl Engine {
             let report = match self.report(&t, false).await {
                 Ok(r) => r,
                 Err(QueueError::QueueNotFound(_)) => {
-                    return self.fail_rebalance(&mut t, "the queue was deleted").await
+                    return self.fail_rebalance(&mut t, "the queue was deleted", true).await
                 }
                 Err(e) => {
                     tracing::warn!(task = %t.id, error = %e, "rebalance watcher will retry");
@@ -588,8 +599,13 @@ impl Engine {
                 }
             };
             if !report.installed {
-                // The queue task runs without the plan (it loaded before the task was saved): hand it over.
+                // The queue task runs without the plan (it loaded before the task was saved): hand it over, unless
+                // the queue is a new one of the same name (the old one was deleted while the task ran).
                 let info = self.queue_info(&t.queue).await?;
+                if info.created_at.0 > t.created_at {
+                    // Nothing is destroyed: the partitions now belong to the new queue.
+                    return self.fail_rebalance(&mut t, "the queue was deleted", false).await;
+                }
                 let (tx, rx) = tokio::sync::oneshot::channel();
                 let h = self.handle(&t.queue).await?;
                 if h.tx
@@ -657,9 +673,11 @@ impl Engine {
         Ok(())
     }
 
-    async fn fail_rebalance(&self, t: &mut Stored, error: &str) -> Result<(), QueueError> {
-        // Destinations of moves not finished hold copies nobody will read.
-        for m in &t.moves {
+    async fn fail_rebalance(&self, t: &mut Stored, error: &str, destroy: bool) -> Result<(), QueueError> {
+        // Destinations of moves hold copies nobody will read (the queue is gone; a queue created again under the
+        // same name since owns its partitions, so then nothing is destroyed).
+        let gone = destroy && matches!(self.inner.config.queues.get(&t.queue).await, Ok(None));
+        for m in t.moves.iter().filter(|_| gone) {
             if let Some(s) = self.inner.config.stores.iter().find(|s| s.name == m.to_store) {
                 let _ = s.store.destroy(&t.queue, m.partition).await;
             }

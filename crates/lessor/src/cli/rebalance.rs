@@ -43,6 +43,14 @@ pub struct RebalanceStart {
     /// others.
     #[arg(long, value_name = "N", default_value_t = 0, hide_default_value = true)]
     partitions: i32,
+    /// Most items moved per second (default: no limit), to leave the machine to the serving path.
+    #[arg(
+        long = "max-rate",
+        value_name = "N",
+        default_value_t = 0,
+        hide_default_value = true
+    )]
+    max_rate: i64,
     /// Print the task as started and return, without waiting for it.
     #[arg(long)]
     detach: bool,
@@ -183,6 +191,7 @@ async fn start(c: &Client, json: bool, s: RebalanceStart) -> Result<(), String> 
             moves,
             spread: s.spread,
             partitions: s.partitions,
+            max_items_per_sec: s.max_rate,
         })
         .await
         .map_err(api)?;

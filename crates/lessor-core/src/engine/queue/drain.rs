@@ -56,6 +56,8 @@ pub(crate) struct Plan {
     pub shrink_to: Option<u32>,
     /// Items moved before this task (re)started.
     pub moved: u64,
+    /// Most items moved per second (0: no limit).
+    pub max_items_per_sec: u32,
 }
 
 /// Where a rebalance stands, as the queue task reports it to the engine.
@@ -463,6 +465,11 @@ impl QueueTask {
         }
         if let Some(rb) = &mut self.rebalance {
             rb.moved += n;
+            if rb.plan.max_items_per_sec > 0 {
+                // Paced: the next chunk is due once this one's share of a second has passed.
+                let pause = Duration::from_secs_f64(n as f64 / f64::from(rb.plan.max_items_per_sec));
+                rb.waiting_until = now.add(pause);
+            }
         }
         Ok(n)
     }
