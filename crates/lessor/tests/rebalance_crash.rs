@@ -104,7 +104,7 @@ async fn producer(sh: Arc<Shared>) {
     }
 }
 
-async fn consumer(sh: Arc<Shared>, id: usize) {
+async fn consumer(sh: Arc<Shared>, id: usize, hold: Duration) {
     let client_id = format!("consumer-{id}");
     while !sh.stop.load(Ordering::Relaxed) {
         let Ok(l) = sh
@@ -147,6 +147,11 @@ async fn consumer(sh: Arc<Shared>, id: usize) {
                 }
                 led.leased_until.insert(p.clone(), deadline(&it.lease_deadline));
             }
+        }
+        // A slow consumer holds its leases through much of a move: they must stay valid (or be fenced and come
+        // back), never vanish with the partition's old home.
+        if !hold.is_zero() {
+            tokio::time::sleep(hold).await;
         }
         let r = sh
             .client()
@@ -278,7 +283,10 @@ async fn rebalance_under_load_survives_sigkill() {
     let mut load = Vec::new();
     load.push(tokio::spawn(producer(sh.clone())));
     for i in 0..3 {
-        load.push(tokio::spawn(consumer(sh.clone(), i)));
+        load.push(tokio::spawn(consumer(sh.clone(), i, Duration::ZERO)));
+    }
+    for i in 3..5 {
+        load.push(tokio::spawn(consumer(sh.clone(), i, Duration::from_millis(2500))));
     }
 
     // Move partitions 0 and 1 to store b, killing the server mid-move.
@@ -338,7 +346,7 @@ async fn rebalance_under_load_survives_sigkill() {
     for h in load {
         h.await.expect("load task");
     }
-    let drain = tokio::spawn(consumer(sh.clone(), 99));
+    let drain = tokio::spawn(consumer(sh.clone(), 99, Duration::ZERO));
     sh.stop.store(false, Ordering::Relaxed);
     let c = srv.client().clone();
     let t0 = Instant::now();
