@@ -1,13 +1,14 @@
 //! Typed calls of Lessor's extension routes, which Querator does not serve (it answers them 501): lease extension,
-//! pause and resume, browse, and dead-letter redrive.
+//! pause and resume, browse, dead-letter redrive, and online rebalance (`queues.rebalance`).
 //!
 //! Each is [`Client::call`] with its route filled in. The extension fields of Querator's own messages
 //! (`QueueProduceItem.priority` and `dedup_id`, `QueueInfo.dedup_window`, `retry_backoff`, `max_lease_timeout`,
 //! `paused`) go through the usual calls ([`Client::queue_produce`], [`Client::queues_create`], ...).
 
 use lessor_proto::{
-    QueueBrowseRequest, QueueBrowseResponse, QueueExtendRequest, QueuePauseRequest, QueueRedriveRequest,
-    QueueResumeRequest, RedriveListRequest, RedriveListResponse, RedriveTask, RedriveTaskRequest,
+    QueueBrowseRequest, QueueBrowseResponse, QueueExtendRequest, QueuePauseRequest, QueueRebalanceRequest,
+    QueueRedriveRequest, QueueResumeRequest, RebalanceListRequest, RebalanceListResponse, RebalanceTask,
+    RebalanceTaskRequest, RedriveListRequest, RedriveListResponse, RedriveTask, RedriveTaskRequest,
 };
 
 use crate::{routes, Client, ClientError};
@@ -78,5 +79,35 @@ impl Client {
     /// Any [`ClientError`].
     pub async fn redrive_cancel(&self, req: &RedriveTaskRequest) -> Result<RedriveTask, ClientError> {
         self.call::<routes::RedriveCancel>(req).await
+    }
+
+    /// `POST /v1/queues.rebalance`: starts an online rebalance task (moves of partitions between stores, a
+    /// spread by affinity, or a new partition count); the reply is the task as started (follow it with
+    /// [`Client::rebalance_get`]). A growth is done at once and comes back completed.
+    ///
+    /// # Errors
+    /// Any [`ClientError`]; a request naming a missing partition or store, a shared store, or a queue with a
+    /// rebalance already running is a 400 [`ClientError::Api`].
+    pub async fn queues_rebalance(&self, req: &QueueRebalanceRequest) -> Result<RebalanceTask, ClientError> {
+        self.call::<routes::QueuesRebalance>(req).await
+    }
+
+    /// `POST /v1/rebalance.list`: rebalance tasks, newest first (one queue's, or all with an empty name).
+    ///
+    /// # Errors
+    /// Any [`ClientError`].
+    pub async fn rebalance_list(
+        &self,
+        req: &RebalanceListRequest,
+    ) -> Result<RebalanceListResponse, ClientError> {
+        self.call::<routes::RebalanceList>(req).await
+    }
+
+    /// `POST /v1/rebalance.get`: one rebalance task and its progress.
+    ///
+    /// # Errors
+    /// Any [`ClientError`].
+    pub async fn rebalance_get(&self, req: &RebalanceTaskRequest) -> Result<RebalanceTask, ClientError> {
+        self.call::<routes::RebalanceGet>(req).await
     }
 }

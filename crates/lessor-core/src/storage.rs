@@ -243,6 +243,16 @@ pub trait Partition: Send + Sync + Debug + 'static {
     /// Stores that check the whole queue themselves (shared stores) may return none.
     async fn dedup_records(&self, now: Ts) -> Result<Vec<crate::types::DedupRecord>, StorageError>;
 
+    /// Adds dedup records taken from another partition (a rebalance moving or draining that one into this one), so
+    /// that [`Partition::dedup_records`] still reports them after a restart. The default refuses: stores that check
+    /// keys themselves (shared ones) are not rebalanced.
+    async fn import_dedup(&self, records: Vec<crate::types::DedupRecord>) -> Result<(), StorageError> {
+        let _ = records;
+        Err(StorageError::other(
+            "this partition store cannot import dedup records",
+        ))
+    }
+
     /// Up to `limit` dead items waiting for transfer to the dead-letter queue, in id order.
     async fn dead_items(&self, limit: usize) -> Result<Vec<Item>, StorageError>;
 

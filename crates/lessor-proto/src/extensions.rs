@@ -1,7 +1,9 @@
 //! Messages of Lessor's extension routes, which Querator does not have: lease extension (`queue.extend`), pause and
 //! resume (`queue.pause`, `queue.resume`), browsing items without leasing them (`queue.browse`), and dead-letter
 //! redrive (`queue.redrive`, `redrive.list`, `redrive.get`, `redrive.cancel`), backup and restore
-//! (`storage.backup`, `storage.restore.begin`, `storage.restore.import`, `storage.restore.finish`); plus [`RetryBackoff`], the
+//! (`storage.backup`, `storage.restore.begin`, `storage.restore.import`, `storage.restore.finish`), online
+//! rebalance (`queues.rebalance`, declared by Querator without a message, and `rebalance.list`, `rebalance.get`);
+//! plus [`RetryBackoff`], the
 //! `QueueInfo.retry_backoff` extension field.
 //!
 //! The JSON rules are the same as for Querator's messages (see the crate docs): zero values are omitted, the
@@ -433,6 +435,139 @@ message! {
         /// The queue being restored.
         #[json(Str, "queue_name", "queueName")]
         #[prost(string, tag = "1")]
+        pub queue_name: String,
+    }
+}
+
+message! {
+    /// One partition to move (in [`QueueRebalanceRequest`] and [`RebalanceTask`]).
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct PartitionMove {
+        /// The partition number.
+        #[json(I32, "partition")]
+        #[prost(int32, tag = "100")]
+        pub partition: i32,
+        /// The `partition-storage` name it moves to.
+        #[json(Str, "to_store", "toStore")]
+        #[prost(string, tag = "101")]
+        pub to_store: String,
+    }
+}
+
+message! {
+    /// Body of `/v1/queues.rebalance` (declared by Querator without a message; Lessor's fields are numbered from
+    /// 100): exactly one of `moves`, `spread` or `partitions`.
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct QueueRebalanceRequest {
+        /// The queue.
+        #[json(Str, "queue_name", "queueName")]
+        #[prost(string, tag = "100")]
+        pub queue_name: String,
+        /// Partitions to move to other stores, one after the other.
+        #[json(Rep<PartitionMove>, "moves")]
+        #[prost(message, repeated, tag = "101")]
+        pub moves: Vec<PartitionMove>,
+        /// Move partitions so that each store holds its share by the current affinities.
+        #[json(Bool, "spread")]
+        #[prost(bool, tag = "102")]
+        pub spread: bool,
+        /// A new partition count: more grows the queue at once, fewer drains the highest-numbered partitions
+        /// into the others.
+        #[json(I32, "partitions")]
+        #[prost(int32, tag = "103")]
+        pub partitions: i32,
+        /// Most items moved per second; 0: as fast as the queue allows.
+        #[json(I64, "max_items_per_sec", "maxItemsPerSec")]
+        #[prost(int64, tag = "104")]
+        pub max_items_per_sec: i64,
+    }
+}
+
+message! {
+    /// A rebalance task: the reply of `/v1/queues.rebalance` and `/v1/rebalance.get`.
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct RebalanceTask {
+        /// The task id.
+        #[json(Str, "task_id", "taskId")]
+        #[prost(string, tag = "100")]
+        pub task_id: String,
+        /// The queue.
+        #[json(Str, "queue_name", "queueName")]
+        #[prost(string, tag = "101")]
+        pub queue_name: String,
+        /// The partition moves (a spread is resolved into moves when it starts).
+        #[json(Rep<PartitionMove>, "moves")]
+        #[prost(message, repeated, tag = "102")]
+        pub moves: Vec<PartitionMove>,
+        /// The partition count asked for; 0: unchanged.
+        #[json(I32, "partitions")]
+        #[prost(int32, tag = "103")]
+        pub partitions: i32,
+        /// `"running"`, `"completed"` or `"failed"`.
+        #[json(Str, "status")]
+        #[prost(string, tag = "104")]
+        pub status: String,
+        /// Items moved so far.
+        #[json(I64, "moved")]
+        #[prost(int64, tag = "105")]
+        pub moved: i64,
+        /// Items left in the partitions still to drain, when last looked at.
+        #[json(I64, "remaining")]
+        #[prost(int64, tag = "106")]
+        pub remaining: i64,
+        /// The last error (retried while running; why it failed otherwise).
+        #[json(Str, "error")]
+        #[prost(string, tag = "107")]
+        pub error: String,
+        /// When it was started.
+        #[json(Msg<Timestamp>, "created_at", "createdAt")]
+        #[prost(message, optional, tag = "108")]
+        pub created_at: Option<Timestamp>,
+        /// When its progress was last saved.
+        #[json(Msg<Timestamp>, "updated_at", "updatedAt")]
+        #[prost(message, optional, tag = "109")]
+        pub updated_at: Option<Timestamp>,
+        /// The rate limit (items per second); 0: none.
+        #[json(I64, "max_items_per_sec", "maxItemsPerSec")]
+        #[prost(int64, tag = "110")]
+        pub max_items_per_sec: i64,
+    }
+}
+
+message! {
+    /// Body of `/v1/rebalance.list`.
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct RebalanceListRequest {
+        /// Only the tasks of this queue; empty: every task (checked in `_system`).
+        #[json(Str, "queue_name", "queueName")]
+        #[prost(string, tag = "100")]
+        pub queue_name: String,
+    }
+}
+
+message! {
+    /// Reply of `/v1/rebalance.list`: tasks, newest first.
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct RebalanceListResponse {
+        /// The tasks.
+        #[json(Rep<RebalanceTask>, "items")]
+        #[prost(message, repeated, tag = "100")]
+        pub items: Vec<RebalanceTask>,
+    }
+}
+
+message! {
+    /// Body of `/v1/rebalance.get`.
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct RebalanceTaskRequest {
+        /// The task id.
+        #[json(Str, "task_id", "taskId")]
+        #[prost(string, tag = "100")]
+        pub task_id: String,
+        /// The task's queue. When set, the permission is checked in that queue's namespace (and a task of another
+        /// queue is "not found"); when empty, in `_system`.
+        #[json(Str, "queue_name", "queueName")]
+        #[prost(string, tag = "101")]
         pub queue_name: String,
     }
 }

@@ -67,9 +67,10 @@ pub use apikeys::{
 };
 pub use codec::{decode, encode, request_encoding, response_encoding, CodecError, Encoding};
 pub use extensions::{
-    BrowseItem, QueueBrowseRequest, QueueBrowseResponse, QueueExtendRequest, QueuePauseRequest,
-    QueueRedriveRequest, QueueResumeRequest, RedriveListRequest, RedriveListResponse, RedriveTask,
-    RedriveTaskRequest, RestoreBeginRequest, RestoreBeginResponse, RestoreFinishRequest,
+    BrowseItem, PartitionMove, QueueBrowseRequest, QueueBrowseResponse, QueueExtendRequest,
+    QueuePauseRequest, QueueRebalanceRequest, QueueRedriveRequest, QueueResumeRequest, RebalanceListRequest,
+    RebalanceListResponse, RebalanceTask, RebalanceTaskRequest, RedriveListRequest, RedriveListResponse,
+    RedriveTask, RedriveTaskRequest, RestoreBeginRequest, RestoreBeginResponse, RestoreFinishRequest,
     RestoreImportRequest, RestoreImportResponse, RetryBackoff, StorageBackupRequest,
 };
 pub use namespaces::{NamespaceInfo, NamespacesDeleteRequest, NamespacesListRequest, NamespacesListResponse};

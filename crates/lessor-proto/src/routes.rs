@@ -14,8 +14,9 @@ use crate::apikeys::{
     APIKeyCreateRequest, APIKeyCreateResponse, APIKeysDeleteRequest, APIKeysListRequest, APIKeysListResponse,
 };
 use crate::extensions::{
-    QueueBrowseRequest, QueueBrowseResponse, QueueExtendRequest, QueuePauseRequest, QueueRedriveRequest,
-    QueueResumeRequest, RedriveListRequest, RedriveListResponse, RedriveTask, RedriveTaskRequest,
+    QueueBrowseRequest, QueueBrowseResponse, QueueExtendRequest, QueuePauseRequest, QueueRebalanceRequest,
+    QueueRedriveRequest, QueueResumeRequest, RebalanceListRequest, RebalanceListResponse, RebalanceTask,
+    RebalanceTaskRequest, RedriveListRequest, RedriveListResponse, RedriveTask, RedriveTaskRequest,
     RestoreBeginRequest, RestoreBeginResponse, RestoreFinishRequest, RestoreImportRequest,
     RestoreImportResponse,
 };
@@ -243,6 +244,16 @@ routes! {
     /// Lessor extension: cancels a running redrive task.
     RedriveCancel => "/v1/redrive.cancel", RedriveTaskRequest => RedriveTask,
         BodyLimit::Fixed(SMALL_BODY), QueueUpdate, |r| queue_or_system(&r.dead_queue);
+    /// Declared by Querator but never routed there: starts an online rebalance task (partition moves between
+    /// stores, shrinking, spreading by affinity). `queue.update` on the queue.
+    QueuesRebalance => "/v1/queues.rebalance", QueueRebalanceRequest => RebalanceTask,
+        BodyLimit::Fixed(DEFAULT_BODY), QueueUpdate, |r| Target::Queue(&r.queue_name);
+    /// Lessor extension: lists rebalance tasks (of one queue, or all of them in `_system`).
+    RebalanceList => "/v1/rebalance.list", RebalanceListRequest => RebalanceListResponse,
+        BodyLimit::Fixed(SMALL_BODY), QueueStats, |r| queue_or_system(&r.queue_name);
+    /// Lessor extension: one rebalance task.
+    RebalanceGet => "/v1/rebalance.get", RebalanceTaskRequest => RebalanceTask,
+        BodyLimit::Fixed(SMALL_BODY), QueueStats, |r| queue_or_system(&r.queue_name);
     /// Lessor extension: starts (or resumes) restoring a queue from a backup: creates it in the restoring state.
     /// `queue.create` in the queue's namespace (the server also checks `queue.produce` there).
     StorageRestoreBegin => "/v1/storage.restore.begin", RestoreBeginRequest => RestoreBeginResponse,
@@ -327,6 +338,8 @@ pub const EXTENSION_PATHS: &[&str] = &[
     RedriveList::PATH,
     RedriveGet::PATH,
     RedriveCancel::PATH,
+    RebalanceList::PATH,
+    RebalanceGet::PATH,
 ];
 
 /// The route at `path`, if there is one.
@@ -341,10 +354,10 @@ mod tests {
     #[test]
     fn paths_are_unique_and_versioned() {
         let mut paths: Vec<&str> = ROUTES.iter().map(|r| r.path).collect();
-        assert_eq!(paths.len(), 44);
+        assert_eq!(paths.len(), 47);
         paths.sort_unstable();
         paths.dedup();
-        assert_eq!(paths.len(), 44, "a path is listed twice");
+        assert_eq!(paths.len(), 47, "a path is listed twice");
         assert!(paths.iter().all(|p| p.starts_with("/v1/")));
     }
 
@@ -401,6 +414,8 @@ mod tests {
             ("/v1/redrive.list", "queue.stats", SMALL_BODY),
             ("/v1/redrive.get", "queue.stats", SMALL_BODY),
             ("/v1/redrive.cancel", "queue.update", SMALL_BODY),
+            ("/v1/rebalance.list", "queue.stats", SMALL_BODY),
+            ("/v1/rebalance.get", "queue.stats", SMALL_BODY),
         ];
         assert_eq!(EXTENSION_PATHS.len(), expect.len());
         for (path, perm, limit) in expect {
@@ -426,6 +441,19 @@ mod tests {
             ..bare
         };
         assert_eq!(RedriveCancel::target(&named), Target::Queue("dlq"));
+        // Querator's declared rebalance route: queue.update on the queue it names.
+        let r = route("/v1/queues.rebalance").unwrap_or_else(|| panic!("queues.rebalance is not routed"));
+        assert_eq!(r.permission.as_str(), "queue.update");
+        let bare = crate::RebalanceTaskRequest {
+            task_id: "t".into(),
+            queue_name: String::new(),
+        };
+        assert_eq!(RebalanceGet::target(&bare), Target::System);
+        let named = crate::RebalanceTaskRequest {
+            queue_name: "q".into(),
+            ..bare
+        };
+        assert_eq!(RebalanceGet::target(&named), Target::Queue("q"));
     }
 
     #[test]

@@ -9,7 +9,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use lessor_core::engine::{
-    BrowsePage, BrowseRequest, BrowseState, ProduceItem, QueueStats, QueueUpdate, RedriveRequest, RedriveTask,
+    BrowsePage, BrowseRequest, BrowseState, PartitionMove, ProduceItem, QueueStats, QueueUpdate,
+    RebalanceRequest, RebalanceTask, RedriveRequest, RedriveTask,
 };
 use lessor_core::time::Ts;
 use lessor_core::types::{Backoff, Item, ItemId, QueueInfo, RetryItem};
@@ -419,6 +420,62 @@ pub fn redrive_out(t: RedriveTask) -> pb::RedriveTask {
         error: t.error,
         created_at: ts_to(t.created_at),
         updated_at: ts_to(t.updated_at),
+    }
+}
+
+/// A rebalance request; negative numbers are refused naming the field.
+pub fn rebalance_request(r: pb::QueueRebalanceRequest) -> Result<RebalanceRequest, ApiError> {
+    let partitions = u32::try_from(r.partitions)
+        .map_err(|_| validate::invalid("partitions", "cannot be negative (0 means unchanged)"))?;
+    let mut moves = Vec::with_capacity(r.moves.len());
+    for (i, m) in r.moves.into_iter().enumerate() {
+        let partition = u32::try_from(m.partition)
+            .map_err(|_| validate::invalid(&format!("moves[{i}].partition"), "cannot be negative"))?;
+        if m.to_store.is_empty() {
+            return Err(validate::invalid(&format!("moves[{i}].to_store"), "cannot be empty").into());
+        }
+        moves.push(PartitionMove {
+            partition,
+            to_store: m.to_store,
+        });
+    }
+    let max_items_per_sec = u32::try_from(r.max_items_per_sec).map_err(|_| {
+        validate::invalid(
+            "max_items_per_sec",
+            format!("must be between 0 (no limit) and {}", u32::MAX),
+        )
+    })?;
+    Ok(RebalanceRequest {
+        queue: r.queue_name,
+        moves,
+        spread: r.spread,
+        partitions,
+        max_items_per_sec,
+    })
+}
+
+/// A rebalance task.
+pub fn rebalance_out(t: RebalanceTask) -> pb::RebalanceTask {
+    let n = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+    pb::RebalanceTask {
+        task_id: t.id,
+        queue_name: t.queue,
+        moves: t
+            .moves
+            .into_iter()
+            .map(|m| pb::PartitionMove {
+                partition: i32::try_from(m.partition).unwrap_or(i32::MAX),
+                to_store: m.to_store,
+            })
+            .collect(),
+        partitions: i32::try_from(t.partitions).unwrap_or(i32::MAX),
+        status: t.status.as_str().to_string(),
+        moved: n(t.moved),
+        remaining: n(t.remaining),
+        error: t.error,
+        created_at: ts_to(t.created_at),
+        updated_at: ts_to(t.updated_at),
+        max_items_per_sec: i64::from(t.max_items_per_sec),
     }
 }
 

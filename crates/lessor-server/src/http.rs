@@ -100,7 +100,7 @@ pub struct Ctx {
 }
 
 /// The handler of every RPC, one per entry of [`routes::ROUTES`] (checked by a test).
-const HANDLERS: [fn(Api) -> Api; 44] = [
+const HANDLERS: [fn(Api) -> Api; 47] = [
     produce,
     lease,
     complete,
@@ -116,6 +116,9 @@ const HANDLERS: [fn(Api) -> Api; 44] = [
     redrive_list,
     redrive_get,
     redrive_cancel,
+    queues_rebalance,
+    rebalance_list,
+    rebalance_get,
     queues_create,
     queues_list,
     queues_update,
@@ -731,6 +734,49 @@ fn redrive_cancel(api: Api) -> Api {
         |Ctx { engine: e, .. }, r: pb::RedriveTaskRequest| async move {
             named_task(&e, &r).await?;
             Ok(convert::redrive_out(e.redrive_cancel(&r.task_id).await?))
+        },
+    )
+}
+
+fn queues_rebalance(api: Api) -> Api {
+    api.rpc(
+        lessor_proto::routes::QueuesRebalance,
+        |Ctx { engine: e, .. }, r: pb::QueueRebalanceRequest| async move {
+            let task = e.rebalance_start(convert::rebalance_request(r)?).await?;
+            Ok(convert::rebalance_out(task))
+        },
+    )
+}
+
+fn rebalance_list(api: Api) -> Api {
+    api.rpc(
+        lessor_proto::routes::RebalanceList,
+        |Ctx { engine: e, .. }, r: pb::RebalanceListRequest| async move {
+            let tasks = e.rebalance_list(&r.queue_name).await?;
+            Ok(pb::RebalanceListResponse {
+                items: tasks.into_iter().map(convert::rebalance_out).collect(),
+            })
+        },
+    )
+}
+
+fn rebalance_get(api: Api) -> Api {
+    api.rpc(
+        lessor_proto::routes::RebalanceGet,
+        |Ctx { engine: e, .. }, r: pb::RebalanceTaskRequest| async move {
+            if r.task_id.is_empty() {
+                return Err(lessor_core::validate::invalid("task_id", "cannot be empty").into());
+            }
+            let task = e.rebalance_get(&r.task_id).await?;
+            // The permission was checked in the named queue's namespace: another queue's task is "not found".
+            if !r.queue_name.is_empty() && task.queue != r.queue_name {
+                return Err(lessor_core::validate::invalid(
+                    "task_id",
+                    format!("no rebalance task '{}'", r.task_id),
+                )
+                .into());
+            }
+            Ok(convert::rebalance_out(task))
         },
     )
 }

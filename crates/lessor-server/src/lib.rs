@@ -326,6 +326,14 @@ pub async fn build_engine(config: &Config, clock: SharedClock) -> Result<Engine,
                     Err(lessor_core::error::QueueError::ShuttingDown) => return,
                     Err(e) => tracing::warn!(error = %e, "redrive tasks not checked; will retry"),
                 }
+                // Rebalance tasks likewise: the watcher loads the queue, whose task resumes the moves before it
+                // serves anything.
+                match engine.resume_rebalances().await {
+                    Ok(n) if n > 0 => tracing::info!(tasks = n, "rebalance tasks resumed"),
+                    Ok(_) => {}
+                    Err(lessor_core::error::QueueError::ShuttingDown) => return,
+                    Err(e) => tracing::warn!(error = %e, "rebalance tasks not checked; will retry"),
+                }
                 tokio::time::sleep(std::time::Duration::from_secs(5)).await;
             }
         });

@@ -263,6 +263,30 @@ impl prometheus_client::collector::Collector for QueueCollector {
                 ConstCounter::new(pick(m)).encode(fam.encode_family(&labels)?)?;
             }
         }
+        // Rebalance tasks watched by this server: items moved and left, by task and queue.
+        let mut tasks = self.engine.rebalance_progress();
+        tasks.sort_by(|a, b| a.id.cmp(&b.id));
+        type Progress = fn(&lessor_core::engine::RebalanceProgress) -> u64;
+        let progress: [(&str, &str, Progress); 2] = [
+            (
+                "rebalance_moved_items",
+                "Items a running rebalance task moved so far",
+                |p| p.moved,
+            ),
+            (
+                "rebalance_remaining_items",
+                "Items left in the partitions a running rebalance task drains",
+                |p| p.remaining,
+            ),
+        ];
+        for (name, help, pick) in progress {
+            let mut fam = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+            for t in &tasks {
+                let labels = [("task", t.id.as_str()), ("queue", t.queue.as_str())];
+                ConstGauge::new(i64::try_from(pick(t)).unwrap_or(i64::MAX))
+                    .encode(fam.encode_family(&labels)?)?;
+            }
+        }
         Ok(())
     }
 }

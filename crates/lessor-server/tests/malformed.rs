@@ -554,7 +554,6 @@ async fn wrong_methods_and_unknown_paths() {
     }
     for path in [
         "/v1/queue.nope",
-        "/v1/queues.rebalance",
         "/v1/storage/scheduled.add",
         "/nope",
         "/v2/queue.produce",

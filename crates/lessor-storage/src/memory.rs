@@ -220,6 +220,11 @@ impl Partition for MemoryPartition {
         Ok(self.state()?.import(items).0)
     }
 
+    async fn import_dedup(&self, records: Vec<lessor_core::types::DedupRecord>) -> Result<(), StorageError> {
+        self.state()?.import_dedup(records);
+        Ok(())
+    }
+
     async fn delete(&self, ids: Vec<ItemId>) -> Result<(), StorageError> {
         self.state()?.delete(ids);
         Ok(())

@@ -588,6 +588,28 @@ impl PartitionState {
         });
     }
 
+    /// See [`lessor_core::storage::Partition::import_dedup`]: the records join as one group, all under a fresh id
+    /// (the group's name on disk must not meet one already there; the engine's index only reads key and `until`).
+    pub fn import_dedup(&mut self, records: Vec<DedupRecord>) -> ((), Changes) {
+        let mut ch = Changes::default();
+        if records.is_empty() {
+            return ((), ch);
+        }
+        let id = self.alloc();
+        for r in records {
+            if self.track {
+                ch.dedup_put.push(DedupRecord {
+                    dedup_id: r.dedup_id.clone(),
+                    id,
+                    until: r.until,
+                });
+            }
+            self.dedup.insert(r.dedup_id, id, r.until);
+        }
+        self.dedup.seal();
+        ((), ch)
+    }
+
     /// See [`lessor_core::storage::Partition::dedup_records`].
     pub fn dedup_records(&self, now: Ts) -> Vec<DedupRecord> {
         self.dedup.live(now)

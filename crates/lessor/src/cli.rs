@@ -6,6 +6,7 @@
 mod auth;
 mod backup;
 mod extensions;
+mod rebalance;
 
 use std::io::Read;
 
@@ -190,6 +191,9 @@ enum Command {
     Browse(extensions::BrowseArgs),
     /// Move items out of a dead-letter queue (a server-side task), or list, show and cancel such tasks.
     Redrive(extensions::RedriveArgs),
+    /// Move partitions between stores or change their number while serving (a server-side task), or list and
+    /// show such tasks.
+    Rebalance(rebalance::RebalanceArgs),
     /// Create a queue.
     Create(QueueArgs),
     /// Update the given fields of a queue.
@@ -692,6 +696,7 @@ pub async fn run(cli: Cli) -> Result<(), String> {
         Command::Resume { queue } => extensions::pause(&c, json, queue, false).await?,
         Command::Browse(a) => extensions::browse(&c, json, a).await?,
         Command::Redrive(a) => extensions::redrive(&c, json, a).await?,
+        Command::Rebalance(a) => rebalance::rebalance(&c, json, a).await?,
         Command::Namespace(cmd) => auth::namespace(&c, json, cmd).await?,
         Command::User(cmd) => auth::user(&c, json, cmd).await?,
         Command::ApiKey(cmd) => auth::apikey(&c, json, cmd).await?,

@@ -249,3 +249,148 @@ async fn backup_and_restore_one_million_items() {
         let _ = std::fs::remove_file(out_dir.join(format!("{f}-{}.lbk", std::process::id())));
     }
 }
+
+/// CPU seconds (user + system) this process has used: the in-process server and the load generator together.
+fn cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // Fields after the command name (which is in parentheses): utime is the 14th field, stime the 15th.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+/// Starts a rebalance of `queue` moving `partitions` to `store` and waits for it; returns (items moved, seconds).
+async fn move_partitions(c: &Client, queue: &str, partitions: &[i32], store: &str, rate: i64) -> (i64, f64) {
+    let start = Instant::now();
+    let t = c
+        .queues_rebalance(&pb::QueueRebalanceRequest {
+            queue_name: queue.into(),
+            moves: partitions
+                .iter()
+                .map(|&p| pb::PartitionMove {
+                    partition: p,
+                    to_store: store.into(),
+                })
+                .collect(),
+            max_items_per_sec: rate,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    loop {
+        let now = c
+            .rebalance_get(&pb::RebalanceTaskRequest {
+                task_id: t.task_id.clone(),
+                queue_name: queue.into(),
+            })
+            .await
+            .unwrap();
+        if now.status != "running" {
+            assert_eq!(now.status, "completed", "{now:?}");
+            return (now.moved, start.elapsed().as_secs_f64());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Serving throughput during an online partition move (`queues.rebalance`), and the move's own speed and CPU cost.
+/// A fjall server with two stores holds `LESSOR_BENCH_ITEMS` (default 400,000) items of 100 B in a queue of 4
+/// partitions; two of them move to the other store, first alone (items/s, CPU per item), then back while the
+/// serving loop runs on another queue (target: at least 70 % of its throughput alone).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "benchmark: run in release with --ignored --nocapture"]
+async fn serving_during_a_partition_move() {
+    let n: usize = std::env::var("LESSOR_BENCH_ITEMS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(400_000);
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b, m) = (dir.path().join("a"), dir.path().join("b"), dir.path().join("m"));
+    let q = |p: &std::path::Path| serde_json::to_string(&p.to_string_lossy()).unwrap();
+    let config = Config::from_yaml(&format!(
+        "queue-storage:\n  driver: fjall\n  config:\n    storage-dir: {}\npartition-storage:\n  - name: a\n    driver: fjall\n    affinity: 1\n    config:\n      storage-dir: {}\n  - name: b\n    driver: fjall\n    affinity: 0\n    config:\n      storage-dir: {}\n",
+        q(&m),
+        q(&a),
+        q(&b)
+    ))
+    .unwrap();
+    let (srv, c) = lessor_testkit::server::start(&config, None).await;
+    for q in ["bulk", "live"] {
+        c.queues_create(&pb::QueueInfo {
+            queue_name: q.into(),
+            lease_timeout: "1h".into(),
+            expire_timeout: "24h".into(),
+            requested_partitions: 4,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    }
+    let mut tasks = Vec::new();
+    let per = n / 8;
+    for t in 0..8 {
+        let c = c.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut left = if t == 7 { n - per * 7 } else { per };
+            while left > 0 {
+                let k = left.min(1000);
+                c.queue_produce(&pb::QueueProduceRequest {
+                    queue_name: "bulk".into(),
+                    request_timeout: "30s".into(),
+                    items: (0..k)
+                        .map(|i| pb::QueueProduceItem {
+                            bytes: payload((t * per + left + i) as u64),
+                            ..Default::default()
+                        })
+                        .collect(),
+                })
+                .await
+                .unwrap();
+                left -= k;
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let cpu0 = cpu_seconds();
+    let alone = serving_rate(&c, "live", Duration::from_secs(5)).await;
+    let cpu_serving = (cpu_seconds() - cpu0) / (alone * 5.0 / 3.0 * 10.0);
+    let cpu0 = cpu_seconds();
+    let (moved, secs) = move_partitions(&c, "bulk", &[0, 1], "b", 0).await;
+    let cpu_move = cpu_seconds() - cpu0;
+    eprintln!(
+        "move alone: {moved} items in {secs:.2}s = {:.0} items/s, {:.1} µs CPU per item moved",
+        moved as f64 / secs,
+        cpu_move / moved as f64 * 1e6
+    );
+    eprintln!(
+        "serving alone: {alone:.0} ops/s, {:.1} µs CPU per item (produce+lease+complete of one item, load generator included)",
+        cpu_serving * 1e6
+    );
+    // Back to `a` while the serving loop runs (paced at `LESSOR_BENCH_MOVE_RATE` items/s when set); serving is
+    // measured over the move's duration.
+    let rate: i64 = std::env::var("LESSOR_BENCH_MOVE_RATE")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let busy = {
+        let c = c.clone();
+        tokio::spawn(async move { move_partitions(&c, "bulk", &[0, 1], "a", rate).await })
+    };
+    let start = Instant::now();
+    let mut rates = Vec::new();
+    while !busy.is_finished() {
+        rates.push(serving_rate(&c, "live", Duration::from_millis(500)).await);
+    }
+    let (moved2, secs2) = busy.await.unwrap();
+    let during = rates.iter().sum::<f64>() / rates.len().max(1) as f64;
+    eprintln!(
+        "move under load (max rate {rate}): {moved2} items in {secs2:.2}s = {:.0} items/s; serving {during:.0} ops/s over {:.1}s = {:.0} % of alone",
+        moved2 as f64 / secs2,
+        start.elapsed().as_secs_f64(),
+        during / alone * 100.0
+    );
+    srv.stop().await;
+}

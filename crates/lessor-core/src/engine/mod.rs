@@ -13,6 +13,7 @@
 
 mod placement;
 mod queue;
+mod rebalance;
 mod redrive;
 #[cfg(test)]
 mod tests;
@@ -27,6 +28,7 @@ use tokio::sync::{mpsc, oneshot, Mutex};
 use tokio::task::JoinHandle;
 
 pub use placement::{place, shares, StoreWeight};
+pub use rebalance::{PartitionMove, RebalanceProgress, RebalanceRequest, RebalanceStatus, RebalanceTask};
 pub use redrive::{RedriveRequest, RedriveStatus, RedriveTask};
 
 use crate::error::{QueueError, StorageError, StorageErrorKind};
@@ -249,6 +251,8 @@ pub(crate) struct Inner {
     instance: String,
     /// Ids of the redrive tasks running in this process.
     redrives: std::sync::Mutex<std::collections::HashSet<String>>,
+    /// The rebalance tasks watched by this process, with their progress.
+    rebalances: std::sync::Mutex<HashMap<String, RebalanceProgress>>,
 }
 
 /// The engine handle; cheap to clone.
@@ -280,6 +284,7 @@ impl Engine {
                 shutting_down: AtomicBool::new(false),
                 instance: instance_id(),
                 redrives: Default::default(),
+                rebalances: Default::default(),
             }),
         })
     }
@@ -483,6 +488,17 @@ impl Engine {
         }
         if let Some(n) = update.requested_partitions {
             let have = info.partitions.len() as u32;
+            if n != have {
+                if let Some(id) = self.rebalancing(&info.name).await? {
+                    return Err(validate::invalid(
+                        "requested_partitions",
+                        format!(
+                            "rebalance task '{id}' is running on '{}'; change partitions once it is done",
+                            info.name
+                        ),
+                    ));
+                }
+            }
             if n < have {
                 return Err(validate::invalid(
                     "requested_partitions",
@@ -667,6 +683,8 @@ impl Engine {
             .get(name)
             .await?
             .ok_or_else(|| QueueError::QueueNotFound(name.to_string()))?;
+        // A rebalance that was running when the server stopped resumes with the queue, before it serves anything.
+        let plan = self.rebalance_plan_for(name, info.partitions.len()).await?;
         let (tx, rx) = mpsc::channel(self.limits().max_requests_per_queue.max(1));
         let metrics = Arc::new(QueueMetrics::default());
         let namespace: Arc<str> = if info.namespace.is_empty() {
@@ -680,7 +698,8 @@ impl Engine {
             Arc::new(EngineSink(Arc::downgrade(&self.inner))),
             self.inner.config.clone(),
             metrics.clone(),
-        );
+        )
+        .with_rebalance(plan);
         let join = tokio::spawn(task.run());
         let h = Arc::new(QueueHandle {
             namespace,

@@ -1125,6 +1125,10 @@ impl Partition for FjallPartition {
         self.write(|s| s.import(items)).await
     }
 
+    async fn import_dedup(&self, records: Vec<lessor_core::types::DedupRecord>) -> Result<(), StorageError> {
+        self.write(|s| s.import_dedup(records)).await
+    }
+
     async fn delete(&self, ids: Vec<ItemId>) -> Result<(), StorageError> {
         self.write(|s| ((), s.delete(ids))).await
     }

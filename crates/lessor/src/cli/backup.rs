@@ -154,8 +154,8 @@ fn s3_store(args: &S3Args, bucket: &str) -> Result<Arc<dyn ObjectStore>, String>
     Ok(Arc::new(b.build().map_err(|e| format!("S3 configuration: {e}"))?))
 }
 
-/// A progress bar on stderr when it is a terminal and output is not JSON.
-fn progress(json: bool, total: Option<u64>, what: &str) -> ProgressBar {
+/// A progress bar on stderr when it is a terminal and output is not JSON (also `lessor rebalance`'s).
+pub(super) fn progress(json: bool, total: Option<u64>, what: &str) -> ProgressBar {
     let pb = match total {
         Some(n) => ProgressBar::new(n),
         None => ProgressBar::new_spinner(),

@@ -59,6 +59,12 @@ impl QueueTask {
                         self.parts[i].counts = c;
                     }
                 }
+                // Items a move already carried to the partition's new store are the queue's items too.
+                if let Some(d) = self.rebalance_dest() {
+                    if let Err(e) = d.clear(req).await {
+                        result = Err(QueueError::from_storage(&e));
+                    }
+                }
                 let _ = reply.send(result);
             }
             Cold::Reload(reply) => {
@@ -87,6 +93,11 @@ impl QueueTask {
                 mut items,
                 reply,
             } => {
+                if self.is_draining(partition) {
+                    // A rebalance drains this partition: nothing may land in it (see `drain`).
+                    let _ = reply.send(Err(QueueError::PartitionUnavailable(partition)));
+                    return;
+                }
                 // Querator reads an omitted expire_deadline as 1970 and expires the item at once; here an omitted
                 // deadline means the queue's expire_timeout from now, and an omitted created_at means now.
                 for it in &mut items {
@@ -124,6 +135,16 @@ impl QueueTask {
                 let _ = reply.send(r);
             }
             Cold::Snapshot { partition, reply } => {
+                if self.is_draining(partition) {
+                    // Its items are split between two places until the rebalance is done: no single
+                    // point-in-time read exists.
+                    let _ = reply.send(Err(QueueError::Invalid(format!(
+                        "partition is invalid; partition {partition} of '{}' is being drained by a rebalance, \
+                         back it up once the rebalance is done",
+                        self.info.name
+                    ))));
+                    return;
+                }
                 let r = match self.target(partition) {
                     Ok(h) => h.snapshot().await.map_err(|e| QueueError::from_storage(&e)),
                     Err(e) => Err(e),
@@ -138,6 +159,13 @@ impl QueueTask {
             } => {
                 let r = self.restore_import(partition, offset, items, now).await;
                 let _ = reply.send(r);
+            }
+            Cold::RebalanceInstall(plan, done) => {
+                self.install_rebalance(plan);
+                let _ = done.send(());
+            }
+            Cold::RebalanceReport { id, finish, reply } => {
+                let _ = reply.send(self.rebalance_report(&id, finish));
             }
             Cold::UpdateInfo(info, done) => {
                 self.set_info(*info);

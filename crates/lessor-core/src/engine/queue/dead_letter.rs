@@ -91,7 +91,14 @@ impl QueueTask {
     /// Dead items from another queue: always written to partition 0, so a repeated move finds the earlier copy by
     /// its source id and is not doubled.
     pub(super) async fn accept_dead_letters(&mut self, requests: Vec<(Vec<NewItem>, Reply<()>)>, now: Ts) {
-        let Some(h) = self.parts.first().and_then(|p| p.healthy()) else {
+        // Partition 0 being drained by a rebalance takes nothing new: the sender keeps the items and tries again
+        // (writing them elsewhere would break the idempotence by source id, which looks in partition 0 only).
+        let Some(h) = self
+            .parts
+            .first()
+            .filter(|p| !p.draining)
+            .and_then(|p| p.healthy())
+        else {
             for (_, reply) in requests {
                 let _ = reply.send(Err(QueueError::PartitionUnavailable(0)));
             }
@@ -162,7 +169,13 @@ impl QueueTask {
             if items.is_empty() {
                 continue;
             }
-            let Some(h) = self.parts.get(p).and_then(|x| x.healthy()) else {
+            // A partition being drained by a rebalance takes nothing new: the redrive tries the batch again.
+            let Some(h) = self
+                .parts
+                .get(p)
+                .filter(|x| !x.draining)
+                .and_then(|x| x.healthy())
+            else {
                 let _ = reply.send(Err(QueueError::PartitionUnavailable(p as u32)));
                 return;
             };

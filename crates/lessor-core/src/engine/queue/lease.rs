@@ -25,7 +25,10 @@ impl QueueTask {
         while !self.waiters.is_empty() {
             let pick = (0..self.parts.len())
                 .filter(|i| {
-                    !tried.contains(i) && self.parts[*i].failures == 0 && self.parts[*i].handle.is_some()
+                    !tried.contains(i)
+                        && self.parts[*i].failures == 0
+                        && self.parts[*i].handle.is_some()
+                        && !self.parts[*i].draining
                 })
                 .filter(|i| self.parts[*i].counts.ready > 0 || self.parts[*i].shared)
                 // Highest priority first (an upper bound the task keeps per partition), then the fullest.

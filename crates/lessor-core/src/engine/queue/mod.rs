@@ -30,6 +30,7 @@ mod browse;
 mod cold;
 mod dead_letter;
 mod dedup;
+mod drain;
 mod health;
 mod lease;
 mod lifecycle;
@@ -37,6 +38,7 @@ mod produce;
 mod restore;
 
 pub(crate) use dead_letter::DeadLetterSink;
+pub(crate) use drain::{Plan as RebalancePlan, Report as RebalanceReport, JOURNAL_TAG};
 use health::MissingStore;
 
 use super::{BrowsePage, BrowseRequest, EngineConfig, LeaseResult, ProduceItem, QueueMetrics, QueueStats};
@@ -145,6 +147,14 @@ pub(crate) enum Cold {
         items: Vec<Item>,
         reply: Reply<u64>,
     },
+    /// Installs a rebalance (see [`drain`]); ignored when that task is installed already.
+    RebalanceInstall(drain::Plan, oneshot::Sender<()>),
+    /// Where the rebalance `id` stands; `finish` drops it when it is done (its outcome was persisted).
+    RebalanceReport {
+        id: String,
+        finish: bool,
+        reply: oneshot::Sender<drain::Report>,
+    },
 }
 
 /// What the task knows about one partition: its handle, its health and the counts it balances load by.
@@ -153,6 +163,10 @@ struct Part {
     num: u32,
     /// The store that holds it.
     store: Arc<dyn PartitionStore>,
+    /// That store's configured name.
+    store_name: String,
+    /// Being drained by a rebalance: takes no new items and serves no lease (see [`drain`]).
+    draining: bool,
     /// Whether other servers may change it (counts are then re-read every [`health`] refresh).
     shared: bool,
     /// Open handle; `None` until the first successful probe.
@@ -220,6 +234,8 @@ pub(crate) struct QueueTask {
     dedup: dedup::DedupIndex,
     /// Who holds the leases this server handed out, for browse (see [`browse`]).
     holders: browse::Holders,
+    /// The rebalance in progress, if any (see [`drain`]).
+    rebalance: Option<drain::Rebalance>,
 }
 
 impl QueueTask {
@@ -242,19 +258,36 @@ impl QueueTask {
             dead_retry_at: Ts::ZERO,
             dedup: dedup::DedupIndex::default(),
             holders: browse::Holders::default(),
+            rebalance: None,
         };
         t.set_info(info);
         t
     }
 
+    /// A task for `info` that resumes the rebalance `plan` before serving anything.
+    pub(crate) fn with_rebalance(mut self, plan: Option<drain::Plan>) -> Self {
+        if let Some(plan) = plan {
+            self.install_rebalance(plan);
+        }
+        self
+    }
+
     /// Takes a new definition; partitions it adds start unopened (the next pass opens them).
-    fn set_info(&mut self, info: QueueInfo) {
+    fn set_info(&mut self, mut info: QueueInfo) {
+        if self.rebalance.is_some() {
+            // The task's placement is ahead of the stored one while a rebalance runs (the engine persists it
+            // after each step): keep it.
+            info.partitions = self.info.partitions.clone();
+            info.requested_partitions = self.info.requested_partitions;
+        }
         for p in &info.partitions[self.parts.len().min(info.partitions.len())..] {
             let store = self.find_store(p);
             let shared = store.shared();
             self.parts.push(Part {
                 num: p.partition,
                 store,
+                store_name: p.storage_name.clone(),
+                draining: false,
                 shared,
                 handle: None,
                 counts: PartitionCounts::default(),
@@ -276,6 +309,11 @@ impl QueueTask {
             // says why on every probe.
             None => Arc::new(MissingStore(p.storage_name.clone())),
         }
+    }
+
+    /// Whether a rebalance drains partition `num` (it must take no new item).
+    fn is_draining(&self, num: u32) -> bool {
+        self.parts.iter().any(|p| p.num == num && p.draining)
     }
 
     fn policy(&self) -> LifecyclePolicy {
@@ -329,6 +367,9 @@ impl QueueTask {
             // Nothing may change the partitions but the restore itself: its resume point is their item count.
             self.refuse_while_restoring(batch);
         } else {
+            // Before the lifecycle and before anything is served: a chunk in flight when the server stopped is
+            // replayed first (see `drain`).
+            self.rebalance_step(now).await;
             self.lifecycle(now).await;
         }
         self.holders.prune(now);
@@ -438,7 +479,7 @@ impl QueueTask {
 
     /// When the loop must wake even without a message: a long-poll ending, a partition probe, a deadline.
     fn next_wake(&self) -> Ts {
-        let mut wake = Ts::NEVER;
+        let mut wake = self.rebalance_wake();
         for w in &self.waiters {
             wake = wake.min(w.deadline);
         }
@@ -502,6 +543,8 @@ impl QueueTask {
                     Cold::Browse { reply, .. } => drop(reply.send(Err(QueueError::QueueShuttingDown))),
                     Cold::Snapshot { reply, .. } => drop(reply.send(Err(QueueError::QueueShuttingDown))),
                     Cold::RestoreImport { reply, .. } => drop(reply.send(Err(QueueError::QueueShuttingDown))),
+                    Cold::RebalanceInstall(_, done) => drop(done.send(())),
+                    Cold::RebalanceReport { reply, .. } => drop(reply),
                 },
                 Msg::Wake(_) => {}
                 Msg::Shutdown(done) => drop(done.send(())),

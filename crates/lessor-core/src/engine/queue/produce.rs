@@ -25,7 +25,10 @@ impl QueueTask {
     fn least_loaded(&self, exclude: &[usize]) -> Option<usize> {
         (0..self.parts.len())
             .filter(|i| {
-                self.parts[*i].failures == 0 && self.parts[*i].handle.is_some() && !exclude.contains(i)
+                self.parts[*i].failures == 0
+                    && self.parts[*i].handle.is_some()
+                    && !self.parts[*i].draining
+                    && !exclude.contains(i)
             })
             .min_by_key(|&i| (self.parts[i].counts.ready + self.parts[i].counts.scheduled, i))
     }
@@ -184,7 +187,7 @@ impl QueueTask {
             let spare = self
                 .parts
                 .iter()
-                .filter(|p| p.failures == 0 && p.handle.is_some())
+                .filter(|p| p.failures == 0 && p.handle.is_some() && !p.draining)
                 .count()
                 > 1;
             let calls = groups.into_iter().map(|(i, mut reqs)| {

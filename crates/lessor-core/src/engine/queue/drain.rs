@@ -1,0 +1,610 @@
+//! Online rebalance, the queue task's side: draining partitions into others (shrink) or into a new home on
+//! another partition store (move), a bounded chunk per pass while the queue keeps serving.
+//!
+//! A draining partition takes no produce, no dead letters, no redriven items and serves no lease; its leases in
+//! flight stay valid (complete, retry and extend still reach it) and its lifecycle keeps running, so an expired
+//! lease comes back at its tail and is drained with the rest. Each pass moves up to [`CHUNK`] non-leased items
+//! (ready and scheduled, in id order, with their state, attempts, priority and deadlines) into the target with
+//! `import` (new ids in input order: order within the partition is kept), then deletes them from the source.
+//!
+//! Exactly once across a crash: before a chunk is imported its ids are written to a journal in the metadata store,
+//! and every imported item carries a source id naming the rebalance task and its old place. A task that starts
+//! with a journal redoes that chunk before anything else (before the lifecycle and before any lease is served):
+//! the import skips the items the target already holds (by source id), then the chunk leaves the source. Since
+//! the copy of a chunk cannot be served before its source is deleted in the same step, "already in the target"
+//! and "imported" are the same thing, so no item is lost, doubled or brought back after completion.
+//!
+//! A move is finished when its source holds nothing (no item in any state, no dead item waiting for transfer):
+//! the task then serves the partition from the destination. A shrink is finished when every removed partition is
+//! empty: the task drops them. The engine's watcher (`engine::rebalance`) persists the new placement, then
+//! destroys the old partitions.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use super::QueueTask;
+use crate::auth::records::key;
+use crate::auth::store::Commit;
+use crate::storage::{Partition, PartitionStore};
+use crate::time::Ts;
+use crate::types::{Item, ItemId, PartitionInfo};
+
+/// Most items moved per pass: bounds how long one pass of the queue is held up by the rebalance.
+pub(crate) const CHUNK: usize = 500;
+/// Most pages of leased items one pass scans past.
+const SCAN_PAGES: usize = 16;
+/// Table tag of the chunk journals in the metadata store.
+pub(crate) const JOURNAL_TAG: u8 = b'J';
+/// Pause after a failed step before trying again.
+const RETRY_AFTER: Duration = Duration::from_millis(500);
+/// How often a move waiting for leases in flight checks its source again.
+const WAIT_POLL: Duration = Duration::from_millis(100);
+/// Prefix of the source ids the rebalance gives the items it moves: users cannot send control characters.
+const SOURCE_PREFIX: &str = "\u{1}rb:";
+
+/// What a rebalance task asks of the queue task.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Plan {
+    /// The task id (journal key, source ids).
+    pub id: String,
+    /// Partitions to move, one after the other: (partition, destination store name).
+    pub moves: Vec<(u32, String)>,
+    /// Drain partitions from this number up into the lower ones, then drop them.
+    pub shrink_to: Option<u32>,
+    /// Items moved before this task (re)started.
+    pub moved: u64,
+    /// Most items moved per second (0: no limit).
+    pub max_items_per_sec: u32,
+}
+
+/// Where a rebalance stands, as the queue task reports it to the engine.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Report {
+    /// Whether a rebalance with this id is installed.
+    pub installed: bool,
+    /// Items moved so far (including before a restart).
+    pub moved: u64,
+    /// Items left in the partitions still to drain (ready, leased, scheduled).
+    pub remaining: u64,
+    /// The task's current placement (the engine persists it).
+    pub placement: Vec<PartitionInfo>,
+    /// Old partitions the engine may destroy once it persisted `placement`: (store name, partition).
+    pub retired: Vec<(String, u32)>,
+    /// Every move and the shrink are finished.
+    pub done: bool,
+    /// The last error of a step (it is retried); empty when the last step went well.
+    pub error: String,
+}
+
+/// The destination of the move in progress.
+struct Dest {
+    partition: u32,
+    store_name: String,
+    store: Arc<dyn PartitionStore>,
+    handle: Arc<dyn Partition>,
+}
+
+/// The rebalance installed in a queue task.
+pub(super) struct Rebalance {
+    plan: Plan,
+    moved: u64,
+    dest: Option<Dest>,
+    /// Per source partition, where the scan of its ready and leased items goes on (ids below were looked at: what
+    /// is still there is leased, and items that become ready again get new, larger ids).
+    pivots: HashMap<u32, ItemId>,
+    /// The journal of the last chunk was replayed.
+    reconciled: bool,
+    retry_at: Ts,
+    /// Set while the source holds only leased items: the next look is due then, not at once.
+    waiting_until: Ts,
+    retired: Vec<(String, u32)>,
+    done: bool,
+    error: String,
+}
+
+/// The journal of the chunk in flight.
+#[derive(Serialize, Deserialize)]
+struct Journal {
+    source: u32,
+    ids: Vec<u64>,
+}
+
+fn journal_key(id: &str) -> Vec<u8> {
+    key(JOURNAL_TAG, &[id])
+}
+
+impl QueueTask {
+    /// Installs a rebalance (at load, or when one starts); a second install of the same task is ignored.
+    pub(super) fn install_rebalance(&mut self, plan: Plan) {
+        if self.rebalance.as_ref().is_some_and(|r| r.plan.id == plan.id) {
+            return;
+        }
+        for p in &mut self.parts {
+            p.draining = false;
+        }
+        self.rebalance = Some(Rebalance {
+            moved: plan.moved,
+            plan,
+            dest: None,
+            pivots: HashMap::new(),
+            reconciled: false,
+            retry_at: Ts::ZERO,
+            waiting_until: Ts::ZERO,
+            retired: Vec::new(),
+            done: false,
+            error: String::new(),
+        });
+        self.mark_draining();
+    }
+
+    /// The destination of the move in progress: a clear of the queue clears it too.
+    pub(super) fn rebalance_dest(&self) -> Option<Arc<dyn Partition>> {
+        self.rebalance
+            .as_ref()
+            .and_then(|r| r.dest.as_ref())
+            .map(|d| d.handle.clone())
+    }
+
+    /// Marks the partitions the rebalance drains now: every one being removed, and the one being moved.
+    fn mark_draining(&mut self) {
+        let Some(rb) = &self.rebalance else { return };
+        let shrink = rb.plan.shrink_to;
+        let moving = rb.plan.moves.first().map(|m| m.0);
+        for p in &mut self.parts {
+            p.draining = shrink.is_some_and(|n| p.num >= n) || moving == Some(p.num);
+        }
+    }
+
+    /// The report the engine polls; `finish` drops a finished rebalance (the engine persisted its outcome).
+    pub(super) fn rebalance_report(&mut self, id: &str, finish: bool) -> Report {
+        let placement = self.info.partitions.clone();
+        let Some(rb) = self.rebalance.as_mut().filter(|r| r.plan.id == id) else {
+            return Report {
+                placement,
+                ..Default::default()
+            };
+        };
+        let remaining = self
+            .parts
+            .iter()
+            .filter(|p| {
+                rb.plan.shrink_to.is_some_and(|n| p.num >= n) || rb.plan.moves.iter().any(|m| m.0 == p.num)
+            })
+            .map(|p| p.counts.ready + p.counts.leased + p.counts.scheduled)
+            .sum();
+        let report = Report {
+            installed: true,
+            moved: rb.moved,
+            remaining,
+            placement,
+            retired: std::mem::take(&mut rb.retired),
+            done: rb.done,
+            error: rb.error.clone(),
+        };
+        if finish && rb.done {
+            self.rebalance = None;
+            for p in &mut self.parts {
+                p.draining = false;
+            }
+        }
+        report
+    }
+
+    /// When the loop must wake for the rebalance: now while items remain to move, later while it waits.
+    pub(super) fn rebalance_wake(&self) -> Ts {
+        match &self.rebalance {
+            Some(rb) if !rb.done => rb.retry_at.max(rb.waiting_until),
+            _ => Ts::NEVER,
+        }
+    }
+
+    /// One step of the rebalance: at most one chunk moved, or one partition switched or dropped.
+    pub(super) async fn rebalance_step(&mut self, now: Ts) {
+        let Some(rb) = &self.rebalance else { return };
+        if rb.done || now < rb.retry_at || now < rb.waiting_until {
+            return;
+        }
+        let r = self.rebalance_work(now).await;
+        let name = self.info.name.clone();
+        if let Some(rb) = &mut self.rebalance {
+            match r {
+                Ok(()) => rb.error.clear(),
+                Err(e) => {
+                    tracing::warn!(queue = %name, task = %rb.plan.id, error = %e, "rebalance step failed; will retry");
+                    rb.error = e;
+                    rb.retry_at = now.add(RETRY_AFTER);
+                }
+            }
+        }
+        self.mark_draining();
+    }
+
+    async fn rebalance_work(&mut self, now: Ts) -> Result<(), String> {
+        let Some(rb) = &self.rebalance else { return Ok(()) };
+        if !rb.reconciled {
+            self.replay_journal(now).await?;
+            if let Some(rb) = &mut self.rebalance {
+                rb.reconciled = true;
+            }
+        }
+        let Some(rb) = &self.rebalance else { return Ok(()) };
+        if let Some(n) = rb.plan.shrink_to {
+            return self.shrink_step(n, now).await;
+        }
+        let Some((partition, to)) = rb.plan.moves.first().cloned() else {
+            if let Some(rb) = &mut self.rebalance {
+                rb.done = true;
+            }
+            return Ok(());
+        };
+        self.move_step(partition, &to, now).await
+    }
+
+    /// Drains the first removed partition that still holds items into partition `num % n`; drops every removed
+    /// partition once all are empty.
+    async fn shrink_step(&mut self, n: u32, now: Ts) -> Result<(), String> {
+        let n = n.max(1) as usize;
+        let mut waiting = false;
+        for i in n..self.parts.len() {
+            let j = i % n;
+            let target = self.parts[j]
+                .healthy()
+                .ok_or_else(|| format!("target partition {j} is unavailable"))?;
+            let moved = self.move_chunk(i, target, Some(j), now).await?;
+            if moved > 0 {
+                return Ok(());
+            }
+            if !self.source_empty(i).await? {
+                waiting = true;
+            }
+        }
+        if waiting {
+            self.wait_for_leases(now);
+            return Ok(());
+        }
+        // Every removed partition is empty: their dedup records go to the partitions that took their items, then
+        // they are dropped. The engine persists the placement, then destroys them.
+        for i in n..self.parts.len() {
+            let target = self.parts[i % n]
+                .healthy()
+                .ok_or_else(|| format!("target partition {} is unavailable", i % n))?;
+            self.carry_dedup(i, &target, now).await?;
+        }
+        let dropped: Vec<_> = self.parts.drain(n..).collect();
+        let mut retired = Vec::new();
+        for p in dropped {
+            if let Some(h) = p.handle {
+                h.close().await;
+            }
+            retired.push((p.store_name, p.num));
+        }
+        self.info.partitions.truncate(n);
+        self.info.requested_partitions = n as u32;
+        if let Some(rb) = &mut self.rebalance {
+            rb.retired.extend(retired);
+            rb.plan.shrink_to = None;
+            rb.pivots.clear();
+            rb.done = rb.plan.moves.is_empty();
+        }
+        tracing::info!(queue = %self.info.name, partitions = n, "partitions drained and removed");
+        Ok(())
+    }
+
+    /// Moves a chunk of `partition` to its new store, or switches the partition there once its source is empty.
+    async fn move_step(&mut self, partition: u32, to: &str, now: Ts) -> Result<(), String> {
+        let Some(i) = self.parts.iter().position(|p| p.num == partition) else {
+            return Err(format!("partition {partition} does not exist"));
+        };
+        if self.parts[i].store_name == to {
+            self.next_move();
+            return Ok(());
+        }
+        let dest = self.open_dest(partition, to).await?;
+        let moved = self.move_chunk(i, dest.clone(), None, now).await?;
+        if moved > 0 {
+            return Ok(());
+        }
+        if !self.source_empty(i).await? {
+            self.wait_for_leases(now);
+            return Ok(());
+        }
+        // The source is empty: its dedup records go along (they outlive the items they name), and the partition
+        // lives in its new store from now on.
+        self.carry_dedup(i, &dest, now).await?;
+        let Some(d) = self.rebalance.as_mut().and_then(|r| r.dest.take()) else {
+            return Ok(());
+        };
+        let old_store = self.parts[i].store_name.clone();
+        if let Some(h) = self.parts[i].handle.take() {
+            h.close().await;
+        }
+        let p = &mut self.parts[i];
+        p.store = d.store;
+        p.store_name = d.store_name.clone();
+        p.shared = false;
+        p.handle = Some(d.handle);
+        p.draining = false;
+        p.top_priority = crate::types::MAX_PRIORITY;
+        if let Some(info) = self.info.partitions.get_mut(i) {
+            info.storage_name = d.store_name.clone();
+        }
+        self.probe(i, now).await;
+        if let Some(rb) = &mut self.rebalance {
+            rb.retired.push((old_store, partition));
+        }
+        tracing::info!(queue = %self.info.name, partition, store = %d.store_name, "partition moved");
+        self.next_move();
+        Ok(())
+    }
+
+    fn next_move(&mut self) {
+        if let Some(rb) = &mut self.rebalance {
+            if !rb.plan.moves.is_empty() {
+                rb.plan.moves.remove(0);
+            }
+            rb.dest = None;
+            rb.pivots.clear();
+            rb.done = rb.plan.moves.is_empty() && rb.plan.shrink_to.is_none();
+        }
+    }
+
+    fn wait_for_leases(&mut self, now: Ts) {
+        if let Some(rb) = &mut self.rebalance {
+            rb.waiting_until = now.add(WAIT_POLL);
+        }
+    }
+
+    /// The destination of the move of `partition` to store `to`, opened on first use.
+    async fn open_dest(&mut self, partition: u32, to: &str) -> Result<Arc<dyn Partition>, String> {
+        if let Some(d) = self.rebalance.as_ref().and_then(|r| r.dest.as_ref()) {
+            if d.partition == partition && d.store_name == to {
+                return Ok(d.handle.clone());
+            }
+        }
+        let Some(s) = self.config.stores.iter().find(|s| s.name == to) else {
+            return Err(format!("partition storage '{to}' is not in the configuration"));
+        };
+        let store = s.store.clone();
+        let handle = store
+            .open(&self.info.name, partition)
+            .await
+            .map_err(|e| format!("opening partition {partition} in '{to}': {e}"))?;
+        if let Some(rb) = &mut self.rebalance {
+            rb.dest = Some(Dest {
+                partition,
+                store_name: to.to_string(),
+                store,
+                handle: handle.clone(),
+            });
+        }
+        Ok(handle)
+    }
+
+    /// Copies partition `i`'s live dedup records into `target`.
+    async fn carry_dedup(&mut self, i: usize, target: &Arc<dyn Partition>, now: Ts) -> Result<(), String> {
+        let src = self.parts[i]
+            .healthy()
+            .ok_or_else(|| format!("partition {} is unavailable", self.parts[i].num))?;
+        let records = src.dedup_records(now).await.map_err(|e| e.to_string())?;
+        if !records.is_empty() {
+            target.import_dedup(records).await.map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    }
+
+    /// Whether partition `i` holds nothing at all (no item in any state, no dead item waiting for transfer).
+    async fn source_empty(&mut self, i: usize) -> Result<bool, String> {
+        let h = self.parts[i]
+            .healthy()
+            .ok_or_else(|| format!("partition {} is unavailable", self.parts[i].num))?;
+        let c = h.counts().await.map_err(|e| e.to_string())?;
+        self.parts[i].counts = c;
+        if c.ready + c.leased + c.scheduled > 0 {
+            return Ok(false);
+        }
+        Ok(h.dead_items(1).await.map_err(|e| e.to_string())?.is_empty())
+    }
+
+    /// Moves up to [`CHUNK`] non-leased items of partition `i` into `target` (partition `target_part` of this
+    /// queue, or a move's destination): journal, import, delete. Returns how many moved.
+    async fn move_chunk(
+        &mut self,
+        i: usize,
+        target: Arc<dyn Partition>,
+        target_part: Option<usize>,
+        now: Ts,
+    ) -> Result<u64, String> {
+        let src = self.parts[i]
+            .healthy()
+            .ok_or_else(|| format!("partition {} is unavailable", self.parts[i].num))?;
+        let num = self.parts[i].num;
+        let err = |e: crate::error::StorageError| e.to_string();
+        let mut chunk: Vec<Item> = src.list(None, CHUNK, true).await.map_err(err)?;
+        let mut pivot = self.rebalance.as_ref().and_then(|r| r.pivots.get(&num).copied());
+        // Leased items stay where they are (their holders complete them there): scan past them, a bounded number
+        // of pages per pass.
+        for _ in 0..SCAN_PAGES {
+            if chunk.len() >= CHUNK {
+                break;
+            }
+            let page = src.list(pivot, CHUNK * 2, false).await.map_err(err)?;
+            let full = page.len() == CHUNK * 2;
+            for it in page {
+                if chunk.len() == CHUNK {
+                    break;
+                }
+                pivot = Some(ItemId(it.id.0.saturating_add(1)));
+                if !it.is_leased {
+                    chunk.push(it);
+                }
+            }
+            if !full {
+                break;
+            }
+        }
+        if let (Some(rb), Some(p)) = (&mut self.rebalance, pivot) {
+            rb.pivots.insert(num, p);
+        }
+        if chunk.is_empty() {
+            return Ok(0);
+        }
+        let id = self
+            .rebalance
+            .as_ref()
+            .map(|r| r.plan.id.clone())
+            .unwrap_or_default();
+        let ids: Vec<ItemId> = chunk.iter().map(|it| it.id).collect();
+        self.write_journal(&id, num, &ids).await?;
+        let n = self.import_and_delete(&id, num, &src, &target, chunk).await?;
+        self.probe(i, now).await;
+        if let Some(j) = target_part {
+            self.probe(j, now).await;
+        }
+        if let Some(rb) = &mut self.rebalance {
+            rb.moved += n;
+            if rb.plan.max_items_per_sec > 0 {
+                // Paced: the next chunk is due once this one's share of a second has passed.
+                let pause = Duration::from_secs_f64(n as f64 / f64::from(rb.plan.max_items_per_sec));
+                rb.waiting_until = now.add(pause);
+            }
+        }
+        Ok(n)
+    }
+
+    /// Imports `items` of partition `num` into `target` (skipping those it already holds), then deletes them from
+    /// the source.
+    async fn import_and_delete(
+        &mut self,
+        task: &str,
+        num: u32,
+        src: &Arc<dyn Partition>,
+        target: &Arc<dyn Partition>,
+        items: Vec<Item>,
+    ) -> Result<u64, String> {
+        let err = |e: crate::error::StorageError| e.to_string();
+        let ids: Vec<ItemId> = items.iter().map(|it| it.id).collect();
+        let n = items.len() as u64;
+        let copies: Vec<Item> = items
+            .into_iter()
+            .map(|mut it| {
+                if it.source_id.is_empty() {
+                    // Names the item's old place within this task: the key that makes a replayed chunk
+                    // land once.
+                    it.source_id = format!("{SOURCE_PREFIX}{task}/{num}/{}", it.id);
+                }
+                it.is_leased = false;
+                it.lease_deadline = Ts::ZERO;
+                it
+            })
+            .collect();
+        target.import(copies).await.map_err(err)?;
+        src.delete(ids).await.map_err(err)?;
+        Ok(n)
+    }
+
+    async fn write_journal(&self, task: &str, source: u32, ids: &[ItemId]) -> Result<(), String> {
+        let j = Journal {
+            source,
+            ids: ids.iter().map(|i| i.0).collect(),
+        };
+        let mut c = Commit {
+            silent: true,
+            ..Default::default()
+        };
+        c.put(
+            journal_key(task),
+            serde_json::to_vec(&j).map_err(|e| e.to_string())?,
+        );
+        self.config
+            .queues
+            .auth()
+            .commit(c)
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|_| "rebalance journal write refused".to_string())
+    }
+
+    /// Redoes the chunk in flight when the task stopped (see the module docs).
+    async fn replay_journal(&mut self, now: Ts) -> Result<(), String> {
+        let Some(rb) = &self.rebalance else { return Ok(()) };
+        let task = rb.plan.id.clone();
+        let Some(raw) = self
+            .config
+            .queues
+            .auth()
+            .get(&journal_key(&task))
+            .await
+            .map_err(|e| e.to_string())?
+        else {
+            return Ok(());
+        };
+        let Ok(j) = serde_json::from_slice::<Journal>(&raw) else {
+            return Ok(());
+        };
+        let Some(i) = self.parts.iter().position(|p| p.num == j.source) else {
+            return Ok(());
+        };
+        let (target, target_part) = match rb.plan.shrink_to {
+            Some(n) if j.source >= n => {
+                let t = (j.source % n.max(1)) as usize;
+                let h = self.parts[t]
+                    .healthy()
+                    .ok_or_else(|| format!("target partition {t} is unavailable"))?;
+                (h, Some(t))
+            }
+            _ => match rb.plan.moves.iter().find(|m| m.0 == j.source).cloned() {
+                Some((p, to)) => (self.open_dest(p, &to).await?, None),
+                None => return Ok(()),
+            },
+        };
+        let src = self.parts[i]
+            .healthy()
+            .ok_or_else(|| format!("partition {} is unavailable", j.source))?;
+        let wanted: HashSet<u64> = j.ids.iter().copied().collect();
+        let (Some(&lo), Some(&hi)) = (j.ids.iter().min(), j.ids.iter().max()) else {
+            return Ok(());
+        };
+        let err = |e: crate::error::StorageError| e.to_string();
+        let mut found = Vec::new();
+        for scheduled in [true, false] {
+            let mut pivot = Some(ItemId(lo));
+            loop {
+                let page = src.list(pivot, CHUNK * 2, scheduled).await.map_err(err)?;
+                let full = page.len() == CHUNK * 2;
+                let mut past = false;
+                for it in page {
+                    pivot = Some(ItemId(it.id.0.saturating_add(1)));
+                    if it.id.0 > hi {
+                        past = true;
+                        break;
+                    }
+                    if wanted.contains(&it.id.0) && !it.is_leased {
+                        found.push(it);
+                    }
+                }
+                if past || !full {
+                    break;
+                }
+            }
+        }
+        if found.is_empty() {
+            return Ok(());
+        }
+        found.sort_by_key(|it| it.id);
+        tracing::info!(queue = %self.info.name, task = %task, items = found.len(), "replaying the rebalance chunk in flight");
+        let n = self
+            .import_and_delete(&task, j.source, &src, &target, found)
+            .await?;
+        self.probe(i, now).await;
+        if let Some(t) = target_part {
+            self.probe(t, now).await;
+        }
+        if let Some(rb) = &mut self.rebalance {
+            rb.moved += n;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,623 @@
+//! Online rebalance through the engine (`queues.rebalance`): moving a partition to another store and shrinking a
+//! queue while items are in every state (ready at several priorities, leased, scheduled, with dedup keys), with
+//! leases in flight completed during the move; bad requests get 400s naming the field; a move interrupted by a
+//! restart (fjall) resumes and finishes with nothing lost or doubled.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use lessor_core::engine::{
+    BrowseRequest, BrowseState, Engine, EngineConfig, NamedStore, PartitionMove, ProduceItem,
+    RebalanceRequest, RebalanceStatus, RebalanceTask,
+};
+use lessor_core::error::QueueError;
+use lessor_core::storage::{PartitionStore, QueuesStore};
+use lessor_core::time::{SystemClock, Ts};
+use lessor_core::types::{Item, Limits, QueueInfo, RetryItem};
+use lessor_storage::memory::{MemoryQueues, MemoryStore};
+use lessor_testkit::eventually::poll_until;
+
+const T: Option<Duration> = Some(Duration::from_secs(5));
+
+fn engine_on(queues: Arc<dyn QueuesStore>, stores: Vec<(&str, f64, Arc<dyn PartitionStore>)>) -> Engine {
+    Engine::new(EngineConfig {
+        queues,
+        stores: stores
+            .into_iter()
+            .map(|(name, affinity, store)| NamedStore {
+                name: name.into(),
+                affinity,
+                store,
+            })
+            .collect(),
+        limits: Limits::default(),
+        clock: Arc::new(SystemClock),
+    })
+    .expect("engine")
+}
+
+/// Two memory stores: `a` (where queues are placed) and `b` (affinity 0: only moves put partitions there).
+fn engine() -> Engine {
+    engine_on(
+        Arc::new(MemoryQueues::new()),
+        vec![
+            ("a", 1.0, Arc::new(MemoryStore::new())),
+            ("b", 0.0, Arc::new(MemoryStore::new())),
+        ],
+    )
+}
+
+fn queue(name: &str, partitions: u32, lease: Duration) -> QueueInfo {
+    QueueInfo {
+        name: name.into(),
+        lease_timeout: lease,
+        expire_timeout: Duration::from_secs(3600),
+        requested_partitions: partitions,
+        ..Default::default()
+    }
+}
+
+fn item(payload: String, priority: u8, dedup: &str) -> ProduceItem {
+    ProduceItem {
+        payload: bytes::Bytes::from(payload),
+        priority,
+        dedup_id: dedup.into(),
+        kind: "k".into(),
+        reference: "r".into(),
+        ..Default::default()
+    }
+}
+
+/// Every item of one partition, in id order: ready and leased, then scheduled.
+async fn items_of(e: &Engine, q: &str, partition: u32) -> Vec<Item> {
+    let mut out = Vec::new();
+    for state in [BrowseState::Queued, BrowseState::Scheduled] {
+        let mut pivot = None;
+        loop {
+            let page = e
+                .browse(
+                    q,
+                    BrowseRequest {
+                        partition,
+                        state,
+                        priority: None,
+                        pivot,
+                        limit: 1000,
+                    },
+                )
+                .await
+                .expect("browse");
+            out.extend(page.items.into_iter().map(|b| b.item));
+            match page.next_pivot {
+                Some(p) => pivot = Some(p),
+                None => break,
+            }
+        }
+    }
+    out
+}
+
+fn payload(it: &Item) -> String {
+    String::from_utf8_lossy(&it.payload).into_owned()
+}
+
+async fn wait_done(e: &Engine, id: &str) -> RebalanceTask {
+    let e2 = e.clone();
+    let id = id.to_string();
+    poll_until(Duration::from_secs(30), Duration::from_millis(50), move || {
+        let e = e2.clone();
+        let id = id.clone();
+        async move {
+            let t = e.rebalance_get(&id).await.map_err(|e| e.to_string())?;
+            match t.status {
+                RebalanceStatus::Running => Err(format!("still running: {t:?}")),
+                _ => Ok(t),
+            }
+        }
+    })
+    .await
+    .expect("rebalance finishes")
+}
+
+/// What a partition's items look like apart from their ids: the move gives new ids, keeps the rest.
+fn shape(it: &Item) -> (String, u8, u32, bool, Ts, Ts, Ts) {
+    (
+        payload(it),
+        it.priority,
+        it.attempts,
+        it.is_scheduled(),
+        it.enqueue_at,
+        it.expire_deadline,
+        it.created_at,
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn move_keeps_items_in_every_state_and_leases_in_flight() {
+    let e = engine();
+    e.create_queue(queue("q", 1, Duration::from_secs(60)))
+        .await
+        .expect("create");
+    // Partition 0 gets everything: ready items at three priorities, some with dedup keys, scheduled ones, leased
+    // ones, and one that was leased and retried (attempts 1, ready again).
+    let mut batch = Vec::new();
+    for i in 0..1200 {
+        let dedup = if i % 10 == 0 {
+            format!("key-{i}")
+        } else {
+            String::new()
+        };
+        batch.push(item(format!("r{i:05}"), [0, 5, 9][i % 3], &dedup));
+    }
+    for chunk in batch.chunks(100) {
+        e.produce("q", chunk.to_vec(), T).await.expect("produce");
+    }
+    let later = e.clock().now().add(Duration::from_secs(3000));
+    let scheduled: Vec<ProduceItem> = (0..50)
+        .map(|i| ProduceItem {
+            enqueue_at: later,
+            ..item(format!("s{i:03}"), 1, "")
+        })
+        .collect();
+    e.produce("q", scheduled, T).await.expect("produce scheduled");
+    let held = e.lease("q", 20, "holder", T).await.expect("lease");
+    assert_eq!(held.items.len(), 20);
+    let retried = e.lease("q", 1, "retrier", T).await.expect("lease");
+    e.retry(
+        "q",
+        0,
+        vec![RetryItem {
+            id: retried.items[0].id,
+            retry_at: Ts::ZERO,
+            dead: false,
+        }],
+    )
+    .await
+    .expect("retry");
+    // A second partition takes the traffic while partition 0 moves.
+    e.update_queue(lessor_core::engine::QueueUpdate {
+        name: "q".into(),
+        requested_partitions: Some(2),
+        ..Default::default()
+    })
+    .await
+    .expect("grow");
+    let before: Vec<Item> = items_of(&e, "q", 0).await;
+    assert_eq!(before.len(), 1250);
+    let before_free: Vec<_> = before.iter().filter(|it| !it.is_leased).map(shape).collect();
+
+    let task = e
+        .rebalance_start(RebalanceRequest {
+            queue: "q".into(),
+            moves: vec![PartitionMove {
+                partition: 0,
+                to_store: "b".into(),
+            }],
+            ..Default::default()
+        })
+        .await
+        .expect("start");
+    assert_eq!(task.status, RebalanceStatus::Running);
+    // Produce during the move lands in partition 1 only; the move waits for the leases in flight, which stay
+    // valid: complete half of them, retry the other half (they come back and are moved too).
+    e.produce("q", vec![item("during".into(), 0, "")], T)
+        .await
+        .expect("produce during move");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mid = e.rebalance_get(&task.id).await.expect("get");
+    assert_eq!(
+        mid.status,
+        RebalanceStatus::Running,
+        "waits for the leases in flight: {mid:?}"
+    );
+    let (done_ids, retry_ids) = held.items.split_at(10);
+    e.complete("q", 0, done_ids.iter().map(|it| it.id).collect(), T)
+        .await
+        .expect("a lease taken before the move completes during it");
+    e.retry(
+        "q",
+        0,
+        retry_ids
+            .iter()
+            .map(|it| RetryItem {
+                id: it.id,
+                retry_at: Ts::ZERO,
+                dead: false,
+            })
+            .collect(),
+    )
+    .await
+    .expect("retry during the move");
+    let t = wait_done(&e, &task.id).await;
+    assert_eq!(t.status, RebalanceStatus::Completed, "{t:?}");
+    assert!(t.moved >= 1230, "{t:?}");
+    let info = e.queue_info("q").await.expect("info");
+    assert_eq!(info.partitions[0].storage_name, "b");
+    assert_eq!(info.partitions[1].storage_name, "a");
+
+    // Every item not leased before the move is there with its state, priority, attempts and deadlines, in the
+    // same order; the 10 retried ones follow; the 10 completed ones are gone.
+    let after = items_of(&e, "q", 0).await;
+    assert_eq!(after.len(), 1240, "1250 - 10 completed");
+    assert!(after.iter().all(|it| !it.is_leased));
+    let after_shapes: Vec<_> = after.iter().map(shape).collect();
+    let (ready_before, sched_before): (Vec<_>, Vec<_>) = before_free.iter().cloned().partition(|s| !s.3);
+    let (ready_after, sched_after): (Vec<_>, Vec<_>) = after_shapes.iter().cloned().partition(|s| !s.3);
+    assert_eq!(sched_after, sched_before, "scheduled items kept as they were");
+    assert_eq!(
+        &ready_after[..ready_before.len()],
+        &ready_before[..],
+        "order and fields kept"
+    );
+    let back: Vec<String> = ready_after[ready_before.len()..]
+        .iter()
+        .map(|s| s.0.clone())
+        .collect();
+    let mut want: Vec<String> = retry_ids.iter().map(payload).collect();
+    let mut got = back.clone();
+    want.sort();
+    got.sort();
+    assert_eq!(got, want, "retried leases come back after the rest");
+    assert!(
+        ready_after[ready_before.len()..].iter().all(|s| s.2 == 1),
+        "attempts kept"
+    );
+    // The produce during the move went to partition 1.
+    let p1 = items_of(&e, "q", 1).await;
+    assert_eq!(
+        p1.iter().map(payload).collect::<Vec<_>>(),
+        vec!["during".to_string()]
+    );
+
+    // Dedup keys are kept: producing a key again stores nothing.
+    e.produce("q", vec![item("again".into(), 0, "key-10")], T)
+        .await
+        .expect("produce dup");
+    let total: usize = items_of(&e, "q", 0).await.len() + items_of(&e, "q", 1).await.len();
+    assert_eq!(total, 1241, "the duplicate key was not stored again");
+
+    // Leases are served from the moved partition, highest priority first.
+    let l = e.lease("q", 5, "after", T).await.expect("lease after move");
+    assert!(l.items.iter().all(|it| it.priority == 9), "{:?}", l.items);
+    e.complete("q", l.partition, l.items.iter().map(|it| it.id).collect(), T)
+        .await
+        .expect("complete after move");
+    e.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shrink_drains_removed_partitions_into_the_others() {
+    let e = engine();
+    e.create_queue(queue("q", 4, Duration::from_secs(60)))
+        .await
+        .expect("create");
+    for i in 0..40 {
+        let items = (0..10)
+            .map(|j| item(format!("p{:04}", i * 10 + j), (j % 3) as u8, ""))
+            .collect();
+        e.produce("q", items, T).await.expect("produce");
+    }
+    let later = e.clock().now().add(Duration::from_secs(3000));
+    e.produce(
+        "q",
+        vec![ProduceItem {
+            enqueue_at: later,
+            ..item("sched".into(), 0, "")
+        }],
+        T,
+    )
+    .await
+    .expect("produce scheduled");
+    // A lease on partition 3 (to be removed) is held through the drain and completed during it: lease whole
+    // partitions until partition 3 comes up, put the others back.
+    let mut others = Vec::new();
+    let held = loop {
+        let l = e.lease("q", 1000, "holder", T).await.expect("lease");
+        if l.partition != 3 {
+            others.push(l);
+            continue;
+        }
+        // Keep 20 leased; put the rest, and the other partitions' items, back.
+        others.push(lessor_core::engine::LeaseResult {
+            partition: 3,
+            items: l.items[20..].to_vec(),
+        });
+        break l.items[..20].to_vec();
+    };
+    for l in others {
+        if l.items.is_empty() {
+            continue;
+        }
+        let back: Vec<RetryItem> = l
+            .items
+            .iter()
+            .map(|it| RetryItem {
+                id: it.id,
+                retry_at: Ts::ZERO,
+                dead: false,
+            })
+            .collect();
+        e.retry("q", l.partition, back).await.expect("retry");
+    }
+    let mut by_part: HashMap<u32, Vec<String>> = HashMap::new();
+    for p in 0..4 {
+        by_part.insert(p, items_of(&e, "q", p).await.iter().map(payload).collect());
+    }
+    let total: usize = by_part.values().map(Vec::len).sum();
+    assert_eq!(total, 401);
+    let task = e
+        .rebalance_start(RebalanceRequest {
+            queue: "q".into(),
+            partitions: 2,
+            ..Default::default()
+        })
+        .await
+        .expect("start shrink");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        e.rebalance_get(&task.id).await.expect("get").status,
+        RebalanceStatus::Running
+    );
+    e.complete("q", 3, held.iter().map(|it| it.id).collect(), T)
+        .await
+        .expect("complete a held lease of a draining partition");
+    let t = wait_done(&e, &task.id).await;
+    assert_eq!(t.status, RebalanceStatus::Completed, "{t:?}");
+    let info = e.queue_info("q").await.expect("info");
+    assert_eq!(info.partitions.len(), 2);
+    assert_eq!(info.requested_partitions, 2);
+    // Every item but the completed ones is there exactly once; items of a removed partition keep their order.
+    let p0: Vec<String> = items_of(&e, "q", 0).await.iter().map(payload).collect();
+    let p1: Vec<String> = items_of(&e, "q", 1).await.iter().map(payload).collect();
+    let mut all: Vec<String> = p0.iter().chain(p1.iter()).cloned().collect();
+    all.sort();
+    let mut want: Vec<String> = by_part.values().flatten().cloned().collect();
+    let gone: Vec<String> = held.iter().map(payload).collect();
+    want.retain(|p| !gone.contains(p));
+    want.sort();
+    assert_eq!(
+        all, want,
+        "nothing lost, nothing doubled, nothing completed brought back"
+    );
+    for (removed, target) in [(2u32, &p0), (3u32, &p1)] {
+        let mine: Vec<&String> = by_part[&removed]
+            .iter()
+            .filter(|p| !gone.contains(p) && p.as_str() != "sched")
+            .collect();
+        let seen: Vec<&String> = target.iter().filter(|p| mine.contains(p)).collect();
+        assert_eq!(
+            seen, mine,
+            "partition {removed}'s order kept in its new partition"
+        );
+    }
+    let err = e.complete("q", 3, held.iter().map(|it| it.id).collect(), T).await;
+    assert!(err.is_err(), "partition 3 is gone");
+    e.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_requests_name_the_field() {
+    let e = engine();
+    e.create_queue(queue("one", 1, Duration::from_secs(60)))
+        .await
+        .expect("create");
+    e.create_queue(queue("q", 2, Duration::from_secs(60)))
+        .await
+        .expect("create");
+    let mv = |q: &str, p: u32, to: &str| RebalanceRequest {
+        queue: q.into(),
+        moves: vec![PartitionMove {
+            partition: p,
+            to_store: to.into(),
+        }],
+        ..Default::default()
+    };
+    let cases: Vec<(RebalanceRequest, &str)> = vec![
+        (mv("q", 0, "nope"), "moves[0].to_store is invalid"),
+        (
+            mv("q", 0, "a"),
+            "moves[0].to_store is invalid; partition 0 is already in 'a'",
+        ),
+        (mv("q", 7, "b"), "moves[0].partition is invalid"),
+        (mv("one", 0, "b"), "moves is invalid; 'one' has one partition"),
+        (
+            RebalanceRequest {
+                queue: "q".into(),
+                ..Default::default()
+            },
+            "give exactly one of",
+        ),
+        (
+            RebalanceRequest {
+                queue: "q".into(),
+                partitions: 2,
+                ..Default::default()
+            },
+            "partitions is invalid; 'q' already has '2' partitions",
+        ),
+        (mv("missing", 0, "b"), "queue does not exist"),
+    ];
+    for (req, want) in cases {
+        match e.rebalance_start(req.clone()).await {
+            Err(err @ (QueueError::Invalid(_) | QueueError::QueueNotFound(_))) => {
+                assert!(err.to_string().contains(want), "{req:?}: {err}")
+            }
+            other => panic!("{req:?}: {other:?}"),
+        }
+    }
+    // Growth is applied at once; spreading with nothing to move is done at once.
+    let t = e
+        .rebalance_start(RebalanceRequest {
+            queue: "q".into(),
+            partitions: 3,
+            ..Default::default()
+        })
+        .await
+        .expect("grow");
+    assert_eq!(t.status, RebalanceStatus::Completed);
+    assert_eq!(e.queue_info("q").await.expect("info").partitions.len(), 3);
+    let t = e
+        .rebalance_start(RebalanceRequest {
+            queue: "q".into(),
+            spread: true,
+            ..Default::default()
+        })
+        .await
+        .expect("spread");
+    assert_eq!(t.status, RebalanceStatus::Completed);
+    assert!(t.moves.is_empty());
+    // One running task per queue: hold a lease so the move waits.
+    e.produce("q", vec![item("x".into(), 0, "")], T)
+        .await
+        .expect("produce");
+    let l = e.lease("q", 1, "c", T).await.expect("lease");
+    let first = e.rebalance_start(mv("q", l.partition, "b")).await.expect("move");
+    let second = e.rebalance_start(mv("q", (l.partition + 1) % 3, "b")).await;
+    assert!(
+        matches!(&second, Err(QueueError::Invalid(m)) if m.contains("is already running")),
+        "{second:?}"
+    );
+    let grow = e
+        .update_queue(lessor_core::engine::QueueUpdate {
+            name: "q".into(),
+            requested_partitions: Some(5),
+            ..Default::default()
+        })
+        .await;
+    assert!(
+        matches!(&grow, Err(QueueError::Invalid(m)) if m.contains("is running")),
+        "{grow:?}"
+    );
+    e.complete("q", l.partition, vec![l.items[0].id], T)
+        .await
+        .expect("complete");
+    assert_eq!(wait_done(&e, &first.id).await.status, RebalanceStatus::Completed);
+    let listed = e.rebalance_list("q").await.expect("list");
+    assert_eq!(listed.len(), 3);
+    assert_eq!(listed[0].id, first.id, "newest first");
+    e.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spread_moves_partitions_to_match_affinities() {
+    let queues: Arc<dyn QueuesStore> = Arc::new(MemoryQueues::new());
+    let a: Arc<dyn PartitionStore> = Arc::new(MemoryStore::new());
+    let b: Arc<dyn PartitionStore> = Arc::new(MemoryStore::new());
+    let e = engine_on(queues.clone(), vec![("a", 1.0, a.clone()), ("b", 0.0, b.clone())]);
+    e.create_queue(queue("q", 4, Duration::from_secs(60)))
+        .await
+        .expect("create");
+    for i in 0..20 {
+        e.produce("q", vec![item(format!("i{i}"), 0, "")], T)
+            .await
+            .expect("produce");
+    }
+    e.shutdown().await;
+    // The operator gives `b` an affinity: a spread moves half the partitions there.
+    let e = engine_on(queues, vec![("a", 1.0, a), ("b", 1.0, b)]);
+    let t = e
+        .rebalance_start(RebalanceRequest {
+            queue: "q".into(),
+            spread: true,
+            ..Default::default()
+        })
+        .await
+        .expect("spread");
+    assert_eq!(t.moves.len(), 2, "{t:?}");
+    let t = wait_done(&e, &t.id).await;
+    assert_eq!(t.status, RebalanceStatus::Completed, "{t:?}");
+    let info = e.queue_info("q").await.expect("info");
+    let in_b = info.partitions.iter().filter(|p| p.storage_name == "b").count();
+    assert_eq!(in_b, 2);
+    let mut n = 0;
+    for p in 0..4 {
+        n += items_of(&e, "q", p).await.len();
+    }
+    assert_eq!(n, 20);
+    e.shutdown().await;
+}
+
+#[cfg(feature = "fjall")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_move_interrupted_by_a_restart_resumes() {
+    use lessor_storage::fjall::{Durability, FjallQueues, FjallStore};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let open = || {
+        let queues: Arc<dyn QueuesStore> =
+            Arc::new(FjallQueues::open(dir.path().join("q"), Durability::Sync).expect("queues"));
+        let a: Arc<dyn PartitionStore> =
+            Arc::new(FjallStore::open(dir.path().join("a"), Durability::Sync).expect("a"));
+        let b: Arc<dyn PartitionStore> =
+            Arc::new(FjallStore::open(dir.path().join("b"), Durability::Sync).expect("b"));
+        engine_on(queues, vec![("a", 1.0, a), ("b", 0.0, b)])
+    };
+    let e = open();
+    e.create_queue(queue("q", 2, Duration::from_secs(1)))
+        .await
+        .expect("create");
+    for i in 0..30 {
+        // One item in a hundred has a dedup key: the moved partition's records must survive a restart.
+        let items = (0..100)
+            .map(|j| {
+                let dedup = if j == 0 { format!("key-{i}") } else { String::new() };
+                item(format!("i{:05}", i * 100 + j), 0, &dedup)
+            })
+            .collect();
+        e.produce("q", items, T).await.expect("produce");
+    }
+    let before: Vec<String> = items_of(&e, "q", 0).await.iter().map(payload).collect();
+    // A lease held on partition 0 keeps the move from finishing before the restart.
+    let held = loop {
+        let l = e.lease("q", 1, "holder", T).await.expect("lease");
+        if l.partition == 0 {
+            break l;
+        }
+    };
+    let t = e
+        .rebalance_start(RebalanceRequest {
+            queue: "q".into(),
+            moves: vec![PartitionMove {
+                partition: 0,
+                to_store: "b".into(),
+            }],
+            ..Default::default()
+        })
+        .await
+        .expect("start");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    e.shutdown().await;
+    drop(e);
+    let e = open();
+    assert_eq!(e.resume_rebalances().await.expect("resume"), 1);
+    let done = wait_done(&e, &t.id).await;
+    assert_eq!(done.status, RebalanceStatus::Completed, "{done:?}");
+    assert_eq!(
+        e.queue_info("q").await.expect("info").partitions[0].storage_name,
+        "b"
+    );
+    let mut after: Vec<String> = items_of(&e, "q", 0).await.iter().map(payload).collect();
+    // The held lease expired during the move and came back at the tail.
+    assert_eq!(after.pop(), Some(payload(&held.items[0])));
+    let mut want = before.clone();
+    want.retain(|p| *p != payload(&held.items[0]));
+    assert_eq!(after, want, "every item once, in order");
+    e.shutdown().await;
+    drop(e);
+    // After one more restart the keys of the moved partition are still known (read back from its new store).
+    let e = open();
+    let count = |e: Engine| async move {
+        let mut n = 0;
+        for p in 0..2 {
+            n += items_of(&e, "q", p).await.len();
+        }
+        n
+    };
+    let before = count(e.clone()).await;
+    let again: Vec<ProduceItem> = (0..30)
+        .map(|i| item(format!("dup{i}"), 0, &format!("key-{i}")))
+        .collect();
+    e.produce("q", again, T).await.expect("produce known keys");
+    assert_eq!(count(e.clone()).await, before, "known keys are not stored again");
+    e.shutdown().await;
+}
