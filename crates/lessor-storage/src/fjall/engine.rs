@@ -377,6 +377,8 @@ impl Engine {
         // Every handle must go before fjall releases its lock file and a new instance can take it.
         st.keyspaces.clear();
         st.db = None;
+        // The reopened database may start a new journal file: find it again.
+        *lock(&self.journal) = None;
         match self.open_db() {
             Ok(db) => {
                 st.db = Some(db);
@@ -556,8 +558,17 @@ impl Engine {
 
     fn sync_active_journal(&self) -> io::Result<()> {
         let mut j = lock(&self.journal);
-        // Listed after the writes to cover were handed over: they are in this file or in an older, sealed one.
-        let newest = newest_journal(&self.dir)?;
+        // Looked at after the writes to cover were handed over: they are in the newest file or in an older, sealed
+        // one. fjall names journals by increasing id, so the cached file is still the newest while no `<id+1>.jnl`
+        // exists (one stat instead of a directory listing per fsync).
+        let current = match &*j {
+            Some((id, _)) if !self.dir.join(format!("{}.jnl", id + 1)).exists() => Some(*id),
+            _ => None,
+        };
+        let newest = match current {
+            Some(id) => id,
+            None => newest_journal(&self.dir)?,
+        };
         if j.as_ref().map(|(id, _)| *id) != Some(newest) {
             let f = fs::File::open(self.dir.join(format!("{newest}.jnl")))?;
             *j = Some((newest, f));
