@@ -72,6 +72,10 @@ struct State {
     closed: bool,
 }
 
+/// A test hook run before each pipelined fsync.
+#[cfg(test)]
+type FsyncHook = Box<dyn Fn(u64) + Send>;
+
 /// Progress of the pipelined fsyncs (see the module doc).
 #[derive(Default)]
 struct SyncProgress {
@@ -124,7 +128,7 @@ pub(crate) struct Engine {
     journal: Mutex<Option<(u64, fs::File)>>,
     /// Test hook, called just before each pipelined fsync with the sequence it will cover.
     #[cfg(test)]
-    before_fsync: Mutex<Option<Box<dyn Fn(u64) + Send>>>,
+    before_fsync: Mutex<Option<FsyncHook>>,
     fault: Mutex<Option<Fault>>,
     syncer: Mutex<Option<Syncer>>,
 }

@@ -364,13 +364,15 @@ async fn blocking<T: Send + 'static>(
 }
 
 type Reply = oneshot::Sender<Result<(), StorageError>>;
+/// A written group waiting for its fsync: its sequence, its results so far, and whom to answer.
+type Pending = (u64, Vec<Result<(), StorageError>>, Vec<Reply>);
 
 /// The writer thread: takes every job waiting, writes them as one group and hands the answers to the sync thread,
 /// which sends them once an fsync covers the group. Meanwhile the writer writes the next group: the fsync of one
 /// group overlaps the writing of the next (pipelined group commit, see the `engine` module doc).
 fn writer_loop(engine: Arc<Engine>, rx: mpsc::Receiver<Job>) {
     std::thread::scope(|scope| {
-        let (sync_tx, sync_rx) = mpsc::channel::<(u64, Vec<Result<(), StorageError>>, Vec<Reply>)>();
+        let (sync_tx, sync_rx) = mpsc::channel::<Pending>();
         let synced = std::thread::Builder::new()
             .name("lessor-fjall-fsync".into())
             .spawn_scoped(scope, || sync_loop(&engine, sync_rx));
@@ -404,7 +406,7 @@ fn writer_loop(engine: Arc<Engine>, rx: mpsc::Receiver<Job>) {
 
 /// The sync thread: waits until an fsync covers each written group, in order, and answers its callers. One fsync
 /// usually covers every group waiting here.
-fn sync_loop(engine: &Engine, rx: mpsc::Receiver<(u64, Vec<Result<(), StorageError>>, Vec<Reply>)>) {
+fn sync_loop(engine: &Engine, rx: mpsc::Receiver<Pending>) {
     while let Ok((seq, results, replies)) = rx.recv() {
         answer(engine, Some(seq), results, replies);
     }
