@@ -17,7 +17,12 @@
 //! all iterations, so state (and the journal) accumulates; after each verification the model takes the observed
 //! state as the truth for the next round.
 //!
-//! A second test is the control: with partitions kept in memory, the same procedure must report lost items, so the
+//! A second variant kills while rounds are in flight: eight producers, and the SIGKILL waits until at least
+//! [`IN_FLIGHT_AT_KILL`] produce requests are unanswered. The fjall writer pipelines its group commit (one group is
+//! fsynced while the next is written), so several unanswered producers at the kill mean, nearly always, one round
+//! being fsynced and another written behind it; every acknowledged item must survive all the same.
+//!
+//! A third test is the control: with partitions kept in memory, the same procedure must report lost items, so the
 //! check cannot pass vacuously.
 //!
 //! The choices (load length, batch sizes, actions) come from a seed printed at the start; set `LESSOR_CRASH_SEED`
@@ -40,6 +45,9 @@ const PARTITIONS: i32 = 2;
 const ITERATIONS: usize = 20;
 const PRODUCERS: usize = 2;
 const CONSUMERS: usize = 4;
+/// Producers of the in-flight variant, and the unanswered produce requests it waits for before the SIGKILL.
+const IN_FLIGHT_PRODUCERS: usize = 8;
+const IN_FLIGHT_AT_KILL: u64 = 3;
 /// How long a restarted server may take to answer `/health` with `pass`.
 const STARTUP_LIMIT: Duration = Duration::from_secs(10);
 /// Page size of the storage listings (small, so paging is exercised).
@@ -109,6 +117,8 @@ struct Shared {
     killed: AtomicBool,
     /// Set after the SIGKILL: tasks stop.
     stop: AtomicBool,
+    /// Produce requests sent and not answered yet.
+    producing: AtomicU64,
     /// Things that must not happen, reported at the end of the iteration.
     violations: Mutex<Vec<String>>,
 }
@@ -166,7 +176,10 @@ async fn producer(sh: Arc<Shared>, iter: usize, task: usize, mut rng: Rng) {
                 })
                 .collect(),
         };
-        match sh.client.queue_produce(&req).await {
+        sh.producing.fetch_add(1, Ordering::SeqCst);
+        let res = sh.client.queue_produce(&req).await;
+        sh.producing.fetch_sub(1, Ordering::SeqCst);
+        match res {
             Ok(()) => {
                 let mut m = sh.model.lock().expect("lock");
                 for p in &payloads {
@@ -460,10 +473,29 @@ fn seed() -> u64 {
     lessor_testkit::rng::seed("LESSOR_CRASH_SEED")
 }
 
+/// How the load of each round is shaped.
+#[derive(Clone, Copy)]
+struct Load {
+    producers: usize,
+    /// The SIGKILL waits (up to 2 s) until this many produce requests are unanswered; 0: kill at once.
+    kill_with_in_flight: u64,
+}
+
+const DEFAULT_LOAD: Load = Load {
+    producers: PRODUCERS,
+    kill_with_in_flight: 0,
+};
+
 /// `iterations` rounds of restart → verify → load → SIGKILL, then a last restart → verify. Returns the summed
 /// counters (produced, produce unanswered, leased, completed, complete refused, complete unanswered, retried,
 /// retry refused, retry unanswered), or the violations found.
-async fn run(seed: u64, iterations: usize, root: &Path, config: Option<&Path>) -> Result<[u64; 9], String> {
+async fn run(
+    seed: u64,
+    iterations: usize,
+    root: &Path,
+    config: Option<&Path>,
+    shape: Load,
+) -> Result<[u64; 9], String> {
     let mut rng = Rng::new(seed);
     let data = root.join("data");
     let model: Model = Arc::new(Mutex::new(HashMap::new()));
@@ -517,10 +549,11 @@ async fn run(seed: u64, iterations: usize, root: &Path, config: Option<&Path>) -
             counters: Counters::default(),
             killed: AtomicBool::new(false),
             stop: AtomicBool::new(false),
+            producing: AtomicU64::new(0),
             violations: Mutex::new(Vec::new()),
         });
         let mut tasks = Vec::new();
-        for task in 0..PRODUCERS {
+        for task in 0..shape.producers {
             tasks.push(tokio::spawn(producer(sh.clone(), iter, task, rng.fork())));
         }
         for task in 0..CONSUMERS {
@@ -528,6 +561,14 @@ async fn run(seed: u64, iterations: usize, root: &Path, config: Option<&Path>) -
         }
         let load = Duration::from_millis(rng.range(100, 500));
         tokio::time::sleep(load).await;
+        if shape.kill_with_in_flight > 0 {
+            let give_up = Instant::now() + Duration::from_secs(2);
+            while sh.producing.load(Ordering::SeqCst) < shape.kill_with_in_flight && Instant::now() < give_up
+            {
+                tokio::task::yield_now().await;
+            }
+        }
+        let in_flight = sh.producing.load(Ordering::SeqCst);
         sh.killed.store(true, Ordering::SeqCst);
         server.kill();
         sh.stop.store(true, Ordering::SeqCst);
@@ -555,7 +596,7 @@ async fn run(seed: u64, iterations: usize, root: &Path, config: Option<&Path>) -
         }
         println!(
             "round {iter:>2}: start-up {:>4} ms, verified {present} items ({leased} leased, {scheduled} scheduled; {listings} listings) | \
-             load {} ms, SIGKILL: produced {} (+{} unanswered), leased {}, completed {} (+{} refused, +{} unanswered), \
+             load {} ms, SIGKILL with {in_flight} produce(s) in flight: produced {} (+{} unanswered), leased {}, completed {} (+{} refused, +{} unanswered), \
              retried {} (+{} refused, +{} unanswered)",
             startup.as_millis(),
             load.as_millis(),
@@ -609,10 +650,28 @@ async fn acknowledged_work_survives_sigkill() {
         }
         None => tmp.path().to_path_buf(),
     };
-    match run(seed, ITERATIONS, &root, None).await {
+    match run(seed, ITERATIONS, &root, None, DEFAULT_LOAD).await {
         Ok(totals) => assert!(
             totals[0] > 0 && totals[3] > 0,
             "the load produced and completed something"
+        ),
+        Err(e) => panic!("{e}"),
+    }
+}
+
+/// SIGKILL while several produce rounds are in flight in the pipelined group commit (see the module doc).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acknowledged_work_survives_sigkill_with_rounds_in_flight() {
+    let seed = seed();
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let shape = Load {
+        producers: IN_FLIGHT_PRODUCERS,
+        kill_with_in_flight: IN_FLIGHT_AT_KILL,
+    };
+    match run(seed, ITERATIONS, tmp.path(), None, shape).await {
+        Ok(totals) => assert!(
+            totals[0] > 0 && totals[1] > 0,
+            "the load produced something, and some produces were in flight at the kills"
         ),
         Err(e) => panic!("{e}"),
     }
@@ -635,7 +694,7 @@ async fn the_check_catches_lost_items() {
     )
     .expect("write config");
     let seed = seed();
-    let e = run(seed, 2, tmp.path(), Some(&config))
+    let e = run(seed, 2, tmp.path(), Some(&config), DEFAULT_LOAD)
         .await
         .expect_err("items kept only in memory are lost by a SIGKILL, and the check must notice");
     assert!(e.contains("after kill 1") && e.contains("is lost"), "{e}");

@@ -11,6 +11,14 @@
 //! - fjall also stops writing when one of its background threads fails (a flush or compaction). The engine cannot
 //!   see why; when the disk is nearly full it treats the stop as "disk full" (reopen later), otherwise as poison,
 //!   because the background failure may have been a journal fsync.
+//!
+//! Pipelined group commit (durability `sync`): a group is written and handed to the OS under the write lock and
+//! gets a sequence number ([`Engine::write_group`]); it is acknowledged only once an fsync that started after it
+//! was written has succeeded ([`Engine::wait_durable`]). The fsync runs on the journal file through a descriptor of
+//! our own, outside fjall's journal lock, so the next group is written while the previous fsync runs: throughput is
+//! bounded by fsync bandwidth, not by fsync latency times rounds. Whoever waits first becomes the one who fsyncs,
+//! up to the highest sequence written at that moment, and releases every waiter it covers. A failed fsync poisons:
+//! every waiter not covered by an earlier successful fsync gets the error.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -19,7 +27,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc;
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -64,6 +72,26 @@ struct State {
     closed: bool,
 }
 
+/// A test hook run before each pipelined fsync.
+#[cfg(test)]
+type FsyncHook = Box<dyn Fn(u64) + Send>;
+
+/// Progress of the pipelined fsyncs (see the module doc).
+#[derive(Default)]
+struct SyncProgress {
+    /// Every group with a sequence up to this one is covered by a successful fsync.
+    synced: u64,
+    /// An fsync is running (its caller updates `synced` and wakes the others).
+    syncing: bool,
+}
+
+/// What [`Engine::write_group`] did: one result per unit, and the sequence to wait for before acknowledging the
+/// successful ones (`None`: nothing needs an fsync, answer now).
+pub(crate) struct Written {
+    pub(crate) results: Vec<Result<(), StorageError>>,
+    pub(crate) seq: Option<u64>,
+}
+
 /// The interval fsync thread: dropping the sender wakes and stops it.
 struct Syncer {
     stop: mpsc::Sender<()>,
@@ -91,6 +119,16 @@ pub(crate) struct Engine {
     dirty: AtomicBool,
     /// fsyncs done, to show that concurrent writes share them.
     fsyncs: AtomicU64,
+    /// Sequence of the last group handed to the OS (durability `sync`); assigned under `write_lock`.
+    written: AtomicU64,
+    sync: Mutex<SyncProgress>,
+    /// Signalled whenever an fsync ends.
+    synced_cv: Condvar,
+    /// The journal file being fsynced (its id and our descriptor), used only by the one fsyncing.
+    journal: Mutex<Option<(u64, fs::File)>>,
+    /// Test hook, called just before each pipelined fsync with the sequence it will cover.
+    #[cfg(test)]
+    before_fsync: Mutex<Option<FsyncHook>>,
     fault: Mutex<Option<Fault>>,
     syncer: Mutex<Option<Syncer>>,
 }
@@ -156,6 +194,12 @@ impl Engine {
             broken: AtomicBool::new(false),
             dirty: AtomicBool::new(false),
             fsyncs: AtomicU64::new(0),
+            written: AtomicU64::new(0),
+            sync: Mutex::new(SyncProgress::default()),
+            synced_cv: Condvar::new(),
+            journal: Mutex::new(None),
+            #[cfg(test)]
+            before_fsync: Mutex::new(None),
             fault: Mutex::new(None),
             syncer: Mutex::new(None),
         };
@@ -337,6 +381,8 @@ impl Engine {
         // Every handle must go before fjall releases its lock file and a new instance can take it.
         st.keyspaces.clear();
         st.db = None;
+        // The reopened database may start a new journal file: find it again.
+        *lock(&self.journal) = None;
         match self.open_db() {
             Ok(db) => {
                 st.db = Some(db);
@@ -390,18 +436,34 @@ impl Engine {
     /// per unit: units whose keyspace no longer exists fail alone, everything else shares the batch's fate.
     /// Blocking.
     pub(crate) fn commit_group(&self, units: Vec<Unit>) -> Vec<Result<(), StorageError>> {
+        let Written { mut results, seq } = self.write_group(units);
+        if let Some(seq) = seq {
+            if let Err(e) = self.wait_durable(seq) {
+                for r in results.iter_mut().filter(|r| r.is_ok()) {
+                    *r = Err(e.clone());
+                }
+            }
+        }
+        results
+    }
+
+    /// Writes `units` as one atomic batch and hands it to the OS, without waiting for an fsync: in durability
+    /// `sync` the successful results may be acknowledged only after [`Engine::wait_durable`] of the returned
+    /// sequence succeeds. The next group can be written while that fsync runs. Blocking.
+    pub(crate) fn write_group(&self, units: Vec<Unit>) -> Written {
         let _w = lock(&self.write_lock);
         let n = units.len();
+        let now = |results| Written { results, seq: None };
         if let Some(e) = self.poison.get() {
-            return vec![Err(e.clone()); n];
+            return now(vec![Err(e.clone()); n]);
         }
         let (db, handles) = {
             let mut st = lock(&self.state);
             if let Err(e) = self.reopen_if_broken(&mut st, true) {
-                return vec![Err(e); n];
+                return now(vec![Err(e); n]);
             }
             let Some(db) = st.db.clone() else {
-                return vec![Err(self.closed_error()); n];
+                return now(vec![Err(self.closed_error()); n]);
             };
             let mut handles = Vec::with_capacity(n);
             for u in &units {
@@ -426,17 +488,99 @@ impl Engine {
             }
         }
         if batch.is_empty() {
-            return results;
+            return now(results);
         }
         let outcome = self.commit_and_persist(&db, batch);
         drop(handles);
         drop(db);
-        if let Err(e) = outcome {
-            for r in results.iter_mut().filter(|r| r.is_ok()) {
-                *r = Err(e.clone());
+        match outcome {
+            Ok(seq) => Written { results, seq },
+            Err(e) => {
+                for r in results.iter_mut().filter(|r| r.is_ok()) {
+                    *r = Err(e.clone());
+                }
+                now(results)
             }
         }
-        results
+    }
+
+    /// Waits until an fsync covers the group written with sequence `seq`, doing the fsync itself when none is
+    /// running. Fails when the engine is poisoned before such an fsync succeeded. Blocking.
+    pub(crate) fn wait_durable(&self, seq: u64) -> Result<(), StorageError> {
+        let mut p = lock(&self.sync);
+        loop {
+            if p.synced >= seq {
+                return Ok(());
+            }
+            if let Some(e) = self.poison.get() {
+                return Err(e.clone());
+            }
+            if p.syncing {
+                p = self.synced_cv.wait(p).unwrap_or_else(|e| e.into_inner());
+                continue;
+            }
+            p.syncing = true;
+            // Every group up to `target` is in the OS already (the sequence is taken after the hand-over).
+            let target = self.written.load(Ordering::Acquire);
+            drop(p);
+            let res = self.fsync_journal_file(target);
+            p = lock(&self.sync);
+            p.syncing = false;
+            if res.is_ok() {
+                p.synced = p.synced.max(target);
+            }
+            self.synced_cv.notify_all();
+        }
+    }
+
+    /// fsyncs the active journal file through our own descriptor, outside fjall's journal lock. Older journal
+    /// files need nothing: fjall fsyncs a journal fully before it rotates to the next one. A failure poisons.
+    fn fsync_journal_file(&self, target: u64) -> Result<(), StorageError> {
+        #[cfg(test)]
+        if let Some(hook) = &*lock(&self.before_fsync) {
+            hook(target);
+        }
+        #[cfg(not(test))]
+        let _ = target;
+        let injected = {
+            let mut f = lock(&self.fault);
+            if *f == Some(Fault::SyncFails) {
+                *f = None;
+                true
+            } else {
+                false
+            }
+        };
+        self.fsyncs.fetch_add(1, Ordering::Relaxed);
+        let res = if injected {
+            Err(io::Error::other("injected fsync failure"))
+        } else {
+            self.sync_active_journal()
+        };
+        res.map_err(|e| self.poison(format!("fsync of the journal failed ({e})")))
+    }
+
+    fn sync_active_journal(&self) -> io::Result<()> {
+        let mut j = lock(&self.journal);
+        // Looked at after the writes to cover were handed over: they are in the newest file or in an older, sealed
+        // one. fjall names journals by increasing id, so the cached file is still the newest while no `<id+1>.jnl`
+        // exists (one stat instead of a directory listing per fsync).
+        let current = match &*j {
+            Some((id, _)) if !self.dir.join(format!("{}.jnl", id + 1)).exists() => Some(*id),
+            _ => None,
+        };
+        let newest = match current {
+            Some(id) => id,
+            None => newest_journal(&self.dir)?,
+        };
+        if j.as_ref().map(|(id, _)| *id) != Some(newest) {
+            let f = fs::File::open(self.dir.join(format!("{newest}.jnl")))?;
+            *j = Some((newest, f));
+        }
+        match &*j {
+            Some((_, f)) => f.sync_data(),
+            None => Ok(()),
+        }
     }
 
     /// A cached keyspace handle; never creates one (a missing keyspace was destroyed).
@@ -458,7 +602,12 @@ impl Engine {
         Ok(ks)
     }
 
-    fn commit_and_persist(&self, db: &Database, batch: fjall::OwnedWriteBatch) -> Result<(), StorageError> {
+    /// Writes the batch and hands it to the OS; in durability `sync`, returns the sequence to wait for.
+    fn commit_and_persist(
+        &self,
+        db: &Database,
+        batch: fjall::OwnedWriteBatch,
+    ) -> Result<Option<u64>, StorageError> {
         if *lock(&self.fault) == Some(Fault::NoSpace) {
             let e = StorageError::new(
                 StorageErrorKind::NoSpace,
@@ -476,10 +625,11 @@ impl Engine {
         db.persist(PersistMode::Buffer)
             .map_err(|e| self.write_failed(e))?;
         match self.durability {
-            Durability::Sync => self.fsync(db),
+            // Under the write lock: sequences follow the journal order.
+            Durability::Sync => Ok(Some(self.written.fetch_add(1, Ordering::AcqRel) + 1)),
             Durability::Interval(_) | Durability::None => {
                 self.dirty.store(true, Ordering::Release);
-                Ok(())
+                Ok(None)
             }
         }
     }
@@ -622,6 +772,20 @@ fn start_syncer(engine: &Arc<Engine>, every: Duration) -> Result<(), StorageErro
     Ok(())
 }
 
+/// The id of the newest journal file (`<id>.jnl`) in the database directory.
+fn newest_journal(dir: &Path) -> io::Result<u64> {
+    let mut newest = None;
+    for entry in fs::read_dir(dir)? {
+        let name = entry?.file_name();
+        let id = name
+            .to_str()
+            .and_then(|n| n.strip_suffix(".jnl"))
+            .and_then(|n| n.parse::<u64>().ok());
+        newest = newest.max(id);
+    }
+    newest.ok_or_else(|| io::Error::other("no journal file in the database directory"))
+}
+
 /// The format versions a store reads.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Formats {
@@ -739,4 +903,128 @@ fn low_space(dir: &Path) -> bool {
 #[cfg(not(unix))]
 fn low_space(_dir: &Path) -> bool {
     false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::mpsc::RecvTimeoutError;
+
+    const WAIT: Duration = Duration::from_secs(10);
+
+    fn open(dir: &Path) -> Arc<Engine> {
+        let (engine, _) = Engine::open(
+            dir,
+            "db",
+            "test",
+            "test store",
+            Durability::Sync,
+            KeyspaceCreateOptions::default,
+            Formats {
+                current: 1,
+                upgradable: &[],
+            },
+        )
+        .expect("open");
+        engine.keyspace("k", true).expect("keyspace");
+        engine
+    }
+
+    fn unit(key: &str) -> Vec<Unit> {
+        vec![Unit {
+            keyspace: Arc::from("k"),
+            puts: vec![(key.as_bytes().to_vec(), b"v".to_vec())],
+            dels: Vec::new(),
+        }]
+    }
+
+    /// The first fsync is held until the test releases it; every fsync reports the sequence it covers.
+    fn gate_first_fsync(engine: &Engine) -> (mpsc::Receiver<u64>, mpsc::Sender<()>) {
+        let (started_tx, started_rx) = mpsc::channel();
+        let (release_tx, release_rx) = mpsc::channel::<()>();
+        let release_rx = Mutex::new(Some(release_rx));
+        *lock(&engine.before_fsync) = Some(Box::new(move |target| {
+            let _ = started_tx.send(target);
+            if let Some(rx) = lock(&release_rx).take() {
+                let _ = rx.recv_timeout(WAIT);
+            }
+        }));
+        (started_rx, release_tx)
+    }
+
+    /// Writes one group on a thread and waits for its fsync; reports the sequence once written, then the result.
+    fn write_and_wait(
+        engine: &Arc<Engine>,
+        key: &'static str,
+    ) -> (mpsc::Receiver<u64>, mpsc::Receiver<Result<(), StorageError>>) {
+        let (written_tx, written_rx) = mpsc::channel();
+        let (acked_tx, acked_rx) = mpsc::channel();
+        let engine = engine.clone();
+        std::thread::spawn(move || {
+            let w = engine.write_group(unit(key));
+            assert!(w.results.iter().all(|r| r.is_ok()), "{:?}", w.results);
+            let seq = w.seq.expect("durability sync gives a sequence");
+            let _ = written_tx.send(seq);
+            let _ = acked_tx.send(engine.wait_durable(seq));
+        });
+        (written_rx, acked_rx)
+    }
+
+    #[test]
+    fn no_write_is_acknowledged_before_an_fsync_covering_it_and_writes_overlap_the_fsync() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let engine = open(dir.path());
+        let (started, release) = gate_first_fsync(&engine);
+
+        let (w1, a1) = write_and_wait(&engine, "a");
+        let seq1 = w1.recv_timeout(WAIT).expect("first write");
+        assert_eq!(started.recv_timeout(WAIT).expect("first fsync starts"), seq1);
+
+        // The first fsync is still running: the next group is written meanwhile (the pipeline) ...
+        let (w2, a2) = write_and_wait(&engine, "b");
+        let seq2 = w2
+            .recv_timeout(WAIT)
+            .expect("a write goes through while an fsync runs");
+        assert!(seq2 > seq1);
+        // ... but nothing is acknowledged before an fsync covering it has ended.
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(matches!(a1.try_recv(), Err(mpsc::TryRecvError::Empty)));
+        assert!(matches!(a2.try_recv(), Err(mpsc::TryRecvError::Empty)));
+
+        release.send(()).expect("release");
+        assert!(a1.recv_timeout(WAIT).expect("first ack").is_ok());
+        // The first fsync began before the second group was written: a second fsync must cover it.
+        assert!(a2.recv_timeout(WAIT).expect("second ack").is_ok());
+        assert_eq!(started.recv_timeout(WAIT).expect("second fsync"), seq2);
+        assert_eq!(engine.fsyncs(), 2);
+        assert!(matches!(
+            started.recv_timeout(Duration::from_millis(50)),
+            Err(RecvTimeoutError::Timeout)
+        ));
+        engine.close();
+    }
+
+    #[test]
+    fn a_failed_fsync_fails_every_waiter_it_does_not_cover_and_poisons() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let engine = open(dir.path());
+        assert!(engine.commit_group(unit("before")).iter().all(|r| r.is_ok()));
+        let (started, release) = gate_first_fsync(&engine);
+
+        let (w1, a1) = write_and_wait(&engine, "a");
+        w1.recv_timeout(WAIT).expect("first write");
+        started.recv_timeout(WAIT).expect("fsync starts");
+        let (w2, a2) = write_and_wait(&engine, "b");
+        w2.recv_timeout(WAIT).expect("second write");
+        engine.inject(Some(Fault::SyncFails));
+        release.send(()).expect("release");
+
+        for a in [a1, a2] {
+            let e = a.recv_timeout(WAIT).expect("answer").expect_err("not durable");
+            assert_eq!(e.kind, StorageErrorKind::Poisoned);
+        }
+        let later = engine.commit_group(unit("after"));
+        assert!(matches!(&later[0], Err(e) if e.kind == StorageErrorKind::Poisoned));
+        engine.close();
+    }
 }

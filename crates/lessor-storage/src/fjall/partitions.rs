@@ -363,21 +363,72 @@ async fn blocking<T: Send + 'static>(
         .map_err(|e| StorageError::other(format!("storage task failed: {e}")))?
 }
 
-/// The writer thread: takes every job waiting, writes them as one group, answers each.
+type Reply = oneshot::Sender<Result<(), StorageError>>;
+/// A written group waiting for its fsync: its sequence, its results so far, and whom to answer.
+type Pending = (u64, Vec<Result<(), StorageError>>, Vec<Reply>);
+
+/// The writer thread: takes every job waiting, writes them as one group and hands the answers to the sync thread,
+/// which sends them once an fsync covers the group. Meanwhile the writer writes the next group: the fsync of one
+/// group overlaps the writing of the next (pipelined group commit, see the `engine` module doc).
 fn writer_loop(engine: Arc<Engine>, rx: mpsc::Receiver<Job>) {
-    while let Ok(first) = rx.recv() {
-        let mut jobs = vec![first];
-        while jobs.len() < MAX_GROUP {
-            match rx.try_recv() {
-                Ok(j) => jobs.push(j),
-                Err(_) => break,
+    std::thread::scope(|scope| {
+        let (sync_tx, sync_rx) = mpsc::channel::<Pending>();
+        let synced = std::thread::Builder::new()
+            .name("lessor-fjall-fsync".into())
+            .spawn_scoped(scope, || sync_loop(&engine, sync_rx));
+        // Without the thread, the writer waits for each fsync itself (the results are the same, only slower).
+        let sync_tx = synced.is_ok().then_some(sync_tx);
+        while let Ok(first) = rx.recv() {
+            let mut jobs = vec![first];
+            while jobs.len() < MAX_GROUP {
+                match rx.try_recv() {
+                    Ok(j) => jobs.push(j),
+                    Err(_) => break,
+                }
+            }
+            let (units, replies): (Vec<Unit>, Vec<_>) = jobs.into_iter().map(|j| (j.unit, j.reply)).unzip();
+            let written = engine.write_group(units);
+            match (written.seq, &sync_tx) {
+                (Some(seq), Some(tx)) => {
+                    if let Err(mpsc::SendError((seq, results, replies))) =
+                        tx.send((seq, written.results, replies))
+                    {
+                        answer(&engine, Some(seq), results, replies);
+                    }
+                }
+                (seq, _) => answer(&engine, seq, written.results, replies),
             }
         }
-        let (units, replies): (Vec<Unit>, Vec<_>) = jobs.into_iter().map(|j| (j.unit, j.reply)).unzip();
-        for (res, reply) in engine.commit_group(units).into_iter().zip(replies) {
-            // The caller may have given up waiting; the write stands either way.
-            let _ = reply.send(res);
+        // Dropping the sender ends the sync thread once it has answered everything; the scope joins it.
+        drop(sync_tx);
+    });
+}
+
+/// The sync thread: waits until an fsync covers each written group, in order, and answers its callers. One fsync
+/// usually covers every group waiting here.
+fn sync_loop(engine: &Engine, rx: mpsc::Receiver<Pending>) {
+    while let Ok((seq, results, replies)) = rx.recv() {
+        answer(engine, Some(seq), results, replies);
+    }
+}
+
+/// Answers the callers of one group, after waiting for the fsync that covers it when it has a sequence.
+fn answer(
+    engine: &Engine,
+    seq: Option<u64>,
+    mut results: Vec<Result<(), StorageError>>,
+    replies: Vec<Reply>,
+) {
+    if let Some(seq) = seq {
+        if let Err(e) = engine.wait_durable(seq) {
+            for r in results.iter_mut().filter(|r| r.is_ok()) {
+                *r = Err(e.clone());
+            }
         }
+    }
+    for (res, reply) in results.into_iter().zip(replies) {
+        // The caller may have given up waiting; the write stands either way.
+        let _ = reply.send(res);
     }
 }
 
