@@ -436,3 +436,72 @@ message! {
         pub queue_name: String,
     }
 }
+
+message! {
+    /// Body of `/v1/queue.history` (Lessor extension): the recent rates of one queue, for the dashboard's charts.
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct QueueHistoryRequest {
+        /// Name of the queue.
+        #[json(Str, "queue_name", "queueName")]
+        #[prost(string, tag = "1")]
+        pub queue_name: String,
+    }
+}
+
+message! {
+    /// Reply of `/v1/queue.history`: the samples the server keeps in memory for the queue, oldest first.
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct QueueHistoryResponse {
+        /// Milliseconds between two samples.
+        #[json(I64, "interval_ms", "intervalMs")]
+        #[prost(int64, tag = "1")]
+        pub interval_ms: i64,
+        /// The samples, oldest first; empty for a queue created since the last sample.
+        #[json(Rep<HistorySample>, "samples")]
+        #[prost(message, repeated, tag = "2")]
+        pub samples: Vec<HistorySample>,
+    }
+}
+
+message! {
+    /// One sample of a queue's history: counts of events since the previous sample, and depths at the sample.
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct HistorySample {
+        /// When the sample was taken, Unix milliseconds.
+        #[json(I64, "time_ms", "timeMs")]
+        #[prost(int64, tag = "1")]
+        pub time_ms: i64,
+        /// Items produced since the previous sample.
+        #[json(I64, "produced")]
+        #[prost(int64, tag = "2")]
+        pub produced: i64,
+        /// Items leased since the previous sample.
+        #[json(I64, "leased")]
+        #[prost(int64, tag = "3")]
+        pub leased: i64,
+        /// Items completed since the previous sample.
+        #[json(I64, "completed")]
+        #[prost(int64, tag = "4")]
+        pub completed: i64,
+        /// Items retried since the previous sample.
+        #[json(I64, "retried")]
+        #[prost(int64, tag = "5")]
+        pub retried: i64,
+        /// Items dead-lettered since the previous sample.
+        #[json(I64, "dead_lettered", "deadLettered")]
+        #[prost(int64, tag = "6")]
+        pub dead_lettered: i64,
+        /// Ready items at the sample.
+        #[json(I64, "ready")]
+        #[prost(int64, tag = "7")]
+        pub ready: i64,
+        /// Leased items at the sample.
+        #[json(I64, "leased_now", "leasedNow")]
+        #[prost(int64, tag = "8")]
+        pub leased_now: i64,
+        /// Scheduled items at the sample.
+        #[json(I64, "scheduled")]
+        #[prost(int64, tag = "9")]
+        pub scheduled: i64,
+    }
+}

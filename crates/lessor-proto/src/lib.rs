@@ -67,10 +67,11 @@ pub use apikeys::{
 };
 pub use codec::{decode, encode, request_encoding, response_encoding, CodecError, Encoding};
 pub use extensions::{
-    BrowseItem, QueueBrowseRequest, QueueBrowseResponse, QueueExtendRequest, QueuePauseRequest,
-    QueueRedriveRequest, QueueResumeRequest, RedriveListRequest, RedriveListResponse, RedriveTask,
-    RedriveTaskRequest, RestoreBeginRequest, RestoreBeginResponse, RestoreFinishRequest,
-    RestoreImportRequest, RestoreImportResponse, RetryBackoff, StorageBackupRequest,
+    BrowseItem, HistorySample, QueueBrowseRequest, QueueBrowseResponse, QueueExtendRequest,
+    QueueHistoryRequest, QueueHistoryResponse, QueuePauseRequest, QueueRedriveRequest, QueueResumeRequest,
+    RedriveListRequest, RedriveListResponse, RedriveTask, RedriveTaskRequest, RestoreBeginRequest,
+    RestoreBeginResponse, RestoreFinishRequest, RestoreImportRequest, RestoreImportResponse, RetryBackoff,
+    StorageBackupRequest,
 };
 pub use namespaces::{NamespaceInfo, NamespacesDeleteRequest, NamespacesListRequest, NamespacesListResponse};
 pub use queue::{

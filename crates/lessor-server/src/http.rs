@@ -38,6 +38,7 @@ use lessor_proto::{self as pb, Encoding, Reply};
 use serde::Serialize;
 
 use crate::error::ApiError;
+use crate::history::History;
 use crate::metrics::{Metrics, RouteLabels, RouteOnly};
 use crate::{admin, backup, convert};
 
@@ -54,6 +55,7 @@ pub struct AppState {
     pub(crate) engine: Engine,
     pub(crate) auth: Auth,
     pub(crate) metrics: Arc<Metrics>,
+    pub(crate) history: Arc<History>,
     max_produce_body: usize,
 }
 
@@ -80,6 +82,7 @@ impl AppState {
             engine,
             auth,
             metrics,
+            history: Arc::new(History::default()),
             max_produce_body,
         }
     }
@@ -97,10 +100,12 @@ pub struct Ctx {
     pub principal: Principal,
     /// The server's metrics (for routes that count more than requests).
     pub metrics: Arc<Metrics>,
+    /// The recent rates of the queues (`queue.history`).
+    pub history: Arc<History>,
 }
 
 /// The handler of every RPC, one per entry of [`routes::ROUTES`] (checked by a test).
-const HANDLERS: [fn(Api) -> Api; 44] = [
+const HANDLERS: [fn(Api) -> Api; 45] = [
     produce,
     lease,
     complete,
@@ -112,6 +117,7 @@ const HANDLERS: [fn(Api) -> Api; 44] = [
     pause,
     resume,
     browse,
+    history,
     redrive_start,
     redrive_list,
     redrive_get,
@@ -280,6 +286,7 @@ where
             auth: st.auth.clone(),
             principal,
             metrics: st.metrics.clone(),
+            history: st.history.clone(),
         };
         handler(ctx, msg).await
     }
@@ -656,6 +663,25 @@ fn browse(api: Api) -> Api {
             let scheduled = req.state == lessor_core::engine::BrowseState::Scheduled;
             let page = e.browse(&r.queue_name, req).await?;
             Ok(convert::browse_out(page, scheduled))
+        },
+    )
+}
+
+fn history(api: Api) -> Api {
+    api.rpc(
+        lessor_proto::routes::QueueHistory,
+        |Ctx {
+             engine: e, history, ..
+         },
+         r: pb::QueueHistoryRequest| async move {
+            // The same "queue does not exist" as queue.stats for a name that is not a queue.
+            e.queue_namespace(&r.queue_name)
+                .await?
+                .ok_or_else(|| lessor_core::error::QueueError::QueueNotFound(r.queue_name.clone()))?;
+            Ok(pb::QueueHistoryResponse {
+                interval_ms: i64::try_from(crate::history::INTERVAL.as_millis()).unwrap_or(i64::MAX),
+                samples: history.samples(&r.queue_name),
+            })
         },
     )
 }

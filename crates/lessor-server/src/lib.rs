@@ -19,9 +19,11 @@ mod backup;
 pub mod config;
 pub mod convert;
 pub mod error;
+pub mod history;
 pub mod http;
 pub mod metrics;
 pub mod tls;
+pub mod ui;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -87,6 +89,8 @@ pub struct ServeOptions {
     pub max_produce_body: usize,
     /// Authentication and authorisation; `None`: every request may do everything (`auth-backend: none`).
     pub auth: Option<Auth>,
+    /// Whether the dashboard is served at `/ui` (`ui`, on by default).
+    pub ui: bool,
 }
 
 impl Default for ServeOptions {
@@ -94,6 +98,7 @@ impl Default for ServeOptions {
         ServeOptions {
             max_produce_body: config::DEFAULT_MAX_PRODUCE_BODY,
             auth: None,
+            ui: true,
         }
     }
 }
@@ -105,6 +110,7 @@ impl ServeOptions {
         ServeOptions {
             max_produce_body: config.max_produce_body(),
             auth: None,
+            ui: config.ui_enabled(),
         }
     }
 }
@@ -384,7 +390,15 @@ where
         Some(auth) => http::AppState::with_auth(engine.clone(), auth, options.max_produce_body),
         None => http::AppState::with_limits(engine.clone(), options.max_produce_body),
     };
-    let app = http::router(state);
+    let history = state.history.clone();
+    let mut app = http::router(state);
+    if options.ui {
+        app = app.merge(ui::router());
+    }
+    // The rings behind `queue.history`, sampled for as long as the server runs.
+    let history_engine = engine.clone();
+    let sampler = tokio::spawn(async move { history.run(history_engine, history::INTERVAL).await });
+    let _stop_sampler = AbortOnDrop(Some(sampler));
     // Revocations made through other servers on the same store reach this one within one poll.
     let watcher =
         options.auth.clone().filter(Auth::enabled).map(|auth| {
