@@ -71,7 +71,7 @@ function totals(stats) {
   for (const lq of stats.logicalQueues || []) {
     for (const p of lq.partitions || []) {
       t.total += n(p.total); t.leased += n(p.total_leased); t.scheduled += n(p.scheduled);
-      t.ready += n(p.un_leased); t.failures += n(p.failures);
+      t.ready += n(p.total) - n(p.total_leased); t.failures += n(p.failures);
       if (p.average_age && (!t.age || parseFloat(p.average_age) > parseFloat(t.age))) t.age = p.average_age;
       t.partitions.push(p);
     }
@@ -220,7 +220,7 @@ async function pageQueue(name) {
         h('p', { class: 'legend' }, h('span', { class: 'depth' }, '— ready items')),
         chart(s, ['ready'], 'Ready items of ' + name + ' over time'));
       parts.replaceChildren(...t.partitions.map((p) => h('tr', {}, h('td', {}, String(n(p.partition))), h('td', { class: 'num' }, fmt(p.total)),
-        h('td', { class: 'num' }, fmt(p.un_leased)), h('td', { class: 'num' }, fmt(p.total_leased)), h('td', { class: 'num' }, fmt(p.scheduled)),
+        h('td', { class: 'num' }, fmt(n(p.total) - n(p.total_leased))), h('td', { class: 'num' }, fmt(p.total_leased)), h('td', { class: 'num' }, fmt(p.scheduled)),
         h('td', { class: 'num' }, fmt(p.failures)), h('td', { class: 'num' }, p.average_age || '-'), h('td', { class: 'num' }, p.average_leased_age || '-'))));
     } catch (e) { showError(e); }
   }
@@ -268,7 +268,7 @@ async function pageItems(name, state) {
     const p = n(part.value);
     if (!confirm(verb[0].toUpperCase() + verb.slice(1) + ' item ' + it.id + '?')) return;
     try {
-      if (verb === 'complete') await api('queue.complete', { queue_name: name, partition: p, ids: [it.id] });
+      if (verb === 'complete') await api('queue.complete', { queue_name: name, partition: p, ids: [it.id], request_timeout: '10s' });
       else await api('queue.retry', { queue_name: name, partition: p, items: [{ id: it.id, dead: verb === 'dead-letter' }] });
       status(verb + ': done.');
       await load('');
