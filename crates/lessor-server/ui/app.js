@@ -53,6 +53,8 @@ async function api(path, body) {
 function ns() { return store.getItem('lessor.namespace') || ''; }
 function n(v) { return Number(v || 0); }
 function fmt(v) { return n(v).toLocaleString('en'); }
+// Go-style durations such as `4.69927s` shortened for a table cell.
+function age(d) { const m = /^([\d.]+)s$/.exec(d || ''); return m ? Number(m[1]).toFixed(1) + 's' : (d || '-'); }
 function rate(v) { return n(v).toFixed(1) + '/s'; }
 function showError(e) {
   if (e && e.code === 401) status('Not authorised: ' + e.message + '. Set an API key.', 'error');
@@ -121,7 +123,7 @@ async function pageOverview() {
       h('td', { class: 'num', 'data-col': 'leased' }, fmt(r.leased)),
       h('td', { class: 'num', 'data-col': 'scheduled' }, fmt(r.scheduled)),
       h('td', { class: 'num' }, rate(r.produced)), h('td', { class: 'num' }, rate(r.lease)),
-      h('td', { class: 'num' }, rate(r.completed)), h('td', { class: 'num' }, r.ageText || '-'),
+      h('td', { class: 'num' }, rate(r.completed)), h('td', { class: 'num' }, age(r.ageText)),
       h('td', { class: 'num' }, r.dlqName ? fmt(r.dlq) : '-'))));
     if (!shown.length) body.replaceChildren(h('tr', {}, h('td', { colspan: cols.length, class: 'muted' }, 'No queues.')));
   }
@@ -221,7 +223,7 @@ async function pageQueue(name) {
         chart(s, ['ready'], 'Ready items of ' + name + ' over time'));
       parts.replaceChildren(...t.partitions.map((p) => h('tr', {}, h('td', {}, String(n(p.partition))), h('td', { class: 'num' }, fmt(p.total)),
         h('td', { class: 'num' }, fmt(n(p.total) - n(p.total_leased))), h('td', { class: 'num' }, fmt(p.total_leased)), h('td', { class: 'num' }, fmt(p.scheduled)),
-        h('td', { class: 'num' }, fmt(p.failures)), h('td', { class: 'num' }, p.average_age || '-'), h('td', { class: 'num' }, p.average_leased_age || '-'))));
+        h('td', { class: 'num' }, fmt(p.failures)), h('td', { class: 'num' }, age(p.average_age)), h('td', { class: 'num' }, age(p.average_leased_age)))));
     } catch (e) { showError(e); }
   }
   await refresh();
