@@ -84,10 +84,7 @@ async fn ui_false_leaves_the_dashboard_out_and_unknown_keys_are_refused() {
     assert_eq!(r.status().as_u16(), 200);
     srv.stop().await;
 
-    assert_eq!(
-        Config::from_yaml("ui: false\n").expect("ui: false").ui_enabled(),
-        false
-    );
+    assert!(!Config::from_yaml("ui: false\n").expect("ui: false").ui_enabled());
     assert!(Config::from_yaml("ui: true\n").expect("ui: true").ui_enabled());
     assert!(Config::from_yaml("address: 127.0.0.1:0\n")
         .expect("no ui key")

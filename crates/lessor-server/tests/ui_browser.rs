@@ -373,6 +373,14 @@ async fn tour(config: Config, shots: bool) {
     wait_depth(&b, "orders", "leased", 1).await;
     if shots {
         b.screenshots(&dir, "overview").await;
+        b.try_call("/window/rect", json!({"width": 390, "height": 800}))
+            .await
+            .expect("phone width");
+        wait_depth(&b, "orders", "leased", 1).await;
+        b.screenshots(&dir, "overview-phone").await;
+        b.try_call("/window/rect", json!({"width": 1100, "height": 800}))
+            .await
+            .expect("laptop width");
     }
     b.assert_clean_console("overview").await;
 
@@ -553,6 +561,16 @@ async fn dashboard_tour_on_fjall() {
     let dir = tempfile::tempdir().expect("temp dir");
     let path = dir.path().to_str().expect("utf-8 path").to_string();
     tour(Config::default_persistent(&path), false).await;
+}
+
+#[cfg(feature = "postgres")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dashboard_tour_on_postgres() {
+    if lessor_testkit::database_or_skip().is_none() {
+        return;
+    }
+    let db = lessor_testkit::TestDatabase::create("lessor_ui").await;
+    tour(lessor_testkit::server::postgres_config(db.url()), false).await;
 }
 
 /// With auth on: a key for namespace A shows A's queues and never B's; a bad key shows an error.
