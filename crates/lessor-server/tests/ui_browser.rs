@@ -371,6 +371,21 @@ async fn tour(config: Config, shots: bool) {
     )
     .await;
     wait_depth(&b, "orders", "leased", 1).await;
+    // Sorting from the keyboard: Enter on a focused column heading sorts by it, twice reverses.
+    let ready = b.element("th[data-key='ready']").await;
+    for want in ["ascending", "descending"] {
+        b.try_call(&format!("/element/{ready}/value"), json!({"text": "\u{E007}"}))
+            .await
+            .expect("Enter on the heading");
+        b.wait_for(
+            want,
+            "return document.querySelector(\"th[data-key='ready']\").getAttribute('aria-sort') === arguments[0]",
+            json!([want]),
+        )
+        .await;
+    }
+    let first = b.text("#queue-rows tr:first-child").await;
+    assert!(first.starts_with("orders"), "most ready first: {first}");
     if shots {
         b.screenshots(&dir, "overview").await;
         b.try_call("/window/rect", json!({"width": 390, "height": 800}))
@@ -497,6 +512,13 @@ async fn tour(config: Config, shots: bool) {
     wait_depth(&b, "orders-dead", "ready", 2).await;
     b.goto(&format!("{ui}#/queue/orders-dead")).await;
     b.click_confirm("#redrive").await;
+    // (Leaving the page before the answer could cancel the request.)
+    b.wait_for(
+        "redrive started",
+        "const s = document.querySelector('#status-msg'); return s && s.textContent.includes('done')",
+        json!([]),
+    )
+    .await;
     b.goto(&ui).await;
     wait_depth(&b, "orders", "ready", 2).await;
     wait_depth(&b, "orders-dead", "ready", 0).await;

@@ -103,7 +103,7 @@ async function pageOverview() {
   const cols = [['name', 'Queue'], ['ready', 'Ready'], ['leased', 'Leased'], ['scheduled', 'Scheduled'],
     ['produced', 'Produce'], ['lease', 'Lease'], ['completed', 'Complete'], ['age', 'Avg age'], ['dlq', 'DLQ depth']];
   const head = h('tr', {}, cols.map(([k, label]) => h('th', {
-    scope: 'col', tabindex: '0', class: k === 'name' ? '' : 'num', 'data-key': k,
+    scope: 'col', tabindex: '0', class: k === 'name' ? '' : ['lease', 'completed', 'age', 'scheduled'].includes(k) ? 'num hide-narrow' : 'num', 'data-key': k,
     'aria-sort': overview.sort === k ? (overview.dir > 0 ? 'ascending' : 'descending') : 'none',
     onclick: () => sortBy(k), onkeydown: (e) => { if (e.key === 'Enter' || e.key === ' ') { e.preventDefault(); sortBy(k); } },
   }, label)));
@@ -121,9 +121,9 @@ async function pageOverview() {
       h('td', {}, h('a', { href: '#/queue/' + encodeURIComponent(r.name) }, r.name), r.paused ? h('span', { class: 'muted' }, ' (paused)') : ''),
       h('td', { class: 'num', 'data-col': 'ready' }, fmt(r.ready)),
       h('td', { class: 'num', 'data-col': 'leased' }, fmt(r.leased)),
-      h('td', { class: 'num', 'data-col': 'scheduled' }, fmt(r.scheduled)),
-      h('td', { class: 'num' }, rate(r.produced)), h('td', { class: 'num' }, rate(r.lease)),
-      h('td', { class: 'num' }, rate(r.completed)), h('td', { class: 'num' }, age(r.ageText)),
+      h('td', { class: 'num hide-narrow', 'data-col': 'scheduled' }, fmt(r.scheduled)),
+      h('td', { class: 'num' }, rate(r.produced)), h('td', { class: 'num hide-narrow' }, rate(r.lease)),
+      h('td', { class: 'num hide-narrow' }, rate(r.completed)), h('td', { class: 'num hide-narrow' }, age(r.ageText)),
       h('td', { class: 'num' }, r.dlqName ? fmt(r.dlq) : '-'))));
     if (!shown.length) body.replaceChildren(h('tr', {}, h('td', { colspan: cols.length, class: 'muted' }, 'No queues.')));
   }
