@@ -505,3 +505,58 @@ message! {
         pub scheduled: i64,
     }
 }
+
+/// Body of `/v1/server.info` (Lessor extension): empty (JSON `{}`; unknown fields are ignored, as everywhere).
+#[derive(Clone, PartialEq, prost::Message, serde::Serialize, serde::Deserialize)]
+pub struct ServerInfoRequest {}
+
+message! {
+    /// Reply of `/v1/server.info`: what the server runs, for the dashboard's server page. No secrets: store
+    /// settings (paths, connection strings, passwords) are left out.
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct ServerInfoResponse {
+        /// The server's version.
+        #[json(Str, "version")]
+        #[prost(string, tag = "1")]
+        pub version: String,
+        /// Driver of the queue store.
+        #[json(Str, "queue_storage", "queueStorage")]
+        #[prost(string, tag = "2")]
+        pub queue_storage: String,
+        /// The partition stores.
+        #[json(Rep<StoreSummary>, "partition_storage", "partitionStorage")]
+        #[prost(message, repeated, tag = "3")]
+        pub partition_storage: Vec<StoreSummary>,
+        /// `none` or `internal`.
+        #[json(Str, "auth_backend", "authBackend")]
+        #[prost(string, tag = "4")]
+        pub auth_backend: String,
+        /// Whether the server speaks HTTPS.
+        #[json(Bool, "tls")]
+        #[prost(bool, tag = "5")]
+        pub tls: bool,
+        /// Largest produce body in bytes.
+        #[json(I64, "max_produce_body", "maxProduceBody")]
+        #[prost(int64, tag = "6")]
+        pub max_produce_body: i64,
+    }
+}
+
+message! {
+    /// One partition store of [`ServerInfoResponse`].
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct StoreSummary {
+        /// Its name.
+        #[json(Str, "name")]
+        #[prost(string, tag = "1")]
+        pub name: String,
+        /// Its driver.
+        #[json(Str, "driver")]
+        #[prost(string, tag = "2")]
+        pub driver: String,
+        /// Its placement weight.
+        #[json(F64, "affinity")]
+        #[prost(double, tag = "3")]
+        pub affinity: f64,
+    }
+}

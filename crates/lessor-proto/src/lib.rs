@@ -71,7 +71,7 @@ pub use extensions::{
     QueueHistoryRequest, QueueHistoryResponse, QueuePauseRequest, QueueRedriveRequest, QueueResumeRequest,
     RedriveListRequest, RedriveListResponse, RedriveTask, RedriveTaskRequest, RestoreBeginRequest,
     RestoreBeginResponse, RestoreFinishRequest, RestoreImportRequest, RestoreImportResponse, RetryBackoff,
-    StorageBackupRequest,
+    ServerInfoRequest, ServerInfoResponse, StorageBackupRequest, StoreSummary,
 };
 pub use namespaces::{NamespaceInfo, NamespacesDeleteRequest, NamespacesListRequest, NamespacesListResponse};
 pub use queue::{

@@ -17,7 +17,7 @@ use crate::extensions::{
     QueueBrowseRequest, QueueBrowseResponse, QueueExtendRequest, QueueHistoryRequest, QueueHistoryResponse,
     QueuePauseRequest, QueueRedriveRequest, QueueResumeRequest, RedriveListRequest, RedriveListResponse,
     RedriveTask, RedriveTaskRequest, RestoreBeginRequest, RestoreBeginResponse, RestoreFinishRequest,
-    RestoreImportRequest, RestoreImportResponse,
+    RestoreImportRequest, RestoreImportResponse, ServerInfoRequest, ServerInfoResponse,
 };
 use crate::namespaces::{
     NamespaceInfo, NamespacesDeleteRequest, NamespacesListRequest, NamespacesListResponse,
@@ -234,6 +234,10 @@ routes! {
     /// dashboard's charts). `queue.stats`, as it shows less than `queue.stats` does.
     QueueHistory => "/v1/queue.history", QueueHistoryRequest => QueueHistoryResponse,
         BodyLimit::Fixed(SMALL_BODY), QueueStats, |r| Target::Queue(&r.queue_name);
+    /// Lessor extension: the server's version and a configuration summary without secrets (the dashboard's server
+    /// page). `queue.list` in `_system`: it describes the whole server, as listing every queue does.
+    ServerInfo => "/v1/server.info", ServerInfoRequest => ServerInfoResponse,
+        BodyLimit::Fixed(SMALL_BODY), QueueList, |_r| Target::System;
     /// Lessor extension: starts a dead-letter redrive task. `queue.update` on the dead-letter queue (the server
     /// also checks `queue.produce` on a named `target_queue`).
     QueueRedrive => "/v1/queue.redrive", QueueRedriveRequest => RedriveTask,
@@ -328,6 +332,7 @@ pub const EXTENSION_PATHS: &[&str] = &[
     QueueResume::PATH,
     QueueBrowse::PATH,
     QueueHistory::PATH,
+    ServerInfo::PATH,
     QueueRedrive::PATH,
     RedriveList::PATH,
     RedriveGet::PATH,
@@ -346,10 +351,10 @@ mod tests {
     #[test]
     fn paths_are_unique_and_versioned() {
         let mut paths: Vec<&str> = ROUTES.iter().map(|r| r.path).collect();
-        assert_eq!(paths.len(), 45);
+        assert_eq!(paths.len(), 46);
         paths.sort_unstable();
         paths.dedup();
-        assert_eq!(paths.len(), 45, "a path is listed twice");
+        assert_eq!(paths.len(), 46, "a path is listed twice");
         assert!(paths.iter().all(|p| p.starts_with("/v1/")));
     }
 
@@ -403,6 +408,7 @@ mod tests {
             ("/v1/queue.resume", "queue.update", SMALL_BODY),
             ("/v1/queue.browse", "queue.stats", SMALL_BODY),
             ("/v1/queue.history", "queue.stats", SMALL_BODY),
+            ("/v1/server.info", "queue.list", SMALL_BODY),
             ("/v1/queue.redrive", "queue.update", SMALL_BODY),
             ("/v1/redrive.list", "queue.stats", SMALL_BODY),
             ("/v1/redrive.get", "queue.stats", SMALL_BODY),

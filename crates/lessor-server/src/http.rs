@@ -56,6 +56,7 @@ pub struct AppState {
     pub(crate) auth: Auth,
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) history: Arc<History>,
+    pub(crate) server_info: Arc<pb::ServerInfoResponse>,
     max_produce_body: usize,
 }
 
@@ -83,8 +84,16 @@ impl AppState {
             auth,
             metrics,
             history: Arc::new(History::default()),
+            server_info: Arc::new(pb::ServerInfoResponse::default()),
             max_produce_body,
         }
+    }
+
+    /// The same state, answering `server.info` with `info` (the version is filled in here).
+    pub fn with_server_info(mut self, mut info: pb::ServerInfoResponse) -> Self {
+        info.version = crate::VERSION.to_string();
+        self.server_info = Arc::new(info);
+        self
     }
 }
 
@@ -102,10 +111,12 @@ pub struct Ctx {
     pub metrics: Arc<Metrics>,
     /// The recent rates of the queues (`queue.history`).
     pub history: Arc<History>,
+    /// The `server.info` answer.
+    pub server_info: Arc<pb::ServerInfoResponse>,
 }
 
 /// The handler of every RPC, one per entry of [`routes::ROUTES`] (checked by a test).
-const HANDLERS: [fn(Api) -> Api; 45] = [
+const HANDLERS: [fn(Api) -> Api; 46] = [
     produce,
     lease,
     complete,
@@ -118,6 +129,7 @@ const HANDLERS: [fn(Api) -> Api; 45] = [
     resume,
     browse,
     history,
+    server_info,
     redrive_start,
     redrive_list,
     redrive_get,
@@ -287,6 +299,7 @@ where
             principal,
             metrics: st.metrics.clone(),
             history: st.history.clone(),
+            server_info: st.server_info.clone(),
         };
         handler(ctx, msg).await
     }
@@ -683,6 +696,13 @@ fn history(api: Api) -> Api {
                 samples: history.samples(&r.queue_name),
             })
         },
+    )
+}
+
+fn server_info(api: Api) -> Api {
+    api.rpc(
+        lessor_proto::routes::ServerInfo,
+        |Ctx { server_info, .. }, _r: pb::ServerInfoRequest| async move { Ok((*server_info).clone()) },
     )
 }
 

@@ -91,6 +91,8 @@ pub struct ServeOptions {
     pub auth: Option<Auth>,
     /// Whether the dashboard is served at `/ui` (`ui`, on by default).
     pub ui: bool,
+    /// The configuration summary `server.info` answers (no secrets).
+    pub summary: lessor_proto::ServerInfoResponse,
 }
 
 impl Default for ServeOptions {
@@ -99,6 +101,7 @@ impl Default for ServeOptions {
             max_produce_body: config::DEFAULT_MAX_PRODUCE_BODY,
             auth: None,
             ui: true,
+            summary: lessor_proto::ServerInfoResponse::default(),
         }
     }
 }
@@ -111,7 +114,41 @@ impl ServeOptions {
             max_produce_body: config.max_produce_body(),
             auth: None,
             ui: config.ui_enabled(),
+            summary: summary(config),
         }
+    }
+}
+
+/// What `server.info` tells about a configuration: drivers, store names and weights, auth backend, TLS, limits;
+/// never a store's settings (paths, connection strings) nor a key.
+fn summary(config: &Config) -> lessor_proto::ServerInfoResponse {
+    let specs = config.store_specs().ok();
+    lessor_proto::ServerInfoResponse {
+        version: String::new(),
+        queue_storage: specs
+            .as_ref()
+            .map(|s| s.queues.driver().name.to_string())
+            .unwrap_or_default(),
+        partition_storage: specs
+            .map(|s| {
+                s.partitions
+                    .iter()
+                    .map(|p| lessor_proto::StoreSummary {
+                        name: p.name.clone(),
+                        driver: p.spec.driver().name.to_string(),
+                        affinity: p.affinity,
+                    })
+                    .collect()
+            })
+            .unwrap_or_default(),
+        auth_backend: if config.auth_backend.internal() {
+            "internal"
+        } else {
+            "none"
+        }
+        .to_string(),
+        tls: config.tls.is_some(),
+        max_produce_body: i64::try_from(config.max_produce_body()).unwrap_or(i64::MAX),
     }
 }
 
@@ -389,7 +426,8 @@ where
     let state = match options.auth.clone() {
         Some(auth) => http::AppState::with_auth(engine.clone(), auth, options.max_produce_body),
         None => http::AppState::with_limits(engine.clone(), options.max_produce_body),
-    };
+    }
+    .with_server_info(options.summary.clone());
     let history = state.history.clone();
     let mut app = http::router(state);
     if options.ui {

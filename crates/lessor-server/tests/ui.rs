@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use lessor_client::routes::{
-    ApiKeysCreate, NamespacesCreate, QueueHistory, RoleBindingsCreate, RolesCreate, UsersCreate,
+    ApiKeysCreate, NamespacesCreate, QueueHistory, RoleBindingsCreate, RolesCreate, ServerInfo, UsersCreate,
 };
 use lessor_client::{proto as pb, Client, ClientError};
 use lessor_server::{Config, RunningServer};
@@ -106,6 +106,37 @@ fn produce(queue: &str, payloads: &[&str]) -> pb::QueueProduceRequest {
                 ..Default::default()
             })
             .collect(),
+    }
+}
+
+#[tokio::test]
+async fn server_info_summarises_the_configuration_without_secrets() {
+    let (srv, c) = start(&Config::memory()).await;
+    let info = c
+        .call::<ServerInfo>(&pb::ServerInfoRequest {})
+        .await
+        .expect("server.info");
+    assert_eq!(info.version, lessor_server::VERSION);
+    assert_eq!(info.queue_storage, "memory");
+    assert_eq!(info.partition_storage.len(), 1);
+    assert_eq!(info.partition_storage[0].name, "memory-0");
+    assert_eq!(info.partition_storage[0].driver, "memory");
+    assert_eq!(info.auth_backend, "none");
+    assert!(!info.tls);
+    srv.stop().await;
+
+    // A PostgreSQL connection string (with its password) never shows.
+    #[cfg(feature = "postgres")]
+    {
+        let config = lessor_testkit::server::postgres_config("postgres://u:s3cret@127.0.0.1:1/db");
+        let options = lessor_server::ServeOptions::from_config(&config);
+        let json = String::from_utf8(lessor_proto::encode(
+            lessor_proto::Encoding::Json,
+            &options.summary,
+        ))
+        .expect("utf-8");
+        assert!(!json.contains("s3cret") && !json.contains("127.0.0.1"), "{json}");
+        assert!(json.contains("postgres"), "{json}");
     }
 }
 

@@ -554,7 +554,7 @@ async fn tour(config: Config, shots: bool) {
 
     // Server page.
     b.goto(&format!("{ui}#/server")).await;
-    b.wait_for("server info", "return document.querySelector('#server-info') && document.querySelector('#server-info').textContent.includes('pass')", json!([])).await;
+    b.wait_for("server info", "return document.querySelector('#server-info') && document.querySelector('#server-info').textContent.includes('pass') && document.querySelector('#server-info').textContent.includes('Partition storage')", json!([])).await;
     if shots {
         b.screenshots(&dir, "server").await;
     }

@@ -328,6 +328,13 @@ async function pageServer() {
       ['Storage check', ((health.checks || {})['queues:storage'] || []).map((c) => c.status + (c.output ? ' (' + c.output + ')' : '')).join(', ')],
       ['API key', store.getItem('lessor.key') ? 'set for this tab' : 'none (auth off, or not signed in)'], ['Namespace shown', ns() || 'all']];
     try { const l = await api('queues.list', { namespace: ns(), limit: 1000 }); rows.push(['Queues visible', String((l.items || []).length)]); } catch (e) { rows.push(['Queues visible', e.message]); }
+    // The configuration summary needs queue.list in _system; a namespace's key sees the rest without it.
+    try {
+      const i = await api('server.info', {});
+      rows.push(['Queue storage', i.queue_storage || '-'],
+        ['Partition storage', (i.partition_storage || []).map((p) => p.name + ' (' + p.driver + ', affinity ' + n(p.affinity) + ')').join(', ')],
+        ['Auth backend', i.auth_backend || 'none'], ['TLS', i.tls ? 'on' : 'off'], ['Max produce body', fmt(i.max_produce_body) + ' bytes']);
+    } catch (e) { rows.push(['Configuration', e.code === 403 ? 'not visible to this key' : e.message]); }
     dl.replaceChildren(...rows.map(([k, v]) => h('tr', {}, h('th', { scope: 'row' }, k), h('td', {}, v || '-'))));
   } catch (e) { showError(e); }
 }
