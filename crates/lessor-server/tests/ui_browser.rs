@@ -433,6 +433,21 @@ async fn tour(config: Config, shots: bool) {
     if shots {
         b.screenshots(&dir, "queue").await;
     }
+    // Pause, then resume, through the buttons.
+    let paused = |c: Client| async move {
+        c.call::<lessor_client::routes::QueuesInfo>(&pb::QueuesInfoRequest {
+            queue_name: "orders".into(),
+        })
+        .await
+        .expect("info")
+        .paused
+    };
+    b.click_confirm("#pause").await;
+    b.element("#resume").await;
+    assert!(paused(c.clone()).await, "paused from the UI");
+    b.click_confirm("#resume").await;
+    b.element("#pause").await;
+    assert!(!paused(c.clone()).await, "resumed from the UI");
     b.assert_clean_console("queue").await;
 
     // Items: the leased item shows its holder and payload; retry puts it back, complete removes it.
@@ -551,6 +566,18 @@ async fn tour(config: Config, shots: bool) {
         .await
         .is_err());
     b.assert_clean_console("create/delete").await;
+
+    // Clear removes the ready items.
+    b.goto(&format!("{ui}#/queue/emails")).await;
+    b.click_confirm("#clear").await;
+    b.wait_for(
+        "cleared",
+        "const s = document.querySelector('#status-msg'); return s && s.textContent.includes('done')",
+        json!([]),
+    )
+    .await;
+    b.goto(&ui).await;
+    wait_depth(&b, "emails", "ready", 0).await;
 
     // Server page.
     b.goto(&format!("{ui}#/server")).await;
