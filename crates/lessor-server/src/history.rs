@@ -42,7 +42,6 @@ impl Totals {
     }
 }
 
-#[derive(Default)]
 struct Ring {
     last: Totals,
     samples: VecDeque<HistorySample>,
@@ -74,7 +73,11 @@ impl History {
         rings.retain(|name, _| queues.iter().any(|(q, _)| q == name));
         for (name, m) in queues {
             let now = Totals::of(m);
-            let ring = rings.entry(name.clone()).or_default();
+            // Sized once: pushing into a growing VecDeque would double it past CAPACITY.
+            let ring = rings.entry(name.clone()).or_insert_with(|| Ring {
+                last: Totals::default(),
+                samples: VecDeque::with_capacity(CAPACITY),
+            });
             let last = ring.last;
             ring.last = now;
             if ring.samples.len() == CAPACITY {
