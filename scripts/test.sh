@@ -7,6 +7,9 @@
 # tables). Otherwise this script starts a throwaway cluster (installing PostgreSQL from Debian's packages when it is
 # missing) and removes it afterwards.
 #
+# Browser: installs chromium and chromium-driver when missing and sets LESSOR_REQUIRE_BROWSER=1, so the dashboard's
+# browser tests (crates/lessor-server/tests/ui_browser.rs) cannot silently skip.
+#
 # S3: when LESSOR_TEST_S3_ENDPOINT is set, the backup tests that use object storage use that server; otherwise this
 # script starts a throwaway moto_server (installing it with pip when it is missing) and stops it afterwards.
 set -euo pipefail
@@ -29,6 +32,16 @@ if [ -z "${LESSOR_TEST_S3_ENDPOINT:-}" ]; then
     cleanup+=('scripts/s3-test-server.sh stop >/dev/null 2>&1 || true')
 fi
 export LESSOR_TEST_S3_ENDPOINT
+
+# The dashboard's browser tests need headless Chromium and its WebDriver; install them from Debian's packages when
+# missing, and make the tests fail rather than skip if they still cannot run.
+if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1; then
+    sudo=""
+    if [ "$(id -u)" != 0 ]; then sudo="sudo"; fi
+    $sudo apt-get update -qq >&2
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq chromium chromium-driver >&2
+fi
+export LESSOR_REQUIRE_BROWSER=1
 
 cargo fmt --all -- --check
 cargo clippy --workspace --all-features --all-targets -- -D warnings

@@ -2,8 +2,8 @@
 //! resume (`queue.pause`, `queue.resume`), browsing items without leasing them (`queue.browse`), and dead-letter
 //! redrive (`queue.redrive`, `redrive.list`, `redrive.get`, `redrive.cancel`), backup and restore
 //! (`storage.backup`, `storage.restore.begin`, `storage.restore.import`, `storage.restore.finish`), online
-//! rebalance (`queues.rebalance`, declared by Querator without a message, and `rebalance.list`, `rebalance.get`);
-//! plus [`RetryBackoff`], the
+//! rebalance (`queues.rebalance`, declared by Querator without a message, and `rebalance.list`, `rebalance.get`), and
+//! the dashboard's reads (`queue.history`, `server.info`); plus [`RetryBackoff`], the
 //! `QueueInfo.retry_backoff` extension field.
 //!
 //! The JSON rules are the same as for Querator's messages (see the crate docs): zero values are omitted, the
@@ -569,5 +569,129 @@ message! {
         #[json(Str, "queue_name", "queueName")]
         #[prost(string, tag = "101")]
         pub queue_name: String,
+    }
+}
+
+message! {
+    /// Body of `/v1/queue.history` (Lessor extension): the recent rates of one queue, for the dashboard's charts.
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct QueueHistoryRequest {
+        /// Name of the queue.
+        #[json(Str, "queue_name", "queueName")]
+        #[prost(string, tag = "1")]
+        pub queue_name: String,
+    }
+}
+
+message! {
+    /// Reply of `/v1/queue.history`: the samples the server keeps in memory for the queue, oldest first.
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct QueueHistoryResponse {
+        /// Milliseconds between two samples.
+        #[json(I64, "interval_ms", "intervalMs")]
+        #[prost(int64, tag = "1")]
+        pub interval_ms: i64,
+        /// The samples, oldest first; empty for a queue created since the last sample.
+        #[json(Rep<HistorySample>, "samples")]
+        #[prost(message, repeated, tag = "2")]
+        pub samples: Vec<HistorySample>,
+    }
+}
+
+message! {
+    /// One sample of a queue's history: counts of events since the previous sample, and depths at the sample.
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct HistorySample {
+        /// When the sample was taken, Unix milliseconds.
+        #[json(I64, "time_ms", "timeMs")]
+        #[prost(int64, tag = "1")]
+        pub time_ms: i64,
+        /// Items produced since the previous sample.
+        #[json(I64, "produced")]
+        #[prost(int64, tag = "2")]
+        pub produced: i64,
+        /// Items leased since the previous sample.
+        #[json(I64, "leased")]
+        #[prost(int64, tag = "3")]
+        pub leased: i64,
+        /// Items completed since the previous sample.
+        #[json(I64, "completed")]
+        #[prost(int64, tag = "4")]
+        pub completed: i64,
+        /// Items retried since the previous sample.
+        #[json(I64, "retried")]
+        #[prost(int64, tag = "5")]
+        pub retried: i64,
+        /// Items dead-lettered since the previous sample.
+        #[json(I64, "dead_lettered", "deadLettered")]
+        #[prost(int64, tag = "6")]
+        pub dead_lettered: i64,
+        /// Ready items at the sample.
+        #[json(I64, "ready")]
+        #[prost(int64, tag = "7")]
+        pub ready: i64,
+        /// Leased items at the sample.
+        #[json(I64, "leased_now", "leasedNow")]
+        #[prost(int64, tag = "8")]
+        pub leased_now: i64,
+        /// Scheduled items at the sample.
+        #[json(I64, "scheduled")]
+        #[prost(int64, tag = "9")]
+        pub scheduled: i64,
+    }
+}
+
+/// Body of `/v1/server.info` (Lessor extension): empty (JSON `{}`; unknown fields are ignored, as everywhere).
+#[derive(Clone, PartialEq, prost::Message, serde::Serialize, serde::Deserialize)]
+pub struct ServerInfoRequest {}
+
+message! {
+    /// Reply of `/v1/server.info`: what the server runs, for the dashboard's server page. No secrets: store
+    /// settings (paths, connection strings, passwords) are left out.
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct ServerInfoResponse {
+        /// The server's version.
+        #[json(Str, "version")]
+        #[prost(string, tag = "1")]
+        pub version: String,
+        /// Driver of the queue store.
+        #[json(Str, "queue_storage", "queueStorage")]
+        #[prost(string, tag = "2")]
+        pub queue_storage: String,
+        /// The partition stores.
+        #[json(Rep<StoreSummary>, "partition_storage", "partitionStorage")]
+        #[prost(message, repeated, tag = "3")]
+        pub partition_storage: Vec<StoreSummary>,
+        /// `none` or `internal`.
+        #[json(Str, "auth_backend", "authBackend")]
+        #[prost(string, tag = "4")]
+        pub auth_backend: String,
+        /// Whether the server speaks HTTPS.
+        #[json(Bool, "tls")]
+        #[prost(bool, tag = "5")]
+        pub tls: bool,
+        /// Largest produce body in bytes.
+        #[json(I64, "max_produce_body", "maxProduceBody")]
+        #[prost(int64, tag = "6")]
+        pub max_produce_body: i64,
+    }
+}
+
+message! {
+    /// One partition store of [`ServerInfoResponse`].
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct StoreSummary {
+        /// Its name.
+        #[json(Str, "name")]
+        #[prost(string, tag = "1")]
+        pub name: String,
+        /// Its driver.
+        #[json(Str, "driver")]
+        #[prost(string, tag = "2")]
+        pub driver: String,
+        /// Its placement weight.
+        #[json(F64, "affinity")]
+        #[prost(double, tag = "3")]
+        pub affinity: f64,
     }
 }

@@ -67,11 +67,12 @@ pub use apikeys::{
 };
 pub use codec::{decode, encode, request_encoding, response_encoding, CodecError, Encoding};
 pub use extensions::{
-    BrowseItem, PartitionMove, QueueBrowseRequest, QueueBrowseResponse, QueueExtendRequest,
-    QueuePauseRequest, QueueRebalanceRequest, QueueRedriveRequest, QueueResumeRequest, RebalanceListRequest,
-    RebalanceListResponse, RebalanceTask, RebalanceTaskRequest, RedriveListRequest, RedriveListResponse,
-    RedriveTask, RedriveTaskRequest, RestoreBeginRequest, RestoreBeginResponse, RestoreFinishRequest,
-    RestoreImportRequest, RestoreImportResponse, RetryBackoff, StorageBackupRequest,
+    BrowseItem, HistorySample, PartitionMove, QueueBrowseRequest, QueueBrowseResponse, QueueExtendRequest,
+    QueueHistoryRequest, QueueHistoryResponse, QueuePauseRequest, QueueRebalanceRequest, QueueRedriveRequest,
+    QueueResumeRequest, RebalanceListRequest, RebalanceListResponse, RebalanceTask, RebalanceTaskRequest,
+    RedriveListRequest, RedriveListResponse, RedriveTask, RedriveTaskRequest, RestoreBeginRequest,
+    RestoreBeginResponse, RestoreFinishRequest, RestoreImportRequest, RestoreImportResponse, RetryBackoff,
+    ServerInfoRequest, ServerInfoResponse, StorageBackupRequest, StoreSummary,
 };
 pub use namespaces::{NamespaceInfo, NamespacesDeleteRequest, NamespacesListRequest, NamespacesListResponse};
 pub use queue::{

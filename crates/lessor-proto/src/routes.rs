@@ -14,11 +14,11 @@ use crate::apikeys::{
     APIKeyCreateRequest, APIKeyCreateResponse, APIKeysDeleteRequest, APIKeysListRequest, APIKeysListResponse,
 };
 use crate::extensions::{
-    QueueBrowseRequest, QueueBrowseResponse, QueueExtendRequest, QueuePauseRequest, QueueRebalanceRequest,
-    QueueRedriveRequest, QueueResumeRequest, RebalanceListRequest, RebalanceListResponse, RebalanceTask,
-    RebalanceTaskRequest, RedriveListRequest, RedriveListResponse, RedriveTask, RedriveTaskRequest,
-    RestoreBeginRequest, RestoreBeginResponse, RestoreFinishRequest, RestoreImportRequest,
-    RestoreImportResponse,
+    QueueBrowseRequest, QueueBrowseResponse, QueueExtendRequest, QueueHistoryRequest, QueueHistoryResponse,
+    QueuePauseRequest, QueueRebalanceRequest, QueueRedriveRequest, QueueResumeRequest, RebalanceListRequest,
+    RebalanceListResponse, RebalanceTask, RebalanceTaskRequest, RedriveListRequest, RedriveListResponse,
+    RedriveTask, RedriveTaskRequest, RestoreBeginRequest, RestoreBeginResponse, RestoreFinishRequest,
+    RestoreImportRequest, RestoreImportResponse, ServerInfoRequest, ServerInfoResponse,
 };
 use crate::namespaces::{
     NamespaceInfo, NamespacesDeleteRequest, NamespacesListRequest, NamespacesListResponse,
@@ -231,6 +231,14 @@ routes! {
     /// `storage/items.list`, which shows the same payloads.
     QueueBrowse => "/v1/queue.browse", QueueBrowseRequest => QueueBrowseResponse,
         BodyLimit::Fixed(SMALL_BODY), QueueStats, |r| Target::Queue(&r.queue_name);
+    /// Lessor extension: the recent rates and depths of a queue from the server's in-memory ring (the
+    /// dashboard's charts). `queue.stats`, as it shows less than `queue.stats` does.
+    QueueHistory => "/v1/queue.history", QueueHistoryRequest => QueueHistoryResponse,
+        BodyLimit::Fixed(SMALL_BODY), QueueStats, |r| Target::Queue(&r.queue_name);
+    /// Lessor extension: the server's version and a configuration summary without secrets (the dashboard's server
+    /// page). `queue.list` in `_system`: it describes the whole server, as listing every queue does.
+    ServerInfo => "/v1/server.info", ServerInfoRequest => ServerInfoResponse,
+        BodyLimit::Fixed(SMALL_BODY), QueueList, |_r| Target::System;
     /// Lessor extension: starts a dead-letter redrive task. `queue.update` on the dead-letter queue (the server
     /// also checks `queue.produce` on a named `target_queue`).
     QueueRedrive => "/v1/queue.redrive", QueueRedriveRequest => RedriveTask,
@@ -334,6 +342,8 @@ pub const EXTENSION_PATHS: &[&str] = &[
     QueuePause::PATH,
     QueueResume::PATH,
     QueueBrowse::PATH,
+    QueueHistory::PATH,
+    ServerInfo::PATH,
     QueueRedrive::PATH,
     RedriveList::PATH,
     RedriveGet::PATH,
@@ -354,10 +364,10 @@ mod tests {
     #[test]
     fn paths_are_unique_and_versioned() {
         let mut paths: Vec<&str> = ROUTES.iter().map(|r| r.path).collect();
-        assert_eq!(paths.len(), 47);
+        assert_eq!(paths.len(), 49);
         paths.sort_unstable();
         paths.dedup();
-        assert_eq!(paths.len(), 47, "a path is listed twice");
+        assert_eq!(paths.len(), 49, "a path is listed twice");
         assert!(paths.iter().all(|p| p.starts_with("/v1/")));
     }
 
@@ -410,6 +420,8 @@ mod tests {
             ("/v1/queue.pause", "queue.update", SMALL_BODY),
             ("/v1/queue.resume", "queue.update", SMALL_BODY),
             ("/v1/queue.browse", "queue.stats", SMALL_BODY),
+            ("/v1/queue.history", "queue.stats", SMALL_BODY),
+            ("/v1/server.info", "queue.list", SMALL_BODY),
             ("/v1/queue.redrive", "queue.update", SMALL_BODY),
             ("/v1/redrive.list", "queue.stats", SMALL_BODY),
             ("/v1/redrive.get", "queue.stats", SMALL_BODY),

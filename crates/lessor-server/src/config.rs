@@ -225,6 +225,8 @@ pub struct Config {
     pub auth_backend: AuthSection,
     /// HTTPS: the server's certificate and key, and optionally the CA of client certificates.
     pub tls: Option<crate::tls::TlsSection>,
+    /// Whether the web dashboard is served at `/ui`; absent: served (see [`Config::ui_enabled`]).
+    pub ui: Option<bool>,
 }
 
 /// `auth-backend`.
@@ -404,6 +406,11 @@ pub struct LimitsSection {
 }
 
 impl Config {
+    /// Whether the dashboard is served at `/ui` (`ui`, on unless `ui: false`).
+    pub fn ui_enabled(&self) -> bool {
+        self.ui.unwrap_or(true)
+    }
+
     /// Parses a YAML document.
     pub fn from_yaml(text: &str) -> Result<Config, ConfigError> {
         let c: Config = serde_saphyr::from_str(text).map_err(|source| ConfigError::Syntax { source })?;

@@ -38,6 +38,7 @@ use lessor_proto::{self as pb, Encoding, Reply};
 use serde::Serialize;
 
 use crate::error::ApiError;
+use crate::history::History;
 use crate::metrics::{Metrics, RouteLabels, RouteOnly};
 use crate::{admin, backup, convert};
 
@@ -54,6 +55,8 @@ pub struct AppState {
     pub(crate) engine: Engine,
     pub(crate) auth: Auth,
     pub(crate) metrics: Arc<Metrics>,
+    pub(crate) history: Arc<History>,
+    pub(crate) server_info: Arc<pb::ServerInfoResponse>,
     max_produce_body: usize,
 }
 
@@ -80,8 +83,17 @@ impl AppState {
             engine,
             auth,
             metrics,
+            history: Arc::new(History::default()),
+            server_info: Arc::new(pb::ServerInfoResponse::default()),
             max_produce_body,
         }
+    }
+
+    /// The same state, answering `server.info` with `info` (the version is filled in here).
+    pub fn with_server_info(mut self, mut info: pb::ServerInfoResponse) -> Self {
+        info.version = crate::VERSION.to_string();
+        self.server_info = Arc::new(info);
+        self
     }
 }
 
@@ -97,10 +109,14 @@ pub struct Ctx {
     pub principal: Principal,
     /// The server's metrics (for routes that count more than requests).
     pub metrics: Arc<Metrics>,
+    /// The recent rates of the queues (`queue.history`).
+    pub history: Arc<History>,
+    /// The `server.info` answer.
+    pub server_info: Arc<pb::ServerInfoResponse>,
 }
 
 /// The handler of every RPC, one per entry of [`routes::ROUTES`] (checked by a test).
-const HANDLERS: [fn(Api) -> Api; 47] = [
+const HANDLERS: [fn(Api) -> Api; 49] = [
     produce,
     lease,
     complete,
@@ -112,6 +128,8 @@ const HANDLERS: [fn(Api) -> Api; 47] = [
     pause,
     resume,
     browse,
+    history,
+    server_info,
     redrive_start,
     redrive_list,
     redrive_get,
@@ -283,6 +301,8 @@ where
             auth: st.auth.clone(),
             principal,
             metrics: st.metrics.clone(),
+            history: st.history.clone(),
+            server_info: st.server_info.clone(),
         };
         handler(ctx, msg).await
     }
@@ -663,6 +683,32 @@ fn browse(api: Api) -> Api {
             let page = e.browse(&r.queue_name, req).await?;
             Ok(convert::browse_out(page, scheduled))
         },
+    )
+}
+
+fn history(api: Api) -> Api {
+    api.rpc(
+        lessor_proto::routes::QueueHistory,
+        |Ctx {
+             engine: e, history, ..
+         },
+         r: pb::QueueHistoryRequest| async move {
+            // The same "queue does not exist" as queue.stats for a name that is not a queue.
+            e.queue_namespace(&r.queue_name)
+                .await?
+                .ok_or_else(|| lessor_core::error::QueueError::QueueNotFound(r.queue_name.clone()))?;
+            Ok(pb::QueueHistoryResponse {
+                interval_ms: i64::try_from(crate::history::INTERVAL.as_millis()).unwrap_or(i64::MAX),
+                samples: history.samples(&r.queue_name),
+            })
+        },
+    )
+}
+
+fn server_info(api: Api) -> Api {
+    api.rpc(
+        lessor_proto::routes::ServerInfo,
+        |Ctx { server_info, .. }, _r: pb::ServerInfoRequest| async move { Ok((*server_info).clone()) },
     )
 }
 

@@ -19,9 +19,11 @@ mod backup;
 pub mod config;
 pub mod convert;
 pub mod error;
+pub mod history;
 pub mod http;
 pub mod metrics;
 pub mod tls;
+pub mod ui;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -87,6 +89,10 @@ pub struct ServeOptions {
     pub max_produce_body: usize,
     /// Authentication and authorisation; `None`: every request may do everything (`auth-backend: none`).
     pub auth: Option<Auth>,
+    /// Whether the dashboard is served at `/ui` (`ui`, on by default).
+    pub ui: bool,
+    /// The configuration summary `server.info` answers (no secrets).
+    pub summary: lessor_proto::ServerInfoResponse,
 }
 
 impl Default for ServeOptions {
@@ -94,6 +100,8 @@ impl Default for ServeOptions {
         ServeOptions {
             max_produce_body: config::DEFAULT_MAX_PRODUCE_BODY,
             auth: None,
+            ui: true,
+            summary: lessor_proto::ServerInfoResponse::default(),
         }
     }
 }
@@ -105,7 +113,42 @@ impl ServeOptions {
         ServeOptions {
             max_produce_body: config.max_produce_body(),
             auth: None,
+            ui: config.ui_enabled(),
+            summary: summary(config),
         }
+    }
+}
+
+/// What `server.info` tells about a configuration: drivers, store names and weights, auth backend, TLS, limits;
+/// never a store's settings (paths, connection strings) nor a key.
+fn summary(config: &Config) -> lessor_proto::ServerInfoResponse {
+    let specs = config.store_specs().ok();
+    lessor_proto::ServerInfoResponse {
+        version: String::new(),
+        queue_storage: specs
+            .as_ref()
+            .map(|s| s.queues.driver().name.to_string())
+            .unwrap_or_default(),
+        partition_storage: specs
+            .map(|s| {
+                s.partitions
+                    .iter()
+                    .map(|p| lessor_proto::StoreSummary {
+                        name: p.name.clone(),
+                        driver: p.spec.driver().name.to_string(),
+                        affinity: p.affinity,
+                    })
+                    .collect()
+            })
+            .unwrap_or_default(),
+        auth_backend: if config.auth_backend.internal() {
+            "internal"
+        } else {
+            "none"
+        }
+        .to_string(),
+        tls: config.tls.is_some(),
+        max_produce_body: i64::try_from(config.max_produce_body()).unwrap_or(i64::MAX),
     }
 }
 
@@ -391,8 +434,17 @@ where
     let state = match options.auth.clone() {
         Some(auth) => http::AppState::with_auth(engine.clone(), auth, options.max_produce_body),
         None => http::AppState::with_limits(engine.clone(), options.max_produce_body),
-    };
-    let app = http::router(state);
+    }
+    .with_server_info(options.summary.clone());
+    let history = state.history.clone();
+    let mut app = http::router(state);
+    if options.ui {
+        app = app.merge(ui::router());
+    }
+    // The rings behind `queue.history`, sampled for as long as the server runs.
+    let history_engine = engine.clone();
+    let sampler = tokio::spawn(async move { history.run(history_engine, history::INTERVAL).await });
+    let _stop_sampler = AbortOnDrop(Some(sampler));
     // Revocations made through other servers on the same store reach this one within one poll.
     let watcher =
         options.auth.clone().filter(Auth::enabled).map(|auth| {

@@ -636,6 +636,7 @@ fn foreign_requests(queue: &str, partition: i64, ids: &[String]) -> Vec<(&'stati
             "/v1/queue.browse",
             json!({"queue_name": queue, "partition": partition}),
         ),
+        ("/v1/queue.history", json!({"queue_name": queue})),
         ("/v1/queue.redrive", json!({"dead_queue": queue})),
         ("/v1/redrive.list", json!({"dead_queue": queue})),
         (

@@ -1,0 +1,155 @@
+//! The in-memory history behind `/v1/queue.history`: for every queue, a ring of the last [`CAPACITY`] samples of
+//! its event counters (as deltas) and depths, taken every [`INTERVAL`] by a task of the server.
+//!
+//! It exists so the dashboard can draw rate charts over the last minutes without an external store; Prometheus
+//! (`/metrics`) stays the long-term record. The ring is per server process and starts empty at start-up. Its cost is
+//! bounded: [`CAPACITY`] samples of 9 integers per queue (about 11 KB per queue), and queues that disappear from
+//! the engine drop their ring at the next sample.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::Ordering;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use lessor_core::engine::{Engine, QueueMetrics};
+use lessor_proto::HistorySample;
+
+/// Time between two samples.
+pub const INTERVAL: Duration = Duration::from_secs(2);
+
+/// Samples kept per queue: five minutes at [`INTERVAL`].
+pub const CAPACITY: usize = 150;
+
+/// The counters a sample subtracts from the previous one.
+#[derive(Clone, Copy, Default)]
+struct Totals {
+    produced: u64,
+    leased: u64,
+    completed: u64,
+    retried: u64,
+    dead_lettered: u64,
+}
+
+impl Totals {
+    fn of(m: &QueueMetrics) -> Self {
+        Totals {
+            produced: m.produced.load(Ordering::Relaxed),
+            leased: m.leased.load(Ordering::Relaxed),
+            completed: m.completed.load(Ordering::Relaxed),
+            retried: m.retried.load(Ordering::Relaxed),
+            dead_lettered: m.dead_lettered.load(Ordering::Relaxed),
+        }
+    }
+}
+
+struct Ring {
+    last: Totals,
+    samples: VecDeque<HistorySample>,
+}
+
+/// The rings of all queues.
+#[derive(Default)]
+pub struct History {
+    rings: Mutex<HashMap<String, Ring>>,
+}
+
+/// A counter delta as the wire's i64; a counter that went backwards (a queue deleted and created again between
+/// two samples) counts as 0 rather than a negative rate.
+fn delta(now: u64, before: u64) -> i64 {
+    i64::try_from(now.saturating_sub(before)).unwrap_or(i64::MAX)
+}
+
+fn gauge(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+impl History {
+    /// Takes one sample of every queue at `time_ms` (Unix milliseconds). The engine's counters start at zero when
+    /// this process loads a queue, so a queue's first sample counts from there.
+    pub fn sample(&self, time_ms: i64, queues: &[(String, std::sync::Arc<QueueMetrics>)]) {
+        let Ok(mut rings) = self.rings.lock() else {
+            return;
+        };
+        rings.retain(|name, _| queues.iter().any(|(q, _)| q == name));
+        for (name, m) in queues {
+            let now = Totals::of(m);
+            // Sized once: pushing into a growing VecDeque would double it past CAPACITY.
+            let ring = rings.entry(name.clone()).or_insert_with(|| Ring {
+                last: Totals::default(),
+                samples: VecDeque::with_capacity(CAPACITY),
+            });
+            let last = ring.last;
+            ring.last = now;
+            if ring.samples.len() == CAPACITY {
+                ring.samples.pop_front();
+            }
+            ring.samples.push_back(HistorySample {
+                time_ms,
+                produced: delta(now.produced, last.produced),
+                leased: delta(now.leased, last.leased),
+                completed: delta(now.completed, last.completed),
+                retried: delta(now.retried, last.retried),
+                dead_lettered: delta(now.dead_lettered, last.dead_lettered),
+                ready: gauge(m.ready.load(Ordering::Relaxed)),
+                leased_now: gauge(m.leased_now.load(Ordering::Relaxed)),
+                scheduled: gauge(m.scheduled.load(Ordering::Relaxed)),
+            });
+        }
+    }
+
+    /// The samples of `queue`, oldest first (empty when it has none yet).
+    pub fn samples(&self, queue: &str) -> Vec<HistorySample> {
+        match self.rings.lock() {
+            Ok(rings) => rings
+                .get(queue)
+                .map(|r| r.samples.iter().cloned().collect())
+                .unwrap_or_default(),
+            Err(_) => Vec::new(),
+        }
+    }
+
+    /// Samples every queue of `engine` every `interval`, until the task is aborted.
+    pub async fn run(&self, engine: Engine, interval: Duration) {
+        let mut tick = tokio::time::interval(interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        loop {
+            tick.tick().await;
+            let ms = engine.clock().now().0 / 1000;
+            self.sample(ms, &engine.queue_metrics());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    #[test]
+    fn samples_are_deltas_after_a_baseline_and_the_ring_is_bounded() {
+        let h = History::default();
+        let m = Arc::new(QueueMetrics::default());
+        m.produced.store(100, Ordering::Relaxed);
+        let queues = vec![("q".to_string(), m.clone())];
+        h.sample(0, &queues);
+        assert_eq!(
+            h.samples("q")[0].produced,
+            100,
+            "the first sample counts from zero"
+        );
+        m.produced.store(130, Ordering::Relaxed);
+        m.ready.store(30, Ordering::Relaxed);
+        h.sample(2000, &queues);
+        let s = h.samples("q");
+        assert_eq!(s.len(), 2);
+        assert_eq!((s[1].time_ms, s[1].produced, s[1].ready), (2000, 30, 30));
+        for i in 0..(CAPACITY as i64 + 10) {
+            h.sample(4000 + i, &queues);
+        }
+        let s = h.samples("q");
+        assert_eq!(s.len(), CAPACITY);
+        assert_eq!(s[0].produced, 0);
+        h.sample(9_999_999, &[]);
+        assert!(h.samples("q").is_empty(), "a deleted queue drops its ring");
+    }
+}

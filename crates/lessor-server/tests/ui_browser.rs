@@ -1,0 +1,724 @@
+//! The dashboard in a real browser: headless Chromium driven over WebDriver (`chromedriver`, Debian's
+//! `chromium-driver`) against a real server on port 0, with a small WebDriver client written here over `reqwest`
+//! (the protocol is a handful of JSON calls; no extra dependency).
+//!
+//! The tests skip with a printed message when `chromium` or `chromedriver` is missing, unless
+//! `LESSOR_REQUIRE_BROWSER` is set (as `scripts/test.sh` does), in which case they fail. Screenshots of each page in
+//! light and dark mode go to the folder printed at the start (`target/tmp/ui-screenshots`).
+
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use lessor_client::routes::{
+    ApiKeysCreate, NamespacesCreate, QueueLease, QueueRetry, RoleBindingsCreate, RolesCreate, UsersCreate,
+};
+use lessor_client::{proto as pb, Client};
+use lessor_server::{Config, RunningServer};
+use serde_json::{json, Value};
+
+/// How long a page may take to show what a test waits for.
+const WAIT: Duration = Duration::from_secs(15);
+
+/// Whether the browser tests can run; prints why not, and fails when they are required.
+fn browser_available() -> bool {
+    let found = |bin: &str| {
+        Command::new("sh")
+            .args(["-c", &format!("command -v {bin}")])
+            .stdout(Stdio::null())
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false)
+    };
+    if found("chromium") && found("chromedriver") {
+        return true;
+    }
+    assert!(
+        std::env::var_os("LESSOR_REQUIRE_BROWSER").is_none(),
+        "LESSOR_REQUIRE_BROWSER is set but chromium or chromedriver is missing (apt-get install chromium chromium-driver)"
+    );
+    println!("SKIPPED: chromium or chromedriver is not installed (apt-get install chromium chromium-driver); set LESSOR_REQUIRE_BROWSER=1 to make this a failure");
+    false
+}
+
+/// Where screenshots go (printed once per test).
+fn shots_dir() -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("ui-screenshots");
+    std::fs::create_dir_all(&dir).expect("screenshot dir");
+    println!("screenshots: {}", dir.display());
+    dir
+}
+
+/// A chromedriver process and one headless Chromium session on it.
+struct Browser {
+    driver: Child,
+    http: reqwest::Client,
+    session: String,
+    base: String,
+}
+
+impl Drop for Browser {
+    fn drop(&mut self) {
+        let _ = self.driver.kill();
+        let _ = self.driver.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port()
+}
+
+impl Browser {
+    async fn start() -> Browser {
+        let port = free_port();
+        let driver = Command::new("chromedriver")
+            .arg(format!("--port={port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("chromedriver starts");
+        let http = reqwest::Client::new();
+        let base = format!("http://127.0.0.1:{port}");
+        let started = Instant::now();
+        while http.get(format!("{base}/status")).send().await.is_err() {
+            assert!(started.elapsed() < WAIT, "chromedriver did not listen");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let mut b = Browser {
+            driver,
+            http,
+            session: String::new(),
+            base,
+        };
+        let caps = json!({"capabilities": {"alwaysMatch": {
+            "browserName": "chrome",
+            "unhandledPromptBehavior": "ignore",
+            "goog:loggingPrefs": {"browser": "ALL"},
+            "goog:chromeOptions": {
+                "binary": "/usr/bin/chromium",
+                "args": ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                         "--window-size=1100,800", "--hide-scrollbars"]
+            }
+        }}});
+        let r = b.call("POST", "/session", caps).await;
+        b.session = r["sessionId"].as_str().expect("session id").to_string();
+        b
+    }
+
+    async fn call(&self, method: &str, path: &str, body: Value) -> Value {
+        let path = if path == "/session" {
+            path.to_string()
+        } else {
+            format!("/session/{}{path}", self.session)
+        };
+        let url = format!("{}{path}", self.base);
+        let req = match method {
+            "GET" => self.http.get(url),
+            "DELETE" => self.http.delete(url),
+            _ => self
+                .http
+                .post(url)
+                .header("content-type", "application/json")
+                .body(body.to_string()),
+        };
+        let bytes = req
+            .send()
+            .await
+            .expect("webdriver")
+            .bytes()
+            .await
+            .expect("webdriver body");
+        let r: Value = serde_json::from_slice(&bytes).expect("webdriver json");
+        r["value"].clone()
+    }
+
+    async fn try_call(&self, path: &str, body: Value) -> Result<Value, String> {
+        let v = self.call("POST", path, body).await;
+        match v.get("error") {
+            Some(e) => Err(format!("{e}: {}", v["message"])),
+            None => Ok(v),
+        }
+    }
+
+    async fn goto(&self, url: &str) {
+        self.call("POST", "/url", json!({"url": url})).await;
+    }
+
+    async fn js(&self, script: &str, args: Value) -> Value {
+        self.try_call("/execute/sync", json!({"script": script, "args": args}))
+            .await
+            .unwrap_or_else(|e| panic!("script failed: {e}"))
+    }
+
+    /// Waits until `script` (a function body) returns something truthy, and returns it.
+    async fn wait_for(&self, what: &str, script: &str, args: Value) -> Value {
+        let started = Instant::now();
+        loop {
+            if let Ok(v) = self
+                .try_call("/execute/sync", json!({"script": script, "args": args.clone()}))
+                .await
+            {
+                if !(v.is_null() || v == json!(false) || v == json!("") || v == json!(0)) {
+                    return v;
+                }
+            }
+            if started.elapsed() > WAIT {
+                let page = self.js("return document.body.innerText", json!([])).await;
+                panic!("timed out waiting for {what}; page:\n{page}");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    async fn text(&self, selector: &str) -> String {
+        let v = self
+            .wait_for(
+                selector,
+                "const e = document.querySelector(arguments[0]); return e ? e.textContent || ' ' : null;",
+                json!([selector]),
+            )
+            .await;
+        v.as_str().unwrap_or("").trim().to_string()
+    }
+
+    async fn element(&self, selector: &str) -> String {
+        let started = Instant::now();
+        loop {
+            if let Ok(v) = self
+                .try_call("/element", json!({"using": "css selector", "value": selector}))
+                .await
+            {
+                if let Some(id) = v
+                    .as_object()
+                    .and_then(|o| o.values().next())
+                    .and_then(Value::as_str)
+                {
+                    return id.to_string();
+                }
+            }
+            assert!(started.elapsed() < WAIT, "no element {selector}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    async fn click(&self, selector: &str) {
+        let id = self.element(selector).await;
+        self.try_call(&format!("/element/{id}/click"), json!({}))
+            .await
+            .unwrap_or_else(|e| panic!("click {selector}: {e}"));
+    }
+
+    /// Clicks something that asks `confirm()`, and accepts the question.
+    async fn click_confirm(&self, selector: &str) {
+        self.click(selector).await;
+        let started = Instant::now();
+        while self.try_call("/alert/accept", json!({})).await.is_err() {
+            assert!(
+                started.elapsed() < WAIT,
+                "no confirmation after clicking {selector}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    async fn type_into(&self, selector: &str, text: &str) {
+        let id = self.element(selector).await;
+        self.try_call(&format!("/element/{id}/clear"), json!({}))
+            .await
+            .ok();
+        self.try_call(&format!("/element/{id}/value"), json!({"text": text}))
+            .await
+            .unwrap_or_else(|e| panic!("type into {selector}: {e}"));
+    }
+
+    /// Browser console messages at warning level or worse since the last call (failed requests show here too).
+    async fn console_errors(&self) -> Vec<String> {
+        let v = self.call("POST", "/se/log", json!({"type": "browser"})).await;
+        v.as_array()
+            .map(|a| {
+                a.iter()
+                    .filter(|e| matches!(e["level"].as_str(), Some("SEVERE") | Some("WARNING")))
+                    .map(|e| e["message"].to_string())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    async fn assert_clean_console(&self, page: &str) {
+        let errors = self.console_errors().await;
+        assert!(errors.is_empty(), "console errors on {page}: {errors:?}");
+    }
+
+    async fn color_scheme(&self, dark: bool) {
+        let value = if dark { "dark" } else { "light" };
+        self.try_call(
+            "/goog/cdp/execute",
+            json!({"cmd": "Emulation.setEmulatedMedia",
+                   "params": {"features": [{"name": "prefers-color-scheme", "value": value}]}}),
+        )
+        .await
+        .expect("emulate color scheme");
+    }
+
+    /// Saves `name-light.png` and `name-dark.png` of the current page.
+    async fn screenshots(&self, dir: &std::path::Path, name: &str) {
+        use base64::Engine as _;
+        for dark in [false, true] {
+            self.color_scheme(dark).await;
+            tokio::time::sleep(Duration::from_millis(150)).await;
+            let png = self.call("GET", "/screenshot", json!({})).await;
+            let bytes = base64::engine::general_purpose::STANDARD
+                .decode(png.as_str().expect("screenshot"))
+                .expect("png");
+            let file = dir.join(format!("{name}-{}.png", if dark { "dark" } else { "light" }));
+            std::fs::write(&file, bytes).expect("write screenshot");
+        }
+        self.color_scheme(false).await;
+    }
+}
+
+fn produce(queue: &str, payloads: &[&str]) -> pb::QueueProduceRequest {
+    pb::QueueProduceRequest {
+        queue_name: queue.into(),
+        request_timeout: "5s".into(),
+        items: payloads
+            .iter()
+            .map(|p| pb::QueueProduceItem {
+                utf8: (*p).into(),
+                encoding: "application/json".into(),
+                kind: "demo".into(),
+                ..Default::default()
+            })
+            .collect(),
+    }
+}
+
+async fn lease(c: &Client, queue: &str, n: i32) -> pb::QueueLeaseResponse {
+    c.call::<QueueLease>(&pb::QueueLeaseRequest {
+        queue_name: queue.into(),
+        batch_size: n,
+        client_id: "ui-test-worker".into(),
+        request_timeout: "5s".into(),
+    })
+    .await
+    .expect("lease")
+}
+
+/// The number shown in column `col` of `queue`'s row on the overview, once it equals `want`.
+async fn wait_depth(b: &Browser, queue: &str, col: &str, want: u64) {
+    b.wait_for(
+        &format!("{queue} {col} = {want}"),
+        "const td = document.querySelector(`tr[data-queue='${arguments[0]}'] td[data-col='${arguments[1]}']`);
+         return td && td.textContent.replace(/,/g, '') === String(arguments[2]);",
+        json!([queue, col, want]),
+    )
+    .await;
+}
+
+/// The whole tour on one server: overview and live depths, an item browsed, retried and completed, a queue
+/// created and deleted, a dead-letter queue redriven, the server page; screenshots of each page, and no console
+/// errors on any of them.
+async fn tour(config: Config, shots: bool) {
+    if !browser_available() {
+        return;
+    }
+    let dir = shots_dir();
+    let (srv, c): (RunningServer, Client) = lessor_testkit::server::start(&config, None).await;
+    lessor_testkit::server::create_queue(&c, "orders-dead", |_| {}).await;
+    lessor_testkit::server::create_queue(&c, "orders", |q| {
+        q.dead_queue = "orders-dead".into();
+        q.max_attempts = 5;
+    })
+    .await;
+    lessor_testkit::server::create_queue(&c, "emails", |_| {}).await;
+    c.queue_produce(&produce("emails", &[r#"{"to":"a@example.com"}"#]))
+        .await
+        .expect("produce");
+    let b = Browser::start().await;
+    let ui = format!("{}/ui/", srv.endpoint());
+
+    // Overview: the queues are listed, and depths follow produce and lease without a reload.
+    b.goto(&ui).await;
+    wait_depth(&b, "emails", "ready", 1).await;
+    wait_depth(&b, "orders", "ready", 0).await;
+    c.queue_produce(&produce(
+        "orders",
+        &[r#"{"id":1,"sku":"A-1"}"#, r#"{"id":2}"#, r#"{"id":3}"#],
+    ))
+    .await
+    .expect("produce");
+    wait_depth(&b, "orders", "ready", 3).await;
+    let leased = lease(&c, "orders", 1).await;
+    let item = leased.items[0].id.clone();
+    wait_depth(&b, "orders", "leased", 1).await;
+    wait_depth(&b, "orders", "ready", 2).await;
+    // Filtering hides the other queues.
+    b.type_into("#filter", "ema").await;
+    b.wait_for(
+        "filter",
+        "return !document.querySelector(\"tr[data-queue='orders']\") && !!document.querySelector(\"tr[data-queue='emails']\")",
+        json!([]),
+    )
+    .await;
+    // (WebDriver's clear fires no input event; the page listens to input.)
+    b.js(
+        "const f = document.querySelector('#filter'); f.value = ''; f.dispatchEvent(new Event('input'));",
+        json!([]),
+    )
+    .await;
+    wait_depth(&b, "orders", "leased", 1).await;
+    // Sorting from the keyboard: Enter on a focused column heading sorts by it, twice reverses.
+    let ready = b.element("th[data-key='ready']").await;
+    for want in ["ascending", "descending"] {
+        b.try_call(&format!("/element/{ready}/value"), json!({"text": "\u{E007}"}))
+            .await
+            .expect("Enter on the heading");
+        b.wait_for(
+            want,
+            "return document.querySelector(\"th[data-key='ready']\").getAttribute('aria-sort') === arguments[0]",
+            json!([want]),
+        )
+        .await;
+    }
+    let first = b.text("#queue-rows tr:first-child").await;
+    assert!(first.starts_with("orders"), "most ready first: {first}");
+    if shots {
+        b.screenshots(&dir, "overview").await;
+        b.try_call("/window/rect", json!({"width": 390, "height": 800}))
+            .await
+            .expect("phone width");
+        wait_depth(&b, "orders", "leased", 1).await;
+        b.screenshots(&dir, "overview-phone").await;
+        b.try_call("/window/rect", json!({"width": 1100, "height": 800}))
+            .await
+            .expect("laptop width");
+    }
+    b.assert_clean_console("overview").await;
+
+    // One queue: cards, partitions, charts.
+    b.goto(&format!("{ui}#/queue/orders")).await;
+    b.wait_for(
+        "cards",
+        "const e = document.querySelector('#card-leased .v'); return e && e.textContent === '1';",
+        json!([]),
+    )
+    .await;
+    b.wait_for(
+        "chart",
+        "return document.querySelectorAll('svg.chart polyline').length >= 4",
+        json!([]),
+    )
+    .await;
+    assert_eq!(b.text("#partitions tr td").await, "0");
+    // Settings edit goes through queues.update.
+    b.type_into("#set-max_attempts", "7").await;
+    b.click_confirm("#save-settings").await;
+    b.wait_for(
+        "saved",
+        "const s = document.querySelector('#status-msg'); return s && s.textContent.includes('saved')",
+        json!([]),
+    )
+    .await;
+    let info = c
+        .call::<lessor_client::routes::QueuesInfo>(&pb::QueuesInfoRequest {
+            queue_name: "orders".into(),
+        })
+        .await
+        .expect("info");
+    assert_eq!(info.max_attempts, 7);
+    if shots {
+        b.screenshots(&dir, "queue").await;
+    }
+    // Pause, then resume, through the buttons.
+    let paused = |c: Client| async move {
+        c.call::<lessor_client::routes::QueuesInfo>(&pb::QueuesInfoRequest {
+            queue_name: "orders".into(),
+        })
+        .await
+        .expect("info")
+        .paused
+    };
+    b.click_confirm("#pause").await;
+    b.element("#resume").await;
+    assert!(paused(c.clone()).await, "paused from the UI");
+    b.click_confirm("#resume").await;
+    b.element("#pause").await;
+    assert!(!paused(c.clone()).await, "resumed from the UI");
+    b.assert_clean_console("queue").await;
+
+    // Items: the leased item shows its holder and payload; retry puts it back, complete removes it.
+    b.goto(&format!("{ui}#/items/orders/leased")).await;
+    let row = format!("tr[data-id='{item}']");
+    assert!(b
+        .text(&format!("{row} td:nth-child(4)"))
+        .await
+        .contains("ui-test-worker"));
+    b.click(&format!("{row} td button")).await;
+    b.wait_for(
+        "payload",
+        "return document.querySelector('#payload').textContent.includes('sku')",
+        json!([]),
+    )
+    .await;
+    b.js(
+        "const m = document.querySelector('#mode'); m.value = 'json'; m.dispatchEvent(new Event('change'));",
+        json!([]),
+    )
+    .await;
+    b.wait_for(
+        "json preview",
+        "return document.querySelector('#payload').textContent.includes('\\n  \"sku\"')",
+        json!([]),
+    )
+    .await;
+    if shots {
+        b.screenshots(&dir, "items").await;
+    }
+    b.click_confirm(&format!("{row} button.retry")).await;
+    b.wait_for(
+        "retried",
+        "return !document.querySelector(arguments[0])",
+        json!([row]),
+    )
+    .await;
+    let again = lease(&c, "orders", 3).await;
+    // A retried item comes back under a new id with one more attempt.
+    let retried = again
+        .items
+        .iter()
+        .find(|i| i.attempts == 2 && String::from_utf8_lossy(&i.bytes).contains("sku"))
+        .unwrap_or_else(|| panic!("the retried item is ready again: {again:?}"))
+        .id
+        .clone();
+    b.click("#reload-items").await;
+    let row = format!("tr[data-id='{retried}']");
+    b.click_confirm(&format!("{row} button.complete")).await;
+    b.wait_for(
+        "completed",
+        "return !document.querySelector(arguments[0])",
+        json!([row]),
+    )
+    .await;
+    b.assert_clean_console("items").await;
+
+    // Dead-letter the other two through the API, then redrive them from the UI.
+    let ids: Vec<pb::QueueRetryItem> = again
+        .items
+        .iter()
+        .filter(|i| i.attempts == 1)
+        .map(|i| pb::QueueRetryItem {
+            id: i.id.clone(),
+            dead: true,
+            ..Default::default()
+        })
+        .collect();
+    c.call::<QueueRetry>(&pb::QueueRetryRequest {
+        queue_name: "orders".into(),
+        partition: again.partition,
+        items: ids,
+    })
+    .await
+    .expect("dead-letter");
+    b.goto(&ui).await;
+    wait_depth(&b, "orders-dead", "ready", 2).await;
+    b.goto(&format!("{ui}#/queue/orders-dead")).await;
+    b.click_confirm("#redrive").await;
+    // (Leaving the page before the answer could cancel the request.)
+    b.wait_for(
+        "redrive started",
+        "const s = document.querySelector('#status-msg'); return s && s.textContent.includes('done')",
+        json!([]),
+    )
+    .await;
+    b.goto(&ui).await;
+    wait_depth(&b, "orders", "ready", 2).await;
+    wait_depth(&b, "orders-dead", "ready", 0).await;
+    b.assert_clean_console("redrive").await;
+
+    // Create a queue, then delete it.
+    b.goto(&format!("{ui}#/create")).await;
+    b.type_into("#new-name", "made-in-ui").await;
+    if shots {
+        b.screenshots(&dir, "create").await;
+    }
+    b.click_confirm("#create-submit").await;
+    b.wait_for(
+        "created",
+        "return location.hash === '#/queue/made-in-ui'",
+        json!([]),
+    )
+    .await;
+    c.call::<lessor_client::routes::QueuesInfo>(&pb::QueuesInfoRequest {
+        queue_name: "made-in-ui".into(),
+    })
+    .await
+    .expect("created through the UI");
+    b.click_confirm("#delete").await;
+    b.wait_for("deleted", "return !document.querySelector(\"tr[data-queue='made-in-ui']\") && !!document.querySelector(\"tr[data-queue='orders']\")", json!([])).await;
+    assert!(c
+        .call::<lessor_client::routes::QueuesInfo>(&pb::QueuesInfoRequest {
+            queue_name: "made-in-ui".into(),
+        })
+        .await
+        .is_err());
+    b.assert_clean_console("create/delete").await;
+
+    // Clear removes the ready items.
+    b.goto(&format!("{ui}#/queue/emails")).await;
+    b.click_confirm("#clear").await;
+    b.wait_for(
+        "cleared",
+        "const s = document.querySelector('#status-msg'); return s && s.textContent.includes('done')",
+        json!([]),
+    )
+    .await;
+    b.goto(&ui).await;
+    wait_depth(&b, "emails", "ready", 0).await;
+
+    // Server page.
+    b.goto(&format!("{ui}#/server")).await;
+    b.wait_for("server info", "return document.querySelector('#server-info') && document.querySelector('#server-info').textContent.includes('pass') && document.querySelector('#server-info').textContent.includes('Partition storage')", json!([])).await;
+    if shots {
+        b.screenshots(&dir, "server").await;
+    }
+    b.assert_clean_console("server").await;
+
+    // Every control has an accessible name.
+    let unnamed = b
+        .js(
+            "return [...document.querySelectorAll('button, input, select, a')].filter(e =>
+               !(e.getAttribute('aria-label') || e.textContent.trim() || (e.labels && e.labels.length))).length",
+            json!([]),
+        )
+        .await;
+    assert_eq!(unnamed, json!(0));
+    srv.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dashboard_tour_on_memory() {
+    tour(Config::memory(), true).await;
+}
+
+#[cfg(feature = "fjall")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dashboard_tour_on_fjall() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().to_str().expect("utf-8 path").to_string();
+    tour(Config::default_persistent(&path), false).await;
+}
+
+#[cfg(feature = "postgres")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dashboard_tour_on_postgres() {
+    if lessor_testkit::database_or_skip().is_none() {
+        return;
+    }
+    let db = lessor_testkit::TestDatabase::create("lessor_ui").await;
+    tour(lessor_testkit::server::postgres_config(db.url()), false).await;
+}
+
+/// With auth on: a key for namespace A shows A's queues and never B's; a bad key shows an error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dashboard_shows_only_what_the_key_may_see() {
+    if !browser_available() {
+        return;
+    }
+    let dir = shots_dir();
+    let yaml = "queue-storage:\n  driver: memory\n\
+                partition-storage:\n  - name: m\n    driver: memory\n    affinity: 1\n\
+                auth-backend:\n  driver: internal\n";
+    let (srv, admin) = lessor_testkit::server::start(&Config::from_yaml(yaml).expect("config"), None).await;
+    for name in ["team-a", "team-b"] {
+        admin
+            .call::<NamespacesCreate>(&pb::NamespaceInfo {
+                name: name.into(),
+                ..Default::default()
+            })
+            .await
+            .expect("namespace");
+    }
+    lessor_testkit::server::create_queue(&admin, "a-jobs", |q| q.namespace = "team-a".into()).await;
+    lessor_testkit::server::create_queue(&admin, "b-secret", |q| q.namespace = "team-b".into()).await;
+    admin
+        .call::<RolesCreate>(&pb::RoleCreateRequest {
+            namespace: "team-a".into(),
+            name: "operator".into(),
+            permissions: ["queue.list", "queue.stats"]
+                .iter()
+                .map(|p| (*p).to_string())
+                .collect(),
+        })
+        .await
+        .expect("role");
+    let user = admin
+        .call::<UsersCreate>(&pb::UserCreateRequest {
+            username: "alice".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("user")
+        .id;
+    admin
+        .call::<RoleBindingsCreate>(&pb::RoleBindingCreateRequest {
+            namespace: "team-a".into(),
+            role_name: "operator".into(),
+            user_id: user.clone(),
+        })
+        .await
+        .expect("binding");
+    let key = admin
+        .call::<ApiKeysCreate>(&pb::APIKeyCreateRequest {
+            user_id: user,
+            ..Default::default()
+        })
+        .await
+        .expect("key")
+        .key;
+    let b = Browser::start().await;
+    let ui = format!("{}/ui/", srv.endpoint());
+
+    // A bad key: an error is shown, no queue is.
+    b.goto(&format!("{ui}#/key")).await;
+    b.type_into("#api-key", "lessor-not-a-real-key").await;
+    b.click("#key-submit").await;
+    let msg = b.text("#status-msg.error").await;
+    assert!(
+        msg.contains("401") || msg.to_lowercase().contains("not authorised"),
+        "{msg}"
+    );
+    if true {
+        b.screenshots(&dir, "bad-key").await;
+    }
+    b.console_errors().await; // the refused requests are expected here
+
+    // Namespace A's key, asked for all namespaces: refused; for team-a: only A's queue, ever.
+    b.goto(&format!("{ui}#/key")).await;
+    b.type_into("#api-key", &key).await;
+    b.type_into("#key-namespace", "team-a").await;
+    b.click("#key-submit").await;
+    wait_depth(&b, "a-jobs", "ready", 0).await;
+    for _ in 0..3 {
+        let body = b.js("return document.body.innerText", json!([])).await;
+        assert!(
+            !body.to_string().contains("b-secret"),
+            "namespace B leaked: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(700)).await;
+    }
+    b.assert_clean_console("overview with a namespace key").await;
+    // Asking for B's namespace with A's key shows an error, not B's queues.
+    b.type_into("#namespace", "team-b").await;
+    b.click("form.toolbar button[type=submit]").await;
+    b.text("#status-msg.error").await;
+    let body = b.js("return document.body.innerText", json!([])).await;
+    assert!(
+        !body.to_string().contains("b-secret"),
+        "namespace B leaked: {body}"
+    );
+    srv.stop().await;
+}
