@@ -346,8 +346,9 @@ async fn rebalance_under_load_survives_sigkill() {
     for h in load {
         h.await.expect("load task");
     }
-    let drain = tokio::spawn(consumer(sh.clone(), 99, Duration::ZERO));
+    // The flag must be down before the drain consumer starts: it exits at once when it sees it up.
     sh.stop.store(false, Ordering::Relaxed);
+    let drain = tokio::spawn(consumer(sh.clone(), 99, Duration::ZERO));
     let c = srv.client().clone();
     let t0 = Instant::now();
     loop {
@@ -368,7 +369,9 @@ async fn rebalance_under_load_survives_sigkill() {
         }
         assert!(
             t0.elapsed() < Duration::from_secs(120),
-            "the queue drains: {left} left"
+            "the queue drains: {left} left: {:?}\n{}",
+            s.logical_queues,
+            srv.log_tail()
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
