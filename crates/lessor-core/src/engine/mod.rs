@@ -15,6 +15,7 @@ mod placement;
 mod queue;
 mod rebalance;
 mod redrive;
+mod task_records;
 #[cfg(test)]
 mod tests;
 

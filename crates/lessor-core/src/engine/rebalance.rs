@@ -17,8 +17,9 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use super::queue::{Cold, RebalancePlan, RebalanceReport, JOURNAL_TAG};
+use super::task_records::TaskTable;
 use super::{shares, Engine};
-use crate::auth::records::{key, prefix};
+use crate::auth::records::key;
 use crate::auth::store::Commit;
 use crate::error::QueueError;
 use crate::time::Ts;
@@ -26,6 +27,11 @@ use crate::validate;
 
 /// Table tag of rebalance tasks in the metadata store.
 const TAG: u8 = b'P';
+/// Where the tasks are stored.
+const TASKS: TaskTable = TaskTable {
+    tag: TAG,
+    what: "rebalance",
+};
 /// How often a watcher polls its queue task.
 const POLL: Duration = Duration::from_millis(200);
 /// Pause after a failed poll before trying again.
@@ -176,51 +182,17 @@ impl Stored {
     }
 }
 
-fn task_key(id: &str) -> Vec<u8> {
-    key(TAG, &[id])
-}
-
 impl Engine {
     async fn load_rebalance(&self, id: &str) -> Result<Option<Stored>, QueueError> {
-        let Some(v) = self.auth_store().get(&task_key(id)).await? else {
-            return Ok(None);
-        };
-        serde_json::from_slice(&v)
-            .map(Some)
-            .map_err(|e| QueueError::StorageFailed(format!("rebalance task '{id}' unreadable: {e}")))
+        TASKS.load(self, id).await
     }
 
     async fn save_rebalance(&self, t: &Stored) -> Result<(), QueueError> {
-        let mut c = Commit {
-            silent: true,
-            ..Default::default()
-        };
-        let v = serde_json::to_vec(t).map_err(|e| QueueError::StorageFailed(e.to_string()))?;
-        c.put(task_key(&t.id), v);
-        self.auth_store()
-            .commit(c)
-            .await?
-            .map_err(|_| QueueError::StorageFailed("rebalance task write refused".into()))
+        TASKS.save(self, &t.id, t).await
     }
 
     async fn all_rebalances(&self) -> Result<Vec<Stored>, QueueError> {
-        let p = prefix(TAG, &[]);
-        let mut out = Vec::new();
-        let mut from: Vec<u8> = Vec::new();
-        loop {
-            let page = self.auth_store().scan(&p, &from, 500).await?;
-            let full = page.len() == 500;
-            for (k, v) in &page {
-                if let Ok(t) = serde_json::from_slice::<Stored>(v) {
-                    out.push(t);
-                }
-                from = k.to_vec();
-                from.push(0);
-            }
-            if !full {
-                return Ok(out);
-            }
-        }
+        TASKS.all(self).await
     }
 
     /// The running rebalance of `queue`, as the plan its task resumes when it loads.
@@ -486,7 +458,7 @@ impl Engine {
                 silent: true,
                 ..Default::default()
             };
-            c.delete(task_key(&old.id));
+            c.delete(TASKS.key(&old.id));
             let _ = self.auth_store().commit(c).await;
         }
         Ok(())

@@ -77,8 +77,8 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use super::queue::Msg;
+use super::task_records::TaskTable;
 use super::Engine;
-use crate::auth::records::{key, prefix};
 use crate::auth::store::Commit;
 use crate::error::QueueError;
 use crate::types::{ItemId, NewItem};
@@ -87,6 +87,11 @@ use crate::validate;
 /// Table tag of redrive tasks in the metadata store (the ordered store that also holds users and keys, so every
 /// server sharing the queue definitions sees the same tasks).
 const TAG: u8 = b'T';
+/// Where the tasks are stored.
+const TASKS: TaskTable = TaskTable {
+    tag: TAG,
+    what: "redrive",
+};
 /// Items moved per batch at most.
 const BATCH: usize = 100;
 /// Tasks kept; starting one more forgets the oldest finished ones.
@@ -147,10 +152,6 @@ impl Stored {
     }
 }
 
-fn task_key(id: &str) -> Vec<u8> {
-    key(TAG, &[id])
-}
-
 /// The queue a dead item came from: dead-letter moves set its source id to `queue/partition/id`.
 pub(crate) fn source_queue_of(source_id: &str) -> Option<&str> {
     let mut parts = source_id.rsplitn(3, '/');
@@ -162,45 +163,15 @@ pub(crate) fn source_queue_of(source_id: &str) -> Option<&str> {
 
 impl Engine {
     async fn load_task(&self, id: &str) -> Result<Option<Stored>, QueueError> {
-        let Some(v) = self.auth_store().get(&task_key(id)).await? else {
-            return Ok(None);
-        };
-        serde_json::from_slice(&v)
-            .map(Some)
-            .map_err(|e| QueueError::StorageFailed(format!("redrive task '{id}' unreadable: {e}")))
+        TASKS.load(self, id).await
     }
 
     async fn save_task(&self, t: &Stored) -> Result<(), QueueError> {
-        let mut c = Commit {
-            silent: true,
-            ..Default::default()
-        };
-        let v = serde_json::to_vec(t).map_err(|e| QueueError::StorageFailed(e.to_string()))?;
-        c.put(task_key(&t.id), v);
-        self.auth_store()
-            .commit(c)
-            .await?
-            .map_err(|_| QueueError::StorageFailed("redrive task write refused".into()))
+        TASKS.save(self, &t.id, t).await
     }
 
     async fn all_tasks(&self) -> Result<Vec<Stored>, QueueError> {
-        let p = prefix(TAG, &[]);
-        let mut out = Vec::new();
-        let mut from: Vec<u8> = Vec::new();
-        loop {
-            let page = self.auth_store().scan(&p, &from, 500).await?;
-            let full = page.len() == 500;
-            for (k, v) in &page {
-                if let Ok(t) = serde_json::from_slice::<Stored>(v) {
-                    out.push(t);
-                }
-                from = k.to_vec();
-                from.push(0);
-            }
-            if !full {
-                return Ok(out);
-            }
-        }
+        TASKS.all(self).await
     }
 
     /// Starts a redrive task (see [`RedriveRequest`]); it runs in the background and survives restarts.
@@ -259,7 +230,7 @@ impl Engine {
                 silent: true,
                 ..Default::default()
             };
-            c.delete(task_key(&old.id));
+            c.delete(TASKS.key(&old.id));
             let _ = self.auth_store().commit(c).await;
         }
         let now = self.clock().now();
