@@ -62,6 +62,53 @@ fn run(endpoint: &str, args: &[&str]) -> Duration {
     start.elapsed()
 }
 
+/// Creates the two queues of the benchmarks (4 partitions each): `bulk`, which is backed up or moved, and `live`,
+/// which the serving loop uses.
+async fn create_bulk_and_live(c: &Client) {
+    for q in ["bulk", "live"] {
+        c.queues_create(&pb::QueueInfo {
+            queue_name: q.into(),
+            lease_timeout: "1h".into(),
+            expire_timeout: "24h".into(),
+            requested_partitions: 4,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    }
+}
+
+/// Produces `n` JSON-like items into `bulk` from 8 clients, in batches of 1,000.
+async fn fill_bulk(c: &Client, n: usize) {
+    let mut tasks = Vec::new();
+    let per = n / 8;
+    for t in 0..8 {
+        let c = c.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut left = if t == 7 { n - per * 7 } else { per };
+            while left > 0 {
+                let k = left.min(1000);
+                c.queue_produce(&pb::QueueProduceRequest {
+                    queue_name: "bulk".into(),
+                    request_timeout: "30s".into(),
+                    items: (0..k)
+                        .map(|i| pb::QueueProduceItem {
+                            bytes: payload((t * per + left + i) as u64),
+                            ..Default::default()
+                        })
+                        .collect(),
+                })
+                .await
+                .unwrap();
+                left -= k;
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+}
+
 /// Produce/lease/complete operations per second from `workers` clients during `d`.
 async fn serving_rate(c: &Client, queue: &str, d: Duration) -> f64 {
     let stop = Arc::new(AtomicBool::new(false));
@@ -124,45 +171,9 @@ async fn backup_and_restore_one_million_items() {
     let dir = tempfile::tempdir().unwrap();
     let src_dir = dir.path().join("src");
     let (srv, c) = lessor_testkit::server::start(&fjall_config(&src_dir), None).await;
-    for q in ["bulk", "live"] {
-        c.queues_create(&pb::QueueInfo {
-            queue_name: q.into(),
-            lease_timeout: "1h".into(),
-            expire_timeout: "24h".into(),
-            requested_partitions: 4,
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-    }
+    create_bulk_and_live(&c).await;
     let fill = Instant::now();
-    let mut tasks = Vec::new();
-    let per = n / 8;
-    for t in 0..8 {
-        let c = c.clone();
-        tasks.push(tokio::spawn(async move {
-            let mut left = if t == 7 { n - per * 7 } else { per };
-            while left > 0 {
-                let k = left.min(1000);
-                c.queue_produce(&pb::QueueProduceRequest {
-                    queue_name: "bulk".into(),
-                    request_timeout: "30s".into(),
-                    items: (0..k)
-                        .map(|i| pb::QueueProduceItem {
-                            bytes: payload((t * per + left + i) as u64),
-                            ..Default::default()
-                        })
-                        .collect(),
-                })
-                .await
-                .unwrap();
-                left -= k;
-            }
-        }));
-    }
-    for t in tasks {
-        t.await.unwrap();
-    }
+    fill_bulk(&c, n).await;
     eprintln!("filled {n} items in {:.1}s", fill.elapsed().as_secs_f64());
 
     // Where backup files go (`LESSOR_BENCH_BACKUP_DIR`, e.g. /dev/shm to keep their writes off the server's disk).
@@ -316,44 +327,8 @@ async fn serving_during_a_partition_move() {
     ))
     .unwrap();
     let (srv, c) = lessor_testkit::server::start(&config, None).await;
-    for q in ["bulk", "live"] {
-        c.queues_create(&pb::QueueInfo {
-            queue_name: q.into(),
-            lease_timeout: "1h".into(),
-            expire_timeout: "24h".into(),
-            requested_partitions: 4,
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-    }
-    let mut tasks = Vec::new();
-    let per = n / 8;
-    for t in 0..8 {
-        let c = c.clone();
-        tasks.push(tokio::spawn(async move {
-            let mut left = if t == 7 { n - per * 7 } else { per };
-            while left > 0 {
-                let k = left.min(1000);
-                c.queue_produce(&pb::QueueProduceRequest {
-                    queue_name: "bulk".into(),
-                    request_timeout: "30s".into(),
-                    items: (0..k)
-                        .map(|i| pb::QueueProduceItem {
-                            bytes: payload((t * per + left + i) as u64),
-                            ..Default::default()
-                        })
-                        .collect(),
-                })
-                .await
-                .unwrap();
-                left -= k;
-            }
-        }));
-    }
-    for t in tasks {
-        t.await.unwrap();
-    }
+    create_bulk_and_live(&c).await;
+    fill_bulk(&c, n).await;
     let cpu0 = cpu_seconds();
     let alone = serving_rate(&c, "live", Duration::from_secs(5)).await;
     let cpu_serving = (cpu_seconds() - cpu0) / (alone * 5.0 / 3.0 * 10.0);
