@@ -542,16 +542,7 @@ impl Engine {
         }
         #[cfg(not(test))]
         let _ = target;
-        let injected = {
-            let mut f = lock(&self.fault);
-            if *f == Some(Fault::SyncFails) {
-                *f = None;
-                true
-            } else {
-                false
-            }
-        };
-        self.fsyncs.fetch_add(1, Ordering::Relaxed);
+        let injected = self.take_sync_fault();
         let res = if injected {
             Err(io::Error::other("injected fsync failure"))
         } else {
@@ -634,18 +625,20 @@ impl Engine {
         }
     }
 
+    /// Counts an fsync about to run and says whether a test injected its failure (the fault fires once).
+    fn take_sync_fault(&self) -> bool {
+        self.fsyncs.fetch_add(1, Ordering::Relaxed);
+        let mut f = lock(&self.fault);
+        let injected = *f == Some(Fault::SyncFails);
+        if injected {
+            *f = None;
+        }
+        injected
+    }
+
     /// fsyncs the journal; a failure poisons the engine.
     fn fsync(&self, db: &Database) -> Result<(), StorageError> {
-        let injected = {
-            let mut f = lock(&self.fault);
-            if *f == Some(Fault::SyncFails) {
-                *f = None;
-                true
-            } else {
-                false
-            }
-        };
-        self.fsyncs.fetch_add(1, Ordering::Relaxed);
+        let injected = self.take_sync_fault();
         let res = if injected {
             Err(fjall::Error::Io(io::Error::other("injected fsync failure")))
         } else {
