@@ -9,6 +9,8 @@
 //! A queue holds millions of small items, so the per-item cost matters more than anything else here:
 //! - Ready and leased items live in [`Slot`]s, 48 bytes each, in chunks of 1,024 addressed by id. Ids grow by one
 //!   per allocation, so a chunk is dense while its items are in the queue and is freed once all of them are gone.
+//!   A chunk with few live items left (a low priority waiting while higher ones flow) keeps only those (the
+//!   `chunk` submodule), so a waiting item never holds memory for the 1,024 slots of its chunk.
 //!   Strings and the payload share one boxed byte buffer; absent strings cost nothing.
 //! - The ready queue of priority 0 (the default) needs no index of its own: an item becomes ready only under a
 //!   fresh id at the tail, and leases take from the head, so every ready priority-0 id lies at or after a cursor
@@ -37,8 +39,10 @@ use lessor_core::types::{
     ClearRequest, DedupRecord, Item, ItemId, NewItem, PartitionCounts, PartitionStats, MAX_PRIORITY,
 };
 
+mod chunk;
 mod dedup;
 
+use chunk::{Chunk, CHUNK};
 use dedup::DedupSet;
 
 /// What an operation changed, for a persistent backend to write in one atomic batch.
@@ -69,7 +73,6 @@ const COMPACT_SLACK: usize = 64;
 /// Expired dedup records a produce call drops beyond as many as it adds, so a backlog drains too.
 const PRUNE_EXTRA: usize = 16;
 
-const CHUNK: u64 = 1024;
 const LIVE: u8 = 1;
 const LEASED: u8 = 2;
 
@@ -223,12 +226,6 @@ impl Slot {
     }
 }
 
-#[derive(Debug, Default)]
-struct Chunk {
-    slots: Vec<Slot>,
-    live: u32,
-}
-
 /// One partition's items and indexes.
 #[derive(Debug)]
 pub struct PartitionState {
@@ -341,7 +338,7 @@ impl PartitionState {
     fn slot(&self, id: u64) -> Option<&Slot> {
         self.chunks
             .get(&(id / CHUNK))
-            .and_then(|c| c.slots.get((id % CHUNK) as usize))
+            .and_then(|c| c.get((id % CHUNK) as usize))
             .filter(|s| s.live())
     }
 
@@ -378,20 +375,10 @@ impl PartitionState {
         self.expire.entry(Ts(slot.expire_deadline)).or_default().push(id);
         self.sum_created += i128::from(slot.created_at);
         let off = (id % CHUNK) as usize;
-        // A chunk started at its first slot is being appended to in order: give it its full size at once instead
-        // of growing it by doubling (each growth copies the chunk). Chunks started elsewhere (reloads, gaps) grow
-        // as needed so a sparse chunk stays small.
-        let chunk = self.chunks.entry(id / CHUNK).or_insert_with(|| Chunk {
-            slots: Vec::with_capacity(if off == 0 { CHUNK as usize } else { 0 }),
-            live: 0,
-        });
-        while chunk.slots.len() <= off {
-            chunk.slots.push(Slot::default());
-        }
-        if !chunk.slots[off].live() {
-            chunk.live += 1;
-        }
-        chunk.slots[off] = slot;
+        self.chunks
+            .entry(id / CHUNK)
+            .or_insert_with(|| Chunk::starting_at(off))
+            .put(off, slot);
     }
 
     /// Takes a live item out of the chunks (its deadline entries go stale and are pruned lazily).
@@ -422,10 +409,8 @@ impl PartitionState {
     fn take_live_slot(&mut self, id: u64) -> Option<Slot> {
         let key = id / CHUNK;
         let chunk = self.chunks.get_mut(&key)?;
-        let slot = chunk.slots.get_mut((id % CHUNK) as usize).filter(|s| s.live())?;
-        let slot = std::mem::take(slot);
-        chunk.live -= 1;
-        if chunk.live == 0 {
+        let slot = chunk.take((id % CHUNK) as usize)?;
+        if chunk.live() == 0 {
             self.chunks.remove(&key);
         }
         if slot.leased() {
@@ -650,22 +635,26 @@ impl PartitionState {
             } else {
                 0
             };
+            let end = chunk.end();
             let mut off = start;
-            while off < chunk.slots.len() && out.len() < n {
-                let s = &mut chunk.slots[off];
+            while out.len() < n {
+                let Some((at, s)) = chunk.next_mut(off) else {
+                    off = end;
+                    break;
+                };
+                off = at + 1;
                 // Higher priorities are served from their FIFOs; the cursor passes over them.
                 if s.live() && !s.leased() && s.priority == 0 {
                     s.flags |= LEASED;
                     s.lease_deadline = deadline.0;
                     s.attempts = s.attempts.saturating_add(1);
-                    let id = key * CHUNK + off as u64;
+                    let id = key * CHUNK + at as u64;
                     out.push(s.to_item(id));
                     taken.push(id);
                     self.ready_by_prio[0] -= 1;
                 }
-                off += 1;
             }
-            let exhausted = off >= chunk.slots.len();
+            let exhausted = off >= end;
             self.cursor = key * CHUNK + off as u64;
             if exhausted && out.len() < n {
                 // Later ids of this chunk may still arrive while it is the last chunk, so the cursor stays at its
@@ -959,7 +948,7 @@ impl PartitionState {
         }
         let mut out = Vec::new();
         for (&key, chunk) in self.chunks.range(from / CHUNK..) {
-            for (off, s) in chunk.slots.iter().enumerate() {
+            for (off, s) in chunk.iter() {
                 let id = key * CHUNK + off as u64;
                 if id < from || !s.live() {
                     continue;
@@ -1006,7 +995,7 @@ impl PartitionState {
     pub fn all_items(&self) -> Vec<Item> {
         let mut out = Vec::with_capacity(self.len());
         for (&key, chunk) in &self.chunks {
-            for (off, s) in chunk.slots.iter().enumerate() {
+            for (off, s) in chunk.iter() {
                 if s.live() {
                     out.push(s.to_item(key * CHUNK + off as u64));
                 }
@@ -1035,7 +1024,7 @@ impl PartitionState {
         let mut victims: Vec<u64> = Vec::new();
         if req.queue {
             for (&key, chunk) in &self.chunks {
-                for (off, s) in chunk.slots.iter().enumerate() {
+                for (off, s) in chunk.iter() {
                     if s.live() && (req.destructive || !s.leased()) {
                         victims.push(key * CHUNK + off as u64);
                     }
@@ -1069,8 +1058,8 @@ impl PartitionState {
     pub fn live_payload_bytes(&self) -> u64 {
         self.chunks
             .values()
-            .flat_map(|c| c.slots.iter())
-            .map(Slot::payload_len)
+            .flat_map(|c| c.iter())
+            .map(|(_, s)| s.payload_len())
             .sum()
     }
 }
@@ -1082,14 +1071,14 @@ type DeadlineIndex = BTreeMap<Ts, Vec<u64>>;
 fn slot_in(chunks: &BTreeMap<u64, Chunk>, id: u64) -> Option<&Slot> {
     chunks
         .get(&(id / CHUNK))
-        .and_then(|c| c.slots.get((id % CHUNK) as usize))
+        .and_then(|c| c.get((id % CHUNK) as usize))
         .filter(|s| s.live())
 }
 
 fn slot_mut(chunks: &mut BTreeMap<u64, Chunk>, id: u64) -> Option<&mut Slot> {
     chunks
         .get_mut(&(id / CHUNK))
-        .and_then(|c| c.slots.get_mut((id % CHUNK) as usize))
+        .and_then(|c| c.get_mut((id % CHUNK) as usize))
         .filter(|s| s.live())
 }
 
@@ -1185,6 +1174,43 @@ mod tests {
         let again = s.produce(items).0;
         assert!(again[0] > ids[3], "stored anew");
         assert_eq!(again[2], ids[2], "still held by the live item");
+    }
+
+    /// A low priority starving behind busy traffic: 1 item in 64 waits at priority 0 while the rest flow through
+    /// at priority 5. The waiting items keep memory for themselves only (sparse chunks), not for the 1,024 slots
+    /// of every chunk they sit in, and still come out complete and in FIFO order.
+    #[test]
+    fn a_starving_priority_keeps_no_memory_for_the_items_that_left() {
+        let mut s = PartitionState::new(1).without_changes();
+        let mut waiting = Vec::new();
+        for round in 0..64u32 {
+            let batch: Vec<NewItem> = (0..1024u32)
+                .map(|i| NewItem {
+                    priority: if i % 64 == 0 { 0 } else { 5 },
+                    ..new_item(&format!("{round}-{i}"), Ts::ZERO)
+                })
+                .collect();
+            let ids = s.produce(batch).0;
+            waiting.extend(ids.iter().step_by(64).copied());
+            // Lease and complete what priority 5 has: the priority-0 items stay behind.
+            let leased = s.lease(1024 - 16, Ts(100)).0;
+            assert!(leased.len() == 1024 - 16 && leased.iter().all(|it| it.priority == 5));
+            s.complete(vec![leased.iter().map(|it| it.id).collect()]);
+        }
+        assert_eq!(s.counts().ready, 64 * 16);
+        let slots: usize = s.chunks.values().map(|c| c.capacity()).sum();
+        // Dense, the 65 chunks would hold 66,560 slots (3 MiB) for 1,024 items. Sparse, each keeps at most 4 slots
+        // per live item plus 8 (16 items: 72), and the tail chunk, still being filled, stays dense: under 6,000.
+        assert!(
+            slots <= 65 * 72 + 1024,
+            "{slots} slots held for 1,024 waiting items"
+        );
+        let got = s.lease(5000, Ts(100)).0;
+        assert_eq!(got.iter().map(|it| it.id).collect::<Vec<_>>(), waiting);
+        // Payloads survive the move into the sparse form: item i of a round carries "{round}-{i}".
+        for (k, it) in got.iter().enumerate() {
+            assert_eq!(it.payload, format!("{}-{}", k / 16, (k % 16) * 64).as_bytes());
+        }
     }
 
     /// Ready items spread over chunks with gaps (ids taken by scheduled items) are all found, in order.
