@@ -216,6 +216,8 @@ pub struct PartitionReport {
     pub average_leased_age: Duration,
     /// Scheduled items.
     pub scheduled: u64,
+    /// Age of the oldest item next in line (see [`crate::types::PartitionStats::oldest_ready_age`]).
+    pub oldest_ready_age: Duration,
 }
 
 /// `queue.stats` answer.

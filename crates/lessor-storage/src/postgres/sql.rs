@@ -363,8 +363,12 @@ impl Sql {
                         CASE WHEN r.n + l.n > 0
                              THEN div(coalesce(r.created, 0) + coalesce(l.created, 0), r.n + l.n)::int8 END,
                         CASE WHEN l.n > 0 THEN div(l.deadline, l.n)::int8 END,
-                        (coalesce(r.bytes, 0) + coalesce(l.bytes, 0) + coalesce(s.bytes, 0))::int8
-                 FROM r, l, s"
+                        (coalesce(r.bytes, 0) + coalesce(l.bytes, 0) + coalesce(s.bytes, 0))::int8,
+                        (SELECT min(h.created) FROM (SELECT (SELECT created_at FROM {t} WHERE {READY}
+                                                              AND priority = p::int2 ORDER BY id LIMIT 1) AS created
+                                                     FROM generate_series(0, {max_priority}) AS p) AS h)::int8
+                 FROM r, l, s",
+                max_priority = lessor_core::types::MAX_PRIORITY,
             ),
             // Pages walk the primary key in id order. The state test is wrapped in `IS TRUE` so the planner cannot
             // match it to the `_expire` or `_sched` partial index, which would read every live (or scheduled) item
