@@ -47,6 +47,20 @@ struct Ring {
     samples: VecDeque<HistorySample>,
 }
 
+/// Recent per-second rates of one queue (see [`History::rates`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Rates {
+    /// Items produced per second.
+    pub produced: f64,
+    /// Items leased per second.
+    pub leased: f64,
+    /// Items completed per second.
+    pub completed: f64,
+}
+
+/// Samples [`History::rates`] averages over: the last 10 s.
+pub const RATE_SAMPLES: usize = 5;
+
 /// The rings of all queues.
 #[derive(Default)]
 pub struct History {
@@ -108,6 +122,30 @@ impl History {
         }
     }
 
+    /// Produce, lease and complete rates of `queue` per second over its last `k` samples (zeros without any), as
+    /// the overview shows them: a few samples smooth a burst without hiding a stall for minutes.
+    pub fn rates(&self, queue: &str, k: usize) -> Rates {
+        let Ok(rings) = self.rings.lock() else {
+            return Rates::default();
+        };
+        let Some(ring) = rings.get(queue) else {
+            return Rates::default();
+        };
+        let n = ring.samples.len().min(k);
+        if n == 0 {
+            return Rates::default();
+        }
+        let secs = INTERVAL.as_secs_f64() * n as f64;
+        let sum = |f: fn(&HistorySample) -> i64| {
+            ring.samples.iter().rev().take(n).map(|s| f(s) as f64).sum::<f64>() / secs
+        };
+        Rates {
+            produced: sum(|s| s.produced),
+            leased: sum(|s| s.leased),
+            completed: sum(|s| s.completed),
+        }
+    }
+
     /// Samples every queue of `engine` every `interval`, until the task is aborted.
     pub async fn run(&self, engine: Engine, interval: Duration) {
         let mut tick = tokio::time::interval(interval);
@@ -149,6 +187,12 @@ mod tests {
         let s = h.samples("q");
         assert_eq!(s.len(), CAPACITY);
         assert_eq!(s[0].produced, 0);
+        // Rates: the last two samples held 0 and 10 produced items: 10 items over 4 s.
+        m.produced.store(140, Ordering::Relaxed);
+        h.sample(9_000_000, &queues);
+        let r = h.rates("q", 2);
+        assert!((r.produced - 2.5).abs() < 1e-9, "{r:?}");
+        assert_eq!(h.rates("other", 2), Rates::default());
         h.sample(9_999_999, &[]);
         assert!(h.samples("q").is_empty(), "a deleted queue drops its ring");
     }
