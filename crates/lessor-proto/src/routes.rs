@@ -14,8 +14,9 @@ use crate::apikeys::{
     APIKeyCreateRequest, APIKeyCreateResponse, APIKeysDeleteRequest, APIKeysListRequest, APIKeysListResponse,
 };
 use crate::extensions::{
-    AuthWhoamiRequest, AuthWhoamiResponse, QueuesOverviewRequest, QueuesOverviewResponse, QueueBrowseRequest, QueueBrowseResponse, QueueExtendRequest, QueueHistoryRequest, QueueHistoryResponse,
-    QueuePauseRequest, QueueRebalanceRequest, QueueRedriveRequest, QueueResumeRequest, RebalanceListRequest,
+    AuthWhoamiRequest, AuthWhoamiResponse, QueueBrowseRequest, QueueBrowseResponse, QueueExtendRequest,
+    QueueHistoryRequest, QueueHistoryResponse, QueuePauseRequest, QueueRebalanceRequest, QueueRedriveRequest,
+    QueueResumeRequest, QueuesOverviewRequest, QueuesOverviewResponse, RebalanceListRequest,
     RebalanceListResponse, RebalanceTask, RebalanceTaskRequest, RedriveListRequest, RedriveListResponse,
     RedriveTask, RedriveTaskRequest, RestoreBeginRequest, RestoreBeginResponse, RestoreFinishRequest,
     RestoreImportRequest, RestoreImportResponse, ServerInfoRequest, ServerInfoResponse,

@@ -113,6 +113,7 @@ fn round_trips_in_both_encodings() {
     });
     round_trip(&QueueStatsRequest {
         queue_name: "q".into(),
+        ..Default::default()
     });
     round_trip(&QueueStatsResponse {
         queue_name: "q".into(),
@@ -131,6 +132,7 @@ fn round_trips_in_both_encodings() {
                 scheduled: 7,
                 un_leased: 8,
                 next_lifecycle_run: "3s".into(),
+                oldest_ready_age: "9s".into(),
             }],
         }],
     });
@@ -207,7 +209,8 @@ fn protobuf_field_numbers_match_querator() {
     // queue_name = 1 (string): key 0x0a.
     assert_eq!(
         QueueStatsRequest {
-            queue_name: "q".into()
+            queue_name: "q".into(),
+            ..Default::default()
         }
         .encode_to_vec(),
         vec![0x0a, 1, b'q']

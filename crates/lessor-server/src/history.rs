@@ -137,7 +137,13 @@ impl History {
         }
         let secs = INTERVAL.as_secs_f64() * n as f64;
         let sum = |f: fn(&HistorySample) -> i64| {
-            ring.samples.iter().rev().take(n).map(|s| f(s) as f64).sum::<f64>() / secs
+            ring.samples
+                .iter()
+                .rev()
+                .take(n)
+                .map(|s| f(s) as f64)
+                .sum::<f64>()
+                / secs
         };
         Rates {
             produced: sum(|s| s.produced),

@@ -1006,9 +1006,7 @@ impl PartitionState {
             average_age: avg(self.sum_created, live, false),
             average_leased_age: avg(self.sum_lease, leased, true),
             payload_bytes: self.payload_bytes,
-            oldest_ready_age: self
-                .oldest_head()
-                .map_or(Duration::ZERO, |c| now.since(Ts(c))),
+            oldest_ready_age: self.oldest_head().map_or(Duration::ZERO, |c| now.since(Ts(c))),
         }
     }
 

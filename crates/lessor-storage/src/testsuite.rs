@@ -585,7 +585,11 @@ pub async fn stats_report_oldest_ready_age(b: TestBackend) {
     batch.push(later);
     let ids = p.produce(batch).await.expect("produce");
     let s = p.stats(at).await.expect("stats");
-    assert_eq!(s.oldest_ready_age, SEC * 10, "a (created at T0) is first in line at priority 0");
+    assert_eq!(
+        s.oldest_ready_age,
+        SEC * 10,
+        "a (created at T0) is first in line at priority 0"
+    );
     // The priority-5 item goes first; a is still waiting.
     let got = p.lease(1, T0.add(SEC * 60)).await.expect("lease");
     assert_eq!(payloads(&got), vec!["urgent"]);

@@ -654,19 +654,33 @@ pub async fn run(cli: Cli) -> Result<(), String> {
         }
         Command::Stats { queue } => {
             let r = c
-                .queue_stats(&pb::QueueStatsRequest { queue_name: queue })
+                .queue_stats(&pb::QueueStatsRequest {
+                    queue_name: queue,
+                    with_oldest_age: true,
+                })
                 .await
                 .map_err(api)?;
             print(json, &r, |r| {
                 let mut s = format!(
-                    "{:>9} {:>10} {:>10} {:>10} {:>9} {:>12}",
-                    "PARTITION", "TOTAL", "LEASED", "SCHEDULED", "FAILURES", "AVG AGE"
+                    "{:>9} {:>10} {:>10} {:>10} {:>9} {:>12} {:>12}",
+                    "PARTITION", "TOTAL", "LEASED", "SCHEDULED", "FAILURES", "AVG AGE", "OLDEST READY"
                 );
                 for l in &r.logical_queues {
                     for p in &l.partitions {
+                        let oldest = if p.oldest_ready_age.is_empty() {
+                            "-"
+                        } else {
+                            p.oldest_ready_age.as_str()
+                        };
                         s.push_str(&format!(
-                            "\n{:>9} {:>10} {:>10} {:>10} {:>9} {:>12}",
-                            p.partition, p.total, p.total_leased, p.scheduled, p.failures, p.average_age
+                            "\n{:>9} {:>10} {:>10} {:>10} {:>9} {:>12} {:>12}",
+                            p.partition,
+                            p.total,
+                            p.total_leased,
+                            p.scheduled,
+                            p.failures,
+                            p.average_age,
+                            oldest
                         ));
                     }
                     s.push_str(&format!("\nwaiting leases: {}", l.lease_waiting));
