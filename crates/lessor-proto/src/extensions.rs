@@ -789,6 +789,11 @@ message! {
         #[json(Str, "error")]
         #[prost(string, tag = "112")]
         pub error: String,
+        /// True when the caller may list the queue but not read its stats (`queue.stats`): the figures are then
+        /// left out, not zero.
+        #[json(Bool, "stats_hidden", "statsHidden")]
+        #[prost(bool, tag = "113")]
+        pub stats_hidden: bool,
     }
 }
 

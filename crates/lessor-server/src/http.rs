@@ -774,6 +774,7 @@ async fn overview_row(
         ..Default::default()
     };
     if !figures {
+        row.stats_hidden = true;
         return row;
     }
     let n = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);

@@ -579,6 +579,8 @@ async fn queues_overview_is_filtered_like_queues_list() {
         "no figures: {listed}"
     );
     assert_eq!(row["dead_queue"], "qa-dlq", "{listed}");
+    assert_eq!(row["stats_hidden"], true, "{listed}");
+    assert!(own["items"][0].get("stats_hidden").is_none(), "{own}");
     let (code, _) = post_json(
         &base,
         "/v1/queues.overview",

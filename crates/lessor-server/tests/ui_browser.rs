@@ -319,6 +319,21 @@ async fn wait_depth(b: &Browser, queue: &str, col: &str, want: u64) {
     .await;
 }
 
+/// Requests the server answered on `route` so far (any code), from `/metrics`.
+async fn answered(srv: &RunningServer, route: &str) -> u64 {
+    let text = reqwest::get(format!("{}/metrics", srv.endpoint()))
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("metrics text");
+    let label = format!("route=\"{route}\"");
+    text.lines()
+        .filter(|l| l.starts_with("lessor_http_requests_total{") && l.contains(&label))
+        .filter_map(|l| l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()))
+        .sum::<f64>() as u64
+}
+
 /// The whole tour on one server: overview and live depths, an item browsed, retried and completed, a queue
 /// created and deleted, a dead-letter queue redriven, the server page; screenshots of each page, and no console
 /// errors on any of them.
@@ -356,6 +371,40 @@ async fn tour(config: Config, shots: bool) {
     let item = leased.items[0].id.clone();
     wait_depth(&b, "orders", "leased", 1).await;
     wait_depth(&b, "orders", "ready", 2).await;
+    // The oldest waiting item's age is shown (a duration), and "-" for a queue with nothing waiting.
+    let oldest = b
+        .wait_for(
+            "oldest age",
+            "const td = document.querySelector(\"tr[data-queue='orders'] td[data-col='age']\");
+             return td && /^[\\d.]+(ms|s|m|h|µs|us)/.test(td.textContent) ? td.textContent : null;",
+            json!([]),
+        )
+        .await;
+    assert!(oldest.is_string(), "{oldest}");
+    assert_eq!(
+        b.text("tr[data-queue='orders-dead'] td[data-col='age']").await,
+        "-"
+    );
+    // One request per refresh: the overview polls queues.overview every 2 s, and nothing per queue.
+    let per_queue = ["/v1/queue.stats", "/v1/queue.history", "/v1/queues.list"];
+    let mut before = Vec::new();
+    for route in per_queue {
+        before.push(answered(&srv, route).await);
+    }
+    let overviews = answered(&srv, "/v1/queues.overview").await;
+    tokio::time::sleep(Duration::from_millis(4500)).await;
+    let refreshes = answered(&srv, "/v1/queues.overview").await - overviews;
+    assert!(
+        (2..=3).contains(&refreshes),
+        "about one queues.overview per 2 s refresh, got {refreshes} in 4.5 s"
+    );
+    for (route, was) in per_queue.iter().zip(before) {
+        assert_eq!(
+            answered(&srv, route).await,
+            was,
+            "{route}: the overview makes no per-queue request"
+        );
+    }
     // Filtering hides the other queues.
     b.type_into("#filter", "ema").await;
     b.wait_for(
@@ -414,6 +463,11 @@ async fn tour(config: Config, shots: bool) {
     )
     .await;
     assert_eq!(b.text("#partitions tr td").await, "0");
+    let card = b.text("#card-oldest .v").await;
+    assert!(
+        card != "-" && !card.is_empty(),
+        "oldest ready item on the queue page: {card}"
+    );
     // Settings edit goes through queues.update.
     b.type_into("#set-max_attempts", "7").await;
     b.click_confirm("#save-settings").await;
@@ -622,7 +676,8 @@ async fn dashboard_tour_on_postgres() {
     tour(lessor_testkit::server::postgres_config(db.url()), false).await;
 }
 
-/// With auth on: a key for namespace A shows A's queues and never B's; a bad key shows an error.
+/// With auth on: a key scoped to namespace A shows A's queues without anyone typing a namespace (the page asks
+/// `auth.whoami`), and never B's; a bad key shows an error.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dashboard_shows_only_what_the_key_may_see() {
     if !browser_available() {
@@ -674,6 +729,7 @@ async fn dashboard_shows_only_what_the_key_may_see() {
     let key = admin
         .call::<ApiKeysCreate>(&pb::APIKeyCreateRequest {
             user_id: user,
+            namespace_scope: "team-a".into(),
             ..Default::default()
         })
         .await
@@ -696,12 +752,16 @@ async fn dashboard_shows_only_what_the_key_may_see() {
     }
     b.console_errors().await; // the refused requests are expected here
 
-    // Namespace A's key, asked for all namespaces: refused; for team-a: only A's queue, ever.
+    // Namespace A's scoped key, and no namespace typed: the overview shows team-a, only A's queue, ever.
     b.goto(&format!("{ui}#/key")).await;
     b.type_into("#api-key", &key).await;
-    b.type_into("#key-namespace", "team-a").await;
     b.click("#key-submit").await;
     wait_depth(&b, "a-jobs", "ready", 0).await;
+    assert_eq!(
+        b.js("return document.querySelector('#namespace').value", json!([]))
+            .await,
+        json!("team-a")
+    );
     for _ in 0..3 {
         let body = b.js("return document.body.innerText", json!([])).await;
         assert!(
