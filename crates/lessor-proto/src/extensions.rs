@@ -638,6 +638,11 @@ message! {
         #[json(I64, "scheduled")]
         #[prost(int64, tag = "9")]
         pub scheduled: i64,
+        /// Mean age (now - created_at) of the items leased since the previous sample, in milliseconds: how long
+        /// they waited from produce to lease. 0 when none was leased.
+        #[json(I64, "lease_age_ms", "leaseAgeMs")]
+        #[prost(int64, tag = "10")]
+        pub lease_age_ms: i64,
     }
 }
 

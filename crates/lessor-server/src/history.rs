@@ -3,7 +3,7 @@
 //!
 //! It exists so the dashboard can draw rate charts over the last minutes without an external store; Prometheus
 //! (`/metrics`) stays the long-term record. The ring is per server process and starts empty at start-up. Its cost is
-//! bounded: [`CAPACITY`] samples of 9 integers per queue (about 11 KB per queue), and queues that disappear from
+//! bounded: [`CAPACITY`] samples of 10 integers per queue (about 12 KB per queue), and queues that disappear from
 //! the engine drop their ring at the next sample.
 
 use std::collections::{HashMap, VecDeque};
@@ -25,6 +25,7 @@ pub const CAPACITY: usize = 150;
 struct Totals {
     produced: u64,
     leased: u64,
+    lease_age_us: u64,
     completed: u64,
     retried: u64,
     dead_lettered: u64,
@@ -35,6 +36,7 @@ impl Totals {
         Totals {
             produced: m.produced.load(Ordering::Relaxed),
             leased: m.leased.load(Ordering::Relaxed),
+            lease_age_us: m.lease_age_us.load(Ordering::Relaxed),
             completed: m.completed.load(Ordering::Relaxed),
             retried: m.retried.load(Ordering::Relaxed),
             dead_lettered: m.dead_lettered.load(Ordering::Relaxed),
@@ -97,6 +99,12 @@ impl History {
             if ring.samples.len() == CAPACITY {
                 ring.samples.pop_front();
             }
+            let leased = now.leased.saturating_sub(last.leased);
+            let lease_age_ms = if leased == 0 {
+                0
+            } else {
+                gauge(now.lease_age_us.saturating_sub(last.lease_age_us) / leased / 1000)
+            };
             ring.samples.push_back(HistorySample {
                 time_ms,
                 produced: delta(now.produced, last.produced),
@@ -107,6 +115,7 @@ impl History {
                 ready: gauge(m.ready.load(Ordering::Relaxed)),
                 leased_now: gauge(m.leased_now.load(Ordering::Relaxed)),
                 scheduled: gauge(m.scheduled.load(Ordering::Relaxed)),
+                lease_age_ms,
             });
         }
     }
@@ -183,10 +192,14 @@ mod tests {
         );
         m.produced.store(130, Ordering::Relaxed);
         m.ready.store(30, Ordering::Relaxed);
+        // Two items leased after waiting 1 s and 3 s: a mean of 2 s.
+        m.leased.store(2, Ordering::Relaxed);
+        m.lease_age_us.store(4_000_000, Ordering::Relaxed);
         h.sample(2000, &queues);
         let s = h.samples("q");
         assert_eq!(s.len(), 2);
         assert_eq!((s[1].time_ms, s[1].produced, s[1].ready), (2000, 30, 30));
+        assert_eq!((s[0].lease_age_ms, s[1].lease_age_ms), (0, 2000));
         for i in 0..(CAPACITY as i64 + 10) {
             h.sample(4000 + i, &queues);
         }

@@ -367,6 +367,20 @@ async fn queues_overview_reports_every_figure_in_one_request() {
         rated.produce_rate <= 4.0 / 2.0,
         "4 items over at least one 2 s sample: {rated:?}"
     );
+    // The latency chart's series: the leased item had waited 30 s (manual clock) since it was produced.
+    let h = c
+        .call::<QueueHistory>(&pb::QueueHistoryRequest {
+            queue_name: "ov".into(),
+        })
+        .await
+        .expect("history");
+    let waits: Vec<i64> = h
+        .samples
+        .iter()
+        .map(|s| s.lease_age_ms)
+        .filter(|&ms| ms > 0)
+        .collect();
+    assert_eq!(waits, [30_000], "{h:?}");
 
     // Paged like queues.list: the pivot is the first name of the next page.
     let first = c

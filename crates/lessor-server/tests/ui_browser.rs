@@ -458,7 +458,7 @@ async fn tour(config: Config, shots: bool) {
     .await;
     b.wait_for(
         "chart",
-        "return document.querySelectorAll('svg.chart polyline').length >= 4",
+        "return document.querySelectorAll('svg.chart polyline').length >= 5 && !!document.querySelector('svg.chart polyline.latency')",
         json!([]),
     )
     .await;

@@ -112,7 +112,7 @@ async function pageOverview() {
   const cols = [['name', 'Queue'], ['ready', 'Ready'], ['leased', 'Leased'], ['scheduled', 'Scheduled'],
     ['produced', 'Produce'], ['lease', 'Lease'], ['completed', 'Complete'], ['age', 'Oldest item'], ['dlq', 'DLQ depth']];
   const head = h('tr', {}, cols.map(([k, label]) => h('th', {
-    scope: 'col', tabindex: '0', class: k === 'name' ? '' : ['lease', 'completed', 'scheduled'].includes(k) ? 'num hide-narrow' : 'num', 'data-key': k,
+    scope: 'col', tabindex: '0', class: k === 'name' ? '' : ['produced', 'lease', 'completed', 'scheduled'].includes(k) ? 'num hide-narrow' : 'num', 'data-key': k,
     'aria-sort': overview.sort === k ? (overview.dir > 0 ? 'ascending' : 'descending') : 'none',
     onclick: () => sortBy(k), onkeydown: (e) => { if (e.key === 'Enter' || e.key === ' ') { e.preventDefault(); sortBy(k); } },
   }, label)));
@@ -132,7 +132,7 @@ async function pageOverview() {
       h('td', { class: 'num', 'data-col': 'ready' }, r.figures ? fmt(r.ready) : '-'),
       h('td', { class: 'num', 'data-col': 'leased' }, r.figures ? fmt(r.leased) : '-'),
       h('td', { class: 'num hide-narrow', 'data-col': 'scheduled' }, r.figures ? fmt(r.scheduled) : '-'),
-      h('td', { class: 'num' }, rate(r.produced)), h('td', { class: 'num hide-narrow' }, rate(r.lease)),
+      h('td', { class: 'num hide-narrow' }, rate(r.produced)), h('td', { class: 'num hide-narrow' }, rate(r.lease)),
       h('td', { class: 'num hide-narrow' }, rate(r.completed)),
       h('td', { class: 'num', 'data-col': 'age', title: r.ageText ? 'Age of the oldest item waiting to be leased' : 'No item waiting' }, r.ageText ? age(r.ageText) : '-'),
       h('td', { class: 'num', 'data-col': 'dlq' }, r.dlqName ? fmt(r.dlq) : '-'))));
@@ -171,7 +171,7 @@ function chart(samples, series, label) {
   const t = svg('text', { x: 4, y: 12 }); t.textContent = 'max ' + fmt(max); el.append(t);
   for (const k of series) {
     const pts = samples.map((s, i) => `${P + (i * (W - 2 * P)) / Math.max(1, samples.length - 1)},${H - P - (n(s[k]) * (H - 2 * P)) / max}`);
-    el.append(svg('polyline', { class: k === 'ready' ? 'depth' : k, points: pts.join(' ') }));
+    el.append(svg('polyline', { class: k === 'ready' ? 'depth' : k === 'lease_age_ms' ? 'latency' : k, points: pts.join(' ') }));
   }
   return el;
 }
@@ -229,7 +229,9 @@ async function pageQueue(name) {
         h('p', { class: 'legend' }, h('span', { class: 'produced' }, '— produce/s'), h('span', { class: 'leased' }, '— lease/s'), h('span', { class: 'completed' }, '— complete/s')),
         chart(perSec, ['produced', 'leased', 'completed'], 'Rates of ' + name + ' over the last ' + Math.round(s.length * n(hist.interval_ms) / 1000) + ' seconds'),
         h('p', { class: 'legend' }, h('span', { class: 'depth' }, '— ready items')),
-        chart(s, ['ready'], 'Ready items of ' + name + ' over time'));
+        chart(s, ['ready'], 'Ready items of ' + name + ' over time'),
+        h('p', { class: 'legend' }, h('span', { class: 'latency' }, '— mean wait from produce to lease (ms)')),
+        chart(s, ['lease_age_ms'], 'Mean wait from produce to lease of ' + name + ' over time, in milliseconds'));
       parts.replaceChildren(...t.partitions.map((p) => h('tr', {}, h('td', {}, String(n(p.partition))), h('td', { class: 'num' }, fmt(p.total)),
         h('td', { class: 'num' }, fmt(n(p.total) - n(p.total_leased))), h('td', { class: 'num' }, fmt(p.total_leased)), h('td', { class: 'num' }, fmt(p.scheduled)),
         h('td', { class: 'num' }, fmt(p.failures)), h('td', { class: 'num' }, p.oldest_ready_age ? age(p.oldest_ready_age) : '-'), h('td', { class: 'num' }, age(p.average_age)), h('td', { class: 'num' }, age(p.average_leased_age)))));

@@ -72,6 +72,9 @@ pub struct QueueMetrics {
     pub produced: AtomicU64,
     /// Items leased.
     pub leased: AtomicU64,
+    /// Sum over leased items of their age when leased (now - created_at), in microseconds: with `leased`, the mean
+    /// time items waited from produce to lease (the dashboard's latency chart).
+    pub lease_age_us: AtomicU64,
     /// Items completed.
     pub completed: AtomicU64,
     /// Items retried (requeued or scheduled).
