@@ -728,6 +728,14 @@ fn queues_overview(api: Api) -> Api {
          },
          r: pb::QueuesOverviewRequest| async move {
             let limit = convert::list_limit(r.limit)?;
+            // Each row costs a `queue.stats`: a page stays a page.
+            if limit > OVERVIEW_MAX {
+                return Err(lessor_core::validate::invalid(
+                    "limit",
+                    format!("cannot be greater than '{OVERVIEW_MAX}'"),
+                )
+                .into());
+            }
             let ns = if r.namespace.is_empty() {
                 DEFAULT_NAMESPACE.to_string()
             } else {
@@ -747,13 +755,23 @@ fn queues_overview(api: Api) -> Api {
                 let (e, auth, principal, history) = (&e, &auth, &principal, &history);
                 async move { overview_row(e, auth, principal, history, q, figures).await }
             });
-            Ok(pb::QueuesOverviewResponse {
-                items: futures::future::join_all(rows).await,
-                next_pivot,
-            })
+            // A few queues at a time, in order: their stats run in parallel without a page of a thousand queues
+            // asking for a thousand storage reads at once.
+            let items = futures::StreamExt::collect(futures::StreamExt::buffered(
+                futures::stream::iter(rows),
+                OVERVIEW_PARALLEL,
+            ))
+            .await;
+            Ok(pb::QueuesOverviewResponse { items, next_pivot })
         },
     )
 }
+
+/// Most queues in one `queues.overview` page.
+pub const OVERVIEW_MAX: usize = 1000;
+
+/// Rows of a `queues.overview` page whose stats are read at the same time.
+const OVERVIEW_PARALLEL: usize = 16;
 
 /// One queue of `queues.overview`: its definition's name, namespace, dead-letter queue and pause state, and with
 /// `figures` its depths, rates and oldest age, and the dead-letter queue's depth when the caller may read that

@@ -402,6 +402,18 @@ async fn queues_overview_reports_every_figure_in_one_request() {
         .expect("page 2");
     assert_eq!(second.items[0].queue_name, "ov-dlq");
     assert_eq!(second.next_pivot, "");
+    let (code, body) = post_json(
+        &srv.endpoint(),
+        "/v1/queues.overview",
+        None,
+        serde_json::json!({"limit": 1001}),
+    )
+    .await;
+    assert_eq!(code, 400, "{body}");
+    assert_eq!(
+        body["message"], "limit is invalid; cannot be greater than '1000'",
+        "{body}"
+    );
     srv.stop().await;
 }
 
