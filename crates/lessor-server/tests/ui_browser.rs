@@ -270,6 +270,16 @@ impl Browser {
         for dark in [false, true] {
             self.color_scheme(dark).await;
             tokio::time::sleep(Duration::from_millis(150)).await;
+            // The page follows the scheme: a dark background with light text, or the reverse.
+            let rgb = self
+                .js(
+                    "const c = (p) => getComputedStyle(document.body)[p].match(/\\d+/g).slice(0, 3).map(Number).reduce((a, b) => a + b, 0);
+                     return [c('backgroundColor'), c('color')];",
+                    json!([]),
+                )
+                .await;
+            let (bg, fg) = (rgb[0].as_u64().unwrap_or(0), rgb[1].as_u64().unwrap_or(0));
+            assert_eq!(bg < fg, dark, "{name}: background {bg}, text {fg}, dark {dark}");
             let png = self.call("GET", "/screenshot", json!({})).await;
             let bytes = base64::engine::general_purpose::STANDARD
                 .decode(png.as_str().expect("screenshot"))
@@ -448,8 +458,17 @@ async fn tour(config: Config, shots: bool) {
     }
     b.assert_clean_console("overview").await;
 
-    // One queue: cards, partitions, charts.
-    b.goto(&format!("{ui}#/queue/orders")).await;
+    // One queue: cards, partitions, charts; reached from the overview with the keyboard (Enter on the focused link).
+    let link = b.element("tr[data-queue='orders'] a").await;
+    b.try_call(&format!("/element/{link}/value"), json!({"text": "\u{E007}"}))
+        .await
+        .expect("Enter on the queue link");
+    b.wait_for(
+        "queue page from the keyboard",
+        "return location.hash === '#/queue/orders'",
+        json!([]),
+    )
+    .await;
     b.wait_for(
         "cards",
         "const e = document.querySelector('#card-leased .v'); return e && e.textContent === '1';",
@@ -532,6 +551,18 @@ async fn tour(config: Config, shots: bool) {
     if shots {
         b.screenshots(&dir, "items").await;
     }
+    // Hex: offsets and bytes (`{"` is 7b 22).
+    b.js(
+        "const m = document.querySelector('#mode'); m.value = 'hex'; m.dispatchEvent(new Event('change'));",
+        json!([]),
+    )
+    .await;
+    b.wait_for(
+        "hex preview",
+        "return document.querySelector('#payload').textContent.startsWith('000000  7b 22')",
+        json!([]),
+    )
+    .await;
     b.click_confirm(&format!("{row} button.retry")).await;
     b.wait_for(
         "retried",
