@@ -100,11 +100,12 @@ impl History {
                 ring.samples.pop_front();
             }
             let leased = now.leased.saturating_sub(last.leased);
-            let lease_age_ms = if leased == 0 {
-                0
-            } else {
-                gauge(now.lease_age_us.saturating_sub(last.lease_age_us) / leased / 1000)
-            };
+            // 0 when nothing was leased since the last sample.
+            let lease_age_ms = now
+                .lease_age_us
+                .saturating_sub(last.lease_age_us)
+                .checked_div(leased)
+                .map_or(0, |us| gauge(us / 1000));
             ring.samples.push_back(HistorySample {
                 time_ms,
                 produced: delta(now.produced, last.produced),
