@@ -257,6 +257,8 @@ enum Command {
     /// Manage role bindings.
     #[command(subcommand)]
     Rolebinding(auth::RoleBindingCmd),
+    /// Show who the API key is: user, key id, namespace scope and permissions per namespace (no secret).
+    Whoami,
 }
 
 /// `lessor server` flags.
@@ -716,6 +718,35 @@ pub async fn run(cli: Cli) -> Result<(), String> {
         Command::ApiKey(cmd) => auth::apikey(&c, json, cmd).await?,
         Command::Role(cmd) => auth::role(&c, json, cmd).await?,
         Command::Rolebinding(cmd) => auth::rolebinding(&c, json, cmd).await?,
+        Command::Whoami => {
+            let r = c
+                .call::<lessor_proto::routes::AuthWhoami>(&pb::AuthWhoamiRequest {})
+                .await
+                .map_err(api)?;
+            print(json, &r, |r| {
+                if !r.auth_enabled {
+                    return "auth is off: every request runs as an administrator".to_string();
+                }
+                let or_none = |v: &str| {
+                    if v.is_empty() {
+                        "none".to_string()
+                    } else {
+                        v.to_string()
+                    }
+                };
+                let mut s = format!(
+                    "user:  {} ({})\nkey:   {}\nscope: {}",
+                    r.username,
+                    r.user_id,
+                    or_none(&r.key_id),
+                    or_none(&r.namespace_scope)
+                );
+                for n in &r.namespaces {
+                    s.push_str(&format!("\n{}: {}", n.namespace, n.permissions.join(", ")));
+                }
+                s
+            });
+        }
     }
     Ok(())
 }
