@@ -752,16 +752,18 @@ fn queues_overview(api: Api) -> Api {
             // need that too (every queue of the page is in `ns`).
             let figures = auth.allowed(&principal, &ns, Permission::QueueStats).await?;
             let rows = queues.into_iter().map(|q| {
-                let (e, auth, principal, history) = (&e, &auth, &principal, &history);
-                async move { overview_row(e, auth, principal, history, q, figures).await }
+                let (e, history) = (&e, &history);
+                async move { overview_row(e, history, q, figures).await }
             });
             // A few queues at a time, in order: their stats run in parallel without a page of a thousand queues
             // asking for a thousand storage reads at once.
-            let items = futures::StreamExt::collect(futures::StreamExt::buffered(
-                futures::stream::iter(rows),
-                OVERVIEW_PARALLEL,
-            ))
+            let mut items: Vec<pb::QueueOverview> = futures::StreamExt::collect(
+                futures::StreamExt::buffered(futures::stream::iter(rows), OVERVIEW_PARALLEL),
+            )
             .await;
+            if figures {
+                dead_depths(&e, &auth, &principal, &mut items).await;
+            }
             Ok(pb::QueuesOverviewResponse { items, next_pivot })
         },
     )
@@ -774,12 +776,9 @@ pub const OVERVIEW_MAX: usize = 1000;
 const OVERVIEW_PARALLEL: usize = 16;
 
 /// One queue of `queues.overview`: its definition's name, namespace, dead-letter queue and pause state, and with
-/// `figures` its depths, rates and oldest age, and the dead-letter queue's depth when the caller may read that
-/// queue's stats (it may be in another namespace). A queue whose stats fail keeps its row, with the error.
+/// `figures` its depths, rates and oldest age. A queue whose stats fail keeps its row, with the error.
 async fn overview_row(
     e: &Engine,
-    auth: &Auth,
-    principal: &Principal,
     history: &History,
     q: lessor_core::types::QueueInfo,
     figures: bool,
@@ -813,21 +812,47 @@ async fn overview_row(
     }
     let r = history.rates(&row.queue_name, crate::history::RATE_SAMPLES);
     (row.produce_rate, row.lease_rate, row.complete_rate) = (r.produced, r.leased, r.completed);
-    if !row.dead_queue.is_empty() {
-        let readable = match e.queue_namespace(&row.dead_queue).await {
+    row
+}
+
+/// Fills the dead-letter depth of the rows that name a dead-letter queue, each queue looked at once (several queues
+/// often share one): from its own row when it is on the page, otherwise from its stats when the caller may read
+/// them (it may be in another namespace; otherwise the depth is left out).
+async fn dead_depths(e: &Engine, auth: &Auth, principal: &Principal, rows: &mut [pb::QueueOverview]) {
+    let mut depth: std::collections::HashMap<String, i64> = rows
+        .iter()
+        .filter(|r| r.error.is_empty())
+        .map(|r| (r.queue_name.clone(), r.ready + r.leased + r.scheduled))
+        .collect();
+    let wanted: std::collections::BTreeSet<String> = rows
+        .iter()
+        .filter(|r| !r.dead_queue.is_empty() && !depth.contains_key(&r.dead_queue))
+        .map(|r| r.dead_queue.clone())
+        .collect();
+    let n = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+    for dlq in wanted {
+        let readable = match e.queue_namespace(&dlq).await {
             Ok(Some(ns)) => auth
                 .allowed(principal, &ns, Permission::QueueStats)
                 .await
                 .unwrap_or(false),
             _ => false,
         };
-        if readable {
-            if let Ok(s) = e.stats(&row.dead_queue).await {
-                row.dead_depth = s.partitions.iter().map(|p| n(p.total) + n(p.scheduled)).sum();
-            }
+        if !readable {
+            continue;
+        }
+        if let Ok(s) = e.stats(&dlq).await {
+            depth.insert(
+                dlq,
+                s.partitions.iter().map(|p| n(p.total) + n(p.scheduled)).sum(),
+            );
         }
     }
-    row
+    for r in rows.iter_mut() {
+        if let Some(d) = depth.get(&r.dead_queue) {
+            r.dead_depth = *d;
+        }
+    }
 }
 
 fn auth_whoami(api: Api) -> Api {

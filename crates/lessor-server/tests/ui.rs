@@ -512,6 +512,12 @@ async fn two_tenants() -> (RunningServer, Client, String) {
     })
     .await;
     lessor_testkit::server::create_queue(&admin, "qb", |q| q.namespace = "team-b".into()).await;
+    // A queue of team-a whose dead letters go to team-b's queue.
+    lessor_testkit::server::create_queue(&admin, "qa-x", |q| {
+        q.namespace = "team-a".into();
+        q.dead_queue = "qb".into();
+    })
+    .await;
     for q in ["qa", "qb"] {
         admin
             .queue_produce(&produce(q, &["1", "2"]))
@@ -559,7 +565,10 @@ async fn queues_overview_is_filtered_like_queues_list() {
         .iter()
         .filter_map(|q| q["queue_name"].as_str())
         .collect();
-    assert_eq!(names, ["qa", "qa-dlq"], "{own}");
+    assert_eq!(names, ["qa", "qa-dlq", "qa-x"], "{own}");
+    // The dead-letter queue in team-b is named (the definition says so) but its depth is not shown to A.
+    assert_eq!(own["items"][2]["dead_queue"], "qb", "{own}");
+    assert!(own["items"][2].get("dead_depth").is_none(), "{own}");
     assert_eq!(
         own["items"][0]["ready"], "2",
         "figures for a key with queue.stats: {own}"
@@ -587,6 +596,23 @@ async fn queues_overview_is_filtered_like_queues_list() {
     assert_eq!(
         (theirs.items[0].queue_name.as_str(), theirs.items[0].ready),
         ("qb", 2)
+    );
+    let admin_a = admin
+        .call::<QueuesOverview>(&pb::QueuesOverviewRequest {
+            namespace: "team-a".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("admin overview of team-a");
+    let depths: Vec<(&str, i64)> = admin_a
+        .items
+        .iter()
+        .map(|q| (q.queue_name.as_str(), q.dead_depth))
+        .collect();
+    assert_eq!(
+        depths,
+        [("qa", 0), ("qa-dlq", 0), ("qa-x", 2)],
+        "the administrator may read qb"
     );
     // queue.list without queue.stats: the queues, no figures.
     let lister = list_only_key(&admin, "team-a", "lister").await;
