@@ -1220,6 +1220,38 @@ mod tests {
         }
     }
 
+    /// The heads that `stats` reads are kept current by every operation: the cursor sits on the first ready
+    /// priority-0 item even behind thousands of higher-priority ones, and a FIFO never starts with a stale id. So
+    /// the oldest age is read from at most one slot per priority, never found by walking the partition.
+    #[test]
+    fn stats_reads_the_heads_kept_current() {
+        let mut s = PartitionState::new(1).without_changes();
+        let at = |p: &str, created: i64, priority: u8| NewItem {
+            created_at: Ts(created),
+            priority,
+            ..new_item(p, Ts::ZERO)
+        };
+        let urgent: Vec<NewItem> = (0..3000).map(|i| at("u", 10 + i, 5)).collect();
+        let (urgent_ids, _) = s.produce(urgent);
+        let (plain, _) = s.produce(vec![at("p", 5, 0), at("q", 6, 0)]);
+        assert_eq!(
+            s.cursor, plain[0].0,
+            "the cursor moved over the priority-5 items at once"
+        );
+        assert_eq!(s.stats(Ts(1_000_005)).oldest_ready_age, Duration::from_secs(1));
+        // Deleting the head of priority 5 leaves its FIFO starting at a ready item.
+        s.delete(vec![urgent_ids[0]]);
+        assert_eq!(s.fifo[5].front(), Some(&urgent_ids[1].0));
+        // Leasing the priority-5 items and the first plain one moves the heads on.
+        let (got, _) = s.lease(3000, Ts(50_000_000));
+        assert_eq!(got.len(), 3000);
+        assert_eq!(s.cursor, plain[1].0);
+        assert_eq!(s.stats(Ts(1_000_006)).oldest_ready_age, Duration::from_secs(1));
+        let (got, _) = s.lease(1, Ts(50_000_000));
+        assert_eq!(got.len(), 1);
+        assert_eq!(s.stats(Ts(1_000_006)).oldest_ready_age, Duration::ZERO);
+    }
+
     /// Complete drops items without building them: the payload total and the source-id index stay exact (a
     /// completed dead-letter copy can be moved in again), whatever strings the item carries.
     #[test]
