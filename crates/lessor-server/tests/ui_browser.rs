@@ -482,6 +482,15 @@ async fn tour(config: Config, shots: bool) {
     )
     .await;
     assert_eq!(b.text("#partitions tr td").await, "0");
+    // The dead-lettered items are one click away: the dead-letter queue's items.
+    assert_eq!(
+        b.js(
+            "return document.querySelector('#dead-link').getAttribute('href')",
+            json!([])
+        )
+        .await,
+        json!("#/items/orders-dead")
+    );
     let card = b.text("#card-oldest .v").await;
     assert!(
         card != "-" && !card.is_empty(),
@@ -663,6 +672,29 @@ async fn tour(config: Config, shots: bool) {
     .await;
     b.goto(&ui).await;
     wait_depth(&b, "emails", "ready", 0).await;
+
+    // Items are paged: 50 at a time, "Next page" appends the rest.
+    lessor_testkit::server::create_queue(&c, "bulk", |_| {}).await;
+    let many: Vec<String> = (0..60).map(|i| format!("item-{i}")).collect();
+    let many: Vec<&str> = many.iter().map(String::as_str).collect();
+    c.queue_produce(&produce("bulk", &many))
+        .await
+        .expect("produce 60");
+    b.goto(&format!("{ui}#/items/bulk/ready")).await;
+    b.wait_for(
+        "first page",
+        "return document.querySelectorAll('#items tr[data-id]').length === 50 && !document.querySelector('#next-page').hidden",
+        json!([]),
+    )
+    .await;
+    b.click("#next-page").await;
+    b.wait_for(
+        "second page",
+        "return document.querySelectorAll('#items tr[data-id]').length === 60",
+        json!([]),
+    )
+    .await;
+    b.assert_clean_console("items paging").await;
 
     // Server page.
     b.goto(&format!("{ui}#/server")).await;
