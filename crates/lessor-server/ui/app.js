@@ -379,8 +379,9 @@ function pageKey() {
     store.setItem('lessor.key', input.value.trim());
     try {
       const { me, pick } = await whoami();
-      // A namespace-scoped key works only in its namespace: show that one without asking.
-      if (pick !== null) store.setItem('lessor.namespace', pick);
+      // A namespace-scoped key works only in its namespace: show that one without asking (and `_system`, the
+      // default, for a key that may see more than one namespace).
+      store.setItem('lessor.namespace', pick || '');
       status('Key accepted: ' + (me.username || 'anonymous') + (pick ? ', namespace ' + pick : '') + '.');
       location.hash = '#/';
     } catch (err) { store.removeItem('lessor.key'); showError(err); }
