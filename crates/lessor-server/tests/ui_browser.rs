@@ -791,12 +791,21 @@ async fn dashboard_shows_only_what_the_key_may_see() {
         .expect("binding");
     let key = admin
         .call::<ApiKeysCreate>(&pb::APIKeyCreateRequest {
-            user_id: user,
+            user_id: user.clone(),
             namespace_scope: "team-a".into(),
             ..Default::default()
         })
         .await
         .expect("key")
+        .key;
+    // The same user's key without a scope: its only binding is in team-a, so the page picks team-a too.
+    let unscoped = admin
+        .call::<ApiKeysCreate>(&pb::APIKeyCreateRequest {
+            user_id: user,
+            ..Default::default()
+        })
+        .await
+        .expect("unscoped key")
         .key;
     let b = Browser::start().await;
     let ui = format!("{}/ui/", srv.endpoint());
@@ -843,5 +852,18 @@ async fn dashboard_shows_only_what_the_key_may_see() {
         !body.to_string().contains("b-secret"),
         "namespace B leaked: {body}"
     );
+    b.console_errors().await; // the refused request is expected here
+
+    // An unscoped key whose user is bound in team-a only: team-a is picked as well.
+    b.goto(&format!("{ui}#/key")).await;
+    b.type_into("#api-key", &unscoped).await;
+    b.click("#key-submit").await;
+    wait_depth(&b, "a-jobs", "ready", 0).await;
+    assert_eq!(
+        b.js("return document.querySelector('#namespace').value", json!([]))
+            .await,
+        json!("team-a")
+    );
+    b.assert_clean_console("overview with an unscoped key").await;
     srv.stop().await;
 }
