@@ -209,6 +209,7 @@ async fn every_extension_call(enc: Encoding) {
     let dead_count = || async {
         c.queue_stats(&pb::QueueStatsRequest {
             queue_name: "dlq".into(),
+            ..Default::default()
         })
         .await
         .map(|s| {

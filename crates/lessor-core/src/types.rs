@@ -331,6 +331,11 @@ pub struct PartitionStats {
     pub average_leased_age: Duration,
     /// Payload bytes held (ready, leased and scheduled).
     pub payload_bytes: u64,
+    /// Age (now - created_at) of the oldest of the items next in line, one per priority: how long the item a lease
+    /// would reach first (at the head of its priority's FIFO) has existed. Zero without ready items. Found from the
+    /// heads of the ready queue, never by a scan; an item requeued by a retry keeps its `created_at` but goes to the
+    /// tail, so it counts again once it reaches the head.
+    pub oldest_ready_age: Duration,
 }
 
 /// What a clear request removes.

@@ -638,6 +638,11 @@ message! {
         #[json(I64, "scheduled")]
         #[prost(int64, tag = "9")]
         pub scheduled: i64,
+        /// Mean age (now - created_at) of the items leased since the previous sample, in milliseconds: how long
+        /// they waited from produce to lease. 0 when none was leased.
+        #[json(I64, "lease_age_ms", "leaseAgeMs")]
+        #[prost(int64, tag = "10")]
+        pub lease_age_ms: i64,
     }
 }
 
@@ -693,5 +698,159 @@ message! {
         #[json(F64, "affinity")]
         #[prost(double, tag = "3")]
         pub affinity: f64,
+    }
+}
+
+message! {
+    /// Body of `/v1/queues.overview` (Lessor extension): one page of a namespace's queues with their figures, the
+    /// dashboard's overview in one request. Paged like `queues.list`.
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct QueuesOverviewRequest {
+        /// The namespace whose queues to show (`_system` when empty), as `queues.list`.
+        #[json(Str, "namespace")]
+        #[prost(string, tag = "1")]
+        pub namespace: String,
+        /// The first queue name of the page (inclusive); empty: from the start.
+        #[json(Str, "pivot")]
+        #[prost(string, tag = "2")]
+        pub pivot: String,
+        /// Most queues in the page (1 to 1,000, as `queues.list`; 0: the default).
+        #[json(I32, "limit")]
+        #[prost(int32, tag = "3")]
+        pub limit: i32,
+    }
+}
+
+message! {
+    /// Reply of `/v1/queues.overview`.
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct QueuesOverviewResponse {
+        /// The queues, in name order.
+        #[json(Rep<QueueOverview>, "items")]
+        #[prost(message, repeated, tag = "1")]
+        pub items: Vec<QueueOverview>,
+        /// The pivot of the next page; empty after the last.
+        #[json(Str, "next_pivot", "nextPivot")]
+        #[prost(string, tag = "2")]
+        pub next_pivot: String,
+    }
+}
+
+message! {
+    /// One queue of [`QueuesOverviewResponse`]: its depths, recent rates (from the server's history ring, over the
+    /// last few samples) and the oldest item next in line.
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct QueueOverview {
+        /// The queue.
+        #[json(Str, "queue_name", "queueName")]
+        #[prost(string, tag = "1")]
+        pub queue_name: String,
+        /// Its namespace.
+        #[json(Str, "namespace")]
+        #[prost(string, tag = "2")]
+        pub namespace: String,
+        /// Items a lease can take now (all partitions).
+        #[json(I64, "ready")]
+        #[prost(int64, tag = "3")]
+        pub ready: i64,
+        /// Items held by consumers.
+        #[json(I64, "leased")]
+        #[prost(int64, tag = "4")]
+        pub leased: i64,
+        /// Items waiting for their schedule.
+        #[json(I64, "scheduled")]
+        #[prost(int64, tag = "5")]
+        pub scheduled: i64,
+        /// The dead-letter queue's name (empty: none).
+        #[json(Str, "dead_queue", "deadQueue")]
+        #[prost(string, tag = "6")]
+        pub dead_queue: String,
+        /// Items in the dead-letter queue (ready, leased and scheduled); omitted when the caller may not read it.
+        #[json(I64, "dead_depth", "deadDepth")]
+        #[prost(int64, tag = "7")]
+        pub dead_depth: i64,
+        /// Items produced per second, recently.
+        #[json(F64, "produce_rate", "produceRate")]
+        #[prost(double, tag = "8")]
+        pub produce_rate: f64,
+        /// Items leased per second, recently.
+        #[json(F64, "lease_rate", "leaseRate")]
+        #[prost(double, tag = "9")]
+        pub lease_rate: f64,
+        /// Items completed per second, recently.
+        #[json(F64, "complete_rate", "completeRate")]
+        #[prost(double, tag = "10")]
+        pub complete_rate: f64,
+        /// Age of the oldest item next in line over all partitions, as a Go duration (empty: nothing ready).
+        #[json(Str, "oldest_ready_age", "oldestReadyAge")]
+        #[prost(string, tag = "11")]
+        pub oldest_ready_age: String,
+        /// Whether the queue is paused.
+        #[json(Bool, "paused")]
+        #[prost(bool, tag = "12")]
+        pub paused: bool,
+        /// Why the figures are missing, when they are (a partition store that does not answer): the row still
+        /// shows the queue.
+        #[json(Str, "error")]
+        #[prost(string, tag = "13")]
+        pub error: String,
+        /// True when the caller may list the queue but not read its stats (`queue.stats`): the figures are then
+        /// left out, not zero.
+        #[json(Bool, "stats_hidden", "statsHidden")]
+        #[prost(bool, tag = "14")]
+        pub stats_hidden: bool,
+    }
+}
+
+/// Body of `/v1/auth.whoami` (Lessor extension): empty (JSON `{}`).
+#[derive(Clone, PartialEq, prost::Message, serde::Serialize, serde::Deserialize)]
+pub struct AuthWhoamiRequest {}
+
+message! {
+    /// Reply of `/v1/auth.whoami`: who the caller's key is and what it may do, without any secret (no key, no
+    /// hash). The dashboard reads it after a key is entered, to pick the key's namespace.
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct AuthWhoamiResponse {
+        /// Whether the server checks keys at all (`auth-backend: internal`); when false, everyone is an anonymous
+        /// administrator and the other fields are empty.
+        #[json(Bool, "auth_enabled", "authEnabled")]
+        #[prost(bool, tag = "1")]
+        pub auth_enabled: bool,
+        /// The user's id (`anonymous` without a key).
+        #[json(Str, "user_id", "userId")]
+        #[prost(string, tag = "2")]
+        pub user_id: String,
+        /// The user's name.
+        #[json(Str, "username")]
+        #[prost(string, tag = "3")]
+        pub username: String,
+        /// The key's id (empty without a key).
+        #[json(Str, "key_id", "keyId")]
+        #[prost(string, tag = "4")]
+        pub key_id: String,
+        /// The key's namespace scope (empty: none, the key works wherever its user is bound).
+        #[json(Str, "namespace_scope", "namespaceScope")]
+        #[prost(string, tag = "5")]
+        pub namespace_scope: String,
+        /// The permissions the user holds, per namespace where it has bindings (`_system` ones apply everywhere;
+        /// a scoped key uses only its scope's and `_system`'s). In namespace order.
+        #[json(Rep<NamespacePermissions>, "namespaces")]
+        #[prost(message, repeated, tag = "6")]
+        pub namespaces: Vec<NamespacePermissions>,
+    }
+}
+
+message! {
+    /// The permissions of [`AuthWhoamiResponse`] in one namespace.
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct NamespacePermissions {
+        /// The namespace.
+        #[json(Str, "namespace")]
+        #[prost(string, tag = "1")]
+        pub namespace: String,
+        /// Permission names (`queue.produce`, ...), in Querator's order.
+        #[json(Rep<String>, "permissions")]
+        #[prost(string, repeated, tag = "2")]
+        pub permissions: Vec<String>,
     }
 }

@@ -67,6 +67,10 @@ pub use apikeys::{
 };
 pub use codec::{decode, encode, request_encoding, response_encoding, CodecError, Encoding};
 pub use extensions::{
+    AuthWhoamiRequest, AuthWhoamiResponse, NamespacePermissions, QueueOverview, QueuesOverviewRequest,
+    QueuesOverviewResponse,
+};
+pub use extensions::{
     BrowseItem, HistorySample, PartitionMove, QueueBrowseRequest, QueueBrowseResponse, QueueExtendRequest,
     QueueHistoryRequest, QueueHistoryResponse, QueuePauseRequest, QueueRebalanceRequest, QueueRedriveRequest,
     QueueResumeRequest, RebalanceListRequest, RebalanceListResponse, RebalanceTask, RebalanceTaskRequest,

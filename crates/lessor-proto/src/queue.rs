@@ -343,6 +343,12 @@ message! {
         #[json(Str, "queue_name", "queueName")]
         #[prost(string, tag = "1")]
         pub queue_name: String,
+        /// Lessor extension: also report each partition's `oldest_ready_age`. Off by default, so the reply a
+        /// Querator client gets (which never sets this) carries only Querator's fields, as its strict protojson
+        /// decoder needs.
+        #[json(Bool, "with_oldest_age", "withOldestAge")]
+        #[prost(bool, tag = "100")]
+        pub with_oldest_age: bool,
     }
 }
 
@@ -402,6 +408,11 @@ message! {
         #[json(Str, "next_lifecycle_run", "nextLifecycleRun")]
         #[prost(string, tag = "9")]
         pub next_lifecycle_run: String,
+        /// Lessor extension: age of the oldest item next in line (the heads of the ready queue, every priority),
+        /// as a Go duration. Only when the request sets `with_oldest_age`, and omitted when there is no ready item.
+        #[json(Str, "oldest_ready_age", "oldestReadyAge")]
+        #[prost(string, tag = "100")]
+        pub oldest_ready_age: String,
     }
 }
 

@@ -14,8 +14,9 @@ use crate::apikeys::{
     APIKeyCreateRequest, APIKeyCreateResponse, APIKeysDeleteRequest, APIKeysListRequest, APIKeysListResponse,
 };
 use crate::extensions::{
-    QueueBrowseRequest, QueueBrowseResponse, QueueExtendRequest, QueueHistoryRequest, QueueHistoryResponse,
-    QueuePauseRequest, QueueRebalanceRequest, QueueRedriveRequest, QueueResumeRequest, RebalanceListRequest,
+    AuthWhoamiRequest, AuthWhoamiResponse, QueueBrowseRequest, QueueBrowseResponse, QueueExtendRequest,
+    QueueHistoryRequest, QueueHistoryResponse, QueuePauseRequest, QueueRebalanceRequest, QueueRedriveRequest,
+    QueueResumeRequest, QueuesOverviewRequest, QueuesOverviewResponse, RebalanceListRequest,
     RebalanceListResponse, RebalanceTask, RebalanceTaskRequest, RedriveListRequest, RedriveListResponse,
     RedriveTask, RedriveTaskRequest, RestoreBeginRequest, RestoreBeginResponse, RestoreFinishRequest,
     RestoreImportRequest, RestoreImportResponse, ServerInfoRequest, ServerInfoResponse,
@@ -94,6 +95,9 @@ pub enum Target<'a> {
     Namespace(&'a str),
     /// `_system`.
     System,
+    /// None: the route tells the caller only about itself (`auth.whoami`), so any caller whose key authenticates
+    /// may use it, whatever its permissions. [`Rpc::PERMISSION`] is not checked for such a route.
+    Caller,
 }
 
 /// A wire message as both ends need it: protobuf and protojson, in both directions, movable across tasks.
@@ -239,6 +243,17 @@ routes! {
     /// page). `queue.list` in `_system`: it describes the whole server, as listing every queue does.
     ServerInfo => "/v1/server.info", ServerInfoRequest => ServerInfoResponse,
         BodyLimit::Fixed(SMALL_BODY), QueueList, |_r| Target::System;
+    /// Lessor extension: one page of a namespace's queues with their depths, rates, oldest age and dead-letter
+    /// depth (the dashboard's overview, one request per refresh). `queue.list` in the namespace, as `queues.list`;
+    /// the figures also need `queue.stats` there (and the dead-letter depth `queue.stats` in the dead-letter
+    /// queue's namespace), checked by the server.
+    QueuesOverview => "/v1/queues.overview", QueuesOverviewRequest => QueuesOverviewResponse,
+        BodyLimit::Fixed(SMALL_BODY), QueueList, |r| Target::Namespace(&r.namespace);
+    /// Lessor extension: who the caller is (user, key id, namespace scope, permissions per namespace), without
+    /// secrets. Any authenticated caller: it describes only the caller ([`Target::Caller`]; the permission
+    /// named here is never checked).
+    AuthWhoami => "/v1/auth.whoami", AuthWhoamiRequest => AuthWhoamiResponse,
+        BodyLimit::Fixed(SMALL_BODY), QueueList, |_r| Target::Caller;
     /// Lessor extension: starts a dead-letter redrive task. `queue.update` on the dead-letter queue (the server
     /// also checks `queue.produce` on a named `target_queue`).
     QueueRedrive => "/v1/queue.redrive", QueueRedriveRequest => RedriveTask,
@@ -344,6 +359,8 @@ pub const EXTENSION_PATHS: &[&str] = &[
     QueueBrowse::PATH,
     QueueHistory::PATH,
     ServerInfo::PATH,
+    QueuesOverview::PATH,
+    AuthWhoami::PATH,
     QueueRedrive::PATH,
     RedriveList::PATH,
     RedriveGet::PATH,
@@ -364,10 +381,10 @@ mod tests {
     #[test]
     fn paths_are_unique_and_versioned() {
         let mut paths: Vec<&str> = ROUTES.iter().map(|r| r.path).collect();
-        assert_eq!(paths.len(), 49);
+        assert_eq!(paths.len(), 51);
         paths.sort_unstable();
         paths.dedup();
-        assert_eq!(paths.len(), 49, "a path is listed twice");
+        assert_eq!(paths.len(), 51, "a path is listed twice");
         assert!(paths.iter().all(|p| p.starts_with("/v1/")));
     }
 
@@ -422,6 +439,8 @@ mod tests {
             ("/v1/queue.browse", "queue.stats", SMALL_BODY),
             ("/v1/queue.history", "queue.stats", SMALL_BODY),
             ("/v1/server.info", "queue.list", SMALL_BODY),
+            ("/v1/queues.overview", "queue.list", SMALL_BODY),
+            ("/v1/auth.whoami", "queue.list", SMALL_BODY),
             ("/v1/queue.redrive", "queue.update", SMALL_BODY),
             ("/v1/redrive.list", "queue.stats", SMALL_BODY),
             ("/v1/redrive.get", "queue.stats", SMALL_BODY),
@@ -466,6 +485,13 @@ mod tests {
             ..bare
         };
         assert_eq!(RebalanceGet::target(&named), Target::Queue("q"));
+        // The overview is checked where queues.list is; whoami nowhere.
+        let overview = QueuesOverviewRequest {
+            namespace: "team-a".into(),
+            ..Default::default()
+        };
+        assert_eq!(QueuesOverview::target(&overview), Target::Namespace("team-a"));
+        assert_eq!(AuthWhoami::target(&AuthWhoamiRequest {}), Target::Caller);
     }
 
     #[test]

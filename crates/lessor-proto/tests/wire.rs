@@ -113,6 +113,7 @@ fn round_trips_in_both_encodings() {
     });
     round_trip(&QueueStatsRequest {
         queue_name: "q".into(),
+        ..Default::default()
     });
     round_trip(&QueueStatsResponse {
         queue_name: "q".into(),
@@ -131,6 +132,7 @@ fn round_trips_in_both_encodings() {
                 scheduled: 7,
                 un_leased: 8,
                 next_lifecycle_run: "3s".into(),
+                oldest_ready_age: "9s".into(),
             }],
         }],
     });
@@ -207,7 +209,8 @@ fn protobuf_field_numbers_match_querator() {
     // queue_name = 1 (string): key 0x0a.
     assert_eq!(
         QueueStatsRequest {
-            queue_name: "q".into()
+            queue_name: "q".into(),
+            ..Default::default()
         }
         .encode_to_vec(),
         vec![0x0a, 1, b'q']
@@ -625,6 +628,46 @@ fn full_queue_info() -> QueueInfo {
 #[test]
 fn extension_messages_round_trip_in_both_encodings() {
     round_trip(&full_queue_info());
+    round_trip(&QueuesOverviewRequest {
+        namespace: "team-a".into(),
+        pivot: "b".into(),
+        limit: 50,
+    });
+    round_trip(&QueuesOverviewResponse {
+        items: vec![QueueOverview {
+            queue_name: "q".into(),
+            namespace: "team-a".into(),
+            ready: 1,
+            leased: 2,
+            scheduled: 3,
+            dead_queue: "q-dlq".into(),
+            dead_depth: 4,
+            produce_rate: 1.5,
+            lease_rate: 0.5,
+            complete_rate: 0.25,
+            oldest_ready_age: "1m30s".into(),
+            paused: true,
+            error: "e".into(),
+            stats_hidden: true,
+        }],
+        next_pivot: "r".into(),
+    });
+    round_trip(&AuthWhoamiResponse {
+        auth_enabled: true,
+        user_id: "u".into(),
+        username: "alice".into(),
+        key_id: "k".into(),
+        namespace_scope: "team-a".into(),
+        namespaces: vec![NamespacePermissions {
+            namespace: "team-a".into(),
+            permissions: vec!["queue.list".into(), "queue.stats".into()],
+        }],
+    });
+    // A Lessor client asks queue.stats for the oldest age with field 100.
+    round_trip(&QueueStatsRequest {
+        queue_name: "q".into(),
+        with_oldest_age: true,
+    });
     round_trip(&QueueProduceRequest {
         queue_name: "q".into(),
         request_timeout: "1m".into(),

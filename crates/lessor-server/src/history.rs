@@ -3,7 +3,7 @@
 //!
 //! It exists so the dashboard can draw rate charts over the last minutes without an external store; Prometheus
 //! (`/metrics`) stays the long-term record. The ring is per server process and starts empty at start-up. Its cost is
-//! bounded: [`CAPACITY`] samples of 9 integers per queue (about 11 KB per queue), and queues that disappear from
+//! bounded: [`CAPACITY`] samples of 10 integers per queue (about 12 KB per queue), and queues that disappear from
 //! the engine drop their ring at the next sample.
 
 use std::collections::{HashMap, VecDeque};
@@ -25,6 +25,7 @@ pub const CAPACITY: usize = 150;
 struct Totals {
     produced: u64,
     leased: u64,
+    lease_age_us: u64,
     completed: u64,
     retried: u64,
     dead_lettered: u64,
@@ -35,6 +36,7 @@ impl Totals {
         Totals {
             produced: m.produced.load(Ordering::Relaxed),
             leased: m.leased.load(Ordering::Relaxed),
+            lease_age_us: m.lease_age_us.load(Ordering::Relaxed),
             completed: m.completed.load(Ordering::Relaxed),
             retried: m.retried.load(Ordering::Relaxed),
             dead_lettered: m.dead_lettered.load(Ordering::Relaxed),
@@ -46,6 +48,20 @@ struct Ring {
     last: Totals,
     samples: VecDeque<HistorySample>,
 }
+
+/// Recent per-second rates of one queue (see [`History::rates`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Rates {
+    /// Items produced per second.
+    pub produced: f64,
+    /// Items leased per second.
+    pub leased: f64,
+    /// Items completed per second.
+    pub completed: f64,
+}
+
+/// Samples [`History::rates`] averages over: the last 10 s.
+pub const RATE_SAMPLES: usize = 5;
 
 /// The rings of all queues.
 #[derive(Default)]
@@ -83,6 +99,13 @@ impl History {
             if ring.samples.len() == CAPACITY {
                 ring.samples.pop_front();
             }
+            let leased = now.leased.saturating_sub(last.leased);
+            // 0 when nothing was leased since the last sample.
+            let lease_age_ms = now
+                .lease_age_us
+                .saturating_sub(last.lease_age_us)
+                .checked_div(leased)
+                .map_or(0, |us| gauge(us / 1000));
             ring.samples.push_back(HistorySample {
                 time_ms,
                 produced: delta(now.produced, last.produced),
@@ -93,6 +116,7 @@ impl History {
                 ready: gauge(m.ready.load(Ordering::Relaxed)),
                 leased_now: gauge(m.leased_now.load(Ordering::Relaxed)),
                 scheduled: gauge(m.scheduled.load(Ordering::Relaxed)),
+                lease_age_ms,
             });
         }
     }
@@ -105,6 +129,36 @@ impl History {
                 .map(|r| r.samples.iter().cloned().collect())
                 .unwrap_or_default(),
             Err(_) => Vec::new(),
+        }
+    }
+
+    /// Produce, lease and complete rates of `queue` per second over its last `k` samples (zeros without any), as
+    /// the overview shows them: a few samples smooth a burst without hiding a stall for minutes.
+    pub fn rates(&self, queue: &str, k: usize) -> Rates {
+        let Ok(rings) = self.rings.lock() else {
+            return Rates::default();
+        };
+        let Some(ring) = rings.get(queue) else {
+            return Rates::default();
+        };
+        let n = ring.samples.len().min(k);
+        if n == 0 {
+            return Rates::default();
+        }
+        let secs = INTERVAL.as_secs_f64() * n as f64;
+        let sum = |f: fn(&HistorySample) -> i64| {
+            ring.samples
+                .iter()
+                .rev()
+                .take(n)
+                .map(|s| f(s) as f64)
+                .sum::<f64>()
+                / secs
+        };
+        Rates {
+            produced: sum(|s| s.produced),
+            leased: sum(|s| s.leased),
+            completed: sum(|s| s.completed),
         }
     }
 
@@ -139,16 +193,26 @@ mod tests {
         );
         m.produced.store(130, Ordering::Relaxed);
         m.ready.store(30, Ordering::Relaxed);
+        // Two items leased after waiting 1 s and 3 s: a mean of 2 s.
+        m.leased.store(2, Ordering::Relaxed);
+        m.lease_age_us.store(4_000_000, Ordering::Relaxed);
         h.sample(2000, &queues);
         let s = h.samples("q");
         assert_eq!(s.len(), 2);
         assert_eq!((s[1].time_ms, s[1].produced, s[1].ready), (2000, 30, 30));
+        assert_eq!((s[0].lease_age_ms, s[1].lease_age_ms), (0, 2000));
         for i in 0..(CAPACITY as i64 + 10) {
             h.sample(4000 + i, &queues);
         }
         let s = h.samples("q");
         assert_eq!(s.len(), CAPACITY);
         assert_eq!(s[0].produced, 0);
+        // Rates: the last two samples held 0 and 10 produced items: 10 items over 4 s.
+        m.produced.store(140, Ordering::Relaxed);
+        h.sample(9_000_000, &queues);
+        let r = h.rates("q", 2);
+        assert!((r.produced - 2.5).abs() < 1e-9, "{r:?}");
+        assert_eq!(h.rates("other", 2), Rates::default());
         h.sample(9_999_999, &[]);
         assert!(h.samples("q").is_empty(), "a deleted queue drops its ring");
     }

@@ -116,7 +116,7 @@ pub struct Ctx {
 }
 
 /// The handler of every RPC, one per entry of [`routes::ROUTES`] (checked by a test).
-const HANDLERS: [fn(Api) -> Api; 49] = [
+const HANDLERS: [fn(Api) -> Api; 51] = [
     produce,
     lease,
     complete,
@@ -130,6 +130,8 @@ const HANDLERS: [fn(Api) -> Api; 49] = [
     browse,
     history,
     server_info,
+    queues_overview,
+    auth_whoami,
     redrive_start,
     redrive_list,
     redrive_get,
@@ -354,6 +356,8 @@ async fn authorize<R: Rpc>(st: &AppState, principal: &Principal, msg: &R::Reques
         return Ok(());
     }
     let namespace: Arc<str> = match R::target(msg) {
+        // The route describes only the caller, who has authenticated already.
+        Target::Caller => return Ok(()),
         Target::Queue(name) => match st.engine.queue_namespace(name).await? {
             Some(ns) => ns,
             None => DEFAULT_NAMESPACE.into(),
@@ -599,7 +603,7 @@ fn stats(api: Api) -> Api {
         lessor_proto::routes::QueueStats,
         |Ctx { engine: e, .. }, r: pb::QueueStatsRequest| async move {
             let s = e.stats(&r.queue_name).await?;
-            Ok(convert::stats_out(r.queue_name, s))
+            Ok(convert::stats_out(r.queue_name, s, r.with_oldest_age))
         },
     )
 }
@@ -709,6 +713,179 @@ fn server_info(api: Api) -> Api {
     api.rpc(
         lessor_proto::routes::ServerInfo,
         |Ctx { server_info, .. }, _r: pb::ServerInfoRequest| async move { Ok((*server_info).clone()) },
+    )
+}
+
+fn queues_overview(api: Api) -> Api {
+    api.rpc(
+        lessor_proto::routes::QueuesOverview,
+        |Ctx {
+             engine: e,
+             auth,
+             principal,
+             history,
+             ..
+         },
+         r: pb::QueuesOverviewRequest| async move {
+            let limit = convert::list_limit(r.limit)?;
+            // Each row costs a `queue.stats`: a page stays a page.
+            if limit > OVERVIEW_MAX {
+                return Err(lessor_core::validate::invalid(
+                    "limit",
+                    format!("cannot be greater than '{OVERVIEW_MAX}'"),
+                )
+                .into());
+            }
+            let ns = if r.namespace.is_empty() {
+                DEFAULT_NAMESPACE.to_string()
+            } else {
+                r.namespace
+            };
+            // One more than the page, to know where the next page starts.
+            let mut queues = e.list_queues(&r.pivot, limit.saturating_add(1), &ns).await?;
+            let next_pivot = if queues.len() > limit {
+                queues.pop().map(|q| q.name).unwrap_or_default()
+            } else {
+                String::new()
+            };
+            // The route needs `queue.list`, as `queues.list`; the figures are what `queue.stats` shows, so they
+            // need that too (every queue of the page is in `ns`).
+            let figures = auth.allowed(&principal, &ns, Permission::QueueStats).await?;
+            let rows = queues.into_iter().map(|q| {
+                let (e, history) = (&e, &history);
+                async move { overview_row(e, history, q, figures).await }
+            });
+            // A few queues at a time, in order: their stats run in parallel without a page of a thousand queues
+            // asking for a thousand storage reads at once.
+            let mut items: Vec<pb::QueueOverview> = futures::StreamExt::collect(
+                futures::StreamExt::buffered(futures::stream::iter(rows), OVERVIEW_PARALLEL),
+            )
+            .await;
+            if figures {
+                dead_depths(&e, &auth, &principal, &mut items).await;
+            }
+            Ok(pb::QueuesOverviewResponse { items, next_pivot })
+        },
+    )
+}
+
+/// Most queues in one `queues.overview` page.
+pub const OVERVIEW_MAX: usize = 1000;
+
+/// Rows of a `queues.overview` page whose stats are read at the same time.
+const OVERVIEW_PARALLEL: usize = 16;
+
+/// One queue of `queues.overview`: its definition's name, namespace, dead-letter queue and pause state, and with
+/// `figures` its depths, rates and oldest age. A queue whose stats fail keeps its row, with the error.
+async fn overview_row(
+    e: &Engine,
+    history: &History,
+    q: lessor_core::types::QueueInfo,
+    figures: bool,
+) -> pb::QueueOverview {
+    let mut row = pb::QueueOverview {
+        queue_name: q.name,
+        namespace: q.namespace,
+        dead_queue: q.dead_queue,
+        paused: q.paused,
+        ..Default::default()
+    };
+    if !figures {
+        row.stats_hidden = true;
+        return row;
+    }
+    let n = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+    match e.stats(&row.queue_name).await {
+        Ok(s) => {
+            let mut oldest = std::time::Duration::ZERO;
+            for p in &s.partitions {
+                row.ready += n(p.total.saturating_sub(p.total_leased));
+                row.leased += n(p.total_leased);
+                row.scheduled += n(p.scheduled);
+                oldest = oldest.max(p.oldest_ready_age);
+            }
+            if !oldest.is_zero() {
+                row.oldest_ready_age = lessor_proto::duration::format_go_duration(oldest);
+            }
+        }
+        Err(err) => row.error = ApiError::from(err).to_string(),
+    }
+    let r = history.rates(&row.queue_name, crate::history::RATE_SAMPLES);
+    (row.produce_rate, row.lease_rate, row.complete_rate) = (r.produced, r.leased, r.completed);
+    row
+}
+
+/// Fills the dead-letter depth of the rows that name a dead-letter queue, each queue looked at once (several queues
+/// often share one): from its own row when it is on the page, otherwise from its stats when the caller may read
+/// them (it may be in another namespace; otherwise the depth is left out).
+async fn dead_depths(e: &Engine, auth: &Auth, principal: &Principal, rows: &mut [pb::QueueOverview]) {
+    let mut depth: std::collections::HashMap<String, i64> = rows
+        .iter()
+        .filter(|r| r.error.is_empty())
+        .map(|r| (r.queue_name.clone(), r.ready + r.leased + r.scheduled))
+        .collect();
+    let wanted: std::collections::BTreeSet<String> = rows
+        .iter()
+        .filter(|r| !r.dead_queue.is_empty() && !depth.contains_key(&r.dead_queue))
+        .map(|r| r.dead_queue.clone())
+        .collect();
+    let n = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+    for dlq in wanted {
+        let readable = match e.queue_namespace(&dlq).await {
+            Ok(Some(ns)) => auth
+                .allowed(principal, &ns, Permission::QueueStats)
+                .await
+                .unwrap_or(false),
+            _ => false,
+        };
+        if !readable {
+            continue;
+        }
+        if let Ok(s) = e.stats(&dlq).await {
+            depth.insert(
+                dlq,
+                s.partitions.iter().map(|p| n(p.total) + n(p.scheduled)).sum(),
+            );
+        }
+    }
+    for r in rows.iter_mut() {
+        if let Some(d) = depth.get(&r.dead_queue) {
+            r.dead_depth = *d;
+        }
+    }
+}
+
+fn auth_whoami(api: Api) -> Api {
+    api.rpc(
+        lessor_proto::routes::AuthWhoami,
+        |Ctx { auth, principal, .. }, _r: pb::AuthWhoamiRequest| async move {
+            if !auth.enabled() {
+                return Ok(pb::AuthWhoamiResponse::default());
+            }
+            let grants = auth.grants(&principal.user_id).await.map_err(|e| {
+                tracing::warn!(user = %principal.user_id, error = %e, "authorization check failed");
+                AuthError::CheckFailed
+            })?;
+            let scope = principal.namespace_scope.as_str();
+            let namespaces = grants
+                .namespaces()
+                .into_iter()
+                // A scoped key uses only its scope's bindings and `_system`'s (see `Auth::allowed`).
+                .filter(|(ns, _)| scope.is_empty() || *ns == scope || *ns == DEFAULT_NAMESPACE)
+                .map(|(ns, perms)| pb::NamespacePermissions {
+                    namespace: ns.to_string(),
+                    permissions: perms.names(),
+                })
+                .collect();
+            Ok(pb::AuthWhoamiResponse {
+                auth_enabled: true,
+                user_id: principal.user_id,
+                username: principal.username,
+                key_id: principal.key_id,
+                namespace_scope: principal.namespace_scope,
+                namespaces,
+            })
+        },
     )
 }
 

@@ -119,7 +119,10 @@ impl Env {
 
     async fn stats(&self, q: &str) -> pb::QueueLogicalStats {
         self.c
-            .queue_stats(&pb::QueueStatsRequest { queue_name: q.into() })
+            .queue_stats(&pb::QueueStatsRequest {
+                queue_name: q.into(),
+                ..Default::default()
+            })
             .await
             .expect("stats")
             .logical_queues

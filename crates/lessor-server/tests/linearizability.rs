@@ -917,6 +917,7 @@ async fn run(plan: Plan, seed: u64) {
         client
             .queue_stats(&QueueStatsRequest {
                 queue_name: queue.clone(),
+                ..Default::default()
             })
             .await
             .expect("stats");
@@ -953,6 +954,7 @@ async fn run(plan: Plan, seed: u64) {
     let stats = client
         .queue_stats(&QueueStatsRequest {
             queue_name: queue.clone(),
+            ..Default::default()
         })
         .await
         .expect("stats");

@@ -108,6 +108,7 @@ async fn totals(c: &Client, queue: &str) -> BTreeMap<u32, i32> {
     let s = c
         .queue_stats(&pb::QueueStatsRequest {
             queue_name: queue.into(),
+            ..Default::default()
         })
         .await
         .expect("stats");

@@ -271,6 +271,7 @@ async fn stats_totals(client: &Client) -> (i32, i32) {
     let s = client
         .queue_stats(&QueueStatsRequest {
             queue_name: QUEUE.into(),
+            ..Default::default()
         })
         .await
         .expect("stats");

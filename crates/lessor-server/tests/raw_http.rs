@@ -351,6 +351,7 @@ async fn status_lines_carry_querator_code_texts() {
         let s = c
             .queue_stats(&pb::QueueStatsRequest {
                 queue_name: "q".into(),
+                ..Default::default()
             })
             .await
             .expect("stats");

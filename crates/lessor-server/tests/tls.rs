@@ -325,6 +325,7 @@ async fn shutdown_over_tls_answers_waiting_leases_and_stops() {
         let s = c
             .queue_stats(&pb::QueueStatsRequest {
                 queue_name: "q".into(),
+                ..Default::default()
             })
             .await
             .map_err(|e| e.to_string())?;

@@ -1,14 +1,19 @@
 //! Black-box tests of the dashboard's server side: the files at `/ui` and their security headers, `ui: false`,
-//! and `/v1/queue.history` (samples after traffic, the same errors and permission checks as `queue.stats`).
+//! `/v1/queue.history` (samples after traffic, the same errors and permission checks as `queue.stats`),
+//! `/v1/queues.overview` (every figure of the overview in one request, filtered like `queues.list`), the
+//! `oldest_ready_age` of `queue.stats` (only when asked), and `/v1/auth.whoami`.
 //!
-//! A real server on port 0 over memory storage with the system clock (the history sampler runs on a timer).
+//! A real server on port 0 over memory storage (the history sampler runs on a timer; the oldest-age tests move a
+//! manual clock instead of sleeping).
 
 use std::time::Duration;
 
 use lessor_client::routes::{
-    ApiKeysCreate, NamespacesCreate, QueueHistory, RoleBindingsCreate, RolesCreate, ServerInfo, UsersCreate,
+    ApiKeysCreate, AuthWhoami, NamespacesCreate, QueueHistory, QueuesOverview, RoleBindingsCreate,
+    RolesCreate, ServerInfo, UsersCreate,
 };
 use lessor_client::{proto as pb, Client, ClientError};
+use lessor_core::time::ManualClock;
 use lessor_server::{Config, RunningServer};
 use lessor_testkit::eventually::poll_until;
 
@@ -267,5 +272,411 @@ async fn queue_history_is_checked_like_queue_stats() {
         Err(ClientError::Api { code, .. }) => assert_eq!(code, 401),
         other => panic!("expected 401, got {other:?}"),
     }
+    srv.stop().await;
+}
+
+async fn post_json(
+    base: &str,
+    path: &str,
+    key: Option<&str>,
+    body: serde_json::Value,
+) -> (u16, serde_json::Value) {
+    let mut req = reqwest::Client::new()
+        .post(format!("{base}{path}"))
+        .header("content-type", "application/json")
+        .body(body.to_string());
+    if let Some(k) = key {
+        req = req.bearer_auth(k);
+    }
+    let r = req.send().await.expect("POST");
+    let status = r.status().as_u16();
+    let text = r.text().await.expect("body");
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text)),
+    )
+}
+
+/// The overview answers, in one request, what the dashboard used to assemble from `queues.list` plus a
+/// `queue.stats` and a `queue.history` per queue: depths, dead-letter depth, rates, the oldest item's age, paused;
+/// paged by pivot and limit.
+#[tokio::test]
+async fn queues_overview_reports_every_figure_in_one_request() {
+    let clock = ManualClock::starting_now();
+    let (srv, c) =
+        lessor_testkit::server::start(&Config::memory(), Some(std::sync::Arc::new(clock.clone()))).await;
+    lessor_testkit::server::create_queue(&c, "ov-dlq", |_| {}).await;
+    lessor_testkit::server::create_queue(&c, "ov", |q| {
+        q.dead_queue = "ov-dlq".into();
+        q.lease_timeout = "5m".into();
+    })
+    .await;
+    c.queue_produce(&produce("ov", &["a", "b", "c"]))
+        .await
+        .expect("produce");
+    let mut later = produce("ov", &["later"]);
+    later.items[0].enqueue_at = Some(pb::Timestamp::new(4_000_000_000, 0));
+    c.queue_produce(&later).await.expect("produce scheduled");
+    c.queue_produce(&produce("ov-dlq", &["x", "y"]))
+        .await
+        .expect("produce dlq");
+    clock.advance(Duration::from_secs(30));
+    c.queue_lease(&pb::QueueLeaseRequest {
+        queue_name: "ov".into(),
+        batch_size: 1,
+        client_id: "w".into(),
+        request_timeout: "5s".into(),
+    })
+    .await
+    .expect("lease");
+    c.call::<lessor_client::routes::QueuePause>(&pb::QueuePauseRequest {
+        queue_name: "ov".into(),
+    })
+    .await
+    .expect("pause");
+    let ask = pb::QueuesOverviewRequest::default();
+    let ov = c.call::<QueuesOverview>(&ask).await.expect("overview");
+    let names: Vec<&str> = ov.items.iter().map(|q| q.queue_name.as_str()).collect();
+    assert_eq!(names, ["ov", "ov-dlq"]);
+    assert_eq!(ov.next_pivot, "");
+    let q = &ov.items[0];
+    assert_eq!((q.ready, q.leased, q.scheduled), (2, 1, 1), "{q:?}");
+    assert_eq!((q.dead_queue.as_str(), q.dead_depth), ("ov-dlq", 2), "{q:?}");
+    assert_eq!(
+        q.oldest_ready_age, "30s",
+        "the items waited 30 s on the manual clock: {q:?}"
+    );
+    assert!(q.paused, "{q:?}");
+    assert_eq!(q.error, "");
+    let dlq = &ov.items[1];
+    assert_eq!((dlq.ready, dlq.dead_queue.as_str(), dlq.paused), (2, "", false));
+
+    // Rates come from the history ring, sampled every 2 s.
+    let rated = poll_until(Duration::from_secs(15), Duration::from_millis(250), || async {
+        let ov = c.call::<QueuesOverview>(&ask).await.expect("overview");
+        let q = ov.items[0].clone();
+        if q.produce_rate > 0.0 && q.lease_rate > 0.0 {
+            Ok(q)
+        } else {
+            Err(format!("{q:?}"))
+        }
+    })
+    .await
+    .expect("rates after the produce and the lease");
+    assert!(
+        rated.produce_rate <= 4.0 / 2.0,
+        "4 items over at least one 2 s sample: {rated:?}"
+    );
+    // The latency chart's series: the leased item had waited 30 s (manual clock) since it was produced.
+    let h = c
+        .call::<QueueHistory>(&pb::QueueHistoryRequest {
+            queue_name: "ov".into(),
+        })
+        .await
+        .expect("history");
+    let waits: Vec<i64> = h
+        .samples
+        .iter()
+        .map(|s| s.lease_age_ms)
+        .filter(|&ms| ms > 0)
+        .collect();
+    assert_eq!(waits, [30_000], "{h:?}");
+
+    // Paged like queues.list: the pivot is the first name of the next page.
+    let first = c
+        .call::<QueuesOverview>(&pb::QueuesOverviewRequest {
+            limit: 1,
+            ..Default::default()
+        })
+        .await
+        .expect("page 1");
+    assert_eq!(first.items.len(), 1);
+    assert_eq!(first.next_pivot, "ov-dlq");
+    let second = c
+        .call::<QueuesOverview>(&pb::QueuesOverviewRequest {
+            pivot: first.next_pivot.clone(),
+            limit: 1,
+            ..Default::default()
+        })
+        .await
+        .expect("page 2");
+    assert_eq!(second.items[0].queue_name, "ov-dlq");
+    assert_eq!(second.next_pivot, "");
+    let (code, body) = post_json(
+        &srv.endpoint(),
+        "/v1/queues.overview",
+        None,
+        serde_json::json!({"limit": 1001}),
+    )
+    .await;
+    assert_eq!(code, 400, "{body}");
+    assert_eq!(
+        body["message"], "limit is invalid; cannot be greater than '1000'",
+        "{body}"
+    );
+    srv.stop().await;
+}
+
+/// `queue.stats` reports each partition's oldest item only when the request asks: the JSON a Querator client
+/// gets carries only Querator's keys, which its strict protojson decoder needs.
+#[tokio::test]
+async fn queue_stats_reports_the_oldest_age_only_when_asked() {
+    let clock = ManualClock::starting_now();
+    let (srv, c) =
+        lessor_testkit::server::start(&Config::memory(), Some(std::sync::Arc::new(clock.clone()))).await;
+    lessor_testkit::server::create_queue(&c, "st", |_| {}).await;
+    c.queue_produce(&produce("st", &["a"])).await.expect("produce");
+    clock.advance(Duration::from_secs(7));
+    let base = srv.endpoint();
+    let (code, plain) = post_json(
+        &base,
+        "/v1/queue.stats",
+        None,
+        serde_json::json!({"queue_name": "st"}),
+    )
+    .await;
+    assert_eq!(code, 200, "{plain}");
+    let part = &plain["logicalQueues"][0]["partitions"][0];
+    assert_eq!(part["total"], 1, "{plain}");
+    assert!(part.get("oldest_ready_age").is_none(), "not asked for: {plain}");
+    let (code, asked) = post_json(
+        &base,
+        "/v1/queue.stats",
+        None,
+        serde_json::json!({"queue_name": "st", "with_oldest_age": true}),
+    )
+    .await;
+    assert_eq!(code, 200, "{asked}");
+    assert_eq!(
+        asked["logicalQueues"][0]["partitions"][0]["oldest_ready_age"], "7s",
+        "{asked}"
+    );
+    srv.stop().await;
+}
+
+/// A key allowed only `queue.list` in its namespace (no `queue.stats`).
+async fn list_only_key(admin: &Client, namespace: &str, user: &str) -> String {
+    admin
+        .call::<RolesCreate>(&pb::RoleCreateRequest {
+            namespace: namespace.into(),
+            name: "lister".into(),
+            permissions: vec!["queue.list".to_string()],
+        })
+        .await
+        .expect("role");
+    let id = admin
+        .call::<UsersCreate>(&pb::UserCreateRequest {
+            username: user.into(),
+            ..Default::default()
+        })
+        .await
+        .expect("user")
+        .id;
+    admin
+        .call::<RoleBindingsCreate>(&pb::RoleBindingCreateRequest {
+            namespace: namespace.into(),
+            role_name: "lister".into(),
+            user_id: id.clone(),
+        })
+        .await
+        .expect("binding");
+    admin
+        .call::<ApiKeysCreate>(&pb::APIKeyCreateRequest {
+            user_id: id,
+            ..Default::default()
+        })
+        .await
+        .expect("key")
+        .key
+}
+
+/// Two namespaces, each with a queue holding items, and a key scoped to team-a.
+async fn two_tenants() -> (RunningServer, Client, String) {
+    let yaml = "queue-storage:\n  driver: memory\n\
+                partition-storage:\n  - name: m\n    driver: memory\n    affinity: 1\n\
+                auth-backend:\n  driver: internal\n";
+    let (srv, admin) = start(&Config::from_yaml(yaml).expect("config")).await;
+    for name in ["team-a", "team-b"] {
+        admin
+            .call::<NamespacesCreate>(&pb::NamespaceInfo {
+                name: name.into(),
+                ..Default::default()
+            })
+            .await
+            .expect("namespace");
+    }
+    lessor_testkit::server::create_queue(&admin, "qa-dlq", |q| q.namespace = "team-a".into()).await;
+    lessor_testkit::server::create_queue(&admin, "qa", |q| {
+        q.namespace = "team-a".into();
+        q.dead_queue = "qa-dlq".into();
+    })
+    .await;
+    lessor_testkit::server::create_queue(&admin, "qb", |q| q.namespace = "team-b".into()).await;
+    // A queue of team-a whose dead letters go to team-b's queue.
+    lessor_testkit::server::create_queue(&admin, "qa-x", |q| {
+        q.namespace = "team-a".into();
+        q.dead_queue = "qb".into();
+    })
+    .await;
+    for q in ["qa", "qb"] {
+        admin
+            .queue_produce(&produce(q, &["1", "2"]))
+            .await
+            .expect("produce");
+    }
+    let unscoped = namespace_key(&admin, "team-a", "alice").await;
+    let alice = Client::new(&srv.endpoint())
+        .expect("client")
+        .with_api_key(unscoped);
+    let whoami = alice
+        .call::<AuthWhoami>(&pb::AuthWhoamiRequest {})
+        .await
+        .expect("whoami");
+    let scoped = admin
+        .call::<ApiKeysCreate>(&pb::APIKeyCreateRequest {
+            user_id: whoami.user_id,
+            namespace_scope: "team-a".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("scoped key")
+        .key;
+    (srv, admin, scoped)
+}
+
+/// With auth on, the overview is filtered as `queues.list` is: a namespace-scoped key sees its namespace's queues
+/// (with figures, as it may read their stats) and is refused another namespace or `_system` exactly like
+/// `queues.list`; a key without `queue.stats` gets the rows without figures.
+#[tokio::test]
+async fn queues_overview_is_filtered_like_queues_list() {
+    let (srv, admin, scoped) = two_tenants().await;
+    let base = srv.endpoint();
+    let (code, own) = post_json(
+        &base,
+        "/v1/queues.overview",
+        Some(&scoped),
+        serde_json::json!({"namespace": "team-a"}),
+    )
+    .await;
+    assert_eq!(code, 200, "{own}");
+    let names: Vec<&str> = own["items"]
+        .as_array()
+        .expect("items")
+        .iter()
+        .filter_map(|q| q["queue_name"].as_str())
+        .collect();
+    assert_eq!(names, ["qa", "qa-dlq", "qa-x"], "{own}");
+    // The dead-letter queue in team-b is named (the definition says so) but its depth is not shown to A.
+    assert_eq!(own["items"][2]["dead_queue"], "qb", "{own}");
+    assert!(own["items"][2].get("dead_depth").is_none(), "{own}");
+    assert_eq!(
+        own["items"][0]["ready"], "2",
+        "figures for a key with queue.stats: {own}"
+    );
+    for other in [serde_json::json!({"namespace": "team-b"}), serde_json::json!({})] {
+        let (code, body) = post_json(&base, "/v1/queues.overview", Some(&scoped), other.clone()).await;
+        let (list_code, list_body) = post_json(&base, "/v1/queues.list", Some(&scoped), other.clone()).await;
+        assert_eq!(code, 403, "{other}: {body}");
+        assert_eq!(
+            (code, &body),
+            (list_code, &list_body),
+            "{other}: overview and list refuse alike"
+        );
+        assert!(!body.to_string().contains("qb"), "{body}");
+    }
+    // The administrator sees team-b.
+    let theirs = admin
+        .call::<QueuesOverview>(&pb::QueuesOverviewRequest {
+            namespace: "team-b".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("admin overview");
+    assert_eq!(theirs.items.len(), 1);
+    assert_eq!(
+        (theirs.items[0].queue_name.as_str(), theirs.items[0].ready),
+        ("qb", 2)
+    );
+    let admin_a = admin
+        .call::<QueuesOverview>(&pb::QueuesOverviewRequest {
+            namespace: "team-a".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("admin overview of team-a");
+    let depths: Vec<(&str, i64)> = admin_a
+        .items
+        .iter()
+        .map(|q| (q.queue_name.as_str(), q.dead_depth))
+        .collect();
+    assert_eq!(
+        depths,
+        [("qa", 0), ("qa-dlq", 0), ("qa-x", 2)],
+        "the administrator may read qb"
+    );
+    // queue.list without queue.stats: the queues, no figures.
+    let lister = list_only_key(&admin, "team-a", "lister").await;
+    let (code, listed) = post_json(
+        &base,
+        "/v1/queues.overview",
+        Some(&lister),
+        serde_json::json!({"namespace": "team-a"}),
+    )
+    .await;
+    assert_eq!(code, 200, "{listed}");
+    let row = &listed["items"][0];
+    assert_eq!(row["queue_name"], "qa", "{listed}");
+    assert!(
+        row.get("ready").is_none() && row.get("dead_depth").is_none(),
+        "no figures: {listed}"
+    );
+    assert_eq!(row["dead_queue"], "qa-dlq", "{listed}");
+    assert_eq!(row["stats_hidden"], true, "{listed}");
+    assert!(own["items"][0].get("stats_hidden").is_none(), "{own}");
+    let (code, _) = post_json(
+        &base,
+        "/v1/queues.overview",
+        Some("qtr-not-a-real-key"),
+        serde_json::json!({}),
+    )
+    .await;
+    assert_eq!(code, 401);
+    srv.stop().await;
+}
+
+/// `auth.whoami` names the caller, its key's scope and its permissions, never a secret; a bad key is a 401; with
+/// auth off it says so.
+#[tokio::test]
+async fn whoami_names_the_caller_without_secrets() {
+    let (srv, _admin, scoped) = two_tenants().await;
+    let base = srv.endpoint();
+    let (code, me) = post_json(&base, "/v1/auth.whoami", Some(&scoped), serde_json::json!({})).await;
+    assert_eq!(code, 200, "{me}");
+    assert_eq!(me["auth_enabled"], true, "{me}");
+    assert_eq!(me["username"], "alice", "{me}");
+    assert_eq!(me["namespace_scope"], "team-a", "{me}");
+    assert!(me["key_id"].as_str().is_some_and(|k| !k.is_empty()), "{me}");
+    assert_eq!(me["namespaces"][0]["namespace"], "team-a", "{me}");
+    let perms = me["namespaces"][0]["permissions"].to_string();
+    assert!(
+        perms.contains("queue.stats") && perms.contains("queue.produce"),
+        "{me}"
+    );
+    assert_eq!(me["namespaces"].as_array().map(Vec::len), Some(1), "{me}");
+    let raw = me.to_string();
+    assert!(!raw.contains(&scoped), "the key itself never comes back: {raw}");
+    assert!(!raw.contains("hash"), "{raw}");
+    for bad in ["qtr-not-a-real-key", "garbage"] {
+        let (code, body) = post_json(&base, "/v1/auth.whoami", Some(bad), serde_json::json!({})).await;
+        assert_eq!(code, 401, "{bad}: {body}");
+    }
+    srv.stop().await;
+    let (srv, c) = start(&Config::memory()).await;
+    let open = c
+        .call::<AuthWhoami>(&pb::AuthWhoamiRequest {})
+        .await
+        .expect("whoami without auth");
+    assert!(!open.auth_enabled);
+    assert_eq!(open.username, "");
     srv.stop().await;
 }

@@ -270,6 +270,16 @@ impl Browser {
         for dark in [false, true] {
             self.color_scheme(dark).await;
             tokio::time::sleep(Duration::from_millis(150)).await;
+            // The page follows the scheme: a dark background with light text, or the reverse.
+            let rgb = self
+                .js(
+                    "const c = (p) => getComputedStyle(document.body)[p].match(/\\d+/g).slice(0, 3).map(Number).reduce((a, b) => a + b, 0);
+                     return [c('backgroundColor'), c('color')];",
+                    json!([]),
+                )
+                .await;
+            let (bg, fg) = (rgb[0].as_u64().unwrap_or(0), rgb[1].as_u64().unwrap_or(0));
+            assert_eq!(bg < fg, dark, "{name}: background {bg}, text {fg}, dark {dark}");
             let png = self.call("GET", "/screenshot", json!({})).await;
             let bytes = base64::engine::general_purpose::STANDARD
                 .decode(png.as_str().expect("screenshot"))
@@ -319,6 +329,21 @@ async fn wait_depth(b: &Browser, queue: &str, col: &str, want: u64) {
     .await;
 }
 
+/// Requests the server answered on `route` so far (any code), from `/metrics`.
+async fn answered(srv: &RunningServer, route: &str) -> u64 {
+    let text = reqwest::get(format!("{}/metrics", srv.endpoint()))
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("metrics text");
+    let label = format!("route=\"{route}\"");
+    text.lines()
+        .filter(|l| l.starts_with("lessor_http_requests_total{") && l.contains(&label))
+        .filter_map(|l| l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()))
+        .sum::<f64>() as u64
+}
+
 /// The whole tour on one server: overview and live depths, an item browsed, retried and completed, a queue
 /// created and deleted, a dead-letter queue redriven, the server page; screenshots of each page, and no console
 /// errors on any of them.
@@ -356,6 +381,40 @@ async fn tour(config: Config, shots: bool) {
     let item = leased.items[0].id.clone();
     wait_depth(&b, "orders", "leased", 1).await;
     wait_depth(&b, "orders", "ready", 2).await;
+    // The oldest waiting item's age is shown (a duration), and "-" for a queue with nothing waiting.
+    let oldest = b
+        .wait_for(
+            "oldest age",
+            "const td = document.querySelector(\"tr[data-queue='orders'] td[data-col='age']\");
+             return td && /^[\\d.]+(ms|s|m|h|µs|us)/.test(td.textContent) ? td.textContent : null;",
+            json!([]),
+        )
+        .await;
+    assert!(oldest.is_string(), "{oldest}");
+    assert_eq!(
+        b.text("tr[data-queue='orders-dead'] td[data-col='age']").await,
+        "-"
+    );
+    // One request per refresh: the overview polls queues.overview every 2 s, and nothing per queue.
+    let per_queue = ["/v1/queue.stats", "/v1/queue.history", "/v1/queues.list"];
+    let mut before = Vec::new();
+    for route in per_queue {
+        before.push(answered(&srv, route).await);
+    }
+    let overviews = answered(&srv, "/v1/queues.overview").await;
+    tokio::time::sleep(Duration::from_millis(4500)).await;
+    let refreshes = answered(&srv, "/v1/queues.overview").await - overviews;
+    assert!(
+        (1..=3).contains(&refreshes),
+        "about one queues.overview per 2 s refresh, got {refreshes} in 4.5 s"
+    );
+    for (route, was) in per_queue.iter().zip(before) {
+        assert_eq!(
+            answered(&srv, route).await,
+            was,
+            "{route}: the overview makes no per-queue request"
+        );
+    }
     // Filtering hides the other queues.
     b.type_into("#filter", "ema").await;
     b.wait_for(
@@ -399,8 +458,17 @@ async fn tour(config: Config, shots: bool) {
     }
     b.assert_clean_console("overview").await;
 
-    // One queue: cards, partitions, charts.
-    b.goto(&format!("{ui}#/queue/orders")).await;
+    // One queue: cards, partitions, charts; reached from the overview with the keyboard (Enter on the focused link).
+    let link = b.element("tr[data-queue='orders'] a").await;
+    b.try_call(&format!("/element/{link}/value"), json!({"text": "\u{E007}"}))
+        .await
+        .expect("Enter on the queue link");
+    b.wait_for(
+        "queue page from the keyboard",
+        "return location.hash === '#/queue/orders'",
+        json!([]),
+    )
+    .await;
     b.wait_for(
         "cards",
         "const e = document.querySelector('#card-leased .v'); return e && e.textContent === '1';",
@@ -409,11 +477,25 @@ async fn tour(config: Config, shots: bool) {
     .await;
     b.wait_for(
         "chart",
-        "return document.querySelectorAll('svg.chart polyline').length >= 4",
+        "return document.querySelectorAll('svg.chart polyline').length >= 5 && !!document.querySelector('svg.chart polyline.latency')",
         json!([]),
     )
     .await;
     assert_eq!(b.text("#partitions tr td").await, "0");
+    // The dead-lettered items are one click away: the dead-letter queue's items.
+    assert_eq!(
+        b.js(
+            "return document.querySelector('#dead-link').getAttribute('href')",
+            json!([])
+        )
+        .await,
+        json!("#/items/orders-dead")
+    );
+    let card = b.text("#card-oldest .v").await;
+    assert!(
+        card != "-" && !card.is_empty(),
+        "oldest ready item on the queue page: {card}"
+    );
     // Settings edit goes through queues.update.
     b.type_into("#set-max_attempts", "7").await;
     b.click_confirm("#save-settings").await;
@@ -478,6 +560,18 @@ async fn tour(config: Config, shots: bool) {
     if shots {
         b.screenshots(&dir, "items").await;
     }
+    // Hex: offsets and bytes (`{"` is 7b 22).
+    b.js(
+        "const m = document.querySelector('#mode'); m.value = 'hex'; m.dispatchEvent(new Event('change'));",
+        json!([]),
+    )
+    .await;
+    b.wait_for(
+        "hex preview",
+        "return document.querySelector('#payload').textContent.startsWith('000000  7b 22')",
+        json!([]),
+    )
+    .await;
     b.click_confirm(&format!("{row} button.retry")).await;
     b.wait_for(
         "retried",
@@ -579,6 +673,29 @@ async fn tour(config: Config, shots: bool) {
     b.goto(&ui).await;
     wait_depth(&b, "emails", "ready", 0).await;
 
+    // Items are paged: 50 at a time, "Next page" appends the rest.
+    lessor_testkit::server::create_queue(&c, "bulk", |_| {}).await;
+    let many: Vec<String> = (0..60).map(|i| format!("item-{i}")).collect();
+    let many: Vec<&str> = many.iter().map(String::as_str).collect();
+    c.queue_produce(&produce("bulk", &many))
+        .await
+        .expect("produce 60");
+    b.goto(&format!("{ui}#/items/bulk/ready")).await;
+    b.wait_for(
+        "first page",
+        "return document.querySelectorAll('#items tr[data-id]').length === 50 && !document.querySelector('#next-page').hidden",
+        json!([]),
+    )
+    .await;
+    b.click("#next-page").await;
+    b.wait_for(
+        "second page",
+        "return document.querySelectorAll('#items tr[data-id]').length === 60",
+        json!([]),
+    )
+    .await;
+    b.assert_clean_console("items paging").await;
+
     // Server page.
     b.goto(&format!("{ui}#/server")).await;
     b.wait_for("server info", "return document.querySelector('#server-info') && document.querySelector('#server-info').textContent.includes('pass') && document.querySelector('#server-info').textContent.includes('Partition storage')", json!([])).await;
@@ -622,7 +739,8 @@ async fn dashboard_tour_on_postgres() {
     tour(lessor_testkit::server::postgres_config(db.url()), false).await;
 }
 
-/// With auth on: a key for namespace A shows A's queues and never B's; a bad key shows an error.
+/// With auth on: a key scoped to namespace A shows A's queues without anyone typing a namespace (the page asks
+/// `auth.whoami`), and never B's; a bad key shows an error.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dashboard_shows_only_what_the_key_may_see() {
     if !browser_available() {
@@ -673,11 +791,21 @@ async fn dashboard_shows_only_what_the_key_may_see() {
         .expect("binding");
     let key = admin
         .call::<ApiKeysCreate>(&pb::APIKeyCreateRequest {
-            user_id: user,
+            user_id: user.clone(),
+            namespace_scope: "team-a".into(),
             ..Default::default()
         })
         .await
         .expect("key")
+        .key;
+    // The same user's key without a scope: its only binding is in team-a, so the page picks team-a too.
+    let unscoped = admin
+        .call::<ApiKeysCreate>(&pb::APIKeyCreateRequest {
+            user_id: user,
+            ..Default::default()
+        })
+        .await
+        .expect("unscoped key")
         .key;
     let b = Browser::start().await;
     let ui = format!("{}/ui/", srv.endpoint());
@@ -696,12 +824,16 @@ async fn dashboard_shows_only_what_the_key_may_see() {
     }
     b.console_errors().await; // the refused requests are expected here
 
-    // Namespace A's key, asked for all namespaces: refused; for team-a: only A's queue, ever.
+    // Namespace A's scoped key, and no namespace typed: the overview shows team-a, only A's queue, ever.
     b.goto(&format!("{ui}#/key")).await;
     b.type_into("#api-key", &key).await;
-    b.type_into("#key-namespace", "team-a").await;
     b.click("#key-submit").await;
     wait_depth(&b, "a-jobs", "ready", 0).await;
+    assert_eq!(
+        b.js("return document.querySelector('#namespace').value", json!([]))
+            .await,
+        json!("team-a")
+    );
     for _ in 0..3 {
         let body = b.js("return document.body.innerText", json!([])).await;
         assert!(
@@ -720,5 +852,18 @@ async fn dashboard_shows_only_what_the_key_may_see() {
         !body.to_string().contains("b-secret"),
         "namespace B leaked: {body}"
     );
+    b.console_errors().await; // the refused request is expected here
+
+    // An unscoped key whose user is bound in team-a only: team-a is picked as well.
+    b.goto(&format!("{ui}#/key")).await;
+    b.type_into("#api-key", &unscoped).await;
+    b.click("#key-submit").await;
+    wait_depth(&b, "a-jobs", "ready", 0).await;
+    assert_eq!(
+        b.js("return document.querySelector('#namespace').value", json!([]))
+            .await,
+        json!("team-a")
+    );
+    b.assert_clean_console("overview with an unscoped key").await;
     srv.stop().await;
 }

@@ -69,12 +69,12 @@ function setMain(title, ...kids) {
 
 // Sums a queue.stats reply into the figures the pages show.
 function totals(stats) {
-  const t = { total: 0, leased: 0, scheduled: 0, ready: 0, failures: 0, age: '', partitions: [] };
+  const t = { total: 0, leased: 0, scheduled: 0, ready: 0, failures: 0, oldest: '', partitions: [] };
   for (const lq of stats.logicalQueues || []) {
     for (const p of lq.partitions || []) {
       t.total += n(p.total); t.leased += n(p.total_leased); t.scheduled += n(p.scheduled);
       t.ready += n(p.total) - n(p.total_leased); t.failures += n(p.failures);
-      if (p.average_age && (!t.age || parseFloat(p.average_age) > parseFloat(t.age))) t.age = p.average_age;
+      if (p.oldest_ready_age && seconds(p.oldest_ready_age) > seconds(t.oldest)) t.oldest = p.oldest_ready_age;
       t.partitions.push(p);
     }
   }
@@ -94,16 +94,25 @@ function every(ms, fn) {
   timer = setInterval(fn, ms);
 }
 
-// ---- overview -----------------------------------------------------------------------------------------------
+// ---- overview ----------------------------------------------------------------------------------------------
 const overview = { sort: 'name', dir: 1, filter: '' };
+
+// Go durations (`1h2m3.5s`, `250ms`) in seconds, for sorting by age.
+function seconds(d) {
+  let t = 0;
+  for (const [, v, u] of String(d || '').matchAll(/([\d.]+)(h|ms|us|µs|ns|m|s)/g)) {
+    t += Number(v) * ({ h: 3600, m: 60, s: 1, ms: 1e-3, us: 1e-6, 'µs': 1e-6, ns: 1e-9 })[u];
+  }
+  return t;
+}
 
 async function pageOverview() {
   const filter = h('input', { type: 'search', id: 'filter', placeholder: 'Filter by name', 'aria-label': 'Filter queues by name', value: overview.filter });
   const body = h('tbody', { id: 'queue-rows' });
   const cols = [['name', 'Queue'], ['ready', 'Ready'], ['leased', 'Leased'], ['scheduled', 'Scheduled'],
-    ['produced', 'Produce'], ['lease', 'Lease'], ['completed', 'Complete'], ['age', 'Avg age'], ['dlq', 'DLQ depth']];
+    ['produced', 'Produce'], ['lease', 'Lease'], ['completed', 'Complete'], ['age', 'Oldest item'], ['dlq', 'DLQ depth']];
   const head = h('tr', {}, cols.map(([k, label]) => h('th', {
-    scope: 'col', tabindex: '0', class: k === 'name' ? '' : ['lease', 'completed', 'age', 'scheduled'].includes(k) ? 'num hide-narrow' : 'num', 'data-key': k,
+    scope: 'col', tabindex: '0', class: k === 'name' ? '' : ['produced', 'lease', 'completed', 'scheduled'].includes(k) ? 'num hide-narrow' : 'num', 'data-key': k,
     'aria-sort': overview.sort === k ? (overview.dir > 0 ? 'ascending' : 'descending') : 'none',
     onclick: () => sortBy(k), onkeydown: (e) => { if (e.key === 'Enter' || e.key === ' ') { e.preventDefault(); sortBy(k); } },
   }, label)));
@@ -118,37 +127,34 @@ async function pageOverview() {
     const shown = rows.filter((r) => r.name.toLowerCase().includes(f));
     shown.sort((a, b) => (a[overview.sort] < b[overview.sort] ? -1 : a[overview.sort] > b[overview.sort] ? 1 : 0) * overview.dir);
     body.replaceChildren(...shown.map((r) => h('tr', { 'data-queue': r.name },
-      h('td', {}, h('a', { href: '#/queue/' + encodeURIComponent(r.name) }, r.name), r.paused ? h('span', { class: 'muted' }, ' (paused)') : ''),
-      h('td', { class: 'num', 'data-col': 'ready' }, fmt(r.ready)),
-      h('td', { class: 'num', 'data-col': 'leased' }, fmt(r.leased)),
-      h('td', { class: 'num hide-narrow', 'data-col': 'scheduled' }, fmt(r.scheduled)),
-      h('td', { class: 'num' }, rate(r.produced)), h('td', { class: 'num hide-narrow' }, rate(r.lease)),
-      h('td', { class: 'num hide-narrow' }, rate(r.completed)), h('td', { class: 'num hide-narrow' }, age(r.ageText)),
-      h('td', { class: 'num' }, r.dlqName ? fmt(r.dlq) : '-'))));
+      h('td', {}, h('a', { href: '#/queue/' + encodeURIComponent(r.name) }, r.name), r.paused ? h('span', { class: 'muted' }, ' (paused)') : '',
+        r.error ? h('span', { class: 'error' }, ' ' + r.error) : ''),
+      h('td', { class: 'num', 'data-col': 'ready' }, r.figures ? fmt(r.ready) : '-'),
+      h('td', { class: 'num', 'data-col': 'leased' }, r.figures ? fmt(r.leased) : '-'),
+      h('td', { class: 'num hide-narrow', 'data-col': 'scheduled' }, r.figures ? fmt(r.scheduled) : '-'),
+      h('td', { class: 'num hide-narrow' }, rate(r.produced)), h('td', { class: 'num hide-narrow' }, rate(r.lease)),
+      h('td', { class: 'num hide-narrow' }, rate(r.completed)),
+      h('td', { class: 'num', 'data-col': 'age', title: r.ageText ? 'Age of the oldest item waiting to be leased' : 'No item waiting' }, r.ageText ? age(r.ageText) : '-'),
+      h('td', { class: 'num', 'data-col': 'dlq' }, r.dlqName ? fmt(r.dlq) : '-'))));
     if (!shown.length) body.replaceChildren(h('tr', {}, h('td', { colspan: cols.length, class: 'muted' }, 'No queues.')));
   }
   filter.addEventListener('input', () => { overview.filter = filter.value; draw(); });
-  const nsInput = h('input', { id: 'namespace', value: ns(), placeholder: 'all', 'aria-label': 'Namespace', size: 12 });
+  const nsInput = h('input', { id: 'namespace', value: ns(), placeholder: '_system', 'aria-label': 'Namespace', size: 12 });
   const nsForm = h('form', { class: 'toolbar', onsubmit: (e) => { e.preventDefault(); store.setItem('lessor.namespace', nsInput.value.trim()); refresh(); } },
     h('label', {}, 'Namespace', nsInput), h('button', { type: 'submit' }, 'Show'));
   setMain('Queues',
     h('div', { class: 'toolbar' }, filter, h('a', { href: '#/create', id: 'create-link' }, 'Create queue')), nsForm,
     h('div', { class: 'scroll' }, h('table', { id: 'queues' }, h('caption', { class: 'muted' }, 'Live, refreshed every 2 s. Click a heading to sort.'), h('thead', {}, head), body)));
+  // One request per refresh: queues.overview answers every figure of the page.
   async function refresh() {
     try {
-      const list = await api('queues.list', { namespace: ns(), limit: 1000 });
-      const infos = list.items || [];
-      const byName = {};
-      const fresh = await Promise.all(infos.map(async (q) => {
-        const [st, hist] = await Promise.all([api('queue.stats', { queue_name: q.queue_name }), api('queue.history', { queue_name: q.queue_name })]);
-        const t = totals(st); const r = rates(hist);
-        const row = { name: q.queue_name, paused: !!q.paused, ready: t.ready, leased: t.leased, scheduled: t.scheduled, produced: r.produced,
-          lease: r.leased, completed: r.completed, age: parseFloat(t.age) || 0, ageText: t.age, dlqName: q.dead_queue || '', dlq: 0 };
-        byName[q.queue_name] = row;
-        return row;
+      const r = await api('queues.overview', { namespace: ns(), limit: 1000 });
+      rows = (r.items || []).map((q) => ({
+        name: q.queue_name, paused: !!q.paused, figures: !q.stats_hidden,
+        ready: n(q.ready), leased: n(q.leased), scheduled: n(q.scheduled), produced: n(q.produce_rate), lease: n(q.lease_rate),
+        completed: n(q.complete_rate), age: seconds(q.oldest_ready_age), ageText: q.oldest_ready_age || '', dlqName: q.dead_queue || '',
+        dlq: n(q.dead_depth), error: q.error || '',
       }));
-      for (const r of fresh) if (r.dlqName && byName[r.dlqName]) r.dlq = byName[r.dlqName].ready + byName[r.dlqName].scheduled + byName[r.dlqName].leased;
-      rows = fresh;
       draw();
       status('');
     } catch (e) { showError(e); rows = []; draw(); }
@@ -165,7 +171,7 @@ function chart(samples, series, label) {
   const t = svg('text', { x: 4, y: 12 }); t.textContent = 'max ' + fmt(max); el.append(t);
   for (const k of series) {
     const pts = samples.map((s, i) => `${P + (i * (W - 2 * P)) / Math.max(1, samples.length - 1)},${H - P - (n(s[k]) * (H - 2 * P)) / max}`);
-    el.append(svg('polyline', { class: k === 'ready' ? 'depth' : k, points: pts.join(' ') }));
+    el.append(svg('polyline', { class: k === 'ready' ? 'depth' : k === 'lease_age_ms' ? 'latency' : k, points: pts.join(' ') }));
   }
   return el;
 }
@@ -180,10 +186,13 @@ async function pageQueue(name) {
     h('p', {}, h('a', { href: '#/items/' + encodeURIComponent(name), id: 'browse-link' }, 'Browse items'), ' · ', h('a', { href: '#/' }, 'All queues')),
     cards, h('h2', {}, 'Last minutes'), charts,
     h('h2', {}, 'Partitions'), h('div', { class: 'scroll' }, h('table', {}, h('thead', {}, h('tr', {},
-      ['Partition', 'Total', 'Ready', 'Leased', 'Scheduled', 'Failures', 'Avg age', 'Avg lease left'].map((c, i) => h('th', { scope: 'col', class: i ? 'num' : '' }, c)))), parts)),
+      ['Partition', 'Total', 'Ready', 'Leased', 'Scheduled', 'Failures', 'Oldest ready', 'Avg age', 'Avg lease left'].map((c, i) => h('th', { scope: 'col', class: i ? 'num' : '' }, c)))), parts)),
     h('h2', {}, 'Settings'), settings, h('h2', {}, 'Actions'), actions);
   let info;
   try { info = await api('queues.info', { queue_name: name }); } catch (e) { showError(e); return; }
+  if (info.dead_queue) {
+    document.getElementById('browse-link').after(' · ', h('a', { href: '#/items/' + encodeURIComponent(info.dead_queue), id: 'dead-link' }, 'Dead-lettered items (' + info.dead_queue + ')'));
+  }
   const field = (key, label, type) => h('label', {}, label, h('input', { name: key, id: 'set-' + key, type: type || 'text', value: info[key] === undefined ? '' : info[key] }));
   settings.append(field('lease_timeout', 'Lease timeout'), field('expire_timeout', 'Expire timeout'), field('max_attempts', 'Max attempts', 'number'),
     field('dead_queue', 'Dead-letter queue'), field('reference', 'Reference'), field('dedup_window', 'Dedup window'),
@@ -209,10 +218,10 @@ async function pageQueue(name) {
     act('delete', 'Delete queue', 'Delete ' + name + ' and all its items? This cannot be undone.', async () => { await api('queues.delete', { queue_name: name }); location.hash = '#/'; }, true));
   async function refresh() {
     try {
-      const [st, hist] = await Promise.all([api('queue.stats', { queue_name: name }), api('queue.history', { queue_name: name })]);
+      const [st, hist] = await Promise.all([api('queue.stats', { queue_name: name, with_oldest_age: true }), api('queue.history', { queue_name: name })]);
       const t = totals(st); const r = rates(hist);
       const card = (k, v, id) => h('div', { class: 'card', id }, h('div', { class: 'v' }, v), h('div', { class: 'k' }, k));
-      cards.replaceChildren(card('Ready', fmt(t.ready), 'card-ready'), card('Leased', fmt(t.leased), 'card-leased'), card('Scheduled', fmt(t.scheduled)),
+      cards.replaceChildren(card('Ready', fmt(t.ready), 'card-ready'), card('Leased', fmt(t.leased), 'card-leased'), card('Scheduled', fmt(t.scheduled)), card('Oldest ready', t.oldest ? age(t.oldest) : '-', 'card-oldest'),
         card('Produce', rate(r.produced)), card('Lease', rate(r.leased)), card('Complete', rate(r.completed)), card('State', info.paused ? 'paused' : 'running'));
       const s = hist.samples || [];
       const perSec = s.map((x) => ({ ...x, produced: n(x.produced) * 1000 / n(hist.interval_ms), leased: n(x.leased) * 1000 / n(hist.interval_ms), completed: n(x.completed) * 1000 / n(hist.interval_ms) }));
@@ -220,10 +229,12 @@ async function pageQueue(name) {
         h('p', { class: 'legend' }, h('span', { class: 'produced' }, '— produce/s'), h('span', { class: 'leased' }, '— lease/s'), h('span', { class: 'completed' }, '— complete/s')),
         chart(perSec, ['produced', 'leased', 'completed'], 'Rates of ' + name + ' over the last ' + Math.round(s.length * n(hist.interval_ms) / 1000) + ' seconds'),
         h('p', { class: 'legend' }, h('span', { class: 'depth' }, '— ready items')),
-        chart(s, ['ready'], 'Ready items of ' + name + ' over time'));
+        chart(s, ['ready'], 'Ready items of ' + name + ' over time'),
+        h('p', { class: 'legend' }, h('span', { class: 'latency' }, '— mean wait from produce to lease (ms)')),
+        chart(s, ['lease_age_ms'], 'Mean wait from produce to lease of ' + name + ' over time, in milliseconds'));
       parts.replaceChildren(...t.partitions.map((p) => h('tr', {}, h('td', {}, String(n(p.partition))), h('td', { class: 'num' }, fmt(p.total)),
         h('td', { class: 'num' }, fmt(n(p.total) - n(p.total_leased))), h('td', { class: 'num' }, fmt(p.total_leased)), h('td', { class: 'num' }, fmt(p.scheduled)),
-        h('td', { class: 'num' }, fmt(p.failures)), h('td', { class: 'num' }, age(p.average_age)), h('td', { class: 'num' }, age(p.average_leased_age)))));
+        h('td', { class: 'num' }, fmt(p.failures)), h('td', { class: 'num' }, p.oldest_ready_age ? age(p.oldest_ready_age) : '-'), h('td', { class: 'num' }, age(p.average_age)), h('td', { class: 'num' }, age(p.average_leased_age)))));
     } catch (e) { showError(e); }
   }
   await refresh();
@@ -326,7 +337,12 @@ async function pageServer() {
     const health = await r.json();
     const rows = [['Version', health.version], ['Health', health.status],
       ['Storage check', ((health.checks || {})['queues:storage'] || []).map((c) => c.status + (c.output ? ' (' + c.output + ')' : '')).join(', ')],
-      ['API key', store.getItem('lessor.key') ? 'set for this tab' : 'none (auth off, or not signed in)'], ['Namespace shown', ns() || 'all']];
+      ['API key', store.getItem('lessor.key') ? 'set for this tab' : 'none (auth off, or not signed in)'], ['Namespace shown', ns() || '_system']];
+    try {
+      const me = await api('auth.whoami', {});
+      rows.push(['Auth', me.auth_enabled ? 'on' : 'off'], ['Signed in as', me.auth_enabled ? (me.username || 'anonymous') + (me.namespace_scope ? ' (scope ' + me.namespace_scope + ')' : '') : '-'],
+        ['Permissions', (me.namespaces || []).map((x) => x.namespace + ': ' + (x.permissions || []).length).join(', ') || '-']);
+    } catch (e) { rows.push(['Signed in as', e.message]); }
     try { const l = await api('queues.list', { namespace: ns(), limit: 1000 }); rows.push(['Queues visible', String((l.items || []).length)]); } catch (e) { rows.push(['Queues visible', e.message]); }
     // The configuration summary needs queue.list in _system; a namespace's key sees the rest without it.
     try {
@@ -339,19 +355,43 @@ async function pageServer() {
   } catch (e) { showError(e); }
 }
 
+// Who the stored key is (auth.whoami), and the namespace to show for it: the key's scope, else the one namespace
+// where its user holds queue.list when there is exactly one and no `_system` binding (an administrator sees `_system`).
+async function whoami() {
+  const me = await api('auth.whoami', {});
+  let pick = null;
+  if (me.namespace_scope) pick = me.namespace_scope;
+  else {
+    const nss = (me.namespaces || []).filter((x) => (x.permissions || []).includes('queue.list'));
+    if (nss.length === 1 && nss[0].namespace !== '_system') pick = nss[0].namespace;
+  }
+  return { me, pick };
+}
+
 function pageKey() {
   const input = h('input', { id: 'api-key', type: 'password', autocomplete: 'off', 'aria-label': 'API key', size: 40 });
-  const nsIn = h('input', { id: 'key-namespace', value: ns(), 'aria-label': 'Namespace', size: 16 });
-  const f = h('form', { class: 'toolbar', id: 'key-form' }, h('label', {}, 'API key', input), h('label', {}, 'Namespace (empty: all)', nsIn),
+  const who = h('div', { id: 'whoami' });
+  const f = h('form', { class: 'toolbar', id: 'key-form' }, h('label', {}, 'API key', input),
     h('button', { type: 'submit', id: 'key-submit' }, 'Use key'),
-    h('button', { type: 'button', id: 'key-forget', onclick: () => { store.removeItem('lessor.key'); status('Key forgotten.'); } }, 'Forget key'));
+    h('button', { type: 'button', id: 'key-forget', onclick: () => { store.removeItem('lessor.key'); store.removeItem('lessor.namespace'); who.replaceChildren(); status('Key forgotten.'); } }, 'Forget key'));
   f.addEventListener('submit', async (e) => {
     e.preventDefault();
     store.setItem('lessor.key', input.value.trim());
-    store.setItem('lessor.namespace', nsIn.value.trim());
-    try { await api('queues.list', { namespace: ns(), limit: 1 }); status('Key accepted.'); location.hash = '#/'; } catch (err) { showError(err); }
+    try {
+      const { me, pick } = await whoami();
+      // A namespace-scoped key works only in its namespace: show that one without asking (and `_system`, the
+      // default, for a key that may see more than one namespace).
+      store.setItem('lessor.namespace', pick || '');
+      status('Key accepted: ' + (me.username || 'anonymous') + (pick ? ', namespace ' + pick : '') + '.');
+      location.hash = '#/';
+    } catch (err) { store.removeItem('lessor.key'); showError(err); }
   });
-  setMain('API key', h('p', { class: 'muted' }, 'The key stays in this tab only (sessionStorage) and is sent as a bearer header.'), f);
+  setMain('API key', h('p', { class: 'muted' }, 'The key stays in this tab only (sessionStorage) and is sent as a bearer header. ' +
+    'The namespace is chosen from the key (its scope); change it on the Queues page.'), f, who);
+  if (store.getItem('lessor.key')) {
+    whoami().then(({ me }) => who.replaceChildren(h('p', {}, 'Signed in as ' + (me.username || 'anonymous') +
+      (me.namespace_scope ? ' (key scoped to ' + me.namespace_scope + ')' : '')))).catch(showError);
+  }
 }
 
 // ---- router -------------------------------------------------------------------------------------------------

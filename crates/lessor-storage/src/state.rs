@@ -448,11 +448,74 @@ impl PartitionState {
         Some(it)
     }
 
-    /// Drops stale entries at the front of both deadline indexes, so their first keys are real deadlines.
+    /// Drops stale entries at the front of both deadline indexes, so their first keys are real deadlines, and of
+    /// the priority FIFOs, and moves the cursor onto the first ready priority-0 item: the head of every priority is
+    /// then where [`PartitionState::stats`] looks, without a scan. Each stale id is dropped once and the cursor only
+    /// moves forward over slots a lease would pass anyway, so this costs O(1) amortized per item.
     fn clean_fronts(&mut self) {
         let chunks = &self.chunks;
         clean_front(&mut self.leases, |d, id| lease_valid(chunks, d, id));
         clean_front(&mut self.expire, |d, id| expire_valid(chunks, d, id));
+        for fifo in self.fifo.iter_mut().skip(1) {
+            while let Some(&id) = fifo.front() {
+                if ready_in(chunks, id) {
+                    break;
+                }
+                fifo.pop_front();
+            }
+        }
+        self.settle_cursor();
+    }
+
+    /// Moves the cursor forward onto the first ready priority-0 item (when there is one).
+    fn settle_cursor(&mut self) {
+        if self.ready_by_prio[0] == 0 {
+            return;
+        }
+        loop {
+            let Some((&key, chunk)) = self.chunks.range(self.cursor / CHUNK..).next() else {
+                return;
+            };
+            let start = if key == self.cursor / CHUNK {
+                (self.cursor % CHUNK) as usize
+            } else {
+                0
+            };
+            for (off, s) in chunk.slots.iter().enumerate().skip(start) {
+                if s.live() && !s.leased() && s.priority == 0 {
+                    self.cursor = key * CHUNK + off as u64;
+                    return;
+                }
+            }
+            if self.chunks.range((key + 1)..).next().is_some() {
+                self.cursor = (key + 1) * CHUNK;
+            } else {
+                // As in `lease`: later ids of the last chunk may still arrive.
+                self.cursor = key * CHUNK + chunk.slots.len() as u64;
+                return;
+            }
+        }
+    }
+
+    /// `created_at` of the oldest item at the head of a priority (the items a lease takes next), if any is ready.
+    fn oldest_head(&self) -> Option<i64> {
+        let mut oldest: Option<i64> = None;
+        let mut consider = |id: u64| {
+            if let Some(s) = slot_in(&self.chunks, id).filter(|s| !s.leased()) {
+                oldest = Some(oldest.map_or(s.created_at, |o| o.min(s.created_at)));
+            }
+        };
+        if self.ready_by_prio[0] > 0 {
+            consider(self.cursor);
+        }
+        for p in 1..PRIORITIES {
+            if self.ready_by_prio[p] > 0 {
+                if let Some(&id) = self.fifo[p].front() {
+                    consider(id);
+                }
+            }
+        }
+        oldest
     }
 
     fn record_put(&self, ch: &mut Changes, id: u64) {
@@ -932,6 +995,7 @@ impl PartitionState {
             average_age: avg(self.sum_created, live, false),
             average_leased_age: avg(self.sum_lease, leased, true),
             payload_bytes: self.payload_bytes,
+            oldest_ready_age: self.oldest_head().map_or(Duration::ZERO, |c| now.since(Ts(c))),
         }
     }
 
@@ -1143,6 +1207,38 @@ mod tests {
             payload: Bytes::from(p.to_string()),
             ..Default::default()
         }
+    }
+
+    /// The heads that `stats` reads are kept current by every operation: the cursor sits on the first ready
+    /// priority-0 item even behind thousands of higher-priority ones, and a FIFO never starts with a stale id. So
+    /// the oldest age is read from at most one slot per priority, never found by walking the partition.
+    #[test]
+    fn stats_reads_the_heads_kept_current() {
+        let mut s = PartitionState::new(1).without_changes();
+        let at = |p: &str, created: i64, priority: u8| NewItem {
+            created_at: Ts(created),
+            priority,
+            ..new_item(p, Ts::ZERO)
+        };
+        let urgent: Vec<NewItem> = (0..3000).map(|i| at("u", 10 + i, 5)).collect();
+        let (urgent_ids, _) = s.produce(urgent);
+        let (plain, _) = s.produce(vec![at("p", 5, 0), at("q", 6, 0)]);
+        assert_eq!(
+            s.cursor, plain[0].0,
+            "the cursor moved over the priority-5 items at once"
+        );
+        assert_eq!(s.stats(Ts(1_000_005)).oldest_ready_age, Duration::from_secs(1));
+        // Deleting the head of priority 5 leaves its FIFO starting at a ready item.
+        s.delete(vec![urgent_ids[0]]);
+        assert_eq!(s.fifo[5].front(), Some(&urgent_ids[1].0));
+        // Leasing the priority-5 items and the first plain one moves the heads on.
+        let (got, _) = s.lease(3000, Ts(50_000_000));
+        assert_eq!(got.len(), 3000);
+        assert_eq!(s.cursor, plain[1].0);
+        assert_eq!(s.stats(Ts(1_000_006)).oldest_ready_age, Duration::from_secs(1));
+        let (got, _) = s.lease(1, Ts(50_000_000));
+        assert_eq!(got.len(), 1);
+        assert_eq!(s.stats(Ts(1_000_006)).oldest_ready_age, Duration::ZERO);
     }
 
     /// Complete drops items without building them: the payload total and the source-id index stay exact (a

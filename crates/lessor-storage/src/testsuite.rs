@@ -564,6 +564,58 @@ pub async fn stats_report_ages(b: TestBackend) {
     assert!(s.payload_bytes >= 8);
 }
 
+/// Stats report the age of the oldest item next in line (the heads of the ready queue, every priority), not
+/// counting leased or scheduled items; the figure survives a reopen.
+pub async fn stats_report_oldest_ready_age(b: TestBackend) {
+    let q = unique_queue("oldest");
+    let p = b.partitions.open(&q, 0).await.expect("open");
+    let at = T0.add(SEC * 10);
+    let empty = p.stats(at).await.expect("stats");
+    assert_eq!(empty.oldest_ready_age, Duration::ZERO, "no ready item");
+    let created = |payload: &str, secs: u32, priority: u8| NewItem {
+        created_at: T0.add(SEC * secs),
+        priority,
+        ..item(payload)
+    };
+    let mut batch = vec![created("a", 0, 0), created("b", 5, 0), created("urgent", 8, 5)];
+    // Scheduled items are not in line yet: an old one does not count.
+    let mut later = created("scheduled", 0, 0);
+    later.created_at = Ts(T0.0 - 100_000_000);
+    later.enqueue_at = T0.add(SEC * 1000);
+    batch.push(later);
+    let ids = p.produce(batch).await.expect("produce");
+    let s = p.stats(at).await.expect("stats");
+    assert_eq!(
+        s.oldest_ready_age,
+        SEC * 10,
+        "a (created at T0) is first in line at priority 0"
+    );
+    // The priority-5 item goes first; a is still waiting.
+    let got = p.lease(1, T0.add(SEC * 60)).await.expect("lease");
+    assert_eq!(payloads(&got), vec!["urgent"]);
+    assert_eq!(p.stats(at).await.expect("stats").oldest_ready_age, SEC * 10);
+    let got = p.lease(1, T0.add(SEC * 60)).await.expect("lease");
+    assert_eq!(payloads(&got), vec!["a"]);
+    assert_eq!(
+        p.stats(at).await.expect("stats").oldest_ready_age,
+        SEC * 5,
+        "a leased item is not ready"
+    );
+    // Removing the head leaves nothing ready: zero, though a scheduled item is older.
+    p.delete(vec![ids[1]]).await.expect("delete");
+    assert_eq!(p.stats(at).await.expect("stats").oldest_ready_age, Duration::ZERO);
+    // Priorities compete: the oldest head wins, whichever priority it has.
+    p.produce(vec![created("c", 7, 0), created("d", 3, 9), created("e", 1, 0)])
+        .await
+        .expect("produce");
+    assert_eq!(p.stats(at).await.expect("stats").oldest_ready_age, SEC * 7);
+    p.close().await;
+    drop(p);
+    let p = b.partitions.open(&q, 0).await.expect("reopen");
+    assert_eq!(p.stats(at).await.expect("stats").oldest_ready_age, SEC * 7);
+    b.partitions.destroy(&q, 0).await.expect("destroy");
+}
+
 /// Reopening a partition finds its items, and new ids keep growing.
 pub async fn reopen_keeps_items_and_id_order(b: TestBackend) {
     let q = unique_queue("reopen");
@@ -843,6 +895,7 @@ macro_rules! conformance_tests {
             delete_ignores_missing,
             clear_modes,
             stats_report_ages,
+            stats_report_oldest_ready_age,
             reopen_keeps_items_and_id_order,
             partitions_are_independent,
             large_batches_keep_order,

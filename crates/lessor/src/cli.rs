@@ -257,6 +257,8 @@ enum Command {
     /// Manage role bindings.
     #[command(subcommand)]
     Rolebinding(auth::RoleBindingCmd),
+    /// Show who the API key is: user, key id, namespace scope and permissions per namespace (no secret).
+    Whoami,
 }
 
 /// `lessor server` flags.
@@ -654,19 +656,33 @@ pub async fn run(cli: Cli) -> Result<(), String> {
         }
         Command::Stats { queue } => {
             let r = c
-                .queue_stats(&pb::QueueStatsRequest { queue_name: queue })
+                .queue_stats(&pb::QueueStatsRequest {
+                    queue_name: queue,
+                    with_oldest_age: true,
+                })
                 .await
                 .map_err(api)?;
             print(json, &r, |r| {
                 let mut s = format!(
-                    "{:>9} {:>10} {:>10} {:>10} {:>9} {:>12}",
-                    "PARTITION", "TOTAL", "LEASED", "SCHEDULED", "FAILURES", "AVG AGE"
+                    "{:>9} {:>10} {:>10} {:>10} {:>9} {:>12} {:>12}",
+                    "PARTITION", "TOTAL", "LEASED", "SCHEDULED", "FAILURES", "AVG AGE", "OLDEST READY"
                 );
                 for l in &r.logical_queues {
                     for p in &l.partitions {
+                        let oldest = if p.oldest_ready_age.is_empty() {
+                            "-"
+                        } else {
+                            p.oldest_ready_age.as_str()
+                        };
                         s.push_str(&format!(
-                            "\n{:>9} {:>10} {:>10} {:>10} {:>9} {:>12}",
-                            p.partition, p.total, p.total_leased, p.scheduled, p.failures, p.average_age
+                            "\n{:>9} {:>10} {:>10} {:>10} {:>9} {:>12} {:>12}",
+                            p.partition,
+                            p.total,
+                            p.total_leased,
+                            p.scheduled,
+                            p.failures,
+                            p.average_age,
+                            oldest
                         ));
                     }
                     s.push_str(&format!("\nwaiting leases: {}", l.lease_waiting));
@@ -702,6 +718,35 @@ pub async fn run(cli: Cli) -> Result<(), String> {
         Command::ApiKey(cmd) => auth::apikey(&c, json, cmd).await?,
         Command::Role(cmd) => auth::role(&c, json, cmd).await?,
         Command::Rolebinding(cmd) => auth::rolebinding(&c, json, cmd).await?,
+        Command::Whoami => {
+            let r = c
+                .call::<lessor_proto::routes::AuthWhoami>(&pb::AuthWhoamiRequest {})
+                .await
+                .map_err(api)?;
+            print(json, &r, |r| {
+                if !r.auth_enabled {
+                    return "auth is off: every request runs as an administrator".to_string();
+                }
+                let or_none = |v: &str| {
+                    if v.is_empty() {
+                        "none".to_string()
+                    } else {
+                        v.to_string()
+                    }
+                };
+                let mut s = format!(
+                    "user:  {} ({})\nkey:   {}\nscope: {}",
+                    r.username,
+                    r.user_id,
+                    or_none(&r.key_id),
+                    or_none(&r.namespace_scope)
+                );
+                for n in &r.namespaces {
+                    s.push_str(&format!("\n{}: {}", n.namespace, n.permissions.join(", ")));
+                }
+                s
+            });
+        }
     }
     Ok(())
 }

@@ -213,6 +213,7 @@ async fn populate(c: &Client, n: usize) {
         let s = c
             .queue_stats(&pb::QueueStatsRequest {
                 queue_name: "dlq".into(),
+                ..Default::default()
             })
             .await
             .unwrap();
@@ -685,6 +686,7 @@ async fn a_server_killed_mid_restore_resumes_without_loss_or_doubles() {
             .client()
             .queue_stats(&pb::QueueStatsRequest {
                 queue_name: "jobs".into(),
+                ..Default::default()
             })
             .await;
         let total: i64 = s

@@ -70,6 +70,7 @@ async fn total_items(c: &Client, name: &str) -> i64 {
     let stats = c
         .queue_stats(&pb::QueueStatsRequest {
             queue_name: name.into(),
+            ..Default::default()
         })
         .await
         .unwrap_or_else(|e| panic!("stats of {name}: {e}"));

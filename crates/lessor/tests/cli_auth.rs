@@ -351,3 +351,24 @@ async fn cli_manages_namespaces_users_keys_roles_and_bindings() {
     assert_eq!(names["items"].as_array().expect("items").len(), 1, "{names}");
     srv.stop().await;
 }
+
+/// `lessor whoami` names the key's user and what it may do, never the key; a bad key fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn whoami_names_the_key_without_secrets() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (srv, admin) = closed_server(dir.path()).await;
+    let ep = srv.endpoint();
+    let table = ok(&ep, &admin, &["whoami"]).await;
+    assert!(table.contains("user:  admin"), "{table}");
+    assert!(
+        table.contains("_system: ") && table.contains("queue.produce"),
+        "{table}"
+    );
+    assert!(!table.contains(&admin), "the key is never printed: {table}");
+    let me = ok_json(&ep, &admin, &["whoami"]).await;
+    assert_eq!(me["username"], "admin", "{me}");
+    assert_eq!(me["auth_enabled"], true, "{me}");
+    let err = fails(&ep, Some("qtr-not-a-real-key"), &["whoami"]).await;
+    assert!(err.contains("401") || err.to_lowercase().contains("key"), "{err}");
+    srv.stop().await;
+}

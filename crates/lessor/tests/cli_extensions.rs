@@ -313,3 +313,26 @@ async fn redrive_start_wait_list_get_and_cancel() {
     );
     srv.stop().await;
 }
+
+/// `lessor stats` asks for each partition's oldest waiting item and shows it (`-` when nothing waits).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stats_show_the_oldest_waiting_item() {
+    let (srv, _c) = lessor_testkit::server::memory().await;
+    let ep = srv.endpoint();
+    let ep = ep.as_str();
+    ok(ep, &["create", "aged"]).await;
+    let table = ok(ep, &["stats", "aged"]).await;
+    assert!(table.contains("OLDEST READY"), "{table}");
+    assert!(
+        table.lines().nth(1).is_some_and(|l| l.trim_end().ends_with('-')),
+        "{table}"
+    );
+    ok(ep, &["produce", "aged", "-p", "x"]).await;
+    let s = ok_json(ep, &["stats", "aged"]).await;
+    let age = s["logicalQueues"][0]["partitions"][0]["oldest_ready_age"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(age.ends_with('s'), "a Go duration: {s}");
+    srv.stop().await;
+}

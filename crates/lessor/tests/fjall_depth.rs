@@ -259,6 +259,7 @@ async fn depth(c: &Client) -> (i64, i64) {
     let s = c
         .queue_stats(&pb::QueueStatsRequest {
             queue_name: QUEUE.into(),
+            ..Default::default()
         })
         .await
         .expect("stats");
@@ -630,6 +631,7 @@ async fn stats(c: &Client, queue: &str) -> usize {
     let s = c
         .queue_stats(&pb::QueueStatsRequest {
             queue_name: queue.into(),
+            ..Default::default()
         })
         .await
         .expect("stats");

@@ -355,6 +355,7 @@ async fn rebalance_under_load_survives_sigkill() {
         let s = c
             .queue_stats(&pb::QueueStatsRequest {
                 queue_name: QUEUE.into(),
+                ..Default::default()
             })
             .await
             .expect("stats");

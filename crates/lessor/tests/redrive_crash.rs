@@ -25,7 +25,10 @@ fn server(data: &Path, log: &Path) -> ServerCommand {
 
 async fn depth(c: &Client, q: &str) -> i64 {
     let s = c
-        .queue_stats(&pb::QueueStatsRequest { queue_name: q.into() })
+        .queue_stats(&pb::QueueStatsRequest {
+            queue_name: q.into(),
+            ..Default::default()
+        })
         .await
         .expect("stats");
     s.logical_queues

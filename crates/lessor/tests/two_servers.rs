@@ -119,6 +119,7 @@ async fn remaining(c: &Client, queue: &str) -> Result<i64, ClientError> {
     let s = c
         .queue_stats(&pb::QueueStatsRequest {
             queue_name: queue.into(),
+            ..Default::default()
         })
         .await?;
     Ok(s.logical_queues[0]

@@ -99,6 +99,18 @@ impl Grants {
     pub fn in_namespace(&self, namespace: &str) -> PermissionSet {
         self.by_namespace.get(namespace).copied().unwrap_or_default()
     }
+
+    /// Every namespace where the user holds a permission, with what it holds there, in namespace order.
+    pub fn namespaces(&self) -> Vec<(&str, PermissionSet)> {
+        let mut out: Vec<(&str, PermissionSet)> = self
+            .by_namespace
+            .iter()
+            .filter(|(_, p)| !p.is_empty())
+            .map(|(n, p)| (n.as_str(), *p))
+            .collect();
+        out.sort_unstable_by(|a, b| a.0.cmp(b.0));
+        out
+    }
 }
 
 impl Auth {

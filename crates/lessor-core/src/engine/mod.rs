@@ -72,6 +72,9 @@ pub struct QueueMetrics {
     pub produced: AtomicU64,
     /// Items leased.
     pub leased: AtomicU64,
+    /// Sum over leased items of their age when leased (now - created_at), in microseconds: with `leased`, the mean
+    /// time items waited from produce to lease (the dashboard's latency chart).
+    pub lease_age_us: AtomicU64,
     /// Items completed.
     pub completed: AtomicU64,
     /// Items retried (requeued or scheduled).
@@ -216,6 +219,8 @@ pub struct PartitionReport {
     pub average_leased_age: Duration,
     /// Scheduled items.
     pub scheduled: u64,
+    /// Age of the oldest item next in line (see [`crate::types::PartitionStats::oldest_ready_age`]).
+    pub oldest_ready_age: Duration,
 }
 
 /// `queue.stats` answer.

@@ -1153,6 +1153,8 @@ impl Partition for PgPartition {
         let mean_created: Option<i64> = r.try_get(3).map_err(pg_err)?;
         let mean_deadline: Option<i64> = r.try_get(4).map_err(pg_err)?;
         let bytes: i64 = r.try_get(5).map_err(pg_err)?;
+        // The created_at of the oldest item at the head of a priority: one `_ready_p` index probe per priority.
+        let oldest_head: Option<i64> = r.try_get(6).map_err(pg_err)?;
         Ok(PartitionStats {
             counts: PartitionCounts {
                 ready: count(r.try_get(0).map_err(pg_err)?),
@@ -1162,6 +1164,7 @@ impl Partition for PgPartition {
             average_age: mean_created.map_or(Duration::ZERO, |c| now.since(Ts(c))),
             average_leased_age: mean_deadline.map_or(Duration::ZERO, |d| Ts(d).since(now)),
             payload_bytes: count(bytes),
+            oldest_ready_age: oldest_head.map_or(Duration::ZERO, |c| now.since(Ts(c))),
         })
     }
 

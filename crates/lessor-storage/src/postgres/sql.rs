@@ -66,6 +66,19 @@ pub(crate) struct Sql {
     table: String,
 }
 
+/// The `created_at` of the head of each priority's ready queue, as `LEAST`'s arguments (NULLs are skipped; all NULL
+/// when nothing is ready): one probe of the `_ready_p` index per priority. Each priority is a constant, in the
+/// index's own order: with the priority as a parameter (`generate_series`) the planner walked the primary key and
+/// filtered, reading the whole table for a priority that has no ready item.
+fn oldest_heads(t: &str) -> String {
+    (0..=lessor_core::types::MAX_PRIORITY)
+        .map(|p| {
+            format!("(SELECT created_at FROM {t} WHERE {READY} AND priority = {p} ORDER BY priority DESC, id LIMIT 1)")
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// CTE `fresh(ids)`: one row holding one fresh id per row of `source`, in increasing order; the row numbered `rn`
 /// (from 1, in the wanted order) takes [`new_id`]`(rn)`.
 fn fresh_ids(table: &str, source: &str) -> String {
@@ -363,8 +376,10 @@ impl Sql {
                         CASE WHEN r.n + l.n > 0
                              THEN div(coalesce(r.created, 0) + coalesce(l.created, 0), r.n + l.n)::int8 END,
                         CASE WHEN l.n > 0 THEN div(l.deadline, l.n)::int8 END,
-                        (coalesce(r.bytes, 0) + coalesce(l.bytes, 0) + coalesce(s.bytes, 0))::int8
-                 FROM r, l, s"
+                        (coalesce(r.bytes, 0) + coalesce(l.bytes, 0) + coalesce(s.bytes, 0))::int8,
+                        LEAST({heads})::int8
+                 FROM r, l, s",
+                heads = oldest_heads(t),
             ),
             // Pages walk the primary key in id order. The state test is wrapped in `IS TRUE` so the planner cannot
             // match it to the `_expire` or `_sched` partial index, which would read every live (or scheduled) item

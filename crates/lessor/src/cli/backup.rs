@@ -699,6 +699,7 @@ async fn holds_backup(c: &Client, name: &str, verified: &Verified, old: &str) ->
     let stats = c
         .queue_stats(&pb::QueueStatsRequest {
             queue_name: name.to_string(),
+            ..Default::default()
         })
         .await
         .map_err(|e| format!("reading the stats of '{name}': {e}"))?;

@@ -34,6 +34,7 @@ impl QueueTask {
                                 r.scheduled = s.counts.scheduled;
                                 r.average_age = s.average_age;
                                 r.average_leased_age = s.average_leased_age;
+                                r.oldest_ready_age = s.oldest_ready_age;
                             }
                             Err(e) => {
                                 tracing::warn!(queue = %self.info.name, partition = p.num, error = %e, "stats failed")

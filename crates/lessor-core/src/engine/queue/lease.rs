@@ -68,6 +68,16 @@ impl QueueTask {
                 p.pull_deadline(deadline);
             }
             self.metrics.leased.fetch_add(got, Ordering::Relaxed);
+            let waited: u64 = items
+                .iter()
+                .map(|it| {
+                    now.since(it.created_at)
+                        .as_micros()
+                        .try_into()
+                        .unwrap_or(u64::MAX)
+                })
+                .fold(0u64, u64::saturating_add);
+            self.metrics.lease_age_us.fetch_add(waited, Ordering::Relaxed);
             let num = p.num;
             self.deal(num, items);
         }
