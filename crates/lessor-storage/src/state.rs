@@ -481,7 +481,7 @@ impl PartitionState {
             } else {
                 0
             };
-            for (off, s) in chunk.slots.iter().enumerate().skip(start) {
+            for (off, s) in chunk.iter_from(start) {
                 if s.live() && !s.leased() && s.priority == 0 {
                     self.cursor = key * CHUNK + off as u64;
                     return;
@@ -491,7 +491,7 @@ impl PartitionState {
                 self.cursor = (key + 1) * CHUNK;
             } else {
                 // As in `lease`: later ids of the last chunk may still arrive.
-                self.cursor = key * CHUNK + chunk.slots.len() as u64;
+                self.cursor = key * CHUNK + chunk.end() as u64;
                 return;
             }
         }

@@ -151,6 +151,23 @@ impl Chunk {
         })
     }
 
+    /// [`Chunk::iter`] from offset `start` on, without visiting the slots before it.
+    pub(super) fn iter_from(&self, start: usize) -> impl Iterator<Item = (usize, &Slot)> + '_ {
+        let first = if self.sparse {
+            self.offs.partition_point(|&o| usize::from(o) < start)
+        } else {
+            start.min(self.slots.len())
+        };
+        let sparse = self.sparse;
+        self.slots[first..].iter().enumerate().map(move |(i, s)| {
+            if sparse {
+                (usize::from(self.offs[first + i]), s)
+            } else {
+                (first + i, s)
+            }
+        })
+    }
+
     /// Slots the chunk has memory for (tests and memory accounting).
     #[cfg(test)]
     pub(super) fn capacity(&self) -> usize {
@@ -224,6 +241,8 @@ mod tests {
         let seen: Vec<usize> = c.iter().map(|(o, _)| o).collect();
         assert_eq!(seen, (0..CHUNK as usize).step_by(16).collect::<Vec<_>>());
         assert_eq!(c.next_mut(17).map(|(o, _)| o), Some(32));
+        assert_eq!(c.iter_from(17).next().map(|(o, _)| o), Some(32));
+        assert_eq!(c.iter_from(1009).count(), 0);
         assert_eq!(c.next_mut(1009).map(|(o, _)| o), None);
         assert_eq!(c.end(), CHUNK as usize);
         assert!(c.take(5).is_none(), "a taken offset is gone");
