@@ -22,7 +22,11 @@ async fn offload_backend() -> Option<TestBackend> {
         .send()
         .await
         .expect("create bucket");
-    assert!(r.status().is_success() || r.status().as_u16() == 409, "{}", r.status());
+    assert!(
+        r.status().is_success() || r.status().as_u16() == 409,
+        "{}",
+        r.status()
+    );
     let dir = tempfile::tempdir().expect("temp dir");
     let inner = FjallStore::open(dir.path(), Durability::Sync).expect("open partition store");
     let queues = FjallQueues::open(dir.path(), Durability::Sync).expect("open queue store");
