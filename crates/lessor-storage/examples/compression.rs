@@ -32,10 +32,29 @@ impl Rng {
 }
 
 fn order(rng: &mut Rng) -> Bytes {
-    let first = ["Ada", "Grace", "Alan", "Edsger", "Barbara", "Donald", "Leslie", "Frances", "John", "Radia"];
-    let last = ["Lovelace", "Hopper", "Turing", "Dijkstra", "Liskov", "Knuth", "Lamport", "Allen", "Backus"];
-    let streets = ["Market St", "Main Street", "Rue de Rivoli", "Baker Street", "Unter den Linden", "Broadway"];
-    let cities = ["San Francisco", "Paris", "London", "Berlin", "New York", "Lisbon", "Osaka"];
+    let first = [
+        "Ada", "Grace", "Alan", "Edsger", "Barbara", "Donald", "Leslie", "Frances", "John", "Radia",
+    ];
+    let last = [
+        "Lovelace", "Hopper", "Turing", "Dijkstra", "Liskov", "Knuth", "Lamport", "Allen", "Backus",
+    ];
+    let streets = [
+        "Market St",
+        "Main Street",
+        "Rue de Rivoli",
+        "Baker Street",
+        "Unter den Linden",
+        "Broadway",
+    ];
+    let cities = [
+        "San Francisco",
+        "Paris",
+        "London",
+        "Berlin",
+        "New York",
+        "Lisbon",
+        "Osaka",
+    ];
     let products = [
         "USB-C cable 2m",
         "Mechanical keyboard (brown switches)",

@@ -64,7 +64,9 @@ async fn run(name: &str, p: Arc<dyn Partition>, data: &[Bytes]) {
         assert!(!items.is_empty());
         assert_eq!(items[0].payload.len(), MIB);
         got += items.len();
-        p.complete(vec![items.iter().map(|i| i.id).collect()]).await.unwrap()[0]
+        p.complete(vec![items.iter().map(|i| i.id).collect()])
+            .await
+            .unwrap()[0]
             .clone()
             .unwrap();
     }
@@ -90,7 +92,12 @@ async fn one_mib_payloads_fjall_vs_s3_offload() {
     let data = payloads(n);
     let dir = tempfile::tempdir().unwrap();
     let fjall = FjallStore::open(dir.path().join("plain"), Durability::Sync).unwrap();
-    run("fjall directly (durability sync)", fjall.open("q", 0).await.unwrap(), &data).await;
+    run(
+        "fjall directly (durability sync)",
+        fjall.open("q", 0).await.unwrap(),
+        &data,
+    )
+    .await;
     let Some(endpoint) = std::env::var("LESSOR_TEST_S3_ENDPOINT").ok() else {
         println!("LESSOR_TEST_S3_ENDPOINT not set: no S3 figures");
         return;
@@ -120,5 +127,10 @@ async fn one_mib_payloads_fjall_vs_s3_offload() {
         },
     )
     .unwrap();
-    run("fjall + S3 offload (moto_server, loopback)", store.open("q", 0).await.unwrap(), &data).await;
+    run(
+        "fjall + S3 offload (moto_server, loopback)",
+        store.open("q", 0).await.unwrap(),
+        &data,
+    )
+    .await;
 }

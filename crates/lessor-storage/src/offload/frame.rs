@@ -55,7 +55,12 @@ impl Compression {
             Compression::Lz4 => lz4_flex::compress_prepend_size(data),
             // Writing into a Vec cannot fail; an error here would be a zstd bug, and storing the raw bytes
             // is always correct.
-            Compression::Zstd => zstd::bulk::compress(data, ZSTD_LEVEL).unwrap_or_else(|_| data.to_vec()),
+            Compression::Zstd => ZSTD_C
+                .with(|c| match c.borrow_mut().as_mut() {
+                    Some(c) => c.compress(data).ok(),
+                    None => zstd::bulk::compress(data, ZSTD_LEVEL).ok(),
+                })
+                .unwrap_or_else(|| data.to_vec()),
         }
     }
 
@@ -77,10 +82,24 @@ impl Compression {
                 if cap > 1 << 30 {
                     return Err(format!("zstd: frame claims {cap} bytes"));
                 }
-                zstd::bulk::decompress(data, cap).map_err(|e| format!("zstd: {e}"))
+                ZSTD_D
+                    .with(|d| match d.borrow_mut().as_mut() {
+                        Some(d) => d.decompress(data, cap),
+                        None => zstd::bulk::decompress(data, cap),
+                    })
+                    .map_err(|e| format!("zstd: {e}"))
             }
         }
     }
+}
+
+thread_local! {
+    // A zstd context allocates about a megabyte of tables: building one per payload costs more than compressing a
+    // few KB. One per thread, reused (`None` when it could not be built: the one-shot functions then).
+    static ZSTD_C: std::cell::RefCell<Option<zstd::bulk::Compressor<'static>>> =
+        std::cell::RefCell::new(zstd::bulk::Compressor::new(ZSTD_LEVEL).ok());
+    static ZSTD_D: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
+        std::cell::RefCell::new(zstd::bulk::Decompressor::new().ok());
 }
 
 /// What a stored payload holds.
