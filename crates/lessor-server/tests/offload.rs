@@ -158,3 +158,45 @@ async fn object_storage_down_large_produce_gets_454_small_items_work() {
     assert_eq!(got.items.len(), 1, "only the small item was stored");
     assert_eq!(got.items[0].bytes, b"small");
 }
+
+/// A server whose object storage cannot be reached answers a lease of an offloaded item with 454 and keeps the
+/// item; the same data served with object storage back hands the item out whole.
+#[cfg(feature = "fjall")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lease_without_object_storage_gets_454_and_the_item_stays() {
+    let Some(s3) = endpoint().await else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let d = serde_json_path(dir.path());
+    let fjall = |s3: &str| {
+        Config::from_yaml(&format!(
+            "object-storage:\n  - name: s3-0\n    endpoint: {s3}\n    bucket: {BUCKET}\n    access-key-id: test\n    \
+             secret-access-key: test\n    path-style: true\n    prefix: http-lease-{}/\n\
+             queue-storage:\n  driver: fjall\n  config:\n    storage-dir: {d}\n\
+             partition-storage:\n  - name: disk-0\n    driver: fjall\n    config:\n      storage-dir: {d}\n      \
+             payload-offload: s3-0\n",
+            std::process::id()
+        ))
+        .unwrap()
+    };
+    let big = vec![b'y'; 300_000];
+    let (srv, c) = lessor_testkit::server::start(&fjall(&s3), None).await;
+    create(&c, "q").await;
+    c.queue_produce(&produce("q", &[big.clone()])).await.unwrap();
+    srv.stop().await;
+
+    let (srv, c) = lessor_testkit::server::start(&fjall("http://127.0.0.1:9"), None).await;
+    let e = c.queue_lease(&lease("q", 1)).await.unwrap_err();
+    assert_eq!(e.code(), Some(454), "{e}");
+    srv.stop().await;
+
+    let (_srv, c) = lessor_testkit::server::start(&fjall(&s3), None).await;
+    let got = c.queue_lease(&lease("q", 1)).await.unwrap();
+    assert_eq!(got.items.len(), 1, "the item stayed leasable");
+    assert!(got.items[0].bytes == big);
+}
+
+/// A path as a YAML scalar (JSON strings are YAML).
+#[cfg(feature = "fjall")]
+fn serde_json_path(p: &std::path::Path) -> String {
+    format!("{:?}", p.to_string_lossy())
+}
