@@ -151,6 +151,7 @@ async fn object_storage_down_large_produce_gets_454_small_items_work() {
         e.to_string().contains("object storage"),
         "the message says what failed: {e}"
     );
+    // At once: the partition stayed in service (a failed object write is not a failed partition).
     c.queue_produce(&produce("down", &[b"small".to_vec()]))
         .await
         .unwrap();

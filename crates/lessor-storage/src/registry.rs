@@ -332,19 +332,20 @@ impl StoreSpec {
     /// The backend's failure to open (see [`OpenError`]).
     pub async fn open_partitions(&self) -> Result<Arc<dyn PartitionStore>, OpenError> {
         let store = self.config.open_partitions().await?;
-        match &self.offload {
-            None => Ok(store),
-            #[cfg(feature = "s3")]
-            Some(o) => {
-                let driver = self.driver().name;
-                let wrapped = crate::offload::OffloadStore::new(store, &self.store_name, o.clone())
-                    .map_err(|source| OpenError::Backend { driver, source })?;
-                Ok(wrapped)
-            }
-            // `offload::parse` refuses the settings in a build without the wrapper.
-            #[cfg(not(feature = "s3"))]
-            Some(_) => Ok(store),
+        // With the wrapper compiled in, every partition store gets it, also without offload or compression: a
+        // store whose settings turned compression or offload off still holds frames written before, which must
+        // keep reading as the payloads they stand for (the wrapper is then a byte comparison per payload).
+        #[cfg(feature = "s3")]
+        {
+            let driver = self.driver().name;
+            let settings = self.offload.clone().unwrap_or_default();
+            let wrapped = crate::offload::OffloadStore::new(store, &self.store_name, settings)
+                .map_err(|source| OpenError::Backend { driver, source })?;
+            Ok(wrapped)
         }
+        // `offload::parse` refuses the settings in a build without the wrapper.
+        #[cfg(not(feature = "s3"))]
+        Ok(store)
     }
 }
 

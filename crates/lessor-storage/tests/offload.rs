@@ -349,11 +349,12 @@ async fn object_storage_down_fails_large_produce_with_unavailable_small_items_st
         .produce(vec![item(payload(100, 1)), item(payload(MIB, 1))])
         .await
         .unwrap_err();
-    assert_eq!(e.kind, StorageErrorKind::Unavailable, "{e}");
+    assert_eq!(e.kind, StorageErrorKind::PayloadUnavailable, "{e}");
     assert!(
         e.is_transient(),
         "a produce that could not write its object is retryable (454)"
     );
+    assert!(e.partition_healthy(), "the engine keeps the partition in service");
     assert_eq!(p.counts().await.unwrap().ready, 0, "nothing partial is stored");
     let small = payload(1000, 2);
     p.produce(vec![item(small.clone())]).await.unwrap();

@@ -236,6 +236,11 @@ pub fn decode(stored: &Bytes) -> Result<Stored, String> {
     }
 }
 
+/// Whether a stored payload is a frame (anything else is the payload as produced).
+pub fn is_framed(stored: &[u8]) -> bool {
+    stored.starts_with(&MAGIC)
+}
+
 /// The object key a stored payload references, if any (cheap: no decompression).
 pub fn object_key(stored: &Bytes) -> Option<String> {
     if stored.len() > 5 && stored.starts_with(&MAGIC) && stored[4] == KIND_OBJECT {

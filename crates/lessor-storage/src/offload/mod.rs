@@ -58,8 +58,9 @@ pub const FETCH_CONCURRENCY: usize = 8;
 
 /// The client of an object store.
 ///
-/// Requests time out after 30 s (connect 5 s) and are retried twice, so that a store that is down
-/// answers a produce with 454 within a bounded time.
+/// A request times out after 30 s (connecting after 3 s) and is retried once, within 10 s: the partition's calls
+/// run on its queue's task, so a store that is down or slow holds that queue (not others) up for a bounded time
+/// before the request is answered 454.
 ///
 /// # Errors
 /// [`StorageErrorKind::Config`] for settings the client refuses.
@@ -68,11 +69,7 @@ pub fn client(cfg: &ObjectStoreConfig) -> Result<Arc<dyn ObjectStore>, StorageEr
 }
 
 impl ObjectStoreConfig {
-    /// The client. Requests time out after 30 s (connect 5 s) and are retried twice, so that a store that is down
-    /// answers a produce with 454 within a bounded time.
-    ///
-    /// # Errors
-    /// [`StorageErrorKind::Config`] for settings the client refuses.
+    /// See [`client`].
     fn build_client(&self) -> Result<Arc<dyn ObjectStore>, StorageError> {
         let region = if self.region.is_empty() {
             "us-east-1"
@@ -86,12 +83,12 @@ impl ObjectStoreConfig {
             .with_client_options(
                 ClientOptions::new()
                     .with_timeout(Duration::from_secs(30))
-                    .with_connect_timeout(Duration::from_secs(5))
+                    .with_connect_timeout(Duration::from_secs(3))
                     .with_allow_http(self.endpoint.starts_with("http://")),
             )
             .with_retry(RetryConfig {
-                max_retries: 2,
-                retry_timeout: Duration::from_secs(20),
+                max_retries: 1,
+                retry_timeout: Duration::from_secs(10),
                 ..Default::default()
             });
         if !self.endpoint.is_empty() {
@@ -203,6 +200,12 @@ fn unavailable(what: String, e: object_store::Error) -> StorageError {
 }
 
 impl Shared {
+    /// Neither offload nor compression: payloads are stored as given (only those that look like a frame are
+    /// framed), and frames written under earlier settings are still read.
+    fn passthrough(&self) -> bool {
+        self.objects.is_none() && self.settings.compression == Compression::None
+    }
+
     fn objects(&self) -> Result<&Arc<dyn ObjectStore>, StorageError> {
         self.objects.as_ref().ok_or_else(|| {
             StorageError::new(
@@ -212,14 +215,22 @@ impl Shared {
         })
     }
 
-    async fn put(&self, key: &str, body: Vec<u8>) -> Result<(), StorageError> {
+    async fn put(&self, key: &str, body: Bytes) -> Result<(), StorageError> {
         let objects = self.objects()?;
         let n = body.len() as u64;
         let started = Instant::now();
+        // A failed write leaves the partition as it was: the produce fails (454) without taking the partition out
+        // of service, so produces of small items go on.
         let r = objects
             .put(&ObjPath::from(key), PutPayload::from(body))
             .await
-            .map_err(|e| unavailable(format!("writing '{key}'"), e));
+            .map_err(|e| {
+                StorageError::new(
+                    StorageErrorKind::PayloadUnavailable,
+                    format!("object storage: writing '{key}': {e}"),
+                )
+                .with_source(e)
+            });
         metrics().observe(started);
         r?;
         metrics().objects_written.fetch_add(1, Ordering::Relaxed);
@@ -315,6 +326,9 @@ impl Shared {
 
     /// Resolves every item's payload in place; the first failure fails the whole call.
     async fn resolve_all(&self, mut items: Vec<Item>) -> Result<Vec<Item>, StorageError> {
+        if !items.iter().any(|it| frame::is_framed(&it.payload)) {
+            return Ok(items);
+        }
         let pairs = items.iter().map(|it| (it.id, it.payload.clone())).collect();
         let payloads = self.resolve_many(pairs).await;
         for (it, p) in items.iter_mut().zip(payloads) {
@@ -383,11 +397,13 @@ impl Shared {
                 let n = p.len() as u64;
                 // Compression is CPU work: off the async workers for large bodies.
                 let body = if compression == Compression::None {
-                    p.to_vec()
+                    p
                 } else {
-                    tokio::task::spawn_blocking(move || compression.compress(&p))
-                        .await
-                        .map_err(|e| StorageError::other(format!("compressing a payload failed: {e}")))?
+                    Bytes::from(
+                        tokio::task::spawn_blocking(move || compression.compress(&p))
+                            .await
+                            .map_err(|e| StorageError::other(format!("compressing a payload failed: {e}")))?,
+                    )
                 };
                 self.put(&key, body).await?;
                 metrics().bytes_offloaded.fetch_add(n, Ordering::Relaxed);
@@ -709,6 +725,9 @@ impl OffloadPartition {
 #[async_trait]
 impl Partition for OffloadPartition {
     async fn produce(&self, mut items: Vec<NewItem>) -> Result<Vec<ItemId>, StorageError> {
+        if self.shared.passthrough() && !items.iter().any(|it| frame::is_framed(&it.payload)) {
+            return self.inner.produce(items).await;
+        }
         let payloads: Vec<Bytes> = items
             .iter_mut()
             .map(|it| std::mem::take(&mut it.payload))
@@ -734,6 +753,9 @@ impl Partition for OffloadPartition {
 
     async fn lease(&self, n: usize, lease_deadline: Ts) -> Result<Vec<Item>, StorageError> {
         let items = self.inner.lease(n, lease_deadline).await?;
+        if !items.iter().any(|it| frame::is_framed(&it.payload)) {
+            return Ok(items);
+        }
         let keys: Vec<Option<String>> = items.iter().map(|it| frame::object_key(&it.payload)).collect();
         let pairs = items.iter().map(|it| (it.id, it.payload.clone())).collect();
         let resolved = self.shared.resolve_many(pairs).await;
@@ -778,6 +800,9 @@ impl Partition for OffloadPartition {
     }
 
     async fn complete(&self, requests: Vec<Vec<ItemId>>) -> Result<Vec<Result<(), ItemError>>, StorageError> {
+        if self.shared.objects.is_none() {
+            return self.inner.complete(requests).await;
+        }
         let ids = requests.clone();
         let results = self.inner.complete(requests).await?;
         let mut gone = Vec::new();
@@ -797,6 +822,9 @@ impl Partition for OffloadPartition {
         &self,
         requests: Vec<(Vec<ItemId>, Ts)>,
     ) -> Result<Vec<Result<(), ItemError>>, StorageError> {
+        if self.shared.objects.is_none() {
+            return self.inner.extend(requests).await;
+        }
         let copy = requests.clone();
         let results = self.inner.extend(requests).await?;
         let mut leased = lock(&self.leased);
@@ -817,6 +845,9 @@ impl Partition for OffloadPartition {
         requests: Vec<Vec<RetryOp>>,
         policy: LifecyclePolicy,
     ) -> Result<Vec<Result<RetryOutcome, ItemError>>, StorageError> {
+        if self.shared.objects.is_none() {
+            return self.inner.retry(requests, policy).await;
+        }
         let copy = requests.clone();
         let results = self.inner.retry(requests, policy).await?;
         // The items moved (new id or schedule) with their reference, or died; either way this lease's key entry
@@ -839,6 +870,9 @@ impl Partition for OffloadPartition {
         limit: usize,
     ) -> Result<LifecycleOutcome, StorageError> {
         let out = self.inner.lifecycle(now, policy, limit).await?;
+        if self.shared.objects.is_none() {
+            return Ok(out);
+        }
         // Expired leases got new ids: forget their entries (the reference moved with the item).
         lock(&self.leased).retain(|_, (_, deadline)| *deadline > now);
         Ok(out)
@@ -866,6 +900,9 @@ impl Partition for OffloadPartition {
     }
 
     async fn remove_dead(&self, ids: Vec<ItemId>) -> Result<(), StorageError> {
+        if self.shared.objects.is_none() {
+            return self.inner.remove_dead(ids).await;
+        }
         let mut keys = Vec::new();
         {
             let dead = lock(&self.dead);
@@ -906,6 +943,9 @@ impl Partition for OffloadPartition {
     }
 
     async fn import(&self, mut items: Vec<Item>) -> Result<Vec<Item>, StorageError> {
+        if self.shared.passthrough() && !items.iter().any(|it| frame::is_framed(&it.payload)) {
+            return self.inner.import(items).await;
+        }
         let payloads: Vec<Bytes> = items
             .iter_mut()
             .map(|it| std::mem::take(&mut it.payload))
@@ -934,6 +974,9 @@ impl Partition for OffloadPartition {
     }
 
     async fn delete(&self, ids: Vec<ItemId>) -> Result<(), StorageError> {
+        if self.shared.objects.is_none() {
+            return self.inner.delete(ids).await;
+        }
         let keys = if self.shared.objects.is_some() {
             self.keys_of(&ids).await?
         } else {
@@ -993,5 +1036,68 @@ impl PartitionSnapshot for ResolvingSnapshot {
     async fn next(&mut self, limit: usize) -> Result<Vec<Item>, StorageError> {
         let page = self.inner.next(limit).await?;
         self.shared.resolve_all(page).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::memory::MemoryStore;
+
+    fn item(p: &[u8]) -> NewItem {
+        NewItem {
+            expire_deadline: Ts(i64::MAX / 2),
+            payload: Bytes::copy_from_slice(p),
+            ..Default::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn compression_can_be_turned_on_and_off_over_the_same_data() {
+        let inner: Arc<dyn PartitionStore> = Arc::new(MemoryStore::new());
+        let json = br#"{"order":1,"lines":[{"sku":"A","qty":1},{"sku":"A","qty":1},{"sku":"A","qty":1},{"sku":"A","qty":1},{"sku":"A","qty":1},{"sku":"A","qty":1}]}"#;
+        // Written before the wrapper existed.
+        let raw = inner.open("q", 0).await.expect("open");
+        raw.produce(vec![item(b"old and plain"), item(json)])
+            .await
+            .expect("produce");
+        // Compression on: new payloads are stored compressed, old ones read as they are.
+        let zstd = OffloadStore::new(
+            inner.clone(),
+            "s",
+            OffloadSettings {
+                compression: Compression::Zstd,
+                ..Default::default()
+            },
+        )
+        .expect("wrap");
+        let mut magic_lookalike = frame::MAGIC.to_vec();
+        magic_lookalike.extend_from_slice(b"\x03 not a reference");
+        let p = zstd.open("q", 0).await.expect("open");
+        p.produce(vec![item(json), item(&magic_lookalike)])
+            .await
+            .expect("produce");
+        let stored = raw.list(None, 10, false).await.expect("list");
+        assert!(stored[2].payload.len() < json.len(), "stored compressed");
+        assert!(frame::is_framed(&stored[2].payload));
+        // Compression off again (the wrapper without settings): every payload reads back as produced.
+        let off = OffloadStore::new(inner.clone(), "s", OffloadSettings::default()).expect("wrap");
+        let p = off.open("q", 0).await.expect("open");
+        let got = p.lease(10, Ts(i64::MAX / 4)).await.expect("lease");
+        let payloads: Vec<&[u8]> = got.iter().map(|i| i.payload.as_ref()).collect();
+        assert_eq!(
+            payloads,
+            vec![&b"old and plain"[..], &json[..], &json[..], &magic_lookalike[..]]
+        );
+        // A reference with no object store configured is an error naming the problem, not bytes.
+        let r = frame::ObjectRef {
+            codec: Compression::None,
+            len: 3,
+            crc: 0,
+            key: "k".into(),
+        };
+        raw.produce(vec![item(&r.encode())]).await.expect("produce");
+        let e = p.list(None, 10, false).await.expect_err("no object store");
+        assert_eq!(e.kind, StorageErrorKind::Corrupt, "{e}");
     }
 }
