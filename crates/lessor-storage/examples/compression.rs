@@ -2,8 +2,12 @@
 //! items, timestamps, ids), each different, framed as the offload wrapper stores them (`frame::encode_inline`,
 //! CRC-32 included) and read back (`frame::decode`, checksum checked). Prints ratio and CPU cost per codec.
 //!
+//! With `--features fjall` too, it then stores the same documents in a fjall partition (`durability: none`,
+//! batches of 100) through the wrapper with each codec, and reports the data directory's size once the store is
+//! closed (fjall compresses its own blocks with LZ4 already).
+//!
 //! ```text
-//! cargo run --release -p lessor-storage --features s3 --example compression
+//! cargo run --release -p lessor-storage --features s3,fjall --example compression
 //! ```
 
 use std::time::Instant;
@@ -13,6 +17,8 @@ use lessor_storage::offload::frame::{decode, encode_inline, Stored};
 use lessor_storage::offload::Compression;
 
 const ITEMS: usize = 20_000;
+#[cfg(feature = "fjall")]
+const FJALL_ITEMS: usize = 200_000;
 
 struct Rng(u64);
 
@@ -120,6 +126,70 @@ fn order(rng: &mut Rng) -> Bytes {
     Bytes::from(doc)
 }
 
+#[cfg(feature = "fjall")]
+fn dir_size(p: &std::path::Path) -> u64 {
+    let mut n = 0;
+    if let Ok(rd) = std::fs::read_dir(p) {
+        for e in rd.flatten() {
+            let Ok(m) = e.metadata() else { continue };
+            n += if m.is_dir() { dir_size(&e.path()) } else { m.len() };
+        }
+    }
+    n
+}
+
+#[cfg(feature = "fjall")]
+fn on_fjall(docs: &[Bytes]) {
+    use std::sync::Arc;
+
+    use lessor_core::storage::PartitionStore;
+    use lessor_core::time::Ts;
+    use lessor_core::types::NewItem;
+    use lessor_storage::fjall::{Durability, FjallStore};
+    use lessor_storage::offload::{OffloadSettings, OffloadStore};
+
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    println!("fjall data directory after storing them (durability none, closed):");
+    for c in [Compression::None, Compression::Lz4, Compression::Zstd] {
+        let dir = tempfile::tempdir().expect("temp dir");
+        rt.block_on(async {
+            let inner = FjallStore::open(dir.path(), Durability::None).expect("open");
+            let store = OffloadStore::new(
+                Arc::new(inner),
+                "disk-0",
+                OffloadSettings {
+                    compression: c,
+                    ..Default::default()
+                },
+            )
+            .expect("wrap");
+            let p = store.open("q", 0).await.expect("partition");
+            let t = Instant::now();
+            for chunk in docs.chunks(100) {
+                let items = chunk
+                    .iter()
+                    .map(|d| NewItem {
+                        expire_deadline: Ts(i64::MAX / 2),
+                        payload: d.clone(),
+                        ..Default::default()
+                    })
+                    .collect();
+                p.produce(items).await.expect("produce");
+            }
+            let took = t.elapsed();
+            p.close().await;
+            store.close().await;
+            drop(p);
+            drop(store);
+            println!(
+                "{c:?} | {:.1} MB on disk | produce {:.0} items/s",
+                dir_size(dir.path()) as f64 / 1e6,
+                docs.len() as f64 / took.as_secs_f64()
+            );
+        });
+    }
+}
+
 fn main() {
     let mut rng = Rng(0x2545_F491_4F6C_DD1D);
     let docs: Vec<Bytes> = (0..ITEMS).map(|_| order(&mut rng)).collect();
@@ -161,5 +231,15 @@ fn main() {
             best.1 * 1e6 / ITEMS as f64,
             raw as f64 / best.1 / 1e6,
         );
+    }
+    #[cfg(feature = "fjall")]
+    {
+        // Enough to pass fjall's memtable and journal sizes several times over, so the directory holds tables.
+        let more: Vec<Bytes> = (0..FJALL_ITEMS).map(|_| order(&mut rng)).collect();
+        println!(
+            "{FJALL_ITEMS} more orders, {:.1} MB:",
+            more.iter().map(Bytes::len).sum::<usize>() as f64 / 1e6
+        );
+        on_fjall(&more);
     }
 }
