@@ -182,7 +182,9 @@ async fn lease_without_object_storage_gets_454_and_the_item_stays() {
     let big = vec![b'y'; 300_000];
     let (srv, c) = lessor_testkit::server::start(&fjall(&s3), None).await;
     create(&c, "q").await;
-    c.queue_produce(&produce("q", &[big.clone()])).await.unwrap();
+    c.queue_produce(&produce("q", std::slice::from_ref(&big)))
+        .await
+        .unwrap();
     srv.stop().await;
 
     let (srv, c) = lessor_testkit::server::start(&fjall("http://127.0.0.1:9"), None).await;
