@@ -134,3 +134,50 @@ async fn one_mib_payloads_fjall_vs_s3_offload() {
     )
     .await;
 }
+
+/// What the wrapper costs a store that neither offloads nor compresses (every partition store of an `s3` build
+/// has it, so that frames written under earlier settings keep reading): 100-byte payloads through a memory
+/// partition, bare and wrapped, produce / lease / complete in batches of 100.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "benchmark: run in release with --ignored --nocapture"]
+async fn passthrough_wrapper_overhead_on_small_items() {
+    use lessor_storage::memory::MemoryStore;
+
+    const N: usize = 200_000;
+    let payload = Bytes::from(vec![b'x'; 100]);
+    let mut best = [f64::MAX; 2];
+    for _ in 0..5 {
+        for (k, wrapped) in [false, true].into_iter().enumerate() {
+            let bare: Arc<dyn PartitionStore> = Arc::new(MemoryStore::new());
+            let store: Arc<dyn PartitionStore> = if wrapped {
+                OffloadStore::new(bare, "ram-0", OffloadSettings::default()).unwrap()
+            } else {
+                bare
+            };
+            let p = store.open("q", 0).await.unwrap();
+            let t = Instant::now();
+            for _ in 0..N / 100 {
+                let items = (0..100)
+                    .map(|_| NewItem {
+                        expire_deadline: T0.add(Duration::from_secs(86_400)),
+                        created_at: T0,
+                        payload: payload.clone(),
+                        ..Default::default()
+                    })
+                    .collect();
+                p.produce(items).await.unwrap();
+                let got = p.lease(100, T0.add(Duration::from_secs(60))).await.unwrap();
+                p.complete(vec![got.iter().map(|i| i.id).collect()])
+                    .await
+                    .unwrap();
+            }
+            best[k] = best[k].min(t.elapsed().as_secs_f64() * 1e9 / N as f64);
+        }
+    }
+    println!(
+        "produce+lease+complete of one 100 B item, memory partition, best of 5: bare {:.0} ns, wrapped {:.0} ns ({:+.1} %)",
+        best[0],
+        best[1],
+        (best[1] / best[0] - 1.0) * 100.0
+    );
+}
