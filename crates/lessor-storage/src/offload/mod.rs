@@ -297,14 +297,25 @@ impl Shared {
         };
         metrics().observe(started);
         match got {
-            Ok(body) => r.decode_body(&body).map_err(|e| {
-                metrics().fetch_corrupt.fetch_add(1, Ordering::Relaxed);
-                tracing::error!(item = %id, key = r.key, error = %e, "offloaded payload corrupt");
-                StorageError::new(
-                    StorageErrorKind::Corrupt,
-                    format!("payload of item '{id}' (object '{}') is corrupt: {e}", r.key),
-                )
-            }),
+            Ok(body) => {
+                // Checksumming (and decompressing) megabytes is CPU work: off the async workers for large bodies.
+                let decoded = if body.len() >= 1 << 20 {
+                    let r2 = r.clone();
+                    tokio::task::spawn_blocking(move || r2.decode_body(&body))
+                        .await
+                        .unwrap_or_else(|e| Err(format!("decoding task failed: {e}")))
+                } else {
+                    r.decode_body(&body)
+                };
+                decoded.map_err(|e| {
+                    metrics().fetch_corrupt.fetch_add(1, Ordering::Relaxed);
+                    tracing::error!(item = %id, key = r.key, error = %e, "offloaded payload corrupt");
+                    StorageError::new(
+                        StorageErrorKind::Corrupt,
+                        format!("payload of item '{id}' (object '{}') is corrupt: {e}", r.key),
+                    )
+                })
+            }
             Err(object_store::Error::NotFound { .. }) => {
                 metrics().fetch_missing.fetch_add(1, Ordering::Relaxed);
                 tracing::error!(item = %id, key = r.key, "offloaded payload missing from object storage");
