@@ -466,6 +466,9 @@ pub struct PartitionSection {
 pub struct LimitsSection {
     /// Largest produce body in bytes (default 5,000,000).
     pub max_produce_body: Option<usize>,
+    /// Largest produce body in bytes for queues whose every partition is on a store with `payload-offload`
+    /// (default: `max-produce-body`; never below it).
+    pub max_offload_produce_body: Option<usize>,
     /// Requests one queue may hold before answering "overloaded" (default 4096).
     pub max_requests_per_queue: Option<usize>,
     /// How often a server re-reads partitions that other servers share (Go duration, default 500ms; PostgreSQL
@@ -733,6 +736,29 @@ impl Config {
     /// Largest produce body.
     pub fn max_produce_body(&self) -> usize {
         self.limits.max_produce_body.unwrap_or(DEFAULT_MAX_PRODUCE_BODY)
+    }
+
+    /// Largest produce body for queues placed only on stores that offload payloads (at least
+    /// [`Config::max_produce_body`]).
+    pub fn max_offload_produce_body(&self) -> usize {
+        self.limits
+            .max_offload_produce_body
+            .unwrap_or(0)
+            .max(self.max_produce_body())
+    }
+
+    /// The names of the partition stores that offload payloads to object storage.
+    pub fn offload_store_names(&self) -> Vec<String> {
+        self.store_specs()
+            .map(|specs| {
+                specs
+                    .partitions
+                    .into_iter()
+                    .filter(|p| p.spec.offload().is_some_and(|o| o.object_store.is_some()))
+                    .map(|p| p.name)
+                    .collect()
+            })
+            .unwrap_or_default()
     }
 
     /// The queue store's and the partition stores' specifications, with the defaults filled in for sections the
@@ -1126,6 +1152,7 @@ mod tests {
             "jitter",
             "limits",
             "max-produce-body",
+            "max-offload-produce-body",
             "max-requests-per-queue",
             "auth-backend",
             "open-door",

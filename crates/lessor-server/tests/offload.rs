@@ -35,7 +35,9 @@ fn config(s3: &str, prefix: &str) -> Config {
          queue-storage:\n  driver: memory\n\
          partition-storage:\n  - name: ram-0\n    driver: memory\n    config:\n      payload-offload: s3-0\n      \
          offload-threshold: 64KiB\n      compression: zstd\n\
-         limits:\n  max-produce-body: 64000000\n"
+         \x20 - name: plain\n    driver: memory\n    affinity: 0\n\
+         queues:\n  - name: small-only\n    lease-timeout: 1m\n    expire-timeout: 1h\n    partitions: [ {{ partition: 0, storage-name: plain }} ]\n\
+         limits:\n  max-offload-produce-body: 64000000\n"
     ))
     .unwrap()
 }
@@ -91,6 +93,14 @@ async fn a_20_mib_item_round_trips_and_metrics_show_the_object() {
         })
         .collect();
     let small = b"{\"small\":true}".to_vec();
+    // The 5 MB produce limit stays for a queue whose partitions keep their payloads...
+    let e = c
+        .queue_produce(&produce("small-only", std::slice::from_ref(&big)))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Some(400), "{e}");
+    assert!(e.to_string().contains("5000000"), "{e}");
+    // ...and max-offload-produce-body applies to one whose partitions offload them.
     c.queue_produce(&produce("big", &[big.clone(), small.clone()]))
         .await
         .unwrap();
