@@ -10,8 +10,9 @@
 # Browser: installs chromium and chromium-driver when missing and sets LESSOR_REQUIRE_BROWSER=1, so the dashboard's
 # browser tests (crates/lessor-server/tests/ui_browser.rs) cannot silently skip.
 #
-# S3: when LESSOR_TEST_S3_ENDPOINT is set, the backup tests that use object storage use that server; otherwise this
-# script starts a throwaway moto_server (installing it with pip when it is missing) and stops it afterwards.
+# S3: when LESSOR_TEST_S3_ENDPOINT is set, the backup and payload-offload tests that use object storage use that
+# server; otherwise this script starts a throwaway moto_server (installing it with pip when it is missing) and stops
+# it afterwards.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

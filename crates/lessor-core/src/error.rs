@@ -27,6 +27,9 @@ pub enum StorageErrorKind {
     AlreadyExists,
     /// The configuration of the store is wrong.
     Config,
+    /// The object storage that holds an item's payload could not be written or read; the partition itself is fine,
+    /// so the engine answers the request (454) without marking the partition failed.
+    PayloadUnavailable,
     /// Anything else.
     Other,
 }
@@ -42,6 +45,7 @@ impl StorageErrorKind {
             StorageErrorKind::Corrupt => "stored data unreadable",
             StorageErrorKind::AlreadyExists => "record already exists",
             StorageErrorKind::Config => "storage misconfigured",
+            StorageErrorKind::PayloadUnavailable => "payload storage unavailable",
             StorageErrorKind::Other => "storage failed",
         }
     }
@@ -101,8 +105,14 @@ impl StorageError {
     pub fn is_transient(&self) -> bool {
         matches!(
             self.kind,
-            StorageErrorKind::Unavailable | StorageErrorKind::NoSpace
+            StorageErrorKind::Unavailable | StorageErrorKind::NoSpace | StorageErrorKind::PayloadUnavailable
         )
+    }
+
+    /// Whether the failure leaves the partition healthy (a payload's object storage failed, not the partition):
+    /// the engine then fails the request without taking the partition out of service.
+    pub fn partition_healthy(&self) -> bool {
+        self.kind == StorageErrorKind::PayloadUnavailable
     }
 }
 

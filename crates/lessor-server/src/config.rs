@@ -25,7 +25,7 @@ use lessor_core::error::QueueError;
 use lessor_core::time::SharedClock;
 use lessor_core::types::{Limits, PartitionInfo, QueueInfo};
 use lessor_proto::duration::parse_go_duration;
-use lessor_storage::registry::{self, OpenError, Settings, SpecError, StoreSpec};
+use lessor_storage::registry::{self, ObjectStoreConfig, OpenError, Settings, SpecError, StoreSpec};
 use serde::Deserialize;
 use thiserror::Error;
 
@@ -154,6 +154,22 @@ pub enum ConfigError {
         /// Why.
         reason: String,
     },
+    /// An `object-storage` entry that is incomplete or clashes with another.
+    #[error("object-storage[{index}].{field}: {reason}")]
+    ObjectStorage {
+        /// Its place in the list.
+        index: usize,
+        /// The key.
+        field: &'static str,
+        /// Why.
+        reason: String,
+    },
+    /// Payload settings on the queue store, which holds no payloads.
+    #[error("queue-storage.config.{key}: only partition-storage entries hold payloads")]
+    PayloadKeyOnQueueStore {
+        /// The key.
+        key: String,
+    },
     /// A store could not be opened.
     #[error("{at}: {source}")]
     Open {
@@ -227,6 +243,51 @@ pub struct Config {
     pub tls: Option<crate::tls::TlsSection>,
     /// Whether the web dashboard is served at `/ui`; absent: served (see [`Config::ui_enabled`]).
     pub ui: Option<bool>,
+    /// S3-compatible object stores, referenced by name from partition stores (`payload-offload: NAME`).
+    #[serde(default)]
+    pub object_storage: Vec<ObjectStorageSection>,
+}
+
+/// One `object-storage` entry.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct ObjectStorageSection {
+    /// The name partition stores use.
+    pub name: Option<String>,
+    /// Endpoint URL; absent: AWS.
+    pub endpoint: Option<String>,
+    /// The bucket (must exist).
+    pub bucket: Option<String>,
+    /// Region (default `us-east-1`).
+    pub region: Option<String>,
+    /// Access key id; absent: `AWS_ACCESS_KEY_ID`.
+    pub access_key_id: Option<String>,
+    /// Secret access key; absent: `AWS_SECRET_ACCESS_KEY`.
+    pub secret_access_key: Option<String>,
+    /// Path-style addressing (`ENDPOINT/BUCKET`), which most self-hosted servers need.
+    pub path_style: Option<bool>,
+    /// Prepended to every object key.
+    pub prefix: Option<String>,
+}
+
+impl ObjectStorageSection {
+    /// The entry as the registry's type, credentials falling back to the `AWS_*` environment variables.
+    pub fn to_config(&self) -> ObjectStoreConfig {
+        let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+        ObjectStoreConfig {
+            name: self.name.clone().unwrap_or_default(),
+            endpoint: self.endpoint.clone().unwrap_or_default(),
+            bucket: self.bucket.clone().unwrap_or_default(),
+            region: self.region.clone().unwrap_or_default(),
+            access_key_id: self.access_key_id.clone().or_else(|| env("AWS_ACCESS_KEY_ID")),
+            secret_access_key: self
+                .secret_access_key
+                .clone()
+                .or_else(|| env("AWS_SECRET_ACCESS_KEY")),
+            path_style: self.path_style.unwrap_or(false),
+            prefix: self.prefix.clone().unwrap_or_default(),
+        }
+    }
 }
 
 /// `auth-backend`.
@@ -325,7 +386,17 @@ impl StoreSection {
     /// # Errors
     /// The registry's reason, naming the key relative to the entry (prefix it with the entry's place).
     pub fn spec(&self) -> Result<StoreSpec, SpecError> {
-        let mut settings = Settings::new(parse_go_duration);
+        self.spec_with(&[])
+    }
+
+    /// [`StoreSection::spec`] with the configuration's object stores, which `payload-offload` may name.
+    ///
+    /// # Errors
+    /// The registry's reason, naming the key relative to the entry.
+    pub fn spec_with(&self, objects: &[ObjectStoreConfig]) -> Result<StoreSpec, SpecError> {
+        let mut settings = Settings::new(parse_go_duration)
+            .with_object_stores(objects.to_vec())
+            .named(self.name.clone().unwrap_or_default());
         for (k, v) in &self.config {
             settings.insert(k.clone(), v.text());
         }
@@ -395,6 +466,9 @@ pub struct PartitionSection {
 pub struct LimitsSection {
     /// Largest produce body in bytes (default 5,000,000).
     pub max_produce_body: Option<usize>,
+    /// Largest produce body in bytes for queues whose every partition is on a store with `payload-offload`
+    /// (default: `max-produce-body`; never below it).
+    pub max_offload_produce_body: Option<usize>,
     /// Requests one queue may hold before answering "overloaded" (default 4096).
     pub max_requests_per_queue: Option<usize>,
     /// How often a server re-reads partitions that other servers share (Go duration, default 500ms; PostgreSQL
@@ -556,13 +630,21 @@ impl Config {
                     "open-door: false needs bootstrap-key-file, where the first start writes the admin key",
             });
         }
+        let objects = self.object_stores()?;
         if let Some(q) = &self.queue_storage {
-            check_store("queue-storage", q, false)?;
+            check_store("queue-storage", q, false, &objects)?;
+            if let Some(key) = q
+                .config
+                .keys()
+                .find(|k| registry::PAYLOAD_KEYS.contains(&k.as_str()))
+            {
+                return Err(ConfigError::PayloadKeyOnQueueStore { key: key.clone() });
+            }
         }
         let mut names = HashSet::new();
         for (i, s) in self.partition_storage.iter().enumerate() {
             let at = format!("partition-storage[{i}]");
-            check_store(&at, s, true)?;
+            check_store(&at, s, true, &objects)?;
             let name = s.name.clone().unwrap_or_default();
             if !names.insert(name.clone()) {
                 return Err(ConfigError::StoreNameTaken { at, name });
@@ -587,6 +669,42 @@ impl Config {
             }
         }
         Ok(())
+    }
+
+    /// The `object-storage` entries, checked: each has a unique name and a bucket.
+    ///
+    /// # Errors
+    /// The first entry without a name or bucket, or with a name used before.
+    pub fn object_stores(&self) -> Result<Vec<ObjectStoreConfig>, ConfigError> {
+        let mut out: Vec<ObjectStoreConfig> = Vec::new();
+        for (index, o) in self.object_storage.iter().enumerate() {
+            let c = o.to_config();
+            let err = |field, reason: &str| ConfigError::ObjectStorage {
+                index,
+                field,
+                reason: reason.to_string(),
+            };
+            if c.name.trim().is_empty() {
+                return Err(err("name", "an object store needs a name"));
+            }
+            if out.iter().any(|p| p.name == c.name) {
+                return Err(err(
+                    "name",
+                    &format!("'{}' is used by more than one object store", c.name),
+                ));
+            }
+            if c.bucket.trim().is_empty() {
+                return Err(err("bucket", "an object store needs a bucket"));
+            }
+            if !c.endpoint.is_empty()
+                && !c.endpoint.starts_with("http://")
+                && !c.endpoint.starts_with("https://")
+            {
+                return Err(err("endpoint", "must start with http:// or https://"));
+            }
+            out.push(c);
+        }
+        Ok(out)
     }
 
     fn partition_names(&self) -> Vec<String> {
@@ -620,6 +738,29 @@ impl Config {
         self.limits.max_produce_body.unwrap_or(DEFAULT_MAX_PRODUCE_BODY)
     }
 
+    /// Largest produce body for queues placed only on stores that offload payloads (at least
+    /// [`Config::max_produce_body`]).
+    pub fn max_offload_produce_body(&self) -> usize {
+        self.limits
+            .max_offload_produce_body
+            .unwrap_or(0)
+            .max(self.max_produce_body())
+    }
+
+    /// The names of the partition stores that offload payloads to object storage.
+    pub fn offload_store_names(&self) -> Vec<String> {
+        self.store_specs()
+            .map(|specs| {
+                specs
+                    .partitions
+                    .into_iter()
+                    .filter(|p| p.spec.offload().is_some_and(|o| o.object_store.is_some()))
+                    .map(|p| p.name)
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
     /// The queue store's and the partition stores' specifications, with the defaults filled in for sections the
     /// file leaves out.
     ///
@@ -637,13 +778,14 @@ impl Config {
         } else {
             self.partition_storage.clone()
         };
-        let queues = spec_at("queue-storage", &qs)?;
+        let objects = self.object_stores()?;
+        let queues = spec_at("queue-storage", &qs, &[])?;
         let mut partitions = Vec::new();
         for (i, s) in parts.iter().enumerate() {
             partitions.push(PartitionSpec {
                 name: s.name.clone().unwrap_or_else(|| "default".into()),
                 affinity: s.affinity.unwrap_or(1.0),
-                spec: spec_at(&format!("partition-storage[{i}]"), s)?,
+                spec: spec_at(&format!("partition-storage[{i}]"), s, &objects)?,
             });
         }
         Ok(StoreSpecs { queues, partitions })
@@ -739,16 +881,21 @@ impl Config {
 }
 
 /// The entry's specification, with errors placed at `at`.
-fn spec_at(at: &str, s: &StoreSection) -> Result<StoreSpec, ConfigError> {
-    s.spec().map_err(|source| ConfigError::Store {
+fn spec_at(at: &str, s: &StoreSection, objects: &[ObjectStoreConfig]) -> Result<StoreSpec, ConfigError> {
+    s.spec_with(objects).map_err(|source| ConfigError::Store {
         at: at.to_string(),
         source,
     })
 }
 
 /// Checks one store entry: its place-specific rules here, its driver and settings in the registry.
-fn check_store(at: &str, s: &StoreSection, partition: bool) -> Result<(), ConfigError> {
-    spec_at(at, s)?;
+fn check_store(
+    at: &str,
+    s: &StoreSection,
+    partition: bool,
+    objects: &[ObjectStoreConfig],
+) -> Result<(), ConfigError> {
+    spec_at(at, s, objects)?;
     if partition && s.name.as_deref().unwrap_or("").is_empty() {
         return Err(ConfigError::StoreNameMissing { at: at.to_string() });
     }
@@ -769,6 +916,68 @@ fn check_store(at: &str, s: &StoreSection, partition: bool) -> Result<(), Config
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn object_storage_is_checked_and_referenced_by_name() {
+        let base = "object-storage:\n  - name: s3-0\n    endpoint: http://127.0.0.1:9000\n    bucket: b\n    path-style: true\n    prefix: lessor/\n";
+        let e = Config::from_yaml("object-storage:\n  - name: s3-0\n    bucket: b\n    bukket: c\n")
+            .expect_err("typo");
+        assert!(e.to_string().contains("bukket"), "{e}");
+        let e = Config::from_yaml("object-storage:\n  - name: s3-0\n").expect_err("no bucket");
+        assert_eq!(
+            e.to_string(),
+            "object-storage[0].bucket: an object store needs a bucket"
+        );
+        let e = Config::from_yaml(&format!(
+            "{base}partition-storage:\n  - name: a\n    driver: memory\n    config: {{ payload-offload: s3-9 }}\n"
+        ))
+        .expect_err("unknown store");
+        assert_eq!(
+            e.to_string(),
+            "partition-storage[0].config.payload-offload: 's3-9' is not declared under object-storage (declared: s3-0)"
+        );
+        let e = Config::from_yaml(&format!(
+            "{base}partition-storage:\n  - name: a\n    driver: memory\n    config: {{ payload-offload: s3-0, offload-threshold: 64 parsecs }}\n"
+        ))
+        .expect_err("bad size");
+        assert!(
+            e.to_string()
+                .starts_with("partition-storage[0].config.offload-threshold: '64 parsecs' is not a size"),
+            "{e}"
+        );
+        let e = Config::from_yaml(&format!(
+            "{base}partition-storage:\n  - name: a\n    driver: memory\n    config: {{ compression: brotli }}\n"
+        ))
+        .expect_err("bad codec");
+        assert!(
+            e.to_string().contains("'brotli' is not one of (none, lz4, zstd)"),
+            "{e}"
+        );
+        let e = Config::from_yaml(&format!(
+            "{base}queue-storage:\n  driver: memory\n  config: {{ compression: zstd }}\n"
+        ))
+        .expect_err("queue store");
+        assert!(
+            e.to_string().starts_with("queue-storage.config.compression"),
+            "{e}"
+        );
+        let yaml = format!(
+            "{base}partition-storage:\n  - name: a\n    driver: memory\n    config: {{ payload-offload: s3-0, offload-threshold: 64KiB, compression: zstd }}\n"
+        );
+        match Config::from_yaml(&yaml) {
+            Ok(c) => {
+                let specs = c.store_specs().expect("specs");
+                let o = specs.partitions[0].spec.offload().expect("offload on");
+                assert_eq!(o.threshold, 65536);
+                assert_eq!(o.compression, registry::Compression::Zstd);
+                assert_eq!(
+                    o.object_store.as_ref().map(|s| s.prefix.as_str()),
+                    Some("lessor/")
+                );
+            }
+            Err(e) => assert!(e.to_string().contains("--features s3"), "{e}"),
+        }
+    }
 
     #[test]
     fn unknown_keys_are_named() {
@@ -871,7 +1080,7 @@ mod tests {
 
     #[test]
     fn example_file_parses_and_builds_specs() {
-        let all_compiled = ["fjall", "postgres"].iter().all(|d| driver_compiled(d));
+        let all_compiled = ["fjall", "postgres"].iter().all(|d| driver_compiled(d)) && cfg!(feature = "s3");
         let c = match Config::from_yaml(EXAMPLE) {
             Ok(c) => c,
             Err(e) => {
@@ -943,13 +1152,25 @@ mod tests {
             "jitter",
             "limits",
             "max-produce-body",
+            "max-offload-produce-body",
             "max-requests-per-queue",
             "auth-backend",
             "open-door",
             "bootstrap-key-file",
+            "object-storage",
+            "endpoint",
+            "bucket",
+            "region",
+            "access-key-id",
+            "secret-access-key",
+            "path-style",
+            "prefix",
         ];
         // Every setting of every driver, compiled in or not: a new driver's keys must be documented too.
-        let driver_keys = registry::DRIVERS.iter().flat_map(|d| d.keys.iter().copied());
+        let driver_keys = registry::DRIVERS
+            .iter()
+            .flat_map(|d| d.keys.iter().copied())
+            .chain(registry::PAYLOAD_KEYS.iter().copied());
         for key in keys.into_iter().chain(driver_keys) {
             assert!(
                 EXAMPLE.lines().any(|l| l

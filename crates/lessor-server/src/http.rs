@@ -33,7 +33,7 @@ use lessor_core::auth::memory::MemoryAuthStore;
 use lessor_core::auth::{Auth, AuthError, AuthMode, Permission, Principal};
 use lessor_core::engine::{Engine, RedriveTask};
 use lessor_core::types::{ClearRequest, DEFAULT_NAMESPACE};
-use lessor_proto::routes::{self, Rpc, Target};
+use lessor_proto::routes::{self, BodyLimit, Rpc, Target};
 use lessor_proto::{self as pb, Encoding, Reply};
 use serde::Serialize;
 
@@ -58,6 +58,9 @@ pub struct AppState {
     pub(crate) history: Arc<History>,
     pub(crate) server_info: Arc<pb::ServerInfoResponse>,
     max_produce_body: usize,
+    /// Produce limit of queues placed only on `offload_stores` (at least `max_produce_body`).
+    max_offload_produce_body: usize,
+    offload_stores: Arc<std::collections::HashSet<String>>,
 }
 
 impl AppState {
@@ -86,6 +89,37 @@ impl AppState {
             history: Arc::new(History::default()),
             server_info: Arc::new(pb::ServerInfoResponse::default()),
             max_produce_body,
+            max_offload_produce_body: max_produce_body,
+            offload_stores: Arc::default(),
+        }
+    }
+
+    /// The same state, letting produce bodies up to `max` bytes through to queues whose every partition is on one
+    /// of `stores` (stores that offload payloads to object storage).
+    pub fn with_offload_limit(mut self, max: usize, stores: &[String]) -> Self {
+        self.max_offload_produce_body = max.max(self.max_produce_body);
+        self.offload_stores = Arc::new(stores.iter().cloned().collect());
+        self
+    }
+
+    /// Whether a produce body of `len` bytes may go to `queue`: within `limits.max-produce-body`, or within the
+    /// offload limit for a queue whose every partition offloads its payloads.
+    async fn produce_body_allowed(&self, queue: &str, len: usize) -> bool {
+        if len <= self.max_produce_body {
+            return true;
+        }
+        if len > self.max_offload_produce_body || self.offload_stores.is_empty() {
+            return false;
+        }
+        match self.engine.queue_info(queue).await {
+            Ok(info) => {
+                !info.partitions.is_empty()
+                    && info
+                        .partitions
+                        .iter()
+                        .all(|p| self.offload_stores.contains(&p.storage_name))
+            }
+            Err(_) => false,
         }
     }
 
@@ -276,7 +310,9 @@ where
     Fut: Future<Output = Result<R::Response, ApiError>>,
 {
     let started = Instant::now();
-    let limit = R::BODY_LIMIT.bytes(st.max_produce_body);
+    // Produce bodies are read up to the larger of the two produce limits; which one applies depends on the queue,
+    // known once the body is decoded.
+    let limit = R::BODY_LIMIT.bytes(st.max_offload_produce_body);
     let (parts, body) = req.into_parts();
     let mut body = RequestBody::new(body, &parts.headers);
     let accept = pb::response_encoding(header_str(&parts.headers, header::ACCEPT));
@@ -298,6 +334,15 @@ where
         let bytes = body.read(limit).await?;
         let msg: R::Request = pb::decode(in_enc, &bytes)?;
         authorize::<R>(&st, &principal, &msg).await?;
+        if R::BODY_LIMIT == BodyLimit::MaxProduceBody && bytes.len() > st.max_produce_body {
+            let allowed = match R::target(&msg) {
+                Target::Queue(q) => st.produce_body_allowed(q, bytes.len()).await,
+                _ => false,
+            };
+            if !allowed {
+                return Err(ApiError::BodyTooLarge(st.max_produce_body));
+            }
+        }
         let ctx = Ctx {
             engine: st.engine.clone(),
             auth: st.auth.clone(),

@@ -87,6 +87,10 @@ pub enum StartError {
 pub struct ServeOptions {
     /// Largest produce body, in bytes (`limits.max-produce-body`).
     pub max_produce_body: usize,
+    /// Largest produce body for queues placed only on `offload_stores` (`limits.max-offload-produce-body`).
+    pub max_offload_produce_body: usize,
+    /// The partition stores that offload payloads to object storage.
+    pub offload_stores: Vec<String>,
     /// Authentication and authorisation; `None`: every request may do everything (`auth-backend: none`).
     pub auth: Option<Auth>,
     /// Whether the dashboard is served at `/ui` (`ui`, on by default).
@@ -99,6 +103,8 @@ impl Default for ServeOptions {
     fn default() -> Self {
         ServeOptions {
             max_produce_body: config::DEFAULT_MAX_PRODUCE_BODY,
+            max_offload_produce_body: config::DEFAULT_MAX_PRODUCE_BODY,
+            offload_stores: Vec::new(),
             auth: None,
             ui: true,
             summary: lessor_proto::ServerInfoResponse::default(),
@@ -112,6 +118,8 @@ impl ServeOptions {
     pub fn from_config(config: &Config) -> Self {
         ServeOptions {
             max_produce_body: config.max_produce_body(),
+            max_offload_produce_body: config.max_offload_produce_body(),
+            offload_stores: config.offload_store_names(),
             auth: None,
             ui: config.ui_enabled(),
             summary: summary(config),
@@ -435,7 +443,8 @@ where
         Some(auth) => http::AppState::with_auth(engine.clone(), auth, options.max_produce_body),
         None => http::AppState::with_limits(engine.clone(), options.max_produce_body),
     }
-    .with_server_info(options.summary.clone());
+    .with_server_info(options.summary.clone())
+    .with_offload_limit(options.max_offload_produce_body, &options.offload_stores);
     let history = state.history.clone();
     let mut app = http::router(state);
     if options.ui {

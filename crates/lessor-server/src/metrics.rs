@@ -97,6 +97,8 @@ impl Metrics {
             restore_items.clone(),
         );
         registry.register_collector(Box::new(QueueCollector { engine }));
+        #[cfg(feature = "s3")]
+        registry.register_collector(Box::new(OffloadCollector));
         Metrics {
             registry,
             requests,
@@ -287,6 +289,89 @@ impl prometheus_client::collector::Collector for QueueCollector {
                     .encode(fam.encode_family(&labels)?)?;
             }
         }
+        Ok(())
+    }
+}
+
+/// Payload offload figures (object storage), process-wide: the offload wrappers of every partition store of this
+/// process add to the same counters (see `lessor_storage::offload::metrics`). Exported only by builds with `s3`.
+#[cfg(feature = "s3")]
+#[derive(Debug)]
+struct OffloadCollector;
+
+#[cfg(feature = "s3")]
+impl prometheus_client::collector::Collector for OffloadCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        use lessor_storage::offload::{metrics, LATENCY_BUCKETS};
+        let m = metrics();
+        let counters: [(&str, &str, &std::sync::atomic::AtomicU64); 5] = [
+            (
+                "offload_objects_written",
+                "Payload objects written to object storage",
+                &m.objects_written,
+            ),
+            (
+                "offload_objects_deleted",
+                "Payload objects deleted after their item was gone",
+                &m.objects_deleted,
+            ),
+            (
+                "offload_orphans_swept",
+                "Payload objects no item referenced, deleted by the sweeper",
+                &m.orphans_swept,
+            ),
+            (
+                "offload_payload_bytes",
+                "Payload bytes offloaded to object storage (before compression)",
+                &m.bytes_offloaded,
+            ),
+            (
+                "offload_object_bytes",
+                "Object bytes written to object storage (after compression)",
+                &m.object_bytes_written,
+            ),
+        ];
+        for (name, help, v) in counters {
+            let fam = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+            ConstCounter::new(v.load(Ordering::Relaxed)).encode(fam)?;
+        }
+        let mut fam = encoder.encode_descriptor(
+            "offload_fetch_errors",
+            "Offloaded payloads that could not be served, by reason",
+            None,
+            MetricType::Counter,
+        )?;
+        for (reason, v) in [
+            ("missing", &m.fetch_missing),
+            ("corrupt", &m.fetch_corrupt),
+            ("unavailable", &m.fetch_unavailable),
+        ] {
+            ConstCounter::new(v.load(Ordering::Relaxed)).encode(fam.encode_family(&[("reason", reason)])?)?;
+        }
+        let mut fam = encoder.encode_descriptor(
+            "offload_request_duration_seconds",
+            "Object-storage request latency (put, get, delete, list)",
+            None,
+            MetricType::Histogram,
+        )?;
+        let counts: Vec<u64> = m
+            .latency_counts
+            .iter()
+            .map(|c| c.load(Ordering::Relaxed))
+            .collect();
+        let mut buckets: Vec<(f64, u64)> = LATENCY_BUCKETS
+            .iter()
+            .copied()
+            .zip(counts.iter().copied())
+            .collect();
+        buckets.push((f64::INFINITY, counts.last().copied().unwrap_or(0)));
+        let sum = m.latency_sum_us.load(Ordering::Relaxed) as f64 / 1e6;
+        fam.encode_histogram::<prometheus_client::encoding::NoLabelSet>(
+            sum,
+            counts.iter().sum(),
+            &buckets,
+            None,
+        )?;
         Ok(())
     }
 }

@@ -8,6 +8,8 @@
 //!
 //! # Layout
 //! - [`registry`]: the drivers, their settings, and the one entry point that opens a store from a specification.
+//! - `offload` (feature `s3`): large payloads in S3-compatible object storage and payload compression, as a
+//!   wrapper the registry puts around any partition store whose settings ask for it.
 //! - [`memory`]: RAM-only queues and partitions (tests, development, ephemeral work).
 //! - `testsuite` (feature `testsuite`): the conformance suite, written once and instantiated for every backend by
 //!   `conformance_tests!`.
@@ -15,6 +17,8 @@
 #[cfg(feature = "fjall")]
 pub mod fjall;
 pub mod memory;
+#[cfg(feature = "s3")]
+pub mod offload;
 #[cfg(feature = "postgres")]
 pub mod postgres;
 pub mod registry;

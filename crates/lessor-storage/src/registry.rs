@@ -25,6 +25,7 @@
 
 mod fjall;
 mod memory;
+mod offload;
 mod postgres;
 
 use std::collections::BTreeMap;
@@ -39,6 +40,10 @@ use thiserror::Error;
 
 pub use self::fjall::FjallConfig;
 pub use self::memory::MemoryConfig;
+pub use self::offload::{
+    parse_size, Compression, ObjectStoreConfig, OffloadSettings, DEFAULT_GRACE, DEFAULT_SWEEP_INTERVAL,
+    DEFAULT_THRESHOLD, KEYS as PAYLOAD_KEYS,
+};
 pub use self::postgres::PostgresConfig;
 
 /// Every driver Lessor knows, compiled in or not, in the order error messages list them. Adding a driver adds one
@@ -132,6 +137,10 @@ pub type DurationParser = fn(&str) -> Result<Duration, String>;
 pub struct Settings {
     values: BTreeMap<String, String>,
     parse_duration: DurationParser,
+    /// The declared object stores `payload-offload` may name.
+    object_stores: Arc<Vec<ObjectStoreConfig>>,
+    /// The store's name in the configuration (object keys of offloaded payloads start with it).
+    store_name: String,
 }
 
 impl fmt::Debug for Settings {
@@ -146,7 +155,21 @@ impl Settings {
         Settings {
             values: BTreeMap::new(),
             parse_duration,
+            object_stores: Arc::new(Vec::new()),
+            store_name: String::new(),
         }
+    }
+
+    /// The object stores declared in the configuration, which `payload-offload` may name.
+    pub fn with_object_stores(mut self, stores: Vec<ObjectStoreConfig>) -> Self {
+        self.object_stores = Arc::new(stores);
+        self
+    }
+
+    /// The store's name in the configuration (`partition-storage[].name`).
+    pub fn named(mut self, name: impl Into<String>) -> Self {
+        self.store_name = name.into();
+        self
     }
 
     /// Adds (or replaces) a setting.
@@ -215,6 +238,10 @@ pub trait DriverConfig: fmt::Debug + Send + Sync {
 #[derive(Clone, Debug)]
 pub struct StoreSpec {
     config: Arc<dyn DriverConfig>,
+    /// Payload offload and compression (keys shared by every driver), when asked for.
+    offload: Option<OffloadSettings>,
+    /// The store's name, for object keys.
+    store_name: String,
 }
 
 impl StoreSpec {
@@ -229,7 +256,7 @@ impl StoreSpec {
             return Err(SpecError::NotCompiled { driver: entry.name });
         }
         for key in settings.keys() {
-            if entry.keys.contains(&key) {
+            if entry.keys.contains(&key) || offload::KEYS.contains(&key) {
                 continue;
             }
             return Err(if DRIVERS.iter().any(|d| d.keys.contains(&key)) {
@@ -245,8 +272,11 @@ impl StoreSpec {
                 }
             });
         }
+        let offload = offload::parse(settings)?;
         Ok(StoreSpec {
             config: (entry.parse)(settings)?,
+            offload,
+            store_name: settings.store_name.clone(),
         })
     }
 
@@ -261,7 +291,21 @@ impl StoreSpec {
         }
         Ok(StoreSpec {
             config: Arc::new(config),
+            offload: None,
+            store_name: String::new(),
         })
+    }
+
+    /// The same specification with payload offload or compression (code that builds specifications directly).
+    pub fn with_offload(mut self, store_name: impl Into<String>, offload: OffloadSettings) -> Self {
+        self.store_name = store_name.into();
+        self.offload = offload.active().then_some(offload);
+        self
+    }
+
+    /// Payload offload and compression settings, when the store has any.
+    pub fn offload(&self) -> Option<&OffloadSettings> {
+        self.offload.as_ref()
     }
 
     /// The driver.
@@ -287,7 +331,21 @@ impl StoreSpec {
     /// # Errors
     /// The backend's failure to open (see [`OpenError`]).
     pub async fn open_partitions(&self) -> Result<Arc<dyn PartitionStore>, OpenError> {
-        self.config.open_partitions().await
+        let store = self.config.open_partitions().await?;
+        // With the wrapper compiled in, every partition store gets it, also without offload or compression: a
+        // store whose settings turned compression or offload off still holds frames written before, which must
+        // keep reading as the payloads they stand for (the wrapper is then a byte comparison per payload).
+        #[cfg(feature = "s3")]
+        {
+            let driver = self.driver().name;
+            let settings = self.offload.clone().unwrap_or_default();
+            let wrapped = crate::offload::OffloadStore::new(store, &self.store_name, settings)
+                .map_err(|source| OpenError::Backend { driver, source })?;
+            Ok(wrapped)
+        }
+        // `offload::parse` refuses the settings in a build without the wrapper.
+        #[cfg(not(feature = "s3"))]
+        Ok(store)
     }
 }
 

@@ -238,14 +238,18 @@ impl QueueTask {
                     Err(e) if !spare => {
                         // No other partition could take them (and their items moved into the call).
                         let name = self.info.name.clone();
-                        self.parts[i].fail(now, &name, &e);
+                        if !e.partition_healthy() {
+                            self.parts[i].fail(now, &name, &e);
+                        }
                         for (_, reply, _, _) in reqs {
                             let _ = reply.send(Err(QueueError::from_storage(&e)));
                         }
                     }
                     Err(e) => {
                         let name = self.info.name.clone();
-                        self.parts[i].fail(now, &name, &e);
+                        if !e.partition_healthy() {
+                            self.parts[i].fail(now, &name, &e);
+                        }
                         for (items, reply, mut tried, keys) in reqs {
                             tried.push(i);
                             if tried.len() >= self.parts.len() {

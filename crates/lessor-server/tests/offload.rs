@@ -1,0 +1,215 @@
+//! Payload offload seen from the HTTP API, against a real S3-compatible server (`LESSOR_TEST_S3_ENDPOINT`, from
+//! `scripts/s3-test-server.sh`): clients see no difference for large items, a produce whose object cannot be
+//! written gets 454 (retry) while small items keep working, and `/metrics` reports the objects.
+#![cfg(feature = "s3")]
+#![allow(clippy::unwrap_used)]
+
+use lessor_client::proto as pb;
+use lessor_server::Config;
+
+const S3_VAR: &str = "LESSOR_TEST_S3_ENDPOINT";
+const BUCKET: &str = "lessor-http";
+
+async fn endpoint() -> Option<String> {
+    let Some(e) = std::env::var(S3_VAR).ok().filter(|v| !v.trim().is_empty()) else {
+        lessor_testkit::skip_or_fail(&format!("{S3_VAR} is not set"));
+        return None;
+    };
+    let r = reqwest::Client::new()
+        .put(format!("{e}/{BUCKET}"))
+        .send()
+        .await
+        .unwrap();
+    assert!(
+        r.status().is_success() || r.status().as_u16() == 409,
+        "{}",
+        r.status()
+    );
+    Some(e)
+}
+
+fn config(s3: &str, prefix: &str) -> Config {
+    Config::from_yaml(&format!(
+        "object-storage:\n  - name: s3-0\n    endpoint: {s3}\n    bucket: {BUCKET}\n    access-key-id: test\n    \
+         secret-access-key: test\n    path-style: true\n    prefix: {prefix}/\n\
+         queue-storage:\n  driver: memory\n\
+         partition-storage:\n  - name: ram-0\n    driver: memory\n    config:\n      payload-offload: s3-0\n      \
+         offload-threshold: 64KiB\n      compression: zstd\n\
+         \x20 - name: plain\n    driver: memory\n    affinity: 0\n\
+         queues:\n  - name: small-only\n    lease-timeout: 1m\n    expire-timeout: 1h\n    partitions: [ {{ partition: 0, storage-name: plain }} ]\n\
+         limits:\n  max-offload-produce-body: 64000000\n"
+    ))
+    .unwrap()
+}
+
+fn produce(queue: &str, payloads: &[Vec<u8>]) -> pb::QueueProduceRequest {
+    pb::QueueProduceRequest {
+        queue_name: queue.into(),
+        request_timeout: "30s".into(),
+        items: payloads
+            .iter()
+            .map(|p| pb::QueueProduceItem {
+                bytes: p.clone(),
+                ..Default::default()
+            })
+            .collect(),
+    }
+}
+
+fn lease(queue: &str, n: i32) -> pb::QueueLeaseRequest {
+    pb::QueueLeaseRequest {
+        queue_name: queue.into(),
+        batch_size: n,
+        client_id: "w".into(),
+        request_timeout: "2s".into(),
+    }
+}
+
+async fn create(c: &lessor_client::Client, name: &str) {
+    c.queues_create(&pb::QueueInfo {
+        queue_name: name.into(),
+        lease_timeout: "1m".into(),
+        expire_timeout: "1h".into(),
+        requested_partitions: 1,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_20_mib_item_round_trips_and_metrics_show_the_object() {
+    let Some(s3) = endpoint().await else { return };
+    let (srv, c) = lessor_testkit::server::start(&config(&s3, "http-rt"), None).await;
+    create(&c, "big").await;
+    // 20 MiB of not very compressible bytes, and a small item beside it.
+    let mut x = 0x9E37_79B9_7F4A_7C15u64;
+    let big: Vec<u8> = (0..20 << 20)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x % 64) as u8 + b' '
+        })
+        .collect();
+    let small = b"{\"small\":true}".to_vec();
+    // The 5 MB produce limit stays for a queue whose partitions keep their payloads...
+    let e = c
+        .queue_produce(&produce("small-only", std::slice::from_ref(&big)))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Some(400), "{e}");
+    assert!(e.to_string().contains("5000000"), "{e}");
+    // ...and max-offload-produce-body applies to one whose partitions offload them.
+    c.queue_produce(&produce("big", &[big.clone(), small.clone()]))
+        .await
+        .unwrap();
+    let got = c.queue_lease(&lease("big", 10)).await.unwrap();
+    assert_eq!(got.items.len(), 2);
+    assert!(
+        got.items[0].bytes == big,
+        "the 20 MiB payload comes back byte for byte"
+    );
+    assert_eq!(got.items[1].bytes, small);
+    c.queue_complete(&pb::QueueCompleteRequest {
+        queue_name: "big".into(),
+        partition: got.partition,
+        request_timeout: "5s".into(),
+        ids: got.items.iter().map(|i| i.id.clone()).collect(),
+    })
+    .await
+    .unwrap();
+    let metrics = reqwest::get(format!("{}/metrics", srv.endpoint()))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let value = |name: &str| -> u64 {
+        metrics
+            .lines()
+            .find(|l| l.starts_with(&format!("{name} ")))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("{name} missing from /metrics:\n{metrics}"))
+    };
+    assert!(value("lessor_offload_objects_written_total") >= 1);
+    assert!(value("lessor_offload_payload_bytes_total") >= 20 << 20);
+    assert!(value("lessor_offload_request_duration_seconds_count") >= 2);
+    assert!(
+        metrics.contains("lessor_offload_fetch_errors_total{reason=\"missing\"}"),
+        "{metrics}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn object_storage_down_large_produce_gets_454_small_items_work() {
+    let Some(_s3) = endpoint().await else { return };
+    // Port 9 (discard) is closed on the loopback of test machines.
+    let (_srv, c) = lessor_testkit::server::start(&config("http://127.0.0.1:9", "http-down"), None).await;
+    create(&c, "down").await;
+    let e = c
+        .queue_produce(&produce("down", &[vec![b'x'; 200_000]]))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Some(454), "{e}");
+    assert!(
+        e.to_string().contains("internal error, try your request again;"),
+        "{e}"
+    );
+    assert!(
+        e.to_string().contains("object storage"),
+        "the message says what failed: {e}"
+    );
+    // At once: the partition stayed in service (a failed object write is not a failed partition).
+    c.queue_produce(&produce("down", &[b"small".to_vec()]))
+        .await
+        .unwrap();
+    let got = c.queue_lease(&lease("down", 10)).await.unwrap();
+    assert_eq!(got.items.len(), 1, "only the small item was stored");
+    assert_eq!(got.items[0].bytes, b"small");
+}
+
+/// A server whose object storage cannot be reached answers a lease of an offloaded item with 454 and keeps the
+/// item; the same data served with object storage back hands the item out whole.
+#[cfg(feature = "fjall")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lease_without_object_storage_gets_454_and_the_item_stays() {
+    let Some(s3) = endpoint().await else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let d = serde_json_path(dir.path());
+    let fjall = |s3: &str| {
+        Config::from_yaml(&format!(
+            "object-storage:\n  - name: s3-0\n    endpoint: {s3}\n    bucket: {BUCKET}\n    access-key-id: test\n    \
+             secret-access-key: test\n    path-style: true\n    prefix: http-lease-{}/\n\
+             queue-storage:\n  driver: fjall\n  config:\n    storage-dir: {d}\n\
+             partition-storage:\n  - name: disk-0\n    driver: fjall\n    config:\n      storage-dir: {d}\n      \
+             payload-offload: s3-0\n",
+            std::process::id()
+        ))
+        .unwrap()
+    };
+    let big = vec![b'y'; 300_000];
+    let (srv, c) = lessor_testkit::server::start(&fjall(&s3), None).await;
+    create(&c, "q").await;
+    c.queue_produce(&produce("q", std::slice::from_ref(&big)))
+        .await
+        .unwrap();
+    srv.stop().await;
+
+    let (srv, c) = lessor_testkit::server::start(&fjall("http://127.0.0.1:9"), None).await;
+    let e = c.queue_lease(&lease("q", 1)).await.unwrap_err();
+    assert_eq!(e.code(), Some(454), "{e}");
+    srv.stop().await;
+
+    let (_srv, c) = lessor_testkit::server::start(&fjall(&s3), None).await;
+    let got = c.queue_lease(&lease("q", 1)).await.unwrap();
+    assert_eq!(got.items.len(), 1, "the item stayed leasable");
+    assert!(got.items[0].bytes == big);
+}
+
+/// A path as a YAML scalar (JSON strings are YAML).
+#[cfg(feature = "fjall")]
+fn serde_json_path(p: &std::path::Path) -> String {
+    format!("{:?}", p.to_string_lossy())
+}

@@ -1,0 +1,1114 @@
+//! Large payloads in S3-compatible object storage (claim check) and payload compression, as a wrapper around any
+//! partition store.
+//!
+//! The registry wraps a partition store in an [`OffloadStore`] when its settings name `payload-offload` (an entry
+//! of the top-level `object-storage` list) or a `compression`. The wrapper works above the partition, so memory,
+//! fjall and PostgreSQL get the same behaviour without knowing about it:
+//!
+//! - **produce / import**: a payload longer than the threshold is written, compressed, to an object with a fresh
+//!   random key (`{prefix}{store}/{queue}/{partition}/{32 hex}`) *before* the inner produce; the item keeps a small
+//!   reference (see [`frame`]: key, length, CRC-32). Shorter payloads are compressed inline when that shrinks them.
+//!   An object write that fails fails the whole produce with [`StorageErrorKind::Unavailable`] (454) and nothing
+//!   is stored.
+//! - **lease / list / dead_items / snapshot**: references are resolved back to the bytes, fetched concurrently
+//!   (at most [`FETCH_CONCURRENCY`] at once) and checked against length and checksum: clients never see a
+//!   reference. A leased item whose object cannot be fetched is put back (a requeue at the tail, keeping the
+//!   attempt the lease counted) and reported by id in the log and the `fetch_errors` metric; when no item of the
+//!   lease could be served the lease fails with `Unavailable` (454).
+//! - **deletion**: an object is deleted only *after* the inner partition removed its item: complete (the keys of
+//!   leased items are remembered from the lease), remove_dead, delete (keys looked up before), clear (a snapshot
+//!   before and after: exactly the keys that went away), destroy (everything under the partition's prefix).
+//!   Items that die without a dead-letter queue (lifecycle, retry) leave their object to the sweeper.
+//! - **sweeper**: a task per store lists the objects under the store's prefix and deletes those older than the
+//!   grace period that no item of an open partition references (read from an inner snapshot) and that no produce
+//!   in flight here is writing. The grace period covers produces in flight on other servers sharing a database.
+//!
+//! Every object is referenced by at most one item: dead-letter moves, rebalances and imports go through the
+//! resolved bytes and write new objects, so deleting an item's object never takes another item's payload.
+
+pub mod frame;
+
+use std::collections::{HashMap, HashSet};
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant, SystemTime};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures::stream::{self, StreamExt, TryStreamExt};
+use lessor_core::error::{ItemError, StorageError, StorageErrorKind};
+use lessor_core::storage::{
+    LifecycleOutcome, LifecyclePolicy, Notice, Partition, PartitionSnapshot, PartitionStore, RetryAction,
+    RetryOp, RetryOutcome,
+};
+use lessor_core::time::Ts;
+use lessor_core::types::{ClearRequest, DedupRecord, Item, ItemId, NewItem, PartitionCounts, PartitionStats};
+use object_store::aws::AmazonS3Builder;
+use object_store::path::Path as ObjPath;
+use object_store::{ClientOptions, ObjectStore, PutPayload, RetryConfig};
+
+pub use crate::registry::{
+    Compression, ObjectStoreConfig, OffloadSettings, DEFAULT_GRACE, DEFAULT_SWEEP_INTERVAL, DEFAULT_THRESHOLD,
+};
+use frame::{ObjectRef, Stored};
+
+/// Objects fetched or written at once by one call.
+pub const FETCH_CONCURRENCY: usize = 8;
+
+/// The client of an object store.
+///
+/// A request times out after 30 s (connecting after 3 s) and is retried once, within 10 s: the partition's calls
+/// run on its queue's task, so a store that is down or slow holds that queue (not others) up for a bounded time
+/// before the request is answered 454.
+///
+/// # Errors
+/// [`StorageErrorKind::Config`] for settings the client refuses.
+pub fn client(cfg: &ObjectStoreConfig) -> Result<Arc<dyn ObjectStore>, StorageError> {
+    cfg.build_client()
+}
+
+impl ObjectStoreConfig {
+    /// See [`client`].
+    fn build_client(&self) -> Result<Arc<dyn ObjectStore>, StorageError> {
+        let region = if self.region.is_empty() {
+            "us-east-1"
+        } else {
+            &self.region
+        };
+        let mut b = AmazonS3Builder::new()
+            .with_bucket_name(&self.bucket)
+            .with_region(region)
+            .with_virtual_hosted_style_request(!self.path_style)
+            .with_client_options(
+                ClientOptions::new()
+                    .with_timeout(Duration::from_secs(30))
+                    .with_connect_timeout(Duration::from_secs(3))
+                    .with_allow_http(self.endpoint.starts_with("http://")),
+            )
+            .with_retry(RetryConfig {
+                max_retries: 1,
+                retry_timeout: Duration::from_secs(10),
+                ..Default::default()
+            });
+        if !self.endpoint.is_empty() {
+            b = b.with_endpoint(&self.endpoint);
+        }
+        if let Some(k) = &self.access_key_id {
+            b = b.with_access_key_id(k);
+        }
+        if let Some(k) = &self.secret_access_key {
+            b = b.with_secret_access_key(k);
+        }
+        let store = b.build().map_err(|e| {
+            StorageError::new(
+                StorageErrorKind::Config,
+                format!("object-storage '{}': {e}", self.name),
+            )
+        })?;
+        Ok(Arc::new(store))
+    }
+}
+
+/// Figures of every offloading store of this process, for `/metrics`.
+#[derive(Debug, Default)]
+pub struct OffloadMetrics {
+    /// Objects written (one per offloaded payload).
+    pub objects_written: AtomicU64,
+    /// Objects deleted after their item was gone.
+    pub objects_deleted: AtomicU64,
+    /// Objects the sweeper deleted because no item referenced them.
+    pub orphans_swept: AtomicU64,
+    /// Payload bytes written to object storage (before compression).
+    pub bytes_offloaded: AtomicU64,
+    /// Object bytes written (after compression).
+    pub object_bytes_written: AtomicU64,
+    /// Payloads that could not be read: object missing.
+    pub fetch_missing: AtomicU64,
+    /// Payloads that could not be read: checksum, length or decompression failed.
+    pub fetch_corrupt: AtomicU64,
+    /// Payloads that could not be read: object storage unreachable or failing.
+    pub fetch_unavailable: AtomicU64,
+    /// Object-storage request latency: counts per bucket of [`LATENCY_BUCKETS`] (cumulative on export).
+    pub latency_counts: [AtomicU64; LATENCY_BUCKETS.len() + 1],
+    /// Sum of object-storage request latencies, in microseconds.
+    pub latency_sum_us: AtomicU64,
+}
+
+/// Upper bounds (seconds) of the object-storage latency histogram.
+pub const LATENCY_BUCKETS: [f64; 12] = [
+    0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0,
+];
+
+impl OffloadMetrics {
+    fn observe(&self, started: Instant) {
+        let s = started.elapsed().as_secs_f64();
+        let i = LATENCY_BUCKETS
+            .iter()
+            .position(|b| s <= *b)
+            .unwrap_or(LATENCY_BUCKETS.len());
+        self.latency_counts[i].fetch_add(1, Ordering::Relaxed);
+        self.latency_sum_us
+            .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+    }
+}
+
+/// The process-wide offload figures (the server's `/metrics` reads them).
+pub fn metrics() -> &'static OffloadMetrics {
+    static M: std::sync::OnceLock<OffloadMetrics> = std::sync::OnceLock::new();
+    M.get_or_init(OffloadMetrics::default)
+}
+
+/// What one sweep did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SweepOutcome {
+    /// Objects listed under the store's prefix.
+    pub listed: u64,
+    /// Objects deleted because nothing referenced them.
+    pub swept: u64,
+    /// Unreferenced-looking objects kept because their partition is not open here.
+    pub skipped: u64,
+}
+
+struct Shared {
+    settings: OffloadSettings,
+    objects: Option<Arc<dyn ObjectStore>>,
+    /// `{object-store prefix}{store name}/`.
+    root: String,
+    /// Keys being written by a produce or import that has not returned yet: never swept.
+    in_flight: Mutex<HashSet<String>>,
+    /// The inner partitions open in this process, by key directory (`{root}{queue}/{partition}/`).
+    open: Mutex<HashMap<String, Weak<dyn Partition>>>,
+}
+
+impl fmt::Debug for Shared {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Shared")
+            .field("settings", &self.settings)
+            .field("root", &self.root)
+            .finish_non_exhaustive()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // A panic while holding one of these locks leaves plain sets behind, still consistent.
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn unavailable(what: String, e: object_store::Error) -> StorageError {
+    StorageError::unavailable(format!("object storage: {what}: {e}")).with_source(e)
+}
+
+impl Shared {
+    /// Neither offload nor compression: payloads are stored as given (only those that look like a frame are
+    /// framed), and frames written under earlier settings are still read.
+    fn passthrough(&self) -> bool {
+        self.objects.is_none() && self.settings.compression == Compression::None
+    }
+
+    fn objects(&self) -> Result<&Arc<dyn ObjectStore>, StorageError> {
+        self.objects.as_ref().ok_or_else(|| {
+            StorageError::new(
+                StorageErrorKind::Corrupt,
+                "an item references an object but this store has no payload-offload configured",
+            )
+        })
+    }
+
+    async fn put(&self, key: &str, body: Bytes) -> Result<(), StorageError> {
+        let objects = self.objects()?;
+        let n = body.len() as u64;
+        let started = Instant::now();
+        // A failed write leaves the partition as it was: the produce fails (454) without taking the partition out
+        // of service, so produces of small items go on.
+        let r = objects
+            .put(&ObjPath::from(key), PutPayload::from(body))
+            .await
+            .map_err(|e| {
+                StorageError::new(
+                    StorageErrorKind::PayloadUnavailable,
+                    format!("object storage: writing '{key}': {e}"),
+                )
+                .with_source(e)
+            });
+        metrics().observe(started);
+        r?;
+        metrics().objects_written.fetch_add(1, Ordering::Relaxed);
+        metrics().object_bytes_written.fetch_add(n, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Deletes objects, best effort: a failure leaves an orphan for the sweeper.
+    async fn delete_keys(self: &Arc<Self>, keys: Vec<String>) {
+        let Some(objects) = self.objects.clone() else {
+            return;
+        };
+        if keys.is_empty() {
+            return;
+        }
+        stream::iter(keys)
+            .for_each_concurrent(FETCH_CONCURRENCY, |key| {
+                let objects = objects.clone();
+                async move {
+                    let started = Instant::now();
+                    let r = objects.delete(&ObjPath::from(key.as_str())).await;
+                    metrics().observe(started);
+                    match r {
+                        Ok(()) | Err(object_store::Error::NotFound { .. }) => {
+                            metrics().objects_deleted.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Err(e) => {
+                            tracing::warn!(key, error = %e, "object delete failed; the sweeper will retry")
+                        }
+                    }
+                }
+            })
+            .await;
+    }
+
+    /// Deletes in the background, so that a complete does not wait for object storage.
+    fn delete_later(self: &Arc<Self>, keys: Vec<String>) {
+        if keys.is_empty() || self.objects.is_none() {
+            return;
+        }
+        let me = self.clone();
+        tokio::spawn(async move { me.delete_keys(keys).await });
+    }
+
+    /// The original payload of one stored item.
+    async fn resolve(&self, id: ItemId, stored: &Bytes) -> Result<Bytes, StorageError> {
+        let r = match frame::decode(stored) {
+            Ok(Stored::Inline(b)) => return Ok(b),
+            Ok(Stored::Object(r)) => r,
+            Err(e) => {
+                metrics().fetch_corrupt.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(item = %id, error = %e, "stored payload unreadable");
+                return Err(StorageError::new(
+                    StorageErrorKind::Corrupt,
+                    format!("payload of item '{id}' is unreadable: {e}"),
+                ));
+            }
+        };
+        let objects = self.objects()?;
+        let started = Instant::now();
+        let got = match objects.get(&ObjPath::from(r.key.as_str())).await {
+            Ok(g) => g.bytes().await,
+            Err(e) => Err(e),
+        };
+        metrics().observe(started);
+        match got {
+            Ok(body) => {
+                // Checksumming (and decompressing) megabytes is CPU work: off the async workers for large bodies.
+                let decoded = if body.len() >= 1 << 20 {
+                    let r2 = r.clone();
+                    tokio::task::spawn_blocking(move || r2.decode_body(&body))
+                        .await
+                        .unwrap_or_else(|e| Err(format!("decoding task failed: {e}")))
+                } else {
+                    r.decode_body(&body)
+                };
+                decoded.map_err(|e| {
+                    metrics().fetch_corrupt.fetch_add(1, Ordering::Relaxed);
+                    tracing::error!(item = %id, key = r.key, error = %e, "offloaded payload corrupt");
+                    StorageError::new(
+                        StorageErrorKind::Corrupt,
+                        format!("payload of item '{id}' (object '{}') is corrupt: {e}", r.key),
+                    )
+                })
+            }
+            Err(object_store::Error::NotFound { .. }) => {
+                metrics().fetch_missing.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(item = %id, key = r.key, "offloaded payload missing from object storage");
+                Err(StorageError::new(
+                    StorageErrorKind::Corrupt,
+                    format!(
+                        "payload of item '{id}' is missing: object '{}' does not exist",
+                        r.key
+                    ),
+                ))
+            }
+            Err(e) => {
+                metrics().fetch_unavailable.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(item = %id, key = r.key, error = %e, "offloaded payload cannot be fetched");
+                Err(unavailable(format!("reading the payload of item '{id}'"), e))
+            }
+        }
+    }
+
+    /// Resolves every item's payload in place; the first failure fails the whole call.
+    async fn resolve_all(&self, mut items: Vec<Item>) -> Result<Vec<Item>, StorageError> {
+        if !items.iter().any(|it| frame::is_framed(&it.payload)) {
+            return Ok(items);
+        }
+        let pairs = items.iter().map(|it| (it.id, it.payload.clone())).collect();
+        let payloads = self.resolve_many(pairs).await;
+        for (it, p) in items.iter_mut().zip(payloads) {
+            it.payload = p?;
+        }
+        Ok(items)
+    }
+
+    /// Resolves payloads concurrently (at most [`FETCH_CONCURRENCY`] at once), in input order.
+    async fn resolve_many(&self, pairs: Vec<(ItemId, Bytes)>) -> Vec<Result<Bytes, StorageError>> {
+        stream::iter(pairs)
+            .map(|(id, stored)| async move { self.resolve(id, &stored).await })
+            .buffered(FETCH_CONCURRENCY)
+            .collect()
+            .await
+    }
+
+    fn new_key(&self, dir: &str) -> String {
+        let mut r = [0u8; 16];
+        // With no entropy source the clock and a counter still make keys unique within this process.
+        if getrandom::fill(&mut r).is_err() {
+            static N: AtomicU64 = AtomicU64::new(0);
+            let t = SystemTime::now()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64)
+                .unwrap_or(0);
+            r[..8].copy_from_slice(&t.to_le_bytes());
+            r[8..].copy_from_slice(&N.fetch_add(1, Ordering::Relaxed).to_le_bytes());
+        }
+        let hex: String = r.iter().map(|b| format!("{b:02x}")).collect();
+        format!("{dir}{hex}")
+    }
+
+    /// Stored forms of `payloads`: objects written (the keys are in flight until `done` is called), the rest
+    /// compressed inline. On failure every object written is deleted again and nothing is in flight.
+    async fn store_payloads(
+        self: &Arc<Self>,
+        dir: &str,
+        payloads: Vec<Bytes>,
+    ) -> Result<(Vec<Bytes>, Vec<String>), StorageError> {
+        let compression = self.settings.compression;
+        let mut out = Vec::with_capacity(payloads.len());
+        let mut uploads = Vec::new();
+        for p in payloads {
+            if self.objects.is_some() && p.len() > self.settings.threshold {
+                let key = self.new_key(dir);
+                let r = ObjectRef {
+                    codec: compression,
+                    len: p.len() as u64,
+                    crc: crc32fast::hash(&p),
+                    key: key.clone(),
+                };
+                out.push(r.encode());
+                uploads.push((key, p));
+            } else {
+                out.push(frame::encode_inline(&p, compression));
+            }
+        }
+        if uploads.is_empty() {
+            return Ok((out, Vec::new()));
+        }
+        let keys: Vec<String> = uploads.iter().map(|(k, _)| k.clone()).collect();
+        lock(&self.in_flight).extend(keys.iter().cloned());
+        let results: Vec<Result<(), StorageError>> = stream::iter(uploads)
+            .map(|(key, p)| async move {
+                let n = p.len() as u64;
+                // Compression is CPU work: off the async workers for large bodies.
+                let body = if compression == Compression::None {
+                    p
+                } else {
+                    Bytes::from(
+                        tokio::task::spawn_blocking(move || compression.compress(&p))
+                            .await
+                            .map_err(|e| StorageError::other(format!("compressing a payload failed: {e}")))?,
+                    )
+                };
+                self.put(&key, body).await?;
+                metrics().bytes_offloaded.fetch_add(n, Ordering::Relaxed);
+                Ok(())
+            })
+            .buffer_unordered(FETCH_CONCURRENCY)
+            .collect()
+            .await;
+        if let Some(Err(e)) = results.into_iter().find(Result::is_err) {
+            self.delete_keys(keys.clone()).await;
+            self.done(&keys);
+            return Err(e);
+        }
+        Ok((out, keys))
+    }
+
+    fn done(&self, keys: &[String]) {
+        if keys.is_empty() {
+            return;
+        }
+        let mut f = lock(&self.in_flight);
+        for k in keys {
+            f.remove(k);
+        }
+    }
+
+    /// One pass of the sweeper (see the module documentation).
+    async fn sweep(self: &Arc<Self>) -> Result<SweepOutcome, StorageError> {
+        let Some(objects) = self.objects.clone() else {
+            return Ok(SweepOutcome::default());
+        };
+        let mut out = SweepOutcome::default();
+        let cutoff = SystemTime::now()
+            .checked_sub(self.settings.grace)
+            .unwrap_or(SystemTime::UNIX_EPOCH);
+        let cutoff_ms = cutoff
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.as_millis() as i64)
+            .unwrap_or(0);
+        let started = Instant::now();
+        let listed: Vec<object_store::ObjectMeta> = objects
+            .list(Some(&ObjPath::from(self.root.as_str())))
+            .try_collect()
+            .await
+            .map_err(|e| unavailable(format!("listing '{}'", self.root), e))?;
+        metrics().observe(started);
+        out.listed = listed.len() as u64;
+        // Candidates by partition directory.
+        let mut by_dir: HashMap<String, Vec<String>> = HashMap::new();
+        {
+            let in_flight = lock(&self.in_flight);
+            for m in listed {
+                let key = m.location.to_string();
+                if m.last_modified.timestamp_millis() > cutoff_ms || in_flight.contains(&key) {
+                    continue;
+                }
+                let dir = match key.rfind('/') {
+                    Some(i) => key[..=i].to_string(),
+                    None => continue,
+                };
+                by_dir.entry(dir).or_default().push(key);
+            }
+        }
+        for (dir, candidates) in by_dir {
+            let part = lock(&self.open).get(&dir).and_then(Weak::upgrade);
+            let Some(part) = part else {
+                out.skipped += candidates.len() as u64;
+                continue;
+            };
+            // Taken after the in-flight check above: a produce that was in flight then has committed its item
+            // by the time it left the set, so this snapshot sees the reference.
+            let referenced = referenced_keys(part.as_ref()).await?;
+            let orphans: Vec<String> = {
+                let in_flight = lock(&self.in_flight);
+                candidates
+                    .into_iter()
+                    .filter(|k| !referenced.contains(k) && !in_flight.contains(k))
+                    .collect()
+            };
+            out.swept += orphans.len() as u64;
+            if !orphans.is_empty() {
+                tracing::info!(
+                    dir,
+                    count = orphans.len(),
+                    "sweeping unreferenced payload objects"
+                );
+                metrics()
+                    .orphans_swept
+                    .fetch_add(orphans.len() as u64, Ordering::Relaxed);
+                self.delete_keys(orphans).await;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Deletes every object under a partition's directory (the partition was destroyed).
+    async fn delete_dir(self: &Arc<Self>, dir: &str) -> Result<(), StorageError> {
+        let Some(objects) = self.objects.clone() else {
+            return Ok(());
+        };
+        let keys: Vec<String> = objects
+            .list(Some(&ObjPath::from(dir)))
+            .map_ok(|m| m.location.to_string())
+            .try_collect()
+            .await
+            .map_err(|e| unavailable(format!("listing '{dir}'"), e))?;
+        self.delete_keys(keys).await;
+        Ok(())
+    }
+}
+
+/// Every object key the items of `part` reference, read from a snapshot of the inner partition.
+async fn referenced_keys(part: &dyn Partition) -> Result<HashSet<String>, StorageError> {
+    let mut snap = part.snapshot().await?;
+    let mut keys = HashSet::new();
+    loop {
+        let page = snap.next(1000).await?;
+        if page.is_empty() {
+            return Ok(keys);
+        }
+        keys.extend(page.iter().filter_map(|it| frame::object_key(&it.payload)));
+    }
+}
+
+/// A partition store whose payloads are offloaded and/or compressed (see the module documentation).
+#[derive(Debug)]
+pub struct OffloadStore {
+    inner: Arc<dyn PartitionStore>,
+    shared: Arc<Shared>,
+    sweeper: Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+impl OffloadStore {
+    /// Wraps `inner`, the partition store named `store` in the configuration. With an object store configured, a
+    /// sweeper task starts (call from within a Tokio runtime).
+    ///
+    /// # Errors
+    /// An object-store configuration the client refuses.
+    pub fn new(
+        inner: Arc<dyn PartitionStore>,
+        store: &str,
+        settings: OffloadSettings,
+    ) -> Result<Arc<OffloadStore>, StorageError> {
+        let objects = settings.object_store.as_ref().map(client).transpose()?;
+        let prefix = settings
+            .object_store
+            .as_ref()
+            .map(|o| o.prefix.clone())
+            .unwrap_or_default();
+        let store_dir = if store.is_empty() { "default" } else { store };
+        let shared = Arc::new(Shared {
+            root: format!("{prefix}{store_dir}/"),
+            settings,
+            objects,
+            in_flight: Mutex::new(HashSet::new()),
+            open: Mutex::new(HashMap::new()),
+        });
+        let sweeper = shared.objects.as_ref().map(|_| {
+            let weak = Arc::downgrade(&shared);
+            let every = shared.settings.sweep_interval;
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(every).await;
+                    let Some(s) = weak.upgrade() else { return };
+                    match s.sweep().await {
+                        Ok(o) => tracing::debug!(?o, root = s.root, "payload sweep done"),
+                        Err(e) => tracing::warn!(error = %e, root = s.root, "payload sweep failed"),
+                    }
+                }
+            })
+        });
+        Ok(Arc::new(OffloadStore {
+            inner,
+            shared,
+            sweeper: Mutex::new(sweeper),
+        }))
+    }
+
+    /// Runs one sweep now (tests, and operators through the sweeper's schedule).
+    ///
+    /// # Errors
+    /// Object storage or a partition snapshot failed; nothing was deleted on the failing partition.
+    pub async fn sweep(&self) -> Result<SweepOutcome, StorageError> {
+        self.shared.sweep().await
+    }
+
+    /// The key directory of a partition.
+    fn dir(&self, queue: &str, partition: u32) -> String {
+        format!("{}{queue}/{partition}/", self.shared.root)
+    }
+}
+
+#[async_trait]
+impl PartitionStore for OffloadStore {
+    fn driver(&self) -> &'static str {
+        self.inner.driver()
+    }
+
+    fn max_partitions(&self) -> u32 {
+        self.inner.max_partitions()
+    }
+
+    async fn create(&self, queue: &str, partitions: &[u32]) -> Result<(), StorageError> {
+        self.inner.create(queue, partitions).await
+    }
+
+    async fn open(&self, queue: &str, partition: u32) -> Result<Arc<dyn Partition>, StorageError> {
+        let inner = self.inner.open(queue, partition).await?;
+        let dir = self.dir(queue, partition);
+        lock(&self.shared.open).insert(dir.clone(), Arc::downgrade(&inner));
+        Ok(Arc::new(OffloadPartition {
+            inner,
+            shared: self.shared.clone(),
+            dir,
+            leased: Mutex::new(HashMap::new()),
+            dead: Mutex::new(HashMap::new()),
+        }))
+    }
+
+    async fn destroy(&self, queue: &str, partition: u32) -> Result<(), StorageError> {
+        self.inner.destroy(queue, partition).await?;
+        let dir = self.dir(queue, partition);
+        lock(&self.shared.open).remove(&dir);
+        if let Err(e) = self.shared.delete_dir(&dir).await {
+            tracing::warn!(dir, error = %e, "objects of a destroyed partition not deleted");
+        }
+        Ok(())
+    }
+
+    async fn destroy_many(&self, queue: &str, partitions: &[u32]) -> Result<(), StorageError> {
+        self.inner.destroy_many(queue, partitions).await?;
+        for &p in partitions {
+            let dir = self.dir(queue, p);
+            lock(&self.shared.open).remove(&dir);
+            if let Err(e) = self.shared.delete_dir(&dir).await {
+                tracing::warn!(dir, error = %e, "objects of a destroyed partition not deleted");
+            }
+        }
+        Ok(())
+    }
+
+    fn shared(&self) -> bool {
+        self.inner.shared()
+    }
+
+    fn notices(&self) -> Option<tokio::sync::broadcast::Receiver<Notice>> {
+        self.inner.notices()
+    }
+
+    async fn close(&self) {
+        if let Some(h) = lock(&self.sweeper).take() {
+            h.abort();
+        }
+        self.inner.close().await;
+    }
+}
+
+/// One partition behind an [`OffloadStore`].
+#[derive(Debug)]
+pub struct OffloadPartition {
+    inner: Arc<dyn Partition>,
+    shared: Arc<Shared>,
+    dir: String,
+    /// Object keys of items this wrapper leased out, with their lease deadline (completes delete them).
+    leased: Mutex<HashMap<ItemId, (String, Ts)>>,
+    /// Object keys of dead items handed to the dead-letter transfer (remove_dead deletes them).
+    dead: Mutex<HashMap<ItemId, String>>,
+}
+
+impl OffloadPartition {
+    /// The object keys of `ids` as stored now (ready, leased or scheduled), read before a delete.
+    async fn keys_of(&self, ids: &[ItemId]) -> Result<Vec<String>, StorageError> {
+        let mut keys = Vec::new();
+        for &id in ids {
+            if let Some((k, _)) = lock(&self.leased).get(&id) {
+                keys.push(k.clone());
+                continue;
+            }
+            if let Some(k) = lock(&self.dead).get(&id) {
+                keys.push(k.clone());
+                continue;
+            }
+            for scheduled in [false, true] {
+                let page = self.inner.list(Some(id), 1, scheduled).await?;
+                if let Some(it) = page.into_iter().find(|it| it.id == id) {
+                    keys.extend(frame::object_key(&it.payload));
+                    break;
+                }
+            }
+        }
+        Ok(keys)
+    }
+
+    /// Stored items with their original payloads put back, for import's answer.
+    fn restore_payloads(
+        &self,
+        items: Vec<Item>,
+        originals: &HashMap<String, Bytes>,
+    ) -> Result<Vec<Item>, StorageError> {
+        items
+            .into_iter()
+            .map(|mut it| {
+                it.payload = match frame::decode(&it.payload) {
+                    Ok(Stored::Inline(b)) => b,
+                    Ok(Stored::Object(r)) => originals.get(&r.key).cloned().ok_or_else(|| {
+                        StorageError::other(format!(
+                            "import returned item '{}' with an unknown object",
+                            it.id
+                        ))
+                    })?,
+                    Err(e) => return Err(StorageError::new(StorageErrorKind::Corrupt, e)),
+                };
+                Ok(it)
+            })
+            .collect()
+    }
+}
+
+#[async_trait]
+impl Partition for OffloadPartition {
+    async fn produce(&self, mut items: Vec<NewItem>) -> Result<Vec<ItemId>, StorageError> {
+        if self.shared.passthrough() && !items.iter().any(|it| frame::is_framed(&it.payload)) {
+            return self.inner.produce(items).await;
+        }
+        let payloads: Vec<Bytes> = items
+            .iter_mut()
+            .map(|it| std::mem::take(&mut it.payload))
+            .collect();
+        let (stored, keys) = match self.shared.store_payloads(&self.dir, payloads.clone()).await {
+            Ok(v) => v,
+            Err(e) => {
+                for (it, p) in items.iter_mut().zip(payloads) {
+                    it.payload = p;
+                }
+                return Err(e);
+            }
+        };
+        for (it, p) in items.iter_mut().zip(stored) {
+            it.payload = p;
+        }
+        // The objects are written: only now may the items that reference them become visible. A failed inner
+        // produce leaves them to the sweeper (a failure of unknown durability may still have stored the items).
+        let r = self.inner.produce(items).await;
+        self.shared.done(&keys);
+        r
+    }
+
+    async fn lease(&self, n: usize, lease_deadline: Ts) -> Result<Vec<Item>, StorageError> {
+        let items = self.inner.lease(n, lease_deadline).await?;
+        if !items.iter().any(|it| frame::is_framed(&it.payload)) {
+            return Ok(items);
+        }
+        let keys: Vec<Option<String>> = items.iter().map(|it| frame::object_key(&it.payload)).collect();
+        let pairs = items.iter().map(|it| (it.id, it.payload.clone())).collect();
+        let resolved = self.shared.resolve_many(pairs).await;
+        let mut good = Vec::with_capacity(items.len());
+        let mut failed = Vec::new();
+        let mut first_err = None;
+        for ((mut it, key), r) in items.into_iter().zip(keys).zip(resolved) {
+            match r {
+                Ok(p) => {
+                    if let Some(k) = key {
+                        lock(&self.leased).insert(it.id, (k, lease_deadline));
+                    }
+                    it.payload = p;
+                    good.push(it);
+                }
+                Err(e) => {
+                    failed.push(it.id);
+                    first_err.get_or_insert(e);
+                }
+            }
+        }
+        if !failed.is_empty() {
+            // Put them back at once (a requeue under a policy that never kills) rather than leaving them leased
+            // until their deadline: the item stays leasable, with the attempt this lease counted.
+            let ops = failed
+                .iter()
+                .map(|&id| {
+                    vec![RetryOp {
+                        id,
+                        action: RetryAction::Requeue,
+                    }]
+                })
+                .collect();
+            if let Err(e) = self.inner.retry(ops, LifecyclePolicy::default()).await {
+                tracing::warn!(error = %e, "items whose payload could not be fetched stay leased until their deadline");
+            }
+        }
+        match first_err {
+            Some(e) if good.is_empty() => Err(e),
+            _ => Ok(good),
+        }
+    }
+
+    async fn complete(&self, requests: Vec<Vec<ItemId>>) -> Result<Vec<Result<(), ItemError>>, StorageError> {
+        if self.shared.objects.is_none() {
+            return self.inner.complete(requests).await;
+        }
+        let ids = requests.clone();
+        let results = self.inner.complete(requests).await?;
+        let mut gone = Vec::new();
+        {
+            let mut leased = lock(&self.leased);
+            for (req, r) in ids.iter().zip(&results) {
+                if r.is_ok() {
+                    gone.extend(req.iter().filter_map(|id| leased.remove(id).map(|(k, _)| k)));
+                }
+            }
+        }
+        self.shared.delete_later(gone);
+        Ok(results)
+    }
+
+    async fn extend(
+        &self,
+        requests: Vec<(Vec<ItemId>, Ts)>,
+    ) -> Result<Vec<Result<(), ItemError>>, StorageError> {
+        if self.shared.objects.is_none() {
+            return self.inner.extend(requests).await;
+        }
+        let copy = requests.clone();
+        let results = self.inner.extend(requests).await?;
+        let mut leased = lock(&self.leased);
+        for ((ids, deadline), r) in copy.iter().zip(&results) {
+            if r.is_ok() {
+                for id in ids {
+                    if let Some(e) = leased.get_mut(id) {
+                        e.1 = *deadline;
+                    }
+                }
+            }
+        }
+        Ok(results)
+    }
+
+    async fn retry(
+        &self,
+        requests: Vec<Vec<RetryOp>>,
+        policy: LifecyclePolicy,
+    ) -> Result<Vec<Result<RetryOutcome, ItemError>>, StorageError> {
+        if self.shared.objects.is_none() {
+            return self.inner.retry(requests, policy).await;
+        }
+        let copy = requests.clone();
+        let results = self.inner.retry(requests, policy).await?;
+        // The items moved (new id or schedule) with their reference, or died; either way this lease's key entry
+        // is done. A death without a dead-letter queue leaves the object to the sweeper.
+        let mut leased = lock(&self.leased);
+        for (ops, r) in copy.iter().zip(&results) {
+            if r.is_ok() {
+                for op in ops {
+                    leased.remove(&op.id);
+                }
+            }
+        }
+        Ok(results)
+    }
+
+    async fn lifecycle(
+        &self,
+        now: Ts,
+        policy: LifecyclePolicy,
+        limit: usize,
+    ) -> Result<LifecycleOutcome, StorageError> {
+        let out = self.inner.lifecycle(now, policy, limit).await?;
+        if self.shared.objects.is_none() {
+            return Ok(out);
+        }
+        // Expired leases got new ids: forget their entries (the reference moved with the item).
+        lock(&self.leased).retain(|_, (_, deadline)| *deadline > now);
+        Ok(out)
+    }
+
+    async fn dedup_records(&self, now: Ts) -> Result<Vec<DedupRecord>, StorageError> {
+        self.inner.dedup_records(now).await
+    }
+
+    async fn import_dedup(&self, records: Vec<DedupRecord>) -> Result<(), StorageError> {
+        self.inner.import_dedup(records).await
+    }
+
+    async fn dead_items(&self, limit: usize) -> Result<Vec<Item>, StorageError> {
+        let items = self.inner.dead_items(limit).await?;
+        {
+            let mut dead = lock(&self.dead);
+            for it in &items {
+                if let Some(k) = frame::object_key(&it.payload) {
+                    dead.insert(it.id, k);
+                }
+            }
+        }
+        self.shared.resolve_all(items).await
+    }
+
+    async fn remove_dead(&self, ids: Vec<ItemId>) -> Result<(), StorageError> {
+        if self.shared.objects.is_none() {
+            return self.inner.remove_dead(ids).await;
+        }
+        let mut keys = Vec::new();
+        {
+            let dead = lock(&self.dead);
+            keys.extend(ids.iter().filter_map(|id| dead.get(id).cloned()));
+        }
+        let copy = ids.clone();
+        self.inner.remove_dead(ids).await?;
+        {
+            let mut dead = lock(&self.dead);
+            for id in &copy {
+                dead.remove(id);
+            }
+        }
+        self.shared.delete_later(keys);
+        Ok(())
+    }
+
+    async fn next_deadline(&self) -> Result<Option<Ts>, StorageError> {
+        self.inner.next_deadline().await
+    }
+
+    async fn counts(&self) -> Result<PartitionCounts, StorageError> {
+        self.inner.counts().await
+    }
+
+    async fn stats(&self, now: Ts) -> Result<PartitionStats, StorageError> {
+        self.inner.stats(now).await
+    }
+
+    async fn list(
+        &self,
+        pivot: Option<ItemId>,
+        limit: usize,
+        scheduled: bool,
+    ) -> Result<Vec<Item>, StorageError> {
+        let items = self.inner.list(pivot, limit, scheduled).await?;
+        self.shared.resolve_all(items).await
+    }
+
+    async fn import(&self, mut items: Vec<Item>) -> Result<Vec<Item>, StorageError> {
+        if self.shared.passthrough() && !items.iter().any(|it| frame::is_framed(&it.payload)) {
+            return self.inner.import(items).await;
+        }
+        let payloads: Vec<Bytes> = items
+            .iter_mut()
+            .map(|it| std::mem::take(&mut it.payload))
+            .collect();
+        let (stored, keys) = match self.shared.store_payloads(&self.dir, payloads.clone()).await {
+            Ok(v) => v,
+            Err(e) => return Err(e),
+        };
+        let mut originals = HashMap::new();
+        for ((it, s), p) in items.iter_mut().zip(stored).zip(payloads) {
+            if let Some(k) = frame::object_key(&s) {
+                originals.insert(k, p);
+            }
+            it.payload = s;
+        }
+        let r = self.inner.import(items).await;
+        self.shared.done(&keys);
+        self.restore_payloads(r?, &originals)
+    }
+
+    async fn snapshot(&self) -> Result<Box<dyn PartitionSnapshot>, StorageError> {
+        Ok(Box::new(ResolvingSnapshot {
+            inner: self.inner.snapshot().await?,
+            shared: self.shared.clone(),
+        }))
+    }
+
+    async fn delete(&self, ids: Vec<ItemId>) -> Result<(), StorageError> {
+        if self.shared.objects.is_none() {
+            return self.inner.delete(ids).await;
+        }
+        let keys = if self.shared.objects.is_some() {
+            self.keys_of(&ids).await?
+        } else {
+            Vec::new()
+        };
+        let copy = ids.clone();
+        self.inner.delete(ids).await?;
+        {
+            let (mut leased, mut dead) = (lock(&self.leased), lock(&self.dead));
+            for id in &copy {
+                leased.remove(id);
+                dead.remove(id);
+            }
+        }
+        self.shared.delete_later(keys);
+        Ok(())
+    }
+
+    async fn clear(&self, request: ClearRequest) -> Result<(), StorageError> {
+        if self.shared.objects.is_none() {
+            return self.inner.clear(request).await;
+        }
+        // Exactly the keys that went away: the queue task makes no other call on this partition meanwhile.
+        let before = referenced_keys(self.inner.as_ref()).await?;
+        self.inner.clear(request).await?;
+        match referenced_keys(self.inner.as_ref()).await {
+            Ok(after) => {
+                let gone: Vec<String> = before.into_iter().filter(|k| !after.contains(k)).collect();
+                let gone_set: HashSet<&String> = gone.iter().collect();
+                lock(&self.leased).retain(|_, (k, _)| !gone_set.contains(k));
+                self.shared.delete_later(gone);
+            }
+            Err(e) => tracing::warn!(error = %e, "objects of cleared items left to the sweeper"),
+        }
+        Ok(())
+    }
+
+    async fn close(&self) {
+        self.inner.close().await;
+    }
+}
+
+/// A snapshot whose pages have their payloads resolved.
+struct ResolvingSnapshot {
+    inner: Box<dyn PartitionSnapshot>,
+    shared: Arc<Shared>,
+}
+
+impl fmt::Debug for ResolvingSnapshot {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ResolvingSnapshot").finish_non_exhaustive()
+    }
+}
+
+#[async_trait]
+impl PartitionSnapshot for ResolvingSnapshot {
+    async fn next(&mut self, limit: usize) -> Result<Vec<Item>, StorageError> {
+        let page = self.inner.next(limit).await?;
+        self.shared.resolve_all(page).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::memory::MemoryStore;
+
+    fn item(p: &[u8]) -> NewItem {
+        NewItem {
+            expire_deadline: Ts(i64::MAX / 2),
+            payload: Bytes::copy_from_slice(p),
+            ..Default::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn compression_can_be_turned_on_and_off_over_the_same_data() {
+        let inner: Arc<dyn PartitionStore> = Arc::new(MemoryStore::new());
+        let json = br#"{"order":1,"lines":[{"sku":"A","qty":1},{"sku":"A","qty":1},{"sku":"A","qty":1},{"sku":"A","qty":1},{"sku":"A","qty":1},{"sku":"A","qty":1}]}"#;
+        // Written before the wrapper existed.
+        let raw = inner.open("q", 0).await.expect("open");
+        raw.produce(vec![item(b"old and plain"), item(json)])
+            .await
+            .expect("produce");
+        // Compression on: new payloads are stored compressed, old ones read as they are.
+        let zstd = OffloadStore::new(
+            inner.clone(),
+            "s",
+            OffloadSettings {
+                compression: Compression::Zstd,
+                ..Default::default()
+            },
+        )
+        .expect("wrap");
+        let mut magic_lookalike = frame::MAGIC.to_vec();
+        magic_lookalike.extend_from_slice(b"\x03 not a reference");
+        let p = zstd.open("q", 0).await.expect("open");
+        p.produce(vec![item(json), item(&magic_lookalike)])
+            .await
+            .expect("produce");
+        let stored = raw.list(None, 10, false).await.expect("list");
+        assert!(stored[2].payload.len() < json.len(), "stored compressed");
+        assert!(frame::is_framed(&stored[2].payload));
+        // Compression off again (the wrapper without settings): every payload reads back as produced.
+        let off = OffloadStore::new(inner.clone(), "s", OffloadSettings::default()).expect("wrap");
+        let p = off.open("q", 0).await.expect("open");
+        let got = p.lease(10, Ts(i64::MAX / 4)).await.expect("lease");
+        let payloads: Vec<&[u8]> = got.iter().map(|i| i.payload.as_ref()).collect();
+        assert_eq!(
+            payloads,
+            vec![&b"old and plain"[..], &json[..], &json[..], &magic_lookalike[..]]
+        );
+        // A reference with no object store configured is an error naming the problem, not bytes.
+        let r = frame::ObjectRef {
+            codec: Compression::None,
+            len: 3,
+            crc: 0,
+            key: "k".into(),
+        };
+        raw.produce(vec![item(&r.encode())]).await.expect("produce");
+        let e = p.list(None, 10, false).await.expect_err("no object store");
+        assert_eq!(e.kind, StorageErrorKind::Corrupt, "{e}");
+    }
+}

@@ -1,0 +1,462 @@
+//! Payload offload against a real S3-compatible server (`LESSOR_TEST_S3_ENDPOINT`, from
+//! `scripts/s3-test-server.sh`): round trips, object lifetimes (complete, dead letters, delete, clear, sweeper) and
+//! faults (object storage down, objects missing or damaged behind Lessor's back).
+#![cfg(all(feature = "s3", feature = "fjall"))]
+#![allow(clippy::unwrap_used)]
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::TryStreamExt;
+use lessor_core::error::StorageErrorKind;
+use lessor_core::storage::{LifecyclePolicy, PartitionStore, RetryAction, RetryOp};
+use lessor_core::time::Ts;
+use lessor_core::types::{ClearRequest, NewItem};
+use lessor_storage::fjall::{Durability, FjallStore};
+use lessor_storage::memory::MemoryStore;
+use lessor_storage::offload::{self, Compression, ObjectStoreConfig, OffloadSettings, OffloadStore};
+use object_store::path::Path as ObjPath;
+use object_store::{ObjectStore, PutPayload};
+
+const S3_VAR: &str = "LESSOR_TEST_S3_ENDPOINT";
+const BUCKET: &str = "lessor-offload";
+const T0: Ts = Ts(1_800_000_000_000_000);
+const MIB: usize = 1 << 20;
+
+struct Env {
+    cfg: ObjectStoreConfig,
+    client: Arc<dyn ObjectStore>,
+}
+
+/// A bucket on the test server and a prefix no other test uses.
+async fn env(test: &str) -> Option<Env> {
+    let Some(endpoint) = std::env::var(S3_VAR).ok().filter(|v| !v.trim().is_empty()) else {
+        lessor_testkit::skip_or_fail(&format!("{S3_VAR} is not set"));
+        return None;
+    };
+    let r = reqwest::Client::new()
+        .put(format!("{endpoint}/{BUCKET}"))
+        .send()
+        .await
+        .unwrap();
+    assert!(
+        r.status().is_success() || r.status().as_u16() == 409,
+        "{}",
+        r.status()
+    );
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    let cfg = ObjectStoreConfig {
+        name: "s3-0".into(),
+        endpoint,
+        bucket: BUCKET.into(),
+        access_key_id: Some("test".into()),
+        secret_access_key: Some("test".into()),
+        path_style: true,
+        prefix: format!("{test}-{nanos}/"),
+        ..Default::default()
+    };
+    let client = offload::client(&cfg).unwrap();
+    Some(Env { cfg, client })
+}
+
+impl Env {
+    fn settings(&self) -> OffloadSettings {
+        OffloadSettings {
+            object_store: Some(self.cfg.clone()),
+            threshold: 64 * 1024,
+            compression: Compression::Lz4,
+            // The tests run sweeps themselves.
+            sweep_interval: Duration::from_secs(3600),
+            grace: Duration::ZERO,
+        }
+    }
+
+    /// Every object under the test's prefix.
+    async fn keys(&self) -> Vec<String> {
+        let mut keys: Vec<String> = self
+            .client
+            .list(Some(&ObjPath::from(self.cfg.prefix.as_str())))
+            .map_ok(|m| m.location.to_string())
+            .try_collect()
+            .await
+            .unwrap();
+        keys.sort();
+        keys
+    }
+
+    /// Waits for the background deletes of a complete or clear.
+    async fn keys_become(&self, n: usize) -> Vec<String> {
+        lessor_testkit::eventually::poll_until(Duration::from_secs(10), Duration::from_millis(20), || async {
+            let k = self.keys().await;
+            if k.len() == n {
+                Ok(k)
+            } else {
+                Err(format!("{} objects: {k:?}", k.len()))
+            }
+        })
+        .await
+        .unwrap()
+    }
+}
+
+/// `n` bytes of JSON-like text, different for each seed.
+fn payload(n: usize, seed: u64) -> Bytes {
+    let mut s = String::with_capacity(n + 64);
+    let mut i = seed;
+    while s.len() < n {
+        i = i
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        s.push_str(&format!(
+            "{{\"order\":{},\"sku\":\"S{}\",\"qty\":{}}},",
+            i >> 40,
+            i % 997,
+            i % 13
+        ));
+    }
+    s.truncate(n);
+    Bytes::from(s)
+}
+
+fn item(p: Bytes) -> NewItem {
+    NewItem {
+        expire_deadline: T0.add(Duration::from_secs(86_400)),
+        created_at: T0,
+        payload: p,
+        ..Default::default()
+    }
+}
+
+async fn memory_store(env: &Env, settings: OffloadSettings) -> Arc<OffloadStore> {
+    let _ = env;
+    OffloadStore::new(Arc::new(MemoryStore::new()), "ram-0", settings).unwrap()
+}
+
+const DLQ: LifecyclePolicy = LifecyclePolicy {
+    max_attempts: 0,
+    has_dead_queue: true,
+    backoff: lessor_core::types::Backoff::OFF,
+};
+
+async fn round_trip(env: &Env, store: Arc<OffloadStore>) {
+    let p = store.open("q", 0).await.unwrap();
+    let big = payload(MIB, 1);
+    let small = payload(100, 2);
+    p.produce(vec![item(big.clone()), item(small.clone())])
+        .await
+        .unwrap();
+    let keys = env.keys().await;
+    assert_eq!(keys.len(), 1, "one object for the one large payload: {keys:?}");
+    assert!(
+        keys[0].contains("/q/0/"),
+        "keys name the queue and partition: {keys:?}"
+    );
+    let leased = p.lease(10, T0.add(Duration::from_secs(60))).await.unwrap();
+    assert_eq!(leased.len(), 2);
+    assert_eq!(
+        leased[0].payload, big,
+        "the 1 MiB payload comes back byte for byte"
+    );
+    assert_eq!(leased[1].payload, small);
+    let listed = p.list(None, 10, false).await.unwrap();
+    assert_eq!(listed[0].payload, big, "list resolves references too");
+    let r = p.complete(vec![vec![leased[0].id, leased[1].id]]).await.unwrap();
+    assert!(r[0].is_ok());
+    env.keys_become(0).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_mib_round_trip_memory_and_object_deleted_after_complete() {
+    let Some(env) = env("rt-mem").await else { return };
+    let store = memory_store(&env, env.settings()).await;
+    round_trip(&env, store).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_mib_round_trip_fjall_and_object_deleted_after_complete() {
+    let Some(env) = env("rt-fjall").await else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let inner = FjallStore::open(dir.path(), Durability::Sync).unwrap();
+    let store = OffloadStore::new(Arc::new(inner), "disk-0", env.settings()).unwrap();
+    round_trip(&env, store).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letter_keeps_the_payload_until_removed() {
+    let Some(env) = env("dlq").await else { return };
+    let store = memory_store(&env, env.settings()).await;
+    let p = store.open("q", 0).await.unwrap();
+    let big = payload(200_000, 3);
+    p.produce(vec![item(big.clone())]).await.unwrap();
+    let leased = p.lease(1, T0.add(Duration::from_secs(60))).await.unwrap();
+    let r = p
+        .retry(
+            vec![vec![RetryOp {
+                id: leased[0].id,
+                action: RetryAction::Dead,
+            }]],
+            DLQ,
+        )
+        .await
+        .unwrap();
+    assert_eq!(r[0].as_ref().unwrap().dead, 1);
+    assert_eq!(
+        env.keys().await.len(),
+        1,
+        "a dead item waiting for transfer keeps its object"
+    );
+    let dead = p.dead_items(10).await.unwrap();
+    assert_eq!(dead.len(), 1);
+    assert_eq!(
+        dead[0].payload, big,
+        "the dead-letter transfer reads the whole payload"
+    );
+    // The dead-letter queue's store writes its own copy (here: the same store, another queue).
+    let dlq = store.open("q-dead", 0).await.unwrap();
+    dlq.produce(vec![item(dead[0].payload.clone())]).await.unwrap();
+    assert_eq!(env.keys().await.len(), 2);
+    p.remove_dead(vec![dead[0].id]).await.unwrap();
+    let left = env.keys_become(1).await;
+    assert!(left[0].contains("/q-dead/0/"), "{left:?}");
+    let got = dlq.lease(1, T0.add(Duration::from_secs(60))).await.unwrap();
+    assert_eq!(got[0].payload, big, "the dead-letter queue serves the payload");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delete_and_clear_remove_objects() {
+    let Some(env) = env("clear").await else { return };
+    let store = memory_store(&env, env.settings()).await;
+    let p = store.open("q", 0).await.unwrap();
+    let mut scheduled = item(payload(100_000, 9));
+    scheduled.enqueue_at = T0.add(Duration::from_secs(3600));
+    let ids = p
+        .produce(vec![
+            item(payload(100_000, 4)),
+            item(payload(100_000, 5)),
+            item(payload(100_000, 6)),
+            scheduled,
+        ])
+        .await
+        .unwrap();
+    assert_eq!(env.keys().await.len(), 4);
+    p.delete(vec![ids[0]]).await.unwrap();
+    env.keys_become(3).await;
+    // A leased item survives a non-destructive clear, and keeps its object.
+    let leased = p.lease(1, T0.add(Duration::from_secs(60))).await.unwrap();
+    assert_eq!(leased[0].id, ids[1]);
+    p.clear(ClearRequest {
+        queue: true,
+        scheduled: false,
+        destructive: false,
+    })
+    .await
+    .unwrap();
+    env.keys_become(2).await;
+    p.clear(ClearRequest {
+        queue: true,
+        scheduled: true,
+        destructive: true,
+    })
+    .await
+    .unwrap();
+    env.keys_become(0).await;
+    assert_eq!(p.counts().await.unwrap().ready, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sweeper_removes_orphans_but_never_a_referenced_object() {
+    let Some(env) = env("sweep").await else { return };
+    let store = memory_store(&env, env.settings()).await;
+    let p = store.open("q", 0).await.unwrap();
+    let big = payload(300_000, 7);
+    p.produce(vec![item(big.clone())]).await.unwrap();
+    let referenced = env.keys().await;
+    assert_eq!(referenced.len(), 1);
+    // What a crash between writing an object and storing its item leaves behind.
+    let orphan = format!("{}ram-0/q/0/00000000000000000000000000000000", env.cfg.prefix);
+    env.client
+        .put(&ObjPath::from(orphan.as_str()), PutPayload::from(vec![1u8; 10]))
+        .await
+        .unwrap();
+    // An object of a partition not open in this process is left alone (it may belong to a partition that has not
+    // been opened yet).
+    let elsewhere = format!("{}ram-0/other/0/11111111111111111111111111111111", env.cfg.prefix);
+    env.client
+        .put(
+            &ObjPath::from(elsewhere.as_str()),
+            PutPayload::from(vec![1u8; 10]),
+        )
+        .await
+        .unwrap();
+    let before = offload::metrics().orphans_swept.load(Ordering::Relaxed);
+    let out = store.sweep().await.unwrap();
+    assert_eq!((out.listed, out.swept, out.skipped), (3, 1, 1), "{out:?}");
+    let mut want = vec![elsewhere.clone(), referenced[0].clone()];
+    want.sort();
+    assert_eq!(env.keys().await, want);
+    assert!(offload::metrics().orphans_swept.load(Ordering::Relaxed) > before);
+    // A leased item is still referenced; a requeued one too (new id, same reference).
+    let leased = p.lease(1, T0.add(Duration::from_secs(60))).await.unwrap();
+    assert_eq!(store.sweep().await.unwrap().swept, 0);
+    p.retry(
+        vec![vec![RetryOp {
+            id: leased[0].id,
+            action: RetryAction::Requeue,
+        }]],
+        LifecyclePolicy::default(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(store.sweep().await.unwrap().swept, 0);
+    let again = p.lease(1, T0.add(Duration::from_secs(60))).await.unwrap();
+    assert_eq!(again[0].payload, big);
+    // Young unreferenced objects are kept for the grace period (a produce may be writing them).
+    let young = OffloadStore::new(
+        Arc::new(MemoryStore::new()),
+        "ram-0",
+        OffloadSettings {
+            grace: Duration::from_secs(3600),
+            ..env.settings()
+        },
+    )
+    .unwrap();
+    let _other = young.open("q", 0).await.unwrap();
+    let out = young.sweep().await.unwrap();
+    assert_eq!(out.swept, 0, "{out:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn object_storage_down_fails_large_produce_with_unavailable_small_items_still_work() {
+    let Some(env) = env("down").await else { return };
+    // Nothing listens on port 9 of the loopback (discard, never run in test machines).
+    let mut cfg = env.cfg.clone();
+    cfg.endpoint = "http://127.0.0.1:9".into();
+    let store = memory_store(
+        &env,
+        OffloadSettings {
+            object_store: Some(cfg),
+            ..env.settings()
+        },
+    )
+    .await;
+    let p = store.open("q", 0).await.unwrap();
+    let e = p
+        .produce(vec![item(payload(100, 1)), item(payload(MIB, 1))])
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind, StorageErrorKind::PayloadUnavailable, "{e}");
+    assert!(
+        e.is_transient(),
+        "a produce that could not write its object is retryable (454)"
+    );
+    assert!(e.partition_healthy(), "the engine keeps the partition in service");
+    assert_eq!(p.counts().await.unwrap().ready, 0, "nothing partial is stored");
+    let small = payload(1000, 2);
+    p.produce(vec![item(small.clone())]).await.unwrap();
+    let got = p.lease(10, T0.add(Duration::from_secs(60))).await.unwrap();
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].payload, small);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lease_while_object_storage_is_down_fails_and_the_item_stays_leasable() {
+    let Some(env) = env("lease-down").await else {
+        return;
+    };
+    let inner: Arc<dyn PartitionStore> = Arc::new(MemoryStore::new());
+    let good = OffloadStore::new(inner.clone(), "ram-0", env.settings()).unwrap();
+    let big = payload(MIB, 5);
+    good.open("q", 0)
+        .await
+        .unwrap()
+        .produce(vec![item(big.clone())])
+        .await
+        .unwrap();
+    // The same partition seen through a wrapper whose object storage cannot be reached.
+    let mut cfg = env.cfg.clone();
+    cfg.endpoint = "http://127.0.0.1:9".into();
+    let down = OffloadStore::new(
+        inner.clone(),
+        "ram-0",
+        OffloadSettings {
+            object_store: Some(cfg),
+            ..env.settings()
+        },
+    )
+    .unwrap();
+    let p = down.open("q", 0).await.unwrap();
+    let e = p.lease(1, T0.add(Duration::from_secs(60))).await.unwrap_err();
+    assert_eq!(e.kind, StorageErrorKind::Unavailable, "{e}");
+    assert!(
+        e.message.contains("payload of item"),
+        "the error names the item: {e}"
+    );
+    let c = p.counts().await.unwrap();
+    assert_eq!((c.ready, c.leased), (1, 0), "the item was put back: {c:?}");
+    let got = good
+        .open("q", 0)
+        .await
+        .unwrap()
+        .lease(1, T0.add(Duration::from_secs(60)))
+        .await
+        .unwrap();
+    assert_eq!(
+        got[0].payload, big,
+        "once object storage answers, the item is served whole"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn missing_or_corrupt_objects_are_reported_never_served() {
+    let Some(env) = env("damage").await else { return };
+    let store = memory_store(&env, env.settings()).await;
+    let p = store.open("q", 0).await.unwrap();
+    let ids = p.produce(vec![item(payload(100_000, 1))]).await.unwrap();
+    let key = env.keys().await.remove(0);
+    // Damaged: other bytes under the key.
+    env.client
+        .put(&ObjPath::from(key.as_str()), PutPayload::from(vec![7u8; 100]))
+        .await
+        .unwrap();
+    let corrupt_before = offload::metrics().fetch_corrupt.load(Ordering::Relaxed);
+    let e = p.lease(1, T0.add(Duration::from_secs(60))).await.unwrap_err();
+    assert_eq!(e.kind, StorageErrorKind::Corrupt, "{e}");
+    assert!(
+        e.message.contains(&format!("item '{}'", ids[0])),
+        "the error names the item: {e}"
+    );
+    assert!(e.message.contains("corrupt"), "{e}");
+    assert!(offload::metrics().fetch_corrupt.load(Ordering::Relaxed) > corrupt_before);
+    assert_eq!(
+        p.counts().await.unwrap().ready,
+        1,
+        "the item is put back, not lost"
+    );
+    // Missing: deleted behind Lessor's back.
+    env.client.delete(&ObjPath::from(key.as_str())).await.unwrap();
+    let missing_before = offload::metrics().fetch_missing.load(Ordering::Relaxed);
+    let e = p.lease(1, T0.add(Duration::from_secs(60))).await.unwrap_err();
+    assert!(
+        e.message.contains("is missing") && e.message.contains(&key),
+        "{e}"
+    );
+    assert!(offload::metrics().fetch_missing.load(Ordering::Relaxed) > missing_before);
+    // Browsing reports it the same way instead of showing other bytes.
+    let e = p.list(None, 10, false).await.unwrap_err();
+    assert!(e.message.contains("is missing"), "{e}");
+    // The operator can still delete the item by the id the error names; its key goes with it.
+    let id = e.message.split('\'').nth(1).unwrap();
+    let id = lessor_core::types::ItemId(u64::from_str_radix(id, 16).unwrap());
+    p.delete(vec![id]).await.unwrap();
+    assert_eq!(p.counts().await.unwrap().ready, 0);
+    assert!(p
+        .lease(1, T0.add(Duration::from_secs(60)))
+        .await
+        .unwrap()
+        .is_empty());
+}
