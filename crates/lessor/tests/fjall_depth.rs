@@ -460,6 +460,9 @@ async fn dedup_cost() {
     const N: usize = 200_000;
     // LESSOR_BENCH_BACKENDS=memory (or fjall) runs one of them, e.g. under a profiler.
     let only = std::env::var("LESSOR_BENCH_BACKENDS").unwrap_or_default();
+    // LESSOR_BENCH_DEDUP_WINDOW=1s: the queue's dedup window, and a warm-up that fills it first (steady state:
+    // keys expire as fast as they arrive). Unset: the default window, and every key lands in a growing index.
+    let steady = std::env::var("LESSOR_BENCH_DEDUP_WINDOW").ok();
     for backend in ["memory", "fjall"] {
         if !only.is_empty() && !only.split(',').any(|b| b == backend) {
             continue;
@@ -481,15 +484,42 @@ async fn dedup_cost() {
             let dir = tempfile::tempdir().expect("temp dir");
             let mut server = spawn_backend(backend, dir.path()).await;
             let c = server.client().clone();
-            create(&c, QUEUE, 1).await;
-            produce(&c, 0, 20_000, BATCH).await;
+            let mut first = 20_000;
+            match &steady {
+                None => {
+                    create(&c, QUEUE, 1).await;
+                    produce(&c, 0, first, BATCH).await;
+                }
+                Some(window) => {
+                    c.queues_create(&pb::QueueInfo {
+                        queue_name: QUEUE.into(),
+                        lease_timeout: "10m".into(),
+                        expire_timeout: "24h".into(),
+                        requested_partitions: 1,
+                        dedup_window: window.clone(),
+                        ..Default::default()
+                    })
+                    .await
+                    .expect("create queue");
+                    // Produce for the window and half a second more, so that keys expire as fast as new ones
+                    // arrive: the index stays at its steady size and reuses the memory of expired keys.
+                    let until = Instant::now()
+                        + lessor_proto::duration::parse_go_duration(window).expect("window")
+                        + Duration::from_millis(500);
+                    first = 0;
+                    while Instant::now() < until {
+                        produce(&c, first, 20_000, BATCH).await;
+                        first += 20_000;
+                    }
+                }
+            }
             // Every request built up front: the timed phase is encoding, transport and the server.
             let per = N / WORKERS;
             let batches: Vec<Vec<pb::QueueProduceRequest>> = (0..WORKERS)
                 .map(|w| {
                     (0..per)
                         .step_by(BATCH)
-                        .map(|i| produce_req(20_000 + w * per + i, BATCH.min(per - i)))
+                        .map(|i| produce_req(first + w * per + i, BATCH.min(per - i)))
                         .collect()
                 })
                 .collect();
