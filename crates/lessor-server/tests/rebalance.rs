@@ -111,7 +111,9 @@ async fn wait_done(e: &Engine, id: &str) -> RebalanceTask {
         async move {
             let t = e.rebalance_get(&id).await.map_err(|e| e.to_string())?;
             match t.status {
-                RebalanceStatus::Running | RebalanceStatus::Cancelling => Err(format!("still running: {t:?}")),
+                RebalanceStatus::Running | RebalanceStatus::Cancelling => {
+                    Err(format!("still running: {t:?}"))
+                }
                 _ => Ok(t),
             }
         }
@@ -697,7 +699,10 @@ async fn cancel_stops_a_shrink_where_it_is_and_keeps_every_item() {
         .expect("the held lease completes after the cancel");
     // Everything ready is leased, from every partition that holds some, including the ones that were draining.
     loop {
-        let l = match e.lease("q", 1000, "after", Some(Duration::from_millis(200))).await {
+        let l = match e
+            .lease("q", 1000, "after", Some(Duration::from_millis(200)))
+            .await
+        {
             Ok(l) if !l.items.is_empty() => l,
             Ok(_) | Err(QueueError::LeaseTimeout) => break,
             Err(err) => panic!("lease: {err}"),
@@ -708,7 +713,11 @@ async fn cancel_stops_a_shrink_where_it_is_and_keeps_every_item() {
     }
     for p in 2..4u32 {
         let left = items_of(&e, "q", p).await;
-        assert!(left.is_empty(), "partition {p} served its items: {} left", left.len());
+        assert!(
+            left.is_empty(),
+            "partition {p} served its items: {} left",
+            left.len()
+        );
     }
     // Produce reaches the formerly draining partitions again (they are the emptiest).
     for i in 0..8 {
@@ -716,7 +725,10 @@ async fn cancel_stops_a_shrink_where_it_is_and_keeps_every_item() {
             .await
             .expect("produce");
     }
-    assert!(!items_of(&e, "q", 3).await.is_empty(), "partition 3 takes produce again");
+    assert!(
+        !items_of(&e, "q", 3).await.is_empty(),
+        "partition 3 takes produce again"
+    );
     // Cancelling again changes nothing; an unknown task is a 400 naming the field.
     assert_eq!(
         e.rebalance_cancel(&task.id).await.expect("again").status,
@@ -737,7 +749,9 @@ async fn cancel_finishes_the_move_under_way_and_drops_the_others() {
         .await
         .expect("create");
     for i in 0..6 {
-        let items = (0..100).map(|j| item(format!("m{:04}", i * 100 + j), 0, "")).collect();
+        let items = (0..100)
+            .map(|j| item(format!("m{:04}", i * 100 + j), 0, ""))
+            .collect();
         e.produce("q", items, T).await.expect("produce");
     }
     let held = loop {
@@ -792,8 +806,14 @@ async fn cancel_finishes_the_move_under_way_and_drops_the_others() {
     let t = wait_done(&e, &task.id).await;
     assert_eq!(t.status, RebalanceStatus::Cancelled, "{t:?}");
     let info = e.queue_info("q").await.expect("info");
-    assert_eq!(info.partitions[0].storage_name, "b", "the move under way finished");
-    assert_eq!(info.partitions[1].storage_name, "a", "the move not started was dropped");
+    assert_eq!(
+        info.partitions[0].storage_name, "b",
+        "the move under way finished"
+    );
+    assert_eq!(
+        info.partitions[1].storage_name, "a",
+        "the move not started was dropped"
+    );
     let mut want = before.clone();
     want.retain(|p| *p != payload(&held.items[0]));
     assert_eq!(payloads(&e, 2).await, want, "nothing lost or doubled");

@@ -17,8 +17,8 @@ use bytes::Bytes;
 use lessor_core::auth::store::{CheckFailed, Commit, Write};
 use lessor_core::auth::AuthStore;
 use lessor_core::engine::{
-    BrowseRequest, BrowseState, Engine, EngineConfig, NamedStore, PartitionMove, ProduceItem, RebalanceRequest,
-    RebalanceStatus,
+    BrowseRequest, BrowseState, Engine, EngineConfig, NamedStore, PartitionMove, ProduceItem,
+    RebalanceRequest, RebalanceStatus,
 };
 use lessor_core::error::{ItemError, StorageError};
 use lessor_core::storage::{
@@ -102,7 +102,12 @@ impl AuthStore for FaultAuth {
         self.crash.gate().await;
         self.inner.get(key).await
     }
-    async fn scan(&self, prefix: &[u8], from: &[u8], limit: usize) -> Result<Vec<(Bytes, Bytes)>, StorageError> {
+    async fn scan(
+        &self,
+        prefix: &[u8],
+        from: &[u8],
+        limit: usize,
+    ) -> Result<Vec<(Bytes, Bytes)>, StorageError> {
         self.crash.gate().await;
         self.inner.scan(prefix, from, limit).await
     }
@@ -230,7 +235,12 @@ impl Partition for FaultPartition {
         self.crash.gate().await;
         self.inner.retry(r, p).await
     }
-    async fn lifecycle(&self, now: Ts, p: LifecyclePolicy, limit: usize) -> Result<LifecycleOutcome, StorageError> {
+    async fn lifecycle(
+        &self,
+        now: Ts,
+        p: LifecyclePolicy,
+        limit: usize,
+    ) -> Result<LifecycleOutcome, StorageError> {
         self.crash.gate().await;
         self.inner.lifecycle(now, p, limit).await
     }
@@ -262,7 +272,12 @@ impl Partition for FaultPartition {
         self.crash.gate().await;
         self.inner.stats(now).await
     }
-    async fn list(&self, pivot: Option<ItemId>, limit: usize, scheduled: bool) -> Result<Vec<Item>, StorageError> {
+    async fn list(
+        &self,
+        pivot: Option<ItemId>,
+        limit: usize,
+        scheduled: bool,
+    ) -> Result<Vec<Item>, StorageError> {
         self.crash.gate().await;
         self.inner.list(pivot, limit, scheduled).await
     }
@@ -367,10 +382,7 @@ async fn every_item(e: &Engine, partitions: u32) -> BTreeMap<String, Shape> {
                     let it = b.item;
                     let p = String::from_utf8_lossy(&it.payload).into_owned();
                     let shape = (it.priority, it.attempts, it.is_scheduled());
-                    assert!(
-                        out.insert(p.clone(), shape).is_none(),
-                        "item {p} is there twice"
-                    );
+                    assert!(out.insert(p.clone(), shape).is_none(), "item {p} is there twice");
                 }
                 match page.next_pivot {
                     Some(p) => pivot = Some(p),
@@ -530,8 +542,15 @@ async fn crash_and_replay(kind: Kind, step: Step, nth: usize) {
     // back, so the chunk in flight must be settled before anything is served.
     let mut done_after: Vec<String> = Vec::new();
     for w in 0..4 {
-        let l = e2.lease("q", 250, &format!("after{w}"), T).await.expect("lease after restart");
-        done_after.extend(l.items.iter().map(|it| String::from_utf8_lossy(&it.payload).into_owned()));
+        let l = e2
+            .lease("q", 250, &format!("after{w}"), T)
+            .await
+            .expect("lease after restart");
+        done_after.extend(
+            l.items
+                .iter()
+                .map(|it| String::from_utf8_lossy(&it.payload).into_owned()),
+        );
         e2.complete("q", l.partition, l.items.iter().map(|it| it.id).collect(), T)
             .await
             .expect("complete after restart");
@@ -559,7 +578,10 @@ async fn crash_and_replay(kind: Kind, step: Step, nth: usize) {
     // Held items were leased when `before` was read (browse shows them); they are gone now.
     let missing: Vec<_> = want.keys().filter(|k| !after.contains_key(*k)).take(5).collect();
     let extra: Vec<_> = after.keys().filter(|k| !want.contains_key(*k)).take(5).collect();
-    assert!(missing.is_empty() && extra.is_empty(), "{label}: missing {missing:?}, extra {extra:?}");
+    assert!(
+        missing.is_empty() && extra.is_empty(),
+        "{label}: missing {missing:?}, extra {extra:?}"
+    );
     assert_eq!(after, want, "{label}: states kept");
     match kind {
         Kind::Move => {
@@ -589,7 +611,9 @@ async fn crash_and_replay(kind: Kind, step: Step, nth: usize) {
         })
         .collect();
     for chunk in key_of_source.chunks(100) {
-        e2.produce("q", chunk.to_vec(), T).await.expect("produce known keys");
+        e2.produce("q", chunk.to_vec(), T)
+            .await
+            .expect("produce known keys");
     }
     assert_eq!(
         every_item(&e2, info.partitions.len() as u32).await.len(),

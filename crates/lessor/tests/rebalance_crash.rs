@@ -548,10 +548,7 @@ async fn cli_rebalance_cancel() {
     let out = lessor(&e, &["--json", "rebalance", "--cancel", &id, QUEUE]).await;
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let t: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
-    assert!(
-        t["status"] == "cancelling" || t["status"] == "cancelled",
-        "{t}"
-    );
+    assert!(t["status"] == "cancelling" || t["status"] == "cancelled", "{t}");
     let done = wait_done(&srv, &id).await;
     assert_eq!(done.status, "cancelled", "{done:?}");
     let out = lessor(&e, &["rebalance", "cancel", &id, "--queue", QUEUE]).await;
