@@ -417,8 +417,8 @@ enum Kind {
 }
 
 /// One crash at `step` (its `nth` occurrence) during a rebalance of `kind`, a restart, and the checks.
-async fn crash_and_replay(kind: Kind, step: Step, nth: usize) {
-    let label = format!("{kind:?} crashing {step:?} #{nth}");
+async fn crash_and_replay(kind: Kind, step: Step, nth: usize, cancel: bool) {
+    let label = format!("{kind:?} (cancelled: {cancel}) crashing {step:?} #{nth}");
     let disk = Disk::new();
     let clock = ManualClock::starting_now();
     let crash = Crash::at(step, nth);
@@ -513,6 +513,12 @@ async fn crash_and_replay(kind: Kind, step: Step, nth: usize) {
         },
     };
     let task = e.rebalance_start(request).await.expect("start");
+    // Cancelled at once: the old engine may die before it answers, or before it applies the cancel; the new one
+    // must finish the job as a cancel either way (the operator asks again when there was no answer).
+    let cancel_try = cancel.then(|| {
+        let (e, id) = (e.clone(), task.id.clone());
+        tokio::spawn(async move { e.rebalance_cancel(&id).await })
+    });
     // The holder completes its leases during the move (the move waits for them before it switches). The process
     // may die before it answers: the holder then tries again after the restart.
     let first_try = {
@@ -529,6 +535,14 @@ async fn crash_and_replay(kind: Kind, step: Step, nth: usize) {
     // "Restart": a new engine on the same storage; the old one is dead (every call it makes hangs).
     let alive = Arc::new(Crash::default());
     let e2 = disk.engine(&clock, &alive);
+    if let Some(c) = cancel_try {
+        if c.is_finished() {
+            c.await.expect("join").expect("cancel");
+        } else {
+            c.abort();
+            e2.rebalance_cancel(&task.id).await.expect("cancel again");
+        }
+    }
     assert_eq!(e2.resume_rebalances().await.expect("resume"), 1, "{label}");
     if !first_try.is_finished() {
         // No answer before the "crash": complete again; either the first try reached storage (the ids are
@@ -561,12 +575,17 @@ async fn crash_and_replay(kind: Kind, step: Step, nth: usize) {
         Box::pin(async move {
             e.rebalance_get(&id)
                 .await
-                .is_ok_and(|t| t.status != RebalanceStatus::Running)
+                .is_ok_and(|t| !matches!(t.status, RebalanceStatus::Running | RebalanceStatus::Cancelling))
         })
     })
     .await;
     let t = e2.rebalance_get(&task.id).await.expect("get");
-    assert_eq!(t.status, RebalanceStatus::Completed, "{label}: {t:?}");
+    let want_status = if cancel {
+        RebalanceStatus::Cancelled
+    } else {
+        RebalanceStatus::Completed
+    };
+    assert_eq!(t.status, want_status, "{label}: {t:?}");
 
     // Every item once, in the state it had; the completed ones gone.
     let info = e2.queue_info("q").await.expect("info");
@@ -584,22 +603,27 @@ async fn crash_and_replay(kind: Kind, step: Step, nth: usize) {
     );
     assert_eq!(after, want, "{label}: states kept");
     match kind {
+        // A cancelled move that had started (its first chunk was journalled) finishes too.
         Kind::Move => {
             assert_eq!(info.partitions.len(), 2, "{label}");
             assert_eq!(info.partitions[0].storage_name, "b", "{label}");
             assert_eq!(info.partitions[1].storage_name, "a", "{label}");
         }
+        // A cancelled shrink keeps its partitions (and the items partition 2 still holds).
+        Kind::Shrink if cancel => assert_eq!(info.partitions.len(), 3, "{label}"),
         Kind::Shrink => assert_eq!(info.partitions.len(), 2, "{label}"),
     }
-    // The old partition is gone from `a`: opening it again finds a new, empty one, without the dedup records the
-    // old one kept.
-    let old = disk.a.open("q", source).await.expect("open");
-    let c = old.counts().await.expect("counts");
-    assert_eq!(c.ready + c.leased + c.scheduled, 0, "{label}");
-    assert!(
-        old.dedup_records(clock.now()).await.expect("dedup").is_empty(),
-        "{label}: the old partition was left behind"
-    );
+    if !(cancel && matches!(kind, Kind::Shrink)) {
+        // The old partition is gone from `a`: opening it again finds a new, empty one, without the dedup records
+        // the old one kept.
+        let old = disk.a.open("q", source).await.expect("open");
+        let c = old.counts().await.expect("counts");
+        assert_eq!(c.ready + c.leased + c.scheduled, 0, "{label}");
+        assert!(
+            old.dedup_records(clock.now()).await.expect("dedup").is_empty(),
+            "{label}: the old partition was left behind"
+        );
+    }
     // The keys of the moved items are still known: producing one again stores nothing.
     let total = after.len();
     let key_of_source: Vec<ProduceItem> = (1..=n)
@@ -632,7 +656,7 @@ async fn a_move_killed_at_each_step_of_a_chunk_resumes_with_every_item_once() {
         (Step::AfterPlacement, 1),
         (Step::BeforeDestroy, 1),
     ] {
-        crash_and_replay(Kind::Move, step, nth).await;
+        crash_and_replay(Kind::Move, step, nth, false).await;
     }
 }
 
@@ -645,6 +669,15 @@ async fn a_shrink_killed_at_each_step_of_a_chunk_resumes_with_every_item_once() 
         (Step::AfterPlacement, 1),
         (Step::BeforeDestroy, 1),
     ] {
-        crash_and_replay(Kind::Shrink, step, nth).await;
+        crash_and_replay(Kind::Shrink, step, nth, false).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_rebalance_killed_mid_chunk_resumes_as_a_cancel() {
+    for kind in [Kind::Move, Kind::Shrink] {
+        for step in [Step::AfterJournal, Step::AfterImport, Step::AfterDelete] {
+            crash_and_replay(kind, step, 1, true).await;
+        }
     }
 }

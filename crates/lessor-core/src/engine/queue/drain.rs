@@ -82,6 +82,8 @@ pub(crate) struct Report {
     pub retired: Vec<(String, u32)>,
     /// Every move and the shrink are finished.
     pub done: bool,
+    /// A cancel cut the plan short (a cancel that came after everything was done did not).
+    pub cancelled: bool,
     /// The last error of a step (it is retried); empty when the last step went well.
     pub error: String,
 }
@@ -198,6 +200,7 @@ impl QueueTask {
             placement,
             retired: std::mem::take(&mut rb.retired),
             done: rb.done,
+            cancelled: rb.cancel_applied,
             error: rb.error.clone(),
         };
         if finish && rb.done {
