@@ -686,7 +686,12 @@ impl Engine {
             }
             if report.done && cleaned {
                 // A cancel that arrived once everything was done changed nothing: the task completed.
-                t.status = if report.cancelled { "cancelled" } else { "completed" }.into();
+                t.status = if report.cancelled {
+                    "cancelled"
+                } else {
+                    "completed"
+                }
+                .into();
                 t.remaining = 0;
                 t.error.clear();
                 self.save_progress(&mut t).await?;
