@@ -110,4 +110,13 @@ impl Client {
     pub async fn rebalance_get(&self, req: &RebalanceTaskRequest) -> Result<RebalanceTask, ClientError> {
         self.call::<routes::RebalanceGet>(req).await
     }
+
+    /// `POST /v1/rebalance.cancel`: cancels a running rebalance task; returns it as it stands (`cancelling` until
+    /// the move under way is settled, then `cancelled`; a task that already ended comes back unchanged).
+    ///
+    /// # Errors
+    /// Any [`ClientError`]; an unknown task id is a 400 [`ClientError::Api`].
+    pub async fn rebalance_cancel(&self, req: &RebalanceTaskRequest) -> Result<RebalanceTask, ClientError> {
+        self.call::<routes::RebalanceCancel>(req).await
+    }
 }

@@ -277,6 +277,9 @@ routes! {
     /// Lessor extension: one rebalance task.
     RebalanceGet => "/v1/rebalance.get", RebalanceTaskRequest => RebalanceTask,
         BodyLimit::Fixed(SMALL_BODY), QueueStats, |r| queue_or_system(&r.queue_name);
+    /// Lessor extension: cancels a running rebalance task (`queue.update`, like starting one).
+    RebalanceCancel => "/v1/rebalance.cancel", RebalanceTaskRequest => RebalanceTask,
+        BodyLimit::Fixed(SMALL_BODY), QueueUpdate, |r| queue_or_system(&r.queue_name);
     /// Lessor extension: starts (or resumes) restoring a queue from a backup: creates it in the restoring state.
     /// `queue.create` in the queue's namespace (the server also checks `queue.produce` there).
     StorageRestoreBegin => "/v1/storage.restore.begin", RestoreBeginRequest => RestoreBeginResponse,
@@ -367,6 +370,7 @@ pub const EXTENSION_PATHS: &[&str] = &[
     RedriveCancel::PATH,
     RebalanceList::PATH,
     RebalanceGet::PATH,
+    RebalanceCancel::PATH,
 ];
 
 /// The route at `path`, if there is one.
@@ -381,10 +385,10 @@ mod tests {
     #[test]
     fn paths_are_unique_and_versioned() {
         let mut paths: Vec<&str> = ROUTES.iter().map(|r| r.path).collect();
-        assert_eq!(paths.len(), 51);
+        assert_eq!(paths.len(), 52);
         paths.sort_unstable();
         paths.dedup();
-        assert_eq!(paths.len(), 51, "a path is listed twice");
+        assert_eq!(paths.len(), 52, "a path is listed twice");
         assert!(paths.iter().all(|p| p.starts_with("/v1/")));
     }
 
@@ -447,6 +451,7 @@ mod tests {
             ("/v1/redrive.cancel", "queue.update", SMALL_BODY),
             ("/v1/rebalance.list", "queue.stats", SMALL_BODY),
             ("/v1/rebalance.get", "queue.stats", SMALL_BODY),
+            ("/v1/rebalance.cancel", "queue.update", SMALL_BODY),
         ];
         assert_eq!(EXTENSION_PATHS.len(), expect.len());
         for (path, perm, limit) in expect {
@@ -492,6 +497,7 @@ mod tests {
         };
         assert_eq!(QueuesOverview::target(&overview), Target::Namespace("team-a"));
         assert_eq!(AuthWhoami::target(&AuthWhoamiRequest {}), Target::Caller);
+        assert_eq!(RebalanceCancel::target(&named), Target::Queue("q"));
     }
 
     #[test]

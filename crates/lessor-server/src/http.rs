@@ -150,7 +150,7 @@ pub struct Ctx {
 }
 
 /// The handler of every RPC, one per entry of [`routes::ROUTES`] (checked by a test).
-const HANDLERS: [fn(Api) -> Api; 51] = [
+const HANDLERS: [fn(Api) -> Api; 52] = [
     produce,
     lease,
     complete,
@@ -173,6 +173,7 @@ const HANDLERS: [fn(Api) -> Api; 51] = [
     queues_rebalance,
     rebalance_list,
     rebalance_get,
+    rebalance_cancel,
     queues_create,
     queues_list,
     queues_update,
@@ -1028,23 +1029,39 @@ fn rebalance_list(api: Api) -> Api {
     )
 }
 
+/// The rebalance task a request names, checked against the queue it names (the permission was checked in that
+/// queue's namespace: another queue's task is "not found").
+async fn named_rebalance(
+    e: &lessor_core::engine::Engine,
+    r: &pb::RebalanceTaskRequest,
+) -> Result<lessor_core::engine::RebalanceTask, ApiError> {
+    if r.task_id.is_empty() {
+        return Err(lessor_core::validate::invalid("task_id", "cannot be empty").into());
+    }
+    let task = e.rebalance_get(&r.task_id).await?;
+    if !r.queue_name.is_empty() && task.queue != r.queue_name {
+        return Err(
+            lessor_core::validate::invalid("task_id", format!("no rebalance task '{}'", r.task_id)).into(),
+        );
+    }
+    Ok(task)
+}
+
 fn rebalance_get(api: Api) -> Api {
     api.rpc(
         lessor_proto::routes::RebalanceGet,
         |Ctx { engine: e, .. }, r: pb::RebalanceTaskRequest| async move {
-            if r.task_id.is_empty() {
-                return Err(lessor_core::validate::invalid("task_id", "cannot be empty").into());
-            }
-            let task = e.rebalance_get(&r.task_id).await?;
-            // The permission was checked in the named queue's namespace: another queue's task is "not found".
-            if !r.queue_name.is_empty() && task.queue != r.queue_name {
-                return Err(lessor_core::validate::invalid(
-                    "task_id",
-                    format!("no rebalance task '{}'", r.task_id),
-                )
-                .into());
-            }
-            Ok(convert::rebalance_out(task))
+            Ok(convert::rebalance_out(named_rebalance(&e, &r).await?))
+        },
+    )
+}
+
+fn rebalance_cancel(api: Api) -> Api {
+    api.rpc(
+        lessor_proto::routes::RebalanceCancel,
+        |Ctx { engine: e, .. }, r: pb::RebalanceTaskRequest| async move {
+            named_rebalance(&e, &r).await?;
+            Ok(convert::rebalance_out(e.rebalance_cancel(&r.task_id).await?))
         },
     )
 }

@@ -589,6 +589,8 @@ async fn oversized_bodies() {
         "/v1/redrive.list",
         "/v1/redrive.get",
         "/v1/redrive.cancel",
+        "/v1/rebalance.get",
+        "/v1/rebalance.cancel",
     ] {
         let big = format!(r#"{{"queue_name":"{}"}}"#, "q".repeat(5000));
         expect_error(
@@ -1152,6 +1154,8 @@ async fn missing_required_fields() {
         ("/v1/queue.redrive", "dead_queue is invalid; cannot be empty"),
         ("/v1/redrive.get", "task_id is invalid; cannot be empty"),
         ("/v1/redrive.cancel", "task_id is invalid; cannot be empty"),
+        ("/v1/rebalance.get", "task_id is invalid; cannot be empty"),
+        ("/v1/rebalance.cancel", "task_id is invalid; cannot be empty"),
     ] {
         for (ct, accept) in [(JSON, JSON), (PROTO, PROTO), (None, None)] {
             expect_error(&c, Method::POST, route, (ct, accept), b"", 400, needle).await;

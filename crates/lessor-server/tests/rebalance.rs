@@ -111,7 +111,9 @@ async fn wait_done(e: &Engine, id: &str) -> RebalanceTask {
         async move {
             let t = e.rebalance_get(&id).await.map_err(|e| e.to_string())?;
             match t.status {
-                RebalanceStatus::Running => Err(format!("still running: {t:?}")),
+                RebalanceStatus::Running | RebalanceStatus::Cancelling => {
+                    Err(format!("still running: {t:?}"))
+                }
                 _ => Ok(t),
             }
         }
@@ -619,5 +621,201 @@ async fn a_move_interrupted_by_a_restart_resumes() {
         .collect();
     e.produce("q", again, T).await.expect("produce known keys");
     assert_eq!(count(e.clone()).await, before, "known keys are not stored again");
+    e.shutdown().await;
+}
+
+/// Every item of the queue's `n` partitions by payload; a payload seen twice fails the test.
+async fn payloads(e: &Engine, n: u32) -> Vec<String> {
+    let mut all = Vec::new();
+    for p in 0..n {
+        all.extend(items_of(e, "q", p).await.iter().map(payload));
+    }
+    let mut sorted = all.clone();
+    sorted.sort();
+    sorted.dedup();
+    assert_eq!(sorted.len(), all.len(), "an item is there twice");
+    sorted
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_stops_a_shrink_where_it_is_and_keeps_every_item() {
+    let e = engine();
+    e.create_queue(queue("q", 4, Duration::from_secs(60)))
+        .await
+        .expect("create");
+    for i in 0..40 {
+        let items = (0..10)
+            .map(|j| item(format!("p{:04}", i * 10 + j), (j % 3) as u8, ""))
+            .collect();
+        e.produce("q", items, T).await.expect("produce");
+    }
+    // A lease held on partition 3 keeps the drain from finishing (lease whole partitions until 3 comes up).
+    let mut taken = Vec::new();
+    let held = loop {
+        let l = e.lease("q", 1000, "holder", T).await.expect("lease");
+        if l.partition == 3 {
+            break l;
+        }
+        taken.push(l);
+    };
+    for l in taken {
+        let back = l
+            .items
+            .iter()
+            .map(|it| RetryItem {
+                id: it.id,
+                retry_at: Ts::ZERO,
+                dead: false,
+            })
+            .collect();
+        e.retry("q", l.partition, back).await.expect("retry");
+    }
+    let before = payloads(&e, 4).await;
+    assert_eq!(before.len(), 400);
+    let task = e
+        .rebalance_start(RebalanceRequest {
+            queue: "q".into(),
+            partitions: 2,
+            ..Default::default()
+        })
+        .await
+        .expect("start shrink");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let c = e.rebalance_cancel(&task.id).await.expect("cancel");
+    assert!(
+        matches!(c.status, RebalanceStatus::Cancelling | RebalanceStatus::Cancelled),
+        "{c:?}"
+    );
+    let t = wait_done(&e, &task.id).await;
+    assert_eq!(t.status, RebalanceStatus::Cancelled, "{t:?}");
+    // The partition count is unchanged, every item is there once (partition 2 was drained into 0 before the
+    // cancel, or not), and partitions 2 and 3 serve again.
+    let info = e.queue_info("q").await.expect("info");
+    assert_eq!(info.partitions.len(), 4);
+    assert_eq!(info.requested_partitions, 4);
+    assert_eq!(payloads(&e, 4).await, before, "nothing lost or doubled");
+    e.complete("q", 3, held.items.iter().map(|it| it.id).collect(), T)
+        .await
+        .expect("the held lease completes after the cancel");
+    // Everything ready is leased, from every partition that holds some, including the ones that were draining.
+    loop {
+        let l = match e
+            .lease("q", 1000, "after", Some(Duration::from_millis(200)))
+            .await
+        {
+            Ok(l) if !l.items.is_empty() => l,
+            Ok(_) | Err(QueueError::LeaseTimeout) => break,
+            Err(err) => panic!("lease: {err}"),
+        };
+        e.complete("q", l.partition, l.items.iter().map(|it| it.id).collect(), T)
+            .await
+            .expect("complete");
+    }
+    for p in 2..4u32 {
+        let left = items_of(&e, "q", p).await;
+        assert!(
+            left.is_empty(),
+            "partition {p} served its items: {} left",
+            left.len()
+        );
+    }
+    // Produce reaches the formerly draining partitions again (they are the emptiest).
+    for i in 0..8 {
+        e.produce("q", vec![item(format!("new{i}"), 0, "")], T)
+            .await
+            .expect("produce");
+    }
+    assert!(
+        !items_of(&e, "q", 3).await.is_empty(),
+        "partition 3 takes produce again"
+    );
+    // Cancelling again changes nothing; an unknown task is a 400 naming the field.
+    assert_eq!(
+        e.rebalance_cancel(&task.id).await.expect("again").status,
+        RebalanceStatus::Cancelled
+    );
+    let err = e.rebalance_cancel("rb-nope").await;
+    assert!(
+        matches!(&err, Err(QueueError::Invalid(m)) if m.contains("task_id is invalid")),
+        "{err:?}"
+    );
+    e.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_finishes_the_move_under_way_and_drops_the_others() {
+    let e = engine();
+    e.create_queue(queue("q", 2, Duration::from_secs(60)))
+        .await
+        .expect("create");
+    for i in 0..6 {
+        let items = (0..100)
+            .map(|j| item(format!("m{:04}", i * 100 + j), 0, ""))
+            .collect();
+        e.produce("q", items, T).await.expect("produce");
+    }
+    let held = loop {
+        let l = e.lease("q", 1, "holder", T).await.expect("lease");
+        if l.partition == 0 {
+            break l;
+        }
+        e.retry(
+            "q",
+            l.partition,
+            vec![RetryItem {
+                id: l.items[0].id,
+                retry_at: Ts::ZERO,
+                dead: false,
+            }],
+        )
+        .await
+        .expect("retry");
+    };
+    let before = payloads(&e, 2).await;
+    let task = e
+        .rebalance_start(RebalanceRequest {
+            queue: "q".into(),
+            moves: vec![
+                PartitionMove {
+                    partition: 0,
+                    to_store: "b".into(),
+                },
+                PartitionMove {
+                    partition: 1,
+                    to_store: "b".into(),
+                },
+            ],
+            ..Default::default()
+        })
+        .await
+        .expect("start");
+    // Partition 0's free items reach `b`; the move then waits for the held lease.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let c = e.rebalance_cancel(&task.id).await.expect("cancel");
+    assert_eq!(c.status, RebalanceStatus::Cancelling, "{c:?}");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mid = e.rebalance_get(&task.id).await.expect("get");
+    assert_eq!(
+        mid.status,
+        RebalanceStatus::Cancelling,
+        "the started move finishes first: {mid:?}"
+    );
+    e.complete("q", 0, vec![held.items[0].id], T)
+        .await
+        .expect("the held lease completes during the cancel");
+    let t = wait_done(&e, &task.id).await;
+    assert_eq!(t.status, RebalanceStatus::Cancelled, "{t:?}");
+    let info = e.queue_info("q").await.expect("info");
+    assert_eq!(
+        info.partitions[0].storage_name, "b",
+        "the move under way finished"
+    );
+    assert_eq!(
+        info.partitions[1].storage_name, "a",
+        "the move not started was dropped"
+    );
+    let mut want = before.clone();
+    want.retain(|p| *p != payload(&held.items[0]));
+    assert_eq!(payloads(&e, 2).await, want, "nothing lost or doubled");
     e.shutdown().await;
 }

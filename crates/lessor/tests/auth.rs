@@ -647,6 +647,19 @@ fn foreign_requests(queue: &str, partition: i64, ids: &[String]) -> Vec<(&'stati
             "/v1/redrive.cancel",
             json!({"task_id": "rd-000000000000-00000000", "dead_queue": queue}),
         ),
+        (
+            "/v1/queues.rebalance",
+            json!({"queue_name": queue, "spread": true}),
+        ),
+        ("/v1/rebalance.list", json!({"queue_name": queue})),
+        (
+            "/v1/rebalance.get",
+            json!({"task_id": "rb-000000000000-00000000", "queue_name": queue}),
+        ),
+        (
+            "/v1/rebalance.cancel",
+            json!({"task_id": "rb-000000000000-00000000", "queue_name": queue}),
+        ),
     ]
 }
 

@@ -227,7 +227,7 @@ async fn wait_done(srv: &ServerProcess, id: &str) -> pb::RebalanceTask {
     let t0 = Instant::now();
     loop {
         if let Some(t) = rebalance_get(srv.client(), id).await {
-            if t.status != "running" {
+            if t.status != "running" && t.status != "cancelling" {
                 return t;
             }
             assert!(
@@ -491,5 +491,88 @@ async fn cli_rebalance_waits_and_reports() {
     let out = lessor(&e, &["rebalance", QUEUE, "--move", "zero=b"]).await;
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("is not a partition number"));
+    srv.kill();
+}
+
+/// The CLI's cancel: `lessor rebalance --cancel ID` (and `rebalance cancel ID`) stops a paced two-partition move:
+/// the partition under way finishes, the other stays where it was, and every item is still there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_rebalance_cancel() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut srv = server(dir.path()).start().await;
+    let c = srv.client().clone();
+    c.queues_create(&pb::QueueInfo {
+        queue_name: QUEUE.into(),
+        lease_timeout: "1m".into(),
+        expire_timeout: "24h".into(),
+        requested_partitions: 2,
+        ..Default::default()
+    })
+    .await
+    .expect("create");
+    for b in 0..2 {
+        c.queue_produce(&pb::QueueProduceRequest {
+            queue_name: QUEUE.into(),
+            request_timeout: "30s".into(),
+            items: (0..1000)
+                .map(|i| pb::QueueProduceItem {
+                    utf8: format!("x{b}-{i}"),
+                    ..Default::default()
+                })
+                .collect(),
+        })
+        .await
+        .expect("produce");
+    }
+    let e = srv.endpoint().to_string();
+    let out = lessor(
+        &e,
+        &[
+            "--json",
+            "rebalance",
+            QUEUE,
+            "--move",
+            "0=b",
+            "--move",
+            "1=b",
+            "--max-rate",
+            "1000",
+            "--detach",
+        ],
+    )
+    .await;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let task: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    let id = task["task_id"].as_str().expect("task id").to_string();
+    // The first chunk goes at once, so partition 0's move has started when the cancel arrives.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let out = lessor(&e, &["--json", "rebalance", "--cancel", &id, QUEUE]).await;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let t: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert!(t["status"] == "cancelling" || t["status"] == "cancelled", "{t}");
+    let done = wait_done(&srv, &id).await;
+    assert_eq!(done.status, "cancelled", "{done:?}");
+    let out = lessor(&e, &["rebalance", "cancel", &id, "--queue", QUEUE]).await;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("cancelled"));
+    // Partition 0 (1,000 items) was under way and finished; partition 1's move was dropped.
+    assert_eq!(done.moved, 1000, "{done:?}");
+    let stats = c
+        .queue_stats(&pb::QueueStatsRequest {
+            queue_name: QUEUE.into(),
+            ..Default::default()
+        })
+        .await
+        .expect("stats");
+    let total: i64 = stats
+        .logical_queues
+        .iter()
+        .flat_map(|l| &l.partitions)
+        .map(|p| i64::from(p.total))
+        .sum();
+    assert_eq!(total, 2000, "nothing lost or doubled: {stats:?}");
+    let out = lessor(&e, &["rebalance", "cancel", "rb-nope", "--queue", QUEUE]).await;
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("task_id is invalid"));
     srv.kill();
 }

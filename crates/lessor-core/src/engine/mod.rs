@@ -259,6 +259,11 @@ pub(crate) struct Inner {
     redrives: std::sync::Mutex<std::collections::HashSet<String>>,
     /// The rebalance tasks watched by this process, with their progress.
     rebalances: std::sync::Mutex<HashMap<String, RebalanceProgress>>,
+    /// Serialises read-modify-write updates of task records (see `task_records`).
+    task_lock: Mutex<()>,
+    /// Requests of the serving path (produce, lease, complete, retry, extend) taken by any queue so far: background
+    /// work (a rebalance) reads it to see whether the server is serving and yields when it is.
+    activity: Arc<AtomicU64>,
 }
 
 /// The engine handle; cheap to clone.
@@ -291,6 +296,8 @@ impl Engine {
                 instance: instance_id(),
                 redrives: Default::default(),
                 rebalances: Default::default(),
+                task_lock: Mutex::new(()),
+                activity: Arc::new(AtomicU64::new(0)),
             }),
         })
     }
@@ -705,6 +712,7 @@ impl Engine {
             self.inner.config.clone(),
             metrics.clone(),
         )
+        .with_activity(self.inner.activity.clone())
         .with_rebalance(plan);
         let join = tokio::spawn(task.run());
         let h = Arc::new(QueueHandle {
@@ -738,6 +746,7 @@ impl Engine {
         items: Vec<ProduceItem>,
         request_timeout: Option<Duration>,
     ) -> Result<(), QueueError> {
+        self.inner.activity.fetch_add(1, Ordering::Relaxed);
         let limits = self.limits();
         let timeout = validate::request_timeout(
             request_timeout,
@@ -784,6 +793,7 @@ impl Engine {
         client_id: &str,
         request_timeout: Option<Duration>,
     ) -> Result<LeaseResult, QueueError> {
+        self.inner.activity.fetch_add(1, Ordering::Relaxed);
         let limits = self.limits();
         validate::client_id(client_id)?;
         validate::lease_batch_size(batch_size, limits.max_lease_batch)?;
@@ -815,6 +825,7 @@ impl Engine {
         ids: Vec<ItemId>,
         request_timeout: Option<Duration>,
     ) -> Result<(), QueueError> {
+        self.inner.activity.fetch_add(1, Ordering::Relaxed);
         self.check_ids(&ids, request_timeout)?;
         self.call(queue, |reply| Msg::Complete {
             partition,
@@ -842,6 +853,7 @@ impl Engine {
 
     /// Retries leased items: all of them or none.
     pub async fn retry(&self, queue: &str, partition: u32, items: Vec<RetryItem>) -> Result<(), QueueError> {
+        self.inner.activity.fetch_add(1, Ordering::Relaxed);
         let limits = self.limits();
         if items.is_empty() {
             return Err(validate::invalid("items", "list of items cannot be empty"));
@@ -871,6 +883,7 @@ impl Engine {
         lease_timeout: Option<Duration>,
         request_timeout: Option<Duration>,
     ) -> Result<(), QueueError> {
+        self.inner.activity.fetch_add(1, Ordering::Relaxed);
         self.check_ids(&ids, request_timeout)?;
         if lease_timeout.is_some_and(|d| d.is_zero()) {
             return Err(validate::invalid("lease_timeout", "must be greater than 0"));

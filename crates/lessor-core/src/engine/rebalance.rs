@@ -75,6 +75,10 @@ pub enum RebalanceStatus {
     Completed,
     /// Stopped (the queue was deleted); see the task's `error`.
     Failed,
+    /// Cancelled, and finishing the partition move it had started (see [`Engine::rebalance_cancel`]).
+    Cancelling,
+    /// Stopped by a cancel: what was moved stays moved, the rest stays where it was.
+    Cancelled,
 }
 
 impl RebalanceStatus {
@@ -84,6 +88,8 @@ impl RebalanceStatus {
             RebalanceStatus::Running => "running",
             RebalanceStatus::Completed => "completed",
             RebalanceStatus::Failed => "failed",
+            RebalanceStatus::Cancelling => "cancelling",
+            RebalanceStatus::Cancelled => "cancelled",
         }
     }
 }
@@ -128,8 +134,15 @@ pub struct RebalanceProgress {
     pub remaining: u64,
 }
 
+/// A partition in one store: a place the task empties, destroyed once the stored placement no longer names it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+struct Place {
+    partition: u32,
+    store: String,
+}
+
 /// A task as stored.
-#[derive(Clone, Serialize, Deserialize)]
+#[derive(Clone, Default, Serialize, Deserialize)]
 struct Stored {
     id: String,
     queue: String,
@@ -143,6 +156,18 @@ struct Stored {
     error: String,
     created_at: i64,
     updated_at: i64,
+    /// A cancel was asked for; the status stays "running" until the queue task settled it.
+    #[serde(default)]
+    cancelled: bool,
+    /// The partitions the task empties, where they were when it started (moves' sources, a shrink's removed
+    /// partitions). Each is destroyed once the stored placement no longer names it, by whichever watcher sees
+    /// that first, before or after a restart: the destroy is part of the task, not of one process's memory.
+    /// Empty in tasks saved by older versions (they destroy what the queue task reports instead).
+    #[serde(default)]
+    sources: Vec<Place>,
+    /// The sources destroyed so far (a destroy repeated after a crash is harmless: stores destroy idempotently).
+    #[serde(default)]
+    destroyed: Vec<Place>,
 }
 
 impl Stored {
@@ -156,6 +181,8 @@ impl Stored {
             status: match self.status.as_str() {
                 "completed" => RebalanceStatus::Completed,
                 "failed" => RebalanceStatus::Failed,
+                "cancelled" => RebalanceStatus::Cancelled,
+                _ if self.cancelled => RebalanceStatus::Cancelling,
                 _ => RebalanceStatus::Running,
             },
             moved: self.moved,
@@ -178,6 +205,7 @@ impl Stored {
                 .then_some(self.partitions),
             moved: self.moved,
             max_items_per_sec: self.max_items_per_sec,
+            cancelled: self.cancelled,
         }
     }
 }
@@ -345,6 +373,20 @@ impl Engine {
         }
         self.forget_old_rebalances().await?;
         let now = self.clock().now();
+        let emptied: Vec<u32> = if shrink > 0 {
+            (shrink..have as u32).collect()
+        } else {
+            moves.iter().map(|m| m.partition).collect()
+        };
+        let sources = emptied
+            .into_iter()
+            .filter_map(|p| {
+                info.partitions.get(p as usize).map(|x| Place {
+                    partition: p,
+                    store: x.storage_name.clone(),
+                })
+            })
+            .collect();
         let stored = Stored {
             id: new_id(now)?,
             queue: info.name.clone(),
@@ -352,11 +394,10 @@ impl Engine {
             partitions: shrink,
             max_items_per_sec: request.max_items_per_sec,
             status: "running".into(),
-            moved: 0,
-            remaining: 0,
-            error: String::new(),
             created_at: now.0,
             updated_at: now.0,
+            sources,
+            ..Default::default()
         };
         self.save_rebalance(&stored).await?;
         let plan = stored.plan(have);
@@ -436,15 +477,11 @@ impl Engine {
         let stored = Stored {
             id: new_id(now)?,
             queue: queue.to_string(),
-            moves: Vec::new(),
             partitions,
-            max_items_per_sec: 0,
             status: "completed".into(),
-            moved: 0,
-            remaining: 0,
-            error: String::new(),
             created_at: now.0,
             updated_at: now.0,
+            ..Default::default()
         };
         self.save_rebalance(&stored).await?;
         Ok(stored.task())
@@ -478,6 +515,35 @@ impl Engine {
         all.retain(|t| queue.is_empty() || t.queue == queue);
         all.sort_by_key(|t| std::cmp::Reverse(t.created_at));
         Ok(all.iter().map(Stored::task).collect())
+    }
+
+    /// Cancels a running rebalance task and returns it as it stands ("cancelling" until the queue settles it, then
+    /// "cancelled"); a task that already ended is returned unchanged. What the cancel leaves: a shrink stops where
+    /// it is (items drained so far stay in the partitions that took them, the partitions not yet removed keep the
+    /// rest and serve again, the partition count is unchanged); moves already done stay done; the move under way
+    /// is finished if any of its items reached the destination (moving them back would put them behind the
+    /// source's newer items and break the partition's order), and dropped if none did. Nothing is lost or doubled
+    /// either way: the chunk in flight is settled first, as after a crash. The watcher picks the cancel up at its
+    /// next poll; it survives a restart (it is part of the stored task).
+    pub async fn rebalance_cancel(&self, id: &str) -> Result<RebalanceTask, QueueError> {
+        self.check_running()?;
+        if id.is_empty() {
+            return Err(validate::invalid("task_id", "cannot be empty"));
+        }
+        let now = self.clock().now().0;
+        let t = TASKS
+            .update(self, id, |s: &mut Stored| {
+                if s.status == "running" && !s.cancelled {
+                    s.cancelled = true;
+                    s.updated_at = now;
+                }
+            })
+            .await?
+            .ok_or_else(|| validate::invalid("task_id", format!("no rebalance task '{id}'")))?;
+        if t.status == "running" {
+            tracing::info!(task = %t.id, queue = %t.queue, "rebalance cancel requested");
+        }
+        Ok(t.task())
     }
 
     /// Progress of the tasks running in this process.
@@ -597,13 +663,17 @@ impl Engine {
                 self.sleep(RETRY_AFTER).await;
                 continue;
             }
-            for (store, partition) in &report.retired {
-                if let Some(s) = self.inner.config.stores.iter().find(|s| &s.name == store) {
-                    if let Err(e) = s.store.destroy(&t.queue, *partition).await {
-                        tracing::warn!(task = %t.id, store = %store, partition, error = %e, "old partition not removed");
+            if t.sources.is_empty() {
+                // A task saved by an older version: destroy what the queue task reports retired.
+                for (store, partition) in &report.retired {
+                    if let Some(s) = self.inner.config.stores.iter().find(|s| &s.name == store) {
+                        if let Err(e) = s.store.destroy(&t.queue, *partition).await {
+                            tracing::warn!(task = %t.id, store = %store, partition, error = %e, "old partition not removed");
+                        }
                     }
                 }
             }
+            let cleaned = self.destroy_left_behind(&mut t, report.done).await;
             t.moved = report.moved;
             t.remaining = report.remaining;
             t.error = report.error.clone();
@@ -614,18 +684,109 @@ impl Engine {
                     p.remaining = t.remaining;
                 }
             }
-            if report.done {
-                t.status = "completed".into();
+            if report.done && cleaned {
+                // A cancel that arrived once everything was done changed nothing: the task completed.
+                t.status = if report.cancelled {
+                    "cancelled"
+                } else {
+                    "completed"
+                }
+                .into();
                 t.remaining = 0;
                 t.error.clear();
-                self.save_rebalance(&t).await?;
+                self.save_progress(&mut t).await?;
                 let _ = self.report(&t, true).await;
                 self.delete_journal(&t.id).await;
-                tracing::info!(task = %t.id, queue = %t.queue, moved = t.moved, "rebalance finished");
+                tracing::info!(task = %t.id, queue = %t.queue, moved = t.moved, status = %t.status, "rebalance finished");
                 return Ok(());
             }
-            self.save_rebalance(&t).await?;
+            self.save_progress(&mut t).await?;
+            if t.cancelled && !report.done {
+                // A cancel saved since the last look (by a request, or before a restart): the queue task applies
+                // it at its next step.
+                let info = self.queue_info(&t.queue).await?;
+                let (tx, rx) = tokio::sync::oneshot::channel();
+                let h = self.handle(&t.queue).await?;
+                if h.tx
+                    .send(super::Msg::Cold(Cold::RebalanceInstall(
+                        t.plan(info.partitions.len()),
+                        tx,
+                    )))
+                    .await
+                    .is_ok()
+                {
+                    let _ = rx.await;
+                }
+            }
             self.sleep(POLL).await;
+        }
+    }
+
+    /// Saves the watcher's copy of the task, keeping a cancel stored since it was loaded (and taking it into the
+    /// copy), under the task lock so neither write undoes the other.
+    async fn save_progress(&self, t: &mut Stored) -> Result<(), QueueError> {
+        let mine = t.clone();
+        if let Some(cur) = TASKS
+            .update(self, &t.id, move |s: &mut Stored| {
+                let cancelled = s.cancelled;
+                *s = mine;
+                s.cancelled |= cancelled;
+            })
+            .await?
+        {
+            t.cancelled = cur.cancelled;
+        }
+        Ok(())
+    }
+
+    /// Destroys the task's sources that the stored placement no longer names (moved away, or dropped by a
+    /// shrink), and records them; at the end of a cancelled task, also the destinations of moves it dropped
+    /// (they hold nothing: see `apply_cancel`). Returns false when a destroy failed (it is tried again at the next
+    /// poll, and the task does not finish before it succeeded).
+    async fn destroy_left_behind(&self, t: &mut Stored, done: bool) -> bool {
+        let info = match self.inner.config.queues.get(&t.queue).await {
+            Ok(Some(info)) => info,
+            _ => return false,
+        };
+        let named = |p: u32, store: &str| {
+            info.partitions
+                .get(p as usize)
+                .is_some_and(|x| x.storage_name == store)
+        };
+        let mut ok = true;
+        let mut gone = Vec::new();
+        for s in &t.sources {
+            if t.destroyed.contains(s) || named(s.partition, &s.store) {
+                continue;
+            }
+            match self.destroy_partition(&t.queue, &s.store, s.partition).await {
+                Ok(()) => gone.push(s.clone()),
+                Err(e) => {
+                    tracing::warn!(task = %t.id, store = %s.store, partition = s.partition, error = %e, "old partition not removed yet; will retry");
+                    ok = false;
+                }
+            }
+        }
+        t.destroyed.extend(gone);
+        if done && t.cancelled {
+            for m in &t.moves {
+                if named(m.partition, &m.to_store) {
+                    continue;
+                }
+                if let Err(e) = self.destroy_partition(&t.queue, &m.to_store, m.partition).await {
+                    tracing::warn!(task = %t.id, store = %m.to_store, partition = m.partition, error = %e, "unused destination not removed yet; will retry");
+                    ok = false;
+                }
+            }
+        }
+        ok
+    }
+
+    async fn destroy_partition(&self, queue: &str, store: &str, partition: u32) -> Result<(), QueueError> {
+        match self.inner.config.stores.iter().find(|s| s.name == store) {
+            Some(s) => Ok(s.store.destroy(queue, partition).await?),
+            // A store gone from the configuration holds nothing this server can reach.
+            None => Ok(()),
         }
     }
 

@@ -293,14 +293,16 @@ impl Engine {
     /// Cancels a running redrive task; items moved so far stay moved. Returns the task as it stands. The runner
     /// (on this server or another sharing the store) stops before its next batch.
     pub async fn redrive_cancel(&self, id: &str) -> Result<RedriveTask, QueueError> {
-        let Some(mut t) = self.load_task(id).await? else {
-            return Err(no_such_task(id));
-        };
-        if t.status == "running" {
-            t.status = "cancelled".into();
-            t.updated_at = self.clock().now().0;
-            self.save_task(&t).await?;
-        }
+        let now = self.clock().now().0;
+        let t = TASKS
+            .update(self, id, |t: &mut Stored| {
+                if t.status == "running" {
+                    t.status = "cancelled".into();
+                    t.updated_at = now;
+                }
+            })
+            .await?
+            .ok_or_else(|| no_such_task(id))?;
         Ok(t.task())
     }
 

@@ -60,6 +60,24 @@ impl TaskTable {
             .map_err(|_| QueueError::StorageFailed(format!("{} task write refused", self.what)))
     }
 
+    /// Reads task `id`, lets `change` edit it, and stores it again, under the engine's task lock, so that two
+    /// writers of one record in this process (a runner saving progress, a cancel request) never undo each other's
+    /// change. Returns the record as stored, or `None` when there is no such task (nothing is written then).
+    pub(crate) async fn update<T: Serialize + DeserializeOwned>(
+        &self,
+        engine: &Engine,
+        id: &str,
+        change: impl FnOnce(&mut T),
+    ) -> Result<Option<T>, QueueError> {
+        let _guard = engine.inner.task_lock.lock().await;
+        let Some(mut t) = self.load::<T>(engine, id).await? else {
+            return Ok(None);
+        };
+        change(&mut t);
+        self.save(engine, id, &t).await?;
+        Ok(Some(t))
+    }
+
     /// Every readable task of the table, in key order (records that do not decode are skipped).
     pub(crate) async fn all<T: DeserializeOwned>(&self, engine: &Engine) -> Result<Vec<T>, QueueError> {
         let p = prefix(self.tag, &[]);

@@ -1,4 +1,5 @@
-//! `lessor rebalance`: online partition moves and resizing (`queues.rebalance`), and `rebalance list|get`.
+//! `lessor rebalance`: online partition moves and resizing (`queues.rebalance`), and `rebalance
+//! list|get|cancel` (`--cancel ID` is the same as `cancel ID`).
 //!
 //! Starting a task waits for it by default, with the progress bar the backup commands use (items moved out of
 //! the items to move, rate, ETA) and a summary line; `--detach` prints the task and returns at once; `--json`
@@ -54,6 +55,10 @@ pub struct RebalanceStart {
     /// Print the task as started and return, without waiting for it.
     #[arg(long)]
     detach: bool,
+    /// Cancel the running task ID instead of starting one (the same as `lessor rebalance cancel ID`; give the
+    /// queue too unless you hold permissions in `_system`).
+    #[arg(long, value_name = "ID", conflicts_with_all = ["moves", "spread", "partitions", "max_rate", "detach"])]
+    cancel: Option<String>,
 }
 
 /// `lessor rebalance list|get`.
@@ -66,6 +71,15 @@ pub enum RebalanceCmd {
     },
     /// Show one rebalance task.
     Get {
+        /// Task id (`rb-...`).
+        task_id: String,
+        /// The task's queue (without it, the request needs permissions in `_system`).
+        #[arg(long)]
+        queue: Option<String>,
+    },
+    /// Cancel a running rebalance task: moves done stay done, a move under way is finished if any of its items
+    /// reached the new store (dropped if none did), a shrink stops where it is; nothing is lost or doubled.
+    Cancel {
         /// Task id (`rb-...`).
         task_id: String,
         /// The task's queue (without it, the request needs permissions in `_system`).
@@ -168,8 +182,24 @@ pub async fn rebalance(c: &Client, json: bool, a: RebalanceArgs) -> Result<(), S
             print(json, &r, |t| task_table(std::slice::from_ref(t)));
             Ok(())
         }
-        None => start(c, json, a.start).await,
+        Some(RebalanceCmd::Cancel { task_id, queue }) => cancel(c, json, task_id, queue).await,
+        None => match a.start.cancel.clone() {
+            Some(task_id) => cancel(c, json, task_id, a.start.queue).await,
+            None => start(c, json, a.start).await,
+        },
     }
+}
+
+async fn cancel(c: &Client, json: bool, task_id: String, queue: Option<String>) -> Result<(), String> {
+    let r = c
+        .rebalance_cancel(&pb::RebalanceTaskRequest {
+            task_id,
+            queue_name: queue.unwrap_or_default(),
+        })
+        .await
+        .map_err(api)?;
+    print(json, &r, task_line);
+    Ok(())
 }
 
 async fn start(c: &Client, json: bool, s: RebalanceStart) -> Result<(), String> {
@@ -207,7 +237,7 @@ async fn start(c: &Client, json: bool, s: RebalanceStart) -> Result<(), String> 
     };
     let started = std::time::Instant::now();
     let mut last = task;
-    while last.status == "running" {
+    while last.status == "running" || last.status == "cancelling" {
         tokio::time::sleep(WAIT_POLL).await;
         last = c.rebalance_get(&req).await.map_err(api)?;
         let moved = u64::try_from(last.moved).unwrap_or(0);

@@ -20,6 +20,7 @@
 //! destroys the old partitions.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -42,6 +43,9 @@ pub(crate) const JOURNAL_TAG: u8 = b'J';
 const RETRY_AFTER: Duration = Duration::from_millis(500);
 /// How often a move waiting for leases in flight checks its source again.
 const WAIT_POLL: Duration = Duration::from_millis(100);
+/// While the server serves requests, a move pauses after each chunk for this many times the chunk's time (as a
+/// backup does after each block).
+const YIELD_FACTOR: u32 = 3;
 /// Prefix of the source ids the rebalance gives the items it moves: users cannot send control characters.
 const SOURCE_PREFIX: &str = "\u{1}rb:";
 
@@ -58,6 +62,9 @@ pub(crate) struct Plan {
     pub moved: u64,
     /// Most items moved per second (0: no limit).
     pub max_items_per_sec: u32,
+    /// The task was cancelled: once the chunk in flight is settled, a shrink stops where it is and a move
+    /// finishes only the partition it has started (see [`QueueTask::apply_cancel`]).
+    pub cancelled: bool,
 }
 
 /// Where a rebalance stands, as the queue task reports it to the engine.
@@ -75,6 +82,8 @@ pub(crate) struct Report {
     pub retired: Vec<(String, u32)>,
     /// Every move and the shrink are finished.
     pub done: bool,
+    /// A cancel cut the plan short (a cancel that came after everything was done did not).
+    pub cancelled: bool,
     /// The last error of a step (it is retried); empty when the last step went well.
     pub error: String,
 }
@@ -101,6 +110,8 @@ pub(super) struct Rebalance {
     /// Set while the source holds only leased items: the next look is due then, not at once.
     waiting_until: Ts,
     retired: Vec<(String, u32)>,
+    /// The cancel was applied to the plan (after the journal replay).
+    cancel_applied: bool,
     done: bool,
     error: String,
 }
@@ -119,7 +130,13 @@ fn journal_key(id: &str) -> Vec<u8> {
 impl QueueTask {
     /// Installs a rebalance (at load, or when one starts); a second install of the same task is ignored.
     pub(super) fn install_rebalance(&mut self, plan: Plan) {
-        if self.rebalance.as_ref().is_some_and(|r| r.plan.id == plan.id) {
+        if let Some(rb) = self.rebalance.as_mut().filter(|r| r.plan.id == plan.id) {
+            // The same task again: only a cancel is news (applied at the next step).
+            if plan.cancelled && !rb.plan.cancelled {
+                rb.plan.cancelled = true;
+                rb.retry_at = Ts::ZERO;
+                rb.waiting_until = Ts::ZERO;
+            }
             return;
         }
         for p in &mut self.parts {
@@ -134,6 +151,7 @@ impl QueueTask {
             retry_at: Ts::ZERO,
             waiting_until: Ts::ZERO,
             retired: Vec::new(),
+            cancel_applied: false,
             done: false,
             error: String::new(),
         });
@@ -182,6 +200,7 @@ impl QueueTask {
             placement,
             retired: std::mem::take(&mut rb.retired),
             done: rb.done,
+            cancelled: rb.cancel_applied,
             error: rb.error.clone(),
         };
         if finish && rb.done {
@@ -231,6 +250,13 @@ impl QueueTask {
             }
         }
         let Some(rb) = &self.rebalance else { return Ok(()) };
+        if rb.plan.cancelled && !rb.cancel_applied {
+            self.apply_cancel().await?;
+        }
+        let Some(rb) = &self.rebalance else { return Ok(()) };
+        if rb.done {
+            return Ok(());
+        }
         if let Some(n) = rb.plan.shrink_to {
             return self.shrink_step(n, now).await;
         }
@@ -337,6 +363,50 @@ impl QueueTask {
         }
         tracing::info!(queue = %self.info.name, partition, store = %d.store_name, "partition moved");
         self.next_move();
+        Ok(())
+    }
+
+    /// Cuts a cancelled plan down to what must still happen for the queue to be whole: a shrink stops at once
+    /// (items drained so far stay in the partitions that took them; the partitions not yet removed keep the rest
+    /// and serve again, the partition count is unchanged); of the moves, those finished stay finished and the one
+    /// under way is finished if its destination already holds items (moving them back would put them behind the
+    /// source's newer items, breaking the partition's order), dropped if it holds none. Runs after the journal
+    /// replay, so the chunk in flight is settled and "the destination holds items" is exact.
+    async fn apply_cancel(&mut self) -> Result<(), String> {
+        let current = {
+            let Some(rb) = &self.rebalance else { return Ok(()) };
+            rb.plan
+                .moves
+                .iter()
+                .find(|(p, to)| self.parts.iter().any(|x| x.num == *p && x.store_name != *to))
+                .cloned()
+        };
+        let keep = match current {
+            Some((partition, to)) => {
+                let dest = self.open_dest(partition, &to).await?;
+                let c = dest.counts().await.map_err(|e| e.to_string())?;
+                let started = c.ready + c.leased + c.scheduled > 0
+                    || !dest.dead_items(1).await.map_err(|e| e.to_string())?.is_empty();
+                started.then_some((partition, to))
+            }
+            None => None,
+        };
+        let dropped_dest = match (&keep, self.rebalance.as_mut()) {
+            (None, Some(rb)) => rb.dest.take(),
+            _ => None,
+        };
+        if let Some(d) = dropped_dest {
+            // Nothing reached it: the engine destroys the empty destination when the task ends.
+            d.handle.close().await;
+        }
+        if let Some(rb) = &mut self.rebalance {
+            rb.plan.shrink_to = None;
+            rb.plan.moves = keep.into_iter().collect();
+            rb.pivots.clear();
+            rb.cancel_applied = true;
+            rb.done = rb.plan.moves.is_empty();
+        }
+        tracing::info!(queue = %self.info.name, "rebalance cancelled");
         Ok(())
     }
 
@@ -457,18 +527,29 @@ impl QueueTask {
             .map(|r| r.plan.id.clone())
             .unwrap_or_default();
         let ids: Vec<ItemId> = chunk.iter().map(|it| it.id).collect();
+        let work = std::time::Instant::now();
+        let served = self.activity.load(Ordering::Relaxed);
         self.write_journal(&id, num, &ids).await?;
         let n = self.import_and_delete(&id, num, &src, &target, chunk).await?;
+        let took = work.elapsed();
         self.probe(i, now).await;
         if let Some(j) = target_part {
             self.probe(j, now).await;
         }
+        let busy = self.activity.load(Ordering::Relaxed) != served;
+        let after = self.now();
         if let Some(rb) = &mut self.rebalance {
             rb.moved += n;
             if rb.plan.max_items_per_sec > 0 {
                 // Paced: the next chunk is due once this one's share of a second has passed.
                 let pause = Duration::from_secs_f64(n as f64 / f64::from(rb.plan.max_items_per_sec));
                 rb.waiting_until = now.add(pause);
+            }
+            if busy {
+                // The server answered requests while this chunk moved: leave it YIELD_FACTOR times the chunk's
+                // time before the next one, so the move takes at most a quarter of the machine while anything
+                // else is served (an idle server moves at full speed).
+                rb.waiting_until = rb.waiting_until.max(after.add(took.saturating_mul(YIELD_FACTOR)));
             }
         }
         Ok(n)

@@ -236,6 +236,8 @@ pub(crate) struct QueueTask {
     holders: browse::Holders,
     /// The rebalance in progress, if any (see [`drain`]).
     rebalance: Option<drain::Rebalance>,
+    /// The engine's count of serving requests (any queue): a rebalance yields while it moves (see [`drain`]).
+    activity: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl QueueTask {
@@ -259,9 +261,16 @@ impl QueueTask {
             dedup: dedup::DedupIndex::default(),
             holders: browse::Holders::default(),
             rebalance: None,
+            activity: Arc::default(),
         };
         t.set_info(info);
         t
+    }
+
+    /// A task that reads the engine's count of serving requests (see `activity`).
+    pub(crate) fn with_activity(mut self, activity: Arc<std::sync::atomic::AtomicU64>) -> Self {
+        self.activity = activity;
+        self
     }
 
     /// A task for `info` that resumes the rebalance `plan` before serving anything.
