@@ -644,18 +644,7 @@ impl Engine {
                     // Nothing is destroyed: the partitions now belong to the new queue.
                     return self.fail_rebalance(&mut t, "the queue was deleted", false).await;
                 }
-                let (tx, rx) = tokio::sync::oneshot::channel();
-                let h = self.handle(&t.queue).await?;
-                if h.tx
-                    .send(super::Msg::Cold(Cold::RebalanceInstall(
-                        t.plan(info.partitions.len()),
-                        tx,
-                    )))
-                    .await
-                    .is_ok()
-                {
-                    let _ = rx.await;
-                }
+                self.install_plan(&t, info.partitions.len()).await?;
                 continue;
             }
             if let Err(e) = self.persist_placement(&t.queue, &report).await {
@@ -705,18 +694,7 @@ impl Engine {
                 // A cancel saved since the last look (by a request, or before a restart): the queue task applies
                 // it at its next step.
                 let info = self.queue_info(&t.queue).await?;
-                let (tx, rx) = tokio::sync::oneshot::channel();
-                let h = self.handle(&t.queue).await?;
-                if h.tx
-                    .send(super::Msg::Cold(Cold::RebalanceInstall(
-                        t.plan(info.partitions.len()),
-                        tx,
-                    )))
-                    .await
-                    .is_ok()
-                {
-                    let _ = rx.await;
-                }
+                self.install_plan(&t, info.partitions.len()).await?;
             }
             self.sleep(POLL).await;
         }
@@ -724,6 +702,20 @@ impl Engine {
 
     /// Saves the watcher's copy of the task, keeping a cancel stored since it was loaded (and taking it into the
     /// copy), under the task lock so neither write undoes the other.
+    /// Hands the task's plan (with its cancel flag) to the queue task and waits until it took it.
+    async fn install_plan(&self, t: &Stored, partitions: usize) -> Result<(), QueueError> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let h = self.handle(&t.queue).await?;
+        if h.tx
+            .send(super::Msg::Cold(Cold::RebalanceInstall(t.plan(partitions), tx)))
+            .await
+            .is_ok()
+        {
+            let _ = rx.await;
+        }
+        Ok(())
+    }
+
     async fn save_progress(&self, t: &mut Stored) -> Result<(), QueueError> {
         let mine = t.clone();
         if let Some(cur) = TASKS
