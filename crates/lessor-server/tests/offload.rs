@@ -7,25 +7,10 @@
 use lessor_client::proto as pb;
 use lessor_server::Config;
 
-const S3_VAR: &str = "LESSOR_TEST_S3_ENDPOINT";
 const BUCKET: &str = "lessor-http";
 
 async fn endpoint() -> Option<String> {
-    let Some(e) = std::env::var(S3_VAR).ok().filter(|v| !v.trim().is_empty()) else {
-        lessor_testkit::skip_or_fail(&format!("{S3_VAR} is not set"));
-        return None;
-    };
-    let r = reqwest::Client::new()
-        .put(format!("{e}/{BUCKET}"))
-        .send()
-        .await
-        .unwrap();
-    assert!(
-        r.status().is_success() || r.status().as_u16() == 409,
-        "{}",
-        r.status()
-    );
-    Some(e)
+    lessor_testkit::s3::bucket(BUCKET).await
 }
 
 fn config(s3: &str, prefix: &str) -> Config {

@@ -9,24 +9,10 @@ use lessor_storage::fjall::{Durability, FjallQueues, FjallStore};
 use lessor_storage::offload::{Compression, ObjectStoreConfig, OffloadSettings, OffloadStore};
 use lessor_storage::testsuite::TestBackend;
 
-const S3_VAR: &str = "LESSOR_TEST_S3_ENDPOINT";
 const BUCKET: &str = "lessor-conformance";
 
 async fn offload_backend() -> Option<TestBackend> {
-    let Some(endpoint) = std::env::var(S3_VAR).ok().filter(|v| !v.trim().is_empty()) else {
-        lessor_testkit::skip_or_fail(&format!("{S3_VAR} is not set"));
-        return None;
-    };
-    let r = reqwest::Client::new()
-        .put(format!("{endpoint}/{BUCKET}"))
-        .send()
-        .await
-        .expect("create bucket");
-    assert!(
-        r.status().is_success() || r.status().as_u16() == 409,
-        "{}",
-        r.status()
-    );
+    let endpoint = lessor_testkit::s3::bucket(BUCKET).await?;
     let dir = tempfile::tempdir().expect("temp dir");
     let inner = FjallStore::open(dir.path(), Durability::Sync).expect("open partition store");
     let queues = FjallQueues::open(dir.path(), Durability::Sync).expect("open queue store");

@@ -10,7 +10,6 @@ use lessor_storage::offload::{Compression, ObjectStoreConfig, OffloadSettings, O
 use lessor_storage::postgres::{PgConfig, PgQueues, PgStore};
 use lessor_storage::testsuite::TestBackend;
 
-const S3_VAR: &str = "LESSOR_TEST_S3_ENDPOINT";
 const BUCKET: &str = "lessor-conformance-pg";
 
 /// A pool per case (pooled connections live on the runtime that opened them).
@@ -31,20 +30,7 @@ fn unique_url(base: &str) -> String {
 
 async fn offload_pg_backend() -> Option<TestBackend> {
     let url = lessor_testkit::database_or_skip()?;
-    let Some(endpoint) = std::env::var(S3_VAR).ok().filter(|v| !v.trim().is_empty()) else {
-        lessor_testkit::skip_or_fail(&format!("{S3_VAR} is not set"));
-        return None;
-    };
-    let r = reqwest::Client::new()
-        .put(format!("{endpoint}/{BUCKET}"))
-        .send()
-        .await
-        .expect("create bucket");
-    assert!(
-        r.status().is_success() || r.status().as_u16() == 409,
-        "{}",
-        r.status()
-    );
+    let endpoint = lessor_testkit::s3::bucket(BUCKET).await?;
     let cfg = PgConfig::new(unique_url(&url)).with_max_conns(4);
     let peer = PgConfig::new(unique_url(&url)).with_max_conns(4);
     let settings = OffloadSettings {

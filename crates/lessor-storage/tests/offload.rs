@@ -20,7 +20,6 @@ use lessor_storage::offload::{self, Compression, ObjectStoreConfig, OffloadSetti
 use object_store::path::Path as ObjPath;
 use object_store::{ObjectStore, PutPayload};
 
-const S3_VAR: &str = "LESSOR_TEST_S3_ENDPOINT";
 const BUCKET: &str = "lessor-offload";
 const T0: Ts = Ts(1_800_000_000_000_000);
 const MIB: usize = 1 << 20;
@@ -32,20 +31,7 @@ struct Env {
 
 /// A bucket on the test server and a prefix no other test uses.
 async fn env(test: &str) -> Option<Env> {
-    let Some(endpoint) = std::env::var(S3_VAR).ok().filter(|v| !v.trim().is_empty()) else {
-        lessor_testkit::skip_or_fail(&format!("{S3_VAR} is not set"));
-        return None;
-    };
-    let r = reqwest::Client::new()
-        .put(format!("{endpoint}/{BUCKET}"))
-        .send()
-        .await
-        .unwrap();
-    assert!(
-        r.status().is_success() || r.status().as_u16() == 409,
-        "{}",
-        r.status()
-    );
+    let endpoint = lessor_testkit::s3::bucket(BUCKET).await?;
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()

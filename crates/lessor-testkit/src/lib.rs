@@ -19,6 +19,7 @@ pub mod measure;
 #[cfg(feature = "server")]
 pub mod process;
 pub mod rng;
+pub mod s3;
 #[cfg(feature = "server")]
 pub mod server;
 #[cfg(feature = "tls")]

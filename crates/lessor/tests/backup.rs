@@ -740,40 +740,18 @@ async fn a_server_killed_mid_restore_resumes_without_loss_or_doubles() {
 
 // ---- S3 -------------------------------------------------------------------------------------------------------
 
-const S3_VAR: &str = "LESSOR_TEST_S3_ENDPOINT";
-
-fn s3_endpoint() -> Option<String> {
-    let v = std::env::var(S3_VAR).ok().filter(|v| !v.trim().is_empty());
-    if v.is_none() {
-        lessor_testkit::skip_or_fail(&format!("{S3_VAR} is not set"));
-    }
-    v
-}
-
 const S3_ENV: [(&str, &str); 3] = [
     ("AWS_ACCESS_KEY_ID", "test"),
     ("AWS_SECRET_ACCESS_KEY", "test"),
     ("AWS_S3_FORCE_PATH_STYLE", "true"),
 ];
 
-async fn make_bucket(endpoint: &str, bucket: &str) {
-    let r = reqwest::Client::new()
-        .put(format!("{endpoint}/{bucket}"))
-        .send()
-        .await
-        .unwrap();
-    assert!(
-        r.status().is_success() || r.status().as_u16() == 409,
-        "create bucket: {}",
-        r.status()
-    );
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn s3_round_trip_and_failures() {
-    let Some(s3) = s3_endpoint() else { return };
     let bucket = format!("lessor-{}", std::process::id());
-    make_bucket(&s3, &bucket).await;
+    let Some(s3) = lessor_testkit::s3::bucket(&bucket).await else {
+        return;
+    };
     let (src, c) = lessor_testkit::server::memory().await;
     populate(&c, 900).await;
     let mut env: Vec<(&str, &str)> = S3_ENV.to_vec();
