@@ -73,6 +73,19 @@ fn own_rss_kib() -> u64 {
 }
 
 /// utime + stime of one `/proc/.../stat` line, in clock ticks (1/100 s on Linux).
+/// CPU time of every thread of process `pid` ("self" for this one) so far, in nanoseconds, from the scheduler's
+/// own accounting (`/proc/<pid>/task/*/schedstat`): exact, where `stat`'s clock ticks are 10 ms (a 0.2 s run is
+/// only 20 of them). Threads that already exited are not counted, so take it across a phase whose threads live.
+fn sched_ns(pid: &str) -> u64 {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
+        .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+        .sum()
+}
+
 fn stat_ticks(stat: &str) -> u64 {
     // The fields after the command name, which is in parentheses and may contain spaces; utime and stime are
     // fields 14 and 15 of the line, 12 and 13 after the name.
@@ -449,127 +462,174 @@ async fn priorities_1k_vs_1m_queued() {
 
 /// Dedup: produce throughput and the server's CPU per item with a key on every item against none.
 ///
-/// Measured on the real binary (its own process and allocator, as shipped) so that the client's work is not
-/// charged to the server: the requests are built before the clock starts, and the server's CPU time per item is
-/// read from `/proc/<pid>/stat` around the timed phase. Rounds alternate without and with keys on fresh servers;
-/// the medians are reported.
+/// Measured on the real binary (its own process and allocator, as shipped). The three modes (no key, a key on
+/// every item, no key but 36 more payload bytes) run on one server, each round on a fresh queue per mode, in an
+/// order that rotates every round: a machine whose load drifts then weighs on every mode alike, and each round
+/// gives one keyed/plain ratio measured minutes, not seconds, apart. The requests are built before the clock
+/// starts; the medians of the rates and of the per-round ratios are reported, with the CPU per item of the server
+/// and of this process (the client) read from the scheduler's accounting around each timed phase.
 #[tokio::test(flavor = "multi_thread")]
 #[ignore = "measurement; run in release, see the module docs"]
 async fn dedup_cost() {
-    const ROUNDS: usize = 5;
-    const N: usize = 200_000;
+    const MODES: [&str; 3] = ["no key", "a key on every item", "no key, payload +36 B"];
+    let env = |k: &str| std::env::var(k).ok();
+    // LESSOR_BENCH_DEDUP_ITEMS: items per timed run (default 200,000); LESSOR_BENCH_DEDUP_ROUNDS: rounds (7).
+    let n: usize = env("LESSOR_BENCH_DEDUP_ITEMS")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(200_000);
+    let rounds: usize = env("LESSOR_BENCH_DEDUP_ROUNDS")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(7);
     // LESSOR_BENCH_BACKENDS=memory (or fjall) runs one of them, e.g. under a profiler.
-    let only = std::env::var("LESSOR_BENCH_BACKENDS").unwrap_or_default();
+    let only = env("LESSOR_BENCH_BACKENDS").unwrap_or_default();
     // LESSOR_BENCH_DEDUP_WINDOW=1s: the queue's dedup window, and a warm-up that fills it first (steady state:
     // keys expire as fast as they arrive). Unset: the default window, and every key lands in a growing index.
-    let steady = std::env::var("LESSOR_BENCH_DEDUP_WINDOW").ok();
+    let steady = env("LESSOR_BENCH_DEDUP_WINDOW");
+    // LESSOR_BENCH_MODES=1 (0 plain, 1 keyed, 2 control) runs some of them only, e.g. under a profiler.
+    let modes: Vec<usize> = env("LESSOR_BENCH_MODES")
+        .unwrap_or_else(|| "0,1,2".into())
+        .split(',')
+        .filter_map(|m| m.parse().ok())
+        .filter(|m| *m < 3)
+        .collect();
     for backend in ["memory", "fjall"] {
         if !only.is_empty() && !only.split(',').any(|b| b == backend) {
             continue;
         }
-        // Modes in turn: plain, a key on every item, 36 more payload bytes and no key (the control).
-        let mut rates: [Vec<f64>; 3] = [Vec::new(), Vec::new(), Vec::new()];
-        let mut cpu: [Vec<f64>; 3] = [Vec::new(), Vec::new(), Vec::new()];
-        // LESSOR_BENCH_MODES=1 (0 plain, 1 keyed, 2 control) runs some of them only, e.g. under a profiler.
-        let modes = std::env::var("LESSOR_BENCH_MODES").unwrap_or_else(|_| "0,1,2".into());
-        for round in 0..3 * ROUNDS {
-            let keyed = round % 3;
-            if !modes.split(',').any(|m| m == keyed.to_string()) {
-                continue;
-            }
-            MODE.store(
-                [0, DEDUP_KEYS, PAD_36][keyed],
-                std::sync::atomic::Ordering::Relaxed,
-            );
-            let dir = tempfile::tempdir().expect("temp dir");
-            let mut server = spawn_backend(backend, dir.path()).await;
-            let c = server.client().clone();
-            let mut first = 20_000;
-            match &steady {
-                None => {
-                    create(&c, QUEUE, 1).await;
-                    produce(&c, 0, first, BATCH).await;
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut server = spawn_backend(backend, dir.path()).await;
+        let c = server.client().clone();
+        let pid = server.pid().to_string();
+        // Per mode: items/s, server CPU µs per item, client CPU µs per item; one row per round.
+        let mut runs: Vec<[[f64; 3]; 3]> = Vec::new();
+        for round in 0..rounds {
+            let mut row = [[f64::NAN; 3]; 3];
+            for k in 0..3 {
+                let mode = (round + k) % 3;
+                if !modes.contains(&mode) {
+                    continue;
                 }
-                Some(window) => {
-                    c.queues_create(&pb::QueueInfo {
-                        queue_name: QUEUE.into(),
-                        lease_timeout: "10m".into(),
-                        expire_timeout: "24h".into(),
-                        requested_partitions: 1,
-                        dedup_window: window.clone(),
-                        ..Default::default()
-                    })
-                    .await
-                    .expect("create queue");
-                    // Produce for the window and half a second more, so that keys expire as fast as new ones
-                    // arrive: the index stays at its steady size and reuses the memory of expired keys.
-                    let until = Instant::now()
-                        + lessor_proto::duration::parse_go_duration(window).expect("window")
-                        + Duration::from_millis(500);
-                    first = 0;
-                    while Instant::now() < until {
-                        produce(&c, first, 20_000, BATCH).await;
-                        first += 20_000;
+                MODE.store(
+                    [0, DEDUP_KEYS, PAD_36][mode],
+                    std::sync::atomic::Ordering::Relaxed,
+                );
+                let queue = format!("dedup-{round}-{mode}");
+                c.queues_create(&pb::QueueInfo {
+                    queue_name: queue.clone(),
+                    lease_timeout: "10m".into(),
+                    expire_timeout: "24h".into(),
+                    requested_partitions: 1,
+                    dedup_window: steady.clone().unwrap_or_default(),
+                    ..Default::default()
+                })
+                .await
+                .expect("create queue");
+                let send = |first: usize, count: usize| {
+                    let per = count / WORKERS;
+                    let batches: Vec<Vec<pb::QueueProduceRequest>> = (0..WORKERS)
+                        .map(|w| {
+                            (0..per)
+                                .step_by(BATCH)
+                                .map(|i| {
+                                    let mut r = produce_req(first + w * per + i, BATCH.min(per - i));
+                                    r.queue_name = queue.clone();
+                                    r
+                                })
+                                .collect()
+                        })
+                        .collect();
+                    let c = c.clone();
+                    // Returns the requests rather than dropping them as they go, so that freeing them (a key is
+                    // one more allocation per item) is not charged to the timed phase.
+                    async move {
+                        let tasks: Vec<_> = batches
+                            .into_iter()
+                            .map(|reqs| {
+                                let c = c.clone();
+                                tokio::spawn(async move {
+                                    for r in &reqs {
+                                        c.queue_produce(r).await.expect("produce");
+                                    }
+                                    reqs
+                                })
+                            })
+                            .collect();
+                        let mut sent = Vec::with_capacity(tasks.len());
+                        for t in tasks {
+                            sent.push(t.await.expect("producer"));
+                        }
+                        sent
+                    }
+                };
+                // Warm-up: 20,000 items; in steady mode, the window and half a second more, so that keys expire
+                // as fast as new ones arrive and the index keeps its size.
+                let mut first = 0;
+                let until = Instant::now()
+                    + steady
+                        .as_deref()
+                        .map(|w| {
+                            lessor_proto::duration::parse_go_duration(w).expect("window")
+                                + Duration::from_millis(500)
+                        })
+                        .unwrap_or_default();
+                loop {
+                    send(first, 20_000).await;
+                    first += 20_000;
+                    if Instant::now() >= until {
+                        break;
                     }
                 }
-            }
-            // Every request built up front: the timed phase is encoding, transport and the server.
-            let per = N / WORKERS;
-            let batches: Vec<Vec<pb::QueueProduceRequest>> = (0..WORKERS)
-                .map(|w| {
-                    (0..per)
-                        .step_by(BATCH)
-                        .map(|i| produce_req(first + w * per + i, BATCH.min(per - i)))
-                        .collect()
+                let timed = send(first, n);
+                let (server0, client0) = (sched_ns(&pid), sched_ns("self"));
+                let t0 = Instant::now();
+                let sent = timed.await;
+                let d = t0.elapsed();
+                // CPU per item of the server and of this process (the client: HTTP and protobuf encoding), in
+                // µs: what the machine spends per item whatever else runs on it, where items/s follow its load.
+                let server_us = (sched_ns(&pid) - server0) as f64 / 1000.0 / n as f64;
+                let client_us = (sched_ns("self") - client0) as f64 / 1000.0 / n as f64;
+                row[mode] = [rate(n, d), server_us, client_us];
+                drop(sent);
+                println!(
+                    "{backend}, round {round}, {}: produce {:.0} items/s, CPU per item: server {server_us:.3} \
+                     us, client {client_us:.3} us",
+                    MODES[mode], row[mode][0]
+                );
+                c.queues_delete(&pb::QueuesDeleteRequest {
+                    queue_name: queue.clone(),
+                    ..Default::default()
                 })
-                .collect();
-            let stat = format!("/proc/{}/stat", server.pid());
-            let ticks0 = stat_ticks(&std::fs::read_to_string(&stat).unwrap_or_default());
-            let t0 = Instant::now();
-            let tasks: Vec<_> = batches
-                .into_iter()
-                .map(|reqs| {
-                    let c = c.clone();
-                    tokio::spawn(async move {
-                        for r in reqs {
-                            c.queue_produce(&r).await.expect("produce");
-                        }
-                    })
-                })
-                .collect();
-            for t in tasks {
-                t.await.expect("producer");
+                .await
+                .expect("delete queue");
             }
-            let d = t0.elapsed();
-            let ticks = stat_ticks(&std::fs::read_to_string(&stat).unwrap_or_default()) - ticks0;
-            let r = rate(N, d);
-            // Clock ticks are 10 ms; per item in microseconds.
-            let us = ticks as f64 * 10_000.0 / N as f64;
-            println!(
-                "{backend}, {}: produce {r:.0} items/s, server CPU {us:.2} us/item",
-                ["no key", "a key on every item", "no key, payload +36 B"][keyed]
-            );
-            rates[keyed].push(r);
-            cpu[keyed].push(us);
-            server.kill();
+            runs.push(row);
         }
-        let median = |v: &mut Vec<f64>| {
+        server.kill();
+        let median = |mut v: Vec<f64>| {
+            v.retain(|x| x.is_finite());
             v.sort_by(f64::total_cmp);
             v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
         };
-        let (r0, r1, r2) = (
-            median(&mut rates[0]),
-            median(&mut rates[1]),
-            median(&mut rates[2]),
-        );
-        let (c0, c1, c2) = (median(&mut cpu[0]), median(&mut cpu[1]), median(&mut cpu[2]));
+        let col = |m: usize, f: usize| median(runs.iter().map(|r| r[m][f]).collect());
+        // Per-round ratios: each pairs runs made moments apart.
+        let slower = |m: usize| median(runs.iter().map(|r| (1.0 - r[m][0] / r[0][0]) * 100.0).collect());
+        let total = |m: usize| median(runs.iter().map(|r| r[m][1] + r[m][2]).collect());
         println!(
-            "{backend}: with a key on every item produce is {:.1} % slower ({r1:.0} vs {r0:.0} items/s, medians of \
-             {ROUNDS}); server CPU {c1:.2} vs {c0:.2} us/item (+{:.1} %); control, payload +36 B without a key: \
-             {:.1} % slower ({r2:.0} items/s), server CPU {c2:.2} us/item",
-            (1.0 - r1 / r0) * 100.0,
-            (c1 / c0 - 1.0) * 100.0,
-            (1.0 - r2 / r0) * 100.0,
+            "{backend}: with a key on every item produce is {:.1} % slower (median of {rounds} per-round ratios; \
+             medians {:.0} vs {:.0} items/s); CPU per item: server {:.3} vs {:.3} us, server + client {:.3} vs \
+             {:.3} us; control, payload +36 B without a key: {:.1} % slower, {:.0} items/s, server {:.3} us, \
+             server + client {:.3} us",
+            slower(1),
+            col(1, 0),
+            col(0, 0),
+            col(1, 1),
+            col(0, 1),
+            total(1),
+            total(0),
+            slower(2),
+            col(2, 0),
+            col(2, 1),
+            total(2),
         );
     }
     // Memory per key: crates/lessor-server/tests/dedup_memory.rs counts it exactly.
@@ -578,7 +638,9 @@ async fn dedup_cost() {
 /// Starts the real binary with `backend` ("memory", or "fjall": the default configuration on `dir`), its log in
 /// `dir` too.
 async fn spawn_backend(backend: &str, dir: &std::path::Path) -> ServerProcess {
-    let mut cmd = ServerCommand::new(env!("CARGO_BIN_EXE_lessor"), dir.join("server.log"))
+    // LESSOR_BENCH_BIN: another build of the binary, to compare two builds with the same measurement.
+    let bin = std::env::var("LESSOR_BENCH_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_lessor").to_string());
+    let mut cmd = ServerCommand::new(bin, dir.join("server.log"))
         .arg("--log-level")
         .arg("warn")
         .startup_limit(Duration::from_secs(60));

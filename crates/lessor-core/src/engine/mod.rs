@@ -764,20 +764,32 @@ impl Engine {
             limits.max_produce_batch,
             items.len(),
         )?;
+        let mut keyed = false;
         for (i, it) in items.iter().enumerate() {
             if it.priority > crate::types::MAX_PRIORITY {
                 validate::priority(|| format!("items[{i}].priority"), i64::from(it.priority))?;
             }
             if !it.dedup_id.is_empty() {
                 validate::dedup_id(|| format!("items[{i}].dedup_id"), &it.dedup_id)?;
+                keyed = true;
             }
         }
+        // Keys are hashed here, on the caller's thread, not by the queue's task (see `KeyHash::of`).
+        let keys = if keyed {
+            items
+                .iter()
+                .map(|it| (!it.dedup_id.is_empty()).then(|| queue::KeyHash::of(&it.dedup_id)))
+                .collect()
+        } else {
+            Vec::new()
+        };
         let deadline = self.clock().now().add(timeout);
         self.within(
             deadline,
             "produce",
             self.call(queue, |reply| Msg::Produce {
                 items,
+                keys,
                 deadline,
                 reply,
             }),

@@ -147,7 +147,6 @@ impl QueueTask {
         let until = now.add(self.info.effective_dedup_window());
         let mut groups: std::collections::BTreeMap<usize, (Vec<NewItem>, Vec<super::dedup::KeyHash>)> =
             Default::default();
-        self.dedup.prune(now, 64 + 2 * items.len());
         for mut it in items {
             let p = (stable_hash(&it.source_id) % n) as usize;
             it.expire_deadline = expire;
@@ -188,7 +187,7 @@ impl QueueTask {
                 return;
             }
             for h in keys {
-                self.dedup.insert(h, until);
+                self.dedup.insert(h, until, now);
             }
             let part = &mut self.parts[p];
             part.pull_deadline(expire);

@@ -7,12 +7,12 @@
 //! restart; shared stores (postgres) also check the whole queue themselves, which covers servers that share it.
 //!
 //! Memory: keys are kept as 128-bit hashes, never as strings, so an entry costs the same whatever the key's
-//! length: 24 bytes in the map plus 24 in the expiry queue, with the hash tables' slack (measured in
-//! docs/benchmarks.md). Entries leave once their window has passed, so the index holds at most the keys produced
-//! within one window.
+//! length: 24 bytes in the map, with the hash table's slack (measured in docs/benchmarks.md). Keys whose window
+//! ended are purged in bulk (see [`DedupIndex::purge_at`]), so the index holds at most about the keys produced
+//! within two windows.
 
 use std::collections::hash_map::RandomState;
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::hash::{BuildHasher, BuildHasherDefault, Hash, Hasher};
 
 use siphasher::sip128::{Hasher128, SipHasher13};
@@ -22,7 +22,25 @@ use crate::time::Ts;
 /// A key's 128-bit hash, as two `u64`s: a `u128` would align map entries and expiry-queue entries to 16 bytes and
 /// pad each by 8 (32 bytes instead of 24, on every key of the window).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(super) struct KeyHash(u64, u64);
+pub(crate) struct KeyHash(u64, u64);
+
+impl KeyHash {
+    /// The hash a key is indexed by: 128-bit SipHash-1-3 (one pass over the key gives all 128 bits) under a secret
+    /// key drawn once per process. Per process, not per queue, so that a request handler can hash its items'
+    /// keys before handing them to the queue's task: that task is the one place all of a queue's produces pass
+    /// through, one at a time, and hashing there made every key cost the whole queue.
+    pub(crate) fn of(key: &str) -> KeyHash {
+        static SECRET: std::sync::OnceLock<(u64, u64)> = std::sync::OnceLock::new();
+        // The standard library's per-process random keys, drawn out through its own hasher: no other source of
+        // randomness is needed, and the index's key is as secret as a HashMap's.
+        let &(k0, k1) =
+            SECRET.get_or_init(|| (RandomState::new().hash_one(0u8), RandomState::new().hash_one(1u8)));
+        let mut h = SipHasher13::new_with_keys(k0, k1);
+        key.hash(&mut h);
+        let v = h.finish128();
+        KeyHash(v.h1, v.h2)
+    }
+}
 
 impl Hash for KeyHash {
     fn hash<H: Hasher>(&self, state: &mut H) {
@@ -54,40 +72,41 @@ impl Hasher for PassThrough {
 /// A set of key hashes (they are keyed hashes already, so the set does not hash them again).
 pub(super) type HashSet128 = std::collections::HashSet<KeyHash, BuildHasherDefault<PassThrough>>;
 
+/// Entries the map may hold before its first purge.
+const PURGE_FLOOR: usize = 1024;
+
 /// Queue-wide recent dedup keys.
 #[derive(Debug)]
 pub(super) struct DedupIndex {
-    /// Key hash -> end of its window.
+    /// Key hash -> end of its window. A key whose window ended stays until the next purge; lookups ignore it.
     live: HashMap<KeyHash, Ts, BuildHasherDefault<PassThrough>>,
-    /// (end of window, key hash) in insertion order, to drop expired entries without a scan. Window changes make
-    /// the order inexact; an entry popped early is kept if its map entry says it still lives.
-    order: VecDeque<(Ts, KeyHash)>,
-    /// The secret key of the 128-bit SipHash-1-3 the index uses: random per process, since only this process
-    /// reads the index (one pass over the key gives all 128 bits).
-    k0: u64,
-    k1: u64,
+    /// The map is purged of ended keys when it reaches this many entries: twice what the last purge kept, so the
+    /// purge's scan is paid once per as many inserts as it kept (O(1) per key, amortized) and the map holds at
+    /// most about twice the keys of one window.
+    ///
+    /// Why not drop each key when its window ends, from a queue in expiry order (the first design): the map is
+    /// far larger than the CPU's caches at any real rate (a 5-minute window at 10,000 keys/s is 3M keys), so
+    /// finding a key to drop it was a cache miss per key, as costly as the lookup that checks it; the queue cost
+    /// 24 bytes per key more. A purge walks the map in memory order instead.
+    purge_at: usize,
+    /// When the last purge asked for by the key limit ran (see [`DedupIndex::purge_for_limit`]).
+    limit_purge: Option<Ts>,
 }
 
 impl Default for DedupIndex {
     fn default() -> Self {
         DedupIndex {
             live: HashMap::default(),
-            order: VecDeque::new(),
-            // The standard library's per-process random keys, drawn out through its own hasher: no other source
-            // of randomness is needed, and the index's key is as secret as a HashMap's.
-            k0: RandomState::new().hash_one(0u8),
-            k1: RandomState::new().hash_one(1u8),
+            purge_at: PURGE_FLOOR,
+            limit_purge: None,
         }
     }
 }
 
 impl DedupIndex {
-    /// The hash a key is indexed by.
+    /// The hash a key is indexed by (see [`KeyHash::of`]).
     pub(super) fn hash(&self, key: &str) -> KeyHash {
-        let mut h = SipHasher13::new_with_keys(self.k0, self.k1);
-        key.hash(&mut h);
-        let v = h.finish128();
-        KeyHash(v.h1, v.h2)
+        KeyHash::of(key)
     }
 
     /// Whether the key's window is still open at `now`.
@@ -96,30 +115,43 @@ impl DedupIndex {
     }
 
     /// Records a key stored until `until` (keeps the later end when it is known already).
-    pub(super) fn insert(&mut self, h: KeyHash, until: Ts) {
+    pub(super) fn insert(&mut self, h: KeyHash, until: Ts, now: Ts) {
+        if self.live.len() >= self.purge_at {
+            self.purge(now);
+        }
         let e = self.live.entry(h).or_insert(until);
         if *e < until {
             *e = until;
         }
-        self.order.push_back((until, h));
     }
 
-    /// Drops entries whose window ended; bounded work per call (`budget` entries) so a produce pays little.
-    pub(super) fn prune(&mut self, now: Ts, budget: usize) {
-        for _ in 0..budget {
-            match self.order.front() {
-                Some(&(until, h)) if until <= now => {
-                    self.order.pop_front();
-                    if self.live.get(&h).is_some_and(|u| *u <= now) {
-                        self.live.remove(&h);
-                    }
-                }
-                _ => return,
-            }
+    /// Drops every key whose window ended at `now`.
+    fn purge(&mut self, now: Ts) {
+        self.live.retain(|_, until| *until > now);
+        self.purge_at = (2 * self.live.len()).max(PURGE_FLOOR);
+        // Give memory back after a burst: the map keeps room for the next purge's worth, not for its peak.
+        if self.live.capacity() > 4 * self.purge_at {
+            self.live.shrink_to(self.purge_at);
         }
     }
 
-    /// Number of keys held (metrics, tests).
+    /// Called when the entries held and a request's new keys together pass the queue's key limit: purges ended keys
+    /// so that [`DedupIndex::len`] counts live ones only, at most once per second (a purge walks the whole map,
+    /// and a queue at its limit would otherwise pay that on every produce; within that second keys that ended
+    /// may still count against the limit).
+    pub(super) fn purge_for_limit(&mut self, now: Ts) {
+        if self
+            .limit_purge
+            .is_some_and(|t| now < t.add(std::time::Duration::from_secs(1)))
+        {
+            return;
+        }
+        self.limit_purge = Some(now);
+        self.purge(now);
+    }
+
+    /// Keys held: those within their window, and those whose window ended since the last purge (metrics, the key
+    /// limit).
     pub(super) fn len(&self) -> usize {
         self.live.len()
     }
@@ -130,19 +162,60 @@ mod tests {
     use super::*;
     use std::time::Duration;
 
+    /// Ended keys are dropped by the purges that inserts trigger, so the map holds about two windows' worth of keys
+    /// however long it runs, and a key within its window is never dropped.
+    #[test]
+    fn the_map_stays_within_twice_a_window_of_keys() {
+        let mut d = DedupIndex::default();
+        // 1,000 keys a second, a 10-second window: 10,000 live keys at any time.
+        let window = 10_000_000_000i64;
+        let mut most = 0;
+        for i in 0..200_000i64 {
+            let now = Ts(1_000_000 * i);
+            d.insert(d.hash(&i.to_string()), Ts(now.0 + window), now);
+            most = most.max(d.len());
+            if i % 997 == 0 && i >= 10_000 {
+                // The key inserted 9.9 s ago is still known; the one inserted 10 s ago has ended.
+                assert!(d.contains(d.hash(&(i - 9_900).to_string()), now));
+                assert!(!d.contains(d.hash(&(i - 10_000).to_string()), now));
+            }
+        }
+        assert!(most <= 2 * 10_000 + 1, "held {most} keys for 10,000 live");
+        assert!(
+            d.live.capacity() <= 4 * 2 * 10_000,
+            "capacity {}",
+            d.live.capacity()
+        );
+    }
+
+    /// The limit's purge runs at most once a second, and leaves only live keys.
+    #[test]
+    fn the_limit_purge_is_throttled() {
+        let mut d = DedupIndex::default();
+        for i in 0..10 {
+            d.insert(d.hash(&i.to_string()), Ts(100 + i), Ts(0));
+        }
+        d.purge_for_limit(Ts(105));
+        assert_eq!(d.len(), 4, "keys ending at 106..=109 live");
+        d.purge_for_limit(Ts(108));
+        assert_eq!(d.len(), 4, "throttled: less than a second since the last purge");
+        d.purge_for_limit(Ts(105 + 1_000_000_000));
+        assert_eq!(d.len(), 0);
+    }
+
     #[test]
     fn keys_live_for_their_window_then_leave() {
         let mut d = DedupIndex::default();
         let t0 = Ts(1_000_000);
         let a = d.hash("a");
         assert_ne!(a, d.hash("b"));
-        d.insert(a, t0.add(Duration::from_secs(5)));
+        d.insert(a, t0.add(Duration::from_secs(5)), t0);
         assert!(d.contains(a, t0));
         assert!(!d.contains(d.hash("b"), t0));
-        d.prune(t0.add(Duration::from_secs(4)), 10);
+        d.purge_for_limit(t0.add(Duration::from_secs(4)));
         assert_eq!(d.len(), 1);
         assert!(!d.contains(a, t0.add(Duration::from_secs(5))));
-        d.prune(t0.add(Duration::from_secs(5)), 10);
+        d.purge_for_limit(t0.add(Duration::from_secs(5)));
         assert_eq!(d.len(), 0);
     }
 
@@ -150,9 +223,10 @@ mod tests {
     fn a_renewed_key_survives_the_prune_of_its_first_entry() {
         let mut d = DedupIndex::default();
         let h = d.hash("k");
-        d.insert(h, Ts(10));
-        d.insert(h, Ts(20));
-        d.prune(Ts(15), 10);
+        d.insert(h, Ts(10), Ts(0));
+        d.insert(h, Ts(20), Ts(0));
+        d.purge_for_limit(Ts(15));
         assert!(d.contains(h, Ts(15)));
+        assert_eq!(d.len(), 1);
     }
 }

@@ -87,7 +87,7 @@ impl QueueTask {
                 Ok((h, counts, deadline, records)) => {
                     for r in records {
                         let k = self.dedup.hash(&r.dedup_id);
-                        self.dedup.insert(k, r.until);
+                        self.dedup.insert(k, r.until, now);
                     }
                     let p = &mut self.parts[i];
                     p.handle = Some(h);

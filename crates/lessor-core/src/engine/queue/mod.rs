@@ -38,6 +38,7 @@ mod produce;
 mod restore;
 
 pub(crate) use dead_letter::DeadLetterSink;
+pub(crate) use dedup::KeyHash;
 pub(crate) use drain::{Plan as RebalancePlan, Report as RebalanceReport, JOURNAL_TAG};
 use health::MissingStore;
 
@@ -66,6 +67,9 @@ const DEAD_BATCH: usize = 1000;
 pub(crate) enum Msg {
     Produce {
         items: Vec<ProduceItem>,
+        /// The hashes of the items' dedup keys, one per item (`None`: no key), computed by the caller off the
+        /// queue's task; empty when no item has a key.
+        keys: Vec<Option<KeyHash>>,
         /// When the caller stops waiting: a request still in the inbox then is answered, not stored.
         deadline: Ts,
         reply: Reply<()>,
@@ -396,9 +400,10 @@ impl QueueTask {
             match m {
                 Msg::Produce {
                     items,
+                    keys,
                     deadline,
                     reply,
-                } => produces.push((items, deadline, reply)),
+                } => produces.push((items, keys, deadline, reply)),
                 Msg::DeadLetter { items, reply } => dead_letters.push((items, reply)),
                 Msg::Moved { items, reply } => moved.push((items, reply)),
                 Msg::Lease {

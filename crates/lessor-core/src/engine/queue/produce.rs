@@ -7,7 +7,7 @@ use std::collections::HashMap;
 
 use futures::future::join_all;
 
-use super::dedup::HashSet128;
+use super::dedup::{HashSet128, KeyHash};
 use super::{QueueTask, Reply};
 use crate::engine::ProduceItem;
 use crate::error::{QueueError, StorageError};
@@ -15,8 +15,29 @@ use crate::time::Ts;
 use crate::types::NewItem;
 
 /// A produce request on its way to storage: items, reply, the partitions it already failed on, and the hashes of
-/// its items' dedup keys (computed once, entered into the queue-wide index when the write succeeds).
-type ProduceRequest = (Vec<NewItem>, Reply<()>, Vec<usize>, Vec<super::dedup::KeyHash>);
+/// its items' dedup keys. Before [`QueueTask::dedup_filter`] they are one per item (`None`: no key; empty: no item
+/// has one), as the caller computed them; after it, the keys of the items left to store, entered into the
+/// queue-wide index when the write succeeds.
+type ProduceRequest = (Vec<NewItem>, Reply<()>, Vec<usize>, Keys);
+/// A produce request as the queue's task receives it: items, their key hashes (see [`ProduceRequest`]), the
+/// caller's deadline and the reply.
+pub(super) type IncomingProduce = (Vec<ProduceItem>, Vec<Option<KeyHash>>, Ts, Reply<()>);
+/// See [`ProduceRequest`].
+enum Keys {
+    PerItem(Vec<Option<KeyHash>>),
+    Stored(Vec<KeyHash>),
+}
+
+impl Keys {
+    /// The keys to enter into the index once the request is stored.
+    fn stored(self) -> Vec<KeyHash> {
+        match self {
+            Keys::Stored(k) => k,
+            // Only requests without keys skip the filter.
+            Keys::PerItem(k) => k.into_iter().flatten().collect(),
+        }
+    }
+}
 /// Produce requests bound for one partition.
 type ProduceGroup = Vec<ProduceRequest>;
 
@@ -36,12 +57,16 @@ impl QueueTask {
     /// Stores the produce requests of one pass. A request whose caller already gave up (its request_timeout
     /// passed while it waited in the inbox) is answered with a timeout and not stored, so a producer that retries
     /// after the timeout does not find its items stored twice.
-    pub(super) async fn produce(&mut self, requests: Vec<(Vec<ProduceItem>, Ts, Reply<()>)>, now: Ts) {
+    pub(super) async fn produce(
+        &mut self,
+        requests: Vec<IncomingProduce>,
+        now: Ts,
+    ) {
         let threshold = now.add(self.config.limits.schedule_threshold);
         let expire = self.info.expire_timeout;
         let mut pending: Vec<ProduceRequest> = requests
             .into_iter()
-            .filter_map(|(items, deadline, reply)| {
+            .filter_map(|(items, keys, deadline, reply)| {
                 if reply.is_closed() {
                     return None;
                 }
@@ -49,9 +74,9 @@ impl QueueTask {
                     let _ = reply.send(Err(QueueError::RequestTimeout("produce")));
                     return None;
                 }
-                Some((items, reply))
+                Some((items, keys, reply))
             })
-            .map(|(items, reply)| {
+            .map(|(items, keys, reply)| {
                 let items = items
                     .into_iter()
                     .map(|it| {
@@ -74,7 +99,7 @@ impl QueueTask {
                         }
                     })
                     .collect();
-                (items, reply, Vec::new(), Vec::new())
+                (items, reply, Vec::new(), Keys::PerItem(keys))
             })
             .collect();
         // Requests that share a dedup key with an earlier request of this pass wait until that one's write is
@@ -99,34 +124,39 @@ impl QueueTask {
     ) -> (Vec<ProduceRequest>, Vec<ProduceRequest>) {
         if pending
             .iter()
-            .all(|r| r.0.iter().all(|it| it.dedup_id.is_empty()))
+            .all(|r| matches!(&r.3, Keys::PerItem(k) if k.is_empty()))
         {
             return (pending, Vec::new());
         }
         let until = now.add(self.info.effective_dedup_window());
         let total: usize = pending.iter().map(|r| r.0.len()).sum();
-        self.dedup.prune(now, 64 + 2 * total);
         // Keys of the requests already taken in this pass; also catches a key repeated within one request (its
         // second insert fails). Sized once, so it never grows while the pass fills it.
         let mut claimed = HashSet128::with_capacity_and_hasher(total, Default::default());
-        let mut hashes: Vec<Option<super::dedup::KeyHash>> = Vec::new();
         let mut store = Vec::with_capacity(pending.len());
         let mut later = Vec::new();
-        for (mut items, reply, tried, _) in pending {
-            hashes.clear();
-            hashes.extend(
-                items
-                    .iter()
-                    .map(|it| (!it.dedup_id.is_empty()).then(|| self.dedup.hash(&it.dedup_id))),
-            );
+        for (mut items, reply, tried, keys) in pending {
+            let hashes = match keys {
+                Keys::PerItem(h) if h.is_empty() => {
+                    store.push((items, reply, tried, Keys::Stored(Vec::new())));
+                    continue;
+                }
+                Keys::PerItem(h) => h,
+                // Not reached: requests are filtered once per round of the pass, before they are stored.
+                Keys::Stored(_) => {
+                    store.push((items, reply, tried, keys));
+                    continue;
+                }
+            };
             if hashes.iter().flatten().any(|h| claimed.contains(h)) {
-                later.push((items, reply, tried, Vec::new()));
+                later.push((items, reply, tried, Keys::PerItem(hashes)));
                 continue;
             }
             // The index's memory is bounded: a request whose new keys would take the queue past the limit stores
             // nothing (its duplicates are not acknowledged either: the client retries the whole request).
             let max = self.config.limits.max_dedup_keys;
             if self.dedup.len() + claimed.len() + hashes.len() > max {
+                self.dedup.purge_for_limit(now);
                 let new = hashes
                     .iter()
                     .flatten()
@@ -158,7 +188,7 @@ impl QueueTask {
             if items.is_empty() {
                 let _ = reply.send(Ok(()));
             } else {
-                store.push((items, reply, tried, keys));
+                store.push((items, reply, tried, Keys::Stored(keys)));
             }
         }
         (store, later)
@@ -216,8 +246,8 @@ impl QueueTask {
                         let mut top = self.parts[i].top_priority;
                         let until = now.add(self.info.effective_dedup_window());
                         for ((_, reply, _, keys), sum) in reqs.into_iter().zip(sums) {
-                            for h in keys {
-                                self.dedup.insert(h, until);
+                            for h in keys.stored() {
+                                self.dedup.insert(h, until, now);
                             }
                             ready += sum.ready;
                             scheduled += sum.scheduled;
