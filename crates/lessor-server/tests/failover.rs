@@ -317,3 +317,74 @@ async fn starts_with_the_database_down_and_declared_queues() {
     assert_eq!(health["status"], "fail");
     srv.stop().await;
 }
+
+/// A keyed produce whose write fails gives its key back (the engine claims keys before the write): the client's
+/// retry, once the store is back, stores the item, and only once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_keyed_produce_gives_its_key_back() {
+    let clock = ManualClock::starting_now();
+    let down = Arc::new(AtomicBool::new(false));
+    let engine = Engine::new(EngineConfig {
+        queues: Arc::new(MemoryQueues::new()),
+        stores: vec![NamedStore {
+            name: "flaky".into(),
+            affinity: 1.0,
+            store: Arc::new(Flaky {
+                inner: MemoryStore::new(),
+                down: down.clone(),
+            }),
+        }],
+        limits: Limits::default(),
+        clock: Arc::new(clock.clone()),
+    })
+    .expect("engine");
+    let info = QueueInfo {
+        name: "q".into(),
+        lease_timeout: Duration::from_secs(60),
+        expire_timeout: Duration::from_secs(3600),
+        requested_partitions: 1,
+        dedup_window: Duration::from_secs(600),
+        ..Default::default()
+    };
+    engine.create_queue(info).await.expect("create");
+    let t = Some(Duration::from_secs(5));
+    let keyed = |p: &str| ProduceItem {
+        payload: bytes_of(p),
+        dedup_id: "order-1".into(),
+        ..Default::default()
+    };
+    engine.produce("q", vec![item("a")], t).await.expect("produce");
+    down.store(true, Ordering::SeqCst);
+    engine
+        .produce("q", vec![keyed("first try")], t)
+        .await
+        .expect_err("the store is down");
+    down.store(false, Ordering::SeqCst);
+    clock.advance(Duration::from_secs(10));
+    let mut stored = false;
+    for _ in 0..200 {
+        // Until the partition is probed healthy again, the produce is refused; then it must store the item.
+        if engine.produce("q", vec![keyed("retry")], t).await.is_ok() {
+            stored = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(stored, "the partition recovers and the retry is stored");
+    engine
+        .produce("q", vec![keyed("duplicate")], t)
+        .await
+        .expect("a duplicate is acknowledged");
+    let texts: Vec<String> = engine
+        .storage_list("q", 0, None, 100, false)
+        .await
+        .expect("list")
+        .iter()
+        .map(|i| String::from_utf8_lossy(&i.payload).into_owned())
+        .collect();
+    assert_eq!(
+        texts,
+        vec!["a", "retry"],
+        "the failed try left no key behind, the duplicate was not stored"
+    );
+}

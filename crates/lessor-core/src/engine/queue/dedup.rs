@@ -125,6 +125,33 @@ impl DedupIndex {
         }
     }
 
+    /// Claims a key for a request about to be stored, until `until`: false when the key's window is open at `now`
+    /// (a duplicate). One map access, where a lookup now and an insert after the write were two: the map is larger
+    /// than the caches, so each access is a cache miss. A claim whose write fails is given back with
+    /// [`DedupIndex::release`].
+    pub(super) fn claim(&mut self, h: KeyHash, until: Ts, now: Ts) -> bool {
+        if self.live.len() >= self.purge_at {
+            self.purge(now);
+        }
+        match self.live.entry(h) {
+            std::collections::hash_map::Entry::Occupied(mut e) => {
+                if *e.get() > now {
+                    return false;
+                }
+                e.insert(until);
+            }
+            std::collections::hash_map::Entry::Vacant(e) => {
+                e.insert(until);
+            }
+        }
+        true
+    }
+
+    /// Gives back a claim whose write failed, so that a retry of the item is stored.
+    pub(super) fn release(&mut self, h: KeyHash) {
+        self.live.remove(&h);
+    }
+
     /// Drops every key whose window ended at `now`.
     fn purge(&mut self, now: Ts) {
         self.live.retain(|_, until| *until > now);
@@ -186,6 +213,19 @@ mod tests {
             "capacity {}",
             d.live.capacity()
         );
+    }
+
+    /// A claimed key is a duplicate until released; an ended one can be claimed again.
+    #[test]
+    fn claims_are_exclusive_until_released_or_ended() {
+        let mut d = DedupIndex::default();
+        let h = d.hash("k");
+        assert!(d.claim(h, Ts(10), Ts(0)));
+        assert!(!d.claim(h, Ts(20), Ts(5)), "live: a duplicate");
+        d.release(h);
+        assert!(d.claim(h, Ts(20), Ts(5)), "released: claimed again");
+        assert!(d.claim(h, Ts(40), Ts(20)), "ended at 20: claimed again");
+        assert!(d.contains(h, Ts(39)));
     }
 
     /// The limit's purge runs at most once a second, and leaves only live keys.

@@ -29,7 +29,7 @@ enum Keys {
 }
 
 impl Keys {
-    /// The keys to enter into the index once the request is stored.
+    /// The keys the request claimed in the index.
     fn stored(self) -> Vec<KeyHash> {
         match self {
             Keys::Stored(k) => k,
@@ -57,11 +57,7 @@ impl QueueTask {
     /// Stores the produce requests of one pass. A request whose caller already gave up (its request_timeout
     /// passed while it waited in the inbox) is answered with a timeout and not stored, so a producer that retries
     /// after the timeout does not find its items stored twice.
-    pub(super) async fn produce(
-        &mut self,
-        requests: Vec<IncomingProduce>,
-        now: Ts,
-    ) {
+    pub(super) async fn produce(&mut self, requests: Vec<IncomingProduce>, now: Ts) {
         let threshold = now.add(self.config.limits.schedule_threshold);
         let expire = self.info.expire_timeout;
         let mut pending: Vec<ProduceRequest> = requests
@@ -154,15 +150,16 @@ impl QueueTask {
             }
             // The index's memory is bounded: a request whose new keys would take the queue past the limit stores
             // nothing (its duplicates are not acknowledged either: the client retries the whole request).
+            // (Keys claimed earlier in the pass are in the index already.)
             let max = self.config.limits.max_dedup_keys;
-            if self.dedup.len() + claimed.len() + hashes.len() > max {
+            if self.dedup.len() + hashes.len() > max {
                 self.dedup.purge_for_limit(now);
                 let new = hashes
                     .iter()
                     .flatten()
                     .filter(|h| !self.dedup.contains(**h, now))
                     .count();
-                if new > 0 && self.dedup.len() + claimed.len() + new > max {
+                if new > 0 && self.dedup.len() + new > max {
                     let _ = reply.send(Err(QueueError::DedupFull(max)));
                     continue;
                 }
@@ -174,7 +171,9 @@ impl QueueTask {
                 let Some(h) = next.next().copied().flatten() else {
                     return true;
                 };
-                if self.dedup.contains(h, now) || !claimed.insert(h) {
+                // A key repeated within the request, or live in the index: a duplicate. Otherwise it is claimed
+                // in the index now, and given back if the write fails (see `store`).
+                if !claimed.insert(h) || !self.dedup.claim(h, until, now) {
                     skipped += 1;
                     return false;
                 }
@@ -194,6 +193,13 @@ impl QueueTask {
         (store, later)
     }
 
+    /// Gives back the dedup keys a request claimed when its write failed: a retry stores the items.
+    fn release(&mut self, keys: Keys) {
+        for h in keys.stored() {
+            self.dedup.release(h);
+        }
+    }
+
     /// Writes produce requests, one storage call per partition per round.
     async fn store(&mut self, mut pending: Vec<ProduceRequest>, now: Ts) {
         // Each round writes every pending request to one partition (one storage call per partition); requests
@@ -208,6 +214,7 @@ impl QueueTask {
                         groups.entry(i).or_default().push((items, reply, tried, keys));
                     }
                     None => {
+                        self.release(keys);
                         let _ = reply.send(Err(QueueError::NoAvailablePartitions));
                     }
                 }
@@ -244,11 +251,8 @@ impl QueueTask {
                         let mut ready = 0;
                         let mut scheduled = 0;
                         let mut top = self.parts[i].top_priority;
-                        let until = now.add(self.info.effective_dedup_window());
-                        for ((_, reply, _, keys), sum) in reqs.into_iter().zip(sums) {
-                            for h in keys.stored() {
-                                self.dedup.insert(h, until, now);
-                            }
+                        // The items' keys were claimed in the index before the write (see `dedup_filter`).
+                        for ((_, reply, _, _), sum) in reqs.into_iter().zip(sums) {
                             ready += sum.ready;
                             scheduled += sum.scheduled;
                             top = top.max(sum.top);
@@ -271,7 +275,8 @@ impl QueueTask {
                         if !e.partition_healthy() {
                             self.parts[i].fail(now, &name, &e);
                         }
-                        for (_, reply, _, _) in reqs {
+                        for (_, reply, _, keys) in reqs {
+                            self.release(keys);
                             let _ = reply.send(Err(QueueError::from_storage(&e)));
                         }
                     }
@@ -283,6 +288,7 @@ impl QueueTask {
                         for (items, reply, mut tried, keys) in reqs {
                             tried.push(i);
                             if tried.len() >= self.parts.len() {
+                                self.release(keys);
                                 let _ = reply.send(Err(QueueError::from_storage(&e)));
                             } else {
                                 pending.push((items, reply, tried, keys));
