@@ -36,8 +36,11 @@ use lessor_core::error::ItemError;
 use lessor_core::storage::{LifecycleOutcome, LifecyclePolicy, RetryAction, RetryOp, RetryOutcome};
 use lessor_core::time::Ts;
 use lessor_core::types::{
-    ClearRequest, DedupRecord, Item, ItemId, NewItem, PartitionCounts, PartitionStats, MAX_PRIORITY,
+    ClearRequest, DedupRecord, Item, ItemId, NewItem, PartitionCounts, PartitionStats, TierStats,
+    MAX_PRIORITY,
 };
+
+use crate::tiers::TierCounters;
 
 mod chunk;
 mod dedup;
@@ -258,6 +261,8 @@ pub struct PartitionState {
     /// Sum of lease deadlines over leased items.
     sum_lease: i128,
     payload_bytes: u64,
+    /// Items and bytes by tier (inline or offloaded payload), over ready, leased and scheduled items.
+    tiers: TierCounters,
     /// Dedup records.
     dedup: DedupSet,
 }
@@ -290,6 +295,7 @@ impl PartitionState {
             sum_created: 0,
             sum_lease: 0,
             payload_bytes: 0,
+            tiers: TierCounters::default(),
             dedup: DedupSet::default(),
         }
     }
@@ -353,6 +359,7 @@ impl PartitionState {
             self.dead.insert(id, it);
             return;
         }
+        self.tiers.add(&it.payload);
         if it.is_scheduled() {
             self.sched_idx.insert((it.enqueue_at, id));
             self.sched.insert(id, it);
@@ -403,6 +410,12 @@ impl PartitionState {
         }
         let total = slot.data.as_ref().map_or(0, |d| d.len());
         self.payload_bytes -= (total - payload_at) as u64;
+        self.tiers.remove(
+            slot.data
+                .as_ref()
+                .and_then(|d| d.get(payload_at..))
+                .unwrap_or_default(),
+        );
     }
 
     /// [`PartitionState::take_live`] without building the item.
@@ -434,9 +447,11 @@ impl PartitionState {
     /// Takes an item out of every index.
     fn remove(&mut self, id: u64) -> Option<Item> {
         let it = if let Some(it) = self.take_live(id) {
+            self.tiers.remove(&it.payload);
             it
         } else if let Some(it) = self.sched.remove(&id) {
             self.sched_idx.remove(&(it.enqueue_at, id));
+            self.tiers.remove(&it.payload);
             it
         } else {
             self.dead.remove(&id)?
@@ -996,7 +1011,18 @@ impl PartitionState {
             average_leased_age: avg(self.sum_lease, leased, true),
             payload_bytes: self.payload_bytes,
             oldest_ready_age: self.oldest_head().map_or(Duration::ZERO, |c| now.since(Ts(c))),
+            // Everything this state holds is in memory; a backend that also keeps it on disk adds that tier.
+            tiers: TierStats {
+                memory: self.tiers.held(),
+                object: self.tiers.object(),
+                ..Default::default()
+            },
         }
+    }
+
+    /// The running per-tier counters (see [`TierCounters`]).
+    pub fn tier_counters(&self) -> TierCounters {
+        self.tiers
     }
 
     /// See [`lessor_core::storage::Partition::list`].
