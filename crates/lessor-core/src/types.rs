@@ -368,6 +368,20 @@ pub struct TierStats {
     pub object: TierFigures,
 }
 
+impl TierStats {
+    /// Adds another partition's figures (a queue's sum).
+    pub fn add(&mut self, o: &TierStats) {
+        for (a, b) in [
+            (&mut self.memory, &o.memory),
+            (&mut self.disk, &o.disk),
+            (&mut self.object, &o.object),
+        ] {
+            a.items += b.items;
+            a.bytes += b.bytes;
+        }
+    }
+}
+
 /// What a clear request removes.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ClearRequest {

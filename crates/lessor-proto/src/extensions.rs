@@ -799,6 +799,10 @@ message! {
         #[json(Bool, "stats_hidden", "statsHidden")]
         #[prost(bool, tag = "14")]
         pub stats_hidden: bool,
+        /// Items and payload bytes per storage tier, summed over the queue's partitions (with the figures).
+        #[json(Msg<crate::queue::QueueTierStats>, "tiers")]
+        #[prost(message, optional, tag = "15")]
+        pub tiers: Option<crate::queue::QueueTierStats>,
     }
 }
 

@@ -649,7 +649,7 @@ fn stats(api: Api) -> Api {
         lessor_proto::routes::QueueStats,
         |Ctx { engine: e, .. }, r: pb::QueueStatsRequest| async move {
             let s = e.stats(&r.queue_name).await?;
-            Ok(convert::stats_out(r.queue_name, s, r.with_oldest_age))
+            Ok(convert::stats_out(r.queue_name, s, r.with_oldest_age, r.with_tiers))
         },
     )
 }
@@ -844,12 +844,15 @@ async fn overview_row(
     match e.stats(&row.queue_name).await {
         Ok(s) => {
             let mut oldest = std::time::Duration::ZERO;
+            let mut tiers = lessor_core::types::TierStats::default();
             for p in &s.partitions {
                 row.ready += n(p.total.saturating_sub(p.total_leased));
                 row.leased += n(p.total_leased);
                 row.scheduled += n(p.scheduled);
                 oldest = oldest.max(p.oldest_ready_age);
+                tiers.add(&p.tiers);
             }
+            row.tiers = Some(convert::tiers_out(&tiers));
             if !oldest.is_zero() {
                 row.oldest_ready_age = lessor_proto::duration::format_go_duration(oldest);
             }

@@ -198,3 +198,125 @@ async fn lease_without_object_storage_gets_454_and_the_item_stays() {
 fn serde_json_path(p: &std::path::Path) -> String {
     format!("{:?}", p.to_string_lossy())
 }
+
+/// `queue.stats` reports items and bytes per storage tier only when asked (`with_tiers`, field 101): a Querator
+/// client's reply is unchanged. Offloaded payloads count in the object tier with their length, not in the bytes
+/// of the memory tier that holds their items; `queues.overview` and `/metrics` show the queue's sums.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stats_report_tiers_only_when_asked() {
+    let Some(s3) = endpoint().await else { return };
+    let (srv, c) = lessor_testkit::server::start(&config(&s3, "http-tiers"), None).await;
+    create(&c, "tiered").await;
+    let mut x = 0x2545_F491_4F6C_DD1Du64;
+    let mut big = || -> Vec<u8> {
+        (0..200_000)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                (x % 64) as u8 + b' '
+            })
+            .collect()
+    };
+    let small: Vec<Vec<u8>> = ["{\"n\":1}", "{\"n\":22}", "{\"n\":333}"]
+        .iter()
+        .map(|s| s.as_bytes().to_vec())
+        .collect();
+    let small_bytes: usize = small.iter().map(Vec::len).sum();
+    let mut payloads = vec![big(), big()];
+    payloads.extend(small.iter().cloned());
+    c.queue_produce(&produce("tiered", &payloads)).await.unwrap();
+    let http = reqwest::Client::new();
+    let stats = |body: &'static str| {
+        let req = http
+            .post(format!("{}/v1/queue.stats", srv.endpoint()))
+            .header("content-type", "application/json")
+            .body(body);
+        async move {
+            let r = req.send().await.unwrap();
+            assert_eq!(r.status(), 200);
+            serde_json::from_slice::<serde_json::Value>(&r.bytes().await.unwrap()).unwrap()
+        }
+    };
+    // Not asked for: exactly Querator's keys.
+    let plain = stats(r#"{"queue_name":"tiered"}"#).await;
+    let part = &plain["logicalQueues"][0]["partitions"][0];
+    let keys: Vec<&String> = part.as_object().unwrap().keys().collect();
+    assert!(part.get("tiers").is_none(), "tiers without asking: {part}");
+    for k in &keys {
+        assert!(
+            [
+                "partition",
+                "total",
+                "total_leased",
+                "failures",
+                "average_age",
+                "average_leased_age",
+                "scheduled"
+            ]
+            .contains(&k.as_str()),
+            "a key Querator's QueuePartitionStats lacks: {k}"
+        );
+    }
+    assert_eq!(part["total"], 5);
+    // Asked for (protojson: int64 figures are strings, zero ones left out).
+    let with = stats(r#"{"queue_name":"tiered","with_tiers":true}"#).await;
+    let t = &with["logicalQueues"][0]["partitions"][0]["tiers"];
+    assert_eq!(t["memory_items"], "5", "{t}");
+    assert_eq!(t["memory_bytes"], small_bytes.to_string(), "{t}");
+    assert_eq!(t["object_items"], "2", "{t}");
+    assert_eq!(t["object_bytes"], "400000", "{t}");
+    assert!(t.get("disk_items").is_none(), "a memory store holds nothing on disk: {t}");
+    // The same through the client (protobuf).
+    let r = c
+        .queue_stats(&pb::QueueStatsRequest {
+            queue_name: "tiered".into(),
+            with_tiers: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let t = r.logical_queues[0].partitions[0].tiers.clone().unwrap();
+    assert_eq!((t.memory_items, t.object_items, t.object_bytes), (5, 2, 400_000));
+    // Completing the large items empties the object tier.
+    let got = c.queue_lease(&lease("tiered", 2)).await.unwrap();
+    c.queue_complete(&pb::QueueCompleteRequest {
+        queue_name: "tiered".into(),
+        partition: got.partition,
+        request_timeout: "5s".into(),
+        ids: got.items.iter().map(|i| i.id.clone()).collect(),
+    })
+    .await
+    .unwrap();
+    let after = stats(r#"{"queue_name":"tiered","withTiers":true}"#).await;
+    let t = &after["logicalQueues"][0]["partitions"][0]["tiers"];
+    assert_eq!(t["memory_items"], "3", "{t}");
+    assert!(t.get("object_items").is_none(), "{t}");
+    // queues.overview sums the partitions.
+    let o = c
+        .call::<pb::routes::QueuesOverview>(&pb::QueuesOverviewRequest::default())
+        .await
+        .unwrap();
+    let row = o.items.iter().find(|r| r.queue_name == "tiered").unwrap();
+    let t = row.tiers.clone().unwrap();
+    assert_eq!((t.memory_items, t.memory_bytes, t.object_items), (3, small_bytes as i64, 0));
+    // /metrics: gauges per queue and tier (the stats above refreshed them).
+    let metrics = reqwest::get(format!("{}/metrics", srv.endpoint()))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for (line, want) in [
+        ("lessor_queue_tier_items{queue=\"tiered\",tier=\"memory\"}", "3"),
+        ("lessor_queue_tier_items{queue=\"tiered\",tier=\"object\"}", "0"),
+        ("lessor_queue_tier_bytes{queue=\"tiered\",tier=\"disk\"}", "0"),
+    ] {
+        let got = metrics
+            .lines()
+            .find(|l| l.starts_with(line))
+            .and_then(|l| l.split_whitespace().last())
+            .unwrap_or_else(|| panic!("{line} missing from /metrics:\n{metrics}"));
+        assert_eq!(got, want, "{line}");
+    }
+}

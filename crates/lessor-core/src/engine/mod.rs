@@ -97,6 +97,28 @@ pub struct QueueMetrics {
     pub scheduled: AtomicU64,
     /// Lease requests waiting now.
     pub lease_waiting: AtomicU64,
+    /// Items per storage tier (memory, disk, object; see [`crate::types::TierStats`]), summed over the partitions,
+    /// as of the queue's last tier refresh (at most [`TIER_REFRESH`] old while the queue changes).
+    pub tier_items: [AtomicU64; 3],
+    /// Payload bytes per storage tier, like `tier_items`.
+    pub tier_bytes: [AtomicU64; 3],
+}
+
+/// The storage tiers of [`QueueMetrics::tier_items`] and `tier_bytes`, in their order.
+pub const TIERS: [&str; 3] = ["memory", "disk", "object"];
+
+/// How often a queue that changes re-reads its partitions' tier figures for `/metrics` (a stats call per
+/// partition: a query each on PostgreSQL, so not on every pass). A quiet queue reads none.
+pub const TIER_REFRESH: Duration = Duration::from_secs(10);
+
+impl QueueMetrics {
+    /// Publishes tier figures summed over a queue's partitions.
+    pub fn set_tiers(&self, t: &crate::types::TierStats) {
+        for (i, f) in [t.memory, t.disk, t.object].into_iter().enumerate() {
+            self.tier_items[i].store(f.items, Ordering::Relaxed);
+            self.tier_bytes[i].store(f.bytes, Ordering::Relaxed);
+        }
+    }
 }
 
 /// A produce item as the server hands it over.
@@ -221,6 +243,8 @@ pub struct PartitionReport {
     pub scheduled: u64,
     /// Age of the oldest item next in line (see [`crate::types::PartitionStats::oldest_ready_age`]).
     pub oldest_ready_age: Duration,
+    /// Items and payload bytes by storage tier (see [`crate::types::TierStats`]).
+    pub tiers: crate::types::TierStats,
 }
 
 /// `queue.stats` answer.
