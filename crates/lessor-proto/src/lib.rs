@@ -82,7 +82,8 @@ pub use namespaces::{NamespaceInfo, NamespacesDeleteRequest, NamespacesListReque
 pub use queue::{
     PartitionInfo, QueueClearRequest, QueueCompleteRequest, QueueInfo, QueueLeaseItem, QueueLeaseRequest,
     QueueLeaseResponse, QueueLogicalStats, QueuePartitionStats, QueueProduceItem, QueueProduceRequest,
-    QueueReloadRequest, QueueRetryItem, QueueRetryRequest, QueueStatsRequest, QueueStatsResponse, QueueTierStats,
+    QueueReloadRequest, QueueRetryItem, QueueRetryRequest, QueueStatsRequest, QueueStatsResponse,
+    QueueTierStats,
 };
 pub use queues::{QueuesDeleteRequest, QueuesInfoRequest, QueuesListRequest, QueuesListResponse};
 pub use reply::{code_text, Reply};

@@ -663,9 +663,15 @@ mod strict_querator_tests {
         let json = pb::encode(pb::Encoding::Json, &with);
         let v: serde_json::Value = serde_json::from_slice(&json).expect("json");
         let tiers = &v["logicalQueues"][0]["partitions"][0]["tiers"];
-        assert_eq!(tiers["memory_items"], "10", "int64 is a string in protojson: {tiers}");
+        assert_eq!(
+            tiers["memory_items"], "10",
+            "int64 is a string in protojson: {tiers}"
+        );
         assert_eq!(tiers["object_bytes"], (3u64 << 20).to_string());
-        assert!(tiers.get("disk_items").is_none(), "zero figures are omitted: {tiers}");
+        assert!(
+            tiers.get("disk_items").is_none(),
+            "zero figures are omitted: {tiers}"
+        );
         // Each asked for alone.
         let only_tiers = stats_out("q".into(), stats.clone(), false, true);
         assert_eq!(only_tiers.logical_queues[0].partitions[0].oldest_ready_age, "");

@@ -649,7 +649,12 @@ fn stats(api: Api) -> Api {
         lessor_proto::routes::QueueStats,
         |Ctx { engine: e, .. }, r: pb::QueueStatsRequest| async move {
             let s = e.stats(&r.queue_name).await?;
-            Ok(convert::stats_out(r.queue_name, s, r.with_oldest_age, r.with_tiers))
+            Ok(convert::stats_out(
+                r.queue_name,
+                s,
+                r.with_oldest_age,
+                r.with_tiers,
+            ))
         },
     )
 }

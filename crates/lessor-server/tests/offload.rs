@@ -266,7 +266,10 @@ async fn stats_report_tiers_only_when_asked() {
     assert_eq!(t["memory_bytes"], small_bytes.to_string(), "{t}");
     assert_eq!(t["object_items"], "2", "{t}");
     assert_eq!(t["object_bytes"], "400000", "{t}");
-    assert!(t.get("disk_items").is_none(), "a memory store holds nothing on disk: {t}");
+    assert!(
+        t.get("disk_items").is_none(),
+        "a memory store holds nothing on disk: {t}"
+    );
     // The same through the client (protobuf).
     let r = c
         .queue_stats(&pb::QueueStatsRequest {
@@ -299,7 +302,10 @@ async fn stats_report_tiers_only_when_asked() {
         .unwrap();
     let row = o.items.iter().find(|r| r.queue_name == "tiered").unwrap();
     let t = row.tiers.clone().unwrap();
-    assert_eq!((t.memory_items, t.memory_bytes, t.object_items), (3, small_bytes as i64, 0));
+    assert_eq!(
+        (t.memory_items, t.memory_bytes, t.object_items),
+        (3, small_bytes as i64, 0)
+    );
     // /metrics: gauges per queue and tier (the stats above refreshed them).
     let metrics = reqwest::get(format!("{}/metrics", srv.endpoint()))
         .await

@@ -378,8 +378,9 @@ impl QueueTask {
     /// One pass over a drained batch. Returns the shutdown acknowledgement when asked to stop.
     async fn pass(&mut self, batch: &mut Vec<Msg>) -> Option<oneshot::Sender<()>> {
         let now = self.now();
-        // A pass with requests, or one whose lifecycle changed the counts, may have changed the tier figures.
-        let changed_before = !batch.is_empty();
+        // A pass with requests, or one whose lifecycle changed the counts, may have changed the tier figures. A
+        // stats request alone changes nothing (and publishes the figures it reads anyway).
+        let changed_before = batch.iter().any(|m| !matches!(m, Msg::Cold(Cold::Stats(_))));
         let counts_before = self.total_counts();
         self.recover(now).await;
         if self.info.restoring {
