@@ -382,6 +382,19 @@ impl TierStats {
     }
 }
 
+/// What one run of a store's object-storage sweeper did (orphaned payload objects of the claim check).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SweepReport {
+    /// Objects listed under the store's prefix.
+    pub listed: u64,
+    /// Objects deleted: older than the grace period and referenced by no item.
+    pub deleted: u64,
+    /// Unreferenced-looking objects kept because their partition is not open on this server (another server's,
+    /// or a queue not loaded here); every other object kept is referenced, younger than the grace, or being
+    /// written.
+    pub skipped: u64,
+}
+
 /// What a clear request removes.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ClearRequest {

@@ -78,6 +78,7 @@ pub use extensions::{
     RestoreBeginResponse, RestoreFinishRequest, RestoreImportRequest, RestoreImportResponse, RetryBackoff,
     ServerInfoRequest, ServerInfoResponse, StorageBackupRequest, StoreSummary,
 };
+pub use extensions::{OffloadSweepRequest, OffloadSweepResponse, OffloadSweepStore};
 pub use namespaces::{NamespaceInfo, NamespacesDeleteRequest, NamespacesListRequest, NamespacesListResponse};
 pub use queue::{
     PartitionInfo, QueueClearRequest, QueueCompleteRequest, QueueInfo, QueueLeaseItem, QueueLeaseRequest,

@@ -150,7 +150,7 @@ pub struct Ctx {
 }
 
 /// The handler of every RPC, one per entry of [`routes::ROUTES`] (checked by a test).
-const HANDLERS: [fn(Api) -> Api; 52] = [
+const HANDLERS: [fn(Api) -> Api; 53] = [
     produce,
     lease,
     complete,
@@ -186,6 +186,7 @@ const HANDLERS: [fn(Api) -> Api; 52] = [
     backup::restore_begin,
     backup::restore_import,
     backup::restore_finish,
+    offload_sweep,
     admin::namespaces_create,
     admin::namespaces_update,
     admin::namespaces_list,
@@ -655,6 +656,29 @@ fn stats(api: Api) -> Api {
                 r.with_oldest_age,
                 r.with_tiers,
             ))
+        },
+    )
+}
+
+/// `offload.sweep`: the sweeper of orphaned payload objects, now (see `Engine::sweep_objects`).
+fn offload_sweep(api: Api) -> Api {
+    api.rpc(
+        lessor_proto::routes::OffloadSweep,
+        |Ctx { engine: e, .. }, r: pb::OffloadSweepRequest| async move {
+            let n = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+            let stores = e
+                .sweep_objects(&r.store)
+                .await?
+                .into_iter()
+                .map(|(store, o)| pb::OffloadSweepStore {
+                    store,
+                    listed: n(o.listed),
+                    deleted: n(o.deleted),
+                    spared: n(o.listed.saturating_sub(o.deleted)),
+                    not_open: n(o.skipped),
+                })
+                .collect();
+            Ok(pb::OffloadSweepResponse { stores })
         },
     )
 }

@@ -14,7 +14,11 @@ async fn endpoint() -> Option<String> {
 }
 
 fn config(s3: &str, prefix: &str) -> Config {
-    Config::from_yaml(&format!(
+    Config::from_yaml(&yaml_of(s3, prefix)).unwrap()
+}
+
+fn yaml_of(s3: &str, prefix: &str) -> String {
+    format!(
         "object-storage:\n  - name: s3-0\n    endpoint: {s3}\n    bucket: {BUCKET}\n    access-key-id: test\n    \
          secret-access-key: test\n    path-style: true\n    prefix: {prefix}/\n\
          queue-storage:\n  driver: memory\n\
@@ -23,8 +27,7 @@ fn config(s3: &str, prefix: &str) -> Config {
          \x20 - name: plain\n    driver: memory\n    affinity: 0\n\
          queues:\n  - name: small-only\n    lease-timeout: 1m\n    expire-timeout: 1h\n    partitions: [ {{ partition: 0, storage-name: plain }} ]\n\
          limits:\n  max-offload-produce-body: 64000000\n"
-    ))
-    .unwrap()
+    )
 }
 
 fn produce(queue: &str, payloads: &[Vec<u8>]) -> pb::QueueProduceRequest {
@@ -325,4 +328,98 @@ async fn stats_report_tiers_only_when_asked() {
             .unwrap_or_else(|| panic!("{line} missing from /metrics:\n{metrics}"));
         assert_eq!(got, want, "{line}");
     }
+}
+
+/// `offload.sweep` runs the sweeper at once: an unreferenced object older than the store's grace is deleted, one
+/// an item references never is, and a young orphan is spared until it is older than the grace. Asking a store
+/// that does not exist, or one without object storage, is a 400 naming why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn offload_sweep_deletes_old_orphans_only() {
+    let Some(s3) = endpoint().await else { return };
+    // A prefix of this run only: the test server keeps the objects of earlier runs.
+    let prefix = format!(
+        "http-sweep-{}",
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos()
+    );
+    let cfg = Config::from_yaml(&yaml_of(&s3, &prefix).replace(
+        "compression: zstd\n",
+        "compression: zstd\n      offload-grace: 3s\n",
+    ))
+    .unwrap();
+    let (_srv, c) = lessor_testkit::server::start(&cfg, None).await;
+    create(&c, "swept").await;
+    let big: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
+    c.queue_produce(&produce("swept", std::slice::from_ref(&big)))
+        .await
+        .unwrap();
+    // An object no item references, where a crash between writing an object and storing its item leaves one.
+    let orphan = format!("{s3}/{BUCKET}/{prefix}/ram-0/swept/0/{}", "0f".repeat(16));
+    let http = reqwest::Client::new();
+    let r = http.put(&orphan).body(vec![1u8; 1000]).send().await.unwrap();
+    assert!(r.status().is_success(), "{}", r.status());
+    let sweep = |store: &str| {
+        let req = pb::OffloadSweepRequest { store: store.into() };
+        let c = &c;
+        async move { c.offload_sweep(&req).await }
+    };
+    // Younger than the grace: spared.
+    let r = sweep("").await.unwrap();
+    assert_eq!(r.stores.len(), 1, "{r:?}");
+    let s = &r.stores[0];
+    assert_eq!(
+        (s.store.as_str(), s.listed, s.deleted, s.spared, s.not_open),
+        ("ram-0", 2, 0, 2, 0)
+    );
+    tokio::time::sleep(std::time::Duration::from_secs(4)).await;
+    // Older than the grace: the orphan goes, the referenced object stays.
+    let r = sweep("ram-0").await.unwrap();
+    let s = &r.stores[0];
+    assert_eq!((s.listed, s.deleted, s.spared), (2, 1, 1), "{r:?}");
+    assert_eq!(http.get(&orphan).send().await.unwrap().status(), 404);
+    let got = c.queue_lease(&lease("swept", 1)).await.unwrap();
+    assert!(got.items[0].bytes == big, "the referenced payload is intact");
+    // Nothing left to delete.
+    let r = sweep("").await.unwrap();
+    assert_eq!((r.stores[0].listed, r.stores[0].deleted), (1, 0));
+    // Bad requests: an unknown store, a store without object storage.
+    let e = sweep("nope").await.unwrap_err();
+    assert_eq!(e.code(), Some(400), "{e}");
+    assert!(
+        e.to_string().contains("no partition store is named 'nope'"),
+        "{e}"
+    );
+    assert!(
+        e.to_string().contains("ram-0, plain"),
+        "the known stores are named: {e}"
+    );
+    let e = sweep("plain").await.unwrap_err();
+    assert_eq!(e.code(), Some(400), "{e}");
+    assert!(
+        e.to_string()
+            .contains("partition store 'plain' has no payload-offload configured"),
+        "{e}"
+    );
+}
+
+/// A server without object storage answers `offload.sweep` with a 400 saying there is none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn offload_sweep_without_object_storage_is_400() {
+    let cfg = Config::from_yaml(
+        "queue-storage:\n  driver: memory\npartition-storage:\n  - name: ram\n    driver: memory\n",
+    )
+    .unwrap();
+    let (_srv, c) = lessor_testkit::server::start(&cfg, None).await;
+    let e = c
+        .offload_sweep(&pb::OffloadSweepRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Some(400), "{e}");
+    assert!(
+        e.to_string()
+            .contains("no object storage; no partition store of this server has payload-offload"),
+        "{e}"
+    );
 }

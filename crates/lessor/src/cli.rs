@@ -194,6 +194,9 @@ enum Command {
     /// Move partitions between stores or change their number while serving (a server-side task), or list and
     /// show such tasks.
     Rebalance(rebalance::RebalanceArgs),
+    /// Object storage of large payloads: run the sweeper of orphaned objects now.
+    #[command(subcommand)]
+    Offload(extensions::OffloadCmd),
     /// Create a queue.
     Create(QueueArgs),
     /// Update the given fields of a queue.
@@ -730,6 +733,7 @@ pub async fn run(cli: Cli) -> Result<(), String> {
         Command::Browse(a) => extensions::browse(&c, json, a).await?,
         Command::Redrive(a) => extensions::redrive(&c, json, a).await?,
         Command::Rebalance(a) => rebalance::rebalance(&c, json, a).await?,
+        Command::Offload(cmd) => extensions::offload(&c, json, cmd).await?,
         Command::Namespace(cmd) => auth::namespace(&c, json, cmd).await?,
         Command::User(cmd) => auth::user(&c, json, cmd).await?,
         Command::ApiKey(cmd) => auth::apikey(&c, json, cmd).await?,

@@ -1178,6 +1178,45 @@ impl Engine {
         self.push_info(info).await
     }
 
+    /// Runs the sweeper of orphaned payload objects of the partition store named `store` (every store with
+    /// object storage when empty) now, store by store; returns what each did.
+    ///
+    /// # Errors
+    /// [`QueueError::Invalid`] (400) when `store` names no partition store, or when no store it covers has object
+    /// storage (nothing to sweep); a storage error when object storage or a partition snapshot fails.
+    pub async fn sweep_objects(
+        &self,
+        store: &str,
+    ) -> Result<Vec<(String, crate::types::SweepReport)>, QueueError> {
+        let stores = &self.inner.config.stores;
+        if !store.is_empty() && !stores.iter().any(|s| s.name == store) {
+            let names: Vec<&str> = stores.iter().map(|s| s.name.as_str()).collect();
+            return Err(QueueError::Invalid(format!(
+                "store is invalid; no partition store is named '{store}' (this server has: {})",
+                names.join(", ")
+            )));
+        }
+        let mut out = Vec::new();
+        for s in stores.iter().filter(|s| store.is_empty() || s.name == store) {
+            if let Some(r) = s.store.sweep_objects().await {
+                out.push((s.name.clone(), r?));
+            }
+        }
+        if out.is_empty() {
+            return Err(QueueError::Invalid(if store.is_empty() {
+                "no object storage; no partition store of this server has payload-offload configured, so there is \
+                 nothing to sweep"
+                    .to_string()
+            } else {
+                format!(
+                    "no object storage; partition store '{store}' has no payload-offload configured, so there is \
+                     nothing to sweep"
+                )
+            }));
+        }
+        Ok(out)
+    }
+
     /// Metrics of every loaded queue.
     pub fn queue_metrics(&self) -> Vec<(String, Arc<QueueMetrics>)> {
         match self.inner.queues.read() {

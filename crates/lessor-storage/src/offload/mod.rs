@@ -43,7 +43,9 @@ use lessor_core::storage::{
     RetryOp, RetryOutcome,
 };
 use lessor_core::time::Ts;
-use lessor_core::types::{ClearRequest, DedupRecord, Item, ItemId, NewItem, PartitionCounts, PartitionStats};
+use lessor_core::types::{
+    ClearRequest, DedupRecord, Item, ItemId, NewItem, PartitionCounts, PartitionStats, SweepReport,
+};
 use object_store::aws::AmazonS3Builder;
 use object_store::path::Path as ObjPath;
 use object_store::{ClientOptions, ObjectStore, PutPayload, RetryConfig};
@@ -593,7 +595,7 @@ impl OffloadStore {
         }))
     }
 
-    /// Runs one sweep now (tests, and operators through the sweeper's schedule).
+    /// Runs one sweep now (tests; operators use `offload.sweep`, through [`PartitionStore::sweep_objects`]).
     ///
     /// # Errors
     /// Object storage or a partition snapshot failed; nothing was deleted on the failing partition.
@@ -662,6 +664,15 @@ impl PartitionStore for OffloadStore {
 
     fn notices(&self) -> Option<tokio::sync::broadcast::Receiver<Notice>> {
         self.inner.notices()
+    }
+
+    async fn sweep_objects(&self) -> Option<Result<SweepReport, StorageError>> {
+        self.shared.objects.as_ref()?;
+        Some(self.shared.sweep().await.map(|o| SweepReport {
+            listed: o.listed,
+            deleted: o.swept,
+            skipped: o.skipped,
+        }))
     }
 
     async fn close(&self) {
