@@ -14,6 +14,8 @@
 # secret `test`, as the tests use) and creates no bucket on an unsigned PUT: the script also exports
 # LESSOR_TEST_S3_ROOT, and lessor-testkit creates a bucket as a directory there. It is installed with
 # `cargo install` (pinned; about 2 minutes on 2 cores) into LESSOR_S3S_ROOT when missing. CI does not use it.
+# The payload-offload tests (storage, HTTP, conformance, crash) pass on both. The backup test's "missing bucket"
+# case does not on s3s-fs: it creates a bucket's directory on the first PUT instead of answering NoSuchBucket.
 #
 # Settings (environment):
 #   LESSOR_S3_SERVER  moto (default) or s3s-fs
