@@ -22,6 +22,9 @@
 //! - **sweeper**: a task per store lists the objects under the store's prefix and deletes those older than the
 //!   grace period that no item of an open partition references (read from an inner snapshot) and that no produce
 //!   in flight here is writing. The grace period covers produces in flight on other servers sharing a database.
+//!   An operator runs one at once with `POST /v1/offload.sweep` ([`PartitionStore::sweep_objects`]).
+//! - **stats**: the wrapper adds nothing: every backend counts items whose stored payload is a reference in the
+//!   object tier of its [`lessor_core::types::TierStats`] (see [`crate::tiers`]), from its own running counters.
 //!
 //! Every object is referenced by at most one item: dead-letter moves, rebalances and imports go through the
 //! resolved bytes and write new objects, so deleting an item's object never takes another item's payload.
