@@ -12,7 +12,7 @@
 #
 # S3: when LESSOR_TEST_S3_ENDPOINT is set, the backup and payload-offload tests that use object storage use that
 # server; otherwise this script starts a throwaway moto_server (installing it with pip when it is missing) and stops
-# it afterwards.
+# it afterwards (`LESSOR_S3_SERVER=s3s-fs` starts s3s-fs instead; see scripts/s3-test-server.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

@@ -1,19 +1,33 @@
 //! Typed calls of Lessor's extension routes, which Querator does not serve (it answers them 501): lease extension,
-//! pause and resume, browse, dead-letter redrive, and online rebalance (`queues.rebalance`).
+//! pause and resume, browse, dead-letter redrive, online rebalance (`queues.rebalance`), and the sweep of orphaned
+//! payload objects (`offload.sweep`).
 //!
 //! Each is [`Client::call`] with its route filled in. The extension fields of Querator's own messages
 //! (`QueueProduceItem.priority` and `dedup_id`, `QueueInfo.dedup_window`, `retry_backoff`, `max_lease_timeout`,
 //! `paused`) go through the usual calls ([`Client::queue_produce`], [`Client::queues_create`], ...).
 
 use lessor_proto::{
-    QueueBrowseRequest, QueueBrowseResponse, QueueExtendRequest, QueuePauseRequest, QueueRebalanceRequest,
-    QueueRedriveRequest, QueueResumeRequest, RebalanceListRequest, RebalanceListResponse, RebalanceTask,
-    RebalanceTaskRequest, RedriveListRequest, RedriveListResponse, RedriveTask, RedriveTaskRequest,
+    OffloadSweepRequest, OffloadSweepResponse, QueueBrowseRequest, QueueBrowseResponse, QueueExtendRequest,
+    QueuePauseRequest, QueueRebalanceRequest, QueueRedriveRequest, QueueResumeRequest, RebalanceListRequest,
+    RebalanceListResponse, RebalanceTask, RebalanceTaskRequest, RedriveListRequest, RedriveListResponse,
+    RedriveTask, RedriveTaskRequest,
 };
 
 use crate::{routes, Client, ClientError};
 
 impl Client {
+    /// `POST /v1/offload.sweep`: runs the sweeper of orphaned payload objects now, of the store `req` names or of
+    /// every store with object storage, and says what it did per store. Needs `queue.clear` in `_system`.
+    ///
+    /// # Errors
+    /// Any [`ClientError`]; a 400 [`ClientError::Api`] when the store does not exist or has no object storage.
+    pub async fn offload_sweep(
+        &self,
+        req: &OffloadSweepRequest,
+    ) -> Result<OffloadSweepResponse, ClientError> {
+        self.call::<routes::OffloadSweep>(req).await
+    }
+
     /// `POST /v1/queue.extend`: pushes the lease deadline of held items to now + `lease_timeout` (the queue's
     /// when empty), all of them or none. An id whose lease already ended is a 400 naming it.
     ///

@@ -102,6 +102,11 @@ pub trait PartitionStore: Send + Sync + Debug + 'static {
     fn notices(&self) -> Option<tokio::sync::broadcast::Receiver<Notice>> {
         None
     }
+    /// Runs the store's sweeper of orphaned payload objects now (an operator's `offload.sweep`) and says what it
+    /// did. `None` (the default): the store has no object storage, so there is nothing to sweep.
+    async fn sweep_objects(&self) -> Option<Result<crate::types::SweepReport, StorageError>> {
+        None
+    }
     /// Releases resources.
     async fn close(&self);
 }

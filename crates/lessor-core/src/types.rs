@@ -336,6 +336,63 @@ pub struct PartitionStats {
     /// heads of the ready queue, never by a scan; an item requeued by a retry keeps its `created_at` but goes to the
     /// tail, so it counts again once it reaches the head.
     pub oldest_ready_age: Duration,
+    /// Where the items are held: memory, local disk (or the database), object storage.
+    pub tiers: TierStats,
+}
+
+/// Items and payload bytes held in one storage tier.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TierFigures {
+    /// Items with (part of) their record in the tier.
+    pub items: u64,
+    /// Payload bytes held in the tier, as stored (after compression). For the object tier: the payloads' length
+    /// before compression (what an item's reference records).
+    pub bytes: u64,
+}
+
+/// A partition's items by storage tier, from running counters (never a scan).
+///
+/// Tiers overlap: an item counts in every tier that holds part of it. A fjall partition keeps each queued item's
+/// record in memory *and* on disk (a later paging build counts in `memory` only the resident ones), and an offloaded
+/// item counts in the tier holding its record (with the few bytes of its reference left out of `bytes`) and in
+/// `object`, which holds its payload. Ready, leased and scheduled items count; dead items waiting for their transfer
+/// to the dead-letter queue do not.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TierStats {
+    /// Held in this server's memory (memory store; fjall's resident items). PostgreSQL reports zero: its buffer
+    /// cache is the database's, not Lessor's.
+    pub memory: TierFigures,
+    /// On local disk (fjall) or in the database (PostgreSQL).
+    pub disk: TierFigures,
+    /// Payloads in object storage (claim check, `payload-offload`).
+    pub object: TierFigures,
+}
+
+impl TierStats {
+    /// Adds another partition's figures (a queue's sum).
+    pub fn add(&mut self, o: &TierStats) {
+        for (a, b) in [
+            (&mut self.memory, &o.memory),
+            (&mut self.disk, &o.disk),
+            (&mut self.object, &o.object),
+        ] {
+            a.items += b.items;
+            a.bytes += b.bytes;
+        }
+    }
+}
+
+/// What one run of a store's object-storage sweeper did (orphaned payload objects of the claim check).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SweepReport {
+    /// Objects listed under the store's prefix.
+    pub listed: u64,
+    /// Objects deleted: older than the grace period and referenced by no item.
+    pub deleted: u64,
+    /// Unreferenced-looking objects kept because their partition is not open on this server (another server's,
+    /// or a queue not loaded here); every other object kept is referenced, younger than the grace, or being
+    /// written.
+    pub skipped: u64,
 }
 
 /// What a clear request removes.

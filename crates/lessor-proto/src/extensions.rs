@@ -799,6 +799,10 @@ message! {
         #[json(Bool, "stats_hidden", "statsHidden")]
         #[prost(bool, tag = "14")]
         pub stats_hidden: bool,
+        /// Items and payload bytes per storage tier, summed over the queue's partitions (with the figures).
+        #[json(Msg<crate::queue::QueueTierStats>, "tiers")]
+        #[prost(message, optional, tag = "15")]
+        pub tiers: Option<crate::queue::QueueTierStats>,
     }
 }
 
@@ -852,5 +856,56 @@ message! {
         #[json(Rep<String>, "permissions")]
         #[prost(string, repeated, tag = "2")]
         pub permissions: Vec<String>,
+    }
+}
+
+message! {
+    /// Body of `/v1/offload.sweep` (Lessor extension): run the sweeper of orphaned payload objects now.
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct OffloadSweepRequest {
+        /// The `partition-storage` entry to sweep; empty: every one with `payload-offload`.
+        #[json(Str, "store")]
+        #[prost(string, tag = "1")]
+        pub store: String,
+    }
+}
+
+message! {
+    /// Reply of `/v1/offload.sweep`: what the sweeper did, per store.
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct OffloadSweepResponse {
+        /// One entry per store swept, in configuration order.
+        #[json(Rep<OffloadSweepStore>, "stores")]
+        #[prost(message, repeated, tag = "1")]
+        pub stores: Vec<OffloadSweepStore>,
+    }
+}
+
+message! {
+    /// What one store's sweep did.
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct OffloadSweepStore {
+        /// The `partition-storage` entry.
+        #[json(Str, "store")]
+        #[prost(string, tag = "1")]
+        pub store: String,
+        /// Objects listed under the store's prefix.
+        #[json(I64, "listed")]
+        #[prost(int64, tag = "2")]
+        pub listed: i64,
+        /// Objects deleted: older than the grace period (`offload-grace`) and referenced by no item.
+        #[json(I64, "deleted")]
+        #[prost(int64, tag = "3")]
+        pub deleted: i64,
+        /// Objects kept (`listed - deleted`): referenced by an item, younger than the grace, being written, or of
+        /// a partition not open on this server.
+        #[json(I64, "spared")]
+        #[prost(int64, tag = "4")]
+        pub spared: i64,
+        /// Of those, unreferenced-looking objects kept only because their partition is not open on this server (a
+        /// queue not loaded here, or another server's); the server that has it open sweeps them.
+        #[json(I64, "not_open", "notOpen")]
+        #[prost(int64, tag = "5")]
+        pub not_open: i64,
     }
 }

@@ -78,11 +78,13 @@ pub use extensions::{
     RestoreBeginResponse, RestoreFinishRequest, RestoreImportRequest, RestoreImportResponse, RetryBackoff,
     ServerInfoRequest, ServerInfoResponse, StorageBackupRequest, StoreSummary,
 };
+pub use extensions::{OffloadSweepRequest, OffloadSweepResponse, OffloadSweepStore};
 pub use namespaces::{NamespaceInfo, NamespacesDeleteRequest, NamespacesListRequest, NamespacesListResponse};
 pub use queue::{
     PartitionInfo, QueueClearRequest, QueueCompleteRequest, QueueInfo, QueueLeaseItem, QueueLeaseRequest,
     QueueLeaseResponse, QueueLogicalStats, QueuePartitionStats, QueueProduceItem, QueueProduceRequest,
     QueueReloadRequest, QueueRetryItem, QueueRetryRequest, QueueStatsRequest, QueueStatsResponse,
+    QueueTierStats,
 };
 pub use queues::{QueuesDeleteRequest, QueuesInfoRequest, QueuesListRequest, QueuesListResponse};
 pub use reply::{code_text, Reply};

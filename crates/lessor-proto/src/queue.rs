@@ -7,7 +7,7 @@
 //! and Querator's clients never see them.
 
 use crate::extensions::RetryBackoff;
-use crate::json::{message, Bool, Bytes, Msg, Rep, Str, I32};
+use crate::json::{message, Bool, Bytes, Msg, Rep, Str, I32, I64};
 use crate::timestamp::Timestamp;
 
 message! {
@@ -349,6 +349,11 @@ message! {
         #[json(Bool, "with_oldest_age", "withOldestAge")]
         #[prost(bool, tag = "100")]
         pub with_oldest_age: bool,
+        /// Lessor extension: also report each partition's items and payload bytes per storage tier (`tiers`). Off
+        /// by default, for the same reason as `with_oldest_age`.
+        #[json(Bool, "with_tiers", "withTiers")]
+        #[prost(bool, tag = "101")]
+        pub with_tiers: bool,
     }
 }
 
@@ -413,6 +418,44 @@ message! {
         #[json(Str, "oldest_ready_age", "oldestReadyAge")]
         #[prost(string, tag = "100")]
         pub oldest_ready_age: String,
+        /// Lessor extension: items and payload bytes per storage tier. Only when the request sets `with_tiers`.
+        #[json(Msg<QueueTierStats>, "tiers")]
+        #[prost(message, optional, tag = "101")]
+        pub tiers: Option<QueueTierStats>,
+    }
+}
+
+message! {
+    /// Lessor extension: a partition's items and payload bytes per storage tier. Tiers overlap: an item counts in
+    /// every tier holding part of it (a fjall item's record is in memory and on disk; an offloaded item's record is
+    /// where its store keeps it, its payload in `object`). Bytes are payload bytes as stored; for `object`, the
+    /// payloads' length before compression. PostgreSQL reports its items as `disk` and nothing in `memory`.
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct QueueTierStats {
+        /// Items whose record is in the server's memory.
+        #[json(I64, "memory_items", "memoryItems")]
+        #[prost(int64, tag = "1")]
+        pub memory_items: i64,
+        /// Payload bytes held in the server's memory.
+        #[json(I64, "memory_bytes", "memoryBytes")]
+        #[prost(int64, tag = "2")]
+        pub memory_bytes: i64,
+        /// Items on local disk or in the database.
+        #[json(I64, "disk_items", "diskItems")]
+        #[prost(int64, tag = "3")]
+        pub disk_items: i64,
+        /// Payload bytes on local disk or in the database.
+        #[json(I64, "disk_bytes", "diskBytes")]
+        #[prost(int64, tag = "4")]
+        pub disk_bytes: i64,
+        /// Items whose payload is in object storage.
+        #[json(I64, "object_items", "objectItems")]
+        #[prost(int64, tag = "5")]
+        pub object_items: i64,
+        /// Their payloads' bytes (before compression).
+        #[json(I64, "object_bytes", "objectBytes")]
+        #[prost(int64, tag = "6")]
+        pub object_bytes: i64,
     }
 }
 

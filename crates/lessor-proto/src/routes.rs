@@ -14,12 +14,13 @@ use crate::apikeys::{
     APIKeyCreateRequest, APIKeyCreateResponse, APIKeysDeleteRequest, APIKeysListRequest, APIKeysListResponse,
 };
 use crate::extensions::{
-    AuthWhoamiRequest, AuthWhoamiResponse, QueueBrowseRequest, QueueBrowseResponse, QueueExtendRequest,
-    QueueHistoryRequest, QueueHistoryResponse, QueuePauseRequest, QueueRebalanceRequest, QueueRedriveRequest,
-    QueueResumeRequest, QueuesOverviewRequest, QueuesOverviewResponse, RebalanceListRequest,
-    RebalanceListResponse, RebalanceTask, RebalanceTaskRequest, RedriveListRequest, RedriveListResponse,
-    RedriveTask, RedriveTaskRequest, RestoreBeginRequest, RestoreBeginResponse, RestoreFinishRequest,
-    RestoreImportRequest, RestoreImportResponse, ServerInfoRequest, ServerInfoResponse,
+    AuthWhoamiRequest, AuthWhoamiResponse, OffloadSweepRequest, OffloadSweepResponse, QueueBrowseRequest,
+    QueueBrowseResponse, QueueExtendRequest, QueueHistoryRequest, QueueHistoryResponse, QueuePauseRequest,
+    QueueRebalanceRequest, QueueRedriveRequest, QueueResumeRequest, QueuesOverviewRequest,
+    QueuesOverviewResponse, RebalanceListRequest, RebalanceListResponse, RebalanceTask, RebalanceTaskRequest,
+    RedriveListRequest, RedriveListResponse, RedriveTask, RedriveTaskRequest, RestoreBeginRequest,
+    RestoreBeginResponse, RestoreFinishRequest, RestoreImportRequest, RestoreImportResponse,
+    ServerInfoRequest, ServerInfoResponse,
 };
 use crate::namespaces::{
     NamespaceInfo, NamespacesDeleteRequest, NamespacesListRequest, NamespacesListResponse,
@@ -290,6 +291,10 @@ routes! {
     /// Lessor extension: ends a restore; the queue takes traffic again.
     StorageRestoreFinish => "/v1/storage.restore.finish", RestoreFinishRequest => Reply,
         BodyLimit::Fixed(SMALL_BODY), QueueProduce, |r| Target::Queue(&r.queue_name);
+    /// Lessor extension: runs the sweeper of orphaned payload objects (object storage) now. `queue.clear` in
+    /// `_system`: it deletes objects of every queue of the stores it sweeps, a server-wide operation.
+    OffloadSweep => "/v1/offload.sweep", OffloadSweepRequest => OffloadSweepResponse,
+        BodyLimit::Fixed(SMALL_BODY), QueueClear, |_r| Target::System;
     /// Creates a namespace.
     NamespacesCreate => "/v1/namespaces.create", NamespaceInfo => Reply,
         BodyLimit::Fixed(DEFAULT_BODY), NamespaceCreate, |_r| Target::System;
@@ -371,6 +376,7 @@ pub const EXTENSION_PATHS: &[&str] = &[
     RebalanceList::PATH,
     RebalanceGet::PATH,
     RebalanceCancel::PATH,
+    OffloadSweep::PATH,
 ];
 
 /// The route at `path`, if there is one.
@@ -385,10 +391,10 @@ mod tests {
     #[test]
     fn paths_are_unique_and_versioned() {
         let mut paths: Vec<&str> = ROUTES.iter().map(|r| r.path).collect();
-        assert_eq!(paths.len(), 52);
+        assert_eq!(paths.len(), 53);
         paths.sort_unstable();
         paths.dedup();
-        assert_eq!(paths.len(), 52, "a path is listed twice");
+        assert_eq!(paths.len(), 53, "a path is listed twice");
         assert!(paths.iter().all(|p| p.starts_with("/v1/")));
     }
 
@@ -452,6 +458,7 @@ mod tests {
             ("/v1/rebalance.list", "queue.stats", SMALL_BODY),
             ("/v1/rebalance.get", "queue.stats", SMALL_BODY),
             ("/v1/rebalance.cancel", "queue.update", SMALL_BODY),
+            ("/v1/offload.sweep", "queue.clear", SMALL_BODY),
         ];
         assert_eq!(EXTENSION_PATHS.len(), expect.len());
         for (path, perm, limit) in expect {
@@ -498,6 +505,9 @@ mod tests {
         assert_eq!(QueuesOverview::target(&overview), Target::Namespace("team-a"));
         assert_eq!(AuthWhoami::target(&AuthWhoamiRequest {}), Target::Caller);
         assert_eq!(RebalanceCancel::target(&named), Target::Queue("q"));
+        // Sweeping is server-wide, whatever store it names.
+        let sweep = OffloadSweepRequest { store: "s3".into() };
+        assert_eq!(OffloadSweep::target(&sweep), Target::System);
     }
 
     #[test]

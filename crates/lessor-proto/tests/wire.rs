@@ -133,6 +133,14 @@ fn round_trips_in_both_encodings() {
                 un_leased: 8,
                 next_lifecycle_run: "3s".into(),
                 oldest_ready_age: "9s".into(),
+                tiers: Some(QueueTierStats {
+                    memory_items: 1,
+                    memory_bytes: 2,
+                    disk_items: 3,
+                    disk_bytes: 4,
+                    object_items: 5,
+                    object_bytes: 6 << 40,
+                }),
             }],
         }],
     });
@@ -649,6 +657,11 @@ fn extension_messages_round_trip_in_both_encodings() {
             paused: true,
             error: "e".into(),
             stats_hidden: true,
+            tiers: Some(QueueTierStats {
+                disk_items: 7,
+                disk_bytes: 8,
+                ..Default::default()
+            }),
         }],
         next_pivot: "r".into(),
     });
@@ -667,6 +680,7 @@ fn extension_messages_round_trip_in_both_encodings() {
     round_trip(&QueueStatsRequest {
         queue_name: "q".into(),
         with_oldest_age: true,
+        with_tiers: true,
     });
     round_trip(&QueueProduceRequest {
         queue_name: "q".into(),

@@ -479,9 +479,9 @@ pub fn rebalance_out(t: RebalanceTask) -> pb::RebalanceTask {
     }
 }
 
-/// `queue.stats`. `oldest` adds each partition's `oldest_ready_age` (a Lessor extension the request asks for; a
-/// Querator client never does, so its strict decoder never meets the field).
-pub fn stats_out(queue: String, s: QueueStats, oldest: bool) -> pb::QueueStatsResponse {
+/// `queue.stats`. `oldest` adds each partition's `oldest_ready_age` and `tiers` its per-tier figures (Lessor
+/// extensions the request asks for; a Querator client never does, so its strict decoder never meets the fields).
+pub fn stats_out(queue: String, s: QueueStats, oldest: bool, tiers: bool) -> pb::QueueStatsResponse {
     let c = |v: u64| i32::try_from(v).unwrap_or(i32::MAX);
     pb::QueueStatsResponse {
         queue_name: queue,
@@ -511,9 +511,23 @@ pub fn stats_out(queue: String, s: QueueStats, oldest: bool) -> pb::QueueStatsRe
                     } else {
                         String::new()
                     },
+                    tiers: tiers.then(|| tiers_out(&p.tiers)),
                 })
                 .collect(),
         }],
+    }
+}
+
+/// A partition's (or a queue's) per-tier figures on the wire.
+pub fn tiers_out(t: &lessor_core::types::TierStats) -> pb::QueueTierStats {
+    let n = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+    pb::QueueTierStats {
+        memory_items: n(t.memory.items),
+        memory_bytes: n(t.memory.bytes),
+        disk_items: n(t.disk.items),
+        disk_bytes: n(t.disk.bytes),
+        object_items: n(t.object.items),
+        object_bytes: n(t.object.bytes),
     }
 }
 
@@ -633,12 +647,41 @@ mod strict_querator_tests {
                 average_leased_age: Duration::from_secs(1),
                 scheduled: 2,
                 oldest_ready_age: Duration::from_secs(9),
+                tiers: lessor_core::types::TierStats {
+                    memory: lessor_core::types::TierFigures { items: 10, bytes: 70 },
+                    object: lessor_core::types::TierFigures {
+                        items: 2,
+                        bytes: 3 << 20,
+                    },
+                    ..Default::default()
+                },
             }],
         };
-        // Asked for, the extension field is there (numbered 100); a Querator client never asks.
-        let with = stats_out("q".into(), stats.clone(), true);
+        // Asked for, the extension fields are there (numbered 100 and 101); a Querator client never asks.
+        let with = stats_out("q".into(), stats.clone(), true, true);
         assert_eq!(with.logical_queues[0].partitions[0].oldest_ready_age, "9s");
-        let json = pb::encode(pb::Encoding::Json, &stats_out("q".into(), stats, false));
+        let json = pb::encode(pb::Encoding::Json, &with);
+        let v: serde_json::Value = serde_json::from_slice(&json).expect("json");
+        let tiers = &v["logicalQueues"][0]["partitions"][0]["tiers"];
+        assert_eq!(
+            tiers["memory_items"], "10",
+            "int64 is a string in protojson: {tiers}"
+        );
+        assert_eq!(tiers["object_bytes"], (3u64 << 20).to_string());
+        assert!(
+            tiers.get("disk_items").is_none(),
+            "zero figures are omitted: {tiers}"
+        );
+        // Each asked for alone.
+        let only_tiers = stats_out("q".into(), stats.clone(), false, true);
+        assert_eq!(only_tiers.logical_queues[0].partitions[0].oldest_ready_age, "");
+        assert!(only_tiers.logical_queues[0].partitions[0].tiers.is_some());
+        let only_oldest = stats_out("q".into(), stats.clone(), true, false);
+        assert!(only_oldest.logical_queues[0].partitions[0].tiers.is_none());
+        // Not asked for (a Querator client): every key is one Querator's messages have, in both encodings.
+        let plain = stats_out("q".into(), stats, false, false);
+        assert!(plain.logical_queues[0].partitions[0].tiers.is_none());
+        let json = pb::encode(pb::Encoding::Json, &plain);
         let v: serde_json::Value = serde_json::from_slice(&json).expect("json");
         only_keys(&v, &["queue_name", "logicalQueues"], "QueueStatsResponse");
         let logical = &v["logicalQueues"][0];

@@ -150,7 +150,7 @@ pub struct Ctx {
 }
 
 /// The handler of every RPC, one per entry of [`routes::ROUTES`] (checked by a test).
-const HANDLERS: [fn(Api) -> Api; 52] = [
+const HANDLERS: [fn(Api) -> Api; 53] = [
     produce,
     lease,
     complete,
@@ -186,6 +186,7 @@ const HANDLERS: [fn(Api) -> Api; 52] = [
     backup::restore_begin,
     backup::restore_import,
     backup::restore_finish,
+    offload_sweep,
     admin::namespaces_create,
     admin::namespaces_update,
     admin::namespaces_list,
@@ -649,7 +650,35 @@ fn stats(api: Api) -> Api {
         lessor_proto::routes::QueueStats,
         |Ctx { engine: e, .. }, r: pb::QueueStatsRequest| async move {
             let s = e.stats(&r.queue_name).await?;
-            Ok(convert::stats_out(r.queue_name, s, r.with_oldest_age))
+            Ok(convert::stats_out(
+                r.queue_name,
+                s,
+                r.with_oldest_age,
+                r.with_tiers,
+            ))
+        },
+    )
+}
+
+/// `offload.sweep`: the sweeper of orphaned payload objects, now (see `Engine::sweep_objects`).
+fn offload_sweep(api: Api) -> Api {
+    api.rpc(
+        lessor_proto::routes::OffloadSweep,
+        |Ctx { engine: e, .. }, r: pb::OffloadSweepRequest| async move {
+            let n = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+            let stores = e
+                .sweep_objects(&r.store)
+                .await?
+                .into_iter()
+                .map(|(store, o)| pb::OffloadSweepStore {
+                    store,
+                    listed: n(o.listed),
+                    deleted: n(o.deleted),
+                    spared: n(o.listed.saturating_sub(o.deleted)),
+                    not_open: n(o.skipped),
+                })
+                .collect();
+            Ok(pb::OffloadSweepResponse { stores })
         },
     )
 }
@@ -844,12 +873,15 @@ async fn overview_row(
     match e.stats(&row.queue_name).await {
         Ok(s) => {
             let mut oldest = std::time::Duration::ZERO;
+            let mut tiers = lessor_core::types::TierStats::default();
             for p in &s.partitions {
                 row.ready += n(p.total.saturating_sub(p.total_leased));
                 row.leased += n(p.total_leased);
                 row.scheduled += n(p.scheduled);
                 oldest = oldest.max(p.oldest_ready_age);
+                tiers.add(&p.tiers);
             }
+            row.tiers = Some(convert::tiers_out(&tiers));
             if !oldest.is_zero() {
                 row.oldest_ready_age = lessor_proto::duration::format_go_duration(oldest);
             }

@@ -228,6 +228,31 @@ impl prometheus_client::collector::Collector for QueueCollector {
                 ConstGauge::new(pick(m) as i64).encode(fam.encode_family(&labels)?)?;
             }
         }
+        // Per queue and storage tier: three tiers per queue, a fixed set like the gauges above (no per-partition
+        // series). Refreshed by each queue's task (see `lessor_core::engine::TIER_REFRESH`).
+        type Tier = fn(&lessor_core::engine::QueueMetrics) -> &[std::sync::atomic::AtomicU64; 3];
+        let tiers: [(&str, &str, Tier); 2] = [
+            (
+                "queue_tier_items",
+                "Items held per storage tier (memory, disk, object); an item can count in several",
+                |m| &m.tier_items,
+            ),
+            (
+                "queue_tier_bytes",
+                "Payload bytes held per storage tier (object: before compression)",
+                |m| &m.tier_bytes,
+            ),
+        ];
+        for (name, help, pick) in tiers {
+            let mut fam = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+            for (q, m) in &queues {
+                for (tier, v) in lessor_core::engine::TIERS.iter().zip(pick(m)) {
+                    let labels = [("queue", q.as_str()), ("tier", tier)];
+                    ConstGauge::new(i64::try_from(v.load(Ordering::Relaxed)).unwrap_or(i64::MAX))
+                        .encode(fam.encode_family(&labels)?)?;
+                }
+            }
+        }
         let counters: [(&str, &str, Pick); 8] = [
             ("queue_produced", "Items produced", |m| {
                 m.produced.load(Ordering::Relaxed)

@@ -1395,4 +1395,10 @@ async fn extension_routes_check_their_permissions() {
         .redrive_cancel(&get("a-dlq"))
         .await
         .expect("queue.update cancels");
+    // Sweeping object storage is server-wide (`queue.clear` in `_system`): not for a namespace's users; the admin
+    // gets through to the handler, which says this server has no object storage.
+    let sweep = pb::OffloadSweepRequest::default();
+    assert_api(viewer.offload_sweep(&sweep).await, 403, "access denied");
+    assert_api(operator.offload_sweep(&sweep).await, 403, "access denied");
+    assert_api(admin.offload_sweep(&sweep).await, 400, "no object storage; ");
 }

@@ -60,6 +60,7 @@ const ROUTES: &[&str] = &[
     "/v1/redrive.list",
     "/v1/redrive.get",
     "/v1/redrive.cancel",
+    "/v1/offload.sweep",
 ];
 
 /// The auth routes (namespaces, users, API keys, roles, role bindings).

@@ -10,6 +10,7 @@
 //! - [`registry`]: the drivers, their settings, and the one entry point that opens a store from a specification.
 //! - `offload` (feature `s3`): large payloads in S3-compatible object storage and payload compression, as a
 //!   wrapper the registry puts around any partition store whose settings ask for it.
+//! - [`tiers`]: per-tier running counters (memory, disk, object storage) every backend keeps for its stats.
 //! - [`memory`]: RAM-only queues and partitions (tests, development, ephemeral work).
 //! - `testsuite` (feature `testsuite`): the conformance suite, written once and instantiated for every backend by
 //!   `conformance_tests!`.
@@ -25,3 +26,4 @@ pub mod registry;
 pub mod state;
 #[cfg(any(test, feature = "testsuite"))]
 pub mod testsuite;
+pub mod tiers;

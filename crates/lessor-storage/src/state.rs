@@ -36,8 +36,11 @@ use lessor_core::error::ItemError;
 use lessor_core::storage::{LifecycleOutcome, LifecyclePolicy, RetryAction, RetryOp, RetryOutcome};
 use lessor_core::time::Ts;
 use lessor_core::types::{
-    ClearRequest, DedupRecord, Item, ItemId, NewItem, PartitionCounts, PartitionStats, MAX_PRIORITY,
+    ClearRequest, DedupRecord, Item, ItemId, NewItem, PartitionCounts, PartitionStats, TierStats,
+    MAX_PRIORITY,
 };
+
+use crate::tiers::TierCounters;
 
 mod chunk;
 mod dedup;
@@ -258,6 +261,8 @@ pub struct PartitionState {
     /// Sum of lease deadlines over leased items.
     sum_lease: i128,
     payload_bytes: u64,
+    /// Items and bytes by tier (inline or offloaded payload), over ready, leased and scheduled items.
+    tiers: TierCounters,
     /// Dedup records.
     dedup: DedupSet,
 }
@@ -290,6 +295,7 @@ impl PartitionState {
             sum_created: 0,
             sum_lease: 0,
             payload_bytes: 0,
+            tiers: TierCounters::default(),
             dedup: DedupSet::default(),
         }
     }
@@ -353,6 +359,7 @@ impl PartitionState {
             self.dead.insert(id, it);
             return;
         }
+        self.tiers.add(&it.payload);
         if it.is_scheduled() {
             self.sched_idx.insert((it.enqueue_at, id));
             self.sched.insert(id, it);
@@ -403,6 +410,12 @@ impl PartitionState {
         }
         let total = slot.data.as_ref().map_or(0, |d| d.len());
         self.payload_bytes -= (total - payload_at) as u64;
+        self.tiers.remove(
+            slot.data
+                .as_ref()
+                .and_then(|d| d.get(payload_at..))
+                .unwrap_or_default(),
+        );
     }
 
     /// [`PartitionState::take_live`] without building the item.
@@ -434,9 +447,11 @@ impl PartitionState {
     /// Takes an item out of every index.
     fn remove(&mut self, id: u64) -> Option<Item> {
         let it = if let Some(it) = self.take_live(id) {
+            self.tiers.remove(&it.payload);
             it
         } else if let Some(it) = self.sched.remove(&id) {
             self.sched_idx.remove(&(it.enqueue_at, id));
+            self.tiers.remove(&it.payload);
             it
         } else {
             self.dead.remove(&id)?
@@ -996,7 +1011,18 @@ impl PartitionState {
             average_leased_age: avg(self.sum_lease, leased, true),
             payload_bytes: self.payload_bytes,
             oldest_ready_age: self.oldest_head().map_or(Duration::ZERO, |c| now.since(Ts(c))),
+            // Everything this state holds is in memory; a backend that also keeps it on disk adds that tier.
+            tiers: TierStats {
+                memory: self.tiers.held(),
+                object: self.tiers.object(),
+                ..Default::default()
+            },
         }
+    }
+
+    /// The running per-tier counters (see [`TierCounters`]).
+    pub fn tier_counters(&self) -> TierCounters {
+        self.tiers
     }
 
     /// See [`lessor_core::storage::Partition::list`].
@@ -1207,6 +1233,120 @@ mod tests {
             payload: Bytes::from(p.to_string()),
             ..Default::default()
         }
+    }
+
+    /// The per-tier counters stay equal to a recount of the items held (ready, leased, scheduled; not dead) through
+    /// a long random mix of every operation, payloads inline or object references, and a reload agrees.
+    #[test]
+    fn tier_counters_match_a_recount_through_every_operation() {
+        use crate::tiers::{TierCounters, FRAME_MAGIC, KIND_OBJECT};
+        let mut x = 0x2545_F491_4F6C_DD1Du64;
+        let mut rnd = move |n: u64| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x % n
+        };
+        let reference = |len: u64| {
+            let mut b = FRAME_MAGIC.to_vec();
+            b.extend_from_slice(&[KIND_OBJECT, 0]);
+            b.extend_from_slice(&len.to_le_bytes());
+            b.extend_from_slice(&[0; 4]);
+            b.extend_from_slice(&4u16.to_le_bytes());
+            b.extend_from_slice(b"k123");
+            Bytes::from(b)
+        };
+        let recount = |s: &PartitionState| {
+            let mut c = TierCounters::default();
+            for it in s.all_items().iter().filter(|it| !it.dead) {
+                c.add(&it.payload);
+            }
+            c
+        };
+        let mut s = PartitionState::new(1).without_changes();
+        let mut now = Ts(1);
+        for step in 0..3000 {
+            let policy = LifecyclePolicy {
+                max_attempts: 3,
+                has_dead_queue: rnd(2) == 0,
+                ..Default::default()
+            };
+            match rnd(9) {
+                0 | 1 => {
+                    let items = (0..1 + rnd(4))
+                        .map(|_| NewItem {
+                            enqueue_at: if rnd(4) == 0 {
+                                now.add(Duration::from_secs(rnd(20)))
+                            } else {
+                                Ts::ZERO
+                            },
+                            expire_deadline: now.add(Duration::from_secs(10 + rnd(100))),
+                            created_at: now,
+                            payload: if rnd(2) == 0 {
+                                reference(100_000 + rnd(1 << 20))
+                            } else {
+                                Bytes::from(vec![b'p'; rnd(300) as usize])
+                            },
+                            ..Default::default()
+                        })
+                        .collect();
+                    s.produce(items);
+                }
+                2 => {
+                    s.lease(1 + rnd(3) as usize, now.add(Duration::from_secs(1 + rnd(10))));
+                }
+                3 | 4 => {
+                    let leased: Vec<ItemId> = s
+                        .list(None, 1000, false)
+                        .iter()
+                        .filter(|i| i.is_leased)
+                        .map(|i| i.id)
+                        .collect();
+                    if let Some(&id) = leased.get(rnd(leased.len().max(1) as u64) as usize) {
+                        if rnd(2) == 0 {
+                            s.complete(vec![vec![id]]);
+                        } else {
+                            let action = match rnd(3) {
+                                0 => RetryAction::Requeue,
+                                1 => RetryAction::Schedule(now.add(Duration::from_secs(rnd(10)))),
+                                _ => RetryAction::Dead,
+                            };
+                            s.retry(vec![vec![RetryOp { id, action }]], policy);
+                        }
+                    }
+                }
+                5 => {
+                    now = now.add(Duration::from_secs(rnd(5)));
+                    s.lifecycle(now, policy, 100);
+                }
+                6 => {
+                    let all = s.all_items();
+                    if let Some(it) = all.get(rnd(all.len().max(1) as u64) as usize) {
+                        s.delete(vec![it.id]);
+                    }
+                }
+                7 => {
+                    let dead: Vec<ItemId> = s.dead_items(3).iter().map(|i| i.id).collect();
+                    s.remove_dead(dead);
+                }
+                _ => {
+                    if rnd(20) == 0 {
+                        s.clear(ClearRequest {
+                            queue: rnd(2) == 0,
+                            scheduled: rnd(2) == 0,
+                            destructive: rnd(2) == 0,
+                        });
+                    }
+                }
+            }
+            assert_eq!(s.tier_counters(), recount(&s), "step {step}");
+        }
+        assert!(
+            s.tier_counters().object_items > 0,
+            "the mix kept some offloaded items"
+        );
+        let reloaded = PartitionState::load(s.all_items(), 1);
+        assert_eq!(reloaded.tier_counters(), s.tier_counters());
     }
 
     /// The heads that `stats` reads are kept current by every operation: the cursor sits on the first ready

@@ -19,7 +19,9 @@ use bytes::Bytes;
 use lessor_core::error::{ItemError, StorageErrorKind};
 use lessor_core::storage::{LifecyclePolicy, Partition, PartitionStore, QueuesStore, RetryAction, RetryOp};
 use lessor_core::time::Ts;
-use lessor_core::types::{Backoff, ClearRequest, Item, ItemId, NewItem, PartitionInfo, QueueInfo};
+use lessor_core::types::{
+    Backoff, ClearRequest, Item, ItemId, NewItem, PartitionInfo, QueueInfo, TierFigures, TierStats,
+};
 
 pub mod auth;
 pub mod features;
@@ -38,6 +40,8 @@ pub struct TestBackend {
     /// Whether this case is the only user of the auth store (not a database shared with other cases), so that
     /// exact generations and the one-time bootstrap can be asserted.
     pub private_auth: bool,
+    /// With the offload wrapper: payloads longer than this many bytes go to object storage (`None`: bare store).
+    pub offload_threshold: Option<usize>,
 }
 
 /// A fixed instant all cases count from.
@@ -616,6 +620,129 @@ pub async fn stats_report_oldest_ready_age(b: TestBackend) {
     b.partitions.destroy(&q, 0).await.expect("destroy");
 }
 
+/// Stats count items and payload bytes per tier, kept exact by produce, lease, complete, schedule, delete and a
+/// reopen. Where the record of an item is held depends on the backend (memory: in memory; fjall: in memory and on
+/// disk; PostgreSQL: in the database, reported as disk); an offloaded payload counts in the object tier with its
+/// original length, and not in the bytes of the tier holding its item's record.
+pub async fn stats_report_tiers(b: TestBackend) {
+    let q = unique_queue("tiers");
+    let p = b.partitions.open(&q, 0).await.expect("open");
+    let driver = b.partitions.driver();
+    let offloaded = |payload: &str| b.offload_threshold.is_some_and(|t| payload.len() > t);
+    // The figures expected for a set of payloads held.
+    let expect = |held: &[&str]| -> TierStats {
+        let (mut record, mut object) = (TierFigures::default(), TierFigures::default());
+        for &h in held {
+            record.items += 1;
+            if offloaded(h) {
+                object.items += 1;
+                object.bytes += h.len() as u64;
+            } else {
+                record.bytes += h.len() as u64;
+            }
+        }
+        match driver {
+            "memory" => TierStats {
+                memory: record,
+                object,
+                ..Default::default()
+            },
+            "fjall" => TierStats {
+                memory: record,
+                disk: record,
+                object,
+            },
+            "postgres" => TierStats {
+                disk: record,
+                object,
+                ..Default::default()
+            },
+            other => panic!("no tier expectations for driver {other}"),
+        }
+    };
+    let tiers = |p: Arc<dyn Partition>| async move { p.stats(T0).await.expect("stats").tiers };
+    assert_eq!(tiers(p.clone()).await, TierStats::default(), "empty");
+    // Large payloads are not one byte repeated, so compression cannot hide a miscount.
+    let big = |n: usize, seed: u64| -> String {
+        (0..n as u64)
+            .map(|i| char::from(b'a' + ((i * 7 + seed * 13 + i / 5) % 26) as u8))
+            .collect()
+    };
+    let (big1, big2, big3) = (big(4000, 1), big(3000, 2), big(2500, 3));
+    p.produce(vec![item("s1"), item(&big1), item("s2-ab"), item(&big2)])
+        .await
+        .expect("produce");
+    assert_eq!(
+        tiers(p.clone()).await,
+        expect(&["s1", &big1, "s2-ab", &big2]),
+        "produced"
+    );
+    if b.offload_threshold.is_some() {
+        let t = tiers(p.clone()).await;
+        assert_eq!(
+            (t.object.items, t.object.bytes),
+            (2, 7000),
+            "offloaded payloads in the object tier"
+        );
+    }
+    // Leased items are still held.
+    let got = p.lease(2, T0.add(SEC * 60)).await.expect("lease");
+    assert_eq!(payloads(&got), vec!["s1".to_string(), big1.clone()]);
+    assert_eq!(
+        tiers(p.clone()).await,
+        expect(&["s1", &big1, "s2-ab", &big2]),
+        "leased"
+    );
+    p.complete(vec![got.iter().map(|i| i.id).collect()])
+        .await
+        .expect("complete")
+        .into_iter()
+        .for_each(|r| r.expect("completed"));
+    assert_eq!(tiers(p.clone()).await, expect(&["s2-ab", &big2]), "completed");
+    // A scheduled item counts; a retry that schedules keeps the item in its tiers.
+    let mut later = item(&big3);
+    later.enqueue_at = T0.add(SEC * 600);
+    p.produce(vec![later]).await.expect("produce scheduled");
+    let got = p.lease(1, T0.add(SEC * 60)).await.expect("lease");
+    assert_eq!(payloads(&got), vec!["s2-ab"]);
+    let r = p
+        .retry(
+            vec![vec![RetryOp {
+                id: got[0].id,
+                action: RetryAction::Schedule(T0.add(SEC * 300)),
+            }]],
+            NO_DLQ,
+        )
+        .await
+        .expect("retry");
+    assert!(r[0].is_ok(), "{r:?}");
+    let s = p.stats(T0).await.expect("stats");
+    assert_eq!(s.counts.scheduled, 2);
+    assert_eq!(s.tiers, expect(&["s2-ab", &big2, &big3]), "scheduled");
+    // Delete and reopen.
+    let ready = p.list(None, 10, false).await.expect("list");
+    let id2 = ready
+        .iter()
+        .find(|i| i.payload.len() == big2.len())
+        .expect("big2")
+        .id;
+    p.delete(vec![id2]).await.expect("delete");
+    assert_eq!(tiers(p.clone()).await, expect(&["s2-ab", &big3]), "deleted");
+    p.close().await;
+    drop(p);
+    let p = b.partitions.open(&q, 0).await.expect("reopen");
+    assert_eq!(tiers(p.clone()).await, expect(&["s2-ab", &big3]), "reopened");
+    p.clear(ClearRequest {
+        queue: true,
+        scheduled: true,
+        destructive: true,
+    })
+    .await
+    .expect("clear");
+    assert_eq!(tiers(p.clone()).await, TierStats::default(), "cleared");
+    b.partitions.destroy(&q, 0).await.expect("destroy");
+}
+
 /// Reopening a partition finds its items, and new ids keep growing.
 pub async fn reopen_keeps_items_and_id_order(b: TestBackend) {
     let q = unique_queue("reopen");
@@ -896,6 +1023,7 @@ macro_rules! conformance_tests {
             clear_modes,
             stats_report_ages,
             stats_report_oldest_ready_age,
+            stats_report_tiers,
             reopen_keeps_items_and_id_order,
             partitions_are_independent,
             large_batches_keep_order,

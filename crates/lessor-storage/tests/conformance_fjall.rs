@@ -18,6 +18,7 @@ async fn fjall_backend() -> Option<TestBackend> {
         // fjall's lock file keeps a second handle (another process) out of the directory.
         peer: None,
         private_auth: true,
+        offload_threshold: None,
     })
 }
 

@@ -14,6 +14,7 @@ async fn memory() -> Option<TestBackend> {
         queues,
         guard: Box::new(()),
         private_auth: true,
+        offload_threshold: None,
     })
 }
 

@@ -40,6 +40,7 @@ async fn offload_backend() -> Option<TestBackend> {
         guard: Box::new(dir),
         peer: None,
         private_auth: true,
+        offload_threshold: Some(8),
     })
 }
 

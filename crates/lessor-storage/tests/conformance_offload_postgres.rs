@@ -55,6 +55,7 @@ async fn offload_pg_backend() -> Option<TestBackend> {
         guard: Box::new(()),
         peer: Some(Arc::new(PgQueues::new(&peer).expect("postgres queue store"))),
         private_auth: false,
+        offload_threshold: Some(8),
     })
 }
 

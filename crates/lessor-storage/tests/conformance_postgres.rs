@@ -44,6 +44,7 @@ fn backend_on(url: &str, guard: Box<dyn std::any::Any + Send>, private_auth: boo
         guard,
         peer: Some(Arc::new(PgQueues::new(&peer).expect("postgres queue store"))),
         private_auth,
+        offload_threshold: None,
     }
 }
 

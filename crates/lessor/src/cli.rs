@@ -194,6 +194,9 @@ enum Command {
     /// Move partitions between stores or change their number while serving (a server-side task), or list and
     /// show such tasks.
     Rebalance(rebalance::RebalanceArgs),
+    /// Object storage of large payloads: run the sweeper of orphaned objects now.
+    #[command(subcommand)]
+    Offload(extensions::OffloadCmd),
     /// Create a queue.
     Create(QueueArgs),
     /// Update the given fields of a queue.
@@ -659,6 +662,7 @@ pub async fn run(cli: Cli) -> Result<(), String> {
                 .queue_stats(&pb::QueueStatsRequest {
                     queue_name: queue,
                     with_oldest_age: true,
+                    with_tiers: true,
                 })
                 .await
                 .map_err(api)?;
@@ -686,6 +690,22 @@ pub async fn run(cli: Cli) -> Result<(), String> {
                         ));
                     }
                     s.push_str(&format!("\nwaiting leases: {}", l.lease_waiting));
+                    // Where the items are: items / payload bytes per tier (an item can count in several).
+                    s.push_str(&format!(
+                        "\n\n{:>9} {:>24} {:>24} {:>24}",
+                        "PARTITION", "MEMORY ITEMS/BYTES", "DISK ITEMS/BYTES", "OBJECT ITEMS/BYTES"
+                    ));
+                    for p in &l.partitions {
+                        let t = p.tiers.clone().unwrap_or_default();
+                        let pair = |items: i64, bytes: i64| format!("{items} / {}", human_bytes(bytes));
+                        s.push_str(&format!(
+                            "\n{:>9} {:>24} {:>24} {:>24}",
+                            p.partition,
+                            pair(t.memory_items, t.memory_bytes),
+                            pair(t.disk_items, t.disk_bytes),
+                            pair(t.object_items, t.object_bytes)
+                        ));
+                    }
                 }
                 s
             });
@@ -713,6 +733,7 @@ pub async fn run(cli: Cli) -> Result<(), String> {
         Command::Browse(a) => extensions::browse(&c, json, a).await?,
         Command::Redrive(a) => extensions::redrive(&c, json, a).await?,
         Command::Rebalance(a) => rebalance::rebalance(&c, json, a).await?,
+        Command::Offload(cmd) => extensions::offload(&c, json, cmd).await?,
         Command::Namespace(cmd) => auth::namespace(&c, json, cmd).await?,
         Command::User(cmd) => auth::user(&c, json, cmd).await?,
         Command::ApiKey(cmd) => auth::apikey(&c, json, cmd).await?,
@@ -868,5 +889,31 @@ mod logging_tests {
         for level in ["trace", "debug", "info", "warn", "error"] {
             tracing_subscriber::EnvFilter::try_new(default_directives(level)).expect("a valid filter");
         }
+    }
+}
+
+/// A byte count for people: `512 B`, `1.5 KiB`, `20.0 MiB`.
+fn human_bytes(n: i64) -> String {
+    const UNITS: [&str; 5] = ["KiB", "MiB", "GiB", "TiB", "PiB"];
+    if n < 1024 {
+        return format!("{n} B");
+    }
+    let mut v = n as f64 / 1024.0;
+    let mut unit = 0;
+    while v >= 1024.0 && unit + 1 < UNITS.len() {
+        v /= 1024.0;
+        unit += 1;
+    }
+    format!("{v:.1} {}", UNITS[unit])
+}
+
+#[cfg(test)]
+mod human_bytes_tests {
+    #[test]
+    fn byte_counts_read_for_people() {
+        assert_eq!(super::human_bytes(0), "0 B");
+        assert_eq!(super::human_bytes(1023), "1023 B");
+        assert_eq!(super::human_bytes(1536), "1.5 KiB");
+        assert_eq!(super::human_bytes(20 << 20), "20.0 MiB");
     }
 }

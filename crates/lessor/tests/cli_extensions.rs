@@ -336,3 +336,39 @@ async fn stats_show_the_oldest_waiting_item() {
     assert!(age.ends_with('s'), "a Go duration: {s}");
     srv.stop().await;
 }
+
+/// `lessor stats` asks for the per-tier figures and shows them as a second table; `lessor offload sweep` on a
+/// server without object storage fails with the server's reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stats_show_tiers_and_sweep_needs_object_storage() {
+    let (srv, _c) = lessor_testkit::server::memory().await;
+    let ep = srv.endpoint();
+    let ep = ep.as_str();
+    ok(ep, &["create", "tiered"]).await;
+    ok(ep, &["produce", "tiered", "-p", "hello"]).await;
+    ok(ep, &["produce", "tiered", "-p", "world!"]).await;
+    let table = ok(ep, &["stats", "tiered"]).await;
+    let header = table
+        .lines()
+        .position(|l| l.contains("MEMORY ITEMS/BYTES"))
+        .unwrap_or_else(|| panic!("no tier table: {table}"));
+    let row: Vec<&str> = table
+        .lines()
+        .nth(header + 1)
+        .unwrap_or_default()
+        .split_whitespace()
+        .collect();
+    // PARTITION, then items / bytes per tier: memory holds both (11 bytes), nothing on disk or in object storage.
+    assert_eq!(
+        row,
+        ["0", "2", "/", "11", "B", "0", "/", "0", "B", "0", "/", "0", "B"],
+        "{table}"
+    );
+    let s = ok_json(ep, &["stats", "tiered"]).await;
+    let tiers = &s["logicalQueues"][0]["partitions"][0]["tiers"];
+    assert_eq!(tiers["memory_items"], "2", "{s}");
+    assert_eq!(tiers["memory_bytes"], "11", "{s}");
+    let e = fails(ep, &["offload", "sweep"]).await;
+    assert!(e.contains("400") && e.contains("no object storage; "), "{e}");
+    srv.stop().await;
+}

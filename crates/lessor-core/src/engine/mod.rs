@@ -97,6 +97,28 @@ pub struct QueueMetrics {
     pub scheduled: AtomicU64,
     /// Lease requests waiting now.
     pub lease_waiting: AtomicU64,
+    /// Items per storage tier (memory, disk, object; see [`crate::types::TierStats`]), summed over the partitions,
+    /// as of the queue's last tier refresh (at most [`TIER_REFRESH`] old while the queue changes).
+    pub tier_items: [AtomicU64; 3],
+    /// Payload bytes per storage tier, like `tier_items`.
+    pub tier_bytes: [AtomicU64; 3],
+}
+
+/// The storage tiers of [`QueueMetrics::tier_items`] and `tier_bytes`, in their order.
+pub const TIERS: [&str; 3] = ["memory", "disk", "object"];
+
+/// How often a queue that changes re-reads its partitions' tier figures for `/metrics` (a stats call per
+/// partition: a query each on PostgreSQL, so not on every pass). A quiet queue reads none.
+pub const TIER_REFRESH: Duration = Duration::from_secs(10);
+
+impl QueueMetrics {
+    /// Publishes tier figures summed over a queue's partitions.
+    pub fn set_tiers(&self, t: &crate::types::TierStats) {
+        for (i, f) in [t.memory, t.disk, t.object].into_iter().enumerate() {
+            self.tier_items[i].store(f.items, Ordering::Relaxed);
+            self.tier_bytes[i].store(f.bytes, Ordering::Relaxed);
+        }
+    }
 }
 
 /// A produce item as the server hands it over.
@@ -221,6 +243,8 @@ pub struct PartitionReport {
     pub scheduled: u64,
     /// Age of the oldest item next in line (see [`crate::types::PartitionStats::oldest_ready_age`]).
     pub oldest_ready_age: Duration,
+    /// Items and payload bytes by storage tier (see [`crate::types::TierStats`]).
+    pub tiers: crate::types::TierStats,
 }
 
 /// `queue.stats` answer.
@@ -1164,6 +1188,45 @@ impl Engine {
         info.updated_at = self.clock().now();
         self.inner.config.queues.update(&info).await?;
         self.push_info(info).await
+    }
+
+    /// Runs the sweeper of orphaned payload objects of the partition store named `store` (every store with
+    /// object storage when empty) now, store by store; returns what each did.
+    ///
+    /// # Errors
+    /// [`QueueError::Invalid`] (400) when `store` names no partition store, or when no store it covers has object
+    /// storage (nothing to sweep); a storage error when object storage or a partition snapshot fails.
+    pub async fn sweep_objects(
+        &self,
+        store: &str,
+    ) -> Result<Vec<(String, crate::types::SweepReport)>, QueueError> {
+        let stores = &self.inner.config.stores;
+        if !store.is_empty() && !stores.iter().any(|s| s.name == store) {
+            let names: Vec<&str> = stores.iter().map(|s| s.name.as_str()).collect();
+            return Err(QueueError::Invalid(format!(
+                "store is invalid; no partition store is named '{store}' (this server has: {})",
+                names.join(", ")
+            )));
+        }
+        let mut out = Vec::new();
+        for s in stores.iter().filter(|s| store.is_empty() || s.name == store) {
+            if let Some(r) = s.store.sweep_objects().await {
+                out.push((s.name.clone(), r?));
+            }
+        }
+        if out.is_empty() {
+            return Err(QueueError::Invalid(if store.is_empty() {
+                "no object storage; no partition store of this server has payload-offload configured, so there is \
+                 nothing to sweep"
+                    .to_string()
+            } else {
+                format!(
+                    "no object storage; partition store '{store}' has no payload-offload configured, so there is \
+                     nothing to sweep"
+                )
+            }));
+        }
+        Ok(out)
     }
 
     /// Metrics of every loaded queue.

@@ -69,6 +69,8 @@ struct Gated {
     counts_cost: Option<(ManualClock, Duration)>,
     /// `counts` calls so far.
     counts_calls: Arc<AtomicUsize>,
+    /// `stats` calls so far.
+    stats_calls: Arc<AtomicUsize>,
 }
 
 impl Gated {
@@ -80,6 +82,7 @@ impl Gated {
             shared: false,
             counts_cost: None,
             counts_calls: Arc::new(AtomicUsize::new(0)),
+            stats_calls: Arc::new(AtomicUsize::new(0)),
         }
     }
 
@@ -171,7 +174,12 @@ impl Partition for Gated {
         Ok(PartitionCounts::default())
     }
     async fn stats(&self, _now: Ts) -> Result<PartitionStats, StorageError> {
-        Ok(PartitionStats::default())
+        self.stats_calls.fetch_add(1, Ordering::SeqCst);
+        // Every stored item in memory, one byte each.
+        let n = self.stored.load(Ordering::SeqCst) as u64;
+        let mut s = PartitionStats::default();
+        s.tiers.memory = crate::types::TierFigures { items: n, bytes: n };
+        Ok(s)
     }
     async fn list(
         &self,
@@ -505,4 +513,60 @@ async fn dedup_keys_beyond_the_limit_are_refused_until_the_window_moves_on() {
         .await
         .expect("room again");
     assert_eq!(store.stored.load(Ordering::SeqCst), 6);
+}
+
+/// The tier gauges of `/metrics` follow a queue that changes, read at most once per `TIER_REFRESH`, and a quiet
+/// queue costs no stats call at all.
+#[tokio::test]
+async fn tier_gauges_refresh_at_most_every_tier_refresh_and_not_when_quiet() {
+    let clock = ManualClock::starting_now();
+    let store = Gated::new();
+    store.gate.add_permits(100);
+    let engine = engine_over(&store, &clock).await;
+    let memory_items = || {
+        engine
+            .queue_metrics()
+            .into_iter()
+            .find(|(q, _)| q == "q")
+            .map(|(_, m)| m.tier_items[0].load(Ordering::SeqCst))
+            .expect("queue metrics")
+    };
+    // A queue's task starts with its first request; its first pass reads the figures.
+    finishes(engine.stats("q")).await.expect("stats");
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let calls = store.stats_calls.load(Ordering::SeqCst);
+    assert!(calls >= 1);
+    assert_eq!(memory_items(), 0);
+    let timeout = Some(Duration::from_secs(5));
+    finishes(engine.produce("q", vec![item("a"), item("b")], timeout))
+        .await
+        .expect("produce");
+    // Within TIER_REFRESH of the last read, nothing is read yet.
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    assert_eq!(
+        store.stats_calls.load(Ordering::SeqCst),
+        calls,
+        "read again too soon"
+    );
+    assert_eq!(memory_items(), 0);
+    // Once it is due, the task wakes by itself and reads them.
+    clock.advance(super::TIER_REFRESH);
+    until(|| memory_items() == 2).await;
+    let calls = store.stats_calls.load(Ordering::SeqCst);
+    // Nothing changes: no more reads, however long the queue stays quiet.
+    for _ in 0..5 {
+        clock.advance(super::TIER_REFRESH * 2);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(
+        store.stats_calls.load(Ordering::SeqCst),
+        calls,
+        "a quiet queue was read"
+    );
+    // A stats request refreshes them at once, for free.
+    finishes(engine.produce("q", vec![item("c")], timeout))
+        .await
+        .expect("produce");
+    finishes(engine.stats("q")).await.expect("stats");
+    assert_eq!(memory_items(), 3);
 }

@@ -20,11 +20,12 @@ use bytes::{BufMut, Bytes, BytesMut};
 pub use crate::registry::Compression;
 
 /// The first bytes of a framed payload (not valid UTF-8, so no text payload starts with them).
-pub const MAGIC: [u8; 4] = [0xF7, b'L', b'O', b'F'];
+pub const MAGIC: [u8; 4] = crate::tiers::FRAME_MAGIC;
 const KIND_RAW: u8 = 0;
 const KIND_LZ4: u8 = 1;
 const KIND_ZSTD: u8 = 2;
-const KIND_OBJECT: u8 = 3;
+/// Object references are recognised by every build (for the per-tier stats): the constant lives in `tiers`.
+const KIND_OBJECT: u8 = crate::tiers::KIND_OBJECT;
 /// Payloads shorter than this are never compressed (the frame and codec overhead eat the gain).
 pub const MIN_COMPRESS: usize = 128;
 /// zstd level: 3 is zstd's default, a good ratio at a few hundred MB/s.
@@ -312,6 +313,12 @@ mod tests {
         let enc = r.encode();
         assert_eq!(decode(&enc).expect("ref"), Stored::Object(r.clone()));
         assert_eq!(object_key(&enc).as_deref(), Some("pre/k1"));
+        // The per-tier stats of every backend tell references from inline frames by the same bytes.
+        assert_eq!(crate::tiers::offloaded_len(&enc), Some(p.len() as u64));
+        assert_eq!(
+            crate::tiers::offloaded_len(&encode_inline(&p, Compression::Zstd)),
+            None
+        );
         let body = Compression::Lz4.compress(&p);
         assert_eq!(r.decode_body(&body).expect("body"), p);
         assert!(r.decode_body(&Compression::Lz4.compress(b"other bytes")).is_err());

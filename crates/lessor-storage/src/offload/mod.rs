@@ -22,6 +22,9 @@
 //! - **sweeper**: a task per store lists the objects under the store's prefix and deletes those older than the
 //!   grace period that no item of an open partition references (read from an inner snapshot) and that no produce
 //!   in flight here is writing. The grace period covers produces in flight on other servers sharing a database.
+//!   An operator runs one at once with `POST /v1/offload.sweep` ([`PartitionStore::sweep_objects`]).
+//! - **stats**: the wrapper adds nothing: every backend counts items whose stored payload is a reference in the
+//!   object tier of its [`lessor_core::types::TierStats`] (see [`crate::tiers`]), from its own running counters.
 //!
 //! Every object is referenced by at most one item: dead-letter moves, rebalances and imports go through the
 //! resolved bytes and write new objects, so deleting an item's object never takes another item's payload.
@@ -43,7 +46,9 @@ use lessor_core::storage::{
     RetryOp, RetryOutcome,
 };
 use lessor_core::time::Ts;
-use lessor_core::types::{ClearRequest, DedupRecord, Item, ItemId, NewItem, PartitionCounts, PartitionStats};
+use lessor_core::types::{
+    ClearRequest, DedupRecord, Item, ItemId, NewItem, PartitionCounts, PartitionStats, SweepReport,
+};
 use object_store::aws::AmazonS3Builder;
 use object_store::path::Path as ObjPath;
 use object_store::{ClientOptions, ObjectStore, PutPayload, RetryConfig};
@@ -593,7 +598,7 @@ impl OffloadStore {
         }))
     }
 
-    /// Runs one sweep now (tests, and operators through the sweeper's schedule).
+    /// Runs one sweep now (tests; operators use `offload.sweep`, through [`PartitionStore::sweep_objects`]).
     ///
     /// # Errors
     /// Object storage or a partition snapshot failed; nothing was deleted on the failing partition.
@@ -662,6 +667,15 @@ impl PartitionStore for OffloadStore {
 
     fn notices(&self) -> Option<tokio::sync::broadcast::Receiver<Notice>> {
         self.inner.notices()
+    }
+
+    async fn sweep_objects(&self) -> Option<Result<SweepReport, StorageError>> {
+        self.shared.objects.as_ref()?;
+        Some(self.shared.sweep().await.map(|o| SweepReport {
+            listed: o.listed,
+            deleted: o.swept,
+            skipped: o.skipped,
+        }))
     }
 
     async fn close(&self) {

@@ -35,7 +35,9 @@ use lessor_core::storage::{
     RetryOutcome,
 };
 use lessor_core::time::Ts;
-use lessor_core::types::{ClearRequest, Item, ItemId, NewItem, PartitionCounts, PartitionStats};
+use lessor_core::types::{
+    ClearRequest, Item, ItemId, NewItem, PartitionCounts, PartitionStats, TierFigures, TierStats,
+};
 use tokio_postgres::Row;
 
 use super::pool::{acquire, pg_err, prepare, PgConfig, Shared, Tx};
@@ -1155,16 +1157,30 @@ impl Partition for PgPartition {
         let bytes: i64 = r.try_get(5).map_err(pg_err)?;
         // The created_at of the oldest item at the head of a priority: one `_ready_p` index probe per priority.
         let oldest_head: Option<i64> = r.try_get(6).map_err(pg_err)?;
-        Ok(PartitionStats {
-            counts: PartitionCounts {
-                ready: count(r.try_get(0).map_err(pg_err)?),
-                leased: count(r.try_get(1).map_err(pg_err)?),
-                scheduled: count(r.try_get(2).map_err(pg_err)?),
+        let counts = PartitionCounts {
+            ready: count(r.try_get(0).map_err(pg_err)?),
+            leased: count(r.try_get(1).map_err(pg_err)?),
+            scheduled: count(r.try_get(2).map_err(pg_err)?),
+        };
+        // Every item is in the database; nothing is Lessor's memory (the buffer cache is the database's).
+        let tiers = TierStats {
+            memory: TierFigures::default(),
+            disk: TierFigures {
+                items: counts.ready + counts.leased + counts.scheduled,
+                bytes: count(bytes),
             },
+            object: TierFigures {
+                items: count(r.try_get(7).map_err(pg_err)?),
+                bytes: count(r.try_get(8).map_err(pg_err)?),
+            },
+        };
+        Ok(PartitionStats {
+            counts,
             average_age: mean_created.map_or(Duration::ZERO, |c| now.since(Ts(c))),
             average_leased_age: mean_deadline.map_or(Duration::ZERO, |d| Ts(d).since(now)),
             payload_bytes: count(bytes),
             oldest_ready_age: oldest_head.map_or(Duration::ZERO, |c| now.since(Ts(c))),
+            tiers,
         })
     }
 

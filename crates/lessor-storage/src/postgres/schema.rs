@@ -194,7 +194,8 @@ pub const PARTITION_LAYOUT: i32 = 2;
 /// Columns follow Querator's layout, adapted: `id` is a `BIGINT` from the table's own sequence (started at the
 /// current time in microseconds, so a deleted and re-created queue never hands out an id an old consumer may still
 /// hold), timestamps are `BIGINT` microseconds with 0 for unset, `dead` marks items waiting for the dead-letter
-/// queue, and `payload_len` keeps stats from reading payloads.
+/// queue, and `payload_len` keeps stats from reading payloads (negative for an offloaded payload: minus the length of
+/// the payload its object reference stands for, so stats count the object tier apart; see `sql::payload_len`).
 ///
 /// Each partial index serves one state, so every hot query reads the head of one index:
 /// - `_src`: unique source ids (idempotent dead-letter moves, `ON CONFLICT`);

@@ -29,6 +29,27 @@ pub(crate) const SCHEDULED: &str = "enqueue_at <> 0 AND NOT dead";
 /// Ready or leased: what complete and retry may name, and what `expire_deadline` applies to.
 pub(crate) const LIVE: &str = "enqueue_at = 0 AND NOT dead";
 
+/// The `payload_len` stored with payload `p`: its length, or for an object reference (the claim check, see
+/// [`crate::tiers`]) minus the length of the payload it stands for. Stats then tell inline payloads from offloaded
+/// ones from the covering indexes alone, without reading a payload. The length is read from the reference's 7 low
+/// bytes (payloads are far below 2^56 bytes).
+fn payload_len(p: &str) -> String {
+    let magic: String = crate::tiers::FRAME_MAGIC
+        .iter()
+        .chain(&[crate::tiers::KIND_OBJECT])
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let len: Vec<String> = (0..7)
+        .map(|i| format!("get_byte({p}, {})::int8 * {}", 6 + i, 1u64 << (8 * i)))
+        .collect();
+    format!(
+        "CASE WHEN octet_length({p}) >= {hdr} AND substring({p} from 1 for 5) = '\\x{magic}'::bytea \
+              THEN -({len}) ELSE octet_length({p}) END",
+        hdr = crate::tiers::OBJECT_HEADER,
+        len = len.join(" + "),
+    )
+}
+
 /// Action codes of the retry statement.
 pub(crate) const RETRY_REQUEUE: i32 = 0;
 pub(crate) const RETRY_SCHEDULE: i32 = 1;
@@ -182,7 +203,7 @@ fn produce(t: &str, dedup: bool) -> String {
             INSERT INTO {t} AS t (id, source_id, enqueue_at, expire_deadline, created_at, reference,
                                   encoding, kind, payload, payload_len, priority)
             SELECT {new}, b.source_id, b.enqueue_at, b.expire_deadline, b.created_at, b.reference,
-                   b.encoding, b.kind, b.payload, octet_length(b.payload), b.priority
+                   b.encoding, b.kind, b.payload, {len}, b.priority
             FROM b
             {filter}
             ON CONFLICT (source_id) WHERE source_id IS NOT NULL DO NOTHING
@@ -194,6 +215,7 @@ fn produce(t: &str, dedup: bool) -> String {
                 (SELECT array_agg(rn) FROM dup), (SELECT array_agg(id) FROM dup){extra}",
         fresh = fresh_ids(t, "b"),
         new = new_id("b.rn"),
+        len = payload_len("b.payload"),
     )
 }
 
@@ -364,22 +386,29 @@ impl Sql {
                         (SELECT count(*) FROM {t} WHERE {SCHEDULED})"
             ),
             // Sums over the covering partial indexes (created_at, lease_deadline and payload_len are in them), so
-            // no payload is read; the means are exact integer divisions, truncated like the memory backend's.
+            // no payload is read; the means are exact integer divisions, truncated like the memory backend's. A
+            // negative payload_len marks an offloaded payload (see `payload_len`): counted apart, as the object tier.
             stats: format!(
-                "WITH r AS (SELECT count(*) AS n, sum(created_at) AS created, sum(payload_len) AS bytes
+                "WITH r AS (SELECT count(*) AS n, sum(created_at) AS created, {bytes}
                             FROM {t} WHERE {READY}),
                       l AS (SELECT count(*) AS n, sum(created_at) AS created, sum(lease_deadline) AS deadline,
-                                   sum(payload_len) AS bytes
+                                   {bytes}
                             FROM {t} WHERE {LEASED}),
-                      s AS (SELECT count(*) AS n, sum(payload_len) AS bytes FROM {t} WHERE {SCHEDULED})
+                      s AS (SELECT count(*) AS n, {bytes} FROM {t} WHERE {SCHEDULED})
                  SELECT r.n, l.n, s.n,
                         CASE WHEN r.n + l.n > 0
                              THEN div(coalesce(r.created, 0) + coalesce(l.created, 0), r.n + l.n)::int8 END,
                         CASE WHEN l.n > 0 THEN div(l.deadline, l.n)::int8 END,
                         (coalesce(r.bytes, 0) + coalesce(l.bytes, 0) + coalesce(s.bytes, 0))::int8,
-                        LEAST({heads})::int8
+                        LEAST({heads})::int8,
+                        (r.objects + l.objects + s.objects)::int8,
+                        (coalesce(r.object_bytes, 0) + coalesce(l.object_bytes, 0)
+                         + coalesce(s.object_bytes, 0))::int8
                  FROM r, l, s",
                 heads = oldest_heads(t),
+                bytes = "sum(payload_len) FILTER (WHERE payload_len >= 0) AS bytes, \
+                         count(*) FILTER (WHERE payload_len < 0) AS objects, \
+                         -sum(payload_len) FILTER (WHERE payload_len < 0) AS object_bytes",
             ),
             // Pages walk the primary key in id order. The state test is wrapped in `IS TRUE` so the planner cannot
             // match it to the `_expire` or `_sched` partial index, which would read every live (or scheduled) item
@@ -407,12 +436,13 @@ impl Sql {
                                        payload_len, priority, dead)
                  SELECT {new}, b.source_id, b.is_leased, b.lease_deadline, b.expire_deadline, b.enqueue_at,
                         b.created_at, b.attempts, b.max_attempts, b.reference, b.encoding, b.kind, b.payload,
-                        octet_length(b.payload), b.priority, b.dead
+                        {len}, b.priority, b.dead
                  FROM b
                  ON CONFLICT (source_id) WHERE source_id IS NOT NULL DO NOTHING
                  RETURNING {COLS}",
                 fresh = fresh_ids(t, "b"),
                 new = new_id("b.rn"),
+                len = payload_len("b.payload"),
             ),
             table: t.to_string(),
         }

@@ -169,6 +169,47 @@ pub async fn pause(c: &Client, json: bool, queue: String, paused: bool) -> Resul
     Ok(())
 }
 
+/// `lessor offload ...`.
+#[derive(Subcommand, Debug)]
+pub enum OffloadCmd {
+    /// Delete orphaned payload objects now (older than the store's `offload-grace`, referenced by no item), and
+    /// show what was listed, deleted and spared.
+    Sweep {
+        /// Only this `partition-storage` entry (default: every one with `payload-offload`).
+        #[arg(long)]
+        store: Option<String>,
+    },
+}
+
+/// `lessor offload sweep`.
+pub async fn offload(c: &Client, json: bool, cmd: OffloadCmd) -> Result<(), String> {
+    let OffloadCmd::Sweep { store } = cmd;
+    let r = c
+        .offload_sweep(&pb::OffloadSweepRequest {
+            store: store.unwrap_or_default(),
+        })
+        .await
+        .map_err(api)?;
+    print(json, &r, |r| {
+        table(
+            &["STORE", "LISTED", "DELETED", "SPARED", "NOT OPEN HERE"],
+            r.stores
+                .iter()
+                .map(|s| {
+                    vec![
+                        s.store.clone(),
+                        s.listed.to_string(),
+                        s.deleted.to_string(),
+                        s.spared.to_string(),
+                        s.not_open.to_string(),
+                    ]
+                })
+                .collect(),
+        )
+    });
+    Ok(())
+}
+
 /// A payload as one short line: text when it is printable UTF-8, else its size.
 fn preview(payload: &[u8]) -> String {
     const MAX: usize = 40;

@@ -20,6 +20,7 @@ impl QueueTask {
                     in_flight: self.rx.len() as u64,
                     ..Default::default()
                 };
+                let mut tiers = crate::types::TierStats::default();
                 for p in &self.parts {
                     let mut r = PartitionReport {
                         partition: p.num,
@@ -35,6 +36,8 @@ impl QueueTask {
                                 r.average_age = s.average_age;
                                 r.average_leased_age = s.average_leased_age;
                                 r.oldest_ready_age = s.oldest_ready_age;
+                                r.tiers = s.tiers;
+                                tiers.add(&s.tiers);
                             }
                             Err(e) => {
                                 tracing::warn!(queue = %self.info.name, partition = p.num, error = %e, "stats failed")
@@ -43,6 +46,8 @@ impl QueueTask {
                     }
                     out.partitions.push(r);
                 }
+                // Read anyway: `/metrics` gets the fresh figures for free.
+                self.metrics.set_tiers(&tiers);
                 let _ = reply.send(Ok(out));
             }
             Cold::Clear(req, reply) => {

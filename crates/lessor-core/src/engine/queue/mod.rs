@@ -242,6 +242,10 @@ pub(crate) struct QueueTask {
     rebalance: Option<drain::Rebalance>,
     /// The engine's count of serving requests (any queue): a rebalance yields while it moves (see [`drain`]).
     activity: Arc<std::sync::atomic::AtomicU64>,
+    /// When the tier figures of `/metrics` are read next (`None`: nothing changed since the last read).
+    tiers_due: Option<Ts>,
+    /// When they were last read.
+    tiers_at: Ts,
 }
 
 impl QueueTask {
@@ -266,6 +270,9 @@ impl QueueTask {
             holders: browse::Holders::default(),
             rebalance: None,
             activity: Arc::default(),
+            // The first pass reads them (after opening the partitions).
+            tiers_due: Some(Ts::ZERO),
+            tiers_at: Ts::ZERO,
         };
         t.set_info(info);
         t
@@ -375,6 +382,10 @@ impl QueueTask {
     /// One pass over a drained batch. Returns the shutdown acknowledgement when asked to stop.
     async fn pass(&mut self, batch: &mut Vec<Msg>) -> Option<oneshot::Sender<()>> {
         let now = self.now();
+        // A pass with requests, or one whose lifecycle changed the counts, may have changed the tier figures. A
+        // stats request alone changes nothing (and publishes the figures it reads anyway).
+        let changed_before = batch.iter().any(|m| !matches!(m, Msg::Cold(Cold::Stats(_))));
+        let counts_before = self.total_counts();
         self.recover(now).await;
         if self.info.restoring {
             // Nothing may change the partitions but the restore itself: its resume point is their item count.
@@ -487,13 +498,56 @@ impl QueueTask {
         }
         self.serve_leases(now).await;
         self.expire_waiters(now);
+        if changed_before || self.total_counts() != counts_before {
+            self.tiers_changed(now);
+        }
+        self.refresh_tiers(now).await;
         self.publish();
         shutdown
+    }
+
+    /// Ready, leased and scheduled items over every partition.
+    fn total_counts(&self) -> (u64, u64, u64) {
+        self.parts.iter().fold((0, 0, 0), |(r, l, s), p| {
+            (r + p.counts.ready, l + p.counts.leased, s + p.counts.scheduled)
+        })
+    }
+
+    /// Schedules a read of the tier figures, at most one per [`super::TIER_REFRESH`].
+    fn tiers_changed(&mut self, now: Ts) {
+        if self.tiers_due.is_none() {
+            self.tiers_due = Some(now.max(self.tiers_at.add(super::TIER_REFRESH)));
+        }
+    }
+
+    /// Reads every healthy partition's tier figures for `/metrics` when due. A partition that fails is left out
+    /// (its figures come back with it).
+    async fn refresh_tiers(&mut self, now: Ts) {
+        if self.tiers_due.is_none_or(|due| due > now) {
+            return;
+        }
+        let mut sum = crate::types::TierStats::default();
+        for p in &self.parts {
+            if let Some(h) = p.healthy() {
+                match h.stats(now).await {
+                    Ok(s) => sum.add(&s.tiers),
+                    Err(e) => {
+                        tracing::debug!(queue = %self.info.name, partition = p.num, error = %e, "tier figures not read")
+                    }
+                }
+            }
+        }
+        self.metrics.set_tiers(&sum);
+        self.tiers_due = None;
+        self.tiers_at = now;
     }
 
     /// When the loop must wake even without a message: a long-poll ending, a partition probe, a deadline.
     fn next_wake(&self) -> Ts {
         let mut wake = self.rebalance_wake();
+        if let Some(due) = self.tiers_due {
+            wake = wake.min(due);
+        }
         for w in &self.waiters {
             wake = wake.min(w.deadline);
         }
