@@ -603,16 +603,16 @@ impl PartitionState {
             let id = self.alloc();
             // Keys are recorded, not checked: the engine's queue-wide index is the check (see the `dedup` module).
             if !n.dedup_id.is_empty() && n.dedup_until > n.created_at {
-                // The record takes the key string itself; a persistent store gets a copy for its write.
+                // The record copies the key's bytes; a persistent store's write takes the string itself.
                 let key = std::mem::take(&mut n.dedup_id);
+                self.dedup.insert(&key, id, n.dedup_until);
                 if self.track {
                     ch.dedup_put.push(DedupRecord {
-                        dedup_id: key.clone(),
+                        dedup_id: key,
                         id,
                         until: n.dedup_until,
                     });
                 }
-                self.dedup.insert(key, id, n.dedup_until);
                 recorded += 1;
             }
             let it = Item {
@@ -660,14 +660,14 @@ impl PartitionState {
         }
         let id = self.alloc();
         for r in records {
+            self.dedup.insert(&r.dedup_id, id, r.until);
             if self.track {
                 ch.dedup_put.push(DedupRecord {
-                    dedup_id: r.dedup_id.clone(),
+                    dedup_id: r.dedup_id,
                     id,
                     until: r.until,
                 });
             }
-            self.dedup.insert(r.dedup_id, id, r.until);
         }
         self.dedup.seal();
         ((), ch)

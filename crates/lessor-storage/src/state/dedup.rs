@@ -5,9 +5,11 @@
 //! only check for stores owned by one process, and it is rebuilt from these records when a queue opens (see
 //! [`lessor_core::storage::Partition::produce`]). A second lookup table here cost as much again as the engine's
 //! index for nothing (each key hashed twice, two tables growing and missing the cache), so records are only a FIFO:
-//! - Records live in the order they were added, each with its key in one boxed string (moved in, not copied). Their
-//!   `until` is `created_at + window`, so the FIFO is in expiry order and expired records are dropped from its
-//!   front, O(1) each, no hashing. When the order is broken (the window was shortened, the clock stepped back), an
+//! - Records live in the order they were added; their keys are copied back to back into one ring of bytes in the
+//!   same order, so a record costs its key's length and 24 bytes, with no allocation of its own: a boxed string
+//!   per key cost an allocation, a free at the far end of the window (a cache miss on memory written long ago,
+//!   on the queue's task) and the allocator's rounding. Their `until` is `created_at + window`, so the FIFO is in
+//!   expiry order and expired records are dropped from its front, O(1) each, no hashing. When the order is broken (the window was shortened, the clock stepped back), an
 //!   expired record behind a live one waits for it; [`DedupSet::live`] checks `until`, so it is only kept longer,
 //!   never obeyed.
 //! - A key recorded again (the engine found its record ended) leaves both records in the FIFO until their turn;
@@ -26,7 +28,8 @@ use lessor_core::types::{DedupRecord, ItemId};
 struct Record {
     until: Ts,
     id: u64,
-    key: Box<str>,
+    /// Length of its key in [`DedupSet::keys`].
+    len: u32,
 }
 
 /// A partition's dedup records.
@@ -34,6 +37,8 @@ struct Record {
 pub(crate) struct DedupSet {
     /// Records in the order they were added.
     fifo: VecDeque<Record>,
+    /// The records' keys, back to back, in the same order.
+    keys: VecDeque<u8>,
     /// The groups of the FIFO's records, in the same order: (records still in the FIFO, the group's name).
     groups: VecDeque<(u32, Ts, ItemId)>,
     /// Records added since the last [`DedupSet::seal`], not yet in a group.
@@ -42,11 +47,12 @@ pub(crate) struct DedupSet {
 
 impl DedupSet {
     /// Records `key` for item `id` until `until`.
-    pub(crate) fn insert(&mut self, key: String, id: ItemId, until: Ts) {
+    pub(crate) fn insert(&mut self, key: &str, id: ItemId, until: Ts) {
+        self.keys.extend(key.as_bytes());
         self.fifo.push_back(Record {
             until,
             id: id.0,
-            key: key.into_boxed_str(),
+            len: key.len() as u32,
         });
         self.open += 1;
     }
@@ -70,7 +76,9 @@ impl DedupSet {
             if self.fifo.front().is_none_or(|r| r.until > now) {
                 return;
             }
-            self.fifo.pop_front();
+            if let Some(r) = self.fifo.pop_front() {
+                self.keys.drain(..r.len as usize);
+            }
             if let Some(g) = self.groups.front_mut() {
                 g.0 -= 1;
                 if g.0 == 0 {
@@ -86,15 +94,21 @@ impl DedupSet {
     /// both records live (only when the caller broke the contract, or the clock stepped back) is listed twice; the
     /// engine keeps the later `until`.
     pub(crate) fn live(&self, now: Ts) -> Vec<DedupRecord> {
-        self.fifo
-            .iter()
-            .filter(|r| r.until > now)
-            .map(|r| DedupRecord {
-                dedup_id: r.key.to_string(),
-                id: ItemId(r.id),
-                until: r.until,
-            })
-            .collect()
+        let mut out = Vec::new();
+        let mut bytes = self.keys.iter();
+        for r in &self.fifo {
+            let key: Vec<u8> = bytes.by_ref().take(r.len as usize).copied().collect();
+            if r.until > now {
+                out.push(DedupRecord {
+                    // Keys were strings when they came in; a lossy read can only matter if memory was corrupted.
+                    dedup_id: String::from_utf8(key)
+                        .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned()),
+                    id: ItemId(r.id),
+                    until: r.until,
+                });
+            }
+        }
+        out
     }
 
     /// Adds stored groups of records (any order, expired ones included: they are dropped in turn, and reported so);
@@ -105,10 +119,11 @@ impl DedupSet {
         for g in groups {
             self.groups.push_back((g.len() as u32, g[0].until, g[0].id));
             for r in g {
+                self.keys.extend(r.dedup_id.as_bytes());
                 self.fifo.push_back(Record {
                     until: r.until,
                     id: r.id.0,
-                    key: r.dedup_id.into_boxed_str(),
+                    len: r.dedup_id.len() as u32,
                 });
             }
         }
@@ -125,7 +140,7 @@ mod tests {
     use super::*;
 
     fn add(s: &mut DedupSet, key: &str, id: u64, until: i64) {
-        s.insert(key.to_string(), ItemId(id), Ts(until));
+        s.insert(key, ItemId(id), Ts(until));
         s.seal();
     }
 
@@ -152,11 +167,30 @@ mod tests {
         assert_eq!(s.len(), 0);
     }
 
+    /// Keys of different lengths come back whole and in order after the ones before them were pruned.
+    #[test]
+    fn keys_come_back_whole_after_a_prune() {
+        let mut s = DedupSet::default();
+        add(&mut s, "", 1, 10);
+        add(&mut s, "ab", 2, 10);
+        add(&mut s, "ünïcode-κey", 3, 20);
+        add(&mut s, "x".repeat(128).as_str(), 4, 30);
+        s.prune(Ts(10), 10, |_, _| {});
+        let live = s.live(Ts(10));
+        let keys: Vec<&str> = live.iter().map(|r| r.dedup_id.as_str()).collect();
+        assert_eq!(keys, vec!["ünïcode-κey", "x".repeat(128).as_str()]);
+        assert_eq!(
+            s.keys.len(),
+            "ünïcode-κey".len() + 128,
+            "pruned keys' bytes are gone"
+        );
+    }
+
     /// Records not sealed into a group are never pruned, even when ended.
     #[test]
     fn open_records_wait_for_their_seal() {
         let mut s = DedupSet::default();
-        s.insert("a".into(), ItemId(1), Ts(5));
+        s.insert("a", ItemId(1), Ts(5));
         let mut dropped = Vec::new();
         s.prune(Ts(10), 10, |t, id| dropped.push((t, id)));
         assert_eq!((s.len(), dropped.len()), (1, 0));
