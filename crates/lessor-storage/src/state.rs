@@ -38,8 +38,11 @@ use lessor_core::types::{
 };
 
 mod dedup;
+pub mod paging;
 
 use dedup::DedupSet;
+use paging::NONE;
+pub use paging::{IndexChanges, PageRead, Paged};
 
 /// What an operation changed, for a persistent backend to write in one atomic batch.
 #[derive(Debug, Default, Clone)]
@@ -62,8 +65,7 @@ impl Changes {
     }
 }
 
-/// Number of priorities (0..=MAX_PRIORITY).
-const PRIORITIES: usize = MAX_PRIORITY as usize + 1;
+use paging::PRIORITIES;
 /// A priority FIFO is compacted once it holds more than twice its ready items plus this many ids.
 const COMPACT_SLACK: usize = 64;
 /// Expired dedup records a produce call drops beyond as many as it adds, so a backlog drains too.
@@ -263,6 +265,14 @@ pub struct PartitionState {
     payload_bytes: u64,
     /// Dedup records.
     dedup: DedupSet,
+    /// Most resident ready items before new ones are paged (`usize::MAX`: never; see the `paging` module).
+    window: usize,
+    /// Ready items on disk only.
+    paged: Paged,
+    /// Whether `paged` changed since the backend last took it.
+    paged_dirty: bool,
+    /// Ready items that stopped being ready since the backend last asked (tracked only with change sets).
+    unready: Vec<(u8, u64)>,
 }
 
 impl Default for PartitionState {
@@ -294,7 +304,19 @@ impl PartitionState {
             sum_lease: 0,
             payload_bytes: 0,
             dedup: DedupSet::default(),
+            window: usize::MAX,
+            paged: Paged::default(),
+            // A new partition's first write records its (empty) paging counters.
+            paged_dirty: true,
+            unready: Vec::new(),
         }
+    }
+
+    /// Pages ready items beyond `window` resident ones out (see the `paging` module). Only a backend that writes
+    /// every change set and answers [`PartitionState::page_plan`] may set a window.
+    pub fn with_window(mut self, window: usize) -> Self {
+        self.window = window.max(1);
+        self
     }
 
     /// Stops building change sets (a backend with nothing to persist saves the copies).
@@ -307,14 +329,23 @@ impl PartitionState {
     pub fn load(items: impl IntoIterator<Item = Item>, floor: u64) -> Self {
         let mut items: Vec<Item> = items.into_iter().collect();
         items.sort_unstable_by_key(|it| it.id);
-        let mut s = PartitionState::new(floor);
+        Self::load_windowed(items, floor, usize::MAX)
+    }
+
+    /// [`PartitionState::load`] for a backend that pages: ready items beyond the first `window` (in id order) are
+    /// counted as paged instead of kept, exactly as if they had been produced in that order.
+    pub fn load_windowed(items: impl IntoIterator<Item = Item>, floor: u64, window: usize) -> Self {
+        let mut items: Vec<Item> = items.into_iter().collect();
+        items.sort_unstable_by_key(|it| it.id);
+        let mut s = PartitionState::new(floor).with_window(window);
         let mut min_ready = u64::MAX;
         for it in items {
             s.next_id = s.next_id.max(it.id.0 + 1);
-            if !it.dead && !it.is_scheduled() && !it.is_leased && it.priority == 0 {
-                min_ready = min_ready.min(it.id.0);
+            let ready0 = !it.dead && !it.is_scheduled() && !it.is_leased && it.priority == 0;
+            let id = it.id.0;
+            if s.insert_new(it) && ready0 {
+                min_ready = min_ready.min(id);
             }
-            s.insert(it);
         }
         s.cursor = if min_ready == u64::MAX {
             s.next_id
@@ -322,6 +353,15 @@ impl PartitionState {
             min_ready
         };
         s.clean_fronts();
+        s
+    }
+
+    /// Rebuilds a paging state from the resident part a backend read back (non-ready items and the ready items
+    /// below `paged.from` of their priority) and the paging counters it stored with its last write.
+    pub fn restore(resident: Vec<Item>, paged: Paged, floor: u64, window: usize) -> Self {
+        let mut s = Self::load(resident, floor).with_window(window);
+        s.paged = paged;
+        s.paged_dirty = false;
         s
     }
 
@@ -394,6 +434,191 @@ impl PartitionState {
         chunk.slots[off] = slot;
     }
 
+    /// Puts an item that just got the newest id into the state: a ready one is paged when the window is full or
+    /// its priority already pages (so resident ids stay below paged ones). Returns whether it is resident.
+    fn insert_new(&mut self, it: Item) -> bool {
+        let ready = !it.dead && !it.is_scheduled() && !it.is_leased;
+        let p = usize::from(it.priority.min(MAX_PRIORITY));
+        if ready && (self.paged.from[p] != NONE || self.ready as usize >= self.window) {
+            self.spill(it);
+            return false;
+        }
+        self.insert(it);
+        true
+    }
+
+    /// Counts a ready item as paged (its record is on disk, written by the change set that carries it).
+    fn spill(&mut self, it: Item) {
+        let p = usize::from(it.priority.min(MAX_PRIORITY));
+        let pg = &mut self.paged;
+        pg.from[p] = pg.from[p].min(it.id.0);
+        pg.count[p] += 1;
+        pg.min_expire[p] = pg.min_expire[p].min(it.expire_deadline.0);
+        pg.bytes += it.payload.len() as u64;
+        pg.sum_created += i128::from(it.created_at.0);
+        if !it.source_id.is_empty() {
+            pg.with_source += 1;
+            self.by_source.insert(it.source_id, it.id.0);
+        }
+        self.paged_dirty = true;
+    }
+
+    /// Takes a paged item out of the counters (it was read back from disk); the caller puts it somewhere or
+    /// records its removal.
+    fn unspill(&mut self, it: &Item) {
+        let p = usize::from(it.priority.min(MAX_PRIORITY));
+        let pg = &mut self.paged;
+        pg.count[p] = pg.count[p].saturating_sub(1);
+        pg.bytes = pg.bytes.saturating_sub(it.payload.len() as u64);
+        pg.sum_created -= i128::from(it.created_at.0);
+        if !it.source_id.is_empty() {
+            pg.with_source = pg.with_source.saturating_sub(1);
+        }
+        pg.settle(p);
+        self.paged_dirty = true;
+    }
+
+    /// Whether `it` (read from disk) is one of the paged items.
+    fn is_paged(&self, it: &Item) -> bool {
+        let p = usize::from(it.priority.min(MAX_PRIORITY));
+        !it.dead
+            && !it.is_scheduled()
+            && !it.is_leased
+            && self.paged.count[p] > 0
+            && it.id.0 >= self.paged.from[p]
+            && self.slot(it.id.0).is_none()
+    }
+
+    /// The paging counters.
+    pub fn paged(&self) -> &Paged {
+        &self.paged
+    }
+
+    /// The reads a backend should do before an operation that leases `want` items: for each priority with paged
+    /// items whose resident head is below the low-water mark (a quarter of the window) or too short for the lease,
+    /// enough to refill it by half a window. Empty when nothing is paged.
+    pub fn page_plan(&self, want: usize) -> Vec<PageRead> {
+        let mut plan = Vec::new();
+        if self.paged.is_empty() {
+            return plan;
+        }
+        let low = (self.window / 4).max(1) as u64;
+        let batch = (self.window / 2).max(1) as u64;
+        let mut remaining = want as u64;
+        for p in (0..PRIORITIES).rev() {
+            let resident = self.ready_by_prio[p];
+            let paged = self.paged.count[p];
+            if paged > 0 && resident < low + remaining {
+                plan.push(PageRead {
+                    prio: p as u8,
+                    from: self.paged.from[p],
+                    n: paged.min(batch + remaining) as usize,
+                });
+            }
+            remaining = remaining.saturating_sub(resident + paged);
+        }
+        plan
+    }
+
+    /// Takes ready items of priority `read.prio` read back from disk (in id order, from `read.from` on) into memory.
+    /// `exhausted`: the disk has no more of them. A read planned before the paged items changed (another read, a
+    /// delete) is ignored: the plan is made again.
+    pub fn page_in(&mut self, read: PageRead, items: Vec<Item>, exhausted: bool) {
+        let p = usize::from(read.prio);
+        if self.paged.from[p] != read.from || self.paged.count[p] == 0 {
+            return;
+        }
+        let mut last = None;
+        for it in items {
+            if !self.is_paged(&it) || usize::from(it.priority) != p {
+                continue;
+            }
+            self.unspill(&it);
+            last = Some(it.id.0);
+            if p == 0 {
+                // Every resident priority-0 id is below the paged ones, so the cursor may step back to them.
+                self.cursor = self.cursor.min(it.id.0);
+            }
+            self.insert(it);
+            if self.paged.count[p] == 0 {
+                break;
+            }
+        }
+        if self.paged.count[p] > 0 {
+            if exhausted {
+                // The counters claim more than the disk holds (they cannot, short of a bug): trust the disk.
+                tracing::warn!(
+                    priority = p,
+                    missing = self.paged.count[p],
+                    "paged item count above what the disk holds; corrected"
+                );
+                self.paged.count[p] = 0;
+                self.paged.settle(p);
+            } else if let Some(last) = last {
+                self.paged.from[p] = last + 1;
+            }
+        }
+        self.paged_dirty = true;
+        self.clean_fronts();
+    }
+
+    /// Removes paged items read back from disk (a delete by id, an expiry, a clear), recording their removal; an
+    /// expired one dies under `policy` when given. Items that are not paged (anymore) are skipped. Returns how
+    /// many went.
+    pub fn drop_paged(&mut self, items: Vec<Item>, expire: Option<LifecyclePolicy>) -> (u64, Changes) {
+        let mut ch = Changes::default();
+        let mut n = 0;
+        for it in items {
+            if !self.is_paged(&it) {
+                continue;
+            }
+            self.unspill(&it);
+            if !it.source_id.is_empty() && self.by_source.get(&it.source_id) == Some(&it.id.0) {
+                self.by_source.remove(&it.source_id);
+            }
+            if self.track {
+                self.unready.push((it.priority, it.id.0));
+            }
+            n += 1;
+            match expire {
+                Some(policy) => self.die(it, policy, &mut ch),
+                None => self.record_del(&mut ch, it.id),
+            }
+        }
+        (n, ch)
+    }
+
+    /// Sets the expiry bound of priority `p` to `min`, the earliest deadline a sweep found among all its paged items.
+    pub fn set_paged_min_expire(&mut self, p: u8, min: i64) {
+        let p = usize::from(p.min(MAX_PRIORITY));
+        if self.paged.count[p] > 0 && self.paged.min_expire[p] != min {
+            self.paged.min_expire[p] = min;
+            self.paged_dirty = true;
+        }
+    }
+
+    /// Priorities whose paged items may have expired at `now`.
+    pub fn paged_expiry_due(&self, now: Ts) -> Vec<u8> {
+        (0..PRIORITIES)
+            .filter(|&p| self.paged.count[p] > 0 && self.paged.min_expire[p] <= now.0)
+            .map(|p| p as u8)
+            .collect()
+    }
+
+    /// What the on-disk ready index must change besides the items of the last change set. The paging counters come
+    /// only when they changed, and only when `with_counters`: the backend writes them with a change set, and a call
+    /// that wrote nothing leaves them for the next.
+    pub fn take_index_changes(&mut self, with_counters: bool) -> IndexChanges {
+        let paged = (with_counters && self.paged_dirty).then(|| {
+            self.paged_dirty = false;
+            self.paged.clone()
+        });
+        IndexChanges {
+            unready: std::mem::take(&mut self.unready),
+            paged,
+        }
+    }
+
     /// Takes a live item out of the chunks (its deadline entries go stale and are pruned lazily).
     fn take_live(&mut self, id: u64) -> Option<Item> {
         self.take_live_slot(id).map(|s| s.to_item(id))
@@ -435,6 +660,9 @@ impl PartitionState {
             self.ready -= 1;
             let p = usize::from(slot.priority);
             self.ready_by_prio[p] -= 1;
+            if self.track {
+                self.unready.push((slot.priority, id));
+            }
             // The id stays in its FIFO until it reaches the front; compact once stale ids are the majority, so
             // they never cost more than O(1) each.
             if p > 0 && self.fifo[p].len() > 2 * self.ready_by_prio[p] as usize + COMPACT_SLACK {
@@ -493,9 +721,11 @@ impl PartitionState {
         it.is_leased = false;
         it.lease_deadline = Ts::ZERO;
         it.enqueue_at = Ts::ZERO;
-        let id = it.id.0;
-        self.insert(it);
-        self.record_put(ch, id);
+        if self.track {
+            // Recorded from the item itself: a paged item has no slot to record from.
+            ch.put.push(it.clone());
+        }
+        self.insert_new(it);
     }
 
     /// Puts `it` into the schedule until `at`, keeping its id, recording the change.
@@ -569,7 +799,7 @@ impl PartitionState {
             if self.track {
                 ch.put.push(it.clone());
             }
-            self.insert(it);
+            self.insert_new(it);
         }
         // The call's records are one group on disk (see the `dedup` module); its name is its first record's.
         self.dedup.seal();
@@ -624,7 +854,13 @@ impl PartitionState {
     pub fn lease(&mut self, n: usize, deadline: Ts) -> (Vec<Item>, Changes) {
         let mut out = Vec::with_capacity(n.min(self.ready as usize));
         let mut taken = Vec::with_capacity(out.capacity());
+        // A priority whose resident head ran out while it still has paged items ends the lease: serving a lower
+        // priority first would break the order (the backend pages in before a lease, so this is rare).
+        let mut blocked = false;
         for p in (1..PRIORITIES).rev() {
+            if blocked {
+                break;
+            }
             while out.len() < n && self.ready_by_prio[p] > 0 {
                 let Some(id) = self.fifo[p].pop_front() else {
                     break;
@@ -640,8 +876,9 @@ impl PartitionState {
                 taken.push(id);
                 self.ready_by_prio[p] -= 1;
             }
+            blocked = out.len() < n && self.paged.count[p] > 0;
         }
-        while out.len() < n && self.ready_by_prio[0] > 0 {
+        while !blocked && out.len() < n && self.ready_by_prio[0] > 0 {
             let Some((&key, chunk)) = self.chunks.range_mut(self.cursor / CHUNK..).next() else {
                 break;
             };
@@ -681,6 +918,9 @@ impl PartitionState {
         self.ready -= got;
         self.leased += got;
         self.sum_lease += i128::from(deadline.0) * i128::from(got);
+        if self.track {
+            self.unready.extend(out.iter().map(|it| (it.priority, it.id.0)));
+        }
         if !taken.is_empty() {
             self.leases.entry(deadline).or_default().extend(taken);
         }
@@ -908,6 +1148,7 @@ impl PartitionState {
             self.leases.keys().next().copied(),
             self.sched_idx.first().map(|x| x.0),
             self.expire.keys().next().copied(),
+            self.paged.next_deadline().map(Ts),
         ]
         .into_iter()
         .flatten()
@@ -917,7 +1158,7 @@ impl PartitionState {
     /// See [`lessor_core::storage::Partition::counts`].
     pub fn counts(&self) -> PartitionCounts {
         PartitionCounts {
-            ready: self.ready,
+            ready: self.ready + self.paged.total(),
             leased: self.leased,
             scheduled: self.sched.len() as u64,
         }
@@ -925,7 +1166,7 @@ impl PartitionState {
 
     /// See [`lessor_core::storage::Partition::stats`].
     pub fn stats(&self, now: Ts) -> PartitionStats {
-        let live = i128::from(self.ready + self.leased);
+        let live = i128::from(self.ready + self.leased + self.paged.total());
         let leased = i128::from(self.leased);
         let avg = |sum: i128, n: i128, later: bool| -> Duration {
             if n == 0 {
@@ -940,9 +1181,9 @@ impl PartitionState {
         };
         PartitionStats {
             counts: self.counts(),
-            average_age: avg(self.sum_created, live, false),
+            average_age: avg(self.sum_created + self.paged.sum_created, live, false),
             average_leased_age: avg(self.sum_lease, leased, true),
-            payload_bytes: self.payload_bytes,
+            payload_bytes: self.payload_bytes + self.paged.bytes,
         }
     }
 
@@ -996,7 +1237,7 @@ impl PartitionState {
                 ch.put.push(it.clone());
             }
             out.push(it.clone());
-            self.insert(it);
+            self.insert_new(it);
         }
         self.clean_fronts();
         (out, ch)
@@ -1057,7 +1298,7 @@ impl PartitionState {
 
     /// Number of items of every kind.
     pub fn len(&self) -> usize {
-        (self.ready + self.leased) as usize + self.sched.len() + self.dead.len()
+        (self.ready + self.leased + self.paged.total()) as usize + self.sched.len() + self.dead.len()
     }
 
     /// Whether the partition holds nothing.
