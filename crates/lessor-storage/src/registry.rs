@@ -37,7 +37,7 @@ use lessor_core::error::StorageError;
 use lessor_core::storage::{PartitionStore, QueuesStore};
 use thiserror::Error;
 
-pub use self::fjall::FjallConfig;
+pub use self::fjall::{FjallConfig, DEFAULT_MEMORY_WINDOW};
 pub use self::memory::MemoryConfig;
 pub use self::postgres::PostgresConfig;
 

@@ -489,6 +489,11 @@ impl PartitionState {
             && self.slot(it.id.0).is_none()
     }
 
+    /// Ready items held in memory (the others are paged).
+    pub fn resident_ready(&self) -> u64 {
+        self.ready
+    }
+
     /// The paging counters.
     pub fn paged(&self) -> &Paged {
         &self.paged

@@ -54,7 +54,7 @@ const CAT_DELETING: u8 = b'd';
 /// even when the items that carried the highest ids are gone. Item keys are 8 or 9 bytes; this one is not.
 const HWM_KEY: &[u8] = b"hwm";
 /// Default of `memory-window-items`: most ready items a partition keeps in memory before it pages the rest.
-pub const DEFAULT_MEMORY_WINDOW: usize = 100_000;
+pub const DEFAULT_MEMORY_WINDOW: usize = crate::registry::DEFAULT_MEMORY_WINDOW;
 /// Index entries one write of a partition's first indexing (a partition stored before paging) carries.
 const INDEX_BATCH: usize = 16 * 1024;
 /// Most items one expiry sweep of paged items reads back and expires per lifecycle call.
@@ -703,6 +703,17 @@ impl FjallStore {
     #[doc(hidden)]
     pub fn items_paged_in(&self) -> u64 {
         self.shared.items_paged_in.load(Ordering::Relaxed)
+    }
+
+    /// Ready items partition `partition` of `queue` holds in memory, if it is open (tests: the window holds).
+    #[doc(hidden)]
+    pub async fn resident_ready(&self, queue: &str, partition: u32) -> Option<u64> {
+        let p = self
+            .registry()
+            .get(&keyspace_name(queue, partition))
+            .and_then(Weak::upgrade)?;
+        let g = p.inner.lock().await;
+        Some(g.state.resident_ready())
     }
 
     /// Destroyed partitions whose items are still being deleted in the background.
