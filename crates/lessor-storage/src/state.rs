@@ -26,7 +26,7 @@
 //!
 //! Every operation costs O(log n) per item touched; none scans the partition.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -68,6 +68,8 @@ impl Changes {
 use paging::PRIORITIES;
 /// A priority FIFO is compacted once it holds more than twice its ready items plus this many ids.
 const COMPACT_SLACK: usize = 64;
+/// Most items one page-in reads: bounds the work of one read, so reads ahead stay short and frequent.
+pub const PAGE_MAX: usize = 8192;
 /// Expired dedup records a produce call drops beyond as many as it adds, so a backlog drains too.
 const PRUNE_EXTRA: usize = 16;
 
@@ -271,8 +273,13 @@ pub struct PartitionState {
     paged: Paged,
     /// Whether `paged` changed since the backend last took it.
     paged_dirty: bool,
+    /// Changes whenever the set of paged items changes other than by new items at the tail (a page-in, a paged
+    /// item removed): a read of paged items started before is out of date.
+    paged_epoch: u64,
     /// Ready items that stopped being ready since the backend last asked (tracked only with change sets).
     unready: Vec<(u8, u64)>,
+    /// Ids of paged items the backend found on disk for the next call (see [`PartitionState::set_probe`]).
+    probe: HashSet<u64>,
 }
 
 impl Default for PartitionState {
@@ -308,7 +315,9 @@ impl PartitionState {
             paged: Paged::default(),
             // A new partition's first write records its (empty) paging counters.
             paged_dirty: true,
+            paged_epoch: 0,
             unready: Vec::new(),
+            probe: HashSet::new(),
         }
     }
 
@@ -376,6 +385,11 @@ impl PartitionState {
         let id = ItemId(self.next_id);
         self.next_id += 1;
         id
+    }
+
+    /// Whether `id` is a resident ready or leased item.
+    pub fn contains_live(&self, id: u64) -> bool {
+        self.slot(id).is_some()
     }
 
     fn slot(&self, id: u64) -> Option<&Slot> {
@@ -489,6 +503,17 @@ impl PartitionState {
             && self.slot(it.id.0).is_none()
     }
 
+    /// Tells the next call which of the ids it names are paged items (found on disk by the backend), so that
+    /// complete, extend and retry call them not leased rather than not found; the backend clears it afterwards.
+    pub fn set_probe(&mut self, ids: HashSet<u64>) {
+        self.probe = ids;
+    }
+
+    /// See the `paged_epoch` field: a backend applies a read of paged items only if this did not change since.
+    pub fn paged_epoch(&self) -> u64 {
+        self.paged_epoch
+    }
+
     /// Ready items held in memory (the others are paged).
     pub fn resident_ready(&self) -> u64 {
         self.ready
@@ -499,21 +524,28 @@ impl PartitionState {
         &self.paged
     }
 
-    /// The reads a backend should do before an operation that leases `want` items: for each priority with paged
-    /// items whose resident head is below the low-water mark (a quarter of the window) or too short for the lease,
-    /// enough to refill it by half a window. Empty when nothing is paged.
-    pub fn page_plan(&self, want: usize) -> Vec<PageRead> {
+    /// The reads a backend should do around an operation that leases `want` items. `urgent`: only what the lease
+    /// cannot do without (priorities whose resident head is shorter than its share of the lease while they have
+    /// paged items), to read before it. Otherwise: every priority whose resident head fell below the low-water mark
+    /// (a quarter of the window), to read ahead in the background. Each read refills by half a window (at most
+    /// [`PAGE_MAX`]) plus the lease's share. Empty when nothing is paged.
+    pub fn page_plan(&self, want: usize, urgent: bool) -> Vec<PageRead> {
         let mut plan = Vec::new();
         if self.paged.is_empty() {
             return plan;
         }
         let low = (self.window / 4).max(1) as u64;
-        let batch = (self.window / 2).max(1) as u64;
+        let batch = (self.window / 2).clamp(1, PAGE_MAX) as u64;
         let mut remaining = want as u64;
         for p in (0..PRIORITIES).rev() {
             let resident = self.ready_by_prio[p];
             let paged = self.paged.count[p];
-            if paged > 0 && resident < low + remaining {
+            let short = if urgent {
+                resident < remaining
+            } else {
+                resident < low
+            };
+            if paged > 0 && short {
                 plan.push(PageRead {
                     prio: p as u8,
                     from: self.paged.from[p],
@@ -533,6 +565,7 @@ impl PartitionState {
         if self.paged.from[p] != read.from || self.paged.count[p] == 0 {
             return;
         }
+        self.paged_epoch += 1;
         let mut last = None;
         for it in items {
             if !self.is_paged(&it) || usize::from(it.priority) != p {
@@ -578,6 +611,7 @@ impl PartitionState {
                 continue;
             }
             self.unspill(&it);
+            self.paged_epoch += 1;
             if !it.source_id.is_empty() && self.by_source.get(&it.source_id) == Some(&it.id.0) {
                 self.by_source.remove(&it.source_id);
             }
@@ -948,6 +982,8 @@ impl PartitionState {
                 return Err(ItemError::Duplicate(id.to_string()));
             }
             match self.slot(id.0) {
+                // A paged item exists but is ready: the backend looked it up (see `set_probe`).
+                None if self.probe.contains(&id.0) => return Err(ItemError::NotLeased(id.to_string())),
                 None => return Err(ItemError::NotFound(id.to_string())),
                 Some(s) if !s.leased() => return Err(ItemError::NotLeased(id.to_string())),
                 Some(_) => {}

@@ -108,8 +108,58 @@ pub(crate) fn decode_counters(v: &[u8], what: &str) -> Result<Paged, StorageErro
     Ok(p)
 }
 
-/// Reads items by id (metadata and payload), skipping ids that are gone. Blocking.
+/// Reads items by id (returned in id order; metadata and payload), skipping ids that are gone. Ids close together (a page of
+/// one priority's FIFO, with at most a few other items between them) are read in one range scan, far cheaper per
+/// item than point reads; scattered ones one by one. Blocking.
 pub(crate) fn read_items(
+    engine: &Engine,
+    ks: &fjall::Keyspace,
+    pid: u64,
+    ids: &[u64],
+    what: &str,
+) -> Result<Vec<Item>, StorageError> {
+    let mut sorted;
+    let ids = if ids.is_sorted() {
+        ids
+    } else {
+        sorted = ids.to_vec();
+        sorted.sort_unstable();
+        sorted.dedup();
+        &sorted[..]
+    };
+    let (Some(&first), Some(&last)) = (ids.first(), ids.last()) else {
+        return Ok(Vec::new());
+    };
+    let dense = ids.len() >= 8 && last >= first && last - first < 4 * ids.len() as u64;
+    if !dense {
+        return read_items_by_point(engine, ks, pid, ids, what);
+    }
+    let lo = item_key(pid, &first.to_be_bytes());
+    let hi = item_key(pid, &(last + 1).to_be_bytes());
+    let mut out: Vec<Item> = Vec::with_capacity(ids.len());
+    let mut want = ids.iter().copied().peekable();
+    for kv in ks.range(lo..hi) {
+        let (k, v) = kv.into_inner().map_err(|e| engine.read_error(e))?;
+        match super::codec::parse_key(&k[8..]) {
+            super::codec::Key::Meta(id) => {
+                while want.next_if(|&w| w < id.0).is_some() {}
+                if want.next_if_eq(&id.0).is_some() {
+                    out.push(decode_meta(id, &v, what)?);
+                }
+            }
+            super::codec::Key::Payload(id) => {
+                if let Some(it) = out.last_mut().filter(|it| it.id == id) {
+                    it.payload = Bytes::copy_from_slice(&v);
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok(out)
+}
+
+/// [`read_items`] one point read per record.
+fn read_items_by_point(
     engine: &Engine,
     ks: &fjall::Keyspace,
     pid: u64,

@@ -39,7 +39,7 @@ use super::codec::{
 use super::engine::{Engine, Fault, Formats, Unit};
 use super::paging::{self as pg, is_ready, not_ready_key, ready_key, COUNTERS_KEY};
 use super::{keyspace_name, upgrade, Durability, PARTITIONS_DIR, PARTITIONS_FORMAT_VERSION};
-use crate::state::{Changes, IndexChanges, PartitionState};
+use crate::state::{Changes, IndexChanges, PageRead, PartitionState};
 
 /// Keyspace holding every partition's items, each under its pid, and the catalog under pid 0.
 pub(crate) const ITEMS: &str = "items";
@@ -792,6 +792,7 @@ impl FjallStore {
             shared: self.shared.clone(),
             inner: tokio::sync::Mutex::new(Inner {
                 state,
+                prefetch: None,
                 hwm,
                 stale: false,
             }),
@@ -1091,9 +1092,44 @@ impl PartitionSnapshot for FjallSnapshot {
     }
 }
 
+/// What a page read returns per planned read: the read, the items, whether the disk had no more.
+type PageData = (PageRead, Vec<Item>, bool);
+
+/// Reads the planned pages of partition `pid`. Blocking.
+fn read_pages(
+    engine: &Engine,
+    pid: u64,
+    what: &str,
+    plan: Vec<PageRead>,
+) -> Result<Vec<PageData>, StorageError> {
+    let Some(ks) = engine.keyspace(ITEMS, false)? else {
+        return Ok(Vec::new());
+    };
+    let mut out = Vec::with_capacity(plan.len());
+    for r in plan {
+        let ids: Vec<u64> = pg::ready_ids(engine, &ks, pid, r.prio, r.from, u64::MAX, r.n)?
+            .into_iter()
+            .map(|(id, _)| id)
+            .collect();
+        let exhausted = ids.len() < r.n;
+        let items = pg::read_items(engine, &ks, pid, &ids, what)?;
+        out.push((r, items, exhausted));
+    }
+    Ok(out)
+}
+
+/// A read-ahead of paged items in flight.
+struct Prefetch {
+    /// [`PartitionState::paged_epoch`] when it started.
+    epoch: u64,
+    task: tokio::task::JoinHandle<Result<Vec<PageData>, StorageError>>,
+}
+
 /// A partition's state behind its lock.
 struct Inner {
     state: PartitionState,
+    /// A read-ahead of paged items, applied by a later call.
+    prefetch: Option<Prefetch>,
     /// Highest id written to disk (see [`HWM_KEY`]).
     hwm: u64,
     /// Memory may be ahead of the disk after a failed write: re-read before the next call.
@@ -1143,6 +1179,7 @@ impl FjallPartition {
             g.state = state;
             g.hwm = hwm;
             g.stale = false;
+            g.prefetch = None;
         }
         Ok(g)
     }
@@ -1171,6 +1208,37 @@ impl FjallPartition {
         self.shared.check_writable().await?;
         self.page_in(&mut g, want).await?;
         let (out, ch) = op(&mut g.state);
+        self.commit(g, out, ch).await
+    }
+
+    /// [`FjallPartition::write`] for an operation on leased items named by `ids`: the ones that are paged items
+    /// are looked up first, so the operation refuses them as not leased (not as missing).
+    async fn write_probed<T>(
+        &self,
+        ids: Vec<ItemId>,
+        op: impl FnOnce(&mut PartitionState) -> (T, Changes),
+    ) -> Result<T, StorageError> {
+        let mut g = self.lock().await?;
+        self.shared.check_writable().await?;
+        self.page_in(&mut g, 0).await?;
+        let found: HashSet<u64> = if g.state.paged().is_empty() {
+            HashSet::new()
+        } else {
+            let unknown: Vec<ItemId> = ids
+                .into_iter()
+                .filter(|id| !g.state.contains_live(id.0))
+                .collect();
+            let items = self.read_paged(&g, &unknown).await?;
+            items.iter().filter(|it| is_ready(it)).map(|it| it.id.0).collect()
+        };
+        let probed = !found.is_empty();
+        if probed {
+            g.state.set_probe(found);
+        }
+        let (out, ch) = op(&mut g.state);
+        if probed {
+            g.state.set_probe(HashSet::new());
+        }
         self.commit(g, out, ch).await
     }
 
@@ -1203,39 +1271,70 @@ impl FjallPartition {
         }
     }
 
-    /// Reads in the pages the state asks for before an operation that leases up to `want` items (see
-    /// [`PartitionState::page_plan`]), off the async runtime.
+    /// Pages items in around an operation that leases up to `want` items (see [`PartitionState::page_plan`]): takes
+    /// a finished read-ahead, reads what the lease cannot do without (waiting for a read-ahead in flight first), and
+    /// starts the next read-ahead when a priority's resident head ran low. Disk reads run off the async runtime; a
+    /// read-ahead runs while the partition serves.
     async fn page_in(&self, g: &mut Inner, want: usize) -> Result<(), StorageError> {
-        let plan = g.state.page_plan(want);
-        if plan.is_empty() {
+        if g.state.paged().is_empty() && g.prefetch.is_none() {
             return Ok(());
         }
-        let engine = self.shared.engine.clone();
-        let (pid, what) = (self.pid, self.what());
-        let reads = blocking(move || {
-            let Some(ks) = engine.keyspace(ITEMS, false)? else {
-                return Ok(Vec::new());
-            };
-            let mut out = Vec::with_capacity(plan.len());
-            for r in plan {
-                let ids: Vec<u64> = pg::ready_ids(&engine, &ks, pid, r.prio, r.from, u64::MAX, r.n)?
-                    .into_iter()
-                    .map(|(id, _)| id)
-                    .collect();
-                let exhausted = ids.len() < r.n;
-                let items = pg::read_items(&engine, &ks, pid, &ids, &what)?;
-                out.push((r, items, exhausted));
+        if g.prefetch.as_ref().is_some_and(|f| f.task.is_finished()) {
+            self.finish_prefetch(g).await?;
+        }
+        if !g.state.page_plan(want, true).is_empty() {
+            self.finish_prefetch(g).await?;
+            let plan = g.state.page_plan(want, true);
+            if !plan.is_empty() {
+                let epoch = g.state.paged_epoch();
+                let reads = self.read_pages(plan).await?;
+                self.apply_pages(g, epoch, reads);
             }
-            Ok(out)
-        })
-        .await?;
+        }
+        if g.prefetch.is_none() {
+            let plan = g.state.page_plan(0, false);
+            if !plan.is_empty() {
+                let epoch = g.state.paged_epoch();
+                let task = tokio::task::spawn_blocking({
+                    let (engine, pid, what) = (self.shared.engine.clone(), self.pid, self.what());
+                    move || read_pages(&engine, pid, &what, plan)
+                });
+                g.prefetch = Some(Prefetch { epoch, task });
+            }
+        }
+        Ok(())
+    }
+
+    /// Waits for the read-ahead in flight, if any, and applies it unless the paged items changed since it started.
+    async fn finish_prefetch(&self, g: &mut Inner) -> Result<(), StorageError> {
+        let Some(f) = g.prefetch.take() else {
+            return Ok(());
+        };
+        let reads = f
+            .task
+            .await
+            .map_err(|e| StorageError::other(format!("storage task failed: {e}")))??;
+        self.apply_pages(g, f.epoch, reads);
+        Ok(())
+    }
+
+    /// Reads pages now (off the async runtime).
+    async fn read_pages(&self, plan: Vec<PageRead>) -> Result<Vec<PageData>, StorageError> {
+        let (engine, pid, what) = (self.shared.engine.clone(), self.pid, self.what());
+        blocking(move || read_pages(&engine, pid, &what, plan)).await
+    }
+
+    /// Gives read pages to the state, unless the paged items changed since the read started (`epoch`).
+    fn apply_pages(&self, g: &mut Inner, epoch: u64, reads: Vec<PageData>) {
+        if g.state.paged_epoch() != epoch {
+            return;
+        }
         for (r, items, exhausted) in reads {
             self.shared
                 .items_paged_in
                 .fetch_add(items.len() as u64, Ordering::Relaxed);
             g.state.page_in(r, items, exhausted);
         }
-        Ok(())
     }
 
     /// Names the partition in error messages.
@@ -1416,14 +1515,16 @@ impl Partition for FjallPartition {
     }
 
     async fn complete(&self, requests: Vec<Vec<ItemId>>) -> Result<Vec<Result<(), ItemError>>, StorageError> {
-        self.write(|s| s.complete(requests)).await
+        let ids = requests.iter().flatten().copied().collect();
+        self.write_probed(ids, |s| s.complete(requests)).await
     }
 
     async fn extend(
         &self,
         requests: Vec<(Vec<ItemId>, Ts)>,
     ) -> Result<Vec<Result<(), ItemError>>, StorageError> {
-        self.write(|s| s.extend(requests)).await
+        let ids = requests.iter().flat_map(|r| r.0.iter()).copied().collect();
+        self.write_probed(ids, |s| s.extend(requests)).await
     }
 
     async fn dedup_records(&self, now: Ts) -> Result<Vec<DedupRecord>, StorageError> {
@@ -1435,7 +1536,8 @@ impl Partition for FjallPartition {
         requests: Vec<Vec<RetryOp>>,
         policy: LifecyclePolicy,
     ) -> Result<Vec<Result<RetryOutcome, ItemError>>, StorageError> {
-        self.write(|s| s.retry(requests, policy)).await
+        let ids = requests.iter().flatten().map(|o| o.id).collect();
+        self.write_probed(ids, |s| s.retry(requests, policy)).await
     }
 
     async fn lifecycle(
