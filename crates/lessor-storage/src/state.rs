@@ -25,6 +25,19 @@
 //!   be refused within the window.
 //!
 //! Every operation costs O(log n) per item touched; none scans the partition.
+//!
+//! # Paging (persistent backends)
+//! A backend that writes every change set may give the state a *window* ([`PartitionState::with_window`]): once that
+//! many ready items are resident, each new ready item is written to disk only and counted in [`Paged`] (the
+//! `paging` submodule), and so is every later one of its priority, so that per priority the resident ready ids lie
+//! below the paged ones and FIFO order is id order across the boundary. The backend asks
+//! [`PartitionState::page_plan`] which ids to read back (ahead of need when a priority's resident head falls under a
+//! quarter of the window, at once when a lease needs more than is resident) and hands them to
+//! [`PartitionState::page_in`]. A lease never serves a lower priority while a higher one still has paged items but
+//! nothing resident. Counts, payload bytes, ages and the next deadline include the paged items through the counters,
+//! so a paged item costs no memory at all unless it carries a source id (whose index entry stays resident).
+//! Leased, scheduled and dead items always stay resident: they are bounded by the work in flight, the schedule and
+//! the dead letters waiting for transfer, not by the backlog. The memory backend sets no window.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::time::Duration;

@@ -1,5 +1,6 @@
-//! [`FjallStore`] and its partitions: items in memory, every change set written under the partition's prefix in the
-//! store's one `items` keyspace.
+//! [`FjallStore`] and its partitions: the resident part of each partition in memory (the head of its ready queue,
+//! leased, scheduled and dead items, counters; see the `paging` module for the rest), every change set written under
+//! the partition's prefix in the store's one `items` keyspace.
 //!
 //! A partition applies each call to its [`PartitionState`] and sends the resulting change set to the store's writer
 //! thread, which collects whatever batches arrived meanwhile, from any partition, and writes them as one atomic
