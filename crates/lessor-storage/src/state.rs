@@ -1680,6 +1680,72 @@ mod tests {
         assert_eq!(ch.dedup_del, vec![(Ts(15), ItemId(3)), (Ts(20), ItemId(8))]);
     }
 
+    /// With a window, ready items beyond it are counted, not kept; a lease stops at the paged boundary rather than
+    /// serve a lower priority, the plan asks for the right ids, and paged-in items lease in FIFO order.
+    #[test]
+    fn window_pages_out_and_in_in_order() {
+        let mut s = PartitionState::new(1).with_window(4);
+        let (ids, ch) = s.produce((0..10).map(|i| new_item(&i.to_string(), Ts::ZERO)).collect());
+        let written = ch.put;
+        assert_eq!((s.ready, s.paged.count[0], s.counts().ready), (4, 6, 10));
+        assert_eq!(s.paged.from[0], ids[4].0);
+        let high = s
+            .produce(vec![NewItem {
+                priority: 3,
+                ..new_item("hi", Ts::ZERO)
+            }])
+            .0;
+        assert_eq!(
+            s.paged.count[3], 1,
+            "the window is full: even a higher priority is paged"
+        );
+        let got = s.lease(10, Ts(100)).0;
+        assert!(got.is_empty(), "priority 3 has paged items and none resident");
+        let plan = s.page_plan(10, true);
+        assert_eq!(
+            plan,
+            vec![
+                PageRead {
+                    prio: 3,
+                    from: high[0].0,
+                    n: 1
+                },
+                PageRead {
+                    prio: 0,
+                    from: ids[4].0,
+                    n: 6
+                }
+            ]
+        );
+        // Page priority 3 in (as a backend would from disk), then part of priority 0.
+        let hi_item = Item {
+            id: high[0],
+            priority: 3,
+            expire_deadline: Ts(10_000_000),
+            created_at: Ts(1),
+            payload: Bytes::from_static(b"hi"),
+            ..Default::default()
+        };
+        s.page_in(plan[0], vec![hi_item], true);
+        let epoch = s.paged_epoch();
+        s.page_in(plan[1], written[4..7].to_vec(), false);
+        assert!(s.paged_epoch() > epoch);
+        assert_eq!((s.ready, s.paged.count[0], s.paged.from[0]), (8, 3, ids[7].0));
+        let got = s.lease(10, Ts(100)).0;
+        let mut want = vec![high[0]];
+        want.extend_from_slice(&ids[..7]);
+        assert_eq!(got.iter().map(|i| i.id).collect::<Vec<_>>(), want);
+        let idx = s.take_index_changes(true);
+        assert_eq!(idx.unready.len(), 8);
+        assert_eq!(idx.paged.as_ref().map(|p| p.count[0]), Some(3));
+        assert!(s.take_index_changes(true).paged.is_none(), "taken once");
+        // A stale read (planned before the boundary moved) is ignored.
+        s.page_in(plan[1], written[4..7].to_vec(), false);
+        assert_eq!(s.paged.count[0], 3);
+        // Stats include what is paged: "7".."9" on disk, "hi" and "0".."6" leased.
+        assert_eq!(s.stats(Ts(1)).payload_bytes, 3 + 2 + 7);
+    }
+
     /// Extension moves the slot's deadline, the lease sums and the expiry index together.
     #[test]
     fn extend_keeps_lease_sums() {
