@@ -231,3 +231,46 @@ async fn delete_list_expiry_and_clear_reach_paged_items() {
     let c = p.counts().await.expect("counts");
     assert_eq!((c.ready, c.leased), (0, 2));
 }
+
+/// A steady pipeline over a deep backlog (many page-ins in the background): every lease of 100 gets 100 items, in
+/// FIFO order, across a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_steady_pipeline_over_a_deep_backlog_never_starves() {
+    let dir = tempfile::tempdir().expect("tmp");
+    const DEPTH: usize = 60_000;
+    let mut next_expected = 0usize;
+    let mut produced = 0usize;
+    for session in 0..2 {
+        let store = FjallStore::open(dir.path(), Durability::None).expect("open");
+        store.set_memory_window(4_000);
+        let p = store.open("steady", 0).await.expect("partition");
+        if session == 0 {
+            for _ in 0..DEPTH / 1000 {
+                p.produce((0..1000).map(|i| item(produced + i, 0, FAR)).collect())
+                    .await
+                    .expect("produce");
+                produced += 1000;
+            }
+        }
+        for round in 0..300 {
+            p.produce((0..100).map(|i| item(produced + i, 0, FAR)).collect())
+                .await
+                .expect("produce");
+            produced += 100;
+            let got = p.lease(100, LEASE).await.expect("lease");
+            assert_eq!(got.len(), 100, "session {session} round {round}");
+            for it in &got {
+                assert_eq!(
+                    it.payload,
+                    Bytes::from(format!("item-{next_expected:06}")),
+                    "round {round}"
+                );
+                next_expected += 1;
+            }
+            let ids = got.iter().map(|i| i.id).collect();
+            assert!(p.complete(vec![ids]).await.expect("complete")[0].is_ok());
+        }
+        assert!(store.items_paged_in() > 0);
+        store.close().await;
+    }
+}
