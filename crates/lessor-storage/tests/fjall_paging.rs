@@ -274,3 +274,55 @@ async fn a_steady_pipeline_over_a_deep_backlog_never_starves() {
         store.close().await;
     }
 }
+
+/// Backlogs produced across restarts (each restart starts ids at a new floor, leaving a gap), with expired leases
+/// requeued at the tail in between, drain whole and in order in leases of 400.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backlogs_across_restarts_with_id_gaps_drain_in_order() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let policy = LifecyclePolicy {
+        max_attempts: 0,
+        has_dead_queue: false,
+        backoff: Backoff::OFF,
+    };
+    let mut produced = 0usize;
+    let mut stage_ids: Vec<ItemId> = Vec::new();
+    for stage in 0..3 {
+        let store = FjallStore::open(dir.path(), Durability::None).expect("open");
+        store.set_memory_window(1_000);
+        let p = store.open("gaps", 0).await.expect("partition");
+        for _ in 0..5 {
+            stage_ids.extend(
+                p.produce((0..1000).map(|i| item(produced + i, 0, FAR)).collect())
+                    .await
+                    .expect("produce"),
+            );
+            produced += 1000;
+        }
+        // One lease that expires: its item goes back at the tail under a new id.
+        let l = p.lease(1, Ts(T0.0 + stage)).await.expect("lease");
+        assert_eq!(l[0].id, stage_ids[0]);
+        stage_ids.remove(0);
+        let o = p.lifecycle(Ts(T0.0 + 10), policy, 100).await.expect("lifecycle");
+        assert_eq!(o.lease_expired, 1);
+        let listed = p.list(Some(stage_ids[stage_ids.len() - 1]), 10, false).await.expect("list");
+        stage_ids.push(listed.last().expect("the requeued item").id);
+        store.close().await;
+    }
+    let store = FjallStore::open(dir.path(), Durability::None).expect("open");
+    store.set_memory_window(1_000);
+    let p = store.open("gaps", 0).await.expect("partition");
+    assert_eq!(p.counts().await.expect("counts").ready, produced as u64);
+    let mut got = Vec::new();
+    loop {
+        let l = p.lease(400, LEASE).await.expect("lease");
+        if l.is_empty() {
+            break;
+        }
+        assert!(l.len() == 400 || got.len() + l.len() == produced, "a short lease at {}", got.len());
+        got.extend(l.iter().map(|i| i.id));
+        let ids = l.iter().map(|i| i.id).collect();
+        assert!(p.complete(vec![ids]).await.expect("complete")[0].is_ok());
+    }
+    assert_eq!(got, stage_ids);
+}
