@@ -1,12 +1,14 @@
 #!/bin/bash
-# Usage: measure.sh <label> <window> <port>
+# Paging measurements (docs/benchmarks.md, "fjall: RAM bounded by the window"). Needs the release binary
+# (cargo build --release -p lessor --bin lessor), curl and bc; writes under $MEASURE_ROOT (default /tmp/lessor-paging).
+# Usage: scripts/measure-paging.sh <label> <window> <port>
 # Pre-fills one 1-partition queue to 1M, 5M, 20M items of 100 B through the real binary; after each stage restarts the
 # server and records start-up (to /health, to first lease) and RSS; at 20M runs pipeline throughput on the deep queue and
 # on a fresh shallow queue.
 set -u
 LABEL=$1; WINDOW=$2; PORT=$3
-BIN=/work/wt/paging/target/release/lessor
-ROOT=/tmp/h-paging/run-$LABEL
+BIN=${LESSOR_BIN:-$(dirname "$0")/../target/release/lessor}
+ROOT=${MEASURE_ROOT:-/tmp/lessor-paging}/run-$LABEL
 rm -rf $ROOT; mkdir -p $ROOT/data
 EP=http://127.0.0.1:$PORT
 cat > $ROOT/config.yaml <<YAML
