@@ -305,7 +305,10 @@ async fn backlogs_across_restarts_with_id_gaps_drain_in_order() {
         stage_ids.remove(0);
         let o = p.lifecycle(Ts(T0.0 + 10), policy, 100).await.expect("lifecycle");
         assert_eq!(o.lease_expired, 1);
-        let listed = p.list(Some(stage_ids[stage_ids.len() - 1]), 10, false).await.expect("list");
+        let listed = p
+            .list(Some(stage_ids[stage_ids.len() - 1]), 10, false)
+            .await
+            .expect("list");
         stage_ids.push(listed.last().expect("the requeued item").id);
         store.close().await;
     }
@@ -319,7 +322,11 @@ async fn backlogs_across_restarts_with_id_gaps_drain_in_order() {
         if l.is_empty() {
             break;
         }
-        assert!(l.len() == 400 || got.len() + l.len() == produced, "a short lease at {}", got.len());
+        assert!(
+            l.len() == 400 || got.len() + l.len() == produced,
+            "a short lease at {}",
+            got.len()
+        );
         got.extend(l.iter().map(|i| i.id));
         let ids = l.iter().map(|i| i.id).collect();
         assert!(p.complete(vec![ids]).await.expect("complete")[0].is_ok());

@@ -257,6 +257,78 @@ pub(crate) fn read_counters(
 mod tests {
     use super::*;
 
+    /// Diagnostic: compares the stored counters of partition pid 1 of the store at `$LESSOR_PAGING_CHECK_DIR` with
+    /// its ready index.
+    #[test]
+    #[ignore]
+    fn check_counters_of_a_store() {
+        let Some(dir) = std::env::var_os("LESSOR_PAGING_CHECK_DIR") else {
+            return;
+        };
+        let (engine, _) = Engine::open(
+            std::path::Path::new(&dir),
+            super::super::PARTITIONS_DIR,
+            "partitions",
+            "partition store",
+            super::super::Durability::None,
+            super::super::partitions::keyspace_options,
+            super::super::engine::Formats {
+                current: super::super::PARTITIONS_FORMAT_VERSION,
+                upgradable: &[],
+            },
+        )
+        .expect("open");
+        let ks = engine.keyspace("items", false).expect("ks").expect("items");
+        let c = read_counters(&engine, &ks, 1, "t")
+            .expect("read")
+            .expect("counters");
+        println!(
+            "counters: from {:?} count {:?} min_expire {:?} with_source {}",
+            c.from, c.count, c.min_expire, c.with_source
+        );
+        for p in 0..PRIORITIES {
+            let below = ready_ids(&engine, &ks, 1, p as u8, 0, c.from[p], usize::MAX)
+                .expect("r")
+                .len();
+            let above = if c.from[p] == u64::MAX {
+                0
+            } else {
+                ready_ids(&engine, &ks, 1, p as u8, c.from[p], u64::MAX, usize::MAX)
+                    .expect("r")
+                    .len()
+            };
+            if below + above > 0 {
+                println!(
+                    "prio {p}: {below} entries below from, {above} at or above (counted {})",
+                    c.count[p]
+                );
+            }
+        }
+        let t = std::time::Instant::now();
+        println!(
+            "not ready: {} ({:?})",
+            not_ready_ids(&engine, &ks, 1).expect("n").len(),
+            t.elapsed()
+        );
+        let t = std::time::Instant::now();
+        let page = ready_ids(&engine, &ks, 1, 0, c.from[0], u64::MAX, 8192).expect("page");
+        let ids: Vec<u64> = page.iter().map(|x| x.0).collect();
+        println!(
+            "page: {} ids, span {} ({:?})",
+            ids.len(),
+            ids.last().unwrap_or(&0) - ids.first().unwrap_or(&0),
+            t.elapsed()
+        );
+        let t = std::time::Instant::now();
+        let items = read_items(&engine, &ks, 1, &ids, "t").expect("items");
+        println!("read {} items ({:?})", items.len(), t.elapsed());
+        let t = std::time::Instant::now();
+        let below = ready_ids(&engine, &ks, 1, 0, 0, c.from[0], usize::MAX)
+            .expect("r")
+            .len();
+        println!("resident range {} ({:?})", below, t.elapsed());
+    }
+
     #[test]
     fn counters_round_trip_and_keys_have_their_own_length() {
         let mut p = Paged::default();
