@@ -661,9 +661,22 @@ impl PartitionState {
     /// only when they changed, and only when `with_counters`: the backend writes them with a change set, and a call
     /// that wrote nothing leaves them for the next.
     pub fn take_index_changes(&mut self, with_counters: bool) -> IndexChanges {
-        let paged = (with_counters && self.paged_dirty).then(|| {
+        // While items are paged the heads move with every lease: the counters go with every write then.
+        let paged = (with_counters && (self.paged_dirty || !self.paged.is_empty())).then(|| {
             self.paged_dirty = false;
-            self.paged.clone()
+            let mut pg = self.paged.clone();
+            for p in 0..PRIORITIES {
+                // A lower bound that stays one: items that become resident later have higher ids (paged ones are at
+                // or above `from`, new ones at or above `next_id`), so a head stored earlier still bounds them.
+                pg.head[p] = if self.ready_by_prio[p] == 0 {
+                    pg.from[p].min(self.next_id)
+                } else if p == 0 {
+                    self.cursor
+                } else {
+                    self.fifo[p].front().copied().unwrap_or(pg.from[p])
+                };
+            }
+            pg
         });
         IndexChanges {
             unready: std::mem::take(&mut self.unready),
@@ -1738,7 +1751,21 @@ mod tests {
         let idx = s.take_index_changes(true);
         assert_eq!(idx.unready.len(), 8);
         assert_eq!(idx.paged.as_ref().map(|p| p.count[0]), Some(3));
-        assert!(s.take_index_changes(true).paged.is_none(), "taken once");
+        assert_eq!(
+            idx.paged.as_ref().map(|p| p.head[0]),
+            Some(ids[7].0),
+            "nothing resident: the head is `from`"
+        );
+        assert_eq!(
+            idx.paged.as_ref().map(|p| p.head[5]),
+            Some(s.next_id),
+            "nothing at all: the next id"
+        );
+        assert!(
+            s.take_index_changes(true).paged.is_some(),
+            "while items are paged the counters go with every write"
+        );
+        assert!(s.take_index_changes(false).paged.is_none(), "not without a write");
         // A stale read (planned before the boundary moved) is ignored.
         s.page_in(plan[1], written[4..7].to_vec(), false);
         assert_eq!(s.paged.count[0], 3);

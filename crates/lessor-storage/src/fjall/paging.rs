@@ -31,8 +31,10 @@ const READY_TAG: u8 = b'r';
 const NOT_READY_TAG: [u8; 2] = [b'n', 0xff];
 /// Key of the paging counters.
 pub(crate) const COUNTERS_KEY: &[u8] = b"pgc";
-/// Version byte of the stored counters.
+/// Version byte of stored counters without heads.
 const COUNTERS_V1: u8 = 1;
+/// Version byte of the stored counters this build writes: the heads follow.
+const COUNTERS_V2: u8 = 2;
 
 /// The ready-index key of item `id` of priority `prio` in partition `pid`.
 pub(crate) fn ready_key(pid: u64, prio: u8, id: u64) -> Vec<u8> {
@@ -65,8 +67,8 @@ fn key_id(k: &[u8]) -> Option<u64> {
 
 /// Encodes the paging counters.
 pub(crate) fn encode_counters(p: &Paged) -> Vec<u8> {
-    let mut v = Vec::with_capacity(1 + PRIORITIES * 24 + 40);
-    v.push(COUNTERS_V1);
+    let mut v = Vec::with_capacity(1 + PRIORITIES * 32 + 40);
+    v.push(COUNTERS_V2);
     for i in 0..PRIORITIES {
         v.extend_from_slice(&p.from[i].to_be_bytes());
         v.extend_from_slice(&p.count[i].to_be_bytes());
@@ -75,6 +77,9 @@ pub(crate) fn encode_counters(p: &Paged) -> Vec<u8> {
     v.extend_from_slice(&p.bytes.to_be_bytes());
     v.extend_from_slice(&p.sum_created.to_be_bytes());
     v.extend_from_slice(&p.with_source.to_be_bytes());
+    for h in p.head {
+        v.extend_from_slice(&h.to_be_bytes());
+    }
     v
 }
 
@@ -90,7 +95,13 @@ pub(crate) fn decode_counters(v: &[u8], what: &str) -> Result<Paged, StorageErro
             ),
         )
     };
-    if v.first() != Some(&COUNTERS_V1) || v.len() != 1 + PRIORITIES * 24 + 32 {
+    let base = 1 + PRIORITIES * 24 + 32;
+    let ok = match v.first() {
+        Some(&COUNTERS_V1) => v.len() == base,
+        Some(&COUNTERS_V2) => v.len() == base + PRIORITIES * 8,
+        _ => false,
+    };
+    if !ok {
         return Err(bad());
     }
     let u = |at: usize| u64::from_be_bytes(v[at..at + 8].try_into().unwrap_or_default());
@@ -105,6 +116,11 @@ pub(crate) fn decode_counters(v: &[u8], what: &str) -> Result<Paged, StorageErro
     p.bytes = u(at);
     p.sum_created = i128::from_be_bytes(v[at + 8..at + 24].try_into().unwrap_or_default());
     p.with_source = u(at + 24);
+    if v.len() > base {
+        for i in 0..PRIORITIES {
+            p.head[i] = u(base + i * 8);
+        }
+    }
     Ok(p)
 }
 
@@ -338,6 +354,7 @@ mod tests {
         p.bytes = 9;
         p.sum_created = -(1 << 70);
         p.with_source = 2;
+        p.head[3] = 70;
         assert_eq!(decode_counters(&encode_counters(&p), "t").expect("decodes"), p);
         assert!(decode_counters(&[1, 2, 3], "t").is_err());
         assert_eq!(ready_key(1, 2, 3).len(), 18);

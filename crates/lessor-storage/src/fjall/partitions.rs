@@ -277,7 +277,9 @@ impl Shared {
                 }
                 let mut ids = pg::not_ready_ids(&engine, &ks, pid)?;
                 for p in 0..crate::state::paging::PRIORITIES {
-                    let got = pg::ready_ids(&engine, &ks, pid, p as u8, 0, paged.from[p], usize::MAX)?;
+                    // From the head, not from 0: below it lie only deleted entries of consumed items.
+                    let lo = paged.head[p].min(paged.from[p]);
+                    let got = pg::ready_ids(&engine, &ks, pid, p as u8, lo, paged.from[p], usize::MAX)?;
                     ids.extend(got.into_iter().map(|(id, _)| id));
                 }
                 let items = pg::read_items(&engine, &ks, pid, &ids, &what)?;

@@ -33,6 +33,10 @@ pub struct Paged {
     pub bytes: u64,
     /// Sum of `created_at` over the paged items.
     pub sum_created: i128,
+    /// Per priority: no resident ready item has a lower id (0 when unknown). Written with the counters so that an
+    /// open reads the resident items from here up to [`Paged::from`], not through the deleted index entries of
+    /// everything consumed before, which the engine may not have compacted away yet.
+    pub head: [u64; PRIORITIES],
     /// Paged items that carry a source id. Their ids stay in the resident source-id index, which a restart can
     /// only rebuild by reading every item: while this is not zero, a restart reads the whole partition.
     pub with_source: u64,
@@ -47,6 +51,7 @@ impl Default for Paged {
             bytes: 0,
             sum_created: 0,
             with_source: 0,
+            head: [0; PRIORITIES],
         }
     }
 }
