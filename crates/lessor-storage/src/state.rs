@@ -27,8 +27,21 @@
 //!   be refused within the window.
 //!
 //! Every operation costs O(log n) per item touched; none scans the partition.
+//!
+//! # Paging (persistent backends)
+//! A backend that writes every change set may give the state a *window* ([`PartitionState::with_window`]): once that
+//! many ready items are resident, each new ready item is written to disk only and counted in [`Paged`] (the
+//! `paging` submodule), and so is every later one of its priority, so that per priority the resident ready ids lie
+//! below the paged ones and FIFO order is id order across the boundary. The backend asks
+//! [`PartitionState::page_plan`] which ids to read back (ahead of need when a priority's resident head falls under a
+//! quarter of the window, at once when a lease needs more than is resident) and hands them to
+//! [`PartitionState::page_in`]. A lease never serves a lower priority while a higher one still has paged items but
+//! nothing resident. Counts, payload bytes, ages and the next deadline include the paged items through the counters,
+//! so a paged item costs no memory at all unless it carries a source id (whose index entry stays resident).
+//! Leased, scheduled and dead items always stay resident: they are bounded by the work in flight, the schedule and
+//! the dead letters waiting for transfer, not by the backlog. The memory backend sets no window.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -41,9 +54,12 @@ use lessor_core::types::{
 
 mod chunk;
 mod dedup;
+pub mod paging;
 
 use chunk::{Chunk, CHUNK};
 use dedup::DedupSet;
+use paging::NONE;
+pub use paging::{IndexChanges, PageRead, Paged};
 
 /// What an operation changed, for a persistent backend to write in one atomic batch.
 #[derive(Debug, Default, Clone)]
@@ -66,10 +82,11 @@ impl Changes {
     }
 }
 
-/// Number of priorities (0..=MAX_PRIORITY).
-const PRIORITIES: usize = MAX_PRIORITY as usize + 1;
+use paging::PRIORITIES;
 /// A priority FIFO is compacted once it holds more than twice its ready items plus this many ids.
 const COMPACT_SLACK: usize = 64;
+/// Most items one page-in reads: bounds the work of one read, so reads ahead stay short and frequent.
+pub const PAGE_MAX: usize = 8192;
 /// Expired dedup records a produce call drops beyond as many as it adds, so a backlog drains too.
 const PRUNE_EXTRA: usize = 16;
 
@@ -260,6 +277,19 @@ pub struct PartitionState {
     payload_bytes: u64,
     /// Dedup records.
     dedup: DedupSet,
+    /// Most resident ready items before new ones are paged (`usize::MAX`: never; see the `paging` module).
+    window: usize,
+    /// Ready items on disk only.
+    paged: Paged,
+    /// Whether `paged` changed since the backend last took it.
+    paged_dirty: bool,
+    /// Changes whenever the set of paged items changes other than by new items at the tail (a page-in, a paged
+    /// item removed): a read of paged items started before is out of date.
+    paged_epoch: u64,
+    /// Ready items that stopped being ready since the backend last asked (tracked only with change sets).
+    unready: Vec<(u8, u64)>,
+    /// Ids of paged items the backend found on disk for the next call (see [`PartitionState::set_probe`]).
+    probe: HashSet<u64>,
 }
 
 impl Default for PartitionState {
@@ -291,7 +321,21 @@ impl PartitionState {
             sum_lease: 0,
             payload_bytes: 0,
             dedup: DedupSet::default(),
+            window: usize::MAX,
+            paged: Paged::default(),
+            // A new partition's first write records its (empty) paging counters.
+            paged_dirty: true,
+            paged_epoch: 0,
+            unready: Vec::new(),
+            probe: HashSet::new(),
         }
+    }
+
+    /// Pages ready items beyond `window` resident ones out (see the `paging` module). Only a backend that writes
+    /// every change set and answers [`PartitionState::page_plan`] may set a window.
+    pub fn with_window(mut self, window: usize) -> Self {
+        self.window = window.max(1);
+        self
     }
 
     /// Stops building change sets (a backend with nothing to persist saves the copies).
@@ -304,14 +348,23 @@ impl PartitionState {
     pub fn load(items: impl IntoIterator<Item = Item>, floor: u64) -> Self {
         let mut items: Vec<Item> = items.into_iter().collect();
         items.sort_unstable_by_key(|it| it.id);
-        let mut s = PartitionState::new(floor);
+        Self::load_windowed(items, floor, usize::MAX)
+    }
+
+    /// [`PartitionState::load`] for a backend that pages: ready items beyond the first `window` (in id order) are
+    /// counted as paged instead of kept, exactly as if they had been produced in that order.
+    pub fn load_windowed(items: impl IntoIterator<Item = Item>, floor: u64, window: usize) -> Self {
+        let mut items: Vec<Item> = items.into_iter().collect();
+        items.sort_unstable_by_key(|it| it.id);
+        let mut s = PartitionState::new(floor).with_window(window);
         let mut min_ready = u64::MAX;
         for it in items {
             s.next_id = s.next_id.max(it.id.0 + 1);
-            if !it.dead && !it.is_scheduled() && !it.is_leased && it.priority == 0 {
-                min_ready = min_ready.min(it.id.0);
+            let ready0 = !it.dead && !it.is_scheduled() && !it.is_leased && it.priority == 0;
+            let id = it.id.0;
+            if s.insert_new(it) && ready0 {
+                min_ready = min_ready.min(id);
             }
-            s.insert(it);
         }
         s.cursor = if min_ready == u64::MAX {
             s.next_id
@@ -319,6 +372,15 @@ impl PartitionState {
             min_ready
         };
         s.clean_fronts();
+        s
+    }
+
+    /// Rebuilds a paging state from the resident part a backend read back (non-ready items and the ready items
+    /// below `paged.from` of their priority) and the paging counters it stored with its last write.
+    pub fn restore(resident: Vec<Item>, paged: Paged, floor: u64, window: usize) -> Self {
+        let mut s = Self::load(resident, floor).with_window(window);
+        s.paged = paged;
+        s.paged_dirty = false;
         s
     }
 
@@ -333,6 +395,11 @@ impl PartitionState {
         let id = ItemId(self.next_id);
         self.next_id += 1;
         id
+    }
+
+    /// Whether `id` is a resident ready or leased item.
+    pub fn contains_live(&self, id: u64) -> bool {
+        self.slot(id).is_some()
     }
 
     fn slot(&self, id: u64) -> Option<&Slot> {
@@ -381,6 +448,229 @@ impl PartitionState {
             .put(off, slot);
     }
 
+    /// Puts an item that just got the newest id into the state: a ready one is paged when the window is full or
+    /// its priority already pages (so resident ids stay below paged ones). Returns whether it is resident.
+    fn insert_new(&mut self, it: Item) -> bool {
+        let ready = !it.dead && !it.is_scheduled() && !it.is_leased;
+        let p = usize::from(it.priority.min(MAX_PRIORITY));
+        if ready && (self.paged.from[p] != NONE || self.ready as usize >= self.window) {
+            self.spill(it);
+            return false;
+        }
+        self.insert(it);
+        true
+    }
+
+    /// Counts a ready item as paged (its record is on disk, written by the change set that carries it).
+    fn spill(&mut self, it: Item) {
+        let p = usize::from(it.priority.min(MAX_PRIORITY));
+        let pg = &mut self.paged;
+        pg.from[p] = pg.from[p].min(it.id.0);
+        pg.count[p] += 1;
+        pg.min_expire[p] = pg.min_expire[p].min(it.expire_deadline.0);
+        pg.bytes += it.payload.len() as u64;
+        pg.sum_created += i128::from(it.created_at.0);
+        if !it.source_id.is_empty() {
+            pg.with_source += 1;
+            self.by_source.insert(it.source_id, it.id.0);
+        }
+        self.paged_dirty = true;
+    }
+
+    /// Takes a paged item out of the counters (it was read back from disk); the caller puts it somewhere or
+    /// records its removal.
+    fn unspill(&mut self, it: &Item) {
+        let p = usize::from(it.priority.min(MAX_PRIORITY));
+        let pg = &mut self.paged;
+        pg.count[p] = pg.count[p].saturating_sub(1);
+        pg.bytes = pg.bytes.saturating_sub(it.payload.len() as u64);
+        pg.sum_created -= i128::from(it.created_at.0);
+        if !it.source_id.is_empty() {
+            pg.with_source = pg.with_source.saturating_sub(1);
+        }
+        pg.settle(p);
+        self.paged_dirty = true;
+    }
+
+    /// Whether `it` (read from disk) is one of the paged items.
+    fn is_paged(&self, it: &Item) -> bool {
+        let p = usize::from(it.priority.min(MAX_PRIORITY));
+        !it.dead
+            && !it.is_scheduled()
+            && !it.is_leased
+            && self.paged.count[p] > 0
+            && it.id.0 >= self.paged.from[p]
+            && self.slot(it.id.0).is_none()
+    }
+
+    /// Tells the next call which of the ids it names are paged items (found on disk by the backend), so that
+    /// complete, extend and retry call them not leased rather than not found; the backend clears it afterwards.
+    pub fn set_probe(&mut self, ids: HashSet<u64>) {
+        self.probe = ids;
+    }
+
+    /// See the `paged_epoch` field: a backend applies a read of paged items only if this did not change since.
+    pub fn paged_epoch(&self) -> u64 {
+        self.paged_epoch
+    }
+
+    /// Ready items held in memory (the others are paged).
+    pub fn resident_ready(&self) -> u64 {
+        self.ready
+    }
+
+    /// The paging counters.
+    pub fn paged(&self) -> &Paged {
+        &self.paged
+    }
+
+    /// The reads a backend should do around an operation that leases `want` items. `urgent`: only what the lease
+    /// cannot do without (priorities whose resident head is shorter than its share of the lease while they have
+    /// paged items), to read before it. Otherwise: every priority whose resident head fell below the low-water mark
+    /// (a quarter of the window), to read ahead in the background. Each read refills by half a window (at most
+    /// [`PAGE_MAX`]) plus the lease's share. Empty when nothing is paged.
+    pub fn page_plan(&self, want: usize, urgent: bool) -> Vec<PageRead> {
+        let mut plan = Vec::new();
+        if self.paged.is_empty() {
+            return plan;
+        }
+        let low = (self.window / 4).max(1) as u64;
+        let batch = (self.window / 2).clamp(1, PAGE_MAX) as u64;
+        let mut remaining = want as u64;
+        for p in (0..PRIORITIES).rev() {
+            let resident = self.ready_by_prio[p];
+            let paged = self.paged.count[p];
+            let short = if urgent {
+                resident < remaining
+            } else {
+                resident < low
+            };
+            if paged > 0 && short {
+                plan.push(PageRead {
+                    prio: p as u8,
+                    from: self.paged.from[p],
+                    n: paged.min(batch + remaining) as usize,
+                });
+            }
+            remaining = remaining.saturating_sub(resident + paged);
+        }
+        plan
+    }
+
+    /// Takes ready items of priority `read.prio` read back from disk (in id order, from `read.from` on) into memory.
+    /// `exhausted`: the disk has no more of them. A read planned before the paged items changed (another read, a
+    /// delete) is ignored: the plan is made again.
+    pub fn page_in(&mut self, read: PageRead, items: Vec<Item>, exhausted: bool) {
+        let p = usize::from(read.prio);
+        if self.paged.from[p] != read.from || self.paged.count[p] == 0 {
+            return;
+        }
+        self.paged_epoch += 1;
+        let mut last = None;
+        for it in items {
+            if !self.is_paged(&it) || usize::from(it.priority) != p {
+                continue;
+            }
+            self.unspill(&it);
+            last = Some(it.id.0);
+            if p == 0 {
+                // Every resident priority-0 id is below the paged ones, so the cursor may step back to them.
+                self.cursor = self.cursor.min(it.id.0);
+            }
+            self.insert(it);
+            if self.paged.count[p] == 0 {
+                break;
+            }
+        }
+        if self.paged.count[p] > 0 {
+            if exhausted {
+                // The counters claim more than the disk holds (they cannot, short of a bug): trust the disk.
+                tracing::warn!(
+                    priority = p,
+                    missing = self.paged.count[p],
+                    "paged item count above what the disk holds; corrected"
+                );
+                self.paged.count[p] = 0;
+                self.paged.settle(p);
+            } else if let Some(last) = last {
+                self.paged.from[p] = last + 1;
+            }
+        }
+        self.paged_dirty = true;
+        self.clean_fronts();
+    }
+
+    /// Removes paged items read back from disk (a delete by id, an expiry, a clear), recording their removal; an
+    /// expired one dies under `policy` when given. Items that are not paged (anymore) are skipped. Returns how
+    /// many went.
+    pub fn drop_paged(&mut self, items: Vec<Item>, expire: Option<LifecyclePolicy>) -> (u64, Changes) {
+        let mut ch = Changes::default();
+        let mut n = 0;
+        for it in items {
+            if !self.is_paged(&it) {
+                continue;
+            }
+            self.unspill(&it);
+            self.paged_epoch += 1;
+            if !it.source_id.is_empty() && self.by_source.get(&it.source_id) == Some(&it.id.0) {
+                self.by_source.remove(&it.source_id);
+            }
+            if self.track {
+                self.unready.push((it.priority, it.id.0));
+            }
+            n += 1;
+            match expire {
+                Some(policy) => self.die(it, policy, &mut ch),
+                None => self.record_del(&mut ch, it.id),
+            }
+        }
+        (n, ch)
+    }
+
+    /// Sets the expiry bound of priority `p` to `min`, the earliest deadline a sweep found among all its paged items.
+    pub fn set_paged_min_expire(&mut self, p: u8, min: i64) {
+        let p = usize::from(p.min(MAX_PRIORITY));
+        if self.paged.count[p] > 0 && self.paged.min_expire[p] != min {
+            self.paged.min_expire[p] = min;
+            self.paged_dirty = true;
+        }
+    }
+
+    /// Priorities whose paged items may have expired at `now`.
+    pub fn paged_expiry_due(&self, now: Ts) -> Vec<u8> {
+        (0..PRIORITIES)
+            .filter(|&p| self.paged.count[p] > 0 && self.paged.min_expire[p] <= now.0)
+            .map(|p| p as u8)
+            .collect()
+    }
+
+    /// What the on-disk ready index must change besides the items of the last change set. The paging counters come
+    /// only when they changed, and only when `with_counters`: the backend writes them with a change set, and a call
+    /// that wrote nothing leaves them for the next.
+    pub fn take_index_changes(&mut self, with_counters: bool) -> IndexChanges {
+        // While items are paged the heads move with every lease: the counters go with every write then.
+        let paged = (with_counters && (self.paged_dirty || !self.paged.is_empty())).then(|| {
+            self.paged_dirty = false;
+            let mut pg = self.paged.clone();
+            for p in 0..PRIORITIES {
+                // A lower bound that stays one: items that become resident later have higher ids (paged ones are at
+                // or above `from`, new ones at or above `next_id`), so a head stored earlier still bounds them.
+                pg.head[p] = if self.ready_by_prio[p] == 0 {
+                    pg.from[p].min(self.next_id)
+                } else if p == 0 {
+                    self.cursor
+                } else {
+                    self.fifo[p].front().copied().unwrap_or(pg.from[p])
+                };
+            }
+            pg
+        });
+        IndexChanges {
+            unready: std::mem::take(&mut self.unready),
+            paged,
+        }
+    }
+
     /// Takes a live item out of the chunks (its deadline entries go stale and are pruned lazily).
     fn take_live(&mut self, id: u64) -> Option<Item> {
         self.take_live_slot(id).map(|s| s.to_item(id))
@@ -420,6 +710,9 @@ impl PartitionState {
             self.ready -= 1;
             let p = usize::from(slot.priority);
             self.ready_by_prio[p] -= 1;
+            if self.track {
+                self.unready.push((slot.priority, id));
+            }
             // The id stays in its FIFO until it reaches the front; compact once stale ids are the majority, so
             // they never cost more than O(1) each.
             if p > 0 && self.fifo[p].len() > 2 * self.ready_by_prio[p] as usize + COMPACT_SLACK {
@@ -541,9 +834,11 @@ impl PartitionState {
         it.is_leased = false;
         it.lease_deadline = Ts::ZERO;
         it.enqueue_at = Ts::ZERO;
-        let id = it.id.0;
-        self.insert(it);
-        self.record_put(ch, id);
+        if self.track {
+            // Recorded from the item itself: a paged item has no slot to record from.
+            ch.put.push(it.clone());
+        }
+        self.insert_new(it);
     }
 
     /// Puts `it` into the schedule until `at`, keeping its id, recording the change.
@@ -617,7 +912,7 @@ impl PartitionState {
             if self.track {
                 ch.put.push(it.clone());
             }
-            self.insert(it);
+            self.insert_new(it);
         }
         // The call's records are one group on disk (see the `dedup` module); its name is its first record's.
         self.dedup.seal();
@@ -672,7 +967,13 @@ impl PartitionState {
     pub fn lease(&mut self, n: usize, deadline: Ts) -> (Vec<Item>, Changes) {
         let mut out = Vec::with_capacity(n.min(self.ready as usize));
         let mut taken = Vec::with_capacity(out.capacity());
+        // A priority whose resident head ran out while it still has paged items ends the lease: serving a lower
+        // priority first would break the order (the backend pages in before a lease, so this is rare).
+        let mut blocked = false;
         for p in (1..PRIORITIES).rev() {
+            if blocked {
+                break;
+            }
             while out.len() < n && self.ready_by_prio[p] > 0 {
                 let Some(id) = self.fifo[p].pop_front() else {
                     break;
@@ -688,8 +989,9 @@ impl PartitionState {
                 taken.push(id);
                 self.ready_by_prio[p] -= 1;
             }
+            blocked = out.len() < n && self.paged.count[p] > 0;
         }
-        while out.len() < n && self.ready_by_prio[0] > 0 {
+        while !blocked && out.len() < n && self.ready_by_prio[0] > 0 {
             let Some((&key, chunk)) = self.chunks.range_mut(self.cursor / CHUNK..).next() else {
                 break;
             };
@@ -733,6 +1035,9 @@ impl PartitionState {
         self.ready -= got;
         self.leased += got;
         self.sum_lease += i128::from(deadline.0) * i128::from(got);
+        if self.track {
+            self.unready.extend(out.iter().map(|it| (it.priority, it.id.0)));
+        }
         if !taken.is_empty() {
             self.leases.entry(deadline).or_default().extend(taken);
         }
@@ -755,6 +1060,8 @@ impl PartitionState {
                 return Err(ItemError::Duplicate(id.to_string()));
             }
             match self.slot(id.0) {
+                // A paged item exists but is ready: the backend looked it up (see `set_probe`).
+                None if self.probe.contains(&id.0) => return Err(ItemError::NotLeased(id.to_string())),
                 None => return Err(ItemError::NotFound(id.to_string())),
                 Some(s) if !s.leased() => return Err(ItemError::NotLeased(id.to_string())),
                 Some(_) => {}
@@ -960,6 +1267,7 @@ impl PartitionState {
             self.leases.keys().next().copied(),
             self.sched_idx.first().map(|x| x.0),
             self.expire.keys().next().copied(),
+            self.paged.next_deadline().map(Ts),
         ]
         .into_iter()
         .flatten()
@@ -969,7 +1277,7 @@ impl PartitionState {
     /// See [`lessor_core::storage::Partition::counts`].
     pub fn counts(&self) -> PartitionCounts {
         PartitionCounts {
-            ready: self.ready,
+            ready: self.ready + self.paged.total(),
             leased: self.leased,
             scheduled: self.sched.len() as u64,
         }
@@ -977,7 +1285,7 @@ impl PartitionState {
 
     /// See [`lessor_core::storage::Partition::stats`].
     pub fn stats(&self, now: Ts) -> PartitionStats {
-        let live = i128::from(self.ready + self.leased);
+        let live = i128::from(self.ready + self.leased + self.paged.total());
         let leased = i128::from(self.leased);
         let avg = |sum: i128, n: i128, later: bool| -> Duration {
             if n == 0 {
@@ -992,9 +1300,9 @@ impl PartitionState {
         };
         PartitionStats {
             counts: self.counts(),
-            average_age: avg(self.sum_created, live, false),
+            average_age: avg(self.sum_created + self.paged.sum_created, live, false),
             average_leased_age: avg(self.sum_lease, leased, true),
-            payload_bytes: self.payload_bytes,
+            payload_bytes: self.payload_bytes + self.paged.bytes,
             oldest_ready_age: self.oldest_head().map_or(Duration::ZERO, |c| now.since(Ts(c))),
         }
     }
@@ -1049,7 +1357,7 @@ impl PartitionState {
                 ch.put.push(it.clone());
             }
             out.push(it.clone());
-            self.insert(it);
+            self.insert_new(it);
         }
         self.clean_fronts();
         (out, ch)
@@ -1110,7 +1418,7 @@ impl PartitionState {
 
     /// Number of items of every kind.
     pub fn len(&self) -> usize {
-        (self.ready + self.leased) as usize + self.sched.len() + self.dead.len()
+        (self.ready + self.leased + self.paged.total()) as usize + self.sched.len() + self.dead.len()
     }
 
     /// Whether the partition holds nothing.
@@ -1505,6 +1813,86 @@ mod tests {
         ]);
         let (_, ch) = s.lifecycle(Ts(20), LifecyclePolicy::default(), 100);
         assert_eq!(ch.dedup_del, vec![(Ts(15), ItemId(3)), (Ts(20), ItemId(8))]);
+    }
+
+    /// With a window, ready items beyond it are counted, not kept; a lease stops at the paged boundary rather than
+    /// serve a lower priority, the plan asks for the right ids, and paged-in items lease in FIFO order.
+    #[test]
+    fn window_pages_out_and_in_in_order() {
+        let mut s = PartitionState::new(1).with_window(4);
+        let (ids, ch) = s.produce((0..10).map(|i| new_item(&i.to_string(), Ts::ZERO)).collect());
+        let written = ch.put;
+        assert_eq!((s.ready, s.paged.count[0], s.counts().ready), (4, 6, 10));
+        assert_eq!(s.paged.from[0], ids[4].0);
+        let high = s
+            .produce(vec![NewItem {
+                priority: 3,
+                ..new_item("hi", Ts::ZERO)
+            }])
+            .0;
+        assert_eq!(
+            s.paged.count[3], 1,
+            "the window is full: even a higher priority is paged"
+        );
+        let got = s.lease(10, Ts(100)).0;
+        assert!(got.is_empty(), "priority 3 has paged items and none resident");
+        let plan = s.page_plan(10, true);
+        assert_eq!(
+            plan,
+            vec![
+                PageRead {
+                    prio: 3,
+                    from: high[0].0,
+                    n: 1
+                },
+                PageRead {
+                    prio: 0,
+                    from: ids[4].0,
+                    n: 6
+                }
+            ]
+        );
+        // Page priority 3 in (as a backend would from disk), then part of priority 0.
+        let hi_item = Item {
+            id: high[0],
+            priority: 3,
+            expire_deadline: Ts(10_000_000),
+            created_at: Ts(1),
+            payload: Bytes::from_static(b"hi"),
+            ..Default::default()
+        };
+        s.page_in(plan[0], vec![hi_item], true);
+        let epoch = s.paged_epoch();
+        s.page_in(plan[1], written[4..7].to_vec(), false);
+        assert!(s.paged_epoch() > epoch);
+        assert_eq!((s.ready, s.paged.count[0], s.paged.from[0]), (8, 3, ids[7].0));
+        let got = s.lease(10, Ts(100)).0;
+        let mut want = vec![high[0]];
+        want.extend_from_slice(&ids[..7]);
+        assert_eq!(got.iter().map(|i| i.id).collect::<Vec<_>>(), want);
+        let idx = s.take_index_changes(true);
+        assert_eq!(idx.unready.len(), 8);
+        assert_eq!(idx.paged.as_ref().map(|p| p.count[0]), Some(3));
+        assert_eq!(
+            idx.paged.as_ref().map(|p| p.head[0]),
+            Some(ids[7].0),
+            "nothing resident: the head is `from`"
+        );
+        assert_eq!(
+            idx.paged.as_ref().map(|p| p.head[5]),
+            Some(s.next_id),
+            "nothing at all: the next id"
+        );
+        assert!(
+            s.take_index_changes(true).paged.is_some(),
+            "while items are paged the counters go with every write"
+        );
+        assert!(s.take_index_changes(false).paged.is_none(), "not without a write");
+        // A stale read (planned before the boundary moved) is ignored.
+        s.page_in(plan[1], written[4..7].to_vec(), false);
+        assert_eq!(s.paged.count[0], 3);
+        // Stats include what is paged: "7".."9" on disk, "hi" and "0".."6" leased.
+        assert_eq!(s.stats(Ts(1)).payload_bytes, 3 + 2 + 7);
     }
 
     /// Extension moves the slot's deadline, the lease sums and the expiry index together.

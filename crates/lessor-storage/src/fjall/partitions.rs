@@ -1,5 +1,6 @@
-//! [`FjallStore`] and its partitions: items in memory, every change set written under the partition's prefix in the
-//! store's one `items` keyspace.
+//! [`FjallStore`] and its partitions: the resident part of each partition in memory (the head of its ready queue,
+//! leased, scheduled and dead items, counters; see the `paging` module for the rest), every change set written under
+//! the partition's prefix in the store's one `items` keyspace.
 //!
 //! A partition applies each call to its [`PartitionState`] and sends the resulting change set to the store's writer
 //! thread, which collects whatever batches arrived meanwhile, from any partition, and writes them as one atomic
@@ -17,7 +18,7 @@
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::fmt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Mutex, RwLock, Weak};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -37,8 +38,9 @@ use super::codec::{
     decode_dedup, decode_meta, dedup_key, encode_dedup, encode_meta, parse_key, Key, PAYLOAD_TAG,
 };
 use super::engine::{Engine, Fault, Formats, Unit};
+use super::paging::{self as pg, is_ready, not_ready_key, ready_key, COUNTERS_KEY};
 use super::{keyspace_name, upgrade, Durability, PARTITIONS_DIR, PARTITIONS_FORMAT_VERSION};
-use crate::state::{Changes, PartitionState};
+use crate::state::{Changes, IndexChanges, PageRead, PartitionState};
 
 /// Keyspace holding every partition's items, each under its pid, and the catalog under pid 0.
 pub(crate) const ITEMS: &str = "items";
@@ -52,6 +54,14 @@ const CAT_DELETING: u8 = b'd';
 /// Bookkeeping key of a partition (after its pid): the highest id ever written, so ids keep growing across restarts
 /// even when the items that carried the highest ids are gone. Item keys are 8 or 9 bytes; this one is not.
 const HWM_KEY: &[u8] = b"hwm";
+/// Default of `memory-window-items`: most ready items a partition keeps in memory before it pages the rest.
+pub const DEFAULT_MEMORY_WINDOW: usize = crate::registry::DEFAULT_MEMORY_WINDOW;
+/// Index entries one write of a partition's first indexing (a partition stored before paging) carries.
+const INDEX_BATCH: usize = 16 * 1024;
+/// Most items one expiry sweep of paged items reads back and expires per lifecycle call.
+const SWEEP_LIMIT: usize = 4096;
+/// Most paged items one delete-by-id or clear reads back per disk read.
+const DROP_BATCH: usize = 16 * 1024;
 /// Most batches one group commit takes.
 const MAX_GROUP: usize = 1024;
 /// Most keys one reclaimer write deletes: small enough that serving writes queued behind it wait little.
@@ -107,6 +117,26 @@ fn pid_item_keys_are_the_pid_followed_by_the_item_keys() {
     let id = ItemId(0x0102_0304_0506_0708);
     assert_eq!(pid_item_key(9, id, false), item_key(9, &meta_key(id)));
     assert_eq!(pid_item_key(9, id, true), item_key(9, &payload_key(id)));
+}
+
+/// The index entry of an item as stored (see the `paging` module).
+fn index_put(pid: u64, it: &Item) -> (Vec<u8>, Vec<u8>) {
+    if is_ready(it) {
+        (
+            ready_key(pid, it.priority, it.id.0),
+            it.expire_deadline.0.to_be_bytes().to_vec(),
+        )
+    } else {
+        (not_ready_key(pid, it.id.0), Vec::new())
+    }
+}
+
+/// Appends change set `b` to `a` (the ids of the two never meet: `b` touches only paged items, `a` resident ones).
+fn merge(a: &mut Changes, b: Changes) {
+    a.put.extend(b.put);
+    a.del.extend(b.del);
+    a.dedup_put.extend(b.dedup_put);
+    a.dedup_del.extend(b.dedup_del);
 }
 
 /// The catalog key of partition `name`.
@@ -171,6 +201,12 @@ struct Shared {
     loads: tokio::sync::Semaphore,
     /// Opens and destroys in progress by name, so they never interleave for one partition.
     opening: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// `memory-window-items`, read when a partition opens.
+    window: AtomicUsize,
+    /// Items read from disk by partition opens (tests: an open reads the window, not the backlog).
+    items_loaded: AtomicU64,
+    /// Items paged in from disk.
+    items_paged_in: AtomicU64,
 }
 
 impl Shared {
@@ -212,16 +248,46 @@ impl Shared {
         blocking(move || engine.check_writable()).await
     }
 
-    /// Reads partition `pid`'s items from disk into a new state; also returns the stored id high-water mark.
+    /// Reads partition `pid` from disk into a new state; also returns the stored id high-water mark. A partition
+    /// with stored paging counters reads only its resident part (see the `paging` module); one without (stored by
+    /// a build before paging) or whose paged items carry source ids is read whole, and the first gets its index.
     async fn load(&self, name: Arc<str>, pid: u64) -> Result<(PartitionState, u64), StorageError> {
         let _permit = self.loads.acquire().await.map_err(|_| self.closed())?;
         let engine = self.engine.clone();
-        blocking(move || {
+        let window = self.window.load(Ordering::Relaxed);
+        let (state, hwm, index, read) = blocking(move || {
             let floor = ItemId::floor_now().0;
             let Some(ks) = engine.keyspace(ITEMS, true)? else {
-                return Ok((PartitionState::new(floor), 0));
+                return Ok((PartitionState::new(floor).with_window(window), 0, Vec::new(), 0));
             };
             let what = format!("partition '{name}' in '{}'", engine.dir().display());
+            let counters = pg::read_counters(&engine, &ks, pid, &what)?;
+            if let Some(paged) = counters.clone().filter(|c| c.with_source == 0) {
+                let hwm = ks
+                    .get(item_key(pid, HWM_KEY))
+                    .map_err(|e| engine.read_error(e))?
+                    .and_then(|v| decode_pid(&v))
+                    .unwrap_or(0);
+                let mut dedup = Vec::new();
+                for kv in ks.prefix(item_key(pid, &[super::codec::DEDUP_TAG])) {
+                    let (k, v) = kv.into_inner().map_err(|e| engine.read_error(e))?;
+                    if let Key::Dedup(until, id) = parse_key(&k[8..]) {
+                        dedup.push(decode_dedup(until, id, &v, &what)?);
+                    }
+                }
+                let mut ids = pg::not_ready_ids(&engine, &ks, pid)?;
+                for p in 0..crate::state::paging::PRIORITIES {
+                    // From the head, not from 0: below it lie only deleted entries of consumed items.
+                    let lo = paged.head[p].min(paged.from[p]);
+                    let got = pg::ready_ids(&engine, &ks, pid, p as u8, lo, paged.from[p], usize::MAX)?;
+                    ids.extend(got.into_iter().map(|(id, _)| id));
+                }
+                let items = pg::read_items(&engine, &ks, pid, &ids, &what)?;
+                let read = items.len() as u64;
+                let floor = floor.max(hwm.saturating_add(1));
+                let state = PartitionState::restore(items, paged, floor, window).with_dedup(dedup);
+                return Ok((state, hwm, Vec::new(), read));
+            }
             let mut items = Vec::new();
             let mut dedup = Vec::new();
             let mut hwm = 0u64;
@@ -245,10 +311,42 @@ impl Shared {
                     Key::Other => {}
                 }
             }
-            let state = PartitionState::load(items, floor.max(hwm.saturating_add(1))).with_dedup(dedup);
-            Ok((state, hwm))
+            // Without counters the index may be missing or partial: (re)write it for every item.
+            let index: Vec<(Vec<u8>, Vec<u8>)> = if counters.is_none() {
+                items.iter().map(|it| index_put(pid, it)).collect()
+            } else {
+                Vec::new()
+            };
+            let read = items.len() as u64;
+            let state = PartitionState::load_windowed(items, floor.max(hwm.saturating_add(1)), window)
+                .with_dedup(dedup);
+            Ok((state, hwm, index, read))
         })
-        .await
+        .await?;
+        self.items_loaded.fetch_add(read, Ordering::Relaxed);
+        let mut state = state;
+        if !index.is_empty() {
+            let mut index = index.into_iter().peekable();
+            while index.peek().is_some() {
+                let puts: Vec<_> = index.by_ref().take(INDEX_BATCH).collect();
+                self.submit(Unit {
+                    keyspace: self.items.clone(),
+                    puts,
+                    dels: Vec::new(),
+                })
+                .await?;
+            }
+            // The counters last: until they are on disk, the next open indexes again.
+            if let Some(paged) = state.take_index_changes(true).paged {
+                self.submit(Unit {
+                    keyspace: self.items.clone(),
+                    puts: vec![(item_key(pid, COUNTERS_KEY), pg::encode_counters(&paged))],
+                    dels: Vec::new(),
+                })
+                .await?;
+            }
+        }
+        Ok((state, hwm))
     }
 
     /// The pid of partition `name`, whether its catalog entry is on disk, and whether the pid is fresh (handed out
@@ -515,11 +613,15 @@ impl FjallStore {
             keyspace_options,
             Formats {
                 current: PARTITIONS_FORMAT_VERSION,
-                upgradable: &[1],
+                upgradable: &[1, 2],
             },
         )?;
         if version == 1 {
             upgrade::from_v1(&engine)?;
+        } else if version == 2 {
+            // Nothing to rewrite up front: a partition without paging counters is read whole and indexed when it
+            // opens. The marker changes first, so a build that would not keep the index refuses the store.
+            engine.set_format_version("partitions", PARTITIONS_FORMAT_VERSION)?;
         }
         upgrade::drop_leftovers(&engine)?;
         engine.keyspace(ITEMS, true)?;
@@ -546,6 +648,9 @@ impl FjallStore {
             open: Mutex::new(HashMap::new()),
             loads: tokio::sync::Semaphore::new(CONCURRENT_LOADS),
             opening: Mutex::new(HashMap::new()),
+            window: AtomicUsize::new(DEFAULT_MEMORY_WINDOW),
+            items_loaded: AtomicU64::new(0),
+            items_paged_in: AtomicU64::new(0),
         });
         let reclaimer = {
             let weak = Arc::downgrade(&shared);
@@ -584,6 +689,34 @@ impl FjallStore {
     #[doc(hidden)]
     pub fn fsyncs(&self) -> u64 {
         self.shared.engine.fsyncs()
+    }
+
+    /// Sets `memory-window-items` (at least 1) for partitions opened from now on.
+    pub fn set_memory_window(&self, items: usize) {
+        self.shared.window.store(items.max(1), Ordering::Relaxed);
+    }
+
+    /// Items partition opens read from disk since the store opened.
+    #[doc(hidden)]
+    pub fn items_loaded(&self) -> u64 {
+        self.shared.items_loaded.load(Ordering::Relaxed)
+    }
+
+    /// Items paged in from disk since the store opened.
+    #[doc(hidden)]
+    pub fn items_paged_in(&self) -> u64 {
+        self.shared.items_paged_in.load(Ordering::Relaxed)
+    }
+
+    /// Ready items partition `partition` of `queue` holds in memory, if it is open (tests: the window holds).
+    #[doc(hidden)]
+    pub async fn resident_ready(&self, queue: &str, partition: u32) -> Option<u64> {
+        let p = self
+            .registry()
+            .get(&keyspace_name(queue, partition))
+            .and_then(Weak::upgrade)?;
+        let g = p.inner.lock().await;
+        Some(g.state.resident_ready())
     }
 
     /// Destroyed partitions whose items are still being deleted in the background.
@@ -642,7 +775,8 @@ impl FjallStore {
         let started = std::time::Instant::now();
         let (pid, stored, fresh) = self.shared.pid(&name).await;
         let (state, hwm) = if fresh {
-            (PartitionState::new(ItemId::floor_now().0), 0)
+            let window = self.shared.window.load(Ordering::Relaxed);
+            (PartitionState::new(ItemId::floor_now().0).with_window(window), 0)
         } else {
             self.shared.load(name.clone(), pid).await?
         };
@@ -661,6 +795,7 @@ impl FjallStore {
             shared: self.shared.clone(),
             inner: tokio::sync::Mutex::new(Inner {
                 state,
+                prefetch: None,
                 hwm,
                 stale: false,
             }),
@@ -960,9 +1095,44 @@ impl PartitionSnapshot for FjallSnapshot {
     }
 }
 
+/// What a page read returns per planned read: the read, the items, whether the disk had no more.
+type PageData = (PageRead, Vec<Item>, bool);
+
+/// Reads the planned pages of partition `pid`. Blocking.
+fn read_pages(
+    engine: &Engine,
+    pid: u64,
+    what: &str,
+    plan: Vec<PageRead>,
+) -> Result<Vec<PageData>, StorageError> {
+    let Some(ks) = engine.keyspace(ITEMS, false)? else {
+        return Ok(Vec::new());
+    };
+    let mut out = Vec::with_capacity(plan.len());
+    for r in plan {
+        let ids: Vec<u64> = pg::ready_ids(engine, &ks, pid, r.prio, r.from, u64::MAX, r.n)?
+            .into_iter()
+            .map(|(id, _)| id)
+            .collect();
+        let exhausted = ids.len() < r.n;
+        let items = pg::read_items(engine, &ks, pid, &ids, what)?;
+        out.push((r, items, exhausted));
+    }
+    Ok(out)
+}
+
+/// A read-ahead of paged items in flight.
+struct Prefetch {
+    /// [`PartitionState::paged_epoch`] when it started.
+    epoch: u64,
+    task: tokio::task::JoinHandle<Result<Vec<PageData>, StorageError>>,
+}
+
 /// A partition's state behind its lock.
 struct Inner {
     state: PartitionState,
+    /// A read-ahead of paged items, applied by a later call.
+    prefetch: Option<Prefetch>,
     /// Highest id written to disk (see [`HWM_KEY`]).
     hwm: u64,
     /// Memory may be ahead of the disk after a failed write: re-read before the next call.
@@ -1012,6 +1182,7 @@ impl FjallPartition {
             g.state = state;
             g.hwm = hwm;
             g.stale = false;
+            g.prefetch = None;
         }
         Ok(g)
     }
@@ -1026,13 +1197,70 @@ impl FjallPartition {
         &self,
         op: impl FnOnce(&mut PartitionState) -> (T, Changes),
     ) -> Result<T, StorageError> {
+        self.write_paged(0, op).await
+    }
+
+    /// [`FjallPartition::write`] for an operation that leases up to `want` items: the pages it needs (and any
+    /// priority whose resident head ran low) are read in first.
+    async fn write_paged<T>(
+        &self,
+        want: usize,
+        op: impl FnOnce(&mut PartitionState) -> (T, Changes),
+    ) -> Result<T, StorageError> {
         let mut g = self.lock().await?;
         self.shared.check_writable().await?;
+        self.page_in(&mut g, want).await?;
         let (out, ch) = op(&mut g.state);
+        self.commit(g, out, ch).await
+    }
+
+    /// [`FjallPartition::write`] for an operation on leased items named by `ids`: the ones that are paged items
+    /// are looked up first, so the operation refuses them as not leased (not as missing).
+    async fn write_probed<T>(
+        &self,
+        ids: Vec<ItemId>,
+        op: impl FnOnce(&mut PartitionState) -> (T, Changes),
+    ) -> Result<T, StorageError> {
+        let mut g = self.lock().await?;
+        self.shared.check_writable().await?;
+        self.page_in(&mut g, 0).await?;
+        let found: HashSet<u64> = if g.state.paged().is_empty() {
+            HashSet::new()
+        } else {
+            let unknown: Vec<ItemId> = ids
+                .into_iter()
+                .filter(|id| !g.state.contains_live(id.0))
+                .collect();
+            let items = self.read_paged(&g, &unknown).await?;
+            items.iter().filter(|it| is_ready(it)).map(|it| it.id.0).collect()
+        };
+        let probed = !found.is_empty();
+        if probed {
+            g.state.set_probe(found);
+        }
+        let (out, ch) = op(&mut g.state);
+        if probed {
+            g.state.set_probe(HashSet::new());
+        }
+        self.commit(g, out, ch).await
+    }
+
+    /// Writes a change set the state already holds (with the index changes it collected), marking the state
+    /// stale when the write fails.
+    async fn commit<T>(
+        &self,
+        mut g: tokio::sync::MutexGuard<'_, Inner>,
+        out: T,
+        ch: Changes,
+    ) -> Result<T, StorageError> {
         if ch.is_empty() {
+            // Nothing on disk changed: the ready index did not either, and counters changed by a page-in wait for
+            // the next write (the stored ones still describe the disk).
+            let _ = g.state.take_index_changes(false);
             return Ok(out);
         }
-        let (unit, top) = self.unit(&ch, g.hwm);
+        let idx = g.state.take_index_changes(true);
+        let (unit, top) = self.unit(&ch, &idx, g.hwm);
         match self.shared.submit(unit).await {
             Ok(()) => {
                 g.hwm = top;
@@ -1046,10 +1274,178 @@ impl FjallPartition {
         }
     }
 
+    /// Pages items in around an operation that leases up to `want` items (see [`PartitionState::page_plan`]): takes
+    /// a finished read-ahead, reads what the lease cannot do without (waiting for a read-ahead in flight first), and
+    /// starts the next read-ahead when a priority's resident head ran low. Disk reads run off the async runtime; a
+    /// read-ahead runs while the partition serves.
+    async fn page_in(&self, g: &mut Inner, want: usize) -> Result<(), StorageError> {
+        if g.state.paged().is_empty() && g.prefetch.is_none() {
+            return Ok(());
+        }
+        if g.prefetch.as_ref().is_some_and(|f| f.task.is_finished()) {
+            self.finish_prefetch(g).await?;
+        }
+        if !g.state.page_plan(want, true).is_empty() {
+            self.finish_prefetch(g).await?;
+            let plan = g.state.page_plan(want, true);
+            if !plan.is_empty() {
+                let epoch = g.state.paged_epoch();
+                let reads = self.read_pages(plan).await?;
+                self.apply_pages(g, epoch, reads);
+            }
+        }
+        if g.prefetch.is_none() {
+            let plan = g.state.page_plan(0, false);
+            if !plan.is_empty() {
+                let epoch = g.state.paged_epoch();
+                let task = tokio::task::spawn_blocking({
+                    let (engine, pid, what) = (self.shared.engine.clone(), self.pid, self.what());
+                    move || read_pages(&engine, pid, &what, plan)
+                });
+                g.prefetch = Some(Prefetch { epoch, task });
+            }
+        }
+        Ok(())
+    }
+
+    /// Waits for the read-ahead in flight, if any, and applies it unless the paged items changed since it started.
+    async fn finish_prefetch(&self, g: &mut Inner) -> Result<(), StorageError> {
+        let Some(f) = g.prefetch.take() else {
+            return Ok(());
+        };
+        let reads = f
+            .task
+            .await
+            .map_err(|e| StorageError::other(format!("storage task failed: {e}")))??;
+        self.apply_pages(g, f.epoch, reads);
+        Ok(())
+    }
+
+    /// Reads pages now (off the async runtime).
+    async fn read_pages(&self, plan: Vec<PageRead>) -> Result<Vec<PageData>, StorageError> {
+        let (engine, pid, what) = (self.shared.engine.clone(), self.pid, self.what());
+        blocking(move || read_pages(&engine, pid, &what, plan)).await
+    }
+
+    /// Gives read pages to the state, unless the paged items changed since the read started (`epoch`).
+    fn apply_pages(&self, g: &mut Inner, epoch: u64, reads: Vec<PageData>) {
+        if g.state.paged_epoch() != epoch {
+            return;
+        }
+        for (r, items, exhausted) in reads {
+            self.shared
+                .items_paged_in
+                .fetch_add(items.len() as u64, Ordering::Relaxed);
+            g.state.page_in(r, items, exhausted);
+        }
+    }
+
+    /// Names the partition in error messages.
+    fn what(&self) -> String {
+        format!(
+            "partition '{}' in '{}'",
+            self.name,
+            self.shared.engine.dir().display()
+        )
+    }
+
+    /// Reads the paged items among `ids` (those at or above a priority's paged boundary), skipping the rest.
+    async fn read_paged(&self, g: &Inner, ids: &[ItemId]) -> Result<Vec<Item>, StorageError> {
+        let ids: Vec<u64> = ids
+            .iter()
+            .map(|i| i.0)
+            .filter(|&id| g.state.paged().may_hold(id))
+            .collect();
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let engine = self.shared.engine.clone();
+        let (pid, what) = (self.pid, self.what());
+        blocking(move || {
+            let Some(ks) = engine.keyspace(ITEMS, false)? else {
+                return Ok(Vec::new());
+            };
+            pg::read_items(&engine, &ks, pid, &ids, &what)
+        })
+        .await
+    }
+
+    /// Up to `limit` paged items of priority `prio` with ids at or above `from` (reads them back).
+    async fn read_ready(
+        &self,
+        prio: u8,
+        from: u64,
+        limit: usize,
+    ) -> Result<(Vec<Item>, Vec<i64>), StorageError> {
+        let engine = self.shared.engine.clone();
+        let (pid, what) = (self.pid, self.what());
+        blocking(move || {
+            let Some(ks) = engine.keyspace(ITEMS, false)? else {
+                return Ok((Vec::new(), Vec::new()));
+            };
+            let got = pg::ready_ids(&engine, &ks, pid, prio, from, u64::MAX, limit)?;
+            let ids: Vec<u64> = got.iter().map(|x| x.0).collect();
+            let exp = got.iter().map(|x| x.1).collect();
+            Ok((pg::read_items(&engine, &ks, pid, &ids, &what)?, exp))
+        })
+        .await
+    }
+
+    /// Expires paged items whose deadline passed: for each priority whose expiry bound is due, reads its paged
+    /// entries of the ready index (keys and deadlines only), expires up to [`SWEEP_LIMIT`] due ones and, when it
+    /// saw them all, raises the bound to the earliest deadline left. Returns how many died and whether more are due.
+    async fn sweep_paged(
+        &self,
+        g: &mut Inner,
+        now: Ts,
+        policy: LifecyclePolicy,
+        ch: &mut Changes,
+    ) -> Result<(u64, bool), StorageError> {
+        let mut dead = 0;
+        let mut more = false;
+        for p in g.state.paged_expiry_due(now) {
+            let from = g.state.paged().from[usize::from(p)];
+            let engine = self.shared.engine.clone();
+            let (pid, what) = (self.pid, self.what());
+            let (items, rest_min, complete) = blocking(move || {
+                let Some(ks) = engine.keyspace(ITEMS, false)? else {
+                    return Ok((Vec::new(), i64::MAX, true));
+                };
+                let mut due = Vec::new();
+                let mut rest_min = i64::MAX;
+                let mut complete = true;
+                for (id, exp) in pg::ready_ids(&engine, &ks, pid, p, from, u64::MAX, usize::MAX)? {
+                    if exp > now.0 {
+                        rest_min = rest_min.min(exp);
+                    } else if due.len() < SWEEP_LIMIT {
+                        due.push(id);
+                    } else {
+                        complete = false;
+                    }
+                }
+                Ok((
+                    pg::read_items(&engine, &ks, pid, &due, &what)?,
+                    rest_min,
+                    complete,
+                ))
+            })
+            .await?;
+            let (n, c) = g.state.drop_paged(items, Some(policy));
+            merge(ch, c);
+            dead += n;
+            if complete {
+                g.state.set_paged_min_expire(p, rest_min);
+            } else {
+                more = true;
+            }
+        }
+        Ok((dead, more))
+    }
+
     /// Encodes a change set with one operation per key, the final one: an id put and then removed within one call
     /// is removed, an id put twice keeps its last version, so a batch never holds two versions of a key. Ids above
     /// `hwm` are new and get their payload written; older ids only change their metadata (a payload never changes).
-    fn unit(&self, ch: &Changes, hwm: u64) -> (Unit, u64) {
+    fn unit(&self, ch: &Changes, idx: &IndexChanges, hwm: u64) -> (Unit, u64) {
         let gone: HashSet<ItemId> = ch.del.iter().copied().collect();
         let mut seen = HashSet::with_capacity(ch.put.len());
         let mut puts = Vec::with_capacity(ch.put.len() + 1);
@@ -1063,6 +1459,12 @@ impl FjallPartition {
             if it.id.0 > hwm && !it.payload.is_empty() {
                 puts.push((pid_item_key(self.pid, it.id, true), it.payload.to_vec()));
             }
+            // An item is in exactly one index: a ready one in the ready index (it never goes back to ready under
+            // the same id), any other in the not-ready index, which it leaves only when it is removed.
+            puts.push(index_put(self.pid, it));
+        }
+        if let Some(paged) = &idx.paged {
+            puts.push((item_key(self.pid, COUNTERS_KEY), pg::encode_counters(paged)));
         }
         if top > hwm {
             puts.push((item_key(self.pid, HWM_KEY), top.to_be_bytes().to_vec()));
@@ -1082,10 +1484,14 @@ impl FjallPartition {
                 ));
             }
         }
-        let mut dels = Vec::with_capacity(gone.len() * 2 + dropped.len());
+        let mut dels = Vec::with_capacity(gone.len() * 3 + dropped.len() + idx.unready.len());
         for id in gone {
             dels.push(pid_item_key(self.pid, id, false));
             dels.push(pid_item_key(self.pid, id, true));
+            dels.push(not_ready_key(self.pid, id.0));
+        }
+        for &(prio, id) in &idx.unready {
+            dels.push(ready_key(self.pid, prio, id));
         }
         for (until, id) in dropped {
             dels.push(pid_dedup_key(self.pid, until, id));
@@ -1108,18 +1514,20 @@ impl Partition for FjallPartition {
     }
 
     async fn lease(&self, n: usize, lease_deadline: Ts) -> Result<Vec<Item>, StorageError> {
-        self.write(|s| s.lease(n, lease_deadline)).await
+        self.write_paged(n, |s| s.lease(n, lease_deadline)).await
     }
 
     async fn complete(&self, requests: Vec<Vec<ItemId>>) -> Result<Vec<Result<(), ItemError>>, StorageError> {
-        self.write(|s| s.complete(requests)).await
+        let ids = requests.iter().flatten().copied().collect();
+        self.write_probed(ids, |s| s.complete(requests)).await
     }
 
     async fn extend(
         &self,
         requests: Vec<(Vec<ItemId>, Ts)>,
     ) -> Result<Vec<Result<(), ItemError>>, StorageError> {
-        self.write(|s| s.extend(requests)).await
+        let ids = requests.iter().flat_map(|r| r.0.iter()).copied().collect();
+        self.write_probed(ids, |s| s.extend(requests)).await
     }
 
     async fn dedup_records(&self, now: Ts) -> Result<Vec<DedupRecord>, StorageError> {
@@ -1131,7 +1539,8 @@ impl Partition for FjallPartition {
         requests: Vec<Vec<RetryOp>>,
         policy: LifecyclePolicy,
     ) -> Result<Vec<Result<RetryOutcome, ItemError>>, StorageError> {
-        self.write(|s| s.retry(requests, policy)).await
+        let ids = requests.iter().flatten().map(|o| o.id).collect();
+        self.write_probed(ids, |s| s.retry(requests, policy)).await
     }
 
     async fn lifecycle(
@@ -1140,7 +1549,16 @@ impl Partition for FjallPartition {
         policy: LifecyclePolicy,
         limit: usize,
     ) -> Result<LifecycleOutcome, StorageError> {
-        self.write(|s| s.lifecycle(now, policy, limit)).await
+        let mut g = self.lock().await?;
+        self.shared.check_writable().await?;
+        self.page_in(&mut g, 0).await?;
+        let mut ch = Changes::default();
+        let (dead, more) = self.sweep_paged(&mut g, now, policy, &mut ch).await?;
+        let (mut o, c) = g.state.lifecycle(now, policy, limit);
+        merge(&mut ch, c);
+        o.dead += dead;
+        o.more |= more;
+        self.commit(g, o, ch).await
     }
 
     async fn dead_items(&self, limit: usize) -> Result<Vec<Item>, StorageError> {
@@ -1169,7 +1587,46 @@ impl Partition for FjallPartition {
         limit: usize,
         scheduled: bool,
     ) -> Result<Vec<Item>, StorageError> {
-        self.read(|s| s.list(pivot, limit, scheduled)).await
+        let g = self.lock().await?;
+        if scheduled || g.state.paged().is_empty() {
+            return Ok(g.state.list(pivot, limit, scheduled));
+        }
+        // Paged items are on disk only; the disk holds every resident item too (no write is in flight under the
+        // lock), so it answers alone, in id order.
+        let engine = self.shared.engine.clone();
+        let (pid, what) = (self.pid, self.what());
+        let from = pivot.map_or(0, |p| p.0);
+        blocking(move || {
+            let Some(ks) = engine.keyspace(ITEMS, false)? else {
+                return Ok(Vec::new());
+            };
+            let mut out: Vec<Item> = Vec::new();
+            let lo = pid_item_key(pid, ItemId(from), false);
+            let hi = (pid + 1).to_be_bytes();
+            for kv in ks.range(lo.as_slice()..hi.as_slice()) {
+                let (k, v) = kv.into_inner().map_err(|e| engine.read_error(e))?;
+                match parse_key(&k[8..]) {
+                    Key::Meta(id) => {
+                        let it = decode_meta(id, &v, &what)?;
+                        if it.dead || it.is_scheduled() {
+                            continue;
+                        }
+                        if out.len() >= limit {
+                            break;
+                        }
+                        out.push(it);
+                    }
+                    Key::Payload(id) => {
+                        if let Some(it) = out.last_mut().filter(|it| it.id == id) {
+                            it.payload = Bytes::copy_from_slice(&v);
+                        }
+                    }
+                    Key::Dedup(..) | Key::Other => {}
+                }
+            }
+            Ok(out)
+        })
+        .await
     }
 
     async fn import(&self, items: Vec<Item>) -> Result<Vec<Item>, StorageError> {
@@ -1181,7 +1638,16 @@ impl Partition for FjallPartition {
     }
 
     async fn delete(&self, ids: Vec<ItemId>) -> Result<(), StorageError> {
-        self.write(|s| ((), s.delete(ids))).await
+        let mut g = self.lock().await?;
+        self.shared.check_writable().await?;
+        let mut ch = g.state.delete(ids.clone());
+        if !g.state.paged().is_empty() {
+            for chunk in ids.chunks(DROP_BATCH) {
+                let items = self.read_paged(&g, chunk).await?;
+                merge(&mut ch, g.state.drop_paged(items, None).1);
+            }
+        }
+        self.commit(g, (), ch).await
     }
 
     async fn snapshot(&self) -> Result<Box<dyn PartitionSnapshot>, StorageError> {
@@ -1209,7 +1675,23 @@ impl Partition for FjallPartition {
     }
 
     async fn clear(&self, request: ClearRequest) -> Result<(), StorageError> {
-        self.write(|s| ((), s.clear(request))).await
+        let mut g = self.lock().await?;
+        self.shared.check_writable().await?;
+        let mut ch = g.state.clear(request);
+        if request.queue {
+            for p in 0..crate::state::paging::PRIORITIES {
+                let mut from = g.state.paged().from[p];
+                while g.state.paged().count[p] > 0 {
+                    let (items, _) = self.read_ready(p as u8, from, DROP_BATCH).await?;
+                    let Some(last) = items.last().map(|it| it.id.0) else {
+                        break;
+                    };
+                    from = last + 1;
+                    merge(&mut ch, g.state.drop_paged(items, None).1);
+                }
+            }
+        }
+        self.commit(g, (), ch).await
     }
 
     async fn close(&self) {
