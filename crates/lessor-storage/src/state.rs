@@ -59,7 +59,7 @@ pub mod paging;
 use chunk::{Chunk, CHUNK};
 use dedup::DedupSet;
 use paging::NONE;
-pub use paging::{IndexChanges, PageRead, Paged};
+pub use paging::{PageRead, Paged, PagingCounts};
 
 /// What an operation changed, for a persistent backend to write in one atomic batch.
 #[derive(Debug, Default, Clone)]
@@ -73,12 +73,42 @@ pub struct Changes {
     pub dedup_put: Vec<DedupRecord>,
     /// Dedup groups removed (every record of the group has ended), by name.
     pub dedup_del: Vec<(Ts, ItemId)>,
+    /// Paging (see the `paging` module), only with a window. New ready items written as paged records instead of
+    /// items: they are in `put` too, and a backend writes them once, as paged records.
+    pub spilled: Vec<Item>,
+    /// Paged records removed, by priority and id: paged back in, deleted, expired or cleared.
+    pub unpaged: Vec<(u8, ItemId)>,
+    /// Items that left the paged records for the items (paged in, or dead and kept for transfer): they are in
+    /// `put` and are written whole, payload included, although their ids are not new.
+    pub paged_in: Vec<ItemId>,
+    /// The paging counters, when they changed; empty counters (nothing paged any more) are deleted, not stored.
+    pub counters: Option<Paged>,
 }
 
 impl Changes {
     /// Whether nothing changed.
     pub fn is_empty(&self) -> bool {
-        self.put.is_empty() && self.del.is_empty() && self.dedup_put.is_empty() && self.dedup_del.is_empty()
+        self.put.is_empty()
+            && self.del.is_empty()
+            && self.dedup_put.is_empty()
+            && self.dedup_del.is_empty()
+            && self.spilled.is_empty()
+            && self.unpaged.is_empty()
+            && self.counters.is_none()
+    }
+
+    /// Appends the changes of `later`, made after these (a later version of an item wins).
+    pub fn append(&mut self, later: Changes) {
+        self.put.extend(later.put);
+        self.del.extend(later.del);
+        self.dedup_put.extend(later.dedup_put);
+        self.dedup_del.extend(later.dedup_del);
+        self.spilled.extend(later.spilled);
+        self.unpaged.extend(later.unpaged);
+        self.paged_in.extend(later.paged_in);
+        if later.counters.is_some() {
+            self.counters = later.counters;
+        }
     }
 }
 
@@ -283,11 +313,11 @@ pub struct PartitionState {
     paged: Paged,
     /// Whether `paged` changed since the backend last took it.
     paged_dirty: bool,
+    /// Paging writes made outside an operation's own change set (spills, page-ins), for the next write to carry.
+    carry: Changes,
     /// Changes whenever the set of paged items changes other than by new items at the tail (a page-in, a paged
     /// item removed): a read of paged items started before is out of date.
     paged_epoch: u64,
-    /// Ready items that stopped being ready since the backend last asked (tracked only with change sets).
-    unready: Vec<(u8, u64)>,
     /// Ids of paged items the backend found on disk for the next call (see [`PartitionState::set_probe`]).
     probe: HashSet<u64>,
 }
@@ -323,10 +353,10 @@ impl PartitionState {
             dedup: DedupSet::default(),
             window: usize::MAX,
             paged: Paged::default(),
-            // A new partition's first write records its (empty) paging counters.
-            paged_dirty: true,
+            // A partition that never spills never writes paging counters.
+            paged_dirty: false,
+            carry: Changes::default(),
             paged_epoch: 0,
-            unready: Vec::new(),
             probe: HashSet::new(),
         }
     }
@@ -344,27 +374,19 @@ impl PartitionState {
         self
     }
 
-    /// Rebuilds the state from stored items (any order). Ids continue above the largest seen and `floor`.
+    /// Rebuilds the state from stored items (any order). Ids continue above the largest seen and `floor`. Nothing
+    /// is paged out here, whatever the window: stored items stay where they are.
     pub fn load(items: impl IntoIterator<Item = Item>, floor: u64) -> Self {
         let mut items: Vec<Item> = items.into_iter().collect();
         items.sort_unstable_by_key(|it| it.id);
-        Self::load_windowed(items, floor, usize::MAX)
-    }
-
-    /// [`PartitionState::load`] for a backend that pages: ready items beyond the first `window` (in id order) are
-    /// counted as paged instead of kept, exactly as if they had been produced in that order.
-    pub fn load_windowed(items: impl IntoIterator<Item = Item>, floor: u64, window: usize) -> Self {
-        let mut items: Vec<Item> = items.into_iter().collect();
-        items.sort_unstable_by_key(|it| it.id);
-        let mut s = PartitionState::new(floor).with_window(window);
+        let mut s = PartitionState::new(floor);
         let mut min_ready = u64::MAX;
         for it in items {
             s.next_id = s.next_id.max(it.id.0 + 1);
-            let ready0 = !it.dead && !it.is_scheduled() && !it.is_leased && it.priority == 0;
-            let id = it.id.0;
-            if s.insert_new(it) && ready0 {
-                min_ready = min_ready.min(id);
+            if !it.dead && !it.is_scheduled() && !it.is_leased && it.priority == 0 {
+                min_ready = min_ready.min(it.id.0);
             }
+            s.insert(it);
         }
         s.cursor = if min_ready == u64::MAX {
             s.next_id
@@ -375,11 +397,18 @@ impl PartitionState {
         s
     }
 
-    /// Rebuilds a paging state from the resident part a backend read back (non-ready items and the ready items
-    /// below `paged.from` of their priority) and the paging counters it stored with its last write.
-    pub fn restore(resident: Vec<Item>, paged: Paged, floor: u64, window: usize) -> Self {
+    /// Rebuilds a paging state from the resident items a backend read back and the paging counters it stored with
+    /// its last write; `sources` are the source ids of paged items that carry one (their index stays resident).
+    pub fn restore(
+        resident: Vec<Item>,
+        paged: Paged,
+        sources: Vec<(String, u64)>,
+        floor: u64,
+        window: usize,
+    ) -> Self {
         let mut s = Self::load(resident, floor).with_window(window);
         s.paged = paged;
+        s.by_source.extend(sources);
         s.paged_dirty = false;
         s
     }
@@ -461,20 +490,28 @@ impl PartitionState {
         true
     }
 
-    /// Counts a ready item as paged (its record is on disk, written by the change set that carries it).
+    /// Counts a new ready item as paged: the next write stores it as a paged record instead of an item.
     fn spill(&mut self, it: Item) {
         let p = usize::from(it.priority.min(MAX_PRIORITY));
         let pg = &mut self.paged;
         pg.from[p] = pg.from[p].min(it.id.0);
         pg.count[p] += 1;
-        pg.min_expire[p] = pg.min_expire[p].min(it.expire_deadline.0);
+        let exp = it.expire_deadline.0;
+        pg.min_expire[p] = pg.min_expire[p].min(exp);
+        if exp < pg.max_expire[p] {
+            pg.ordered[p] = false;
+        }
+        pg.max_expire[p] = pg.max_expire[p].max(exp);
         pg.bytes += it.payload.len() as u64;
         pg.sum_created += i128::from(it.created_at.0);
         if !it.source_id.is_empty() {
             pg.with_source += 1;
-            self.by_source.insert(it.source_id, it.id.0);
+            self.by_source.insert(it.source_id.clone(), it.id.0);
         }
         self.paged_dirty = true;
+        if self.track {
+            self.carry.spilled.push(it);
+        }
     }
 
     /// Takes a paged item out of the counters (it was read back from disk); the caller puts it somewhere or
@@ -522,6 +559,42 @@ impl PartitionState {
     /// The paging counters.
     pub fn paged(&self) -> &Paged {
         &self.paged
+    }
+
+    /// Resident and paged ready items, and the payload bytes of the paged ones; O(1).
+    pub fn paging_counts(&self) -> PagingCounts {
+        PagingCounts {
+            resident_ready: self.ready,
+            paged_ready: self.paged.total(),
+            paged_bytes: self.paged.bytes,
+        }
+    }
+
+    /// Raises priority `p`'s paged boundary to `id` once every paged item below it is known gone (a clear or a
+    /// sweep removed them in id order), so later reads start past their deleted records.
+    pub fn raise_paged_from(&mut self, p: u8, id: u64) {
+        let p = usize::from(p.min(MAX_PRIORITY));
+        if self.paged.count[p] > 0 && id > self.paged.from[p] {
+            self.paged.from[p] = id;
+            self.paged_epoch += 1;
+            self.paged_dirty = true;
+        }
+    }
+
+    /// Forgets every paged item of priority `p` (the disk held fewer than counted: trust the disk).
+    pub fn forget_paged(&mut self, p: u8) {
+        let p = usize::from(p.min(MAX_PRIORITY));
+        if self.paged.count[p] > 0 {
+            tracing::warn!(
+                priority = p,
+                missing = self.paged.count[p],
+                "paged item count above what the disk holds; corrected"
+            );
+            self.paged.count[p] = 0;
+            self.paged.settle(p);
+            self.paged_epoch += 1;
+            self.paged_dirty = true;
+        }
     }
 
     /// The reads a backend should do around an operation that leases `want` items. `urgent`: only what the lease
@@ -577,6 +650,12 @@ impl PartitionState {
                 // Every resident priority-0 id is below the paged ones, so the cursor may step back to them.
                 self.cursor = self.cursor.min(it.id.0);
             }
+            if self.track {
+                // Moved from the paged records to the items, in the next write.
+                self.carry.unpaged.push((read.prio, it.id));
+                self.carry.paged_in.push(it.id);
+                self.carry.put.push(it.clone());
+            }
             self.insert(it);
             if self.paged.count[p] == 0 {
                 break;
@@ -615,13 +694,18 @@ impl PartitionState {
             if !it.source_id.is_empty() && self.by_source.get(&it.source_id) == Some(&it.id.0) {
                 self.by_source.remove(&it.source_id);
             }
-            if self.track {
-                self.unready.push((it.priority, it.id.0));
-            }
+            let (prio, id) = (it.priority, it.id);
             n += 1;
             match expire {
                 Some(policy) => self.die(it, policy, &mut ch),
-                None => self.record_del(&mut ch, it.id),
+                None => self.record_del(&mut ch, id),
+            }
+            if self.track {
+                ch.unpaged.push((prio, id));
+                if self.dead.contains_key(&id.0) {
+                    // Kept for transfer: it moves to the items, payload and all.
+                    ch.paged_in.push(id);
+                }
             }
         }
         (n, ch)
@@ -644,31 +728,21 @@ impl PartitionState {
             .collect()
     }
 
-    /// What the on-disk ready index must change besides the items of the last change set. The paging counters come
-    /// only when they changed, and only when `with_counters`: the backend writes them with a change set, and a call
-    /// that wrote nothing leaves them for the next.
-    pub fn take_index_changes(&mut self, with_counters: bool) -> IndexChanges {
-        // While items are paged the heads move with every lease: the counters go with every write then.
-        let paged = (with_counters && (self.paged_dirty || !self.paged.is_empty())).then(|| {
+    /// The paging writes made since the backend last asked (spills and page-ins, which happen outside the change
+    /// set an operation returns), with the counters when they changed. A backend writes them in the same batch as
+    /// the next change set, before it, so that every batch leaves records and counters in agreement.
+    pub fn take_paging(&mut self) -> Changes {
+        let mut ch = std::mem::take(&mut self.carry);
+        if self.paged_dirty {
             self.paged_dirty = false;
-            let mut pg = self.paged.clone();
-            for p in 0..PRIORITIES {
-                // A lower bound that stays one: items that become resident later have higher ids (paged ones are at
-                // or above `from`, new ones at or above `next_id`), so a head stored earlier still bounds them.
-                pg.head[p] = if self.ready_by_prio[p] == 0 {
-                    pg.from[p].min(self.next_id)
-                } else if p == 0 {
-                    self.cursor
-                } else {
-                    self.fifo[p].front().copied().unwrap_or(pg.from[p])
-                };
-            }
-            pg
-        });
-        IndexChanges {
-            unready: std::mem::take(&mut self.unready),
-            paged,
+            ch.counters = Some(self.paged.clone());
         }
+        ch
+    }
+
+    /// Whether paging writes wait for the next write (see [`PartitionState::take_paging`]).
+    pub fn has_paging_writes(&self) -> bool {
+        self.paged_dirty || !self.carry.is_empty()
     }
 
     /// Takes a live item out of the chunks (its deadline entries go stale and are pruned lazily).
@@ -710,9 +784,6 @@ impl PartitionState {
             self.ready -= 1;
             let p = usize::from(slot.priority);
             self.ready_by_prio[p] -= 1;
-            if self.track {
-                self.unready.push((slot.priority, id));
-            }
             // The id stays in its FIFO until it reaches the front; compact once stale ids are the majority, so
             // they never cost more than O(1) each.
             if p > 0 && self.fifo[p].len() > 2 * self.ready_by_prio[p] as usize + COMPACT_SLACK {
@@ -1035,9 +1106,6 @@ impl PartitionState {
         self.ready -= got;
         self.leased += got;
         self.sum_lease += i128::from(deadline.0) * i128::from(got);
-        if self.track {
-            self.unready.extend(out.iter().map(|it| (it.priority, it.id.0)));
-        }
         if !taken.is_empty() {
             self.leases.entry(deadline).or_default().extend(taken);
         }
@@ -1870,24 +1938,16 @@ mod tests {
         let mut want = vec![high[0]];
         want.extend_from_slice(&ids[..7]);
         assert_eq!(got.iter().map(|i| i.id).collect::<Vec<_>>(), want);
-        let idx = s.take_index_changes(true);
-        assert_eq!(idx.unready.len(), 8);
-        assert_eq!(idx.paged.as_ref().map(|p| p.count[0]), Some(3));
-        assert_eq!(
-            idx.paged.as_ref().map(|p| p.head[0]),
-            Some(ids[7].0),
-            "nothing resident: the head is `from`"
-        );
-        assert_eq!(
-            idx.paged.as_ref().map(|p| p.head[5]),
-            Some(s.next_id),
-            "nothing at all: the next id"
-        );
+        let pw = s.take_paging();
+        // Spilled: "4".."9" and "hi"; moved back: "hi", "4".."6".
+        assert_eq!(pw.spilled.len(), 7);
+        assert_eq!(pw.paged_in.len(), 4);
+        assert_eq!(pw.unpaged.len(), 4);
+        assert_eq!(pw.counters.as_ref().map(|p| p.count[0]), Some(3));
         assert!(
-            s.take_index_changes(true).paged.is_some(),
-            "while items are paged the counters go with every write"
+            s.take_paging().is_empty(),
+            "taken once: nothing left for the next write"
         );
-        assert!(s.take_index_changes(false).paged.is_none(), "not without a write");
         // A stale read (planned before the boundary moved) is ignored.
         s.page_in(plan[1], written[4..7].to_vec(), false);
         assert_eq!(s.paged.count[0], 3);

@@ -38,9 +38,10 @@ use super::codec::{
     decode_dedup, decode_meta, dedup_key, encode_dedup, encode_meta, parse_key, Key, PAYLOAD_TAG,
 };
 use super::engine::{Engine, Fault, Formats, Unit};
-use super::paging::{self as pg, is_ready, not_ready_key, ready_key, COUNTERS_KEY};
+use super::paging::{self as pg};
 use super::{keyspace_name, upgrade, Durability, PARTITIONS_DIR, PARTITIONS_FORMAT_VERSION};
-use crate::state::{Changes, IndexChanges, PageRead, PartitionState};
+use crate::state::paging::PRIORITIES;
+use crate::state::{Changes, PageRead, PartitionState, PagingCounts};
 
 /// Keyspace holding every partition's items, each under its pid, and the catalog under pid 0.
 pub(crate) const ITEMS: &str = "items";
@@ -56,11 +57,9 @@ const CAT_DELETING: u8 = b'd';
 const HWM_KEY: &[u8] = b"hwm";
 /// Default of `memory-window-items`: most ready items a partition keeps in memory before it pages the rest.
 pub const DEFAULT_MEMORY_WINDOW: usize = crate::registry::DEFAULT_MEMORY_WINDOW;
-/// Index entries one write of a partition's first indexing (a partition stored before paging) carries.
-const INDEX_BATCH: usize = 16 * 1024;
 /// Most items one expiry sweep of paged items reads back and expires per lifecycle call.
 const SWEEP_LIMIT: usize = 4096;
-/// Most paged items one delete-by-id or clear reads back per disk read.
+/// Most paged items one delete-by-id or clear reads back per disk read (a clear writes each such chunk on its own).
 const DROP_BATCH: usize = 16 * 1024;
 /// Most batches one group commit takes.
 const MAX_GROUP: usize = 1024;
@@ -117,26 +116,6 @@ fn pid_item_keys_are_the_pid_followed_by_the_item_keys() {
     let id = ItemId(0x0102_0304_0506_0708);
     assert_eq!(pid_item_key(9, id, false), item_key(9, &meta_key(id)));
     assert_eq!(pid_item_key(9, id, true), item_key(9, &payload_key(id)));
-}
-
-/// The index entry of an item as stored (see the `paging` module).
-fn index_put(pid: u64, it: &Item) -> (Vec<u8>, Vec<u8>) {
-    if is_ready(it) {
-        (
-            ready_key(pid, it.priority, it.id.0),
-            it.expire_deadline.0.to_be_bytes().to_vec(),
-        )
-    } else {
-        (not_ready_key(pid, it.id.0), Vec::new())
-    }
-}
-
-/// Appends change set `b` to `a` (the ids of the two never meet: `b` touches only paged items, `a` resident ones).
-fn merge(a: &mut Changes, b: Changes) {
-    a.put.extend(b.put);
-    a.del.extend(b.del);
-    a.dedup_put.extend(b.dedup_put);
-    a.dedup_del.extend(b.dedup_del);
 }
 
 /// The catalog key of partition `name`.
@@ -248,46 +227,21 @@ impl Shared {
         blocking(move || engine.check_writable()).await
     }
 
-    /// Reads partition `pid` from disk into a new state; also returns the stored id high-water mark. A partition
-    /// with stored paging counters reads only its resident part (see the `paging` module); one without (stored by
-    /// a build before paging) or whose paged items carry source ids is read whole, and the first gets its index.
+    /// Reads partition `pid` from disk into a new state; also returns the stored id high-water mark. Reads the
+    /// partition's own prefix, which holds only its resident items, and its paging counters if it has paged items
+    /// (see the `paging` module): what an open reads is bounded by the window and the items in flight, not by the
+    /// depth of the queue.
     async fn load(&self, name: Arc<str>, pid: u64) -> Result<(PartitionState, u64), StorageError> {
         let _permit = self.loads.acquire().await.map_err(|_| self.closed())?;
         let engine = self.engine.clone();
         let window = self.window.load(Ordering::Relaxed);
-        let (state, hwm, index, read) = blocking(move || {
+        let (state, hwm, read) = blocking(move || {
             let floor = ItemId::floor_now().0;
             let Some(ks) = engine.keyspace(ITEMS, true)? else {
-                return Ok((PartitionState::new(floor).with_window(window), 0, Vec::new(), 0));
+                return Ok((PartitionState::new(floor).with_window(window), 0, 0));
             };
             let what = format!("partition '{name}' in '{}'", engine.dir().display());
-            let counters = pg::read_counters(&engine, &ks, pid, &what)?;
-            if let Some(paged) = counters.clone().filter(|c| c.with_source == 0) {
-                let hwm = ks
-                    .get(item_key(pid, HWM_KEY))
-                    .map_err(|e| engine.read_error(e))?
-                    .and_then(|v| decode_pid(&v))
-                    .unwrap_or(0);
-                let mut dedup = Vec::new();
-                for kv in ks.prefix(item_key(pid, &[super::codec::DEDUP_TAG])) {
-                    let (k, v) = kv.into_inner().map_err(|e| engine.read_error(e))?;
-                    if let Key::Dedup(until, id) = parse_key(&k[8..]) {
-                        dedup.push(decode_dedup(until, id, &v, &what)?);
-                    }
-                }
-                let mut ids = pg::not_ready_ids(&engine, &ks, pid)?;
-                for p in 0..crate::state::paging::PRIORITIES {
-                    // From the head, not from 0: below it lie only deleted entries of consumed items.
-                    let lo = paged.head[p].min(paged.from[p]);
-                    let got = pg::ready_ids(&engine, &ks, pid, p as u8, lo, paged.from[p], usize::MAX)?;
-                    ids.extend(got.into_iter().map(|(id, _)| id));
-                }
-                let items = pg::read_items(&engine, &ks, pid, &ids, &what)?;
-                let read = items.len() as u64;
-                let floor = floor.max(hwm.saturating_add(1));
-                let state = PartitionState::restore(items, paged, floor, window).with_dedup(dedup);
-                return Ok((state, hwm, Vec::new(), read));
-            }
+            let paged = pg::read_counters(&engine, &ks, pid, &what)?;
             let mut items = Vec::new();
             let mut dedup = Vec::new();
             let mut hwm = 0u64;
@@ -311,41 +265,23 @@ impl Shared {
                     Key::Other => {}
                 }
             }
-            // Without counters the index may be missing or partial: (re)write it for every item.
-            let index: Vec<(Vec<u8>, Vec<u8>)> = if counters.is_none() {
-                items.iter().map(|it| index_put(pid, it)).collect()
-            } else {
-                Vec::new()
-            };
             let read = items.len() as u64;
-            let state = PartitionState::load_windowed(items, floor.max(hwm.saturating_add(1)), window)
-                .with_dedup(dedup);
-            Ok((state, hwm, index, read))
+            let floor = floor.max(hwm.saturating_add(1));
+            let state = match paged {
+                Some(paged) => {
+                    let sources = if paged.with_source > 0 {
+                        pg::source_ids(&engine, &ks, pid, &what)?
+                    } else {
+                        Vec::new()
+                    };
+                    PartitionState::restore(items, paged, sources, floor, window)
+                }
+                None => PartitionState::load(items, floor).with_window(window),
+            };
+            Ok((state.with_dedup(dedup), hwm, read))
         })
         .await?;
         self.items_loaded.fetch_add(read, Ordering::Relaxed);
-        let mut state = state;
-        if !index.is_empty() {
-            let mut index = index.into_iter().peekable();
-            while index.peek().is_some() {
-                let puts: Vec<_> = index.by_ref().take(INDEX_BATCH).collect();
-                self.submit(Unit {
-                    keyspace: self.items.clone(),
-                    puts,
-                    dels: Vec::new(),
-                })
-                .await?;
-            }
-            // The counters last: until they are on disk, the next open indexes again.
-            if let Some(paged) = state.take_index_changes(true).paged {
-                self.submit(Unit {
-                    keyspace: self.items.clone(),
-                    puts: vec![(item_key(pid, COUNTERS_KEY), pg::encode_counters(&paged))],
-                    dels: Vec::new(),
-                })
-                .await?;
-            }
-        }
         Ok((state, hwm))
     }
 
@@ -394,12 +330,13 @@ impl Shared {
         let mut dels = Vec::new();
         let mut positions = Vec::new();
         let mut finished = 0;
+        let mut popped = 0;
         for r in work.iter_mut() {
             let room = RECLAIM_CHUNK - dels.len();
             if room == 0 {
                 break;
             }
-            let hi = r.pid.saturating_add(1).to_be_bytes();
+            let hi = r.hi.clone();
             let mut keys = self.keys_from(&r.from, &hi, room)?;
             if keys.len() == RECLAIM_CHUNK && !r.dropped {
                 // A large partition: drop its whole on-disk tables at once instead of a tombstone per key, then
@@ -424,12 +361,17 @@ impl Shared {
             if !done {
                 break;
             }
-            dels.push(deleting_key(r.pid));
-            finished += 1;
+            popped += 1;
+            if !r.paged {
+                // The partition's own prefix goes last (after its paged prefix): then its deletion record.
+                dels.push(deleting_key(r.pid));
+                finished += 1;
+            }
         }
         Ok(ReclaimStep {
             dels,
             positions,
+            popped,
             finished,
         })
     }
@@ -441,14 +383,20 @@ struct ReclaimStep {
     dels: Vec<Vec<u8>>,
     /// The next scan position of each pid at the front of the work queue that the write touches.
     positions: Vec<Vec<u8>>,
-    /// How many pids at the front the write empties (their deletion records included).
+    /// How many entries at the front of the work queue the write empties.
+    popped: usize,
+    /// How many pids the write finishes (their deletion records included).
     finished: usize,
 }
 
-/// A destroyed pid being deleted, and where its next scan starts.
+/// A prefix of a destroyed pid being deleted (its paged prefix, then its own), and where its next scan starts.
 struct Reclaim {
     pid: u64,
+    /// Whether this is the pid's paged prefix (see the `paging` module).
+    paged: bool,
     from: Vec<u8>,
+    /// The first key after the prefix.
+    hi: Vec<u8>,
     dropped: bool,
 }
 
@@ -535,11 +483,21 @@ fn answer(
 fn reclaimer_loop(shared: Weak<Shared>, rx: mpsc::Receiver<u64>) {
     let mut work: VecDeque<Reclaim> = VecDeque::new();
     let add = |work: &mut VecDeque<Reclaim>, pid: u64| {
+        let paged = u64::from_be_bytes(pg::paged_prefix(pid));
         work.push_back(Reclaim {
             pid,
-            from: pid.to_be_bytes().to_vec(),
+            paged: true,
+            from: paged.to_be_bytes().to_vec(),
+            hi: paged.saturating_add(1).to_be_bytes().to_vec(),
             dropped: false,
-        })
+        });
+        work.push_back(Reclaim {
+            pid,
+            paged: false,
+            from: pid.to_be_bytes().to_vec(),
+            hi: pid.saturating_add(1).to_be_bytes().to_vec(),
+            dropped: false,
+        });
     };
     loop {
         if work.is_empty() {
@@ -561,14 +519,14 @@ fn reclaimer_loop(shared: Weak<Shared>, rx: mpsc::Receiver<u64>) {
                 puts: Vec::new(),
                 dels: step.dels,
             })?;
-            Ok((step.positions, step.finished))
+            Ok((step.positions, step.popped, step.finished))
         });
         match step {
-            Ok((positions, finished)) => {
+            Ok((positions, popped, finished)) => {
                 for (r, from) in work.iter_mut().zip(positions) {
                     r.from = from;
                 }
-                for _ in 0..finished {
+                for _ in 0..popped {
                     work.pop_front();
                 }
                 shared.reclaiming.fetch_sub(finished as u64, Ordering::AcqRel);
@@ -619,8 +577,8 @@ impl FjallStore {
         if version == 1 {
             upgrade::from_v1(&engine)?;
         } else if version == 2 {
-            // Nothing to rewrite up front: a partition without paging counters is read whole and indexed when it
-            // opens. The marker changes first, so a build that would not keep the index refuses the store.
+            // Nothing to rewrite: format 3 only adds paged prefixes, which a partition gets when it first spills.
+            // The marker changes first, so a build that would not see paged items refuses the store.
             engine.set_format_version("partitions", PARTITIONS_FORMAT_VERSION)?;
         }
         upgrade::drop_leftovers(&engine)?;
@@ -717,6 +675,42 @@ impl FjallStore {
             .and_then(Weak::upgrade)?;
         let g = p.inner.lock().await;
         Some(g.state.resident_ready())
+    }
+
+    /// Resident and paged ready items (and paged payload bytes) of partition `partition` of `queue`, if it is open:
+    /// what a per-tier statistic needs, from counters, without a disk read.
+    pub async fn paging_counts(&self, queue: &str, partition: u32) -> Option<PagingCounts> {
+        let p = self
+            .registry()
+            .get(&keyspace_name(queue, partition))
+            .and_then(Weak::upgrade)?;
+        Some(p.paging_counts().await)
+    }
+
+    /// Keys under the paged prefix of partition `partition` of `queue` (paged records and counters), `None` when it
+    /// has no pid (tests: a partition that never spilled has none). Blocking; scans the prefix.
+    #[doc(hidden)]
+    pub async fn paged_keys(&self, queue: &str, partition: u32) -> Result<Option<usize>, StorageError> {
+        let name: Arc<str> = keyspace_name(queue, partition).into();
+        let Some(pid) = self
+            .shared
+            .catalog
+            .lock()
+            .await
+            .by_name
+            .get(&name)
+            .map(|e| e.0)
+        else {
+            return Ok(None);
+        };
+        let engine = self.shared.engine.clone();
+        blocking(move || {
+            let Some(ks) = engine.keyspace(ITEMS, false)? else {
+                return Ok(Some(0));
+            };
+            pg::count_keys(&engine, &ks, pid).map(Some)
+        })
+        .await
     }
 
     /// Destroyed partitions whose items are still being deleted in the background.
@@ -879,7 +873,8 @@ fn read_catalog(engine: &Engine) -> Result<(Catalog, Vec<u64>), StorageError> {
     }
     // Items under a pid above every catalog record (written with an entry a crash lost? never: the entry rides in
     // the same batch as the first items) would still keep their pid from being handed out again.
-    if let Some(kv) = ks.last_key_value() {
+    // Paged prefixes (see the `paging` module) sort after every pid and are not pids.
+    if let Some(kv) = ks.range(..pg::paged_prefix(0).to_vec()).next_back() {
         let k = kv.key().map_err(|e| engine.read_error(e))?;
         if let Some(pid) = k.get(..8).and_then(decode_pid) {
             max_pid = max_pid.max(pid);
@@ -1016,7 +1011,8 @@ impl PartitionStore for FjallStore {
     }
 }
 
-/// A point-in-time read of one partition: a database snapshot walked in key order, one page per call.
+/// A point-in-time read of one partition: a database snapshot walked in key order, one page per call: the
+/// partition's own prefix, then its paged records (see the `paging` module), priority by priority in id order.
 struct FjallSnapshot {
     engine: Arc<Engine>,
     name: Arc<str>,
@@ -1027,6 +1023,10 @@ struct FjallSnapshot {
     from: Vec<u8>,
     /// The first key after the partition's prefix.
     end: Vec<u8>,
+    /// The next key of the paged prefix to read (inclusive).
+    paged_from: Vec<u8>,
+    /// The first key after the paged prefix.
+    paged_end: Vec<u8>,
 }
 
 impl fmt::Debug for FjallSnapshot {
@@ -1036,7 +1036,7 @@ impl fmt::Debug for FjallSnapshot {
 }
 
 impl FjallSnapshot {
-    /// Reads up to `limit` items from `self.from`, leaving `self.from` at the first key not read.
+    /// Reads up to `limit` items from `self.from` (then `self.paged_from`), leaving them at the first key not read.
     fn page(&mut self, limit: usize) -> Result<Vec<Item>, StorageError> {
         use fjall::Readable;
         let Some(ks) = &self.ks else {
@@ -1044,28 +1044,49 @@ impl FjallSnapshot {
         };
         let what = format!("partition '{}' in '{}'", self.name, self.engine.dir().display());
         let mut items: Vec<Item> = Vec::new();
-        let mut next = self.end.clone();
-        for kv in self.snap.range(ks, self.from.as_slice()..self.end.as_slice()) {
-            let (k, v) = kv.into_inner().map_err(|e| self.engine.read_error(e))?;
-            let inner = &k[8..];
-            match parse_key(inner) {
-                Key::Meta(id) => {
-                    if items.len() >= limit.max(1) {
-                        next = k.to_vec();
-                        break;
+        if self.from < self.end {
+            let mut next = self.end.clone();
+            for kv in self.snap.range(ks, self.from.as_slice()..self.end.as_slice()) {
+                let (k, v) = kv.into_inner().map_err(|e| self.engine.read_error(e))?;
+                let inner = &k[8..];
+                match parse_key(inner) {
+                    Key::Meta(id) => {
+                        if items.len() >= limit.max(1) {
+                            next = k.to_vec();
+                            break;
+                        }
+                        items.push(decode_meta(id, &v, &what)?);
                     }
-                    items.push(decode_meta(id, &v, &what)?);
-                }
-                // A payload sorts right after its item's metadata.
-                Key::Payload(id) => {
-                    if let Some(it) = items.last_mut().filter(|it| it.id == id) {
-                        it.payload = Bytes::copy_from_slice(&v);
+                    // A payload sorts right after its item's metadata.
+                    Key::Payload(id) => {
+                        if let Some(it) = items.last_mut().filter(|it| it.id == id) {
+                            it.payload = Bytes::copy_from_slice(&v);
+                        }
                     }
+                    Key::Dedup(..) | Key::Other => {}
                 }
-                Key::Dedup(..) | Key::Other => {}
+            }
+            self.from = next;
+            if !items.is_empty() {
+                return Ok(items);
             }
         }
-        self.from = next;
+        let mut next = self.paged_end.clone();
+        for kv in self
+            .snap
+            .range(ks, self.paged_from.as_slice()..self.paged_end.as_slice())
+        {
+            let (k, v) = kv.into_inner().map_err(|e| self.engine.read_error(e))?;
+            let Some(id) = pg::record_id(&k) else {
+                continue;
+            };
+            if items.len() >= limit.max(1) {
+                next = k.to_vec();
+                break;
+            }
+            items.push(pg::decode_record(id, &v, &what)?);
+        }
+        self.paged_from = next;
         Ok(items)
     }
 }
@@ -1073,7 +1094,7 @@ impl FjallSnapshot {
 #[async_trait]
 impl PartitionSnapshot for FjallSnapshot {
     async fn next(&mut self, limit: usize) -> Result<Vec<Item>, StorageError> {
-        if self.from >= self.end {
+        if self.from >= self.end && self.paged_from >= self.paged_end {
             return Ok(Vec::new());
         }
         // Reading pages from disk blocks: on the blocking pool, with the snapshot moved there and back.
@@ -1084,13 +1105,16 @@ impl PartitionSnapshot for FjallSnapshot {
             ks: self.ks.clone(),
             from: std::mem::take(&mut self.from),
             end: self.end.clone(),
+            paged_from: std::mem::take(&mut self.paged_from),
+            paged_end: self.paged_end.clone(),
         };
-        let (items, from) = blocking(move || {
+        let (items, from, paged_from) = blocking(move || {
             let items = me.page(limit)?;
-            Ok((items, me.from))
+            Ok((items, me.from, me.paged_from))
         })
         .await?;
         self.from = from;
+        self.paged_from = paged_from;
         Ok(items)
     }
 }
@@ -1110,12 +1134,8 @@ fn read_pages(
     };
     let mut out = Vec::with_capacity(plan.len());
     for r in plan {
-        let ids: Vec<u64> = pg::ready_ids(engine, &ks, pid, r.prio, r.from, u64::MAX, r.n)?
-            .into_iter()
-            .map(|(id, _)| id)
-            .collect();
-        let exhausted = ids.len() < r.n;
-        let items = pg::read_items(engine, &ks, pid, &ids, what)?;
+        let items = pg::read_page(engine, &ks, pid, r.prio, r.from, r.n, what)?;
+        let exhausted = items.len() < r.n;
         out.push((r, items, exhausted));
     }
     Ok(out)
@@ -1192,6 +1212,11 @@ impl FjallPartition {
         Ok(op(&g.state))
     }
 
+    /// Resident and paged ready items, and paged payload bytes (counters only: no disk read).
+    pub async fn paging_counts(&self) -> PagingCounts {
+        self.inner.lock().await.state.paging_counts()
+    }
+
     /// Applies `op` to the state and writes what it changed; on a failed write the state goes stale.
     async fn write<T>(
         &self,
@@ -1227,12 +1252,8 @@ impl FjallPartition {
         let found: HashSet<u64> = if g.state.paged().is_empty() {
             HashSet::new()
         } else {
-            let unknown: Vec<ItemId> = ids
-                .into_iter()
-                .filter(|id| !g.state.contains_live(id.0))
-                .collect();
-            let items = self.read_paged(&g, &unknown).await?;
-            items.iter().filter(|it| is_ready(it)).map(|it| it.id.0).collect()
+            let items = self.read_paged(&g, &ids).await?;
+            items.iter().map(|it| it.id.0).collect()
         };
         let probed = !found.is_empty();
         if probed {
@@ -1245,27 +1266,30 @@ impl FjallPartition {
         self.commit(g, out, ch).await
     }
 
-    /// Writes a change set the state already holds (with the index changes it collected), marking the state
-    /// stale when the write fails.
+    /// Writes a change set (after the paging writes the state holds), marking the state stale when it fails.
     async fn commit<T>(
         &self,
         mut g: tokio::sync::MutexGuard<'_, Inner>,
         out: T,
         ch: Changes,
     ) -> Result<T, StorageError> {
-        if ch.is_empty() {
-            // Nothing on disk changed: the ready index did not either, and counters changed by a page-in wait for
-            // the next write (the stored ones still describe the disk).
-            let _ = g.state.take_index_changes(false);
-            return Ok(out);
+        self.commit_mut(&mut g, ch).await?;
+        Ok(out)
+    }
+
+    /// [`FjallPartition::commit`] keeping the lock.
+    async fn commit_mut(&self, g: &mut Inner, ch: Changes) -> Result<(), StorageError> {
+        let mut all = g.state.take_paging();
+        all.append(ch);
+        if all.is_empty() {
+            return Ok(());
         }
-        let idx = g.state.take_index_changes(true);
-        let (unit, top) = self.unit(&ch, &idx, g.hwm);
+        let (unit, top) = self.unit(&all, g.hwm);
         match self.shared.submit(unit).await {
             Ok(()) => {
                 g.hwm = top;
                 self.registered.store(true, Ordering::Release);
-                Ok(out)
+                Ok(())
             }
             Err(e) => {
                 g.stale = true;
@@ -1277,7 +1301,8 @@ impl FjallPartition {
     /// Pages items in around an operation that leases up to `want` items (see [`PartitionState::page_plan`]): takes
     /// a finished read-ahead, reads what the lease cannot do without (waiting for a read-ahead in flight first), and
     /// starts the next read-ahead when a priority's resident head ran low. Disk reads run off the async runtime; a
-    /// read-ahead runs while the partition serves.
+    /// read-ahead runs while the partition serves. What comes in is moved from paged records to items by the
+    /// operation's write.
     async fn page_in(&self, g: &mut Inner, want: usize) -> Result<(), StorageError> {
         if g.state.paged().is_empty() && g.prefetch.is_none() {
             return Ok(());
@@ -1349,14 +1374,21 @@ impl FjallPartition {
         )
     }
 
-    /// Reads the paged items among `ids` (those at or above a priority's paged boundary), skipping the rest.
+    /// Reads the paged items among `ids` (point reads under each priority whose paged range may hold the id),
+    /// skipping resident and missing ones.
     async fn read_paged(&self, g: &Inner, ids: &[ItemId]) -> Result<Vec<Item>, StorageError> {
-        let ids: Vec<u64> = ids
+        let paged = g.state.paged();
+        let wanted: Vec<(u8, u64)> = ids
             .iter()
             .map(|i| i.0)
-            .filter(|&id| g.state.paged().may_hold(id))
+            .filter(|&id| !g.state.contains_live(id))
+            .flat_map(|id| {
+                (0..PRIORITIES)
+                    .filter(move |&p| paged.count[p] > 0 && id >= paged.from[p])
+                    .map(move |p| (p as u8, id))
+            })
             .collect();
-        if ids.is_empty() {
+        if wanted.is_empty() {
             return Ok(Vec::new());
         }
         let engine = self.shared.engine.clone();
@@ -1365,35 +1397,29 @@ impl FjallPartition {
             let Some(ks) = engine.keyspace(ITEMS, false)? else {
                 return Ok(Vec::new());
             };
-            pg::read_items(&engine, &ks, pid, &ids, &what)
+            pg::find(&engine, &ks, pid, &wanted, &what)
         })
         .await
     }
 
-    /// Up to `limit` paged items of priority `prio` with ids at or above `from` (reads them back).
-    async fn read_ready(
-        &self,
-        prio: u8,
-        from: u64,
-        limit: usize,
-    ) -> Result<(Vec<Item>, Vec<i64>), StorageError> {
+    /// Up to `limit` paged items of priority `prio` with ids at or above `from`.
+    async fn read_ready(&self, prio: u8, from: u64, limit: usize) -> Result<Vec<Item>, StorageError> {
         let engine = self.shared.engine.clone();
         let (pid, what) = (self.pid, self.what());
         blocking(move || {
             let Some(ks) = engine.keyspace(ITEMS, false)? else {
-                return Ok((Vec::new(), Vec::new()));
+                return Ok(Vec::new());
             };
-            let got = pg::ready_ids(&engine, &ks, pid, prio, from, u64::MAX, limit)?;
-            let ids: Vec<u64> = got.iter().map(|x| x.0).collect();
-            let exp = got.iter().map(|x| x.1).collect();
-            Ok((pg::read_items(&engine, &ks, pid, &ids, &what)?, exp))
+            pg::read_page(&engine, &ks, pid, prio, from, limit, &what)
         })
         .await
     }
 
-    /// Expires paged items whose deadline passed: for each priority whose expiry bound is due, reads its paged
-    /// entries of the ready index (keys and deadlines only), expires up to [`SWEEP_LIMIT`] due ones and, when it
-    /// saw them all, raises the bound to the earliest deadline left. Returns how many died and whether more are due.
+    /// Expires paged items whose deadline passed: for each priority whose expiry bound is due, walks its paged
+    /// records from the lowest id, expires up to [`SWEEP_LIMIT`] due ones and sets the bound to the earliest
+    /// deadline left. When the priority's deadlines rise with its ids (one expiry timeout, the usual case) the walk
+    /// stops at the first item not due; otherwise it reads every paged record of the priority. Returns how many
+    /// died and whether more are due.
     async fn sweep_paged(
         &self,
         g: &mut Inner,
@@ -1405,6 +1431,7 @@ impl FjallPartition {
         let mut more = false;
         for p in g.state.paged_expiry_due(now) {
             let from = g.state.paged().from[usize::from(p)];
+            let ordered = g.state.paged().ordered[usize::from(p)];
             let engine = self.shared.engine.clone();
             let (pid, what) = (self.pid, self.what());
             let (items, rest_min, complete) = blocking(move || {
@@ -1414,25 +1441,32 @@ impl FjallPartition {
                 let mut due = Vec::new();
                 let mut rest_min = i64::MAX;
                 let mut complete = true;
-                for (id, exp) in pg::ready_ids(&engine, &ks, pid, p, from, u64::MAX, usize::MAX)? {
+                pg::walk(&engine, &ks, pid, p, from, &what, |it| {
+                    let exp = it.expire_deadline.0;
                     if exp > now.0 {
                         rest_min = rest_min.min(exp);
+                        !ordered
                     } else if due.len() < SWEEP_LIMIT {
-                        due.push(id);
+                        due.push(it);
+                        true
                     } else {
                         complete = false;
+                        false
                     }
-                }
-                Ok((
-                    pg::read_items(&engine, &ks, pid, &due, &what)?,
-                    rest_min,
-                    complete,
-                ))
+                })?;
+                Ok((due, rest_min, complete))
             })
             .await?;
+            let last = items.last().map(|it| it.id.0);
             let (n, c) = g.state.drop_paged(items, Some(policy));
-            merge(ch, c);
+            ch.append(c);
             dead += n;
+            if ordered {
+                // Everything below the last one expired went with it: later reads start past their records.
+                if let Some(last) = last {
+                    g.state.raise_paged_from(p, last + 1);
+                }
+            }
             if complete {
                 g.state.set_paged_min_expire(p, rest_min);
             } else {
@@ -1444,27 +1478,38 @@ impl FjallPartition {
 
     /// Encodes a change set with one operation per key, the final one: an id put and then removed within one call
     /// is removed, an id put twice keeps its last version, so a batch never holds two versions of a key. Ids above
-    /// `hwm` are new and get their payload written; older ids only change their metadata (a payload never changes).
-    fn unit(&self, ch: &Changes, idx: &IndexChanges, hwm: u64) -> (Unit, u64) {
+    /// `hwm` are new and get their payload written; older ids only change their metadata (a payload never changes),
+    /// except items paged back in, written whole. Spilled items are written as paged records only; a paged record
+    /// removed without its item moving to the items was never an item, so it leaves no item keys to delete.
+    fn unit(&self, ch: &Changes, hwm: u64) -> (Unit, u64) {
         let gone: HashSet<ItemId> = ch.del.iter().copied().collect();
+        let spilled: HashSet<ItemId> = ch.spilled.iter().map(|it| it.id).collect();
+        let paged_in: HashSet<ItemId> = ch.paged_in.iter().copied().collect();
+        let unpaged: HashSet<ItemId> = ch.unpaged.iter().map(|x| x.1).collect();
         let mut seen = HashSet::with_capacity(ch.put.len());
         let mut puts = Vec::with_capacity(ch.put.len() + 1);
         let mut top = hwm;
         for it in ch.put.iter().rev() {
             top = top.max(it.id.0);
-            if gone.contains(&it.id) || !seen.insert(it.id) {
+            if gone.contains(&it.id) || spilled.contains(&it.id) || !seen.insert(it.id) {
                 continue;
             }
             puts.push((pid_item_key(self.pid, it.id, false), encode_meta(it)));
-            if it.id.0 > hwm && !it.payload.is_empty() {
+            if (it.id.0 > hwm || paged_in.contains(&it.id)) && !it.payload.is_empty() {
                 puts.push((pid_item_key(self.pid, it.id, true), it.payload.to_vec()));
             }
-            // An item is in exactly one index: a ready one in the ready index (it never goes back to ready under
-            // the same id), any other in the not-ready index, which it leaves only when it is removed.
-            puts.push(index_put(self.pid, it));
         }
-        if let Some(paged) = &idx.paged {
-            puts.push((item_key(self.pid, COUNTERS_KEY), pg::encode_counters(paged)));
+        for it in &ch.spilled {
+            top = top.max(it.id.0);
+            if !gone.contains(&it.id) {
+                puts.push((pg::record_key(self.pid, it.priority, it.id.0), pg::encode_record(it)));
+            }
+        }
+        let mut dels = Vec::with_capacity(gone.len() * 2 + ch.unpaged.len() + ch.dedup_del.len() + 1);
+        match &ch.counters {
+            Some(c) if c.is_empty() => dels.push(pg::counters_key(self.pid)),
+            Some(c) => puts.push((pg::counters_key(self.pid), pg::encode_counters(c))),
+            None => {}
         }
         if top > hwm {
             puts.push((item_key(self.pid, HWM_KEY), top.to_be_bytes().to_vec()));
@@ -1484,14 +1529,15 @@ impl FjallPartition {
                 ));
             }
         }
-        let mut dels = Vec::with_capacity(gone.len() * 3 + dropped.len() + idx.unready.len());
         for id in gone {
+            if unpaged.contains(&id) && !paged_in.contains(&id) {
+                continue;
+            }
             dels.push(pid_item_key(self.pid, id, false));
             dels.push(pid_item_key(self.pid, id, true));
-            dels.push(not_ready_key(self.pid, id.0));
         }
-        for &(prio, id) in &idx.unready {
-            dels.push(ready_key(self.pid, prio, id));
+        for &(prio, id) in &ch.unpaged {
+            dels.push(pg::record_key(self.pid, prio, id.0));
         }
         for (until, id) in dropped {
             dels.push(pid_dedup_key(self.pid, until, id));
@@ -1555,7 +1601,7 @@ impl Partition for FjallPartition {
         let mut ch = Changes::default();
         let (dead, more) = self.sweep_paged(&mut g, now, policy, &mut ch).await?;
         let (mut o, c) = g.state.lifecycle(now, policy, limit);
-        merge(&mut ch, c);
+        ch.append(c);
         o.dead += dead;
         o.more |= more;
         self.commit(g, o, ch).await
@@ -1588,45 +1634,24 @@ impl Partition for FjallPartition {
         scheduled: bool,
     ) -> Result<Vec<Item>, StorageError> {
         let g = self.lock().await?;
+        let resident = g.state.list(pivot, limit, scheduled);
         if scheduled || g.state.paged().is_empty() {
-            return Ok(g.state.list(pivot, limit, scheduled));
+            return Ok(resident);
         }
-        // Paged items are on disk only; the disk holds every resident item too (no write is in flight under the
-        // lock), so it answers alone, in id order.
-        let engine = self.shared.engine.clone();
-        let (pid, what) = (self.pid, self.what());
+        // Paged items are ready items on disk only: merge the first `limit` of each paged priority at or after the
+        // pivot with the resident ones, in id order.
         let from = pivot.map_or(0, |p| p.0);
-        blocking(move || {
-            let Some(ks) = engine.keyspace(ITEMS, false)? else {
-                return Ok(Vec::new());
-            };
-            let mut out: Vec<Item> = Vec::new();
-            let lo = pid_item_key(pid, ItemId(from), false);
-            let hi = (pid + 1).to_be_bytes();
-            for kv in ks.range(lo.as_slice()..hi.as_slice()) {
-                let (k, v) = kv.into_inner().map_err(|e| engine.read_error(e))?;
-                match parse_key(&k[8..]) {
-                    Key::Meta(id) => {
-                        let it = decode_meta(id, &v, &what)?;
-                        if it.dead || it.is_scheduled() {
-                            continue;
-                        }
-                        if out.len() >= limit {
-                            break;
-                        }
-                        out.push(it);
-                    }
-                    Key::Payload(id) => {
-                        if let Some(it) = out.last_mut().filter(|it| it.id == id) {
-                            it.payload = Bytes::copy_from_slice(&v);
-                        }
-                    }
-                    Key::Dedup(..) | Key::Other => {}
-                }
+        let mut out = resident;
+        for p in 0..PRIORITIES {
+            let paged = g.state.paged();
+            if paged.count[p] == 0 {
+                continue;
             }
-            Ok(out)
-        })
-        .await
+            out.extend(self.read_ready(p as u8, paged.from[p].max(from), limit).await?);
+        }
+        out.sort_unstable_by_key(|it| it.id);
+        out.truncate(limit);
+        Ok(out)
     }
 
     async fn import(&self, items: Vec<Item>) -> Result<Vec<Item>, StorageError> {
@@ -1644,7 +1669,7 @@ impl Partition for FjallPartition {
         if !g.state.paged().is_empty() {
             for chunk in ids.chunks(DROP_BATCH) {
                 let items = self.read_paged(&g, chunk).await?;
-                merge(&mut ch, g.state.drop_paged(items, None).1);
+                ch.append(g.state.drop_paged(items, None).1);
             }
         }
         self.commit(g, (), ch).await
@@ -1669,6 +1694,10 @@ impl Partition for FjallPartition {
                 ks,
                 from: pid.to_be_bytes().to_vec(),
                 end: (pid + 1).to_be_bytes().to_vec(),
+                paged_from: pg::paged_prefix(pid).to_vec(),
+                paged_end: (u64::from_be_bytes(pg::paged_prefix(pid)) + 1)
+                    .to_be_bytes()
+                    .to_vec(),
             }) as Box<dyn PartitionSnapshot>)
         })
         .await
@@ -1677,19 +1706,25 @@ impl Partition for FjallPartition {
     async fn clear(&self, request: ClearRequest) -> Result<(), StorageError> {
         let mut g = self.lock().await?;
         self.shared.check_writable().await?;
-        let mut ch = g.state.clear(request);
+        let ch = g.state.clear(request);
         if request.queue {
-            for p in 0..crate::state::paging::PRIORITIES {
-                let mut from = g.state.paged().from[p];
-                while g.state.paged().count[p] > 0 {
-                    let (items, _) = self.read_ready(p as u8, from, DROP_BATCH).await?;
+            // The resident part and the paged records go in bounded writes, each leaving records and counters in
+            // agreement (a crash in between leaves a partly cleared queue, as a clear racing a crash may).
+            self.commit_mut(&mut g, ch).await?;
+            for p in 0..PRIORITIES as u8 {
+                while g.state.paged().count[usize::from(p)] > 0 {
+                    let from = g.state.paged().from[usize::from(p)];
+                    let items = self.read_ready(p, from, DROP_BATCH).await?;
                     let Some(last) = items.last().map(|it| it.id.0) else {
+                        g.state.forget_paged(p);
                         break;
                     };
-                    from = last + 1;
-                    merge(&mut ch, g.state.drop_paged(items, None).1);
+                    let (_, c) = g.state.drop_paged(items, None);
+                    g.state.raise_paged_from(p, last + 1);
+                    self.commit_mut(&mut g, c).await?;
                 }
             }
+            return self.commit(g, (), Changes::default()).await;
         }
         self.commit(g, (), ch).await
     }

@@ -1,15 +1,17 @@
 //! Paging: the part of a partition's ready backlog that is on disk only.
 //!
 //! A persistent backend bounds the memory of a partition by its *window*: once that many ready items are resident,
-//! a new ready item of priority `p` is written to disk and only counted here ("spilled"), and so is every later one
+//! a new ready item of priority `p` is written to disk only and counted here ("spilled"), and so is every later one
 //! of `p`, so that for each priority the resident ready items are exactly those below [`Paged::from`] and the
-//! paged ones those at or above it (ids are FIFO order within a priority). The backend reads the next ones back
-//! ("page-in") when the resident head of a priority runs low, ahead of the lease that needs them.
+//! paged ones those at or above it (ids are FIFO order within a priority, and an item that becomes ready always
+//! gets a new id). The backend reads the next ones back ("page-in") when the resident head of a priority runs low,
+//! ahead of the lease that needs them.
 //!
 //! [`Paged`] holds everything the state must know about the paged items without reading them: counts, byte and
-//! age sums for the stats, and a lower bound of their expiry deadlines so the next deadline stays honest. It is
-//! small and fixed in size, so a backend persists it with every write that changes it and a restart reads it back
-//! instead of counting.
+//! age sums for the stats, and bounds of their expiry deadlines so the next deadline stays honest and an expiry
+//! sweep knows where to stop. It is small and fixed in size; a backend stores it in the same atomic write as every
+//! change of the paged items and reads it back at open instead of counting. A partition that never spilled has
+//! none and writes none.
 
 use lessor_core::types::MAX_PRIORITY;
 
@@ -29,14 +31,15 @@ pub struct Paged {
     pub count: [u64; PRIORITIES],
     /// Per priority: no paged item expires before this (a lower bound: it only rises after a sweep).
     pub min_expire: [i64; PRIORITIES],
+    /// Per priority: the latest expiry deadline spilled so far.
+    pub max_expire: [i64; PRIORITIES],
+    /// Per priority: whether the paged items' expiry deadlines never decrease with their ids (the usual case: one
+    /// expiry timeout per queue), so a sweep may stop at the first item that is not due.
+    pub ordered: [bool; PRIORITIES],
     /// Payload bytes of the paged items.
     pub bytes: u64,
     /// Sum of `created_at` over the paged items.
     pub sum_created: i128,
-    /// Per priority: no resident ready item has a lower id (0 when unknown). Written with the counters so that an
-    /// open reads the resident items from here up to [`Paged::from`], not through the deleted index entries of
-    /// everything consumed before, which the engine may not have compacted away yet.
-    pub head: [u64; PRIORITIES],
     /// Paged items that carry a source id. Their ids stay in the resident source-id index, which a restart can
     /// only rebuild by reading every item: while this is not zero, a restart reads the whole partition.
     pub with_source: u64,
@@ -48,10 +51,11 @@ impl Default for Paged {
             from: [NONE; PRIORITIES],
             count: [0; PRIORITIES],
             min_expire: [i64::MAX; PRIORITIES],
+            max_expire: [i64::MIN; PRIORITIES],
+            ordered: [true; PRIORITIES],
             bytes: 0,
             sum_created: 0,
             with_source: 0,
-            head: [0; PRIORITIES],
         }
     }
 }
@@ -85,6 +89,8 @@ impl Paged {
         if self.count[p] == 0 {
             self.from[p] = NONE;
             self.min_expire[p] = i64::MAX;
+            self.max_expire[p] = i64::MIN;
+            self.ordered[p] = true;
         }
         if self.is_empty() {
             // Sums of nothing are zero; a drift (an item counted twice by a bug) must not outlive the backlog.
@@ -107,12 +113,14 @@ pub struct PageRead {
     pub n: usize,
 }
 
-/// What changed in the on-disk ready index since the backend last asked (see
-/// [`super::PartitionState::take_index_changes`]).
-#[derive(Debug, Default, Clone)]
-pub struct IndexChanges {
-    /// Ready items (priority, id) that stopped being ready: leased, deleted, expired, cleared.
-    pub unready: Vec<(u8, u64)>,
-    /// The paging counters, when they changed.
-    pub paged: Option<Paged>,
+/// How a partition's ready items divide between memory and paged records (see
+/// [`super::PartitionState::paging_counts`]).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct PagingCounts {
+    /// Ready items held in memory.
+    pub resident_ready: u64,
+    /// Ready items on disk only.
+    pub paged_ready: u64,
+    /// Payload bytes of the paged items.
+    pub paged_bytes: u64,
 }
