@@ -333,3 +333,143 @@ async fn backlogs_across_restarts_with_id_gaps_drain_in_order() {
     }
     assert_eq!(got, stage_ids);
 }
+
+/// A partition that never fills its window writes exactly the keys it wrote before paging existed: its items
+/// (metadata and payload), its id high-water mark and its catalog entry, and nothing under its paged prefix, after
+/// produce, lease, complete, retry, expiry and a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partition_under_its_window_writes_no_paging_keys() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let policy = LifecyclePolicy {
+        max_attempts: 0,
+        has_dead_queue: false,
+        backoff: Backoff::OFF,
+    };
+    let store = FjallStore::open(dir.path(), Durability::Sync).expect("open");
+    store.set_memory_window(1_000);
+    let p = store.open("shallow", 0).await.expect("partition");
+    for b in 0..5 {
+        p.produce((0..100).map(|i| item(b * 100 + i, (i % 3) as u8, FAR)).collect())
+            .await
+            .expect("produce");
+    }
+    let l = p.lease(200, LEASE).await.expect("lease");
+    let done: Vec<ItemId> = l[..100].iter().map(|i| i.id).collect();
+    assert!(p.complete(vec![done]).await.expect("complete")[0].is_ok());
+    // The other 100 leases expire and go back at the tail under new ids.
+    let o = p.lifecycle(Ts(LEASE.0 + 1), policy, 1_000).await.expect("lifecycle");
+    assert_eq!(o.lease_expired, 100);
+    assert_eq!(store.paged_keys("shallow", 0).await.expect("scan"), Some(0));
+    let counts = store.paging_counts("shallow", 0).await.expect("open");
+    assert_eq!((counts.resident_ready, counts.paged_ready), (400, 0));
+    // 400 items of two keys each, the high-water mark, the catalog entry.
+    assert_eq!(store.stored_keys().expect("keys"), 400 * 2 + 2);
+    p.close().await;
+    store.close().await;
+    let store = FjallStore::open(dir.path(), Durability::Sync).expect("reopen");
+    store.set_memory_window(1_000);
+    let p = store.open("shallow", 0).await.expect("partition");
+    assert_eq!(p.counts().await.expect("counts").ready, 400);
+    assert_eq!(store.paged_keys("shallow", 0).await.expect("scan"), Some(0));
+    assert_eq!(store.stored_keys().expect("keys"), 400 * 2 + 2);
+}
+
+/// A deep backlog drained through a small window leaves nothing under the paged prefix (every record moved back
+/// and the counters deleted with the last one), and the next open reads only the items left: what was consumed
+/// before costs an open nothing but the engine's deleted entries, as before paging.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drained_backlog_leaves_no_paging_keys_and_opens_with_what_is_left() {
+    let dir = tempfile::tempdir().expect("tmp");
+    const N: usize = 20_000;
+    {
+        let store = FjallStore::open(dir.path(), Durability::None).expect("open");
+        store.set_memory_window(100);
+        let p = store.open("drained", 0).await.expect("partition");
+        for b in 0..N / 1000 {
+            p.produce((0..1000).map(|i| item(b * 1000 + i, 0, FAR)).collect())
+                .await
+                .expect("produce");
+        }
+        let c = store.paging_counts("drained", 0).await.expect("open");
+        assert!(c.resident_ready <= 100, "{c:?}");
+        assert_eq!(c.resident_ready + c.paged_ready, N as u64);
+        assert_eq!(c.paged_bytes, (N as u64 - c.resident_ready) * 11);
+        // Paged records plus their counters.
+        assert_eq!(
+            store.paged_keys("drained", 0).await.expect("scan"),
+            Some(c.paged_ready as usize + 1)
+        );
+        let mut got = 0;
+        loop {
+            let l = p.lease(250, LEASE).await.expect("lease");
+            if l.is_empty() {
+                break;
+            }
+            got += l.len();
+            let ids = l.iter().map(|i| i.id).collect();
+            assert!(p.complete(vec![ids]).await.expect("complete")[0].is_ok());
+        }
+        assert_eq!(got, N);
+        assert_eq!(store.paged_keys("drained", 0).await.expect("scan"), Some(0));
+        p.produce((0..50).map(|i| item(i, 0, FAR)).collect())
+            .await
+            .expect("produce");
+        p.close().await;
+        store.close().await;
+    }
+    let store = FjallStore::open(dir.path(), Durability::None).expect("reopen");
+    store.set_memory_window(100);
+    let p = store.open("drained", 0).await.expect("partition");
+    assert_eq!(store.items_loaded(), 50);
+    assert_eq!(p.counts().await.expect("counts").ready, 50);
+    assert_eq!(store.paged_keys("drained", 0).await.expect("scan"), Some(0));
+}
+
+/// A snapshot reads paged items too, in id order with the resident ones (the offload sweeper finds the objects
+/// they reference through it, and a backup must hold them); a destroyed partition's paged records go with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshots_read_paged_items_and_destroy_removes_them() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let store = FjallStore::open(dir.path(), Durability::None).expect("open");
+    store.set_memory_window(10);
+    let p = store.open("snap", 0).await.expect("partition");
+    let mut ids = Vec::new();
+    for b in 0..10 {
+        ids.extend(
+            p.produce((0..100).map(|i| item(b * 100 + i, (i % 4) as u8, FAR)).collect())
+                .await
+                .expect("produce"),
+        );
+    }
+    // Some paged in, some leased.
+    let leased = p.lease(25, LEASE).await.expect("lease");
+    assert_eq!(leased.len(), 25);
+    let mut snap = p.snapshot().await.expect("snapshot");
+    // Changes after the snapshot do not show.
+    p.produce(vec![item(9_999, 0, FAR)]).await.expect("produce");
+    let mut got = Vec::new();
+    loop {
+        let page = snap.next(64).await.expect("page");
+        if page.is_empty() {
+            break;
+        }
+        got.extend(page);
+    }
+    assert_eq!(got.iter().map(|i| i.id).collect::<Vec<_>>(), ids);
+    for it in &got {
+        let i = ids.iter().position(|x| *x == it.id).expect("known");
+        assert_eq!(it.payload, Bytes::from(format!("item-{i:06}")));
+    }
+    assert_eq!(got.iter().filter(|i| i.is_leased).count(), 25);
+    drop(snap);
+    p.close().await;
+    store.destroy("snap", 0).await.expect("destroy");
+    lessor_testkit::eventually("background deletions done", Duration::from_secs(20), || async {
+        match store.pending_deletions() {
+            0 => Ok(()),
+            n => Err(format!("{n} deletions pending")),
+        }
+    })
+    .await;
+    assert_eq!(store.stored_keys().expect("keys"), 0);
+}

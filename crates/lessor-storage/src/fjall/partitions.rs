@@ -1011,22 +1011,18 @@ impl PartitionStore for FjallStore {
     }
 }
 
-/// A point-in-time read of one partition: a database snapshot walked in key order, one page per call: the
-/// partition's own prefix, then its paged records (see the `paging` module), priority by priority in id order.
+/// A point-in-time read of one partition: a database snapshot read one page per call, in id order, merging the
+/// partition's own prefix with its paged records (see the `paging` module), one key range per priority.
 struct FjallSnapshot {
     engine: Arc<Engine>,
     name: Arc<str>,
     snap: fjall::Snapshot,
     /// `None` when the store never wrote an item: the snapshot is empty.
     ks: Option<fjall::Keyspace>,
-    /// The next key to read (inclusive).
-    from: Vec<u8>,
-    /// The first key after the partition's prefix.
-    end: Vec<u8>,
-    /// The next key of the paged prefix to read (inclusive).
-    paged_from: Vec<u8>,
-    /// The first key after the paged prefix.
-    paged_end: Vec<u8>,
+    pid: u64,
+    /// Per source (the partition's prefix, then each priority's paged records): the next key to read (inclusive),
+    /// `None` once the source is read out.
+    next: Vec<Option<Vec<u8>>>,
 }
 
 impl fmt::Debug for FjallSnapshot {
@@ -1036,65 +1032,106 @@ impl fmt::Debug for FjallSnapshot {
 }
 
 impl FjallSnapshot {
-    /// Reads up to `limit` items from `self.from` (then `self.paged_from`), leaving them at the first key not read.
-    fn page(&mut self, limit: usize) -> Result<Vec<Item>, StorageError> {
+    /// The first key after source `i`.
+    fn end(&self, i: usize) -> Vec<u8> {
+        if i == 0 {
+            (self.pid + 1).to_be_bytes().to_vec()
+        } else {
+            pg::record_key(self.pid, (i - 1) as u8, u64::MAX)
+        }
+    }
+
+    /// The key source `i` would hold item `id` under.
+    fn key_of(&self, i: usize, id: u64) -> Vec<u8> {
+        if i == 0 {
+            pid_item_key(self.pid, ItemId(id), false)
+        } else {
+            pg::record_key(self.pid, (i - 1) as u8, id)
+        }
+    }
+
+    /// Up to `limit` items of source `i` from its next key on, and whether that is all it has left.
+    fn read_source(&self, ks: &fjall::Keyspace, i: usize, limit: usize) -> Result<(Vec<Item>, bool), StorageError> {
         use fjall::Readable;
-        let Some(ks) = &self.ks else {
-            return Ok(Vec::new());
+        let Some(from) = &self.next[i] else {
+            return Ok((Vec::new(), true));
         };
         let what = format!("partition '{}' in '{}'", self.name, self.engine.dir().display());
+        let end = self.end(i);
         let mut items: Vec<Item> = Vec::new();
-        if self.from < self.end {
-            let mut next = self.end.clone();
-            for kv in self.snap.range(ks, self.from.as_slice()..self.end.as_slice()) {
-                let (k, v) = kv.into_inner().map_err(|e| self.engine.read_error(e))?;
-                let inner = &k[8..];
-                match parse_key(inner) {
-                    Key::Meta(id) => {
-                        if items.len() >= limit.max(1) {
-                            next = k.to_vec();
-                            break;
-                        }
-                        items.push(decode_meta(id, &v, &what)?);
-                    }
-                    // A payload sorts right after its item's metadata.
-                    Key::Payload(id) => {
-                        if let Some(it) = items.last_mut().filter(|it| it.id == id) {
-                            it.payload = Bytes::copy_from_slice(&v);
-                        }
-                    }
-                    Key::Dedup(..) | Key::Other => {}
-                }
-            }
-            self.from = next;
-            if !items.is_empty() {
-                return Ok(items);
-            }
-        }
-        let mut next = self.paged_end.clone();
-        for kv in self
-            .snap
-            .range(ks, self.paged_from.as_slice()..self.paged_end.as_slice())
-        {
+        for kv in self.snap.range(ks, from.as_slice()..end.as_slice()) {
             let (k, v) = kv.into_inner().map_err(|e| self.engine.read_error(e))?;
-            let Some(id) = pg::record_id(&k) else {
+            if i > 0 {
+                let Some(id) = pg::record_id(&k) else { continue };
+                if items.len() >= limit {
+                    return Ok((items, false));
+                }
+                items.push(pg::decode_record(id, &v, &what)?);
                 continue;
-            };
-            if items.len() >= limit.max(1) {
-                next = k.to_vec();
-                break;
             }
-            items.push(pg::decode_record(id, &v, &what)?);
+            match parse_key(&k[8..]) {
+                Key::Meta(id) => {
+                    if items.len() >= limit {
+                        return Ok((items, false));
+                    }
+                    items.push(decode_meta(id, &v, &what)?);
+                }
+                // A payload sorts right after its item's metadata.
+                Key::Payload(id) => {
+                    if let Some(it) = items.last_mut().filter(|it| it.id == id) {
+                        it.payload = Bytes::copy_from_slice(&v);
+                    }
+                }
+                Key::Dedup(..) | Key::Other => {}
+            }
         }
-        self.paged_from = next;
-        Ok(items)
+        Ok((items, true))
+    }
+
+    /// Reads the next `limit` items in id order: up to `limit` from every source, the lowest ids of them all, and
+    /// each source's next key moved past what was taken from it.
+    fn page(&mut self, limit: usize) -> Result<Vec<Item>, StorageError> {
+        let Some(ks) = self.ks.clone() else {
+            return Ok(Vec::new());
+        };
+        let limit = limit.max(1);
+        let mut all: Vec<(u64, usize)> = Vec::new();
+        let mut read: Vec<(Vec<Item>, bool)> = Vec::with_capacity(self.next.len());
+        for i in 0..self.next.len() {
+            let (items, done) = self.read_source(&ks, i, limit)?;
+            all.extend(items.iter().map(|it| (it.id.0, i)));
+            read.push((items, done));
+        }
+        all.sort_unstable();
+        let cut = all.get(limit).map(|x| x.0);
+        let mut out = Vec::with_capacity(limit.min(all.len()));
+        for (i, (items, done)) in read.into_iter().enumerate() {
+            let (mut rest, mut last) = (None, None);
+            for it in items {
+                if cut.is_some_and(|c| it.id.0 >= c) {
+                    rest = Some(it.id.0);
+                    break;
+                }
+                last = Some(it.id.0);
+                out.push(it);
+            }
+            self.next[i] = match (rest, last) {
+                (Some(id), _) => Some(self.key_of(i, id)),
+                (None, _) if done => None,
+                // Everything read was taken and the source has more: go on after the last one.
+                (None, Some(id)) => Some(self.key_of(i, id + 1)),
+                (None, None) => self.next[i].clone(),
+            };
+        }
+        out.sort_unstable_by_key(|it| it.id);
+        Ok(out)
     }
 }
 
 #[async_trait]
 impl PartitionSnapshot for FjallSnapshot {
     async fn next(&mut self, limit: usize) -> Result<Vec<Item>, StorageError> {
-        if self.from >= self.end && self.paged_from >= self.paged_end {
+        if self.next.iter().all(Option::is_none) {
             return Ok(Vec::new());
         }
         // Reading pages from disk blocks: on the blocking pool, with the snapshot moved there and back.
@@ -1103,18 +1140,15 @@ impl PartitionSnapshot for FjallSnapshot {
             name: self.name.clone(),
             snap: self.snap.clone(),
             ks: self.ks.clone(),
-            from: std::mem::take(&mut self.from),
-            end: self.end.clone(),
-            paged_from: std::mem::take(&mut self.paged_from),
-            paged_end: self.paged_end.clone(),
+            pid: self.pid,
+            next: std::mem::take(&mut self.next),
         };
-        let (items, from, paged_from) = blocking(move || {
+        let (items, next) = blocking(move || {
             let items = me.page(limit)?;
-            Ok((items, me.from, me.paged_from))
+            Ok((items, me.next))
         })
         .await?;
-        self.from = from;
-        self.paged_from = paged_from;
+        self.next = next;
         Ok(items)
     }
 }
@@ -1692,12 +1726,11 @@ impl Partition for FjallPartition {
                 name,
                 snap,
                 ks,
-                from: pid.to_be_bytes().to_vec(),
-                end: (pid + 1).to_be_bytes().to_vec(),
-                paged_from: pg::paged_prefix(pid).to_vec(),
-                paged_end: (u64::from_be_bytes(pg::paged_prefix(pid)) + 1)
-                    .to_be_bytes()
-                    .to_vec(),
+                pid,
+                next: std::iter::once(pid.to_be_bytes().to_vec())
+                    .chain((0..PRIORITIES as u8).map(|p| pg::record_key(pid, p, 0)))
+                    .map(Some)
+                    .collect(),
             }) as Box<dyn PartitionSnapshot>)
         })
         .await
