@@ -1955,6 +1955,34 @@ mod tests {
         assert_eq!(s.stats(Ts(1)).payload_bytes, 3 + 2 + 7);
     }
 
+    /// Under its window a partition makes no paging writes at all (no records, no counters), so its writes are
+    /// what they were before paging; the first spill brings the counters, and the last page-in clears them.
+    #[test]
+    fn no_paging_writes_under_the_window() {
+        let mut s = PartitionState::new(1).with_window(100);
+        for round in 0..20 {
+            let (ids, ch) = s.produce((0..50).map(|i| new_item(&i.to_string(), Ts::ZERO)).collect());
+            assert!(ch.spilled.is_empty() && ch.counters.is_none());
+            let (got, _) = s.lease(50, Ts(100 + round));
+            assert_eq!(got.len(), 50);
+            let (r, _) = s.complete(vec![ids]);
+            assert!(r[0].is_ok());
+            assert!(s.take_paging().is_empty(), "round {round}");
+        }
+        s.produce((0..101).map(|i| new_item(&i.to_string(), Ts::ZERO)).collect());
+        let pw = s.take_paging();
+        assert_eq!(pw.spilled.len(), 1);
+        assert_eq!(pw.counters.as_ref().map(Paged::total), Some(1));
+        let plan = s.page_plan(101, true);
+        s.page_in(plan[0], pw.spilled, true);
+        let pw = s.take_paging();
+        assert_eq!((pw.paged_in.len(), pw.unpaged.len()), (1, 1));
+        assert!(
+            pw.counters.as_ref().is_some_and(Paged::is_empty),
+            "empty counters: the backend deletes them"
+        );
+    }
+
     /// Extension moves the slot's deadline, the lease sums and the expiry index together.
     #[test]
     fn extend_keeps_lease_sums() {
