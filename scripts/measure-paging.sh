@@ -25,7 +25,7 @@ partition-storage:
     affinity: 1
     config:
       storage-dir: $ROOT/data
-      memory-window-items: $WINDOW
+      ${WINDOW:+memory-window-items: $WINDOW}
 YAML
 OUT=$ROOT/results.txt
 load() { uptime | sed 's/.*load average: /load /'; }
