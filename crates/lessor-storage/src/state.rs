@@ -99,6 +99,11 @@ impl Changes {
 
     /// Appends the changes of `later`, made after these (a later version of an item wins).
     pub fn append(&mut self, later: Changes) {
+        if self.is_empty() && self.paged_in.is_empty() {
+            // The usual case (nothing paged): no copy.
+            *self = later;
+            return;
+        }
         self.put.extend(later.put);
         self.del.extend(later.del);
         self.dedup_put.extend(later.dedup_put);
