@@ -357,7 +357,10 @@ async fn a_partition_under_its_window_writes_no_paging_keys() {
     let done: Vec<ItemId> = l[..100].iter().map(|i| i.id).collect();
     assert!(p.complete(vec![done]).await.expect("complete")[0].is_ok());
     // The other 100 leases expire and go back at the tail under new ids.
-    let o = p.lifecycle(Ts(LEASE.0 + 1), policy, 1_000).await.expect("lifecycle");
+    let o = p
+        .lifecycle(Ts(LEASE.0 + 1), policy, 1_000)
+        .await
+        .expect("lifecycle");
     assert_eq!(o.lease_expired, 100);
     assert_eq!(store.paged_keys("shallow", 0).await.expect("scan"), Some(0));
     let counts = store.paging_counts("shallow", 0).await.expect("open");

@@ -82,7 +82,10 @@ pub(crate) fn decode_record(id: u64, v: &[u8], what: &str) -> Result<Item, Stora
         .ok_or_else(|| {
             StorageError::new(
                 StorageErrorKind::Corrupt,
-                format!("{what}: the paged record of item {id} is damaged ({} bytes)", v.len()),
+                format!(
+                    "{what}: the paged record of item {id} is damaged ({} bytes)",
+                    v.len()
+                ),
             )
         })?;
     let mut it = decode_meta(ItemId(id), &v[4..4 + len], what)?;
@@ -269,7 +272,10 @@ mod tests {
             ..Default::default()
         };
         let back = decode_record(42, &encode_record(&it), "t").expect("decodes");
-        assert_eq!((back.payload, back.source_id, back.priority), (it.payload, it.source_id, 3));
+        assert_eq!(
+            (back.payload, back.source_id, back.priority),
+            (it.payload, it.source_id, 3)
+        );
         assert!(decode_record(42, &[0, 0, 0, 9], "t").is_err());
         let k = record_key(7, 3, 42);
         assert_eq!(record_id(&k), Some(42));

@@ -41,7 +41,7 @@ use super::engine::{Engine, Fault, Formats, Unit};
 use super::paging::{self as pg};
 use super::{keyspace_name, upgrade, Durability, PARTITIONS_DIR, PARTITIONS_FORMAT_VERSION};
 use crate::state::paging::PRIORITIES;
-use crate::state::{Changes, PageRead, PartitionState, PagingCounts};
+use crate::state::{Changes, PageRead, PagingCounts, PartitionState};
 
 /// Keyspace holding every partition's items, each under its pid, and the catalog under pid 0.
 pub(crate) const ITEMS: &str = "items";
@@ -692,15 +692,7 @@ impl FjallStore {
     #[doc(hidden)]
     pub async fn paged_keys(&self, queue: &str, partition: u32) -> Result<Option<usize>, StorageError> {
         let name: Arc<str> = keyspace_name(queue, partition).into();
-        let Some(pid) = self
-            .shared
-            .catalog
-            .lock()
-            .await
-            .by_name
-            .get(&name)
-            .map(|e| e.0)
-        else {
+        let Some(pid) = self.shared.catalog.lock().await.by_name.get(&name).map(|e| e.0) else {
             return Ok(None);
         };
         let engine = self.shared.engine.clone();
@@ -1051,7 +1043,12 @@ impl FjallSnapshot {
     }
 
     /// Up to `limit` items of source `i` from its next key on, and whether that is all it has left.
-    fn read_source(&self, ks: &fjall::Keyspace, i: usize, limit: usize) -> Result<(Vec<Item>, bool), StorageError> {
+    fn read_source(
+        &self,
+        ks: &fjall::Keyspace,
+        i: usize,
+        limit: usize,
+    ) -> Result<(Vec<Item>, bool), StorageError> {
         use fjall::Readable;
         let Some(from) = &self.next[i] else {
             return Ok((Vec::new(), true));
@@ -1536,7 +1533,10 @@ impl FjallPartition {
         for it in &ch.spilled {
             top = top.max(it.id.0);
             if !gone.contains(&it.id) {
-                puts.push((pg::record_key(self.pid, it.priority, it.id.0), pg::encode_record(it)));
+                puts.push((
+                    pg::record_key(self.pid, it.priority, it.id.0),
+                    pg::encode_record(it),
+                ));
             }
         }
         let mut dels = Vec::with_capacity(gone.len() * 2 + ch.unpaged.len() + ch.dedup_del.len() + 1);
