@@ -30,12 +30,14 @@
 //!
 //! # Paging (persistent backends)
 //! A backend that writes every change set may give the state a *window* ([`PartitionState::with_window`]): once that
-//! many ready items are resident, each new ready item is written to disk only and counted in [`Paged`] (the
-//! `paging` submodule), and so is every later one of its priority, so that per priority the resident ready ids lie
+//! many ready items are resident, each new ready item is written to disk only (the change set lists it in
+//! [`Changes::spilled`]) and counted in [`Paged`] (the `paging` submodule), and so is every later one of its priority, so that per priority the resident ready ids lie
 //! below the paged ones and FIFO order is id order across the boundary. The backend asks
 //! [`PartitionState::page_plan`] which ids to read back (ahead of need when a priority's resident head falls under a
 //! quarter of the window, at once when a lease needs more than is resident) and hands them to
-//! [`PartitionState::page_in`]. A lease never serves a lower priority while a higher one still has paged items but
+//! [`PartitionState::page_in`], whose moves (and the counters) the backend writes with the next change set
+//! ([`PartitionState::take_paging`]). A partition that never fills its window makes no paging writes at all. A
+//! lease never serves a lower priority while a higher one still has paged items but
 //! nothing resident. Counts, payload bytes, ages and the next deadline include the paged items through the counters,
 //! so a paged item costs no memory at all unless it carries a source id (whose index entry stays resident).
 //! Leased, scheduled and dead items always stay resident: they are bounded by the work in flight, the schedule and
@@ -745,10 +747,6 @@ impl PartitionState {
         ch
     }
 
-    /// Whether paging writes wait for the next write (see [`PartitionState::take_paging`]).
-    pub fn has_paging_writes(&self) -> bool {
-        self.paged_dirty || !self.carry.is_empty()
-    }
 
     /// Takes a live item out of the chunks (its deadline entries go stale and are pruned lazily).
     fn take_live(&mut self, id: u64) -> Option<Item> {

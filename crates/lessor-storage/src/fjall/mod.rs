@@ -24,9 +24,8 @@
 //!       items (pid >= 1)          pid (u64 BE) + item id (u64 BE)        -> item metadata
 //!                                 pid (u64 BE) + item id (u64 BE) + 'p'  -> payload
 //!                                 pid (u64 BE) + "hwm"                   -> highest id ever written
-//!                                 pid (u64 BE) + 'r' + prio + id (u64 BE) -> expire deadline (ready index)
-//!                                 pid (u64 BE) + 'n' 0xff + id (u64 BE)  -> (empty: leased/scheduled/dead index)
-//!                                 pid (u64 BE) + "pgc"                   -> paging counters
+//!       paged (pid | 1 << 63)     (pid | 1 << 63) + prio + id (u64 BE)  -> paged record (metadata + payload)
+//!                                 (pid | 1 << 63) + "pgc"                -> paging counters
 //! ```
 //!
 //! Each database directory holds a `LESSOR-FORMAT` marker naming what it holds and its format version; opening
@@ -38,7 +37,7 @@
 //!   happens after a failure (reopen after a full disk, poison after a failed fsync).
 //! - `codec`: the binary record format.
 //! - `partitions`: [`FjallStore`] and [`FjallPartition`], with the writer thread that group-commits.
-//! - `paging`: the ready index, the paging counters and the reads that page items in.
+//! - `paging`: paged records, the paging counters and the reads that page items in.
 //! - `queues`: [`FjallQueues`].
 //! - `auth`: [`FjallAuth`], the auth store in the queue store's database.
 //! - `upgrade`: rewrites a format-1 partition store (a keyspace per partition) into the format-2 layout.
@@ -67,10 +66,10 @@ pub const QUEUES_DIR: &str = "~queue-storage-partition";
 /// Directory of the partition store inside `storage-dir`.
 pub const PARTITIONS_DIR: &str = "~partitions";
 /// Format version of the partition store this build writes. Version 1 kept one keyspace per partition; version 2
-/// keeps every partition in one `items` keyspace under a numeric prefix (see [`FjallStore`]); version 3 adds the
-/// ready index and paging counters (the `paging` module), which a build that does not know them would leave stale,
-/// hence the new number. Version 1 and 2 stores are upgraded when they open (a version-2 partition gets its index
-/// the first time it opens).
+/// keeps every partition in one `items` keyspace under a numeric prefix (see [`FjallStore`]); version 3 adds paged
+/// records and paging counters under a second prefix per partition (the `paging` module), which a build that does
+/// not know them would not see, hence the new number. Version 1 and 2 stores are upgraded when they open (version 2
+/// needs nothing rewritten).
 pub const PARTITIONS_FORMAT_VERSION: u32 = 3;
 /// Format version of the queue store this build writes and reads. The auth keyspaces did not change it: they are
 /// new keyspaces beside `queues`, created when a store opens (an older directory gets them empty), and a build

@@ -1,6 +1,6 @@
 //! Upgrades a format-1 partition store (one fjall keyspace per partition) into format 2 (every partition a pid
-//! prefix of the `items` keyspace, named by the catalog under pid 0). Format 3 only adds the paging index, which
-//! each partition gets the first time it opens (see the `paging` module), so the marker goes straight to 3.
+//! prefix of the `items` keyspace, named by the catalog under pid 0). Format 3 only adds paged records, which a
+//! partition writes when it first spills (see the `paging` module), so the marker goes straight to 3.
 //!
 //! Crash safety comes from doing it in an order where every interruption leaves a state the next open handles:
 //! 1. empty `items` (a previous attempt may have copied part of the data);
