@@ -11,10 +11,10 @@ for i in 1 2 3 4; do
   spid=$!
   until curl -sf $EP/health >/dev/null 2>&1; do sleep 0.05; done
   t0=$(awk '{print $14+$15}' /proc/$spid/stat)
-  res=$(/tmp/paging2-lessor-$L bench --endpoint $EP --workload produce --items 300000 --producers 4 --batch 100 --payload 100 2>&1 | awk '$1=="produce"{print $4}')
+  res=$(/tmp/paging2-lessor-$L bench --endpoint $EP --workload ${WL:-produce} --items 300000 --producers 4 --consumers 4 --batch 100 --payload 100 2>&1 | awk '$1=="produce"{print $4}')
   t1=$(awk '{print $14+$15}' /proc/$spid/stat)
   kill -TERM $spid; wait $spid
-  echo "$(date -u +%T) $L produce 300000: $res items/s, server CPU $(( (t1 - t0) )) ticks ($(echo "scale=2; ($t1-$t0)*10000/300000" | bc) us/item); load $(uptime | sed 's/.*average: //')" >> $OUT
+  echo "$(date -u +%T) $L ${WL:-produce} 300000: $res items/s, server CPU $(( (t1 - t0) )) ticks ($(echo "scale=2; ($t1-$t0)*10000/300000" | bc) us/item); load $(uptime | sed 's/.*average: //')" >> $OUT
  done
 done
 rm -rf $ROOT
