@@ -747,7 +747,6 @@ impl PartitionState {
         ch
     }
 
-
     /// Takes a live item out of the chunks (its deadline entries go stale and are pruned lazily).
     fn take_live(&mut self, id: u64) -> Option<Item> {
         self.take_live_slot(id).map(|s| s.to_item(id))
