@@ -38,7 +38,7 @@ use lessor_core::error::StorageError;
 use lessor_core::storage::{PartitionStore, QueuesStore};
 use thiserror::Error;
 
-pub use self::fjall::FjallConfig;
+pub use self::fjall::{FjallConfig, DEFAULT_MEMORY_WINDOW};
 pub use self::memory::MemoryConfig;
 pub use self::offload::{
     parse_size, Compression, ObjectStoreConfig, OffloadSettings, DEFAULT_GRACE, DEFAULT_SWEEP_INTERVAL,

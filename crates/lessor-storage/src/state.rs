@@ -27,8 +27,23 @@
 //!   be refused within the window.
 //!
 //! Every operation costs O(log n) per item touched; none scans the partition.
+//!
+//! # Paging (persistent backends)
+//! A backend that writes every change set may give the state a *window* ([`PartitionState::with_window`]): once that
+//! many ready items are resident, each new ready item is written to disk only (the change set lists it in
+//! [`Changes::spilled`]) and counted in [`Paged`] (the `paging` submodule), and so is every later one of its priority, so that per priority the resident ready ids lie
+//! below the paged ones and FIFO order is id order across the boundary. The backend asks
+//! [`PartitionState::page_plan`] which ids to read back (ahead of need when a priority's resident head falls under a
+//! quarter of the window, at once when a lease needs more than is resident) and hands them to
+//! [`PartitionState::page_in`], whose moves (and the counters) the backend writes with the next change set
+//! ([`PartitionState::take_paging`]). A partition that never fills its window makes no paging writes at all. A
+//! lease never serves a lower priority while a higher one still has paged items but
+//! nothing resident. Counts, payload bytes, ages and the next deadline include the paged items through the counters,
+//! so a paged item costs no memory at all unless it carries a source id (whose index entry stays resident).
+//! Leased, scheduled and dead items always stay resident: they are bounded by the work in flight, the schedule and
+//! the dead letters waiting for transfer, not by the backlog. The memory backend sets no window.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -44,9 +59,12 @@ use crate::tiers::TierCounters;
 
 mod chunk;
 mod dedup;
+pub mod paging;
 
 use chunk::{Chunk, CHUNK};
 use dedup::DedupSet;
+use paging::NONE;
+pub use paging::{PageRead, Paged, PagingCounts};
 
 /// What an operation changed, for a persistent backend to write in one atomic batch.
 #[derive(Debug, Default, Clone)]
@@ -60,19 +78,55 @@ pub struct Changes {
     pub dedup_put: Vec<DedupRecord>,
     /// Dedup groups removed (every record of the group has ended), by name.
     pub dedup_del: Vec<(Ts, ItemId)>,
+    /// Paging (see the `paging` module), only with a window. New ready items written as paged records instead of
+    /// items: they are in `put` too, and a backend writes them once, as paged records.
+    pub spilled: Vec<Item>,
+    /// Paged records removed, by priority and id: paged back in, deleted, expired or cleared.
+    pub unpaged: Vec<(u8, ItemId)>,
+    /// Items that left the paged records for the items (paged in, or dead and kept for transfer): they are in
+    /// `put` and are written whole, payload included, although their ids are not new.
+    pub paged_in: Vec<ItemId>,
+    /// The paging counters, when they changed; empty counters (nothing paged any more) are deleted, not stored.
+    pub counters: Option<Paged>,
 }
 
 impl Changes {
     /// Whether nothing changed.
     pub fn is_empty(&self) -> bool {
-        self.put.is_empty() && self.del.is_empty() && self.dedup_put.is_empty() && self.dedup_del.is_empty()
+        self.put.is_empty()
+            && self.del.is_empty()
+            && self.dedup_put.is_empty()
+            && self.dedup_del.is_empty()
+            && self.spilled.is_empty()
+            && self.unpaged.is_empty()
+            && self.counters.is_none()
+    }
+
+    /// Appends the changes of `later`, made after these (a later version of an item wins).
+    pub fn append(&mut self, later: Changes) {
+        if self.is_empty() && self.paged_in.is_empty() {
+            // The usual case (nothing paged): no copy.
+            *self = later;
+            return;
+        }
+        self.put.extend(later.put);
+        self.del.extend(later.del);
+        self.dedup_put.extend(later.dedup_put);
+        self.dedup_del.extend(later.dedup_del);
+        self.spilled.extend(later.spilled);
+        self.unpaged.extend(later.unpaged);
+        self.paged_in.extend(later.paged_in);
+        if later.counters.is_some() {
+            self.counters = later.counters;
+        }
     }
 }
 
-/// Number of priorities (0..=MAX_PRIORITY).
-const PRIORITIES: usize = MAX_PRIORITY as usize + 1;
+use paging::PRIORITIES;
 /// A priority FIFO is compacted once it holds more than twice its ready items plus this many ids.
 const COMPACT_SLACK: usize = 64;
+/// Most items one page-in reads: bounds the work of one read, so reads ahead stay short and frequent.
+pub const PAGE_MAX: usize = 8192;
 /// Expired dedup records a produce call drops beyond as many as it adds, so a backlog drains too.
 const PRUNE_EXTRA: usize = 16;
 
@@ -265,6 +319,19 @@ pub struct PartitionState {
     tiers: TierCounters,
     /// Dedup records.
     dedup: DedupSet,
+    /// Most resident ready items before new ones are paged (`usize::MAX`: never; see the `paging` module).
+    window: usize,
+    /// Ready items on disk only.
+    paged: Paged,
+    /// Whether `paged` changed since the backend last took it.
+    paged_dirty: bool,
+    /// Paging writes made outside an operation's own change set (spills, page-ins), for the next write to carry.
+    carry: Changes,
+    /// Changes whenever the set of paged items changes other than by new items at the tail (a page-in, a paged
+    /// item removed): a read of paged items started before is out of date.
+    paged_epoch: u64,
+    /// Ids of paged items the backend found on disk for the next call (see [`PartitionState::set_probe`]).
+    probe: HashSet<u64>,
 }
 
 impl Default for PartitionState {
@@ -297,7 +364,21 @@ impl PartitionState {
             payload_bytes: 0,
             tiers: TierCounters::default(),
             dedup: DedupSet::default(),
+            window: usize::MAX,
+            paged: Paged::default(),
+            // A partition that never spills never writes paging counters.
+            paged_dirty: false,
+            carry: Changes::default(),
+            paged_epoch: 0,
+            probe: HashSet::new(),
         }
+    }
+
+    /// Pages ready items beyond `window` resident ones out (see the `paging` module). Only a backend that writes
+    /// every change set and answers [`PartitionState::page_plan`] may set a window.
+    pub fn with_window(mut self, window: usize) -> Self {
+        self.window = window.max(1);
+        self
     }
 
     /// Stops building change sets (a backend with nothing to persist saves the copies).
@@ -306,7 +387,8 @@ impl PartitionState {
         self
     }
 
-    /// Rebuilds the state from stored items (any order). Ids continue above the largest seen and `floor`.
+    /// Rebuilds the state from stored items (any order). Ids continue above the largest seen and `floor`. Nothing
+    /// is paged out here, whatever the window: stored items stay where they are.
     pub fn load(items: impl IntoIterator<Item = Item>, floor: u64) -> Self {
         let mut items: Vec<Item> = items.into_iter().collect();
         items.sort_unstable_by_key(|it| it.id);
@@ -328,6 +410,22 @@ impl PartitionState {
         s
     }
 
+    /// Rebuilds a paging state from the resident items a backend read back and the paging counters it stored with
+    /// its last write; `sources` are the source ids of paged items that carry one (their index stays resident).
+    pub fn restore(
+        resident: Vec<Item>,
+        paged: Paged,
+        sources: Vec<(String, u64)>,
+        floor: u64,
+        window: usize,
+    ) -> Self {
+        let mut s = Self::load(resident, floor).with_window(window);
+        s.paged = paged;
+        s.by_source.extend(sources);
+        s.paged_dirty = false;
+        s
+    }
+
     /// Adds stored dedup groups to a state built by [`PartitionState::load`] (expired ones too: later calls drop
     /// them, and their deletion reaches the disk). Of two records of one key, the later `until` holds the key.
     pub fn with_dedup(mut self, records: impl IntoIterator<Item = Vec<DedupRecord>>) -> Self {
@@ -339,6 +437,11 @@ impl PartitionState {
         let id = ItemId(self.next_id);
         self.next_id += 1;
         id
+    }
+
+    /// Whether `id` is a resident ready or leased item.
+    pub fn contains_live(&self, id: u64) -> bool {
+        self.slot(id).is_some()
     }
 
     fn slot(&self, id: u64) -> Option<&Slot> {
@@ -386,6 +489,269 @@ impl PartitionState {
             .entry(id / CHUNK)
             .or_insert_with(|| Chunk::starting_at(off))
             .put(off, slot);
+    }
+
+    /// Puts an item that just got the newest id into the state: a ready one is paged when the window is full or
+    /// its priority already pages (so resident ids stay below paged ones). Returns whether it is resident.
+    fn insert_new(&mut self, it: Item) -> bool {
+        let ready = !it.dead && !it.is_scheduled() && !it.is_leased;
+        let p = usize::from(it.priority.min(MAX_PRIORITY));
+        if ready && (self.paged.from[p] != NONE || self.ready as usize >= self.window) {
+            self.spill(it);
+            return false;
+        }
+        self.insert(it);
+        true
+    }
+
+    /// Counts a new ready item as paged: the next write stores it as a paged record instead of an item.
+    fn spill(&mut self, it: Item) {
+        let p = usize::from(it.priority.min(MAX_PRIORITY));
+        let pg = &mut self.paged;
+        pg.from[p] = pg.from[p].min(it.id.0);
+        pg.count[p] += 1;
+        let exp = it.expire_deadline.0;
+        pg.min_expire[p] = pg.min_expire[p].min(exp);
+        if exp < pg.max_expire[p] {
+            pg.ordered[p] = false;
+        }
+        pg.max_expire[p] = pg.max_expire[p].max(exp);
+        pg.bytes += it.payload.len() as u64;
+        pg.sum_created += i128::from(it.created_at.0);
+        if !it.source_id.is_empty() {
+            pg.with_source += 1;
+            self.by_source.insert(it.source_id.clone(), it.id.0);
+        }
+        self.paged_dirty = true;
+        if self.track {
+            self.carry.spilled.push(it);
+        }
+    }
+
+    /// Takes a paged item out of the counters (it was read back from disk); the caller puts it somewhere or
+    /// records its removal.
+    fn unspill(&mut self, it: &Item) {
+        let p = usize::from(it.priority.min(MAX_PRIORITY));
+        let pg = &mut self.paged;
+        pg.count[p] = pg.count[p].saturating_sub(1);
+        pg.bytes = pg.bytes.saturating_sub(it.payload.len() as u64);
+        pg.sum_created -= i128::from(it.created_at.0);
+        if !it.source_id.is_empty() {
+            pg.with_source = pg.with_source.saturating_sub(1);
+        }
+        pg.settle(p);
+        self.paged_dirty = true;
+    }
+
+    /// Whether `it` (read from disk) is one of the paged items.
+    fn is_paged(&self, it: &Item) -> bool {
+        let p = usize::from(it.priority.min(MAX_PRIORITY));
+        !it.dead
+            && !it.is_scheduled()
+            && !it.is_leased
+            && self.paged.count[p] > 0
+            && it.id.0 >= self.paged.from[p]
+            && self.slot(it.id.0).is_none()
+    }
+
+    /// Tells the next call which of the ids it names are paged items (found on disk by the backend), so that
+    /// complete, extend and retry call them not leased rather than not found; the backend clears it afterwards.
+    pub fn set_probe(&mut self, ids: HashSet<u64>) {
+        self.probe = ids;
+    }
+
+    /// See the `paged_epoch` field: a backend applies a read of paged items only if this did not change since.
+    pub fn paged_epoch(&self) -> u64 {
+        self.paged_epoch
+    }
+
+    /// Ready items held in memory (the others are paged).
+    pub fn resident_ready(&self) -> u64 {
+        self.ready
+    }
+
+    /// The paging counters.
+    pub fn paged(&self) -> &Paged {
+        &self.paged
+    }
+
+    /// Resident and paged ready items, and the payload bytes of the paged ones; O(1).
+    pub fn paging_counts(&self) -> PagingCounts {
+        PagingCounts {
+            resident_ready: self.ready,
+            paged_ready: self.paged.total(),
+            paged_bytes: self.paged.bytes,
+        }
+    }
+
+    /// Raises priority `p`'s paged boundary to `id` once every paged item below it is known gone (a clear or a
+    /// sweep removed them in id order), so later reads start past their deleted records.
+    pub fn raise_paged_from(&mut self, p: u8, id: u64) {
+        let p = usize::from(p.min(MAX_PRIORITY));
+        if self.paged.count[p] > 0 && id > self.paged.from[p] {
+            self.paged.from[p] = id;
+            self.paged_epoch += 1;
+            self.paged_dirty = true;
+        }
+    }
+
+    /// Forgets every paged item of priority `p` (the disk held fewer than counted: trust the disk).
+    pub fn forget_paged(&mut self, p: u8) {
+        let p = usize::from(p.min(MAX_PRIORITY));
+        if self.paged.count[p] > 0 {
+            tracing::warn!(
+                priority = p,
+                missing = self.paged.count[p],
+                "paged item count above what the disk holds; corrected"
+            );
+            self.paged.count[p] = 0;
+            self.paged.settle(p);
+            self.paged_epoch += 1;
+            self.paged_dirty = true;
+        }
+    }
+
+    /// The reads a backend should do around an operation that leases `want` items. `urgent`: only what the lease
+    /// cannot do without (priorities whose resident head is shorter than its share of the lease while they have
+    /// paged items), to read before it. Otherwise: every priority whose resident head fell below the low-water mark
+    /// (a quarter of the window), to read ahead in the background. Each read refills by half a window (at most
+    /// [`PAGE_MAX`]) plus the lease's share. Empty when nothing is paged.
+    pub fn page_plan(&self, want: usize, urgent: bool) -> Vec<PageRead> {
+        let mut plan = Vec::new();
+        if self.paged.is_empty() {
+            return plan;
+        }
+        let low = (self.window / 4).max(1) as u64;
+        let batch = (self.window / 2).clamp(1, PAGE_MAX) as u64;
+        let mut remaining = want as u64;
+        for p in (0..PRIORITIES).rev() {
+            let resident = self.ready_by_prio[p];
+            let paged = self.paged.count[p];
+            let short = if urgent {
+                resident < remaining
+            } else {
+                resident < low
+            };
+            if paged > 0 && short {
+                plan.push(PageRead {
+                    prio: p as u8,
+                    from: self.paged.from[p],
+                    n: paged.min(batch + remaining) as usize,
+                });
+            }
+            remaining = remaining.saturating_sub(resident + paged);
+        }
+        plan
+    }
+
+    /// Takes ready items of priority `read.prio` read back from disk (in id order, from `read.from` on) into memory.
+    /// `exhausted`: the disk has no more of them. A read planned before the paged items changed (another read, a
+    /// delete) is ignored: the plan is made again.
+    pub fn page_in(&mut self, read: PageRead, items: Vec<Item>, exhausted: bool) {
+        let p = usize::from(read.prio);
+        if self.paged.from[p] != read.from || self.paged.count[p] == 0 {
+            return;
+        }
+        self.paged_epoch += 1;
+        let mut last = None;
+        for it in items {
+            if !self.is_paged(&it) || usize::from(it.priority) != p {
+                continue;
+            }
+            self.unspill(&it);
+            last = Some(it.id.0);
+            if p == 0 {
+                // Every resident priority-0 id is below the paged ones, so the cursor may step back to them.
+                self.cursor = self.cursor.min(it.id.0);
+            }
+            if self.track {
+                // Moved from the paged records to the items, in the next write.
+                self.carry.unpaged.push((read.prio, it.id));
+                self.carry.paged_in.push(it.id);
+                self.carry.put.push(it.clone());
+            }
+            self.insert(it);
+            if self.paged.count[p] == 0 {
+                break;
+            }
+        }
+        if self.paged.count[p] > 0 {
+            if exhausted {
+                // The counters claim more than the disk holds (they cannot, short of a bug): trust the disk.
+                tracing::warn!(
+                    priority = p,
+                    missing = self.paged.count[p],
+                    "paged item count above what the disk holds; corrected"
+                );
+                self.paged.count[p] = 0;
+                self.paged.settle(p);
+            } else if let Some(last) = last {
+                self.paged.from[p] = last + 1;
+            }
+        }
+        self.paged_dirty = true;
+        self.clean_fronts();
+    }
+
+    /// Removes paged items read back from disk (a delete by id, an expiry, a clear), recording their removal; an
+    /// expired one dies under `policy` when given. Items that are not paged (anymore) are skipped. Returns how
+    /// many went.
+    pub fn drop_paged(&mut self, items: Vec<Item>, expire: Option<LifecyclePolicy>) -> (u64, Changes) {
+        let mut ch = Changes::default();
+        let mut n = 0;
+        for it in items {
+            if !self.is_paged(&it) {
+                continue;
+            }
+            self.unspill(&it);
+            self.paged_epoch += 1;
+            if !it.source_id.is_empty() && self.by_source.get(&it.source_id) == Some(&it.id.0) {
+                self.by_source.remove(&it.source_id);
+            }
+            let (prio, id) = (it.priority, it.id);
+            n += 1;
+            match expire {
+                Some(policy) => self.die(it, policy, &mut ch),
+                None => self.record_del(&mut ch, id),
+            }
+            if self.track {
+                ch.unpaged.push((prio, id));
+                if self.dead.contains_key(&id.0) {
+                    // Kept for transfer: it moves to the items, payload and all.
+                    ch.paged_in.push(id);
+                }
+            }
+        }
+        (n, ch)
+    }
+
+    /// Sets the expiry bound of priority `p` to `min`, the earliest deadline a sweep found among all its paged items.
+    pub fn set_paged_min_expire(&mut self, p: u8, min: i64) {
+        let p = usize::from(p.min(MAX_PRIORITY));
+        if self.paged.count[p] > 0 && self.paged.min_expire[p] != min {
+            self.paged.min_expire[p] = min;
+            self.paged_dirty = true;
+        }
+    }
+
+    /// Priorities whose paged items may have expired at `now`.
+    pub fn paged_expiry_due(&self, now: Ts) -> Vec<u8> {
+        (0..PRIORITIES)
+            .filter(|&p| self.paged.count[p] > 0 && self.paged.min_expire[p] <= now.0)
+            .map(|p| p as u8)
+            .collect()
+    }
+
+    /// The paging writes made since the backend last asked (spills and page-ins, which happen outside the change
+    /// set an operation returns), with the counters when they changed. A backend writes them in the same batch as
+    /// the next change set, before it, so that every batch leaves records and counters in agreement.
+    pub fn take_paging(&mut self) -> Changes {
+        let mut ch = std::mem::take(&mut self.carry);
+        if self.paged_dirty {
+            self.paged_dirty = false;
+            ch.counters = Some(self.paged.clone());
+        }
+        ch
     }
 
     /// Takes a live item out of the chunks (its deadline entries go stale and are pruned lazily).
@@ -556,9 +922,11 @@ impl PartitionState {
         it.is_leased = false;
         it.lease_deadline = Ts::ZERO;
         it.enqueue_at = Ts::ZERO;
-        let id = it.id.0;
-        self.insert(it);
-        self.record_put(ch, id);
+        if self.track {
+            // Recorded from the item itself: a paged item has no slot to record from.
+            ch.put.push(it.clone());
+        }
+        self.insert_new(it);
     }
 
     /// Puts `it` into the schedule until `at`, keeping its id, recording the change.
@@ -632,7 +1000,7 @@ impl PartitionState {
             if self.track {
                 ch.put.push(it.clone());
             }
-            self.insert(it);
+            self.insert_new(it);
         }
         // The call's records are one group on disk (see the `dedup` module); its name is its first record's.
         self.dedup.seal();
@@ -687,7 +1055,13 @@ impl PartitionState {
     pub fn lease(&mut self, n: usize, deadline: Ts) -> (Vec<Item>, Changes) {
         let mut out = Vec::with_capacity(n.min(self.ready as usize));
         let mut taken = Vec::with_capacity(out.capacity());
+        // A priority whose resident head ran out while it still has paged items ends the lease: serving a lower
+        // priority first would break the order (the backend pages in before a lease, so this is rare).
+        let mut blocked = false;
         for p in (1..PRIORITIES).rev() {
+            if blocked {
+                break;
+            }
             while out.len() < n && self.ready_by_prio[p] > 0 {
                 let Some(id) = self.fifo[p].pop_front() else {
                     break;
@@ -703,8 +1077,9 @@ impl PartitionState {
                 taken.push(id);
                 self.ready_by_prio[p] -= 1;
             }
+            blocked = out.len() < n && self.paged.count[p] > 0;
         }
-        while out.len() < n && self.ready_by_prio[0] > 0 {
+        while !blocked && out.len() < n && self.ready_by_prio[0] > 0 {
             let Some((&key, chunk)) = self.chunks.range_mut(self.cursor / CHUNK..).next() else {
                 break;
             };
@@ -770,6 +1145,8 @@ impl PartitionState {
                 return Err(ItemError::Duplicate(id.to_string()));
             }
             match self.slot(id.0) {
+                // A paged item exists but is ready: the backend looked it up (see `set_probe`).
+                None if self.probe.contains(&id.0) => return Err(ItemError::NotLeased(id.to_string())),
                 None => return Err(ItemError::NotFound(id.to_string())),
                 Some(s) if !s.leased() => return Err(ItemError::NotLeased(id.to_string())),
                 Some(_) => {}
@@ -975,6 +1352,7 @@ impl PartitionState {
             self.leases.keys().next().copied(),
             self.sched_idx.first().map(|x| x.0),
             self.expire.keys().next().copied(),
+            self.paged.next_deadline().map(Ts),
         ]
         .into_iter()
         .flatten()
@@ -984,7 +1362,7 @@ impl PartitionState {
     /// See [`lessor_core::storage::Partition::counts`].
     pub fn counts(&self) -> PartitionCounts {
         PartitionCounts {
-            ready: self.ready,
+            ready: self.ready + self.paged.total(),
             leased: self.leased,
             scheduled: self.sched.len() as u64,
         }
@@ -992,7 +1370,7 @@ impl PartitionState {
 
     /// See [`lessor_core::storage::Partition::stats`].
     pub fn stats(&self, now: Ts) -> PartitionStats {
-        let live = i128::from(self.ready + self.leased);
+        let live = i128::from(self.ready + self.leased + self.paged.total());
         let leased = i128::from(self.leased);
         let avg = |sum: i128, n: i128, later: bool| -> Duration {
             if n == 0 {
@@ -1007,9 +1385,9 @@ impl PartitionState {
         };
         PartitionStats {
             counts: self.counts(),
-            average_age: avg(self.sum_created, live, false),
+            average_age: avg(self.sum_created + self.paged.sum_created, live, false),
             average_leased_age: avg(self.sum_lease, leased, true),
-            payload_bytes: self.payload_bytes,
+            payload_bytes: self.payload_bytes + self.paged.bytes,
             oldest_ready_age: self.oldest_head().map_or(Duration::ZERO, |c| now.since(Ts(c))),
             // Everything this state holds is in memory; a backend that also keeps it on disk adds that tier.
             tiers: TierStats {
@@ -1075,7 +1453,7 @@ impl PartitionState {
                 ch.put.push(it.clone());
             }
             out.push(it.clone());
-            self.insert(it);
+            self.insert_new(it);
         }
         self.clean_fronts();
         (out, ch)
@@ -1136,7 +1514,7 @@ impl PartitionState {
 
     /// Number of items of every kind.
     pub fn len(&self) -> usize {
-        (self.ready + self.leased) as usize + self.sched.len() + self.dead.len()
+        (self.ready + self.leased + self.paged.total()) as usize + self.sched.len() + self.dead.len()
     }
 
     /// Whether the partition holds nothing.
@@ -1645,6 +2023,106 @@ mod tests {
         ]);
         let (_, ch) = s.lifecycle(Ts(20), LifecyclePolicy::default(), 100);
         assert_eq!(ch.dedup_del, vec![(Ts(15), ItemId(3)), (Ts(20), ItemId(8))]);
+    }
+
+    /// With a window, ready items beyond it are counted, not kept; a lease stops at the paged boundary rather than
+    /// serve a lower priority, the plan asks for the right ids, and paged-in items lease in FIFO order.
+    #[test]
+    fn window_pages_out_and_in_in_order() {
+        let mut s = PartitionState::new(1).with_window(4);
+        let (ids, ch) = s.produce((0..10).map(|i| new_item(&i.to_string(), Ts::ZERO)).collect());
+        let written = ch.put;
+        assert_eq!((s.ready, s.paged.count[0], s.counts().ready), (4, 6, 10));
+        assert_eq!(s.paged.from[0], ids[4].0);
+        let high = s
+            .produce(vec![NewItem {
+                priority: 3,
+                ..new_item("hi", Ts::ZERO)
+            }])
+            .0;
+        assert_eq!(
+            s.paged.count[3], 1,
+            "the window is full: even a higher priority is paged"
+        );
+        let got = s.lease(10, Ts(100)).0;
+        assert!(got.is_empty(), "priority 3 has paged items and none resident");
+        let plan = s.page_plan(10, true);
+        assert_eq!(
+            plan,
+            vec![
+                PageRead {
+                    prio: 3,
+                    from: high[0].0,
+                    n: 1
+                },
+                PageRead {
+                    prio: 0,
+                    from: ids[4].0,
+                    n: 6
+                }
+            ]
+        );
+        // Page priority 3 in (as a backend would from disk), then part of priority 0.
+        let hi_item = Item {
+            id: high[0],
+            priority: 3,
+            expire_deadline: Ts(10_000_000),
+            created_at: Ts(1),
+            payload: Bytes::from_static(b"hi"),
+            ..Default::default()
+        };
+        s.page_in(plan[0], vec![hi_item], true);
+        let epoch = s.paged_epoch();
+        s.page_in(plan[1], written[4..7].to_vec(), false);
+        assert!(s.paged_epoch() > epoch);
+        assert_eq!((s.ready, s.paged.count[0], s.paged.from[0]), (8, 3, ids[7].0));
+        let got = s.lease(10, Ts(100)).0;
+        let mut want = vec![high[0]];
+        want.extend_from_slice(&ids[..7]);
+        assert_eq!(got.iter().map(|i| i.id).collect::<Vec<_>>(), want);
+        let pw = s.take_paging();
+        // Spilled: "4".."9" and "hi"; moved back: "hi", "4".."6".
+        assert_eq!(pw.spilled.len(), 7);
+        assert_eq!(pw.paged_in.len(), 4);
+        assert_eq!(pw.unpaged.len(), 4);
+        assert_eq!(pw.counters.as_ref().map(|p| p.count[0]), Some(3));
+        assert!(
+            s.take_paging().is_empty(),
+            "taken once: nothing left for the next write"
+        );
+        // A stale read (planned before the boundary moved) is ignored.
+        s.page_in(plan[1], written[4..7].to_vec(), false);
+        assert_eq!(s.paged.count[0], 3);
+        // Stats include what is paged: "7".."9" on disk, "hi" and "0".."6" leased.
+        assert_eq!(s.stats(Ts(1)).payload_bytes, 3 + 2 + 7);
+    }
+
+    /// Under its window a partition makes no paging writes at all (no records, no counters), so its writes are
+    /// what they were before paging; the first spill brings the counters, and the last page-in clears them.
+    #[test]
+    fn no_paging_writes_under_the_window() {
+        let mut s = PartitionState::new(1).with_window(100);
+        for round in 0..20 {
+            let (ids, ch) = s.produce((0..50).map(|i| new_item(&i.to_string(), Ts::ZERO)).collect());
+            assert!(ch.spilled.is_empty() && ch.counters.is_none());
+            let (got, _) = s.lease(50, Ts(100 + round));
+            assert_eq!(got.len(), 50);
+            let (r, _) = s.complete(vec![ids]);
+            assert!(r[0].is_ok());
+            assert!(s.take_paging().is_empty(), "round {round}");
+        }
+        s.produce((0..101).map(|i| new_item(&i.to_string(), Ts::ZERO)).collect());
+        let pw = s.take_paging();
+        assert_eq!(pw.spilled.len(), 1);
+        assert_eq!(pw.counters.as_ref().map(Paged::total), Some(1));
+        let plan = s.page_plan(101, true);
+        s.page_in(plan[0], pw.spilled, true);
+        let pw = s.take_paging();
+        assert_eq!((pw.paged_in.len(), pw.unpaged.len()), (1, 1));
+        assert!(
+            pw.counters.as_ref().is_some_and(Paged::is_empty),
+            "empty counters: the backend deletes them"
+        );
     }
 
     /// Extension moves the slot's deadline, the lease sums and the expiry index together.

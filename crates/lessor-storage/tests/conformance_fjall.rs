@@ -19,6 +19,7 @@ async fn fjall_backend() -> Option<TestBackend> {
         peer: None,
         private_auth: true,
         offload_threshold: None,
+        memory_window: None,
     })
 }
 

@@ -15,6 +15,7 @@ async fn memory() -> Option<TestBackend> {
         guard: Box::new(()),
         private_auth: true,
         offload_threshold: None,
+        memory_window: None,
     })
 }
 

@@ -41,6 +41,7 @@ async fn offload_backend() -> Option<TestBackend> {
         peer: None,
         private_auth: true,
         offload_threshold: Some(8),
+        memory_window: None,
     })
 }
 

@@ -56,6 +56,7 @@ async fn offload_pg_backend() -> Option<TestBackend> {
         peer: Some(Arc::new(PgQueues::new(&peer).expect("postgres queue store"))),
         private_auth: false,
         offload_threshold: Some(8),
+        memory_window: None,
     })
 }
 

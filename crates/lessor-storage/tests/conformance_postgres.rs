@@ -45,6 +45,7 @@ fn backend_on(url: &str, guard: Box<dyn std::any::Any + Send>, private_auth: boo
         peer: Some(Arc::new(PgQueues::new(&peer).expect("postgres queue store"))),
         private_auth,
         offload_threshold: None,
+        memory_window: None,
     }
 }
 

@@ -1,8 +1,9 @@
 //! The embedded persistent backend: queues and partitions in fjall, a pure-Rust LSM engine.
 //!
-//! Each partition keeps its items in memory in a [`crate::state::PartitionState`] (so no operation ever scans the
-//! disk) and writes every change set as one atomic fjall batch. Reads are answered from memory; the disk is read
-//! only when a partition opens (or reloads after a failed write).
+//! Each partition keeps the head of its ready queue, its leased, scheduled and dead items and its counters in memory
+//! in a [`crate::state::PartitionState`], and writes every change set as one atomic fjall batch. Ready items beyond
+//! the partition's window (`memory-window-items`) are on disk only and paged in ahead of need (see the `paging`
+//! module), so memory does not grow with the depth of the queue and an open reads the window, not the backlog.
 //!
 //! # Layout
 //! One fjall database per store, not one per partition: a database costs two background threads and its own
@@ -23,6 +24,8 @@
 //!       items (pid >= 1)          pid (u64 BE) + item id (u64 BE)        -> item metadata
 //!                                 pid (u64 BE) + item id (u64 BE) + 'p'  -> payload
 //!                                 pid (u64 BE) + "hwm"                   -> highest id ever written
+//!       paged (pid | 1 << 63)     (pid | 1 << 63) + prio + id (u64 BE)  -> paged record (metadata + payload)
+//!                                 (pid | 1 << 63) + "pgc"                -> paging counters
 //! ```
 //!
 //! Each database directory holds a `LESSOR-FORMAT` marker naming what it holds and its format version; opening
@@ -34,6 +37,7 @@
 //!   happens after a failure (reopen after a full disk, poison after a failed fsync).
 //! - `codec`: the binary record format.
 //! - `partitions`: [`FjallStore`] and [`FjallPartition`], with the writer thread that group-commits.
+//! - `paging`: paged records, the paging counters and the reads that page items in.
 //! - `queues`: [`FjallQueues`].
 //! - `auth`: [`FjallAuth`], the auth store in the queue store's database.
 //! - `upgrade`: rewrites a format-1 partition store (a keyspace per partition) into the format-2 layout.
@@ -41,6 +45,7 @@
 mod auth;
 mod codec;
 mod engine;
+mod paging;
 mod partitions;
 mod queues;
 mod upgrade;
@@ -61,9 +66,11 @@ pub const QUEUES_DIR: &str = "~queue-storage-partition";
 /// Directory of the partition store inside `storage-dir`.
 pub const PARTITIONS_DIR: &str = "~partitions";
 /// Format version of the partition store this build writes. Version 1 kept one keyspace per partition; version 2
-/// keeps every partition in one `items` keyspace under a numeric prefix (see [`FjallStore`]). Version 1 stores
-/// are upgraded when they open.
-pub const PARTITIONS_FORMAT_VERSION: u32 = 2;
+/// keeps every partition in one `items` keyspace under a numeric prefix (see [`FjallStore`]); version 3 adds paged
+/// records and paging counters under a second prefix per partition (the `paging` module), which a build that does
+/// not know them would not see, hence the new number. Version 1 and 2 stores are upgraded when they open (version 2
+/// needs nothing rewritten).
+pub const PARTITIONS_FORMAT_VERSION: u32 = 3;
 /// Format version of the queue store this build writes and reads. The auth keyspaces did not change it: they are
 /// new keyspaces beside `queues`, created when a store opens (an older directory gets them empty), and a build
 /// without auth ignores them.

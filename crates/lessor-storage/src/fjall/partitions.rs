@@ -1,5 +1,6 @@
-//! [`FjallStore`] and its partitions: items in memory, every change set written under the partition's prefix in the
-//! store's one `items` keyspace.
+//! [`FjallStore`] and its partitions: the resident part of each partition in memory (the head of its ready queue,
+//! leased, scheduled and dead items, counters; see the `paging` module for the rest), every change set written under
+//! the partition's prefix in the store's one `items` keyspace.
 //!
 //! A partition applies each call to its [`PartitionState`] and sends the resulting change set to the store's writer
 //! thread, which collects whatever batches arrived meanwhile, from any partition, and writes them as one atomic
@@ -17,7 +18,7 @@
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::fmt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Mutex, RwLock, Weak};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -37,8 +38,10 @@ use super::codec::{
     decode_dedup, decode_meta, dedup_key, encode_dedup, encode_meta, parse_key, Key, PAYLOAD_TAG,
 };
 use super::engine::{Engine, Fault, Formats, Unit};
+use super::paging::{self as pg};
 use super::{keyspace_name, upgrade, Durability, PARTITIONS_DIR, PARTITIONS_FORMAT_VERSION};
-use crate::state::{Changes, PartitionState};
+use crate::state::paging::PRIORITIES;
+use crate::state::{Changes, PageRead, PagingCounts, PartitionState};
 
 /// Keyspace holding every partition's items, each under its pid, and the catalog under pid 0.
 pub(crate) const ITEMS: &str = "items";
@@ -52,6 +55,12 @@ const CAT_DELETING: u8 = b'd';
 /// Bookkeeping key of a partition (after its pid): the highest id ever written, so ids keep growing across restarts
 /// even when the items that carried the highest ids are gone. Item keys are 8 or 9 bytes; this one is not.
 const HWM_KEY: &[u8] = b"hwm";
+/// Default of `memory-window-items`: most ready items a partition keeps in memory before it pages the rest.
+pub const DEFAULT_MEMORY_WINDOW: usize = crate::registry::DEFAULT_MEMORY_WINDOW;
+/// Most items one expiry sweep of paged items reads back and expires per lifecycle call.
+const SWEEP_LIMIT: usize = 4096;
+/// Most paged items one delete-by-id or clear reads back per disk read (a clear writes each such chunk on its own).
+const DROP_BATCH: usize = 16 * 1024;
 /// Most batches one group commit takes.
 const MAX_GROUP: usize = 1024;
 /// Most keys one reclaimer write deletes: small enough that serving writes queued behind it wait little.
@@ -171,6 +180,12 @@ struct Shared {
     loads: tokio::sync::Semaphore,
     /// Opens and destroys in progress by name, so they never interleave for one partition.
     opening: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// `memory-window-items`, read when a partition opens.
+    window: AtomicUsize,
+    /// Items read from disk by partition opens (tests: an open reads the window, not the backlog).
+    items_loaded: AtomicU64,
+    /// Items paged in from disk.
+    items_paged_in: AtomicU64,
 }
 
 impl Shared {
@@ -212,16 +227,21 @@ impl Shared {
         blocking(move || engine.check_writable()).await
     }
 
-    /// Reads partition `pid`'s items from disk into a new state; also returns the stored id high-water mark.
+    /// Reads partition `pid` from disk into a new state; also returns the stored id high-water mark. Reads the
+    /// partition's own prefix, which holds only its resident items, and its paging counters if it has paged items
+    /// (see the `paging` module): what an open reads is bounded by the window and the items in flight, not by the
+    /// depth of the queue.
     async fn load(&self, name: Arc<str>, pid: u64) -> Result<(PartitionState, u64), StorageError> {
         let _permit = self.loads.acquire().await.map_err(|_| self.closed())?;
         let engine = self.engine.clone();
-        blocking(move || {
+        let window = self.window.load(Ordering::Relaxed);
+        let (state, hwm, read) = blocking(move || {
             let floor = ItemId::floor_now().0;
             let Some(ks) = engine.keyspace(ITEMS, true)? else {
-                return Ok((PartitionState::new(floor), 0));
+                return Ok((PartitionState::new(floor).with_window(window), 0, 0));
             };
             let what = format!("partition '{name}' in '{}'", engine.dir().display());
+            let paged = pg::read_counters(&engine, &ks, pid, &what)?;
             let mut items = Vec::new();
             let mut dedup = Vec::new();
             let mut hwm = 0u64;
@@ -245,10 +265,24 @@ impl Shared {
                     Key::Other => {}
                 }
             }
-            let state = PartitionState::load(items, floor.max(hwm.saturating_add(1))).with_dedup(dedup);
-            Ok((state, hwm))
+            let read = items.len() as u64;
+            let floor = floor.max(hwm.saturating_add(1));
+            let state = match paged {
+                Some(paged) => {
+                    let sources = if paged.with_source > 0 {
+                        pg::source_ids(&engine, &ks, pid, &what)?
+                    } else {
+                        Vec::new()
+                    };
+                    PartitionState::restore(items, paged, sources, floor, window)
+                }
+                None => PartitionState::load(items, floor).with_window(window),
+            };
+            Ok((state.with_dedup(dedup), hwm, read))
         })
-        .await
+        .await?;
+        self.items_loaded.fetch_add(read, Ordering::Relaxed);
+        Ok((state, hwm))
     }
 
     /// The pid of partition `name`, whether its catalog entry is on disk, and whether the pid is fresh (handed out
@@ -296,12 +330,13 @@ impl Shared {
         let mut dels = Vec::new();
         let mut positions = Vec::new();
         let mut finished = 0;
+        let mut popped = 0;
         for r in work.iter_mut() {
             let room = RECLAIM_CHUNK - dels.len();
             if room == 0 {
                 break;
             }
-            let hi = r.pid.saturating_add(1).to_be_bytes();
+            let hi = r.hi.clone();
             let mut keys = self.keys_from(&r.from, &hi, room)?;
             if keys.len() == RECLAIM_CHUNK && !r.dropped {
                 // A large partition: drop its whole on-disk tables at once instead of a tombstone per key, then
@@ -326,12 +361,17 @@ impl Shared {
             if !done {
                 break;
             }
-            dels.push(deleting_key(r.pid));
-            finished += 1;
+            popped += 1;
+            if !r.paged {
+                // The partition's own prefix goes last (after its paged prefix): then its deletion record.
+                dels.push(deleting_key(r.pid));
+                finished += 1;
+            }
         }
         Ok(ReclaimStep {
             dels,
             positions,
+            popped,
             finished,
         })
     }
@@ -343,14 +383,20 @@ struct ReclaimStep {
     dels: Vec<Vec<u8>>,
     /// The next scan position of each pid at the front of the work queue that the write touches.
     positions: Vec<Vec<u8>>,
-    /// How many pids at the front the write empties (their deletion records included).
+    /// How many entries at the front of the work queue the write empties.
+    popped: usize,
+    /// How many pids the write finishes (their deletion records included).
     finished: usize,
 }
 
-/// A destroyed pid being deleted, and where its next scan starts.
+/// A prefix of a destroyed pid being deleted (its paged prefix, then its own), and where its next scan starts.
 struct Reclaim {
     pid: u64,
+    /// Whether this is the pid's paged prefix (see the `paging` module).
+    paged: bool,
     from: Vec<u8>,
+    /// The first key after the prefix.
+    hi: Vec<u8>,
     dropped: bool,
 }
 
@@ -437,11 +483,21 @@ fn answer(
 fn reclaimer_loop(shared: Weak<Shared>, rx: mpsc::Receiver<u64>) {
     let mut work: VecDeque<Reclaim> = VecDeque::new();
     let add = |work: &mut VecDeque<Reclaim>, pid: u64| {
+        let paged = u64::from_be_bytes(pg::paged_prefix(pid));
         work.push_back(Reclaim {
             pid,
-            from: pid.to_be_bytes().to_vec(),
+            paged: true,
+            from: paged.to_be_bytes().to_vec(),
+            hi: paged.saturating_add(1).to_be_bytes().to_vec(),
             dropped: false,
-        })
+        });
+        work.push_back(Reclaim {
+            pid,
+            paged: false,
+            from: pid.to_be_bytes().to_vec(),
+            hi: pid.saturating_add(1).to_be_bytes().to_vec(),
+            dropped: false,
+        });
     };
     loop {
         if work.is_empty() {
@@ -463,14 +519,14 @@ fn reclaimer_loop(shared: Weak<Shared>, rx: mpsc::Receiver<u64>) {
                 puts: Vec::new(),
                 dels: step.dels,
             })?;
-            Ok((step.positions, step.finished))
+            Ok((step.positions, step.popped, step.finished))
         });
         match step {
-            Ok((positions, finished)) => {
+            Ok((positions, popped, finished)) => {
                 for (r, from) in work.iter_mut().zip(positions) {
                     r.from = from;
                 }
-                for _ in 0..finished {
+                for _ in 0..popped {
                     work.pop_front();
                 }
                 shared.reclaiming.fetch_sub(finished as u64, Ordering::AcqRel);
@@ -515,11 +571,15 @@ impl FjallStore {
             keyspace_options,
             Formats {
                 current: PARTITIONS_FORMAT_VERSION,
-                upgradable: &[1],
+                upgradable: &[1, 2],
             },
         )?;
         if version == 1 {
             upgrade::from_v1(&engine)?;
+        } else if version == 2 {
+            // Nothing to rewrite: format 3 only adds paged prefixes, which a partition gets when it first spills.
+            // The marker changes first, so a build that would not see paged items refuses the store.
+            engine.set_format_version("partitions", PARTITIONS_FORMAT_VERSION)?;
         }
         upgrade::drop_leftovers(&engine)?;
         engine.keyspace(ITEMS, true)?;
@@ -546,6 +606,9 @@ impl FjallStore {
             open: Mutex::new(HashMap::new()),
             loads: tokio::sync::Semaphore::new(CONCURRENT_LOADS),
             opening: Mutex::new(HashMap::new()),
+            window: AtomicUsize::new(DEFAULT_MEMORY_WINDOW),
+            items_loaded: AtomicU64::new(0),
+            items_paged_in: AtomicU64::new(0),
         });
         let reclaimer = {
             let weak = Arc::downgrade(&shared);
@@ -584,6 +647,62 @@ impl FjallStore {
     #[doc(hidden)]
     pub fn fsyncs(&self) -> u64 {
         self.shared.engine.fsyncs()
+    }
+
+    /// Sets `memory-window-items` (at least 1) for partitions opened from now on.
+    pub fn set_memory_window(&self, items: usize) {
+        self.shared.window.store(items.max(1), Ordering::Relaxed);
+    }
+
+    /// Items partition opens read from disk since the store opened.
+    #[doc(hidden)]
+    pub fn items_loaded(&self) -> u64 {
+        self.shared.items_loaded.load(Ordering::Relaxed)
+    }
+
+    /// Items paged in from disk since the store opened.
+    #[doc(hidden)]
+    pub fn items_paged_in(&self) -> u64 {
+        self.shared.items_paged_in.load(Ordering::Relaxed)
+    }
+
+    /// Ready items partition `partition` of `queue` holds in memory, if it is open (tests: the window holds).
+    #[doc(hidden)]
+    pub async fn resident_ready(&self, queue: &str, partition: u32) -> Option<u64> {
+        let p = self
+            .registry()
+            .get(&keyspace_name(queue, partition))
+            .and_then(Weak::upgrade)?;
+        let g = p.inner.lock().await;
+        Some(g.state.resident_ready())
+    }
+
+    /// Resident and paged ready items (and paged payload bytes) of partition `partition` of `queue`, if it is open:
+    /// what a per-tier statistic needs, from counters, without a disk read.
+    pub async fn paging_counts(&self, queue: &str, partition: u32) -> Option<PagingCounts> {
+        let p = self
+            .registry()
+            .get(&keyspace_name(queue, partition))
+            .and_then(Weak::upgrade)?;
+        Some(p.paging_counts().await)
+    }
+
+    /// Keys under the paged prefix of partition `partition` of `queue` (paged records and counters), `None` when it
+    /// has no pid (tests: a partition that never spilled has none). Blocking; scans the prefix.
+    #[doc(hidden)]
+    pub async fn paged_keys(&self, queue: &str, partition: u32) -> Result<Option<usize>, StorageError> {
+        let name: Arc<str> = keyspace_name(queue, partition).into();
+        let Some(pid) = self.shared.catalog.lock().await.by_name.get(&name).map(|e| e.0) else {
+            return Ok(None);
+        };
+        let engine = self.shared.engine.clone();
+        blocking(move || {
+            let Some(ks) = engine.keyspace(ITEMS, false)? else {
+                return Ok(Some(0));
+            };
+            pg::count_keys(&engine, &ks, pid).map(Some)
+        })
+        .await
     }
 
     /// Destroyed partitions whose items are still being deleted in the background.
@@ -642,7 +761,8 @@ impl FjallStore {
         let started = std::time::Instant::now();
         let (pid, stored, fresh) = self.shared.pid(&name).await;
         let (state, hwm) = if fresh {
-            (PartitionState::new(ItemId::floor_now().0), 0)
+            let window = self.shared.window.load(Ordering::Relaxed);
+            (PartitionState::new(ItemId::floor_now().0).with_window(window), 0)
         } else {
             self.shared.load(name.clone(), pid).await?
         };
@@ -661,6 +781,7 @@ impl FjallStore {
             shared: self.shared.clone(),
             inner: tokio::sync::Mutex::new(Inner {
                 state,
+                prefetch: None,
                 hwm,
                 stale: false,
             }),
@@ -744,7 +865,8 @@ fn read_catalog(engine: &Engine) -> Result<(Catalog, Vec<u64>), StorageError> {
     }
     // Items under a pid above every catalog record (written with an entry a crash lost? never: the entry rides in
     // the same batch as the first items) would still keep their pid from being handed out again.
-    if let Some(kv) = ks.last_key_value() {
+    // Paged prefixes (see the `paging` module) sort after every pid and are not pids.
+    if let Some(kv) = ks.range(..pg::paged_prefix(0).to_vec()).next_back() {
         let k = kv.key().map_err(|e| engine.read_error(e))?;
         if let Some(pid) = k.get(..8).and_then(decode_pid) {
             max_pid = max_pid.max(pid);
@@ -881,17 +1003,18 @@ impl PartitionStore for FjallStore {
     }
 }
 
-/// A point-in-time read of one partition: a database snapshot walked in key order, one page per call.
+/// A point-in-time read of one partition: a database snapshot read one page per call, in id order, merging the
+/// partition's own prefix with its paged records (see the `paging` module), one key range per priority.
 struct FjallSnapshot {
     engine: Arc<Engine>,
     name: Arc<str>,
     snap: fjall::Snapshot,
     /// `None` when the store never wrote an item: the snapshot is empty.
     ks: Option<fjall::Keyspace>,
-    /// The next key to read (inclusive).
-    from: Vec<u8>,
-    /// The first key after the partition's prefix.
-    end: Vec<u8>,
+    pid: u64,
+    /// Per source (the partition's prefix, then each priority's paged records): the next key to read (inclusive),
+    /// `None` once the source is read out.
+    next: Vec<Option<Vec<u8>>>,
 }
 
 impl fmt::Debug for FjallSnapshot {
@@ -901,23 +1024,52 @@ impl fmt::Debug for FjallSnapshot {
 }
 
 impl FjallSnapshot {
-    /// Reads up to `limit` items from `self.from`, leaving `self.from` at the first key not read.
-    fn page(&mut self, limit: usize) -> Result<Vec<Item>, StorageError> {
+    /// The first key after source `i`.
+    fn end(&self, i: usize) -> Vec<u8> {
+        if i == 0 {
+            (self.pid + 1).to_be_bytes().to_vec()
+        } else {
+            pg::record_key(self.pid, (i - 1) as u8, u64::MAX)
+        }
+    }
+
+    /// The key source `i` would hold item `id` under.
+    fn key_of(&self, i: usize, id: u64) -> Vec<u8> {
+        if i == 0 {
+            pid_item_key(self.pid, ItemId(id), false)
+        } else {
+            pg::record_key(self.pid, (i - 1) as u8, id)
+        }
+    }
+
+    /// Up to `limit` items of source `i` from its next key on, and whether that is all it has left.
+    fn read_source(
+        &self,
+        ks: &fjall::Keyspace,
+        i: usize,
+        limit: usize,
+    ) -> Result<(Vec<Item>, bool), StorageError> {
         use fjall::Readable;
-        let Some(ks) = &self.ks else {
-            return Ok(Vec::new());
+        let Some(from) = &self.next[i] else {
+            return Ok((Vec::new(), true));
         };
         let what = format!("partition '{}' in '{}'", self.name, self.engine.dir().display());
+        let end = self.end(i);
         let mut items: Vec<Item> = Vec::new();
-        let mut next = self.end.clone();
-        for kv in self.snap.range(ks, self.from.as_slice()..self.end.as_slice()) {
+        for kv in self.snap.range(ks, from.as_slice()..end.as_slice()) {
             let (k, v) = kv.into_inner().map_err(|e| self.engine.read_error(e))?;
-            let inner = &k[8..];
-            match parse_key(inner) {
+            if i > 0 {
+                let Some(id) = pg::record_id(&k) else { continue };
+                if items.len() >= limit {
+                    return Ok((items, false));
+                }
+                items.push(pg::decode_record(id, &v, &what)?);
+                continue;
+            }
+            match parse_key(&k[8..]) {
                 Key::Meta(id) => {
-                    if items.len() >= limit.max(1) {
-                        next = k.to_vec();
-                        break;
+                    if items.len() >= limit {
+                        return Ok((items, false));
                     }
                     items.push(decode_meta(id, &v, &what)?);
                 }
@@ -930,15 +1082,53 @@ impl FjallSnapshot {
                 Key::Dedup(..) | Key::Other => {}
             }
         }
-        self.from = next;
-        Ok(items)
+        Ok((items, true))
+    }
+
+    /// Reads the next `limit` items in id order: up to `limit` from every source, the lowest ids of them all, and
+    /// each source's next key moved past what was taken from it.
+    fn page(&mut self, limit: usize) -> Result<Vec<Item>, StorageError> {
+        let Some(ks) = self.ks.clone() else {
+            return Ok(Vec::new());
+        };
+        let limit = limit.max(1);
+        let mut all: Vec<(u64, usize)> = Vec::new();
+        let mut read: Vec<(Vec<Item>, bool)> = Vec::with_capacity(self.next.len());
+        for i in 0..self.next.len() {
+            let (items, done) = self.read_source(&ks, i, limit)?;
+            all.extend(items.iter().map(|it| (it.id.0, i)));
+            read.push((items, done));
+        }
+        all.sort_unstable();
+        let cut = all.get(limit).map(|x| x.0);
+        let mut out = Vec::with_capacity(limit.min(all.len()));
+        for (i, (items, done)) in read.into_iter().enumerate() {
+            let (mut rest, mut last) = (None, None);
+            for it in items {
+                if cut.is_some_and(|c| it.id.0 >= c) {
+                    rest = Some(it.id.0);
+                    break;
+                }
+                last = Some(it.id.0);
+                out.push(it);
+            }
+            self.next[i] = match (rest, last) {
+                (Some(id), _) => Some(self.key_of(i, id)),
+                (None, _) if done => None,
+                // Everything read was taken and the source has more: go on after the last one.
+                (None, Some(id)) => Some(self.key_of(i, id + 1)),
+                (None, None) => self.next[i].clone(),
+            };
+        }
+        out.sort_unstable_by_key(|it| it.id);
+        Ok(out)
     }
 }
 
 #[async_trait]
 impl PartitionSnapshot for FjallSnapshot {
     async fn next(&mut self, limit: usize) -> Result<Vec<Item>, StorageError> {
-        if self.from >= self.end {
+        if self.next.iter().all(Option::is_none) {
             return Ok(Vec::new());
         }
         // Reading pages from disk blocks: on the blocking pool, with the snapshot moved there and back.
@@ -947,22 +1137,53 @@ impl PartitionSnapshot for FjallSnapshot {
             name: self.name.clone(),
             snap: self.snap.clone(),
             ks: self.ks.clone(),
-            from: std::mem::take(&mut self.from),
-            end: self.end.clone(),
+            pid: self.pid,
+            next: std::mem::take(&mut self.next),
         };
-        let (items, from) = blocking(move || {
+        let (items, next) = blocking(move || {
             let items = me.page(limit)?;
-            Ok((items, me.from))
+            Ok((items, me.next))
         })
         .await?;
-        self.from = from;
+        self.next = next;
         Ok(items)
     }
+}
+
+/// What a page read returns per planned read: the read, the items, whether the disk had no more.
+type PageData = (PageRead, Vec<Item>, bool);
+
+/// Reads the planned pages of partition `pid`. Blocking.
+fn read_pages(
+    engine: &Engine,
+    pid: u64,
+    what: &str,
+    plan: Vec<PageRead>,
+) -> Result<Vec<PageData>, StorageError> {
+    let Some(ks) = engine.keyspace(ITEMS, false)? else {
+        return Ok(Vec::new());
+    };
+    let mut out = Vec::with_capacity(plan.len());
+    for r in plan {
+        let items = pg::read_page(engine, &ks, pid, r.prio, r.from, r.n, what)?;
+        let exhausted = items.len() < r.n;
+        out.push((r, items, exhausted));
+    }
+    Ok(out)
+}
+
+/// A read-ahead of paged items in flight.
+struct Prefetch {
+    /// [`PartitionState::paged_epoch`] when it started.
+    epoch: u64,
+    task: tokio::task::JoinHandle<Result<Vec<PageData>, StorageError>>,
 }
 
 /// A partition's state behind its lock.
 struct Inner {
     state: PartitionState,
+    /// A read-ahead of paged items, applied by a later call.
+    prefetch: Option<Prefetch>,
     /// Highest id written to disk (see [`HWM_KEY`]).
     hwm: u64,
     /// Memory may be ahead of the disk after a failed write: re-read before the next call.
@@ -1012,6 +1233,7 @@ impl FjallPartition {
             g.state = state;
             g.hwm = hwm;
             g.stale = false;
+            g.prefetch = None;
         }
         Ok(g)
     }
@@ -1021,23 +1243,84 @@ impl FjallPartition {
         Ok(op(&g.state))
     }
 
+    /// Resident and paged ready items, and paged payload bytes (counters only: no disk read).
+    pub async fn paging_counts(&self) -> PagingCounts {
+        self.inner.lock().await.state.paging_counts()
+    }
+
     /// Applies `op` to the state and writes what it changed; on a failed write the state goes stale.
     async fn write<T>(
         &self,
         op: impl FnOnce(&mut PartitionState) -> (T, Changes),
     ) -> Result<T, StorageError> {
+        self.write_paged(0, op).await
+    }
+
+    /// [`FjallPartition::write`] for an operation that leases up to `want` items: the pages it needs (and any
+    /// priority whose resident head ran low) are read in first.
+    async fn write_paged<T>(
+        &self,
+        want: usize,
+        op: impl FnOnce(&mut PartitionState) -> (T, Changes),
+    ) -> Result<T, StorageError> {
         let mut g = self.lock().await?;
         self.shared.check_writable().await?;
+        self.page_in(&mut g, want).await?;
         let (out, ch) = op(&mut g.state);
-        if ch.is_empty() {
-            return Ok(out);
+        self.commit(g, out, ch).await
+    }
+
+    /// [`FjallPartition::write`] for an operation on leased items named by `ids`: the ones that are paged items
+    /// are looked up first, so the operation refuses them as not leased (not as missing).
+    async fn write_probed<T>(
+        &self,
+        ids: Vec<ItemId>,
+        op: impl FnOnce(&mut PartitionState) -> (T, Changes),
+    ) -> Result<T, StorageError> {
+        let mut g = self.lock().await?;
+        self.shared.check_writable().await?;
+        self.page_in(&mut g, 0).await?;
+        let found: HashSet<u64> = if g.state.paged().is_empty() {
+            HashSet::new()
+        } else {
+            let items = self.read_paged(&g, &ids).await?;
+            items.iter().map(|it| it.id.0).collect()
+        };
+        let probed = !found.is_empty();
+        if probed {
+            g.state.set_probe(found);
         }
-        let (unit, top) = self.unit(&ch, g.hwm);
+        let (out, ch) = op(&mut g.state);
+        if probed {
+            g.state.set_probe(HashSet::new());
+        }
+        self.commit(g, out, ch).await
+    }
+
+    /// Writes a change set (after the paging writes the state holds), marking the state stale when it fails.
+    async fn commit<T>(
+        &self,
+        mut g: tokio::sync::MutexGuard<'_, Inner>,
+        out: T,
+        ch: Changes,
+    ) -> Result<T, StorageError> {
+        self.commit_mut(&mut g, ch).await?;
+        Ok(out)
+    }
+
+    /// [`FjallPartition::commit`] keeping the lock.
+    async fn commit_mut(&self, g: &mut Inner, ch: Changes) -> Result<(), StorageError> {
+        let mut all = g.state.take_paging();
+        all.append(ch);
+        if all.is_empty() {
+            return Ok(());
+        }
+        let (unit, top) = self.unit(&all, g.hwm);
         match self.shared.submit(unit).await {
             Ok(()) => {
                 g.hwm = top;
                 self.registered.store(true, Ordering::Release);
-                Ok(out)
+                Ok(())
             }
             Err(e) => {
                 g.stale = true;
@@ -1046,23 +1329,221 @@ impl FjallPartition {
         }
     }
 
+    /// Pages items in around an operation that leases up to `want` items (see [`PartitionState::page_plan`]): takes
+    /// a finished read-ahead, reads what the lease cannot do without (waiting for a read-ahead in flight first), and
+    /// starts the next read-ahead when a priority's resident head ran low. Disk reads run off the async runtime; a
+    /// read-ahead runs while the partition serves. What comes in is moved from paged records to items by the
+    /// operation's write.
+    async fn page_in(&self, g: &mut Inner, want: usize) -> Result<(), StorageError> {
+        if g.state.paged().is_empty() && g.prefetch.is_none() {
+            return Ok(());
+        }
+        if g.prefetch.as_ref().is_some_and(|f| f.task.is_finished()) {
+            self.finish_prefetch(g).await?;
+        }
+        if !g.state.page_plan(want, true).is_empty() {
+            self.finish_prefetch(g).await?;
+            let plan = g.state.page_plan(want, true);
+            if !plan.is_empty() {
+                let epoch = g.state.paged_epoch();
+                let reads = self.read_pages(plan).await?;
+                self.apply_pages(g, epoch, reads);
+            }
+        }
+        if g.prefetch.is_none() {
+            let plan = g.state.page_plan(0, false);
+            if !plan.is_empty() {
+                let epoch = g.state.paged_epoch();
+                let task = tokio::task::spawn_blocking({
+                    let (engine, pid, what) = (self.shared.engine.clone(), self.pid, self.what());
+                    move || read_pages(&engine, pid, &what, plan)
+                });
+                g.prefetch = Some(Prefetch { epoch, task });
+            }
+        }
+        Ok(())
+    }
+
+    /// Waits for the read-ahead in flight, if any, and applies it unless the paged items changed since it started.
+    async fn finish_prefetch(&self, g: &mut Inner) -> Result<(), StorageError> {
+        let Some(f) = g.prefetch.take() else {
+            return Ok(());
+        };
+        let reads = f
+            .task
+            .await
+            .map_err(|e| StorageError::other(format!("storage task failed: {e}")))??;
+        self.apply_pages(g, f.epoch, reads);
+        Ok(())
+    }
+
+    /// Reads pages now (off the async runtime).
+    async fn read_pages(&self, plan: Vec<PageRead>) -> Result<Vec<PageData>, StorageError> {
+        let (engine, pid, what) = (self.shared.engine.clone(), self.pid, self.what());
+        blocking(move || read_pages(&engine, pid, &what, plan)).await
+    }
+
+    /// Gives read pages to the state, unless the paged items changed since the read started (`epoch`).
+    fn apply_pages(&self, g: &mut Inner, epoch: u64, reads: Vec<PageData>) {
+        if g.state.paged_epoch() != epoch {
+            return;
+        }
+        for (r, items, exhausted) in reads {
+            self.shared
+                .items_paged_in
+                .fetch_add(items.len() as u64, Ordering::Relaxed);
+            g.state.page_in(r, items, exhausted);
+        }
+    }
+
+    /// Names the partition in error messages.
+    fn what(&self) -> String {
+        format!(
+            "partition '{}' in '{}'",
+            self.name,
+            self.shared.engine.dir().display()
+        )
+    }
+
+    /// Reads the paged items among `ids` (point reads under each priority whose paged range may hold the id),
+    /// skipping resident and missing ones.
+    async fn read_paged(&self, g: &Inner, ids: &[ItemId]) -> Result<Vec<Item>, StorageError> {
+        let paged = g.state.paged();
+        let wanted: Vec<(u8, u64)> = ids
+            .iter()
+            .map(|i| i.0)
+            .filter(|&id| !g.state.contains_live(id))
+            .flat_map(|id| {
+                (0..PRIORITIES)
+                    .filter(move |&p| paged.count[p] > 0 && id >= paged.from[p])
+                    .map(move |p| (p as u8, id))
+            })
+            .collect();
+        if wanted.is_empty() {
+            return Ok(Vec::new());
+        }
+        let engine = self.shared.engine.clone();
+        let (pid, what) = (self.pid, self.what());
+        blocking(move || {
+            let Some(ks) = engine.keyspace(ITEMS, false)? else {
+                return Ok(Vec::new());
+            };
+            pg::find(&engine, &ks, pid, &wanted, &what)
+        })
+        .await
+    }
+
+    /// Up to `limit` paged items of priority `prio` with ids at or above `from`.
+    async fn read_ready(&self, prio: u8, from: u64, limit: usize) -> Result<Vec<Item>, StorageError> {
+        let engine = self.shared.engine.clone();
+        let (pid, what) = (self.pid, self.what());
+        blocking(move || {
+            let Some(ks) = engine.keyspace(ITEMS, false)? else {
+                return Ok(Vec::new());
+            };
+            pg::read_page(&engine, &ks, pid, prio, from, limit, &what)
+        })
+        .await
+    }
+
+    /// Expires paged items whose deadline passed: for each priority whose expiry bound is due, walks its paged
+    /// records from the lowest id, expires up to [`SWEEP_LIMIT`] due ones and sets the bound to the earliest
+    /// deadline left. When the priority's deadlines rise with its ids (one expiry timeout, the usual case) the walk
+    /// stops at the first item not due; otherwise it reads every paged record of the priority. Returns how many
+    /// died and whether more are due.
+    async fn sweep_paged(
+        &self,
+        g: &mut Inner,
+        now: Ts,
+        policy: LifecyclePolicy,
+        ch: &mut Changes,
+    ) -> Result<(u64, bool), StorageError> {
+        let mut dead = 0;
+        let mut more = false;
+        for p in g.state.paged_expiry_due(now) {
+            let from = g.state.paged().from[usize::from(p)];
+            let ordered = g.state.paged().ordered[usize::from(p)];
+            let engine = self.shared.engine.clone();
+            let (pid, what) = (self.pid, self.what());
+            let (items, rest_min, complete) = blocking(move || {
+                let Some(ks) = engine.keyspace(ITEMS, false)? else {
+                    return Ok((Vec::new(), i64::MAX, true));
+                };
+                let mut due = Vec::new();
+                let mut rest_min = i64::MAX;
+                let mut complete = true;
+                pg::walk(&engine, &ks, pid, p, from, &what, |it| {
+                    let exp = it.expire_deadline.0;
+                    if exp > now.0 {
+                        rest_min = rest_min.min(exp);
+                        !ordered
+                    } else if due.len() < SWEEP_LIMIT {
+                        due.push(it);
+                        true
+                    } else {
+                        complete = false;
+                        false
+                    }
+                })?;
+                Ok((due, rest_min, complete))
+            })
+            .await?;
+            let last = items.last().map(|it| it.id.0);
+            let (n, c) = g.state.drop_paged(items, Some(policy));
+            ch.append(c);
+            dead += n;
+            if ordered {
+                // Everything below the last one expired went with it: later reads start past their records.
+                if let Some(last) = last {
+                    g.state.raise_paged_from(p, last + 1);
+                }
+            }
+            if complete {
+                g.state.set_paged_min_expire(p, rest_min);
+            } else {
+                more = true;
+            }
+        }
+        Ok((dead, more))
+    }
+
     /// Encodes a change set with one operation per key, the final one: an id put and then removed within one call
     /// is removed, an id put twice keeps its last version, so a batch never holds two versions of a key. Ids above
-    /// `hwm` are new and get their payload written; older ids only change their metadata (a payload never changes).
+    /// `hwm` are new and get their payload written; older ids only change their metadata (a payload never changes),
+    /// except items paged back in, written whole. Spilled items are written as paged records only; a paged record
+    /// removed without its item moving to the items was never an item, so it leaves no item keys to delete.
     fn unit(&self, ch: &Changes, hwm: u64) -> (Unit, u64) {
         let gone: HashSet<ItemId> = ch.del.iter().copied().collect();
+        let spilled: HashSet<ItemId> = ch.spilled.iter().map(|it| it.id).collect();
+        let paged_in: HashSet<ItemId> = ch.paged_in.iter().copied().collect();
+        let unpaged: HashSet<ItemId> = ch.unpaged.iter().map(|x| x.1).collect();
         let mut seen = HashSet::with_capacity(ch.put.len());
         let mut puts = Vec::with_capacity(ch.put.len() + 1);
         let mut top = hwm;
         for it in ch.put.iter().rev() {
             top = top.max(it.id.0);
-            if gone.contains(&it.id) || !seen.insert(it.id) {
+            if gone.contains(&it.id) || spilled.contains(&it.id) || !seen.insert(it.id) {
                 continue;
             }
             puts.push((pid_item_key(self.pid, it.id, false), encode_meta(it)));
-            if it.id.0 > hwm && !it.payload.is_empty() {
+            if (it.id.0 > hwm || paged_in.contains(&it.id)) && !it.payload.is_empty() {
                 puts.push((pid_item_key(self.pid, it.id, true), it.payload.to_vec()));
             }
+        }
+        for it in &ch.spilled {
+            top = top.max(it.id.0);
+            if !gone.contains(&it.id) {
+                puts.push((
+                    pg::record_key(self.pid, it.priority, it.id.0),
+                    pg::encode_record(it),
+                ));
+            }
+        }
+        let mut dels = Vec::with_capacity(gone.len() * 2 + ch.unpaged.len() + ch.dedup_del.len() + 1);
+        match &ch.counters {
+            Some(c) if c.is_empty() => dels.push(pg::counters_key(self.pid)),
+            Some(c) => puts.push((pg::counters_key(self.pid), pg::encode_counters(c))),
+            None => {}
         }
         if top > hwm {
             puts.push((item_key(self.pid, HWM_KEY), top.to_be_bytes().to_vec()));
@@ -1082,10 +1563,15 @@ impl FjallPartition {
                 ));
             }
         }
-        let mut dels = Vec::with_capacity(gone.len() * 2 + dropped.len());
         for id in gone {
+            if unpaged.contains(&id) && !paged_in.contains(&id) {
+                continue;
+            }
             dels.push(pid_item_key(self.pid, id, false));
             dels.push(pid_item_key(self.pid, id, true));
+        }
+        for &(prio, id) in &ch.unpaged {
+            dels.push(pg::record_key(self.pid, prio, id.0));
         }
         for (until, id) in dropped {
             dels.push(pid_dedup_key(self.pid, until, id));
@@ -1108,18 +1594,20 @@ impl Partition for FjallPartition {
     }
 
     async fn lease(&self, n: usize, lease_deadline: Ts) -> Result<Vec<Item>, StorageError> {
-        self.write(|s| s.lease(n, lease_deadline)).await
+        self.write_paged(n, |s| s.lease(n, lease_deadline)).await
     }
 
     async fn complete(&self, requests: Vec<Vec<ItemId>>) -> Result<Vec<Result<(), ItemError>>, StorageError> {
-        self.write(|s| s.complete(requests)).await
+        let ids = requests.iter().flatten().copied().collect();
+        self.write_probed(ids, |s| s.complete(requests)).await
     }
 
     async fn extend(
         &self,
         requests: Vec<(Vec<ItemId>, Ts)>,
     ) -> Result<Vec<Result<(), ItemError>>, StorageError> {
-        self.write(|s| s.extend(requests)).await
+        let ids = requests.iter().flat_map(|r| r.0.iter()).copied().collect();
+        self.write_probed(ids, |s| s.extend(requests)).await
     }
 
     async fn dedup_records(&self, now: Ts) -> Result<Vec<DedupRecord>, StorageError> {
@@ -1131,7 +1619,8 @@ impl Partition for FjallPartition {
         requests: Vec<Vec<RetryOp>>,
         policy: LifecyclePolicy,
     ) -> Result<Vec<Result<RetryOutcome, ItemError>>, StorageError> {
-        self.write(|s| s.retry(requests, policy)).await
+        let ids = requests.iter().flatten().map(|o| o.id).collect();
+        self.write_probed(ids, |s| s.retry(requests, policy)).await
     }
 
     async fn lifecycle(
@@ -1140,7 +1629,16 @@ impl Partition for FjallPartition {
         policy: LifecyclePolicy,
         limit: usize,
     ) -> Result<LifecycleOutcome, StorageError> {
-        self.write(|s| s.lifecycle(now, policy, limit)).await
+        let mut g = self.lock().await?;
+        self.shared.check_writable().await?;
+        self.page_in(&mut g, 0).await?;
+        let mut ch = Changes::default();
+        let (dead, more) = self.sweep_paged(&mut g, now, policy, &mut ch).await?;
+        let (mut o, c) = g.state.lifecycle(now, policy, limit);
+        ch.append(c);
+        o.dead += dead;
+        o.more |= more;
+        self.commit(g, o, ch).await
     }
 
     async fn dead_items(&self, limit: usize) -> Result<Vec<Item>, StorageError> {
@@ -1162,8 +1660,14 @@ impl Partition for FjallPartition {
     async fn stats(&self, now: Ts) -> Result<PartitionStats, StorageError> {
         self.read(|s| {
             let mut st = s.stats(now);
-            // Every item is on disk; today every one is also in memory (the state's figures).
-            st.tiers.disk = s.tier_counters().held();
+            // The state's figures are the items held in memory (leased, scheduled, the ready ones within the
+            // window); every item is on disk, the paged ones only there. A paged item whose payload is offloaded
+            // counts on disk by its reference until it is paged in (paged items are counted, not read).
+            let paged = s.paging_counts();
+            let mut disk = s.tier_counters().held();
+            disk.items += paged.paged_ready;
+            disk.bytes += paged.paged_bytes;
+            st.tiers.disk = disk;
             st
         })
         .await
@@ -1175,7 +1679,25 @@ impl Partition for FjallPartition {
         limit: usize,
         scheduled: bool,
     ) -> Result<Vec<Item>, StorageError> {
-        self.read(|s| s.list(pivot, limit, scheduled)).await
+        let g = self.lock().await?;
+        let resident = g.state.list(pivot, limit, scheduled);
+        if scheduled || g.state.paged().is_empty() {
+            return Ok(resident);
+        }
+        // Paged items are ready items on disk only: merge the first `limit` of each paged priority at or after the
+        // pivot with the resident ones, in id order.
+        let from = pivot.map_or(0, |p| p.0);
+        let mut out = resident;
+        for p in 0..PRIORITIES {
+            let paged = g.state.paged();
+            if paged.count[p] == 0 {
+                continue;
+            }
+            out.extend(self.read_ready(p as u8, paged.from[p].max(from), limit).await?);
+        }
+        out.sort_unstable_by_key(|it| it.id);
+        out.truncate(limit);
+        Ok(out)
     }
 
     async fn import(&self, items: Vec<Item>) -> Result<Vec<Item>, StorageError> {
@@ -1187,7 +1709,16 @@ impl Partition for FjallPartition {
     }
 
     async fn delete(&self, ids: Vec<ItemId>) -> Result<(), StorageError> {
-        self.write(|s| ((), s.delete(ids))).await
+        let mut g = self.lock().await?;
+        self.shared.check_writable().await?;
+        let mut ch = g.state.delete(ids.clone());
+        if !g.state.paged().is_empty() {
+            for chunk in ids.chunks(DROP_BATCH) {
+                let items = self.read_paged(&g, chunk).await?;
+                ch.append(g.state.drop_paged(items, None).1);
+            }
+        }
+        self.commit(g, (), ch).await
     }
 
     async fn snapshot(&self) -> Result<Box<dyn PartitionSnapshot>, StorageError> {
@@ -1207,15 +1738,40 @@ impl Partition for FjallPartition {
                 name,
                 snap,
                 ks,
-                from: pid.to_be_bytes().to_vec(),
-                end: (pid + 1).to_be_bytes().to_vec(),
+                pid,
+                next: std::iter::once(pid.to_be_bytes().to_vec())
+                    .chain((0..PRIORITIES as u8).map(|p| pg::record_key(pid, p, 0)))
+                    .map(Some)
+                    .collect(),
             }) as Box<dyn PartitionSnapshot>)
         })
         .await
     }
 
     async fn clear(&self, request: ClearRequest) -> Result<(), StorageError> {
-        self.write(|s| ((), s.clear(request))).await
+        let mut g = self.lock().await?;
+        self.shared.check_writable().await?;
+        let ch = g.state.clear(request);
+        if request.queue {
+            // The resident part and the paged records go in bounded writes, each leaving records and counters in
+            // agreement (a crash in between leaves a partly cleared queue, as a clear racing a crash may).
+            self.commit_mut(&mut g, ch).await?;
+            for p in 0..PRIORITIES as u8 {
+                while g.state.paged().count[usize::from(p)] > 0 {
+                    let from = g.state.paged().from[usize::from(p)];
+                    let items = self.read_ready(p, from, DROP_BATCH).await?;
+                    let Some(last) = items.last().map(|it| it.id.0) else {
+                        g.state.forget_paged(p);
+                        break;
+                    };
+                    let (_, c) = g.state.drop_paged(items, None);
+                    g.state.raise_paged_from(p, last + 1);
+                    self.commit_mut(&mut g, c).await?;
+                }
+            }
+            return self.commit(g, (), Changes::default()).await;
+        }
+        self.commit(g, (), ch).await
     }
 
     async fn close(&self) {

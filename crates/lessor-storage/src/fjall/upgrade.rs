@@ -1,5 +1,6 @@
 //! Upgrades a format-1 partition store (one fjall keyspace per partition) into format 2 (every partition a pid
-//! prefix of the `items` keyspace, named by the catalog under pid 0).
+//! prefix of the `items` keyspace, named by the catalog under pid 0). Format 3 only adds paged records, which a
+//! partition writes when it first spills (see the `paging` module), so the marker goes straight to 3.
 //!
 //! Crash safety comes from doing it in an order where every interruption leaves a state the next open handles:
 //! 1. empty `items` (a previous attempt may have copied part of the data);
@@ -171,7 +172,7 @@ mod tests {
             keyspace_options,
             Formats {
                 current: PARTITIONS_FORMAT_VERSION,
-                upgradable: &[1],
+                upgradable: &[1, 2],
             },
         )
         .expect("open the engine")
@@ -180,7 +181,10 @@ mod tests {
     async fn check_upgraded(dir: &Path, partitions: &[(&str, u32, u64)]) {
         let store = FjallStore::open(dir, Durability::Sync).expect("open upgrades");
         let marker = std::fs::read_to_string(dir.join(PARTITIONS_DIR).join(FORMAT_FILE)).expect("marker");
-        assert_eq!(marker.trim(), "lessor-fjall partitions 2");
+        assert_eq!(
+            marker.trim(),
+            format!("lessor-fjall partitions {PARTITIONS_FORMAT_VERSION}")
+        );
         assert_eq!(store.partition_count().await, partitions.len());
         for &(queue, partition, n) in partitions {
             let p = store.open(queue, partition).await.expect("open partition");
@@ -207,7 +211,7 @@ mod tests {
         store.close().await;
         // Only the new layout is left.
         let (engine, version) = open_engine(dir);
-        assert_eq!(version, 2);
+        assert_eq!(version, PARTITIONS_FORMAT_VERSION);
         assert!(old_keyspaces(&engine).expect("names").is_empty());
         engine.close();
     }

@@ -1,4 +1,5 @@
-//! The registry entry of the fjall driver (embedded LSM engine): `storage-dir`, `durability` and `sync-interval`,
+//! The registry entry of the fjall driver (embedded LSM engine): `storage-dir`, `durability`, `sync-interval` and
+//! `memory-window-items` (ready items a partition keeps in memory; the rest of its backlog is paged from disk),
 //! opened with the backend's own constructors. `badger` is accepted as an alias so the seeds' files keep working.
 
 use std::path::PathBuf;
@@ -23,7 +24,12 @@ pub enum Durability {}
 pub(super) const DRIVER: DriverEntry = DriverEntry {
     name: "fjall",
     aliases: &["badger"],
-    keys: &["storage-dir", "durability", "sync-interval"],
+    keys: &[
+        "storage-dir",
+        "durability",
+        "sync-interval",
+        "memory-window-items",
+    ],
     compiled: cfg!(feature = "fjall"),
     parse,
 };
@@ -35,7 +41,13 @@ pub struct FjallConfig {
     pub storage_dir: PathBuf,
     /// `durability` with its `sync-interval`.
     pub durability: Durability,
+    /// `memory-window-items`: ready items a partition keeps in memory before it pages the rest of its backlog
+    /// (default 100,000; only the partition store uses it).
+    pub memory_window: usize,
 }
+
+/// Default of `memory-window-items` (the backend's own constant, repeated for builds without it).
+pub const DEFAULT_MEMORY_WINDOW: usize = 100_000;
 
 #[cfg(feature = "fjall")]
 fn parse(s: &Settings) -> Result<Arc<dyn DriverConfig>, SpecError> {
@@ -56,9 +68,20 @@ fn parse(s: &Settings) -> Result<Arc<dyn DriverConfig>, SpecError> {
             key: "sync-interval",
             reason: e.message,
         })?;
+    let memory_window = match s.u32("memory-window-items")? {
+        None => DEFAULT_MEMORY_WINDOW,
+        Some(0) => {
+            return Err(SpecError::Invalid {
+                key: "memory-window-items",
+                reason: "must be at least 1 (ready items a partition keeps in memory)".into(),
+            })
+        }
+        Some(n) => n as usize,
+    };
     Ok(Arc::new(FjallConfig {
         storage_dir,
         durability,
+        memory_window,
     }))
 }
 
@@ -101,9 +124,9 @@ impl DriverConfig for FjallConfig {
     #[cfg(feature = "fjall")]
     async fn open_partitions(&self) -> Result<Arc<dyn PartitionStore>, OpenError> {
         let (dir, durability) = (self.storage_dir.clone(), self.durability);
-        Ok(Arc::new(
-            blocking_open(move || crate::fjall::FjallStore::open(dir, durability)).await?,
-        ))
+        let store = blocking_open(move || crate::fjall::FjallStore::open(dir, durability)).await?;
+        store.set_memory_window(self.memory_window);
+        Ok(Arc::new(store))
     }
 
     #[cfg(not(feature = "fjall"))]

@@ -1,0 +1,285 @@
+//! The on-disk side of paging (see `crate::state::paging`): where a partition's paged items and paging counters
+//! live, and the reads that page items in, look paged items up, list them and sweep them for expiry.
+//!
+//! A paged item is not stored as an item at all: it is one *paged record* under the partition's paged prefix, the
+//! pid with its top bit set, so it sorts after every real pid and the partition's own prefix (what an open scans)
+//! holds only resident items:
+//! ```text
+//! (pid | 1 << 63) (u64 BE) + prio (u8) + id (u64 BE)  -> meta length (u32 BE) + item metadata + payload
+//! (pid | 1 << 63) (u64 BE) + "pgc"                     -> the encoded [`Paged`] counters
+//! ```
+//! A new ready item beyond the window is written as a paged record instead of an item (the same bytes, once); a
+//! page-in moves records back to items, and the counters change, in one atomic batch. A partition that never
+//! spilled has no paged prefix at all, so it writes and reads exactly what it did before paging existed (one
+//! point read of the counters at open). An open reads the counters and the partition's own prefix: the window,
+//! the items in flight, the schedule and the dead letters, never the backlog. Page-ins read from the lowest paged
+//! id of a priority on, so they do not walk the deleted records of what was paged in before.
+
+use bytes::Bytes;
+use lessor_core::error::{StorageError, StorageErrorKind};
+use lessor_core::types::{Item, ItemId};
+
+use super::codec::{decode_meta, encode_meta};
+use super::engine::Engine;
+use crate::state::paging::PRIORITIES;
+use crate::state::Paged;
+
+/// Bit set in a pid to make its paged prefix.
+const PAGED_BIT: u64 = 1 << 63;
+/// Key of the paging counters after the paged prefix.
+const COUNTERS_TAG: &[u8] = b"pgc";
+/// Version byte of the stored counters.
+const COUNTERS_V1: u8 = 1;
+/// Length of a paged record key.
+const RECORD_KEY_LEN: usize = 17;
+
+/// The paged prefix of partition `pid`.
+pub(crate) fn paged_prefix(pid: u64) -> [u8; 8] {
+    (pid | PAGED_BIT).to_be_bytes()
+}
+
+/// The key of the paged record of item `id` of priority `prio` in partition `pid`.
+pub(crate) fn record_key(pid: u64, prio: u8, id: u64) -> Vec<u8> {
+    let mut k = Vec::with_capacity(RECORD_KEY_LEN);
+    k.extend_from_slice(&paged_prefix(pid));
+    k.push(prio);
+    k.extend_from_slice(&id.to_be_bytes());
+    k
+}
+
+/// The key of the paging counters of partition `pid`.
+pub(crate) fn counters_key(pid: u64) -> Vec<u8> {
+    let mut k = paged_prefix(pid).to_vec();
+    k.extend_from_slice(COUNTERS_TAG);
+    k
+}
+
+/// The id in a paged record key.
+pub(crate) fn record_id(k: &[u8]) -> Option<u64> {
+    (k.len() == RECORD_KEY_LEN)
+        .then(|| k[9..17].try_into().ok().map(u64::from_be_bytes))
+        .flatten()
+}
+
+/// Encodes a paged record: the item's metadata as the items keyspace stores it, then its payload.
+pub(crate) fn encode_record(it: &Item) -> Vec<u8> {
+    let meta = encode_meta(it);
+    let mut v = Vec::with_capacity(4 + meta.len() + it.payload.len());
+    v.extend_from_slice(&(meta.len() as u32).to_be_bytes());
+    v.extend_from_slice(&meta);
+    v.extend_from_slice(&it.payload);
+    v
+}
+
+/// Decodes a paged record of item `id`; `what` names the partition in the error.
+pub(crate) fn decode_record(id: u64, v: &[u8], what: &str) -> Result<Item, StorageError> {
+    let len = v
+        .get(..4)
+        .and_then(|b| b.try_into().ok())
+        .map(u32::from_be_bytes)
+        .map(|n| n as usize)
+        .filter(|&n| 4 + n <= v.len())
+        .ok_or_else(|| {
+            StorageError::new(
+                StorageErrorKind::Corrupt,
+                format!(
+                    "{what}: the paged record of item {id} is damaged ({} bytes)",
+                    v.len()
+                ),
+            )
+        })?;
+    let mut it = decode_meta(ItemId(id), &v[4..4 + len], what)?;
+    it.payload = Bytes::copy_from_slice(&v[4 + len..]);
+    Ok(it)
+}
+
+/// Encodes the paging counters.
+pub(crate) fn encode_counters(p: &Paged) -> Vec<u8> {
+    let mut v = Vec::with_capacity(1 + PRIORITIES * 33 + 40);
+    v.push(COUNTERS_V1);
+    for i in 0..PRIORITIES {
+        v.extend_from_slice(&p.from[i].to_be_bytes());
+        v.extend_from_slice(&p.count[i].to_be_bytes());
+        v.extend_from_slice(&p.min_expire[i].to_be_bytes());
+        v.extend_from_slice(&p.max_expire[i].to_be_bytes());
+        v.push(u8::from(p.ordered[i]));
+    }
+    v.extend_from_slice(&p.bytes.to_be_bytes());
+    v.extend_from_slice(&p.sum_created.to_be_bytes());
+    v.extend_from_slice(&p.with_source.to_be_bytes());
+    v
+}
+
+/// Decodes the paging counters; `what` names the partition in the error.
+pub(crate) fn decode_counters(v: &[u8], what: &str) -> Result<Paged, StorageError> {
+    if v.first() != Some(&COUNTERS_V1) || v.len() != 1 + PRIORITIES * 33 + 32 {
+        return Err(StorageError::new(
+            StorageErrorKind::Corrupt,
+            format!(
+                "{what}: the paging counters are damaged (version {:?}, {} bytes)",
+                v.first(),
+                v.len()
+            ),
+        ));
+    }
+    let u = |at: usize| u64::from_be_bytes(v[at..at + 8].try_into().unwrap_or_default());
+    let mut p = Paged::default();
+    for i in 0..PRIORITIES {
+        let at = 1 + i * 33;
+        p.from[i] = u(at);
+        p.count[i] = u(at + 8);
+        p.min_expire[i] = u(at + 16) as i64;
+        p.max_expire[i] = u(at + 24) as i64;
+        p.ordered[i] = v[at + 32] != 0;
+    }
+    let at = 1 + PRIORITIES * 33;
+    p.bytes = u(at);
+    p.sum_created = i128::from_be_bytes(v[at + 8..at + 24].try_into().unwrap_or_default());
+    p.with_source = u(at + 24);
+    Ok(p)
+}
+
+/// The stored paging counters of partition `pid`, if it has paged items. Blocking.
+pub(crate) fn read_counters(
+    engine: &Engine,
+    ks: &fjall::Keyspace,
+    pid: u64,
+    what: &str,
+) -> Result<Option<Paged>, StorageError> {
+    match ks.get(counters_key(pid)).map_err(|e| engine.read_error(e))? {
+        Some(v) => decode_counters(&v, what).map(Some),
+        None => Ok(None),
+    }
+}
+
+/// Walks the paged records of priority `prio` from id `from` on, in id order, handing each item to `each` until it
+/// returns false. Blocking.
+pub(crate) fn walk(
+    engine: &Engine,
+    ks: &fjall::Keyspace,
+    pid: u64,
+    prio: u8,
+    from: u64,
+    what: &str,
+    mut each: impl FnMut(Item) -> bool,
+) -> Result<(), StorageError> {
+    let lo = record_key(pid, prio, from);
+    // u64::MAX is never an id.
+    let hi = record_key(pid, prio, u64::MAX);
+    for kv in ks.range(lo..hi) {
+        let (k, v) = kv.into_inner().map_err(|e| engine.read_error(e))?;
+        if let Some(id) = record_id(&k) {
+            if !each(decode_record(id, &v, what)?) {
+                break;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Up to `n` paged items of priority `prio` from id `from` on, in id order. Blocking.
+pub(crate) fn read_page(
+    engine: &Engine,
+    ks: &fjall::Keyspace,
+    pid: u64,
+    prio: u8,
+    from: u64,
+    n: usize,
+    what: &str,
+) -> Result<Vec<Item>, StorageError> {
+    let mut out = Vec::with_capacity(n.min(1 << 16));
+    if n > 0 {
+        walk(engine, ks, pid, prio, from, what, |it| {
+            out.push(it);
+            out.len() < n
+        })?;
+    }
+    Ok(out)
+}
+
+/// The paged items among `wanted` (priority, id) pairs, by point reads. Blocking.
+pub(crate) fn find(
+    engine: &Engine,
+    ks: &fjall::Keyspace,
+    pid: u64,
+    wanted: &[(u8, u64)],
+    what: &str,
+) -> Result<Vec<Item>, StorageError> {
+    let mut out = Vec::new();
+    for &(prio, id) in wanted {
+        if let Some(v) = ks
+            .get(record_key(pid, prio, id))
+            .map_err(|e| engine.read_error(e))?
+        {
+            out.push(decode_record(id, &v, what)?);
+        }
+    }
+    Ok(out)
+}
+
+/// Source ids of partition `pid`'s paged items that carry one: an open needs them for the resident source-id index
+/// (only partitions holding imported items have any; the others never come here). Blocking; reads every record.
+pub(crate) fn source_ids(
+    engine: &Engine,
+    ks: &fjall::Keyspace,
+    pid: u64,
+    what: &str,
+) -> Result<Vec<(String, u64)>, StorageError> {
+    let mut out = Vec::new();
+    for prio in 0..PRIORITIES as u8 {
+        walk(engine, ks, pid, prio, 0, what, |it| {
+            if !it.source_id.is_empty() {
+                out.push((it.source_id, it.id.0));
+            }
+            true
+        })?;
+    }
+    Ok(out)
+}
+
+/// Keys under partition `pid`'s paged prefix (tests: a partition that never spilled has none). Blocking.
+pub(crate) fn count_keys(engine: &Engine, ks: &fjall::Keyspace, pid: u64) -> Result<usize, StorageError> {
+    let mut n = 0;
+    for kv in ks.prefix(paged_prefix(pid)) {
+        kv.key().map_err(|e| engine.read_error(e))?;
+        n += 1;
+    }
+    Ok(n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counters_and_records_round_trip_and_keys_sort_after_every_pid() {
+        let mut p = Paged::default();
+        p.from[3] = 77;
+        p.count[3] = 5;
+        p.min_expire[3] = -4;
+        p.max_expire[3] = 12;
+        p.ordered[3] = false;
+        p.bytes = 9;
+        p.sum_created = -(1 << 70);
+        p.with_source = 2;
+        assert_eq!(decode_counters(&encode_counters(&p), "t").expect("decodes"), p);
+        assert!(decode_counters(&[1, 2, 3], "t").is_err());
+        let it = Item {
+            id: ItemId(42),
+            priority: 3,
+            payload: Bytes::from_static(b"payload"),
+            source_id: "s".into(),
+            ..Default::default()
+        };
+        let back = decode_record(42, &encode_record(&it), "t").expect("decodes");
+        assert_eq!(
+            (back.payload, back.source_id, back.priority),
+            (it.payload, it.source_id, 3)
+        );
+        assert!(decode_record(42, &[0, 0, 0, 9], "t").is_err());
+        let k = record_key(7, 3, 42);
+        assert_eq!(record_id(&k), Some(42));
+        assert!(k[0] & 0x80 != 0 && counters_key(7)[0] & 0x80 != 0);
+        assert!(k.as_slice() > (u32::MAX as u64).to_be_bytes().as_slice());
+    }
+}

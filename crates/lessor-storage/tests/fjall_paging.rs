@@ -1,0 +1,486 @@
+//! Paging of the fjall backend (`memory-window-items`, see `lessor_storage::state::paging`): with a tiny window the
+//! order of leases holds across page boundaries and priorities, a restart reads the window and not the backlog,
+//! and the operations that reach items by id (delete, list, clear, expiry) find the paged ones too.
+#![cfg(feature = "fjall")]
+
+use std::cmp::Reverse;
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use bytes::Bytes;
+use lessor_core::storage::{LifecyclePolicy, PartitionStore};
+use lessor_core::time::Ts;
+use lessor_core::types::{Backoff, ClearRequest, ItemId, NewItem};
+use lessor_storage::fjall::{Durability, FjallStore};
+
+const T0: Ts = Ts(1_800_000_000_000_000);
+const LEASE: Ts = Ts(1_800_000_100_000_000);
+const FAR: Ts = Ts(1_900_000_000_000_000);
+const DLQ: LifecyclePolicy = LifecyclePolicy {
+    max_attempts: 0,
+    has_dead_queue: true,
+    backoff: Backoff::OFF,
+};
+
+fn item(i: usize, prio: u8, expire: Ts) -> NewItem {
+    NewItem {
+        expire_deadline: expire,
+        created_at: T0,
+        payload: Bytes::from(format!("item-{i:06}")),
+        priority: prio,
+        ..Default::default()
+    }
+}
+
+/// A small deterministic generator (the test must fail the same way twice).
+struct Lcg(u64);
+impl Lcg {
+    fn next(&mut self, n: u64) -> u64 {
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (self.0 >> 33) % n
+    }
+}
+
+/// Produce and lease interleaved, three priorities, a window of 10: every lease returns exactly what a model of
+/// the ready queue (priority first, then id) says, counts and payload bytes stay exact, and memory holds a bounded
+/// part of the backlog.
+#[tokio::test]
+async fn order_holds_across_page_boundaries_and_priorities() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let store = FjallStore::open(dir.path(), Durability::None).expect("open");
+    store.set_memory_window(10);
+    let p = store.open("order", 0).await.expect("partition");
+    let mut model: BTreeMap<(Reverse<u8>, ItemId), usize> = BTreeMap::new();
+    let mut rng = Lcg(7);
+    let mut produced = 0usize;
+    let mut most_resident = 0;
+    for round in 0..60 {
+        let n = 1 + rng.next(60) as usize;
+        let batch: Vec<NewItem> = (0..n)
+            .map(|i| item(produced + i, [0, 0, 3, 7][rng.next(4) as usize], FAR))
+            .collect();
+        let prios: Vec<u8> = batch.iter().map(|b| b.priority).collect();
+        let lens: Vec<usize> = batch.iter().map(|b| b.payload.len()).collect();
+        let ids = p.produce(batch).await.expect("produce");
+        for ((id, prio), len) in ids.into_iter().zip(prios).zip(lens) {
+            model.insert((Reverse(prio), id), len);
+        }
+        produced += n;
+        let want = rng.next(if round < 40 { 30 } else { 120 }) as usize;
+        let got = p.lease(want, LEASE).await.expect("lease");
+        let expect: Vec<ItemId> = model.keys().take(want).map(|k| k.1).collect();
+        assert_eq!(
+            got.iter().map(|it| it.id).collect::<Vec<_>>(),
+            expect,
+            "round {round}: lease of {want}"
+        );
+        for it in &got {
+            model.remove(&(Reverse(it.priority), it.id));
+        }
+        let done: Vec<ItemId> = got.iter().map(|it| it.id).collect();
+        assert!(p.complete(vec![done]).await.expect("complete")[0].is_ok());
+        let stats = p.stats(T0).await.expect("stats");
+        assert_eq!(stats.counts.ready, model.len() as u64, "round {round}");
+        assert_eq!(
+            stats.payload_bytes,
+            model.values().sum::<usize>() as u64,
+            "round {round}"
+        );
+        most_resident = most_resident.max(store.resident_ready("order", 0).await.expect("open"));
+    }
+    assert!(produced > 1000, "{produced}");
+    assert!(store.items_paged_in() > 0, "paging happened");
+    // At most a window plus a page-in per priority (and a lease's worth), far below the backlog.
+    assert!(most_resident <= 10 + 4 * (5 + 120), "resident {most_resident}");
+    let rest = p.lease(100_000, LEASE).await.expect("drain");
+    assert_eq!(
+        rest.iter().map(|it| it.id).collect::<Vec<_>>(),
+        model.keys().map(|k| k.1).collect::<Vec<_>>()
+    );
+    assert_eq!(p.counts().await.expect("counts").ready, 0);
+}
+
+/// A restart with 20,000 ready items behind a window of 100 reads about the window (plus the leased items), not
+/// the backlog, and the backlog comes back whole and in order.
+#[tokio::test]
+async fn restart_with_a_deep_backlog_reads_only_the_window() {
+    let dir = tempfile::tempdir().expect("tmp");
+    const N: usize = 20_000;
+    let (expected, leased, bytes) = {
+        let store = FjallStore::open(dir.path(), Durability::Sync).expect("open");
+        store.set_memory_window(100);
+        let p = store.open("deep", 0).await.expect("partition");
+        let mut ids = Vec::new();
+        for b in 0..N / 1000 {
+            ids.extend(
+                p.produce((0..1000).map(|i| item(b * 1000 + i, 0, FAR)).collect())
+                    .await
+                    .expect("produce"),
+            );
+        }
+        let leased = p.lease(30, LEASE).await.expect("lease");
+        assert_eq!(
+            leased.iter().map(|i| i.id).collect::<Vec<_>>(),
+            ids[..30].to_vec()
+        );
+        assert!(store.resident_ready("deep", 0).await.expect("open") <= 200);
+        let bytes = p.stats(T0).await.expect("stats").payload_bytes;
+        p.close().await;
+        store.close().await;
+        (ids[30..].to_vec(), leased.len() as u64, bytes)
+    };
+    let store = FjallStore::open(dir.path(), Durability::Sync).expect("reopen");
+    store.set_memory_window(100);
+    let p = store.open("deep", 0).await.expect("partition");
+    let loaded = store.items_loaded();
+    assert!(loaded <= 100 + 50 + leased, "an open read {loaded} items");
+    let stats = p.stats(T0).await.expect("stats");
+    assert_eq!(stats.counts.ready, (N as u64) - leased);
+    assert_eq!(stats.counts.leased, leased);
+    assert_eq!(stats.payload_bytes, bytes);
+    // Tiers: every item on disk, only the window (and the leased ones) in memory.
+    assert_eq!(stats.tiers.disk.items, N as u64);
+    assert_eq!(stats.tiers.disk.bytes, bytes);
+    assert!(
+        stats.tiers.memory.items <= 100 + 50 + leased && stats.tiers.memory.items >= leased,
+        "{:?}",
+        stats.tiers
+    );
+    let mut got = Vec::new();
+    loop {
+        let l = p.lease(777, LEASE).await.expect("lease");
+        if l.is_empty() {
+            break;
+        }
+        got.extend(l.iter().map(|i| i.id));
+    }
+    assert_eq!(got, expected);
+}
+
+/// Delete, list, expiry and clear reach items that are on disk only, and the counters follow them across a restart.
+#[tokio::test]
+async fn delete_list_expiry_and_clear_reach_paged_items() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let soon = T0.add(Duration::from_secs(10));
+    let ids = {
+        let store = FjallStore::open(dir.path(), Durability::Sync).expect("open");
+        store.set_memory_window(5);
+        let p = store.open("ops", 0).await.expect("partition");
+        let ids = p
+            .produce(
+                (0..50)
+                    .map(|i| item(i, 0, if (30..40).contains(&i) { soon } else { FAR }))
+                    .collect(),
+            )
+            .await
+            .expect("produce");
+        assert!(store.resident_ready("ops", 0).await.expect("open") <= 5);
+        p.delete(vec![ids[3], ids[20], ids[45]]).await.expect("delete");
+        let listed = p.list(None, 100, false).await.expect("list");
+        assert_eq!(listed.len(), 47);
+        assert!(listed.windows(2).all(|w| w[0].id < w[1].id));
+        assert_eq!(
+            listed[19].payload,
+            Bytes::from("item-000021"),
+            "3 and 20 are gone"
+        );
+        let page = p.list(Some(ids[40]), 3, false).await.expect("list from a pivot");
+        assert_eq!(
+            page.iter().map(|i| i.id).collect::<Vec<_>>(),
+            vec![ids[40], ids[41], ids[42]]
+        );
+        // The paged expiry deadline is due: lifecycle finds the ten items on disk.
+        assert_eq!(p.next_deadline().await.expect("deadline"), Some(soon));
+        let o = p
+            .lifecycle(soon.add(Duration::from_secs(1)), DLQ, 100)
+            .await
+            .expect("lifecycle");
+        assert_eq!(o.dead, 10);
+        assert_eq!(p.dead_items(100).await.expect("dead").len(), 10);
+        assert_eq!(p.counts().await.expect("counts").ready, 37);
+        assert_eq!(
+            p.next_deadline().await.expect("deadline"),
+            Some(Ts::ZERO),
+            "dead items wait"
+        );
+        p.remove_dead(ids[30..40].to_vec()).await.expect("remove dead");
+        assert_eq!(p.next_deadline().await.expect("deadline"), Some(FAR));
+        store.close().await;
+        ids
+    };
+    let store = FjallStore::open(dir.path(), Durability::Sync).expect("reopen");
+    store.set_memory_window(5);
+    let p = store.open("ops", 0).await.expect("partition");
+    assert_eq!(p.counts().await.expect("counts").ready, 37);
+    let first = p.lease(2, LEASE).await.expect("lease");
+    assert_eq!(
+        first.iter().map(|i| i.id).collect::<Vec<_>>(),
+        vec![ids[0], ids[1]]
+    );
+    p.clear(ClearRequest {
+        queue: true,
+        destructive: false,
+        ..Default::default()
+    })
+    .await
+    .expect("clear");
+    assert_eq!(p.counts().await.expect("counts").ready, 0);
+    assert_eq!(
+        p.list(None, 100, false).await.expect("list").len(),
+        2,
+        "the leased two stay"
+    );
+    store.close().await;
+    let store = FjallStore::open(dir.path(), Durability::Sync).expect("reopen");
+    let p = store.open("ops", 0).await.expect("partition");
+    let c = p.counts().await.expect("counts");
+    assert_eq!((c.ready, c.leased), (0, 2));
+}
+
+/// A steady pipeline over a deep backlog (many page-ins in the background): every lease of 100 gets 100 items, in
+/// FIFO order, across a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_steady_pipeline_over_a_deep_backlog_never_starves() {
+    let dir = tempfile::tempdir().expect("tmp");
+    const DEPTH: usize = 60_000;
+    let mut next_expected = 0usize;
+    let mut produced = 0usize;
+    for session in 0..2 {
+        let store = FjallStore::open(dir.path(), Durability::None).expect("open");
+        store.set_memory_window(4_000);
+        let p = store.open("steady", 0).await.expect("partition");
+        if session == 0 {
+            for _ in 0..DEPTH / 1000 {
+                p.produce((0..1000).map(|i| item(produced + i, 0, FAR)).collect())
+                    .await
+                    .expect("produce");
+                produced += 1000;
+            }
+        }
+        for round in 0..300 {
+            p.produce((0..100).map(|i| item(produced + i, 0, FAR)).collect())
+                .await
+                .expect("produce");
+            produced += 100;
+            let got = p.lease(100, LEASE).await.expect("lease");
+            assert_eq!(got.len(), 100, "session {session} round {round}");
+            for it in &got {
+                assert_eq!(
+                    it.payload,
+                    Bytes::from(format!("item-{next_expected:06}")),
+                    "round {round}"
+                );
+                next_expected += 1;
+            }
+            let ids = got.iter().map(|i| i.id).collect();
+            assert!(p.complete(vec![ids]).await.expect("complete")[0].is_ok());
+        }
+        assert!(store.items_paged_in() > 0);
+        store.close().await;
+    }
+}
+
+/// Backlogs produced across restarts (each restart starts ids at a new floor, leaving a gap), with expired leases
+/// requeued at the tail in between, drain whole and in order in leases of 400.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backlogs_across_restarts_with_id_gaps_drain_in_order() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let policy = LifecyclePolicy {
+        max_attempts: 0,
+        has_dead_queue: false,
+        backoff: Backoff::OFF,
+    };
+    let mut produced = 0usize;
+    let mut stage_ids: Vec<ItemId> = Vec::new();
+    for stage in 0..3 {
+        let store = FjallStore::open(dir.path(), Durability::None).expect("open");
+        store.set_memory_window(1_000);
+        let p = store.open("gaps", 0).await.expect("partition");
+        for _ in 0..5 {
+            stage_ids.extend(
+                p.produce((0..1000).map(|i| item(produced + i, 0, FAR)).collect())
+                    .await
+                    .expect("produce"),
+            );
+            produced += 1000;
+        }
+        // One lease that expires: its item goes back at the tail under a new id.
+        let l = p.lease(1, Ts(T0.0 + stage)).await.expect("lease");
+        assert_eq!(l[0].id, stage_ids[0]);
+        stage_ids.remove(0);
+        let o = p.lifecycle(Ts(T0.0 + 10), policy, 100).await.expect("lifecycle");
+        assert_eq!(o.lease_expired, 1);
+        let listed = p
+            .list(Some(stage_ids[stage_ids.len() - 1]), 10, false)
+            .await
+            .expect("list");
+        stage_ids.push(listed.last().expect("the requeued item").id);
+        store.close().await;
+    }
+    let store = FjallStore::open(dir.path(), Durability::None).expect("open");
+    store.set_memory_window(1_000);
+    let p = store.open("gaps", 0).await.expect("partition");
+    assert_eq!(p.counts().await.expect("counts").ready, produced as u64);
+    let mut got = Vec::new();
+    loop {
+        let l = p.lease(400, LEASE).await.expect("lease");
+        if l.is_empty() {
+            break;
+        }
+        assert!(
+            l.len() == 400 || got.len() + l.len() == produced,
+            "a short lease at {}",
+            got.len()
+        );
+        got.extend(l.iter().map(|i| i.id));
+        let ids = l.iter().map(|i| i.id).collect();
+        assert!(p.complete(vec![ids]).await.expect("complete")[0].is_ok());
+    }
+    assert_eq!(got, stage_ids);
+}
+
+/// A partition that never fills its window writes exactly the keys it wrote before paging existed: its items
+/// (metadata and payload), its id high-water mark and its catalog entry, and nothing under its paged prefix, after
+/// produce, lease, complete, retry, expiry and a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partition_under_its_window_writes_no_paging_keys() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let policy = LifecyclePolicy {
+        max_attempts: 0,
+        has_dead_queue: false,
+        backoff: Backoff::OFF,
+    };
+    let store = FjallStore::open(dir.path(), Durability::Sync).expect("open");
+    store.set_memory_window(1_000);
+    let p = store.open("shallow", 0).await.expect("partition");
+    for b in 0..5 {
+        p.produce((0..100).map(|i| item(b * 100 + i, (i % 3) as u8, FAR)).collect())
+            .await
+            .expect("produce");
+    }
+    let l = p.lease(200, LEASE).await.expect("lease");
+    let done: Vec<ItemId> = l[..100].iter().map(|i| i.id).collect();
+    assert!(p.complete(vec![done]).await.expect("complete")[0].is_ok());
+    // The other 100 leases expire and go back at the tail under new ids.
+    let o = p
+        .lifecycle(Ts(LEASE.0 + 1), policy, 1_000)
+        .await
+        .expect("lifecycle");
+    assert_eq!(o.lease_expired, 100);
+    assert_eq!(store.paged_keys("shallow", 0).await.expect("scan"), Some(0));
+    let counts = store.paging_counts("shallow", 0).await.expect("open");
+    assert_eq!((counts.resident_ready, counts.paged_ready), (400, 0));
+    // 400 items of two keys each, the high-water mark, the catalog entry.
+    assert_eq!(store.stored_keys().expect("keys"), 400 * 2 + 2);
+    p.close().await;
+    store.close().await;
+    let store = FjallStore::open(dir.path(), Durability::Sync).expect("reopen");
+    store.set_memory_window(1_000);
+    let p = store.open("shallow", 0).await.expect("partition");
+    assert_eq!(p.counts().await.expect("counts").ready, 400);
+    assert_eq!(store.paged_keys("shallow", 0).await.expect("scan"), Some(0));
+    assert_eq!(store.stored_keys().expect("keys"), 400 * 2 + 2);
+}
+
+/// A deep backlog drained through a small window leaves nothing under the paged prefix (every record moved back
+/// and the counters deleted with the last one), and the next open reads only the items left: what was consumed
+/// before costs an open nothing but the engine's deleted entries, as before paging.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drained_backlog_leaves_no_paging_keys_and_opens_with_what_is_left() {
+    let dir = tempfile::tempdir().expect("tmp");
+    const N: usize = 20_000;
+    {
+        let store = FjallStore::open(dir.path(), Durability::None).expect("open");
+        store.set_memory_window(100);
+        let p = store.open("drained", 0).await.expect("partition");
+        for b in 0..N / 1000 {
+            p.produce((0..1000).map(|i| item(b * 1000 + i, 0, FAR)).collect())
+                .await
+                .expect("produce");
+        }
+        let c = store.paging_counts("drained", 0).await.expect("open");
+        assert!(c.resident_ready <= 100, "{c:?}");
+        assert_eq!(c.resident_ready + c.paged_ready, N as u64);
+        assert_eq!(c.paged_bytes, (N as u64 - c.resident_ready) * 11);
+        // Paged records plus their counters.
+        assert_eq!(
+            store.paged_keys("drained", 0).await.expect("scan"),
+            Some(c.paged_ready as usize + 1)
+        );
+        let mut got = 0;
+        loop {
+            let l = p.lease(250, LEASE).await.expect("lease");
+            if l.is_empty() {
+                break;
+            }
+            got += l.len();
+            let ids = l.iter().map(|i| i.id).collect();
+            assert!(p.complete(vec![ids]).await.expect("complete")[0].is_ok());
+        }
+        assert_eq!(got, N);
+        assert_eq!(store.paged_keys("drained", 0).await.expect("scan"), Some(0));
+        p.produce((0..50).map(|i| item(i, 0, FAR)).collect())
+            .await
+            .expect("produce");
+        p.close().await;
+        store.close().await;
+    }
+    let store = FjallStore::open(dir.path(), Durability::None).expect("reopen");
+    store.set_memory_window(100);
+    let p = store.open("drained", 0).await.expect("partition");
+    assert_eq!(store.items_loaded(), 50);
+    assert_eq!(p.counts().await.expect("counts").ready, 50);
+    assert_eq!(store.paged_keys("drained", 0).await.expect("scan"), Some(0));
+}
+
+/// A snapshot reads paged items too, in id order with the resident ones (the offload sweeper finds the objects
+/// they reference through it, and a backup must hold them); a destroyed partition's paged records go with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshots_read_paged_items_and_destroy_removes_them() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let store = FjallStore::open(dir.path(), Durability::None).expect("open");
+    store.set_memory_window(10);
+    let p = store.open("snap", 0).await.expect("partition");
+    let mut ids = Vec::new();
+    for b in 0..10 {
+        ids.extend(
+            p.produce((0..100).map(|i| item(b * 100 + i, (i % 4) as u8, FAR)).collect())
+                .await
+                .expect("produce"),
+        );
+    }
+    // Some paged in, some leased.
+    let leased = p.lease(25, LEASE).await.expect("lease");
+    assert_eq!(leased.len(), 25);
+    let mut snap = p.snapshot().await.expect("snapshot");
+    // Changes after the snapshot do not show.
+    p.produce(vec![item(9_999, 0, FAR)]).await.expect("produce");
+    let mut got = Vec::new();
+    loop {
+        let page = snap.next(64).await.expect("page");
+        if page.is_empty() {
+            break;
+        }
+        got.extend(page);
+    }
+    assert_eq!(got.iter().map(|i| i.id).collect::<Vec<_>>(), ids);
+    for it in &got {
+        let i = ids.iter().position(|x| *x == it.id).expect("known");
+        assert_eq!(it.payload, Bytes::from(format!("item-{i:06}")));
+    }
+    assert_eq!(got.iter().filter(|i| i.is_leased).count(), 25);
+    drop(snap);
+    p.close().await;
+    store.destroy("snap", 0).await.expect("destroy");
+    lessor_testkit::eventually("background deletions done", Duration::from_secs(20), || async {
+        match store.pending_deletions() {
+            0 => Ok(()),
+            n => Err(format!("{n} deletions pending")),
+        }
+    })
+    .await;
+    assert_eq!(store.stored_keys().expect("keys"), 0);
+}
