@@ -48,7 +48,7 @@ use serde_json::json;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use report::{record, OpStats, Row};
+use report::{process_cpu, record, CpuPhase, OpStats, Row};
 
 /// What the benchmark does; see the module documentation.
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -300,6 +300,10 @@ pub async fn run(args: BenchArgs) -> Result<(), String> {
     let progress = (!args.quiet).then(|| tokio::spawn(progress(shared.clone())));
     let cpu_before = report::CpuSample::now();
     let outcome = execute(&shared, args.workload).await;
+    let (outcome, phases) = match outcome {
+        Ok((rows, phases)) => (Ok(rows), phases),
+        Err(e) => (Err(e), Vec::new()),
+    };
     let cpu = cpu_before
         .zip(report::CpuSample::now())
         .and_then(|(a, b)| a.usage_since(&b));
@@ -339,6 +343,7 @@ pub async fn run(args: BenchArgs) -> Result<(), String> {
             std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0)
         );
     }
+    print!("{}", report::cpu_lines(&phases));
     if let Some(lag) = rows
         .iter()
         .map(|r| r.stats.lag_max)
@@ -371,7 +376,7 @@ pub async fn run(args: BenchArgs) -> Result<(), String> {
             "request_timeout": args.request_timeout,
             "queue": queue,
         });
-        let doc = report::document(config, &rows, wall.elapsed(), cpu, &errors);
+        let doc = report::document(config, &rows, wall.elapsed(), cpu, &phases, &errors);
         let text = serde_json::to_string_pretty(&doc).map_err(|e| format!("bench: {e}"))?;
         std::fs::write(path, text + "\n")
             .map_err(|e| format!("bench: cannot write '{}': {e}", path.display()))?;
@@ -585,12 +590,25 @@ impl Budget {
     }
 }
 
-/// Runs the workload and returns the result rows.
-async fn execute(shared: &Arc<Shared>, workload: Workload) -> Result<Vec<Row>, String> {
+/// CPU this process used since `from`, when `/proc` tells.
+fn cpu_since(from: Option<Duration>) -> Option<Duration> {
+    Some(process_cpu()?.saturating_sub(from?))
+}
+
+/// Runs the workload and returns the result rows and the CPU each phase cost.
+async fn execute(shared: &Arc<Shared>, workload: Workload) -> Result<(Vec<Row>, Vec<CpuPhase>), String> {
     let plan = &shared.plan;
-    match workload {
+    let mut phases = Vec::new();
+    let mut phase = |name, from, items| {
+        if let Some(cpu) = cpu_since(from) {
+            phases.push(CpuPhase { name, cpu, items });
+        }
+    };
+    let cpu0 = process_cpu();
+    let rows: Result<Vec<Row>, String> = match workload {
         Workload::Produce => {
             let (produce, elapsed) = produce_phase(shared, plan.stop, plan.pace).await?;
+            phase("produce", cpu0, produce.items);
             Ok(vec![Row {
                 name: "produce",
                 stats: produce,
@@ -600,14 +618,18 @@ async fn execute(shared: &Arc<Shared>, workload: Workload) -> Result<Vec<Row>, S
         }
         Workload::Drain => {
             let (produce, p_elapsed) = produce_phase(shared, plan.stop, plan.pace).await?;
+            phase("produce", cpu0, produce.items);
             let target = shared.produced.load(Ordering::Relaxed);
             let (stop_tx, stop_rx) = watch::channel(false);
             let start = Instant::now();
+            let cpu1 = process_cpu();
             let consumers = spawn_consumers(shared, &stop_rx, false);
             wait_for_completion(shared, target, plan.drain_timeout).await;
             let _ = stop_tx.send(true);
             let (lease, complete, _) = join_consumers(consumers).await?;
             let c_elapsed = consume_elapsed(shared, start);
+            // An item counts once here: leasing and completing it are one unit of work.
+            phase("lease+complete", cpu1, complete.items);
             Ok(vec![
                 Row {
                     name: "produce",
@@ -642,6 +664,7 @@ async fn execute(shared: &Arc<Shared>, workload: Workload) -> Result<Vec<Row>, S
             let (lease, complete, e2e) = join_consumers(consumers).await?;
             let (produce, p_elapsed) = produced?;
             let c_elapsed = consume_elapsed(shared, start);
+            phase("produce+lease+complete", cpu0, complete.items);
             let mut e2e_stats = OpStats {
                 items: e2e.len(),
                 ..Default::default()
@@ -674,7 +697,8 @@ async fn execute(shared: &Arc<Shared>, workload: Workload) -> Result<Vec<Row>, S
                 },
             ])
         }
-    }
+    };
+    Ok((rows?, phases))
 }
 
 /// Runs the producers until the budget is spent; returns their merged stats and how long they ran.

@@ -185,11 +185,16 @@ pub fn document(
     rows: &[Row],
     wall: Duration,
     cpu: Option<(f64, f64)>,
+    phases: &[CpuPhase],
     errors: &[String],
 ) -> Value {
     let mut results = serde_json::Map::new();
     for r in rows {
         results.insert(r.name.to_string(), r.json());
+    }
+    let mut per_item = serde_json::Map::new();
+    for p in phases {
+        per_item.insert(p.name.to_string(), json!(p.per_item_us()));
     }
     json!({
         "tool": "lessor bench",
@@ -205,6 +210,7 @@ pub fn document(
         },
         "wall_s": wall.as_secs_f64(),
         "results": Value::Object(results),
+        "cpu_us_per_item": Value::Object(per_item),
         "first_errors": errors,
     })
 }
@@ -255,6 +261,51 @@ impl CpuSample {
     }
 }
 
+/// CPU time (user + system) this process has used so far, from `/proc/self/stat` (Linux only; 10 ms steps).
+pub fn process_cpu() -> Option<Duration> {
+    let own_stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    let rest = own_stat.rsplit_once(')')?.1;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
+    // USER_HZ is 100 on every Linux architecture's user ABI.
+    Some(Duration::from_millis(ticks * 10))
+}
+
+/// The CPU this process spent in one phase of a run, per item: the figure that stays comparable when other
+/// processes share the machine (items/s does not). The process includes the in-process server and the clients.
+#[derive(Debug, Clone)]
+pub struct CpuPhase {
+    /// What the items are, e.g. `produce` or `lease+complete`.
+    pub name: &'static str,
+    /// CPU time (user + system) of the whole process during the phase.
+    pub cpu: Duration,
+    /// Items the phase counted.
+    pub items: u64,
+}
+
+impl CpuPhase {
+    /// Microseconds of CPU per item; `None` without items.
+    pub fn per_item_us(&self) -> Option<f64> {
+        (self.items > 0).then(|| self.cpu.as_secs_f64() * 1e6 / self.items as f64)
+    }
+}
+
+/// One line per phase: `cpu per item: produce 5.12 us (...)`.
+pub fn cpu_lines(phases: &[CpuPhase]) -> String {
+    let mut out = String::new();
+    for p in phases {
+        if let Some(us) = p.per_item_us() {
+            out.push_str(&format!(
+                "cpu per item: {} {us:.2} us ({:.2} s of CPU for {} items)\n",
+                p.name,
+                p.cpu.as_secs_f64(),
+                thousands(p.items as f64)
+            ));
+        }
+    }
+    out
+}
+
 /// The CPU model from `/proc/cpuinfo`, when there is one.
 pub fn cpu_model() -> Option<String> {
     let text = std::fs::read_to_string("/proc/cpuinfo").ok()?;
@@ -295,7 +346,7 @@ mod tests {
         assert!((0.49..=0.51).contains(&p50), "{p50}");
         let t = table(std::slice::from_ref(&row));
         assert!(t.contains("produce") && t.contains("500"), "{t}");
-        let doc = document(json!({}), &[row], Duration::from_secs(3), None, &[]);
+        let doc = document(json!({}), &[row], Duration::from_secs(3), None, &[], &[]);
         assert_eq!(doc["results"]["produce"]["items"], 1000);
         assert_eq!(doc["results"]["produce"]["items_per_s"], 500.0);
     }
