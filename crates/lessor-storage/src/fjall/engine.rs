@@ -40,6 +40,8 @@ use super::Durability;
 pub(crate) const FORMAT_FILE: &str = "LESSOR-FORMAT";
 /// Shortest pause between two reopen attempts for writes after a failed write.
 pub(crate) const REOPEN_BACKOFF: Duration = Duration::from_secs(1);
+/// A write or fsync taking this long is logged (at debug level) with what it spent the time on.
+const SLOW_WRITE: Duration = Duration::from_millis(10);
 /// Free space under which a background failure of fjall is taken for a full disk.
 const LOW_SPACE: u64 = 64 * 1024 * 1024;
 
@@ -143,6 +145,12 @@ impl fmt::Debug for Engine {
             .field("broken", &self.broken.load(Ordering::Relaxed))
             .finish()
     }
+}
+
+/// A tuning override from the environment, for benchmarks of fjall's settings (docs/benchmarks.md, "fjall: CPU
+/// per item and stalls"): not a supported setting. `None` when unset or not a number.
+pub(crate) fn tuning(name: &str) -> Option<u64> {
+    std::env::var(name).ok()?.trim().parse().ok()
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -266,7 +274,11 @@ impl Engine {
     }
 
     fn open_db(&self) -> Result<Database, StorageError> {
-        Database::builder(&self.dir)
+        let mut builder = Database::builder(&self.dir);
+        if let Some(n) = tuning("LESSOR_FJALL_WORKERS") {
+            builder = builder.worker_threads(usize::try_from(n).unwrap_or(1).max(1));
+        }
+        builder
             // Lessor decides when the journal is flushed and fsynced (see `commit_group`).
             .manual_journal_persist(true)
             // Reads happen once per partition open (a scan): a large block cache would only hold cold data.
@@ -543,11 +555,16 @@ impl Engine {
         #[cfg(not(test))]
         let _ = target;
         let injected = self.take_sync_fault();
+        let started = Instant::now();
         let res = if injected {
             Err(io::Error::other("injected fsync failure"))
         } else {
             self.sync_active_journal()
         };
+        let took = started.elapsed();
+        if took >= SLOW_WRITE {
+            tracing::debug!(store = self.label, fsync_ms = took.as_secs_f64() * 1000.0, "slow fsync");
+        }
         res.map_err(|e| self.poison(format!("fsync of the journal failed ({e})")))
     }
 
@@ -611,10 +628,26 @@ impl Engine {
             self.mark_broken(&e);
             return Err(e);
         }
+        let started = Instant::now();
+        let entries = batch.len();
         batch.commit().map_err(|e| self.write_failed(e))?;
+        let committed = started.elapsed();
         // Hand the journal to the OS in every mode: after this a process crash loses nothing.
         db.persist(PersistMode::Buffer)
             .map_err(|e| self.write_failed(e))?;
+        let total = started.elapsed();
+        if total >= SLOW_WRITE {
+            // The stall hunt (docs/benchmarks.md): a commit waits for fjall's journal lock (held by a memtable
+            // rotation or a flush worker's journal fsync and rotation) and sleeps while 4 sealed memtables wait
+            // for their flush; `RUST_LOG=fjall=debug` shows which of these fjall was doing.
+            tracing::debug!(
+                store = self.label,
+                entries,
+                commit_ms = committed.as_secs_f64() * 1000.0,
+                total_ms = total.as_secs_f64() * 1000.0,
+                "slow write"
+            );
+        }
         match self.durability {
             // Under the write lock: sequences follow the journal order.
             Durability::Sync => Ok(Some(self.written.fetch_add(1, Ordering::AcqRel) + 1)),

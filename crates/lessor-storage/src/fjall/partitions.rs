@@ -72,7 +72,8 @@ pub(crate) fn keyspace_options() -> KeyspaceCreateOptions {
     // they are flushed, which cut flush and compaction work enough to raise the drain rate from 99k to 126k items/s.
     // Memory stays bounded by the journal limit (see `Engine::open_db`: reaching it makes fjall flush the memtables
     // that pin the oldest journal).
-    KeyspaceCreateOptions::default().max_memtable_size(64 * 1024 * 1024)
+    let mib = super::engine::tuning("LESSOR_FJALL_MEMTABLE_MIB").unwrap_or(64);
+    KeyspaceCreateOptions::default().max_memtable_size(mib.clamp(1, 1024) * 1024 * 1024)
 }
 
 /// The key of `inner` (an item key or [`HWM_KEY`]) in partition `pid`.
