@@ -55,11 +55,17 @@ pub enum Fault {
     SyncFails,
 }
 
-/// One atomic change to one keyspace: `puts` then `dels`, each key at most once.
+/// One atomic change to one keyspace: `puts`, then `dels` and `once_dels`, each key at most once.
 pub(crate) struct Unit {
     pub(crate) keyspace: Arc<str>,
     pub(crate) puts: Vec<(Vec<u8>, Vec<u8>)>,
     pub(crate) dels: Vec<Vec<u8>>,
+    /// Deletions of keys that are written at most once in the store's life (an item's payload). They are written
+    /// as fjall's weak tombstones, which vanish together with the value they meet in a flush or compaction: an
+    /// item produced and completed within one memtable leaves nothing of its payload on disk, where a tombstone
+    /// would be flushed and carried down every level. On a key written twice, a weak tombstone could bring the
+    /// older value back, hence the rule.
+    pub(crate) once_dels: Vec<Vec<u8>>,
 }
 
 struct State {
@@ -493,6 +499,9 @@ impl Engine {
                     }
                     for k in u.dels {
                         batch.remove(ks, k);
+                    }
+                    for k in u.once_dels {
+                        batch.remove_weak(ks, k);
                     }
                     results.push(Ok(()));
                 }
@@ -961,7 +970,52 @@ mod tests {
             keyspace: Arc::from("k"),
             puts: vec![(key.as_bytes().to_vec(), b"v".to_vec())],
             dels: Vec::new(),
+            once_dels: Vec::new(),
         }]
+    }
+
+    /// A deletion in `once_dels` (a weak tombstone) hides its key at once, after a flush that meets the value and
+    /// after one that does not (the value was in an older table), and after a restart that replays the journal.
+    #[test]
+    fn once_dels_delete_for_good() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let del = |keys: &[&str]| {
+            vec![Unit {
+                keyspace: Arc::from("k"),
+                puts: Vec::new(),
+                dels: Vec::new(),
+                once_dels: keys.iter().map(|k| k.as_bytes().to_vec()).collect(),
+            }]
+        };
+        let ok = |rs: Vec<Result<(), StorageError>>| rs.into_iter().for_each(|r| r.expect("write"));
+        let present = |engine: &Engine, key: &str| {
+            let ks = engine.keyspace("k", false).expect("keyspace").expect("exists");
+            ks.get(key).expect("get").is_some()
+        };
+        let engine = open(dir.path());
+        let ks = engine.keyspace("k", false).expect("keyspace").expect("exists");
+        ok(engine.commit_group(unit("flushed")));
+        ks.rotate_memtable_and_wait().expect("flush");
+        ok(engine.commit_group(unit("in-memtable")));
+        ok(engine.commit_group(unit("kept")));
+        ok(engine.commit_group(del(&["flushed", "in-memtable"])));
+        for key in ["flushed", "in-memtable"] {
+            assert!(!present(&engine, key), "{key} deleted");
+        }
+        ks.rotate_memtable_and_wait().expect("flush");
+        for key in ["flushed", "in-memtable"] {
+            assert!(!present(&engine, key), "{key} stays deleted after a flush");
+        }
+        ok(engine.commit_group(unit("journal-only")));
+        ok(engine.commit_group(del(&["journal-only"])));
+        drop(ks);
+        engine.close();
+        drop(engine);
+        let engine = open(dir.path());
+        for key in ["flushed", "in-memtable", "journal-only"] {
+            assert!(!present(&engine, key), "{key} stays deleted after a restart");
+        }
+        assert!(present(&engine, "kept"));
     }
 
     /// The first fsync is held until the test releases it; every fsync reports the sequence it covers.

@@ -463,6 +463,7 @@ fn reclaimer_loop(shared: Weak<Shared>, rx: mpsc::Receiver<u64>) {
                 keyspace: shared.items.clone(),
                 puts: Vec::new(),
                 dels: step.dels,
+                once_dels: Vec::new(),
             })?;
             Ok((step.positions, step.finished))
         });
@@ -696,6 +697,7 @@ impl FjallStore {
                         .map(|(name, pid)| (deleting_key(*pid), name.as_bytes().to_vec()))
                         .collect(),
                     dels: chunk.iter().map(|(name, _)| catalog_key(name)).collect(),
+                    once_dels: Vec::new(),
                 })
                 .await?;
             for (name, pid) in chunk {
@@ -803,6 +805,7 @@ impl PartitionStore for FjallStore {
                     keyspace: self.shared.items.clone(),
                     puts: puts.by_ref().take(chunk.len()).collect(),
                     dels: Vec::new(),
+                    once_dels: Vec::new(),
                 })
                 .await?;
             for (name, pid) in chunk {
@@ -1083,10 +1086,13 @@ impl FjallPartition {
                 ));
             }
         }
-        let mut dels = Vec::with_capacity(gone.len() * 2 + dropped.len());
+        let mut dels = Vec::with_capacity(gone.len() + dropped.len());
+        // A payload key is written once, by the write that creates its id (ids never repeat within a pid, and a
+        // pid is reused only once nothing of it is left), so its deletion can be a weak tombstone.
+        let mut once_dels = Vec::with_capacity(gone.len());
         for id in gone {
             dels.push(pid_item_key(self.pid, id, false));
-            dels.push(pid_item_key(self.pid, id, true));
+            once_dels.push(pid_item_key(self.pid, id, true));
         }
         for (until, id) in dropped {
             dels.push(pid_dedup_key(self.pid, until, id));
@@ -1096,6 +1102,7 @@ impl FjallPartition {
                 keyspace: self.shared.items.clone(),
                 puts,
                 dels,
+                once_dels,
             },
             top,
         )
