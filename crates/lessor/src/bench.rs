@@ -161,6 +161,14 @@ const CALL_TIMEOUT: &str = "30s";
 pub async fn run(args: BenchArgs) -> Result<(), String> {
     let plan = Plan::from_args(&args)?;
     let wall = Instant::now();
+    // The in-process server logs only when asked (`RUST_LOG=lessor_storage=debug,fjall=debug` shows slow writes
+    // next to what the storage engine was doing): the bench's own output stays a table.
+    if std::env::var_os("RUST_LOG").is_some() {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_writer(std::io::stderr)
+            .try_init();
+    }
 
     // The server: our own, or the one given.
     let mut tempdir: Option<tempfile::TempDir> = None;
