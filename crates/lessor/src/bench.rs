@@ -48,7 +48,7 @@ use serde_json::json;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use report::{process_cpu, record, CpuPhase, OpStats, Row};
+use report::{process_cpu, record, thread_cpu, CpuPhase, OpStats, Row};
 
 /// What the benchmark does; see the module documentation.
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -598,25 +598,43 @@ impl Budget {
     }
 }
 
-/// CPU this process used since `from`, when `/proc` tells.
-fn cpu_since(from: Option<Duration>) -> Option<Duration> {
-    Some(process_cpu()?.saturating_sub(from?))
+/// Process and per-thread CPU counters at one moment (see [`CpuPhase`]).
+type CpuMark = (Option<Duration>, std::collections::BTreeMap<String, Duration>);
+
+fn cpu_mark() -> CpuMark {
+    (process_cpu(), thread_cpu())
+}
+
+/// The phase `name` that began at `from` and counted `items`, when `/proc` tells.
+fn cpu_phase(name: &'static str, from: &CpuMark, items: u64) -> Option<CpuPhase> {
+    let (cpu, threads) = cpu_mark();
+    let cpu = cpu?.saturating_sub(from.0?);
+    let mut threads: Vec<(String, Duration)> = threads
+        .into_iter()
+        .map(|(n, d)| {
+            let before = from.1.get(&n).copied().unwrap_or_default();
+            (n, d.saturating_sub(before))
+        })
+        .collect();
+    threads.sort_by(|a, b| b.1.cmp(&a.1));
+    Some(CpuPhase {
+        name,
+        cpu,
+        items,
+        threads,
+    })
 }
 
 /// Runs the workload and returns the result rows and the CPU each phase cost.
 async fn execute(shared: &Arc<Shared>, workload: Workload) -> Result<(Vec<Row>, Vec<CpuPhase>), String> {
     let plan = &shared.plan;
     let mut phases = Vec::new();
-    let mut phase = |name, from, items| {
-        if let Some(cpu) = cpu_since(from) {
-            phases.push(CpuPhase { name, cpu, items });
-        }
-    };
-    let cpu0 = process_cpu();
+    let mut phase = |name, from: &CpuMark, items| phases.extend(cpu_phase(name, from, items));
+    let cpu0 = cpu_mark();
     let rows: Result<Vec<Row>, String> = match workload {
         Workload::Produce => {
             let (produce, elapsed) = produce_phase(shared, plan.stop, plan.pace).await?;
-            phase("produce", cpu0, produce.items);
+            phase("produce", &cpu0, produce.items);
             Ok(vec![Row {
                 name: "produce",
                 stats: produce,
@@ -626,18 +644,18 @@ async fn execute(shared: &Arc<Shared>, workload: Workload) -> Result<(Vec<Row>, 
         }
         Workload::Drain => {
             let (produce, p_elapsed) = produce_phase(shared, plan.stop, plan.pace).await?;
-            phase("produce", cpu0, produce.items);
+            phase("produce", &cpu0, produce.items);
             let target = shared.produced.load(Ordering::Relaxed);
             let (stop_tx, stop_rx) = watch::channel(false);
             let start = Instant::now();
-            let cpu1 = process_cpu();
+            let cpu1 = cpu_mark();
             let consumers = spawn_consumers(shared, &stop_rx, false);
             wait_for_completion(shared, target, plan.drain_timeout).await;
             let _ = stop_tx.send(true);
             let (lease, complete, _) = join_consumers(consumers).await?;
             let c_elapsed = consume_elapsed(shared, start);
             // An item counts once here: leasing and completing it are one unit of work.
-            phase("lease+complete", cpu1, complete.items);
+            phase("lease+complete", &cpu1, complete.items);
             Ok(vec![
                 Row {
                     name: "produce",
@@ -672,7 +690,7 @@ async fn execute(shared: &Arc<Shared>, workload: Workload) -> Result<(Vec<Row>, 
             let (lease, complete, e2e) = join_consumers(consumers).await?;
             let (produce, p_elapsed) = produced?;
             let c_elapsed = consume_elapsed(shared, start);
-            phase("produce+lease+complete", cpu0, complete.items);
+            phase("produce+lease+complete", &cpu0, complete.items);
             let mut e2e_stats = OpStats {
                 items: e2e.len(),
                 ..Default::default()

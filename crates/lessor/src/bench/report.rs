@@ -271,6 +271,29 @@ pub fn process_cpu() -> Option<Duration> {
     Some(Duration::from_millis(ticks * 10))
 }
 
+/// CPU time (user + system) used so far by this process's threads, summed by thread name (`tokio-rt-worker`,
+/// `lessor-fjall-writer`, `fjall:worker`, ...), from `/proc/self/task` (Linux only; empty elsewhere). Threads that
+/// ended are missing, so a phase's breakdown covers the threads alive at both ends.
+pub fn thread_cpu() -> std::collections::BTreeMap<String, Duration> {
+    let mut out = std::collections::BTreeMap::new();
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return out;
+    };
+    for task in tasks.flatten() {
+        let Ok(stat) = std::fs::read_to_string(task.path().join("stat")) else {
+            continue;
+        };
+        let (Some(open), Some((head, rest))) = (stat.find('('), stat.rsplit_once(')')) else {
+            continue;
+        };
+        let name = head.get(open + 1..).unwrap_or_default().to_string();
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+        *out.entry(name).or_insert(Duration::ZERO) += Duration::from_millis((ticks(11) + ticks(12)) * 10);
+    }
+    out
+}
+
 /// The CPU this process spent in one phase of a run, per item: the figure that stays comparable when other
 /// processes share the machine (items/s does not). The process includes the in-process server and the clients.
 #[derive(Debug, Clone)]
@@ -281,6 +304,8 @@ pub struct CpuPhase {
     pub cpu: Duration,
     /// Items the phase counted.
     pub items: u64,
+    /// CPU time per thread name during the phase (see [`thread_cpu`]), largest first.
+    pub threads: Vec<(String, Duration)>,
 }
 
 impl CpuPhase {
@@ -301,6 +326,16 @@ pub fn cpu_lines(phases: &[CpuPhase]) -> String {
                 p.cpu.as_secs_f64(),
                 thousands(p.items as f64)
             ));
+            let total: f64 = p.threads.iter().map(|(_, d)| d.as_secs_f64()).sum();
+            if total > 0.0 {
+                let parts: Vec<String> = p
+                    .threads
+                    .iter()
+                    .filter(|(_, d)| !d.is_zero())
+                    .map(|(name, d)| format!("{name} {:.0}%", 100.0 * d.as_secs_f64() / total))
+                    .collect();
+                out.push_str(&format!("  by thread: {}\n", parts.join(", ")));
+            }
         }
     }
     out
