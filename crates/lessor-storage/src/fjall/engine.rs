@@ -100,6 +100,26 @@ pub(crate) struct Written {
     pub(crate) seq: Option<u64>,
 }
 
+/// A reference to a memtable of fjall, held so that Lessor, not fjall, frees it (see [`Memtables`]).
+type HeldMemtable = Arc<dyn std::any::Any + Send + Sync>;
+
+/// The memtables Lessor holds on to. fjall frees a flushed memtable when the last version that names it is
+/// dropped, and it drops old versions while holding a keyspace's version lock during the next memtable rotation;
+/// every write needs that lock, so freeing a 64 MiB memtable (millions of small allocations) stopped every write
+/// for 50 ms to more than a second (docs/benchmarks.md, "fjall: CPU per item and stalls"). Holding one more
+/// reference to each memtable until fjall has let go of it moves that work to the `lessor-fjall-reaper` thread,
+/// outside every lock of fjall.
+#[derive(Default)]
+struct Memtables {
+    /// Per keyspace: the id of the active memtable seen after the last write, and the memtable.
+    active: HashMap<Arc<str>, (u64, HeldMemtable)>,
+    /// Memtables that have been rotated out; freed once nobody else holds them.
+    retired: Vec<HeldMemtable>,
+}
+
+/// How often the reaper looks for retired memtables that fjall has let go of.
+const REAP_EVERY: Duration = Duration::from_millis(50);
+
 /// The interval fsync thread: dropping the sender wakes and stops it.
 struct Syncer {
     stop: mpsc::Sender<()>,
@@ -139,6 +159,10 @@ pub(crate) struct Engine {
     before_fsync: Mutex<Option<FsyncHook>>,
     fault: Mutex<Option<Fault>>,
     syncer: Mutex<Option<Syncer>>,
+    /// Memtables held so that they are freed outside fjall's locks.
+    memtables: Mutex<Memtables>,
+    /// The thread that frees them (same shape as the interval fsync thread).
+    reaper: Mutex<Option<Syncer>>,
 }
 
 impl fmt::Debug for Engine {
@@ -216,6 +240,8 @@ impl Engine {
             before_fsync: Mutex::new(None),
             fault: Mutex::new(None),
             syncer: Mutex::new(None),
+            memtables: Mutex::new(Memtables::default()),
+            reaper: Mutex::new(None),
         };
         let db = engine.open_db()?;
         lock(&engine.state).db = Some(db);
@@ -223,6 +249,7 @@ impl Engine {
         if let Durability::Interval(every) = durability {
             start_syncer(&engine, every)?;
         }
+        start_reaper(&engine)?;
         Ok((engine, found))
     }
 
@@ -399,6 +426,7 @@ impl Engine {
         // Every handle must go before fjall releases its lock file and a new instance can take it.
         st.keyspaces.clear();
         st.db = None;
+        *lock(&self.memtables) = Memtables::default();
         // The reopened database may start a new journal file: find it again.
         *lock(&self.journal) = None;
         match self.open_db() {
@@ -471,6 +499,7 @@ impl Engine {
     pub(crate) fn write_group(&self, units: Vec<Unit>) -> Written {
         let _w = lock(&self.write_lock);
         let n = units.len();
+        let names: Vec<Arc<str>> = units.iter().map(|u| u.keyspace.clone()).collect();
         let now = |results| Written { results, seq: None };
         if let Some(e) = self.poison.get() {
             return now(vec![Err(e.clone()); n]);
@@ -512,6 +541,9 @@ impl Engine {
             return now(results);
         }
         let outcome = self.commit_and_persist(&db, batch);
+        if outcome.is_ok() {
+            self.hold_memtables(&names, &handles);
+        }
         drop(handles);
         drop(db);
         match outcome {
@@ -598,6 +630,42 @@ impl Engine {
             Some((_, f)) => f.sync_data(),
             None => Ok(()),
         }
+    }
+
+    /// Notes the active memtable of every keyspace just written; one that changed since the last write was rotated
+    /// out, and the reference held to it moves to the retired list (see [`Memtables`]).
+    fn hold_memtables(&self, names: &[Arc<str>], handles: &[Result<Keyspace, StorageError>]) {
+        let mut m = lock(&self.memtables);
+        let mut checked: Vec<&Arc<str>> = Vec::new();
+        for (name, h) in names.iter().zip(handles) {
+            let Ok(ks) = h else { continue };
+            // A group usually writes one keyspace many times: look at each once.
+            if checked.contains(&name) {
+                continue;
+            }
+            checked.push(name);
+            let memtable = ks.tree.active_memtable();
+            let id = memtable.id();
+            if m.active.get(name).is_some_and(|(seen, _)| *seen == id) {
+                continue;
+            }
+            if let Some((_, old)) = m.active.insert(name.clone(), (id, memtable)) {
+                m.retired.push(old);
+            }
+        }
+    }
+
+    /// Frees the retired memtables nobody but Lessor holds any more, outside every lock. Called by the reaper.
+    fn reap_memtables(&self) {
+        let free: Vec<HeldMemtable> = {
+            let mut m = lock(&self.memtables);
+            let (free, keep) = std::mem::take(&mut m.retired)
+                .into_iter()
+                .partition(|held| Arc::strong_count(held) == 1);
+            m.retired = keep;
+            free
+        };
+        drop(free);
     }
 
     /// A cached keyspace handle; never creates one (a missing keyspace was destroyed).
@@ -768,10 +836,13 @@ impl Engine {
 
     /// Stops the interval thread, fsyncs what is pending and releases the database (and its lock). Blocking.
     pub(crate) fn close(&self) {
-        if let Some(s) = lock(&self.syncer).take() {
-            drop(s.stop);
-            let _ = s.thread.join();
+        for thread in [&self.syncer, &self.reaper] {
+            if let Some(s) = lock(thread).take() {
+                drop(s.stop);
+                let _ = s.thread.join();
+            }
         }
+        *lock(&self.memtables) = Memtables::default();
         let _w = lock(&self.write_lock);
         let mut st = lock(&self.state);
         if st.closed {
@@ -804,6 +875,22 @@ fn start_syncer(engine: &Arc<Engine>, every: Duration) -> Result<(), StorageErro
         })
         .map_err(|e| StorageError::other(format!("cannot start the fsync thread: {e}")))?;
     *lock(&engine.syncer) = Some(Syncer { stop, thread });
+    Ok(())
+}
+
+fn start_reaper(engine: &Arc<Engine>) -> Result<(), StorageError> {
+    let weak = Arc::downgrade(engine);
+    let (stop, rx) = mpsc::channel::<()>();
+    let thread = std::thread::Builder::new()
+        .name("lessor-fjall-reaper".into())
+        .spawn(move || {
+            while let Err(mpsc::RecvTimeoutError::Timeout) = rx.recv_timeout(REAP_EVERY) {
+                let Some(engine) = weak.upgrade() else { break };
+                engine.reap_memtables();
+            }
+        })
+        .map_err(|e| StorageError::other(format!("cannot start the memtable reaper thread: {e}")))?;
+    *lock(&engine.reaper) = Some(Syncer { stop, thread });
     Ok(())
 }
 
@@ -1016,6 +1103,40 @@ mod tests {
             assert!(!present(&engine, key), "{key} stays deleted after a restart");
         }
         assert!(present(&engine, "kept"));
+    }
+
+    /// A memtable rotated out is held by the engine (so fjall never frees it under its version lock) and freed by
+    /// the reaper once fjall has let go of it: nothing leaks.
+    #[test]
+    fn rotated_memtables_are_held_then_freed_by_the_reaper() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let engine = open(dir.path());
+        let ks = engine.keyspace("k", false).expect("keyspace").expect("exists");
+        let ok = |rs: Vec<Result<(), StorageError>>| rs.into_iter().for_each(|r| r.expect("write"));
+        ok(engine.commit_group(unit("a")));
+        let first = {
+            let m = lock(&engine.memtables);
+            Arc::downgrade(&m.active.get("k").expect("the written keyspace is tracked").1)
+        };
+        ks.rotate_memtable_and_wait().expect("flush");
+        ok(engine.commit_group(unit("b")));
+        {
+            let m = lock(&engine.memtables);
+            let retired: Vec<_> = m.retired.iter().map(Arc::downgrade).collect();
+            assert!(
+                retired.iter().any(|w| w.ptr_eq(&first)) || first.strong_count() == 0,
+                "the rotated memtable moved to the retired list"
+            );
+        }
+        // The next rotation drops fjall's old versions, and with them its last reference.
+        ks.rotate_memtable_and_wait().expect("flush");
+        ok(engine.commit_group(unit("c")));
+        let deadline = Instant::now() + WAIT;
+        while first.strong_count() > 0 {
+            assert!(Instant::now() < deadline, "the retired memtable was never freed");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert!(ks.get("a").expect("get").is_some(), "the data is in the tables");
     }
 
     /// The first fsync is held until the test releases it; every fsync reports the sequence it covers.
