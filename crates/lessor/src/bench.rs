@@ -616,7 +616,7 @@ fn cpu_phase(name: &'static str, from: &CpuMark, items: u64) -> Option<CpuPhase>
             (n, d.saturating_sub(before))
         })
         .collect();
-    threads.sort_by(|a, b| b.1.cmp(&a.1));
+    threads.sort_by_key(|t| std::cmp::Reverse(t.1));
     Some(CpuPhase {
         name,
         cpu,

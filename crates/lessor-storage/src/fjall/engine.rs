@@ -604,7 +604,11 @@ impl Engine {
         };
         let took = started.elapsed();
         if took >= SLOW_WRITE {
-            tracing::debug!(store = self.label, fsync_ms = took.as_secs_f64() * 1000.0, "slow fsync");
+            tracing::debug!(
+                store = self.label,
+                fsync_ms = took.as_secs_f64() * 1000.0,
+                "slow fsync"
+            );
         }
         res.map_err(|e| self.poison(format!("fsync of the journal failed ({e})")))
     }
