@@ -107,7 +107,7 @@ type HeldMemtable = Arc<dyn std::any::Any + Send + Sync>;
 /// dropped, and it drops old versions while holding a keyspace's version lock during the next memtable rotation;
 /// every write needs that lock, so freeing a 64 MiB memtable (millions of small allocations) stopped every write
 /// for 50 ms to more than a second (docs/benchmarks.md, "fjall: CPU per item and stalls"). Holding one more
-/// reference to each memtable until fjall has let go of it moves that work to the `lessor-fjall-reaper` thread,
+/// reference to each memtable until fjall has let go of it moves that work to the `lessor-memfree` thread,
 /// outside every lock of fjall.
 #[derive(Default)]
 struct Memtables {
@@ -886,7 +886,7 @@ fn start_reaper(engine: &Arc<Engine>) -> Result<(), StorageError> {
     let weak = Arc::downgrade(engine);
     let (stop, rx) = mpsc::channel::<()>();
     let thread = std::thread::Builder::new()
-        .name("lessor-fjall-reaper".into())
+        .name("lessor-memfree".into())
         .spawn(move || {
             while let Err(mpsc::RecvTimeoutError::Timeout) = rx.recv_timeout(REAP_EVERY) {
                 let Some(engine) = weak.upgrade() else { break };
