@@ -1088,7 +1088,9 @@ impl FjallPartition {
         }
         let mut dels = Vec::with_capacity(gone.len() + dropped.len());
         // A payload key is written once, by the write that creates its id (ids never repeat within a pid, and a
-        // pid is reused only once nothing of it is left), so its deletion can be a weak tombstone.
+        // pid is reused only once nothing of it is left), so its deletion can be a weak tombstone. Should a key
+        // ever be written twice anyway, the worst a weak tombstone can do is bring back an old payload without
+        // its metadata record, which `load` ignores: the metadata key keeps an ordinary tombstone.
         let mut once_dels = Vec::with_capacity(gone.len());
         for id in gone {
             dels.push(pid_item_key(self.pid, id, false));
