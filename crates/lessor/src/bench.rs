@@ -48,7 +48,7 @@ use serde_json::json;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use report::{record, OpStats, Row};
+use report::{process_cpu, record, thread_cpu, CpuPhase, OpStats, Row};
 
 /// What the benchmark does; see the module documentation.
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -161,6 +161,14 @@ const CALL_TIMEOUT: &str = "30s";
 pub async fn run(args: BenchArgs) -> Result<(), String> {
     let plan = Plan::from_args(&args)?;
     let wall = Instant::now();
+    // The in-process server logs only when asked (`RUST_LOG=lessor_storage=debug,fjall=debug` shows slow writes
+    // next to what the storage engine was doing): the bench's own output stays a table.
+    if std::env::var_os("RUST_LOG").is_some() {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_writer(std::io::stderr)
+            .try_init();
+    }
 
     // The server: our own, or the one given.
     let mut tempdir: Option<tempfile::TempDir> = None;
@@ -300,6 +308,10 @@ pub async fn run(args: BenchArgs) -> Result<(), String> {
     let progress = (!args.quiet).then(|| tokio::spawn(progress(shared.clone())));
     let cpu_before = report::CpuSample::now();
     let outcome = execute(&shared, args.workload).await;
+    let (outcome, phases) = match outcome {
+        Ok((rows, phases)) => (Ok(rows), phases),
+        Err(e) => (Err(e), Vec::new()),
+    };
     let cpu = cpu_before
         .zip(report::CpuSample::now())
         .and_then(|(a, b)| a.usage_since(&b));
@@ -339,6 +351,7 @@ pub async fn run(args: BenchArgs) -> Result<(), String> {
             std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0)
         );
     }
+    print!("{}", report::cpu_lines(&phases));
     if let Some(lag) = rows
         .iter()
         .map(|r| r.stats.lag_max)
@@ -371,7 +384,7 @@ pub async fn run(args: BenchArgs) -> Result<(), String> {
             "request_timeout": args.request_timeout,
             "queue": queue,
         });
-        let doc = report::document(config, &rows, wall.elapsed(), cpu, &errors);
+        let doc = report::document(config, &rows, wall.elapsed(), cpu, &phases, &errors);
         let text = serde_json::to_string_pretty(&doc).map_err(|e| format!("bench: {e}"))?;
         std::fs::write(path, text + "\n")
             .map_err(|e| format!("bench: cannot write '{}': {e}", path.display()))?;
@@ -585,12 +598,43 @@ impl Budget {
     }
 }
 
-/// Runs the workload and returns the result rows.
-async fn execute(shared: &Arc<Shared>, workload: Workload) -> Result<Vec<Row>, String> {
+/// Process and per-thread CPU counters at one moment (see [`CpuPhase`]).
+type CpuMark = (Option<Duration>, std::collections::BTreeMap<String, Duration>);
+
+fn cpu_mark() -> CpuMark {
+    (process_cpu(), thread_cpu())
+}
+
+/// The phase `name` that began at `from` and counted `items`, when `/proc` tells.
+fn cpu_phase(name: &'static str, from: &CpuMark, items: u64) -> Option<CpuPhase> {
+    let (cpu, threads) = cpu_mark();
+    let cpu = cpu?.saturating_sub(from.0?);
+    let mut threads: Vec<(String, Duration)> = threads
+        .into_iter()
+        .map(|(n, d)| {
+            let before = from.1.get(&n).copied().unwrap_or_default();
+            (n, d.saturating_sub(before))
+        })
+        .collect();
+    threads.sort_by_key(|t| std::cmp::Reverse(t.1));
+    Some(CpuPhase {
+        name,
+        cpu,
+        items,
+        threads,
+    })
+}
+
+/// Runs the workload and returns the result rows and the CPU each phase cost.
+async fn execute(shared: &Arc<Shared>, workload: Workload) -> Result<(Vec<Row>, Vec<CpuPhase>), String> {
     let plan = &shared.plan;
-    match workload {
+    let mut phases = Vec::new();
+    let mut phase = |name, from: &CpuMark, items| phases.extend(cpu_phase(name, from, items));
+    let cpu0 = cpu_mark();
+    let rows: Result<Vec<Row>, String> = match workload {
         Workload::Produce => {
             let (produce, elapsed) = produce_phase(shared, plan.stop, plan.pace).await?;
+            phase("produce", &cpu0, produce.items);
             Ok(vec![Row {
                 name: "produce",
                 stats: produce,
@@ -600,14 +644,18 @@ async fn execute(shared: &Arc<Shared>, workload: Workload) -> Result<Vec<Row>, S
         }
         Workload::Drain => {
             let (produce, p_elapsed) = produce_phase(shared, plan.stop, plan.pace).await?;
+            phase("produce", &cpu0, produce.items);
             let target = shared.produced.load(Ordering::Relaxed);
             let (stop_tx, stop_rx) = watch::channel(false);
             let start = Instant::now();
+            let cpu1 = cpu_mark();
             let consumers = spawn_consumers(shared, &stop_rx, false);
             wait_for_completion(shared, target, plan.drain_timeout).await;
             let _ = stop_tx.send(true);
             let (lease, complete, _) = join_consumers(consumers).await?;
             let c_elapsed = consume_elapsed(shared, start);
+            // An item counts once here: leasing and completing it are one unit of work.
+            phase("lease+complete", &cpu1, complete.items);
             Ok(vec![
                 Row {
                     name: "produce",
@@ -642,6 +690,7 @@ async fn execute(shared: &Arc<Shared>, workload: Workload) -> Result<Vec<Row>, S
             let (lease, complete, e2e) = join_consumers(consumers).await?;
             let (produce, p_elapsed) = produced?;
             let c_elapsed = consume_elapsed(shared, start);
+            phase("produce+lease+complete", &cpu0, complete.items);
             let mut e2e_stats = OpStats {
                 items: e2e.len(),
                 ..Default::default()
@@ -674,7 +723,8 @@ async fn execute(shared: &Arc<Shared>, workload: Workload) -> Result<Vec<Row>, S
                 },
             ])
         }
-    }
+    };
+    Ok((rows?, phases))
 }
 
 /// Runs the producers until the budget is spent; returns their merged stats and how long they ran.

@@ -168,6 +168,7 @@ impl AuthStore for FjallAuth {
                 keyspace,
                 puts: Vec::new(),
                 dels: Vec::new(),
+                once_dels: Vec::new(),
             };
             for (k, v) in last {
                 match v {
@@ -182,6 +183,7 @@ impl AuthStore for FjallAuth {
                     keyspace: meta,
                     puts: vec![(GENERATION_KEY.to_vec(), next.to_be_bytes().to_vec())],
                     dels: Vec::new(),
+                    once_dels: Vec::new(),
                 });
             }
             let outcome = engine

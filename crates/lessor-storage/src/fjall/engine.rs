@@ -40,6 +40,8 @@ use super::Durability;
 pub(crate) const FORMAT_FILE: &str = "LESSOR-FORMAT";
 /// Shortest pause between two reopen attempts for writes after a failed write.
 pub(crate) const REOPEN_BACKOFF: Duration = Duration::from_secs(1);
+/// A write or fsync taking this long is logged (at debug level) with what it spent the time on.
+const SLOW_WRITE: Duration = Duration::from_millis(10);
 /// Free space under which a background failure of fjall is taken for a full disk.
 const LOW_SPACE: u64 = 64 * 1024 * 1024;
 
@@ -53,11 +55,17 @@ pub enum Fault {
     SyncFails,
 }
 
-/// One atomic change to one keyspace: `puts` then `dels`, each key at most once.
+/// One atomic change to one keyspace: `puts`, then `dels` and `once_dels`, each key at most once.
 pub(crate) struct Unit {
     pub(crate) keyspace: Arc<str>,
     pub(crate) puts: Vec<(Vec<u8>, Vec<u8>)>,
     pub(crate) dels: Vec<Vec<u8>>,
+    /// Deletions of keys that are written at most once in the store's life (an item's payload). They are written
+    /// as fjall's weak tombstones, which vanish together with the value they meet in a flush or compaction: an
+    /// item produced and completed within one memtable leaves nothing of its payload on disk, where a tombstone
+    /// would be flushed and carried down every level. On a key written twice, a weak tombstone could bring the
+    /// older value back, hence the rule.
+    pub(crate) once_dels: Vec<Vec<u8>>,
 }
 
 struct State {
@@ -91,6 +99,26 @@ pub(crate) struct Written {
     pub(crate) results: Vec<Result<(), StorageError>>,
     pub(crate) seq: Option<u64>,
 }
+
+/// A reference to a memtable of fjall, held so that Lessor, not fjall, frees it (see [`Memtables`]).
+type HeldMemtable = Arc<dyn std::any::Any + Send + Sync>;
+
+/// The memtables Lessor holds on to. fjall frees a flushed memtable when the last version that names it is
+/// dropped, and it drops old versions while holding a keyspace's version lock during the next memtable rotation;
+/// every write needs that lock, so freeing a 64 MiB memtable (millions of small allocations) stopped every write
+/// for 50 ms to more than a second (docs/benchmarks.md, "fjall: CPU per item and stalls"). Holding one more
+/// reference to each memtable until fjall has let go of it moves that work to the `lessor-memfree` thread,
+/// outside every lock of fjall.
+#[derive(Default)]
+struct Memtables {
+    /// Per keyspace: the id of the active memtable seen after the last write, and the memtable.
+    active: HashMap<Arc<str>, (u64, HeldMemtable)>,
+    /// Memtables that have been rotated out; freed once nobody else holds them.
+    retired: Vec<HeldMemtable>,
+}
+
+/// How often the reaper looks for retired memtables that fjall has let go of.
+const REAP_EVERY: Duration = Duration::from_millis(50);
 
 /// The interval fsync thread: dropping the sender wakes and stops it.
 struct Syncer {
@@ -131,6 +159,10 @@ pub(crate) struct Engine {
     before_fsync: Mutex<Option<FsyncHook>>,
     fault: Mutex<Option<Fault>>,
     syncer: Mutex<Option<Syncer>>,
+    /// Memtables held so that they are freed outside fjall's locks.
+    memtables: Mutex<Memtables>,
+    /// The thread that frees them (same shape as the interval fsync thread).
+    reaper: Mutex<Option<Syncer>>,
 }
 
 impl fmt::Debug for Engine {
@@ -143,6 +175,12 @@ impl fmt::Debug for Engine {
             .field("broken", &self.broken.load(Ordering::Relaxed))
             .finish()
     }
+}
+
+/// A tuning override from the environment, for benchmarks of fjall's settings (docs/benchmarks.md, "fjall: CPU
+/// per item and stalls"): not a supported setting. `None` when unset or not a number.
+pub(crate) fn tuning(name: &str) -> Option<u64> {
+    std::env::var(name).ok()?.trim().parse().ok()
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -202,6 +240,8 @@ impl Engine {
             before_fsync: Mutex::new(None),
             fault: Mutex::new(None),
             syncer: Mutex::new(None),
+            memtables: Mutex::new(Memtables::default()),
+            reaper: Mutex::new(None),
         };
         let db = engine.open_db()?;
         lock(&engine.state).db = Some(db);
@@ -209,6 +249,7 @@ impl Engine {
         if let Durability::Interval(every) = durability {
             start_syncer(&engine, every)?;
         }
+        start_reaper(&engine)?;
         Ok((engine, found))
     }
 
@@ -266,7 +307,11 @@ impl Engine {
     }
 
     fn open_db(&self) -> Result<Database, StorageError> {
-        Database::builder(&self.dir)
+        let mut builder = Database::builder(&self.dir);
+        if let Some(n) = tuning("LESSOR_FJALL_WORKERS") {
+            builder = builder.worker_threads(usize::try_from(n).unwrap_or(1).max(1));
+        }
+        builder
             // Lessor decides when the journal is flushed and fsynced (see `commit_group`).
             .manual_journal_persist(true)
             // Reads happen once per partition open (a scan): a large block cache would only hold cold data.
@@ -381,6 +426,7 @@ impl Engine {
         // Every handle must go before fjall releases its lock file and a new instance can take it.
         st.keyspaces.clear();
         st.db = None;
+        *lock(&self.memtables) = Memtables::default();
         // The reopened database may start a new journal file: find it again.
         *lock(&self.journal) = None;
         match self.open_db() {
@@ -453,6 +499,7 @@ impl Engine {
     pub(crate) fn write_group(&self, units: Vec<Unit>) -> Written {
         let _w = lock(&self.write_lock);
         let n = units.len();
+        let names: Vec<Arc<str>> = units.iter().map(|u| u.keyspace.clone()).collect();
         let now = |results| Written { results, seq: None };
         if let Some(e) = self.poison.get() {
             return now(vec![Err(e.clone()); n]);
@@ -482,6 +529,9 @@ impl Engine {
                     for k in u.dels {
                         batch.remove(ks, k);
                     }
+                    for k in u.once_dels {
+                        batch.remove_weak(ks, k);
+                    }
                     results.push(Ok(()));
                 }
                 Err(e) => results.push(Err(e.clone())),
@@ -491,6 +541,9 @@ impl Engine {
             return now(results);
         }
         let outcome = self.commit_and_persist(&db, batch);
+        if outcome.is_ok() {
+            self.hold_memtables(&names, &handles);
+        }
         drop(handles);
         drop(db);
         match outcome {
@@ -543,11 +596,20 @@ impl Engine {
         #[cfg(not(test))]
         let _ = target;
         let injected = self.take_sync_fault();
+        let started = Instant::now();
         let res = if injected {
             Err(io::Error::other("injected fsync failure"))
         } else {
             self.sync_active_journal()
         };
+        let took = started.elapsed();
+        if took >= SLOW_WRITE {
+            tracing::debug!(
+                store = self.label,
+                fsync_ms = took.as_secs_f64() * 1000.0,
+                "slow fsync"
+            );
+        }
         res.map_err(|e| self.poison(format!("fsync of the journal failed ({e})")))
     }
 
@@ -572,6 +634,42 @@ impl Engine {
             Some((_, f)) => f.sync_data(),
             None => Ok(()),
         }
+    }
+
+    /// Notes the active memtable of every keyspace just written; one that changed since the last write was rotated
+    /// out, and the reference held to it moves to the retired list (see [`Memtables`]).
+    fn hold_memtables(&self, names: &[Arc<str>], handles: &[Result<Keyspace, StorageError>]) {
+        let mut m = lock(&self.memtables);
+        let mut checked: Vec<&Arc<str>> = Vec::new();
+        for (name, h) in names.iter().zip(handles) {
+            let Ok(ks) = h else { continue };
+            // A group usually writes one keyspace many times: look at each once.
+            if checked.contains(&name) {
+                continue;
+            }
+            checked.push(name);
+            let memtable = ks.tree.active_memtable();
+            let id = memtable.id();
+            if m.active.get(name).is_some_and(|(seen, _)| *seen == id) {
+                continue;
+            }
+            if let Some((_, old)) = m.active.insert(name.clone(), (id, memtable)) {
+                m.retired.push(old);
+            }
+        }
+    }
+
+    /// Frees the retired memtables nobody but Lessor holds any more, outside every lock. Called by the reaper.
+    fn reap_memtables(&self) {
+        let free: Vec<HeldMemtable> = {
+            let mut m = lock(&self.memtables);
+            let (free, keep) = std::mem::take(&mut m.retired)
+                .into_iter()
+                .partition(|held| Arc::strong_count(held) == 1);
+            m.retired = keep;
+            free
+        };
+        drop(free);
     }
 
     /// A cached keyspace handle; never creates one (a missing keyspace was destroyed).
@@ -611,10 +709,26 @@ impl Engine {
             self.mark_broken(&e);
             return Err(e);
         }
+        let started = Instant::now();
+        let entries = batch.len();
         batch.commit().map_err(|e| self.write_failed(e))?;
+        let committed = started.elapsed();
         // Hand the journal to the OS in every mode: after this a process crash loses nothing.
         db.persist(PersistMode::Buffer)
             .map_err(|e| self.write_failed(e))?;
+        let total = started.elapsed();
+        if total >= SLOW_WRITE {
+            // The stall hunt (docs/benchmarks.md): a commit waits for fjall's journal lock (held by a memtable
+            // rotation or a flush worker's journal fsync and rotation) and sleeps while 4 sealed memtables wait
+            // for their flush; `RUST_LOG=fjall=debug` shows which of these fjall was doing.
+            tracing::debug!(
+                store = self.label,
+                entries,
+                commit_ms = committed.as_secs_f64() * 1000.0,
+                total_ms = total.as_secs_f64() * 1000.0,
+                "slow write"
+            );
+        }
         match self.durability {
             // Under the write lock: sequences follow the journal order.
             Durability::Sync => Ok(Some(self.written.fetch_add(1, Ordering::AcqRel) + 1)),
@@ -726,10 +840,13 @@ impl Engine {
 
     /// Stops the interval thread, fsyncs what is pending and releases the database (and its lock). Blocking.
     pub(crate) fn close(&self) {
-        if let Some(s) = lock(&self.syncer).take() {
-            drop(s.stop);
-            let _ = s.thread.join();
+        for thread in [&self.syncer, &self.reaper] {
+            if let Some(s) = lock(thread).take() {
+                drop(s.stop);
+                let _ = s.thread.join();
+            }
         }
+        *lock(&self.memtables) = Memtables::default();
         let _w = lock(&self.write_lock);
         let mut st = lock(&self.state);
         if st.closed {
@@ -762,6 +879,22 @@ fn start_syncer(engine: &Arc<Engine>, every: Duration) -> Result<(), StorageErro
         })
         .map_err(|e| StorageError::other(format!("cannot start the fsync thread: {e}")))?;
     *lock(&engine.syncer) = Some(Syncer { stop, thread });
+    Ok(())
+}
+
+fn start_reaper(engine: &Arc<Engine>) -> Result<(), StorageError> {
+    let weak = Arc::downgrade(engine);
+    let (stop, rx) = mpsc::channel::<()>();
+    let thread = std::thread::Builder::new()
+        .name("lessor-memfree".into())
+        .spawn(move || {
+            while let Err(mpsc::RecvTimeoutError::Timeout) = rx.recv_timeout(REAP_EVERY) {
+                let Some(engine) = weak.upgrade() else { break };
+                engine.reap_memtables();
+            }
+        })
+        .map_err(|e| StorageError::other(format!("cannot start the memtable reaper thread: {e}")))?;
+    *lock(&engine.reaper) = Some(Syncer { stop, thread });
     Ok(())
 }
 
@@ -928,7 +1061,86 @@ mod tests {
             keyspace: Arc::from("k"),
             puts: vec![(key.as_bytes().to_vec(), b"v".to_vec())],
             dels: Vec::new(),
+            once_dels: Vec::new(),
         }]
+    }
+
+    /// A deletion in `once_dels` (a weak tombstone) hides its key at once, after a flush that meets the value and
+    /// after one that does not (the value was in an older table), and after a restart that replays the journal.
+    #[test]
+    fn once_dels_delete_for_good() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let del = |keys: &[&str]| {
+            vec![Unit {
+                keyspace: Arc::from("k"),
+                puts: Vec::new(),
+                dels: Vec::new(),
+                once_dels: keys.iter().map(|k| k.as_bytes().to_vec()).collect(),
+            }]
+        };
+        let ok = |rs: Vec<Result<(), StorageError>>| rs.into_iter().for_each(|r| r.expect("write"));
+        let present = |engine: &Engine, key: &str| {
+            let ks = engine.keyspace("k", false).expect("keyspace").expect("exists");
+            ks.get(key).expect("get").is_some()
+        };
+        let engine = open(dir.path());
+        let ks = engine.keyspace("k", false).expect("keyspace").expect("exists");
+        ok(engine.commit_group(unit("flushed")));
+        ks.rotate_memtable_and_wait().expect("flush");
+        ok(engine.commit_group(unit("in-memtable")));
+        ok(engine.commit_group(unit("kept")));
+        ok(engine.commit_group(del(&["flushed", "in-memtable"])));
+        for key in ["flushed", "in-memtable"] {
+            assert!(!present(&engine, key), "{key} deleted");
+        }
+        ks.rotate_memtable_and_wait().expect("flush");
+        for key in ["flushed", "in-memtable"] {
+            assert!(!present(&engine, key), "{key} stays deleted after a flush");
+        }
+        ok(engine.commit_group(unit("journal-only")));
+        ok(engine.commit_group(del(&["journal-only"])));
+        drop(ks);
+        engine.close();
+        drop(engine);
+        let engine = open(dir.path());
+        for key in ["flushed", "in-memtable", "journal-only"] {
+            assert!(!present(&engine, key), "{key} stays deleted after a restart");
+        }
+        assert!(present(&engine, "kept"));
+    }
+
+    /// A memtable rotated out is held by the engine (so fjall never frees it under its version lock) and freed by
+    /// the reaper once fjall has let go of it: nothing leaks.
+    #[test]
+    fn rotated_memtables_are_held_then_freed_by_the_reaper() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let engine = open(dir.path());
+        let ks = engine.keyspace("k", false).expect("keyspace").expect("exists");
+        let ok = |rs: Vec<Result<(), StorageError>>| rs.into_iter().for_each(|r| r.expect("write"));
+        ok(engine.commit_group(unit("a")));
+        let first = {
+            let m = lock(&engine.memtables);
+            Arc::downgrade(&m.active.get("k").expect("the written keyspace is tracked").1)
+        };
+        ks.rotate_memtable_and_wait().expect("flush");
+        ok(engine.commit_group(unit("b")));
+        {
+            let m = lock(&engine.memtables);
+            let retired: Vec<_> = m.retired.iter().map(Arc::downgrade).collect();
+            assert!(
+                retired.iter().any(|w| w.ptr_eq(&first)) || first.strong_count() == 0,
+                "the rotated memtable moved to the retired list"
+            );
+        }
+        // The next rotation drops fjall's old versions, and with them its last reference.
+        ks.rotate_memtable_and_wait().expect("flush");
+        ok(engine.commit_group(unit("c")));
+        let deadline = Instant::now() + WAIT;
+        while first.strong_count() > 0 {
+            assert!(Instant::now() < deadline, "the retired memtable was never freed");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert!(ks.get("a").expect("get").is_some(), "the data is in the tables");
     }
 
     /// The first fsync is held until the test releases it; every fsync reports the sequence it covers.

@@ -81,7 +81,8 @@ pub(crate) fn keyspace_options() -> KeyspaceCreateOptions {
     // they are flushed, which cut flush and compaction work enough to raise the drain rate from 99k to 126k items/s.
     // Memory stays bounded by the journal limit (see `Engine::open_db`: reaching it makes fjall flush the memtables
     // that pin the oldest journal).
-    KeyspaceCreateOptions::default().max_memtable_size(64 * 1024 * 1024)
+    let mib = super::engine::tuning("LESSOR_FJALL_MEMTABLE_MIB").unwrap_or(64);
+    KeyspaceCreateOptions::default().max_memtable_size(mib.clamp(1, 1024) * 1024 * 1024)
 }
 
 /// The key of `inner` (an item key or [`HWM_KEY`]) in partition `pid`.
@@ -518,6 +519,7 @@ fn reclaimer_loop(shared: Weak<Shared>, rx: mpsc::Receiver<u64>) {
                 keyspace: shared.items.clone(),
                 puts: Vec::new(),
                 dels: step.dels,
+                once_dels: Vec::new(),
             })?;
             Ok((step.positions, step.popped, step.finished))
         });
@@ -816,6 +818,7 @@ impl FjallStore {
                         .map(|(name, pid)| (deleting_key(*pid), name.as_bytes().to_vec()))
                         .collect(),
                     dels: chunk.iter().map(|(name, _)| catalog_key(name)).collect(),
+                    once_dels: Vec::new(),
                 })
                 .await?;
             for (name, pid) in chunk {
@@ -924,6 +927,7 @@ impl PartitionStore for FjallStore {
                     keyspace: self.shared.items.clone(),
                     puts: puts.by_ref().take(chunk.len()).collect(),
                     dels: Vec::new(),
+                    once_dels: Vec::new(),
                 })
                 .await?;
             for (name, pid) in chunk {
@@ -1563,12 +1567,18 @@ impl FjallPartition {
                 ));
             }
         }
+        // A payload key is written once, by the write that creates its id, or by the page-in of a paged item,
+        // which had no item keys before (ids never repeat within a pid, a pid is reused only once nothing of it is
+        // left, and only new items are paged), so its deletion can be a weak tombstone. Should a key ever be
+        // written twice anyway, the worst a weak tombstone can do is bring back an old payload without its
+        // metadata record, which `load` ignores: the metadata key keeps an ordinary tombstone.
+        let mut once_dels = Vec::with_capacity(gone.len());
         for id in gone {
             if unpaged.contains(&id) && !paged_in.contains(&id) {
                 continue;
             }
             dels.push(pid_item_key(self.pid, id, false));
-            dels.push(pid_item_key(self.pid, id, true));
+            once_dels.push(pid_item_key(self.pid, id, true));
         }
         for &(prio, id) in &ch.unpaged {
             dels.push(pg::record_key(self.pid, prio, id.0));
@@ -1581,6 +1591,7 @@ impl FjallPartition {
                 keyspace: self.shared.items.clone(),
                 puts,
                 dels,
+                once_dels,
             },
             top,
         )

@@ -114,11 +114,13 @@ impl FjallQueues {
                     keyspace,
                     puts: vec![(key, v)],
                     dels: Vec::new(),
+                    once_dels: Vec::new(),
                 },
                 None => Unit {
                     keyspace,
                     puts: Vec::new(),
                     dels: vec![key],
+                    once_dels: Vec::new(),
                 },
             };
             engine.commit_group(vec![unit]).pop().unwrap_or(Ok(()))

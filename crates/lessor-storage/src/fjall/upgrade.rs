@@ -99,6 +99,7 @@ fn write(engine: &Engine, keyspace: &str, puts: Vec<(Vec<u8>, Vec<u8>)>) -> Resu
         keyspace: keyspace.into(),
         puts,
         dels: Vec::new(),
+        once_dels: Vec::new(),
     }]);
     results.pop().unwrap_or(Ok(()))
 }

@@ -185,11 +185,16 @@ pub fn document(
     rows: &[Row],
     wall: Duration,
     cpu: Option<(f64, f64)>,
+    phases: &[CpuPhase],
     errors: &[String],
 ) -> Value {
     let mut results = serde_json::Map::new();
     for r in rows {
         results.insert(r.name.to_string(), r.json());
+    }
+    let mut per_item = serde_json::Map::new();
+    for p in phases {
+        per_item.insert(p.name.to_string(), json!(p.per_item_us()));
     }
     json!({
         "tool": "lessor bench",
@@ -205,6 +210,7 @@ pub fn document(
         },
         "wall_s": wall.as_secs_f64(),
         "results": Value::Object(results),
+        "cpu_us_per_item": Value::Object(per_item),
         "first_errors": errors,
     })
 }
@@ -255,6 +261,86 @@ impl CpuSample {
     }
 }
 
+/// CPU time (user + system) this process has used so far, from `/proc/self/stat` (Linux only; 10 ms steps).
+pub fn process_cpu() -> Option<Duration> {
+    let own_stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    let rest = own_stat.rsplit_once(')')?.1;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
+    // USER_HZ is 100 on every Linux architecture's user ABI.
+    Some(Duration::from_millis(ticks * 10))
+}
+
+/// CPU time (user + system) used so far by this process's threads, summed by thread name (`tokio-rt-worker`,
+/// `lessor-fjall-writer`, `fjall:worker`, ...), from `/proc/self/task` (Linux only; empty elsewhere). Threads that
+/// ended are missing, so a phase's breakdown covers the threads alive at both ends.
+pub fn thread_cpu() -> std::collections::BTreeMap<String, Duration> {
+    let mut out = std::collections::BTreeMap::new();
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return out;
+    };
+    for task in tasks.flatten() {
+        let Ok(stat) = std::fs::read_to_string(task.path().join("stat")) else {
+            continue;
+        };
+        let (Some(open), Some((head, rest))) = (stat.find('('), stat.rsplit_once(')')) else {
+            continue;
+        };
+        let name = head.get(open + 1..).unwrap_or_default().to_string();
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+        *out.entry(name).or_insert(Duration::ZERO) += Duration::from_millis((ticks(11) + ticks(12)) * 10);
+    }
+    out
+}
+
+/// The CPU this process spent in one phase of a run, per item: the figure that stays comparable when other
+/// processes share the machine (items/s does not). The process includes the in-process server and the clients.
+#[derive(Debug, Clone)]
+pub struct CpuPhase {
+    /// What the items are, e.g. `produce` or `lease+complete`.
+    pub name: &'static str,
+    /// CPU time (user + system) of the whole process during the phase.
+    pub cpu: Duration,
+    /// Items the phase counted.
+    pub items: u64,
+    /// CPU time per thread name during the phase (see [`thread_cpu`]), largest first.
+    pub threads: Vec<(String, Duration)>,
+}
+
+impl CpuPhase {
+    /// Microseconds of CPU per item; `None` without items.
+    pub fn per_item_us(&self) -> Option<f64> {
+        (self.items > 0).then(|| self.cpu.as_secs_f64() * 1e6 / self.items as f64)
+    }
+}
+
+/// One line per phase: `cpu per item: produce 5.12 us (...)`.
+pub fn cpu_lines(phases: &[CpuPhase]) -> String {
+    let mut out = String::new();
+    for p in phases {
+        if let Some(us) = p.per_item_us() {
+            out.push_str(&format!(
+                "cpu per item: {} {us:.2} us ({:.2} s of CPU for {} items)\n",
+                p.name,
+                p.cpu.as_secs_f64(),
+                thousands(p.items as f64)
+            ));
+            let total: f64 = p.threads.iter().map(|(_, d)| d.as_secs_f64()).sum();
+            if total > 0.0 {
+                let parts: Vec<String> = p
+                    .threads
+                    .iter()
+                    .filter(|(_, d)| !d.is_zero())
+                    .map(|(name, d)| format!("{name} {:.0}%", 100.0 * d.as_secs_f64() / total))
+                    .collect();
+                out.push_str(&format!("  by thread: {}\n", parts.join(", ")));
+            }
+        }
+    }
+    out
+}
+
 /// The CPU model from `/proc/cpuinfo`, when there is one.
 pub fn cpu_model() -> Option<String> {
     let text = std::fs::read_to_string("/proc/cpuinfo").ok()?;
@@ -295,7 +381,7 @@ mod tests {
         assert!((0.49..=0.51).contains(&p50), "{p50}");
         let t = table(std::slice::from_ref(&row));
         assert!(t.contains("produce") && t.contains("500"), "{t}");
-        let doc = document(json!({}), &[row], Duration::from_secs(3), None, &[]);
+        let doc = document(json!({}), &[row], Duration::from_secs(3), None, &[], &[]);
         assert_eq!(doc["results"]["produce"]["items"], 1000);
         assert_eq!(doc["results"]["produce"]["items_per_s"], 500.0);
     }
