@@ -42,12 +42,12 @@ pub struct FjallConfig {
     /// `durability` with its `sync-interval`.
     pub durability: Durability,
     /// `memory-window-items`: ready items a partition keeps in memory before it pages the rest of its backlog
-    /// (default 100,000; only the partition store uses it).
+    /// (default 1,000,000; only the partition store uses it).
     pub memory_window: usize,
 }
 
 /// Default of `memory-window-items` (the backend's own constant, repeated for builds without it).
-pub const DEFAULT_MEMORY_WINDOW: usize = 100_000;
+pub const DEFAULT_MEMORY_WINDOW: usize = 1_000_000;
 
 #[cfg(feature = "fjall")]
 fn parse(s: &Settings) -> Result<Arc<dyn DriverConfig>, SpecError> {
