@@ -13,20 +13,8 @@ BIN=${LESSOR_BIN:-$(dirname "$0")/../target/release/lessor}
 ROOT=${MEASURE_ROOT:-/tmp/lessor-paging}/run-$LABEL
 rm -rf $ROOT; mkdir -p $ROOT/data
 EP=http://127.0.0.1:$PORT
-cat > $ROOT/config.yaml <<YAML
-address: 127.0.0.1:$PORT
-queue-storage:
-  driver: fjall
-  config:
-    storage-dir: $ROOT/data
-partition-storage:
-  - name: disk-0
-    driver: fjall
-    affinity: 1
-    config:
-      storage-dir: $ROOT/data
-      ${WINDOW:+memory-window-items: $WINDOW}
-YAML
+. "$(dirname "$0")/paging-lib.sh"
+paging_config $ROOT $PORT ${WINDOW:+"memory-window-items: $WINDOW"}
 OUT=$ROOT/results.txt
 load() { uptime | sed 's/.*load average: /load /'; }
 start_server() { # $1: queue to lease from

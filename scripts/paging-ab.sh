@@ -6,29 +6,15 @@
 PAIRS=$1; OUT=$2; PORT=$3
 EP=http://127.0.0.1:$PORT
 ROOT=${MEASURE_ROOT:-/tmp/lessor-paging-ab}
+. "$(dirname "$0")/paging-lib.sh"
 run() { # label workload args...
   local label=$1 wl=$2; shift 2
   rm -rf $ROOT; mkdir -p $ROOT/data
   local extra=""
-  [ $label = br ] && extra="      memory-window-items: 4294967295"
-  cat > $ROOT/config.yaml <<YAML
-address: 127.0.0.1:$PORT
-queue-storage:
-  driver: fjall
-  config:
-    storage-dir: $ROOT/data
-partition-storage:
-  - name: disk-0
-    driver: fjall
-    affinity: 1
-    config:
-      storage-dir: $ROOT/data
-      durability: sync
-$extra
-YAML
-  ${LESSOR_BIN_PREFIX:-/tmp/lessor-}$label server --config $ROOT/config.yaml > $ROOT/server.log 2>&1 &
-  local spid=$!
-  until curl -sf $EP/health >/dev/null 2>&1; do sleep 0.05; done
+  [ $label = br ] && extra="memory-window-items: 4294967295"
+  paging_config $ROOT $PORT "durability: sync" "$extra"
+  paging_start ${LESSOR_BIN_PREFIX:-/tmp/lessor-}$label $ROOT $EP
+  local spid=$SPID
   local up=$(uptime | sed 's/.*load average: //')
   local res=$(timeout 300 ${LESSOR_BIN_PREFIX:-/tmp/lessor-}$label bench --endpoint $EP --producers 4 --consumers 4 --batch 100 --payload 100 --workload $wl "$@" 2>&1)
   kill -TERM $spid; wait $spid

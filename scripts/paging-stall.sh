@@ -4,23 +4,12 @@
 BIN=$1; PORT=$2; ROOT=$3
 rm -rf $ROOT; mkdir -p $ROOT/data
 EP=http://127.0.0.1:$PORT
-cat > $ROOT/config.yaml <<YAML
-address: 127.0.0.1:$PORT
-queue-storage:
-  driver: fjall
-  config:
-    storage-dir: $ROOT/data
-partition-storage:
-  - name: disk-0
-    driver: fjall
-    affinity: 1
-    config:
-      storage-dir: $ROOT/data
-YAML
+. "$(dirname "$0")/paging-lib.sh"
+paging_config $ROOT $PORT
 OUT=$ROOT/results.txt
 load() { uptime | sed 's/.*load average: /load /'; }
 summary() { awk '$1=="produce"||$1=="lease"||$1=="complete"{printf "%s %s items/s p99 %s p99.9 %s max %s; ", $1, $4, $6, $7, $8}' $1; }
-start() { $BIN server --config $ROOT/config.yaml > $ROOT/server.log 2>&1 & SPID=$!; until curl -sf $EP/health >/dev/null 2>&1; do sleep 0.05; done; }
+start() { paging_start $BIN $ROOT $EP; }
 start
 $BIN create --endpoint $EP deep --lease-timeout 1m --expire-timeout 720h > /dev/null 2>&1
 $BIN bench --endpoint $EP --queue deep --workload produce --items 10000000 --batch 1000 --producers 4 --payload 100 --quiet > $ROOT/prefill.txt 2>&1

@@ -599,16 +599,22 @@ impl PartitionState {
     pub fn forget_paged(&mut self, p: u8) {
         let p = usize::from(p.min(MAX_PRIORITY));
         if self.paged.count[p] > 0 {
-            tracing::warn!(
-                priority = p,
-                missing = self.paged.count[p],
-                "paged item count above what the disk holds; corrected"
-            );
-            self.paged.count[p] = 0;
-            self.paged.settle(p);
+            self.trust_the_disk(p);
             self.paged_epoch += 1;
             self.paged_dirty = true;
         }
+    }
+
+    /// Priority `p`'s paged count is above what its records on disk hold (it cannot be, short of a bug): says so
+    /// and takes the disk's word, so that leases stop waiting for items that are not there.
+    fn trust_the_disk(&mut self, p: usize) {
+        tracing::warn!(
+            priority = p,
+            missing = self.paged.count[p],
+            "paged item count above what the disk holds; corrected"
+        );
+        self.paged.count[p] = 0;
+        self.paged.settle(p);
     }
 
     /// The reads a backend should do around an operation that leases `want` items. `urgent`: only what the lease
@@ -677,14 +683,7 @@ impl PartitionState {
         }
         if self.paged.count[p] > 0 {
             if exhausted {
-                // The counters claim more than the disk holds (they cannot, short of a bug): trust the disk.
-                tracing::warn!(
-                    priority = p,
-                    missing = self.paged.count[p],
-                    "paged item count above what the disk holds; corrected"
-                );
-                self.paged.count[p] = 0;
-                self.paged.settle(p);
+                self.trust_the_disk(p);
             } else if let Some(last) = last {
                 self.paged.from[p] = last + 1;
             }
