@@ -866,36 +866,44 @@ impl Engine {
 }
 
 fn start_syncer(engine: &Arc<Engine>, every: Duration) -> Result<(), StorageError> {
-    let weak = Arc::downgrade(engine);
-    let (stop, rx) = mpsc::channel::<()>();
-    let thread = std::thread::Builder::new()
-        .name("lessor-fjall-sync".into())
-        .spawn(move || {
-            // A message or a dropped sender both mean stop.
-            while let Err(mpsc::RecvTimeoutError::Timeout) = rx.recv_timeout(every) {
-                let Some(engine) = weak.upgrade() else { break };
-                engine.sync_if_dirty();
-            }
-        })
-        .map_err(|e| StorageError::other(format!("cannot start the fsync thread: {e}")))?;
-    *lock(&engine.syncer) = Some(Syncer { stop, thread });
+    let syncer = start_periodic(engine, "lessor-fjall-sync", "fsync", every, Engine::sync_if_dirty)?;
+    *lock(&engine.syncer) = Some(syncer);
     Ok(())
 }
 
 fn start_reaper(engine: &Arc<Engine>) -> Result<(), StorageError> {
+    let reaper = start_periodic(
+        engine,
+        "lessor-memfree",
+        "memtable reaper",
+        REAP_EVERY,
+        Engine::reap_memtables,
+    )?;
+    *lock(&engine.reaper) = Some(reaper);
+    Ok(())
+}
+
+/// Starts thread `name`, which calls `work` on the engine every `every` until told to stop (a message or a dropped
+/// sender) or the engine is gone; it holds only a weak reference, so it never keeps a closed store alive.
+fn start_periodic(
+    engine: &Arc<Engine>,
+    name: &str,
+    what: &str,
+    every: Duration,
+    work: fn(&Engine),
+) -> Result<Syncer, StorageError> {
     let weak = Arc::downgrade(engine);
     let (stop, rx) = mpsc::channel::<()>();
     let thread = std::thread::Builder::new()
-        .name("lessor-memfree".into())
+        .name(name.into())
         .spawn(move || {
-            while let Err(mpsc::RecvTimeoutError::Timeout) = rx.recv_timeout(REAP_EVERY) {
+            while let Err(mpsc::RecvTimeoutError::Timeout) = rx.recv_timeout(every) {
                 let Some(engine) = weak.upgrade() else { break };
-                engine.reap_memtables();
+                work(&engine);
             }
         })
-        .map_err(|e| StorageError::other(format!("cannot start the memtable reaper thread: {e}")))?;
-    *lock(&engine.reaper) = Some(Syncer { stop, thread });
-    Ok(())
+        .map_err(|e| StorageError::other(format!("cannot start the {what} thread: {e}")))?;
+    Ok(Syncer { stop, thread })
 }
 
 /// The id of the newest journal file (`<id>.jnl`) in the database directory.
