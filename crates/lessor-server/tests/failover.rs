@@ -161,6 +161,24 @@ impl Partition for FlakyPartition {
     async fn close(&self) {}
 }
 
+/// An engine over one store that fails every call while `down` is set.
+fn one_flaky_store(down: &Arc<AtomicBool>, clock: &ManualClock) -> Engine {
+    Engine::new(EngineConfig {
+        queues: Arc::new(MemoryQueues::new()),
+        stores: vec![NamedStore {
+            name: "flaky".into(),
+            affinity: 1.0,
+            store: Arc::new(Flaky {
+                inner: MemoryStore::new(),
+                down: down.clone(),
+            }),
+        }],
+        limits: Limits::default(),
+        clock: Arc::new(clock.clone()),
+    })
+    .expect("engine")
+}
+
 fn item(p: &str) -> ProduceItem {
     ProduceItem {
         payload: bytes_of(p),
@@ -253,20 +271,7 @@ async fn produce_fails_over_and_failed_partition_recovers() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_partition_failing_is_a_retryable_error() {
     let down = Arc::new(AtomicBool::new(false));
-    let engine = Engine::new(EngineConfig {
-        queues: Arc::new(MemoryQueues::new()),
-        stores: vec![NamedStore {
-            name: "flaky".into(),
-            affinity: 1.0,
-            store: Arc::new(Flaky {
-                inner: MemoryStore::new(),
-                down: down.clone(),
-            }),
-        }],
-        limits: Limits::default(),
-        clock: Arc::new(ManualClock::starting_now()),
-    })
-    .expect("engine");
+    let engine = one_flaky_store(&down, &ManualClock::starting_now());
     let info = QueueInfo {
         name: "q".into(),
         lease_timeout: Duration::from_secs(60),
@@ -324,20 +329,7 @@ async fn starts_with_the_database_down_and_declared_queues() {
 async fn a_failed_keyed_produce_gives_its_key_back() {
     let clock = ManualClock::starting_now();
     let down = Arc::new(AtomicBool::new(false));
-    let engine = Engine::new(EngineConfig {
-        queues: Arc::new(MemoryQueues::new()),
-        stores: vec![NamedStore {
-            name: "flaky".into(),
-            affinity: 1.0,
-            store: Arc::new(Flaky {
-                inner: MemoryStore::new(),
-                down: down.clone(),
-            }),
-        }],
-        limits: Limits::default(),
-        clock: Arc::new(clock.clone()),
-    })
-    .expect("engine");
+    let engine = one_flaky_store(&down, &clock);
     let info = QueueInfo {
         name: "q".into(),
         lease_timeout: Duration::from_secs(60),

@@ -53,6 +53,18 @@ fn lease(queue: &str, n: i32) -> pb::QueueLeaseRequest {
     }
 }
 
+/// Completes every item of a lease.
+async fn complete_all(c: &lessor_client::Client, queue: &str, got: &pb::QueueLeaseResponse) {
+    c.queue_complete(&pb::QueueCompleteRequest {
+        queue_name: queue.into(),
+        partition: got.partition,
+        request_timeout: "5s".into(),
+        ids: got.items.iter().map(|i| i.id.clone()).collect(),
+    })
+    .await
+    .unwrap();
+}
+
 async fn create(c: &lessor_client::Client, name: &str) {
     c.queues_create(&pb::QueueInfo {
         queue_name: name.into(),
@@ -99,14 +111,7 @@ async fn a_20_mib_item_round_trips_and_metrics_show_the_object() {
         "the 20 MiB payload comes back byte for byte"
     );
     assert_eq!(got.items[1].bytes, small);
-    c.queue_complete(&pb::QueueCompleteRequest {
-        queue_name: "big".into(),
-        partition: got.partition,
-        request_timeout: "5s".into(),
-        ids: got.items.iter().map(|i| i.id.clone()).collect(),
-    })
-    .await
-    .unwrap();
+    complete_all(&c, "big", &got).await;
     let metrics = reqwest::get(format!("{}/metrics", srv.endpoint()))
         .await
         .unwrap()
@@ -286,14 +291,7 @@ async fn stats_report_tiers_only_when_asked() {
     assert_eq!((t.memory_items, t.object_items, t.object_bytes), (5, 2, 400_000));
     // Completing the large items empties the object tier.
     let got = c.queue_lease(&lease("tiered", 2)).await.unwrap();
-    c.queue_complete(&pb::QueueCompleteRequest {
-        queue_name: "tiered".into(),
-        partition: got.partition,
-        request_timeout: "5s".into(),
-        ids: got.items.iter().map(|i| i.id.clone()).collect(),
-    })
-    .await
-    .unwrap();
+    complete_all(&c, "tiered", &got).await;
     let after = stats(r#"{"queue_name":"tiered","withTiers":true}"#).await;
     let t = &after["logicalQueues"][0]["partitions"][0]["tiers"];
     assert_eq!(t["memory_items"], "3", "{t}");

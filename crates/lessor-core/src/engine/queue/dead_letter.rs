@@ -155,7 +155,7 @@ impl QueueTask {
             if !it.dedup_id.is_empty() {
                 // The queue-wide index is the only dedup check of stores owned by one process: an item whose
                 // move already landed (and may have been consumed since) is not moved twice.
-                let h = self.dedup.hash(&it.dedup_id);
+                let h = super::dedup::KeyHash::of(&it.dedup_id);
                 if self.dedup.contains(h, now) {
                     continue;
                 }

@@ -104,11 +104,6 @@ impl Default for DedupIndex {
 }
 
 impl DedupIndex {
-    /// The hash a key is indexed by (see [`KeyHash::of`]).
-    pub(super) fn hash(&self, key: &str) -> KeyHash {
-        KeyHash::of(key)
-    }
-
     /// Whether the key's window is still open at `now`.
     pub(super) fn contains(&self, h: KeyHash, now: Ts) -> bool {
         self.live.get(&h).is_some_and(|until| *until > now)
@@ -199,12 +194,12 @@ mod tests {
         let mut most = 0;
         for i in 0..200_000i64 {
             let now = Ts(1_000_000 * i);
-            d.insert(d.hash(&i.to_string()), Ts(now.0 + window), now);
+            d.insert(KeyHash::of(&i.to_string()), Ts(now.0 + window), now);
             most = most.max(d.len());
             if i % 997 == 0 && i >= 10_000 {
                 // The key inserted 9.9 s ago is still known; the one inserted 10 s ago has ended.
-                assert!(d.contains(d.hash(&(i - 9_900).to_string()), now));
-                assert!(!d.contains(d.hash(&(i - 10_000).to_string()), now));
+                assert!(d.contains(KeyHash::of(&(i - 9_900).to_string()), now));
+                assert!(!d.contains(KeyHash::of(&(i - 10_000).to_string()), now));
             }
         }
         assert!(most <= 2 * 10_000 + 1, "held {most} keys for 10,000 live");
@@ -219,7 +214,7 @@ mod tests {
     #[test]
     fn claims_are_exclusive_until_released_or_ended() {
         let mut d = DedupIndex::default();
-        let h = d.hash("k");
+        let h = KeyHash::of("k");
         assert!(d.claim(h, Ts(10), Ts(0)));
         assert!(!d.claim(h, Ts(20), Ts(5)), "live: a duplicate");
         d.release(h);
@@ -233,7 +228,7 @@ mod tests {
     fn the_limit_purge_is_throttled() {
         let mut d = DedupIndex::default();
         for i in 0..10 {
-            d.insert(d.hash(&i.to_string()), Ts(100 + i), Ts(0));
+            d.insert(KeyHash::of(&i.to_string()), Ts(100 + i), Ts(0));
         }
         d.purge_for_limit(Ts(105));
         assert_eq!(d.len(), 4, "keys ending at 106..=109 live");
@@ -247,11 +242,11 @@ mod tests {
     fn keys_live_for_their_window_then_leave() {
         let mut d = DedupIndex::default();
         let t0 = Ts(1_000_000);
-        let a = d.hash("a");
-        assert_ne!(a, d.hash("b"));
+        let a = KeyHash::of("a");
+        assert_ne!(a, KeyHash::of("b"));
         d.insert(a, t0.add(Duration::from_secs(5)), t0);
         assert!(d.contains(a, t0));
-        assert!(!d.contains(d.hash("b"), t0));
+        assert!(!d.contains(KeyHash::of("b"), t0));
         d.purge_for_limit(t0.add(Duration::from_secs(4)));
         assert_eq!(d.len(), 1);
         assert!(!d.contains(a, t0.add(Duration::from_secs(5))));
@@ -262,7 +257,7 @@ mod tests {
     #[test]
     fn a_renewed_key_survives_the_prune_of_its_first_entry() {
         let mut d = DedupIndex::default();
-        let h = d.hash("k");
+        let h = KeyHash::of("k");
         d.insert(h, Ts(10), Ts(0));
         d.insert(h, Ts(20), Ts(0));
         d.purge_for_limit(Ts(15));

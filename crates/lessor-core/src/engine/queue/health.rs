@@ -86,7 +86,7 @@ impl QueueTask {
             match result {
                 Ok((h, counts, deadline, records)) => {
                     for r in records {
-                        let k = self.dedup.hash(&r.dedup_id);
+                        let k = super::dedup::KeyHash::of(&r.dedup_id);
                         self.dedup.insert(k, r.until, now);
                     }
                     let p = &mut self.parts[i];
