@@ -619,30 +619,41 @@ impl PartitionState {
 
     /// The reads a backend should do around an operation that leases `want` items. `urgent`: only what the lease
     /// cannot do without (priorities whose resident head is shorter than its share of the lease while they have
-    /// paged items), to read before it. Otherwise: every priority whose resident head fell below the low-water mark
-    /// (a quarter of the window), to read ahead in the background. Each read refills by half a window (at most
-    /// [`PAGE_MAX`]) plus the lease's share. Empty when nothing is paged.
+    /// paged items), to read before it, whatever the window. Otherwise: every priority whose resident head fell
+    /// below its low-water mark, to read ahead in the background, within the room the window has left.
+    ///
+    /// The window is shared by the priorities that hold ready items: each gets an equal share, and the low-water
+    /// mark (a quarter) and the refill (half, at most [`PAGE_MAX`]) are of that share. Marks of the whole window
+    /// per priority made ten busy priorities each read ahead at once, past the window (RAM no longer bounded by
+    /// it), and read back items as soon as they were paged, so each was written twice without need.
     pub fn page_plan(&self, want: usize, urgent: bool) -> Vec<PageRead> {
         let mut plan = Vec::new();
         if self.paged.is_empty() {
             return plan;
         }
-        let low = (self.window / 4).max(1) as u64;
-        let batch = (self.window / 2).clamp(1, PAGE_MAX) as u64;
+        let active = (0..PRIORITIES)
+            .filter(|&p| self.ready_by_prio[p] + self.paged.count[p] > 0)
+            .count()
+            .max(1);
+        let share = (self.window / active).max(1);
+        let low = (share / 4).max(1) as u64;
+        let batch = (share / 2).clamp(1, PAGE_MAX) as u64;
+        let mut room = (self.window as u64).saturating_sub(self.ready);
         let mut remaining = want as u64;
         for p in (0..PRIORITIES).rev() {
             let resident = self.ready_by_prio[p];
             let paged = self.paged.count[p];
-            let short = if urgent {
-                resident < remaining
+            let n = if urgent {
+                (resident < remaining).then(|| paged.min(batch + remaining))
             } else {
-                resident < low
+                (resident < low && room > 0).then(|| paged.min(batch + remaining).min(room))
             };
-            if paged > 0 && short {
+            if let Some(n) = n.filter(|&n| n > 0) {
+                room = room.saturating_sub(n);
                 plan.push(PageRead {
                     prio: p as u8,
                     from: self.paged.from[p],
-                    n: paged.min(batch + remaining) as usize,
+                    n: n as usize,
                 });
             }
             remaining = remaining.saturating_sub(resident + paged);
@@ -2094,6 +2105,49 @@ mod tests {
         assert_eq!(s.paged.count[0], 3);
         // Stats include what is paged: "7".."9" on disk, "hi" and "0".."6" leased.
         assert_eq!(s.stats(Ts(1)).payload_bytes, 3 + 2 + 7);
+    }
+
+    /// Read-ahead shares the window among the priorities that hold ready items and never plans past it: with ten
+    /// priorities each holding a tenth of the window, none is short (a quarter of a tenth is the mark), and once
+    /// they are, the reads together fit in the room left. An urgent read still gets what a lease needs.
+    #[test]
+    fn read_ahead_shares_the_window_among_priorities() {
+        let items = |n: usize, prio: fn(usize) -> u8| -> Vec<NewItem> {
+            (0..n)
+                .map(|i| NewItem {
+                    priority: prio(i),
+                    ..new_item(&i.to_string(), Ts::ZERO)
+                })
+                .collect()
+        };
+        let mut s = PartitionState::new(1).with_window(1000);
+        s.produce(items(3000, |i| (i % 10) as u8));
+        assert_eq!((s.ready, s.paged.total()), (1000, 2000));
+        assert!(
+            s.page_plan(0, false).is_empty(),
+            "100 resident per priority: above a quarter of each one's share (25)"
+        );
+        // Priority 9 (served first) down to 10 resident: it alone is short, and refills by half its share.
+        assert_eq!(s.lease(90, Ts(100)).0.len(), 90);
+        let plan = s.page_plan(0, false);
+        assert_eq!(plan.len(), 1);
+        assert_eq!((plan[0].prio, plan[0].n), (9, 50));
+
+        // Two priorities; the window full of priority 0: priority 9 is short, but there is no room.
+        let mut s = PartitionState::new(1).with_window(1000);
+        s.produce(items(50, |_| 9));
+        s.produce(items(950, |_| 0));
+        s.produce(items(100, |_| 9));
+        assert_eq!((s.ready, s.paged.count[9]), (1000, 100));
+        assert!(s.page_plan(0, false).is_empty(), "no room in the window");
+        // Ten leased: ten of room, and the read-ahead fits in it.
+        assert_eq!(s.lease(10, Ts(100)).0.len(), 10);
+        let plan = s.page_plan(0, false);
+        assert_eq!(plan.len(), 1);
+        assert_eq!((plan[0].prio, plan[0].n), (9, 10));
+        // A lease of 100 needs priority 9's paged items now, room or not.
+        let plan = s.page_plan(100, true);
+        assert_eq!((plan[0].prio, plan[0].n), (9, 100));
     }
 
     /// Under its window a partition makes no paging writes at all (no records, no counters), so its writes are
