@@ -105,7 +105,8 @@ async fn destroyed_partitions_give_back_every_key_and_a_new_queue_starts_empty()
             .await
             .expect("produce");
     }
-    assert!(keys(&store) > 40_000, "{} keys", keys(&store));
+    // One key per item: small payloads are inline in the item's record.
+    assert!(keys(&store) > 20_000, "{} keys", keys(&store));
     let parts: Vec<u32> = (0..64).collect();
     store.destroy_many("churn", &parts).await.expect("destroy");
     // The live handle is fenced at once.

@@ -1,10 +1,15 @@
 //! The on-disk encoding of items and queue definitions: a compact binary format with a version byte in front of
 //! every record.
 //!
-//! An item is two records: its metadata under its id (8 bytes, big-endian, so key order is FIFO order) and its
-//! payload under the id followed by [`PAYLOAD_TAG`], which sorts right after the metadata. The payload never changes
-//! once written, so the frequent updates (lease, retry into the schedule, death) rewrite only the small metadata
-//! record; an empty payload has no record at all.
+//! An item's metadata lives under its id (8 bytes, big-endian, so key order is FIFO order). A payload of at most
+//! [`INLINE_PAYLOAD_MAX`] bytes lives in the same record (version 3, [`encode_item`]): one key-value entry per
+//! item, where two cost fjall's writer, journal and compaction a second entry for every produce and every delete
+//! (measured in docs/benchmarks.md). A larger payload is a record of its own, under the id followed by
+//! [`PAYLOAD_TAG`], which sorts right after the metadata: the payload never changes once written, so the frequent
+//! updates (lease, retry into the schedule, death) rewrite only the small metadata record and not kilobytes of
+//! payload each time. An empty payload has no bytes anywhere. Records of earlier builds (a small payload in a
+//! record of its own) still read; their next update writes the payload inline, and the old payload record goes
+//! with the item.
 //!
 //! Dedup records live in groups, one per produce call: the group's key is [`DEDUP_TAG`] followed by its first
 //! record's `until` and item id (17 bytes, so no item key can be mistaken for one), and its value lists the
@@ -27,8 +32,14 @@ use lessor_core::types::{Backoff, DedupRecord, Item, ItemId, PartitionInfo, Queu
 
 /// Version byte of item metadata records of earlier builds (no priority).
 const ITEM_V1: u8 = 1;
-/// Version byte of item metadata records written by this build: a priority byte follows the flags.
+/// Version byte of item metadata records of a payload kept in a record of its own (or empty): a priority byte
+/// follows the flags.
 const ITEM_V2: u8 = 2;
+/// Version byte of item records with their payload inline: version 2 followed by the payload.
+const ITEM_V3: u8 = 3;
+/// Largest payload kept inline in its item's record (see the module docs): an update rewrites the whole record, so
+/// large payloads stay in a record of their own.
+pub(crate) const INLINE_PAYLOAD_MAX: usize = 1024;
 /// Version byte of queue records of earlier builds.
 const QUEUE_V1: u8 = 1;
 /// Version byte of queue records written by this build: the dedup window, retry backoff, pause flag and max lease
@@ -164,10 +175,28 @@ pub(crate) fn decode_dedup(
 
 /// Encodes an item's metadata: everything but its id (the key) and its payload (a record of its own).
 pub(crate) fn encode_meta(it: &Item) -> Vec<u8> {
+    encode_record(it, false)
+}
+
+/// Whether an item's payload is kept inline in its record (see the module docs).
+pub(crate) fn inline_payload(it: &Item) -> bool {
+    !it.payload.is_empty() && it.payload.len() <= INLINE_PAYLOAD_MAX
+}
+
+/// Encodes an item's record: its metadata, and its payload too when [`inline_payload`] says so.
+pub(crate) fn encode_item(it: &Item) -> Vec<u8> {
+    encode_record(it, inline_payload(it))
+}
+
+fn encode_record(it: &Item, inline: bool) -> Vec<u8> {
     let mut w = Writer(Vec::with_capacity(
-        40 + it.source_id.len() + it.reference.len() + it.encoding.len() + it.kind.len(),
+        40 + it.source_id.len()
+            + it.reference.len()
+            + it.encoding.len()
+            + it.kind.len()
+            + if inline { it.payload.len() + 3 } else { 0 },
     ));
-    w.0.push(ITEM_V2);
+    w.0.push(if inline { ITEM_V3 } else { ITEM_V2 });
     let mut flags = 0;
     if it.is_leased {
         flags |= FLAG_LEASED;
@@ -187,21 +216,25 @@ pub(crate) fn encode_meta(it: &Item) -> Vec<u8> {
     w.bytes(it.reference.as_bytes());
     w.bytes(it.encoding.as_bytes());
     w.bytes(it.kind.as_bytes());
+    if inline {
+        w.bytes(&it.payload);
+    }
     w.0
 }
 
-/// Decodes the metadata of item `id` (its payload left empty); `what` names the record in error messages.
+/// Decodes the record of item `id`: its metadata, and its payload when it is inline (left empty otherwise, for
+/// the payload record that follows); `what` names the record in error messages.
 pub(crate) fn decode_meta(id: ItemId, buf: &[u8], what: &str) -> Result<Item, StorageError> {
     let mut r = Reader { buf, what };
     let version = r.byte()?;
-    if version != ITEM_V1 && version != ITEM_V2 {
+    if !(ITEM_V1..=ITEM_V3).contains(&version) {
         return Err(corrupt(format!(
-            "{what}: item {id} has record version {version}, this build reads versions {ITEM_V1} and {ITEM_V2}"
+            "{what}: item {id} has record version {version}, this build reads versions {ITEM_V1} to {ITEM_V3}"
         )));
     }
     let flags = r.byte()?;
     let priority = if version >= ITEM_V2 { r.byte()? } else { 0 };
-    let it = Item {
+    let mut it = Item {
         id,
         is_leased: flags & FLAG_LEASED != 0,
         dead: flags & FLAG_DEAD != 0,
@@ -218,6 +251,10 @@ pub(crate) fn decode_meta(id: ItemId, buf: &[u8], what: &str) -> Result<Item, St
         payload: Bytes::new(),
         priority,
     };
+    if version == ITEM_V3 {
+        let n = r.uint()?;
+        it.payload = Bytes::copy_from_slice(r.take(n)?);
+    }
     if !r.buf.is_empty() {
         return Err(corrupt(format!(
             "{what}: item {id} has {} unexpected trailing bytes",
@@ -467,6 +504,43 @@ mod tests {
             decode_meta(ItemId(0), &encode_meta(&empty), "test").expect("decode"),
             empty
         );
+    }
+
+    /// A small payload rides in the record (version 3) and comes back with it; a larger one, or none, leaves the
+    /// record as version 2, without it.
+    #[test]
+    fn small_payloads_are_inline_and_large_ones_are_not() {
+        let small = Item {
+            payload: Bytes::from(vec![7u8; INLINE_PAYLOAD_MAX]),
+            ..sample()
+        };
+        let buf = encode_item(&small);
+        assert_eq!(buf[0], ITEM_V3);
+        assert_eq!(decode_meta(small.id, &buf, "test").expect("decode"), small);
+        let large = Item {
+            payload: Bytes::from(vec![7u8; INLINE_PAYLOAD_MAX + 1]),
+            ..sample()
+        };
+        let buf = encode_item(&large);
+        assert_eq!(buf[0], ITEM_V2);
+        assert!(!inline_payload(&large));
+        let back = decode_meta(large.id, &buf, "test").expect("decode");
+        assert_eq!(
+            back,
+            Item {
+                payload: Bytes::new(),
+                ..large
+            }
+        );
+        let empty = Item {
+            payload: Bytes::new(),
+            ..sample()
+        };
+        assert_eq!(encode_item(&empty), encode_meta(&empty));
+        // A truncated inline payload is corrupt, never a shorter payload.
+        let buf = encode_item(&small);
+        let e = decode_meta(small.id, &buf[..buf.len() - 1], "test").expect_err("short");
+        assert_eq!(e.kind, StorageErrorKind::Corrupt);
     }
 
     #[test]

@@ -68,9 +68,10 @@ pub const PARTITIONS_DIR: &str = "~partitions";
 /// Format version of the partition store this build writes. Version 1 kept one keyspace per partition; version 2
 /// keeps every partition in one `items` keyspace under a numeric prefix (see [`FjallStore`]); version 3 adds paged
 /// records and paging counters under a second prefix per partition (the `paging` module), which a build that does
-/// not know them would not see, hence the new number. Version 1 and 2 stores are upgraded when they open (version 2
-/// needs nothing rewritten).
-pub const PARTITIONS_FORMAT_VERSION: u32 = 3;
+/// not know them would not see, hence the new number; version 4 keeps small payloads inline in their item's record
+/// (item records of version 3, see the codec), which an older build would refuse item by item. Older stores are
+/// upgraded when they open (only version 1 needs anything rewritten).
+pub const PARTITIONS_FORMAT_VERSION: u32 = 4;
 /// Format version of the queue store this build writes and reads. The auth keyspaces did not change it: they are
 /// new keyspaces beside `queues`, created when a store opens (an older directory gets them empty), and a build
 /// without auth ignores them.

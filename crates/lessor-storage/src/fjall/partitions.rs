@@ -35,7 +35,8 @@ use lessor_core::types::{ClearRequest, DedupRecord, Item, ItemId, NewItem, Parti
 use tokio::sync::oneshot;
 
 use super::codec::{
-    decode_dedup, decode_meta, dedup_key, encode_dedup, encode_meta, parse_key, Key, PAYLOAD_TAG,
+    decode_dedup, decode_meta, dedup_key, encode_dedup, encode_item, inline_payload, parse_key, Key,
+    PAYLOAD_TAG,
 };
 use super::engine::{Engine, Fault, Formats, Unit};
 use super::paging::{self as pg};
@@ -573,14 +574,15 @@ impl FjallStore {
             keyspace_options,
             Formats {
                 current: PARTITIONS_FORMAT_VERSION,
-                upgradable: &[1, 2],
+                upgradable: &[1, 2, 3],
             },
         )?;
         if version == 1 {
             upgrade::from_v1(&engine)?;
-        } else if version == 2 {
-            // Nothing to rewrite: format 3 only adds paged prefixes, which a partition gets when it first spills.
-            // The marker changes first, so a build that would not see paged items refuses the store.
+        } else if version < PARTITIONS_FORMAT_VERSION {
+            // Nothing to rewrite: format 3 only adds paged prefixes, which a partition gets when it first spills,
+            // and format 4 inline payloads, which items get when next written. The marker changes first, so a
+            // build that would not read them refuses the store.
             engine.set_format_version("partitions", PARTITIONS_FORMAT_VERSION)?;
         }
         upgrade::drop_leftovers(&engine)?;
@@ -1529,8 +1531,10 @@ impl FjallPartition {
             if gone.contains(&it.id) || spilled.contains(&it.id) || !seen.insert(it.id) {
                 continue;
             }
-            puts.push((pid_item_key(self.pid, it.id, false), encode_meta(it)));
-            if (it.id.0 > hwm || paged_in.contains(&it.id)) && !it.payload.is_empty() {
+            // A small payload rides in the item's record (see the codec); a large one is written once, in a
+            // record of its own, by the write that creates the id.
+            puts.push((pid_item_key(self.pid, it.id, false), encode_item(it)));
+            if (it.id.0 > hwm || paged_in.contains(&it.id)) && !it.payload.is_empty() && !inline_payload(it) {
                 puts.push((pid_item_key(self.pid, it.id, true), it.payload.to_vec()));
             }
         }

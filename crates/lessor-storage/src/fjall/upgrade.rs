@@ -1,6 +1,7 @@
 //! Upgrades a format-1 partition store (one fjall keyspace per partition) into format 2 (every partition a pid
-//! prefix of the `items` keyspace, named by the catalog under pid 0). Format 3 only adds paged records, which a
-//! partition writes when it first spills (see the `paging` module), so the marker goes straight to 3.
+//! prefix of the `items` keyspace, named by the catalog under pid 0). Formats 3 and 4 only add paged records, which a
+//! partition writes when it first spills (see the `paging` module), and inline payloads, which an item gets when
+//! next written (see the codec), so the marker goes straight to the current format.
 //!
 //! Crash safety comes from doing it in an order where every interruption leaves a state the next open handles:
 //! 1. empty `items` (a previous attempt may have copied part of the data);
@@ -173,7 +174,7 @@ mod tests {
             keyspace_options,
             Formats {
                 current: PARTITIONS_FORMAT_VERSION,
-                upgradable: &[1, 2],
+                upgradable: &[1, 2, 3],
             },
         )
         .expect("open the engine")
@@ -208,7 +209,30 @@ mod tests {
                 .await
                 .expect("produce");
             assert!(ids[0].0 > 1_000 + n + 500, "{} after hwm", ids[0].0);
+            // Items of the old layout (payload in a record of its own) are rewritten with their payload inline
+            // when leased, keep it, and leave no key behind when completed.
+            let leased = p.lease(100_000, Ts(2_500_000_000_000_000)).await.expect("lease");
+            for it in &leased {
+                assert!(!it.payload.is_empty(), "{} kept its payload", it.id);
+            }
+            let all: Vec<ItemId> = p
+                .list(None, 100_000, false)
+                .await
+                .expect("list")
+                .iter()
+                .map(|i| i.id)
+                .collect();
+            assert_eq!(p.complete(vec![all.clone()]).await.expect("complete")[0], Ok(()));
+            p.close().await;
+            let p = store.open(queue, partition).await.expect("reopen partition");
+            let c = p.counts().await.expect("counts");
+            assert_eq!((c.ready, c.leased, c.scheduled), (0, 0, 0), "{queue}/{partition}");
         }
+        assert!(
+            store.stored_keys().expect("keys") <= LAYOUT.len() * 2,
+            "only catalog entries and high-water marks are left: {} keys",
+            store.stored_keys().expect("keys")
+        );
         store.close().await;
         // Only the new layout is left.
         let (engine, version) = open_engine(dir);
