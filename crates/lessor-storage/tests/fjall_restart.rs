@@ -665,6 +665,52 @@ async fn leases_rewrite_item_metadata_not_payloads() {
     assert_eq!(back, leased, "leased items come back whole, payloads included");
 }
 
+/// A small payload is inline in its item's record (one key per item), a larger one a record of its own; both come
+/// back whole after a restart, and completing them leaves no key behind, before and after the restart (which
+/// reads back which items have a payload record).
+#[tokio::test]
+async fn payloads_of_every_size_come_back_and_leave_no_key() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = FjallStore::open(dir.path(), Durability::Sync).expect("open");
+    let p = store.open("sizes", 0).await.expect("open");
+    let sizes = [0usize, 1, 100, 1024, 1025, 20_000];
+    let batch = |round: u8| -> Vec<NewItem> {
+        sizes
+            .iter()
+            .map(|&n| NewItem {
+                payload: Bytes::from(vec![round; n]),
+                ..item("")
+            })
+            .collect()
+    };
+    p.produce(batch(1)).await.expect("produce");
+    p.produce(batch(2)).await.expect("produce");
+    // Twelve items, four of them with a payload record; the high-water mark and the catalog entry.
+    assert_eq!(store.stored_keys().expect("keys"), 12 + 4 + 2);
+    let first = p.lease(6, T0.add(SEC * 60)).await.expect("lease");
+    assert_eq!(first.iter().map(|i| i.payload.len()).collect::<Vec<_>>(), sizes);
+    let ids: Vec<_> = first.iter().map(|i| i.id).collect();
+    assert_eq!(p.complete(vec![ids]).await.expect("complete")[0], Ok(()));
+    assert_eq!(store.stored_keys().expect("keys"), 6 + 2 + 2);
+    p.close().await;
+    store.close().await;
+    drop((p, store));
+    let store = FjallStore::open(dir.path(), Durability::Sync).expect("reopen");
+    let p = store.open("sizes", 0).await.expect("open");
+    let second = p.lease(6, T0.add(SEC * 60)).await.expect("lease");
+    assert!(second
+        .iter()
+        .zip(sizes)
+        .all(|(it, n)| it.payload == Bytes::from(vec![2u8; n])));
+    let ids: Vec<_> = second.iter().map(|i| i.id).collect();
+    assert_eq!(p.complete(vec![ids]).await.expect("complete")[0], Ok(()));
+    assert_eq!(
+        store.stored_keys().expect("keys"),
+        2,
+        "only the high-water mark and the catalog entry"
+    );
+}
+
 #[tokio::test]
 async fn interval_mode_acknowledges_first_and_fsyncs_in_the_background() {
     let dir = tempfile::tempdir().expect("temp dir");

@@ -233,20 +233,26 @@ impl Shared {
     /// partition's own prefix, which holds only its resident items, and its paging counters if it has paged items
     /// (see the `paging` module): what an open reads is bounded by the window and the items in flight, not by the
     /// depth of the queue.
-    async fn load(&self, name: Arc<str>, pid: u64) -> Result<(PartitionState, u64), StorageError> {
+    async fn load(&self, name: Arc<str>, pid: u64) -> Result<Loaded, StorageError> {
         let _permit = self.loads.acquire().await.map_err(|_| self.closed())?;
         let engine = self.engine.clone();
         let window = self.window.load(Ordering::Relaxed);
-        let (state, hwm, read) = blocking(move || {
+        let (state, hwm, read, payload_keys) = blocking(move || {
             let floor = ItemId::floor_now().0;
             let Some(ks) = engine.keyspace(ITEMS, true)? else {
-                return Ok((PartitionState::new(floor).with_window(window), 0, 0));
+                return Ok((
+                    PartitionState::new(floor).with_window(window),
+                    0,
+                    0,
+                    HashSet::new(),
+                ));
             };
             let what = format!("partition '{name}' in '{}'", engine.dir().display());
             let paged = pg::read_counters(&engine, &ks, pid, &what)?;
             let mut items = Vec::new();
             let mut dedup = Vec::new();
             let mut hwm = 0u64;
+            let mut payload_keys = HashSet::new();
             for kv in ks.prefix(pid.to_be_bytes()) {
                 let (k, v) = kv.into_inner().map_err(|e| engine.read_error(e))?;
                 let inner = &k[8..];
@@ -254,7 +260,10 @@ impl Shared {
                     Key::Meta(id) => items.push(decode_meta(id, &v, &what)?),
                     // A payload sorts right after its item's metadata.
                     Key::Payload(id) => match items.last_mut() {
-                        Some(it) if it.id == id => it.payload = Bytes::copy_from_slice(&v),
+                        Some(it) if it.id == id => {
+                            payload_keys.insert(id.0);
+                            it.payload = Bytes::copy_from_slice(&v);
+                        }
                         _ => {
                             tracing::warn!(partition = %name, item = %id, "payload without an item: ignored")
                         }
@@ -280,11 +289,15 @@ impl Shared {
                 }
                 None => PartitionState::load(items, floor).with_window(window),
             };
-            Ok((state.with_dedup(dedup), hwm, read))
+            Ok((state.with_dedup(dedup), hwm, read, payload_keys))
         })
         .await?;
         self.items_loaded.fetch_add(read, Ordering::Relaxed);
-        Ok((state, hwm))
+        Ok(Loaded {
+            state,
+            hwm,
+            payload_keys,
+        })
     }
 
     /// The pid of partition `name`, whether its catalog entry is on disk, and whether the pid is fresh (handed out
@@ -764,9 +777,17 @@ impl FjallStore {
         let name: Arc<str> = name.into();
         let started = std::time::Instant::now();
         let (pid, stored, fresh) = self.shared.pid(&name).await;
-        let (state, hwm) = if fresh {
+        let Loaded {
+            state,
+            hwm,
+            payload_keys,
+        } = if fresh {
             let window = self.shared.window.load(Ordering::Relaxed);
-            (PartitionState::new(ItemId::floor_now().0).with_window(window), 0)
+            Loaded {
+                state: PartitionState::new(ItemId::floor_now().0).with_window(window),
+                hwm: 0,
+                payload_keys: HashSet::new(),
+            }
         } else {
             self.shared.load(name.clone(), pid).await?
         };
@@ -787,6 +808,7 @@ impl FjallStore {
                 state,
                 prefetch: None,
                 hwm,
+                payload_keys,
                 stale: false,
             }),
             closed: AtomicBool::new(false),
@@ -1186,12 +1208,22 @@ struct Prefetch {
 }
 
 /// A partition's state behind its lock.
+/// What opening a partition reads from disk.
+struct Loaded {
+    state: PartitionState,
+    hwm: u64,
+    payload_keys: HashSet<u64>,
+}
+
 struct Inner {
     state: PartitionState,
     /// A read-ahead of paged items, applied by a later call.
     prefetch: Option<Prefetch>,
     /// Highest id written to disk (see [`HWM_KEY`]).
     hwm: u64,
+    /// Ids of the live items whose payload is a record of its own (larger than the codec's inline limit, or
+    /// written by an earlier build): only their deletion deletes a payload key. Read at open, kept by every write.
+    payload_keys: HashSet<u64>,
     /// Memory may be ahead of the disk after a failed write: re-read before the next call.
     stale: bool,
 }
@@ -1234,10 +1266,15 @@ impl FjallPartition {
             return Err(closed());
         }
         if g.stale {
-            let (state, hwm) = self.shared.load(self.name.clone(), self.pid).await?;
+            let Loaded {
+                state,
+                hwm,
+                payload_keys,
+            } = self.shared.load(self.name.clone(), self.pid).await?;
             tracing::info!(partition = %self.name, items = state.len(), "partition re-read from disk after a failed write");
             g.state = state;
             g.hwm = hwm;
+            g.payload_keys = payload_keys;
             g.stale = false;
             g.prefetch = None;
         }
@@ -1321,7 +1358,7 @@ impl FjallPartition {
         if all.is_empty() {
             return Ok(());
         }
-        let (unit, top) = self.unit(&all, g.hwm);
+        let (unit, top) = self.unit(&all, g.hwm, &mut g.payload_keys);
         match self.shared.submit(unit).await {
             Ok(()) => {
                 g.hwm = top;
@@ -1518,7 +1555,7 @@ impl FjallPartition {
     /// `hwm` are new and get their payload written; older ids only change their metadata (a payload never changes),
     /// except items paged back in, written whole. Spilled items are written as paged records only; a paged record
     /// removed without its item moving to the items was never an item, so it leaves no item keys to delete.
-    fn unit(&self, ch: &Changes, hwm: u64) -> (Unit, u64) {
+    fn unit(&self, ch: &Changes, hwm: u64, payload_keys: &mut HashSet<u64>) -> (Unit, u64) {
         let gone: HashSet<ItemId> = ch.del.iter().copied().collect();
         let spilled: HashSet<ItemId> = ch.spilled.iter().map(|it| it.id).collect();
         let paged_in: HashSet<ItemId> = ch.paged_in.iter().copied().collect();
@@ -1536,6 +1573,7 @@ impl FjallPartition {
             puts.push((pid_item_key(self.pid, it.id, false), encode_item(it)));
             if (it.id.0 > hwm || paged_in.contains(&it.id)) && !it.payload.is_empty() && !inline_payload(it) {
                 puts.push((pid_item_key(self.pid, it.id, true), it.payload.to_vec()));
+                payload_keys.insert(it.id.0);
             }
         }
         for it in &ch.spilled {
@@ -1582,7 +1620,11 @@ impl FjallPartition {
                 continue;
             }
             dels.push(pid_item_key(self.pid, id, false));
-            once_dels.push(pid_item_key(self.pid, id, true));
+            // An item with its payload inline (or none) has no payload key: no tombstone for one. (A write that
+            // fails re-reads the partition, this set included, from the disk.)
+            if payload_keys.remove(&id.0) {
+                once_dels.push(pid_item_key(self.pid, id, true));
+            }
         }
         for &(prio, id) in &ch.unpaged {
             dels.push(pg::record_key(self.pid, prio, id.0));
