@@ -852,6 +852,33 @@ async fn tour(config: Config, shots: bool, backend: &str) {
     b.wait_for("server info", "return document.querySelector('#server-info') && document.querySelector('#server-info').textContent.includes('pass') && document.querySelector('#server-info').textContent.includes('Partition storage')", json!([])).await;
     // The server page sums the visible queues' tiers.
     assert!(b.text("#server-tiers").await.contains("Memory:"));
+    tiers_match(
+        "server page tier totals",
+        || async {
+            let v = b
+                .js(
+                    "return ['memory', 'disk', 'object'].map((k) => {
+                       const e = document.querySelector(`#server-tiers [data-tier='${k}']`);
+                       return [Number(e.dataset.items), Number(e.dataset.bytes)];
+                     });",
+                    json!([]),
+                )
+                .await;
+            let r = v.as_array().expect("three tiers");
+            [0, 1, 2].map(|i| (r[i][0].as_u64().expect("items"), r[i][1].as_u64().expect("bytes")))
+        },
+        || async {
+            let o = post(&srv, "queues.overview", json!({})).await;
+            let mut sum = [(0, 0); 3];
+            for q in o["items"].as_array().expect("items") {
+                for (s, t) in sum.iter_mut().zip(api_tiers(&q["tiers"])) {
+                    *s = (s.0 + t.0, s.1 + t.1);
+                }
+            }
+            sum
+        },
+    )
+    .await;
     if shots {
         b.screenshots(&dir, "server").await;
     }

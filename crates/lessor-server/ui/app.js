@@ -95,7 +95,7 @@ function tierCell(f) {
   if (!f) return h('span', { class: 'muted', title: 'This server does not report storage tiers' }, 'n/a');
   const used = TIERS.filter(([k]) => f[k].items || f[k].bytes);
   if (!used.length) return h('span', { class: 'muted', title: tierTitle(f) }, '-');
-  return h('span', { class: 'tiers', title: tierTitle(f) }, used.map(([k, abbr], i) => [i ? ' · ' : '',
+  return h('span', { class: 'tiers', title: tierTitle(f) }, used.map(([k, abbr], i) => [i ? h('span', { class: 'sep' }, ' · ') : '',
     h('span', { class: 'tier tier-' + k, 'data-tier': k, 'data-items': f[k].items, 'data-bytes': f[k].bytes },
       h('span', { class: 'dot', 'aria-hidden': 'true' }, '●'), abbr + ' ', h('span', { class: 'items' }, short(f[k].items)),
       h('span', { class: 'bytes hide-narrow' }, ' (' + bytes(f[k].bytes) + ')'))]));
@@ -154,10 +154,11 @@ async function pageOverview() {
   const filter = h('input', { type: 'search', id: 'filter', placeholder: 'Filter by name', 'aria-label': 'Filter queues by name', value: overview.filter });
   const body = h('tbody', { id: 'queue-rows' });
   const cols = [['name', 'Queue'], ['ready', 'Ready'], ['leased', 'Leased'], ['scheduled', 'Scheduled'],
-    ['produced', 'Produce'], ['lease', 'Lease'], ['completed', 'Complete'], ['age', 'Oldest item'], ['dlq', 'DLQ depth'], ['stored', 'Storage']];
+    ['produced', 'Produce'], ['lease', 'Lease'], ['completed', 'Complete'], ['age', 'Oldest item'], ['dlq', 'DLQ depth'], ['stored', 'Tiers']];
   const head = h('tr', {}, cols.map(([k, label]) => h('th', {
     scope: 'col', tabindex: '0', class: k === 'name' ? '' : ['produced', 'lease', 'completed', 'scheduled'].includes(k) ? 'num hide-narrow' : 'num', 'data-key': k,
     'aria-sort': overview.sort === k ? (overview.dir > 0 ? 'ascending' : 'descending') : 'none',
+    title: k === 'stored' ? 'Storage tiers: items in memory (mem), on disk or in the database (disk), in object storage (obj); hover a cell for bytes' : undefined,
     onclick: () => sortBy(k), onkeydown: (e) => { if (e.key === 'Enter' || e.key === ' ') { e.preventDefault(); sortBy(k); } },
   }, label)));
   let rows = [];
