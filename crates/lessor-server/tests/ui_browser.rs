@@ -1052,3 +1052,59 @@ async fn dashboard_shows_only_what_the_key_may_see() {
     b.assert_clean_console("overview with an unscoped key").await;
     srv.stop().await;
 }
+
+/// A server that reports no storage tiers (one from before them, or a reply without the field): the pages say so
+/// ("n/a", "does not report") instead of showing zeros, and nothing breaks. The older server is played by the page
+/// itself: its `fetch` drops every `tiers` field from the API's replies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dashboard_without_tiers_says_not_reported() {
+    if !browser_available() {
+        return;
+    }
+    let (srv, c): (RunningServer, Client) = lessor_testkit::server::start(&Config::memory(), None).await;
+    lessor_testkit::server::create_queue(&c, "jobs", |_| {}).await;
+    c.queue_produce(&produce("jobs", &["a", "b"]))
+        .await
+        .expect("produce");
+    let b = Browser::start().await;
+    b.goto(&format!("{}/ui/#/", srv.endpoint())).await;
+    wait_depth(&b, "jobs", "ready", 2).await;
+    assert_eq!(overview_tiers(&b, "jobs").await[0].0, 2, "tiers shown first");
+    b.js(
+        "const orig = window.fetch;
+         const strip = (o) => { if (o && typeof o === 'object') { delete o.tiers; Object.values(o).forEach(strip); } };
+         window.fetch = async (url, init) => {
+           const r = await orig(url, init);
+           if (!String(url).startsWith('/v1/')) return r;
+           const j = JSON.parse((await r.text()) || '{}');
+           strip(j);
+           return new Response(JSON.stringify(j), { status: r.status, headers: r.headers });
+         };",
+        json!([]),
+    )
+    .await;
+    b.wait_for(
+        "overview: n/a",
+        "const td = document.querySelector(\"tr[data-queue='jobs'] td[data-col='tiers']\"); return td && td.textContent === 'n/a';",
+        json!([]),
+    )
+    .await;
+    wait_depth(&b, "jobs", "ready", 2).await;
+    // Hash changes keep the page (and its fetch) loaded.
+    b.js("location.hash = '#/queue/jobs'", json!([])).await;
+    b.wait_for(
+        "queue page: not reported",
+        "const t = document.querySelector('#tiers'); return !!t && t.textContent.includes('does not report storage tiers') && document.querySelector('#partitions').textContent.startsWith('0');",
+        json!([]),
+    )
+    .await;
+    b.js("location.hash = '#/server'", json!([])).await;
+    b.wait_for(
+        "server page: not reported",
+        "const t = document.querySelector('#server-info'); return !!t && t.textContent.includes('not reported by this server');",
+        json!([]),
+    )
+    .await;
+    b.assert_clean_console("pages without tiers").await;
+    srv.stop().await;
+}
