@@ -329,6 +329,90 @@ async fn wait_depth(b: &Browser, queue: &str, col: &str, want: u64) {
     .await;
 }
 
+/// The storage tiers, in the order the dashboard shows them.
+const TIERS: [&str; 3] = ["memory", "disk", "object"];
+
+/// Items and bytes per tier of a `tiers` object of the JSON API (int64 as strings, zero figures omitted).
+fn api_tiers(t: &Value) -> [(u64, u64); 3] {
+    let field = |k: String| match &t[&k] {
+        Value::String(v) => v.parse::<u64>().expect("int64 string"),
+        Value::Number(v) => v.as_u64().expect("count"),
+        _ => 0,
+    };
+    TIERS.map(|k| (field(format!("{k}_items")), field(format!("{k}_bytes"))))
+}
+
+/// POSTs `body` to `/v1/{route}` as JSON, the way the dashboard calls the API.
+async fn post(srv: &RunningServer, route: &str, body: Value) -> Value {
+    let bytes = reqwest::Client::new()
+        .post(format!("{}/v1/{route}", srv.endpoint()))
+        .header("content-type", "application/json")
+        .body(body.to_string())
+        .send()
+        .await
+        .expect(route)
+        .bytes()
+        .await
+        .expect("reply body");
+    serde_json::from_slice(&bytes).expect("JSON reply")
+}
+
+/// Waits until the tiers `read_page` shows equal the ones `read_api` answers (read back to back: the figures of a
+/// queue being refreshed can change between two reads), and returns them.
+async fn tiers_match<P, A, PF, AF>(what: &str, read_page: P, read_api: A) -> [(u64, u64); 3]
+where
+    P: Fn() -> PF,
+    A: Fn() -> AF,
+    PF: std::future::Future<Output = [(u64, u64); 3]>,
+    AF: std::future::Future<Output = [(u64, u64); 3]>,
+{
+    let start = Instant::now();
+    loop {
+        let api = read_api().await;
+        let page = read_page().await;
+        if api == page {
+            return api;
+        }
+        assert!(
+            start.elapsed() < WAIT,
+            "{what}: the page shows {page:?}, the API answers {api:?} (memory, disk, object: items, bytes)"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+/// The tiers the overview shows for `queue` (a tier without a figure is not shown: zero), checking that the visible
+/// item count is the one in the element's data.
+async fn overview_tiers(b: &Browser, queue: &str) -> [(u64, u64); 3] {
+    let v = b
+        .js(
+            "const td = document.querySelector(`tr[data-queue='${arguments[0]}'] td[data-col='tiers']`);
+             if (!td) return null;
+             return ['memory', 'disk', 'object'].map((k) => {
+               const e = td.querySelector(`[data-tier='${k}']`);
+               return e ? [Number(e.dataset.items), Number(e.dataset.bytes), e.querySelector('.items').textContent] : [0, 0, '0'];
+             });",
+            json!([queue]),
+        )
+        .await;
+    let Some(rows) = v.as_array() else {
+        return [(u64::MAX, u64::MAX); 3];
+    };
+    let mut out = [(0, 0); 3];
+    for (i, r) in rows.iter().enumerate() {
+        let items = r[0].as_u64().expect("items");
+        // Small counts are shown in full (larger ones shortened, as 1.2k).
+        assert_eq!(
+            r[2].as_str().expect("text"),
+            items.to_string(),
+            "{queue} {}",
+            TIERS[i]
+        );
+        out[i] = (items, r[1].as_u64().expect("bytes"));
+    }
+    out
+}
+
 /// Requests the server answered on `route` so far (any code), from `/metrics`.
 async fn answered(srv: &RunningServer, route: &str) -> u64 {
     let text = reqwest::get(format!("{}/metrics", srv.endpoint()))
@@ -347,7 +431,7 @@ async fn answered(srv: &RunningServer, route: &str) -> u64 {
 /// The whole tour on one server: overview and live depths, an item browsed, retried and completed, a queue
 /// created and deleted, a dead-letter queue redriven, the server page; screenshots of each page, and no console
 /// errors on any of them.
-async fn tour(config: Config, shots: bool) {
+async fn tour(config: Config, shots: bool, backend: &str) {
     if !browser_available() {
         return;
     }
@@ -391,6 +475,39 @@ async fn tour(config: Config, shots: bool) {
         )
         .await;
     assert!(oldest.is_string(), "{oldest}");
+    // Storage tiers: the overview shows, per queue, what queues.overview answers; and where the 3 items of
+    // `orders` are depends on the store: memory holds them in memory, fjall and PostgreSQL on disk.
+    let shown = tiers_match(
+        "overview tiers of orders",
+        || overview_tiers(&b, "orders"),
+        || async {
+            let o = post(&srv, "queues.overview", json!({})).await;
+            let row = o["items"]
+                .as_array()
+                .expect("items")
+                .iter()
+                .find(|q| q["queue_name"] == "orders")
+                .expect("orders in the overview")
+                .clone();
+            assert!(row["tiers"].is_object(), "queues.overview gives tiers: {row}");
+            api_tiers(&row["tiers"])
+        },
+    )
+    .await;
+    let [memory, disk, object] = shown;
+    match backend {
+        "memory" => assert_eq!((memory.0, disk.0), (3, 0), "memory store: {shown:?}"),
+        "fjall" => assert_eq!(disk.0, 3, "fjall: all items on disk: {shown:?}"),
+        "postgres" => assert_eq!((memory.0, disk.0), (0, 3), "PostgreSQL: {shown:?}"),
+        other => panic!("unknown backend {other}"),
+    }
+    assert_eq!(object, (0, 0), "no object storage configured: {shown:?}");
+    assert!(memory.1 + disk.1 > 0, "payload bytes are counted: {shown:?}");
+    // A queue with nothing in it shows no tier.
+    assert_eq!(
+        b.text("tr[data-queue='orders-dead'] td[data-col='tiers']").await,
+        "-"
+    );
     assert_eq!(
         b.text("tr[data-queue='orders-dead'] td[data-col='age']").await,
         "-"
@@ -482,6 +599,40 @@ async fn tour(config: Config, shots: bool) {
     )
     .await;
     assert_eq!(b.text("#partitions tr td").await, "0");
+    // The per-partition tier table shows what queue.stats with `with_tiers` answers.
+    tiers_match(
+        "queue page tiers of orders",
+        || async {
+            let v = b
+                .js(
+                    "const tr = document.querySelector(\"#tiers tr[data-partition='0']\");
+                     if (!tr) return null;
+                     return ['memory', 'disk', 'object'].map((k) => ['items', 'bytes'].map((f) => {
+                       const td = tr.querySelector(`td[data-tier='${k}'][data-field='${f}']`);
+                       return f === 'items' ? Number(td.textContent.replace(/,/g, '')) : Number(td.title.replace(/[^0-9]/g, ''));
+                     }));",
+                    json!([]),
+                )
+                .await;
+            match v.as_array() {
+                Some(rows) => {
+                    let mut out = [(0, 0); 3];
+                    for (i, r) in rows.iter().enumerate() {
+                        out[i] = (r[0].as_u64().expect("items"), r[1].as_u64().expect("bytes"));
+                    }
+                    out
+                }
+                None => [(u64::MAX, u64::MAX); 3],
+            }
+        },
+        || async {
+            let st = post(&srv, "queue.stats", json!({"queue_name": "orders", "with_tiers": true})).await;
+            let p = &st["logicalQueues"][0]["partitions"][0];
+            assert!(p["tiers"].is_object(), "queue.stats with_tiers gives tiers: {st}");
+            api_tiers(&p["tiers"])
+        },
+    )
+    .await;
     // The dead-lettered items are one click away: the dead-letter queue's items.
     assert_eq!(
         b.js(
@@ -699,6 +850,35 @@ async fn tour(config: Config, shots: bool) {
     // Server page.
     b.goto(&format!("{ui}#/server")).await;
     b.wait_for("server info", "return document.querySelector('#server-info') && document.querySelector('#server-info').textContent.includes('pass') && document.querySelector('#server-info').textContent.includes('Partition storage')", json!([])).await;
+    // The server page sums the visible queues' tiers.
+    assert!(b.text("#server-tiers").await.contains("Memory:"));
+    tiers_match(
+        "server page tier totals",
+        || async {
+            let v = b
+                .js(
+                    "return ['memory', 'disk', 'object'].map((k) => {
+                       const e = document.querySelector(`#server-tiers [data-tier='${k}']`);
+                       return [Number(e.dataset.items), Number(e.dataset.bytes)];
+                     });",
+                    json!([]),
+                )
+                .await;
+            let r = v.as_array().expect("three tiers");
+            [0, 1, 2].map(|i| (r[i][0].as_u64().expect("items"), r[i][1].as_u64().expect("bytes")))
+        },
+        || async {
+            let o = post(&srv, "queues.overview", json!({})).await;
+            let mut sum = [(0, 0); 3];
+            for q in o["items"].as_array().expect("items") {
+                for (s, t) in sum.iter_mut().zip(api_tiers(&q["tiers"])) {
+                    *s = (s.0 + t.0, s.1 + t.1);
+                }
+            }
+            sum
+        },
+    )
+    .await;
     if shots {
         b.screenshots(&dir, "server").await;
     }
@@ -718,7 +898,7 @@ async fn tour(config: Config, shots: bool) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dashboard_tour_on_memory() {
-    tour(Config::memory(), true).await;
+    tour(Config::memory(), true, "memory").await;
 }
 
 #[cfg(feature = "fjall")]
@@ -726,7 +906,7 @@ async fn dashboard_tour_on_memory() {
 async fn dashboard_tour_on_fjall() {
     let dir = tempfile::tempdir().expect("temp dir");
     let path = dir.path().to_str().expect("utf-8 path").to_string();
-    tour(Config::default_persistent(&path), false).await;
+    tour(Config::default_persistent(&path), false, "fjall").await;
 }
 
 #[cfg(feature = "postgres")]
@@ -736,7 +916,12 @@ async fn dashboard_tour_on_postgres() {
         return;
     }
     let db = lessor_testkit::TestDatabase::create("lessor_ui").await;
-    tour(lessor_testkit::server::postgres_config(db.url()), false).await;
+    tour(
+        lessor_testkit::server::postgres_config(db.url()),
+        false,
+        "postgres",
+    )
+    .await;
 }
 
 /// With auth on: a key scoped to namespace A shows A's queues without anyone typing a namespace (the page asks
@@ -865,5 +1050,61 @@ async fn dashboard_shows_only_what_the_key_may_see() {
         json!("team-a")
     );
     b.assert_clean_console("overview with an unscoped key").await;
+    srv.stop().await;
+}
+
+/// A server that reports no storage tiers (one from before them, or a reply without the field): the pages say so
+/// ("n/a", "does not report") instead of showing zeros, and nothing breaks. The older server is played by the page
+/// itself: its `fetch` drops every `tiers` field from the API's replies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dashboard_without_tiers_says_not_reported() {
+    if !browser_available() {
+        return;
+    }
+    let (srv, c): (RunningServer, Client) = lessor_testkit::server::start(&Config::memory(), None).await;
+    lessor_testkit::server::create_queue(&c, "jobs", |_| {}).await;
+    c.queue_produce(&produce("jobs", &["a", "b"]))
+        .await
+        .expect("produce");
+    let b = Browser::start().await;
+    b.goto(&format!("{}/ui/#/", srv.endpoint())).await;
+    wait_depth(&b, "jobs", "ready", 2).await;
+    assert_eq!(overview_tiers(&b, "jobs").await[0].0, 2, "tiers shown first");
+    b.js(
+        "const orig = window.fetch;
+         const strip = (o) => { if (o && typeof o === 'object') { delete o.tiers; Object.values(o).forEach(strip); } };
+         window.fetch = async (url, init) => {
+           const r = await orig(url, init);
+           if (!String(url).startsWith('/v1/')) return r;
+           const j = JSON.parse((await r.text()) || '{}');
+           strip(j);
+           return new Response(JSON.stringify(j), { status: r.status, headers: r.headers });
+         };",
+        json!([]),
+    )
+    .await;
+    b.wait_for(
+        "overview: n/a",
+        "const td = document.querySelector(\"tr[data-queue='jobs'] td[data-col='tiers']\"); return td && td.textContent === 'n/a';",
+        json!([]),
+    )
+    .await;
+    wait_depth(&b, "jobs", "ready", 2).await;
+    // Hash changes keep the page (and its fetch) loaded.
+    b.js("location.hash = '#/queue/jobs'", json!([])).await;
+    b.wait_for(
+        "queue page: not reported",
+        "const t = document.querySelector('#tiers'); return !!t && t.textContent.includes('does not report storage tiers') && document.querySelector('#partitions').textContent.startsWith('0');",
+        json!([]),
+    )
+    .await;
+    b.js("location.hash = '#/server'", json!([])).await;
+    b.wait_for(
+        "server page: not reported",
+        "const t = document.querySelector('#server-info'); return !!t && t.textContent.includes('not reported by this server');",
+        json!([]),
+    )
+    .await;
+    b.assert_clean_console("pages without tiers").await;
     srv.stop().await;
 }

@@ -16,7 +16,7 @@ function h(tag, attrs, ...kids) {
     else if (k === 'text') el.textContent = v;
     else el.setAttribute(k, v === true ? '' : v);
   }
-  for (const kid of kids.flat()) {
+  for (const kid of kids.flat(Infinity)) {
     if (kid === null || kid === undefined) continue;
     el.append(kid instanceof Node ? kid : document.createTextNode(String(kid)));
   }
@@ -56,6 +56,50 @@ function fmt(v) { return n(v).toLocaleString('en'); }
 // Go-style durations such as `4.69927s` shortened for a table cell.
 function age(d) { const m = /^([\d.]+)s$/.exec(d || ''); return m ? Number(m[1]).toFixed(1) + 's' : (d || '-'); }
 function rate(v) { return n(v).toFixed(1) + '/s'; }
+// Bytes in binary units (`1.5 MiB`), counts shortened (`1.2k`, `3.4M`) where a cell is narrow.
+function bytes(v) {
+  let x = n(v); const u = ['B', 'KiB', 'MiB', 'GiB', 'TiB', 'PiB'];
+  let i = 0;
+  while (x >= 1024 && i < u.length - 1) { x /= 1024; i += 1; }
+  return (i === 0 ? String(x) : x.toFixed(x < 10 ? 1 : 0)) + ' ' + u[i];
+}
+function short(v) {
+  const x = n(v);
+  if (x < 1000) return String(x);
+  for (const [d, s] of [[1e12, 'T'], [1e9, 'G'], [1e6, 'M'], [1e3, 'k']]) if (x >= d) return (x / d).toFixed(x / d < 10 ? 1 : 0) + s;
+  return String(x);
+}
+
+// Storage tiers (`tiers` of queue.stats with `with_tiers`, and of queues.overview): items and payload bytes in
+// memory, on disk (or in the database) and in object storage. Zero figures are omitted on the wire, and a server
+// without tiers sends no `tiers` at all: that gives null, shown as "not reported" rather than as zeros.
+const TIERS = [['memory', 'mem', 'Memory'], ['disk', 'disk', 'Disk / database'], ['object', 'obj', 'Object storage']];
+function tierFigures(t) {
+  if (!t || typeof t !== 'object') return null;
+  const f = {};
+  for (const [k] of TIERS) f[k] = { items: n(t[k + '_items'] ?? t[k + 'Items']), bytes: n(t[k + '_bytes'] ?? t[k + 'Bytes']) };
+  return f;
+}
+function addTiers(a, b) {
+  if (!b) return a;
+  const s = a || tierFigures({});
+  for (const [k] of TIERS) { s[k].items += b[k].items; s[k].bytes += b[k].bytes; }
+  return s;
+}
+// Tiers overlap (a fjall item's record is in memory and on disk), so they are listed side by side, not stacked.
+function tierTitle(f) {
+  return TIERS.map(([k, , label]) => label + ': ' + fmt(f[k].items) + ' items, ' + bytes(f[k].bytes)).join('\n') +
+    '\nTiers overlap: an item counts in every tier holding part of it.';
+}
+function tierCell(f) {
+  if (!f) return h('span', { class: 'muted', title: 'This server does not report storage tiers' }, 'n/a');
+  const used = TIERS.filter(([k]) => f[k].items || f[k].bytes);
+  if (!used.length) return h('span', { class: 'muted', title: tierTitle(f) }, '-');
+  return h('span', { class: 'tiers', title: tierTitle(f) }, used.map(([k, abbr], i) => [i ? h('span', { class: 'sep' }, ' · ') : '',
+    h('span', { class: 'tier tier-' + k, 'data-tier': k, 'data-items': f[k].items, 'data-bytes': f[k].bytes },
+      h('span', { class: 'dot', 'aria-hidden': 'true' }, '●'), abbr + ' ', h('span', { class: 'items' }, short(f[k].items)),
+      h('span', { class: 'bytes hide-narrow' }, ' (' + bytes(f[k].bytes) + ')'))]));
+}
 function showError(e) {
   if (e && e.code === 401) status('Not authorised: ' + e.message + '. Set an API key.', 'error');
   else status(String(e && e.message ? e.message : e), 'error');
@@ -110,10 +154,11 @@ async function pageOverview() {
   const filter = h('input', { type: 'search', id: 'filter', placeholder: 'Filter by name', 'aria-label': 'Filter queues by name', value: overview.filter });
   const body = h('tbody', { id: 'queue-rows' });
   const cols = [['name', 'Queue'], ['ready', 'Ready'], ['leased', 'Leased'], ['scheduled', 'Scheduled'],
-    ['produced', 'Produce'], ['lease', 'Lease'], ['completed', 'Complete'], ['age', 'Oldest item'], ['dlq', 'DLQ depth']];
+    ['produced', 'Produce'], ['lease', 'Lease'], ['completed', 'Complete'], ['age', 'Oldest item'], ['dlq', 'DLQ depth'], ['stored', 'Tiers']];
   const head = h('tr', {}, cols.map(([k, label]) => h('th', {
     scope: 'col', tabindex: '0', class: k === 'name' ? '' : ['produced', 'lease', 'completed', 'scheduled'].includes(k) ? 'num hide-narrow' : 'num', 'data-key': k,
     'aria-sort': overview.sort === k ? (overview.dir > 0 ? 'ascending' : 'descending') : 'none',
+    title: k === 'stored' ? 'Storage tiers: items in memory (mem), on disk or in the database (disk), in object storage (obj); hover a cell for bytes' : undefined,
     onclick: () => sortBy(k), onkeydown: (e) => { if (e.key === 'Enter' || e.key === ' ') { e.preventDefault(); sortBy(k); } },
   }, label)));
   let rows = [];
@@ -135,7 +180,8 @@ async function pageOverview() {
       h('td', { class: 'num hide-narrow' }, rate(r.produced)), h('td', { class: 'num hide-narrow' }, rate(r.lease)),
       h('td', { class: 'num hide-narrow' }, rate(r.completed)),
       h('td', { class: 'num', 'data-col': 'age', title: r.ageText ? 'Age of the oldest item waiting to be leased' : 'No item waiting' }, r.ageText ? age(r.ageText) : '-'),
-      h('td', { class: 'num', 'data-col': 'dlq' }, r.dlqName ? fmt(r.dlq) : '-'))));
+      h('td', { class: 'num', 'data-col': 'dlq' }, r.dlqName ? fmt(r.dlq) : '-'),
+      h('td', { class: 'num', 'data-col': 'tiers' }, r.figures ? tierCell(r.tiers) : '-'))));
     if (!shown.length) body.replaceChildren(h('tr', {}, h('td', { colspan: cols.length, class: 'muted' }, 'No queues.')));
   }
   filter.addEventListener('input', () => { overview.filter = filter.value; draw(); });
@@ -153,7 +199,8 @@ async function pageOverview() {
         name: q.queue_name, paused: !!q.paused, figures: !q.stats_hidden,
         ready: n(q.ready), leased: n(q.leased), scheduled: n(q.scheduled), produced: n(q.produce_rate), lease: n(q.lease_rate),
         completed: n(q.complete_rate), age: seconds(q.oldest_ready_age), ageText: q.oldest_ready_age || '', dlqName: q.dead_queue || '',
-        dlq: n(q.dead_depth), error: q.error || '',
+        dlq: n(q.dead_depth), error: q.error || '', tiers: tierFigures(q.tiers),
+        stored: q.tiers ? TIERS.reduce((a, [k]) => a + n(q.tiers[k + '_bytes']), 0) : -1,
       }));
       draw();
       status('');
@@ -180,6 +227,7 @@ async function pageQueue(name) {
   const cards = h('div', { class: 'cards', id: 'queue-cards' });
   const charts = h('div', { id: 'charts' });
   const parts = h('tbody', { id: 'partitions' });
+  const tiers = h('tbody', { id: 'tiers' });
   const settings = h('form', { class: 'grid', id: 'settings' });
   const actions = h('div', { class: 'toolbar', id: 'actions' });
   setMain('Queue ' + name,
@@ -187,6 +235,11 @@ async function pageQueue(name) {
     cards, h('h2', {}, 'Last minutes'), charts,
     h('h2', {}, 'Partitions'), h('div', { class: 'scroll' }, h('table', {}, h('thead', {}, h('tr', {},
       ['Partition', 'Total', 'Ready', 'Leased', 'Scheduled', 'Failures', 'Oldest ready', 'Avg age', 'Avg lease left'].map((c, i) => h('th', { scope: 'col', class: i ? 'num' : '' }, c)))), parts)),
+    h('h2', {}, 'Storage tiers'),
+    h('p', { class: 'muted' }, 'Items and payload bytes per partition in memory, on disk (or in the database) and in object storage. ' +
+      'Tiers overlap: an item counts in every tier holding part of it.'),
+    h('div', { class: 'scroll' }, h('table', { id: 'tier-table' }, h('thead', {}, h('tr', {},
+      ['Partition', 'Memory items', 'Memory bytes', 'Disk items', 'Disk bytes', 'Object items', 'Object bytes'].map((c, i) => h('th', { scope: 'col', class: i ? 'num' : '' }, c)))), tiers)),
     h('h2', {}, 'Settings'), settings, h('h2', {}, 'Actions'), actions);
   let info;
   try { info = await api('queues.info', { queue_name: name }); } catch (e) { showError(e); return; }
@@ -218,7 +271,7 @@ async function pageQueue(name) {
     act('delete', 'Delete queue', 'Delete ' + name + ' and all its items? This cannot be undone.', async () => { await api('queues.delete', { queue_name: name }); location.hash = '#/'; }, true));
   async function refresh() {
     try {
-      const [st, hist] = await Promise.all([api('queue.stats', { queue_name: name, with_oldest_age: true }), api('queue.history', { queue_name: name })]);
+      const [st, hist] = await Promise.all([api('queue.stats', { queue_name: name, with_oldest_age: true, with_tiers: true }), api('queue.history', { queue_name: name })]);
       const t = totals(st); const r = rates(hist);
       const card = (k, v, id) => h('div', { class: 'card', id }, h('div', { class: 'v' }, v), h('div', { class: 'k' }, k));
       cards.replaceChildren(card('Ready', fmt(t.ready), 'card-ready'), card('Leased', fmt(t.leased), 'card-leased'), card('Scheduled', fmt(t.scheduled)), card('Oldest ready', t.oldest ? age(t.oldest) : '-', 'card-oldest'),
@@ -235,6 +288,19 @@ async function pageQueue(name) {
       parts.replaceChildren(...t.partitions.map((p) => h('tr', {}, h('td', {}, String(n(p.partition))), h('td', { class: 'num' }, fmt(p.total)),
         h('td', { class: 'num' }, fmt(n(p.total) - n(p.total_leased))), h('td', { class: 'num' }, fmt(p.total_leased)), h('td', { class: 'num' }, fmt(p.scheduled)),
         h('td', { class: 'num' }, fmt(p.failures)), h('td', { class: 'num' }, p.oldest_ready_age ? age(p.oldest_ready_age) : '-'), h('td', { class: 'num' }, age(p.average_age)), h('td', { class: 'num' }, age(p.average_leased_age)))));
+      const withTiers = t.partitions.filter((p) => p.tiers);
+      let sum = null;
+      tiers.replaceChildren(...withTiers.map((p) => {
+        const f = tierFigures(p.tiers); sum = addTiers(sum, f);
+        return h('tr', { 'data-partition': n(p.partition) }, h('td', {}, String(n(p.partition))),
+          TIERS.map(([k]) => [h('td', { class: 'num', 'data-tier': k, 'data-field': 'items' }, fmt(f[k].items)),
+            h('td', { class: 'num', 'data-tier': k, 'data-field': 'bytes', title: fmt(f[k].bytes) + ' bytes' }, bytes(f[k].bytes))]));
+      }));
+      if (withTiers.length > 1) {
+        tiers.append(h('tr', { class: 'total' }, h('th', { scope: 'row' }, 'All'),
+          TIERS.map(([k]) => [h('td', { class: 'num' }, fmt(sum[k].items)), h('td', { class: 'num' }, bytes(sum[k].bytes))])));
+      }
+      if (!withTiers.length) tiers.replaceChildren(h('tr', {}, h('td', { colspan: 7, class: 'muted' }, 'This server does not report storage tiers.')));
     } catch (e) { showError(e); }
   }
   await refresh();
@@ -344,6 +410,20 @@ async function pageServer() {
         ['Permissions', (me.namespaces || []).map((x) => x.namespace + ': ' + (x.permissions || []).length).join(', ') || '-']);
     } catch (e) { rows.push(['Signed in as', e.message]); }
     try { const l = await api('queues.list', { namespace: ns(), limit: 1000 }); rows.push(['Queues visible', String((l.items || []).length)]); } catch (e) { rows.push(['Queues visible', e.message]); }
+    // Where the visible queues' items are, summed from queues.overview (one page of up to 1,000 queues). The
+    // object-storage counters (objects written, deleted, orphaned; latency) are in /metrics only: no JSON route
+    // gives them, so the page names them rather than parsing Prometheus text.
+    try {
+      const o = await api('queues.overview', { namespace: ns(), limit: 1000 });
+      let sum = null; let reported = false;
+      for (const q of o.items || []) { if (q.tiers) { reported = true; sum = addTiers(sum, tierFigures(q.tiers)); } }
+      rows.push(['Storage tiers', reported ? h('span', { id: 'server-tiers' }, TIERS.map(([k, , label], i) => [i ? ' · ' : '',
+        h('span', { 'data-tier': k, 'data-items': sum[k].items, 'data-bytes': sum[k].bytes }, label + ': ' + fmt(sum[k].items) + ' items, ' + bytes(sum[k].bytes))]))
+        : 'not reported by this server']);
+      if (reported && (sum.object.items || sum.object.bytes)) {
+        rows.push(['Object storage', 'offload counters and latency: lessor_offload_* in /metrics']);
+      }
+    } catch (e) { rows.push(['Storage tiers', e.message]); }
     // The configuration summary needs queue.list in _system; a namespace's key sees the rest without it.
     try {
       const i = await api('server.info', {});
@@ -351,7 +431,7 @@ async function pageServer() {
         ['Partition storage', (i.partition_storage || []).map((p) => p.name + ' (' + p.driver + ', affinity ' + n(p.affinity) + ')').join(', ')],
         ['Auth backend', i.auth_backend || 'none'], ['TLS', i.tls ? 'on' : 'off'], ['Max produce body', fmt(i.max_produce_body) + ' bytes']);
     } catch (e) { rows.push(['Configuration', e.code === 403 ? 'not visible to this key' : e.message]); }
-    dl.replaceChildren(...rows.map(([k, v]) => h('tr', {}, h('th', { scope: 'row' }, k), h('td', {}, v || '-'))));
+    dl.replaceChildren(...rows.map(([k, v]) => h('tr', {}, h('th', { scope: 'row' }, k), h('td', {}, v instanceof Node ? v : (v || '-')))));
   } catch (e) { showError(e); }
 }
 
