@@ -205,11 +205,26 @@ impl Browser {
         }
     }
 
+    /// Calls `/element/{id}/{action}` on the element `selector` finds. The page re-renders on its refresh timer,
+    /// which can replace the element between the find and the call ("stale element reference"): it is then found
+    /// again, until [`WAIT`] has passed.
+    async fn on_element(&self, selector: &str, action: &str, body: Value) {
+        let started = Instant::now();
+        loop {
+            let id = self.element(selector).await;
+            match self
+                .try_call(&format!("/element/{id}/{action}"), body.clone())
+                .await
+            {
+                Ok(_) => return,
+                Err(e) if e.contains("stale element") && started.elapsed() < WAIT => {}
+                Err(e) => panic!("{action} on {selector}: {e}"),
+            }
+        }
+    }
+
     async fn click(&self, selector: &str) {
-        let id = self.element(selector).await;
-        self.try_call(&format!("/element/{id}/click"), json!({}))
-            .await
-            .unwrap_or_else(|e| panic!("click {selector}: {e}"));
+        self.on_element(selector, "click", json!({})).await;
     }
 
     /// Clicks something that asks `confirm()`, and accepts the question.
@@ -226,13 +241,8 @@ impl Browser {
     }
 
     async fn type_into(&self, selector: &str, text: &str) {
-        let id = self.element(selector).await;
-        self.try_call(&format!("/element/{id}/clear"), json!({}))
-            .await
-            .ok();
-        self.try_call(&format!("/element/{id}/value"), json!({"text": text}))
-            .await
-            .unwrap_or_else(|e| panic!("type into {selector}: {e}"));
+        self.on_element(selector, "clear", json!({})).await;
+        self.on_element(selector, "value", json!({"text": text})).await;
     }
 
     /// Browser console messages at warning level or worse since the last call (failed requests show here too).
@@ -548,11 +558,9 @@ async fn tour(config: Config, shots: bool, backend: &str) {
     .await;
     wait_depth(&b, "orders", "leased", 1).await;
     // Sorting from the keyboard: Enter on a focused column heading sorts by it, twice reverses.
-    let ready = b.element("th[data-key='ready']").await;
     for want in ["ascending", "descending"] {
-        b.try_call(&format!("/element/{ready}/value"), json!({"text": "\u{E007}"}))
-            .await
-            .expect("Enter on the heading");
+        b.on_element("th[data-key='ready']", "value", json!({"text": "\u{E007}"}))
+            .await;
         b.wait_for(
             want,
             "return document.querySelector(\"th[data-key='ready']\").getAttribute('aria-sort') === arguments[0]",
@@ -576,10 +584,8 @@ async fn tour(config: Config, shots: bool, backend: &str) {
     b.assert_clean_console("overview").await;
 
     // One queue: cards, partitions, charts; reached from the overview with the keyboard (Enter on the focused link).
-    let link = b.element("tr[data-queue='orders'] a").await;
-    b.try_call(&format!("/element/{link}/value"), json!({"text": "\u{E007}"}))
-        .await
-        .expect("Enter on the queue link");
+    b.on_element("tr[data-queue='orders'] a", "value", json!({"text": "\u{E007}"}))
+        .await;
     b.wait_for(
         "queue page from the keyboard",
         "return location.hash === '#/queue/orders'",
