@@ -30,6 +30,7 @@
 //! resolved bytes and write new objects, so deleting an item's object never takes another item's payload.
 
 pub mod frame;
+pub mod segment;
 
 use std::collections::{HashMap, HashSet};
 use std::fmt;
