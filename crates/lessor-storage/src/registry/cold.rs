@@ -22,7 +22,7 @@ pub const KEYS: &[&str] = &[
 ];
 
 /// Drivers that spill paged backlog to cold segments in this build.
-pub const DRIVERS_WITH_SEGMENTS: &[&str] = &[];
+pub const DRIVERS_WITH_SEGMENTS: &[&str] = if cfg!(feature = "s3") { &["fjall"] } else { &[] };
 
 /// Default `cold-after-depth`: paged items further than this from the head of their priority may go cold.
 pub const DEFAULT_AFTER_DEPTH: u64 = 1_000_000;
