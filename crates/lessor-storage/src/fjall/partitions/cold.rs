@@ -134,6 +134,8 @@ impl ColdState {
 /// Background cold work in flight.
 pub(crate) struct Job {
     gen: u64,
+    /// The object a spill writes (the sweeper must leave it alone).
+    key: Option<String>,
     task: tokio::task::JoinHandle<Result<Done, StorageError>>,
 }
 
@@ -441,6 +443,7 @@ impl FjallPartition {
                 });
                 g.cold.job = Some(Job {
                     gen: g.cold.gen,
+                    key: None,
                     task,
                 });
                 return Ok(());
@@ -543,6 +546,7 @@ impl FjallPartition {
             ))
             .to_string();
             let ctx2 = ctx.clone();
+            let key = Some(entry.key.clone());
             let task = tokio::spawn(async move {
                 let ids: Vec<u64> = records.iter().map(|r| r.0).collect();
                 let (body, crc) = tokio::task::spawn_blocking(move || {
@@ -558,6 +562,7 @@ impl FjallPartition {
             });
             g.cold.job = Some(Job {
                 gen: g.cold.gen,
+                key,
                 task,
             });
             return Ok(());
@@ -604,10 +609,13 @@ impl FjallPartition {
         let Some(ctx) = self.cold_ctx() else {
             return Ok(0);
         };
+        // The lock is held throughout: no spill starts or commits meanwhile, so an object is named by the
+        // manifest, is the spill in flight's, or is an orphan. Sweeps are rare (one listing of the partition's
+        // segments).
         let g = self.lock().await?;
-        let live: std::collections::HashSet<String> = g.cold.segs.values().map(|e| e.key.clone()).collect();
-        let pending = g.cold.job.is_some();
-        drop(g);
+        let mut live: std::collections::HashSet<String> =
+            g.cold.segs.values().map(|e| e.key.clone()).collect();
+        live.extend(g.cold.job.as_ref().and_then(|j| j.key.clone()));
         let (queue, partition) = self.queue_partition();
         let dir = format!("{}/segments/{queue}/{partition}/", ctx.prefix);
         let what = self.what();
@@ -621,17 +629,15 @@ impl FjallPartition {
         let mut n = 0;
         for m in listed {
             let key = m.location.to_string();
-            // A spill in flight writes an object no entry names yet: the grace covers it, and so does skipping
-            // objects younger than the cutoff.
-            if live.contains(&key) || (pending && m.last_modified.timestamp() > cutoff) {
-                continue;
-            }
-            if m.last_modified.timestamp() > cutoff {
+            // Objects younger than the grace may be a spill of another server sharing the bucket prefix (or a
+            // clock skew): kept.
+            if live.contains(&key) || m.last_modified.timestamp() > cutoff {
                 continue;
             }
             ctx.delete(&key).await;
             n += 1;
         }
+        drop(g);
         Ok(n)
     }
 }
