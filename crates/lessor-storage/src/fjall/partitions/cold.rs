@@ -50,6 +50,8 @@ pub(crate) struct ColdCtx {
     settings: ColdSettings,
     /// `{object-store prefix}{store name}` (object keys start with it).
     prefix: String,
+    /// Tests: every call spills or loads what is due and waits for it (not only lifecycle calls).
+    pub(crate) eager: std::sync::atomic::AtomicBool,
 }
 
 impl ColdCtx {
@@ -61,6 +63,7 @@ impl ColdCtx {
             client,
             settings,
             prefix,
+            eager: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -420,6 +423,27 @@ impl FjallPartition {
         if g.cold.job.is_some() {
             return Ok(());
         }
+        self.cold_start(g, &ctx).await?;
+        if ctx.eager.load(Ordering::Relaxed) {
+            self.finish_cold_job(g, true).await?;
+        }
+        Ok(())
+    }
+
+    /// Commits the background job if it is done (cheap when it is not): called around leases too, so a spill
+    /// or prefetch takes effect without waiting for the next lifecycle call.
+    pub(super) async fn cold_poll(&self, g: &mut Inner) -> Result<(), StorageError> {
+        if self.cold_ctx().is_some_and(|c| c.eager.load(Ordering::Relaxed)) {
+            return self.cold_step(g).await;
+        }
+        if g.cold.job.as_ref().is_some_and(|j| j.task.is_finished()) {
+            self.finish_cold_job(g, false).await?;
+        }
+        Ok(())
+    }
+
+    /// Starts a load or a spill (see [`FjallPartition::cold_step`]).
+    async fn cold_start(&self, g: &mut Inner, ctx: &Arc<ColdCtx>) -> Result<(), StorageError> {
         let what = self.what();
         let set = &ctx.settings;
         // Prefetch.
