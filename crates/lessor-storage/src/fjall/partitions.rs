@@ -870,7 +870,9 @@ impl FjallStore {
                     ..Default::default()
                 },
             }),
+            #[cfg(feature = "s3")]
             queue: queue.into(),
+            #[cfg(feature = "s3")]
             part_no: partition,
             closed: AtomicBool::new(false),
         });
@@ -1321,7 +1323,9 @@ pub struct FjallPartition {
     inner: tokio::sync::Mutex<Inner>,
     closed: AtomicBool,
     /// The queue and partition number (object keys of cold segments name them).
+    #[cfg(feature = "s3")]
     queue: Arc<str>,
+    #[cfg(feature = "s3")]
     part_no: u32,
 }
 
