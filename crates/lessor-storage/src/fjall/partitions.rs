@@ -877,31 +877,15 @@ impl FjallStore {
             closed: AtomicBool::new(false),
         });
         self.registry().insert(name.to_string(), Arc::downgrade(&p));
-        // Orphaned segments are left only by a crash (or a delete that failed): one sweep after the open finds them.
         #[cfg(feature = "s3")]
-        if !fresh
-            && self
-                .shared
-                .cold
-                .read()
-                .unwrap_or_else(|e| e.into_inner())
-                .is_some()
+        if self
+            .shared
+            .cold
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some()
         {
-            let weak = Arc::downgrade(&p);
-            tokio::spawn(async move {
-                tokio::time::sleep(Duration::from_secs(1)).await;
-                if let Some(p) = weak.upgrade() {
-                    match p.sweep_segments(Duration::ZERO).await {
-                        Ok(0) => {}
-                        Ok(n) => {
-                            tracing::info!(partition = %p.name, swept = n, "orphaned cold segments deleted")
-                        }
-                        Err(e) => {
-                            tracing::warn!(partition = %p.name, error = %e, "cold segment sweep failed")
-                        }
-                    }
-                }
-            });
+            cold::start_ticker(&p, !fresh);
         }
         Ok(p)
     }

@@ -41,6 +41,41 @@ use crate::offload::segment::{self, ManifestEntry};
 use crate::registry::ColdSettings;
 use crate::state::paging::PRIORITIES;
 
+/// Time between two steps of a partition's cold ticker (see [`start_ticker`]).
+pub(crate) const TICK: Duration = Duration::from_secs(1);
+
+/// Starts the task that drives partition `p`'s cold work: every [`TICK`] it commits a finished spill or load and
+/// starts the next one (the queue's own calls only poll, and the storage contract's lifecycle runs only when an
+/// item deadline is due). With `sweep`, the first step sweeps orphaned segments (left only by a crash or a failed
+/// delete). Ends when the partition is dropped or closed.
+pub(crate) fn start_ticker(p: &Arc<FjallPartition>, sweep: bool) {
+    let weak = Arc::downgrade(p);
+    tokio::spawn(async move {
+        let mut sweep = sweep;
+        loop {
+            tokio::time::sleep(TICK).await;
+            let Some(p) = weak.upgrade() else { return };
+            if p.closed.load(Ordering::Acquire) {
+                return;
+            }
+            if std::mem::take(&mut sweep) {
+                match p.sweep_segments(Duration::ZERO).await {
+                    Ok(0) => {}
+                    Ok(n) => tracing::info!(partition = %p.name, swept = n, "orphaned cold segments deleted"),
+                    Err(e) => tracing::warn!(partition = %p.name, error = %e, "cold segment sweep failed"),
+                }
+            }
+            let step = async {
+                let mut g = p.lock().await?;
+                p.cold_step(&mut g).await
+            };
+            if let Err(e) = step.await {
+                tracing::warn!(partition = %p.name, error = %e, "cold segment step failed");
+            }
+        }
+    });
+}
+
 /// Tag of manifest keys after the paged prefix.
 const MANIFEST_TAG: &[u8] = b"seg";
 
@@ -444,6 +479,9 @@ impl FjallPartition {
 
     /// Starts a load or a spill (see [`FjallPartition::cold_step`]).
     async fn cold_start(&self, g: &mut Inner, ctx: &Arc<ColdCtx>) -> Result<(), StorageError> {
+        if g.state.paged().is_empty() && g.cold.segs.is_empty() {
+            return Ok(());
+        }
         let what = self.what();
         let set = &ctx.settings;
         // Prefetch.
