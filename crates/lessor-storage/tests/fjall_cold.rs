@@ -224,6 +224,11 @@ async fn a_restart_reads_the_manifest_and_keeps_order() {
     let stats = p.stats(T0).await.unwrap();
     assert_eq!(stats.counts.ready, 270);
     assert!(stats.tiers.object.items > 0, "{:?}", stats.tiers);
+    // Browsing sees the items in segments too (it loads the segments its page reaches), in id order.
+    let listed = p.list(None, 1000, false).await.unwrap();
+    let mut want: Vec<ItemId> = model.keys().map(|k| k.1).collect();
+    want.sort();
+    assert_eq!(listed.iter().map(|it| it.id).collect::<Vec<_>>(), want);
     assert_eq!(drain(&p, &mut model, 11).await, 270);
 }
 

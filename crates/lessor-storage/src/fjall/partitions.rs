@@ -1828,7 +1828,8 @@ impl Partition for FjallPartition {
         limit: usize,
         scheduled: bool,
     ) -> Result<Vec<Item>, StorageError> {
-        let g = self.lock().await?;
+        #[allow(unused_mut)]
+        let mut g = self.lock().await?;
         let resident = g.state.list(pivot, limit, scheduled);
         if scheduled || g.state.paged().is_empty() {
             return Ok(resident);
@@ -1843,15 +1844,10 @@ impl Partition for FjallPartition {
                 continue;
             }
             let start = paged.from[p].max(from);
-            #[allow(unused_mut)]
-            let mut got = self.read_ready(p as u8, start, limit).await?;
-            // Items in cold segments are not listed: nothing past the next segment either, so the list stays in
-            // order.
+            // Items in cold segments are listed too: the segments the page reaches are loaded back first.
             #[cfg(feature = "s3")]
-            if let Some(e) = g.cold.segs.range((p as u8, start)..=(p as u8, u64::MAX)).next() {
-                got.retain(|it| it.id.0 < e.1.first);
-            }
-            out.extend(got);
+            self.cold_guard(&mut g, p as u8, start, limit).await?;
+            out.extend(self.read_ready(p as u8, start, limit).await?);
         }
         out.sort_unstable_by_key(|it| it.id);
         out.truncate(limit);

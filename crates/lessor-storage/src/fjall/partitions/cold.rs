@@ -151,12 +151,12 @@ impl ColdState {
             .fold((0, 0), |(n, b), e| (n + e.count, b + e.bytes))
     }
 
-    /// The lowest segment of `prio` at or above id `from`.
+    /// The lowest segment of `prio` holding ids at or above `from` (one that starts below `from` included).
     fn next(&self, prio: u8, from: u64) -> Option<&ManifestEntry> {
         self.segs
-            .range((prio, from)..=(prio, u64::MAX))
-            .next()
+            .range((prio, 0)..=(prio, u64::MAX))
             .map(|(_, e)| e)
+            .find(|e| e.last >= from)
     }
 
     /// Earliest expiry deadline among the segments of `prio`.
@@ -289,7 +289,11 @@ impl FjallPartition {
             let Some(e) = g.cold.next(prio, from).cloned() else {
                 return Ok(());
             };
-            let before = self.disk_records_before(prio, from, e.first, n as u64).await?;
+            let before = if e.first <= from {
+                0
+            } else {
+                self.disk_records_before(prio, from, e.first, n as u64).await?
+            };
             if before >= n as u64 {
                 return Ok(());
             }
