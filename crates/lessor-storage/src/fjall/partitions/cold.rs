@@ -668,6 +668,15 @@ impl FjallPartition {
         Ok(())
     }
 
+    /// The object keys the manifest names, and the key of the spill in flight if any (tests: after a sweep the
+    /// bucket must hold exactly these).
+    #[doc(hidden)]
+    pub async fn segment_keys(&self) -> Result<(Vec<String>, Option<String>), StorageError> {
+        let g = self.lock().await?;
+        let keys = g.cold.segs.values().map(|e| e.key.clone()).collect();
+        Ok((keys, g.cold.job.as_ref().and_then(|j| j.key.clone())))
+    }
+
     /// Deletes segment objects of this partition older than `grace` that no manifest entry names (left by a
     /// crash between an object write and its batch, or between a load's batch and the object's deletion).
     /// Returns how many were deleted.
