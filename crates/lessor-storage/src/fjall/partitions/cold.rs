@@ -107,6 +107,7 @@ impl ColdCtx {
     }
 
     async fn put(&self, what: &str, key: &str, body: Vec<u8>) -> Result<(), StorageError> {
+        let _t = Timed(std::time::Instant::now());
         self.client
             .put(&ObjPath::from(key), PutPayload::from(Bytes::from(body)))
             .await
@@ -115,6 +116,7 @@ impl ColdCtx {
     }
 
     async fn get(&self, what: &str, key: &str) -> Result<Bytes, StorageError> {
+        let _t = Timed(std::time::Instant::now());
         let r = self
             .client
             .get(&ObjPath::from(key))
@@ -128,6 +130,15 @@ impl ColdCtx {
             // Left behind, it is an orphan the segment sweeper deletes.
             tracing::warn!(segment = key, error = %e, "cold segment object not deleted; the sweeper will retry");
         }
+    }
+}
+
+/// Adds an object-storage request's duration to the shared latency histogram when dropped.
+struct Timed(std::time::Instant);
+
+impl Drop for Timed {
+    fn drop(&mut self) {
+        crate::offload::metrics().observe(self.0);
     }
 }
 
@@ -364,6 +375,9 @@ impl FjallPartition {
     fn report(&self, e: &ManifestEntry, err: &StorageError) {
         let (queue, partition) = self.queue_partition();
         self.shared.segment_failures.fetch_add(1, Ordering::Relaxed);
+        crate::offload::metrics()
+            .segment_failures
+            .fetch_add(1, Ordering::Relaxed);
         tracing::error!(queue, partition, segment = %e.key, error = %err, "cold segment could not be loaded");
     }
 
@@ -387,6 +401,9 @@ impl FjallPartition {
         self.shared.submit(unit).await?;
         g.cold.segs.remove(&(prio, e.first));
         self.shared.segments_loaded.fetch_add(1, Ordering::Relaxed);
+        crate::offload::metrics()
+            .segments_loaded
+            .fetch_add(1, Ordering::Relaxed);
         let ctx = ctx.clone();
         tokio::spawn(async move { ctx.delete(&e.key).await });
         Ok(())
@@ -446,6 +463,9 @@ impl FjallPartition {
                 }
                 g.cold.segs.insert((prio, entry.first), entry);
                 self.shared.segments_written.fetch_add(1, Ordering::Relaxed);
+                crate::offload::metrics()
+                    .segments_written
+                    .fetch_add(1, Ordering::Relaxed);
             }
         }
         Ok(())
@@ -711,6 +731,9 @@ impl FjallPartition {
             }
             ctx.delete(&key).await;
             n += 1;
+            crate::offload::metrics()
+                .segments_swept
+                .fetch_add(1, Ordering::Relaxed);
         }
         drop(g);
         Ok(n)
