@@ -374,3 +374,29 @@ async fn object_storage_down_leaves_the_queue_working() {
     // Produce and lease go on in order; the backlog stays on disk.
     assert_eq!(drain(&p, &mut model, 13).await, 200);
 }
+
+#[tokio::test]
+async fn destroying_a_partition_deletes_its_segments() {
+    let Some(env) = env("destroy").await else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let store = env.open(dir.path());
+    let p = store.open("q", 6).await.unwrap();
+    let _ = produce(&p, 150).await;
+    spill(&env, &p, 2).await;
+    drop(p);
+    store.destroy("q", 6).await.unwrap();
+    let gone = lessor_testkit::eventually::poll_until(
+        Duration::from_secs(10),
+        Duration::from_millis(20),
+        || async {
+            let left = env.segments().await;
+            if left.is_empty() {
+                Ok(())
+            } else {
+                Err(format!("segments left: {left:?}"))
+            }
+        },
+    )
+    .await;
+    assert!(gone.is_ok(), "{gone:?}");
+}

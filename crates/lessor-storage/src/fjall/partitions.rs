@@ -897,7 +897,12 @@ impl FjallStore {
             if let Some(p) = live {
                 p.closed.store(true, Ordering::Release);
                 // A write in flight holds the lock until the disk has it: after this, nothing writes under the pid.
-                drop(p.inner.lock().await);
+                #[allow(unused_mut)]
+                let mut g = p.inner.lock().await;
+                // A spill in flight is ended first: its object goes with the partition's other segments.
+                #[cfg(feature = "s3")]
+                let _ = g.cold.abandon_job().await;
+                drop(g);
             }
         }
         let mut cat = self.shared.catalog.lock().await;
@@ -1056,15 +1061,41 @@ impl PartitionStore for FjallStore {
         partitions.dedup();
         let names: Vec<String> = partitions.iter().map(|&p| keyspace_name(queue, p)).collect();
         let gates: Vec<_> = names.iter().map(|n| self.gate(n)).collect();
-        let done = {
+        let (done, _pids) = {
             let mut held = Vec::with_capacity(gates.len());
             for g in &gates {
                 held.push(g.lock().await);
             }
-            self.destroy_gated(&names).await
+            // The pids of the partitions (segment keys name them), read under the gates.
+            let pids: Vec<(u32, u64)> = {
+                let cat = self.shared.catalog.lock().await;
+                partitions
+                    .iter()
+                    .zip(&names)
+                    .filter_map(|(&p, n)| cat.by_name.get(n.as_str()).map(|&(pid, _)| (p, pid)))
+                    .collect()
+            };
+            (self.destroy_gated(&names).await, pids)
         };
         for (name, gate) in names.iter().zip(gates) {
             self.forget_gate(name, gate);
+        }
+        // The destroyed partitions' segment objects: everything under their segment prefixes, now and once more
+        // after the object-storage request timeout (a spill task of a partition dropped earlier may still be
+        // writing one).
+        #[cfg(feature = "s3")]
+        if done.is_ok() {
+            if let Some(ctx) = self.shared.cold.read().unwrap_or_else(|e| e.into_inner()).clone() {
+                let queue = queue.to_string();
+                tokio::spawn(async move {
+                    for wait in [Duration::ZERO, Duration::from_secs(40)] {
+                        tokio::time::sleep(wait).await;
+                        for &(p, pid) in &_pids {
+                            ctx.delete_partition(&queue, p, pid).await;
+                        }
+                    }
+                });
+            }
         }
         done
     }

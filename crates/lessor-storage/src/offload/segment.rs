@@ -199,9 +199,11 @@ pub fn decode(body: &[u8]) -> Result<Segment, SegmentError> {
     })
 }
 
-/// The object key of a segment: `{prefix}{store}/segments/{queue}/{partition}/{prio}/{first}-{random}`. The random
-/// part makes a segment written again after a crash (same range) a new object, so the sweeper can delete the
-/// orphan of the first attempt without touching the live one.
+/// The object key of a segment: `{prefix}{store}/segments/{queue}/{partition}/{prio}/{first}-{tag}`, with `tag` from
+/// [`key_tag`]: the partition's internal id (a queue deleted and created again under the same name has another, so
+/// deleting the old one's segments never touches the new one's) and a random part (a segment written again after
+/// a crash, same range, is a new object, so the sweeper can delete the orphan of the first attempt without
+/// touching the live one).
 pub fn object_key(
     prefix: &str,
     store: &str,
@@ -209,9 +211,22 @@ pub fn object_key(
     partition: u32,
     prio: u8,
     first: u64,
-    random: u64,
+    tag: &str,
 ) -> String {
-    format!("{prefix}{store}/segments/{queue}/{partition}/{prio}/{first:020}-{random:016x}")
+    format!("{prefix}{store}/segments/{queue}/{partition}/{prio}/{first:020}-{tag}")
+}
+
+/// The last part of a segment key: the owning partition's internal id and a random value.
+pub fn key_tag(pid: u64, random: u64) -> String {
+    format!("{pid:x}-{random:016x}")
+}
+
+/// The partition id in a segment key made by [`object_key`] with [`key_tag`].
+pub fn key_pid(key: &str) -> Option<u64> {
+    let name = key.rsplit('/').next()?;
+    let mut parts = name.split('-');
+    let (_first, pid) = (parts.next()?, parts.next()?);
+    u64::from_str_radix(pid, 16).ok()
 }
 
 /// What a partition keeps about one segment (under its paged prefix, written in the same batch that deletes the
@@ -384,7 +399,7 @@ mod tests {
     #[test]
     fn manifest_entries_round_trip_and_damage_is_refused() {
         let e = ManifestEntry {
-            key: object_key("lessor/", "disk-0", "q", 3, 2, 77, 0xabc),
+            key: object_key("lessor/", "disk-0", "q", 3, 2, 77, &key_tag(0x1f, 0xabc)),
             first: 77,
             last: 99,
             count: 20,
@@ -395,8 +410,10 @@ mod tests {
         };
         assert_eq!(
             e.key,
-            "lessor/disk-0/segments/q/3/2/00000000000000000077-0000000000000abc"
+            "lessor/disk-0/segments/q/3/2/00000000000000000077-1f-0000000000000abc"
         );
+        assert_eq!(key_pid(&e.key), Some(0x1f));
+        assert_eq!(key_pid("x/y/0001"), None);
         let v = e.encode();
         assert_eq!(ManifestEntry::decode(&v), Ok(e));
         assert!(ManifestEntry::decode(&v[..v.len() - 1]).is_err());

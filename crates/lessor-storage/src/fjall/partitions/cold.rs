@@ -125,6 +125,31 @@ impl ColdCtx {
         r.bytes().await.map_err(|e| self.unavailable(what, key, e))
     }
 
+    /// Deletes every segment object of partition `partition` of `queue` written under pid `pid` (a destroyed
+    /// partition's), logging what
+    /// could not be listed or deleted.
+    pub(crate) async fn delete_partition(&self, queue: &str, partition: u32, pid: u64) {
+        let dir = format!("{}/segments/{queue}/{partition}/", self.prefix);
+        let listed: Result<Vec<object_store::ObjectMeta>, _> = self
+            .client
+            .list(Some(&ObjPath::from(dir.as_str())))
+            .try_collect()
+            .await;
+        match listed {
+            Ok(objects) => {
+                for m in objects {
+                    // Only the destroyed partition's: a queue created again under the name has another pid.
+                    if segment::key_pid(m.location.as_ref()) == Some(pid) {
+                        self.delete(m.location.as_ref()).await;
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::warn!(segments = %dir, error = %e, "segments of a destroyed partition not listed")
+            }
+        }
+    }
+
     async fn delete(&self, key: &str) {
         if let Err(e) = self.client.delete(&ObjPath::from(key)).await {
             // Left behind, it is an orphan the segment sweeper deletes.
@@ -168,6 +193,14 @@ impl ColdState {
             .range((prio, 0)..=(prio, u64::MAX))
             .map(|(_, e)| e)
             .find(|e| e.last >= from)
+    }
+
+    /// Ends the job in flight (waiting for its object request) and returns the key of the object a spill wrote,
+    /// which no manifest names.
+    pub(crate) async fn abandon_job(&mut self) -> Option<String> {
+        let job = self.job.take()?;
+        let _ = job.task.await;
+        job.key
     }
 
     /// Earliest expiry deadline among the segments of `prio`.
@@ -628,7 +661,7 @@ impl FjallPartition {
                 partition,
                 p,
                 entry.first,
-                random(),
+                &segment::key_tag(self.pid, random()),
             ))
             .to_string();
             let ctx2 = ctx.clone();
