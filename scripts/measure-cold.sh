@@ -53,12 +53,14 @@ rss() { grep VmRSS /proc/$SPID/status | awk '{print $2}'; }
 start() {
   $BIN server --config $ROOT/config.yaml > $ROOT/server.log 2>&1 &
   SPID=$!
-  until curl -sf $EP/health >/dev/null 2>&1; do sleep 0.02; done
+  until curl -sf $EP/health >/dev/null 2>&1; do
+    kill -0 $SPID 2>/dev/null || { echo "server did not start:"; cat $ROOT/server.log; exit 1; }
+    sleep 0.02
+  done
 }
 stop_server() { kill -TERM $SPID; wait $SPID 2>/dev/null; }
 # Object bytes under the prefix (moto and most servers answer an unsigned ListObjectsV2 on a test bucket).
 objects() { curl -s "$S3/$BUCKET?list-type=2&prefix=$PREFIX&max-keys=100000" | grep -o '<Size>[0-9]*</Size>' | tr -dc '0-9\n' | awk '{s+=$1; n++} END {printf "%d objects, %d MiB", n, s/1048576}'; }
-tier() { curl -sf -X POST -H 'Content-Type: application/json' -d '{"queue_name":"deep"}' $EP/v1/queues.stats | tr ',' '\n' | grep -iE '"(memory|disk|object)"|items|bytes' | tr -d '\n '; }
 summary() { awk '$1=="produce"||$1=="lease"||$1=="complete"{printf "%s %s items/s p99 %s p99.9 %s max %s; ", $1, $4, $6, $7, $8}' $1; }
 echo "== $LABEL cold=$COLD depth=$DEPTH window=$WINDOW after=$AFTER segment=$SEG $(date -u) $(load)" > $OUT
 start
@@ -80,7 +82,7 @@ $BIN lease --endpoint $EP --timeout 30s deep > /dev/null 2>&1
 t2=$(date +%s.%N)
 echo "start-up: health $(echo "$t1 - $t0" | bc) s, first lease $(echo "$t2 - $t0" | bc) s; RSS $(rss) KiB; $(load)" >> $OUT
 for Q in deep shallow deep shallow; do
-  $BIN bench --endpoint $EP --queue $Q --workload pipeline --duration 30s --batch 100 --producers 4 --consumers 4 --payload 100 --drain-timeout 60s > $ROOT/pipe-$Q.txt 2>&1
+  $BIN bench --endpoint $EP --queue $Q --workload pipeline --duration ${PIPE_SECS:-30}s --batch 100 --producers 4 --consumers 4 --payload 100 --drain-timeout 60s > $ROOT/pipe-$Q.txt 2>&1
   echo "pipeline $Q: $(summary $ROOT/pipe-$Q.txt) RSS $(rss) KiB; $( [ "$COLD" = yes ] && objects ); $(load)" >> $OUT
 done
 stop_server

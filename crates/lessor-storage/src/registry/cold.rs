@@ -32,7 +32,7 @@ pub const DEFAULT_SEGMENT_ITEMS: u32 = 100_000;
 pub const DEFAULT_SEGMENT_BYTES: usize = 16 << 20;
 /// Largest `cold-segment-bytes` accepted (a segment is held whole in memory while it is written or loaded).
 pub const MAX_SEGMENT_BYTES: usize = 256 << 20;
-/// Default `cold-prefetch-items`, in segments: a segment is loaded once the disk-resident part of its priority's
+/// Default `cold-prefetch-items`, in segments (at most half of `cold-after-depth`): a segment is loaded once the disk-resident part of its priority's
 /// backlog ahead of it is shorter than this many segments' worth of items, so at a steady lease rate the next
 /// segment is back on disk before the head reaches it.
 pub const DEFAULT_PREFETCH_SEGMENTS: u64 = 2;
@@ -138,7 +138,8 @@ fn parse_with(
         Some(n) => u64::from(n),
     };
     let prefetch_items = match s.u32("cold-prefetch-items")? {
-        None => DEFAULT_PREFETCH_SEGMENTS * u64::from(segment_items),
+        // Two segments ahead, but never so far that a segment would be due for loading as soon as it is written.
+        None => (DEFAULT_PREFETCH_SEGMENTS * u64::from(segment_items)).min(after_depth / 2),
         Some(n) => u64::from(n),
     };
     if prefetch_items >= after_depth {
@@ -210,6 +211,18 @@ mod tests {
             (c.after_depth, c.segment_items, c.segment_bytes, c.prefetch_items),
             (10, 20, 1 << 20, 5)
         );
+        // Without cold-prefetch-items: two segments, at most half the depth.
+        let c = parse_with(
+            &settings()
+                .with("cold-segments", "s3-0")
+                .with("cold-after-depth", "5000")
+                .with("cold-segment-items", "5000"),
+            "fjall",
+            true,
+        )
+        .expect("valid")
+        .expect("on");
+        assert_eq!(c.prefetch_items, 2500);
     }
 
     #[test]
