@@ -177,6 +177,10 @@ pub(crate) struct ColdState {
     pub(crate) gen: u64,
     /// The spill or load in flight.
     pub(crate) job: Option<Job>,
+    /// Per priority: the (paged-from id, generation, first id of the next segment) at which the last prefetch check
+    /// found enough records ahead of that segment. While none of them changes, the records ahead cannot have
+    /// become fewer (only page-ins, deletes, expiry and loads take them), so the check is not repeated.
+    pub(crate) ahead_ok: [Option<(u64, u64, u64)>; PRIORITIES],
 }
 
 impl ColdState {
@@ -547,10 +551,16 @@ impl FjallPartition {
             let Some(e) = g.cold.next(p, 0).cloned() else {
                 continue;
             };
+            let mark = (from, g.cold.gen, e.first);
+            if g.cold.ahead_ok[usize::from(p)] == Some(mark) {
+                continue;
+            }
             let before = self
                 .disk_records_before(p, from, e.first, set.prefetch_items)
                 .await?;
-            if before < set.prefetch_items {
+            if before >= set.prefetch_items {
+                g.cold.ahead_ok[usize::from(p)] = Some(mark);
+            } else {
                 let (ctx2, what2) = (ctx.clone(), what.clone());
                 let task = tokio::spawn(async move {
                     let records = fetch(&ctx2, &what2, p, &e).await?;
