@@ -43,6 +43,10 @@ use crate::state::paging::PRIORITIES;
 
 /// Time between two steps of a partition's cold ticker (see [`start_ticker`]).
 pub(crate) const TICK: Duration = Duration::from_secs(1);
+/// Time between two steps while a spill or load is in flight.
+const BUSY_TICK: Duration = Duration::from_millis(20);
+/// After a failed spill or load, no new one starts for this long (object storage down: no busy retry loop).
+const FAILURE_BACKOFF: Duration = Duration::from_secs(10);
 
 /// Starts the task that drives partition `p`'s cold work: every [`TICK`] it commits a finished spill or load and
 /// starts the next one (the queue's own calls only poll, and the storage contract's lifecycle runs only when an
@@ -52,8 +56,9 @@ pub(crate) fn start_ticker(p: &Arc<FjallPartition>, sweep: bool) {
     let weak = Arc::downgrade(p);
     tokio::spawn(async move {
         let mut sweep = sweep;
+        let mut pause = TICK;
         loop {
-            tokio::time::sleep(TICK).await;
+            tokio::time::sleep(pause).await;
             let Some(p) = weak.upgrade() else { return };
             if p.closed.load(Ordering::Acquire) {
                 return;
@@ -67,11 +72,19 @@ pub(crate) fn start_ticker(p: &Arc<FjallPartition>, sweep: bool) {
             }
             let step = async {
                 let mut g = p.lock().await?;
-                p.cold_step(&mut g).await
+                p.cold_step(&mut g).await?;
+                Ok::<_, StorageError>(g.cold.job.is_some())
             };
-            if let Err(e) = step.await {
-                tracing::warn!(partition = %p.name, error = %e, "cold segment step failed");
-            }
+            // While a spill or load is in flight, its end is looked for often, so the next one starts at once (a
+            // deep backlog spills one segment per object write, not one per tick).
+            pause = match step.await {
+                Ok(true) => BUSY_TICK,
+                Ok(false) => TICK,
+                Err(e) => {
+                    tracing::warn!(partition = %p.name, error = %e, "cold segment step failed");
+                    TICK
+                }
+            };
         }
     });
 }
@@ -175,6 +188,8 @@ pub(crate) struct ColdState {
     /// Bumped by every change that removes paged records other than from the head (delete, expiry, clear): a
     /// spill started before it is abandoned.
     pub(crate) gen: u64,
+    /// No spill or load starts before this (set after a failure).
+    pub(crate) backoff_until: Option<std::time::Instant>,
     /// The spill or load in flight.
     pub(crate) job: Option<Job>,
     /// Per priority: the (paged-from id, generation, first id of the next segment) at which the last prefetch check
@@ -463,6 +478,7 @@ impl FjallPartition {
                 // A spill whose object could not be written, or a background load that failed: retried by a
                 // later lifecycle call (a lease that needs the segment loads it itself and gets the error).
                 tracing::warn!(partition = %self.name, error = %e, "cold segment work failed; retried later");
+                g.cold.backoff_until = Some(std::time::Instant::now() + FAILURE_BACKOFF);
                 return Ok(());
             }
             Err(e) => return Err(StorageError::other(format!("cold segment task failed: {e}"))),
@@ -516,7 +532,11 @@ impl FjallPartition {
             return Ok(());
         };
         self.finish_cold_job(g, false).await?;
-        if g.cold.job.is_some() {
+        if g.cold.job.is_some()
+            || g.cold
+                .backoff_until
+                .is_some_and(|t| std::time::Instant::now() < t)
+        {
             return Ok(());
         }
         self.cold_start(g, &ctx).await?;
