@@ -383,8 +383,9 @@ async fn destroying_a_partition_deletes_its_segments() {
     let p = store.open("q", 6).await.unwrap();
     let _ = produce(&p, 150).await;
     spill(&env, &p, 2).await;
-    drop(p);
+    // Destroyed while open (as a queue deletion does): a spill in flight is ended first, its object goes too.
     store.destroy("q", 6).await.unwrap();
+    drop(p);
     let gone = lessor_testkit::eventually::poll_until(
         Duration::from_secs(10),
         Duration::from_millis(20),

@@ -865,10 +865,7 @@ impl FjallStore {
                 hwm,
                 stale: false,
                 #[cfg(feature = "s3")]
-                cold: cold::ColdState {
-                    segs: self.shared.manifest(pid, &name).await?,
-                    ..Default::default()
-                },
+                cold: cold::ColdState::with_segs(self.shared.manifest(pid, &name).await?),
             }),
             #[cfg(feature = "s3")]
             queue: queue.into(),

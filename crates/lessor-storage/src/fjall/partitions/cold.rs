@@ -199,6 +199,13 @@ pub(crate) struct ColdState {
 }
 
 impl ColdState {
+    /// The state of a partition whose manifest holds `segs`.
+    pub(crate) fn with_segs(segs: BTreeMap<(u8, u64), ManifestEntry>) -> ColdState {
+        let mut s = ColdState::default();
+        s.segs = segs;
+        s
+    }
+
     /// Items and payload bytes in segments.
     pub(crate) fn totals(&self) -> (u64, u64) {
         self.segs
@@ -238,6 +245,16 @@ pub(crate) struct Job {
     /// The object a spill writes (the sweeper must leave it alone).
     key: Option<String>,
     task: tokio::task::JoinHandle<Result<Done, StorageError>>,
+}
+
+impl Drop for ColdState {
+    fn drop(&mut self) {
+        // A partition dropped with a spill in flight: stop it rather than let it write an object nobody will name
+        // (one already sent is left to the sweep at the next open, or to a destroy's second pass).
+        if let Some(job) = self.job.take() {
+            job.task.abort();
+        }
+    }
 }
 
 /// What a finished job hands back to be committed under the lock.
