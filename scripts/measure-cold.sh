@@ -60,7 +60,7 @@ start() {
 }
 stop_server() { kill -TERM $SPID; wait $SPID 2>/dev/null; }
 # Object bytes under the prefix (moto and most servers answer an unsigned ListObjectsV2 on a test bucket).
-objects() { curl -s "$S3/$BUCKET?list-type=2&prefix=$PREFIX&max-keys=100000" | grep -o '<Size>[0-9]*</Size>' | tr -dc '0-9\n' | awk '{s+=$1; n++} END {printf "%d objects, %d MiB", n, s/1048576}'; }
+objects() { curl -s "$S3/$BUCKET?list-type=2&prefix=$PREFIX&max-keys=100000" | grep -o '<Size>[0-9]*</Size>' | tr -dc '0-9\n' | awk '{s+=$1; n++} END {printf "%d objects, %d KiB", n, s/1024}'; }
 summary() { awk '$1=="produce"||$1=="lease"||$1=="complete"{printf "%s %s items/s p99 %s p99.9 %s max %s; ", $1, $4, $6, $7, $8}' $1; }
 echo "== $LABEL cold=$COLD depth=$DEPTH window=$WINDOW after=$AFTER segment=$SEG $(date -u) $(load)" > $OUT
 start
