@@ -329,7 +329,7 @@ impl prometheus_client::collector::Collector for OffloadCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         use lessor_storage::offload::{metrics, LATENCY_BUCKETS};
         let m = metrics();
-        let counters: [(&str, &str, &std::sync::atomic::AtomicU64); 5] = [
+        let counters: [(&str, &str, &std::sync::atomic::AtomicU64); 9] = [
             (
                 "offload_objects_written",
                 "Payload objects written to object storage",
@@ -354,6 +354,26 @@ impl prometheus_client::collector::Collector for OffloadCollector {
                 "offload_object_bytes",
                 "Object bytes written to object storage (after compression)",
                 &m.object_bytes_written,
+            ),
+            (
+                "cold_segments_written",
+                "Cold backlog segments written to object storage",
+                &m.segments_written,
+            ),
+            (
+                "cold_segments_loaded",
+                "Cold backlog segments loaded back from object storage",
+                &m.segments_loaded,
+            ),
+            (
+                "cold_segments_swept",
+                "Orphaned cold segment objects deleted by the segment sweeper",
+                &m.segments_swept,
+            ),
+            (
+                "cold_segment_load_errors",
+                "Cold segment loads that failed (missing, corrupt, object storage unavailable)",
+                &m.segment_failures,
             ),
         ];
         for (name, help, v) in counters {

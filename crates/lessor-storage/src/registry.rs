@@ -23,6 +23,7 @@
 //! (`partition-storage[1]`). [`OpenError`] is a store that could not be opened, with the backend's error as its
 //! source.
 
+mod cold;
 mod fjall;
 mod memory;
 mod offload;
@@ -38,6 +39,7 @@ use lessor_core::error::StorageError;
 use lessor_core::storage::{PartitionStore, QueuesStore};
 use thiserror::Error;
 
+pub use self::cold::ColdSettings;
 pub use self::fjall::{FjallConfig, DEFAULT_MEMORY_WINDOW};
 pub use self::memory::MemoryConfig;
 pub use self::offload::{
@@ -240,6 +242,8 @@ pub struct StoreSpec {
     config: Arc<dyn DriverConfig>,
     /// Payload offload and compression (keys shared by every driver), when asked for.
     offload: Option<OffloadSettings>,
+    /// Cold backlog segments (`cold-segments` and its keys), when asked for.
+    cold: Option<ColdSettings>,
     /// The store's name, for object keys.
     store_name: String,
 }
@@ -256,7 +260,7 @@ impl StoreSpec {
             return Err(SpecError::NotCompiled { driver: entry.name });
         }
         for key in settings.keys() {
-            if entry.keys.contains(&key) || offload::KEYS.contains(&key) {
+            if entry.keys.contains(&key) || offload::KEYS.contains(&key) || cold::KEYS.contains(&key) {
                 continue;
             }
             return Err(if DRIVERS.iter().any(|d| d.keys.contains(&key)) {
@@ -273,9 +277,11 @@ impl StoreSpec {
             });
         }
         let offload = offload::parse(settings)?;
+        let cold = cold::parse(settings, entry.name)?;
         Ok(StoreSpec {
             config: (entry.parse)(settings)?,
             offload,
+            cold,
             store_name: settings.store_name.clone(),
         })
     }
@@ -292,6 +298,7 @@ impl StoreSpec {
         Ok(StoreSpec {
             config: Arc::new(config),
             offload: None,
+            cold: None,
             store_name: String::new(),
         })
     }
@@ -301,6 +308,11 @@ impl StoreSpec {
         self.store_name = store_name.into();
         self.offload = offload.active().then_some(offload);
         self
+    }
+
+    /// Cold backlog segment settings, when the store has them.
+    pub fn cold(&self) -> Option<&ColdSettings> {
+        self.cold.as_ref()
     }
 
     /// Payload offload and compression settings, when the store has any.

@@ -44,6 +44,9 @@ use super::{keyspace_name, upgrade, Durability, PARTITIONS_DIR, PARTITIONS_FORMA
 use crate::state::paging::PRIORITIES;
 use crate::state::{Changes, PageRead, PagingCounts, PartitionState};
 
+#[cfg(feature = "s3")]
+mod cold;
+
 /// Keyspace holding every partition's items, each under its pid, and the catalog under pid 0.
 pub(crate) const ITEMS: &str = "items";
 /// The pid of the catalog: partition names to pids, and destroyed pids until their items are gone. Keeping it in
@@ -188,6 +191,13 @@ struct Shared {
     items_loaded: AtomicU64,
     /// Items paged in from disk.
     items_paged_in: AtomicU64,
+    /// Where cold segments go (`cold-segments`), once set.
+    #[cfg(feature = "s3")]
+    cold: RwLock<Option<Arc<cold::ColdCtx>>>,
+    /// Cold segments written, loaded, and failed to load since the store opened.
+    segments_written: AtomicU64,
+    segments_loaded: AtomicU64,
+    segment_failures: AtomicU64,
 }
 
 impl Shared {
@@ -227,6 +237,19 @@ impl Shared {
         }
         let engine = self.engine.clone();
         blocking(move || engine.check_writable()).await
+    }
+
+    /// The cold segment manifest of partition `pid` (one entry per segment; no segment body is read).
+    #[cfg(feature = "s3")]
+    async fn manifest(
+        &self,
+        pid: u64,
+        name: &str,
+    ) -> Result<std::collections::BTreeMap<(u8, u64), crate::offload::segment::ManifestEntry>, StorageError>
+    {
+        let engine = self.engine.clone();
+        let what = format!("partition '{name}' in '{}'", engine.dir().display());
+        blocking(move || cold::read_manifest(&engine, pid, &what)).await
     }
 
     /// Reads partition `pid` from disk into a new state; also returns the stored id high-water mark. Reads the
@@ -626,6 +649,11 @@ impl FjallStore {
             window: AtomicUsize::new(DEFAULT_MEMORY_WINDOW),
             items_loaded: AtomicU64::new(0),
             items_paged_in: AtomicU64::new(0),
+            #[cfg(feature = "s3")]
+            cold: RwLock::new(None),
+            segments_written: AtomicU64::new(0),
+            segments_loaded: AtomicU64::new(0),
+            segment_failures: AtomicU64::new(0),
         });
         let reclaimer = {
             let weak = Arc::downgrade(&shared);
@@ -669,6 +697,56 @@ impl FjallStore {
     /// Sets `memory-window-items` (at least 1) for partitions opened from now on.
     pub fn set_memory_window(&self, items: usize) {
         self.shared.window.store(items.max(1), Ordering::Relaxed);
+    }
+
+    /// Turns cold backlog segments on (`cold-segments`); `store_name` goes into every object key. Set before the
+    /// first partition opens.
+    ///
+    /// # Errors
+    /// The object store's client cannot be built from `settings`.
+    #[cfg(feature = "s3")]
+    pub fn set_cold(
+        &self,
+        settings: crate::registry::ColdSettings,
+        store_name: &str,
+    ) -> Result<(), StorageError> {
+        let ctx = cold::ColdCtx::new(settings, store_name)?;
+        *self.shared.cold.write().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(ctx));
+        Ok(())
+    }
+
+    /// Tests: makes every lifecycle call wait for the cold spill or load it starts and commit it, so a suite that
+    /// calls lifecycle now and then still moves its backlog through segments.
+    #[cfg(feature = "s3")]
+    #[doc(hidden)]
+    pub fn set_cold_eager(&self, eager: bool) {
+        if let Some(c) = self
+            .shared
+            .cold
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+        {
+            c.eager.store(eager, Ordering::Relaxed);
+        }
+    }
+
+    /// Cold segments written, loaded back, and failed to load (missing, corrupt, object store down) since the
+    /// store opened.
+    pub fn segment_counters(&self) -> (u64, u64, u64) {
+        (
+            self.shared.segments_written.load(Ordering::Relaxed),
+            self.shared.segments_loaded.load(Ordering::Relaxed),
+            self.shared.segment_failures.load(Ordering::Relaxed),
+        )
+    }
+
+    /// The open partition `partition` of `queue`, for operations beyond the `Partition` trait (tests, sweeps).
+    #[doc(hidden)]
+    pub fn live_partition(&self, queue: &str, partition: u32) -> Option<Arc<FjallPartition>> {
+        self.registry()
+            .get(&keyspace_name(queue, partition))
+            .and_then(Weak::upgrade)
     }
 
     /// Items partition opens read from disk since the store opened.
@@ -810,10 +888,26 @@ impl FjallStore {
                 hwm,
                 payload_keys,
                 stale: false,
+                #[cfg(feature = "s3")]
+                cold: cold::ColdState::with_segs(self.shared.manifest(pid, &name).await?),
             }),
+            #[cfg(feature = "s3")]
+            queue: queue.into(),
+            #[cfg(feature = "s3")]
+            part_no: partition,
             closed: AtomicBool::new(false),
         });
         self.registry().insert(name.to_string(), Arc::downgrade(&p));
+        #[cfg(feature = "s3")]
+        if self
+            .shared
+            .cold
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some()
+        {
+            cold::start_ticker(&p, !fresh);
+        }
         Ok(p)
     }
 
@@ -824,7 +918,12 @@ impl FjallStore {
             if let Some(p) = live {
                 p.closed.store(true, Ordering::Release);
                 // A write in flight holds the lock until the disk has it: after this, nothing writes under the pid.
-                drop(p.inner.lock().await);
+                #[allow(unused_mut)]
+                let mut g = p.inner.lock().await;
+                // A spill in flight is ended first: its object goes with the partition's other segments.
+                #[cfg(feature = "s3")]
+                let _ = g.cold.abandon_job().await;
+                drop(g);
             }
         }
         let mut cat = self.shared.catalog.lock().await;
@@ -983,15 +1082,41 @@ impl PartitionStore for FjallStore {
         partitions.dedup();
         let names: Vec<String> = partitions.iter().map(|&p| keyspace_name(queue, p)).collect();
         let gates: Vec<_> = names.iter().map(|n| self.gate(n)).collect();
-        let done = {
+        let (done, _pids) = {
             let mut held = Vec::with_capacity(gates.len());
             for g in &gates {
                 held.push(g.lock().await);
             }
-            self.destroy_gated(&names).await
+            // The pids of the partitions (segment keys name them), read under the gates.
+            let pids: Vec<(u32, u64)> = {
+                let cat = self.shared.catalog.lock().await;
+                partitions
+                    .iter()
+                    .zip(&names)
+                    .filter_map(|(&p, n)| cat.by_name.get(n.as_str()).map(|&(pid, _)| (p, pid)))
+                    .collect()
+            };
+            (self.destroy_gated(&names).await, pids)
         };
         for (name, gate) in names.iter().zip(gates) {
             self.forget_gate(name, gate);
+        }
+        // The destroyed partitions' segment objects: everything under their segment prefixes, now and once more
+        // after the object-storage request timeout (a spill task of a partition dropped earlier may still be
+        // writing one).
+        #[cfg(feature = "s3")]
+        if done.is_ok() {
+            if let Some(ctx) = self.shared.cold.read().unwrap_or_else(|e| e.into_inner()).clone() {
+                let queue = queue.to_string();
+                tokio::spawn(async move {
+                    for wait in [Duration::ZERO, Duration::from_secs(40)] {
+                        tokio::time::sleep(wait).await;
+                        for &(p, pid) in &_pids {
+                            ctx.delete_partition(&queue, p, pid).await;
+                        }
+                    }
+                });
+            }
         }
         done
     }
@@ -1226,6 +1351,9 @@ struct Inner {
     payload_keys: HashSet<u64>,
     /// Memory may be ahead of the disk after a failed write: re-read before the next call.
     stale: bool,
+    /// Cold segments and the cold work in flight.
+    #[cfg(feature = "s3")]
+    cold: cold::ColdState,
 }
 
 /// One partition of a [`FjallStore`].
@@ -1240,6 +1368,11 @@ pub struct FjallPartition {
     /// for the disk.
     inner: tokio::sync::Mutex<Inner>,
     closed: AtomicBool,
+    /// The queue and partition number (object keys of cold segments name them).
+    #[cfg(feature = "s3")]
+    queue: Arc<str>,
+    #[cfg(feature = "s3")]
+    part_no: u32,
 }
 
 impl fmt::Debug for FjallPartition {
@@ -1277,6 +1410,11 @@ impl FjallPartition {
             g.payload_keys = payload_keys;
             g.stale = false;
             g.prefetch = None;
+            #[cfg(feature = "s3")]
+            {
+                g.cold.segs = self.shared.manifest(self.pid, &self.name).await?;
+                g.cold.gen += 1;
+            }
         }
         Ok(g)
     }
@@ -1378,6 +1516,8 @@ impl FjallPartition {
     /// read-ahead runs while the partition serves. What comes in is moved from paged records to items by the
     /// operation's write.
     async fn page_in(&self, g: &mut Inner, want: usize) -> Result<(), StorageError> {
+        #[cfg(feature = "s3")]
+        self.cold_poll(g).await?;
         if g.state.paged().is_empty() && g.prefetch.is_none() {
             return Ok(());
         }
@@ -1387,6 +1527,10 @@ impl FjallPartition {
         if !g.state.page_plan(want, true).is_empty() {
             self.finish_prefetch(g).await?;
             let plan = g.state.page_plan(want, true);
+            #[cfg(feature = "s3")]
+            for r in &plan {
+                self.cold_guard(g, r.prio, r.from, r.n).await?;
+            }
             if !plan.is_empty() {
                 let epoch = g.state.paged_epoch();
                 let reads = self.read_pages(plan).await?;
@@ -1395,6 +1539,10 @@ impl FjallPartition {
         }
         if g.prefetch.is_none() {
             let plan = g.state.page_plan(0, false);
+            #[cfg(feature = "s3")]
+            for r in &plan {
+                self.cold_guard(g, r.prio, r.from, r.n).await?;
+            }
             if !plan.is_empty() {
                 let epoch = g.state.paged_epoch();
                 let task = tokio::task::spawn_blocking({
@@ -1504,6 +1652,11 @@ impl FjallPartition {
         let mut dead = 0;
         let mut more = false;
         for p in g.state.paged_expiry_due(now) {
+            #[cfg(feature = "s3")]
+            {
+                self.cold_guard_due(g, p, now).await?;
+                g.cold.gen += 1;
+            }
             let from = g.state.paged().from[usize::from(p)];
             let ordered = g.state.paged().ordered[usize::from(p)];
             let engine = self.shared.engine.clone();
@@ -1542,6 +1695,9 @@ impl FjallPartition {
                 }
             }
             if complete {
+                // Segments left hold items that are not due yet: their bound counts too.
+                #[cfg(feature = "s3")]
+                let rest_min = rest_min.min(g.cold.min_expire(p));
                 g.state.set_paged_min_expire(p, rest_min);
             } else {
                 more = true;
@@ -1688,6 +1844,8 @@ impl Partition for FjallPartition {
     ) -> Result<LifecycleOutcome, StorageError> {
         let mut g = self.lock().await?;
         self.shared.check_writable().await?;
+        #[cfg(feature = "s3")]
+        self.cold_step(&mut g).await?;
         self.page_in(&mut g, 0).await?;
         let mut ch = Changes::default();
         let (dead, more) = self.sweep_paged(&mut g, now, policy, &mut ch).await?;
@@ -1715,19 +1873,27 @@ impl Partition for FjallPartition {
     }
 
     async fn stats(&self, now: Ts) -> Result<PartitionStats, StorageError> {
-        self.read(|s| {
+        let g = self.lock().await?;
+        #[cfg(feature = "s3")]
+        let (cold_items, cold_bytes) = g.cold.totals();
+        #[cfg(not(feature = "s3"))]
+        let (cold_items, cold_bytes) = (0u64, 0u64);
+        Ok({
+            let s = &g.state;
             let mut st = s.stats(now);
             // The state's figures are the items held in memory (leased, scheduled, the ready ones within the
             // window); every item is on disk, the paged ones only there. A paged item whose payload is offloaded
             // counts on disk by its reference until it is paged in (paged items are counted, not read).
             let paged = s.paging_counts();
             let mut disk = s.tier_counters().held();
-            disk.items += paged.paged_ready;
-            disk.bytes += paged.paged_bytes;
+            // Items in cold segments are paged items whose records are in object storage.
+            disk.items += paged.paged_ready.saturating_sub(cold_items);
+            disk.bytes += paged.paged_bytes.saturating_sub(cold_bytes);
             st.tiers.disk = disk;
+            st.tiers.object.items += cold_items;
+            st.tiers.object.bytes += cold_bytes;
             st
         })
-        .await
     }
 
     async fn list(
@@ -1736,7 +1902,8 @@ impl Partition for FjallPartition {
         limit: usize,
         scheduled: bool,
     ) -> Result<Vec<Item>, StorageError> {
-        let g = self.lock().await?;
+        #[allow(unused_mut)]
+        let mut g = self.lock().await?;
         let resident = g.state.list(pivot, limit, scheduled);
         if scheduled || g.state.paged().is_empty() {
             return Ok(resident);
@@ -1750,7 +1917,11 @@ impl Partition for FjallPartition {
             if paged.count[p] == 0 {
                 continue;
             }
-            out.extend(self.read_ready(p as u8, paged.from[p].max(from), limit).await?);
+            let start = paged.from[p].max(from);
+            // Items in cold segments are listed too: the segments the page reaches are loaded back first.
+            #[cfg(feature = "s3")]
+            self.cold_guard(&mut g, p as u8, start, limit).await?;
+            out.extend(self.read_ready(p as u8, start, limit).await?);
         }
         out.sort_unstable_by_key(|it| it.id);
         out.truncate(limit);
@@ -1768,6 +1939,12 @@ impl Partition for FjallPartition {
     async fn delete(&self, ids: Vec<ItemId>) -> Result<(), StorageError> {
         let mut g = self.lock().await?;
         self.shared.check_writable().await?;
+        #[cfg(feature = "s3")]
+        {
+            let raw: Vec<u64> = ids.iter().map(|i| i.0).collect();
+            self.cold_guard_ids(&mut g, &raw).await?;
+            g.cold.gen += 1;
+        }
         let mut ch = g.state.delete(ids.clone());
         if !g.state.paged().is_empty() {
             for chunk in ids.chunks(DROP_BATCH) {
@@ -1782,7 +1959,12 @@ impl Partition for FjallPartition {
         // Holding the partition's lock means none of its writes is in flight: every write it acknowledged is in
         // the database, and the database snapshot taken now reads exactly that, from disk and memtables, without
         // copying anything and without holding the partition up while it is read.
-        let _g = self.lock().await?;
+        #[allow(unused_mut)]
+        let mut g = self.lock().await?;
+        // Segment items are read like the other paged items: every segment is loaded back first.
+        #[cfg(feature = "s3")]
+        self.cold_guard_all(&mut g).await?;
+        let _g = g;
         let engine = self.shared.engine.clone();
         let name = self.name.clone();
         let pid = self.pid;
@@ -1813,6 +1995,8 @@ impl Partition for FjallPartition {
             // The resident part and the paged records go in bounded writes, each leaving records and counters in
             // agreement (a crash in between leaves a partly cleared queue, as a clear racing a crash may).
             self.commit_mut(&mut g, ch).await?;
+            #[cfg(feature = "s3")]
+            self.cold_clear(&mut g).await?;
             for p in 0..PRIORITIES as u8 {
                 while g.state.paged().count[usize::from(p)] > 0 {
                     let from = g.state.paged().from[usize::from(p)];

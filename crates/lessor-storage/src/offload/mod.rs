@@ -30,6 +30,7 @@
 //! resolved bytes and write new objects, so deleting an item's object never takes another item's payload.
 
 pub mod frame;
+pub mod segment;
 
 use std::collections::{HashMap, HashSet};
 use std::fmt;
@@ -134,6 +135,14 @@ pub struct OffloadMetrics {
     pub fetch_corrupt: AtomicU64,
     /// Payloads that could not be read: object storage unreachable or failing.
     pub fetch_unavailable: AtomicU64,
+    /// Cold backlog segments written (`cold-segments`).
+    pub segments_written: AtomicU64,
+    /// Cold backlog segments loaded back.
+    pub segments_loaded: AtomicU64,
+    /// Orphaned segment objects the segment sweeper deleted.
+    pub segments_swept: AtomicU64,
+    /// Segment loads that failed (missing, corrupt, object storage unavailable); the log names each.
+    pub segment_failures: AtomicU64,
     /// Object-storage request latency: counts per bucket of [`LATENCY_BUCKETS`] (cumulative on export).
     pub latency_counts: [AtomicU64; LATENCY_BUCKETS.len() + 1],
     /// Sum of object-storage request latencies, in microseconds.
@@ -146,7 +155,7 @@ pub const LATENCY_BUCKETS: [f64; 12] = [
 ];
 
 impl OffloadMetrics {
-    fn observe(&self, started: Instant) {
+    pub(crate) fn observe(&self, started: Instant) {
         let s = started.elapsed().as_secs_f64();
         let i = LATENCY_BUCKETS
             .iter()

@@ -44,6 +44,10 @@ pub struct FjallConfig {
     /// `memory-window-items`: ready items a partition keeps in memory before it pages the rest of its backlog
     /// (default 1,000,000; only the partition store uses it).
     pub memory_window: usize,
+    /// Cold backlog segments (`cold-segments` and its keys), when asked for.
+    pub cold: Option<super::ColdSettings>,
+    /// The store's name in the configuration (object keys of cold segments start with it).
+    pub store_name: String,
 }
 
 /// Default of `memory-window-items` (the backend's own constant, repeated for builds without it).
@@ -78,10 +82,13 @@ fn parse(s: &Settings) -> Result<Arc<dyn DriverConfig>, SpecError> {
         }
         Some(n) => n as usize,
     };
+    let cold = super::cold::parse(s, DRIVER.name)?;
     Ok(Arc::new(FjallConfig {
         storage_dir,
         durability,
         memory_window,
+        cold,
+        store_name: s.store_name.clone(),
     }))
 }
 
@@ -126,6 +133,18 @@ impl DriverConfig for FjallConfig {
         let (dir, durability) = (self.storage_dir.clone(), self.durability);
         let store = blocking_open(move || crate::fjall::FjallStore::open(dir, durability)).await?;
         store.set_memory_window(self.memory_window);
+        if let Some(cold) = &self.cold {
+            #[cfg(feature = "s3")]
+            store
+                .set_cold(cold.clone(), &self.store_name)
+                .map_err(|source| OpenError::Backend {
+                    driver: DRIVER.name,
+                    source,
+                })?;
+            // `cold::parse` takes the settings only in builds with object storage.
+            #[cfg(not(feature = "s3"))]
+            let _ = cold;
+        }
         Ok(Arc::new(store))
     }
 

@@ -1,0 +1,865 @@
+//! Cold backlog segments of a fjall partition (`cold-segments`): paged records far from the head of their
+//! priority move, a contiguous id range at a time, into one object each (`crate::offload::segment`), and come back
+//! as paged records before the head reaches them.
+//!
+//! A segment is recorded by a *manifest entry* under the partition's paged prefix:
+//! ```text
+//! (pid | 1 << 63) (u64 BE) + "seg" + prio (u8) + first id (u64 BE)  -> ManifestEntry
+//! ```
+//! ("seg" sorts after every priority byte, so the per-priority record ranges never see it). Segment items stay
+//! counted in the partition's [`crate::state::Paged`] counters: for the state a segment item is a paged item like
+//! any other, and nothing in the state changes when items go cold or come back.
+//!
+//! Crash safety comes from the order of writes. A spill writes the object first, then one batch deleting the
+//! records and adding the manifest entry; a load writes one batch putting the records back and deleting the entry,
+//! then deletes the object. A crash between leaves an object no entry names (an orphan, never a lost or doubled
+//! item), which [`FjallPartition::sweep_segments`] deletes once older than the grace.
+//!
+//! Order is kept by one rule: before any read of paged records of a priority (a page-in, its read-ahead, a
+//! delete by id, an expiry sweep, a snapshot), the segments that read could reach are loaded first, on the
+//! caller's path if the background prefetch has not done it yet. A read therefore never passes over a segment.
+//!
+//! The background work (one spill or load at a time per partition) is started and finished by the partition's
+//! lifecycle calls; the object I/O runs in a spawned task meanwhile, so the queue keeps serving. A spill started
+//! before a change to the records it took (delete, expiry, clear, a page-in past its first id) is abandoned and
+//! its object deleted.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::TryStreamExt;
+use lessor_core::error::{StorageError, StorageErrorKind};
+use lessor_core::time::Ts;
+use object_store::path::Path as ObjPath;
+use object_store::{ObjectStore, PutPayload};
+
+use super::{blocking, pg, FjallPartition, Inner, Unit, ITEMS};
+use crate::offload::segment::{self, ManifestEntry};
+use crate::registry::ColdSettings;
+use crate::state::paging::PRIORITIES;
+
+/// Time between two steps of a partition's cold ticker (see [`start_ticker`]).
+pub(crate) const TICK: Duration = Duration::from_secs(1);
+/// Time between two steps while a spill or load is in flight.
+const BUSY_TICK: Duration = Duration::from_millis(20);
+/// After a failed spill or load, no new one starts for this long (object storage down: no busy retry loop).
+const FAILURE_BACKOFF: Duration = Duration::from_secs(10);
+
+/// Starts the task that drives partition `p`'s cold work: every [`TICK`] it commits a finished spill or load and
+/// starts the next one (the queue's own calls only poll, and the storage contract's lifecycle runs only when an
+/// item deadline is due). With `sweep`, the first step sweeps orphaned segments (left only by a crash or a failed
+/// delete). Ends when the partition is dropped or closed.
+pub(crate) fn start_ticker(p: &Arc<FjallPartition>, sweep: bool) {
+    let weak = Arc::downgrade(p);
+    tokio::spawn(async move {
+        let mut sweep = sweep;
+        let mut pause = TICK;
+        loop {
+            tokio::time::sleep(pause).await;
+            let Some(p) = weak.upgrade() else { return };
+            if p.closed.load(Ordering::Acquire) {
+                return;
+            }
+            if std::mem::take(&mut sweep) {
+                match p.sweep_segments(Duration::ZERO).await {
+                    Ok(0) => {}
+                    Ok(n) => tracing::info!(partition = %p.name, swept = n, "orphaned cold segments deleted"),
+                    Err(e) => tracing::warn!(partition = %p.name, error = %e, "cold segment sweep failed"),
+                }
+            }
+            let step = async {
+                let mut g = p.lock().await?;
+                p.cold_step(&mut g).await?;
+                Ok::<_, StorageError>(g.cold.job.is_some())
+            };
+            // While a spill or load is in flight, its end is looked for often, so the next one starts at once (a
+            // deep backlog spills one segment per object write, not one per tick).
+            pause = match step.await {
+                Ok(true) => BUSY_TICK,
+                Ok(false) => TICK,
+                Err(e) => {
+                    tracing::warn!(partition = %p.name, error = %e, "cold segment step failed");
+                    TICK
+                }
+            };
+        }
+    });
+}
+
+/// Tag of manifest keys after the paged prefix.
+const MANIFEST_TAG: &[u8] = b"seg";
+
+/// The object store and settings of a store's cold segments.
+pub(crate) struct ColdCtx {
+    client: Arc<dyn ObjectStore>,
+    settings: ColdSettings,
+    /// `{object-store prefix}{store name}` (object keys start with it).
+    prefix: String,
+    /// Tests: every call spills or loads what is due and waits for it (not only lifecycle calls).
+    pub(crate) eager: std::sync::atomic::AtomicBool,
+}
+
+impl ColdCtx {
+    /// Builds the client for `settings`' object store; `store_name` goes into every key.
+    pub(crate) fn new(settings: ColdSettings, store_name: &str) -> Result<ColdCtx, StorageError> {
+        let client = crate::offload::client(&settings.object_store)?;
+        let prefix = format!("{}{}", settings.object_store.prefix, store_name);
+        Ok(ColdCtx {
+            client,
+            settings,
+            prefix,
+            eager: std::sync::atomic::AtomicBool::new(false),
+        })
+    }
+
+    fn unavailable(&self, what: &str, key: &str, e: impl std::fmt::Display) -> StorageError {
+        StorageError::unavailable(format!("{what}: cold segment '{key}': {e}"))
+    }
+
+    async fn put(&self, what: &str, key: &str, body: Vec<u8>) -> Result<(), StorageError> {
+        let _t = Timed(std::time::Instant::now());
+        self.client
+            .put(&ObjPath::from(key), PutPayload::from(Bytes::from(body)))
+            .await
+            .map(|_| ())
+            .map_err(|e| self.unavailable(what, key, e))
+    }
+
+    async fn get(&self, what: &str, key: &str) -> Result<Bytes, StorageError> {
+        let _t = Timed(std::time::Instant::now());
+        let r = self
+            .client
+            .get(&ObjPath::from(key))
+            .await
+            .map_err(|e| self.unavailable(what, key, e))?;
+        r.bytes().await.map_err(|e| self.unavailable(what, key, e))
+    }
+
+    /// Deletes every segment object of partition `partition` of `queue` written under pid `pid` (a destroyed
+    /// partition's), logging what
+    /// could not be listed or deleted.
+    pub(crate) async fn delete_partition(&self, queue: &str, partition: u32, pid: u64) {
+        let dir = format!("{}/segments/{queue}/{partition}/", self.prefix);
+        let listed: Result<Vec<object_store::ObjectMeta>, _> = self
+            .client
+            .list(Some(&ObjPath::from(dir.as_str())))
+            .try_collect()
+            .await;
+        match listed {
+            Ok(objects) => {
+                for m in objects {
+                    // Only the destroyed partition's: a queue created again under the name has another pid.
+                    if segment::key_pid(m.location.as_ref()) == Some(pid) {
+                        self.delete(m.location.as_ref()).await;
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::warn!(segments = %dir, error = %e, "segments of a destroyed partition not listed")
+            }
+        }
+    }
+
+    async fn delete(&self, key: &str) {
+        if let Err(e) = self.client.delete(&ObjPath::from(key)).await {
+            // Left behind, it is an orphan the segment sweeper deletes.
+            tracing::warn!(segment = key, error = %e, "cold segment object not deleted; the sweeper will retry");
+        }
+    }
+}
+
+/// Adds an object-storage request's duration to the shared latency histogram when dropped.
+struct Timed(std::time::Instant);
+
+impl Drop for Timed {
+    fn drop(&mut self) {
+        crate::offload::metrics().observe(self.0);
+    }
+}
+
+/// A partition's segments and background cold work, behind its lock.
+#[derive(Default)]
+pub(crate) struct ColdState {
+    /// Manifest entries by (priority, first id).
+    pub(crate) segs: BTreeMap<(u8, u64), ManifestEntry>,
+    /// Bumped by every change that removes paged records other than from the head (delete, expiry, clear): a
+    /// spill started before it is abandoned.
+    pub(crate) gen: u64,
+    /// No spill or load starts before this (set after a failure).
+    pub(crate) backoff_until: Option<std::time::Instant>,
+    /// The spill or load in flight.
+    pub(crate) job: Option<Job>,
+    /// Per priority: the (paged-from id, generation, first id of the next segment) at which the last prefetch check
+    /// found enough records ahead of that segment. While none of them changes, the records ahead cannot have
+    /// become fewer (only page-ins, deletes, expiry and loads take them), so the check is not repeated.
+    pub(crate) ahead_ok: [Option<(u64, u64, u64)>; PRIORITIES],
+}
+
+impl ColdState {
+    /// The state of a partition whose manifest holds `segs`.
+    pub(crate) fn with_segs(segs: BTreeMap<(u8, u64), ManifestEntry>) -> ColdState {
+        let mut s = ColdState::default();
+        s.segs = segs;
+        s
+    }
+
+    /// Items and payload bytes in segments.
+    pub(crate) fn totals(&self) -> (u64, u64) {
+        self.segs
+            .values()
+            .fold((0, 0), |(n, b), e| (n + e.count, b + e.bytes))
+    }
+
+    /// The lowest segment of `prio` holding ids at or above `from` (one that starts below `from` included).
+    fn next(&self, prio: u8, from: u64) -> Option<&ManifestEntry> {
+        self.segs
+            .range((prio, 0)..=(prio, u64::MAX))
+            .map(|(_, e)| e)
+            .find(|e| e.last >= from)
+    }
+
+    /// Ends the job in flight (waiting for its object request) and returns the key of the object a spill wrote,
+    /// which no manifest names.
+    pub(crate) async fn abandon_job(&mut self) -> Option<String> {
+        let job = self.job.take()?;
+        let _ = job.task.await;
+        job.key
+    }
+
+    /// Earliest expiry deadline among the segments of `prio`.
+    pub(crate) fn min_expire(&self, prio: u8) -> i64 {
+        self.segs
+            .range((prio, 0)..=(prio, u64::MAX))
+            .map(|(_, e)| e.min_expire)
+            .min()
+            .unwrap_or(i64::MAX)
+    }
+}
+
+/// Background cold work in flight.
+pub(crate) struct Job {
+    gen: u64,
+    /// The object a spill writes (the sweeper must leave it alone).
+    key: Option<String>,
+    task: tokio::task::JoinHandle<Result<Done, StorageError>>,
+}
+
+impl Drop for ColdState {
+    fn drop(&mut self) {
+        // A partition dropped with a spill in flight: stop it rather than let it write an object nobody will name
+        // (one already sent is left to the sweep at the next open, or to a destroy's second pass).
+        if let Some(job) = self.job.take() {
+            job.task.abort();
+        }
+    }
+}
+
+/// What a finished job hands back to be committed under the lock.
+enum Done {
+    /// The object of a new segment is written: commit the manifest entry and delete the records.
+    Spilled {
+        prio: u8,
+        entry: ManifestEntry,
+        ids: Vec<u64>,
+    },
+    /// A segment is fetched and verified: put its records back and delete its entry.
+    Loaded {
+        prio: u8,
+        entry: ManifestEntry,
+        records: Vec<(u64, Vec<u8>)>,
+    },
+}
+
+/// The manifest key of the segment of `prio` starting at `first` in partition `pid`.
+pub(crate) fn manifest_key(pid: u64, prio: u8, first: u64) -> Vec<u8> {
+    let mut k = pg::paged_prefix(pid).to_vec();
+    k.extend_from_slice(MANIFEST_TAG);
+    k.push(prio);
+    k.extend_from_slice(&first.to_be_bytes());
+    k
+}
+
+/// Reads the manifest of partition `pid` (one entry per segment, never a segment body). Blocking.
+pub(crate) fn read_manifest(
+    engine: &super::Engine,
+    pid: u64,
+    what: &str,
+) -> Result<BTreeMap<(u8, u64), ManifestEntry>, StorageError> {
+    let mut out = BTreeMap::new();
+    let Some(ks) = engine.keyspace(ITEMS, false)? else {
+        return Ok(out);
+    };
+    let mut prefix = pg::paged_prefix(pid).to_vec();
+    prefix.extend_from_slice(MANIFEST_TAG);
+    for kv in ks.prefix(&prefix) {
+        let (k, v) = kv.into_inner().map_err(|e| engine.read_error(e))?;
+        let e = ManifestEntry::decode(&v).map_err(|e| {
+            StorageError::new(
+                StorageErrorKind::Corrupt,
+                format!("{what}: a cold segment manifest entry is damaged: {e}"),
+            )
+        })?;
+        let prio = k.get(prefix.len()).copied().unwrap_or(0);
+        out.insert((prio, e.first), e);
+    }
+    Ok(out)
+}
+
+/// Whether a stored payload is an offloaded object reference (such items stop a segment: the payload sweeper
+/// reads references from the partition, and a segment's contents are not read by it).
+fn is_object_ref(record: &[u8]) -> bool {
+    pg::decode_record(0, record, "")
+        .map(|it| crate::tiers::offloaded_len(&it.payload).is_some())
+        .unwrap_or(true)
+}
+
+/// A random 64-bit value for object keys.
+fn random() -> u64 {
+    let mut b = [0u8; 8];
+    if getrandom::fill(&mut b).is_err() {
+        return std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64);
+    }
+    u64::from_le_bytes(b)
+}
+
+impl FjallPartition {
+    fn cold_ctx(&self) -> Option<Arc<ColdCtx>> {
+        self.shared.cold.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn queue_partition(&self) -> (&str, u32) {
+        (&self.queue, self.part_no)
+    }
+
+    /// Paged records of `prio` on disk with ids in `from..to`, counted up to `cap`. Blocking read off the runtime.
+    async fn disk_records_before(&self, prio: u8, from: u64, to: u64, cap: u64) -> Result<u64, StorageError> {
+        let (engine, pid) = (self.shared.engine.clone(), self.pid);
+        blocking(move || {
+            let Some(ks) = engine.keyspace(ITEMS, false)? else {
+                return Ok(0);
+            };
+            let mut n = 0;
+            for kv in ks.range(pg::record_key(pid, prio, from)..pg::record_key(pid, prio, to)) {
+                kv.key().map_err(|e| engine.read_error(e))?;
+                n += 1;
+                if n >= cap {
+                    break;
+                }
+            }
+            Ok(n)
+        })
+        .await
+    }
+
+    /// Makes sure a read of up to `n` paged records of `prio` from id `from` on cannot pass over a segment:
+    /// loads (now, on the caller's path) each segment with fewer than `n` disk records before it.
+    pub(super) async fn cold_guard(
+        &self,
+        g: &mut Inner,
+        prio: u8,
+        from: u64,
+        n: usize,
+    ) -> Result<(), StorageError> {
+        loop {
+            let Some(e) = g.cold.next(prio, from).cloned() else {
+                return Ok(());
+            };
+            let before = if e.first <= from {
+                0
+            } else {
+                self.disk_records_before(prio, from, e.first, n as u64).await?
+            };
+            if before >= n as u64 {
+                return Ok(());
+            }
+            self.load_now(g, prio, e).await?;
+        }
+    }
+
+    /// Loads every segment holding one of `ids` (a delete by id must see them).
+    pub(super) async fn cold_guard_ids(&self, g: &mut Inner, ids: &[u64]) -> Result<(), StorageError> {
+        let hit: Vec<(u8, ManifestEntry)> = g
+            .cold
+            .segs
+            .iter()
+            .filter(|(_, e)| ids.iter().any(|&id| id >= e.first && id <= e.last))
+            .map(|(&(p, _), e)| (p, e.clone()))
+            .collect();
+        for (p, e) in hit {
+            self.load_now(g, p, e).await?;
+        }
+        Ok(())
+    }
+
+    /// Loads the segments of `prio` with an item due at `now` (an expiry sweep must see them).
+    pub(super) async fn cold_guard_due(&self, g: &mut Inner, prio: u8, now: Ts) -> Result<(), StorageError> {
+        let due: Vec<ManifestEntry> = g
+            .cold
+            .segs
+            .range((prio, 0)..=(prio, u64::MAX))
+            .filter(|(_, e)| e.min_expire <= now.0)
+            .map(|(_, e)| e.clone())
+            .collect();
+        for e in due {
+            self.load_now(g, prio, e).await?;
+        }
+        Ok(())
+    }
+
+    /// Loads every segment (a snapshot reads the records of the whole partition).
+    pub(super) async fn cold_guard_all(&self, g: &mut Inner) -> Result<(), StorageError> {
+        let all: Vec<(u8, ManifestEntry)> = g.cold.segs.iter().map(|(&(p, _), e)| (p, e.clone())).collect();
+        for (p, e) in all {
+            self.load_now(g, p, e).await?;
+        }
+        Ok(())
+    }
+
+    /// Fetches, verifies and commits segment `e` of `prio` now. A missing or damaged segment is an
+    /// `Unavailable` error naming it (the caller's lease gets 454 and its items stay where they are).
+    async fn load_now(&self, g: &mut Inner, prio: u8, e: ManifestEntry) -> Result<(), StorageError> {
+        let what = self.what();
+        let Some(ctx) = self.cold_ctx() else {
+            return Err(StorageError::unavailable(format!(
+                "{what}: cold segment '{}' holds queued items but the store has no cold-segments object store",
+                e.key
+            )));
+        };
+        // A background load of the same segment may be in flight: let it finish first.
+        self.finish_cold_job(g, true).await?;
+        if !g.cold.segs.contains_key(&(prio, e.first)) {
+            return Ok(());
+        }
+        let records = fetch(&ctx, &what, prio, &e)
+            .await
+            .inspect_err(|err| self.report(&e, err))?;
+        self.commit_load(g, &ctx, prio, e, records).await
+    }
+
+    fn report(&self, e: &ManifestEntry, err: &StorageError) {
+        let (queue, partition) = self.queue_partition();
+        self.shared.segment_failures.fetch_add(1, Ordering::Relaxed);
+        crate::offload::metrics()
+            .segment_failures
+            .fetch_add(1, Ordering::Relaxed);
+        tracing::error!(queue, partition, segment = %e.key, error = %err, "cold segment could not be loaded");
+    }
+
+    async fn commit_load(
+        &self,
+        g: &mut Inner,
+        ctx: &Arc<ColdCtx>,
+        prio: u8,
+        e: ManifestEntry,
+        records: Vec<(u64, Vec<u8>)>,
+    ) -> Result<(), StorageError> {
+        let unit = Unit {
+            keyspace: self.shared.items.clone(),
+            puts: records
+                .into_iter()
+                .map(|(id, r)| (pg::record_key(self.pid, prio, id), r))
+                .collect(),
+            dels: vec![manifest_key(self.pid, prio, e.first)],
+            once_dels: Vec::new(),
+        };
+        self.shared.submit(unit).await?;
+        g.cold.segs.remove(&(prio, e.first));
+        self.shared.segments_loaded.fetch_add(1, Ordering::Relaxed);
+        crate::offload::metrics()
+            .segments_loaded
+            .fetch_add(1, Ordering::Relaxed);
+        let ctx = ctx.clone();
+        tokio::spawn(async move { ctx.delete(&e.key).await });
+        Ok(())
+    }
+
+    /// Finishes the background job if it is done (or waits for it when `wait`).
+    async fn finish_cold_job(&self, g: &mut Inner, wait: bool) -> Result<(), StorageError> {
+        if !wait && g.cold.job.as_ref().is_none_or(|j| !j.task.is_finished()) {
+            return Ok(());
+        }
+        let Some(job) = g.cold.job.take() else {
+            return Ok(());
+        };
+        let Some(ctx) = self.cold_ctx() else {
+            return Ok(());
+        };
+        let done = match job.task.await {
+            Ok(Ok(d)) => d,
+            Ok(Err(e)) => {
+                // A spill whose object could not be written, or a background load that failed: retried by a
+                // later lifecycle call (a lease that needs the segment loads it itself and gets the error).
+                tracing::warn!(partition = %self.name, error = %e, "cold segment work failed; retried later");
+                g.cold.backoff_until = Some(std::time::Instant::now() + FAILURE_BACKOFF);
+                return Ok(());
+            }
+            Err(e) => return Err(StorageError::other(format!("cold segment task failed: {e}"))),
+        };
+        match done {
+            Done::Loaded { prio, entry, records } => {
+                if g.cold
+                    .segs
+                    .get(&(prio, entry.first))
+                    .is_some_and(|x| x.key == entry.key)
+                {
+                    self.commit_load(g, &ctx, prio, entry, records).await?;
+                }
+            }
+            Done::Spilled { prio, entry, ids } => {
+                // Apply a read-ahead first: it may have paged in records of the range.
+                self.finish_prefetch(g).await?;
+                let paged = g.state.paged();
+                let intact = job.gen == g.cold.gen
+                    && paged.count[usize::from(prio)] > 0
+                    && paged.from[usize::from(prio)] <= entry.first;
+                if !intact {
+                    tokio::spawn(async move { ctx.delete(&entry.key).await });
+                    return Ok(());
+                }
+                let unit = Unit {
+                    keyspace: self.shared.items.clone(),
+                    puts: vec![(manifest_key(self.pid, prio, entry.first), entry.encode())],
+                    dels: ids.iter().map(|&id| pg::record_key(self.pid, prio, id)).collect(),
+                    once_dels: Vec::new(),
+                };
+                if let Err(e) = self.shared.submit(unit).await {
+                    g.stale = true;
+                    return Err(e);
+                }
+                g.cold.segs.insert((prio, entry.first), entry);
+                self.shared.segments_written.fetch_add(1, Ordering::Relaxed);
+                crate::offload::metrics()
+                    .segments_written
+                    .fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        Ok(())
+    }
+
+    /// One step of background cold work, from a lifecycle call: finishes a job that is done, then starts a load
+    /// when the head of a priority is within the prefetch distance of its next segment, else a spill when a
+    /// priority has a segment's worth of records beyond the cold depth.
+    pub(super) async fn cold_step(&self, g: &mut Inner) -> Result<(), StorageError> {
+        let Some(ctx) = self.cold_ctx() else {
+            return Ok(());
+        };
+        self.finish_cold_job(g, false).await?;
+        if g.cold.job.is_some()
+            || g.cold
+                .backoff_until
+                .is_some_and(|t| std::time::Instant::now() < t)
+        {
+            return Ok(());
+        }
+        self.cold_start(g, &ctx).await?;
+        if ctx.eager.load(Ordering::Relaxed) {
+            self.finish_cold_job(g, true).await?;
+        }
+        Ok(())
+    }
+
+    /// Commits the background job if it is done (cheap when it is not): called around leases too, so a spill
+    /// or prefetch takes effect without waiting for the next lifecycle call.
+    pub(super) async fn cold_poll(&self, g: &mut Inner) -> Result<(), StorageError> {
+        if self.cold_ctx().is_some_and(|c| c.eager.load(Ordering::Relaxed)) {
+            return self.cold_step(g).await;
+        }
+        if g.cold.job.as_ref().is_some_and(|j| j.task.is_finished()) {
+            self.finish_cold_job(g, false).await?;
+        }
+        Ok(())
+    }
+
+    /// Starts a load or a spill (see [`FjallPartition::cold_step`]).
+    async fn cold_start(&self, g: &mut Inner, ctx: &Arc<ColdCtx>) -> Result<(), StorageError> {
+        if g.state.paged().is_empty() && g.cold.segs.is_empty() {
+            return Ok(());
+        }
+        let what = self.what();
+        let set = &ctx.settings;
+        // Prefetch.
+        for p in 0..PRIORITIES as u8 {
+            let from = g.state.paged().from[usize::from(p)];
+            let Some(e) = g.cold.next(p, 0).cloned() else {
+                continue;
+            };
+            let mark = (from, g.cold.gen, e.first);
+            if g.cold.ahead_ok[usize::from(p)] == Some(mark) {
+                continue;
+            }
+            let before = self
+                .disk_records_before(p, from, e.first, set.prefetch_items)
+                .await?;
+            if before >= set.prefetch_items {
+                g.cold.ahead_ok[usize::from(p)] = Some(mark);
+            } else {
+                let (ctx2, what2) = (ctx.clone(), what.clone());
+                let task = tokio::spawn(async move {
+                    let records = fetch(&ctx2, &what2, p, &e).await?;
+                    Ok(Done::Loaded {
+                        prio: p,
+                        entry: e,
+                        records,
+                    })
+                });
+                g.cold.job = Some(Job {
+                    gen: g.cold.gen,
+                    key: None,
+                    task,
+                });
+                return Ok(());
+            }
+        }
+        // Spill. A restart rebuilds the source-id index from the paged records: partitions with imported source
+        // ids keep theirs on disk.
+        let paged = g.state.paged().clone();
+        if paged.with_source > 0 {
+            return Ok(());
+        }
+        for p in 0..PRIORITIES as u8 {
+            let pi = usize::from(p);
+            let in_segs: u64 = g
+                .cold
+                .segs
+                .range((p, 0)..=(p, u64::MAX))
+                .map(|(_, e)| e.count)
+                .sum();
+            let on_disk = paged.count[pi].saturating_sub(in_segs);
+            let last = g
+                .cold
+                .segs
+                .range((p, 0)..=(p, u64::MAX))
+                .next_back()
+                .map(|(_, e)| e.last);
+            let (start, skip) = match last {
+                Some(l) => (l + 1, 0),
+                None => (paged.from[pi], set.after_depth),
+            };
+            if on_disk < skip + u64::from(set.segment_items) {
+                continue;
+            }
+            let (engine, pid, cap_n, cap_b) = (
+                self.shared.engine.clone(),
+                self.pid,
+                set.segment_items as usize,
+                set.segment_bytes,
+            );
+            let records = blocking(move || {
+                let Some(ks) = engine.keyspace(ITEMS, false)? else {
+                    return Ok(Vec::new());
+                };
+                let mut out: Vec<(u64, Vec<u8>)> = Vec::new();
+                let (mut skipped, mut bytes) = (0u64, 0usize);
+                for kv in ks.range(pg::record_key(pid, p, start)..pg::record_key(pid, p, u64::MAX)) {
+                    let (k, v) = kv.into_inner().map_err(|e| engine.read_error(e))?;
+                    if skipped < skip {
+                        skipped += 1;
+                        continue;
+                    }
+                    let Some(id) = pg::record_id(&k) else { continue };
+                    if is_object_ref(&v) {
+                        break;
+                    }
+                    bytes += v.len();
+                    out.push((id, v.to_vec()));
+                    if out.len() >= cap_n || bytes >= cap_b {
+                        return Ok(out);
+                    }
+                }
+                // Not a full segment's worth (or stopped by an offloaded payload): only a full one is spilled,
+                // unless an offloaded payload ends it.
+                Ok(if out.len() >= cap_n || bytes >= cap_b {
+                    out
+                } else {
+                    Vec::new()
+                })
+            })
+            .await?;
+            if records.is_empty() {
+                continue;
+            }
+            let mut entry = ManifestEntry {
+                key: String::new(),
+                first: records[0].0,
+                last: records[records.len() - 1].0,
+                count: records.len() as u64,
+                bytes: 0,
+                min_expire: i64::MAX,
+                max_expire: i64::MIN,
+                crc: 0,
+            };
+            for (id, r) in &records {
+                let it = pg::decode_record(*id, r, &what)?;
+                entry.bytes += it.payload.len() as u64;
+                entry.min_expire = entry.min_expire.min(it.expire_deadline.0);
+                entry.max_expire = entry.max_expire.max(it.expire_deadline.0);
+            }
+            let (queue, partition) = self.queue_partition();
+            // Normalised as the object store lists it, so the sweeper compares like with like.
+            entry.key = ObjPath::from(segment::object_key(
+                &ctx.prefix,
+                "",
+                queue,
+                partition,
+                p,
+                entry.first,
+                &segment::key_tag(self.pid, random()),
+            ))
+            .to_string();
+            let ctx2 = ctx.clone();
+            let key = Some(entry.key.clone());
+            let task = tokio::spawn(async move {
+                let ids: Vec<u64> = records.iter().map(|r| r.0).collect();
+                let (body, crc) = tokio::task::spawn_blocking(move || {
+                    let refs: Vec<(u64, &[u8])> = records.iter().map(|(i, r)| (*i, r.as_slice())).collect();
+                    segment::encode(p, &refs)
+                })
+                .await
+                .map_err(|e| StorageError::other(format!("segment encoding failed: {e}")))?
+                .map_err(|e| StorageError::other(format!("segment encoding failed: {e}")))?;
+                entry.crc = crc;
+                ctx2.put(&what, &entry.key, body).await?;
+                Ok(Done::Spilled { prio: p, entry, ids })
+            });
+            g.cold.job = Some(Job {
+                gen: g.cold.gen,
+                key,
+                task,
+            });
+            return Ok(());
+        }
+        Ok(())
+    }
+
+    /// Deletes the manifest entries of every segment (a clear of the queue), in one batch, and their objects after.
+    pub(super) async fn cold_clear(&self, g: &mut Inner) -> Result<(), StorageError> {
+        g.cold.gen += 1;
+        if let Some(job) = g.cold.job.take() {
+            job.task.abort();
+        }
+        if g.cold.segs.is_empty() {
+            return Ok(());
+        }
+        let unit = Unit {
+            keyspace: self.shared.items.clone(),
+            puts: Vec::new(),
+            dels: g
+                .cold
+                .segs
+                .keys()
+                .map(|&(p, f)| manifest_key(self.pid, p, f))
+                .collect(),
+            once_dels: Vec::new(),
+        };
+        self.shared.submit(unit).await?;
+        let gone: Vec<ManifestEntry> = std::mem::take(&mut g.cold.segs).into_values().collect();
+        if let Some(ctx) = self.cold_ctx() {
+            tokio::spawn(async move {
+                for e in gone {
+                    ctx.delete(&e.key).await;
+                }
+            });
+        }
+        Ok(())
+    }
+
+    /// The object keys the manifest names, and the key of the spill in flight if any (tests: after a sweep the
+    /// bucket must hold exactly these).
+    #[doc(hidden)]
+    pub async fn segment_keys(&self) -> Result<(Vec<String>, Option<String>), StorageError> {
+        let g = self.lock().await?;
+        let keys = g.cold.segs.values().map(|e| e.key.clone()).collect();
+        Ok((keys, g.cold.job.as_ref().and_then(|j| j.key.clone())))
+    }
+
+    /// Deletes segment objects of this partition older than `grace` that no manifest entry names (left by a
+    /// crash between an object write and its batch, or between a load's batch and the object's deletion).
+    /// Returns how many were deleted.
+    pub async fn sweep_segments(&self, grace: Duration) -> Result<u64, StorageError> {
+        let Some(ctx) = self.cold_ctx() else {
+            return Ok(0);
+        };
+        // The lock is held throughout: no spill starts or commits meanwhile, so an object is named by the
+        // manifest, is the spill in flight's, or is an orphan. Sweeps are rare (one listing of the partition's
+        // segments).
+        let g = self.lock().await?;
+        let mut live: std::collections::HashSet<String> =
+            g.cold.segs.values().map(|e| e.key.clone()).collect();
+        live.extend(g.cold.job.as_ref().and_then(|j| j.key.clone()));
+        let (queue, partition) = self.queue_partition();
+        let dir = format!("{}/segments/{queue}/{partition}/", ctx.prefix);
+        let what = self.what();
+        let listed: Vec<object_store::ObjectMeta> = ctx
+            .client
+            .list(Some(&ObjPath::from(dir.as_str())))
+            .try_collect()
+            .await
+            .map_err(|e| ctx.unavailable(&what, &dir, e))?;
+        let cutoff = chrono_now_minus(grace);
+        let mut n = 0;
+        for m in listed {
+            let key = m.location.to_string();
+            // Objects younger than the grace may be a spill of another server sharing the bucket prefix (or a
+            // clock skew): kept.
+            if live.contains(&key) || m.last_modified.timestamp() > cutoff {
+                continue;
+            }
+            ctx.delete(&key).await;
+            n += 1;
+            crate::offload::metrics()
+                .segments_swept
+                .fetch_add(1, Ordering::Relaxed);
+        }
+        drop(g);
+        Ok(n)
+    }
+}
+
+/// Unix seconds `grace` ago.
+fn chrono_now_minus(grace: Duration) -> i64 {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
+    now - grace.as_secs() as i64
+}
+
+/// Fetches and verifies segment `e` of `prio`: the body's checksum against the entry, the body itself, and its
+/// header against the entry.
+async fn fetch(
+    ctx: &ColdCtx,
+    what: &str,
+    prio: u8,
+    e: &ManifestEntry,
+) -> Result<Vec<(u64, Vec<u8>)>, StorageError> {
+    let body = ctx.get(what, &e.key).await?;
+    let e2 = e.clone();
+    let what2 = what.to_string();
+    blocking(move || {
+        let bad = |why: String| {
+            StorageError::unavailable(format!("{what2}: cold segment '{}' is corrupt: {why}", e2.key))
+        };
+        if crc32fast::hash(&body) != e2.crc {
+            return Err(bad("checksum does not match the manifest".into()));
+        }
+        let s = segment::decode(&body).map_err(|err| bad(err.to_string()))?;
+        if !s.matches(prio, e2.first, e2.last, e2.count) {
+            return Err(bad(format!(
+                "holds priority {} ids {}..={} ({} records), the manifest says priority {prio} ids {}..={} ({})",
+                s.prio,
+                s.first,
+                s.last,
+                s.records.len(),
+                e2.first,
+                e2.last,
+                e2.count
+            )));
+        }
+        Ok(s.records)
+    })
+    .await
+}
