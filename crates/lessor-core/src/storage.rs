@@ -298,6 +298,14 @@ pub trait Partition: Send + Sync + Debug + 'static {
         Err(StorageError::other("this partition store cannot take snapshots"))
     }
 
+    /// A snapshot for finding which offloaded payload objects the partition's items reference (the payload
+    /// sweeper): like [`Partition::snapshot`], except that a store may leave out the items it keeps in object
+    /// storage itself (cold segments), which by construction never reference an offloaded payload, instead of
+    /// fetching them back as a full snapshot must. The default is the full snapshot.
+    async fn reference_snapshot(&self) -> Result<Box<dyn PartitionSnapshot>, StorageError> {
+        self.snapshot().await
+    }
+
     /// Deletes items by id, whatever their state. Missing ids are ignored.
     async fn delete(&self, ids: Vec<ItemId>) -> Result<(), StorageError>;
 

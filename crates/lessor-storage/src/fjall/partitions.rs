@@ -1800,6 +1800,46 @@ impl FjallPartition {
     }
 }
 
+impl FjallPartition {
+    /// A snapshot of the partition (see [`Partition::snapshot`]); with `whole`, every cold segment is loaded back
+    /// first so that the snapshot also reads the items in segments.
+    async fn take_snapshot(&self, whole: bool) -> Result<Box<dyn PartitionSnapshot>, StorageError> {
+        // Holding the partition's lock means none of its writes is in flight: every write it acknowledged is in
+        // the database, and the database snapshot taken now reads exactly that, from disk and memtables, without
+        // copying anything and without holding the partition up while it is read.
+        #[allow(unused_mut)]
+        let mut g = self.lock().await?;
+        // Segment items are read like the other paged items: every segment is loaded back first.
+        #[cfg(feature = "s3")]
+        if whole {
+            self.cold_guard_all(&mut g).await?;
+        }
+        #[cfg(not(feature = "s3"))]
+        let _ = whole;
+        let _g = g;
+        let engine = self.shared.engine.clone();
+        let name = self.name.clone();
+        let pid = self.pid;
+        blocking(move || {
+            let db = engine.database()?;
+            let ks = engine.keyspace(ITEMS, false)?;
+            let snap = db.snapshot();
+            Ok(Box::new(FjallSnapshot {
+                engine,
+                name,
+                snap,
+                ks,
+                pid,
+                next: std::iter::once(pid.to_be_bytes().to_vec())
+                    .chain((0..PRIORITIES as u8).map(|p| pg::record_key(pid, p, 0)))
+                    .map(Some)
+                    .collect(),
+            }) as Box<dyn PartitionSnapshot>)
+        })
+        .await
+    }
+}
+
 #[async_trait]
 impl Partition for FjallPartition {
     async fn produce(&self, items: Vec<NewItem>) -> Result<Vec<ItemId>, StorageError> {
@@ -1956,35 +1996,13 @@ impl Partition for FjallPartition {
     }
 
     async fn snapshot(&self) -> Result<Box<dyn PartitionSnapshot>, StorageError> {
-        // Holding the partition's lock means none of its writes is in flight: every write it acknowledged is in
-        // the database, and the database snapshot taken now reads exactly that, from disk and memtables, without
-        // copying anything and without holding the partition up while it is read.
-        #[allow(unused_mut)]
-        let mut g = self.lock().await?;
-        // Segment items are read like the other paged items: every segment is loaded back first.
-        #[cfg(feature = "s3")]
-        self.cold_guard_all(&mut g).await?;
-        let _g = g;
-        let engine = self.shared.engine.clone();
-        let name = self.name.clone();
-        let pid = self.pid;
-        blocking(move || {
-            let db = engine.database()?;
-            let ks = engine.keyspace(ITEMS, false)?;
-            let snap = db.snapshot();
-            Ok(Box::new(FjallSnapshot {
-                engine,
-                name,
-                snap,
-                ks,
-                pid,
-                next: std::iter::once(pid.to_be_bytes().to_vec())
-                    .chain((0..PRIORITIES as u8).map(|p| pg::record_key(pid, p, 0)))
-                    .map(Some)
-                    .collect(),
-            }) as Box<dyn PartitionSnapshot>)
-        })
-        .await
+        self.take_snapshot(true).await
+    }
+
+    async fn reference_snapshot(&self) -> Result<Box<dyn PartitionSnapshot>, StorageError> {
+        // A spill stops at the first record whose payload is an object reference (see `cold::is_object_ref`), so
+        // no segment holds one: the payload sweeper reads what is on disk and leaves the segments cold.
+        self.take_snapshot(false).await
     }
 
     async fn clear(&self, request: ClearRequest) -> Result<(), StorageError> {

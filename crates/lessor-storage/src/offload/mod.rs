@@ -540,9 +540,10 @@ impl Shared {
     }
 }
 
-/// Every object key the items of `part` reference, read from a snapshot of the inner partition.
+/// Every object key the items of `part` reference, read from a snapshot of the inner partition (one that leaves
+/// cold segments where they are: their items never hold a reference).
 async fn referenced_keys(part: &dyn Partition) -> Result<HashSet<String>, StorageError> {
-    let mut snap = part.snapshot().await?;
+    let mut snap = part.reference_snapshot().await?;
     let mut keys = HashSet::new();
     loop {
         let page = snap.next(1000).await?;

@@ -383,6 +383,9 @@ impl FjallPartition {
 
     /// Loads every segment holding one of `ids` (a delete by id must see them).
     pub(super) async fn cold_guard_ids(&self, g: &mut Inner, ids: &[u64]) -> Result<(), StorageError> {
+        // A spill in flight would otherwise be committed by the first load below, after the segments to load were
+        // chosen: its segment could hold one of the ids and be missed.
+        self.finish_cold_job(g, true).await?;
         let hit: Vec<(u8, ManifestEntry)> = g
             .cold
             .segs
@@ -398,6 +401,8 @@ impl FjallPartition {
 
     /// Loads the segments of `prio` with an item due at `now` (an expiry sweep must see them).
     pub(super) async fn cold_guard_due(&self, g: &mut Inner, prio: u8, now: Ts) -> Result<(), StorageError> {
+        // As in `cold_guard_ids`: no spill may be committed after the segments to load are chosen.
+        self.finish_cold_job(g, true).await?;
         let due: Vec<ManifestEntry> = g
             .cold
             .segs
@@ -413,6 +418,9 @@ impl FjallPartition {
 
     /// Loads every segment (a snapshot reads the records of the whole partition).
     pub(super) async fn cold_guard_all(&self, g: &mut Inner) -> Result<(), StorageError> {
+        // A spill in flight is committed first: committed by the first load below instead, its segment would not
+        // be in the list and its items would be missing from the snapshot (a backup taken during a spill).
+        self.finish_cold_job(g, true).await?;
         let all: Vec<(u8, ManifestEntry)> = g.cold.segs.iter().map(|(&(p, _), e)| (p, e.clone())).collect();
         for (p, e) in all {
             self.load_now(g, p, e).await?;
