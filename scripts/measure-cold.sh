@@ -4,6 +4,7 @@
 # `eval "$(scripts/s3-test-server.sh start)"`) with credentials test/test (moto accepts any). Writes under
 # $MEASURE_ROOT (default /tmp/lessor-cold).
 # Usage: scripts/measure-cold.sh <label> <port> <cold:yes|no> [depth] [window] [cold-after-depth] [segment-items]
+# PREFETCH=<items> sets cold-prefetch-items (default: the store default).
 # Pre-fills one 1-partition queue of 100 B items to `depth` (default 20,000,000), waits until the spills settle
 # (cold: the `object` tier stops growing), records RSS, local disk and object-storage bytes, restarts the server
 # (start-up to /health and to the first lease), then drains the head with a pipeline while segments load back and
@@ -46,6 +47,7 @@ curl -sf -X PUT "$S3/$BUCKET" > /dev/null || true
     echo "      cold-segments: s3-0"
     echo "      cold-after-depth: $AFTER"
     echo "      cold-segment-items: $SEG"
+    [ -n "${PREFETCH:-}" ] && echo "      cold-prefetch-items: $PREFETCH"
   fi
 } > $ROOT/config.yaml
 load() { uptime | sed 's/.*load average: /load /'; }

@@ -26,10 +26,14 @@ pub const DRIVERS_WITH_SEGMENTS: &[&str] = if cfg!(feature = "s3") { &["fjall"] 
 
 /// Default `cold-after-depth`: paged items further than this from the head of their priority may go cold.
 pub const DEFAULT_AFTER_DEPTH: u64 = 1_000_000;
-/// Default `cold-segment-items`: most items per segment.
-pub const DEFAULT_SEGMENT_ITEMS: u32 = 100_000;
-/// Default `cold-segment-bytes`: most record bytes per segment (before compression).
-pub const DEFAULT_SEGMENT_BYTES: usize = 16 << 20;
+/// Default `cold-segment-items`: most items per segment. A segment is committed (its records deleted after a
+/// spill, put back after a load) in one write under the partition's lock, which holds the queue up meanwhile:
+/// 100,000 items per segment put the head's lease p99 at 3x a shallow queue's at 20M items deep, so segments are
+/// kept small (docs/benchmarks.md, "Cold backlog segments"). Object requests stay few: one per 10,000 items.
+pub const DEFAULT_SEGMENT_ITEMS: u32 = 10_000;
+/// Default `cold-segment-bytes`: most record bytes per segment (before compression); bounds the same write for
+/// large items.
+pub const DEFAULT_SEGMENT_BYTES: usize = 4 << 20;
 /// Largest `cold-segment-bytes` accepted (a segment is held whole in memory while it is written or loaded).
 pub const MAX_SEGMENT_BYTES: usize = 256 << 20;
 /// Default `cold-prefetch-items`, in segments (at most half of `cold-after-depth`): a segment is loaded once the disk-resident part of its priority's
@@ -193,7 +197,7 @@ mod tests {
                 c.segment_bytes,
                 c.prefetch_items
             ),
-            ("s3-0", 1_000_000, 100_000, 16 << 20, 200_000)
+            ("s3-0", 1_000_000, 10_000, 4 << 20, 20_000)
         );
         let c = parse_with(
             &settings()

@@ -221,7 +221,7 @@ impl ColdState {
             .find(|e| e.last >= from)
     }
 
-    /// Ends the job in flight (waiting for its object request) and returns the key of the object a spill wrote,
+    /// Ends the job in flight (waiting for its object request) and returns the key tag of the object a spill wrote,
     /// which no manifest names.
     pub(crate) async fn abandon_job(&mut self) -> Option<String> {
         let job = self.job.take()?;
@@ -242,7 +242,7 @@ impl ColdState {
 /// Background cold work in flight.
 pub(crate) struct Job {
     gen: u64,
-    /// The object a spill writes (the sweeper must leave it alone).
+    /// The tag that ends the key of the object a spill writes (the sweeper must leave it alone).
     key: Option<String>,
     task: tokio::task::JoinHandle<Result<Done, StorageError>>,
 }
@@ -265,6 +265,8 @@ enum Done {
         entry: ManifestEntry,
         ids: Vec<u64>,
     },
+    /// A spill found less than a full segment to move (the records changed since it was planned).
+    Nothing,
     /// A segment is fetched and verified: put its records back and delete its entry.
     Loaded {
         prio: u8,
@@ -509,6 +511,7 @@ impl FjallPartition {
             Err(e) => return Err(StorageError::other(format!("cold segment task failed: {e}"))),
         };
         match done {
+            Done::Nothing => {}
             Done::Loaded { prio, entry, records } => {
                 if g.cold
                     .segs
@@ -657,83 +660,88 @@ impl FjallPartition {
                 set.segment_items as usize,
                 set.segment_bytes,
             );
-            let records = blocking(move || {
-                let Some(ks) = engine.keyspace(ITEMS, false)? else {
-                    return Ok(Vec::new());
-                };
-                let mut out: Vec<(u64, Vec<u8>)> = Vec::new();
-                let (mut skipped, mut bytes) = (0u64, 0usize);
-                for kv in ks.range(pg::record_key(pid, p, start)..pg::record_key(pid, p, u64::MAX)) {
-                    let (k, v) = kv.into_inner().map_err(|e| engine.read_error(e))?;
-                    if skipped < skip {
-                        skipped += 1;
-                        continue;
-                    }
-                    let Some(id) = pg::record_id(&k) else { continue };
-                    if is_object_ref(&v) {
-                        break;
-                    }
-                    bytes += v.len();
-                    out.push((id, v.to_vec()));
-                    if out.len() >= cap_n || bytes >= cap_b {
-                        return Ok(out);
-                    }
-                }
-                // Not a full segment's worth (or stopped by an offloaded payload): only a full one is spilled,
-                // unless an offloaded payload ends it.
-                Ok(if out.len() >= cap_n || bytes >= cap_b {
-                    out
-                } else {
-                    Vec::new()
-                })
-            })
-            .await?;
-            if records.is_empty() {
-                continue;
-            }
-            let mut entry = ManifestEntry {
-                key: String::new(),
-                first: records[0].0,
-                last: records[records.len() - 1].0,
-                count: records.len() as u64,
-                bytes: 0,
-                min_expire: i64::MAX,
-                max_expire: i64::MIN,
-                crc: 0,
-            };
-            for (id, r) in &records {
-                let it = pg::decode_record(*id, r, &what)?;
-                entry.bytes += it.payload.len() as u64;
-                entry.min_expire = entry.min_expire.min(it.expire_deadline.0);
-                entry.max_expire = entry.max_expire.max(it.expire_deadline.0);
-            }
             let (queue, partition) = self.queue_partition();
-            // Normalised as the object store lists it, so the sweeper compares like with like.
-            entry.key = ObjPath::from(segment::object_key(
-                &ctx.prefix,
-                "",
-                queue,
-                partition,
-                p,
-                entry.first,
-                &segment::key_tag(self.pid, random()),
-            ))
-            .to_string();
-            let ctx2 = ctx.clone();
-            let key = Some(entry.key.clone());
+            let (queue, ctx2, what) = (queue.to_string(), ctx.clone(), what.clone());
+            // Chosen now, before the records are known, so that the sweeper leaves the object alone from the start.
+            let tag = segment::key_tag(self.pid, random());
+            let job_tag = tag.clone();
+            // The records are read, decoded and encoded in the job, off the partition's lock: read under it, a
+            // segment's worth (and the skip over the cold depth) held the queue up for as long as the read took.
+            // Reading later is safe: whatever changes the range meanwhile (a delete, expiry or clear bumps the
+            // generation; a page-in past the segment's first id) makes the commit abandon the segment, and a
+            // record produced meanwhile has a higher id than the ones before it.
             let task = tokio::spawn(async move {
-                let ids: Vec<u64> = records.iter().map(|r| r.0).collect();
-                let (body, crc) = tokio::task::spawn_blocking(move || {
-                    let refs: Vec<(u64, &[u8])> = records.iter().map(|(i, r)| (*i, r.as_slice())).collect();
-                    segment::encode(p, &refs)
+                let prefix = ctx2.prefix.clone();
+                let read = blocking(move || {
+                    let Some(ks) = engine.keyspace(ITEMS, false)? else {
+                        return Ok(None);
+                    };
+                    let mut out: Vec<(u64, Vec<u8>)> = Vec::new();
+                    let (mut skipped, mut bytes) = (0u64, 0usize);
+                    let mut full = false;
+                    for kv in ks.range(pg::record_key(pid, p, start)..pg::record_key(pid, p, u64::MAX)) {
+                        let (k, v) = kv.into_inner().map_err(|e| engine.read_error(e))?;
+                        if skipped < skip {
+                            skipped += 1;
+                            continue;
+                        }
+                        let Some(id) = pg::record_id(&k) else { continue };
+                        if is_object_ref(&v) {
+                            break;
+                        }
+                        bytes += v.len();
+                        out.push((id, v.to_vec()));
+                        if out.len() >= cap_n || bytes >= cap_b {
+                            full = true;
+                            break;
+                        }
+                    }
+                    // Not a full segment's worth (or stopped by an offloaded payload): only a full one is spilled.
+                    if !full || out.is_empty() {
+                        return Ok(None);
+                    }
+                    let mut entry = ManifestEntry {
+                        key: String::new(),
+                        first: out[0].0,
+                        last: out[out.len() - 1].0,
+                        count: out.len() as u64,
+                        bytes: 0,
+                        min_expire: i64::MAX,
+                        max_expire: i64::MIN,
+                        crc: 0,
+                    };
+                    for (id, r) in &out {
+                        let it = pg::decode_record(*id, r, &what)?;
+                        entry.bytes += it.payload.len() as u64;
+                        entry.min_expire = entry.min_expire.min(it.expire_deadline.0);
+                        entry.max_expire = entry.max_expire.max(it.expire_deadline.0);
+                    }
+                    // Normalised as the object store lists it, so the sweeper compares like with like.
+                    entry.key = ObjPath::from(segment::object_key(
+                        &prefix,
+                        "",
+                        &queue,
+                        partition,
+                        p,
+                        entry.first,
+                        &tag,
+                    ))
+                    .to_string();
+                    let ids: Vec<u64> = out.iter().map(|r| r.0).collect();
+                    let refs: Vec<(u64, &[u8])> = out.iter().map(|(i, r)| (*i, r.as_slice())).collect();
+                    let (body, crc) = segment::encode(p, &refs)
+                        .map_err(|e| StorageError::other(format!("segment encoding failed: {e}")))?;
+                    entry.crc = crc;
+                    Ok(Some((entry, ids, body, what)))
                 })
-                .await
-                .map_err(|e| StorageError::other(format!("segment encoding failed: {e}")))?
-                .map_err(|e| StorageError::other(format!("segment encoding failed: {e}")))?;
-                entry.crc = crc;
+                .await?;
+                let Some((entry, ids, body, what)) = read else {
+                    return Ok(Done::Nothing);
+                };
                 ctx2.put(&what, &entry.key, body).await?;
                 Ok(Done::Spilled { prio: p, entry, ids })
             });
+            let key = Some(job_tag);
             g.cold.job = Some(Job {
                 gen: g.cold.gen,
                 key,
@@ -796,9 +804,9 @@ impl FjallPartition {
         // manifest, is the spill in flight's, or is an orphan. Sweeps are rare (one listing of the partition's
         // segments).
         let g = self.lock().await?;
-        let mut live: std::collections::HashSet<String> =
-            g.cold.segs.values().map(|e| e.key.clone()).collect();
-        live.extend(g.cold.job.as_ref().and_then(|j| j.key.clone()));
+        let live: std::collections::HashSet<String> = g.cold.segs.values().map(|e| e.key.clone()).collect();
+        // The spill in flight's object: its key is known by its tag only until the job has read its records.
+        let spilling = g.cold.job.as_ref().and_then(|j| j.key.clone());
         let (queue, partition) = self.queue_partition();
         let dir = format!("{}/segments/{queue}/{partition}/", ctx.prefix);
         let what = self.what();
@@ -814,7 +822,10 @@ impl FjallPartition {
             let key = m.location.to_string();
             // Objects younger than the grace may be a spill of another server sharing the bucket prefix (or a
             // clock skew): kept.
-            if live.contains(&key) || m.last_modified.timestamp() > cutoff {
+            if live.contains(&key)
+                || spilling.as_deref().is_some_and(|t| key.ends_with(t))
+                || m.last_modified.timestamp() > cutoff
+            {
                 continue;
             }
             ctx.delete(&key).await;
