@@ -10,7 +10,7 @@
 # (start-up to /health and to the first lease), then drains the head with a pipeline while segments load back and
 # records lease p99 next to the same pipeline on a fresh shallow queue. `uptime` load is recorded with every step.
 set -u
-LABEL=$1; PORT=$2; COLD=$3; DEPTH=${4:-20000000}; WINDOW=${5:-1000000}; AFTER=${6:-1000000}; SEG=${7:-100000}
+LABEL=$1; PORT=$2; COLD=$3; DEPTH=${4:-20000000}; WINDOW=${5:-1000000}; AFTER=${6:-1000000}; SEG=${7:-}
 BIN=${LESSOR_BIN:-$(dirname "$0")/../target/release/lessor}
 S3=${LESSOR_TEST_S3_ENDPOINT:?start scripts/s3-test-server.sh first}
 BUCKET=lessor-measure
@@ -46,7 +46,7 @@ curl -sf -X PUT "$S3/$BUCKET" > /dev/null || true
   if [ "$COLD" = yes ]; then
     echo "      cold-segments: s3-0"
     echo "      cold-after-depth: $AFTER"
-    echo "      cold-segment-items: $SEG"
+    [ -n "$SEG" ] && echo "      cold-segment-items: $SEG"
     [ -n "${PREFETCH:-}" ] && echo "      cold-prefetch-items: $PREFETCH"
   fi
 } > $ROOT/config.yaml
@@ -64,7 +64,7 @@ stop_server() { kill -TERM $SPID; wait $SPID 2>/dev/null; }
 # Object bytes under the prefix (moto and most servers answer an unsigned ListObjectsV2 on a test bucket).
 objects() { curl -s "$S3/$BUCKET?list-type=2&prefix=$PREFIX&max-keys=100000" | grep -o '<Size>[0-9]*</Size>' | tr -dc '0-9\n' | awk '{s+=$1; n++} END {printf "%d objects, %d KiB", n, s/1024}'; }
 summary() { awk '$1=="produce"||$1=="lease"||$1=="complete"{printf "%s %s items/s p99 %s p99.9 %s max %s; ", $1, $4, $6, $7, $8}' $1; }
-echo "== $LABEL cold=$COLD depth=$DEPTH window=$WINDOW after=$AFTER segment=$SEG $(date -u) $(load)" > $OUT
+echo "== $LABEL cold=$COLD depth=$DEPTH window=$WINDOW after=$AFTER segment=${SEG:-default} $(date -u) $(load)" > $OUT
 start
 for Q in deep shallow; do
   $BIN create --endpoint $EP $Q --lease-timeout 1m --expire-timeout 720h >> $ROOT/cli.log 2>&1 || true

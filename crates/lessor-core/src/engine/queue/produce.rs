@@ -126,9 +126,16 @@ impl QueueTask {
         }
         let until = now.add(self.info.effective_dedup_window());
         let total: usize = pending.iter().map(|r| r.0.len()).sum();
-        // Keys of the requests already taken in this pass; also catches a key repeated within one request (its
-        // second insert fails). Sized once, so it never grows while the pass fills it.
-        let mut claimed = HashSet128::with_capacity_and_hasher(total, Default::default());
+        let mut keyed_left = pending
+            .iter()
+            .filter(|r| matches!(&r.3, Keys::PerItem(k) if !k.is_empty()))
+            .count();
+        // Keys of the keyed requests already taken in this pass, to hold back a later one that shares a key. Only
+        // kept while another keyed request follows (a pass of one keyed request, the usual case at a moderate
+        // rate, needs none: a key repeated within a request is found by the index, where its first occurrence
+        // was just claimed). Sized once, so it never grows while the pass fills it.
+        let mut claimed =
+            HashSet128::with_capacity_and_hasher(if keyed_left > 1 { total } else { 0 }, Default::default());
         let mut store = Vec::with_capacity(pending.len());
         let mut later = Vec::new();
         for (mut items, reply, tried, keys) in pending {
@@ -144,7 +151,9 @@ impl QueueTask {
                     continue;
                 }
             };
-            if hashes.iter().flatten().any(|h| claimed.contains(h)) {
+            keyed_left -= 1;
+            let record = keyed_left > 0;
+            if !claimed.is_empty() && hashes.iter().flatten().any(|h| claimed.contains(h)) {
                 later.push((items, reply, tried, Keys::PerItem(hashes)));
                 continue;
             }
@@ -173,7 +182,7 @@ impl QueueTask {
                 };
                 // A key repeated within the request, or live in the index: a duplicate. Otherwise it is claimed
                 // in the index now, and given back if the write fails (see `store`).
-                if !claimed.insert(h) || !self.dedup.claim(h, until, now) {
+                if (record && !claimed.insert(h)) || !self.dedup.claim(h, until, now) {
                     skipped += 1;
                     return false;
                 }
