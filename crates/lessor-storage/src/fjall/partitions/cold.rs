@@ -800,13 +800,12 @@ impl FjallPartition {
         let Some(ctx) = self.cold_ctx() else {
             return Ok(0);
         };
-        // The lock is held throughout: no spill starts or commits meanwhile, so an object is named by the
-        // manifest, is the spill in flight's, or is an orphan. Sweeps are rare (one listing of the partition's
-        // segments).
-        let g = self.lock().await?;
-        let live: std::collections::HashSet<String> = g.cold.segs.values().map(|e| e.key.clone()).collect();
-        // The spill in flight's object: its key is known by its tag only until the job has read its records.
-        let spilling = g.cold.job.as_ref().and_then(|j| j.key.clone());
+        // The listing is taken before the lock, which a listing of thousands of segments would hold for seconds
+        // (the first sweep runs as the partition opens, when the first leases come). What is listed is then
+        // judged under the lock: an object is named by the manifest, is the spill in flight's, or is an orphan.
+        // An object written after the listing is not in it; one whose spill or load was committed meanwhile is
+        // in the manifest or already deleted; and an orphan cannot become named later (keys carry a random tag),
+        // so the orphans are deleted after the lock is released.
         let (queue, partition) = self.queue_partition();
         let dir = format!("{}/segments/{queue}/{partition}/", ctx.prefix);
         let what = self.what();
@@ -817,24 +816,32 @@ impl FjallPartition {
             .await
             .map_err(|e| ctx.unavailable(&what, &dir, e))?;
         let cutoff = chrono_now_minus(grace);
-        let mut n = 0;
-        for m in listed {
-            let key = m.location.to_string();
-            // Objects younger than the grace may be a spill of another server sharing the bucket prefix (or a
-            // clock skew): kept.
-            if live.contains(&key)
-                || spilling.as_deref().is_some_and(|t| key.ends_with(t))
-                || m.last_modified.timestamp() > cutoff
-            {
-                continue;
-            }
+        let orphans: Vec<String> = {
+            let g = self.lock().await?;
+            let live: std::collections::HashSet<&str> =
+                g.cold.segs.values().map(|e| e.key.as_str()).collect();
+            // The spill in flight's object: its key is known by its tag only until the job has read its records.
+            let spilling = g.cold.job.as_ref().and_then(|j| j.key.as_deref());
+            listed
+                .into_iter()
+                .map(|m| (m.location.to_string(), m.last_modified.timestamp()))
+                // Objects younger than the grace may be a spill of another server sharing the bucket prefix (or
+                // a clock skew): kept.
+                .filter(|(key, modified)| {
+                    !live.contains(key.as_str())
+                        && !spilling.is_some_and(|t| key.ends_with(t))
+                        && *modified <= cutoff
+                })
+                .map(|(key, _)| key)
+                .collect()
+        };
+        let n = orphans.len() as u64;
+        for key in orphans {
             ctx.delete(&key).await;
-            n += 1;
             crate::offload::metrics()
                 .segments_swept
                 .fetch_add(1, Ordering::Relaxed);
         }
-        drop(g);
         Ok(n)
     }
 }
