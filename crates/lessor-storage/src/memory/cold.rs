@@ -1149,11 +1149,10 @@ impl Partition for ColdPartition {
         let mut g = self.inner.lock().await;
         g.state.clear(request);
         if request.queue {
+            // A spill in flight is abandoned (its object deleted) and a load put back, then dropped with the rest;
+            // aborting instead could leave an object written but named by nothing.
             g.gen += 1;
-            if let Some(job) = g.job.take() {
-                job.task.abort();
-                let _ = job.task.await;
-            }
+            self.finish_job(&mut g, true).await?;
             let gone: Vec<ManifestEntry> = std::mem::take(&mut g.segs).into_values().collect();
             if !gone.is_empty() {
                 let ctx = self.ctx.clone();
