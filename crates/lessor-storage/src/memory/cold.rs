@@ -626,7 +626,7 @@ impl ColdPartition {
     async fn load_now(&self, g: &mut Inner, prio: u8, e: ManifestEntry) -> Result<(), StorageError> {
         // A background load of the same segment may be in flight: let it finish first.
         self.finish_job(g, true).await?;
-        if !g.segs.get(&(prio, e.first)).is_some_and(|x| x.key == e.key) {
+        if g.segs.get(&(prio, e.first)).is_none_or(|x| x.key != e.key) {
             return Ok(());
         }
         let what = self.what();
@@ -917,7 +917,7 @@ fn encode_record(it: &Item) -> Vec<u8> {
     let mut v =
         Vec::with_capacity(REC_FIXED + strings.iter().map(|s| 4 + s.len()).sum::<usize>() + it.payload.len());
     v.push(REC_V1);
-    v.push(u8::from(it.is_leased) * F_LEASED | u8::from(it.dead) * F_DEAD);
+    v.push((u8::from(it.is_leased) * F_LEASED) | (u8::from(it.dead) * F_DEAD));
     v.push(it.priority);
     for t in [
         it.expire_deadline,
@@ -937,8 +937,11 @@ fn encode_record(it: &Item) -> Vec<u8> {
     v
 }
 
-/// Splits a record into its fields without copying: the fixed part, the four strings, the payload.
-fn split(r: &[u8]) -> Option<(&[u8], [&[u8]; 4], &[u8])> {
+/// A record's fields, borrowed: the fixed part, the four strings, the payload.
+type Fields<'a> = (&'a [u8], [&'a [u8]; 4], &'a [u8]);
+
+/// Splits a record into its fields without copying.
+fn split(r: &[u8]) -> Option<Fields<'_>> {
     if r.len() < REC_FIXED || r[0] != REC_V1 {
         return None;
     }
