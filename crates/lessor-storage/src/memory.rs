@@ -94,6 +94,10 @@ impl QueuesStore for MemoryQueues {
     async fn close(&self) {}
 }
 
+/// Longest a memory store with cold segments spends at open deleting the previous run's segments.
+#[cfg(feature = "s3")]
+const SWEEP_AT_OPEN: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// Partitions in RAM.
 #[derive(Default)]
 pub struct MemoryStore {
@@ -133,16 +137,22 @@ impl MemoryStore {
         store_name: &str,
     ) -> Result<Self, StorageError> {
         let ctx = Arc::new(cold::ColdCtx::new(settings, store_name)?);
-        match ctx.sweep_all().await {
-            Ok(0) => {}
-            Ok(n) => tracing::info!(
+        // Bounded, so a slow object store delays the start by that much at most; what is left stays for a later
+        // start. (Not in the background: objects this run writes must never be in the listing.)
+        match tokio::time::timeout(SWEEP_AT_OPEN, ctx.sweep_all()).await {
+            Ok(Ok(0)) => {}
+            Ok(Ok(n)) => tracing::info!(
                 store = store_name,
                 deleted = n,
                 "cold segments of a previous run deleted"
             ),
-            Err(e) => {
+            Ok(Err(e)) => {
                 tracing::warn!(store = store_name, error = %e, "cold segments of a previous run not deleted")
             }
+            Err(_) => tracing::warn!(
+                store = store_name,
+                "cold segments of a previous run not all deleted: object storage too slow"
+            ),
         }
         Ok(MemoryStore {
             partitions: Mutex::default(),
