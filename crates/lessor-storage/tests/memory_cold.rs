@@ -188,7 +188,9 @@ async fn drain(
     n
 }
 
-#[tokio::test]
+// On the server's runtime flavour: moving a segment's records in and out of RAM hands the worker's other tasks
+// away first (`block_in_place`), which only a multi-thread runtime allows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn backlog_goes_cold_ram_stays_bounded_and_drains_in_order() {
     let Some(env) = env("order").await else { return };
     let store = env.open().await;
