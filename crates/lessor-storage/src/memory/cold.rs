@@ -460,12 +460,11 @@ impl ColdPartition {
                     tokio::spawn(async move { ctx.delete(&entry.key).await });
                     return Ok(());
                 }
-                let map = &mut g.recs[pi];
-                heavy(|| {
-                    for id in &ids {
-                        map.remove(id);
-                    }
-                });
+                // Inline, not in `heavy`: freeing the records on a worker that then leaves the runtime for
+                // `block_in_place` left their memory unreclaimed (RSS 330-370 MB instead of 76 MB at 5M items).
+                for id in &ids {
+                    g.recs[pi].remove(id);
+                }
                 g.segs.insert((prio, entry.first), entry);
                 self.ctx.written.fetch_add(1, Ordering::Relaxed);
                 crate::offload::metrics()
@@ -870,8 +869,8 @@ fn start_ticker(p: &Arc<ColdPartition>) {
     });
 }
 
-/// Runs CPU-bound work of some milliseconds under the partition's lock (moving a segment's records in or out of
-/// the map: 10-20 ms per 100,000 records on the 2-core test machine) without stalling the other tasks of the
+/// Runs CPU-bound work of some milliseconds under the partition's lock (copying a segment's records out of the
+/// map, or putting loaded ones in: 10-20 ms per 100,000 records on the 2-core test machine) without stalling the other tasks of the
 /// worker: on a multi-thread runtime (the server's) the worker hands them to the others first. A current-thread
 /// runtime (tests) has nowhere to hand them, and runs it inline.
 fn heavy<T>(f: impl FnOnce() -> T) -> T {
