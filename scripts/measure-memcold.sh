@@ -60,9 +60,12 @@ echo "prefill $DEPTH items in $(echo "$t1 - $t0" | bc) s; RSS $(rss) KiB; $(load
 if [ "$COLD" = yes ]; then
   last=""; while true; do sleep 5; now=$(objects); [ "$now" = "$last" ] && break; last=$now; done
   echo "spills settled $(echo "$(date +%s.%N) - $t1" | bc) s after the prefill: $(objects); RSS $(rss) KiB; $(load)" >> $OUT
+  # Freed records go back to the OS as the allocator purges: RSS again after a quiet while.
+  sleep 30
+  echo "30 s later: RSS $(rss) KiB; $(load)" >> $OUT
 else
-  sleep 5
-  echo "after 5 s: RSS $(rss) KiB; $(load)" >> $OUT
+  sleep 35
+  echo "after 35 s: RSS $(rss) KiB; $(load)" >> $OUT
 fi
 $BIN bench --endpoint $EP --queue deep --workload pipeline --duration 15s --batch 100 --producers 4 --consumers 4 --payload 100 --drain-timeout 10s > $ROOT/pipe.txt 2>&1
 echo "15 s pipeline at the head (segments load back): $(awk '$1=="lease"{printf "lease %s items/s p99 %s", $4, $6}' $ROOT/pipe.txt); RSS $(rss) KiB; $( [ "$COLD" = yes ] && objects ); $(load)" >> $OUT
