@@ -980,6 +980,31 @@ mod tests {
     }
 
     #[test]
+    fn a_memory_store_takes_cold_segments_postgres_does_not() {
+        let base = "object-storage:\n  - name: s3-0\n    endpoint: http://127.0.0.1:9000\n    bucket: b\n    path-style: true\n    prefix: lessor/\n";
+        let yaml = format!(
+            "{base}partition-storage:\n  - name: m\n    driver: memory\n    config: {{ cold-segments: s3-0, cold-after-depth: 1000, cold-segment-items: 100 }}\n"
+        );
+        let r = Config::from_yaml(&yaml)
+            .and_then(|c| c.store_specs().map(|s| s.partitions[0].spec.cold().cloned()));
+        if cfg!(feature = "s3") {
+            let cold = r.expect("memory with cold segments").expect("cold on");
+            assert_eq!((cold.after_depth, cold.segment_items), (1000, 100));
+        } else {
+            let e = r.expect_err("no s3").to_string();
+            assert!(e.contains("cold-segments"), "{e}");
+        }
+        let e = Config::from_yaml(&format!(
+            "{base}partition-storage:\n  - name: m\n    driver: memory\n    config: {{ cold-segments: s3-0, cold-after-depth: 0 }}\n"
+        ))
+        .and_then(|c| c.store_specs().map(|_| ()));
+        if cfg!(feature = "s3") {
+            let e = e.expect_err("depth 0").to_string();
+            assert!(e.contains("cold-after-depth: must be at least 1"), "{e}");
+        }
+    }
+
+    #[test]
     fn unknown_keys_are_named() {
         let e = Config::from_yaml("adress: 1.2.3.4:1\n")
             .expect_err("unknown key")

@@ -3,6 +3,9 @@
 //! Nothing survives the process. A partition is a [`PartitionState`] behind a mutex; the queue task is its only
 //! caller, so the lock is never contended and no call blocks for long. Partitions live in the store until their
 //! queue is deleted, so a queue task that reloads finds its items again.
+//!
+//! With `cold-segments` (builds with the `s3` feature) the store's partitions are [`cold::ColdPartition`]s
+//! instead, which keep a bounded part of their backlog in RAM and move the rest to object storage (see `cold`).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -21,6 +24,9 @@ use lessor_core::types::{
 };
 
 use crate::state::PartitionState;
+
+#[cfg(feature = "s3")]
+pub mod cold;
 
 fn lock<T>(m: &Mutex<T>) -> Result<MutexGuard<'_, T>, StorageError> {
     m.lock().map_err(|_| {
@@ -88,16 +94,103 @@ impl QueuesStore for MemoryQueues {
     async fn close(&self) {}
 }
 
+/// Longest a memory store with cold segments spends at open deleting the previous run's segments.
+#[cfg(feature = "s3")]
+const SWEEP_AT_OPEN: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// Partitions in RAM.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct MemoryStore {
-    partitions: Mutex<HashMap<(String, u32), Arc<MemoryPartition>>>,
+    partitions: Mutex<HashMap<(String, u32), Part>>,
+    /// Where cold segments go (`cold-segments`), when set.
+    #[cfg(feature = "s3")]
+    cold: Option<Arc<cold::ColdCtx>>,
+}
+
+impl std::fmt::Debug for MemoryStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MemoryStore").finish_non_exhaustive()
+    }
+}
+
+/// A partition of either kind.
+#[derive(Clone)]
+enum Part {
+    Plain(Arc<MemoryPartition>),
+    #[cfg(feature = "s3")]
+    Cold(Arc<cold::ColdPartition>),
 }
 
 impl MemoryStore {
     /// An empty store.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// An empty store whose partitions move their backlog beyond `settings.after_depth` ready items per partition
+    /// to cold segments in object storage; `store_name` goes into every object key. Deletes the segments a
+    /// previous run of the store left under its prefix (nothing of a memory store survives a restart, so none is
+    /// live); object storage being down then is logged, not fatal.
+    #[cfg(feature = "s3")]
+    pub async fn with_cold(
+        settings: crate::registry::ColdSettings,
+        store_name: &str,
+    ) -> Result<Self, StorageError> {
+        let ctx = Arc::new(cold::ColdCtx::new(settings, store_name)?);
+        // Bounded, so a slow object store delays the start by that much at most; what is left stays for a later
+        // start. (Not in the background: objects this run writes must never be in the listing.)
+        match tokio::time::timeout(SWEEP_AT_OPEN, ctx.sweep_all()).await {
+            Ok(Ok(0)) => {}
+            Ok(Ok(n)) => tracing::info!(
+                store = store_name,
+                deleted = n,
+                "cold segments of a previous run deleted"
+            ),
+            Ok(Err(e)) => {
+                tracing::warn!(store = store_name, error = %e, "cold segments of a previous run not deleted")
+            }
+            Err(_) => tracing::warn!(
+                store = store_name,
+                "cold segments of a previous run not all deleted: object storage too slow"
+            ),
+        }
+        Ok(MemoryStore {
+            partitions: Mutex::default(),
+            cold: Some(ctx),
+        })
+    }
+
+    /// Tests: every call spills and loads what is due and waits for it (cold segments only).
+    #[cfg(feature = "s3")]
+    pub fn set_cold_eager(&self, eager: bool) {
+        if let Some(c) = &self.cold {
+            c.eager.store(eager, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
+    /// Segments written, loaded, and failed to load by this store since it opened (cold segments only).
+    #[cfg(feature = "s3")]
+    pub fn segment_counters(&self) -> (u64, u64, u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.cold.as_ref().map_or((0, 0, 0), |c| {
+            (
+                c.written.load(Relaxed),
+                c.loaded.load(Relaxed),
+                c.failed.load(Relaxed),
+            )
+        })
+    }
+
+    /// The open cold partition `partition` of `queue` (tests).
+    #[cfg(feature = "s3")]
+    pub fn cold_partition(&self, queue: &str, partition: u32) -> Option<Arc<cold::ColdPartition>> {
+        match lock(&self.partitions)
+            .ok()?
+            .get(&(queue.to_string(), partition))?
+        {
+            Part::Cold(p) => Some(p.clone()),
+            Part::Plain(_) => None,
+        }
     }
 }
 
@@ -110,21 +203,38 @@ impl PartitionStore for MemoryStore {
     async fn open(&self, queue: &str, partition: u32) -> Result<Arc<dyn Partition>, StorageError> {
         let mut parts = lock(&self.partitions)?;
         let p = parts.entry((queue.to_string(), partition)).or_insert_with(|| {
+            #[cfg(feature = "s3")]
+            if let Some(ctx) = &self.cold {
+                return Part::Cold(cold::ColdPartition::create(ctx.clone(), queue, partition));
+            }
             // Ids start at the current time in microseconds, so a deleted and re-created queue never reuses an id.
             let floor = ItemId::floor_now().0;
-            Arc::new(MemoryPartition {
+            Part::Plain(Arc::new(MemoryPartition {
                 // Nothing to persist: building change sets would only copy every item written.
                 state: Mutex::new(PartitionState::new(floor).without_changes()),
-            })
+            }))
         });
-        Ok(p.clone())
+        Ok(match p {
+            Part::Plain(p) => p.clone(),
+            #[cfg(feature = "s3")]
+            Part::Cold(p) => p.clone(),
+        })
     }
 
     async fn destroy(&self, queue: &str, partition: u32) -> Result<(), StorageError> {
         let gone = lock(&self.partitions)?.remove(&(queue.to_string(), partition));
         // Freeing millions of items takes a while: do it off the async workers.
-        if let Some(p) = gone {
-            let _ = tokio::task::spawn_blocking(move || drop(p)).await;
+        match gone {
+            Some(Part::Plain(p)) => {
+                let _ = tokio::task::spawn_blocking(move || drop(p)).await;
+            }
+            #[cfg(feature = "s3")]
+            Some(Part::Cold(p)) => {
+                // Its segments go with it; a queue created again under the name writes under another number.
+                p.destroy().await;
+                let _ = tokio::task::spawn_blocking(move || drop(p)).await;
+            }
+            None => {}
         }
         Ok(())
     }

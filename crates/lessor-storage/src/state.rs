@@ -332,6 +332,8 @@ pub struct PartitionState {
     paged_epoch: u64,
     /// Ids of paged items the backend found on disk for the next call (see [`PartitionState::set_probe`]).
     probe: HashSet<u64>,
+    /// Spilled items are handed to the backend ([`PartitionState::take_spilled`]) even without change tracking.
+    hand_off: bool,
 }
 
 impl Default for PartitionState {
@@ -371,6 +373,7 @@ impl PartitionState {
             carry: Changes::default(),
             paged_epoch: 0,
             probe: HashSet::new(),
+            hand_off: false,
         }
     }
 
@@ -379,6 +382,19 @@ impl PartitionState {
     pub fn with_window(mut self, window: usize) -> Self {
         self.window = window.max(1);
         self
+    }
+
+    /// Keeps handing spilled items to the backend ([`PartitionState::take_spilled`]) after
+    /// [`PartitionState::without_changes`]: the memory backend with cold segments keeps paged items itself, as
+    /// compact records, and needs only them, not a copy of every change.
+    pub fn handing_off_spills(mut self) -> Self {
+        self.hand_off = true;
+        self
+    }
+
+    /// The items spilled since the last call (see [`PartitionState::handing_off_spills`]), in id order.
+    pub fn take_spilled(&mut self) -> Vec<Item> {
+        std::mem::take(&mut self.carry.spilled)
     }
 
     /// Stops building change sets (a backend with nothing to persist saves the copies).
@@ -523,7 +539,7 @@ impl PartitionState {
             self.by_source.insert(it.source_id.clone(), it.id.0);
         }
         self.paged_dirty = true;
-        if self.track {
+        if self.track || self.hand_off {
             self.carry.spilled.push(it);
         }
     }
@@ -600,6 +616,18 @@ impl PartitionState {
         let p = usize::from(p.min(MAX_PRIORITY));
         if self.paged.count[p] > 0 {
             self.trust_the_disk(p);
+            self.paged_epoch += 1;
+            self.paged_dirty = true;
+        }
+    }
+
+    /// Forgets every paged item of priority `p` that the backend dropped without reading back (a clear that
+    /// deleted cold segments whole).
+    pub fn clear_paged(&mut self, p: u8) {
+        let p = usize::from(p.min(MAX_PRIORITY));
+        if self.paged.count[p] > 0 {
+            self.paged.count[p] = 0;
+            self.paged.settle(p);
             self.paged_epoch += 1;
             self.paged_dirty = true;
         }

@@ -5,9 +5,9 @@
 //!
 //! Which drivers move backlog to segments is decided here ([`DRIVERS_WITH_SEGMENTS`]): PostgreSQL never (the
 //! database is already the tier that holds a deep backlog off the server's memory, and its rows cannot be moved
-//! out of a transaction's reach), memory not (nothing would bound what it keeps besides the segments, and nothing
-//! it keeps survives a restart, so the manifest could not either), fjall once its spill and load are in this build
-//! (see docs/operations.md, "Cold backlog segments").
+//! out of a transaction's reach); fjall and memory in builds with object storage (memory keeps its manifest in
+//! RAM like everything else, and deletes the previous run's segments when it opens; see docs/operations.md, "Cold
+//! backlog segments").
 
 use super::offload::parse_size;
 use super::{ObjectStoreConfig, Settings, SpecError};
@@ -22,7 +22,11 @@ pub const KEYS: &[&str] = &[
 ];
 
 /// Drivers that spill paged backlog to cold segments in this build.
-pub const DRIVERS_WITH_SEGMENTS: &[&str] = if cfg!(feature = "s3") { &["fjall"] } else { &[] };
+pub const DRIVERS_WITH_SEGMENTS: &[&str] = if cfg!(feature = "s3") {
+    &["fjall", "memory"]
+} else {
+    &[]
+};
 
 /// Default `cold-after-depth`: paged items further than this from the head of their priority may go cold.
 pub const DEFAULT_AFTER_DEPTH: u64 = 1_000_000;
@@ -84,9 +88,9 @@ fn parse_with(
                 "postgres" => "driver 'postgres' keeps its backlog in the database, which is already the tier \
                                beyond memory; use partition-level retention or a fjall store for cold segments"
                     .into(),
-                "memory" => "driver 'memory' cannot move backlog to cold segments (nothing it holds survives a \
-                             restart, so neither could the segment manifest); use a fjall store"
-                    .into(),
+                "memory" | "fjall" => {
+                    format!("driver '{driver}' moves backlog to cold segments only in builds with object storage (feature s3)")
+                }
                 other => format!("driver '{other}' does not move backlog to cold segments in this build"),
             },
         });
@@ -252,13 +256,14 @@ mod tests {
 
     #[test]
     fn drivers_without_segments_refuse_them_by_name() {
-        let e = StoreSpec::from_settings("memory", &settings().with("cold-segments", "s3-0"))
-            .expect_err("memory")
-            .to_string();
-        assert!(
-            e.starts_with("config.cold-segments: driver 'memory' cannot move backlog"),
-            "{e}"
-        );
+        // Memory takes them in builds with object storage (this crate's tests may run without).
+        let m = StoreSpec::from_settings("memory", &settings().with("cold-segments", "s3-0"));
+        if cfg!(feature = "s3") {
+            assert!(m.is_ok(), "{:?}", m.err().map(|e| e.to_string()));
+        } else {
+            let e = m.expect_err("memory without s3").to_string();
+            assert!(e.contains("only in builds with object storage"), "{e}");
+        }
         let e = parse_with(&settings().with("cold-segments", "s3-0"), "postgres", false)
             .expect_err("postgres")
             .to_string();

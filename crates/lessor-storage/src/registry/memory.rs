@@ -1,4 +1,5 @@
-//! The registry entry of the memory driver: no settings; every open gives a new, empty store.
+//! The registry entry of the memory driver: no settings of its own but the cold-segment keys (`registry::cold`);
+//! every open gives a new, empty store.
 
 use std::sync::Arc;
 
@@ -17,12 +18,20 @@ pub(super) const DRIVER: DriverEntry = DriverEntry {
     parse,
 };
 
-/// Settings of the memory driver: there are none.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct MemoryConfig;
+/// Settings of the memory driver.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct MemoryConfig {
+    /// Cold backlog segments (`cold-segments` and its keys), when asked for.
+    pub cold: Option<super::ColdSettings>,
+    /// The store's name in the configuration (object keys of cold segments start with it).
+    pub store_name: String,
+}
 
-fn parse(_: &Settings) -> Result<Arc<dyn DriverConfig>, SpecError> {
-    Ok(Arc::new(MemoryConfig))
+fn parse(s: &Settings) -> Result<Arc<dyn DriverConfig>, SpecError> {
+    Ok(Arc::new(MemoryConfig {
+        cold: super::cold::parse(s, DRIVER.name)?,
+        store_name: s.store_name.clone(),
+    }))
 }
 
 #[async_trait]
@@ -36,6 +45,16 @@ impl DriverConfig for MemoryConfig {
     }
 
     async fn open_partitions(&self) -> Result<Arc<dyn PartitionStore>, OpenError> {
+        #[cfg(feature = "s3")]
+        if let Some(cold) = &self.cold {
+            let store = MemoryStore::with_cold(cold.clone(), &self.store_name)
+                .await
+                .map_err(|source| OpenError::Backend {
+                    driver: DRIVER.name,
+                    source,
+                })?;
+            return Ok(Arc::new(store));
+        }
         Ok(Arc::new(MemoryStore::new()))
     }
 }

@@ -1,0 +1,437 @@
+//! Cold backlog segments of the memory backend (`cold-segments` on a memory store) against a real S3-compatible
+//! server (`LESSOR_TEST_S3_ENDPOINT`, from `scripts/s3-test-server.sh`), with a tiny depth and segment size: the
+//! backlog goes to segments (RAM holds a bounded part) and comes back in exact priority and FIFO order without
+//! loss or duplicates; a segment deleted or damaged behind Lessor's back makes the lease fail as unavailable (454)
+//! naming it, never serve other bytes; object storage down leaves the queue working; a new store deletes the
+//! segments of the previous run; destroying a partition deletes its segments.
+#![cfg(feature = "s3")]
+#![allow(clippy::unwrap_used)]
+
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::TryStreamExt;
+use lessor_core::error::StorageErrorKind;
+use lessor_core::storage::{LifecyclePolicy, Partition, PartitionStore};
+use lessor_core::time::Ts;
+use lessor_core::types::{Backoff, ItemId, NewItem};
+use lessor_storage::memory::MemoryStore;
+use lessor_storage::offload::{self, ObjectStoreConfig};
+use lessor_storage::registry::ColdSettings;
+use object_store::path::Path as ObjPath;
+use object_store::{ObjectStore, PutPayload};
+
+const BUCKET: &str = "lessor-memcold";
+const T0: Ts = Ts(1_800_000_000_000_000);
+const LEASE: Ts = Ts(1_800_000_100_000_000);
+const FAR: Ts = Ts(1_900_000_000_000_000);
+const POLICY: LifecyclePolicy = LifecyclePolicy {
+    max_attempts: 0,
+    has_dead_queue: false,
+    backoff: Backoff::OFF,
+};
+/// Cold depth (and window) of the stores here.
+const DEPTH: u64 = 10;
+/// Items per segment.
+const SEG: u32 = 20;
+
+struct Env {
+    cfg: ObjectStoreConfig,
+    client: Arc<dyn ObjectStore>,
+}
+
+async fn env(test: &str) -> Option<Env> {
+    let endpoint = lessor_testkit::s3::bucket(BUCKET).await?;
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    let cfg = ObjectStoreConfig {
+        name: "s3-0".into(),
+        endpoint,
+        bucket: BUCKET.into(),
+        access_key_id: Some("test".into()),
+        secret_access_key: Some("test".into()),
+        path_style: true,
+        prefix: format!("{test}-{nanos}/"),
+        ..Default::default()
+    };
+    let client = offload::client(&cfg).unwrap();
+    Some(Env { cfg, client })
+}
+
+impl Env {
+    async fn open(&self) -> MemoryStore {
+        MemoryStore::with_cold(
+            ColdSettings {
+                object_store: self.cfg.clone(),
+                after_depth: DEPTH,
+                segment_items: SEG,
+                segment_bytes: 1 << 20,
+                prefetch_items: 5,
+            },
+            "mem-0",
+        )
+        .await
+        .unwrap()
+    }
+
+    async fn segments(&self) -> Vec<String> {
+        let mut keys: Vec<String> = self
+            .client
+            .list(Some(&ObjPath::from(self.cfg.prefix.as_str())))
+            .map_ok(|m| m.location.to_string())
+            .try_collect()
+            .await
+            .unwrap();
+        keys.retain(|k| k.contains("/segments/"));
+        keys.sort();
+        keys
+    }
+
+    async fn segments_gone(&self) {
+        let gone = lessor_testkit::eventually::poll_until(
+            Duration::from_secs(10),
+            Duration::from_millis(20),
+            || async {
+                let left = self.segments().await;
+                if left.is_empty() {
+                    Ok(())
+                } else {
+                    Err(format!("segments left: {left:?}"))
+                }
+            },
+        )
+        .await;
+        assert!(gone.is_ok(), "{gone:?}");
+    }
+}
+
+/// Produces `n` items over priorities 0, 2 and 5; returns the model of the ready queue (priority first, then id).
+async fn produce(p: &Arc<dyn Partition>, n: usize) -> BTreeMap<(Reverse<u8>, ItemId), Bytes> {
+    let mut model = BTreeMap::new();
+    for chunk in 0..n / 50 {
+        let batch: Vec<NewItem> = (0..50)
+            .map(|i| {
+                let k = chunk * 50 + i;
+                NewItem {
+                    expire_deadline: FAR,
+                    created_at: T0,
+                    payload: Bytes::from(format!("item-{k:06}-{}", "x".repeat(k % 17))),
+                    priority: [0, 2, 5, 0, 2][k % 5],
+                    ..Default::default()
+                }
+            })
+            .collect();
+        let prios: Vec<(u8, Bytes)> = batch.iter().map(|b| (b.priority, b.payload.clone())).collect();
+        let ids = p.produce(batch).await.unwrap();
+        for (id, (prio, payload)) in ids.into_iter().zip(prios) {
+            model.insert((Reverse(prio), id), payload);
+        }
+    }
+    model
+}
+
+/// Runs lifecycle calls (which start and finish the background spills) until `want` segments exist.
+async fn spill(env: &Env, p: &Arc<dyn Partition>, want: usize) {
+    for _ in 0..2000 {
+        p.lifecycle(T0, POLICY, 100).await.unwrap();
+        if env.segments().await.len() >= want {
+            // One more call commits the last job.
+            p.lifecycle(T0, POLICY, 100).await.unwrap();
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    panic!("fewer than {want} segments: {:?}", env.segments().await);
+}
+
+/// Runs lifecycle calls until no new segment appears for a while (every full segment's worth is spilled).
+async fn settle(env: &Env, p: &Arc<dyn Partition>) {
+    let (mut last, mut quiet) = (usize::MAX, 0);
+    while quiet < 10 {
+        p.lifecycle(T0, POLICY, 100).await.unwrap();
+        let n = env.segments().await.len();
+        quiet = if n == last { quiet + 1 } else { 0 };
+        last = n;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Leases everything, `batch` at a time with lifecycle calls between (which prefetch segments), checking each
+/// lease against the model; returns how many were leased.
+async fn drain(
+    p: &Arc<dyn Partition>,
+    model: &mut BTreeMap<(Reverse<u8>, ItemId), Bytes>,
+    batch: usize,
+) -> usize {
+    let mut seen = HashSet::new();
+    let mut n = 0;
+    while !model.is_empty() {
+        let got = p.lease(batch, LEASE).await.unwrap();
+        let expect: Vec<(ItemId, Bytes)> = model.iter().take(batch).map(|(k, v)| (k.1, v.clone())).collect();
+        let got_pairs: Vec<(ItemId, Bytes)> = got.iter().map(|it| (it.id, it.payload.clone())).collect();
+        assert_eq!(got_pairs, expect, "after {n} leased");
+        for it in &got {
+            assert!(seen.insert(it.id), "{} leased twice", it.id.0);
+            model.remove(&(Reverse(it.priority), it.id));
+        }
+        n += got.len();
+        let ids: Vec<ItemId> = got.iter().map(|it| it.id).collect();
+        assert!(p.complete(vec![ids]).await.unwrap()[0].is_ok());
+        p.lifecycle(T0, POLICY, 100).await.unwrap();
+    }
+    assert!(p.lease(10, LEASE).await.unwrap().is_empty());
+    n
+}
+
+// On the server's runtime flavour: moving a segment's records in and out of RAM hands the worker's other tasks
+// away first (`block_in_place`), which only a multi-thread runtime allows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backlog_goes_cold_ram_stays_bounded_and_drains_in_order() {
+    let Some(env) = env("order").await else { return };
+    let store = env.open().await;
+    let p = store.open("q", 0).await.unwrap();
+    let mut model = produce(&p, 1000).await;
+    spill(&env, &p, 30).await;
+    settle(&env, &p).await;
+    let stats = p.stats(T0).await.unwrap();
+    assert_eq!(stats.counts.ready, 1000);
+    assert!(stats.tiers.object.items >= 600, "{:?}", stats.tiers);
+    // Every item is in memory or in a segment, once.
+    assert_eq!(
+        stats.tiers.object.items + stats.tiers.memory.items,
+        1000,
+        "{:?}",
+        stats.tiers
+    );
+    // RAM holds the window, the depth ahead of the first segment and less than a segment per priority behind the
+    // last one (three priorities here), whatever the backlog.
+    let cp = store.cold_partition("q", 0).unwrap();
+    let (records, resident) = cp.ram_counts().await;
+    assert!(resident <= DEPTH, "resident {resident}");
+    assert!(records < 3 * (DEPTH + u64::from(SEG)), "records in RAM {records}");
+    let (written, _, failed) = store.segment_counters();
+    assert!(written >= 30 && failed == 0);
+    // Listing reaches into segments, in id order.
+    let listed = p.list(None, 2000, false).await.unwrap();
+    let mut want: Vec<ItemId> = model.keys().map(|k| k.1).collect();
+    want.sort();
+    assert_eq!(listed.iter().map(|it| it.id).collect::<Vec<_>>(), want);
+    assert_eq!(drain(&p, &mut model, 7).await, 1000);
+    let (_, loaded, failed) = store.segment_counters();
+    assert!(loaded >= 30 && failed == 0, "loaded {loaded}");
+    env.segments_gone().await;
+    let stats = p.stats(T0).await.unwrap();
+    assert_eq!((stats.counts.ready, stats.tiers.object.items), (0, 0));
+}
+
+#[tokio::test]
+async fn delete_expiry_and_clear_reach_into_segments() {
+    let Some(env) = env("ops").await else { return };
+    let store = env.open().await;
+    let p = store.open("q", 1).await.unwrap();
+    let mut model = produce(&p, 400).await;
+    spill(&env, &p, 6).await;
+    // Delete items that are in segments: they go, the rest keeps its order.
+    let victims: Vec<ItemId> = model.keys().rev().step_by(7).take(20).map(|k| k.1).collect();
+    p.delete(victims.clone()).await.unwrap();
+    model.retain(|k, _| !victims.contains(&k.1));
+    assert_eq!(p.counts().await.unwrap().ready, 380);
+    spill(&env, &p, 6).await;
+    assert_eq!(drain(&p, &mut model, 11).await, 380);
+    // Expiry: a backlog in segments expires whole.
+    let batch: Vec<NewItem> = (0..300)
+        .map(|i| NewItem {
+            expire_deadline: Ts(T0.0 + 1_000_000),
+            created_at: T0,
+            payload: Bytes::from(format!("e{i}")),
+            ..Default::default()
+        })
+        .collect();
+    p.produce(batch).await.unwrap();
+    spill(&env, &p, 5).await;
+    let later = Ts(T0.0 + 2_000_000);
+    for _ in 0..100 {
+        if !p.lifecycle(later, POLICY, 1000).await.unwrap().more && p.counts().await.unwrap().ready == 0 {
+            break;
+        }
+    }
+    assert_eq!(p.counts().await.unwrap().ready, 0);
+    // Clear: segments and records go.
+    let _ = produce(&p, 300).await;
+    spill(&env, &p, 4).await;
+    p.clear(lessor_core::types::ClearRequest {
+        queue: true,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let stats = p.stats(T0).await.unwrap();
+    assert_eq!((stats.counts.ready, stats.tiers.object.items), (0, 0));
+    assert!(p.lease(10, LEASE).await.unwrap().is_empty());
+    env.segments_gone().await;
+}
+
+#[tokio::test]
+async fn a_missing_segment_is_unavailable_and_named_never_skipped() {
+    let Some(env) = env("missing").await else { return };
+    let store = env.open().await;
+    let p = store.open("q", 2).await.unwrap();
+    let model = produce(&p, 300).await;
+    spill(&env, &p, 3).await;
+    let segs = env.segments().await;
+    let victim = segs[0].clone();
+    env.client.delete(&ObjPath::from(victim.as_str())).await.unwrap();
+    let mut expect = model.keys().map(|k| k.1);
+    let mut failed = None;
+    for _ in 0..300 {
+        match p.lease(3, LEASE).await {
+            Ok(got) => {
+                assert!(!got.is_empty(), "ran dry before the missing segment");
+                for it in got {
+                    assert_eq!(
+                        Some(it.id),
+                        expect.next(),
+                        "out of order next to a missing segment"
+                    );
+                }
+            }
+            Err(e) => {
+                failed = Some(e);
+                break;
+            }
+        }
+    }
+    let e = failed.expect("a lease fails at the missing segment");
+    assert_eq!(e.kind, StorageErrorKind::Unavailable, "{e}");
+    assert!(e.message.contains(&victim), "{e}");
+    // It keeps failing the same way (the items stay queued), and the failure is counted.
+    let again = p.lease(3, LEASE).await.expect_err("still missing");
+    assert_eq!(again.kind, StorageErrorKind::Unavailable);
+    assert!(store.segment_counters().2 >= 2);
+    assert!(p.counts().await.unwrap().ready > 0);
+}
+
+#[tokio::test]
+async fn a_damaged_segment_is_refused_never_served() {
+    let Some(env) = env("damaged").await else { return };
+    let store = env.open().await;
+    let p = store.open("q", 3).await.unwrap();
+    let model = produce(&p, 150).await;
+    spill(&env, &p, 1).await;
+    let victim = env.segments().await[0].clone();
+    let path = ObjPath::from(victim.as_str());
+    let mut body = env
+        .client
+        .get(&path)
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap()
+        .to_vec();
+    let at = body.len() - 3;
+    body[at] ^= 0xff;
+    env.client.put(&path, PutPayload::from(body)).await.unwrap();
+    let mut expect = model.iter().map(|(k, v)| (k.1, v.clone()));
+    let mut err = None;
+    for _ in 0..200 {
+        match p.lease(5, LEASE).await {
+            Ok(got) => {
+                for it in got {
+                    // Whatever is served is exactly the item expected next, bytes included.
+                    assert_eq!(Some((it.id, it.payload.clone())), expect.next());
+                }
+            }
+            Err(e) => {
+                err = Some(e);
+                break;
+            }
+        }
+    }
+    let e = err.expect("the damaged segment is refused");
+    assert_eq!(e.kind, StorageErrorKind::Unavailable, "{e}");
+    assert!(
+        e.message.contains("corrupt") && e.message.contains(&victim),
+        "{e}"
+    );
+    assert!(store.segment_counters().2 >= 1);
+}
+
+#[tokio::test]
+async fn object_storage_down_leaves_the_queue_working() {
+    // An endpoint where nothing listens: every spill fails, and is retried later; the store still opens.
+    let cfg = ObjectStoreConfig {
+        name: "s3-0".into(),
+        endpoint: "http://127.0.0.1:9".into(),
+        bucket: BUCKET.into(),
+        access_key_id: Some("test".into()),
+        secret_access_key: Some("test".into()),
+        path_style: true,
+        prefix: "down/".into(),
+        ..Default::default()
+    };
+    let env = Env {
+        client: offload::client(&cfg).unwrap(),
+        cfg,
+    };
+    let store = env.open().await;
+    let p = store.open("q", 5).await.unwrap();
+    let mut model = produce(&p, 300).await;
+    for _ in 0..20 {
+        p.lifecycle(T0, POLICY, 100).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (written, _, _) = store.segment_counters();
+    assert_eq!(written, 0);
+    let stats = p.stats(T0).await.unwrap();
+    assert_eq!((stats.counts.ready, stats.tiers.object.items), (300, 0));
+    assert_eq!(stats.tiers.memory.items, 300);
+    // Produce and lease go on in order; the backlog stays in RAM.
+    assert_eq!(drain(&p, &mut model, 13).await, 300);
+}
+
+#[tokio::test]
+async fn a_new_store_deletes_the_previous_runs_segments() {
+    let Some(env) = env("restart").await else { return };
+    {
+        let store = env.open().await;
+        let p = store.open("q", 4).await.unwrap();
+        let _ = produce(&p, 200).await;
+        spill(&env, &p, 2).await;
+    }
+    // Another store of the same prefix but another name is not touched.
+    let other = format!(
+        "{}mem-1/memory/segments/q/0/0/00000000000000000001-1-00000000000000ff",
+        env.cfg.prefix
+    );
+    env.client
+        .put(&ObjPath::from(other.as_str()), PutPayload::from(vec![1u8, 2, 3]))
+        .await
+        .unwrap();
+    assert!(env.segments().await.len() >= 3);
+    // The previous run's store is gone (a restart): the next one finds its segments orphaned and deletes them.
+    let store = env.open().await;
+    assert_eq!(env.segments().await, vec![other]);
+    let p = store.open("q", 4).await.unwrap();
+    assert_eq!(p.counts().await.unwrap().ready, 0);
+}
+
+#[tokio::test]
+async fn destroying_a_partition_deletes_its_segments() {
+    let Some(env) = env("destroy").await else { return };
+    let store = env.open().await;
+    let p = store.open("q", 6).await.unwrap();
+    let _ = produce(&p, 200).await;
+    spill(&env, &p, 2).await;
+    store.destroy("q", 6).await.unwrap();
+    drop(p);
+    env.segments_gone().await;
+    // A queue created again under the name starts empty.
+    let p = store.open("q", 6).await.unwrap();
+    assert_eq!(p.counts().await.unwrap().ready, 0);
+}
