@@ -30,7 +30,6 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use futures::TryStreamExt;
 use lessor_core::error::{ItemError, StorageError, StorageErrorKind};
 use lessor_core::storage::{
     CopiedSnapshot, LifecycleOutcome, LifecyclePolicy, Partition, PartitionSnapshot, RetryOp, RetryOutcome,
@@ -40,9 +39,9 @@ use lessor_core::types::{
     ClearRequest, DedupRecord, Item, ItemId, NewItem, PartitionCounts, PartitionStats, MAX_PRIORITY,
 };
 use object_store::path::Path as ObjPath;
-use object_store::{ObjectStore, PutPayload};
 
 use crate::offload::segment::{self, ManifestEntry};
+use crate::offload::segment_io::{self, random, SegmentObjects};
 use crate::registry::ColdSettings;
 use crate::state::paging::PRIORITIES;
 use crate::state::{PageRead, PartitionState};
@@ -58,7 +57,7 @@ const SWEEP_LIMIT: usize = 4096;
 
 /// The object store and settings of a memory store's cold segments, shared by its partitions.
 pub(crate) struct ColdCtx {
-    client: Arc<dyn ObjectStore>,
+    objects: SegmentObjects,
     settings: ColdSettings,
     /// `{object-store prefix}{store name}/`: segment keys are `{base}memory/segments/...`.
     base: String,
@@ -78,11 +77,11 @@ pub(crate) struct ColdCtx {
 impl ColdCtx {
     /// Builds the client for `settings`' object store; `store_name` goes into every key.
     pub(crate) fn new(settings: ColdSettings, store_name: &str) -> Result<ColdCtx, StorageError> {
-        let client = crate::offload::client(&settings.object_store)?;
+        let objects = SegmentObjects::new(crate::offload::client(&settings.object_store)?);
         let base = format!("{}{}/", settings.object_store.prefix, store_name);
         let root = format!("{base}memory");
         Ok(ColdCtx {
-            client,
+            objects,
             settings,
             base,
             root,
@@ -97,12 +96,10 @@ impl ColdCtx {
     /// Deletes every object under the store's prefix: the segments of a previous run of this store, which nothing
     /// of this run can name. Returns how many were deleted.
     pub(crate) async fn sweep_all(&self) -> Result<u64, StorageError> {
-        let listed: Vec<object_store::ObjectMeta> = self
-            .client
-            .list(Some(&ObjPath::from(self.root.as_str())))
-            .try_collect()
-            .await
-            .map_err(|e| StorageError::unavailable(format!("cold segments under '{}': {e}", self.root)))?;
+        let listed = self
+            .objects
+            .list("cold segments of a previous run", &self.root)
+            .await?;
         let mut n = 0;
         for m in listed {
             self.delete(m.location.as_ref()).await;
@@ -120,58 +117,22 @@ impl ColdCtx {
 
     /// Deletes the segment objects of partition number `pid` of `queue`/`partition` (a destroyed partition's).
     async fn delete_partition(&self, queue: &str, partition: u32, pid: u64) {
-        let dir = self.dir(queue, partition);
-        let listed: Result<Vec<object_store::ObjectMeta>, _> = self
-            .client
-            .list(Some(&ObjPath::from(dir.as_str())))
-            .try_collect()
+        self.objects
+            .delete_partition(&self.dir(queue, partition), pid, LATER)
             .await;
-        match listed {
-            Ok(objects) => {
-                for m in objects {
-                    if segment::key_pid(m.location.as_ref()) == Some(pid) {
-                        self.delete(m.location.as_ref()).await;
-                    }
-                }
-            }
-            Err(e) => {
-                tracing::warn!(segments = %dir, error = %e, "segments of a destroyed partition not listed; the next start deletes them")
-            }
-        }
     }
 
     async fn put(&self, what: &str, key: &str, body: Vec<u8>) -> Result<(), StorageError> {
-        let _t = Timed(Instant::now());
-        self.client
-            .put(&ObjPath::from(key), PutPayload::from(Bytes::from(body)))
-            .await
-            .map(|_| ())
-            .map_err(|e| StorageError::unavailable(format!("{what}: cold segment '{key}': {e}")))
-    }
-
-    async fn get(&self, what: &str, key: &str) -> Result<Bytes, StorageError> {
-        let _t = Timed(Instant::now());
-        let unavailable =
-            |e: object_store::Error| StorageError::unavailable(format!("{what}: cold segment '{key}': {e}"));
-        let r = self.client.get(&ObjPath::from(key)).await.map_err(unavailable)?;
-        r.bytes().await.map_err(unavailable)
+        self.objects.put(what, key, body).await
     }
 
     async fn delete(&self, key: &str) {
-        if let Err(e) = self.client.delete(&ObjPath::from(key)).await {
-            tracing::warn!(segment = key, error = %e, "cold segment object not deleted; the next start deletes it");
-        }
+        self.objects.delete(key, LATER).await;
     }
 }
 
-/// Adds an object-storage request's duration to the shared latency histogram when dropped.
-struct Timed(Instant);
-
-impl Drop for Timed {
-    fn drop(&mut self) {
-        crate::offload::metrics().observe(self.0);
-    }
-}
+/// What deletes an object whose deletion failed.
+const LATER: &str = "the next start deletes it";
 
 /// One partition of a memory store with cold segments.
 pub struct ColdPartition {
@@ -291,17 +252,6 @@ enum Done {
         entry: ManifestEntry,
         records: Vec<(u64, Vec<u8>)>,
     },
-}
-
-/// A random 64-bit value for object keys.
-fn random() -> u64 {
-    let mut b = [0u8; 8];
-    if getrandom::fill(&mut b).is_err() {
-        return std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos() as u64);
-    }
-    u64::from_le_bytes(b)
 }
 
 impl ColdPartition {
@@ -880,42 +830,25 @@ fn heavy<T>(f: impl FnOnce() -> T) -> T {
     }
 }
 
-/// Fetches and verifies segment `e` of `prio`: the body's checksum against the entry, the body itself, and its
-/// header against the entry. A damaged segment is an `Unavailable` error saying "corrupt" and naming it.
+/// Fetches and verifies segment `e` of `prio` (see [`segment_io::verify`]), and that every record decodes: a
+/// segment is never half served.
 async fn fetch(
     ctx: &ColdCtx,
     what: &str,
     prio: u8,
     e: &ManifestEntry,
 ) -> Result<Vec<(u64, Vec<u8>)>, StorageError> {
-    let body = ctx.get(what, &e.key).await?;
-    let e2 = e.clone();
-    let what2 = what.to_string();
+    let body = ctx.objects.get(what, &e.key).await?;
+    let (e, what) = (e.clone(), what.to_string());
     tokio::task::spawn_blocking(move || {
-        let bad = |why: String| StorageError::unavailable(format!("{what2}: cold segment '{}' is corrupt: {why}", e2.key));
-        if crc32fast::hash(&body) != e2.crc {
-            return Err(bad("checksum does not match the manifest".into()));
-        }
-        let s = segment::decode(&body).map_err(|err| bad(err.to_string()))?;
-        if !s.matches(prio, e2.first, e2.last, e2.count) {
-            return Err(bad(format!(
-                "holds priority {} ids {}..={} ({} records), the manifest says priority {prio} ids {}..={} ({})",
-                s.prio,
-                s.first,
-                s.last,
-                s.records.len(),
-                e2.first,
-                e2.last,
-                e2.count
+        let records = segment_io::verify(&body, &what, prio, &e)?;
+        if let Some((id, _)) = records.iter().find(|(_, r)| peek(r).is_none()) {
+            return Err(StorageError::unavailable(format!(
+                "{what}: cold segment '{}' is corrupt: record of item {id} is damaged",
+                e.key
             )));
         }
-        // Every record must decode: a segment is never half served.
-        for (id, r) in &s.records {
-            if peek(r).is_none() {
-                return Err(bad(format!("record of item {id} is damaged")));
-            }
-        }
-        Ok(s.records)
+        Ok(records)
     })
     .await
     .map_err(|e| StorageError::other(format!("segment decoding failed: {e}")))?

@@ -31,6 +31,8 @@
 
 pub mod frame;
 pub mod segment;
+#[cfg(feature = "s3")]
+pub(crate) mod segment_io;
 
 use std::collections::{HashMap, HashSet};
 use std::fmt;

@@ -29,15 +29,13 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
-use futures::TryStreamExt;
 use lessor_core::error::{StorageError, StorageErrorKind};
 use lessor_core::time::Ts;
 use object_store::path::Path as ObjPath;
-use object_store::{ObjectStore, PutPayload};
 
 use super::{blocking, pg, FjallPartition, Inner, Unit, ITEMS};
 use crate::offload::segment::{self, ManifestEntry};
+use crate::offload::segment_io::{self, random, SegmentObjects};
 use crate::registry::ColdSettings;
 use crate::state::paging::PRIORITIES;
 
@@ -94,7 +92,7 @@ const MANIFEST_TAG: &[u8] = b"seg";
 
 /// The object store and settings of a store's cold segments.
 pub(crate) struct ColdCtx {
-    client: Arc<dyn ObjectStore>,
+    objects: SegmentObjects,
     settings: ColdSettings,
     /// `{object-store prefix}{store name}` (object keys start with it).
     prefix: String,
@@ -102,81 +100,31 @@ pub(crate) struct ColdCtx {
     pub(crate) eager: std::sync::atomic::AtomicBool,
 }
 
+/// What deletes an object whose deletion failed.
+const LATER: &str = "the sweeper will retry";
+
 impl ColdCtx {
     /// Builds the client for `settings`' object store; `store_name` goes into every key.
     pub(crate) fn new(settings: ColdSettings, store_name: &str) -> Result<ColdCtx, StorageError> {
         let client = crate::offload::client(&settings.object_store)?;
         let prefix = format!("{}{}", settings.object_store.prefix, store_name);
         Ok(ColdCtx {
-            client,
+            objects: SegmentObjects::new(client),
             settings,
             prefix,
             eager: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
-    fn unavailable(&self, what: &str, key: &str, e: impl std::fmt::Display) -> StorageError {
-        StorageError::unavailable(format!("{what}: cold segment '{key}': {e}"))
-    }
-
-    async fn put(&self, what: &str, key: &str, body: Vec<u8>) -> Result<(), StorageError> {
-        let _t = Timed(std::time::Instant::now());
-        self.client
-            .put(&ObjPath::from(key), PutPayload::from(Bytes::from(body)))
-            .await
-            .map(|_| ())
-            .map_err(|e| self.unavailable(what, key, e))
-    }
-
-    async fn get(&self, what: &str, key: &str) -> Result<Bytes, StorageError> {
-        let _t = Timed(std::time::Instant::now());
-        let r = self
-            .client
-            .get(&ObjPath::from(key))
-            .await
-            .map_err(|e| self.unavailable(what, key, e))?;
-        r.bytes().await.map_err(|e| self.unavailable(what, key, e))
-    }
-
     /// Deletes every segment object of partition `partition` of `queue` written under pid `pid` (a destroyed
-    /// partition's), logging what
-    /// could not be listed or deleted.
+    /// partition's).
     pub(crate) async fn delete_partition(&self, queue: &str, partition: u32, pid: u64) {
         let dir = format!("{}/segments/{queue}/{partition}/", self.prefix);
-        let listed: Result<Vec<object_store::ObjectMeta>, _> = self
-            .client
-            .list(Some(&ObjPath::from(dir.as_str())))
-            .try_collect()
-            .await;
-        match listed {
-            Ok(objects) => {
-                for m in objects {
-                    // Only the destroyed partition's: a queue created again under the name has another pid.
-                    if segment::key_pid(m.location.as_ref()) == Some(pid) {
-                        self.delete(m.location.as_ref()).await;
-                    }
-                }
-            }
-            Err(e) => {
-                tracing::warn!(segments = %dir, error = %e, "segments of a destroyed partition not listed")
-            }
-        }
+        self.objects.delete_partition(&dir, pid, LATER).await;
     }
 
     async fn delete(&self, key: &str) {
-        if let Err(e) = self.client.delete(&ObjPath::from(key)).await {
-            // Left behind, it is an orphan the segment sweeper deletes.
-            tracing::warn!(segment = key, error = %e, "cold segment object not deleted; the sweeper will retry");
-        }
-    }
-}
-
-/// Adds an object-storage request's duration to the shared latency histogram when dropped.
-struct Timed(std::time::Instant);
-
-impl Drop for Timed {
-    fn drop(&mut self) {
-        crate::offload::metrics().observe(self.0);
+        self.objects.delete(key, LATER).await;
     }
 }
 
@@ -316,17 +264,6 @@ fn is_object_ref(record: &[u8]) -> bool {
     pg::decode_record(0, record, "")
         .map(|it| crate::tiers::offloaded_len(&it.payload).is_some())
         .unwrap_or(true)
-}
-
-/// A random 64-bit value for object keys.
-fn random() -> u64 {
-    let mut b = [0u8; 8];
-    if getrandom::fill(&mut b).is_err() {
-        return std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos() as u64);
-    }
-    u64::from_le_bytes(b)
 }
 
 impl FjallPartition {
@@ -738,7 +675,7 @@ impl FjallPartition {
                 let Some((entry, ids, body, what)) = read else {
                     return Ok(Done::Nothing);
                 };
-                ctx2.put(&what, &entry.key, body).await?;
+                ctx2.objects.put(&what, &entry.key, body).await?;
                 Ok(Done::Spilled { prio: p, entry, ids })
             });
             let key = Some(job_tag);
@@ -809,12 +746,7 @@ impl FjallPartition {
         let (queue, partition) = self.queue_partition();
         let dir = format!("{}/segments/{queue}/{partition}/", ctx.prefix);
         let what = self.what();
-        let listed: Vec<object_store::ObjectMeta> = ctx
-            .client
-            .list(Some(&ObjPath::from(dir.as_str())))
-            .try_collect()
-            .await
-            .map_err(|e| ctx.unavailable(&what, &dir, e))?;
+        let listed = ctx.objects.list(&what, &dir).await?;
         let cutoff = chrono_now_minus(grace);
         let orphans: Vec<String> = {
             let g = self.lock().await?;
@@ -854,38 +786,14 @@ fn chrono_now_minus(grace: Duration) -> i64 {
     now - grace.as_secs() as i64
 }
 
-/// Fetches and verifies segment `e` of `prio`: the body's checksum against the entry, the body itself, and its
-/// header against the entry.
+/// Fetches and verifies segment `e` of `prio` (see [`segment_io::verify`]).
 async fn fetch(
     ctx: &ColdCtx,
     what: &str,
     prio: u8,
     e: &ManifestEntry,
 ) -> Result<Vec<(u64, Vec<u8>)>, StorageError> {
-    let body = ctx.get(what, &e.key).await?;
-    let e2 = e.clone();
-    let what2 = what.to_string();
-    blocking(move || {
-        let bad = |why: String| {
-            StorageError::unavailable(format!("{what2}: cold segment '{}' is corrupt: {why}", e2.key))
-        };
-        if crc32fast::hash(&body) != e2.crc {
-            return Err(bad("checksum does not match the manifest".into()));
-        }
-        let s = segment::decode(&body).map_err(|err| bad(err.to_string()))?;
-        if !s.matches(prio, e2.first, e2.last, e2.count) {
-            return Err(bad(format!(
-                "holds priority {} ids {}..={} ({} records), the manifest says priority {prio} ids {}..={} ({})",
-                s.prio,
-                s.first,
-                s.last,
-                s.records.len(),
-                e2.first,
-                e2.last,
-                e2.count
-            )));
-        }
-        Ok(s.records)
-    })
-    .await
+    let body = ctx.objects.get(what, &e.key).await?;
+    let (e, what) = (e.clone(), what.to_string());
+    blocking(move || segment_io::verify(&body, &what, prio, &e)).await
 }

@@ -1,0 +1,136 @@
+//! Object-storage requests for cold segments, shared by the backends that move backlog to segments (fjall and
+//! memory): every request is timed into the object-storage latency histogram, a failed one is reported as
+//! unavailable naming the segment (454 on the wire: the caller retries), and a fetched body is checked against the
+//! manifest entry that named it before any of its records is used.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures::TryStreamExt;
+use lessor_core::error::StorageError;
+use object_store::path::Path as ObjPath;
+use object_store::{ObjectMeta, ObjectStore, PutPayload};
+
+use super::segment::{self, ManifestEntry};
+
+/// The client of the object store segments go to.
+pub(crate) struct SegmentObjects {
+    client: Arc<dyn ObjectStore>,
+}
+
+impl SegmentObjects {
+    pub(crate) fn new(client: Arc<dyn ObjectStore>) -> SegmentObjects {
+        SegmentObjects { client }
+    }
+
+    fn unavailable(what: &str, key: &str, e: impl std::fmt::Display) -> StorageError {
+        StorageError::unavailable(format!("{what}: cold segment '{key}': {e}"))
+    }
+
+    /// Writes segment object `key`.
+    pub(crate) async fn put(&self, what: &str, key: &str, body: Vec<u8>) -> Result<(), StorageError> {
+        let _t = Timed(std::time::Instant::now());
+        self.client
+            .put(&ObjPath::from(key), PutPayload::from(Bytes::from(body)))
+            .await
+            .map(|_| ())
+            .map_err(|e| Self::unavailable(what, key, e))
+    }
+
+    /// Reads segment object `key` whole.
+    pub(crate) async fn get(&self, what: &str, key: &str) -> Result<Bytes, StorageError> {
+        let _t = Timed(std::time::Instant::now());
+        let r = self
+            .client
+            .get(&ObjPath::from(key))
+            .await
+            .map_err(|e| Self::unavailable(what, key, e))?;
+        r.bytes().await.map_err(|e| Self::unavailable(what, key, e))
+    }
+
+    /// Deletes segment object `key`; a failure is logged, saying what deletes it `later` (it is an orphan now).
+    pub(crate) async fn delete(&self, key: &str, later: &str) {
+        if let Err(e) = self.client.delete(&ObjPath::from(key)).await {
+            tracing::warn!(segment = key, error = %e, "cold segment object not deleted; {later}");
+        }
+    }
+
+    /// Every object under `dir`.
+    pub(crate) async fn list(&self, what: &str, dir: &str) -> Result<Vec<ObjectMeta>, StorageError> {
+        self.client
+            .list(Some(&ObjPath::from(dir)))
+            .try_collect()
+            .await
+            .map_err(|e| Self::unavailable(what, dir, e))
+    }
+
+    /// Deletes the segment objects under `dir` (one partition's) whose key names partition number `pid` (a
+    /// destroyed partition's: a queue created again under the name writes under another number), logging what could
+    /// not be listed or deleted, and what deletes it `later`.
+    pub(crate) async fn delete_partition(&self, dir: &str, pid: u64, later: &str) {
+        match self.list("a destroyed partition", dir).await {
+            Ok(objects) => {
+                for m in objects {
+                    if segment::key_pid(m.location.as_ref()) == Some(pid) {
+                        self.delete(m.location.as_ref(), later).await;
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::warn!(segments = %dir, error = %e, "segments of a destroyed partition not listed; {later}")
+            }
+        }
+    }
+}
+
+/// Adds an object-storage request's duration to the shared latency histogram when dropped.
+struct Timed(std::time::Instant);
+
+impl Drop for Timed {
+    fn drop(&mut self) {
+        super::metrics().observe(self.0);
+    }
+}
+
+/// A random 64-bit value for object keys.
+pub(crate) fn random() -> u64 {
+    let mut b = [0u8; 8];
+    if getrandom::fill(&mut b).is_err() {
+        return std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64);
+    }
+    u64::from_le_bytes(b)
+}
+
+/// Checks a fetched segment body against manifest entry `e` of priority `prio` (the body's checksum, the body
+/// itself, its header against the entry) and returns its records. A damaged segment is an `Unavailable` error
+/// saying "corrupt" and naming it: never served, and the lease that needed it gets 454 with its items still queued.
+/// CPU-bound: call it off the async workers.
+pub(crate) fn verify(
+    body: &[u8],
+    what: &str,
+    prio: u8,
+    e: &ManifestEntry,
+) -> Result<Vec<(u64, Vec<u8>)>, StorageError> {
+    let bad = |why: String| {
+        StorageError::unavailable(format!("{what}: cold segment '{}' is corrupt: {why}", e.key))
+    };
+    if crc32fast::hash(body) != e.crc {
+        return Err(bad("checksum does not match the manifest".into()));
+    }
+    let s = segment::decode(body).map_err(|err| bad(err.to_string()))?;
+    if !s.matches(prio, e.first, e.last, e.count) {
+        return Err(bad(format!(
+            "holds priority {} ids {}..={} ({} records), the manifest says priority {prio} ids {}..={} ({})",
+            s.prio,
+            s.first,
+            s.last,
+            s.records.len(),
+            e.first,
+            e.last,
+            e.count
+        )));
+    }
+    Ok(s.records)
+}
