@@ -1132,9 +1132,26 @@ impl Partition for ColdPartition {
     }
 
     async fn snapshot(&self) -> Result<Box<dyn PartitionSnapshot>, StorageError> {
-        // A copy under the lock: one instant of the partition, segments loaded back first.
+        self.copy(true).await
+    }
+
+    async fn reference_snapshot(&self) -> Result<Box<dyn PartitionSnapshot>, StorageError> {
+        // A spill stops at the first record whose payload is an offloaded reference, so no segment holds one: the
+        // payload sweeper reads what is in RAM and leaves the segments in object storage.
+        self.copy(false).await
+    }
+
+    async fn close(&self) {}
+}
+
+impl ColdPartition {
+    /// A copy of the partition's items under the lock: one instant of it; with `whole`, segments are loaded back
+    /// first so that their items are in it too.
+    async fn copy(&self, whole: bool) -> Result<Box<dyn PartitionSnapshot>, StorageError> {
         let mut g = self.inner.lock().await;
-        self.guard_all(&mut g).await?;
+        if whole {
+            self.guard_all(&mut g).await?;
+        }
         let mut items = g.state.all_items();
         let what = self.what();
         for map in &g.recs {
@@ -1145,8 +1162,6 @@ impl Partition for ColdPartition {
         items.sort_unstable_by_key(|it| it.id);
         Ok(Box::new(CopiedSnapshot::new(items)))
     }
-
-    async fn close(&self) {}
 }
 
 #[cfg(test)]
