@@ -7,57 +7,23 @@
 #![allow(clippy::unwrap_used)]
 
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, HashSet};
-use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
-use futures::TryStreamExt;
 use lessor_core::error::StorageErrorKind;
-use lessor_core::storage::{LifecyclePolicy, Partition, PartitionStore};
-use lessor_core::time::Ts;
-use lessor_core::types::{Backoff, ItemId, NewItem};
+use lessor_core::storage::PartitionStore;
+use lessor_core::types::ItemId;
 use lessor_storage::fjall::{Durability, FjallStore};
 use lessor_storage::offload::{self, ObjectStoreConfig};
 use lessor_storage::registry::ColdSettings;
 use object_store::path::Path as ObjPath;
 use object_store::{ObjectStore, PutPayload};
 
+#[path = "support/cold.rs"]
+mod support;
+
+use support::*;
+
 const BUCKET: &str = "lessor-cold";
-const T0: Ts = Ts(1_800_000_000_000_000);
-const LEASE: Ts = Ts(1_800_000_100_000_000);
-const FAR: Ts = Ts(1_900_000_000_000_000);
-const POLICY: LifecyclePolicy = LifecyclePolicy {
-    max_attempts: 0,
-    has_dead_queue: false,
-    backoff: Backoff::OFF,
-};
-
-struct Env {
-    cfg: ObjectStoreConfig,
-    client: Arc<dyn ObjectStore>,
-}
-
-async fn env(test: &str) -> Option<Env> {
-    let endpoint = lessor_testkit::s3::bucket(BUCKET).await?;
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos();
-    let cfg = ObjectStoreConfig {
-        name: "s3-0".into(),
-        endpoint,
-        bucket: BUCKET.into(),
-        access_key_id: Some("test".into()),
-        secret_access_key: Some("test".into()),
-        path_style: true,
-        prefix: format!("{test}-{nanos}/"),
-        ..Default::default()
-    };
-    let client = offload::client(&cfg).unwrap();
-    Some(Env { cfg, client })
-}
-
 impl Env {
     fn open(&self, dir: &std::path::Path) -> FjallStore {
         let store = FjallStore::open(dir, Durability::None).unwrap();
@@ -76,90 +42,13 @@ impl Env {
             .unwrap();
         store
     }
-
-    async fn segments(&self) -> Vec<String> {
-        let mut keys: Vec<String> = self
-            .client
-            .list(Some(&ObjPath::from(self.cfg.prefix.as_str())))
-            .map_ok(|m| m.location.to_string())
-            .try_collect()
-            .await
-            .unwrap();
-        keys.retain(|k| k.contains("/segments/"));
-        keys.sort();
-        keys
-    }
-}
-
-/// Produces `n` items over priorities 0, 2 and 5; returns the model of the ready queue (priority first, then id).
-async fn produce(p: &Arc<dyn Partition>, n: usize) -> BTreeMap<(Reverse<u8>, ItemId), Bytes> {
-    let mut model = BTreeMap::new();
-    for chunk in 0..n / 50 {
-        let batch: Vec<NewItem> = (0..50)
-            .map(|i| {
-                let k = chunk * 50 + i;
-                NewItem {
-                    expire_deadline: FAR,
-                    created_at: T0,
-                    payload: Bytes::from(format!("item-{k:06}-{}", "x".repeat(k % 17))),
-                    priority: [0, 2, 5, 0, 2][k % 5],
-                    ..Default::default()
-                }
-            })
-            .collect();
-        let prios: Vec<(u8, Bytes)> = batch.iter().map(|b| (b.priority, b.payload.clone())).collect();
-        let ids = p.produce(batch).await.unwrap();
-        for (id, (prio, payload)) in ids.into_iter().zip(prios) {
-            model.insert((Reverse(prio), id), payload);
-        }
-    }
-    model
-}
-
-/// Runs lifecycle calls (which start and finish the background spills) until `want` segments exist.
-async fn spill(env: &Env, p: &Arc<dyn Partition>, want: usize) {
-    for _ in 0..2000 {
-        p.lifecycle(T0, POLICY, 100).await.unwrap();
-        if env.segments().await.len() >= want {
-            // One more call commits the last job.
-            p.lifecycle(T0, POLICY, 100).await.unwrap();
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    panic!("fewer than {want} segments: {:?}", env.segments().await);
-}
-
-/// Leases everything, `batch` at a time with lifecycle calls between (which prefetch segments), checking each
-/// lease against the model; returns how many were leased.
-async fn drain(
-    p: &Arc<dyn Partition>,
-    model: &mut BTreeMap<(Reverse<u8>, ItemId), Bytes>,
-    batch: usize,
-) -> usize {
-    let mut seen = HashSet::new();
-    let mut n = 0;
-    while !model.is_empty() {
-        let got = p.lease(batch, LEASE).await.unwrap();
-        let expect: Vec<(ItemId, Bytes)> = model.iter().take(batch).map(|(k, v)| (k.1, v.clone())).collect();
-        let got_pairs: Vec<(ItemId, Bytes)> = got.iter().map(|it| (it.id, it.payload.clone())).collect();
-        assert_eq!(got_pairs, expect, "after {n} leased");
-        for it in &got {
-            assert!(seen.insert(it.id), "{} leased twice", it.id.0);
-            model.remove(&(Reverse(it.priority), it.id));
-        }
-        n += got.len();
-        let ids: Vec<ItemId> = got.iter().map(|it| it.id).collect();
-        assert!(p.complete(vec![ids]).await.unwrap()[0].is_ok());
-        p.lifecycle(T0, POLICY, 100).await.unwrap();
-    }
-    assert!(p.lease(10, LEASE).await.unwrap().is_empty());
-    n
 }
 
 #[tokio::test]
 async fn backlog_goes_cold_and_comes_back_in_order() {
-    let Some(env) = env("order").await else { return };
+    let Some(env) = env(BUCKET, "order").await else {
+        return;
+    };
     let dir = tempfile::tempdir().unwrap();
     let store = env.open(dir.path());
     let p = store.open("q", 0).await.unwrap();
@@ -181,79 +70,29 @@ async fn backlog_goes_cold_and_comes_back_in_order() {
     let (_, loaded, failed) = store.segment_counters();
     assert!(loaded >= 6 && failed == 0, "loaded {loaded}");
     // Every segment came back and its object was deleted.
-    let gone = lessor_testkit::eventually::poll_until(
-        Duration::from_secs(10),
-        Duration::from_millis(20),
-        || async {
-            let left = env.segments().await;
-            if left.is_empty() {
-                Ok(())
-            } else {
-                Err(format!("segments left: {left:?}"))
-            }
-        },
-    )
-    .await;
-    assert!(gone.is_ok(), "{gone:?}");
+    env.segments_gone().await;
 }
 
 /// The payload sweeper's snapshot reads what is on disk and leaves the segments cold (no segment item references
 /// an offloaded payload); a full snapshot (backups) loads them back and reads every item.
 #[tokio::test]
 async fn the_reference_snapshot_leaves_segments_cold() {
-    let Some(env) = env("refsnap").await else { return };
+    let Some(env) = env(BUCKET, "refsnap").await else {
+        return;
+    };
     let dir = tempfile::tempdir().unwrap();
     let store = env.open(dir.path());
     let p = store.open("q", 3).await.unwrap();
     let model = produce(&p, 400).await;
     spill(&env, &p, 6).await;
-    let cold = p.stats(T0).await.unwrap().tiers.object.items;
-    assert!(cold >= 100, "{cold} items in segments");
-    let segments = env.segments().await;
-    let (_, loaded_before, _) = store.segment_counters();
-    let read_all = |mut snap: Box<dyn lessor_core::storage::PartitionSnapshot>| async move {
-        let mut ids = Vec::new();
-        loop {
-            let page = snap.next(64).await.unwrap();
-            if page.is_empty() {
-                return ids;
-            }
-            ids.extend(page.into_iter().map(|it| it.id));
-        }
-    };
-    let on_disk = read_all(p.reference_snapshot().await.unwrap()).await;
-    // A spill started by the last lifecycle call may commit meanwhile (the partition's ticker): segments only
-    // grow here, since nothing loads them.
-    let cold_after = p.stats(T0).await.unwrap().tiers.object.items;
-    assert!(cold_after >= cold, "{cold_after} < {cold}");
-    let n = on_disk.len() as u64;
-    assert!(
-        (400 - cold_after..=400 - cold).contains(&n),
-        "reads the items on disk only: {n}, with {cold}..{cold_after} in segments"
-    );
-    assert!(on_disk.windows(2).all(|w| w[0] < w[1]), "in id order");
-    assert_eq!(store.segment_counters().1, loaded_before, "no segment loaded");
-    let now = env.segments().await;
-    assert!(
-        segments.iter().all(|k| now.contains(k)),
-        "the segments are still there: {segments:?} then {now:?}"
-    );
-    // A full snapshot sees every item.
-    let all = read_all(p.snapshot().await.unwrap()).await;
-    let mut want: Vec<ItemId> = model.keys().map(|k| k.1).collect();
-    want.sort();
-    let missing: Vec<ItemId> = want.iter().filter(|id| !all.contains(id)).copied().collect();
-    assert!(
-        missing.is_empty() && all.len() == want.len(),
-        "missing {} items: {missing:?}",
-        missing.len()
-    );
-    assert_eq!(all, want);
+    check_reference_snapshot(&env, &p, &model, || store.segment_counters().1).await;
 }
 
 #[tokio::test]
 async fn a_restart_reads_the_manifest_and_keeps_order() {
-    let Some(env) = env("restart").await else { return };
+    let Some(env) = env(BUCKET, "restart").await else {
+        return;
+    };
     let dir = tempfile::tempdir().unwrap();
     let mut model;
     {
@@ -288,7 +127,9 @@ async fn a_restart_reads_the_manifest_and_keeps_order() {
 
 #[tokio::test]
 async fn a_missing_segment_is_unavailable_and_named_never_skipped() {
-    let Some(env) = env("missing").await else { return };
+    let Some(env) = env(BUCKET, "missing").await else {
+        return;
+    };
     let dir = tempfile::tempdir().unwrap();
     let store = env.open(dir.path());
     let p = store.open("q", 2).await.unwrap();
@@ -330,7 +171,9 @@ async fn a_missing_segment_is_unavailable_and_named_never_skipped() {
 
 #[tokio::test]
 async fn a_damaged_segment_is_refused() {
-    let Some(env) = env("damaged").await else { return };
+    let Some(env) = env(BUCKET, "damaged").await else {
+        return;
+    };
     let dir = tempfile::tempdir().unwrap();
     let store = env.open(dir.path());
     let p = store.open("q", 3).await.unwrap();
@@ -367,7 +210,9 @@ async fn a_damaged_segment_is_refused() {
 
 #[tokio::test]
 async fn the_sweeper_deletes_orphans_not_live_segments() {
-    let Some(env) = env("sweep").await else { return };
+    let Some(env) = env(BUCKET, "sweep").await else {
+        return;
+    };
     let dir = tempfile::tempdir().unwrap();
     let store = env.open(dir.path());
     let p = store.open("q", 4).await.unwrap();
@@ -431,7 +276,9 @@ async fn object_storage_down_leaves_the_queue_working() {
 
 #[tokio::test]
 async fn destroying_a_partition_deletes_its_segments() {
-    let Some(env) = env("destroy").await else { return };
+    let Some(env) = env(BUCKET, "destroy").await else {
+        return;
+    };
     let dir = tempfile::tempdir().unwrap();
     let store = env.open(dir.path());
     let p = store.open("q", 6).await.unwrap();

@@ -1,0 +1,209 @@
+//! What the cold-segment tests of the fjall and memory backends share (`fjall_cold.rs`, `memory_cold.rs`): the
+//! object-store environment on the S3 test server, a model of the ready queue to produce against and drain against,
+//! and the check of the payload sweeper's snapshot. Each test file opens its own store on the environment.
+#![allow(dead_code)]
+
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::TryStreamExt;
+use lessor_core::storage::{LifecyclePolicy, Partition, PartitionSnapshot};
+use lessor_core::time::Ts;
+use lessor_core::types::{Backoff, ItemId, NewItem};
+use lessor_storage::offload::{self, ObjectStoreConfig};
+use object_store::path::Path as ObjPath;
+use object_store::ObjectStore;
+
+pub const T0: Ts = Ts(1_800_000_000_000_000);
+pub const LEASE: Ts = Ts(1_800_000_100_000_000);
+pub const FAR: Ts = Ts(1_900_000_000_000_000);
+pub const POLICY: LifecyclePolicy = LifecyclePolicy {
+    max_attempts: 0,
+    has_dead_queue: false,
+    backoff: Backoff::OFF,
+};
+
+/// The ready queue as the tests expect it: priority first (highest first), then id.
+pub type Model = BTreeMap<(Reverse<u8>, ItemId), Bytes>;
+
+/// An object store on the S3 test server, under a prefix of its own.
+pub struct Env {
+    pub cfg: ObjectStoreConfig,
+    pub client: Arc<dyn ObjectStore>,
+}
+
+/// The environment of test `test` in `bucket`; `None` (the test returns) when no S3 test server is configured.
+pub async fn env(bucket: &str, test: &str) -> Option<Env> {
+    let endpoint = lessor_testkit::s3::bucket(bucket).await?;
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    let cfg = ObjectStoreConfig {
+        name: "s3-0".into(),
+        endpoint,
+        bucket: bucket.into(),
+        access_key_id: Some("test".into()),
+        secret_access_key: Some("test".into()),
+        path_style: true,
+        prefix: format!("{test}-{nanos}/"),
+        ..Default::default()
+    };
+    let client = offload::client(&cfg).unwrap();
+    Some(Env { cfg, client })
+}
+
+impl Env {
+    /// The segment objects under the prefix, sorted.
+    pub async fn segments(&self) -> Vec<String> {
+        let mut keys: Vec<String> = self
+            .client
+            .list(Some(&ObjPath::from(self.cfg.prefix.as_str())))
+            .map_ok(|m| m.location.to_string())
+            .try_collect()
+            .await
+            .unwrap();
+        keys.retain(|k| k.contains("/segments/"));
+        keys.sort();
+        keys
+    }
+
+    /// Waits until no segment object is left (their deletion runs after the commit that forgets them).
+    pub async fn segments_gone(&self) {
+        let gone = lessor_testkit::eventually::poll_until(
+            Duration::from_secs(10),
+            Duration::from_millis(20),
+            || async {
+                let left = self.segments().await;
+                if left.is_empty() {
+                    Ok(())
+                } else {
+                    Err(format!("segments left: {left:?}"))
+                }
+            },
+        )
+        .await;
+        assert!(gone.is_ok(), "{gone:?}");
+    }
+}
+
+/// Produces `n` items over priorities 0, 2 and 5; returns the model of the ready queue.
+pub async fn produce(p: &Arc<dyn Partition>, n: usize) -> Model {
+    let mut model = BTreeMap::new();
+    for chunk in 0..n / 50 {
+        let batch: Vec<NewItem> = (0..50)
+            .map(|i| {
+                let k = chunk * 50 + i;
+                NewItem {
+                    expire_deadline: FAR,
+                    created_at: T0,
+                    payload: Bytes::from(format!("item-{k:06}-{}", "x".repeat(k % 17))),
+                    priority: [0, 2, 5, 0, 2][k % 5],
+                    ..Default::default()
+                }
+            })
+            .collect();
+        let prios: Vec<(u8, Bytes)> = batch.iter().map(|b| (b.priority, b.payload.clone())).collect();
+        let ids = p.produce(batch).await.unwrap();
+        for (id, (prio, payload)) in ids.into_iter().zip(prios) {
+            model.insert((Reverse(prio), id), payload);
+        }
+    }
+    model
+}
+
+/// Runs lifecycle calls (which start and finish the background spills) until `want` segments exist.
+pub async fn spill(env: &Env, p: &Arc<dyn Partition>, want: usize) {
+    for _ in 0..2000 {
+        p.lifecycle(T0, POLICY, 100).await.unwrap();
+        if env.segments().await.len() >= want {
+            // One more call commits the last job.
+            p.lifecycle(T0, POLICY, 100).await.unwrap();
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    panic!("fewer than {want} segments: {:?}", env.segments().await);
+}
+
+/// Leases everything, `batch` at a time with lifecycle calls between (which prefetch segments), checking each
+/// lease against the model; returns how many were leased.
+pub async fn drain(p: &Arc<dyn Partition>, model: &mut Model, batch: usize) -> usize {
+    let mut seen = HashSet::new();
+    let mut n = 0;
+    while !model.is_empty() {
+        let got = p.lease(batch, LEASE).await.unwrap();
+        let expect: Vec<(ItemId, Bytes)> = model.iter().take(batch).map(|(k, v)| (k.1, v.clone())).collect();
+        let got_pairs: Vec<(ItemId, Bytes)> = got.iter().map(|it| (it.id, it.payload.clone())).collect();
+        assert_eq!(got_pairs, expect, "after {n} leased");
+        for it in &got {
+            assert!(seen.insert(it.id), "{} leased twice", it.id.0);
+            model.remove(&(Reverse(it.priority), it.id));
+        }
+        n += got.len();
+        let ids: Vec<ItemId> = got.iter().map(|it| it.id).collect();
+        assert!(p.complete(vec![ids]).await.unwrap()[0].is_ok());
+        p.lifecycle(T0, POLICY, 100).await.unwrap();
+    }
+    assert!(p.lease(10, LEASE).await.unwrap().is_empty());
+    n
+}
+
+/// The ids a snapshot reads, in its order.
+async fn read_ids(mut snap: Box<dyn PartitionSnapshot>) -> Vec<ItemId> {
+    let mut ids = Vec::new();
+    loop {
+        let page = snap.next(64).await.unwrap();
+        if page.is_empty() {
+            return ids;
+        }
+        ids.extend(page.into_iter().map(|it| it.id));
+    }
+}
+
+/// With part of `model` (every ready item of `p`) in segments: the payload sweeper's snapshot reads the rest, in id
+/// order, without loading a segment (`loaded` counts the loads of the store), and a full snapshot (backups) reads
+/// every item.
+pub async fn check_reference_snapshot(
+    env: &Env,
+    p: &Arc<dyn Partition>,
+    model: &Model,
+    loaded: impl Fn() -> u64,
+) {
+    let total = model.len() as u64;
+    let cold = p.stats(T0).await.unwrap().tiers.object.items;
+    assert!(cold >= 100, "{cold} items in segments");
+    let segments = env.segments().await;
+    let loaded_before = loaded();
+    let warm = read_ids(p.reference_snapshot().await.unwrap()).await;
+    // A spill started by the last lifecycle call may commit meanwhile (the partition's ticker): segments only
+    // grow here, since nothing loads them.
+    let cold_after = p.stats(T0).await.unwrap().tiers.object.items;
+    assert!(cold_after >= cold, "{cold_after} < {cold}");
+    let n = warm.len() as u64;
+    assert!(
+        (total - cold_after..=total - cold).contains(&n),
+        "reads the items outside segments only: {n}, with {cold}..{cold_after} in segments"
+    );
+    assert!(warm.windows(2).all(|w| w[0] < w[1]), "in id order");
+    assert_eq!(loaded(), loaded_before, "no segment loaded");
+    let now = env.segments().await;
+    assert!(
+        segments.iter().all(|k| now.contains(k)),
+        "the segments are still there: {segments:?} then {now:?}"
+    );
+    // A full snapshot sees every item, also when a spill was in flight as it started.
+    let all = read_ids(p.snapshot().await.unwrap()).await;
+    let mut want: Vec<ItemId> = model.keys().map(|k| k.1).collect();
+    want.sort();
+    let missing: Vec<ItemId> = want.iter().filter(|id| !all.contains(id)).copied().collect();
+    assert!(
+        missing.is_empty() && all.len() == want.len(),
+        "missing {} items: {missing:?}",
+        missing.len()
+    );
+    assert_eq!(all, want);
+}
