@@ -181,6 +181,14 @@ impl MemoryStore {
         })
     }
 
+    /// Spills a produce waited for because producers outran object storage (cold segments only).
+    #[cfg(feature = "s3")]
+    pub fn throttled_produces(&self) -> u64 {
+        self.cold
+            .as_ref()
+            .map_or(0, |c| c.throttled.load(std::sync::atomic::Ordering::Relaxed))
+    }
+
     /// The open cold partition `partition` of `queue` (tests).
     #[cfg(feature = "s3")]
     pub fn cold_partition(&self, queue: &str, partition: u32) -> Option<Arc<cold::ColdPartition>> {

@@ -118,6 +118,26 @@ async fn the_reference_snapshot_leaves_segments_cold() {
     check_reference_snapshot(&env, &p, &model, || store.segment_counters().1).await;
 }
 
+/// A producer faster than object storage is slowed to the pace of the spills: with no lifecycle call at all (only
+/// the produces and the partition's ticker), the records a priority keeps in RAM stay within the cold depth and a
+/// few segments, however many items are produced, and every item still comes back in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn producers_faster_than_the_spills_are_slowed_not_buffered() {
+    let Some(env) = env(BUCKET, "throttle").await else {
+        return;
+    };
+    let store = env.open().await;
+    let p = store.open("q", 6).await.unwrap();
+    let mut model = produce(&p, 3000).await;
+    let cp = store.cold_partition("q", 6).unwrap();
+    let (records, _) = cp.ram_counts().await;
+    // Three priorities, each within the depth, four segments and one produce call's items.
+    let bound = 3 * (DEPTH + 4 * u64::from(SEG) + 50);
+    assert!(records <= bound, "{records} records in RAM, bound {bound}");
+    assert!(store.throttled_produces() > 0, "no produce waited for a spill");
+    assert_eq!(drain(&p, &mut model, 50).await, 3000);
+}
+
 #[tokio::test]
 async fn delete_expiry_and_clear_reach_into_segments() {
     let Some(env) = env(BUCKET, "ops").await else {

@@ -52,6 +52,12 @@ const TICK: Duration = Duration::from_secs(1);
 const BUSY_TICK: Duration = Duration::from_millis(20);
 /// After a failed spill or load, no new one starts for this long (object storage down: no busy retry loop).
 const FAILURE_BACKOFF: Duration = Duration::from_secs(10);
+/// Segments' worth of records a priority may hold in RAM beyond `cold-after-depth` before producers wait for the
+/// spills (see [`ColdPartition::throttle`]): room for the segment being written and a few more, so a producer
+/// only waits when it outruns object storage, not at every segment boundary.
+const THROTTLE_SEGMENTS: u64 = 4;
+/// Most spills one produce waits for (it stores its items whatever happens: the wait only slows it).
+const THROTTLE_STEPS: usize = 4;
 /// Most paged items one expiry sweep expires per lifecycle call.
 const SWEEP_LIMIT: usize = 4096;
 
@@ -72,6 +78,8 @@ pub(crate) struct ColdCtx {
     pub(crate) written: AtomicU64,
     pub(crate) loaded: AtomicU64,
     pub(crate) failed: AtomicU64,
+    /// Spills a produce waited for (producers faster than object storage; see `ColdPartition::throttle`).
+    pub(crate) throttled: AtomicU64,
 }
 
 impl ColdCtx {
@@ -90,6 +98,7 @@ impl ColdCtx {
             written: AtomicU64::new(0),
             loaded: AtomicU64::new(0),
             failed: AtomicU64::new(0),
+            throttled: AtomicU64::new(0),
         })
     }
 
@@ -325,6 +334,35 @@ impl ColdPartition {
         let g = self.inner.lock().await;
         let recs = g.recs.iter().map(|r| r.len() as u64).sum();
         (recs, g.state.resident_ready())
+    }
+
+    /// Keeps RAM bounded when producers outrun object storage: while a priority holds more than
+    /// `cold-after-depth` plus [`THROTTLE_SEGMENTS`] segments' worth of records in RAM, the produce that got it
+    /// there waits for the spill in flight and starts the next one, so producers are slowed to the pace of the
+    /// spills (one segment at a time per partition). Not while spills are failing (object storage down, the
+    /// backoff): then the queue keeps taking items and RAM grows, as documented. A priority that cannot spill (an
+    /// offloaded payload or an item with a source id at its boundary) does not hold producers up: no spill starts.
+    async fn throttle(&self, g: &mut Inner) -> Result<(), StorageError> {
+        let set = &self.ctx.settings;
+        let limit = set.after_depth + THROTTLE_SEGMENTS * u64::from(set.segment_items);
+        for _ in 0..THROTTLE_STEPS {
+            let over = g.recs.iter().any(|r| r.len() as u64 > limit);
+            if !over
+                || self.gone.load(Ordering::Acquire)
+                || g.backoff_until.is_some_and(|t| Instant::now() < t)
+            {
+                return Ok(());
+            }
+            if g.job.is_none() {
+                self.start(g);
+                if g.job.is_none() {
+                    return Ok(());
+                }
+            }
+            self.ctx.throttled.fetch_add(1, Ordering::Relaxed);
+            self.finish_job(g, true).await?;
+        }
+        Ok(())
     }
 
     /// Before an operation: commits a finished job (in eager mode, does all the cold work due).
@@ -949,7 +987,12 @@ fn decode_record(id: u64, r: &[u8], what: &str) -> Result<Item, StorageError> {
 #[async_trait]
 impl Partition for ColdPartition {
     async fn produce(&self, items: Vec<NewItem>) -> Result<Vec<ItemId>, StorageError> {
-        self.simple(|s| s.produce(items).0).await
+        let mut g = self.inner.lock().await;
+        self.pre(&mut g).await?;
+        let out = g.state.produce(items).0;
+        self.post(&mut g).await?;
+        self.throttle(&mut g).await?;
+        Ok(out)
     }
 
     async fn lease(&self, n: usize, lease_deadline: Ts) -> Result<Vec<Item>, StorageError> {
