@@ -13,7 +13,6 @@ use lessor_core::error::StorageErrorKind;
 use lessor_core::storage::PartitionStore;
 use lessor_core::types::ItemId;
 use lessor_storage::fjall::{Durability, FjallStore};
-use lessor_storage::offload::{self, ObjectStoreConfig};
 use lessor_storage::registry::ColdSettings;
 use object_store::path::Path as ObjPath;
 use object_store::{ObjectStore, PutPayload};
@@ -244,20 +243,7 @@ async fn the_sweeper_deletes_orphans_not_live_segments() {
 #[tokio::test]
 async fn object_storage_down_leaves_the_queue_working() {
     // An endpoint where nothing listens: every spill fails, and is retried by later steps.
-    let cfg = ObjectStoreConfig {
-        name: "s3-0".into(),
-        endpoint: "http://127.0.0.1:9".into(),
-        bucket: BUCKET.into(),
-        access_key_id: Some("test".into()),
-        secret_access_key: Some("test".into()),
-        path_style: true,
-        prefix: "down/".into(),
-        ..Default::default()
-    };
-    let env = Env {
-        client: offload::client(&cfg).unwrap(),
-        cfg,
-    };
+    let env = down_env(BUCKET);
     let dir = tempfile::tempdir().unwrap();
     let store = env.open(dir.path());
     let p = store.open("q", 5).await.unwrap();
@@ -287,18 +273,5 @@ async fn destroying_a_partition_deletes_its_segments() {
     // Destroyed while open (as a queue deletion does): a spill in flight is ended first, its object goes too.
     store.destroy("q", 6).await.unwrap();
     drop(p);
-    let gone = lessor_testkit::eventually::poll_until(
-        Duration::from_secs(10),
-        Duration::from_millis(20),
-        || async {
-            let left = env.segments().await;
-            if left.is_empty() {
-                Ok(())
-            } else {
-                Err(format!("segments left: {left:?}"))
-            }
-        },
-    )
-    .await;
-    assert!(gone.is_ok(), "{gone:?}");
+    env.segments_gone().await;
 }

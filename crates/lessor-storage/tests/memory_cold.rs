@@ -16,7 +16,6 @@ use lessor_core::storage::{Partition, PartitionStore};
 use lessor_core::time::Ts;
 use lessor_core::types::{ItemId, NewItem};
 use lessor_storage::memory::MemoryStore;
-use lessor_storage::offload::{self, ObjectStoreConfig};
 use lessor_storage::registry::ColdSettings;
 use object_store::path::Path as ObjPath;
 use object_store::{ObjectStore, PutPayload};
@@ -280,20 +279,7 @@ async fn a_damaged_segment_is_refused_never_served() {
 #[tokio::test]
 async fn object_storage_down_leaves_the_queue_working() {
     // An endpoint where nothing listens: every spill fails, and is retried later; the store still opens.
-    let cfg = ObjectStoreConfig {
-        name: "s3-0".into(),
-        endpoint: "http://127.0.0.1:9".into(),
-        bucket: BUCKET.into(),
-        access_key_id: Some("test".into()),
-        secret_access_key: Some("test".into()),
-        path_style: true,
-        prefix: "down/".into(),
-        ..Default::default()
-    };
-    let env = Env {
-        client: offload::client(&cfg).unwrap(),
-        cfg,
-    };
+    let env = down_env(BUCKET);
     let store = env.open().await;
     let p = store.open("q", 5).await.unwrap();
     let mut model = produce(&p, 300).await;

@@ -56,6 +56,22 @@ pub async fn env(bucket: &str, test: &str) -> Option<Env> {
     Some(Env { cfg, client })
 }
 
+/// An environment whose endpoint nobody listens on: every object request fails (object storage down).
+pub fn down_env(bucket: &str) -> Env {
+    let cfg = ObjectStoreConfig {
+        name: "s3-0".into(),
+        endpoint: "http://127.0.0.1:9".into(),
+        bucket: bucket.into(),
+        access_key_id: Some("test".into()),
+        secret_access_key: Some("test".into()),
+        path_style: true,
+        prefix: "down/".into(),
+        ..Default::default()
+    };
+    let client = offload::client(&cfg).unwrap();
+    Env { cfg, client }
+}
+
 impl Env {
     /// The segment objects under the prefix, sorted.
     pub async fn segments(&self) -> Vec<String> {
