@@ -2,10 +2,10 @@
 //!
 //! A chunk is filled in id order and is normally emptied in id order too, so it is dense for its whole life and
 //! freed at the end. Priorities break that: a chunk's priority-9 items are leased and completed while its
-//! priority-0 items wait, possibly for hours. A dense chunk with one live item still holds 1,024 slots (48 KiB), so
-//! a starving low priority interleaved with busy traffic cost up to 48 KiB per waiting item, and each lease touched
+//! priority-0 items wait, possibly for hours. A dense chunk with one live item still holds 1,024 slots (64 KiB), so
+//! a starving low priority interleaved with busy traffic cost up to 64 KiB per waiting item, and each lease touched
 //! memory spread over every such chunk. Once fewer than [`SPARSE_BELOW`] of its slots are live, a chunk keeps only
-//! those, sorted by offset (50 bytes each); it becomes dense again if it fills past [`DENSE_ABOVE`] (an import or
+//! those, sorted by offset (66 bytes each); it becomes dense again if it fills past [`DENSE_ABOVE`] (an import or
 //! a page-in of old ids), so a chunk switching back and forth costs O(CHUNK) per [`DENSE_ABOVE`] - [`SPARSE_BELOW`]
 //! changes, O(1) amortized.
 
@@ -32,11 +32,13 @@ pub(super) struct Chunk {
 }
 
 impl Chunk {
-    /// An empty chunk whose first id is about to be stored: it gets its full size at once instead of growing by
-    /// doubling (each growth copies the chunk). A chunk started elsewhere (reloads, gaps) grows as needed.
-    pub(super) fn starting_at(off: usize) -> Chunk {
+    /// An empty chunk whose first id is about to be stored. `full`: its priority is busy (it used up a whole chunk
+    /// before), so the chunk gets its full size at once instead of growing by doubling (each growth copies the
+    /// chunk). Otherwise, and for a chunk started elsewhere (reloads, gaps), it grows as needed: each priority has
+    /// a chunk of its own, and a priority with a handful of items should not hold 64 KiB for them.
+    pub(super) fn starting_at(off: usize, full: bool) -> Chunk {
         Chunk {
-            slots: Vec::with_capacity(if off == 0 { CHUNK as usize } else { 0 }),
+            slots: Vec::with_capacity(if off == 0 && full { CHUNK as usize } else { 0 }),
             ..Default::default()
         }
     }
@@ -182,8 +184,10 @@ impl Chunk {
     fn sparsify(&mut self) {
         let mut slots = Vec::with_capacity(self.live as usize);
         let mut offs = Vec::with_capacity(self.live as usize);
-        for (off, s) in std::mem::take(&mut self.slots).into_iter().enumerate() {
+        for (off, mut s) in std::mem::take(&mut self.slots).into_iter().enumerate() {
             if s.live() {
+                // Off the arena buffers the items that left shared with it (see `PartitionState::arenas`).
+                s.own_data();
                 slots.push(s);
                 offs.push(off as u16);
             }
@@ -221,7 +225,7 @@ mod tests {
 
     #[test]
     fn a_mostly_empty_chunk_goes_sparse_and_keeps_every_live_slot() {
-        let mut c = Chunk::starting_at(0);
+        let mut c = Chunk::starting_at(0, true);
         for off in 0..CHUNK as usize {
             c.put(off, live_slot(off as u32));
         }
@@ -250,7 +254,7 @@ mod tests {
 
     #[test]
     fn a_sparse_chunk_refilled_past_the_threshold_is_dense_again() {
-        let mut c = Chunk::starting_at(0);
+        let mut c = Chunk::starting_at(0, true);
         for off in 0..CHUNK as usize {
             c.put(off, live_slot(1));
         }
@@ -271,7 +275,7 @@ mod tests {
 
     #[test]
     fn the_tail_chunk_never_goes_sparse() {
-        let mut c = Chunk::starting_at(0);
+        let mut c = Chunk::starting_at(0, true);
         for off in 0..500 {
             c.put(off, live_slot(1));
         }

@@ -256,7 +256,9 @@ impl CpuSample {
             return None;
         }
         let busy = later.busy.saturating_sub(self.busy) as f64;
-        let own = later.own.saturating_sub(self.own) as f64;
+        // The process's ticks (/proc/self/stat) and the machine's (/proc/stat) are counted apart, so over a short
+        // span the process can show a tick more than the whole machine: 106 % of it was seen on 2 cores.
+        let own = (later.own.saturating_sub(self.own) as f64).min(total);
         Some((100.0 * own / total, 100.0 * (busy - own).max(0.0) / total))
     }
 }
