@@ -132,8 +132,11 @@ pub const PAGE_MAX: usize = 8192;
 /// Expired dedup records a produce call drops beyond as many as it adds, so a backlog drains too.
 const PRUNE_EXTRA: usize = 16;
 
-/// Bytes of an arena buffer (see [`PartitionState::arenas`]).
+/// Bytes of a busy priority's arena buffers (see [`PartitionState::arenas`]).
 const ARENA_BYTES: usize = 64 * 1024;
+/// Bytes of a priority's first arena buffer; each next one is twice as large, up to [`ARENA_BYTES`]. A queue of
+/// 65,535 partitions with an item or two in each must not hold 64 KiB per partition and priority.
+const ARENA_MIN_BYTES: usize = 256;
 /// Items whose strings and payload take more than this get a buffer of their own instead.
 const ARENA_ITEM_MAX: usize = 4 * 1024;
 
@@ -174,7 +177,7 @@ impl Slot {
     /// The slot of `it`, its strings and payload written into `arena` (its priority's) when they are small, so
     /// that a priority's items lie together in memory and a produce costs no allocation per item; a large one gets
     /// a buffer of its own. See [`PartitionState::arenas`].
-    fn from_item(it: &Item, arena: &mut BytesMut) -> Slot {
+    fn from_item(it: &Item, arena: &mut BytesMut, next_size: &mut usize) -> Slot {
         let mut header = 0u8;
         let mut len = 1 + it.payload.len();
         for (bit, s) in [
@@ -212,7 +215,8 @@ impl Slot {
         } else {
             if arena.capacity() - arena.len() < len {
                 // The full arena's buffer is freed once the last item written into it has left.
-                *arena = BytesMut::with_capacity(ARENA_BYTES);
+                *arena = BytesMut::with_capacity((*next_size).max(len));
+                *next_size = (*next_size * 2).min(ARENA_BYTES);
             }
             write(it, header, arena);
             arena.split().freeze()
@@ -329,8 +333,11 @@ pub struct PartitionState {
     /// Per priority: the buffer small items' strings and payloads are written into, one after the other (see
     /// [`Slot::from_item`]). Items of one priority leave in about the order they came, so a buffer is freed soon
     /// after its last item left; a chunk that goes sparse gives its few remaining items buffers of their own, so
-    /// that straggling items do not keep the buffers of those that left alive (the same bound as for slots).
+    /// that straggling items do not keep the buffers of those that left alive (the same bound as for slots). A
+    /// partition that empties lets go of its arenas (see [`PartitionState::clean_fronts`]).
     arenas: [BytesMut; PRIORITIES],
+    /// Per priority: the size of its next arena buffer (from [`ARENA_MIN_BYTES`], doubling up to [`ARENA_BYTES`]).
+    arena_next: [usize; PRIORITIES],
     track: bool,
     /// Ready and leased items, by id / CHUNK.
     chunks: BTreeMap<u64, Chunk>,
@@ -395,6 +402,7 @@ impl PartitionState {
             blocks: [(0, 0); PRIORITIES],
             filled: [false; PRIORITIES],
             arenas: std::array::from_fn(|_| BytesMut::new()),
+            arena_next: [ARENA_MIN_BYTES; PRIORITIES],
             track: true,
             chunks: BTreeMap::new(),
             cursor: 0,
@@ -575,7 +583,7 @@ impl PartitionState {
         }
         self.tiers.add(&it.payload);
         let p = usize::from(it.priority.min(MAX_PRIORITY));
-        let slot = Slot::from_item(&it, &mut self.arenas[p]);
+        let slot = Slot::from_item(&it, &mut self.arenas[p], &mut self.arena_next[p]);
         if slot.leased() {
             self.leased += 1;
             self.sum_lease += i128::from(slot.lease_deadline);
@@ -964,6 +972,12 @@ impl PartitionState {
     /// then where [`PartitionState::stats`] looks, without a scan. Each stale id is dropped once and the cursor only
     /// moves forward over slots a lease would pass anyway, so this costs O(1) amortized per item.
     fn clean_fronts(&mut self) {
+        if self.ready == 0 && self.leased == 0 && self.arena_next != [ARENA_MIN_BYTES; PRIORITIES] {
+            // Empty: the unused rest of each arena buffer goes back, and the next items start small again (an idle
+            // partition holds no buffer; a busy one grows back to full-size buffers within a few).
+            self.arenas = std::array::from_fn(|_| BytesMut::new());
+            self.arena_next = [ARENA_MIN_BYTES; PRIORITIES];
+        }
         let chunks = &self.chunks;
         clean_front(&mut self.leases, |d, id| lease_valid(chunks, d, id));
         clean_front(&mut self.expire, |d, id| expire_valid(chunks, d, id));
@@ -2019,6 +2033,30 @@ mod tests {
         assert!(s.sched.values().all(|it| it.payload.is_unique()));
     }
 
+    /// A priority's arena buffers start small and double while it keeps filling them; a partition that empties
+    /// lets go of them, so many partitions with an item or two (or none) hold little.
+    #[test]
+    fn arenas_start_small_and_go_when_the_partition_empties() {
+        let mut s = PartitionState::new(1).without_changes();
+        s.produce(vec![new_item("one", Ts::ZERO)]);
+        // The buffer of a small item is the smallest there is: what is left of it is all the arena holds.
+        assert!(s.arenas[0].capacity() < ARENA_MIN_BYTES);
+        s.produce(
+            (0..5_000u32)
+                .map(|i| new_item(&format!("item-{i:06}"), Ts::ZERO))
+                .collect(),
+        );
+        assert_eq!(
+            s.arena_next[0], ARENA_BYTES,
+            "a busy priority reaches full-size buffers"
+        );
+        let leased = s.lease(10_000, Ts(100)).0;
+        assert_eq!(leased.len(), 5_001);
+        s.complete(vec![leased.iter().map(|it| it.id).collect()]);
+        assert_eq!(s.arenas[0].capacity(), 0, "an empty partition holds no arena");
+        assert_eq!(s.arena_next[0], ARENA_MIN_BYTES);
+    }
+
     /// Ready items spread over chunks with gaps (ids taken by scheduled items) are all found, in order.
     #[test]
     fn lease_crosses_chunks_and_gaps() {
@@ -2062,8 +2100,8 @@ mod tests {
             priority: 9,
             ..Default::default()
         };
-        let mut arena = BytesMut::new();
-        assert_eq!(Slot::from_item(&it, &mut arena).to_item(7), it);
+        let (mut arena, mut next) = (BytesMut::new(), ARENA_MIN_BYTES);
+        assert_eq!(Slot::from_item(&it, &mut arena, &mut next).to_item(7), it);
         assert_eq!(std::mem::size_of::<Slot>(), 64);
     }
 
