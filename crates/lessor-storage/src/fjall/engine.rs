@@ -179,6 +179,9 @@ impl fmt::Debug for Engine {
 
 /// A tuning override from the environment, for benchmarks of fjall's settings (docs/benchmarks.md, "fjall: CPU
 /// per item and stalls"): not a supported setting. `None` when unset or not a number.
+/// fjall worker threads (see `Engine::open_db`).
+const FJALL_WORKERS: usize = 4;
+
 pub(crate) fn tuning(name: &str) -> Option<u64> {
     std::env::var(name).ok()?.trim().parse().ok()
 }
@@ -307,11 +310,17 @@ impl Engine {
     }
 
     fn open_db(&self) -> Result<Database, StorageError> {
-        let mut builder = Database::builder(&self.dir);
-        if let Some(n) = tuning("LESSOR_FJALL_WORKERS") {
-            builder = builder.worker_threads(usize::try_from(n).unwrap_or(1).max(1));
-        }
-        builder
+        // fjall's worker pool: 4 threads whatever the machine, where fjall's own default is one per core up to 4.
+        // Its worker 0 hands every compaction request it receives back to the pool, to stay free for flushes, and
+        // with two workers it takes that request straight back while the other one compacts: a busy loop for as
+        // long as the compaction runs, 5 % of a 10-s pipeline's CPU on 2 cores and up to 18 % in longer runs
+        // (docs/benchmarks.md, "fjall's worker pool"). With three others to take the request, it goes on at once.
+        // The extra threads sleep when there is nothing to flush or compact. LESSOR_FJALL_WORKERS overrides this
+        // for measurements.
+        let workers =
+            tuning("LESSOR_FJALL_WORKERS").map_or(FJALL_WORKERS, |n| usize::try_from(n).unwrap_or(1).max(1));
+        Database::builder(&self.dir)
+            .worker_threads(workers)
             // Lessor decides when the journal is flushed and fsynced (see `commit_group`).
             .manual_journal_persist(true)
             // Reads happen once per partition open (a scan): a large block cache would only hold cold data.
