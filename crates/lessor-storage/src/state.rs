@@ -1763,18 +1763,22 @@ mod tests {
         }
     }
 
+    /// A xorshift generator from `seed`: `rnd(n)` is below `n`. Deterministic, so a failing run repeats.
+    fn rng(mut x: u64) -> impl FnMut(u64) -> u64 {
+        move |n| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x % n
+        }
+    }
+
     /// The per-tier counters stay equal to a recount of the items held (ready, leased, scheduled; not dead) through
     /// a long random mix of every operation, payloads inline or object references, and a reload agrees.
     #[test]
     fn tier_counters_match_a_recount_through_every_operation() {
         use crate::tiers::{TierCounters, FRAME_MAGIC, KIND_OBJECT};
-        let mut x = 0x2545_F491_4F6C_DD1Du64;
-        let mut rnd = move |n: u64| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x % n
-        };
+        let mut rnd = rng(0x2545_F491_4F6C_DD1Du64);
         let reference = |len: u64| {
             let mut b = FRAME_MAGIC.to_vec();
             b.extend_from_slice(&[KIND_OBJECT, 0]);
@@ -2157,18 +2161,12 @@ mod tests {
     }
 
     /// Leases follow a model queue (highest priority first, FIFO within one) through a random mix of produce,
-    /// lease, complete, retry and delete with priorities mixed in every batch, however the per-priority blocks of
+    /// lease, complete and retry with priorities mixed in every batch, however the per-priority blocks of
     /// ids interleave, and every item produced is leased in the end.
     #[test]
     fn per_priority_blocks_keep_priority_and_fifo_order() {
         use std::collections::VecDeque;
-        let mut x = 0x9E37_79B9_7F4A_7C15u64;
-        let mut rnd = move |n: u64| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x % n
-        };
+        let mut rnd = rng(0x9E37_79B9_7F4A_7C15u64);
         let mut s = PartitionState::new(1).without_changes();
         // Per priority, the payloads of ready items in the order they must be leased.
         let mut model: Vec<VecDeque<String>> = vec![VecDeque::new(); PRIORITIES];
