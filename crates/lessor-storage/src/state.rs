@@ -8,12 +8,12 @@
 //! # Why it looks like this
 //! A queue holds millions of small items, so the per-item cost matters more than anything else here:
 //! - Ready and leased items live in [`Slot`]s, 64 bytes each, in chunks of 1,024 addressed by id. Each priority
-//!   takes its ids from blocks of its own, one chunk each ([`PartitionState::alloc`]), and ids grow by one per
+//!   takes its ids from blocks of its own, one chunk each (`PartitionState::alloc`), and ids grow by one per
 //!   allocation within a block, so a chunk is dense while its items are in the queue and is freed once all of them
 //!   are gone. A chunk with few live items left (an item leased for long while the rest flow on) keeps only those
 //!   (the `chunk` submodule), so a waiting item never holds memory for the 1,024 slots of its chunk.
 //!   Strings and the payload share one byte buffer, written into a per-priority arena when small
-//!   ([`PartitionState::arenas`]); absent strings cost nothing.
+//!   (`PartitionState::arenas`); absent strings cost nothing.
 //! - The ready queue of priority 0 (the default) needs no index of its own: an item becomes ready only under a
 //!   fresh id at the tail, and leases take from the head, so every ready priority-0 id lies at or after a cursor
 //!   that only moves forward. Each higher priority has a FIFO of ids (8 bytes per ready item), pushed in id order

@@ -41,7 +41,7 @@ use lessor_core::types::{
 use object_store::path::Path as ObjPath;
 
 use crate::offload::segment::{self, ManifestEntry};
-use crate::offload::segment_io::{self, random, SegmentObjects};
+use crate::offload::segment_io::{random, SegmentObjects};
 use crate::registry::ColdSettings;
 use crate::state::paging::PRIORITIES;
 use crate::state::{PageRead, PartitionState};
@@ -868,28 +868,14 @@ fn heavy<T>(f: impl FnOnce() -> T) -> T {
     }
 }
 
-/// Fetches and verifies segment `e` of `prio` (see [`segment_io::verify`]), and that every record decodes: a
-/// segment is never half served.
+/// Fetches and verifies segment `e` of `prio`, and that every record decodes.
 async fn fetch(
     ctx: &ColdCtx,
     what: &str,
     prio: u8,
     e: &ManifestEntry,
 ) -> Result<Vec<(u64, Vec<u8>)>, StorageError> {
-    let body = ctx.objects.get(what, &e.key).await?;
-    let (e, what) = (e.clone(), what.to_string());
-    tokio::task::spawn_blocking(move || {
-        let records = segment_io::verify(&body, &what, prio, &e)?;
-        if let Some((id, _)) = records.iter().find(|(_, r)| peek(r).is_none()) {
-            return Err(StorageError::unavailable(format!(
-                "{what}: cold segment '{}' is corrupt: record of item {id} is damaged",
-                e.key
-            )));
-        }
-        Ok(records)
-    })
-    .await
-    .map_err(|e| StorageError::other(format!("segment decoding failed: {e}")))?
+    ctx.objects.fetch(what, prio, e, |r| peek(r).is_some()).await
 }
 
 /// Version byte of a record.

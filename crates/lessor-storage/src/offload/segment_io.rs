@@ -48,6 +48,32 @@ impl SegmentObjects {
         r.bytes().await.map_err(|e| Self::unavailable(what, key, e))
     }
 
+    /// Fetches segment `e` of priority `prio` and checks it (see [`verify`]) off the async workers. `record_ok`
+    /// checks each record too (the backend's record format): one that fails makes the whole segment corrupt, naming
+    /// its item, so that a segment is never half served.
+    pub(crate) async fn fetch(
+        &self,
+        what: &str,
+        prio: u8,
+        e: &ManifestEntry,
+        record_ok: fn(&[u8]) -> bool,
+    ) -> Result<Vec<(u64, Vec<u8>)>, StorageError> {
+        let body = self.get(what, &e.key).await?;
+        let (e, what) = (e.clone(), what.to_string());
+        tokio::task::spawn_blocking(move || {
+            let records = verify(&body, &what, prio, &e)?;
+            if let Some((id, _)) = records.iter().find(|(_, r)| !record_ok(r)) {
+                return Err(StorageError::unavailable(format!(
+                    "{what}: cold segment '{}' is corrupt: record of item {id} is damaged",
+                    e.key
+                )));
+            }
+            Ok(records)
+        })
+        .await
+        .map_err(|e| StorageError::other(format!("segment decoding failed: {e}")))?
+    }
+
     /// Deletes segment object `key`; a failure is logged, saying what deletes it `later` (it is an orphan now).
     pub(crate) async fn delete(&self, key: &str, later: &str) {
         if let Err(e) = self.client.delete(&ObjPath::from(key)).await {

@@ -35,7 +35,7 @@ use object_store::path::Path as ObjPath;
 
 use super::{blocking, pg, FjallPartition, Inner, Unit, ITEMS};
 use crate::offload::segment::{self, ManifestEntry};
-use crate::offload::segment_io::{self, random, SegmentObjects};
+use crate::offload::segment_io::{random, SegmentObjects};
 use crate::registry::ColdSettings;
 use crate::state::paging::PRIORITIES;
 
@@ -786,14 +786,13 @@ fn chrono_now_minus(grace: Duration) -> i64 {
     now - grace.as_secs() as i64
 }
 
-/// Fetches and verifies segment `e` of `prio` (see [`segment_io::verify`]).
+/// Fetches and verifies segment `e` of `prio` (see `SegmentObjects::fetch`).
 async fn fetch(
     ctx: &ColdCtx,
     what: &str,
     prio: u8,
     e: &ManifestEntry,
 ) -> Result<Vec<(u64, Vec<u8>)>, StorageError> {
-    let body = ctx.objects.get(what, &e.key).await?;
-    let (e, what) = (e.clone(), what.to_string());
-    blocking(move || segment_io::verify(&body, &what, prio, &e)).await
+    // Records are decoded as they are put back (fjall keeps them as they are).
+    ctx.objects.fetch(what, prio, e, |_| true).await
 }
