@@ -12,11 +12,13 @@
 //!   server in one place).
 //! - [`storage`]: the [`storage::QueuesStore`], [`storage::PartitionStore`] and [`storage::Partition`] traits and
 //!   their contracts.
+//! - [`durability`]: deferred durability, so that a queue task's passes overlap the fsyncs of the ones before.
 //! - [`auth`]: namespaces, users, API keys, roles and bindings; authentication and authorisation.
 //! - [`engine`]: the queue manager and the one task per queue that batches concurrent requests into one storage
 //!   call per partition per kind.
 
 pub mod auth;
+pub mod durability;
 pub mod engine;
 pub mod error;
 pub mod storage;

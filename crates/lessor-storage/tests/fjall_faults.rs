@@ -163,6 +163,58 @@ async fn a_failed_fsync_poisons_the_store_for_good() {
         .expect("writes again");
 }
 
+/// Inside a queue task's deferred scope (see `lessor_core::durability`) a write returns once written and hands its
+/// fsync to the pass: the pass's replies learn that it is durable, or that the fsync failed, and a write outside a
+/// scope still waits for its own fsync.
+#[tokio::test]
+async fn a_deferred_write_reports_its_fsync_to_the_pass() {
+    use lessor_core::durability::{self, Pass};
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = FjallStore::open(dir.path(), Durability::Sync).expect("open");
+    let p = store.open("deferred", 0).await.expect("open");
+    let pass = Pass::new();
+    let gate = pass
+        .scope(async {
+            p.produce(vec![text("durable")]).await.expect("written");
+            durability::gate().expect("in a scope")
+        })
+        .await;
+    pass.finish();
+    gate.wait().await.expect("durable");
+
+    store.inject_fault(Some(Fault::SyncFails));
+    let pass = Pass::new();
+    let gate = pass
+        .scope(async {
+            p.produce(vec![text("unknown")])
+                .await
+                .expect("written: its fsync is the pass's to wait for");
+            durability::gate().expect("in a scope")
+        })
+        .await;
+    pass.finish();
+    let e = gate.wait().await.expect_err("the fsync failed");
+    assert_eq!(e.kind, StorageErrorKind::Poisoned, "{e}");
+    // Poisoned: refused up front, in a scope or not.
+    let pass = Pass::new();
+    let e = pass
+        .scope(p.produce(vec![text("refused")]))
+        .await
+        .expect_err("poisoned");
+    assert_eq!(e.kind, StorageErrorKind::Poisoned);
+    pass.finish();
+    store.close().await;
+    drop((p, store));
+    let store = FjallStore::open(dir.path(), Durability::Sync).expect("reopen");
+    let p = store.open("deferred", 0).await.expect("open");
+    let live = p.list(None, 10, false).await.expect("list");
+    assert_eq!(
+        live[0].payload,
+        Bytes::from("durable"),
+        "the acknowledged write is there"
+    );
+}
+
 /// A tmpfs mounted for one test, unmounted when dropped.
 struct Tmpfs {
     path: PathBuf,

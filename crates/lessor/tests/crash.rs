@@ -19,8 +19,10 @@
 //!
 //! A second variant kills while rounds are in flight: eight producers, and the SIGKILL waits until at least
 //! [`IN_FLIGHT_AT_KILL`] produce requests are unanswered. The fjall writer pipelines its group commit (one group is
-//! fsynced while the next is written), so several unanswered producers at the kill mean, nearly always, one round
-//! being fsynced and another written behind it; every acknowledged item must survive all the same.
+//! fsynced while the next is written) and each queue task goes on with its next pass while the last one's fsync
+//! runs (`lessor_core::durability`: a request is answered once an fsync covers it), so several unanswered
+//! producers at the kill mean, nearly always, one round being fsynced and another written behind it; every
+//! acknowledged item must survive all the same.
 //!
 //! A third test is the control: with partitions kept in memory, the same procedure must report lost items, so the
 //! check cannot pass vacuously.

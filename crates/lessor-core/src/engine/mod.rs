@@ -753,11 +753,7 @@ impl Engine {
         Ok(h)
     }
 
-    async fn call<T>(
-        &self,
-        name: &str,
-        make: impl FnOnce(oneshot::Sender<Result<T, QueueError>>) -> Msg,
-    ) -> Result<T, QueueError> {
+    async fn call<T>(&self, name: &str, make: impl FnOnce(queue::Reply<T>) -> Msg) -> Result<T, QueueError> {
         let h = self.handle(name).await?;
         send(&h, make).await
     }
@@ -1276,17 +1272,14 @@ impl DeadLetterSink for EngineSink {
     }
 }
 
-async fn send<T>(
-    h: &QueueHandle,
-    make: impl FnOnce(oneshot::Sender<Result<T, QueueError>>) -> Msg,
-) -> Result<T, QueueError> {
-    let (tx, rx) = oneshot::channel();
+async fn send<T>(h: &QueueHandle, make: impl FnOnce(queue::Reply<T>) -> Msg) -> Result<T, QueueError> {
+    let (tx, rx) = queue::reply();
     match h.tx.try_send(make(tx)) {
         Ok(()) => {}
         Err(mpsc::error::TrySendError::Full(_)) => return Err(QueueError::Overloaded),
         Err(mpsc::error::TrySendError::Closed(_)) => return Err(QueueError::QueueShuttingDown),
     }
-    rx.await.unwrap_or(Err(QueueError::QueueShuttingDown))
+    rx.recv().await.unwrap_or(Err(QueueError::QueueShuttingDown))
 }
 
 async fn stop_queue(h: &QueueHandle) {

@@ -146,7 +146,10 @@ fn decode_pid(v: &[u8]) -> Option<u64> {
 /// A job for the writer thread.
 struct Job {
     unit: Unit,
-    reply: oneshot::Sender<Result<(), StorageError>>,
+    /// Answered once an fsync covers the unit, or, for a deferred write, once the unit is written.
+    reply: Reply,
+    /// For a deferred write (see [`lessor_core::durability`]): answered once an fsync covers the unit.
+    durable: Option<Reply>,
 }
 
 /// Partition names and their pids. An entry is on disk once `create` wrote it or the partition's first write
@@ -201,25 +204,45 @@ struct Shared {
 }
 
 impl Shared {
-    /// Sends one change set to the writer thread and waits for it to be written.
+    /// Sends one change set to the writer thread and waits for it to be written and durable.
     async fn submit(&self, unit: Unit) -> Result<(), StorageError> {
-        let rx = self.send(unit)?;
+        let rx = self.send(unit, None)?;
         rx.await.map_err(|_| self.closed())?
+    }
+
+    /// [`Shared::submit`] for a partition's operation: inside a queue task's deferred scope it returns once the
+    /// change set is written, and the pass waits for its fsync (see [`lessor_core::durability`]); the partition's
+    /// next operation is written meanwhile, behind it in the journal.
+    async fn submit_deferrable(&self, unit: Unit) -> Result<(), StorageError> {
+        if !lessor_core::durability::deferring() {
+            return self.submit(unit).await;
+        }
+        let (durable, wait) = oneshot::channel();
+        let rx = self.send(unit, Some(durable))?;
+        rx.await.map_err(|_| self.closed())??;
+        match lessor_core::durability::defer(wait) {
+            None => Ok(()),
+            Some(wait) => wait.await.map_err(|_| self.closed())?,
+        }
     }
 
     /// [`Shared::submit`] for threads outside the async runtime.
     fn submit_blocking(&self, unit: Unit) -> Result<(), StorageError> {
-        let rx = self.send(unit)?;
+        let rx = self.send(unit, None)?;
         rx.blocking_recv().map_err(|_| self.closed())?
     }
 
-    fn send(&self, unit: Unit) -> Result<oneshot::Receiver<Result<(), StorageError>>, StorageError> {
+    fn send(
+        &self,
+        unit: Unit,
+        durable: Option<Reply>,
+    ) -> Result<oneshot::Receiver<Result<(), StorageError>>, StorageError> {
         let (reply, rx) = oneshot::channel();
         let tx = self.tx.read().unwrap_or_else(|e| e.into_inner());
         let Some(tx) = tx.as_ref() else {
             return Err(self.closed());
         };
-        tx.send(Job { unit, reply }).map_err(|_| self.closed())?;
+        tx.send(Job { unit, reply, durable }).map_err(|_| self.closed())?;
         Ok(rx)
     }
 
@@ -470,8 +493,22 @@ fn writer_loop(engine: Arc<Engine>, rx: mpsc::Receiver<Job>) {
                     Err(_) => break,
                 }
             }
-            let (units, replies): (Vec<Unit>, Vec<_>) = jobs.into_iter().map(|j| (j.unit, j.reply)).unzip();
+            let (units, replies): (Vec<Unit>, Vec<_>) =
+                jobs.into_iter().map(|j| (j.unit, (j.reply, j.durable))).unzip();
             let written = engine.write_group(units);
+            // A deferred write learns now that it is written (or failed); its durability is answered like any
+            // other job's reply below.
+            let replies: Vec<Reply> = replies
+                .into_iter()
+                .zip(&written.results)
+                .map(|((reply, durable), res)| match durable {
+                    Some(d) => {
+                        let _ = reply.send(res.clone());
+                        d
+                    }
+                    None => reply,
+                })
+                .collect();
             match (written.seq, &sync_tx) {
                 (Some(seq), Some(tx)) => {
                     if let Err(mpsc::SendError((seq, results, replies))) =
@@ -1497,7 +1534,7 @@ impl FjallPartition {
             return Ok(());
         }
         let (unit, top) = self.unit(&all, g.hwm, &mut g.payload_keys);
-        match self.shared.submit(unit).await {
+        match self.shared.submit_deferrable(unit).await {
             Ok(()) => {
                 g.hwm = top;
                 self.registered.store(true, Ordering::Release);

@@ -43,6 +43,7 @@ pub(crate) use drain::{Plan as RebalancePlan, Report as RebalanceReport, JOURNAL
 use health::MissingStore;
 
 use super::{BrowsePage, BrowseRequest, EngineConfig, LeaseResult, ProduceItem, QueueMetrics, QueueStats};
+use crate::durability::{self, Gate, Pass};
 use crate::error::{QueueError, StorageError};
 use crate::storage::{LifecyclePolicy, Partition, PartitionSnapshot, PartitionStore};
 use crate::time::Ts;
@@ -50,7 +51,41 @@ use crate::types::{
     ClearRequest, Item, ItemId, NewItem, PartitionCounts, PartitionInfo, QueueInfo, RetryItem,
 };
 
-type Reply<T> = oneshot::Sender<Result<T, QueueError>>;
+/// The answer to one request: sent by the queue task, awaited by the caller with [`Answer::recv`].
+pub(crate) struct Reply<T>(oneshot::Sender<(Result<T, QueueError>, Option<Gate>)>);
+
+/// The caller's side of a [`Reply`].
+pub(crate) struct Answer<T>(oneshot::Receiver<(Result<T, QueueError>, Option<Gate>)>);
+
+/// A reply channel.
+pub(crate) fn reply<T>() -> (Reply<T>, Answer<T>) {
+    let (tx, rx) = oneshot::channel();
+    (Reply(tx), Answer(rx))
+}
+
+impl<T> Reply<T> {
+    /// Sends the answer; when it is sent from a pass whose writes are deferred (see [`crate::durability`]), the
+    /// caller gets it once they are durable. Gives the answer back when the caller stopped waiting.
+    pub(crate) fn send(self, r: Result<T, QueueError>) -> Result<(), Result<T, QueueError>> {
+        self.0.send((r, durability::gate())).map_err(|(r, _)| r)
+    }
+
+    /// Whether the caller stopped waiting.
+    pub(crate) fn is_closed(&self) -> bool {
+        self.0.is_closed()
+    }
+}
+
+impl<T> Answer<T> {
+    /// The answer, once what the request wrote is durable; `Err(())` when the queue task dropped the request.
+    pub(crate) async fn recv(self) -> Result<Result<T, QueueError>, ()> {
+        let (r, gate) = self.0.await.map_err(|_| ())?;
+        match (r, gate) {
+            (Ok(v), Some(g)) => Ok(g.wait().await.map(|()| v).map_err(QueueError::from)),
+            (r, _) => Ok(r),
+        }
+    }
+}
 /// Complete requests of one pass, by partition.
 type CompleteGroups = HashMap<u32, Vec<(Vec<ItemId>, Reply<()>)>>;
 /// Retry requests of one pass, by partition.
@@ -475,8 +510,12 @@ impl QueueTask {
             p.counts.ready = p.counts.ready.max(1);
             p.top_priority = crate::types::MAX_PRIORITY;
         }
+        // Produce, complete, retry, extend and lease depend on durability only for their replies: their writes are
+        // deferred to the pass, which answers them once an fsync covers them while the task goes on (see
+        // `durability`). Everything else in the pass is durable when its call returns.
+        let deferred = Pass::new();
         if !produces.is_empty() {
-            self.produce(produces, now).await;
+            deferred.scope(self.produce(produces, now)).await;
         }
         if !dead_letters.is_empty() {
             self.accept_dead_letters(dead_letters, now).await;
@@ -485,18 +524,19 @@ impl QueueTask {
             self.accept_moved(items, reply, now).await;
         }
         if !completes.is_empty() {
-            self.complete(completes, now).await;
+            deferred.scope(self.complete(completes, now)).await;
         }
         if !retries.is_empty() {
-            self.retry(retries, now).await;
+            deferred.scope(self.retry(retries, now)).await;
         }
         if !extends.is_empty() {
-            self.extend(extends, now).await;
+            deferred.scope(self.extend(extends, now)).await;
         }
         for c in colds {
             self.cold(c, now).await;
         }
-        self.serve_leases(now).await;
+        deferred.scope(self.serve_leases(now)).await;
+        deferred.finish();
         self.expire_waiters(now);
         if changed_before || self.total_counts() != counts_before {
             self.tiers_changed(now);
