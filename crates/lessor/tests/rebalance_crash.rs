@@ -75,24 +75,26 @@ fn deadline(ts: &Option<pb::Timestamp>) -> SystemTime {
     SystemTime::UNIX_EPOCH + Duration::new(t.seconds.max(0) as u64, t.nanos.max(0) as u32)
 }
 
+/// A produce of one item per payload (UTF-8 bodies).
+fn produce_req(payloads: &[String], timeout: &str) -> pb::QueueProduceRequest {
+    pb::QueueProduceRequest {
+        queue_name: QUEUE.into(),
+        request_timeout: timeout.into(),
+        items: payloads
+            .iter()
+            .map(|p| pb::QueueProduceItem {
+                utf8: p.clone(),
+                ..Default::default()
+            })
+            .collect(),
+    }
+}
+
 async fn producer(sh: Arc<Shared>) {
     while !sh.stop.load(Ordering::Relaxed) {
         let first = sh.next.fetch_add(20, Ordering::Relaxed);
         let payloads: Vec<String> = (first..first + 20).map(|i| format!("item-{i:08}")).collect();
-        let r = sh
-            .client()
-            .queue_produce(&pb::QueueProduceRequest {
-                queue_name: QUEUE.into(),
-                request_timeout: "5s".into(),
-                items: payloads
-                    .iter()
-                    .map(|p| pb::QueueProduceItem {
-                        utf8: p.clone(),
-                        ..Default::default()
-                    })
-                    .collect(),
-            })
-            .await;
+        let r = sh.client().queue_produce(&produce_req(&payloads, "5s")).await;
         {
             let mut l = sh.ledger.lock().expect("ledger");
             match r {
@@ -194,19 +196,9 @@ async fn preload(c: &Client, sh: &Shared, tag: &str) {
         let payloads: Vec<String> = (0..1000)
             .map(|i| format!("{tag}-{:06}", chunk * 1000 + i))
             .collect();
-        c.queue_produce(&pb::QueueProduceRequest {
-            queue_name: QUEUE.into(),
-            request_timeout: "30s".into(),
-            items: payloads
-                .iter()
-                .map(|p| pb::QueueProduceItem {
-                    utf8: p.clone(),
-                    ..Default::default()
-                })
-                .collect(),
-        })
-        .await
-        .expect("preload");
+        c.queue_produce(&produce_req(&payloads, "30s"))
+            .await
+            .expect("preload");
         sh.ledger.lock().expect("ledger").produced.extend(payloads);
     }
 }
