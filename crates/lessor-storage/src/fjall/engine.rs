@@ -832,8 +832,10 @@ impl Engine {
                 self.write_failed(e);
                 return;
             }
-            // The error is recorded; the next write reports it.
-            let _ = self.fsync(&db);
+            // Through our own descriptor, as in `sync` mode: fjall's own fsync holds its journal lock, and every
+            // write waited behind it (produce p99 6.3 ms, p99.9 28.8 ms in a paced run at 10,000 items/s, against
+            // 1.0 and 7.5 ms on the memory backend). The error is recorded; the next write reports it.
+            let _ = self.fsync_journal_file(0);
         }
     }
 
