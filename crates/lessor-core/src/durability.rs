@@ -17,6 +17,7 @@
 //! durable (a rebalance copies items, then deletes the originals), runs outside a scope, where a store's write
 //! returns once durable as before. A store waits for durability itself whenever it is called outside a scope.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::{oneshot, watch};
@@ -36,6 +37,8 @@ tokio::task_local! {
 /// The deferred writes of one pass of a queue task, and the gate its replies wait behind.
 pub struct Pass {
     waits: Mutex<Vec<Durable>>,
+    /// Whether a write was deferred to this pass yet: a reply sent before any was needs no gate.
+    deferred: AtomicBool,
     gate: watch::Sender<Outcome>,
 }
 
@@ -48,6 +51,7 @@ impl Pass {
     pub fn new() -> Arc<Pass> {
         Arc::new(Pass {
             waits: Mutex::new(Vec::new()),
+            deferred: AtomicBool::new(false),
             gate: watch::channel(None).0,
         })
     }
@@ -102,6 +106,7 @@ pub fn defer(wait: Durable) -> Option<Durable> {
     let _ = PASS.try_with(|p| {
         if let Some(w) = wait.take() {
             p.waits.lock().unwrap_or_else(|e| e.into_inner()).push(w);
+            p.deferred.store(true, Ordering::Release);
         }
     });
     wait
@@ -112,9 +117,18 @@ pub fn deferring() -> bool {
     PASS.try_with(|_| ()).is_ok()
 }
 
-/// The gate of the pass whose scope this runs in, if any: a reply sent now must wait behind it.
+/// The gate a reply sent now must wait behind: the pass's, when this runs in a pass's scope and a write was
+/// deferred to it already. A reply sent before any (every reply on a store that never defers, such as memory) goes
+/// out at once: what it answers for wrote nothing that waits. One sent after waits for the pass's later writes too
+/// (one fsync usually covers them all).
 pub fn gate() -> Option<Gate> {
-    PASS.try_with(|p| Gate(p.gate.subscribe())).ok()
+    PASS.try_with(|p| {
+        p.deferred
+            .load(Ordering::Acquire)
+            .then(|| Gate(p.gate.subscribe()))
+    })
+    .ok()
+    .flatten()
 }
 
 #[cfg(test)]
@@ -136,6 +150,7 @@ mod tests {
         let gate = pass
             .scope(async {
                 assert!(deferring());
+                assert!(gate().is_none(), "nothing deferred yet: nothing to wait for");
                 assert!(defer(rx1).is_none());
                 let g = gate().expect("in a scope");
                 assert!(defer(rx2).is_none());
@@ -153,16 +168,34 @@ mod tests {
         assert!(r.is_err(), "a failed write fails the pass's replies: {r:?}");
     }
 
-    /// A pass without deferred writes opens its gate at once; a pass dropped unfinished fails its replies.
+    /// A pass without deferred writes gives its replies no gate (they go out at once); one whose writes all became
+    /// durable opens it with success; one dropped unfinished fails its replies.
     #[tokio::test]
-    async fn empty_and_abandoned_passes() {
+    async fn empty_durable_and_abandoned_passes() {
         let pass = Pass::new();
-        let g = pass.scope(async { gate().unwrap() }).await;
+        assert!(pass.scope(async { gate() }).await.is_none());
         pass.finish();
+
+        let pass = Pass::new();
+        let (tx, rx) = oneshot::channel();
+        let g = pass
+            .scope(async {
+                assert!(defer(rx).is_none());
+                gate().expect("a write was deferred")
+            })
+            .await;
+        pass.finish();
+        tx.send(Ok(())).unwrap();
         assert!(g.wait().await.is_ok());
 
         let pass = Pass::new();
-        let g = pass.scope(async { gate().unwrap() }).await;
+        let (_tx, rx) = oneshot::channel();
+        let g = pass
+            .scope(async {
+                assert!(defer(rx).is_none());
+                gate().expect("a write was deferred")
+            })
+            .await;
         drop(pass);
         assert!(g.wait().await.is_err());
     }
