@@ -35,7 +35,7 @@ pub const DEFAULT_ADDRESS: &str = "127.0.0.1:2319";
 pub const DEFAULT_DATA_DIR: &str = "./data";
 /// Default largest produce body, in bytes (Querator's).
 pub const DEFAULT_MAX_PRODUCE_BODY: usize = 5_000_000;
-/// Highest `limits.max-dedup-keys` accepted: a billion keys take about 176 GB.
+/// Highest `limits.max-dedup-keys` accepted: a billion keys take about 115 GB on the memory backend.
 const MAX_DEDUP_KEYS: usize = 1_000_000_000;
 
 /// What is wrong with a configuration, or why the stores it describes could not be opened.

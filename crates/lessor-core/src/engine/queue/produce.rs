@@ -173,6 +173,8 @@ impl QueueTask {
                     continue;
                 }
             }
+            // All of the request's table lines are fetched at once before the claims, which then hit the cache.
+            self.dedup.warm(hashes.iter().flatten().copied());
             let mut keys = Vec::with_capacity(hashes.iter().flatten().count());
             let mut next = hashes.iter();
             let mut skipped = 0u64;
