@@ -25,6 +25,8 @@ pub struct ServerCommand {
     log: PathBuf,
     startup_limit: Duration,
     tls: Option<lessor_client::TlsConfig>,
+    /// Environment changes: set to a value, or removed (`None`).
+    env: Vec<(OsString, Option<OsString>)>,
 }
 
 impl ServerCommand {
@@ -36,6 +38,7 @@ impl ServerCommand {
             log: log.into(),
             startup_limit: Duration::from_secs(10),
             tls: None,
+            env: Vec::new(),
         }
     }
 
@@ -49,6 +52,18 @@ impl ServerCommand {
     /// Adds an argument after `server` (the address is added by [`ServerCommand::start`]).
     pub fn arg(mut self, arg: impl Into<OsString>) -> ServerCommand {
         self.args.push(arg.into());
+        self
+    }
+
+    /// Sets an environment variable of the child.
+    pub fn env(mut self, key: impl Into<OsString>, value: impl Into<OsString>) -> ServerCommand {
+        self.env.push((key.into(), Some(value.into())));
+        self
+    }
+
+    /// Removes an environment variable the child would inherit.
+    pub fn env_remove(mut self, key: impl Into<OsString>) -> ServerCommand {
+        self.env.push((key.into(), None));
         self
     }
 
@@ -100,13 +115,20 @@ impl ServerCommand {
         let address = format!("127.0.0.1:{port}");
         let out = std::fs::File::create(&self.log).expect("create the server log");
         let err = out.try_clone().expect("clone the server log handle");
-        let child = Command::new(&self.binary)
-            .arg("server")
+        let mut cmd = Command::new(&self.binary);
+        cmd.arg("server")
             .args(&self.args)
             .arg("--address")
             .arg(&address)
             .env_remove("LESSOR_CONFIG")
-            .env_remove("RUST_LOG")
+            .env_remove("RUST_LOG");
+        for (k, v) in &self.env {
+            match v {
+                Some(v) => cmd.env(k, v),
+                None => cmd.env_remove(k),
+            };
+        }
+        let child = cmd
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err)
