@@ -12,8 +12,8 @@
 //! claims that follow find their lines in the cache. (Without that pass this table was slower than the map: each
 //! claim then waits for its own miss. docs/benchmarks.md has both measurements.)
 //!
-//! A bucket is one cache line with two entries (the full 128-bit hash and the end of the window: nothing is
-//! truncated, so a claim is as exact as the map's was):
+//! A bucket is one cache line with three entries (96 bits of the key's 128-bit hash, see [`kept`], and the end of
+//! the window):
 //! - A key lives in its home bucket (from the hash) or, when that is full, in the first bucket after it with room
 //!   (linear probing by bucket). Each bucket counts the entries that are stored after it but whose home is at or
 //!   before it (`passing`); a lookup stops at the first bucket that no entry passes, so a new key usually costs its
