@@ -19,8 +19,8 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 /// many distributions' default), a page fault in such an arena may then compact memory synchronously or zero a
 /// whole 2 MB page, and the thread that faulted (a request's, or the storage writer's) stops for milliseconds.
 /// Measured on fjall with fsync, paced at 10,000 items/s: produce p99 7.7-10.8 ms with huge pages and 3.4-4.1 ms
-/// without; on memory, flat out, produce p99 5.7-6.1 ms against 0.9-1.4 ms (docs/benchmarks.md). The price is a
-/// few per cent more CPU per item from TLB misses. Anyone who prefers huge pages sets `MIMALLOC_ALLOW_THP=1`; the
+/// without; on memory, flat out, produce p99 5.7-6.1 ms against 0.9-1.4 ms (docs/benchmarks.md). The price is
+/// more TLB misses: up to 15 % more CPU per item in the paced runs, none beyond the noise flat out. Anyone who prefers huge pages sets `MIMALLOC_ALLOW_THP=1`; the
 /// setting is inherited by child processes.
 fn no_transparent_huge_pages() {
     #[cfg(target_os = "linux")]

@@ -7,7 +7,7 @@
 //! restart; shared stores (postgres) also check the whole queue themselves, which covers servers that share it.
 //!
 //! Memory: keys are kept as 128-bit hashes, never as strings, so an entry costs the same whatever the key's
-//! length: a 32-byte slot of [`table::KeyTable`], with the table's slack (measured in docs/benchmarks.md). Ended
+//! length: a third of one 64-byte line of [`table::KeyTable`] (21 bytes), with the table's slack (measured in docs/benchmarks.md). Ended
 //! keys' slots are reused by new keys, and those nobody reused are cleared by a sweep when three quarters of the
 //! slots are held, so the index holds at most about the keys produced within three windows, in at most four slots
 //! per key live at the last sweep.
