@@ -13,7 +13,7 @@ use async_trait::async_trait;
 use tokio::sync::Semaphore;
 
 use super::{Engine, EngineConfig, NamedStore, ProduceItem, QueueUpdate};
-use crate::error::{ItemError, QueueError, StorageError};
+use crate::error::{ItemError, QueueError, StorageError, StorageErrorKind};
 use crate::storage::{
     LifecycleOutcome, LifecyclePolicy, Partition, PartitionStore, QueuesStore, RetryOp, RetryOutcome,
 };
@@ -71,6 +71,12 @@ struct Gated {
     counts_calls: Arc<AtomicUsize>,
     /// `stats` calls so far.
     stats_calls: Arc<AtomicUsize>,
+    /// The payloads of each produce call that stored, in order.
+    calls: Arc<Mutex<Vec<Vec<bytes::Bytes>>>>,
+    /// Produce calls let through the gate so far.
+    produces: Arc<AtomicUsize>,
+    /// The produce call (1 for the first let through, 0 for none) that fails, leaving the partition healthy.
+    fail_produce: Arc<AtomicUsize>,
 }
 
 impl Gated {
@@ -83,6 +89,9 @@ impl Gated {
             counts_cost: None,
             counts_calls: Arc::new(AtomicUsize::new(0)),
             stats_calls: Arc::new(AtomicUsize::new(0)),
+            calls: Arc::default(),
+            produces: Arc::default(),
+            fail_produce: Arc::default(),
         }
     }
 
@@ -127,6 +136,16 @@ impl Partition for Gated {
             .await
             .map_err(|_| StorageError::unavailable("gate closed"))?;
         permit.forget();
+        if self.produces.fetch_add(1, Ordering::SeqCst) + 1 == self.fail_produce.load(Ordering::SeqCst) {
+            return Err(StorageError::new(
+                StorageErrorKind::PayloadUnavailable,
+                "injected",
+            ));
+        }
+        self.calls
+            .lock()
+            .expect("calls lock")
+            .push(items.iter().map(|it| it.payload.clone()).collect());
         let first = self.stored.fetch_add(items.len(), Ordering::SeqCst) as u64;
         Ok((0..items.len() as u64).map(|i| ItemId(first + i + 1)).collect())
     }
@@ -513,6 +532,99 @@ async fn dedup_keys_beyond_the_limit_are_refused_until_the_window_moves_on() {
         .await
         .expect("room again");
     assert_eq!(store.stored.load(Ordering::SeqCst), 6);
+}
+
+/// Requests that reach the queue's task in one pass and share dedup keys: the first to claim a key stores it, one
+/// that shares a key with it waits for that write and then finds the key stored (a duplicate: acknowledged, not
+/// stored again), and a key repeated within one request is stored once. Every key is stored exactly once, and
+/// every request is answered.
+#[tokio::test]
+async fn requests_of_one_pass_that_share_keys_store_each_key_once() {
+    let clock = ManualClock::starting_now();
+    let store = Gated::new();
+    let engine = engine_over(&store, &clock).await;
+    let t = Some(Duration::from_secs(5));
+    // The first produce holds the queue's task in a hung storage call, so the next three wait in its inbox and
+    // come in one pass.
+    let produce = |items: Vec<ProduceItem>| {
+        let engine = engine.clone();
+        tokio::spawn(async move { engine.produce("q", items, t).await })
+    };
+    let hold = produce(vec![item("hold")]);
+    until(|| store.entered.load(Ordering::SeqCst)).await;
+    let a = produce(vec![keyed("k1"), keyed("k2")]);
+    let b = produce(vec![keyed("k2"), keyed("k3")]);
+    let c = produce(vec![keyed("k1"), keyed("k4"), keyed("k4"), item("plain")]);
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    store.gate.add_permits(10);
+    for p in [hold, a, b, c] {
+        finishes(p).await.expect("joined").expect("produce");
+    }
+    let calls = store.calls.lock().expect("calls lock").clone();
+    let mut stored: Vec<&[u8]> = calls.iter().flatten().map(|p| p.as_ref()).collect();
+    stored.sort();
+    assert_eq!(
+        stored,
+        [
+            &b"hold"[..],
+            b"payload of k1",
+            b"payload of k2",
+            b"payload of k3",
+            b"payload of k4",
+            b"plain"
+        ],
+        "each key once: {calls:?}"
+    );
+    // The requests that shared a key with an earlier one of the pass were stored in a later call: one call for
+    // the held produce, one for each round of the pass.
+    assert!(calls.len() >= 3, "{calls:?}");
+    let dups = engine
+        .queue_metrics()
+        .into_iter()
+        .find(|(q, _)| q == "q")
+        .map(|(_, m)| m.deduplicated.load(Ordering::SeqCst))
+        .expect("queue metrics");
+    assert_eq!(dups, 3, "k1, k2 and the second k4 acknowledged as duplicates");
+}
+
+/// A request that shares a key with an earlier request of its pass waits for that request's write, and when the
+/// write fails it stores the item itself: a key is never acknowledged as a duplicate of an item that was not
+/// stored.
+#[tokio::test]
+async fn a_request_sharing_a_key_stores_it_when_the_first_write_fails() {
+    let clock = ManualClock::starting_now();
+    let store = Gated::new();
+    let engine = engine_over(&store, &clock).await;
+    let t = Some(Duration::from_secs(5));
+    let produce = |items: Vec<ProduceItem>| {
+        let engine = engine.clone();
+        tokio::spawn(async move { engine.produce("q", items, t).await })
+    };
+    let hold = produce(vec![item("hold")]);
+    until(|| store.entered.load(Ordering::SeqCst)).await;
+    // The second call (the first of the pass: the request that claims k1 and k2 first) fails.
+    store.fail_produce.store(2, Ordering::SeqCst);
+    let a = produce(vec![keyed("k1"), keyed("k2")]);
+    let b = produce(vec![keyed("k2"), keyed("k3")]);
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    store.gate.add_permits(10);
+    finishes(hold).await.expect("joined").expect("produce");
+    let a = finishes(a).await.expect("joined");
+    let b = finishes(b).await.expect("joined");
+    assert!(a.is_err(), "the first write failed: {a:?}");
+    b.expect("the second request stores its items");
+    let mut stored: Vec<bytes::Bytes> = store.calls.lock().expect("calls lock").concat();
+    stored.sort();
+    assert_eq!(
+        stored,
+        [&b"hold"[..], b"payload of k2", b"payload of k3"],
+        "k2 stored by the second request"
+    );
+    // k1 was given back with the failed write: a retry of it is stored.
+    finishes(engine.produce("q", vec![keyed("k1")], t))
+        .await
+        .expect("retry");
+    assert_eq!(store.stored.load(Ordering::SeqCst), 4);
 }
 
 /// The tier gauges of `/metrics` follow a queue that changes, read at most once per `TIER_REFRESH`, and a quiet

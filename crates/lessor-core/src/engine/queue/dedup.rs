@@ -98,14 +98,14 @@ impl DedupIndex {
 
     /// Records a key stored until `until` (keeps the later end when it is known already).
     pub(super) fn insert(&mut self, h: KeyHash, until: Ts, now: Ts) {
-        self.live.upsert(h, until, now, true);
+        let _ = self.live.upsert(h, until, now, true);
     }
 
-    /// Claims a key for a request about to be stored, until `until`: false when the key's window is open at `now`
-    /// (a duplicate). One table access, where a lookup now and an insert after the write were two: the table is
+    /// Claims a key for a request about to be stored, until `until`: when the key's window is open at `now` (a
+    /// duplicate), the end of that window instead. One table access, where a lookup now and an insert after the write were two: the table is
     /// larger than the caches, so each access is a cache miss (see [`DedupIndex::warm`]). A claim whose write fails is given back with
     /// [`DedupIndex::release`].
-    pub(super) fn claim(&mut self, h: KeyHash, until: Ts, now: Ts) -> bool {
+    pub(super) fn claim(&mut self, h: KeyHash, until: Ts, now: Ts) -> Result<(), Ts> {
         self.live.upsert(h, until, now, false)
     }
 
@@ -182,11 +182,11 @@ mod tests {
     fn claims_are_exclusive_until_released_or_ended() {
         let mut d = DedupIndex::default();
         let h = KeyHash::of("k");
-        assert!(d.claim(h, Ts(10), Ts(0)));
-        assert!(!d.claim(h, Ts(20), Ts(5)), "live: a duplicate");
+        assert_eq!(d.claim(h, Ts(10), Ts(0)), Ok(()));
+        assert_eq!(d.claim(h, Ts(20), Ts(5)), Err(Ts(10)), "live: a duplicate");
         d.release(h);
-        assert!(d.claim(h, Ts(20), Ts(5)), "released: claimed again");
-        assert!(d.claim(h, Ts(40), Ts(20)), "ended at 20: claimed again");
+        assert_eq!(d.claim(h, Ts(20), Ts(5)), Ok(()), "released: claimed again");
+        assert_eq!(d.claim(h, Ts(40), Ts(20)), Ok(()), "ended at 20: claimed again");
         assert!(d.contains(h, Ts(39)));
     }
 

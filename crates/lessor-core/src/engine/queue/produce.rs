@@ -125,18 +125,14 @@ impl QueueTask {
             return (pending, Vec::new());
         }
         let until = now.add(self.info.effective_dedup_window());
-        let total: usize = pending.iter().map(|r| r.0.len()).sum();
-        let mut keyed_left = pending
-            .iter()
-            .filter(|r| matches!(&r.3, Keys::PerItem(k) if !k.is_empty()))
-            .count();
-        // Keys of the keyed requests already taken in this pass, to hold back a later one that shares a key. Only
-        // kept while another keyed request follows (a pass of one keyed request, the usual case at a moderate
-        // rate, needs none: a key repeated within a request is found by the index, where its first occurrence
-        // was just claimed). Sized once, so it never grows while the pass fills it.
-        let mut claimed =
-            HashSet128::with_capacity_and_hasher(if keyed_left > 1 { total } else { 0 }, Default::default());
-        let mut store = Vec::with_capacity(pending.len());
+        // Every claim of this round ends at `until`, so a claim refused with that end met a key claimed in this
+        // round: earlier in the same request (a repeated key: a duplicate), or by an earlier request whose write is
+        // not known yet, which this request must wait for. Telling the two apart needs the earlier requests' keys
+        // as a set, built only when such a refusal comes: the usual pass, with no key twice, pays no set at all
+        // (where a set filled with every key of the pass cost each key an insert and a lookup).
+        let mut earlier: Option<HashSet128> = None;
+        let mut claimed_before = 0usize;
+        let mut store: Vec<ProduceRequest> = Vec::with_capacity(pending.len());
         let mut later = Vec::new();
         for (mut items, reply, tried, keys) in pending {
             let hashes = match keys {
@@ -151,12 +147,6 @@ impl QueueTask {
                     continue;
                 }
             };
-            keyed_left -= 1;
-            let record = keyed_left > 0;
-            if !claimed.is_empty() && hashes.iter().flatten().any(|h| claimed.contains(h)) {
-                later.push((items, reply, tried, Keys::PerItem(hashes)));
-                continue;
-            }
             // The index's memory is bounded: a request whose new keys would take the queue past the limit stores
             // nothing (its duplicates are not acknowledged either: the client retries the whole request).
             // (Keys claimed earlier in the pass are in the index already.)
@@ -176,28 +166,70 @@ impl QueueTask {
             // All of the request's table lines are fetched at once before the claims, which then hit the cache.
             self.dedup.warm(hashes.iter().flatten().copied());
             let mut keys = Vec::with_capacity(hashes.iter().flatten().count());
-            let mut next = hashes.iter();
-            let mut skipped = 0u64;
+            // Positions of the duplicates (usually none, so usually no allocation).
+            let mut skip = Vec::new();
+            let mut wait = false;
+            for (i, h) in hashes.iter().enumerate() {
+                let Some(h) = *h else { continue };
+                // Claimed in the index now, and given back if the write fails (see `store`); refused when live.
+                match self.dedup.claim(h, until, now) {
+                    Ok(()) => keys.push(h),
+                    Err(end) => {
+                        // Live: a duplicate, unless an earlier request of this round claimed it.
+                        if end == until && claimed_before > 0 {
+                            let set = earlier.get_or_insert_with(|| {
+                                let mut set =
+                                    HashSet128::with_capacity_and_hasher(claimed_before, Default::default());
+                                for r in &store {
+                                    if let Keys::Stored(k) = &r.3 {
+                                        set.extend(k.iter().copied());
+                                    }
+                                }
+                                set
+                            });
+                            if set.contains(&h) {
+                                wait = true;
+                                break;
+                            }
+                        }
+                        skip.push(i);
+                    }
+                }
+            }
+            if wait {
+                // Nothing of this request is decided yet: its claims are given back, and it comes again in the
+                // next round, after the write of the request it shares a key with.
+                for h in keys {
+                    self.dedup.release(h);
+                }
+                later.push((items, reply, tried, Keys::PerItem(hashes)));
+                continue;
+            }
+            let mut i = 0;
+            let mut next_skip = skip.iter().peekable();
             items.retain_mut(|it| {
-                let Some(h) = next.next().copied().flatten() else {
-                    return true;
-                };
-                // A key repeated within the request, or live in the index: a duplicate. Otherwise it is claimed
-                // in the index now, and given back if the write fails (see `store`).
-                if (record && !claimed.insert(h)) || !self.dedup.claim(h, until, now) {
-                    skipped += 1;
+                let at = i;
+                i += 1;
+                if next_skip.next_if_eq(&&at).is_some() {
                     return false;
                 }
-                it.dedup_until = until;
-                keys.push(h);
+                if hashes.get(at).is_some_and(Option::is_some) {
+                    it.dedup_until = until;
+                }
                 true
             });
-            if skipped > 0 {
-                self.metrics.deduplicated.fetch_add(skipped, Ordering::Relaxed);
+            if !skip.is_empty() {
+                self.metrics
+                    .deduplicated
+                    .fetch_add(skip.len() as u64, Ordering::Relaxed);
             }
             if items.is_empty() {
                 let _ = reply.send(Ok(()));
             } else {
+                claimed_before += keys.len();
+                if let Some(set) = &mut earlier {
+                    set.extend(keys.iter().copied());
+                }
                 store.push((items, reply, tried, Keys::Stored(keys)));
             }
         }

@@ -139,9 +139,9 @@ impl KeyTable {
         self.find(h).map(|(b, s)| Ts(self.buckets[b].until[s]))
     }
 
-    /// Stores `h` until `until` unless it is live at `now`: returns false (and changes nothing) when it is. With
-    /// `keep_later`, a live key's end becomes the later of the two instead, and the call returns true.
-    pub(super) fn upsert(&mut self, h: KeyHash, until: Ts, now: Ts, keep_later: bool) -> bool {
+    /// Stores `h` until `until` unless it is live at `now`: returns the end of its window (and changes nothing) when
+    /// it is. With `keep_later`, a live key's end becomes the later of the two instead, and the call returns `Ok`.
+    pub(super) fn upsert(&mut self, h: KeyHash, until: Ts, now: Ts, keep_later: bool) -> Result<(), Ts> {
         if self.held >= self.sweep_at {
             self.sweep(now);
         }
@@ -157,13 +157,16 @@ impl KeyTable {
                 let u = bk.until[s];
                 if u != EMPTY && bk.key(s) == h {
                     if u > now.0 {
-                        if keep_later && until.0 > u {
+                        if !keep_later {
+                            return Err(Ts(u));
+                        }
+                        if until.0 > u {
                             bk.until[s] = until.0;
                         }
-                        return keep_later;
+                        return Ok(());
                     }
                     bk.until[s] = until.0;
-                    return true;
+                    return Ok(());
                 }
                 if free.is_none() && u <= now.0 {
                     free = Some((b, s));
@@ -182,7 +185,7 @@ impl KeyTable {
             None => self.free_after(b, now),
         };
         self.put(home, b, s, h, until);
-        true
+        Ok(())
     }
 
     /// The first free slot in the buckets after `b` (the table always has one: it is swept before it fills).
@@ -324,7 +327,7 @@ mod tests {
         // Same home bucket (low bits equal), different keys.
         let hs: Vec<KeyHash> = (0..7).map(|i| KeyHash(i << 40, i)).collect();
         for (i, h) in hs.iter().enumerate() {
-            assert!(t.upsert(*h, Ts(100 + i as i64), Ts(0), false));
+            assert!(t.upsert(*h, Ts(100 + i as i64), Ts(0), false).is_ok());
         }
         for h in &hs {
             assert!(t.get(*h).is_some(), "{h:?} found along its chain");
@@ -337,14 +340,18 @@ mod tests {
         }
         // hs[1] ended at 101: a new key with the same home takes a free slot; everything else is still found.
         let n = KeyHash(99 << 40, 99);
-        assert!(t.upsert(n, Ts(500), Ts(102), false));
+        assert!(t.upsert(n, Ts(500), Ts(102), false).is_ok());
         for h in [2, 4, 5, 6] {
             assert!(t.get(hs[h]).is_some());
         }
         assert_eq!(t.get(n), Some(Ts(500)));
-        assert!(!t.upsert(n, Ts(600), Ts(103), false), "live: refused");
+        assert_eq!(
+            t.upsert(n, Ts(600), Ts(103), false),
+            Err(Ts(500)),
+            "live: refused, with its end"
+        );
         assert!(
-            t.upsert(n, Ts(600), Ts(103), true),
+            t.upsert(n, Ts(600), Ts(103), true).is_ok(),
             "keep_later: the later end is kept"
         );
         assert_eq!(t.get(n), Some(Ts(600)));
@@ -398,7 +405,7 @@ mod tests {
                     model.remove(&k.0);
                 }
                 1 => {
-                    t.upsert(k, until, Ts(now), true);
+                    t.upsert(k, until, Ts(now), true).expect("keep_later");
                     let e = model.entry(k.0).or_insert(until.0);
                     if *e <= now || *e < until.0 {
                         *e = until.0;
@@ -406,7 +413,7 @@ mod tests {
                 }
                 _ => {
                     let live = model.get(&k.0).is_some_and(|u| *u > now);
-                    assert_eq!(t.upsert(k, until, Ts(now), false), !live, "step {step}");
+                    assert_eq!(t.upsert(k, until, Ts(now), false).is_ok(), !live, "step {step}");
                     if !live {
                         model.insert(k.0, until.0);
                     }
