@@ -61,6 +61,14 @@ impl Pass {
         PASS.scope(self.clone(), f).await
     }
 
+    /// The gate of this pass when a write was deferred to it, for answers of later passes that vouch for its
+    /// writes (see [`Gate::is_open`]).
+    pub fn pending(&self) -> Option<Gate> {
+        self.deferred
+            .load(Ordering::Acquire)
+            .then(|| Gate(self.gate.subscribe()))
+    }
+
     /// Ends the pass: its gate opens once every deferred write is durable (at once when there is none), with the
     /// first failure if one failed. Waits off the caller's task, so the queue task goes on to its next pass.
     pub fn finish(self: Arc<Pass>) {
@@ -87,6 +95,11 @@ impl Pass {
 }
 
 impl Gate {
+    /// Whether the pass's writes are known durable or failed (waiting would return at once).
+    pub fn is_open(&self) -> bool {
+        self.0.borrow().is_some()
+    }
+
     /// Waits until the pass's writes are durable; the store's error when one of them failed.
     pub async fn wait(mut self) -> Result<(), StorageError> {
         match self.0.wait_for(Option::is_some).await {

@@ -55,6 +55,9 @@ impl QueuesStore for Queues {
     async fn close(&self) {}
 }
 
+/// The test's side of a deferred write's durability.
+type DurableTx = tokio::sync::oneshot::Sender<Result<(), StorageError>>;
+
 /// A store whose produce calls wait for a permit from `gate` (none at first: they hang).
 #[derive(Debug, Clone)]
 struct Gated {
@@ -77,6 +80,9 @@ struct Gated {
     produces: Arc<AtomicUsize>,
     /// The produce call (1 for the first let through, 0 for none) that fails, leaving the partition healthy.
     fail_produce: Arc<AtomicUsize>,
+    /// When set, a produce inside a queue task's pass returns once written and defers its durability to the pass
+    /// (as fjall does); the test makes each write durable (or not) through the senders collected here.
+    durable: Option<Arc<Mutex<Vec<DurableTx>>>>,
 }
 
 impl Gated {
@@ -92,6 +98,7 @@ impl Gated {
             calls: Arc::default(),
             produces: Arc::default(),
             fail_produce: Arc::default(),
+            durable: None,
         }
     }
 
@@ -147,6 +154,14 @@ impl Partition for Gated {
             .expect("calls lock")
             .push(items.iter().map(|it| it.payload.clone()).collect());
         let first = self.stored.fetch_add(items.len(), Ordering::SeqCst) as u64;
+        if let Some(durable) = &self.durable {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            durable.lock().expect("durable lock").push(tx);
+            if let Some(wait) = crate::durability::defer(rx) {
+                wait.await
+                    .map_err(|_| StorageError::unavailable("durability dropped"))??;
+            }
+        }
         Ok((0..items.len() as u64).map(|i| ItemId(first + i + 1)).collect())
     }
     async fn lease(&self, _n: usize, _deadline: Ts) -> Result<Vec<Item>, StorageError> {
@@ -625,6 +640,62 @@ async fn a_request_sharing_a_key_stores_it_when_the_first_write_fails() {
         .await
         .expect("retry");
     assert_eq!(store.stored.load(Ordering::SeqCst), 4);
+}
+
+/// A produce answered as a duplicate vouches for the item its key first came with. When that item's write is not
+/// durable yet (its pass's fsync still runs while the queue's task goes on to the next pass), the duplicate's answer
+/// waits for it, and fails when it fails: a crash in between cannot lose an item a duplicate was acknowledged for.
+#[tokio::test]
+async fn a_duplicate_is_answered_once_the_original_is_durable() {
+    let clock = ManualClock::starting_now();
+    let mut store = Gated::new();
+    let durable = Arc::new(Mutex::new(Vec::new()));
+    store.durable = Some(durable.clone());
+    store.gate.add_permits(100);
+    let engine = engine_over(&store, &clock).await;
+    let t = Some(Duration::from_secs(5));
+    let produce = |items: Vec<ProduceItem>| {
+        let engine = engine.clone();
+        tokio::spawn(async move { engine.produce("q", items, t).await })
+    };
+    let writes = || durable.lock().expect("durable lock").len();
+    let settle = |i: usize, r: Result<(), StorageError>| {
+        let tx = std::mem::replace(
+            &mut durable.lock().expect("durable lock")[i],
+            tokio::sync::oneshot::channel().0,
+        );
+        tx.send(r).expect("the pass waits");
+    };
+
+    // The original is written; its durability is pending.
+    let a = produce(vec![keyed("k")]);
+    until(|| writes() == 1).await;
+    // A duplicate of it, and a request with a duplicate and a new key, come in later passes.
+    let b = produce(vec![keyed("k")]);
+    let c = produce(vec![keyed("k"), keyed("new")]);
+    until(|| writes() == 2).await;
+    settle(1, Ok(()));
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    assert!(
+        !a.is_finished() && !b.is_finished() && !c.is_finished(),
+        "answered before the original was durable"
+    );
+    settle(0, Ok(()));
+    for p in [a, b, c] {
+        finishes(p).await.expect("joined").expect("produce");
+    }
+    assert_eq!(store.stored.load(Ordering::SeqCst), 2, "k and new");
+
+    // The original's fsync fails: the duplicate is not acknowledged either.
+    let d = produce(vec![keyed("k2")]);
+    until(|| writes() == 3).await;
+    let e = produce(vec![keyed("k2")]);
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    assert!(!e.is_finished(), "answered before the original was durable");
+    settle(2, Err(StorageError::unavailable("fsync failed")));
+    let d = finishes(d).await.expect("joined");
+    let e = finishes(e).await.expect("joined");
+    assert!(d.is_err() && e.is_err(), "{d:?} {e:?}");
 }
 
 /// The tier gauges of `/metrics` follow a queue that changes, read at most once per `TIER_REFRESH`, and a quiet

@@ -51,11 +51,15 @@ use crate::types::{
     ClearRequest, Item, ItemId, NewItem, PartitionCounts, PartitionInfo, QueueInfo, RetryItem,
 };
 
+/// What a reply carries: the answer, the gate of the pass that sent it, and the gates of earlier passes it vouches
+/// for (see [`Reply::send_vouching`]).
+type Sent<T> = (Result<T, QueueError>, Option<Gate>, Vec<Gate>);
+
 /// The answer to one request: sent by the queue task, awaited by the caller with [`Answer::recv`].
-pub(crate) struct Reply<T>(oneshot::Sender<(Result<T, QueueError>, Option<Gate>)>);
+pub(crate) struct Reply<T>(oneshot::Sender<Sent<T>>);
 
 /// The caller's side of a [`Reply`].
-pub(crate) struct Answer<T>(oneshot::Receiver<(Result<T, QueueError>, Option<Gate>)>);
+pub(crate) struct Answer<T>(oneshot::Receiver<Sent<T>>);
 
 /// A reply channel.
 pub(crate) fn reply<T>() -> (Reply<T>, Answer<T>) {
@@ -67,7 +71,22 @@ impl<T> Reply<T> {
     /// Sends the answer; when it is sent from a pass whose writes are deferred (see [`crate::durability`]), the
     /// caller gets it once they are durable. Gives the answer back when the caller stopped waiting.
     pub(crate) fn send(self, r: Result<T, QueueError>) -> Result<(), Result<T, QueueError>> {
-        self.0.send((r, durability::gate())).map_err(|(r, _)| r)
+        self.0
+            .send((r, durability::gate(), Vec::new()))
+            .map_err(|(r, ..)| r)
+    }
+
+    /// [`Reply::send`] for an answer that vouches for writes of earlier passes as well (a duplicate produce says
+    /// its key's item is stored, which an earlier pass wrote and may not have made durable yet): the caller gets it
+    /// once those passes' writes are durable too, and an error if one of them failed.
+    pub(crate) fn send_vouching(
+        self,
+        r: Result<T, QueueError>,
+        earlier: &[Gate],
+    ) -> Result<(), Result<T, QueueError>> {
+        self.0
+            .send((r, durability::gate(), earlier.to_vec()))
+            .map_err(|(r, ..)| r)
     }
 
     /// Whether the caller stopped waiting.
@@ -79,11 +98,14 @@ impl<T> Reply<T> {
 impl<T> Answer<T> {
     /// The answer, once what the request wrote is durable; `Err(())` when the queue task dropped the request.
     pub(crate) async fn recv(self) -> Result<Result<T, QueueError>, ()> {
-        let (r, gate) = self.0.await.map_err(|_| ())?;
-        match (r, gate) {
-            (Ok(v), Some(g)) => Ok(g.wait().await.map(|()| v).map_err(QueueError::from)),
-            (r, _) => Ok(r),
+        let (r, gate, earlier) = self.0.await.map_err(|_| ())?;
+        let Ok(v) = r else { return Ok(r) };
+        for g in gate.into_iter().chain(earlier) {
+            if let Err(e) = g.wait().await {
+                return Ok(Err(QueueError::from(e)));
+            }
         }
+        Ok(Ok(v))
     }
 }
 /// Complete requests of one pass, by partition.
@@ -281,6 +303,10 @@ pub(crate) struct QueueTask {
     tiers_due: Option<Ts>,
     /// When they were last read.
     tiers_at: Ts,
+    /// The gates of earlier passes whose deferred writes were not known durable when this pass began: a produce
+    /// answered as a duplicate (wholly or in part) waits for them, since the item its key came with first may be
+    /// among those writes (see `produce`).
+    unsettled: Vec<Gate>,
 }
 
 impl QueueTask {
@@ -308,6 +334,7 @@ impl QueueTask {
             // The first pass reads them (after opening the partitions).
             tiers_due: Some(Ts::ZERO),
             tiers_at: Ts::ZERO,
+            unsettled: Vec::new(),
         };
         t.set_info(info);
         t
@@ -514,6 +541,7 @@ impl QueueTask {
         // deferred to the pass, which answers them once an fsync covers them while the task goes on (see
         // `durability`). Everything else in the pass is durable when its call returns.
         let deferred = Pass::new();
+        self.unsettled.retain(|g| !g.is_open());
         if !produces.is_empty() {
             deferred.scope(self.produce(produces, now)).await;
         }
@@ -536,6 +564,7 @@ impl QueueTask {
             self.cold(c, now).await;
         }
         deferred.scope(self.serve_leases(now)).await;
+        self.unsettled.extend(deferred.pending());
         deferred.finish();
         self.expire_waiters(now);
         if changed_before || self.total_counts() != counts_before {

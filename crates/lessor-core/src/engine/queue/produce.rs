@@ -25,14 +25,16 @@ pub(super) type IncomingProduce = (Vec<ProduceItem>, Vec<Option<KeyHash>>, Ts, R
 /// See [`ProduceRequest`].
 enum Keys {
     PerItem(Vec<Option<KeyHash>>),
-    Stored(Vec<KeyHash>),
+    /// The keys the request claimed, and whether some of its items were duplicates (its answer then vouches for
+    /// earlier writes: see [`super::Reply::send_vouching`]).
+    Stored(Vec<KeyHash>, bool),
 }
 
 impl Keys {
     /// The keys the request claimed in the index.
     fn stored(self) -> Vec<KeyHash> {
         match self {
-            Keys::Stored(k) => k,
+            Keys::Stored(k, _) => k,
             // Only requests without keys skip the filter.
             Keys::PerItem(k) => k.into_iter().flatten().collect(),
         }
@@ -137,12 +139,12 @@ impl QueueTask {
         for (mut items, reply, tried, keys) in pending {
             let hashes = match keys {
                 Keys::PerItem(h) if h.is_empty() => {
-                    store.push((items, reply, tried, Keys::Stored(Vec::new())));
+                    store.push((items, reply, tried, Keys::Stored(Vec::new(), false)));
                     continue;
                 }
                 Keys::PerItem(h) => h,
                 // Not reached: requests are filtered once per round of the pass, before they are stored.
-                Keys::Stored(_) => {
+                Keys::Stored(..) => {
                     store.push((items, reply, tried, keys));
                     continue;
                 }
@@ -181,7 +183,7 @@ impl QueueTask {
                                 let mut set =
                                     HashSet128::with_capacity_and_hasher(claimed_before, Default::default());
                                 for r in &store {
-                                    if let Keys::Stored(k) = &r.3 {
+                                    if let Keys::Stored(k, _) = &r.3 {
                                         set.extend(k.iter().copied());
                                     }
                                 }
@@ -224,13 +226,15 @@ impl QueueTask {
                     .fetch_add(skip.len() as u64, Ordering::Relaxed);
             }
             if items.is_empty() {
-                let _ = reply.send(Ok(()));
+                // Every item is a duplicate: the answer says they are stored, so it waits until the writes of
+                // earlier passes are durable (the writes of this pass's earlier rounds are in its own gate).
+                let _ = reply.send_vouching(Ok(()), &self.unsettled);
             } else {
                 claimed_before += keys.len();
                 if let Some(set) = &mut earlier {
                     set.extend(keys.iter().copied());
                 }
-                store.push((items, reply, tried, Keys::Stored(keys)));
+                store.push((items, reply, tried, Keys::Stored(keys, !skip.is_empty())));
             }
         }
         (store, later)
@@ -295,14 +299,18 @@ impl QueueTask {
                         let mut scheduled = 0;
                         let mut top = self.parts[i].top_priority;
                         // The items' keys were claimed in the index before the write (see `dedup_filter`).
-                        for ((_, reply, _, _), sum) in reqs.into_iter().zip(sums) {
+                        for ((_, reply, _, keys), sum) in reqs.into_iter().zip(sums) {
                             ready += sum.ready;
                             scheduled += sum.scheduled;
                             top = top.max(sum.top);
                             if let Some(t) = sum.earliest {
                                 self.parts[i].pull_deadline(t);
                             }
-                            let _ = reply.send(Ok(()));
+                            if matches!(keys, Keys::Stored(_, true)) {
+                                let _ = reply.send_vouching(Ok(()), &self.unsettled);
+                            } else {
+                                let _ = reply.send(Ok(()));
+                            }
                         }
                         let p = &mut self.parts[i];
                         p.counts.ready += ready;
