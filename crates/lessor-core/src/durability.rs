@@ -62,7 +62,7 @@ impl Pass {
     }
 
     /// The gate of this pass when a write was deferred to it, for answers of later passes that vouch for its
-    /// writes (see [`Gate::is_open`]).
+    /// writes (see [`Gate::is_durable`]).
     pub fn pending(&self) -> Option<Gate> {
         self.deferred
             .load(Ordering::Acquire)
@@ -95,9 +95,9 @@ impl Pass {
 }
 
 impl Gate {
-    /// Whether the pass's writes are known durable or failed (waiting would return at once).
-    pub fn is_open(&self) -> bool {
-        self.0.borrow().is_some()
+    /// Whether the pass's writes are known durable (waiting would return at once, with success).
+    pub fn is_durable(&self) -> bool {
+        matches!(*self.0.borrow(), Some(Ok(())))
     }
 
     /// Waits until the pass's writes are durable; the store's error when one of them failed.

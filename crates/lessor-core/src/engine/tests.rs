@@ -696,6 +696,9 @@ async fn a_duplicate_is_answered_once_the_original_is_durable() {
     let d = finishes(d).await.expect("joined");
     let e = finishes(e).await.expect("joined");
     assert!(d.is_err() && e.is_err(), "{d:?} {e:?}");
+    // Nor later: the key is still claimed, but its item was never made durable.
+    let f = finishes(engine.produce("q", vec![keyed("k2")], t)).await;
+    assert!(f.is_err(), "{f:?}");
 }
 
 /// The tier gauges of `/metrics` follow a queue that changes, read at most once per `TIER_REFRESH`, and a quiet

@@ -303,9 +303,9 @@ pub(crate) struct QueueTask {
     tiers_due: Option<Ts>,
     /// When they were last read.
     tiers_at: Ts,
-    /// The gates of earlier passes whose deferred writes were not known durable when this pass began: a produce
-    /// answered as a duplicate (wholly or in part) waits for them, since the item its key came with first may be
-    /// among those writes (see `produce`).
+    /// The gates of earlier passes whose deferred writes were not known durable when this pass began (or failed):
+    /// a produce answered as a duplicate (wholly or in part) waits for them, since the item its key came with first
+    /// may be among those writes (see `produce`).
     unsettled: Vec<Gate>,
 }
 
@@ -541,7 +541,10 @@ impl QueueTask {
         // deferred to the pass, which answers them once an fsync covers them while the task goes on (see
         // `durability`). Everything else in the pass is durable when its call returns.
         let deferred = Pass::new();
-        self.unsettled.retain(|g| !g.is_open());
+        // A pass whose writes failed to become durable stays: the keys it claimed are still in the index, so a
+        // duplicate of one of them must not be acknowledged. (A failed fsync poisons a fjall store, which stores
+        // nothing more until the server restarts and rebuilds the index from what is on disk.)
+        self.unsettled.retain(|g| !g.is_durable());
         if !produces.is_empty() {
             deferred.scope(self.produce(produces, now)).await;
         }
