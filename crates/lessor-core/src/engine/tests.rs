@@ -549,6 +549,15 @@ async fn dedup_keys_beyond_the_limit_are_refused_until_the_window_moves_on() {
     assert_eq!(store.stored.load(Ordering::SeqCst), 6);
 }
 
+/// Produces `items` into queue "q" on a task of its own (timeout 5 s), so that the test can hold several in flight.
+fn spawn_produce(
+    engine: &Engine,
+    items: Vec<ProduceItem>,
+) -> tokio::task::JoinHandle<Result<(), QueueError>> {
+    let engine = engine.clone();
+    tokio::spawn(async move { engine.produce("q", items, Some(Duration::from_secs(5))).await })
+}
+
 /// Requests that reach the queue's task in one pass and share dedup keys: the first to claim a key stores it, one
 /// that shares a key with it waits for that write and then finds the key stored (a duplicate: acknowledged, not
 /// stored again), and a key repeated within one request is stored once. Every key is stored exactly once, and
@@ -558,13 +567,9 @@ async fn requests_of_one_pass_that_share_keys_store_each_key_once() {
     let clock = ManualClock::starting_now();
     let store = Gated::new();
     let engine = engine_over(&store, &clock).await;
-    let t = Some(Duration::from_secs(5));
     // The first produce holds the queue's task in a hung storage call, so the next three wait in its inbox and
     // come in one pass.
-    let produce = |items: Vec<ProduceItem>| {
-        let engine = engine.clone();
-        tokio::spawn(async move { engine.produce("q", items, t).await })
-    };
+    let produce = |items: Vec<ProduceItem>| spawn_produce(&engine, items);
     let hold = produce(vec![item("hold")]);
     until(|| store.entered.load(Ordering::SeqCst)).await;
     let a = produce(vec![keyed("k1"), keyed("k2")]);
@@ -610,11 +615,7 @@ async fn a_request_sharing_a_key_stores_it_when_the_first_write_fails() {
     let clock = ManualClock::starting_now();
     let store = Gated::new();
     let engine = engine_over(&store, &clock).await;
-    let t = Some(Duration::from_secs(5));
-    let produce = |items: Vec<ProduceItem>| {
-        let engine = engine.clone();
-        tokio::spawn(async move { engine.produce("q", items, t).await })
-    };
+    let produce = |items: Vec<ProduceItem>| spawn_produce(&engine, items);
     let hold = produce(vec![item("hold")]);
     until(|| store.entered.load(Ordering::SeqCst)).await;
     // The second call (the first of the pass: the request that claims k1 and k2 first) fails.
@@ -636,7 +637,7 @@ async fn a_request_sharing_a_key_stores_it_when_the_first_write_fails() {
         "k2 stored by the second request"
     );
     // k1 was given back with the failed write: a retry of it is stored.
-    finishes(engine.produce("q", vec![keyed("k1")], t))
+    finishes(engine.produce("q", vec![keyed("k1")], Some(Duration::from_secs(5))))
         .await
         .expect("retry");
     assert_eq!(store.stored.load(Ordering::SeqCst), 4);
@@ -653,11 +654,7 @@ async fn a_duplicate_is_answered_once_the_original_is_durable() {
     store.durable = Some(durable.clone());
     store.gate.add_permits(100);
     let engine = engine_over(&store, &clock).await;
-    let t = Some(Duration::from_secs(5));
-    let produce = |items: Vec<ProduceItem>| {
-        let engine = engine.clone();
-        tokio::spawn(async move { engine.produce("q", items, t).await })
-    };
+    let produce = |items: Vec<ProduceItem>| spawn_produce(&engine, items);
     let writes = || durable.lock().expect("durable lock").len();
     let settle = |i: usize, r: Result<(), StorageError>| {
         let tx = std::mem::replace(
@@ -697,7 +694,7 @@ async fn a_duplicate_is_answered_once_the_original_is_durable() {
     let e = finishes(e).await.expect("joined");
     assert!(d.is_err() && e.is_err(), "{d:?} {e:?}");
     // Nor later: the key is still claimed, but its item was never made durable.
-    let f = finishes(engine.produce("q", vec![keyed("k2")], t)).await;
+    let f = finishes(engine.produce("q", vec![keyed("k2")], Some(Duration::from_secs(5)))).await;
     assert!(f.is_err(), "{f:?}");
 }
 
