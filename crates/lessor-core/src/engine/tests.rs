@@ -562,7 +562,8 @@ fn spawn_produce(
 /// that shares a key with it waits for that write and then finds the key stored (a duplicate: acknowledged, not
 /// stored again), and a key repeated within one request is stored once. Every key is stored exactly once, and
 /// every request is answered.
-#[tokio::test]
+// Paused tokio time (the queue uses the manual clock): each sleep returns once the engine is idle.
+#[tokio::test(start_paused = true)]
 async fn requests_of_one_pass_that_share_keys_store_each_key_once() {
     let clock = ManualClock::starting_now();
     let store = Gated::new();
@@ -610,7 +611,8 @@ async fn requests_of_one_pass_that_share_keys_store_each_key_once() {
 /// A request that shares a key with an earlier request of its pass waits for that request's write, and when the
 /// write fails it stores the item itself: a key is never acknowledged as a duplicate of an item that was not
 /// stored.
-#[tokio::test]
+// Paused tokio time (the queue uses the manual clock): each sleep returns once the engine is idle.
+#[tokio::test(start_paused = true)]
 async fn a_request_sharing_a_key_stores_it_when_the_first_write_fails() {
     let clock = ManualClock::starting_now();
     let store = Gated::new();
@@ -646,7 +648,8 @@ async fn a_request_sharing_a_key_stores_it_when_the_first_write_fails() {
 /// A produce answered as a duplicate vouches for the item its key first came with. When that item's write is not
 /// durable yet (its pass's fsync still runs while the queue's task goes on to the next pass), the duplicate's answer
 /// waits for it, and fails when it fails: a crash in between cannot lose an item a duplicate was acknowledged for.
-#[tokio::test]
+// Paused tokio time (the queue uses the manual clock): each sleep returns once the engine is idle.
+#[tokio::test(start_paused = true)]
 async fn a_duplicate_is_answered_once_the_original_is_durable() {
     let clock = ManualClock::starting_now();
     let mut store = Gated::new();

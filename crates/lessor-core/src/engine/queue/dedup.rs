@@ -102,9 +102,9 @@ impl DedupIndex {
     }
 
     /// Claims a key for a request about to be stored, until `until`: when the key's window is open at `now` (a
-    /// duplicate), the end of that window instead. One table access, where a lookup now and an insert after the write were two: the table is
-    /// larger than the caches, so each access is a cache miss (see [`DedupIndex::warm`]). A claim whose write fails is given back with
-    /// [`DedupIndex::release`].
+    /// duplicate), the end of that window instead. One table access, where a lookup now and an insert after the
+    /// write were two: the table is larger than the caches, so each access is a cache miss (see
+    /// [`DedupIndex::warm`]). A claim whose write fails is given back with [`DedupIndex::release`].
     pub(super) fn claim(&mut self, h: KeyHash, until: Ts, now: Ts) -> Result<(), Ts> {
         self.live.upsert(h, until, now, false)
     }
