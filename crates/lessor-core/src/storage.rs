@@ -205,7 +205,9 @@ pub trait Partition: Send + Sync + Debug + 'static {
     ///   same way; otherwise the item is stored with its record in the same atomic write.
     ///
     /// Either way, expired records are dropped by later calls, at least as many per call as the call adds, so their
-    /// number stays bounded by the produce rate times the window.
+    /// number stays bounded by the produce rate times the window. A shared store may keep them for a grace period
+    /// after their window ends (another server's items stamped within the window may reach it late); the bound is
+    /// then the rate times the window and the grace.
     async fn produce(&self, items: Vec<NewItem>) -> Result<Vec<ItemId>, StorageError>;
 
     /// Leases up to `n` ready items from the head, highest priority first and in id order within a priority: each

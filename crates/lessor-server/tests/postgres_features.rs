@@ -235,3 +235,48 @@ async fn redrive_taken_over_by_the_other_server() {
     assert!(stored(&b, "dlq").await.is_empty());
     b.shutdown().await;
 }
+
+/// A duplicate that the database answers (the key's record was written by the other server) does not extend the
+/// key's window in the answering server's in-memory index: once the record's window has ended, a produce of that
+/// key through either server is stored. (B's index used to keep its own claim for the skipped retry, a window of
+/// its own, and answered the later produce "duplicate" without storing it.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_duplicate_answered_by_the_database_does_not_extend_the_window() {
+    if lessor_testkit::database_or_skip().is_none() {
+        return;
+    }
+    let db = Database::create("lessor_feat").await;
+    let clock = ManualClock::starting_now();
+    let a = engine(&db, &clock).await;
+    let b = engine(&db, &clock).await;
+    a.create_queue(QueueInfo {
+        max_attempts: 0,
+        dedup_window: Duration::from_secs(60),
+        ..queue("jobs", "", 1)
+    })
+    .await
+    .expect("create");
+    a.produce("jobs", vec![keyed("first", "k")], T)
+        .await
+        .expect("first via A");
+    clock.advance(Duration::from_secs(50));
+    b.produce("jobs", vec![keyed("retry", "k")], T)
+        .await
+        .expect("retry via B");
+    assert_eq!(
+        stored(&a, "jobs").await,
+        vec!["first"],
+        "the retry is a duplicate"
+    );
+    clock.advance(Duration::from_secs(11)); // 61 s after "first": its window (60 s) has ended
+    b.produce("jobs", vec![keyed("second", "k")], T)
+        .await
+        .expect("second via B");
+    assert_eq!(
+        stored(&a, "jobs").await,
+        vec!["first", "second"],
+        "a produce after the window ended was acknowledged but not stored"
+    );
+    a.shutdown().await;
+    b.shutdown().await;
+}

@@ -955,3 +955,45 @@ async fn an_item_ready_below_the_lease_position_is_still_served() {
     assert!(p.lease(10, T0.add(SEC * 600)).await.expect("lease").is_empty());
     store.destroy(&q, 0).await.expect("destroy");
 }
+
+/// A keyed produce stamped (created_at) before its key's record ended, that reaches the database after
+/// another server dropped that record as expired (its lifecycle or produce ran with a later `now`), is a duplicate
+/// by the contract (`until` > the item's `created_at`) and must not be stored again: records are pruned only after a grace
+/// period past their window.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_late_produce_within_the_window_is_not_stored_after_a_prune() {
+    let Some((a, b)) = two_servers() else {
+        return;
+    };
+    let queue = unique_queue("pg-late-prune");
+    let pa = a.open(&queue, 0).await.expect("open a");
+    let pb = b.open(&queue, 1).await.expect("open b");
+    let window = SEC * 60;
+    let keyed = |tag: &str, at: Ts| NewItem {
+        expire_deadline: T0.add(SEC * 3600),
+        created_at: at,
+        payload: Bytes::from(tag.to_string()),
+        dedup_id: "k".into(),
+        dedup_until: at.add(window),
+        ..Default::default()
+    };
+    pb.produce(vec![keyed("first", T0)]).await.expect("first");
+    // Server B's lifecycle pass runs at the instant the record ends, and drops it.
+    pb.lifecycle(T0.add(window), LifecyclePolicy::default(), 100)
+        .await
+        .expect("lifecycle");
+    // Server A stamped its produce 1 ms before the window ended; the statement reaches the database only now.
+    let late = T0.add(window - Duration::from_millis(1));
+    let ids = pa.produce(vec![keyed("late", late)]).await.expect("late");
+    let stored_a = pa.list(None, 100, false).await.expect("list");
+    assert!(
+        stored_a.is_empty(),
+        "a produce within the window was stored a second time: ids {ids:?}, items {:?}",
+        stored_a
+            .iter()
+            .map(|i| String::from_utf8_lossy(&i.payload).into_owned())
+            .collect::<Vec<_>>()
+    );
+    a.destroy(&queue, 0).await.ok();
+    b.destroy(&queue, 1).await.ok();
+}

@@ -237,6 +237,19 @@ const ANNOUNCE_INTERVAL: std::time::Duration = std::time::Duration::from_millis(
 /// Expired dedup records a lifecycle pass drops at most.
 const LIFECYCLE_DEDUP_PRUNE: i64 = 1000;
 
+/// How long a dedup record is kept after its window ended before a prune drops it. A produce is checked against
+/// its items' `created_at`, stamped by its server when the pass began, not when the statement reaches the
+/// database; a record dropped in between (by another server's prune, whose `now` is later) would let a duplicate
+/// stamped within the window be stored. The grace covers a statement that waits that long (a pool waiting for a
+/// connection, a database failing over) and servers whose clocks disagree by up to that much; it costs the
+/// records of that many minutes of keyed produces, in rows.
+const DEDUP_PRUNE_GRACE: std::time::Duration = std::time::Duration::from_secs(5 * 60);
+
+/// The `until` at or before which a prune at `now` may drop a record (see [`DEDUP_PRUNE_GRACE`]).
+fn prune_horizon(now: i64) -> i64 {
+    now.saturating_sub(DEDUP_PRUNE_GRACE.as_nanos() as i64)
+}
+
 /// What complete and retry learn about a live item they name.
 #[derive(Clone, Copy)]
 struct LiveRow {
@@ -596,13 +609,14 @@ impl PgPartition {
         Ok(o)
     }
 
-    /// Drops up to `limit` dedup records of the queue that expired by `now`; returns how many.
+    /// Drops up to `limit` dedup records of the queue that expired by `now` less [`DEDUP_PRUNE_GRACE`]; returns how
+    /// many.
     async fn prune_dedup(&self, now: Ts, limit: i64) -> Result<u64, StorageError> {
         let shared = self.shared()?;
         let conn = shared.conn().await?;
         let stmt = prepare(&conn, &self.sql.prune_dedup).await?;
         let row = conn
-            .query_one(&stmt, &[&self.queue, &now.0, &limit])
+            .query_one(&stmt, &[&self.queue, &prune_horizon(now.0), &limit])
             .await
             .map_err(pg_err)?;
         Ok(count(row.try_get(0).map_err(pg_err)?))
@@ -766,7 +780,7 @@ impl Partition for PgPartition {
                 .filter(|i| !i.dedup_id.is_empty())
                 .map(|i| i.created_at.0)
                 .min()
-                .unwrap_or(0);
+                .map_or(0, prune_horizon);
             let prune_limit = limit_param(2 * key_count + 16);
             let stmt = prepare(&conn, &self.sql.produce_dedup).await?;
             let prune = prepare(&conn, &self.sql.prune_dedup).await?;

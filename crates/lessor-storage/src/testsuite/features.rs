@@ -612,8 +612,9 @@ pub async fn dedup_expired_records_are_pruned(b: TestBackend) {
         return; // A shared store that keeps its records to itself: nothing to observe here.
     };
     assert_eq!(before.len(), n);
-    // One call adding n records, after every old record has ended, drops at least n of them.
-    let now = T0.add(SEC * 20);
+    // One call adding n records, well after every old record has ended (20 minutes: past the grace a shared store
+    // keeps ended records for, see the postgres partition's `DEDUP_PRUNE_GRACE`), drops at least n of them.
+    let now = T0.add(SEC * 20 * 60);
     let fresh: Vec<NewItem> = (0..n)
         .map(|i| keyed(&format!("n{i}"), &format!("new-{i}"), now, now.add(SEC * 300)))
         .collect();

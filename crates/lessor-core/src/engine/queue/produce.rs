@@ -311,6 +311,14 @@ impl QueueTask {
                             } else {
                                 let _ = reply.send(Ok(()));
                             }
+                            // A shared store checked the keys itself, against records other servers wrote too,
+                            // and skipped the items whose key it holds: a claim kept here would start a window
+                            // of its own for an item this server never stored, and answer "duplicate" after the
+                            // stored record's window ended (an item acknowledged and not stored). So the index
+                            // holds a shared partition's keys only for the pass that claimed them.
+                            if self.parts[i].shared {
+                                self.release(keys);
+                            }
                         }
                         let p = &mut self.parts[i];
                         p.counts.ready += ready;
