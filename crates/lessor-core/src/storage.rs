@@ -210,6 +210,16 @@ pub trait Partition: Send + Sync + Debug + 'static {
     /// then the rate times the window and the grace.
     async fn produce(&self, items: Vec<NewItem>) -> Result<Vec<ItemId>, StorageError>;
 
+    /// [`Partition::produce`], also telling for each item whether this call stored it (`true`) or skipped it as a
+    /// duplicate of a live dedup record (`false`). Shared stores must implement it: the engine calls it on them so
+    /// that its index keeps only the keys it stored itself (a key the store skipped has the record's own end, which
+    /// the engine does not know). The default, for stores that do not check keys, reports every item stored.
+    async fn produce_reporting(&self, items: Vec<NewItem>) -> Result<(Vec<ItemId>, Vec<bool>), StorageError> {
+        let ids = self.produce(items).await?;
+        let stored = vec![true; ids.len()];
+        Ok((ids, stored))
+    }
+
     /// Leases up to `n` ready items from the head, highest priority first and in id order within a priority: each
     /// gets `is_leased`, `lease_deadline` and `attempts + 1`; the result is in that serving order. Returns the leased items (fewer than `n`, possibly none, when fewer are ready).
     async fn lease(&self, n: usize, lease_deadline: Ts) -> Result<Vec<Item>, StorageError>;

@@ -280,3 +280,126 @@ async fn a_duplicate_answered_by_the_database_does_not_extend_the_window() {
     a.shutdown().await;
     b.shutdown().await;
 }
+
+/// A queue grown on server A is served whole by server B, which loaded the queue before: B re-reads the definition
+/// (it used to keep its first copy, so once A was gone the items in the new partition were never served).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partitions_added_on_one_server_are_served_by_the_other() {
+    if lessor_testkit::database_or_skip().is_none() {
+        return;
+    }
+    let db = Database::create("lessor_feat").await;
+    let clock = ManualClock::starting_now();
+    let a = engine(&db, &clock).await;
+    let b = engine(&db, &clock).await;
+    a.create_queue(QueueInfo {
+        max_attempts: 0,
+        ..queue("jobs", "", 1)
+    })
+    .await
+    .expect("create");
+    // B loads the queue (its task caches the definition).
+    b.produce("jobs", vec![keyed("p0", "")], T)
+        .await
+        .expect("produce via B");
+    a.update_queue(lessor_core::engine::QueueUpdate {
+        name: "jobs".into(),
+        requested_partitions: Some(2),
+        ..Default::default()
+    })
+    .await
+    .expect("grow");
+    a.reload("jobs").await.expect("reload A");
+    a.produce("jobs", vec![keyed("p1", "")], T)
+        .await
+        .expect("produce via A");
+    let on_a = a.stats("jobs").await.expect("stats").partitions.len();
+    a.shutdown().await; // server A goes away
+    b.reload("jobs").await.expect("reload B");
+    let on_b = b.stats("jobs").await.expect("stats").partitions.len();
+    let mut got = Vec::new();
+    for _ in 0..2 {
+        match tokio::time::timeout(Duration::from_secs(3), b.lease("jobs", 10, "w", T)).await {
+            Ok(Ok(l)) => got.extend(
+                l.items
+                    .iter()
+                    .map(|i| String::from_utf8_lossy(&i.payload).into_owned()),
+            ),
+            _ => break,
+        }
+    }
+    got.sort();
+    assert_eq!(
+        (on_a, on_b, got),
+        (2, 2, vec!["p0".to_string(), "p1".to_string()])
+    );
+    b.shutdown().await;
+}
+
+/// A queue paused through server A is not served by server B, which loaded it before (docs/compatibility.md: a
+/// pause is seen by every server sharing the store).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pause_on_one_server_stops_leases_on_the_other() {
+    if lessor_testkit::database_or_skip().is_none() {
+        return;
+    }
+    let db = Database::create("lessor_feat").await;
+    let clock = ManualClock::starting_now();
+    let a = engine(&db, &clock).await;
+    let b = engine(&db, &clock).await;
+    a.create_queue(queue("jobs", "", 1)).await.expect("create");
+    b.produce("jobs", vec![keyed("x", "")], T)
+        .await
+        .expect("produce via B");
+    a.set_paused("jobs", true).await.expect("pause via A");
+    b.reload("jobs").await.expect("reload B");
+    let r = tokio::time::timeout(Duration::from_secs(3), b.lease("jobs", 1, "w", T)).await;
+    assert!(
+        !matches!(r, Ok(Ok(_))),
+        "B leased from a queue paused on A: {:?}",
+        r.map(|r| r.map(|l| l.items.len()))
+    );
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+/// A queue deleted through server A is not served by server B, which loaded it before: B's task stops, and B answers
+/// "queue not found" instead of storing items into the deleted queue's partitions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queue_deleted_on_one_server_is_not_served_by_the_other() {
+    if lessor_testkit::database_or_skip().is_none() {
+        return;
+    }
+    let db = Database::create("lessor_feat").await;
+    let clock = ManualClock::starting_now();
+    let a = engine(&db, &clock).await;
+    let b = engine(&db, &clock).await;
+    a.create_queue(queue("jobs", "", 1)).await.expect("create");
+    b.produce("jobs", vec![keyed("x", "")], T)
+        .await
+        .expect("produce via B");
+    a.delete_queue("jobs").await.expect("delete via A");
+    // B's next pass after the refresh interval finds the definition gone. Until then a request may still be
+    // served; after it, none is, and the answers settle on "queue not found".
+    clock.advance(Duration::from_secs(1));
+    let mut last = None;
+    for _ in 0..50 {
+        match b.produce("jobs", vec![keyed("y", "")], T).await {
+            Err(QueueError::QueueNotFound(_)) => {
+                last = Some(true);
+                break;
+            }
+            Err(QueueError::QueueShuttingDown) => tokio::time::sleep(Duration::from_millis(20)).await,
+            other => panic!("B served a produce into a queue deleted on A: {other:?}"),
+        }
+    }
+    assert_eq!(last, Some(true), "B never answered 'queue not found'");
+    // Created anew under the same name: B serves the new queue, not the old task.
+    a.create_queue(queue("jobs", "", 1)).await.expect("create again");
+    b.produce("jobs", vec![keyed("z", "")], T)
+        .await
+        .expect("produce via B into the new queue");
+    assert_eq!(stored(&a, "jobs").await, vec!["z"]);
+    a.shutdown().await;
+    b.shutdown().await;
+}

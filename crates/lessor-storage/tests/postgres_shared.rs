@@ -997,3 +997,41 @@ async fn a_late_produce_within_the_window_is_not_stored_after_a_prune() {
     a.destroy(&queue, 0).await.ok();
     b.destroy(&queue, 1).await.ok();
 }
+
+/// `produce_reporting` tells the engine which items a call stored: a key live in another server's record is
+/// reported skipped, as is a key's second copy within one call; items without a key are stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn produce_reports_which_items_were_skipped_as_duplicates() {
+    let Some((a, b)) = two_servers() else {
+        return;
+    };
+    let queue = unique_queue("pg-reporting");
+    let pa = a.open(&queue, 0).await.expect("open a");
+    let pb = b.open(&queue, 1).await.expect("open b");
+    let item = |tag: &str, key: &str| NewItem {
+        expire_deadline: T0.add(SEC * 3600),
+        created_at: T0,
+        payload: Bytes::from(tag.to_string()),
+        dedup_id: key.into(),
+        dedup_until: T0.add(SEC * 60),
+        ..Default::default()
+    };
+    let (_, stored) = pb
+        .produce_reporting(vec![item("first", "k")])
+        .await
+        .expect("first");
+    assert_eq!(stored, [true]);
+    let (ids, stored) = pa
+        .produce_reporting(vec![
+            item("dup", "k"),
+            item("new", "j"),
+            item("again", "j"),
+            item("plain", ""),
+        ])
+        .await
+        .expect("second");
+    assert_eq!(stored, [false, true, false, true], "ids {ids:?}");
+    assert_eq!(ids[1], ids[2], "a repeated key takes its first copy's id");
+    a.destroy(&queue, 0).await.ok();
+    b.destroy(&queue, 1).await.ok();
+}

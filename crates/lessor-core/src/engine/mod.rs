@@ -705,12 +705,18 @@ impl Engine {
     async fn handle(&self, name: &str) -> Result<Arc<QueueHandle>, QueueError> {
         self.check_running()?;
         validate::queue_name("queue_name", name)?;
+        // A task whose inbox is closed stopped on its own (its queue was deleted by another server sharing the
+        // store): load the queue afresh, which finds it missing or created anew.
         if let Some(h) = self.inner.queues.read().map_err(poisoned)?.get(name) {
-            return Ok(h.clone());
+            if !h.tx.is_closed() {
+                return Ok(h.clone());
+            }
         }
         let _guard = self.inner.load_lock.lock().await;
         if let Some(h) = self.inner.queues.read().map_err(poisoned)?.get(name) {
-            return Ok(h.clone());
+            if !h.tx.is_closed() {
+                return Ok(h.clone());
+            }
         }
         self.check_running()?;
         let info = self

@@ -761,9 +761,16 @@ impl OffloadPartition {
 
 #[async_trait]
 impl Partition for OffloadPartition {
-    async fn produce(&self, mut items: Vec<NewItem>) -> Result<Vec<ItemId>, StorageError> {
+    async fn produce(&self, items: Vec<NewItem>) -> Result<Vec<ItemId>, StorageError> {
+        Ok(self.produce_reporting(items).await?.0)
+    }
+
+    async fn produce_reporting(
+        &self,
+        mut items: Vec<NewItem>,
+    ) -> Result<(Vec<ItemId>, Vec<bool>), StorageError> {
         if self.shared.passthrough() && !items.iter().any(|it| frame::is_framed(&it.payload)) {
-            return self.inner.produce(items).await;
+            return self.inner.produce_reporting(items).await;
         }
         let payloads: Vec<Bytes> = items
             .iter_mut()
@@ -783,7 +790,7 @@ impl Partition for OffloadPartition {
         }
         // The objects are written: only now may the items that reference them become visible. A failed inner
         // produce leaves them to the sweeper (a failure of unknown durability may still have stored the items).
-        let r = self.inner.produce(items).await;
+        let r = self.inner.produce_reporting(items).await;
         self.shared.done(&keys);
         r
     }

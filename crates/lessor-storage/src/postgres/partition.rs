@@ -716,8 +716,12 @@ impl<'a> Columns<'a> {
 #[async_trait]
 impl Partition for PgPartition {
     async fn produce(&self, items: Vec<NewItem>) -> Result<Vec<ItemId>, StorageError> {
+        Ok(self.produce_reporting(items).await?.0)
+    }
+
+    async fn produce_reporting(&self, items: Vec<NewItem>) -> Result<(Vec<ItemId>, Vec<bool>), StorageError> {
         if items.is_empty() {
-            return Ok(Vec::new());
+            return Ok((Vec::new(), Vec::new()));
         }
         // A source id or dedup key repeated within the batch is sent once; later copies take the first one's id,
         // as if they had been produced one after the other.
@@ -814,6 +818,8 @@ impl Partition for PgPartition {
             .map(|id| inserted.contains(id).then_some(*id))
             .collect();
         ids.resize(sent.len(), None);
+        // Which rows this call stored (before the duplicates' slots are filled with their stored copies' ids).
+        let stored_rows: Vec<bool> = ids.iter().map(Option::is_some).collect();
         for (rn, id) in dup_rn.into_iter().zip(dup_id) {
             let k = usize::try_from(rn - 1).unwrap_or(usize::MAX);
             if let Some(slot @ None) = ids.get_mut(k) {
@@ -843,11 +849,19 @@ impl Partition for PgPartition {
                 }
             }
         }
-        // A duplicate whose stored copy vanished again (completed in between) has no id left to report: 0.
-        Ok(slot
+        // A duplicate whose stored copy vanished again (completed in between) has no id left to report: 0. A later
+        // copy of a key or source id within the batch was not stored by this call: its first copy was.
+        let mut seen = vec![false; sent.len()];
+        let mut stored = Vec::with_capacity(slot.len());
+        let ids = slot
             .into_iter()
-            .map(|k| item_id(ids.get(k).copied().flatten().unwrap_or(0)))
-            .collect())
+            .map(|k| {
+                let first = !std::mem::replace(&mut seen[k], true);
+                stored.push(first && stored_rows.get(k).copied().unwrap_or(false));
+                item_id(ids.get(k).copied().flatten().unwrap_or(0))
+            })
+            .collect();
+        Ok((ids, stored))
     }
 
     async fn lease(&self, n: usize, lease_deadline: Ts) -> Result<Vec<Item>, StorageError> {

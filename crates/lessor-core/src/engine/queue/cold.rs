@@ -74,6 +74,11 @@ impl QueueTask {
                 let _ = reply.send(result);
             }
             Cold::Reload(reply) => {
+                self.refresh_definition(now, true).await;
+                if self.gone {
+                    let _ = reply.send(Err(QueueError::QueueNotFound(self.info.name.clone())));
+                    return;
+                }
                 let all: Vec<usize> = (0..self.parts.len()).collect();
                 self.probe_many(&all, now).await;
                 let _ = reply.send(Ok(()));
@@ -174,13 +179,7 @@ impl QueueTask {
                 let _ = reply.send(self.rebalance_report(&id, finish));
             }
             Cold::UpdateInfo(info, done) => {
-                self.set_info(*info);
-                // A lowered max_attempts or a new dead-letter queue applies to items already dead or leased.
-                for p in &mut self.parts {
-                    if p.failures == 0 {
-                        p.pull_deadline(now);
-                    }
-                }
+                self.apply_info(*info, now);
                 let _ = done.send(());
             }
         }

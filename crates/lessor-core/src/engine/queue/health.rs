@@ -19,6 +19,7 @@ const REFRESH_COST_FACTOR: u32 = 20;
 impl QueueTask {
     /// Probes the failed partitions whose backoff is over and the shared ones due a refresh.
     pub(super) async fn recover(&mut self, now: Ts) {
+        self.refresh_definition(now, false).await;
         let due: Vec<usize> = (0..self.parts.len())
             .filter(|&i| {
                 let p = &self.parts[i];
@@ -26,6 +27,59 @@ impl QueueTask {
             })
             .collect();
         self.probe_many(&due, now).await;
+    }
+
+    /// Re-reads the queue's definition when its partitions live on a shared store, at most once per shared refresh
+    /// interval unless `force`: another server sharing the store may have changed it (a pause, new partitions, the
+    /// dead-letter queue, the dedup window...) or deleted it, and this task would otherwise serve its first copy
+    /// until the process restarts (a paused queue still leased here; items in partitions added elsewhere never
+    /// served here). A definition that is gone, or was created anew under the same name, stops the task (`gone`).
+    /// A failed read keeps the definition held and tries again next time.
+    pub(super) async fn refresh_definition(&mut self, now: Ts, force: bool) {
+        if self.gone || !self.parts.iter().any(|p| p.shared) || (!force && now < self.definition_at) {
+            return;
+        }
+        self.definition_at = now.add(self.config.limits.shared_refresh);
+        match self.config.queues.get(&self.info.name).await {
+            Ok(Some(mut info)) if info.created_at == self.info.created_at => {
+                // Growth is followed (new partitions are opened and served). Any other change of placement is a
+                // rebalance: this task's own runs ahead of the stored placement (see `set_info`), and one run by
+                // another server is not followed here (docs/operations.md), so the task keeps its placement.
+                let grown = info.partitions.len() >= self.info.partitions.len()
+                    && info
+                        .partitions
+                        .iter()
+                        .zip(&self.info.partitions)
+                        .all(|(a, b)| a.partition == b.partition && a.storage_name == b.storage_name);
+                if self.rebalance.is_some() || !grown {
+                    info.partitions = self.info.partitions.clone();
+                    info.requested_partitions = self.info.requested_partitions;
+                }
+                // The whole definition, not `updated_at` alone: two servers' clocks can stamp two changes alike.
+                if info != self.info {
+                    tracing::debug!(queue = %self.info.name, "definition changed by another server");
+                    self.apply_info(info, now);
+                }
+            }
+            Ok(_) => {
+                tracing::info!(queue = %self.info.name, "queue deleted by another server; unloading it");
+                self.gone = true;
+            }
+            Err(e) => {
+                tracing::warn!(queue = %self.info.name, error = %e, "cannot re-read the queue's definition");
+            }
+        }
+    }
+
+    /// Takes a new definition (from this engine, or re-read from a shared store).
+    pub(super) fn apply_info(&mut self, info: crate::types::QueueInfo, now: Ts) {
+        self.set_info(info);
+        // A lowered max_attempts or a new dead-letter queue applies to items already dead or leased.
+        for p in &mut self.parts {
+            if p.failures == 0 {
+                p.pull_deadline(now);
+            }
+        }
     }
 
     /// Opens (if needed) and re-reads a partition; marks it healthy or failed.

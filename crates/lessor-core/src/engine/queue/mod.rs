@@ -307,6 +307,11 @@ pub(crate) struct QueueTask {
     /// a produce answered as a duplicate (wholly or in part) waits for them, since the item its key came with first
     /// may be among those writes (see `produce`).
     unsettled: Vec<Gate>,
+    /// When the definition is re-read next, for a queue on shared stores (see `refresh_definition`).
+    definition_at: Ts,
+    /// The definition was deleted (or deleted and created anew) by another server: the task stops after this
+    /// pass, and the engine loads the queue afresh on its next request.
+    gone: bool,
 }
 
 impl QueueTask {
@@ -335,6 +340,8 @@ impl QueueTask {
             tiers_due: Some(Ts::ZERO),
             tiers_at: Ts::ZERO,
             unsettled: Vec::new(),
+            definition_at: Ts::ZERO,
+            gone: false,
         };
         t.set_info(info);
         t
@@ -438,6 +445,12 @@ impl QueueTask {
                 let _ = done.send(());
                 return;
             }
+            if self.gone {
+                // Requests of the pass that found it gone were dropped unanswered (their callers see the queue
+                // shutting down); those still queued get the same answer, and a retry finds the queue missing.
+                self.stop().await;
+                return;
+            }
         }
     }
 
@@ -449,6 +462,11 @@ impl QueueTask {
         let changed_before = batch.iter().any(|m| !matches!(m, Msg::Cold(Cold::Stats(_))));
         let counts_before = self.total_counts();
         self.recover(now).await;
+        if self.gone {
+            // Nothing of this batch may reach partitions of a queue deleted elsewhere (see `run`).
+            batch.clear();
+            return None;
+        }
         if self.info.restoring {
             // Nothing may change the partitions but the restore itself: its resume point is their item count.
             self.refuse_while_restoring(batch);

@@ -276,30 +276,41 @@ impl QueueTask {
                 > 1;
             let calls = groups.into_iter().map(|(i, mut reqs)| {
                 let h = self.parts[i].healthy();
+                let shared = self.parts[i].shared;
                 let sums: Vec<Summary> = reqs.iter().map(|r| Summary::of(&r.0)).collect();
                 let all: Vec<NewItem> = if spare {
                     reqs.iter().flat_map(|r| r.0.iter().cloned()).collect()
                 } else {
                     reqs.iter_mut().flat_map(|r| std::mem::take(&mut r.0)).collect()
                 };
+                // A shared store reports which items it stored (see the `Ok` arm below); which of them carry a
+                // key is read before the items move into the call.
+                let keyed: Vec<bool> = if shared {
+                    all.iter().map(|it| !it.dedup_id.is_empty()).collect()
+                } else {
+                    Vec::new()
+                };
                 async move {
                     let res = match h {
-                        Some(h) => h.produce(all).await,
+                        Some(h) if shared => h.produce_reporting(all).await.map(|(_, stored)| Some(stored)),
+                        Some(h) => h.produce(all).await.map(|_| None),
                         None => Err(StorageError::unavailable("partition closed")),
                     };
-                    (i, reqs, sums, res)
+                    (i, reqs, sums, keyed, res)
                 }
             });
-            for (i, reqs, sums, res) in join_all(calls).await {
+            for (i, reqs, sums, keyed, res) in join_all(calls).await {
                 let total: u64 = sums.iter().map(|s| s.ready + s.scheduled).sum();
                 self.parts[i].counts.ready -= total;
                 match res {
-                    Ok(_) => {
+                    Ok(outcome) => {
                         let mut ready = 0;
                         let mut scheduled = 0;
                         let mut top = self.parts[i].top_priority;
                         // The items' keys were claimed in the index before the write (see `dedup_filter`).
+                        let mut at = 0;
                         for ((_, reply, _, keys), sum) in reqs.into_iter().zip(sums) {
+                            let sum_len = (sum.ready + sum.scheduled) as usize;
                             ready += sum.ready;
                             scheduled += sum.scheduled;
                             top = top.max(sum.top);
@@ -312,13 +323,29 @@ impl QueueTask {
                                 let _ = reply.send(Ok(()));
                             }
                             // A shared store checked the keys itself, against records other servers wrote too,
-                            // and skipped the items whose key it holds: a claim kept here would start a window
-                            // of its own for an item this server never stored, and answer "duplicate" after the
-                            // stored record's window ended (an item acknowledged and not stored). So the index
-                            // holds a shared partition's keys only for the pass that claimed them.
-                            if self.parts[i].shared {
-                                self.release(keys);
+                            // and skipped the items whose key it holds: a claim kept for one of those would start
+                            // a window of its own for an item this server never stored, and answer "duplicate"
+                            // after the stored record's window ended (an item acknowledged and not stored). Such
+                            // claims are given back; the store's record answers the next produce of the key.
+                            let span = at..at + sum_len;
+                            if let (Some(mine), Some(keyed), Keys::Stored(claimed, _)) = (
+                                outcome.as_ref().and_then(|s| s.get(span.clone())),
+                                keyed.get(span),
+                                keys,
+                            ) {
+                                let mut claimed = claimed.into_iter();
+                                for (s, k) in mine.iter().zip(keyed) {
+                                    if !*k {
+                                        continue;
+                                    }
+                                    let Some(h) = claimed.next() else { break };
+                                    if !*s {
+                                        self.dedup.release(h);
+                                        self.metrics.deduplicated.fetch_add(1, Ordering::Relaxed);
+                                    }
+                                }
                             }
+                            at += sum_len;
                         }
                         let p = &mut self.parts[i];
                         p.counts.ready += ready;
