@@ -1768,9 +1768,10 @@ impl FjallPartition {
             // A small payload rides in the item's record (see the codec); a large one is written once, in a
             // record of its own, by the write that creates the id.
             puts.push((pid_item_key(self.pid, it.id, false), encode_item(it)));
-            if (it.id.0 > hwm || paged_in.contains(&it.id)) && !it.payload.is_empty() && !inline_payload(it) {
+            // Written once per id: when the id has no payload record yet (a new item, or one paged back in).
+            // Not `id > hwm`: ids come from per-priority blocks, so a new item's id may lie below the hwm.
+            if !it.payload.is_empty() && !inline_payload(it) && payload_keys.insert(it.id.0) {
                 puts.push((pid_item_key(self.pid, it.id, true), it.payload.to_vec()));
-                payload_keys.insert(it.id.0);
             }
         }
         for it in &ch.spilled {
