@@ -333,6 +333,9 @@ async fn a_repeated_move_is_not_doubled() {
         }
     }
     assert_eq!(depth(&e, "dlq").await, 5);
+    // The restart comes after the target's own dedup window (5 minutes): a redriven key is remembered for at
+    // least an hour whatever the target's window.
+    clock.advance(Duration::from_secs(6 * 60));
     let t = e
         .redrive_start(RedriveRequest {
             dead_queue: "dlq".into(),
@@ -344,4 +347,51 @@ async fn a_repeated_move_is_not_doubled() {
     assert_eq!(done.status, RedriveStatus::Completed);
     assert_eq!(depth(&e, "dlq").await, 0);
     assert_eq!(depth(&e, "a").await, 0, "the repeated move stored nothing");
+}
+
+/// A batch whose items go to two targets, one of them deleted: the live target's items leave the dead-letter
+/// queue as soon as it took them, and the failed task counts them. (They used to stay in the dead-letter queue as
+/// well, so a later redrive, past the target's dedup window, delivered items consumers had completed.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_that_fails_at_its_second_target_keeps_what_the_first_took() {
+    // The order of a batch's targets is a HashMap's (random per map): try until `a` goes first.
+    for _ in 0..32 {
+        let clock = ManualClock::starting_now();
+        let e = engine(&clock);
+        setup(&e, 3, 3).await;
+        e.delete_queue("b").await.expect("delete b");
+        let t = e
+            .redrive_start(RedriveRequest {
+                dead_queue: "dlq".into(),
+                ..Default::default()
+            })
+            .await
+            .expect("start");
+        let done = wait_done(&e, &t.id).await;
+        assert_eq!(done.status, RedriveStatus::Failed, "{done:?}");
+        let in_a = depth(&e, "a").await;
+        if in_a == 0 {
+            continue; // b's items were tried first: nothing moved
+        }
+        assert_eq!((in_a, done.moved), (3, 3), "{done:?}");
+        assert_eq!(
+            depth(&e, "dlq").await,
+            3,
+            "only b's items stay in the dead-letter queue"
+        );
+        assert_eq!(drain(&e, "a").await.len(), 3);
+        clock.advance(Duration::from_secs(2 * 3600));
+        let t = e
+            .redrive_start(RedriveRequest {
+                dead_queue: "dlq".into(),
+                source_queue: "a".into(),
+                ..Default::default()
+            })
+            .await
+            .expect("start again");
+        wait_done(&e, &t.id).await;
+        assert!(drain(&e, "a").await.is_empty(), "completed items delivered again");
+        return;
+    }
+    panic!("a was never tried first");
 }

@@ -55,7 +55,10 @@ fn tag_of(it: &Item) -> u64 {
             it
         );
     }
-    std::str::from_utf8(&it.payload[4..12]).unwrap().parse().unwrap()
+    std::str::from_utf8(&it.payload[4..12])
+        .expect("a tag")
+        .parse()
+        .expect("a numeric tag")
 }
 
 static LOG: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
@@ -88,7 +91,7 @@ async fn run(seed: u64) {
     };
     let mut rng = Lcg(seed);
     SEED.store(seed, std::sync::atomic::Ordering::Relaxed);
-    LOG.lock().unwrap().clear();
+    LOG.lock().expect("log lock").clear();
     let window = 3;
     let (mut store, mut p) = open(dir.path(), window).await;
     let mut model: BTreeMap<u64, (St, Bytes)> = BTreeMap::new();
@@ -98,7 +101,7 @@ async fn run(seed: u64) {
         let op = rng.next(100);
         STEP.store(step, std::sync::atomic::Ordering::Relaxed);
         OP.store(op, std::sync::atomic::Ordering::Relaxed);
-        LOG.lock().unwrap().push(format!("step {step} op {op}"));
+        LOG.lock().expect("log lock").push(format!("step {step} op {op}"));
         match op {
             0..=29 => {
                 let n = 1 + rng.next(6) as usize;
@@ -185,7 +188,7 @@ async fn run(seed: u64) {
                     .await
                     .expect("retry");
                 assert!(r[0].is_ok(), "step {step}: retry {t}: {:?}", r[0]);
-                model.get_mut(&t).unwrap().0 = st;
+                model.get_mut(&t).expect("test step").0 = st;
             }
             75..=84 => {
                 now += rng.next(8) as i64;
@@ -216,7 +219,7 @@ async fn run(seed: u64) {
                     .collect();
                 if let Some(&t) = dead.first() {
                     let items = p.dead_items(1000).await.expect("dead");
-                    let it = items.iter().find(|it| tag_of(it) == t).unwrap();
+                    let it = items.iter().find(|it| tag_of(it) == t).expect("test step");
                     p.remove_dead(vec![it.id]).await.expect("remove dead");
                     model.remove(&t);
                 }
@@ -278,7 +281,7 @@ async fn run(seed: u64) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn random_operations_and_restarts_match_a_model() {
-    let only: Option<u64> = std::env::var("SEED").ok().map(|s| s.parse().unwrap());
+    let only: Option<u64> = std::env::var("SEED").ok().map(|s| s.parse().expect("test step"));
     // A few seeds in the test run (a debug build restarts fjall slowly); LESSOR_TEST_SEEDS=N runs more.
     let seeds: u64 = std::env::var("LESSOR_TEST_SEEDS")
         .ok()

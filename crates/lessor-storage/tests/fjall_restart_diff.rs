@@ -47,7 +47,7 @@ async fn run(seed: u64) {
     let dir = tempfile::tempdir().expect("tmp");
     let policy = LifecyclePolicy {
         max_attempts: 3,
-        has_dead_queue: seed % 2 == 0,
+        has_dead_queue: seed.is_multiple_of(2),
         backoff: Backoff::OFF,
     };
     let mut rng = Lcg(seed);

@@ -564,6 +564,11 @@ impl Engine {
     }
 
     /// Deletes a queue with its items. Waiting requests get "queue is shutting down".
+    ///
+    /// The partitions go first and the definition last: a definition deleted first, then a failed destroy (a full
+    /// disk) or a crash in between, left the items on disk under a name free for a new queue, which then served
+    /// them (the stores reuse a partition that exists). Now a failed destroy fails the request and keeps the
+    /// definition, so the delete can be retried; a crash leaves the queue defined, with what was not destroyed yet.
     pub async fn delete_queue(&self, name: &str) -> Result<(), QueueError> {
         self.check_running()?;
         validate::queue_name("queue_name", name)?;
@@ -571,7 +576,6 @@ impl Engine {
         let Some(info) = self.inner.config.queues.get(name).await? else {
             return Err(QueueError::QueueNotFound(name.to_string()));
         };
-        self.inner.config.queues.delete(name).await?;
         let handle = self.inner.queues.write().map_err(poisoned)?.remove(name);
         if let Some(h) = handle {
             stop_queue(&h).await;
@@ -588,9 +592,11 @@ impl Engine {
                 continue;
             }
             if let Err(e) = s.store.destroy_many(name, &mine).await {
-                tracing::warn!(queue = name, store = %s.name, partitions = mine.len(), error = %e, "partition data not removed");
+                tracing::warn!(queue = name, store = %s.name, partitions = mine.len(), error = %e, "partition data not removed; the queue stays defined");
+                return Err(e.into());
             }
         }
+        self.inner.config.queues.delete(name).await?;
         Ok(())
     }
 

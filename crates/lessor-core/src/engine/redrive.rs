@@ -104,7 +104,7 @@ const RETRY_AFTER: Duration = Duration::from_secs(1);
 const DEDUP_PREFIX: &str = "\u{1}redrive:";
 
 /// A task as stored.
-#[derive(Serialize, Deserialize)]
+#[derive(Clone, Serialize, Deserialize)]
 struct Stored {
     id: String,
     dead_queue: String,
@@ -476,8 +476,15 @@ impl Engine {
                         // Moved items are gone and skipped ones stay skipped: continue after the last one looked at.
                         pivots.insert(p, next_pivot);
                     }
-                    Err(MoveError::Fatal(msg)) => return self.finish(&mut t, "failed", &msg).await,
-                    Err(MoveError::Retry(e)) => {
+                    Err(MoveError::Fatal(n, msg)) => {
+                        t.moved += n;
+                        return self.finish(&mut t, "failed", &msg).await;
+                    }
+                    Err(MoveError::Retry(n, e)) => {
+                        // The targets that took their items before the failure are done (their items left the
+                        // dead-letter queue); the rest is listed again next round.
+                        t.moved += n;
+                        progressed |= n > 0;
                         tracing::warn!(task = %t.id, partition = p, error = %e, "redrive batch failed; will retry");
                         exhausted = false;
                     }
@@ -488,12 +495,9 @@ impl Engine {
             }
             t.remaining = self.remaining(&t.dead_queue).await;
             t.updated_at = self.clock().now().0;
-            if let Ok(Some(cur)) = self.load_task(&t.id).await {
-                if cur.status != "running" || cur.owner != t.owner {
-                    return Ok(());
-                }
+            if !self.save_redrive(&t).await? {
+                return Ok(());
             }
-            self.save_task(&t).await?;
             if exhausted && !progressed {
                 return self.finish(&mut t, "completed", "").await;
             }
@@ -514,34 +518,42 @@ impl Engine {
         }
     }
 
-    /// Moves one batch: the items reach their targets first, then leave the dead-letter queue.
+    /// Moves one batch, target by target: a target's items reach it first, then leave the dead-letter queue, before
+    /// the next target's. A batch whose second target failed used to leave the first target's items in the
+    /// dead-letter queue too, so a later redrive (once the target's dedup window had passed) delivered them again
+    /// after consumers had completed them. Errors carry how many items were moved before them.
     async fn move_batch(
         &self,
         dead_queue: &str,
         partition: u32,
         batch: Vec<(String, ItemId, NewItem)>,
     ) -> Result<u64, MoveError> {
-        let mut by_target: HashMap<String, Vec<NewItem>> = HashMap::new();
-        let mut ids = Vec::with_capacity(batch.len());
+        let mut by_target: HashMap<String, (Vec<NewItem>, Vec<ItemId>)> = HashMap::new();
         for (target, id, item) in batch {
-            by_target.entry(target).or_default().push(item);
-            ids.push(id);
+            let e = by_target.entry(target).or_default();
+            e.0.push(item);
+            e.1.push(id);
         }
-        for (target, items) in by_target {
+        let mut moved = 0;
+        for (target, (items, ids)) in by_target {
             let r = self.call(&target, |reply| Msg::Moved { items, reply }).await;
             match r {
                 Ok(()) => {}
                 Err(QueueError::QueueNotFound(q)) => {
-                    return Err(MoveError::Fatal(format!("target queue '{q}' does not exist")))
+                    return Err(MoveError::Fatal(
+                        moved,
+                        format!("target queue '{q}' does not exist"),
+                    ))
                 }
-                Err(e) => return Err(MoveError::Retry(e)),
+                Err(e) => return Err(MoveError::Retry(moved, e)),
             }
+            let n = ids.len() as u64;
+            self.storage_delete(dead_queue, partition, ids)
+                .await
+                .map_err(|e| MoveError::Retry(moved, e))?;
+            moved += n;
         }
-        let n = ids.len() as u64;
-        self.storage_delete(dead_queue, partition, ids)
-            .await
-            .map_err(MoveError::Retry)?;
-        Ok(n)
+        Ok(moved)
     }
 
     /// Items left in the dead-letter queue (ready, leased and scheduled), for progress.
@@ -553,25 +565,41 @@ impl Engine {
     }
 
     async fn finish(&self, t: &mut Stored, status: &str, error: &str) -> Result<(), QueueError> {
-        if let Ok(Some(cur)) = self.load_task(&t.id).await {
-            if cur.status != "running" {
-                return Ok(());
-            }
+        let mut done = t.clone();
+        done.status = status.into();
+        done.error = error.into();
+        done.remaining = self.remaining(&t.dead_queue).await;
+        done.updated_at = self.clock().now().0;
+        if self.save_redrive(&done).await? {
+            tracing::info!(task = %t.id, status, moved = t.moved, skipped = t.skipped, "redrive finished");
+            *t = done;
         }
-        t.status = status.into();
-        t.error = error.into();
-        t.remaining = self.remaining(&t.dead_queue).await;
-        t.updated_at = self.clock().now().0;
-        tracing::info!(task = %t.id, status, moved = t.moved, skipped = t.skipped, "redrive finished");
-        self.save_task(t).await
+        Ok(())
+    }
+
+    /// Stores the runner's copy of its task, unless the stored task stopped running or changed owner since the
+    /// runner read it (a cancel, another server taking it over); returns whether it was stored. Read, check and
+    /// write happen under the engine's task lock, which a cancel takes too: a check outside it let a runner's save
+    /// land just after a cancel and undo it, and the "cancelled" task went on moving items.
+    async fn save_redrive(&self, t: &Stored) -> Result<bool, QueueError> {
+        let mut stored = false;
+        TASKS
+            .update(self, &t.id, |cur: &mut Stored| {
+                if cur.status == "running" && cur.owner == t.owner {
+                    *cur = t.clone();
+                    stored = true;
+                }
+            })
+            .await?;
+        Ok(stored)
     }
 }
 
 enum MoveError {
-    /// Stops the task.
-    Fatal(String),
-    /// Tried again.
-    Retry(QueueError),
+    /// Stops the task; the items moved before it.
+    Fatal(u64, String),
+    /// Tried again; the items moved before it.
+    Retry(u64, QueueError),
 }
 
 fn no_such_task(id: &str) -> QueueError {

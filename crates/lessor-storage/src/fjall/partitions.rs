@@ -1930,7 +1930,16 @@ impl Partition for FjallPartition {
         self.cold_step(&mut g).await?;
         self.page_in(&mut g, 0).await?;
         let mut ch = Changes::default();
-        let (dead, more) = self.sweep_paged(&mut g, now, policy, &mut ch).await?;
+        // The sweep changes the state priority by priority before it writes anything: failing halfway (a read,
+        // the object store) leaves memory ahead of the disk, so the next call re-reads the partition (`stale`)
+        // instead of committing counters that no longer match the records on disk.
+        let (dead, more) = match self.sweep_paged(&mut g, now, policy, &mut ch).await {
+            Ok(v) => v,
+            Err(e) => {
+                g.stale = true;
+                return Err(e);
+            }
+        };
         let (mut o, c) = g.state.lifecycle(now, policy, limit);
         ch.append(c);
         o.dead += dead;
@@ -2030,7 +2039,14 @@ impl Partition for FjallPartition {
         let mut ch = g.state.delete(ids.clone());
         if !g.state.paged().is_empty() {
             for chunk in ids.chunks(DROP_BATCH) {
-                let items = self.read_paged(&g, chunk).await?;
+                // The state has changed already: a failed read re-reads the partition next time (see `lifecycle`).
+                let items = match self.read_paged(&g, chunk).await {
+                    Ok(items) => items,
+                    Err(e) => {
+                        g.stale = true;
+                        return Err(e);
+                    }
+                };
                 ch.append(g.state.drop_paged(items, None).1);
             }
         }

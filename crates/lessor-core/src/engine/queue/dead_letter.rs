@@ -26,6 +26,11 @@ pub(crate) trait DeadLetterSink: Send + Sync + 'static {
     fn send(&self, queue: &str, items: Vec<NewItem>) -> BoxFuture<'static, Result<(), QueueError>>;
 }
 
+/// The shortest time a redriven item's key is remembered by its target (see `accept_moved`): a redrive killed
+/// between writing a batch to its targets and deleting it from the dead-letter queue, and resumed within this
+/// time, moves none of it twice. Longer outages may deliver that one batch (at most 100 items) again.
+pub(crate) const REDRIVE_DEDUP_WINDOW: Duration = Duration::from_secs(3600);
+
 /// How long one move may stall this queue when the dead-letter queue is slow.
 const DEAD_LETTER_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long to wait before trying a failed move again.
@@ -144,7 +149,10 @@ impl QueueTask {
     pub(super) async fn accept_moved(&mut self, items: Vec<NewItem>, reply: Reply<()>, now: Ts) {
         let n = self.parts.len().max(1) as u64;
         let expire = now.add(self.info.expire_timeout);
-        let until = now.add(self.info.effective_dedup_window());
+        // A move repeated after a kill (target written, dead-letter queue not yet emptied) is recognised by its key
+        // for as long as its record lives: at least REDRIVE_DEDUP_WINDOW, whatever the queue's own window, so a
+        // server down for longer than a short window does not deliver the batch twice.
+        let until = now.add(self.info.effective_dedup_window().max(REDRIVE_DEDUP_WINDOW));
         let mut groups: std::collections::BTreeMap<usize, (Vec<NewItem>, Vec<super::dedup::KeyHash>)> =
             Default::default();
         for mut it in items {
