@@ -819,3 +819,294 @@ async fn cancel_finishes_the_move_under_way_and_drops_the_others() {
     assert_eq!(payloads(&e, 2).await, want, "nothing lost or doubled");
     e.shutdown().await;
 }
+
+/// A leased item whose priority's id block lies below the move's scan pivot (another priority's block was opened
+/// after it) comes back ready with a new id from that older block, below the pivot. The scan used never to look
+/// below its pivot again, so the move never saw it: the source never emptied and the move never finished (until a
+/// restart reset the pivots), while the item waited in a partition that serves no lease. A scan that reaches the
+/// end now starts over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_retried_during_a_move_into_an_older_id_block_is_moved() {
+    let e = engine();
+    e.create_queue(queue("q", 1, Duration::from_secs(60)))
+        .await
+        .expect("create");
+    // Priority 5 opens the first id block, priority 0 the next one (higher ids).
+    e.produce("q", vec![item("high".into(), 5, "")], T)
+        .await
+        .expect("produce high");
+    let low: Vec<ProduceItem> = (0..10).map(|i| item(format!("low{i}"), 0, "")).collect();
+    e.produce("q", low, T).await.expect("produce low");
+    let held = e.lease("q", 1, "holder", T).await.expect("lease");
+    assert_eq!(payload(&held.items[0]), "high");
+    e.update_queue(lessor_core::engine::QueueUpdate {
+        name: "q".into(),
+        requested_partitions: Some(2),
+        ..Default::default()
+    })
+    .await
+    .expect("grow");
+    let task = e
+        .rebalance_start(RebalanceRequest {
+            queue: "q".into(),
+            moves: vec![PartitionMove {
+                partition: 0,
+                to_store: "b".into(),
+            }],
+            ..Default::default()
+        })
+        .await
+        .expect("start");
+    // The ten ready items move; the move then waits for the lease in flight.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mid = e.rebalance_get(&task.id).await.expect("get");
+    assert_eq!(mid.status, RebalanceStatus::Running, "{mid:?}");
+    assert_eq!(mid.moved, 10, "{mid:?}");
+    // The holder gives the item back: it is ready again in partition 0 (the source).
+    e.retry(
+        "q",
+        held.partition,
+        vec![RetryItem {
+            id: held.items[0].id,
+            retry_at: Ts::ZERO,
+            dead: false,
+        }],
+    )
+    .await
+    .expect("retry during the move");
+    let mut last = None;
+    for _ in 0..100 {
+        let t = e.rebalance_get(&task.id).await.expect("get");
+        if t.status != RebalanceStatus::Running {
+            last = Some(t);
+            break;
+        }
+        last = Some(t);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let t = last.expect("task");
+    assert_eq!(
+        t.status,
+        RebalanceStatus::Completed,
+        "the move never finishes: the retried item is below the scan pivot: {t:?}"
+    );
+    let p0: Vec<String> = items_of(&e, "q", 0).await.iter().map(payload).collect();
+    assert_eq!(p0.len(), 11, "{p0:?}");
+    e.shutdown().await;
+}
+
+mod flaky {
+    //! A memory store whose partitions fail the next `delete` when armed (a transient storage error).
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+
+    use async_trait::async_trait;
+    use lessor_core::error::{ItemError, StorageError};
+    use lessor_core::storage::{
+        LifecycleOutcome, LifecyclePolicy, Partition, PartitionStore, RetryOp, RetryOutcome,
+    };
+    use lessor_core::time::Ts;
+    use lessor_core::types::{
+        ClearRequest, DedupRecord, Item, ItemId, NewItem, PartitionCounts, PartitionStats,
+    };
+    use lessor_storage::memory::MemoryStore;
+
+    #[derive(Debug)]
+    pub struct FlakyStore {
+        pub inner: Arc<MemoryStore>,
+        pub fail_delete: Arc<AtomicBool>,
+    }
+
+    #[async_trait]
+    impl PartitionStore for FlakyStore {
+        fn driver(&self) -> &'static str {
+            "memory"
+        }
+        async fn create(&self, queue: &str, partitions: &[u32]) -> Result<(), StorageError> {
+            self.inner.create(queue, partitions).await
+        }
+        async fn open(&self, queue: &str, partition: u32) -> Result<Arc<dyn Partition>, StorageError> {
+            let inner = self.inner.open(queue, partition).await?;
+            Ok(Arc::new(FlakyPartition {
+                inner,
+                fail_delete: self.fail_delete.clone(),
+            }))
+        }
+        async fn destroy(&self, queue: &str, partition: u32) -> Result<(), StorageError> {
+            self.inner.destroy(queue, partition).await
+        }
+        async fn close(&self) {}
+    }
+
+    #[derive(Debug)]
+    struct FlakyPartition {
+        inner: Arc<dyn Partition>,
+        fail_delete: Arc<AtomicBool>,
+    }
+
+    #[async_trait]
+    impl Partition for FlakyPartition {
+        async fn produce(&self, items: Vec<NewItem>) -> Result<Vec<ItemId>, StorageError> {
+            self.inner.produce(items).await
+        }
+        async fn lease(&self, n: usize, d: Ts) -> Result<Vec<Item>, StorageError> {
+            self.inner.lease(n, d).await
+        }
+        async fn complete(&self, r: Vec<Vec<ItemId>>) -> Result<Vec<Result<(), ItemError>>, StorageError> {
+            self.inner.complete(r).await
+        }
+        async fn extend(
+            &self,
+            r: Vec<(Vec<ItemId>, Ts)>,
+        ) -> Result<Vec<Result<(), ItemError>>, StorageError> {
+            self.inner.extend(r).await
+        }
+        async fn retry(
+            &self,
+            r: Vec<Vec<RetryOp>>,
+            p: LifecyclePolicy,
+        ) -> Result<Vec<Result<RetryOutcome, ItemError>>, StorageError> {
+            self.inner.retry(r, p).await
+        }
+        async fn lifecycle(
+            &self,
+            now: Ts,
+            p: LifecyclePolicy,
+            limit: usize,
+        ) -> Result<LifecycleOutcome, StorageError> {
+            self.inner.lifecycle(now, p, limit).await
+        }
+        async fn dedup_records(&self, now: Ts) -> Result<Vec<DedupRecord>, StorageError> {
+            self.inner.dedup_records(now).await
+        }
+        async fn import_dedup(&self, records: Vec<DedupRecord>) -> Result<(), StorageError> {
+            self.inner.import_dedup(records).await
+        }
+        async fn dead_items(&self, limit: usize) -> Result<Vec<Item>, StorageError> {
+            self.inner.dead_items(limit).await
+        }
+        async fn remove_dead(&self, ids: Vec<ItemId>) -> Result<(), StorageError> {
+            self.inner.remove_dead(ids).await
+        }
+        async fn next_deadline(&self) -> Result<Option<Ts>, StorageError> {
+            self.inner.next_deadline().await
+        }
+        async fn counts(&self) -> Result<PartitionCounts, StorageError> {
+            self.inner.counts().await
+        }
+        async fn stats(&self, now: Ts) -> Result<PartitionStats, StorageError> {
+            self.inner.stats(now).await
+        }
+        async fn list(
+            &self,
+            pivot: Option<ItemId>,
+            limit: usize,
+            scheduled: bool,
+        ) -> Result<Vec<Item>, StorageError> {
+            self.inner.list(pivot, limit, scheduled).await
+        }
+        async fn import(&self, items: Vec<Item>) -> Result<Vec<Item>, StorageError> {
+            self.inner.import(items).await
+        }
+        async fn delete(&self, ids: Vec<ItemId>) -> Result<(), StorageError> {
+            if self.fail_delete.swap(false, Ordering::SeqCst) {
+                return Err(StorageError::other("injected: delete failed"));
+            }
+            self.inner.delete(ids).await
+        }
+        async fn clear(&self, r: ClearRequest) -> Result<(), StorageError> {
+            self.inner.clear(r).await
+        }
+        async fn close(&self) {}
+    }
+}
+
+/// A shrink chunk whose import into the target succeeded but whose delete from the source failed (a transient
+/// storage error) used to leave the copies servable in the target while the originals stayed in the source (below
+/// the scan pivot, so the retried step never looked at them again); consumers completed the copies, and a cancel
+/// or a restart served the originals: completed items came back. Now a failed step replays the chunk journal
+/// before anything else, and a shrink's targets serve nothing until it has.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_source_delete_during_a_shrink_brings_no_completed_item_back() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let fail_delete = Arc::new(AtomicBool::new(false));
+    let e = engine_on(
+        Arc::new(MemoryQueues::new()),
+        vec![(
+            "a",
+            1.0,
+            Arc::new(flaky::FlakyStore {
+                inner: Arc::new(MemoryStore::new()),
+                fail_delete: fail_delete.clone(),
+            }),
+        )],
+    );
+    e.create_queue(queue("q", 2, Duration::from_secs(60)))
+        .await
+        .expect("create");
+    // One produce per partition: the first lands in partition 0, the second in partition 1 (least loaded).
+    e.produce("q", (0..10).map(|i| item(format!("a{i}"), 0, "")).collect(), T)
+        .await
+        .expect("produce a");
+    e.produce("q", (0..10).map(|i| item(format!("b{i}"), 0, "")).collect(), T)
+        .await
+        .expect("produce b");
+    assert_eq!(items_of(&e, "q", 1).await.len(), 10);
+    fail_delete.store(true, Ordering::SeqCst);
+    let task = e
+        .rebalance_start(RebalanceRequest {
+            queue: "q".into(),
+            partitions: 1,
+            ..Default::default()
+        })
+        .await
+        .expect("start");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        !fail_delete.load(Ordering::SeqCst),
+        "the chunk's delete was tried"
+    );
+    // Consumers take everything partition 0 serves and complete it.
+    let mut completed: Vec<String> = Vec::new();
+    for w in 0..5 {
+        let l = e
+            .lease("q", 100, &format!("c{w}"), Some(Duration::from_millis(200)))
+            .await;
+        let Ok(l) = l else { break };
+        if l.items.is_empty() {
+            break;
+        }
+        completed.extend(l.items.iter().map(payload));
+        e.complete("q", l.partition, l.items.iter().map(|it| it.id).collect(), T)
+            .await
+            .expect("complete");
+    }
+    completed.sort();
+    let mid = e.rebalance_get(&task.id).await.expect("get");
+    let left: Vec<String> = if e.queue_info("q").await.expect("info").partitions.len() == 2 {
+        items_of(&e, "q", 1).await.iter().map(payload).collect()
+    } else {
+        Vec::new()
+    };
+    // Stop the stalled shrink: partition 1 serves again.
+    e.rebalance_cancel(&task.id).await.expect("cancel");
+    let t = wait_done(&e, &task.id).await;
+    let mut again: Vec<String> = Vec::new();
+    for w in 0..5 {
+        let l = e
+            .lease("q", 100, &format!("d{w}"), Some(Duration::from_millis(200)))
+            .await;
+        let Ok(l) = l else { break };
+        if l.items.is_empty() {
+            break;
+        }
+        again.extend(l.items.iter().map(payload));
+    }
+    let back: Vec<&String> = again.iter().filter(|p| completed.contains(p)).collect();
+    assert!(
+        back.is_empty(),
+        "completed items served again: {back:?}\ncompleted: {completed:?}\nleft in partition 1 during the \
+         shrink: {left:?}\ntask mid-way: {mid:?}\ntask at the end: {t:?}"
+    );
+    e.shutdown().await;
+}

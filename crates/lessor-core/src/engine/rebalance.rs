@@ -683,13 +683,17 @@ impl Engine {
                 .into();
                 t.remaining = 0;
                 t.error.clear();
-                self.save_progress(&mut t).await?;
+                if !self.save_progress(&mut t).await? {
+                    return Ok(());
+                }
                 let _ = self.report(&t, true).await;
                 self.delete_journal(&t.id).await;
                 tracing::info!(task = %t.id, queue = %t.queue, moved = t.moved, status = %t.status, "rebalance finished");
                 return Ok(());
             }
-            self.save_progress(&mut t).await?;
+            if !self.save_progress(&mut t).await? {
+                return Ok(());
+            }
             if t.cancelled && !report.done {
                 // A cancel saved since the last look (by a request, or before a restart): the queue task applies
                 // it at its next step.
@@ -700,8 +704,6 @@ impl Engine {
         }
     }
 
-    /// Saves the watcher's copy of the task, keeping a cancel stored since it was loaded (and taking it into the
-    /// copy), under the task lock so neither write undoes the other.
     /// Hands the task's plan (with its cancel flag) to the queue task and waits until it took it.
     async fn install_plan(&self, t: &Stored, partitions: usize) -> Result<(), QueueError> {
         let (tx, rx) = tokio::sync::oneshot::channel();
@@ -716,19 +718,28 @@ impl Engine {
         Ok(())
     }
 
-    async fn save_progress(&self, t: &mut Stored) -> Result<(), QueueError> {
+    /// Saves the watcher's copy of the task, keeping a cancel stored since it was loaded (and taking it into the
+    /// copy), under the task lock so neither write undoes the other. A task stored as no longer running (finished
+    /// by another watcher of it: a resume that raced a start, or a stale read) is left as it is, and the call
+    /// returns false: this watcher stops, instead of putting a finished task back to "running".
+    async fn save_progress(&self, t: &mut Stored) -> Result<bool, QueueError> {
         let mine = t.clone();
+        let mut saved = false;
         if let Some(cur) = TASKS
-            .update(self, &t.id, move |s: &mut Stored| {
+            .update(self, &t.id, |s: &mut Stored| {
+                if s.status != "running" {
+                    return;
+                }
                 let cancelled = s.cancelled;
                 *s = mine;
                 s.cancelled |= cancelled;
+                saved = true;
             })
             .await?
         {
             t.cancelled = cur.cancelled;
         }
-        Ok(())
+        Ok(saved)
     }
 
     /// Destroys the task's sources that the stored placement no longer names (moved away, or dropped by a

@@ -171,8 +171,11 @@ impl QueueTask {
         let Some(rb) = &self.rebalance else { return };
         let shrink = rb.plan.shrink_to;
         let moving = rb.plan.moves.first().map(|m| m.0);
+        // Until the chunk in flight is settled (at load, or after a step failed between import and delete), a
+        // shrink's targets may hold copies whose originals are still in the source: they serve nothing either.
+        let unsettled = !rb.reconciled;
         for p in &mut self.parts {
-            p.draining = shrink.is_some_and(|n| p.num >= n) || moving == Some(p.num);
+            p.draining = shrink.is_some_and(|n| p.num >= n || unsettled) || moving == Some(p.num);
         }
     }
 
@@ -232,6 +235,10 @@ impl QueueTask {
             match r {
                 Ok(()) => rb.error.clear(),
                 Err(e) => {
+                    // The step may have stopped between a chunk's import and its delete: replay the journal first
+                    // next time, and scan the sources from the start (the chunk's items lie below the pivots).
+                    rb.reconciled = false;
+                    rb.pivots.clear();
                     tracing::warn!(queue = %name, task = %rb.plan.id, error = %e, "rebalance step failed; will retry");
                     rb.error = e;
                     rb.retry_at = now.add(RETRY_AFTER);
@@ -494,6 +501,7 @@ impl QueueTask {
         let err = |e: crate::error::StorageError| e.to_string();
         let mut chunk: Vec<Item> = src.list(None, CHUNK, true).await.map_err(err)?;
         let mut pivot = self.rebalance.as_ref().and_then(|r| r.pivots.get(&num).copied());
+        let mut at_end = false;
         // Leased items stay where they are (their holders complete them there): scan past them, a bounded number
         // of pages per pass.
         for _ in 0..SCAN_PAGES {
@@ -512,11 +520,24 @@ impl QueueTask {
                 }
             }
             if !full {
+                at_end = true;
                 break;
             }
         }
-        if let (Some(rb), Some(p)) = (&mut self.rebalance, pivot) {
-            rb.pivots.insert(num, p);
+        if at_end {
+            // Items that come back ready (a retry, an expired lease, a due schedule) take ids from their
+            // priority's block, which may lie below the pivot: the next look starts over.
+            pivot = None;
+        }
+        if let Some(rb) = &mut self.rebalance {
+            match pivot {
+                Some(p) => {
+                    rb.pivots.insert(num, p);
+                }
+                None => {
+                    rb.pivots.remove(&num);
+                }
+            }
         }
         if chunk.is_empty() {
             return Ok(0);
