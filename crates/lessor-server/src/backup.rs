@@ -60,6 +60,16 @@ pub(crate) async fn backup(State(st): State<AppState>, req: Request) -> Response
         let principal = authenticate(&st.auth, &parts.headers).await?;
         let bytes = body.read(DEFAULT_BODY).await?;
         let msg: pb::StorageBackupRequest = pb::decode(in_enc, &bytes)?;
+        if st.auth.enabled() {
+            // Checked before the queues are looked up, in `_system` for a queue that does not exist (as every
+            // queue route does): otherwise "queue does not exist" against "access denied" told anyone which names
+            // exist.
+            for n in &msg.queue_names {
+                let ns = st.engine.queue_namespace(n).await?;
+                let ns = ns.as_deref().unwrap_or(DEFAULT_NAMESPACE);
+                st.auth.authorize(&principal, ns, Permission::QueueStats).await?;
+            }
+        }
         let queues = selected_queues(&st.engine, &msg.queue_names).await?;
         if st.auth.enabled() {
             for q in &queues {
@@ -280,6 +290,21 @@ pub(crate) fn restore_begin(api: Api) -> Api {
             if ctx.auth.enabled() {
                 ctx.auth
                     .authorize(&ctx.principal, &ns(&rec.namespace), Permission::QueueProduce)
+                    .await?;
+                // A queue of that name in another namespace is not the caller's to replace (with `overwrite` it
+                // would be deleted and re-created in the caller's namespace) nor to resume: the caller needs the
+                // rights to delete it and to write into it there.
+                if let Some(existing) = ctx.engine.queue_namespace(&rec.name).await? {
+                    if *existing != ns(&rec.namespace) {
+                        ctx.auth
+                            .authorize(&ctx.principal, &existing, Permission::QueueDelete)
+                            .await?;
+                        ctx.auth
+                            .authorize(&ctx.principal, &existing, Permission::QueueProduce)
+                            .await?;
+                    }
+                }
+                crate::http::authorize_dead_queue(&ctx.engine, &ctx.auth, &ctx.principal, &rec.dead_queue)
                     .await?;
             }
             let info = ctx.engine.restore_begin(rec.to_info(), r.overwrite).await?;

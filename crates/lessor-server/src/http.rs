@@ -304,6 +304,10 @@ pub(crate) fn closing(mut r: Response, reusable: bool) -> Response {
     r
 }
 
+/// Routes whose body limit is above this are refused to a caller without a key before the body is read, when that
+/// caller may not call them anywhere (see `rpc`).
+const PRECHECK_BODY: usize = 64 * 1024;
+
 /// Runs one RPC: method check, content negotiation, bounded body read, decode, handler, encode, metrics.
 async fn rpc<R, F, Fut>(st: AppState, req: Request, handler: F) -> Response
 where
@@ -333,6 +337,15 @@ where
                 return Err(e);
             }
         };
+        // The namespace a request is checked in is inside its body, so the full check comes after reading it. A
+        // request without a key that could not pass in any namespace is refused first, on the routes that read
+        // large bodies: otherwise any client could make the server read and decode up to 64 MB per request.
+        if limit > PRECHECK_BODY
+            && principal.is_anonymous()
+            && !st.auth.allowed_somewhere(&principal, R::PERMISSION).await?
+        {
+            return Err(AuthError::Unauthenticated.into());
+        }
         let bytes = body.read(limit).await?;
         let msg: R::Request = pb::decode(in_enc, &bytes)?;
         authorize::<R>(&st, &principal, &msg).await?;
@@ -1100,10 +1113,35 @@ fn rebalance_cancel(api: Api) -> Api {
 
 // ---- queues --------------------------------------------------------------------------------------------------
 
+/// With auth on, the dead-letter queue a queue names must be one the caller may produce into: dead-lettering
+/// writes into it on the queue's behalf with no further check (a queue in one namespace could otherwise name
+/// another tenant's queue and inject items into it). Checked as any queue route is: in the queue's namespace, in
+/// `_system` when it does not exist.
+pub(crate) async fn authorize_dead_queue(
+    engine: &Engine,
+    auth: &Auth,
+    principal: &Principal,
+    dead_queue: &str,
+) -> Result<(), ApiError> {
+    if !auth.enabled() || dead_queue.is_empty() {
+        return Ok(());
+    }
+    let ns = engine.queue_namespace(dead_queue).await?;
+    let ns = ns.as_deref().unwrap_or(DEFAULT_NAMESPACE);
+    Ok(auth.authorize(principal, ns, Permission::QueueProduce).await?)
+}
+
 fn queues_create(api: Api) -> Api {
     api.rpc(
         lessor_proto::routes::QueuesCreate,
-        |Ctx { engine: e, auth, .. }, r: pb::QueueInfo| async move {
+        |Ctx {
+             engine: e,
+             auth,
+             principal,
+             ..
+         },
+         r: pb::QueueInfo| async move {
+            authorize_dead_queue(&e, &auth, &principal, &r.dead_queue).await?;
             let info = convert::queue_info_in(r)?;
             // With auth on, a queue belongs to a namespace that exists: roles and bindings can then govern it,
             // and deleting the namespace sees it.
@@ -1141,7 +1179,14 @@ fn queues_list(api: Api) -> Api {
 fn queues_update(api: Api) -> Api {
     api.rpc(
         lessor_proto::routes::QueuesUpdate,
-        |Ctx { engine: e, .. }, r: pb::QueueInfo| async move {
+        |Ctx {
+             engine: e,
+             auth,
+             principal,
+             ..
+         },
+         r: pb::QueueInfo| async move {
+            authorize_dead_queue(&e, &auth, &principal, &r.dead_queue).await?;
             e.update_queue(convert::queue_update(r)?).await?;
             Ok(ok())
         },

@@ -275,3 +275,44 @@ async fn destroying_a_partition_deletes_its_segments() {
     drop(p);
     env.segments_gone().await;
 }
+
+/// Review finding: a store whose `payload-offload` and `cold-segments` name the same object-storage entry (the
+/// natural configuration) puts offloaded payloads under `{prefix}{store}/{queue}/{partition}/` and cold segments
+/// under `{prefix}{store}/segments/{queue}/{partition}/...`. Destroying partition N of a queue named `segments`
+/// makes the offload wrapper delete everything under `{prefix}{store}/segments/N/`: every cold segment of the
+/// queue named `N`, whose manifest still names them. Their items are lost.
+#[tokio::test]
+async fn destroying_queue_segments_spares_the_cold_segments_of_queue_0() {
+    let Some(env) = env(BUCKET, "collide").await else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let fjall = std::sync::Arc::new(env.open(dir.path()));
+    let store = lessor_storage::offload::OffloadStore::new(
+        fjall.clone(),
+        "disk-0",
+        lessor_storage::offload::OffloadSettings {
+            object_store: Some(env.cfg.clone()),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let p = store.open("0", 0).await.unwrap();
+    let mut model = produce(&p, 400).await;
+    spill(&env, &p, 6).await;
+    let before = env.segments().await;
+    assert!(before.len() >= 6, "{before:?}");
+    // Another queue, named `segments`, is created and deleted.
+    store.create("segments", &[0]).await.unwrap();
+    let other = store.open("segments", 0).await.unwrap();
+    other.close().await;
+    store.destroy("segments", 0).await.unwrap();
+    // Deletes run in the background: give them time.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let after = env.segments().await;
+    assert_eq!(
+        after, before,
+        "deleting queue 'segments' deleted cold segments of queue '0'"
+    );
+    assert_eq!(drain(&p, &mut model, 7).await, 400);
+}

@@ -411,6 +411,8 @@ impl Engine {
             }
             let mut progressed = false;
             let mut exhausted = true;
+            // Per round: whether each origin queue names this dead-letter queue (see below).
+            let mut owners: HashMap<String, bool> = HashMap::new();
             for p in 0..info.partitions.len() as u32 {
                 let pivot = pivots.get(&p).copied().flatten();
                 let items = match self.storage_list(&t.dead_queue, p, pivot, want * 4, false).await {
@@ -424,6 +426,24 @@ impl Engine {
                 if items.len() == want * 4 {
                     exhausted = false;
                 }
+                // An item goes back to the queue its source id names only when that queue names this dead-letter
+                // queue as its own: a source id is data (`storage/items.import` and restores take it from the
+                // client), and a forged one would otherwise write into any queue, in any namespace, with no
+                // check of the caller's rights there. A queue that does not exist fails the move as before.
+                if t.target_queue.is_empty() {
+                    for it in &items {
+                        let Some(origin) = source_queue_of(&it.source_id) else {
+                            continue;
+                        };
+                        if !owners.contains_key(origin) {
+                            let ok = match self.queue_info(origin).await {
+                                Ok(info) => info.dead_queue == t.dead_queue,
+                                Err(_) => true,
+                            };
+                            owners.insert(origin.to_string(), ok);
+                        }
+                    }
+                }
                 let mut batch: Vec<(String, ItemId, NewItem)> = Vec::new();
                 let mut next_pivot = pivot;
                 for it in items {
@@ -434,7 +454,7 @@ impl Engine {
                     next_pivot = Some(ItemId(it.id.0.saturating_add(1)));
                     let origin = source_queue_of(&it.source_id).map(str::to_string);
                     let target = if t.target_queue.is_empty() {
-                        origin.clone()
+                        origin.clone().filter(|o| owners.get(o).copied().unwrap_or(false))
                     } else {
                         Some(t.target_queue.clone())
                     };
