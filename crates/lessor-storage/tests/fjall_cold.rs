@@ -316,3 +316,30 @@ async fn destroying_queue_segments_spares_the_cold_segments_of_queue_0() {
     );
     assert_eq!(drain(&p, &mut model, 7).await, 400);
 }
+
+/// In the modes that do not fsync each write (these tests run with `none`), a loaded segment's object is deleted
+/// only after an fsync made its records in the journal durable: otherwise a power loss would lose the journal's
+/// copy and leave the manifest naming an object that is gone.
+#[tokio::test]
+async fn a_loaded_segment_is_deleted_only_after_its_load_is_durable() {
+    let Some(env) = env(BUCKET, "durable-load").await else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let store = env.open(dir.path());
+    let p = store.open("q", 0).await.unwrap();
+    let mut model = produce(&p, 200).await;
+    spill(&env, &p, 4).await;
+    let fsyncs = store.fsyncs();
+    let (_, loaded_before, _) = store.segment_counters();
+    assert_eq!(drain(&p, &mut model, 7).await, 200);
+    env.segments_gone().await;
+    let (_, loaded, failed) = store.segment_counters();
+    assert!(loaded - loaded_before >= 4 && failed == 0, "loaded {loaded}");
+    assert!(
+        store.fsyncs() - fsyncs >= loaded - loaded_before,
+        "{} fsyncs for {} segment loads",
+        store.fsyncs() - fsyncs,
+        loaded - loaded_before
+    );
+}

@@ -230,6 +230,17 @@ impl Shared {
         }
     }
 
+    /// Makes every change set written so far durable, in the modes that do not fsync each write: called before an
+    /// object whose content the journal now holds (a loaded cold segment, a destroyed partition's segments) is
+    /// deleted, so a power loss cannot take both the journal's copy and the object.
+    async fn make_durable(&self) -> Result<(), StorageError> {
+        if self.engine.durability() == Durability::Sync {
+            return Ok(());
+        }
+        let engine = self.engine.clone();
+        blocking(move || engine.sync_journal()).await
+    }
+
     /// [`Shared::submit`] for threads outside the async runtime.
     fn submit_blocking(&self, unit: Unit) -> Result<(), StorageError> {
         let rx = self.send(unit, None)?;
@@ -890,8 +901,12 @@ impl FjallStore {
         name: String,
     ) -> Result<Arc<dyn Partition>, StorageError> {
         let live = self.registry().get(&name).and_then(Weak::upgrade);
-        if let Some(p) = live.filter(|p| !p.closed.load(Ordering::Acquire)) {
-            return Ok(p);
+        if let Some(p) = live {
+            if !p.closed.load(Ordering::Acquire) {
+                return Ok(p);
+            }
+            // Being closed: its last write may still be on its way to disk, and the state loaded below must hold it.
+            drop(p.inner.lock().await);
         }
         let name: Arc<str> = name.into();
         let started = std::time::Instant::now();
@@ -1149,7 +1164,12 @@ impl PartitionStore for FjallStore {
         if done.is_ok() {
             if let Some(ctx) = self.shared.cold.read().unwrap_or_else(|e| e.into_inner()).clone() {
                 let queue = queue.to_string();
+                let shared = self.shared.clone();
                 tokio::spawn(async move {
+                    if let Err(e) = shared.make_durable().await {
+                        tracing::warn!(queue, error = %e, "segments of destroyed partitions kept: the destroy is not durable");
+                        return;
+                    }
                     for wait in [Duration::ZERO, Duration::from_secs(40)] {
                         tokio::time::sleep(wait).await;
                         for &(p, pid) in &_pids {
@@ -2093,6 +2113,15 @@ impl Partition for FjallPartition {
 
     async fn close(&self) {
         if !self.closed.swap(true, Ordering::AcqRel) {
+            // Returns once a write in flight is on disk and the cold job has ended (its result is never committed:
+            // committing needs `lock`, which now fails). A re-open meanwhile finds this partition closed in the
+            // registry and waits for its lock too (`open_gated`), so it cannot load a state that misses a write
+            // this partition made. A spilled object nobody names is swept at that open.
+            #[allow(unused_mut)]
+            let mut g = self.inner.lock().await;
+            #[cfg(feature = "s3")]
+            let _ = g.cold.abandon_job().await;
+            drop(g);
             let mut reg = self.shared.open.lock().unwrap_or_else(|e| e.into_inner());
             // Only forget the entry if it is still this partition (a destroy and re-open may have replaced it).
             if reg

@@ -526,17 +526,23 @@ impl Shared {
         Ok(out)
     }
 
-    /// Deletes every object under a partition's directory (the partition was destroyed).
+    /// Deletes the payload objects of a partition's directory (the partition was destroyed): only the keys directly
+    /// in it, as `new_key` makes them. A listing is recursive, and the directory of partition N of a queue named
+    /// `segments` is also the start of every cold-segment key of the queue named N, when both share an entry.
     async fn delete_dir(self: &Arc<Self>, dir: &str) -> Result<(), StorageError> {
         let Some(objects) = self.objects.clone() else {
             return Ok(());
         };
-        let keys: Vec<String> = objects
+        let listed: Vec<String> = objects
             .list(Some(&ObjPath::from(dir)))
             .map_ok(|m| m.location.to_string())
             .try_collect()
             .await
             .map_err(|e| unavailable(format!("listing '{dir}'"), e))?;
+        let keys: Vec<String> = listed
+            .into_iter()
+            .filter(|k| k.strip_prefix(dir).is_some_and(|rest| !rest.contains('/')))
+            .collect();
         self.delete_keys(keys).await;
         Ok(())
     }

@@ -420,8 +420,17 @@ impl FjallPartition {
         crate::offload::metrics()
             .segments_loaded
             .fetch_add(1, Ordering::Relaxed);
+        // The object goes once the journal's copy is durable: `submit` waited for that only in `sync` mode.
         let ctx = ctx.clone();
-        tokio::spawn(async move { ctx.delete(&e.key).await });
+        let shared = self.shared.clone();
+        tokio::spawn(async move {
+            match shared.make_durable().await {
+                Ok(()) => ctx.delete(&e.key).await,
+                Err(err) => {
+                    tracing::warn!(segment = %e.key, error = %err, "loaded cold segment kept: its load is not durable")
+                }
+            }
+        });
         Ok(())
     }
 
