@@ -72,6 +72,21 @@ async fn stored(e: &Engine, q: &str) -> Vec<String> {
     out
 }
 
+/// Two servers on a fresh database sharing queue `jobs` (defined by `q`), which server B has loaded (its queue task
+/// caches the definition) by producing `first` into it. `None` when no database is configured.
+async fn two_servers_with_jobs(q: QueueInfo, first: &str) -> Option<(Database, ManualClock, Engine, Engine)> {
+    lessor_testkit::database_or_skip()?;
+    let db = Database::create("lessor_feat").await;
+    let clock = ManualClock::starting_now();
+    let a = engine(&db, &clock).await;
+    let b = engine(&db, &clock).await;
+    a.create_queue(q).await.expect("create");
+    b.produce("jobs", vec![keyed(first, "")], T)
+        .await
+        .expect("produce via B");
+    Some((db, clock, a, b))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dedup_and_extension_across_two_servers() {
     if lessor_testkit::database_or_skip().is_none() {
@@ -285,23 +300,13 @@ async fn a_duplicate_answered_by_the_database_does_not_extend_the_window() {
 /// (it used to keep its first copy, so once A was gone the items in the new partition were never served).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn partitions_added_on_one_server_are_served_by_the_other() {
-    if lessor_testkit::database_or_skip().is_none() {
-        return;
-    }
-    let db = Database::create("lessor_feat").await;
-    let clock = ManualClock::starting_now();
-    let a = engine(&db, &clock).await;
-    let b = engine(&db, &clock).await;
-    a.create_queue(QueueInfo {
+    let q = QueueInfo {
         max_attempts: 0,
         ..queue("jobs", "", 1)
-    })
-    .await
-    .expect("create");
-    // B loads the queue (its task caches the definition).
-    b.produce("jobs", vec![keyed("p0", "")], T)
-        .await
-        .expect("produce via B");
+    };
+    let Some((_db, _clock, a, b)) = two_servers_with_jobs(q, "p0").await else {
+        return;
+    };
     a.update_queue(lessor_core::engine::QueueUpdate {
         name: "jobs".into(),
         requested_partitions: Some(2),
@@ -340,17 +345,9 @@ async fn partitions_added_on_one_server_are_served_by_the_other() {
 /// pause is seen by every server sharing the store).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pause_on_one_server_stops_leases_on_the_other() {
-    if lessor_testkit::database_or_skip().is_none() {
+    let Some((_db, _clock, a, b)) = two_servers_with_jobs(queue("jobs", "", 1), "x").await else {
         return;
-    }
-    let db = Database::create("lessor_feat").await;
-    let clock = ManualClock::starting_now();
-    let a = engine(&db, &clock).await;
-    let b = engine(&db, &clock).await;
-    a.create_queue(queue("jobs", "", 1)).await.expect("create");
-    b.produce("jobs", vec![keyed("x", "")], T)
-        .await
-        .expect("produce via B");
+    };
     a.set_paused("jobs", true).await.expect("pause via A");
     b.reload("jobs").await.expect("reload B");
     let r = tokio::time::timeout(Duration::from_secs(3), b.lease("jobs", 1, "w", T)).await;
@@ -367,17 +364,9 @@ async fn a_pause_on_one_server_stops_leases_on_the_other() {
 /// "queue not found" instead of storing items into the deleted queue's partitions.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_queue_deleted_on_one_server_is_not_served_by_the_other() {
-    if lessor_testkit::database_or_skip().is_none() {
+    let Some((_db, clock, a, b)) = two_servers_with_jobs(queue("jobs", "", 1), "x").await else {
         return;
-    }
-    let db = Database::create("lessor_feat").await;
-    let clock = ManualClock::starting_now();
-    let a = engine(&db, &clock).await;
-    let b = engine(&db, &clock).await;
-    a.create_queue(queue("jobs", "", 1)).await.expect("create");
-    b.produce("jobs", vec![keyed("x", "")], T)
-        .await
-        .expect("produce via B");
+    };
     a.delete_queue("jobs").await.expect("delete via A");
     // B's next pass after the refresh interval finds the definition gone. Until then a request may still be
     // served; after it, none is, and the answers settle on "queue not found".
