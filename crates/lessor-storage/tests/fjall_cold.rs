@@ -309,10 +309,12 @@ async fn destroying_queue_segments_spares_the_cold_segments_of_queue_0() {
     store.destroy("segments", 0).await.unwrap();
     // Deletes run in the background: give them time.
     tokio::time::sleep(Duration::from_millis(500)).await;
+    // Queue 0's ticker may have spilled one more segment meanwhile; none of those before may be gone.
     let after = env.segments().await;
-    assert_eq!(
-        after, before,
-        "deleting queue 'segments' deleted cold segments of queue '0'"
+    let gone: Vec<_> = before.iter().filter(|k| !after.contains(k)).collect();
+    assert!(
+        gone.is_empty(),
+        "deleting queue 'segments' deleted cold segments of queue '0': {gone:?}"
     );
     assert_eq!(drain(&p, &mut model, 7).await, 400);
 }
