@@ -213,6 +213,9 @@ impl QueueTask {
                     for ((ids, deadline, reply), r) in reqs.into_iter().zip(results) {
                         match r {
                             Ok(()) => {
+                                // The new deadline may be earlier than the lease's (a shorter lease_timeout):
+                                // the lifecycle must look then, not at the old deadline.
+                                self.parts[partition as usize].pull_deadline(deadline);
                                 self.holders.extend(partition, &ids, deadline);
                                 self.metrics
                                     .extended
