@@ -96,7 +96,10 @@ where
     lessor_testkit::eventually(what, Duration::from_secs(5), probe).await
 }
 
-lessor_testkit::every_backend!(an_extend_that_shortens_a_lease_expires_it_at_the_new_deadline,);
+lessor_testkit::every_backend!(
+    an_extend_that_shortens_a_lease_expires_it_at_the_new_deadline,
+    a_complete_naming_the_wrong_partition_cannot_take_another_consumers_item,
+);
 
 /// A worker extends its lease to a deadline *earlier* than the one the lease gave (queue lease_timeout 1m, extend
 /// by 5 s: a heartbeat shorter than the queue's lease, or a worker handing an item back early). Once the new
@@ -130,4 +133,52 @@ async fn an_extend_that_shortens_a_lease_expires_it_at_the_new_deadline(enc: Enc
     let again = e.lease("q", 1, "w2").await;
     assert_eq!(again.items.len(), 1, "another worker gets the item");
     assert_eq!(again.items[0].attempts, 2);
+}
+
+/// Two consumers hold one item each, in partitions 0 and 1 of the same queue. A complete that names the id of the
+/// first with the *other* partition (a client mixing up partitions) must be refused as an unknown id, as in
+/// Querator, whose KSUIDs never collide between partitions; it must not complete the second consumer's item.
+///
+/// Bug: every partition starts its ids at the wall clock in microseconds ([`ItemId::floor_now`]), and memory and
+/// fjall round that up to a block of 1,024: partitions opened within the same millisecond hand out the *same* ids,
+/// so the first item of partition 0 and the first item of partition 1 have one id, and the wrong-partition complete
+/// deletes the other consumer's item.
+async fn a_complete_naming_the_wrong_partition_cannot_take_another_consumers_item(enc: Encoding) {
+    let e = Env::new(enc).await;
+    e.create("q", |q| q.requested_partitions = 2).await;
+    // Produce goes to the least-loaded partition: one item each.
+    e.produce("q", &["first"]).await;
+    e.produce("q", &["second"]).await;
+    let a = e.lease("q", 1, "a").await;
+    let b = e.lease("q", 1, "b").await;
+    assert_ne!(a.partition, b.partition, "one item in each partition");
+    let (a_id, b_id) = (a.items[0].id.clone(), b.items[0].id.clone());
+    let wrong =
+        e.c.queue_complete(&pb::QueueCompleteRequest {
+            queue_name: "q".into(),
+            partition: b.partition,
+            request_timeout: "5s".into(),
+            ids: vec![a_id.clone()],
+        })
+        .await;
+    let err = wrong.expect_err(&format!(
+        "a's id {a_id} completed in b's partition {} (b holds {b_id} there)",
+        b.partition
+    ));
+    assert_eq!(err.code(), Some(400), "{err:?}");
+    assert!(
+        err.message()
+            .unwrap_or_default()
+            .starts_with("invalid storage id;"),
+        "{err:?}"
+    );
+    // b still holds its item and completes it.
+    e.c.queue_complete(&pb::QueueCompleteRequest {
+        queue_name: "q".into(),
+        partition: b.partition,
+        request_timeout: "5s".into(),
+        ids: vec![b_id],
+    })
+    .await
+    .expect("b completes its own item");
 }
