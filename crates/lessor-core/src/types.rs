@@ -28,7 +28,27 @@ impl ItemId {
     pub fn floor_now() -> ItemId {
         ItemId(u64::try_from(SystemClock.now().0).unwrap_or(1).max(1))
     }
+
+    /// Where partition `partition`'s ids start: [`ItemId::floor_now`] plus `partition` times
+    /// [`PARTITION_ID_STRIDE`], so partitions of one queue, created in the same microsecond, never hand out the same
+    /// id: a complete or retry naming the wrong partition finds no item instead of another consumer's (Querator's
+    /// KSUIDs never collide between partitions either). Partition 65,535 starts below 2^63, so every id still fits
+    /// PostgreSQL's `int8`.
+    pub fn floor_for(partition: u32) -> ItemId {
+        ItemId(
+            Self::floor_now()
+                .0
+                .saturating_add(u64::from(partition).saturating_mul(PARTITION_ID_STRIDE)),
+        )
+    }
 }
+
+/// The distance between the first ids of two consecutive partitions (2^46, about 2.2 years of microseconds): one
+/// partition would have to hand out that many ids, or live items of a partition would have to be that much older
+/// than a restart of the one below it, for their ids to meet.
+pub const PARTITION_ID_STRIDE: u64 = 1 << 46;
+
+impl ItemId {}
 
 impl fmt::Display for ItemId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

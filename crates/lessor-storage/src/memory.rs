@@ -215,8 +215,9 @@ impl PartitionStore for MemoryStore {
             if let Some(ctx) = &self.cold {
                 return Part::Cold(cold::ColdPartition::create(ctx.clone(), queue, partition));
             }
-            // Ids start at the current time in microseconds, so a deleted and re-created queue never reuses an id.
-            let floor = ItemId::floor_now().0;
+            // Ids start at the current time in microseconds, so a deleted and re-created queue never reuses an id,
+            // offset per partition so that two partitions never share one.
+            let floor = ItemId::floor_for(partition).0;
             Part::Plain(Arc::new(MemoryPartition {
                 // Nothing to persist: building change sets would only copy every item written.
                 state: Mutex::new(PartitionState::new(floor).without_changes()),

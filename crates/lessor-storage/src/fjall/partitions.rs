@@ -294,12 +294,12 @@ impl Shared {
     /// partition's own prefix, which holds only its resident items, and its paging counters if it has paged items
     /// (see the `paging` module): what an open reads is bounded by the window and the items in flight, not by the
     /// depth of the queue.
-    async fn load(&self, name: Arc<str>, pid: u64) -> Result<Loaded, StorageError> {
+    async fn load(&self, name: Arc<str>, pid: u64, part_no: u32) -> Result<Loaded, StorageError> {
         let _permit = self.loads.acquire().await.map_err(|_| self.closed())?;
         let engine = self.engine.clone();
         let window = self.window.load(Ordering::Relaxed);
         let (state, hwm, read, payload_keys) = blocking(move || {
-            let floor = ItemId::floor_now().0;
+            let floor = ItemId::floor_for(part_no).0;
             let Some(ks) = engine.keyspace(ITEMS, true)? else {
                 return Ok((
                     PartitionState::new(floor).with_window(window),
@@ -918,12 +918,12 @@ impl FjallStore {
         } = if fresh {
             let window = self.shared.window.load(Ordering::Relaxed);
             Loaded {
-                state: PartitionState::new(ItemId::floor_now().0).with_window(window),
+                state: PartitionState::new(ItemId::floor_for(partition).0).with_window(window),
                 hwm: 0,
                 payload_keys: HashSet::new(),
             }
         } else {
-            self.shared.load(name.clone(), pid).await?
+            self.shared.load(name.clone(), pid, partition).await?
         };
         tracing::debug!(
             queue,
@@ -949,7 +949,6 @@ impl FjallStore {
             }),
             #[cfg(feature = "s3")]
             queue: queue.into(),
-            #[cfg(feature = "s3")]
             part_no: partition,
             closed: AtomicBool::new(false),
         });
@@ -1429,10 +1428,10 @@ pub struct FjallPartition {
     /// for the disk.
     inner: tokio::sync::Mutex<Inner>,
     closed: AtomicBool,
-    /// The queue and partition number (object keys of cold segments name them).
+    /// The queue (object keys of cold segments name it).
     #[cfg(feature = "s3")]
     queue: Arc<str>,
-    #[cfg(feature = "s3")]
+    /// The partition number (where a fresh partition's ids start; object keys of cold segments name it too).
     part_no: u32,
 }
 
@@ -1464,7 +1463,10 @@ impl FjallPartition {
                 state,
                 hwm,
                 payload_keys,
-            } = self.shared.load(self.name.clone(), self.pid).await?;
+            } = self
+                .shared
+                .load(self.name.clone(), self.pid, self.part_no)
+                .await?;
             tracing::info!(partition = %self.name, items = state.len(), "partition re-read from disk after a failed write");
             g.state = state;
             g.hwm = hwm;

@@ -267,7 +267,7 @@ impl ColdPartition {
     /// A new, empty partition of `queue`; starts its ticker.
     pub(crate) fn create(ctx: Arc<ColdCtx>, queue: &str, part_no: u32) -> Arc<ColdPartition> {
         let window = usize::try_from(ctx.settings.after_depth).unwrap_or(usize::MAX);
-        let floor = ItemId::floor_now().0;
+        let floor = ItemId::floor_for(part_no).0;
         let pid = ctx.next_pid.fetch_add(1, Ordering::Relaxed);
         let p = Arc::new(ColdPartition {
             ctx,

@@ -96,13 +96,13 @@ impl PartitionStore for PgStore {
 
     async fn create(&self, queue: &str, partitions: &[u32]) -> Result<(), StorageError> {
         let shared = self.shared()?;
-        let first_id = i64::try_from(ItemId::floor_now().0).unwrap_or(i64::MAX);
         // A table, its sequence and its indexes are one transaction each: a few at a time keeps the pool's other
         // users served while a wide queue is created.
         for chunk in partitions.chunks(CREATE_CONCURRENCY) {
             futures::future::try_join_all(chunk.iter().map(|&p| {
                 let table = table_name(queue, p);
                 let shared = shared.clone();
+                let first_id = i64::try_from(ItemId::floor_for(p).0).unwrap_or(i64::MAX);
                 async move { schema::ensure_partition(&shared, &table, queue, p, first_id).await }
             }))
             .await?;
@@ -114,8 +114,8 @@ impl PartitionStore for PgStore {
         let shared = self.shared()?;
         let table = table_name(queue, partition);
         // A new table's ids start at the current time in microseconds, so a queue deleted and created again never
-        // reuses an id that a consumer of the old queue may still hold.
-        let first_id = i64::try_from(ItemId::floor_now().0).unwrap_or(i64::MAX);
+        // reuses an id that a consumer of the old queue may still hold (offset per partition: see `floor_for`).
+        let first_id = i64::try_from(ItemId::floor_for(partition).0).unwrap_or(i64::MAX);
         schema::ensure_partition(&shared, &table, queue, partition, first_id).await?;
         Ok(Arc::new(PgPartition {
             sql: Sql::new(&table),

@@ -347,13 +347,15 @@ pub(crate) async fn ensure_partition(
          VALUES ($1, $2, $3, $4, $5) ON CONFLICT (table_name) DO UPDATE SET layout = EXCLUDED.layout",
     )
     .await?;
+    // The registration's creation time, in microseconds (the first id is that plus the partition's offset).
+    let created_at = i64::try_from(lessor_core::types::ItemId::floor_now().0).unwrap_or(i64::MAX);
     tx.query_commit(
         &register,
         &[
             &table,
             &queue,
             &i64::from(partition),
-            &first_id,
+            &created_at,
             &PARTITION_LAYOUT,
         ],
     )
