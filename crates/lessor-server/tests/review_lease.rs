@@ -182,3 +182,152 @@ async fn a_complete_naming_the_wrong_partition_cannot_take_another_consumers_ite
     .await
     .expect("b completes its own item");
 }
+
+/// Team B's queue `b-q` dead-letters into `b-dead` (both in namespace team-b). Team B deletes `b-dead` while `b-q`
+/// still names it; team A (queue.create in team-a only) then creates a queue named `b-dead` in team-a. An item of
+/// `b-q` dies: its payload must not land in team A's queue. Naming a dead-letter queue needs `queue.produce` in its
+/// namespace (docs/security.md), and team A never got that in team-b.
+///
+/// Bug: `queues.delete` accepts deleting a queue that another queue names as its `dead_queue`, the dangling name is
+/// never re-checked, and the dead-letter move writes into whatever queue holds the name now. (Until the name is taken
+/// again, the dead items are held invisibly in `b-q`: stats, browse and lists show nothing, and a dead_queue cannot
+/// be cleared by `queues.update`.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_dead_letter_queue_name_taken_by_another_namespace_gets_no_dead_items() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let key_file = dir.path().join("admin.key");
+    let yaml = format!(
+        "queue-storage:\n  driver: memory\n\
+         partition-storage:\n  - name: m\n    driver: memory\n    affinity: 1\n\
+         auth-backend:\n  driver: internal\n  open-door: false\n  bootstrap-key-file: {}\n",
+        key_file.display()
+    );
+    let (_srv, c) =
+        lessor_testkit::server::start(&lessor_server::Config::from_yaml(&yaml).expect("config"), None).await;
+    let admin = c
+        .clone()
+        .with_api_key(std::fs::read_to_string(&key_file).expect("key").trim());
+    for ns in ["team-a", "team-b"] {
+        admin
+            .namespaces_create(&pb::NamespaceInfo {
+                name: ns.into(),
+                ..Default::default()
+            })
+            .await
+            .expect("namespace");
+    }
+    let queue = |name: &str, ns: &str, dead: &str| pb::QueueInfo {
+        queue_name: name.into(),
+        namespace: ns.into(),
+        dead_queue: dead.into(),
+        lease_timeout: "1m".into(),
+        expire_timeout: "1h".into(),
+        requested_partitions: 1,
+        ..Default::default()
+    };
+    admin
+        .queues_create(&queue("b-dead", "team-b", ""))
+        .await
+        .expect("b-dead");
+    admin
+        .queues_create(&queue("b-q", "team-b", "b-dead"))
+        .await
+        .expect("b-q");
+    // Team A: a user who may create and read queues in team-a only.
+    let user = admin
+        .users_create(&pb::UserCreateRequest {
+            username: "mallory".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("user")
+        .id;
+    admin
+        .roles_create(&pb::RoleCreateRequest {
+            namespace: "team-a".into(),
+            name: "owner".into(),
+            permissions: ["queue.create", "queue.stats", "queue.lease"]
+                .iter()
+                .map(|p| p.to_string())
+                .collect(),
+        })
+        .await
+        .expect("role");
+    admin
+        .rolebindings_create(&pb::RoleBindingCreateRequest {
+            namespace: "team-a".into(),
+            role_name: "owner".into(),
+            user_id: user.clone(),
+        })
+        .await
+        .expect("binding");
+    let key = admin
+        .apikeys_create(&pb::APIKeyCreateRequest {
+            user_id: user,
+            name: "mallory".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("key")
+        .key;
+    let attacker = c.clone().with_api_key(key);
+
+    // Team B deletes its dead-letter queue (refusing that is one way to keep the promise), and team A takes the name.
+    let _ = admin
+        .queues_delete(&pb::QueuesDeleteRequest {
+            queue_name: "b-dead".into(),
+            ..Default::default()
+        })
+        .await;
+    let _ = attacker.queues_create(&queue("b-dead", "team-a", "")).await;
+
+    // An item of b-q dies.
+    admin
+        .queue_produce(&pb::QueueProduceRequest {
+            queue_name: "b-q".into(),
+            request_timeout: "5s".into(),
+            items: vec![pb::QueueProduceItem {
+                bytes: b"victim".to_vec(),
+                ..Default::default()
+            }],
+        })
+        .await
+        .expect("produce into b-q");
+    let l = lessor_testkit::server::lease(&admin, "b-q", 1, "w")
+        .await
+        .expect("lease");
+    admin
+        .queue_retry(&pb::QueueRetryRequest {
+            queue_name: "b-q".into(),
+            partition: l.partition,
+            items: vec![pb::QueueRetryItem {
+                id: l.items[0].id.clone(),
+                dead: true,
+                ..Default::default()
+            }],
+        })
+        .await
+        .expect("retry dead");
+    // The dead-letter move runs on the next pass; give it time.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let info = admin
+        .queues_info(&pb::QueuesInfoRequest {
+            queue_name: "b-dead".into(),
+        })
+        .await
+        .expect("b-dead exists (team B's, or team A's)");
+    if info.namespace == "team-a" {
+        let items = admin
+            .storage_items_list(&pb::StorageItemsListRequest {
+                queue_name: "b-dead".into(),
+                ..Default::default()
+            })
+            .await
+            .expect("list")
+            .items;
+        assert!(
+            items.is_empty(),
+            "team A's queue 'b-dead' received team B's dead items: {items:?}"
+        );
+    }
+}
