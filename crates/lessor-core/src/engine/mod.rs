@@ -576,6 +576,24 @@ impl Engine {
         let Some(info) = self.inner.config.queues.get(name).await? else {
             return Err(QueueError::QueueNotFound(name.to_string()));
         };
+        // A queue that another queue dead-letters into stays: deleted, its name would dangle (dead items held
+        // unseen in the other queue), and a queue created later under the name, in any namespace, would receive
+        // them without the produce permission naming a dead-letter queue takes.
+        // The other queue is not named: it may be another namespace's.
+        if self.dead_letter_user(name).await?.is_some() {
+            return Err(validate::invalid(
+                "queue_name",
+                format!(
+                    "'{name}' is the dead_queue of another queue; point that queue at another dead_queue or delete it first"
+                ),
+            ));
+        }
+        self.delete_queue_in_use(name, info).await
+    }
+
+    /// [`Engine::delete_queue`] without the dead-letter check: a restore with overwrite puts a queue of the same
+    /// name back at once.
+    async fn delete_queue_in_use(&self, name: &str, info: QueueInfo) -> Result<(), QueueError> {
         let handle = self.inner.queues.write().map_err(poisoned)?.remove(name);
         if let Some(h) = handle {
             stop_queue(&h).await;
@@ -1136,7 +1154,8 @@ impl Engine {
             if !overwrite {
                 return Err(QueueError::QueueExists(info.name));
             }
-            self.delete_queue(&info.name).await?;
+            let _guard = self.inner.load_lock.lock().await;
+            self.delete_queue_in_use(&info.name, existing).await?;
         }
         info.partitions = Vec::new();
         info.requested_partitions = count;

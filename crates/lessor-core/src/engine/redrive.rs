@@ -261,15 +261,20 @@ impl Engine {
 
     /// Whether some queue names `name` as its dead-letter queue.
     async fn is_dead_letter_queue(&self, name: &str) -> Result<bool, QueueError> {
+        Ok(self.dead_letter_user(name).await?.is_some())
+    }
+
+    /// The first queue (in name order) that names `name` as its dead-letter queue, if any.
+    pub(crate) async fn dead_letter_user(&self, name: &str) -> Result<Option<String>, QueueError> {
         let mut from = String::new();
         loop {
             let page = self.inner.config.queues.list(&from, 1000).await?;
-            if page.iter().any(|q| q.dead_queue == name) {
-                return Ok(true);
+            if let Some(q) = page.iter().find(|q| q.dead_queue == name) {
+                return Ok(Some(q.name.clone()));
             }
             match page.last() {
                 Some(l) if page.len() == 1000 => from = format!("{}\0", l.name),
-                _ => return Ok(false),
+                _ => return Ok(None),
             }
         }
     }
