@@ -1197,7 +1197,7 @@ fn queues_delete(api: Api) -> Api {
     api.rpc(
         lessor_proto::routes::QueuesDelete,
         |Ctx { engine: e, .. }, r: pb::QueuesDeleteRequest| async move {
-            e.delete_queue(&r.queue_name).await?;
+            e.delete_queue_with(&r.queue_name, r.force).await?;
             Ok(ok())
         },
     )

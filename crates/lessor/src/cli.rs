@@ -205,6 +205,10 @@ enum Command {
     Delete {
         /// Queue name.
         queue: String,
+        /// Also when other queues name it as their dead-letter queue: their `dead_queue` is cleared (their dead
+        /// items are then deleted). Without it such a delete is refused.
+        #[arg(long)]
+        force: bool,
     },
     /// List queues.
     List {
@@ -579,10 +583,10 @@ pub async fn run(cli: Cli) -> Result<(), String> {
                 println!("updated queue '{}'", a.queue);
             }
         }
-        Command::Delete { queue } => {
+        Command::Delete { queue, force } => {
             c.queues_delete(&pb::QueuesDeleteRequest {
                 queue_name: queue.clone(),
-                force: false,
+                force,
             })
             .await
             .map_err(api)?;

@@ -504,6 +504,11 @@ impl Engine {
         self.check_running()?;
         validate::queue_name("queue_name", &update.name)?;
         let _guard = self.inner.load_lock.lock().await;
+        self.update_queue_locked(update).await
+    }
+
+    /// [`Engine::update_queue`] for a caller holding the load lock.
+    async fn update_queue_locked(&self, update: QueueUpdate) -> Result<(), QueueError> {
         let Some(mut info) = self.inner.config.queues.get(&update.name).await? else {
             return Err(QueueError::QueueNotFound(update.name));
         };
@@ -570,23 +575,44 @@ impl Engine {
     /// them (the stores reuse a partition that exists). Now a failed destroy fails the request and keeps the
     /// definition, so the delete can be retried; a crash leaves the queue defined, with what was not destroyed yet.
     pub async fn delete_queue(&self, name: &str) -> Result<(), QueueError> {
+        self.delete_queue_with(name, false).await
+    }
+
+    /// [`Engine::delete_queue`], with `force` (Querator's `QueuesDeleteRequest.force`, which Querator ignores)
+    /// deciding what happens to a dead-letter queue still in use.
+    ///
+    /// A queue that another queue dead-letters into is refused without `force`: deleted, its name would dangle
+    /// (dead items held unseen in the other queue), and a queue created later under the name, in any namespace,
+    /// would receive them without the produce permission naming a dead-letter queue takes. The other queue is not
+    /// named in the error: it may be another namespace's. With `force`, every queue naming it has its `dead_queue`
+    /// cleared first (its dead items are then deleted, as on a queue without one), in the same critical section.
+    pub async fn delete_queue_with(&self, name: &str, force: bool) -> Result<(), QueueError> {
         self.check_running()?;
         validate::queue_name("queue_name", name)?;
         let _guard = self.inner.load_lock.lock().await;
         let Some(info) = self.inner.config.queues.get(name).await? else {
             return Err(QueueError::QueueNotFound(name.to_string()));
         };
-        // A queue that another queue dead-letters into stays: deleted, its name would dangle (dead items held
-        // unseen in the other queue), and a queue created later under the name, in any namespace, would receive
-        // them without the produce permission naming a dead-letter queue takes.
-        // The other queue is not named: it may be another namespace's.
-        if self.dead_letter_user(name).await?.is_some() {
-            return Err(validate::invalid(
-                "queue_name",
-                format!(
-                    "'{name}' is the dead_queue of another queue; point that queue at another dead_queue or delete it first"
-                ),
-            ));
+        let users = self.dead_letter_users(name).await?;
+        if !users.is_empty() {
+            if !force {
+                return Err(validate::invalid(
+                    "queue_name",
+                    format!(
+                        "'{name}' is the dead_queue of another queue; point that queue at another dead_queue, \
+                         delete it first, or delete with force to clear its dead_queue"
+                    ),
+                ));
+            }
+            for user in users {
+                tracing::info!(queue = %user, dead_queue = name, "dead_queue cleared: its dead-letter queue is deleted");
+                self.update_queue_locked(QueueUpdate {
+                    name: user,
+                    dead_queue: Some(String::new()),
+                    ..Default::default()
+                })
+                .await?;
+            }
         }
         self.delete_queue_in_use(name, info).await
     }

@@ -264,6 +264,25 @@ impl Engine {
         Ok(self.dead_letter_user(name).await?.is_some())
     }
 
+    /// Every queue that names `name` as its dead-letter queue, in name order (a scan of the definitions: for deletes,
+    /// not for the per-item paths).
+    pub(crate) async fn dead_letter_users(&self, name: &str) -> Result<Vec<String>, QueueError> {
+        let mut from = String::new();
+        let mut out = Vec::new();
+        loop {
+            let page = self.inner.config.queues.list(&from, 1000).await?;
+            out.extend(
+                page.iter()
+                    .filter(|q| q.dead_queue == name)
+                    .map(|q| q.name.clone()),
+            );
+            match page.last() {
+                Some(l) if page.len() == 1000 => from = format!("{}\0", l.name),
+                _ => return Ok(out),
+            }
+        }
+    }
+
     /// The first queue (in name order) that names `name` as its dead-letter queue, if any.
     pub(crate) async fn dead_letter_user(&self, name: &str) -> Result<Option<String>, QueueError> {
         let mut from = String::new();

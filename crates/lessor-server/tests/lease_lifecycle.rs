@@ -1,5 +1,6 @@
-//! Review of the lease lifecycle (review2-lease): black-box tests through the real server on port 0 with an injected
-//! clock, each reproducing a bug found by the review. Run over protobuf and JSON on memory, protobuf on fjall
+//! The lease lifecycle at its edges: black-box tests through the real server on port 0 with an injected clock, each
+//! reproducing a bug a review found (a shortened lease expiring late, ids shared between partitions, a deleted
+//! dead-letter queue's name reused by another namespace), and what `queues.delete` with `force` does instead. Run over protobuf and JSON on memory, protobuf on fjall
 //! (feature `fjall`) and on PostgreSQL (feature `postgres`, when `LESSOR_TEST_DATABASE_URL` is set).
 
 use std::time::Duration;
@@ -330,4 +331,40 @@ async fn a_deleted_dead_letter_queue_name_taken_by_another_namespace_gets_no_dea
             "team A's queue 'b-dead' received team B's dead items: {items:?}"
         );
     }
+}
+
+/// A dead-letter queue in use: `queues.delete` refuses it (400 naming the rule), and with `force` deletes it after
+/// clearing the `dead_queue` of the queue naming it, whose definition then shows none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleting_a_dead_letter_queue_in_use_needs_force_and_clears_the_reference() {
+    let env = Env::new(Encoding::Protobuf).await;
+    env.create("dlq", |_| {}).await;
+    env.create("jobs", |q| q.dead_queue = "dlq".into()).await;
+    let delete = |force| pb::QueuesDeleteRequest {
+        queue_name: "dlq".into(),
+        force,
+    };
+    match env.c.queues_delete(&delete(false)).await {
+        Err(ClientError::Api { code, message, .. }) => {
+            assert_eq!(code, 400, "{message}");
+            assert!(
+                message.starts_with("queue_name is invalid; 'dlq' is the dead_queue of another queue"),
+                "{message}"
+            );
+        }
+        other => panic!("deleting a dead-letter queue in use: {other:?}"),
+    }
+    let info = |name: &'static str| {
+        let c = env.c.clone();
+        async move {
+            c.queues_info(&pb::QueuesInfoRequest {
+                queue_name: name.into(),
+            })
+            .await
+        }
+    };
+    assert!(info("dlq").await.is_ok(), "refused delete removed the queue");
+    env.c.queues_delete(&delete(true)).await.expect("forced delete");
+    assert!(info("dlq").await.is_err(), "dlq still there");
+    assert_eq!(info("jobs").await.expect("jobs").dead_queue, "");
 }
