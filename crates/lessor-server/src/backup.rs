@@ -190,7 +190,14 @@ async fn produce_backup(
     start.extend(fmt::encode_record(RecordKind::Header, &header));
     send(start).await?;
     let mut trailer = fmt::BackupTrailer::default();
-    for q in &header.queues {
+    // Items: dead-letter queues last. The header lists them first (a restore creates them first), but partitions
+    // are read one after the other while the queues keep running, and a dead-letter move writes the item into the
+    // dead-letter queue before it removes it from its queue: read in this order, an item moved during the backup
+    // is in one of the two (or both), never in neither. The format does not order blocks across queues.
+    let dead: std::collections::HashSet<&str> = header.queues.iter().map(|q| q.dead_queue.as_str()).collect();
+    let mut order: Vec<&fmt::QueueRecord> = header.queues.iter().collect();
+    order.sort_by_key(|q| dead.contains(q.name.as_str()));
+    for q in order {
         for partition in 0..q.partitions {
             let mut snap = engine
                 .snapshot(&q.name, partition)

@@ -860,8 +860,9 @@ async fn migrate_engines(
     }
     let dead: HashSet<String> = queues.iter().map(|q| q.dead_queue.clone()).collect();
     queues.sort_by_key(|q| !dead.contains(&q.name));
-    let bar = progress(json, None, "migrate");
-    let mut items = 0u64;
+    // Every definition first, dead-letter queues before the queues naming them (a queue's dead-letter queue must
+    // exist).
+    let mut created = Vec::with_capacity(queues.len());
     for q in &queues {
         let resume = matches!(dst.queue_info(&q.name).await, Ok(t) if t.restoring);
         let mut info = q.clone();
@@ -870,8 +871,18 @@ async fn migrate_engines(
             .restore_begin(info, args.overwrite && !resume)
             .await
             .map_err(|x| e(&format!("creating '{}'", q.name), x))?;
+        created.push((q, stored.partitions.len()));
+    }
+    // Then the items, dead-letter queues last: the source runs its lifecycle as it is read, and an item it
+    // dead-letters (a lease or an expiry that came due while it was stopped) leaves a queue for its dead-letter
+    // queue. Read in this order, the item is in the copy of one or the other; in the opposite order, a move between
+    // the two reads put it in neither.
+    created.sort_by_key(|(q, _)| dead.contains(&q.name));
+    let bar = progress(json, None, "migrate");
+    let mut items = 0u64;
+    for (q, stored_partitions) in &created {
         for p in 0..q.partitions.len() as u32 {
-            if p as usize >= stored.partitions.len() {
+            if p as usize >= *stored_partitions {
                 break;
             }
             let mut have = dst
@@ -903,6 +914,9 @@ async fn migrate_engines(
                 bar.inc(n);
             }
         }
+    }
+    // Every queue opens once all are in (as a restore does).
+    for q in &queues {
         dst.restore_finish(&q.name)
             .await
             .map_err(|x| e(&format!("finishing '{}'", q.name), x))?;
