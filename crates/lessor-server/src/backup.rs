@@ -42,6 +42,8 @@ const IN_FLIGHT_BLOCKS: usize = 4;
 /// block took to read and encode: it then takes at most a quarter of the time, and serving keeps the rest of the
 /// machine. An idle server's backup runs at full speed.
 const YIELD_FACTOR: u32 = 3;
+/// Items of a partition's first page: its payload sizes are not known yet, and a page is held in memory whole.
+const FIRST_PAGE: usize = 256;
 
 /// `POST /v1/storage.backup`.
 pub(crate) async fn backup(State(st): State<AppState>, req: Request) -> Response {
@@ -204,7 +206,8 @@ async fn produce_backup(
                 .await
                 .map_err(|e| format!("snapshot of partition {partition} of '{}': {e}", q.name))?;
             let mut first = 0u64;
-            let mut limit = fmt::BLOCK_ITEMS;
+            // The first page of a partition is small: nothing is known yet of its payload sizes.
+            let mut limit = FIRST_PAGE;
             loop {
                 let work = Instant::now();
                 let answered = metrics.answered.load(std::sync::atomic::Ordering::Relaxed);
@@ -215,41 +218,61 @@ async fn produce_backup(
                 if items.is_empty() {
                     break;
                 }
-                let n = items.len() as u64;
                 let payload: usize = items.iter().map(|i| i.payload.len()).sum();
-                // Large payloads: fewer items per block, so a block stays near BLOCK_BYTES.
+                // Large payloads: fewer items per page, so a page stays near BLOCK_BYTES.
                 limit = if payload > fmt::BLOCK_BYTES {
                     (items.len() * fmt::BLOCK_BYTES / payload).max(1)
                 } else {
                     fmt::BLOCK_ITEMS
                 };
-                let queue = q.name.clone();
-                // Converting and encoding are CPU work: on the blocking pool, off the serving threads.
-                let record = tokio::task::spawn_blocking(move || {
-                    let block = fmt::ItemBlock {
-                        queue,
-                        partition,
-                        first,
-                        items: items.into_iter().map(fmt::ItemRecord::from_owned).collect(),
-                    };
-                    fmt::encode_record(RecordKind::Items, &block)
-                })
-                .await
-                .map_err(|e| format!("encoding a block: {e}"))?;
-                let took = work.elapsed();
-                send(record).await?;
-                if metrics.answered.load(std::sync::atomic::Ordering::Relaxed) != answered {
-                    tokio::time::sleep(took.saturating_mul(YIELD_FACTOR)).await;
+                // A page whose payloads are larger than the last one's goes in several blocks of at most
+                // BLOCK_BYTES of payload (or one item): a block must stay far below the largest record a reader
+                // takes (MAX_RECORD) and the body a restore accepts.
+                let mut blocks: Vec<Vec<lessor_core::types::Item>> = Vec::new();
+                let mut bytes = 0usize;
+                for it in items {
+                    let len = it.payload.len();
+                    match blocks.last_mut() {
+                        Some(b) if bytes + len <= fmt::BLOCK_BYTES => b.push(it),
+                        _ => {
+                            bytes = 0;
+                            blocks.push(vec![it]);
+                        }
+                    }
+                    bytes += len;
                 }
-                metrics.backup_items.inc_by(n);
-                first += n;
-                trailer.blocks += 1;
-                if rate > 0 {
-                    // Paced: no further than `rate` items per second since the start.
-                    let due =
-                        std::time::Duration::from_secs_f64((trailer.items + first) as f64 / rate as f64);
-                    if let Some(wait) = due.checked_sub(started.elapsed()) {
-                        tokio::time::sleep(wait).await;
+                let took = work.elapsed();
+                for items in blocks {
+                    let work = Instant::now();
+                    let n = items.len() as u64;
+                    let queue = q.name.clone();
+                    // Converting and encoding are CPU work: on the blocking pool, off the serving threads.
+                    let record = tokio::task::spawn_blocking(move || {
+                        let block = fmt::ItemBlock {
+                            queue,
+                            partition,
+                            first,
+                            items: items.into_iter().map(fmt::ItemRecord::from_owned).collect(),
+                        };
+                        fmt::encode_record(RecordKind::Items, &block)
+                    })
+                    .await
+                    .map_err(|e| format!("encoding a block: {e}"))?;
+                    let took = took + work.elapsed();
+                    send(record).await?;
+                    if metrics.answered.load(std::sync::atomic::Ordering::Relaxed) != answered {
+                        tokio::time::sleep(took.saturating_mul(YIELD_FACTOR)).await;
+                    }
+                    metrics.backup_items.inc_by(n);
+                    first += n;
+                    trailer.blocks += 1;
+                    if rate > 0 {
+                        // Paced: no further than `rate` items per second since the start.
+                        let due =
+                            std::time::Duration::from_secs_f64((trailer.items + first) as f64 / rate as f64);
+                        if let Some(wait) = due.checked_sub(started.elapsed()) {
+                            tokio::time::sleep(wait).await;
+                        }
                     }
                 }
             }
