@@ -1,4 +1,5 @@
-//! Review findings on backup, restore and migration (each test fails without its fix).
+//! Backups and migrations taken while items move between queues, and partitions of large items (each case was a
+//! review finding; each test fails without its fix).
 //!
 //! - `lessor migrate` copies dead-letter queues first, then the queues naming them, while the source engine runs
 //!   its lifecycle: an item that died on the source (lease or expiry due while the server was stopped) is moved by
