@@ -2,7 +2,7 @@
 //! picks stops until the test lets it go, so the other side of the race runs exactly in that window.
 //!
 //! - A redrive moves a dead-letter item while a consumer of the dead-letter queue leases and completes it.
-//! - Two rebalances of one queue are started at the same time.
+//! - Two rebalances of one queue are started at the same time; so are two redrives of one dead-letter queue.
 
 use std::sync::atomic::{AtomicIsize, Ordering};
 use std::sync::Arc;
@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use lessor_core::auth::store::{CheckFailed, Commit};
+use lessor_core::auth::store::{CheckFailed, Commit, Write};
 use lessor_core::auth::AuthStore;
 use lessor_core::engine::{
     Engine, EngineConfig, NamedStore, PartitionMove, ProduceItem, RebalanceRequest, RedriveRequest,
@@ -191,11 +191,13 @@ impl Partition for GatedPartition {
     async fn close(&self) {}
 }
 
-/// The metadata store, with a gate on scans of one table (the first byte of the key).
+/// The metadata store, with a gate on scans of one table (the first byte of the key), or on writes to it.
 #[derive(Debug)]
 struct GatedAuth {
     inner: Arc<dyn AuthStore>,
     table: u8,
+    /// Gate writes instead of scans.
+    writes: bool,
     gate: Arc<Gate>,
 }
 
@@ -210,12 +212,19 @@ impl AuthStore for GatedAuth {
         from: &[u8],
         limit: usize,
     ) -> Result<Vec<(Bytes, Bytes)>, StorageError> {
-        if prefix.first() == Some(&self.table) {
+        if !self.writes && prefix.first() == Some(&self.table) {
             self.gate.pass().await;
         }
         self.inner.scan(prefix, from, limit).await
     }
     async fn commit(&self, commit: Commit) -> Result<Result<(), CheckFailed>, StorageError> {
+        let mine = commit
+            .writes
+            .iter()
+            .any(|w| matches!(w, Write::Put(k, _) if k.first() == Some(&self.table)));
+        if self.writes && mine {
+            self.gate.pass().await;
+        }
         self.inner.commit(commit).await
     }
     async fn generation(&self) -> Result<u64, StorageError> {
@@ -390,6 +399,7 @@ async fn two_rebalances_started_at_once_lose_nothing() {
     let auth = Arc::new(GatedAuth {
         inner: queues.auth(),
         table: b'P',
+        writes: false,
         gate: gate.clone(),
     });
     let e = Engine::new(EngineConfig {
@@ -477,5 +487,65 @@ async fn two_rebalances_started_at_once_lose_nothing() {
     assert!(
         shrink.is_err() || mv.is_err(),
         "both rebalances were started: {shrink:?} {mv:?}"
+    );
+}
+
+/// Two redrives of one dead-letter queue started at the same time: "one running task per dead-letter queue", so
+/// one must be refused. Before the fix both passed the check (each read the tasks before the other saved) and
+/// both ran (the targets' dedup kept items from doubling, but each applied its own `max_items`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_redrives_started_at_once_do_not_both_run() {
+    let clock = ManualClock::starting_now();
+    let gate = Gate::new();
+    let queues = Arc::new(MemoryQueues::new());
+    let auth = Arc::new(GatedAuth {
+        inner: queues.auth(),
+        table: b'T',
+        writes: true,
+        gate: gate.clone(),
+    });
+    let e = Engine::new(EngineConfig {
+        queues: Arc::new(GatedQueues { inner: queues, auth }),
+        stores: vec![NamedStore {
+            name: "mem".into(),
+            affinity: 1.0,
+            store: Arc::new(MemoryStore::new()),
+        }],
+        limits: Limits::default(),
+        clock: Arc::new(clock.clone()),
+    })
+    .expect("engine");
+    e.create_queue(queue("dlq", "", 1)).await.expect("dlq");
+    e.create_queue(queue("a", "dlq", 1)).await.expect("a");
+    let request = RedriveRequest {
+        dead_queue: "dlq".into(),
+        ..Default::default()
+    };
+    // The first start checked that none runs and stops as it saves its task.
+    gate.arm(0);
+    let first = {
+        let e = e.clone();
+        let request = request.clone();
+        tokio::spawn(async move { e.redrive_start(request).await })
+    };
+    gate.reached().await;
+    let second = {
+        let e = e.clone();
+        let request = request.clone();
+        tokio::spawn(async move { e.redrive_start(request).await })
+    };
+    // The second start either finishes (before the fix) or waits for the first.
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        while !second.is_finished() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    gate.release();
+    let first = first.await.expect("join");
+    let second = second.await.expect("join");
+    assert!(
+        first.is_err() || second.is_err(),
+        "both redrives were started: {first:?} {second:?}"
     );
 }
