@@ -283,7 +283,8 @@ pub(crate) struct Inner {
     redrives: std::sync::Mutex<std::collections::HashSet<String>>,
     /// The rebalance tasks watched by this process, with their progress.
     rebalances: std::sync::Mutex<HashMap<String, RebalanceProgress>>,
-    /// Serialises read-modify-write updates of task records (see `task_records`).
+    /// Serialises read-modify-write updates of task records (see `task_records`), and the starts of redrive and
+    /// rebalance tasks (their "one running task" check and their save).
     task_lock: Mutex<()>,
     /// Requests of the serving path (produce, lease, complete, retry, extend) taken by any queue so far: background
     /// work (a rebalance) reads it to see whether the server is serving and yields when it is.

@@ -265,6 +265,10 @@ impl Engine {
                 "give exactly one of 'moves', 'spread' or 'partitions'",
             ));
         }
+        // The check that no task runs and the save of this one happen under the task lock: two starts checking
+        // before either saved both ran, and the second installed replaced the first in the queue task (a move's
+        // chunks already in its new store were left behind when a shrink took over and dropped the partition).
+        let _starting = self.inner.task_lock.lock().await;
         if let Some(id) = self.rebalancing(&info.name).await? {
             return Err(validate::invalid(
                 "queue_name",

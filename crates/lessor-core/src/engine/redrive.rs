@@ -213,6 +213,9 @@ impl Engine {
         if !request.source_queue.is_empty() {
             validate::queue_name("source_queue", &request.source_queue)?;
         }
+        // The check that no task runs on this queue and the save of this one happen under the task lock, so two
+        // starts at once cannot both pass it.
+        let _starting = self.inner.task_lock.lock().await;
         let mut all = self.all_tasks().await?;
         if let Some(t) = all
             .iter()
