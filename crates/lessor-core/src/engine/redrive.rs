@@ -71,12 +71,12 @@ pub struct RedriveTask {
 
 // ---- the runner ----------------------------------------------------------------------------------------------
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use super::queue::Msg;
+use super::queue::{Cold, Msg};
 use super::task_records::TaskTable;
 use super::Engine;
 use crate::auth::store::Commit;
@@ -516,6 +516,35 @@ impl Engine {
                     pivots.insert(p, next_pivot);
                     continue;
                 }
+                // Claim the batch in the dead-letter queue before its copies are written: what a consumer leased
+                // since the list stays (counted as skipped), and a consumer that leases a claimed item before it is
+                // deleted cannot complete or retry it (it is delivered again from its target). Without the claim a
+                // consumer could complete an item between the list and the delete, and the item was redriven too.
+                let ids: Vec<ItemId> = batch.iter().map(|b| b.1).collect();
+                let claimed = match self
+                    .call(&t.dead_queue, |reply| {
+                        Msg::Cold(Cold::Claim {
+                            partition: p,
+                            ids,
+                            reply,
+                        })
+                    })
+                    .await
+                {
+                    Ok(c) => c.into_iter().collect::<HashSet<ItemId>>(),
+                    Err(e) => {
+                        tracing::warn!(task = %t.id, partition = p, error = %e, "redrive claim failed; will retry");
+                        exhausted = false;
+                        continue;
+                    }
+                };
+                let before = batch.len();
+                batch.retain(|b| claimed.contains(&b.1));
+                t.skipped += (before - batch.len()) as u64;
+                if batch.is_empty() {
+                    pivots.insert(p, next_pivot);
+                    continue;
+                }
                 match self.move_batch(&t.dead_queue, p, batch).await {
                     Ok(n) => {
                         t.moved += n;
@@ -525,6 +554,16 @@ impl Engine {
                     }
                     Err(MoveError::Fatal(n, msg)) => {
                         t.moved += n;
+                        // What is left of the batch was not written anywhere: consumers may have it.
+                        let _ = self
+                            .call(&t.dead_queue, |reply| {
+                                Msg::Cold(Cold::Claim {
+                                    partition: p,
+                                    ids: Vec::new(),
+                                    reply,
+                                })
+                            })
+                            .await;
                         return self.finish(&mut t, "failed", &msg).await;
                     }
                     Err(MoveError::Retry(n, e)) => {

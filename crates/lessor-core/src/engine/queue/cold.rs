@@ -1,10 +1,13 @@
 //! Cold requests, answered one by one after the batched work of a pass: stats, clear, reload, the storage API
 //! (list, import, delete) and definition updates.
 
+use std::collections::HashSet;
+
 use super::{Cold, QueueTask};
 use crate::engine::{PartitionReport, QueueStats};
 use crate::error::QueueError;
 use crate::time::Ts;
+use crate::types::ItemId;
 
 impl QueueTask {
     /// Answers one cold request.
@@ -133,12 +136,28 @@ impl QueueTask {
                 reply,
             } => {
                 let r = match self.target(partition) {
-                    Ok(h) => h.delete(ids).await.map_err(|e| QueueError::from_storage(&e)),
+                    Ok(h) => h
+                        .delete(ids.clone())
+                        .await
+                        .map_err(|e| QueueError::from_storage(&e)),
                     Err(e) => Err(e),
                 };
                 if r.is_ok() {
+                    if let Some(claimed) = self.redriving.get_mut(&partition) {
+                        for id in &ids {
+                            claimed.remove(id);
+                        }
+                    }
                     self.probe(partition as usize, now).await;
                 }
+                let _ = reply.send(r);
+            }
+            Cold::Claim {
+                partition,
+                ids,
+                reply,
+            } => {
+                let r = self.claim(partition, ids).await;
                 let _ = reply.send(r);
             }
             Cold::Browse { request, reply } => {
@@ -184,4 +203,49 @@ impl QueueTask {
             }
         }
     }
+
+    /// Claims for a redrive the ids of `partition` that are still ready (see [`Cold::Claim`]).
+    async fn claim(&mut self, partition: u32, ids: Vec<ItemId>) -> Result<Vec<ItemId>, QueueError> {
+        self.redriving.remove(&partition);
+        let (Some(&lo), Some(&hi)) = (ids.iter().min(), ids.iter().max()) else {
+            return Ok(Vec::new());
+        };
+        let h = self.target(partition)?;
+        let wanted: HashSet<ItemId> = ids.into_iter().collect();
+        let mut ready = HashSet::new();
+        let mut pivot = Some(lo);
+        'pages: loop {
+            let page = h
+                .list(pivot, PAGE, false)
+                .await
+                .map_err(|e| QueueError::from_storage(&e))?;
+            let full = page.len() == PAGE;
+            for it in page {
+                if it.id > hi {
+                    break 'pages;
+                }
+                pivot = Some(ItemId(it.id.0.saturating_add(1)));
+                if !it.is_leased && wanted.contains(&it.id) {
+                    ready.insert(it.id);
+                }
+            }
+            if !full {
+                break;
+            }
+        }
+        let claimed: Vec<ItemId> = ready.iter().copied().collect();
+        if !ready.is_empty() {
+            self.redriving.insert(partition, ready);
+        }
+        Ok(claimed)
+    }
+
+    /// The first of `ids` a redrive claimed in `partition`, if any.
+    pub(super) fn redriven(&self, partition: u32, mut ids: impl Iterator<Item = ItemId>) -> Option<ItemId> {
+        let claimed = self.redriving.get(&partition)?;
+        ids.find(|id| claimed.contains(id))
+    }
 }
+
+/// Items read per page when a claim checks its ids.
+const PAGE: usize = 500;

@@ -191,6 +191,14 @@ pub(crate) enum Cold {
         ids: Vec<ItemId>,
         reply: Reply<()>,
     },
+    /// A redrive's batch, before its copies are written to their targets: the ids still ready (present and not
+    /// leased) are claimed, replacing the partition's earlier claims, and returned; until the batch is deleted, a
+    /// consumer's complete or retry of a claimed id is answered as for an id that is gone (see `redriving`).
+    Claim {
+        partition: u32,
+        ids: Vec<ItemId>,
+        reply: Reply<Vec<ItemId>>,
+    },
     UpdateInfo(Box<QueueInfo>, oneshot::Sender<()>),
     Browse {
         request: BrowseRequest,
@@ -297,6 +305,11 @@ pub(crate) struct QueueTask {
     holders: browse::Holders,
     /// The rebalance in progress, if any (see [`drain`]).
     rebalance: Option<drain::Rebalance>,
+    /// Per partition, the ids of this (dead-letter) queue a redrive is moving: read, being copied to their
+    /// target, not deleted yet ([`Cold::Claim`]). A consumer that leased one of them meanwhile loses the race: its
+    /// complete or retry is refused as for an id that is gone, since the item is delivered again from its target.
+    /// (A complete that went through used to leave the item both completed and redriven.)
+    redriving: HashMap<u32, std::collections::HashSet<ItemId>>,
     /// The engine's count of serving requests (any queue): a rebalance yields while it moves (see [`drain`]).
     activity: Arc<std::sync::atomic::AtomicU64>,
     /// When the tier figures of `/metrics` are read next (`None`: nothing changed since the last read).
@@ -342,6 +355,7 @@ impl QueueTask {
             unsettled: Vec::new(),
             definition_at: Ts::ZERO,
             gone: false,
+            redriving: HashMap::new(),
         };
         t.set_info(info);
         t
@@ -522,12 +536,18 @@ impl QueueTask {
                     partition,
                     ids,
                     reply,
-                } => completes.entry(partition).or_default().push((ids, reply)),
+                } => match self.redriven(partition, ids.iter().copied()) {
+                    Some(id) => drop(reply.send(Err(QueueError::NoSuchId(id.to_string())))),
+                    None => completes.entry(partition).or_default().push((ids, reply)),
+                },
                 Msg::Retry {
                     partition,
                     items,
                     reply,
-                } => retries.entry(partition).or_default().push((items, reply)),
+                } => match self.redriven(partition, items.iter().map(|it| it.id)) {
+                    Some(id) => drop(reply.send(Err(QueueError::NoSuchId(id.to_string())))),
+                    None => retries.entry(partition).or_default().push((items, reply)),
+                },
                 Msg::Extend {
                     partition,
                     ids,
@@ -697,6 +717,7 @@ impl QueueTask {
                     Cold::List { reply, .. } | Cold::Import { reply, .. } => {
                         drop(reply.send(Err(QueueError::QueueShuttingDown)))
                     }
+                    Cold::Claim { reply, .. } => drop(reply.send(Err(QueueError::QueueShuttingDown))),
                     Cold::UpdateInfo(_, done) => drop(done.send(())),
                     Cold::Browse { reply, .. } => drop(reply.send(Err(QueueError::QueueShuttingDown))),
                     Cold::Snapshot { reply, .. } => drop(reply.send(Err(QueueError::QueueShuttingDown))),
