@@ -549,3 +549,154 @@ async fn two_redrives_started_at_once_do_not_both_run() {
         "both redrives were started: {first:?} {second:?}"
     );
 }
+
+/// A redrive reads a batch of a dead-letter queue's partition that a rebalance is moving, and the rebalance moves
+/// those items to the partition's new store (new ids) while the redrive writes its copies to the target. Items put
+/// into the dead-letter queue directly (no source id) get the rebalance's source id on the way, so the redrive's
+/// next look met them as new items and delivered them to the target a second time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redrive_racing_a_move_of_its_dead_letter_partition_delivers_once() {
+    let clock = ManualClock::starting_now();
+    let gate = Gate::new();
+    let e = Engine::new(EngineConfig {
+        queues: Arc::new(MemoryQueues::new()),
+        stores: vec![
+            NamedStore {
+                name: "a".into(),
+                affinity: 1.0,
+                store: Arc::new(GatedStore {
+                    inner: Arc::new(MemoryStore::new()),
+                    queue: "t",
+                    gate: gate.clone(),
+                }),
+            },
+            NamedStore {
+                name: "b".into(),
+                affinity: 0.0,
+                store: Arc::new(MemoryStore::new()),
+            },
+        ],
+        limits: Limits::default(),
+        clock: Arc::new(clock.clone()),
+    })
+    .expect("engine");
+    e.create_queue(queue("dlq", "", 2)).await.expect("dlq");
+    e.create_queue(queue("src", "dlq", 1)).await.expect("src");
+    e.create_queue(queue("t", "", 1)).await.expect("t");
+    // An item produced straight into the dead-letter queue: it names no source.
+    e.produce("dlq", vec![item("x".into())], T)
+        .await
+        .expect("produce");
+    let p = if depth_of(&e, "dlq", 0).await == 1 { 0 } else { 1 };
+
+    gate.arm(0);
+    let t = e
+        .redrive_start(RedriveRequest {
+            dead_queue: "dlq".into(),
+            target_queue: "t".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("start");
+    gate.reached().await;
+    // The copy is on its way to `t`; the partition moves to store b meanwhile.
+    let rb = e
+        .rebalance_start(RebalanceRequest {
+            queue: "dlq".into(),
+            moves: vec![PartitionMove {
+                partition: p,
+                to_store: "b".into(),
+            }],
+            ..Default::default()
+        })
+        .await
+        .expect("rebalance");
+    for _ in 0..50 {
+        clock.advance(Duration::from_millis(300));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        if e.rebalance_get(&rb.id).await.expect("get").status != lessor_core::engine::RebalanceStatus::Running
+        {
+            break;
+        }
+    }
+    gate.release();
+    for _ in 0..50 {
+        clock.advance(Duration::from_millis(300));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let done = redrive_done(&e, &t.id).await;
+    assert_eq!(
+        (depth(&e, "t").await, depth(&e, "dlq").await),
+        (1, 0),
+        "the item is delivered once: {done:?}"
+    );
+}
+
+/// After a rebalance moved a dead-letter queue's partition, an item put into it directly (it names no source
+/// queue) carries the rebalance's source id. A redrive back to the sources read that id as naming a queue
+/// ("\u{1}rb:<task>"), and retried the move to that invalid name every second for ever (the task never ended),
+/// instead of leaving the item alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redrive_after_a_move_leaves_items_without_a_source_alone() {
+    let clock = ManualClock::starting_now();
+    let e = Engine::new(EngineConfig {
+        queues: Arc::new(MemoryQueues::new()),
+        stores: vec![
+            NamedStore {
+                name: "a".into(),
+                affinity: 1.0,
+                store: Arc::new(MemoryStore::new()),
+            },
+            NamedStore {
+                name: "b".into(),
+                affinity: 0.0,
+                store: Arc::new(MemoryStore::new()),
+            },
+        ],
+        limits: Limits::default(),
+        clock: Arc::new(clock.clone()),
+    })
+    .expect("engine");
+    e.create_queue(queue("dlq", "", 2)).await.expect("dlq");
+    e.create_queue(queue("src", "dlq", 1)).await.expect("src");
+    e.produce("dlq", vec![item("x".into())], T)
+        .await
+        .expect("produce");
+    let p = if depth_of(&e, "dlq", 0).await == 1 { 0 } else { 1 };
+    let rb = e
+        .rebalance_start(RebalanceRequest {
+            queue: "dlq".into(),
+            moves: vec![PartitionMove {
+                partition: p,
+                to_store: "b".into(),
+            }],
+            ..Default::default()
+        })
+        .await
+        .expect("rebalance");
+    for _ in 0..50 {
+        clock.advance(Duration::from_millis(300));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        if e.rebalance_get(&rb.id).await.expect("get").status != lessor_core::engine::RebalanceStatus::Running
+        {
+            break;
+        }
+    }
+    let t = e
+        .redrive_start(RedriveRequest {
+            dead_queue: "dlq".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("start");
+    for _ in 0..20 {
+        clock.advance(Duration::from_secs(1));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let done = e.redrive_get(&t.id).await.expect("get");
+    assert_eq!(
+        (done.status, done.skipped, depth(&e, "dlq").await),
+        (RedriveStatus::Completed, 1, 1),
+        "{done:?}"
+    );
+}
