@@ -76,7 +76,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use super::queue::{Cold, Msg};
+use super::queue::{Cold, Msg, REBALANCE_SOURCE_PREFIX};
 use super::task_records::TaskTable;
 use super::Engine;
 use crate::auth::store::Commit;
@@ -158,7 +158,33 @@ pub(crate) fn source_queue_of(source_id: &str) -> Option<&str> {
     let id = parts.next()?;
     let partition = parts.next()?;
     let queue = parts.next()?;
-    (id.parse::<ItemId>().is_ok() && partition.parse::<u32>().is_ok() && !queue.is_empty()).then_some(queue)
+    // A rebalance's source id (`\u{1}rb:<task>/<partition>/<id>`) names no queue: queue names have no control
+    // characters.
+    (id.parse::<ItemId>().is_ok()
+        && partition.parse::<u32>().is_ok()
+        && !queue.is_empty()
+        && !queue.starts_with('\u{1}'))
+    .then_some(queue)
+}
+
+/// The source id a redrive gives an item of partition `partition` of `dead_queue` (and its dedup key): the item's
+/// own, or for an item that has none, its place in the dead-letter queue. A rebalance moving such an item gives it a
+/// source id naming its place before the move, `\u{1}rb:<task>/<partition>/<id>`: that place is what the redrive
+/// names, so an item the redrive wrote to its target just before a move took it (with a new id) is recognised by
+/// the target when the redrive meets it again, instead of being delivered twice.
+fn redrive_source(dead_queue: &str, partition: u32, it: &crate::types::Item) -> String {
+    if it.source_id.is_empty() {
+        return format!("{dead_queue}/{partition}/{}", it.id);
+    }
+    if let Some(rest) = it.source_id.strip_prefix(REBALANCE_SOURCE_PREFIX) {
+        let mut parts = rest.rsplitn(3, '/');
+        if let (Some(id), Some(p), Some(_task)) = (parts.next(), parts.next(), parts.next()) {
+            if id.parse::<ItemId>().is_ok() && p.parse::<u32>().is_ok() {
+                return format!("{dead_queue}/{p}/{id}");
+            }
+        }
+    }
+    it.source_id.clone()
 }
 
 impl Engine {
@@ -492,11 +518,7 @@ impl Engine {
                         t.skipped += 1;
                         continue;
                     };
-                    let source_id = if it.source_id.is_empty() {
-                        format!("{}/{p}/{}", t.dead_queue, it.id)
-                    } else {
-                        it.source_id.clone()
-                    };
+                    let source_id = redrive_source(&t.dead_queue, p, &it);
                     batch.push((
                         target,
                         it.id,
@@ -707,5 +729,6 @@ mod tests {
         assert_eq!(source_queue_of("orders/x/0000000000000a1f"), None);
         assert_eq!(source_queue_of("orders/3/zz"), None);
         assert_eq!(source_queue_of("imported-key"), None);
+        assert_eq!(source_queue_of("\u{1}rb:rb-1-2/3/0000000000000a1f"), None);
     }
 }

@@ -47,7 +47,7 @@ const WAIT_POLL: Duration = Duration::from_millis(100);
 /// backup does after each block).
 const YIELD_FACTOR: u32 = 3;
 /// Prefix of the source ids the rebalance gives the items it moves: users cannot send control characters.
-const SOURCE_PREFIX: &str = "\u{1}rb:";
+pub(crate) const SOURCE_PREFIX: &str = "\u{1}rb:";
 
 /// What a rebalance task asks of the queue task.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]

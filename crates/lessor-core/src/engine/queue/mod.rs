@@ -39,7 +39,9 @@ mod restore;
 
 pub(crate) use dead_letter::DeadLetterSink;
 pub(crate) use dedup::KeyHash;
-pub(crate) use drain::{Plan as RebalancePlan, Report as RebalanceReport, JOURNAL_TAG};
+pub(crate) use drain::{
+    Plan as RebalancePlan, Report as RebalanceReport, JOURNAL_TAG, SOURCE_PREFIX as REBALANCE_SOURCE_PREFIX,
+};
 use health::MissingStore;
 
 use super::{BrowsePage, BrowseRequest, EngineConfig, LeaseResult, ProduceItem, QueueMetrics, QueueStats};
