@@ -641,6 +641,10 @@ impl Engine {
                 return Err(e.into());
             }
         }
+        // A rebalance under way ends with the queue: its moves' destinations (not in the stored placement yet)
+        // hold copies of moved items, and the stores reuse a partition that exists, so a queue created again under
+        // the name and placed there, or the old move resumed on it, served them.
+        self.end_rebalances_of_deleted(name).await?;
         self.inner.config.queues.delete(name).await?;
         Ok(())
     }
@@ -778,7 +782,9 @@ impl Engine {
             .await?
             .ok_or_else(|| QueueError::QueueNotFound(name.to_string()))?;
         // A rebalance that was running when the server stopped resumes with the queue, before it serves anything.
-        let plan = self.rebalance_plan_for(name, info.partitions.len()).await?;
+        let plan = self
+            .rebalance_plan_for(name, info.partitions.len(), info.created_at)
+            .await?;
         let (tx, rx) = mpsc::channel(self.limits().max_requests_per_queue.max(1));
         let metrics = Arc::new(QueueMetrics::default());
         let namespace: Arc<str> = if info.namespace.is_empty() {

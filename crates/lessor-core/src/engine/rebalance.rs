@@ -223,18 +223,43 @@ impl Engine {
         TASKS.all(self).await
     }
 
-    /// The running rebalance of `queue`, as the plan its task resumes when it loads.
+    /// The running rebalance of `queue`, as the plan its task resumes when it loads. A task older than the queue
+    /// belongs to a deleted queue of the same name: it is not handed to the new one.
     pub(crate) async fn rebalance_plan_for(
         &self,
         queue: &str,
         partitions: usize,
+        queue_created: Ts,
     ) -> Result<Option<RebalancePlan>, QueueError> {
         Ok(self
             .all_rebalances()
             .await?
             .into_iter()
-            .find(|t| t.queue == queue && t.status == "running")
+            .find(|t| t.queue == queue && t.status == "running" && t.created_at >= queue_created.0)
             .map(|t| t.plan(partitions)))
+    }
+
+    /// Ends the running rebalances of `queue`, which is being deleted (its task is stopped; the caller holds the
+    /// load lock): destroys their moves' destinations and marks them failed, so that no watcher hands them to a
+    /// queue created again under the name. The record is written without the task lock (taking it under the load
+    /// lock could deadlock with a start); a watcher saving progress at that moment cannot put the task back to
+    /// running for a new queue: a plan older than its queue is not installed (see `rebalance_plan_for`).
+    pub(crate) async fn end_rebalances_of_deleted(&self, queue: &str) -> Result<(), QueueError> {
+        for mut t in self.all_rebalances().await? {
+            if t.queue != queue || t.status != "running" {
+                continue;
+            }
+            for m in &t.moves {
+                self.destroy_partition(queue, &m.to_store, m.partition).await?;
+            }
+            t.status = "failed".into();
+            t.error = "the queue was deleted".into();
+            t.updated_at = self.clock().now().0;
+            self.delete_journal(&t.id).await;
+            self.save_rebalance(&t).await?;
+            tracing::warn!(task = %t.id, queue, "rebalance failed: the queue was deleted");
+        }
+        Ok(())
     }
 
     /// Whether a rebalance runs on `queue` (definition changes that touch partitions wait for it).
@@ -642,7 +667,14 @@ impl Engine {
             };
             if !report.installed {
                 // The queue task runs without the plan (it loaded before the task was saved): hand it over, unless
-                // the queue is a new one of the same name (the old one was deleted while the task ran).
+                // the task ended meanwhile (its queue was deleted) or the queue is a new one of the same name.
+                if self
+                    .load_rebalance(&t.id)
+                    .await?
+                    .is_none_or(|s| s.status != "running")
+                {
+                    return Ok(());
+                }
                 let info = self.queue_info(&t.queue).await?;
                 if info.created_at.0 > t.created_at {
                     // Nothing is destroyed: the partitions now belong to the new queue.
@@ -651,7 +683,7 @@ impl Engine {
                 self.install_plan(&t, info.partitions.len()).await?;
                 continue;
             }
-            if let Err(e) = self.persist_placement(&t.queue, &report).await {
+            if let Err(e) = self.persist_placement(&t, &report).await {
                 tracing::warn!(task = %t.id, error = %e, "rebalance placement not saved yet; will retry");
                 self.sleep(RETRY_AFTER).await;
                 continue;
@@ -798,11 +830,16 @@ impl Engine {
     }
 
     /// Stores the queue task's placement when it differs from the stored one.
-    async fn persist_placement(&self, queue: &str, report: &RebalanceReport) -> Result<(), QueueError> {
+    async fn persist_placement(&self, t: &Stored, report: &RebalanceReport) -> Result<(), QueueError> {
+        let queue = t.queue.as_str();
         let _guard = self.inner.load_lock.lock().await;
         let Some(mut info) = self.inner.config.queues.get(queue).await? else {
             return Err(QueueError::QueueNotFound(queue.to_string()));
         };
+        if info.created_at.0 > t.created_at {
+            // The report came from the deleted queue's task; the queue is a new one of the same name.
+            return Err(QueueError::QueueNotFound(queue.to_string()));
+        }
         if info.partitions == report.placement || report.placement.is_empty() {
             return Ok(());
         }
