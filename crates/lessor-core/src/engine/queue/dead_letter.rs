@@ -31,6 +31,9 @@ pub(crate) trait DeadLetterSink: Send + Sync + 'static {
 /// time, moves none of it twice. Longer outages may deliver that one batch (at most 100 items) again.
 pub(crate) const REDRIVE_DEDUP_WINDOW: Duration = Duration::from_secs(3600);
 
+/// The prefix of the dedup key a dead-letter queue gives each item moved to it (followed by its source id).
+const DEAD_DEDUP_PREFIX: &str = "\u{1}dead-letter:";
+
 /// How long one move may stall this queue when the dead-letter queue is slow.
 const DEAD_LETTER_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long to wait before trying a failed move again.
@@ -110,17 +113,39 @@ impl QueueTask {
             return;
         };
         let expire = now.add(self.info.expire_timeout);
-        let all: Vec<NewItem> = requests
-            .iter()
-            .flat_map(|r| r.0.iter().cloned())
-            .map(|mut it| {
-                it.expire_deadline = expire;
-                it
-            })
-            .collect();
+        // A move repeated after a failed removal from its source is recognised by the copy's source id while the
+        // copy exists, and by a dedup record of that id once a consumer completed it: without the record, every
+        // retry of a removal that kept failing (the source's disk full) delivered the item again. The record lives
+        // as long as a redrive's (see REDRIVE_DEDUP_WINDOW).
+        let until = now.add(self.info.effective_dedup_window().max(REDRIVE_DEDUP_WINDOW));
+        let mut keys = Vec::new();
+        let mut all: Vec<NewItem> = Vec::new();
+        for mut it in requests.iter().flat_map(|r| r.0.iter().cloned()) {
+            it.expire_deadline = expire;
+            if !it.source_id.is_empty() {
+                let key = format!("{DEAD_DEDUP_PREFIX}{}", it.source_id);
+                let h = super::dedup::KeyHash::of(&key);
+                if self.dedup.contains(h, now) {
+                    continue;
+                }
+                it.dedup_id = key;
+                it.dedup_until = until;
+                keys.push(h);
+            }
+            all.push(it);
+        }
+        if all.is_empty() {
+            for (_, reply) in requests {
+                let _ = reply.send(Ok(()));
+            }
+            return;
+        }
         let n = all.len() as u64;
         match h.produce(all).await {
             Ok(_) => {
+                for k in keys {
+                    self.dedup.insert(k, until, now);
+                }
                 self.parts[0].pull_deadline(expire);
                 // Duplicates were skipped by the store; re-read the exact count rather than guess.
                 match h.counts().await {
