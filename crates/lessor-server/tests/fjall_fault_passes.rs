@@ -394,3 +394,30 @@ async fn a_dead_letter_copy_consumed_before_the_removal_is_retried_is_not_delive
     let again = drain(&s.engine, "dlq").await;
     assert!(again.is_empty(), "delivered again: {again:?}");
 }
+
+/// A keyed produce whose write fails on every partition gives its key back: the retry once the disk has room is
+/// stored (not answered as a duplicate of nothing), and a further retry is a duplicate.
+#[tokio::test]
+async fn a_keyed_produce_whose_write_fails_is_stored_by_its_retry_once() {
+    let mut i = info(2);
+    i.dedup_window = Duration::from_secs(300);
+    let s = setup(i).await;
+    let keyed = || ProduceItem {
+        payload: bytes::Bytes::from("k"),
+        dedup_id: "k".into(),
+        ..Default::default()
+    };
+    s.store.inject_fault(Some(Fault::NoSpace));
+    let r = s.engine.produce("q", vec![keyed()], T).await;
+    assert!(r.is_err(), "the write failed: {r:?}");
+    s.store.inject_fault(None);
+    until_ok(|| s.engine.produce("q", vec![keyed()], T)).await;
+    s.engine
+        .produce("q", vec![keyed()], T)
+        .await
+        .expect("a duplicate");
+    let got = lease(&s.engine, 10).await.expect("lease");
+    assert_eq!(got.items.len(), 1);
+    let more = lease(&s.engine, 10).await;
+    assert!(more.is_err(), "stored once: {more:?}");
+}
