@@ -488,3 +488,33 @@ async fn snapshots_read_paged_items_and_destroy_removes_them() {
     .await;
     assert_eq!(store.stored_keys().expect("keys"), 0);
 }
+
+/// A scheduled item that comes due behind a full window is requeued as a paged record; when its expiry deadline
+/// passed too, the same lifecycle pass must expire it (as the memory backend and a resident item do), not leave
+/// it ready to be leased after its deadline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_due_scheduled_item_requeued_into_the_paged_records_expires_in_the_same_pass() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let store = FjallStore::open(dir.path(), Durability::None).expect("open");
+    store.set_memory_window(1);
+    let p = store.open("due", 0).await.expect("partition");
+    let mut sched = item(0, 0, Ts(T0.0 + 5));
+    sched.enqueue_at = Ts(T0.0 + 1);
+    p.produce(vec![item(1, 0, FAR), sched]).await.expect("produce");
+    let o = p.lifecycle(Ts(T0.0 + 8), DLQ, 100_000).await.expect("lifecycle");
+    assert_eq!((o.enqueued, o.dead), (1, 1), "{o:?}");
+    let leased: Vec<Bytes> = p
+        .lease(10, LEASE)
+        .await
+        .expect("lease")
+        .into_iter()
+        .map(|it| it.payload)
+        .collect();
+    assert_eq!(
+        leased,
+        vec![Bytes::from("item-000001")],
+        "an expired item was leased"
+    );
+    assert_eq!(p.dead_items(10).await.expect("dead").len(), 1);
+    store.close().await;
+}
