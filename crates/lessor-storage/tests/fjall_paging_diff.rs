@@ -1,0 +1,425 @@
+//! A differential test of a fjall partition with a tiny memory window (paging) against the memory backend: the same
+//! operations (produce with priorities, schedules and expiry deadlines, leases, completes, retries with and without
+//! a retry time, lifecycle passes, deletes, clears, dead removal, restarts of the fjall store) must lease the same
+//! items in the same order and leave the same items in the same states.
+#![cfg(feature = "fjall")]
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use lessor_core::storage::{LifecyclePolicy, Partition, PartitionStore, RetryAction, RetryOp};
+use lessor_core::time::Ts;
+use lessor_core::types::{Backoff, ClearRequest, Item, ItemId, NewItem};
+use lessor_storage::fjall::{Durability, FjallStore};
+use lessor_storage::memory::MemoryStore;
+
+const T0: i64 = 1_800_000_000_000_000;
+const FAR: i64 = 1_900_000_000_000_000;
+
+struct Lcg(u64);
+impl Lcg {
+    fn next(&mut self, n: u64) -> u64 {
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (self.0 >> 33) % n
+    }
+}
+
+fn payload(tag: u64) -> Bytes {
+    Bytes::from(format!("tag-{tag:08}"))
+}
+
+fn tag_of(it: &Item) -> u64 {
+    std::str::from_utf8(&it.payload[4..12])
+        .expect("a tag")
+        .parse()
+        .expect("a numeric tag")
+}
+
+async fn all(p: &dyn Partition) -> Vec<Item> {
+    let mut s = p.snapshot().await.expect("snapshot");
+    let mut out = Vec::new();
+    loop {
+        let page = s.next(4).await.expect("page");
+        if page.is_empty() {
+            return out;
+        }
+        out.extend(page);
+    }
+}
+
+/// What must agree between the two backends, per tag.
+type View = BTreeMap<u64, (bool, bool, i64, i64, i64, u32, u8)>;
+
+fn view(items: &[Item]) -> (View, BTreeMap<u64, ItemId>) {
+    let mut v = BTreeMap::new();
+    let mut ids = BTreeMap::new();
+    for it in items {
+        let t = tag_of(it);
+        let lease = if it.is_leased { it.lease_deadline.0 } else { 0 };
+        let prev = v.insert(
+            t,
+            (
+                it.dead,
+                it.is_leased,
+                lease,
+                it.enqueue_at.0,
+                it.expire_deadline.0,
+                it.attempts,
+                it.priority,
+            ),
+        );
+        assert!(prev.is_none(), "tag {t} twice: {items:?}");
+        ids.insert(t, it.id);
+    }
+    (v, ids)
+}
+
+#[cfg(feature = "s3")]
+#[path = "support/cold.rs"]
+#[allow(dead_code, clippy::unwrap_used)]
+mod support;
+
+/// The object store of the cold variant, if any.
+#[cfg(feature = "s3")]
+type Cold = Option<lessor_storage::offload::ObjectStoreConfig>;
+#[cfg(not(feature = "s3"))]
+type Cold = Option<()>;
+
+async fn open(dir: &std::path::Path, window: usize, cold: &Cold) -> (FjallStore, Arc<dyn Partition>) {
+    let store = FjallStore::open(dir, Durability::Sync).expect("open");
+    store.set_memory_window(window);
+    #[cfg(feature = "s3")]
+    if let Some(cfg) = cold {
+        store
+            .set_cold(
+                lessor_storage::registry::ColdSettings {
+                    object_store: cfg.clone(),
+                    after_depth: 4,
+                    segment_items: 3,
+                    segment_bytes: 1 << 20,
+                    prefetch_items: 2,
+                },
+                "disk-0",
+            )
+            .expect("cold");
+        store.set_cold_eager(true);
+    }
+    #[cfg(not(feature = "s3"))]
+    let _ = cold;
+    let p = store.open("d", 0).await.expect("partition");
+    (store, p)
+}
+
+async fn run(seed: u64, cold: Cold) {
+    let dir = tempfile::tempdir().expect("tmp");
+    let policy = LifecyclePolicy {
+        max_attempts: if seed.is_multiple_of(3) { 0 } else { 4 },
+        has_dead_queue: seed.is_multiple_of(2),
+        backoff: Backoff::OFF,
+    };
+    let window = 1 + (seed % 3) as usize;
+    let mut rng = Lcg(seed);
+    let (mut store, mut f) = open(dir.path(), window, &cold).await;
+    let mem = MemoryStore::new();
+    let m = mem.open("d", 0).await.expect("memory partition");
+    let mut now = T0;
+    let mut tag = 0u64;
+    let mut fids: BTreeMap<u64, ItemId> = BTreeMap::new();
+    let mut mids: BTreeMap<u64, ItemId> = BTreeMap::new();
+    let mut mview: View = BTreeMap::new();
+    let mut log: Vec<String> = Vec::new();
+    for step in 0..250 {
+        let op = rng.next(100);
+        let ctx = format!("seed {seed} window {window} step {step} op {op}");
+        // A backup taken before the operation and read after it must read the state from before it.
+        let pre = if op < 95 {
+            Some(f.snapshot().await.expect("snapshot"))
+        } else {
+            None
+        };
+        match op {
+            0..=29 => {
+                let n = 1 + rng.next(if cold.is_some() { 12 } else { 5 }) as usize;
+                let mut items = Vec::new();
+                for _ in 0..n {
+                    let enqueue_at = if rng.next(4) == 0 {
+                        now + 1 + rng.next(10) as i64
+                    } else {
+                        0
+                    };
+                    let expire = if rng.next(3) == 0 {
+                        now + 1 + rng.next(30) as i64
+                    } else {
+                        FAR
+                    };
+                    items.push(NewItem {
+                        enqueue_at: Ts(enqueue_at),
+                        expire_deadline: Ts(expire),
+                        created_at: Ts(now),
+                        payload: payload(tag),
+                        priority: rng.next(3) as u8,
+                        ..Default::default()
+                    });
+                    tag += 1;
+                }
+                log.push(format!(
+                    "{ctx}: produce {:?}",
+                    items
+                        .iter()
+                        .map(|i| (
+                            tag_of_new(i),
+                            i.priority,
+                            i.enqueue_at.0 - now,
+                            i.expire_deadline.0 - now
+                        ))
+                        .collect::<Vec<_>>()
+                ));
+                f.produce(items.clone()).await.expect("produce");
+                m.produce(items).await.expect("produce");
+            }
+            30..=49 => {
+                let n = 1 + rng.next(4) as usize;
+                let d = Ts(now + 1 + rng.next(20) as i64);
+                let a: Vec<u64> = f.lease(n, d).await.expect("lease").iter().map(tag_of).collect();
+                let b: Vec<u64> = m.lease(n, d).await.expect("lease").iter().map(tag_of).collect();
+                log.push(format!("{ctx}: lease {n} -> fjall {a:?} memory {b:?}"));
+                assert_eq!(a, b, "{ctx}: leased items differ\n{}", log.join("\n"));
+            }
+            50..=62 => {
+                let leased: Vec<u64> = mview.iter().filter(|(_, s)| s.1).map(|(t, _)| *t).collect();
+                if leased.is_empty() {
+                    continue;
+                }
+                let t = leased[rng.next(leased.len() as u64) as usize];
+                log.push(format!("{ctx}: complete {t}"));
+                let a = f.complete(vec![vec![fids[&t]]]).await.expect("complete");
+                let b = m.complete(vec![vec![mids[&t]]]).await.expect("complete");
+                assert_eq!(a, b, "{ctx}: complete {t}\n{}", log.join("\n"));
+            }
+            63..=74 => {
+                let leased: Vec<u64> = mview.iter().filter(|(_, s)| s.1).map(|(t, _)| *t).collect();
+                if leased.is_empty() {
+                    continue;
+                }
+                let t = leased[rng.next(leased.len() as u64) as usize];
+                let action = match rng.next(4) {
+                    0 | 1 => RetryAction::Requeue,
+                    2 => RetryAction::Schedule(Ts(now + 1 + rng.next(6) as i64)),
+                    _ => RetryAction::Dead,
+                };
+                log.push(format!("{ctx}: retry {t} {action:?}"));
+                let a = f
+                    .retry(vec![vec![RetryOp { id: fids[&t], action }]], policy)
+                    .await
+                    .expect("retry");
+                let b = m
+                    .retry(vec![vec![RetryOp { id: mids[&t], action }]], policy)
+                    .await
+                    .expect("retry");
+                assert_eq!(a, b, "{ctx}: retry {t}\n{}", log.join("\n"));
+            }
+            75..=84 => {
+                now += rng.next(8) as i64;
+                log.push(format!("{ctx}: lifecycle at +{}", now - T0));
+                let a = f.lifecycle(Ts(now), policy, 100_000).await.expect("lifecycle");
+                let b = m.lifecycle(Ts(now), policy, 100_000).await.expect("lifecycle");
+                log.push(format!("{ctx}: lifecycle outcome fjall {a:?} memory {b:?}"));
+            }
+            85..=87 => {
+                let a: Vec<u64> = f
+                    .dead_items(1000)
+                    .await
+                    .expect("dead")
+                    .iter()
+                    .map(tag_of)
+                    .collect();
+                let b: Vec<u64> = m
+                    .dead_items(1000)
+                    .await
+                    .expect("dead")
+                    .iter()
+                    .map(tag_of)
+                    .collect();
+                // In id order, and ids of different priorities need not order alike in the two backends.
+                let (mut sa, mut sb) = (a.clone(), b.clone());
+                sa.sort_unstable();
+                sb.sort_unstable();
+                assert_eq!(sa, sb, "{ctx}: dead items\n{}", log.join("\n"));
+                if let Some(&t) = a.first() {
+                    log.push(format!("{ctx}: remove dead {t}"));
+                    f.remove_dead(vec![fids[&t]]).await.expect("remove dead");
+                    m.remove_dead(vec![mids[&t]]).await.expect("remove dead");
+                }
+            }
+            88..=91 => {
+                let tags: Vec<u64> = mview.keys().copied().collect();
+                if tags.is_empty() {
+                    continue;
+                }
+                let t = tags[rng.next(tags.len() as u64) as usize];
+                log.push(format!("{ctx}: delete {t}"));
+                f.delete(vec![fids[&t]]).await.expect("delete");
+                m.delete(vec![mids[&t]]).await.expect("delete");
+            }
+            92..=93 => {
+                let req = ClearRequest {
+                    queue: rng.next(2) == 0,
+                    scheduled: rng.next(2) == 0,
+                    destructive: rng.next(3) == 0,
+                };
+                log.push(format!("{ctx}: clear {req:?}"));
+                f.clear(req).await.expect("clear");
+                m.clear(req).await.expect("clear");
+            }
+            94 => {
+                let n = 1 + rng.next(4) as usize;
+                let mut items = Vec::new();
+                for _ in 0..n {
+                    let mut it = Item {
+                        expire_deadline: Ts(if rng.next(3) == 0 {
+                            now + 1 + rng.next(30) as i64
+                        } else {
+                            FAR
+                        }),
+                        created_at: Ts(now),
+                        payload: payload(tag),
+                        priority: rng.next(3) as u8,
+                        attempts: rng.next(2) as u32,
+                        ..Default::default()
+                    };
+                    tag += 1;
+                    match rng.next(4) {
+                        0 => {
+                            it.is_leased = true;
+                            it.lease_deadline = Ts(now + 1 + rng.next(10) as i64);
+                        }
+                        1 => it.enqueue_at = Ts(now + 1 + rng.next(10) as i64),
+                        2 => it.dead = true,
+                        _ => {}
+                    }
+                    items.push(it);
+                }
+                log.push(format!(
+                    "{ctx}: import {:?}",
+                    items
+                        .iter()
+                        .map(|i| (tag_of(i), i.priority, i.is_leased, i.enqueue_at.0, i.dead))
+                        .collect::<Vec<_>>()
+                ));
+                let a: Vec<u64> = f
+                    .import(items.clone())
+                    .await
+                    .expect("import")
+                    .iter()
+                    .map(tag_of)
+                    .collect();
+                let b: Vec<u64> = m
+                    .import(items)
+                    .await
+                    .expect("import")
+                    .iter()
+                    .map(tag_of)
+                    .collect();
+                assert_eq!(a, b, "{ctx}: import\n{}", log.join("\n"));
+            }
+            _ => {
+                log.push(format!("{ctx}: restart"));
+                store.close().await;
+                drop(f);
+                (store, f) = open(dir.path(), window, &cold).await;
+            }
+        }
+        if let Some(mut pre) = pre {
+            let mut items = Vec::new();
+            loop {
+                let page = pre.next(3).await.expect("page");
+                if page.is_empty() {
+                    break;
+                }
+                items.extend(page);
+            }
+            let (pv, _) = view(&items);
+            assert!(
+                pv == mview,
+                "{ctx}: a snapshot taken before the operation reads {pv:?}, the state before was {mview:?}\n{}",
+                log.join("\n")
+            );
+        }
+        let (fv, fi) = view(&all(&*f).await);
+        let (mv, mi) = view(&all(&*m).await);
+        if fv != mv {
+            let only_f: Vec<_> = fv.iter().filter(|(t, s)| mv.get(t) != Some(s)).collect();
+            let only_m: Vec<_> = mv.iter().filter(|(t, s)| fv.get(t) != Some(s)).collect();
+            panic!(
+                "{ctx}: states differ\nfjall only:  {only_f:?}\nmemory only: {only_m:?}\n{}",
+                log.join("\n")
+            );
+        }
+        let fc = f.counts().await.expect("counts");
+        let mc = m.counts().await.expect("counts");
+        assert_eq!(fc, mc, "{ctx}: counts\n{}", log.join("\n"));
+        let fd = f.next_deadline().await.expect("deadline");
+        let md = m.next_deadline().await.expect("deadline");
+        if let Some(md) = md {
+            assert!(
+                fd.is_some_and(|fd| fd <= md),
+                "{ctx}: fjall next deadline {fd:?} after memory's {md:?}\n{}",
+                log.join("\n")
+            );
+        }
+        fids = fi;
+        mids = mi;
+        mview = mv;
+    }
+    eprintln!(
+        "seed {seed}: segments written, loaded, failed: {:?}",
+        store.segment_counters()
+    );
+    store.close().await;
+}
+
+fn tag_of_new(i: &NewItem) -> u64 {
+    std::str::from_utf8(&i.payload[4..12])
+        .expect("a tag")
+        .parse()
+        .expect("a numeric tag")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paged_partition_behaves_as_the_memory_backend() {
+    let only: Option<u64> = std::env::var("SEED").ok().map(|s| s.parse().expect("a seed"));
+    let seeds: u64 = std::env::var("LESSOR_TEST_SEEDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(6);
+    for seed in 1..=seeds {
+        if only.is_some_and(|o| o != seed) {
+            continue;
+        }
+        run(seed, None).await;
+    }
+}
+
+/// The same with cold segments (a tiny depth and segment size), against `LESSOR_TEST_S3_ENDPOINT`.
+#[cfg(feature = "s3")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paged_partition_with_cold_segments_behaves_as_the_memory_backend() {
+    let only: Option<u64> = std::env::var("SEED").ok().map(|s| s.parse().expect("a seed"));
+    let seeds: u64 = std::env::var("LESSOR_TEST_SEEDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(6);
+    for seed in 1..=seeds {
+        if only.is_some_and(|o| o != seed) {
+            continue;
+        }
+        let Some(env) = support::env("lessor-cold", &format!("diff-{seed}")).await else {
+            return;
+        };
+        run(seed, Some(env.cfg.clone())).await;
+    }
+}
