@@ -1966,6 +1966,21 @@ impl Partition for FjallPartition {
         ch.append(c);
         o.dead += dead;
         o.more |= more;
+        if !o.more && !g.state.paged_expiry_due(now).is_empty() {
+            // The pass requeued items (due schedules, expired leases) behind a full window as paged records, some
+            // already past their expiry deadline: write them, then sweep them as the resident ones were, so that
+            // none stays ready (and leasable) after it expired.
+            self.commit_mut(&mut g, std::mem::take(&mut ch)).await?;
+            let (dead, more) = match self.sweep_paged(&mut g, now, policy, &mut ch).await {
+                Ok(v) => v,
+                Err(e) => {
+                    g.stale = true;
+                    return Err(e);
+                }
+            };
+            o.dead += dead;
+            o.more |= more;
+        }
         self.commit(g, o, ch).await
     }
 
