@@ -345,3 +345,67 @@ async fn a_loaded_segment_is_deleted_only_after_its_load_is_durable() {
         loaded - loaded_before
     );
 }
+
+/// A priority whose backlog already went to segments, with fewer than a segment's worth of records after its last
+/// one but more than that before its first (a cold depth above the segment size, as configured in practice), must
+/// not keep the other priorities from spilling: every cold step used to start a spill of that priority that found
+/// nothing to move, and never looked further.
+#[tokio::test]
+async fn a_priority_with_segments_and_a_short_tail_does_not_stop_the_others_from_spilling() {
+    let Some(env) = env(BUCKET, "short-tail").await else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let store = FjallStore::open(dir.path(), Durability::None).unwrap();
+    store.set_memory_window(5);
+    store
+        .set_cold(
+            ColdSettings {
+                object_store: env.cfg.clone(),
+                after_depth: 20,
+                segment_items: 10,
+                segment_bytes: 1 << 20,
+                prefetch_items: 5,
+            },
+            "disk-0",
+        )
+        .unwrap();
+    let p = store.open("q", 0).await.unwrap();
+    let batch = |prio: u8, n: usize, base: usize| -> Vec<lessor_core::types::NewItem> {
+        (0..n)
+            .map(|i| lessor_core::types::NewItem {
+                expire_deadline: FAR,
+                created_at: T0,
+                payload: bytes::Bytes::from(format!("item-{:06}", base + i)),
+                priority: prio,
+                ..Default::default()
+            })
+            .collect()
+    };
+    // Priority 0: 45 paged records, two segments past the depth of 20 and a tail of 5.
+    p.produce(batch(0, 50, 0)).await.unwrap();
+    spill(&env, &p, 2).await;
+    for _ in 0..20 {
+        p.lifecycle(T0, POLICY, 100).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(env.segments().await.len(), 2, "{:?}", env.segments().await);
+    // Priority 1: 100 paged records, room for several segments past the depth.
+    p.produce(batch(1, 100, 1000)).await.unwrap();
+    let mut prio1 = 0;
+    for _ in 0..400 {
+        p.lifecycle(T0, POLICY, 100).await.unwrap();
+        prio1 = env
+            .segments()
+            .await
+            .iter()
+            .filter(|k| k.contains("/segments/q/0/1/"))
+            .count();
+        if prio1 >= 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(prio1 >= 1, "priority 1 never spilled: {:?}", env.segments().await);
+    store.close().await;
+}
