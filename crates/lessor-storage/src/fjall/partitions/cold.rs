@@ -144,6 +144,10 @@ pub(crate) struct ColdState {
     /// found enough records ahead of that segment. While none of them changes, the records ahead cannot have
     /// become fewer (only page-ins, deletes, expiry and loads take them), so the check is not repeated.
     pub(crate) ahead_ok: [Option<(u64, u64, u64)>; PRIORITIES],
+    /// Per priority: the (paged count, paged-from id, generation, last segment's last id) at which its last spill
+    /// found less than a segment to move. While none of them changes no more can be found, so the priority is
+    /// passed over (starting that spill again at every step kept every later priority from spilling).
+    pub(crate) dry: [Option<(u64, u64, u64, Option<u64>)>; PRIORITIES],
 }
 
 impl ColdState {
@@ -213,8 +217,12 @@ enum Done {
         entry: ManifestEntry,
         ids: Vec<u64>,
     },
-    /// A spill found less than a full segment to move (the records changed since it was planned).
-    Nothing,
+    /// A spill of `prio` found less than a full segment to move (the records changed since it was planned, or
+    /// fewer than a segment's worth follow its last segment): `mark` is [`ColdState::dry`]'s.
+    Nothing {
+        prio: u8,
+        mark: (u64, u64, u64, Option<u64>),
+    },
     /// A segment is fetched and verified: put its records back and delete its entry.
     Loaded {
         prio: u8,
@@ -457,7 +465,7 @@ impl FjallPartition {
             Err(e) => return Err(StorageError::other(format!("cold segment task failed: {e}"))),
         };
         match done {
-            Done::Nothing => {}
+            Done::Nothing { prio, mark } => g.cold.dry[usize::from(prio)] = Some(mark),
             Done::Loaded { prio, entry, records } => {
                 if g.cold
                     .segs
@@ -600,6 +608,10 @@ impl FjallPartition {
             if on_disk < skip + u64::from(set.segment_items) {
                 continue;
             }
+            let mark = (paged.count[pi], paged.from[pi], g.cold.gen, last);
+            if g.cold.dry[pi] == Some(mark) {
+                continue;
+            }
             let (engine, pid, cap_n, cap_b) = (
                 self.shared.engine.clone(),
                 self.pid,
@@ -682,7 +694,7 @@ impl FjallPartition {
                 })
                 .await?;
                 let Some((entry, ids, body, what)) = read else {
-                    return Ok(Done::Nothing);
+                    return Ok(Done::Nothing { prio: p, mark });
                 };
                 ctx2.objects.put(&what, &entry.key, body).await?;
                 Ok(Done::Spilled { prio: p, entry, ids })
