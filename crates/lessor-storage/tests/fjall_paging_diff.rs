@@ -80,7 +80,7 @@ fn view(items: &[Item]) -> (View, BTreeMap<u64, ItemId>) {
 
 #[cfg(feature = "s3")]
 #[path = "support/cold.rs"]
-#[allow(dead_code, clippy::unwrap_used)]
+#[allow(clippy::unwrap_used)]
 mod support;
 
 /// The object store of the cold variant, if any.

@@ -128,6 +128,9 @@ impl ColdCtx {
     }
 }
 
+/// See [`ColdState::dry`]: (paged count, paged-from id, generation, last segment's last id) of one priority.
+pub(crate) type DryMark = (u64, u64, u64, Option<u64>);
+
 /// A partition's segments and background cold work, behind its lock.
 #[derive(Default)]
 pub(crate) struct ColdState {
@@ -147,7 +150,7 @@ pub(crate) struct ColdState {
     /// Per priority: the (paged count, paged-from id, generation, last segment's last id) at which its last spill
     /// found less than a segment to move. While none of them changes no more can be found, so the priority is
     /// passed over (starting that spill again at every step kept every later priority from spilling).
-    pub(crate) dry: [Option<(u64, u64, u64, Option<u64>)>; PRIORITIES],
+    pub(crate) dry: [Option<DryMark>; PRIORITIES],
 }
 
 impl ColdState {
@@ -219,10 +222,7 @@ enum Done {
     },
     /// A spill of `prio` found less than a full segment to move (the records changed since it was planned, or
     /// fewer than a segment's worth follow its last segment): `mark` is [`ColdState::dry`]'s.
-    Nothing {
-        prio: u8,
-        mark: (u64, u64, u64, Option<u64>),
-    },
+    Nothing { prio: u8, mark: DryMark },
     /// A segment is fetched and verified: put its records back and delete its entry.
     Loaded {
         prio: u8,
