@@ -7,7 +7,6 @@ use prost::Message;
 
 struct Env {
     _srv: lessor_server::RunningServer,
-    _dir: tempfile::TempDir,
     admin: Client,
     /// A key whose user holds the given permissions in team-a only.
     attacker: Client,
@@ -39,28 +38,7 @@ fn queue(name: &str, ns: &str, dead: &str) -> pb::QueueInfo {
 }
 
 async fn setup(perms: &[&str]) -> Env {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let key_file = dir.path().join("admin.key");
-    let yaml = format!(
-        "queue-storage:\n  driver: memory\n\
-         partition-storage:\n  - name: m\n    driver: memory\n    affinity: 1\n\
-         auth-backend:\n  driver: internal\n  open-door: false\n  bootstrap-key-file: {}\n",
-        key_file.display()
-    );
-    let (srv, c) =
-        lessor_testkit::server::start(&lessor_server::Config::from_yaml(&yaml).expect("config"), None).await;
-    let admin = c
-        .clone()
-        .with_api_key(std::fs::read_to_string(&key_file).expect("key").trim());
-    for ns in ["team-a", "team-b"] {
-        admin
-            .namespaces_create(&pb::NamespaceInfo {
-                name: ns.into(),
-                ..Default::default()
-            })
-            .await
-            .expect("namespace");
-    }
+    let (srv, c, admin) = lessor_testkit::server::with_auth(&["team-a", "team-b"]).await;
     // The victim's queue, holding one item.
     admin
         .queues_create(&queue("b-q", "team-b", ""))
@@ -77,40 +55,8 @@ async fn setup(perms: &[&str]) -> Env {
         })
         .await
         .expect("produce into b-q");
-    let id = admin
-        .users_create(&pb::UserCreateRequest {
-            username: "mallory".into(),
-            ..Default::default()
-        })
-        .await
-        .expect("user")
-        .id;
-    admin
-        .roles_create(&pb::RoleCreateRequest {
-            namespace: "team-a".into(),
-            name: "owner".into(),
-            permissions: perms.iter().map(|p| p.to_string()).collect(),
-        })
-        .await
-        .expect("role");
-    admin
-        .rolebindings_create(&pb::RoleBindingCreateRequest {
-            namespace: "team-a".into(),
-            role_name: "owner".into(),
-            user_id: id.clone(),
-        })
-        .await
-        .expect("binding");
-    let key = admin
-        .apikeys_create(&pb::APIKeyCreateRequest {
-            user_id: id,
-            name: "mallory".into(),
-            ..Default::default()
-        })
-        .await
-        .expect("key")
-        .key;
-    let attacker = c.clone().with_api_key(key);
+    let attacker =
+        lessor_testkit::server::user_with_role(&admin, &c, "mallory", "team-a", "owner", perms).await;
     // Sanity: the attacker cannot touch b-q directly.
     assert_denied(
         attacker
@@ -124,7 +70,6 @@ async fn setup(perms: &[&str]) -> Env {
     );
     Env {
         _srv: srv,
-        _dir: dir,
         admin,
         attacker,
     }

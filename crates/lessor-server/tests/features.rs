@@ -1228,28 +1228,7 @@ async fn redrive_moves_dead_items_back(enc: Encoding) {
 /// needs `queue.produce` there.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn extension_routes_check_their_permissions() {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let key_file = dir.path().join("admin.key");
-    let yaml = format!(
-        "queue-storage:\n  driver: memory\n\
-         partition-storage:\n  - name: m\n    driver: memory\n    affinity: 1\n\
-         auth-backend:\n  driver: internal\n  open-door: false\n  bootstrap-key-file: {}\n",
-        key_file.display()
-    );
-    let (_srv, c) =
-        lessor_testkit::server::start(&lessor_server::Config::from_yaml(&yaml).expect("config"), None).await;
-    let admin = c
-        .clone()
-        .with_api_key(std::fs::read_to_string(&key_file).expect("key").trim());
-    for ns in ["team-a", "team-b"] {
-        admin
-            .namespaces_create(&pb::NamespaceInfo {
-                name: ns.into(),
-                ..Default::default()
-            })
-            .await
-            .expect("namespace");
-    }
+    let (_srv, c, admin) = lessor_testkit::server::with_auth(&["team-a", "team-b"]).await;
     let queue = |name: &str, ns: &str, dead: &str| pb::QueueInfo {
         queue_name: name.into(),
         namespace: ns.into(),
@@ -1278,47 +1257,10 @@ async fn extension_routes_check_their_permissions() {
 
     // A user who may operate team-a's queues but not produce anywhere, and a viewer who may only read them.
     let key_for = |user: &'static str, perms: &'static [&'static str]| {
-        let admin = admin.clone();
-        async move {
-            let id = admin
-                .users_create(&pb::UserCreateRequest {
-                    username: user.into(),
-                    ..Default::default()
-                })
-                .await
-                .expect("user")
-                .id;
-            admin
-                .roles_create(&pb::RoleCreateRequest {
-                    namespace: "team-a".into(),
-                    name: user.into(),
-                    permissions: perms.iter().map(|p| p.to_string()).collect(),
-                })
-                .await
-                .expect("role");
-            admin
-                .rolebindings_create(&pb::RoleBindingCreateRequest {
-                    namespace: "team-a".into(),
-                    role_name: user.into(),
-                    user_id: id.clone(),
-                })
-                .await
-                .expect("binding");
-            admin
-                .apikeys_create(&pb::APIKeyCreateRequest {
-                    user_id: id,
-                    name: user.into(),
-                    ..Default::default()
-                })
-                .await
-                .expect("key")
-                .key
-        }
+        lessor_testkit::server::user_with_role(&admin, &c, user, "team-a", user, perms)
     };
-    let operator = c
-        .clone()
-        .with_api_key(key_for("operator", &["queue.update", "queue.stats", "queue.produce"]).await);
-    let viewer = c.clone().with_api_key(key_for("viewer", &["queue.stats"]).await);
+    let operator = key_for("operator", &["queue.update", "queue.stats", "queue.produce"]).await;
+    let viewer = key_for("viewer", &["queue.stats"]).await;
 
     let browse = pb::QueueBrowseRequest {
         queue_name: "a-src".into(),

@@ -195,28 +195,7 @@ async fn a_complete_naming_the_wrong_partition_cannot_take_another_consumers_ite
 /// be cleared by `queues.update`.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_deleted_dead_letter_queue_name_taken_by_another_namespace_gets_no_dead_items() {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let key_file = dir.path().join("admin.key");
-    let yaml = format!(
-        "queue-storage:\n  driver: memory\n\
-         partition-storage:\n  - name: m\n    driver: memory\n    affinity: 1\n\
-         auth-backend:\n  driver: internal\n  open-door: false\n  bootstrap-key-file: {}\n",
-        key_file.display()
-    );
-    let (_srv, c) =
-        lessor_testkit::server::start(&lessor_server::Config::from_yaml(&yaml).expect("config"), None).await;
-    let admin = c
-        .clone()
-        .with_api_key(std::fs::read_to_string(&key_file).expect("key").trim());
-    for ns in ["team-a", "team-b"] {
-        admin
-            .namespaces_create(&pb::NamespaceInfo {
-                name: ns.into(),
-                ..Default::default()
-            })
-            .await
-            .expect("namespace");
-    }
+    let (_srv, c, admin) = lessor_testkit::server::with_auth(&["team-a", "team-b"]).await;
     let queue = |name: &str, ns: &str, dead: &str| pb::QueueInfo {
         queue_name: name.into(),
         namespace: ns.into(),
@@ -235,43 +214,15 @@ async fn a_deleted_dead_letter_queue_name_taken_by_another_namespace_gets_no_dea
         .await
         .expect("b-q");
     // Team A: a user who may create and read queues in team-a only.
-    let user = admin
-        .users_create(&pb::UserCreateRequest {
-            username: "mallory".into(),
-            ..Default::default()
-        })
-        .await
-        .expect("user")
-        .id;
-    admin
-        .roles_create(&pb::RoleCreateRequest {
-            namespace: "team-a".into(),
-            name: "owner".into(),
-            permissions: ["queue.create", "queue.stats", "queue.lease"]
-                .iter()
-                .map(|p| p.to_string())
-                .collect(),
-        })
-        .await
-        .expect("role");
-    admin
-        .rolebindings_create(&pb::RoleBindingCreateRequest {
-            namespace: "team-a".into(),
-            role_name: "owner".into(),
-            user_id: user.clone(),
-        })
-        .await
-        .expect("binding");
-    let key = admin
-        .apikeys_create(&pb::APIKeyCreateRequest {
-            user_id: user,
-            name: "mallory".into(),
-            ..Default::default()
-        })
-        .await
-        .expect("key")
-        .key;
-    let attacker = c.clone().with_api_key(key);
+    let attacker = lessor_testkit::server::user_with_role(
+        &admin,
+        &c,
+        "mallory",
+        "team-a",
+        "owner",
+        &["queue.create", "queue.stats", "queue.lease"],
+    )
+    .await;
 
     // Team B deletes its dead-letter queue (refusing that is one way to keep the promise), and team A takes the name.
     let _ = admin

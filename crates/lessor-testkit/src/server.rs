@@ -32,6 +32,86 @@ pub async fn memory_with_manual_clock() -> (RunningServer, Client, ManualClock) 
     (srv, client, clock)
 }
 
+/// A memory-only server with auth on (the internal backend, no open door) and the namespaces `namespaces` created:
+/// the server, a client without a key, and a client with the bootstrap admin key.
+///
+/// # Panics
+/// When the server does not start or a namespace cannot be created.
+pub async fn with_auth(namespaces: &[&str]) -> (RunningServer, Client, Client) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let key_file = dir.path().join("admin.key");
+    let yaml = format!(
+        "queue-storage:\n  driver: memory\n\
+         partition-storage:\n  - name: m\n    driver: memory\n    affinity: 1\n\
+         auth-backend:\n  driver: internal\n  open-door: false\n  bootstrap-key-file: {}\n",
+        key_file.display()
+    );
+    let (srv, anonymous) = start(&Config::from_yaml(&yaml).expect("config"), None).await;
+    let admin = anonymous
+        .clone()
+        .with_api_key(std::fs::read_to_string(&key_file).expect("key").trim());
+    for ns in namespaces {
+        admin
+            .namespaces_create(&lessor_client::proto::NamespaceInfo {
+                name: (*ns).into(),
+                ..Default::default()
+            })
+            .await
+            .expect("namespace");
+    }
+    (srv, anonymous, admin)
+}
+
+/// Creates user `user`, a role `role` in `namespace` holding `permissions`, binds the user to it, and returns a
+/// client (made from `anonymous`) with a key of that user.
+///
+/// # Panics
+/// When the admin calls fail.
+pub async fn user_with_role(
+    admin: &Client,
+    anonymous: &Client,
+    user: &str,
+    namespace: &str,
+    role: &str,
+    permissions: &[&str],
+) -> Client {
+    use lessor_client::proto as pb;
+    let user_id = admin
+        .users_create(&pb::UserCreateRequest {
+            username: user.into(),
+            ..Default::default()
+        })
+        .await
+        .expect("user")
+        .id;
+    admin
+        .roles_create(&pb::RoleCreateRequest {
+            namespace: namespace.into(),
+            name: role.into(),
+            permissions: permissions.iter().map(|p| p.to_string()).collect(),
+        })
+        .await
+        .expect("role");
+    admin
+        .rolebindings_create(&pb::RoleBindingCreateRequest {
+            namespace: namespace.into(),
+            role_name: role.into(),
+            user_id: user_id.clone(),
+        })
+        .await
+        .expect("binding");
+    let key = admin
+        .apikeys_create(&pb::APIKeyCreateRequest {
+            user_id,
+            name: user.into(),
+            ..Default::default()
+        })
+        .await
+        .expect("key")
+        .key;
+    anonymous.clone().with_api_key(key)
+}
+
 tokio::task_local! {
     /// The backend the current test runs its server on: "memory" (also when unset), "fjall" or "postgres". Set by
     /// the tests [`crate::every_backend!`] generates.
