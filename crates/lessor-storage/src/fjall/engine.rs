@@ -436,7 +436,13 @@ impl Engine {
         st.keyspaces.clear();
         st.db = None;
         *lock(&self.memtables) = Memtables::default();
-        // The reopened database may start a new journal file: find it again.
+        // The reopened database may start a new journal file, and our fsyncs cover only the newest one (fjall syncs
+        // a journal before it rotates, not before a reopen): groups written before the failure and still waiting for
+        // their fsync would then be acknowledged by an fsync of the new file. Every journal file is synced here
+        // first; if that fails, nothing written can be vouched for any more.
+        if let Err(e) = sync_journals(&self.dir) {
+            return Err(self.poison(format!("fsync of the journal before a reopen failed ({e})")));
+        }
         *lock(&self.journal) = None;
         match self.open_db() {
             Ok(db) => {
@@ -917,6 +923,24 @@ fn start_periodic(
     Ok(Syncer { stop, thread })
 }
 
+/// fsyncs every journal file (`<id>.jnl`) of the database directory; returns how many. Blocking.
+fn sync_journals(dir: &Path) -> io::Result<usize> {
+    let mut n = 0;
+    for entry in fs::read_dir(dir)? {
+        let entry = entry?;
+        let is_journal = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.strip_suffix(".jnl"))
+            .is_some_and(|n| n.parse::<u64>().is_ok());
+        if is_journal {
+            fs::File::open(entry.path())?.sync_data()?;
+            n += 1;
+        }
+    }
+    Ok(n)
+}
+
 /// The id of the newest journal file (`<id>.jnl`) in the database directory.
 fn newest_journal(dir: &Path) -> io::Result<u64> {
     let mut newest = None;
@@ -1082,6 +1106,23 @@ mod tests {
             dels: Vec::new(),
             once_dels: Vec::new(),
         }]
+    }
+
+    /// Before a reopen every journal file is synced, not only the newest: `sync_journals` finds each one.
+    #[test]
+    fn sync_journals_syncs_every_journal_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        for name in ["7.jnl", "8.jnl", "9.jnl", "lock", "x.jnl.tmp", "v.jnl"] {
+            fs::write(dir.path().join(name), b"x").expect("write");
+        }
+        assert_eq!(sync_journals(dir.path()).expect("sync"), 3);
+        // And a database of our own has at least its active journal.
+        let engine = open(dir.path());
+        engine
+            .commit_group(unit("a"))
+            .into_iter()
+            .for_each(|r| r.expect("write"));
+        assert!(sync_journals(&engine.dir).expect("sync") >= 1);
     }
 
     /// A deletion in `once_dels` (a weak tombstone) hides its key at once, after a flush that meets the value and
