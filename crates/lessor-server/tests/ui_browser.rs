@@ -6,6 +6,7 @@
 //! `LESSOR_REQUIRE_BROWSER` is set (as `scripts/test.sh` does), in which case they fail. Screenshots of each page in
 //! light and dark mode go to the folder printed at the start (`target/tmp/ui-screenshots`).
 
+use std::io::{Read, Write};
 use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -60,6 +61,22 @@ struct Browser {
 
 impl Drop for Browser {
     fn drop(&mut self) {
+        // The session is ended first, so that chromedriver quits its Chromium: killing chromedriver alone left every
+        // test's browser running. Plain blocking HTTP: a drop cannot await, and chromedriver is its own process.
+        if let Some(addr) = self.base.strip_prefix("http://") {
+            if !self.session.is_empty() {
+                if let Ok(mut s) = std::net::TcpStream::connect(addr) {
+                    let _ = s.set_read_timeout(Some(WAIT));
+                    let _ = write!(
+                        s,
+                        "DELETE /session/{} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: 0\r\n\r\n",
+                        self.session
+                    );
+                    let mut answer = Vec::new();
+                    let _ = s.read_to_end(&mut answer);
+                }
+            }
+        }
         let _ = self.driver.kill();
         let _ = self.driver.wait();
     }
