@@ -225,12 +225,16 @@ async fn a_deleted_dead_letter_queue_name_taken_by_another_namespace_gets_no_dea
     .await;
 
     // Team B deletes its dead-letter queue (refusing that is one way to keep the promise), and team A takes the name.
-    let _ = admin
+    let refused = admin
         .queues_delete(&pb::QueuesDeleteRequest {
             queue_name: "b-dead".into(),
             ..Default::default()
         })
         .await;
+    assert!(
+        matches!(&refused, Err(ClientError::Api { code: 400, .. })),
+        "deleting a dead-letter queue in use: {refused:?}"
+    );
     let _ = attacker.queues_create(&queue("b-dead", "team-a", "")).await;
 
     // An item of b-q dies.
@@ -260,28 +264,38 @@ async fn a_deleted_dead_letter_queue_name_taken_by_another_namespace_gets_no_dea
         })
         .await
         .expect("retry dead");
-    // The dead-letter move runs on the next pass; give it time.
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // The name stayed team B's, and the dead item reaches team B's queue (polled: the move runs on a later pass).
     let info = admin
         .queues_info(&pb::QueuesInfoRequest {
             queue_name: "b-dead".into(),
         })
         .await
-        .expect("b-dead exists (team B's, or team A's)");
-    if info.namespace == "team-a" {
-        let items = admin
-            .storage_items_list(&pb::StorageItemsListRequest {
-                queue_name: "b-dead".into(),
-                ..Default::default()
-            })
-            .await
-            .expect("list")
-            .items;
-        assert!(
-            items.is_empty(),
-            "team A's queue 'b-dead' received team B's dead items: {items:?}"
-        );
-    }
+        .expect("b-dead exists");
+    assert_eq!(
+        info.namespace, "team-b",
+        "team A took the name of team B's dead-letter queue"
+    );
+    let payloads =
+        lessor_testkit::eventually::poll_until(Duration::from_secs(10), Duration::from_millis(20), || {
+            let admin = admin.clone();
+            async move {
+                let items = admin
+                    .storage_items_list(&pb::StorageItemsListRequest {
+                        queue_name: "b-dead".into(),
+                        ..Default::default()
+                    })
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .items;
+                if items.is_empty() {
+                    return Err("no dead item in b-dead yet".to_string());
+                }
+                Ok(items.into_iter().map(|i| i.payload).collect::<Vec<_>>())
+            }
+        })
+        .await
+        .expect("the dead item reaches team B's dead-letter queue");
+    assert_eq!(payloads, vec![b"victim".to_vec()]);
 }
 
 /// A dead-letter queue in use: `queues.delete` refuses it (400 naming the rule), and with `force` deletes it after
