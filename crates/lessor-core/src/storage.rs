@@ -224,6 +224,21 @@ pub trait Partition: Send + Sync + Debug + 'static {
     /// gets `is_leased`, `lease_deadline` and `attempts + 1`; the result is in that serving order. Returns the leased items (fewer than `n`, possibly none, when fewer are ready).
     async fn lease(&self, n: usize, lease_deadline: Ts) -> Result<Vec<Item>, StorageError>;
 
+    /// [`Partition::lease`] bounded in bytes: it stops before the item whose payload would take the total over
+    /// `max_bytes` (the first item is always taken, whatever its size), and tells whether it stopped there with
+    /// ready items left (`true`), so that the caller asks again rather than taking the partition for empty. The
+    /// engine leases through this, so that a lease of many large items (a thousand of 5 MB) cannot build a reply
+    /// of gigabytes. The default ignores the bound: stores that do not override it answer as `lease` does.
+    async fn lease_within(
+        &self,
+        n: usize,
+        lease_deadline: Ts,
+        max_bytes: u64,
+    ) -> Result<(Vec<Item>, bool), StorageError> {
+        let _ = max_bytes;
+        Ok((self.lease(n, lease_deadline).await?, false))
+    }
+
     /// Completes (deletes) leased items. Each inner request is applied whole or not at all: if any of its ids is
     /// missing, not leased, or repeated, that request gets the first such [`ItemError`] and none of its ids change.
     /// Valid requests of the same call are applied together in one write.

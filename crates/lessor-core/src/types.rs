@@ -162,6 +162,11 @@ pub const MAX_PRIORITY: u8 = 9;
 /// Longest deduplication key, in bytes.
 pub const MAX_DEDUP_ID: usize = 128;
 
+/// Default of [`Limits::max_lease_bytes`], most payload bytes one storage call of a lease hands out (16 MiB): a lease stops before the item that would take
+/// its items over this, though it always returns at least one. Leases of small items never meet it (1,000 items of
+/// 16 KB fit); without it, a lease of 1,000 items of 5 MB built a 5 GB reply, several times that in memory.
+pub const MAX_LEASE_BYTES: u64 = 16 << 20;
+
 /// A dedup record as a store keeps it: while it lives, items carrying `dedup_id` are skipped.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DedupRecord {
@@ -453,6 +458,8 @@ pub struct Limits {
     /// [`crate::error::QueueError::DedupFull`] (454) until older keys leave the window. Bounds the index's memory
     /// (about 176 bytes per key) whatever the produce rate and window.
     pub max_dedup_keys: usize,
+    /// Most payload bytes one lease storage call hands out ([`MAX_LEASE_BYTES`] by default; at least one item).
+    pub max_lease_bytes: u64,
 }
 
 impl Default for Limits {
@@ -468,6 +475,7 @@ impl Default for Limits {
             max_items_per_storage_call: 10_000,
             shared_refresh: Duration::from_millis(500),
             max_dedup_keys: 10_000_000,
+            max_lease_bytes: MAX_LEASE_BYTES,
         }
     }
 }

@@ -37,6 +37,9 @@ pub const DEFAULT_DATA_DIR: &str = "./data";
 pub const DEFAULT_MAX_PRODUCE_BODY: usize = 5_000_000;
 /// Highest `limits.max-dedup-keys` accepted: a billion keys take about 115 GB on the memory backend.
 const MAX_DEDUP_KEYS: usize = 1_000_000_000;
+/// Highest `limits.max-lease-bytes` accepted (1 GiB): above it a single answer is the memory problem the limit
+/// exists to prevent.
+const MAX_LEASE_BYTES_LIMIT: u64 = 1 << 30;
 
 /// What is wrong with a configuration, or why the stores it describes could not be opened.
 #[derive(Debug, Error)]
@@ -477,6 +480,8 @@ pub struct LimitsSection {
     /// Live dedup keys one queue may hold (default 10,000,000, about 1.8 GB of index); keyed produce beyond it gets
     /// 454 until older keys leave the window.
     pub max_dedup_keys: Option<usize>,
+    /// Most payload bytes one lease answer carries (default 16 MiB; at least one item whatever its size).
+    pub max_lease_bytes: Option<u64>,
 }
 
 impl Config {
@@ -601,6 +606,14 @@ impl Config {
                 return Err(ConfigError::Limit {
                     field: "limits.max-dedup-keys",
                     reason: format!("must be between 1 and {MAX_DEDUP_KEYS}"),
+                });
+            }
+        }
+        if let Some(n) = self.limits.max_lease_bytes {
+            if n == 0 || n > MAX_LEASE_BYTES_LIMIT {
+                return Err(ConfigError::Limit {
+                    field: "limits.max-lease-bytes",
+                    reason: format!("must be between 1 and {MAX_LEASE_BYTES_LIMIT}"),
                 });
             }
         }
@@ -729,6 +742,9 @@ impl Config {
         }
         if let Some(n) = self.limits.max_dedup_keys {
             l.max_dedup_keys = n;
+        }
+        if let Some(n) = self.limits.max_lease_bytes {
+            l.max_lease_bytes = n;
         }
         l
     }
@@ -1020,6 +1036,20 @@ mod tests {
         .expect_err("unknown key")
         .to_string();
         assert!(e.contains("storge-dir"), "{e}");
+    }
+
+    /// `limits.max-lease-bytes` is between 1 and 1 GiB; the default is 16 MiB.
+    #[test]
+    fn max_lease_bytes_is_checked_and_applied() {
+        assert_eq!(Config::memory().limits().max_lease_bytes, 16 << 20);
+        let c = Config::from_yaml("limits:\n  max-lease-bytes: 65536\n").expect("valid");
+        assert_eq!(c.limits().max_lease_bytes, 65536);
+        for bad in ["0", "1073741825"] {
+            let e = Config::from_yaml(&format!("limits:\n  max-lease-bytes: {bad}\n"))
+                .expect_err(bad)
+                .to_string();
+            assert!(e.contains("limits.max-lease-bytes"), "{bad}: {e}");
+        }
     }
 
     /// `limits.max-dedup-keys` is between 1 and a billion; the default is ten million.

@@ -273,6 +273,16 @@ impl Partition for MemoryPartition {
         Ok(self.state()?.lease(n, lease_deadline).0)
     }
 
+    async fn lease_within(
+        &self,
+        n: usize,
+        lease_deadline: Ts,
+        max_bytes: u64,
+    ) -> Result<(Vec<Item>, bool), StorageError> {
+        let (out, _, capped) = self.state()?.lease_within(n, lease_deadline, max_bytes);
+        Ok((out, capped))
+    }
+
     async fn complete(&self, requests: Vec<Vec<ItemId>>) -> Result<Vec<Result<(), ItemError>>, StorageError> {
         Ok(self.state()?.complete(requests).0)
     }

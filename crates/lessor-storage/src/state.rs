@@ -1202,13 +1202,23 @@ impl PartitionState {
 
     /// See [`lessor_core::storage::Partition::lease`].
     pub fn lease(&mut self, n: usize, deadline: Ts) -> (Vec<Item>, Changes) {
+        let (out, ch, _) = self.lease_within(n, deadline, u64::MAX);
+        (out, ch)
+    }
+
+    /// See [`lessor_core::storage::Partition::lease_within`]: [`PartitionState::lease`] that stops before the
+    /// item whose bytes would take the leased items' total over `max_bytes` (the first item is always taken). The
+    /// flag tells whether it stopped there, with ready items left that it could have taken otherwise.
+    pub fn lease_within(&mut self, n: usize, deadline: Ts, max_bytes: u64) -> (Vec<Item>, Changes, bool) {
         let mut out = Vec::with_capacity(n.min(self.ready as usize));
         let mut taken = Vec::with_capacity(out.capacity());
+        let mut bytes = 0u64;
+        let mut capped = false;
         // A priority whose resident head ran out while it still has paged items ends the lease: serving a lower
         // priority first would break the order (the backend pages in before a lease, so this is rare).
         let mut blocked = false;
         for p in (1..PRIORITIES).rev() {
-            if blocked {
+            if blocked || capped {
                 break;
             }
             while out.len() < n && self.ready_by_prio[p] > 0 {
@@ -1219,6 +1229,14 @@ impl PartitionState {
                 let Some(s) = slot_mut(&mut self.chunks, id).filter(|s| !s.leased()) else {
                     continue;
                 };
+                let len = s.payload_len();
+                if !out.is_empty() && bytes.saturating_add(len) > max_bytes {
+                    // Served first by the next lease.
+                    self.fifo[p].push_front(id);
+                    capped = true;
+                    break;
+                }
+                bytes = bytes.saturating_add(len);
                 s.flags |= LEASED;
                 s.lease_deadline = deadline.0;
                 s.attempts = s.attempts.saturating_add(1);
@@ -1226,9 +1244,9 @@ impl PartitionState {
                 taken.push(id);
                 self.ready_by_prio[p] -= 1;
             }
-            blocked = out.len() < n && self.paged.count[p] > 0;
+            blocked = !capped && out.len() < n && self.paged.count[p] > 0;
         }
-        while !blocked && out.len() < n && self.ready_by_prio[0] > 0 {
+        while !blocked && !capped && out.len() < n && self.ready_by_prio[0] > 0 {
             let Some((&key, chunk)) = self.chunks.range_mut(self.cursor / CHUNK..).next() else {
                 break;
             };
@@ -1247,6 +1265,14 @@ impl PartitionState {
                 off = at + 1;
                 // Higher priorities are served from their FIFOs; the cursor passes over them.
                 if s.live() && !s.leased() && s.priority == 0 {
+                    let len = s.payload_len();
+                    if !out.is_empty() && bytes.saturating_add(len) > max_bytes {
+                        // The cursor stays on it: the next lease starts there.
+                        off = at;
+                        capped = true;
+                        break;
+                    }
+                    bytes = bytes.saturating_add(len);
                     s.flags |= LEASED;
                     s.lease_deadline = deadline.0;
                     s.attempts = s.attempts.saturating_add(1);
@@ -1285,7 +1311,7 @@ impl PartitionState {
         } else {
             Changes::default()
         };
-        (out, ch)
+        (out, ch, capped)
     }
 
     fn check_leased(&self, ids: impl Iterator<Item = ItemId>) -> Result<(), ItemError> {

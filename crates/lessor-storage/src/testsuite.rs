@@ -125,6 +125,55 @@ pub async fn produce_then_lease_in_fifo_order(b: TestBackend) {
     assert_eq!((c.ready, c.leased, c.scheduled), (0, 5, 0));
 }
 
+/// A lease bounded in bytes stops before the item that would take it over the bound, always takes the first item
+/// however large, tells that it stopped with ready items left, and the next lease goes on from there in order
+/// (priorities too); a bound that is never met reports nothing left.
+pub async fn lease_within_stops_at_the_byte_bound(b: TestBackend) {
+    let p = open(&b, "lease-bytes").await;
+    let big = |tag: &str, len: usize, priority: u8| NewItem {
+        payload: Bytes::from(format!("{tag}{}", "x".repeat(len - tag.len()))),
+        priority,
+        ..item(tag)
+    };
+    p.produce(vec![
+        big("a", 4000, 0),
+        big("b", 4000, 0),
+        big("c", 10_000, 0),
+        big("d", 100, 0),
+        big("h", 3000, 5),
+        big("i", 3000, 5),
+    ])
+    .await
+    .expect("produce");
+    let at = T0.add(SEC * 60);
+    let tags = |v: &[Item]| -> Vec<String> {
+        v.iter()
+            .map(|i| String::from_utf8_lossy(&i.payload[..1]).into_owned())
+            .collect()
+    };
+    // Priority 5 first (6,000 bytes), then "a" would make 10,000 > 9,000.
+    let (got, capped) = p.lease_within(10, at, 9000).await.expect("lease");
+    assert_eq!(tags(&got), vec!["h", "i"]);
+    assert!(capped, "ready items were left at the bound");
+    let (got, capped) = p.lease_within(10, at, 9000).await.expect("lease");
+    assert_eq!(tags(&got), vec!["a", "b"]);
+    assert!(capped);
+    // "c" alone is over the bound: it is still served, by itself.
+    let (got, capped) = p.lease_within(10, at, 9000).await.expect("lease");
+    assert_eq!(tags(&got), vec!["c"]);
+    assert!(capped);
+    let (got, capped) = p.lease_within(10, at, 9000).await.expect("lease");
+    assert_eq!(tags(&got), vec!["d"]);
+    assert!(!capped, "nothing left to serve");
+    let c = p.counts().await.expect("counts");
+    assert_eq!((c.ready, c.leased), (0, 6));
+    // The count bound still applies, and is not reported as the byte bound.
+    p.produce(items(3)).await.expect("produce");
+    let (got, capped) = p.lease_within(2, at, 9000).await.expect("lease");
+    assert_eq!(payloads(&got), vec!["p0", "p1"]);
+    assert!(!capped);
+}
+
 /// Completing removes leased items; a request with any bad id changes nothing.
 pub async fn complete_is_all_or_nothing(b: TestBackend) {
     let p = open(&b, "complete").await;
@@ -1025,6 +1074,7 @@ macro_rules! conformance_tests {
     ($make:path) => {
         $crate::conformance_tests!(@cases $make;
             produce_then_lease_in_fifo_order,
+            lease_within_stops_at_the_byte_bound,
             complete_is_all_or_nothing,
             retry_requeues_at_tail_with_new_id,
             retry_schedules_and_lifecycle_enqueues,

@@ -1914,6 +1914,19 @@ impl Partition for FjallPartition {
         self.write_paged(n, |s| s.lease(n, lease_deadline)).await
     }
 
+    async fn lease_within(
+        &self,
+        n: usize,
+        lease_deadline: Ts,
+        max_bytes: u64,
+    ) -> Result<(Vec<Item>, bool), StorageError> {
+        self.write_paged(n, |s| {
+            let (out, ch, capped) = s.lease_within(n, lease_deadline, max_bytes);
+            ((out, capped), ch)
+        })
+        .await
+    }
+
     async fn complete(&self, requests: Vec<Vec<ItemId>>) -> Result<Vec<Result<(), ItemError>>, StorageError> {
         let ids = requests.iter().flatten().copied().collect();
         self.write_probed(ids, |s| s.complete(requests)).await

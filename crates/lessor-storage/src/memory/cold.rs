@@ -982,14 +982,23 @@ impl Partition for ColdPartition {
     }
 
     async fn lease(&self, n: usize, lease_deadline: Ts) -> Result<Vec<Item>, StorageError> {
+        Ok(self.lease_within(n, lease_deadline, u64::MAX).await?.0)
+    }
+
+    async fn lease_within(
+        &self,
+        n: usize,
+        lease_deadline: Ts,
+        max_bytes: u64,
+    ) -> Result<(Vec<Item>, bool), StorageError> {
         let mut g = self.inner.lock().await;
         self.pre(&mut g).await?;
         self.page_in(&mut g, n).await?;
-        let out = g.state.lease(n, lease_deadline).0;
+        let (out, _, capped) = g.state.lease_within(n, lease_deadline, max_bytes);
         // Read ahead for the next lease (RAM records only; segments come back in the background).
         self.page_in(&mut g, 0).await?;
         self.post(&mut g).await?;
-        Ok(out)
+        Ok((out, capped))
     }
 
     async fn complete(&self, requests: Vec<Vec<ItemId>>) -> Result<Vec<Result<(), ItemError>>, StorageError> {

@@ -765,44 +765,10 @@ impl OffloadPartition {
     }
 }
 
-#[async_trait]
-impl Partition for OffloadPartition {
-    async fn produce(&self, items: Vec<NewItem>) -> Result<Vec<ItemId>, StorageError> {
-        Ok(self.produce_reporting(items).await?.0)
-    }
-
-    async fn produce_reporting(
-        &self,
-        mut items: Vec<NewItem>,
-    ) -> Result<(Vec<ItemId>, Vec<bool>), StorageError> {
-        if self.shared.passthrough() && !items.iter().any(|it| frame::is_framed(&it.payload)) {
-            return self.inner.produce_reporting(items).await;
-        }
-        let payloads: Vec<Bytes> = items
-            .iter_mut()
-            .map(|it| std::mem::take(&mut it.payload))
-            .collect();
-        let (stored, keys) = match self.shared.store_payloads(&self.dir, payloads.clone()).await {
-            Ok(v) => v,
-            Err(e) => {
-                for (it, p) in items.iter_mut().zip(payloads) {
-                    it.payload = p;
-                }
-                return Err(e);
-            }
-        };
-        for (it, p) in items.iter_mut().zip(stored) {
-            it.payload = p;
-        }
-        // The objects are written: only now may the items that reference them become visible. A failed inner
-        // produce leaves them to the sweeper (a failure of unknown durability may still have stored the items).
-        let r = self.inner.produce_reporting(items).await;
-        self.shared.done(&keys);
-        r
-    }
-
-    async fn lease(&self, n: usize, lease_deadline: Ts) -> Result<Vec<Item>, StorageError> {
-        let items = self.inner.lease(n, lease_deadline).await?;
+impl OffloadPartition {
+    /// Fetches the offloaded payloads of items the inner store just leased; items whose payload cannot be fetched
+    /// are put back at once, and the call fails only when none could be.
+    async fn resolve_leased(&self, items: Vec<Item>, lease_deadline: Ts) -> Result<Vec<Item>, StorageError> {
         if !items.iter().any(|it| frame::is_framed(&it.payload)) {
             return Ok(items);
         }
@@ -847,6 +813,60 @@ impl Partition for OffloadPartition {
             Some(e) if good.is_empty() => Err(e),
             _ => Ok(good),
         }
+    }
+}
+
+#[async_trait]
+impl Partition for OffloadPartition {
+    async fn produce(&self, items: Vec<NewItem>) -> Result<Vec<ItemId>, StorageError> {
+        Ok(self.produce_reporting(items).await?.0)
+    }
+
+    async fn produce_reporting(
+        &self,
+        mut items: Vec<NewItem>,
+    ) -> Result<(Vec<ItemId>, Vec<bool>), StorageError> {
+        if self.shared.passthrough() && !items.iter().any(|it| frame::is_framed(&it.payload)) {
+            return self.inner.produce_reporting(items).await;
+        }
+        let payloads: Vec<Bytes> = items
+            .iter_mut()
+            .map(|it| std::mem::take(&mut it.payload))
+            .collect();
+        let (stored, keys) = match self.shared.store_payloads(&self.dir, payloads.clone()).await {
+            Ok(v) => v,
+            Err(e) => {
+                for (it, p) in items.iter_mut().zip(payloads) {
+                    it.payload = p;
+                }
+                return Err(e);
+            }
+        };
+        for (it, p) in items.iter_mut().zip(stored) {
+            it.payload = p;
+        }
+        // The objects are written: only now may the items that reference them become visible. A failed inner
+        // produce leaves them to the sweeper (a failure of unknown durability may still have stored the items).
+        let r = self.inner.produce_reporting(items).await;
+        self.shared.done(&keys);
+        r
+    }
+
+    async fn lease(&self, n: usize, lease_deadline: Ts) -> Result<Vec<Item>, StorageError> {
+        Ok(self.lease_within(n, lease_deadline, u64::MAX).await?.0)
+    }
+
+    /// The inner store bounds the lease by the bytes it holds: compressed payloads by their compressed size, and an
+    /// offloaded one by its reference, so the answer of a lease of offloaded items is bounded by the lease's item
+    /// count times the offload produce limit instead (docs/operations.md).
+    async fn lease_within(
+        &self,
+        n: usize,
+        lease_deadline: Ts,
+        max_bytes: u64,
+    ) -> Result<(Vec<Item>, bool), StorageError> {
+        let (items, capped) = self.inner.lease_within(n, lease_deadline, max_bytes).await?;
+        Ok((self.resolve_leased(items, lease_deadline).await?, capped))
     }
 
     async fn complete(&self, requests: Vec<Vec<ItemId>>) -> Result<Vec<Result<(), ItemError>>, StorageError> {

@@ -865,9 +865,21 @@ impl Partition for PgPartition {
     }
 
     async fn lease(&self, n: usize, lease_deadline: Ts) -> Result<Vec<Item>, StorageError> {
+        Ok(self.lease_within(n, lease_deadline, u64::MAX).await?.0)
+    }
+
+    async fn lease_within(
+        &self,
+        n: usize,
+        lease_deadline: Ts,
+        max_bytes: u64,
+    ) -> Result<(Vec<Item>, bool), StorageError> {
         if n == 0 {
-            return Ok(Vec::new());
+            return Ok((Vec::new(), false));
         }
+        let max_bytes = i64::try_from(max_bytes).unwrap_or(i64::MAX);
+        // The rows the statement locked: more than it returned means the byte bound left ready rows behind.
+        let locked = |rows: &[Row]| rows.first().map_or(0, |r| r.get::<_, i64>(15));
         // Every lease leaves dead entries at the head of the ready index (the old versions of the rows it
         // updated) until vacuum removes them, and a plain lease walks them all, visiting the heap for each: under
         // steady load that is most of its cost. So a lease starts where the previous one stopped: every ready item
@@ -883,23 +895,29 @@ impl Partition for PgPartition {
         let shared = self.shared()?;
         let conn = shared.conn().await?;
         let mut items = Vec::new();
+        let mut capped = false;
         let mut since = std::time::Instant::now();
         if let Some(h) = hint {
             let stmt = prepare(&conn, &self.sql.lease_after).await?;
             let rows = conn
-                .query(&stmt, &[&limit_param(n), &lease_deadline.0, &h.priority, &h.id])
+                .query(
+                    &stmt,
+                    &[&limit_param(n), &lease_deadline.0, &h.priority, &h.id, &max_bytes],
+                )
                 .await
                 .map_err(pg_err)?;
             items = decode_serving_order(&rows)?;
+            capped = locked(&rows) > rows.len() as i64;
             since = h.since;
         }
         if items.is_empty() {
             let stmt = prepare(&conn, &self.sql.lease).await?;
             let rows = conn
-                .query(&stmt, &[&limit_param(n), &lease_deadline.0])
+                .query(&stmt, &[&limit_param(n), &lease_deadline.0, &max_bytes])
                 .await
                 .map_err(pg_err)?;
             items = decode_serving_order(&rows)?;
+            capped = locked(&rows) > rows.len() as i64;
             if hint.is_some() {
                 since = std::time::Instant::now();
             }
@@ -912,7 +930,7 @@ impl Partition for PgPartition {
                 since,
             });
         }
-        Ok(items)
+        Ok((items, capped))
     }
 
     async fn complete(&self, requests: Vec<Vec<ItemId>>) -> Result<Vec<Result<(), ItemError>>, StorageError> {

@@ -18,6 +18,18 @@
 //! time), the set is first folded into one `jsonb` object keyed by id, which each row reads in logarithmic time.
 
 /// Item columns in [`super::partition`]'s decode order.
+/// The rows of a lease's locked candidates `c` that it takes, `k`: in serving order, while their payload bytes add
+/// up to at most the bound (parameter `$3`), and always the first.
+const LEASE_TAKE: &str = "k AS MATERIALIZED (
+                    SELECT id FROM (SELECT id, sum(len) OVER w AS run, row_number() OVER w AS rn FROM c
+                                    WINDOW w AS (ORDER BY priority DESC, id)) x
+                    WHERE rn = 1 OR run <= $3::int8)";
+/// [`LEASE_TAKE`] with the bound in parameter `$5` (the lease from a position).
+const LEASE_TAKE_AFTER: &str = "k AS MATERIALIZED (
+                    SELECT id FROM (SELECT id, sum(len) OVER w AS run, row_number() OVER w AS rn FROM c
+                                    WINDOW w AS (ORDER BY priority DESC, id)) x
+                    WHERE rn = 1 OR run <= $5::int8)";
+
 const COLS: &str =
     "t.id, t.source_id, t.is_leased, t.lease_deadline, t.expire_deadline, t.enqueue_at, t.created_at, \
                     t.attempts, t.max_attempts, t.reference, t.encoding, t.kind, t.payload, t.dead, t.priority";
@@ -239,16 +251,22 @@ impl Sql {
                     WHERE d.queue = $1::text AND d.dedup_id = ANY(ARRAY(SELECT dedup_id FROM x)) RETURNING 1)
                  SELECT count(*) FROM gone"
                 .to_string(),
-            // $1 limit, $2 lease deadline.
+            // $1 limit, $2 lease deadline, $3 most payload bytes (the first row is taken whatever its size). The
+            // rows locked but not taken are let go at commit; the last column, the number locked, tells the caller
+            // whether the byte bound left ready rows behind. `octet_length` reads a stored value's size from its
+            // header without fetching it.
             lease: format!(
                 "WITH c AS MATERIALIZED (
-                    SELECT id FROM {t} WHERE {READY} ORDER BY priority DESC, id LIMIT $1::int8
-                    FOR UPDATE SKIP LOCKED)
+                    SELECT id, priority, coalesce(octet_length(payload), 0) AS len FROM {t} WHERE {READY}
+                    ORDER BY priority DESC, id LIMIT $1::int8
+                    FOR UPDATE SKIP LOCKED),
+                 {LEASE_TAKE}
                  UPDATE {t} AS t SET is_leased = true, lease_deadline = $2::int8, attempts = t.attempts + 1
-                 WHERE t.id = ANY(ARRAY(SELECT id FROM c))
-                 RETURNING {COLS}"
+                 WHERE t.id = ANY(ARRAY(SELECT id FROM k))
+                 RETURNING {COLS}, (SELECT count(*) FROM c)"
             ),
-            // $1 limit, $2 lease deadline, $3 a priority p, $4 an id c: the same lease, with the ready index read
+            // $1 limit, $2 lease deadline, $3 a priority p, $4 an id c, $5 most payload bytes: the same lease, with
+            // the ready index read
             // from (p, c) on within level p. The levels above and below p are read from their start. An index
             // condition on `id` lets the scan skip, without visiting the heap, the entries that the earlier leases
             // left dead in front of the ready rows (their tuples are dead until vacuum, and every plain lease walks
@@ -256,18 +274,22 @@ impl Sql {
             // soon as enough rows are locked. See `PgPartition::lease` for when (p, c) may be used.
             lease_after: format!(
                 "WITH c AS MATERIALIZED (
-                    (SELECT id FROM (SELECT id FROM {t} WHERE {READY} AND priority > $3::int2
+                    (SELECT * FROM (SELECT id, priority, coalesce(octet_length(payload), 0) AS len
+                                     FROM {t} WHERE {READY} AND priority > $3::int2
                                      ORDER BY priority DESC, id LIMIT $1::int8 FOR UPDATE SKIP LOCKED) a)
                     UNION ALL
-                    (SELECT id FROM (SELECT id FROM {t} WHERE {READY} AND priority = $3::int2 AND id > $4::int8
+                    (SELECT * FROM (SELECT id, priority, coalesce(octet_length(payload), 0) AS len
+                                     FROM {t} WHERE {READY} AND priority = $3::int2 AND id > $4::int8
                                      ORDER BY priority DESC, id LIMIT $1::int8 FOR UPDATE SKIP LOCKED) b)
                     UNION ALL
-                    (SELECT id FROM (SELECT id FROM {t} WHERE {READY} AND priority < $3::int2
+                    (SELECT * FROM (SELECT id, priority, coalesce(octet_length(payload), 0) AS len
+                                     FROM {t} WHERE {READY} AND priority < $3::int2
                                      ORDER BY priority DESC, id LIMIT $1::int8 FOR UPDATE SKIP LOCKED) c)
-                    LIMIT $1::int8)
+                    LIMIT $1::int8),
+                 {LEASE_TAKE_AFTER}
                  UPDATE {t} AS t SET is_leased = true, lease_deadline = $2::int8, attempts = t.attempts + 1
-                 WHERE t.id = ANY(ARRAY(SELECT id FROM c))
-                 RETURNING {COLS}"
+                 WHERE t.id = ANY(ARRAY(SELECT id FROM k))
+                 RETURNING {COLS}, (SELECT count(*) FROM c)"
             ),
             // $1 ids (distinct). Deletes them all when every one is live and leased, otherwise nothing; returns
             // how many it deleted. Locks in id order, like every blocking lock here, so two callers cannot
@@ -492,8 +514,8 @@ mod tests {
         let prune_args = format!("('{queue}', 500, 100)");
         let lookup_args = format!("('{queue}', ARRAY['key-17', 'key-18'])");
         let cases: Vec<(&str, &str, &str)> = vec![
-            ("lease", &s.lease, "(100, 5)"),
-            ("lease_after", &s.lease_after, "(100, 5, 3, 5000)"),
+            ("lease", &s.lease, "(100, 5, 1000000)"),
+            ("lease_after", &s.lease_after, "(100, 5, 3, 5000, 1000000)"),
             ("complete_all", &s.complete_all, "('{1,11,21}')"),
             ("extend_all", &s.extend_all, "('{1,11,21}', '{7,7,7}')"),
             ("lock_expired", &s.lock_expired, "(500, 100)"),

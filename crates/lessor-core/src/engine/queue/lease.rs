@@ -1,5 +1,6 @@
 //! Leases: long-polling lease requests wait in the task; each pass deals ready items out round-robin and answers
-//! the requests whose timeout has passed.
+//! the requests whose timeout has passed. A storage call hands out at most `limits.max_lease_bytes` of payload (at
+//! least one item), so an answer stays bounded in bytes whatever its items' sizes.
 
 use std::sync::atomic::Ordering;
 
@@ -44,8 +45,11 @@ impl QueueTask {
             let wanted: usize = self.waiters.iter().map(|w| w.n).sum();
             let want = wanted.min(self.config.limits.max_items_per_storage_call);
             let deadline = now.add(self.info.lease_timeout);
-            let items = match h.lease(want, deadline).await {
-                Ok(items) => items,
+            let (items, capped) = match h
+                .lease_within(want, deadline, self.config.limits.max_lease_bytes)
+                .await
+            {
+                Ok(r) => r,
                 Err(e) => {
                     let name = self.info.name.clone();
                     self.parts[i].fail(now, &name, &e);
@@ -56,7 +60,12 @@ impl QueueTask {
             let got = items.len() as u64;
             // Items come highest priority first: what is left is at most the last one's priority.
             p.top_priority = items.last().map_or(0, |it| it.priority);
-            if got < want as u64 {
+            if capped {
+                // Stopped at the byte bound with items left: the waiters still unserved ask this partition again
+                // in this pass (each call answers at least one of them).
+                p.counts.ready = p.counts.ready.saturating_sub(got).max(1);
+                tried.retain(|&t| t != i);
+            } else if got < want as u64 {
                 // The partition had fewer ready items than we believed (shared store, or drift): trust storage.
                 p.counts.ready = 0;
                 p.top_priority = 0;
