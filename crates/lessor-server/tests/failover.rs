@@ -6,159 +6,28 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_trait::async_trait;
 use lessor_core::engine::{Engine, EngineConfig, NamedStore, ProduceItem};
 use lessor_core::error::{QueueError, StorageError};
-use lessor_core::storage::{Partition, PartitionStore};
 use lessor_core::time::ManualClock;
 use lessor_core::types::{Limits, QueueInfo};
 use lessor_storage::memory::{MemoryQueues, MemoryStore};
+use lessor_testkit::hooked::{before, HookedStore, Op};
 
-/// A memory store whose partitions fail every call while `down` is set.
-#[derive(Debug)]
-struct Flaky {
-    inner: MemoryStore,
-    down: Arc<AtomicBool>,
-}
-
-#[async_trait]
-impl PartitionStore for Flaky {
-    fn driver(&self) -> &'static str {
-        "flaky"
-    }
-    async fn open(&self, queue: &str, partition: u32) -> Result<Arc<dyn Partition>, StorageError> {
-        if self.down.load(Ordering::SeqCst) {
-            return Err(StorageError::unavailable("injected: store down"));
+/// A memory store whose partitions fail every call but `list` while `down` is set, and whose opens fail then too.
+fn flaky(down: &Arc<AtomicBool>) -> Arc<HookedStore> {
+    let down = down.clone();
+    let hook = before(move |c| {
+        if !down.load(Ordering::SeqCst) {
+            return Ok(());
         }
-        let p = self.inner.open(queue, partition).await?;
-        Ok(Arc::new(FlakyPartition {
-            inner: p,
-            down: self.down.clone(),
-        }))
-    }
-    async fn destroy(&self, queue: &str, partition: u32) -> Result<(), StorageError> {
-        self.inner.destroy(queue, partition).await
-    }
-    async fn close(&self) {}
-}
-
-#[derive(Debug)]
-struct FlakyPartition {
-    inner: Arc<dyn Partition>,
-    down: Arc<AtomicBool>,
-}
-
-macro_rules! guard {
-    ($s:expr) => {
-        if $s.down.load(Ordering::SeqCst) {
-            return Err(StorageError::unavailable("injected: partition down"));
+        match c.op {
+            Op::Open => Err(StorageError::unavailable("injected: store down")),
+            Op::List => Ok(()),
+            op if op.on_partition() => Err(StorageError::unavailable("injected: partition down")),
+            _ => Ok(()),
         }
-    };
-}
-
-#[async_trait]
-impl Partition for FlakyPartition {
-    async fn produce(
-        &self,
-        items: Vec<lessor_core::types::NewItem>,
-    ) -> Result<Vec<lessor_core::types::ItemId>, StorageError> {
-        guard!(self);
-        self.inner.produce(items).await
-    }
-    async fn lease(
-        &self,
-        n: usize,
-        d: lessor_core::time::Ts,
-    ) -> Result<Vec<lessor_core::types::Item>, StorageError> {
-        guard!(self);
-        self.inner.lease(n, d).await
-    }
-    async fn complete(
-        &self,
-        r: Vec<Vec<lessor_core::types::ItemId>>,
-    ) -> Result<Vec<Result<(), lessor_core::error::ItemError>>, StorageError> {
-        guard!(self);
-        self.inner.complete(r).await
-    }
-    async fn extend(
-        &self,
-        r: Vec<(Vec<lessor_core::types::ItemId>, lessor_core::time::Ts)>,
-    ) -> Result<Vec<Result<(), lessor_core::error::ItemError>>, StorageError> {
-        guard!(self);
-        self.inner.extend(r).await
-    }
-    async fn dedup_records(
-        &self,
-        now: lessor_core::time::Ts,
-    ) -> Result<Vec<lessor_core::types::DedupRecord>, StorageError> {
-        guard!(self);
-        self.inner.dedup_records(now).await
-    }
-    async fn retry(
-        &self,
-        r: Vec<Vec<lessor_core::storage::RetryOp>>,
-        p: lessor_core::storage::LifecyclePolicy,
-    ) -> Result<Vec<Result<lessor_core::storage::RetryOutcome, lessor_core::error::ItemError>>, StorageError>
-    {
-        guard!(self);
-        self.inner.retry(r, p).await
-    }
-    async fn lifecycle(
-        &self,
-        now: lessor_core::time::Ts,
-        p: lessor_core::storage::LifecyclePolicy,
-        limit: usize,
-    ) -> Result<lessor_core::storage::LifecycleOutcome, StorageError> {
-        guard!(self);
-        self.inner.lifecycle(now, p, limit).await
-    }
-    async fn dead_items(&self, limit: usize) -> Result<Vec<lessor_core::types::Item>, StorageError> {
-        guard!(self);
-        self.inner.dead_items(limit).await
-    }
-    async fn remove_dead(&self, ids: Vec<lessor_core::types::ItemId>) -> Result<(), StorageError> {
-        guard!(self);
-        self.inner.remove_dead(ids).await
-    }
-    async fn next_deadline(&self) -> Result<Option<lessor_core::time::Ts>, StorageError> {
-        guard!(self);
-        self.inner.next_deadline().await
-    }
-    async fn counts(&self) -> Result<lessor_core::types::PartitionCounts, StorageError> {
-        guard!(self);
-        self.inner.counts().await
-    }
-    async fn stats(
-        &self,
-        now: lessor_core::time::Ts,
-    ) -> Result<lessor_core::types::PartitionStats, StorageError> {
-        guard!(self);
-        self.inner.stats(now).await
-    }
-    async fn list(
-        &self,
-        pivot: Option<lessor_core::types::ItemId>,
-        limit: usize,
-        scheduled: bool,
-    ) -> Result<Vec<lessor_core::types::Item>, StorageError> {
-        self.inner.list(pivot, limit, scheduled).await
-    }
-    async fn import(
-        &self,
-        items: Vec<lessor_core::types::Item>,
-    ) -> Result<Vec<lessor_core::types::Item>, StorageError> {
-        guard!(self);
-        self.inner.import(items).await
-    }
-    async fn delete(&self, ids: Vec<lessor_core::types::ItemId>) -> Result<(), StorageError> {
-        guard!(self);
-        self.inner.delete(ids).await
-    }
-    async fn clear(&self, r: lessor_core::types::ClearRequest) -> Result<(), StorageError> {
-        guard!(self);
-        self.inner.clear(r).await
-    }
-    async fn close(&self) {}
+    });
+    Arc::new(HookedStore::new(Arc::new(MemoryStore::new()), hook))
 }
 
 /// An engine over one store that fails every call while `down` is set.
@@ -168,10 +37,7 @@ fn one_flaky_store(down: &Arc<AtomicBool>, clock: &ManualClock) -> Engine {
         stores: vec![NamedStore {
             name: "flaky".into(),
             affinity: 1.0,
-            store: Arc::new(Flaky {
-                inner: MemoryStore::new(),
-                down: down.clone(),
-            }),
+            store: flaky(down),
         }],
         limits: Limits::default(),
         clock: Arc::new(clock.clone()),
@@ -198,10 +64,7 @@ async fn produce_fails_over_and_failed_partition_recovers() {
         NamedStore {
             name: "flaky".into(),
             affinity: 1.0,
-            store: Arc::new(Flaky {
-                inner: MemoryStore::new(),
-                down: flaky_down.clone(),
-            }),
+            store: flaky(&flaky_down),
         },
         NamedStore {
             name: "good".into(),

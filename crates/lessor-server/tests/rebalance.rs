@@ -4,6 +4,7 @@
 //! restart (fjall) resumes and finishes with nothing lost or doubled.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -11,12 +12,13 @@ use lessor_core::engine::{
     BrowseRequest, BrowseState, Engine, EngineConfig, NamedStore, PartitionMove, ProduceItem,
     RebalanceRequest, RebalanceStatus, RebalanceTask,
 };
-use lessor_core::error::QueueError;
+use lessor_core::error::{QueueError, StorageError};
 use lessor_core::storage::{PartitionStore, QueuesStore};
 use lessor_core::time::{SystemClock, Ts};
 use lessor_core::types::{Item, Limits, QueueInfo, RetryItem};
 use lessor_storage::memory::{MemoryQueues, MemoryStore};
 use lessor_testkit::eventually::poll_until;
+use lessor_testkit::hooked::{before, HookedStore, Op};
 
 const T: Option<Duration> = Some(Duration::from_secs(5));
 
@@ -895,130 +897,17 @@ async fn a_lease_retried_during_a_move_into_an_older_id_block_is_moved() {
     e.shutdown().await;
 }
 
-mod flaky {
-    //! A memory store whose partitions fail the next `delete` when armed (a transient storage error).
-    use std::sync::atomic::{AtomicBool, Ordering};
-    use std::sync::Arc;
-
-    use async_trait::async_trait;
-    use lessor_core::error::{ItemError, StorageError};
-    use lessor_core::storage::{
-        LifecycleOutcome, LifecyclePolicy, Partition, PartitionStore, RetryOp, RetryOutcome,
-    };
-    use lessor_core::time::Ts;
-    use lessor_core::types::{
-        ClearRequest, DedupRecord, Item, ItemId, NewItem, PartitionCounts, PartitionStats,
-    };
-    use lessor_storage::memory::MemoryStore;
-
-    #[derive(Debug)]
-    pub struct FlakyStore {
-        pub inner: Arc<MemoryStore>,
-        pub fail_delete: Arc<AtomicBool>,
-    }
-
-    #[async_trait]
-    impl PartitionStore for FlakyStore {
-        fn driver(&self) -> &'static str {
-            "memory"
+/// A memory store whose partitions fail the next `delete` while `fail_delete` is set (a transient storage error),
+/// clearing it.
+fn failing_delete(fail_delete: &Arc<AtomicBool>) -> Arc<HookedStore> {
+    let fail_delete = fail_delete.clone();
+    let hook = before(move |c| {
+        if c.op == Op::Delete && fail_delete.swap(false, Ordering::SeqCst) {
+            return Err(StorageError::other("injected: delete failed"));
         }
-        async fn create(&self, queue: &str, partitions: &[u32]) -> Result<(), StorageError> {
-            self.inner.create(queue, partitions).await
-        }
-        async fn open(&self, queue: &str, partition: u32) -> Result<Arc<dyn Partition>, StorageError> {
-            let inner = self.inner.open(queue, partition).await?;
-            Ok(Arc::new(FlakyPartition {
-                inner,
-                fail_delete: self.fail_delete.clone(),
-            }))
-        }
-        async fn destroy(&self, queue: &str, partition: u32) -> Result<(), StorageError> {
-            self.inner.destroy(queue, partition).await
-        }
-        async fn close(&self) {}
-    }
-
-    #[derive(Debug)]
-    struct FlakyPartition {
-        inner: Arc<dyn Partition>,
-        fail_delete: Arc<AtomicBool>,
-    }
-
-    #[async_trait]
-    impl Partition for FlakyPartition {
-        async fn produce(&self, items: Vec<NewItem>) -> Result<Vec<ItemId>, StorageError> {
-            self.inner.produce(items).await
-        }
-        async fn lease(&self, n: usize, d: Ts) -> Result<Vec<Item>, StorageError> {
-            self.inner.lease(n, d).await
-        }
-        async fn complete(&self, r: Vec<Vec<ItemId>>) -> Result<Vec<Result<(), ItemError>>, StorageError> {
-            self.inner.complete(r).await
-        }
-        async fn extend(
-            &self,
-            r: Vec<(Vec<ItemId>, Ts)>,
-        ) -> Result<Vec<Result<(), ItemError>>, StorageError> {
-            self.inner.extend(r).await
-        }
-        async fn retry(
-            &self,
-            r: Vec<Vec<RetryOp>>,
-            p: LifecyclePolicy,
-        ) -> Result<Vec<Result<RetryOutcome, ItemError>>, StorageError> {
-            self.inner.retry(r, p).await
-        }
-        async fn lifecycle(
-            &self,
-            now: Ts,
-            p: LifecyclePolicy,
-            limit: usize,
-        ) -> Result<LifecycleOutcome, StorageError> {
-            self.inner.lifecycle(now, p, limit).await
-        }
-        async fn dedup_records(&self, now: Ts) -> Result<Vec<DedupRecord>, StorageError> {
-            self.inner.dedup_records(now).await
-        }
-        async fn import_dedup(&self, records: Vec<DedupRecord>) -> Result<(), StorageError> {
-            self.inner.import_dedup(records).await
-        }
-        async fn dead_items(&self, limit: usize) -> Result<Vec<Item>, StorageError> {
-            self.inner.dead_items(limit).await
-        }
-        async fn remove_dead(&self, ids: Vec<ItemId>) -> Result<(), StorageError> {
-            self.inner.remove_dead(ids).await
-        }
-        async fn next_deadline(&self) -> Result<Option<Ts>, StorageError> {
-            self.inner.next_deadline().await
-        }
-        async fn counts(&self) -> Result<PartitionCounts, StorageError> {
-            self.inner.counts().await
-        }
-        async fn stats(&self, now: Ts) -> Result<PartitionStats, StorageError> {
-            self.inner.stats(now).await
-        }
-        async fn list(
-            &self,
-            pivot: Option<ItemId>,
-            limit: usize,
-            scheduled: bool,
-        ) -> Result<Vec<Item>, StorageError> {
-            self.inner.list(pivot, limit, scheduled).await
-        }
-        async fn import(&self, items: Vec<Item>) -> Result<Vec<Item>, StorageError> {
-            self.inner.import(items).await
-        }
-        async fn delete(&self, ids: Vec<ItemId>) -> Result<(), StorageError> {
-            if self.fail_delete.swap(false, Ordering::SeqCst) {
-                return Err(StorageError::other("injected: delete failed"));
-            }
-            self.inner.delete(ids).await
-        }
-        async fn clear(&self, r: ClearRequest) -> Result<(), StorageError> {
-            self.inner.clear(r).await
-        }
-        async fn close(&self) {}
-    }
+        Ok(())
+    });
+    Arc::new(HookedStore::new(Arc::new(MemoryStore::new()), hook))
 }
 
 /// A shrink chunk whose import into the target succeeded but whose delete from the source failed (a transient
@@ -1028,18 +917,10 @@ mod flaky {
 /// before anything else, and a shrink's targets serve nothing until it has.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_source_delete_during_a_shrink_brings_no_completed_item_back() {
-    use std::sync::atomic::{AtomicBool, Ordering};
     let fail_delete = Arc::new(AtomicBool::new(false));
     let e = engine_on(
         Arc::new(MemoryQueues::new()),
-        vec![(
-            "a",
-            1.0,
-            Arc::new(flaky::FlakyStore {
-                inner: Arc::new(MemoryStore::new()),
-                fail_delete: fail_delete.clone(),
-            }),
-        )],
+        vec![("a", 1.0, failing_delete(&fail_delete))],
     );
     e.create_queue(queue("q", 2, Duration::from_secs(60)))
         .await

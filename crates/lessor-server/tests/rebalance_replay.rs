@@ -14,22 +14,16 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use lessor_core::auth::store::{CheckFailed, Commit, Write};
-use lessor_core::auth::AuthStore;
 use lessor_core::engine::{
     BrowseRequest, BrowseState, Engine, EngineConfig, NamedStore, PartitionMove, ProduceItem,
     RebalanceRequest, RebalanceStatus,
 };
-use lessor_core::error::{ItemError, StorageError};
-use lessor_core::storage::{
-    LifecycleOutcome, LifecyclePolicy, Partition, PartitionStore, QueuesStore, RetryOp, RetryOutcome,
-};
+use lessor_core::error::StorageError;
+use lessor_core::storage::PartitionStore;
 use lessor_core::time::{Clock, ManualClock, Ts};
-use lessor_core::types::{
-    ClearRequest, DedupRecord, Item, ItemId, Limits, NewItem, PartitionCounts, PartitionStats, QueueInfo,
-    RetryItem,
-};
+use lessor_core::types::{Item, ItemId, Limits, QueueInfo, RetryItem};
 use lessor_storage::memory::{MemoryQueues, MemoryStore};
+use lessor_testkit::hooked::{Call, Hook, HookedQueues, HookedStore, Op};
 
 const T: Option<Duration> = Some(Duration::from_secs(5));
 
@@ -90,214 +84,36 @@ impl Crash {
     }
 }
 
-#[derive(Debug)]
-struct FaultAuth {
-    inner: Arc<dyn AuthStore>,
-    crash: Arc<Crash>,
-}
-
-#[async_trait]
-impl AuthStore for FaultAuth {
-    async fn get(&self, key: &[u8]) -> Result<Option<Bytes>, StorageError> {
-        self.crash.gate().await;
-        self.inner.get(key).await
-    }
-    async fn scan(
-        &self,
-        prefix: &[u8],
-        from: &[u8],
-        limit: usize,
-    ) -> Result<Vec<(Bytes, Bytes)>, StorageError> {
-        self.crash.gate().await;
-        self.inner.scan(prefix, from, limit).await
-    }
-    async fn commit(&self, commit: Commit) -> Result<Result<(), CheckFailed>, StorageError> {
-        self.crash.gate().await;
-        // The rebalance journal lives under tag 'J' (one record per task, rewritten per chunk).
-        let journal = commit
-            .writes
-            .iter()
-            .any(|w| matches!(w, Write::Put(k, _) if k.first() == Some(&b'J')));
-        let r = self.inner.commit(commit).await;
-        if journal {
-            self.crash.step(Step::AfterJournal).await;
-        }
-        r
-    }
-    async fn generation(&self) -> Result<u64, StorageError> {
-        self.crash.gate().await;
-        self.inner.generation().await
-    }
-}
-
-#[derive(Debug)]
-struct FaultQueues {
-    inner: Arc<MemoryQueues>,
-    auth: Arc<FaultAuth>,
-    crash: Arc<Crash>,
-}
-
-#[async_trait]
-impl QueuesStore for FaultQueues {
-    fn auth(&self) -> Arc<dyn AuthStore> {
-        self.auth.clone()
-    }
-    async fn get(&self, name: &str) -> Result<Option<QueueInfo>, StorageError> {
-        self.crash.gate().await;
-        self.inner.get(name).await
-    }
-    async fn add(&self, info: &QueueInfo) -> Result<(), StorageError> {
-        self.crash.gate().await;
-        self.inner.add(info).await
-    }
-    async fn update(&self, info: &QueueInfo) -> Result<(), StorageError> {
-        self.crash.gate().await;
-        let r = self.inner.update(info).await;
-        // Only the rebalance watcher updates definitions in these tests: this is the placement being saved.
-        self.crash.step(Step::AfterPlacement).await;
-        r
-    }
-    async fn delete(&self, name: &str) -> Result<(), StorageError> {
-        self.crash.gate().await;
-        self.inner.delete(name).await
-    }
-    async fn list(&self, pivot: &str, limit: usize) -> Result<Vec<QueueInfo>, StorageError> {
-        self.crash.gate().await;
-        self.inner.list(pivot, limit).await
-    }
-    async fn close(&self) {}
-}
-
-#[derive(Debug)]
-struct FaultStore {
-    inner: Arc<MemoryStore>,
+/// What makes a wrapped store die with its process: once `crash` tripped, every call waits forever; the calls
+/// that end a step count it (after the wrapped store answered, as the step is what happened).
+struct Dies {
     crash: Arc<Crash>,
     /// Destroys here count as [`Step::BeforeDestroy`] (the store the task empties).
     source: bool,
 }
 
 #[async_trait]
-impl PartitionStore for FaultStore {
-    fn driver(&self) -> &'static str {
-        "memory"
-    }
-    async fn create(&self, queue: &str, partitions: &[u32]) -> Result<(), StorageError> {
-        self.crash.gate().await;
-        self.inner.create(queue, partitions).await
-    }
-    async fn open(&self, queue: &str, partition: u32) -> Result<Arc<dyn Partition>, StorageError> {
-        self.crash.gate().await;
-        let inner = self.inner.open(queue, partition).await?;
-        Ok(Arc::new(FaultPartition {
-            inner,
-            crash: self.crash.clone(),
-        }))
-    }
-    async fn destroy(&self, queue: &str, partition: u32) -> Result<(), StorageError> {
-        if self.source {
+impl Hook for Dies {
+    async fn before(&self, call: &Call) -> Result<(), StorageError> {
+        if self.source && matches!(call.op, Op::Destroy | Op::DestroyMany) {
             self.crash.step(Step::BeforeDestroy).await;
         }
         self.crash.gate().await;
-        self.inner.destroy(queue, partition).await
+        Ok(())
     }
-    async fn close(&self) {}
-}
 
-#[derive(Debug)]
-struct FaultPartition {
-    inner: Arc<dyn Partition>,
-    crash: Arc<Crash>,
-}
-
-#[async_trait]
-impl Partition for FaultPartition {
-    async fn produce(&self, items: Vec<NewItem>) -> Result<Vec<ItemId>, StorageError> {
-        self.crash.gate().await;
-        self.inner.produce(items).await
+    async fn after(&self, call: &Call) {
+        let step = match call.op {
+            // The rebalance journal lives under tag 'J' (one record per task, rewritten per chunk).
+            Op::AuthCommit if call.touches_table(b'J') => Step::AfterJournal,
+            // Only the rebalance watcher updates definitions in these tests: this is the placement being saved.
+            Op::QueueUpdate => Step::AfterPlacement,
+            Op::Import => Step::AfterImport,
+            Op::Delete => Step::AfterDelete,
+            _ => return,
+        };
+        self.crash.step(step).await;
     }
-    async fn lease(&self, n: usize, d: Ts) -> Result<Vec<Item>, StorageError> {
-        self.crash.gate().await;
-        self.inner.lease(n, d).await
-    }
-    async fn complete(&self, r: Vec<Vec<ItemId>>) -> Result<Vec<Result<(), ItemError>>, StorageError> {
-        self.crash.gate().await;
-        self.inner.complete(r).await
-    }
-    async fn extend(&self, r: Vec<(Vec<ItemId>, Ts)>) -> Result<Vec<Result<(), ItemError>>, StorageError> {
-        self.crash.gate().await;
-        self.inner.extend(r).await
-    }
-    async fn retry(
-        &self,
-        r: Vec<Vec<RetryOp>>,
-        p: LifecyclePolicy,
-    ) -> Result<Vec<Result<RetryOutcome, ItemError>>, StorageError> {
-        self.crash.gate().await;
-        self.inner.retry(r, p).await
-    }
-    async fn lifecycle(
-        &self,
-        now: Ts,
-        p: LifecyclePolicy,
-        limit: usize,
-    ) -> Result<LifecycleOutcome, StorageError> {
-        self.crash.gate().await;
-        self.inner.lifecycle(now, p, limit).await
-    }
-    async fn dedup_records(&self, now: Ts) -> Result<Vec<DedupRecord>, StorageError> {
-        self.crash.gate().await;
-        self.inner.dedup_records(now).await
-    }
-    async fn import_dedup(&self, records: Vec<DedupRecord>) -> Result<(), StorageError> {
-        self.crash.gate().await;
-        self.inner.import_dedup(records).await
-    }
-    async fn dead_items(&self, limit: usize) -> Result<Vec<Item>, StorageError> {
-        self.crash.gate().await;
-        self.inner.dead_items(limit).await
-    }
-    async fn remove_dead(&self, ids: Vec<ItemId>) -> Result<(), StorageError> {
-        self.crash.gate().await;
-        self.inner.remove_dead(ids).await
-    }
-    async fn next_deadline(&self) -> Result<Option<Ts>, StorageError> {
-        self.crash.gate().await;
-        self.inner.next_deadline().await
-    }
-    async fn counts(&self) -> Result<PartitionCounts, StorageError> {
-        self.crash.gate().await;
-        self.inner.counts().await
-    }
-    async fn stats(&self, now: Ts) -> Result<PartitionStats, StorageError> {
-        self.crash.gate().await;
-        self.inner.stats(now).await
-    }
-    async fn list(
-        &self,
-        pivot: Option<ItemId>,
-        limit: usize,
-        scheduled: bool,
-    ) -> Result<Vec<Item>, StorageError> {
-        self.crash.gate().await;
-        self.inner.list(pivot, limit, scheduled).await
-    }
-    async fn import(&self, items: Vec<Item>) -> Result<Vec<Item>, StorageError> {
-        self.crash.gate().await;
-        let r = self.inner.import(items).await;
-        self.crash.step(Step::AfterImport).await;
-        r
-    }
-    async fn delete(&self, ids: Vec<ItemId>) -> Result<(), StorageError> {
-        self.crash.gate().await;
-        let r = self.inner.delete(ids).await;
-        self.crash.step(Step::AfterDelete).await;
-        r
-    }
-    async fn clear(&self, r: ClearRequest) -> Result<(), StorageError> {
-        self.crash.gate().await;
-        self.inner.clear(r).await
-    }
-    async fn close(&self) {}
 }
 
 /// The storage a "server" starts on: survives the engines built over it.
@@ -319,23 +135,17 @@ impl Disk {
     /// An engine over this storage that dies as `crash` says. Store `a` (where queues are placed) is the source
     /// of every move and shrink; `b` (affinity 0) only receives moves.
     fn engine(&self, clock: &ManualClock, crash: &Arc<Crash>) -> Engine {
-        let auth = Arc::new(FaultAuth {
-            inner: self.queues.auth(),
-            crash: crash.clone(),
-        });
-        let store = |inner: &Arc<MemoryStore>, source: bool| -> Arc<dyn PartitionStore> {
-            Arc::new(FaultStore {
-                inner: inner.clone(),
+        let dies = |source: bool| -> Arc<dyn Hook> {
+            Arc::new(Dies {
                 crash: crash.clone(),
                 source,
             })
         };
+        let store = |inner: &Arc<MemoryStore>, source: bool| -> Arc<dyn PartitionStore> {
+            Arc::new(HookedStore::new(inner.clone(), dies(source)))
+        };
         Engine::new(EngineConfig {
-            queues: Arc::new(FaultQueues {
-                inner: self.queues.clone(),
-                auth,
-                crash: crash.clone(),
-            }),
+            queues: Arc::new(HookedQueues::new(self.queues.clone(), dies(false))),
             stores: vec![
                 NamedStore {
                     name: "a".into(),

@@ -4,261 +4,35 @@
 //! - A redrive moves a dead-letter item while a consumer of the dead-letter queue leases and completes it.
 //! - Two rebalances of one queue are started at the same time; so are two redrives of one dead-letter queue.
 
-use std::sync::atomic::{AtomicIsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_trait::async_trait;
 use bytes::Bytes;
-use lessor_core::auth::store::{CheckFailed, Commit, Write};
-use lessor_core::auth::AuthStore;
 use lessor_core::engine::{
     Engine, EngineConfig, NamedStore, PartitionMove, ProduceItem, RebalanceRequest, RedriveRequest,
     RedriveStatus, RedriveTask,
 };
-use lessor_core::error::{ItemError, StorageError};
-use lessor_core::storage::{
-    LifecycleOutcome, LifecyclePolicy, Partition, PartitionStore, QueuesStore, RetryOp, RetryOutcome,
-};
-use lessor_core::time::{ManualClock, Ts};
-use lessor_core::types::{
-    ClearRequest, DedupRecord, Item, ItemId, Limits, NewItem, PartitionCounts, PartitionStats, QueueInfo,
-    RetryItem,
-};
+use lessor_core::time::ManualClock;
+use lessor_core::types::{ItemId, Limits, QueueInfo, RetryItem};
 use lessor_storage::memory::{MemoryQueues, MemoryStore};
 use lessor_testkit::eventually::poll_until;
-use tokio::sync::Semaphore;
+use lessor_testkit::hooked::{Gate, HookedQueues, HookedStore, Op};
 
 const T: Option<Duration> = Some(Duration::from_secs(5));
 
-/// Stops one chosen call: once armed with `skip`, the calls it watches pass `skip` times, then the next one waits
-/// for [`Gate::release`] (and says so through [`Gate::reached`]); later calls pass.
-#[derive(Debug)]
-struct Gate {
-    left: AtomicIsize,
-    reached: Semaphore,
-    release: Semaphore,
+/// A gate on produces into queue `queue`.
+fn produce_gate(queue: &'static str) -> Arc<Gate> {
+    Gate::on(move |c| c.op == Op::Produce && c.queue == queue)
 }
 
-impl Gate {
-    fn new() -> Arc<Gate> {
-        Arc::new(Gate {
-            left: AtomicIsize::new(-1),
-            reached: Semaphore::new(0),
-            release: Semaphore::new(0),
-        })
-    }
-
-    fn arm(&self, skip: isize) {
-        self.left.store(skip, Ordering::SeqCst);
-    }
-
-    async fn pass(&self) {
-        if self.left.load(Ordering::SeqCst) < 0 {
-            return;
-        }
-        if self.left.fetch_sub(1, Ordering::SeqCst) == 0 {
-            self.reached.add_permits(1);
-            self.release.acquire().await.expect("release").forget();
-        }
-    }
-
-    async fn reached(&self) {
-        tokio::time::timeout(Duration::from_secs(10), self.reached.acquire())
-            .await
-            .expect("the gated call is reached")
-            .expect("reached")
-            .forget();
-    }
-
-    fn release(&self) {
-        self.release.add_permits(1);
-    }
+/// A memory store whose calls pass `gate`.
+fn gated_store(gate: &Arc<Gate>) -> Arc<HookedStore> {
+    Arc::new(HookedStore::new(Arc::new(MemoryStore::new()), gate.clone()))
 }
 
-/// A memory store whose partitions of queue `queue` stop at the gate when something is produced into them.
-#[derive(Debug)]
-struct GatedStore {
-    inner: Arc<MemoryStore>,
-    queue: &'static str,
-    gate: Arc<Gate>,
-}
-
-#[async_trait]
-impl PartitionStore for GatedStore {
-    fn driver(&self) -> &'static str {
-        "memory"
-    }
-    fn max_partitions(&self) -> u32 {
-        self.inner.max_partitions()
-    }
-    async fn create(&self, queue: &str, partitions: &[u32]) -> Result<(), StorageError> {
-        self.inner.create(queue, partitions).await
-    }
-    async fn open(&self, queue: &str, partition: u32) -> Result<Arc<dyn Partition>, StorageError> {
-        let inner = self.inner.open(queue, partition).await?;
-        if queue != self.queue {
-            return Ok(inner);
-        }
-        Ok(Arc::new(GatedPartition {
-            inner,
-            gate: self.gate.clone(),
-        }))
-    }
-    async fn destroy(&self, queue: &str, partition: u32) -> Result<(), StorageError> {
-        self.inner.destroy(queue, partition).await
-    }
-    async fn destroy_many(&self, queue: &str, partitions: &[u32]) -> Result<(), StorageError> {
-        self.inner.destroy_many(queue, partitions).await
-    }
-    async fn close(&self) {}
-}
-
-#[derive(Debug)]
-struct GatedPartition {
-    inner: Arc<dyn Partition>,
-    gate: Arc<Gate>,
-}
-
-#[async_trait]
-impl Partition for GatedPartition {
-    async fn produce(&self, items: Vec<NewItem>) -> Result<Vec<ItemId>, StorageError> {
-        self.gate.pass().await;
-        self.inner.produce(items).await
-    }
-    async fn lease(&self, n: usize, d: Ts) -> Result<Vec<Item>, StorageError> {
-        self.inner.lease(n, d).await
-    }
-    async fn complete(&self, r: Vec<Vec<ItemId>>) -> Result<Vec<Result<(), ItemError>>, StorageError> {
-        self.inner.complete(r).await
-    }
-    async fn extend(&self, r: Vec<(Vec<ItemId>, Ts)>) -> Result<Vec<Result<(), ItemError>>, StorageError> {
-        self.inner.extend(r).await
-    }
-    async fn retry(
-        &self,
-        r: Vec<Vec<RetryOp>>,
-        p: LifecyclePolicy,
-    ) -> Result<Vec<Result<RetryOutcome, ItemError>>, StorageError> {
-        self.inner.retry(r, p).await
-    }
-    async fn lifecycle(
-        &self,
-        now: Ts,
-        p: LifecyclePolicy,
-        limit: usize,
-    ) -> Result<LifecycleOutcome, StorageError> {
-        self.inner.lifecycle(now, p, limit).await
-    }
-    async fn dedup_records(&self, now: Ts) -> Result<Vec<DedupRecord>, StorageError> {
-        self.inner.dedup_records(now).await
-    }
-    async fn import_dedup(&self, records: Vec<DedupRecord>) -> Result<(), StorageError> {
-        self.inner.import_dedup(records).await
-    }
-    async fn dead_items(&self, limit: usize) -> Result<Vec<Item>, StorageError> {
-        self.inner.dead_items(limit).await
-    }
-    async fn remove_dead(&self, ids: Vec<ItemId>) -> Result<(), StorageError> {
-        self.inner.remove_dead(ids).await
-    }
-    async fn next_deadline(&self) -> Result<Option<Ts>, StorageError> {
-        self.inner.next_deadline().await
-    }
-    async fn counts(&self) -> Result<PartitionCounts, StorageError> {
-        self.inner.counts().await
-    }
-    async fn stats(&self, now: Ts) -> Result<PartitionStats, StorageError> {
-        self.inner.stats(now).await
-    }
-    async fn list(
-        &self,
-        pivot: Option<ItemId>,
-        limit: usize,
-        scheduled: bool,
-    ) -> Result<Vec<Item>, StorageError> {
-        self.inner.list(pivot, limit, scheduled).await
-    }
-    async fn import(&self, items: Vec<Item>) -> Result<Vec<Item>, StorageError> {
-        self.inner.import(items).await
-    }
-    async fn delete(&self, ids: Vec<ItemId>) -> Result<(), StorageError> {
-        self.inner.delete(ids).await
-    }
-    async fn clear(&self, r: ClearRequest) -> Result<(), StorageError> {
-        self.inner.clear(r).await
-    }
-    async fn close(&self) {}
-}
-
-/// The metadata store, with a gate on scans of one table (the first byte of the key), or on writes to it.
-#[derive(Debug)]
-struct GatedAuth {
-    inner: Arc<dyn AuthStore>,
-    table: u8,
-    /// Gate writes instead of scans.
-    writes: bool,
-    gate: Arc<Gate>,
-}
-
-#[async_trait]
-impl AuthStore for GatedAuth {
-    async fn get(&self, key: &[u8]) -> Result<Option<Bytes>, StorageError> {
-        self.inner.get(key).await
-    }
-    async fn scan(
-        &self,
-        prefix: &[u8],
-        from: &[u8],
-        limit: usize,
-    ) -> Result<Vec<(Bytes, Bytes)>, StorageError> {
-        if !self.writes && prefix.first() == Some(&self.table) {
-            self.gate.pass().await;
-        }
-        self.inner.scan(prefix, from, limit).await
-    }
-    async fn commit(&self, commit: Commit) -> Result<Result<(), CheckFailed>, StorageError> {
-        let mine = commit
-            .writes
-            .iter()
-            .any(|w| matches!(w, Write::Put(k, _) if k.first() == Some(&self.table)));
-        if self.writes && mine {
-            self.gate.pass().await;
-        }
-        self.inner.commit(commit).await
-    }
-    async fn generation(&self) -> Result<u64, StorageError> {
-        self.inner.generation().await
-    }
-}
-
-#[derive(Debug)]
-struct GatedQueues {
-    inner: Arc<MemoryQueues>,
-    auth: Arc<GatedAuth>,
-}
-
-#[async_trait]
-impl QueuesStore for GatedQueues {
-    fn auth(&self) -> Arc<dyn AuthStore> {
-        self.auth.clone()
-    }
-    async fn get(&self, name: &str) -> Result<Option<QueueInfo>, StorageError> {
-        self.inner.get(name).await
-    }
-    async fn add(&self, info: &QueueInfo) -> Result<(), StorageError> {
-        self.inner.add(info).await
-    }
-    async fn update(&self, info: &QueueInfo) -> Result<(), StorageError> {
-        self.inner.update(info).await
-    }
-    async fn delete(&self, name: &str) -> Result<(), StorageError> {
-        self.inner.delete(name).await
-    }
-    async fn list(&self, pivot: &str, limit: usize) -> Result<Vec<QueueInfo>, StorageError> {
-        self.inner.list(pivot, limit).await
-    }
-    async fn close(&self) {}
+/// Memory queue definitions whose metadata calls pass `gate`.
+fn gated_queues(gate: &Arc<Gate>) -> Arc<HookedQueues> {
+    Arc::new(HookedQueues::new(Arc::new(MemoryQueues::new()), gate.clone()))
 }
 
 fn queue(name: &str, dead: &str, partitions: u32) -> QueueInfo {
@@ -317,17 +91,13 @@ async fn redrive_done(e: &Engine, id: &str) -> RedriveTask {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_letter_item_completed_during_its_redrive_is_not_also_redriven() {
     let clock = ManualClock::starting_now();
-    let gate = Gate::new();
+    let gate = produce_gate("a");
     let e = Engine::new(EngineConfig {
         queues: Arc::new(MemoryQueues::new()),
         stores: vec![NamedStore {
             name: "mem".into(),
             affinity: 1.0,
-            store: Arc::new(GatedStore {
-                inner: Arc::new(MemoryStore::new()),
-                queue: "a",
-                gate: gate.clone(),
-            }),
+            store: gated_store(&gate),
         }],
         limits: Limits::default(),
         clock: Arc::new(clock.clone()),
@@ -394,16 +164,10 @@ async fn a_dead_letter_item_completed_during_its_redrive_is_not_also_redriven() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_rebalances_started_at_once_lose_nothing() {
     let clock = ManualClock::starting_now();
-    let gate = Gate::new();
-    let queues = Arc::new(MemoryQueues::new());
-    let auth = Arc::new(GatedAuth {
-        inner: queues.auth(),
-        table: b'P',
-        writes: false,
-        gate: gate.clone(),
-    });
+    // Scans of the placement table.
+    let gate = Gate::on(|c| c.op == Op::AuthScan && c.touches_table(b'P'));
     let e = Engine::new(EngineConfig {
-        queues: Arc::new(GatedQueues { inner: queues, auth }),
+        queues: gated_queues(&gate),
         stores: vec![
             NamedStore {
                 name: "a".into(),
@@ -496,16 +260,10 @@ async fn two_rebalances_started_at_once_lose_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_redrives_started_at_once_do_not_both_run() {
     let clock = ManualClock::starting_now();
-    let gate = Gate::new();
-    let queues = Arc::new(MemoryQueues::new());
-    let auth = Arc::new(GatedAuth {
-        inner: queues.auth(),
-        table: b'T',
-        writes: true,
-        gate: gate.clone(),
-    });
+    // Writes of redrive task records.
+    let gate = Gate::on(|c| c.op == Op::AuthCommit && c.touches_table(b'T'));
     let e = Engine::new(EngineConfig {
-        queues: Arc::new(GatedQueues { inner: queues, auth }),
+        queues: gated_queues(&gate),
         stores: vec![NamedStore {
             name: "mem".into(),
             affinity: 1.0,
@@ -557,18 +315,14 @@ async fn two_redrives_started_at_once_do_not_both_run() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_redrive_racing_a_move_of_its_dead_letter_partition_delivers_once() {
     let clock = ManualClock::starting_now();
-    let gate = Gate::new();
+    let gate = produce_gate("t");
     let e = Engine::new(EngineConfig {
         queues: Arc::new(MemoryQueues::new()),
         stores: vec![
             NamedStore {
                 name: "a".into(),
                 affinity: 1.0,
-                store: Arc::new(GatedStore {
-                    inner: Arc::new(MemoryStore::new()),
-                    queue: "t",
-                    gate: gate.clone(),
-                }),
+                store: gated_store(&gate),
             },
             NamedStore {
                 name: "b".into(),

@@ -6,6 +6,8 @@
 //!   run can be repeated.
 //! - [`eventually`]: poll a condition until a deadline, failing with what was last seen.
 //! - [`measure`]: a process's resident memory and a directory's disk usage, for resource tests.
+//! - `hooked` (feature `hooks`): storage wrappers that run a test's hook around each call, to fail it, stop it at
+//!   a gate until the test releases it, or note that it happened.
 //! - `server` (feature `server`): a Lessor server inside the test process, on a port the OS picks.
 //! - `process` (feature `server`): the real `lessor` binary as a child process, for tests that kill it.
 //! - `tls` (feature `tls`): a private CA and certificates it signs, as PEM files, for the TLS tests.
@@ -15,6 +17,8 @@
 
 pub mod db;
 pub mod eventually;
+#[cfg(feature = "hooks")]
+pub mod hooked;
 pub mod measure;
 #[cfg(feature = "server")]
 pub mod process;
