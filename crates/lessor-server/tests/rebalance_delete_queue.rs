@@ -2,20 +2,25 @@
 //! queue starts empty, keeps the placement it was created with, and the old task fails instead of carrying its
 //! move out on the new queue. The move's destination (a partition of the same queue and number in another store,
 //! holding the items moved so far) is destroyed with the queue: the stores reuse a partition that exists, so a new
-//! queue placed there, or a stale move finished into it, served the old queue's items.
+//! queue placed there, or a stale move finished into it, served the old queue's items. The delete's write of the
+//! failed task and a progress save of the move's watcher are serialised: neither undoes the other.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use async_trait::async_trait;
 use lessor_core::engine::{
     BrowseRequest, BrowseState, Engine, EngineConfig, NamedStore, PartitionMove, ProduceItem,
     RebalanceRequest, RebalanceStatus, RebalanceTask,
 };
+use lessor_core::error::StorageError;
 use lessor_core::storage::PartitionStore;
-use lessor_core::time::SystemClock;
+use lessor_core::time::{ManualClock, SystemClock};
 use lessor_core::types::{Item, Limits, PartitionInfo, QueueInfo};
 use lessor_storage::memory::{MemoryQueues, MemoryStore};
 use lessor_testkit::eventually::poll_until;
+use lessor_testkit::hooked::{Call, Gate, Hook, HookedQueues, Op};
 
 const T: Option<Duration> = Some(Duration::from_secs(5));
 
@@ -205,5 +210,124 @@ async fn a_queue_created_again_in_the_old_moves_destination_starts_empty() {
     }
     let done = wait_done(&e, &task.id).await;
     assert_eq!(done.status, RebalanceStatus::Failed, "{done:?}");
+    e.shutdown().await;
+}
+
+/// A write of a rebalance task record (the table under tag 'P').
+fn task_write(c: &Call) -> bool {
+    c.op == Op::AuthCommit && c.touches_table(b'P')
+}
+
+/// Stops a chosen write of a rebalance task record at `gate`, and counts the ones written.
+struct TaskWrites {
+    gate: Arc<Gate>,
+    written: AtomicUsize,
+}
+
+#[async_trait]
+impl Hook for TaskWrites {
+    async fn before(&self, call: &Call) -> Result<(), StorageError> {
+        self.gate.before(call).await
+    }
+
+    async fn after(&self, call: &Call) {
+        if task_write(call) {
+            self.written.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+}
+
+/// The delete marks the task failed while the watcher saves its progress: the watcher loaded the record (still
+/// running) under the task lock and is about to write it back. Written without that lock, the failed status was
+/// overwritten by the watcher's copy, and the task of the deleted queue read "running" again (until the watcher's
+/// next poll noticed the queue was gone): a queue created again under the name could not be rebalanced, nor its
+/// partition count changed, meanwhile. The clock is a manual one, so that next poll never comes here.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_progress_save_racing_the_delete_does_not_put_the_task_back_to_running() {
+    let clock = ManualClock::starting_now();
+    let hook = Arc::new(TaskWrites {
+        gate: Gate::on(task_write),
+        written: AtomicUsize::new(0),
+    });
+    let stores: Vec<(&str, f64, Arc<dyn PartitionStore>)> = vec![
+        ("a", 1.0, Arc::new(MemoryStore::new())),
+        ("b", 0.0, Arc::new(MemoryStore::new())),
+    ];
+    let e = Engine::new(EngineConfig {
+        queues: Arc::new(HookedQueues::new(Arc::new(MemoryQueues::new()), hook.clone())),
+        stores: stores
+            .into_iter()
+            .map(|(name, affinity, store)| NamedStore {
+                name: name.into(),
+                affinity,
+                store,
+            })
+            .collect(),
+        limits: Limits::default(),
+        clock: Arc::new(clock.clone()),
+    })
+    .expect("engine");
+    // Partition 0, which the move empties, gets 1200 items (the queue has one partition while they are
+    // produced). Paced at one item a second on a clock that does not move, the move does not get past its first
+    // chunk (500 items): the task is running at every save this test makes.
+    e.create_queue(queue(1)).await.expect("create");
+    for c in 0..12 {
+        let items: Vec<ProduceItem> = (0..100)
+            .map(|i| ProduceItem {
+                payload: bytes::Bytes::from(format!("old{:05}", c * 100 + i)),
+                ..Default::default()
+            })
+            .collect();
+        e.produce("q", items, T).await.expect("produce");
+    }
+    e.update_queue(lessor_core::engine::QueueUpdate {
+        name: "q".into(),
+        requested_partitions: Some(2),
+        ..Default::default()
+    })
+    .await
+    .expect("grow");
+    // The start's own write passes; the watcher's first progress save stops at the gate, holding the task lock,
+    // with the record it loaded (running) in hand.
+    hook.gate.arm(1);
+    let task = e
+        .rebalance_start(RebalanceRequest {
+            queue: "q".into(),
+            moves: vec![PartitionMove {
+                partition: 0,
+                to_store: "b".into(),
+            }],
+            max_items_per_sec: 1,
+            ..Default::default()
+        })
+        .await
+        .expect("start");
+    hook.gate.reached().await;
+    let e2 = e.clone();
+    let mut delete = tokio::spawn(async move { e2.delete_queue("q").await });
+    // Without the task lock the delete finishes here, its failed record written before the watcher's save. Taking
+    // the lock, it cannot finish before the watcher's save is let go: the wait ends at its deadline then, and the
+    // order of the two writes no longer depends on when the save is let go.
+    let finished = tokio::time::timeout(Duration::from_secs(3), &mut delete).await;
+    hook.gate.release();
+    match finished {
+        Ok(r) => r.expect("delete task").expect("delete"),
+        Err(_) => delete.await.expect("delete task").expect("delete"),
+    }
+    // The start's write, the watcher's and the delete's.
+    poll_until(Duration::from_secs(10), Duration::from_millis(10), || async {
+        match hook.written.load(Ordering::SeqCst) {
+            n if n >= 3 => Ok(()),
+            n => Err(format!("{n} task writes done")),
+        }
+    })
+    .await
+    .expect("both writes are done");
+    let t = e.rebalance_get(&task.id).await.expect("task");
+    assert_eq!(
+        t.status,
+        RebalanceStatus::Failed,
+        "the deleted queue's task reads as running again: the watcher's progress save undid the delete's: {t:?}"
+    );
     e.shutdown().await;
 }
