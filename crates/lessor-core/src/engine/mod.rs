@@ -284,7 +284,8 @@ pub(crate) struct Inner {
     /// The rebalance tasks watched by this process, with their progress.
     rebalances: std::sync::Mutex<HashMap<String, RebalanceProgress>>,
     /// Serialises read-modify-write updates of task records (see `task_records`), and the starts of redrive and
-    /// rebalance tasks (their "one running task" check and their save).
+    /// rebalance tasks (their "one running task" check and their save). Taken after `load_lock` (a queue delete
+    /// ends the queue's rebalances under it), never before: no holder of this lock waits for `load_lock`.
     task_lock: Mutex<()>,
     /// Requests of the serving path (produce, lease, complete, retry, extend) taken by any queue so far: background
     /// work (a rebalance) reads it to see whether the server is serving and yields when it is.

@@ -241,10 +241,13 @@ impl Engine {
 
     /// Ends the running rebalances of `queue`, which is being deleted (its task is stopped; the caller holds the
     /// load lock): destroys their moves' destinations and marks them failed, so that no watcher hands them to a
-    /// queue created again under the name. The record is written without the task lock (taking it under the load
-    /// lock could deadlock with a start); a watcher saving progress at that moment cannot put the task back to
-    /// running for a new queue: a plan older than its queue is not installed (see `rebalance_plan_for`).
+    /// queue created again under the name. The records are read and written under the task lock, as the watcher's
+    /// progress saves are: without it, a save that loaded the record before this write and stored it after put the
+    /// task back to running, and until the watcher's next poll a queue created again under the name could not be
+    /// rebalanced nor have its partition count changed. Taking it under the load lock is safe: no holder of the
+    /// task lock waits for the load lock (see `rebalance_start`).
     pub(crate) async fn end_rebalances_of_deleted(&self, queue: &str) -> Result<(), QueueError> {
+        let _tasks = self.inner.task_lock.lock().await;
         for mut t in self.all_rebalances().await? {
             if t.queue != queue || t.status != "running" {
                 continue;
@@ -293,7 +296,10 @@ impl Engine {
         // The check that no task runs and the save of this one happen under the task lock: two starts checking
         // before either saved both ran, and the second installed replaced the first in the queue task (a move's
         // chunks already in its new store were left behind when a shrink took over and dropped the partition).
-        let _starting = self.inner.task_lock.lock().await;
+        // It is let go before anything that takes the load lock (the growth's update, loading the queue to hand
+        // it the plan): a queue delete takes the task lock under the load lock, so holding both the other way
+        // round could deadlock.
+        let starting = self.inner.task_lock.lock().await;
         if let Some(id) = self.rebalancing(&info.name).await? {
             return Err(validate::invalid(
                 "queue_name",
@@ -313,6 +319,9 @@ impl Engine {
                 ));
             }
             if n > have {
+                // The update refuses a partition count change itself while a rebalance runs, so a shrink started
+                // once the lock is let go cannot be overtaken.
+                drop(starting);
                 self.update_queue(super::QueueUpdate {
                     name: info.name.clone(),
                     requested_partitions: Some(request.partitions),
@@ -429,6 +438,8 @@ impl Engine {
             ..Default::default()
         };
         self.save_rebalance(&stored).await?;
+        // Saved as running: a start from here on sees it and is refused.
+        drop(starting);
         let plan = stored.plan(have);
         let (tx, rx) = tokio::sync::oneshot::channel();
         let h = self.handle(&info.name).await?;
