@@ -92,7 +92,10 @@ async fn one_consumer_drains_within_the_bound(backend: &str) {
             .unwrap_or_else(|e| panic!("{backend}: lease after {} items: {e}", refs.len()));
         assert!(!r.items.is_empty());
         answers.push((r.items.len(), bytes(&r)));
-        assert!(r.items.len() == 1 || bytes(&r) as u64 <= BOUND, "{backend}: {answers:?}");
+        assert!(
+            r.items.len() == 1 || bytes(&r) as u64 <= BOUND,
+            "{backend}: {answers:?}"
+        );
         refs.extend(r.items.iter().map(|i| i.reference.clone()));
     }
     // The bound holds for every answer but the one whose single item is above it.
@@ -110,7 +113,10 @@ async fn one_consumer_drains_within_the_bound(backend: &str) {
         .queue_lease(&lease_req(100, "one", "50ms"))
         .await
         .expect_err("empty");
-    assert!(e.to_string().contains("timeout") || e.to_string().contains("454"), "{e}");
+    assert!(
+        e.to_string().contains("timeout") || e.to_string().contains("454"),
+        "{e}"
+    );
 }
 
 /// Waiting consumers: one produce of 10 items of 1,000 bytes wakes four long-polling consumers, each answer stays

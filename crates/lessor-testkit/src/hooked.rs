@@ -381,6 +381,19 @@ impl Partition for HookedPartition {
     async fn lease(&self, n: usize, deadline: Ts) -> Result<Vec<Item>, StorageError> {
         hooked(&*self.hook, self.call(Op::Lease), self.inner.lease(n, deadline)).await
     }
+    async fn lease_within(
+        &self,
+        n: usize,
+        deadline: Ts,
+        max: u64,
+    ) -> Result<(Vec<Item>, bool), StorageError> {
+        hooked(
+            &*self.hook,
+            self.call(Op::Lease),
+            self.inner.lease_within(n, deadline, max),
+        )
+        .await
+    }
     async fn complete(&self, r: Vec<Vec<ItemId>>) -> Result<Vec<Result<(), ItemError>>, StorageError> {
         hooked(&*self.hook, self.call(Op::Complete), self.inner.complete(r)).await
     }
