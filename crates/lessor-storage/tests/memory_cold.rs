@@ -340,3 +340,28 @@ async fn destroying_a_partition_deletes_its_segments() {
     let p = store.open("q", 6).await.unwrap();
     assert_eq!(p.counts().await.unwrap().ready, 0);
 }
+
+/// A queue name holding characters object_store percent-encodes in a key: the listing names its segments in the
+/// encoded form, and deleting them by that name must reach them (destroy, and a new store's sweep of the previous
+/// run), or they stay in the bucket for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn segments_of_queues_with_encoded_names_are_deleted() {
+    let Some(env) = env(BUCKET, "encoded").await else {
+        return;
+    };
+    {
+        let store = env.open().await;
+        let p = store.open("orders#eu", 1).await.unwrap();
+        let _ = produce(&p, 200).await;
+        spill(&env, &p, 2).await;
+        store.destroy("orders#eu", 1).await.unwrap();
+        drop(p);
+        env.segments_gone().await;
+        let p = store.open("[eu]", 2).await.unwrap();
+        let _ = produce(&p, 200).await;
+        spill(&env, &p, 2).await;
+    }
+    // A restart: the new store deletes the previous run's segments.
+    let _store = env.open().await;
+    env.segments_gone().await;
+}
