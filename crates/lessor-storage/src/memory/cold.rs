@@ -111,7 +111,7 @@ impl ColdCtx {
             .await?;
         let mut n = 0;
         for m in listed {
-            self.delete(m.location.as_ref()).await;
+            self.objects.delete_listed(&m.location, LATER).await;
             n += 1;
             crate::offload::metrics()
                 .segments_swept
@@ -582,7 +582,8 @@ impl ColdPartition {
             entry.first = records[0].0;
             entry.last = records[records.len() - 1].0;
             entry.count = records.len() as u64;
-            // Normalised as the object store lists it.
+            // Normalised by `ObjPath::from` (as every manifest holds its keys); requests encode the key once more
+            // (`offload::listed`), and the sweeper compares listings with that form.
             entry.key = ObjPath::from(segment::object_key(
                 &self.ctx.base,
                 "memory",

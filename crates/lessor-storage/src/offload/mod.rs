@@ -193,7 +193,8 @@ struct Shared {
     root: String,
     /// Keys being written by a produce or import that has not returned yet: never swept.
     in_flight: Mutex<HashSet<String>>,
-    /// The inner partitions open in this process, by key directory (`{root}{queue}/{partition}/`).
+    /// The inner partitions open in this process, by key directory (`{root}{queue}/{partition}/`) in its listed
+    /// form (see [`listed`]), as the sweeper finds it in a listing.
     open: Mutex<HashMap<String, Weak<dyn Partition>>>,
 }
 
@@ -209,6 +210,22 @@ impl fmt::Debug for Shared {
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     // A panic while holding one of these locks leaves plain sets behind, still consistent.
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// The path of the object that stored key `key` names, as a listing returns it (`to_string`).
+///
+/// Keys are stored as they were built, and every request turns them into a path with `ObjPath::from`, which
+/// percent-encodes what object_store avoids in a key (`#`, `%`, `[`, `*`, a part that is `.` or `..`, ...): a queue
+/// may be named so. A listing names the objects by their encoded path, so whatever compares listed objects with
+/// stored keys compares paths, and deletes a listed object by its listed path (`ObjPath::from` of an encoded path
+/// encodes its `%` again, naming no object).
+pub(crate) fn listed(key: &str) -> ObjPath {
+    ObjPath::from(key)
+}
+
+/// The listed form of key directory `dir` (ending in `/`): the listed parent of every key built under it.
+fn listed_dir(dir: &str) -> String {
+    format!("{}/", listed(dir))
 }
 
 fn unavailable(what: String, e: object_store::Error) -> StorageError {
@@ -238,7 +255,7 @@ impl Shared {
         // A failed write leaves the partition as it was: the produce fails (454) without taking the partition out
         // of service, so produces of small items go on.
         let r = objects
-            .put(&ObjPath::from(key), PutPayload::from(body))
+            .put(&listed(key), PutPayload::from(body))
             .await
             .map_err(|e| {
                 StorageError::new(
@@ -254,27 +271,32 @@ impl Shared {
         Ok(())
     }
 
-    /// Deletes objects, best effort: a failure leaves an orphan for the sweeper.
+    /// Deletes the objects of stored keys, best effort: a failure leaves an orphan for the sweeper.
     async fn delete_keys(self: &Arc<Self>, keys: Vec<String>) {
+        self.delete_paths(keys.iter().map(|k| listed(k)).collect()).await;
+    }
+
+    /// Deletes objects by path (as listed), best effort: a failure leaves an orphan for the sweeper.
+    async fn delete_paths(self: &Arc<Self>, paths: Vec<ObjPath>) {
         let Some(objects) = self.objects.clone() else {
             return;
         };
-        if keys.is_empty() {
+        if paths.is_empty() {
             return;
         }
-        stream::iter(keys)
-            .for_each_concurrent(FETCH_CONCURRENCY, |key| {
+        stream::iter(paths)
+            .for_each_concurrent(FETCH_CONCURRENCY, |path| {
                 let objects = objects.clone();
                 async move {
                     let started = Instant::now();
-                    let r = objects.delete(&ObjPath::from(key.as_str())).await;
+                    let r = objects.delete(&path).await;
                     metrics().observe(started);
                     match r {
                         Ok(()) | Err(object_store::Error::NotFound { .. }) => {
                             metrics().objects_deleted.fetch_add(1, Ordering::Relaxed);
                         }
                         Err(e) => {
-                            tracing::warn!(key, error = %e, "object delete failed; the sweeper will retry")
+                            tracing::warn!(key = %path, error = %e, "object delete failed; the sweeper will retry")
                         }
                     }
                 }
@@ -307,7 +329,7 @@ impl Shared {
         };
         let objects = self.objects()?;
         let started = Instant::now();
-        let got = match objects.get(&ObjPath::from(r.key.as_str())).await {
+        let got = match objects.get(&listed(&r.key)).await {
             Ok(g) => g.bytes().await,
             Err(e) => Err(e),
         };
@@ -471,18 +493,18 @@ impl Shared {
             .map(|d| d.as_millis() as i64)
             .unwrap_or(0);
         let started = Instant::now();
-        let listed: Vec<object_store::ObjectMeta> = objects
-            .list(Some(&ObjPath::from(self.root.as_str())))
+        let listed_objects: Vec<object_store::ObjectMeta> = objects
+            .list(Some(&listed(&self.root)))
             .try_collect()
             .await
             .map_err(|e| unavailable(format!("listing '{}'", self.root), e))?;
         metrics().observe(started);
-        out.listed = listed.len() as u64;
-        // Candidates by partition directory.
-        let mut by_dir: HashMap<String, Vec<String>> = HashMap::new();
+        out.listed = listed_objects.len() as u64;
+        // Candidates by partition directory, all in the listed form (see [`listed`]).
+        let mut by_dir: HashMap<String, Vec<(String, ObjPath)>> = HashMap::new();
         {
-            let in_flight = lock(&self.in_flight);
-            for m in listed {
+            let in_flight = self.in_flight_listed();
+            for m in listed_objects {
                 let key = m.location.to_string();
                 if m.last_modified.timestamp_millis() > cutoff_ms || in_flight.contains(&key) {
                     continue;
@@ -491,7 +513,7 @@ impl Shared {
                     Some(i) => key[..=i].to_string(),
                     None => continue,
                 };
-                by_dir.entry(dir).or_default().push(key);
+                by_dir.entry(dir).or_default().push((key, m.location));
             }
         }
         for (dir, candidates) in by_dir {
@@ -502,12 +524,17 @@ impl Shared {
             };
             // Taken after the in-flight check above: a produce that was in flight then has committed its item
             // by the time it left the set, so this snapshot sees the reference.
-            let referenced = referenced_keys(part.as_ref()).await?;
-            let orphans: Vec<String> = {
-                let in_flight = lock(&self.in_flight);
+            let referenced: HashSet<String> = referenced_keys(part.as_ref())
+                .await?
+                .iter()
+                .map(|k| listed(k).to_string())
+                .collect();
+            let orphans: Vec<ObjPath> = {
+                let in_flight = self.in_flight_listed();
                 candidates
                     .into_iter()
-                    .filter(|k| !referenced.contains(k) && !in_flight.contains(k))
+                    .filter(|(k, _)| !referenced.contains(k) && !in_flight.contains(k))
+                    .map(|(_, path)| path)
                     .collect()
             };
             out.swept += orphans.len() as u64;
@@ -520,10 +547,18 @@ impl Shared {
                 metrics()
                     .orphans_swept
                     .fetch_add(orphans.len() as u64, Ordering::Relaxed);
-                self.delete_keys(orphans).await;
+                self.delete_paths(orphans).await;
             }
         }
         Ok(out)
+    }
+
+    /// The keys in flight, in their listed form.
+    fn in_flight_listed(&self) -> HashSet<String> {
+        lock(&self.in_flight)
+            .iter()
+            .map(|k| listed(k).to_string())
+            .collect()
     }
 
     /// Deletes the payload objects of a partition's directory (the partition was destroyed): only the keys directly
@@ -533,17 +568,23 @@ impl Shared {
         let Some(objects) = self.objects.clone() else {
             return Ok(());
         };
-        let listed: Vec<String> = objects
-            .list(Some(&ObjPath::from(dir)))
-            .map_ok(|m| m.location.to_string())
+        // Compared and deleted in the listed form (see [`listed`]).
+        let prefix = listed_dir(dir);
+        let paths: Vec<ObjPath> = objects
+            .list(Some(&listed(dir)))
+            .map_ok(|m| m.location)
             .try_collect()
             .await
             .map_err(|e| unavailable(format!("listing '{dir}'"), e))?;
-        let keys: Vec<String> = listed
+        let paths: Vec<ObjPath> = paths
             .into_iter()
-            .filter(|k| k.strip_prefix(dir).is_some_and(|rest| !rest.contains('/')))
+            .filter(|p| {
+                p.as_ref()
+                    .strip_prefix(prefix.as_str())
+                    .is_some_and(|rest| !rest.contains('/'))
+            })
             .collect();
-        self.delete_keys(keys).await;
+        self.delete_paths(paths).await;
         Ok(())
     }
 }
@@ -647,7 +688,7 @@ impl PartitionStore for OffloadStore {
     async fn open(&self, queue: &str, partition: u32) -> Result<Arc<dyn Partition>, StorageError> {
         let inner = self.inner.open(queue, partition).await?;
         let dir = self.dir(queue, partition);
-        lock(&self.shared.open).insert(dir.clone(), Arc::downgrade(&inner));
+        lock(&self.shared.open).insert(listed_dir(&dir), Arc::downgrade(&inner));
         Ok(Arc::new(OffloadPartition {
             inner,
             shared: self.shared.clone(),
@@ -660,7 +701,7 @@ impl PartitionStore for OffloadStore {
     async fn destroy(&self, queue: &str, partition: u32) -> Result<(), StorageError> {
         self.inner.destroy(queue, partition).await?;
         let dir = self.dir(queue, partition);
-        lock(&self.shared.open).remove(&dir);
+        lock(&self.shared.open).remove(&listed_dir(&dir));
         if let Err(e) = self.shared.delete_dir(&dir).await {
             tracing::warn!(dir, error = %e, "objects of a destroyed partition not deleted");
         }
@@ -671,7 +712,7 @@ impl PartitionStore for OffloadStore {
         self.inner.destroy_many(queue, partitions).await?;
         for &p in partitions {
             let dir = self.dir(queue, p);
-            lock(&self.shared.open).remove(&dir);
+            lock(&self.shared.open).remove(&listed_dir(&dir));
             if let Err(e) = self.shared.delete_dir(&dir).await {
                 tracing::warn!(dir, error = %e, "objects of a destroyed partition not deleted");
             }

@@ -74,17 +74,30 @@ impl SegmentObjects {
         .map_err(|e| StorageError::other(format!("segment decoding failed: {e}")))?
     }
 
-    /// Deletes segment object `key`; a failure is logged, saying what deletes it `later` (it is an orphan now).
+    /// Deletes segment object `key` (as a manifest holds it); a failure is logged, saying what deletes it `later`
+    /// (it is an orphan now).
     pub(crate) async fn delete(&self, key: &str, later: &str) {
-        if let Err(e) = self.client.delete(&ObjPath::from(key)).await {
-            tracing::warn!(segment = key, error = %e, "cold segment object not deleted; {later}");
+        self.delete_listed(&ObjPath::from(key), later).await;
+    }
+
+    /// Deletes the object a listing named `path`. Not by its name as a string: `ObjPath::from` percent-encodes the
+    /// `%` of an encoded name again (see [`super::listed`]), naming no object, and the segment would stay for good.
+    pub(crate) async fn delete_listed(&self, path: &ObjPath, later: &str) {
+        if let Err(e) = self.client.delete(path).await {
+            tracing::warn!(segment = %path, error = %e, "cold segment object not deleted; {later}");
         }
     }
 
-    /// Every object under `dir`.
+    /// Every object under `dir`, a directory of segment keys as built (not normalised yet).
+    ///
+    /// A manifest holds a segment's key normalised by `ObjPath::from`, and every request turns that key into a path
+    /// with `ObjPath::from` again, which percent-encodes the `%` the first pass wrote for a character object_store
+    /// avoids (`#`, `[`, `*`, a part that is `.` or `..`, ...; a queue may be named so). The directory goes through
+    /// the same two steps, or its listing names no segment of such a queue.
     pub(crate) async fn list(&self, what: &str, dir: &str) -> Result<Vec<ObjectMeta>, StorageError> {
+        let normalised = ObjPath::from(dir).to_string();
         self.client
-            .list(Some(&ObjPath::from(dir)))
+            .list(Some(&ObjPath::from(normalised.as_str())))
             .try_collect()
             .await
             .map_err(|e| Self::unavailable(what, dir, e))
@@ -98,7 +111,7 @@ impl SegmentObjects {
             Ok(objects) => {
                 for m in objects {
                     if segment::key_pid(m.location.as_ref()) == Some(pid) {
-                        self.delete(m.location.as_ref(), later).await;
+                        self.delete_listed(&m.location, later).await;
                     }
                 }
             }

@@ -674,7 +674,8 @@ impl FjallPartition {
                         entry.min_expire = entry.min_expire.min(it.expire_deadline.0);
                         entry.max_expire = entry.max_expire.max(it.expire_deadline.0);
                     }
-                    // Normalised as the object store lists it, so the sweeper compares like with like.
+                    // Normalised by `ObjPath::from` (as every manifest holds its keys); requests encode the key once more
+                    // (`offload::listed`), and the sweeper compares listings with that form.
                     entry.key = ObjPath::from(segment::object_key(
                         &prefix,
                         "",
@@ -769,28 +770,33 @@ impl FjallPartition {
         let what = self.what();
         let listed = ctx.objects.list(&what, &dir).await?;
         let cutoff = chrono_now_minus(grace);
-        let orphans: Vec<String> = {
+        let orphans: Vec<ObjPath> = {
             let g = self.lock().await?;
-            let live: std::collections::HashSet<&str> =
-                g.cold.segs.values().map(|e| e.key.as_str()).collect();
+            // In the listed form (see `offload::listed`): a manifest key names the object `ObjPath::from(key)`.
+            let live: std::collections::HashSet<String> = g
+                .cold
+                .segs
+                .values()
+                .map(|e| crate::offload::listed(&e.key).to_string())
+                .collect();
             // The spill in flight's object: its key is known by its tag only until the job has read its records.
             let spilling = g.cold.job.as_ref().and_then(|j| j.key.as_deref());
             listed
                 .into_iter()
-                .map(|m| (m.location.to_string(), m.last_modified.timestamp()))
+                .map(|m| (m.location.to_string(), m.last_modified.timestamp(), m.location))
                 // Objects younger than the grace may be a spill of another server sharing the bucket prefix (or
                 // a clock skew): kept.
-                .filter(|(key, modified)| {
+                .filter(|(key, modified, _)| {
                     !live.contains(key.as_str())
                         && !spilling.is_some_and(|t| key.ends_with(t))
                         && *modified <= cutoff
                 })
-                .map(|(key, _)| key)
+                .map(|(_, _, path)| path)
                 .collect()
         };
         let n = orphans.len() as u64;
-        for key in orphans {
-            ctx.delete(&key).await;
+        for path in orphans {
+            ctx.objects.delete_listed(&path, LATER).await;
             crate::offload::metrics()
                 .segments_swept
                 .fetch_add(1, Ordering::Relaxed);
