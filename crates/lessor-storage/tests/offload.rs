@@ -512,3 +512,43 @@ async fn objects_of_queues_with_encoded_names_are_swept_and_destroyed() {
         env.keys_become(0).await;
     }
 }
+
+/// A queue deleted while object storage fails: its partition's objects cannot be deleted, and nothing deletes them
+/// later (the sweeper only judges the directories of open partitions, and the partition is gone). The destroy must
+/// fail as retryable (the queue stays defined and the operator deletes it again) instead of reporting success and
+/// leaving the objects in the bucket for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn destroy_while_object_storage_is_down_fails_instead_of_leaking_the_objects() {
+    let Some(env) = env("destroy-down").await else {
+        return;
+    };
+    let inner: Arc<dyn PartitionStore> = Arc::new(MemoryStore::new());
+    let good = OffloadStore::new(inner.clone(), "ram-0", env.settings()).unwrap();
+    good.open("q", 0)
+        .await
+        .unwrap()
+        .produce(vec![item(payload(100_000, 21)), item(payload(100_000, 22))])
+        .await
+        .unwrap();
+    assert_eq!(env.keys().await.len(), 2);
+    let mut cfg = env.cfg.clone();
+    cfg.endpoint = "http://127.0.0.1:9".into();
+    let down = OffloadStore::new(
+        inner.clone(),
+        "ram-0",
+        OffloadSettings {
+            object_store: Some(cfg),
+            ..env.settings()
+        },
+    )
+    .unwrap();
+    let r = down.destroy("q", 0).await;
+    // Whatever the outcome, the sweeper of a store that has the partition no more never deletes the objects.
+    let out = good.sweep().await.unwrap();
+    assert_eq!(out.swept, 0, "{out:?}");
+    let e = r.expect_err("the objects of the destroyed partition are still there");
+    assert!(e.is_transient(), "{e}");
+    // Deleted again once object storage answers: the objects go.
+    good.destroy("q", 0).await.unwrap();
+    env.keys_become(0).await;
+}
