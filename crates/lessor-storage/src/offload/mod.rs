@@ -17,7 +17,9 @@
 //!   lease could be served the lease fails with `Unavailable` (454).
 //! - **deletion**: an object is deleted only *after* the inner partition removed its item: complete (the keys of
 //!   leased items are remembered from the lease), remove_dead, delete (keys looked up before), clear (a snapshot
-//!   before and after: exactly the keys that went away), destroy (everything under the partition's prefix).
+//!   before and after: exactly the keys that went away), destroy (everything under the partition's prefix; objects
+//!   that could not be deleted fail the destroy with `PayloadUnavailable`, to be retried, since the sweeper never
+//!   judges a partition that is gone).
 //!   Items that die without a dead-letter queue (lifecycle, retry) leave their object to the sweeper.
 //! - **sweeper**: a task per store lists the objects under the store's prefix and deletes those older than the
 //!   grace period that no item of an open partition references (read from an inner snapshot) and that no produce
@@ -276,17 +278,19 @@ impl Shared {
         self.delete_paths(keys.iter().map(|k| listed(k)).collect()).await;
     }
 
-    /// Deletes objects by path (as listed), best effort: a failure leaves an orphan for the sweeper.
-    async fn delete_paths(self: &Arc<Self>, paths: Vec<ObjPath>) {
+    /// Deletes objects by path (as listed), best effort: a failure leaves an orphan for the sweeper. Returns how
+    /// many could not be deleted.
+    async fn delete_paths(self: &Arc<Self>, paths: Vec<ObjPath>) -> usize {
         let Some(objects) = self.objects.clone() else {
-            return;
+            return 0;
         };
         if paths.is_empty() {
-            return;
+            return 0;
         }
+        let failed = AtomicU64::new(0);
         stream::iter(paths)
             .for_each_concurrent(FETCH_CONCURRENCY, |path| {
-                let objects = objects.clone();
+                let (objects, failed) = (objects.clone(), &failed);
                 async move {
                     let started = Instant::now();
                     let r = objects.delete(&path).await;
@@ -296,12 +300,14 @@ impl Shared {
                             metrics().objects_deleted.fetch_add(1, Ordering::Relaxed);
                         }
                         Err(e) => {
+                            failed.fetch_add(1, Ordering::Relaxed);
                             tracing::warn!(key = %path, error = %e, "object delete failed; the sweeper will retry")
                         }
                     }
                 }
             })
             .await;
+        failed.into_inner() as usize
     }
 
     /// Deletes in the background, so that a complete does not wait for object storage.
@@ -564,6 +570,11 @@ impl Shared {
     /// Deletes the payload objects of a partition's directory (the partition was destroyed): only the keys directly
     /// in it, as `new_key` makes them. A listing is recursive, and the directory of partition N of a queue named
     /// `segments` is also the start of every cold-segment key of the queue named N, when both share an entry.
+    ///
+    /// # Errors
+    /// [`StorageErrorKind::PayloadUnavailable`] when the directory could not be listed or an object not deleted:
+    /// nothing else ever deletes them (the sweeper judges the directories of open partitions only), so the destroy
+    /// fails and is retried (the queue stays defined until a delete succeeds).
     async fn delete_dir(self: &Arc<Self>, dir: &str) -> Result<(), StorageError> {
         let Some(objects) = self.objects.clone() else {
             return Ok(());
@@ -575,7 +586,13 @@ impl Shared {
             .map_ok(|m| m.location)
             .try_collect()
             .await
-            .map_err(|e| unavailable(format!("listing '{dir}'"), e))?;
+            .map_err(|e| {
+                StorageError::new(
+                    StorageErrorKind::PayloadUnavailable,
+                    format!("object storage: listing the objects of destroyed partition '{dir}': {e}"),
+                )
+                .with_source(e)
+            })?;
         let paths: Vec<ObjPath> = paths
             .into_iter()
             .filter(|p| {
@@ -584,8 +601,15 @@ impl Shared {
                     .is_some_and(|rest| !rest.contains('/'))
             })
             .collect();
-        self.delete_paths(paths).await;
-        Ok(())
+        match self.delete_paths(paths).await {
+            0 => Ok(()),
+            n => Err(StorageError::new(
+                StorageErrorKind::PayloadUnavailable,
+                format!(
+                    "object storage: {n} objects of destroyed partition '{dir}' not deleted; delete again"
+                ),
+            )),
+        }
     }
 }
 
@@ -698,26 +722,25 @@ impl PartitionStore for OffloadStore {
         }))
     }
 
+    /// The items first, then their objects (an item never references a deleted object). Objects that could not be
+    /// deleted fail the destroy: nothing else would delete them, and destroying again (the inner destroy of a
+    /// partition already gone does nothing) finishes the job.
     async fn destroy(&self, queue: &str, partition: u32) -> Result<(), StorageError> {
-        self.inner.destroy(queue, partition).await?;
-        let dir = self.dir(queue, partition);
-        lock(&self.shared.open).remove(&listed_dir(&dir));
-        if let Err(e) = self.shared.delete_dir(&dir).await {
-            tracing::warn!(dir, error = %e, "objects of a destroyed partition not deleted");
-        }
-        Ok(())
+        self.destroy_many(queue, &[partition]).await
     }
 
     async fn destroy_many(&self, queue: &str, partitions: &[u32]) -> Result<(), StorageError> {
         self.inner.destroy_many(queue, partitions).await?;
+        let mut first_err = None;
         for &p in partitions {
             let dir = self.dir(queue, p);
             lock(&self.shared.open).remove(&listed_dir(&dir));
             if let Err(e) = self.shared.delete_dir(&dir).await {
                 tracing::warn!(dir, error = %e, "objects of a destroyed partition not deleted");
+                first_err.get_or_insert(e);
             }
         }
-        Ok(())
+        first_err.map_or(Ok(()), Err)
     }
 
     fn shared(&self) -> bool {
