@@ -552,3 +552,52 @@ async fn destroy_while_object_storage_is_down_fails_instead_of_leaking_the_objec
     good.destroy("q", 0).await.unwrap();
     env.keys_become(0).await;
 }
+
+/// Two servers over one shared partition (a PostgreSQL store; modelled here by two wrappers over one memory store):
+/// server A leases an item, its lease expires and server B's lifecycle puts it back under a new id, with the same
+/// object. An operator's delete of the old id on server A deletes nothing in the partition (the id is gone), so it
+/// must not delete the object either: the item under its new id still needs it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delete_of_an_id_that_moved_keeps_the_object_of_the_moved_item() {
+    let Some(env) = env("delete-moved").await else {
+        return;
+    };
+    let inner: Arc<dyn PartitionStore> = Arc::new(MemoryStore::new());
+    let a = OffloadStore::new(inner.clone(), "ram-0", env.settings()).unwrap();
+    let b = OffloadStore::new(inner.clone(), "ram-0", env.settings()).unwrap();
+    let (pa, pb) = (a.open("q", 0).await.unwrap(), b.open("q", 0).await.unwrap());
+    let big = payload(100_000, 31);
+    pa.produce(vec![item(big.clone())]).await.unwrap();
+    let deadline = T0.add(Duration::from_secs(60));
+    let leased = pa.lease(1, deadline).await.unwrap();
+    let old = leased[0].id;
+    // Server B expires the lease: the item is back, under a new id, referencing the same object.
+    let out = pb
+        .lifecycle(
+            deadline.add(Duration::from_secs(1)),
+            LifecyclePolicy::default(),
+            100,
+        )
+        .await
+        .unwrap();
+    assert_eq!(out.lease_expired, 1, "{out:?}");
+    // On server A, the old id is deleted: nothing in the partition has it.
+    pa.delete(vec![old]).await.unwrap();
+    assert_eq!(pa.counts().await.unwrap().ready, 1);
+    // A marker: a complete's background delete, started after the delete's, is waited for.
+    let marker = payload(100_000, 32);
+    pa.produce(vec![item(marker.clone())]).await.unwrap();
+    assert_eq!(env.keys().await.len(), 2);
+    let got = pa.lease(2, deadline).await.unwrap();
+    assert_eq!(got.len(), 2, "both items are served");
+    let (moved, m) = if got[0].payload == marker {
+        (&got[1], &got[0])
+    } else {
+        (&got[0], &got[1])
+    };
+    assert_eq!(moved.payload, big, "the moved item is served whole");
+    assert!(pa.complete(vec![vec![m.id]]).await.unwrap()[0].is_ok());
+    env.keys_become(1).await;
+    assert!(pa.complete(vec![vec![moved.id]]).await.unwrap()[0].is_ok());
+    env.keys_become(0).await;
+}
