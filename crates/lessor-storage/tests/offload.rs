@@ -600,4 +600,10 @@ async fn delete_of_an_id_that_moved_keeps_the_object_of_the_moved_item() {
     env.keys_become(1).await;
     assert!(pa.complete(vec![vec![moved.id]]).await.unwrap()[0].is_ok());
     env.keys_become(0).await;
+    // The delete of an item leased here (and still leased) deletes its object.
+    pa.produce(vec![item(payload(100_000, 33))]).await.unwrap();
+    let got = pa.lease(1, deadline).await.unwrap();
+    assert_eq!(env.keys().await.len(), 1);
+    pa.delete(vec![got[0].id]).await.unwrap();
+    env.keys_become(0).await;
 }

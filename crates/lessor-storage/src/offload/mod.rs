@@ -782,13 +782,14 @@ pub struct OffloadPartition {
 
 impl OffloadPartition {
     /// The object keys of `ids` as stored now (ready, leased or scheduled), read before a delete.
+    ///
+    /// Leased items are read from the partition too, not from the keys remembered at lease time: in a partition
+    /// shared with other servers, another server's lifecycle may have put the item back under a new id with the
+    /// same reference, and the delete of the old id then removes nothing, so must delete no object. (Dead items
+    /// never move: their remembered key is still theirs.)
     async fn keys_of(&self, ids: &[ItemId]) -> Result<Vec<String>, StorageError> {
         let mut keys = Vec::new();
         for &id in ids {
-            if let Some((k, _)) = lock(&self.leased).get(&id) {
-                keys.push(k.clone());
-                continue;
-            }
             if let Some(k) = lock(&self.dead).get(&id) {
                 keys.push(k.clone());
                 continue;
