@@ -497,6 +497,9 @@ impl Client {
         if let Some(a) = accept {
             rb = rb.header(ACCEPT, a);
         }
+        // This client reads Lessor's extension fields; without the header a JSON reply to a Querator route leaves
+        // them out for Querator's strict decoders.
+        rb = rb.header(lessor_proto::routes::EXTENSIONS_HEADER, "1");
         if let Some(key) = &self.api_key {
             let mut value =
                 HeaderValue::try_from(format!("Bearer {key}")).map_err(|_| ClientError::InvalidEndpoint {

@@ -132,6 +132,13 @@ message! {
     }
 }
 
+impl QueueLeaseItem {
+    /// Clears Lessor's extension fields, leaving Querator's message (see [`crate::routes::EXTENSIONS_HEADER`]).
+    pub fn clear_extensions(&mut self) {
+        self.priority = 0;
+    }
+}
+
 message! {
     /// Reply of `/v1/queue.lease`: items from a single partition.
     #[derive(Clone, PartialEq, prost::Message)]
@@ -287,6 +294,17 @@ message! {
         #[json(Bool, "restoring")]
         #[prost(bool, tag = "104")]
         pub restoring: bool,
+    }
+}
+
+impl QueueInfo {
+    /// Clears Lessor's extension fields, leaving Querator's message (see [`crate::routes::EXTENSIONS_HEADER`]).
+    pub fn clear_extensions(&mut self) {
+        self.dedup_window.clear();
+        self.retry_backoff = None;
+        self.paused = false;
+        self.max_lease_timeout.clear();
+        self.restoring = false;
     }
 }
 

@@ -53,6 +53,19 @@ pub const METRICS: &str = "/metrics";
 /// Needs `queue.stats` in the namespace of every queue it covers.
 pub const STORAGE_BACKUP: &str = "/v1/storage.backup";
 
+/// Request header by which a client says it reads Lessor's extension fields in JSON replies to Querator's routes
+/// (`Lessor-Extensions: 1`). Without it, a JSON reply to a Querator route carries Querator's fields only, whatever
+/// other clients stored (a priority, a dedup window, a pause): Querator's clients decode JSON with a strict
+/// protojson decoder that refuses a reply holding a field their message lacks. Protobuf replies always carry the
+/// fields, since protobuf decoders skip numbers they do not know. Lessor's client sends the header on every call.
+pub const EXTENSIONS_HEADER: &str = "lessor-extensions";
+
+/// Whether the value of [`EXTENSIONS_HEADER`] turns the extension fields on (`1` or `true`, any case).
+pub fn extensions_requested(value: &str) -> bool {
+    let v = value.trim();
+    v == "1" || v.eq_ignore_ascii_case("true")
+}
+
 /// Body limits in bytes, SI units as Querator's. Querator's lease/stats/clear/reload limit is 512 B, which a long
 /// queue name in JSON can exceed; 4 KB keeps the protection without rejecting valid requests.
 pub const SMALL_BODY: usize = 4 * 1024;

@@ -158,3 +158,10 @@ message! {
         pub priority: i32,
     }
 }
+
+impl StorageItem {
+    /// Clears Lessor's extension fields, leaving Querator's message (see [`crate::routes::EXTENSIONS_HEADER`]).
+    pub fn clear_extensions(&mut self) {
+        self.priority = 0;
+    }
+}

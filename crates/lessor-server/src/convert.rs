@@ -108,6 +108,15 @@ pub fn produce_items(items: Vec<pb::QueueProduceItem>) -> Result<Vec<ProduceItem
         .collect()
 }
 
+/// `msg` as the caller may see it: with Lessor's extension fields when it reads them, otherwise cleared by `clear`
+/// (see `Ctx::extensions`).
+pub fn view<T>(mut msg: T, extensions: bool, clear: fn(&mut T)) -> T {
+    if !extensions {
+        clear(&mut msg);
+    }
+    msg
+}
+
 /// A leased item.
 pub fn lease_item(i: Item) -> pb::QueueLeaseItem {
     pb::QueueLeaseItem {

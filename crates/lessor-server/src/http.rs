@@ -147,6 +147,11 @@ pub struct Ctx {
     pub history: Arc<History>,
     /// The `server.info` answer.
     pub server_info: Arc<pb::ServerInfoResponse>,
+    /// Whether the reply may carry Lessor's extension fields on a Querator route: always in protobuf (decoders skip
+    /// unknown numbers), in JSON only when the request has [`routes::EXTENSIONS_HEADER`], since Querator's clients
+    /// decode JSON strictly and must read replies about items and queues other clients gave a priority, a dedup
+    /// window or a pause.
+    pub extensions: bool,
 }
 
 /// The handler of every RPC, one per entry of [`routes::ROUTES`] (checked by a test).
@@ -323,6 +328,12 @@ where
     let mut body = RequestBody::new(body, &parts.headers);
     let accept = pb::response_encoding(header_str(&parts.headers, header::ACCEPT));
     let out_enc = *accept.as_ref().unwrap_or(&Encoding::Json);
+    let extensions = out_enc == Encoding::Protobuf
+        || header_str(
+            &parts.headers,
+            header::HeaderName::from_static(routes::EXTENSIONS_HEADER),
+        )
+        .is_some_and(routes::extensions_requested);
     let result: Result<R::Response, ApiError> = async {
         let head = match check_head(&parts, accept) {
             Ok(enc) => authenticate(&st.auth, &parts.headers)
@@ -365,6 +376,7 @@ where
             metrics: st.metrics.clone(),
             history: st.history.clone(),
             server_info: st.server_info.clone(),
+            extensions,
         };
         handler(ctx, msg).await
     }
@@ -595,7 +607,12 @@ fn produce(api: Api) -> Api {
 fn lease(api: Api) -> Api {
     api.rpc(
         lessor_proto::routes::QueueLease,
-        |Ctx { engine: e, .. }, r: pb::QueueLeaseRequest| async move {
+        |Ctx {
+             engine: e,
+             extensions,
+             ..
+         },
+         r: pb::QueueLeaseRequest| async move {
             let timeout = convert::duration("request timeout", &r.request_timeout)?;
             let res = e
                 .lease(
@@ -608,7 +625,17 @@ fn lease(api: Api) -> Api {
             Ok(pb::QueueLeaseResponse {
                 queue_name: r.queue_name,
                 partition: i32::try_from(res.partition).unwrap_or(i32::MAX),
-                items: res.items.into_iter().map(convert::lease_item).collect(),
+                items: res
+                    .items
+                    .into_iter()
+                    .map(|i| {
+                        convert::view(
+                            convert::lease_item(i),
+                            extensions,
+                            pb::QueueLeaseItem::clear_extensions,
+                        )
+                    })
+                    .collect(),
             })
         },
     )
@@ -1161,7 +1188,12 @@ fn queues_create(api: Api) -> Api {
 fn queues_list(api: Api) -> Api {
     api.rpc(
         lessor_proto::routes::QueuesList,
-        |Ctx { engine: e, .. }, r: pb::QueuesListRequest| async move {
+        |Ctx {
+             engine: e,
+             extensions,
+             ..
+         },
+         r: pb::QueuesListRequest| async move {
             let limit = convert::list_limit(r.limit)?;
             let ns = if r.namespace.is_empty() {
                 DEFAULT_NAMESPACE.to_string()
@@ -1170,7 +1202,16 @@ fn queues_list(api: Api) -> Api {
             };
             let qs = e.list_queues(&r.pivot, limit, &ns).await?;
             Ok(pb::QueuesListResponse {
-                items: qs.into_iter().map(convert::queue_info_out).collect(),
+                items: qs
+                    .into_iter()
+                    .map(|q| {
+                        convert::view(
+                            convert::queue_info_out(q),
+                            extensions,
+                            pb::QueueInfo::clear_extensions,
+                        )
+                    })
+                    .collect(),
             })
         },
     )
@@ -1206,8 +1247,17 @@ fn queues_delete(api: Api) -> Api {
 fn queues_info(api: Api) -> Api {
     api.rpc(
         lessor_proto::routes::QueuesInfo,
-        |Ctx { engine: e, .. }, r: pb::QueuesInfoRequest| async move {
-            Ok(convert::queue_info_out(e.queue_info(&r.queue_name).await?))
+        |Ctx {
+             engine: e,
+             extensions,
+             ..
+         },
+         r: pb::QueuesInfoRequest| async move {
+            Ok(convert::view(
+                convert::queue_info_out(e.queue_info(&r.queue_name).await?),
+                extensions,
+                pb::QueueInfo::clear_extensions,
+            ))
         },
     )
 }
@@ -1217,7 +1267,12 @@ fn queues_info(api: Api) -> Api {
 fn storage_list(api: Api) -> Api {
     api.rpc(
         lessor_proto::routes::StorageItemsList,
-        |Ctx { engine: e, .. }, r: pb::StorageItemsListRequest| async move {
+        |Ctx {
+             engine: e,
+             extensions,
+             ..
+         },
+         r: pb::StorageItemsListRequest| async move {
             let limit = convert::list_limit(r.limit)?;
             let pivot = convert::pivot(&r.pivot)?;
             let partition =
@@ -1226,7 +1281,16 @@ fn storage_list(api: Api) -> Api {
                 .storage_list(&r.queue_name, partition, pivot, limit, false)
                 .await?;
             Ok(pb::StorageItemsListResponse {
-                items: items.into_iter().map(convert::storage_item).collect(),
+                items: items
+                    .into_iter()
+                    .map(|i| {
+                        convert::view(
+                            convert::storage_item(i),
+                            extensions,
+                            pb::StorageItem::clear_extensions,
+                        )
+                    })
+                    .collect(),
             })
         },
     )
@@ -1235,7 +1299,12 @@ fn storage_list(api: Api) -> Api {
 fn storage_scheduled(api: Api) -> Api {
     api.rpc(
         lessor_proto::routes::StorageScheduledList,
-        |Ctx { engine: e, .. }, r: pb::StorageItemsListRequest| async move {
+        |Ctx {
+             engine: e,
+             extensions,
+             ..
+         },
+         r: pb::StorageItemsListRequest| async move {
             let limit = convert::list_limit(r.limit)?;
             let pivot = convert::pivot(&r.pivot)?;
             let partition =
@@ -1244,7 +1313,16 @@ fn storage_scheduled(api: Api) -> Api {
                 .storage_list(&r.queue_name, partition, pivot, limit, true)
                 .await?;
             Ok(pb::StorageItemsListResponse {
-                items: items.into_iter().map(convert::storage_item).collect(),
+                items: items
+                    .into_iter()
+                    .map(|i| {
+                        convert::view(
+                            convert::storage_item(i),
+                            extensions,
+                            pb::StorageItem::clear_extensions,
+                        )
+                    })
+                    .collect(),
             })
         },
     )
@@ -1253,13 +1331,27 @@ fn storage_scheduled(api: Api) -> Api {
 fn storage_import(api: Api) -> Api {
     api.rpc(
         lessor_proto::routes::StorageItemsImport,
-        |Ctx { engine: e, .. }, r: pb::StorageItemsImportRequest| async move {
+        |Ctx {
+             engine: e,
+             extensions,
+             ..
+         },
+         r: pb::StorageItemsImportRequest| async move {
             let items = convert::import_items(r.items)?;
             let partition =
                 after_target(&e, &r.queue_name, r.partition, convert::partition(r.partition)).await?;
             let out = e.storage_import(&r.queue_name, partition, items).await?;
             Ok(pb::StorageItemsImportResponse {
-                items: out.into_iter().map(convert::storage_item).collect(),
+                items: out
+                    .into_iter()
+                    .map(|i| {
+                        convert::view(
+                            convert::storage_item(i),
+                            extensions,
+                            pb::StorageItem::clear_extensions,
+                        )
+                    })
+                    .collect(),
             })
         },
     )

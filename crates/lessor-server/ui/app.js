@@ -35,7 +35,7 @@ function status(msg, kind) {
 }
 
 async function api(path, body) {
-  const headers = { 'Content-Type': 'application/json', Accept: 'application/json' };
+  const headers = { 'Content-Type': 'application/json', Accept: 'application/json', 'Lessor-Extensions': '1' };
   const key = store.getItem('lessor.key');
   if (key) headers.Authorization = 'Bearer ' + key;
   const r = await fetch('/v1/' + path, { method: 'POST', headers, body: JSON.stringify(body || {}) });
