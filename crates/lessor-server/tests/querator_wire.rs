@@ -883,3 +883,68 @@ async fn a_querator_client_reads_what_lessor_clients_wrote() {
     );
     srv.stop().await;
 }
+
+/// Querator's answers outside its RPC routes: any method but `POST` is 400 `http method '<M>' not allowed; only
+/// POST` (except `GET /health` and `GET /metrics`), and a `POST` to a path it does not serve, `/health` and
+/// `/metrics` included, is 501 `no such method; <path>`. Both in the reply envelope a DUH client decodes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_methods_and_paths_get_querators_envelopes() {
+    let (srv, w) = server().await;
+    let cases: [(reqwest::Method, &str, u16, String); 6] = [
+        (
+            reqwest::Method::POST,
+            "/health",
+            501,
+            "no such method; /health".into(),
+        ),
+        (
+            reqwest::Method::POST,
+            "/metrics",
+            501,
+            "no such method; /metrics".into(),
+        ),
+        (
+            reqwest::Method::PUT,
+            "/health",
+            400,
+            "http method 'PUT' not allowed; only POST".into(),
+        ),
+        (
+            reqwest::Method::DELETE,
+            "/metrics",
+            400,
+            "http method 'DELETE' not allowed; only POST".into(),
+        ),
+        (
+            reqwest::Method::GET,
+            "/nope",
+            400,
+            "http method 'GET' not allowed; only POST".into(),
+        ),
+        (
+            reqwest::Method::GET,
+            "/v1/queue.produce",
+            400,
+            "http method 'GET' not allowed; only POST".into(),
+        ),
+    ];
+    for (method, path, status, message) in cases {
+        let res = w
+            .http
+            .request(method.clone(), format!("{}{path}", w.endpoint))
+            .header("Content-Type", "application/json")
+            .body("{}")
+            .send()
+            .await
+            .expect("send");
+        let code = res.status().as_u16();
+        let body = res.bytes().await.expect("body");
+        let at = format!("{method} {path}");
+        assert_eq!(code, status, "{at}: body {}", String::from_utf8_lossy(&body));
+        let v: Value = serde_json::from_slice(&body)
+            .unwrap_or_else(|e| panic!("{at}: not a JSON envelope ({e}): {body:?}"));
+        check_json(&v, &REPLY, &at);
+        assert_eq!(v["message"], message.as_str(), "{at}");
+    }
+    srv.stop().await;
+}
