@@ -215,8 +215,8 @@ const HANDLERS: [fn(Api) -> Api; 53] = [
 pub fn router(state: AppState) -> Router {
     api()
         .router
-        .route(routes::HEALTH, get(health))
-        .route(routes::METRICS, get(metrics))
+        .route(routes::HEALTH, get(health).fallback(no_such_method))
+        .route(routes::METRICS, get(metrics).fallback(no_such_method))
         .route(routes::STORAGE_BACKUP, any(backup::backup))
         .fallback(no_such_method)
         .with_state(state)
@@ -573,12 +573,15 @@ impl RequestBody {
     }
 }
 
+/// Querator's answer to a request no route takes: any method but `POST` is 400 (`GET /health` and `GET /metrics`
+/// have routes of their own), and a `POST` to a path without an RPC, `/health` and `/metrics` included, is 501; both
+/// in the reply envelope, which is what a DUH client decodes.
 async fn no_such_method(req: Request) -> Response {
     let (parts, body) = req.into_parts();
     let mut body = RequestBody::new(body, &parts.headers);
     body.discard(0).await;
     let enc = pb::response_encoding(header_str(&parts.headers, header::ACCEPT)).unwrap_or(Encoding::Json);
-    let r = if parts.method != Method::POST && parts.uri.path().starts_with("/v1/") {
+    let r = if parts.method != Method::POST {
         error_response(enc, &ApiError::MethodNotAllowed(parts.method.to_string()))
     } else {
         error_response(enc, &ApiError::NoSuchMethod(parts.uri.path().to_string()))
