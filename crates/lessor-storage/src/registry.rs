@@ -40,7 +40,7 @@ use lessor_core::storage::{PartitionStore, QueuesStore};
 use thiserror::Error;
 
 pub use self::cold::ColdSettings;
-pub use self::fjall::{FjallConfig, DEFAULT_MEMORY_WINDOW};
+pub use self::fjall::{FjallConfig, DEFAULT_MEMORY_WINDOW, DEFAULT_MEMORY_WINDOW_BYTES};
 pub use self::memory::MemoryConfig;
 pub use self::offload::{
     parse_size, Compression, ObjectStoreConfig, OffloadSettings, DEFAULT_GRACE, DEFAULT_SWEEP_INTERVAL,
@@ -492,6 +492,35 @@ mod tests {
             "{e}"
         );
         StoreSpec::from_settings("memory", &settings()).expect("memory takes nothing");
+    }
+
+    /// `memory-window-bytes` is a size of at least 1 MiB, 256 MiB when not given.
+    #[test]
+    fn fjall_memory_window_bytes_is_a_size() {
+        if !fjall::DRIVER.compiled {
+            return;
+        }
+        let window = |v: Option<&str>| {
+            let mut s = settings().with("storage-dir", "d");
+            if let Some(v) = v {
+                s.insert("memory-window-bytes", v);
+            }
+            StoreSpec::from_settings("fjall", &s).map(|spec| {
+                format!("{:?}", spec.config())
+                    .split("memory_window_bytes: ")
+                    .nth(1)
+                    .and_then(|r| r.split(',').next())
+                    .unwrap_or_default()
+                    .to_string()
+            })
+        };
+        assert_eq!(window(None).expect("default"), (256u64 << 20).to_string());
+        assert_eq!(window(Some("64MiB")).expect("64MiB"), (64u64 << 20).to_string());
+        assert_eq!(window(Some("2000000")).expect("bytes"), "2000000");
+        for bad in ["1000", "lots", "0"] {
+            let e = window(Some(bad)).expect_err(bad).to_string();
+            assert!(e.starts_with("config.memory-window-bytes: "), "{bad}: {e}");
+        }
     }
 
     #[test]

@@ -372,6 +372,9 @@ pub struct PartitionState {
     dedup: DedupSet,
     /// Most resident ready items before new ones are paged (`usize::MAX`: never; see the `paging` module).
     window: usize,
+    /// Payload bytes of resident items (`payload_bytes`) above which new ready items are paged too, and page-ins
+    /// stop (`u64::MAX`: never). Large items would otherwise fill the memory long before the item window.
+    window_bytes: u64,
     /// Ready items on disk only.
     paged: Paged,
     /// Whether `paged` changed since the backend last took it.
@@ -422,6 +425,7 @@ impl PartitionState {
             tiers: TierCounters::default(),
             dedup: DedupSet::default(),
             window: usize::MAX,
+            window_bytes: u64::MAX,
             paged: Paged::default(),
             // A partition that never spills never writes paging counters.
             paged_dirty: false,
@@ -437,6 +441,21 @@ impl PartitionState {
     pub fn with_window(mut self, window: usize) -> Self {
         self.window = window.max(1);
         self
+    }
+
+    /// Pages new ready items also once the resident items' payloads reach `bytes` (with [`with_window`]'s
+    /// conditions: only a backend that pages).
+    ///
+    /// [`with_window`]: PartitionState::with_window
+    pub fn with_window_bytes(mut self, bytes: u64) -> Self {
+        self.window_bytes = bytes.max(1);
+        self
+    }
+
+    /// Whether the resident payloads fill the byte window: new ready items are paged and page-ins stop. A
+    /// partition with no resident ready item is never full, so leases always find something to serve.
+    fn bytes_full(&self) -> bool {
+        self.ready > 0 && self.payload_bytes >= self.window_bytes
     }
 
     /// Keeps handing spilled items to the backend ([`PartitionState::take_spilled`]) after
@@ -612,7 +631,7 @@ impl PartitionState {
     fn insert_new(&mut self, it: Item) -> bool {
         let ready = !it.dead && !it.is_scheduled() && !it.is_leased;
         let p = usize::from(it.priority.min(MAX_PRIORITY));
-        if ready && (self.paged.from[p] != NONE || self.ready as usize >= self.window) {
+        if ready && (self.paged.from[p] != NONE || self.ready as usize >= self.window || self.bytes_full()) {
             self.spill(it);
             return false;
         }
@@ -766,13 +785,19 @@ impl PartitionState {
         let share = (self.window / active).max(1);
         let low = (share / 4).max(1) as u64;
         let batch = (share / 2).clamp(1, PAGE_MAX) as u64;
-        let mut room = (self.window as u64).saturating_sub(self.ready);
+        // The byte window's room, in items of the paged items' average size: page-ins read whole items, so a
+        // page of large items must not bring back more than the window holds (a page of 8,192 items of 5 MB).
+        let average = (self.paged.bytes / self.paged.total().max(1)).max(1);
+        let byte_room = self.window_bytes.saturating_sub(self.payload_bytes) / average;
+        let mut room = (self.window as u64).saturating_sub(self.ready).min(byte_room);
         let mut remaining = want as u64;
         for p in (0..PRIORITIES).rev() {
             let resident = self.ready_by_prio[p];
             let paged = self.paged.count[p];
             let n = if urgent {
-                (resident < remaining).then(|| paged.min(batch + remaining))
+                // What the lease needs is read whatever the window, but no more than the byte room (at least one
+                // item): the lease itself is bounded in bytes, and the next one reads again.
+                (resident < remaining).then(|| paged.min(batch + remaining).min(byte_room.max(1)))
             } else {
                 (resident < low && room > 0).then(|| paged.min(batch + remaining).min(room))
             };
@@ -799,9 +824,15 @@ impl PartitionState {
         }
         self.paged_epoch += 1;
         let mut last = None;
+        // Items past the byte window stay paged (the plan sized the read by the average; sizes vary).
+        let mut stopped = false;
         for it in items {
             if !self.is_paged(&it) || usize::from(it.priority) != p {
                 continue;
+            }
+            if last.is_some() && self.bytes_full() {
+                stopped = true;
+                break;
             }
             self.unspill(&it);
             last = Some(it.id.0);
@@ -821,7 +852,7 @@ impl PartitionState {
             }
         }
         if self.paged.count[p] > 0 {
-            if exhausted {
+            if exhausted && !stopped {
                 self.trust_the_disk(p);
             } else if let Some(last) = last {
                 self.paged.from[p] = last + 1;
@@ -1208,7 +1239,8 @@ impl PartitionState {
 
     /// See [`lessor_core::storage::Partition::lease_within`]: [`PartitionState::lease`] that stops before the
     /// item whose bytes would take the leased items' total over `max_bytes` (the first item is always taken). The
-    /// flag tells whether it stopped there, with ready items left that it could have taken otherwise.
+    /// flag tells whether it stopped short with ready items left (at the bound, or at paged items), having leased
+    /// something.
     pub fn lease_within(&mut self, n: usize, deadline: Ts, max_bytes: u64) -> (Vec<Item>, Changes, bool) {
         let mut out = Vec::with_capacity(n.min(self.ready as usize));
         let mut taken = Vec::with_capacity(out.capacity());
@@ -1311,7 +1343,11 @@ impl PartitionState {
         } else {
             Changes::default()
         };
-        (out, ch, capped)
+        // A priority that ran out of resident items with paged ones left also stopped the lease short of what is
+        // ready (the page-in before it is bounded by the byte window): the caller asks again.
+        let short = blocked || (out.len() < n && self.paged.count[0] > 0);
+        let stopped = (capped || short) && !out.is_empty();
+        (out, ch, stopped)
     }
 
     fn check_leased(&self, ids: impl Iterator<Item = ItemId>) -> Result<(), ItemError> {

@@ -194,6 +194,8 @@ struct Shared {
     opening: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// `memory-window-items`, read when a partition opens.
     window: AtomicUsize,
+    /// `memory-window-bytes`, read when a partition opens.
+    window_bytes: AtomicU64,
     /// Items read from disk by partition opens (tests: an open reads the window, not the backlog).
     items_loaded: AtomicU64,
     /// Items paged in from disk.
@@ -298,11 +300,14 @@ impl Shared {
         let _permit = self.loads.acquire().await.map_err(|_| self.closed())?;
         let engine = self.engine.clone();
         let window = self.window.load(Ordering::Relaxed);
+        let window_bytes = self.window_bytes.load(Ordering::Relaxed);
         let (state, hwm, read, payload_keys) = blocking(move || {
             let floor = ItemId::floor_for(part_no).0;
             let Some(ks) = engine.keyspace(ITEMS, true)? else {
                 return Ok((
-                    PartitionState::new(floor).with_window(window),
+                    PartitionState::new(floor)
+                        .with_window(window)
+                        .with_window_bytes(window_bytes),
                     0,
                     0,
                     HashSet::new(),
@@ -350,7 +355,12 @@ impl Shared {
                 }
                 None => PartitionState::load(items, floor).with_window(window),
             };
-            Ok((state.with_dedup(dedup), hwm, read, payload_keys))
+            Ok((
+                state.with_dedup(dedup).with_window_bytes(window_bytes),
+                hwm,
+                read,
+                payload_keys,
+            ))
         })
         .await?;
         self.items_loaded.fetch_add(read, Ordering::Relaxed);
@@ -699,6 +709,7 @@ impl FjallStore {
             loads: tokio::sync::Semaphore::new(CONCURRENT_LOADS),
             opening: Mutex::new(HashMap::new()),
             window: AtomicUsize::new(DEFAULT_MEMORY_WINDOW),
+            window_bytes: AtomicU64::new(crate::registry::DEFAULT_MEMORY_WINDOW_BYTES),
             items_loaded: AtomicU64::new(0),
             items_paged_in: AtomicU64::new(0),
             #[cfg(feature = "s3")]
@@ -749,6 +760,12 @@ impl FjallStore {
     /// Sets `memory-window-items` (at least 1) for partitions opened from now on.
     pub fn set_memory_window(&self, items: usize) {
         self.shared.window.store(items.max(1), Ordering::Relaxed);
+    }
+
+    /// Sets `memory-window-bytes` (at least 1) for partitions opened from now on: above that many payload bytes of
+    /// resident items, new ready items are paged as beyond the item window.
+    pub fn set_memory_window_bytes(&self, bytes: u64) {
+        self.shared.window_bytes.store(bytes.max(1), Ordering::Relaxed);
     }
 
     /// Turns cold backlog segments on (`cold-segments`); `store_name` goes into every object key. Set before the
@@ -917,8 +934,11 @@ impl FjallStore {
             payload_keys,
         } = if fresh {
             let window = self.shared.window.load(Ordering::Relaxed);
+            let window_bytes = self.shared.window_bytes.load(Ordering::Relaxed);
             Loaded {
-                state: PartitionState::new(ItemId::floor_for(partition).0).with_window(window),
+                state: PartitionState::new(ItemId::floor_for(partition).0)
+                    .with_window(window)
+                    .with_window_bytes(window_bytes),
                 hwm: 0,
                 payload_keys: HashSet::new(),
             }

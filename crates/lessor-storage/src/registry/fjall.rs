@@ -29,6 +29,7 @@ pub(super) const DRIVER: DriverEntry = DriverEntry {
         "durability",
         "sync-interval",
         "memory-window-items",
+        "memory-window-bytes",
     ],
     compiled: cfg!(feature = "fjall"),
     parse,
@@ -44,6 +45,9 @@ pub struct FjallConfig {
     /// `memory-window-items`: ready items a partition keeps in memory before it pages the rest of its backlog
     /// (default 1,000,000; only the partition store uses it).
     pub memory_window: usize,
+    /// `memory-window-bytes`: payload bytes of resident items above which a partition pages its new ready items
+    /// too (default 256 MiB), so that large items cannot fill the memory before the item window does.
+    pub memory_window_bytes: u64,
     /// Cold backlog segments (`cold-segments` and its keys), when asked for.
     pub cold: Option<super::ColdSettings>,
     /// The store's name in the configuration (object keys of cold segments start with it).
@@ -52,6 +56,11 @@ pub struct FjallConfig {
 
 /// Default of `memory-window-items` (the backend's own constant, repeated for builds without it).
 pub const DEFAULT_MEMORY_WINDOW: usize = 1_000_000;
+
+/// Default of `memory-window-bytes`: 256 MiB of payloads resident per partition. A full item window of 100-byte
+/// items holds about 100 MB of them, so the default changes nothing for small items; 1 MB items page beyond about
+/// 256 of them instead of a million.
+pub const DEFAULT_MEMORY_WINDOW_BYTES: u64 = 256 << 20;
 
 #[cfg(feature = "fjall")]
 fn parse(s: &Settings) -> Result<Arc<dyn DriverConfig>, SpecError> {
@@ -82,11 +91,30 @@ fn parse(s: &Settings) -> Result<Arc<dyn DriverConfig>, SpecError> {
         }
         Some(n) => n as usize,
     };
+    let memory_window_bytes = match s.text("memory-window-bytes") {
+        None => DEFAULT_MEMORY_WINDOW_BYTES,
+        Some(t) => {
+            let n = super::offload::parse_size(t).map_err(|reason| SpecError::Invalid {
+                key: "memory-window-bytes",
+                reason,
+            })? as u64;
+            if n < 1 << 20 {
+                return Err(SpecError::Invalid {
+                    key: "memory-window-bytes",
+                    reason: format!(
+                        "must be at least 1MiB (payload bytes a partition keeps in memory), got {n}"
+                    ),
+                });
+            }
+            n
+        }
+    };
     let cold = super::cold::parse(s, DRIVER.name)?;
     Ok(Arc::new(FjallConfig {
         storage_dir,
         durability,
         memory_window,
+        memory_window_bytes,
         cold,
         store_name: s.store_name.clone(),
     }))
@@ -133,6 +161,7 @@ impl DriverConfig for FjallConfig {
         let (dir, durability) = (self.storage_dir.clone(), self.durability);
         let store = blocking_open(move || crate::fjall::FjallStore::open(dir, durability)).await?;
         store.set_memory_window(self.memory_window);
+        store.set_memory_window_bytes(self.memory_window_bytes);
         if let Some(cold) = &self.cold {
             #[cfg(feature = "s3")]
             store

@@ -60,7 +60,7 @@ impl QueueTask {
             let got = items.len() as u64;
             // Items come highest priority first: what is left is at most the last one's priority.
             p.top_priority = items.last().map_or(0, |it| it.priority);
-            if capped {
+            if capped && got > 0 {
                 // Stopped at the byte bound with items left: the waiters still unserved ask this partition again
                 // in this pass (each call answers at least one of them).
                 p.counts.ready = p.counts.ready.saturating_sub(got).max(1);
