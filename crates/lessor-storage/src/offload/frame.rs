@@ -11,7 +11,9 @@
 //! ```
 //!
 //! Integers are little-endian. The CRC-32 of the original bytes is checked after every decompression and every
-//! object fetch, so a damaged frame or object is reported as corrupt, never served as other bytes. Payloads that do
+//! object fetch, so a damaged frame or object is reported as corrupt, never served as other bytes. Before that, a
+//! codec's claimed size is checked against the length the reference records and [`MAX_PAYLOAD`], so a damaged or
+//! forged size field is refused without allocating what it claims. Payloads that do
 //! not start with [`MAGIC`] need no frame, so turning compression on costs nothing for data already stored and
 //! turning it off again still reads every frame written meanwhile.
 
@@ -30,6 +32,13 @@ const KIND_OBJECT: u8 = crate::tiers::KIND_OBJECT;
 pub const MIN_COMPRESS: usize = 128;
 /// zstd level: 3 is zstd's default, a good ratio at a few hundred MB/s.
 const ZSTD_LEVEL: i32 = 3;
+/// Largest payload a frame or object body may decode to. No produce body comes near it (the HTTP limits are a few
+/// megabytes to tens of megabytes); a size field claiming more is damaged or forged, and is refused before the
+/// decoder allocates what it claims.
+pub const MAX_PAYLOAD: usize = 1 << 30;
+/// An lz4 block cannot grow a byte into more than 255 (a match's length grows by at most 255 per length byte; a
+/// literal is copied as it is): a block claiming more than this many times its own length is damaged or forged.
+const LZ4_MAX_RATIO: usize = 255;
 
 impl Compression {
     fn code(self) -> u8 {
@@ -66,11 +75,11 @@ impl Compression {
     }
 
     /// The inverse of [`Compression::compress`]; `expect` is the original length when known (a bound on what a
-    /// damaged input may make the decoder allocate).
+    /// damaged input may make the decoder allocate). Never decodes to more than [`MAX_PAYLOAD`] bytes.
     pub fn decompress(self, data: &[u8], expect: Option<usize>) -> Result<Vec<u8>, String> {
         match self {
             Compression::None => Ok(data.to_vec()),
-            Compression::Lz4 => lz4_flex::decompress_size_prepended(data).map_err(|e| format!("lz4: {e}")),
+            Compression::Lz4 => lz4_decompress(data, expect),
             Compression::Zstd => {
                 let cap = expect.unwrap_or_else(|| {
                     zstd::zstd_safe::get_frame_content_size(data)
@@ -79,8 +88,8 @@ impl Compression {
                         .and_then(|n| usize::try_from(n).ok())
                         .unwrap_or(0)
                 });
-                // A frame claiming more than 1 GiB is damaged (produce bodies are far smaller).
-                if cap > 1 << 30 {
+                // A frame claiming more than any payload is damaged (produce bodies are far smaller).
+                if cap > MAX_PAYLOAD {
                     return Err(format!("zstd: frame claims {cap} bytes"));
                 }
                 ZSTD_D
@@ -92,6 +101,41 @@ impl Compression {
             }
         }
     }
+}
+
+/// Decodes an lz4 block with its size prepended (`compress_prepend_size`), refusing before any allocation a block
+/// whose claimed size is not `expect` (the length an object reference records), is above [`MAX_PAYLOAD`], or is
+/// more than its bytes can decode to. lz4 allocates the claimed size up front and four bytes claim up to 4 GiB:
+/// without these checks a damaged or forged payload of a few bytes makes every lease of its item allocate that.
+fn lz4_decompress(data: &[u8], expect: Option<usize>) -> Result<Vec<u8>, String> {
+    let (Some(size), Some(block)) = (data.get(..4), data.get(4..)) else {
+        return Err(format!("lz4: {} bytes, shorter than the size field", data.len()));
+    };
+    let claim = u32::from_le_bytes([size[0], size[1], size[2], size[3]]) as usize;
+    if let Some(n) = expect {
+        if claim != n {
+            return Err(format!(
+                "lz4: block claims {claim} bytes where the payload has {n}"
+            ));
+        }
+    }
+    if claim > MAX_PAYLOAD {
+        return Err(format!(
+            "lz4: block claims {claim} bytes, more than any payload ({MAX_PAYLOAD})"
+        ));
+    }
+    if claim > block.len().saturating_mul(LZ4_MAX_RATIO) {
+        return Err(format!(
+            "lz4: block of {} bytes claims {claim} bytes, more than lz4 can decode it to",
+            block.len()
+        ));
+    }
+    let mut out = vec![0u8; claim];
+    let n = lz4_flex::block::decompress_into(block, &mut out).map_err(|e| format!("lz4: {e}"))?;
+    if n != claim {
+        return Err(format!("lz4: block claims {claim} bytes but holds {n}"));
+    }
+    Ok(out)
 }
 
 thread_local! {
@@ -323,5 +367,47 @@ mod tests {
         assert_eq!(r.decode_body(&body).expect("body"), p);
         assert!(r.decode_body(&Compression::Lz4.compress(b"other bytes")).is_err());
         assert!(decode(&enc.slice(..10)).is_err());
+    }
+
+    #[test]
+    fn lz4_claims_are_checked_before_decoding() {
+        let p = json(50);
+        let good = Compression::Lz4.compress(&p);
+        assert_eq!(
+            Compression::Lz4.decompress(&good, Some(p.len())).expect("good"),
+            p
+        );
+        assert_eq!(
+            Compression::Lz4.decompress(&good, None).expect("no length known"),
+            p
+        );
+        let claiming = |n: u32| {
+            let mut b = good.clone();
+            b[..4].copy_from_slice(&n.to_le_bytes());
+            b
+        };
+        for (claim, expect, says) in [
+            (p.len() as u32 + 1, Some(p.len()), "where the payload has"),
+            (p.len() as u32 - 1, Some(p.len()), "where the payload has"),
+            (u32::MAX, None, "more than any payload"),
+            // Within the cap, but more than a block this short can decode to.
+            ((MAX_PAYLOAD / 2) as u32, None, "more than lz4 can decode it to"),
+            // Plausible, but not what the block holds.
+            (p.len() as u32 + 1, None, "but holds"),
+        ] {
+            let e = Compression::Lz4
+                .decompress(&claiming(claim), expect)
+                .expect_err("refused");
+            assert!(e.contains(says), "claim {claim}: {e}");
+        }
+        // A claim below what the block holds is an error, never a panic.
+        assert!(Compression::Lz4.decompress(&claiming(3), None).is_err());
+        assert!(Compression::Lz4.decompress(&good[..3], None).is_err());
+        // Empty payloads round-trip.
+        let empty = Compression::Lz4.compress(b"");
+        assert!(Compression::Lz4
+            .decompress(&empty, Some(0))
+            .expect("empty")
+            .is_empty());
     }
 }

@@ -822,7 +822,12 @@ impl OffloadPartition {
                             it.id
                         ))
                     })?,
-                    Err(e) => return Err(StorageError::new(StorageErrorKind::Corrupt, e)),
+                    Err(e) => {
+                        return Err(StorageError::new(
+                            StorageErrorKind::Corrupt,
+                            format!("payload of item '{}' is unreadable: {e}", it.id),
+                        ))
+                    }
                 };
                 Ok(it)
             })
