@@ -463,3 +463,35 @@ async fn segments_of_queues_with_encoded_names_are_swept_and_destroyed() {
     drop(p);
     env.segments_gone().await;
 }
+
+/// S3 keys are at most 1,024 bytes, and segment keys hold the queue name percent-encoded twice (`#` becomes
+/// `%2523` in the key sent): the longest queue name of such characters gave keys of about 2,600 bytes, and every
+/// spill failed and was retried for good. Its segments must be written, read back, swept and destroyed.
+#[tokio::test]
+async fn the_longest_queue_name_of_encoded_characters_spills_to_keys_s3_accepts() {
+    let Some(env) = env(BUCKET, "long-name").await else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let store = env.open(dir.path());
+    let queue = "#".repeat(lessor_core::validate::MAX_QUEUE_NAME);
+    let p = store.open(&queue, 65_535).await.unwrap();
+    let mut model = produce(&p, 150).await;
+    spill(&env, &p, 2).await;
+    let live = env.segments().await;
+    for k in &live {
+        assert!(k.len() <= 1024, "a {}-byte key: {k}", k.len());
+    }
+    let fp = store.live_partition(&queue, 65_535).unwrap();
+    fp.sweep_segments(Duration::ZERO).await.unwrap();
+    let after = env.segments().await;
+    for k in &live {
+        assert!(after.contains(k), "live segment {k} swept");
+    }
+    assert_eq!(drain(&p, &mut model, 9).await, 150);
+    let _ = produce(&p, 150).await;
+    spill(&env, &p, 2).await;
+    store.destroy(&queue, 65_535).await.unwrap();
+    drop(p);
+    env.segments_gone().await;
+}

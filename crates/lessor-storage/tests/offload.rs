@@ -607,3 +607,35 @@ async fn delete_of_an_id_that_moved_keeps_the_object_of_the_moved_item() {
     pa.delete(vec![got[0].id]).await.unwrap();
     env.keys_become(0).await;
 }
+
+/// S3 keys are at most 1,024 bytes. A queue name may be 512 bytes of characters object_store percent-encodes
+/// (`#` becomes `%23`): its object keys would be over 1,536 bytes, every large produce would fail (454) for good.
+/// Keys of such a name must fit, and everything that finds objects by key (lease, sweeper, destroy) must still find
+/// them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_longest_queue_name_of_encoded_characters_gets_keys_s3_accepts() {
+    let Some(env) = env("long-name").await else {
+        return;
+    };
+    let queue = "#".repeat(lessor_core::validate::MAX_QUEUE_NAME);
+    lessor_core::validate::queue_name("name", &queue).unwrap();
+    let store = memory_store(&env, env.settings()).await;
+    let p = store.open(&queue, 65_535).await.unwrap();
+    let big = payload(100_000, 31);
+    p.produce(vec![item(big.clone()), item(payload(100_000, 32))])
+        .await
+        .expect("a large produce to a queue with the longest name is stored");
+    let keys = env.keys().await;
+    assert_eq!(keys.len(), 2, "{keys:?}");
+    for k in &keys {
+        assert!(k.len() <= 1024, "a {}-byte key: {k}", k.len());
+    }
+    // The sweeper finds the partition's objects referenced, and the lease reads them back.
+    let out = store.sweep().await.unwrap();
+    assert_eq!((out.listed, out.swept), (2, 0), "{out:?}");
+    let got = p.lease(1, T0.add(Duration::from_secs(60))).await.unwrap();
+    assert_eq!(got[0].payload, big);
+    // Destroying the partition deletes its objects.
+    store.destroy(&queue, 65_535).await.unwrap();
+    env.keys_become(0).await;
+}
