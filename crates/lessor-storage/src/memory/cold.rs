@@ -120,8 +120,9 @@ impl ColdCtx {
         Ok(n)
     }
 
+    /// The directory of the partition's segment keys, as `segment::object_key` builds them under `base`.
     fn dir(&self, queue: &str, partition: u32) -> String {
-        format!("{}/segments/{queue}/{partition}/", self.root)
+        segment::dir(&self.base, "memory", queue, partition)
     }
 
     /// Deletes the segment objects of partition number `pid` of `queue`/`partition` (a destroyed partition's).

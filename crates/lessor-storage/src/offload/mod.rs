@@ -6,7 +6,8 @@
 //! fjall and PostgreSQL get the same behaviour without knowing about it:
 //!
 //! - **produce / import**: a payload longer than the threshold is written, compressed, to an object with a fresh
-//!   random key (`{prefix}{store}/{queue}/{partition}/{32 hex}`) *before* the inner produce; the item keeps a small
+//!   random key (`{prefix}{store}/{queue}/{partition}/{32 hex}`, the queue named by a digest when the key would be
+//!   too long for S3: see [`keys`]) *before* the inner produce; the item keeps a small
 //!   reference (see [`frame`]: key, length, CRC-32). Shorter payloads are compressed inline when that shrinks them.
 //!   An object write that fails fails the whole produce with [`StorageErrorKind::Unavailable`] (454) and nothing
 //!   is stored.
@@ -32,6 +33,7 @@
 //! resolved bytes and write new objects, so deleting an item's object never takes another item's payload.
 
 pub mod frame;
+pub mod keys;
 pub mod segment;
 #[cfg(feature = "s3")]
 pub(crate) mod segment_io;
@@ -689,9 +691,15 @@ impl OffloadStore {
         self.shared.sweep().await
     }
 
-    /// The key directory of a partition.
+    /// The key directory of a partition. A queue whose longest key (the directory and 32 hex digits, as sent)
+    /// would be too long for S3 is named by its digest (see [`keys`]): the produce, the sweeper's map of open
+    /// partitions and the destroy all take the directory from here, so they agree on it.
     fn dir(&self, queue: &str, partition: u32) -> String {
-        format!("{}{queue}/{partition}/", self.shared.root)
+        let root = &self.shared.root;
+        let q = keys::queue_component(queue, |q| {
+            keys::sent_once(&format!("{root}{q}/{partition}/{:032x}", 0))
+        });
+        format!("{root}{q}/{partition}/")
     }
 }
 

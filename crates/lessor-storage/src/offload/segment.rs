@@ -199,7 +199,8 @@ pub fn decode(body: &[u8]) -> Result<Segment, SegmentError> {
     })
 }
 
-/// The object key of a segment: `{prefix}{store}/segments/{queue}/{partition}/{prio}/{first}-{tag}`, with `tag` from
+/// The object key of a segment: `{prefix}{store}/segments/{queue}/{partition}/{prio}/{first}-{tag}` (the directory
+/// from [`dir`]), with `tag` from
 /// [`key_tag`]: the partition's internal id (a queue deleted and created again under the same name has another, so
 /// deleting the old one's segments never touches the new one's) and a random part (a segment written again after
 /// a crash, same range, is a new object, so the sweeper can delete the orphan of the first attempt without
@@ -213,7 +214,24 @@ pub fn object_key(
     first: u64,
     tag: &str,
 ) -> String {
-    format!("{prefix}{store}/segments/{queue}/{partition}/{prio}/{first:020}-{tag}")
+    format!("{}{prio}/{first:020}-{tag}", dir(prefix, store, queue, partition))
+}
+
+/// The directory of a partition's segment keys, `{prefix}{store}/segments/{queue}/{partition}/`: the queue is named by
+/// its digest (see [`super::keys`]) when the longest key under the directory would be too long for S3 as sent
+/// (normalised twice: a manifest keeps the normalised key, and requests normalise it again). Longest: the highest
+/// priority, a 20-digit id and a tag of two 16-digit numbers, so the choice holds for every segment the partition
+/// will write, and every listing of the directory finds them.
+pub fn dir(prefix: &str, store: &str, queue: &str, partition: u32) -> String {
+    let q = super::keys::queue_component(queue, |q| {
+        super::keys::sent_twice(&format!(
+            "{prefix}{store}/segments/{q}/{partition}/{}/{:020}-{}",
+            u8::MAX,
+            u64::MAX,
+            key_tag(u64::MAX, u64::MAX)
+        ))
+    });
+    format!("{prefix}{store}/segments/{q}/{partition}/")
 }
 
 /// The last part of a segment key: the owning partition's internal id and a random value.

@@ -119,7 +119,7 @@ impl ColdCtx {
     /// Deletes every segment object of partition `partition` of `queue` written under pid `pid` (a destroyed
     /// partition's).
     pub(crate) async fn delete_partition(&self, queue: &str, partition: u32, pid: u64) {
-        let dir = format!("{}/segments/{queue}/{partition}/", self.prefix);
+        let dir = segment::dir(&self.prefix, "", queue, partition);
         self.objects.delete_partition(&dir, pid, LATER).await;
     }
 
@@ -766,7 +766,7 @@ impl FjallPartition {
         // in the manifest or already deleted; and an orphan cannot become named later (keys carry a random tag),
         // so the orphans are deleted after the lock is released.
         let (queue, partition) = self.queue_partition();
-        let dir = format!("{}/segments/{queue}/{partition}/", ctx.prefix);
+        let dir = segment::dir(&ctx.prefix, "", queue, partition);
         let what = self.what();
         let listed = ctx.objects.list(&what, &dir).await?;
         let cutoff = chrono_now_minus(grace);
