@@ -495,3 +495,50 @@ async fn the_longest_queue_name_of_encoded_characters_spills_to_keys_s3_accepts(
     drop(p);
     env.segments_gone().await;
 }
+
+/// Review finding: a destroyed partition's segment objects were deleted in a background task, best effort, after
+/// the destroy had reported success. With object storage failing they stay in the bucket for good: nothing lists
+/// a destroyed partition's directory again (the sweeper judges open partitions only). The destroy must fail as
+/// retryable instead, and destroying again once object storage answers must delete them.
+#[tokio::test]
+async fn destroy_while_object_storage_is_down_fails_instead_of_leaking_the_segments() {
+    let Some(env) = env(BUCKET, "destroy-down").await else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let store = env.open(dir.path());
+        let p = store.open("q", 7).await.unwrap();
+        let _ = produce(&p, 150).await;
+        spill(&env, &p, 2).await;
+        drop(p);
+        store.close().await;
+    }
+    let before = env.segments().await;
+    assert!(before.len() >= 2, "{before:?}");
+    // The same store opened again over an object store that does not answer.
+    let down = Env {
+        cfg: lessor_storage::offload::ObjectStoreConfig {
+            endpoint: "http://127.0.0.1:9".into(),
+            ..env.cfg.clone()
+        },
+        client: env.client.clone(),
+    };
+    {
+        let store = down.open(dir.path());
+        let e = store
+            .destroy("q", 7)
+            .await
+            .expect_err("the segments of the destroyed partition are still in the bucket");
+        assert!(e.is_transient(), "{e}");
+        store.close().await;
+    }
+    assert_eq!(env.segments().await, before, "nothing could be deleted");
+    // Destroyed again (the queue is still defined) once object storage answers: the segments are gone when the
+    // destroy returns.
+    let store = env.open(dir.path());
+    store.destroy("q", 7).await.unwrap();
+    let left = env.segments().await;
+    assert!(left.is_empty(), "segments left: {left:?}");
+    store.close().await;
+}
