@@ -1027,6 +1027,27 @@ impl FjallStore {
         }
         Ok(())
     }
+
+    /// Deletes every cold segment object of `partitions` of `queue` (destroyed, their gates held), after making the
+    /// destroy durable: a restart must not find manifest entries naming objects that are gone.
+    #[cfg(feature = "s3")]
+    async fn delete_destroyed_segments(&self, queue: &str, partitions: &[u32]) -> Result<(), StorageError> {
+        let Some(ctx) = self.shared.cold.read().unwrap_or_else(|e| e.into_inner()).clone() else {
+            return Ok(());
+        };
+        use futures::StreamExt;
+        self.shared.make_durable().await?;
+        // Owned values in the futures: borrowed ones make the destroy's future not `Send` for every lifetime.
+        let results: Vec<Result<(), StorageError>> = futures::stream::iter(partitions.to_vec())
+            .map(|p| {
+                let (ctx, queue) = (ctx.clone(), queue.to_string());
+                async move { ctx.delete_destroyed(&queue, p).await }
+            })
+            .buffer_unordered(crate::offload::FETCH_CONCURRENCY)
+            .collect()
+            .await;
+        results.into_iter().find(Result::is_err).unwrap_or(Ok(()))
+    }
 }
 
 /// Reads the catalog: live partitions, the next pid, and the pids whose deletion is unfinished.
@@ -1171,29 +1192,32 @@ impl PartitionStore for FjallStore {
                     .filter_map(|(&p, n)| cat.by_name.get(n.as_str()).map(|&(pid, _)| (p, pid)))
                     .collect()
             };
-            (self.destroy_gated(&names).await, pids)
+            let done = self.destroy_gated(&names).await;
+            // The segment objects go while the gates are held: no partition of these names exists then, nor can
+            // one be opened, so everything under their segment directories is a destroyed partition's (also one
+            // whose earlier destroy failed here, whose pid the catalog no longer knows). A failure fails the
+            // destroy: nothing else lists a destroyed partition's segments, and destroying again finishes it.
+            #[cfg(feature = "s3")]
+            let done = match done {
+                Ok(()) => self.delete_destroyed_segments(queue, &partitions).await,
+                e => e,
+            };
+            (done, pids)
         };
         for (name, gate) in names.iter().zip(gates) {
             self.forget_gate(name, gate);
         }
-        // The destroyed partitions' segment objects: everything under their segment prefixes, now and once more
-        // after the object-storage request timeout (a spill task of a partition dropped earlier may still be
-        // writing one).
+        // Once more after the object-storage request timeout, in the background and best effort: a spill task of
+        // a partition dropped earlier may still be writing an object. Only those the destroyed pids wrote: by
+        // then a queue created again under the name may have segments of its own there.
         #[cfg(feature = "s3")]
-        if done.is_ok() {
+        if done.is_ok() && !_pids.is_empty() {
             if let Some(ctx) = self.shared.cold.read().unwrap_or_else(|e| e.into_inner()).clone() {
                 let queue = queue.to_string();
-                let shared = self.shared.clone();
                 tokio::spawn(async move {
-                    if let Err(e) = shared.make_durable().await {
-                        tracing::warn!(queue, error = %e, "segments of destroyed partitions kept: the destroy is not durable");
-                        return;
-                    }
-                    for wait in [Duration::ZERO, Duration::from_secs(40)] {
-                        tokio::time::sleep(wait).await;
-                        for &(p, pid) in &_pids {
-                            ctx.delete_partition(&queue, p, pid).await;
-                        }
+                    tokio::time::sleep(Duration::from_secs(40)).await;
+                    for &(p, pid) in &_pids {
+                        ctx.delete_partition(&queue, p, pid).await;
                     }
                 });
             }

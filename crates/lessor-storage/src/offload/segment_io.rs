@@ -6,8 +6,8 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
-use futures::TryStreamExt;
-use lessor_core::error::StorageError;
+use futures::{StreamExt, TryStreamExt};
+use lessor_core::error::{StorageError, StorageErrorKind};
 use object_store::path::Path as ObjPath;
 use object_store::{ObjectMeta, ObjectStore, PutPayload};
 
@@ -101,6 +101,42 @@ impl SegmentObjects {
             .try_collect()
             .await
             .map_err(|e| Self::unavailable(what, dir, e))
+    }
+
+    /// Deletes every segment object under `dir`, a directory of segment keys as built, and fails with
+    /// `PayloadUnavailable` (retryable, and the engine does not count it against a partition) when the listing or any
+    /// deletion fails. For a destroy: the caller holds the directory's partition closed (no partition of the name
+    /// exists, none may be opened), so every object there is a destroyed partition's, this destroy's or that of an
+    /// earlier one that failed here; nothing else lists the directory again, so the destroy must fail and be retried
+    /// rather than leave them for good.
+    pub(crate) async fn delete_dir(&self, what: &str, dir: &str) -> Result<(), StorageError> {
+        let payload = |e: StorageError| StorageError::new(StorageErrorKind::PayloadUnavailable, e.message);
+        let objects = self.list(what, dir).await.map_err(payload)?;
+        let failed: Vec<String> = futures::stream::iter(objects)
+            .map(|m| async move {
+                let _t = Timed(std::time::Instant::now());
+                match self.client.delete(&m.location).await {
+                    Ok(()) | Err(object_store::Error::NotFound { .. }) => None,
+                    Err(e) => {
+                        tracing::warn!(segment = %m.location, error = %e, "cold segment object of {what} not deleted");
+                        Some(e.to_string())
+                    }
+                }
+            })
+            .buffer_unordered(super::FETCH_CONCURRENCY)
+            .filter_map(std::future::ready)
+            .collect()
+            .await;
+        match failed.first() {
+            None => Ok(()),
+            Some(e) => Err(StorageError::new(
+                StorageErrorKind::PayloadUnavailable,
+                format!(
+                    "{what}: {} cold segment objects under '{dir}' not deleted ({e}); delete again",
+                    failed.len()
+                ),
+            )),
+        }
     }
 
     /// Deletes the segment objects under `dir` (one partition's) whose key names partition number `pid` (a

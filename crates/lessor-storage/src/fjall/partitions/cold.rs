@@ -13,7 +13,9 @@
 //! Crash safety comes from the order of writes. A spill writes the object first, then one batch deleting the
 //! records and adding the manifest entry; a load writes one batch putting the records back and deleting the entry,
 //! then deletes the object. A crash between leaves an object no entry names (an orphan, never a lost or doubled
-//! item), which [`FjallPartition::sweep_segments`] deletes once older than the grace.
+//! item), which [`FjallPartition::sweep_segments`] deletes once older than the grace. A destroyed partition's
+//! segments are deleted by the destroy itself, under the partition's gate and after the destroy is durable, and a
+//! failure fails the destroy (retryable): no sweep looks at a partition that no longer exists.
 //!
 //! Order is kept by one rule: before any read of paged records of a priority (a page-in, its read-ahead, a
 //! delete by id, an expiry sweep, a snapshot), the segments that read could reach are loaded first, on the
@@ -121,6 +123,15 @@ impl ColdCtx {
     pub(crate) async fn delete_partition(&self, queue: &str, partition: u32, pid: u64) {
         let dir = segment::dir(&self.prefix, "", queue, partition);
         self.objects.delete_partition(&dir, pid, LATER).await;
+    }
+
+    /// Deletes every segment object of partition `partition` of `queue`, whatever pid wrote it, failing when one
+    /// could not be listed or deleted (see `SegmentObjects::delete_dir`). Only while no partition of that name
+    /// exists or can be opened (a destroy holding its gate).
+    pub(crate) async fn delete_destroyed(&self, queue: &str, partition: u32) -> Result<(), StorageError> {
+        let dir = segment::dir(&self.prefix, "", queue, partition);
+        let what = format!("destroyed partition {partition} of queue '{queue}'");
+        self.objects.delete_dir(&what, &dir).await
     }
 
     async fn delete(&self, key: &str) {
