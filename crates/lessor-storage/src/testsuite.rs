@@ -130,10 +130,22 @@ pub async fn produce_then_lease_in_fifo_order(b: TestBackend) {
 /// (priorities too); a bound that is never met reports nothing left.
 pub async fn lease_within_stops_at_the_byte_bound(b: TestBackend) {
     let p = open(&b, "lease-bytes").await;
-    let big = |tag: &str, len: usize, priority: u8| NewItem {
-        payload: Bytes::from(format!("{tag}{}", "x".repeat(len - tag.len()))),
-        priority,
-        ..item(tag)
+    // Bytes that do not compress, so that a store that compresses payloads (and counts what it stores) sees
+    // about the same sizes.
+    let big = |tag: &str, len: usize, priority: u8| {
+        let mut x = len as u64 | 1;
+        let mut payload = tag.as_bytes().to_vec();
+        payload.extend((tag.len()..len).map(|_| {
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (x >> 56) as u8
+        }));
+        NewItem {
+            payload: Bytes::from(payload),
+            priority,
+            ..item(tag)
+        }
     };
     p.produce(vec![
         big("a", 4000, 0),
@@ -151,6 +163,13 @@ pub async fn lease_within_stops_at_the_byte_bound(b: TestBackend) {
             .map(|i| String::from_utf8_lossy(&i.payload[..1]).into_owned())
             .collect()
     };
+    if b.offload_threshold.is_some_and(|t| t < 100) {
+        // Offloaded payloads count by the reference the store keeps (docs/operations.md): the bound does not see
+        // their size; the serving order holds.
+        let (got, _) = p.lease_within(10, at, 9000).await.expect("lease");
+        assert_eq!(tags(&got), vec!["h", "i", "a", "b", "c", "d"]);
+        return;
+    }
     // Priority 5 first (6,000 bytes), then "a" would make 10,000 > 9,000.
     let (got, capped) = p.lease_within(10, at, 9000).await.expect("lease");
     assert_eq!(tags(&got), vec!["h", "i"]);
