@@ -1,0 +1,124 @@
+//! Clients that hold connections without finishing their requests, on a raw socket: headers or a body sent a byte
+//! at a time, and more connections than the server takes. Each must cost the server a bounded time and a bounded
+//! number of connections (`limits.header-read-timeout`, `limits.body-read-timeout`, `limits.max-connections`), set
+//! small here so the tests take well under a second each.
+
+use std::time::{Duration, Instant};
+
+use lessor_server::{start, Config, RunningServer};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// Bound on how long a test waits for the server to act on a slow client.
+const WAIT: Duration = Duration::from_secs(5);
+
+async fn server(limits: &str) -> RunningServer {
+    let yaml = format!(
+        "queue-storage:\n  driver: memory\npartition-storage:\n  - name: m\n    driver: memory\n    affinity: 1\n\
+         limits:\n{limits}"
+    );
+    start(&Config::from_yaml(&yaml).expect("config"), "127.0.0.1:0", None)
+        .await
+        .expect("server starts")
+}
+
+/// Sends `prefix`, then one byte of `trickle` every 50 ms, until the server closes the connection (Ok: how long
+/// it took) or `WAIT` passes (Err). Anything the server answers before closing is returned too.
+async fn trickle(stream: &mut TcpStream, prefix: &[u8], trickle: u8) -> Result<(Duration, String), String> {
+    let started = Instant::now();
+    stream.write_all(prefix).await.map_err(|e| e.to_string())?;
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 4096];
+    while started.elapsed() < WAIT {
+        if stream.write_all(&[trickle]).await.is_err() {
+            return Ok((started.elapsed(), String::from_utf8_lossy(&answer).into_owned()));
+        }
+        match tokio::time::timeout(Duration::from_millis(50), stream.read(&mut buf)).await {
+            Err(_) => {}
+            Ok(Ok(0)) | Ok(Err(_)) => {
+                return Ok((started.elapsed(), String::from_utf8_lossy(&answer).into_owned()))
+            }
+            Ok(Ok(n)) => answer.extend_from_slice(&buf[..n]),
+        }
+    }
+    Err(format!(
+        "still open after {WAIT:?}; answered so far: {:?}",
+        String::from_utf8_lossy(&answer)
+    ))
+}
+
+/// A client that sends its headers a byte every 50 ms is cut off after `header-read-timeout` (300ms), not served
+/// for as long as it keeps sending.
+#[tokio::test]
+async fn headers_sent_a_byte_at_a_time_are_cut_off_after_the_header_read_timeout() {
+    let srv = server("  header-read-timeout: 300ms\n").await;
+    let mut s = TcpStream::connect(srv.addr).await.expect("connect");
+    let (took, _) = trickle(
+        &mut s,
+        b"POST /v1/queue.stats HTTP/1.1\r\nHost: x\r\nX-Slow: ",
+        b'a',
+    )
+    .await
+    .expect("the server closes a connection whose headers never end");
+    assert!(
+        took >= Duration::from_millis(250),
+        "closed after {took:?}, before the timeout"
+    );
+}
+
+/// A client that sends its body a byte every 50 ms gets a 400 naming `limits.body-read-timeout` (400ms) and the
+/// connection is closed, instead of holding a request (and its part of the body) open for as long as it likes.
+#[tokio::test]
+async fn a_body_sent_a_byte_at_a_time_is_refused_after_the_body_read_timeout() {
+    let srv = server("  body-read-timeout: 400ms\n").await;
+    let mut s = TcpStream::connect(srv.addr).await.expect("connect");
+    let head = b"POST /v1/queue.produce HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+                 Content-Length: 100000\r\n\r\n{\"queue_name\":\"q\",\"items\":[{\"utf8\":\"";
+    let (took, answer) = trickle(&mut s, head, b'a')
+        .await
+        .expect("the server gives up on a body that never ends");
+    assert!(
+        took >= Duration::from_millis(350),
+        "closed after {took:?}, before the timeout"
+    );
+    assert!(answer.starts_with("HTTP/1.1 400 "), "{answer:?}");
+    assert!(answer.contains("limits.body-read-timeout"), "{answer:?}");
+}
+
+/// With `max-connections: 4`, four idle connections are all the server holds: a fifth is closed without being
+/// served, and once one of the four goes a new connection is served again.
+#[tokio::test]
+async fn connections_beyond_max_connections_are_closed_unserved() {
+    let srv = server("  max-connections: 4\n").await;
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        held.push(TcpStream::connect(srv.addr).await.expect("connect"));
+    }
+    let health = b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n";
+    // The fifth may be refused at once or closed after its request; either way it is not answered.
+    let mut fifth = TcpStream::connect(srv.addr).await.expect("connect");
+    let _ = fifth.write_all(health).await;
+    let mut buf = [0u8; 1024];
+    let read = tokio::time::timeout(WAIT, fifth.read(&mut buf))
+        .await
+        .expect("the fifth connection is closed, not left hanging");
+    assert!(
+        matches!(read, Ok(0) | Err(_)),
+        "a fifth connection was served: {:?}",
+        read.map(|n| String::from_utf8_lossy(&buf[..n]).into_owned())
+    );
+    drop(held.pop());
+    // The server notices the closed connection and takes new ones again.
+    let served = lessor_testkit::eventually::poll_until(WAIT, Duration::from_millis(20), || async {
+        let mut s = TcpStream::connect(srv.addr).await.map_err(|e| e.to_string())?;
+        s.write_all(health).await.map_err(|e| e.to_string())?;
+        let mut buf = [0u8; 1024];
+        match tokio::time::timeout(Duration::from_secs(1), s.read(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => Ok(String::from_utf8_lossy(&buf[..n]).into_owned()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await
+    .expect("a connection is served once one of the four is gone");
+    assert!(served.starts_with("HTTP/1.1 200 "), "{served}");
+}
