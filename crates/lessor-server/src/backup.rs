@@ -48,7 +48,7 @@ const FIRST_PAGE: usize = 256;
 /// `POST /v1/storage.backup`.
 pub(crate) async fn backup(State(st): State<AppState>, req: Request) -> Response {
     let (parts, body) = req.into_parts();
-    let mut body = RequestBody::new(body, &parts.headers);
+    let mut body = RequestBody::new(body, &parts.headers).charged_to(st.inflight.clone());
     let accept = pb::response_encoding(header_str(&parts.headers, header::ACCEPT));
     let out_enc = *accept.as_ref().unwrap_or(&pb::Encoding::Json);
     let started: Result<Response, ApiError> = async {

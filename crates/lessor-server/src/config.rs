@@ -40,6 +40,13 @@ const MAX_DEDUP_KEYS: usize = 1_000_000_000;
 /// Highest `limits.max-lease-bytes` accepted (1 GiB): above it a single answer is the memory problem the limit
 /// exists to prevent.
 const MAX_LEASE_BYTES_LIMIT: u64 = 1 << 30;
+/// Lowest `limits.max-inflight-bytes` accepted: below it a server could not hold one small request per client.
+const MIN_INFLIGHT_BYTES: u64 = 64 * 1024;
+/// Highest `limits.max-inflight-bytes` accepted (1 TiB): the bound must stay below any machine's memory to mean
+/// anything, and charges are counted in KiB in a `u32`.
+const MAX_INFLIGHT_BYTES: u64 = 1 << 40;
+/// Longest `limits.inflight-wait` accepted: a request waiting longer holds its connection for nothing.
+const MAX_INFLIGHT_WAIT: Duration = Duration::from_secs(60);
 
 /// What is wrong with a configuration, or why the stores it describes could not be opened.
 #[derive(Debug, Error)]
@@ -482,6 +489,11 @@ pub struct LimitsSection {
     pub max_dedup_keys: Option<usize>,
     /// Most payload bytes one lease answer carries (default 16 MiB; at least one item whatever its size).
     pub max_lease_bytes: Option<u64>,
+    /// Body bytes of requests read and not yet answered, server-wide (default 1 GiB); see [`crate::inflight`].
+    pub max_inflight_bytes: Option<u64>,
+    /// How long a request whose body does not fit under `max-inflight-bytes` waits for room before 454 (Go
+    /// duration, default 1s, 0 refuses at once).
+    pub inflight_wait: Option<String>,
 }
 
 impl Config {
@@ -615,6 +627,31 @@ impl Config {
                     field: "limits.max-lease-bytes",
                     reason: format!("must be between 1 and {MAX_LEASE_BYTES_LIMIT}"),
                 });
+            }
+        }
+        if let Some(n) = self.limits.max_inflight_bytes {
+            if !(MIN_INFLIGHT_BYTES..=MAX_INFLIGHT_BYTES).contains(&n) {
+                return Err(ConfigError::Limit {
+                    field: "limits.max-inflight-bytes",
+                    reason: format!("must be between {MIN_INFLIGHT_BYTES} and {MAX_INFLIGHT_BYTES}"),
+                });
+            }
+        }
+        if let Some(d) = &self.limits.inflight_wait {
+            match parse_go_duration(d) {
+                Ok(v) if v <= MAX_INFLIGHT_WAIT => {}
+                Ok(_) => {
+                    return Err(ConfigError::Limit {
+                        field: "limits.inflight-wait",
+                        reason: "must be at most 1m".into(),
+                    })
+                }
+                Err(reason) => {
+                    return Err(ConfigError::Limit {
+                        field: "limits.inflight-wait",
+                        reason,
+                    })
+                }
             }
         }
         if let Some(d) = &self.auth_backend.driver {
@@ -752,6 +789,22 @@ impl Config {
     /// Largest produce body.
     pub fn max_produce_body(&self) -> usize {
         self.limits.max_produce_body.unwrap_or(DEFAULT_MAX_PRODUCE_BODY)
+    }
+
+    /// Body bytes of requests in flight, server-wide (`limits.max-inflight-bytes`).
+    pub fn max_inflight_bytes(&self) -> u64 {
+        self.limits
+            .max_inflight_bytes
+            .unwrap_or(crate::inflight::DEFAULT_MAX_INFLIGHT_BYTES)
+    }
+
+    /// How long a body waits for room under `max-inflight-bytes` (`limits.inflight-wait`; validated).
+    pub fn inflight_wait(&self) -> Duration {
+        self.limits
+            .inflight_wait
+            .as_deref()
+            .and_then(|d| parse_go_duration(d).ok())
+            .unwrap_or(crate::inflight::DEFAULT_INFLIGHT_WAIT)
     }
 
     /// Largest produce body for queues placed only on stores that offload payloads (at least
@@ -1049,6 +1102,30 @@ mod tests {
                 .expect_err(bad)
                 .to_string();
             assert!(e.contains("limits.max-lease-bytes"), "{bad}: {e}");
+        }
+    }
+
+    /// `limits.max-inflight-bytes` is between 64 KiB and 1 TiB (default 1 GiB); `limits.inflight-wait` is a Go
+    /// duration of at most 1m (default 1s).
+    #[test]
+    fn inflight_limits_are_checked_and_applied() {
+        let c = Config::memory();
+        assert_eq!(c.max_inflight_bytes(), 1 << 30);
+        assert_eq!(c.inflight_wait(), Duration::from_secs(1));
+        let c =
+            Config::from_yaml("limits:\n  max-inflight-bytes: 65536\n  inflight-wait: 0s\n").expect("valid");
+        assert_eq!(c.max_inflight_bytes(), 65536);
+        assert_eq!(c.inflight_wait(), Duration::ZERO);
+        for (key, bad) in [
+            ("max-inflight-bytes", "65535"),
+            ("max-inflight-bytes", "1099511627777"),
+            ("inflight-wait", "61s"),
+            ("inflight-wait", "soon"),
+        ] {
+            let e = Config::from_yaml(&format!("limits:\n  {key}: {bad}\n"))
+                .expect_err(bad)
+                .to_string();
+            assert!(e.contains(&format!("limits.{key}")), "{bad}: {e}");
         }
     }
 

@@ -25,6 +25,10 @@ pub enum ApiError {
     /// An unknown path.
     #[error("no such method; {0}")]
     NoSuchMethod(String),
+    /// Requests in flight hold as many body bytes as `limits.max-inflight-bytes` allows (454, retryable): this one's
+    /// body found no room in time and was not read on.
+    #[error("server is overloaded; requests in flight hold {0} bytes (limits.max-inflight-bytes), try again later")]
+    InflightFull(u64),
     /// The body could not be read from the connection.
     #[error("request body could not be read; {0}")]
     BodyRead(String),
@@ -72,6 +76,7 @@ impl ApiError {
             },
             ApiError::BodyTooLarge(_) | ApiError::MethodNotAllowed(_) => 400,
             ApiError::BodyRead(_) => 400,
+            ApiError::InflightFull(_) => 454,
             ApiError::NoSuchMethod(_) => 501,
         }
     }

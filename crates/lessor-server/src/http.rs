@@ -39,6 +39,7 @@ use serde::Serialize;
 
 use crate::error::ApiError;
 use crate::history::History;
+use crate::inflight::{Charge, Inflight};
 use crate::metrics::{Metrics, RouteLabels, RouteOnly};
 use crate::{admin, backup, convert};
 
@@ -61,6 +62,8 @@ pub struct AppState {
     /// Produce limit of queues placed only on `offload_stores` (at least `max_produce_body`).
     max_offload_produce_body: usize,
     offload_stores: Arc<std::collections::HashSet<String>>,
+    /// The server-wide bound on body bytes read and not yet answered.
+    pub(crate) inflight: Arc<Inflight>,
 }
 
 impl AppState {
@@ -91,7 +94,14 @@ impl AppState {
             max_produce_body,
             max_offload_produce_body: max_produce_body,
             offload_stores: Arc::default(),
+            inflight: Arc::default(),
         }
+    }
+
+    /// The same state, holding the bodies of requests in flight to `inflight` (`limits.max-inflight-bytes`).
+    pub fn with_inflight(mut self, inflight: Inflight) -> Self {
+        self.inflight = Arc::new(inflight);
+        self
     }
 
     /// The same state, letting produce bodies up to `max` bytes through to queues whose every partition is on one
@@ -325,7 +335,7 @@ where
     // known once the body is decoded.
     let limit = R::BODY_LIMIT.bytes(st.max_offload_produce_body);
     let (parts, body) = req.into_parts();
-    let mut body = RequestBody::new(body, &parts.headers);
+    let mut body = RequestBody::new(body, &parts.headers).charged_to(st.inflight.clone());
     let accept = pb::response_encoding(header_str(&parts.headers, header::ACCEPT));
     let out_enc = *accept.as_ref().unwrap_or(&Encoding::Json);
     let extensions = out_enc == Encoding::Protobuf
@@ -359,10 +369,14 @@ where
         }
         let bytes = body.read(limit).await?;
         let msg: R::Request = pb::decode(in_enc, &bytes)?;
+        // The decoded message holds copies of what it needs: the raw body would only double the memory a request
+        // waiting in an inbox holds (its charge stays until the answer, covering the decoded items).
+        let body_len = bytes.len();
+        drop(bytes);
         authorize::<R>(&st, &principal, &msg).await?;
-        if R::BODY_LIMIT == BodyLimit::MaxProduceBody && bytes.len() > st.max_produce_body {
+        if R::BODY_LIMIT == BodyLimit::MaxProduceBody && body_len > st.max_produce_body {
             let allowed = match R::target(&msg) {
-                Target::Queue(q) => st.produce_body_allowed(q, bytes.len()).await,
+                Target::Queue(q) => st.produce_body_allowed(q, body_len).await,
                 _ => false,
             };
             if !allowed {
@@ -474,6 +488,10 @@ pub(crate) struct RequestBody {
     polled: bool,
     /// Whether the connection can serve another request: false once part of the body is left unread.
     pub(crate) reusable: bool,
+    /// Where the bytes read are charged (`limits.max-inflight-bytes`); `None`: not charged (bodies only drained).
+    gate: Option<Arc<Inflight>>,
+    /// What this request holds of that bound, until it is dropped with the request.
+    charge: Charge,
 }
 
 impl RequestBody {
@@ -488,7 +506,27 @@ impl RequestBody {
             read: 0,
             polled: false,
             reusable: true,
+            gate: None,
+            charge: Charge::default(),
         }
+    }
+
+    /// The same body, its bytes charged to `gate` as they are read (and the declared length before reading).
+    pub(crate) fn charged_to(mut self, gate: Arc<Inflight>) -> Self {
+        self.gate = Some(gate);
+        self
+    }
+
+    /// Charges `total` bytes read (or about to be) to the gate; refuses (and drains) the body when no room comes.
+    async fn cover(&mut self, total: usize, limit: usize) -> Result<(), ApiError> {
+        let Some(gate) = self.gate.clone() else {
+            return Ok(());
+        };
+        if let Err(e) = gate.cover(&mut self.charge, total).await {
+            self.discard(limit).await;
+            return Err(e);
+        }
+        Ok(())
     }
 
     /// The next chunk of data; `None` at the end.
@@ -519,6 +557,10 @@ impl RequestBody {
             self.discard(limit).await;
             return Err(ApiError::BodyTooLarge(limit));
         }
+        // A declared length is charged before anything is read: a body that cannot fit is refused without being
+        // held, and a client waiting on `Expect: 100-continue` is told before it sends. The minimum (one unit) is
+        // charged for a body of unknown length, and more as it arrives.
+        self.cover(self.declared.unwrap_or(0), limit).await?;
         // One chunk is the common case: keep it as it is rather than copying it.
         let mut first: Option<Bytes> = None;
         let mut rest = BytesMut::new();
@@ -528,6 +570,7 @@ impl RequestBody {
                 self.discard(limit).await;
                 return Err(ApiError::BodyTooLarge(limit));
             }
+            self.cover(self.read, limit).await?;
             match &first {
                 None => first = Some(chunk),
                 Some(f) => {

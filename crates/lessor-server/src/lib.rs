@@ -13,6 +13,7 @@
 //! - [`convert`]: wire messages to and from core types.
 //! - [`metrics`]: `/metrics` (request latency per route, per-queue gauges and counters).
 //! - [`tls`]: HTTPS (the `tls` section, rustls, handshakes off the accept path).
+//! - [`inflight`]: the server-wide bound on request bytes held in memory (`limits.max-inflight-bytes`).
 
 mod admin;
 mod backup;
@@ -21,6 +22,7 @@ pub mod convert;
 pub mod error;
 pub mod history;
 pub mod http;
+pub mod inflight;
 pub mod metrics;
 pub mod tls;
 pub mod ui;
@@ -97,6 +99,10 @@ pub struct ServeOptions {
     pub ui: bool,
     /// The configuration summary `server.info` answers (no secrets).
     pub summary: lessor_proto::ServerInfoResponse,
+    /// Body bytes of requests read and not yet answered, server-wide (`limits.max-inflight-bytes`).
+    pub max_inflight_bytes: u64,
+    /// How long a body that does not fit under `max_inflight_bytes` waits for room (`limits.inflight-wait`).
+    pub inflight_wait: std::time::Duration,
 }
 
 impl Default for ServeOptions {
@@ -108,6 +114,8 @@ impl Default for ServeOptions {
             auth: None,
             ui: true,
             summary: lessor_proto::ServerInfoResponse::default(),
+            max_inflight_bytes: inflight::DEFAULT_MAX_INFLIGHT_BYTES,
+            inflight_wait: inflight::DEFAULT_INFLIGHT_WAIT,
         }
     }
 }
@@ -123,6 +131,8 @@ impl ServeOptions {
             auth: None,
             ui: config.ui_enabled(),
             summary: summary(config),
+            max_inflight_bytes: config.max_inflight_bytes(),
+            inflight_wait: config.inflight_wait(),
         }
     }
 }
@@ -444,7 +454,11 @@ where
         None => http::AppState::with_limits(engine.clone(), options.max_produce_body),
     }
     .with_server_info(options.summary.clone())
-    .with_offload_limit(options.max_offload_produce_body, &options.offload_stores);
+    .with_offload_limit(options.max_offload_produce_body, &options.offload_stores)
+    .with_inflight(inflight::Inflight::new(
+        options.max_inflight_bytes,
+        options.inflight_wait,
+    ));
     let history = state.history.clone();
     let mut app = http::router(state);
     if options.ui {
