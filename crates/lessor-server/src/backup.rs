@@ -30,9 +30,7 @@ use prost::Message;
 use tokio::sync::mpsc;
 
 use crate::error::ApiError;
-use crate::http::{
-    authenticate, check_head, closing, error_response, header_str, Api, AppState, Ctx, RequestBody,
-};
+use crate::http::{authenticate, check_head, closing, error_response, header_str, Api, AppState, Ctx};
 use crate::metrics::{Metrics, RouteLabels};
 
 /// Blocks waiting between the producer and the response: enough to keep both busy, few enough that a stalled
@@ -48,7 +46,7 @@ const FIRST_PAGE: usize = 256;
 /// `POST /v1/storage.backup`.
 pub(crate) async fn backup(State(st): State<AppState>, req: Request) -> Response {
     let (parts, body) = req.into_parts();
-    let mut body = RequestBody::new(body, &parts.headers).charged_to(st.inflight.clone());
+    let mut body = st.body(body, &parts.headers);
     let accept = pb::response_encoding(header_str(&parts.headers, header::ACCEPT));
     let out_enc = *accept.as_ref().unwrap_or(&pb::Encoding::Json);
     let started: Result<Response, ApiError> = async {

@@ -47,6 +47,17 @@ const MIN_INFLIGHT_BYTES: u64 = 64 * 1024;
 const MAX_INFLIGHT_BYTES: u64 = 1 << 40;
 /// Longest `limits.inflight-wait` accepted: a request waiting longer holds its connection for nothing.
 const MAX_INFLIGHT_WAIT: Duration = Duration::from_secs(60);
+/// Default `limits.header-read-timeout`.
+pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default `limits.body-read-timeout`: a 64 MB body at about 1 MB/s.
+pub const DEFAULT_BODY_READ_TIMEOUT: Duration = Duration::from_secs(60);
+/// Longest header or body read timeout accepted: beyond it the timeout no longer frees connections in useful time.
+const MAX_READ_TIMEOUT: Duration = Duration::from_secs(3600);
+/// Default `limits.max-connections`.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
+/// Highest `limits.max-connections` accepted: each connection may hold a 64 KiB header buffer, so a million of
+/// them is already 64 GB.
+const MAX_CONNECTIONS: usize = 1_000_000;
 
 /// What is wrong with a configuration, or why the stores it describes could not be opened.
 #[derive(Debug, Error)]
@@ -494,6 +505,13 @@ pub struct LimitsSection {
     /// How long a request whose body does not fit under `max-inflight-bytes` waits for room before 454 (Go
     /// duration, default 1s, 0 refuses at once).
     pub inflight_wait: Option<String>,
+    /// How long a client may take to send a request's headers, and how long an idle kept-alive connection stays
+    /// open (Go duration, default 30s).
+    pub header_read_timeout: Option<String>,
+    /// How long a client may take to send a request's body once its headers are in (Go duration, default 60s).
+    pub body_read_timeout: Option<String>,
+    /// Connections served at once; more are closed as soon as they are accepted (default 10000).
+    pub max_connections: Option<usize>,
 }
 
 impl Config {
@@ -654,6 +672,31 @@ impl Config {
                 }
             }
         }
+        for (field, value) in [
+            ("limits.header-read-timeout", &self.limits.header_read_timeout),
+            ("limits.body-read-timeout", &self.limits.body_read_timeout),
+        ] {
+            if let Some(d) = value {
+                match parse_go_duration(d) {
+                    Ok(v) if !v.is_zero() && v <= MAX_READ_TIMEOUT => {}
+                    Ok(_) => {
+                        return Err(ConfigError::Limit {
+                            field,
+                            reason: "must be above 0 and at most 1h".into(),
+                        })
+                    }
+                    Err(reason) => return Err(ConfigError::Limit { field, reason }),
+                }
+            }
+        }
+        if let Some(n) = self.limits.max_connections {
+            if n == 0 || n > MAX_CONNECTIONS {
+                return Err(ConfigError::Limit {
+                    field: "limits.max-connections",
+                    reason: format!("must be between 1 and {MAX_CONNECTIONS}"),
+                });
+            }
+        }
         if let Some(d) = &self.auth_backend.driver {
             if !matches!(d.to_ascii_lowercase().as_str(), "" | "none" | "internal") {
                 return Err(ConfigError::AuthDriver { value: d.clone() });
@@ -805,6 +848,29 @@ impl Config {
             .as_deref()
             .and_then(|d| parse_go_duration(d).ok())
             .unwrap_or(crate::inflight::DEFAULT_INFLIGHT_WAIT)
+    }
+
+    /// How long a client may take to send a request's headers (`limits.header-read-timeout`; validated).
+    pub fn header_read_timeout(&self) -> Duration {
+        self.limits
+            .header_read_timeout
+            .as_deref()
+            .and_then(|d| parse_go_duration(d).ok())
+            .unwrap_or(DEFAULT_HEADER_READ_TIMEOUT)
+    }
+
+    /// How long a client may take to send a request's body (`limits.body-read-timeout`; validated).
+    pub fn body_read_timeout(&self) -> Duration {
+        self.limits
+            .body_read_timeout
+            .as_deref()
+            .and_then(|d| parse_go_duration(d).ok())
+            .unwrap_or(DEFAULT_BODY_READ_TIMEOUT)
+    }
+
+    /// Connections served at once (`limits.max-connections`).
+    pub fn max_connections(&self) -> usize {
+        self.limits.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS)
     }
 
     /// Largest produce body for queues placed only on stores that offload payloads (at least
@@ -1121,6 +1187,35 @@ mod tests {
             ("max-inflight-bytes", "1099511627777"),
             ("inflight-wait", "61s"),
             ("inflight-wait", "soon"),
+        ] {
+            let e = Config::from_yaml(&format!("limits:\n  {key}: {bad}\n"))
+                .expect_err(bad)
+                .to_string();
+            assert!(e.contains(&format!("limits.{key}")), "{bad}: {e}");
+        }
+    }
+
+    /// The read timeouts are Go durations above 0 and at most 1h (defaults 30s and 60s); `limits.max-connections`
+    /// is between 1 and a million (default 10,000).
+    #[test]
+    fn connection_limits_are_checked_and_applied() {
+        let c = Config::memory();
+        assert_eq!(c.header_read_timeout(), Duration::from_secs(30));
+        assert_eq!(c.body_read_timeout(), Duration::from_secs(60));
+        assert_eq!(c.max_connections(), 10_000);
+        let c = Config::from_yaml(
+            "limits:\n  header-read-timeout: 2s\n  body-read-timeout: 1m\n  max-connections: 5\n",
+        )
+        .expect("valid");
+        assert_eq!(c.header_read_timeout(), Duration::from_secs(2));
+        assert_eq!(c.body_read_timeout(), Duration::from_secs(60));
+        assert_eq!(c.max_connections(), 5);
+        for (key, bad) in [
+            ("header-read-timeout", "0s"),
+            ("header-read-timeout", "2h"),
+            ("body-read-timeout", "never"),
+            ("max-connections", "0"),
+            ("max-connections", "1000001"),
         ] {
             let e = Config::from_yaml(&format!("limits:\n  {key}: {bad}\n"))
                 .expect_err(bad)

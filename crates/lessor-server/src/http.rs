@@ -64,6 +64,8 @@ pub struct AppState {
     offload_stores: Arc<std::collections::HashSet<String>>,
     /// The server-wide bound on body bytes read and not yet answered.
     pub(crate) inflight: Arc<Inflight>,
+    /// How long a client may take to send a body (`limits.body-read-timeout`).
+    body_read_timeout: Duration,
 }
 
 impl AppState {
@@ -95,7 +97,21 @@ impl AppState {
             max_offload_produce_body: max_produce_body,
             offload_stores: Arc::default(),
             inflight: Arc::default(),
+            body_read_timeout: crate::config::DEFAULT_BODY_READ_TIMEOUT,
         }
+    }
+
+    /// The same state, refusing bodies that take longer than `timeout` to arrive (`limits.body-read-timeout`).
+    pub fn with_body_read_timeout(mut self, timeout: Duration) -> Self {
+        self.body_read_timeout = timeout;
+        self
+    }
+
+    /// A request body to be read under this state's bounds: charged to the in-flight bound, and timed.
+    pub(crate) fn body(&self, body: Body, headers: &HeaderMap) -> RequestBody {
+        let mut b = RequestBody::new(body, headers).charged_to(self.inflight.clone());
+        b.timeout = Some(self.body_read_timeout);
+        b
     }
 
     /// The same state, holding the bodies of requests in flight to `inflight` (`limits.max-inflight-bytes`).
@@ -335,7 +351,7 @@ where
     // known once the body is decoded.
     let limit = R::BODY_LIMIT.bytes(st.max_offload_produce_body);
     let (parts, body) = req.into_parts();
-    let mut body = RequestBody::new(body, &parts.headers).charged_to(st.inflight.clone());
+    let mut body = st.body(body, &parts.headers);
     let accept = pb::response_encoding(header_str(&parts.headers, header::ACCEPT));
     let out_enc = *accept.as_ref().unwrap_or(&Encoding::Json);
     let extensions = out_enc == Encoding::Protobuf
@@ -492,6 +508,9 @@ pub(crate) struct RequestBody {
     gate: Option<Arc<Inflight>>,
     /// What this request holds of that bound, until it is dropped with the request.
     charge: Charge,
+    /// How long [`RequestBody::read`] waits for the whole body (`limits.body-read-timeout`); `None`: unbounded
+    /// (only for bodies drained, which [`DRAIN_TIME`] bounds).
+    timeout: Option<Duration>,
 }
 
 impl RequestBody {
@@ -508,6 +527,7 @@ impl RequestBody {
             reusable: true,
             gate: None,
             charge: Charge::default(),
+            timeout: None,
         }
     }
 
@@ -561,10 +581,28 @@ impl RequestBody {
         // held, and a client waiting on `Expect: 100-continue` is told before it sends. The minimum (one unit) is
         // charged for a body of unknown length, and more as it arrives.
         self.cover(self.declared.unwrap_or(0), limit).await?;
+        // The body-read timeout counts from here: waiting for room above is the server's doing, not the client's.
+        // A client that trickles its body (a byte a second keeps any per-read timeout happy) would otherwise hold
+        // its request, its connection and its share of the in-flight bound for as long as it likes.
+        let deadline = self.timeout.map(|t| (tokio::time::Instant::now() + t, t));
         // One chunk is the common case: keep it as it is rather than copying it.
         let mut first: Option<Bytes> = None;
         let mut rest = BytesMut::new();
-        while let Some(chunk) = self.next().await {
+        loop {
+            let chunk = match deadline {
+                None => self.next().await,
+                Some((at, t)) => match tokio::time::timeout_at(at, self.next()).await {
+                    Ok(c) => c,
+                    Err(_) => {
+                        // The rest of the body is not coming in time: not worth draining either.
+                        self.reusable = false;
+                        return Err(ApiError::BodyRead(format!(
+                            "not received within {t:?} (limits.body-read-timeout)"
+                        )));
+                    }
+                },
+            };
+            let Some(chunk) = chunk else { break };
             let chunk = chunk?;
             if self.read > limit {
                 self.discard(limit).await;

@@ -103,6 +103,12 @@ pub struct ServeOptions {
     pub max_inflight_bytes: u64,
     /// How long a body that does not fit under `max_inflight_bytes` waits for room (`limits.inflight-wait`).
     pub inflight_wait: std::time::Duration,
+    /// How long a client may take to send a request's headers (`limits.header-read-timeout`).
+    pub header_read_timeout: std::time::Duration,
+    /// How long a client may take to send a request's body (`limits.body-read-timeout`).
+    pub body_read_timeout: std::time::Duration,
+    /// Connections served at once (`limits.max-connections`).
+    pub max_connections: usize,
 }
 
 impl Default for ServeOptions {
@@ -116,6 +122,9 @@ impl Default for ServeOptions {
             summary: lessor_proto::ServerInfoResponse::default(),
             max_inflight_bytes: inflight::DEFAULT_MAX_INFLIGHT_BYTES,
             inflight_wait: inflight::DEFAULT_INFLIGHT_WAIT,
+            header_read_timeout: config::DEFAULT_HEADER_READ_TIMEOUT,
+            body_read_timeout: config::DEFAULT_BODY_READ_TIMEOUT,
+            max_connections: config::DEFAULT_MAX_CONNECTIONS,
         }
     }
 }
@@ -133,6 +142,9 @@ impl ServeOptions {
             summary: summary(config),
             max_inflight_bytes: config.max_inflight_bytes(),
             inflight_wait: config.inflight_wait(),
+            header_read_timeout: config.header_read_timeout(),
+            body_read_timeout: config.body_read_timeout(),
+            max_connections: config.max_connections(),
         }
     }
 }
@@ -458,7 +470,8 @@ where
     .with_inflight(inflight::Inflight::new(
         options.max_inflight_bytes,
         options.inflight_wait,
-    ));
+    ))
+    .with_body_read_timeout(options.body_read_timeout);
     let history = state.history.clone();
     let mut app = http::router(state);
     if options.ui {
@@ -474,14 +487,87 @@ where
             tokio::spawn(async move { auth.watch(AUTH_POLL, std::future::pending::<()>()).await })
         });
     let _stop_watcher = AbortOnDrop(watcher);
-    let stop_engine = engine.clone();
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async move {
-            shutdown.await;
-            tracing::info!("shutting down");
-            stop_engine.shutdown().await;
-        })
-        .await
+    accept_loop(listener, app, &options, async move {
+        shutdown.await;
+        tracing::info!("shutting down");
+        engine.shutdown().await;
+    })
+    .await;
+    Ok(())
+}
+
+/// Most bytes of request head (request line and headers) a connection buffers; a larger head is refused with 431.
+/// Querator's clients send well under 1 KiB; hyper's default (about 400 KiB) times `limits.max-connections` would
+/// let slow clients hold gigabytes.
+pub const MAX_HEAD_BYTES: usize = 64 * 1024;
+
+/// Serves `app` on the connections of `listener` until `shutdown` resolves, then lets the open connections finish
+/// their requests and waits for them.
+///
+/// This replaces `axum::serve`, which sets no timer on hyper's connections and so has no header-read timeout and no
+/// bound on connections: a client sending its headers a byte at a time, on as many connections as it likes, was
+/// served forever. Here each connection has `header_read_timeout` (which also closes idle kept-alive connections)
+/// and takes one of `max_connections` places, given back when it closes; a connection accepted with no place left
+/// is closed at once, which the client sees as a closed connection rather than a hang. Only HTTP/1.1 is served, as
+/// Querator does (TLS already offers nothing else through ALPN).
+async fn accept_loop<L>(
+    mut listener: L,
+    app: axum::Router,
+    options: &ServeOptions,
+    shutdown: impl Future<Output = ()>,
+) where
+    L: axum::serve::Listener,
+    L::Addr: std::fmt::Debug,
+{
+    let places = options.max_connections.clamp(1, u32::MAX as usize);
+    let open = Arc::new(tokio::sync::Semaphore::new(places));
+    let (closing, closing_rx) = tokio::sync::watch::channel(false);
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(options.header_read_timeout)
+        .max_buf_size(MAX_HEAD_BYTES);
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        let (io, peer) = tokio::select! {
+            accepted = listener.accept() => accepted,
+            () = &mut shutdown => break,
+        };
+        let Ok(place) = open.clone().try_acquire_owned() else {
+            // Logged at debug only: a flood of connections must not become a flood of log lines.
+            tracing::debug!(
+                ?peer,
+                limit = places,
+                "limits.max-connections reached; connection closed"
+            );
+            drop(io);
+            continue;
+        };
+        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        let connection = builder.serve_connection(hyper_util::rt::TokioIo::new(io), service);
+        let mut closing = closing_rx.clone();
+        tokio::spawn(async move {
+            let mut connection = std::pin::pin!(connection);
+            tokio::select! {
+                served = connection.as_mut() => {
+                    if let Err(e) = served {
+                        tracing::trace!(?peer, error = %e, "connection ended");
+                    }
+                }
+                // The guard `wait_for` returns is dropped at once: it is not `Send`.
+                () = async { let _ = closing.wait_for(|c| *c).await; } => {
+                    // Finish the request in progress, if any, then close.
+                    connection.as_mut().graceful_shutdown();
+                    let _ = connection.await;
+                }
+            }
+            drop(place);
+        });
+    }
+    let _ = closing.send(true);
+    // Every connection gives its place back when it ends: holding them all means all have ended.
+    let all = u32::try_from(places).unwrap_or(u32::MAX);
+    let _ = open.acquire_many(all).await;
 }
 
 /// Aborts a background task when dropped (when [`serve`] returns, however it returns).
