@@ -100,6 +100,121 @@ where
     }
 }
 
+/// How many repeated values `body` holds, counted without decoding it and without allocating, stopping once past
+/// `max`: in protobuf the top-level fields (each element of a repeated field is one), in JSON the elements of
+/// every array at any depth. A body that does not parse is counted up to where it stops; decoding reports it.
+///
+/// A server calls this before [`decode`]: an element costs two bytes on the wire (`{},` three in JSON) and a whole
+/// struct once decoded, so a body of empty items decodes to about a hundred times its size before any item count
+/// can be checked.
+pub fn repeated_values(enc: Encoding, body: &[u8], max: usize) -> usize {
+    match enc {
+        Encoding::Protobuf => protobuf_fields(body, max),
+        Encoding::Json => {
+            let mut n = 0;
+            let mut de = serde_json::Deserializer::from_slice(body);
+            // An error is either the count passing `max` (n says so) or a body decoding will refuse anyway.
+            let _ = serde::de::DeserializeSeed::deserialize(Count { n: &mut n, max }, &mut de);
+            n
+        }
+    }
+}
+
+/// Top-level fields of a protobuf body, up to just past `max`.
+fn protobuf_fields(mut body: &[u8], max: usize) -> usize {
+    let mut n = 0;
+    while !body.is_empty() && n <= max {
+        let Ok(key) = prost::encoding::decode_varint(&mut body) else {
+            break;
+        };
+        let skip = match key & 7 {
+            0 => match prost::encoding::decode_varint(&mut body) {
+                Ok(_) => 0,
+                Err(_) => break,
+            },
+            1 => 8,
+            2 => match prost::encoding::decode_varint(&mut body) {
+                Ok(len) => usize::try_from(len).unwrap_or(usize::MAX),
+                Err(_) => break,
+            },
+            5 => 4,
+            // Groups (3, 4) are not used by any message here, and 6, 7 do not exist: decoding refuses them.
+            _ => break,
+        };
+        if skip > body.len() {
+            break;
+        }
+        body = &body[skip..];
+        n += 1;
+    }
+    n
+}
+
+/// Counts the array elements of a JSON value, at any depth, into `n`; fails once past `max`.
+struct Count<'a> {
+    n: &'a mut usize,
+    max: usize,
+}
+
+impl<'de> serde::de::DeserializeSeed<'de> for Count<'_> {
+    type Value = ();
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for Count<'_> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("any JSON value")
+    }
+
+    fn visit_bool<E>(self, _: bool) -> Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_i64<E>(self, _: i64) -> Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_u64<E>(self, _: u64) -> Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_f64<E>(self, _: f64) -> Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_str<E>(self, _: &str) -> Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_unit<E>(self) -> Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        let Count { n, max } = self;
+        while seq.next_element_seed(Count { n: &mut *n, max })?.is_some() {
+            *n += 1;
+            if *n > max {
+                return Err(serde::de::Error::custom("too many values"));
+            }
+        }
+        Ok(())
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        let Count { n, max } = self;
+        while map.next_key::<serde::de::IgnoredAny>()?.is_some() {
+            map.next_value_seed(Count { n: &mut *n, max })?;
+        }
+        Ok(())
+    }
+}
+
 /// Encodes a message.
 pub fn encode<T>(enc: Encoding, msg: &T) -> Vec<u8>
 where
@@ -126,6 +241,29 @@ fn json_error(e: &serde_json::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Protobuf counts top-level fields, JSON the elements of every array; both stop just past `max`, and a body
+    /// that does not parse counts what came before the fault.
+    #[test]
+    fn repeated_values_are_counted_without_decoding() {
+        let req = crate::QueueProduceRequest {
+            queue_name: "q".into(),
+            request_timeout: "1m".into(),
+            items: vec![crate::QueueProduceItem::default(); 5],
+        };
+        let proto = encode(Encoding::Protobuf, &req);
+        assert_eq!(repeated_values(Encoding::Protobuf, &proto, 100), 7);
+        assert_eq!(repeated_values(Encoding::Protobuf, &proto, 3), 4);
+        assert_eq!(
+            repeated_values(Encoding::Protobuf, &proto[..proto.len() - 1], 100),
+            6
+        );
+        let json = br#"{"queue_name":"q","items":[{},{"utf8":"a,b"},{}],"x":[[1,2],[3]]}"#;
+        assert_eq!(repeated_values(Encoding::Json, json, 100), 3 + 2 + 3);
+        assert_eq!(repeated_values(Encoding::Json, json, 2), 3);
+        assert_eq!(repeated_values(Encoding::Json, br#"{"items":[{},{},"#, 100), 2);
+        assert_eq!(repeated_values(Encoding::Json, b"", 100), 0);
+    }
 
     #[test]
     fn content_type_rules() {

@@ -65,7 +65,7 @@ pub use apikeys::{
     APIKeyCreateRequest, APIKeyCreateResponse, APIKeyMetadata, APIKeysDeleteRequest, APIKeysListRequest,
     APIKeysListResponse,
 };
-pub use codec::{decode, encode, request_encoding, response_encoding, CodecError, Encoding};
+pub use codec::{decode, encode, repeated_values, request_encoding, response_encoding, CodecError, Encoding};
 pub use extensions::{
     AuthWhoamiRequest, AuthWhoamiResponse, NamespacePermissions, QueueOverview, QueuesOverviewRequest,
     QueuesOverviewResponse,

@@ -29,6 +29,9 @@ pub enum ApiError {
     /// body found no room in time and was not read on.
     #[error("server is overloaded; requests in flight hold {0} bytes (limits.max-inflight-bytes), try again later")]
     InflightFull(u64),
+    /// The body holds more repeated values than any request needs (400), refused before it is decoded.
+    #[error("request body has too many values; more than {0} repeated values, at most {0} per request")]
+    TooManyValues(usize),
     /// The body could not be read from the connection.
     #[error("request body could not be read; {0}")]
     BodyRead(String),
@@ -77,6 +80,7 @@ impl ApiError {
             ApiError::BodyTooLarge(_) | ApiError::MethodNotAllowed(_) => 400,
             ApiError::BodyRead(_) => 400,
             ApiError::InflightFull(_) => 454,
+            ApiError::TooManyValues(_) => 400,
             ApiError::NoSuchMethod(_) => 501,
         }
     }

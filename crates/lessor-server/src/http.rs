@@ -47,6 +47,11 @@ use crate::{admin, backup, convert};
 /// answer and reuse the connection. Bounded, so a refused upload costs at most this much more than an accepted one.
 pub const DRAIN_SLACK: usize = 4 * 1024 * 1024;
 
+/// Most repeated values (items, ids, array elements) a request body may hold, counted before it is decoded (see
+/// [`pb::repeated_values`]): above the 10,000 items an import or restore page may carry, and far below what a 5 MB
+/// body of empty items would decode to (2.5 million structs, about 450 MB).
+pub const MAX_REQUEST_VALUES: usize = 16_384;
+
 /// How long the server waits for the rest of a body it refuses before answering with `Connection: close`.
 pub const DRAIN_TIME: Duration = Duration::from_secs(5);
 
@@ -384,6 +389,9 @@ where
             return Err(AuthError::Unauthenticated.into());
         }
         let bytes = body.read(limit).await?;
+        if pb::repeated_values(in_enc, &bytes, MAX_REQUEST_VALUES) > MAX_REQUEST_VALUES {
+            return Err(ApiError::TooManyValues(MAX_REQUEST_VALUES));
+        }
         let msg: R::Request = pb::decode(in_enc, &bytes)?;
         // The decoded message holds copies of what it needs: the raw body would only double the memory a request
         // waiting in an inbox holds (its charge stays until the answer, covering the decoded items).
