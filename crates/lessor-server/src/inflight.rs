@@ -10,6 +10,10 @@
 //! Charges are counted in KiB (at least one per request), so the bound also caps the number of requests in flight
 //! and a charge fits the semaphore's `u32` permit count whatever the body limits. A body larger than the whole
 //! bound is charged the whole bound: it waits until nothing else is in flight and then goes alone.
+//!
+//! Large bodies (above [`SMALL_BODY`]: produces, imports) may hold at most seven eighths of the bound between them;
+//! the last eighth is kept for small requests, so that completes, retries and leases still get through while
+//! producers keep the bound full (consumers that cannot complete would only make the backlog grow).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -24,11 +28,18 @@ pub const DEFAULT_MAX_INFLIGHT_BYTES: u64 = 1 << 30;
 pub const DEFAULT_INFLIGHT_WAIT: Duration = Duration::from_secs(1);
 /// The unit charges are counted in.
 const UNIT: u64 = 1024;
+/// Bodies up to this many units are small: they are charged to the whole bound only, larger ones to the large
+/// bodies' share too.
+const SMALL_BODY: u32 = 64;
 
 /// The bound, shared by every request of a server.
 #[derive(Debug)]
 pub struct Inflight {
     room: Arc<Semaphore>,
+    /// The large bodies' share of the bound (seven eighths of it; all of it when that leaves no unit).
+    large: Arc<Semaphore>,
+    /// Its size in units.
+    large_units: u32,
     /// The bound in units.
     units: u32,
     /// The bound as configured, for the refusal's message.
@@ -41,6 +52,9 @@ pub struct Inflight {
 pub struct Charge {
     permit: Option<OwnedSemaphorePermit>,
     units: u32,
+    /// The part of the large bodies' share held (units), for bodies above [`SMALL_BODY`].
+    large: Option<OwnedSemaphorePermit>,
+    large_units: u32,
 }
 
 impl Inflight {
@@ -48,8 +62,11 @@ impl Inflight {
     /// where a request waits up to `wait` for room.
     pub fn new(bytes: u64, wait: Duration) -> Self {
         let units = u32::try_from(bytes / UNIT).unwrap_or(u32::MAX).max(1);
+        let large_units = (units - units / 8).max(1);
         Inflight {
             room: Arc::new(Semaphore::new(units as usize)),
+            large: Arc::new(Semaphore::new(large_units as usize)),
+            large_units,
             units,
             bytes,
             wait,
@@ -76,23 +93,44 @@ impl Inflight {
         if want <= charge.units {
             return Ok(());
         }
-        let more = want - charge.units;
-        let permit = match self.room.clone().try_acquire_many_owned(more) {
-            Ok(p) => p,
-            Err(TryAcquireError::NoPermits) if !self.wait.is_zero() => {
-                match tokio::time::timeout(self.wait, self.room.clone().acquire_many_owned(more)).await {
-                    Ok(Ok(p)) => p,
-                    _ => return Err(ApiError::InflightFull(self.bytes)),
-                }
-            }
-            Err(_) => return Err(ApiError::InflightFull(self.bytes)),
+        // A large body holds its whole charge in the large bodies' share too (taken first: every request takes
+        // the two in the same order).
+        let large_want = if want > SMALL_BODY {
+            want.min(self.large_units)
+        } else {
+            0
         };
-        match &mut charge.permit {
-            Some(p) => p.merge(permit),
-            None => charge.permit = Some(permit),
+        if large_want > charge.large_units {
+            let permit = self.take(&self.large, large_want - charge.large_units).await?;
+            merge(&mut charge.large, permit);
+            charge.large_units = large_want;
         }
+        let permit = self.take(&self.room, want - charge.units).await?;
+        merge(&mut charge.permit, permit);
         charge.units = want;
         Ok(())
+    }
+
+    /// `n` units of `sem`, waiting up to the configured time.
+    async fn take(&self, sem: &Arc<Semaphore>, n: u32) -> Result<OwnedSemaphorePermit, ApiError> {
+        match sem.clone().try_acquire_many_owned(n) {
+            Ok(p) => Ok(p),
+            Err(TryAcquireError::NoPermits) if !self.wait.is_zero() => {
+                match tokio::time::timeout(self.wait, sem.clone().acquire_many_owned(n)).await {
+                    Ok(Ok(p)) => Ok(p),
+                    _ => Err(ApiError::InflightFull(self.bytes)),
+                }
+            }
+            Err(_) => Err(ApiError::InflightFull(self.bytes)),
+        }
+    }
+}
+
+/// Adds `permit` to what `held` holds.
+fn merge(held: &mut Option<OwnedSemaphorePermit>, permit: OwnedSemaphorePermit) {
+    match held {
+        Some(p) => p.merge(permit),
+        None => *held = Some(permit),
     }
 }
 
@@ -124,6 +162,32 @@ mod tests {
         drop(a);
         assert_eq!(gate.charged_bytes(), 0);
         gate.cover(&mut b, 5000).await.expect("b fits now");
+    }
+
+    /// Large bodies hold at most seven eighths of the bound between them: small requests (completes, leases) still
+    /// get through while producers keep it full.
+    #[tokio::test]
+    async fn small_requests_keep_an_eighth_of_the_bound() {
+        let gate = Inflight::new(1024 * 1024, Duration::ZERO);
+        let mut large = Vec::new();
+        loop {
+            let mut c = Charge::default();
+            if gate.cover(&mut c, 100 * 1024).await.is_err() {
+                break;
+            }
+            large.push(c);
+        }
+        assert_eq!(large.len(), 8, "896 KiB of the 1 MiB bound, in bodies of 100 KiB");
+        let mut small = Vec::new();
+        for _ in 0..100 {
+            let mut c = Charge::default();
+            gate.cover(&mut c, 1000)
+                .await
+                .expect("a small request fits beside them");
+            small.push(c);
+        }
+        drop(large);
+        assert_eq!(gate.charged_bytes(), 100 * 1024);
     }
 
     #[tokio::test]
