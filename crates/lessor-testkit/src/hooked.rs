@@ -169,6 +169,33 @@ pub trait Hook: Send + Sync + 'static {
     async fn after(&self, call: &Call) {
         let _ = call;
     }
+
+    /// Sees how many items and payload bytes a partition call carried: what a read (lease, list, dead items)
+    /// returned, or what a write (produce, import) was given. Tests of the byte bounds on bulk paths read it.
+    fn carried(&self, call: &Call, items: usize, bytes: u64) {
+        let _ = (call, items, bytes);
+    }
+}
+
+/// The payload bytes of `items`.
+fn bytes_of<'a>(items: impl Iterator<Item = &'a bytes::Bytes>) -> u64 {
+    items.map(|p| p.len() as u64).sum()
+}
+
+/// [`hooked`] for a call that returns items: the hook also sees what came back.
+async fn hooked_items<T, Fut>(
+    hook: &dyn Hook,
+    call: Call,
+    f: Fut,
+    items: impl Fn(&T) -> &[Item],
+) -> Result<T, StorageError>
+where
+    Fut: std::future::Future<Output = Result<T, StorageError>>,
+{
+    let r = hooked(hook, call.clone(), f).await?;
+    let got = items(&r);
+    hook.carried(&call, got.len(), bytes_of(got.iter().map(|it| &it.payload)));
+    Ok(r)
 }
 
 /// A hook that only runs `f` before each call: `f` fails the calls it returns an error for.
@@ -368,9 +395,17 @@ impl fmt::Debug for HookedPartition {
 #[async_trait]
 impl Partition for HookedPartition {
     async fn produce(&self, items: Vec<NewItem>) -> Result<Vec<ItemId>, StorageError> {
-        hooked(&*self.hook, self.call(Op::Produce), self.inner.produce(items)).await
+        let call = self.call(Op::Produce);
+        self.hook
+            .carried(&call, items.len(), bytes_of(items.iter().map(|it| &it.payload)));
+        hooked(&*self.hook, call, self.inner.produce(items)).await
     }
     async fn produce_reporting(&self, items: Vec<NewItem>) -> Result<(Vec<ItemId>, Vec<bool>), StorageError> {
+        self.hook.carried(
+            &self.call(Op::Produce),
+            items.len(),
+            bytes_of(items.iter().map(|it| &it.payload)),
+        );
         hooked(
             &*self.hook,
             self.call(Op::Produce),
@@ -379,7 +414,13 @@ impl Partition for HookedPartition {
         .await
     }
     async fn lease(&self, n: usize, deadline: Ts) -> Result<Vec<Item>, StorageError> {
-        hooked(&*self.hook, self.call(Op::Lease), self.inner.lease(n, deadline)).await
+        hooked_items(
+            &*self.hook,
+            self.call(Op::Lease),
+            self.inner.lease(n, deadline),
+            |r| r,
+        )
+        .await
     }
     async fn lease_within(
         &self,
@@ -387,10 +428,11 @@ impl Partition for HookedPartition {
         deadline: Ts,
         max: u64,
     ) -> Result<(Vec<Item>, bool), StorageError> {
-        hooked(
+        hooked_items(
             &*self.hook,
             self.call(Op::Lease),
             self.inner.lease_within(n, deadline, max),
+            |r| &r.0,
         )
         .await
     }
@@ -437,10 +479,11 @@ impl Partition for HookedPartition {
         .await
     }
     async fn dead_items(&self, limit: usize) -> Result<Vec<Item>, StorageError> {
-        hooked(
+        hooked_items(
             &*self.hook,
             self.call(Op::DeadItems),
             self.inner.dead_items(limit),
+            |r| r,
         )
         .await
     }
@@ -472,15 +515,19 @@ impl Partition for HookedPartition {
         limit: usize,
         scheduled: bool,
     ) -> Result<Vec<Item>, StorageError> {
-        hooked(
+        hooked_items(
             &*self.hook,
             self.call(Op::List),
             self.inner.list(pivot, limit, scheduled),
+            |r| r,
         )
         .await
     }
     async fn import(&self, items: Vec<Item>) -> Result<Vec<Item>, StorageError> {
-        hooked(&*self.hook, self.call(Op::Import), self.inner.import(items)).await
+        let call = self.call(Op::Import);
+        self.hook
+            .carried(&call, items.len(), bytes_of(items.iter().map(|it| &it.payload)));
+        hooked(&*self.hook, call, self.inner.import(items)).await
     }
     async fn snapshot(&self) -> Result<Box<dyn PartitionSnapshot>, StorageError> {
         hooked(&*self.hook, self.call(Op::Snapshot), self.inner.snapshot()).await
