@@ -288,6 +288,25 @@ pub trait Partition: Send + Sync + Debug + 'static {
     /// Up to `limit` dead items waiting for transfer to the dead-letter queue, in id order.
     async fn dead_items(&self, limit: usize) -> Result<Vec<Item>, StorageError>;
 
+    /// [`Partition::dead_items`] bounded in bytes as [`Partition::lease_within`] is: it stops before the item whose
+    /// bytes would take the total over `max_bytes` (the first is always taken), and tells whether it stopped there
+    /// (`true`: more dead items wait). The engine moves dead items in batches through this, so a batch of a thousand
+    /// 5 MB items cannot hold gigabytes. The default reads the whole batch, then cuts it: stores that can stop
+    /// reading at the bound override it.
+    async fn dead_items_within(
+        &self,
+        limit: usize,
+        max_bytes: u64,
+    ) -> Result<(Vec<Item>, bool), StorageError> {
+        Ok(cut_at_bytes(self.dead_items(limit).await?, max_bytes))
+    }
+
+    /// How many dead items wait for transfer, without reading them (a restore resuming counts them). The default
+    /// reads them all: stores override it with a count.
+    async fn dead_count(&self) -> Result<u64, StorageError> {
+        Ok(self.dead_items(usize::MAX).await?.len() as u64)
+    }
+
     /// Removes dead items once the dead-letter queue holds them. Missing ids are ignored.
     async fn remove_dead(&self, ids: Vec<ItemId>) -> Result<(), StorageError>;
 
@@ -310,6 +329,22 @@ pub trait Partition: Send + Sync + Debug + 'static {
         limit: usize,
         scheduled: bool,
     ) -> Result<Vec<Item>, StorageError>;
+
+    /// [`Partition::list`] bounded in bytes: it stops before the item whose bytes would take the page over
+    /// `max_bytes` (the first item is always taken), and tells whether it stopped there (`true`: items may follow
+    /// the page, which a caller must not take for the end even when it holds fewer than `limit`). The page is still
+    /// the first items from `pivot` in id order, so the next page starts after its last id: nothing is skipped.
+    /// The list route, browse, redrive and rebalance read through this. The default reads the whole page, then
+    /// cuts it: stores that can stop reading at the bound override it.
+    async fn list_within(
+        &self,
+        pivot: Option<ItemId>,
+        limit: usize,
+        scheduled: bool,
+        max_bytes: u64,
+    ) -> Result<(Vec<Item>, bool), StorageError> {
+        Ok(cut_at_bytes(self.list(pivot, limit, scheduled).await?, max_bytes))
+    }
 
     /// Adds items as given (state, deadlines, attempts, source_id, `dead`), with new ids (in input order) and
     /// `created_at` kept when set. Items whose non-empty `source_id` is already present are skipped. Returns the
@@ -341,6 +376,51 @@ pub trait Partition: Send + Sync + Debug + 'static {
 
     /// Flushes and releases resources.
     async fn close(&self);
+}
+
+/// The bytes an item carries against a byte bound: its payload and its strings (they are user bytes too).
+pub fn item_bytes(it: &Item) -> u64 {
+    (it.payload.len() + it.source_id.len() + it.reference.len() + it.encoding.len() + it.kind.len()) as u64
+}
+
+/// Cuts `items` before the first item that would take their [`item_bytes`] over `max_bytes` (the first item is
+/// always kept); tells whether it cut anything.
+pub fn cut_at_bytes(mut items: Vec<Item>, max_bytes: u64) -> (Vec<Item>, bool) {
+    let mut total = 0u64;
+    let keep = items
+        .iter()
+        .position(|it| {
+            total = total.saturating_add(item_bytes(it));
+            total > max_bytes
+        })
+        .map_or(items.len(), |i| i.max(1));
+    let cut = keep < items.len();
+    items.truncate(keep);
+    (items, cut)
+}
+
+/// Keeps of `items` (a page being merged from several sources, in any order) the prefix in id order a bounded
+/// list may answer: ids below `ceiling`, at most `limit` items, within `max_bytes` (at least one item). The first
+/// id it drops becomes the new ceiling, so that items read later from another source cannot fill the page past an
+/// item it left out (that item would be skipped: the next page starts after the last id answered).
+pub fn keep_page(items: &mut Vec<Item>, limit: usize, max_bytes: u64, ceiling: &mut Option<u64>) {
+    items.sort_unstable_by_key(|it| it.id);
+    if let Some(c) = *ceiling {
+        items.retain(|it| it.id.0 < c);
+    }
+    let mut keep = items.len().min(limit);
+    let mut total = 0u64;
+    for (i, it) in items.iter().enumerate().take(keep) {
+        total = total.saturating_add(item_bytes(it));
+        if i > 0 && total > max_bytes {
+            keep = i;
+            break;
+        }
+    }
+    if let Some(first_out) = items.get(keep) {
+        *ceiling = Some(first_out.id.0);
+        items.truncate(keep);
+    }
 }
 
 /// A point-in-time read of one partition (see [`Partition::snapshot`]), consumed page by page. Owned: it may be

@@ -319,6 +319,18 @@ impl Partition for MemoryPartition {
         Ok(self.state()?.dead_items(limit))
     }
 
+    async fn dead_items_within(
+        &self,
+        limit: usize,
+        max_bytes: u64,
+    ) -> Result<(Vec<Item>, bool), StorageError> {
+        Ok(self.state()?.dead_items_within(limit, max_bytes))
+    }
+
+    async fn dead_count(&self) -> Result<u64, StorageError> {
+        Ok(self.state()?.dead_count())
+    }
+
     async fn remove_dead(&self, ids: Vec<ItemId>) -> Result<(), StorageError> {
         self.state()?.remove_dead(ids);
         Ok(())
@@ -343,6 +355,16 @@ impl Partition for MemoryPartition {
         scheduled: bool,
     ) -> Result<Vec<Item>, StorageError> {
         Ok(self.state()?.list(pivot, limit, scheduled))
+    }
+
+    async fn list_within(
+        &self,
+        pivot: Option<ItemId>,
+        limit: usize,
+        scheduled: bool,
+        max_bytes: u64,
+    ) -> Result<(Vec<Item>, bool), StorageError> {
+        Ok(self.state()?.list_within(pivot, limit, scheduled, max_bytes))
     }
 
     async fn import(&self, items: Vec<Item>) -> Result<Vec<Item>, StorageError> {

@@ -50,7 +50,9 @@ use std::time::Duration;
 
 use bytes::{BufMut, Bytes, BytesMut};
 use lessor_core::error::ItemError;
-use lessor_core::storage::{LifecycleOutcome, LifecyclePolicy, RetryAction, RetryOp, RetryOutcome};
+use lessor_core::storage::{
+    item_bytes, LifecycleOutcome, LifecyclePolicy, RetryAction, RetryOp, RetryOutcome,
+};
 use lessor_core::time::Ts;
 use lessor_core::types::{
     ClearRequest, DedupRecord, Item, ItemId, NewItem, PartitionCounts, PartitionStats, TierStats,
@@ -1543,6 +1545,26 @@ impl PartitionState {
         self.dead.values().take(limit).cloned().collect()
     }
 
+    /// See [`lessor_core::storage::Partition::dead_items_within`]: stops before the item that would take the
+    /// batch over `max_bytes` (the first is always taken); tells whether it stopped there.
+    pub fn dead_items_within(&self, limit: usize, max_bytes: u64) -> (Vec<Item>, bool) {
+        let mut out = Vec::new();
+        let mut bytes = 0u64;
+        for it in self.dead.values().take(limit) {
+            bytes = bytes.saturating_add(item_bytes(it));
+            if !out.is_empty() && bytes > max_bytes {
+                return (out, true);
+            }
+            out.push(it.clone());
+        }
+        (out, false)
+    }
+
+    /// See [`lessor_core::storage::Partition::dead_count`].
+    pub fn dead_count(&self) -> u64 {
+        self.dead.len() as u64
+    }
+
     /// See [`lessor_core::storage::Partition::remove_dead`].
     pub fn remove_dead(&mut self, ids: Vec<ItemId>) -> Changes {
         let mut ch = Changes::default();
@@ -1617,16 +1639,32 @@ impl PartitionState {
 
     /// See [`lessor_core::storage::Partition::list`].
     pub fn list(&self, pivot: Option<ItemId>, limit: usize, scheduled: bool) -> Vec<Item> {
+        self.list_within(pivot, limit, scheduled, u64::MAX).0
+    }
+
+    /// See [`lessor_core::storage::Partition::list_within`]: [`PartitionState::list`] that stops before the item
+    /// whose bytes would take the page over `max_bytes` (the first is always taken); tells whether it stopped
+    /// there. Resident items are counted as a lease counts them (payload and strings).
+    pub fn list_within(
+        &self,
+        pivot: Option<ItemId>,
+        limit: usize,
+        scheduled: bool,
+        max_bytes: u64,
+    ) -> (Vec<Item>, bool) {
         let from = pivot.map_or(0, |p| p.0);
-        if scheduled {
-            return self
-                .sched
-                .range(from..)
-                .take(limit)
-                .map(|(_, it)| it.clone())
-                .collect();
-        }
         let mut out = Vec::new();
+        let mut bytes = 0u64;
+        if scheduled {
+            for it in self.sched.range(from..).take(limit).map(|(_, it)| it) {
+                bytes = bytes.saturating_add(item_bytes(it));
+                if !out.is_empty() && bytes > max_bytes {
+                    return (out, true);
+                }
+                out.push(it.clone());
+            }
+            return (out, false);
+        }
         for (&key, chunk) in self.chunks.range(from / CHUNK..) {
             for (off, s) in chunk.iter() {
                 let id = key * CHUNK + off as u64;
@@ -1634,12 +1672,16 @@ impl PartitionState {
                     continue;
                 }
                 if out.len() >= limit {
-                    return out;
+                    return (out, false);
+                }
+                bytes = bytes.saturating_add(s.payload_len());
+                if !out.is_empty() && bytes > max_bytes {
+                    return (out, true);
                 }
                 out.push(s.to_item(id));
             }
         }
-        out
+        (out, false)
     }
 
     /// See [`lessor_core::storage::Partition::import`].

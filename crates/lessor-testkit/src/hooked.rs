@@ -487,6 +487,18 @@ impl Partition for HookedPartition {
         )
         .await
     }
+    async fn dead_items_within(&self, limit: usize, max: u64) -> Result<(Vec<Item>, bool), StorageError> {
+        hooked_items(
+            &*self.hook,
+            self.call(Op::DeadItems),
+            self.inner.dead_items_within(limit, max),
+            |r| &r.0,
+        )
+        .await
+    }
+    async fn dead_count(&self) -> Result<u64, StorageError> {
+        hooked(&*self.hook, self.call(Op::DeadItems), self.inner.dead_count()).await
+    }
     async fn remove_dead(&self, ids: Vec<ItemId>) -> Result<(), StorageError> {
         hooked(
             &*self.hook,
@@ -520,6 +532,21 @@ impl Partition for HookedPartition {
             self.call(Op::List),
             self.inner.list(pivot, limit, scheduled),
             |r| r,
+        )
+        .await
+    }
+    async fn list_within(
+        &self,
+        pivot: Option<ItemId>,
+        limit: usize,
+        scheduled: bool,
+        max: u64,
+    ) -> Result<(Vec<Item>, bool), StorageError> {
+        hooked_items(
+            &*self.hook,
+            self.call(Op::List),
+            self.inner.list_within(pivot, limit, scheduled, max),
+            |r| &r.0,
         )
         .await
     }

@@ -1096,6 +1096,22 @@ impl Engine {
         limit: usize,
         scheduled: bool,
     ) -> Result<Vec<Item>, QueueError> {
+        Ok(self
+            .storage_list_page(queue, partition, pivot, limit, scheduled)
+            .await?
+            .0)
+    }
+
+    /// [`Engine::storage_list`], also telling whether the page stopped at the byte bound
+    /// (`limits.max_lease_bytes`): then more items may follow even though it holds fewer than `limit`.
+    pub(crate) async fn storage_list_page(
+        &self,
+        queue: &str,
+        partition: u32,
+        pivot: Option<ItemId>,
+        limit: usize,
+        scheduled: bool,
+    ) -> Result<(Vec<Item>, bool), QueueError> {
         self.call(queue, |reply| {
             Msg::Cold(Cold::List {
                 partition,

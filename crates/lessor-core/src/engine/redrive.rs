@@ -468,8 +468,17 @@ impl Engine {
             let mut owners: HashMap<String, bool> = HashMap::new();
             for p in 0..info.partitions.len() as u32 {
                 let pivot = pivots.get(&p).copied().flatten();
-                let items = match self.storage_list(&t.dead_queue, p, pivot, want * 4, false).await {
-                    Ok(items) => items,
+                // The page is bounded in bytes too (limits.max_lease_bytes), so a batch of 5 MB items stays small.
+                let items = match self
+                    .storage_list_page(&t.dead_queue, p, pivot, want * 4, false)
+                    .await
+                {
+                    Ok((items, capped)) => {
+                        if capped {
+                            exhausted = false;
+                        }
+                        items
+                    }
                     Err(e) => {
                         tracing::warn!(task = %t.id, partition = p, error = %e, "redrive list failed; will retry");
                         exhausted = false;

@@ -51,6 +51,12 @@ use crate::state::{Changes, PageRead, PagingCounts, PartitionState};
 #[cfg(feature = "s3")]
 mod cold;
 
+/// Paged items a byte-bounded list reads from disk in its first step for a priority; later steps double up to
+/// [`LIST_STEP_MAX`]. Small, so that a page of large items reads little past the bound.
+const LIST_STEP: usize = 4;
+/// The largest step of a byte-bounded list's disk reads.
+const LIST_STEP_MAX: usize = 256;
+
 /// Keyspace holding every partition's items, each under its pid, and the catalog under pid 0.
 pub(crate) const ITEMS: &str = "items";
 /// The pid of the catalog: partition names to pids, and destroyed pids until their items are gone. Keeping it in
@@ -2045,6 +2051,18 @@ impl Partition for FjallPartition {
         self.read(|s| s.dead_items(limit)).await
     }
 
+    async fn dead_items_within(
+        &self,
+        limit: usize,
+        max_bytes: u64,
+    ) -> Result<(Vec<Item>, bool), StorageError> {
+        self.read(|s| s.dead_items_within(limit, max_bytes)).await
+    }
+
+    async fn dead_count(&self) -> Result<u64, StorageError> {
+        self.read(|s| s.dead_count()).await
+    }
+
     async fn remove_dead(&self, ids: Vec<ItemId>) -> Result<(), StorageError> {
         self.write(|s| ((), s.remove_dead(ids))).await
     }
@@ -2087,30 +2105,56 @@ impl Partition for FjallPartition {
         limit: usize,
         scheduled: bool,
     ) -> Result<Vec<Item>, StorageError> {
+        Ok(self.list_within(pivot, limit, scheduled, u64::MAX).await?.0)
+    }
+
+    /// Paged items are read from disk a few at a time, and a priority's reading stops at the page's ceiling (the
+    /// first id the page had to leave out for its limit or its bound): at most the bound plus one step of items is
+    /// read, instead of `limit` items of every paged priority. Resident items are slices of their buffers, not
+    /// copies, so they are merged unbounded and cut with the rest.
+    async fn list_within(
+        &self,
+        pivot: Option<ItemId>,
+        limit: usize,
+        scheduled: bool,
+        max_bytes: u64,
+    ) -> Result<(Vec<Item>, bool), StorageError> {
         #[allow(unused_mut)]
         let mut g = self.lock().await?;
-        let resident = g.state.list(pivot, limit, scheduled);
         if scheduled || g.state.paged().is_empty() {
-            return Ok(resident);
+            return Ok(g.state.list_within(pivot, limit, scheduled, max_bytes));
         }
-        // Paged items are ready items on disk only: merge the first `limit` of each paged priority at or after the
-        // pivot with the resident ones, in id order.
+        // Paged items are ready items on disk only: merge those of each paged priority at or after the pivot with
+        // the resident ones, in id order, keeping the page's prefix within `limit` and the bound.
         let from = pivot.map_or(0, |p| p.0);
-        let mut out = resident;
+        let mut out = g.state.list(pivot, limit, scheduled);
+        let mut ceiling = None;
+        lessor_core::storage::keep_page(&mut out, limit, max_bytes, &mut ceiling);
         for p in 0..PRIORITIES {
             let paged = g.state.paged();
             if paged.count[p] == 0 {
                 continue;
             }
-            let start = paged.from[p].max(from);
+            let mut start = paged.from[p].max(from);
             // Items in cold segments are listed too: the segments the page reaches are loaded back first.
             #[cfg(feature = "s3")]
             self.cold_guard(&mut g, p as u8, start, limit).await?;
-            out.extend(self.read_ready(p as u8, start, limit).await?);
+            let mut step = LIST_STEP.min(limit.max(1));
+            while ceiling.is_none_or(|c| start < c) {
+                let got = self.read_ready(p as u8, start, step).await?;
+                let more = got.len() == step;
+                if let Some(last) = got.last() {
+                    start = last.id.0.saturating_add(1);
+                }
+                out.extend(got);
+                lessor_core::storage::keep_page(&mut out, limit, max_bytes, &mut ceiling);
+                if !more {
+                    break;
+                }
+                step = (step * 2).min(limit.max(1)).min(LIST_STEP_MAX);
+            }
         }
-        out.sort_unstable_by_key(|it| it.id);
-        out.truncate(limit);
-        Ok(out)
+        Ok((out, ceiling.is_some()))
     }
 
     async fn import(&self, items: Vec<Item>) -> Result<Vec<Item>, StorageError> {

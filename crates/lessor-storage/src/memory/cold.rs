@@ -1050,6 +1050,18 @@ impl Partition for ColdPartition {
         Ok(self.inner.lock().await.state.dead_items(limit))
     }
 
+    async fn dead_items_within(
+        &self,
+        limit: usize,
+        max_bytes: u64,
+    ) -> Result<(Vec<Item>, bool), StorageError> {
+        Ok(self.inner.lock().await.state.dead_items_within(limit, max_bytes))
+    }
+
+    async fn dead_count(&self) -> Result<u64, StorageError> {
+        Ok(self.inner.lock().await.state.dead_count())
+    }
+
     async fn remove_dead(&self, ids: Vec<ItemId>) -> Result<(), StorageError> {
         self.inner.lock().await.state.remove_dead(ids);
         Ok(())
@@ -1082,11 +1094,23 @@ impl Partition for ColdPartition {
         limit: usize,
         scheduled: bool,
     ) -> Result<Vec<Item>, StorageError> {
+        Ok(self.list_within(pivot, limit, scheduled, u64::MAX).await?.0)
+    }
+
+    /// Resident items and paged records are in RAM already (a resident item is a slice of its buffer, not a copy):
+    /// the page is merged as before, then cut at the bound (the segments a page reaches are loaded as for any list).
+    async fn list_within(
+        &self,
+        pivot: Option<ItemId>,
+        limit: usize,
+        scheduled: bool,
+        max_bytes: u64,
+    ) -> Result<(Vec<Item>, bool), StorageError> {
         let mut g = self.inner.lock().await;
-        let mut out = g.state.list(pivot, limit, scheduled);
         if scheduled || g.state.paged().is_empty() {
-            return Ok(out);
+            return Ok(g.state.list_within(pivot, limit, scheduled, max_bytes));
         }
+        let mut out = g.state.list(pivot, limit, scheduled);
         // Paged items are ready items too: merge the first `limit` of each paged priority at or after the pivot,
         // loading the segments that page reaches.
         let from = pivot.map_or(0, |p| p.0);
@@ -1102,9 +1126,9 @@ impl Partition for ColdPartition {
                 out.push(decode_record(id, r, &what)?);
             }
         }
-        out.sort_unstable_by_key(|it| it.id);
-        out.truncate(limit);
-        Ok(out)
+        let mut ceiling = None;
+        lessor_core::storage::keep_page(&mut out, limit, max_bytes, &mut ceiling);
+        Ok((out, ceiling.is_some()))
     }
 
     async fn import(&self, items: Vec<Item>) -> Result<Vec<Item>, StorageError> {

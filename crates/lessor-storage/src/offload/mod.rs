@@ -1047,6 +1047,32 @@ impl Partition for OffloadPartition {
         self.shared.resolve_all(items).await
     }
 
+    /// The inner store bounds the batch by the bytes it holds (an offloaded payload by its reference); the batch is
+    /// cut again at the bound once the payloads are fetched.
+    async fn dead_items_within(
+        &self,
+        limit: usize,
+        max_bytes: u64,
+    ) -> Result<(Vec<Item>, bool), StorageError> {
+        let (items, capped) = self.inner.dead_items_within(limit, max_bytes).await?;
+        {
+            let mut dead = lock(&self.dead);
+            for it in &items {
+                if let Some(k) = frame::object_key(&it.payload) {
+                    dead.insert(it.id, k);
+                }
+            }
+        }
+        let (items, cut) =
+            lessor_core::storage::cut_at_bytes(self.shared.resolve_all(items).await?, max_bytes);
+        Ok((items, capped || cut))
+    }
+
+    /// Counted by the inner store: no payload is fetched.
+    async fn dead_count(&self) -> Result<u64, StorageError> {
+        self.inner.dead_count().await
+    }
+
     async fn remove_dead(&self, ids: Vec<ItemId>) -> Result<(), StorageError> {
         if self.shared.objects.is_none() {
             return self.inner.remove_dead(ids).await;
@@ -1088,6 +1114,21 @@ impl Partition for OffloadPartition {
     ) -> Result<Vec<Item>, StorageError> {
         let items = self.inner.list(pivot, limit, scheduled).await?;
         self.shared.resolve_all(items).await
+    }
+
+    /// The inner store bounds the page by the bytes it holds (an offloaded payload by its reference); the page is
+    /// cut again at the bound once the payloads are fetched.
+    async fn list_within(
+        &self,
+        pivot: Option<ItemId>,
+        limit: usize,
+        scheduled: bool,
+        max_bytes: u64,
+    ) -> Result<(Vec<Item>, bool), StorageError> {
+        let (items, capped) = self.inner.list_within(pivot, limit, scheduled, max_bytes).await?;
+        let (items, cut) =
+            lessor_core::storage::cut_at_bytes(self.shared.resolve_all(items).await?, max_bytes);
+        Ok((items, capped || cut))
     }
 
     async fn import(&self, mut items: Vec<Item>) -> Result<Vec<Item>, StorageError> {

@@ -92,14 +92,17 @@ impl QueueTask {
         let mut page = BrowsePage::default();
         let mut pivot = req.pivot;
         let mut scanned = 0usize;
+        // A page is bounded in bytes as a lease is: each storage read, and the items answered.
+        let max_bytes = self.config.limits.max_lease_bytes;
+        let mut bytes = 0u64;
         while scanned < SCAN_BUDGET {
             let chunk = (SCAN_BUDGET - scanned).min(req.limit.max(100) * 2);
-            let items = h
-                .list(pivot, chunk, scheduled)
+            let (items, capped) = h
+                .list_within(pivot, chunk, scheduled, max_bytes)
                 .await
                 .map_err(|e| QueueError::from_storage(&e))?;
             scanned += items.len();
-            let end = items.len() < chunk;
+            let end = items.len() < chunk && !capped;
             let last = items.last().map(|it| it.id);
             for it in items {
                 let wanted = match req.state {
@@ -110,10 +113,12 @@ impl QueueTask {
                 if !wanted {
                     continue;
                 }
-                if page.items.len() == req.limit {
+                let size = crate::storage::item_bytes(&it);
+                if page.items.len() == req.limit || (!page.items.is_empty() && bytes + size > max_bytes) {
                     page.next_pivot = Some(it.id);
                     return Ok(page);
                 }
+                bytes += size;
                 let holder = if it.is_leased {
                     self.holders.of(req.partition, &it)
                 } else {

@@ -93,9 +93,11 @@ impl QueueTask {
                 scheduled,
                 reply,
             } => {
+                // Bounded in bytes as a lease is: a page of 65,536 items of 5 MB would otherwise be 327 GB.
+                let max_bytes = self.config.limits.max_lease_bytes;
                 let r = match self.target(partition) {
                     Ok(h) => h
-                        .list(pivot, limit, scheduled)
+                        .list_within(pivot, limit, scheduled, max_bytes)
                         .await
                         .map_err(|e| QueueError::from_storage(&e)),
                     Err(e) => Err(e),
@@ -214,12 +216,14 @@ impl QueueTask {
         let wanted: HashSet<ItemId> = ids.into_iter().collect();
         let mut ready = HashSet::new();
         let mut pivot = Some(lo);
+        let max_bytes = self.config.limits.max_lease_bytes;
         'pages: loop {
-            let page = h
-                .list(pivot, PAGE, false)
+            // Only states are needed, but a page carries payloads: bounded in bytes as a lease is.
+            let (page, capped) = h
+                .list_within(pivot, PAGE, false, max_bytes)
                 .await
                 .map_err(|e| QueueError::from_storage(&e))?;
-            let full = page.len() == PAGE;
+            let full = page.len() == PAGE || capped;
             for it in page {
                 if it.id > hi {
                     break 'pages;

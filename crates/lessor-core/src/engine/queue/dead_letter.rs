@@ -46,9 +46,13 @@ impl QueueTask {
         let name = self.info.name.clone();
         let num = self.parts[i].num;
         loop {
-            let items = match h.dead_items(DEAD_BATCH).await {
-                Ok(items) if items.is_empty() => return,
-                Ok(items) => items,
+            // A batch is bounded in bytes as a lease is: a thousand 5 MB items would be 5 GB read, then written.
+            let (items, capped) = match h
+                .dead_items_within(DEAD_BATCH, self.config.limits.max_lease_bytes)
+                .await
+            {
+                Ok((items, _)) if items.is_empty() => return,
+                Ok(r) => r,
                 Err(e) => return self.parts[i].fail(now, &name, &e),
             };
             let ids: Vec<ItemId> = items.iter().map(|it| it.id).collect();
@@ -69,7 +73,7 @@ impl QueueTask {
                     dedup_until: Ts::ZERO,
                 })
                 .collect();
-            let full = ids.len() == DEAD_BATCH;
+            let full = ids.len() == DEAD_BATCH || capped;
             let dlq = self.info.dead_queue.clone();
             // The dead-letter queue's task never waits on this one (a dead-letter queue cannot have its own), so
             // waiting here cannot deadlock; the timeout bounds how long this queue stalls if it is slow.

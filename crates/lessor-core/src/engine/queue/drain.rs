@@ -499,25 +499,39 @@ impl QueueTask {
             .ok_or_else(|| format!("partition {} is unavailable", self.parts[i].num))?;
         let num = self.parts[i].num;
         let err = |e: crate::error::StorageError| e.to_string();
-        let mut chunk: Vec<Item> = src.list(None, CHUNK, true).await.map_err(err)?;
+        // A chunk is bounded in bytes as a lease is (each read, and the chunk imported at once): 500 items of 5 MB
+        // would be 2.5 GB imported in one call, and a read of 1,000 of them 5 GB.
+        let max_bytes = self.config.limits.max_lease_bytes;
+        let (mut chunk, sched_capped) = src.list_within(None, CHUNK, true, max_bytes).await.map_err(err)?;
+        let mut bytes: u64 = chunk.iter().map(crate::storage::item_bytes).sum();
         let mut pivot = self.rebalance.as_ref().and_then(|r| r.pivots.get(&num).copied());
         let mut at_end = false;
         // Leased items stay where they are (their holders complete them there): scan past them, a bounded number
         // of pages per pass.
-        for _ in 0..SCAN_PAGES {
-            if chunk.len() >= CHUNK {
+        'scan: for _ in 0..SCAN_PAGES {
+            if chunk.len() >= CHUNK || sched_capped {
                 break;
             }
-            let page = src.list(pivot, CHUNK * 2, false).await.map_err(err)?;
-            let full = page.len() == CHUNK * 2;
+            let (page, capped) = src
+                .list_within(pivot, CHUNK * 2, false, max_bytes)
+                .await
+                .map_err(err)?;
+            let full = page.len() == CHUNK * 2 || capped;
             for it in page {
                 if chunk.len() == CHUNK {
                     break;
                 }
-                pivot = Some(ItemId(it.id.0.saturating_add(1)));
+                let next = Some(ItemId(it.id.0.saturating_add(1)));
                 if !it.is_leased {
+                    let size = crate::storage::item_bytes(&it);
+                    if !chunk.is_empty() && bytes + size > max_bytes {
+                        // The next pass starts at this item.
+                        break 'scan;
+                    }
+                    bytes += size;
                     chunk.push(it);
                 }
+                pivot = next;
             }
             if !full {
                 at_end = true;
@@ -674,8 +688,11 @@ impl QueueTask {
         for scheduled in [true, false] {
             let mut pivot = Some(ItemId(lo));
             loop {
-                let page = src.list(pivot, CHUNK * 2, scheduled).await.map_err(err)?;
-                let full = page.len() == CHUNK * 2;
+                let (page, capped) = src
+                    .list_within(pivot, CHUNK * 2, scheduled, self.config.limits.max_lease_bytes)
+                    .await
+                    .map_err(err)?;
+                let full = page.len() == CHUNK * 2 || capped;
                 let mut past = false;
                 for it in page {
                     pivot = Some(ItemId(it.id.0.saturating_add(1)));

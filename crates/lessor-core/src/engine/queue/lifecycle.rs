@@ -43,7 +43,10 @@ impl QueueTask {
                 self.transfer_dead(i, &h, now).await;
             } else if !policy.has_dead_queue {
                 // Items left dead while a dead-letter queue was configured, which has since been removed.
-                if let Ok(items) = h.dead_items(DEAD_BATCH).await {
+                if let Ok((items, _)) = h
+                    .dead_items_within(DEAD_BATCH, self.config.limits.max_lease_bytes)
+                    .await
+                {
                     if !items.is_empty() {
                         let ids = items.iter().map(|it| it.id).collect();
                         if let Err(e) = h.remove_dead(ids).await {

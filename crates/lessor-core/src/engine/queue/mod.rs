@@ -181,7 +181,8 @@ pub(crate) enum Cold {
         pivot: Option<ItemId>,
         limit: usize,
         scheduled: bool,
-        reply: Reply<Vec<Item>>,
+        /// The page (bounded by `limits.max_lease_bytes`) and whether the bound cut it (more items may follow).
+        reply: Reply<(Vec<Item>, bool)>,
     },
     Import {
         partition: u32,
@@ -716,9 +717,8 @@ impl QueueTask {
                 Msg::Cold(c) => match c {
                     Cold::Stats(r) => drop(r.send(Err(QueueError::QueueShuttingDown))),
                     Cold::Clear(_, r) | Cold::Reload(r) | Cold::Delete { reply: r, .. } => drop(r.send(e)),
-                    Cold::List { reply, .. } | Cold::Import { reply, .. } => {
-                        drop(reply.send(Err(QueueError::QueueShuttingDown)))
-                    }
+                    Cold::List { reply, .. } => drop(reply.send(Err(QueueError::QueueShuttingDown))),
+                    Cold::Import { reply, .. } => drop(reply.send(Err(QueueError::QueueShuttingDown))),
                     Cold::Claim { reply, .. } => drop(reply.send(Err(QueueError::QueueShuttingDown))),
                     Cold::UpdateInfo(_, done) => drop(done.send(())),
                     Cold::Browse { reply, .. } => drop(reply.send(Err(QueueError::QueueShuttingDown))),

@@ -85,7 +85,8 @@ impl QueueTask {
         } else {
             usize::try_from(offset.saturating_add(n)).unwrap_or(usize::MAX)
         };
-        let dead = h.dead_items(dead_limit).await.map_err(storage)?.len() as u64;
+        // Counted, not read: reading them all carried every dead payload into memory just to count it.
+        let dead = h.dead_count().await.map_err(storage)?.min(dead_limit as u64);
         let have = c.ready + c.leased + c.scheduled + dead;
         if have < offset {
             return Err(QueueError::Invalid(format!(
