@@ -1165,6 +1165,30 @@ impl Partition for PgPartition {
         rows.iter().map(decode).collect()
     }
 
+    async fn dead_items_within(
+        &self,
+        limit: usize,
+        max_bytes: u64,
+    ) -> Result<(Vec<Item>, bool), StorageError> {
+        let shared = self.shared()?;
+        let conn = shared.conn().await?;
+        let stmt = prepare(&conn, &self.sql.dead_items_within).await?;
+        let max_bytes = i64::try_from(max_bytes).unwrap_or(i64::MAX);
+        let rows = conn
+            .query(&stmt, &[&limit_param(limit), &max_bytes])
+            .await
+            .map_err(pg_err)?;
+        bounded_rows(&rows)
+    }
+
+    async fn dead_count(&self) -> Result<u64, StorageError> {
+        let shared = self.shared()?;
+        let conn = shared.conn().await?;
+        let stmt = prepare(&conn, &self.sql.dead_count).await?;
+        let r = conn.query_one(&stmt, &[]).await.map_err(pg_err)?;
+        Ok(count(r.try_get(0).map_err(pg_err)?))
+    }
+
     async fn remove_dead(&self, ids: Vec<ItemId>) -> Result<(), StorageError> {
         let ids = distinct_ids(ids.iter());
         if ids.is_empty() {
@@ -1253,6 +1277,32 @@ impl Partition for PgPartition {
             .await
             .map_err(pg_err)?;
         rows.iter().map(decode).collect()
+    }
+
+    async fn list_within(
+        &self,
+        pivot: Option<ItemId>,
+        limit: usize,
+        scheduled: bool,
+        max_bytes: u64,
+    ) -> Result<(Vec<Item>, bool), StorageError> {
+        let Some(from) = db_id(pivot.unwrap_or(ItemId(0))) else {
+            return Ok((Vec::new(), false));
+        };
+        let shared = self.shared()?;
+        let conn = shared.conn().await?;
+        let sql = if scheduled {
+            &self.sql.list_scheduled_within
+        } else {
+            &self.sql.list_live_within
+        };
+        let stmt = prepare(&conn, sql).await?;
+        let max_bytes = i64::try_from(max_bytes).unwrap_or(i64::MAX);
+        let rows = conn
+            .query(&stmt, &[&from, &limit_param(limit), &max_bytes])
+            .await
+            .map_err(pg_err)?;
+        bounded_rows(&rows)
     }
 
     async fn import(&self, items: Vec<Item>) -> Result<Vec<Item>, StorageError> {
@@ -1354,4 +1404,13 @@ impl Partition for PgPartition {
     async fn close(&self) {
         release(&self.shared);
     }
+}
+
+/// The items of a byte-bounded page (see `bounded_page` in the SQL module) and whether the bound cut it: its last
+/// column counts the candidate rows, more than those returned when it did.
+fn bounded_rows(rows: &[Row]) -> Result<(Vec<Item>, bool), StorageError> {
+    let candidates = rows.first().map_or(0, |r| r.get::<_, i64>(15));
+    let items = rows.iter().map(decode).collect::<Result<Vec<_>, _>>()?;
+    let cut = usize::try_from(candidates).unwrap_or(usize::MAX) > items.len();
+    Ok((items, cut))
 }

@@ -34,6 +34,21 @@ const COLS: &str =
     "t.id, t.source_id, t.is_leased, t.lease_deadline, t.expire_deadline, t.enqueue_at, t.created_at, \
                     t.attempts, t.max_attempts, t.reference, t.encoding, t.kind, t.payload, t.dead, t.priority";
 
+/// The first `limit` rows matching `filter` in id order, cut before the row whose payload would take their total over
+/// `max_bytes` (the first row is always taken), with the number of candidate rows as the last column: more than the
+/// rows returned means the bound cut the page. The candidates' sizes come from `octet_length`, which reads a stored
+/// value's size from its header without fetching it, so the rows left out are never read.
+fn bounded_page(t: &str, filter: &str, limit: &str, max_bytes: &str) -> String {
+    format!(
+        "WITH c AS MATERIALIZED (
+            SELECT id, coalesce(octet_length(payload), 0) AS len FROM {t} WHERE {filter} ORDER BY id LIMIT {limit}),
+         k AS (SELECT id FROM (SELECT id, sum(len) OVER w AS run, row_number() OVER w AS rn FROM c
+                               WINDOW w AS (ORDER BY id)) x
+               WHERE rn = 1 OR run <= {max_bytes})
+         SELECT {COLS}, (SELECT count(*) FROM c) FROM {t} AS t WHERE t.id = ANY(ARRAY(SELECT id FROM k)) ORDER BY t.id"
+    )
+}
+
 /// Predicates of the item states; the same text as the partial indexes of [`super::schema::partition_ddl`].
 pub(crate) const READY: &str = "NOT is_leased AND enqueue_at = 0 AND NOT dead";
 pub(crate) const LEASED: &str = "is_leased AND NOT dead";
@@ -94,6 +109,10 @@ pub(crate) struct Sql {
     pub stats: String,
     pub list_live: String,
     pub list_scheduled: String,
+    pub list_live_within: String,
+    pub list_scheduled_within: String,
+    pub dead_items_within: String,
+    pub dead_count: String,
     pub snapshot_page: String,
     pub import: String,
     table: String,
@@ -394,6 +413,9 @@ impl Sql {
                 kill = kill(t, "SELECT id FROM due WHERE $3::bool", "SELECT id FROM due WHERE NOT $3::bool"),
             ),
             dead_items: format!("SELECT {COLS} FROM {t} AS t WHERE dead ORDER BY id LIMIT $1::int8"),
+            // $1 limit, $2 most payload bytes: `dead_items` bounded in bytes (see `bounded_page`).
+            dead_items_within: bounded_page(t, "dead", "$1::int8", "$2::int8"),
+            dead_count: format!("SELECT count(*) FROM {t} WHERE dead"),
             remove_dead: format!("DELETE FROM {t} WHERE id = ANY($1::int8[]) AND dead"),
             // Each MIN reads the head of its partial index.
             next_deadline: format!(
@@ -442,6 +464,14 @@ impl Sql {
             snapshot_page: format!("SELECT {COLS} FROM {t} AS t WHERE id >= $1::int8 ORDER BY id LIMIT $2::int8"),
             list_scheduled: format!(
                 "SELECT {COLS} FROM {t} AS t WHERE id >= $1::int8 AND ({SCHEDULED}) IS TRUE ORDER BY id LIMIT $2::int8"
+            ),
+            // $1 pivot, $2 limit, $3 most payload bytes: the lists bounded in bytes (see `bounded_page`).
+            list_live_within: bounded_page(t, &format!("id >= $1::int8 AND ({LIVE}) IS TRUE"), "$2::int8", "$3::int8"),
+            list_scheduled_within: bounded_page(
+                t,
+                &format!("id >= $1::int8 AND ({SCHEDULED}) IS TRUE"),
+                "$2::int8",
+                "$3::int8",
             ),
             // $1..$14: arrays of the imported items' fields; returns the rows stored.
             import: format!(
@@ -533,6 +563,14 @@ mod tests {
             ("next_deadline", &s.next_deadline, ""),
             ("list_live", &s.list_live, "(5000, 100)"),
             ("list_scheduled", &s.list_scheduled, "(5000, 100)"),
+            ("list_live_within", &s.list_live_within, "(5000, 100, 1000000)"),
+            (
+                "list_scheduled_within",
+                &s.list_scheduled_within,
+                "(5000, 100, 1000000)",
+            ),
+            ("dead_items_within", &s.dead_items_within, "(100, 1000000)"),
+            ("dead_count", &s.dead_count, ""),
             ("counts", &s.counts, ""),
             ("stats", &s.stats, ""),
         ];
