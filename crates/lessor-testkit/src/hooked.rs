@@ -70,6 +70,8 @@ pub enum Op {
     Import,
     /// [`Partition::snapshot`] and [`Partition::reference_snapshot`].
     Snapshot,
+    /// A page read from a snapshot taken through a [`HookedPartition`] ([`PartitionSnapshot::next`]).
+    SnapshotRead,
     /// [`Partition::delete`].
     Delete,
     /// [`Partition::clear`].
@@ -381,6 +383,39 @@ impl HookedPartition {
     fn call(&self, op: Op) -> Call {
         Call::new(op, &self.queue, Some(self.partition))
     }
+
+    /// `inner` with its page reads seen by the hook, so that tests of the byte bounds see what a backup or a
+    /// migration read in one call.
+    fn hooked_snapshot(&self, inner: Box<dyn PartitionSnapshot>) -> Box<dyn PartitionSnapshot> {
+        Box::new(HookedSnapshot {
+            inner,
+            hook: self.hook.clone(),
+            call: self.call(Op::SnapshotRead),
+        })
+    }
+}
+
+/// A snapshot taken through a [`HookedPartition`]: every page read is an [`Op::SnapshotRead`] call.
+struct HookedSnapshot {
+    inner: Box<dyn PartitionSnapshot>,
+    hook: Arc<dyn Hook>,
+    call: Call,
+}
+
+impl fmt::Debug for HookedSnapshot {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HookedSnapshot")
+            .field("inner", &self.inner)
+            .field("call", &self.call)
+            .finish_non_exhaustive()
+    }
+}
+
+#[async_trait]
+impl PartitionSnapshot for HookedSnapshot {
+    async fn next(&mut self, limit: usize) -> Result<Vec<Item>, StorageError> {
+        hooked_items(&*self.hook, self.call.clone(), self.inner.next(limit), |r| &r[..]).await
+    }
 }
 
 impl fmt::Debug for HookedPartition {
@@ -557,15 +592,17 @@ impl Partition for HookedPartition {
         hooked(&*self.hook, call, self.inner.import(items)).await
     }
     async fn snapshot(&self) -> Result<Box<dyn PartitionSnapshot>, StorageError> {
-        hooked(&*self.hook, self.call(Op::Snapshot), self.inner.snapshot()).await
+        let inner = hooked(&*self.hook, self.call(Op::Snapshot), self.inner.snapshot()).await?;
+        Ok(self.hooked_snapshot(inner))
     }
     async fn reference_snapshot(&self) -> Result<Box<dyn PartitionSnapshot>, StorageError> {
-        hooked(
+        let inner = hooked(
             &*self.hook,
             self.call(Op::Snapshot),
             self.inner.reference_snapshot(),
         )
-        .await
+        .await?;
+        Ok(self.hooked_snapshot(inner))
     }
     async fn delete(&self, ids: Vec<ItemId>) -> Result<(), StorageError> {
         hooked(&*self.hook, self.call(Op::Delete), self.inner.delete(ids)).await
