@@ -429,19 +429,33 @@ pub fn keep_page(items: &mut Vec<Item>, limit: usize, max_bytes: u64, ceiling: &
 pub trait PartitionSnapshot: Send + Debug + 'static {
     /// Up to `limit` items following the ones already returned, in id order; empty once every item was read.
     async fn next(&mut self, limit: usize) -> Result<Vec<Item>, StorageError>;
+
+    /// [`PartitionSnapshot::next`] bounded in bytes as [`Partition::list_within`] is: the page stops before the
+    /// item whose [`item_bytes`] would take it over `max_bytes` (the first item is always taken, so a page is never
+    /// empty before the end), and the next call starts with that item: the pages together are still the whole
+    /// snapshot, nothing skipped or repeated. Backups and migrations read through this, so that a page of
+    /// thousands of 5 MB items is never held at once.
+    ///
+    /// The default is [`PartitionSnapshot::next`], bounded in items only: a snapshot cannot cut a page after
+    /// reading it without keeping what it cut, so only the snapshot itself can stop at the bound. Every store's
+    /// snapshot overrides it; a wrapper that does not forward it reads as it did before the bound existed.
+    async fn next_within(&mut self, limit: usize, max_bytes: u64) -> Result<Vec<Item>, StorageError> {
+        let _ = max_bytes;
+        self.next(limit).await
+    }
 }
 
 /// A snapshot over items already copied out of the partition (stores that keep their items in memory).
 #[derive(Debug)]
 pub struct CopiedSnapshot {
-    items: std::vec::IntoIter<Item>,
+    items: std::iter::Peekable<std::vec::IntoIter<Item>>,
 }
 
 impl CopiedSnapshot {
     /// A snapshot reading `items` (already in id order).
     pub fn new(items: Vec<Item>) -> Self {
         CopiedSnapshot {
-            items: items.into_iter(),
+            items: items.into_iter().peekable(),
         }
     }
 }
@@ -449,6 +463,22 @@ impl CopiedSnapshot {
 #[async_trait]
 impl PartitionSnapshot for CopiedSnapshot {
     async fn next(&mut self, limit: usize) -> Result<Vec<Item>, StorageError> {
-        Ok(self.items.by_ref().take(limit.max(1)).collect())
+        self.next_within(limit, u64::MAX).await
+    }
+
+    async fn next_within(&mut self, limit: usize, max_bytes: u64) -> Result<Vec<Item>, StorageError> {
+        // The items are in memory already; the bound keeps the page (what the caller then encodes or sends) small.
+        // The item that does not fit stays first for the next call.
+        let mut page = Vec::new();
+        let mut total = 0u64;
+        while page.len() < limit.max(1) {
+            let Some(it) = self.items.peek() else { break };
+            total = total.saturating_add(item_bytes(it));
+            if !page.is_empty() && total > max_bytes {
+                break;
+            }
+            page.extend(self.items.next());
+        }
+        Ok(page)
     }
 }

@@ -40,8 +40,6 @@ const IN_FLIGHT_BLOCKS: usize = 4;
 /// block took to read and encode: it then takes at most a quarter of the time, and serving keeps the rest of the
 /// machine. An idle server's backup runs at full speed.
 const YIELD_FACTOR: u32 = 3;
-/// Items of a partition's first page: its payload sizes are not known yet, and a page is held in memory whole.
-const FIRST_PAGE: usize = 256;
 
 /// `POST /v1/storage.backup`.
 pub(crate) async fn backup(State(st): State<AppState>, req: Request) -> Response {
@@ -190,6 +188,7 @@ async fn produce_backup(
     start.extend(fmt::encode_record(RecordKind::Header, &header));
     send(start).await?;
     let mut trailer = fmt::BackupTrailer::default();
+    let max_bytes = engine.limits().max_lease_bytes;
     // Items: dead-letter queues last. The header lists them first (a restore creates them first), but partitions
     // are read one after the other while the queues keep running, and a dead-letter move writes the item into the
     // dead-letter queue before it removes it from its queue: read in this order, an item moved during the backup
@@ -204,28 +203,21 @@ async fn produce_backup(
                 .await
                 .map_err(|e| format!("snapshot of partition {partition} of '{}': {e}", q.name))?;
             let mut first = 0u64;
-            // The first page of a partition is small: nothing is known yet of its payload sizes.
-            let mut limit = FIRST_PAGE;
             loop {
                 let work = Instant::now();
                 let answered = metrics.answered.load(std::sync::atomic::Ordering::Relaxed);
+                // A page is held in memory whole: the snapshot stops it at the bound every other bulk read keeps
+                // (limits.max-lease-bytes, at least one item), whatever the sizes of the items that follow.
                 let items = snap
-                    .next(limit)
+                    .next_within(fmt::BLOCK_ITEMS, max_bytes)
                     .await
                     .map_err(|e| format!("reading partition {partition} of '{}': {e}", q.name))?;
                 if items.is_empty() {
                     break;
                 }
-                let payload: usize = items.iter().map(|i| i.payload.len()).sum();
-                // Large payloads: fewer items per page, so a page stays near BLOCK_BYTES.
-                limit = if payload > fmt::BLOCK_BYTES {
-                    (items.len() * fmt::BLOCK_BYTES / payload).max(1)
-                } else {
-                    fmt::BLOCK_ITEMS
-                };
-                // A page whose payloads are larger than the last one's goes in several blocks of at most
-                // BLOCK_BYTES of payload (or one item): a block must stay far below the largest record a reader
-                // takes (MAX_RECORD) and the body a restore accepts.
+                // A page of more than BLOCK_BYTES of payload goes in several blocks of at most BLOCK_BYTES (or one
+                // item): a block must stay far below the largest record a reader takes (MAX_RECORD) and the body a
+                // restore accepts.
                 let mut blocks: Vec<Vec<lessor_core::types::Item>> = Vec::new();
                 let mut bytes = 0usize;
                 for it in items {

@@ -70,7 +70,8 @@ pub enum Op {
     Import,
     /// [`Partition::snapshot`] and [`Partition::reference_snapshot`].
     Snapshot,
-    /// A page read from a snapshot taken through a [`HookedPartition`] ([`PartitionSnapshot::next`]).
+    /// A page read from a snapshot taken through a [`HookedPartition`] ([`PartitionSnapshot::next`] and
+    /// [`PartitionSnapshot::next_within`]).
     SnapshotRead,
     /// [`Partition::delete`].
     Delete,
@@ -415,6 +416,15 @@ impl fmt::Debug for HookedSnapshot {
 impl PartitionSnapshot for HookedSnapshot {
     async fn next(&mut self, limit: usize) -> Result<Vec<Item>, StorageError> {
         hooked_items(&*self.hook, self.call.clone(), self.inner.next(limit), |r| &r[..]).await
+    }
+    async fn next_within(&mut self, limit: usize, max_bytes: u64) -> Result<Vec<Item>, StorageError> {
+        hooked_items(
+            &*self.hook,
+            self.call.clone(),
+            self.inner.next_within(limit, max_bytes),
+            |r| &r[..],
+        )
+        .await
     }
 }
 

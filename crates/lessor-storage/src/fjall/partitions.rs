@@ -32,7 +32,8 @@ use bytes::Bytes;
 use fjall::KeyspaceCreateOptions;
 use lessor_core::error::{ItemError, StorageError, StorageErrorKind};
 use lessor_core::storage::{
-    LifecycleOutcome, LifecyclePolicy, Partition, PartitionSnapshot, PartitionStore, RetryOp, RetryOutcome,
+    item_bytes, keep_page, LifecycleOutcome, LifecyclePolicy, Partition, PartitionSnapshot, PartitionStore,
+    RetryOp, RetryOutcome,
 };
 use lessor_core::time::Ts;
 use lessor_core::types::{ClearRequest, DedupRecord, Item, ItemId, NewItem, PartitionCounts, PartitionStats};
@@ -1305,34 +1306,49 @@ impl FjallSnapshot {
         }
     }
 
-    /// Up to `limit` items of source `i` from its next key on, and whether that is all it has left.
+    /// Items of source `i` from its next key on, in id order, up to the first of: the end of the source, an id at or
+    /// after `ceiling` (the page cannot take it), `limit` items, or the item after the one that took their bytes
+    /// over `max_bytes` (so at most one item past the bound is read). Says where it stopped.
     fn read_source(
         &self,
         ks: &fjall::Keyspace,
         i: usize,
         limit: usize,
-    ) -> Result<(Vec<Item>, bool), StorageError> {
+        max_bytes: u64,
+        ceiling: Option<u64>,
+    ) -> Result<(Vec<Item>, SourceEnd), StorageError> {
         use fjall::Readable;
         let Some(from) = &self.next[i] else {
-            return Ok((Vec::new(), true));
+            return Ok((Vec::new(), SourceEnd::Exhausted));
         };
         let what = format!("partition '{}' in '{}'", self.name, self.engine.dir().display());
         let end = self.end(i);
         let mut items: Vec<Item> = Vec::new();
+        // Bytes of the items before the last one: the last one's payload may still follow (a record of its own).
+        let mut total = 0u64;
+        let mut stop = |items: &[Item], id: u64| -> Option<SourceEnd> {
+            if ceiling.is_some_and(|c| id >= c) {
+                return Some(SourceEnd::Ceiling);
+            }
+            if let Some(last) = items.last() {
+                total = total.saturating_add(item_bytes(last));
+            }
+            (items.len() >= limit || total > max_bytes).then_some(SourceEnd::Cut(id))
+        };
         for kv in self.snap.range(ks, from.as_slice()..end.as_slice()) {
             let (k, v) = kv.into_inner().map_err(|e| self.engine.read_error(e))?;
             if i > 0 {
                 let Some(id) = pg::record_id(&k) else { continue };
-                if items.len() >= limit {
-                    return Ok((items, false));
+                if let Some(end) = stop(&items, id) {
+                    return Ok((items, end));
                 }
                 items.push(pg::decode_record(id, &v, &what)?);
                 continue;
             }
             match parse_key(&k[8..]) {
                 Key::Meta(id) => {
-                    if items.len() >= limit {
-                        return Ok((items, false));
+                    if let Some(end) = stop(&items, id.0) {
+                        return Ok((items, end));
                     }
                     items.push(decode_meta(id, &v, &what)?);
                 }
@@ -1345,52 +1361,66 @@ impl FjallSnapshot {
                 Key::Dedup(..) | Key::Other => {}
             }
         }
-        Ok((items, true))
+        Ok((items, SourceEnd::Exhausted))
     }
 
-    /// Reads the next `limit` items in id order: up to `limit` from every source, the lowest ids of them all, and
-    /// each source's next key moved past what was taken from it.
-    fn page(&mut self, limit: usize) -> Result<Vec<Item>, StorageError> {
+    /// Reads the next items in id order, at most `limit` and within `max_bytes` (at least one): the sources are
+    /// read one after the other, each up to the page's ceiling (the first id the page had to leave out), so that
+    /// at most the bound plus one item is read per source; each source's next key is then the ceiling, or nothing
+    /// once it was read out within the page.
+    fn page(&mut self, limit: usize, max_bytes: u64) -> Result<Vec<Item>, StorageError> {
         let Some(ks) = self.ks.clone() else {
             return Ok(Vec::new());
         };
         let limit = limit.max(1);
-        let mut all: Vec<(u64, usize)> = Vec::new();
-        let mut read: Vec<(Vec<Item>, bool)> = Vec::with_capacity(self.next.len());
+        let mut out: Vec<Item> = Vec::new();
+        let mut ceiling: Option<u64> = None;
+        // Per source: whether it was read to its end, and the highest id read from it.
+        let mut ends: Vec<(bool, Option<u64>)> = Vec::with_capacity(self.next.len());
         for i in 0..self.next.len() {
-            let (items, done) = self.read_source(&ks, i, limit)?;
-            all.extend(items.iter().map(|it| (it.id.0, i)));
-            read.push((items, done));
-        }
-        all.sort_unstable();
-        let cut = all.get(limit).map(|x| x.0);
-        let mut out = Vec::with_capacity(limit.min(all.len()));
-        for (i, (items, done)) in read.into_iter().enumerate() {
-            let (mut rest, mut last) = (None, None);
-            for it in items {
-                if cut.is_some_and(|c| it.id.0 >= c) {
-                    rest = Some(it.id.0);
-                    break;
-                }
-                last = Some(it.id.0);
-                out.push(it);
+            let (items, end) = self.read_source(&ks, i, limit, max_bytes, ceiling)?;
+            ends.push((end == SourceEnd::Exhausted, items.last().map(|it| it.id.0)));
+            if let SourceEnd::Cut(id) = end {
+                // The source holds more from `id` on, unread: the page cannot go past it.
+                ceiling = Some(ceiling.map_or(id, |c| c.min(id)));
             }
-            self.next[i] = match (rest, last) {
-                (Some(id), _) => Some(self.key_of(i, id)),
-                (None, _) if done => None,
-                // Everything read was taken and the source has more: go on after the last one.
-                (None, Some(id)) => Some(self.key_of(i, id + 1)),
-                (None, None) => self.next[i].clone(),
+            out.extend(items);
+            keep_page(&mut out, limit, max_bytes, &mut ceiling);
+        }
+        for (i, (exhausted, last)) in ends.into_iter().enumerate() {
+            if self.next[i].is_none() {
+                continue;
+            }
+            self.next[i] = match ceiling {
+                // Everything it held was read and is in the page.
+                _ if exhausted && last.is_none_or(|l| ceiling.is_none_or(|c| l < c)) => None,
+                Some(c) => Some(self.key_of(i, c)),
+                // Unreachable: a source not read out set a ceiling.
+                None => None,
             };
         }
-        out.sort_unstable_by_key(|it| it.id);
         Ok(out)
     }
+}
+
+/// Where [`FjallSnapshot::read_source`] stopped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum SourceEnd {
+    /// At the end of the source.
+    Exhausted,
+    /// At an id at or after the page's ceiling.
+    Ceiling,
+    /// Before item `id`, for the limit or the byte bound: the source holds more from there on.
+    Cut(u64),
 }
 
 #[async_trait]
 impl PartitionSnapshot for FjallSnapshot {
     async fn next(&mut self, limit: usize) -> Result<Vec<Item>, StorageError> {
+        self.next_within(limit, u64::MAX).await
+    }
+
+    async fn next_within(&mut self, limit: usize, max_bytes: u64) -> Result<Vec<Item>, StorageError> {
         if self.next.iter().all(Option::is_none) {
             return Ok(Vec::new());
         }
@@ -1404,7 +1434,7 @@ impl PartitionSnapshot for FjallSnapshot {
             next: std::mem::take(&mut self.next),
         };
         let (items, next) = blocking(move || {
-            let items = me.page(limit)?;
+            let items = me.page(limit, max_bytes)?;
             Ok((items, me.next))
         })
         .await?;

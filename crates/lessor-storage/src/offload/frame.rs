@@ -286,6 +286,19 @@ pub fn is_framed(stored: &[u8]) -> bool {
     stored.starts_with(&MAGIC)
 }
 
+/// The length of the payload a stored object reference stands for, if `stored` is one (cheap: no decompression,
+/// no fetch), so that a byte bound can be applied before the object is fetched.
+pub fn object_len(stored: &Bytes) -> Option<u64> {
+    if stored.len() > 5 && stored.starts_with(&MAGIC) && stored[4] == KIND_OBJECT {
+        match decode(stored) {
+            Ok(Stored::Object(r)) => Some(r.len),
+            _ => None,
+        }
+    } else {
+        None
+    }
+}
+
 /// The object key a stored payload references, if any (cheap: no decompression).
 pub fn object_key(stored: &Bytes) -> Option<String> {
     if stored.len() > 5 && stored.starts_with(&MAGIC) && stored[4] == KIND_OBJECT {

@@ -38,7 +38,7 @@ pub mod segment;
 #[cfg(feature = "s3")]
 pub(crate) mod segment_io;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
@@ -49,8 +49,8 @@ use bytes::Bytes;
 use futures::stream::{self, StreamExt, TryStreamExt};
 use lessor_core::error::{ItemError, StorageError, StorageErrorKind};
 use lessor_core::storage::{
-    LifecycleOutcome, LifecyclePolicy, Notice, Partition, PartitionSnapshot, PartitionStore, RetryAction,
-    RetryOp, RetryOutcome,
+    item_bytes, LifecycleOutcome, LifecyclePolicy, Notice, Partition, PartitionSnapshot, PartitionStore,
+    RetryAction, RetryOp, RetryOutcome,
 };
 use lessor_core::time::Ts;
 use lessor_core::types::{
@@ -621,7 +621,10 @@ async fn referenced_keys(part: &dyn Partition) -> Result<HashSet<String>, Storag
     let mut snap = part.reference_snapshot().await?;
     let mut keys = HashSet::new();
     loop {
-        let page = snap.next(1000).await?;
+        // Stored payloads are read here, inline ones up to 5 MB each: pages bounded as a lease is.
+        let page = snap
+            .next_within(1000, lessor_core::types::MAX_LEASE_BYTES)
+            .await?;
         if page.is_empty() {
             return Ok(keys);
         }
@@ -1159,6 +1162,7 @@ impl Partition for OffloadPartition {
         Ok(Box::new(ResolvingSnapshot {
             inner: self.inner.snapshot().await?,
             shared: self.shared.clone(),
+            pending: VecDeque::new(),
         }))
     }
 
@@ -1212,6 +1216,19 @@ impl Partition for OffloadPartition {
 struct ResolvingSnapshot {
     inner: Box<dyn PartitionSnapshot>,
     shared: Arc<Shared>,
+    /// Items read from the inner snapshot, payloads as stored, that the byte bound left for the next pages: an
+    /// offloaded payload is a small reference as stored, so a page of them within the bound may stand for far
+    /// more bytes once resolved.
+    pending: VecDeque<Item>,
+}
+
+/// [`item_bytes`] of `it` once its payload is resolved, as far as it is known before resolving: an object
+/// reference records the length of the object; an inline payload (compressed or not) counts as stored.
+fn resolved_bytes(it: &Item) -> u64 {
+    match frame::object_len(&it.payload) {
+        Some(len) => (item_bytes(it) - it.payload.len() as u64).saturating_add(len),
+        None => item_bytes(it),
+    }
 }
 
 impl fmt::Debug for ResolvingSnapshot {
@@ -1223,8 +1240,51 @@ impl fmt::Debug for ResolvingSnapshot {
 #[async_trait]
 impl PartitionSnapshot for ResolvingSnapshot {
     async fn next(&mut self, limit: usize) -> Result<Vec<Item>, StorageError> {
-        let page = self.inner.next(limit).await?;
-        self.shared.resolve_all(page).await
+        self.next_within(limit, u64::MAX).await
+    }
+
+    /// Objects are fetched only for the items the bound takes by the lengths their references record; a
+    /// compressed payload, larger once resolved than stored, may cut the page again. Items left out wait in
+    /// `pending` as stored, and are the next page's first: nothing is skipped, nothing fetched twice but a
+    /// decompression.
+    async fn next_within(&mut self, limit: usize, max_bytes: u64) -> Result<Vec<Item>, StorageError> {
+        let limit = limit.max(1);
+        if self.pending.is_empty() {
+            self.pending = self.inner.next_within(limit, max_bytes).await?.into();
+        }
+        let mut take = 0;
+        let mut total = 0u64;
+        for it in self.pending.iter().take(limit) {
+            total = total.saturating_add(resolved_bytes(it));
+            if take > 0 && total > max_bytes {
+                break;
+            }
+            take += 1;
+        }
+        let stored: Vec<Item> = self.pending.drain(..take).collect();
+        let mut page = match self.shared.resolve_all(stored.clone()).await {
+            Ok(page) => page,
+            Err(e) => {
+                // Kept for a retry of this call: an error must not skip items.
+                for it in stored.into_iter().rev() {
+                    self.pending.push_front(it);
+                }
+                return Err(e);
+            }
+        };
+        let mut total = 0u64;
+        let keep = page
+            .iter()
+            .position(|it| {
+                total = total.saturating_add(item_bytes(it));
+                total > max_bytes
+            })
+            .map_or(page.len(), |i| i.max(1));
+        page.truncate(keep);
+        for it in stored.into_iter().skip(keep).rev() {
+            self.pending.push_front(it);
+        }
+        Ok(page)
     }
 }
 

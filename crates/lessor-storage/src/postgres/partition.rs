@@ -180,12 +180,21 @@ impl std::fmt::Debug for PgSnapshot {
 #[async_trait]
 impl PartitionSnapshot for PgSnapshot {
     async fn next(&mut self, limit: usize) -> Result<Vec<Item>, StorageError> {
+        self.next_within(limit, u64::MAX).await
+    }
+
+    /// The database sizes the candidate rows with `octet_length` and fetches only those within the bound, inside
+    /// the snapshot's transaction: the rows left out are read by the next call, from the same instant.
+    async fn next_within(&mut self, limit: usize, max_bytes: u64) -> Result<Vec<Item>, StorageError> {
         let Some(tx) = self.tx.take() else {
             return Ok(Vec::new());
         };
         let stmt = prepare(tx.conn()?, &self.sql).await?;
-        let (tx, rows) = tx.query(&stmt, &[&self.from, &limit_param(limit.max(1))]).await?;
-        let items = rows.iter().map(decode).collect::<Result<Vec<_>, _>>()?;
+        let max_bytes = i64::try_from(max_bytes).unwrap_or(i64::MAX);
+        let (tx, rows) = tx
+            .query(&stmt, &[&self.from, &limit_param(limit.max(1)), &max_bytes])
+            .await?;
+        let (items, _) = bounded_rows(&rows)?;
         match items.last() {
             Some(last) => {
                 self.from = db_id(last.id).unwrap_or(i64::MAX).saturating_add(1);

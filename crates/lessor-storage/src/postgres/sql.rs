@@ -34,14 +34,19 @@ const COLS: &str =
     "t.id, t.source_id, t.is_leased, t.lease_deadline, t.expire_deadline, t.enqueue_at, t.created_at, \
                     t.attempts, t.max_attempts, t.reference, t.encoding, t.kind, t.payload, t.dead, t.priority";
 
-/// The first `limit` rows matching `filter` in id order, cut before the row whose payload would take their total over
+/// The first `limit` rows matching `filter` in id order, cut before the row whose bytes would take their total over
 /// `max_bytes` (the first row is always taken), with the number of candidate rows as the last column: more than the
 /// rows returned means the bound cut the page. The candidates' sizes come from `octet_length`, which reads a stored
-/// value's size from its header without fetching it, so the rows left out are never read.
+/// value's size from its header without fetching it, so the rows left out are never read. A row's bytes are its
+/// payload and its strings, as `lessor_core::storage::item_bytes` counts them, so that a page is within the bound
+/// by the same measure on every store.
 fn bounded_page(t: &str, filter: &str, limit: &str, max_bytes: &str) -> String {
     format!(
         "WITH c AS MATERIALIZED (
-            SELECT id, coalesce(octet_length(payload), 0) AS len FROM {t} WHERE {filter} ORDER BY id LIMIT {limit}),
+            SELECT id, coalesce(octet_length(payload), 0) + coalesce(octet_length(source_id), 0)
+                       + coalesce(octet_length(reference), 0) + coalesce(octet_length(encoding), 0)
+                       + coalesce(octet_length(kind), 0) AS len
+            FROM {t} WHERE {filter} ORDER BY id LIMIT {limit}),
          k AS (SELECT id FROM (SELECT id, sum(len) OVER w AS run, row_number() OVER w AS rn FROM c
                                WINDOW w AS (ORDER BY id)) x
                WHERE rn = 1 OR run <= {max_bytes})
@@ -460,8 +465,9 @@ impl Sql {
             list_live: format!(
                 "SELECT {COLS} FROM {t} AS t WHERE id >= $1::int8 AND ({LIVE}) IS TRUE ORDER BY id LIMIT $2::int8"
             ),
-            // Every item in id order from $1 (inclusive): the pages of a snapshot, read inside its transaction.
-            snapshot_page: format!("SELECT {COLS} FROM {t} AS t WHERE id >= $1::int8 ORDER BY id LIMIT $2::int8"),
+            // Every item in id order from $1 (inclusive), at most $2 of them and $3 payload bytes (see `bounded_page`):
+            // the pages of a snapshot, read inside its transaction; a page of large payloads is cut unread.
+            snapshot_page: bounded_page(t, "id >= $1::int8", "$2::int8", "$3::int8"),
             list_scheduled: format!(
                 "SELECT {COLS} FROM {t} AS t WHERE id >= $1::int8 AND ({SCHEDULED}) IS TRUE ORDER BY id LIMIT $2::int8"
             ),

@@ -811,7 +811,7 @@ pub async fn migrate(args: MigrateArgs, json: bool) -> Result<(), String> {
     Ok(())
 }
 
-/// Items per page of a migration.
+/// Items per page of a migration (fewer when their payloads reach the source's `limits.max-lease-bytes`).
 const MIGRATE_PAGE: usize = 2000;
 
 async fn migrate_engines(
@@ -879,6 +879,7 @@ async fn migrate_engines(
     // the two reads put it in neither.
     created.sort_by_key(|(q, _)| dead.contains(&q.name));
     let bar = progress(json, None, "migrate");
+    let max_bytes = src.limits().max_lease_bytes;
     let mut items = 0u64;
     for (q, stored_partitions) in &created {
         for p in 0..q.partitions.len() as u32 {
@@ -895,8 +896,9 @@ async fn migrate_engines(
                 .map_err(|x| e(&format!("reading partition {p} of '{}'", q.name), x))?;
             let mut offset = 0u64;
             loop {
+                // Bounded in bytes as well: a page is held whole, then imported in one call.
                 let page = snap
-                    .next(MIGRATE_PAGE)
+                    .next_within(MIGRATE_PAGE, max_bytes)
                     .await
                     .map_err(|x| format!("reading partition {p} of '{}': {x}", q.name))?;
                 if page.is_empty() {
