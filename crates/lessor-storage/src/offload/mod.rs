@@ -200,6 +200,10 @@ struct Shared {
     /// The inner partitions open in this process, by key directory (`{root}{queue}/{partition}/`) in its listed
     /// form (see [`listed`]), as the sweeper finds it in a listing.
     open: Mutex<HashMap<String, Weak<dyn Partition>>>,
+    /// Snapshots open in this process, and the object deletions held back while any is: a snapshot (an online
+    /// backup, a migration) reads items as they were when it was taken, so the object of an item completed since
+    /// must stay until it has been read. Without this, a completion during a backup failed the backup.
+    snapshots: Mutex<(usize, Vec<String>)>,
 }
 
 impl fmt::Debug for Shared {
@@ -317,8 +321,39 @@ impl Shared {
         if keys.is_empty() || self.objects.is_none() {
             return;
         }
+        {
+            let mut s = lock(&self.snapshots);
+            if s.0 > 0 {
+                s.1.extend(keys);
+                return;
+            }
+        }
         let me = self.clone();
         tokio::spawn(async move { me.delete_keys(keys).await });
+    }
+
+    /// A snapshot opens: deletions wait until every open snapshot is done.
+    fn snapshot_opened(&self) {
+        lock(&self.snapshots).0 += 1;
+    }
+
+    /// A snapshot is done: the last one lets the held deletions go (or the sweeper, without a runtime).
+    fn snapshot_closed(self: &Arc<Self>) {
+        let held = {
+            let mut s = lock(&self.snapshots);
+            s.0 = s.0.saturating_sub(1);
+            if s.0 > 0 {
+                return;
+            }
+            std::mem::take(&mut s.1)
+        };
+        if held.is_empty() {
+            return;
+        }
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            let me = self.clone();
+            rt.spawn(async move { me.delete_keys(held).await });
+        }
     }
 
     /// The original payload of one stored item.
@@ -492,6 +527,11 @@ impl Shared {
         let Some(objects) = self.objects.clone() else {
             return Ok(SweepOutcome::default());
         };
+        if lock(&self.snapshots).0 > 0 {
+            // The objects of items completed since an open snapshot was taken are unreferenced, yet it still reads
+            // them: the next round sweeps.
+            return Ok(SweepOutcome::default());
+        }
         let mut out = SweepOutcome::default();
         let cutoff = SystemTime::now()
             .checked_sub(self.settings.grace)
@@ -664,6 +704,7 @@ impl OffloadStore {
             objects,
             in_flight: Mutex::new(HashSet::new()),
             open: Mutex::new(HashMap::new()),
+            snapshots: Mutex::new((0, Vec::new())),
         });
         let sweeper = shared.objects.as_ref().map(|_| {
             let weak = Arc::downgrade(&shared);
@@ -1159,10 +1200,14 @@ impl Partition for OffloadPartition {
     }
 
     async fn snapshot(&self) -> Result<Box<dyn PartitionSnapshot>, StorageError> {
+        // Counted before the inner snapshot is taken: a deletion after that instant is held.
+        self.shared.snapshot_opened();
+        let guard = SnapshotGuard(self.shared.clone());
         Ok(Box::new(ResolvingSnapshot {
             inner: self.inner.snapshot().await?,
             shared: self.shared.clone(),
             pending: VecDeque::new(),
+            _open: guard,
         }))
     }
 
@@ -1220,6 +1265,17 @@ struct ResolvingSnapshot {
     /// offloaded payload is a small reference as stored, so a page of them within the bound may stand for far
     /// more bytes once resolved.
     pending: VecDeque<Item>,
+    /// Holds object deletions back while the snapshot lives.
+    _open: SnapshotGuard,
+}
+
+/// Counts a snapshot as open for as long as it lives (see `Shared::snapshots`).
+struct SnapshotGuard(Arc<Shared>);
+
+impl Drop for SnapshotGuard {
+    fn drop(&mut self) {
+        self.0.snapshot_closed();
+    }
 }
 
 /// [`item_bytes`] of `it` once its payload is resolved, as far as it is known before resolving: an object
