@@ -1364,28 +1364,35 @@ fn storage_list(api: Api) -> Api {
              extensions,
              ..
          },
-         r: pb::StorageItemsListRequest| async move {
-            let limit = convert::list_limit(r.limit)?;
-            let pivot = convert::pivot(&r.pivot)?;
-            let partition =
-                after_target(&e, &r.queue_name, r.partition, convert::partition(r.partition)).await?;
-            let items = e
-                .storage_list(&r.queue_name, partition, pivot, limit, false)
-                .await?;
-            Ok(pb::StorageItemsListResponse {
-                items: items
-                    .into_iter()
-                    .map(|i| {
-                        convert::view(
-                            convert::storage_item(i),
-                            extensions,
-                            pb::StorageItem::clear_extensions,
-                        )
-                    })
-                    .collect(),
-            })
-        },
+         r: pb::StorageItemsListRequest| async move { list_page(e, extensions, r, false).await },
     )
+}
+
+/// A page of `storage/items.list` (`scheduled` false: ready and leased items) or `storage/scheduled.list`.
+async fn list_page(
+    e: Engine,
+    extensions: bool,
+    r: pb::StorageItemsListRequest,
+    scheduled: bool,
+) -> Result<pb::StorageItemsListResponse, ApiError> {
+    let limit = convert::list_limit(r.limit)?;
+    let pivot = convert::pivot(&r.pivot)?;
+    let partition = after_target(&e, &r.queue_name, r.partition, convert::partition(r.partition)).await?;
+    let items = e
+        .storage_list(&r.queue_name, partition, pivot, limit, scheduled)
+        .await?;
+    Ok(pb::StorageItemsListResponse {
+        items: items
+            .into_iter()
+            .map(|i| {
+                convert::view(
+                    convert::storage_item(i),
+                    extensions,
+                    pb::StorageItem::clear_extensions,
+                )
+            })
+            .collect(),
+    })
 }
 
 fn storage_scheduled(api: Api) -> Api {
@@ -1396,27 +1403,7 @@ fn storage_scheduled(api: Api) -> Api {
              extensions,
              ..
          },
-         r: pb::StorageItemsListRequest| async move {
-            let limit = convert::list_limit(r.limit)?;
-            let pivot = convert::pivot(&r.pivot)?;
-            let partition =
-                after_target(&e, &r.queue_name, r.partition, convert::partition(r.partition)).await?;
-            let items = e
-                .storage_list(&r.queue_name, partition, pivot, limit, true)
-                .await?;
-            Ok(pb::StorageItemsListResponse {
-                items: items
-                    .into_iter()
-                    .map(|i| {
-                        convert::view(
-                            convert::storage_item(i),
-                            extensions,
-                            pb::StorageItem::clear_extensions,
-                        )
-                    })
-                    .collect(),
-            })
-        },
+         r: pb::StorageItemsListRequest| async move { list_page(e, extensions, r, true).await },
     )
 }
 
