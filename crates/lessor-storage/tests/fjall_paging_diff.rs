@@ -473,17 +473,19 @@ fn tag_of_new(i: &NewItem) -> u64 {
         .expect("a numeric tag")
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_paged_partition_behaves_as_the_memory_backend() {
+/// The seeds to run: 1 to `LESSOR_TEST_SEEDS` (6), or only `SEED`.
+fn seeds() -> Vec<u64> {
     let only: Option<u64> = std::env::var("SEED").ok().map(|s| s.parse().expect("a seed"));
-    let seeds: u64 = std::env::var("LESSOR_TEST_SEEDS")
+    let n: u64 = std::env::var("LESSOR_TEST_SEEDS")
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(6);
-    for seed in 1..=seeds {
-        if only.is_some_and(|o| o != seed) {
-            continue;
-        }
+    (1..=n).filter(|s| only.is_none_or(|o| o == *s)).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paged_partition_behaves_as_the_memory_backend() {
+    for seed in seeds() {
         run(seed, None, None).await;
     }
 }
@@ -491,15 +493,7 @@ async fn a_paged_partition_behaves_as_the_memory_backend() {
 /// The same with a byte window of 1 to 4 items' payloads, smaller than the item window in most seeds.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_partition_paged_by_bytes_behaves_as_the_memory_backend() {
-    let only: Option<u64> = std::env::var("SEED").ok().map(|s| s.parse().expect("a seed"));
-    let seeds: u64 = std::env::var("LESSOR_TEST_SEEDS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(6);
-    for seed in 1..=seeds {
-        if only.is_some_and(|o| o != seed) {
-            continue;
-        }
+    for seed in seeds() {
         run(seed, None, Some(12 * (1 + seed % 4))).await;
     }
 }
@@ -508,15 +502,7 @@ async fn a_partition_paged_by_bytes_behaves_as_the_memory_backend() {
 #[cfg(feature = "s3")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_paged_partition_with_cold_segments_behaves_as_the_memory_backend() {
-    let only: Option<u64> = std::env::var("SEED").ok().map(|s| s.parse().expect("a seed"));
-    let seeds: u64 = std::env::var("LESSOR_TEST_SEEDS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(6);
-    for seed in 1..=seeds {
-        if only.is_some_and(|o| o != seed) {
-            continue;
-        }
+    for seed in seeds() {
         let Some(env) = support::env("lessor-cold", &format!("diff-{seed}")).await else {
             return;
         };
