@@ -440,7 +440,7 @@ pub async fn serve_tls(
     options: ServeOptions,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let listener = tls::TlsListener::new(listener, tls, set_nodelay)?;
+    let listener = tls::TlsListener::new(listener, tls, set_nodelay, options.max_connections)?;
     serve_on(listener, engine, options, shutdown).await
 }
 

@@ -2,7 +2,9 @@
 //! listener that hands the HTTP layer connections whose TLS handshake already finished.
 //!
 //! Handshakes run in tasks of their own, each bounded by [`HANDSHAKE_TIMEOUT`], so a client that stalls or fails
-//! its handshake holds up no other connection and cannot keep a socket open forever. The HTTP layer only sees
+//! its handshake holds up no other connection and cannot keep a socket open forever; at most `limits.max-connections`
+//! handshakes run at once (a connection accepted beyond that is closed at once), so clients that open sockets and
+//! never handshake cannot hold an unbounded number of sockets and handshake states for ten seconds each. The HTTP layer only sees
 //! finished handshakes, through the same `axum::serve` loop (router, graceful shutdown) as plain HTTP.
 //!
 //! Certificates and keys are PEM files. Every start-up error names the file and what is wrong with it.
@@ -229,7 +231,8 @@ pub struct TlsListener {
 }
 
 impl TlsListener {
-    /// Serves TLS with `config` on `listener`. `on_tcp` runs on every accepted socket (e.g. `TCP_NODELAY`).
+    /// Serves TLS with `config` on `listener`, with at most `max_handshakes` handshakes in progress. `on_tcp` runs
+    /// on every accepted socket (e.g. `TCP_NODELAY`).
     ///
     /// # Errors
     /// The listener's local address cannot be read.
@@ -237,8 +240,14 @@ impl TlsListener {
         listener: TcpListener,
         config: Arc<ServerConfig>,
         on_tcp: fn(&TcpStream),
+        max_handshakes: usize,
     ) -> std::io::Result<TlsListener> {
         let local = listener.local_addr()?;
+        // Handshakes take places of their own: a finished one then needs a place of the HTTP layer's accept loop,
+        // which closes it when none is left, as it does plain connections.
+        let places = Arc::new(tokio::sync::Semaphore::new(
+            max_handshakes.clamp(1, tokio::sync::Semaphore::MAX_PERMITS),
+        ));
         // A small queue: handshakes that finished while the HTTP layer is busy wait here, the rest in their tasks.
         let (tx, ready) = mpsc::channel(64);
         let acceptor = TlsAcceptor::from(config);
@@ -257,13 +266,21 @@ impl TlsListener {
                         continue;
                     }
                 };
+                let Ok(place) = places.clone().try_acquire_owned() else {
+                    // Logged at debug only: a flood of connections must not become a flood of log lines.
+                    tracing::debug!(%peer, "limits.max-connections handshakes in progress; connection closed");
+                    drop(tcp);
+                    continue;
+                };
                 on_tcp(&tcp);
                 let acceptor = acceptor.clone();
                 let tx = tx.clone();
                 tokio::spawn(async move {
                     match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                         Ok(Ok(tls)) => {
-                            // Fails only when serving has stopped; the connection is then closed.
+                            // Fails only when serving has stopped; the connection is then closed. The place is
+                            // held until the accept loop has the connection (which then takes one of its own),
+                            // so connections waiting in the queue count too.
                             let _ = tx.send((tls, peer)).await;
                         }
                         Ok(Err(e)) => tracing::debug!(peer = %peer, error = %e, "TLS handshake failed"),
@@ -271,6 +288,7 @@ impl TlsListener {
                             tracing::debug!(peer = %peer, timeout = ?HANDSHAKE_TIMEOUT, "TLS handshake timed out")
                         }
                     }
+                    drop(place);
                 });
             }
         });

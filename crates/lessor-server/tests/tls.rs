@@ -4,7 +4,7 @@
 //! * `client-ca-file` with `client-auth: required` refuses clients without a certificate or with one from another
 //!   CA and serves one with a good certificate; `optional` lets a client without a certificate in.
 //! * A failed or stalled handshake does not hold up other clients, and a stalled one is closed after the
-//!   handshake limit.
+//!   handshake limit; sockets that never handshake hold at most `limits.max-connections` places.
 //! * Bad files stop the server at start-up with the key, the file and the problem.
 #![allow(clippy::unwrap_used)]
 
@@ -356,4 +356,41 @@ async fn shutdown_over_tls_answers_waiting_leases_and_stops() {
         tokio::net::TcpStream::connect(addr).await.is_err(),
         "still listening after stop"
     );
+}
+
+/// Sockets that never start their handshake hold at most `limits.max-connections` places: with 2, a third socket
+/// is closed at once instead of being held for the handshake timeout, and a real client is served again once the
+/// stalled sockets go.
+#[tokio::test]
+async fn stalled_handshakes_are_bounded_by_max_connections() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = TestCa::new(dir.path(), "main");
+    let server = ca.server("server", &["127.0.0.1"]);
+    let mut config = tls_config(&server, None, None);
+    config.limits.max_connections = Some(2);
+    let srv = start(&config).await;
+    let stalled = [
+        tokio::net::TcpStream::connect(srv.addr).await.unwrap(),
+        tokio::net::TcpStream::connect(srv.addr).await.unwrap(),
+    ];
+    let mut third = tokio::net::TcpStream::connect(srv.addr).await.unwrap();
+    let mut byte = [0u8; 1];
+    // Well under the handshake timeout: without the bound the third socket stays open for all of it.
+    let read = tokio::time::timeout(HANDSHAKE_TIMEOUT / 2, third.read(&mut byte)).await;
+    assert!(
+        matches!(read, Ok(Ok(0)) | Ok(Err(_))),
+        "a third socket was held while two handshakes stalled: {read:?}"
+    );
+    drop(stalled);
+    let good = client(&srv, &TlsConfig::new().add_ca_file(ca.ca_file()).unwrap());
+    let served =
+        lessor_testkit::eventually::poll_until(Duration::from_secs(5), Duration::from_millis(20), || async {
+            good.health().await.map_err(|e| e.to_string())
+        })
+        .await;
+    assert!(
+        served.is_ok(),
+        "not served once the stalled sockets went: {served:?}"
+    );
+    srv.stop().await;
 }
