@@ -2,6 +2,7 @@
 //! items used to build a reply of their whole size (a lease of 300 items of 3.7 MB on fjall: a 1.48 GB answer and
 //! 3.7 GB more resident memory). These tests run a server with a bound of 3,100 bytes and items of 1,000.
 
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use lessor_client::{proto as pb, Client};
@@ -78,7 +79,7 @@ fn bytes(r: &pb::QueueLeaseResponse) -> usize {
 /// is served at once from what the bound left, an item above the bound comes alone, and nothing is lost or
 /// served twice.
 async fn one_consumer_drains_within_the_bound(backend: &str) {
-    let Some((_srv, c, _g)) = server(backend).await else {
+    let Some((srv, c, _g)) = server(backend).await else {
         return;
     };
     produce(&c, "a", &[1000; 10]).await;
@@ -123,7 +124,7 @@ async fn one_consumer_drains_within_the_bound(backend: &str) {
 /// within the bound, and every consumer is answered in that pass (the bound makes the task ask again rather than
 /// take the partition for empty).
 async fn waiting_consumers_share_within_the_bound(backend: &str) {
-    let Some((_srv, c, _g)) = server(backend).await else {
+    let Some((srv, c, _g)) = server(backend).await else {
         return;
     };
     let waiters: Vec<_> = (0..4)
@@ -132,8 +133,22 @@ async fn waiting_consumers_share_within_the_bound(backend: &str) {
             tokio::spawn(async move { c.queue_lease(&lease_req(10, &format!("w{k}"), "10s")).await })
         })
         .collect();
-    // Let the four reach the queue before the items do.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The four reach the queue before the items do: the queue task counts them as waiting.
+    let waiting = || {
+        srv.engine
+            .queue_metrics()
+            .into_iter()
+            .find(|(name, _)| name == "big")
+            .map_or(0, |(_, m)| m.lease_waiting.load(Ordering::Relaxed))
+    };
+    lessor_testkit::eventually::poll_until(Duration::from_secs(5), Duration::from_millis(10), || async {
+        match waiting() {
+            4 => Ok(()),
+            n => Err(format!("{n} leases waiting")),
+        }
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{backend}: the four consumers never waited on the queue: {e}"));
     produce(&c, "a", &[1000; 10]).await;
     let mut total = 0;
     for w in waiters {
