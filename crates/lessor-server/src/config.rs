@@ -51,7 +51,10 @@ const MAX_INFLIGHT_WAIT: Duration = Duration::from_secs(60);
 pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 /// Default `limits.body-read-timeout`: a 64 MB body at about 1 MB/s.
 pub const DEFAULT_BODY_READ_TIMEOUT: Duration = Duration::from_secs(60);
-/// Longest header or body read timeout accepted: beyond it the timeout no longer frees connections in useful time.
+/// Default `limits.reply-write-timeout`: a client that reads nothing of its answer for a minute is gone or stuck.
+pub const DEFAULT_REPLY_WRITE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Longest header read, body read or reply write timeout accepted: beyond it the timeout no longer frees
+/// connections in useful time.
 const MAX_READ_TIMEOUT: Duration = Duration::from_secs(3600);
 /// Default `limits.max-connections`.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
@@ -510,6 +513,9 @@ pub struct LimitsSection {
     pub header_read_timeout: Option<String>,
     /// How long a client may take to send a request's body once its headers are in (Go duration, default 60s).
     pub body_read_timeout: Option<String>,
+    /// How long writing a reply may make no progress (the client reads nothing) before the connection is closed
+    /// (Go duration, default 60s).
+    pub reply_write_timeout: Option<String>,
     /// Connections served at once; more are closed as soon as they are accepted (default 10000).
     pub max_connections: Option<usize>,
 }
@@ -675,6 +681,7 @@ impl Config {
         for (field, value) in [
             ("limits.header-read-timeout", &self.limits.header_read_timeout),
             ("limits.body-read-timeout", &self.limits.body_read_timeout),
+            ("limits.reply-write-timeout", &self.limits.reply_write_timeout),
         ] {
             if let Some(d) = value {
                 match parse_go_duration(d) {
@@ -866,6 +873,16 @@ impl Config {
             .as_deref()
             .and_then(|d| parse_go_duration(d).ok())
             .unwrap_or(DEFAULT_BODY_READ_TIMEOUT)
+    }
+
+    /// How long writing a reply may make no progress before its connection is closed
+    /// (`limits.reply-write-timeout`; validated).
+    pub fn reply_write_timeout(&self) -> Duration {
+        self.limits
+            .reply_write_timeout
+            .as_deref()
+            .and_then(|d| parse_go_duration(d).ok())
+            .unwrap_or(DEFAULT_REPLY_WRITE_TIMEOUT)
     }
 
     /// Connections served at once (`limits.max-connections`).
@@ -1195,18 +1212,20 @@ mod tests {
         }
     }
 
-    /// The read timeouts are Go durations above 0 and at most 1h (defaults 30s and 60s); `limits.max-connections`
+    /// The read and write timeouts are Go durations above 0 and at most 1h (defaults 30s, 60s and 60s); `limits.max-connections`
     /// is between 1 and a million (default 10,000).
     #[test]
     fn connection_limits_are_checked_and_applied() {
         let c = Config::memory();
         assert_eq!(c.header_read_timeout(), Duration::from_secs(30));
         assert_eq!(c.body_read_timeout(), Duration::from_secs(60));
+        assert_eq!(c.reply_write_timeout(), Duration::from_secs(60));
         assert_eq!(c.max_connections(), 10_000);
         let c = Config::from_yaml(
-            "limits:\n  header-read-timeout: 2s\n  body-read-timeout: 1m\n  max-connections: 5\n",
+            "limits:\n  header-read-timeout: 2s\n  body-read-timeout: 1m\n  reply-write-timeout: 5s\n  max-connections: 5\n",
         )
         .expect("valid");
+        assert_eq!(c.reply_write_timeout(), Duration::from_secs(5));
         assert_eq!(c.header_read_timeout(), Duration::from_secs(2));
         assert_eq!(c.body_read_timeout(), Duration::from_secs(60));
         assert_eq!(c.max_connections(), 5);
@@ -1214,6 +1233,8 @@ mod tests {
             ("header-read-timeout", "0s"),
             ("header-read-timeout", "2h"),
             ("body-read-timeout", "never"),
+            ("reply-write-timeout", "0s"),
+            ("reply-write-timeout", "61m"),
             ("max-connections", "0"),
             ("max-connections", "1000001"),
         ] {

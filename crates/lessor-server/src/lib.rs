@@ -107,6 +107,9 @@ pub struct ServeOptions {
     pub header_read_timeout: std::time::Duration,
     /// How long a client may take to send a request's body (`limits.body-read-timeout`).
     pub body_read_timeout: std::time::Duration,
+    /// How long writing a reply may make no progress before the connection is closed
+    /// (`limits.reply-write-timeout`).
+    pub reply_write_timeout: std::time::Duration,
     /// Connections served at once (`limits.max-connections`).
     pub max_connections: usize,
 }
@@ -124,6 +127,7 @@ impl Default for ServeOptions {
             inflight_wait: inflight::DEFAULT_INFLIGHT_WAIT,
             header_read_timeout: config::DEFAULT_HEADER_READ_TIMEOUT,
             body_read_timeout: config::DEFAULT_BODY_READ_TIMEOUT,
+            reply_write_timeout: config::DEFAULT_REPLY_WRITE_TIMEOUT,
             max_connections: config::DEFAULT_MAX_CONNECTIONS,
         }
     }
@@ -144,6 +148,7 @@ impl ServeOptions {
             inflight_wait: config.inflight_wait(),
             header_read_timeout: config.header_read_timeout(),
             body_read_timeout: config.body_read_timeout(),
+            reply_write_timeout: config.reply_write_timeout(),
             max_connections: config.max_connections(),
         }
     }
@@ -508,7 +513,10 @@ pub const MAX_HEAD_BYTES: usize = 64 * 1024;
 /// bound on connections: a client sending its headers a byte at a time, on as many connections as it likes, was
 /// served forever. Here each connection has `header_read_timeout` (which also closes idle kept-alive connections)
 /// and takes one of `max_connections` places, given back when it closes; a connection accepted with no place left
-/// is closed at once, which the client sees as a closed connection rather than a hang. Only HTTP/1.1 is served, as
+/// is closed at once, which the client sees as a closed connection rather than a hang. A reply whose write makes
+/// no progress for `reply_write_timeout` (the client reads nothing: stopped, gone without a reset, or hostile)
+/// closes its connection too: hyper has no write timeout, so such a client held its connection and its answer
+/// (a lease answer may carry `limits.max-lease-bytes`) for as long as it kept the socket open. Only HTTP/1.1 is served, as
 /// Querator does (TLS already offers nothing else through ALPN).
 async fn accept_loop<L>(
     mut listener: L,
@@ -544,7 +552,10 @@ async fn accept_loop<L>(
             continue;
         };
         let service = hyper_util::service::TowerToHyperService::new(app.clone());
-        let connection = builder.serve_connection(hyper_util::rt::TokioIo::new(io), service);
+        // Only writes are timed here: reads are hyper's (header-read-timeout) and the body reader's.
+        let mut io = tokio_io_timeout::TimeoutStream::new(io);
+        io.set_write_timeout(Some(options.reply_write_timeout));
+        let connection = builder.serve_connection(hyper_util::rt::TokioIo::new(Box::pin(io)), service);
         let mut closing = closing_rx.clone();
         tokio::spawn(async move {
             let mut connection = std::pin::pin!(connection);

@@ -122,3 +122,64 @@ async fn connections_beyond_max_connections_are_closed_unserved() {
     .expect("a connection is served once one of the four is gone");
     assert!(served.starts_with("HTTP/1.1 200 "), "{served}");
 }
+
+/// A client that asks for a large answer and never reads it holds its connection (and the answer, up to
+/// `limits.max-lease-bytes` of payload) only until `reply-write-timeout` (300ms) passes with no progress, not for
+/// as long as it keeps the socket open: the server closes the connection, so the client later gets less than the
+/// answer. The items stay leased and come back when their lease expires, as with any consumer that vanished.
+#[tokio::test]
+async fn an_answer_the_client_never_reads_is_dropped_after_the_reply_write_timeout() {
+    let srv = server("  reply-write-timeout: 300ms\n").await;
+    let client = lessor_client::Client::new(&format!("http://{}", srv.addr)).expect("client");
+    lessor_testkit::server::create_queue(&client, "big", |_| {}).await;
+    // 16 items of 1 MB: about 21 MB of JSON, far more than the socket buffers of both ends hold.
+    for k in 0..4 {
+        client
+            .queue_produce(&lessor_client::proto::QueueProduceRequest {
+                queue_name: "big".into(),
+                request_timeout: "5s".into(),
+                items: (0..4)
+                    .map(|i| lessor_client::proto::QueueProduceItem {
+                        reference: format!("{k}-{i}"),
+                        bytes: vec![b'x'; 1_000_000],
+                        ..Default::default()
+                    })
+                    .collect(),
+            })
+            .await
+            .expect("produce");
+    }
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket.set_recv_buffer_size(4096).expect("small receive buffer");
+    let mut s = socket.connect(srv.addr).await.expect("connect");
+    let body = r#"{"queue_name":"big","batch_size":16,"client_id":"sleepy","request_timeout":"5s"}"#;
+    let request = format!(
+        "POST /v1/queue.lease HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(request.as_bytes()).await.expect("send");
+    // Not reading, for several timeouts.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let mut got = 0usize;
+    let mut buf = vec![0u8; 1 << 16];
+    let closed = tokio::time::timeout(WAIT, async {
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => got += n,
+            }
+        }
+    })
+    .await;
+    assert!(
+        closed.is_ok(),
+        "the connection was still open after {WAIT:?} ({got} bytes read)"
+    );
+    assert!(
+        got < 16_000_000,
+        "the whole answer was delivered ({got} bytes): it was held until the client read it"
+    );
+    // The server still serves, and the items come back once their lease expires (not checked here: the
+    // lease lifecycle tests do).
+    assert!(client.health().await.is_ok());
+}
