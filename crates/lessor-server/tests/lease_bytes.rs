@@ -79,7 +79,7 @@ fn bytes(r: &pb::QueueLeaseResponse) -> usize {
 /// is served at once from what the bound left, an item above the bound comes alone, and nothing is lost or
 /// served twice.
 async fn one_consumer_drains_within_the_bound(backend: &str) {
-    let Some((srv, c, _g)) = server(backend).await else {
+    let Some((_srv, c, _g)) = server(backend).await else {
         return;
     };
     produce(&c, "a", &[1000; 10]).await;
