@@ -24,7 +24,8 @@
 //!   so an entry costs one id. Entries of items that left (or whose lease was extended: the new deadline gets an
 //!   entry of its own) are dropped lazily, but the first deadline of each index keeps a current id last in its list
 //!   after every operation, so the next deadline is always exact.
-//! - Scheduled and dead items are rarer and keep whole [`Item`]s in ordered maps.
+//! - Scheduled and dead items are rarer and keep whole [`Item`]s in ordered maps (their payloads on disk only with
+//!   a persistent backend: see "Payloads on disk").
 //! - Dedup records (the `dedup` submodule) live beside the items and outlive them on purpose: a consumed item's key must still
 //!   be refused within the window.
 //!
@@ -42,8 +43,35 @@
 //! lease never serves a lower priority while a higher one still has paged items but
 //! nothing resident. Counts, payload bytes, ages and the next deadline include the paged items through the counters,
 //! so a paged item costs no memory at all unless it carries a source id (whose index entry stays resident).
-//! Leased, scheduled and dead items always stay resident: they are bounded by the work in flight, the schedule and
-//! the dead letters waiting for transfer, not by the backlog. The memory backend sets no window.
+//! Leased, scheduled and dead items always stay resident, but without their large payloads (next section). The
+//! memory backend sets no window.
+//!
+//! # Payloads on disk (persistent backends)
+//! Nothing bounds the number of leased items (a consumer may lease the whole backlog, one bounded answer after the
+//! other) nor the schedule (a large delayed backlog), so their payloads must not live in memory: a backend that
+//! writes every change set and keeps each payload above some size in a record of its own (fjall: above the
+//! codec's inline limit of 1 KiB) says so with [`PartitionState::with_payloads_on_disk`]. A leased, scheduled or
+//! dead item whose payload is above that size then keeps only its metadata and strings, and the payload's length
+//! (`on_disk`, 16 bytes and a map entry per item); payloads of at most that size stay, as they ride in the item's
+//! own record, which every metadata change rewrites anyway. Memory per such item is thus bounded by its metadata
+//! plus 1 KiB, not by its payload.
+//! - A lease serves the payload from memory as before (the change set carries it, so the record is written if it
+//!   was not yet), and only then drops it from the slot: the hot path gains one length check per item, and a
+//!   large item one small copy of its strings.
+//! - Paths that keep the id (extend, a retry or an expiry that schedules or kills, delete, complete) need no
+//!   payload: the payload record stays, and only the metadata is rewritten.
+//! - Paths that give the item a new id need its payload to write the new records: a requeue after an expired lease
+//!   or a retry, and a scheduled item coming due. The backend reads them back before the call
+//!   ([`PartitionState::lifecycle_reads`], [`PartitionState::retry_reads`], handed over with
+//!   [`PartitionState::set_fetched`]), while the old records are still there (the batch deleting them is the one
+//!   writing the new ones). A lifecycle pass reads at most a byte bound's worth and stops at the first item it
+//!   would need beyond it (the rest keep their order and come next pass, `more`), so a schedule coming due all at
+//!   once is requeued a bounded batch at a time.
+//! - Reads that return items (lists, dead items for transfer) get the payloads from the backend, which reads them
+//!   for the items the call chose; the byte bounds count such items at their payload's length.
+//! - Payload bytes in the stats include these (`on_disk` sums them); the byte window counts only what is resident.
+//!
+//! An object reference (the offload wrapper's) always stays: it is small and the tier counters read it.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::time::Duration;
@@ -59,7 +87,7 @@ use lessor_core::types::{
     MAX_PRIORITY,
 };
 
-use crate::tiers::TierCounters;
+use crate::tiers::{offloaded_len, TierCounters};
 
 mod chunk;
 mod dedup;
@@ -316,6 +344,16 @@ impl Slot {
         (source, pos.min(data.len()))
     }
 
+    /// Drops the payload and keeps the strings, in a buffer of their own (the payload is on disk: see "Payloads
+    /// on disk" in the module docs). Returns the payload's length.
+    fn drop_payload(&mut self) -> u64 {
+        let (_, at) = self.layout();
+        let Some(d) = &mut self.data else { return 0 };
+        let len = (d.len() - at) as u64;
+        *d = Bytes::copy_from_slice(&d[..at]);
+        len
+    }
+
     fn payload_len(&self) -> u64 {
         // The whole buffer counts: strings are user bytes too.
         self.data.as_ref().map_or(0, |d| d.len().saturating_sub(1) as u64)
@@ -390,6 +428,17 @@ pub struct PartitionState {
     probe: HashSet<u64>,
     /// Spilled items are handed to the backend ([`PartitionState::take_spilled`]) even without change tracking.
     hand_off: bool,
+    /// Leased, scheduled and dead items whose payload is longer than this keep it on disk only (`usize::MAX`:
+    /// none; see "Payloads on disk" in the module docs).
+    disk_min: usize,
+    /// Items whose payload is on disk only, by id: the payload's length.
+    on_disk: HashMap<u64, u64>,
+    /// Sum of `on_disk`.
+    disk_bytes: u64,
+    /// Items and payload bytes of `on_disk` that the tier counters count (not dead ones).
+    disk_tier: (u64, u64),
+    /// Payloads of `on_disk` items the backend read back for the next call (see [`PartitionState::set_fetched`]).
+    fetched: HashMap<u64, Bytes>,
 }
 
 impl Default for PartitionState {
@@ -435,6 +484,11 @@ impl PartitionState {
             paged_epoch: 0,
             probe: HashSet::new(),
             hand_off: false,
+            disk_min: usize::MAX,
+            on_disk: HashMap::new(),
+            disk_bytes: 0,
+            disk_tier: (0, 0),
+            fetched: HashMap::new(),
         }
     }
 
@@ -452,6 +506,32 @@ impl PartitionState {
     pub fn with_window_bytes(mut self, bytes: u64) -> Self {
         self.window_bytes = bytes.max(1);
         self
+    }
+
+    /// Keeps the payloads longer than `min` bytes of leased, scheduled and dead items on disk only (see "Payloads on
+    /// disk" in the module docs). Only a backend that writes every change set, keeps each such payload in a record
+    /// of its own and answers [`PartitionState::lifecycle_reads`] and [`PartitionState::retry_reads`] may.
+    pub fn with_payloads_on_disk(mut self, min: usize) -> Self {
+        self.disk_min = min;
+        self
+    }
+
+    /// Whether an item that is not ready keeps `payload` on disk only. An object reference (the offload wrapper's)
+    /// is small and stays whatever its length.
+    fn keeps_on_disk(&self, payload: &[u8]) -> bool {
+        payload.len() > self.disk_min && offloaded_len(payload).is_none()
+    }
+
+    /// Whether item `id`'s payload is on disk only: a read that returns the item reads its payload from there.
+    pub fn is_on_disk(&self, id: u64) -> bool {
+        !self.on_disk.is_empty() && self.on_disk.contains_key(&id)
+    }
+
+    /// Gives the next call the payloads of items on disk it needs (read by the backend, as
+    /// [`PartitionState::lifecycle_reads`] or [`PartitionState::retry_reads`] said); the backend clears them
+    /// afterwards with an empty map.
+    pub fn set_fetched(&mut self, payloads: HashMap<u64, Bytes>) {
+        self.fetched = payloads;
     }
 
     /// Whether the resident payloads fill the byte window: new ready items are paged and page-ins stop. A
@@ -482,6 +562,16 @@ impl PartitionState {
     /// Rebuilds the state from stored items (any order). Ids continue above the largest seen and `floor`. Nothing
     /// is paged out here, whatever the window: stored items stay where they are.
     pub fn load(items: impl IntoIterator<Item = Item>, floor: u64) -> Self {
+        Self::load_with(items, HashMap::new(), floor)
+    }
+
+    /// [`PartitionState::load`] where the items named in `on_disk` (leased, scheduled or dead ones) come without
+    /// their payload, which is on disk only, with its length (see "Payloads on disk" in the module docs).
+    pub fn load_with(
+        items: impl IntoIterator<Item = Item>,
+        mut on_disk: HashMap<u64, u64>,
+        floor: u64,
+    ) -> Self {
         let mut items: Vec<Item> = items.into_iter().collect();
         items.sort_unstable_by_key(|it| it.id);
         let mut s = PartitionState::new(floor);
@@ -491,7 +581,8 @@ impl PartitionState {
             if !it.dead && !it.is_scheduled() && !it.is_leased && it.priority == 0 {
                 min_ready = min_ready.min(it.id.0);
             }
-            s.insert(it);
+            let disk = on_disk.remove(&it.id.0);
+            s.insert_as(it, disk);
         }
         s.cursor = if min_ready == u64::MAX {
             s.next_id
@@ -503,15 +594,17 @@ impl PartitionState {
     }
 
     /// Rebuilds a paging state from the resident items a backend read back and the paging counters it stored with
-    /// its last write; `sources` are the source ids of paged items that carry one (their index stays resident).
+    /// its last write; `sources` are the source ids of paged items that carry one (their index stays resident), and
+    /// `on_disk` as in [`PartitionState::load_with`].
     pub fn restore(
         resident: Vec<Item>,
+        on_disk: HashMap<u64, u64>,
         paged: Paged,
         sources: Vec<(String, u64)>,
         floor: u64,
         window: usize,
     ) -> Self {
-        let mut s = Self::load(resident, floor).with_window(window);
+        let mut s = Self::load_with(resident, on_disk, floor).with_window(window);
         s.paged = paged;
         s.by_source.extend(sources);
         s.paged_dirty = false;
@@ -583,26 +676,52 @@ impl PartitionState {
 
     /// Puts an item in the indexes its fields call for.
     fn insert(&mut self, it: Item) {
+        self.insert_as(it, None);
+    }
+
+    /// [`PartitionState::insert`] of an item whose payload is on disk only when `disk` gives its length (the item
+    /// then comes without it); a leased, scheduled or dead item whose payload [`PartitionState::keeps_on_disk`]
+    /// drops it here (the change set that wrote it, or wrote it before, has it).
+    fn insert_as(&mut self, mut it: Item, disk: Option<u64>) {
         let id = it.id.0;
         if !it.source_id.is_empty() {
             self.by_source.insert(it.source_id.clone(), id);
         }
-        self.payload_bytes += it.payload.len() as u64;
+        let ready = !it.dead && !it.is_scheduled() && !it.is_leased;
+        let disk =
+            disk.or_else(|| (!ready && self.keeps_on_disk(&it.payload)).then_some(it.payload.len() as u64));
+        match disk {
+            Some(n) => {
+                it.payload = Bytes::new();
+                self.on_disk.insert(id, n);
+                self.disk_bytes += n;
+                if !it.dead {
+                    self.tiers.add_plain(n);
+                    self.disk_tier.0 += 1;
+                    self.disk_tier.1 += n;
+                }
+            }
+            None => {
+                self.payload_bytes += it.payload.len() as u64;
+                if !it.dead {
+                    self.tiers.add(&it.payload);
+                }
+            }
+        }
         if it.dead || it.is_scheduled() {
             // Kept as a whole item, possibly for long: its payload gets memory of its own rather than keep alive a
             // buffer it shares (an arena, or a request's whole body).
-            let mut it = it;
-            it.payload = Bytes::copy_from_slice(&it.payload);
+            if disk.is_none() {
+                it.payload = Bytes::copy_from_slice(&it.payload);
+            }
             if it.dead {
                 self.dead.insert(id, it);
                 return;
             }
-            self.tiers.add(&it.payload);
             self.sched_idx.insert((it.enqueue_at, id));
             self.sched.insert(id, it);
             return;
         }
-        self.tiers.add(&it.payload);
         let p = usize::from(it.priority.min(MAX_PRIORITY));
         let slot = Slot::from_item(&it, &mut self.arenas[p], &mut self.arena_next[p]);
         if slot.leased() {
@@ -718,6 +837,7 @@ impl PartitionState {
             resident_ready: self.ready,
             paged_ready: self.paged.total(),
             paged_bytes: self.paged.bytes,
+            on_disk_bytes: self.disk_bytes,
         }
     }
 
@@ -882,7 +1002,7 @@ impl PartitionState {
             let (prio, id) = (it.priority, it.id);
             n += 1;
             match expire {
-                Some(policy) => self.die(it, policy, &mut ch),
+                Some(policy) => self.die(it, None, policy, &mut ch),
                 None => self.record_del(&mut ch, id),
             }
             if self.track {
@@ -945,6 +1065,11 @@ impl PartitionState {
                 }
             }
         }
+        // Checked for emptiness first: most partitions hold no payload on disk, and complete is the hot path.
+        if let Some(n) = self.take_disk(id) {
+            self.forget_disk(n, true);
+            return;
+        }
         let total = slot.data.as_ref().map_or(0, |d| d.len());
         self.payload_bytes -= (total - payload_at) as u64;
         self.tiers.remove(
@@ -953,6 +1078,25 @@ impl PartitionState {
                 .and_then(|d| d.get(payload_at..))
                 .unwrap_or_default(),
         );
+    }
+
+    /// Takes item `id` out of `on_disk`, returning its payload's length if it was there.
+    fn take_disk(&mut self, id: u64) -> Option<u64> {
+        if self.on_disk.is_empty() {
+            return None;
+        }
+        self.on_disk.remove(&id)
+    }
+
+    /// Takes a payload of `n` bytes on disk out of the counters (`counted`: of an item the tier counters count,
+    /// not a dead one); the caller removed it from `on_disk`.
+    fn forget_disk(&mut self, n: u64, counted: bool) {
+        self.disk_bytes -= n;
+        if counted {
+            self.tiers.remove_plain(n);
+            self.disk_tier.0 -= 1;
+            self.disk_tier.1 -= n;
+        }
     }
 
     /// [`PartitionState::take_live`] without building the item.
@@ -981,23 +1125,35 @@ impl PartitionState {
         Some(slot)
     }
 
-    /// Takes an item out of every index.
-    fn remove(&mut self, id: u64) -> Option<Item> {
-        let it = if let Some(it) = self.take_live(id) {
-            self.tiers.remove(&it.payload);
-            it
+    /// Takes an item out of every index. When its payload is on disk only, the item comes without it, and with its
+    /// length, unless the backend read it back for this call ([`PartitionState::set_fetched`]): then it is whole.
+    fn remove(&mut self, id: u64) -> Option<(Item, Option<u64>)> {
+        let (mut it, counted) = if let Some(it) = self.take_live(id) {
+            (it, true)
         } else if let Some(it) = self.sched.remove(&id) {
             self.sched_idx.remove(&(it.enqueue_at, id));
-            self.tiers.remove(&it.payload);
-            it
+            (it, true)
         } else {
-            self.dead.remove(&id)?
+            (self.dead.remove(&id)?, false)
         };
         if !it.source_id.is_empty() && self.by_source.get(&it.source_id) == Some(&id) {
             self.by_source.remove(&it.source_id);
         }
-        self.payload_bytes -= it.payload.len() as u64;
-        Some(it)
+        let Some(n) = self.take_disk(id) else {
+            self.payload_bytes -= it.payload.len() as u64;
+            if counted {
+                self.tiers.remove(&it.payload);
+            }
+            return Some((it, None));
+        };
+        self.forget_disk(n, counted);
+        match self.fetched.remove(&id) {
+            Some(payload) => {
+                it.payload = payload;
+                Some((it, None))
+            }
+            None => Some((it, Some(n))),
+        }
     }
 
     /// Drops stale entries at the front of both deadline indexes, so their first keys are real deadlines, and of
@@ -1097,8 +1253,20 @@ impl PartitionState {
         }
     }
 
-    /// Re-inserts `it` at the tail with a fresh id, recording the move.
-    fn requeue(&mut self, mut it: Item, ch: &mut Changes) {
+    /// Re-inserts `it` at the tail with a fresh id, recording the move. Its payload must be in memory (`disk` is
+    /// `None`): the new id's records are written whole.
+    fn requeue(&mut self, mut it: Item, disk: Option<u64>, ch: &mut Changes) {
+        if disk.is_some() {
+            // The backend did not read the payload back although `lifecycle_reads` or `retry_reads` named it (a
+            // bug): the item keeps its id and its payload on disk, due at once, and the next lifecycle pass
+            // requeues it with its payload read.
+            tracing::error!(
+                item = it.id.0,
+                "payload on disk not read back for a requeue: scheduled instead"
+            );
+            self.schedule(it, Ts(1), disk, ch);
+            return;
+        }
         self.record_del(ch, it.id);
         it.id = self.alloc(it.priority);
         it.is_leased = false;
@@ -1111,26 +1279,32 @@ impl PartitionState {
         self.insert_new(it);
     }
 
-    /// Puts `it` into the schedule until `at`, keeping its id, recording the change.
-    fn schedule(&mut self, mut it: Item, at: Ts, ch: &mut Changes) {
+    /// Puts `it` into the schedule until `at`, keeping its id, recording the change (`disk` as in
+    /// [`PartitionState::insert_as`]).
+    fn schedule(&mut self, mut it: Item, at: Ts, disk: Option<u64>, ch: &mut Changes) {
         it.is_leased = false;
         it.lease_deadline = Ts::ZERO;
         // A zero time would read as "not scheduled".
         it.enqueue_at = at.max(Ts(1));
-        let id = it.id.0;
-        self.insert(it);
-        self.record_put(ch, id);
+        if self.track {
+            // Recorded from the item itself, before its payload may go to disk only.
+            ch.put.push(it.clone());
+        }
+        self.insert_as(it, disk);
     }
 
     /// Kills an item: kept for transfer when a dead-letter queue exists, dropped otherwise.
-    fn die(&mut self, mut it: Item, policy: LifecyclePolicy, ch: &mut Changes) {
+    fn die(&mut self, mut it: Item, disk: Option<u64>, policy: LifecyclePolicy, ch: &mut Changes) {
         if policy.has_dead_queue {
             it.dead = true;
             it.is_leased = false;
             it.lease_deadline = Ts::ZERO;
-            let id = it.id.0;
-            self.insert(it);
-            self.record_put(ch, id);
+            if self.track {
+                // Recorded from the item itself: a paged item dying moves to the items whole, and its payload
+                // may go to disk only here.
+                ch.put.push(it.clone());
+            }
+            self.insert_as(it, disk);
         } else {
             self.record_del(ch, it.id);
         }
@@ -1248,6 +1422,9 @@ impl PartitionState {
         let mut taken = Vec::with_capacity(out.capacity());
         let mut bytes = 0u64;
         let mut capped = false;
+        let disk_min = self.disk_min;
+        // Leased ids whose payload goes to disk only once served (see "Payloads on disk"), with its length.
+        let mut dropped: Vec<(u64, u64)> = Vec::new();
         // A priority whose resident head ran out while it still has paged items ends the lease: serving a lower
         // priority first would break the order (the backend pages in before a lease, so this is rare).
         let mut blocked = false;
@@ -1274,7 +1451,11 @@ impl PartitionState {
                 s.flags |= LEASED;
                 s.lease_deadline = deadline.0;
                 s.attempts = s.attempts.saturating_add(1);
-                out.push(s.to_item(id));
+                let it = s.to_item(id);
+                if it.payload.len() > disk_min && offloaded_len(&it.payload).is_none() {
+                    dropped.push((id, s.drop_payload()));
+                }
+                out.push(it);
                 taken.push(id);
                 self.ready_by_prio[p] -= 1;
             }
@@ -1311,7 +1492,11 @@ impl PartitionState {
                     s.lease_deadline = deadline.0;
                     s.attempts = s.attempts.saturating_add(1);
                     let id = key * CHUNK + at as u64;
-                    out.push(s.to_item(id));
+                    let it = s.to_item(id);
+                    if it.payload.len() > disk_min && offloaded_len(&it.payload).is_none() {
+                        dropped.push((id, s.drop_payload()));
+                    }
+                    out.push(it);
                     taken.push(id);
                     self.ready_by_prio[0] -= 1;
                 }
@@ -1335,6 +1520,15 @@ impl PartitionState {
         self.sum_lease += i128::from(deadline.0) * i128::from(got);
         if !taken.is_empty() {
             self.leases.entry(deadline).or_default().extend(taken);
+        }
+        // The items served hold the payloads (slices of the old buffers) until the consumer has them; this write
+        // stores them (or stored them before) in records of their own.
+        for (id, n) in dropped {
+            self.on_disk.insert(id, n);
+            self.disk_bytes += n;
+            self.disk_tier.0 += 1;
+            self.disk_tier.1 += n;
+            self.payload_bytes -= n;
         }
         self.clean_fronts();
         let ch = if self.track {
@@ -1434,7 +1628,7 @@ impl PartitionState {
             }
             let mut o = RetryOutcome::default();
             for op in ops {
-                let Some(it) = self.remove(op.id.0) else {
+                let Some((it, disk)) = self.remove(op.id.0) else {
                     continue;
                 };
                 let action = match op.action {
@@ -1445,20 +1639,20 @@ impl PartitionState {
                 match action {
                     RetryAction::Dead => {
                         o.dead += 1;
-                        self.die(it, policy, &mut ch);
+                        self.die(it, disk, policy, &mut ch);
                     }
                     RetryAction::Backoff(now) if policy.backoff.is_on() => {
                         o.scheduled += 1;
                         let at = now.add(policy.backoff.delay(it.attempts, it.id));
-                        self.schedule(it, at, &mut ch);
+                        self.schedule(it, at, disk, &mut ch);
                     }
                     RetryAction::Requeue | RetryAction::Backoff(_) => {
                         o.requeued += 1;
-                        self.requeue(it, &mut ch);
+                        self.requeue(it, disk, &mut ch);
                     }
                     RetryAction::Schedule(at) => {
                         o.scheduled += 1;
-                        self.schedule(it, at, &mut ch);
+                        self.schedule(it, at, disk, &mut ch);
                     }
                 }
             }
@@ -1466,6 +1660,100 @@ impl PartitionState {
         }
         self.clean_fronts();
         (out, ch)
+    }
+
+    /// Whether an item leaving its lease under `policy` after `attempts` attempts is requeued (gets a new id, so
+    /// its payload is needed) rather than scheduled or killed (its id and records stay).
+    fn requeues(policy: LifecyclePolicy, attempts: u32, action: RetryAction) -> bool {
+        match action {
+            RetryAction::Dead | RetryAction::Schedule(_) => false,
+            _ if policy.exhausted(attempts) => false,
+            RetryAction::Backoff(_) => !policy.backoff.is_on(),
+            RetryAction::Requeue => true,
+        }
+    }
+
+    /// The items on disk (see "Payloads on disk") whose payloads [`PartitionState::retry`] with these requests
+    /// needs: the leased ones it requeues.
+    pub fn retry_reads(&self, requests: &[Vec<RetryOp>], policy: LifecyclePolicy) -> Vec<u64> {
+        if self.on_disk.is_empty() {
+            return Vec::new();
+        }
+        let mut out: Vec<u64> = requests
+            .iter()
+            .flatten()
+            .filter(|op| self.on_disk.contains_key(&op.id.0))
+            .filter(|op| {
+                self.slot(op.id.0)
+                    .is_some_and(|s| s.leased() && Self::requeues(policy, s.attempts, op.action))
+            })
+            .map(|op| op.id.0)
+            .collect();
+        out.sort_unstable();
+        out.dedup();
+        out
+    }
+
+    /// Whether [`PartitionState::lifecycle`] under `policy` needs the payload of the expired lease `id`: it is on
+    /// disk only and the item is requeued.
+    fn expiry_needs_payload(&self, id: u64, policy: LifecyclePolicy) -> bool {
+        self.is_on_disk(id)
+            && self
+                .slot(id)
+                .is_some_and(|s| Self::requeues(policy, s.attempts, RetryAction::Requeue))
+    }
+
+    /// The items on disk (see "Payloads on disk") whose payloads [`PartitionState::lifecycle`] with these arguments
+    /// needs (expired leases it requeues, due scheduled items), in the order it takes them, as long as their
+    /// payloads add up to at most `max_bytes` (at least one). The pass stops at the first one whose payload it was
+    /// not given and leaves the rest to the next pass (`more`), so one pass reads a bounded amount from disk
+    /// however much came due.
+    pub fn lifecycle_reads(
+        &self,
+        now: Ts,
+        policy: LifecyclePolicy,
+        limit: usize,
+        max_bytes: u64,
+    ) -> Vec<u64> {
+        if self.on_disk.is_empty() {
+            return Vec::new();
+        }
+        // The expired leases `due_lease` pops, in the same order, without popping them.
+        let mut expired = Vec::new();
+        'due: for (&d, ids) in self.leases.range(..=now) {
+            for &id in ids.iter().rev() {
+                if expired.len() >= limit {
+                    break 'due;
+                }
+                if lease_valid(&self.chunks, d, id) {
+                    expired.push(id);
+                }
+            }
+        }
+        expired.sort_unstable();
+        expired.dedup();
+        let rest = limit.saturating_sub(expired.len());
+        let due = self
+            .sched_idx
+            .iter()
+            .take_while(|(t, _)| *t <= now)
+            .take(rest)
+            .map(|&(_, id)| id)
+            .filter(|id| self.on_disk.contains_key(id));
+        let mut out = Vec::new();
+        let mut bytes = 0u64;
+        for id in expired
+            .into_iter()
+            .filter(|&id| self.expiry_needs_payload(id, policy))
+            .chain(due)
+        {
+            bytes = bytes.saturating_add(self.on_disk.get(&id).copied().unwrap_or(0));
+            if !out.is_empty() && bytes > max_bytes {
+                break;
+            }
+            out.push(id);
+        }
+        out
     }
 
     /// The next lease due to expire at `now`, taken out of the index.
@@ -1499,36 +1787,54 @@ impl PartitionState {
         }
         expired.sort_unstable();
         let mut done = expired.len();
-        for id in expired {
-            let Some(it) = self.remove(id) else { continue };
+        // Whether a payload on disk the pass needs was not read back (see `lifecycle_reads`): it stops there.
+        let mut short = false;
+        for (i, &id) in expired.iter().enumerate() {
+            if self.expiry_needs_payload(id, policy) && !self.fetched.contains_key(&id) {
+                // This one and the rest stay leased, back in the index, for the next pass.
+                for &id in &expired[i..] {
+                    if let Some(d) = self.slot(id).filter(|s| s.leased()).map(|s| s.lease_deadline) {
+                        self.leases.entry(Ts(d)).or_default().push(id);
+                    }
+                }
+                short = true;
+                break;
+            }
+            let Some((it, disk)) = self.remove(id) else {
+                continue;
+            };
             if policy.exhausted(it.attempts) {
                 o.dead += 1;
-                self.die(it, policy, &mut ch);
+                self.die(it, disk, policy, &mut ch);
             } else if policy.backoff.is_on() {
                 o.lease_expired += 1;
                 let at = now.add(policy.backoff.delay(it.attempts, it.id));
-                self.schedule(it, at, &mut ch);
+                self.schedule(it, at, disk, &mut ch);
             } else {
                 o.lease_expired += 1;
-                self.requeue(it, &mut ch);
+                self.requeue(it, disk, &mut ch);
             }
         }
-        while done < limit {
+        while !short && done < limit {
             let Some(&(t, id)) = self.sched_idx.first().filter(|(t, _)| *t <= now) else {
                 break;
             };
+            if self.is_on_disk(id) && !self.fetched.contains_key(&id) {
+                short = true;
+                break;
+            }
             self.sched_idx.remove(&(t, id));
-            if let Some(it) = self.remove(id) {
+            if let Some((it, disk)) = self.remove(id) {
                 o.enqueued += 1;
-                self.requeue(it, &mut ch);
+                self.requeue(it, disk, &mut ch);
             }
             done += 1;
         }
         while done < limit {
             let Some(id) = self.due_expire(now) else { break };
-            if let Some(it) = self.remove(id) {
+            if let Some((it, disk)) = self.remove(id) {
                 o.dead += 1;
-                self.die(it, policy, &mut ch);
+                self.die(it, disk, policy, &mut ch);
             }
             done += 1;
         }
@@ -1536,7 +1842,7 @@ impl PartitionState {
         // them as well), so they do not count towards `more`.
         self.prune_dedup(now, limit, &mut ch);
         self.clean_fronts();
-        o.more = done >= limit && self.next_deadline().is_some_and(|d| d <= now);
+        o.more = (short || done >= limit) && self.next_deadline().is_some_and(|d| d <= now);
         (o, ch)
     }
 
@@ -1551,13 +1857,21 @@ impl PartitionState {
         let mut out = Vec::new();
         let mut bytes = 0u64;
         for it in self.dead.values().take(limit) {
-            bytes = bytes.saturating_add(item_bytes(it));
+            bytes = bytes.saturating_add(item_bytes(it) + self.disk_len(it.id.0));
             if !out.is_empty() && bytes > max_bytes {
                 return (out, true);
             }
             out.push(it.clone());
         }
         (out, false)
+    }
+
+    /// The length of item `id`'s payload when it is on disk only, else 0 (its payload, if any, is in memory).
+    pub fn disk_len(&self, id: u64) -> u64 {
+        if self.on_disk.is_empty() {
+            return 0;
+        }
+        self.on_disk.get(&id).copied().unwrap_or(0)
     }
 
     /// See [`lessor_core::storage::Partition::dead_count`].
@@ -1621,11 +1935,17 @@ impl PartitionState {
             counts: self.counts(),
             average_age: avg(self.sum_created + self.paged.sum_created, live, false),
             average_leased_age: avg(self.sum_lease, leased, true),
-            payload_bytes: self.payload_bytes + self.paged.bytes,
+            payload_bytes: self.payload_bytes + self.paged.bytes + self.disk_bytes,
             oldest_ready_age: self.oldest_head().map_or(Duration::ZERO, |c| now.since(Ts(c))),
             // Everything this state holds is in memory; a backend that also keeps it on disk adds that tier.
             tiers: TierStats {
-                memory: self.tiers.held(),
+                memory: {
+                    // Payloads on disk only are not held here: the backend counts them on disk.
+                    let mut m = self.tiers.held();
+                    m.items -= self.disk_tier.0;
+                    m.bytes -= self.disk_tier.1;
+                    m
+                },
                 object: self.tiers.object(),
                 ..Default::default()
             },
@@ -1657,7 +1977,7 @@ impl PartitionState {
         let mut bytes = 0u64;
         if scheduled {
             for it in self.sched.range(from..).take(limit).map(|(_, it)| it) {
-                bytes = bytes.saturating_add(item_bytes(it));
+                bytes = bytes.saturating_add(item_bytes(it) + self.disk_len(it.id.0));
                 if !out.is_empty() && bytes > max_bytes {
                     return (out, true);
                 }
@@ -1674,7 +1994,7 @@ impl PartitionState {
                 if out.len() >= limit {
                     return (out, false);
                 }
-                bytes = bytes.saturating_add(s.payload_len());
+                bytes = bytes.saturating_add(s.payload_len() + self.disk_len(id));
                 if !out.is_empty() && bytes > max_bytes {
                     return (out, true);
                 }
@@ -1865,6 +2185,90 @@ mod tests {
             payload: Bytes::from(p.to_string()),
             ..Default::default()
         }
+    }
+
+    /// Payloads on disk: leased and scheduled items keep only their payloads' lengths; a lifecycle pass gets back
+    /// what `lifecycle_reads` names within its byte bound and stops at the first item it needs whose payload it was
+    /// not given, leaving the rest (in order) to the next pass; a retry gets what `retry_reads` names.
+    #[test]
+    fn lifecycle_passes_read_back_payloads_on_disk_within_their_bound() {
+        // What a backend stored: the last payload written under each id.
+        fn keep(disk: &mut HashMap<u64, Bytes>, ch: &Changes) {
+            for it in ch.put.iter().filter(|it| !it.payload.is_empty()) {
+                disk.insert(it.id.0, it.payload.clone());
+            }
+        }
+        let mut disk = HashMap::new();
+        let mut s = PartitionState::new(1).with_payloads_on_disk(4);
+        let policy = LifecyclePolicy::default();
+        let (_, ch) = s.produce(
+            (0..3)
+                .map(|i| new_item(&format!("payload-{i}"), Ts::ZERO))
+                .collect(),
+        );
+        keep(&mut disk, &ch);
+        let (leased, ch) = s.lease(3, Ts(10));
+        keep(&mut disk, &ch);
+        assert_eq!(payload_of(&leased[2]), "payload-2", "served from memory");
+        let (_, ch) = s.produce((3..6).map(|i| new_item(&format!("payload-{i}"), Ts(5))).collect());
+        keep(&mut disk, &ch);
+        // A small payload stays.
+        let (_, ch) = s.produce(vec![new_item("p", Ts(5))]);
+        keep(&mut disk, &ch);
+        assert_eq!(s.paging_counts().on_disk_bytes, 6 * 9);
+        assert_eq!(s.payload_bytes, 1);
+        assert_eq!(s.stats(Ts(1)).payload_bytes, 6 * 9 + 1);
+        let mut passes = 0;
+        loop {
+            let reads = s.lifecycle_reads(Ts(20), policy, 100, 20);
+            assert!(reads.len() <= 2, "{reads:?}");
+            s.set_fetched(reads.iter().map(|id| (*id, disk[id].clone())).collect());
+            let (o, ch) = s.lifecycle(Ts(20), policy, 100);
+            s.set_fetched(HashMap::new());
+            keep(&mut disk, &ch);
+            passes += 1;
+            if !o.more {
+                break;
+            }
+        }
+        assert_eq!(
+            passes, 3,
+            "two payloads of 9 bytes within 20 per pass, six payloads"
+        );
+        assert_eq!(s.paging_counts().on_disk_bytes, 0);
+        let (again, _) = s.lease(10, Ts(30));
+        let got: Vec<String> = again.iter().map(payload_of).collect();
+        assert_eq!(
+            got,
+            [
+                "payload-0",
+                "payload-1",
+                "payload-2",
+                "payload-3",
+                "payload-4",
+                "payload-5",
+                "p"
+            ],
+            "requeued in order, whole"
+        );
+        assert_eq!(s.paging_counts().on_disk_bytes, 6 * 9);
+        let ops: Vec<RetryOp> = again
+            .iter()
+            .map(|it| RetryOp {
+                id: it.id,
+                action: RetryAction::Requeue,
+            })
+            .collect();
+        let reads = s.retry_reads(std::slice::from_ref(&ops), policy);
+        assert_eq!(reads.len(), 6, "the small payload is in memory");
+        s.set_fetched(reads.iter().map(|id| (*id, disk[id].clone())).collect());
+        let (out, _) = s.retry(vec![ops], policy);
+        s.set_fetched(HashMap::new());
+        assert!(out[0].is_ok());
+        let (third, _) = s.lease(10, Ts(40));
+        assert_eq!(third.iter().map(payload_of).collect::<Vec<_>>(), got);
+        let attempts: Vec<u32> = third.iter().map(|it| it.attempts).collect();
+        assert_eq!(attempts, [3, 3, 3, 2, 2, 2, 2]);
     }
 
     /// A xorshift generator from `seed`: `rnd(n)` is below `n`. Deterministic, so a failing run repeats.

@@ -62,6 +62,19 @@ impl TierCounters {
         }
     }
 
+    /// Counts an item in whose stored payload of `len` bytes is known not to be an object reference (a payload
+    /// kept on disk only, see the state's "Payloads on disk").
+    pub fn add_plain(&mut self, len: u64) {
+        self.items += 1;
+        self.inline_bytes += len;
+    }
+
+    /// The inverse of [`TierCounters::add_plain`].
+    pub fn remove_plain(&mut self, len: u64) {
+        self.items = self.items.saturating_sub(1);
+        self.inline_bytes = self.inline_bytes.saturating_sub(len);
+    }
+
     /// The figures of a backend holding every item in one tier (`memory` or `disk`), payloads not offloaded
     /// included.
     pub fn held(&self) -> lessor_core::types::TierFigures {

@@ -519,11 +519,12 @@ async fn a_due_scheduled_item_requeued_into_the_paged_records_expires_in_the_sam
     store.close().await;
 }
 
-/// Payload bytes a partition holds in memory: its payload total less what is paged.
+/// Payload bytes a partition holds in memory: its payload total less what is paged and what leased, scheduled
+/// and dead items keep on disk only.
 async fn resident_bytes(store: &FjallStore, p: &dyn lessor_core::storage::Partition, name: &str) -> u64 {
     let total = p.stats(T0).await.expect("stats").payload_bytes;
-    let paged = store.paging_counts(name, 0).await.expect("open").paged_bytes;
-    total - paged
+    let counts = store.paging_counts(name, 0).await.expect("open");
+    total - counts.paged_bytes - counts.on_disk_bytes
 }
 
 /// A byte window (`memory-window-bytes`) bounds the payloads a partition keeps in memory when its items are
@@ -586,4 +587,195 @@ async fn a_byte_window_bounds_the_payloads_in_memory() {
     let expected: Vec<Vec<u8>> = (0..N).map(|i| format!("{i:06}").into_bytes()).collect();
     assert_eq!(payloads, expected, "payloads intact");
     assert_eq!(p.counts().await.expect("counts").ready, 0);
+}
+
+/// A payload of `BIG` bytes that starts with the item's number.
+fn big_payload(i: usize) -> Bytes {
+    Bytes::from(format!("{i:06}{}", "x".repeat(BIG - 6)))
+}
+
+const BIG: usize = 20_000;
+
+/// Scheduled items keep no payload in memory: 100 items of 20,000 bytes due in an hour, under a byte window of
+/// 50,000, keep at most the window (and an item) resident while they are produced and after a restart; when they
+/// come due (in their due order, not their production order) the lifecycle passes requeue them and the leases
+/// return every one in due order with its payload. Without it the whole schedule (2 MB) stayed resident and a
+/// restart read it all back.
+#[tokio::test]
+async fn scheduled_items_keep_their_payloads_on_disk() {
+    const N: usize = 100;
+    const WINDOW: u64 = 50_000;
+    const BOUND: u64 = WINDOW + 2 * BIG as u64;
+    let due = |i: usize| Ts(T0.0 + 3_600_000_000 + (i % 10) as i64 * 1_000);
+    let dir = tempfile::tempdir().expect("tmp");
+    {
+        let store = FjallStore::open(dir.path(), Durability::Sync).expect("open");
+        store.set_memory_window_bytes(WINDOW);
+        let p = store.open("sched", 0).await.expect("partition");
+        for b in 0..N / 10 {
+            let batch = (b * 10..b * 10 + 10)
+                .map(|i| NewItem {
+                    payload: big_payload(i),
+                    enqueue_at: due(i),
+                    ..item(i, 0, FAR)
+                })
+                .collect();
+            p.produce(batch).await.expect("produce");
+            let r = resident_bytes(&store, &*p, "sched").await;
+            assert!(r <= BOUND, "batch {b}: {r} bytes resident");
+        }
+        assert_eq!(p.counts().await.expect("counts").scheduled, N as u64);
+        p.close().await;
+        store.close().await;
+    }
+    let store = FjallStore::open(dir.path(), Durability::Sync).expect("reopen");
+    store.set_memory_window_bytes(WINDOW);
+    let p = store.open("sched", 0).await.expect("partition");
+    assert_eq!(p.counts().await.expect("counts").scheduled, N as u64);
+    assert_eq!(
+        p.stats(T0).await.expect("stats").payload_bytes,
+        (N * BIG) as u64,
+        "the payload bytes count the ones on disk"
+    );
+    let r = resident_bytes(&store, &*p, "sched").await;
+    assert!(r <= BOUND, "after the restart: {r} bytes resident");
+    let tiers = p.stats(T0).await.expect("stats").tiers;
+    assert!(tiers.memory.bytes <= BOUND, "{tiers:?}");
+    assert_eq!(tiers.disk.bytes, (N * BIG) as u64, "{tiers:?}");
+    let listed = p.list(None, N, true).await.expect("list");
+    assert_eq!(listed.len(), N);
+    assert!(
+        listed
+            .iter()
+            .enumerate()
+            .all(|(i, it)| it.payload == big_payload(i)),
+        "a list reads the payloads back"
+    );
+    let now = due(9);
+    let policy = LifecyclePolicy::default();
+    let mut enqueued = 0;
+    loop {
+        let o = p.lifecycle(now, policy, 1_000).await.expect("lifecycle");
+        enqueued += o.enqueued;
+        let r = resident_bytes(&store, &*p, "sched").await;
+        assert!(r <= BOUND, "coming due: {r} bytes resident");
+        if !o.more {
+            break;
+        }
+    }
+    assert_eq!(enqueued, N as u64);
+    let mut order: Vec<usize> = (0..N).collect();
+    order.sort_by_key(|&i| (due(i), i));
+    let mut got = Vec::new();
+    loop {
+        let (leased, _) = p.lease_within(7, LEASE, 16 << 20).await.expect("lease");
+        if leased.is_empty() {
+            break;
+        }
+        for it in &leased {
+            let i: usize = std::str::from_utf8(&it.payload[..6])
+                .expect("utf8")
+                .parse()
+                .expect("number");
+            assert_eq!(it.payload, big_payload(i), "payload of item {i} intact");
+            got.push(i);
+        }
+        let r = resident_bytes(&store, &*p, "sched").await;
+        assert!(r <= BOUND, "leasing: {r} bytes resident");
+        let ids = leased.iter().map(|it| it.id).collect();
+        assert!(p.complete(vec![ids]).await.expect("complete")[0].is_ok());
+    }
+    assert_eq!(got, order, "every item once, in due order");
+    assert_eq!(p.stats(T0).await.expect("stats").payload_bytes, 0);
+    store.close().await;
+}
+
+/// Leased items keep no payload in memory: 100 items of 20,000 bytes leased in leases of 3 without completing keep
+/// at most the byte window of ready items (and an item) resident, also after a restart; once the leases expired
+/// (the lifecycle's clock, no sleep) the items are requeued, read back from disk under their new ids, and leased
+/// again in order with their payloads and a second attempt counted. Without it every leased payload stayed
+/// resident (2 MB), whatever the window.
+#[tokio::test]
+async fn leased_items_keep_their_payloads_on_disk() {
+    const N: usize = 100;
+    const WINDOW: u64 = 50_000;
+    const BOUND: u64 = WINDOW + 2 * BIG as u64;
+    let dir = tempfile::tempdir().expect("tmp");
+    {
+        let store = FjallStore::open(dir.path(), Durability::Sync).expect("open");
+        store.set_memory_window_bytes(WINDOW);
+        let p = store.open("leased", 0).await.expect("partition");
+        for b in 0..N / 10 {
+            let batch = (b * 10..b * 10 + 10)
+                .map(|i| NewItem {
+                    payload: big_payload(i),
+                    ..item(i, 0, FAR)
+                })
+                .collect();
+            p.produce(batch).await.expect("produce");
+        }
+        let mut leased = 0;
+        loop {
+            let (got, _) = p.lease_within(3, LEASE, 16 << 20).await.expect("lease");
+            if got.is_empty() {
+                break;
+            }
+            for it in &got {
+                assert_eq!(it.payload, big_payload(leased), "first lease of item {leased}");
+                assert_eq!(it.attempts, 1);
+                leased += 1;
+            }
+            let r = resident_bytes(&store, &*p, "leased").await;
+            assert!(r <= BOUND, "{leased} leased: {r} bytes resident");
+        }
+        assert_eq!(leased, N);
+        assert_eq!(p.counts().await.expect("counts").leased, N as u64);
+        p.close().await;
+        store.close().await;
+    }
+    let store = FjallStore::open(dir.path(), Durability::Sync).expect("reopen");
+    store.set_memory_window_bytes(WINDOW);
+    let p = store.open("leased", 0).await.expect("partition");
+    assert_eq!(p.counts().await.expect("counts").leased, N as u64);
+    let r = resident_bytes(&store, &*p, "leased").await;
+    assert!(r <= BOUND, "after the restart: {r} bytes resident");
+    let policy = LifecyclePolicy::default();
+    let mut expired = 0;
+    loop {
+        let o = p
+            .lifecycle(Ts(LEASE.0 + 1), policy, 1_000)
+            .await
+            .expect("lifecycle");
+        expired += o.lease_expired;
+        let r = resident_bytes(&store, &*p, "leased").await;
+        assert!(r <= BOUND, "expiring: {r} bytes resident");
+        if !o.more {
+            break;
+        }
+    }
+    assert_eq!(expired, N as u64);
+    assert_eq!(p.counts().await.expect("counts").ready, N as u64);
+    let mut got = Vec::new();
+    loop {
+        let (leased, _) = p.lease_within(3, FAR, 16 << 20).await.expect("lease");
+        if leased.is_empty() {
+            break;
+        }
+        for it in &leased {
+            assert_eq!(
+                it.payload,
+                big_payload(got.len()),
+                "second lease of item {}",
+                got.len()
+            );
+            assert_eq!(it.attempts, 2, "attempts counted");
+            got.push(it.id);
+        }
+        let r = resident_bytes(&store, &*p, "leased").await;
+        assert!(r <= BOUND, "leasing again: {r} bytes resident");
+    }
+    assert_eq!(got.len(), N);
+    assert!(p.complete(vec![got]).await.expect("complete")[0].is_ok());
+    assert_eq!(p.stats(T0).await.expect("stats").payload_bytes, 0);
+    store.close().await;
 }

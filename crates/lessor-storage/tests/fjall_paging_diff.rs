@@ -28,8 +28,25 @@ impl Lcg {
     }
 }
 
-fn payload(tag: u64) -> Bytes {
-    Bytes::from(format!("tag-{tag:08}"))
+/// The payload of item `tag`: 12 bytes, or with `big` for every other tag, 1,100 to 1,700 bytes, above the size
+/// whose payload a leased, scheduled or dead item keeps on disk only.
+fn payload(tag: u64, big: bool) -> Bytes {
+    let mut p = format!("tag-{tag:08}");
+    if big && tag % 2 == 1 {
+        p.extend(std::iter::repeat_n(
+            (b'a' + (tag % 26) as u8) as char,
+            1_088 + (tag % 7) as usize * 100,
+        ));
+    }
+    Bytes::from(p)
+}
+
+/// The length and a checksum of a payload (the views must agree on the payloads too).
+fn fingerprint(p: &[u8]) -> (usize, u64) {
+    let sum = p.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+    });
+    (p.len(), sum)
 }
 
 fn tag_of(it: &Item) -> u64 {
@@ -52,7 +69,7 @@ async fn all(p: &dyn Partition) -> Vec<Item> {
 }
 
 /// What must agree between the two backends, per tag.
-type View = BTreeMap<u64, (bool, bool, i64, i64, i64, u32, u8)>;
+type View = BTreeMap<u64, (bool, bool, i64, i64, i64, u32, u8, (usize, u64))>;
 
 fn view(items: &[Item]) -> (View, BTreeMap<u64, ItemId>) {
     let mut v = BTreeMap::new();
@@ -70,6 +87,7 @@ fn view(items: &[Item]) -> (View, BTreeMap<u64, ItemId>) {
                 it.expire_deadline.0,
                 it.attempts,
                 it.priority,
+                fingerprint(&it.payload),
             ),
         );
         assert!(prev.is_none(), "tag {t} twice: {items:?}");
@@ -89,9 +107,9 @@ type Cold = Option<lessor_storage::offload::ObjectStoreConfig>;
 #[cfg(not(feature = "s3"))]
 type Cold = Option<()>;
 
-/// The tags `list` returns, page by page, sorted (ids of different priorities need not order alike in the two
+/// The tags `list` returns, with their payloads' fingerprints, page by page, sorted (ids of different priorities need not order alike in the two
 /// backends), checking that each page is in id order.
-async fn listed(p: &dyn Partition, scheduled: bool) -> Vec<u64> {
+async fn listed(p: &dyn Partition, scheduled: bool) -> Vec<(u64, (usize, u64))> {
     let mut out = Vec::new();
     let mut pivot = None;
     loop {
@@ -102,7 +120,7 @@ async fn listed(p: &dyn Partition, scheduled: bool) -> Vec<u64> {
             "list out of id order: {page:?}"
         );
         pivot = Some(ItemId(last.id.0 + 1));
-        out.extend(page.iter().map(tag_of));
+        out.extend(page.iter().map(|it| (tag_of(it), fingerprint(&it.payload))));
     }
     out.sort_unstable();
     out
@@ -141,9 +159,9 @@ async fn open(
     (store, p)
 }
 
-/// Runs seed `seed`: item window 1-3, the byte window `window_bytes` when given (payloads are 12 bytes), cold
-/// segments when `cold` is given.
-async fn run(seed: u64, cold: Cold, window_bytes: Option<u64>) {
+/// Runs seed `seed`: item window 1-3, the byte window `window_bytes` when given (payloads are 12 bytes, or with
+/// `big` half of them over 1,100), cold segments when `cold` is given.
+async fn run(seed: u64, cold: Cold, window_bytes: Option<u64>, big: bool) {
     let dir = tempfile::tempdir().expect("tmp");
     let policy = LifecyclePolicy {
         max_attempts: if seed.is_multiple_of(3) { 0 } else { 4 },
@@ -172,6 +190,8 @@ async fn run(seed: u64, cold: Cold, window_bytes: Option<u64>) {
     let mut log: Vec<String> = Vec::new();
     // Whether `fids` comes from a read of the whole fjall partition after the last operation.
     let mut fresh = true;
+    // Most payload bytes the fjall partition kept on disk only (leased, scheduled, dead items) after a step.
+    let mut most_on_disk = 0;
     for step in 0..250 {
         let op = rng.next(100);
         let ctx = format!("seed {seed} window {window} step {step} op {op}");
@@ -203,7 +223,7 @@ async fn run(seed: u64, cold: Cold, window_bytes: Option<u64>) {
                         enqueue_at: Ts(enqueue_at),
                         expire_deadline: Ts(expire),
                         created_at: Ts(now),
-                        payload: payload(tag),
+                        payload: payload(tag, big),
                         priority: rng.next(3) as u8,
                         ..Default::default()
                     });
@@ -240,8 +260,9 @@ async fn run(seed: u64, cold: Cold, window_bytes: Option<u64>) {
                 for it in &got {
                     fids.insert(tag_of(it), it.id);
                 }
-                let a: Vec<u64> = got.iter().map(tag_of).collect();
-                let b: Vec<u64> = m.lease(n, d).await.expect("lease").iter().map(tag_of).collect();
+                let tagged = |it: &Item| (tag_of(it), fingerprint(&it.payload));
+                let a: Vec<_> = got.iter().map(tagged).collect();
+                let b: Vec<_> = m.lease(n, d).await.expect("lease").iter().map(tagged).collect();
                 log.push(format!("{ctx}: lease {n} -> fjall {a:?} memory {b:?}"));
                 assert_eq!(a, b, "{ctx}: leased items differ\n{}", log.join("\n"));
             }
@@ -298,26 +319,26 @@ async fn run(seed: u64, cold: Cold, window_bytes: Option<u64>) {
                 assert_eq!(a, b, "{ctx}: extend {t}\n{}", log.join("\n"));
             }
             85..=87 => {
-                let a: Vec<u64> = f
+                let a: Vec<_> = f
                     .dead_items(1000)
                     .await
                     .expect("dead")
                     .iter()
-                    .map(tag_of)
+                    .map(|it| (tag_of(it), fingerprint(&it.payload)))
                     .collect();
-                let b: Vec<u64> = m
+                let b: Vec<_> = m
                     .dead_items(1000)
                     .await
                     .expect("dead")
                     .iter()
-                    .map(tag_of)
+                    .map(|it| (tag_of(it), fingerprint(&it.payload)))
                     .collect();
                 // In id order, and ids of different priorities need not order alike in the two backends.
                 let (mut sa, mut sb) = (a.clone(), b.clone());
                 sa.sort_unstable();
                 sb.sort_unstable();
                 assert_eq!(sa, sb, "{ctx}: dead items\n{}", log.join("\n"));
-                if let Some(&t) = a.first() {
+                if let Some(&(t, _)) = a.first() {
                     log.push(format!("{ctx}: remove dead {t}"));
                     let fid = f.dead_items(1).await.expect("dead")[0].id;
                     f.remove_dead(vec![fid]).await.expect("remove dead");
@@ -360,7 +381,7 @@ async fn run(seed: u64, cold: Cold, window_bytes: Option<u64>) {
                             FAR
                         }),
                         created_at: Ts(now),
-                        payload: payload(tag),
+                        payload: payload(tag, big),
                         priority: rng.next(3) as u8,
                         attempts: rng.next(2) as u32,
                         ..Default::default()
@@ -458,7 +479,15 @@ async fn run(seed: u64, cold: Cold, window_bytes: Option<u64>) {
         fids = fi;
         mids = mi;
         mview = mv;
+        if let Some(c) = store.paging_counts("d", 0).await {
+            most_on_disk = most_on_disk.max(c.on_disk_bytes);
+        }
     }
+    assert_eq!(
+        big,
+        most_on_disk > 0,
+        "seed {seed}: payloads on disk only only with large payloads"
+    );
     eprintln!(
         "seed {seed}: segments written, loaded, failed: {:?}",
         store.segment_counters()
@@ -486,7 +515,7 @@ fn seeds() -> Vec<u64> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_paged_partition_behaves_as_the_memory_backend() {
     for seed in seeds() {
-        run(seed, None, None).await;
+        run(seed, None, None, false).await;
     }
 }
 
@@ -494,7 +523,7 @@ async fn a_paged_partition_behaves_as_the_memory_backend() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_partition_paged_by_bytes_behaves_as_the_memory_backend() {
     for seed in seeds() {
-        run(seed, None, Some(12 * (1 + seed % 4))).await;
+        run(seed, None, Some(12 * (1 + seed % 4)), false).await;
     }
 }
 
@@ -506,6 +535,16 @@ async fn a_paged_partition_with_cold_segments_behaves_as_the_memory_backend() {
         let Some(env) = support::env("lessor-cold", &format!("diff-{seed}")).await else {
             return;
         };
-        run(seed, Some(env.cfg.clone()), None).await;
+        run(seed, Some(env.cfg.clone()), None, false).await;
+    }
+}
+
+/// The same with half the payloads large (kept on disk only while their items are leased, scheduled or dead) and a
+/// byte window of 1 to 4 such items: leases, requeues after expiry or retry, schedules coming due, dead items, lists,
+/// snapshots and restarts read the same payloads as the memory backend's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partition_with_payloads_on_disk_behaves_as_the_memory_backend() {
+    for seed in seeds() {
+        run(seed, None, Some(1_500 * (1 + seed % 4)), true).await;
     }
 }

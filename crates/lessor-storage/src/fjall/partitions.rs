@@ -41,13 +41,14 @@ use tokio::sync::oneshot;
 
 use super::codec::{
     decode_dedup, decode_meta, dedup_key, encode_dedup, encode_item, inline_payload, parse_key, Key,
-    PAYLOAD_TAG,
+    INLINE_PAYLOAD_MAX, PAYLOAD_TAG,
 };
 use super::engine::{Engine, Fault, Formats, Unit};
 use super::paging::{self as pg};
 use super::{keyspace_name, upgrade, Durability, PARTITIONS_DIR, PARTITIONS_FORMAT_VERSION};
 use crate::state::paging::PRIORITIES;
 use crate::state::{Changes, PageRead, PagingCounts, PartitionState};
+use crate::tiers::offloaded_len;
 
 #[cfg(feature = "s3")]
 mod cold;
@@ -72,6 +73,9 @@ const CAT_DELETING: u8 = b'd';
 const HWM_KEY: &[u8] = b"hwm";
 /// Default of `memory-window-items`: most ready items a partition keeps in memory before it pages the rest.
 pub const DEFAULT_MEMORY_WINDOW: usize = crate::registry::DEFAULT_MEMORY_WINDOW;
+/// Most payload bytes of leased and scheduled items one lifecycle call reads back from disk to requeue them (at
+/// least one item's; see "Payloads on disk" in the state's module docs): the rest waits for the next call.
+const LIFECYCLE_READ_BYTES: u64 = 16 << 20;
 /// Most items one expiry sweep of paged items reads back and expires per lifecycle call.
 const SWEEP_LIMIT: usize = 4096;
 /// Most paged items one delete-by-id or clear reads back per disk read (a clear writes each such chunk on its own).
@@ -314,7 +318,8 @@ impl Shared {
                 return Ok((
                     PartitionState::new(floor)
                         .with_window(window)
-                        .with_window_bytes(window_bytes),
+                        .with_window_bytes(window_bytes)
+                        .with_payloads_on_disk(INLINE_PAYLOAD_MAX),
                     0,
                     0,
                     HashSet::new(),
@@ -326,6 +331,9 @@ impl Shared {
             let mut dedup = Vec::new();
             let mut hwm = 0u64;
             let mut payload_keys = HashSet::new();
+            // Leased, scheduled and dead items whose payload stays on disk only (see "Payloads on disk" in the
+            // state's module docs): read past, never kept, so an open holds no more of them than the lengths.
+            let mut on_disk = HashMap::new();
             for kv in ks.prefix(pid.to_be_bytes()) {
                 let (k, v) = kv.into_inner().map_err(|e| engine.read_error(e))?;
                 let inner = &k[8..];
@@ -335,7 +343,12 @@ impl Shared {
                     Key::Payload(id) => match items.last_mut() {
                         Some(it) if it.id == id => {
                             payload_keys.insert(id.0);
-                            it.payload = Bytes::copy_from_slice(&v);
+                            let ready = !it.dead && !it.is_scheduled() && !it.is_leased;
+                            if !ready && v.len() > INLINE_PAYLOAD_MAX && offloaded_len(&v).is_none() {
+                                on_disk.insert(id.0, v.len() as u64);
+                            } else {
+                                it.payload = Bytes::copy_from_slice(&v);
+                            }
                         }
                         _ => {
                             tracing::warn!(partition = %name, item = %id, "payload without an item: ignored")
@@ -358,12 +371,15 @@ impl Shared {
                     } else {
                         Vec::new()
                     };
-                    PartitionState::restore(items, paged, sources, floor, window)
+                    PartitionState::restore(items, on_disk, paged, sources, floor, window)
                 }
-                None => PartitionState::load(items, floor).with_window(window),
+                None => PartitionState::load_with(items, on_disk, floor).with_window(window),
             };
             Ok((
-                state.with_dedup(dedup).with_window_bytes(window_bytes),
+                state
+                    .with_dedup(dedup)
+                    .with_window_bytes(window_bytes)
+                    .with_payloads_on_disk(INLINE_PAYLOAD_MAX),
                 hwm,
                 read,
                 payload_keys,
@@ -945,7 +961,8 @@ impl FjallStore {
             Loaded {
                 state: PartitionState::new(ItemId::floor_for(partition).0)
                     .with_window(window)
-                    .with_window_bytes(window_bytes),
+                    .with_window_bytes(window_bytes)
+                    .with_payloads_on_disk(INLINE_PAYLOAD_MAX),
                 hwm: 0,
                 payload_keys: HashSet::new(),
             }
@@ -1601,9 +1618,26 @@ impl FjallPartition {
         ids: Vec<ItemId>,
         op: impl FnOnce(&mut PartitionState) -> (T, Changes),
     ) -> Result<T, StorageError> {
+        self.write_fetched(ids, |_| Vec::new(), op).await
+    }
+
+    /// [`FjallPartition::write_probed`] that first reads back the payloads on disk `reads` names (see "Payloads on
+    /// disk" in the state's module docs) and gives them to the operation.
+    async fn write_fetched<T>(
+        &self,
+        ids: Vec<ItemId>,
+        reads: impl FnOnce(&PartitionState) -> Vec<u64>,
+        op: impl FnOnce(&mut PartitionState) -> (T, Changes),
+    ) -> Result<T, StorageError> {
         let mut g = self.lock().await?;
         self.shared.check_writable().await?;
         self.page_in(&mut g, 0).await?;
+        let wanted = reads(&g.state);
+        let fetched = !wanted.is_empty();
+        if fetched {
+            let payloads = self.read_payloads(wanted).await?;
+            g.state.set_fetched(payloads);
+        }
         let found: HashSet<u64> = if g.state.paged().is_empty() {
             HashSet::new()
         } else {
@@ -1617,6 +1651,9 @@ impl FjallPartition {
         let (out, ch) = op(&mut g.state);
         if probed {
             g.state.set_probe(HashSet::new());
+        }
+        if fetched {
+            g.state.set_fetched(HashMap::new());
         }
         self.commit(g, out, ch).await
     }
@@ -1765,6 +1802,61 @@ impl FjallPartition {
             pg::find(&engine, &ks, pid, &wanted, &what)
         })
         .await
+    }
+
+    /// The payloads of items `ids`, kept on disk only (see "Payloads on disk" in the state's module docs), by id:
+    /// each from its payload record, or its item record should the payload be inline there. One point read each.
+    async fn read_payloads(&self, ids: Vec<u64>) -> Result<HashMap<u64, Bytes>, StorageError> {
+        let engine = self.shared.engine.clone();
+        let (pid, what) = (self.pid, self.what());
+        blocking(move || {
+            let mut out = HashMap::with_capacity(ids.len());
+            let Some(ks) = engine.keyspace(ITEMS, false)? else {
+                return Ok(out);
+            };
+            for id in ids {
+                let payload = match ks
+                    .get(pid_item_key(pid, ItemId(id), true))
+                    .map_err(|e| engine.read_error(e))?
+                {
+                    Some(v) => Bytes::copy_from_slice(&v),
+                    None => match ks
+                        .get(pid_item_key(pid, ItemId(id), false))
+                        .map_err(|e| engine.read_error(e))?
+                    {
+                        Some(v) => decode_meta(ItemId(id), &v, &what)?.payload,
+                        None => {
+                            return Err(StorageError::other(format!(
+                                "{what}: item {id} whose payload is on disk has no record"
+                            )))
+                        }
+                    },
+                };
+                out.insert(id, payload);
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    /// Fills in the payloads of `items` that are on disk only (a list, the dead items for transfer): bounded by
+    /// the byte bound of the call that chose the items, which counted them.
+    async fn fill_payloads(&self, g: &Inner, items: &mut [Item]) -> Result<(), StorageError> {
+        let wanted: Vec<u64> = items
+            .iter()
+            .map(|it| it.id.0)
+            .filter(|&id| g.state.is_on_disk(id))
+            .collect();
+        if wanted.is_empty() {
+            return Ok(());
+        }
+        let mut payloads = self.read_payloads(wanted).await?;
+        for it in items {
+            if let Some(p) = payloads.remove(&it.id.0) {
+                it.payload = p;
+            }
+        }
+        Ok(())
     }
 
     /// Up to `limit` paged items of priority `prio` with ids at or above `from`.
@@ -2030,7 +2122,13 @@ impl Partition for FjallPartition {
         policy: LifecyclePolicy,
     ) -> Result<Vec<Result<RetryOutcome, ItemError>>, StorageError> {
         let ids = requests.iter().flatten().map(|o| o.id).collect();
-        self.write_probed(ids, |s| s.retry(requests, policy)).await
+        let plan = requests.clone();
+        self.write_fetched(
+            ids,
+            move |s| s.retry_reads(&plan, policy),
+            |s| s.retry(requests, policy),
+        )
+        .await
     }
 
     async fn lifecycle(
@@ -2044,6 +2142,13 @@ impl Partition for FjallPartition {
         #[cfg(feature = "s3")]
         self.cold_step(&mut g).await?;
         self.page_in(&mut g, 0).await?;
+        // Payloads on disk the pass requeues, read before anything changes (a failed read leaves the state as it
+        // was); the sweep below touches only paged ready items, which are not among them.
+        let wanted = g.state.lifecycle_reads(now, policy, limit, LIFECYCLE_READ_BYTES);
+        if !wanted.is_empty() {
+            let payloads = self.read_payloads(wanted).await?;
+            g.state.set_fetched(payloads);
+        }
         let mut ch = Changes::default();
         // The sweep changes the state priority by priority before it writes anything: failing halfway (a read,
         // the object store) leaves memory ahead of the disk, so the next call re-reads the partition (`stale`)
@@ -2056,6 +2161,7 @@ impl Partition for FjallPartition {
             }
         };
         let (mut o, c) = g.state.lifecycle(now, policy, limit);
+        g.state.set_fetched(HashMap::new());
         ch.append(c);
         o.dead += dead;
         o.more |= more;
@@ -2078,7 +2184,10 @@ impl Partition for FjallPartition {
     }
 
     async fn dead_items(&self, limit: usize) -> Result<Vec<Item>, StorageError> {
-        self.read(|s| s.dead_items(limit)).await
+        let g = self.lock().await?;
+        let mut out = g.state.dead_items(limit);
+        self.fill_payloads(&g, &mut out).await?;
+        Ok(out)
     }
 
     async fn dead_items_within(
@@ -2086,7 +2195,10 @@ impl Partition for FjallPartition {
         limit: usize,
         max_bytes: u64,
     ) -> Result<(Vec<Item>, bool), StorageError> {
-        self.read(|s| s.dead_items_within(limit, max_bytes)).await
+        let g = self.lock().await?;
+        let (mut out, capped) = g.state.dead_items_within(limit, max_bytes);
+        self.fill_payloads(&g, &mut out).await?;
+        Ok((out, capped))
     }
 
     async fn dead_count(&self) -> Result<u64, StorageError> {
@@ -2152,13 +2264,27 @@ impl Partition for FjallPartition {
         #[allow(unused_mut)]
         let mut g = self.lock().await?;
         if scheduled || g.state.paged().is_empty() {
-            return Ok(g.state.list_within(pivot, limit, scheduled, max_bytes));
+            let (mut out, capped) = g.state.list_within(pivot, limit, scheduled, max_bytes);
+            self.fill_payloads(&g, &mut out).await?;
+            return Ok((out, capped));
         }
         // Paged items are ready items on disk only: merge those of each paged priority at or after the pivot with
         // the resident ones, in id order, keeping the page's prefix within `limit` and the bound.
         let from = pivot.map_or(0, |p| p.0);
         let mut out = g.state.list(pivot, limit, scheduled);
         let mut ceiling = None;
+        // Items whose payload is on disk only count at its length (as `keep_page` would count them whole), and
+        // only those kept are read back.
+        let mut total = 0u64;
+        let keep = out.iter().position(|it| {
+            total = total.saturating_add(item_bytes(it) + g.state.disk_len(it.id.0));
+            total > max_bytes
+        });
+        if let Some(i) = keep.map(|i| i.max(1)).filter(|&i| i < out.len()) {
+            ceiling = Some(out[i].id.0);
+            out.truncate(i);
+        }
+        self.fill_payloads(&g, &mut out).await?;
         lessor_core::storage::keep_page(&mut out, limit, max_bytes, &mut ceiling);
         for p in 0..PRIORITIES {
             let paged = g.state.paged();

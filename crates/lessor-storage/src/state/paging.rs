@@ -123,4 +123,7 @@ pub struct PagingCounts {
     pub paged_ready: u64,
     /// Payload bytes of the paged items.
     pub paged_bytes: u64,
+    /// Payload bytes of leased, scheduled and dead items held on disk only (see the state's module docs,
+    /// "Payloads on disk").
+    pub on_disk_bytes: u64,
 }
