@@ -1245,6 +1245,24 @@ mod tests {
         }
     }
 
+    /// `limits.max-requests-per-queue` is at most a million (default 4,096; 0 reads as 1). The inbox is a tokio
+    /// channel of that capacity, which panics above `usize::MAX >> 3`: 2305843009213693952 was accepted and every
+    /// queue's first request panicked in the channel's constructor.
+    #[test]
+    fn max_requests_per_queue_is_checked_and_applied() {
+        assert_eq!(Config::memory().limits().max_requests_per_queue, 4096);
+        for (v, want) in [("0", 1), ("1000000", 1_000_000)] {
+            let c = Config::from_yaml(&format!("limits:\n  max-requests-per-queue: {v}\n")).expect(v);
+            assert_eq!(c.limits().max_requests_per_queue, want, "{v}");
+        }
+        for bad in ["1000001", "2305843009213693952"] {
+            let e = Config::from_yaml(&format!("limits:\n  max-requests-per-queue: {bad}\n"))
+                .expect_err(bad)
+                .to_string();
+            assert!(e.contains("limits.max-requests-per-queue"), "{bad}: {e}");
+        }
+    }
+
     /// `limits.max-dedup-keys` is between 1 and a billion; the default is ten million.
     #[test]
     fn max_dedup_keys_is_checked_and_applied() {
