@@ -56,6 +56,10 @@ pub const DEFAULT_REPLY_WRITE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Longest header read, body read or reply write timeout accepted: beyond it the timeout no longer frees
 /// connections in useful time.
 const MAX_READ_TIMEOUT: Duration = Duration::from_secs(3600);
+/// Highest `limits.max-requests-per-queue` accepted: an inbox is a channel that panics at creation above
+/// `usize::MAX >> 3`, and a million waiting requests is already far more than any queue serves before they time
+/// out (each also holds at least 1 KiB of `limits.max-inflight-bytes`).
+const MAX_REQUESTS_PER_QUEUE: usize = 1_000_000;
 /// Default `limits.max-connections`.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
 /// Highest `limits.max-connections` accepted: each connection may hold a 64 KiB header buffer, so a million of
@@ -493,7 +497,7 @@ pub struct LimitsSection {
     /// Largest produce body in bytes for queues whose every partition is on a store with `payload-offload`
     /// (default: `max-produce-body`; never below it).
     pub max_offload_produce_body: Option<usize>,
-    /// Requests one queue may hold before answering "overloaded" (default 4096).
+    /// Requests one queue may hold before answering "overloaded" (default 4096, at most 1,000,000; 0 reads as 1).
     pub max_requests_per_queue: Option<usize>,
     /// How often a server re-reads partitions that other servers share (Go duration, default 500ms; PostgreSQL
     /// also wakes consumers at once by notification, so this bounds only the delay after a lost one).
@@ -635,6 +639,15 @@ impl Config {
                         reason,
                     })
                 }
+            }
+        }
+        if let Some(n) = self.limits.max_requests_per_queue {
+            // 0 has always read as 1; only the upper bound is new.
+            if n > MAX_REQUESTS_PER_QUEUE {
+                return Err(ConfigError::Limit {
+                    field: "limits.max-requests-per-queue",
+                    reason: format!("must be at most {MAX_REQUESTS_PER_QUEUE}"),
+                });
             }
         }
         if let Some(n) = self.limits.max_dedup_keys {
