@@ -3,8 +3,9 @@
 //!
 //! It exists so the dashboard can draw rate charts over the last minutes without an external store; Prometheus
 //! (`/metrics`) stays the long-term record. The ring is per server process and starts empty at start-up. Its cost is
-//! bounded: [`CAPACITY`] samples of 10 integers per queue (about 12 KB per queue), and queues that disappear from
-//! the engine drop their ring at the next sample.
+//! bounded: [`CAPACITY`] samples of 10 integers per queue (about 12 KB per queue), queues that disappear from the
+//! engine drop their ring at the next sample, and a sample takes a few hash-map steps per queue (it holds the
+//! rings' lock meanwhile, so it must stay linear: 100,000 queues are a valid load).
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::Ordering;
@@ -47,6 +48,15 @@ impl Totals {
 struct Ring {
     last: Totals,
     samples: VecDeque<HistorySample>,
+    /// The number of the last sample that saw the queue: a ring a sample did not reach belongs to a deleted queue.
+    seen: u64,
+}
+
+/// The rings by queue name, and the number of the last sample.
+#[derive(Default)]
+struct Rings {
+    by_queue: HashMap<String, Ring>,
+    sample: u64,
 }
 
 /// Recent per-second rates of one queue (see [`History::rates`]).
@@ -66,11 +76,11 @@ pub const RATE_SAMPLES: usize = 5;
 /// The rings of all queues.
 #[derive(Default)]
 pub struct History {
-    rings: Mutex<HashMap<String, Ring>>,
-    /// Queue names compared while dropping the rings of deleted queues, for the test that keeps a sample linear
-    /// in the number of queues.
+    rings: Mutex<Rings>,
+    /// Rings examined while dropping those of deleted queues, for the test that keeps a sample linear in the
+    /// number of queues.
     #[cfg(test)]
-    compared: std::sync::atomic::AtomicU64,
+    examined: std::sync::atomic::AtomicU64,
 }
 
 /// A counter delta as the wire's i64; a counter that went backwards (a queue deleted and created again between
@@ -90,20 +100,27 @@ impl History {
         let Ok(mut rings) = self.rings.lock() else {
             return;
         };
-        rings.retain(|name, _| {
-            queues.iter().any(|(q, _)| {
-                #[cfg(test)]
-                self.compared.fetch_add(1, Ordering::Relaxed);
-                q == name
-            })
-        });
+        // Each ring is marked with the sample's number and the unmarked ones dropped afterwards: finding each ring's
+        // queue in `queues` instead compared names R x Q times, 5e9 per sample at 100,000 queues (seconds of CPU
+        // every 2 s, with the lock held).
+        rings.sample += 1;
+        let this = rings.sample;
         for (name, m) in queues {
             let now = Totals::of(m);
-            // Sized once: pushing into a growing VecDeque would double it past CAPACITY.
-            let ring = rings.entry(name.clone()).or_insert_with(|| Ring {
-                last: Totals::default(),
-                samples: VecDeque::with_capacity(CAPACITY),
-            });
+            // Looked up before inserting, so a queue's name is copied once, not at every sample.
+            if !rings.by_queue.contains_key(name) {
+                // Sized once: pushing into a growing VecDeque would double it past CAPACITY.
+                let ring = Ring {
+                    last: Totals::default(),
+                    samples: VecDeque::with_capacity(CAPACITY),
+                    seen: this,
+                };
+                rings.by_queue.insert(name.clone(), ring);
+            }
+            let Some(ring) = rings.by_queue.get_mut(name) else {
+                continue;
+            };
+            ring.seen = this;
             let last = ring.last;
             ring.last = now;
             if ring.samples.len() == CAPACITY {
@@ -129,12 +146,18 @@ impl History {
                 lease_age_ms,
             });
         }
+        rings.by_queue.retain(|_, r| {
+            #[cfg(test)]
+            self.examined.fetch_add(1, Ordering::Relaxed);
+            r.seen == this
+        });
     }
 
     /// The samples of `queue`, oldest first (empty when it has none yet).
     pub fn samples(&self, queue: &str) -> Vec<HistorySample> {
         match self.rings.lock() {
             Ok(rings) => rings
+                .by_queue
                 .get(queue)
                 .map(|r| r.samples.iter().cloned().collect())
                 .unwrap_or_default(),
@@ -148,7 +171,7 @@ impl History {
         let Ok(rings) = self.rings.lock() else {
             return Rates::default();
         };
-        let Some(ring) = rings.get(queue) else {
+        let Some(ring) = rings.by_queue.get(queue) else {
             return Rates::default();
         };
         let n = ring.samples.len().min(k);
@@ -244,10 +267,10 @@ mod tests {
         h.sample(2, &queues);
         assert!(h.samples(&format!("q{}", QUEUES - 1)).is_empty());
         assert_eq!(h.samples("q0").len(), 3);
-        let compared = h.compared.load(Ordering::Relaxed);
+        let examined = h.examined.load(Ordering::Relaxed);
         assert!(
-            compared <= 3 * QUEUES as u64,
-            "3 samples of {QUEUES} queues compared {compared} names"
+            examined <= 3 * QUEUES as u64,
+            "3 samples of {QUEUES} queues examined {examined} names"
         );
     }
 }
