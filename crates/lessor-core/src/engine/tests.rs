@@ -25,6 +25,8 @@ use crate::types::{ClearRequest, Item, ItemId, Limits, NewItem, PartitionCounts,
 struct Queues(
     Mutex<BTreeMap<String, QueueInfo>>,
     Arc<crate::auth::memory::MemoryAuthStore>,
+    /// Calls of `list`.
+    AtomicUsize,
 );
 
 #[async_trait]
@@ -49,8 +51,14 @@ impl QueuesStore for Queues {
         self.0.lock().expect("queues lock").remove(name);
         Ok(())
     }
-    async fn list(&self, _pivot: &str, _limit: usize) -> Result<Vec<QueueInfo>, StorageError> {
-        Ok(self.0.lock().expect("queues lock").values().cloned().collect())
+    async fn list(&self, pivot: &str, limit: usize) -> Result<Vec<QueueInfo>, StorageError> {
+        self.2.fetch_add(1, Ordering::Relaxed);
+        let queues = self.0.lock().expect("queues lock");
+        Ok(queues
+            .range(pivot.to_string()..)
+            .take(limit)
+            .map(|(_, q)| q.clone())
+            .collect())
     }
     async fn close(&self) {}
 }
@@ -755,4 +763,51 @@ async fn tier_gauges_refresh_at_most_every_tier_refresh_and_not_when_quiet() {
         .expect("produce");
     finishes(engine.stats("q")).await.expect("stats");
     assert_eq!(memory_items(), 3);
+}
+
+/// A page of one namespace's queues reads the definitions in chunks of at least [`super::MIN_LIST_CHUNK`], however
+/// small the page: `queues.list` with limit 1 for a namespace holding none of 100,000 queues read them two at a
+/// time (50,000 store reads, 1.7 s on fjall, against 0.13 s with limit 65,536), and so did `has_queues_in`, which
+/// a namespace deletion asks.
+#[tokio::test]
+async fn a_namespace_page_reads_the_definitions_in_chunks() {
+    let queues = Arc::new(Queues::default());
+    let engine = Engine::new(EngineConfig {
+        queues: queues.clone(),
+        stores: vec![NamedStore {
+            name: "small-0".into(),
+            affinity: 1.0,
+            store: Arc::new(Small::default()),
+        }],
+        limits: Limits::default(),
+        clock: Arc::new(ManualClock::starting_now()),
+    })
+    .expect("engine");
+    let def = |name: String, namespace: &str| QueueInfo {
+        name,
+        namespace: namespace.into(),
+        ..Default::default()
+    };
+    for i in 0..2000 {
+        queues.add(&def(format!("a{i:05}"), "a")).await.expect("add");
+    }
+    queues.add(&def("b1".into(), "b")).await.expect("add");
+    queues.add(&def("b2".into(), "b")).await.expect("add");
+    let calls = || queues.2.load(Ordering::Relaxed);
+    let before = calls();
+    let names = |page: Vec<QueueInfo>| page.into_iter().map(|q| q.name).collect::<Vec<_>>();
+    assert_eq!(names(engine.list_queues("", 1, "b").await.expect("list")), ["b1"]);
+    assert_eq!(
+        names(engine.list_queues("b1\0", 5, "b").await.expect("list")),
+        ["b2"]
+    );
+    assert!(engine.has_queues_in("b").await.expect("b"));
+    assert!(!engine.has_queues_in("c").await.expect("c"));
+    // Unfiltered pages still read what they return (and one more).
+    assert_eq!(engine.list_queues("", 3, "").await.expect("list").len(), 3);
+    let reads = calls() - before;
+    assert!(
+        reads <= 4 * 21 + 1,
+        "5 lists over 2,002 definitions made {reads} reads"
+    );
 }
