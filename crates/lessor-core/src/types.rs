@@ -167,6 +167,11 @@ pub const MAX_DEDUP_ID: usize = 128;
 /// 16 KB fit); without it, a lease of 1,000 items of 5 MB built a 5 GB reply, several times that in memory.
 pub const MAX_LEASE_BYTES: u64 = 16 << 20;
 
+/// Default of [`Limits::max_list_partitions`]: a definition carries one entry per partition (a queue may have
+/// 65,536), so a page of `queues.list` bounded only by its `limit` (up to 65,536 queues) could name billions of
+/// partitions: 50 queues of 65,536 partitions made a 65 MB JSON page. 2^20 partitions make about 20 MB of JSON.
+pub const MAX_LIST_PARTITIONS: usize = 1 << 20;
+
 /// A dedup record as a store keeps it: while it lives, items carrying `dedup_id` are skipped.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DedupRecord {
@@ -460,6 +465,9 @@ pub struct Limits {
     pub max_dedup_keys: usize,
     /// Most payload bytes one lease storage call hands out ([`MAX_LEASE_BYTES`] by default; at least one item).
     pub max_lease_bytes: u64,
+    /// Most partitions the queue definitions of one list page name together ([`MAX_LIST_PARTITIONS`] by default;
+    /// at least one queue per page).
+    pub max_list_partitions: usize,
 }
 
 impl Default for Limits {
@@ -476,6 +484,7 @@ impl Default for Limits {
             shared_refresh: Duration::from_millis(500),
             max_dedup_keys: 10_000_000,
             max_lease_bytes: MAX_LEASE_BYTES,
+            max_list_partitions: MAX_LIST_PARTITIONS,
         }
     }
 }

@@ -108,12 +108,11 @@ async fn selected_queues(engine: &Engine, names: &[String]) -> Result<Vec<QueueI
         let mut pivot = String::new();
         loop {
             let page = engine.list_queues(&pivot, 1000, "").await?;
-            let full = page.len() == 1000;
-            if let Some(last) = page.last() {
+            if let Some(last) = page.queues.last() {
                 pivot = format!("{}\0", last.name);
             }
-            out.extend(page);
-            if !full {
+            out.extend(page.queues);
+            if !page.more {
                 break;
             }
         }

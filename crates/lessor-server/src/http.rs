@@ -948,10 +948,14 @@ fn queues_overview(api: Api) -> Api {
             } else {
                 r.namespace
             };
-            // One more than the page, to know where the next page starts.
-            let mut queues = e.list_queues(&r.pivot, limit.saturating_add(1), &ns).await?;
+            // One more than the page, to know where the next page starts (a page cut short by its partitions
+            // goes on after its last queue).
+            let page = e.list_queues(&r.pivot, limit.saturating_add(1), &ns).await?;
+            let mut queues = page.queues;
             let next_pivot = if queues.len() > limit {
                 queues.pop().map(|q| q.name).unwrap_or_default()
+            } else if page.more {
+                queues.last().map(|q| format!("{}\0", q.name)).unwrap_or_default()
             } else {
                 String::new()
             };
@@ -1292,7 +1296,9 @@ fn queues_list(api: Api) -> Api {
             } else {
                 r.namespace
             };
-            let qs = e.list_queues(&r.pivot, limit, &ns).await?;
+            // A page may hold fewer than `limit` queues before the end when they name many partitions
+            // (compatibility.md): clients page on until an empty page.
+            let qs = e.list_queues(&r.pivot, limit, &ns).await?.queues;
             Ok(pb::QueuesListResponse {
                 items: qs
                     .into_iter()

@@ -213,6 +213,15 @@ pub struct BrowsedItem {
     pub holder: String,
 }
 
+/// A page of [`Engine::list_queues`].
+#[derive(Debug, Default)]
+pub struct QueuePage {
+    /// The definitions, in name order.
+    pub queues: Vec<QueueInfo>,
+    /// Whether more definitions may follow (the next page starts after the last one here); false at the end.
+    pub more: bool,
+}
+
 /// One page of a browse.
 #[derive(Clone, Debug, Default)]
 pub struct BrowsePage {
@@ -377,7 +386,7 @@ impl Engine {
 
     /// Whether any queue belongs to `namespace`.
     pub async fn has_queues_in(&self, namespace: &str) -> Result<bool, QueueError> {
-        Ok(!self.list_queues("", 1, namespace).await?.is_empty())
+        Ok(!self.list_queues("", 1, namespace).await?.queues.is_empty())
     }
 
     /// The engine's limits.
@@ -696,41 +705,70 @@ impl Engine {
             .ok_or_else(|| QueueError::QueueNotFound(name.to_string()))
     }
 
-    /// Queues in name order from `pivot` (inclusive), in `namespace` (all namespaces when empty).
+    /// One page of queue definitions in name order, from `pivot` (inclusive), at most `limit` of them, only those
+    /// of `namespace` unless it is empty. The page also stops before the definition that would take the partitions
+    /// it names over [`Limits::max_list_partitions`] (always at least one definition), so it may hold fewer than
+    /// `limit` before the end: [`QueuePage::more`] says whether definitions may follow, and the next page starts
+    /// after the last one returned.
     pub async fn list_queues(
         &self,
         pivot: &str,
         limit: usize,
         namespace: &str,
-    ) -> Result<Vec<QueueInfo>, QueueError> {
+    ) -> Result<QueuePage, QueueError> {
         self.check_running()?;
-        let mut out = Vec::new();
+        let budget = self.limits().max_list_partitions.max(1);
+        let mut page = QueuePage::default();
+        let mut named = 0usize;
         let mut from = pivot.to_string();
         // Filter after fetching but keep paging, so the limit counts matching queues (Querator applies the limit
         // before the namespace filter). A filtered page reads at least MIN_LIST_CHUNK definitions per store call:
         // reading limit + 1 made a one-queue page of a small namespace cost one store read per two queues of the
         // others (50,000 reads at 100,000 queues).
-        let chunk = if namespace.is_empty() {
-            limit.max(1) + 1
-        } else {
-            (limit.max(1) + 1).max(MIN_LIST_CHUNK)
+        let want = |got: usize| {
+            let n = limit.saturating_sub(got).max(1) + 1;
+            if namespace.is_empty() {
+                n
+            } else {
+                n.max(MIN_LIST_CHUNK)
+            }
         };
+        // Store reads start small and grow eightfold while the definitions stay small: a definition may name
+        // 65,536 partitions (about 2.7 MB decoded), so one read of `limit` + 1 of them could take gigabytes before
+        // any bound was checked. The widest definition seen sizes the next read to what the budget has left.
+        let mut chunk = want(0).min(MIN_LIST_CHUNK);
+        let mut widest = 1usize;
         loop {
-            let page = self.inner.config.queues.list(&from, chunk).await?;
-            let full = page.len() >= chunk;
+            let read = self.inner.config.queues.list(&from, chunk).await?;
+            let full = read.len() >= chunk;
             let mut last = None;
-            for q in page {
-                if out.len() >= limit {
-                    return Ok(out);
+            for q in read {
+                if page.queues.len() >= limit {
+                    page.more = true;
+                    return Ok(page);
                 }
+                let width = q.partitions.len().max(1);
+                widest = widest.max(width);
                 last = Some(q.name.clone());
                 if namespace.is_empty() || q.namespace == namespace {
-                    out.push(q);
+                    if !page.queues.is_empty() && named.saturating_add(width) > budget {
+                        page.more = true;
+                        return Ok(page);
+                    }
+                    named = named.saturating_add(width);
+                    page.queues.push(q);
                 }
             }
             match (full, last) {
-                (true, Some(l)) if out.len() < limit => from = format!("{l}\0"),
-                _ => return Ok(out),
+                (true, Some(l)) if page.queues.len() < limit => {
+                    from = format!("{l}\0");
+                    let room = (budget.saturating_sub(named) / widest).max(1);
+                    chunk = want(page.queues.len()).min(chunk.saturating_mul(8)).min(room);
+                }
+                (full, _) => {
+                    page.more = full;
+                    return Ok(page);
+                }
             }
         }
     }

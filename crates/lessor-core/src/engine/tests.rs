@@ -18,7 +18,9 @@ use crate::storage::{
     LifecycleOutcome, LifecyclePolicy, Partition, PartitionStore, QueuesStore, RetryOp, RetryOutcome,
 };
 use crate::time::{ManualClock, Ts};
-use crate::types::{ClearRequest, Item, ItemId, Limits, NewItem, PartitionCounts, PartitionStats, QueueInfo};
+use crate::types::{
+    ClearRequest, Item, ItemId, Limits, NewItem, PartitionCounts, PartitionInfo, PartitionStats, QueueInfo,
+};
 
 /// Queue definitions in a map.
 #[derive(Debug, Default)]
@@ -795,7 +797,7 @@ async fn a_namespace_page_reads_the_definitions_in_chunks() {
     queues.add(&def("b2".into(), "b")).await.expect("add");
     let calls = || queues.2.load(Ordering::Relaxed);
     let before = calls();
-    let names = |page: Vec<QueueInfo>| page.into_iter().map(|q| q.name).collect::<Vec<_>>();
+    let names = |page: super::QueuePage| page.queues.into_iter().map(|q| q.name).collect::<Vec<_>>();
     assert_eq!(names(engine.list_queues("", 1, "b").await.expect("list")), ["b1"]);
     assert_eq!(
         names(engine.list_queues("b1\0", 5, "b").await.expect("list")),
@@ -804,10 +806,78 @@ async fn a_namespace_page_reads_the_definitions_in_chunks() {
     assert!(engine.has_queues_in("b").await.expect("b"));
     assert!(!engine.has_queues_in("c").await.expect("c"));
     // Unfiltered pages still read what they return (and one more).
-    assert_eq!(engine.list_queues("", 3, "").await.expect("list").len(), 3);
+    assert_eq!(engine.list_queues("", 3, "").await.expect("list").queues.len(), 3);
     let reads = calls() - before;
     assert!(
         reads <= 4 * 21 + 1,
         "5 lists over 2,002 definitions made {reads} reads"
     );
+}
+
+/// A page of queues is bounded by the partitions its definitions name, not only by `limit`: 50 queues of 65,536
+/// partitions made a 65 MB `queues.list` page, and `limit` goes up to 65,536. With a bound of 100 partitions, queues
+/// of 40 partitions come two a page (at least one, however wide), and paging goes on to the end with nothing skipped
+/// or repeated.
+#[tokio::test]
+async fn a_page_of_queues_is_bounded_by_the_partitions_it_names() {
+    let queues = Arc::new(Queues::default());
+    let engine = Engine::new(EngineConfig {
+        queues: queues.clone(),
+        stores: vec![NamedStore {
+            name: "small-0".into(),
+            affinity: 1.0,
+            store: Arc::new(Small::default()),
+        }],
+        limits: Limits {
+            max_list_partitions: 100,
+            ..Limits::default()
+        },
+        clock: Arc::new(ManualClock::starting_now()),
+    })
+    .expect("engine");
+    let def = |name: String, partitions: u32| QueueInfo {
+        name,
+        partitions: (0..partitions)
+            .map(|p| PartitionInfo {
+                partition: p,
+                storage_name: "small-0".into(),
+                read_only: false,
+            })
+            .collect(),
+        ..Default::default()
+    };
+    for i in 0..300 {
+        queues.add(&def(format!("s{i:03}"), 1)).await.expect("add");
+    }
+    for i in 0..9 {
+        queues.add(&def(format!("w{i}"), 40)).await.expect("add");
+    }
+    queues.add(&def("x".into(), 500)).await.expect("add");
+    let mut pivot = String::new();
+    let mut seen = Vec::new();
+    let mut pages = Vec::new();
+    loop {
+        let page = engine.list_queues(&pivot, 1000, "").await.expect("list");
+        let named: usize = page.queues.iter().map(|q| q.partitions.len()).sum();
+        assert!(
+            named <= 100 || page.queues.len() == 1,
+            "a page of {} queues names {named} partitions",
+            page.queues.len()
+        );
+        pages.push(page.queues.len());
+        if let Some(last) = page.queues.last() {
+            pivot = format!("{}\0", last.name);
+        }
+        seen.extend(page.queues.into_iter().map(|q| q.name));
+        if !page.more {
+            break;
+        }
+    }
+    let mut all: Vec<String> = (0..300).map(|i| format!("s{i:03}")).collect();
+    all.extend((0..9).map(|i| format!("w{i}")));
+    all.push("x".into());
+    assert_eq!(seen, all, "every queue once, in order");
+    // 300 narrow queues take three pages of 100, the nine wide ones pages of two (the last alone), the widest one
+    // a page of its own.
+    assert_eq!(pages, [100, 100, 100, 2, 2, 2, 2, 1, 1], "{pages:?}");
 }

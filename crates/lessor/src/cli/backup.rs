@@ -828,12 +828,11 @@ async fn migrate_engines(
             .list_queues(&pivot, 1000, "")
             .await
             .map_err(|x| e("listing queues", x))?;
-        let full = page.len() == 1000;
-        if let Some(l) = page.last() {
+        if let Some(l) = page.queues.last() {
             pivot = format!("{}\0", l.name);
         }
-        queues.extend(page);
-        if !full {
+        queues.extend(page.queues);
+        if !page.more {
             break;
         }
     }
