@@ -132,7 +132,7 @@ async fn an_answer_the_client_never_reads_is_dropped_after_the_reply_write_timeo
     let srv = server("  reply-write-timeout: 300ms\n").await;
     let client = lessor_client::Client::new(&format!("http://{}", srv.addr)).expect("client");
     lessor_testkit::server::create_queue(&client, "big", |_| {}).await;
-    // 16 items of 1 MB: about 21 MB of JSON, far more than the socket buffers of both ends hold.
+    // 16 items of 1 MB: a 16 MB answer, far more than the socket buffers of both ends hold.
     for k in 0..4 {
         client
             .queue_produce(&lessor_client::proto::QueueProduceRequest {
@@ -152,13 +152,39 @@ async fn an_answer_the_client_never_reads_is_dropped_after_the_reply_write_timeo
     let socket = tokio::net::TcpSocket::new_v4().expect("socket");
     socket.set_recv_buffer_size(4096).expect("small receive buffer");
     let mut s = socket.connect(srv.addr).await.expect("connect");
-    let body = r#"{"queue_name":"big","batch_size":16,"client_id":"sleepy","request_timeout":"5s"}"#;
-    let request = format!(
-        "POST /v1/queue.lease HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+    // Protobuf, so the answer is ready to write as soon as the items are leased (encoding 21 MB of base64 JSON
+    // takes a debug build long enough on a busy machine to blur when the write starts).
+    let body = prost::Message::encode_to_vec(&lessor_client::proto::QueueLeaseRequest {
+        queue_name: "big".into(),
+        batch_size: 16,
+        client_id: "sleepy".into(),
+        request_timeout: "5s".into(),
+        ..Default::default()
+    });
+    let head = format!(
+        "POST /v1/queue.lease HTTP/1.1\r\nHost: x\r\nContent-Type: application/protobuf\r\nAccept: application/protobuf\r\nContent-Length: {}\r\n\r\n",
         body.len()
     );
-    s.write_all(request.as_bytes()).await.expect("send");
-    // Not reading, for several timeouts.
+    s.write_all(head.as_bytes()).await.expect("send");
+    s.write_all(&body).await.expect("send");
+    // Not reading: wait until the items are leased (the answer is then being written), then for several timeouts.
+    lessor_testkit::eventually::poll_until(WAIT, Duration::from_millis(10), || async {
+        let leased = srv
+            .engine
+            .queue_metrics()
+            .into_iter()
+            .find(|(name, _)| name == "big")
+            .map_or(0, |(_, m)| {
+                m.leased_now.load(std::sync::atomic::Ordering::Relaxed)
+            });
+        if leased == 16 {
+            Ok(())
+        } else {
+            Err(format!("{leased} leased"))
+        }
+    })
+    .await
+    .expect("the lease is served");
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let mut got = 0usize;
     let mut buf = vec![0u8; 1 << 16];
