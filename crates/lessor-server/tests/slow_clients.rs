@@ -159,7 +159,6 @@ async fn an_answer_the_client_never_reads_is_dropped_after_the_reply_write_timeo
         batch_size: 16,
         client_id: "sleepy".into(),
         request_timeout: "5s".into(),
-        ..Default::default()
     });
     let head = format!(
         "POST /v1/queue.lease HTTP/1.1\r\nHost: x\r\nContent-Type: application/protobuf\r\nAccept: application/protobuf\r\nContent-Length: {}\r\n\r\n",
