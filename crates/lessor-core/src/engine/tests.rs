@@ -767,12 +767,9 @@ async fn tier_gauges_refresh_at_most_every_tier_refresh_and_not_when_quiet() {
     assert_eq!(memory_items(), 3);
 }
 
-/// A page of one namespace's queues reads the definitions in chunks of at least [`super::MIN_LIST_CHUNK`], however
-/// small the page: `queues.list` with limit 1 for a namespace holding none of 100,000 queues read them two at a
-/// time (50,000 store reads, 1.7 s on fjall, against 0.13 s with limit 65,536), and so did `has_queues_in`, which
-/// a namespace deletion asks.
-#[tokio::test]
-async fn a_namespace_page_reads_the_definitions_in_chunks() {
+/// An engine over a counting queue store (definitions added to it directly) and one small store, for the
+/// listing tests.
+fn listing_engine(limits: Limits) -> (Engine, Arc<Queues>) {
     let queues = Arc::new(Queues::default());
     let engine = Engine::new(EngineConfig {
         queues: queues.clone(),
@@ -781,10 +778,20 @@ async fn a_namespace_page_reads_the_definitions_in_chunks() {
             affinity: 1.0,
             store: Arc::new(Small::default()),
         }],
-        limits: Limits::default(),
+        limits,
         clock: Arc::new(ManualClock::starting_now()),
     })
     .expect("engine");
+    (engine, queues)
+}
+
+/// A page of one namespace's queues reads the definitions in chunks of at least [`super::MIN_LIST_CHUNK`], however
+/// small the page: `queues.list` with limit 1 for a namespace holding none of 100,000 queues read them two at a
+/// time (50,000 store reads, 1.7 s on fjall, against 0.13 s with limit 65,536), and so did `has_queues_in`, which
+/// a namespace deletion asks.
+#[tokio::test]
+async fn a_namespace_page_reads_the_definitions_in_chunks() {
+    let (engine, queues) = listing_engine(Limits::default());
     let def = |name: String, namespace: &str| QueueInfo {
         name,
         namespace: namespace.into(),
@@ -820,21 +827,10 @@ async fn a_namespace_page_reads_the_definitions_in_chunks() {
 /// or repeated.
 #[tokio::test]
 async fn a_page_of_queues_is_bounded_by_the_partitions_it_names() {
-    let queues = Arc::new(Queues::default());
-    let engine = Engine::new(EngineConfig {
-        queues: queues.clone(),
-        stores: vec![NamedStore {
-            name: "small-0".into(),
-            affinity: 1.0,
-            store: Arc::new(Small::default()),
-        }],
-        limits: Limits {
-            max_list_partitions: 100,
-            ..Limits::default()
-        },
-        clock: Arc::new(ManualClock::starting_now()),
-    })
-    .expect("engine");
+    let (engine, queues) = listing_engine(Limits {
+        max_list_partitions: 100,
+        ..Limits::default()
+    });
     let def = |name: String, partitions: u32| QueueInfo {
         name,
         partitions: (0..partitions)
