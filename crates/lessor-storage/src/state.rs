@@ -1695,12 +1695,14 @@ impl PartitionState {
     }
 
     /// Whether [`PartitionState::lifecycle`] under `policy` needs the payload of the expired lease `id`: it is on
-    /// disk only and the item is requeued.
+    /// disk only and the item is requeued. An expiry acts as a retry without a time (`Backoff`): under a backoff
+    /// policy it schedules the item, keeping its id and its payload record, so no payload is needed (asking for it
+    /// would read back up to a pass's byte bound for nothing and stop the pass there).
     fn expiry_needs_payload(&self, id: u64, policy: LifecyclePolicy) -> bool {
         self.is_on_disk(id)
             && self
                 .slot(id)
-                .is_some_and(|s| Self::requeues(policy, s.attempts, RetryAction::Requeue))
+                .is_some_and(|s| Self::requeues(policy, s.attempts, RetryAction::Backoff(Ts::ZERO)))
     }
 
     /// The items on disk (see "Payloads on disk") whose payloads [`PartitionState::lifecycle`] with these arguments
