@@ -66,7 +66,11 @@
 //!   [`PartitionState::set_fetched`]), while the old records are still there (the batch deleting them is the one
 //!   writing the new ones). A lifecycle pass reads at most a byte bound's worth and stops at the first item it
 //!   would need beyond it (the rest keep their order and come next pass, `more`), so a schedule coming due all at
-//!   once is requeued a bounded batch at a time.
+//!   once is requeued a bounded batch at a time. A retry reads a byte bound's worth too and schedules the other
+//!   requeues as due at once (they keep their ids and records, so the retry is whole and acknowledged); the
+//!   backend then requeues those in bounded parts, in the retry's order ([`PartitionState::deferred_reads`],
+//!   [`PartitionState::requeue_deferred`]), and a lifecycle pass requeues whatever it did not get to (a crash, a
+//!   failed write). Unbounded, a retry of 1,000 leased items of 1 MB read a gigabyte back at once.
 //! - Reads that return items (lists, dead items for transfer) get the payloads from the backend, which reads them
 //!   for the items the call chose; the byte bounds count such items at their payload's length.
 //! - Payload bytes in the stats include these (`on_disk` sums them); the byte window counts only what is resident.
@@ -439,6 +443,9 @@ pub struct PartitionState {
     disk_tier: (u64, u64),
     /// Payloads of `on_disk` items the backend read back for the next call (see [`PartitionState::set_fetched`]).
     fetched: HashMap<u64, Bytes>,
+    /// Items a retry requeues beyond its read bound, in request order: scheduled as due at once, keeping their ids
+    /// and payload records, until [`PartitionState::requeue_deferred`] requeues them (see "Payloads on disk").
+    deferred: VecDeque<u64>,
 }
 
 impl Default for PartitionState {
@@ -489,6 +496,7 @@ impl PartitionState {
             disk_bytes: 0,
             disk_tier: (0, 0),
             fetched: HashMap::new(),
+            deferred: VecDeque::new(),
         }
     }
 
@@ -1648,7 +1656,14 @@ impl PartitionState {
                     }
                     RetryAction::Requeue | RetryAction::Backoff(_) => {
                         o.requeued += 1;
-                        self.requeue(it, disk, &mut ch);
+                        if disk.is_some() {
+                            // Beyond the bound of `retry_reads`: due at once, requeued by `requeue_deferred` (or
+                            // by a lifecycle pass, should the backend not get there).
+                            self.deferred.push_back(it.id.0);
+                            self.schedule(it, Ts(1), disk, &mut ch);
+                        } else {
+                            self.requeue(it, None, &mut ch);
+                        }
                     }
                     RetryAction::Schedule(at) => {
                         o.scheduled += 1;
@@ -1674,12 +1689,21 @@ impl PartitionState {
     }
 
     /// The items on disk (see "Payloads on disk") whose payloads [`PartitionState::retry`] with these requests
-    /// needs: the leased ones it requeues.
-    pub fn retry_reads(&self, requests: &[Vec<RetryOp>], policy: LifecyclePolicy) -> Vec<u64> {
+    /// needs: the leased ones it requeues, in request order, as long as their payloads add up to at most
+    /// `max_bytes` (at least one). The retry schedules the others as due at once, keeping their ids, and
+    /// [`PartitionState::requeue_deferred`] requeues them a bounded part at a time: a retry of a thousand leased
+    /// items of 1 MB would otherwise read back a gigabyte at once (and copy it again into its write).
+    pub fn retry_reads(
+        &self,
+        requests: &[Vec<RetryOp>],
+        policy: LifecyclePolicy,
+        max_bytes: u64,
+    ) -> Vec<u64> {
         if self.on_disk.is_empty() {
             return Vec::new();
         }
-        let mut out: Vec<u64> = requests
+        let mut seen = HashSet::new();
+        let wanted = requests
             .iter()
             .flatten()
             .filter(|op| self.on_disk.contains_key(&op.id.0))
@@ -1688,10 +1712,65 @@ impl PartitionState {
                     .is_some_and(|s| s.leased() && Self::requeues(policy, s.attempts, op.action))
             })
             .map(|op| op.id.0)
-            .collect();
-        out.sort_unstable();
-        out.dedup();
+            .filter(|&id| seen.insert(id));
+        self.within_read_bound(wanted, max_bytes)
+    }
+
+    /// The prefix of `ids` (items on disk) whose payloads add up to at most `max_bytes`, at least one.
+    fn within_read_bound(&self, ids: impl Iterator<Item = u64>, max_bytes: u64) -> Vec<u64> {
+        let mut out = Vec::new();
+        let mut bytes = 0u64;
+        for id in ids {
+            bytes = bytes.saturating_add(self.on_disk.get(&id).copied().unwrap_or(0));
+            if !out.is_empty() && bytes > max_bytes {
+                break;
+            }
+            out.push(id);
+        }
         out
+    }
+
+    /// The items a retry deferred (see [`PartitionState::retry_reads`]) whose payloads the next
+    /// [`PartitionState::requeue_deferred`] needs, within `max_bytes` (at least one); empty once none is left.
+    pub fn deferred_reads(&mut self, max_bytes: u64) -> Vec<u64> {
+        // Those a lifecycle pass requeued (or a delete removed) meanwhile are no longer scheduled on disk.
+        let (sched, on_disk) = (&self.sched, &self.on_disk);
+        self.deferred
+            .retain(|id| on_disk.contains_key(id) && sched.get(id).is_some_and(|it| it.enqueue_at == Ts(1)));
+        let ids: Vec<u64> = self.deferred.iter().copied().collect();
+        self.within_read_bound(ids.into_iter(), max_bytes)
+    }
+
+    /// Requeues the items a retry deferred whose payloads the backend read back ([`PartitionState::set_fetched`]),
+    /// in the retry's order, stopping at the first one not read; returns whether some are left.
+    pub fn requeue_deferred(&mut self) -> (bool, Changes) {
+        let mut ch = Changes::default();
+        while let Some(&id) = self.deferred.front() {
+            if !self.fetched.contains_key(&id) {
+                break;
+            }
+            self.deferred.pop_front();
+            // Still the deferred item (`deferred_reads` checked under the same lock; this keeps it local).
+            if !self.sched.get(&id).is_some_and(|it| it.enqueue_at == Ts(1)) {
+                continue;
+            }
+            if let Some((it, disk)) = self.remove(id) {
+                self.requeue(it, disk, &mut ch);
+            }
+        }
+        self.clean_fronts();
+        (!self.deferred.is_empty(), ch)
+    }
+
+    /// Whether a retry deferred requeues (see [`PartitionState::retry_reads`]) not yet requeued.
+    pub fn has_deferred(&self) -> bool {
+        !self.deferred.is_empty()
+    }
+
+    /// Forgets what a retry deferred: the items stay scheduled as due at once, and the next lifecycle pass
+    /// requeues them (a backend does so when a write of [`PartitionState::requeue_deferred`] failed).
+    pub fn forget_deferred(&mut self) {
+        self.deferred.clear();
     }
 
     /// Whether [`PartitionState::lifecycle`] under `policy` needs the payload of the expired lease `id`: it is on
@@ -2261,7 +2340,7 @@ mod tests {
                 action: RetryAction::Requeue,
             })
             .collect();
-        let reads = s.retry_reads(std::slice::from_ref(&ops), policy);
+        let reads = s.retry_reads(std::slice::from_ref(&ops), policy, u64::MAX);
         assert_eq!(reads.len(), 6, "the small payload is in memory");
         s.set_fetched(reads.iter().map(|id| (*id, disk[id].clone())).collect());
         let (out, _) = s.retry(vec![ops], policy);
@@ -2271,6 +2350,98 @@ mod tests {
         assert_eq!(third.iter().map(payload_of).collect::<Vec<_>>(), got);
         let attempts: Vec<u32> = third.iter().map(|it| it.attempts).collect();
         assert_eq!(attempts, [3, 3, 3, 2, 2, 2, 2]);
+    }
+
+    /// A retry requeuing more payloads on disk than its read bound requeues those it was given and schedules the
+    /// rest as due at once, keeping ids and payload records; `requeue_deferred` then requeues them a bounded part
+    /// at a time in the retry's order, and should a backend give up on that, a lifecycle pass requeues them: every
+    /// item comes back once, whole.
+    #[test]
+    fn a_retry_beyond_its_read_bound_requeues_the_rest_in_parts() {
+        fn keep(disk: &mut HashMap<u64, Bytes>, ch: &Changes) {
+            for it in ch.put.iter().filter(|it| !it.payload.is_empty()) {
+                disk.insert(it.id.0, it.payload.clone());
+            }
+        }
+        let policy = LifecyclePolicy::default();
+        for give_up in [false, true] {
+            let mut disk = HashMap::new();
+            let mut s = PartitionState::new(1).with_payloads_on_disk(4);
+            let (_, ch) = s.produce(
+                (0..7)
+                    .map(|i| new_item(&format!("payload-{i}"), Ts::ZERO))
+                    .collect(),
+            );
+            keep(&mut disk, &ch);
+            let (leased, ch) = s.lease(7, Ts(10));
+            keep(&mut disk, &ch);
+            // Requested in another order than the ids: the requeues keep the request's.
+            let ops: Vec<RetryOp> = leased
+                .iter()
+                .rev()
+                .map(|it| RetryOp {
+                    id: it.id,
+                    action: RetryAction::Requeue,
+                })
+                .collect();
+            let reads = s.retry_reads(std::slice::from_ref(&ops), policy, 20);
+            assert_eq!(reads.len(), 2, "two payloads of 9 bytes within 20");
+            s.set_fetched(reads.iter().map(|id| (*id, disk[id].clone())).collect());
+            let (out, ch) = s.retry(vec![ops], policy);
+            s.set_fetched(HashMap::new());
+            keep(&mut disk, &ch);
+            assert_eq!(
+                out[0],
+                Ok(RetryOutcome {
+                    requeued: 7,
+                    ..Default::default()
+                })
+            );
+            assert!(s.has_deferred());
+            let c = s.counts();
+            assert_eq!((c.ready, c.scheduled, c.leased), (2, 5, 0));
+            assert_eq!(
+                s.next_deadline(),
+                Some(Ts(1)),
+                "the deferred ones are due at once"
+            );
+            let mut parts = 0;
+            if give_up {
+                s.forget_deferred();
+                loop {
+                    let reads = s.lifecycle_reads(Ts(20), policy, 100, 20);
+                    s.set_fetched(reads.iter().map(|id| (*id, disk[id].clone())).collect());
+                    let (o, ch) = s.lifecycle(Ts(20), policy, 100);
+                    s.set_fetched(HashMap::new());
+                    keep(&mut disk, &ch);
+                    if !o.more {
+                        break;
+                    }
+                }
+            } else {
+                while s.has_deferred() {
+                    let reads = s.deferred_reads(20);
+                    assert!(reads.len() <= 2, "{reads:?}");
+                    s.set_fetched(reads.iter().map(|id| (*id, disk[id].clone())).collect());
+                    let (_, ch) = s.requeue_deferred();
+                    s.set_fetched(HashMap::new());
+                    keep(&mut disk, &ch);
+                    parts += 1;
+                }
+                assert_eq!(parts, 3, "five deferred payloads of 9 bytes, two a part");
+            }
+            let c = s.counts();
+            assert_eq!((c.ready, c.scheduled, c.leased), (7, 0, 0), "give up: {give_up}");
+            let (again, _) = s.lease(10, Ts(30));
+            let got: Vec<String> = again.iter().map(payload_of).collect();
+            let mut want: Vec<String> = (0..7).rev().map(|i| format!("payload-{i}")).collect();
+            if give_up {
+                // The lifecycle requeues the deferred ones in their ids' order.
+                want[2..].sort_unstable();
+            }
+            assert_eq!(got, want, "give up: {give_up}");
+            assert!(again.iter().all(|it| it.attempts == 2));
+        }
     }
 
     /// A xorshift generator from `seed`: `rnd(n)` is below `n`. Deterministic, so a failing run repeats.

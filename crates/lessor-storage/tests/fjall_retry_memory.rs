@@ -48,8 +48,8 @@ fn size() -> (usize, usize) {
         .unwrap_or((200, 1 << 20))
 }
 
-/// One retry of every leased item: the memory it takes beyond what was allocated before it must stay within a
-/// bound that does not grow with the number of items retried (the lifecycle's read bound is 16 MiB a pass).
+/// One retry of every leased item: the memory it takes beyond what was resident before it must stay within a bound
+/// that does not grow with the number of items retried (a retry requeues at most 16 MiB of payloads per write).
 #[tokio::test(flavor = "current_thread")]
 async fn a_retry_of_many_large_leased_items_takes_bounded_memory() {
     let (n, len) = size();
@@ -111,7 +111,10 @@ async fn a_retry_of_many_large_leased_items_takes_bounded_memory() {
         back += got.len();
     }
     assert_eq!(back, n);
-    let bound = 64 << 20;
+    // The retry reads and writes at most 16 MiB of payloads per write; the rest of the figure is fjall's memtables
+    // and journal buffers, which do not grow with the retry (measured: 50 items of 1 MiB +76 MB, 200 +96 MB, 1,000
+    // of 1 MB +21 MB; unbounded, 200 took +479 MB and 1,000 +2,247 MB).
+    let bound = 160 << 20;
     assert!(
         peak <= bound,
         "a retry of {n} items of {len} bytes took +{} MB resident at its peak (bound {} MB)",

@@ -73,8 +73,9 @@ const CAT_DELETING: u8 = b'd';
 const HWM_KEY: &[u8] = b"hwm";
 /// Default of `memory-window-items`: most ready items a partition keeps in memory before it pages the rest.
 pub const DEFAULT_MEMORY_WINDOW: usize = crate::registry::DEFAULT_MEMORY_WINDOW;
-/// Most payload bytes of leased and scheduled items one lifecycle call reads back from disk to requeue them (at
-/// least one item's; see "Payloads on disk" in the state's module docs): the rest waits for the next call.
+/// Most payload bytes of leased and scheduled items one lifecycle call, or one write of a retry, reads back from
+/// disk to requeue them (at least one item's; see "Payloads on disk" in the state's module docs): the rest waits
+/// for the next call, or the retry's next write.
 const LIFECYCLE_READ_BYTES: u64 = 16 << 20;
 /// Most items one expiry sweep of paged items reads back and expires per lifecycle call.
 const SWEEP_LIMIT: usize = 4096;
@@ -1626,13 +1627,13 @@ impl FjallPartition {
     async fn write_fetched<T>(
         &self,
         ids: Vec<ItemId>,
-        reads: impl FnOnce(&PartitionState) -> Vec<u64>,
+        reads: impl FnOnce(&mut PartitionState) -> Vec<u64>,
         op: impl FnOnce(&mut PartitionState) -> (T, Changes),
     ) -> Result<T, StorageError> {
         let mut g = self.lock().await?;
         self.shared.check_writable().await?;
         self.page_in(&mut g, 0).await?;
-        let wanted = reads(&g.state);
+        let wanted = reads(&mut g.state);
         let fetched = !wanted.is_empty();
         if fetched {
             let payloads = self.read_payloads(wanted).await?;
@@ -2123,12 +2124,41 @@ impl Partition for FjallPartition {
     ) -> Result<Vec<Result<RetryOutcome, ItemError>>, StorageError> {
         let ids = requests.iter().flatten().map(|o| o.id).collect();
         let plan = requests.clone();
-        self.write_fetched(
-            ids,
-            move |s| s.retry_reads(&plan, policy),
-            |s| s.retry(requests, policy),
-        )
-        .await
+        let (out, mut deferred) = self
+            .write_fetched(
+                ids,
+                move |s| s.retry_reads(&plan, policy, LIFECYCLE_READ_BYTES),
+                |s| {
+                    let (out, ch) = s.retry(requests, policy);
+                    ((out, s.has_deferred()), ch)
+                },
+            )
+            .await?;
+        // Requeues beyond the read bound were scheduled as due at once (acknowledged: they are on disk, and a
+        // lifecycle pass would requeue them); requeue them now, one bounded write at a time, so that a retry of
+        // many large items never holds more than the bound's worth of payloads.
+        while deferred {
+            let step = self
+                .write_fetched(
+                    Vec::new(),
+                    |s| s.deferred_reads(LIFECYCLE_READ_BYTES),
+                    |s| s.requeue_deferred(),
+                )
+                .await;
+            match step {
+                Ok(more) => deferred = more,
+                Err(e) => {
+                    // The retry itself is done and on disk: what is left is due at once, and the lifecycle
+                    // requeues it (a failed write re-reads the partition, which forgets the list anyway).
+                    tracing::warn!(partition = %self.name, error = %e, "requeue of retried items deferred to the lifecycle");
+                    if let Ok(mut g) = self.lock().await {
+                        g.state.forget_deferred();
+                    }
+                    deferred = false;
+                }
+            }
+        }
+        Ok(out)
     }
 
     async fn lifecycle(
