@@ -2352,6 +2352,38 @@ mod tests {
         assert_eq!(attempts, [3, 3, 3, 2, 2, 2, 2]);
     }
 
+    /// The guard of `requeue` for a payload on disk that was not read back (no caller reaches it: lifecycle and
+    /// retry check first): forced here, the item keeps its id and payload record, due at once, and the next
+    /// lifecycle pass requeues it whole.
+    #[test]
+    fn a_requeue_missing_its_payload_schedules_the_item_instead_of_losing_it() {
+        let mut s = PartitionState::new(1).with_payloads_on_disk(4);
+        let (_, ch) = s.produce(vec![new_item("payload-0", Ts::ZERO)]);
+        let stored = ch.put[0].payload.clone();
+        let (leased, _) = s.lease(1, Ts(10));
+        let id = leased[0].id;
+        assert!(s.is_on_disk(id.0));
+        let (it, disk) = s.remove(id.0).expect("leased");
+        assert_eq!(disk, Some(9), "no payload read back");
+        let mut ch = Changes::default();
+        s.requeue(it, disk, &mut ch);
+        assert_eq!(ch.del, [], "the old records stay");
+        assert_eq!(ch.put.len(), 1);
+        assert_eq!((ch.put[0].id, ch.put[0].enqueue_at), (id, Ts(1)));
+        assert!(s.is_on_disk(id.0));
+        assert_eq!(s.counts().scheduled, 1);
+        let policy = LifecyclePolicy::default();
+        let reads = s.lifecycle_reads(Ts(20), policy, 100, u64::MAX);
+        assert_eq!(reads, [id.0]);
+        s.set_fetched([(id.0, stored)].into());
+        let (o, _) = s.lifecycle(Ts(20), policy, 100);
+        s.set_fetched(HashMap::new());
+        assert_eq!(o.enqueued, 1);
+        let (again, _) = s.lease(1, Ts(30));
+        assert_eq!(payload_of(&again[0]), "payload-0");
+        assert_ne!(again[0].id, id);
+    }
+
     /// A retry requeuing more payloads on disk than its read bound requeues those it was given and schedules the
     /// rest as due at once, keeping ids and payload records; `requeue_deferred` then requeues them a bounded part
     /// at a time in the retry's order, and should a backend give up on that, a lifecycle pass requeues them: every
