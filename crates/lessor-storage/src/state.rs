@@ -1751,7 +1751,7 @@ impl PartitionState {
             }
             self.deferred.pop_front();
             // Still the deferred item (`deferred_reads` checked under the same lock; this keeps it local).
-            if !self.sched.get(&id).is_some_and(|it| it.enqueue_at == Ts(1)) {
+            if self.sched.get(&id).is_none_or(|it| it.enqueue_at != Ts(1)) {
                 continue;
             }
             if let Some((it, disk)) = self.remove(id) {

@@ -55,7 +55,7 @@ fn new_item(tag: usize, len: usize, enqueue_at: Ts) -> (NewItem, Expected) {
     // Long strings: they stay resident beside the dropped payload (`Slot::drop_payload` keeps them).
     let kind = format!("kind-{tag}-{}", "k".repeat(500 + tag % 7));
     let encoding = format!("enc-{tag}-{}", "e".repeat(200));
-    let source_id = if tag % 2 == 0 {
+    let source_id = if tag.is_multiple_of(2) {
         format!("src-{tag}-{}", "s".repeat(300))
     } else {
         String::new()
