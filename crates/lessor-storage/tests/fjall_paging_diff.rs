@@ -548,3 +548,25 @@ async fn a_partition_with_payloads_on_disk_behaves_as_the_memory_backend() {
         run(seed, None, Some(1_500 * (1 + seed % 4)), true).await;
     }
 }
+
+/// Payloads on disk with the item window only (no byte window: every ready payload resident), so the large payloads
+/// leave memory only when their items are leased, scheduled or dead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn payloads_on_disk_without_a_byte_window_behave_as_the_memory_backend() {
+    for seed in seeds() {
+        run(seed, None, None, true).await;
+    }
+}
+
+/// Payloads on disk with cold segments (a tiny depth and segment size, against `LESSOR_TEST_S3_ENDPOINT`): paged
+/// items with large payloads go to segments and come back to be leased, expire, be retried and die.
+#[cfg(feature = "s3")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn payloads_on_disk_with_cold_segments_behave_as_the_memory_backend() {
+    for seed in seeds() {
+        let Some(env) = support::env("lessor-cold", &format!("diff-big-{seed}")).await else {
+            return;
+        };
+        run(seed, Some(env.cfg.clone()), Some(1_500 * (1 + seed % 4)), true).await;
+    }
+}
