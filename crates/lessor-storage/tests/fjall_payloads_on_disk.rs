@@ -10,6 +10,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use bytes::Bytes;
+use lessor_core::error::StorageErrorKind;
 use lessor_core::storage::{LifecyclePolicy, Partition, PartitionStore, RetryAction, RetryOp};
 use lessor_core::time::Ts;
 use lessor_core::types::{Backoff, Item, ItemId, NewItem};
@@ -106,9 +107,20 @@ fn check(model: &HashMap<usize, Expected>, it: &Item, at: &str) -> usize {
 
 /// Opens (or re-opens) the store and the partition.
 async fn open(dir: &Path) -> (FjallStore, Arc<dyn Partition>) {
-    let store = FjallStore::open(dir, Durability::Sync).expect("open");
-    let p = store.open("q", 0).await.expect("partition");
-    (store, p)
+    // After an unclean restart the dropped store's threads may hold the lock for a moment.
+    for _ in 0..50 {
+        match FjallStore::open(dir, Durability::Sync) {
+            Ok(store) => {
+                let p = store.open("q", 0).await.expect("partition");
+                return (store, p);
+            }
+            Err(e) if e.kind == StorageErrorKind::Locked => {
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await
+            }
+            Err(e) => panic!("open: {e}"),
+        }
+    }
+    panic!("the store stayed locked after its handles were dropped");
 }
 
 /// A restart: a clean one closes partition and store, an unclean one drops them as a crash would leave them (every
@@ -509,6 +521,64 @@ async fn expired_leases_under_backoff_need_no_payload_read() {
     for it in &got {
         check(&model, it, "after backoff");
     }
+    p.close().await;
+    store.close().await;
+}
+
+/// A retry requeuing more payloads than one write reads back (40 of 1 MiB, the bound is 16 MiB) requeues them in
+/// parts before it answers: after an unclean restart every item is ready once, whole, in the retry's order.
+#[tokio::test]
+async fn a_retry_beyond_the_read_bound_requeues_every_item_whole_in_its_order() {
+    const N: usize = 40;
+    let dir = tempfile::tempdir().expect("tmp");
+    let (mut store, mut p) = open(dir.path()).await;
+    let mut model = HashMap::new();
+    for b in 0..N / 10 {
+        let batch = (b * 10..b * 10 + 10)
+            .map(|tag| {
+                let (n, e) = new_item(tag, (1 << 20) + tag, Ts::ZERO);
+                model.insert(tag, e);
+                NewItem { priority: 0, ..n }
+            })
+            .collect();
+        p.produce(batch).await.expect("produce");
+    }
+    let mut leased = Vec::new();
+    loop {
+        let (got, _) = p.lease_within(N, LEASE, 16 << 20).await.expect("lease");
+        if got.is_empty() {
+            break;
+        }
+        leased.extend(got.iter().map(|it| (check(&model, it, "lease"), it.id)));
+    }
+    assert_eq!(leased.len(), N);
+    let ops: Vec<RetryOp> = leased
+        .iter()
+        .rev()
+        .map(|&(_, id)| RetryOp {
+            id,
+            action: RetryAction::Requeue,
+        })
+        .collect();
+    let out = p.retry(vec![ops], DLQ).await.expect("retry");
+    assert_eq!(out[0].as_ref().map(|o| o.requeued), Ok(N as u64));
+    let c = p.counts().await.expect("counts");
+    assert_eq!(
+        (c.ready, c.scheduled, c.leased),
+        (N as u64, 0, 0),
+        "all requeued before the answer"
+    );
+    (store, p) = restart(dir.path(), store, p, false).await;
+    let mut got = Vec::new();
+    loop {
+        let (page, _) = p.lease_within(N, FAR, 16 << 20).await.expect("lease");
+        if page.is_empty() {
+            break;
+        }
+        got.extend(page.iter().map(|it| check(&model, it, "after the retry")));
+    }
+    let want: Vec<usize> = leased.iter().rev().map(|&(t, _)| t).collect();
+    assert_eq!(got, want, "every item once, in the retry's order");
     p.close().await;
     store.close().await;
 }
