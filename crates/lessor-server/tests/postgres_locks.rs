@@ -1,0 +1,251 @@
+//! A PostgreSQL table locked by someone else (an operator's `LOCK TABLE`, a `VACUUM FULL`, a long migration): the
+//! requests of the queue whose partition table is locked answer within their `request_timeout` with a 454 ("retry")
+//! instead of waiting for the lock, other queues keep serving meanwhile, and once the lock is gone the queue serves
+//! again with nothing lost.
+//!
+//! Needs feature `postgres` and `LESSOR_TEST_DATABASE_URL` (skipped with a message without it, failed when `CI` is
+//! set); the test creates a database of its own and drops it at the end.
+#![cfg(feature = "postgres")]
+
+use std::time::{Duration, Instant};
+
+use lessor_client::{proto as pb, Client, ClientError};
+use lessor_server::Config;
+use lessor_storage::postgres::table_name;
+use lessor_testkit::{connect, eventually, TestDatabase};
+
+fn config(url: &str) -> Config {
+    let url = format!("'{}'", url.replace('\'', "''"));
+    Config::from_yaml(&format!(
+        "queue-storage:\n  driver: postgres\n  config:\n    connection-string: {url}\n\
+         partition-storage:\n  - name: pg-0\n    driver: postgres\n    affinity: 1\n    \
+         config:\n      connection-string: {url}\n"
+    ))
+    .expect("config")
+}
+
+async fn create(c: &Client, queue: &str) {
+    c.queues_create(&pb::QueueInfo {
+        queue_name: queue.into(),
+        lease_timeout: "1m".into(),
+        expire_timeout: "1h".into(),
+        requested_partitions: 1,
+        ..Default::default()
+    })
+    .await
+    .expect("create");
+}
+
+fn produce_req(queue: &str, payload: &str, timeout: &str) -> pb::QueueProduceRequest {
+    pb::QueueProduceRequest {
+        queue_name: queue.into(),
+        request_timeout: timeout.into(),
+        items: vec![pb::QueueProduceItem {
+            bytes: payload.as_bytes().to_vec(),
+            ..Default::default()
+        }],
+    }
+}
+
+fn lease_req(queue: &str, timeout: &str) -> pb::QueueLeaseRequest {
+    pb::QueueLeaseRequest {
+        queue_name: queue.into(),
+        batch_size: 10,
+        client_id: "locks".into(),
+        request_timeout: timeout.into(),
+    }
+}
+
+/// How a call ended (its error code, `None` for a 200 or no answer, and a description) and after how long; a call
+/// that has not answered after `limit` is given up.
+async fn timed<T>(
+    limit: Duration,
+    f: impl std::future::Future<Output = Result<T, ClientError>>,
+) -> (Duration, Option<i32>, String) {
+    let t0 = Instant::now();
+    let r = tokio::time::timeout(limit, f).await;
+    let d = t0.elapsed();
+    match r {
+        Err(_) => (d, None, format!("no answer after {d:?}")),
+        Ok(Ok(_)) => (d, None, format!("200 after {d:?}")),
+        Ok(Err(e)) => (d, e.code(), format!("{e} after {d:?}")),
+    }
+}
+
+/// A lock held on one queue's partition table makes that queue's produce, lease and complete answer 454 within
+/// their 1 s request timeout (not wait for the lock), while another queue keeps serving; after the lock is gone,
+/// every produced item is still there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_locked_partition_table_answers_454_within_the_request_timeout() {
+    if lessor_testkit::database_or_skip().is_none() {
+        return;
+    }
+    let db = TestDatabase::create("lessor_locks").await;
+    let (_server, c) = lessor_testkit::server::start(&config(db.url()), None).await;
+    create(&c, "locked").await;
+    create(&c, "other").await;
+    for i in 0..3 {
+        c.queue_produce(&produce_req("locked", &format!("before-{i}"), "5s"))
+            .await
+            .expect("produce");
+    }
+    let leased = c
+        .queue_lease(&pb::QueueLeaseRequest {
+            batch_size: 1,
+            ..lease_req("locked", "5s")
+        })
+        .await
+        .expect("lease");
+    assert_eq!(leased.items.len(), 1);
+
+    // The operator's session: holds an exclusive lock on the partition table until it rolls back.
+    let admin = connect(db.url()).await;
+    admin
+        .batch_execute(&format!(
+            "BEGIN; LOCK TABLE {} IN ACCESS EXCLUSIVE MODE",
+            table_name("locked", 0)
+        ))
+        .await
+        .expect("lock");
+
+    let limit = Duration::from_secs(8);
+    let (p_req, l_req) = (produce_req("locked", "during", "1s"), lease_req("locked", "1s"));
+    let c_req = pb::QueueCompleteRequest {
+        queue_name: "locked".into(),
+        partition: leased.partition,
+        request_timeout: "1s".into(),
+        ids: vec![leased.items[0].id.clone()],
+    };
+    let (produce, lease, complete) = tokio::join!(
+        timed(limit, c.queue_produce(&p_req)),
+        timed(limit, c.queue_lease(&l_req)),
+        timed(limit, c.queue_complete(&c_req)),
+    );
+    // Meanwhile another queue on the same pool serves as usual.
+    let t0 = Instant::now();
+    for i in 0..20 {
+        c.queue_produce(&produce_req("other", &format!("o-{i}"), "5s"))
+            .await
+            .expect("produce on the other queue");
+    }
+    let other = t0.elapsed();
+    let report = format!(
+        "produce: {}; lease: {}; complete: {}; 20 produces on the other queue: {other:?}",
+        produce.2, lease.2, complete.2
+    );
+    println!("{report}");
+    admin.batch_execute("ROLLBACK").await.expect("unlock");
+
+    for (what, (d, code, _)) in [("produce", produce), ("lease", lease), ("complete", complete)] {
+        assert_eq!(
+            code,
+            Some(454),
+            "{what} answers 454 while the table is locked ({report})"
+        );
+        assert!(
+            d < Duration::from_secs(4),
+            "{what} answers within its request timeout ({report})"
+        );
+    }
+    assert!(
+        other < Duration::from_secs(4),
+        "the other queue keeps serving ({report})"
+    );
+
+    // After the lock: the queue serves again, and the items produced before it (and the one whose produce may have
+    // gone through) are all there.
+    let mut payloads = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        match c.queue_lease(&lease_req("locked", "500ms")).await {
+            Ok(r) => payloads.extend(
+                r.items
+                    .into_iter()
+                    .map(|it| String::from_utf8_lossy(&it.bytes).into_owned()),
+            ),
+            Err(e) if e.code() == Some(454) => {}
+            Err(e) => panic!("lease after the lock: {e}"),
+        }
+        if payloads.iter().filter(|p| p.starts_with("before-")).count() >= 2 {
+            break;
+        }
+    }
+    assert!(
+        ["before-1", "before-2"]
+            .iter()
+            .all(|p| payloads.iter().any(|x| x == p)),
+        "the unleased items are served after the lock: {payloads:?}"
+    );
+}
+
+/// The `queues` table locked (a `VACUUM FULL queues`, an `ALTER TABLE` waiting behind a long transaction): every
+/// queue re-reads its definition from it on shared stores, so every queue is affected; produce, lease and complete
+/// still answer 454 within their 1 s request timeout, and the queue serves again once the lock is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_locked_queues_table_answers_454_within_the_request_timeout() {
+    if lessor_testkit::database_or_skip().is_none() {
+        return;
+    }
+    let db = TestDatabase::create("lessor_locks").await;
+    let (_server, c) = lessor_testkit::server::start(&config(db.url()), None).await;
+    create(&c, "jobs").await;
+    for i in 0..3 {
+        c.queue_produce(&produce_req("jobs", &format!("before-{i}"), "5s"))
+            .await
+            .expect("produce");
+    }
+    let leased = c
+        .queue_lease(&pb::QueueLeaseRequest {
+            batch_size: 1,
+            ..lease_req("jobs", "5s")
+        })
+        .await
+        .expect("lease");
+
+    let admin = connect(db.url()).await;
+    admin
+        .batch_execute("BEGIN; LOCK TABLE queues IN ACCESS EXCLUSIVE MODE")
+        .await
+        .expect("lock");
+    // Past the shared refresh (500 ms): the queue's task has tried to re-read its definition.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+
+    let limit = Duration::from_secs(8);
+    let (p_req, l_req) = (produce_req("jobs", "during", "1s"), lease_req("jobs", "1s"));
+    let c_req = pb::QueueCompleteRequest {
+        queue_name: "jobs".into(),
+        partition: leased.partition,
+        request_timeout: "1s".into(),
+        ids: vec![leased.items[0].id.clone()],
+    };
+    let (produce, lease, complete) = tokio::join!(
+        timed(limit, c.queue_produce(&p_req)),
+        timed(limit, c.queue_lease(&l_req)),
+        timed(limit, c.queue_complete(&c_req)),
+    );
+    let report = format!(
+        "produce: {}; lease: {}; complete: {}",
+        produce.2, lease.2, complete.2
+    );
+    println!("{report}");
+    admin.batch_execute("ROLLBACK").await.expect("unlock");
+    for (what, (d, code, _)) in [("produce", produce), ("lease", lease), ("complete", complete)] {
+        assert!(
+            d < Duration::from_secs(4),
+            "{what} answers within its request timeout ({report})"
+        );
+        assert!(
+            code.is_none() || code == Some(454),
+            "{what} answers 200 or 454 ({report})"
+        );
+    }
+    let after = eventually("the queue serves again", Duration::from_secs(20), || async {
+        match c.queue_lease(&lease_req("jobs", "500ms")).await {
+            Ok(r) if !r.items.is_empty() => Ok(r.items.len()),
+            Ok(_) => Err("nothing leased".to_string()),
+            Err(e) => Err(e.to_string()),
+        }
+    })
+    .await;
+    assert!(after >= 1);
+}
