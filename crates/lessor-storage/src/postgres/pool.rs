@@ -50,6 +50,15 @@ impl PgConfig {
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a call waits for a free pooled connection before reporting the store unavailable.
 const WAIT_TIMEOUT: Duration = Duration::from_secs(30);
+/// Longest wait of one statement for a lock (`lock_timeout`, in milliseconds), unless the connection string's
+/// `options` set another. Lessor's own statements hold their row and table locks for milliseconds, so a longer wait
+/// means someone else holds the table: an operator's `LOCK TABLE`, a `VACUUM FULL`, an `ALTER TABLE` queued behind
+/// a long transaction. Without a bound the statement waited for as long as that lasted, and with it the queue's
+/// task, whose lease and complete requests then went unanswered past their request timeout (and a lock on
+/// `queues`, which every queue re-reads, stalled every queue). Past the bound the statement fails with
+/// `lock_not_available`, which is transient: the request gets a 454 and the partition is probed again on its
+/// backoff.
+const LOCK_TIMEOUT_MS: u32 = 1000;
 /// Unacknowledged data older than this makes the kernel drop the connection, so a database that vanished from the
 /// network fails calls instead of hanging them for the default TCP retransmission time (about 15 minutes).
 const TCP_USER_TIMEOUT: Duration = Duration::from_secs(30);
@@ -141,9 +150,11 @@ fn build_pool(
     // anew on each call when the generic plan's estimate looks worse than the custom ones, which the keyed produce's
     // does (array parameters of unknown length): planning it cost more than running it (0.45 ms of 0.65 ms).
     let session = "-c enable_seqscan=off -c plan_cache_mode=force_generic_plan";
+    // The lock wait bound goes first, so that a `-c lock_timeout=...` in the connection string's own options
+    // (PostgreSQL applies them in order) replaces it.
     let opts = match pg.get_options() {
-        Some(o) if !o.is_empty() => format!("{o} {session}"),
-        _ => session.to_string(),
+        Some(o) if !o.is_empty() => format!("-c lock_timeout={LOCK_TIMEOUT_MS} {o} {session}"),
+        _ => format!("-c lock_timeout={LOCK_TIMEOUT_MS} {session}"),
     };
     pg.options(opts);
     if pg.get_application_name().is_none() {
