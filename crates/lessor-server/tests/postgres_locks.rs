@@ -1,10 +1,12 @@
 //! A PostgreSQL table locked by someone else (an operator's `LOCK TABLE`, a `VACUUM FULL`, a long migration): the
-//! requests of the queue whose partition table is locked answer within their `request_timeout` with a 454 ("retry")
-//! instead of waiting for the lock, other queues keep serving meanwhile, and once the lock is gone the queue serves
-//! again with nothing lost.
+//! requests of the queue whose partition table is locked answer within their `request_timeout` (plus the 1 s
+//! `lock_timeout`) with a 454 ("retry") instead of waiting for the lock, other queues keep serving meanwhile, and
+//! once the lock is gone the queue serves again with nothing lost. A stalled database (its processes stopped, the
+//! connections open) is bounded the same way by the engine, where no lock timeout applies.
 //!
 //! Needs feature `postgres` and `LESSOR_TEST_DATABASE_URL` (skipped with a message without it, failed when `CI` is
-//! set); the test creates a database of its own and drops it at the end.
+//! set); the tests create a database of their own and drop it at the end. The stall test starts a cluster of its own
+//! with `scripts/pg-test-cluster.sh` (skipped without PostgreSQL installed).
 #![cfg(feature = "postgres")]
 
 use std::time::{Duration, Instant};
@@ -12,7 +14,7 @@ use std::time::{Duration, Instant};
 use lessor_client::{proto as pb, Client, ClientError};
 use lessor_server::Config;
 use lessor_storage::postgres::table_name;
-use lessor_testkit::{connect, TestDatabase};
+use lessor_testkit::{connect, postgres_installed, skip_or_fail, Cluster, TestDatabase};
 
 fn config(url: &str) -> Config {
     let url = format!("'{}'", url.replace('\'', "''"));
@@ -265,4 +267,83 @@ fn payloads(r: pb::QueueLeaseResponse) -> Vec<String> {
         .into_iter()
         .map(|it| String::from_utf8_lossy(&it.bytes).into_owned())
         .collect()
+}
+
+/// The database stalls (every PostgreSQL process stopped with SIGSTOP for 8 s: a disk that stopped answering, a
+/// frozen host whose kernel still acknowledges): the connections stay open and no lock is waited for, so nothing
+/// on the database side bounds the wait; lease and complete still answer within their 1 s request timeout (plus a
+/// grace) with a 454, and nothing acknowledged is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_database_answers_454_within_the_request_timeout() {
+    if !postgres_installed() {
+        skip_or_fail("PostgreSQL is not installed; skipping the stall test");
+        return;
+    }
+    let (cluster, url) = Cluster::start("stall-timeout", 63490, "lessor_stall_timeout");
+    let (_server, c) = lessor_testkit::server::start(&config(&url), None).await;
+    create(&c, "jobs").await;
+    for i in 0..3 {
+        c.queue_produce(&produce_req("jobs", &format!("before-{i}"), "5s"))
+            .await
+            .expect("produce");
+    }
+    let leased = c
+        .queue_lease(&pb::QueueLeaseRequest {
+            batch_size: 1,
+            ..lease_req("jobs", "5s")
+        })
+        .await
+        .expect("lease");
+
+    cluster.signal("STOP");
+    let stall = Duration::from_secs(8);
+    let (p_req, l_req) = (produce_req("jobs", "during", "1s"), lease_req("jobs", "1s"));
+    let c_req = pb::QueueCompleteRequest {
+        queue_name: "jobs".into(),
+        partition: leased.partition,
+        request_timeout: "1s".into(),
+        ids: vec![leased.items[0].id.clone()],
+    };
+    let limit = stall - Duration::from_millis(500);
+    let ((produce, lease, complete), ()) = tokio::join!(
+        async {
+            tokio::join!(
+                timed(limit, c.queue_produce(&p_req)),
+                timed(limit, c.queue_lease(&l_req)),
+                timed(limit, c.queue_complete(&c_req)),
+            )
+        },
+        async {
+            tokio::time::sleep(stall).await;
+            cluster.signal("CONT");
+        }
+    );
+    let report = format!(
+        "produce: {}; lease: {}; complete: {}",
+        produce.2, lease.2, complete.2
+    );
+    println!("{report}");
+    for (what, (d, code, _)) in [("produce", produce), ("lease", lease), ("complete", complete)] {
+        assert!(
+            d < Duration::from_secs(4),
+            "{what} answers within its request timeout and a grace ({report})"
+        );
+        assert_eq!(code, Some(454), "{what} answers 454 ({report})");
+    }
+    let mut served = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !["before-1", "before-2"]
+        .iter()
+        .all(|p| served.iter().any(|x| x == p))
+    {
+        assert!(
+            Instant::now() < deadline,
+            "items lost across the stall: served {served:?}"
+        );
+        match c.queue_lease(&lease_req("jobs", "500ms")).await {
+            Ok(r) => served.extend(payloads(r)),
+            Err(e) if e.code() == Some(454) => {}
+            Err(e) => panic!("lease after the stall: {e}"),
+        }
+    }
 }
