@@ -110,6 +110,9 @@ pub const TIERS: [&str; 3] = ["memory", "disk", "object"];
 /// How often a queue that changes re-reads its partitions' tier figures for `/metrics` (a stats call per
 /// partition: a query each on PostgreSQL, so not on every pass). A quiet queue reads none.
 pub const TIER_REFRESH: Duration = Duration::from_secs(10);
+/// How long past its request timeout a lease, complete or extend waits for a queue task stuck in storage (see
+/// [`Engine::unstuck`]): long enough that a task which answers at the deadline itself is never beaten to it.
+const STUCK_GRACE: Duration = Duration::from_secs(1);
 
 impl QueueMetrics {
     /// Publishes tier figures summed over a queue's partitions.
@@ -945,20 +948,24 @@ impl Engine {
         )?;
         let deadline = self.clock().now().add(timeout);
         let client_id = client_id.to_string();
-        self.call(queue, |reply| Msg::Lease {
-            n: batch_size,
-            client_id,
-            deadline,
-            reply,
-        })
+        self.unstuck(
+            timeout,
+            "lease",
+            self.call(queue, |reply| Msg::Lease {
+                n: batch_size,
+                client_id,
+                deadline,
+                reply,
+            }),
+        )
         .await
     }
 
     /// Completes leased items: all of the ids or none.
     ///
-    /// `request_timeout` is checked but not yet applied to the wait, unlike produce's: a test that jumps the
-    /// manual clock by minutes while completes are in flight (linearizability) would need to treat a timed-out
-    /// complete as an ambiguous outcome first.
+    /// Bounded like lease (see [`Engine::unstuck`]): a caller whose queue's task is stuck in storage gets
+    /// [`QueueError::RequestTimeout`] shortly after `request_timeout`, and the complete may still be applied
+    /// afterwards (an ambiguous outcome, as for any timeout).
     pub async fn complete(
         &self,
         queue: &str,
@@ -967,17 +974,22 @@ impl Engine {
         request_timeout: Option<Duration>,
     ) -> Result<(), QueueError> {
         self.inner.activity.fetch_add(1, Ordering::Relaxed);
-        self.check_ids(&ids, request_timeout)?;
-        self.call(queue, |reply| Msg::Complete {
-            partition,
-            ids,
-            reply,
-        })
+        let timeout = self.check_ids(&ids, request_timeout)?;
+        self.unstuck(
+            timeout,
+            "complete",
+            self.call(queue, |reply| Msg::Complete {
+                partition,
+                ids,
+                reply,
+            }),
+        )
         .await
     }
 
-    /// The checks complete and extend share: a non-empty id list within the batch limit, a valid request timeout.
-    fn check_ids(&self, ids: &[ItemId], request_timeout: Option<Duration>) -> Result<(), QueueError> {
+    /// The checks complete and extend share: a non-empty id list within the batch limit, a valid request timeout
+    /// (returned).
+    fn check_ids(&self, ids: &[ItemId], request_timeout: Option<Duration>) -> Result<Duration, QueueError> {
         let limits = self.limits();
         if ids.is_empty() {
             return Err(validate::invalid("ids", "list of ids cannot be empty"));
@@ -988,8 +1000,7 @@ impl Engine {
             limits.max_complete_batch,
             ids.len(),
         )?;
-        validate::request_timeout(request_timeout, Duration::ZERO, limits.max_request_timeout)?;
-        Ok(())
+        validate::request_timeout(request_timeout, Duration::ZERO, limits.max_request_timeout)
     }
 
     /// Retries leased items: all of them or none.
@@ -1025,16 +1036,20 @@ impl Engine {
         request_timeout: Option<Duration>,
     ) -> Result<(), QueueError> {
         self.inner.activity.fetch_add(1, Ordering::Relaxed);
-        self.check_ids(&ids, request_timeout)?;
+        let timeout = self.check_ids(&ids, request_timeout)?;
         if lease_timeout.is_some_and(|d| d.is_zero()) {
             return Err(validate::invalid("lease_timeout", "must be greater than 0"));
         }
-        self.call(queue, |reply| Msg::Extend {
-            partition,
-            ids,
-            lease_timeout,
-            reply,
-        })
+        self.unstuck(
+            timeout,
+            "extend",
+            self.call(queue, |reply| Msg::Extend {
+                partition,
+                ids,
+                lease_timeout,
+                reply,
+            }),
+        )
         .await
     }
 
@@ -1108,6 +1123,27 @@ impl Engine {
             r = request => r,
             () = self.clock().sleep_until(deadline) => Err(QueueError::RequestTimeout(what)),
         }
+    }
+
+    /// Runs `request` (a lease, complete or extend) for at most `timeout` plus [`STUCK_GRACE`] of real time, then
+    /// gives up with [`QueueError::RequestTimeout`].
+    ///
+    /// The queue's task answers these requests itself, a lease at its deadline at the latest, but only between
+    /// storage calls: a call that never returns (a database whose processes stopped answering while the connection
+    /// stays open, where no lock or TCP timeout fires) held every caller until it did. A request given up here may
+    /// still be carried out by the task afterwards: items leased for a caller that left stay leased until their
+    /// lease timeout and are then served again; a complete may be applied (the retried complete then finds no such
+    /// id). Real time (tokio's clock), not the engine's: the engine's clock may be a manual one that a test moves by
+    /// minutes while requests are in flight, and the task answers those on its own.
+    async fn unstuck<T>(
+        &self,
+        timeout: Duration,
+        what: &'static str,
+        request: impl Future<Output = Result<T, QueueError>>,
+    ) -> Result<T, QueueError> {
+        tokio::time::timeout(timeout.saturating_add(STUCK_GRACE), request)
+            .await
+            .unwrap_or(Err(QueueError::RequestTimeout(what)))
     }
 
     /// Statistics of the queue.
