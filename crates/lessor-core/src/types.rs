@@ -468,7 +468,15 @@ pub struct Limits {
     /// Most partitions the queue definitions of one list page name together ([`MAX_LIST_PARTITIONS`] by default;
     /// at least one queue per page).
     pub max_list_partitions: usize,
+    /// A queue that has had no request for this long, and holds nothing that needs its task (no leased or
+    /// scheduled item, no waiting lease request, no rebalance...), unloads: its task stops and frees its memory,
+    /// and the next request loads it again. Zero keeps every queue loaded once touched.
+    pub queue_idle_unload: Duration,
 }
+
+/// Default [`Limits::queue_idle_unload`]: long enough that a queue in use stays loaded between bursts, short
+/// enough that a sweep over many queues (a `queue.stats` each) gives its memory back within minutes.
+pub const DEFAULT_QUEUE_IDLE_UNLOAD: Duration = Duration::from_secs(5 * 60);
 
 impl Default for Limits {
     fn default() -> Self {
@@ -485,6 +493,7 @@ impl Default for Limits {
             max_dedup_keys: 10_000_000,
             max_lease_bytes: MAX_LEASE_BYTES,
             max_list_partitions: MAX_LIST_PARTITIONS,
+            queue_idle_unload: DEFAULT_QUEUE_IDLE_UNLOAD,
         }
     }
 }

@@ -47,6 +47,9 @@ const MIN_INFLIGHT_BYTES: u64 = 64 * 1024;
 const MAX_INFLIGHT_BYTES: u64 = 1 << 40;
 /// Longest `limits.inflight-wait` accepted: a request waiting longer holds its connection for nothing.
 const MAX_INFLIGHT_WAIT: Duration = Duration::from_secs(60);
+
+/// Longest `limits.queue-idle-unload`: a longer one is as good as never, which `0s` says plainly.
+const MAX_QUEUE_IDLE_UNLOAD: Duration = Duration::from_secs(24 * 3600);
 /// Default `limits.header-read-timeout`.
 pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 /// Default `limits.body-read-timeout`: a 64 MB body at about 1 MB/s.
@@ -507,6 +510,9 @@ pub struct LimitsSection {
     pub max_dedup_keys: Option<usize>,
     /// Most payload bytes one lease answer carries (default 16 MiB; at least one item whatever its size).
     pub max_lease_bytes: Option<u64>,
+    /// How long a queue stays loaded without a request before it unloads, when nothing keeps it (Go duration,
+    /// default 5m, `0s` never unloads; see [`lessor_core::types::Limits::queue_idle_unload`]).
+    pub queue_idle_unload: Option<String>,
     /// Body bytes of requests read and not yet answered, server-wide (default 1 GiB); see [`crate::inflight`].
     pub max_inflight_bytes: Option<u64>,
     /// How long a request whose body does not fit under `max-inflight-bytes` waits for room before 454 (Go
@@ -656,6 +662,23 @@ impl Config {
                     field: "limits.max-dedup-keys",
                     reason: format!("must be between 1 and {MAX_DEDUP_KEYS}"),
                 });
+            }
+        }
+        if let Some(d) = &self.limits.queue_idle_unload {
+            match parse_go_duration(d) {
+                Ok(v) if v <= MAX_QUEUE_IDLE_UNLOAD => {}
+                Ok(_) => {
+                    return Err(ConfigError::Limit {
+                        field: "limits.queue-idle-unload",
+                        reason: "must be at most 24h (0s keeps queues loaded)".into(),
+                    })
+                }
+                Err(reason) => {
+                    return Err(ConfigError::Limit {
+                        field: "limits.queue-idle-unload",
+                        reason,
+                    })
+                }
             }
         }
         if let Some(n) = self.limits.max_lease_bytes {
@@ -845,6 +868,10 @@ impl Config {
         }
         if let Some(n) = self.limits.max_lease_bytes {
             l.max_lease_bytes = n;
+        }
+        if let Some(d) = self.limits.queue_idle_unload.as_deref().map(parse_go_duration) {
+            // Checked by `validate`.
+            l.queue_idle_unload = d.unwrap_or(l.queue_idle_unload);
         }
         l
     }
@@ -1287,6 +1314,25 @@ mod tests {
                 .expect_err(bad)
                 .to_string();
             assert!(e.contains("limits.max-dedup-keys"), "{bad}: {e}");
+        }
+    }
+
+    /// `limits.queue-idle-unload` is a Go duration of at most a day, `0s` turning unloading off; the default is 5m.
+    #[test]
+    fn queue_idle_unload_is_checked_and_applied() {
+        assert_eq!(
+            Config::memory().limits().queue_idle_unload,
+            Duration::from_secs(300)
+        );
+        for (text, want) in [("30s", 30), ("0s", 0), ("24h", 86_400)] {
+            let c = Config::from_yaml(&format!("limits:\n  queue-idle-unload: {text}\n")).expect(text);
+            assert_eq!(c.limits().queue_idle_unload, Duration::from_secs(want), "{text}");
+        }
+        for bad in ["25h", "soon", "-1s"] {
+            let e = Config::from_yaml(&format!("limits:\n  queue-idle-unload: {bad}\n"))
+                .expect_err(bad)
+                .to_string();
+            assert!(e.contains("limits.queue-idle-unload"), "{bad}: {e}");
         }
     }
 

@@ -5,7 +5,10 @@
 //! (`/metrics`) stays the long-term record. The ring is per server process and starts empty at start-up. Its cost is
 //! bounded: [`CAPACITY`] samples of 10 integers per queue (about 12 KB per queue), queues that disappear from the
 //! engine drop their ring at the next sample, and a sample takes a few hash-map steps per queue (it holds the
-//! rings' lock meanwhile, so it must stay linear: 100,000 queues are a valid load).
+//! rings' lock meanwhile, so it must stay linear: 100,000 queues are a valid load). A queue unloaded for being idle
+//! drops its samples too (they would be all zero rates, and 12 KB per queue ever touched is the growth unloading
+//! exists to stop) and keeps only its counters' last totals, so its first sample once loaded again counts from
+//! there rather than from zero.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::Ordering;
@@ -123,6 +126,13 @@ impl History {
             ring.seen = this;
             let last = ring.last;
             ring.last = now;
+            if m.unloaded.load(Ordering::Relaxed) {
+                ring.samples = VecDeque::new();
+                continue;
+            }
+            if ring.samples.capacity() < CAPACITY {
+                ring.samples.reserve_exact(CAPACITY);
+            }
             if ring.samples.len() == CAPACITY {
                 ring.samples.pop_front();
             }
@@ -272,5 +282,28 @@ mod tests {
             examined <= 3 * QUEUES as u64,
             "3 samples of {QUEUES} queues examined {examined} names"
         );
+    }
+
+    /// An unloaded queue keeps no samples, only its totals: loaded again, its first sample counts what happened
+    /// since its last one, not its counters since start-up.
+    #[test]
+    fn an_unloaded_queue_drops_its_samples_and_keeps_its_baseline() {
+        let h = History::default();
+        let m = Arc::new(QueueMetrics::default());
+        m.produced.store(100, Ordering::Relaxed);
+        let queues = vec![("q".to_string(), m.clone())];
+        h.sample(0, &queues);
+        m.unloaded.store(true, Ordering::Relaxed);
+        h.sample(2000, &queues);
+        assert!(h.samples("q").is_empty());
+        {
+            let rings = h.rings.lock().expect("rings");
+            assert_eq!(rings.by_queue["q"].samples.capacity(), 0, "the ring's memory is freed");
+        }
+        m.unloaded.store(false, Ordering::Relaxed);
+        m.produced.store(105, Ordering::Relaxed);
+        h.sample(4000, &queues);
+        let s = h.samples("q");
+        assert_eq!((s.len(), s[0].produced), (1, 5));
     }
 }

@@ -290,6 +290,23 @@ impl prometheus_client::collector::Collector for QueueCollector {
                 ConstCounter::new(pick(m)).encode(fam.encode_family(&labels)?)?;
             }
         }
+        // Loaded queues (their tasks and state in memory) against the per-queue series above, which also cover
+        // queues unloaded for being idle (`limits.queue-idle-unload`), with their last figures.
+        let (loaded, loads) = self.engine.loaded_queues();
+        let fam = encoder.encode_descriptor(
+            "queues_loaded",
+            "Queues loaded now; the others with series here are unloaded for being idle",
+            None,
+            MetricType::Gauge,
+        )?;
+        ConstGauge::new(i64::try_from(loaded).unwrap_or(i64::MAX)).encode(fam)?;
+        let fam = encoder.encode_descriptor(
+            "queue_loads",
+            "Queue loads since start-up (a queue loaded again after an unload counts again)",
+            None,
+            MetricType::Counter,
+        )?;
+        ConstCounter::new(loads).encode(fam)?;
         // Rebalance tasks watched by this server: items moved and left, by task and queue.
         let mut tasks = self.engine.rebalance_progress();
         tasks.sort_by(|a, b| a.id.cmp(&b.id));

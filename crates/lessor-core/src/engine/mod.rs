@@ -102,6 +102,10 @@ pub struct QueueMetrics {
     pub tier_items: [AtomicU64; 3],
     /// Payload bytes per storage tier, like `tier_items`.
     pub tier_bytes: [AtomicU64; 3],
+    /// The queue is unloaded for being idle (see [`Limits::queue_idle_unload`]): these figures are the last its
+    /// task published, kept so `/metrics` goes on reporting the queue's depth; its counters go on from them when it
+    /// loads again.
+    pub unloaded: AtomicBool,
 }
 
 /// The storage tiers of [`QueueMetrics::tier_items`] and `tier_bytes`, in their order.
@@ -281,12 +285,21 @@ struct QueueHandle {
     tx: mpsc::Sender<Msg>,
     metrics: Arc<QueueMetrics>,
     task: Arc<Mutex<Option<JoinHandle<()>>>>,
+    /// Which load of the queue this is (see `Inner::loads`): an unloading task removes its own handle, never the
+    /// next one's.
+    load: u64,
 }
 
 #[derive(Debug)]
 pub(crate) struct Inner {
     config: EngineConfig,
     queues: RwLock<HashMap<String, Arc<QueueHandle>>>,
+    /// The metrics of queues unloaded for being idle, with the last figures their tasks published: `/metrics`
+    /// keeps reporting their depth, and the next load goes on from them. A few hundred bytes per queue, against the
+    /// tens of kilobytes of a loaded one. Lock order: `queues` first.
+    unloaded: RwLock<HashMap<String, Arc<QueueMetrics>>>,
+    /// Queue loads so far (each task's `QueueHandle::load`).
+    loads: AtomicU64,
     load_lock: Mutex<()>,
     shutting_down: AtomicBool,
     /// This engine's id among servers sharing a store (owner of the redrive tasks it runs).
@@ -329,6 +342,8 @@ impl Engine {
             inner: Arc::new(Inner {
                 config,
                 queues: RwLock::new(HashMap::new()),
+                unloaded: RwLock::new(HashMap::new()),
+                loads: AtomicU64::new(0),
                 load_lock: Mutex::new(()),
                 shutting_down: AtomicBool::new(false),
                 instance: instance_id(),
@@ -638,6 +653,8 @@ impl Engine {
         if let Some(h) = handle {
             stop_queue(&h).await;
         }
+        // After the stop: a task unloading meanwhile finds its handle gone and leaves no metrics behind.
+        self.inner.unloaded.write().map_err(poisoned)?.remove(name);
         // One call per store: a store that can delete many partitions in one write does (fjall).
         for s in &self.inner.config.stores {
             let mine: Vec<u32> = info
@@ -817,9 +834,16 @@ impl Engine {
             }
         }
         let _guard = self.inner.load_lock.lock().await;
-        if let Some(h) = self.inner.queues.read().map_err(poisoned)?.get(name) {
+        let stopped = self.inner.queues.read().map_err(poisoned)?.get(name).cloned();
+        if let Some(h) = stopped {
             if !h.tx.is_closed() {
-                return Ok(h.clone());
+                return Ok(h);
+            }
+            // The task is stopping (or stopped): it closes its partitions and, when it unloaded, moves its metrics
+            // aside before it ends. The next task opens the partitions only after that.
+            let join = h.task.lock().await.take();
+            if let Some(join) = join {
+                let _ = join.await;
             }
         }
         self.check_running()?;
@@ -835,7 +859,16 @@ impl Engine {
             .rebalance_plan_for(name, info.partitions.len(), info.created_at)
             .await?;
         let (tx, rx) = mpsc::channel(self.limits().max_requests_per_queue.max(1));
-        let metrics = Arc::new(QueueMetrics::default());
+        // A queue loaded again goes on with the metrics it had: counters do not restart, and its depth was never
+        // missing from `/metrics`.
+        let metrics = self
+            .inner
+            .unloaded
+            .read()
+            .map_err(poisoned)?
+            .get(name)
+            .cloned()
+            .unwrap_or_default();
         let namespace: Arc<str> = if info.namespace.is_empty() {
             DEFAULT_NAMESPACE.into()
         } else {
@@ -850,24 +883,120 @@ impl Engine {
         )
         .with_activity(self.inner.activity.clone())
         .with_rebalance(plan);
-        let join = tokio::spawn(task.run());
+        let load = self.inner.loads.fetch_add(1, Ordering::Relaxed) + 1;
+        let engine = Arc::downgrade(&self.inner);
+        let queue = name.to_string();
+        let join = tokio::spawn(async move {
+            if let queue::Exit::Unloaded(left) = task.run().await {
+                if let Some(inner) = engine.upgrade() {
+                    Engine { inner }.unloaded(&queue, load, left);
+                }
+            }
+        });
         let h = Arc::new(QueueHandle {
             namespace,
             tx,
-            metrics,
+            metrics: metrics.clone(),
             task: Arc::new(Mutex::new(Some(join))),
+            load,
         });
-        self.inner
-            .queues
-            .write()
-            .map_err(poisoned)?
-            .insert(name.to_string(), h.clone());
+        {
+            let mut queues = self.inner.queues.write().map_err(poisoned)?;
+            metrics.unloaded.store(false, Ordering::Relaxed);
+            self.inner.unloaded.write().map_err(poisoned)?.remove(name);
+            queues.insert(name.to_string(), h.clone());
+        }
         Ok(h)
     }
 
+    /// Called by a task that unloaded (load number `load`): its handle leaves the table and its metrics are kept
+    /// aside; the requests it handed back go to the queue's next task. A handle that is no longer the table's (the
+    /// queue was deleted meanwhile) is left alone.
+    fn unloaded(&self, name: &str, load: u64, left: Vec<Msg>) {
+        if let Ok(mut queues) = self.inner.queues.write() {
+            if let Some(h) = queues.get(name).filter(|h| h.load == load).cloned() {
+                queues.remove(name);
+                if let Ok(mut unloaded) = self.inner.unloaded.write() {
+                    unloaded.insert(name.to_string(), h.metrics.clone());
+                }
+            }
+        }
+        if left.is_empty() {
+            return;
+        }
+        let engine = self.clone();
+        let name = name.to_string();
+        // On its own task: loading waits for the unloading task to end, which this is still part of.
+        tokio::spawn(async move {
+            for m in left {
+                // A definition update and a rebalance plan are in the store already, where the next task reads
+                // them: acknowledged, not forwarded (their senders may hold the load lock, which loading takes). A
+                // store notice wakes no one in an unloaded queue; a stop has nothing left to stop.
+                if matches!(
+                    m,
+                    Msg::Wake(_)
+                        | Msg::Shutdown(_)
+                        | Msg::Cold(Cold::UpdateInfo(..) | Cold::RebalanceInstall(..))
+                ) {
+                    queue::refuse(m, QueueError::QueueShuttingDown);
+                    continue;
+                }
+                if let Err((m, e)) = engine.deliver(&name, m, true).await {
+                    queue::refuse(m, e);
+                }
+            }
+        });
+    }
+
+    /// Puts `msg` in the inbox of the queue's task, loading the queue when needed. An inbox found closed belongs
+    /// to a task that stopped on its own (unloaded for being idle, or its queue deleted by another server): the
+    /// queue is loaded again and the message goes there, so a request racing an unload is never refused for it.
+    /// `wait` waits for room in a full inbox; otherwise a full inbox is [`QueueError::Overloaded`]. On failure the
+    /// message comes back with the error.
+    async fn deliver(&self, name: &str, mut msg: Msg, wait: bool) -> Result<(), (Msg, QueueError)> {
+        // More than one retry only when the queue unloads again before the message reaches its new task: a clock
+        // jumping by the idle time (tests), nothing a real clock does; bounded all the same.
+        for _ in 0..4 {
+            let h = match self.handle(name).await {
+                Ok(h) => h,
+                Err(e) => return Err((msg, e)),
+            };
+            let closed = if wait {
+                match h.tx.send(msg).await {
+                    Ok(()) => return Ok(()),
+                    Err(mpsc::error::SendError(m)) => m,
+                }
+            } else {
+                match h.tx.try_send(msg) {
+                    Ok(()) => return Ok(()),
+                    Err(mpsc::error::TrySendError::Full(m)) => return Err((m, QueueError::Overloaded)),
+                    Err(mpsc::error::TrySendError::Closed(m)) => m,
+                }
+            };
+            msg = closed;
+            if self.inner.shutting_down.load(Ordering::Acquire) {
+                break;
+            }
+        }
+        Err((msg, QueueError::QueueShuttingDown))
+    }
+
     async fn call<T>(&self, name: &str, make: impl FnOnce(queue::Reply<T>) -> Msg) -> Result<T, QueueError> {
-        let h = self.handle(name).await?;
-        send(&h, make).await
+        let (tx, rx) = queue::reply();
+        if let Err((_, e)) = self.deliver(name, make(tx), false).await {
+            return Err(e);
+        }
+        rx.recv().await.unwrap_or(Err(QueueError::QueueShuttingDown))
+    }
+
+    /// Queues loaded now (their tasks running), and loads so far (a queue loaded again after an unload counts
+    /// again).
+    pub fn loaded_queues(&self) -> (usize, u64) {
+        let loaded = match self.inner.queues.read() {
+            Ok(m) => m.values().filter(|h| !h.tx.is_closed()).count(),
+            Err(_) => 0,
+        };
+        (loaded, self.inner.loads.load(Ordering::Relaxed))
     }
 
     /// Produces items; returns once storage holds them, or with [`QueueError::RequestTimeout`] when that does not
@@ -1387,12 +1516,25 @@ impl Engine {
         Ok(out)
     }
 
-    /// Metrics of every loaded queue.
+    /// Metrics of every queue this process has loaded and not deleted: the loaded ones, and those unloaded for
+    /// being idle with the last figures their tasks published ([`QueueMetrics::unloaded`] tells them apart).
     pub fn queue_metrics(&self) -> Vec<(String, Arc<QueueMetrics>)> {
-        match self.inner.queues.read() {
-            Ok(m) => m.iter().map(|(k, v)| (k.clone(), v.metrics.clone())).collect(),
-            Err(_) => Vec::new(),
+        let Ok(queues) = self.inner.queues.read() else {
+            return Vec::new();
+        };
+        let mut out: Vec<_> = queues
+            .iter()
+            .map(|(k, v)| (k.clone(), v.metrics.clone()))
+            .collect();
+        if let Ok(unloaded) = self.inner.unloaded.read() {
+            out.extend(
+                unloaded
+                    .iter()
+                    .filter(|(k, _)| !queues.contains_key(*k))
+                    .map(|(k, v)| (k.clone(), v.clone())),
+            );
         }
+        out
     }
 
     /// Stops every queue: waiting requests get "queue is shutting down", in-flight storage calls finish, stores
@@ -1432,16 +1574,6 @@ impl DeadLetterSink for EngineSink {
                 .await
         })
     }
-}
-
-async fn send<T>(h: &QueueHandle, make: impl FnOnce(queue::Reply<T>) -> Msg) -> Result<T, QueueError> {
-    let (tx, rx) = queue::reply();
-    match h.tx.try_send(make(tx)) {
-        Ok(()) => {}
-        Err(mpsc::error::TrySendError::Full(_)) => return Err(QueueError::Overloaded),
-        Err(mpsc::error::TrySendError::Closed(_)) => return Err(QueueError::QueueShuttingDown),
-    }
-    rx.recv().await.unwrap_or(Err(QueueError::QueueShuttingDown))
 }
 
 async fn stop_queue(h: &QueueHandle) {

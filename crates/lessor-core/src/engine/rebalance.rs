@@ -442,12 +442,8 @@ impl Engine {
         drop(starting);
         let plan = stored.plan(have);
         let (tx, rx) = tokio::sync::oneshot::channel();
-        let h = self.handle(&info.name).await?;
-        if h.tx
-            .send(super::Msg::Cold(Cold::RebalanceInstall(plan, tx)))
-            .await
-            .is_ok()
-        {
+        let msg = super::Msg::Cold(Cold::RebalanceInstall(plan, tx));
+        if self.deliver(&info.name, msg, true).await.is_ok() {
             let _ = rx.await;
         }
         tracing::info!(task = %stored.id, queue = %stored.queue, moves = stored.moves.len(), partitions = shrink, "rebalance started");
@@ -646,15 +642,13 @@ impl Engine {
     }
 
     async fn report(&self, t: &Stored, finish: bool) -> Result<RebalanceReport, QueueError> {
-        let h = self.handle(&t.queue).await?;
         let (tx, rx) = tokio::sync::oneshot::channel();
-        h.tx.send(super::Msg::Cold(Cold::RebalanceReport {
+        let msg = super::Msg::Cold(Cold::RebalanceReport {
             id: t.id.clone(),
             finish,
             reply: tx,
-        }))
-        .await
-        .map_err(|_| QueueError::QueueShuttingDown)?;
+        });
+        self.deliver(&t.queue, msg, true).await.map_err(|(_, e)| e)?;
         rx.await.map_err(|_| QueueError::QueueShuttingDown)
     }
 
@@ -754,15 +748,16 @@ impl Engine {
     /// Hands the task's plan (with its cancel flag) to the queue task and waits until it took it.
     async fn install_plan(&self, t: &Stored, partitions: usize) -> Result<(), QueueError> {
         let (tx, rx) = tokio::sync::oneshot::channel();
-        let h = self.handle(&t.queue).await?;
-        if h.tx
-            .send(super::Msg::Cold(Cold::RebalanceInstall(t.plan(partitions), tx)))
-            .await
-            .is_ok()
-        {
-            let _ = rx.await;
+        let msg = super::Msg::Cold(Cold::RebalanceInstall(t.plan(partitions), tx));
+        match self.deliver(&t.queue, msg, true).await {
+            Ok(()) => {
+                let _ = rx.await;
+                Ok(())
+            }
+            // As before: a queue that is gone is the watcher's next look to find.
+            Err((_, QueueError::QueueShuttingDown)) => Ok(()),
+            Err((_, e)) => Err(e),
         }
-        Ok(())
     }
 
     /// Saves the watcher's copy of the task, keeping a cancel stored since it was loaded (and taking it into the

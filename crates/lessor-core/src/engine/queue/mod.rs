@@ -328,6 +328,19 @@ pub(crate) struct QueueTask {
     /// The definition was deleted (or deleted and created anew) by another server: the task stops after this
     /// pass, and the engine loads the queue afresh on its next request.
     gone: bool,
+    /// When the last request arrived (or the task started): the queue unloads itself once it has had none for
+    /// `limits.queue_idle_unload` and holds nothing that needs the task (see [`QueueTask::idle`]).
+    last_request: Ts,
+}
+
+/// How a task ended (see [`QueueTask::run`]).
+pub(crate) enum Exit {
+    /// Shut down, or stopped because the queue was deleted: whatever was in the inbox was answered.
+    Stopped,
+    /// Unloaded for being idle: its inbox is closed and its partitions are closed. The requests that reached the
+    /// inbox between the decision and the close are handed back unanswered, for the engine to give to the queue's
+    /// next task (serving them here could leave work that needs a task: a long-poll, leased items).
+    Unloaded(Vec<Msg>),
 }
 
 impl QueueTask {
@@ -359,7 +372,9 @@ impl QueueTask {
             definition_at: Ts::ZERO,
             gone: false,
             redriving: HashMap::new(),
+            last_request: Ts::ZERO,
         };
+        t.last_request = t.now();
         t.set_info(info);
         t
     }
@@ -434,8 +449,8 @@ impl QueueTask {
         self.config.clock.now()
     }
 
-    /// The task loop; returns once the queue is stopped (shutdown message or closed inbox).
-    pub(crate) async fn run(mut self) {
+    /// The task loop; returns once the queue is stopped (shutdown message or closed inbox) or unloaded.
+    pub(crate) async fn run(mut self) -> Exit {
         let mut batch: Vec<Msg> = Vec::new();
         loop {
             let wake = self.next_wake();
@@ -446,7 +461,7 @@ impl QueueTask {
                     biased;
                     m = self.rx.recv() => match m {
                         Some(m) => batch.push(m),
-                        None => { self.stop().await; return; }
+                        None => { self.stop().await; return Exit::Stopped; }
                     },
                     _ = sleep => {}
                 }
@@ -460,15 +475,70 @@ impl QueueTask {
             if let Some(done) = self.pass(&mut batch).await {
                 self.stop().await;
                 let _ = done.send(());
-                return;
+                return Exit::Stopped;
             }
             if self.gone {
                 // Requests of the pass that found it gone were dropped unanswered (their callers see the queue
                 // shutting down); those still queued get the same answer, and a retry finds the queue missing.
                 self.stop().await;
-                return;
+                return Exit::Stopped;
+            }
+            if self.idle(self.now()) {
+                return Exit::Unloaded(self.unload().await);
             }
         }
+    }
+
+    /// Whether the queue may unload: no request for `limits.queue_idle_unload` (zero: never), and nothing that
+    /// needs this task to make progress. Leased items (their expiry), scheduled items (their schedule), waiting
+    /// lease requests, lifecycle work due (dead items to hand over, a dead-letter move to retry), a rebalance or a
+    /// redrive claim, a failing partition (its probe; its counts are unknown) or tier figures still to read keep
+    /// it. Ready items do not: they wait in storage, and the next task finds them (their expiry, hours away,
+    /// runs when a request loads the queue again; `/metrics` keeps their count meanwhile).
+    fn idle(&self, now: Ts) -> bool {
+        let after = self.config.limits.queue_idle_unload;
+        if after.is_zero() || now < self.last_request.add(after) {
+            return false;
+        }
+        self.waiters.is_empty()
+            && self.rebalance.is_none()
+            && self.redriving.values().all(|ids| ids.is_empty())
+            && self.tiers_due.is_none()
+            && now >= self.dead_retry_at
+            && self.parts.iter().all(|p| {
+                p.failures == 0
+                    && p.counts.leased == 0
+                    && p.counts.scheduled == 0
+                    && p.next_deadline.is_none_or(|d| d > now)
+            })
+    }
+
+    /// Stops the idle queue and frees its state; returns the requests that reached the inbox meanwhile, unanswered
+    /// (see [`Exit::Unloaded`]). The dedup index is rebuilt from the partitions' records by the next task, so
+    /// nothing of it is lost.
+    async fn unload(&mut self) -> Vec<Msg> {
+        // A duplicate produce answered by the next task must not overtake the durability of the item its key came
+        // with: those writes are made durable (or failed) before the task lets go.
+        for g in self.unsettled.drain(..) {
+            let _ = g.wait().await;
+        }
+        // From here a sender finds the inbox closed and loads the queue again; what got in before is handed back.
+        self.rx.close();
+        let mut left = Vec::new();
+        while let Ok(m) = self.rx.try_recv() {
+            left.push(m);
+        }
+        for p in &mut self.parts {
+            if let Some(h) = p.handle.take() {
+                h.close().await;
+            }
+        }
+        // What the unloaded queue holds in memory: nothing. Its depths stay as they were (see `Engine::queue_metrics`).
+        self.metrics.dedup_keys.store(0, Ordering::Relaxed);
+        self.metrics.lease_waiting.store(0, Ordering::Relaxed);
+        self.metrics.unloaded.store(true, Ordering::Relaxed);
+        tracing::debug!(queue = %self.info.name, handed_on = left.len(), "idle queue unloaded");
+        left
     }
 
     /// One pass over a drained batch. Returns the shutdown acknowledgement when asked to stop.
@@ -477,6 +547,10 @@ impl QueueTask {
         // A pass with requests, or one whose lifecycle changed the counts, may have changed the tier figures. A
         // stats request alone changes nothing (and publishes the figures it reads anyway).
         let changed_before = batch.iter().any(|m| !matches!(m, Msg::Cold(Cold::Stats(_))));
+        // A store notice is no request: it wakes consumers waiting here, if any.
+        if batch.iter().any(|m| !matches!(m, Msg::Wake(_))) {
+            self.last_request = now;
+        }
         let counts_before = self.total_counts();
         self.recover(now).await;
         if self.gone {
@@ -658,6 +732,15 @@ impl QueueTask {
     /// When the loop must wake even without a message: a long-poll ending, a partition probe, a deadline.
     fn next_wake(&self) -> Ts {
         let mut wake = self.rebalance_wake();
+        let after = self.config.limits.queue_idle_unload;
+        if !after.is_zero() {
+            // Once passed, the idle deadline wakes nothing more (it would spin): whatever keeps the queue loaded
+            // then (a lease end, a schedule, a probe...) has its own wake, and the check follows that pass.
+            let at = self.last_request.add(after);
+            if at > self.now() {
+                wake = wake.min(at);
+            }
+        }
         if let Some(due) = self.tiers_due {
             wake = wake.min(due);
         }
@@ -705,36 +788,40 @@ impl QueueTask {
         }
         self.rx.close();
         while let Ok(m) = self.rx.try_recv() {
-            let e = Err(QueueError::QueueShuttingDown);
-            match m {
-                Msg::Produce { reply, .. } => drop(reply.send(e)),
-                Msg::Lease { reply, .. } => drop(reply.send(Err(QueueError::QueueShuttingDown))),
-                Msg::Complete { reply, .. }
-                | Msg::Retry { reply, .. }
-                | Msg::Extend { reply, .. }
-                | Msg::Moved { reply, .. }
-                | Msg::DeadLetter { reply, .. } => drop(reply.send(e)),
-                Msg::Cold(c) => match c {
-                    Cold::Stats(r) => drop(r.send(Err(QueueError::QueueShuttingDown))),
-                    Cold::Clear(_, r) | Cold::Reload(r) | Cold::Delete { reply: r, .. } => drop(r.send(e)),
-                    Cold::List { reply, .. } => drop(reply.send(Err(QueueError::QueueShuttingDown))),
-                    Cold::Import { reply, .. } => drop(reply.send(Err(QueueError::QueueShuttingDown))),
-                    Cold::Claim { reply, .. } => drop(reply.send(Err(QueueError::QueueShuttingDown))),
-                    Cold::UpdateInfo(_, done) => drop(done.send(())),
-                    Cold::Browse { reply, .. } => drop(reply.send(Err(QueueError::QueueShuttingDown))),
-                    Cold::Snapshot { reply, .. } => drop(reply.send(Err(QueueError::QueueShuttingDown))),
-                    Cold::RestoreImport { reply, .. } => drop(reply.send(Err(QueueError::QueueShuttingDown))),
-                    Cold::RebalanceInstall(_, done) => drop(done.send(())),
-                    Cold::RebalanceReport { reply, .. } => drop(reply),
-                },
-                Msg::Wake(_) => {}
-                Msg::Shutdown(done) => drop(done.send(())),
-            }
+            refuse(m, QueueError::QueueShuttingDown);
         }
         for p in &mut self.parts {
             if let Some(h) = p.handle.take() {
                 h.close().await;
             }
         }
+    }
+}
+
+/// Answers a request that will not be served with `e` (a shutdown or definition update is acknowledged).
+pub(crate) fn refuse(m: Msg, e: QueueError) {
+    match m {
+        Msg::Produce { reply, .. }
+        | Msg::Complete { reply, .. }
+        | Msg::Retry { reply, .. }
+        | Msg::Extend { reply, .. }
+        | Msg::Moved { reply, .. }
+        | Msg::DeadLetter { reply, .. } => drop(reply.send(Err(e))),
+        Msg::Lease { reply, .. } => drop(reply.send(Err(e))),
+        Msg::Cold(c) => match c {
+            Cold::Stats(r) => drop(r.send(Err(e))),
+            Cold::Clear(_, r) | Cold::Reload(r) | Cold::Delete { reply: r, .. } => drop(r.send(Err(e))),
+            Cold::List { reply, .. } => drop(reply.send(Err(e))),
+            Cold::Import { reply, .. } => drop(reply.send(Err(e))),
+            Cold::Claim { reply, .. } => drop(reply.send(Err(e))),
+            Cold::UpdateInfo(_, done) => drop(done.send(())),
+            Cold::Browse { reply, .. } => drop(reply.send(Err(e))),
+            Cold::Snapshot { reply, .. } => drop(reply.send(Err(e))),
+            Cold::RestoreImport { reply, .. } => drop(reply.send(Err(e))),
+            Cold::RebalanceInstall(_, done) => drop(done.send(())),
+            Cold::RebalanceReport { reply, .. } => drop(reply),
+        },
+        Msg::Wake(_) => {}
+        Msg::Shutdown(done) => drop(done.send(())),
     }
 }

@@ -1,0 +1,312 @@
+//! Idle queues unload (`limits.queue-idle-unload`): black-box tests through the real server on port 0 with an
+//! injected clock. A queue touched once used to keep its task and state for the life of the process (about 17 KB
+//! each on fjall, plus a 12 KB history ring): a sweep of `queue.stats` over 100,000 queues took the server from
+//! 65 MiB to 2 GB for good. Now a queue that has had no request for the idle time, and holds nothing that needs
+//! its task, unloads; the next request loads it again and finds everything it held.
+//!
+//! Run on memory with protobuf and JSON, and on fjall (feature `fjall`); the race test on memory and fjall.
+
+use std::collections::BTreeSet;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use lessor_client::{proto as pb, Client, Encoding};
+use lessor_core::engine::Engine;
+use lessor_core::time::{Clock, ManualClock};
+use lessor_server::Config;
+
+lessor_testkit::every_backend!(idle_queues_unload_and_serve_what_they_held_when_loaded_again);
+
+fn item(text: &str) -> pb::QueueProduceItem {
+    pb::QueueProduceItem {
+        bytes: text.as_bytes().to_vec(),
+        ..Default::default()
+    }
+}
+
+async fn produce(c: &Client, q: &str, items: Vec<pb::QueueProduceItem>) {
+    c.queue_produce(&pb::QueueProduceRequest {
+        queue_name: q.into(),
+        request_timeout: "10m".into(),
+        items,
+    })
+    .await
+    .unwrap_or_else(|e| panic!("produce to {q}: {e}"));
+}
+
+fn texts(items: &[pb::QueueLeaseItem]) -> BTreeSet<String> {
+    items
+        .iter()
+        .map(|i| String::from_utf8_lossy(&i.bytes).into_owned())
+        .collect()
+}
+
+/// Whether `queue` is unloaded, from the metrics `/metrics` reads (`None`: not reported at all).
+fn unloaded(engine: &Engine, queue: &str) -> Option<bool> {
+    engine
+        .queue_metrics()
+        .into_iter()
+        .find(|(q, _)| q == queue)
+        .map(|(_, m)| m.unloaded.load(Ordering::Relaxed))
+}
+
+fn gauge(engine: &Engine, queue: &str, pick: fn(&lessor_core::engine::QueueMetrics) -> u64) -> u64 {
+    engine
+        .queue_metrics()
+        .into_iter()
+        .find(|(q, _)| q == queue)
+        .map(|(_, m)| pick(&m))
+        .unwrap_or_else(|| panic!("{queue} is not in the metrics"))
+}
+
+/// Five queues touched, the clock moved past the default idle time (5m): the queue holding only ready items and the
+/// queue only asked for its stats unload, keeping their depth in the metrics; the queues holding a leased item, a
+/// waiting consumer or a scheduled item stay loaded. Loaded again by the next request, the first queue still knows
+/// its dedup key and serves the items it held, once each.
+async fn idle_queues_unload_and_serve_what_they_held_when_loaded_again(enc: Encoding) {
+    let b = lessor_testkit::server::on_backend(enc).await;
+    let c = b.client.clone();
+    let engine = b.server.as_ref().expect("server").engine.clone();
+    let create = |name: &'static str, f: fn(&mut pb::QueueInfo)| {
+        let c = c.clone();
+        async move { lessor_testkit::server::create_queue(&c, name, f).await }
+    };
+    create("idle", |q| q.dedup_window = "1h".into()).await;
+    create("touched", |_| {}).await;
+    create("leased", |q| q.lease_timeout = "1h".into()).await;
+    create("waiting", |_| {}).await;
+    create("scheduled", |_| {}).await;
+
+    let keyed = pb::QueueProduceItem {
+        dedup_id: "k1".into(),
+        ..item("b")
+    };
+    produce(&c, "idle", vec![item("a"), keyed.clone(), item("c")]).await;
+    c.queue_stats(&pb::QueueStatsRequest {
+        queue_name: "touched".into(),
+        ..Default::default()
+    })
+    .await
+    .expect("stats");
+    produce(&c, "leased", vec![item("x")]).await;
+    let held = lessor_testkit::server::lease(&c, "leased", 1, "holder")
+        .await
+        .expect("lease");
+    assert_eq!(held.items.len(), 1);
+    let waiter = {
+        let c = c.clone();
+        tokio::spawn(async move {
+            c.queue_lease(&pb::QueueLeaseRequest {
+                queue_name: "waiting".into(),
+                batch_size: 1,
+                client_id: "patient".into(),
+                request_timeout: "14m".into(),
+            })
+            .await
+        })
+    };
+    let now = b.clock.now();
+    produce(
+        &c,
+        "scheduled",
+        vec![pb::QueueProduceItem {
+            enqueue_at: Some(pb::Timestamp::from_unix_nanos(
+                i128::from(now.add(Duration::from_secs(3600)).0) * 1000,
+            )),
+            ..item("later")
+        }],
+    )
+    .await;
+    lessor_testkit::eventually("the consumer waits", Duration::from_secs(5), || async {
+        match gauge(&engine, "waiting", |m| m.lease_waiting.load(Ordering::Relaxed)) {
+            1 => Ok(()),
+            n => Err(format!("{n} waiting")),
+        }
+    })
+    .await;
+    let (loaded, loads) = engine.loaded_queues();
+    assert_eq!((loaded, loads), (5, 5));
+
+    // Just before the idle time nothing unloads; past it, the two idle queues do.
+    b.clock.advance(Duration::from_secs(299));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(
+        engine.loaded_queues().0,
+        5,
+        "nothing unloads before the idle time"
+    );
+    b.clock.advance(Duration::from_secs(2));
+    lessor_testkit::eventually("the idle queues unload", Duration::from_secs(5), || async {
+        match (unloaded(&engine, "idle"), unloaded(&engine, "touched")) {
+            (Some(true), Some(true)) => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+    // Give the others a chance to unload wrongly.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    for q in ["leased", "waiting", "scheduled"] {
+        assert_eq!(unloaded(&engine, q), Some(false), "{q} stays loaded");
+    }
+    assert_eq!(engine.loaded_queues(), (3, 5));
+    // The depth of the unloaded queue is still reported, its in-memory figures are not.
+    assert_eq!(gauge(&engine, "idle", |m| m.ready.load(Ordering::Relaxed)), 3);
+    assert_eq!(gauge(&engine, "idle", |m| m.produced.load(Ordering::Relaxed)), 3);
+    assert_eq!(
+        gauge(&engine, "idle", |m| m.dedup_keys.load(Ordering::Relaxed)),
+        0
+    );
+
+    // Loaded again: the key is still known (the index is rebuilt from the partition), the items are all there.
+    produce(&c, "idle", vec![keyed]).await;
+    assert_eq!(unloaded(&engine, "idle"), Some(false));
+    assert_eq!(engine.loaded_queues(), (4, 6));
+    assert_eq!(
+        gauge(&engine, "idle", |m| m.deduplicated.load(Ordering::Relaxed)),
+        1,
+        "the same key after the unload is a duplicate"
+    );
+    assert_eq!(
+        gauge(&engine, "idle", |m| m.produced.load(Ordering::Relaxed)),
+        3,
+        "the counters go on from where they were"
+    );
+    let got = lessor_testkit::server::lease(&c, "idle", 10, "after")
+        .await
+        .expect("lease");
+    assert_eq!(
+        texts(&got.items),
+        ["a", "b", "c"].map(String::from).into(),
+        "the items held before the unload, once each"
+    );
+    let stats = c
+        .queue_stats(&pb::QueueStatsRequest {
+            queue_name: "touched".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("stats after the unload");
+    assert_eq!(stats.logical_queues[0].partitions.len(), 1);
+
+    // The waiting consumer was kept, and is served.
+    produce(&c, "waiting", vec![item("w")]).await;
+    let served = waiter.await.expect("join").expect("the long-poll");
+    assert_eq!(texts(&served.items), ["w".to_string()].into());
+}
+
+/// A server on `backend` with `limits.queue-idle-unload: 1s` and a manual clock.
+async fn short_idle(
+    backend: &str,
+) -> (
+    lessor_server::RunningServer,
+    Client,
+    ManualClock,
+    Option<tempfile::TempDir>,
+) {
+    let (mut config, dir) = match backend {
+        "fjall" => {
+            let dir = tempfile::tempdir().expect("temp dir");
+            let path = dir.path().to_str().expect("utf-8 path").to_string();
+            (Config::default_persistent(&path), Some(dir))
+        }
+        _ => (Config::memory(), None),
+    };
+    config.limits.queue_idle_unload = Some("1s".into());
+    let clock = ManualClock::starting_now();
+    let (srv, client) = lessor_testkit::server::start(&config, Some(Arc::new(clock.clone()))).await;
+    (srv, client, clock, dir)
+}
+
+/// Producers and stats requests stream into one queue while the clock jumps past the idle time again and again, so
+/// the queue unloads between (and while) requests arrive: a request that finds the inbox closed loads the queue
+/// again, one that got into the inbox just before the close is handed to the next task. Every request succeeds,
+/// and every item produced is leased afterwards exactly once.
+async fn requests_racing_the_unload_all_succeed_and_nothing_is_lost(backend: &str) {
+    let (srv, c, clock, _dir) = short_idle(backend).await;
+    let engine = srv.engine.clone();
+    lessor_testkit::server::create_queue(&c, "race", |q| q.requested_partitions = 2).await;
+    const PRODUCERS: usize = 6;
+    const EACH: usize = 40;
+    let done = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut tasks = Vec::new();
+    for p in 0..PRODUCERS {
+        let (c, done) = (c.clone(), done.clone());
+        tasks.push(tokio::spawn(async move {
+            for i in 0..EACH {
+                produce(&c, "race", vec![item(&format!("{p}-{i}"))]).await;
+                if i % 4 == 0 {
+                    c.queue_stats(&pb::QueueStatsRequest {
+                        queue_name: "race".into(),
+                        ..Default::default()
+                    })
+                    .await
+                    .unwrap_or_else(|e| panic!("stats: {e}"));
+                }
+            }
+            done.fetch_add(1, Ordering::Relaxed);
+        }));
+    }
+    while done.load(Ordering::Relaxed) < PRODUCERS {
+        clock.advance(Duration::from_millis(1100));
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    for t in tasks {
+        t.await.expect("a producer failed");
+    }
+    let (_, loads) = engine.loaded_queues();
+    assert!(
+        loads > 2,
+        "the queue unloaded while requests came in (loads: {loads})"
+    );
+    let want: BTreeSet<String> = (0..PRODUCERS)
+        .flat_map(|p| (0..EACH).map(move |i| format!("{p}-{i}")))
+        .collect();
+    // Leases answer at once while items are ready (a lease waiting for a missing item would wait on the manual
+    // clock forever: the timeout says what is missing).
+    let mut seen = BTreeSet::new();
+    let drain = async {
+        while seen.len() < want.len() {
+            let got = lessor_testkit::server::lease(&c, "race", 100, "drain")
+                .await
+                .expect("lease");
+            for t in texts(&got.items) {
+                assert!(seen.insert(t.clone()), "{t} leased twice");
+            }
+        }
+    };
+    if tokio::time::timeout(Duration::from_secs(20), drain)
+        .await
+        .is_err()
+    {
+        panic!("items lost: {:?}", want.difference(&seen).collect::<Vec<_>>());
+    }
+    let stats = c
+        .queue_stats(&pb::QueueStatsRequest {
+            queue_name: "race".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("stats");
+    let stored: i64 = stats.logical_queues[0]
+        .partitions
+        .iter()
+        .map(|p| i64::from(p.total))
+        .sum();
+    assert_eq!(stored as usize, want.len(), "nothing stored twice");
+    assert_eq!(seen, want, "every item produced is leased once (loads: {loads})");
+    srv.stop().await;
+}
+
+mod race {
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn memory() {
+        super::requests_racing_the_unload_all_succeed_and_nothing_is_lost("memory").await
+    }
+
+    #[cfg(feature = "fjall")]
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn fjall() {
+        super::requests_racing_the_unload_all_succeed_and_nothing_is_lost("fjall").await
+    }
+}
