@@ -298,7 +298,11 @@ mod tests {
         assert!(h.samples("q").is_empty());
         {
             let rings = h.rings.lock().expect("rings");
-            assert_eq!(rings.by_queue["q"].samples.capacity(), 0, "the ring's memory is freed");
+            assert_eq!(
+                rings.by_queue["q"].samples.capacity(),
+                0,
+                "the ring's memory is freed"
+            );
         }
         m.unloaded.store(false, Ordering::Relaxed);
         m.produced.store(105, Ordering::Relaxed);

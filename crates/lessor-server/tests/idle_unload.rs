@@ -119,9 +119,15 @@ async fn idle_queues_unload_and_serve_what_they_held_when_loaded_again(enc: Enco
     )
     .await;
     lessor_testkit::eventually("the consumer waits", Duration::from_secs(5), || async {
-        match gauge(&engine, "waiting", |m| m.lease_waiting.load(Ordering::Relaxed)) {
-            1 => Ok(()),
-            n => Err(format!("{n} waiting")),
+        // Not in the metrics at all until the long-poll has loaded the queue.
+        let waiting = engine
+            .queue_metrics()
+            .into_iter()
+            .find(|(q, _)| q == "waiting")
+            .map(|(_, m)| m.lease_waiting.load(Ordering::Relaxed));
+        match waiting {
+            Some(1) => Ok(()),
+            n => Err(format!("{n:?} waiting")),
         }
     })
     .await;

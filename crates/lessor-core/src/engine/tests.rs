@@ -876,4 +876,41 @@ async fn a_page_of_queues_is_bounded_by_the_partitions_it_names() {
     // 300 narrow queues take three pages of 100, the nine wide ones pages of two (the last alone), the widest one
     // a page of its own.
     assert_eq!(pages, [100, 100, 100, 2, 2, 2, 2, 1, 1], "{pages:?}");
+
+/// A sender that took the queue's handle just before the queue unloaded for being idle finds its inbox closed:
+/// the engine loads the queue again and delivers the request there. (Before unloading existed, a closed inbox meant
+/// the queue was going away, and the request was answered 454 "queue is shutting down".)
+#[tokio::test]
+async fn a_request_meeting_an_inbox_closed_by_an_unload_is_served_by_the_next_load() {
+    let clock = ManualClock::starting_now();
+    let store = Gated::new();
+    let limits = Limits {
+        queue_idle_unload: Duration::from_secs(60),
+        ..Default::default()
+    };
+    let engine = engine_with_limits(&store, &clock, limits).await;
+    finishes(engine.stats("q")).await.expect("stats loads the queue");
+    let stale = finishes(engine.handle("q")).await.expect("handle");
+    assert_eq!(engine.loaded_queues(), (1, 1));
+    // Just short of the idle time: still loaded; past it, the task closes its inbox and goes.
+    clock.advance(Duration::from_secs(59));
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    assert!(!stale.tx.is_closed());
+    clock.advance(Duration::from_secs(2));
+    until(|| stale.tx.is_closed()).await;
+    until(|| engine.loaded_queues().0 == 0).await;
+    let metrics = engine.queue_metrics();
+    assert_eq!(metrics.len(), 1, "the unloaded queue is still reported");
+    assert!(metrics[0].1.unloaded.load(Ordering::SeqCst));
+
+    let (reply, answer) = super::queue::reply();
+    let msg = super::Msg::Cold(super::queue::Cold::Stats(reply));
+    let Err(tokio::sync::mpsc::error::TrySendError::Closed(msg)) = stale.tx.try_send(msg) else {
+        panic!("the old inbox took the request");
+    };
+    assert!(finishes(engine.deliver("q", msg, false)).await.is_ok());
+    let stats = finishes(answer.recv()).await.expect("answered");
+    assert_eq!(stats.expect("stats").partitions.len(), 1);
+    assert_eq!(engine.loaded_queues(), (1, 2), "loaded again, once");
+    assert!(!engine.queue_metrics()[0].1.unloaded.load(Ordering::SeqCst));
 }
