@@ -3,7 +3,10 @@
 again after IDLE seconds. With IDLE set, the server runs with `limits.queue-idle-unload: <IDLE>s` (a build that
 knows the key); without it, with the binary's defaults (the build before the key: queues never unload).
 
-Usage: [N=10000] [IDLE=10] python3 scripts/measure-idle-unload.py BINARY DATADIR PORT"""
+SWEEPS (default 1) repeats the sweep after those 60 s: with queues unloaded, whether the second sweep reuses the
+memory the first freed.
+
+Usage: [N=10000] [IDLE=10] [SWEEPS=1] python3 scripts/measure-idle-unload.py BINARY DATADIR PORT"""
 import concurrent.futures, json, os, subprocess, sys, time, urllib.request
 
 BIN, DATA, PORT = sys.argv[1], sys.argv[2], sys.argv[3]
@@ -54,15 +57,16 @@ try:
                                                           "expire_timeout": "24h", "requested_partitions": 1}), names))
     time.sleep(2)
     print(N, "queues created: RSS MB", rss(p.pid), flush=True)
-    t = time.time()
-    with concurrent.futures.ThreadPoolExecutor(16) as ex:
-        list(ex.map(lambda q: call("/v1/queue.stats", {"queue_name": q}), names))
-    print(f"queue.stats over all in {time.time() - t:.1f}s: RSS MB", rss(p.pid),
-          "queues loaded", metric("lessor_queues_loaded"), flush=True)
-    for wait in (10, 30, 60):
-        time.sleep(wait - (0 if wait == 10 else (10 if wait == 30 else 30)))
-        print(f"{wait}s after the sweep: RSS MB", rss(p.pid), "queues loaded", metric("lessor_queues_loaded"),
-              flush=True)
+    for sweep in range(1, int(os.environ.get("SWEEPS", "1")) + 1):
+        t = time.time()
+        with concurrent.futures.ThreadPoolExecutor(16) as ex:
+            list(ex.map(lambda q: call("/v1/queue.stats", {"queue_name": q}), names))
+        print(f"sweep {sweep}: queue.stats over all in {time.time() - t:.1f}s: RSS MB", rss(p.pid),
+              "queues loaded", metric("lessor_queues_loaded"), flush=True)
+        for wait, slept in ((10, 0), (30, 10), (60, 30)):
+            time.sleep(wait - slept)
+            print(f"{wait}s after sweep {sweep}: RSS MB", rss(p.pid), "queues loaded",
+                  metric("lessor_queues_loaded"), flush=True)
 finally:
     p.terminate()
     p.wait(timeout=120)

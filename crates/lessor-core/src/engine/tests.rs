@@ -876,6 +876,7 @@ async fn a_page_of_queues_is_bounded_by_the_partitions_it_names() {
     // 300 narrow queues take three pages of 100, the nine wide ones pages of two (the last alone), the widest one
     // a page of its own.
     assert_eq!(pages, [100, 100, 100, 2, 2, 2, 2, 1, 1], "{pages:?}");
+}
 
 /// A sender that took the queue's handle just before the queue unloaded for being idle finds its inbox closed:
 /// the engine loads the queue again and delivers the request there. (Before unloading existed, a closed inbox meant
