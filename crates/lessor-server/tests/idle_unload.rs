@@ -16,7 +16,10 @@ use lessor_core::engine::Engine;
 use lessor_core::time::{Clock, ManualClock};
 use lessor_server::Config;
 
-lessor_testkit::every_backend!(idle_queues_unload_and_serve_what_they_held_when_loaded_again);
+lessor_testkit::every_backend!(
+    idle_queues_unload_and_serve_what_they_held_when_loaded_again,
+    an_unloaded_queue_is_loaded_again_when_its_items_expire,
+);
 
 fn item(text: &str) -> pb::QueueProduceItem {
     pb::QueueProduceItem {
@@ -237,9 +240,12 @@ async fn requests_racing_the_unload_all_succeed_and_nothing_is_lost(backend: &st
     let done = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let mut tasks = Vec::new();
     for p in 0..PRODUCERS {
-        let (c, done) = (c.clone(), done.clone());
+        let (c, done, engine) = (c.clone(), done.clone(), engine.clone());
         tasks.push(tokio::spawn(async move {
-            for i in 0..EACH {
+            // At least EACH items; more (up to ten times as many) until the queue has been loaded four times, so
+            // that a fast machine, which sends everything between two clock jumps, still races the unloads.
+            let mut i = 0;
+            while i < EACH || (engine.loaded_queues().1 < 4 && i < 10 * EACH) {
                 produce(&c, "race", vec![item(&format!("{p}-{i}"))]).await;
                 if i % 4 == 0 {
                     c.queue_stats(&pb::QueueStatsRequest {
@@ -249,24 +255,29 @@ async fn requests_racing_the_unload_all_succeed_and_nothing_is_lost(backend: &st
                     .await
                     .unwrap_or_else(|e| panic!("stats: {e}"));
                 }
+                i += 1;
             }
             done.fetch_add(1, Ordering::Relaxed);
+            i
         }));
     }
     while done.load(Ordering::Relaxed) < PRODUCERS {
         clock.advance(Duration::from_millis(1100));
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
+    let mut sent = Vec::new();
     for t in tasks {
-        t.await.expect("a producer failed");
+        sent.push(t.await.expect("a producer failed"));
     }
     let (_, loads) = engine.loaded_queues();
     assert!(
         loads > 2,
         "the queue unloaded while requests came in (loads: {loads})"
     );
-    let want: BTreeSet<String> = (0..PRODUCERS)
-        .flat_map(|p| (0..EACH).map(move |i| format!("{p}-{i}")))
+    let want: BTreeSet<String> = sent
+        .iter()
+        .enumerate()
+        .flat_map(|(p, &n)| (0..n).map(move |i| format!("{p}-{i}")))
         .collect();
     // Leases answer at once while items are ready (a lease waiting for a missing item would wait on the manual
     // clock forever: the timeout says what is missing).
@@ -315,4 +326,49 @@ mod race {
     async fn fjall() {
         super::requests_racing_the_unload_all_succeed_and_nothing_is_lost("fjall").await
     }
+}
+
+/// A queue holding only ready items unloads, but its items still expire on time: the server loads it again at the
+/// earliest expiry, with no request, and the expired items go to its dead-letter queue (before, they waited for the
+/// next request to the queue, however far off).
+async fn an_unloaded_queue_is_loaded_again_when_its_items_expire(enc: Encoding) {
+    let b = lessor_testkit::server::on_backend(enc).await;
+    let c = b.client.clone();
+    let engine = b.server.as_ref().expect("server").engine.clone();
+    lessor_testkit::server::create_queue(&c, "expiring-dlq", |_| {}).await;
+    lessor_testkit::server::create_queue(&c, "expiring", |q| {
+        q.expire_timeout = "10m".into();
+        q.dead_queue = "expiring-dlq".into();
+    })
+    .await;
+    produce(&c, "expiring", vec![item("old")]).await;
+    b.clock.advance(Duration::from_secs(301));
+    lessor_testkit::eventually("the queue unloads", Duration::from_secs(5), || async {
+        match unloaded(&engine, "expiring") {
+            Some(true) => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+    let loads = engine.loaded_queues().1;
+    // Past the item's expiry, with no request to either queue.
+    b.clock.advance(Duration::from_secs(300));
+    lessor_testkit::eventually(
+        "the expired item reaches the dead-letter queue",
+        Duration::from_secs(5),
+        || async {
+            let dead = gauge(&engine, "expiring", |m| m.dead_lettered.load(Ordering::Relaxed));
+            let ready = gauge(&engine, "expiring", |m| m.ready.load(Ordering::Relaxed));
+            match (ready, dead) {
+                (0, 1) => Ok(()),
+                other => Err(format!("(ready, dead-lettered) {other:?}")),
+            }
+        },
+    )
+    .await;
+    assert!(engine.loaded_queues().1 > loads, "loaded again by its deadline");
+    let got = lessor_testkit::server::lease(&c, "expiring-dlq", 10, "dlq")
+        .await
+        .expect("lease from the dead-letter queue");
+    assert_eq!(texts(&got.items), ["old".to_string()].into());
 }

@@ -887,9 +887,9 @@ impl Engine {
         let engine = Arc::downgrade(&self.inner);
         let queue = name.to_string();
         let join = tokio::spawn(async move {
-            if let queue::Exit::Unloaded(left) = task.run().await {
+            if let queue::Exit::Unloaded(left, wake) = task.run().await {
                 if let Some(inner) = engine.upgrade() {
-                    Engine { inner }.unloaded(&queue, load, left);
+                    Engine { inner }.unloaded(&queue, load, left, wake);
                 }
             }
         });
@@ -911,8 +911,27 @@ impl Engine {
 
     /// Called by a task that unloaded (load number `load`): its handle leaves the table and its metrics are kept
     /// aside; the requests it handed back go to the queue's next task. A handle that is no longer the table's (the
-    /// queue was deleted meanwhile) is left alone.
-    fn unloaded(&self, name: &str, load: u64, left: Vec<Msg>) {
+    /// queue was deleted meanwhile) is left alone. At `wake` (the earliest deadline the queue held: a ready item's
+    /// expiry), the queue is loaded again if it is still unloaded, so its items expire on time.
+    fn unloaded(&self, name: &str, load: u64, left: Vec<Msg>, wake: Option<Ts>) {
+        if let Some(at) = wake {
+            let inner = Arc::downgrade(&self.inner);
+            let clock = self.inner.config.clock.clone();
+            let name = name.to_string();
+            // A sleeping task per unloaded queue with a deadline (a few hundred bytes, nothing of the queue's
+            // state); it holds no strong reference, so a dropped engine is not kept alive by it.
+            tokio::spawn(async move {
+                clock.sleep_until(at).await;
+                let Some(inner) = inner.upgrade() else { return };
+                let engine = Engine { inner };
+                let still = engine.inner.unloaded.read().is_ok_and(|u| u.contains_key(&name));
+                if still && !engine.inner.shutting_down.load(Ordering::Acquire) {
+                    if let Err(e) = engine.handle(&name).await {
+                        tracing::debug!(queue = %name, error = %e, "unloaded queue not loaded at its deadline");
+                    }
+                }
+            });
+        }
         if let Ok(mut queues) = self.inner.queues.write() {
             if let Some(h) = queues.get(name).filter(|h| h.load == load).cloned() {
                 queues.remove(name);

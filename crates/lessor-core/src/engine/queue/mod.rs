@@ -339,8 +339,10 @@ pub(crate) enum Exit {
     Stopped,
     /// Unloaded for being idle: its inbox is closed and its partitions are closed. The requests that reached the
     /// inbox between the decision and the close are handed back unanswered, for the engine to give to the queue's
-    /// next task (serving them here could leave work that needs a task: a long-poll, leased items).
-    Unloaded(Vec<Msg>),
+    /// next task (serving them here could leave work that needs a task: a long-poll, leased items). With them, the
+    /// earliest deadline its partitions held (a ready item's expiry): the engine loads the queue again then, so
+    /// items expire, and reach the dead-letter queue, on time even if no request comes.
+    Unloaded(Vec<Msg>, Option<Ts>),
 }
 
 impl QueueTask {
@@ -484,7 +486,8 @@ impl QueueTask {
                 return Exit::Stopped;
             }
             if self.idle(self.now()) {
-                return Exit::Unloaded(self.unload().await);
+                let wake = self.parts.iter().filter_map(|p| p.next_deadline).min();
+                return Exit::Unloaded(self.unload().await, wake);
             }
         }
     }
@@ -493,8 +496,8 @@ impl QueueTask {
     /// needs this task to make progress. Leased items (their expiry), scheduled items (their schedule), waiting
     /// lease requests, lifecycle work due (dead items to hand over, a dead-letter move to retry), a rebalance or a
     /// redrive claim, a failing partition (its probe; its counts are unknown) or tier figures still to read keep
-    /// it. Ready items do not: they wait in storage, and the next task finds them (their expiry, hours away,
-    /// runs when a request loads the queue again; `/metrics` keeps their count meanwhile).
+    /// it. Ready items do not: they wait in storage, and the next task finds them (the engine loads the queue
+    /// again at their earliest expiry, see [`Exit::Unloaded`]; `/metrics` keeps their count meanwhile).
     fn idle(&self, now: Ts) -> bool {
         let after = self.config.limits.queue_idle_unload;
         if after.is_zero() || now < self.last_request.add(after) {

@@ -347,13 +347,19 @@ impl QueueTask {
                             }
                             at += sum_len;
                         }
+                        // Items a shared store skipped as duplicates were not stored: they count neither as
+                        // produced nor in the depth (which of them were scheduled is not known here; the depth is
+                        // re-read from a shared store within `shared_refresh` anyway).
+                        let skipped = outcome
+                            .as_ref()
+                            .map_or(0, |o| o.iter().filter(|stored| !**stored).count() as u64);
                         let p = &mut self.parts[i];
-                        p.counts.ready += ready;
+                        p.counts.ready += ready.saturating_sub(skipped);
                         p.top_priority = top;
-                        p.counts.scheduled += scheduled;
+                        p.counts.scheduled += scheduled.saturating_sub(skipped.saturating_sub(ready));
                         self.metrics
                             .produced
-                            .fetch_add(ready + scheduled, Ordering::Relaxed);
+                            .fetch_add((ready + scheduled).saturating_sub(skipped), Ordering::Relaxed);
                     }
                     Err(e) if !spare => {
                         // No other partition could take them (and their items moved into the call).
