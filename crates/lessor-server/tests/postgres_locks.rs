@@ -12,30 +12,13 @@
 use std::time::{Duration, Instant};
 
 use lessor_client::{proto as pb, Client, ClientError};
-use lessor_server::Config;
 use lessor_storage::postgres::table_name;
+use lessor_testkit::server::postgres_config;
 use lessor_testkit::{connect, postgres_installed, skip_or_fail, Cluster, TestDatabase};
 
-fn config(url: &str) -> Config {
-    let url = format!("'{}'", url.replace('\'', "''"));
-    Config::from_yaml(&format!(
-        "queue-storage:\n  driver: postgres\n  config:\n    connection-string: {url}\n\
-         partition-storage:\n  - name: pg-0\n    driver: postgres\n    affinity: 1\n    \
-         config:\n      connection-string: {url}\n"
-    ))
-    .expect("config")
-}
-
+/// A one-partition queue (the shared test helper's defaults).
 async fn create(c: &Client, queue: &str) {
-    c.queues_create(&pb::QueueInfo {
-        queue_name: queue.into(),
-        lease_timeout: "1m".into(),
-        expire_timeout: "1h".into(),
-        requested_partitions: 1,
-        ..Default::default()
-    })
-    .await
-    .expect("create");
+    lessor_testkit::server::create_queue(c, queue, |_| {}).await;
 }
 
 fn produce_req(queue: &str, payload: &str, timeout: &str) -> pb::QueueProduceRequest {
@@ -74,6 +57,34 @@ async fn timed<T>(
     }
 }
 
+/// Produces three items (`before-0..2`, with a 5 s timeout, before anything is locked) and leases one of them.
+async fn three_produced_one_leased(c: &Client, queue: &str) -> pb::QueueLeaseResponse {
+    for i in 0..3 {
+        c.queue_produce(&produce_req(queue, &format!("before-{i}"), "5s"))
+            .await
+            .expect("produce");
+    }
+    let leased = c
+        .queue_lease(&pb::QueueLeaseRequest {
+            batch_size: 1,
+            ..lease_req(queue, "5s")
+        })
+        .await
+        .expect("lease");
+    assert_eq!(leased.items.len(), 1);
+    leased
+}
+
+/// A complete of the one leased item, with a 1 s request timeout.
+fn complete_req(leased: &pb::QueueLeaseResponse) -> pb::QueueCompleteRequest {
+    pb::QueueCompleteRequest {
+        queue_name: leased.queue_name.clone(),
+        partition: leased.partition,
+        request_timeout: "1s".into(),
+        ids: vec![leased.items[0].id.clone()],
+    }
+}
+
 /// A lock held on one queue's partition table makes that queue's produce, lease and complete answer 454 within
 /// their 1 s request timeout (not wait for the lock), while another queue keeps serving; after the lock is gone,
 /// every produced item is still there.
@@ -83,22 +94,10 @@ async fn a_locked_partition_table_answers_454_within_the_request_timeout() {
         return;
     }
     let db = TestDatabase::create("lessor_locks").await;
-    let (_server, c) = lessor_testkit::server::start(&config(db.url()), None).await;
+    let (_server, c) = lessor_testkit::server::start(&postgres_config(db.url()), None).await;
     create(&c, "locked").await;
     create(&c, "other").await;
-    for i in 0..3 {
-        c.queue_produce(&produce_req("locked", &format!("before-{i}"), "5s"))
-            .await
-            .expect("produce");
-    }
-    let leased = c
-        .queue_lease(&pb::QueueLeaseRequest {
-            batch_size: 1,
-            ..lease_req("locked", "5s")
-        })
-        .await
-        .expect("lease");
-    assert_eq!(leased.items.len(), 1);
+    let leased = three_produced_one_leased(&c, "locked").await;
 
     // The operator's session: holds an exclusive lock on the partition table until it rolls back.
     let admin = connect(db.url()).await;
@@ -112,12 +111,7 @@ async fn a_locked_partition_table_answers_454_within_the_request_timeout() {
 
     let limit = Duration::from_secs(8);
     let (p_req, l_req) = (produce_req("locked", "during", "1s"), lease_req("locked", "1s"));
-    let c_req = pb::QueueCompleteRequest {
-        queue_name: "locked".into(),
-        partition: leased.partition,
-        request_timeout: "1s".into(),
-        ids: vec![leased.items[0].id.clone()],
-    };
+    let c_req = complete_req(&leased);
     let (produce, lease, complete) = tokio::join!(
         timed(limit, c.queue_produce(&p_req)),
         timed(limit, c.queue_lease(&l_req)),
@@ -182,20 +176,9 @@ async fn a_locked_queues_table_answers_454_within_the_request_timeout() {
         return;
     }
     let db = TestDatabase::create("lessor_locks").await;
-    let (_server, c) = lessor_testkit::server::start(&config(db.url()), None).await;
+    let (_server, c) = lessor_testkit::server::start(&postgres_config(db.url()), None).await;
     create(&c, "jobs").await;
-    for i in 0..3 {
-        c.queue_produce(&produce_req("jobs", &format!("before-{i}"), "5s"))
-            .await
-            .expect("produce");
-    }
-    let leased = c
-        .queue_lease(&pb::QueueLeaseRequest {
-            batch_size: 1,
-            ..lease_req("jobs", "5s")
-        })
-        .await
-        .expect("lease");
+    let leased = three_produced_one_leased(&c, "jobs").await;
 
     let admin = connect(db.url()).await;
     admin
@@ -207,12 +190,7 @@ async fn a_locked_queues_table_answers_454_within_the_request_timeout() {
 
     let limit = Duration::from_secs(8);
     let (p_req, l_req) = (produce_req("jobs", "during", "1s"), lease_req("jobs", "1s"));
-    let c_req = pb::QueueCompleteRequest {
-        queue_name: "jobs".into(),
-        partition: leased.partition,
-        request_timeout: "1s".into(),
-        ids: vec![leased.items[0].id.clone()],
-    };
+    let c_req = complete_req(&leased);
     let (produce, lease, complete) = tokio::join!(
         timed(limit, c.queue_produce(&p_req)),
         async {
@@ -280,30 +258,16 @@ async fn a_stalled_database_answers_454_within_the_request_timeout() {
         return;
     }
     let (cluster, url) = Cluster::start("stall-timeout", 63490, "lessor_stall_timeout");
-    let (_server, c) = lessor_testkit::server::start(&config(&url), None).await;
-    create(&c, "jobs").await;
-    for i in 0..3 {
-        c.queue_produce(&produce_req("jobs", &format!("before-{i}"), "5s"))
-            .await
-            .expect("produce");
-    }
-    let leased = c
-        .queue_lease(&pb::QueueLeaseRequest {
-            batch_size: 1,
-            ..lease_req("jobs", "5s")
-        })
-        .await
-        .expect("lease");
+    let (_server, c) = lessor_testkit::server::start(&postgres_config(&url), None).await;
+    // A short lease: a lease the task still carries out after its caller gave up (see `Engine::unstuck`) leaves
+    // its items leased for a caller that left, and they come back at the lease's end, within the drain below.
+    lessor_testkit::server::create_queue(&c, "jobs", |q| q.lease_timeout = "5s".into()).await;
+    let leased = three_produced_one_leased(&c, "jobs").await;
 
     cluster.signal("STOP");
     let stall = Duration::from_secs(8);
     let (p_req, l_req) = (produce_req("jobs", "during", "1s"), lease_req("jobs", "1s"));
-    let c_req = pb::QueueCompleteRequest {
-        queue_name: "jobs".into(),
-        partition: leased.partition,
-        request_timeout: "1s".into(),
-        ids: vec![leased.items[0].id.clone()],
-    };
+    let c_req = complete_req(&leased);
     let limit = stall - Duration::from_millis(500);
     let ((produce, lease, complete), ()) = tokio::join!(
         async {

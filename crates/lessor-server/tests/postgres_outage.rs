@@ -12,18 +12,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use lessor_client::{proto as pb, Client, ClientError};
-use lessor_server::Config;
+use lessor_testkit::server::postgres_config;
 use lessor_testkit::{postgres_installed, skip_or_fail, Cluster};
-
-fn config(url: &str) -> Config {
-    let url = format!("'{}'", url.replace('\'', "''"));
-    Config::from_yaml(&format!(
-        "queue-storage:\n  driver: postgres\n  config:\n    connection-string: {url}\n\
-         partition-storage:\n  - name: pg-0\n    driver: postgres\n    affinity: 1\n    \
-         config:\n      connection-string: {url}\n"
-    ))
-    .expect("config")
-}
 
 /// What the clients saw.
 #[derive(Default)]
@@ -148,7 +138,7 @@ async fn a_database_down_for_5s_under_load_loses_nothing_and_answers_only_200_or
 /// once the database is back; then everything left is drained. Every acknowledged item is completed, during the
 /// load or in the drain, and every answer is a 200 or a 454 within 10 s.
 async fn outage(_cluster: &Cluster, url: &str, outage: impl FnOnce() -> String) {
-    let (_server, c) = lessor_testkit::server::start(&config(url), None).await;
+    let (_server, c) = lessor_testkit::server::start(&postgres_config(url), None).await;
     c.queues_create(&pb::QueueInfo {
         queue_name: "jobs".into(),
         // Short, so items whose complete was lost in the restart come back within the drain.

@@ -25,16 +25,9 @@ fn config(url: &str) -> Config {
     .expect("config")
 }
 
+/// A one-partition queue (the shared test helper's defaults).
 async fn create(c: &Client, queue: &str) {
-    c.queues_create(&pb::QueueInfo {
-        queue_name: queue.into(),
-        lease_timeout: "1m".into(),
-        expire_timeout: "1h".into(),
-        requested_partitions: 1,
-        ..Default::default()
-    })
-    .await
-    .expect("create");
+    lessor_testkit::server::create_queue(c, queue, |_| {}).await;
 }
 
 fn produce_req(queue: &str, n: usize) -> pb::QueueProduceRequest {
