@@ -171,6 +171,11 @@ pub enum QueueError {
     /// end is unknown to the caller, as with any timeout; the argument names the request.
     #[error("request timeout; {0} did not finish within request_timeout, try again")]
     RequestTimeout(&'static str),
+    /// A request without a `request_timeout` of its own (retry, stats, browse) found no answer within
+    /// `limits.default-request-timeout` (454): its queue is stuck in a storage call. As with any timeout, the
+    /// request may still be carried out.
+    #[error("request timeout; {0} did not finish within limits.default-request-timeout ({1:?}), try again")]
+    Untimed(&'static str, std::time::Duration),
     /// The queue's inbox is full (454).
     #[error("queue is overloaded; try again later")]
     Overloaded,

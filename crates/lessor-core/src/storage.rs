@@ -152,6 +152,11 @@ pub enum RetryAction {
     /// (attempts as stored, i.e. counting the lease being retried), or requeue when the policy has no backoff.
     /// The value is `now`.
     Backoff(Ts),
+    /// Back to the ready queue now, as if the lease had not been taken: the lease's attempt is not counted and
+    /// the item is never dead-lettered for it. For leases that were never delivered (the caller left while the
+    /// storage call ran, or the payload could not be read). A backend may keep the item's id and its place in
+    /// the queue, or requeue it at the tail with a new id.
+    Release,
 }
 
 /// One id of a retry request.

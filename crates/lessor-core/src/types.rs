@@ -472,7 +472,15 @@ pub struct Limits {
     /// scheduled item, no waiting lease request, no rebalance...), unloads: its task stops and frees its memory,
     /// and the next request loads it again. Zero keeps every queue loaded once touched.
     pub queue_idle_unload: Duration,
+    /// How long a request that carries no `request_timeout` of its own (retry, stats, browse) waits for its queue
+    /// before [`crate::error::QueueError::Untimed`] (454): bounds the wait on a queue whose storage call never
+    /// returns, as the other requests' own timeouts do.
+    pub default_request_timeout: Duration,
 }
+
+/// Default [`Limits::default_request_timeout`]: what many HTTP clients wait by default, so that they get an answer
+/// rather than a timeout of their own.
+pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Default [`Limits::queue_idle_unload`]: long enough that a queue in use stays loaded between bursts, short
 /// enough that a sweep over many queues (a `queue.stats` each) gives its memory back within minutes.
@@ -494,6 +502,7 @@ impl Default for Limits {
             max_lease_bytes: MAX_LEASE_BYTES,
             max_list_partitions: MAX_LIST_PARTITIONS,
             queue_idle_unload: DEFAULT_QUEUE_IDLE_UNLOAD,
+            default_request_timeout: DEFAULT_REQUEST_TIMEOUT,
         }
     }
 }

@@ -50,6 +50,8 @@ const MAX_INFLIGHT_WAIT: Duration = Duration::from_secs(60);
 
 /// Longest `limits.queue-idle-unload`: a longer one is as good as never, which `0s` says plainly.
 const MAX_QUEUE_IDLE_UNLOAD: Duration = Duration::from_secs(24 * 3600);
+/// Longest `limits.default-request-timeout`: the longest `request_timeout` a request may carry (15m).
+const MAX_DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(15 * 60);
 /// Default `limits.header-read-timeout`.
 pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 /// Default `limits.body-read-timeout`: a 64 MB body at about 1 MB/s.
@@ -513,6 +515,9 @@ pub struct LimitsSection {
     /// How long a queue stays loaded without a request before it unloads, when nothing keeps it (Go duration,
     /// default 5m, `0s` never unloads; see [`lessor_core::types::Limits::queue_idle_unload`]).
     pub queue_idle_unload: Option<String>,
+    /// How long `queue.retry`, `queue.stats` and browsing, whose requests carry no `request_timeout`, wait for a
+    /// queue stuck in a storage call before 454 (Go duration, default 30s, between 1ms and 15m).
+    pub default_request_timeout: Option<String>,
     /// Body bytes of requests read and not yet answered, server-wide (default 1 GiB); see [`crate::inflight`].
     pub max_inflight_bytes: Option<u64>,
     /// How long a request whose body does not fit under `max-inflight-bytes` waits for room before 454 (Go
@@ -676,6 +681,23 @@ impl Config {
                 Err(reason) => {
                     return Err(ConfigError::Limit {
                         field: "limits.queue-idle-unload",
+                        reason,
+                    })
+                }
+            }
+        }
+        if let Some(d) = &self.limits.default_request_timeout {
+            match parse_go_duration(d) {
+                Ok(v) if !v.is_zero() && v <= MAX_DEFAULT_REQUEST_TIMEOUT => {}
+                Ok(_) => {
+                    return Err(ConfigError::Limit {
+                        field: "limits.default-request-timeout",
+                        reason: "must be greater than 0s and at most 15m".into(),
+                    })
+                }
+                Err(reason) => {
+                    return Err(ConfigError::Limit {
+                        field: "limits.default-request-timeout",
                         reason,
                     })
                 }
@@ -872,6 +894,15 @@ impl Config {
         if let Some(d) = self.limits.queue_idle_unload.as_deref().map(parse_go_duration) {
             // Checked by `validate`.
             l.queue_idle_unload = d.unwrap_or(l.queue_idle_unload);
+        }
+        if let Some(d) = self
+            .limits
+            .default_request_timeout
+            .as_deref()
+            .map(parse_go_duration)
+        {
+            // Checked by `validate`.
+            l.default_request_timeout = d.unwrap_or(l.default_request_timeout);
         }
         l
     }
@@ -1333,6 +1364,29 @@ mod tests {
                 .expect_err(bad)
                 .to_string();
             assert!(e.contains("limits.queue-idle-unload"), "{bad}: {e}");
+        }
+    }
+
+    /// `limits.default-request-timeout` is a Go duration above 0 and at most 15m; the default is 30s.
+    #[test]
+    fn default_request_timeout_is_checked_and_applied() {
+        assert_eq!(
+            Config::memory().limits().default_request_timeout,
+            Duration::from_secs(30)
+        );
+        for (text, want) in [("1s", 1_000), ("250ms", 250), ("15m", 900_000)] {
+            let c = Config::from_yaml(&format!("limits:\n  default-request-timeout: {text}\n")).expect(text);
+            assert_eq!(
+                c.limits().default_request_timeout,
+                Duration::from_millis(want),
+                "{text}"
+            );
+        }
+        for bad in ["0s", "16m", "soon", "-1s"] {
+            let e = Config::from_yaml(&format!("limits:\n  default-request-timeout: {bad}\n"))
+                .expect_err(bad)
+                .to_string();
+            assert!(e.contains("limits.default-request-timeout"), "{bad}: {e}");
         }
     }
 

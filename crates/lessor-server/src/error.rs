@@ -53,6 +53,7 @@ impl ApiError {
                 | QueueError::Restoring(_) => 400,
                 QueueError::LeaseTimeout
                 | QueueError::RequestTimeout(_)
+                | QueueError::Untimed(..)
                 | QueueError::Overloaded
                 | QueueError::DedupFull(_)
                 | QueueError::PartitionUnavailable(_)

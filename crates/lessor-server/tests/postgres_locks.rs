@@ -250,7 +250,9 @@ fn payloads(r: pb::QueueLeaseResponse) -> Vec<String> {
 /// The database stalls (every PostgreSQL process stopped with SIGSTOP for 8 s: a disk that stopped answering, a
 /// frozen host whose kernel still acknowledges): the connections stay open and no lock is waited for, so nothing
 /// on the database side bounds the wait; lease and complete still answer within their 1 s request timeout (plus a
-/// grace) with a 454, and nothing acknowledged is lost.
+/// grace) with a 454, retry and stats (no request timeout of their own) within `limits.default-request-timeout`,
+/// and nothing acknowledged is lost. The queue leases for a minute, longer than the drain below waits: items a
+/// lease took for a caller that had given up must be given back, not wait out that minute.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_database_answers_454_within_the_request_timeout() {
     if !postgres_installed() {
@@ -258,23 +260,55 @@ async fn a_stalled_database_answers_454_within_the_request_timeout() {
         return;
     }
     let (cluster, url) = Cluster::start("stall-timeout", 63490, "lessor_stall_timeout");
-    let (_server, c) = lessor_testkit::server::start(&postgres_config(&url), None).await;
-    // A short lease: a lease the task still carries out after its caller gave up (see `Engine::unstuck`) leaves
-    // its items leased for a caller that left, and they come back at the lease's end, within the drain below.
-    lessor_testkit::server::create_queue(&c, "jobs", |q| q.lease_timeout = "5s".into()).await;
+    let mut config = postgres_config(&url);
+    config.limits.default_request_timeout = Some("1s".into());
+    let (_server, c) = lessor_testkit::server::start(&config, None).await;
+    lessor_testkit::server::create_queue(&c, "jobs", |q| q.lease_timeout = "1m".into()).await;
     let leased = three_produced_one_leased(&c, "jobs").await;
+    let to_retry = c
+        .queue_lease(&pb::QueueLeaseRequest {
+            batch_size: 1,
+            ..lease_req("jobs", "5s")
+        })
+        .await
+        .expect("lease");
+    assert_eq!(to_retry.items.len(), 1);
 
     cluster.signal("STOP");
     let stall = Duration::from_secs(8);
     let (p_req, l_req) = (produce_req("jobs", "during", "1s"), lease_req("jobs", "1s"));
     let c_req = complete_req(&leased);
+    let r_req = pb::QueueRetryRequest {
+        queue_name: "jobs".into(),
+        partition: to_retry.partition,
+        items: vec![pb::QueueRetryItem {
+            id: to_retry.items[0].id.clone(),
+            ..Default::default()
+        }],
+    };
+    let s_req = pb::QueueStatsRequest {
+        queue_name: "jobs".into(),
+        ..Default::default()
+    };
     let limit = stall - Duration::from_millis(500);
-    let ((produce, lease, complete), ()) = tokio::join!(
+    let (((produce, lease, complete), (retry, stats)), ()) = tokio::join!(
         async {
             tokio::join!(
-                timed(limit, c.queue_produce(&p_req)),
-                timed(limit, c.queue_lease(&l_req)),
-                timed(limit, c.queue_complete(&c_req)),
+                async {
+                    tokio::join!(
+                        timed(limit, c.queue_produce(&p_req)),
+                        timed(limit, c.queue_lease(&l_req)),
+                        timed(limit, c.queue_complete(&c_req)),
+                    )
+                },
+                async {
+                    // Behind the others in the queue's inbox, so that they find the task stuck.
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    tokio::join!(
+                        timed(limit, c.queue_retry(&r_req)),
+                        timed(limit, c.queue_stats(&s_req)),
+                    )
+                }
             )
         },
         async {
@@ -283,11 +317,17 @@ async fn a_stalled_database_answers_454_within_the_request_timeout() {
         }
     );
     let report = format!(
-        "produce: {}; lease: {}; complete: {}",
-        produce.2, lease.2, complete.2
+        "produce: {}; lease: {}; complete: {}; retry: {}; stats: {}",
+        produce.2, lease.2, complete.2, retry.2, stats.2
     );
     println!("{report}");
-    for (what, (d, code, _)) in [("produce", produce), ("lease", lease), ("complete", complete)] {
+    for (what, (d, code, _)) in [
+        ("produce", produce),
+        ("lease", lease),
+        ("complete", complete),
+        ("retry", retry),
+        ("stats", stats),
+    ] {
         assert!(
             d < Duration::from_secs(4),
             "{what} answers within its request timeout and a grace ({report})"

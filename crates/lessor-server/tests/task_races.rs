@@ -454,3 +454,83 @@ async fn a_redrive_after_a_move_leaves_items_without_a_source_alone() {
         "{done:?}"
     );
 }
+
+/// A lease whose storage call is stuck past its caller's patience: the caller gets its 454 (request timeout) and
+/// leaves, then storage comes back with the items leased. Nobody will ever complete them, so the queue must give
+/// them back at once. Before the fix they stayed leased until their lease timeout (a minute here, which the manual
+/// clock never reaches), and a consumer already waiting got nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_answer_whose_caller_left_gives_its_items_back() {
+    let clock = ManualClock::starting_now();
+    let gate = Gate::on(|c| c.op == Op::Lease && c.queue == "a");
+    let e = Engine::new(EngineConfig {
+        queues: Arc::new(MemoryQueues::new()),
+        stores: vec![NamedStore {
+            name: "mem".into(),
+            affinity: 1.0,
+            store: gated_store(&gate),
+        }],
+        limits: Limits::default(),
+        clock: Arc::new(clock.clone()),
+    })
+    .expect("engine");
+    e.create_queue(queue("a", "", 1)).await.expect("a");
+    let payloads = ["x", "y", "z"].map(String::from);
+    e.produce("a", payloads.iter().cloned().map(item).collect(), T)
+        .await
+        .expect("produce");
+
+    gate.arm(0);
+    let gone = {
+        let e = e.clone();
+        tokio::spawn(async move {
+            e.lease("a", 2, "impatient", Some(Duration::from_millis(200)))
+                .await
+        })
+    };
+    gate.reached().await;
+    let gone = gone.await.expect("join");
+    assert!(
+        gone.is_err(),
+        "the stuck lease answers its caller with an error: {gone:?}"
+    );
+
+    // A second consumer waits while storage is still stuck; then storage comes back with two items leased for the
+    // consumer that left.
+    let waiting = {
+        let e = e.clone();
+        tokio::spawn(async move { e.lease("a", 3, "patient", T).await })
+    };
+    gate.release();
+    let mut got: Vec<String> = waiting
+        .await
+        .expect("join")
+        .expect("the waiting consumer is served")
+        .items
+        .iter()
+        .map(|it| String::from_utf8_lossy(&it.payload).into_owned())
+        .collect();
+    let until = tokio::time::Instant::now() + Duration::from_secs(5);
+    while got.len() < 3 && tokio::time::Instant::now() < until {
+        if let Ok(l) = e.lease("a", 3, "patient", Some(Duration::from_millis(100))).await {
+            got.extend(
+                l.items
+                    .iter()
+                    .map(|it| String::from_utf8_lossy(&it.payload).into_owned()),
+            );
+        }
+    }
+    assert_eq!(
+        got.len(),
+        3,
+        "every item reaches the consumer still there, none waits for a lease nobody holds to end: {got:?}"
+    );
+    got.sort();
+    assert_eq!(got, payloads, "each item once");
+    let s = e.stats("a").await.expect("stats");
+    let leased: u64 = s.partitions.iter().map(|p| p.total_leased).sum();
+    assert_eq!(
+        leased, 3,
+        "the three leases the patient consumer holds, nothing else"
+    );
+}

@@ -1636,11 +1636,16 @@ impl PartitionState {
             }
             let mut o = RetryOutcome::default();
             for op in ops {
-                let Some((it, disk)) = self.remove(op.id.0) else {
+                let Some((mut it, disk)) = self.remove(op.id.0) else {
                     continue;
                 };
                 let action = match op.action {
                     RetryAction::Dead => RetryAction::Dead,
+                    RetryAction::Release => {
+                        // The lease never reached anyone: it does not count.
+                        it.attempts = it.attempts.saturating_sub(1);
+                        RetryAction::Release
+                    }
                     _ if policy.exhausted(it.attempts) => RetryAction::Dead,
                     a => a,
                 };
@@ -1654,7 +1659,7 @@ impl PartitionState {
                         let at = now.add(policy.backoff.delay(it.attempts, it.id));
                         self.schedule(it, at, disk, &mut ch);
                     }
-                    RetryAction::Requeue | RetryAction::Backoff(_) => {
+                    RetryAction::Requeue | RetryAction::Backoff(_) | RetryAction::Release => {
                         o.requeued += 1;
                         if disk.is_some() {
                             // Beyond the bound of `retry_reads`: due at once, requeued by `requeue_deferred` (or
@@ -1682,6 +1687,7 @@ impl PartitionState {
     fn requeues(policy: LifecyclePolicy, attempts: u32, action: RetryAction) -> bool {
         match action {
             RetryAction::Dead | RetryAction::Schedule(_) => false,
+            RetryAction::Release => true,
             _ if policy.exhausted(attempts) => false,
             RetryAction::Backoff(_) => !policy.backoff.is_on(),
             RetryAction::Requeue => true,

@@ -365,6 +365,63 @@ pub async fn retry_with_exhausted_attempts_dies(b: TestBackend) {
     assert_eq!(p.dead_items(10).await.expect("dead").len(), 1);
 }
 
+/// A release (a lease that reached no one) makes the item ready again without counting the lease as an attempt,
+/// so it cannot kill the item even when that attempt was the last; a release of an id not leased changes nothing.
+pub async fn retry_release_does_not_count_the_attempt(b: TestBackend) {
+    let p = open(&b, "retry-release").await;
+    p.produce(items(2)).await.expect("produce");
+    let it = p.lease(1, T0.add(SEC)).await.expect("lease").remove(0);
+    assert_eq!(it.attempts, 1);
+    let policy = LifecyclePolicy {
+        max_attempts: 1,
+        has_dead_queue: true,
+        backoff: Backoff::OFF,
+    };
+    let release = |id| {
+        vec![vec![RetryOp {
+            id,
+            action: RetryAction::Release,
+        }]]
+    };
+    let r = p.retry(release(it.id), policy).await.expect("retry");
+    assert_eq!(
+        r[0].as_ref().map(|o| (o.requeued, o.scheduled, o.dead)),
+        Ok((1, 0, 0))
+    );
+    let c = p.counts().await.expect("counts");
+    assert_eq!((c.ready, c.leased), (2, 0));
+    assert!(p.dead_items(10).await.expect("dead").is_empty());
+    let again = p.lease(10, T0.add(SEC)).await.expect("lease");
+    let mut got = payloads(&again);
+    got.sort();
+    assert_eq!(got, vec!["p0", "p1"]);
+    let released = again
+        .iter()
+        .find(|i| i.payload == it.payload)
+        .expect("the released item");
+    assert_eq!(
+        released.attempts, 1,
+        "the lease that reached no one is not counted"
+    );
+    // Now used up: a plain retry kills it, as before.
+    let r = p
+        .retry(
+            vec![vec![RetryOp {
+                id: released.id,
+                action: RetryAction::Requeue,
+            }]],
+            policy,
+        )
+        .await
+        .expect("retry");
+    assert_eq!(r[0].as_ref().map(|o| o.dead), Ok(1));
+    // Not leased any more: a release of it is refused and moves nothing.
+    let r = p.retry(release(released.id), policy).await.expect("retry");
+    assert!(r[0].is_err(), "{r:?}");
+    let c = p.counts().await.expect("counts");
+    assert_eq!((c.ready, c.leased), (0, 1));
+}
+
 /// An expired lease goes back to the tail under a new id; the stale id can neither complete nor retry.
 pub async fn lease_expiry_requeues_and_fences(b: TestBackend) {
     let p = open(&b, "expiry").await;
@@ -1197,6 +1254,7 @@ macro_rules! conformance_tests {
             retry_schedules_and_lifecycle_enqueues,
             retry_dead_follows_policy,
             retry_with_exhausted_attempts_dies,
+            retry_release_does_not_count_the_attempt,
             lease_expiry_requeues_and_fences,
             lease_expiry_at_max_attempts_dies,
             expire_deadline_kills_items,

@@ -1164,11 +1164,14 @@ impl Engine {
             limits.max_complete_batch,
             items.len(),
         )?;
-        self.call(queue, |reply| Msg::Retry {
-            partition,
-            items,
-            reply,
-        })
+        self.untimed(
+            "retry",
+            self.call(queue, |reply| Msg::Retry {
+                partition,
+                items,
+                reply,
+            }),
+        )
         .await
     }
 
@@ -1253,8 +1256,24 @@ impl Engine {
         if let Some(p) = request.priority {
             validate::priority("priority", i64::from(p))?;
         }
-        self.call(queue, |reply| Msg::Cold(Cold::Browse { request, reply }))
+        self.untimed(
+            "browse",
+            self.call(queue, |reply| Msg::Cold(Cold::Browse { request, reply })),
+        )
+        .await
+    }
+
+    /// Runs `request`, one without a `request_timeout` of its own, for at most `limits.default_request_timeout`
+    /// of real time (see [`Engine::unstuck`] for why real time), then gives up with [`QueueError::Untimed`].
+    async fn untimed<T>(
+        &self,
+        what: &'static str,
+        request: impl Future<Output = Result<T, QueueError>>,
+    ) -> Result<T, QueueError> {
+        let limit = self.limits().default_request_timeout;
+        tokio::time::timeout(limit, request)
             .await
+            .unwrap_or(Err(QueueError::Untimed(what, limit)))
     }
 
     /// Runs `request` until `deadline` on the engine's clock, then gives up with [`QueueError::RequestTimeout`].
@@ -1279,9 +1298,8 @@ impl Engine {
     /// The queue's task answers these requests itself, a lease at its deadline at the latest, but only between
     /// storage calls: a call that never returns (a database whose processes stopped answering while the connection
     /// stays open, where no lock or TCP timeout fires) held every caller until it did. A request given up here may
-    /// still be carried out by the task afterwards: items leased for a caller that left stay leased until their
-    /// lease timeout and are then served again; a complete may be applied (the retried complete then finds no such
-    /// id). Real time (tokio's clock), not the engine's: the engine's clock may be a manual one that a test moves by
+    /// still be carried out by the task afterwards: items leased for a caller that left are given back (see
+    /// `QueueTask::deal`); a complete may be applied (the retried complete then finds no such id). Real time (tokio's clock), not the engine's: the engine's clock may be a manual one that a test moves by
     /// minutes while requests are in flight, and the task answers those on its own.
     async fn unstuck<T>(
         &self,
@@ -1296,7 +1314,8 @@ impl Engine {
 
     /// Statistics of the queue.
     pub async fn stats(&self, queue: &str) -> Result<QueueStats, QueueError> {
-        self.call(queue, |reply| Msg::Cold(Cold::Stats(reply))).await
+        self.untimed("stats", self.call(queue, |reply| Msg::Cold(Cold::Stats(reply))))
+            .await
     }
 
     /// Clears items as the request says.

@@ -916,14 +916,14 @@ impl OffloadPartition {
             }
         }
         if !failed.is_empty() {
-            // Put them back at once (a requeue under a policy that never kills) rather than leaving them leased
-            // until their deadline: the item stays leasable, with the attempt this lease counted.
+            // Put them back at once rather than leaving them leased until their deadline: the lease reached no one,
+            // so it is not counted as an attempt and cannot dead-letter the item.
             let ops = failed
                 .iter()
                 .map(|&id| {
                     vec![RetryOp {
                         id,
-                        action: RetryAction::Requeue,
+                        action: RetryAction::Release,
                     }]
                 })
                 .collect();

@@ -42,7 +42,7 @@ use tokio_postgres::Row;
 
 use super::pool::{acquire, pg_err, prepare, PgConfig, Shared, Tx};
 use super::schema::{self, table_name};
-use super::sql::{Sql, RETRY_DELETE, RETRY_KEEP_DEAD, RETRY_REQUEUE, RETRY_SCHEDULE};
+use super::sql::{Sql, RETRY_DELETE, RETRY_KEEP_DEAD, RETRY_RELEASE, RETRY_REQUEUE, RETRY_SCHEDULE};
 
 /// Partitions in PostgreSQL, one table each.
 #[derive(Debug)]
@@ -1067,6 +1067,7 @@ impl Partition for PgPartition {
                     let attempts = live.get(&op.id.0).map_or(0, |r| r.attempts);
                     let action = match op.action {
                         RetryAction::Dead => RetryAction::Dead,
+                        RetryAction::Release => RetryAction::Release,
                         _ if policy.exhausted(attempts) => RetryAction::Dead,
                         a => a,
                     };
@@ -1074,6 +1075,10 @@ impl Partition for PgPartition {
                         RetryAction::Requeue => {
                             o.requeued += 1;
                             (RETRY_REQUEUE, 0)
+                        }
+                        RetryAction::Release => {
+                            o.requeued += 1;
+                            (RETRY_RELEASE, 0)
                         }
                         RetryAction::Schedule(at) => {
                             o.scheduled += 1;

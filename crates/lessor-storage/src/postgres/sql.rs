@@ -87,6 +87,7 @@ pub(crate) const RETRY_REQUEUE: i32 = 0;
 pub(crate) const RETRY_SCHEDULE: i32 = 1;
 pub(crate) const RETRY_KEEP_DEAD: i32 = 2;
 pub(crate) const RETRY_DELETE: i32 = 3;
+pub(crate) const RETRY_RELEASE: i32 = 4;
 
 /// One partition's statements.
 #[derive(Debug)]
@@ -157,13 +158,18 @@ fn new_id(rn: &str) -> String {
 /// many rows `LIMIT $n` lets through, and a join could become a hash over the whole table), and each reads its new
 /// id from the `moves` object rather than through a join (see the module comment).
 fn move_to_tail(table: &str, name: &str, source: &str) -> String {
+    move_to_tail_setting(table, name, source, "")
+}
+
+/// [`move_to_tail`], also setting `set` (`, column = value...`, or empty) on the moved rows.
+fn move_to_tail_setting(table: &str, name: &str, source: &str, set: &str) -> String {
     format!(
         "moves AS MATERIALIZED (
             SELECT jsonb_object_agg({source}.id::text, {new}) AS m FROM {source}),
          {name} AS (
             UPDATE {table} AS t
             SET id = ((SELECT m FROM moves) ->> t.id::text)::int8, is_leased = false, lease_deadline = 0,
-                enqueue_at = 0
+                enqueue_at = 0{set}
             WHERE t.id = ANY(ARRAY(SELECT id FROM {source}))
             RETURNING 1)",
         new = new_id(&format!("{source}.rn")),
@@ -358,7 +364,8 @@ impl Sql {
                 "WITH op AS (
                     SELECT * FROM unnest($1::int8[], $2::int4[], $3::int8[]) WITH ORDINALITY AS u(id, action, at, ord)),
                  rq AS MATERIALIZED (
-                    SELECT id, row_number() OVER (ORDER BY ord) AS rn FROM op WHERE action = {RETRY_REQUEUE}),
+                    SELECT id, row_number() OVER (ORDER BY ord) AS rn FROM op
+                    WHERE action IN ({RETRY_REQUEUE}, {RETRY_RELEASE})),
                  {fresh},
                  {requeued},
                  times AS MATERIALIZED (
@@ -375,7 +382,17 @@ impl Sql {
                  SELECT (SELECT count(*) FROM requeued), (SELECT count(*) FROM scheduled),
                         (SELECT count(*) FROM kept) + (SELECT count(*) FROM deleted)",
                 fresh = fresh_ids(t, "rq"),
-                requeued = move_to_tail(t, "requeued", "rq"),
+                // A release goes to the tail like a requeue (the lease cursor of `lease_after` would skip an item
+                // put back at its old place), without the attempt its lease counted.
+                requeued = move_to_tail_setting(
+                    t,
+                    "requeued",
+                    "rq",
+                    &format!(
+                        ", attempts = CASE WHEN t.id = ANY(ARRAY(SELECT id FROM op WHERE action = {RETRY_RELEASE}))
+                                      THEN greatest(t.attempts - 1, 0) ELSE t.attempts END"
+                    ),
+                ),
                 kill = kill(t, "SELECT id FROM dying WHERE keep", "SELECT id FROM dying WHERE NOT keep"),
             ),
             // $1 now, $2 limit, $3 max attempts (0 = unlimited), $4 keep dead items. Expired leases go to the

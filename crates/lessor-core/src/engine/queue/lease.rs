@@ -9,6 +9,7 @@ use std::collections::VecDeque;
 use super::QueueTask;
 use crate::engine::LeaseResult;
 use crate::error::QueueError;
+use crate::storage::{Partition, RetryAction, RetryOp};
 use crate::time::Ts;
 use crate::types::Item;
 
@@ -88,15 +89,22 @@ impl QueueTask {
                 .fold(0u64, u64::saturating_add);
             self.metrics.lease_age_us.fetch_add(waited, Ordering::Relaxed);
             let num = p.num;
-            self.deal(num, items);
+            let orphans = self.deal(num, items);
+            if !orphans.is_empty() {
+                self.give_back(i, h, orphans, now).await;
+            }
         }
     }
 
     /// Deals `items` out one at a time to the waiters in turn; every waiter that got something is answered.
-    fn deal(&mut self, partition: u32, items: Vec<Item>) {
+    /// Returns the items no waiter took: those dealt to a waiter whose caller left while the storage call ran (a
+    /// request that gave up on a stuck store, a closed connection), which nobody will ever complete.
+    fn deal(&mut self, partition: u32, items: Vec<Item>) -> Vec<Item> {
         if items.is_empty() {
-            return;
+            return items;
         }
+        // Callers that left during the storage call take nothing: their share goes to the others.
+        self.waiters.retain(|w| !w.reply.is_closed());
         let n = self.waiters.len();
         let mut hands: Vec<Vec<Item>> = (0..n).map(|_| Vec::new()).collect();
         let mut it = items.into_iter();
@@ -117,20 +125,68 @@ impl QueueTask {
                 break;
             }
         }
+        let mut orphans: Vec<Item> = it.collect();
         let waiters = std::mem::take(&mut self.waiters);
         for (w, hand) in waiters.into_iter().zip(hands) {
             if hand.is_empty() {
                 self.waiters.push_back(w);
-            } else {
-                self.holders.record(partition, &w.client_id, &hand);
-                let _ = w.reply.send(Ok(LeaseResult {
-                    partition,
-                    items: hand,
-                }));
+                continue;
+            }
+            self.holders.record(partition, &w.client_id, &hand);
+            let answer = LeaseResult {
+                partition,
+                items: hand,
+            };
+            // The caller can still leave between the check above and this send.
+            if let Err(Ok(lost)) = w.reply.send(Ok(answer)) {
+                let ids: Vec<_> = lost.items.iter().map(|it| it.id).collect();
+                self.holders.release(partition, &ids);
+                orphans.extend(lost.items);
             }
         }
-        // Items nobody could take stay leased until their deadline, which the storage call already set; that only
-        // happens when a waiter vanished between the count and the call.
+        orphans
+    }
+
+    /// Gives back leased items no caller received (see [`QueueTask::deal`]): they are ready again now rather than
+    /// after a lease nobody holds, and that lease counts neither as an attempt nor towards the dead-letter queue
+    /// ([`RetryAction::Release`]). If this call fails too, they come back when that lease ends.
+    async fn give_back(&mut self, i: usize, h: std::sync::Arc<dyn Partition>, items: Vec<Item>, now: Ts) {
+        let ops: Vec<RetryOp> = items
+            .iter()
+            .map(|it| RetryOp {
+                id: it.id,
+                action: RetryAction::Release,
+            })
+            .collect();
+        let n = ops.len() as u64;
+        let policy = self.policy();
+        match h.retry(vec![ops], policy).await {
+            Ok(mut results) => match results.pop() {
+                Some(Ok(o)) => {
+                    let p = &mut self.parts[i];
+                    p.counts.leased = p.counts.leased.saturating_sub(n);
+                    p.counts.ready += o.requeued;
+                    if o.requeued > 0 {
+                        p.top_priority = crate::types::MAX_PRIORITY;
+                    }
+                    tracing::info!(
+                        queue = %self.info.name,
+                        items = n,
+                        "lease answer undeliverable (its caller left): items given back"
+                    );
+                }
+                other => tracing::warn!(
+                    queue = %self.info.name,
+                    items = n,
+                    result = ?other,
+                    "cannot give back items of an undeliverable lease answer; they return when their lease ends"
+                ),
+            },
+            Err(e) => {
+                let name = self.info.name.clone();
+                self.parts[i].fail(now, &name, &e);
+            }
+        }
     }
 
     /// Answers the waiters whose long-poll ended with "no items".
