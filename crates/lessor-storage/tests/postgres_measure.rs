@@ -182,22 +182,13 @@ fn mixed(n: usize, tag: Option<&str>) -> Vec<NewItem> {
     v
 }
 
-/// Issue 10 costs: produce with and without a dedup key on every item, lease+complete with mixed priorities at
-/// 1,000 and 1,000,000 items queued, lease extension, and the upgrade of a table of the layout before priorities.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "measurement: run with --ignored --nocapture"]
-async fn measure_issue10_costs() {
-    let Some(url) = lessor_testkit::database_or_skip() else {
-        return;
-    };
-    let store = PgStore::new(&PgConfig::new(url.clone())).expect("store");
-    let client = lessor_testkit::connect(&url).await;
-
-    // Produce: alternating plain and keyed rounds on fresh partitions, so drift of the machine hits both.
+/// Produce with a dedup key on every item against plain produce, in batches of 100 and of 1: `rounds` rounds of each,
+/// alternating plain and keyed on fresh partitions so that drift of the machine hits both; prints the medians.
+async fn dedup_produce_rates(store: &PgStore, rounds: usize) {
     for batch in [100usize, 1] {
         let calls = if batch == 1 { 1000 } else { 100 };
         let (mut plain, mut keyed) = (Vec::new(), Vec::new());
-        for round in 0..5 {
+        for round in 0..rounds {
             for with_key in [false, true] {
                 let q = unique_queue("measure-dedup");
                 let p = store.open(&q, 0).await.expect("open");
@@ -218,12 +209,44 @@ async fn measure_issue10_costs() {
                 store.destroy(&q, 0).await.expect("destroy");
             }
         }
+        let (plain_all, keyed_all) = (plain.clone(), keyed.clone());
         let (p, k) = (median(plain), median(keyed));
         println!(
             "produce batch {batch:3}: plain {p:8.0} items/s, every item keyed {k:8.0} items/s: keyed/plain {:.2}",
             k / p
         );
+        println!("  rounds: plain {plain_all:.0?}, keyed {keyed_all:.0?}");
     }
+}
+
+/// Only the dedup part of [`measure_issue10_costs`], with `LESSOR_MEASURE_ROUNDS` rounds (default 5): for comparing
+/// builds run alternately.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "measurement: run with --ignored --nocapture"]
+async fn measure_dedup_produce() {
+    let Some(url) = lessor_testkit::database_or_skip() else {
+        return;
+    };
+    let store = PgStore::new(&PgConfig::new(url)).expect("store");
+    let rounds = std::env::var("LESSOR_MEASURE_ROUNDS")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(5);
+    dedup_produce_rates(&store, rounds).await;
+}
+
+/// Issue 10 costs: produce with and without a dedup key on every item, lease+complete with mixed priorities at
+/// 1,000 and 1,000,000 items queued, lease extension, and the upgrade of a table of the layout before priorities.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "measurement: run with --ignored --nocapture"]
+async fn measure_issue10_costs() {
+    let Some(url) = lessor_testkit::database_or_skip() else {
+        return;
+    };
+    let store = PgStore::new(&PgConfig::new(url.clone())).expect("store");
+    let client = lessor_testkit::connect(&url).await;
+
+    dedup_produce_rates(&store, 5).await;
 
     // Lease + complete (and produce) at depth, priorities mixed; the depths are filled by SQL, then phases alternate
     // between the shallow and the deep queue, so that load from elsewhere on the machine hits both alike.
