@@ -435,9 +435,92 @@ async fn a_version_1_schema_migrates_and_gains_the_auth_store() {
         .expect("version")
         .get(0);
     assert_eq!(v, lessor_storage::postgres::SCHEMA_VERSION);
-    assert_eq!(v, 4);
+    assert_eq!(v, 5);
     drop(client);
     queues.close().await;
+}
+
+/// A version-4 database (dedup records keyed by text, in `lessor_dedup`) migrates to the hashed records of version 5
+/// and keeps them: a key whose record is live is still a duplicate, acknowledged with the stored item's id; an
+/// expired record is replaced; the old table is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn version_4_dedup_records_keep_working_after_the_upgrade() {
+    if lessor_testkit::database_or_skip().is_none() {
+        return;
+    }
+    let db = lessor_testkit::TestDatabase::create("lessor_dedup_upgrade").await;
+    let min = 60_000_000_000i64;
+    lessor_testkit::execute(
+        db.url(),
+        &format!(
+            "CREATE TABLE lessor_schema (singleton BOOLEAN PRIMARY KEY DEFAULT true CHECK (singleton),
+                                         version INTEGER NOT NULL);
+             INSERT INTO lessor_schema VALUES (true, 4);
+             {ddl}
+             INSERT INTO lessor_dedup (queue, dedup_id, item_id, partition, created_at, until) VALUES
+                 ('q', 'k-live', 4242, 0, {t0}, {live}),
+                 ('q', 'k-expired', 4343, 0, {old}, {t0}),
+                 ('other', 'k-live', 4444, 0, {t0}, {live});",
+            ddl = lessor_storage::postgres::migrations_up_to(4),
+            t0 = T0.0,
+            live = T0.0 + 5 * min,
+            old = T0.0 - 5 * min,
+        ),
+    )
+    .await
+    .expect("a version 4 schema with dedup records");
+    let store = PgStore::new(&PgConfig::new(unique_url(db.url()))).expect("store");
+    let p = store.open("q", 0).await.expect("open");
+    let keyed: Vec<NewItem> = ["k-live", "k-expired", "k-new"]
+        .iter()
+        .map(|k| NewItem {
+            dedup_id: (*k).to_string(),
+            dedup_until: T0.add(Duration::from_secs(300)),
+            ..items(1, k).remove(0)
+        })
+        .collect();
+    let ids = p.produce(keyed.clone()).await.expect("produce");
+    assert_eq!(ids[0], ItemId(4242), "the live record's item");
+    assert!(ids[1] != ItemId(4343) && ids[2] != ids[1]);
+    let stored: Vec<ItemId> = p
+        .list(None, 10, false)
+        .await
+        .expect("list")
+        .iter()
+        .map(|i| i.id)
+        .collect();
+    assert_eq!(stored, vec![ids[1], ids[2]], "the duplicate was not stored");
+    // Repeated: all three are duplicates now.
+    assert_eq!(p.produce(keyed).await.expect("again"), ids);
+    let client = lessor_testkit::connect(db.url()).await;
+    let old: Option<String> = client
+        .query_one("SELECT to_regclass('lessor_dedup')::text", &[])
+        .await
+        .expect("regclass")
+        .get(0);
+    assert_eq!(old, None, "the version-3 table is dropped");
+    let n: i64 = client
+        .query_one("SELECT count(*) FROM lessor_dedup_keys", &[])
+        .await
+        .expect("count")
+        .get(0);
+    assert_eq!(
+        n, 4,
+        "three records of q (one replaced, one new) and the other queue's"
+    );
+    // The other queue's record was moved under its own queue: it is a duplicate there, not in q.
+    let other = store.open("other", 0).await.expect("open other");
+    let again = NewItem {
+        dedup_id: "k-live".to_string(),
+        dedup_until: T0.add(Duration::from_secs(300)),
+        ..items(1, "o").remove(0)
+    };
+    assert_eq!(
+        other.produce(vec![again]).await.expect("produce other"),
+        vec![ItemId(4444)]
+    );
+    drop(client);
+    store.close().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -542,10 +625,24 @@ async fn keyed_produces_racing_into_different_partitions_store_each_key_once() {
     );
     // One record per key, naming the partition that holds its item.
     let client = lessor_testkit::connect(&url).await;
+    // Records are stored under a keyed hash of the queue name (the queue's id) and of the key: the queue's id is
+    // found through the items stored.
+    let stored_ids: Vec<i64> = stored.iter().map(|s| s.0 .0 as i64).collect();
+    let queue_ids: Vec<i64> = client
+        .query(
+            "SELECT DISTINCT queue_id FROM lessor_dedup_keys WHERE item_id = ANY($1)",
+            &[&stored_ids],
+        )
+        .await
+        .expect("queue id")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(queue_ids.len(), 1, "one queue id: {queue_ids:?}");
     let rows = client
         .query(
-            "SELECT dedup_id, item_id, partition FROM lessor_dedup WHERE queue = $1",
-            &[&q],
+            "SELECT h1, item_id, partition FROM lessor_dedup_keys WHERE queue_id = $1",
+            &[&queue_ids[0]],
         )
         .await
         .expect("records");
@@ -561,7 +658,10 @@ async fn keyed_produces_racing_into_different_partitions_store_each_key_once() {
     let partitions: Vec<u32> = (0..parts).collect();
     b.destroy_many(&q, &partitions[..2]).await.expect("destroy");
     let left: i64 = client
-        .query_one("SELECT count(*) FROM lessor_dedup WHERE queue = $1", &[&q])
+        .query_one(
+            "SELECT count(*) FROM lessor_dedup_keys WHERE queue_id = $1",
+            &[&queue_ids[0]],
+        )
         .await
         .expect("count")
         .get(0);
@@ -571,7 +671,10 @@ async fn keyed_produces_racing_into_different_partitions_store_each_key_once() {
     );
     a.destroy_many(&q, &partitions[2..]).await.expect("destroy");
     let left: i64 = client
-        .query_one("SELECT count(*) FROM lessor_dedup WHERE queue = $1", &[&q])
+        .query_one(
+            "SELECT count(*) FROM lessor_dedup_keys WHERE queue_id = $1",
+            &[&queue_ids[0]],
+        )
         .await
         .expect("count")
         .get(0);

@@ -13,6 +13,7 @@
 //! - `auth`: [`PgAuth`], users, keys, roles and bindings shared by every server on the database.
 //! - `partition`: [`PgStore`] and [`PgPartition`], the item state machine in SQL.
 //! - `sql`: the statement texts of one partition.
+//! - `dedup`: the keyed 128-bit hash that dedup records are stored under.
 //! - [`tls`]: `sslmode`/`sslrootcert` of the connection string and the rustls connector.
 //!
 //! # Sharing a database between servers
@@ -29,6 +30,7 @@
 //! connection string (`options=-csearch_path%3Dmyschema`).
 
 mod auth;
+mod dedup;
 mod notify;
 mod partition;
 mod pool;
@@ -41,4 +43,4 @@ pub use auth::PgAuth;
 pub use partition::{PgPartition, PgStore, MAX_PARTITIONS};
 pub use pool::PgConfig;
 pub use queues::PgQueues;
-pub use schema::{table_name, PARTITION_LAYOUT, SCHEMA_VERSION};
+pub use schema::{migrations_up_to, table_name, PARTITION_LAYOUT, SCHEMA_VERSION};

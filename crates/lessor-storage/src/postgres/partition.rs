@@ -14,7 +14,8 @@
 //! `next_deadline` when the limit cut the pass short, plus one that drops expired dedup records.
 //!
 //! # Idempotent produce
-//! Dedup records live in one table for the whole database, `lessor_dedup`, keyed by `(queue, dedup_id)`, so every
+//! Dedup records live in one table for the whole database, `lessor_dedup_keys`, keyed by a 128-bit keyed hash of
+//! `(queue, dedup_id)` (see `super::dedup`), so every
 //! partition and every server checks the same records (the contract's "whole queue" scope for shared stores, and
 //! why [`Partition::dedup_records`] returns none). A keyed produce claims its keys and inserts its items in one
 //! statement (see `super::sql`); it costs one round trip like any produce, with the statement that drops expired
@@ -40,6 +41,7 @@ use lessor_core::types::{
 };
 use tokio_postgres::Row;
 
+use super::dedup::QueueKeys;
 use super::pool::{acquire, pg_err, prepare, PgConfig, Shared, Tx};
 use super::schema::{self, table_name};
 use super::sql::{Sql, RETRY_DELETE, RETRY_KEEP_DEAD, RETRY_RELEASE, RETRY_REQUEUE, RETRY_SCHEDULE};
@@ -117,8 +119,11 @@ impl PartitionStore for PgStore {
         // reuses an id that a consumer of the old queue may still hold (offset per partition: see `floor_for`).
         let first_id = i64::try_from(ItemId::floor_for(partition).0).unwrap_or(i64::MAX);
         schema::ensure_partition(&shared, &table, queue, partition, first_id).await?;
+        let keys = schema::dedup_secret(&shared).await?.queue(queue);
         Ok(Arc::new(PgPartition {
             sql: Sql::new(&table),
+            keys,
+            last_conflict: Mutex::new(None),
             shared: Mutex::new(Some(shared)),
             table,
             queue: queue.to_string(),
@@ -215,6 +220,11 @@ pub struct PgPartition {
     sql: Sql,
     /// The queue and partition, for the queue-wide dedup records.
     queue: String,
+    /// The queue's id in those records and the hashing of its keys.
+    keys: QueueKeys,
+    /// When a keyed produce of this partition last met an existing record: for [`UPSERT_AFTER_CONFLICT`] after
+    /// that, keyed produces claim with the upsert form straight away.
+    last_conflict: Mutex<Option<std::time::Instant>>,
     partition: u32,
     /// Whether a notification of ready items is being sent ([`IDLE`], [`SENDING`], [`AGAIN`]).
     announcing: Arc<AtomicU8>,
@@ -242,6 +252,20 @@ const SENDING: u8 = 1;
 const AGAIN: u8 = 2;
 /// Shortest time between two notifications of one partition while writes keep coming.
 const ANNOUNCE_INTERVAL: std::time::Duration = std::time::Duration::from_millis(1);
+
+/// How long after a keyed produce met an existing record the partition's keyed produces claim with the upsert form
+/// (see `super::sql`'s produce): duplicates tend to come in runs (a client retrying a batch), and each plain claim
+/// that fails costs a statement that did all its work for nothing.
+const UPSERT_AFTER_CONFLICT: Duration = Duration::from_secs(1);
+
+/// Whether `e` is the unique violation of a dedup record that the plain claim reports (the statement changed
+/// nothing).
+fn is_record_conflict(e: &tokio_postgres::Error) -> bool {
+    e.as_db_error().is_some_and(|d| {
+        *d.code() == tokio_postgres::error::SqlState::UNIQUE_VIOLATION
+            && d.constraint() == Some("lessor_dedup_keys_pkey")
+    })
+}
 
 /// Expired dedup records a lifecycle pass drops at most.
 const LIFECYCLE_DEDUP_PRUNE: i64 = 1000;
@@ -482,38 +506,48 @@ impl PgPartition {
 
     /// Fills the ids of keyed items the produce statement skipped because their key's record is live, from the
     /// records as committed now (one more round trip, only when the batch held duplicates). The items are stored
-    /// by then, so a failed look-up only leaves ids unknown.
+    /// by then, so a failed look-up only leaves ids unknown. `hashes` are the sent rows' key hashes.
     async fn resolve_deduplicated(
         &self,
         row: &Row,
-        sent: &[&NewItem],
+        fresh: &[i64],
+        hashes: (&[Option<i64>], &[Option<i64>]),
         ids: &mut [Option<i64>],
     ) -> Result<(), StorageError> {
-        let claimed: HashSet<String> = opt_vec::<String>(row, 4)?.into_iter().collect();
-        let later: Vec<&str> = sent
-            .iter()
-            .zip(ids.iter())
-            .filter(|(it, id)| id.is_none() && !it.dedup_id.is_empty() && !claimed.contains(&it.dedup_id))
-            .map(|(it, _)| it.dedup_id.as_str())
+        // A claimed record holds its row's fresh id.
+        let claimed: HashSet<i64> = opt_vec::<i64>(row, 4)?.into_iter().collect();
+        let later: Vec<usize> = (0..ids.len())
+            .filter(|&k| {
+                ids[k].is_none()
+                    && hashes.0[k].is_some()
+                    && !fresh.get(k).is_some_and(|f| claimed.contains(f))
+            })
             .collect();
         if later.is_empty() {
             return Ok(());
         }
-        let found: Result<HashMap<String, i64>, StorageError> = async {
+        let h1: Vec<i64> = later.iter().filter_map(|&k| hashes.0[k]).collect();
+        let h2: Vec<i64> = later.iter().filter_map(|&k| hashes.1[k]).collect();
+        let found: Result<HashMap<(i64, i64), i64>, StorageError> = async {
             let shared = self.shared()?;
             let conn = shared.conn().await?;
             let stmt = prepare(&conn, &self.sql.dedup_lookup).await?;
-            let rows = conn.query(&stmt, &[&self.queue, &later]).await.map_err(pg_err)?;
+            let rows = conn.query(&stmt, &[&h1, &h2]).await.map_err(pg_err)?;
             rows.iter()
-                .map(|r| Ok((r.try_get(0).map_err(pg_err)?, r.try_get(1).map_err(pg_err)?)))
+                .map(|r| {
+                    Ok((
+                        (r.try_get(0).map_err(pg_err)?, r.try_get(1).map_err(pg_err)?),
+                        r.try_get(2).map_err(pg_err)?,
+                    ))
+                })
                 .collect()
         }
         .await;
         match found {
             Ok(found) => {
-                for (it, id) in sent.iter().zip(ids.iter_mut()) {
-                    if id.is_none() && !it.dedup_id.is_empty() {
-                        *id = found.get(&it.dedup_id).copied();
+                for k in later {
+                    if let (Some(a), Some(b)) = (hashes.0[k], hashes.1[k]) {
+                        ids[k] = found.get(&(a, b)).copied();
                     }
                 }
             }
@@ -625,7 +659,7 @@ impl PgPartition {
         let conn = shared.conn().await?;
         let stmt = prepare(&conn, &self.sql.prune_dedup).await?;
         let row = conn
-            .query_one(&stmt, &[&self.queue, &prune_horizon(now.0), &limit])
+            .query_one(&stmt, &[&self.keys.id, &prune_horizon(now.0), &limit])
             .await
             .map_err(pg_err)?;
         Ok(count(row.try_get(0).map_err(pg_err)?))
@@ -776,16 +810,27 @@ impl Partition for PgPartition {
             &c.payload,
             &c.priority,
         ];
+        // Each keyed row's hash (see `super::dedup`), NULL for the rows without a key.
+        let (h1, h2): (Vec<Option<i64>>, Vec<Option<i64>>) = if keyed {
+            sent.iter()
+                .map(|i| {
+                    if i.dedup_id.is_empty() {
+                        (None, None)
+                    } else {
+                        let (a, b) = self.keys.key(&i.dedup_id);
+                        (Some(a), Some(b))
+                    }
+                })
+                .unzip()
+        } else {
+            (Vec::new(), Vec::new())
+        };
         let row = if keyed {
-            let keys: Vec<Option<&str>> = sent
-                .iter()
-                .map(|i| (!i.dedup_id.is_empty()).then_some(i.dedup_id.as_str()))
-                .collect();
             let until: Vec<i64> = sent.iter().map(|i| i.dedup_until.0).collect();
-            let key_count = keys.iter().flatten().count();
+            let key_count = first_key.len();
             let partition = i64::from(self.partition);
             let mut params = base.to_vec();
-            params.extend_from_slice(&[&keys, &until, &self.queue, &partition]);
+            params.extend_from_slice(&[&h1, &h2, &until, &self.keys.id, &partition]);
             // Records expired for every item of the batch; dropping twice as many as the call adds keeps their
             // number bounded by the produce rate times the window.
             let now = sent
@@ -795,11 +840,23 @@ impl Partition for PgPartition {
                 .min()
                 .map_or(0, prune_horizon);
             let prune_limit = limit_param(2 * key_count + 16);
-            let stmt = prepare(&conn, &self.sql.produce_dedup).await?;
+            // The plain claim while no key of this partition met a record lately, the upsert after (see
+            // `super::sql`'s produce).
+            let upsert = self
+                .last_conflict
+                .lock()
+                .map(|t| t.is_some_and(|t| t.elapsed() < UPSERT_AFTER_CONFLICT))
+                .unwrap_or(true);
+            let sql = if upsert {
+                &self.sql.produce_dedup
+            } else {
+                &self.sql.produce_dedup_fresh
+            };
+            let stmt = prepare(&conn, sql).await?;
             let prune = prepare(&conn, &self.sql.prune_dedup).await?;
             // Pipelined: one round trip. The prune runs after the produce commits, in a statement of its own.
             let prune_params: [&(dyn tokio_postgres::types::ToSql + Sync); 3] =
-                [&self.queue, &now, &prune_limit];
+                [&self.keys.id, &now, &prune_limit];
             let (row, pruned) = tokio::join!(
                 conn.query_one(&stmt, &params),
                 conn.query_one(&prune, &prune_params)
@@ -808,7 +865,17 @@ impl Partition for PgPartition {
                 // Housekeeping only: the next call drops them.
                 tracing::warn!(queue = %self.queue, error = %e, "postgres: cannot drop expired dedup records");
             }
-            row.map_err(pg_err)?
+            match row {
+                Err(e) if !upsert && is_record_conflict(&e) => {
+                    // The plain claim met a record and changed nothing: the same batch again, as an upsert.
+                    if let Ok(mut t) = self.last_conflict.lock() {
+                        *t = Some(std::time::Instant::now());
+                    }
+                    let stmt = prepare(&conn, &self.sql.produce_dedup).await?;
+                    conn.query_one(&stmt, &params).await.map_err(pg_err)?
+                }
+                row => row.map_err(pg_err)?,
+            }
         } else {
             let stmt = prepare(&conn, &self.sql.produce).await?;
             conn.query_one(&stmt, &base).await.map_err(pg_err)?
@@ -836,7 +903,8 @@ impl Partition for PgPartition {
             }
         }
         if keyed {
-            self.resolve_deduplicated(&row, &sent, &mut ids).await?;
+            self.resolve_deduplicated(&row, &fresh, (&h1, &h2), &mut ids)
+                .await?;
         }
         let unresolved: Vec<&str> = ids
             .iter()

@@ -71,6 +71,8 @@ pub(crate) struct Shared {
     pub(crate) schema: tokio::sync::OnceCell<()>,
     /// Notifications to and from the other servers on this database.
     pub(crate) notifier: Arc<super::notify::Notifier>,
+    /// The database's dedup secret (see `super::dedup`), read once after the migrations.
+    pub(crate) dedup: tokio::sync::OnceCell<super::dedup::DedupSecret>,
 }
 
 impl Shared {
@@ -105,6 +107,7 @@ pub(crate) fn acquire(cfg: &PgConfig) -> Result<Arc<Shared>, StorageError> {
         pool,
         schema: tokio::sync::OnceCell::new(),
         notifier: Arc::new(super::notify::Notifier::new(config, connector)),
+        dedup: tokio::sync::OnceCell::new(),
     });
     pools.insert(cfg.connection_string.clone(), Arc::downgrade(&shared));
     Ok(shared)

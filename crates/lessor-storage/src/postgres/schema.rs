@@ -11,8 +11,9 @@
 //! - `lessor_partitions`: which queue and partition owns each item table, so a hash collision between two queue names
 //!   is reported instead of silently mixing their items, and operators can map a table back to its queue; and
 //!   (version 3) the table's layout, so a table made by an older build is upgraded when it is next opened.
-//! - `lessor_dedup` (version 3): the dedup records of every queue, keyed by `(queue, dedup_id)`, so that servers
-//!   producing into different partitions of one queue agree on which item a key stored.
+//! - `lessor_dedup` (version 3, replaced in version 5 by `lessor_dedup_keys` and `lessor_dedup_secret`): the dedup
+//!   records of every queue, keyed by a 128-bit keyed hash of `(queue, dedup_id)` (see [`super::dedup`]), so that
+//!   servers producing into different partitions of one queue agree on which item a key stored.
 //! - `items_<12 hex digits of md5(queue)>_<partition, 6 digits>` and its id sequence: one partition's items, created
 //!   on first open (see [`partition_ddl`]).
 //!
@@ -20,6 +21,8 @@
 //! so values round-trip bit for bit and the partial-index predicates compare integers.
 
 use lessor_core::error::{StorageError, StorageErrorKind};
+use std::collections::HashMap;
+
 use md5::{Digest, Md5};
 use tokio_postgres::error::SqlState;
 
@@ -101,7 +104,40 @@ const MIGRATIONS: &[&str] = &[
     r#"
     ALTER TABLE queues ADD COLUMN restoring BOOLEAN NOT NULL DEFAULT false;
     "#,
+    // 5: dedup records keyed by a 128-bit keyed hash of (queue, key) (see `super::dedup`), and the queue's 64-bit
+    // id instead of its name: 16 bytes of integers in the unique index instead of two strings, 16 in the prune index
+    // instead of a string and 8. The secret row is written by `migrate` (from the operating system's random source)
+    // and the version-3 records are moved over by `convert_dedup_records`, which then drops `lessor_dedup`.
+    r#"
+    CREATE TABLE lessor_dedup_secret (
+        singleton BOOLEAN PRIMARY KEY DEFAULT true CHECK (singleton),
+        secret BYTEA NOT NULL
+    );
+    CREATE TABLE lessor_dedup_keys (
+        h1 BIGINT NOT NULL,
+        h2 BIGINT NOT NULL,
+        queue_id BIGINT NOT NULL,
+        item_id BIGINT NOT NULL,
+        partition BIGINT NOT NULL,
+        created_at BIGINT NOT NULL,
+        until BIGINT NOT NULL,
+        PRIMARY KEY (h1, h2)
+    ) WITH (
+        autovacuum_vacuum_scale_factor = 0.02,
+        autovacuum_analyze_scale_factor = 0.05
+    );
+    CREATE INDEX lessor_dedup_keys_until ON lessor_dedup_keys (queue_id, until);
+    "#,
 ];
+
+/// The version whose migration creates `lessor_dedup_keys` (and after which version-3 records are converted).
+const DEDUP_KEYS_VERSION: usize = 5;
+
+/// The DDL of migrations 1 to `version`, for tests that build a database as an older build left it.
+#[doc(hidden)]
+pub fn migrations_up_to(version: usize) -> String {
+    MIGRATIONS[..version.min(MIGRATIONS.len())].concat()
+}
 
 /// The schema version this build writes and reads.
 pub const SCHEMA_VERSION: i32 = MIGRATIONS.len() as i32;
@@ -165,6 +201,19 @@ async fn migrate(shared: &Shared) -> Result<(), StorageError> {
     {
         tracing::info!(version = i + 1, "postgres: migrating the schema");
         tx = tx.batch(ddl).await?;
+        if i + 1 == DEDUP_KEYS_VERSION {
+            let mut secret = [0u8; super::dedup::SECRET_LEN];
+            getrandom::fill(&mut secret).map_err(|e| {
+                StorageError::other(format!("postgres: no OS randomness for the dedup secret: {e}"))
+            })?;
+            let hex: String = secret.iter().map(|b| format!("{b:02x}")).collect();
+            tx = tx
+                .batch(&format!(
+                    "INSERT INTO lessor_dedup_secret (singleton, secret) VALUES (true, '\\x{hex}'::bytea)"
+                ))
+                .await?;
+            tx = convert_dedup_records(tx, &super::dedup::DedupSecret::new(&secret)).await?;
+        }
     }
     let write = prepare(
         tx.conn()?,
@@ -174,6 +223,102 @@ async fn migrate(shared: &Shared) -> Result<(), StorageError> {
     .await?;
     tx.query_commit(&write, &[&SCHEMA_VERSION]).await?;
     Ok(())
+}
+
+/// Records moved per statement by [`convert_dedup_records`].
+const CONVERT_BATCH: i64 = 10_000;
+
+/// Moves the dedup records of `lessor_dedup` (version 3) to `lessor_dedup_keys` under their hashes, in pages of
+/// [`CONVERT_BATCH`] records, then drops the old table; inside the migration's transaction, so a failure leaves the
+/// database at the old version with its records. A server of an older build still running on the database then
+/// fails its keyed produces (the table it writes is gone) instead of storing duplicates that the new records would
+/// not know about.
+async fn convert_dedup_records(tx: Tx, secret: &super::dedup::DedupSecret) -> Result<Tx, StorageError> {
+    let page = prepare(
+        tx.conn()?,
+        "DELETE FROM lessor_dedup d
+         WHERE (d.queue, d.dedup_id) IN (SELECT queue, dedup_id FROM lessor_dedup ORDER BY queue, dedup_id LIMIT $1)
+         RETURNING d.queue, d.dedup_id, d.item_id, d.partition, d.created_at, d.until",
+    )
+    .await?;
+    let insert = prepare(
+        tx.conn()?,
+        "INSERT INTO lessor_dedup_keys (h1, h2, queue_id, item_id, partition, created_at, until)
+         SELECT * FROM unnest($1::int8[], $2::int8[], $3::int8[], $4::int8[], $5::int8[], $6::int8[], $7::int8[])
+         ON CONFLICT (h1, h2) DO NOTHING",
+    )
+    .await?;
+    let mut tx = tx;
+    let mut moved = 0u64;
+    let mut keys: HashMap<String, super::dedup::QueueKeys> = HashMap::new();
+    loop {
+        let (next, rows) = tx.query(&page, &[&CONVERT_BATCH]).await?;
+        tx = next;
+        if rows.is_empty() {
+            break;
+        }
+        let mut cols: [Vec<i64>; 7] = Default::default();
+        for r in &rows {
+            let queue: String = r.try_get(0).map_err(pg_err)?;
+            let key: String = r.try_get(1).map_err(pg_err)?;
+            let q = keys.entry(queue).or_insert_with_key(|queue| secret.queue(queue));
+            let (h1, h2) = q.key(&key);
+            cols[0].push(h1);
+            cols[1].push(h2);
+            cols[2].push(q.id);
+            for (c, i) in (3..7).zip(2..6) {
+                cols[c].push(r.try_get(i).map_err(pg_err)?);
+            }
+        }
+        moved += rows.len() as u64;
+        let params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = cols
+            .iter()
+            .map(|c| c as &(dyn tokio_postgres::types::ToSql + Sync))
+            .collect();
+        let (next, _) = tx.query(&insert, &params).await?;
+        tx = next;
+    }
+    if moved > 0 {
+        tracing::info!(
+            records = moved,
+            "postgres: moved the dedup records to their hashed table"
+        );
+    }
+    tx.batch("DROP TABLE lessor_dedup").await
+}
+
+/// The database's dedup secret, read once per pool (after the migrations, which write it).
+pub(crate) async fn dedup_secret(shared: &Shared) -> Result<super::dedup::DedupSecret, StorageError> {
+    ensure(shared).await?;
+    shared
+        .dedup
+        .get_or_try_init(|| async {
+            let conn = shared.conn().await?;
+            let row = conn
+                .query_opt("SELECT secret FROM lessor_dedup_secret", &[])
+                .await
+                .map_err(pg_err)?
+                .ok_or_else(|| {
+                    StorageError::new(
+                        StorageErrorKind::Corrupt,
+                        "postgres: lessor_dedup_secret has no row",
+                    )
+                })?;
+            let secret: Vec<u8> = row.try_get(0).map_err(pg_err)?;
+            if secret.len() != super::dedup::SECRET_LEN {
+                return Err(StorageError::new(
+                    StorageErrorKind::Corrupt,
+                    format!(
+                        "postgres: the dedup secret has {} bytes, not {}",
+                        secret.len(),
+                        super::dedup::SECRET_LEN
+                    ),
+                ));
+            }
+            Ok(super::dedup::DedupSecret::new(&secret))
+        })
+        .await
+        .cloned()
 }
 
 /// The item table of partition `partition` of `queue`: `items_<first 12 hex digits of md5(queue)>_<partition>`, the
@@ -416,23 +561,22 @@ const DEDUP_DROP_BATCH: i64 = 10_000;
 /// bounded statements so no transaction grows with the number of keys. Called after partitions are dropped, not
 /// in the drops' transactions: concurrent drops of a queue's last tables would each still see the others.
 pub(crate) async fn drop_queue_dedup(shared: &Shared, queue: &str) -> Result<(), StorageError> {
-    ensure(shared).await?;
+    let queue_id = dedup_secret(shared).await?.queue(queue).id;
     let conn = shared.conn().await?;
     let stmt = prepare(
         &conn,
         "WITH d AS MATERIALIZED (
-            SELECT dedup_id FROM lessor_dedup
-            WHERE queue = $1 AND NOT EXISTS (SELECT 1 FROM lessor_partitions WHERE queue = $1)
-            ORDER BY dedup_id LIMIT $2 FOR UPDATE SKIP LOCKED),
+            SELECT ctid FROM lessor_dedup_keys
+            WHERE queue_id = $1 AND NOT EXISTS (SELECT 1 FROM lessor_partitions WHERE queue = $3)
+            ORDER BY until LIMIT $2 FOR UPDATE SKIP LOCKED),
          gone AS (
-            DELETE FROM lessor_dedup x WHERE x.queue = $1 AND x.dedup_id = ANY(ARRAY(SELECT dedup_id FROM d))
-            RETURNING 1)
+            DELETE FROM lessor_dedup_keys x WHERE x.ctid = ANY(ARRAY(SELECT ctid FROM d)) RETURNING 1)
          SELECT count(*) FROM gone",
     )
     .await?;
     loop {
         let row = conn
-            .query_one(&stmt, &[&queue, &DEDUP_DROP_BATCH])
+            .query_one(&stmt, &[&queue_id, &DEDUP_DROP_BATCH, &queue])
             .await
             .map_err(pg_err)?;
         let n: i64 = row.try_get(0).map_err(pg_err)?;

@@ -94,6 +94,7 @@ pub(crate) const RETRY_RELEASE: i32 = 4;
 pub(crate) struct Sql {
     pub produce: String,
     pub produce_dedup: String,
+    pub produce_dedup_fresh: String,
     pub source_ids: String,
     pub dedup_lookup: String,
     pub prune_dedup: String,
@@ -195,41 +196,60 @@ fn kill(table: &str, keep_ids: &str, delete_ids: &str) -> String {
 /// ordinals and ids of the stored copies visible to the statement (a copy inserted concurrently by another server
 /// is not: the caller looks those up afterwards).
 ///
-/// With dedup: $10 each row's dedup key (NULL for none; distinct), $11 each row's record end, $12 the queue, $13 the
-/// partition. Each keyed row first claims its key in `lessor_dedup`: a new key is
+/// With dedup: $10 and $11 each row's key hash (`super::dedup`; NULL for none; distinct), $12 each row's record end,
+/// $13 the queue's id, $14 the partition. Each keyed row first claims its key in `lessor_dedup_keys`: a new key is
 /// inserted, an expired record (`until` <= the row's `created_at`) is replaced, a live one is left alone; only rows
 /// whose claim succeeded (or that have no key) are inserted, in the same statement, hence the same transaction.
 /// Two servers claiming one key serialise on the record's unique index: the second waits for the first to commit,
-/// then sees a live record and stores nothing. Claims are made in key order, so two producers whose batches share
+/// then sees a live record and stores nothing. Claims are made in hash order, so two producers whose batches share
 /// several keys cannot deadlock. A row whose source id is already stored claims nothing (it is a repeated
-/// dead-letter move, skipped anyway). The row also returns the keys claimed; the caller looks up the items of the
-/// others (duplicates) afterwards, so the common case (no duplicate) probes each key's index entry once.
-fn produce(t: &str, dedup: bool) -> String {
+/// dead-letter move, skipped anyway). A claimed record holds its row's fresh id, so the rows to insert are those
+/// whose fresh id a claim returned (an integer set); the row also returns those ids, and the caller looks up the
+/// items of the other keys (duplicates) afterwards, so the common case (no duplicate) probes each key's index entry
+/// once.
+///
+/// `dedup` is `None` without dedup records; `Some(true)` claims with `ON CONFLICT ... DO UPDATE` as above;
+/// `Some(false)` claims with a plain `INSERT`, which fails with a unique violation on the record's index when any
+/// key has a record (live or expired) or is being claimed by another uncommitted producer (after waiting for it),
+/// and then changes nothing. The caller sends that cheaper form while no key of the partition met a record lately,
+/// and the upsert form after a failure: a speculative insertion costs an index probe before the insert and a
+/// confirmation record in the WAL per row (docs/benchmarks.md, 6 Dec 2026).
+fn produce(t: &str, dedup: Option<bool>) -> String {
+    let upsert = dedup == Some(true);
+    let on_conflict = if upsert {
+        "ON CONFLICT (h1, h2) DO UPDATE
+                    SET queue_id = EXCLUDED.queue_id, item_id = EXCLUDED.item_id, partition = EXCLUDED.partition,
+                        created_at = EXCLUDED.created_at, until = EXCLUDED.until
+                    WHERE d.until <= EXCLUDED.created_at"
+    } else {
+        ""
+    };
+    let dedup = dedup.is_some();
     let (claim, filter, extra) = if dedup {
         (
             format!(
                 "claim AS (
-                    INSERT INTO lessor_dedup AS d (queue, dedup_id, item_id, partition, created_at, until)
-                    SELECT $12::text, b.dedup_id, {new}, $13::int8, b.created_at, b.dedup_until FROM b
-                    WHERE b.dedup_id IS NOT NULL
+                    INSERT INTO lessor_dedup_keys AS d (h1, h2, queue_id, item_id, partition, created_at, until)
+                    SELECT b.h1, b.h2, $13::int8, {new}, $14::int8, b.created_at, b.dedup_until FROM b
+                    WHERE b.h1 IS NOT NULL
                       AND (b.source_id IS NULL
                            OR NOT EXISTS (SELECT 1 FROM {t} e WHERE e.source_id = b.source_id))
-                    ORDER BY b.dedup_id COLLATE \"C\"
-                    ON CONFLICT (queue, dedup_id) DO UPDATE
-                    SET item_id = EXCLUDED.item_id, partition = EXCLUDED.partition,
-                        created_at = EXCLUDED.created_at, until = EXCLUDED.until
-                    WHERE d.until <= EXCLUDED.created_at
-                    RETURNING d.dedup_id),",
+                    ORDER BY b.h1, b.h2
+                    {on_conflict}
+                    RETURNING d.item_id),",
                 new = new_id("b.rn"),
             ),
-            "WHERE b.dedup_id IS NULL OR b.dedup_id IN (SELECT dedup_id FROM claim)",
-            ", (SELECT array_agg(dedup_id) FROM claim)",
+            format!(
+                "WHERE b.h1 IS NULL OR {new} IN (SELECT item_id FROM claim)",
+                new = new_id("b.rn")
+            ),
+            ", (SELECT array_agg(item_id) FROM claim)",
         )
     } else {
-        (String::new(), "", "")
+        (String::new(), String::new(), "")
     };
     let (dedup_args, dedup_cols) = if dedup {
-        (", $10::text[], $11::int8[]", ", dedup_id, dedup_until")
+        (", $10::int8[], $11::int8[], $12::int8[]", ", h1, h2, dedup_until")
     } else {
         ("", "")
     };
@@ -264,21 +284,26 @@ fn produce(t: &str, dedup: bool) -> String {
 impl Sql {
     pub(crate) fn new(t: &str) -> Sql {
         Sql {
-            produce: produce(t, false),
-            produce_dedup: produce(t, true),
+            produce: produce(t, None),
+            produce_dedup: produce(t, Some(true)),
+            produce_dedup_fresh: produce(t, Some(false)),
             source_ids: format!("SELECT source_id, id FROM {t} WHERE source_id = ANY($1::text[])"),
-            // $1 queue, $2 keys: the records as committed now (after a produce that could not see them).
-            dedup_lookup: "SELECT dedup_id, item_id FROM lessor_dedup WHERE queue = $1::text AND dedup_id = ANY($2::text[])"
+            // $1, $2 key hashes: the records as committed now (after a produce that could not see them). The pairs
+            // are matched in a join on the primary key, keys first (a few rows, the duplicates of one call).
+            dedup_lookup: "SELECT k.h1, k.h2, d.item_id
+                 FROM unnest($1::int8[], $2::int8[]) AS k(h1, h2)
+                 JOIN lessor_dedup_keys d ON d.h1 = k.h1 AND d.h2 = k.h2"
                 .to_string(),
-            // $1 queue, $2 now, $3 limit: drops expired dedup records of the queue, oldest first. A statement of
+            // $1 queue id, $2 now, $3 limit: drops expired dedup records of the queue, oldest first. A statement of
             // its own (never inside produce's): it only takes rows no one holds, so it never waits and cannot join
             // a deadlock with the claims of concurrent producers.
+            // The locked rows are deleted by `ctid`: a row locked by this transaction cannot move meanwhile, and a
+            // TID scan reads no index.
             prune_dedup: "WITH x AS MATERIALIZED (
-                    SELECT dedup_id FROM lessor_dedup WHERE queue = $1::text AND until <= $2::int8
+                    SELECT ctid FROM lessor_dedup_keys WHERE queue_id = $1::int8 AND until <= $2::int8
                     ORDER BY until LIMIT $3::int8 FOR UPDATE SKIP LOCKED),
                  gone AS (
-                    DELETE FROM lessor_dedup d
-                    WHERE d.queue = $1::text AND d.dedup_id = ANY(ARRAY(SELECT dedup_id FROM x)) RETURNING 1)
+                    DELETE FROM lessor_dedup_keys d WHERE d.ctid = ANY(ARRAY(SELECT ctid FROM x)) RETURNING 1)
                  SELECT count(*) FROM gone"
                 .to_string(),
             // $1 limit, $2 lease deadline, $3 most payload bytes (the first row is taken whatever its size). The
@@ -556,16 +581,16 @@ mod tests {
     async fn plans(
         client: &tokio_postgres::Client,
         s: &Sql,
-        queue: &str,
+        queue_id: i64,
         round: &str,
     ) -> Vec<(&'static str, String)> {
         let produce_args = format!(
             "(ARRAY[NULL, 'src-1'], ARRAY[0, 0]::int8[], ARRAY[2000000, 2000000]::int8[], ARRAY[600, 600]::int8[],
               ARRAY['', ''], ARRAY['', ''], ARRAY['', ''], ARRAY['\\x00', '\\x01']::bytea[], ARRAY[3, 0]::int2[],
-              ARRAY['key-17', 'key-99999999'], ARRAY[900, 900]::int8[], '{queue}', 0)"
+              ARRAY[17, 99999999]::int8[], ARRAY[-17, 5]::int8[], ARRAY[900, 900]::int8[], {queue_id}, 0)"
         );
-        let prune_args = format!("('{queue}', 500, 100)");
-        let lookup_args = format!("('{queue}', ARRAY['key-17', 'key-18'])");
+        let prune_args = format!("({queue_id}, 500, 100)");
+        let lookup_args = "(ARRAY[17, 18]::int8[], ARRAY[17, 18]::int8[])".to_string();
         let cases: Vec<(&str, &str, &str)> = vec![
             ("lease", &s.lease, "(100, 5, 1000000)"),
             ("lease_after", &s.lease_after, "(100, 5, 3, 5000, 1000000)"),
@@ -573,6 +598,7 @@ mod tests {
             ("extend_all", &s.extend_all, "('{1,11,21}', '{7,7,7}')"),
             ("lock_expired", &s.lock_expired, "(500, 100)"),
             ("produce_dedup", &s.produce_dedup, &produce_args),
+            ("produce_dedup_fresh", &s.produce_dedup_fresh, &produce_args),
             ("prune_dedup", &s.prune_dedup, &prune_args),
             ("dedup_lookup", &s.dedup_lookup, &lookup_args),
             ("lock_live", &s.lock_live, "('{1,11,21}')"),
@@ -637,6 +663,13 @@ mod tests {
         let store = PgStore::new(&PgConfig::new(format!("{url}?application_name=plans"))).expect("store");
         store.open(&queue, 0).await.expect("open");
         let t = crate::postgres::table_name(&queue, 0);
+        let shared = crate::postgres::pool::acquire(&PgConfig::new(format!("{url}?application_name=plans")))
+            .expect("pool");
+        let queue_id = crate::postgres::schema::dedup_secret(&shared)
+            .await
+            .expect("secret")
+            .queue(&queue)
+            .id;
         let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
             .await
             .expect("connect");
@@ -661,22 +694,22 @@ mod tests {
                         CASE WHEN g % 10 = 2 THEN g + 500 ELSE 0 END, g, convert_to(repeat('x', 1000), 'UTF8'),
                         1000, g % 50 = 3, (g / 7) % 10
                  FROM generate_series(1, 100000) g;
-                 INSERT INTO lessor_dedup (queue, dedup_id, item_id, partition, created_at, until)
-                 SELECT '{queue}', 'key-' || g, g, 0, g, CASE WHEN g % 10 = 0 THEN g ELSE g + 10000000 END
-                 FROM generate_series(1, 100000) g"
+                 INSERT INTO lessor_dedup_keys (h1, h2, queue_id, item_id, partition, created_at, until)
+                 SELECT g, g, {queue_id}, g, 0, g, CASE WHEN g % 10 = 0 THEN g ELSE g + 10000000 END
+                 FROM generate_series(1, 100000) g ON CONFLICT DO NOTHING"
             ))
             .await
             .expect("fill");
         let s = Sql::new(&t);
         let seq = format!("Seq Scan on {t}");
-        let seq_dedup = "Seq Scan on lessor_dedup";
+        let seq_dedup = "Seq Scan on lessor_dedup_keys";
         let mut bad = Vec::new();
 
         client
             .batch_execute("SET enable_seqscan = off")
             .await
             .expect("set");
-        for (name, plan) in plans(&client, &s, &queue, "stale statistics").await {
+        for (name, plan) in plans(&client, &s, queue_id, "stale statistics").await {
             let by_id = [
                 "complete_all",
                 "extend_all",
@@ -704,10 +737,10 @@ mod tests {
             .await
             .expect("vacuum");
         client
-            .batch_execute("ANALYZE lessor_dedup")
+            .batch_execute("ANALYZE lessor_dedup_keys")
             .await
             .expect("analyze");
-        for (name, plan) in plans(&client, &s, &queue, "fresh statistics").await {
+        for (name, plan) in plans(&client, &s, queue_id, "fresh statistics").await {
             if plan.contains(&seq) || plan.contains(seq_dedup) {
                 bad.push(format!("fresh/{name}"));
             }
