@@ -124,6 +124,7 @@ impl PartitionStore for PgStore {
             sql: Sql::new(&table),
             keys,
             last_conflict: Mutex::new(None),
+            prune_debt: Mutex::new((0, None)),
             shared: Mutex::new(Some(shared)),
             table,
             queue: queue.to_string(),
@@ -225,6 +226,8 @@ pub struct PgPartition {
     /// When a keyed produce of this partition last met an existing record: for [`UPSERT_AFTER_CONFLICT`] after
     /// that, keyed produces claim with the upsert form straight away.
     last_conflict: Mutex<Option<std::time::Instant>>,
+    /// Keys produced since this partition's keyed produces last pruned expired records, and when that was.
+    prune_debt: Mutex<(usize, Option<std::time::Instant>)>,
     partition: u32,
     /// Whether a notification of ready items is being sent ([`IDLE`], [`SENDING`], [`AGAIN`]).
     announcing: Arc<AtomicU8>,
@@ -266,6 +269,9 @@ fn is_record_conflict(e: &tokio_postgres::Error) -> bool {
             && d.constraint() == Some("lessor_dedup_keys_pkey")
     })
 }
+
+/// Shortest time between two prunes of expired dedup records by one partition's keyed produces.
+const PRUNE_INTERVAL: Duration = Duration::from_millis(10);
 
 /// Expired dedup records a lifecycle pass drops at most.
 const LIFECYCLE_DEDUP_PRUNE: i64 = 1000;
@@ -831,15 +837,25 @@ impl Partition for PgPartition {
             let partition = i64::from(self.partition);
             let mut params = base.to_vec();
             params.extend_from_slice(&[&h1, &h2, &until, &self.keys.id, &partition]);
-            // Records expired for every item of the batch; dropping twice as many as the call adds keeps their
-            // number bounded by the produce rate times the window.
+            // Records expired for every item of the batch; dropping twice as many as the calls since the last
+            // prune added keeps their number bounded by the produce rate times the window. At most one prune per
+            // [`PRUNE_INTERVAL`] per partition: with small batches the statement cost about as much as the claims.
+            let prune_keys = self.prune_debt.lock().ok().and_then(|mut d| {
+                d.0 += key_count;
+                if d.1.is_some_and(|t| t.elapsed() < PRUNE_INTERVAL) {
+                    return None;
+                }
+                let keys = d.0;
+                *d = (0, Some(std::time::Instant::now()));
+                Some(keys)
+            });
             let now = sent
                 .iter()
                 .filter(|i| !i.dedup_id.is_empty())
                 .map(|i| i.created_at.0)
                 .min()
                 .map_or(0, prune_horizon);
-            let prune_limit = limit_param(2 * key_count + 16);
+            let prune_limit = limit_param(2 * prune_keys.unwrap_or(0) + 16);
             // The plain claim while no key of this partition met a record lately, the upsert after (see
             // `super::sql`'s produce).
             let upsert = self
@@ -857,14 +873,19 @@ impl Partition for PgPartition {
             // Pipelined: one round trip. The prune runs after the produce commits, in a statement of its own.
             let prune_params: [&(dyn tokio_postgres::types::ToSql + Sync); 3] =
                 [&self.keys.id, &now, &prune_limit];
-            let (row, pruned) = tokio::join!(
-                conn.query_one(&stmt, &params),
-                conn.query_one(&prune, &prune_params)
-            );
-            if let Err(e) = pruned {
-                // Housekeeping only: the next call drops them.
-                tracing::warn!(queue = %self.queue, error = %e, "postgres: cannot drop expired dedup records");
-            }
+            let row = if prune_keys.is_some() {
+                let (row, pruned) = tokio::join!(
+                    conn.query_one(&stmt, &params),
+                    conn.query_one(&prune, &prune_params)
+                );
+                if let Err(e) = pruned {
+                    // Housekeeping only: the next call drops them.
+                    tracing::warn!(queue = %self.queue, error = %e, "postgres: cannot drop expired dedup records");
+                }
+                row
+            } else {
+                conn.query_one(&stmt, &params).await
+            };
             match row {
                 Err(e) if !upsert && is_record_conflict(&e) => {
                     // The plain claim met a record and changed nothing: the same batch again, as an upsert.
