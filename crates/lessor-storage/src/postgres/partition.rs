@@ -15,12 +15,13 @@
 //!
 //! # Idempotent produce
 //! Dedup records live in one table for the whole database, `lessor_dedup_keys`, keyed by a 128-bit keyed hash of
-//! `(queue, dedup_id)` (see `super::dedup`), so every
-//! partition and every server checks the same records (the contract's "whole queue" scope for shared stores, and
-//! why [`Partition::dedup_records`] returns none). A keyed produce claims its keys and inserts its items in one
-//! statement (see `super::sql`); it costs one round trip like any produce, with the statement that drops expired
-//! records of the queue (up to twice as many as the call adds) pipelined behind it. The records of a queue go when
-//! its last partition is destroyed.
+//! `(queue, dedup_id)` (see `super::dedup`), so every partition and every server checks the same records (the
+//! contract's "whole queue" scope for shared stores, and why [`Partition::dedup_records`] returns none). A keyed
+//! produce claims its keys and inserts its items in one statement (see `super::sql`); it costs one round trip like any
+//! produce, with the statement that drops expired records of the queue (up to twice as many as the calls since the last
+//! one added; at most once per `PRUNE_INTERVAL`) pipelined behind it. The claim is a plain insert, which fails when a
+//! key has a record, and the batch is then sent again as an upsert (one more round trip, only for batches that meet a
+//! record). The records of a queue go when its last partition is destroyed.
 
 use std::cmp::Reverse;
 use std::collections::{HashMap, HashSet};
