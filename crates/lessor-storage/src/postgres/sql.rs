@@ -239,10 +239,16 @@ fn produce(t: &str, dedup: Option<bool>) -> String {
                     RETURNING d.item_id),",
                 new = new_id("b.rn"),
             ),
-            format!(
-                "WHERE b.h1 IS NULL OR {new} IN (SELECT item_id FROM claim)",
-                new = new_id("b.rn")
-            ),
+            // A plain claim claims every key it tries or fails as a whole, and the rows it does not try (a source
+            // id already stored) are skipped by the insert's own `ON CONFLICT`: no filter.
+            if upsert {
+                format!(
+                    "WHERE b.h1 IS NULL OR {new} IN (SELECT item_id FROM claim)",
+                    new = new_id("b.rn")
+                )
+            } else {
+                String::new()
+            },
             ", (SELECT array_agg(item_id) FROM claim)",
         )
     } else {
