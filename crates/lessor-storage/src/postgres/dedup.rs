@@ -17,18 +17,18 @@
 //! A collision of queue ids (2^-64 per pair of queues) would only let one queue's deletion drop the other's
 //! records early; records are found by their hash alone, which covers the queue name.
 
-use sha2::{Digest, Sha256};
+use hmac::{Hmac, KeyInit, Mac};
+use sha2::Sha256;
+
+type HmacSha256 = Hmac<Sha256>;
 
 /// Length of the database's secret.
 pub(crate) const SECRET_LEN: usize = 32;
-/// SHA-256's block size, which HMAC pads its key to.
-const BLOCK: usize = 64;
 
-/// HMAC-SHA256 under the database's secret, with both padded keys already absorbed (a clone per message).
+/// HMAC-SHA256 under the database's secret, keyed once (a clone per message).
 #[derive(Clone)]
 pub(crate) struct DedupSecret {
-    inner: Sha256,
-    outer: Sha256,
+    mac: HmacSha256,
 }
 
 impl std::fmt::Debug for DedupSecret {
@@ -38,42 +38,34 @@ impl std::fmt::Debug for DedupSecret {
     }
 }
 
-impl DedupSecret {
-    /// The MAC of `secret` (at most [`BLOCK`] bytes: longer keys would be hashed first, and ours is 32).
-    pub(crate) fn new(secret: &[u8]) -> Self {
-        assert!(secret.len() <= BLOCK, "dedup secret longer than a block");
-        let mut ipad = [0x36u8; BLOCK];
-        let mut opad = [0x5cu8; BLOCK];
-        for (i, b) in secret.iter().enumerate() {
-            ipad[i] ^= b;
-            opad[i] ^= b;
-        }
-        DedupSecret {
-            inner: Sha256::new_with_prefix(ipad),
-            outer: Sha256::new_with_prefix(opad),
-        }
-    }
+/// The MAC of everything `m` absorbed.
+fn finish(m: HmacSha256) -> [u8; 32] {
+    let mut out = [0u8; 32];
+    out.copy_from_slice(&m.finalize().into_bytes());
+    out
+}
 
-    fn finish(&self, inner: Sha256) -> [u8; 32] {
-        let mut outer = self.outer.clone();
-        outer.update(inner.finalize());
-        outer.finalize().into()
+impl DedupSecret {
+    /// The MAC keyed with `secret`.
+    pub(crate) fn new(secret: &[u8]) -> Self {
+        DedupSecret {
+            mac: HmacSha256::new_from_slice(secret).expect("HMAC takes keys of any length"),
+        }
     }
 
     /// The hashing of `queue`'s keys: its id, and the MAC state with the queue's part of each message absorbed.
     pub(crate) fn queue(&self, queue: &str) -> QueueKeys {
-        let mut q = self.inner.clone();
+        let mut q = self.mac.clone();
         q.update(b"lessor-dedup-queue\0");
         q.update(queue.as_bytes());
-        let id = self.finish(q);
-        let mut prefix = self.inner.clone();
+        let id = finish(q);
+        let mut prefix = self.mac.clone();
         prefix.update(b"lessor-dedup-key\0");
-        prefix.update((queue.len() as u64).to_be_bytes());
+        prefix.update(&(queue.len() as u64).to_be_bytes());
         prefix.update(queue.as_bytes());
         QueueKeys {
             id: i64::from_be_bytes(first8(&id, 0)),
             prefix,
-            secret: self.clone(),
         }
     }
 }
@@ -85,12 +77,20 @@ fn first8(b: &[u8; 32], at: usize) -> [u8; 8] {
 }
 
 /// The dedup hashing of one queue.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub(crate) struct QueueKeys {
     /// `lessor_dedup_keys.queue_id` of the queue's records.
     pub(crate) id: i64,
-    prefix: Sha256,
-    secret: DedupSecret,
+    prefix: HmacSha256,
+}
+
+impl std::fmt::Debug for QueueKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The MAC state is derived from the secret: not shown.
+        f.debug_struct("QueueKeys")
+            .field("id", &self.id)
+            .finish_non_exhaustive()
+    }
 }
 
 impl QueueKeys {
@@ -98,7 +98,7 @@ impl QueueKeys {
     pub(crate) fn key(&self, key: &str) -> (i64, i64) {
         let mut m = self.prefix.clone();
         m.update(key.as_bytes());
-        let d = self.secret.finish(m);
+        let d = finish(m);
         (
             i64::from_be_bytes(first8(&d, 0)),
             i64::from_be_bytes(first8(&d, 8)),
@@ -110,13 +110,12 @@ impl QueueKeys {
 mod tests {
     use super::*;
 
-    /// RFC 4231 test case 2 ("Jefe"), so the construction is HMAC-SHA256 and nothing of our own.
+    /// RFC 4231 test case 2 ("Jefe"): the MAC is HMAC-SHA256.
     #[test]
     fn the_mac_is_hmac_sha256() {
-        let s = DedupSecret::new(b"Jefe");
-        let mut m = s.inner.clone();
+        let mut m = DedupSecret::new(b"Jefe").mac;
         m.update(b"what do ya want for nothing?");
-        let hex: String = s.finish(m).iter().map(|b| format!("{b:02x}")).collect();
+        let hex: String = finish(m).iter().map(|b| format!("{b:02x}")).collect();
         assert_eq!(
             hex,
             "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843"
