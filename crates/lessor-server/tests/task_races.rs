@@ -534,3 +534,100 @@ async fn a_lease_answer_whose_caller_left_gives_its_items_back() {
         "the three leases the patient consumer holds, nothing else"
     );
 }
+
+/// A definition update holds the engine's load lock while it waits for the queue's task to take the new definition.
+/// When that task is moving a dead item into a dead-letter queue that is not loaded (idle queues unload, and a
+/// dead-letter queue is the archetype of one), the move must load it, under the same lock: the task waited for the
+/// lock, the update for the task, until the move gave up after its 5 s timeout. The update and the queue's every
+/// request stalled for those 5 s, the dead item waited another retry, and no other queue could load meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_definition_update_does_not_stall_a_dead_letter_move_into_an_unloaded_queue() {
+    let clock = ManualClock::starting_now();
+    let gate = Gate::on(|c| c.op == Op::QueueUpdate && c.queue == "src");
+    let limits = Limits {
+        queue_idle_unload: Duration::from_secs(1),
+        ..Limits::default()
+    };
+    let e = Engine::new(EngineConfig {
+        queues: gated_queues(&gate),
+        stores: vec![NamedStore {
+            name: "mem".into(),
+            affinity: 1.0,
+            store: Arc::new(MemoryStore::new()),
+        }],
+        limits,
+        clock: Arc::new(clock.clone()),
+    })
+    .expect("engine");
+    e.create_queue(queue("dlq", "", 1)).await.expect("dlq");
+    e.create_queue(queue("src", "dlq", 1)).await.expect("src");
+    assert_eq!(depth(&e, "dlq").await, 0);
+    e.produce("src", vec![item("x".into())], T)
+        .await
+        .expect("produce");
+    // Both queues go idle and unload.
+    clock.advance(Duration::from_secs(2));
+    poll_until(Duration::from_secs(5), Duration::from_millis(10), || {
+        let e = e.clone();
+        async move {
+            let gone = e
+                .queue_metrics()
+                .iter()
+                .any(|(n, m)| n == "dlq" && m.unloaded.load(std::sync::atomic::Ordering::SeqCst));
+            if gone {
+                Ok(())
+            } else {
+                Err("'dlq' still loaded".to_string())
+            }
+        }
+    })
+    .await
+    .expect("'dlq' unloads");
+    let leased = e.lease("src", 1, "c", T).await.expect("lease");
+
+    // An update of 'src' takes the load lock and stops at its write; meanwhile the consumer gives up on the item,
+    // and the task starts moving it to 'dlq'.
+    gate.arm(0);
+    let update = {
+        let e = e.clone();
+        tokio::spawn(async move {
+            e.update_queue(lessor_core::engine::QueueUpdate {
+                name: "src".into(),
+                lease_timeout: Some(Duration::from_secs(30)),
+                ..Default::default()
+            })
+            .await
+        })
+    };
+    gate.reached().await;
+    e.retry(
+        "src",
+        leased.partition,
+        vec![RetryItem {
+            id: leased.items[0].id,
+            retry_at: lessor_core::time::Ts::ZERO,
+            dead: true,
+        }],
+    )
+    .await
+    .expect("retry");
+    // The task is now in the move (the next pass), waiting to load 'dlq'.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let started = std::time::Instant::now();
+    gate.release();
+    update.await.expect("join").expect("update");
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_secs(2),
+        "the update waited {took:?} for a task that waited for the update's lock"
+    );
+    let moved = async {
+        while depth(&e, "dlq").await != 1 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(2), moved)
+        .await
+        .expect("the dead item reaches the dead-letter queue at once");
+    assert_eq!(depth(&e, "src").await, 0);
+}
