@@ -532,12 +532,17 @@ impl Engine {
     pub async fn update_queue(&self, update: QueueUpdate) -> Result<(), QueueError> {
         self.check_running()?;
         validate::queue_name("queue_name", &update.name)?;
-        let _guard = self.inner.load_lock.lock().await;
-        self.update_queue_locked(update).await
+        let taken = {
+            let _guard = self.inner.load_lock.lock().await;
+            self.update_queue_locked(update).await?
+        };
+        taken.wait().await;
+        Ok(())
     }
 
-    /// [`Engine::update_queue`] for a caller holding the load lock.
-    async fn update_queue_locked(&self, update: QueueUpdate) -> Result<(), QueueError> {
+    /// [`Engine::update_queue`] for a caller holding the load lock; the caller waits for the task to take the new
+    /// definition (see [`InfoTaken`]).
+    async fn update_queue_locked(&self, update: QueueUpdate) -> Result<InfoTaken, QueueError> {
         let Some(mut info) = self.inner.config.queues.get(&update.name).await? else {
             return Err(QueueError::QueueNotFound(update.name));
         };
@@ -594,7 +599,7 @@ impl Engine {
         validate_options(&info)?;
         info.updated_at = self.clock().now();
         self.inner.config.queues.update(&info).await?;
-        self.push_info(info).await
+        Ok(self.push_info(info).await)
     }
 
     /// Deletes a queue with its items. Waiting requests get "queue is shutting down".
@@ -635,12 +640,16 @@ impl Engine {
             }
             for user in users {
                 tracing::info!(queue = %user, dead_queue = name, "dead_queue cleared: its dead-letter queue is deleted");
+                // Taken under the lock: a user's task must not move dead items to the name after the delete
+                // (a queue created under it meanwhile would receive them).
                 self.update_queue_locked(QueueUpdate {
                     name: user,
                     dead_queue: Some(String::new()),
                     ..Default::default()
                 })
-                .await?;
+                .await?
+                .wait()
+                .await;
             }
         }
         self.delete_queue_in_use(name, info).await
@@ -1210,28 +1219,33 @@ impl Engine {
     pub async fn set_paused(&self, queue: &str, paused: bool) -> Result<(), QueueError> {
         self.check_running()?;
         validate::queue_name("queue_name", queue)?;
-        let _guard = self.inner.load_lock.lock().await;
-        let Some(mut info) = self.inner.config.queues.get(queue).await? else {
-            return Err(QueueError::QueueNotFound(queue.to_string()));
+        let taken = {
+            let _guard = self.inner.load_lock.lock().await;
+            let Some(mut info) = self.inner.config.queues.get(queue).await? else {
+                return Err(QueueError::QueueNotFound(queue.to_string()));
+            };
+            if info.paused == paused {
+                return Ok(());
+            }
+            info.paused = paused;
+            info.updated_at = self.clock().now();
+            self.inner.config.queues.update(&info).await?;
+            self.push_info(info).await
         };
-        if info.paused == paused {
-            return Ok(());
-        }
-        info.paused = paused;
-        info.updated_at = self.clock().now();
-        self.inner.config.queues.update(&info).await?;
-        self.push_info(info).await
+        taken.wait().await;
+        Ok(())
     }
 
-    /// Hands a stored definition to the queue's task, when it runs.
-    async fn push_info(&self, info: QueueInfo) -> Result<(), QueueError> {
+    /// Hands a stored definition to the queue's task, when it runs. Sent under the load lock, so that the task
+    /// takes definitions in the order they were stored; the caller waits for the task to take it (see
+    /// [`InfoTaken`]).
+    async fn push_info(&self, info: QueueInfo) -> InfoTaken {
         let handle = self
             .inner
             .queues
             .read()
-            .map_err(poisoned)?
-            .get(&info.name)
-            .cloned();
+            .ok()
+            .and_then(|q| q.get(&info.name).cloned());
         if let Some(h) = handle {
             let (tx, rx) = oneshot::channel();
             if h.tx
@@ -1239,10 +1253,10 @@ impl Engine {
                 .await
                 .is_ok()
             {
-                let _ = rx.await;
+                return InfoTaken(Some(rx));
             }
         }
-        Ok(())
+        InfoTaken(None)
     }
 
     /// One page of a partition's items, without leasing them (see [`BrowseRequest`]).
@@ -1502,17 +1516,21 @@ impl Engine {
     pub async fn restore_finish(&self, queue: &str) -> Result<(), QueueError> {
         self.check_running()?;
         validate::queue_name("queue_name", queue)?;
-        let _guard = self.inner.load_lock.lock().await;
-        let Some(mut info) = self.inner.config.queues.get(queue).await? else {
-            return Err(QueueError::QueueNotFound(queue.to_string()));
+        let taken = {
+            let _guard = self.inner.load_lock.lock().await;
+            let Some(mut info) = self.inner.config.queues.get(queue).await? else {
+                return Err(QueueError::QueueNotFound(queue.to_string()));
+            };
+            if !info.restoring {
+                return Ok(());
+            }
+            info.restoring = false;
+            info.updated_at = self.clock().now();
+            self.inner.config.queues.update(&info).await?;
+            self.push_info(info).await
         };
-        if !info.restoring {
-            return Ok(());
-        }
-        info.restoring = false;
-        info.updated_at = self.clock().now();
-        self.inner.config.queues.update(&info).await?;
-        self.push_info(info).await
+        taken.wait().await;
+        Ok(())
     }
 
     /// Runs the sweeper of orphaned payload objects of the partition store named `store` (every store with
@@ -1611,6 +1629,23 @@ impl DeadLetterSink for EngineSink {
                 .call(&queue, |reply| Msg::DeadLetter { items, reply })
                 .await
         })
+    }
+}
+
+/// A definition handed to a queue's task ([`Engine::push_info`]), until the task took it.
+///
+/// Waited for after the load lock is released: the task may be waiting for that lock itself, when a dead-letter
+/// move loads its dead-letter queue (an unloaded one, as idle dead-letter queues are). Waiting under the lock
+/// stalled the update, the task and every queue load until the move gave up after its timeout (5 s).
+#[must_use]
+struct InfoTaken(Option<oneshot::Receiver<()>>);
+
+impl InfoTaken {
+    /// Resolves once the task took the definition (or stopped without it: the next one reads it from the store).
+    async fn wait(self) {
+        if let Some(rx) = self.0 {
+            let _ = rx.await;
+        }
     }
 }
 
