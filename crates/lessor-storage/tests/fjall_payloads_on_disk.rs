@@ -582,3 +582,84 @@ async fn a_retry_beyond_the_read_bound_requeues_every_item_whole_in_its_order() 
     p.close().await;
     store.close().await;
 }
+
+/// A release (a lease that reached no one) of more payloads than one write reads back goes through the same parts
+/// as a retry: some items are scheduled as due at once first and requeued after. None of them may come out of that
+/// with the released lease counted, before or after an unclean restart: with `max_attempts: 1` each must still be
+/// leasable once more, and only a plain retry after that kills it.
+#[tokio::test]
+async fn a_release_beyond_the_read_bound_does_not_count_the_lease_in_any_part() {
+    const N: usize = 40;
+    let once = LifecyclePolicy {
+        max_attempts: 1,
+        ..DLQ
+    };
+    let dir = tempfile::tempdir().expect("tmp");
+    let (mut store, mut p) = open(dir.path()).await;
+    let mut model = HashMap::new();
+    for b in 0..N / 10 {
+        let batch = (b * 10..b * 10 + 10)
+            .map(|tag| {
+                let (n, e) = new_item(tag, (1 << 20) + tag, Ts::ZERO);
+                model.insert(tag, e);
+                NewItem { priority: 0, ..n }
+            })
+            .collect();
+        p.produce(batch).await.expect("produce");
+    }
+    let mut leased = Vec::new();
+    loop {
+        let (got, _) = p.lease_within(N, LEASE, 16 << 20).await.expect("lease");
+        if got.is_empty() {
+            break;
+        }
+        for it in &got {
+            assert_eq!(it.attempts, 1);
+            leased.push((check(&model, it, "lease"), it.id));
+        }
+    }
+    assert_eq!(leased.len(), N);
+    let ops: Vec<RetryOp> = leased
+        .iter()
+        .map(|&(_, id)| RetryOp {
+            id,
+            action: RetryAction::Release,
+        })
+        .collect();
+    let out = p.retry(vec![ops], once).await.expect("release");
+    assert_eq!(out[0].as_ref().map(|o| (o.requeued, o.dead)), Ok((N as u64, 0)));
+    let c = p.counts().await.expect("counts");
+    assert_eq!((c.ready, c.scheduled, c.leased), (N as u64, 0, 0));
+    (store, p) = restart(dir.path(), store, p, false).await;
+    let mut again = Vec::new();
+    loop {
+        let (page, _) = p.lease_within(N, FAR, 16 << 20).await.expect("lease");
+        if page.is_empty() {
+            break;
+        }
+        for it in &page {
+            let tag = check(&model, it, "after the release");
+            assert_eq!(
+                it.attempts, 1,
+                "item {tag}: the released lease is not counted (this lease is its first attempt)"
+            );
+            again.push(it.id);
+        }
+    }
+    assert_eq!(again.len(), N, "every released item is leasable again");
+    let ops: Vec<RetryOp> = again
+        .iter()
+        .map(|&id| RetryOp {
+            id,
+            action: RetryAction::Requeue,
+        })
+        .collect();
+    let out = p.retry(vec![ops], once).await.expect("retry");
+    assert_eq!(
+        out[0].as_ref().map(|o| (o.requeued, o.dead)),
+        Ok((0, N as u64)),
+        "the attempt now counted is the last"
+    );
+    p.close().await;
+    store.close().await;
+}
