@@ -631,3 +631,80 @@ async fn a_definition_update_does_not_stall_a_dead_letter_move_into_an_unloaded_
         .expect("the dead item reaches the dead-letter queue at once");
     assert_eq!(depth(&e, "src").await, 0);
 }
+
+/// `a_definition_update_does_not_stall_a_dead_letter_move_into_an_unloaded_queue` for a delete (and so for a
+/// shutdown, which stops every queue the same way): the delete holds the load lock while it stops the queue, whose
+/// task was waiting for that lock to load its dead-letter queue for a move. The delete, and every queue load behind
+/// it, stalled until the move gave up after 5 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delete_does_not_stall_on_a_dead_letter_move_into_an_unloaded_queue() {
+    let clock = ManualClock::starting_now();
+    let gate = Gate::on(|c| c.op == Op::QueueGet && c.queue == "src");
+    let limits = Limits {
+        queue_idle_unload: Duration::from_secs(1),
+        ..Limits::default()
+    };
+    let e = Engine::new(EngineConfig {
+        queues: gated_queues(&gate),
+        stores: vec![NamedStore {
+            name: "mem".into(),
+            affinity: 1.0,
+            store: Arc::new(MemoryStore::new()),
+        }],
+        limits,
+        clock: Arc::new(clock.clone()),
+    })
+    .expect("engine");
+    e.create_queue(queue("dlq", "", 1)).await.expect("dlq");
+    e.create_queue(queue("src", "dlq", 1)).await.expect("src");
+    assert_eq!(depth(&e, "dlq").await, 0);
+    e.produce("src", vec![item("x".into())], T)
+        .await
+        .expect("produce");
+    clock.advance(Duration::from_secs(2));
+    poll_until(Duration::from_secs(5), Duration::from_millis(10), || {
+        let e = e.clone();
+        async move {
+            let gone = e
+                .queue_metrics()
+                .iter()
+                .any(|(n, m)| n == "dlq" && m.unloaded.load(std::sync::atomic::Ordering::SeqCst));
+            if gone {
+                Ok(())
+            } else {
+                Err("'dlq' still loaded".to_string())
+            }
+        }
+    })
+    .await
+    .expect("'dlq' unloads");
+    let leased = e.lease("src", 1, "c", T).await.expect("lease");
+
+    // The delete takes the load lock and stops at its read of the definition; the task starts moving the item.
+    gate.arm(0);
+    let delete = {
+        let e = e.clone();
+        tokio::spawn(async move { e.delete_queue("src").await })
+    };
+    gate.reached().await;
+    e.retry(
+        "src",
+        leased.partition,
+        vec![RetryItem {
+            id: leased.items[0].id,
+            retry_at: lessor_core::time::Ts::ZERO,
+            dead: true,
+        }],
+    )
+    .await
+    .expect("retry");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let started = std::time::Instant::now();
+    gate.release();
+    delete.await.expect("join").expect("delete");
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_secs(2),
+        "the delete waited {took:?} for a task that waited for the delete's lock"
+    );
+}
