@@ -1625,10 +1625,43 @@ impl DeadLetterSink for EngineSink {
             let Some(engine) = engine else {
                 return Err(QueueError::ShuttingDown);
             };
+            engine.load_aside(&queue).await?;
             engine
                 .call(&queue, |reply| Msg::DeadLetter { items, reply })
                 .await
         })
+    }
+}
+
+/// Longest a queue's task waits for its dead-letter queue to load before the move gives up (and is retried, see
+/// `DEAD_LETTER_RETRY`): an unloaded queue loads with one read of its definition.
+const DEAD_LETTER_LOAD_WAIT: Duration = Duration::from_millis(500);
+
+impl Engine {
+    /// Loads `queue`, when it is not loaded, for a request another queue's task makes (a dead-letter move), on a
+    /// task of its own. Loading takes the load lock, and a holder of that lock may be waiting for the requesting
+    /// task (a definition update, a delete or a shutdown stopping it): waiting for the lock there stalled both
+    /// until the move gave up after its 5 s timeout, and every queue load behind them. Waits at most
+    /// [`DEAD_LETTER_LOAD_WAIT`]; the load goes on after that, so the move's retry finds the queue loaded.
+    async fn load_aside(&self, queue: &str) -> Result<(), QueueError> {
+        let loaded = self
+            .inner
+            .queues
+            .read()
+            .map_err(poisoned)?
+            .get(queue)
+            .is_some_and(|h| !h.tx.is_closed());
+        if loaded {
+            return Ok(());
+        }
+        let engine = self.clone();
+        let name = queue.to_string();
+        let load = tokio::spawn(async move { engine.handle(&name).await.map(|_| ()) });
+        match tokio::time::timeout(DEAD_LETTER_LOAD_WAIT, load).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(_)) => Err(QueueError::QueueShuttingDown),
+            Err(_) => Err(QueueError::RequestTimeout("dead-letter queue load")),
+        }
     }
 }
 
