@@ -1,5 +1,5 @@
 //! A randomized model test of one fjall partition with a tiny window, large and small payloads, leases,
-//! completes, retries (requeue / schedule / dead), lease expiry, dead removal, deletes and restarts.
+//! completes, retries (requeue / schedule / dead / release), lease expiry, dead removal, deletes and restarts.
 #![cfg(feature = "fjall")]
 
 use std::collections::BTreeMap;
@@ -95,6 +95,8 @@ async fn run(seed: u64) {
     let window = 3;
     let (mut store, mut p) = open(dir.path(), window).await;
     let mut model: BTreeMap<u64, (St, Bytes)> = BTreeMap::new();
+    // Each item's attempts: a lease counts one, a release (a lease that reached no one) takes it back.
+    let mut attempts: BTreeMap<u64, u32> = BTreeMap::new();
     let mut next_tag = 0u64;
     let mut now = T0;
     for step in 0..300 {
@@ -110,6 +112,7 @@ async fn run(seed: u64) {
                     let size = [16usize, 900, 1500, 4000][rng.next(4) as usize];
                     let pl = payload(next_tag, size);
                     model.insert(next_tag, (St::Ready, pl.clone()));
+                    attempts.insert(next_tag, 0);
                     next_tag += 1;
                     items.push(NewItem {
                         expire_deadline: FAR,
@@ -139,6 +142,9 @@ async fn run(seed: u64) {
                     assert_eq!(*st, St::Ready, "step {step}: leased tag {t} not ready");
                     assert_eq!(&it.payload, pl, "step {step}: payload of tag {t}");
                     *st = St::Leased(it.id.0, d);
+                    let a = attempts.get_mut(&t).expect("test step");
+                    *a += 1;
+                    assert_eq!(it.attempts, *a, "step {step}: attempts of tag {t} leased");
                 }
             }
             50..=64 => {
@@ -169,8 +175,12 @@ async fn run(seed: u64) {
                     continue;
                 }
                 let (t, id) = leased[rng.next(leased.len() as u64) as usize];
-                let (action, st) = match rng.next(3) {
+                let (action, st) = match rng.next(4) {
                     0 => (RetryAction::Requeue, St::Ready),
+                    3 => {
+                        *attempts.get_mut(&t).expect("test step") -= 1;
+                        (RetryAction::Release, St::Ready)
+                    }
                     1 => {
                         let at = now + 1 + rng.next(5) as i64;
                         (RetryAction::Schedule(Ts(at)), St::Sched(at))
@@ -267,6 +277,11 @@ async fn run(seed: u64) {
                 St::Ready
             };
             assert_eq!(&got, st, "step {step}: state of tag {t}");
+            assert_eq!(
+                it.attempts, attempts[&t],
+                "step {step} (op {op}): attempts of tag {t} (id {})",
+                it.id
+            );
             assert!(seen.insert(t, it.id).is_none(), "step {step}: tag {t} twice");
         }
         assert_eq!(
