@@ -19,6 +19,7 @@ use lessor_server::Config;
 lessor_testkit::every_backend!(
     idle_queues_unload_and_serve_what_they_held_when_loaded_again,
     an_unloaded_queue_is_loaded_again_when_its_items_expire,
+    a_key_whose_item_was_completed_is_still_known_after_an_unload,
 );
 
 fn item(text: &str) -> pb::QueueProduceItem {
@@ -371,4 +372,66 @@ async fn an_unloaded_queue_is_loaded_again_when_its_items_expire(enc: Encoding) 
         .await
         .expect("lease from the dead-letter queue");
     assert_eq!(texts(&got.items), ["old".to_string()].into());
+}
+
+/// A dedup key outlives its item: within the window, a produce with the key of an item already completed is a
+/// duplicate. That must hold across an unload too, when the next task rebuilds its index from the partitions'
+/// records: a key forgotten there would store the item a second time.
+async fn a_key_whose_item_was_completed_is_still_known_after_an_unload(enc: Encoding) {
+    let b = lessor_testkit::server::on_backend(enc).await;
+    let c = b.client.clone();
+    let engine = b.server.as_ref().expect("server").engine.clone();
+    lessor_testkit::server::create_queue(&c, "keys", |q| {
+        q.dedup_window = "1h".into();
+        q.requested_partitions = 2;
+    })
+    .await;
+    let keyed = |text: &str| pb::QueueProduceItem {
+        dedup_id: format!("key-{text}"),
+        ..item(text)
+    };
+    produce(&c, "keys", (0..6).map(|i| keyed(&format!("k{i}"))).collect()).await;
+    let mut done = 0;
+    while done < 6 {
+        let got = lessor_testkit::server::lease(&c, "keys", 6, "c")
+            .await
+            .expect("lease");
+        for it in &got.items {
+            c.queue_complete(&pb::QueueCompleteRequest {
+                queue_name: "keys".into(),
+                partition: got.partition,
+                request_timeout: "5s".into(),
+                ids: vec![it.id.clone()],
+            })
+            .await
+            .expect("complete");
+            done += 1;
+        }
+    }
+    b.clock.advance(Duration::from_secs(301));
+    lessor_testkit::eventually("the queue unloads", Duration::from_secs(5), || async {
+        match unloaded(&engine, "keys") {
+            Some(true) => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+    // Within the hour: every key is a duplicate, the new one is not.
+    produce(
+        &c,
+        "keys",
+        (0..6)
+            .map(|i| keyed(&format!("k{i}")))
+            .chain([keyed("new")])
+            .collect(),
+    )
+    .await;
+    let got = lessor_testkit::server::lease(&c, "keys", 10, "c")
+        .await
+        .expect("lease");
+    assert_eq!(
+        texts(&got.items),
+        ["new".to_string()].into(),
+        "only the new key is stored after the unload"
+    );
 }
