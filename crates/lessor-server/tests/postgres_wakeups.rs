@@ -371,3 +371,60 @@ async fn a_stopped_server_stops_listening() {
     a.stop().await;
     wait_for_listeners(db.url(), 0).await;
 }
+
+/// Idle queues unload on both servers (`limits.queue-idle-unload: 1s`, real time): a consumer long-polling on B is
+/// still woken by a produce on A after A's queue unloaded between two produces, and after B's unloaded between two
+/// consumers, with B's periodic refresh an hour away. An unloaded queue has no task to hand a notification to, so
+/// this holds only if the request that loads it again reads the partition afresh and the producing server notifies
+/// whether or not its queue was loaded before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wakeups_reach_a_consumer_across_unloads_on_both_servers() {
+    if lessor_testkit::database_or_skip().is_none() {
+        return;
+    }
+    let db = TestDatabase::create("lessor_wake").await;
+    let config = |name: &str| {
+        let mut c = config(&url_for(db.url(), name), "1h");
+        c.limits.queue_idle_unload = Some("1s".into());
+        c
+    };
+    let (sa, a) = lessor_testkit::server::start(&config("lessor-a"), None).await;
+    let (sb, b) = lessor_testkit::server::start(&config("lessor-b"), None).await;
+    create(&a, "jobs").await;
+    warm(&b, "jobs").await;
+    wait_for_listeners(db.url(), 2).await;
+    // Not loaded: never loaded on that server, or unloaded since.
+    let unloaded = |s: &RunningServer| {
+        !s.engine
+            .queue_metrics()
+            .iter()
+            .any(|(q, m)| q == "jobs" && !m.unloaded.load(std::sync::atomic::Ordering::Relaxed))
+    };
+    for round in 0..3 {
+        // Both queues idle past the unload time (B's consumer of the last round was answered).
+        eventually("both queues unload", Duration::from_secs(10), || async {
+            if unloaded(&sa) && unloaded(&sb) {
+                Ok(())
+            } else {
+                Err(format!("unloaded: A {}, B {}", unloaded(&sa), unloaded(&sb)))
+            }
+        })
+        .await;
+        let t0 = Instant::now();
+        let got = produce_while_waiting(&a, &b, &format!("item-{round}")).await;
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "round {round}: served by a wakeup, not a refresh ({:?})",
+            t0.elapsed()
+        );
+        b.queue_complete(&pb::QueueCompleteRequest {
+            queue_name: "jobs".into(),
+            partition: got.partition,
+            request_timeout: "5s".into(),
+            ids: vec![got.items[0].id.clone()],
+        })
+        .await
+        .expect("complete");
+    }
+    drop((sa, sb));
+}
