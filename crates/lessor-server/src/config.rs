@@ -50,6 +50,12 @@ const MAX_INFLIGHT_WAIT: Duration = Duration::from_secs(60);
 
 /// Longest `limits.queue-idle-unload`: a longer one is as good as never, which `0s` says plainly.
 const MAX_QUEUE_IDLE_UNLOAD: Duration = Duration::from_secs(24 * 3600);
+/// Default `limits.metrics-max-queues`: per-queue series of 10,000 queues make a scrape of about 10 MB (190,000
+/// series), as much as a Prometheus server is commonly given per target.
+pub const DEFAULT_METRICS_MAX_QUEUES: usize = 10_000;
+/// Highest `limits.metrics-max-queues`: 1,000,000 queues' series are about 1 GB of text per scrape, already more than
+/// any Prometheus takes from one target; a higher bound would be no bound.
+const MAX_METRICS_MAX_QUEUES: usize = 1_000_000;
 /// Longest `limits.default-request-timeout`: the longest `request_timeout` a request may carry (15m).
 const MAX_DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(15 * 60);
 /// Default `limits.header-read-timeout`.
@@ -515,6 +521,9 @@ pub struct LimitsSection {
     /// How long a queue stays loaded without a request before it unloads, when nothing keeps it (Go duration,
     /// default 5m, `0s` never unloads; see [`lessor_core::types::Limits::queue_idle_unload`]).
     pub queue_idle_unload: Option<String>,
+    /// Most queues with per-queue series in `/metrics` (default 10,000, at most 1,000,000; 0: none, only the
+    /// server-wide totals); see [`crate::metrics`].
+    pub metrics_max_queues: Option<usize>,
     /// How long `queue.retry`, `queue.stats` and browsing, whose requests carry no `request_timeout`, wait for a
     /// queue stuck in a storage call before 454 (Go duration, default 30s, between 1ms and 15m).
     pub default_request_timeout: Option<String>,
@@ -684,6 +693,14 @@ impl Config {
                         reason,
                     })
                 }
+            }
+        }
+        if let Some(n) = self.limits.metrics_max_queues {
+            if n > MAX_METRICS_MAX_QUEUES {
+                return Err(ConfigError::Limit {
+                    field: "limits.metrics-max-queues",
+                    reason: format!("must be at most {MAX_METRICS_MAX_QUEUES} (0: no per-queue series)"),
+                });
             }
         }
         if let Some(d) = &self.limits.default_request_timeout {
@@ -873,6 +890,13 @@ impl Config {
             .iter()
             .map(|s| s.name.clone().unwrap_or_default())
             .collect()
+    }
+
+    /// Most queues with per-queue series in `/metrics` (`limits.metrics-max-queues`).
+    pub fn metrics_max_queues(&self) -> usize {
+        self.limits
+            .metrics_max_queues
+            .unwrap_or(DEFAULT_METRICS_MAX_QUEUES)
     }
 
     /// The engine's limits: the defaults with the file's `limits` applied.
@@ -1364,6 +1388,28 @@ mod tests {
                 .expect_err(bad)
                 .to_string();
             assert!(e.contains("limits.queue-idle-unload"), "{bad}: {e}");
+        }
+    }
+
+    /// `limits.metrics-max-queues` bounds the queues with per-queue series in `/metrics`: 0 (none) to 1,000,000;
+    /// the default is 10,000.
+    #[test]
+    fn metrics_max_queues_is_checked_and_applied() {
+        assert_eq!(Config::memory().metrics_max_queues(), 10_000);
+        for n in [0, 3, 10_000, 1_000_000] {
+            let c = Config::from_yaml(&format!("limits:\n  metrics-max-queues: {n}\n")).expect("valid");
+            assert_eq!(c.metrics_max_queues(), n);
+        }
+        let e = Config::from_yaml("limits:\n  metrics-max-queues: 1000001\n")
+            .expect_err("above the bound")
+            .to_string();
+        assert!(e.contains("limits.metrics-max-queues"), "{e}");
+        // Not a count at all: the parser's error, which quotes the line.
+        for bad in ["-1", "many"] {
+            let e = Config::from_yaml(&format!("limits:\n  metrics-max-queues: {bad}\n"))
+                .expect_err(bad)
+                .to_string();
+            assert!(e.contains("metrics-max-queues"), "{bad}: {e}");
         }
     }
 

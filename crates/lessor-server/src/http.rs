@@ -1496,18 +1496,42 @@ async fn health(State(st): State<AppState>) -> Response {
 }
 
 /// `/metrics`: Prometheus text format 0.0.4 (as Querator), or OpenMetrics when the scraper's `Accept` asks for it
-/// (Prometheus does when its scrape protocols allow).
-async fn metrics(State(st): State<AppState>, headers: HeaderMap) -> Response {
+/// (Prometheus does when its scrape protocols allow). With `queue=NAME` parameters (repeatable, at most
+/// [`crate::metrics::MAX_NAMED_QUEUES`]), only the named queues' series and the queue totals, whatever
+/// `limits.metrics-max-queues` reports; other parameters are ignored, as they always were.
+async fn metrics(
+    State(st): State<AppState>,
+    headers: HeaderMap,
+    axum::extract::Query(params): axum::extract::Query<Vec<(String, String)>>,
+) -> Response {
+    let named: Vec<String> = params
+        .into_iter()
+        .filter(|(k, _)| k == "queue")
+        .map(|(_, v)| v)
+        .collect();
+    if named.len() > crate::metrics::MAX_NAMED_QUEUES {
+        return (
+            StatusCode::BAD_REQUEST,
+            format!(
+                "at most {} queue parameters per /metrics request, got {}",
+                crate::metrics::MAX_NAMED_QUEUES,
+                named.len()
+            ),
+        )
+            .into_response();
+    }
     let openmetrics = header_str(&headers, header::ACCEPT)
         .is_some_and(|a| a.to_ascii_lowercase().contains("application/openmetrics-text"));
+    let om = if named.is_empty() {
+        st.metrics.render()
+    } else {
+        st.metrics.render_queues(named)
+    };
     let (body, content_type) = if openmetrics {
-        (
-            st.metrics.render(),
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )
+        (om, "application/openmetrics-text; version=1.0.0; charset=utf-8")
     } else {
         (
-            st.metrics.render_text(),
+            crate::metrics::openmetrics_to_text(&om),
             "text/plain; version=0.0.4; charset=utf-8",
         )
     };

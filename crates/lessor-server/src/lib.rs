@@ -112,6 +112,8 @@ pub struct ServeOptions {
     pub reply_write_timeout: std::time::Duration,
     /// Connections served at once (`limits.max-connections`).
     pub max_connections: usize,
+    /// Most queues with per-queue series in `/metrics` (`limits.metrics-max-queues`).
+    pub metrics_max_queues: usize,
 }
 
 impl Default for ServeOptions {
@@ -129,6 +131,7 @@ impl Default for ServeOptions {
             body_read_timeout: config::DEFAULT_BODY_READ_TIMEOUT,
             reply_write_timeout: config::DEFAULT_REPLY_WRITE_TIMEOUT,
             max_connections: config::DEFAULT_MAX_CONNECTIONS,
+            metrics_max_queues: config::DEFAULT_METRICS_MAX_QUEUES,
         }
     }
 }
@@ -150,6 +153,7 @@ impl ServeOptions {
             body_read_timeout: config.body_read_timeout(),
             reply_write_timeout: config.reply_write_timeout(),
             max_connections: config.max_connections(),
+            metrics_max_queues: config.metrics_max_queues(),
         }
     }
 }
@@ -477,6 +481,7 @@ where
         options.inflight_wait,
     ))
     .with_body_read_timeout(options.body_read_timeout);
+    state.metrics.set_max_queues(options.metrics_max_queues);
     let history = state.history.clone();
     let mut app = http::router(state);
     if options.ui {

@@ -106,6 +106,34 @@ pub struct QueueMetrics {
     /// task published, kept so `/metrics` goes on reporting the queue's depth; its counters go on from them when it
     /// loads again.
     pub unloaded: AtomicBool,
+    /// The engine's sequence number at the queue's latest load or unload (see [`MetricsEntry::transition`]): how
+    /// `/metrics` tells the queues loaded longest and those unloaded most recently when it reports only some.
+    pub transition: AtomicU64,
+}
+
+/// One queue in [`Engine::metrics_snapshot`].
+#[derive(Debug)]
+pub struct MetricsEntry {
+    /// The queue's name.
+    pub name: String,
+    /// Its figures.
+    pub metrics: Arc<QueueMetrics>,
+    /// Whether it is loaded now (its task running), as of the snapshot.
+    pub loaded: bool,
+    /// [`QueueMetrics::transition`] as of the snapshot: for a loaded queue, when it loaded; for an unloaded one,
+    /// when it unloaded (so, as queues unload after the same idle time, how recently it was active). Read once, so
+    /// that an order over entries stays an order while queues load and unload.
+    pub transition: u64,
+}
+
+/// [`Engine::metrics_snapshot`]: every queue's figures, and what deleted queues counted.
+#[derive(Debug)]
+pub struct MetricsSnapshot {
+    /// Every queue this process has loaded and not deleted, loaded or unloaded for being idle.
+    pub queues: Vec<MetricsEntry>,
+    /// The counters of the queues deleted since start-up (its gauges are zero), as of the same instant as `queues`:
+    /// a server-wide total counter adds them, so that deleting a queue never takes it back.
+    pub deleted: QueueMetrics,
 }
 
 /// The storage tiers of [`QueueMetrics::tier_items`] and `tier_bytes`, in their order.
@@ -119,6 +147,28 @@ pub const TIER_REFRESH: Duration = Duration::from_secs(10);
 const STUCK_GRACE: Duration = Duration::from_secs(1);
 
 impl QueueMetrics {
+    /// The counters, in one list (the gauges are left out): what a deleted queue leaves to the engine's totals.
+    fn counters(&self) -> [&AtomicU64; 9] {
+        [
+            &self.produced,
+            &self.leased,
+            &self.lease_age_us,
+            &self.completed,
+            &self.retried,
+            &self.lease_expired,
+            &self.dead_lettered,
+            &self.deduplicated,
+            &self.extended,
+        ]
+    }
+
+    /// Adds `other`'s counters to these.
+    fn add_counters(&self, other: &QueueMetrics) {
+        for (mine, theirs) in self.counters().into_iter().zip(other.counters()) {
+            mine.fetch_add(theirs.load(Ordering::Relaxed), Ordering::Relaxed);
+        }
+    }
+
     /// Publishes tier figures summed over a queue's partitions.
     pub fn set_tiers(&self, t: &crate::types::TierStats) {
         for (i, f) in [t.memory, t.disk, t.object].into_iter().enumerate() {
@@ -298,6 +348,12 @@ pub(crate) struct Inner {
     /// keeps reporting their depth, and the next load goes on from them. A few hundred bytes per queue, against the
     /// tens of kilobytes of a loaded one. Lock order: `queues` first.
     unloaded: RwLock<HashMap<String, Arc<QueueMetrics>>>,
+    /// The counters of deleted queues, summed (see [`MetricsSnapshot::deleted`]). Added to under the `unloaded`
+    /// lock, in the same critical section that drops the queue's metrics, and read under it: a snapshot counts a
+    /// deleted queue either in its table or here, never in both or neither.
+    deleted: QueueMetrics,
+    /// Loads and unloads so far, for [`QueueMetrics::transition`].
+    transitions: AtomicU64,
     /// Queue loads so far (each task's `QueueHandle::load`).
     loads: AtomicU64,
     load_lock: Mutex<()>,
@@ -343,6 +399,8 @@ impl Engine {
                 config,
                 queues: RwLock::new(HashMap::new()),
                 unloaded: RwLock::new(HashMap::new()),
+                deleted: QueueMetrics::default(),
+                transitions: AtomicU64::new(0),
                 loads: AtomicU64::new(0),
                 load_lock: Mutex::new(()),
                 shutting_down: AtomicBool::new(false),
@@ -659,11 +717,21 @@ impl Engine {
     /// name back at once.
     async fn delete_queue_in_use(&self, name: &str, info: QueueInfo) -> Result<(), QueueError> {
         let handle = self.inner.queues.write().map_err(poisoned)?.remove(name);
-        if let Some(h) = handle {
-            stop_queue(&h).await;
+        if let Some(h) = &handle {
+            stop_queue(h).await;
         }
-        // After the stop: a task unloading meanwhile finds its handle gone and leaves no metrics behind.
-        self.inner.unloaded.write().map_err(poisoned)?.remove(name);
+        // After the stop: a task unloading meanwhile finds its handle gone and leaves no metrics behind, and the
+        // stopped task counts nothing more, so its counters pass to the deleted queues' whole. The handle's
+        // metrics and an unloaded entry's are the same figures when both exist (a load takes the unloaded entry's).
+        {
+            let mut unloaded = self.inner.unloaded.write().map_err(poisoned)?;
+            if let Some(m) = unloaded
+                .remove(name)
+                .or_else(|| handle.as_ref().map(|h| h.metrics.clone()))
+            {
+                self.inner.deleted.add_counters(&m);
+            }
+        }
         // One call per store: a store that can delete many partitions in one write does (fjall).
         for s in &self.inner.config.stores {
             let mine: Vec<u32> = info
@@ -912,6 +980,10 @@ impl Engine {
         {
             let mut queues = self.inner.queues.write().map_err(poisoned)?;
             metrics.unloaded.store(false, Ordering::Relaxed);
+            metrics.transition.store(
+                self.inner.transitions.fetch_add(1, Ordering::Relaxed) + 1,
+                Ordering::Relaxed,
+            );
             self.inner.unloaded.write().map_err(poisoned)?.remove(name);
             queues.insert(name.to_string(), h.clone());
         }
@@ -945,6 +1017,10 @@ impl Engine {
             if let Some(h) = queues.get(name).filter(|h| h.load == load).cloned() {
                 queues.remove(name);
                 if let Ok(mut unloaded) = self.inner.unloaded.write() {
+                    h.metrics.transition.store(
+                        self.inner.transitions.fetch_add(1, Ordering::Relaxed) + 1,
+                        Ordering::Relaxed,
+                    );
                     unloaded.insert(name.to_string(), h.metrics.clone());
                 }
             }
@@ -1591,6 +1667,39 @@ impl Engine {
             );
         }
         out
+    }
+
+    /// What `/metrics` reads: every queue's figures, as [`Engine::queue_metrics`], with whether each is loaded and
+    /// its [`QueueMetrics::transition`], and the counters of deleted queues, all as of one instant (both tables'
+    /// locks held).
+    pub fn metrics_snapshot(&self) -> MetricsSnapshot {
+        let deleted = QueueMetrics::default();
+        let Ok(queues) = self.inner.queues.read() else {
+            return MetricsSnapshot {
+                queues: Vec::new(),
+                deleted,
+            };
+        };
+        let entry = |name: &String, metrics: &Arc<QueueMetrics>, loaded: bool| MetricsEntry {
+            name: name.clone(),
+            metrics: metrics.clone(),
+            loaded,
+            transition: metrics.transition.load(Ordering::Relaxed),
+        };
+        let mut out: Vec<_> = queues
+            .iter()
+            .map(|(k, h)| entry(k, &h.metrics, !h.tx.is_closed()))
+            .collect();
+        if let Ok(unloaded) = self.inner.unloaded.read() {
+            out.extend(
+                unloaded
+                    .iter()
+                    .filter(|(k, _)| !queues.contains_key(*k))
+                    .map(|(k, m)| entry(k, m, false)),
+            );
+            deleted.add_counters(&self.inner.deleted);
+        }
+        MetricsSnapshot { queues: out, deleted }
     }
 
     /// Stops every queue: waiting requests get "queue is shutting down", in-flight storage calls finish, stores
