@@ -1138,3 +1138,58 @@ async fn produce_reports_which_items_were_skipped_as_duplicates() {
     a.destroy(&queue, 0).await.ok();
     b.destroy(&queue, 1).await.ok();
 }
+
+/// A keyed item with a source id (a redrive copy: its key is derived from its source id) produced again while a
+/// consumer's complete of the stored copy is committing: the statement's snapshot still sees the stored copy, so the
+/// claim does not try its key, and the insert's own conflict check waits for the complete and then finds the source
+/// id free. The key's record is live all along, so the item is a duplicate and must not be stored a second time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_keyed_copy_is_not_stored_again_when_its_stored_copy_is_completed_meanwhile() {
+    let Some((a, _b)) = two_servers() else {
+        return;
+    };
+    let url = lessor_testkit::database_or_skip().expect("database");
+    let queue = unique_queue("pg-src-race");
+    let p = a.open(&queue, 0).await.expect("open");
+    let item = |tag: &str| NewItem {
+        expire_deadline: T0.add(SEC * 3600),
+        created_at: T0,
+        payload: Bytes::from(tag.to_string()),
+        source_id: "dlq/0/42".into(),
+        dedup_id: "redrive:dlq/0/42".into(),
+        dedup_until: T0.add(SEC * 300),
+        ..Default::default()
+    };
+    let first = p.produce(vec![item("first")]).await.expect("first");
+    // The consumer's complete of the stored copy, held open until the second produce waits for it.
+    let client = lessor_testkit::connect(&url).await;
+    client.batch_execute("BEGIN").await.expect("begin");
+    let deleted = client
+        .execute(
+            &format!("DELETE FROM {} WHERE source_id = $1", table_name(&queue, 0)),
+            &[&"dlq/0/42"],
+        )
+        .await
+        .expect("delete");
+    assert_eq!(deleted, 1);
+    let again = {
+        let p = p.clone();
+        let it = item("again");
+        tokio::spawn(async move { p.produce_reporting(vec![it]).await })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    client.batch_execute("COMMIT").await.expect("commit");
+    let (ids, stored) = again.await.expect("join").expect("again");
+    let left: Vec<String> = p
+        .list(None, 10, false)
+        .await
+        .expect("list")
+        .iter()
+        .map(|i| String::from_utf8_lossy(&i.payload).into_owned())
+        .collect();
+    assert!(
+        left.is_empty() && stored == [false],
+        "a duplicate of a live key was stored again (first {first:?}, again {ids:?} stored {stored:?}): {left:?}"
+    );
+    a.destroy(&queue, 0).await.ok();
+}
