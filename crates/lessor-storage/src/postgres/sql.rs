@@ -225,29 +225,33 @@ fn produce(t: &str, dedup: Option<bool>) -> String {
         ""
     };
     let dedup = dedup.is_some();
+    // The keyed rows whose source id the statement's snapshot does not hold: the rows that claim a key.
+    let no_stored_source =
+        format!("(b.source_id IS NULL OR NOT EXISTS (SELECT 1 FROM {t} e WHERE e.source_id = b.source_id))");
     let (claim, filter, extra) = if dedup {
         (
             format!(
                 "claim AS (
                     INSERT INTO lessor_dedup_keys AS d (h1, h2, queue_id, item_id, partition, created_at, until)
                     SELECT b.h1, b.h2, $13::int8, {new}, $14::int8, b.created_at, b.dedup_until FROM b
-                    WHERE b.h1 IS NOT NULL
-                      AND (b.source_id IS NULL
-                           OR NOT EXISTS (SELECT 1 FROM {t} e WHERE e.source_id = b.source_id))
+                    WHERE b.h1 IS NOT NULL AND {no_stored_source}
                     ORDER BY b.h1, b.h2
                     {on_conflict}
                     RETURNING d.item_id),",
                 new = new_id("b.rn"),
             ),
-            // A plain claim claims every key it tries or fails as a whole, and the rows it does not try (a source
-            // id already stored) are skipped by the insert's own `ON CONFLICT`: no filter.
+            // A plain claim claims every key it tries or fails as a whole, so the rows to insert are those without
+            // a key and those it tried, by the same test on the same snapshot. Not "no filter, the insert's
+            // `ON CONFLICT` skips the others": a stored copy that the snapshot holds but that a complete deletes
+            // before the insert checks the source index (the check waits for the deleting transaction) no longer
+            // conflicts, and the row would be stored without its key claimed while the key's record is live.
             if upsert {
                 format!(
                     "WHERE b.h1 IS NULL OR {new} IN (SELECT item_id FROM claim)",
                     new = new_id("b.rn")
                 )
             } else {
-                String::new()
+                format!("WHERE b.h1 IS NULL OR {no_stored_source}")
             },
             ", (SELECT array_agg(item_id) FROM claim)",
         )
