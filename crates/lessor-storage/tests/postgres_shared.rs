@@ -1193,3 +1193,160 @@ async fn a_keyed_copy_is_not_stored_again_when_its_stored_copy_is_completed_mean
     );
     a.destroy(&queue, 0).await.ok();
 }
+
+/// A queue deleted and created again under the same name within its keys' window starts without records, as the
+/// memory and fjall stores do (their records live in the deleted partitions): a key produced before the delete is
+/// stored again after it, on either server and in any partition.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_queue_created_again_under_its_name_forgets_the_old_keys() {
+    let Some((a, b)) = two_servers() else {
+        return;
+    };
+    let queue = unique_queue("pg-dedup-recreate");
+    let item = |tag: &str| NewItem {
+        expire_deadline: T0.add(SEC * 3600),
+        created_at: T0,
+        payload: Bytes::from(tag.to_string()),
+        dedup_id: "k".into(),
+        dedup_until: T0.add(SEC * 300),
+        ..Default::default()
+    };
+    a.create(&queue, &[0, 1]).await.expect("create");
+    let p0 = a.open(&queue, 0).await.expect("open");
+    let first = p0.produce(vec![item("first")]).await.expect("first");
+    b.destroy_many(&queue, &[0, 1]).await.expect("delete");
+    a.create(&queue, &[0, 1]).await.expect("create again");
+    for (store, part) in [(&b, 1u32), (&a, 0)] {
+        let p = store.open(&queue, part).await.expect("open again");
+        let (ids, stored) = p.produce_reporting(vec![item("after")]).await.expect("after");
+        if part == 1 {
+            assert_eq!(
+                stored,
+                [true],
+                "the old key is gone (first {first:?}, now {ids:?})"
+            );
+        } else {
+            assert_eq!(stored, [false], "the new record holds");
+        }
+    }
+    a.destroy_many(&queue, &[0, 1]).await.ok();
+}
+
+/// A version-4 database with dedup records of several queues (live and expired ones, and a deleted queue's):
+/// a migration killed in the middle of moving them leaves the database at version 4 with every record, and two
+/// servers migrating it at once afterwards write one secret and move each record exactly once, both then hashing
+/// keys alike.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_killed_then_concurrent_version_5_migration_moves_each_record_once() {
+    if lessor_testkit::database_or_skip().is_none() {
+        return;
+    }
+    let db = lessor_testkit::TestDatabase::create("lessor_dedup_migrate").await;
+    let min = 60_000_000_000i64;
+    let n = 60_000i64;
+    lessor_testkit::execute(
+        db.url(),
+        &format!(
+            "CREATE TABLE lessor_schema (singleton BOOLEAN PRIMARY KEY DEFAULT true CHECK (singleton),
+                                         version INTEGER NOT NULL);
+             INSERT INTO lessor_schema VALUES (true, 4);
+             {ddl}
+             INSERT INTO lessor_dedup (queue, dedup_id, item_id, partition, created_at, until)
+                 SELECT (ARRAY['q', 'other', 'gone'])[1 + i % 3], 'k-' || i, 1000 + i, 0, {t0},
+                        CASE WHEN i % 2 = 0 THEN {live} ELSE {t0} END
+                 FROM generate_series(1, {n}) i;",
+            ddl = lessor_storage::postgres::migrations_up_to(4),
+            t0 = T0.0,
+            live = T0.0 + 5 * min,
+        ),
+    )
+    .await
+    .expect("a version 4 schema with dedup records");
+    let client = lessor_testkit::connect(db.url()).await;
+    // The first migration is killed while it moves the records.
+    let killed_url = unique_url(db.url());
+    let app = killed_url
+        .rsplit("application_name=")
+        .next()
+        .expect("name")
+        .to_string();
+    let killed = tokio::spawn(async move {
+        let store = PgStore::new(&PgConfig::new(killed_url)).expect("store");
+        let r = store.open("q", 0).await.map(|_| ());
+        store.close().await;
+        r
+    });
+    let mut terminated = false;
+    for _ in 0..2000 {
+        let rows = client
+            .query(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+                 WHERE application_name = $1 AND query LIKE '%lessor_dedup_keys%' AND state = 'active'",
+                &[&app],
+            )
+            .await
+            .expect("terminate");
+        if !rows.is_empty() {
+            terminated = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    assert!(terminated, "caught the migration moving records");
+    assert!(
+        killed.await.expect("join").is_err(),
+        "the killed migration failed"
+    );
+    let version: i32 = client
+        .query_one("SELECT version FROM lessor_schema", &[])
+        .await
+        .expect("version")
+        .get(0);
+    assert_eq!(version, 4);
+    let left: i64 = client
+        .query_one("SELECT count(*) FROM lessor_dedup", &[])
+        .await
+        .expect("count")
+        .get(0);
+    assert_eq!(left, n, "every old record is still there");
+    // Two servers migrate at once.
+    let a = PgStore::new(&PgConfig::new(unique_url(db.url()))).expect("store a");
+    let b = PgStore::new(&PgConfig::new(unique_url(db.url()))).expect("store b");
+    let (pa, pb) = tokio::join!(a.open("q", 0), b.open("q", 1));
+    let (pa, pb) = (pa.expect("open a"), pb.expect("open b"));
+    let secrets: i64 = client
+        .query_one("SELECT count(*) FROM lessor_dedup_secret", &[])
+        .await
+        .expect("secrets")
+        .get(0);
+    assert_eq!(secrets, 1);
+    let moved: i64 = client
+        .query_one("SELECT count(*) FROM lessor_dedup_keys", &[])
+        .await
+        .expect("count")
+        .get(0);
+    assert_eq!(moved, n, "each record moved once");
+    let item = |key: &str| NewItem {
+        expire_deadline: T0.add(SEC * 3600),
+        created_at: T0,
+        payload: Bytes::from(key.to_string()),
+        dedup_id: key.into(),
+        dedup_until: T0.add(SEC * 300),
+        ..Default::default()
+    };
+    // k-3 is q's (3 % 3 == 0) and live (odd: no; 3 is odd, so expired), k-6 q's and live.
+    assert_eq!(
+        pa.produce(vec![item("k-6")]).await.expect("live"),
+        vec![ItemId(1006)],
+        "a live moved record is a duplicate"
+    );
+    let fresh = pb.produce(vec![item("k-3")]).await.expect("expired");
+    assert_ne!(fresh, vec![ItemId(1003)], "an expired moved record is replaced");
+    assert_eq!(
+        pa.produce(vec![item("k-3")]).await.expect("again"),
+        fresh,
+        "both servers hash alike"
+    );
+    a.close().await;
+    b.close().await;
+}
