@@ -1350,3 +1350,66 @@ async fn a_killed_then_concurrent_version_5_migration_moves_each_record_once() {
     a.close().await;
     b.close().await;
 }
+
+/// Two servers produce the same keyed item with a source id (a redrive copy) into one partition, one of them in
+/// the upsert form (its partition met a record within the last second) and the other in the plain form. Both
+/// forms must take the key before the source id: the upsert form claims first, and a plain form that inserted the
+/// source id first and then waited for the key would deadlock with it. The upsert batch is held between its claim
+/// and its insert of the shared row by a row another transaction is inserting (the batch's second row), while the
+/// plain one runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_plain_and_the_upsert_claim_take_keys_and_source_ids_in_one_order() {
+    let Some((a, b)) = two_servers() else {
+        return;
+    };
+    let url = lessor_testkit::database_or_skip().expect("database");
+    let queue = unique_queue("pg-claim-order");
+    let pa = a.open(&queue, 0).await.expect("open a");
+    let pb = b.open(&queue, 0).await.expect("open b");
+    let item = |source: &str, key: &str| NewItem {
+        expire_deadline: T0.add(SEC * 3600),
+        created_at: T0,
+        payload: Bytes::from(format!("{source}/{key}")),
+        source_id: source.into(),
+        dedup_id: key.into(),
+        dedup_until: T0.add(SEC * 300),
+        ..Default::default()
+    };
+    // Server A's partition meets a record: its keyed produces send the upsert form for a second.
+    pa.produce(vec![item("", "warm")]).await.expect("warm");
+    pa.produce(vec![item("", "warm")]).await.expect("warm again");
+    let client = lessor_testkit::connect(&url).await;
+    client.batch_execute("BEGIN").await.expect("begin");
+    client
+        .execute(
+            &format!(
+                "INSERT INTO {} (source_id, expire_deadline, created_at, payload) VALUES ('s0', 0, 0, '')",
+                table_name(&queue, 0)
+            ),
+            &[],
+        )
+        .await
+        .expect("hold s0");
+    let upsert = {
+        let p = pa.clone();
+        let batch = vec![item("s2", "k2"), item("s0", ""), item("s1", "k1")];
+        tokio::spawn(async move { p.produce(batch).await })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let plain = {
+        let p = pb.clone();
+        tokio::spawn(async move { p.produce(vec![item("s1", "k1")]).await })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    client.batch_execute("ROLLBACK").await.expect("rollback");
+    let (upsert, plain) = (upsert.await.expect("join"), plain.await.expect("join"));
+    assert!(
+        upsert.is_ok() && plain.is_ok(),
+        "both produces succeed: upsert {upsert:?}, plain {plain:?}"
+    );
+    let (upsert, plain) = (upsert.expect("upsert"), plain.expect("plain"));
+    assert_eq!(upsert[2], plain[0], "one copy of s1/k1");
+    let stored = pa.list(None, 10, false).await.expect("list");
+    assert_eq!(stored.len(), 4, "warm, s2, s0, s1");
+    a.destroy(&queue, 0).await.ok();
+}
