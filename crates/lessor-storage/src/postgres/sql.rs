@@ -245,14 +245,20 @@ fn produce(t: &str, dedup: Option<bool>) -> String {
             // `ON CONFLICT` skips the others": a stored copy that the snapshot holds but that a complete deletes
             // before the insert checks the source index (the check waits for the deleting transaction) no longer
             // conflicts, and the row would be stored without its key claimed while the key's record is live.
-            if upsert {
-                format!(
-                    "WHERE b.h1 IS NULL OR {new} IN (SELECT item_id FROM claim)",
-                    new = new_id("b.rn")
-                )
-            } else {
-                format!("WHERE b.h1 IS NULL OR {no_stored_source}")
-            },
+            //
+            // Either way the claim runs to its end before the first item is inserted (the first condition refers
+            // to no row: PostgreSQL checks it once, before the insert reads any): keys first, then source ids. A
+            // statement that inserted a source id and then waited for a key (the plain form, whose insert did not
+            // read the claim, ran before it) deadlocked with one that held the key and waited for the source id,
+            // until the lock timeout failed one of them (two servers producing one redrive copy).
+            format!(
+                "WHERE (SELECT count(*) FROM claim) >= 0 AND (b.h1 IS NULL OR {kept})",
+                kept = if upsert {
+                    format!("{new} IN (SELECT item_id FROM claim)", new = new_id("b.rn"))
+                } else {
+                    no_stored_source.clone()
+                }
+            ),
             ", (SELECT array_agg(item_id) FROM claim)",
         )
     } else {
