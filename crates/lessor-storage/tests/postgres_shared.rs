@@ -1232,6 +1232,17 @@ async fn a_queue_created_again_under_its_name_forgets_the_old_keys() {
     a.destroy_many(&queue, &[0, 1]).await.ok();
 }
 
+/// Opens partition `part` of `q`, again after transient errors (as the engine does on its backoff).
+async fn open_retrying(s: &PgStore, part: u32) -> Arc<dyn Partition> {
+    for _ in 0..100 {
+        match s.open("q", part).await {
+            Err(e) if e.is_transient() => tokio::time::sleep(Duration::from_millis(100)).await,
+            r => return r.expect("open"),
+        }
+    }
+    panic!("partition {part} never opened");
+}
+
 /// A version-4 database with dedup records of several queues (live and expired ones, and a deleted queue's):
 /// a migration killed in the middle of moving them leaves the database at version 4 with every record, and two
 /// servers migrating it at once afterwards write one secret and move each record exactly once, both then hashing
@@ -1309,11 +1320,11 @@ async fn a_killed_then_concurrent_version_5_migration_moves_each_record_once() {
         .expect("count")
         .get(0);
     assert_eq!(left, n, "every old record is still there");
-    // Two servers migrate at once.
+    // Two servers migrate at once. The one waiting for the migration lock gives up after the lock timeout (1 s)
+    // while the other moves the records, with a transient error; the engine opens the partition again later.
     let a = PgStore::new(&PgConfig::new(unique_url(db.url()))).expect("store a");
     let b = PgStore::new(&PgConfig::new(unique_url(db.url()))).expect("store b");
-    let (pa, pb) = tokio::join!(a.open("q", 0), b.open("q", 1));
-    let (pa, pb) = (pa.expect("open a"), pb.expect("open b"));
+    let (pa, pb) = tokio::join!(open_retrying(&a, 0), open_retrying(&b, 1));
     let secrets: i64 = client
         .query_one("SELECT count(*) FROM lessor_dedup_secret", &[])
         .await
