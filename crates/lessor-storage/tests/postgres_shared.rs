@@ -1424,3 +1424,71 @@ async fn the_plain_and_the_upsert_claim_take_keys_and_source_ids_in_one_order() 
     assert_eq!(stored.len(), 4, "warm, s2, s0, s1");
     a.destroy(&queue, 0).await.ok();
 }
+
+/// The throttled prune keeps up: one key per call, the item clock advancing 1 s per call with a 1 s window, 1,500
+/// calls from two partitions on two servers (as fast as they go, so most calls fall within a prune's 10 ms). The
+/// records kept are the window plus the 5 minutes of grace (about 300 calls' keys) and a few calls' worth not yet
+/// due, never the whole history.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_throttled_prune_keeps_the_records_bounded() {
+    let Some((a, b)) = two_servers() else {
+        return;
+    };
+    let url = lessor_testkit::database_or_skip().expect("database");
+    let queue = unique_queue("pg-prune-bound");
+    let parts = [
+        a.open(&queue, 0).await.expect("open"),
+        b.open(&queue, 1).await.expect("open"),
+    ];
+    let client = lessor_testkit::connect(&url).await;
+    let calls = 1500u64;
+    let (mut most, mut last) = (0i64, 0i64);
+    let mut queue_id: Option<i64> = None;
+    for c in 0..calls {
+        let at = T0.add(SEC * c as u32);
+        let item = NewItem {
+            expire_deadline: at.add(SEC * 3600),
+            created_at: at,
+            payload: Bytes::from_static(b"x"),
+            dedup_id: format!("k{c}"),
+            dedup_until: at.add(SEC),
+            ..Default::default()
+        };
+        let id = parts[(c % 2) as usize]
+            .produce(vec![item])
+            .await
+            .expect("produce")[0];
+        if queue_id.is_none() {
+            // The queue's id in the records, found through the first record's item.
+            queue_id = Some(
+                client
+                    .query_one(
+                        "SELECT queue_id FROM lessor_dedup_keys WHERE item_id = $1",
+                        &[&(id.0 as i64)],
+                    )
+                    .await
+                    .expect("queue id")
+                    .get(0),
+            );
+        }
+        if c % 50 == 49 {
+            last = client
+                .query_one(
+                    "SELECT count(*) FROM lessor_dedup_keys WHERE queue_id = $1",
+                    &[&queue_id],
+                )
+                .await
+                .expect("count")
+                .get(0);
+            most = most.max(last);
+        }
+    }
+    assert!(
+        most <= 400,
+        "at most about 300 records are due to stay, {most} were kept"
+    );
+    // After call 1,499 the 301 records whose window ended within the grace are still there.
+    assert!(last >= 301, "records within the grace were dropped: {last} kept");
+    a.destroy(&queue, 0).await.ok();
+    b.destroy(&queue, 1).await.ok();
+}
