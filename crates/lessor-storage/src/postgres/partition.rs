@@ -285,9 +285,10 @@ const LIFECYCLE_DEDUP_PRUNE: i64 = 1000;
 /// records of that many minutes of keyed produces, in rows.
 const DEDUP_PRUNE_GRACE: std::time::Duration = std::time::Duration::from_secs(5 * 60);
 
-/// The `until` at or before which a prune at `now` may drop a record (see [`DEDUP_PRUNE_GRACE`]).
+/// The `until` at or before which a prune at `now` may drop a record (see [`DEDUP_PRUNE_GRACE`]). Timestamps are
+/// microseconds ([`Ts`]): the grace in nanoseconds kept records 1,000 times as long (83 hours).
 fn prune_horizon(now: i64) -> i64 {
-    now.saturating_sub(DEDUP_PRUNE_GRACE.as_nanos() as i64)
+    now.saturating_sub(i64::try_from(DEDUP_PRUNE_GRACE.as_micros()).unwrap_or(i64::MAX))
 }
 
 /// What complete and retry learn about a live item they name.
