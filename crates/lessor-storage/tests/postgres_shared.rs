@@ -1492,3 +1492,56 @@ async fn the_throttled_prune_keeps_the_records_bounded() {
     a.destroy(&queue, 0).await.ok();
     b.destroy(&queue, 1).await.ok();
 }
+
+/// A batch mixing an unkeyed item, a key whose record ended but is not pruned yet (the plain claim meets it and the
+/// batch goes again as the upsert), a new key with a source id, and a repeat of the first key: the unkeyed item and
+/// both keys are stored once, the repeat takes its first copy's id. The same batch again (now in the upsert form,
+/// within the second after the conflict) stores only the unkeyed item; a third copy from the other server, in the
+/// plain form, the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_mixed_batch_meeting_an_ended_record_stores_each_item_once() {
+    let Some((a, b)) = two_servers() else {
+        return;
+    };
+    let queue = unique_queue("pg-dedup-mixed");
+    let pa = a.open(&queue, 0).await.expect("open a");
+    let pb = b.open(&queue, 0).await.expect("open b");
+    let item = |tag: &str, source: &str, key: &str, at: Ts| NewItem {
+        expire_deadline: at.add(SEC * 3600),
+        created_at: at,
+        payload: Bytes::from(tag.to_string()),
+        source_id: source.into(),
+        dedup_id: key.into(),
+        dedup_until: at.add(SEC),
+        ..Default::default()
+    };
+    // k's record ends at T0 + 1 s; it stays 5 minutes more before a prune may drop it.
+    pb.produce(vec![item("old", "", "k", T0)]).await.expect("old");
+    let at = T0.add(SEC * 2);
+    let batch = || {
+        vec![
+            item("plain", "", "", at),
+            item("k", "", "k", at),
+            item("sourced", "s1", "j", at),
+            item("k again", "", "k", at),
+        ]
+    };
+    let (ids, stored) = pa.produce_reporting(batch()).await.expect("first");
+    assert_eq!(stored, [true, true, true, false], "ids {ids:?}");
+    assert_eq!(ids[3], ids[1]);
+    let (ids2, stored2) = pa.produce_reporting(batch()).await.expect("second");
+    assert_eq!(stored2, [true, false, false, false], "ids {ids2:?}");
+    assert_eq!(ids2[1..], ids[1..]);
+    let (ids3, stored3) = pb.produce_reporting(batch()).await.expect("third");
+    assert_eq!(stored3, [true, false, false, false], "ids {ids3:?}");
+    assert_eq!(ids3[1..], ids[1..]);
+    let payloads: Vec<String> = pa
+        .list(None, 20, false)
+        .await
+        .expect("list")
+        .iter()
+        .map(|i| String::from_utf8_lossy(&i.payload).into_owned())
+        .collect();
+    assert_eq!(payloads, ["old", "plain", "k", "sourced", "plain", "plain"]);
+    a.destroy(&queue, 0).await.ok();
+}
