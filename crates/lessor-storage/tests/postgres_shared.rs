@@ -1545,3 +1545,46 @@ async fn a_mixed_batch_meeting_an_ended_record_stores_each_item_once() {
     assert_eq!(payloads, ["old", "plain", "k", "sourced", "plain", "plain"]);
     a.destroy(&queue, 0).await.ok();
 }
+
+/// The dedup secret is never drawn again once the schema is at version 5: with its row gone (a partial restore),
+/// a server starting on the database refuses every partition with `Corrupt` instead of hashing keys under a new
+/// secret that the existing records and the other servers do not share, while a server that read it before keeps
+/// the one it read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_dedup_secret_is_refused_not_drawn_again() {
+    if lessor_testkit::database_or_skip().is_none() {
+        return;
+    }
+    let db = lessor_testkit::TestDatabase::create("lessor_dedup_secret").await;
+    let running = PgStore::new(&PgConfig::new(unique_url(db.url()))).expect("store");
+    let p = running.open("q", 0).await.expect("open");
+    let keyed = NewItem {
+        dedup_id: "k".into(),
+        dedup_until: T0.add(SEC * 300),
+        ..items(1, "k").remove(0)
+    };
+    let first = p.produce(vec![keyed.clone()]).await.expect("produce");
+    let client = lessor_testkit::connect(db.url()).await;
+    client
+        .batch_execute("DELETE FROM lessor_dedup_secret")
+        .await
+        .expect("delete the secret");
+    let starting = PgStore::new(&PgConfig::new(unique_url(db.url()))).expect("store");
+    for queue in ["q", "no-dedup"] {
+        let e = starting.open(queue, 1).await.expect_err("no secret");
+        assert_eq!(e.kind, StorageErrorKind::Corrupt, "{e}");
+    }
+    let rows: i64 = client
+        .query_one("SELECT count(*) FROM lessor_dedup_secret", &[])
+        .await
+        .expect("count")
+        .get(0);
+    assert_eq!(rows, 0, "no secret was drawn again");
+    assert_eq!(
+        p.produce(vec![keyed]).await.expect("produce again"),
+        first,
+        "the running server keeps its secret"
+    );
+    running.close().await;
+    starting.close().await;
+}
