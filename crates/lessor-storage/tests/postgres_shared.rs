@@ -1145,12 +1145,34 @@ async fn produce_reports_which_items_were_skipped_as_duplicates() {
 /// id free. The key's record is live all along, so the item is a duplicate and must not be stored a second time.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_keyed_copy_is_not_stored_again_when_its_stored_copy_is_completed_meanwhile() {
+    keyed_copy_completed_meanwhile(false).await;
+}
+
+/// The same in the upsert form (the partition met a record within the last second).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_keyed_copy_is_not_stored_again_when_its_stored_copy_is_completed_meanwhile_upsert() {
+    keyed_copy_completed_meanwhile(true).await;
+}
+
+async fn keyed_copy_completed_meanwhile(upsert: bool) {
     let Some((a, _b)) = two_servers() else {
         return;
     };
     let url = lessor_testkit::database_or_skip().expect("database");
     let queue = unique_queue("pg-src-race");
     let p = a.open(&queue, 0).await.expect("open");
+    if upsert {
+        let warm = NewItem {
+            dedup_id: "warm".into(),
+            dedup_until: T0.add(SEC * 300),
+            ..items(1, "warm").remove(0)
+        };
+        p.produce(vec![warm.clone()]).await.expect("warm");
+        p.produce(vec![warm]).await.expect("warm again");
+        // The warm item goes, so the list below holds only the copies of the item under test.
+        let warm_id = p.lease(1, T0.add(SEC)).await.expect("lease")[0].id;
+        p.complete(vec![vec![warm_id]]).await.expect("complete warm");
+    }
     let item = |tag: &str| NewItem {
         expire_deadline: T0.add(SEC * 3600),
         created_at: T0,
