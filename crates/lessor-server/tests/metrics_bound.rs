@@ -249,3 +249,73 @@ async fn named_queues_get_their_series_beyond_the_bound() {
     assert!(text.contains("at most 100"), "{text}");
     srv.stop().await;
 }
+
+/// Two servers over one PostgreSQL database: server B deletes two queues server A served, and creates one of them
+/// again. A's tasks of both stop when they re-read the definitions; they must leave A's totals as a local delete
+/// does: their depth gone from the total gauges, their counts kept in the total counters. A stopped task's handle
+/// used to stay in A's table with its last figures (the depth of a queue that no longer exists, in the totals for
+/// good), and the queue loaded again under the name started from fresh metrics that replaced the old handle's, so
+/// its counts left the total counters (the collector's floor then held the counter flat until new counts made up
+/// for them, instead of counting them).
+#[cfg(feature = "postgres")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queues_deleted_by_another_server_leave_the_totals_as_a_local_delete() {
+    if lessor_testkit::database_or_skip().is_none() {
+        return;
+    }
+    let db = lessor_testkit::TestDatabase::create("lessor_mb").await;
+    let url = format!("'{}'", db.url().replace('\'', "''"));
+    let config = Config::from_yaml(&format!(
+        "queue-storage:\n  driver: postgres\n  config:\n    connection-string: {url}\n\
+         partition-storage:\n  - name: pg-0\n    driver: postgres\n    affinity: 1\n    \
+         config:\n      connection-string: {url}\n\
+         limits:\n  shared-refresh: 100ms\n"
+    ))
+    .expect("config");
+    let (a, ca) = lessor_testkit::server::start(&config, None).await;
+    let (b, cb) = lessor_testkit::server::start(&config, None).await;
+    for q in ["again", "gone"] {
+        lessor_testkit::server::create_queue(&ca, q, |_| {}).await;
+        produce(&ca, q, 5).await;
+    }
+    // A task publishes its depth after its pass, not before the produce is answered.
+    lessor_testkit::eventually("A's totals", Duration::from_secs(10), || async {
+        let s = scrape(&ca).await;
+        match (
+            value(&s, "lessor_queues_produced_total"),
+            value(&s, "lessor_queues_ready_items"),
+        ) {
+            (p, r) if p == 10.0 && r == 10.0 => Ok(()),
+            (p, r) => Err(format!("produced {p}, ready {r}")),
+        }
+    })
+    .await;
+
+    for q in ["again", "gone"] {
+        cb.queues_delete(&pb::QueuesDeleteRequest {
+            queue_name: q.into(),
+            force: true,
+        })
+        .await
+        .expect("delete on B");
+    }
+    lessor_testkit::server::create_queue(&cb, "again", |_| {}).await;
+    // A's tasks re-read their definitions every 100 ms (shared-refresh): both have stopped well within this.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let s = scrape(&ca).await;
+    assert_eq!(
+        value(&s, "lessor_queues_ready_items"),
+        0.0,
+        "neither queue A knew holds anything now"
+    );
+    produce(&ca, "again", 1).await;
+    let s = scrape(&ca).await;
+    assert_eq!(
+        value(&s, "lessor_queues_produced_total"),
+        11.0,
+        "the 10 the deleted queues counted, and the new one"
+    );
+    assert_eq!(value(&s, "lessor_queues_ready_items"), 1.0);
+    a.stop().await;
+    b.stop().await;
+}
