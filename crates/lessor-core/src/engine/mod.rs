@@ -903,8 +903,9 @@ impl Engine {
     async fn handle(&self, name: &str) -> Result<Arc<QueueHandle>, QueueError> {
         self.check_running()?;
         validate::queue_name("queue_name", name)?;
-        // A task whose inbox is closed stopped on its own (its queue was deleted by another server sharing the
-        // store): load the queue afresh, which finds it missing or created anew.
+        // A task whose inbox is closed stopped on its own (unloaded, or its queue deleted by another server sharing
+        // the store, whose handle leaves the table as the task ends): load the queue afresh, which finds it missing
+        // or created anew.
         if let Some(h) = self.inner.queues.read().map_err(poisoned)?.get(name) {
             if !h.tx.is_closed() {
                 return Ok(h.clone());
@@ -964,10 +965,12 @@ impl Engine {
         let engine = Arc::downgrade(&self.inner);
         let queue = name.to_string();
         let join = tokio::spawn(async move {
-            if let queue::Exit::Unloaded(left, wake) = task.run().await {
-                if let Some(inner) = engine.upgrade() {
-                    Engine { inner }.unloaded(&queue, load, left, wake);
-                }
+            let exit = task.run().await;
+            let Some(inner) = engine.upgrade() else { return };
+            match exit {
+                queue::Exit::Unloaded(left, wake) => Engine { inner }.unloaded(&queue, load, left, wake),
+                queue::Exit::Gone => Engine { inner }.gone(&queue, load),
+                queue::Exit::Stopped => {}
             }
         });
         let h = Arc::new(QueueHandle {
@@ -988,6 +991,25 @@ impl Engine {
             queues.insert(name.to_string(), h.clone());
         }
         Ok(h)
+    }
+
+    /// Called by a task (load number `load`) that stopped because another server deleted its queue: as a local
+    /// delete, its handle leaves the table and its counters pass to the deleted queues' whole, in one critical
+    /// section. Left in the table, its last depth stayed in `/metrics` (the totals included) for as long as the
+    /// process ran, and a queue created again under the name replaced it with fresh metrics, taking its counts out
+    /// of the total counters. A handle that is no longer the table's (deleted here meanwhile, which accounts for it,
+    /// or already replaced) is left alone.
+    fn gone(&self, name: &str, load: u64) {
+        if let Ok(mut queues) = self.inner.queues.write() {
+            if let Some(h) = queues.get(name).filter(|h| h.load == load).cloned() {
+                queues.remove(name);
+                if let Ok(_unloaded) = self.inner.unloaded.write() {
+                    // Under the `unloaded` lock, as every change of `deleted`: a snapshot sees the queue either in
+                    // the table or in the sums.
+                    self.inner.deleted.add_counters(&h.metrics);
+                }
+            }
+        }
     }
 
     /// Called by a task that unloaded (load number `load`): its handle leaves the table and its metrics are kept

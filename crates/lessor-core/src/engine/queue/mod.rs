@@ -335,8 +335,12 @@ pub(crate) struct QueueTask {
 
 /// How a task ended (see [`QueueTask::run`]).
 pub(crate) enum Exit {
-    /// Shut down, or stopped because the queue was deleted: whatever was in the inbox was answered.
+    /// Shut down, or stopped because the queue was deleted here: whatever was in the inbox was answered.
     Stopped,
+    /// Stopped because another server sharing the store deleted the queue (or deleted it and created it anew):
+    /// whatever was in the inbox was answered. Unlike [`Exit::Stopped`], no one here removes the queue's handle, so
+    /// the engine does (see `Engine::gone`).
+    Gone,
     /// Unloaded for being idle: its inbox is closed and its partitions are closed. The requests that reached the
     /// inbox between the decision and the close are handed back unanswered, for the engine to give to the queue's
     /// next task (serving them here could leave work that needs a task: a long-poll, leased items). With them, the
@@ -483,7 +487,7 @@ impl QueueTask {
                 // Requests of the pass that found it gone were dropped unanswered (their callers see the queue
                 // shutting down); those still queued get the same answer, and a retry finds the queue missing.
                 self.stop().await;
-                return Exit::Stopped;
+                return Exit::Gone;
             }
             if self.idle(self.now()) {
                 let wake = self.parts.iter().filter_map(|p| p.next_deadline).min();
