@@ -319,3 +319,67 @@ async fn queues_deleted_by_another_server_leave_the_totals_as_a_local_delete() {
     a.stop().await;
     b.stop().await;
 }
+
+/// `/metrics` took no parameters before `?queue=`, so any query string gave the full scrape; other parameters and
+/// malformed ones still must (a scraper's `params` or a hand-typed URL is no reason to lose the target), and a
+/// refused request (more than 100 names) answers the JSON envelope (`code`, `message`) every other refusal of this
+/// server does, not bare text.
+#[tokio::test]
+async fn metrics_query_strings_keep_the_plain_scrape_and_refusals_the_envelope() {
+    let (srv, c, _clock) = server(3).await;
+    lessor_testkit::server::create_queue(&c, "q0", |_| {}).await;
+    produce(&c, "q0", 1).await;
+    let base = srv.endpoint();
+    let http = reqwest::Client::new();
+    for query in [
+        "",
+        "?",
+        "?&&",
+        "?=x",
+        "?%",
+        "?%zz=1",
+        "?a=%FF%FE",
+        "?name[]=1&name[]=2",
+        "?module=http_2xx&target=x",
+        "?queue%=q0",
+    ] {
+        let r = http
+            .get(format!("{base}/metrics{query}"))
+            .send()
+            .await
+            .expect("GET /metrics");
+        let status = r.status().as_u16();
+        let ct = r
+            .headers()
+            .get("content-type")
+            .map(|v| v.to_str().unwrap_or_default().to_string());
+        let text = r.text().await.expect("body");
+        assert_eq!(status, 200, "{query}: {text}");
+        assert_eq!(
+            ct.as_deref(),
+            Some("text/plain; version=0.0.4; charset=utf-8"),
+            "{query}"
+        );
+        assert!(
+            text.contains("lessor_queue_produced_total{queue=\"q0\"} 1"),
+            "{query}: {text}"
+        );
+    }
+    let many: Vec<String> = (0..101).map(|i| format!("queue=x{i}")).collect();
+    let r = http
+        .get(format!("{base}/metrics?{}", many.join("&")))
+        .send()
+        .await
+        .expect("GET /metrics");
+    assert_eq!(r.status().as_u16(), 400);
+    let text = r.text().await.expect("body");
+    let body: serde_json::Value = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}"));
+    assert_eq!(body["code"], 400, "{body}");
+    assert!(
+        body["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("at most 100")),
+        "{body}"
+    );
+    srv.stop().await;
+}
