@@ -1510,15 +1510,15 @@ async fn metrics(
         .map(|(_, v)| v)
         .collect();
     if named.len() > crate::metrics::MAX_NAMED_QUEUES {
-        return (
-            StatusCode::BAD_REQUEST,
-            format!(
-                "at most {} queue parameters per /metrics request, got {}",
-                crate::metrics::MAX_NAMED_QUEUES,
-                named.len()
-            ),
-        )
-            .into_response();
+        // The envelope every other refusal of this server carries, so a client reads `code` and `message` as it
+        // does elsewhere; JSON unless protobuf is asked for (a scraper's Accept names neither).
+        let enc = pb::response_encoding(header_str(&headers, header::ACCEPT)).unwrap_or(Encoding::Json);
+        let e = ApiError::Queue(lessor_core::error::QueueError::Invalid(format!(
+            "at most {} queue parameters per /metrics request, got {}",
+            crate::metrics::MAX_NAMED_QUEUES,
+            named.len()
+        )));
+        return error_response(enc, &e);
     }
     let openmetrics = header_str(&headers, header::ACCEPT)
         .is_some_and(|a| a.to_ascii_lowercase().contains("application/openmetrics-text"));
