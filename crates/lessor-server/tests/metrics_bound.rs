@@ -383,3 +383,109 @@ async fn metrics_query_strings_keep_the_plain_scrape_and_refusals_the_envelope()
     );
     srv.stop().await;
 }
+
+/// Checks an exposition the way a strict scraper reads it: every sample belongs to the family whose `# TYPE` line
+/// came last (its name, or the suffixes its type allows), no family is declared twice, each family's HELP (if any)
+/// comes right before its TYPE, a sample's series appears once, and OpenMetrics ends with `# EOF` (0.0.4 has none).
+/// Returns the families with their types.
+fn check_exposition(text: &str, openmetrics: bool) -> BTreeMap<String, String> {
+    let mut families: BTreeMap<String, String> = BTreeMap::new();
+    let mut series = BTreeSet::new();
+    let mut current: Option<(String, String)> = None;
+    let mut help: Option<String> = None;
+    let lines: Vec<&str> = text.lines().collect();
+    if openmetrics {
+        assert_eq!(lines.last(), Some(&"# EOF"), "OpenMetrics ends with # EOF");
+    } else {
+        assert!(!text.contains("# EOF"), "0.0.4 has no # EOF");
+    }
+    for line in lines {
+        if line == "# EOF" {
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix("# HELP ") {
+            assert!(help.is_none(), "two HELP lines in a row: {line}");
+            help = Some(rest.split(' ').next().unwrap_or_default().to_string());
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let (name, kind) = rest.split_once(' ').expect("TYPE name kind");
+            if let Some(h) = help.take() {
+                assert_eq!(h, name, "HELP and TYPE name the same family");
+            }
+            assert!(
+                families.insert(name.to_string(), kind.to_string()).is_none(),
+                "family {name} declared twice"
+            );
+            if !openmetrics && kind == "counter" {
+                assert!(name.ends_with("_total"), "0.0.4 counter family {name}");
+            }
+            current = Some((name.to_string(), kind.to_string()));
+            continue;
+        }
+        assert!(!line.starts_with('#'), "unknown comment: {line}");
+        assert!(help.is_none(), "HELP without TYPE before {line}");
+        let (s, value) = line.rsplit_once(' ').expect("sample and value");
+        assert!(value.parse::<f64>().is_ok(), "value of {line}");
+        let name = s.split('{').next().unwrap_or_default();
+        let (family, kind) = current
+            .as_ref()
+            .unwrap_or_else(|| panic!("{line} outside any family"));
+        let ok = match kind.as_str() {
+            "counter" if openmetrics => {
+                name == format!("{family}_total") || name == format!("{family}_created")
+            }
+            "histogram" => ["_bucket", "_sum", "_count", "_created"]
+                .iter()
+                .any(|x| name == format!("{family}{x}")),
+            _ => name == family,
+        };
+        assert!(ok, "{line} in family {family} ({kind})");
+        assert!(series.insert(s.to_string()), "series {s} twice");
+    }
+    families
+}
+
+/// The queue families (per queue, totals, omitted) are a valid exposition in both formats, on a plain scrape and on
+/// a `?queue=` one, each family once with one TYPE line, counters named `_total` where each format wants it.
+#[tokio::test]
+async fn the_queue_families_are_a_valid_exposition_in_both_formats() {
+    let (srv, c, _clock) = server(2).await;
+    for i in 0..QUEUES {
+        lessor_testkit::server::create_queue(&c, &name(i), |_| {}).await;
+        produce(&c, &name(i), 1).await;
+    }
+    let base = srv.endpoint();
+    let http = reqwest::Client::new();
+    for query in ["", "?queue=q1&queue=q6"] {
+        for openmetrics in [false, true] {
+            let mut req = http.get(format!("{base}/metrics{query}"));
+            if openmetrics {
+                req = req.header("accept", "application/openmetrics-text; version=1.0.0");
+            }
+            let text = req.send().await.expect("GET").text().await.expect("body");
+            let families = check_exposition(&text, openmetrics);
+            let counter = |n: &str| {
+                if openmetrics {
+                    n.to_string()
+                } else {
+                    format!("{n}_total")
+                }
+            };
+            for (family, kind) in [
+                (counter("lessor_queues_produced"), "counter"),
+                (counter("lessor_queue_produced"), "counter"),
+                ("lessor_queues_ready_items".to_string(), "gauge"),
+                ("lessor_queues_tier_items".to_string(), "gauge"),
+                ("lessor_metrics_queues_omitted".to_string(), "gauge"),
+            ] {
+                assert_eq!(
+                    families.get(&family).map(String::as_str),
+                    Some(kind),
+                    "{query} openmetrics={openmetrics}: {family}"
+                );
+            }
+        }
+    }
+    srv.stop().await;
+}
