@@ -489,3 +489,53 @@ async fn the_queue_families_are_a_valid_exposition_in_both_formats() {
     }
     srv.stop().await;
 }
+
+/// A queue unloaded here (idle) and then deleted by another server sharing the store has no task here to notice:
+/// its last figures stay in the unloaded table. The next time this server looks the name up and finds no definition
+/// (a request for it, or its expiry deadline), it must count the queue as deleted: its depth out of the total gauges,
+/// its counts kept in the total counters. The lookup used to answer "no such queue" and leave the entry, so the
+/// depth of a queue that no longer exists stayed in the totals for as long as the process ran.
+#[cfg(feature = "postgres")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unloaded_queue_deleted_by_another_server_leaves_the_totals_once_looked_up() {
+    if lessor_testkit::database_or_skip().is_none() {
+        return;
+    }
+    let db = lessor_testkit::TestDatabase::create("lessor_mb").await;
+    let url = format!("'{}'", db.url().replace('\'', "''"));
+    let config = Config::from_yaml(&format!(
+        "queue-storage:\n  driver: postgres\n  config:\n    connection-string: {url}\n\
+         partition-storage:\n  - name: pg-0\n    driver: postgres\n    affinity: 1\n    \
+         config:\n      connection-string: {url}\n"
+    ))
+    .expect("config");
+    let clock = ManualClock::starting_now();
+    let (a, ca) = lessor_testkit::server::start(&config, Some(Arc::new(clock.clone()))).await;
+    let (b, cb) = lessor_testkit::server::start(&config, None).await;
+    lessor_testkit::server::create_queue(&ca, "idle", |_| {}).await;
+    produce(&ca, "idle", 3).await;
+    clock.advance(Duration::from_secs(301));
+    wait_loaded(&a.engine, 0).await;
+    let s = scrape(&ca).await;
+    assert_eq!(value(&s, "lessor_queues_ready_items"), 3.0);
+    cb.queues_delete(&pb::QueuesDeleteRequest {
+        queue_name: "idle".into(),
+        force: true,
+    })
+    .await
+    .expect("delete on B");
+    let err = ca
+        .queue_stats(&pb::QueueStatsRequest {
+            queue_name: "idle".into(),
+            ..Default::default()
+        })
+        .await
+        .expect_err("deleted");
+    assert!(err.to_string().contains("does not exist"), "{err}");
+    let s = scrape(&ca).await;
+    assert_eq!(value(&s, "lessor_queues_ready_items"), 0.0, "the queue is gone");
+    assert_eq!(value(&s, "lessor_queues_produced_total"), 3.0);
+    assert!(queues_with_series(&s).is_empty(), "{:?}", queues_with_series(&s));
+    a.stop().await;
+    b.stop().await;
+}
