@@ -925,13 +925,10 @@ impl Engine {
             }
         }
         self.check_running()?;
-        let info = self
-            .inner
-            .config
-            .queues
-            .get(name)
-            .await?
-            .ok_or_else(|| QueueError::QueueNotFound(name.to_string()))?;
+        let Some(info) = self.inner.config.queues.get(name).await? else {
+            self.forget_deleted(name)?;
+            return Err(QueueError::QueueNotFound(name.to_string()));
+        };
         // A rebalance that was running when the server stopped resumes with the queue, before it serves anything.
         let plan = self
             .rebalance_plan_for(name, info.partitions.len(), info.created_at)
@@ -991,6 +988,23 @@ impl Engine {
             queues.insert(name.to_string(), h.clone());
         }
         Ok(h)
+    }
+
+    /// Called under the load lock when `name` has no definition: an idle-unloaded queue that another server
+    /// sharing the store deleted has no task here to notice, so its last figures would stay in the unloaded table
+    /// (and its depth in `/metrics`, the totals included) for as long as the process runs. As a local delete, its
+    /// counters pass to the deleted queues' whole in the critical section that drops it. A handle still in the
+    /// table is left to its task (see [`Engine::gone`]).
+    fn forget_deleted(&self, name: &str) -> Result<(), QueueError> {
+        let queues = self.inner.queues.read().map_err(poisoned)?;
+        if queues.contains_key(name) {
+            return Ok(());
+        }
+        let mut unloaded = self.inner.unloaded.write().map_err(poisoned)?;
+        if let Some(m) = unloaded.remove(name) {
+            self.inner.deleted.add_counters(&m);
+        }
+        Ok(())
     }
 
     /// Called by a task (load number `load`) that stopped because another server deleted its queue: as a local
