@@ -81,6 +81,23 @@ async fn scrape(c: &Client) -> BTreeMap<String, f64> {
     samples(&c.metrics().await.expect("metrics"))
 }
 
+/// A scrape once `series` reads `want`: a queue's task publishes its figures after the pass that answered the
+/// request, so a scrape right after a produce or a lease may still show the figures from before it.
+async fn scrape_settled(c: &Client, series: &str, want: f64) -> BTreeMap<String, f64> {
+    lessor_testkit::eventually(
+        &format!("{series} reaches {want}"),
+        Duration::from_secs(10),
+        || async {
+            let s = scrape(c).await;
+            match value(&s, series) {
+                v if v == want => Ok(s),
+                v => Err(format!("{series} = {v}")),
+            }
+        },
+    )
+    .await
+}
+
 async fn wait_loaded(engine: &Engine, want: usize) {
     lessor_testkit::eventually("queues unload", Duration::from_secs(10), || async {
         match engine.loaded_queues().0 {
@@ -111,7 +128,9 @@ async fn per_queue_series_are_bounded_and_totals_cover_every_queue() {
     produce(&c, "q6", 1).await;
     assert_eq!(engine.loaded_queues().0, 2);
 
-    let s = scrape(&c).await;
+    // 1+2+..+7 at first, then 10 more in q1 and one each in q5 and q6.
+    let produced = (1..=QUEUES).sum::<usize>() as f64 + 12.0;
+    let s = scrape_settled(&c, "lessor_queues_ready_items", produced).await;
     let with = queues_with_series(&s);
     assert_eq!(
         with.keys().cloned().collect::<BTreeSet<_>>(),
@@ -120,8 +139,6 @@ async fn per_queue_series_are_bounded_and_totals_cover_every_queue() {
     );
     assert!(with.values().all(|&n| n == 19), "{with:?}");
     assert_eq!(value(&s, "lessor_metrics_queues_omitted"), 4.0);
-    // 1+2+..+7 at first, then 10 more in q1 and one each in q5 and q6.
-    let produced = (1..=QUEUES).sum::<usize>() as f64 + 12.0;
     assert_eq!(value(&s, "lessor_queues_produced_total"), produced);
     assert_eq!(value(&s, "lessor_queues_ready_items"), produced);
     assert_eq!(value(&s, "lessor_queues_leased_total"), 0.0);
@@ -162,7 +179,7 @@ async fn bound_zero_leaves_only_the_totals() {
         lessor_testkit::server::create_queue(&c, &name(i), |_| {}).await;
         produce(&c, &name(i), 2).await;
     }
-    let s = scrape(&c).await;
+    let s = scrape_settled(&c, "lessor_queues_ready_items", 2.0 * QUEUES as f64).await;
     assert!(queues_with_series(&s).is_empty(), "{:?}", queues_with_series(&s));
     assert_eq!(value(&s, "lessor_metrics_queues_omitted"), QUEUES as f64);
     assert_eq!(value(&s, "lessor_queues_produced_total"), 2.0 * QUEUES as f64);
@@ -183,7 +200,7 @@ async fn deleting_a_queue_never_takes_a_total_counter_back() {
         .await
         .expect("lease");
     assert_eq!(leased.items.len(), 1);
-    let before = scrape(&c).await;
+    let before = scrape_settled(&c, "lessor_queues_leased_items", 1.0).await;
     assert_eq!(value(&before, "lessor_queues_produced_total"), 21.0);
     assert_eq!(value(&before, "lessor_queues_leased_total"), 1.0);
     assert_eq!(value(&before, "lessor_queues_leased_items"), 1.0);
@@ -300,22 +317,27 @@ async fn queues_deleted_by_another_server_leave_the_totals_as_a_local_delete() {
         .expect("delete on B");
     }
     lessor_testkit::server::create_queue(&cb, "again", |_| {}).await;
-    // A's tasks re-read their definitions every 100 ms (shared-refresh): both have stopped well within this.
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let s = scrape(&ca).await;
-    assert_eq!(
-        value(&s, "lessor_queues_ready_items"),
-        0.0,
-        "neither queue A knew holds anything now"
-    );
+    // A's tasks re-read their definitions every 100 ms (shared-refresh) and stop: neither queue A knew holds
+    // anything now.
+    scrape_settled(&ca, "lessor_queues_ready_items", 0.0).await;
     produce(&ca, "again", 1).await;
-    let s = scrape(&ca).await;
-    assert_eq!(
-        value(&s, "lessor_queues_produced_total"),
-        11.0,
-        "the 10 the deleted queues counted, and the new one"
-    );
-    assert_eq!(value(&s, "lessor_queues_ready_items"), 1.0);
+    // As above, the depth is published after the pass that stored the item: wait for it (the counter must then be
+    // the 10 the deleted queues counted and the new one, never less on the way).
+    lessor_testkit::eventually(
+        "A's totals after the produce",
+        Duration::from_secs(10),
+        || async {
+            let s = scrape(&ca).await;
+            match (
+                value(&s, "lessor_queues_produced_total"),
+                value(&s, "lessor_queues_ready_items"),
+            ) {
+                (p, r) if p == 11.0 && r == 1.0 => Ok(()),
+                (p, r) => Err(format!("produced {p} (want 11), ready {r} (want 1)")),
+            }
+        },
+    )
+    .await;
     a.stop().await;
     b.stop().await;
 }
