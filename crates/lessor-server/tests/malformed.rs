@@ -1398,9 +1398,15 @@ fn fuzz(
         Some("*/*"),
     ];
     let accepts = [Some("application/json"), Some("application/protobuf"), None];
+    // Minimal well-formed bodies (`{}`, and the empty protobuf message) get a share of their own: random bytes and
+    // random JSON almost never decode, and without some bodies that do, the handlers behind decoding (the auth
+    // routes' own checks and successes, which the auth fuzz asserts it reached) ran only by luck: 0 to 7 of about
+    // 550 auth requests came back 200 per run, and a run with none failed.
     let body = prop_oneof![
-        proptest::collection::vec(any::<u8>(), 0..600).prop_map(Body::Bytes),
-        jsonish().prop_map(Body::Text),
+        4 => proptest::collection::vec(any::<u8>(), 0..600).prop_map(Body::Bytes),
+        4 => jsonish().prop_map(Body::Text),
+        1 => Just(Body::Text("{}".into())),
+        1 => Just(Body::Bytes(Vec::new())),
     ];
     let strategy = (
         0..routes.len(),
