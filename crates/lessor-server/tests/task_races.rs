@@ -535,21 +535,18 @@ async fn a_lease_answer_whose_caller_left_gives_its_items_back() {
     );
 }
 
-/// A definition update holds the engine's load lock while it waits for the queue's task to take the new definition.
-/// When that task is moving a dead item into a dead-letter queue that is not loaded (idle queues unload, and a
-/// dead-letter queue is the archetype of one), the move must load it, under the same lock: the task waited for the
-/// lock, the update for the task, until the move gave up after its 5 s timeout. The update and the queue's every
-/// request stalled for those 5 s, the dead item waited another retry, and no other queue could load meanwhile.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_definition_update_does_not_stall_a_dead_letter_move_into_an_unloaded_queue() {
+/// An engine (queue definitions behind `gate`, idle queues unloading after 1 s) with queue `src` whose dead-letter
+/// queue `dlq` has unloaded, and the lease of `src`'s one item.
+async fn leased_from_a_queue_with_an_unloaded_dead_letter_queue(
+    gate: &Arc<Gate>,
+) -> (Engine, lessor_core::engine::LeaseResult) {
     let clock = ManualClock::starting_now();
-    let gate = Gate::on(|c| c.op == Op::QueueUpdate && c.queue == "src");
     let limits = Limits {
         queue_idle_unload: Duration::from_secs(1),
         ..Limits::default()
     };
     let e = Engine::new(EngineConfig {
-        queues: gated_queues(&gate),
+        queues: gated_queues(gate),
         stores: vec![NamedStore {
             name: "mem".into(),
             affinity: 1.0,
@@ -584,6 +581,18 @@ async fn a_definition_update_does_not_stall_a_dead_letter_move_into_an_unloaded_
     .await
     .expect("'dlq' unloads");
     let leased = e.lease("src", 1, "c", T).await.expect("lease");
+    (e, leased)
+}
+
+/// A definition update holds the engine's load lock while it waits for the queue's task to take the new definition.
+/// When that task is moving a dead item into a dead-letter queue that is not loaded (idle queues unload, and a
+/// dead-letter queue is the archetype of one), the move must load it, under the same lock: the task waited for the
+/// lock, the update for the task, until the move gave up after its 5 s timeout. The update and the queue's every
+/// request stalled for those 5 s, the dead item waited another retry, and no other queue could load meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_definition_update_does_not_stall_a_dead_letter_move_into_an_unloaded_queue() {
+    let gate = Gate::on(|c| c.op == Op::QueueUpdate && c.queue == "src");
+    let (e, leased) = leased_from_a_queue_with_an_unloaded_dead_letter_queue(&gate).await;
 
     // An update of 'src' takes the load lock and stops at its write; meanwhile the consumer gives up on the item,
     // and the task starts moving it to 'dlq'.
@@ -638,47 +647,8 @@ async fn a_definition_update_does_not_stall_a_dead_letter_move_into_an_unloaded_
 /// it, stalled until the move gave up after 5 s.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_delete_does_not_stall_on_a_dead_letter_move_into_an_unloaded_queue() {
-    let clock = ManualClock::starting_now();
     let gate = Gate::on(|c| c.op == Op::QueueGet && c.queue == "src");
-    let limits = Limits {
-        queue_idle_unload: Duration::from_secs(1),
-        ..Limits::default()
-    };
-    let e = Engine::new(EngineConfig {
-        queues: gated_queues(&gate),
-        stores: vec![NamedStore {
-            name: "mem".into(),
-            affinity: 1.0,
-            store: Arc::new(MemoryStore::new()),
-        }],
-        limits,
-        clock: Arc::new(clock.clone()),
-    })
-    .expect("engine");
-    e.create_queue(queue("dlq", "", 1)).await.expect("dlq");
-    e.create_queue(queue("src", "dlq", 1)).await.expect("src");
-    assert_eq!(depth(&e, "dlq").await, 0);
-    e.produce("src", vec![item("x".into())], T)
-        .await
-        .expect("produce");
-    clock.advance(Duration::from_secs(2));
-    poll_until(Duration::from_secs(5), Duration::from_millis(10), || {
-        let e = e.clone();
-        async move {
-            let gone = e
-                .queue_metrics()
-                .iter()
-                .any(|(n, m)| n == "dlq" && m.unloaded.load(std::sync::atomic::Ordering::SeqCst));
-            if gone {
-                Ok(())
-            } else {
-                Err("'dlq' still loaded".to_string())
-            }
-        }
-    })
-    .await
-    .expect("'dlq' unloads");
-    let leased = e.lease("src", 1, "c", T).await.expect("lease");
+    let (e, leased) = leased_from_a_queue_with_an_unloaded_dead_letter_queue(&gate).await;
 
     // The delete takes the load lock and stops at its read of the definition; the task starts moving the item.
     gate.arm(0);
