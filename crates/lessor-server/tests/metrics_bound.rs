@@ -281,14 +281,8 @@ async fn queues_deleted_by_another_server_leave_the_totals_as_a_local_delete() {
         return;
     }
     let db = lessor_testkit::TestDatabase::create("lessor_mb").await;
-    let url = format!("'{}'", db.url().replace('\'', "''"));
-    let config = Config::from_yaml(&format!(
-        "queue-storage:\n  driver: postgres\n  config:\n    connection-string: {url}\n\
-         partition-storage:\n  - name: pg-0\n    driver: postgres\n    affinity: 1\n    \
-         config:\n      connection-string: {url}\n\
-         limits:\n  shared-refresh: 100ms\n"
-    ))
-    .expect("config");
+    let mut config = lessor_testkit::server::postgres_config(db.url());
+    config.limits.shared_refresh = Some("100ms".into());
     let (a, ca) = lessor_testkit::server::start(&config, None).await;
     let (b, cb) = lessor_testkit::server::start(&config, None).await;
     for q in ["again", "gone"] {
@@ -524,13 +518,7 @@ async fn an_unloaded_queue_deleted_by_another_server_leaves_the_totals_once_look
         return;
     }
     let db = lessor_testkit::TestDatabase::create("lessor_mb").await;
-    let url = format!("'{}'", db.url().replace('\'', "''"));
-    let config = Config::from_yaml(&format!(
-        "queue-storage:\n  driver: postgres\n  config:\n    connection-string: {url}\n\
-         partition-storage:\n  - name: pg-0\n    driver: postgres\n    affinity: 1\n    \
-         config:\n      connection-string: {url}\n"
-    ))
-    .expect("config");
+    let config = lessor_testkit::server::postgres_config(db.url());
     let clock = ManualClock::starting_now();
     let (a, ca) = lessor_testkit::server::start(&config, Some(Arc::new(clock.clone()))).await;
     let (b, cb) = lessor_testkit::server::start(&config, None).await;
