@@ -149,22 +149,7 @@ async fn a_locked_partition_table_answers_454_within_the_request_timeout() {
     );
 
     // After the lock: the queue serves again, and the items produced before it are all there.
-    let mut served = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !["before-1", "before-2"]
-        .iter()
-        .all(|p| served.iter().any(|x| x == p))
-    {
-        assert!(
-            Instant::now() < deadline,
-            "items lost across the lock: served {served:?}"
-        );
-        match c.queue_lease(&lease_req("locked", "500ms")).await {
-            Ok(r) => served.extend(payloads(r)),
-            Err(e) if e.code() == Some(454) => {}
-            Err(e) => panic!("lease after the lock: {e}"),
-        }
-    }
+    served_after(&c, "locked", Duration::from_secs(20), "lock", Vec::new()).await;
 }
 
 /// The `queues` table locked (a `VACUUM FULL queues`, an `ALTER TABLE` waiting behind a long transaction): every
@@ -205,7 +190,7 @@ async fn a_locked_queues_table_answers_454_within_the_request_timeout() {
         },
         timed(limit, c.queue_complete(&c_req)),
     );
-    let (lease, mut served) = lease;
+    let (lease, served) = lease;
     let report = format!(
         "produce: {}; lease: {}; complete: {}",
         produce.2, lease.2, complete.2
@@ -223,21 +208,7 @@ async fn a_locked_queues_table_answers_454_within_the_request_timeout() {
         );
     }
     // The items produced before the lock are served (during it or after), none is lost.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !["before-1", "before-2"]
-        .iter()
-        .all(|p| served.iter().any(|x| x == p))
-    {
-        assert!(
-            Instant::now() < deadline,
-            "items lost across the lock: served {served:?}"
-        );
-        match c.queue_lease(&lease_req("jobs", "500ms")).await {
-            Ok(r) => served.extend(payloads(r)),
-            Err(e) if e.code() == Some(454) => {}
-            Err(e) => panic!("lease after the lock: {e}"),
-        }
-    }
+    served_after(&c, "jobs", Duration::from_secs(20), "lock", served).await;
 }
 
 fn payloads(r: pb::QueueLeaseResponse) -> Vec<String> {
@@ -245,6 +216,26 @@ fn payloads(r: pb::QueueLeaseResponse) -> Vec<String> {
         .into_iter()
         .map(|it| String::from_utf8_lossy(&it.bytes).into_owned())
         .collect()
+}
+
+/// Leases `queue` until `before-1` and `before-2` (produced before the `what`) were both served, counting those in
+/// `served` already, retrying 454s; fails when `within` passes first (items lost) or on any other error.
+async fn served_after(c: &Client, queue: &str, within: Duration, what: &str, mut served: Vec<String>) {
+    let deadline = Instant::now() + within;
+    while !["before-1", "before-2"]
+        .iter()
+        .all(|p| served.iter().any(|x| x == p))
+    {
+        assert!(
+            Instant::now() < deadline,
+            "items lost across the {what}: served {served:?}"
+        );
+        match c.queue_lease(&lease_req(queue, "500ms")).await {
+            Ok(r) => served.extend(payloads(r)),
+            Err(e) if e.code() == Some(454) => {}
+            Err(e) => panic!("lease after the {what}: {e}"),
+        }
+    }
 }
 
 /// The database stalls (every PostgreSQL process stopped with SIGSTOP for 8 s: a disk that stopped answering, a
@@ -334,20 +325,5 @@ async fn a_stalled_database_answers_454_within_the_request_timeout() {
         );
         assert_eq!(code, Some(454), "{what} answers 454 ({report})");
     }
-    let mut served = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !["before-1", "before-2"]
-        .iter()
-        .all(|p| served.iter().any(|x| x == p))
-    {
-        assert!(
-            Instant::now() < deadline,
-            "items lost across the stall: served {served:?}"
-        );
-        match c.queue_lease(&lease_req("jobs", "500ms")).await {
-            Ok(r) => served.extend(payloads(r)),
-            Err(e) if e.code() == Some(454) => {}
-            Err(e) => panic!("lease after the stall: {e}"),
-        }
-    }
+    served_after(&c, "jobs", Duration::from_secs(30), "stall", Vec::new()).await;
 }
