@@ -1329,6 +1329,21 @@ impl Engine {
     /// no lease: lease requests long-poll until it is resumed or their timeout ends. Stored with the definition,
     /// so a pause survives a restart (and is seen by every server sharing the store).
     pub async fn set_paused(&self, queue: &str, paused: bool) -> Result<(), QueueError> {
+        self.set_state(queue, |info| {
+            std::mem::replace(&mut info.paused, paused) != paused
+        })
+        .await
+    }
+
+    /// Stores a change of a queue's definition that `change` makes (it returns whether it changed anything;
+    /// nothing is written when not) and hands it to the queue's task: under the load lock, so tasks take
+    /// definitions in store order; the wait for the task to take it comes after the lock is released (its task may
+    /// need the lock meanwhile, to load a dead-letter queue).
+    async fn set_state(
+        &self,
+        queue: &str,
+        change: impl FnOnce(&mut QueueInfo) -> bool,
+    ) -> Result<(), QueueError> {
         self.check_running()?;
         validate::queue_name("queue_name", queue)?;
         let taken = {
@@ -1336,10 +1351,9 @@ impl Engine {
             let Some(mut info) = self.inner.config.queues.get(queue).await? else {
                 return Err(QueueError::QueueNotFound(queue.to_string()));
             };
-            if info.paused == paused {
+            if !change(&mut info) {
                 return Ok(());
             }
-            info.paused = paused;
             info.updated_at = self.clock().now();
             self.inner.config.queues.update(&info).await?;
             self.push_info(info).await
@@ -1626,23 +1640,8 @@ impl Engine {
     /// Ends a restore: the queue takes traffic and runs its lifecycle again. Finishing a queue that is not
     /// restoring is `Ok` (a re-run after the first finish was answered too late).
     pub async fn restore_finish(&self, queue: &str) -> Result<(), QueueError> {
-        self.check_running()?;
-        validate::queue_name("queue_name", queue)?;
-        let taken = {
-            let _guard = self.inner.load_lock.lock().await;
-            let Some(mut info) = self.inner.config.queues.get(queue).await? else {
-                return Err(QueueError::QueueNotFound(queue.to_string()));
-            };
-            if !info.restoring {
-                return Ok(());
-            }
-            info.restoring = false;
-            info.updated_at = self.clock().now();
-            self.inner.config.queues.update(&info).await?;
-            self.push_info(info).await
-        };
-        taken.wait().await;
-        Ok(())
+        self.set_state(queue, |info| std::mem::take(&mut info.restoring))
+            .await
     }
 
     /// Runs the sweeper of orphaned payload objects of the partition store named `store` (every store with
