@@ -435,3 +435,116 @@ async fn a_key_whose_item_was_completed_is_still_known_after_an_unload(enc: Enco
         "only the new key is stored after the unload"
     );
 }
+
+/// Two engines over one memory store stand for two servers sharing PostgreSQL: a queue of the same name is
+/// deleted and created again on B while unloaded on A. Loaded on A again, it is a new queue: its per-queue counters
+/// start from 0, and the old queue's counts go to the deleted queues' totals (so the total counters neither lose
+/// nor double them). A local delete of an unloaded queue must do the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queue_created_again_while_unloaded_here_counts_from_zero() {
+    use lessor_core::engine::{EngineConfig, NamedStore, ProduceItem};
+    use lessor_core::types::{Limits, QueueInfo};
+    use lessor_storage::memory::{MemoryQueues, MemoryStore};
+
+    let clock = ManualClock::starting_now();
+    let queues = Arc::new(MemoryQueues::new());
+    let store = Arc::new(MemoryStore::new());
+    let engine = || {
+        Engine::new(EngineConfig {
+            queues: queues.clone(),
+            stores: vec![NamedStore {
+                name: "mem".into(),
+                affinity: 1.0,
+                store: store.clone(),
+            }],
+            limits: Limits::default(),
+            clock: Arc::new(clock.clone()),
+        })
+        .expect("engine")
+    };
+    let (a, b) = (engine(), engine());
+    let info = || QueueInfo {
+        name: "q".into(),
+        lease_timeout: Duration::from_secs(60),
+        expire_timeout: Duration::from_secs(3600),
+        requested_partitions: 1,
+        ..Default::default()
+    };
+    let items = |n: usize| {
+        (0..n)
+            .map(|_| ProduceItem {
+                payload: bytes::Bytes::from_static(b"x"),
+                ..Default::default()
+            })
+            .collect::<Vec<_>>()
+    };
+    let t = Some(Duration::from_secs(30));
+    let produced = |e: &Engine| {
+        let s = e.metrics_snapshot();
+        let q = s
+            .queues
+            .iter()
+            .find(|q| q.name == "q")
+            .map(|q| q.metrics.produced.load(Ordering::Relaxed));
+        (q, s.deleted.produced.load(Ordering::Relaxed))
+    };
+    // A task publishes its counters after the pass that answered the request.
+    let settles = |e: &Engine, want: (Option<u64>, u64), what: &'static str| {
+        let e = e.clone();
+        async move {
+            lessor_testkit::eventually(what, Duration::from_secs(5), || async {
+                match produced(&e) {
+                    got if got == want => Ok(()),
+                    got => Err(format!(
+                        "(queue's produced, deleted queues' produced) = {got:?}, want {want:?}"
+                    )),
+                }
+            })
+            .await
+        }
+    };
+    let unload = |e: &Engine| {
+        let e = e.clone();
+        let clock = clock.clone();
+        async move {
+            clock.advance(Duration::from_secs(301));
+            lessor_testkit::eventually("the queue unloads", Duration::from_secs(5), || async {
+                match e.loaded_queues().0 {
+                    0 => Ok(()),
+                    n => Err(format!("{n} loaded")),
+                }
+            })
+            .await;
+        }
+    };
+
+    // Deleted and created again by the other server.
+    a.create_queue(info()).await.expect("create");
+    a.produce("q", items(3), t).await.expect("produce");
+    unload(&a).await;
+    settles(&a, (Some(3), 0), "the unloaded queue keeps its figures").await;
+    b.delete_queue("q").await.expect("delete on B");
+    clock.advance(Duration::from_secs(1));
+    b.create_queue(info()).await.expect("create again on B");
+    a.produce("q", items(1), t)
+        .await
+        .expect("produce to the new queue");
+    settles(
+        &a,
+        (Some(1), 3),
+        "the new queue counts from 0; the old one's counts are the deleted queues'",
+    )
+    .await;
+
+    // Deleted and created again here.
+    unload(&a).await;
+    a.delete_queue("q").await.expect("delete");
+    clock.advance(Duration::from_secs(1));
+    a.create_queue(info()).await.expect("create again");
+    a.produce("q", items(2), t)
+        .await
+        .expect("produce to the newer queue");
+    settles(&a, (Some(2), 4), "the newer queue counts from 0 too").await;
+    a.shutdown().await;
+    b.shutdown().await;
+}
