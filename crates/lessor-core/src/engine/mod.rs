@@ -21,7 +21,7 @@ mod tests;
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock, Weak};
 use std::time::Duration;
 
@@ -109,6 +109,10 @@ pub struct QueueMetrics {
     /// The engine's sequence number at the queue's latest load or unload (see [`MetricsEntry::transition`]): how
     /// `/metrics` tells the queues loaded longest and those unloaded most recently when it reports only some.
     pub transition: AtomicU64,
+    /// The creation time of the definition these figures count for (see [`QueueInfo::created_at`]): a queue loaded
+    /// again whose definition has another one was deleted and created anew under its name meanwhile (by another
+    /// server sharing the store), and must not go on with the old queue's counters.
+    created_at: AtomicI64,
 }
 
 /// One queue in [`Engine::metrics_snapshot`].
@@ -935,15 +939,23 @@ impl Engine {
             .await?;
         let (tx, rx) = mpsc::channel(self.limits().max_requests_per_queue.max(1));
         // A queue loaded again goes on with the metrics it had: counters do not restart, and its depth was never
-        // missing from `/metrics`.
-        let metrics = self
-            .inner
-            .unloaded
-            .read()
-            .map_err(poisoned)?
-            .get(name)
-            .cloned()
-            .unwrap_or_default();
+        // missing from `/metrics`. Unless its definition is another one: deleted and created again under its name
+        // by another server while unloaded here, it is a new queue, whose counters start from 0. The old one's
+        // pass to the deleted queues' whole in the critical section that drops them, as for a delete seen here.
+        let metrics: Arc<QueueMetrics> = {
+            let mut unloaded = self.inner.unloaded.write().map_err(poisoned)?;
+            match unloaded.get(name) {
+                Some(m) if m.created_at.load(Ordering::Relaxed) == info.created_at.0 => m.clone(),
+                Some(_) => {
+                    if let Some(old) = unloaded.remove(name) {
+                        self.inner.deleted.add_counters(&old);
+                    }
+                    Arc::default()
+                }
+                None => Arc::default(),
+            }
+        };
+        metrics.created_at.store(info.created_at.0, Ordering::Relaxed);
         let namespace: Arc<str> = if info.namespace.is_empty() {
             DEFAULT_NAMESPACE.into()
         } else {
