@@ -6,9 +6,10 @@
 //! bounded: [`CAPACITY`] samples of 10 integers per queue (about 12 KB per queue), queues that disappear from the
 //! engine drop their ring at the next sample, and a sample takes a few hash-map steps per queue (it holds the
 //! rings' lock meanwhile, so it must stay linear: 100,000 queues are a valid load). A queue unloaded for being idle
-//! drops its samples too (they would be all zero rates, and 12 KB per queue ever touched is the growth unloading
-//! exists to stop) and keeps only its counters' last totals, so its first sample once loaded again counts from
-//! there rather than from zero.
+//! drops its ring too (its samples would be all zero rates, and 12 KB per queue ever touched is the growth
+//! unloading exists to stop), baseline included: its first sample once loaded again counts from the counters its
+//! figures recorded at the load (`QueueMetrics::at_load`), rather than from zero. Keeping a baseline here per
+//! unloaded queue cost about 200 bytes each, most of what an unloaded queue held.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::Ordering;
@@ -109,12 +110,20 @@ impl History {
         rings.sample += 1;
         let this = rings.sample;
         for (name, m) in queues {
+            // An unloaded queue has no ring: its samples would be zero rates, and the baseline its first sample
+            // after a load counts from is in its figures (`QueueMetrics::at_load`). A ring kept per unloaded queue
+            // for that baseline (about 200 bytes with its slot) was most of what such a queue held.
+            if m.unloaded.load(Ordering::Relaxed) {
+                rings.by_queue.remove(name);
+                continue;
+            }
             let now = Totals::of(m);
             // Looked up before inserting, so a queue's name is copied once, not at every sample.
             if !rings.by_queue.contains_key(name) {
-                // Sized once: pushing into a growing VecDeque would double it past CAPACITY.
+                // Sized once: pushing into a growing VecDeque would double it past CAPACITY. A queue seen for the
+                // first time since it loaded counts from its counters at the load (0 for a queue new here).
                 let ring = Ring {
-                    last: Totals::default(),
+                    last: Totals::of(&m.at_load()),
                     samples: VecDeque::with_capacity(CAPACITY),
                     seen: this,
                 };
@@ -126,10 +135,6 @@ impl History {
             ring.seen = this;
             let last = ring.last;
             ring.last = now;
-            if m.unloaded.load(Ordering::Relaxed) {
-                ring.samples = VecDeque::new();
-                continue;
-            }
             if ring.samples.capacity() < CAPACITY {
                 ring.samples.reserve_exact(CAPACITY);
             }
@@ -161,6 +166,12 @@ impl History {
             self.examined.fetch_add(1, Ordering::Relaxed);
             r.seen == this
         });
+        // A table that emptied (queues unloaded or deleted) gives back its slots, as a `HashMap` never shrinks on
+        // its own; to twice the rings left, so that the next shrink waits until it halves twice more (O(1) per ring).
+        let left = rings.by_queue.len();
+        if rings.by_queue.capacity() > 64 && left < rings.by_queue.capacity() / 4 {
+            rings.by_queue.shrink_to(left * 2);
+        }
     }
 
     /// The samples of `queue`, oldest first (empty when it has none yet).
@@ -284,10 +295,10 @@ mod tests {
         );
     }
 
-    /// An unloaded queue keeps no samples, only its totals: loaded again, its first sample counts what happened
-    /// since its last one, not its counters since start-up.
+    /// An unloaded queue keeps no ring at all, not even a baseline: loaded again, its first sample counts what
+    /// happened since the load (the figures' `at_load`), not its counters since start-up.
     #[test]
-    fn an_unloaded_queue_drops_its_samples_and_keeps_its_baseline() {
+    fn an_unloaded_queue_drops_its_ring_and_counts_from_its_load_again() {
         let h = History::default();
         let m = Arc::new(QueueMetrics::default());
         m.produced.store(100, Ordering::Relaxed);
@@ -298,13 +309,11 @@ mod tests {
         assert!(h.samples("q").is_empty());
         {
             let rings = h.rings.lock().expect("rings");
-            assert_eq!(
-                rings.by_queue["q"].samples.capacity(),
-                0,
-                "the ring's memory is freed"
-            );
+            assert!(!rings.by_queue.contains_key("q"), "the ring's memory is freed");
         }
+        // Loaded again (the engine records the counters at the load), then 5 more produced.
         m.unloaded.store(false, Ordering::Relaxed);
+        m.mark_loaded();
         m.produced.store(105, Ordering::Relaxed);
         h.sample(4000, &queues);
         let s = h.samples("q");

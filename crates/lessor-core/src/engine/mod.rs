@@ -113,6 +113,10 @@ pub struct QueueMetrics {
     /// again whose definition has another one was deleted and created anew under its name meanwhile (by another
     /// server sharing the store), and must not go on with the old queue's counters.
     created_at: AtomicI64,
+    /// The counters as they were when the queue last loaded, in the order of `counters` (0 for a queue's first
+    /// load): what a reader of deltas (the dashboard's history) counts from when it sees the queue loaded again,
+    /// so that it need not keep a baseline of its own for every unloaded queue.
+    at_load: [AtomicU64; 9],
 }
 
 /// One queue in [`Engine::metrics_snapshot`].
@@ -171,6 +175,25 @@ impl QueueMetrics {
         for (mine, theirs) in self.counters().into_iter().zip(other.counters()) {
             mine.fetch_add(theirs.load(Ordering::Relaxed), Ordering::Relaxed);
         }
+    }
+
+    /// Records the counters as they are now as those at the queue's load (see [`QueueMetrics::at_load`]). The
+    /// engine calls it when it loads the queue, before its task counts anything; public so that a test of a reader
+    /// can stand for a load.
+    pub fn mark_loaded(&self) {
+        for (at, now) in self.at_load.iter().zip(self.counters()) {
+            at.store(now.load(Ordering::Relaxed), Ordering::Relaxed);
+        }
+    }
+
+    /// The counters as they were at the queue's latest load (see [`QueueMetrics::mark_loaded`]), as figures whose
+    /// gauges are 0.
+    pub fn at_load(&self) -> QueueMetrics {
+        let out = QueueMetrics::default();
+        for (to, at) in out.counters().into_iter().zip(&self.at_load) {
+            to.store(at.load(Ordering::Relaxed), Ordering::Relaxed);
+        }
+        out
     }
 
     /// Publishes tier figures summed over a queue's partitions.
@@ -720,7 +743,12 @@ impl Engine {
     /// [`Engine::delete_queue`] without the dead-letter check: a restore with overwrite puts a queue of the same
     /// name back at once.
     async fn delete_queue_in_use(&self, name: &str, info: QueueInfo) -> Result<(), QueueError> {
-        let handle = self.inner.queues.write().map_err(poisoned)?.remove(name);
+        let handle = {
+            let mut queues = self.inner.queues.write().map_err(poisoned)?;
+            let h = queues.remove(name);
+            shrink_sparse(&mut queues);
+            h
+        };
         if let Some(h) = &handle {
             stop_queue(h).await;
         }
@@ -735,6 +763,7 @@ impl Engine {
             {
                 self.inner.deleted.add_counters(&m);
             }
+            shrink_sparse(&mut unloaded);
         }
         // One call per store: a store that can delete many partitions in one write does (fjall).
         for s in &self.inner.config.stores {
@@ -956,6 +985,7 @@ impl Engine {
             }
         };
         metrics.created_at.store(info.created_at.0, Ordering::Relaxed);
+        metrics.mark_loaded();
         let namespace: Arc<str> = if info.namespace.is_empty() {
             DEFAULT_NAMESPACE.into()
         } else {
@@ -996,7 +1026,10 @@ impl Engine {
                 self.inner.transitions.fetch_add(1, Ordering::Relaxed) + 1,
                 Ordering::Relaxed,
             );
-            self.inner.unloaded.write().map_err(poisoned)?.remove(name);
+            let mut unloaded = self.inner.unloaded.write().map_err(poisoned)?;
+            if unloaded.remove(name).is_some() {
+                shrink_sparse(&mut unloaded);
+            }
             queues.insert(name.to_string(), h.clone());
         }
         Ok(h)
@@ -1015,6 +1048,7 @@ impl Engine {
         let mut unloaded = self.inner.unloaded.write().map_err(poisoned)?;
         if let Some(m) = unloaded.remove(name) {
             self.inner.deleted.add_counters(&m);
+            shrink_sparse(&mut unloaded);
         }
         Ok(())
     }
@@ -1029,6 +1063,7 @@ impl Engine {
         if let Ok(mut queues) = self.inner.queues.write() {
             if let Some(h) = queues.get(name).filter(|h| h.load == load).cloned() {
                 queues.remove(name);
+                shrink_sparse(&mut queues);
                 if let Ok(_unloaded) = self.inner.unloaded.write() {
                     // Under the `unloaded` lock, as every change of `deleted`: a snapshot sees the queue either in
                     // the table or in the sums.
@@ -1064,6 +1099,7 @@ impl Engine {
         if let Ok(mut queues) = self.inner.queues.write() {
             if let Some(h) = queues.get(name).filter(|h| h.load == load).cloned() {
                 queues.remove(name);
+                shrink_sparse(&mut queues);
                 if let Ok(mut unloaded) = self.inner.unloaded.write() {
                     h.metrics.transition.store(
                         self.inner.transitions.fetch_add(1, Ordering::Relaxed) + 1,
@@ -1862,6 +1898,16 @@ fn instance_id() -> String {
         raw = (crate::time::Clock::now(&crate::time::SystemClock).0 as u64).to_le_bytes();
     }
     raw.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Gives back the slots of a table of queues that has emptied to a quarter of its capacity. A `HashMap` never
+/// shrinks on its own, so a burst of loaded queues (or of unloaded ones loaded again) left their slots, 33 bytes or
+/// more each, for the life of the process. Shrinking to twice the entries left makes the next shrink wait until
+/// the table has halved twice more, so the rehash costs O(1) per removal over time.
+fn shrink_sparse<V>(map: &mut HashMap<String, V>) {
+    if map.capacity() > 64 && map.len() < map.capacity() / 4 {
+        map.shrink_to(map.len() * 2);
+    }
 }
 
 fn poisoned<T>(_: T) -> QueueError {

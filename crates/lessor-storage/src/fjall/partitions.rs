@@ -931,6 +931,7 @@ impl FjallStore {
         // Forget the gate unless another call is waiting on it (the map and `gate` hold the only references).
         if Arc::strong_count(&gate) == 2 {
             gates.remove(name);
+            shrink_sparse(&mut gates);
         }
     }
 
@@ -1072,6 +1073,16 @@ impl FjallStore {
             .collect()
             .await;
         results.into_iter().find(Result::is_err).unwrap_or(Ok(()))
+    }
+}
+
+/// Gives back the slots of a table of partitions that has emptied to a quarter of its capacity: a `HashMap` never
+/// shrinks on its own, so the partitions open at a peak (queues loaded, then unloaded for being idle) kept their
+/// slots for the life of the store. Shrinking to twice the entries left makes the next shrink wait until the table
+/// has halved twice more, so the rehash costs O(1) per removal over time.
+fn shrink_sparse<V>(map: &mut HashMap<String, V>) {
+    if map.capacity() > 64 && map.len() < map.capacity() / 4 {
+        map.shrink_to(map.len() * 2);
     }
 }
 
@@ -2433,6 +2444,8 @@ impl Partition for FjallPartition {
                 .is_some_and(|w| std::ptr::eq(w.as_ptr(), self))
             {
                 reg.remove(&*self.name);
+                // Partitions close as their queues unload: the registry gives back the slots of those it held.
+                shrink_sparse(&mut reg);
             }
         }
     }
