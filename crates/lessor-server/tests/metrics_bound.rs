@@ -550,6 +550,49 @@ async fn an_unloaded_queue_deleted_by_another_server_leaves_the_totals_once_look
     b.stop().await;
 }
 
+/// A queue unloaded here (idle), then deleted and created again under its name by another server sharing the
+/// store: loaded here again, it is a new queue. Its per-queue counters start from 0, and the old queue's counts
+/// stay in the total counters as a deleted queue's. They used to go on from the old queue's (3 produced before, 1
+/// after: 4), as if the queue had never been deleted.
+#[cfg(feature = "postgres")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queue_created_again_by_another_server_while_unloaded_here_counts_from_zero() {
+    if lessor_testkit::database_or_skip().is_none() {
+        return;
+    }
+    let db = lessor_testkit::TestDatabase::create("lessor_mb").await;
+    let config = lessor_testkit::server::postgres_config(db.url());
+    let clock = ManualClock::starting_now();
+    let (a, ca) = lessor_testkit::server::start(&config, Some(Arc::new(clock.clone()))).await;
+    let (b, cb) = lessor_testkit::server::start(&config, None).await;
+    lessor_testkit::server::create_queue(&ca, "again", |_| {}).await;
+    produce(&ca, "again", 3).await;
+    scrape_settled(&ca, "lessor_queues_ready_items", 3.0).await;
+    clock.advance(Duration::from_secs(301));
+    wait_loaded(&a.engine, 0).await;
+    cb.queues_delete(&pb::QueuesDeleteRequest {
+        queue_name: "again".into(),
+        force: true,
+    })
+    .await
+    .expect("delete on B");
+    lessor_testkit::server::create_queue(&cb, "again", |_| {}).await;
+    produce(&ca, "again", 1).await;
+    let s = scrape_settled(&ca, "lessor_queues_ready_items", 1.0).await;
+    assert_eq!(
+        value(&s, "lessor_queue_produced_total{queue=\"again\"}"),
+        1.0,
+        "the new queue counts from 0"
+    );
+    assert_eq!(
+        value(&s, "lessor_queues_produced_total"),
+        4.0,
+        "the old queue's counts stay in the total"
+    );
+    a.stop().await;
+    b.stop().await;
+}
+
 /// Queues deleted while scrapes run: no scrape sees a total counter go back or count a queue twice (above what was
 /// produced), and once the deletes are done the gauges are 0 and the counters hold everything.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
