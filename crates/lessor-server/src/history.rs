@@ -3,7 +3,8 @@
 //!
 //! It exists so the dashboard can draw rate charts over the last minutes without an external store; Prometheus
 //! (`/metrics`) stays the long-term record. The ring is per server process and starts empty at start-up. Its cost is
-//! bounded: [`CAPACITY`] samples of 10 integers per queue (about 12 KB per queue), queues that disappear from the
+//! bounded: [`CAPACITY`] samples of 10 integers per queue (about 12 KB per queue; a ring grows to it with its
+//! samples, so a queue loaded for a few seconds holds a few of them), queues that disappear from the
 //! engine drop their ring at the next sample, and a sample takes a few hash-map steps per queue (it holds the
 //! rings' lock meanwhile, so it must stay linear: 100,000 queues are a valid load). A queue unloaded for being idle
 //! drops its ring too (its samples would be all zero rates, and 12 KB per queue ever touched is the growth
@@ -87,6 +88,20 @@ pub struct History {
     examined: std::sync::atomic::AtomicU64,
 }
 
+/// Samples a ring first makes room for.
+const FIRST_ROOM: usize = 8;
+
+/// Makes room in a full ring below [`CAPACITY`]: twice its size (from [`FIRST_ROOM`]), never past `CAPACITY`, each
+/// step exact (a `VecDeque` left to grow itself would double past it). A ring sized to `CAPACITY` at once held
+/// 12 KB for every queue loaded even a few seconds, which a sweep over thousands of queues with a short idle time
+/// (`queue-idle-unload`) turned into a peak of megabytes that the allocator then kept.
+fn grow(samples: &mut VecDeque<HistorySample>) {
+    let room = samples.capacity();
+    if samples.len() == room && room < CAPACITY {
+        samples.reserve_exact(room.max(FIRST_ROOM).min(CAPACITY - room));
+    }
+}
+
 /// A counter delta as the wire's i64; a counter that went backwards (a queue deleted and created again between
 /// two samples) counts as 0 rather than a negative rate.
 fn delta(now: u64, before: u64) -> i64 {
@@ -120,11 +135,11 @@ impl History {
             let now = Totals::of(m);
             // Looked up before inserting, so a queue's name is copied once, not at every sample.
             if !rings.by_queue.contains_key(name) {
-                // Sized once: pushing into a growing VecDeque would double it past CAPACITY. A queue seen for the
-                // first time since it loaded counts from its counters at the load (0 for a queue new here).
+                // A queue seen for the first time since it loaded counts from its counters at the load (0 for a
+                // queue new here). Its ring grows with its samples (see `grow`).
                 let ring = Ring {
                     last: Totals::of(&m.at_load()),
-                    samples: VecDeque::with_capacity(CAPACITY),
+                    samples: VecDeque::new(),
                     seen: this,
                 };
                 rings.by_queue.insert(name.clone(), ring);
@@ -135,9 +150,7 @@ impl History {
             ring.seen = this;
             let last = ring.last;
             ring.last = now;
-            if ring.samples.capacity() < CAPACITY {
-                ring.samples.reserve_exact(CAPACITY);
-            }
+            grow(&mut ring.samples);
             if ring.samples.len() == CAPACITY {
                 ring.samples.pop_front();
             }
@@ -269,6 +282,27 @@ mod tests {
         assert_eq!(h.rates("other", 2), Rates::default());
         h.sample(9_999_999, &[]);
         assert!(h.samples("q").is_empty(), "a deleted queue drops its ring");
+    }
+
+    /// A ring grows with its samples, exactly, up to CAPACITY and no further: a queue loaded for a few samples
+    /// holds a few of them, not 12 KB.
+    #[test]
+    fn a_ring_grows_with_its_samples_up_to_capacity() {
+        let h = History::default();
+        let queues = vec![("q".to_string(), Arc::new(QueueMetrics::default()))];
+        let room = |h: &History| h.rings.lock().expect("rings").by_queue["q"].samples.capacity();
+        h.sample(0, &queues);
+        assert_eq!(room(&h), FIRST_ROOM);
+        for i in 1..5 {
+            h.sample(i, &queues);
+        }
+        assert_eq!(room(&h), FIRST_ROOM, "5 samples fit in the first room");
+        for i in 5..(CAPACITY as i64 * 3) {
+            h.sample(i, &queues);
+            assert!(room(&h) <= CAPACITY, "never past CAPACITY: {}", room(&h));
+        }
+        assert_eq!(room(&h), CAPACITY);
+        assert_eq!(h.samples("q").len(), CAPACITY);
     }
 
     /// A sample costs a few steps per queue: with 100,000 loaded queues the server sampled every 2 s, and each
