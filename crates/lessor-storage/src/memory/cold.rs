@@ -307,7 +307,12 @@ impl ColdPartition {
         self.gone.store(true, Ordering::Release);
         let mut g = self.inner.lock().await;
         if let Some(job) = g.job.take() {
-            job.task.abort();
+            // A load writes nothing and is stopped. A spill is waited for, not aborted: its PUT may already be on
+            // the wire, and an aborted request the server still completes would land after the listing below and
+            // stay in the bucket until the next start (it is bounded by the client's request and retry timeouts).
+            if job.load {
+                job.task.abort();
+            }
             let _ = job.task.await;
         }
         g.segs.clear();
