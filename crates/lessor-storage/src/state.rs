@@ -834,6 +834,11 @@ impl PartitionState {
         self.ready
     }
 
+    /// Scheduled items held in memory (tests: the schedule's bound holds).
+    pub fn resident_scheduled(&self) -> u64 {
+        self.sched.len() as u64
+    }
+
     /// The paging counters.
     pub fn paged(&self) -> &Paged {
         &self.paged

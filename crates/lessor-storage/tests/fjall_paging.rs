@@ -779,3 +779,119 @@ async fn leased_items_keep_their_payloads_on_disk() {
     assert_eq!(p.stats(T0).await.expect("stats").payload_bytes, 0);
     store.close().await;
 }
+
+/// The schedule is paged like the ready backlog: 10,000 items scheduled far ahead behind a window of 40 keep at
+/// most a bounded part resident (a quarter of the window, plus what one pass reads back), while producing, after a
+/// restart (which must not read the paged schedule) and while they come due; they come due in due order, FIFO
+/// among equal times, and counts, bytes, list, delete by id and snapshots see every one of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_far_schedule_stays_on_disk_and_comes_due_in_order() {
+    const N: usize = 10_000;
+    const WINDOW: usize = 40;
+    let dir = tempfile::tempdir().expect("tmp");
+    // Due times: 100 distinct times, 100 items each, produced in a shuffled order of times.
+    let at = |i: usize| Ts(T0.0 + 1_000 + ((i * 37) % 100) as i64 * 10);
+    let (mut order, deleted, payloads) = {
+        let store = FjallStore::open(dir.path(), Durability::Sync).expect("open");
+        store.set_memory_window(WINDOW);
+        let p = store.open("sched", 0).await.expect("partition");
+        let mut order: Vec<(Ts, ItemId, u8)> = Vec::new();
+        let mut payloads: BTreeMap<ItemId, Bytes> = BTreeMap::new();
+        for b in 0..N / 500 {
+            let batch: Vec<NewItem> = (b * 500..(b + 1) * 500)
+                .map(|i| NewItem {
+                    enqueue_at: at(i),
+                    ..item(i, (i % 3) as u8, FAR)
+                })
+                .collect();
+            let meta: Vec<(Ts, u8, Bytes)> = batch
+                .iter()
+                .map(|n| (n.enqueue_at, n.priority, n.payload.clone()))
+                .collect();
+            let ids = p.produce(batch).await.expect("produce");
+            for ((t, prio, payload), id) in meta.into_iter().zip(ids) {
+                order.push((t, id, prio));
+                payloads.insert(id, payload);
+            }
+            let resident = store.resident_scheduled("sched", 0).await.expect("open");
+            assert!(resident <= WINDOW as u64, "{resident} scheduled items resident after batch {b}");
+        }
+        let counts = p.counts().await.expect("counts");
+        assert_eq!(counts.scheduled, N as u64);
+        assert_eq!(p.stats(T0).await.expect("stats").payload_bytes, N as u64 * 11);
+        // Delete by id reaches items on disk only; a list in id order sees the rest.
+        let deleted: Vec<ItemId> = order.iter().step_by(97).map(|x| x.1).collect();
+        p.delete(deleted.clone()).await.expect("delete");
+        assert_eq!(
+            p.counts().await.expect("counts").scheduled,
+            (N - deleted.len()) as u64
+        );
+        let mut listed = 0;
+        let mut pivot = None;
+        loop {
+            let page = p.list(pivot, 333, true).await.expect("list");
+            let Some(last) = page.last() else { break };
+            assert!(page.windows(2).all(|w| w[0].id < w[1].id));
+            assert!(page.iter().all(|it| it.enqueue_at.0 > 0 && it.payload.len() == 11));
+            pivot = Some(ItemId(last.id.0 + 1));
+            listed += page.len();
+        }
+        assert_eq!(listed, N - deleted.len());
+        let mut snap = p.snapshot().await.expect("snapshot");
+        let mut seen = 0;
+        loop {
+            let page = snap.next(1000).await.expect("page");
+            if page.is_empty() {
+                break;
+            }
+            seen += page.len();
+        }
+        assert_eq!(seen, N - deleted.len(), "a snapshot reads every item once");
+        p.close().await;
+        store.close().await;
+        (order, deleted, payloads)
+    };
+    order.retain(|x| !deleted.contains(&x.1));
+    let store = FjallStore::open(dir.path(), Durability::Sync).expect("reopen");
+    store.set_memory_window(WINDOW);
+    let p = store.open("sched", 0).await.expect("partition");
+    let loaded = store.items_loaded();
+    assert!(loaded <= WINDOW as u64, "an open read {loaded} items");
+    assert_eq!(
+        p.counts().await.expect("counts").scheduled,
+        order.len() as u64
+    );
+    // Expected per due time: its items as leases serve them, priority first, then FIFO (the original ids: the
+    // pass requeues equal times in id order).
+    let mut want: BTreeMap<Ts, Vec<(Reverse<u8>, ItemId)>> = BTreeMap::new();
+    for &(t, id, prio) in &order {
+        want.entry(t).or_default().push((Reverse(prio), id));
+    }
+    let mut leased = 0;
+    let mut now = T0.0 + 1_000;
+    while now <= T0.0 + 2_000 {
+        let o = p.lifecycle(Ts(now), DLQ, 1_000).await.expect("lifecycle");
+        let resident = store.resident_scheduled("sched", 0).await.expect("open");
+        assert!(resident <= WINDOW as u64 + 1_000, "{resident} scheduled items resident");
+        if o.more {
+            continue;
+        }
+        let mut got = Vec::new();
+        loop {
+            let l = p.lease(1_000, LEASE).await.expect("lease");
+            if l.is_empty() {
+                break;
+            }
+            got.extend(l.into_iter().map(|it| it.payload));
+        }
+        let mut expect = want.remove(&Ts(now)).unwrap_or_default();
+        expect.sort();
+        let expect: Vec<Bytes> = expect.iter().map(|&(_, id)| payloads[&id].clone()).collect();
+        assert_eq!(got, expect, "the items due at +{}", now - T0.0);
+        leased += got.len();
+        now += 10;
+    }
+    assert_eq!(leased, order.len(), "every scheduled item came due once");
+    assert_eq!(p.counts().await.expect("counts").scheduled, 0);
+    store.close().await;
+}

@@ -865,6 +865,18 @@ impl FjallStore {
         Some(g.state.resident_ready())
     }
 
+    /// Scheduled items partition `partition` of `queue` holds in memory, if it is open (tests: the schedule's bound
+    /// holds).
+    #[doc(hidden)]
+    pub async fn resident_scheduled(&self, queue: &str, partition: u32) -> Option<u64> {
+        let p = self
+            .registry()
+            .get(&keyspace_name(queue, partition))
+            .and_then(Weak::upgrade)?;
+        let g = p.inner.lock().await;
+        Some(g.state.resident_scheduled())
+    }
+
     /// Resident and paged ready items (and paged payload bytes) of partition `partition` of `queue`, if it is open:
     /// what a per-tier statistic needs, from counters, without a disk read.
     pub async fn paging_counts(&self, queue: &str, partition: u32) -> Option<PagingCounts> {
