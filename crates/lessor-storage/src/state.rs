@@ -43,8 +43,33 @@
 //! lease never serves a lower priority while a higher one still has paged items but
 //! nothing resident. Counts, payload bytes, ages and the next deadline include the paged items through the counters,
 //! so a paged item costs no memory at all unless it carries a source id (whose index entry stays resident).
-//! Leased, scheduled and dead items always stay resident, but without their large payloads (next section). The
-//! memory backend sets no window.
+//! Leased and dead items always stay resident, but without their large payloads ("Payloads on disk"); scheduled
+//! items are paged too (next section). The memory backend sets no window.
+//!
+//! # Paging the schedule (persistent backends)
+//! A backend that pages may also bound the resident schedule ([`PartitionState::with_sched_window`]; fjall: a
+//! quarter of the item window, as a resident scheduled item is a whole [`Item`] in two ordered maps, several times a
+//! ready slot). A scheduled item whose payload is in memory (a new one, or a retried one with a small payload) is
+//! written to disk only ([`SchedMove::Spill`], counted in [`PagedSched`]) when the resident schedule is full, or when
+//! it is due no earlier than the paged ones; the resident schedule is thus mostly the part due first. Every paged
+//! item's (due time, id) is at or after [`PagedSched::from`], and nothing else holds:
+//! - A lifecycle pass requeues resident items only while they lie before `from` (a paged item may be due before
+//!   any later one). The backend asks [`PartitionState::sched_plan`] before the pass and hands what it read to
+//!   [`PartitionState::page_in_sched`]: the paged items already due (in due order, up to the pass's limit and a
+//!   byte bound), which the same pass requeues, or, when none is due and the resident schedule fell under a quarter
+//!   of its bound, the next ones, up to half of it, read ahead. `from` then rises past what was read, and the pass
+//!   reports `more` when it stopped at a paged item, so due order and FIFO among equal times hold across the
+//!   boundary.
+//! - Counts, payload bytes and the next deadline include the paged items through the counters; scheduled items
+//!   never expire while scheduled (the expiry index holds ready and leased items), so a paged one needs no expiry
+//!   bound: it expires once requeued, as a resident one does.
+//! - Delete by id, list, clear and snapshots read the paged records by id (the backend keeps them by id, and an
+//!   empty key per item in due order for the page-ins); dedup needs nothing (records are per produce call), and the
+//!   source-id index keeps the ids of paged items that carry one (their count is [`PagedSched::with_source`]).
+//! - An item whose payload is on disk only ("Payloads on disk": a large item retried with a later time) stays
+//!   resident, without its payload: paging it would read the payload back.
+//!
+//! A partition whose schedule stays within its bound makes no paging writes for it; the memory backend sets none.
 //!
 //! # Payloads on disk (persistent backends)
 //! Nothing bounds the number of leased items (a consumer may lease the whole backlog, one bounded answer after the
@@ -100,7 +125,7 @@ pub mod paging;
 use chunk::{Chunk, CHUNK};
 use dedup::DedupSet;
 use paging::NONE;
-pub use paging::{PageRead, Paged, PagingCounts};
+pub use paging::{PageRead, Paged, PagedSched, PagingCounts, SchedKey, SchedMove, SchedRead};
 
 /// What an operation changed, for a persistent backend to write in one atomic batch.
 #[derive(Debug, Default, Clone)]
@@ -124,6 +149,10 @@ pub struct Changes {
     pub paged_in: Vec<ItemId>,
     /// The paging counters, when they changed; empty counters (nothing paged any more) are deleted, not stored.
     pub counters: Option<Paged>,
+    /// Changes of the paged schedule, in order (see "Paging the schedule" in the module docs).
+    pub sched_moves: Vec<SchedMove>,
+    /// The paged schedule's counters, when they changed; empty ones are deleted, not stored.
+    pub sched_counters: Option<PagedSched>,
 }
 
 impl Changes {
@@ -136,6 +165,8 @@ impl Changes {
             && self.spilled.is_empty()
             && self.unpaged.is_empty()
             && self.counters.is_none()
+            && self.sched_moves.is_empty()
+            && self.sched_counters.is_none()
     }
 
     /// Appends the changes of `later`, made after these (a later version of an item wins).
@@ -155,6 +186,10 @@ impl Changes {
         if later.counters.is_some() {
             self.counters = later.counters;
         }
+        self.sched_moves.extend(later.sched_moves);
+        if later.sched_counters.is_some() {
+            self.sched_counters = later.sched_counters;
+        }
     }
 }
 
@@ -163,6 +198,8 @@ use paging::PRIORITIES;
 const COMPACT_SLACK: usize = 64;
 /// Most items one page-in reads: bounds the work of one read, so reads ahead stay short and frequent.
 pub const PAGE_MAX: usize = 8192;
+/// The schedule keeps at most the window divided by this resident (see "Paging the schedule" in the module docs).
+pub const SCHED_SHARE: usize = 4;
 /// Expired dedup records a produce call drops beyond as many as it adds, so a backlog drains too.
 const PRUNE_EXTRA: usize = 16;
 
@@ -421,6 +458,12 @@ pub struct PartitionState {
     window_bytes: u64,
     /// Ready items on disk only.
     paged: Paged,
+    /// Most scheduled items resident before new ones are paged (`usize::MAX`: never; see "Paging the schedule").
+    sched_window: usize,
+    /// Scheduled items on disk only.
+    psched: PagedSched,
+    /// Whether `psched` changed since the backend last took it.
+    psched_dirty: bool,
     /// Whether `paged` changed since the backend last took it.
     paged_dirty: bool,
     /// Paging writes made outside an operation's own change set (spills, page-ins), for the next write to carry.
@@ -487,6 +530,9 @@ impl PartitionState {
             paged: Paged::default(),
             // A partition that never spills never writes paging counters.
             paged_dirty: false,
+            sched_window: usize::MAX,
+            psched: PagedSched::default(),
+            psched_dirty: false,
             carry: Changes::default(),
             paged_epoch: 0,
             probe: HashSet::new(),
@@ -504,6 +550,23 @@ impl PartitionState {
     /// every change set and answers [`PartitionState::page_plan`] may set a window.
     pub fn with_window(mut self, window: usize) -> Self {
         self.window = window.max(1);
+        self
+    }
+
+    /// Pages scheduled items beyond `window` resident ones out (see "Paging the schedule" in the module docs). Only
+    /// a backend that writes every change set, stores [`Changes::sched_moves`] and answers
+    /// [`PartitionState::sched_plan`] may.
+    pub fn with_sched_window(mut self, window: usize) -> Self {
+        self.sched_window = window.max(1);
+        self
+    }
+
+    /// The scheduled items paged before the last restart (the counters the backend stored) and the source ids of
+    /// those that carry one (their index stays resident).
+    pub fn with_paged_sched(mut self, psched: PagedSched, sources: Vec<(String, u64)>) -> Self {
+        self.psched = psched;
+        self.by_source.extend(sources);
+        self.psched_dirty = false;
         self
     }
 
@@ -538,8 +601,15 @@ impl PartitionState {
     /// Gives the next call the payloads of items on disk it needs (read by the backend, as
     /// [`PartitionState::lifecycle_reads`] or [`PartitionState::retry_reads`] said); the backend clears them
     /// afterwards with an empty map.
+    ///
+    /// Payloads given are added to those already there (a page-in of scheduled items hands over the payloads it
+    /// read, see [`PartitionState::page_in_sched`]); an empty map clears them.
     pub fn set_fetched(&mut self, payloads: HashMap<u64, Bytes>) {
-        self.fetched = payloads;
+        if payloads.is_empty() {
+            self.fetched = payloads;
+        } else {
+            self.fetched.extend(payloads);
+        }
     }
 
     /// Whether the resident payloads fill the byte window: new ready items are paged and page-ins stop. A
@@ -764,8 +834,178 @@ impl PartitionState {
             self.spill(it);
             return false;
         }
+        if !it.dead && it.is_scheduled() && self.spills_sched(&it) {
+            self.spill_sched(it);
+            return false;
+        }
         self.insert(it);
         true
+    }
+
+    /// Whether a scheduled item (its payload in memory) goes to disk only: the resident schedule is full, or the
+    /// item is due no earlier than the paged ones (so that the resident schedule stays the part due first, and a
+    /// read-ahead brings back what comes due next).
+    fn spills_sched(&self, it: &Item) -> bool {
+        self.sched_window != usize::MAX
+            && (self.sched.len() >= self.sched_window
+                || (self.psched.count > 0 && (it.enqueue_at.0, it.id.0) >= self.psched.from))
+    }
+
+    /// Counts a scheduled item as paged: the next write stores it as a paged scheduled record instead of an item.
+    fn spill_sched(&mut self, it: Item) {
+        let ps = &mut self.psched;
+        ps.from = ps.from.min((it.enqueue_at.0, it.id.0));
+        ps.count += 1;
+        ps.bytes += it.payload.len() as u64;
+        if !it.source_id.is_empty() {
+            ps.with_source += 1;
+            self.by_source.insert(it.source_id.clone(), it.id.0);
+        }
+        self.psched_dirty = true;
+        if self.track {
+            self.carry.sched_moves.push(SchedMove::Spill(it));
+        }
+    }
+
+    /// Takes a paged scheduled item (read back from disk) out of the counters and records its records' removal;
+    /// the caller puts it somewhere or drops it.
+    fn unspill_sched(&mut self, it: &Item, ch: &mut Changes) {
+        let ps = &mut self.psched;
+        ps.count = ps.count.saturating_sub(1);
+        ps.bytes = ps.bytes.saturating_sub(it.payload.len() as u64);
+        if !it.source_id.is_empty() {
+            ps.with_source = ps.with_source.saturating_sub(1);
+        }
+        ps.settle();
+        self.psched_dirty = true;
+        if self.track {
+            ch.sched_moves.push(SchedMove::Unpage(it.enqueue_at.0, it.id.0));
+        }
+    }
+
+    /// Whether `it` (read from disk) is one of the paged scheduled items.
+    fn is_paged_sched(&self, it: &Item) -> bool {
+        self.psched.count > 0
+            && !it.dead
+            && it.is_scheduled()
+            && (it.enqueue_at.0, it.id.0) >= self.psched.from
+            && !self.sched.contains_key(&it.id.0)
+            && self.slot(it.id.0).is_none()
+    }
+
+    /// The paged schedule's counters.
+    pub fn paged_sched(&self) -> &PagedSched {
+        &self.psched
+    }
+
+    /// The read a lifecycle pass at `now` that handles up to `limit` items needs before it: the paged scheduled items
+    /// already due (up to `limit`, at most [`PAGE_MAX`]), or, when none is due and the resident schedule fell below
+    /// a quarter of its window, the next ones by due time, up to half the window (read ahead, so they are resident
+    /// before they come due). `max_bytes` bounds the payloads read.
+    pub fn sched_plan(&self, now: Ts, limit: usize, max_bytes: u64) -> Option<SchedRead> {
+        if self.psched.count == 0 {
+            return None;
+        }
+        let resident = self.sched.len();
+        if self.psched.from.0 <= now.0 {
+            return Some(SchedRead {
+                from: self.psched.from,
+                to: Some((now.0.saturating_add(1), 0)),
+                n: limit.clamp(1, PAGE_MAX),
+                max_bytes,
+            });
+        }
+        let low = (self.sched_window / 4).max(1);
+        let room = self.sched_window.saturating_sub(resident);
+        (resident < low && room > 0).then(|| SchedRead {
+            from: self.psched.from,
+            to: None,
+            n: room.min((self.sched_window / 2).max(1)).min(PAGE_MAX),
+            max_bytes,
+        })
+    }
+
+    /// Takes paged scheduled items read back from disk (in key order, from `read.from` on) into memory, their moves
+    /// written with the next change set. `exhausted`: the disk has no more of them before `read.to`. A read planned
+    /// before the paged schedule changed is ignored. The payloads that the items keep on disk once resident are
+    /// handed to the next call as read back ([`PartitionState::set_fetched`]): a pass that requeues them needs them,
+    /// and their payload records are only written by the write that carries this page-in.
+    pub fn page_in_sched(&mut self, read: SchedRead, items: Vec<Item>, exhausted: bool) {
+        if self.psched.from != read.from || self.psched.count == 0 {
+            return;
+        }
+        let mut last = None;
+        let mut ch = std::mem::take(&mut self.carry);
+        for it in items {
+            if !self.is_paged_sched(&it) {
+                continue;
+            }
+            let key = (it.enqueue_at.0, it.id.0);
+            if key < read.from || read.to.is_some_and(|to| key >= to) {
+                continue;
+            }
+            self.unspill_sched(&it, &mut ch);
+            last = Some(key);
+            if self.track {
+                ch.paged_in.push(it.id);
+                ch.put.push(it.clone());
+            }
+            let payload = it.payload.clone();
+            let id = it.id.0;
+            self.insert(it);
+            if self.is_on_disk(id) {
+                self.fetched.insert(id, payload);
+            }
+            if self.psched.count == 0 {
+                break;
+            }
+        }
+        self.carry = ch;
+        if self.psched.count > 0 {
+            match (exhausted, read.to) {
+                // Every paged item left is due at or after `to`.
+                (true, Some(to)) => self.psched.from = self.psched.from.max(to),
+                (true, None) => {
+                    tracing::warn!(
+                        missing = self.psched.count,
+                        "paged scheduled item count above what the disk holds; corrected"
+                    );
+                    self.psched = PagedSched::default();
+                }
+                (false, _) => {
+                    if let Some((at, id)) = last {
+                        self.psched.from = self.psched.from.max((at, id + 1));
+                    }
+                }
+            }
+        }
+        self.psched_dirty = true;
+    }
+
+    /// Removes paged scheduled items read back from disk (a delete by id, a clear), recording their removal.
+    /// Items that are not paged (any more) are skipped. Returns how many went.
+    pub fn drop_paged_sched(&mut self, items: Vec<Item>) -> (u64, Changes) {
+        let mut ch = Changes::default();
+        let mut n = 0;
+        for it in items {
+            if !self.is_paged_sched(&it) {
+                continue;
+            }
+            self.unspill_sched(&it, &mut ch);
+            if !it.source_id.is_empty() && self.by_source.get(&it.source_id) == Some(&it.id.0) {
+                self.by_source.remove(&it.source_id);
+            }
+            n += 1;
+        }
+        (n, ch)
+    }
+
+    /// Forgets every paged scheduled item (a clear found fewer records than counted: trust the disk).
+    pub fn forget_paged_sched(&mut self) {
+        if self.psched.count > 0 {
+            self.psched = PagedSched::default();
+            self.psched_dirty = true;
+        }
     }
 
     /// Counts a new ready item as paged: the next write stores it as a paged record instead of an item.
@@ -851,6 +1091,8 @@ impl PartitionState {
             paged_ready: self.paged.total(),
             paged_bytes: self.paged.bytes,
             on_disk_bytes: self.disk_bytes,
+            paged_scheduled: self.psched.count,
+            paged_scheduled_bytes: self.psched.bytes,
         }
     }
 
@@ -1054,6 +1296,10 @@ impl PartitionState {
         if self.paged_dirty {
             self.paged_dirty = false;
             ch.counters = Some(self.paged.clone());
+        }
+        if self.psched_dirty {
+            self.psched_dirty = false;
+            ch.sched_counters = Some(self.psched.clone());
         }
         ch
     }
@@ -1302,6 +1548,13 @@ impl PartitionState {
         if self.track {
             // Recorded from the item itself, before its payload may go to disk only.
             ch.put.push(it.clone());
+        }
+        if disk.is_none() && self.spills_sched(&it) {
+            // Its item records (it had this id before) make way for the paged record, in the same write. An item
+            // whose payload is on disk only stays resident instead: paging it would read the payload back.
+            self.record_del(ch, it.id);
+            self.spill_sched(it);
+            return;
         }
         self.insert_as(it, disk);
     }
@@ -1825,10 +2078,16 @@ impl PartitionState {
         expired.sort_unstable();
         expired.dedup();
         let rest = limit.saturating_sub(expired.len());
+        let from = if self.psched.count > 0 {
+            self.psched.from
+        } else {
+            (i64::MAX, u64::MAX)
+        };
         let due = self
             .sched_idx
             .iter()
-            .take_while(|(t, _)| *t <= now)
+            .take_while(|(t, id)| *t <= now && (t.0, *id) < from)
+            .filter(|(_, id)| !self.fetched.contains_key(id))
             .take(rest)
             .map(|&(_, id)| id)
             .filter(|id| self.on_disk.contains_key(id));
@@ -1911,6 +2170,11 @@ impl PartitionState {
             let Some(&(t, id)) = self.sched_idx.first().filter(|(t, _)| *t <= now) else {
                 break;
             };
+            if self.psched.count > 0 && (t.0, id) >= self.psched.from {
+                // Paged items may come due before this one: the backend reads them first (`sched_plan`).
+                short = true;
+                break;
+            }
             if self.is_on_disk(id) && !self.fetched.contains_key(&id) {
                 short = true;
                 break;
@@ -1993,6 +2257,7 @@ impl PartitionState {
             self.sched_idx.first().map(|x| x.0),
             self.expire.keys().next().copied(),
             self.paged.next_deadline().map(Ts),
+            (self.psched.count > 0).then_some(Ts(self.psched.from.0)),
         ]
         .into_iter()
         .flatten()
@@ -2004,7 +2269,7 @@ impl PartitionState {
         PartitionCounts {
             ready: self.ready + self.paged.total(),
             leased: self.leased,
-            scheduled: self.sched.len() as u64,
+            scheduled: self.sched.len() as u64 + self.psched.count,
         }
     }
 
@@ -2027,7 +2292,7 @@ impl PartitionState {
             counts: self.counts(),
             average_age: avg(self.sum_created + self.paged.sum_created, live, false),
             average_leased_age: avg(self.sum_lease, leased, true),
-            payload_bytes: self.payload_bytes + self.paged.bytes + self.disk_bytes,
+            payload_bytes: self.payload_bytes + self.paged.bytes + self.psched.bytes + self.disk_bytes,
             oldest_ready_age: self.oldest_head().map_or(Duration::ZERO, |c| now.since(Ts(c))),
             // Everything this state holds is in memory; a backend that also keeps it on disk adds that tier.
             tiers: TierStats {
@@ -2180,7 +2445,9 @@ impl PartitionState {
 
     /// Number of items of every kind.
     pub fn len(&self) -> usize {
-        (self.ready + self.leased + self.paged.total()) as usize + self.sched.len() + self.dead.len()
+        (self.ready + self.leased + self.paged.total() + self.psched.count) as usize
+            + self.sched.len()
+            + self.dead.len()
     }
 
     /// Whether the partition holds nothing.
@@ -3230,6 +3497,57 @@ mod tests {
             pw.counters.as_ref().is_some_and(Paged::is_empty),
             "empty counters: the backend deletes them"
         );
+    }
+
+    /// A bounded schedule: within the bound nothing pages (no moves, no counters); past it new items are paged,
+    /// a pass requeues resident ones only up to the paged boundary and reports `more`, and the items the backend
+    /// reads back come due in due order, FIFO among equal times, and leave nothing paged.
+    #[test]
+    fn the_schedule_pages_past_its_bound_and_comes_due_in_order() {
+        let mut s = PartitionState::new(1).with_window(100).with_sched_window(3);
+        let (ids, ch) = s.produce(vec![
+            new_item("a", Ts(10)),
+            new_item("b", Ts(20)),
+            new_item("c", Ts(20)),
+        ]);
+        assert!(ch.sched_moves.is_empty() && s.take_paging().is_empty());
+        // Past the bound: paged, even when due earlier than resident ones.
+        let (later, _) = s.produce(vec![new_item("d", Ts(5)), new_item("e", Ts(20))]);
+        let pw = s.take_paging();
+        assert_eq!(pw.sched_moves.len(), 2);
+        assert_eq!(
+            pw.sched_counters.as_ref().map(|c| (c.count, c.from)),
+            Some((2, (5, later[0].0)))
+        );
+        assert_eq!((s.resident_scheduled(), s.counts().scheduled), (3, 5));
+        assert_eq!(s.next_deadline(), Some(Ts(5)));
+        // A pass without the paged items requeues nothing past the boundary ("d" is due first).
+        let (o, _) = s.lifecycle(Ts(30), LifecyclePolicy::default(), 100);
+        assert_eq!((o.enqueued, o.more), (0, true));
+        let read = s.sched_plan(Ts(30), 100, u64::MAX).expect("a read of due items");
+        assert_eq!((read.from, read.to), ((5, later[0].0), Some((31, 0))));
+        let paged: Vec<Item> = pw
+            .sched_moves
+            .iter()
+            .filter_map(|m| match m {
+                SchedMove::Spill(it) => Some(it.clone()),
+                SchedMove::Unpage(..) => None,
+            })
+            .collect();
+        let mut sorted = paged.clone();
+        sorted.sort_by_key(|it| (it.enqueue_at, it.id));
+        s.page_in_sched(read, sorted, true);
+        assert!(s.paged_sched().is_empty());
+        let (o, _) = s.lifecycle(Ts(30), LifecyclePolicy::default(), 100);
+        assert_eq!((o.enqueued, o.more), (5, false));
+        let got: Vec<String> = s.lease(10, Ts(100)).0.iter().map(payload_of).collect();
+        assert_eq!(got, ["d", "a", "b", "c", "e"]);
+        let pw = s.take_paging();
+        assert!(
+            pw.sched_counters.is_some_and(|c| c.is_empty()),
+            "empty counters: deleted"
+        );
+        assert_eq!(ids.len(), 3);
     }
 
     /// Extension moves the slot's deadline, the lease sums and the expiry index together.

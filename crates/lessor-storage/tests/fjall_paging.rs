@@ -814,7 +814,10 @@ async fn a_far_schedule_stays_on_disk_and_comes_due_in_order() {
                 payloads.insert(id, payload);
             }
             let resident = store.resident_scheduled("sched", 0).await.expect("open");
-            assert!(resident <= WINDOW as u64, "{resident} scheduled items resident after batch {b}");
+            assert!(
+                resident <= WINDOW as u64,
+                "{resident} scheduled items resident after batch {b}"
+            );
         }
         let counts = p.counts().await.expect("counts");
         assert_eq!(counts.scheduled, N as u64);
@@ -832,7 +835,9 @@ async fn a_far_schedule_stays_on_disk_and_comes_due_in_order() {
             let page = p.list(pivot, 333, true).await.expect("list");
             let Some(last) = page.last() else { break };
             assert!(page.windows(2).all(|w| w[0].id < w[1].id));
-            assert!(page.iter().all(|it| it.enqueue_at.0 > 0 && it.payload.len() == 11));
+            assert!(page
+                .iter()
+                .all(|it| it.enqueue_at.0 > 0 && it.payload.len() == 11));
             pivot = Some(ItemId(last.id.0 + 1));
             listed += page.len();
         }
@@ -857,10 +862,7 @@ async fn a_far_schedule_stays_on_disk_and_comes_due_in_order() {
     let p = store.open("sched", 0).await.expect("partition");
     let loaded = store.items_loaded();
     assert!(loaded <= WINDOW as u64, "an open read {loaded} items");
-    assert_eq!(
-        p.counts().await.expect("counts").scheduled,
-        order.len() as u64
-    );
+    assert_eq!(p.counts().await.expect("counts").scheduled, order.len() as u64);
     // Expected per due time: its items as leases serve them, priority first, then FIFO (the original ids: the
     // pass requeues equal times in id order).
     let mut want: BTreeMap<Ts, Vec<(Reverse<u8>, ItemId)>> = BTreeMap::new();
@@ -872,7 +874,10 @@ async fn a_far_schedule_stays_on_disk_and_comes_due_in_order() {
     while now <= T0.0 + 2_000 {
         let o = p.lifecycle(Ts(now), DLQ, 1_000).await.expect("lifecycle");
         let resident = store.resident_scheduled("sched", 0).await.expect("open");
-        assert!(resident <= WINDOW as u64 + 1_000, "{resident} scheduled items resident");
+        assert!(
+            resident <= WINDOW as u64 + 1_000,
+            "{resident} scheduled items resident"
+        );
         if o.more {
             continue;
         }
@@ -893,5 +898,59 @@ async fn a_far_schedule_stays_on_disk_and_comes_due_in_order() {
     }
     assert_eq!(leased, order.len(), "every scheduled item came due once");
     assert_eq!(p.counts().await.expect("counts").scheduled, 0);
+    store.close().await;
+}
+
+/// A schedule within its bound (a quarter of the window) writes nothing under the paged prefix, before and after a
+/// restart and while it comes due; one past it pages, and once every paged scheduled item came due the paged prefix
+/// is empty again (records and counters deleted with the last one).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_schedule_within_its_bound_writes_no_paging_keys_and_a_drained_one_leaves_none() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let sched = |i: usize, at: i64| NewItem {
+        enqueue_at: Ts(T0.0 + at),
+        ..item(i, 0, FAR)
+    };
+    let store = FjallStore::open(dir.path(), Durability::Sync).expect("open");
+    store.set_memory_window(1_000);
+    let p = store.open("s", 0).await.expect("partition");
+    p.produce((0..250).map(|i| sched(i, 10 + (i % 5) as i64)).collect())
+        .await
+        .expect("produce");
+    assert_eq!(store.paged_keys("s", 0).await.expect("scan"), Some(0));
+    assert_eq!(store.resident_scheduled("s", 0).await, Some(250));
+    p.close().await;
+    store.close().await;
+    let store = FjallStore::open(dir.path(), Durability::Sync).expect("reopen");
+    store.set_memory_window(1_000);
+    let p = store.open("s", 0).await.expect("partition");
+    assert_eq!(p.counts().await.expect("counts").scheduled, 250);
+    assert_eq!(store.paged_keys("s", 0).await.expect("scan"), Some(0));
+    // 250 more: past the bound, paged (a record and a due-order key each, and the counters).
+    p.produce((250..500).map(|i| sched(i, 20 + (i % 5) as i64)).collect())
+        .await
+        .expect("produce");
+    assert_eq!(store.resident_scheduled("s", 0).await, Some(250));
+    assert_eq!(store.paged_keys("s", 0).await.expect("scan"), Some(2 * 250 + 1));
+    let c = store.paging_counts("s", 0).await.expect("open");
+    assert_eq!((c.paged_scheduled, c.paged_scheduled_bytes), (250, 250 * 11));
+    let o = p.lifecycle(Ts(T0.0 + 30), DLQ, 10_000).await.expect("lifecycle");
+    assert_eq!((o.enqueued, o.more), (500, false), "{o:?}");
+    assert_eq!(store.paged_keys("s", 0).await.expect("scan"), Some(0));
+    let got = p.lease(1_000, LEASE).await.expect("lease");
+    let want: Vec<Bytes> = (0..500)
+        .map(|i| {
+            let at = if i < 250 { 10 + i % 5 } else { 20 + i % 5 };
+            (at, i)
+        })
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .map(|(_, i)| Bytes::from(format!("item-{i:06}")))
+        .collect();
+    assert_eq!(
+        got.into_iter().map(|it| it.payload).collect::<Vec<_>>(),
+        want,
+        "due order, FIFO among equal times"
+    );
     store.close().await;
 }

@@ -159,9 +159,24 @@ async fn open(
     (store, p)
 }
 
+/// What the produced items' schedules look like.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Sched {
+    /// A quarter of the items scheduled 1-10 ahead.
+    Near,
+    /// Half of them, due 1-10 ahead (times often equal) or 30-130 ahead (far: they come due late in the run,
+    /// after restarts, deletes and clears), so that the schedule pages (the bound is 1 at windows 1-3).
+    Paged,
+}
+
 /// Runs seed `seed`: item window 1-3, the byte window `window_bytes` when given (payloads are 12 bytes, or with
 /// `big` half of them over 1,100), cold segments when `cold` is given.
 async fn run(seed: u64, cold: Cold, window_bytes: Option<u64>, big: bool) {
+    run_with(seed, cold, window_bytes, big, Sched::Near).await
+}
+
+/// [`run`] with schedules as `sched` says.
+async fn run_with(seed: u64, cold: Cold, window_bytes: Option<u64>, big: bool, sched: Sched) {
     let dir = tempfile::tempdir().expect("tmp");
     let policy = LifecyclePolicy {
         max_attempts: if seed.is_multiple_of(3) { 0 } else { 4 },
@@ -192,6 +207,8 @@ async fn run(seed: u64, cold: Cold, window_bytes: Option<u64>, big: bool) {
     let mut fresh = true;
     // Most payload bytes the fjall partition kept on disk only (leased, scheduled, dead items) after a step.
     let mut most_on_disk = 0;
+    // Most scheduled items the fjall partition held on disk only after a step.
+    let mut most_paged_sched = 0;
     for step in 0..250 {
         let op = rng.next(100);
         let ctx = format!("seed {seed} window {window} step {step} op {op}");
@@ -209,10 +226,16 @@ async fn run(seed: u64, cold: Cold, window_bytes: Option<u64>, big: bool) {
                 let n = 1 + rng.next(if cold.is_some() { 12 } else { 5 }) as usize;
                 let mut items = Vec::new();
                 for _ in 0..n {
-                    let enqueue_at = if rng.next(4) == 0 {
-                        now + 1 + rng.next(10) as i64
-                    } else {
-                        0
+                    let enqueue_at = match sched {
+                        Sched::Near if rng.next(4) == 0 => now + 1 + rng.next(10) as i64,
+                        Sched::Paged if rng.next(2) == 0 => {
+                            if rng.next(3) == 0 {
+                                now + 30 + rng.next(100) as i64
+                            } else {
+                                now + 1 + rng.next(10) as i64
+                            }
+                        }
+                        _ => 0,
                     };
                     let expire = if rng.next(3) == 0 {
                         now + 1 + rng.next(30) as i64
@@ -481,6 +504,7 @@ async fn run(seed: u64, cold: Cold, window_bytes: Option<u64>, big: bool) {
         mview = mv;
         if let Some(c) = store.paging_counts("d", 0).await {
             most_on_disk = most_on_disk.max(c.on_disk_bytes);
+            most_paged_sched = most_paged_sched.max(c.paged_scheduled);
         }
     }
     assert_eq!(
@@ -488,8 +512,11 @@ async fn run(seed: u64, cold: Cold, window_bytes: Option<u64>, big: bool) {
         most_on_disk > 0,
         "seed {seed}: payloads on disk only only with large payloads"
     );
+    if sched == Sched::Paged {
+        assert!(most_paged_sched > 1, "seed {seed}: the schedule never paged");
+    }
     eprintln!(
-        "seed {seed}: segments written, loaded, failed: {:?}",
+        "seed {seed}: segments written, loaded, failed: {:?}; most scheduled items paged {most_paged_sched}",
         store.segment_counters()
     );
     store.close().await;
@@ -568,5 +595,24 @@ async fn payloads_on_disk_with_cold_segments_behave_as_the_memory_backend() {
             return;
         };
         run(seed, Some(env.cfg.clone()), Some(1_500 * (1 + seed % 4)), true).await;
+    }
+}
+
+/// Half the items scheduled, near (times often equal) and far (coming due after restarts, deletes, clears and
+/// lists), the resident schedule bounded at 1: the paged schedule comes due in the memory backend's order, and
+/// delete, list, clear, counts, snapshots and restarts see it whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paged_schedule_behaves_as_the_memory_backend() {
+    for seed in seeds() {
+        run_with(seed, None, None, false, Sched::Paged).await;
+    }
+}
+
+/// The same with half the payloads large and a byte window: paged scheduled items with large payloads come due
+/// (their payloads read back with the page), and retried large items scheduled again keep theirs on disk.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paged_schedule_with_payloads_on_disk_behaves_as_the_memory_backend() {
+    for seed in seeds() {
+        run_with(seed, None, Some(1_500 * (1 + seed % 4)), true, Sched::Paged).await;
     }
 }

@@ -122,3 +122,60 @@ async fn idle_memory_of_a_thousand_partitions() {
         "idle memory per partition must stay under 1 MiB, got {per:.1} KiB"
     );
 }
+
+/// The memory a million items scheduled an hour ahead hold (or, with `LESSOR_MEASURE_READY=1`, the same items
+/// ready), 100-byte payloads produced 1,000 a call under the default window: RSS after producing, and the produce
+/// rate. With `LESSOR_MEASURE_DIR` the store stays there, and `LESSOR_MEASURE_REOPEN=1` (a second run, a fresh
+/// process) only opens it again and reports the RSS after a restart. docs/benchmarks.md, "The schedule paged"
+/// (7 Dec 2026).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "takes about a minute; run in release mode to measure"]
+async fn memory_of_a_million_scheduled_items() {
+    const N: usize = 1_000_000;
+    const BATCH: usize = 1_000;
+    let env = |k: &str| std::env::var(k).ok();
+    let ready = env("LESSOR_MEASURE_READY").is_some_and(|v| v == "1");
+    let reopen = env("LESSOR_MEASURE_REOPEN").is_some_and(|v| v == "1");
+    let at = if ready {
+        Ts::ZERO
+    } else {
+        T0.add(Duration::from_secs(3600))
+    };
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let dir = env("LESSOR_MEASURE_DIR").map_or_else(|| tmp.path().to_path_buf(), std::path::PathBuf::from);
+    let base = rss_kib();
+    let store = FjallStore::open(&dir, Durability::Sync).expect("open");
+    let p = store.open("sched", 0).await.expect("open");
+    if reopen {
+        let c = p.counts().await.expect("counts");
+        assert_eq!(c.scheduled + c.ready, N as u64);
+        eprintln!(
+            "fjall, {N} items of 100 bytes ({c:?}): RSS +{} MiB after a restart",
+            rss_kib().saturating_sub(base) / 1024
+        );
+        return;
+    }
+    let started = Instant::now();
+    for b in 0..N / BATCH {
+        let items = (0..BATCH)
+            .map(|i| NewItem {
+                enqueue_at: at,
+                reference: String::new(),
+                ..item(b * BATCH + i, 100)
+            })
+            .collect();
+        p.produce(items).await.expect("produce");
+    }
+    let write = started.elapsed();
+    let produced = rss_kib();
+    let c = p.counts().await.expect("counts");
+    assert_eq!(c.scheduled + c.ready, N as u64);
+    eprintln!(
+        "fjall, {N} {} items of 100 bytes: produced in {write:.2?} ({:.0} items/s, calls of {BATCH}); RSS +{} MiB",
+        if ready { "ready" } else { "scheduled" },
+        N as f64 / write.as_secs_f64(),
+        produced.saturating_sub(base) / 1024,
+    );
+    p.close().await;
+    store.close().await;
+}

@@ -69,9 +69,10 @@ pub const PARTITIONS_DIR: &str = "~partitions";
 /// keeps every partition in one `items` keyspace under a numeric prefix (see [`FjallStore`]); version 3 adds paged
 /// records and paging counters under a second prefix per partition (the `paging` module), which a build that does
 /// not know them would not see, hence the new number; version 4 keeps small payloads inline in their item's record
-/// (item records of version 3, see the codec), which an older build would refuse item by item. Older stores are
-/// upgraded when they open (only version 1 needs anything rewritten).
-pub const PARTITIONS_FORMAT_VERSION: u32 = 4;
+/// (item records of version 3, see the codec), which an older build would refuse item by item; version 5 adds paged
+/// scheduled records and their counters under the second prefix (the `paging` module), which an older build would
+/// not see either. Older stores are upgraded when they open (only version 1 needs anything rewritten).
+pub const PARTITIONS_FORMAT_VERSION: u32 = 5;
 /// Format version of the queue store this build writes and reads. The auth keyspaces did not change it: they are
 /// new keyspaces beside `queues`, created when a store opens (an older directory gets them empty), and a build
 /// without auth ignores them.

@@ -7,7 +7,14 @@
 //! ```text
 //! (pid | 1 << 63) (u64 BE) + prio (u8) + id (u64 BE)  -> meta length (u32 BE) + item metadata + payload
 //! (pid | 1 << 63) (u64 BE) + "pgc"                     -> the encoded [`Paged`] counters
+//! (pid | 1 << 63) (u64 BE) + 'R' + id (u64 BE)         -> a paged scheduled item: the same record as above
+//! (pid | 1 << 63) (u64 BE) + 'D' + due (i64, ordered) + id (u64 BE) -> nothing: the schedule's order
+//! (pid | 1 << 63) (u64 BE) + "pgs"                     -> the encoded [`PagedSched`] counters
 //! ```
+//! The paged schedule (see "Paging the schedule" in the state's module docs) keeps each record under its id, which
+//! a delete by id, a list in id order and a snapshot reach directly, and an empty key per item in due order, which
+//! a page-in walks: the due time of an item named by id alone is not known without reading it. The tags sort after
+//! every priority byte and differ from the counters' and cold segments' tags (`"seg"`).
 //! A new ready item beyond the window is written as a paged record instead of an item (the same bytes, once); a
 //! page-in moves records back to items, and the counters change, in one atomic batch. A partition that never
 //! spilled has no paged prefix at all, so it writes and reads exactly what it did before paging existed (one
@@ -22,7 +29,7 @@ use lessor_core::types::{Item, ItemId};
 use super::codec::{decode_meta, encode_meta};
 use super::engine::Engine;
 use crate::state::paging::PRIORITIES;
-use crate::state::Paged;
+use crate::state::{Paged, PagedSched, SchedKey, SchedRead};
 
 /// Bit set in a pid to make its paged prefix.
 const PAGED_BIT: u64 = 1 << 63;
@@ -32,6 +39,18 @@ const COUNTERS_TAG: &[u8] = b"pgc";
 const COUNTERS_V1: u8 = 1;
 /// Length of a paged record key.
 const RECORD_KEY_LEN: usize = 17;
+/// Tag of a paged scheduled item's record, after the paged prefix.
+const SCHED_RECORD_TAG: u8 = b'R';
+/// Tag of a paged scheduled item's entry in due order, after the paged prefix.
+const SCHED_DUE_TAG: u8 = b'D';
+/// Key of the paged schedule's counters after the paged prefix.
+const SCHED_COUNTERS_TAG: &[u8] = b"pgs";
+/// Version byte of the stored schedule counters.
+const SCHED_COUNTERS_V1: u8 = 1;
+/// Length of the stored schedule counters.
+const SCHED_COUNTERS_LEN: usize = 1 + 5 * 8;
+/// Length of a due-order key.
+const SCHED_DUE_KEY_LEN: usize = 8 + 1 + 16;
 
 /// The paged prefix of partition `pid`.
 pub(crate) fn paged_prefix(pid: u64) -> [u8; 8] {
@@ -59,6 +78,183 @@ pub(crate) fn record_id(k: &[u8]) -> Option<u64> {
     (k.len() == RECORD_KEY_LEN)
         .then(|| k[9..17].try_into().ok().map(u64::from_be_bytes))
         .flatten()
+}
+
+/// The key of paged scheduled item `id`'s record in partition `pid`.
+pub(crate) fn sched_record_key(pid: u64, id: u64) -> Vec<u8> {
+    let mut k = Vec::with_capacity(RECORD_KEY_LEN);
+    k.extend_from_slice(&paged_prefix(pid));
+    k.push(SCHED_RECORD_TAG);
+    k.extend_from_slice(&id.to_be_bytes());
+    k
+}
+
+/// The key of the paged scheduled item `(due, id)` in due order in partition `pid`; due times sort as signed.
+pub(crate) fn sched_due_key(pid: u64, (due, id): SchedKey) -> Vec<u8> {
+    let mut k = Vec::with_capacity(SCHED_DUE_KEY_LEN);
+    k.extend_from_slice(&paged_prefix(pid));
+    k.push(SCHED_DUE_TAG);
+    k.extend_from_slice(&((due as u64) ^ (1 << 63)).to_be_bytes());
+    k.extend_from_slice(&id.to_be_bytes());
+    k
+}
+
+/// The `(due, id)` in a due-order key.
+fn sched_due_of(k: &[u8]) -> Option<SchedKey> {
+    if k.len() != SCHED_DUE_KEY_LEN || k[8] != SCHED_DUE_TAG {
+        return None;
+    }
+    let due = u64::from_be_bytes(k[9..17].try_into().ok()?) ^ (1 << 63);
+    let id = u64::from_be_bytes(k[17..25].try_into().ok()?);
+    Some((due as i64, id))
+}
+
+/// The first key after every due-order key of partition `pid`.
+fn sched_due_end(pid: u64) -> Vec<u8> {
+    let mut k = paged_prefix(pid).to_vec();
+    k.push(SCHED_DUE_TAG + 1);
+    k
+}
+
+/// The key of the paged schedule's counters of partition `pid`.
+pub(crate) fn sched_counters_key(pid: u64) -> Vec<u8> {
+    let mut k = paged_prefix(pid).to_vec();
+    k.extend_from_slice(SCHED_COUNTERS_TAG);
+    k
+}
+
+/// Encodes the paged schedule's counters.
+pub(crate) fn encode_sched_counters(p: &PagedSched) -> Vec<u8> {
+    let mut v = Vec::with_capacity(SCHED_COUNTERS_LEN);
+    v.push(SCHED_COUNTERS_V1);
+    v.extend_from_slice(&p.from.0.to_be_bytes());
+    v.extend_from_slice(&p.from.1.to_be_bytes());
+    v.extend_from_slice(&p.count.to_be_bytes());
+    v.extend_from_slice(&p.bytes.to_be_bytes());
+    v.extend_from_slice(&p.with_source.to_be_bytes());
+    v
+}
+
+/// Decodes the paged schedule's counters; `what` names the partition in the error.
+pub(crate) fn decode_sched_counters(v: &[u8], what: &str) -> Result<PagedSched, StorageError> {
+    if v.first() != Some(&SCHED_COUNTERS_V1) || v.len() != SCHED_COUNTERS_LEN {
+        return Err(StorageError::new(
+            StorageErrorKind::Corrupt,
+            format!(
+                "{what}: the paged schedule's counters are damaged (version {:?}, {} bytes)",
+                v.first(),
+                v.len()
+            ),
+        ));
+    }
+    let u = |at: usize| u64::from_be_bytes(v[at..at + 8].try_into().unwrap_or_default());
+    Ok(PagedSched {
+        from: (u(1) as i64, u(9)),
+        count: u(17),
+        bytes: u(25),
+        with_source: u(33),
+    })
+}
+
+/// The stored counters of partition `pid`'s paged schedule, if it has one. Blocking.
+pub(crate) fn read_sched_counters(
+    engine: &Engine,
+    ks: &fjall::Keyspace,
+    pid: u64,
+    what: &str,
+) -> Result<Option<PagedSched>, StorageError> {
+    match ks
+        .get(sched_counters_key(pid))
+        .map_err(|e| engine.read_error(e))?
+    {
+        Some(v) => decode_sched_counters(&v, what).map(Some),
+        None => Ok(None),
+    }
+}
+
+/// The paged scheduled items `read` names, in due order, and whether the disk has no more before `read.to`: walks
+/// the due-order keys and reads each one's record. Blocking.
+pub(crate) fn read_sched(
+    engine: &Engine,
+    ks: &fjall::Keyspace,
+    pid: u64,
+    read: SchedRead,
+    what: &str,
+) -> Result<(Vec<Item>, bool), StorageError> {
+    let lo = sched_due_key(pid, read.from);
+    let hi = read
+        .to
+        .map_or_else(|| sched_due_end(pid), |to| sched_due_key(pid, to));
+    let mut out = Vec::new();
+    let mut bytes = 0u64;
+    if read.n == 0 || lo >= hi {
+        return Ok((out, true));
+    }
+    for kv in ks.range(lo..hi) {
+        let k = kv.key().map_err(|e| engine.read_error(e))?;
+        let Some((_, id)) = sched_due_of(&k) else { continue };
+        let v = ks
+            .get(sched_record_key(pid, id))
+            .map_err(|e| engine.read_error(e))?
+            .ok_or_else(|| {
+                StorageError::new(
+                    StorageErrorKind::Corrupt,
+                    format!("{what}: the paged scheduled item {id} has no record"),
+                )
+            })?;
+        let it = decode_record(id, &v, what)?;
+        bytes = bytes.saturating_add(it.payload.len() as u64);
+        out.push(it);
+        if out.len() >= read.n || bytes >= read.max_bytes {
+            return Ok((out, false));
+        }
+    }
+    Ok((out, true))
+}
+
+/// Up to `n` paged scheduled items with ids at or above `from`, in id order. Blocking.
+pub(crate) fn read_sched_by_id(
+    engine: &Engine,
+    ks: &fjall::Keyspace,
+    pid: u64,
+    from: u64,
+    n: usize,
+    what: &str,
+) -> Result<Vec<Item>, StorageError> {
+    let mut out = Vec::with_capacity(n.min(1 << 16));
+    if n == 0 {
+        return Ok(out);
+    }
+    for kv in ks.range(sched_record_key(pid, from)..sched_record_key(pid, u64::MAX)) {
+        let (k, v) = kv.into_inner().map_err(|e| engine.read_error(e))?;
+        if let Some(id) = record_id(&k) {
+            out.push(decode_record(id, &v, what)?);
+            if out.len() >= n {
+                break;
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The paged scheduled items among `ids`, by point reads. Blocking.
+pub(crate) fn find_sched(
+    engine: &Engine,
+    ks: &fjall::Keyspace,
+    pid: u64,
+    ids: &[u64],
+    what: &str,
+) -> Result<Vec<Item>, StorageError> {
+    let mut out = Vec::new();
+    for &id in ids {
+        if let Some(v) = ks
+            .get(sched_record_key(pid, id))
+            .map_err(|e| engine.read_error(e))?
+        {
+            out.push(decode_record(id, &v, what)?);
+        }
+    }
+    Ok(out)
 }
 
 /// Encodes a paged record: the item's metadata as the items keyspace stores it, then its payload.
@@ -237,6 +433,27 @@ pub(crate) fn source_ids(
     Ok(out)
 }
 
+/// Source ids of partition `pid`'s paged scheduled items that carry one (as [`source_ids`]). Blocking; reads
+/// every paged scheduled record.
+pub(crate) fn sched_source_ids(
+    engine: &Engine,
+    ks: &fjall::Keyspace,
+    pid: u64,
+    what: &str,
+) -> Result<Vec<(String, u64)>, StorageError> {
+    let mut out = Vec::new();
+    for kv in ks.range(sched_record_key(pid, 0)..sched_record_key(pid, u64::MAX)) {
+        let (k, v) = kv.into_inner().map_err(|e| engine.read_error(e))?;
+        if let Some(id) = record_id(&k) {
+            let it = decode_record(id, &v, what)?;
+            if !it.source_id.is_empty() {
+                out.push((it.source_id, id));
+            }
+        }
+    }
+    Ok(out)
+}
+
 /// Keys under partition `pid`'s paged prefix (tests: a partition that never spilled has none). Blocking.
 pub(crate) fn count_keys(engine: &Engine, ks: &fjall::Keyspace, pid: u64) -> Result<usize, StorageError> {
     let mut n = 0;
@@ -281,5 +498,34 @@ mod tests {
         assert_eq!(record_id(&k), Some(42));
         assert!(k[0] & 0x80 != 0 && counters_key(7)[0] & 0x80 != 0);
         assert!(k.as_slice() > (u32::MAX as u64).to_be_bytes().as_slice());
+    }
+
+    #[test]
+    fn schedule_keys_sort_by_due_time_then_id_and_counters_round_trip() {
+        let keys: Vec<Vec<u8>> = [(-5i64, 9u64), (-5, 10), (0, 1), (3, 0), (i64::MAX, 0)]
+            .iter()
+            .map(|&k| sched_due_key(7, k))
+            .collect();
+        assert!(keys.windows(2).all(|w| w[0] < w[1]));
+        assert_eq!(sched_due_of(&keys[0]), Some((-5, 9)));
+        assert!(keys.iter().all(|k| k.as_slice() < sched_due_end(7).as_slice()));
+        // Neither tag meets a priority's records, the counters or a cold segment's manifest ("seg").
+        let other = [record_key(7, 9, u64::MAX), counters_key(7), sched_counters_key(7)];
+        for k in &other {
+            assert!(sched_due_of(k).is_none());
+        }
+        assert_eq!(record_id(&sched_record_key(7, 42)), Some(42));
+        assert!(sched_record_key(7, 0) > record_key(7, 9, u64::MAX));
+        let p = PagedSched {
+            from: (-3, 8),
+            count: 5,
+            bytes: 99,
+            with_source: 1,
+        };
+        assert_eq!(
+            decode_sched_counters(&encode_sched_counters(&p), "t").expect("decodes"),
+            p
+        );
+        assert!(decode_sched_counters(&[1, 2], "t").is_err());
     }
 }

@@ -47,7 +47,7 @@ use super::engine::{Engine, Fault, Formats, Unit};
 use super::paging::{self as pg};
 use super::{keyspace_name, upgrade, Durability, PARTITIONS_DIR, PARTITIONS_FORMAT_VERSION};
 use crate::state::paging::PRIORITIES;
-use crate::state::{Changes, PageRead, PagingCounts, PartitionState};
+use crate::state::{Changes, PageRead, PagingCounts, PartitionState, SchedMove, SchedRead, SCHED_SHARE};
 use crate::tiers::offloaded_len;
 
 #[cfg(feature = "s3")]
@@ -77,6 +77,13 @@ pub const DEFAULT_MEMORY_WINDOW: usize = crate::registry::DEFAULT_MEMORY_WINDOW;
 /// disk to requeue them (at least one item's; see "Payloads on disk" in the state's module docs): the rest waits
 /// for the next call, or the retry's next write.
 const LIFECYCLE_READ_BYTES: u64 = 16 << 20;
+/// The resident schedule's bound for an item window of `window`: a resident scheduled item costs several times a
+/// resident ready one (a whole item in two ordered maps, about 400 bytes, against a 64-byte slot), so a quarter of
+/// the window keeps the schedule's memory near the ready window's (see "Paging the schedule" in the state's docs).
+fn sched_window(window: usize) -> usize {
+    (window / SCHED_SHARE).max(1)
+}
+
 /// Most items one expiry sweep of paged items reads back and expires per lifecycle call.
 const SWEEP_LIMIT: usize = 4096;
 /// Most paged items one delete-by-id or clear reads back per disk read (a clear writes each such chunk on its own).
@@ -319,6 +326,7 @@ impl Shared {
                 return Ok((
                     PartitionState::new(floor)
                         .with_window(window)
+                        .with_sched_window(sched_window(window))
                         .with_window_bytes(window_bytes)
                         .with_payloads_on_disk(INLINE_PAYLOAD_MAX),
                     0,
@@ -328,6 +336,7 @@ impl Shared {
             };
             let what = format!("partition '{name}' in '{}'", engine.dir().display());
             let paged = pg::read_counters(&engine, &ks, pid, &what)?;
+            let psched = pg::read_sched_counters(&engine, &ks, pid, &what)?;
             let mut items = Vec::new();
             let mut dedup = Vec::new();
             let mut hwm = 0u64;
@@ -376,8 +385,20 @@ impl Shared {
                 }
                 None => PartitionState::load_with(items, on_disk, floor).with_window(window),
             };
+            let state = match psched {
+                Some(ps) => {
+                    let sources = if ps.with_source > 0 {
+                        pg::sched_source_ids(&engine, &ks, pid, &what)?
+                    } else {
+                        Vec::new()
+                    };
+                    state.with_paged_sched(ps, sources)
+                }
+                None => state,
+            };
             Ok((
                 state
+                    .with_sched_window(sched_window(window))
                     .with_dedup(dedup)
                     .with_window_bytes(window_bytes)
                     .with_payloads_on_disk(INLINE_PAYLOAD_MAX),
@@ -696,14 +717,15 @@ impl FjallStore {
             keyspace_options,
             Formats {
                 current: PARTITIONS_FORMAT_VERSION,
-                upgradable: &[1, 2, 3],
+                upgradable: &[1, 2, 3, 4],
             },
         )?;
         if version == 1 {
             upgrade::from_v1(&engine)?;
         } else if version < PARTITIONS_FORMAT_VERSION {
             // Nothing to rewrite: format 3 only adds paged prefixes, which a partition gets when it first spills,
-            // and format 4 inline payloads, which items get when next written. The marker changes first, so a
+            // format 4 inline payloads, which items get when next written, and format 5 paged scheduled records,
+            // which a partition gets when its schedule first spills. The marker changes first, so a
             // build that would not read them refuses the store.
             engine.set_format_version("partitions", PARTITIONS_FORMAT_VERSION)?;
         }
@@ -975,6 +997,7 @@ impl FjallStore {
             Loaded {
                 state: PartitionState::new(ItemId::floor_for(partition).0)
                     .with_window(window)
+                    .with_sched_window(sched_window(window))
                     .with_window_bytes(window_bytes)
                     .with_payloads_on_disk(INLINE_PAYLOAD_MAX),
                 hwm: 0,
@@ -1309,7 +1332,8 @@ impl PartitionStore for FjallStore {
 }
 
 /// A point-in-time read of one partition: a database snapshot read one page per call, in id order, merging the
-/// partition's own prefix with its paged records (see the `paging` module), one key range per priority.
+/// partition's own prefix with its paged records (see the `paging` module), one key range per priority, and the
+/// paged schedule's records (in id order too).
 struct FjallSnapshot {
     engine: Arc<Engine>,
     name: Arc<str>,
@@ -1317,7 +1341,8 @@ struct FjallSnapshot {
     /// `None` when the store never wrote an item: the snapshot is empty.
     ks: Option<fjall::Keyspace>,
     pid: u64,
-    /// Per source (the partition's prefix, then each priority's paged records): the next key to read (inclusive),
+    /// Per source (the partition's prefix, then each priority's paged records, then the paged schedule's): the next
+    /// key to read (inclusive),
     /// `None` once the source is read out.
     next: Vec<Option<Vec<u8>>>,
 }
@@ -1333,6 +1358,8 @@ impl FjallSnapshot {
     fn end(&self, i: usize) -> Vec<u8> {
         if i == 0 {
             (self.pid + 1).to_be_bytes().to_vec()
+        } else if i > PRIORITIES {
+            pg::sched_record_key(self.pid, u64::MAX)
         } else {
             pg::record_key(self.pid, (i - 1) as u8, u64::MAX)
         }
@@ -1342,6 +1369,8 @@ impl FjallSnapshot {
     fn key_of(&self, i: usize, id: u64) -> Vec<u8> {
         if i == 0 {
             pid_item_key(self.pid, ItemId(id), false)
+        } else if i > PRIORITIES {
+            pg::sched_record_key(self.pid, id)
         } else {
             pg::record_key(self.pid, (i - 1) as u8, id)
         }
@@ -1896,6 +1925,46 @@ impl FjallPartition {
         .await
     }
 
+    /// The paged scheduled items `read` names, and whether the disk has no more before its end.
+    async fn read_sched(&self, read: SchedRead) -> Result<(Vec<Item>, bool), StorageError> {
+        let engine = self.shared.engine.clone();
+        let (pid, what) = (self.pid, self.what());
+        blocking(move || {
+            let Some(ks) = engine.keyspace(ITEMS, false)? else {
+                return Ok((Vec::new(), true));
+            };
+            pg::read_sched(&engine, &ks, pid, read, &what)
+        })
+        .await
+    }
+
+    /// Up to `limit` paged scheduled items with ids at or above `from`, in id order.
+    async fn read_sched_by_id(&self, from: u64, limit: usize) -> Result<Vec<Item>, StorageError> {
+        let engine = self.shared.engine.clone();
+        let (pid, what) = (self.pid, self.what());
+        blocking(move || {
+            let Some(ks) = engine.keyspace(ITEMS, false)? else {
+                return Ok(Vec::new());
+            };
+            pg::read_sched_by_id(&engine, &ks, pid, from, limit, &what)
+        })
+        .await
+    }
+
+    /// The paged scheduled items among `ids` (one point read each).
+    async fn find_sched(&self, ids: &[ItemId]) -> Result<Vec<Item>, StorageError> {
+        let ids: Vec<u64> = ids.iter().map(|i| i.0).collect();
+        let engine = self.shared.engine.clone();
+        let (pid, what) = (self.pid, self.what());
+        blocking(move || {
+            let Some(ks) = engine.keyspace(ITEMS, false)? else {
+                return Ok(Vec::new());
+            };
+            pg::find_sched(&engine, &ks, pid, &ids, &what)
+        })
+        .await
+    }
+
     /// Expires paged items whose deadline passed: for each priority whose expiry bound is due, walks its paged
     /// records from the lowest id, expires up to [`SWEEP_LIMIT`] due ones and sets the bound to the earliest
     /// deadline left. When the priority's deadlines rise with its ids (one expiry timeout, the usual case) the walk
@@ -1975,12 +2044,29 @@ impl FjallPartition {
         let spilled: HashSet<ItemId> = ch.spilled.iter().map(|it| it.id).collect();
         let paged_in: HashSet<ItemId> = ch.paged_in.iter().copied().collect();
         let unpaged: HashSet<ItemId> = ch.unpaged.iter().map(|x| x.1).collect();
+        // The paged schedule's last move per id (see `SchedMove`): an item spilled is written as a paged record
+        // only, not as an item.
+        let mut sched: HashMap<u64, &SchedMove> = HashMap::with_capacity(ch.sched_moves.len());
+        for mv in &ch.sched_moves {
+            let id = match mv {
+                SchedMove::Spill(it) => it.id.0,
+                SchedMove::Unpage(_, id) => *id,
+            };
+            sched.insert(id, mv);
+        }
+        // Checked for emptiness first: most writes move nothing in the schedule, and this runs per item written.
+        let sched_spilled =
+            |id: ItemId| !sched.is_empty() && matches!(sched.get(&id.0), Some(SchedMove::Spill(_)));
         let mut seen = HashSet::with_capacity(ch.put.len());
         let mut puts = Vec::with_capacity(ch.put.len() + 1);
         let mut top = hwm;
         for it in ch.put.iter().rev() {
             top = top.max(it.id.0);
-            if gone.contains(&it.id) || spilled.contains(&it.id) || !seen.insert(it.id) {
+            if gone.contains(&it.id)
+                || spilled.contains(&it.id)
+                || sched_spilled(it.id)
+                || !seen.insert(it.id)
+            {
                 continue;
             }
             // A small payload rides in the item's record (see the codec); a large one is written once, in a
@@ -2001,10 +2087,32 @@ impl FjallPartition {
                 ));
             }
         }
-        let mut dels = Vec::with_capacity(gone.len() * 2 + ch.unpaged.len() + ch.dedup_del.len() + 1);
+        let mut dels =
+            Vec::with_capacity(gone.len() * 2 + ch.unpaged.len() + ch.dedup_del.len() + 2 * sched.len() + 2);
         match &ch.counters {
             Some(c) if c.is_empty() => dels.push(pg::counters_key(self.pid)),
             Some(c) => puts.push((pg::counters_key(self.pid), pg::encode_counters(c))),
+            None => {}
+        }
+        for mv in sched.values() {
+            match mv {
+                SchedMove::Spill(it) => {
+                    top = top.max(it.id.0);
+                    puts.push((
+                        pg::sched_due_key(self.pid, (it.enqueue_at.0, it.id.0)),
+                        Vec::new(),
+                    ));
+                    puts.push((pg::sched_record_key(self.pid, it.id.0), pg::encode_record(it)));
+                }
+                SchedMove::Unpage(due, id) => {
+                    dels.push(pg::sched_due_key(self.pid, (*due, *id)));
+                    dels.push(pg::sched_record_key(self.pid, *id));
+                }
+            }
+        }
+        match &ch.sched_counters {
+            Some(c) if c.is_empty() => dels.push(pg::sched_counters_key(self.pid)),
+            Some(c) => puts.push((pg::sched_counters_key(self.pid), pg::encode_sched_counters(c))),
             None => {}
         }
         if top > hwm {
@@ -2092,6 +2200,7 @@ impl FjallPartition {
                 pid,
                 next: std::iter::once(pid.to_be_bytes().to_vec())
                     .chain((0..PRIORITIES as u8).map(|p| pg::record_key(pid, p, 0)))
+                    .chain(std::iter::once(pg::sched_record_key(pid, 0)))
                     .map(Some)
                     .collect(),
             }) as Box<dyn PartitionSnapshot>)
@@ -2195,11 +2304,25 @@ impl Partition for FjallPartition {
         #[cfg(feature = "s3")]
         self.cold_step(&mut g).await?;
         self.page_in(&mut g, 0).await?;
-        // Payloads on disk the pass requeues, read before anything changes (a failed read leaves the state as it
-        // was); the sweep below touches only paged ready items, which are not among them.
+        // Paged scheduled items due now (the pass requeues them in due order with the resident ones), or the next
+        // ones when the resident schedule ran low. Their moves ride in this pass's write; the payloads they keep on
+        // disk once resident are handed over as read back, for the requeue.
+        if let Some(read) = g.state.sched_plan(now, limit, LIFECYCLE_READ_BYTES) {
+            let (items, exhausted) = self.read_sched(read).await?;
+            g.state.page_in_sched(read, items, exhausted);
+        }
+        // Payloads on disk the pass requeues, read before anything else changes; the sweep below touches only paged
+        // ready items, which are not among them. A failed read re-reads the partition (the page-in above is ahead
+        // of the disk).
         let wanted = g.state.lifecycle_reads(now, policy, limit, LIFECYCLE_READ_BYTES);
         if !wanted.is_empty() {
-            let payloads = self.read_payloads(wanted).await?;
+            let payloads = match self.read_payloads(wanted).await {
+                Ok(p) => p,
+                Err(e) => {
+                    g.stale = true;
+                    return Err(e);
+                }
+            };
             g.state.set_fetched(payloads);
         }
         let mut ch = Changes::default();
@@ -2285,8 +2408,8 @@ impl Partition for FjallPartition {
             let paged = s.paging_counts();
             let mut disk = s.tier_counters().held();
             // Items in cold segments are paged items whose records are in object storage.
-            disk.items += paged.paged_ready.saturating_sub(cold_items);
-            disk.bytes += paged.paged_bytes.saturating_sub(cold_bytes);
+            disk.items += paged.paged_ready.saturating_sub(cold_items) + paged.paged_scheduled;
+            disk.bytes += paged.paged_bytes.saturating_sub(cold_bytes) + paged.paged_scheduled_bytes;
             st.tiers.disk = disk;
             st.tiers.object.items += cold_items;
             st.tiers.object.bytes += cold_bytes;
@@ -2316,13 +2439,18 @@ impl Partition for FjallPartition {
     ) -> Result<(Vec<Item>, bool), StorageError> {
         #[allow(unused_mut)]
         let mut g = self.lock().await?;
-        if scheduled || g.state.paged().is_empty() {
+        let paged = if scheduled {
+            !g.state.paged_sched().is_empty()
+        } else {
+            !g.state.paged().is_empty()
+        };
+        if !paged {
             let (mut out, capped) = g.state.list_within(pivot, limit, scheduled, max_bytes);
             self.fill_payloads(&g, &mut out).await?;
             return Ok((out, capped));
         }
-        // Paged items are ready items on disk only: merge those of each paged priority at or after the pivot with
-        // the resident ones, in id order, keeping the page's prefix within `limit` and the bound.
+        // Paged items are on disk only: merge those at or after the pivot (of each paged priority, or the paged
+        // schedule's) with the resident ones, in id order, keeping the page's prefix within `limit` and the bound.
         let from = pivot.map_or(0, |p| p.0);
         let mut out = g.state.list(pivot, limit, scheduled);
         let mut ceiling = None;
@@ -2339,18 +2467,31 @@ impl Partition for FjallPartition {
         }
         self.fill_payloads(&g, &mut out).await?;
         lessor_core::storage::keep_page(&mut out, limit, max_bytes, &mut ceiling);
-        for p in 0..PRIORITIES {
-            let paged = g.state.paged();
-            if paged.count[p] == 0 {
-                continue;
-            }
-            let mut start = paged.from[p].max(from);
+        // The sources to merge: each paged priority, or the paged schedule (`None`).
+        let sources: Vec<Option<usize>> = if scheduled {
+            vec![None]
+        } else {
+            (0..PRIORITIES)
+                .filter(|&p| g.state.paged().count[p] > 0)
+                .map(Some)
+                .collect()
+        };
+        for src in sources {
+            let mut start = match src {
+                Some(p) => g.state.paged().from[p].max(from),
+                None => from,
+            };
             // Items in cold segments are listed too: the segments the page reaches are loaded back first.
             #[cfg(feature = "s3")]
-            self.cold_guard(&mut g, p as u8, start, limit).await?;
+            if let Some(p) = src {
+                self.cold_guard(&mut g, p as u8, start, limit).await?;
+            }
             let mut step = LIST_STEP.min(limit.max(1));
             while ceiling.is_none_or(|c| start < c) {
-                let got = self.read_ready(p as u8, start, step).await?;
+                let got = match src {
+                    Some(p) => self.read_ready(p as u8, start, step).await?,
+                    None => self.read_sched_by_id(start, step).await?,
+                };
                 let more = got.len() == step;
                 if let Some(last) = got.last() {
                     start = last.id.0.saturating_add(1);
@@ -2397,6 +2538,18 @@ impl Partition for FjallPartition {
                 ch.append(g.state.drop_paged(items, None).1);
             }
         }
+        if !g.state.paged_sched().is_empty() {
+            for chunk in ids.chunks(DROP_BATCH) {
+                let items = match self.find_sched(chunk).await {
+                    Ok(items) => items,
+                    Err(e) => {
+                        g.stale = true;
+                        return Err(e);
+                    }
+                };
+                ch.append(g.state.drop_paged_sched(items).1);
+            }
+        }
         self.commit(g, (), ch).await
     }
 
@@ -2414,10 +2567,27 @@ impl Partition for FjallPartition {
         let mut g = self.lock().await?;
         self.shared.check_writable().await?;
         let ch = g.state.clear(request);
-        if request.queue {
+        let sched = request.scheduled && !g.state.paged_sched().is_empty();
+        if request.queue || sched {
             // The resident part and the paged records go in bounded writes, each leaving records and counters in
             // agreement (a crash in between leaves a partly cleared queue, as a clear racing a crash may).
             self.commit_mut(&mut g, ch).await?;
+            if sched {
+                let mut from = 0;
+                while !g.state.paged_sched().is_empty() {
+                    let items = self.read_sched_by_id(from, DROP_BATCH).await?;
+                    let Some(last) = items.last().map(|it| it.id.0) else {
+                        g.state.forget_paged_sched();
+                        break;
+                    };
+                    from = last + 1;
+                    let (_, c) = g.state.drop_paged_sched(items);
+                    self.commit_mut(&mut g, c).await?;
+                }
+            }
+            if !request.queue {
+                return self.commit(g, (), Changes::default()).await;
+            }
             #[cfg(feature = "s3")]
             self.cold_clear(&mut g).await?;
             for p in 0..PRIORITIES as u8 {

@@ -174,7 +174,7 @@ mod tests {
             keyspace_options,
             Formats {
                 current: PARTITIONS_FORMAT_VERSION,
-                upgradable: &[1, 2, 3],
+                upgradable: &[1, 2, 3, 4],
             },
         )
         .expect("open the engine")

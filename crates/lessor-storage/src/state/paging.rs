@@ -13,7 +13,7 @@
 //! change of the paged items and reads it back at open instead of counting. A partition that never spilled has
 //! none and writes none.
 
-use lessor_core::types::MAX_PRIORITY;
+use lessor_core::types::{Item, MAX_PRIORITY};
 
 /// Number of priorities (0..=MAX_PRIORITY).
 pub const PRIORITIES: usize = MAX_PRIORITY as usize + 1;
@@ -126,4 +126,75 @@ pub struct PagingCounts {
     /// Payload bytes of leased, scheduled and dead items held on disk only (see the state's module docs,
     /// "Payloads on disk").
     pub on_disk_bytes: u64,
+    /// Scheduled items on disk only (see "Paging the schedule" in the state's module docs).
+    pub paged_scheduled: u64,
+    /// Payload bytes of the paged scheduled items.
+    pub paged_scheduled_bytes: u64,
+}
+
+/// The key that orders the schedule: due time, then id (FIFO among equal times).
+pub type SchedKey = (i64, u64);
+
+/// The scheduled items of a partition that live on disk only (see "Paging the schedule" in the state's module
+/// docs). Like [`Paged`], small and fixed in size, stored in the same atomic write as every change of the paged
+/// schedule and read back at open instead of counting.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PagedSched {
+    /// Every paged scheduled item's (due time, id) is at or after this one (a lower bound: it rises as items are
+    /// read back, and falls when an item due earlier is paged).
+    pub from: SchedKey,
+    /// Paged scheduled items.
+    pub count: u64,
+    /// Their payload bytes.
+    pub bytes: u64,
+    /// Those that carry a source id (see [`Paged::with_source`]).
+    pub with_source: u64,
+}
+
+impl Default for PagedSched {
+    fn default() -> Self {
+        PagedSched {
+            from: (i64::MAX, u64::MAX),
+            count: 0,
+            bytes: 0,
+            with_source: 0,
+        }
+    }
+}
+
+impl PagedSched {
+    /// Whether nothing is paged.
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    /// Resets the counters once the last paged item is gone (sums of nothing are zero, whatever drifted).
+    pub(super) fn settle(&mut self) {
+        if self.count == 0 {
+            *self = PagedSched::default();
+        }
+    }
+}
+
+/// One read a backend does to page scheduled items in: up to `n` paged scheduled items with keys at or above
+/// `from` and below `to` (no bound: `None`), in key order, with at most `max_bytes` of payloads (at least one).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SchedRead {
+    /// The first key that may be read ([`PagedSched::from`] when the plan was made).
+    pub from: SchedKey,
+    /// The first key not to read.
+    pub to: Option<SchedKey>,
+    /// Most items to read.
+    pub n: usize,
+    /// Most payload bytes to read (the item that crosses it is the last).
+    pub max_bytes: u64,
+}
+
+/// A change of the paged schedule, in the order the state made them (a backend keeps the last one per id).
+#[derive(Debug, Clone)]
+pub enum SchedMove {
+    /// A scheduled item written to disk only (its item records, if it had any, are in the change set's `del`).
+    Spill(Item),
+    /// A paged scheduled item's records removed (paged in, deleted, cleared), by due time and id.
+    Unpage(i64, u64),
 }
