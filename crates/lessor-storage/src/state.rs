@@ -926,26 +926,27 @@ impl PartitionState {
     }
 
     /// Takes paged scheduled items read back from disk (in key order, from `read.from` on) into memory, their moves
-    /// written with the next change set. `exhausted`: the disk has no more of them before `read.to`. A read planned
-    /// before the paged schedule changed is ignored. The payloads that the items keep on disk once resident are
-    /// handed to the next call as read back ([`PartitionState::set_fetched`]): a pass that requeues them needs them,
-    /// and their payload records are only written by the write that carries this page-in.
-    pub fn page_in_sched(&mut self, read: SchedRead, items: Vec<Item>, exhausted: bool) {
+    /// written with the next change set. `next`: the key of the first paged item the read left (past `read.to`, or
+    /// past its bound), `None` when the disk holds none after what it read: the boundary becomes exact, so that the
+    /// next deadline is the next paged item's due time, not a stale lower bound (a backend woken at such a bound
+    /// would read nothing, over and over, until the item came due). A read planned before the paged schedule
+    /// changed is ignored. The payloads that the items keep on disk once resident are handed to the next call as
+    /// read back ([`PartitionState::set_fetched`]): a pass that requeues them needs them, and their payload records
+    /// are only written by the write that carries this page-in.
+    pub fn page_in_sched(&mut self, read: SchedRead, items: Vec<Item>, next: Option<SchedKey>) {
         if self.psched.from != read.from || self.psched.count == 0 {
             return;
         }
-        let mut last = None;
         let mut ch = std::mem::take(&mut self.carry);
         for it in items {
             if !self.is_paged_sched(&it) {
                 continue;
             }
             let key = (it.enqueue_at.0, it.id.0);
-            if key < read.from || read.to.is_some_and(|to| key >= to) {
+            if read.to.is_some_and(|to| key >= to) || next.is_some_and(|n| key >= n) {
                 continue;
             }
             self.unspill_sched(&it, &mut ch);
-            last = Some(key);
             if self.track {
                 ch.paged_in.push(it.id);
                 ch.put.push(it.clone());
@@ -962,24 +963,22 @@ impl PartitionState {
         }
         self.carry = ch;
         if self.psched.count > 0 {
-            match (exhausted, read.to) {
-                // Every paged item left is due at or after `to`.
-                (true, Some(to)) => self.psched.from = self.psched.from.max(to),
-                (true, None) => {
+            match next {
+                Some(n) if n > self.psched.from => {
+                    self.psched.from = n;
+                    self.psched_dirty = true;
+                }
+                Some(_) => {}
+                None => {
                     tracing::warn!(
                         missing = self.psched.count,
                         "paged scheduled item count above what the disk holds; corrected"
                     );
                     self.psched = PagedSched::default();
-                }
-                (false, _) => {
-                    if let Some((at, id)) = last {
-                        self.psched.from = self.psched.from.max((at, id + 1));
-                    }
+                    self.psched_dirty = true;
                 }
             }
         }
-        self.psched_dirty = true;
     }
 
     /// Removes paged scheduled items read back from disk (a delete by id, a clear), recording their removal.
@@ -3536,7 +3535,7 @@ mod tests {
             .collect();
         let mut sorted = paged.clone();
         sorted.sort_by_key(|it| (it.enqueue_at, it.id));
-        s.page_in_sched(read, sorted, true);
+        s.page_in_sched(read, sorted, None);
         assert!(s.paged_sched().is_empty());
         let (o, _) = s.lifecycle(Ts(30), LifecyclePolicy::default(), 100);
         assert_eq!((o.enqueued, o.more), (5, false));

@@ -954,3 +954,47 @@ async fn a_schedule_within_its_bound_writes_no_paging_keys_and_a_drained_one_lea
     );
     store.close().await;
 }
+
+/// The paged schedule's boundary is a lower bound (a delete by id does not read what follows), but a pass that
+/// reaches it makes it exact: the next deadline is then the next paged item's due time, not the time of the pass
+/// (a queue task woken at a stale bound would read nothing, again and again, until the item came due).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_next_deadline_of_a_paged_schedule_becomes_exact_after_a_pass() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let store = FjallStore::open(dir.path(), Durability::Sync).expect("open");
+    // A schedule bound of 1.
+    store.set_memory_window(4);
+    let p = store.open("d", 0).await.expect("partition");
+    let at = |s: i64| Ts(T0.0 + s);
+    let ids = p
+        .produce(
+            [10, 20, 30]
+                .iter()
+                .enumerate()
+                .map(|(i, &s)| NewItem {
+                    enqueue_at: at(s),
+                    ..item(i, 0, FAR)
+                })
+                .collect(),
+        )
+        .await
+        .expect("produce");
+    assert_eq!(store.resident_scheduled("d", 0).await, Some(1));
+    p.delete(vec![ids[1]]).await.expect("delete");
+    assert_eq!(p.counts().await.expect("counts").scheduled, 2);
+    let o = p.lifecycle(at(25), DLQ, 100).await.expect("lifecycle");
+    assert_eq!((o.enqueued, o.more), (1, false), "{o:?}");
+    assert_eq!(p.next_deadline().await.expect("deadline"), Some(at(30)));
+    let o = p.lifecycle(at(30), DLQ, 100).await.expect("lifecycle");
+    assert_eq!(o.enqueued, 1);
+    let got: Vec<Bytes> = p
+        .lease(10, LEASE)
+        .await
+        .expect("lease")
+        .into_iter()
+        .map(|it| it.payload)
+        .collect();
+    assert_eq!(got, [Bytes::from("item-000000"), Bytes::from("item-000002")]);
+    assert_eq!(store.paged_keys("d", 0).await.expect("scan"), Some(0));
+    store.close().await;
+}

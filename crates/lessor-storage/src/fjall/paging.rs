@@ -172,27 +172,26 @@ pub(crate) fn read_sched_counters(
     }
 }
 
-/// The paged scheduled items `read` names, in due order, and whether the disk has no more before `read.to`: walks
-/// the due-order keys and reads each one's record. Blocking.
+/// The paged scheduled items `read` names, in due order, and the key of the first paged item after them (past
+/// `read.to` or the read's bounds; `None`: there is none): walks the due-order keys from `read.from` and reads each
+/// taken one's record. Blocking.
 pub(crate) fn read_sched(
     engine: &Engine,
     ks: &fjall::Keyspace,
     pid: u64,
     read: SchedRead,
     what: &str,
-) -> Result<(Vec<Item>, bool), StorageError> {
-    let lo = sched_due_key(pid, read.from);
-    let hi = read
-        .to
-        .map_or_else(|| sched_due_end(pid), |to| sched_due_key(pid, to));
+) -> Result<(Vec<Item>, Option<SchedKey>), StorageError> {
     let mut out = Vec::new();
     let mut bytes = 0u64;
-    if read.n == 0 || lo >= hi {
-        return Ok((out, true));
-    }
-    for kv in ks.range(lo..hi) {
+    for kv in ks.range(sched_due_key(pid, read.from)..sched_due_end(pid)) {
         let k = kv.key().map_err(|e| engine.read_error(e))?;
-        let Some((_, id)) = sched_due_of(&k) else { continue };
+        let Some(key) = sched_due_of(&k) else { continue };
+        let full = out.len() >= read.n || (!out.is_empty() && bytes >= read.max_bytes);
+        if full || read.to.is_some_and(|to| key >= to) {
+            return Ok((out, Some(key)));
+        }
+        let id = key.1;
         let v = ks
             .get(sched_record_key(pid, id))
             .map_err(|e| engine.read_error(e))?
@@ -205,11 +204,8 @@ pub(crate) fn read_sched(
         let it = decode_record(id, &v, what)?;
         bytes = bytes.saturating_add(it.payload.len() as u64);
         out.push(it);
-        if out.len() >= read.n || bytes >= read.max_bytes {
-            return Ok((out, false));
-        }
     }
-    Ok((out, true))
+    Ok((out, None))
 }
 
 /// Up to `n` paged scheduled items with ids at or above `from`, in id order. Blocking.

@@ -47,7 +47,9 @@ use super::engine::{Engine, Fault, Formats, Unit};
 use super::paging::{self as pg};
 use super::{keyspace_name, upgrade, Durability, PARTITIONS_DIR, PARTITIONS_FORMAT_VERSION};
 use crate::state::paging::PRIORITIES;
-use crate::state::{Changes, PageRead, PagingCounts, PartitionState, SchedMove, SchedRead, SCHED_SHARE};
+use crate::state::{
+    Changes, PageRead, PagingCounts, PartitionState, SchedKey, SchedMove, SchedRead, SCHED_SHARE,
+};
 use crate::tiers::offloaded_len;
 
 #[cfg(feature = "s3")]
@@ -1925,13 +1927,13 @@ impl FjallPartition {
         .await
     }
 
-    /// The paged scheduled items `read` names, and whether the disk has no more before its end.
-    async fn read_sched(&self, read: SchedRead) -> Result<(Vec<Item>, bool), StorageError> {
+    /// The paged scheduled items `read` names, and the key of the next one on disk (see `pg::read_sched`).
+    async fn read_sched(&self, read: SchedRead) -> Result<(Vec<Item>, Option<SchedKey>), StorageError> {
         let engine = self.shared.engine.clone();
         let (pid, what) = (self.pid, self.what());
         blocking(move || {
             let Some(ks) = engine.keyspace(ITEMS, false)? else {
-                return Ok((Vec::new(), true));
+                return Ok((Vec::new(), None));
             };
             pg::read_sched(&engine, &ks, pid, read, &what)
         })
@@ -2308,8 +2310,8 @@ impl Partition for FjallPartition {
         // ones when the resident schedule ran low. Their moves ride in this pass's write; the payloads they keep on
         // disk once resident are handed over as read back, for the requeue.
         if let Some(read) = g.state.sched_plan(now, limit, LIFECYCLE_READ_BYTES) {
-            let (items, exhausted) = self.read_sched(read).await?;
-            g.state.page_in_sched(read, items, exhausted);
+            let (items, next) = self.read_sched(read).await?;
+            g.state.page_in_sched(read, items, next);
         }
         // Payloads on disk the pass requeues, read before anything else changes; the sweep below touches only paged
         // ready items, which are not among them. A failed read re-reads the partition (the page-in above is ahead
