@@ -126,7 +126,8 @@ async fn idle_memory_of_a_thousand_partitions() {
 /// The memory a million items scheduled an hour ahead hold (or, with `LESSOR_MEASURE_READY=1`, the same items
 /// ready), 100-byte payloads produced 1,000 a call under the default window: RSS after producing, and the produce
 /// rate. With `LESSOR_MEASURE_DIR` the store stays there, and `LESSOR_MEASURE_REOPEN=1` (a second run, a fresh
-/// process) only opens it again and reports the RSS after a restart. docs/benchmarks.md, "The schedule paged"
+/// process) only opens it again and reports the RSS after a restart; `LESSOR_MEASURE_WINDOW` sets
+/// `memory-window-items`. docs/benchmarks.md, "The schedule paged"
 /// (7 Dec 2026).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "takes about a minute; run in release mode to measure"]
@@ -145,6 +146,9 @@ async fn memory_of_a_million_scheduled_items() {
     let dir = env("LESSOR_MEASURE_DIR").map_or_else(|| tmp.path().to_path_buf(), std::path::PathBuf::from);
     let base = rss_kib();
     let store = FjallStore::open(&dir, Durability::Sync).expect("open");
+    if let Some(w) = env("LESSOR_MEASURE_WINDOW").and_then(|v| v.parse().ok()) {
+        store.set_memory_window(w);
+    }
     let p = store.open("sched", 0).await.expect("open");
     if reopen {
         let c = p.counts().await.expect("counts");
