@@ -127,7 +127,8 @@ async fn idle_memory_of_a_thousand_partitions() {
 /// ready), 100-byte payloads produced 1,000 a call under the default window: RSS after producing, and the produce
 /// rate. With `LESSOR_MEASURE_DIR` the store stays there, and `LESSOR_MEASURE_REOPEN=1` (a second run, a fresh
 /// process) only opens it again and reports the RSS after a restart; `LESSOR_MEASURE_WINDOW` sets
-/// `memory-window-items`. docs/benchmarks.md, "The schedule paged"
+/// `memory-window-items`, and `LESSOR_MEASURE_DUE=1` then makes every item come due and times the lifecycle
+/// passes that requeue them. docs/benchmarks.md, "The schedule paged"
 /// (7 Dec 2026).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "takes about a minute; run in release mode to measure"]
@@ -180,6 +181,33 @@ async fn memory_of_a_million_scheduled_items() {
         N as f64 / write.as_secs_f64(),
         produced.saturating_sub(base) / 1024,
     );
+    if env("LESSOR_MEASURE_DUE").is_some_and(|v| v == "1") {
+        // Everything comes due at once: lifecycle passes of 10,000 (the engine's passes are bounded the same way)
+        // until none is left, then leases drain the queue.
+        let policy = lessor_core::storage::LifecyclePolicy {
+            max_attempts: 0,
+            has_dead_queue: false,
+            backoff: lessor_core::types::Backoff::OFF,
+        };
+        let due = at.add(Duration::from_secs(1));
+        let started = Instant::now();
+        let mut requeued = 0;
+        loop {
+            let o = p.lifecycle(due, policy, 10_000).await.expect("lifecycle");
+            requeued += o.enqueued;
+            if !o.more {
+                break;
+            }
+        }
+        let passes = started.elapsed();
+        assert_eq!(requeued + c.ready, N as u64);
+        let peak = rss_kib();
+        eprintln!(
+            "  came due: requeued {requeued} in {passes:.2?} ({:.0} items/s); RSS +{} MiB",
+            requeued as f64 / passes.as_secs_f64(),
+            peak.saturating_sub(base) / 1024
+        );
+    }
     p.close().await;
     store.close().await;
 }
