@@ -998,3 +998,38 @@ async fn the_next_deadline_of_a_paged_schedule_becomes_exact_after_a_pass() {
     assert_eq!(store.paged_keys("d", 0).await.expect("scan"), Some(0));
     store.close().await;
 }
+
+/// Paged scheduled items that carry a source id (dead-letter moves, redrives) keep it in the resident index, across
+/// a restart (which then reads the paged schedule once): producing the same source again returns the item's id,
+/// until the item is deleted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn paged_scheduled_items_keep_their_source_ids_across_a_restart() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let sourced = |i: usize| NewItem {
+        enqueue_at: Ts(T0.0 + 100 + i as i64),
+        source_id: format!("src-{i}"),
+        ..item(i, 0, FAR)
+    };
+    let ids = {
+        let store = FjallStore::open(dir.path(), Durability::Sync).expect("open");
+        store.set_memory_window(4);
+        let p = store.open("src", 0).await.expect("partition");
+        let ids = p.produce((0..20).map(sourced).collect()).await.expect("produce");
+        assert_eq!(store.resident_scheduled("src", 0).await, Some(1));
+        store.close().await;
+        ids
+    };
+    let store = FjallStore::open(dir.path(), Durability::Sync).expect("reopen");
+    store.set_memory_window(4);
+    let p = store.open("src", 0).await.expect("partition");
+    let again = p.produce((0..20).map(sourced).collect()).await.expect("produce");
+    assert_eq!(again, ids, "the same sources: the same items");
+    assert_eq!(p.counts().await.expect("counts").scheduled, 20);
+    p.delete(vec![ids[7]]).await.expect("delete");
+    let fresh = p.produce(vec![sourced(7)]).await.expect("produce");
+    assert_ne!(fresh[0], ids[7], "a deleted item's source id is free again");
+    assert_eq!(p.counts().await.expect("counts").scheduled, 20);
+    let o = p.lifecycle(Ts(T0.0 + 200), DLQ, 1_000).await.expect("lifecycle");
+    assert_eq!(o.enqueued, 20);
+    store.close().await;
+}
