@@ -63,8 +63,8 @@
 //! - Counts, payload bytes and the next deadline include the paged items through the counters; scheduled items
 //!   never expire while scheduled (the expiry index holds ready and leased items), so a paged one needs no expiry
 //!   bound: it expires once requeued, as a resident one does.
-//! - Delete by id, list, clear and snapshots read the paged records by id (the backend keeps them by id, and an
-//!   empty key per item in due order for the page-ins); dedup needs nothing (records are per produce call), and the
+//! - Delete by id, list, clear and snapshots reach the paged items by id (the backend keeps the records in due order,
+//!   which a page-in reads as one range, and an index by id to the due time); dedup needs nothing (records are per produce call), and the
 //!   source-id index keeps the ids of paged items that carry one (their count is [`PagedSched::with_source`]).
 //! - An item whose payload is on disk only ("Payloads on disk": a large item retried with a later time) stays
 //!   resident, without its payload: paging it would read the payload back.
@@ -458,14 +458,14 @@ pub struct PartitionState {
     window_bytes: u64,
     /// Ready items on disk only.
     paged: Paged,
+    /// Whether `paged` changed since the backend last took it.
+    paged_dirty: bool,
     /// Most scheduled items resident before new ones are paged (`usize::MAX`: never; see "Paging the schedule").
     sched_window: usize,
     /// Scheduled items on disk only.
     psched: PagedSched,
     /// Whether `psched` changed since the backend last took it.
     psched_dirty: bool,
-    /// Whether `paged` changed since the backend last took it.
-    paged_dirty: bool,
     /// Paging writes made outside an operation's own change set (spills, page-ins), for the next write to carry.
     carry: Changes,
     /// Changes whenever the set of paged items changes other than by new items at the tail (a page-in, a paged
