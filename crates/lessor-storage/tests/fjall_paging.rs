@@ -1033,3 +1033,59 @@ async fn paged_scheduled_items_keep_their_source_ids_across_a_restart() {
     assert_eq!(o.enqueued, 20);
     store.close().await;
 }
+
+/// A write of the paged schedule that fails (disk full) leaves memory ahead of the disk; the partition re-reads its
+/// state from the disk at its next call, so a failed produce past the bound is not counted, and a failed pass (its
+/// page-in and requeues) is done again, whole: every acknowledged item comes due once, in due order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_writes_of_the_paged_schedule_are_redone_from_the_disk() {
+    use lessor_storage::fjall::Fault;
+    let dir = tempfile::tempdir().expect("tmp");
+    let store = FjallStore::open(dir.path(), Durability::Sync).expect("open");
+    store.set_memory_window(8);
+    let p = store.open("f", 0).await.expect("partition");
+    let sched = |i: usize| NewItem {
+        enqueue_at: Ts(T0.0 + 10 + (i % 4) as i64),
+        ..item(i, 0, FAR)
+    };
+    p.produce((0..30).map(sched).collect()).await.expect("produce");
+    store.inject_fault(Some(Fault::NoSpace));
+    p.produce((30..40).map(sched).collect())
+        .await
+        .expect_err("disk full");
+    p.lifecycle(Ts(T0.0 + 20), DLQ, 1_000)
+        .await
+        .expect_err("disk full");
+    store.inject_fault(None);
+    // Writes resume after the engine's back-off.
+    let started = std::time::Instant::now();
+    let o = loop {
+        match p.lifecycle(Ts(T0.0 + 20), DLQ, 1_000).await {
+            Ok(o) => break o,
+            Err(e) if started.elapsed() < Duration::from_secs(10) => {
+                assert!(e.is_transient(), "{e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!("writes did not resume: {e}"),
+        }
+    };
+    assert_eq!((o.enqueued, o.more), (30, false), "{o:?}");
+    let c = p.counts().await.expect("counts");
+    assert_eq!((c.ready, c.scheduled), (30, 0));
+    let got: Vec<Bytes> = p
+        .lease(100, LEASE)
+        .await
+        .expect("lease")
+        .into_iter()
+        .map(|it| it.payload)
+        .collect();
+    let mut want: Vec<(usize, usize)> = (0..30).map(|i| (i % 4, i)).collect();
+    want.sort();
+    let want: Vec<Bytes> = want
+        .into_iter()
+        .map(|(_, i)| Bytes::from(format!("item-{i:06}")))
+        .collect();
+    assert_eq!(got, want);
+    assert_eq!(store.paged_keys("f", 0).await.expect("scan"), Some(0));
+    store.close().await;
+}
