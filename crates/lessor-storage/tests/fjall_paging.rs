@@ -1089,3 +1089,79 @@ async fn failed_writes_of_the_paged_schedule_are_redone_from_the_disk() {
     assert_eq!(store.paged_keys("f", 0).await.expect("scan"), Some(0));
     store.close().await;
 }
+
+/// A backlog of expired leases takes every pass's whole limit (a server back after an outage): the passes page in
+/// due scheduled items that none of them gets to requeue. The resident schedule must stay within its bound plus
+/// one pass's page, not grow by a page per pass until the whole due schedule is in memory; once the leases are
+/// handled every scheduled item comes due, in due order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expired_leases_filling_the_passes_do_not_page_the_whole_schedule_in() {
+    const WINDOW: usize = 40;
+    const LIMIT: usize = 50;
+    let dir = tempfile::tempdir().expect("tmp");
+    let store = FjallStore::open(dir.path(), Durability::None).expect("open");
+    store.set_memory_window(WINDOW);
+    let p = store.open("backlog", 0).await.expect("partition");
+    // 1,000 scheduled items, due at ten times: all but a quarter of the window are paged.
+    let due = |i: usize| Ts(T0.0 + 100 + (i % 10) as i64);
+    p.produce(
+        (0..1_000)
+            .map(|i| NewItem {
+                enqueue_at: due(i),
+                ..item(i, 0, FAR)
+            })
+            .collect(),
+    )
+    .await
+    .expect("produce");
+    // 600 leased items whose leases expire before the schedule comes due.
+    p.produce((1_000..1_600).map(|i| item(i, 0, FAR)).collect())
+        .await
+        .expect("produce");
+    let mut leased = 0;
+    while leased < 600 {
+        let got = p.lease(600 - leased, Ts(T0.0 + 50)).await.expect("lease");
+        assert!(!got.is_empty(), "nothing left to lease after {leased}");
+        leased += got.len();
+    }
+    let now = Ts(T0.0 + 1_000);
+    let mut most = 0;
+    let mut enqueued = 0;
+    for pass in 0..100 {
+        let o = p.lifecycle(now, DLQ, LIMIT).await.expect("lifecycle");
+        enqueued += o.enqueued;
+        let resident = store.resident_scheduled("backlog", 0).await.expect("open");
+        most = most.max(resident);
+        assert!(
+            resident <= (WINDOW / 4 + LIMIT) as u64,
+            "pass {pass}: {resident} scheduled items resident ({o:?})"
+        );
+        if !o.more {
+            break;
+        }
+    }
+    assert_eq!(
+        enqueued, 1_000,
+        "every scheduled item came due (most resident: {most})"
+    );
+    let c = p.counts().await.expect("counts");
+    assert_eq!((c.ready, c.leased, c.scheduled), (1_600, 0, 0));
+    // The requeued leases first (they came back first), then the schedule in due order, FIFO among equal times.
+    let mut got = Vec::new();
+    loop {
+        let page = p.lease(1_600, LEASE).await.expect("lease");
+        if page.is_empty() {
+            break;
+        }
+        got.extend(page.into_iter().map(|it| it.payload));
+    }
+    let mut sched: Vec<(Ts, usize)> = (0..1_000).map(|i| (due(i), i)).collect();
+    sched.sort();
+    let want: Vec<Bytes> = (1_000..1_600)
+        .chain(sched.into_iter().map(|(_, i)| i))
+        .map(|i| Bytes::from(format!("item-{i:06}")))
+        .collect();
+    assert_eq!(got.len(), want.len());
+    assert_eq!(got[600..], want[600..], "the schedule comes due in due order");
+    store.close().await;
+}
