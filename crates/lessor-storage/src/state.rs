@@ -55,7 +55,8 @@
 //! item's (due time, id) is at or after [`PagedSched::from`], and nothing else holds:
 //! - A lifecycle pass requeues resident items only while they lie before `from` (a paged item may be due before
 //!   any later one). The backend asks [`PartitionState::sched_plan`] before the pass and hands what it read to
-//!   [`PartitionState::page_in_sched`]: the paged items already due (in due order, up to the pass's limit and a
+//!   [`PartitionState::page_in_sched`]: the paged items already due (in due order, up to what the pass's limit
+//!   leaves past the resident items due before them, so that passes whose limit goes elsewhere add nothing, and a
 //!   byte bound), which the same pass requeues, or, when none is due and the resident schedule fell under a quarter
 //!   of its bound, the next ones, up to half of it, read ahead. `from` then rises past what was read, and the pass
 //!   reports `more` when it stopped at a paged item, so due order and FIFO among equal times hold across the
@@ -899,19 +900,32 @@ impl PartitionState {
     }
 
     /// The read a lifecycle pass at `now` that handles up to `limit` items needs before it: the paged scheduled items
-    /// already due (up to `limit`, at most [`PAGE_MAX`]), or, when none is due and the resident schedule fell below
-    /// a quarter of its window, the next ones by due time, up to half the window (read ahead, so they are resident
-    /// before they come due). `max_bytes` bounds the payloads read.
+    /// already due (what `limit`, at most [`PAGE_MAX`], leaves past the resident items due before them), or, when
+    /// none is due and the resident schedule fell below a quarter of its window, the next ones by due time, up to
+    /// half the window (read ahead, so they are resident before they come due). `max_bytes` bounds the payloads
+    /// read.
     pub fn sched_plan(&self, now: Ts, limit: usize, max_bytes: u64) -> Option<SchedRead> {
         if self.psched.count == 0 {
             return None;
         }
         let resident = self.sched.len();
         if self.psched.from.0 <= now.0 {
-            return Some(SchedRead {
-                from: self.psched.from,
+            // Resident items the pass can requeue before the paged boundary fill part of its limit, items paged in
+            // by an earlier pass that did not get to them (its limit went to expired leases) included: reading the
+            // limit again regardless would add a page to memory per such pass, until the whole due schedule was
+            // resident. Counting stops at the limit, so this costs at most one page of the index.
+            let n = limit.clamp(1, PAGE_MAX);
+            let from = self.psched.from;
+            let ahead = self
+                .sched_idx
+                .iter()
+                .take_while(|&&(t, id)| t <= now && (t.0, id) < from)
+                .take(n)
+                .count();
+            return (ahead < n).then_some(SchedRead {
+                from,
                 to: Some((now.0.saturating_add(1), 0)),
-                n: limit.clamp(1, PAGE_MAX),
+                n: n - ahead,
                 max_bytes,
             });
         }
