@@ -1165,3 +1165,54 @@ async fn expired_leases_filling_the_passes_do_not_page_the_whole_schedule_in() {
     assert_eq!(got[600..], want[600..], "the schedule comes due in due order");
     store.close().await;
 }
+
+/// A delete by id that names a paged item twice (the API takes the list as given) drops it once: counted twice, the
+/// paged schedule's count would fall below what its records hold, and once it reached zero the records left would
+/// never come due, be listed or counted again (acknowledged items lost). The paged ready items likewise.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delete_naming_a_paged_item_twice_drops_it_once() {
+    const WINDOW: usize = 40;
+    let dir = tempfile::tempdir().expect("tmp");
+    let store = FjallStore::open(dir.path(), Durability::None).expect("open");
+    store.set_memory_window(WINDOW);
+    let p = store.open("dups", 0).await.expect("partition");
+    let due = Ts(T0.0 + 100);
+    let sched = p
+        .produce(
+            (0..100)
+                .map(|i| NewItem {
+                    enqueue_at: due,
+                    ..item(i, 0, FAR)
+                })
+                .collect(),
+        )
+        .await
+        .expect("produce");
+    let ready = p
+        .produce((100..200).map(|i| item(i, 0, FAR)).collect())
+        .await
+        .expect("produce");
+    let c = store.paging_counts("dups", 0).await.expect("open");
+    assert!(c.paged_scheduled > 0 && c.paged_ready > 0, "{c:?}");
+    // The last ones produced are paged in both.
+    let (s, r) = (sched[99], ready[99]);
+    p.delete(vec![s, s, r, r]).await.expect("delete");
+    let c = p.counts().await.expect("counts");
+    assert_eq!((c.ready, c.scheduled), (99, 99));
+    let o = p.lifecycle(Ts(due.0 + 1), DLQ, 1_000).await.expect("lifecycle");
+    assert_eq!((o.enqueued, o.more), (99, false), "{o:?}");
+    let mut got = Vec::new();
+    loop {
+        let page = p.lease(1_000, LEASE).await.expect("lease");
+        if page.is_empty() {
+            break;
+        }
+        got.extend(page.into_iter().map(|it| it.payload));
+    }
+    let want: Vec<Bytes> = (100..199)
+        .chain(0..99)
+        .map(|i| Bytes::from(format!("item-{i:06}")))
+        .collect();
+    assert_eq!(got, want, "every item but the deleted ones, once");
+    store.close().await;
+}
