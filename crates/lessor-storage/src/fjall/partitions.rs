@@ -2540,7 +2540,12 @@ impl Partition for FjallPartition {
         self.write(|s| s.import_dedup(records)).await
     }
 
-    async fn delete(&self, ids: Vec<ItemId>) -> Result<(), StorageError> {
+    async fn delete(&self, mut ids: Vec<ItemId>) -> Result<(), StorageError> {
+        // An id named twice is one item: a paged one read back twice would be counted out of its counters twice,
+        // which would then fall below the records on disk (and the records left once they reach zero would never
+        // be read again). The API passes the list as the caller gave it.
+        ids.sort_unstable();
+        ids.dedup();
         let mut g = self.lock().await?;
         self.shared.check_writable().await?;
         #[cfg(feature = "s3")]
