@@ -991,3 +991,61 @@ async fn a_failed_source_delete_during_a_shrink_brings_no_completed_item_back() 
     );
     e.shutdown().await;
 }
+
+/// A shrink of fjall partitions whose schedules are mostly on disk only (a window of 8 keeps 2 scheduled items
+/// resident per partition): the paged scheduled items of the removed partitions move too, each once, still
+/// scheduled at their times, and nothing is left behind in the removed partitions' stores.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shrink_moves_paged_scheduled_items() {
+    use lessor_storage::fjall::{Durability, FjallQueues, FjallStore};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let queues: Arc<dyn QueuesStore> =
+        Arc::new(FjallQueues::open(dir.path().join("q"), Durability::None).expect("queues"));
+    let store = Arc::new(FjallStore::open(dir.path().join("a"), Durability::None).expect("a"));
+    store.set_memory_window(8);
+    let e = engine_on(queues, vec![("a", 1.0, store.clone() as Arc<dyn PartitionStore>)]);
+    e.create_queue(queue("q", 4, Duration::from_secs(60)))
+        .await
+        .expect("create");
+    let later = e.clock().now().add(Duration::from_secs(3000));
+    let mut want: Vec<(String, Ts)> = Vec::new();
+    for i in 0..20 {
+        let items: Vec<ProduceItem> = (0..20)
+            .map(|j| {
+                let at = Ts(later.0 + ((i * 20 + j) % 7) as i64);
+                want.push((format!("s{:04}", i * 20 + j), at));
+                ProduceItem {
+                    enqueue_at: at,
+                    ..item(format!("s{:04}", i * 20 + j), (j % 3) as u8, "")
+                }
+            })
+            .collect();
+        e.produce("q", items, T).await.expect("produce scheduled");
+    }
+    let mut paged = 0;
+    for p in 0..4 {
+        paged += store.paging_counts("q", p).await.map_or(0, |c| c.paged_scheduled);
+    }
+    assert!(paged > 300, "the schedules page ({paged} paged)");
+    let task = e
+        .rebalance_start(RebalanceRequest {
+            queue: "q".into(),
+            partitions: 2,
+            ..Default::default()
+        })
+        .await
+        .expect("start shrink");
+    let t = wait_done(&e, &task.id).await;
+    assert_eq!(t.status, RebalanceStatus::Completed, "{t:?}");
+    let mut got: Vec<(String, Ts)> = Vec::new();
+    for p in 0..2 {
+        for it in items_of(&e, "q", p).await {
+            assert!(it.is_scheduled(), "{it:?}");
+            got.push((payload(&it), it.enqueue_at));
+        }
+    }
+    got.sort();
+    want.sort();
+    assert_eq!(got, want, "every scheduled item once, at its time");
+    e.shutdown().await;
+}
