@@ -10,23 +10,10 @@ use lessor_core::time::Ts;
 use lessor_core::types::{Backoff, NewItem};
 use lessor_storage::fjall::{Durability, FjallStore};
 
-/// A field of `/proc/self/status`, in bytes (Linux only; the test skips elsewhere).
-fn status_bytes(field: &str) -> Option<u64> {
-    let s = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = s.lines().find(|l| l.starts_with(field))?;
-    let kb: u64 = line[field.len()..]
-        .trim()
-        .trim_end_matches("kB")
-        .trim()
-        .parse()
-        .ok()?;
-    Some(kb * 1024)
-}
+#[path = "support/memory.rs"]
+mod memory;
 
-/// Resets the process's peak resident size (`VmHWM`) to its current one.
-fn reset_peak() -> bool {
-    std::fs::write("/proc/self/clear_refs", "5").is_ok()
-}
+use memory::{reset_peak, status_bytes};
 
 const T0: Ts = Ts(1_800_000_000_000_000);
 const LEASE: Ts = Ts(1_800_000_100_000_000);
