@@ -222,59 +222,79 @@ pub(crate) fn sched_missing(id: u64, what: &str) -> StorageError {
     )
 }
 
-/// Up to `n` paged scheduled items with ids at or above `from`, in id order: the id index, then a point read of
-/// each record. Blocking.
+/// The record of paged scheduled item `id`, whose id-index entry (its due time) is `entry`. Blocking.
+fn sched_item(
+    engine: &Engine,
+    ks: &fjall::Keyspace,
+    pid: u64,
+    id: u64,
+    entry: &[u8],
+    what: &str,
+) -> Result<Item, StorageError> {
+    let due = decode_due(id, entry, what)?;
+    let r = ks
+        .get(sched_due_key(pid, (due, id)))
+        .map_err(|e| engine.read_error(e))?
+        .ok_or_else(|| sched_missing(id, what))?;
+    decode_record(id, &r, what)
+}
+
+/// Up to `n` paged scheduled items with ids at or above `from`, in id order, with payloads up to `max_bytes` (the
+/// item that crosses it is the last): the id index, then a point read of each record. Blocking.
 pub(crate) fn read_sched_by_id(
     engine: &Engine,
     ks: &fjall::Keyspace,
     pid: u64,
     from: u64,
     n: usize,
+    max_bytes: u64,
     what: &str,
 ) -> Result<Vec<Item>, StorageError> {
     let mut out = Vec::with_capacity(n.min(1 << 16));
     if n == 0 {
         return Ok(out);
     }
+    let mut bytes = 0u64;
     for kv in ks.range(sched_record_key(pid, from)..sched_record_key(pid, u64::MAX)) {
         let (k, v) = kv.into_inner().map_err(|e| engine.read_error(e))?;
         let Some(id) = record_id(&k) else { continue };
-        let due = decode_due(id, &v, what)?;
-        let r = ks
-            .get(sched_due_key(pid, (due, id)))
-            .map_err(|e| engine.read_error(e))?
-            .ok_or_else(|| sched_missing(id, what))?;
-        out.push(decode_record(id, &r, what)?);
-        if out.len() >= n {
+        let it = sched_item(engine, ks, pid, id, &v, what)?;
+        bytes = bytes.saturating_add(it.payload.len() as u64);
+        out.push(it);
+        if out.len() >= n || bytes >= max_bytes {
             break;
         }
     }
     Ok(out)
 }
 
-/// The paged scheduled items among `ids`, by point reads (the id index, then the record). Blocking.
+/// The paged scheduled items among the first ids of `ids`, by point reads (the id index, then the record), with
+/// payloads up to `max_bytes` (the item that crosses it is the last), and how many of `ids` were looked up: the
+/// caller asks again for the rest. Blocking.
 pub(crate) fn find_sched(
     engine: &Engine,
     ks: &fjall::Keyspace,
     pid: u64,
     ids: &[u64],
+    max_bytes: u64,
     what: &str,
-) -> Result<Vec<Item>, StorageError> {
+) -> Result<(Vec<Item>, usize), StorageError> {
     let mut out = Vec::new();
-    for &id in ids {
+    let mut bytes = 0u64;
+    for (i, &id) in ids.iter().enumerate() {
         if let Some(v) = ks
             .get(sched_record_key(pid, id))
             .map_err(|e| engine.read_error(e))?
         {
-            let due = decode_due(id, &v, what)?;
-            let r = ks
-                .get(sched_due_key(pid, (due, id)))
-                .map_err(|e| engine.read_error(e))?
-                .ok_or_else(|| sched_missing(id, what))?;
-            out.push(decode_record(id, &r, what)?);
+            let it = sched_item(engine, ks, pid, id, &v, what)?;
+            bytes = bytes.saturating_add(it.payload.len() as u64);
+            out.push(it);
+            if bytes >= max_bytes {
+                return Ok((out, i + 1));
+            }
         }
     }
-    Ok(out)
+    Ok((out, ids.len()))
 }
 
 /// Encodes a paged record: the item's metadata as the items keyspace stores it, then its payload.

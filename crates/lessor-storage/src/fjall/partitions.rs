@@ -90,6 +90,10 @@ fn sched_window(window: usize) -> usize {
 const SWEEP_LIMIT: usize = 4096;
 /// Most paged items one delete-by-id or clear reads back per disk read (a clear writes each such chunk on its own).
 const DROP_BATCH: usize = 16 * 1024;
+/// Most payload bytes one read of paged scheduled items for a delete-by-id or a clear holds (at least one item's):
+/// they need only the items' metadata, but the records hold the payloads, and 16,384 records of large items read
+/// at once took memory in proportion to the schedule cleared.
+const DROP_READ_BYTES: u64 = 16 << 20;
 /// Most batches one group commit takes.
 const MAX_GROUP: usize = 1024;
 /// Most keys one reclaimer write deletes: small enough that serving writes queued behind it wait little.
@@ -1955,29 +1959,36 @@ impl FjallPartition {
         .await
     }
 
-    /// Up to `limit` paged scheduled items with ids at or above `from`, in id order.
-    async fn read_sched_by_id(&self, from: u64, limit: usize) -> Result<Vec<Item>, StorageError> {
+    /// Up to `limit` paged scheduled items with ids at or above `from`, in id order, with payloads up to `max_bytes`
+    /// (the item that crosses it is the last).
+    async fn read_sched_by_id(
+        &self,
+        from: u64,
+        limit: usize,
+        max_bytes: u64,
+    ) -> Result<Vec<Item>, StorageError> {
         let engine = self.shared.engine.clone();
         let (pid, what) = (self.pid, self.what());
         blocking(move || {
             let Some(ks) = engine.keyspace(ITEMS, false)? else {
                 return Ok(Vec::new());
             };
-            pg::read_sched_by_id(&engine, &ks, pid, from, limit, &what)
+            pg::read_sched_by_id(&engine, &ks, pid, from, limit, max_bytes, &what)
         })
         .await
     }
 
-    /// The paged scheduled items among `ids` (one point read each).
-    async fn find_sched(&self, ids: &[ItemId]) -> Result<Vec<Item>, StorageError> {
+    /// The paged scheduled items among the first ids of `ids` (one point read each), up to [`DROP_READ_BYTES`] of
+    /// payloads, and how many ids were looked up (see `pg::find_sched`).
+    async fn find_sched(&self, ids: &[ItemId]) -> Result<(Vec<Item>, usize), StorageError> {
         let ids: Vec<u64> = ids.iter().map(|i| i.0).collect();
         let engine = self.shared.engine.clone();
         let (pid, what) = (self.pid, self.what());
         blocking(move || {
             let Some(ks) = engine.keyspace(ITEMS, false)? else {
-                return Ok(Vec::new());
+                return Ok((Vec::new(), ids.len()));
             };
-            pg::find_sched(&engine, &ks, pid, &ids, &what)
+            pg::find_sched(&engine, &ks, pid, &ids, DROP_READ_BYTES, &what)
         })
         .await
     }
@@ -2515,7 +2526,8 @@ impl Partition for FjallPartition {
             while ceiling.is_none_or(|c| start < c) {
                 let got = match src {
                     Some(p) => self.read_ready(p as u8, start, step).await?,
-                    None => self.read_sched_by_id(start, step).await?,
+                    // The steps and the page's ceiling bound what is read, as for the ready records.
+                    None => self.read_sched_by_id(start, step, u64::MAX).await?,
                 };
                 let more = got.len() == step;
                 if let Some(last) = got.last() {
@@ -2569,14 +2581,18 @@ impl Partition for FjallPartition {
             }
         }
         if !g.state.paged_sched().is_empty() {
-            for chunk in ids.chunks(DROP_BATCH) {
-                let items = match self.find_sched(chunk).await {
-                    Ok(items) => items,
+            // Only the items' metadata is needed, but their records hold the payloads: reads bounded in bytes.
+            let mut rest = &ids[..];
+            while !rest.is_empty() {
+                let chunk = &rest[..rest.len().min(DROP_BATCH)];
+                let (items, used) = match self.find_sched(chunk).await {
+                    Ok(found) => found,
                     Err(e) => {
                         g.stale = true;
                         return Err(e);
                     }
                 };
+                rest = &rest[used.max(1)..];
                 ch.append(g.state.drop_paged_sched(items).1);
             }
         }
@@ -2605,7 +2621,7 @@ impl Partition for FjallPartition {
             if sched {
                 let mut from = 0;
                 while !g.state.paged_sched().is_empty() {
-                    let items = self.read_sched_by_id(from, DROP_BATCH).await?;
+                    let items = self.read_sched_by_id(from, DROP_BATCH, DROP_READ_BYTES).await?;
                     let Some(last) = items.last().map(|it| it.id.0) else {
                         g.state.forget_paged_sched();
                         break;
