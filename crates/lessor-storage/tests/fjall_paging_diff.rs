@@ -616,3 +616,17 @@ async fn a_paged_schedule_with_payloads_on_disk_behaves_as_the_memory_backend() 
         run_with(seed, None, Some(1_500 * (1 + seed % 4)), true, Sched::Paged).await;
     }
 }
+
+/// A paged schedule beside cold segments (against `LESSOR_TEST_S3_ENDPOINT`): deletes, clears and snapshots that
+/// load segments back, and restarts, meet paged scheduled records under the same prefix as the segments' manifest
+/// and the paged ready records, and the schedule still comes due in the memory backend's order.
+#[cfg(feature = "s3")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paged_schedule_with_cold_segments_behaves_as_the_memory_backend() {
+    for seed in seeds() {
+        let Some(env) = support::env("lessor-cold", &format!("diff-sched-{seed}")).await else {
+            return;
+        };
+        run_with(seed, Some(env.cfg.clone()), None, false, Sched::Paged).await;
+    }
+}
