@@ -817,3 +817,56 @@ async fn restart_keeps_auth_records_and_generation() {
         queues.close().await;
     }
 }
+
+/// A store of format 4 (a schedule resident whole, no paged scheduled records) opens in this build: it is marked 5,
+/// its scheduled items load as they were (beyond the new bound: nothing is rewritten), new ones past the bound are
+/// paged, and every one comes due once, in due order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_format_4_store_with_a_schedule_opens_and_pages_what_comes_next() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let at = |i: usize| Ts(T0.0 + 100 + (i % 5) as i64);
+    let sched = |i: usize| NewItem {
+        enqueue_at: at(i),
+        ..item(&format!("s{i:03}"))
+    };
+    {
+        let store = FjallStore::open(dir.path(), Durability::Sync).expect("open");
+        let p = store.open("old", 0).await.expect("partition");
+        p.produce((0..40).map(sched).collect()).await.expect("produce");
+        assert_eq!(store.paged_keys("old", 0).await.expect("scan"), Some(0));
+        store.close().await;
+    }
+    let marker = dir.path().join(PARTITIONS_DIR).join("LESSOR-FORMAT");
+    fs::write(&marker, "lessor-fjall partitions 4\n").expect("write marker");
+    let store = FjallStore::open(dir.path(), Durability::Sync).expect("a format-4 store opens");
+    assert_eq!(
+        fs::read_to_string(&marker).expect("marker").trim(),
+        format!("lessor-fjall partitions {PARTITIONS_FORMAT_VERSION}")
+    );
+    store.set_memory_window(8);
+    let p = store.open("old", 0).await.expect("partition");
+    assert_eq!(store.resident_scheduled("old", 0).await, Some(40));
+    p.produce((40..80).map(sched).collect()).await.expect("produce");
+    let c = store.paging_counts("old", 0).await.expect("open");
+    assert_eq!(
+        (c.paged_scheduled, p.counts().await.expect("counts").scheduled),
+        (40, 80)
+    );
+    let o = p.lifecycle(Ts(T0.0 + 200), DLQ, 1_000).await.expect("lifecycle");
+    assert_eq!((o.enqueued, o.more), (80, false), "{o:?}");
+    let got: Vec<Bytes> = p
+        .lease(100, T0.add(SEC * 60))
+        .await
+        .expect("lease")
+        .into_iter()
+        .map(|it| it.payload)
+        .collect();
+    let mut want: Vec<(Ts, usize)> = (0..80).map(|i| (at(i), i)).collect();
+    want.sort();
+    let want: Vec<Bytes> = want
+        .into_iter()
+        .map(|(_, i)| Bytes::from(format!("s{i:03}")))
+        .collect();
+    assert_eq!(got, want);
+    store.close().await;
+}
