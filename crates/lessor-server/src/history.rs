@@ -88,8 +88,10 @@ pub struct History {
     examined: std::sync::atomic::AtomicU64,
 }
 
-/// Samples a ring first makes room for.
-const FIRST_ROOM: usize = 8;
+/// Samples a ring first makes room for: two (4 s of samples, 160 bytes). A queue loaded by one request is sampled
+/// once or twice before a short `queue-idle-unload` unloads it, and a sweep over thousands of queues peaks at this
+/// room per queue (it was 8 samples, 640 bytes); a queue loaded longer grows its ring 4, 8, 16... samples.
+const FIRST_ROOM: usize = 2;
 
 /// Makes room in a full ring below [`CAPACITY`]: twice its size (from [`FIRST_ROOM`]), never past `CAPACITY`, each
 /// step exact (a `VecDeque` left to grow itself would double past it). A ring sized to `CAPACITY` at once held
@@ -293,10 +295,14 @@ mod tests {
         let room = |h: &History| h.rings.lock().expect("rings").by_queue["q"].samples.capacity();
         h.sample(0, &queues);
         assert_eq!(room(&h), FIRST_ROOM);
-        for i in 1..5 {
+        h.sample(1, &queues);
+        assert_eq!(room(&h), FIRST_ROOM, "2 samples fit in the first room");
+        h.sample(2, &queues);
+        assert_eq!(room(&h), 2 * FIRST_ROOM, "then it doubles, exactly");
+        for i in 3..5 {
             h.sample(i, &queues);
         }
-        assert_eq!(room(&h), FIRST_ROOM, "5 samples fit in the first room");
+        assert_eq!(room(&h), 8, "5 samples fit in 8");
         for i in 5..(CAPACITY as i64 * 3) {
             h.sample(i, &queues);
             assert!(room(&h) <= CAPACITY, "never past CAPACITY: {}", room(&h));

@@ -369,7 +369,8 @@ struct QueueHandle {
 
 #[derive(Debug)]
 pub(crate) struct Inner {
-    config: EngineConfig,
+    /// Shared with every queue task (see `QueueTask::config`).
+    config: Arc<EngineConfig>,
     queues: RwLock<HashMap<String, Arc<QueueHandle>>>,
     /// The metrics of queues unloaded for being idle, with the last figures their tasks published: `/metrics`
     /// keeps reporting their depth, and the next load goes on from them. A few hundred bytes per queue, against the
@@ -423,7 +424,7 @@ impl Engine {
         }
         Ok(Engine {
             inner: Arc::new(Inner {
-                config,
+                config: Arc::new(config),
                 queues: RwLock::new(HashMap::new()),
                 unloaded: RwLock::new(HashMap::new()),
                 deleted: QueueMetrics::default(),
@@ -1224,14 +1225,14 @@ impl Engine {
             }
         }
         // Keys are hashed here, on the caller's thread, not by the queue's task (see `KeyHash::of`).
-        let keys = if keyed {
-            items
-                .iter()
-                .map(|it| (!it.dedup_id.is_empty()).then(|| queue::KeyHash::of(&it.dedup_id)))
-                .collect()
-        } else {
-            Vec::new()
-        };
+        let keys = keyed.then(|| {
+            Box::new(
+                items
+                    .iter()
+                    .map(|it| (!it.dedup_id.is_empty()).then(|| queue::KeyHash::of(&it.dedup_id)))
+                    .collect::<Vec<_>>(),
+            )
+        });
         let deadline = self.clock().now().add(timeout);
         self.within(
             deadline,

@@ -442,7 +442,7 @@ impl Engine {
         drop(starting);
         let plan = stored.plan(have);
         let (tx, rx) = tokio::sync::oneshot::channel();
-        let msg = super::Msg::Cold(Cold::RebalanceInstall(plan, tx));
+        let msg = super::Msg::Cold(Cold::RebalanceInstall(Box::new(plan), tx));
         if self.deliver(&info.name, msg, true).await.is_ok() {
             let _ = rx.await;
         }
@@ -748,7 +748,7 @@ impl Engine {
     /// Hands the task's plan (with its cancel flag) to the queue task and waits until it took it.
     async fn install_plan(&self, t: &Stored, partitions: usize) -> Result<(), QueueError> {
         let (tx, rx) = tokio::sync::oneshot::channel();
-        let msg = super::Msg::Cold(Cold::RebalanceInstall(t.plan(partitions), tx));
+        let msg = super::Msg::Cold(Cold::RebalanceInstall(Box::new(t.plan(partitions)), tx));
         match self.deliver(&t.queue, msg, true).await {
             Ok(()) => {
                 let _ = rx.await;

@@ -193,7 +193,7 @@ impl QueueTask {
                 let _ = reply.send(r);
             }
             Cold::RebalanceInstall(plan, done) => {
-                self.install_rebalance(plan);
+                self.install_rebalance(*plan);
                 let _ = done.send(());
             }
             Cold::RebalanceReport { id, finish, reply } => {

@@ -142,7 +142,7 @@ impl QueueTask {
         for p in &mut self.parts {
             p.draining = false;
         }
-        self.rebalance = Some(Rebalance {
+        self.rebalance = Some(Box::new(Rebalance {
             moved: plan.moved,
             plan,
             dest: None,
@@ -154,7 +154,7 @@ impl QueueTask {
             cancel_applied: false,
             done: false,
             error: String::new(),
-        });
+        }));
         self.mark_draining();
     }
 

@@ -123,12 +123,18 @@ const MAX_DRAIN: usize = 8192;
 const DEAD_BATCH: usize = 1000;
 
 /// A request to the queue task.
+///
+/// Its size matters to a loaded idle queue: the inbox takes its first block of 32 messages when the queue loads,
+/// and keeps it (an 80-byte message made that block 2.6 KB; 56 bytes make it 1.8 KB). Variants are kept at most 48
+/// bytes besides the tag, a rare large one and a produce's dedup keys boxed; `tests::message_size` checks it.
 pub(crate) enum Msg {
     Produce {
         items: Vec<ProduceItem>,
         /// The hashes of the items' dedup keys, one per item (`None`: no key), computed by the caller off the
         /// queue's task; empty when no item has a key.
-        keys: Vec<Option<KeyHash>>,
+        /// Boxed (`None`: no key), to keep the message small (see [`Msg`]): a keyed produce's keys take one more
+        /// allocation, next to the one of their list.
+        keys: Option<Box<Vec<Option<KeyHash>>>>,
         /// When the caller stops waiting: a request still in the inbox then is answered, not stored.
         deadline: Ts,
         reply: Reply<()>,
@@ -220,7 +226,8 @@ pub(crate) enum Cold {
         reply: Reply<u64>,
     },
     /// Installs a rebalance (see [`drain`]); ignored when that task is installed already.
-    RebalanceInstall(drain::Plan, oneshot::Sender<()>),
+    /// Boxed: a rare message, larger than any other (see [`Msg`]).
+    RebalanceInstall(Box<drain::Plan>, oneshot::Sender<()>),
     /// Where the rebalance `id` stands; `finish` drops it when it is done (its outcome was persisted).
     RebalanceReport {
         id: String,
@@ -298,7 +305,8 @@ pub(crate) struct QueueTask {
     rx: mpsc::Receiver<Msg>,
     /// Where dead items go; given by the engine, so the task needs nothing else from it.
     dead_letters: Arc<dyn DeadLetterSink>,
-    config: EngineConfig,
+    /// The engine's, shared: a copy per task was 216 bytes and a list of stores held by every loaded queue.
+    config: Arc<EngineConfig>,
     metrics: Arc<QueueMetrics>,
     /// When a failed dead-letter move is tried again.
     dead_retry_at: Ts,
@@ -306,8 +314,9 @@ pub(crate) struct QueueTask {
     dedup: dedup::DedupIndex,
     /// Who holds the leases this server handed out, for browse (see [`browse`]).
     holders: browse::Holders,
-    /// The rebalance in progress, if any (see [`drain`]).
-    rebalance: Option<drain::Rebalance>,
+    /// The rebalance in progress, if any (see [`drain`]). Boxed: a few hundred bytes that every loaded queue held
+    /// inline, for a task that rarely runs.
+    rebalance: Option<Box<drain::Rebalance>>,
     /// Per partition, the ids of this (dead-letter) queue a redrive is moving: read, being copied to their
     /// target, not deleted yet ([`Cold::Claim`]). A consumer that leased one of them meanwhile loses the race: its
     /// complete or retry is refused as for an id that is gone, since the item is delivered again from its target.
@@ -355,7 +364,7 @@ impl QueueTask {
         info: QueueInfo,
         rx: mpsc::Receiver<Msg>,
         dead_letters: Arc<dyn DeadLetterSink>,
-        config: EngineConfig,
+        config: Arc<EngineConfig>,
         metrics: Arc<QueueMetrics>,
     ) -> Self {
         let mut t = QueueTask {
@@ -407,6 +416,10 @@ impl QueueTask {
             info.partitions = self.info.partitions.clone();
             info.requested_partitions = self.info.requested_partitions;
         }
+        // Exactly the room the definition needs: pushed one at a time, a queue of one partition took room for four
+        // (a `Part` is 128 bytes).
+        self.parts
+            .reserve_exact(info.partitions.len().saturating_sub(self.parts.len()));
         for p in &info.partitions[self.parts.len().min(info.partitions.len())..] {
             let store = self.find_store(p);
             let shared = store.shared();
@@ -456,42 +469,64 @@ impl QueueTask {
     }
 
     /// The task loop; returns once the queue is stopped (shutdown message or closed inbox) or unloaded.
-    pub(crate) async fn run(mut self) -> Exit {
-        let mut batch: Vec<Msg> = Vec::new();
-        loop {
-            let wake = self.next_wake();
-            let now = self.now();
-            if wake > now {
-                let sleep = self.config.clock.sleep_until(wake);
-                tokio::select! {
-                    biased;
-                    m = self.rx.recv() => match m {
-                        Some(m) => batch.push(m),
-                        None => { self.stop().await; return Exit::Stopped; }
-                    },
-                    _ = sleep => {}
+    ///
+    /// Memory: this future lives as long as the queue is loaded, and an async fn's future holds, inline, the state
+    /// of the largest future it awaits. A pass's state (every storage call it may make) is several kilobytes, which
+    /// a loaded idle queue held all the time it waited for a request: the pass, the stop and the unload are boxed,
+    /// so they take their memory while they run (one allocation per pass, next to the many a pass makes), and an
+    /// idle queue holds only the task's own fields and its wait.
+    ///
+    /// A plain function returning an async block, not an `async fn`: an `async fn`'s future keeps its arguments
+    /// apart from the locals it moves them to, so `self` (a kilobyte) was held twice for as long as the queue was
+    /// loaded; the block uses the `self` it captured in place.
+    pub(crate) fn run(mut self) -> impl std::future::Future<Output = Exit> + Send {
+        async move {
+            // Empty while the task waits: a batch's room is taken when messages arrive and given back when the task
+            // waits again (see below), so an idle queue holds none and a burst's room (up to `MAX_DRAIN` messages) is
+            // not kept.
+            let mut batch: Vec<Msg> = Vec::new();
+            loop {
+                let wake = self.next_wake();
+                let now = self.now();
+                if wake > now {
+                    if batch.capacity() > 0 {
+                        batch = Vec::new();
+                    }
+                    let sleep = self.config.clock.sleep_until(wake);
+                    tokio::select! {
+                        biased;
+                        m = self.rx.recv() => match m {
+                            Some(m) => {
+                                // Room for what is in the inbox now, at once, rather than growing 4, 8, 16...
+                                batch.reserve_exact(1 + self.rx.len().min(MAX_DRAIN));
+                                batch.push(m);
+                            }
+                            None => { Box::pin(self.stop()).await; return Exit::Stopped; }
+                        },
+                        _ = sleep => {}
+                    }
                 }
-            }
-            while batch.len() < MAX_DRAIN {
-                match self.rx.try_recv() {
-                    Ok(m) => batch.push(m),
-                    Err(_) => break,
+                while batch.len() < MAX_DRAIN {
+                    match self.rx.try_recv() {
+                        Ok(m) => batch.push(m),
+                        Err(_) => break,
+                    }
                 }
-            }
-            if let Some(done) = self.pass(&mut batch).await {
-                self.stop().await;
-                let _ = done.send(());
-                return Exit::Stopped;
-            }
-            if self.gone {
-                // Requests of the pass that found it gone were dropped unanswered (their callers see the queue
-                // shutting down); those still queued get the same answer, and a retry finds the queue missing.
-                self.stop().await;
-                return Exit::Gone;
-            }
-            if self.idle(self.now()) {
-                let wake = self.parts.iter().filter_map(|p| p.next_deadline).min();
-                return Exit::Unloaded(self.unload().await, wake);
+                if let Some(done) = Box::pin(self.pass(&mut batch)).await {
+                    Box::pin(self.stop()).await;
+                    let _ = done.send(());
+                    return Exit::Stopped;
+                }
+                if self.gone {
+                    // Requests of the pass that found it gone were dropped unanswered (their callers see the queue
+                    // shutting down); those still queued get the same answer, and a retry finds the queue missing.
+                    Box::pin(self.stop()).await;
+                    return Exit::Gone;
+                }
+                if self.idle(self.now()) {
+                    let wake = self.parts.iter().filter_map(|p| p.next_deadline).min();
+                    return Exit::Unloaded(Box::pin(self.unload()).await, wake);
+                }
             }
         }
     }
@@ -592,7 +627,7 @@ impl QueueTask {
                     keys,
                     deadline,
                     reply,
-                } => produces.push((items, keys, deadline, reply)),
+                } => produces.push((items, keys.map_or_else(Vec::new, |k| *k), deadline, reply)),
                 Msg::DeadLetter { items, reply } => dead_letters.push((items, reply)),
                 Msg::Moved { items, reply } => moved.push((items, reply)),
                 Msg::Lease {
@@ -830,5 +865,20 @@ pub(crate) fn refuse(m: Msg, e: QueueError) {
         },
         Msg::Wake(_) => {}
         Msg::Shutdown(done) => drop(done.send(())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// A message stays small: the inbox's first block holds 32 of them for as long as the queue is loaded (see
+    /// [`super::Msg`]).
+    #[test]
+    fn message_size() {
+        let size = std::mem::size_of::<super::Msg>();
+        println!(
+            "Msg: {size} bytes, QueueTask: {} bytes",
+            std::mem::size_of::<super::QueueTask>()
+        );
+        assert!(size <= 56, "a message is {size} bytes");
     }
 }
