@@ -133,7 +133,9 @@ pub(crate) enum Msg {
         /// The hashes of the items' dedup keys, one per item (`None`: no key), computed by the caller off the
         /// queue's task; empty when no item has a key.
         /// Boxed (`None`: no key), to keep the message small (see [`Msg`]): a keyed produce's keys take one more
-        /// allocation, next to the one of their list.
+        /// allocation, next to the one of their list. A boxed slice would take one, but its 16 bytes make the
+        /// message 64 bytes (`tests::message_size`); a thin 8-byte pointer needs the `Box` around the `Vec`.
+        #[allow(clippy::box_collection)]
         keys: Option<Box<Vec<Option<KeyHash>>>>,
         /// When the caller stops waiting: a request still in the inbox then is answered, not stored.
         deadline: Ts,
@@ -479,6 +481,7 @@ impl QueueTask {
     /// A plain function returning an async block, not an `async fn`: an `async fn`'s future keeps its arguments
     /// apart from the locals it moves them to, so `self` (a kilobyte) was held twice for as long as the queue was
     /// loaded; the block uses the `self` it captured in place.
+    #[allow(clippy::manual_async_fn)] // On purpose: see the paragraph above.
     pub(crate) fn run(mut self) -> impl std::future::Future<Output = Exit> + Send {
         async move {
             // Empty while the task waits: a batch's room is taken when messages arrive and given back when the task
