@@ -506,6 +506,41 @@ async fn the_queue_families_are_a_valid_exposition_in_both_formats() {
     srv.stop().await;
 }
 
+/// Two servers sharing one PostgreSQL store, A on a manual clock, and a queue of 3 items created through A and
+/// then unloaded there for being idle: what the tests of a queue changed by B while unloaded on A start from.
+#[cfg(feature = "postgres")]
+struct UnloadedOnA {
+    /// Kept until the test ends: dropping it drops the database under both servers.
+    _db: lessor_testkit::TestDatabase,
+    a: lessor_server::RunningServer,
+    ca: Client,
+    b: lessor_server::RunningServer,
+    cb: Client,
+}
+
+#[cfg(feature = "postgres")]
+async fn unloaded_on_a(queue: &str) -> UnloadedOnA {
+    let db = lessor_testkit::TestDatabase::create("lessor_mb").await;
+    let config = lessor_testkit::server::postgres_config(db.url());
+    let clock = ManualClock::starting_now();
+    let (a, ca) = lessor_testkit::server::start(&config, Some(Arc::new(clock.clone()))).await;
+    let (b, cb) = lessor_testkit::server::start(&config, None).await;
+    lessor_testkit::server::create_queue(&ca, queue, |_| {}).await;
+    produce(&ca, queue, 3).await;
+    // The task publishes its figures after the pass that answered the produce: the figures the queue unloads with
+    // (and the tests then expect in A's totals) must be the 3 items'.
+    scrape_settled(&ca, "lessor_queues_ready_items", 3.0).await;
+    clock.advance(Duration::from_secs(301));
+    wait_loaded(&a.engine, 0).await;
+    UnloadedOnA {
+        _db: db,
+        a,
+        ca,
+        b,
+        cb,
+    }
+}
+
 /// A queue unloaded here (idle) and then deleted by another server sharing the store has no task here to notice:
 /// its last figures stay in the unloaded table. The next time this server looks the name up and finds no definition
 /// (a request for it, or its expiry deadline), it must count the queue as deleted: its depth out of the total gauges,
@@ -517,15 +552,7 @@ async fn an_unloaded_queue_deleted_by_another_server_leaves_the_totals_once_look
     if lessor_testkit::database_or_skip().is_none() {
         return;
     }
-    let db = lessor_testkit::TestDatabase::create("lessor_mb").await;
-    let config = lessor_testkit::server::postgres_config(db.url());
-    let clock = ManualClock::starting_now();
-    let (a, ca) = lessor_testkit::server::start(&config, Some(Arc::new(clock.clone()))).await;
-    let (b, cb) = lessor_testkit::server::start(&config, None).await;
-    lessor_testkit::server::create_queue(&ca, "idle", |_| {}).await;
-    produce(&ca, "idle", 3).await;
-    clock.advance(Duration::from_secs(301));
-    wait_loaded(&a.engine, 0).await;
+    let UnloadedOnA { _db, a, ca, b, cb } = unloaded_on_a("idle").await;
     let s = scrape(&ca).await;
     assert_eq!(value(&s, "lessor_queues_ready_items"), 3.0);
     cb.queues_delete(&pb::QueuesDeleteRequest {
@@ -560,16 +587,7 @@ async fn a_queue_created_again_by_another_server_while_unloaded_here_counts_from
     if lessor_testkit::database_or_skip().is_none() {
         return;
     }
-    let db = lessor_testkit::TestDatabase::create("lessor_mb").await;
-    let config = lessor_testkit::server::postgres_config(db.url());
-    let clock = ManualClock::starting_now();
-    let (a, ca) = lessor_testkit::server::start(&config, Some(Arc::new(clock.clone()))).await;
-    let (b, cb) = lessor_testkit::server::start(&config, None).await;
-    lessor_testkit::server::create_queue(&ca, "again", |_| {}).await;
-    produce(&ca, "again", 3).await;
-    scrape_settled(&ca, "lessor_queues_ready_items", 3.0).await;
-    clock.advance(Duration::from_secs(301));
-    wait_loaded(&a.engine, 0).await;
+    let UnloadedOnA { _db, a, ca, b, cb } = unloaded_on_a("again").await;
     cb.queues_delete(&pb::QueuesDeleteRequest {
         queue_name: "again".into(),
         force: true,
