@@ -138,6 +138,18 @@ const BOUND_ONE: f64 = 8192.0;
 /// Most bytes each further partition of a loaded queue may add: 2,565 on memory, 3,009 on fjall, the partition's
 /// state in the store for most of it.
 const BOUND_PER_PARTITION: f64 = 3072.0;
+/// What a build with the `s3` feature (the `lessor` binary's default, and `--all-features`) adds to each partition
+/// of a loaded queue, cold segments configured or not: about 1,160 bytes on fjall, most of it the cold tier's paging
+/// state every `FjallPartition` holds inline (`cold::ColdState`), and 304-324 on memory. The bounds above were read
+/// off a build without it: one partition held 7,547 bytes on memory and 7,861 on fjall there, 7,871 and 9,022-9,411
+/// with it (debug build; the fjall figure moves by a few hundred bytes from run to run, see `unload_memory.rs`).
+const S3_PER_PARTITION: f64 = if cfg!(feature = "s3") { 1536.0 } else { 0.0 };
+
+/// Whether a queue of `partitions` partitions holding `bytes` is within the bounds.
+fn within(bytes: f64, partitions: i32) -> bool {
+    let further = f64::from(partitions - 1);
+    bytes <= BOUND_ONE + further * BOUND_PER_PARTITION + f64::from(partitions) * S3_PER_PARTITION
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_loaded_idle_queue_is_small_on_memory() {
@@ -145,11 +157,11 @@ async fn a_loaded_idle_queue_is_small_on_memory() {
     let one = per_loaded_queue(Config::memory(), 1, "memory").await;
     let sixteen = per_loaded_queue(Config::memory(), 16, "memory").await;
     assert!(
-        one <= BOUND_ONE,
+        within(one, 1),
         "a loaded queue of 1 partition holds {one:.0} bytes"
     );
     assert!(
-        sixteen <= BOUND_ONE + 15.0 * BOUND_PER_PARTITION,
+        within(sixteen, 16),
         "a loaded queue of 16 partitions holds {sixteen:.0} bytes"
     );
 }
@@ -167,11 +179,11 @@ async fn a_loaded_idle_queue_is_small_on_fjall() {
     let one = per_loaded_queue(fjall(&a), 1, "fjall").await;
     let sixteen = per_loaded_queue(fjall(&b), 16, "fjall").await;
     assert!(
-        one <= BOUND_ONE,
+        within(one, 1),
         "a loaded queue of 1 partition holds {one:.0} bytes"
     );
     assert!(
-        sixteen <= BOUND_ONE + 15.0 * BOUND_PER_PARTITION,
+        within(sixteen, 16),
         "a loaded queue of 16 partitions holds {sixteen:.0} bytes"
     );
 }
