@@ -532,6 +532,8 @@ impl Shared {
             // them: the next round sweeps.
             return Ok(SweepOutcome::default());
         }
+        // Entries of partitions closed while another holder had them (see `OffloadPartition`'s `Drop`).
+        lock(&self.open).retain(|_, w| w.strong_count() > 0);
         let mut out = SweepOutcome::default();
         let cutoff = SystemTime::now()
             .checked_sub(self.settings.grace)
@@ -1254,6 +1256,31 @@ impl Partition for OffloadPartition {
 
     async fn close(&self) {
         self.inner.close().await;
+    }
+}
+
+impl Drop for OffloadPartition {
+    /// Forgets the inner partition in the sweeper's map of open ones once this wrapper, its last holder, goes (its
+    /// queue unloaded or stopped). A `Weak` left there kept the closed partition's whole block (3.6 KB for a fjall
+    /// partition) and the entry for every partition ever opened, until the queue was deleted: most of what an
+    /// unloaded queue held. The sweeper treats a partition it cannot upgrade as not open, so nothing else changes.
+    /// Another holder (a second open of the same partition, a sweep reading it) leaves the entry, which the next
+    /// open replaces or the next sweep drops (`Shared::sweep`).
+    fn drop(&mut self) {
+        let mut open = lock(&self.shared.open);
+        let key = listed_dir(&self.dir);
+        let ours = open
+            .get(&key)
+            .is_some_and(|w| Weak::ptr_eq(w, &Arc::downgrade(&self.inner)));
+        if ours && Arc::strong_count(&self.inner) == 1 {
+            open.remove(&key);
+            // Partitions close as their queues unload: give back the room of a map that emptied (as fjall's
+            // registry of open partitions does).
+            let len = open.len();
+            if open.capacity() > 64 && len < open.capacity() / 4 {
+                open.shrink_to(len * 2);
+            }
+        }
     }
 }
 
