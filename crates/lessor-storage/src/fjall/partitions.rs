@@ -259,7 +259,8 @@ impl Shared {
 
     /// Makes every change set written so far durable, in the modes that do not fsync each write: called before an
     /// object whose content the journal now holds (a loaded cold segment, a destroyed partition's segments) is
-    /// deleted, so a power loss cannot take both the journal's copy and the object.
+    /// deleted, so a power loss cannot take both the journal's copy and the object. Only cold segments need it.
+    #[cfg(feature = "s3")]
     async fn make_durable(&self) -> Result<(), StorageError> {
         if self.engine.durability() == Durability::Sync {
             return Ok(());
