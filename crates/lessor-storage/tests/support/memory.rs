@@ -1,6 +1,6 @@
 //! What the memory measurements of the fjall backend share (`fjall_retry_memory.rs`, `fjall_clear_memory.rs`):
 //! the process's resident and peak resident sizes, and a reset of the peak, from `/proc` (Linux only: a test that
-//! gets `None` or `false` skips). Each file holds one test, so that no other test's allocations meet its peak.
+//! gets `None` or `false` skips). Each file runs one test at a time, so that no other test's allocations meet its peak.
 #![allow(dead_code)]
 
 /// A field of `/proc/self/status`, in bytes.
