@@ -31,7 +31,7 @@ use lessor_core::types::{Item, ItemId};
 use super::codec::{decode_meta, encode_meta};
 use super::engine::Engine;
 use crate::state::paging::PRIORITIES;
-use crate::state::{Paged, PagedSched, SchedKey, SchedRead};
+use crate::state::{PageRead, Paged, PagedSched, SchedKey, SchedRead};
 
 /// Bit set in a pid to make its paged prefix.
 const PAGED_BIT: u64 = 1 << 63;
@@ -175,6 +175,64 @@ pub(crate) fn read_sched_counters(
     }
 }
 
+/// Paged items read back, up to `n` of them and `max_bytes` of payloads: the item that crosses `max_bytes` is the
+/// last, so a read holds at least one item (a record is read whole) and at most `max_bytes` plus one item's payload.
+/// The records hold the payloads even where only the items' metadata is wanted (a delete by id and a clear count
+/// them out): reads of every record at once held memory in proportion to what they removed.
+struct Bounded {
+    items: Vec<Item>,
+    bytes: u64,
+    n: usize,
+    max_bytes: u64,
+}
+
+impl Bounded {
+    /// A read of up to `n` items, with room made for `expect` of them.
+    fn new(n: usize, max_bytes: u64, expect: usize) -> Self {
+        Bounded {
+            items: Vec::with_capacity(expect.min(n).min(1 << 16)),
+            bytes: 0,
+            n,
+            max_bytes,
+        }
+    }
+
+    /// Whether another item may be read.
+    fn room(&self) -> bool {
+        self.items.len() < self.n && (self.items.is_empty() || self.bytes < self.max_bytes)
+    }
+
+    /// Takes `it`; returns whether another item may be read.
+    fn push(&mut self, it: Item) -> bool {
+        self.bytes = self.bytes.saturating_add(it.payload.len() as u64);
+        self.items.push(it);
+        self.room()
+    }
+}
+
+/// Point reads of `keys` (an item's id and the key of its entry), in order, each entry found made an item by
+/// `item`, until the items fill a [`Bounded`] read of `max_bytes`: the items, and how many keys were looked up (the
+/// caller asks again for the rest). Blocking.
+fn find_bounded(
+    engine: &Engine,
+    ks: &fjall::Keyspace,
+    keys: impl ExactSizeIterator<Item = (u64, Vec<u8>)>,
+    max_bytes: u64,
+    mut item: impl FnMut(u64, &[u8]) -> Result<Item, StorageError>,
+) -> Result<(Vec<Item>, usize), StorageError> {
+    let n = keys.len();
+    // Most keys name nothing paged (a delete by id names resident items too): no room made up front.
+    let mut got = Bounded::new(n, max_bytes, 0);
+    for (i, (id, key)) in keys.enumerate() {
+        if let Some(v) = ks.get(key).map_err(|e| engine.read_error(e))? {
+            if !got.push(item(id, &v)?) {
+                return Ok((got.items, i + 1));
+            }
+        }
+    }
+    Ok((got.items, n))
+}
+
 /// The paged scheduled items `read` names, in due order, and the key of the first paged item after them (past
 /// `read.to` or the read's bounds; `None`: there is none): one range read of the records from `read.from` on.
 /// Blocking.
@@ -185,20 +243,16 @@ pub(crate) fn read_sched(
     read: SchedRead,
     what: &str,
 ) -> Result<(Vec<Item>, Option<SchedKey>), StorageError> {
-    let mut out = Vec::new();
-    let mut bytes = 0u64;
+    let mut got = Bounded::new(read.n, read.max_bytes, read.n);
     for kv in ks.range(sched_due_key(pid, read.from)..sched_due_end(pid)) {
         let (k, v) = kv.into_inner().map_err(|e| engine.read_error(e))?;
         let Some(key) = sched_due_of(&k) else { continue };
-        let full = out.len() >= read.n || (!out.is_empty() && bytes >= read.max_bytes);
-        if full || read.to.is_some_and(|to| key >= to) {
-            return Ok((out, Some(key)));
+        if !got.room() || read.to.is_some_and(|to| key >= to) {
+            return Ok((got.items, Some(key)));
         }
-        let it = decode_record(key.1, &v, what)?;
-        bytes = bytes.saturating_add(it.payload.len() as u64);
-        out.push(it);
+        got.push(decode_record(key.1, &v, what)?);
     }
-    Ok((out, None))
+    Ok((got.items, None))
 }
 
 /// The due time stored in the id index of paged scheduled item `id`.
@@ -250,22 +304,18 @@ pub(crate) fn read_sched_by_id(
     max_bytes: u64,
     what: &str,
 ) -> Result<Vec<Item>, StorageError> {
-    let mut out = Vec::with_capacity(n.min(1 << 16));
-    if n == 0 {
-        return Ok(out);
+    let mut got = Bounded::new(n, max_bytes, n);
+    if !got.room() {
+        return Ok(got.items);
     }
-    let mut bytes = 0u64;
     for kv in ks.range(sched_record_key(pid, from)..sched_record_key(pid, u64::MAX)) {
         let (k, v) = kv.into_inner().map_err(|e| engine.read_error(e))?;
         let Some(id) = record_id(&k) else { continue };
-        let it = sched_item(engine, ks, pid, id, &v, what)?;
-        bytes = bytes.saturating_add(it.payload.len() as u64);
-        out.push(it);
-        if out.len() >= n || bytes >= max_bytes {
+        if !got.push(sched_item(engine, ks, pid, id, &v, what)?) {
             break;
         }
     }
-    Ok(out)
+    Ok(got.items)
 }
 
 /// The paged scheduled items among the first ids of `ids`, by point reads (the id index, then the record), with
@@ -279,22 +329,10 @@ pub(crate) fn find_sched(
     max_bytes: u64,
     what: &str,
 ) -> Result<(Vec<Item>, usize), StorageError> {
-    let mut out = Vec::new();
-    let mut bytes = 0u64;
-    for (i, &id) in ids.iter().enumerate() {
-        if let Some(v) = ks
-            .get(sched_record_key(pid, id))
-            .map_err(|e| engine.read_error(e))?
-        {
-            let it = sched_item(engine, ks, pid, id, &v, what)?;
-            bytes = bytes.saturating_add(it.payload.len() as u64);
-            out.push(it);
-            if bytes >= max_bytes {
-                return Ok((out, i + 1));
-            }
-        }
-    }
-    Ok((out, ids.len()))
+    let keys = ids.iter().map(|&id| (id, sched_record_key(pid, id)));
+    find_bounded(engine, ks, keys, max_bytes, |id, v| {
+        sched_item(engine, ks, pid, id, v, what)
+    })
 }
 
 /// Encodes a paged record: the item's metadata as the items keyspace stores it, then its payload.
@@ -413,44 +451,36 @@ pub(crate) fn walk(
     Ok(())
 }
 
-/// Up to `n` paged items of priority `prio` from id `from` on, in id order. Blocking.
+/// The paged items `read` names (up to `read.n` of priority `read.prio` from id `read.from` on, in id order), with
+/// payloads up to `max_bytes` (the item that crosses it is the last). Blocking.
 pub(crate) fn read_page(
     engine: &Engine,
     ks: &fjall::Keyspace,
     pid: u64,
-    prio: u8,
-    from: u64,
-    n: usize,
+    read: PageRead,
+    max_bytes: u64,
     what: &str,
 ) -> Result<Vec<Item>, StorageError> {
-    let mut out = Vec::with_capacity(n.min(1 << 16));
-    if n > 0 {
-        walk(engine, ks, pid, prio, from, what, |it| {
-            out.push(it);
-            out.len() < n
-        })?;
+    let mut got = Bounded::new(read.n, max_bytes, read.n);
+    if got.room() {
+        walk(engine, ks, pid, read.prio, read.from, what, |it| got.push(it))?;
     }
-    Ok(out)
+    Ok(got.items)
 }
 
-/// The paged items among `wanted` (priority, id) pairs, by point reads. Blocking.
+/// The paged items among the first of `wanted` (priority, id) pairs, by point reads, with payloads up to
+/// `max_bytes` (the item that crosses it is the last), and how many pairs were looked up: the caller asks again for
+/// the rest. Blocking.
 pub(crate) fn find(
     engine: &Engine,
     ks: &fjall::Keyspace,
     pid: u64,
     wanted: &[(u8, u64)],
+    max_bytes: u64,
     what: &str,
-) -> Result<Vec<Item>, StorageError> {
-    let mut out = Vec::new();
-    for &(prio, id) in wanted {
-        if let Some(v) = ks
-            .get(record_key(pid, prio, id))
-            .map_err(|e| engine.read_error(e))?
-        {
-            out.push(decode_record(id, &v, what)?);
-        }
-    }
-    Ok(out)
+) -> Result<(Vec<Item>, usize), StorageError> {
+    let keys = wanted.iter().map(|&(prio, id)| (id, record_key(pid, prio, id)));
+    find_bounded(engine, ks, keys, max_bytes, |id, v| decode_record(id, v, what))
 }
 
 /// Source ids of partition `pid`'s paged items that carry one: an open needs them for the resident source-id index

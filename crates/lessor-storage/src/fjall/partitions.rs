@@ -90,9 +90,9 @@ fn sched_window(window: usize) -> usize {
 const SWEEP_LIMIT: usize = 4096;
 /// Most paged items one delete-by-id or clear reads back per disk read (a clear writes each such chunk on its own).
 const DROP_BATCH: usize = 16 * 1024;
-/// Most payload bytes one read of paged scheduled items for a delete-by-id or a clear holds (at least one item's):
-/// they need only the items' metadata, but the records hold the payloads, and 16,384 records of large items read
-/// at once took memory in proportion to the schedule cleared.
+/// Most payload bytes one read of paged items (ready or scheduled) for a delete-by-id, a clear or the lookup of a
+/// complete, extend or retry holds (at least one item's): they need only the items' metadata, but the records hold
+/// the payloads, and 16,384 records of large items read at once took memory in proportion to the items removed.
 const DROP_READ_BYTES: u64 = 16 << 20;
 /// Most batches one group commit takes.
 const MAX_GROUP: usize = 1024;
@@ -1550,7 +1550,8 @@ fn read_pages(
     };
     let mut out = Vec::with_capacity(plan.len());
     for r in plan {
-        let items = pg::read_page(engine, &ks, pid, r.prio, r.from, r.n, what)?;
+        // The plan bounds a page-in (see `PartitionState::page_plan`).
+        let items = pg::read_page(engine, &ks, pid, r, u64::MAX, what)?;
         let exhausted = items.len() < r.n;
         out.push((r, items, exhausted));
     }
@@ -1713,12 +1714,13 @@ impl FjallPartition {
             let payloads = self.read_payloads(wanted).await?;
             g.state.set_fetched(payloads);
         }
-        let found: HashSet<u64> = if g.state.paged().is_empty() {
-            HashSet::new()
-        } else {
-            let items = self.read_paged(&g, &ids).await?;
-            items.iter().map(|it| it.id.0).collect()
-        };
+        let mut found = HashSet::new();
+        if !g.state.paged().is_empty() {
+            self.find_paged(&mut g, &ids, false, |_, items| {
+                found.extend(items.iter().map(|it| it.id.0));
+            })
+            .await?;
+        }
         let probed = !found.is_empty();
         if probed {
             g.state.set_probe(found);
@@ -1851,32 +1853,44 @@ impl FjallPartition {
         )
     }
 
-    /// Reads the paged items among `ids` (point reads under each priority whose paged range may hold the id),
-    /// skipping resident and missing ones.
-    async fn read_paged(&self, g: &Inner, ids: &[ItemId]) -> Result<Vec<Item>, StorageError> {
+    /// Reads the paged items among the first ids of `ids` (point reads under each priority whose paged range may
+    /// hold the id), skipping resident and missing ones, up to [`DROP_READ_BYTES`] of payloads (the item that
+    /// crosses it is the last), and how many ids were looked up: the caller asks again for the rest (see
+    /// `find_paged`).
+    async fn read_paged(&self, g: &Inner, ids: &[ItemId]) -> Result<(Vec<Item>, usize), StorageError> {
         let paged = g.state.paged();
-        let wanted: Vec<(u8, u64)> = ids
+        // Each pair with the index in `ids` of its id, to say how many ids a read that stopped early looked up.
+        let (at, wanted): (Vec<usize>, Vec<(u8, u64)>) = ids
             .iter()
             .map(|i| i.0)
-            .filter(|&id| !g.state.contains_live(id))
-            .flat_map(|id| {
+            .enumerate()
+            .filter(|&(_, id)| !g.state.contains_live(id))
+            .flat_map(|(i, id)| {
                 (0..PRIORITIES)
                     .filter(move |&p| paged.count[p] > 0 && id >= paged.from[p])
-                    .map(move |p| (p as u8, id))
+                    .map(move |p| (i, (p as u8, id)))
             })
-            .collect();
+            .unzip();
         if wanted.is_empty() {
-            return Ok(Vec::new());
+            return Ok((Vec::new(), ids.len()));
         }
         let engine = self.shared.engine.clone();
         let (pid, what) = (self.pid, self.what());
-        blocking(move || {
+        let n = wanted.len();
+        let (items, used) = blocking(move || {
             let Some(ks) = engine.keyspace(ITEMS, false)? else {
-                return Ok(Vec::new());
+                return Ok((Vec::new(), n));
             };
-            pg::find(&engine, &ks, pid, &wanted, &what)
+            pg::find(&engine, &ks, pid, &wanted, DROP_READ_BYTES, &what)
         })
-        .await
+        .await?;
+        // A read that stopped early stopped at an item it found: an item has one priority, so the pairs of its id
+        // under the other priorities left need no look-up.
+        let ids_used = match used.checked_sub(1) {
+            Some(last) if used < n => at[last] + 1,
+            _ => ids.len(),
+        };
+        Ok((items, ids_used))
     }
 
     /// The payloads of items `ids`, kept on disk only (see "Payloads on disk" in the state's module docs), by id:
@@ -1934,15 +1948,49 @@ impl FjallPartition {
         Ok(())
     }
 
-    /// Up to `limit` paged items of priority `prio` with ids at or above `from`.
-    async fn read_ready(&self, prio: u8, from: u64, limit: usize) -> Result<Vec<Item>, StorageError> {
+    /// Looks up the paged ready items (`sched`: the paged scheduled items) among `ids`, in reads of at most
+    /// [`DROP_BATCH`] ids and [`DROP_READ_BYTES`] of payloads, handing each read's items to `each` with the state
+    /// before the next read.
+    async fn find_paged(
+        &self,
+        g: &mut Inner,
+        ids: &[ItemId],
+        sched: bool,
+        mut each: impl FnMut(&mut PartitionState, Vec<Item>),
+    ) -> Result<(), StorageError> {
+        let mut rest = ids;
+        while !rest.is_empty() {
+            let chunk = &rest[..rest.len().min(DROP_BATCH)];
+            let (items, used) = if sched {
+                self.find_sched(chunk).await?
+            } else {
+                self.read_paged(g, chunk).await?
+            };
+            // A read looks up at least one id (it stops only after an item it found): the clamp only ensures
+            // progress.
+            rest = &rest[used.clamp(1, rest.len())..];
+            each(&mut g.state, items);
+        }
+        Ok(())
+    }
+
+    /// Up to `limit` paged items of priority `prio` with ids at or above `from`, in id order, with payloads up to
+    /// `max_bytes` (the item that crosses it is the last).
+    async fn read_ready(
+        &self,
+        prio: u8,
+        from: u64,
+        limit: usize,
+        max_bytes: u64,
+    ) -> Result<Vec<Item>, StorageError> {
         let engine = self.shared.engine.clone();
         let (pid, what) = (self.pid, self.what());
+        let read = PageRead { prio, from, n: limit };
         blocking(move || {
             let Some(ks) = engine.keyspace(ITEMS, false)? else {
                 return Ok(Vec::new());
             };
-            pg::read_page(&engine, &ks, pid, prio, from, limit, &what)
+            pg::read_page(&engine, &ks, pid, read, max_bytes, &what)
         })
         .await
     }
@@ -2526,8 +2574,8 @@ impl Partition for FjallPartition {
             let mut step = LIST_STEP.min(limit.max(1));
             while ceiling.is_none_or(|c| start < c) {
                 let got = match src {
-                    Some(p) => self.read_ready(p as u8, start, step).await?,
-                    // The steps and the page's ceiling bound what is read, as for the ready records.
+                    // The steps and the page's ceiling bound what is read.
+                    Some(p) => self.read_ready(p as u8, start, step, u64::MAX).await?,
                     None => self.read_sched_by_id(start, step, u64::MAX).await?,
                 };
                 let more = got.len() == step;
@@ -2568,34 +2616,27 @@ impl Partition for FjallPartition {
             g.cold.gen += 1;
         }
         let mut ch = g.state.delete(ids.clone());
+        // Only the items' metadata is needed, but their records hold the payloads: reads bounded in bytes, each
+        // dropped from the state before the next, and one write of it all.
+        let mut dropped = Ok(());
         if !g.state.paged().is_empty() {
-            for chunk in ids.chunks(DROP_BATCH) {
-                // The state has changed already: a failed read re-reads the partition next time (see `lifecycle`).
-                let items = match self.read_paged(&g, chunk).await {
-                    Ok(items) => items,
-                    Err(e) => {
-                        g.stale = true;
-                        return Err(e);
-                    }
-                };
-                ch.append(g.state.drop_paged(items, None).1);
-            }
+            dropped = self
+                .find_paged(&mut g, &ids, false, |s, items| {
+                    ch.append(s.drop_paged(items, None).1)
+                })
+                .await;
         }
-        if !g.state.paged_sched().is_empty() {
-            // Only the items' metadata is needed, but their records hold the payloads: reads bounded in bytes.
-            let mut rest = &ids[..];
-            while !rest.is_empty() {
-                let chunk = &rest[..rest.len().min(DROP_BATCH)];
-                let (items, used) = match self.find_sched(chunk).await {
-                    Ok(found) => found,
-                    Err(e) => {
-                        g.stale = true;
-                        return Err(e);
-                    }
-                };
-                rest = &rest[used.max(1)..];
-                ch.append(g.state.drop_paged_sched(items).1);
-            }
+        if dropped.is_ok() && !g.state.paged_sched().is_empty() {
+            dropped = self
+                .find_paged(&mut g, &ids, true, |s, items| {
+                    ch.append(s.drop_paged_sched(items).1)
+                })
+                .await;
+        }
+        if let Err(e) = dropped {
+            // The state has changed already: a failed read re-reads the partition next time (see `lifecycle`).
+            g.stale = true;
+            return Err(e);
         }
         self.commit(g, (), ch).await
     }
@@ -2640,7 +2681,7 @@ impl Partition for FjallPartition {
             for p in 0..PRIORITIES as u8 {
                 while g.state.paged().count[usize::from(p)] > 0 {
                     let from = g.state.paged().from[usize::from(p)];
-                    let items = self.read_ready(p, from, DROP_BATCH).await?;
+                    let items = self.read_ready(p, from, DROP_BATCH, DROP_READ_BYTES).await?;
                     let Some(last) = items.last().map(|it| it.id.0) else {
                         g.state.forget_paged(p);
                         break;
