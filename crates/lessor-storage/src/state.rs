@@ -402,24 +402,48 @@ impl Slot {
     }
 }
 
+/// What a partition keeps per priority for its ready and leased items, allocated when the priority gets its first
+/// item (see [`PartitionState::prios`]).
+#[derive(Debug)]
+struct Prio {
+    /// The next id of the priority's open block of ids and the block's end (equal: no block open). See
+    /// [`PartitionState::alloc`].
+    block: (u64, u64),
+    /// Whether it has used up a whole block (a busy priority gets its next chunk at full size at once).
+    filled: bool,
+    /// The buffer small items' strings and payloads are written into, one after the other (see
+    /// [`Slot::from_item`]). Items of one priority leave in about the order they came, so a buffer is freed soon
+    /// after its last item left; a chunk that goes sparse gives its few remaining items buffers of their own, so
+    /// that straggling items do not keep the buffers of those that left alive (the same bound as for slots). A
+    /// partition that empties lets go of its arenas (see [`PartitionState::clean_fronts`]).
+    arena: BytesMut,
+    /// The size of its next arena buffer (from [`ARENA_MIN_BYTES`], doubling up to [`ARENA_BYTES`]).
+    arena_next: usize,
+    /// Above priority 0: its ready ids in id order, plus stale ids of items that left (skipped lazily).
+    fifo: VecDeque<u64>,
+}
+
+impl Default for Prio {
+    fn default() -> Self {
+        Prio {
+            block: (0, 0),
+            filled: false,
+            arena: BytesMut::new(),
+            arena_next: ARENA_MIN_BYTES,
+            fifo: VecDeque::new(),
+        }
+    }
+}
+
 /// One partition's items and indexes.
 #[derive(Debug)]
 pub struct PartitionState {
     /// Above every id handed out or reserved by a block.
     next_id: u64,
-    /// Per priority: the next id of its open block of ids and the block's end (equal: no block open). See
-    /// [`PartitionState::alloc`].
-    blocks: [(u64, u64); PRIORITIES],
-    /// Per priority: whether it has used up a whole block (a busy priority gets its next chunk at full size at once).
-    filled: [bool; PRIORITIES],
-    /// Per priority: the buffer small items' strings and payloads are written into, one after the other (see
-    /// [`Slot::from_item`]). Items of one priority leave in about the order they came, so a buffer is freed soon
-    /// after its last item left; a chunk that goes sparse gives its few remaining items buffers of their own, so
-    /// that straggling items do not keep the buffers of those that left alive (the same bound as for slots). A
-    /// partition that empties lets go of its arenas (see [`PartitionState::clean_fronts`]).
-    arenas: [BytesMut; PRIORITIES],
-    /// Per priority: the size of its next arena buffer (from [`ARENA_MIN_BYTES`], doubling up to [`ARENA_BYTES`]).
-    arena_next: [usize; PRIORITIES],
+    /// Per priority: its id block, arena and FIFO, from its first item on. Boxed, and only for the priorities a
+    /// partition used: inline for all ten they took about 900 bytes in every partition, and a queue may have
+    /// 65,536 partitions, most of them empty or holding one priority (`loaded_memory.rs`).
+    prios: [Option<Box<Prio>>; PRIORITIES],
     track: bool,
     /// Ready and leased items, by id / CHUNK.
     chunks: BTreeMap<u64, Chunk>,
@@ -428,8 +452,6 @@ pub struct PartitionState {
     ready: u64,
     /// Ready items per priority (they sum to `ready`).
     ready_by_prio: [u64; PRIORITIES],
-    /// Per priority above 0: ready ids in id order, plus stale ids of items that left (skipped lazily).
-    fifo: [VecDeque<u64>; PRIORITIES],
     leased: u64,
     /// Lease deadline -> ids leased with it (lazily pruned).
     leases: DeadlineIndex,
@@ -468,7 +490,9 @@ pub struct PartitionState {
     /// Whether `psched` changed since the backend last took it.
     psched_dirty: bool,
     /// Paging writes made outside an operation's own change set (spills, page-ins), for the next write to carry.
-    carry: Changes,
+    /// Boxed, and only from a partition's first paging write on (see [`PartitionState::carry`]): a `Changes` takes
+    /// about 600 bytes, and most partitions of a queue of thousands never page.
+    carry: Option<Box<Changes>>,
     /// Changes whenever the set of paged items changes other than by new items at the tail (a page-in, a paged
     /// item removed): a read of paged items started before is out of date.
     paged_epoch: u64,
@@ -504,16 +528,12 @@ impl PartitionState {
     pub fn new(floor: u64) -> Self {
         PartitionState {
             next_id: floor.max(1),
-            blocks: [(0, 0); PRIORITIES],
-            filled: [false; PRIORITIES],
-            arenas: std::array::from_fn(|_| BytesMut::new()),
-            arena_next: [ARENA_MIN_BYTES; PRIORITIES],
+            prios: Default::default(),
             track: true,
             chunks: BTreeMap::new(),
             cursor: 0,
             ready: 0,
             ready_by_prio: [0; PRIORITIES],
-            fifo: std::array::from_fn(|_| VecDeque::new()),
             leased: 0,
             leases: BTreeMap::new(),
             expire: BTreeMap::new(),
@@ -534,7 +554,7 @@ impl PartitionState {
             sched_window: usize::MAX,
             psched: PagedSched::default(),
             psched_dirty: false,
-            carry: Changes::default(),
+            carry: None,
             paged_epoch: 0,
             probe: HashSet::new(),
             hand_off: false,
@@ -629,7 +649,10 @@ impl PartitionState {
 
     /// The items spilled since the last call (see [`PartitionState::handing_off_spills`]), in id order.
     pub fn take_spilled(&mut self) -> Vec<Item> {
-        std::mem::take(&mut self.carry.spilled)
+        self.carry
+            .as_mut()
+            .map(|c| std::mem::take(&mut c.spilled))
+            .unwrap_or_default()
     }
 
     /// Stops building change sets (a backend with nothing to persist saves the copies).
@@ -706,12 +729,12 @@ impl PartitionState {
     /// priority, which is all that FIFO order, the priority FIFOs and paging need; across priorities id order
     /// is no longer production order. A queue with one priority gets consecutive ids, as before.
     fn alloc(&mut self, p: u8) -> ItemId {
-        let p = usize::from(p.min(MAX_PRIORITY));
-        let (next, end) = &mut self.blocks[p];
+        let prio = self.prios[usize::from(p.min(MAX_PRIORITY))].get_or_insert_default();
+        let (next, end) = &mut prio.block;
         if *next == *end {
             if *end != 0 {
                 // Blocks are only closed once every id was handed out.
-                self.filled[p] = true;
+                prio.filled = true;
             }
             let start = self.next_id.div_ceil(CHUNK) * CHUNK;
             (*next, *end) = (start, start + CHUNK);
@@ -733,7 +756,7 @@ impl PartitionState {
     /// there, and a later chunk of another priority must not carry the cursor beyond them), otherwise no bound
     /// (its next block starts above every id there is).
     fn cursor_limit(&self) -> u64 {
-        let (next, end) = self.blocks[0];
+        let (next, end) = self.prios[0].as_ref().map_or((0, 0), |p| p.block);
         if next < end {
             next
         } else {
@@ -802,24 +825,25 @@ impl PartitionState {
             return;
         }
         let p = usize::from(it.priority.min(MAX_PRIORITY));
-        let slot = Slot::from_item(&it, &mut self.arenas[p], &mut self.arena_next[p]);
+        let prio = self.prios[p].get_or_insert_default();
+        let slot = Slot::from_item(&it, &mut prio.arena, &mut prio.arena_next);
         if slot.leased() {
             self.leased += 1;
             self.sum_lease += i128::from(slot.lease_deadline);
             self.leases.entry(Ts(slot.lease_deadline)).or_default().push(id);
         } else {
             self.ready += 1;
-            let p = usize::from(slot.priority);
+            // `slot.priority` is `p`.
             self.ready_by_prio[p] += 1;
             if p > 0 {
                 // Ids reach a FIFO in increasing order: ready items always get the newest id (load sorts).
-                self.fifo[p].push_back(id);
+                prio.fifo.push_back(id);
             }
         }
         self.expire.entry(Ts(slot.expire_deadline)).or_default().push(id);
         self.sum_created += i128::from(slot.created_at);
         let off = (id % CHUNK) as usize;
-        let full = self.filled[usize::from(slot.priority)];
+        let full = prio.filled;
         self.chunks
             .entry(id / CHUNK)
             .or_insert_with(|| Chunk::starting_at(off, full))
@@ -864,7 +888,7 @@ impl PartitionState {
         }
         self.psched_dirty = true;
         if self.track {
-            self.carry.sched_moves.push(SchedMove::Spill(it));
+            self.carry().sched_moves.push(SchedMove::Spill(it));
         }
     }
 
@@ -951,7 +975,7 @@ impl PartitionState {
         if self.psched.from != read.from || self.psched.count == 0 {
             return;
         }
-        let mut ch = std::mem::take(&mut self.carry);
+        let mut ch = self.take_carry();
         for it in items {
             if !self.is_paged_sched(&it) {
                 continue;
@@ -975,7 +999,7 @@ impl PartitionState {
                 break;
             }
         }
-        self.carry = ch;
+        *self.carry() = ch;
         if self.psched.count > 0 {
             match next {
                 Some(n) if n > self.psched.from => {
@@ -1041,7 +1065,7 @@ impl PartitionState {
         }
         self.paged_dirty = true;
         if self.track || self.hand_off {
-            self.carry.spilled.push(it);
+            self.carry().spilled.push(it);
         }
     }
 
@@ -1232,9 +1256,10 @@ impl PartitionState {
             }
             if self.track {
                 // Moved from the paged records to the items, in the next write.
-                self.carry.unpaged.push((read.prio, it.id));
-                self.carry.paged_in.push(it.id);
-                self.carry.put.push(it.clone());
+                let carry = self.carry();
+                carry.unpaged.push((read.prio, it.id));
+                carry.paged_in.push(it.id);
+                carry.put.push(it.clone());
             }
             self.insert(it);
             if self.paged.count[p] == 0 {
@@ -1301,11 +1326,21 @@ impl PartitionState {
             .collect()
     }
 
+    /// The paging writes waiting for the next write ([`PartitionState::carry`]), boxed on first use.
+    fn carry(&mut self) -> &mut Changes {
+        self.carry.get_or_insert_default()
+    }
+
+    /// What [`PartitionState::carry`] holds, leaving it empty; its box stays, for the partition's next paging write.
+    fn take_carry(&mut self) -> Changes {
+        self.carry.as_deref_mut().map(std::mem::take).unwrap_or_default()
+    }
+
     /// The paging writes made since the backend last asked (spills and page-ins, which happen outside the change
     /// set an operation returns), with the counters when they changed. A backend writes them in the same batch as
     /// the next change set, before it, so that every batch leaves records and counters in agreement.
     pub fn take_paging(&mut self) -> Changes {
-        let mut ch = std::mem::take(&mut self.carry);
+        let mut ch = self.take_carry();
         if self.paged_dirty {
             self.paged_dirty = false;
             ch.counters = Some(self.paged.clone());
@@ -1388,9 +1423,11 @@ impl PartitionState {
             self.ready_by_prio[p] -= 1;
             // The id stays in its FIFO until it reaches the front; compact once stale ids are the majority, so
             // they never cost more than O(1) each.
-            if p > 0 && self.fifo[p].len() > 2 * self.ready_by_prio[p] as usize + COMPACT_SLACK {
-                let chunks = &self.chunks;
-                self.fifo[p].retain(|&id| ready_in(chunks, id));
+            if let Some(prio) = self.prios[p].as_mut().filter(|_| p > 0) {
+                if prio.fifo.len() > 2 * self.ready_by_prio[p] as usize + COMPACT_SLACK {
+                    let chunks = &self.chunks;
+                    prio.fifo.retain(|&id| ready_in(chunks, id));
+                }
             }
         }
         self.sum_created -= i128::from(slot.created_at);
@@ -1433,16 +1470,21 @@ impl PartitionState {
     /// then where [`PartitionState::stats`] looks, without a scan. Each stale id is dropped once and the cursor only
     /// moves forward over slots a lease would pass anyway, so this costs O(1) amortized per item.
     fn clean_fronts(&mut self) {
-        if self.ready == 0 && self.leased == 0 && self.arena_next != [ARENA_MIN_BYTES; PRIORITIES] {
+        if self.ready == 0 && self.leased == 0 {
             // Empty: the unused rest of each arena buffer goes back, and the next items start small again (an idle
-            // partition holds no buffer; a busy one grows back to full-size buffers within a few).
-            self.arenas = std::array::from_fn(|_| BytesMut::new());
-            self.arena_next = [ARENA_MIN_BYTES; PRIORITIES];
+            // partition holds no buffer; a busy one grows back to full-size buffers within a few). The rest of a
+            // priority's state stays: its open block of ids is still its own.
+            for prio in self.prios.iter_mut().flatten() {
+                if prio.arena_next != ARENA_MIN_BYTES {
+                    prio.arena = BytesMut::new();
+                    prio.arena_next = ARENA_MIN_BYTES;
+                }
+            }
         }
         let chunks = &self.chunks;
         clean_front(&mut self.leases, |d, id| lease_valid(chunks, d, id));
         clean_front(&mut self.expire, |d, id| expire_valid(chunks, d, id));
-        for fifo in self.fifo.iter_mut().skip(1) {
+        for fifo in self.prios.iter_mut().skip(1).flatten().map(|p| &mut p.fifo) {
             while let Some(&id) = fifo.front() {
                 if ready_in(chunks, id) {
                     break;
@@ -1501,7 +1543,7 @@ impl PartitionState {
         }
         for p in 1..PRIORITIES {
             if self.ready_by_prio[p] > 0 {
-                if let Some(&id) = self.fifo[p].front() {
+                if let Some(&id) = self.prios[p].as_ref().and_then(|p| p.fifo.front()) {
                     consider(id);
                 }
             }
@@ -1711,8 +1753,11 @@ impl PartitionState {
             if blocked || capped {
                 break;
             }
+            // A priority that never had an item has no state, and no ready item (an empty FIFO allocates nothing).
+            let mut never = VecDeque::new();
+            let fifo = self.prios[p].as_mut().map_or(&mut never, |prio| &mut prio.fifo);
             while out.len() < n && self.ready_by_prio[p] > 0 {
-                let Some(id) = self.fifo[p].pop_front() else {
+                let Some(id) = fifo.pop_front() else {
                     break;
                 };
                 // Stale ids (items that left the ready queue since) are dropped here.
@@ -1722,7 +1767,7 @@ impl PartitionState {
                 let len = s.payload_len();
                 if !out.is_empty() && bytes.saturating_add(len) > max_bytes {
                     // Served first by the next lease.
-                    self.fifo[p].push_front(id);
+                    fifo.push_front(id);
                     capped = true;
                     break;
                 }
@@ -2547,6 +2592,11 @@ fn pop_due(index: &mut DeadlineIndex, now: Ts, valid: impl Fn(Ts, u64) -> bool) 
 
 #[cfg(test)]
 mod tests {
+    /// The state of priority `p`, which must have had an item.
+    fn prio(s: &PartitionState, p: usize) -> &Prio {
+        s.prios[p].as_deref().expect("the priority had an item")
+    }
+
     use super::*;
 
     fn new_item(p: &str, enqueue_at: Ts) -> NewItem {
@@ -2906,7 +2956,7 @@ mod tests {
         assert_eq!(s.stats(Ts(1_000_005)).oldest_ready_age, Duration::from_secs(1));
         // Deleting the head of priority 5 leaves its FIFO starting at a ready item.
         s.delete(vec![urgent_ids[0]]);
-        assert_eq!(s.fifo[5].front(), Some(&urgent_ids[1].0));
+        assert_eq!(prio(&s, 5).fifo.front(), Some(&urgent_ids[1].0));
         // Leasing the priority-5 items and the first plain one moves the heads on.
         let (got, _) = s.lease(3000, Ts(50_000_000));
         assert_eq!(got.len(), 3000);
@@ -3048,21 +3098,30 @@ mod tests {
         let mut s = PartitionState::new(1).without_changes();
         s.produce(vec![new_item("one", Ts::ZERO)]);
         // The buffer of a small item is the smallest there is: what is left of it is all the arena holds.
-        assert!(s.arenas[0].capacity() < ARENA_MIN_BYTES);
+        assert!(prio(&s, 0).arena.capacity() < ARENA_MIN_BYTES);
+        assert!(
+            s.prios[1..].iter().all(Option::is_none),
+            "priorities without items hold no state"
+        );
         s.produce(
             (0..5_000u32)
                 .map(|i| new_item(&format!("item-{i:06}"), Ts::ZERO))
                 .collect(),
         );
         assert_eq!(
-            s.arena_next[0], ARENA_BYTES,
+            prio(&s, 0).arena_next,
+            ARENA_BYTES,
             "a busy priority reaches full-size buffers"
         );
         let leased = s.lease(10_000, Ts(100)).0;
         assert_eq!(leased.len(), 5_001);
         s.complete(vec![leased.iter().map(|it| it.id).collect()]);
-        assert_eq!(s.arenas[0].capacity(), 0, "an empty partition holds no arena");
-        assert_eq!(s.arena_next[0], ARENA_MIN_BYTES);
+        assert_eq!(
+            prio(&s, 0).arena.capacity(),
+            0,
+            "an empty partition holds no arena"
+        );
+        assert_eq!(prio(&s, 0).arena_next, ARENA_MIN_BYTES);
     }
 
     /// Ready items spread over chunks with gaps (ids taken by scheduled items) are all found, in order.
@@ -3135,13 +3194,14 @@ mod tests {
         let ids = s.produce(batch).0;
         s.delete(ids[..9_990].to_vec());
         assert_eq!(s.ready_by_prio[5], 10);
-        assert!(s.fifo[5].len() <= 2 * 10 + COMPACT_SLACK, "{}", s.fifo[5].len());
+        let fifo = &prio(&s, 5).fifo;
+        assert!(fifo.len() <= 2 * 10 + COMPACT_SLACK, "{}", fifo.len());
         let got = s.lease(100, Ts(100)).0;
         assert_eq!(
             got.iter().map(|i| i.id).collect::<Vec<_>>(),
             ids[9_990..].to_vec()
         );
-        assert!(s.fifo[5].is_empty());
+        assert!(prio(&s, 5).fifo.is_empty());
         assert_eq!(s.counts().ready, 0);
     }
 
