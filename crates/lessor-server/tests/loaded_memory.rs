@@ -134,20 +134,21 @@ static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 /// fjall (debug build), most of them allocated for a busy queue and unused by an idle one: the task's future with
 /// the largest of its passes' states inline in it (4.9 KB), its inbox's first block of 32 messages (2.6 KB), its
 /// partition's state (2.6 KB), the first room of its history ring, of its message batch and of its partitions' list.
-/// Then 7,547 on memory and 7,861 on fjall; 6,251 and 6,948 once a partition's state held per-priority state, the
-/// paging writes waiting for the next write and the cold work's marks only once used.
-const BOUND_ONE: f64 = 7680.0;
+/// Then 7,547 on memory and 7,861 on fjall; 6,251 and 6,948 once a partition's state held its per-priority state
+/// and the paging writes waiting for the next write only once used; 5,883 and 6,392 once its paging counters too.
+const BOUND_ONE: f64 = 7168.0;
 /// Most bytes each further partition of a loaded queue may add, the partition's state in the store for most of it:
-/// 2,565 on memory and 3,009 on fjall while every partition held its state for all ten priorities (about 900 bytes)
-/// and room for paging writes (about 600) inline; 1,510 and 1,684 since they are boxed on first use.
-const BOUND_PER_PARTITION: f64 = 2048.0;
+/// 2,565 on memory and 3,009 on fjall while every partition held its state for all ten priorities (about 900 bytes),
+/// room for paging writes (about 600) and its paging counters (368) inline; 1,510 and 1,684 with the counters still
+/// inline; 1,033 and 1,342 since all three are boxed on first use.
+const BOUND_PER_PARTITION: f64 = 1600.0;
 /// What a build with the `s3` feature (the `lessor` binary's default, and `--all-features`) adds to each partition
-/// of a loaded queue, cold segments configured or not: 148 bytes on memory and 500 on fjall, most of it the cold
+/// of a loaded queue, cold segments configured or not: 313 bytes on memory and 465 on fjall, most of it the cold
 /// tier's state every `FjallPartition` holds inline (`cold::ColdState`, without its per-priority marks, boxed on
 /// first use: with them it took about 1,160 bytes). The bounds above are read off a build without it: one partition
-/// held 6,251 bytes on memory and 6,948 on fjall there, 6,811 and 7,156 with it (debug build; the fjall figure moves
+/// held 5,883 bytes on memory and 6,392 on fjall there, 6,207 and 6,883 with it (debug build; the fjall figure moves
 /// by a few hundred bytes from run to run, see `unload_memory.rs`).
-const S3_PER_PARTITION: f64 = if cfg!(feature = "s3") { 640.0 } else { 0.0 };
+const S3_PER_PARTITION: f64 = if cfg!(feature = "s3") { 512.0 } else { 0.0 };
 
 /// Whether a queue of `partitions` partitions holding `bytes` is within the bounds.
 fn within(bytes: f64, partitions: i32) -> bool {
