@@ -480,7 +480,10 @@ pub struct PartitionState {
     /// stop (`u64::MAX`: never). Large items would otherwise fill the memory long before the item window.
     window_bytes: u64,
     /// Ready items on disk only.
-    paged: Paged,
+    ///
+    /// Boxed, from the first item paged on (see [`PartitionState::paged_mut`]): its per-priority counters take 368
+    /// bytes, and most partitions of a queue of thousands never page.
+    paged: Option<Box<Paged>>,
     /// Whether `paged` changed since the backend last took it.
     paged_dirty: bool,
     /// Most scheduled items resident before new ones are paged (`usize::MAX`: never; see "Paging the schedule").
@@ -548,7 +551,7 @@ impl PartitionState {
             dedup: DedupSet::default(),
             window: usize::MAX,
             window_bytes: u64::MAX,
-            paged: Paged::default(),
+            paged: None,
             // A partition that never spills never writes paging counters.
             paged_dirty: false,
             sched_window: usize::MAX,
@@ -707,7 +710,8 @@ impl PartitionState {
         window: usize,
     ) -> Self {
         let mut s = Self::load_with(resident, on_disk, floor).with_window(window);
-        s.paged = paged;
+        // Nothing paged needs no box (see `PartitionState::paged`).
+        s.paged = (paged != Paged::EMPTY).then(|| Box::new(paged));
         s.by_source.extend(sources);
         s.paged_dirty = false;
         s
@@ -855,7 +859,8 @@ impl PartitionState {
     fn insert_new(&mut self, it: Item) -> bool {
         let ready = !it.dead && !it.is_scheduled() && !it.is_leased;
         let p = usize::from(it.priority.min(MAX_PRIORITY));
-        if ready && (self.paged.from[p] != NONE || self.ready as usize >= self.window || self.bytes_full()) {
+        if ready && (self.paged().from[p] != NONE || self.ready as usize >= self.window || self.bytes_full())
+        {
             self.spill(it);
             return false;
         }
@@ -1048,7 +1053,7 @@ impl PartitionState {
     /// Counts a new ready item as paged: the next write stores it as a paged record instead of an item.
     fn spill(&mut self, it: Item) {
         let p = usize::from(it.priority.min(MAX_PRIORITY));
-        let pg = &mut self.paged;
+        let pg = self.paged_mut();
         pg.from[p] = pg.from[p].min(it.id.0);
         pg.count[p] += 1;
         let exp = it.expire_deadline.0;
@@ -1073,7 +1078,7 @@ impl PartitionState {
     /// records its removal.
     fn unspill(&mut self, it: &Item) {
         let p = usize::from(it.priority.min(MAX_PRIORITY));
-        let pg = &mut self.paged;
+        let pg = self.paged_mut();
         pg.count[p] = pg.count[p].saturating_sub(1);
         pg.bytes = pg.bytes.saturating_sub(it.payload.len() as u64);
         pg.sum_created -= i128::from(it.created_at.0);
@@ -1090,8 +1095,8 @@ impl PartitionState {
         !it.dead
             && !it.is_scheduled()
             && !it.is_leased
-            && self.paged.count[p] > 0
-            && it.id.0 >= self.paged.from[p]
+            && self.paged().count[p] > 0
+            && it.id.0 >= self.paged().from[p]
             && self.slot(it.id.0).is_none()
     }
 
@@ -1118,15 +1123,20 @@ impl PartitionState {
 
     /// The paging counters.
     pub fn paged(&self) -> &Paged {
-        &self.paged
+        self.paged.as_deref().unwrap_or(&Paged::EMPTY)
+    }
+
+    /// The paging counters, to change them (boxed on first use).
+    fn paged_mut(&mut self) -> &mut Paged {
+        self.paged.get_or_insert_with(|| Box::new(Paged::EMPTY))
     }
 
     /// Resident and paged ready items, and the payload bytes of the paged ones; O(1).
     pub fn paging_counts(&self) -> PagingCounts {
         PagingCounts {
             resident_ready: self.ready,
-            paged_ready: self.paged.total(),
-            paged_bytes: self.paged.bytes,
+            paged_ready: self.paged().total(),
+            paged_bytes: self.paged().bytes,
             on_disk_bytes: self.disk_bytes,
             paged_scheduled: self.psched.count,
             paged_scheduled_bytes: self.psched.bytes,
@@ -1137,8 +1147,8 @@ impl PartitionState {
     /// sweep removed them in id order), so later reads start past their deleted records.
     pub fn raise_paged_from(&mut self, p: u8, id: u64) {
         let p = usize::from(p.min(MAX_PRIORITY));
-        if self.paged.count[p] > 0 && id > self.paged.from[p] {
-            self.paged.from[p] = id;
+        if self.paged().count[p] > 0 && id > self.paged().from[p] {
+            self.paged_mut().from[p] = id;
             self.paged_epoch += 1;
             self.paged_dirty = true;
         }
@@ -1147,7 +1157,7 @@ impl PartitionState {
     /// Forgets every paged item of priority `p` (the disk held fewer than counted: trust the disk).
     pub fn forget_paged(&mut self, p: u8) {
         let p = usize::from(p.min(MAX_PRIORITY));
-        if self.paged.count[p] > 0 {
+        if self.paged().count[p] > 0 {
             self.trust_the_disk(p);
             self.paged_epoch += 1;
             self.paged_dirty = true;
@@ -1158,9 +1168,10 @@ impl PartitionState {
     /// deleted cold segments whole).
     pub fn clear_paged(&mut self, p: u8) {
         let p = usize::from(p.min(MAX_PRIORITY));
-        if self.paged.count[p] > 0 {
-            self.paged.count[p] = 0;
-            self.paged.settle(p);
+        if self.paged().count[p] > 0 {
+            let pg = self.paged_mut();
+            pg.count[p] = 0;
+            pg.settle(p);
             self.paged_epoch += 1;
             self.paged_dirty = true;
         }
@@ -1171,11 +1182,12 @@ impl PartitionState {
     fn trust_the_disk(&mut self, p: usize) {
         tracing::warn!(
             priority = p,
-            missing = self.paged.count[p],
+            missing = self.paged().count[p],
             "paged item count above what the disk holds; corrected"
         );
-        self.paged.count[p] = 0;
-        self.paged.settle(p);
+        let pg = self.paged_mut();
+        pg.count[p] = 0;
+        pg.settle(p);
     }
 
     /// The reads a backend should do around an operation that leases `want` items. `urgent`: only what the lease
@@ -1189,11 +1201,11 @@ impl PartitionState {
     /// it), and read back items as soon as they were paged, so each was written twice without need.
     pub fn page_plan(&self, want: usize, urgent: bool) -> Vec<PageRead> {
         let mut plan = Vec::new();
-        if self.paged.is_empty() {
+        if self.paged().is_empty() {
             return plan;
         }
         let active = (0..PRIORITIES)
-            .filter(|&p| self.ready_by_prio[p] + self.paged.count[p] > 0)
+            .filter(|&p| self.ready_by_prio[p] + self.paged().count[p] > 0)
             .count()
             .max(1);
         let share = (self.window / active).max(1);
@@ -1201,13 +1213,13 @@ impl PartitionState {
         let batch = (share / 2).clamp(1, PAGE_MAX) as u64;
         // The byte window's room, in items of the paged items' average size: page-ins read whole items, so a
         // page of large items must not bring back more than the window holds (a page of 8,192 items of 5 MB).
-        let average = (self.paged.bytes / self.paged.total().max(1)).max(1);
+        let average = (self.paged().bytes / self.paged().total().max(1)).max(1);
         let byte_room = self.window_bytes.saturating_sub(self.payload_bytes) / average;
         let mut room = (self.window as u64).saturating_sub(self.ready).min(byte_room);
         let mut remaining = want as u64;
         for p in (0..PRIORITIES).rev() {
             let resident = self.ready_by_prio[p];
-            let paged = self.paged.count[p];
+            let paged = self.paged().count[p];
             let n = if urgent {
                 // What the lease needs is read whatever the window, but no more than the byte room (at least one
                 // item): the lease itself is bounded in bytes, and the next one reads again.
@@ -1219,7 +1231,7 @@ impl PartitionState {
                 room = room.saturating_sub(n);
                 plan.push(PageRead {
                     prio: p as u8,
-                    from: self.paged.from[p],
+                    from: self.paged().from[p],
                     n: n as usize,
                 });
             }
@@ -1233,7 +1245,7 @@ impl PartitionState {
     /// delete) is ignored: the plan is made again.
     pub fn page_in(&mut self, read: PageRead, items: Vec<Item>, exhausted: bool) {
         let p = usize::from(read.prio);
-        if self.paged.from[p] != read.from || self.paged.count[p] == 0 {
+        if self.paged().from[p] != read.from || self.paged().count[p] == 0 {
             return;
         }
         self.paged_epoch += 1;
@@ -1262,15 +1274,15 @@ impl PartitionState {
                 carry.put.push(it.clone());
             }
             self.insert(it);
-            if self.paged.count[p] == 0 {
+            if self.paged().count[p] == 0 {
                 break;
             }
         }
-        if self.paged.count[p] > 0 {
+        if self.paged().count[p] > 0 {
             if exhausted && !stopped {
                 self.trust_the_disk(p);
             } else if let Some(last) = last {
-                self.paged.from[p] = last + 1;
+                self.paged_mut().from[p] = last + 1;
             }
         }
         self.paged_dirty = true;
@@ -1312,8 +1324,8 @@ impl PartitionState {
     /// Sets the expiry bound of priority `p` to `min`, the earliest deadline a sweep found among all its paged items.
     pub fn set_paged_min_expire(&mut self, p: u8, min: i64) {
         let p = usize::from(p.min(MAX_PRIORITY));
-        if self.paged.count[p] > 0 && self.paged.min_expire[p] != min {
-            self.paged.min_expire[p] = min;
+        if self.paged().count[p] > 0 && self.paged().min_expire[p] != min {
+            self.paged_mut().min_expire[p] = min;
             self.paged_dirty = true;
         }
     }
@@ -1321,7 +1333,7 @@ impl PartitionState {
     /// Priorities whose paged items may have expired at `now`.
     pub fn paged_expiry_due(&self, now: Ts) -> Vec<u8> {
         (0..PRIORITIES)
-            .filter(|&p| self.paged.count[p] > 0 && self.paged.min_expire[p] <= now.0)
+            .filter(|&p| self.paged().count[p] > 0 && self.paged().min_expire[p] <= now.0)
             .map(|p| p as u8)
             .collect()
     }
@@ -1343,7 +1355,7 @@ impl PartitionState {
         let mut ch = self.take_carry();
         if self.paged_dirty {
             self.paged_dirty = false;
-            ch.counters = Some(self.paged.clone());
+            ch.counters = Some(self.paged().clone());
         }
         if self.psched_dirty {
             self.psched_dirty = false;
@@ -1783,7 +1795,7 @@ impl PartitionState {
                 taken.push(id);
                 self.ready_by_prio[p] -= 1;
             }
-            blocked = !capped && out.len() < n && self.paged.count[p] > 0;
+            blocked = !capped && out.len() < n && self.paged().count[p] > 0;
         }
         while !blocked && !capped && out.len() < n && self.ready_by_prio[0] > 0 {
             let Some((&key, chunk)) = self.chunks.range_mut(self.cursor / CHUNK..).next() else {
@@ -1865,7 +1877,7 @@ impl PartitionState {
         };
         // A priority that ran out of resident items with paged ones left also stopped the lease short of what is
         // ready (the page-in before it is bounded by the byte window): the caller asks again.
-        let short = blocked || (out.len() < n && self.paged.count[0] > 0);
+        let short = blocked || (out.len() < n && self.paged().count[0] > 0);
         let stopped = (capped || short) && !out.is_empty();
         (out, ch, stopped)
     }
@@ -2314,7 +2326,7 @@ impl PartitionState {
             self.leases.keys().next().copied(),
             self.sched_idx.first().map(|x| x.0),
             self.expire.keys().next().copied(),
-            self.paged.next_deadline().map(Ts),
+            self.paged().next_deadline().map(Ts),
             (self.psched.count > 0).then_some(Ts(self.psched.from.0)),
         ]
         .into_iter()
@@ -2325,7 +2337,7 @@ impl PartitionState {
     /// See [`lessor_core::storage::Partition::counts`].
     pub fn counts(&self) -> PartitionCounts {
         PartitionCounts {
-            ready: self.ready + self.paged.total(),
+            ready: self.ready + self.paged().total(),
             leased: self.leased,
             scheduled: self.sched.len() as u64 + self.psched.count,
         }
@@ -2333,7 +2345,7 @@ impl PartitionState {
 
     /// See [`lessor_core::storage::Partition::stats`].
     pub fn stats(&self, now: Ts) -> PartitionStats {
-        let live = i128::from(self.ready + self.leased + self.paged.total());
+        let live = i128::from(self.ready + self.leased + self.paged().total());
         let leased = i128::from(self.leased);
         let avg = |sum: i128, n: i128, later: bool| -> Duration {
             if n == 0 {
@@ -2348,9 +2360,9 @@ impl PartitionState {
         };
         PartitionStats {
             counts: self.counts(),
-            average_age: avg(self.sum_created + self.paged.sum_created, live, false),
+            average_age: avg(self.sum_created + self.paged().sum_created, live, false),
             average_leased_age: avg(self.sum_lease, leased, true),
-            payload_bytes: self.payload_bytes + self.paged.bytes + self.psched.bytes + self.disk_bytes,
+            payload_bytes: self.payload_bytes + self.paged().bytes + self.psched.bytes + self.disk_bytes,
             oldest_ready_age: self.oldest_head().map_or(Duration::ZERO, |c| now.since(Ts(c))),
             // Everything this state holds is in memory; a backend that also keeps it on disk adds that tier.
             tiers: TierStats {
@@ -2503,7 +2515,7 @@ impl PartitionState {
 
     /// Number of items of every kind.
     pub fn len(&self) -> usize {
-        (self.ready + self.leased + self.paged.total() + self.psched.count) as usize
+        (self.ready + self.leased + self.paged().total() + self.psched.count) as usize
             + self.sched.len()
             + self.dead.len()
     }
@@ -3436,8 +3448,8 @@ mod tests {
         let mut s = PartitionState::new(1).with_window(4);
         let (ids, ch) = s.produce((0..10).map(|i| new_item(&i.to_string(), Ts::ZERO)).collect());
         let written = ch.put;
-        assert_eq!((s.ready, s.paged.count[0], s.counts().ready), (4, 6, 10));
-        assert_eq!(s.paged.from[0], ids[4].0);
+        assert_eq!((s.ready, s.paged().count[0], s.counts().ready), (4, 6, 10));
+        assert_eq!(s.paged().from[0], ids[4].0);
         let high = s
             .produce(vec![NewItem {
                 priority: 3,
@@ -3445,7 +3457,8 @@ mod tests {
             }])
             .0;
         assert_eq!(
-            s.paged.count[3], 1,
+            s.paged().count[3],
+            1,
             "the window is full: even a higher priority is paged"
         );
         let got = s.lease(10, Ts(100)).0;
@@ -3479,7 +3492,7 @@ mod tests {
         let epoch = s.paged_epoch();
         s.page_in(plan[1], written[4..7].to_vec(), false);
         assert!(s.paged_epoch() > epoch);
-        assert_eq!((s.ready, s.paged.count[0], s.paged.from[0]), (8, 3, ids[7].0));
+        assert_eq!((s.ready, s.paged().count[0], s.paged().from[0]), (8, 3, ids[7].0));
         let got = s.lease(10, Ts(100)).0;
         let mut want = vec![high[0]];
         want.extend_from_slice(&ids[..7]);
@@ -3496,7 +3509,7 @@ mod tests {
         );
         // A stale read (planned before the boundary moved) is ignored.
         s.page_in(plan[1], written[4..7].to_vec(), false);
-        assert_eq!(s.paged.count[0], 3);
+        assert_eq!(s.paged().count[0], 3);
         // Stats include what is paged: "7".."9" on disk, "hi" and "0".."6" leased.
         assert_eq!(s.stats(Ts(1)).payload_bytes, 3 + 2 + 7);
     }
@@ -3516,7 +3529,7 @@ mod tests {
         };
         let mut s = PartitionState::new(1).with_window(1000);
         s.produce(items(3000, |i| (i % 10) as u8));
-        assert_eq!((s.ready, s.paged.total()), (1000, 2000));
+        assert_eq!((s.ready, s.paged().total()), (1000, 2000));
         assert!(
             s.page_plan(0, false).is_empty(),
             "100 resident per priority: above a quarter of each one's share (25)"
@@ -3532,7 +3545,7 @@ mod tests {
         s.produce(items(50, |_| 9));
         s.produce(items(950, |_| 0));
         s.produce(items(100, |_| 9));
-        assert_eq!((s.ready, s.paged.count[9]), (1000, 100));
+        assert_eq!((s.ready, s.paged().count[9]), (1000, 100));
         assert!(s.page_plan(0, false).is_empty(), "no room in the window");
         // Ten leased: ten of room, and the read-ahead fits in it.
         assert_eq!(s.lease(10, Ts(100)).0.len(), 10);

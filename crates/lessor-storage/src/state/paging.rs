@@ -47,20 +47,23 @@ pub struct Paged {
 
 impl Default for Paged {
     fn default() -> Self {
-        Paged {
-            from: [NONE; PRIORITIES],
-            count: [0; PRIORITIES],
-            min_expire: [i64::MAX; PRIORITIES],
-            max_expire: [i64::MIN; PRIORITIES],
-            ordered: [true; PRIORITIES],
-            bytes: 0,
-            sum_created: 0,
-            with_source: 0,
-        }
+        Paged::EMPTY
     }
 }
 
 impl Paged {
+    /// Nothing paged. A constant, so that a partition that never paged lends it out instead of holding one.
+    pub const EMPTY: Paged = Paged {
+        from: [NONE; PRIORITIES],
+        count: [0; PRIORITIES],
+        min_expire: [i64::MAX; PRIORITIES],
+        max_expire: [i64::MIN; PRIORITIES],
+        ordered: [true; PRIORITIES],
+        bytes: 0,
+        sum_created: 0,
+        with_source: 0,
+    };
+
     /// Paged items of every priority.
     pub fn total(&self) -> u64 {
         self.count.iter().sum()
