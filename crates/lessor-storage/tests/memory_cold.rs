@@ -186,6 +186,56 @@ async fn delete_expiry_and_clear_reach_into_segments() {
     env.segments_gone().await;
 }
 
+/// A delete naming one id in each of many segments, and an expiry sweep over segments each holding a due item,
+/// leave in RAM what they left before: the cold depth and less than a segment per priority, not the segments they
+/// reached (what the partition keeps must not grow with the ids named or the segments touched).
+#[tokio::test]
+async fn a_delete_or_expiry_touching_every_segment_keeps_ram_bounded() {
+    let Some(env) = env(BUCKET, "touch").await else {
+        return;
+    };
+    let store = env.open().await;
+    let p = store.open("q", 7).await.unwrap();
+    let cp = store.cold_partition("q", 7).unwrap();
+    let mut model = produce(&p, 2000).await;
+    spill(&env, &p, 80).await;
+    let segs = cp.segment_keys().await.len();
+    // Every tenth item of each priority in id order: at least one id in every segment (20 items each).
+    let victims: Vec<ItemId> = model.keys().step_by(10).map(|k| k.1).collect();
+    p.delete(victims.clone()).await.unwrap();
+    let (records, _) = cp.ram_counts().await;
+    let bound = 3 * (DEPTH + u64::from(SEG));
+    assert!(
+        records <= bound,
+        "a delete of {} ids over {segs} segments left {records} records in RAM (bound {bound})",
+        victims.len()
+    );
+    model.retain(|k, _| !victims.contains(&k.1));
+    assert_eq!(p.counts().await.unwrap().ready, model.len() as u64);
+    assert_eq!(drain(&p, &mut model, 50).await, 1800);
+
+    // Expiry: every other item is due, so every segment holds due items and items that stay.
+    let batch: Vec<NewItem> = (0..1000)
+        .map(|i| NewItem {
+            expire_deadline: if i % 2 == 0 { Ts(T0.0 + 1_000_000) } else { FAR },
+            created_at: T0,
+            payload: Bytes::from(format!("x{i}")),
+            ..Default::default()
+        })
+        .collect();
+    p.produce(batch).await.unwrap();
+    spill(&env, &p, 40).await;
+    let segs = cp.segment_keys().await.len();
+    p.lifecycle(Ts(T0.0 + 2_000_000), POLICY, 100).await.unwrap();
+    let (records, _) = cp.ram_counts().await;
+    let bound = DEPTH + u64::from(SEG);
+    assert!(
+        records <= bound,
+        "an expiry over {segs} segments left {records} records in RAM (bound {bound})"
+    );
+    assert_eq!(p.counts().await.unwrap().ready, 500);
+}
+
 #[tokio::test]
 async fn a_missing_segment_is_unavailable_and_named_never_skipped() {
     let Some(env) = env(BUCKET, "missing").await else {
