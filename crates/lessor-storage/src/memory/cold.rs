@@ -12,8 +12,10 @@
 //!
 //! Segments come back as records before the head reaches them: in the background once fewer than
 //! `cold-prefetch-items` records stand before a priority's next segment, and on the caller's path when a read
-//! (page-in, delete by id, expiry, list, snapshot) would otherwise pass over a segment. A read never passes over
-//! one, which is what keeps FIFO order within a priority exact.
+//! (page-in, list, snapshot) would otherwise pass over a segment. A read never passes over one, which is what keeps
+//! FIFO order within a priority exact. A delete by id and an expiry sweep do not bring segments back: they take
+//! their items out of each segment they reach, one at a time, and write the rest back as a new segment, so RAM
+//! never holds more than one of them.
 //!
 //! Nothing of a memory store survives a restart, segments included: every object under the store's own prefix
 //! (`{object-store prefix}{store name}/memory/`) is an orphan at the next start, and the store deletes them all
@@ -645,6 +647,111 @@ impl ColdPartition {
         }
     }
 
+    /// Takes the records `take` picks (at most `limit`) out of segment `e` of `prio`, on the caller's path, and
+    /// returns them decoded; the records that stay go back to object storage as a new segment in its place (the
+    /// old object deleted, none left when nothing stays). A delete by id or an expiry sweep thus holds one segment
+    /// in RAM at a time, however many segments it reaches: loaded back instead, every segment it touched stayed in
+    /// RAM until spilled again, and those below a segment left in place never were (a spill continues after the
+    /// last segment). When the new object cannot be written the segment is loaded into the records as before and
+    /// nothing is returned: the caller finds the records there, and the operation goes on at the cost of RAM.
+    async fn take_from_segment(
+        &self,
+        g: &mut Inner,
+        prio: u8,
+        e: ManifestEntry,
+        limit: usize,
+        mut take: impl FnMut(u64, &[u8]) -> bool,
+    ) -> Result<Vec<Item>, StorageError> {
+        // A background load of the same segment may be in flight: let it finish first.
+        self.finish_job(g, true).await?;
+        if g.segs.get(&(prio, e.first)).is_none_or(|x| x.key != e.key) {
+            return Ok(Vec::new());
+        }
+        let what = self.what();
+        let records = match fetch(&self.ctx, &what, prio, &e).await {
+            Ok(records) => records,
+            Err(err) => {
+                self.count_failure();
+                tracing::error!(queue = %self.queue, partition = self.part_no, segment = %e.key, error = %err, "cold segment could not be loaded");
+                return Err(err);
+            }
+        };
+        let (mut taken, mut kept) = (Vec::new(), Vec::new());
+        for (id, r) in records {
+            if taken.len() < limit && take(id, &r) {
+                taken.push((id, r));
+            } else {
+                kept.push((id, r));
+            }
+        }
+        // A delete's id may fall in the segment's range without being in it (another priority's item).
+        if taken.is_empty() {
+            return Ok(Vec::new());
+        }
+        // Decoded before anything changes: a damaged record fails the call with the segment as it was.
+        let items = taken
+            .iter()
+            .map(|(id, r)| decode_record(*id, r, &what))
+            .collect::<Result<Vec<_>, _>>()?;
+        if kept.is_empty() {
+            g.segs.remove(&(prio, e.first));
+            let ctx = self.ctx.clone();
+            tokio::spawn(async move { ctx.delete(&e.key).await });
+            return Ok(items);
+        }
+        let mut entry = ManifestEntry {
+            key: String::new(),
+            first: kept[0].0,
+            last: kept[kept.len() - 1].0,
+            count: kept.len() as u64,
+            bytes: 0,
+            min_expire: i64::MAX,
+            max_expire: i64::MIN,
+            crc: 0,
+        };
+        for (_, r) in &kept {
+            // `fetch` verified that every record splits.
+            let (expire, payload) = peek(r).unwrap_or((i64::MIN, &[]));
+            entry.bytes += payload.len() as u64;
+            entry.min_expire = entry.min_expire.min(expire);
+            entry.max_expire = entry.max_expire.max(expire);
+        }
+        // A new key (a new tag): an object is never overwritten, so a failed write leaves the old one intact.
+        entry.key = ObjPath::from(segment::object_key(
+            &self.ctx.base,
+            "memory",
+            &self.queue,
+            self.part_no,
+            prio,
+            entry.first,
+            &segment::key_tag(self.pid, random()),
+        ))
+        .to_string();
+        let encoded = heavy(|| {
+            let refs: Vec<(u64, &[u8])> = kept.iter().map(|(i, r)| (*i, r.as_slice())).collect();
+            segment::encode(prio, &refs)
+        });
+        let written = match encoded {
+            Ok((body, crc)) => {
+                entry.crc = crc;
+                self.ctx.put(&what, &entry.key, body).await
+            }
+            Err(err) => Err(StorageError::other(format!("segment encoding failed: {err}"))),
+        };
+        if let Err(err) = written {
+            tracing::warn!(queue = %self.queue, partition = self.part_no, segment = %e.key, error = %err, "cold segment could not be rewritten; its records are kept in RAM");
+            kept.append(&mut taken);
+            kept.sort_unstable_by_key(|r| r.0);
+            self.commit_load(g, prio, e, kept);
+            return Ok(Vec::new());
+        }
+        g.segs.remove(&(prio, e.first));
+        g.segs.insert((prio, entry.first), entry);
+        let ctx = self.ctx.clone();
+        tokio::spawn(async move { ctx.delete(&e.key).await });
+        Ok(items)
+    }
+
     /// Makes sure a read of up to `n` records of `prio` from id `from` on cannot pass over a segment: loads each
     /// segment with fewer than `n` records before it.
     async fn guard(&self, g: &mut Inner, prio: u8, from: u64, n: usize) -> Result<(), StorageError> {
@@ -798,13 +905,24 @@ impl ColdPartition {
                 .filter(|(_, e)| e.min_expire <= now.0)
                 .map(|(_, e)| e.clone())
                 .collect();
+            // Segments first, one at a time (see `take_from_segment`): one whose rest could not be written back
+            // is loaded into the records instead, which the walk below then reads.
+            let mut budget = SWEEP_LIMIT;
             for e in due_segs {
-                self.load_now(g, p, e).await?;
+                if budget == 0 {
+                    break;
+                }
+                let items = self
+                    .take_from_segment(g, p, e, budget, |_, r| peek(r).map_or(i64::MIN, |x| x.0) <= now.0)
+                    .await?;
+                budget -= items.len();
+                dead += g.state.drop_paged(items, Some(policy)).0;
             }
+            // Used up by the segments: more may be due in them or in the records.
+            let mut complete = budget > 0;
             let ordered = g.state.paged().ordered[usize::from(p)];
             let mut due = Vec::new();
             let mut rest_min = i64::MAX;
-            let mut complete = true;
             for (&id, r) in &g.recs[usize::from(p)] {
                 let exp = peek(r).map_or(i64::MIN, |x| x.0);
                 if exp > now.0 {
@@ -812,7 +930,7 @@ impl ColdPartition {
                     if ordered {
                         break;
                     }
-                } else if due.len() < SWEEP_LIMIT {
+                } else if due.len() < budget {
                     due.push(id);
                 } else {
                     complete = false;
@@ -1159,8 +1277,16 @@ impl Partition for ColdPartition {
             .filter(|(_, e)| ids.iter().any(|id| id.0 >= e.first && id.0 <= e.last))
             .map(|(&(p, _), e)| (p, e.clone()))
             .collect();
-        for (p, e) in hit {
-            self.load_now(&mut g, p, e).await?;
+        if !hit.is_empty() {
+            // One segment at a time: its named items are dropped and the rest goes back to object storage before
+            // the next is fetched (see `take_from_segment`).
+            let named: HashSet<u64> = ids.iter().map(|id| id.0).collect();
+            for (p, e) in hit {
+                let items = self
+                    .take_from_segment(&mut g, p, e, usize::MAX, |id, _| named.contains(&id))
+                    .await?;
+                g.state.drop_paged(items, None);
+            }
         }
         g.state.delete(ids.clone());
         let items = Self::find_records(&mut g, &ids, true, &self.what())?;
