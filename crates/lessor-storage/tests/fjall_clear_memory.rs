@@ -1,13 +1,15 @@
 //! Memory a delete by id and a clear of paged items of large payloads take on the fjall backend, for the paged
-//! schedule (see "Paging the schedule" in the state's module docs) and the paged ready backlog: the paged items are
-//! on disk only, and both read them back to count them out. The peak resident size (`VmHWM`, reset before) during
+//! schedule (see "Paging the schedule" in the state's module docs) and the paged ready backlog, and an expiry pass
+//! over the paged ready backlog: the paged items are on disk only (a segment an expiry reaches is loaded back to
+//! disk first), and each reads them back to count them out. The peak resident size (`VmHWM`, reset before) during
 //! one call of each is measured; the tests take [`SERIAL`] so that no other test's allocations meet a peak.
 #![cfg(feature = "fjall")]
 
 use bytes::Bytes;
+use lessor_core::storage::LifecyclePolicy;
 use lessor_core::storage::{Partition, PartitionStore};
 use lessor_core::time::Ts;
-use lessor_core::types::{ClearRequest, ItemId, NewItem};
+use lessor_core::types::{Backoff, ClearRequest, ItemId, NewItem};
 use lessor_storage::fjall::{Durability, FjallStore};
 
 #[path = "support/memory.rs"]
@@ -169,6 +171,60 @@ async fn a_delete_or_clear_of_paged_ready_items_of_large_payloads_takes_bounded_
     assert_eq!(store.paged_keys("q", 0).await.expect("scan"), Some(0));
     assert_bounded("delete", N / 2, deleted);
     assert_bounded("clear", N, cleared);
+    p.close().await;
+    store.close().await;
+}
+
+/// An expiry pass over 600 paged ready items of 1 MiB, all due: the memory the lifecycle calls that expire them take
+/// beyond what was resident before must stay within the same bound (the sweep reads items back to count them out,
+/// as a clear does, and may not hold more than 16 MiB of their payloads at a time).
+#[tokio::test(flavor = "current_thread")]
+async fn an_expiry_of_paged_ready_items_of_large_payloads_takes_bounded_memory() {
+    let _serial = SERIAL.lock().await;
+    let dir = tempfile::tempdir().expect("tmp");
+    let store = FjallStore::open(dir.path(), Durability::None).expect("open");
+    // Eight ready items resident: the rest is paged.
+    store.set_memory_window(8);
+    let p = store.open("q", 0).await.expect("partition");
+    for b in (0..N).step_by(8) {
+        let batch = (b..(b + 8).min(N))
+            .map(|i| NewItem {
+                created_at: T0,
+                expire_deadline: Ts(T0.0 + 1_000),
+                payload: Bytes::from(vec![(i % 251) as u8; LEN]),
+                ..Default::default()
+            })
+            .collect();
+        p.produce(batch).await.expect("produce");
+    }
+    let paged = store.paging_counts("q", 0).await.expect("open").paged_ready;
+    assert!(paged >= (N - 8) as u64, "{paged} paged");
+    let policy = LifecyclePolicy {
+        max_attempts: 0,
+        has_dead_queue: false,
+        backoff: Backoff::OFF,
+    };
+    let mut calls = 0;
+    let Some(expired) = peak_of(async {
+        while p.counts().await.expect("counts").ready > 0 {
+            calls += 1;
+            assert!(calls <= N, "the expiry makes no progress");
+            p.lifecycle(Ts(T0.0 + 2_000), policy, 1000)
+                .await
+                .expect("lifecycle");
+        }
+    })
+    .await
+    else {
+        eprintln!("no /proc/self/status or clear_refs: skipped");
+        return;
+    };
+    eprintln!(
+        "expiry of {N} ready items of {LEN} bytes, all but 8 paged, in {calls} lifecycle calls: resident peak +{} MB",
+        expired >> 20
+    );
+    assert_eq!(store.paged_keys("q", 0).await.expect("scan"), Some(0));
+    assert_bounded("expiry", N, expired);
     p.close().await;
     store.close().await;
 }
