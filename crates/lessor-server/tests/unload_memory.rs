@@ -20,78 +20,20 @@ use std::alloc::System;
 use std::sync::Arc;
 use std::time::Duration;
 
-use lessor_client::{proto as pb, Client};
+use lessor_client::Client;
 use lessor_core::time::ManualClock;
 use lessor_server::Config;
 use stats_alloc::{StatsAlloc, INSTRUMENTED_SYSTEM};
 
+mod counted;
+use counted::{create, live, names, settled, touch};
+
 #[global_allocator]
 static ALLOC: &StatsAlloc<System> = &INSTRUMENTED_SYSTEM;
-
-/// Bytes allocated and not yet freed by the whole process (see `dedup_memory.rs` on `bytes_reallocated`).
-fn live() -> isize {
-    let s = ALLOC.stats();
-    s.bytes_allocated as isize - s.bytes_deallocated as isize
-}
-
-/// [`live`] once what the server has in flight settled: the least of ten readings 100 ms apart, so that a buffer
-/// briefly alive at one reading (a scrape's text on its way out, a background flush of the store) is not counted.
-async fn settled() -> isize {
-    let mut least = live();
-    for _ in 0..10 {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        least = least.min(live());
-    }
-    least
-}
 
 /// Queues measured: enough that the few kilobytes the server allocates or frees on its own meanwhile (a
 /// connection's buffers, a timer wheel's slots) are a few bytes per queue.
 const QUEUES: usize = 2000;
-/// Requests in flight at once while creating and touching the queues.
-const CONCURRENCY: usize = 16;
-
-fn names(prefix: &str, n: usize) -> Vec<String> {
-    (0..n).map(|i| format!("{prefix}{i:06}")).collect()
-}
-
-/// Runs `f` on every name, `CONCURRENCY` at a time.
-async fn each<F, Fut>(names: &[String], f: F)
-where
-    F: Fn(String) -> Fut,
-    Fut: std::future::Future<Output = ()> + Send + 'static,
-{
-    for chunk in names.chunks(CONCURRENCY) {
-        let tasks: Vec<_> = chunk.iter().map(|n| tokio::spawn(f(n.clone()))).collect();
-        for t in tasks {
-            t.await.expect("join");
-        }
-    }
-}
-
-async fn create(c: &Client, names: &[String]) {
-    each(names, |name| {
-        let c = c.clone();
-        async move { lessor_testkit::server::create_queue(&c, &name, |_| {}).await }
-    })
-    .await;
-}
-
-/// Asks each queue for its stats once, which loads it.
-async fn touch(c: &Client, names: &[String]) {
-    each(names, |name| {
-        let c = c.clone();
-        async move {
-            c.queue_stats(&pb::QueueStatsRequest {
-                queue_name: name.clone(),
-                ..Default::default()
-            })
-            .await
-            .unwrap_or_else(|e| panic!("stats of {name}: {e}"));
-        }
-    })
-    .await;
-}
 
 /// Moves the clock past the idle time, waits until no queue is loaded, then lets `/metrics` and the dashboard's
 /// history (sampled every 2 s of real time) see the queues unloaded, twice, so that nothing measured is a sample
@@ -123,12 +65,12 @@ async fn per_unloaded_queue(config: Config) -> f64 {
     // Warm up: the first queues grow the tables every queue shares (the server's maps, the store's catalog) to a
     // size that the measured ones then grow in proportion, and the lazily built parts of the server get built.
     let warm = names("warm", QUEUES / 4);
-    create(&c, &warm).await;
+    create(&c, &warm, 1).await;
     touch(&c, &warm).await;
     unload_all(&srv, &clock).await;
     let queues = names("q", QUEUES);
     let before = settled().await;
-    create(&c, &queues).await;
+    create(&c, &queues, 1).await;
     let created = settled().await;
     touch(&c, &queues).await;
     let loaded = settled().await;
