@@ -552,16 +552,7 @@ impl ColdPartition {
             let (cap_n, cap_b) = (set.segment_items as usize, set.segment_bytes);
             let mut records: Vec<(u64, Vec<u8>)> = Vec::new();
             let mut bytes = 0usize;
-            let mut entry = ManifestEntry {
-                key: String::new(),
-                first: 0,
-                last: 0,
-                count: 0,
-                bytes: 0,
-                min_expire: i64::MAX,
-                max_expire: i64::MIN,
-                crc: 0,
-            };
+            let mut entry = ManifestEntry::empty();
             let map = &g.recs[pi];
             heavy(|| {
                 for (&id, r) in map
@@ -574,9 +565,7 @@ impl ColdPartition {
                         break;
                     }
                     bytes += r.len();
-                    entry.bytes += payload.len() as u64;
-                    entry.min_expire = entry.min_expire.min(expire);
-                    entry.max_expire = entry.max_expire.max(expire);
+                    entry.add(id, expire, payload.len() as u64);
                     records.push((id, r.to_vec()));
                     if records.len() >= cap_n || bytes >= cap_b {
                         break;
@@ -587,9 +576,6 @@ impl ColdPartition {
             if records.len() < cap_n && bytes < cap_b {
                 continue;
             }
-            entry.first = records[0].0;
-            entry.last = records[records.len() - 1].0;
-            entry.count = records.len() as u64;
             // Normalised by `ObjPath::from` (as every manifest holds its keys); requests encode the key once more
             // (`offload::listed`), and the sweeper compares listings with that form.
             entry.key = ObjPath::from(segment::object_key(
@@ -699,22 +685,11 @@ impl ColdPartition {
             tokio::spawn(async move { ctx.delete(&e.key).await });
             return Ok(items);
         }
-        let mut entry = ManifestEntry {
-            key: String::new(),
-            first: kept[0].0,
-            last: kept[kept.len() - 1].0,
-            count: kept.len() as u64,
-            bytes: 0,
-            min_expire: i64::MAX,
-            max_expire: i64::MIN,
-            crc: 0,
-        };
-        for (_, r) in &kept {
+        let mut entry = ManifestEntry::empty();
+        for (id, r) in &kept {
             // `fetch` verified that every record splits.
             let (expire, payload) = peek(r).unwrap_or((i64::MIN, &[]));
-            entry.bytes += payload.len() as u64;
-            entry.min_expire = entry.min_expire.min(expire);
-            entry.max_expire = entry.max_expire.max(expire);
+            entry.add(*id, expire, payload.len() as u64);
         }
         // A new key (a new tag): an object is never overwritten, so a failed write leaves the old one intact.
         entry.key = ObjPath::from(segment::object_key(

@@ -273,6 +273,34 @@ pub struct ManifestEntry {
 const MANIFEST_V1: u8 = 1;
 
 impl ManifestEntry {
+    /// An entry covering no record yet: records are counted in with [`ManifestEntry::add`], and the key and CRC are
+    /// set once the object is built.
+    pub fn empty() -> Self {
+        ManifestEntry {
+            key: String::new(),
+            first: 0,
+            last: 0,
+            count: 0,
+            bytes: 0,
+            min_expire: i64::MAX,
+            max_expire: i64::MIN,
+            crc: 0,
+        }
+    }
+
+    /// Counts record `id` in (records are added in increasing id order), with its item's expiry deadline and payload
+    /// length.
+    pub fn add(&mut self, id: u64, expire: i64, payload_len: u64) {
+        if self.count == 0 {
+            self.first = id;
+        }
+        self.last = id;
+        self.count += 1;
+        self.bytes += payload_len;
+        self.min_expire = self.min_expire.min(expire);
+        self.max_expire = self.max_expire.max(expire);
+    }
+
     /// Encodes the entry (the value stored under the manifest key).
     pub fn encode(&self) -> Vec<u8> {
         let mut v = Vec::with_capacity(1 + 8 * 6 + 4 + 2 + self.key.len());

@@ -680,21 +680,10 @@ impl FjallPartition {
                     if !full || out.is_empty() {
                         return Ok(None);
                     }
-                    let mut entry = ManifestEntry {
-                        key: String::new(),
-                        first: out[0].0,
-                        last: out[out.len() - 1].0,
-                        count: out.len() as u64,
-                        bytes: 0,
-                        min_expire: i64::MAX,
-                        max_expire: i64::MIN,
-                        crc: 0,
-                    };
+                    let mut entry = ManifestEntry::empty();
                     for (id, r) in &out {
                         let it = pg::decode_record(*id, r, &what)?;
-                        entry.bytes += it.payload.len() as u64;
-                        entry.min_expire = entry.min_expire.min(it.expire_deadline.0);
-                        entry.max_expire = entry.max_expire.max(it.expire_deadline.0);
+                        entry.add(*id, it.expire_deadline.0, it.payload.len() as u64);
                     }
                     // Normalised by `ObjPath::from` (as every manifest holds its keys); requests encode the key once more
                     // (`offload::listed`), and the sweeper compares listings with that form.
