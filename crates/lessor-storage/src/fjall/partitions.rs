@@ -897,10 +897,7 @@ impl FjallStore {
     /// Ready items partition `partition` of `queue` holds in memory, if it is open (tests: the window holds).
     #[doc(hidden)]
     pub async fn resident_ready(&self, queue: &str, partition: u32) -> Option<u64> {
-        let p = self
-            .registry()
-            .get(&keyspace_name(queue, partition))
-            .and_then(Weak::upgrade)?;
+        let p = self.live_partition(queue, partition)?;
         let g = p.inner.lock().await;
         Some(g.state.resident_ready())
     }
@@ -909,10 +906,7 @@ impl FjallStore {
     /// holds).
     #[doc(hidden)]
     pub async fn resident_scheduled(&self, queue: &str, partition: u32) -> Option<u64> {
-        let p = self
-            .registry()
-            .get(&keyspace_name(queue, partition))
-            .and_then(Weak::upgrade)?;
+        let p = self.live_partition(queue, partition)?;
         let g = p.inner.lock().await;
         Some(g.state.resident_scheduled())
     }
@@ -920,10 +914,7 @@ impl FjallStore {
     /// Resident and paged ready items (and paged payload bytes) of partition `partition` of `queue`, if it is open:
     /// what a per-tier statistic needs, from counters, without a disk read.
     pub async fn paging_counts(&self, queue: &str, partition: u32) -> Option<PagingCounts> {
-        let p = self
-            .registry()
-            .get(&keyspace_name(queue, partition))
-            .and_then(Weak::upgrade)?;
+        let p = self.live_partition(queue, partition)?;
         Some(p.paging_counts().await)
     }
 
