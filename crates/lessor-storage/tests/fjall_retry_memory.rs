@@ -100,8 +100,10 @@ async fn a_retry_of_many_large_leased_items_takes_bounded_memory() {
     assert_eq!(back, n);
     // The retry reads and writes at most 16 MiB of payloads per write; the rest of the figure is fjall's memtables
     // and journal buffers, which do not grow with the retry (measured: 50 items of 1 MiB +76 MB, 200 +96 MB, 1,000
-    // of 1 MB +21 MB; unbounded, 200 took +479 MB and 1,000 +2,247 MB).
-    let bound = 160 << 20;
+    // of 1 MB +21 MB; unbounded, 200 took +479 MB and 1,000 +2,247 MB). The peak is RSS, memtables included, and
+    // varies between runs: one local CI run of 6 Dec read +215 MB where others read under 100, so the bound sits
+    // between that and the unbounded +479.
+    let bound = 300 << 20;
     assert!(
         peak <= bound,
         "a retry of {n} items of {len} bytes took +{} MB resident at its peak (bound {} MB)",
