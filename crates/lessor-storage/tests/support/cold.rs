@@ -145,6 +145,33 @@ pub async fn spill(env: &Env, p: &Arc<dyn Partition>, want: usize) {
     panic!("fewer than {want} segments: {:?}", env.segments().await);
 }
 
+/// Runs lifecycle calls until no new segment appears for a while (every full segment's worth is spilled).
+pub async fn settle(env: &Env, p: &Arc<dyn Partition>) {
+    let (mut last, mut quiet) = (usize::MAX, 0);
+    while quiet < 10 {
+        p.lifecycle(T0, POLICY, 100).await.unwrap();
+        let n = env.segments().await.len();
+        quiet = if n == last { quiet + 1 } else { 0 };
+        last = n;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Lists every ready item, `limit` at a time as a dashboard pages (each page starts after the last id of the one
+/// before); returns the ids in the order listed and the number of pages.
+pub async fn list_pages(p: &Arc<dyn Partition>, limit: usize) -> (Vec<ItemId>, usize) {
+    let (mut ids, mut pages, mut pivot) = (Vec::new(), 0, None);
+    loop {
+        let page = p.list(pivot, limit, false).await.unwrap();
+        let Some(last) = page.last() else {
+            return (ids, pages);
+        };
+        pivot = Some(ItemId(last.id.0 + 1));
+        pages += 1;
+        ids.extend(page.iter().map(|it| it.id));
+    }
+}
+
 /// Leases everything, `batch` at a time with lifecycle calls between (which prefetch segments), checking each
 /// lease against the model; returns how many were leased.
 pub async fn drain(p: &Arc<dyn Partition>, model: &mut Model, batch: usize) -> usize {
