@@ -116,7 +116,7 @@ async fn a_restart_reads_the_manifest_and_keeps_order() {
     let stats = p.stats(T0).await.unwrap();
     assert_eq!(stats.counts.ready, 270);
     assert!(stats.tiers.object.items > 0, "{:?}", stats.tiers);
-    // Browsing sees the items in segments too (it loads the segments its page reaches), in id order.
+    // Browsing sees the items in segments too (it reads the segments its page reaches), in id order.
     let listed = p.list(None, 1000, false).await.unwrap();
     let mut want: Vec<ItemId> = model.keys().map(|k| k.1).collect();
     want.sort();
@@ -147,10 +147,12 @@ async fn a_list_paging_through_segments_keeps_them_cold() {
     let mut want: Vec<ItemId> = model.keys().map(|k| k.1).collect();
     want.sort();
 
+    let took = std::time::Instant::now();
     let (listed, pages) = list_pages(&p, 25).await;
+    let took = took.elapsed();
     let tiers_after = p.stats(T0).await.unwrap().tiers;
     eprintln!(
-        "paging through {} segments in {pages} pages of 25: {} items on disk and {} in segments before, {} and {} \
+        "paging through {} segments in {pages} pages of 25 ({took:?}): {} items on disk and {} in segments before, {} and {} \
          after",
         keys.len(),
         tiers.disk.items,

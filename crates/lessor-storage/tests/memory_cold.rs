@@ -261,10 +261,12 @@ async fn a_list_paging_through_segments_keeps_them_cold() {
     let mut want: Vec<ItemId> = model.keys().map(|k| k.1).collect();
     want.sort();
 
+    let took = std::time::Instant::now();
     let (listed, pages) = list_pages(&p, 25).await;
+    let took = took.elapsed();
     let (records_after, _) = cp.ram_counts().await;
     eprintln!(
-        "paging through {} segments ({cold} items) in {pages} pages of 25: {records} records in RAM before, \
+        "paging through {} segments ({cold} items) in {pages} pages of 25 ({took:?}): {records} records in RAM before, \
          {records_after} after",
         keys.len()
     );

@@ -2545,8 +2545,7 @@ impl Partition for FjallPartition {
         scheduled: bool,
         max_bytes: u64,
     ) -> Result<(Vec<Item>, bool), StorageError> {
-        #[allow(unused_mut)]
-        let mut g = self.lock().await?;
+        let g = self.lock().await?;
         let paged = if scheduled {
             !g.state.paged_sched().is_empty()
         } else {
@@ -2589,11 +2588,9 @@ impl Partition for FjallPartition {
                 Some(p) => g.state.paged().from[p].max(from),
                 None => from,
             };
-            // Items in cold segments are listed too: the segments the page reaches are loaded back first.
+            // Where the priority's items in cold segments begin to be merged (after its records on disk).
             #[cfg(feature = "s3")]
-            if let Some(p) = src {
-                self.cold_guard(&mut g, p as u8, start, limit).await?;
-            }
+            let first = start;
             let mut step = LIST_STEP.min(limit.max(1));
             while ceiling.is_none_or(|c| start < c) {
                 let got = match src {
@@ -2611,6 +2608,13 @@ impl Partition for FjallPartition {
                     break;
                 }
                 step = (step * 2).min(limit.max(1)).min(LIST_STEP_MAX);
+            }
+            // Items in cold segments are listed too: the segments the page reaches are read, not loaded back. The
+            // records read past a segment above are cut by the page's ceiling as its items come in.
+            #[cfg(feature = "s3")]
+            if let Some(p) = src {
+                self.cold_list(&g, p as u8, first, limit, max_bytes, &mut out, &mut ceiling)
+                    .await?;
             }
         }
         Ok((out, ceiling.is_some()))

@@ -12,10 +12,11 @@
 //!
 //! Segments come back as records before the head reaches them: in the background once fewer than
 //! `cold-prefetch-items` records stand before a priority's next segment, and on the caller's path when a read
-//! (page-in, list, snapshot) would otherwise pass over a segment. A read never passes over one, which is what keeps
-//! FIFO order within a priority exact. A delete by id and an expiry sweep do not bring segments back: they take
-//! their items out of each segment they reach, one at a time, and write the rest back as a new segment, so RAM
-//! never holds more than one of them.
+//! (page-in, snapshot) would otherwise pass over a segment. A read never passes over one, which is what keeps FIFO
+//! order within a priority exact. A delete by id and an expiry sweep do not bring segments back: they take their
+//! items out of each segment they reach, one at a time, and write the rest back as a new segment, so RAM never
+//! holds more than one of them. A list (browsing) reads the segments its page reaches one at a time, takes the
+//! page's items and drops the rest, leaving the segments where they are.
 //!
 //! Nothing of a memory store survives a restart, segments included: every object under the store's own prefix
 //! (`{object-store prefix}{store name}/memory/`) is an orphan at the next start, and the store deletes them all
@@ -741,6 +742,52 @@ impl ColdPartition {
         }
     }
 
+    /// Merges into a list's page `out` the items of the segments of `prio` it reaches from id `from` on: each
+    /// segment starting below the page's `ceiling` is fetched and verified, its first `limit` items from `from` are
+    /// decoded into the page, and the rest of it is dropped before the next one is fetched. The segments stay in
+    /// object storage and in the manifest: loaded back instead, as before, a dashboard paging through a backlog of
+    /// 97 segments took the partition from 50 records in RAM to 1,990, which stayed there until leased
+    /// (`memory_cold::a_list_paging_through_segments_keeps_them_cold`). A list therefore holds at most one segment
+    /// beyond its page, and reads each segment its page reaches at every call. A segment that cannot be read fails
+    /// the list as a lease fails (`Unavailable`, naming it): a page without its items would skip them.
+    #[allow(clippy::too_many_arguments)]
+    async fn list_segments(
+        &self,
+        g: &Inner,
+        prio: u8,
+        from: u64,
+        limit: usize,
+        max_bytes: u64,
+        out: &mut Vec<Item>,
+        ceiling: &mut Option<u64>,
+    ) -> Result<(), StorageError> {
+        let what = self.what();
+        let mut at = from;
+        while let Some(e) = g.next_seg(prio, at) {
+            if ceiling.is_some_and(|c| e.first >= c) {
+                return Ok(());
+            }
+            let records = fetch(&self.ctx, &what, prio, e).await.inspect_err(|err| {
+                self.count_failure();
+                tracing::error!(queue = %self.queue, partition = self.part_no, segment = %e.key, error = %err, "cold segment could not be read for a list");
+            })?;
+            // A segment's records are in id order (`segment::decode` checks it).
+            for (id, r) in records.iter().filter(|(id, _)| *id >= from).take(limit) {
+                if ceiling.is_some_and(|c| *id >= c) {
+                    break;
+                }
+                out.push(decode_record(*id, r, &what)?);
+            }
+            drop(records);
+            lessor_core::storage::keep_page(out, limit, max_bytes, ceiling);
+            let Some(next) = e.last.checked_add(1) else {
+                return Ok(());
+            };
+            at = next;
+        }
+        Ok(())
+    }
+
     /// Loads every segment (a snapshot copies every item).
     async fn guard_all(&self, g: &mut Inner) -> Result<(), StorageError> {
         self.finish_job(g, true).await?;
@@ -1196,7 +1243,8 @@ impl Partition for ColdPartition {
     }
 
     /// Resident items and paged records are in RAM already (a resident item is a slice of its buffer, not a copy):
-    /// the page is merged as before, then cut at the bound (the segments a page reaches are loaded as for any list).
+    /// the page is merged as before and cut at the bound. The segments a page reaches are read, not loaded (see
+    /// [`ColdPartition::list_segments`]).
     async fn list_within(
         &self,
         pivot: Option<ItemId>,
@@ -1204,13 +1252,17 @@ impl Partition for ColdPartition {
         scheduled: bool,
         max_bytes: u64,
     ) -> Result<(Vec<Item>, bool), StorageError> {
-        let mut g = self.inner.lock().await;
+        let g = self.inner.lock().await;
         if scheduled || g.state.paged().is_empty() {
             return Ok(g.state.list_within(pivot, limit, scheduled, max_bytes));
         }
         let mut out = g.state.list(pivot, limit, scheduled);
+        let mut ceiling = None;
+        lessor_core::storage::keep_page(&mut out, limit, max_bytes, &mut ceiling);
         // Paged items are ready items too: merge the first `limit` of each paged priority at or after the pivot,
-        // loading the segments that page reaches.
+        // records and segment items alike. `keep_page` keeps the page's prefix in id order and sets the ceiling (the
+        // first id it had to leave out), below which everything read so far is the page: what is merged after it
+        // can only push items out, never bring one back, so the page is the one a single merge of all would give.
         let from = pivot.map_or(0, |p| p.0);
         let what = self.what();
         for p in 0..PRIORITIES as u8 {
@@ -1219,13 +1271,16 @@ impl Partition for ColdPartition {
                 continue;
             }
             let start = paged.from[usize::from(p)].max(from);
-            self.guard(&mut g, p, start, limit).await?;
             for (&id, r) in g.recs[usize::from(p)].range(start..).take(limit) {
+                if ceiling.is_some_and(|c| id >= c) {
+                    break;
+                }
                 out.push(decode_record(id, r, &what)?);
             }
+            lessor_core::storage::keep_page(&mut out, limit, max_bytes, &mut ceiling);
+            self.list_segments(&g, p, start, limit, max_bytes, &mut out, &mut ceiling)
+                .await?;
         }
-        let mut ceiling = None;
-        lessor_core::storage::keep_page(&mut out, limit, max_bytes, &mut ceiling);
         Ok((out, ceiling.is_some()))
     }
 
