@@ -181,6 +181,16 @@ impl MemoryStore {
         })
     }
 
+    /// Tests: the next `n` segment rewrites (the write-back of a delete by id or an expiry that took items out of a
+    /// segment) fail as a failed PUT would, after their segment was fetched (cold segments only).
+    #[cfg(feature = "s3")]
+    #[doc(hidden)]
+    pub fn fail_segment_rewrites(&self, n: u64) {
+        if let Some(c) = &self.cold {
+            c.fail_rewrites.store(n, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
     /// Spills a produce waited for because producers outran object storage (cold segments only).
     #[cfg(feature = "s3")]
     pub fn throttled_produces(&self) -> u64 {

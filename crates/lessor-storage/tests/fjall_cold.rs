@@ -2,7 +2,8 @@
 //! (`LESSOR_TEST_S3_ENDPOINT`, from `scripts/s3-test-server.sh`), with a tiny window, depth and segment size: the
 //! backlog goes to segments and comes back in exact priority and FIFO order, across a restart, without loss or
 //! duplicates; a segment deleted behind Lessor's back makes the lease fail as unavailable (454) naming the
-//! segment, never serve other bytes; orphans are swept and live segments are not.
+//! segment, never serve other bytes; orphans are swept and live segments are not; browsing pages through segments
+//! without bringing them back.
 #![cfg(all(feature = "s3", feature = "fjall"))]
 #![allow(clippy::unwrap_used)]
 

@@ -3,15 +3,17 @@
 //! backlog goes to segments (RAM holds a bounded part) and comes back in exact priority and FIFO order without
 //! loss or duplicates; a segment deleted or damaged behind Lessor's back makes the lease fail as unavailable (454)
 //! naming it, never serve other bytes; object storage down leaves the queue working; a new store deletes the
-//! segments of the previous run; destroying a partition deletes its segments.
+//! segments of the previous run; destroying a partition deletes its segments. Browsing pages through segments
+//! without bringing them back, and a delete or expiry whose segment write-back fails loses and doubles nothing.
 #![cfg(feature = "s3")]
 #![allow(clippy::unwrap_used)]
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use lessor_core::error::StorageErrorKind;
-use lessor_core::storage::PartitionStore;
+use lessor_core::storage::{Partition, PartitionStore};
 use lessor_core::time::Ts;
 use lessor_core::types::{ItemId, NewItem};
 use lessor_storage::memory::MemoryStore;
@@ -335,6 +337,151 @@ async fn a_list_reaching_a_missing_segment_fails_naming_it() {
     assert_eq!(e.kind, StorageErrorKind::Unavailable, "{e}");
     assert!(e.message.contains(&victim), "{e}");
     assert_eq!(p.counts().await.unwrap().ready, 300);
+}
+
+/// Waits until the manifest of `cp` and the segment objects are the same set: no entry names a deleted object, and
+/// no object is left that no entry names (the old object of a replaced segment is deleted in the background).
+async fn manifest_matches_objects(env: &Env, cp: &lessor_storage::memory::cold::ColdPartition) {
+    let same = lessor_testkit::eventually::poll_until(
+        Duration::from_secs(10),
+        Duration::from_millis(20),
+        || async {
+            let mut keys = cp.segment_keys().await;
+            keys.sort();
+            let objects = env.segments().await;
+            if keys == objects {
+                Ok(())
+            } else {
+                Err(format!("manifest {keys:?}\nobjects {objects:?}"))
+            }
+        },
+    )
+    .await;
+    assert!(same.is_ok(), "{same:?}");
+}
+
+/// After an operation that took items out of segments: the ready count is the model's, listing pages through every
+/// item of the model once each in id order with its payload, and the segments and records together hold each of
+/// them once (`stats` tiers).
+async fn holds_exactly(p: &Arc<dyn Partition>, model: &Model) {
+    let stats = p.stats(T0).await.unwrap();
+    assert_eq!(stats.counts.ready, model.len() as u64);
+    assert_eq!(
+        stats.tiers.object.items + stats.tiers.memory.items,
+        model.len() as u64,
+        "{:?}",
+        stats.tiers
+    );
+    let mut want: Vec<ItemId> = model.keys().map(|k| k.1).collect();
+    want.sort();
+    let (listed, _) = list_pages(p, 25).await;
+    assert_eq!(listed, want, "every item once, in id order");
+    let all = p.list(None, 10_000, false).await.unwrap();
+    for it in &all {
+        assert_eq!(
+            Some(&it.payload),
+            model.get(&(std::cmp::Reverse(it.priority), it.id))
+        );
+    }
+}
+
+/// A delete by id over segments whose write-back fails (the PUT of the segment's remaining items, after its
+/// download): each such segment is loaded into RAM instead, as documented, and the delete goes on. The named
+/// items are gone, every other one is there exactly once (listed, counted, leased in order), the segments
+/// rewritten after the failures are in place, and the manifest names exactly the objects in the bucket.
+#[tokio::test]
+async fn a_delete_whose_segment_rewrite_fails_loses_and_doubles_nothing() {
+    let Some(env) = env(BUCKET, "rewrite-delete").await else {
+        return;
+    };
+    let store = env.open().await;
+    let p = store.open("q", 10).await.unwrap();
+    let cp = store.cold_partition("q", 10).unwrap();
+    let mut model = produce(&p, 600).await;
+    spill(&env, &p, 20).await;
+    settle(&env, &p).await;
+    let segs = cp.segment_keys().await.len();
+    let (_, loaded, failed) = store.segment_counters();
+    // Every tenth item: at least one id in every segment (20 items each). The first three rewrites fail.
+    let victims: Vec<ItemId> = model.keys().step_by(10).map(|k| k.1).collect();
+    store.fail_segment_rewrites(3);
+    p.delete(victims.clone()).await.unwrap();
+    store.fail_segment_rewrites(0);
+    model.retain(|k, _| !victims.contains(&k.1));
+    // The three segments whose rewrite failed were loaded into RAM (counted as loads, not as failures).
+    let (_, loaded_after, failed_after) = store.segment_counters();
+    assert_eq!((loaded_after - loaded, failed_after), (3, failed));
+    let left = cp.segment_keys().await.len();
+    assert!(left <= segs - 3, "{left} segments left of {segs}");
+    holds_exactly(&p, &model).await;
+    manifest_matches_objects(&env, &cp).await;
+    // Deleting them again finds nothing; the rest is untouched.
+    p.delete(victims.clone()).await.unwrap();
+    holds_exactly(&p, &model).await;
+    assert_eq!(drain(&p, &mut model, 30).await, 540);
+    env.segments_gone().await;
+}
+
+/// An expiry pass over segments whose write-backs all fail: each segment holding due items is loaded into RAM
+/// instead and its due items expire from there. The due items are gone, every other one is there exactly once,
+/// and the manifest names exactly the objects in the bucket.
+#[tokio::test]
+async fn an_expiry_whose_segment_rewrites_fail_loses_and_doubles_nothing() {
+    let Some(env) = env(BUCKET, "rewrite-expiry").await else {
+        return;
+    };
+    let store = env.open().await;
+    let p = store.open("q", 11).await.unwrap();
+    let cp = store.cold_partition("q", 11).unwrap();
+    // Every other item is due: every segment holds due items and items that stay.
+    let batch: Vec<NewItem> = (0..600)
+        .map(|i| NewItem {
+            expire_deadline: if i % 2 == 0 { Ts(T0.0 + 1_000_000) } else { FAR },
+            created_at: T0,
+            payload: Bytes::from(format!("x{i}")),
+            ..Default::default()
+        })
+        .collect();
+    let payloads: Vec<Bytes> = batch.iter().map(|b| b.payload.clone()).collect();
+    let ids = p.produce(batch).await.unwrap();
+    let mut model: Model = ids
+        .into_iter()
+        .zip(payloads)
+        .skip(1)
+        .step_by(2)
+        .map(|(id, payload)| ((std::cmp::Reverse(0), id), payload))
+        .collect();
+    spill(&env, &p, 20).await;
+    settle(&env, &p).await;
+    let segs = cp.segment_keys().await.len();
+    let (_, loaded, _) = store.segment_counters();
+    store.fail_segment_rewrites(u64::MAX);
+    let later = Ts(T0.0 + 2_000_000);
+    let mut dead = 0;
+    for _ in 0..100 {
+        let o = p.lifecycle(later, POLICY, 1000).await.unwrap();
+        dead += o.dead;
+        if !o.more && p.counts().await.unwrap().ready == 300 {
+            break;
+        }
+    }
+    store.fail_segment_rewrites(0);
+    assert_eq!(p.counts().await.unwrap().ready, 300);
+    assert_eq!(dead, 300, "expired");
+    // Every segment held due items: each was loaded into RAM when its rewrite failed.
+    let (_, loaded_after, _) = store.segment_counters();
+    assert!(
+        loaded_after - loaded >= segs as u64,
+        "{} loads for {segs} segments",
+        loaded_after - loaded
+    );
+    holds_exactly(&p, &model).await;
+    manifest_matches_objects(&env, &cp).await;
+    // A later pass finds nothing more due.
+    assert_eq!(p.lifecycle(later, POLICY, 1000).await.unwrap().dead, 0);
+    holds_exactly(&p, &model).await;
+    assert_eq!(drain(&p, &mut model, 30).await, 300);
+    env.segments_gone().await;
 }
 
 #[tokio::test]

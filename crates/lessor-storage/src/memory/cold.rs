@@ -83,6 +83,10 @@ pub(crate) struct ColdCtx {
     pub(crate) failed: AtomicU64,
     /// Spills a produce waited for (producers faster than object storage; see `ColdPartition::throttle`).
     pub(crate) throttled: AtomicU64,
+    /// Tests: how many of the next segment rewrites (a delete's or an expiry's write-back, see
+    /// `ColdPartition::take_from_segment`) fail as an unreachable object store would fail their PUT, after their
+    /// segment was fetched.
+    pub(crate) fail_rewrites: AtomicU64,
 }
 
 impl ColdCtx {
@@ -102,6 +106,7 @@ impl ColdCtx {
             loaded: AtomicU64::new(0),
             failed: AtomicU64::new(0),
             throttled: AtomicU64::new(0),
+            fail_rewrites: AtomicU64::new(0),
         })
     }
 
@@ -640,7 +645,8 @@ impl ColdPartition {
     /// in RAM at a time, however many segments it reaches: loaded back instead, every segment it touched stayed in
     /// RAM until spilled again, and those below a segment left in place never were (a spill continues after the
     /// last segment). When the new object cannot be written the segment is loaded into the records as before and
-    /// nothing is returned: the caller finds the records there, and the operation goes on at the cost of RAM.
+    /// nothing is returned: the caller finds the records there, and the operation goes on at the cost of RAM
+    /// (`memory_cold::a_delete_whose_segment_rewrite_fails_loses_and_doubles_nothing` and its expiry twin).
     async fn take_from_segment(
         &self,
         g: &mut Inner,
@@ -707,7 +713,16 @@ impl ColdPartition {
             let refs: Vec<(u64, &[u8])> = kept.iter().map(|(i, r)| (*i, r.as_slice())).collect();
             segment::encode(prio, &refs)
         });
+        let injected = self
+            .ctx
+            .fail_rewrites
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+            .is_ok();
         let written = match encoded {
+            Ok(_) if injected => Err(StorageError::unavailable(format!(
+                "{what}: cold segment '{}': injected write failure",
+                entry.key
+            ))),
             Ok((body, crc)) => {
                 entry.crc = crc;
                 self.ctx.put(&what, &entry.key, body).await
