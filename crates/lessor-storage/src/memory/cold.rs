@@ -776,6 +776,10 @@ impl ColdPartition {
         out: &mut Vec<Item>,
         ceiling: &mut Option<u64>,
     ) -> Result<(), StorageError> {
+        // An empty page takes nothing from any segment, and no ceiling would ever stop the walk.
+        if limit == 0 {
+            return Ok(());
+        }
         let what = self.what();
         let mut at = from;
         while let Some(e) = g.next_seg(prio, at) {

@@ -417,6 +417,10 @@ impl FjallPartition {
         out: &mut Vec<lessor_core::types::Item>,
         ceiling: &mut Option<u64>,
     ) -> Result<(), StorageError> {
+        // An empty page takes nothing from any segment, and no ceiling would ever stop the walk.
+        if limit == 0 {
+            return Ok(());
+        }
         let what = self.what();
         let mut at = from;
         while let Some(e) = g.cold.next(prio, at) {
