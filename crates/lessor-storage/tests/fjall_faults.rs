@@ -69,8 +69,21 @@ fn payloads(items: &[lessor_core::types::Item]) -> Vec<Bytes> {
 
 #[tokio::test]
 async fn injected_disk_full_fails_the_write_keeps_reads_and_resumes() {
+    disk_full_round(Durability::Sync).await;
+}
+
+/// The same on the multi-threaded runtime in the modes whose writes wait for no fsync, where a partition's write
+/// finding the writer thread idle is written by the calling worker (`block_in_place`): the failure rules are the
+/// same on that path.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn injected_disk_full_on_writes_made_by_the_caller() {
+    disk_full_round(Durability::None).await;
+    disk_full_round(Durability::Interval(Duration::from_millis(5))).await;
+}
+
+async fn disk_full_round(durability: Durability) {
     let dir = tempfile::tempdir().expect("temp dir");
-    let store = FjallStore::open(dir.path(), Durability::Sync).expect("open");
+    let store = FjallStore::open(dir.path(), durability).expect("open");
     let p = store.open("full", 0).await.expect("open");
     p.produce(vec![text("a"), text("b")]).await.expect("produce");
     let leased = p.lease(1, T0.add(Duration::from_secs(60))).await.expect("lease");
@@ -109,7 +122,7 @@ async fn injected_disk_full_fails_the_write_keeps_reads_and_resumes() {
     store.close().await;
     drop((p, other, store));
 
-    let store = FjallStore::open(dir.path(), Durability::Sync).expect("reopen");
+    let store = FjallStore::open(dir.path(), durability).expect("reopen");
     let p = store.open("full", 0).await.expect("open");
     let live = p.list(None, 10, false).await.expect("list");
     assert_eq!(

@@ -387,6 +387,58 @@ async fn restart_keeps_acknowledged_writes_in_every_durability_mode() {
     }
 }
 
+/// Many partitions writing at once on the multi-threaded runtime without fsyncs: some writes are made by the calling
+/// worker (the writer thread idle), the others queue for the writer; every acknowledged one is there after a
+/// crash-like drop and a reopen.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_made_by_callers_and_by_the_writer_all_survive_a_restart() {
+    for durability in [Durability::None, Durability::Interval(Duration::from_millis(5))] {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = std::sync::Arc::new(FjallStore::open(dir.path(), durability).expect("open"));
+        let mut parts = Vec::new();
+        for i in 0..16 {
+            parts.push(store.open("mixed", i).await.expect("open"));
+        }
+        let rounds = 25;
+        let tasks: Vec<_> = parts
+            .iter()
+            .cloned()
+            .map(|p| {
+                tokio::spawn(async move {
+                    for r in 0..rounds {
+                        p.produce(vec![item(&format!("r{r}"))]).await.expect("produce");
+                        if r % 5 == 4 {
+                            let l = p.lease(2, T0.add(SEC * 600)).await.expect("lease");
+                            let ids = l.iter().map(|it| it.id).collect();
+                            assert!(p
+                                .complete(vec![ids])
+                                .await
+                                .expect("complete")
+                                .iter()
+                                .all(Result::is_ok));
+                        }
+                    }
+                })
+            })
+            .collect();
+        for t in tasks {
+            t.await.expect("task");
+        }
+        drop(parts);
+        drop(store);
+        let store = reopen_when_unlocked(dir.path(), durability).await;
+        for i in 0..16 {
+            let p = store.open("mixed", i).await.expect("open");
+            let c = p.counts().await.expect("counts");
+            assert_eq!(
+                (c.ready, c.leased),
+                (rounds - 10, 0),
+                "{durability}, partition {i}"
+            );
+        }
+    }
+}
+
 /// Opens the store once the previous instance's threads have let go of the lock.
 async fn reopen_when_unlocked(dir: &Path, durability: Durability) -> FjallStore {
     for _ in 0..50 {

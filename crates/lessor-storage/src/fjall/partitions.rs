@@ -5,6 +5,12 @@
 //! A partition applies each call to its [`PartitionState`] and sends the resulting change set to the store's writer
 //! thread, which collects whatever batches arrived meanwhile, from any partition, and writes them as one atomic
 //! fjall batch followed by one fsync (group commit). The async runtime never waits on disk: it awaits a reply.
+//! In the modes whose writes wait for no fsync (`none`, `interval`), a partition's write that finds nothing queued
+//! for the writer is written by the calling worker itself, inside `tokio::task::block_in_place` (which hands the
+//! worker's other tasks to another thread): waking the writer for it cost a thread hand-off per write, and on a
+//! small machine the woken writer could wait milliseconds behind another busy task (docs/benchmarks.md, "fjall: the
+//! light-load latency tail"). The runtime itself is not blocked; the calling queue task waits for the write as it
+//! waited for the writer's answer.
 //! Inside a queue task's deferred scope (produce, complete, retry, extend, lease; see [`lessor_core::durability`])
 //! a call returns once its change set is written, so readable by the partition's next calls, and the queue task's
 //! pass, not the call, waits for the fsync. (Returning before the write itself was tried too, for 5-7 % more
@@ -236,6 +242,11 @@ struct Shared {
     items_loaded: AtomicU64,
     /// Items paged in from disk.
     items_paged_in: AtomicU64,
+    /// Jobs sent to the writer thread and not written yet: a write that finds none may be written by its caller
+    /// (see [`Shared::submit_deferrable`]).
+    queued: Arc<AtomicUsize>,
+    /// Whether such writes may be written by their caller (not in durability `sync`).
+    inline_writes: bool,
     /// Where cold segments go (`cold-segments`), once set.
     #[cfg(feature = "s3")]
     cold: RwLock<Option<Arc<cold::ColdCtx>>>,
@@ -255,7 +266,24 @@ impl Shared {
     /// [`Shared::submit`] for a partition's operation: inside a queue task's deferred scope it returns once the
     /// change set is written, and the pass waits for its fsync (see [`lessor_core::durability`]); the partition's
     /// next operation is written meanwhile, behind it in the journal.
+    ///
+    /// In `none` and `interval`, when nothing is queued for the writer, the caller writes the change set itself (see
+    /// the module doc): written is then durable as far as these modes go, as the writer would have answered. Only on
+    /// the multi-threaded runtime, where `block_in_place` moves the worker's other tasks to another thread; the
+    /// write still waits for fjall's journal lock like any other (serialised by the engine's write lock).
     async fn submit_deferrable(&self, unit: Unit) -> Result<(), StorageError> {
+        if self.inline_writes
+            && self.queued.load(Ordering::Acquire) == 0
+            && tokio::runtime::Handle::try_current()
+                .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread)
+        {
+            if self.tx.read().unwrap_or_else(|e| e.into_inner()).is_none() {
+                return Err(self.closed());
+            }
+            let engine = &self.engine;
+            let written = tokio::task::block_in_place(|| engine.write_group(vec![unit]));
+            return written.results.into_iter().next().unwrap_or(Ok(()));
+        }
         if !lessor_core::durability::deferring() {
             return self.submit(unit).await;
         }
@@ -296,7 +324,11 @@ impl Shared {
         let Some(tx) = tx.as_ref() else {
             return Err(self.closed());
         };
-        tx.send(Job { unit, reply, durable }).map_err(|_| self.closed())?;
+        self.queued.fetch_add(1, Ordering::AcqRel);
+        if tx.send(Job { unit, reply, durable }).is_err() {
+            self.queued.fetch_sub(1, Ordering::AcqRel);
+            return Err(self.closed());
+        }
         Ok(rx)
     }
 
@@ -565,7 +597,7 @@ type Pending = (u64, Vec<Result<(), StorageError>>, Vec<Reply>);
 /// The writer thread: takes every job waiting, writes them as one group and hands the answers to the sync thread,
 /// which sends them once an fsync covers the group. Meanwhile the writer writes the next group: the fsync of one
 /// group overlaps the writing of the next (pipelined group commit, see the `engine` module doc).
-fn writer_loop(engine: Arc<Engine>, rx: mpsc::Receiver<Job>) {
+fn writer_loop(engine: Arc<Engine>, rx: mpsc::Receiver<Job>, queued: &AtomicUsize) {
     std::thread::scope(|scope| {
         let (sync_tx, sync_rx) = mpsc::channel::<Pending>();
         let synced = std::thread::Builder::new()
@@ -583,7 +615,9 @@ fn writer_loop(engine: Arc<Engine>, rx: mpsc::Receiver<Job>) {
             }
             let (units, replies): (Vec<Unit>, Vec<_>) =
                 jobs.into_iter().map(|j| (j.unit, (j.reply, j.durable))).unzip();
+            let n = units.len();
             let written = engine.write_group(units);
+            queued.fetch_sub(n, Ordering::AcqRel);
             // A deferred write learns now that it is written (or failed); its durability is answered like any
             // other job's reply below.
             let replies: Vec<Reply> = replies
@@ -751,11 +785,17 @@ impl FjallStore {
         engine.keyspace(ITEMS, true)?;
         let (catalog, deleting) = read_catalog(&engine)?;
         let (tx, rx) = mpsc::channel();
+        let queued = Arc::new(AtomicUsize::new(0));
+        // In `sync` mode every write goes through the writer, which hands it to the fsync thread. The override is
+        // for measurements (docs/benchmarks.md), not a supported setting.
+        let inline_writes = engine.durability() != Durability::Sync
+            && super::engine::tuning("LESSOR_FJALL_INLINE_WRITES") != Some(0);
         let writer = {
             let engine = engine.clone();
+            let queued = queued.clone();
             std::thread::Builder::new()
                 .name("lessor-fjall-writer".into())
-                .spawn(move || writer_loop(engine, rx))
+                .spawn(move || writer_loop(engine, rx, &queued))
                 .map_err(|e| StorageError::other(format!("cannot start the fjall writer thread: {e}")))?
         };
         let (reclaim_tx, reclaim_rx) = mpsc::channel();
@@ -776,6 +816,8 @@ impl FjallStore {
             window_bytes: AtomicU64::new(crate::registry::DEFAULT_MEMORY_WINDOW_BYTES),
             items_loaded: AtomicU64::new(0),
             items_paged_in: AtomicU64::new(0),
+            queued,
+            inline_writes,
             #[cfg(feature = "s3")]
             cold: RwLock::new(None),
             segments_written: AtomicU64::new(0),
