@@ -706,6 +706,36 @@ async fn acknowledged_work_survives_sigkill_with_paging() {
     }
 }
 
+/// SIGKILL with `durability: interval` and `none`: writes wait for no fsync, so a partition's write that finds the
+/// writer thread idle is written by the calling worker (`block_in_place`), and an answer means the write is in the
+/// OS. A process kill (not a power loss) must lose nothing acknowledged on either path.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acknowledged_work_survives_sigkill_without_fsyncs() {
+    for durability in ["interval", "none"] {
+        let tmp = tempfile::tempdir().expect("temp dir");
+        let config = tmp.path().join("nofsync.yaml");
+        let data = tmp.path().join("data");
+        std::fs::write(
+            &config,
+            format!(
+                "queue-storage:\n  driver: fjall\n  config:\n    storage-dir: {dir}\npartition-storage:\n  - name: \
+                 nofsync\n    driver: fjall\n    affinity: 1\n    config:\n      storage-dir: {dir}\n      \
+                 durability: {durability}\n",
+                dir = data.display()
+            ),
+        )
+        .expect("write config");
+        let seed = seed();
+        match run(seed, ITERATIONS / 2, tmp.path(), Some(&config), DEFAULT_LOAD).await {
+            Ok(totals) => assert!(
+                totals[0] > 0 && totals[3] > 0,
+                "the load produced and completed something ({durability})"
+            ),
+            Err(e) => panic!("{durability}: {e}"),
+        }
+    }
+}
+
 /// The check is not vacuous: with items kept in memory only (queue definitions on disk, so the queue survives), the
 /// same procedure must report acknowledged items as lost after the first kill.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
