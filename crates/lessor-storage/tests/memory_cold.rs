@@ -206,24 +206,8 @@ async fn a_delete_or_expiry_touching_every_segment_keeps_ram_bounded() {
     assert_eq!(drain(&p, &mut model, 50).await, 1800);
 
     // Expiry: every other item is due, so every segment holds due items and items that stay.
-    let batch: Vec<NewItem> = (0..1000)
-        .map(|i| NewItem {
-            expire_deadline: if i % 2 == 0 { Ts(T0.0 + 1_000_000) } else { FAR },
-            created_at: T0,
-            payload: Bytes::from(format!("x{i}")),
-            ..Default::default()
-        })
-        .collect();
-    let payloads: Vec<Bytes> = batch.iter().map(|b| b.payload.clone()).collect();
-    let ids = p.produce(batch).await.unwrap();
     // The items that stay, for the drain below: the rewritten segments serve them in order.
-    let mut model: Model = ids
-        .into_iter()
-        .zip(payloads)
-        .skip(1)
-        .step_by(2)
-        .map(|(id, payload)| ((std::cmp::Reverse(0), id), payload))
-        .collect();
+    let mut model = produce_half_due(&p, 1000).await;
     spill(&env, &p, 40).await;
     settle(&env, &p).await;
     let segs = cp.segment_keys().await.len();
@@ -341,6 +325,28 @@ async fn a_list_reaching_a_missing_segment_fails_naming_it() {
     assert_eq!(p.counts().await.unwrap().ready, 300);
 }
 
+/// Produces `n` items of priority 0, every other one (the first, the third, ...) expiring at `T0` + 1 s and the
+/// rest never, so that every segment they spill to holds items that expire and items that stay. Returns the model
+/// of the items that stay.
+async fn produce_half_due(p: &Arc<dyn Partition>, n: usize) -> Model {
+    let batch: Vec<NewItem> = (0..n)
+        .map(|i| NewItem {
+            expire_deadline: if i % 2 == 0 { Ts(T0.0 + 1_000_000) } else { FAR },
+            created_at: T0,
+            payload: Bytes::from(format!("x{i}")),
+            ..Default::default()
+        })
+        .collect();
+    let payloads: Vec<Bytes> = batch.iter().map(|b| b.payload.clone()).collect();
+    let ids = p.produce(batch).await.unwrap();
+    ids.into_iter()
+        .zip(payloads)
+        .skip(1)
+        .step_by(2)
+        .map(|(id, payload)| ((std::cmp::Reverse(0), id), payload))
+        .collect()
+}
+
 /// Waits until the manifest of `cp` and the segment objects are the same set: no entry names a deleted object, and
 /// no object is left that no entry names (the old object of a replaced segment is deleted in the background).
 async fn manifest_matches_objects(env: &Env, cp: &lessor_storage::memory::cold::ColdPartition) {
@@ -436,23 +442,7 @@ async fn an_expiry_whose_segment_rewrites_fail_loses_and_doubles_nothing() {
     let p = store.open("q", 11).await.unwrap();
     let cp = store.cold_partition("q", 11).unwrap();
     // Every other item is due: every segment holds due items and items that stay.
-    let batch: Vec<NewItem> = (0..600)
-        .map(|i| NewItem {
-            expire_deadline: if i % 2 == 0 { Ts(T0.0 + 1_000_000) } else { FAR },
-            created_at: T0,
-            payload: Bytes::from(format!("x{i}")),
-            ..Default::default()
-        })
-        .collect();
-    let payloads: Vec<Bytes> = batch.iter().map(|b| b.payload.clone()).collect();
-    let ids = p.produce(batch).await.unwrap();
-    let mut model: Model = ids
-        .into_iter()
-        .zip(payloads)
-        .skip(1)
-        .step_by(2)
-        .map(|(id, payload)| ((std::cmp::Reverse(0), id), payload))
-        .collect();
+    let mut model = produce_half_due(&p, 600).await;
     spill(&env, &p, 20).await;
     settle(&env, &p).await;
     let segs = cp.segment_keys().await.len();

@@ -44,7 +44,7 @@ use lessor_core::types::{
 use object_store::path::Path as ObjPath;
 
 use crate::offload::segment::{self, ManifestEntry};
-use crate::offload::segment_io::{random, SegmentObjects};
+use crate::offload::segment_io::{self, random, SegmentObjects};
 use crate::registry::ColdSettings;
 use crate::state::paging::PRIORITIES;
 use crate::state::{PageRead, PartitionState};
@@ -776,35 +776,24 @@ impl ColdPartition {
         out: &mut Vec<Item>,
         ceiling: &mut Option<u64>,
     ) -> Result<(), StorageError> {
-        // An empty page takes nothing from any segment, and no ceiling would ever stop the walk.
-        if limit == 0 {
-            return Ok(());
-        }
         let what = self.what();
-        let mut at = from;
-        while let Some(e) = g.next_seg(prio, at) {
-            if ceiling.is_some_and(|c| e.first >= c) {
-                return Ok(());
-            }
-            let records = fetch(&self.ctx, &what, prio, e).await.inspect_err(|err| {
-                self.count_failure();
-                tracing::error!(queue = %self.queue, partition = self.part_no, segment = %e.key, error = %err, "cold segment could not be read for a list");
-            })?;
-            // A segment's records are in id order (`segment::decode` checks it).
-            for (id, r) in records.iter().filter(|(id, _)| *id >= from).take(limit) {
-                if ceiling.is_some_and(|c| *id >= c) {
-                    break;
-                }
-                out.push(decode_record(*id, r, &what)?);
-            }
-            drop(records);
-            lessor_core::storage::keep_page(out, limit, max_bytes, ceiling);
-            let Some(next) = e.last.checked_add(1) else {
-                return Ok(());
-            };
-            at = next;
-        }
-        Ok(())
+        let what = what.as_str();
+        segment_io::list_segments(
+            |at| g.next_seg(prio, at),
+            |e| async move {
+                fetch(&self.ctx, what, prio, e).await.inspect_err(|err| {
+                    self.count_failure();
+                    tracing::error!(queue = %self.queue, partition = self.part_no, segment = %e.key, error = %err, "cold segment could not be read for a list");
+                })
+            },
+            |id, r| decode_record(id, r, what),
+            from,
+            limit,
+            max_bytes,
+            out,
+            ceiling,
+        )
+        .await
     }
 
     /// Loads every segment (a snapshot copies every item).

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
 use lessor_core::error::{StorageError, StorageErrorKind};
+use lessor_core::types::Item;
 use object_store::path::Path as ObjPath;
 use object_store::{ObjectMeta, ObjectStore, PutPayload};
 
@@ -178,6 +179,52 @@ pub(crate) fn random() -> u64 {
             .map_or(0, |d| d.as_nanos() as u64);
     }
     u64::from_le_bytes(b)
+}
+
+/// A list's walk over the cold segments of one priority, for both stores' `list` (browsing), which reads segments
+/// and leaves them in object storage rather than loading them back: from id `from` on, each segment `next` names
+/// that starts below the page's `ceiling` is fetched with `fetch`, its first `limit` items at or after `from` and
+/// below the ceiling are decoded into `out` with `decode`, and the page is cut to its bounds (`keep_page`, which
+/// may set or lower the ceiling) before the next segment is fetched. A list therefore holds at most one segment
+/// beyond its page. A page of no items reads none: no ceiling would ever stop the walk.
+#[allow(clippy::too_many_arguments)]
+pub(crate) async fn list_segments<'e, Fut>(
+    next: impl Fn(u64) -> Option<&'e ManifestEntry>,
+    fetch: impl Fn(&'e ManifestEntry) -> Fut,
+    decode: impl Fn(u64, &[u8]) -> Result<Item, StorageError>,
+    from: u64,
+    limit: usize,
+    max_bytes: u64,
+    out: &mut Vec<Item>,
+    ceiling: &mut Option<u64>,
+) -> Result<(), StorageError>
+where
+    Fut: std::future::Future<Output = Result<Vec<(u64, Vec<u8>)>, StorageError>>,
+{
+    if limit == 0 {
+        return Ok(());
+    }
+    let mut at = from;
+    while let Some(e) = next(at) {
+        if ceiling.is_some_and(|c| e.first >= c) {
+            return Ok(());
+        }
+        let records = fetch(e).await?;
+        // A segment's records are in id order (`segment::decode` checks it).
+        for (id, r) in records.iter().filter(|(id, _)| *id >= from).take(limit) {
+            if ceiling.is_some_and(|c| *id >= c) {
+                break;
+            }
+            out.push(decode(*id, r)?);
+        }
+        drop(records);
+        lessor_core::storage::keep_page(out, limit, max_bytes, ceiling);
+        let Some(next) = e.last.checked_add(1) else {
+            return Ok(());
+        };
+        at = next;
+    }
+    Ok(())
 }
 
 /// Checks a fetched segment body against manifest entry `e` of priority `prio` (the body's checksum, the body

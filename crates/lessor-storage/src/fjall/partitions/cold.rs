@@ -39,7 +39,7 @@ use object_store::path::Path as ObjPath;
 
 use super::{blocking, pg, FjallPartition, Inner, Unit, ITEMS};
 use crate::offload::segment::{self, ManifestEntry};
-use crate::offload::segment_io::{random, SegmentObjects};
+use crate::offload::segment_io::{list_segments, random, SegmentObjects};
 use crate::registry::ColdSettings;
 use crate::state::paging::PRIORITIES;
 
@@ -417,40 +417,32 @@ impl FjallPartition {
         out: &mut Vec<lessor_core::types::Item>,
         ceiling: &mut Option<u64>,
     ) -> Result<(), StorageError> {
-        // An empty page takes nothing from any segment, and no ceiling would ever stop the walk.
-        if limit == 0 {
-            return Ok(());
-        }
         let what = self.what();
-        let mut at = from;
-        while let Some(e) = g.cold.next(prio, at) {
-            if ceiling.is_some_and(|c| e.first >= c) {
-                return Ok(());
-            }
-            let Some(ctx) = self.cold_ctx() else {
-                return Err(StorageError::unavailable(format!(
-                    "{what}: cold segment '{}' holds queued items but the store has no cold-segments object store",
-                    e.key
-                )));
-            };
-            let records = fetch(&ctx, &what, prio, e)
-                .await
-                .inspect_err(|err| self.report(e, err))?;
-            // A segment's records are in id order (`segment::decode` checks it).
-            for (id, r) in records.iter().filter(|(id, _)| *id >= from).take(limit) {
-                if ceiling.is_some_and(|c| *id >= c) {
-                    break;
+        let what = what.as_str();
+        let ctx = self.cold_ctx();
+        list_segments(
+            |at| g.cold.next(prio, at),
+            |e| {
+                let ctx = ctx.clone();
+                async move {
+                    let Some(ctx) = ctx else {
+                        return Err(StorageError::unavailable(format!(
+                            "{what}: cold segment '{}' holds queued items but the store has no cold-segments object \
+                             store",
+                            e.key
+                        )));
+                    };
+                    fetch(&ctx, what, prio, e).await.inspect_err(|err| self.report(e, err))
                 }
-                out.push(pg::decode_record(*id, r, &what)?);
-            }
-            drop(records);
-            lessor_core::storage::keep_page(out, limit, max_bytes, ceiling);
-            let Some(next) = e.last.checked_add(1) else {
-                return Ok(());
-            };
-            at = next;
-        }
-        Ok(())
+            },
+            |id, r| pg::decode_record(id, r, what),
+            from,
+            limit,
+            max_bytes,
+            out,
+            ceiling,
+        )
+        .await
     }
 
     /// Fetches, verifies and commits segment `e` of `prio` now. A missing or damaged segment is an
