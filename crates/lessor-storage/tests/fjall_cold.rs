@@ -175,30 +175,7 @@ async fn a_list_paging_through_segments_keeps_them_cold() {
     assert!(tiers_after.disk.items <= tiers.disk.items, "{tiers_after:?}");
 
     // One page over everything, one from a pivot, and one cut by its byte bound: the same items.
-    let all = p.list(None, 5000, false).await.unwrap();
-    assert_eq!(all.iter().map(|it| it.id).collect::<Vec<_>>(), want);
-    let mid = want[567];
-    let from: Vec<ItemId> = p
-        .list(Some(mid), 300, false)
-        .await
-        .unwrap()
-        .iter()
-        .map(|it| it.id)
-        .collect();
-    assert_eq!(from, want[567..867]);
-    let (cut, capped) = p.list_within(None, 1000, false, 2000).await.unwrap();
-    assert!(
-        capped && !cut.is_empty() && cut.len() < 1000,
-        "{} items",
-        cut.len()
-    );
-    assert_eq!(cut.iter().map(|it| it.id).collect::<Vec<_>>(), want[..cut.len()]);
-    // A page of no items is empty (the walk over segments returns at once: no ceiling would ever stop it).
-    assert!(p.list(None, 0, false).await.unwrap().is_empty());
-    // The payloads listed are the items' own.
-    for it in &all {
-        assert_eq!(Some(&it.payload), model.get(&(Reverse(it.priority), it.id)));
-    }
+    check_single_pages(&p, &want, 567, &model).await;
     assert_eq!(store.segment_counters().1, loaded, "a list loaded segments");
     assert_eq!(drain(&p, &mut model, 50).await, 1000);
     env.segments_gone().await;

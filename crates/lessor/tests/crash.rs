@@ -684,14 +684,21 @@ async fn acknowledged_work_survives_sigkill_with_rounds_in_flight() {
 /// restart reads the paging counters and index instead of the items.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acknowledged_work_survives_sigkill_with_paging() {
+    survives_with_partition_config("paged", "memory-window-items: 5").await;
+}
+
+/// Runs the SIGKILL procedure (half the iterations) against a server whose queues and partitions are in one fjall
+/// storage-dir, the partition store named `name` with the extra config line `extra` (for example
+/// `durability: none`), and fails the test on any acknowledged work lost.
+async fn survives_with_partition_config(name: &str, extra: &str) {
     let tmp = tempfile::tempdir().expect("temp dir");
-    let config = tmp.path().join("paged.yaml");
+    let config = tmp.path().join(format!("{name}.yaml"));
     let data = tmp.path().join("data");
     std::fs::write(
         &config,
         format!(
-            "queue-storage:\n  driver: fjall\n  config:\n    storage-dir: {dir}\npartition-storage:\n  - name: paged\n    \
-             driver: fjall\n    affinity: 1\n    config:\n      storage-dir: {dir}\n      memory-window-items: 5\n",
+            "queue-storage:\n  driver: fjall\n  config:\n    storage-dir: {dir}\npartition-storage:\n  - name: {name}\n    \
+             driver: fjall\n    affinity: 1\n    config:\n      storage-dir: {dir}\n      {extra}\n",
             dir = data.display()
         ),
     )
@@ -700,9 +707,9 @@ async fn acknowledged_work_survives_sigkill_with_paging() {
     match run(seed, ITERATIONS / 2, tmp.path(), Some(&config), DEFAULT_LOAD).await {
         Ok(totals) => assert!(
             totals[0] > 0 && totals[3] > 0,
-            "the load produced and completed something"
+            "the load produced and completed something ({name}: {extra})"
         ),
-        Err(e) => panic!("{e}"),
+        Err(e) => panic!("{name} ({extra}): {e}"),
     }
 }
 
@@ -712,27 +719,7 @@ async fn acknowledged_work_survives_sigkill_with_paging() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acknowledged_work_survives_sigkill_without_fsyncs() {
     for durability in ["interval", "none"] {
-        let tmp = tempfile::tempdir().expect("temp dir");
-        let config = tmp.path().join("nofsync.yaml");
-        let data = tmp.path().join("data");
-        std::fs::write(
-            &config,
-            format!(
-                "queue-storage:\n  driver: fjall\n  config:\n    storage-dir: {dir}\npartition-storage:\n  - name: \
-                 nofsync\n    driver: fjall\n    affinity: 1\n    config:\n      storage-dir: {dir}\n      \
-                 durability: {durability}\n",
-                dir = data.display()
-            ),
-        )
-        .expect("write config");
-        let seed = seed();
-        match run(seed, ITERATIONS / 2, tmp.path(), Some(&config), DEFAULT_LOAD).await {
-            Ok(totals) => assert!(
-                totals[0] > 0 && totals[3] > 0,
-                "the load produced and completed something ({durability})"
-            ),
-            Err(e) => panic!("{durability}: {e}"),
-        }
+        survives_with_partition_config("nofsync", &format!("durability: {durability}")).await;
     }
 }
 

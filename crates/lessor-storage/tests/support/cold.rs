@@ -172,6 +172,34 @@ pub async fn list_pages(p: &Arc<dyn Partition>, limit: usize) -> (Vec<ItemId>, u
     }
 }
 
+/// Checks single lists of a partition whose ready items are `want` (in id order) with the payloads of `model`: one
+/// page over everything, one of 300 from the pivot `want[at]`, one cut by its byte bound (a prefix), and one of no
+/// items (empty: the walk over segments stops at once).
+pub async fn check_single_pages(p: &Arc<dyn Partition>, want: &[ItemId], at: usize, model: &Model) {
+    let all = p.list(None, 5000, false).await.unwrap();
+    assert_eq!(all.iter().map(|it| it.id).collect::<Vec<_>>(), want);
+    let from: Vec<ItemId> = p
+        .list(Some(want[at]), 300, false)
+        .await
+        .unwrap()
+        .iter()
+        .map(|it| it.id)
+        .collect();
+    assert_eq!(from, want[at..at + 300]);
+    let (cut, capped) = p.list_within(None, 1000, false, 2000).await.unwrap();
+    assert!(
+        capped && !cut.is_empty() && cut.len() < 1000,
+        "{} items",
+        cut.len()
+    );
+    assert_eq!(cut.iter().map(|it| it.id).collect::<Vec<_>>(), want[..cut.len()]);
+    assert!(p.list(None, 0, false).await.unwrap().is_empty());
+    // The payloads listed are the items' own.
+    for it in &all {
+        assert_eq!(Some(&it.payload), model.get(&(Reverse(it.priority), it.id)));
+    }
+}
+
 /// Leases everything, `batch` at a time with lifecycle calls between (which prefetch segments), checking each
 /// lease against the model; returns how many were leased.
 pub async fn drain(p: &Arc<dyn Partition>, model: &mut Model, batch: usize) -> usize {
