@@ -601,19 +601,33 @@ async fn every_querator_reply_decodes_strictly_in_both_encodings() {
             },
         )
         .await;
-        // The dead-lettered item carries a source id; its listing stays within StorageItem.
-        let dead: pb::StorageItemsListResponse = w
-            .call(
-                way,
-                "/v1/storage/items.list",
-                &pb::StorageItemsListRequest {
-                    queue_name: dlq.clone(),
-                    ..Default::default()
-                },
-                200,
-                &ITEMS_LIST_RESPONSE,
-            )
-            .await;
+        // The dead-lettered item carries a source id; its listing stays within StorageItem. The source queue moves
+        // its dead items in its next pass, after the retry's answer: a listing right after it may come first (it
+        // did, 14 times in 40 on a busy machine), so the listing is polled until the move has landed.
+        let dead: pb::StorageItemsListResponse = lessor_testkit::eventually::eventually(
+            "the dead-lettered item listed in the dead-letter queue",
+            Duration::from_secs(10),
+            || async {
+                let listed: pb::StorageItemsListResponse = w
+                    .call(
+                        way,
+                        "/v1/storage/items.list",
+                        &pb::StorageItemsListRequest {
+                            queue_name: dlq.clone(),
+                            ..Default::default()
+                        },
+                        200,
+                        &ITEMS_LIST_RESPONSE,
+                    )
+                    .await;
+                if listed.items.is_empty() {
+                    Err(format!("no item yet ({way:?})"))
+                } else {
+                    Ok(listed)
+                }
+            },
+        )
+        .await;
         assert_eq!(dead.items.len(), 1, "{way:?}");
         assert!(!dead.items[0].source_id.is_empty(), "{way:?}");
 
