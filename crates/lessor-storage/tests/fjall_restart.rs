@@ -395,10 +395,7 @@ async fn writes_made_by_callers_and_by_the_writer_all_survive_a_restart() {
     for durability in [Durability::None, Durability::Interval(Duration::from_millis(5))] {
         let dir = tempfile::tempdir().expect("temp dir");
         let store = std::sync::Arc::new(FjallStore::open(dir.path(), durability).expect("open"));
-        let mut parts = Vec::new();
-        for i in 0..16 {
-            parts.push(store.open("mixed", i).await.expect("open"));
-        }
+        let parts = open_parts(&store, "mixed", 16).await;
         let rounds = 25;
         let tasks: Vec<_> = parts
             .iter()
@@ -424,6 +421,10 @@ async fn writes_made_by_callers_and_by_the_writer_all_survive_a_restart() {
         for t in tasks {
             t.await.expect("task");
         }
+        assert!(
+            store.caller_writes() > 0,
+            "{durability}: no write was made by its caller"
+        );
         drop(parts);
         drop(store);
         let store = reopen_when_unlocked(dir.path(), durability).await;
@@ -631,10 +632,7 @@ async fn destroy_removes_the_data_for_good() {
 async fn concurrent_writes_to_many_partitions_share_fsyncs() {
     let dir = tempfile::tempdir().expect("temp dir");
     let store = std::sync::Arc::new(FjallStore::open(dir.path(), Durability::Sync).expect("open"));
-    let mut parts = Vec::new();
-    for i in 0..32 {
-        parts.push(store.open("group", i).await.expect("open"));
-    }
+    let parts = open_parts(&store, "group", 32).await;
     let before = store.fsyncs();
     let rounds = 20;
     let tasks: Vec<_> = parts
@@ -652,6 +650,8 @@ async fn concurrent_writes_to_many_partitions_share_fsyncs() {
         t.await.expect("task");
     }
     let writes = parts.len() as u64 * rounds;
+    // In `sync` every write goes through the writer thread, whose groups share an fsync.
+    assert_eq!(store.caller_writes(), 0);
     let fsyncs = store.fsyncs() - before;
     assert!(
         fsyncs < writes,
@@ -921,4 +921,13 @@ async fn a_format_4_store_with_a_schedule_opens_and_pages_what_comes_next() {
         .collect();
     assert_eq!(got, want);
     store.close().await;
+}
+
+/// Opens partitions 0 to `n - 1` of queue `name`.
+async fn open_parts(store: &FjallStore, name: &str, n: u32) -> Vec<std::sync::Arc<dyn Partition>> {
+    let mut parts = Vec::new();
+    for i in 0..n {
+        parts.push(store.open(name, i).await.expect("open"));
+    }
+    parts
 }

@@ -247,6 +247,8 @@ struct Shared {
     queued: Arc<AtomicUsize>,
     /// Whether such writes may be written by their caller (not in durability `sync`).
     inline_writes: bool,
+    /// Writes made by their caller that way, for tests that must see the path taken.
+    caller_writes: AtomicU64,
     /// Where cold segments go (`cold-segments`), once set.
     #[cfg(feature = "s3")]
     cold: RwLock<Option<Arc<cold::ColdCtx>>>,
@@ -282,6 +284,7 @@ impl Shared {
             }
             let engine = &self.engine;
             let written = tokio::task::block_in_place(|| engine.write_group(vec![unit]));
+            self.caller_writes.fetch_add(1, Ordering::Relaxed);
             return written.results.into_iter().next().unwrap_or(Ok(()));
         }
         if !lessor_core::durability::deferring() {
@@ -818,6 +821,7 @@ impl FjallStore {
             items_paged_in: AtomicU64::new(0),
             queued,
             inline_writes,
+            caller_writes: AtomicU64::new(0),
             #[cfg(feature = "s3")]
             cold: RwLock::new(None),
             segments_written: AtomicU64::new(0),
@@ -861,6 +865,13 @@ impl FjallStore {
     #[doc(hidden)]
     pub fn fsyncs(&self) -> u64 {
         self.shared.engine.fsyncs()
+    }
+
+    /// Partition writes made by the calling worker instead of the writer thread since the store opened (only in
+    /// durability `none` and `interval`; see the module doc).
+    #[doc(hidden)]
+    pub fn caller_writes(&self) -> u64 {
+        self.shared.caller_writes.load(Ordering::Relaxed)
     }
 
     /// Sets `memory-window-items` (at least 1) for partitions opened from now on.
