@@ -17,6 +17,8 @@
 
 #[cfg(feature = "fjall")]
 pub mod fjall;
+#[cfg(feature = "fjall")]
+pub mod log;
 pub mod memory;
 #[cfg(feature = "s3")]
 pub mod offload;

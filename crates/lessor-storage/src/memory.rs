@@ -228,10 +228,10 @@ impl PartitionStore for MemoryStore {
             // Ids start at the current time in microseconds, so a deleted and re-created queue never reuses an id,
             // offset per partition so that two partitions never share one.
             let floor = ItemId::floor_for(partition).0;
-            Part::Plain(Arc::new(MemoryPartition {
-                // Nothing to persist: building change sets would only copy every item written.
-                state: Mutex::new(PartitionState::new(floor).without_changes()),
-            }))
+            // Nothing to persist: building change sets would only copy every item written.
+            Part::Plain(Arc::new(MemoryPartition::new(
+                PartitionState::new(floor).without_changes(),
+            )))
         });
         Ok(match p {
             Part::Plain(p) => p.clone(),
@@ -261,26 +261,116 @@ impl PartitionStore for MemoryStore {
     async fn close(&self) {}
 }
 
-/// One partition in RAM.
-#[derive(Debug)]
+/// One partition in RAM; in the log store, with the log its changes go to.
 pub struct MemoryPartition {
     state: Mutex<PartitionState>,
+    #[cfg(feature = "fjall")]
+    log: Option<crate::log::PartLog>,
+}
+
+impl std::fmt::Debug for MemoryPartition {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MemoryPartition").finish_non_exhaustive()
+    }
 }
 
 impl MemoryPartition {
+    fn new(state: PartitionState) -> Self {
+        MemoryPartition {
+            state: Mutex::new(state),
+            #[cfg(feature = "fjall")]
+            log: None,
+        }
+    }
+
+    /// A partition of the log store: `state` builds change sets, which go to `log`.
+    #[cfg(feature = "fjall")]
+    pub(crate) fn logged(state: PartitionState, log: crate::log::PartLog) -> Self {
+        MemoryPartition {
+            state: Mutex::new(state),
+            log: Some(log),
+        }
+    }
+
     fn state(&self) -> Result<MutexGuard<'_, PartitionState>, StorageError> {
+        #[cfg(feature = "fjall")]
+        if let Some(log) = &self.log {
+            log.check()?;
+        }
         lock(&self.state)
+    }
+
+    /// Runs a mutation; in the log store, appends its change set under the partition's lock (so the log has the
+    /// partition's changes in the order they were made) and returns its sequence for [`MemoryPartition::settle`].
+    fn apply<R>(
+        &self,
+        f: impl FnOnce(&mut PartitionState) -> (R, crate::state::Changes),
+    ) -> Result<(R, Option<u64>), StorageError> {
+        let mut st = self.state()?;
+        #[cfg(feature = "fjall")]
+        if let Some(log) = &self.log {
+            log.check_write()?;
+            let (r, ch) = f(&mut st);
+            return Ok((r, log.append(&ch)?));
+        }
+        Ok((f(&mut st).0, None))
+    }
+
+    /// Waits for the durability of what [`MemoryPartition::apply`] logged (nothing on the memory store).
+    async fn settle(&self, seq: Option<u64>) -> Result<(), StorageError> {
+        #[cfg(feature = "fjall")]
+        if let Some(log) = &self.log {
+            return log.settle(seq).await;
+        }
+        let _ = seq;
+        Ok(())
+    }
+
+    /// [`MemoryPartition::apply`] then [`MemoryPartition::settle`].
+    async fn mutate<R>(
+        &self,
+        f: impl FnOnce(&mut PartitionState) -> (R, crate::state::Changes),
+    ) -> Result<R, StorageError> {
+        let (r, seq) = self.apply(f)?;
+        self.settle(seq).await?;
+        Ok(r)
+    }
+
+    /// Writes this partition's checkpoint to the log store's log, under its lock (without its end record when
+    /// `end` is false: tests of a checkpoint cut by a crash); the bytes written.
+    #[cfg(feature = "fjall")]
+    pub(crate) fn write_checkpoint(
+        &self,
+        queue: &str,
+        partition: u32,
+        end: bool,
+    ) -> Result<u64, StorageError> {
+        let st = self.state()?;
+        match &self.log {
+            Some(log) => crate::log::write_checkpoint(log, &st, queue, partition, end),
+            None => Ok(0),
+        }
+    }
+
+    /// Logs this partition's destruction, under its lock; the sequence to wait for.
+    #[cfg(feature = "fjall")]
+    pub(crate) fn log_destroy(&self) -> Result<u64, StorageError> {
+        let _st = self.state()?;
+        match &self.log {
+            Some(log) => log.destroy(),
+            None => Ok(0),
+        }
     }
 }
 
 #[async_trait]
 impl Partition for MemoryPartition {
     async fn produce(&self, items: Vec<NewItem>) -> Result<Vec<ItemId>, StorageError> {
-        Ok(self.state()?.produce(items).0)
+        self.mutate(|s| s.produce(items)).await
     }
 
     async fn lease(&self, n: usize, lease_deadline: Ts) -> Result<Vec<Item>, StorageError> {
-        Ok(self.state()?.lease(n, lease_deadline).0)
+        self.mutate(|s| s.lease(n, lease_deadline)).await
     }
 
     async fn lease_within(
@@ -289,19 +379,22 @@ impl Partition for MemoryPartition {
         lease_deadline: Ts,
         max_bytes: u64,
     ) -> Result<(Vec<Item>, bool), StorageError> {
-        let (out, _, capped) = self.state()?.lease_within(n, lease_deadline, max_bytes);
-        Ok((out, capped))
+        self.mutate(|s| {
+            let (out, ch, capped) = s.lease_within(n, lease_deadline, max_bytes);
+            ((out, capped), ch)
+        })
+        .await
     }
 
     async fn complete(&self, requests: Vec<Vec<ItemId>>) -> Result<Vec<Result<(), ItemError>>, StorageError> {
-        Ok(self.state()?.complete(requests).0)
+        self.mutate(|s| s.complete(requests)).await
     }
 
     async fn extend(
         &self,
         requests: Vec<(Vec<ItemId>, Ts)>,
     ) -> Result<Vec<Result<(), ItemError>>, StorageError> {
-        Ok(self.state()?.extend(requests).0)
+        self.mutate(|s| s.extend(requests)).await
     }
 
     async fn dedup_records(&self, now: Ts) -> Result<Vec<DedupRecord>, StorageError> {
@@ -313,7 +406,7 @@ impl Partition for MemoryPartition {
         requests: Vec<Vec<RetryOp>>,
         policy: LifecyclePolicy,
     ) -> Result<Vec<Result<RetryOutcome, ItemError>>, StorageError> {
-        Ok(self.state()?.retry(requests, policy).0)
+        self.mutate(|s| s.retry(requests, policy)).await
     }
 
     async fn lifecycle(
@@ -322,7 +415,7 @@ impl Partition for MemoryPartition {
         policy: LifecyclePolicy,
         limit: usize,
     ) -> Result<LifecycleOutcome, StorageError> {
-        Ok(self.state()?.lifecycle(now, policy, limit).0)
+        self.mutate(|s| s.lifecycle(now, policy, limit)).await
     }
 
     async fn dead_items(&self, limit: usize) -> Result<Vec<Item>, StorageError> {
@@ -342,8 +435,7 @@ impl Partition for MemoryPartition {
     }
 
     async fn remove_dead(&self, ids: Vec<ItemId>) -> Result<(), StorageError> {
-        self.state()?.remove_dead(ids);
-        Ok(())
+        self.mutate(|s| ((), s.remove_dead(ids))).await
     }
 
     async fn next_deadline(&self) -> Result<Option<Ts>, StorageError> {
@@ -355,7 +447,14 @@ impl Partition for MemoryPartition {
     }
 
     async fn stats(&self, now: Ts) -> Result<PartitionStats, StorageError> {
-        Ok(self.state()?.stats(now))
+        let st = self.state()?;
+        let mut stats = st.stats(now);
+        // In the log store every item held in memory is in the log too.
+        #[cfg(feature = "fjall")]
+        if self.log.is_some() {
+            stats.tiers.disk = st.tier_counters().held();
+        }
+        Ok(stats)
     }
 
     async fn list(
@@ -378,22 +477,19 @@ impl Partition for MemoryPartition {
     }
 
     async fn import(&self, items: Vec<Item>) -> Result<Vec<Item>, StorageError> {
-        Ok(self.state()?.import(items).0)
+        self.mutate(|s| s.import(items)).await
     }
 
     async fn import_dedup(&self, records: Vec<lessor_core::types::DedupRecord>) -> Result<(), StorageError> {
-        self.state()?.import_dedup(records);
-        Ok(())
+        self.mutate(|s| s.import_dedup(records)).await
     }
 
     async fn delete(&self, ids: Vec<ItemId>) -> Result<(), StorageError> {
-        self.state()?.delete(ids);
-        Ok(())
+        self.mutate(|s| ((), s.delete(ids))).await
     }
 
     async fn clear(&self, request: ClearRequest) -> Result<(), StorageError> {
-        self.state()?.clear(request);
-        Ok(())
+        self.mutate(|s| ((), s.clear(request))).await
     }
 
     async fn snapshot(&self) -> Result<Box<dyn PartitionSnapshot>, StorageError> {

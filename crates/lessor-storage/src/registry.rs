@@ -25,6 +25,7 @@
 
 mod cold;
 mod fjall;
+mod log;
 mod memory;
 mod offload;
 mod postgres;
@@ -41,6 +42,7 @@ use thiserror::Error;
 
 pub use self::cold::ColdSettings;
 pub use self::fjall::{FjallConfig, DEFAULT_MEMORY_WINDOW, DEFAULT_MEMORY_WINDOW_BYTES};
+pub use self::log::LogConfig;
 pub use self::memory::MemoryConfig;
 pub use self::offload::{
     parse_size, Compression, ObjectStoreConfig, OffloadSettings, DEFAULT_GRACE, DEFAULT_SWEEP_INTERVAL,
@@ -50,7 +52,7 @@ pub use self::postgres::PostgresConfig;
 
 /// Every driver Lessor knows, compiled in or not, in the order error messages list them. Adding a driver adds one
 /// line here.
-pub static DRIVERS: &[&DriverEntry] = &[&memory::DRIVER, &fjall::DRIVER, &postgres::DRIVER];
+pub static DRIVERS: &[&DriverEntry] = &[&memory::DRIVER, &fjall::DRIVER, &postgres::DRIVER, &log::DRIVER];
 
 /// One driver: its names, the settings it takes, whether this build has it, and how to read its settings.
 pub struct DriverEntry {

@@ -658,6 +658,11 @@ impl PartitionState {
             .unwrap_or_default()
     }
 
+    /// Above every id this partition handed out (a store that keeps no id high-water mark of its own records it).
+    pub fn id_high_water(&self) -> u64 {
+        self.next_id
+    }
+
     /// Stops building change sets (a backend with nothing to persist saves the copies).
     pub fn without_changes(mut self) -> Self {
         self.track = false;

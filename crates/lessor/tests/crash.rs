@@ -687,10 +687,15 @@ async fn acknowledged_work_survives_sigkill_with_paging() {
     survives_with_partition_config("paged", "memory-window-items: 5").await;
 }
 
-/// Runs the SIGKILL procedure (half the iterations) against a server whose queues and partitions are in one fjall
+/// Runs the SIGKILL procedure (half the iterations) against a server whose queues (fjall) and partitions are in one
 /// storage-dir, the partition store named `name` with the extra config line `extra` (for example
 /// `durability: none`), and fails the test on any acknowledged work lost.
 async fn survives_with_partition_config(name: &str, extra: &str) {
+    survives_with_partition_driver("fjall", name, extra).await
+}
+
+/// [`survives_with_partition_config`] with a partition store of driver `driver`.
+async fn survives_with_partition_driver(driver: &str, name: &str, extra: &str) {
     let tmp = tempfile::tempdir().expect("temp dir");
     let config = tmp.path().join(format!("{name}.yaml"));
     let data = tmp.path().join("data");
@@ -698,7 +703,7 @@ async fn survives_with_partition_config(name: &str, extra: &str) {
         &config,
         format!(
             "queue-storage:\n  driver: fjall\n  config:\n    storage-dir: {dir}\npartition-storage:\n  - name: {name}\n    \
-             driver: fjall\n    affinity: 1\n    config:\n      storage-dir: {dir}\n      {extra}\n",
+             driver: {driver}\n    affinity: 1\n    config:\n      storage-dir: {dir}\n      {extra}\n",
             dir = data.display()
         ),
     )
@@ -720,6 +725,20 @@ async fn survives_with_partition_config(name: &str, extra: &str) {
 async fn acknowledged_work_survives_sigkill_without_fsyncs() {
     for durability in ["interval", "none"] {
         survives_with_partition_config("nofsync", &format!("durability: {durability}")).await;
+    }
+}
+
+/// SIGKILL against the log store (partitions in RAM, an append-only log), in `sync` and `none`, with checkpoints
+/// every 64 KiB of log so that kills land before, during and after them: nothing acknowledged may be lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acknowledged_work_survives_sigkill_on_the_log_store() {
+    for durability in ["sync", "none"] {
+        survives_with_partition_driver(
+            "log",
+            "log",
+            &format!("durability: {durability}\n      checkpoint-bytes: 64KiB"),
+        )
+        .await;
     }
 }
 

@@ -188,6 +188,11 @@ pub(crate) fn encode_item(it: &Item) -> Vec<u8> {
     encode_record(it, inline_payload(it))
 }
 
+/// Encodes an item's record with its payload inline whatever its size (the log store's records).
+pub(crate) fn encode_whole(it: &Item) -> Vec<u8> {
+    encode_record(it, true)
+}
+
 fn encode_record(it: &Item, inline: bool) -> Vec<u8> {
     let mut w = Writer(Vec::with_capacity(
         40 + it.source_id.len()

@@ -43,7 +43,7 @@
 //! - `upgrade`: rewrites a format-1 partition store (a keyspace per partition) into the format-2 layout.
 
 mod auth;
-mod codec;
+pub(crate) mod codec;
 mod engine;
 mod paging;
 mod partitions;

@@ -62,9 +62,9 @@ pub const DEFAULT_MEMORY_WINDOW: usize = 1_000_000;
 /// 256 of them instead of a million.
 pub const DEFAULT_MEMORY_WINDOW_BYTES: u64 = 256 << 20;
 
+/// Reads `durability` and `sync-interval` (shared with the log driver, which takes the same keys).
 #[cfg(feature = "fjall")]
-fn parse(s: &Settings) -> Result<Arc<dyn DriverConfig>, SpecError> {
-    let storage_dir = PathBuf::from(s.required("storage-dir", DRIVER.name)?);
+pub(super) fn parse_durability(s: &Settings) -> Result<Durability, SpecError> {
     // The mode is checked on its own first so a bad mode is reported against `durability`; the combination with
     // the interval is then the backend's rule.
     if let Some(mode) = s.text("durability").map(str::trim).filter(|m| !m.is_empty()) {
@@ -76,11 +76,16 @@ fn parse(s: &Settings) -> Result<Arc<dyn DriverConfig>, SpecError> {
     let interval_ms = s
         .duration("sync-interval")?
         .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
-    let durability =
-        Durability::from_config(s.text("durability"), interval_ms).map_err(|e| SpecError::Invalid {
-            key: "sync-interval",
-            reason: e.message,
-        })?;
+    Durability::from_config(s.text("durability"), interval_ms).map_err(|e| SpecError::Invalid {
+        key: "sync-interval",
+        reason: e.message,
+    })
+}
+
+#[cfg(feature = "fjall")]
+fn parse(s: &Settings) -> Result<Arc<dyn DriverConfig>, SpecError> {
+    let storage_dir = PathBuf::from(s.required("storage-dir", DRIVER.name)?);
+    let durability = parse_durability(s)?;
     let memory_window = match s.u32("memory-window-items")? {
         None => DEFAULT_MEMORY_WINDOW,
         Some(0) => {
@@ -127,19 +132,14 @@ fn parse(_: &Settings) -> Result<Arc<dyn DriverConfig>, SpecError> {
 
 /// Runs a store's opening, which reads the disk, off the async workers.
 #[cfg(feature = "fjall")]
-async fn blocking_open<T: Send + 'static>(
+pub(super) async fn blocking_open<T: Send + 'static>(
+    driver: &'static str,
     open: impl FnOnce() -> Result<T, lessor_core::error::StorageError> + Send + 'static,
 ) -> Result<T, OpenError> {
     tokio::task::spawn_blocking(open)
         .await
-        .map_err(|source| OpenError::Task {
-            driver: DRIVER.name,
-            source,
-        })?
-        .map_err(|source| OpenError::Backend {
-            driver: DRIVER.name,
-            source,
-        })
+        .map_err(|source| OpenError::Task { driver, source })?
+        .map_err(|source| OpenError::Backend { driver, source })
 }
 
 #[async_trait]
@@ -152,14 +152,20 @@ impl DriverConfig for FjallConfig {
     async fn open_queues(&self) -> Result<Arc<dyn QueuesStore>, OpenError> {
         let (dir, durability) = (self.storage_dir.clone(), self.durability);
         Ok(Arc::new(
-            blocking_open(move || crate::fjall::FjallQueues::open(dir, durability)).await?,
+            blocking_open(DRIVER.name, move || {
+                crate::fjall::FjallQueues::open(dir, durability)
+            })
+            .await?,
         ))
     }
 
     #[cfg(feature = "fjall")]
     async fn open_partitions(&self) -> Result<Arc<dyn PartitionStore>, OpenError> {
         let (dir, durability) = (self.storage_dir.clone(), self.durability);
-        let store = blocking_open(move || crate::fjall::FjallStore::open(dir, durability)).await?;
+        let store = blocking_open(DRIVER.name, move || {
+            crate::fjall::FjallStore::open(dir, durability)
+        })
+        .await?;
         store.set_memory_window(self.memory_window);
         store.set_memory_window_bytes(self.memory_window_bytes);
         if let Some(cold) = &self.cold {

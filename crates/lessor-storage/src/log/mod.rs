@@ -1,0 +1,649 @@
+//! The log store: partitions held in RAM like the memory store's, made durable by an append-only log of their
+//! change sets (driver `log`).
+//!
+//! # Why
+//! A queue's items mostly live for seconds: produced, leased, completed. The fjall store writes each of those
+//! changes into an LSM tree (journal, memtable, flushes and compactions of a backlog that is deleted soon after),
+//! and on a 2-core machine that work, not the fsync, bounded its durable throughput (docs/benchmarks.md, "What
+//! bounds the durable path"). Here a change set is appended to a log and fsynced in groups, and the partition's
+//! state in RAM is the only index: the same bytes reach the disk before a write is acknowledged, with nothing
+//! else to maintain.
+//!
+//! # How
+//! - Every partition is a [`MemoryPartition`] whose [`PartitionState`] builds change sets; each mutation appends its
+//!   change set as one record, under the partition's lock (so the log holds a partition's changes in the order
+//!   they were made), and waits for durability as the mode says (`sync` through the queue task's pass, see
+//!   [`lessor_core::durability`]). The records and the log are in `wal` (framing, group commit, replay).
+//! - Records: a partition's creation (its queue, number and a store-wide pid), its destruction, a change set
+//!   (items written whole, payload included; ids removed; dedup records added and dropped), and checkpoints.
+//! - Start-up replays every segment into per-partition maps and rebuilds each state from them
+//!   ([`PartitionState::load`]); ids continue above the high-water mark a checkpoint recorded and every id seen.
+//! - **Checkpoints** keep the log bounded: once more than [`CHECKPOINT_MIN_BYTES`] (and twice the last checkpoint)
+//!   were appended, a thread starts a new segment, then writes each partition's whole state after it (between a
+//!   begin and an end record, under the partition's lock, so no change of that partition interleaves), makes it
+//!   durable and deletes the older segments. Replay applies a partition's checkpoint only once its end record is
+//!   read: a checkpoint cut by a crash is ignored (a later change set of the partition, or the end of the log,
+//!   drops it), and the older segments it would have replaced are still there.
+//!
+//! # Limits
+//! Everything is in RAM, like the memory store: a backlog larger than memory does not fit (the fjall store pages
+//! it to disk). A checkpoint holds each partition's lock while that partition's state is written, so a partition
+//! with a deep backlog pauses for that long (about a second per 150 MB of items on the machine of
+//! docs/benchmarks.md). A failed write or fsync poisons the store until a restart, reads included: the state in
+//! RAM may then hold a change the log does not.
+
+mod wal;
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use lessor_core::error::{StorageError, StorageErrorKind};
+use lessor_core::storage::{Partition, PartitionStore};
+use lessor_core::time::Ts;
+use lessor_core::types::{DedupRecord, Item, ItemId};
+
+use crate::fjall::codec::{decode_dedup, decode_meta, encode_dedup, encode_whole};
+use crate::fjall::Durability;
+use crate::memory::MemoryPartition;
+use crate::state::{Changes, PartitionState};
+
+pub(crate) use wal::Wal;
+
+/// The log's directory under the configured `storage-dir`.
+pub const LOG_DIR: &str = "~log";
+/// A checkpoint starts once this much was appended since the last one (and twice what that one wrote).
+pub const CHECKPOINT_MIN_BYTES: u64 = 256 << 20;
+/// Items per record of a checkpoint (bounds the memory one record takes).
+const CHECKPOINT_CHUNK: usize = 4096;
+
+const R_CREATE: u8 = 1;
+const R_DESTROY: u8 = 2;
+const R_CHANGES: u8 = 3;
+const R_CHECKPOINT_BEGIN: u8 = 4;
+const R_CHECKPOINT_ITEMS: u8 = 5;
+const R_CHECKPOINT_END: u8 = 6;
+
+/// What a partition of the log store logs through.
+pub(crate) struct PartLog {
+    wal: Arc<Wal>,
+    pid: u64,
+    /// Set, under the partition's lock, when its destruction was logged: nothing more of it may be.
+    destroyed: AtomicBool,
+}
+
+impl PartLog {
+    /// Appends `changes` of this partition; `None` when there was nothing to log. Called under the partition's lock.
+    pub(crate) fn append(&self, changes: &Changes) -> Result<Option<u64>, StorageError> {
+        self.check_write()?;
+        if changes.put.is_empty()
+            && changes.del.is_empty()
+            && changes.dedup_put.is_empty()
+            && changes.dedup_del.is_empty()
+        {
+            return Ok(None);
+        }
+        let body = encode_changes(self.pid, changes);
+        self.wal.append(&body).map(Some)
+    }
+
+    /// Checks the store is usable (a poisoned store answers nothing, reads included).
+    pub(crate) fn check(&self) -> Result<(), StorageError> {
+        self.wal.check()
+    }
+
+    /// Checks a write may be made: the store is usable and the partition not destroyed.
+    pub(crate) fn check_write(&self) -> Result<(), StorageError> {
+        if self.destroyed.load(Ordering::Acquire) {
+            return Err(StorageError::new(
+                StorageErrorKind::Unavailable,
+                "the partition was destroyed",
+            ));
+        }
+        self.wal.check()
+    }
+
+    /// Waits for the durability of the append `seq`, deferring the wait to the queue task's pass when it runs in
+    /// one.
+    pub(crate) async fn settle(&self, seq: Option<u64>) -> Result<(), StorageError> {
+        let Some(seq) = seq else { return Ok(()) };
+        let Some(promise) = self.wal.promise(seq)? else {
+            return Ok(());
+        };
+        match lessor_core::durability::defer(promise) {
+            None => Ok(()),
+            Some(rx) => rx
+                .await
+                .map_err(|_| StorageError::unavailable("the log store closed"))?,
+        }
+    }
+}
+
+/// Byte writer for records.
+struct Rec(Vec<u8>);
+
+impl Rec {
+    fn new(kind: u8, pid: u64, capacity: usize) -> Rec {
+        let mut v = Vec::with_capacity(9 + capacity);
+        v.push(kind);
+        v.extend_from_slice(&pid.to_le_bytes());
+        Rec(v)
+    }
+    fn u32(&mut self, n: u32) {
+        self.0.extend_from_slice(&n.to_le_bytes());
+    }
+    fn u64(&mut self, n: u64) {
+        self.0.extend_from_slice(&n.to_le_bytes());
+    }
+    fn bytes(&mut self, b: &[u8]) {
+        self.u32(b.len() as u32);
+        self.0.extend_from_slice(b);
+    }
+    fn items<'a>(&mut self, items: impl ExactSizeIterator<Item = &'a Item>) {
+        self.u32(items.len() as u32);
+        for it in items {
+            self.u64(it.id.0);
+            self.bytes(&encode_whole(it));
+        }
+    }
+}
+
+fn encode_changes(pid: u64, ch: &Changes) -> Vec<u8> {
+    let payloads: usize = ch.put.iter().map(|i| i.payload.len() + 64).sum();
+    let mut r = Rec::new(R_CHANGES, pid, payloads + ch.del.len() * 8 + 32);
+    r.items(ch.put.iter());
+    r.u32(ch.del.len() as u32);
+    for id in &ch.del {
+        r.u64(id.0);
+    }
+    // One dedup group at most per change set (a produce call's), named by its first record.
+    match ch.dedup_put.first() {
+        Some(first) => {
+            r.0.push(1);
+            r.u64(first.until.0 as u64);
+            r.u64(first.id.0);
+            r.bytes(&encode_dedup(&ch.dedup_put));
+        }
+        None => r.0.push(0),
+    }
+    r.u32(ch.dedup_del.len() as u32);
+    for (until, id) in &ch.dedup_del {
+        r.u64(until.0 as u64);
+        r.u64(id.0);
+    }
+    r.0
+}
+
+/// Reader over a record body.
+struct Cursor<'a> {
+    buf: &'a [u8],
+}
+
+fn corrupt(what: &str) -> StorageError {
+    StorageError::new(
+        StorageErrorKind::Corrupt,
+        format!("a log record is damaged: {what}"),
+    )
+}
+
+impl<'a> Cursor<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], StorageError> {
+        if self.buf.len() < n {
+            return Err(corrupt("it ends early"));
+        }
+        let (a, b) = self.buf.split_at(n);
+        self.buf = b;
+        Ok(a)
+    }
+    fn byte(&mut self) -> Result<u8, StorageError> {
+        Ok(self.take(1)?[0])
+    }
+    fn u32(&mut self) -> Result<u32, StorageError> {
+        let b = self.take(4)?;
+        Ok(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+    }
+    fn u64(&mut self) -> Result<u64, StorageError> {
+        let b = self.take(8)?;
+        let mut a = [0u8; 8];
+        a.copy_from_slice(b);
+        Ok(u64::from_le_bytes(a))
+    }
+    fn bytes(&mut self) -> Result<&'a [u8], StorageError> {
+        let n = self.u32()? as usize;
+        self.take(n)
+    }
+    /// Reads items into `out`; returns one above the largest id read (0 for none).
+    fn items(&mut self, out: &mut HashMap<u64, Item>) -> Result<u64, StorageError> {
+        let mut top = 0;
+        for _ in 0..self.u32()? {
+            let id = self.u64()?;
+            let it = decode_meta(ItemId(id), self.bytes()?, "log record")?;
+            out.insert(id, it);
+            top = top.max(id.saturating_add(1));
+        }
+        Ok(top)
+    }
+}
+
+/// A partition as replay rebuilds it.
+#[derive(Default)]
+struct Replayed {
+    name: Option<(String, u32)>,
+    items: HashMap<u64, Item>,
+    dedup: BTreeMap<(i64, u64), Vec<DedupRecord>>,
+    /// Above every id it handed out, as far as the log shows (ids of items written, and the high-water mark a
+    /// checkpoint recorded).
+    next_id: u64,
+    destroyed: bool,
+    /// A checkpoint being read: replaces the above at its end record.
+    pending: Option<Box<Replayed>>,
+}
+
+impl Replayed {
+    fn changes(&mut self, c: &mut Cursor<'_>) -> Result<(), StorageError> {
+        let top = c.items(&mut self.items)?;
+        self.next_id = self.next_id.max(top);
+        for _ in 0..c.u32()? {
+            let id = c.u64()?;
+            self.items.remove(&id);
+        }
+        if c.byte()? == 1 {
+            let until = c.u64()? as i64;
+            let id = c.u64()?;
+            let group = decode_dedup(Ts(until), ItemId(id), c.bytes()?, "log record")?;
+            self.dedup.insert((until, id), group);
+        }
+        for _ in 0..c.u32()? {
+            let until = c.u64()? as i64;
+            let id = c.u64()?;
+            self.dedup.remove(&(until, id));
+        }
+        Ok(())
+    }
+}
+
+/// Everything replay found, by pid.
+#[derive(Default)]
+struct Replay {
+    parts: HashMap<u64, Replayed>,
+    max_pid: u64,
+}
+
+impl Replay {
+    fn record(&mut self, body: &[u8]) -> Result<(), StorageError> {
+        let mut c = Cursor { buf: body };
+        let kind = c.byte()?;
+        let pid = c.u64()?;
+        self.max_pid = self.max_pid.max(pid);
+        let p = self.parts.entry(pid).or_default();
+        match kind {
+            R_CREATE => {
+                let name = String::from_utf8(c.bytes()?.to_vec())
+                    .map_err(|_| corrupt("a queue name is not UTF-8"))?;
+                let partition = c.u32()?;
+                *p = Replayed {
+                    name: Some((name, partition)),
+                    ..Replayed::default()
+                };
+            }
+            R_DESTROY => {
+                *p = Replayed {
+                    destroyed: true,
+                    ..Replayed::default()
+                }
+            }
+            R_CHANGES => {
+                // A partition's changes never interleave with its checkpoint (both are written under its lock), so a
+                // change set after a begin record without its end means that checkpoint was cut by a crash: it is
+                // dropped, and the state it would have replaced goes on.
+                p.pending = None;
+                p.changes(&mut c)?;
+            }
+            R_CHECKPOINT_BEGIN => {
+                let name = String::from_utf8(c.bytes()?.to_vec())
+                    .map_err(|_| corrupt("a queue name is not UTF-8"))?;
+                let partition = c.u32()?;
+                let next_id = c.u64()?;
+                p.pending = Some(Box::new(Replayed {
+                    name: Some((name, partition)),
+                    next_id,
+                    ..Replayed::default()
+                }));
+            }
+            R_CHECKPOINT_ITEMS => {
+                let Some(cp) = p.pending.as_mut() else {
+                    return Err(corrupt("checkpoint items without a begin record"));
+                };
+                cp.changes(&mut c)?;
+            }
+            R_CHECKPOINT_END => {
+                let Some(mut cp) = p.pending.take() else {
+                    return Err(corrupt("a checkpoint end without a begin record"));
+                };
+                cp.next_id = cp.next_id.max(p.next_id);
+                *p = *cp;
+            }
+            k => return Err(corrupt(&format!("unknown record kind {k}"))),
+        }
+        Ok(())
+    }
+}
+
+struct Inner {
+    wal: Arc<Wal>,
+    dir: PathBuf,
+    parts: Mutex<HashMap<(String, u32), Arc<MemoryPartition>>>,
+    next_pid: AtomicU64,
+    /// Dropped to stop the checkpoint thread.
+    kick: Mutex<Option<std::sync::mpsc::Sender<()>>>,
+    checkpoint_min: AtomicU64,
+    checkpoints: AtomicU64,
+    checkpoint_thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+/// The log store (see the module doc).
+pub struct LogStore {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for LogStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LogStore")
+            .field("dir", &self.inner.dir)
+            .finish_non_exhaustive()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl LogStore {
+    /// Opens (creating) the log store under `storage_dir`, replaying its log. Fails with `Locked` when another
+    /// process uses the directory and `Corrupt` when the log is damaged before its tail. Blocking.
+    pub fn open(storage_dir: impl AsRef<Path>, durability: Durability) -> Result<Self, StorageError> {
+        let dir = storage_dir.as_ref().join(LOG_DIR);
+        let mut replay = Replay::default();
+        let started = std::time::Instant::now();
+        let wal = Wal::open(&dir, durability, |body| replay.record(body))?;
+        let mut parts = HashMap::new();
+        let mut items = 0usize;
+        for (pid, p) in replay.parts {
+            let (Some((queue, partition)), false) = (p.name, p.destroyed) else {
+                continue;
+            };
+            items += p.items.len();
+            let floor = ItemId::floor_for(partition).0.max(p.next_id);
+            let state = PartitionState::load(p.items.into_values(), floor).with_dedup(p.dedup.into_values());
+            let log = PartLog {
+                wal: wal.clone(),
+                pid,
+                destroyed: AtomicBool::new(false),
+            };
+            parts.insert((queue, partition), Arc::new(MemoryPartition::logged(state, log)));
+        }
+        tracing::info!(
+            dir = %dir.display(),
+            %durability,
+            partitions = parts.len(),
+            items,
+            took_ms = started.elapsed().as_millis() as u64,
+            "log store open"
+        );
+        let (tx, rx) = std::sync::mpsc::channel();
+        let inner = Arc::new(Inner {
+            wal,
+            dir,
+            parts: Mutex::new(parts),
+            next_pid: AtomicU64::new(replay.max_pid + 1),
+            kick: Mutex::new(Some(tx)),
+            checkpoint_min: AtomicU64::new(CHECKPOINT_MIN_BYTES),
+            checkpoints: AtomicU64::new(0),
+            checkpoint_thread: Mutex::new(None),
+        });
+        let weak = Arc::downgrade(&inner);
+        let t = std::thread::Builder::new()
+            .name("lessor-log-ckpt".into())
+            .spawn(move || checkpoint_loop(weak, rx))
+            .map_err(|e| StorageError::other(format!("cannot start the log's checkpoint thread: {e}")))?;
+        *lock(&inner.checkpoint_thread) = Some(t);
+        Ok(LogStore { inner })
+    }
+
+    /// Sets the log bytes appended after which a checkpoint starts (`checkpoint-bytes`; the default is
+    /// [`CHECKPOINT_MIN_BYTES`]); a checkpoint also waits until twice what the last one wrote was appended.
+    pub fn set_checkpoint_min(&self, bytes: u64) {
+        self.inner.checkpoint_min.store(bytes, Ordering::Relaxed);
+    }
+
+    /// Checkpoints finished since open (tests).
+    #[doc(hidden)]
+    pub fn checkpoints(&self) -> u64 {
+        self.inner.checkpoints.load(Ordering::Relaxed)
+    }
+
+    /// Log segments on disk (tests).
+    #[doc(hidden)]
+    pub fn segments(&self) -> usize {
+        self.inner.wal.segment_count()
+    }
+
+    /// fsyncs made since open (tests: group commit shares them).
+    #[doc(hidden)]
+    pub fn fsyncs(&self) -> u64 {
+        self.inner.wal.fsyncs()
+    }
+
+    /// Runs a checkpoint now, whatever was appended (tests). Blocking.
+    #[doc(hidden)]
+    pub fn checkpoint_now(&self) -> Result<(), StorageError> {
+        self.inner.checkpoint()
+    }
+
+    /// Writes a checkpoint as a crash would leave it: a new segment, every partition's begin and item records, no
+    /// end record, no segment deleted (tests). Blocking.
+    #[doc(hidden)]
+    pub fn checkpoint_cut_for_tests(&self) -> Result<(), StorageError> {
+        self.inner.wal.rotate()?;
+        let parts: Vec<((String, u32), Arc<MemoryPartition>)> = lock(&self.inner.parts)
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        for ((queue, partition), p) in parts {
+            p.write_checkpoint(&queue, partition, false)?;
+        }
+        self.inner.wal.sync_all()
+    }
+
+    /// The log's directory.
+    pub fn dir(&self) -> &Path {
+        &self.inner.dir
+    }
+}
+
+impl Inner {
+    /// Writes every partition's state after a new segment, makes it durable and deletes the older segments.
+    fn checkpoint(&self) -> Result<(), StorageError> {
+        let started = std::time::Instant::now();
+        self.wal.checkpoint_started();
+        let boundary = self.wal.rotate()?;
+        let parts: Vec<((String, u32), Arc<MemoryPartition>)> = lock(&self.parts)
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        let mut bytes = 0u64;
+        for ((queue, partition), p) in parts {
+            bytes += p.write_checkpoint(&queue, partition, true)?;
+        }
+        self.wal.sync_all()?;
+        let removed = self.wal.remove_before(boundary)?;
+        self.wal.checkpoint_ended(bytes);
+        self.checkpoints.fetch_add(1, Ordering::Relaxed);
+        tracing::info!(
+            dir = %self.dir.display(),
+            bytes,
+            segments_removed = removed,
+            took_ms = started.elapsed().as_millis() as u64,
+            "log checkpoint written"
+        );
+        Ok(())
+    }
+}
+
+fn checkpoint_loop(inner: Weak<Inner>, rx: std::sync::mpsc::Receiver<()>) {
+    loop {
+        // Polled: whether one is due is two atomic loads.
+        match rx.recv_timeout(Duration::from_millis(200)) {
+            Ok(()) | Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return,
+        }
+        let Some(inner) = inner.upgrade() else { return };
+        if inner.wal.check().is_err() {
+            return;
+        }
+        if inner
+            .wal
+            .wants_checkpoint(inner.checkpoint_min.load(Ordering::Relaxed))
+        {
+            if let Err(e) = inner.checkpoint() {
+                tracing::error!(error = %e, "log checkpoint failed");
+            }
+        }
+    }
+}
+
+/// Writes `state` as `log`'s partition's checkpoint records (the caller holds its lock); returns the bytes.
+pub(crate) fn write_checkpoint(
+    log: &PartLog,
+    state: &PartitionState,
+    queue: &str,
+    partition: u32,
+    end: bool,
+) -> Result<u64, StorageError> {
+    if log.destroyed.load(Ordering::Acquire) {
+        return Ok(0);
+    }
+    let mut bytes = 0u64;
+    let mut begin = Rec::new(R_CHECKPOINT_BEGIN, log.pid, queue.len() + 16);
+    begin.bytes(queue.as_bytes());
+    begin.u32(partition);
+    begin.u64(state.id_high_water());
+    log.wal.append(&begin.0)?;
+    bytes += begin.0.len() as u64;
+    let items = state.all_items();
+    for chunk in items.chunks(CHECKPOINT_CHUNK) {
+        let mut r = Rec::new(
+            R_CHECKPOINT_ITEMS,
+            log.pid,
+            chunk.iter().map(|i| i.payload.len() + 64).sum(),
+        );
+        r.items(chunk.iter());
+        r.u32(0);
+        r.0.push(0);
+        r.u32(0);
+        log.wal.append(&r.0)?;
+        bytes += r.0.len() as u64;
+    }
+    // Every record, ended ones not yet dropped included: which have ended is the engine's clock's call.
+    for rec in state.dedup_records(Ts(i64::MIN)) {
+        let mut r = Rec::new(R_CHECKPOINT_ITEMS, log.pid, rec.dedup_id.len() + 48);
+        r.u32(0);
+        r.u32(0);
+        r.0.push(1);
+        r.u64(rec.until.0 as u64);
+        r.u64(rec.id.0);
+        r.bytes(&encode_dedup(std::slice::from_ref(&rec)));
+        r.u32(0);
+        log.wal.append(&r.0)?;
+        bytes += r.0.len() as u64;
+    }
+    if !end {
+        return Ok(bytes);
+    }
+    let end = Rec::new(R_CHECKPOINT_END, log.pid, 0);
+    log.wal.append(&end.0)?;
+    Ok(bytes + end.0.len() as u64)
+}
+
+#[async_trait]
+impl PartitionStore for LogStore {
+    fn driver(&self) -> &'static str {
+        "log"
+    }
+
+    async fn open(&self, queue: &str, partition: u32) -> Result<Arc<dyn Partition>, StorageError> {
+        self.inner.wal.check()?;
+        let seq = {
+            let mut parts = lock(&self.inner.parts);
+            if let Some(p) = parts.get(&(queue.to_string(), partition)) {
+                return Ok(p.clone());
+            }
+            let pid = self.inner.next_pid.fetch_add(1, Ordering::Relaxed);
+            let mut r = Rec::new(R_CREATE, pid, queue.len() + 8);
+            r.bytes(queue.as_bytes());
+            r.u32(partition);
+            let seq = self.inner.wal.append(&r.0)?;
+            let log = PartLog {
+                wal: self.inner.wal.clone(),
+                pid,
+                destroyed: AtomicBool::new(false),
+            };
+            let floor = ItemId::floor_for(partition).0;
+            parts.insert(
+                (queue.to_string(), partition),
+                Arc::new(MemoryPartition::logged(PartitionState::new(floor), log)),
+            );
+            seq
+        };
+        self.inner.wal.durable(seq).await?;
+        let p = lock(&self.inner.parts)
+            .get(&(queue.to_string(), partition))
+            .cloned();
+        match p {
+            Some(p) => Ok(p),
+            None => Err(StorageError::new(
+                StorageErrorKind::Unavailable,
+                format!("partition {partition} of queue '{queue}' was destroyed while it was created"),
+            )),
+        }
+    }
+
+    async fn destroy(&self, queue: &str, partition: u32) -> Result<(), StorageError> {
+        self.inner.wal.check()?;
+        let gone = lock(&self.inner.parts).remove(&(queue.to_string(), partition));
+        let Some(p) = gone else { return Ok(()) };
+        let seq = p.log_destroy()?;
+        self.inner.wal.durable(seq).await?;
+        // Freeing millions of items takes a while: do it off the async workers.
+        let _ = tokio::task::spawn_blocking(move || drop(p)).await;
+        Ok(())
+    }
+
+    async fn close(&self) {
+        drop(lock(&self.inner.kick).take());
+        let t = lock(&self.inner.checkpoint_thread).take();
+        if let Some(t) = t {
+            let _ = tokio::task::spawn_blocking(move || t.join()).await;
+        }
+        let wal = self.inner.wal.clone();
+        let _ = tokio::task::spawn_blocking(move || wal.close()).await;
+    }
+}
+
+impl Drop for LogStore {
+    fn drop(&mut self) {
+        drop(lock(&self.inner.kick).take());
+    }
+}
+
+impl PartLog {
+    /// Logs the partition's destruction (the caller holds its lock); later appends fail.
+    pub(crate) fn destroy(&self) -> Result<u64, StorageError> {
+        self.destroyed.store(true, Ordering::Release);
+        let r = Rec::new(R_DESTROY, self.pid, 0);
+        self.wal.append(&r.0)
+    }
+}

@@ -1,0 +1,514 @@
+//! The log of the log store: numbered segment files of framed records, appended in order, fsynced in groups, read
+//! back in order at start, and cut at checkpoints.
+//!
+//! A frame is `[body length: u32 LE][CRC-32 of the body: u32 LE][body]`. Appends go to the active segment under one
+//! lock, so the file order is the order of [`Wal::append`] calls, and each append gets a sequence number. Durability
+//! follows the store's mode:
+//! - `sync`: [`Wal::durable`] answers once an `fdatasync` that started after the append succeeded. One fsync thread
+//!   takes every waiter queued meanwhile and covers them with one fsync (group commit), while appends go on.
+//! - `interval`: a background thread fsyncs the active segment at the interval when it was written to.
+//! - `none`: fsyncs happen only at segment rotation, checkpoints and close.
+//!
+//! A segment is fsynced before the next one is created, so a waiter whose record is in an older segment is covered.
+//! A failed write or fsync poisons the log for good (the kernel may have dropped the dirty pages, and the store's
+//! memory is already ahead of its disk): every later append and wait fails until the process restarts.
+//!
+//! At open, [`Wal::open`] reads every segment in order and hands each record body to the caller. A frame cut short
+//! or failing its CRC in the *last* segment is the tail of an append a crash interrupted, never acknowledged: the
+//! segment is truncated there. The same in an older segment is corruption, reported, never skipped.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, BufReader, Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
+use std::thread::JoinHandle;
+
+use lessor_core::error::{StorageError, StorageErrorKind};
+use tokio::sync::oneshot;
+
+use crate::fjall::Durability;
+
+/// A segment is closed and the next one started once it holds this much.
+pub(crate) const SEGMENT_BYTES: u64 = 64 << 20;
+/// Largest record body (a change set, a chunk of a checkpoint); a frame's length field could say up to 4 GiB.
+pub(crate) const MAX_BODY: usize = 1 << 30;
+const FRAME_HEADER: usize = 8;
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // The data behind these locks stays consistent across a panic (plain counters and file handles).
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The segment being appended to.
+struct Active {
+    id: u64,
+    file: Arc<File>,
+    len: u64,
+}
+
+#[derive(Default)]
+struct SyncProgress {
+    /// Every append with a sequence up to this one is durable.
+    synced: u64,
+    /// An fsync is running.
+    syncing: bool,
+}
+
+type Waiter = (u64, oneshot::Sender<Result<(), StorageError>>);
+
+/// The log (see the module doc).
+pub(crate) struct Wal {
+    dir: PathBuf,
+    durability: Durability,
+    active: Mutex<Active>,
+    /// Sequence of the last append (taken under `active`, so sequences follow the file order).
+    written: AtomicU64,
+    sync: Mutex<SyncProgress>,
+    synced_cv: Condvar,
+    poison: OnceLock<StorageError>,
+    /// The sync thread's inbox (`sync` only); `None` once closed.
+    waiters: Mutex<Option<mpsc::Sender<Waiter>>>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+    /// Bytes appended since the last checkpoint began, and the bytes the last checkpoint wrote.
+    since_checkpoint: AtomicU64,
+    checkpoint_bytes: AtomicU64,
+    /// fsyncs made (tests: group commit shares them).
+    fsyncs: AtomicU64,
+    /// The directory lock, held while the log is open.
+    _lock: File,
+}
+
+fn segment_name(id: u64) -> String {
+    format!("{id:016x}.seg")
+}
+
+/// The segments in `dir`, by id.
+fn segments(dir: &Path) -> io::Result<Vec<u64>> {
+    let mut ids: Vec<u64> = fs::read_dir(dir)?
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let name = e.file_name();
+            let name = name.to_str()?;
+            let hex = name.strip_suffix(".seg")?;
+            (hex.len() == 16).then(|| u64::from_str_radix(hex, 16).ok())?
+        })
+        .collect();
+    ids.sort_unstable();
+    Ok(ids)
+}
+
+fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+impl Wal {
+    /// Opens (creating) the log in `dir`, handing every record body to `replay` in order, and starts its threads.
+    /// Fails with `Locked` when another process has the directory open and `Corrupt` when a record before the last
+    /// segment's tail is damaged.
+    pub(crate) fn open(
+        dir: &Path,
+        durability: Durability,
+        mut replay: impl FnMut(&[u8]) -> Result<(), StorageError>,
+    ) -> Result<Arc<Wal>, StorageError> {
+        let io_err = |what: &str, e: io::Error| {
+            StorageError::new(
+                StorageErrorKind::Unavailable,
+                format!("{what} in the log at '{}': {e}", dir.display()),
+            )
+        };
+        fs::create_dir_all(dir).map_err(|e| io_err("cannot create the directory", e))?;
+        let lock_file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(dir.join("LOCK"))
+            .map_err(|e| io_err("cannot open the lock file", e))?;
+        if lock_file.try_lock().is_err() {
+            return Err(StorageError::new(
+                StorageErrorKind::Locked,
+                format!("the log at '{}' is in use by another process", dir.display()),
+            ));
+        }
+        let ids = segments(dir).map_err(|e| io_err("cannot list the segments", e))?;
+        let mut total = 0u64;
+        for (n, &id) in ids.iter().enumerate() {
+            let last = n + 1 == ids.len();
+            total += read_segment(dir, id, last, &mut replay)?;
+        }
+        let id = ids.last().map_or(1, |&id| id + 1);
+        // Appends always start a fresh segment: the last one may have been truncated, and its length is not kept.
+        let file = create_segment(dir, id).map_err(|e| io_err("cannot create a segment", e))?;
+        let wal = Arc::new(Wal {
+            dir: dir.to_path_buf(),
+            durability,
+            active: Mutex::new(Active {
+                id,
+                file: Arc::new(file),
+                len: 0,
+            }),
+            written: AtomicU64::new(0),
+            sync: Mutex::new(SyncProgress::default()),
+            synced_cv: Condvar::new(),
+            poison: OnceLock::new(),
+            waiters: Mutex::new(None),
+            threads: Mutex::new(Vec::new()),
+            since_checkpoint: AtomicU64::new(total),
+            checkpoint_bytes: AtomicU64::new(0),
+            fsyncs: AtomicU64::new(0),
+            _lock: lock_file,
+        });
+        wal.start_threads()
+            .map_err(|e| io_err("cannot start the log's threads", e))?;
+        Ok(wal)
+    }
+
+    fn start_threads(self: &Arc<Self>) -> io::Result<()> {
+        match self.durability {
+            Durability::Sync => {
+                let (tx, rx) = mpsc::channel::<Waiter>();
+                let wal = Arc::downgrade(self);
+                let t = std::thread::Builder::new()
+                    .name("lessor-log-fsync".into())
+                    .spawn(move || {
+                        while let Ok(first) = rx.recv() {
+                            let mut batch = vec![first];
+                            batch.extend(rx.try_iter());
+                            let top = batch.iter().map(|w| w.0).max().unwrap_or(0);
+                            let res = match wal.upgrade() {
+                                Some(w) => w.wait_durable(top),
+                                None => Err(closed_error()),
+                            };
+                            for (_, reply) in batch {
+                                let _ = reply.send(res.clone());
+                            }
+                        }
+                    })?;
+                *lock(&self.waiters) = Some(tx);
+                lock(&self.threads).push(t);
+            }
+            Durability::Interval(every) => {
+                let wal = Arc::downgrade(self);
+                let t = std::thread::Builder::new()
+                    .name("lessor-log-interval".into())
+                    .spawn(move || loop {
+                        std::thread::sleep(every);
+                        let Some(w) = wal.upgrade() else { return };
+                        if w.check().is_err() {
+                            return;
+                        }
+                        let top = w.written.load(Ordering::Acquire);
+                        let _ = w.wait_durable(top);
+                    })?;
+                *lock(&self.waiters) = None;
+                lock(&self.threads).push(t);
+            }
+            Durability::None => {}
+        }
+        Ok(())
+    }
+
+    /// The error every operation gets once the log is poisoned or closed, if it is.
+    pub(crate) fn check(&self) -> Result<(), StorageError> {
+        match self.poison.get() {
+            Some(e) => Err(e.clone()),
+            None => Ok(()),
+        }
+    }
+
+    fn poison(&self, why: String) -> StorageError {
+        let e = StorageError::new(
+            StorageErrorKind::Poisoned,
+            format!(
+                "the log store refuses every operation after a failed write or fsync; restart the server ({why}, log at '{}')",
+                self.dir.display()
+            ),
+        );
+        self.poison.get_or_init(|| e).clone()
+    }
+
+    /// Appends one record; returns its sequence, for [`Wal::durable`]. Starts the next segment when the active
+    /// one is full (fsyncing it first). Blocking (one `write`).
+    pub(crate) fn append(&self, body: &[u8]) -> Result<u64, StorageError> {
+        if body.len() > MAX_BODY {
+            return Err(StorageError::new(
+                StorageErrorKind::Other,
+                format!(
+                    "a log record of {} bytes is over the log's limit of {MAX_BODY} bytes",
+                    body.len()
+                ),
+            ));
+        }
+        let mut frame = Vec::with_capacity(FRAME_HEADER + body.len());
+        frame.extend_from_slice(&(body.len() as u32).to_le_bytes());
+        frame.extend_from_slice(&crc32fast::hash(body).to_le_bytes());
+        frame.extend_from_slice(body);
+        let mut a = lock(&self.active);
+        self.check()?;
+        if let Err(e) = (&*a.file).write_all(&frame) {
+            return Err(self.poison(format!("a write failed: {e}")));
+        }
+        a.len += frame.len() as u64;
+        let seq = self.written.fetch_add(1, Ordering::AcqRel) + 1;
+        self.since_checkpoint
+            .fetch_add(frame.len() as u64, Ordering::Relaxed);
+        if a.len >= SEGMENT_BYTES {
+            self.rotate_locked(&mut a)?;
+        }
+        Ok(seq)
+    }
+
+    /// Closes the active segment (fsynced) and starts the next; returns the new segment's id.
+    pub(crate) fn rotate(&self) -> Result<u64, StorageError> {
+        let mut a = lock(&self.active);
+        self.check()?;
+        self.rotate_locked(&mut a)?;
+        Ok(a.id)
+    }
+
+    fn rotate_locked(&self, a: &mut Active) -> Result<(), StorageError> {
+        let top = self.written.load(Ordering::Acquire);
+        if let Err(e) = a.file.sync_data() {
+            return Err(self.poison(format!("the fsync of a full segment failed: {e}")));
+        }
+        self.fsyncs.fetch_add(1, Ordering::Relaxed);
+        let next = a.id + 1;
+        let file = match create_segment(&self.dir, next) {
+            Ok(f) => f,
+            Err(e) => return Err(self.poison(format!("cannot create segment {next}: {e}"))),
+        };
+        *a = Active {
+            id: next,
+            file: Arc::new(file),
+            len: 0,
+        };
+        // Everything written so far was in the segment just fsynced (or an older one).
+        let mut p = lock(&self.sync);
+        p.synced = p.synced.max(top);
+        self.synced_cv.notify_all();
+        Ok(())
+    }
+
+    /// Waits until an fsync covers the append with sequence `seq`, making that fsync itself when none is running.
+    /// Blocking.
+    pub(crate) fn wait_durable(&self, seq: u64) -> Result<(), StorageError> {
+        let mut p = lock(&self.sync);
+        loop {
+            if p.synced >= seq {
+                return Ok(());
+            }
+            self.check()?;
+            if p.syncing {
+                p = self.synced_cv.wait(p).unwrap_or_else(|e| e.into_inner());
+                continue;
+            }
+            p.syncing = true;
+            drop(p);
+            let (target, file) = {
+                let a = lock(&self.active);
+                (self.written.load(Ordering::Acquire), a.file.clone())
+            };
+            let res = file.sync_data();
+            self.fsyncs.fetch_add(1, Ordering::Relaxed);
+            p = lock(&self.sync);
+            p.syncing = false;
+            match res {
+                Ok(()) => p.synced = p.synced.max(target),
+                Err(e) => {
+                    drop(p);
+                    let err = self.poison(format!("an fsync failed: {e}"));
+                    self.synced_cv.notify_all();
+                    return Err(err);
+                }
+            }
+            self.synced_cv.notify_all();
+        }
+    }
+
+    /// Waits until the append with sequence `seq` is durable as the mode promises: in `sync` through the fsync
+    /// thread's next group, in the other modes at once.
+    pub(crate) async fn durable(&self, seq: u64) -> Result<(), StorageError> {
+        if self.durability != Durability::Sync {
+            return self.check();
+        }
+        let (tx, rx) = oneshot::channel();
+        {
+            let w = lock(&self.waiters);
+            let Some(w) = w.as_ref() else {
+                return Err(closed_error());
+            };
+            if w.send((seq, tx)).is_err() {
+                return Err(closed_error());
+            }
+        }
+        rx.await.map_err(|_| closed_error())?
+    }
+
+    /// [`Wal::durable`] as a promise for the queue task's pass (see `lessor_core::durability`), or `None` in the
+    /// modes that do not wait.
+    pub(crate) fn promise(&self, seq: u64) -> Result<Option<lessor_core::durability::Durable>, StorageError> {
+        if self.durability != Durability::Sync {
+            return self.check().map(|()| None);
+        }
+        let (tx, rx) = oneshot::channel();
+        let w = lock(&self.waiters);
+        let Some(w) = w.as_ref() else {
+            return Err(closed_error());
+        };
+        w.send((seq, tx)).map_err(|_| closed_error())?;
+        Ok(Some(rx))
+    }
+
+    /// Makes everything appended so far durable, whatever the mode. Blocking.
+    pub(crate) fn sync_all(&self) -> Result<(), StorageError> {
+        self.wait_durable(self.written.load(Ordering::Acquire))
+    }
+
+    /// Whether enough was appended since the last checkpoint for another: more than 256 MiB and more than twice
+    /// what the last checkpoint wrote (so a large live state is not rewritten more often than it is appended).
+    pub(crate) fn wants_checkpoint(&self, min_bytes: u64) -> bool {
+        let since = self.since_checkpoint.load(Ordering::Relaxed);
+        since > min_bytes && since > 2 * self.checkpoint_bytes.load(Ordering::Relaxed)
+    }
+
+    /// A checkpoint begins: counts appends from here.
+    pub(crate) fn checkpoint_started(&self) {
+        self.since_checkpoint.store(0, Ordering::Relaxed);
+    }
+
+    /// A checkpoint that wrote `bytes` ended.
+    pub(crate) fn checkpoint_ended(&self, bytes: u64) {
+        self.checkpoint_bytes.store(bytes, Ordering::Relaxed);
+    }
+
+    /// Deletes every segment older than `id` (their records are all covered by a checkpoint written since). The
+    /// caller made the checkpoint durable first.
+    pub(crate) fn remove_before(&self, id: u64) -> Result<usize, StorageError> {
+        let io_err = |e: io::Error| {
+            StorageError::new(
+                StorageErrorKind::Unavailable,
+                format!(
+                    "cannot delete old segments of the log at '{}': {e}",
+                    self.dir.display()
+                ),
+            )
+        };
+        let mut n = 0;
+        for old in segments(&self.dir).map_err(io_err)? {
+            if old >= id {
+                break;
+            }
+            fs::remove_file(self.dir.join(segment_name(old))).map_err(io_err)?;
+            n += 1;
+        }
+        sync_dir(&self.dir).map_err(io_err)?;
+        Ok(n)
+    }
+
+    /// Segments on disk now (tests).
+    pub(crate) fn segment_count(&self) -> usize {
+        segments(&self.dir).map_or(0, |s| s.len())
+    }
+
+    /// fsyncs made since open (tests).
+    pub(crate) fn fsyncs(&self) -> u64 {
+        self.fsyncs.load(Ordering::Relaxed)
+    }
+
+    /// Makes everything durable and stops the threads; later operations fail as closed.
+    pub(crate) fn close(&self) {
+        if self.check().is_ok() {
+            let _ = self.sync_all();
+        }
+        let _ = self.poison.set(closed_error());
+        drop(lock(&self.waiters).take());
+        let threads = std::mem::take(&mut *lock(&self.threads));
+        for t in threads {
+            if t.thread().id() != std::thread::current().id() {
+                let _ = t.join();
+            }
+        }
+    }
+}
+
+fn closed_error() -> StorageError {
+    StorageError::unavailable("the log store is closed")
+}
+
+fn create_segment(dir: &Path, id: u64) -> io::Result<File> {
+    let f = OpenOptions::new()
+        .create_new(true)
+        .append(true)
+        .open(dir.join(segment_name(id)))?;
+    sync_dir(dir)?;
+    Ok(f)
+}
+
+/// Reads segment `id`, handing each record body to `replay`; returns its valid length. In the last segment a damaged
+/// tail is cut off; elsewhere it is corruption.
+fn read_segment(
+    dir: &Path,
+    id: u64,
+    last: bool,
+    replay: &mut impl FnMut(&[u8]) -> Result<(), StorageError>,
+) -> Result<u64, StorageError> {
+    let path = dir.join(segment_name(id));
+    let io_err = |e: io::Error| {
+        StorageError::new(
+            StorageErrorKind::Unavailable,
+            format!("cannot read log segment '{}': {e}", path.display()),
+        )
+    };
+    let file = File::open(&path).map_err(io_err)?;
+    let size = file.metadata().map_err(io_err)?.len();
+    let mut r = BufReader::with_capacity(1 << 20, file);
+    let mut pos = 0u64;
+    let mut body = Vec::new();
+    let damage = loop {
+        if pos == size {
+            return Ok(pos);
+        }
+        let mut header = [0u8; FRAME_HEADER];
+        if size - pos < FRAME_HEADER as u64 {
+            break "a frame header cut short";
+        }
+        r.read_exact(&mut header).map_err(io_err)?;
+        let len = u32::from_le_bytes([header[0], header[1], header[2], header[3]]) as usize;
+        let crc = u32::from_le_bytes([header[4], header[5], header[6], header[7]]);
+        if len > MAX_BODY || (size - pos - FRAME_HEADER as u64) < len as u64 {
+            break "a frame cut short";
+        }
+        body.resize(len, 0);
+        r.read_exact(&mut body).map_err(io_err)?;
+        if crc32fast::hash(&body) != crc {
+            break "a frame failing its checksum";
+        }
+        replay(&body).map_err(|e| {
+            StorageError::new(
+                e.kind,
+                format!("{} (log segment '{}', offset {pos})", e.message, path.display()),
+            )
+        })?;
+        pos += (FRAME_HEADER + len) as u64;
+    };
+    if !last {
+        return Err(StorageError::new(
+            StorageErrorKind::Corrupt,
+            format!(
+                "log segment '{}' has {damage} at offset {pos} of {size} and is not the last one: records after it would be lost; restore from a backup",
+                path.display()
+            ),
+        ));
+    }
+    tracing::warn!(
+        segment = %path.display(),
+        offset = pos,
+        size,
+        "log segment ends with {damage} (an append a crash interrupted, never acknowledged): cut off"
+    );
+    let f = OpenOptions::new().write(true).open(&path).map_err(io_err)?;
+    f.set_len(pos).map_err(io_err)?;
+    f.sync_all().map_err(io_err)?;
+    Ok(pos)
+}

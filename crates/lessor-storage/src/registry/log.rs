@@ -1,0 +1,106 @@
+//! The registry entry of the log driver (partitions in RAM, made durable by an append-only log; see the `log`
+//! module): `storage-dir`, `durability` and `sync-interval`, read as the fjall driver reads them, and
+//! `checkpoint-bytes` (log bytes after which a checkpoint starts). Queue definitions
+//! go to a fjall queue store in the same `storage-dir`. Compiled with the fjall feature, whose record encoding and
+//! durability modes it shares.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use lessor_core::storage::{PartitionStore, QueuesStore};
+
+use super::fjall::Durability;
+use super::{DriverConfig, DriverEntry, OpenError, Settings, SpecError};
+
+/// The log driver's entry.
+pub(super) const DRIVER: DriverEntry = DriverEntry {
+    name: "log",
+    aliases: &[],
+    keys: &["storage-dir", "durability", "sync-interval", "checkpoint-bytes"],
+    compiled: cfg!(feature = "fjall"),
+    parse,
+};
+
+/// Settings of the log driver.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LogConfig {
+    /// The data directory (`storage-dir`); the log lives in its `~log` subdirectory.
+    pub storage_dir: PathBuf,
+    /// `durability` with its `sync-interval`.
+    pub durability: Durability,
+    /// `checkpoint-bytes`: log bytes appended after which a checkpoint starts (and twice what the last one wrote;
+    /// default 256 MiB, at least 64 KiB).
+    pub checkpoint_bytes: u64,
+}
+
+/// Smallest `checkpoint-bytes`.
+const MIN_CHECKPOINT_BYTES: u64 = 64 << 10;
+
+#[cfg(feature = "fjall")]
+fn parse(s: &Settings) -> Result<Arc<dyn DriverConfig>, SpecError> {
+    let checkpoint_bytes = match s.text("checkpoint-bytes") {
+        None => crate::log::CHECKPOINT_MIN_BYTES,
+        Some(t) => {
+            let n = super::offload::parse_size(t).map_err(|reason| SpecError::Invalid {
+                key: "checkpoint-bytes",
+                reason,
+            })? as u64;
+            if n < MIN_CHECKPOINT_BYTES {
+                return Err(SpecError::Invalid {
+                    key: "checkpoint-bytes",
+                    reason: format!("must be at least 64KiB (log bytes between checkpoints), got {n}"),
+                });
+            }
+            n
+        }
+    };
+    Ok(Arc::new(LogConfig {
+        storage_dir: PathBuf::from(s.required("storage-dir", DRIVER.name)?),
+        durability: super::fjall::parse_durability(s)?,
+        checkpoint_bytes,
+    }))
+}
+
+#[cfg(not(feature = "fjall"))]
+fn parse(_: &Settings) -> Result<Arc<dyn DriverConfig>, SpecError> {
+    Err(SpecError::NotCompiled { driver: DRIVER.name })
+}
+
+#[async_trait]
+impl DriverConfig for LogConfig {
+    fn driver(&self) -> &'static DriverEntry {
+        &DRIVER
+    }
+
+    #[cfg(feature = "fjall")]
+    async fn open_queues(&self) -> Result<Arc<dyn QueuesStore>, OpenError> {
+        let (dir, durability) = (self.storage_dir.clone(), self.durability);
+        Ok(Arc::new(
+            super::fjall::blocking_open(DRIVER.name, move || {
+                crate::fjall::FjallQueues::open(dir, durability)
+            })
+            .await?,
+        ))
+    }
+
+    #[cfg(feature = "fjall")]
+    async fn open_partitions(&self) -> Result<Arc<dyn PartitionStore>, OpenError> {
+        let (dir, durability) = (self.storage_dir.clone(), self.durability);
+        let store =
+            super::fjall::blocking_open(DRIVER.name, move || crate::log::LogStore::open(dir, durability))
+                .await?;
+        store.set_checkpoint_min(self.checkpoint_bytes);
+        Ok(Arc::new(store))
+    }
+
+    #[cfg(not(feature = "fjall"))]
+    async fn open_queues(&self) -> Result<Arc<dyn QueuesStore>, OpenError> {
+        match self.durability {}
+    }
+
+    #[cfg(not(feature = "fjall"))]
+    async fn open_partitions(&self) -> Result<Arc<dyn PartitionStore>, OpenError> {
+        match self.durability {}
+    }
+}
