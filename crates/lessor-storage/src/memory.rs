@@ -336,8 +336,9 @@ impl MemoryPartition {
         Ok(r)
     }
 
-    /// Writes this partition's checkpoint to the log store's log, under its lock (without its end record when
-    /// `end` is false: tests of a checkpoint cut by a crash); the bytes written.
+    /// Writes this partition's checkpoint to the log store's log: its begin record, a copy of its items page by
+    /// page (the lock held for one page at a time), and, when `end` (false: tests of a checkpoint cut by a crash),
+    /// its end record. The bytes written; a partition destroyed meanwhile stops its checkpoint.
     #[cfg(feature = "fjall")]
     pub(crate) fn write_checkpoint(
         &self,
@@ -345,11 +346,34 @@ impl MemoryPartition {
         partition: u32,
         end: bool,
     ) -> Result<u64, StorageError> {
-        let st = self.state()?;
-        match &self.log {
-            Some(log) => crate::log::write_checkpoint(log, &st, queue, partition, end),
-            None => Ok(0),
+        let Some(log) = &self.log else { return Ok(0) };
+        let (mut bytes, dedup) = {
+            let st = self.state()?;
+            let Some(b) = log.checkpoint_begin(&st, queue, partition)? else {
+                return Ok(0);
+            };
+            // Every record, ended ones not yet dropped included: which have ended is the engine's clock's call.
+            (b, st.dedup_records(Ts(i64::MIN)))
+        };
+        let mut after = None;
+        let mut dedup = Some(dedup);
+        loop {
+            let st = self.state()?;
+            let (items, next) = st.items_page(after, crate::log::CHECKPOINT_PAGE);
+            let Some(b) = log.checkpoint_page(&items, &dedup.take().unwrap_or_default())? else {
+                return Ok(bytes);
+            };
+            bytes += b;
+            match next {
+                Some(n) => after = Some(n),
+                None => break,
+            }
         }
+        if end {
+            let _st = self.state()?;
+            bytes += log.checkpoint_end()?.unwrap_or(0);
+        }
+        Ok(bytes)
     }
 
     /// Logs this partition's destruction, under its lock; the sequence to wait for.

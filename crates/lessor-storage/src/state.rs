@@ -2481,6 +2481,44 @@ impl PartitionState {
         out
     }
 
+    /// Up to `limit` items with ids above `after`, in every state (ready, leased, scheduled, dead), in id order,
+    /// with the id to continue after (`None` once every item was returned). Costs the page, not the partition: a
+    /// store that copies a large partition page by page holds its lock for one page at a time.
+    pub fn items_page(&self, after: Option<u64>, limit: usize) -> (Vec<Item>, Option<u64>) {
+        let limit = limit.max(1);
+        let lo = match after {
+            Some(a) if a == u64::MAX => return (Vec::new(), None),
+            Some(a) => a + 1,
+            None => 0,
+        };
+        let mut out = Vec::new();
+        // Ids up to `bound` are all looked at by this page.
+        let mut bound = u64::MAX;
+        for (&key, chunk) in self.chunks.range(lo / CHUNK..) {
+            if out.len() >= limit {
+                bound = (key * CHUNK).saturating_sub(1);
+                break;
+            }
+            for (off, s) in chunk.iter() {
+                let id = key * CHUNK + off as u64;
+                if id >= lo && s.live() {
+                    out.push(s.to_item(id));
+                }
+            }
+        }
+        for m in [&self.sched, &self.dead] {
+            out.extend(m.range(lo..=bound).take(limit).map(|(_, it)| it.clone()));
+        }
+        out.sort_unstable_by_key(|it| it.id);
+        if out.len() > limit {
+            out.truncate(limit);
+        }
+        if out.len() == limit {
+            bound = out.last().map_or(bound, |it| it.id.0);
+        }
+        (out, (bound != u64::MAX).then_some(bound))
+    }
+
     /// See [`lessor_core::storage::Partition::delete`].
     pub fn delete(&mut self, ids: Vec<ItemId>) -> Changes {
         let mut ch = Changes::default();

@@ -342,3 +342,110 @@ async fn concurrent_writes_to_many_partitions_share_fsyncs() {
         assert_eq!(p.counts().await.expect("counts").ready, rounds);
     }
 }
+
+/// A checkpoint copies a partition page by page while it keeps changing (produce, lease, complete, retry into the
+/// schedule, dead items): replaying the changes logged since its begin record over that copy gives the state
+/// exactly, through a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_checkpoint_taken_while_the_partition_changes_is_exact() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = Arc::new(open(dir.path()));
+    let p = store.open("busy", 0).await.expect("open");
+    // Several pages of items.
+    for r in 0..5 {
+        let batch: Vec<NewItem> = (0..4000).map(|i| item(&format!("fill-{r}-{i}"))).collect();
+        p.produce(batch).await.expect("produce");
+    }
+    let writer = {
+        let p = p.clone();
+        tokio::spawn(async move {
+            for r in 0..300u64 {
+                let mut batch: Vec<NewItem> = (0..20).map(|i| item(&format!("live-{r}-{i}"))).collect();
+                batch[0].dedup_id = format!("key-{r}");
+                batch[0].dedup_until = T0.add(SEC * 600);
+                p.produce(batch).await.expect("produce");
+                let l = p.lease(30, T0.add(SEC * 60)).await.expect("lease");
+                let (done, rest) = l.split_at(l.len() / 2);
+                p.complete(vec![done.iter().map(|i| i.id).collect()])
+                    .await
+                    .expect("complete");
+                let ops = rest
+                    .iter()
+                    .enumerate()
+                    .map(|(n, it)| RetryOp {
+                        id: it.id,
+                        action: if n % 3 == 0 {
+                            RetryAction::Dead
+                        } else {
+                            RetryAction::Schedule(T0.add(SEC * (r as u32 + 5)))
+                        },
+                    })
+                    .collect();
+                p.retry(vec![ops], DLQ).await.expect("retry");
+            }
+        })
+    };
+    let mut checkpoints = 0;
+    while !writer.is_finished() {
+        let s = store.clone();
+        tokio::task::spawn_blocking(move || s.checkpoint_now())
+            .await
+            .expect("task")
+            .expect("checkpoint");
+        checkpoints += 1;
+    }
+    writer.await.expect("writer");
+    assert!(
+        checkpoints >= 2,
+        "only {checkpoints} checkpoints overlapped the writes"
+    );
+    let before = snapshot(p.as_ref()).await;
+    assert!(!before.scheduled.is_empty() && !before.dead.is_empty() && before.dedup.len() == 300);
+    drop(p);
+    let store = Arc::into_inner(store).expect("one handle");
+    let store = reopen(store, dir.path()).await;
+    let p = store.open("busy", 0).await.expect("open");
+    assert_eq!(snapshot(p.as_ref()).await, before);
+    eprintln!("{checkpoints} checkpoints overlapped the writes");
+    store.close().await;
+}
+
+/// The pages a checkpoint copies cover every item once, in id order, whatever the page size.
+#[test]
+fn pages_of_a_partition_cover_every_item_once() {
+    use lessor_storage::state::PartitionState;
+    let mut s = PartitionState::new(1000);
+    let mut batch: Vec<NewItem> = (0..3000).map(|i| item(&format!("i{i}"))).collect();
+    for (n, it) in batch.iter_mut().enumerate() {
+        if n % 7 == 0 {
+            it.enqueue_at = T0.add(SEC * 30);
+        }
+        it.priority = (n % 3) as u8;
+    }
+    s.produce(batch);
+    let (leased, _) = s.lease(500, T0.add(SEC * 10));
+    let dead: Vec<RetryOp> = leased
+        .iter()
+        .step_by(5)
+        .map(|it| RetryOp {
+            id: it.id,
+            action: RetryAction::Dead,
+        })
+        .collect();
+    s.retry(vec![dead], DLQ);
+    let all = s.all_items();
+    for limit in [1, 7, 100, 1000, 5000] {
+        let mut paged = Vec::new();
+        let mut after = None;
+        loop {
+            let (page, next) = s.items_page(after, limit);
+            assert!(page.len() <= limit);
+            paged.extend(page);
+            match next {
+                Some(n) => after = Some(n),
+                None => break,
+            }
+        }
+        assert_eq!(paged, all, "page size {limit}");
+    }
+}

@@ -68,6 +68,9 @@ pub enum Backend {
     Memory,
     /// The embedded fjall engine, in a temporary directory removed afterwards.
     Fjall,
+    /// Partitions in RAM made durable by an append-only log (the `log` driver; queue definitions in fjall), in a
+    /// temporary directory removed afterwards.
+    Log,
 }
 
 /// `lessor bench`: load-test an in-process server (`--backend`) or a running one (`--endpoint`).
@@ -91,7 +94,7 @@ pub struct BenchArgs {
     /// bootstrap admin key with every request, to measure what authentication and authorisation cost.
     #[arg(long, requires = "backend")]
     pub auth: bool,
-    /// fjall durability of the in-process server: sync, interval or none (default: the server's).
+    /// Durability of the in-process server (fjall or log): sync, interval or none (default: the server's).
     #[arg(long)]
     pub durability: Option<String>,
     /// Speak JSON instead of protobuf.
@@ -194,13 +197,16 @@ pub async fn run(args: BenchArgs) -> Result<(), String> {
         Some(backend) => {
             let mut config = match backend {
                 Backend::Memory => Config::memory(),
-                Backend::Fjall => {
+                Backend::Fjall | Backend::Log => {
                     let dir = tempfile::Builder::new()
                         .prefix("lessor-bench-")
                         .tempdir()
                         .map_err(|e| format!("bench: cannot create a temporary directory: {e}"))?;
-                    let config =
-                        fjall_config(dir.path().to_string_lossy().as_ref(), args.durability.as_deref())?;
+                    let config = persistent_config(
+                        dir.path().to_string_lossy().as_ref(),
+                        args.durability.as_deref(),
+                        backend == Backend::Log,
+                    )?;
                     tempdir = Some(dir);
                     config
                 }
@@ -395,16 +401,21 @@ pub async fn run(args: BenchArgs) -> Result<(), String> {
 
 /// The in-process fjall configuration, or a clear error when this build has no fjall. The stores are opened by the
 /// storage crate's driver registry like the server's, so the durability value is checked there too.
-fn fjall_config(dir: &str, durability: Option<&str>) -> Result<Config, String> {
-    let compiled = lessor_server::config::driver_compiled("fjall");
+fn persistent_config(dir: &str, durability: Option<&str>, log: bool) -> Result<Config, String> {
+    let backend = if log { "log" } else { "fjall" };
+    let compiled = lessor_server::config::driver_compiled(backend);
     if !compiled {
-        return Err(
-            "bench: --backend fjall: the fjall storage driver is not compiled into this build \
+        return Err(format!(
+            "bench: --backend {backend}: the {backend} storage driver is not compiled into this build \
                     (rebuild with the 'fjall' feature, or use --backend memory or --endpoint)"
-                .into(),
-        );
+        ));
     }
     let mut config = Config::default_persistent(dir);
+    if log {
+        for s in &mut config.partition_storage {
+            s.driver = Some("log".into());
+        }
+    }
     if let Some(d) = durability {
         for s in config
             .partition_storage
@@ -416,7 +427,7 @@ fn fjall_config(dir: &str, durability: Option<&str>) -> Result<Config, String> {
     }
     config
         .validate()
-        .map_err(|e| format!("bench: --backend fjall: {e}"))?;
+        .map_err(|e| format!("bench: --backend {backend}: {e}"))?;
     Ok(config)
 }
 

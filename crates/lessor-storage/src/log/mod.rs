@@ -19,17 +19,18 @@
 //! - Start-up replays every segment into per-partition maps and rebuilds each state from them
 //!   ([`PartitionState::load`]); ids continue above the high-water mark a checkpoint recorded and every id seen.
 //! - **Checkpoints** keep the log bounded: once more than [`CHECKPOINT_MIN_BYTES`] (and twice the last checkpoint)
-//!   were appended, a thread starts a new segment, then writes each partition's whole state after it (between a
-//!   begin and an end record, under the partition's lock, so no change of that partition interleaves), makes it
-//!   durable and deletes the older segments. Replay applies a partition's checkpoint only once its end record is
-//!   read: a checkpoint cut by a crash is ignored (a later change set of the partition, or the end of the log,
-//!   drops it), and the older segments it would have replaced are still there.
+//!   were appended, a thread starts a new segment, then writes each partition's items after it: a begin record,
+//!   a copy of the items taken page by page (the partition's lock is held for one page at a time, so serving goes
+//!   on meanwhile), an end record; then it makes all that durable and deletes the older segments. Every change
+//!   writes or removes one whole value by its key, so replay rebuilds the partition exactly by applying the changes
+//!   logged since the begin record over the copy, whichever version of each item a page caught (a fuzzy
+//!   checkpoint). Replay uses a checkpoint only once its end record is read: one cut by a crash is dropped at the
+//!   next run's open record or the end of the log, and the older segments it would have replaced are still there.
 //!
 //! # Limits
 //! Everything is in RAM, like the memory store: a backlog larger than memory does not fit (the fjall store pages
-//! it to disk). A checkpoint holds each partition's lock while that partition's state is written, so a partition
-//! with a deep backlog pauses for that long (about a second per 150 MB of items on the machine of
-//! docs/benchmarks.md). A failed write or fsync poisons the store until a restart, reads included: the state in
+//! it to disk). Replay reads the whole log at start: start-up takes as long as reading up to about three times the
+//! live items' bytes plus `checkpoint-bytes`. A failed write or fsync poisons the store until a restart, reads included: the state in
 //! RAM may then hold a change the log does not.
 
 mod wal;
@@ -57,8 +58,8 @@ pub(crate) use wal::Wal;
 pub const LOG_DIR: &str = "~log";
 /// A checkpoint starts once this much was appended since the last one (and twice what that one wrote).
 pub const CHECKPOINT_MIN_BYTES: u64 = 256 << 20;
-/// Items per record of a checkpoint (bounds the memory one record takes).
-const CHECKPOINT_CHUNK: usize = 4096;
+/// Items per page of a checkpoint: the partition's lock is held while one page is copied and appended.
+pub(crate) const CHECKPOINT_PAGE: usize = 4096;
 
 const R_CREATE: u8 = 1;
 const R_DESTROY: u8 = 2;
@@ -66,6 +67,7 @@ const R_CHANGES: u8 = 3;
 const R_CHECKPOINT_BEGIN: u8 = 4;
 const R_CHECKPOINT_ITEMS: u8 = 5;
 const R_CHECKPOINT_END: u8 = 6;
+const R_OPEN: u8 = 7;
 
 /// What a partition of the log store logs through.
 pub(crate) struct PartLog {
@@ -215,17 +217,39 @@ impl<'a> Cursor<'a> {
         let n = self.u32()? as usize;
         self.take(n)
     }
-    /// Reads items into `out`; returns one above the largest id read (0 for none).
-    fn items(&mut self, out: &mut HashMap<u64, Item>) -> Result<u64, StorageError> {
-        let mut top = 0;
+    /// Reads a change-set body (items, removed ids, a dedup group, removed groups) as operations.
+    fn ops(&mut self) -> Result<Vec<Op>, StorageError> {
+        let mut ops = Vec::new();
         for _ in 0..self.u32()? {
             let id = self.u64()?;
-            let it = decode_meta(ItemId(id), self.bytes()?, "log record")?;
-            out.insert(id, it);
-            top = top.max(id.saturating_add(1));
+            ops.push(Op::Put(decode_meta(ItemId(id), self.bytes()?, "log record")?));
         }
-        Ok(top)
+        for _ in 0..self.u32()? {
+            ops.push(Op::Del(self.u64()?));
+        }
+        if self.byte()? == 1 {
+            let until = self.u64()? as i64;
+            let id = self.u64()?;
+            let group = decode_dedup(Ts(until), ItemId(id), self.bytes()?, "log record")?;
+            ops.push(Op::DedupPut((until, id), group));
+        }
+        for _ in 0..self.u32()? {
+            let until = self.u64()? as i64;
+            ops.push(Op::DedupDel((until, self.u64()?)));
+        }
+        Ok(ops)
     }
+}
+
+/// One change of a partition, as replay reads it. Each writes or removes one whole value by its key, so applying
+/// a partition's changes in order over a copy of its items taken at any moment since those changes began gives
+/// its state after them (what makes a checkpoint copied page by page, while changes go on, exact).
+#[derive(Clone)]
+enum Op {
+    Put(Item),
+    Del(u64),
+    DedupPut((i64, u64), Vec<DedupRecord>),
+    DedupDel((i64, u64)),
 }
 
 /// A partition as replay rebuilds it.
@@ -238,30 +262,35 @@ struct Replayed {
     /// checkpoint recorded).
     next_id: u64,
     destroyed: bool,
-    /// A checkpoint being read: replaces the above at its end record.
-    pending: Option<Box<Replayed>>,
+    /// A checkpoint being read (see [`Pending`]).
+    pending: Option<Box<Pending>>,
+}
+
+/// A checkpoint of a partition being read: the copy of its items and dedup records (taken page by page after
+/// the begin record), and every change of the partition logged since the begin record, which replace the
+/// partition's state at the end record.
+struct Pending {
+    copy: Replayed,
+    since: Vec<Op>,
 }
 
 impl Replayed {
-    fn changes(&mut self, c: &mut Cursor<'_>) -> Result<(), StorageError> {
-        let top = c.items(&mut self.items)?;
-        self.next_id = self.next_id.max(top);
-        for _ in 0..c.u32()? {
-            let id = c.u64()?;
-            self.items.remove(&id);
+    fn apply(&mut self, op: Op) {
+        match op {
+            Op::Put(it) => {
+                self.next_id = self.next_id.max(it.id.0.saturating_add(1));
+                self.items.insert(it.id.0, it);
+            }
+            Op::Del(id) => {
+                self.items.remove(&id);
+            }
+            Op::DedupPut(name, group) => {
+                self.dedup.insert(name, group);
+            }
+            Op::DedupDel(name) => {
+                self.dedup.remove(&name);
+            }
         }
-        if c.byte()? == 1 {
-            let until = c.u64()? as i64;
-            let id = c.u64()?;
-            let group = decode_dedup(Ts(until), ItemId(id), c.bytes()?, "log record")?;
-            self.dedup.insert((until, id), group);
-        }
-        for _ in 0..c.u32()? {
-            let until = c.u64()? as i64;
-            let id = c.u64()?;
-            self.dedup.remove(&(until, id));
-        }
-        Ok(())
     }
 }
 
@@ -277,6 +306,13 @@ impl Replay {
         let mut c = Cursor { buf: body };
         let kind = c.byte()?;
         let pid = c.u64()?;
+        if kind == R_OPEN {
+            // A new run of the store: a checkpoint the last run left without its end was cut by a crash.
+            for p in self.parts.values_mut() {
+                p.pending = None;
+            }
+            return Ok(());
+        }
         self.max_pid = self.max_pid.max(pid);
         let p = self.parts.entry(pid).or_default();
         match kind {
@@ -296,35 +332,46 @@ impl Replay {
                 }
             }
             R_CHANGES => {
-                // A partition's changes never interleave with its checkpoint (both are written under its lock), so a
-                // change set after a begin record without its end means that checkpoint was cut by a crash: it is
-                // dropped, and the state it would have replaced goes on.
-                p.pending = None;
-                p.changes(&mut c)?;
+                let ops = c.ops()?;
+                if let Some(cp) = p.pending.as_mut() {
+                    cp.since.extend(ops.iter().cloned());
+                }
+                for op in ops {
+                    p.apply(op);
+                }
             }
             R_CHECKPOINT_BEGIN => {
                 let name = String::from_utf8(c.bytes()?.to_vec())
                     .map_err(|_| corrupt("a queue name is not UTF-8"))?;
                 let partition = c.u32()?;
                 let next_id = c.u64()?;
-                p.pending = Some(Box::new(Replayed {
-                    name: Some((name, partition)),
-                    next_id,
-                    ..Replayed::default()
+                p.pending = Some(Box::new(Pending {
+                    copy: Replayed {
+                        name: Some((name, partition)),
+                        next_id,
+                        ..Replayed::default()
+                    },
+                    since: Vec::new(),
                 }));
             }
             R_CHECKPOINT_ITEMS => {
                 let Some(cp) = p.pending.as_mut() else {
                     return Err(corrupt("checkpoint items without a begin record"));
                 };
-                cp.changes(&mut c)?;
+                for op in c.ops()? {
+                    cp.copy.apply(op);
+                }
             }
             R_CHECKPOINT_END => {
-                let Some(mut cp) = p.pending.take() else {
+                let Some(cp) = p.pending.take() else {
                     return Err(corrupt("a checkpoint end without a begin record"));
                 };
-                cp.next_id = cp.next_id.max(p.next_id);
-                *p = *cp;
+                let Pending { mut copy, since } = *cp;
+                for op in since {
+                    copy.apply(op);
+                }
+                copy.next_id = copy.next_id.max(p.next_id);
+                *p = copy;
             }
             k => return Err(corrupt(&format!("unknown record kind {k}"))),
         }
@@ -393,6 +440,8 @@ impl LogStore {
             took_ms = started.elapsed().as_millis() as u64,
             "log store open"
         );
+        // Marks a new run: a checkpoint the last run left without its end was cut by a crash (see `Replay`).
+        wal.append(&Rec::new(R_OPEN, 0, 0).0)?;
         let (tx, rx) = std::sync::mpsc::channel();
         let inner = Arc::new(Inner {
             wal,
@@ -515,57 +564,74 @@ fn checkpoint_loop(inner: Weak<Inner>, rx: std::sync::mpsc::Receiver<()>) {
     }
 }
 
-/// Writes `state` as `log`'s partition's checkpoint records (the caller holds its lock); returns the bytes.
-pub(crate) fn write_checkpoint(
-    log: &PartLog,
-    state: &PartitionState,
-    queue: &str,
-    partition: u32,
-    end: bool,
-) -> Result<u64, StorageError> {
-    if log.destroyed.load(Ordering::Acquire) {
-        return Ok(0);
+impl PartLog {
+    /// Starts this partition's checkpoint: its begin record (the point in the log after which its changes are
+    /// replayed over the copy), under the partition's lock. `Ok(None)` when the partition was destroyed.
+    pub(crate) fn checkpoint_begin(
+        &self,
+        state: &PartitionState,
+        queue: &str,
+        partition: u32,
+    ) -> Result<Option<u64>, StorageError> {
+        if self.destroyed.load(Ordering::Acquire) {
+            return Ok(None);
+        }
+        let mut begin = Rec::new(R_CHECKPOINT_BEGIN, self.pid, queue.len() + 16);
+        begin.bytes(queue.as_bytes());
+        begin.u32(partition);
+        begin.u64(state.id_high_water());
+        self.wal.append(&begin.0)?;
+        Ok(Some(begin.0.len() as u64))
     }
-    let mut bytes = 0u64;
-    let mut begin = Rec::new(R_CHECKPOINT_BEGIN, log.pid, queue.len() + 16);
-    begin.bytes(queue.as_bytes());
-    begin.u32(partition);
-    begin.u64(state.id_high_water());
-    log.wal.append(&begin.0)?;
-    bytes += begin.0.len() as u64;
-    let items = state.all_items();
-    for chunk in items.chunks(CHECKPOINT_CHUNK) {
-        let mut r = Rec::new(
-            R_CHECKPOINT_ITEMS,
-            log.pid,
-            chunk.iter().map(|i| i.payload.len() + 64).sum(),
-        );
-        r.items(chunk.iter());
-        r.u32(0);
-        r.0.push(0);
-        r.u32(0);
-        log.wal.append(&r.0)?;
-        bytes += r.0.len() as u64;
+
+    /// Writes one page of the checkpoint's copy: items, and dedup records (each its own group), under the
+    /// partition's lock. `Ok(None)` when the partition was destroyed meanwhile (the checkpoint stops there).
+    pub(crate) fn checkpoint_page(
+        &self,
+        items: &[Item],
+        dedup: &[DedupRecord],
+    ) -> Result<Option<u64>, StorageError> {
+        if self.destroyed.load(Ordering::Acquire) {
+            return Ok(None);
+        }
+        let mut bytes = 0;
+        if !items.is_empty() {
+            let mut r = Rec::new(
+                R_CHECKPOINT_ITEMS,
+                self.pid,
+                items.iter().map(|i| i.payload.len() + 64).sum(),
+            );
+            r.items(items.iter());
+            r.u32(0);
+            r.0.push(0);
+            r.u32(0);
+            self.wal.append(&r.0)?;
+            bytes += r.0.len() as u64;
+        }
+        for rec in dedup {
+            let mut r = Rec::new(R_CHECKPOINT_ITEMS, self.pid, rec.dedup_id.len() + 48);
+            r.u32(0);
+            r.u32(0);
+            r.0.push(1);
+            r.u64(rec.until.0 as u64);
+            r.u64(rec.id.0);
+            r.bytes(&encode_dedup(std::slice::from_ref(rec)));
+            r.u32(0);
+            self.wal.append(&r.0)?;
+            bytes += r.0.len() as u64;
+        }
+        Ok(Some(bytes))
     }
-    // Every record, ended ones not yet dropped included: which have ended is the engine's clock's call.
-    for rec in state.dedup_records(Ts(i64::MIN)) {
-        let mut r = Rec::new(R_CHECKPOINT_ITEMS, log.pid, rec.dedup_id.len() + 48);
-        r.u32(0);
-        r.u32(0);
-        r.0.push(1);
-        r.u64(rec.until.0 as u64);
-        r.u64(rec.id.0);
-        r.bytes(&encode_dedup(std::slice::from_ref(&rec)));
-        r.u32(0);
-        log.wal.append(&r.0)?;
-        bytes += r.0.len() as u64;
+
+    /// Ends this partition's checkpoint, under its lock. `Ok(None)` when the partition was destroyed meanwhile.
+    pub(crate) fn checkpoint_end(&self) -> Result<Option<u64>, StorageError> {
+        if self.destroyed.load(Ordering::Acquire) {
+            return Ok(None);
+        }
+        let end = Rec::new(R_CHECKPOINT_END, self.pid, 0);
+        self.wal.append(&end.0)?;
+        Ok(Some(end.0.len() as u64))
     }
-    if !end {
-        return Ok(bytes);
-    }
-    let end = Rec::new(R_CHECKPOINT_END, log.pid, 0);
-    log.wal.append(&end.0)?;
-    Ok(bytes + end.0.len() as u64)
 }
 
 #[async_trait]
