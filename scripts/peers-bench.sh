@@ -7,15 +7,16 @@
 # from this one run.
 #
 #   scripts/peers-bench.sh [--duration SECONDS] [--rate ITEMS_PER_S] [--modes fsync,default]
-#                          [--systems lessor,redis,beanstalkd,nats,postgres] [--producers N] [--consumers N]
+#                          [--systems lessor,lessor-log,redis,beanstalkd,nats,postgres] [--producers N] [--consumers N]
 #                          [--batch N] [--size BYTES] [--no-paced] [--no-double]
 #                          [--json-out FILE] [--chart FILE.svg]
 #
 # Modes:
-#   fsync    every system fsyncs before it acknowledges: Lessor fjall `durability: sync` (its default),
+#   fsync    every system fsyncs before it acknowledges: Lessor fjall `durability: sync` (its default) and
+#            Lessor on the log store (`lessor-log`, driver log, `durability: sync`),
 #            redis `appendfsync always`, beanstalkd `-b DIR -f 0`, nats `sync_interval: always`, postgres
 #            fsync=on + synchronous_commit=on.
-#   default  each system's usual setting without an fsync per acknowledgement: Lessor fjall `interval`
+#   default  each system's usual setting without an fsync per acknowledgement: Lessor fjall and log `interval`
 #            (fsync every 100 ms), redis AOF `everysec`, beanstalkd `-b DIR` (fsync at most every 50 ms),
 #            nats file store (its default sync interval, 2 min), postgres synchronous_commit=off (fsync on; the
 #            WAL writer flushes within 200 ms).
@@ -34,7 +35,7 @@ set -euo pipefail
 
 cd "$(dirname "$0")/.."
 DURATION=10 PRODUCERS=4 CONSUMERS=4 BATCH=100 SIZE=100 RATE=10000 MODES=fsync,default JSON_OUT= CHART=
-SYSTEMS=lessor,redis,beanstalkd,nats,postgres PACED=1 DOUBLE=1
+SYSTEMS=lessor,lessor-log,redis,beanstalkd,nats,postgres PACED=1 DOUBLE=1
 while [ $# -gt 0 ]; do
   case "$1" in
     --duration) DURATION=$2; shift 2 ;;
@@ -57,7 +58,7 @@ for m in ${MODES//,/ }; do
   case "$m" in fsync|default) ;; *) echo "unknown mode: $m (fsync, default)" >&2; exit 2 ;; esac
 done
 for s in ${SYSTEMS//,/ }; do
-  case "$s" in lessor|redis|beanstalkd|nats|postgres) ;; *) echo "unknown system: $s" >&2; exit 2 ;; esac
+  case "$s" in lessor|lessor-log|redis|beanstalkd|nats|postgres) ;; *) echo "unknown system: $s" >&2; exit 2 ;; esac
 done
 log() { echo "peers-bench $(date +%T): $*" >&2; }
 
@@ -134,21 +135,24 @@ wait_port() {
 # Each start_* takes the mode, sets URL, SERVER_PID (the server's root process, for its CPU) and SETTING.
 # They run the server as our own child (no command substitution), in a fresh directory.
 start_lessor() {
-  local durability=sync dir="$OUT/lessor-$RANDOM" port
+  local durability=sync dir="$OUT/lessor-$RANDOM" port driver=${2:-fjall}
   [ "$1" = default ] && durability=interval
-  SETTING="fjall, durability $durability"
+  SETTING="$driver, durability $durability"
   port=$(free_port)
   cat >"$OUT/lessor.yaml" <<YAML
 address: 127.0.0.1:$port
 queue-storage: { driver: fjall, config: { storage-dir: $dir, durability: $durability } }
 partition-storage:
-  - { name: disk-0, driver: fjall, affinity: 1, config: { storage-dir: $dir, durability: $durability } }
+  - { name: disk-0, driver: $driver, affinity: 1, config: { storage-dir: $dir, durability: $durability } }
 YAML
   "$LESSOR_BIN" server --config "$OUT/lessor.yaml" >"$OUT/lessor.log" 2>&1 &
   SERVER_PID=$!
   URL="http://127.0.0.1:$port"
   wait_port "$port"
 }
+
+# The log store: partitions in RAM made durable by an append-only log (docs/operations.md#the-log-store).
+start_lessor-log() { start_lessor "$1" log; }
 
 start_redis() {
   local fsync=always dir="$OUT/redis-$RANDOM" port
@@ -234,7 +238,8 @@ wait_idle() {
 
 # bench MODE SYSTEM KIND: starts the server, runs the driver once, stops the server.
 bench() {
-  local mode=$1 system=$2 kind=$3 file="$OUT/$1-$2-$3.json" conns=1 pid extra=()
+  local mode=$1 system=$2 kind=$3 file="$OUT/$1-$2-$3.json" conns=1 pid extra=() driver=$2
+  [ "$system" = lessor-log ] && driver=lessor
   # beanstalkd has no batches: its users run many connections.
   [ "$system" = beanstalkd ] && conns=16
   [ "$kind" = double ] && conns=$((conns * 2))
@@ -253,7 +258,7 @@ bench() {
   fi
   wait_idle
   log "$mode $system $kind ($SETTING, $conns connection(s) per worker)"
-  if "$PEERS_BIN" "$system" --url "$URL" --mode "$mode" --producers "$PRODUCERS" --consumers "$CONSUMERS" \
+  if "$PEERS_BIN" "$driver" --url "$URL" --mode "$mode" --producers "$PRODUCERS" --consumers "$CONSUMERS" \
       --batch "$BATCH" --size "$SIZE" --duration "$DURATION" --connections "$conns" --server-pid "$pid" \
       "${extra[@]}" --json >"$file"; then
     row "$mode" "$system" "$kind" "$SETTING" "$file" ""
@@ -276,7 +281,7 @@ CHART_ARGS="$OUT/chart-args"
 python3 - "$MANIFEST" "$PRODUCERS" "$CONSUMERS" "$BATCH" "$SIZE" "$DURATION" "$RATE" "$JSON_OUT" "$CHART_ARGS" <<'PY'
 import json, os, sys
 manifest, producers, consumers, batch, size, duration, rate, json_out, chart_args = sys.argv[1:]
-LABEL = {"lessor": "Lessor", "redis": "Redis Streams", "beanstalkd": "beanstalkd", "nats": "NATS JetStream",
+LABEL = {"lessor": "Lessor", "lessor-log": "Lessor, log store", "redis": "Redis Streams", "beanstalkd": "beanstalkd", "nats": "NATS JetStream",
          "postgres": "PostgreSQL SKIP LOCKED"}
 runs = {}
 settings = {}
@@ -307,16 +312,17 @@ print(f"pipeline: {producers} producers + {consumers} consumers, batch {batch}, 
 print("consumed/s = leased + completed per second, up to the last completion; e2e = send to arrival at a")
 print("consumer; CPU in % of one core (server = its whole process tree); busy, iowait and other (other processes)")
 print("in % of the machine; 2x = the run with twice the driver's concurrency, CPU columns from the better run;")
-print("Lessor ÷ peer = Lessor's consumed/s over this row's, same mode, better runs (target >= 3)")
+print("Lessor ÷ peer = Lessor's consumed/s over this row's, same mode, better runs (target >= 3); log ÷ peer the same")
+print("for Lessor on the log store")
 print()
 head = ["mode", "system", "setting", "produced/s", "consumed/s", "consumed/s at 2x", "e2e p99 ms", "server CPU",
-        "driver CPU", "busy", "iowait", "other", "Lessor ÷ peer"]
+        "driver CPU", "busy", "iowait", "other", "Lessor ÷ peer", "log ÷ peer"]
 print("| " + " | ".join(head) + " |")
 print("| " + " | ".join(["---"] * 3 + ["---:"] * (len(head) - 3)) + " |")
 rows = []
 for mode, system in order:
     base, dbl, b = get(mode, system, "base"), get(mode, system, "double"), best(mode, system)
-    ref = best(mode, "lessor")
+    ref, ref_log = best(mode, "lessor"), best(mode, "lessor-log")
     cells = [mode, LABEL[system], settings[(mode, system)]]
     if not b:
         note = runs.get((mode, system, "base"), {}).get("note", "not run")
@@ -324,16 +330,18 @@ for mode, system in order:
         continue
     cpu = b["cpu"]
     ratio = ref["consumed_per_s"] / b["consumed_per_s"] if ref and b["consumed_per_s"] else None
+    ratio_log = ref_log["consumed_per_s"] / b["consumed_per_s"] if ref_log and b["consumed_per_s"] else None
+    ours = system in ("lessor", "lessor-log")
     cells += [num(b["produced_per_s"], ",.0f"),
               num(base and base["consumed_per_s"], ",.0f"),
               num(dbl and dbl["consumed_per_s"], ",.0f"),
               ms(b["e2e_ms"]["p99"]),
               num(cpu["server_pct"], ".0f") + "%", num(cpu["driver_pct"], ".0f") + "%",
               num(cpu["machine_busy_pct"], ".0f") + "%", num(cpu["machine_iowait_pct"], ".0f") + "%", num(cpu["other_pct"], ".0f") + "%",
-              "-" if system == "lessor" else num(ratio, ".2f")]
+              "-" if ours else num(ratio, ".2f"), "-" if ours else num(ratio_log, ".2f")]
     print("| " + " | ".join(cells) + " |")
     rows.append({"mode": mode, "system": system, "setting": settings[(mode, system)], "base": base,
-                 "double": dbl, "lessor_over_peer": ratio})
+                 "double": dbl, "lessor_over_peer": ratio, "lessor_log_over_peer": ratio_log})
 
 paced = [(m, s) for (m, s) in order if (m, s, "paced") in runs]
 if paced:
@@ -341,20 +349,22 @@ if paced:
     print(f"paced at {int(float(rate)):,} items/s (every system gets the same load; compare latency):")
     print()
     head = ["mode", "system", "consumed/s", "e2e p50 ms", "e2e p99 ms", "e2e p99.9 ms", "e2e max ms", "server CPU",
-            "peer p99 ÷ Lessor p99"]
+            "peer p99 ÷ Lessor p99", "peer p99 ÷ log p99"]
     print("| " + " | ".join(head) + " |")
     print("| " + " | ".join(["---"] * 2 + ["---:"] * (len(head) - 2)) + " |")
     for mode, system in paced:
-        r, ref = get(mode, system, "paced"), get(mode, "lessor", "paced")
+        r, ref, ref_log = get(mode, system, "paced"), get(mode, "lessor", "paced"), get(mode, "lessor-log", "paced")
         if not r:
             print("| " + " | ".join([mode, LABEL[system], "not run: " + runs[(mode, system, "paced")]["note"]]
                                     + ["-"] * (len(head) - 3)) + " |")
             continue
         e = r["e2e_ms"]
         x = e["p99"] / ref["e2e_ms"]["p99"] if ref and e["p99"] and ref["e2e_ms"]["p99"] else None
+        xl = e["p99"] / ref_log["e2e_ms"]["p99"] if ref_log and e["p99"] and ref_log["e2e_ms"]["p99"] else None
+        ours = system in ("lessor", "lessor-log")
         print("| " + " | ".join([mode, LABEL[system], num(r["consumed_per_s"], ",.0f"), ms(e["p50"]), ms(e["p99"]),
                                  ms(e["p99_9"]), ms(e["max"]), num(r["cpu"]["server_pct"], ".0f") + "%",
-                                 "-" if system == "lessor" else num(x, ".2f")]) + " |")
+                                 "-" if ours else num(x, ".2f"), "-" if ours else num(xl, ".2f")]) + " |")
         for row in rows:
             if (row["mode"], row["system"]) == (mode, system):
                 row["paced"] = r

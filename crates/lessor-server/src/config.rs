@@ -1527,7 +1527,12 @@ mod tests {
             .collect();
         assert_eq!(
             drivers,
-            [("disk-0", "fjall"), ("pg-0", "postgres"), ("ram-0", "memory")]
+            [
+                ("disk-0", "fjall"),
+                ("pg-0", "postgres"),
+                ("ram-0", "memory"),
+                ("log-0", "log")
+            ]
         );
         let declared = c.declared_queues().expect("queues");
         assert_eq!(declared[1].name, "jobs");
