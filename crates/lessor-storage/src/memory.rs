@@ -293,11 +293,13 @@ impl MemoryPartition {
     }
 
     fn state(&self) -> Result<MutexGuard<'_, PartitionState>, StorageError> {
+        let st = lock(&self.state)?;
+        // Checked under the lock: a write that failed (and poisoned the log) held it until then.
         #[cfg(feature = "fjall")]
         if let Some(log) = &self.log {
             log.check()?;
         }
-        lock(&self.state)
+        Ok(st)
     }
 
     /// Runs a mutation; in the log store, appends its change set under the partition's lock (so the log has the
@@ -348,19 +350,19 @@ impl MemoryPartition {
     ) -> Result<u64, StorageError> {
         let Some(log) = &self.log else { return Ok(0) };
         let (mut bytes, dedup) = {
-            let st = self.state()?;
+            let mut st = self.state()?;
             let Some(b) = log.checkpoint_begin(&st, queue, partition)? else {
                 return Ok(0);
             };
             // Every record, ended ones not yet dropped included: which have ended is the engine's clock's call.
-            (b, st.dedup_records(Ts(i64::MIN)))
+            (b, st.dedup_groups())
         };
         let mut after = None;
         let mut dedup = Some(dedup);
         loop {
             let st = self.state()?;
             let (items, next) = st.items_page(after, crate::log::CHECKPOINT_PAGE);
-            let Some(b) = log.checkpoint_page(&items, &dedup.take().unwrap_or_default())? else {
+            let Some(b) = log.checkpoint_page(&items, dedup.take().unwrap_or_default())? else {
                 return Ok(bytes);
             };
             bytes += b;
@@ -374,6 +376,13 @@ impl MemoryPartition {
             bytes += log.checkpoint_end()?.unwrap_or(0);
         }
         Ok(bytes)
+    }
+
+    /// Runs `f` holding this partition's lock (tests).
+    #[cfg(feature = "fjall")]
+    pub(crate) fn hold(&self, f: impl FnOnce()) {
+        let _st = lock(&self.state);
+        f();
     }
 
     /// Logs this partition's destruction, under its lock; the sequence to wait for.

@@ -1740,6 +1740,12 @@ impl PartitionState {
         self.dedup.live(now)
     }
 
+    /// Every dedup record, ended ones not yet dropped included, in groups named by their first record (see
+    /// `DedupSet::named_groups`): what the log store's checkpoint writes.
+    pub fn dedup_groups(&mut self) -> Vec<Vec<DedupRecord>> {
+        self.dedup.named_groups()
+    }
+
     /// Number of dedup records held, expired ones not yet dropped included.
     pub fn dedup_len(&self) -> usize {
         self.dedup.len()

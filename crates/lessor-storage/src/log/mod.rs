@@ -60,6 +60,8 @@ pub const LOG_DIR: &str = "~log";
 pub const CHECKPOINT_MIN_BYTES: u64 = 256 << 20;
 /// Items per page of a checkpoint: the partition's lock is held while one page is copied and appended.
 pub(crate) const CHECKPOINT_PAGE: usize = 4096;
+/// Payload bytes per record of a checkpoint or a large change set, about (far below the log's record limit).
+const RECORD_BYTES: usize = 64 << 20;
 
 const R_CREATE: u8 = 1;
 const R_DESTROY: u8 = 2;
@@ -68,6 +70,7 @@ const R_CHECKPOINT_BEGIN: u8 = 4;
 const R_CHECKPOINT_ITEMS: u8 = 5;
 const R_CHECKPOINT_END: u8 = 6;
 const R_OPEN: u8 = 7;
+const R_CHANGES_PART: u8 = 8;
 
 /// What a partition of the log store logs through.
 pub(crate) struct PartLog {
@@ -75,10 +78,13 @@ pub(crate) struct PartLog {
     pid: u64,
     /// Set, under the partition's lock, when its destruction was logged: nothing more of it may be.
     destroyed: AtomicBool,
+    /// Sequence of its last record (its creation's at first; 0 when that was before this run).
+    last: AtomicU64,
 }
 
 impl PartLog {
-    /// Appends `changes` of this partition; `None` when there was nothing to log. Called under the partition's lock.
+    /// Appends `changes` of this partition; when there was nothing to log, its last record if that is not durable
+    /// yet (the call's answer may rest on it: a concurrent caller's record). Called under the partition's lock.
     pub(crate) fn append(&self, changes: &Changes) -> Result<Option<u64>, StorageError> {
         self.check_write()?;
         if changes.put.is_empty()
@@ -86,10 +92,16 @@ impl PartLog {
             && changes.dedup_put.is_empty()
             && changes.dedup_del.is_empty()
         {
-            return Ok(None);
+            return Ok(self.wal.unsynced_at(self.last.load(Ordering::Relaxed)));
         }
-        let body = encode_changes(self.pid, changes);
-        self.wal.append(&body).map(Some)
+        let mut seq = None;
+        for body in encode_changes(self.pid, changes) {
+            seq = Some(self.wal.append(&body)?);
+        }
+        if let Some(seq) = seq {
+            self.last.store(seq, Ordering::Relaxed);
+        }
+        Ok(seq)
     }
 
     /// Checks the store is usable (a poisoned store answers nothing, reads included).
@@ -153,30 +165,61 @@ impl Rec {
     }
 }
 
-fn encode_changes(pid: u64, ch: &Changes) -> Vec<u8> {
-    let payloads: usize = ch.put.iter().map(|i| i.payload.len() + 64).sum();
-    let mut r = Rec::new(R_CHANGES, pid, payloads + ch.del.len() * 8 + 32);
-    r.items(ch.put.iter());
-    r.u32(ch.del.len() as u32);
-    for id in &ch.del {
-        r.u64(id.0);
-    }
-    // One dedup group at most per change set (a produce call's), named by its first record.
-    match ch.dedup_put.first() {
-        Some(first) => {
-            r.0.push(1);
-            r.u64(first.until.0 as u64);
-            r.u64(first.id.0);
-            r.bytes(&encode_dedup(&ch.dedup_put));
+/// The records of one change set: usually one; a change set whose items are larger than
+/// [`RECORD_BYTES`] goes out as part records carrying some of its items, then the record with the rest
+/// (replay applies the parts only with that last record, so a crash between them loses the whole unacknowledged
+/// change set, never half of it).
+fn encode_changes(pid: u64, ch: &Changes) -> Vec<Vec<u8>> {
+    let mut out = Vec::new();
+    let mut rest = &ch.put[..];
+    loop {
+        let (n, size) = fill(rest);
+        let last = n == rest.len();
+        let (chunk, tail) = rest.split_at(n);
+        rest = tail;
+        if !last {
+            let mut r = Rec::new(R_CHANGES_PART, pid, size + 32);
+            r.items(chunk.iter());
+            r.u32(0);
+            r.0.push(0);
+            r.u32(0);
+            out.push(r.0);
+            continue;
         }
-        None => r.0.push(0),
+        let mut r = Rec::new(R_CHANGES, pid, size + ch.del.len() * 8 + 32);
+        r.items(chunk.iter());
+        r.u32(ch.del.len() as u32);
+        for id in &ch.del {
+            r.u64(id.0);
+        }
+        // One dedup group at most per change set (a produce call's), named by its first record.
+        match ch.dedup_put.first() {
+            Some(first) => {
+                r.0.push(1);
+                r.u64(first.until.0 as u64);
+                r.u64(first.id.0);
+                r.bytes(&encode_dedup(&ch.dedup_put));
+            }
+            None => r.0.push(0),
+        }
+        r.u32(ch.dedup_del.len() as u32);
+        for (until, id) in &ch.dedup_del {
+            r.u64(until.0 as u64);
+            r.u64(id.0);
+        }
+        out.push(r.0);
+        return out;
     }
-    r.u32(ch.dedup_del.len() as u32);
-    for (until, id) in &ch.dedup_del {
-        r.u64(until.0 as u64);
-        r.u64(id.0);
+}
+
+/// How many of `items` (one at least) fit in about [`RECORD_BYTES`], and their size.
+fn fill(items: &[Item]) -> (usize, usize) {
+    let (mut n, mut size) = (0, 0);
+    while n < items.len() && (n == 0 || size + items[n].payload.len() + 64 <= RECORD_BYTES) {
+        size += items[n].payload.len() + 64;
+        n += 1;
     }
-    r.0
+    (n, size)
 }
 
 /// Reader over a record body.
@@ -264,6 +307,8 @@ struct Replayed {
     destroyed: bool,
     /// A checkpoint being read (see [`Pending`]).
     pending: Option<Box<Pending>>,
+    /// Part records of a change set whose last record is not read yet (see `encode_changes`).
+    parts: Vec<Op>,
 }
 
 /// A checkpoint of a partition being read: the copy of its items and dedup records (taken page by page after
@@ -307,9 +352,11 @@ impl Replay {
         let kind = c.byte()?;
         let pid = c.u64()?;
         if kind == R_OPEN {
-            // A new run of the store: a checkpoint the last run left without its end was cut by a crash.
+            // A new run of the store: a checkpoint the last run left without its end, or a change set without its
+            // last record, was cut by a crash.
             for p in self.parts.values_mut() {
                 p.pending = None;
+                p.parts.clear();
             }
             return Ok(());
         }
@@ -331,8 +378,10 @@ impl Replay {
                     ..Replayed::default()
                 }
             }
+            R_CHANGES_PART => p.parts.extend(c.ops()?),
             R_CHANGES => {
-                let ops = c.ops()?;
+                let mut ops = std::mem::take(&mut p.parts);
+                ops.extend(c.ops()?);
                 if let Some(cp) = p.pending.as_mut() {
                     cp.since.extend(ops.iter().cloned());
                 }
@@ -354,9 +403,12 @@ impl Replay {
                     since: Vec::new(),
                 }));
             }
+            // Without a begin record: the rest of an older checkpoint whose begin was in a segment a later
+            // checkpoint deleted (a crash can stop that deletion half way, oldest segments first). The later
+            // checkpoint, further on, replaces whatever this one held.
             R_CHECKPOINT_ITEMS => {
                 let Some(cp) = p.pending.as_mut() else {
-                    return Err(corrupt("checkpoint items without a begin record"));
+                    return Ok(());
                 };
                 for op in c.ops()? {
                     cp.copy.apply(op);
@@ -364,7 +416,7 @@ impl Replay {
             }
             R_CHECKPOINT_END => {
                 let Some(cp) = p.pending.take() else {
-                    return Err(corrupt("a checkpoint end without a begin record"));
+                    return Ok(());
                 };
                 let Pending { mut copy, since } = *cp;
                 for op in since {
@@ -383,6 +435,9 @@ struct Inner {
     wal: Arc<Wal>,
     dir: PathBuf,
     parts: Mutex<HashMap<(String, u32), Arc<MemoryPartition>>>,
+    /// Partitions taken out of `parts` by a destroy that has not made their destruction durable yet: a concurrent
+    /// destroy of the name waits for the same record. Locked after `parts`.
+    destroying: Mutex<HashMap<(String, u32), Arc<MemoryPartition>>>,
     next_pid: AtomicU64,
     /// Dropped to stop the checkpoint thread.
     kick: Mutex<Option<std::sync::mpsc::Sender<()>>>,
@@ -418,7 +473,12 @@ impl LogStore {
         let wal = Wal::open(&dir, durability, |body| replay.record(body))?;
         let mut parts = HashMap::new();
         let mut items = 0usize;
-        for (pid, p) in replay.parts {
+        // In pid order: a name is given a new pid only once its partition left the map (a destroy under way), so
+        // when a crash came before that destroy was logged, the later pid is the partition and the earlier one is
+        // the destroyed one.
+        let mut replayed: Vec<(u64, Replayed)> = replay.parts.into_iter().collect();
+        replayed.sort_unstable_by_key(|(pid, _)| *pid);
+        for (pid, p) in replayed {
             let (Some((queue, partition)), false) = (p.name, p.destroyed) else {
                 continue;
             };
@@ -429,6 +489,7 @@ impl LogStore {
                 wal: wal.clone(),
                 pid,
                 destroyed: AtomicBool::new(false),
+                last: AtomicU64::new(0),
             };
             parts.insert((queue, partition), Arc::new(MemoryPartition::logged(state, log)));
         }
@@ -447,6 +508,7 @@ impl LogStore {
             wal,
             dir,
             parts: Mutex::new(parts),
+            destroying: Mutex::default(),
             next_pid: AtomicU64::new(replay.max_pid + 1),
             kick: Mutex::new(Some(tx)),
             checkpoint_min: AtomicU64::new(CHECKPOINT_MIN_BYTES),
@@ -505,6 +567,35 @@ impl LogStore {
             p.write_checkpoint(&queue, partition, false)?;
         }
         self.inner.wal.sync_all()
+    }
+
+    /// Holds partition `partition` of `queue`'s lock on a thread of its own until the returned sender is dropped
+    /// or sent to (tests of what waits behind a partition's lock); `None` when it is not open.
+    #[doc(hidden)]
+    pub fn hold_partition_for_tests(
+        &self,
+        queue: &str,
+        partition: u32,
+    ) -> Option<std::sync::mpsc::Sender<()>> {
+        let p = lock(&self.inner.parts)
+            .get(&(queue.to_string(), partition))?
+            .clone();
+        let (release, wait) = std::sync::mpsc::channel::<()>();
+        let (held, ready) = std::sync::mpsc::channel::<()>();
+        std::thread::spawn(move || {
+            p.hold(|| {
+                let _ = held.send(());
+                let _ = wait.recv();
+            })
+        });
+        ready.recv().ok()?;
+        Some(release)
+    }
+
+    /// Destroys that took their partition out and have not made its destruction durable yet (tests).
+    #[doc(hidden)]
+    pub fn destroys_in_progress(&self) -> usize {
+        lock(&self.inner.destroying).len()
     }
 
     /// The log's directory.
@@ -584,38 +675,41 @@ impl PartLog {
         Ok(Some(begin.0.len() as u64))
     }
 
-    /// Writes one page of the checkpoint's copy: items, and dedup records (each its own group), under the
-    /// partition's lock. `Ok(None)` when the partition was destroyed meanwhile (the checkpoint stops there).
+    /// Writes one page of the checkpoint's copy: items (in records of at most [`RECORD_BYTES`] of
+    /// payloads, about, one item at least, far below the log's record limit), and groups of dedup records (each
+    /// named by its first record, as replay keys them), under the partition's lock. `Ok(None)` when the partition was destroyed meanwhile (the checkpoint stops there).
     pub(crate) fn checkpoint_page(
         &self,
         items: &[Item],
-        dedup: &[DedupRecord],
+        dedup: Vec<Vec<DedupRecord>>,
     ) -> Result<Option<u64>, StorageError> {
         if self.destroyed.load(Ordering::Acquire) {
             return Ok(None);
         }
         let mut bytes = 0;
-        if !items.is_empty() {
-            let mut r = Rec::new(
-                R_CHECKPOINT_ITEMS,
-                self.pid,
-                items.iter().map(|i| i.payload.len() + 64).sum(),
-            );
-            r.items(items.iter());
+        let mut rest = items;
+        while !rest.is_empty() {
+            let (n, size) = fill(rest);
+            let (chunk, tail) = rest.split_at(n);
+            rest = tail;
+            let mut r = Rec::new(R_CHECKPOINT_ITEMS, self.pid, size);
+            r.items(chunk.iter());
             r.u32(0);
             r.0.push(0);
             r.u32(0);
             self.wal.append(&r.0)?;
             bytes += r.0.len() as u64;
         }
-        for rec in dedup {
-            let mut r = Rec::new(R_CHECKPOINT_ITEMS, self.pid, rec.dedup_id.len() + 48);
+        for group in dedup {
+            let Some(first) = group.first() else { continue };
+            let len: usize = group.iter().map(|r| r.dedup_id.len() + 24).sum();
+            let mut r = Rec::new(R_CHECKPOINT_ITEMS, self.pid, len + 48);
             r.u32(0);
             r.u32(0);
             r.0.push(1);
-            r.u64(rec.until.0 as u64);
-            r.u64(rec.id.0);
-            r.bytes(&encode_dedup(std::slice::from_ref(rec)));
+            r.u64(first.until.0 as u64);
+            r.u64(first.id.0);
+            r.bytes(&encode_dedup(&group));
             r.u32(0);
             self.wal.append(&r.0)?;
             bytes += r.0.len() as u64;
@@ -656,6 +750,7 @@ impl PartitionStore for LogStore {
                 wal: self.inner.wal.clone(),
                 pid,
                 destroyed: AtomicBool::new(false),
+                last: AtomicU64::new(seq),
             };
             let floor = ItemId::floor_for(partition).0;
             parts.insert(
@@ -679,10 +774,32 @@ impl PartitionStore for LogStore {
 
     async fn destroy(&self, queue: &str, partition: u32) -> Result<(), StorageError> {
         self.inner.wal.check()?;
-        let gone = lock(&self.inner.parts).remove(&(queue.to_string(), partition));
-        let Some(p) = gone else { return Ok(()) };
-        let seq = p.log_destroy()?;
-        self.inner.wal.durable(seq).await?;
+        let key = (queue.to_string(), partition);
+        let p = {
+            let mut parts = lock(&self.inner.parts);
+            match parts.remove(&key) {
+                Some(p) => {
+                    lock(&self.inner.destroying).insert(key.clone(), p.clone());
+                    p
+                }
+                // A concurrent destroy may not have logged it yet, or not made that durable: wait for the same.
+                None => match lock(&self.inner.destroying).get(&key) {
+                    Some(p) => p.clone(),
+                    None => return Ok(()),
+                },
+            }
+        };
+        let res = match p.log_destroy() {
+            Ok(seq) => self.inner.wal.durable(seq).await,
+            Err(e) => Err(e),
+        };
+        {
+            let mut destroying = lock(&self.inner.destroying);
+            if destroying.get(&key).is_some_and(|q| Arc::ptr_eq(q, &p)) {
+                destroying.remove(&key);
+            }
+        }
+        res?;
         // Freeing millions of items takes a while: do it off the async workers.
         let _ = tokio::task::spawn_blocking(move || drop(p)).await;
         Ok(())
@@ -706,10 +823,16 @@ impl Drop for LogStore {
 }
 
 impl PartLog {
-    /// Logs the partition's destruction (the caller holds its lock); later appends fail.
+    /// Logs the partition's destruction (the caller holds its lock), once: a second call gets the first one's
+    /// sequence. Later appends fail.
     pub(crate) fn destroy(&self) -> Result<u64, StorageError> {
+        if self.destroyed.load(Ordering::Acquire) {
+            return Ok(self.last.load(Ordering::Relaxed));
+        }
         self.destroyed.store(true, Ordering::Release);
         let r = Rec::new(R_DESTROY, self.pid, 0);
-        self.wal.append(&r.0)
+        let seq = self.wal.append(&r.0)?;
+        self.last.store(seq, Ordering::Relaxed);
+        Ok(seq)
     }
 }

@@ -360,6 +360,15 @@ impl Wal {
         Ok(Some(rx))
     }
 
+    /// In `sync`, `seq` when no fsync has covered it yet: what a call that logs nothing waits for, since what it
+    /// answers may rest on a concurrent caller's record (none in the other modes).
+    pub(crate) fn unsynced_at(&self, seq: u64) -> Option<u64> {
+        if self.durability != Durability::Sync || seq == 0 {
+            return None;
+        }
+        (lock(&self.sync).synced < seq).then_some(seq)
+    }
+
     /// Makes everything appended so far durable, whatever the mode. Blocking.
     pub(crate) fn sync_all(&self) -> Result<(), StorageError> {
         self.wait_durable(self.written.load(Ordering::Acquire))
@@ -476,6 +485,11 @@ fn read_segment(
         r.read_exact(&mut header).map_err(io_err)?;
         let len = u32::from_le_bytes([header[0], header[1], header[2], header[3]]) as usize;
         let crc = u32::from_le_bytes([header[4], header[5], header[6], header[7]]);
+        // No record is empty: a zero length is a zero-filled tail (a crash that extended the file without its
+        // data), whose CRC of 0 would otherwise pass as the CRC of an empty body.
+        if len == 0 {
+            break "an empty frame (zeros)";
+        }
         if len > MAX_BODY || (size - pos - FRAME_HEADER as u64) < len as u64 {
             break "a frame cut short";
         }

@@ -111,6 +111,44 @@ impl DedupSet {
         out
     }
 
+    /// Every record, ended ones not yet dropped included, in its group, each group named by its first record
+    /// (a store that writes its groups whole, as the log store's checkpoints do). A group whose first records
+    /// were dropped already is renamed after the first it still has, so that the name its drop will report is the
+    /// one it was written under.
+    pub(crate) fn named_groups(&mut self) -> Vec<Vec<DedupRecord>> {
+        let mut out = Vec::with_capacity(self.groups.len() + 1);
+        let mut bytes = self.keys.iter();
+        let mut records = self.fifo.iter();
+        let mut take = |n: u32| -> Vec<DedupRecord> {
+            records
+                .by_ref()
+                .take(n as usize)
+                .map(|r| {
+                    let key: Vec<u8> = bytes.by_ref().take(r.len as usize).copied().collect();
+                    DedupRecord {
+                        dedup_id: String::from_utf8(key)
+                            .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned()),
+                        id: ItemId(r.id),
+                        until: r.until,
+                    }
+                })
+                .collect()
+        };
+        for g in self.groups.iter_mut() {
+            let group = take(g.0);
+            if let Some(first) = group.first() {
+                (g.1, g.2) = (first.until, first.id);
+                out.push(group);
+            }
+        }
+        // Records not sealed into a group yet (none between two calls of a partition).
+        let open = take(self.open);
+        if !open.is_empty() {
+            out.push(open);
+        }
+        out
+    }
+
     /// Adds stored groups of records (any order, expired ones included: they are dropped in turn, and reported so);
     /// a group is named by its first record.
     pub(crate) fn restore(&mut self, groups: impl IntoIterator<Item = Vec<DedupRecord>>) {
