@@ -359,13 +359,22 @@ impl MemoryPartition {
         };
         let mut after = None;
         let mut dedup = Some(dedup);
+        let mut unsynced = 0;
         loop {
             let st = self.state()?;
             let (items, next) = st.items_page(after, crate::log::CHECKPOINT_PAGE);
             let Some(b) = log.checkpoint_page(&items, dedup.take().unwrap_or_default())? else {
                 return Ok(bytes);
             };
+            drop(st);
             bytes += b;
+            unsynced += b;
+            // The copy shares the active segment with the requests' records: an fsync for a request must also write
+            // whatever the copy left dirty, so it is written back a little at a time, not all at the end.
+            if unsynced >= crate::log::CHECKPOINT_SYNC_BYTES {
+                log.sync()?;
+                unsynced = 0;
+            }
             match next {
                 Some(n) => after = Some(n),
                 None => break,

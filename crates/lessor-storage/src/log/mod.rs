@@ -60,6 +60,8 @@ pub const LOG_DIR: &str = "~log";
 pub const CHECKPOINT_MIN_BYTES: u64 = 256 << 20;
 /// Items per page of a checkpoint: the partition's lock is held while one page is copied and appended.
 pub(crate) const CHECKPOINT_PAGE: usize = 4096;
+/// A checkpoint makes its copy durable after each this many bytes (see `MemoryPartition::write_checkpoint`).
+pub(crate) const CHECKPOINT_SYNC_BYTES: u64 = 8 << 20;
 /// Payload bytes per record of a checkpoint or a large change set, about (far below the log's record limit).
 const RECORD_BYTES: usize = 64 << 20;
 
@@ -102,6 +104,11 @@ impl PartLog {
             self.last.store(seq, Ordering::Relaxed);
         }
         Ok(seq)
+    }
+
+    /// Makes everything appended so far durable (a checkpoint's copy, a little at a time). Blocking.
+    pub(crate) fn sync(&self) -> Result<(), StorageError> {
+        self.wal.sync_all()
     }
 
     /// Checks the store is usable (a poisoned store answers nothing, reads included).
