@@ -490,6 +490,7 @@ impl Partition for MemoryPartition {
 
     async fn stats(&self, now: Ts) -> Result<PartitionStats, StorageError> {
         let st = self.state()?;
+        #[cfg_attr(not(feature = "fjall"), allow(unused_mut))]
         let mut stats = st.stats(now);
         // In the log store every item held in memory is in the log too.
         #[cfg(feature = "fjall")]

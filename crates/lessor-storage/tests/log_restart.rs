@@ -5,7 +5,6 @@
 
 use std::fs;
 use std::io::Write;
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,27 +14,17 @@ use lessor_core::storage::{LifecyclePolicy, Partition, PartitionStore, RetryActi
 use lessor_core::time::Ts;
 use lessor_core::types::{DedupRecord, Item, ItemId, NewItem};
 use lessor_storage::fjall::Durability;
-use lessor_storage::log::{LogStore, LOG_DIR};
+use lessor_storage::log::LogStore;
 
-const T0: Ts = Ts(1_800_000_000_000_000);
-const SEC: Duration = Duration::from_secs(1);
+#[path = "support/log.rs"]
+mod support;
+
+use support::{item, open, reopen, segment_files, SEC, T0};
 const DLQ: LifecyclePolicy = LifecyclePolicy {
     max_attempts: 2,
     has_dead_queue: true,
     backoff: lessor_core::types::Backoff::OFF,
 };
-
-fn item(payload: &str) -> NewItem {
-    NewItem {
-        expire_deadline: T0.add(SEC * 3600),
-        created_at: T0,
-        reference: format!("ref-{payload}"),
-        encoding: "text/plain".into(),
-        kind: "test".into(),
-        payload: Bytes::from(payload.to_string()),
-        ..Default::default()
-    }
-}
 
 /// Everything a partition can tell about its items.
 #[derive(Debug, PartialEq)]
@@ -57,16 +46,6 @@ async fn snapshot(p: &dyn Partition) -> Snapshot {
         dedup,
         next_deadline: p.next_deadline().await.expect("deadline"),
     }
-}
-
-fn open(dir: &Path) -> LogStore {
-    LogStore::open(dir, Durability::Sync).expect("open log store")
-}
-
-async fn reopen(store: LogStore, dir: &Path) -> LogStore {
-    store.close().await;
-    drop(store);
-    open(dir)
 }
 
 /// Leaves partition `p` with ready, leased, scheduled, dead, expired-lease, completed, deleted, keyed and
@@ -241,16 +220,6 @@ async fn a_checkpoint_cut_by_a_crash_is_ignored() {
     let p = store.open("cut", 0).await.expect("open");
     assert_eq!(snapshot(p.as_ref()).await, sp);
     store.close().await;
-}
-
-fn segment_files(dir: &Path) -> Vec<PathBuf> {
-    let mut v: Vec<PathBuf> = fs::read_dir(dir.join(LOG_DIR))
-        .expect("log dir")
-        .map(|e| e.expect("entry").path())
-        .filter(|p| p.extension().is_some_and(|e| e == "seg"))
-        .collect();
-    v.sort();
-    v
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -3,7 +3,6 @@
 
 use std::fs;
 use std::io::Write;
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -14,40 +13,10 @@ use lessor_core::types::{DedupRecord, ItemId, NewItem};
 use lessor_storage::fjall::Durability;
 use lessor_storage::log::{LogStore, LOG_DIR};
 
-const T0: Ts = Ts(1_800_000_000_000_000);
-const SEC: Duration = Duration::from_secs(1);
+#[path = "support/log.rs"]
+mod support;
 
-fn item(payload: &str) -> NewItem {
-    NewItem {
-        expire_deadline: T0.add(SEC * 3600),
-        created_at: T0,
-        reference: format!("ref-{payload}"),
-        encoding: "text/plain".into(),
-        kind: "test".into(),
-        payload: Bytes::from(payload.to_string()),
-        ..Default::default()
-    }
-}
-
-fn open(dir: &Path) -> LogStore {
-    LogStore::open(dir, Durability::Sync).expect("open log store")
-}
-
-async fn reopen(store: LogStore, dir: &Path) -> LogStore {
-    store.close().await;
-    drop(store);
-    open(dir)
-}
-
-fn segment_files(dir: &Path) -> Vec<PathBuf> {
-    let mut v: Vec<PathBuf> = fs::read_dir(dir.join(LOG_DIR))
-        .expect("log dir")
-        .map(|e| e.expect("entry").path())
-        .filter(|p| p.extension().is_some_and(|e| e == "seg"))
-        .collect();
-    v.sort();
-    v
-}
+use support::{copy_dir, item, open, reopen, segment_files, SEC, T0};
 
 fn rec(key: &str, until: Ts) -> DedupRecord {
     DedupRecord {
@@ -119,14 +88,6 @@ async fn a_zero_filled_tail_is_cut_off() {
     let live = p.list(None, 10, false).await.expect("list");
     assert_eq!(live.iter().map(|i| i.id).collect::<Vec<_>>(), ids);
     store.close().await;
-}
-
-fn copy_dir(from: &Path, to: &Path) {
-    fs::create_dir_all(to).expect("mkdir");
-    for e in fs::read_dir(from).expect("read dir") {
-        let e = e.expect("entry");
-        fs::copy(e.path(), to.join(e.file_name())).expect("copy");
-    }
 }
 
 /// `destroy` takes the partition out of the map and only then logs its destruction, under the partition's lock.

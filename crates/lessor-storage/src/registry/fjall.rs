@@ -142,6 +142,20 @@ pub(super) async fn blocking_open<T: Send + 'static>(
         .map_err(|source| OpenError::Backend { driver, source })
 }
 
+/// The fjall queue store under `dir` (the fjall driver's, and the log driver's, which keeps its queue definitions
+/// there too).
+#[cfg(feature = "fjall")]
+pub(super) async fn open_queue_store(
+    driver: &'static str,
+    dir: &std::path::Path,
+    durability: Durability,
+) -> Result<Arc<dyn QueuesStore>, OpenError> {
+    let dir = dir.to_path_buf();
+    Ok(Arc::new(
+        blocking_open(driver, move || crate::fjall::FjallQueues::open(dir, durability)).await?,
+    ))
+}
+
 #[async_trait]
 impl DriverConfig for FjallConfig {
     fn driver(&self) -> &'static DriverEntry {
@@ -150,13 +164,7 @@ impl DriverConfig for FjallConfig {
 
     #[cfg(feature = "fjall")]
     async fn open_queues(&self) -> Result<Arc<dyn QueuesStore>, OpenError> {
-        let (dir, durability) = (self.storage_dir.clone(), self.durability);
-        Ok(Arc::new(
-            blocking_open(DRIVER.name, move || {
-                crate::fjall::FjallQueues::open(dir, durability)
-            })
-            .await?,
-        ))
+        open_queue_store(DRIVER.name, &self.storage_dir, self.durability).await
     }
 
     #[cfg(feature = "fjall")]

@@ -35,6 +35,7 @@ pub struct LogConfig {
 }
 
 /// Smallest `checkpoint-bytes`.
+#[cfg(feature = "fjall")]
 const MIN_CHECKPOINT_BYTES: u64 = 64 << 10;
 
 #[cfg(feature = "fjall")]
@@ -75,13 +76,7 @@ impl DriverConfig for LogConfig {
 
     #[cfg(feature = "fjall")]
     async fn open_queues(&self) -> Result<Arc<dyn QueuesStore>, OpenError> {
-        let (dir, durability) = (self.storage_dir.clone(), self.durability);
-        Ok(Arc::new(
-            super::fjall::blocking_open(DRIVER.name, move || {
-                crate::fjall::FjallQueues::open(dir, durability)
-            })
-            .await?,
-        ))
+        super::fjall::open_queue_store(DRIVER.name, &self.storage_dir, self.durability).await
     }
 
     #[cfg(feature = "fjall")]
