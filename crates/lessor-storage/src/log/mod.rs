@@ -796,20 +796,27 @@ impl PartitionStore for LogStore {
                 },
             }
         };
-        let res = match p.log_destroy() {
-            Ok(seq) => self.inner.wal.durable(seq).await,
-            Err(e) => Err(e),
-        };
-        {
-            let mut destroying = lock(&self.inner.destroying);
-            if destroying.get(&key).is_some_and(|q| Arc::ptr_eq(q, &p)) {
-                destroying.remove(&key);
+        // In a task of its own: a caller that goes away (its future dropped) during the fsync wait must not leave
+        // the partition in `destroying` for good.
+        let inner = self.inner.clone();
+        tokio::spawn(async move {
+            let res = match p.log_destroy() {
+                Ok(seq) => inner.wal.durable(seq).await,
+                Err(e) => Err(e),
+            };
+            {
+                let mut destroying = lock(&inner.destroying);
+                if destroying.get(&key).is_some_and(|q| Arc::ptr_eq(q, &p)) {
+                    destroying.remove(&key);
+                }
             }
-        }
-        res?;
-        // Freeing millions of items takes a while: do it off the async workers.
-        let _ = tokio::task::spawn_blocking(move || drop(p)).await;
-        Ok(())
+            res?;
+            // Freeing millions of items takes a while: do it off the async workers.
+            let _ = tokio::task::spawn_blocking(move || drop(p)).await;
+            Ok(())
+        })
+        .await
+        .map_err(|e| StorageError::other(format!("a destroy of the log store failed: {e}")))?
     }
 
     async fn close(&self) {
