@@ -485,6 +485,10 @@ impl LogStore {
         // the destroyed one.
         let mut replayed: Vec<(u64, Replayed)> = replay.parts.into_iter().collect();
         replayed.sort_unstable_by_key(|(pid, _)| *pid);
+        // The earlier of two live pids of one name: destroyed below, or it would be the partition again once the
+        // later one is destroyed.
+        let mut pids: HashMap<(String, u32), u64> = HashMap::new();
+        let mut losers = Vec::new();
         for (pid, p) in replayed {
             let (Some((queue, partition)), false) = (p.name, p.destroyed) else {
                 continue;
@@ -498,6 +502,9 @@ impl LogStore {
                 destroyed: AtomicBool::new(false),
                 last: AtomicU64::new(0),
             };
+            if let Some(earlier) = pids.insert((queue.clone(), partition), pid) {
+                losers.push(earlier);
+            }
             parts.insert((queue, partition), Arc::new(MemoryPartition::logged(state, log)));
         }
         tracing::info!(
@@ -510,6 +517,10 @@ impl LogStore {
         );
         // Marks a new run: a checkpoint the last run left without its end was cut by a crash (see `Replay`).
         wal.append(&Rec::new(R_OPEN, 0, 0).0)?;
+        // Durable with the next fsync, before anything logged after it.
+        for pid in losers {
+            wal.append(&Rec::new(R_DESTROY, pid, 0).0)?;
+        }
         let (tx, rx) = std::sync::mpsc::channel();
         let inner = Arc::new(Inner {
             wal,
