@@ -7,7 +7,7 @@
 //! - `sync`: [`Wal::durable`] answers once an `fdatasync` that started after the append succeeded. One fsync thread
 //!   takes every waiter queued meanwhile and covers them with one fsync (group commit), while appends go on.
 //! - `interval`: a background thread fsyncs the active segment at the interval when it was written to.
-//! - `none`: fsyncs happen only at segment rotation, checkpoints and close.
+//! - `none`: fsyncs happen only at open (the last run's last segment), segment rotation, checkpoints and close.
 //!
 //! A segment is fsynced before the next one is created, so a waiter whose record is in an older segment is covered.
 //! A failed write or fsync poisons the log for good (the kernel may have dropped the dirty pages, and the store's
@@ -137,6 +137,16 @@ impl Wal {
             let last = n + 1 == ids.len();
             total += read_segment(dir, id, last, &mut replay)?;
         }
+        // The last run's last segment may hold records a crash left in the page cache, never fsynced: replay just
+        // served them, and from here on that segment is no longer the last one, where a power loss's damage would
+        // be refused as corruption. Made durable before anything is appended after it.
+        let mut fsyncs = 0;
+        if let Some(&last) = ids.last() {
+            File::open(dir.join(segment_name(last)))
+                .and_then(|f| f.sync_all())
+                .map_err(|e| io_err("cannot fsync the last segment", e))?;
+            fsyncs = 1;
+        }
         let id = ids.last().map_or(1, |&id| id + 1);
         // Appends always start a fresh segment: the last one may have been truncated, and its length is not kept.
         let file = create_segment(dir, id).map_err(|e| io_err("cannot create a segment", e))?;
@@ -156,7 +166,7 @@ impl Wal {
             threads: Mutex::new(Vec::new()),
             since_checkpoint: AtomicU64::new(total),
             checkpoint_bytes: AtomicU64::new(0),
-            fsyncs: AtomicU64::new(0),
+            fsyncs: AtomicU64::new(fsyncs),
             _lock: lock_file,
         });
         wal.start_threads()
