@@ -128,6 +128,9 @@ use dedup::DedupSet;
 use paging::NONE;
 pub use paging::{PageRead, Paged, PagedSched, PagingCounts, SchedKey, SchedMove, SchedRead};
 
+/// Dedup groups renamed by [`PartitionState::dedup_groups`]: their index in its list and their name before.
+pub type DedupRenames = Vec<(usize, (Ts, ItemId))>;
+
 /// What an operation changed, for a persistent backend to write in one atomic batch.
 #[derive(Debug, Default, Clone)]
 pub struct Changes {
@@ -1741,8 +1744,10 @@ impl PartitionState {
     }
 
     /// Every dedup record, ended ones not yet dropped included, in groups named by their first record (see
-    /// `DedupSet::named_groups`): what the log store's checkpoint writes.
-    pub fn dedup_groups(&mut self) -> Vec<Vec<DedupRecord>> {
+    /// `DedupSet::named_groups`): what the log store's checkpoint writes. Also the groups this renamed (after the
+    /// first record they still have): their index in the list and their name before, which the log's earlier
+    /// records know them by.
+    pub fn dedup_groups(&mut self) -> (Vec<Vec<DedupRecord>>, DedupRenames) {
         self.dedup.named_groups()
     }
 

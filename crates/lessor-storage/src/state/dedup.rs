@@ -114,8 +114,8 @@ impl DedupSet {
     /// Every record, ended ones not yet dropped included, in its group, each group named by its first record
     /// (a store that writes its groups whole, as the log store's checkpoints do). A group whose first records
     /// were dropped already is renamed after the first it still has, so that the name its drop will report is the
-    /// one it was written under.
-    pub(crate) fn named_groups(&mut self) -> Vec<Vec<DedupRecord>> {
+    /// one it was written under. Also the renamed groups: their index in the list and their name before.
+    pub(crate) fn named_groups(&mut self) -> (Vec<Vec<DedupRecord>>, super::DedupRenames) {
         let mut out = Vec::with_capacity(self.groups.len() + 1);
         let mut bytes = self.keys.iter();
         let mut records = self.fifo.iter();
@@ -134,10 +134,14 @@ impl DedupSet {
                 })
                 .collect()
         };
+        let mut renamed = Vec::new();
         for g in self.groups.iter_mut() {
             let group = take(g.0);
             if let Some(first) = group.first() {
-                (g.1, g.2) = (first.until, first.id);
+                if (g.1, g.2) != (first.until, first.id) {
+                    renamed.push((out.len(), (g.1, g.2)));
+                    (g.1, g.2) = (first.until, first.id);
+                }
                 out.push(group);
             }
         }
@@ -146,7 +150,7 @@ impl DedupSet {
         if !open.is_empty() {
             out.push(open);
         }
-        out
+        (out, renamed)
     }
 
     /// Adds stored groups of records (any order, expired ones included: they are dropped in turn, and reported so);
