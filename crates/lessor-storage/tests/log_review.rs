@@ -16,7 +16,7 @@ use lessor_storage::log::{LogStore, LOG_DIR};
 #[path = "support/log.rs"]
 mod support;
 
-use support::{copy_dir, item, open, reopen, segment_files, SEC, T0};
+use support::{copy_dir, item, open, poll_once, reopen, segment_files, SEC, T0};
 
 fn rec(key: &str, until: Ts) -> DedupRecord {
     DedupRecord {
@@ -152,12 +152,6 @@ async fn a_partition_created_while_its_old_self_is_destroyed_wins_after_a_crash(
     }
     drop((new, old));
     store.close().await;
-}
-
-/// Polls `f` once (it runs up to its first wait).
-fn poll_once<F: std::future::Future>(f: std::pin::Pin<&mut F>) -> bool {
-    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
-    f.poll(&mut cx).is_ready()
 }
 
 /// A call that finds its work already done (logged by a concurrent caller, not yet fsynced) writes nothing and

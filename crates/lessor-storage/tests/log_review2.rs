@@ -3,65 +3,19 @@
 #![cfg(feature = "fjall")]
 
 use std::fs;
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
 use lessor_core::storage::{LifecyclePolicy, PartitionStore};
 use lessor_core::time::Ts;
 use lessor_core::types::NewItem;
 use lessor_storage::fjall::Durability;
 use lessor_storage::log::{LogStore, LOG_DIR};
 
-const T0: Ts = Ts(1_800_000_000_000_000);
-const SEC: Duration = Duration::from_secs(1);
+#[path = "support/log.rs"]
+mod support;
 
-fn item(payload: &str) -> NewItem {
-    NewItem {
-        expire_deadline: T0.add(SEC * 3600),
-        created_at: T0,
-        reference: format!("ref-{payload}"),
-        encoding: "text/plain".into(),
-        kind: "test".into(),
-        payload: Bytes::from(payload.to_string()),
-        ..Default::default()
-    }
-}
-
-fn open(dir: &Path) -> LogStore {
-    LogStore::open(dir, Durability::Sync).expect("open log store")
-}
-
-async fn reopen(store: LogStore, dir: &Path) -> LogStore {
-    store.close().await;
-    drop(store);
-    open(dir)
-}
-
-fn copy_dir(from: &Path, to: &Path) {
-    fs::create_dir_all(to).expect("mkdir");
-    for e in fs::read_dir(from).expect("read dir") {
-        let e = e.expect("entry");
-        fs::copy(e.path(), to.join(e.file_name())).expect("copy");
-    }
-}
-
-fn segment_files(dir: &Path) -> Vec<PathBuf> {
-    let mut v: Vec<PathBuf> = fs::read_dir(dir.join(LOG_DIR))
-        .expect("log dir")
-        .map(|e| e.expect("entry").path())
-        .filter(|p| p.extension().is_some_and(|e| e == "seg"))
-        .collect();
-    v.sort();
-    v
-}
-
-/// Polls `f` once (it runs up to its first wait).
-fn poll_once<F: std::future::Future>(f: std::pin::Pin<&mut F>) -> bool {
-    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
-    f.poll(&mut cx).is_ready()
-}
+use support::{copy_dir, item, open, poll_once, reopen, segment_files, SEC, T0};
 
 /// `destroy` parks the partition in `destroying` and takes it out only after its fsync wait. A caller that goes
 /// away during that wait (a request cancelled: its future dropped) skips the removal: the destroyed partition,

@@ -337,6 +337,10 @@ impl Replayed {
                 self.items.remove(&id);
             }
             Op::DedupPut(name, group) => {
+                // An import's group has a fresh id of its own, above every item id then: ids go on above it.
+                for r in &group {
+                    self.next_id = self.next_id.max(r.id.0.saturating_add(1));
+                }
                 self.dedup.insert(name, group);
             }
             Op::DedupDel(name) => {

@@ -1,4 +1,4 @@
-//! What the log store's test files share (`log_restart.rs`, `log_review.rs`): a plain item, opening and reopening
+//! What the log store's test files share (`log_restart.rs`, `log_review.rs`, `log_review2.rs`): a plain item, opening and reopening
 //! a store, and the log's segment files.
 #![allow(dead_code)]
 
@@ -59,4 +59,10 @@ pub fn copy_dir(from: &Path, to: &Path) {
         let e = e.expect("entry");
         fs::copy(e.path(), to.join(e.file_name())).expect("copy");
     }
+}
+
+/// Polls `f` once (it runs up to its first wait); whether it finished.
+pub fn poll_once<F: std::future::Future>(f: std::pin::Pin<&mut F>) -> bool {
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    f.poll(&mut cx).is_ready()
 }
