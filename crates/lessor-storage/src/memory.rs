@@ -304,8 +304,11 @@ impl MemoryPartition {
 
     /// Runs a mutation; in the log store, appends its change set under the partition's lock (so the log has the
     /// partition's changes in the order they were made) and returns its sequence for [`MemoryPartition::settle`].
+    /// `relies` says the call may answer success for work a concurrent call logged (a produce repeating a source
+    /// id, a delete of ids already deleted): when it logs nothing itself, it waits for the partition's last record.
     fn apply<R>(
         &self,
+        relies: bool,
         f: impl FnOnce(&mut PartitionState) -> (R, crate::state::Changes),
     ) -> Result<(R, Option<u64>), StorageError> {
         let mut st = self.state()?;
@@ -313,8 +316,9 @@ impl MemoryPartition {
         if let Some(log) = &self.log {
             log.check_write()?;
             let (r, ch) = f(&mut st);
-            return Ok((r, log.append(&ch)?));
+            return Ok((r, log.append(&ch, relies)?));
         }
+        let _ = relies;
         Ok((f(&mut st).0, None))
     }
 
@@ -328,12 +332,23 @@ impl MemoryPartition {
         Ok(())
     }
 
-    /// [`MemoryPartition::apply`] then [`MemoryPartition::settle`].
+    /// [`MemoryPartition::apply`] then [`MemoryPartition::settle`], for a call whose answer rests on its own
+    /// changes only (a lease, a complete: nothing to lease, or an unknown id, is not a success).
     async fn mutate<R>(
         &self,
         f: impl FnOnce(&mut PartitionState) -> (R, crate::state::Changes),
     ) -> Result<R, StorageError> {
-        let (r, seq) = self.apply(f)?;
+        let (r, seq) = self.apply(false, f)?;
+        self.settle(seq).await?;
+        Ok(r)
+    }
+
+    /// [`MemoryPartition::mutate`] for a call that may answer success for a concurrent call's work (see `apply`).
+    async fn mutate_relying<R>(
+        &self,
+        f: impl FnOnce(&mut PartitionState) -> (R, crate::state::Changes),
+    ) -> Result<R, StorageError> {
+        let (r, seq) = self.apply(true, f)?;
         self.settle(seq).await?;
         Ok(r)
     }
@@ -412,7 +427,7 @@ impl MemoryPartition {
 #[async_trait]
 impl Partition for MemoryPartition {
     async fn produce(&self, items: Vec<NewItem>) -> Result<Vec<ItemId>, StorageError> {
-        self.mutate(|s| s.produce(items)).await
+        self.mutate_relying(|s| s.produce(items)).await
     }
 
     async fn lease(&self, n: usize, lease_deadline: Ts) -> Result<Vec<Item>, StorageError> {
@@ -524,19 +539,19 @@ impl Partition for MemoryPartition {
     }
 
     async fn import(&self, items: Vec<Item>) -> Result<Vec<Item>, StorageError> {
-        self.mutate(|s| s.import(items)).await
+        self.mutate_relying(|s| s.import(items)).await
     }
 
     async fn import_dedup(&self, records: Vec<lessor_core::types::DedupRecord>) -> Result<(), StorageError> {
-        self.mutate(|s| s.import_dedup(records)).await
+        self.mutate_relying(|s| s.import_dedup(records)).await
     }
 
     async fn delete(&self, ids: Vec<ItemId>) -> Result<(), StorageError> {
-        self.mutate(|s| ((), s.delete(ids))).await
+        self.mutate_relying(|s| ((), s.delete(ids))).await
     }
 
     async fn clear(&self, request: ClearRequest) -> Result<(), StorageError> {
-        self.mutate(|s| ((), s.clear(request))).await
+        self.mutate_relying(|s| ((), s.clear(request))).await
     }
 
     async fn snapshot(&self) -> Result<Box<dyn PartitionSnapshot>, StorageError> {

@@ -85,16 +85,20 @@ pub(crate) struct PartLog {
 }
 
 impl PartLog {
-    /// Appends `changes` of this partition; when there was nothing to log, its last record if that is not durable
-    /// yet (the call's answer may rest on it: a concurrent caller's record). Called under the partition's lock.
-    pub(crate) fn append(&self, changes: &Changes) -> Result<Option<u64>, StorageError> {
+    /// Appends `changes` of this partition; when there was nothing to log and the call `relies` on what a
+    /// concurrent call logged (its answer may report that call's work as done), its last record if that is not
+    /// durable yet. Called under the partition's lock. (Every call that logs nothing waiting for it would make a
+    /// lifecycle pass that found nothing due wait for an fsync it does not need, outside a pass, on the queue task.)
+    pub(crate) fn append(&self, changes: &Changes, relies: bool) -> Result<Option<u64>, StorageError> {
         self.check_write()?;
         if changes.put.is_empty()
             && changes.del.is_empty()
             && changes.dedup_put.is_empty()
             && changes.dedup_del.is_empty()
         {
-            return Ok(self.wal.unsynced_at(self.last.load(Ordering::Relaxed)));
+            return Ok(relies
+                .then(|| self.wal.unsynced_at(self.last.load(Ordering::Relaxed)))
+                .flatten());
         }
         let mut seq = None;
         for body in encode_changes(self.pid, changes) {
@@ -695,7 +699,7 @@ impl PartLog {
                 dedup_del: vec![old],
                 ..Changes::default()
             };
-            self.append(&ch)?;
+            self.append(&ch, false)?;
         }
         Ok(())
     }
