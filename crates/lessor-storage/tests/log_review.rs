@@ -16,7 +16,7 @@ use lessor_storage::log::{LogStore, LOG_DIR};
 #[path = "support/log.rs"]
 mod support;
 
-use support::{copy_dir, item, open, poll_once, reopen, segment_files, SEC, T0};
+use support::{copy_dir, item, open, poll_once, reopen, segment_files, store_with_held_partition, SEC, T0};
 
 fn rec(key: &str, until: Ts) -> DedupRecord {
     DedupRecord {
@@ -97,11 +97,7 @@ async fn a_zero_filled_tail_is_cut_off() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_partition_created_while_its_old_self_is_destroyed_wins_after_a_crash() {
     let dir = tempfile::tempdir().expect("temp dir");
-    let store = std::sync::Arc::new(open(dir.path()));
-    let old = store.open("q", 0).await.expect("open");
-    let batch: Vec<NewItem> = (0..50).map(|i| item(&format!("old-{i}"))).collect();
-    old.produce(batch).await.expect("produce");
-    let release = store.hold_partition_for_tests("q", 0).expect("held");
+    let (store, old, release) = store_with_held_partition(dir.path()).await;
     let destroyed = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let d = {
         let (store, destroyed) = (store.clone(), destroyed.clone());
@@ -390,12 +386,8 @@ async fn a_crash_while_a_checkpoint_deletes_old_segments_leaves_a_log_that_opens
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_destroy_answered_while_another_waits_to_log_it_stays_destroyed_after_a_crash() {
     let dir = tempfile::tempdir().expect("temp dir");
-    let store = Arc::new(open(dir.path()));
-    let old = store.open("q", 0).await.expect("open");
-    let batch: Vec<NewItem> = (0..50).map(|i| item(&format!("old-{i}"))).collect();
-    old.produce(batch).await.expect("produce");
+    let (store, old, release) = store_with_held_partition(dir.path()).await;
     drop(old);
-    let release = store.hold_partition_for_tests("q", 0).expect("held");
     let first = {
         let store = store.clone();
         tokio::spawn(async move { store.destroy("q", 0).await.expect("first destroy") })

@@ -15,7 +15,7 @@ use lessor_storage::log::{LogStore, LOG_DIR};
 #[path = "support/log.rs"]
 mod support;
 
-use support::{copy_dir, item, open, poll_once, reopen, segment_files, SEC, T0};
+use support::{copy_dir, item, open, poll_once, reopen, segment_files, store_with_held_partition, SEC, T0};
 
 /// `destroy` parks the partition in `destroying` and takes it out only after its fsync wait. A caller that goes
 /// away during that wait (a request cancelled: its future dropped) skips the removal: the destroyed partition,
@@ -50,11 +50,7 @@ async fn a_destroy_whose_caller_goes_away_does_not_keep_the_partition() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_partition_that_lost_to_a_later_pid_stays_gone() {
     let dir = tempfile::tempdir().expect("temp dir");
-    let store = Arc::new(open(dir.path()));
-    let old = store.open("q", 0).await.expect("open");
-    let batch: Vec<NewItem> = (0..50).map(|i| item(&format!("old-{i}"))).collect();
-    old.produce(batch).await.expect("produce");
-    let release = store.hold_partition_for_tests("q", 0).expect("held");
+    let (store, old, release) = store_with_held_partition(dir.path()).await;
     let d = {
         let store = store.clone();
         tokio::spawn(async move { store.destroy("q", 0).await.expect("destroy") })

@@ -4,10 +4,11 @@
 
 use std::fs;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use lessor_core::storage::PartitionStore;
+use lessor_core::storage::{Partition, PartitionStore};
 use lessor_core::time::Ts;
 use lessor_core::types::NewItem;
 use lessor_storage::fjall::Durability;
@@ -65,4 +66,17 @@ pub fn copy_dir(from: &Path, to: &Path) {
 pub fn poll_once<F: std::future::Future>(f: std::pin::Pin<&mut F>) -> bool {
     let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
     f.poll(&mut cx).is_ready()
+}
+
+/// A log store under `dir` whose partition `q`/0 holds 50 items, and that partition's lock held on a thread of its
+/// own until the returned sender is dropped (tests of what waits behind it: destroys, opens).
+pub async fn store_with_held_partition(
+    dir: &Path,
+) -> (Arc<LogStore>, Arc<dyn Partition>, std::sync::mpsc::Sender<()>) {
+    let store = Arc::new(open(dir));
+    let old = store.open("q", 0).await.expect("open");
+    let batch: Vec<NewItem> = (0..50).map(|i| item(&format!("old-{i}"))).collect();
+    old.produce(batch).await.expect("produce");
+    let release = store.hold_partition_for_tests("q", 0).expect("held");
+    (store, old, release)
 }
