@@ -525,6 +525,60 @@ mod tests {
         }
     }
 
+    /// The log driver reads `durability` as fjall does, bounds `checkpoint-bytes`, names a key it does not take,
+    /// and refuses cold segments (everything it holds is in RAM and its log).
+    #[test]
+    fn log_driver_settings_are_checked() {
+        if !log::DRIVER.compiled {
+            let e = StoreSpec::from_settings("log", &settings()).expect_err("not compiled");
+            assert!(matches!(e, SpecError::NotCompiled { driver: "log" }), "{e}");
+            return;
+        }
+        let e = StoreSpec::from_settings("log", &settings()).expect_err("no dir");
+        assert_eq!(e.to_string(), "config.storage-dir: required by driver 'log'");
+        let spec = StoreSpec::from_settings(
+            "log",
+            &settings()
+                .with("storage-dir", "d")
+                .with("durability", "none")
+                .with("checkpoint-bytes", "1MiB"),
+        )
+        .expect("valid");
+        assert_eq!(spec.driver().name, "log");
+        let e = StoreSpec::from_settings(
+            "log",
+            &settings()
+                .with("storage-dir", "d")
+                .with("checkpoint-bytes", "1KiB"),
+        )
+        .expect_err("too small");
+        assert!(
+            e.to_string()
+                .starts_with("config.checkpoint-bytes: must be at least 64KiB"),
+            "{e}"
+        );
+        let e = StoreSpec::from_settings(
+            "log",
+            &settings().with("storage-dir", "d").with("durability", "often"),
+        )
+        .expect_err("bad mode");
+        assert!(e.to_string().contains("'often' is not one of"), "{e}");
+        let e = StoreSpec::from_settings(
+            "log",
+            &settings()
+                .with("storage-dir", "d")
+                .with("memory-window-items", "10"),
+        )
+        .expect_err("a fjall key");
+        assert!(e.to_string().contains("memory-window-items"), "{e}");
+        let e = StoreSpec::from_settings(
+            "log",
+            &settings().with("storage-dir", "d").with("cold-segments", "s3-0"),
+        )
+        .expect_err("no cold segments");
+        assert!(e.to_string().starts_with("config.cold-segments: "), "{e}");
+    }
+
     #[test]
     fn driver_settings_are_checked() {
         if fjall::DRIVER.compiled {
