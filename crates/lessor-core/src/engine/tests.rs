@@ -250,6 +250,10 @@ async fn engine_over(store: &Gated, clock: &ManualClock) -> Engine {
 }
 
 async fn engine_with_limits(store: &Gated, clock: &ManualClock, limits: Limits) -> Engine {
+    engine_with_clock(store, Arc::new(clock.clone()), limits).await
+}
+
+async fn engine_with_clock(store: &Gated, clock: crate::time::SharedClock, limits: Limits) -> Engine {
     let engine = Engine::new(EngineConfig {
         queues: Arc::new(Queues::default()),
         stores: vec![NamedStore {
@@ -258,7 +262,7 @@ async fn engine_with_limits(store: &Gated, clock: &ManualClock, limits: Limits) 
             store: Arc::new(store.clone()),
         }],
         limits,
-        clock: Arc::new(clock.clone()),
+        clock,
     })
     .expect("engine");
     engine
@@ -876,6 +880,88 @@ async fn a_page_of_queues_is_bounded_by_the_partitions_it_names() {
     // 300 narrow queues take three pages of 100, the nine wide ones pages of two (the last alone), the widest one
     // a page of its own.
     assert_eq!(pages, [100, 100, 100, 2, 2, 2, 2, 1, 1], "{pages:?}");
+}
+
+/// A manual clock that jumps by `jump` at the `n`th reading after it is armed: a deterministic stand-in for time
+/// passing at any instant of the task's loop.
+#[derive(Clone, Debug)]
+struct JumpClock {
+    inner: ManualClock,
+    countdown: Arc<std::sync::atomic::AtomicI64>,
+    jump: Duration,
+}
+
+impl crate::time::Clock for JumpClock {
+    fn now(&self) -> Ts {
+        if self.countdown.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.inner.advance(self.jump);
+        }
+        self.inner.now()
+    }
+    fn sleep_until(&self, deadline: Ts) -> crate::time::BoxFuture<'static, ()> {
+        self.inner.sleep_until(deadline)
+    }
+}
+
+/// The idle time passing at any point of the task's loop unloads the queue. It used to be lost when it passed
+/// between the check after a pass and the loop's next reading of the clock: the loop then left the idle deadline out
+/// of its wake-ups as already passed, without checking it, and the queue stayed loaded until its next request (a CI
+/// failure of `idle_unload::a_queue_created_again_while_unloaded_here_counts_from_zero`).
+#[tokio::test]
+async fn the_idle_time_passing_anywhere_in_the_loop_unloads_the_queue() {
+    let limits = Limits {
+        queue_idle_unload: Duration::from_secs(60),
+        ..Default::default()
+    };
+    let mut covered = 0;
+    for n in 1..=200 {
+        let clock = JumpClock {
+            inner: ManualClock::starting_now(),
+            countdown: Arc::new(std::sync::atomic::AtomicI64::new(0)),
+            jump: Duration::from_secs(61),
+        };
+        let store = Gated::new();
+        let engine = engine_with_clock(&store, Arc::new(clock.clone()), limits.clone()).await;
+        finishes(engine.stats("q")).await.expect("stats loads the queue");
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        // The clock jumps at the `n`th reading from here: in the engine's delivery of a stats request, its pass,
+        // the check after it or the loop that follows. (A stats request is a request, and changes nothing that
+        // would wake the task again.)
+        clock.countdown.store(n, Ordering::SeqCst);
+        finishes(engine.stats("q")).await.expect("stats");
+        for _ in 0..2000 {
+            if engine.loaded_queues().0 == 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        if clock.countdown.load(Ordering::SeqCst) > 0 {
+            // Fewer readings than `n`: every reading has had its jump.
+            engine.shutdown().await;
+            break;
+        }
+        if engine.loaded_queues().0 == 1 {
+            // A jump before the pass read the clock made the request a new one: the queue is idle one idle time
+            // after it, and must wake for that.
+            clock.inner.advance(Duration::from_secs(61));
+            for _ in 0..2000 {
+                if engine.loaded_queues().0 == 0 {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        }
+        assert_eq!(
+            engine.loaded_queues().0,
+            0,
+            "the clock jumped at reading {n}, and the idle queue did not unload"
+        );
+        covered = n;
+        engine.shutdown().await;
+    }
+    assert!(covered >= 2, "the jump landed at {covered} readings only");
 }
 
 /// A sender that took the queue's handle just before the queue unloaded for being idle finds its inbox closed:

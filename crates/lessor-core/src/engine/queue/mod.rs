@@ -489,8 +489,15 @@ impl QueueTask {
             // not kept.
             let mut batch: Vec<Msg> = Vec::new();
             loop {
-                let wake = self.next_wake();
+                // One reading of the clock for the idle check and the wake-up: with two, the idle time could pass
+                // between them, and the loop would leave the idle deadline out as passed without having checked it
+                // (the queue then stayed loaded until its next request).
                 let now = self.now();
+                if self.idle(now) {
+                    let wake = self.parts.iter().filter_map(|p| p.next_deadline).min();
+                    return Exit::Unloaded(Box::pin(self.unload()).await, wake);
+                }
+                let wake = self.next_wake(now);
                 if wake > now {
                     if batch.capacity() > 0 {
                         batch = Vec::new();
@@ -525,10 +532,6 @@ impl QueueTask {
                     // shutting down); those still queued get the same answer, and a retry finds the queue missing.
                     Box::pin(self.stop()).await;
                     return Exit::Gone;
-                }
-                if self.idle(self.now()) {
-                    let wake = self.parts.iter().filter_map(|p| p.next_deadline).min();
-                    return Exit::Unloaded(Box::pin(self.unload()).await, wake);
                 }
             }
         }
@@ -775,14 +778,14 @@ impl QueueTask {
     }
 
     /// When the loop must wake even without a message: a long-poll ending, a partition probe, a deadline.
-    fn next_wake(&self) -> Ts {
+    fn next_wake(&self, now: Ts) -> Ts {
         let mut wake = self.rebalance_wake();
         let after = self.config.limits.queue_idle_unload;
         if !after.is_zero() {
             // Once passed, the idle deadline wakes nothing more (it would spin): whatever keeps the queue loaded
             // then (a lease end, a schedule, a probe...) has its own wake, and the check follows that pass.
             let at = self.last_request.add(after);
-            if at > self.now() {
+            if at > now {
                 wake = wake.min(at);
             }
         }
