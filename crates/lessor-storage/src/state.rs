@@ -680,16 +680,34 @@ impl PartitionState {
 
     /// [`PartitionState::load`] where the items named in `on_disk` (leased, scheduled or dead ones) come without
     /// their payload, which is on disk only, with its length (see "Payloads on disk" in the module docs).
-    pub fn load_with(
-        items: impl IntoIterator<Item = Item>,
-        mut on_disk: HashMap<u64, u64>,
-        floor: u64,
-    ) -> Self {
+    pub fn load_with(items: impl IntoIterator<Item = Item>, on_disk: HashMap<u64, u64>, floor: u64) -> Self {
         let mut items: Vec<Item> = items.into_iter().collect();
         items.sort_unstable_by_key(|it| it.id);
+        match Self::load_sorted(
+            items.into_iter().map(Ok::<_, std::convert::Infallible>),
+            on_disk,
+            floor,
+        ) {
+            Ok(s) => s,
+            Err(never) => match never {},
+        }
+    }
+
+    /// [`PartitionState::load_with`] from items that come in ascending id order, each as it is decoded: nothing
+    /// holds them all at once but the state itself (the log store's replay keeps a million items as their
+    /// records, and decodes each only here). The first error stops the load.
+    pub fn load_sorted<E>(
+        items: impl Iterator<Item = Result<Item, E>>,
+        mut on_disk: HashMap<u64, u64>,
+        floor: u64,
+    ) -> Result<Self, E> {
         let mut s = PartitionState::new(floor);
         let mut min_ready = u64::MAX;
+        let mut last = None;
         for it in items {
+            let it = it?;
+            debug_assert!(last < Some(it.id), "load_sorted: ids out of order");
+            last = Some(it.id);
             s.next_id = s.next_id.max(it.id.0 + 1);
             if !it.dead && !it.is_scheduled() && !it.is_leased && it.priority == 0 {
                 min_ready = min_ready.min(it.id.0);
@@ -703,7 +721,7 @@ impl PartitionState {
             min_ready
         };
         s.clean_fronts();
-        s
+        Ok(s)
     }
 
     /// Rebuilds a paging state from the resident items a backend read back and the paging counters it stored with
