@@ -30,6 +30,9 @@ pub enum StorageErrorKind {
     /// The object storage that holds an item's payload could not be written or read; the partition itself is fine,
     /// so the engine answers the request (454) without marking the partition failed.
     PayloadUnavailable,
+    /// The store holds as much as its memory budget allows (the log store's `max-memory`): calls that would add
+    /// items are refused until consumers make room; the partition goes on serving everything else.
+    Full,
     /// Anything else.
     Other,
 }
@@ -46,6 +49,7 @@ impl StorageErrorKind {
             StorageErrorKind::AlreadyExists => "record already exists",
             StorageErrorKind::Config => "storage misconfigured",
             StorageErrorKind::PayloadUnavailable => "payload storage unavailable",
+            StorageErrorKind::Full => "storage full",
             StorageErrorKind::Other => "storage failed",
         }
     }
@@ -105,14 +109,21 @@ impl StorageError {
     pub fn is_transient(&self) -> bool {
         matches!(
             self.kind,
-            StorageErrorKind::Unavailable | StorageErrorKind::NoSpace | StorageErrorKind::PayloadUnavailable
+            StorageErrorKind::Unavailable
+                | StorageErrorKind::NoSpace
+                | StorageErrorKind::PayloadUnavailable
+                | StorageErrorKind::Full
         )
     }
 
-    /// Whether the failure leaves the partition healthy (a payload's object storage failed, not the partition):
-    /// the engine then fails the request without taking the partition out of service.
+    /// Whether the failure leaves the partition healthy (a payload's object storage failed, not the partition; a
+    /// full store refused items, and consumers must go on taking them to make room): the engine then fails the
+    /// request without taking the partition out of service.
     pub fn partition_healthy(&self) -> bool {
-        self.kind == StorageErrorKind::PayloadUnavailable
+        matches!(
+            self.kind,
+            StorageErrorKind::PayloadUnavailable | StorageErrorKind::Full
+        )
     }
 }
 

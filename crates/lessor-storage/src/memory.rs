@@ -8,6 +8,7 @@
 //! instead, which keep a bounded part of their backlog in RAM and move the rest to object storage (see `cold`).
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use async_trait::async_trait;
@@ -261,11 +262,89 @@ impl PartitionStore for MemoryStore {
     async fn close(&self) {}
 }
 
+/// A memory budget shared by a store's partitions (the log store's `max-memory`): an estimate of what they hold
+/// ([`PartitionState::footprint`]), kept up to date by every mutation, and the most it may reach. A call that adds
+/// items (produce, import) is refused with [`StorageErrorKind::Full`] when they would take it past the most; every
+/// other call goes on, so consumers make room. Concurrent calls on different partitions are admitted against the
+/// same figure, so the budget can be passed by what they add together (one batch per partition at most).
+#[derive(Debug)]
+pub struct MemoryBudget {
+    max: u64,
+    used: AtomicU64,
+}
+
+impl MemoryBudget {
+    /// A budget of `max` bytes, nothing used.
+    pub fn new(max: u64) -> Self {
+        MemoryBudget {
+            max,
+            used: AtomicU64::new(0),
+        }
+    }
+
+    /// The estimate of what the partitions hold now.
+    pub fn used(&self) -> u64 {
+        self.used.load(Ordering::Relaxed)
+    }
+
+    /// The most the partitions may hold.
+    pub fn max(&self) -> u64 {
+        self.max
+    }
+
+    /// Refuses `adding` more bytes when they would pass the budget.
+    fn admit(&self, adding: u64) -> Result<(), StorageError> {
+        let used = self.used();
+        if used.saturating_add(adding) <= self.max {
+            return Ok(());
+        }
+        Err(StorageError::new(
+            StorageErrorKind::Full,
+            format!(
+                "the store is full: its partitions hold about {used} bytes of the {} its max-memory allows, and \
+                 these items need about {adding} more; try again once consumers have taken items",
+                self.max
+            ),
+        ))
+    }
+
+    /// Records a partition going from `before` to `after` bytes.
+    fn moved(&self, before: u64, after: u64) {
+        if after >= before {
+            self.used.fetch_add(after - before, Ordering::Relaxed);
+        } else {
+            let less = before - after;
+            let _ = self.used.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |u| {
+                Some(u.saturating_sub(less))
+            });
+        }
+    }
+}
+
+/// What `items` add to a partition's [`PartitionState::footprint`], about.
+fn footprint_of<'a>(payloads: impl Iterator<Item = &'a [u8]>) -> u64 {
+    payloads.map(|p| p.len() as u64 + crate::state::ITEM_COST).sum()
+}
+
 /// One partition in RAM; in the log store, with the log its changes go to.
 pub struct MemoryPartition {
     state: Mutex<PartitionState>,
     #[cfg(feature = "fjall")]
     log: Option<crate::log::PartLog>,
+    /// The store's memory budget, when it has one: this partition's footprint is in it.
+    budget: Option<Arc<MemoryBudget>>,
+}
+
+impl Drop for MemoryPartition {
+    fn drop(&mut self) {
+        if let Some(b) = &self.budget {
+            let held = match self.state.get_mut() {
+                Ok(st) => st.footprint(),
+                Err(e) => e.into_inner().footprint(),
+            };
+            b.moved(held, 0);
+        }
+    }
 }
 
 impl std::fmt::Debug for MemoryPartition {
@@ -280,15 +359,33 @@ impl MemoryPartition {
             state: Mutex::new(state),
             #[cfg(feature = "fjall")]
             log: None,
+            budget: None,
         }
     }
 
-    /// A partition of the log store: `state` builds change sets, which go to `log`.
+    /// A partition of the log store: `state` builds change sets, which go to `log`; its footprint counts in
+    /// `budget` from here until it is dropped.
     #[cfg(feature = "fjall")]
-    pub(crate) fn logged(state: PartitionState, log: crate::log::PartLog) -> Self {
+    pub(crate) fn logged(
+        state: PartitionState,
+        log: crate::log::PartLog,
+        budget: Option<Arc<MemoryBudget>>,
+    ) -> Self {
+        if let Some(b) = &budget {
+            b.moved(0, state.footprint());
+        }
         MemoryPartition {
             state: Mutex::new(state),
             log: Some(log),
+            budget,
+        }
+    }
+
+    /// Refuses items whose payloads are `payloads` when the store's budget cannot take them.
+    fn admit<'a>(&self, payloads: impl Iterator<Item = &'a [u8]>) -> Result<(), StorageError> {
+        match &self.budget {
+            Some(b) => b.admit(footprint_of(payloads)),
+            None => Ok(()),
         }
     }
 
@@ -312,14 +409,23 @@ impl MemoryPartition {
         f: impl FnOnce(&mut PartitionState) -> (R, crate::state::Changes),
     ) -> Result<(R, Option<u64>), StorageError> {
         let mut st = self.state()?;
+        let before = self.budget.as_ref().map(|_| st.footprint());
+        let moved = |st: &PartitionState| {
+            if let (Some(b), Some(before)) = (&self.budget, before) {
+                b.moved(before, st.footprint());
+            }
+        };
         #[cfg(feature = "fjall")]
         if let Some(log) = &self.log {
             log.check_write()?;
             let (r, ch) = f(&mut st);
+            moved(&st);
             return Ok((r, log.append(&ch, relies)?));
         }
         let _ = relies;
-        Ok((f(&mut st).0, None))
+        let r = f(&mut st).0;
+        moved(&st);
+        Ok((r, None))
     }
 
     /// Waits for the durability of what [`MemoryPartition::apply`] logged (nothing on the memory store).
@@ -427,6 +533,7 @@ impl MemoryPartition {
 #[async_trait]
 impl Partition for MemoryPartition {
     async fn produce(&self, items: Vec<NewItem>) -> Result<Vec<ItemId>, StorageError> {
+        self.admit(items.iter().map(|it| &it.payload[..]))?;
         self.mutate_relying(|s| s.produce(items)).await
     }
 
@@ -539,6 +646,7 @@ impl Partition for MemoryPartition {
     }
 
     async fn import(&self, items: Vec<Item>) -> Result<Vec<Item>, StorageError> {
+        self.admit(items.iter().map(|it| &it.payload[..]))?;
         self.mutate_relying(|s| s.import(items)).await
     }
 

@@ -557,6 +557,31 @@ mod tests {
                 .starts_with("config.checkpoint-bytes: must be at least 64KiB"),
             "{e}"
         );
+        let spec = StoreSpec::from_settings(
+            "log",
+            &settings().with("storage-dir", "d").with("max-memory", "2GiB"),
+        )
+        .expect("valid");
+        assert!(
+            format!("{spec:?}").contains("max_memory: Some(2147483648)"),
+            "{spec:?}"
+        );
+        let e = StoreSpec::from_settings(
+            "log",
+            &settings().with("storage-dir", "d").with("max-memory", "64KiB"),
+        )
+        .expect_err("too small");
+        assert!(
+            e.to_string()
+                .starts_with("config.max-memory: must be at least 1MiB"),
+            "{e}"
+        );
+        let e = StoreSpec::from_settings(
+            "log",
+            &settings().with("storage-dir", "d").with("max-memory", "lots"),
+        )
+        .expect_err("not a size");
+        assert!(e.to_string().starts_with("config.max-memory: "), "{e}");
         let e = StoreSpec::from_settings(
             "log",
             &settings().with("storage-dir", "d").with("durability", "often"),

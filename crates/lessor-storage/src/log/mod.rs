@@ -50,7 +50,7 @@ use lessor_core::types::{DedupRecord, Item, ItemId};
 
 use crate::fjall::codec::{decode_dedup, decode_meta, encode_dedup, encode_whole};
 use crate::fjall::Durability;
-use crate::memory::MemoryPartition;
+use crate::memory::{MemoryBudget, MemoryPartition};
 use crate::state::{Changes, PartitionState};
 
 pub(crate) use wal::Wal;
@@ -466,6 +466,8 @@ struct Inner {
     checkpoint_min: AtomicU64,
     checkpoints: AtomicU64,
     checkpoint_thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// `max-memory`, when set.
+    budget: Option<Arc<MemoryBudget>>,
 }
 
 /// The log store (see the module doc).
@@ -489,6 +491,18 @@ impl LogStore {
     /// Opens (creating) the log store under `storage_dir`, replaying its log. Fails with `Locked` when another
     /// process uses the directory and `Corrupt` when the log is damaged before its tail. Blocking.
     pub fn open(storage_dir: impl AsRef<Path>, durability: Durability) -> Result<Self, StorageError> {
+        Self::open_with(storage_dir, durability, None)
+    }
+
+    /// [`LogStore::open`] with a memory budget of `max_memory` bytes (`max-memory`, see [`MemoryBudget`]): what
+    /// replay rebuilds counts in it (a store opened above it serves, and refuses new items until consumers make
+    /// room).
+    pub fn open_with(
+        storage_dir: impl AsRef<Path>,
+        durability: Durability,
+        max_memory: Option<u64>,
+    ) -> Result<Self, StorageError> {
+        let budget = max_memory.map(|m| Arc::new(MemoryBudget::new(m)));
         let dir = storage_dir.as_ref().join(LOG_DIR);
         let mut replay = Replay::default();
         let started = std::time::Instant::now();
@@ -536,7 +550,10 @@ impl LogStore {
             if let Some(earlier) = pids.insert((queue.clone(), partition), pid) {
                 losers.push(earlier);
             }
-            parts.insert((queue, partition), Arc::new(MemoryPartition::logged(state, log)));
+            parts.insert(
+                (queue, partition),
+                Arc::new(MemoryPartition::logged(state, log, budget.clone())),
+            );
         }
         tracing::info!(
             dir = %dir.display(),
@@ -563,6 +580,7 @@ impl LogStore {
             checkpoint_min: AtomicU64::new(CHECKPOINT_MIN_BYTES),
             checkpoints: AtomicU64::new(0),
             checkpoint_thread: Mutex::new(None),
+            budget,
         });
         let weak = Arc::downgrade(&inner);
         let t = std::thread::Builder::new()
@@ -577,6 +595,11 @@ impl LogStore {
     /// [`CHECKPOINT_MIN_BYTES`]); a checkpoint also waits until twice what the last one wrote was appended.
     pub fn set_checkpoint_min(&self, bytes: u64) {
         self.inner.checkpoint_min.store(bytes, Ordering::Relaxed);
+    }
+
+    /// The memory budget's estimate of what the partitions hold and its most (`max-memory`), when it has one.
+    pub fn memory(&self) -> Option<(u64, u64)> {
+        self.inner.budget.as_ref().map(|b| (b.used(), b.max()))
     }
 
     /// Checkpoints finished since open (tests).
@@ -826,7 +849,11 @@ impl PartitionStore for LogStore {
             let floor = ItemId::floor_for(partition).0;
             parts.insert(
                 (queue.to_string(), partition),
-                Arc::new(MemoryPartition::logged(PartitionState::new(floor), log)),
+                Arc::new(MemoryPartition::logged(
+                    PartitionState::new(floor),
+                    log,
+                    self.inner.budget.clone(),
+                )),
             );
             seq
         };

@@ -277,6 +277,12 @@ impl Part {
     }
 
     fn fail(&mut self, now: Ts, queue: &str, e: &StorageError) {
+        // A full store refused items; the partition serves on, and its consumers are what makes room. (Every
+        // caller answers its request with the error all the same.)
+        if e.kind == crate::error::StorageErrorKind::Full {
+            tracing::debug!(queue, partition = self.num, error = %e, "partition full");
+            return;
+        }
         self.failures = self.failures.saturating_add(1);
         // Back off 500 ms growing by 1.5x up to 5 s, so a dead backend is probed but not hammered.
         let backoff = (500.0 * 1.5f64.powi(self.failures.min(10) as i32 - 1)).min(5000.0);

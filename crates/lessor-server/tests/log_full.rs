@@ -1,0 +1,99 @@
+//! A log store at its `max-memory`, through the real server on port 0: a produce that would pass the budget gets
+//! 454 (try again) naming the setting, and the partition is not taken out of service for it: consumers lease at
+//! once (on a manual clock that never moves, a partition marked failing would stay so), and what they complete
+//! makes room for the next produce.
+#![cfg(feature = "fjall")]
+
+use std::time::Duration;
+
+use lessor_client::proto as pb;
+use lessor_client::Client;
+use lessor_core::time::ManualClock;
+use lessor_server::Config;
+
+fn batch(tag: &str) -> Vec<pb::QueueProduceItem> {
+    (0..100)
+        .map(|i| pb::QueueProduceItem {
+            reference: format!("{tag}-{i}"),
+            bytes: vec![b'x'; 1000],
+            ..Default::default()
+        })
+        .collect()
+}
+
+async fn produce(c: &Client, tag: &str) -> Result<(), lessor_client::ClientError> {
+    c.queue_produce(&pb::QueueProduceRequest {
+        queue_name: "q".into(),
+        request_timeout: "10s".into(),
+        items: batch(tag),
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_log_store_answers_454_and_keeps_serving_consumers() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let yaml = format!(
+        "queue-storage: {{ driver: fjall, config: {{ storage-dir: {dir} }} }}\n\
+         partition-storage:\n  - {{ name: log-0, driver: log, affinity: 1, config: {{ storage-dir: {dir}, \
+         durability: none, max-memory: 1MiB }} }}\n",
+        dir = tmp.path().display()
+    );
+    let config = Config::from_yaml(&yaml).expect("config");
+    let clock = ManualClock::starting_now();
+    let (srv, c) = lessor_testkit::server::start(&config, Some(std::sync::Arc::new(clock))).await;
+    c.queues_create(&pb::QueueInfo {
+        queue_name: "q".into(),
+        lease_timeout: "1m".into(),
+        expire_timeout: "1h".into(),
+        requested_partitions: 1,
+        ..Default::default()
+    })
+    .await
+    .expect("create");
+
+    let mut stored = 0;
+    let refused = loop {
+        match produce(&c, &format!("p{stored}")).await {
+            Ok(()) => stored += 100,
+            Err(e) => break e,
+        }
+        assert!(stored < 10_000, "1 MiB took {stored} items of 1,000 bytes");
+    };
+    assert!(stored >= 500, "only {stored} items fit in 1 MiB");
+    assert!(
+        refused.is_retryable(),
+        "a full store asks to try again: {refused}"
+    );
+    let msg = refused.message().expect("an API error").to_string();
+    assert!(
+        msg.starts_with("internal error, try your request again; ") && msg.contains("max-memory"),
+        "{msg}"
+    );
+
+    // Consumers are served at once: the partition was not marked failing.
+    let req = pb::QueueLeaseRequest {
+        queue_name: "q".into(),
+        batch_size: 300,
+        client_id: "w".into(),
+        request_timeout: "5s".into(),
+    };
+    let lease = c.queue_lease(&req);
+    let leased = tokio::time::timeout(Duration::from_secs(5), lease)
+        .await
+        .expect("a lease on a full store is served at once")
+        .expect("lease");
+    assert_eq!(leased.items.len(), 300);
+    c.queue_complete(&pb::QueueCompleteRequest {
+        queue_name: "q".into(),
+        partition: leased.partition,
+        request_timeout: "10s".into(),
+        ids: leased.items.iter().map(|i| i.id.clone()).collect(),
+    })
+    .await
+    .expect("complete");
+    produce(&c, "after")
+        .await
+        .expect("room again once items were completed");
+    srv.stop().await;
+}
