@@ -520,7 +520,7 @@ async fn dedup_cost() {
     let rounds: usize = env("LESSOR_BENCH_DEDUP_ROUNDS")
         .and_then(|v| v.parse().ok())
         .unwrap_or(7);
-    // LESSOR_BENCH_BACKENDS=memory (or fjall) runs one of them, e.g. under a profiler.
+    // LESSOR_BENCH_BACKENDS=memory (or fjall, or log) runs one of them, e.g. under a profiler.
     let only = env("LESSOR_BENCH_BACKENDS").unwrap_or_default();
     // LESSOR_BENCH_DEDUP_WINDOW=1s: the queue's dedup window, and a warm-up that fills it first (steady state:
     // keys expire as fast as they arrive). Unset: the default window, and every key lands in a growing index.
@@ -532,7 +532,7 @@ async fn dedup_cost() {
         .filter_map(|m| m.parse().ok())
         .filter(|m| *m < 3)
         .collect();
-    for backend in ["memory", "fjall"] {
+    for backend in ["memory", "fjall", "log"] {
         if !only.is_empty() && !only.split(',').any(|b| b == backend) {
             continue;
         }
@@ -697,6 +697,20 @@ async fn spawn_backend(backend: &str, dir: &std::path::Path) -> ServerProcess {
         std::fs::write(
             &cfg,
             "queue-storage: { driver: memory }\npartition-storage: [ { name: ram, driver: memory } ]\n",
+        )
+        .expect("write config");
+        cmd = cmd.config(&cfg);
+    } else if backend == "log" {
+        // The log store (partitions in RAM, an append-only log), durability sync as fjall's default.
+        let cfg = dir.join("log.yaml");
+        let data = dir.join("data");
+        std::fs::write(
+            &cfg,
+            format!(
+                "queue-storage: {{ driver: fjall, config: {{ storage-dir: {d} }} }}\n\
+                 partition-storage: [ {{ name: log-0, driver: log, affinity: 1, config: {{ storage-dir: {d} }} }} ]\n",
+                d = data.display()
+            ),
         )
         .expect("write config");
         cmd = cmd.config(&cfg);

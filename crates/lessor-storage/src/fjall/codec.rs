@@ -188,9 +188,12 @@ pub(crate) fn encode_item(it: &Item) -> Vec<u8> {
     encode_record(it, inline_payload(it))
 }
 
-/// Encodes an item's record with its payload inline whatever its size (the log store's records).
-pub(crate) fn encode_whole(it: &Item) -> Vec<u8> {
-    encode_record(it, true)
+/// Appends an item's record, its payload inline whatever its size, to `out`: the log store writes its records in
+/// place rather than encode each item into a buffer of its own and copy it.
+pub(crate) fn encode_whole_into(it: &Item, out: &mut Vec<u8>) {
+    let mut w = Writer(std::mem::take(out));
+    write_record(&mut w, it, true);
+    *out = w.0;
 }
 
 fn encode_record(it: &Item, inline: bool) -> Vec<u8> {
@@ -201,6 +204,11 @@ fn encode_record(it: &Item, inline: bool) -> Vec<u8> {
             + it.kind.len()
             + if inline { it.payload.len() + 3 } else { 0 },
     ));
+    write_record(&mut w, it, inline);
+    w.0
+}
+
+fn write_record(w: &mut Writer, it: &Item, inline: bool) {
     w.0.push(if inline { ITEM_V3 } else { ITEM_V2 });
     let mut flags = 0;
     if it.is_leased {
@@ -224,7 +232,6 @@ fn encode_record(it: &Item, inline: bool) -> Vec<u8> {
     if inline {
         w.bytes(&it.payload);
     }
-    w.0
 }
 
 /// Decodes the record of item `id`: its metadata, and its payload when it is inline (left empty otherwise, for

@@ -48,7 +48,7 @@ use lessor_core::storage::{Partition, PartitionStore};
 use lessor_core::time::Ts;
 use lessor_core::types::{DedupRecord, Item, ItemId};
 
-use crate::fjall::codec::{decode_dedup, decode_meta, encode_dedup, encode_whole};
+use crate::fjall::codec::{decode_dedup, decode_meta, encode_dedup, encode_whole_into};
 use crate::fjall::Durability;
 use crate::memory::{MemoryBudget, MemoryPartition};
 use crate::state::{Changes, PartitionState};
@@ -172,7 +172,12 @@ impl Rec {
         self.u32(items.len() as u32);
         for it in items {
             self.u64(it.id.0);
-            self.bytes(&encode_whole(it));
+            // The item's record is written in place after a length filled in once it is known.
+            let at = self.0.len();
+            self.u32(0);
+            encode_whole_into(it, &mut self.0);
+            let n = (self.0.len() - at - 4) as u32;
+            self.0[at..at + 4].copy_from_slice(&n.to_le_bytes());
         }
     }
 }
