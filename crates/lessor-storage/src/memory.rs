@@ -103,6 +103,8 @@ const SWEEP_AT_OPEN: std::time::Duration = std::time::Duration::from_secs(30);
 #[derive(Default)]
 pub struct MemoryStore {
     partitions: Mutex<HashMap<(String, u32), Part>>,
+    /// `max-memory`, when set (plain partitions only; see [`MemoryBudget`]).
+    budget: Option<Arc<MemoryBudget>>,
     /// Where cold segments go (`cold-segments`), when set.
     #[cfg(feature = "s3")]
     cold: Option<Arc<cold::ColdCtx>>,
@@ -126,6 +128,19 @@ impl MemoryStore {
     /// An empty store.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// An empty store whose partitions may hold about `max` bytes (`max-memory`, see [`MemoryBudget`]).
+    pub fn with_max_memory(max: u64) -> Self {
+        MemoryStore {
+            budget: Some(Arc::new(MemoryBudget::new(max))),
+            ..Self::default()
+        }
+    }
+
+    /// The memory budget's estimate of what the partitions hold and its most, when it has one.
+    pub fn memory(&self) -> Option<(u64, u64)> {
+        self.budget.as_ref().map(|b| (b.used(), b.max()))
     }
 
     /// An empty store whose partitions move their backlog beyond `settings.after_depth` ready items per partition
@@ -157,6 +172,8 @@ impl MemoryStore {
         }
         Ok(MemoryStore {
             partitions: Mutex::default(),
+            // Cold partitions keep a bounded part of their backlog in RAM: no budget.
+            budget: None,
             cold: Some(ctx),
         })
     }
@@ -232,6 +249,7 @@ impl PartitionStore for MemoryStore {
             // Nothing to persist: building change sets would only copy every item written.
             Part::Plain(Arc::new(MemoryPartition::new(
                 PartitionState::new(floor).without_changes(),
+                self.budget.clone(),
             )))
         });
         Ok(match p {
@@ -262,7 +280,7 @@ impl PartitionStore for MemoryStore {
     async fn close(&self) {}
 }
 
-/// A memory budget shared by a store's partitions (the log store's `max-memory`): an estimate of what they hold
+/// A memory budget shared by a store's partitions (`max-memory` of the memory and log drivers): an estimate of what they hold
 /// ([`PartitionState::footprint`]), kept up to date by every mutation, and the most it may reach. A call that adds
 /// items (produce, import) is refused with [`StorageErrorKind::Full`] when they would take it past the most; every
 /// other call goes on, so consumers make room. Concurrent calls on different partitions are admitted against the
@@ -354,12 +372,15 @@ impl std::fmt::Debug for MemoryPartition {
 }
 
 impl MemoryPartition {
-    fn new(state: PartitionState) -> Self {
+    fn new(state: PartitionState, budget: Option<Arc<MemoryBudget>>) -> Self {
+        if let Some(b) = &budget {
+            b.moved(0, state.footprint());
+        }
         MemoryPartition {
             state: Mutex::new(state),
             #[cfg(feature = "fjall")]
             log: None,
-            budget: None,
+            budget,
         }
     }
 

@@ -111,6 +111,49 @@ pub fn lookup(name: &str) -> Result<&'static DriverEntry, SpecError> {
         })
 }
 
+/// Half of the memory this process may use: the machine's (`MemTotal` in `/proc/meminfo`), or its cgroup's limit
+/// (`/sys/fs/cgroup/memory.max`, cgroup v2) when that is lower. `None` where neither can be read (not Linux).
+/// Half, because the process needs room besides the items: requests in flight, the queue store, the allocator's
+/// slack, and replay at the next start.
+pub fn default_max_memory() -> Option<u64> {
+    let total = std::fs::read_to_string("/proc/meminfo").ok().and_then(|s| {
+        s.lines()
+            .find_map(|l| l.strip_prefix("MemTotal:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .map(|kb| kb * 1024)
+    });
+    let cgroup = std::fs::read_to_string("/sys/fs/cgroup/memory.max")
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok());
+    let limit = match (total, cgroup) {
+        (Some(t), Some(c)) => t.min(c),
+        (t, c) => t.or(c)?,
+    };
+    Some(limit / 2)
+}
+
+/// Smallest `max-memory`.
+const MIN_MAX_MEMORY: u64 = 1 << 20;
+
+/// `max-memory` of the drivers that hold their items in RAM (memory, log): the most their partitions may hold, by
+/// estimate, before new items are refused (see `memory::MemoryBudget`); at least 1 MiB. `None` when not given.
+fn parse_max_memory(s: &Settings) -> Result<Option<u64>, SpecError> {
+    let Some(t) = s.text("max-memory") else {
+        return Ok(None);
+    };
+    let n = offload::parse_size(t).map_err(|reason| SpecError::Invalid {
+        key: "max-memory",
+        reason,
+    })? as u64;
+    if n < MIN_MAX_MEMORY {
+        return Err(SpecError::Invalid {
+            key: "max-memory",
+            reason: format!("must be at least 1MiB (the most the partitions may hold in RAM), got {n}"),
+        });
+    }
+    Ok(Some(n))
+}
+
 /// The canonical names (`memory, fjall, postgres`) and a note on the aliases that are not just other spellings of
 /// them (` (badger is accepted as an alias of fjall)`), for error messages.
 fn known_drivers() -> (String, String) {
@@ -493,7 +536,21 @@ mod tests {
             e.to_string().starts_with("config.storge-dir: unknown setting"),
             "{e}"
         );
-        StoreSpec::from_settings("memory", &settings()).expect("memory takes nothing");
+        StoreSpec::from_settings("memory", &settings()).expect("memory needs nothing");
+        // Its one key of its own: the budget, checked as the log driver's.
+        let spec =
+            StoreSpec::from_settings("memory", &settings().with("max-memory", "64MiB")).expect("a budget");
+        assert!(
+            format!("{spec:?}").contains("max_memory: Some(67108864)"),
+            "{spec:?}"
+        );
+        let e =
+            StoreSpec::from_settings("memory", &settings().with("max-memory", "100")).expect_err("too small");
+        assert!(
+            e.to_string()
+                .starts_with("config.max-memory: must be at least 1MiB"),
+            "{e}"
+        );
     }
 
     /// `memory-window-bytes` is a size of at least 1 MiB, 256 MiB when not given.
@@ -527,6 +584,20 @@ mod tests {
 
     /// The log driver reads `durability` as fjall does, bounds `checkpoint-bytes`, names a key it does not take,
     /// and refuses cold segments (everything it holds is in RAM and its log).
+    #[cfg(target_os = "linux")]
+    /// Half of what /proc/meminfo (or the cgroup) says: some memory, less than the machine has.
+    #[test]
+    fn the_default_budget_is_half_the_memory() {
+        let half = super::default_max_memory().expect("Linux says how much memory there is");
+        let total_kb: u64 = std::fs::read_to_string("/proc/meminfo")
+            .expect("meminfo")
+            .lines()
+            .find_map(|l| l.strip_prefix("MemTotal:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("MemTotal");
+        assert!(half > 0 && half <= total_kb * 1024 / 2, "{half} of {total_kb} kB");
+    }
+
     #[test]
     fn log_driver_settings_are_checked() {
         if !log::DRIVER.compiled {

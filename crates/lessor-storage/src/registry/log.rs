@@ -40,34 +40,8 @@ pub struct LogConfig {
     /// default 256 MiB, at least 64 KiB).
     pub checkpoint_bytes: u64,
     /// `max-memory`: the most the partitions may hold in RAM, by estimate, before new items are refused (at least
-    /// 1 MiB); `None`: half of the memory the process may use, found at open ([`default_max_memory`]).
+    /// 1 MiB); `None`: half of the memory the process may use, found at open ([`super::default_max_memory`]).
     pub max_memory: Option<u64>,
-}
-
-/// Smallest `max-memory`.
-#[cfg(feature = "fjall")]
-const MIN_MAX_MEMORY: u64 = 1 << 20;
-
-/// Half of the memory this process may use: the machine's (`MemTotal` in `/proc/meminfo`), or its cgroup's limit
-/// (`/sys/fs/cgroup/memory.max`, cgroup v2) when that is lower. `None` where neither can be read (not Linux).
-/// Half, because the process needs room besides the items: requests in flight, the queue store, the allocator's
-/// slack, and replay at the next start.
-#[cfg(feature = "fjall")]
-pub fn default_max_memory() -> Option<u64> {
-    let total = std::fs::read_to_string("/proc/meminfo").ok().and_then(|s| {
-        s.lines()
-            .find_map(|l| l.strip_prefix("MemTotal:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-            .map(|kb| kb * 1024)
-    });
-    let cgroup = std::fs::read_to_string("/sys/fs/cgroup/memory.max")
-        .ok()
-        .and_then(|s| s.trim().parse::<u64>().ok());
-    let limit = match (total, cgroup) {
-        (Some(t), Some(c)) => t.min(c),
-        (t, c) => t.or(c)?,
-    };
-    Some(limit / 2)
 }
 
 /// Smallest `checkpoint-bytes`.
@@ -92,24 +66,7 @@ fn parse(s: &Settings) -> Result<Arc<dyn DriverConfig>, SpecError> {
             n
         }
     };
-    let max_memory = match s.text("max-memory") {
-        None => None,
-        Some(t) => {
-            let n = super::offload::parse_size(t).map_err(|reason| SpecError::Invalid {
-                key: "max-memory",
-                reason,
-            })? as u64;
-            if n < MIN_MAX_MEMORY {
-                return Err(SpecError::Invalid {
-                    key: "max-memory",
-                    reason: format!(
-                        "must be at least 1MiB (the most the partitions may hold in RAM), got {n}"
-                    ),
-                });
-            }
-            Some(n)
-        }
-    };
+    let max_memory = super::parse_max_memory(s)?;
     Ok(Arc::new(LogConfig {
         storage_dir: PathBuf::from(s.required("storage-dir", DRIVER.name)?),
         durability: super::fjall::parse_durability(s)?,
@@ -137,7 +94,7 @@ impl DriverConfig for LogConfig {
     #[cfg(feature = "fjall")]
     async fn open_partitions(&self) -> Result<Arc<dyn PartitionStore>, OpenError> {
         let (dir, durability) = (self.storage_dir.clone(), self.durability);
-        let max_memory = self.max_memory.or_else(default_max_memory);
+        let max_memory = self.max_memory.or_else(super::default_max_memory);
         let store = super::fjall::blocking_open(DRIVER.name, move || {
             crate::log::LogStore::open_with(dir, durability, max_memory)
         })
@@ -164,21 +121,5 @@ impl DriverConfig for LogConfig {
     #[cfg(not(feature = "fjall"))]
     async fn open_partitions(&self) -> Result<Arc<dyn PartitionStore>, OpenError> {
         match self.durability {}
-    }
-}
-
-#[cfg(all(test, feature = "fjall", target_os = "linux"))]
-mod tests {
-    /// Half of what /proc/meminfo (or the cgroup) says: some memory, less than the machine has.
-    #[test]
-    fn the_default_budget_is_half_the_memory() {
-        let half = super::default_max_memory().expect("Linux says how much memory there is");
-        let total_kb: u64 = std::fs::read_to_string("/proc/meminfo")
-            .expect("meminfo")
-            .lines()
-            .find_map(|l| l.strip_prefix("MemTotal:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .expect("MemTotal");
-        assert!(half > 0 && half <= total_kb * 1024 / 2, "{half} of {total_kb} kB");
     }
 }

@@ -1,5 +1,6 @@
-//! The registry entry of the memory driver: no settings of its own but the cold-segment keys (`registry::cold`);
-//! every open gives a new, empty store.
+//! The registry entry of the memory driver: `max-memory` (the most its partitions may hold, by estimate; default
+//! half the machine's or cgroup's memory) and the cold-segment keys (`registry::cold`); every open gives a new,
+//! empty store.
 
 use std::sync::Arc;
 
@@ -13,7 +14,7 @@ use crate::memory::{MemoryQueues, MemoryStore};
 pub(super) const DRIVER: DriverEntry = DriverEntry {
     name: "memory",
     aliases: &["inmemory", ""],
-    keys: &[],
+    keys: &["max-memory"],
     compiled: true,
     parse,
 };
@@ -25,12 +26,17 @@ pub struct MemoryConfig {
     pub cold: Option<super::ColdSettings>,
     /// The store's name in the configuration (object keys of cold segments start with it).
     pub store_name: String,
+    /// `max-memory`: the most the partitions may hold in RAM, by estimate, before new items are refused; `None`:
+    /// half of the memory the process may use, found at open ([`super::default_max_memory`]). Partitions with
+    /// cold segments keep a bounded part of their backlog in RAM and are not counted.
+    pub max_memory: Option<u64>,
 }
 
 fn parse(s: &Settings) -> Result<Arc<dyn DriverConfig>, SpecError> {
     Ok(Arc::new(MemoryConfig {
         cold: super::cold::parse(s, DRIVER.name)?,
         store_name: s.store_name.clone(),
+        max_memory: super::parse_max_memory(s)?,
     }))
 }
 
@@ -55,6 +61,10 @@ impl DriverConfig for MemoryConfig {
                 })?;
             return Ok(Arc::new(store));
         }
-        Ok(Arc::new(MemoryStore::new()))
+        let max_memory = self.max_memory.or_else(super::default_max_memory);
+        Ok(Arc::new(match max_memory {
+            Some(max) => MemoryStore::with_max_memory(max),
+            None => MemoryStore::new(),
+        }))
     }
 }
