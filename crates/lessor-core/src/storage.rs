@@ -102,6 +102,12 @@ pub trait PartitionStore: Send + Sync + Debug + 'static {
     fn notices(&self) -> Option<tokio::sync::broadcast::Receiver<Notice>> {
         None
     }
+    /// For stores that keep their items in RAM under a budget (`max-memory` of the memory and log drivers): the
+    /// estimate of what the partitions hold and the most they may hold, in bytes, for `/metrics`. `None` (the
+    /// default): no budget.
+    fn memory(&self) -> Option<(u64, u64)> {
+        None
+    }
     /// Runs the store's sweeper of orphaned payload objects now (an operator's `offload.sweep`) and says what it
     /// did. `None` (the default): the store has no object storage, so there is nothing to sweep.
     async fn sweep_objects(&self) -> Option<Result<crate::types::SweepReport, StorageError>> {

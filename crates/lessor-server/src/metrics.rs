@@ -481,6 +481,29 @@ impl prometheus_client::collector::Collector for QueueCollector {
             MetricType::Counter,
         )?;
         ConstCounter::new(loads).encode(fam)?;
+        // The memory budgets of the stores that hold their items in RAM (memory, log): an operator sees one
+        // filling before produce answers 454 for it.
+        let budgets = self.engine.store_memory();
+        type Budget = fn(&(String, u64, u64)) -> u64;
+        let memory: [(&str, &str, Budget); 2] = [
+            (
+                "store_memory_bytes",
+                "What a store's partitions hold in RAM, by the estimate its max-memory is checked against",
+                |b| b.1,
+            ),
+            (
+                "store_memory_max_bytes",
+                "A store's max-memory: beyond it, new items are refused (454) until consumers make room",
+                |b| b.2,
+            ),
+        ];
+        for (name, help, pick) in memory {
+            let mut fam = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+            for b in &budgets {
+                ConstGauge::new(i64::try_from(pick(b)).unwrap_or(i64::MAX))
+                    .encode(fam.encode_family(&[("store", b.0.as_str())])?)?;
+            }
+        }
         // Rebalance tasks watched by this server: items moved and left, by task and queue.
         let mut tasks = self.engine.rebalance_progress();
         tasks.sort_by(|a, b| a.id.cmp(&b.id));

@@ -61,6 +61,23 @@ async fn a_full_log_store_answers_454_and_keeps_serving_consumers() {
         assert!(stored < 10_000, "1 MiB took {stored} items of 1,000 bytes");
     };
     assert!(stored >= 500, "only {stored} items fit in 1 MiB");
+    // The budget shows in /metrics, nearly full.
+    let metrics = c.metrics().await.expect("metrics");
+    let value = |name: &str| -> u64 {
+        let line = format!("{name}{{store=\"log-0\"}} ");
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(line.as_str()))
+            .unwrap_or_else(|| panic!("{name} for log-0 in /metrics:\n{metrics}"))
+            .parse()
+            .expect("a number")
+    };
+    assert_eq!(value("lessor_store_memory_max_bytes"), 1 << 20);
+    let held = value("lessor_store_memory_bytes");
+    assert!(
+        held <= 1 << 20 && held > (1 << 20) - 100 * 1200,
+        "{held} of 1 MiB held"
+    );
     assert!(
         refused.is_retryable(),
         "a full store asks to try again: {refused}"

@@ -236,6 +236,10 @@ impl PartitionStore for MemoryStore {
         "memory"
     }
 
+    fn memory(&self) -> Option<(u64, u64)> {
+        MemoryStore::memory(self)
+    }
+
     async fn open(&self, queue: &str, partition: u32) -> Result<Arc<dyn Partition>, StorageError> {
         let mut parts = lock(&self.partitions)?;
         let p = parts.entry((queue.to_string(), partition)).or_insert_with(|| {

@@ -1178,6 +1178,17 @@ impl Engine {
         rx.recv().await.unwrap_or(Err(QueueError::QueueShuttingDown))
     }
 
+    /// Each partition store's memory budget, `(store name, bytes held by estimate, most)`, for the stores that have
+    /// one (see [`crate::storage::PartitionStore::memory`]).
+    pub fn store_memory(&self) -> Vec<(String, u64, u64)> {
+        self.inner
+            .config
+            .stores
+            .iter()
+            .filter_map(|s| s.store.memory().map(|(used, max)| (s.name.clone(), used, max)))
+            .collect()
+    }
+
     /// Queues loaded now (their tasks running), and loads so far (a queue loaded again after an unload counts
     /// again).
     pub fn loaded_queues(&self) -> (usize, u64) {

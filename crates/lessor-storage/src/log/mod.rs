@@ -833,6 +833,10 @@ impl PartitionStore for LogStore {
         "log"
     }
 
+    fn memory(&self) -> Option<(u64, u64)> {
+        LogStore::memory(self)
+    }
+
     async fn open(&self, queue: &str, partition: u32) -> Result<Arc<dyn Partition>, StorageError> {
         self.inner.wal.check()?;
         let seq = {

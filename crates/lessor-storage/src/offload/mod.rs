@@ -805,6 +805,10 @@ impl PartitionStore for OffloadStore {
         self.inner.notices()
     }
 
+    fn memory(&self) -> Option<(u64, u64)> {
+        self.inner.memory()
+    }
+
     async fn sweep_objects(&self) -> Option<Result<SweepReport, StorageError>> {
         self.shared.objects.as_ref()?;
         Some(self.shared.sweep().await.map(|o| SweepReport {
