@@ -286,8 +286,8 @@ impl PartitionStore for MemoryStore {
 
 /// A memory budget shared by a store's partitions (`max-memory` of the memory and log drivers): an estimate of what they hold
 /// ([`PartitionState::footprint`]), kept up to date by every mutation, and the most it may reach. A call that adds
-/// items (produce, import) is refused with [`StorageErrorKind::Full`] when they would take it past the most; every
-/// other call goes on, so consumers make room. Concurrent calls on different partitions are admitted against the
+/// items (produce, import) is refused with [`StorageErrorKind::Full`] when they would take it past the most (but
+/// for the engine's moves, see `produce`); every other call goes on, so consumers make room. Concurrent calls on different partitions are admitted against the
 /// same figure, so the budget can be passed by what they add together (one batch per partition at most).
 #[derive(Debug)]
 pub struct MemoryBudget {
@@ -558,7 +558,16 @@ impl MemoryPartition {
 #[async_trait]
 impl Partition for MemoryPartition {
     async fn produce(&self, items: Vec<NewItem>) -> Result<Vec<ItemId>, StorageError> {
-        self.admit(items.iter().map(|it| &it.payload[..]))?;
+        // Items carrying a source id are the engine's moves (a dead-letter transfer, a redrive): the store holds
+        // them already, in the partition they leave once written here, so they are not refused. Refused, a full
+        // store whose items all died stayed full for good: dead items are no consumer's to take, and the
+        // dead-letter queue had nothing to serve. (Clients' items never carry one.)
+        self.admit(
+            items
+                .iter()
+                .filter(|it| it.source_id.is_empty())
+                .map(|it| &it.payload[..]),
+        )?;
         self.mutate_relying(|s| s.produce(items)).await
     }
 
