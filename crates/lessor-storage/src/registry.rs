@@ -112,24 +112,61 @@ pub fn lookup(name: &str) -> Result<&'static DriverEntry, SpecError> {
 }
 
 /// Half of the memory this process may use: the machine's (`MemTotal` in `/proc/meminfo`), or its cgroup's limit
-/// (`/sys/fs/cgroup/memory.max`, cgroup v2) when that is lower. `None` where neither can be read (not Linux).
-/// Half, because the process needs room besides the items: requests in flight, the queue store, the allocator's
-/// slack, and replay at the next start.
+/// when that is lower (see [`memory_limit_within`]). `None` where neither can be read (not Linux). Half, because
+/// the process needs room besides the items: requests in flight, the queue store, the allocator's slack, and
+/// replay at the next start.
 pub fn default_max_memory() -> Option<u64> {
-    let total = std::fs::read_to_string("/proc/meminfo").ok().and_then(|s| {
-        s.lines()
-            .find_map(|l| l.strip_prefix("MemTotal:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-            .map(|kb| kb * 1024)
-    });
-    let cgroup = std::fs::read_to_string("/sys/fs/cgroup/memory.max")
+    Some((memory_limit_within(std::path::Path::new("/"))? / 2).max(MIN_MAX_MEMORY))
+}
+
+/// The memory this process may use as the files under `root` tell it (`/` but in tests): `MemTotal`, or the
+/// lowest limit of the process's memory cgroup and its parents, as `/proc/self/cgroup` names it, when lower:
+/// `memory.max` under `/sys/fs/cgroup` (cgroup v2) and `memory.limit_in_bytes` under `/sys/fs/cgroup/memory`
+/// (v1). Reading `/sys/fs/cgroup/memory.max` alone found a container's limit (its cgroup namespace makes its
+/// cgroup the root) but not a systemd service's `MemoryMax=` (below the root of a host's hierarchy), nor any
+/// limit of cgroup v1. A cgroup path missing under the mount (a container without a cgroup namespace sees the
+/// host's path, and its own cgroup at the mount's root) leaves the ancestors that are there.
+#[doc(hidden)]
+pub fn memory_limit_within(root: &std::path::Path) -> Option<u64> {
+    let total = std::fs::read_to_string(root.join("proc/meminfo"))
         .ok()
-        .and_then(|s| s.trim().parse::<u64>().ok());
-    let limit = match (total, cgroup) {
-        (Some(t), Some(c)) => t.min(c),
-        (t, c) => t.or(c)?,
-    };
-    Some(limit / 2)
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("MemTotal:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+                .map(|kb| kb * 1024)
+        });
+    let mut limit = total;
+    let mut lower = |n: u64| limit = Some(limit.map_or(n, |l| l.min(n)));
+    // Lines `id:controllers:path`: v2's has no controllers, v1's memory line names `memory` among them.
+    let cgroups = std::fs::read_to_string(root.join("proc/self/cgroup")).unwrap_or_default();
+    for line in cgroups.lines() {
+        let mut fields = line.splitn(3, ':');
+        let (Some(_), Some(controllers), Some(path)) = (fields.next(), fields.next(), fields.next()) else {
+            continue;
+        };
+        let (mount, file) = if controllers.is_empty() {
+            ("sys/fs/cgroup", "memory.max")
+        } else if controllers.split(',').any(|c| c == "memory") {
+            ("sys/fs/cgroup/memory", "memory.limit_in_bytes")
+        } else {
+            continue;
+        };
+        let mount = root.join(mount);
+        // The cgroup and every parent up to the mount's root: a parent's limit holds its children too. `max`
+        // (v2) and v1's huge "no limit" do not parse or are above `MemTotal`.
+        let mut dir = Some(std::path::Path::new(path.trim_start_matches('/')));
+        while let Some(d) = dir {
+            if let Some(n) = std::fs::read_to_string(mount.join(d).join(file))
+                .ok()
+                .and_then(|s| s.trim().parse::<u64>().ok())
+            {
+                lower(n);
+            }
+            dir = d.parent();
+        }
+    }
+    limit
 }
 
 /// Smallest `max-memory`.
