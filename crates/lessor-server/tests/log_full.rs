@@ -1,7 +1,8 @@
 //! A log store at its `max-memory`, through the real server on port 0: a produce that would pass the budget gets
 //! 454 (try again) naming the setting, and the partition is not taken out of service for it: consumers lease at
 //! once (on a manual clock that never moves, a partition marked failing would stay so), and what they complete
-//! makes room for the next produce.
+//! makes room for the next produce. A full store whose items all died still moves them to their dead-letter queue
+//! (a review's finding: the move was refused as new items, and the store stayed full for good).
 #![cfg(feature = "fjall")]
 
 use std::time::Duration;
@@ -30,16 +31,21 @@ async fn produce(c: &Client, tag: &str) -> Result<(), lessor_client::ClientError
     .await
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_full_log_store_answers_454_and_keeps_serving_consumers() {
-    let tmp = tempfile::tempdir().expect("tempdir");
+/// A fjall queue store and one log store with `max-memory: 1MiB` under `dir`.
+fn config(dir: &std::path::Path) -> Config {
     let yaml = format!(
         "queue-storage: {{ driver: fjall, config: {{ storage-dir: {dir} }} }}\n\
          partition-storage:\n  - {{ name: log-0, driver: log, affinity: 1, config: {{ storage-dir: {dir}, \
          durability: none, max-memory: 1MiB }} }}\n",
-        dir = tmp.path().display()
+        dir = dir.display()
     );
-    let config = Config::from_yaml(&yaml).expect("config");
+    Config::from_yaml(&yaml).expect("config")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_log_store_answers_454_and_keeps_serving_consumers() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let config = config(tmp.path());
     let clock = ManualClock::starting_now();
     let (srv, c) = lessor_testkit::server::start(&config, Some(std::sync::Arc::new(clock))).await;
     c.queues_create(&pb::QueueInfo {
@@ -112,5 +118,89 @@ async fn a_full_log_store_answers_454_and_keeps_serving_consumers() {
     produce(&c, "after")
         .await
         .expect("room again once items were completed");
+    srv.stop().await;
+}
+
+/// Every item of a full store fails and is retried as dead: the dead-letter transfer must not be refused as new
+/// items (it moves items the store holds already), or the store stays full for good: nothing is left for
+/// consumers of the queue, the dead-letter queue gets nothing to serve, and every produce is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_store_whose_items_all_died_moves_them_to_the_dead_letter_queue() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let config = config(tmp.path());
+    let (srv, c) = lessor_testkit::server::start(&config, None).await;
+    for (name, dead) in [("q-dead", ""), ("q", "q-dead")] {
+        c.queues_create(&pb::QueueInfo {
+            queue_name: name.into(),
+            dead_queue: dead.into(),
+            lease_timeout: "1m".into(),
+            expire_timeout: "1h".into(),
+            requested_partitions: 1,
+            ..Default::default()
+        })
+        .await
+        .expect("create");
+    }
+    let mut stored = 0;
+    while produce(&c, &format!("p{stored}")).await.is_ok() {
+        stored += 100;
+        assert!(stored < 10_000, "1 MiB took {stored} items of 1,000 bytes");
+    }
+    // Every item fails.
+    let mut dead = 0;
+    while dead < stored {
+        let leased = c
+            .queue_lease(&pb::QueueLeaseRequest {
+                queue_name: "q".into(),
+                batch_size: 100,
+                client_id: "w".into(),
+                request_timeout: "5s".into(),
+            })
+            .await
+            .expect("lease");
+        assert!(!leased.items.is_empty(), "{dead} of {stored} leased");
+        dead += leased.items.len();
+        c.queue_retry(&pb::QueueRetryRequest {
+            queue_name: "q".into(),
+            partition: leased.partition,
+            items: leased
+                .items
+                .iter()
+                .map(|i| pb::QueueRetryItem {
+                    id: i.id.clone(),
+                    dead: true,
+                    ..Default::default()
+                })
+                .collect(),
+        })
+        .await
+        .expect("retry as dead");
+    }
+    // The dead-letter queue's consumers get them, and what they complete makes room.
+    let mut taken = 0;
+    while taken < stored {
+        let leased = tokio::time::timeout(
+            Duration::from_secs(15),
+            c.queue_lease(&pb::QueueLeaseRequest {
+                queue_name: "q-dead".into(),
+                batch_size: 100,
+                client_id: "d".into(),
+                request_timeout: "10s".into(),
+            }),
+        )
+        .await
+        .expect("lease in time")
+        .expect("the dead items reach the dead-letter queue");
+        taken += leased.items.len();
+        c.queue_complete(&pb::QueueCompleteRequest {
+            queue_name: "q-dead".into(),
+            partition: leased.partition,
+            request_timeout: "10s".into(),
+            ids: leased.items.iter().map(|i| i.id.clone()).collect(),
+        })
+        .await
+        .expect("complete");
+    }
+    produce(&c, "after").await.expect("room again");
     srv.stop().await;
 }
