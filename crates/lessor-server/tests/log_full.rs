@@ -31,6 +31,20 @@ async fn produce(c: &Client, tag: &str) -> Result<(), lessor_client::ClientError
     .await
 }
 
+/// Creates queue `name` of one partition (dead-letter queue `dead`, none when empty).
+async fn create(c: &Client, name: &str, dead: &str) {
+    c.queues_create(&pb::QueueInfo {
+        queue_name: name.into(),
+        dead_queue: dead.into(),
+        lease_timeout: "1m".into(),
+        expire_timeout: "1h".into(),
+        requested_partitions: 1,
+        ..Default::default()
+    })
+    .await
+    .unwrap_or_else(|e| panic!("create {name}: {e}"));
+}
+
 /// A fjall queue store and one log store with `max-memory: 1MiB` under `dir`.
 fn config(dir: &std::path::Path) -> Config {
     let yaml = format!(
@@ -48,15 +62,7 @@ async fn a_full_log_store_answers_454_and_keeps_serving_consumers() {
     let config = config(tmp.path());
     let clock = ManualClock::starting_now();
     let (srv, c) = lessor_testkit::server::start(&config, Some(std::sync::Arc::new(clock))).await;
-    c.queues_create(&pb::QueueInfo {
-        queue_name: "q".into(),
-        lease_timeout: "1m".into(),
-        expire_timeout: "1h".into(),
-        requested_partitions: 1,
-        ..Default::default()
-    })
-    .await
-    .expect("create");
+    create(&c, "q", "").await;
 
     let mut stored = 0;
     let refused = loop {
@@ -129,18 +135,8 @@ async fn a_full_store_whose_items_all_died_moves_them_to_the_dead_letter_queue()
     let tmp = tempfile::tempdir().expect("tempdir");
     let config = config(tmp.path());
     let (srv, c) = lessor_testkit::server::start(&config, None).await;
-    for (name, dead) in [("q-dead", ""), ("q", "q-dead")] {
-        c.queues_create(&pb::QueueInfo {
-            queue_name: name.into(),
-            dead_queue: dead.into(),
-            lease_timeout: "1m".into(),
-            expire_timeout: "1h".into(),
-            requested_partitions: 1,
-            ..Default::default()
-        })
-        .await
-        .expect("create");
-    }
+    create(&c, "q-dead", "").await;
+    create(&c, "q", "q-dead").await;
     let mut stored = 0;
     while produce(&c, &format!("p{stored}")).await.is_ok() {
         stored += 100;

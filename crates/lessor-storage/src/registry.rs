@@ -175,20 +175,12 @@ const MIN_MAX_MEMORY: u64 = 1 << 20;
 /// `max-memory` of the drivers that hold their items in RAM (memory, log): the most their partitions may hold, by
 /// estimate, before new items are refused (see `memory::MemoryBudget`); at least 1 MiB. `None` when not given.
 fn parse_max_memory(s: &Settings) -> Result<Option<u64>, SpecError> {
-    let Some(t) = s.text("max-memory") else {
-        return Ok(None);
-    };
-    let n = offload::parse_size(t).map_err(|reason| SpecError::Invalid {
-        key: "max-memory",
-        reason,
-    })? as u64;
-    if n < MIN_MAX_MEMORY {
-        return Err(SpecError::Invalid {
-            key: "max-memory",
-            reason: format!("must be at least 1MiB (the most the partitions may hold in RAM), got {n}"),
-        });
-    }
-    Ok(Some(n))
+    s.size_at_least(
+        "max-memory",
+        MIN_MAX_MEMORY,
+        "1MiB",
+        "the most the partitions may hold in RAM",
+    )
 }
 
 /// The canonical names (`memory, fjall, postgres`) and a note on the aliases that are not just other spellings of
@@ -283,6 +275,28 @@ impl Settings {
             Some(v) if !v.is_empty() => Ok(v),
             _ => Err(SpecError::Missing { key, driver }),
         }
+    }
+
+    /// `key` as a size (`256MiB`), if given, refused below `min` (written `min_text`, with `what` the setting is
+    /// for, in the error).
+    pub fn size_at_least(
+        &self,
+        key: &'static str,
+        min: u64,
+        min_text: &str,
+        what: &str,
+    ) -> Result<Option<u64>, SpecError> {
+        let Some(t) = self.text(key) else {
+            return Ok(None);
+        };
+        let n = offload::parse_size(t).map_err(|reason| SpecError::Invalid { key, reason })? as u64;
+        if n < min {
+            return Err(SpecError::Invalid {
+                key,
+                reason: format!("must be at least {min_text} ({what}), got {n}"),
+            });
+        }
+        Ok(Some(n))
     }
 
     /// `key` as a whole number, if given.

@@ -96,24 +96,14 @@ fn parse(s: &Settings) -> Result<Arc<dyn DriverConfig>, SpecError> {
         }
         Some(n) => n as usize,
     };
-    let memory_window_bytes = match s.text("memory-window-bytes") {
-        None => DEFAULT_MEMORY_WINDOW_BYTES,
-        Some(t) => {
-            let n = super::offload::parse_size(t).map_err(|reason| SpecError::Invalid {
-                key: "memory-window-bytes",
-                reason,
-            })? as u64;
-            if n < 1 << 20 {
-                return Err(SpecError::Invalid {
-                    key: "memory-window-bytes",
-                    reason: format!(
-                        "must be at least 1MiB (payload bytes a partition keeps in memory), got {n}"
-                    ),
-                });
-            }
-            n
-        }
-    };
+    let memory_window_bytes = s
+        .size_at_least(
+            "memory-window-bytes",
+            1 << 20,
+            "1MiB",
+            "payload bytes a partition keeps in memory",
+        )?
+        .unwrap_or(DEFAULT_MEMORY_WINDOW_BYTES);
     let cold = super::cold::parse(s, DRIVER.name)?;
     Ok(Arc::new(FjallConfig {
         storage_dir,

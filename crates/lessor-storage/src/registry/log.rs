@@ -50,22 +50,14 @@ const MIN_CHECKPOINT_BYTES: u64 = 64 << 10;
 
 #[cfg(feature = "fjall")]
 fn parse(s: &Settings) -> Result<Arc<dyn DriverConfig>, SpecError> {
-    let checkpoint_bytes = match s.text("checkpoint-bytes") {
-        None => crate::log::CHECKPOINT_MIN_BYTES,
-        Some(t) => {
-            let n = super::offload::parse_size(t).map_err(|reason| SpecError::Invalid {
-                key: "checkpoint-bytes",
-                reason,
-            })? as u64;
-            if n < MIN_CHECKPOINT_BYTES {
-                return Err(SpecError::Invalid {
-                    key: "checkpoint-bytes",
-                    reason: format!("must be at least 64KiB (log bytes between checkpoints), got {n}"),
-                });
-            }
-            n
-        }
-    };
+    let checkpoint_bytes = s
+        .size_at_least(
+            "checkpoint-bytes",
+            MIN_CHECKPOINT_BYTES,
+            "64KiB",
+            "log bytes between checkpoints",
+        )?
+        .unwrap_or(crate::log::CHECKPOINT_MIN_BYTES);
     let max_memory = super::parse_max_memory(s)?;
     Ok(Arc::new(LogConfig {
         storage_dir: PathBuf::from(s.required("storage-dir", DRIVER.name)?),
