@@ -284,11 +284,12 @@ impl PartitionStore for MemoryStore {
     async fn close(&self) {}
 }
 
-/// A memory budget shared by a store's partitions (`max-memory` of the memory and log drivers): an estimate of what they hold
-/// ([`PartitionState::footprint`]), kept up to date by every mutation, and the most it may reach. A call that adds
-/// items (produce, import) is refused with [`StorageErrorKind::Full`] when they would take it past the most (but
-/// for the engine's moves, see `produce`); every other call goes on, so consumers make room. Concurrent calls on different partitions are admitted against the
-/// same figure, so the budget can be passed by what they add together (one batch per partition at most).
+/// A memory budget shared by a store's partitions (`max-memory` of the memory and log drivers): an estimate of
+/// what they hold ([`PartitionState::footprint`]), kept up to date by every mutation, and the most it may reach. A
+/// call that adds items (produce, import) is refused with [`StorageErrorKind::Full`] when they would take it past
+/// the most (but for the engine's moves, see `produce`); every other call goes on, so consumers make room.
+/// Concurrent calls on different partitions are admitted against the same figure, so the budget can be passed by
+/// what they add together (one batch per partition at most).
 #[derive(Debug)]
 pub struct MemoryBudget {
     max: u64,
@@ -406,8 +407,14 @@ impl MemoryPartition {
         }
     }
 
-    /// Refuses items whose payloads are `payloads` when the store's budget cannot take them.
+    /// Refuses items whose payloads are `payloads` when the store's budget cannot take them. A poisoned log
+    /// (or a destroyed partition) answers first: `Full` is transient (the client retries), the poison lasts until
+    /// a restart.
     fn admit<'a>(&self, payloads: impl Iterator<Item = &'a [u8]>) -> Result<(), StorageError> {
+        #[cfg(feature = "fjall")]
+        if let Some(log) = &self.log {
+            log.check_write()?;
+        }
         match &self.budget {
             Some(b) => b.admit(footprint_of(payloads)),
             None => Ok(()),

@@ -321,3 +321,46 @@ async fn a_full_store_whose_items_died_still_moves_them_to_its_dead_letter_queue
     drop((p, dlq));
     store.close().await;
 }
+
+/// A store whose log is poisoned answers every call with the poison, produce included: a produce that the budget
+/// would refuse must not answer `Full` (transient: the client retries for ever) when the store can serve nothing
+/// until a restart. (The budget used to be checked first.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_poisoned_store_answers_a_produce_past_its_budget_with_the_poison() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = LogStore::open_with(dir.path(), Durability::Sync, Some(70 << 20)).expect("open");
+    let p = store.open("poison", 0).await.expect("open");
+    // The next segment's file is in the way: the rotation after 65 MiB of records fails and poisons the log.
+    let mut segs: Vec<_> = std::fs::read_dir(dir.path().join(lessor_storage::log::LOG_DIR))
+        .expect("log dir")
+        .map(|e| e.expect("entry").path())
+        .filter(|p| p.extension().is_some_and(|e| e == "seg"))
+        .collect();
+    segs.sort();
+    let last = segs.pop().expect("a segment");
+    let id = u64::from_str_radix(last.file_stem().and_then(|s| s.to_str()).expect("name"), 16).expect("hex");
+    std::fs::write(last.with_file_name(format!("{:016x}.seg", id + 1)), b"").expect("block the next segment");
+    let big = |tag: &str| -> Vec<NewItem> {
+        let payload = bytes::Bytes::from(vec![b'p'; 256 << 10]);
+        (0..260)
+            .map(|i| NewItem {
+                payload: payload.clone(),
+                ..item(&format!("{tag}-{i}"))
+            })
+            .collect()
+    };
+    let e = p.produce(big("a")).await.expect_err("the rotation fails");
+    assert_eq!(e.kind, StorageErrorKind::Poisoned, "{e}");
+    // 65 MiB are held (in RAM, not in the log): another 65 MiB would pass the budget.
+    let e = p.produce(big("b")).await.expect_err("a poisoned store stores nothing");
+    assert_eq!(e.kind, StorageErrorKind::Poisoned, "the poison comes before the budget: {e}");
+    let e = p
+        .import(vec![lessor_core::types::Item {
+            payload: bytes::Bytes::from(vec![b'i'; 8 << 20]),
+            ..Default::default()
+        }])
+        .await
+        .expect_err("a poisoned store imports nothing");
+    assert_eq!(e.kind, StorageErrorKind::Poisoned, "{e}");
+    store.close().await;
+}

@@ -31,8 +31,8 @@
 //! # Limits
 //! Everything is in RAM, like the memory store: a backlog larger than memory does not fit (the fjall store pages
 //! it to disk). Replay reads the whole log at start: start-up takes as long as reading up to about three times the
-//! live items' bytes plus `checkpoint-bytes`. A failed write or fsync poisons the store until a restart, reads included: the state in
-//! RAM may then hold a change the log does not.
+//! live items' bytes plus `checkpoint-bytes`. A failed write or fsync poisons the store until a restart, reads
+//! included: the state in RAM may then hold a change the log does not.
 
 mod wal;
 
@@ -776,7 +776,8 @@ impl PartLog {
 
     /// Writes one page of the checkpoint's copy: items (in records of at most [`RECORD_BYTES`] of
     /// payloads, about, one item at least, far below the log's record limit), and groups of dedup records (each
-    /// named by its first record, as replay keys them), under the partition's lock. `Ok(None)` when the partition was destroyed meanwhile (the checkpoint stops there).
+    /// named by its first record, as replay keys them), under the partition's lock. `Ok(None)` when the partition
+    /// was destroyed meanwhile (the checkpoint stops there).
     pub(crate) fn checkpoint_page(
         &self,
         items: &[Item],
