@@ -705,3 +705,46 @@ async fn completes_during_a_snapshot_keep_its_objects_until_it_is_done() {
     drop(snap);
     env.keys_become(0).await;
 }
+
+/// A store that refuses a produce for want of room (`Full`: its memory budget) stored nothing, so the objects the
+/// produce uploaded first are nobody's: they are deleted at once instead of waiting for the sweeper.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_produce_refused_as_full_leaves_no_object_behind() {
+    let Some(env) = env("full").await else { return };
+    let inner = Arc::new(MemoryStore::with_max_memory(MIB as u64));
+    let store = OffloadStore::new(inner, "ram-0", env.settings()).unwrap();
+    let p = store.open("q", 0).await.unwrap();
+    // Small items (inline, counted whole) until the budget refuses one more: less than one is left.
+    let mut seed = 0;
+    for size in [100, 1] {
+        loop {
+            seed += 1;
+            let batch = (0..size).map(|i| item(payload(10_000, seed * 100 + i))).collect();
+            match p.produce(batch).await {
+                Ok(_) => assert!(seed < 1000, "a budget of 1 MiB took {seed} batches"),
+                Err(e) => {
+                    assert_eq!(e.kind, StorageErrorKind::Full, "{e}");
+                    break;
+                }
+            }
+        }
+    }
+    assert!(env.keys().await.is_empty(), "inline items wrote no object");
+    // The large payloads go to object storage first; then the store refuses the batch for its inline item (60 kB
+    // that do not compress, below the offload threshold).
+    let mut x = 0x9e37_79b9_7f4a_7c15_u64;
+    let noise: Vec<u8> = (0..60_000)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
+    let e = p
+        .produce(vec![item(payload(MIB, 7)), item(payload(MIB, 8)), item(Bytes::from(noise))])
+        .await
+        .expect_err("the store is full");
+    assert_eq!(e.kind, StorageErrorKind::Full, "{e}");
+    assert_eq!(env.keys().await, Vec::<String>::new(), "the refused produce's objects were deleted");
+}

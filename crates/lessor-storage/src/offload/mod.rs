@@ -974,8 +974,12 @@ impl Partition for OffloadPartition {
             it.payload = p;
         }
         // The objects are written: only now may the items that reference them become visible. A failed inner
-        // produce leaves them to the sweeper (a failure of unknown durability may still have stored the items).
+        // produce leaves them to the sweeper (a failure of unknown durability may still have stored the items),
+        // but for a refusal for want of room, which a store answers before it stores anything.
         let r = self.inner.produce_reporting(items).await;
+        if matches!(&r, Err(e) if e.kind == StorageErrorKind::Full) {
+            self.shared.delete_keys(keys.clone()).await;
+        }
         self.shared.done(&keys);
         r
     }
