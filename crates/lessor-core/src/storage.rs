@@ -362,6 +362,14 @@ pub trait Partition: Send + Sync + Debug + 'static {
     /// stored items.
     async fn import(&self, items: Vec<Item>) -> Result<Vec<Item>, StorageError>;
 
+    /// [`Partition::import`] of items the engine moves out of another partition (a rebalance), which deletes them
+    /// there right after. A store with a memory budget takes them as long as it is not over its budget: a move
+    /// within the store adds nothing once the source's copies are gone, and one from another store passes the
+    /// budget by one chunk at most before it waits like any import. The default is `import`.
+    async fn import_moved(&self, items: Vec<Item>) -> Result<Vec<Item>, StorageError> {
+        self.import(items).await
+    }
+
     /// A point-in-time read of every item of the partition, in every state (ready, leased, scheduled, dead and
     /// waiting for transfer), in id order, for backups. The snapshot sees the partition as it was when this call
     /// returned; later calls on the partition do not change what it reads, and it does not hold the partition up

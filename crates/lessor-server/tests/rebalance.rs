@@ -1049,3 +1049,136 @@ async fn shrink_moves_paged_scheduled_items() {
     assert_eq!(got, want, "every scheduled item once, at its time");
     e.shutdown().await;
 }
+
+/// A shrink within one store that is at its memory budget (`max-memory`): the copies a move imports are deleted
+/// from their source right after, so the move adds nothing and must not be refused as new items (it stalled,
+/// retrying, until consumers made room). A move into *another* store that is full stops once that store is over
+/// its budget (by one chunk at most) and waits, as any import would.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rebalance_within_a_full_store_finishes_and_one_into_a_full_store_waits() {
+    let full = Arc::new(MemoryStore::with_max_memory(1 << 20));
+    let small = Arc::new(MemoryStore::with_max_memory(1 << 20));
+    let e = engine_on(
+        Arc::new(MemoryQueues::new()),
+        vec![
+            ("a", 1.0, full.clone() as Arc<dyn PartitionStore>),
+            ("b", 0.0, small.clone() as Arc<dyn PartitionStore>),
+        ],
+    );
+    e.create_queue(queue("q", 4, Duration::from_secs(60)))
+        .await
+        .expect("create");
+    let mut stored = 0u32;
+    loop {
+        let items = (0..10)
+            .map(|j| item(format!("{:06}{}", stored + j, "x".repeat(2000)), 0, ""))
+            .collect();
+        match e.produce("q", items, T).await {
+            Ok(_) => stored += 10,
+            Err(err) => {
+                assert!(err.to_string().contains("max-memory"), "{err}");
+                break;
+            }
+        }
+        assert!(stored < 2000, "1 MiB took {stored} items of 2 kB");
+    }
+    let (used, max) = full.memory().expect("a budget");
+    assert!(used > max - 40_000, "the store is full: {used} of {max}");
+    let task = e
+        .rebalance_start(RebalanceRequest {
+            queue: "q".into(),
+            partitions: 2,
+            ..Default::default()
+        })
+        .await
+        .expect("start shrink");
+    let t = wait_done(&e, &task.id).await;
+    assert_eq!(t.status, RebalanceStatus::Completed, "{t:?}");
+    let mut left = Vec::new();
+    for p in 0..2 {
+        left.extend(items_of(&e, "q", p).await.iter().map(payload));
+    }
+    left.sort();
+    left.dedup();
+    assert_eq!(left.len() as u32, stored, "every item kept, once");
+
+    // A move of more than one chunk (500 items) into store b, full: it goes over b's budget by one chunk at most,
+    // then waits.
+    e.delete_queue("q")
+        .await
+        .expect("delete q: store a has room again");
+    e.create_queue(queue("r", 2, Duration::from_secs(60)))
+        .await
+        .expect("create");
+    // Produce spreads over the partitions: enough that partition 0 holds more than one chunk.
+    for i in 0..30 {
+        let items = (0..100)
+            .map(|j| item(format!("r{:06}", i * 100 + j), 0, ""))
+            .collect();
+        e.produce("r", items, T).await.expect("produce");
+    }
+    assert!(
+        items_of(&e, "r", 0).await.len() > 1000,
+        "partition 0 holds two chunks"
+    );
+    let filler = small.open("other", 0).await.expect("open");
+    let mut n = 0;
+    while filler
+        .produce(vec![lessor_core::types::NewItem {
+            payload: bytes::Bytes::from(vec![b'f'; 4000]),
+            ..Default::default()
+        }])
+        .await
+        .is_ok()
+    {
+        n += 1;
+        assert!(n < 1000);
+    }
+    let task = e
+        .rebalance_start(RebalanceRequest {
+            queue: "r".into(),
+            moves: vec![PartitionMove {
+                partition: 0,
+                to_store: "b".into(),
+            }],
+            ..Default::default()
+        })
+        .await
+        .expect("start move");
+    let moved = poll_until(Duration::from_secs(10), Duration::from_millis(20), || async {
+        let t = e.rebalance_get(&task.id).await.map_err(|e| e.to_string())?;
+        match t.moved {
+            0 => Err(format!("nothing moved yet: {t:?}")),
+            _ => Ok(t),
+        }
+    })
+    .await
+    .expect("the first chunk moves");
+    assert_eq!(
+        moved.moved, 500,
+        "one chunk into a store that was not over its budget: {moved:?}"
+    );
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let t = e.rebalance_get(&task.id).await.expect("get");
+    assert_eq!(
+        t.status,
+        RebalanceStatus::Running,
+        "the move into a full store waits: {t:?}"
+    );
+    assert_eq!(
+        t.moved, 500,
+        "nothing more while store b is over its budget: {t:?}"
+    );
+    assert!(
+        t.error.contains("max-memory"),
+        "the task says why it waits: {t:?}"
+    );
+    let (used, max) = small.memory().expect("a budget");
+    let chunk = 500 * (7 + lessor_storage::state::ITEM_COST);
+    assert!(
+        used <= max + chunk,
+        "store b went {} bytes over its budget",
+        used - max
+    );
+    e.rebalance_cancel(&task.id).await.expect("cancel");
+}

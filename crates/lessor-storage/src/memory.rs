@@ -331,6 +331,15 @@ impl MemoryBudget {
         ))
     }
 
+    /// Refuses a move's items only when the partitions hold more than the budget already (see
+    /// [`Partition::import_moved`]).
+    fn admit_move(&self) -> Result<(), StorageError> {
+        match self.used() {
+            used if used > self.max => self.admit(1),
+            _ => Ok(()),
+        }
+    }
+
     /// Records a partition going from `before` to `after` bytes.
     fn moved(&self, before: u64, after: u64) {
         if after >= before {
@@ -411,13 +420,19 @@ impl MemoryPartition {
     /// (or a destroyed partition) answers first: `Full` is transient (the client retries), the poison lasts until
     /// a restart.
     fn admit<'a>(&self, payloads: impl Iterator<Item = &'a [u8]>) -> Result<(), StorageError> {
+        self.admit_as(Some(payloads))
+    }
+
+    /// [`MemoryPartition::admit`] of a move's items (`None`), or of new ones.
+    fn admit_as<'a>(&self, payloads: Option<impl Iterator<Item = &'a [u8]>>) -> Result<(), StorageError> {
         #[cfg(feature = "fjall")]
         if let Some(log) = &self.log {
             log.check_write()?;
         }
-        match &self.budget {
-            Some(b) => b.admit(footprint_of(payloads)),
-            None => Ok(()),
+        match (&self.budget, payloads) {
+            (Some(b), Some(p)) => b.admit(footprint_of(p)),
+            (Some(b), None) => b.admit_move(),
+            (None, _) => Ok(()),
         }
     }
 
@@ -688,6 +703,11 @@ impl Partition for MemoryPartition {
 
     async fn import(&self, items: Vec<Item>) -> Result<Vec<Item>, StorageError> {
         self.admit(items.iter().map(|it| &it.payload[..]))?;
+        self.mutate_relying(|s| s.import(items)).await
+    }
+
+    async fn import_moved(&self, items: Vec<Item>) -> Result<Vec<Item>, StorageError> {
+        self.admit_as(None::<std::iter::Empty<&[u8]>>)?;
         self.mutate_relying(|s| s.import(items)).await
     }
 

@@ -352,8 +352,15 @@ async fn a_poisoned_store_answers_a_produce_past_its_budget_with_the_poison() {
     let e = p.produce(big("a")).await.expect_err("the rotation fails");
     assert_eq!(e.kind, StorageErrorKind::Poisoned, "{e}");
     // 65 MiB are held (in RAM, not in the log): another 65 MiB would pass the budget.
-    let e = p.produce(big("b")).await.expect_err("a poisoned store stores nothing");
-    assert_eq!(e.kind, StorageErrorKind::Poisoned, "the poison comes before the budget: {e}");
+    let e = p
+        .produce(big("b"))
+        .await
+        .expect_err("a poisoned store stores nothing");
+    assert_eq!(
+        e.kind,
+        StorageErrorKind::Poisoned,
+        "the poison comes before the budget: {e}"
+    );
     let e = p
         .import(vec![lessor_core::types::Item {
             payload: bytes::Bytes::from(vec![b'i'; 8 << 20]),

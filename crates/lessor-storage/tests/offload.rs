@@ -742,9 +742,37 @@ async fn a_produce_refused_as_full_leaves_no_object_behind() {
         })
         .collect();
     let e = p
-        .produce(vec![item(payload(MIB, 7)), item(payload(MIB, 8)), item(Bytes::from(noise))])
+        .produce(vec![
+            item(payload(MIB, 7)),
+            item(payload(MIB, 8)),
+            item(Bytes::from(noise.clone())),
+        ])
         .await
         .expect_err("the store is full");
     assert_eq!(e.kind, StorageErrorKind::Full, "{e}");
-    assert_eq!(env.keys().await, Vec::<String>::new(), "the refused produce's objects were deleted");
+    assert_eq!(
+        env.keys().await,
+        Vec::<String>::new(),
+        "the refused produce's objects were deleted"
+    );
+    // The same for an import (a restore).
+    let e = p
+        .import(vec![
+            lessor_core::types::Item {
+                payload: payload(MIB, 10),
+                ..Default::default()
+            },
+            lessor_core::types::Item {
+                payload: Bytes::from(noise),
+                ..Default::default()
+            },
+        ])
+        .await
+        .expect_err("the store is full");
+    assert_eq!(e.kind, StorageErrorKind::Full, "{e}");
+    assert_eq!(
+        env.keys().await,
+        Vec::<String>::new(),
+        "the refused import's objects were deleted"
+    );
 }

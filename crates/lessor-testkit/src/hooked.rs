@@ -601,6 +601,12 @@ impl Partition for HookedPartition {
             .carried(&call, items.len(), bytes_of(items.iter().map(|it| &it.payload)));
         hooked(&*self.hook, call, self.inner.import(items)).await
     }
+    async fn import_moved(&self, items: Vec<Item>) -> Result<Vec<Item>, StorageError> {
+        let call = self.call(Op::Import);
+        self.hook
+            .carried(&call, items.len(), bytes_of(items.iter().map(|it| &it.payload)));
+        hooked(&*self.hook, call, self.inner.import_moved(items)).await
+    }
     async fn snapshot(&self) -> Result<Box<dyn PartitionSnapshot>, StorageError> {
         let inner = hooked(&*self.hook, self.call(Op::Snapshot), self.inner.snapshot()).await?;
         Ok(self.hooked_snapshot(inner))

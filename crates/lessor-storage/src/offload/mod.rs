@@ -863,6 +863,38 @@ impl OffloadPartition {
         Ok(keys)
     }
 
+    /// [`Partition::import`] (`moved`: [`Partition::import_moved`]): payloads stored first, as for produce.
+    async fn import_as(&self, mut items: Vec<Item>, moved: bool) -> Result<Vec<Item>, StorageError> {
+        let inner = |items| async move {
+            match moved {
+                true => self.inner.import_moved(items).await,
+                false => self.inner.import(items).await,
+            }
+        };
+        if self.shared.passthrough() && !items.iter().any(|it| frame::is_framed(&it.payload)) {
+            return inner(items).await;
+        }
+        let payloads: Vec<Bytes> = items
+            .iter_mut()
+            .map(|it| std::mem::take(&mut it.payload))
+            .collect();
+        let (stored, keys) = self.shared.store_payloads(&self.dir, payloads.clone()).await?;
+        let mut originals = HashMap::new();
+        for ((it, s), p) in items.iter_mut().zip(stored).zip(payloads) {
+            if let Some(k) = frame::object_key(&s) {
+                originals.insert(k, p);
+            }
+            it.payload = s;
+        }
+        let r = inner(items).await;
+        // As for produce: a refusal for want of room stored nothing, so its objects are nobody's.
+        if matches!(&r, Err(e) if e.kind == StorageErrorKind::Full) {
+            self.shared.delete_keys(keys.clone()).await;
+        }
+        self.shared.done(&keys);
+        self.restore_payloads(r?, &originals)
+    }
+
     /// Stored items with their original payloads put back, for import's answer.
     fn restore_payloads(
         &self,
@@ -1185,28 +1217,12 @@ impl Partition for OffloadPartition {
         Ok((items, capped || cut))
     }
 
-    async fn import(&self, mut items: Vec<Item>) -> Result<Vec<Item>, StorageError> {
-        if self.shared.passthrough() && !items.iter().any(|it| frame::is_framed(&it.payload)) {
-            return self.inner.import(items).await;
-        }
-        let payloads: Vec<Bytes> = items
-            .iter_mut()
-            .map(|it| std::mem::take(&mut it.payload))
-            .collect();
-        let (stored, keys) = match self.shared.store_payloads(&self.dir, payloads.clone()).await {
-            Ok(v) => v,
-            Err(e) => return Err(e),
-        };
-        let mut originals = HashMap::new();
-        for ((it, s), p) in items.iter_mut().zip(stored).zip(payloads) {
-            if let Some(k) = frame::object_key(&s) {
-                originals.insert(k, p);
-            }
-            it.payload = s;
-        }
-        let r = self.inner.import(items).await;
-        self.shared.done(&keys);
-        self.restore_payloads(r?, &originals)
+    async fn import(&self, items: Vec<Item>) -> Result<Vec<Item>, StorageError> {
+        self.import_as(items, false).await
+    }
+
+    async fn import_moved(&self, items: Vec<Item>) -> Result<Vec<Item>, StorageError> {
+        self.import_as(items, true).await
     }
 
     async fn snapshot(&self) -> Result<Box<dyn PartitionSnapshot>, StorageError> {

@@ -616,7 +616,7 @@ impl QueueTask {
                 it
             })
             .collect();
-        target.import(copies).await.map_err(err)?;
+        target.import_moved(copies).await.map_err(err)?;
         src.delete(ids).await.map_err(err)?;
         Ok(n)
     }
