@@ -157,6 +157,10 @@ pub struct Changes {
     pub sched_moves: Vec<SchedMove>,
     /// The paged schedule's counters, when they changed; empty ones are deleted, not stored.
     pub sched_counters: Option<PagedSched>,
+    /// Every item of `put` is one the store holds whole already, with this payload: only its other fields changed
+    /// (a lease, an extension). A store that logs each change (the log store) may write their metadata alone;
+    /// one that keeps a record per item writes them whole as ever.
+    pub put_kept: bool,
 }
 
 impl Changes {
@@ -180,6 +184,11 @@ impl Changes {
             *self = later;
             return;
         }
+        self.put_kept = match (self.put.is_empty(), later.put.is_empty()) {
+            (true, _) => later.put_kept,
+            (false, true) => self.put_kept,
+            (false, false) => self.put_kept && later.put_kept,
+        };
         self.put.extend(later.put);
         self.del.extend(later.del);
         self.dedup_put.extend(later.dedup_put);
@@ -1914,6 +1923,8 @@ impl PartitionState {
         let ch = if self.track {
             Changes {
                 put: out.clone(),
+                // Leased where they were: their payloads are as written.
+                put_kept: true,
                 ..Default::default()
             }
         } else {
@@ -1989,6 +2000,8 @@ impl PartitionState {
             }
             out.push(Ok(()));
         }
+        // Only deadlines changed.
+        ch.put_kept = true;
         self.clean_fronts();
         (out, ch)
     }

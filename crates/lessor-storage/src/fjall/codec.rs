@@ -196,6 +196,44 @@ pub(crate) fn encode_whole_into(it: &Item, out: &mut Vec<u8>) {
     *out = w.0;
 }
 
+/// Appends an item's metadata record (no payload) to `out`: the log store's record of a change that left the
+/// payload as it was (a lease, an extension), which replay lays over the item's whole record with [`restate`].
+pub(crate) fn encode_meta_into(it: &Item, out: &mut Vec<u8>) {
+    let mut w = Writer(std::mem::take(out));
+    write_record(&mut w, it, false);
+    *out = w.0;
+}
+
+/// The whole record of an item (metadata and payload inline) whose whole record was `whole` and whose metadata
+/// then became `meta` (a record of [`encode_meta_into`]): the metadata of `meta`, the payload of `whole`.
+pub(crate) fn restate(id: ItemId, whole: &[u8], meta: &[u8], what: &str) -> Result<Vec<u8>, StorageError> {
+    let mut r = Reader { buf: whole, what };
+    let version = r.byte()?;
+    if version != ITEM_V3 || meta.first() != Some(&ITEM_V2) {
+        return Err(corrupt(format!(
+            "{what}: item {id}'s metadata record (version {:?}) cannot be laid over its record of version              {version}",
+            meta.first()
+        )));
+    }
+    // Skips the metadata up to the payload field (its length and bytes), which ends the record: flags,
+    // priority, four times, attempts and max attempts, four strings.
+    r.byte()?;
+    r.byte()?;
+    for _ in 0..6 {
+        r.uint()?;
+    }
+    for _ in 0..4 {
+        let n = r.uint()?;
+        r.take(n)?;
+    }
+    let payload = r.buf;
+    let mut out = Vec::with_capacity(meta.len() + payload.len());
+    out.push(ITEM_V3);
+    out.extend_from_slice(&meta[1..]);
+    out.extend_from_slice(payload);
+    Ok(out)
+}
+
 fn encode_record(it: &Item, inline: bool) -> Vec<u8> {
     let mut w = Writer(Vec::with_capacity(
         40 + it.source_id.len()
@@ -553,6 +591,50 @@ mod tests {
         let buf = encode_item(&small);
         let e = decode_meta(small.id, &buf[..buf.len() - 1], "test").expect_err("short");
         assert_eq!(e.kind, StorageErrorKind::Corrupt);
+    }
+
+    /// A metadata record laid over a whole one gives the whole record of the item with the new metadata and the
+    /// old payload, byte for byte what encoding that item whole gives; anything else is refused as corrupt.
+    #[test]
+    fn a_metadata_record_laid_over_a_whole_one_keeps_the_payload() {
+        for payload in [
+            Bytes::new(),
+            Bytes::from_static(b"x"),
+            Bytes::from(vec![9u8; 5000]),
+        ] {
+            let before = Item {
+                payload: payload.clone(),
+                is_leased: false,
+                lease_deadline: Ts::ZERO,
+                attempts: 0,
+                ..sample()
+            };
+            let mut whole = Vec::new();
+            encode_whole_into(&before, &mut whole);
+            let after = Item {
+                is_leased: true,
+                lease_deadline: Ts(1_900_000_000_000_000),
+                attempts: 1,
+                reference: "a longer reference than before".into(),
+                ..before.clone()
+            };
+            let mut meta = Vec::new();
+            encode_meta_into(&after, &mut meta);
+            assert!(
+                meta.len() < whole.len() - payload.len() + 40,
+                "no payload in the metadata record"
+            );
+            let merged = restate(after.id, &whole, &meta, "test").expect("restate");
+            let mut expected = Vec::new();
+            encode_whole_into(&after, &mut expected);
+            assert_eq!(merged, expected);
+            assert_eq!(decode_meta(after.id, &merged, "test").expect("decode"), after);
+            // The other way round, or a damaged whole record, is corrupt.
+            let e = restate(after.id, &meta, &whole, "test").expect_err("swapped");
+            assert_eq!(e.kind, StorageErrorKind::Corrupt);
+            let e = restate(after.id, &whole[..12], &meta, "test").expect_err("short");
+            assert_eq!(e.kind, StorageErrorKind::Corrupt);
+        }
     }
 
     #[test]

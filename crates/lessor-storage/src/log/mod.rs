@@ -15,7 +15,9 @@
 //!   they were made), and waits for durability as the mode says (`sync` through the queue task's pass, see
 //!   [`lessor_core::durability`]). The records and the log are in `wal` (framing, group commit, replay).
 //! - Records: a partition's creation (its queue, number and a store-wide pid), its destruction, a change set
-//!   (items written whole, payload included; ids removed; dedup records added and dropped), and checkpoints.
+//!   (items written whole, payload included; ids removed; dedup records added and dropped), a state change set
+//!   (a lease's or an extension's: the items' metadata without their payloads, laid over their whole records at
+//!   replay), and checkpoints.
 //! - Start-up replays every segment into per-partition maps of item records, then decodes each partition's records
 //!   in id order straight into its state ([`PartitionState::load_sorted`]), so replay holds little more than the
 //!   partitions it rebuilds; ids continue above the high-water mark a checkpoint recorded and every id seen.
@@ -48,7 +50,9 @@ use lessor_core::storage::{Partition, PartitionStore};
 use lessor_core::time::Ts;
 use lessor_core::types::{DedupRecord, Item, ItemId};
 
-use crate::fjall::codec::{decode_dedup, decode_meta, encode_dedup, encode_whole_into};
+use crate::fjall::codec::{
+    decode_dedup, decode_meta, encode_dedup, encode_meta_into, encode_whole_into, restate,
+};
 use crate::fjall::Durability;
 use crate::memory::{MemoryBudget, MemoryPartition};
 use crate::state::{Changes, PartitionState};
@@ -74,6 +78,10 @@ const R_CHECKPOINT_ITEMS: u8 = 5;
 const R_CHECKPOINT_END: u8 = 6;
 const R_OPEN: u8 = 7;
 const R_CHANGES_PART: u8 = 8;
+/// The change set of a lease or an extension (`Changes::put_kept`): each item's metadata record alone, which
+/// replay lays over the item's whole record. (A lease used to log every item whole again, payload included: half
+/// the log's bytes for an item produced, leased and completed.)
+const R_STATES: u8 = 9;
 
 /// What a partition of the log store logs through.
 pub(crate) struct PartLog {
@@ -169,13 +177,24 @@ impl Rec {
         self.0.extend_from_slice(b);
     }
     fn items<'a>(&mut self, items: impl ExactSizeIterator<Item = &'a Item>) {
+        self.records(items, encode_whole_into);
+    }
+    /// Items' metadata records, without their payloads (see [`R_STATES`]).
+    fn states<'a>(&mut self, items: impl ExactSizeIterator<Item = &'a Item>) {
+        self.records(items, encode_meta_into);
+    }
+    fn records<'a>(
+        &mut self,
+        items: impl ExactSizeIterator<Item = &'a Item>,
+        encode: fn(&Item, &mut Vec<u8>),
+    ) {
         self.u32(items.len() as u32);
         for it in items {
             self.u64(it.id.0);
             // The item's record is written in place after a length filled in once it is known.
             let at = self.0.len();
             self.u32(0);
-            encode_whole_into(it, &mut self.0);
+            encode(it, &mut self.0);
             let n = (self.0.len() - at - 4) as u32;
             self.0[at..at + 4].copy_from_slice(&n.to_le_bytes());
         }
@@ -187,6 +206,24 @@ impl Rec {
 /// (replay applies the parts only with that last record, so a crash between them loses the whole unacknowledged
 /// change set, never half of it).
 fn encode_changes(pid: u64, ch: &Changes) -> Vec<Vec<u8>> {
+    if ch.put_kept
+        && !ch.put.is_empty()
+        && ch.del.is_empty()
+        && ch.dedup_put.is_empty()
+        && ch.dedup_del.is_empty()
+    {
+        // A lease or an extension: the items' payloads are in the log already (see `R_STATES`).
+        let mut r = Rec::new(
+            R_STATES,
+            pid,
+            ch.put
+                .iter()
+                .map(|it| 48 + it.reference.len() + it.kind.len() + it.encoding.len() + it.source_id.len())
+                .sum(),
+        );
+        r.states(ch.put.iter());
+        return vec![r.0];
+    }
     let mut out = Vec::new();
     let mut rest = &ch.put[..];
     loop {
@@ -277,6 +314,19 @@ impl<'a> Cursor<'a> {
         let n = self.u32()? as usize;
         self.take(n)
     }
+    /// Reads the body of an [`R_STATES`] record as operations.
+    fn states(&mut self) -> Result<Vec<Op>, StorageError> {
+        let n = self.u32()?;
+        let mut ops = Vec::with_capacity((n as usize).min(self.buf.len() / 12));
+        for _ in 0..n {
+            let id = self.u64()?;
+            ops.push(Op::State(id, self.bytes()?.into()));
+        }
+        if !self.buf.is_empty() {
+            return Err(corrupt("a state record has trailing bytes"));
+        }
+        Ok(ops)
+    }
     /// Reads a change-set body (items, removed ids, a dedup group, removed groups) as operations.
     fn ops(&mut self) -> Result<Vec<Op>, StorageError> {
         let mut ops = Vec::new();
@@ -304,11 +354,16 @@ impl<'a> Cursor<'a> {
 
 /// One change of a partition, as replay reads it. Each writes or removes one whole value by its key, so applying
 /// a partition's changes in order over a copy of its items taken at any moment since those changes began gives
-/// its state after them (what makes a checkpoint copied page by page, while changes go on, exact).
+/// its state after them (what makes a checkpoint copied page by page, while changes go on, exact). A state
+/// change rewrites an item's metadata and keeps its payload: applied to an item the copy holds, it gives the same
+/// as the whole record would have; an item the copy does not hold is one a later change in the same sequence
+/// deletes (its page was copied after it was gone), so the change is dropped.
 #[derive(Clone)]
 enum Op {
     /// An item's id and its record (the fjall codec's item encoding).
     Put(u64, Box<[u8]>),
+    /// An item's id and its metadata record (no payload): see [`R_STATES`].
+    State(u64, Box<[u8]>),
     Del(u64),
     DedupPut((i64, u64), Vec<DedupRecord>),
     DedupDel((i64, u64)),
@@ -343,11 +398,16 @@ struct Pending {
 }
 
 impl Replayed {
-    fn apply(&mut self, op: Op) {
+    fn apply(&mut self, op: Op) -> Result<(), StorageError> {
         match op {
             Op::Put(id, record) => {
                 self.next_id = self.next_id.max(id.saturating_add(1));
                 self.items.insert(id, record);
+            }
+            Op::State(id, meta) => {
+                if let Some(whole) = self.items.get_mut(&id) {
+                    *whole = restate(ItemId(id), whole, &meta, "log record")?.into_boxed_slice();
+                }
             }
             Op::Del(id) => {
                 self.items.remove(&id);
@@ -363,6 +423,7 @@ impl Replayed {
                 self.dedup.remove(&name);
             }
         }
+        Ok(())
     }
 }
 
@@ -406,6 +467,15 @@ impl Replay {
                 }
             }
             R_CHANGES_PART => p.parts.extend(c.ops()?),
+            R_STATES => {
+                let ops = c.states()?;
+                if let Some(cp) = p.pending.as_mut() {
+                    cp.since.extend(ops.iter().cloned());
+                }
+                for op in ops {
+                    p.apply(op)?;
+                }
+            }
             R_CHANGES => {
                 let mut ops = std::mem::take(&mut p.parts);
                 ops.extend(c.ops()?);
@@ -413,7 +483,7 @@ impl Replay {
                     cp.since.extend(ops.iter().cloned());
                 }
                 for op in ops {
-                    p.apply(op);
+                    p.apply(op)?;
                 }
             }
             R_CHECKPOINT_BEGIN => {
@@ -438,7 +508,7 @@ impl Replay {
                     return Ok(());
                 };
                 for op in c.ops()? {
-                    cp.copy.apply(op);
+                    cp.copy.apply(op)?;
                 }
             }
             R_CHECKPOINT_END => {
@@ -447,7 +517,7 @@ impl Replay {
                 };
                 let Pending { mut copy, since } = *cp;
                 for op in since {
-                    copy.apply(op);
+                    copy.apply(op)?;
                 }
                 copy.next_id = copy.next_id.max(p.next_id);
                 *p = copy;
