@@ -45,7 +45,10 @@ async fn leases_and_extensions_log_metadata_and_replay_over_the_payloads() {
     let start = log_bytes(dir.path());
     p.produce(batch()).await.expect("produce");
     let produced = log_bytes(dir.path()) - start;
-    assert!(produced > (ITEMS * PAYLOAD) as u64, "the produce logs the payloads: {produced} bytes");
+    assert!(
+        produced > (ITEMS * PAYLOAD) as u64,
+        "the produce logs the payloads: {produced} bytes"
+    );
 
     let leased = p.lease(ITEMS, T0.add(SEC * 30)).await.expect("lease");
     assert_eq!(leased.len(), ITEMS);
@@ -56,20 +59,40 @@ async fn leases_and_extensions_log_metadata_and_replay_over_the_payloads() {
     );
     let half: Vec<_> = leased.iter().take(ITEMS / 2).map(|it| it.id).collect();
     let before = log_bytes(dir.path());
-    p.extend(vec![(half.clone(), T0.add(SEC * 90))]).await.expect("extend");
-    assert!(log_bytes(dir.path()) - before < (ITEMS * 50) as u64, "an extension logs metadata only");
-    p.complete(vec![vec![leased[ITEMS - 1].id]]).await.expect("complete");
+    p.extend(vec![(half.clone(), T0.add(SEC * 90))])
+        .await
+        .expect("extend");
+    assert!(
+        log_bytes(dir.path()) - before < (ITEMS * 50) as u64,
+        "an extension logs metadata only"
+    );
+    p.complete(vec![vec![leased[ITEMS - 1].id]])
+        .await
+        .expect("complete");
     let expected = all(&*p).await;
     assert_eq!(expected.len(), ITEMS - 1);
-    assert!(expected.iter().all(|it| it.is_leased && it.payload.len() == PAYLOAD));
+    assert!(expected
+        .iter()
+        .all(|it| it.is_leased && it.payload.len() == PAYLOAD));
 
     drop(p);
     let store = reopen(store, dir.path()).await;
     let p = store.open("st", 0).await.expect("open");
     let back = all(&*p).await;
-    assert_eq!(back, expected, "replay gives every item's last metadata and its payload");
-    assert_eq!(back[0].lease_deadline, T0.add(SEC * 90), "the extension is replayed");
-    assert_eq!(back[ITEMS - 2].lease_deadline, T0.add(SEC * 30), "the lease is replayed");
+    assert_eq!(
+        back, expected,
+        "replay gives every item's last metadata and its payload"
+    );
+    assert_eq!(
+        back[0].lease_deadline,
+        T0.add(SEC * 90),
+        "the extension is replayed"
+    );
+    assert_eq!(
+        back[ITEMS - 2].lease_deadline,
+        T0.add(SEC * 30),
+        "the lease is replayed"
+    );
 
     // The same after a checkpoint, with state records logged on both sides of it.
     let more = p.lease(1, T0.add(SEC * 30)).await.expect("lease");

@@ -110,8 +110,8 @@ impl PartLog {
                 .flatten());
         }
         let mut seq = None;
-        for body in encode_changes(self.pid, changes) {
-            seq = Some(self.wal.append(&body)?);
+        for mut body in encode_changes(self.pid, changes) {
+            seq = Some(self.wal.append(&mut body)?);
         }
         if let Some(seq) = seq {
             self.last.store(seq, Ordering::Relaxed);
@@ -161,7 +161,9 @@ struct Rec(Vec<u8>);
 
 impl Rec {
     fn new(kind: u8, pid: u64, capacity: usize) -> Rec {
-        let mut v = Vec::with_capacity(9 + capacity);
+        let mut v = Vec::with_capacity(wal::FRAME_HEADER + 9 + capacity);
+        // Room for the frame's header, which `Wal::append` fills in.
+        v.resize(wal::FRAME_HEADER, 0);
         v.push(kind);
         v.extend_from_slice(&pid.to_le_bytes());
         Rec(v)
@@ -639,10 +641,10 @@ impl LogStore {
             "log store open"
         );
         // Marks a new run: a checkpoint the last run left without its end was cut by a crash (see `Replay`).
-        wal.append(&Rec::new(R_OPEN, 0, 0).0)?;
+        wal.append(&mut Rec::new(R_OPEN, 0, 0).0)?;
         // Durable with the next fsync, before anything logged after it.
         for pid in losers {
-            wal.append(&Rec::new(R_DESTROY, pid, 0).0)?;
+            wal.append(&mut Rec::new(R_DESTROY, pid, 0).0)?;
         }
         let (tx, rx) = std::sync::mpsc::channel();
         let inner = Arc::new(Inner {
@@ -840,7 +842,7 @@ impl PartLog {
         begin.bytes(queue.as_bytes());
         begin.u32(partition);
         begin.u64(state.id_high_water());
-        self.wal.append(&begin.0)?;
+        self.wal.append(&mut begin.0)?;
         Ok(Some(begin.0.len() as u64))
     }
 
@@ -867,7 +869,7 @@ impl PartLog {
             r.u32(0);
             r.0.push(0);
             r.u32(0);
-            self.wal.append(&r.0)?;
+            self.wal.append(&mut r.0)?;
             bytes += r.0.len() as u64;
         }
         for group in dedup {
@@ -881,7 +883,7 @@ impl PartLog {
             r.u64(first.id.0);
             r.bytes(&encode_dedup(&group));
             r.u32(0);
-            self.wal.append(&r.0)?;
+            self.wal.append(&mut r.0)?;
             bytes += r.0.len() as u64;
         }
         Ok(Some(bytes))
@@ -892,8 +894,8 @@ impl PartLog {
         if self.destroyed.load(Ordering::Acquire) {
             return Ok(None);
         }
-        let end = Rec::new(R_CHECKPOINT_END, self.pid, 0);
-        self.wal.append(&end.0)?;
+        let mut end = Rec::new(R_CHECKPOINT_END, self.pid, 0);
+        self.wal.append(&mut end.0)?;
         Ok(Some(end.0.len() as u64))
     }
 }
@@ -919,7 +921,7 @@ impl PartitionStore for LogStore {
             let mut r = Rec::new(R_CREATE, pid, queue.len() + 8);
             r.bytes(queue.as_bytes());
             r.u32(partition);
-            let seq = self.inner.wal.append(&r.0)?;
+            let seq = self.inner.wal.append(&mut r.0)?;
             let log = PartLog {
                 wal: self.inner.wal.clone(),
                 pid,
@@ -1015,8 +1017,8 @@ impl PartLog {
             return Ok(self.last.load(Ordering::Relaxed));
         }
         self.destroyed.store(true, Ordering::Release);
-        let r = Rec::new(R_DESTROY, self.pid, 0);
-        let seq = self.wal.append(&r.0)?;
+        let mut r = Rec::new(R_DESTROY, self.pid, 0);
+        let seq = self.wal.append(&mut r.0)?;
         self.last.store(seq, Ordering::Relaxed);
         Ok(seq)
     }

@@ -34,7 +34,8 @@ use crate::fjall::Durability;
 pub(crate) const SEGMENT_BYTES: u64 = 64 << 20;
 /// Largest record body (a change set, a chunk of a checkpoint); a frame's length field could say up to 4 GiB.
 pub(crate) const MAX_BODY: usize = 1 << 30;
-const FRAME_HEADER: usize = 8;
+/// Bytes of a frame before its body: a record's buffer keeps this much room in front (see [`Wal::append`]).
+pub(crate) const FRAME_HEADER: usize = 8;
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // The data behind these locks stays consistent across a panic (plain counters and file handles).
@@ -238,25 +239,28 @@ impl Wal {
         self.poison.get_or_init(|| e).clone()
     }
 
-    /// Appends one record; returns its sequence, for [`Wal::durable`]. Starts the next segment when the active
-    /// one is full (fsyncing it first). Blocking (one `write`).
-    pub(crate) fn append(&self, body: &[u8]) -> Result<u64, StorageError> {
-        if body.len() > MAX_BODY {
+    /// Appends one record; returns its sequence, for [`Wal::durable`]. `frame` is the record's body after
+    /// [`FRAME_HEADER`] bytes of room, which this fills in: the body is written where it was encoded, not copied
+    /// into a frame of its own. Starts the next segment when the active one is full (fsyncing it first).
+    /// Blocking (one `write`).
+    pub(crate) fn append(&self, frame: &mut [u8]) -> Result<u64, StorageError> {
+        let Some(len) = frame.len().checked_sub(FRAME_HEADER) else {
+            return Err(StorageError::other(
+                "a log record without room for its frame header",
+            ));
+        };
+        if len > MAX_BODY {
             return Err(StorageError::new(
                 StorageErrorKind::Other,
-                format!(
-                    "a log record of {} bytes is over the log's limit of {MAX_BODY} bytes",
-                    body.len()
-                ),
+                format!("a log record of {len} bytes is over the log's limit of {MAX_BODY} bytes"),
             ));
         }
-        let mut frame = Vec::with_capacity(FRAME_HEADER + body.len());
-        frame.extend_from_slice(&(body.len() as u32).to_le_bytes());
-        frame.extend_from_slice(&crc32fast::hash(body).to_le_bytes());
-        frame.extend_from_slice(body);
+        let crc = crc32fast::hash(&frame[FRAME_HEADER..]);
+        frame[..4].copy_from_slice(&(len as u32).to_le_bytes());
+        frame[4..FRAME_HEADER].copy_from_slice(&crc.to_le_bytes());
         let mut a = lock(&self.active);
         self.check()?;
-        if let Err(e) = (&*a.file).write_all(&frame) {
+        if let Err(e) = (&*a.file).write_all(frame) {
             return Err(self.poison(format!("a write failed: {e}")));
         }
         a.len += frame.len() as u64;
