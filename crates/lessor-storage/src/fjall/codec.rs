@@ -637,6 +637,74 @@ mod tests {
         }
     }
 
+    /// Review: `restate` skips exactly the fields `write_record` writes, whatever their varint lengths: extreme
+    /// and negative times (ten-byte zig-zag varints), the largest counters, strings of 0, 127, 128 and 20,000
+    /// bytes (one-, two- and three-byte lengths), payloads whose length varint is one to three bytes, on both the
+    /// whole record and the metadata laid over it.
+    #[test]
+    fn review_restate_skips_every_field_whatever_its_length() {
+        let strings = [0usize, 1, 127, 128, 20_000];
+        let times = [
+            Ts::ZERO,
+            Ts(-1),
+            Ts(i64::MIN),
+            Ts(i64::MAX),
+            Ts(1_800_000_000_000_000),
+        ];
+        let mut n = 0u32;
+        for (i, &len) in strings.iter().enumerate() {
+            for (j, &t) in times.iter().enumerate() {
+                let s = |k: usize| "s".repeat(strings[(i + k) % strings.len()]);
+                let whole_item = Item {
+                    source_id: s(0),
+                    reference: s(1),
+                    encoding: s(2),
+                    kind: s(3),
+                    lease_deadline: t,
+                    expire_deadline: times[(j + 1) % times.len()],
+                    enqueue_at: times[(j + 2) % times.len()],
+                    created_at: times[(j + 3) % times.len()],
+                    attempts: if j % 2 == 0 { 0 } else { u32::MAX },
+                    max_attempts: if j % 2 == 0 { u32::MAX } else { 0 },
+                    priority: (n % 256) as u8,
+                    dead: j % 2 == 0,
+                    is_leased: j % 3 == 0,
+                    payload: Bytes::from(vec![
+                        0x80u8;
+                        [0usize, 1, 127, 128, 16_384, 70_000][n as usize % 6]
+                    ]),
+                    ..sample()
+                };
+                let after = Item {
+                    source_id: s(4),
+                    reference: "r".repeat(len),
+                    encoding: s(1),
+                    kind: s(2),
+                    lease_deadline: times[(j + 4) % times.len()],
+                    expire_deadline: t,
+                    enqueue_at: times[(j + 3) % times.len()],
+                    created_at: times[(j + 2) % times.len()],
+                    attempts: if j % 2 == 1 { 0 } else { u32::MAX },
+                    max_attempts: 1,
+                    priority: 255 - (n % 256) as u8,
+                    dead: j % 2 == 1,
+                    is_leased: j % 3 != 0,
+                    ..whole_item.clone()
+                };
+                let mut whole = Vec::new();
+                encode_whole_into(&whole_item, &mut whole);
+                let mut meta = Vec::new();
+                encode_meta_into(&after, &mut meta);
+                let merged = restate(after.id, &whole, &meta, "test").expect("restate");
+                let mut expected = Vec::new();
+                encode_whole_into(&after, &mut expected);
+                assert_eq!(merged, expected, "strings of {len}, time {t:?}");
+                assert_eq!(decode_meta(after.id, &merged, "test").expect("decode"), after);
+                n += 1;
+            }
+        }
+    }
+
     #[test]
     fn item_refuses_unknown_version_and_truncation() {
         let mut buf = encode_meta(&sample());
