@@ -524,7 +524,13 @@ impl Replay {
                 copy.next_id = copy.next_id.max(p.next_id);
                 *p = copy;
             }
-            k => return Err(corrupt(&format!("unknown record kind {k}"))),
+            // A kind this build does not know is most likely a later build's (the log is then not damaged: see
+            // "Going back to an earlier build" in docs/operations.md).
+            k => {
+                return Err(corrupt(&format!(
+                    "unknown record kind {k} (a log written by a later build?)"
+                )))
+            }
         }
         Ok(())
     }
