@@ -335,3 +335,81 @@ async fn a_deletion_stopped_half_way_leaves_state_records_without_their_items() 
     drop(p);
     store.close().await;
 }
+
+/// Review of `import_moved` on a store with a memory budget: a move is taken while the store is not over its
+/// budget (even one that takes it past), refused as `Full` once it is over, and a plain import is refused as
+/// before; moved items are logged whole (a restart brings them back with their payloads and states).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn moves_pass_a_full_budget_once_and_are_logged_whole() {
+    use lessor_core::error::StorageErrorKind;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = lessor_storage::log::LogStore::open_with(
+        dir.path(),
+        lessor_storage::fjall::Durability::Sync,
+        Some(2 << 20),
+    )
+    .expect("open");
+    let p = store.open("mv", 0).await.expect("open");
+    let big = |tag: &str| NewItem {
+        payload: Bytes::from(vec![b'b'; 100_000]),
+        ..item(tag)
+    };
+    let mut i = 0;
+    loop {
+        match p.produce(vec![big(&format!("b{i}"))]).await {
+            Ok(_) => i += 1,
+            Err(e) => {
+                assert_eq!(e.kind, StorageErrorKind::Full, "{e}");
+                break;
+            }
+        }
+    }
+    let (used, max) = store.memory().expect("a budget");
+    assert!(used <= max, "{used} of {max}");
+    let moved: Vec<Item> = (0..5)
+        .map(|k| Item {
+            payload: Bytes::from(vec![b'm'; 100_000 + k]),
+            source_id: format!("moved-{k}"),
+            attempts: 2,
+            priority: 3,
+            ..Default::default()
+        })
+        .collect();
+    let stored = p
+        .import_moved(moved.clone())
+        .await
+        .expect("a move passes a full budget");
+    assert_eq!(stored.len(), 5);
+    let (used, max) = store.memory().expect("a budget");
+    assert!(used > max, "over its budget now: {used} of {max}");
+    let e = p
+        .import_moved(vec![Item {
+            payload: Bytes::from_static(b"x"),
+            source_id: "moved-late".into(),
+            ..Default::default()
+        }])
+        .await
+        .expect_err("over its budget");
+    assert_eq!(e.kind, StorageErrorKind::Full, "{e}");
+    let e = p.import(vec![Item::default()]).await.expect_err("a plain import");
+    assert_eq!(e.kind, StorageErrorKind::Full, "{e}");
+    // A lease of the moved items (state records over their imported whole records), then a restart.
+    p.lease(1000, T0.add(SEC * 60)).await.expect("lease");
+    let before = everything(&*p).await;
+    drop(p);
+    let store = reopen(store, dir.path()).await;
+    let p = store.open("mv", 0).await.expect("open");
+    let after = everything(&*p).await;
+    assert_eq!(after, before);
+    for m in &moved {
+        let back = after
+            .0
+            .iter()
+            .find(|it| it.source_id == m.source_id)
+            .expect("moved item");
+        assert_eq!(back.payload, m.payload);
+        assert!(back.is_leased);
+    }
+    drop(p);
+    store.close().await;
+}
