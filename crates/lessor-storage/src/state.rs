@@ -2713,6 +2713,46 @@ mod tests {
 
     use super::*;
 
+    /// Review: `put_kept` says every item of `put` is held whole already with its payload. A lease's and an
+    /// extension's change sets say so; a produce's does not, and neither does a merge of a produce with a lease of
+    /// the items it produced (`Changes::append`, used by the fjall store only, which ignores the flag), nor a
+    /// failed extension's change set, which is empty.
+    #[test]
+    fn review_put_kept_marks_only_changes_whose_payloads_are_held() {
+        let mut s = PartitionState::new(1);
+        let (_, produced) = s.produce((0..3).map(|i| new_item(&format!("k-{i}"), Ts::ZERO)).collect());
+        assert!(!produced.put_kept);
+        let (leased, lease) = s.lease(3, Ts(10));
+        assert_eq!(leased.len(), 3);
+        assert!(lease.put_kept && lease.put.len() == 3);
+        let mut merged = produced.clone();
+        merged.append(lease.clone());
+        assert!(
+            !merged.put_kept,
+            "a produce merged with a lease of its items writes them whole"
+        );
+        let mut merged = lease.clone();
+        merged.append(produced.clone());
+        assert!(!merged.put_kept, "a lease merged with a later produce too");
+        let mut merged = lease.clone();
+        merged.append(Changes {
+            del: vec![leased[0].id],
+            ..Default::default()
+        });
+        assert!(
+            merged.put_kept && !merged.del.is_empty(),
+            "kept, with a delete: logged whole by the log store"
+        );
+        let (r, ext) = s.extend(vec![(vec![leased[1].id], Ts(20))]);
+        assert!(r[0].is_ok() && ext.put_kept && ext.put.len() == 1);
+        assert_eq!(
+            ext.put[0].payload, leased[1].payload,
+            "the extension's item has its payload"
+        );
+        let (r, ext) = s.extend(vec![(vec![ItemId(u64::MAX - 1)], Ts(20))]);
+        assert!(r[0].is_err() && ext.put.is_empty());
+    }
+
     fn new_item(p: &str, enqueue_at: Ts) -> NewItem {
         NewItem {
             enqueue_at,
