@@ -124,6 +124,20 @@ async fn wait_done(e: &Engine, id: &str) -> RebalanceTask {
     .expect("rebalance finishes")
 }
 
+/// Shrinks queue `q` to `partitions` and waits until the rebalance completed.
+async fn shrink_to(e: &Engine, q: &str, partitions: u32) {
+    let task = e
+        .rebalance_start(RebalanceRequest {
+            queue: q.into(),
+            partitions,
+            ..Default::default()
+        })
+        .await
+        .expect("start shrink");
+    let t = wait_done(e, &task.id).await;
+    assert_eq!(t.status, RebalanceStatus::Completed, "{t:?}");
+}
+
 /// What a partition's items look like apart from their ids: the move gives new ids, keeps the rest.
 fn shape(it: &Item) -> (String, u8, u32, bool, Ts, Ts, Ts) {
     (
@@ -1027,16 +1041,7 @@ async fn shrink_moves_paged_scheduled_items() {
         paged += store.paging_counts("q", p).await.map_or(0, |c| c.paged_scheduled);
     }
     assert!(paged > 300, "the schedules page ({paged} paged)");
-    let task = e
-        .rebalance_start(RebalanceRequest {
-            queue: "q".into(),
-            partitions: 2,
-            ..Default::default()
-        })
-        .await
-        .expect("start shrink");
-    let t = wait_done(&e, &task.id).await;
-    assert_eq!(t.status, RebalanceStatus::Completed, "{t:?}");
+    shrink_to(&e, "q", 2).await;
     let mut got: Vec<(String, Ts)> = Vec::new();
     for p in 0..2 {
         for it in items_of(&e, "q", p).await {
@@ -1084,16 +1089,7 @@ async fn a_rebalance_within_a_full_store_finishes_and_one_into_a_full_store_wait
     }
     let (used, max) = full.memory().expect("a budget");
     assert!(used > max - 40_000, "the store is full: {used} of {max}");
-    let task = e
-        .rebalance_start(RebalanceRequest {
-            queue: "q".into(),
-            partitions: 2,
-            ..Default::default()
-        })
-        .await
-        .expect("start shrink");
-    let t = wait_done(&e, &task.id).await;
-    assert_eq!(t.status, RebalanceStatus::Completed, "{t:?}");
+    shrink_to(&e, "q", 2).await;
     let mut left = Vec::new();
     for p in 0..2 {
         left.extend(items_of(&e, "q", p).await.iter().map(payload));

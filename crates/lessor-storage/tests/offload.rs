@@ -732,47 +732,39 @@ async fn a_produce_refused_as_full_leaves_no_object_behind() {
     assert!(env.keys().await.is_empty(), "inline items wrote no object");
     // The large payloads go to object storage first; then the store refuses the batch for its inline item (60 kB
     // that do not compress, below the offload threshold).
-    let mut x = 0x9e37_79b9_7f4a_7c15_u64;
-    let noise: Vec<u8> = (0..60_000)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect();
-    let e = p
+    let noise = lessor_testkit::rng::Rng::new(7).bytes(60_000);
+    let produced = p
         .produce(vec![
             item(payload(MIB, 7)),
             item(payload(MIB, 8)),
             item(Bytes::from(noise.clone())),
         ])
         .await
-        .expect_err("the store is full");
-    assert_eq!(e.kind, StorageErrorKind::Full, "{e}");
-    assert_eq!(
-        env.keys().await,
-        Vec::<String>::new(),
-        "the refused produce's objects were deleted"
-    );
+        .map(|_| ());
+    refused_without_objects(&env, produced, "produce").await;
     // The same for an import (a restore).
-    let e = p
-        .import(vec![
-            lessor_core::types::Item {
-                payload: payload(MIB, 10),
-                ..Default::default()
-            },
-            lessor_core::types::Item {
-                payload: Bytes::from(noise),
-                ..Default::default()
-            },
-        ])
+    let imported = p
+        .import(
+            [payload(MIB, 10), Bytes::from(noise)]
+                .into_iter()
+                .map(|payload| lessor_core::types::Item {
+                    payload,
+                    ..Default::default()
+                })
+                .collect(),
+        )
         .await
-        .expect_err("the store is full");
-    assert_eq!(e.kind, StorageErrorKind::Full, "{e}");
+        .map(|_| ());
+    refused_without_objects(&env, imported, "import").await;
+}
+
+/// `r`, the answer of a call that wrote objects first, is a refusal for want of room, and no object is left.
+async fn refused_without_objects(env: &Env, r: Result<(), lessor_core::error::StorageError>, what: &str) {
+    let e = r.expect_err("the store is full");
+    assert_eq!(e.kind, StorageErrorKind::Full, "{what}: {e}");
     assert_eq!(
         env.keys().await,
         Vec::<String>::new(),
-        "the refused import's objects were deleted"
+        "the refused {what}'s objects were deleted"
     );
 }

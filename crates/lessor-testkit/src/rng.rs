@@ -51,6 +51,16 @@ impl Rng {
         self.next_u64() % 100 < u64::from(p)
     }
 
+    /// `n` random bytes: payloads that no compression shrinks.
+    pub fn bytes(&mut self, n: usize) -> Vec<u8> {
+        let mut out = Vec::with_capacity(n + 8);
+        while out.len() < n {
+            out.extend_from_slice(&self.next_u64().to_le_bytes());
+        }
+        out.truncate(n);
+        out
+    }
+
     /// An independent generator for another task, seeded from this one (so the whole tree repeats from one seed).
     pub fn fork(&mut self) -> Rng {
         Rng(self.next_u64())
