@@ -114,14 +114,14 @@ async fn random_histories_survive_restarts_and_checkpoints() {
                             1 => RetryAction::Schedule(now.add(SEC * 3)),
                             _ => RetryAction::Dead,
                         };
-                        p.retry(vec![vec![RetryOp { id, action }]], policy.clone())
+                        p.retry(vec![vec![RetryOp { id, action }]], policy)
                             .await
                             .expect("retry");
                     }
                 }
                 7 => {
                     now = now.add(SEC * (1 + r.below(20) as u32));
-                    p.lifecycle(now, policy.clone(), 1000).await.expect("lifecycle");
+                    p.lifecycle(now, policy, 1000).await.expect("lifecycle");
                 }
                 8 => {
                     let all = p.list(None, 1_000_000, false).await.expect("list");
