@@ -8,6 +8,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use lessor_core::storage::{LifecyclePolicy, Partition, PartitionStore, RetryAction, RetryOp};
 use lessor_core::types::{Item, ItemId, NewItem};
+use lessor_testkit::rng::Rng;
 
 #[path = "support/log.rs"]
 mod support;
@@ -23,26 +24,27 @@ async fn everything(p: &dyn Partition) -> (Vec<Item>, Vec<Item>, Vec<Item>) {
     )
 }
 
-/// A small deterministic generator.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
+/// [`everything`] of partition 0 of queue `q` in the log store under `dir` (a crash image), which is closed after.
+async fn everything_in(dir: &std::path::Path, q: &str) -> (Vec<Item>, Vec<Item>, Vec<Item>) {
+    let store = open(dir);
+    let p = store.open(q, 0).await.expect("open image");
+    let all = everything(&*p).await;
+    drop(p);
+    store.close().await;
+    all
+}
+
+/// A number below `n` (0 when `n` is 0).
+fn below(r: &mut Rng, n: u64) -> u64 {
+    r.next_u64() % n.max(1)
 }
 
 fn payload(r: &mut Rng, i: u64) -> Bytes {
-    match r.below(4) {
+    match below(r, 4) {
         0 => Bytes::new(),
         1 => Bytes::from(format!("p{i}")),
-        2 => Bytes::from(vec![(i % 251) as u8; 1500 + r.below(600) as usize]),
-        _ => Bytes::from(vec![b'x'; r.below(200) as usize]),
+        2 => Bytes::from(vec![(i % 251) as u8; 1500 + below(r, 600) as usize]),
+        _ => Bytes::from(vec![b'x'; below(r, 200) as usize]),
     }
 }
 
@@ -64,7 +66,7 @@ async fn random_histories_survive_restarts_and_checkpoints() {
         let dir = tempfile::tempdir().expect("temp dir");
         let mut store = open(dir.path());
         let mut p = store.open("q", 0).await.expect("open");
-        let mut r = Rng(0x9e37_79b9_7f4a_7c15 ^ seed.wrapping_mul(0x1234_5678_9abc));
+        let mut r = Rng::new(0x9e37_79b9_7f4a_7c15 ^ seed.wrapping_mul(0x1234_5678_9abc));
         let mut now = T0;
         let policy = LifecyclePolicy {
             max_attempts: 3,
@@ -81,35 +83,38 @@ async fn random_histories_survive_restarts_and_checkpoints() {
                 .filter(|it| it.is_leased)
                 .map(|it| it.id)
                 .collect();
-            match r.below(10) {
+            match below(&mut r, 10) {
                 0 | 1 => {
-                    let n = 1 + r.below(20) as usize;
+                    let n = 1 + below(&mut r, 20) as usize;
                     p.produce(new_items(&mut r, n, base)).await.expect("produce");
                     base += n as u64;
                 }
                 2 | 3 => {
-                    p.lease(1 + r.below(10) as usize, now.add(SEC * (5 + r.below(30) as u32)))
-                        .await
-                        .expect("lease");
+                    p.lease(
+                        1 + below(&mut r, 10) as usize,
+                        now.add(SEC * (5 + below(&mut r, 30) as u32)),
+                    )
+                    .await
+                    .expect("lease");
                 }
                 4 => {
                     if !leased.is_empty() {
-                        let k = 1 + r.below(leased.len() as u64) as usize;
+                        let k = 1 + below(&mut r, leased.len() as u64) as usize;
                         let ids: Vec<ItemId> = leased.iter().take(k).copied().collect();
-                        let d = now.add(SEC * (10 + r.below(60) as u32));
+                        let d = now.add(SEC * (10 + below(&mut r, 60) as u32));
                         p.extend(vec![(ids.clone(), d), (ids, d.add(SEC))])
                             .await
                             .expect("extend");
                     }
                 }
                 5 => {
-                    if let Some(&id) = leased.get(r.below(leased.len().max(1) as u64) as usize) {
+                    if let Some(&id) = leased.get(below(&mut r, leased.len().max(1) as u64) as usize) {
                         p.complete(vec![vec![id]]).await.expect("complete");
                     }
                 }
                 6 => {
-                    if let Some(&id) = leased.get(r.below(leased.len().max(1) as u64) as usize) {
-                        let action = match r.below(3) {
+                    if let Some(&id) = leased.get(below(&mut r, leased.len().max(1) as u64) as usize) {
+                        let action = match below(&mut r, 3) {
                             0 => RetryAction::Requeue,
                             1 => RetryAction::Schedule(now.add(SEC * 3)),
                             _ => RetryAction::Dead,
@@ -120,16 +125,16 @@ async fn random_histories_survive_restarts_and_checkpoints() {
                     }
                 }
                 7 => {
-                    now = now.add(SEC * (1 + r.below(20) as u32));
+                    now = now.add(SEC * (1 + below(&mut r, 20) as u32));
                     p.lifecycle(now, policy, 1000).await.expect("lifecycle");
                 }
                 8 => {
                     let all = p.list(None, 1_000_000, false).await.expect("list");
-                    if let Some(it) = all.get(r.below(all.len().max(1) as u64) as usize) {
+                    if let Some(it) = all.get(below(&mut r, all.len().max(1) as u64) as usize) {
                         p.delete(vec![it.id]).await.expect("delete");
                     }
                 }
-                _ => match r.below(3) {
+                _ => match below(&mut r, 3) {
                     0 => store.checkpoint_now().expect("checkpoint"),
                     1 => store.checkpoint_cut_for_tests().expect("cut checkpoint"),
                     _ => {}
@@ -143,17 +148,11 @@ async fn random_histories_survive_restarts_and_checkpoints() {
                     &dir.path().join(lessor_storage::log::LOG_DIR),
                     &image.path().join(lessor_storage::log::LOG_DIR),
                 );
-                {
-                    let crashed = open(image.path());
-                    let q = crashed.open("q", 0).await.expect("open image");
-                    assert_eq!(
-                        everything(&*q).await,
-                        before,
-                        "seed {seed} step {step}: crash image"
-                    );
-                    drop(q);
-                    crashed.close().await;
-                }
+                assert_eq!(
+                    everything_in(image.path(), "q").await,
+                    before,
+                    "seed {seed} step {step}: crash image"
+                );
                 drop(p);
                 store = reopen(store, dir.path()).await;
                 p = store.open("q", 0).await.expect("open");
@@ -288,7 +287,7 @@ async fn a_deletion_stopped_half_way_leaves_state_records_without_their_items() 
     let dir = tempfile::tempdir().expect("temp dir");
     let store = open(dir.path());
     let p = store.open("hw", 0).await.expect("open");
-    let mut r = Rng(77);
+    let mut r = Rng::new(77);
     p.produce(new_items(&mut r, 40, 0)).await.expect("produce");
     let a = p.lease(10, T0.add(SEC * 10)).await.expect("lease");
     store.checkpoint_now().expect("checkpoint 1");
@@ -322,15 +321,11 @@ async fn a_deletion_stopped_half_way_leaves_state_records_without_their_items() 
             let name = f.file_name().expect("name");
             std::fs::copy(pre.path().join(name), image.path().join(LOG_DIR).join(name)).expect("copy");
         }
-        let s = open(image.path());
-        let q = s.open("hw", 0).await.expect("open image");
         assert_eq!(
-            everything(&*q).await,
+            everything_in(image.path(), "hw").await,
             expected,
             "deletion stopped before segment {keep}"
         );
-        drop(q);
-        s.close().await;
     }
     drop(p);
     store.close().await;
