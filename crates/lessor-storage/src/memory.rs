@@ -420,20 +420,25 @@ impl MemoryPartition {
     /// (or a destroyed partition) answers first: `Full` is transient (the client retries), the poison lasts until
     /// a restart.
     fn admit<'a>(&self, payloads: impl Iterator<Item = &'a [u8]>) -> Result<(), StorageError> {
-        self.admit_as(Some(payloads))
+        self.writable()?;
+        self.budget
+            .as_ref()
+            .map_or(Ok(()), |b| b.admit(footprint_of(payloads)))
     }
 
-    /// [`MemoryPartition::admit`] of a move's items (`None`), or of new ones.
-    fn admit_as<'a>(&self, payloads: Option<impl Iterator<Item = &'a [u8]>>) -> Result<(), StorageError> {
+    /// [`MemoryPartition::admit`] of the items of a move (see [`Partition::import_moved`]).
+    fn admit_move(&self) -> Result<(), StorageError> {
+        self.writable()?;
+        self.budget.as_ref().map_or(Ok(()), |b| b.admit_move())
+    }
+
+    /// Fails when the log store's log is poisoned or the partition destroyed (nothing for the memory store).
+    fn writable(&self) -> Result<(), StorageError> {
         #[cfg(feature = "fjall")]
         if let Some(log) = &self.log {
             log.check_write()?;
         }
-        match (&self.budget, payloads) {
-            (Some(b), Some(p)) => b.admit(footprint_of(p)),
-            (Some(b), None) => b.admit_move(),
-            (None, _) => Ok(()),
-        }
+        Ok(())
     }
 
     fn state(&self) -> Result<MutexGuard<'_, PartitionState>, StorageError> {
@@ -707,7 +712,7 @@ impl Partition for MemoryPartition {
     }
 
     async fn import_moved(&self, items: Vec<Item>) -> Result<Vec<Item>, StorageError> {
-        self.admit_as(None::<std::iter::Empty<&[u8]>>)?;
+        self.admit_move()?;
         self.mutate_relying(|s| s.import(items)).await
     }
 

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use lessor_core::storage::{LifecyclePolicy, Partition, PartitionStore, RetryAction, RetryOp};
 use lessor_core::types::{Item, ItemId, NewItem};
+use lessor_storage::log::LogStore;
 use lessor_testkit::rng::Rng;
 
 #[path = "support/log.rs"]
@@ -32,6 +33,22 @@ async fn everything_in(dir: &std::path::Path, q: &str) -> (Vec<Item>, Vec<Item>,
     drop(p);
     store.close().await;
     all
+}
+
+/// Restarts `store` cleanly and checks that partition 0 of `q` comes back holding what `p` held; returns the
+/// store and the partition again.
+async fn restarted_unchanged(
+    store: LogStore,
+    p: Arc<dyn Partition>,
+    dir: &std::path::Path,
+    q: &str,
+) -> (LogStore, Arc<dyn Partition>) {
+    let before = everything(&*p).await;
+    drop(p);
+    let store = reopen(store, dir).await;
+    let p = store.open(q, 0).await.expect("open");
+    assert_eq!(everything(&*p).await, before, "queue {q} after a restart");
+    (store, p)
 }
 
 /// A number below `n` (0 when `n` is 0).
@@ -260,20 +277,12 @@ async fn empty_payloads_survive_state_records() {
     p.extend(vec![(vec![got[1].id], T0.add(SEC * 20))])
         .await
         .expect("extend");
-    let before = everything(&*p).await;
-    drop(p);
-    let store = reopen(store, dir.path()).await;
-    let p = store.open("e", 0).await.expect("open");
-    assert_eq!(everything(&*p).await, before);
+    let (store, p) = restarted_unchanged(store, p, dir.path(), "e").await;
     store.checkpoint_now().expect("checkpoint");
     p.extend(vec![(vec![got[0].id], T0.add(SEC * 30))])
         .await
         .expect("extend");
-    let before = everything(&*p).await;
-    drop(p);
-    let store = reopen(store, dir.path()).await;
-    let p = store.open("e", 0).await.expect("open");
-    assert_eq!(everything(&*p).await, before);
+    let (store, p) = restarted_unchanged(store, p, dir.path(), "e").await;
     drop(p);
     store.close().await;
 }
@@ -338,12 +347,8 @@ async fn a_deletion_stopped_half_way_leaves_state_records_without_their_items() 
 async fn moves_pass_a_full_budget_once_and_are_logged_whole() {
     use lessor_core::error::StorageErrorKind;
     let dir = tempfile::tempdir().expect("temp dir");
-    let store = lessor_storage::log::LogStore::open_with(
-        dir.path(),
-        lessor_storage::fjall::Durability::Sync,
-        Some(2 << 20),
-    )
-    .expect("open");
+    let store = LogStore::open_with(dir.path(), lessor_storage::fjall::Durability::Sync, Some(2 << 20))
+        .expect("open");
     let p = store.open("mv", 0).await.expect("open");
     let big = |tag: &str| NewItem {
         payload: Bytes::from(vec![b'b'; 100_000]),
@@ -390,12 +395,8 @@ async fn moves_pass_a_full_budget_once_and_are_logged_whole() {
     assert_eq!(e.kind, StorageErrorKind::Full, "{e}");
     // A lease of the moved items (state records over their imported whole records), then a restart.
     p.lease(1000, T0.add(SEC * 60)).await.expect("lease");
-    let before = everything(&*p).await;
-    drop(p);
-    let store = reopen(store, dir.path()).await;
-    let p = store.open("mv", 0).await.expect("open");
+    let (store, p) = restarted_unchanged(store, p, dir.path(), "mv").await;
     let after = everything(&*p).await;
-    assert_eq!(after, before);
     for m in &moved {
         let back = after
             .0

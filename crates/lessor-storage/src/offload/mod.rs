@@ -512,6 +512,16 @@ impl Shared {
         Ok((out, keys))
     }
 
+    /// The inner store answered `r` to a write of items referencing the objects `keys`: they are no longer in
+    /// flight. A refusal for want of room (`Full`) stored nothing, so they are nobody's and are deleted; any other
+    /// failure may have stored the items, so it leaves them to the sweeper.
+    async fn written<T>(self: &Arc<Self>, keys: Vec<String>, r: &Result<T, StorageError>) {
+        self.done(&keys);
+        if matches!(r, Err(e) if e.kind == StorageErrorKind::Full) {
+            self.delete_keys(keys).await;
+        }
+    }
+
     fn done(&self, keys: &[String]) {
         if keys.is_empty() {
             return;
@@ -887,11 +897,7 @@ impl OffloadPartition {
             it.payload = s;
         }
         let r = inner(items).await;
-        // As for produce: a refusal for want of room stored nothing, so its objects are nobody's.
-        if matches!(&r, Err(e) if e.kind == StorageErrorKind::Full) {
-            self.shared.delete_keys(keys.clone()).await;
-        }
-        self.shared.done(&keys);
+        self.shared.written(keys, &r).await;
         self.restore_payloads(r?, &originals)
     }
 
@@ -1005,14 +1011,9 @@ impl Partition for OffloadPartition {
         for (it, p) in items.iter_mut().zip(stored) {
             it.payload = p;
         }
-        // The objects are written: only now may the items that reference them become visible. A failed inner
-        // produce leaves them to the sweeper (a failure of unknown durability may still have stored the items),
-        // but for a refusal for want of room, which a store answers before it stores anything.
+        // The objects are written: only now may the items that reference them become visible.
         let r = self.inner.produce_reporting(items).await;
-        if matches!(&r, Err(e) if e.kind == StorageErrorKind::Full) {
-            self.shared.delete_keys(keys.clone()).await;
-        }
-        self.shared.done(&keys);
+        self.shared.written(keys, &r).await;
         r
     }
 
