@@ -825,6 +825,8 @@ impl Config {
                 return Err(ConfigError::StoreNameTaken { at, name });
             }
         }
+        // Across entries: the stores that hold their items in RAM share the default budget (`share_memory`).
+        self.store_specs()?;
         if !self.partition_storage.is_empty()
             && !self
                 .partition_storage
@@ -1035,6 +1037,7 @@ impl Config {
                 spec: spec_at(&format!("partition-storage[{i}]"), s, &objects)?,
             });
         }
+        share_memory(&mut partitions, registry::default_max_memory())?;
         Ok(StoreSpecs { queues, partitions })
     }
 
@@ -1135,6 +1138,16 @@ fn spec_at(at: &str, s: &StoreSection, objects: &[ObjectStoreConfig]) -> Result<
     })
 }
 
+/// Splits the default RAM budget between the partition stores that hold their items in RAM (see
+/// [`lessor_storage::registry::share_memory`]); `half` is the default budget of one such store alone.
+fn share_memory(partitions: &mut [PartitionSpec], half: Option<u64>) -> Result<(), ConfigError> {
+    let mut specs: Vec<&mut StoreSpec> = partitions.iter_mut().map(|p| &mut p.spec).collect();
+    registry::share_memory(&mut specs, half).map_err(|(i, source)| ConfigError::Store {
+        at: format!("partition-storage[{i}]"),
+        source,
+    })
+}
+
 /// Checks one store entry: its place-specific rules here, its driver and settings in the registry.
 fn check_store(
     at: &str,
@@ -1224,6 +1237,32 @@ mod tests {
             }
             Err(e) => assert!(e.to_string().contains("--features s3"), "{e}"),
         }
+    }
+
+    /// Two stores that hold their items in RAM, neither with `max-memory`: each gets half of the default budget
+    /// (each used to take all of it); budgets set that leave nothing to a store without one refuse the file.
+    #[test]
+    fn stores_in_ram_split_the_default_budget() {
+        let Some(half) = registry::default_max_memory() else {
+            return; // Not Linux: no default budget to share.
+        };
+        let c = Config::from_yaml(
+            "partition-storage:\n  - { name: a, driver: memory }\n  - { name: b, driver: memory }\n",
+        )
+        .expect("two memory stores");
+        let specs = c.store_specs().expect("specs");
+        for p in &specs.partitions {
+            assert_eq!(p.spec.config().ram_budget(), Some(Some(half / 2)), "{}", p.name);
+        }
+        let e = Config::from_yaml(
+            "partition-storage:\n  - { name: a, driver: memory, config: { max-memory: 1000000GiB } }\n  - { name: b, driver: memory }\n",
+        )
+        .expect_err("nothing left for b");
+        assert!(
+            e.to_string()
+                .starts_with("partition-storage[1].config.max-memory: required here:"),
+            "{e}"
+        );
     }
 
     #[test]

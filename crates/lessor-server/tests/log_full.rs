@@ -56,6 +56,44 @@ fn config(dir: &std::path::Path) -> Config {
     Config::from_yaml(&yaml).expect("config")
 }
 
+/// `name`'s value for the store `store` in a `/metrics` text.
+fn store_metric(metrics: &str, name: &str, store: &str) -> u64 {
+    let line = format!("{name}{{store=\"{store}\"}} ");
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(line.as_str()))
+        .unwrap_or_else(|| panic!("{name} for {store} in /metrics:\n{metrics}"))
+        .parse()
+        .expect("a number")
+}
+
+/// Two stores that hold their items in RAM, neither with `max-memory`, share the default budget: each used to take
+/// half of the memory, so together they could fill the machine.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_stores_in_ram_without_a_budget_share_the_default() {
+    let Some(half) = lessor_storage::registry::default_max_memory() else {
+        return; // Not Linux: no default budget.
+    };
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let yaml = format!(
+        "queue-storage: {{ driver: fjall, config: {{ storage-dir: {dir} }} }}\n\
+         partition-storage:\n  - {{ name: log-0, driver: log, affinity: 1, config: {{ storage-dir: {dir}, \
+         durability: none }} }}\n  - {{ name: mem-0, driver: memory, affinity: 1 }}\n",
+        dir = tmp.path().display()
+    );
+    let config = Config::from_yaml(&yaml).expect("config");
+    let (srv, c) = lessor_testkit::server::start(&config, None).await;
+    let metrics = c.metrics().await.expect("metrics");
+    for store in ["log-0", "mem-0"] {
+        assert_eq!(
+            store_metric(&metrics, "lessor_store_memory_max_bytes", store),
+            half / 2,
+            "{store}"
+        );
+    }
+    srv.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_log_store_answers_454_and_keeps_serving_consumers() {
     let tmp = tempfile::tempdir().expect("tempdir");
@@ -75,15 +113,7 @@ async fn a_full_log_store_answers_454_and_keeps_serving_consumers() {
     assert!(stored >= 500, "only {stored} items fit in 1 MiB");
     // The budget shows in /metrics, nearly full.
     let metrics = c.metrics().await.expect("metrics");
-    let value = |name: &str| -> u64 {
-        let line = format!("{name}{{store=\"log-0\"}} ");
-        metrics
-            .lines()
-            .find_map(|l| l.strip_prefix(line.as_str()))
-            .unwrap_or_else(|| panic!("{name} for log-0 in /metrics:\n{metrics}"))
-            .parse()
-            .expect("a number")
-    };
+    let value = |name: &str| store_metric(&metrics, name, "log-0");
     assert_eq!(value("lessor_store_memory_max_bytes"), 1 << 20);
     let held = value("lessor_store_memory_bytes");
     assert!(

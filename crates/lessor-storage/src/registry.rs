@@ -114,9 +114,59 @@ pub fn lookup(name: &str) -> Result<&'static DriverEntry, SpecError> {
 /// Half of the memory this process may use: the machine's (`MemTotal` in `/proc/meminfo`), or its cgroup's limit
 /// when that is lower (see [`memory_limit_within`]). `None` where neither can be read (not Linux). Half, because
 /// the process needs room besides the items: requests in flight, the queue store, the allocator's slack, and
-/// replay at the next start.
+/// replay at the next start. Every store that holds its items in RAM shares it (see [`share_memory`]).
 pub fn default_max_memory() -> Option<u64> {
     Some((memory_limit_within(std::path::Path::new("/"))? / 2).max(MIN_MAX_MEMORY))
+}
+
+/// Gives each store of `specs` that holds its items in RAM without a `max-memory` of its own (memory without
+/// cold segments, log) its share of `half` ([`default_max_memory`]): what the other such stores' `max-memory`
+/// leave of it, split evenly. Each store alone used to default to the whole of `half`, so two of them could
+/// fill the machine between them and the process be killed for want of memory. Stores with a budget of their
+/// own keep it. `half` unknown (`None`): nothing changes (the stores open without a budget, and say so).
+///
+/// # Errors
+/// The index of the first store without a budget and why, when the others' budgets leave it less than 1 MiB: the
+/// operator must then set `max-memory` on every such store.
+pub fn share_memory(specs: &mut [&mut StoreSpec], half: Option<u64>) -> Result<(), (usize, SpecError)> {
+    let Some(half) = half else { return Ok(()) };
+    let mut set = 0u64;
+    let mut defaulted = Vec::new();
+    for (i, spec) in specs.iter().enumerate() {
+        match spec.config.ram_budget() {
+            Some(Some(max)) => set = set.saturating_add(max),
+            Some(None) => defaulted.push(i),
+            None => {}
+        }
+    }
+    let Some(&first) = defaulted.first() else {
+        return Ok(());
+    };
+    let share = half.saturating_sub(set) / defaulted.len() as u64;
+    if share < MIN_MAX_MEMORY {
+        let mib = |b: u64| b >> 20;
+        return Err((
+            first,
+            SpecError::Invalid {
+                key: "max-memory",
+                reason: format!(
+                    "required here: the stores that hold their items in RAM share half of the memory this process \
+                     may use ({} MiB) by default, and the max-memory of the others ({} MiB) leaves less than 1MiB \
+                     to each of the {} without one; set max-memory on each of them",
+                    mib(half),
+                    mib(set),
+                    defaulted.len()
+                ),
+            },
+        ));
+    }
+    for i in defaulted {
+        let spec = &mut specs[i];
+        if let Some(config) = spec.config.with_ram_budget(share) {
+            spec.config = config;
+        }
+    }
+    Ok(())
 }
 
 /// The memory this process may use as the files under `root` tell it (`/` but in tests): `MemTotal`, or the
@@ -330,6 +380,18 @@ pub trait DriverConfig: fmt::Debug + Send + Sync {
 
     /// Opens (or creates) a store of partitions.
     async fn open_partitions(&self) -> Result<Arc<dyn PartitionStore>, OpenError>;
+
+    /// For a store that holds its partitions' items in RAM under a budget (`max-memory`): the budget its settings
+    /// give (`Some(Some(bytes))`) or leave to the default (`Some(None)`). `None` for the others.
+    fn ram_budget(&self) -> Option<Option<u64>> {
+        None
+    }
+
+    /// These settings with `max` as their RAM budget (see [`share_memory`]); `None` for a store without one.
+    fn with_ram_budget(&self, max: u64) -> Option<Arc<dyn DriverConfig>> {
+        let _ = max;
+        None
+    }
 }
 
 /// A checked store specification: a compiled-in driver and its typed settings.
@@ -647,6 +709,93 @@ mod tests {
             .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
             .expect("MemTotal");
         assert!(half > 0 && half <= total_kb * 1024 / 2, "{half} of {total_kb} kB");
+    }
+
+    /// The budget `share_memory` left on a spec, read from its settings (`None`: no RAM budget).
+    fn budget(spec: &StoreSpec) -> Option<Option<u64>> {
+        spec.config().ram_budget()
+    }
+
+    /// Stores that hold their items in RAM without `max-memory` split what the others' budgets leave of the
+    /// default; budgets set stay; other stores are not counted; too little left is refused, naming the store.
+    #[test]
+    fn stores_in_ram_share_the_default_budget() {
+        const GIB: u64 = 1 << 30;
+        let memory = |max: Option<&str>| {
+            let mut s = settings();
+            if let Some(m) = max {
+                s.insert("max-memory", m);
+            }
+            StoreSpec::from_settings("memory", &s).expect("memory")
+        };
+        let log = || {
+            log::DRIVER
+                .compiled
+                .then(|| StoreSpec::from_settings("log", &settings().with("storage-dir", "d")).expect("log"))
+        };
+        // Two without a budget: half each.
+        let (mut a, mut b) = (memory(None), memory(None));
+        share_memory(&mut [&mut a, &mut b], Some(8 * GIB)).expect("shared");
+        assert_eq!(
+            (budget(&a), budget(&b)),
+            (Some(Some(4 * GIB)), Some(Some(4 * GIB)))
+        );
+        // One alone keeps the whole default; without a known default nothing changes.
+        let mut a = memory(None);
+        share_memory(&mut [&mut a], Some(8 * GIB)).expect("alone");
+        assert_eq!(budget(&a), Some(Some(8 * GIB)));
+        let (mut a, mut b) = (memory(None), memory(None));
+        share_memory(&mut [&mut a, &mut b], None).expect("unknown");
+        assert_eq!((budget(&a), budget(&b)), (Some(None), Some(None)));
+        // A budget set is taken off the default first, and kept.
+        let (mut a, mut b, mut c) = (memory(Some("2GiB")), memory(None), memory(None));
+        share_memory(&mut [&mut a, &mut b, &mut c], Some(8 * GIB)).expect("shared");
+        assert_eq!(
+            (budget(&a), budget(&b), budget(&c)),
+            (Some(Some(2 * GIB)), Some(Some(3 * GIB)), Some(Some(3 * GIB)))
+        );
+        // A store whose items are not in RAM takes no share.
+        let mut f = StoreSpec::from_settings("fjall", &settings().with("storage-dir", "d"))
+            .or_else(|_| {
+                StoreSpec::from_settings("postgres", &settings().with("connection-string", "postgres://x"))
+            })
+            .ok();
+        let mut a = memory(None);
+        let mut specs: Vec<&mut StoreSpec> = f.iter_mut().collect();
+        specs.push(&mut a);
+        share_memory(&mut specs, Some(8 * GIB)).expect("shared");
+        assert_eq!(budget(&a), Some(Some(8 * GIB)));
+        if let Some(f) = &f {
+            assert_eq!(budget(f), None);
+        }
+        // The log driver too.
+        if let Some(mut l) = log() {
+            let mut a = memory(None);
+            share_memory(&mut [&mut a, &mut l], Some(8 * GIB)).expect("shared");
+            assert_eq!(
+                (budget(&a), budget(&l)),
+                (Some(Some(4 * GIB)), Some(Some(4 * GIB)))
+            );
+        }
+        // Budgets set that take the whole default leave nothing: the first store without one is named.
+        let (mut a, mut b, mut c) = (memory(Some("6GiB")), memory(Some("2GiB")), memory(None));
+        let (i, e) = share_memory(&mut [&mut a, &mut b, &mut c], Some(8 * GIB)).expect_err("nothing left");
+        assert_eq!(i, 2);
+        let e = e.to_string();
+        assert!(
+            e.starts_with("config.max-memory: required here:")
+                && e.contains("(8192 MiB)")
+                && e.contains("(8192 MiB) leaves less than 1MiB to each of the 1 without one"),
+            "{e}"
+        );
+        assert_eq!(budget(&c), Some(None), "unchanged on error");
+        // Budgets set beyond the default, with no store left to the default, are the operator's choice.
+        let (mut a, mut b) = (memory(Some("6GiB")), memory(Some("6GiB")));
+        share_memory(&mut [&mut a, &mut b], Some(8 * GIB)).expect("all set");
+        assert_eq!(
+            (budget(&a), budget(&b)),
+            (Some(Some(6 * GIB)), Some(Some(6 * GIB)))
+        );
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! The registry entry of the log driver (partitions in RAM, made durable by an append-only log; see the `log`
 //! module): `storage-dir`, `durability` and `sync-interval`, read as the fjall driver reads them, and
 //! `checkpoint-bytes` (log bytes after which a checkpoint starts) and `max-memory` (the most its partitions may hold
-//! in RAM, by estimate; default half the machine's memory, or of the cgroup's limit when lower). Queue definitions
+//! in RAM, by estimate; default a share of half the machine's memory, or of the cgroup's limit when lower, see
+//! `registry::share_memory`). Queue definitions
 //! go to a fjall queue store in the same `storage-dir`. Compiled with the fjall feature, whose record encoding and
 //! durability modes it shares.
 
@@ -40,7 +41,8 @@ pub struct LogConfig {
     /// default 256 MiB, at least 64 KiB).
     pub checkpoint_bytes: u64,
     /// `max-memory`: the most the partitions may hold in RAM, by estimate, before new items are refused (at least
-    /// 1 MiB); `None`: half of the memory the process may use, found at open ([`super::default_max_memory`]).
+    /// 1 MiB); `None`: half of the memory the process may use, found at open ([`super::default_max_memory`]), unless
+    /// [`super::share_memory`] gave it a share.
     pub max_memory: Option<u64>,
 }
 
@@ -76,6 +78,19 @@ fn parse(_: &Settings) -> Result<Arc<dyn DriverConfig>, SpecError> {
 impl DriverConfig for LogConfig {
     fn driver(&self) -> &'static DriverEntry {
         &DRIVER
+    }
+
+    #[cfg(feature = "fjall")]
+    fn ram_budget(&self) -> Option<Option<u64>> {
+        Some(self.max_memory)
+    }
+
+    #[cfg(feature = "fjall")]
+    fn with_ram_budget(&self, max: u64) -> Option<Arc<dyn DriverConfig>> {
+        Some(Arc::new(LogConfig {
+            max_memory: Some(max),
+            ..self.clone()
+        }))
     }
 
     #[cfg(feature = "fjall")]

@@ -1,5 +1,5 @@
 //! The registry entry of the memory driver: `max-memory` (the most its partitions may hold, by estimate; default
-//! half the machine's or cgroup's memory) and the cold-segment keys (`registry::cold`); every open gives a new,
+//! a share of half the machine's or cgroup's memory, see `registry::share_memory`) and the cold-segment keys (`registry::cold`); every open gives a new,
 //! empty store.
 
 use std::sync::Arc;
@@ -27,7 +27,8 @@ pub struct MemoryConfig {
     /// The store's name in the configuration (object keys of cold segments start with it).
     pub store_name: String,
     /// `max-memory`: the most the partitions may hold in RAM, by estimate, before new items are refused; `None`:
-    /// half of the memory the process may use, found at open ([`super::default_max_memory`]). Partitions with
+    /// half of the memory the process may use, found at open ([`super::default_max_memory`]), unless
+    /// [`super::share_memory`] gave it a share. Partitions with
     /// cold segments keep a bounded part of their backlog in RAM and are not counted.
     pub max_memory: Option<u64>,
 }
@@ -44,6 +45,20 @@ fn parse(s: &Settings) -> Result<Arc<dyn DriverConfig>, SpecError> {
 impl DriverConfig for MemoryConfig {
     fn driver(&self) -> &'static DriverEntry {
         &DRIVER
+    }
+
+    /// A store with cold segments keeps a bounded part of each backlog in RAM and has no budget.
+    fn ram_budget(&self) -> Option<Option<u64>> {
+        self.cold.is_none().then_some(self.max_memory)
+    }
+
+    fn with_ram_budget(&self, max: u64) -> Option<Arc<dyn DriverConfig>> {
+        self.cold.is_none().then(|| {
+            Arc::new(MemoryConfig {
+                max_memory: Some(max),
+                ..self.clone()
+            }) as Arc<dyn DriverConfig>
+        })
     }
 
     async fn open_queues(&self) -> Result<Arc<dyn QueuesStore>, OpenError> {
