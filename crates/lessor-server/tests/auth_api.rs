@@ -26,6 +26,7 @@ const OPEN_DOOR: &str = concat!(
 );
 
 /// Queue storage and partitions in one store of `driver` with `config` (a YAML flow mapping).
+#[cfg(any(feature = "fjall", feature = "postgres"))]
 fn storage(driver: &str, config: &str) -> String {
     format!(
         "queue-storage:\n  driver: {driver}\n  config: {config}\n\

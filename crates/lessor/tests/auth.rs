@@ -23,7 +23,9 @@
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant, SystemTime};
+#[cfg(feature = "postgres")]
+use std::time::Instant;
+use std::time::{Duration, SystemTime};
 
 use lessor_testkit::process::{ServerCommand, ServerProcess};
 use lessor_testkit::{database_or_skip, eventually, TestDatabase};
@@ -31,6 +33,8 @@ use serde_json::{json, Value};
 
 // ---- backends and servers ----------------------------------------------------------------------------------------
 
+// A build without the fjall or postgres feature runs the memory scenarios only.
+#[cfg_attr(not(all(feature = "fjall", feature = "postgres")), allow(dead_code))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Backend {
     Memory,
