@@ -2,9 +2,8 @@
 //! module): `storage-dir`, `durability` and `sync-interval`, read as the fjall driver reads them, and
 //! `checkpoint-bytes` (log bytes after which a checkpoint starts) and `max-memory` (the most its partitions may hold
 //! in RAM, by estimate; default a share of half the machine's memory, or of the cgroup's limit when lower, see
-//! `registry::share_memory`). Queue definitions
-//! go to a fjall queue store in the same `storage-dir`. Compiled with the fjall feature, whose record encoding and
-//! durability modes it shares.
+//! `registry::share_memory`). Queue definitions go to a fjall queue store in the same `storage-dir`. Compiled with
+//! the fjall feature, whose record encoding and durability modes it shares.
 
 use std::path::PathBuf;
 use std::sync::Arc;

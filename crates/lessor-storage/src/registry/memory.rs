@@ -1,6 +1,6 @@
 //! The registry entry of the memory driver: `max-memory` (the most its partitions may hold, by estimate; default
-//! a share of half the machine's or cgroup's memory, see `registry::share_memory`) and the cold-segment keys (`registry::cold`); every open gives a new,
-//! empty store.
+//! a share of half the machine's or cgroup's memory, see `registry::share_memory`) and the cold-segment keys
+//! (`registry::cold`); every open gives a new, empty store.
 
 use std::sync::Arc;
 
@@ -28,8 +28,8 @@ pub struct MemoryConfig {
     pub store_name: String,
     /// `max-memory`: the most the partitions may hold in RAM, by estimate, before new items are refused; `None`:
     /// half of the memory the process may use, found at open ([`super::default_max_memory`]), unless
-    /// [`super::share_memory`] gave it a share. Partitions with
-    /// cold segments keep a bounded part of their backlog in RAM and are not counted.
+    /// [`super::share_memory`] gave it a share. Partitions with cold segments keep a bounded part of their backlog
+    /// in RAM and are not counted.
     pub max_memory: Option<u64>,
 }
 
