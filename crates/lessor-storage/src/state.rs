@@ -479,6 +479,9 @@ pub struct PartitionState {
     leases: DeadlineIndex,
     /// Expire deadline -> ids of live items with it (lazily pruned).
     expire: DeadlineIndex,
+    /// The passes that drop stale entries from `leases` and `expire` (see [`Sweep`]).
+    lease_sweep: Sweep,
+    expire_sweep: Sweep,
     /// Scheduled items by id.
     sched: BTreeMap<u64, Item>,
     /// (enqueue_at, id) of scheduled items: FIFO among equal times.
@@ -562,6 +565,8 @@ impl PartitionState {
             leased: 0,
             leases: BTreeMap::new(),
             expire: BTreeMap::new(),
+            lease_sweep: Sweep::default(),
+            expire_sweep: Sweep::default(),
             sched: BTreeMap::new(),
             sched_idx: BTreeSet::new(),
             dead: BTreeMap::new(),
@@ -880,6 +885,7 @@ impl PartitionState {
             self.leased += 1;
             self.sum_lease += i128::from(slot.lease_deadline);
             self.leases.entry(Ts(slot.lease_deadline)).or_default().push(id);
+            self.lease_sweep.pushes += 1;
         } else {
             self.ready += 1;
             // `slot.priority` is `p`.
@@ -890,6 +896,7 @@ impl PartitionState {
             }
         }
         self.expire.entry(Ts(slot.expire_deadline)).or_default().push(id);
+        self.expire_sweep.pushes += 1;
         self.sum_created += i128::from(slot.created_at);
         let off = (id % CHUNK) as usize;
         let full = prio.filled;
@@ -1541,6 +1548,10 @@ impl PartitionState {
         let chunks = &self.chunks;
         clean_front(&mut self.leases, |d, id| lease_valid(chunks, d, id));
         clean_front(&mut self.expire, |d, id| expire_valid(chunks, d, id));
+        self.lease_sweep
+            .step(&mut self.leases, |d, id| lease_valid(chunks, d, id));
+        self.expire_sweep
+            .step(&mut self.expire, |d, id| expire_valid(chunks, d, id));
         for fifo in self.prios.iter_mut().skip(1).flatten().map(|p| &mut p.fifo) {
             while let Some(&id) = fifo.front() {
                 if ready_in(chunks, id) {
@@ -1908,6 +1919,7 @@ impl PartitionState {
         self.leased += got;
         self.sum_lease += i128::from(deadline.0) * i128::from(got);
         if !taken.is_empty() {
+            self.lease_sweep.pushes += taken.len();
             self.leases.entry(deadline).or_default().extend(taken);
         }
         // The items served hold the payloads (slices of the old buffers) until the consumer has them; this write
@@ -1993,6 +2005,7 @@ impl PartitionState {
                 self.record_put(&mut ch, id.0);
             }
             if !ids.is_empty() {
+                self.lease_sweep.pushes += ids.len();
                 self.leases
                     .entry(deadline)
                     .or_default()
@@ -2273,6 +2286,7 @@ impl PartitionState {
                 for &id in &expired[i..] {
                     if let Some(d) = self.slot(id).filter(|s| s.leased()).map(|s| s.lease_deadline) {
                         self.leases.entry(Ts(d)).or_default().push(id);
+                        self.lease_sweep.pushes += 1;
                     }
                 }
                 short = true;
@@ -2704,6 +2718,72 @@ fn pop_due(index: &mut DeadlineIndex, now: Ts, valid: impl Fn(Ts, u64) -> bool) 
     }
 }
 
+/// Ids a [`Sweep`] looks at per step: one step per mutation, so its pause stays short whatever the index's size.
+const SWEEP_STEP: usize = 4096;
+/// Pushes beyond twice what the last pass kept before the next pass starts.
+const SWEEP_SLACK: usize = 8192;
+
+/// Drops the stale entries of a deadline index that [`clean_front`] cannot reach.
+///
+/// `clean_front` only cleans the front: while the earliest deadline still has a current entry (a lease held
+/// long, an item waiting at a low priority while higher ones flow), the entries of every item leased or produced
+/// after it stay until that deadline passes, completed or not. In one partition with a single waiting item, that
+/// kept an id (8 bytes, and a key per lease or produce call) for every item that flowed through, up to the
+/// expiry timeout. A sweep walks the index a step at a time, keeping only current entries, once twice as many
+/// ids were pushed since its last pass began as that pass kept (plus [`SWEEP_SLACK`]): the index then holds at
+/// most about three times its current entries, and the work is a few checks per id pushed.
+#[derive(Debug, Default)]
+struct Sweep {
+    /// Ids pushed since the last pass began.
+    pushes: usize,
+    /// Ids the last finished pass kept.
+    kept_last: usize,
+    /// The pass in progress: the deadline it resumes at, and the ids it kept so far.
+    at: Option<Ts>,
+    kept: usize,
+}
+
+impl Sweep {
+    /// Runs one step of a pass over `index`, starting one if due.
+    fn step(&mut self, index: &mut DeadlineIndex, valid: impl Fn(Ts, u64) -> bool) {
+        let from = match self.at {
+            Some(d) => d,
+            None if self.pushes > 2 * self.kept_last + SWEEP_SLACK => {
+                self.pushes = 0;
+                self.kept = 0;
+                Ts(i64::MIN)
+            }
+            None => return,
+        };
+        let mut budget = SWEEP_STEP;
+        let mut emptied = Vec::new();
+        let mut resume = None;
+        for (&d, ids) in index.range_mut(from..) {
+            if budget == 0 {
+                resume = Some(d);
+                break;
+            }
+            budget = budget.saturating_sub(ids.len());
+            ids.retain(|&id| valid(d, id));
+            if ids.is_empty() {
+                emptied.push(d);
+            } else {
+                self.kept += ids.len();
+                if ids.capacity() > 4 * ids.len() {
+                    ids.shrink_to_fit();
+                }
+            }
+        }
+        for d in emptied {
+            index.remove(&d);
+        }
+        self.at = resume;
+        if resume.is_none() {
+            self.kept_last = self.kept;
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     /// The state of priority `p`, which must have had an item.
@@ -2717,6 +2797,61 @@ mod tests {
     /// extension's change sets say so; a produce's does not, and neither does a merge of a produce with a lease of
     /// the items it produced (`Changes::append`, used by the fjall store only, which ignores the flag), nor a
     /// failed extension's change set, which is empty.
+    /// Review: a lease held long and an item waiting at a low priority keep the front of the lease and expiry
+    /// indexes current, so `clean_front` alone kept an entry for every item that flowed past them (100,001 each
+    /// here). The sweeps bound both, and the two items' own entries stay.
+    #[test]
+    fn deadline_indexes_stay_bounded_behind_a_long_lived_item() {
+        let mut s = PartitionState::new(1).without_changes();
+        let mut waiting = new_item("old", Ts::ZERO);
+        waiting.expire_deadline = Ts(1_000_000_000);
+        let (waiting, _) = s.produce(vec![waiting]);
+        let mut held = new_item("held", Ts::ZERO);
+        held.priority = 9;
+        s.produce(vec![held]);
+        let (held, _) = s.lease(1, Ts(5_000_000));
+        let bound = SWEEP_SLACK + SWEEP_STEP + 200;
+        for round in 0..1000i64 {
+            let items = (0..100)
+                .map(|i| {
+                    let mut n = new_item(&format!("r{round}-{i}"), Ts::ZERO);
+                    n.priority = 9;
+                    n.created_at = Ts(10 + round);
+                    n.expire_deadline = Ts(2_000_000_000 + round);
+                    n
+                })
+                .collect();
+            s.produce(items);
+            let (leased, _) = s.lease(100, Ts(6_000_000 + round));
+            assert_eq!(leased.len(), 100);
+            if round % 2 == 0 {
+                s.complete(vec![leased.iter().map(|it| it.id).collect()]);
+            } else {
+                // Extended first: the old entries go stale, the new ones too once completed.
+                let ids: Vec<ItemId> = leased.iter().map(|it| it.id).collect();
+                s.extend(vec![(ids.clone(), Ts(7_000_000 + round))]);
+                s.complete(vec![ids]);
+            }
+            let lease_ids: usize = s.leases.values().map(Vec::len).sum();
+            let expire_ids: usize = s.expire.values().map(Vec::len).sum();
+            assert!(
+                lease_ids <= bound && expire_ids <= bound,
+                "round {round}: {lease_ids} / {expire_ids}"
+            );
+        }
+        assert_eq!(s.leases.get(&Ts(5_000_000)), Some(&vec![held[0].id.0]));
+        assert!(s
+            .expire
+            .get(&Ts(1_000_000_000))
+            .is_some_and(|ids| ids.contains(&waiting[0].0)));
+        assert_eq!(s.next_deadline(), Some(Ts(5_000_000)));
+        // The held lease still falls due, and the waiting item is still served.
+        assert_eq!(s.due_lease(Ts(4_999_999)), None);
+        assert_eq!(s.due_lease(Ts(5_000_000)), Some(held[0].id.0));
+        let (due, _) = s.lease(10, Ts(9_000_000));
+        assert_eq!(due.iter().map(|it| it.id).collect::<Vec<_>>(), waiting);
+    }
+
     #[test]
     fn review_put_kept_marks_only_changes_whose_payloads_are_held() {
         let mut s = PartitionState::new(1);
