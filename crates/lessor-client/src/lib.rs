@@ -52,6 +52,9 @@ mod extensions;
 pub mod routes;
 pub mod tls;
 
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+
 use bytes::Bytes;
 use lessor_proto::{
     decode, encode, request_encoding, QueueClearRequest, QueueCompleteRequest, QueueInfo, QueueLeaseRequest,
@@ -92,6 +95,9 @@ pub struct Client {
     endpoint: String,
     encoding: Encoding,
     api_key: Option<String>,
+    /// The URLs of the routes called so far, parsed once: parsing one for every request was a measurable part of
+    /// a busy client's CPU (docs/benchmarks.md).
+    routes: Arc<RwLock<HashMap<&'static str, Url>>>,
 }
 
 impl Client {
@@ -122,6 +128,7 @@ impl Client {
             endpoint: endpoint.trim_end_matches('/').to_string(),
             encoding: Encoding::Protobuf,
             api_key: None,
+            routes: Arc::default(),
         })
     }
 
@@ -186,16 +193,16 @@ impl Client {
     /// Any [`ClientError`]; the service's refusals are [`ClientError::Api`].
     pub async fn call<R: Rpc>(&self, req: &R::Request) -> Result<R::Response, ClientError> {
         let ct = self.encoding.content_type();
-        let (status, headers, body) = self
+        let (status, reply_ct, body) = self
             .send(
                 Method::POST,
-                R::PATH,
+                self.route(R::PATH)?,
                 Some(ct),
                 Some(ct),
                 encode(self.encoding, req),
             )
             .await?;
-        let reply_ct = headers.get(CONTENT_TYPE).and_then(|v| v.to_str().ok());
+        let reply_ct = reply_ct.as_ref().and_then(|v| v.to_str().ok());
         if status != StatusCode::OK {
             return Err(error::error_from_reply(status.as_u16(), reply_ct, &body));
         }
@@ -371,7 +378,7 @@ impl Client {
     /// [`ClientError::Transport`], or [`ClientError::Http`] when the body is not JSON.
     pub async fn health(&self) -> Result<serde_json::Value, ClientError> {
         let (status, _headers, body) = self
-            .send(Method::GET, routes::HEALTH, None, None, Vec::new())
+            .send(Method::GET, self.route(routes::HEALTH)?, None, None, Vec::new())
             .await?;
         match serde_json::from_slice::<serde_json::Value>(&body) {
             Ok(doc @ serde_json::Value::Object(_))
@@ -392,7 +399,7 @@ impl Client {
     /// [`ClientError::Transport`], or [`ClientError::Http`] on a non-200 status.
     pub async fn metrics(&self) -> Result<String, ClientError> {
         let (status, _headers, body) = self
-            .send(Method::GET, routes::METRICS, None, None, Vec::new())
+            .send(Method::GET, self.route(routes::METRICS)?, None, None, Vec::new())
             .await?;
         let text = String::from_utf8_lossy(&body).into_owned();
         if status == StatusCode::OK {
@@ -421,7 +428,7 @@ impl Client {
         accept: Option<&str>,
         body: impl Into<Vec<u8>>,
     ) -> Result<(StatusCode, HeaderMap, Bytes), ClientError> {
-        self.send(Method::POST, path, content_type, accept, body.into())
+        self.send_raw(Method::POST, path, content_type, accept, body.into())
             .await
     }
 
@@ -437,7 +444,8 @@ impl Client {
         accept: Option<&str>,
         body: impl Into<Vec<u8>>,
     ) -> Result<(StatusCode, HeaderMap, Bytes), ClientError> {
-        self.send(method, path, content_type, accept, body.into()).await
+        self.send_raw(method, path, content_type, accept, body.into())
+            .await
     }
 
     /// `POST /v1/storage.backup` (Lessor extension): starts a backup and returns its body, the backup file, to
@@ -453,7 +461,7 @@ impl Client {
         let resp = self
             .builder(
                 Method::POST,
-                lessor_proto::routes::STORAGE_BACKUP,
+                self.route(lessor_proto::routes::STORAGE_BACKUP)?,
                 Some(ct),
                 Some(ct),
             )?
@@ -481,15 +489,35 @@ impl Client {
     // Internals
     // ---------------------------------------------------------------------------------------------
 
+    /// The URL of `path` on the endpoint, as text (for paths that are not one of the routes).
+    fn url(&self, path: &str) -> String {
+        format!("{}{}", self.endpoint, path)
+    }
+
+    /// The URL of the route `path` on the endpoint, parsed once per client.
+    fn route(&self, path: &'static str) -> Result<Url, ClientError> {
+        if let Some(u) = self.routes.read().unwrap_or_else(|e| e.into_inner()).get(path) {
+            return Ok(u.clone());
+        }
+        let u = Url::parse(&self.url(path)).map_err(|e| ClientError::InvalidEndpoint {
+            endpoint: self.endpoint.clone(),
+            reason: e.to_string(),
+        })?;
+        self.routes
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(path, u.clone());
+        Ok(u)
+    }
+
     /// A request with the endpoint, content negotiation and the API key set.
     fn builder(
         &self,
         method: Method,
-        path: &str,
+        url: impl reqwest::IntoUrl,
         content_type: Option<&str>,
         accept: Option<&str>,
     ) -> Result<reqwest::RequestBuilder, ClientError> {
-        let url = format!("{}{}", self.endpoint, path);
         let mut rb = self.http.request(method, url);
         if let Some(ct) = content_type {
             rb = rb.header(CONTENT_TYPE, ct);
@@ -512,8 +540,25 @@ impl Client {
         Ok(rb)
     }
 
-    /// Sends one request and reads the whole reply.
+    /// Sends one request and reads the whole reply: its status, `Content-Type` and body.
     async fn send(
+        &self,
+        method: Method,
+        url: impl reqwest::IntoUrl,
+        content_type: Option<&str>,
+        accept: Option<&str>,
+        body: Vec<u8>,
+    ) -> Result<(StatusCode, Option<HeaderValue>, Bytes), ClientError> {
+        let rb = self.builder(method, url, content_type, accept)?;
+        let resp = rb.body(body).send().await?;
+        let status = resp.status();
+        let content_type = resp.headers().get(CONTENT_TYPE).cloned();
+        let bytes = resp.bytes().await?;
+        Ok((status, content_type, bytes))
+    }
+
+    /// Sends one request to any `path` and reads the whole reply with all its headers.
+    async fn send_raw(
         &self,
         method: Method,
         path: &str,
@@ -521,7 +566,7 @@ impl Client {
         accept: Option<&str>,
         body: Vec<u8>,
     ) -> Result<(StatusCode, HeaderMap, Bytes), ClientError> {
-        let rb = self.builder(method, path, content_type, accept)?;
+        let rb = self.builder(method, self.url(path), content_type, accept)?;
         let resp = rb.body(body).send().await?;
         let status = resp.status();
         let headers = resp.headers().clone();

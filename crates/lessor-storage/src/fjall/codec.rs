@@ -118,19 +118,28 @@ pub(crate) fn dedup_key(until: Ts, id: ItemId) -> [u8; DEDUP_KEY_LEN] {
 /// Encodes the value of a dedup group (see the module docs): the records in order, each as the difference of its
 /// `until` and id from the first record's (which are in the key), then its key string.
 pub(crate) fn encode_dedup(records: &[DedupRecord]) -> Vec<u8> {
-    let Some(first) = records.first() else {
-        return vec![DEDUP_V2];
-    };
-    let mut w = Writer(Vec::with_capacity(
-        1 + records.iter().map(|r| r.dedup_id.len() + 4).sum::<usize>(),
-    ));
+    let mut out = Vec::with_capacity(dedup_len(records));
+    encode_dedup_into(records, &mut out);
+    out
+}
+
+/// About how many bytes [`encode_dedup`] writes for `records` (at least as many, for a buffer's capacity).
+pub(crate) fn dedup_len(records: &[DedupRecord]) -> usize {
+    1 + records.iter().map(|r| r.dedup_id.len() + 24).sum::<usize>()
+}
+
+/// [`encode_dedup`] appending to `out` (a log record writes the group where it is, without a buffer of its own).
+pub(crate) fn encode_dedup_into(records: &[DedupRecord], out: &mut Vec<u8>) {
+    let mut w = Writer(std::mem::take(out));
     w.0.push(DEDUP_V2);
-    for r in records {
-        w.ts(Ts(r.until.0.wrapping_sub(first.until.0)));
-        w.uint(r.id.0.wrapping_sub(first.id.0));
-        w.bytes(r.dedup_id.as_bytes());
+    if let Some(first) = records.first() {
+        for r in records {
+            w.ts(Ts(r.until.0.wrapping_sub(first.until.0)));
+            w.uint(r.id.0.wrapping_sub(first.id.0));
+            w.bytes(r.dedup_id.as_bytes());
+        }
     }
-    w.0
+    *out = w.0;
 }
 
 /// Decodes the dedup group stored under `(until, id)`; `what` names the partition in error messages.

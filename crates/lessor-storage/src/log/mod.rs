@@ -51,7 +51,8 @@ use lessor_core::time::Ts;
 use lessor_core::types::{DedupRecord, Item, ItemId};
 
 use crate::fjall::codec::{
-    decode_dedup, decode_meta, encode_dedup, encode_meta_into, encode_whole_into, restate,
+    decode_dedup, decode_meta, dedup_len, encode_dedup, encode_dedup_into, encode_meta_into,
+    encode_whole_into, restate,
 };
 use crate::fjall::Durability;
 use crate::memory::{MemoryBudget, MemoryPartition};
@@ -242,7 +243,16 @@ fn encode_changes(pid: u64, ch: &Changes) -> Vec<Vec<u8>> {
             out.push(r.0);
             continue;
         }
-        let mut r = Rec::new(R_CHANGES, pid, size + ch.del.len() * 8 + 32);
+        let dedup = if ch.dedup_put.is_empty() {
+            0
+        } else {
+            dedup_len(&ch.dedup_put) + 20
+        };
+        let mut r = Rec::new(
+            R_CHANGES,
+            pid,
+            size + ch.del.len() * 8 + dedup + ch.dedup_del.len() * 16 + 32,
+        );
         r.items(chunk.iter());
         r.u32(ch.del.len() as u32);
         for id in &ch.del {
@@ -254,7 +264,12 @@ fn encode_changes(pid: u64, ch: &Changes) -> Vec<Vec<u8>> {
                 r.0.push(1);
                 r.u64(first.until.0 as u64);
                 r.u64(first.id.0);
-                r.bytes(&encode_dedup(&ch.dedup_put));
+                // The group is encoded in place after room for its length.
+                let at = r.0.len();
+                r.u32(0);
+                encode_dedup_into(&ch.dedup_put, &mut r.0);
+                let len = (r.0.len() - at - 4) as u32;
+                r.0[at..at + 4].copy_from_slice(&len.to_le_bytes());
             }
             None => r.0.push(0),
         }
