@@ -159,22 +159,29 @@ async fn a_second_destroy_is_answered_only_once_the_destruction_is_durable() {
     let dir = tempfile::tempdir().expect("temp dir");
     let store = open(dir.path());
     let mut early = Vec::new();
-    for round in 0..10 {
+    let mut raced = 0;
+    for round in 0..20 {
         let p = store.open("d", round).await.expect("open");
         p.produce(vec![item("x")]).await.expect("produce");
         drop(p);
         let before = store.fsyncs();
         let mut first = Box::pin(store.destroy("d", round));
-        assert!(
-            !poll_once(first.as_mut()),
-            "the first destroy waits for its fsync"
-        );
+        if poll_once(first.as_mut()) {
+            // The fsync thread covered the record before the first poll ended (a busy machine can stall this
+            // thread that long): durable already, so nothing can be acknowledged early in this round.
+            continue;
+        }
+        raced += 1;
         store.destroy("d", round).await.expect("second destroy");
         if store.fsyncs() == before {
             early.push(round);
         }
         first.await.expect("first destroy");
     }
+    assert!(
+        raced >= 10,
+        "only {raced} of 20 rounds had the first destroy still waiting"
+    );
     assert!(
         early.is_empty(),
         "rounds {early:?}: the second destroy was acknowledged before any fsync covered the R_DESTROY"
@@ -190,21 +197,27 @@ async fn a_repeated_produce_is_answered_only_once_the_first_is_durable() {
     let store = open(dir.path());
     let p = store.open("s", 0).await.expect("open");
     let mut early = Vec::new();
-    for round in 0..10 {
+    let mut raced = 0;
+    for round in 0..20 {
         let mut it = item("x");
         it.source_id = format!("src-{round}");
         let before = store.fsyncs();
         let mut first = Box::pin(p.produce(vec![it.clone()]));
-        assert!(
-            !poll_once(first.as_mut()),
-            "the first produce waits for its fsync"
-        );
+        if poll_once(first.as_mut()) {
+            // Durable before the first poll ended (see the test above): no early answer possible this round.
+            continue;
+        }
+        raced += 1;
         let again = p.produce(vec![it]).await.expect("repeat");
         if store.fsyncs() == before {
             early.push(round);
         }
         assert_eq!(first.await.expect("first produce"), again);
     }
+    assert!(
+        raced >= 10,
+        "only {raced} of 20 rounds had the first produce still waiting"
+    );
     assert!(
         early.is_empty(),
         "rounds {early:?}: the repeat was acknowledged before any fsync covered the first produce's record"

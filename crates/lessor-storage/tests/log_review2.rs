@@ -24,13 +24,24 @@ use support::{copy_dir, item, open, poll_once, reopen, segment_files, store_with
 async fn a_destroy_whose_caller_goes_away_does_not_keep_the_partition() {
     let dir = tempfile::tempdir().expect("temp dir");
     let store = open(dir.path());
-    let p = store.open("gone", 0).await.expect("open");
-    let batch: Vec<NewItem> = (0..100).map(|i| item(&format!("x-{i}"))).collect();
-    p.produce(batch).await.expect("produce");
-    drop(p);
-    let mut d = Box::pin(store.destroy("gone", 0));
-    assert!(!poll_once(d.as_mut()), "the destroy waits for its fsync");
-    drop(d);
+    for attempt in 0.. {
+        let p = store.open("gone", attempt).await.expect("open");
+        let batch: Vec<NewItem> = (0..100).map(|i| item(&format!("x-{i}"))).collect();
+        p.produce(batch).await.expect("produce");
+        drop(p);
+        let mut d = Box::pin(store.destroy("gone", attempt));
+        if !poll_once(d.as_mut()) {
+            // Waiting for its fsync: the caller goes away now.
+            drop(d);
+            break;
+        }
+        // The fsync covered the destruction before the first poll ended (a stalled test thread): done, nothing
+        // to cancel; try another partition.
+        assert!(
+            attempt < 20,
+            "20 destroys were durable before their first poll ended"
+        );
+    }
     let waited = std::time::Instant::now();
     while store.destroys_in_progress() > 0 && waited.elapsed() < Duration::from_secs(2) {
         tokio::time::sleep(Duration::from_millis(10)).await;
