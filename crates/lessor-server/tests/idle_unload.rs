@@ -19,6 +19,7 @@ use lessor_server::Config;
 lessor_testkit::every_backend!(
     idle_queues_unload_and_serve_what_they_held_when_loaded_again,
     an_unloaded_queue_is_loaded_again_when_its_items_expire,
+    a_queue_unloaded_many_times_keeps_one_task_waiting_for_its_deadline,
     a_key_whose_item_was_completed_is_still_known_after_an_unload,
 );
 
@@ -372,6 +373,77 @@ async fn an_unloaded_queue_is_loaded_again_when_its_items_expire(enc: Encoding) 
         .await
         .expect("lease from the dead-letter queue");
     assert_eq!(texts(&got.items), ["old".to_string()].into());
+}
+
+/// Each unload of a queue holding ready items starts a task that loads it again at the earliest expiry. A queue
+/// loaded by a request and unloaded again every few minutes while its oldest item waits (a dead-letter queue's
+/// items wait for days) used to gather one such task per cycle, each sleeping until that far deadline: now the
+/// task goes when the queue loads again, and one is left however many cycles passed, which still loads the
+/// queue at the expiry.
+async fn a_queue_unloaded_many_times_keeps_one_task_waiting_for_its_deadline(enc: Encoding) {
+    let b = lessor_testkit::server::on_backend(enc).await;
+    let c = b.client.clone();
+    let engine = b.server.as_ref().expect("server").engine.clone();
+    lessor_testkit::server::create_queue(&c, "cycling-dlq", |_| {}).await;
+    lessor_testkit::server::create_queue(&c, "cycling", |q| {
+        q.expire_timeout = "24h".into();
+        q.dead_queue = "cycling-dlq".into();
+    })
+    .await;
+    produce(&c, "cycling", vec![item("waits")]).await;
+    const CYCLES: usize = 20;
+    for cycle in 0..CYCLES {
+        b.clock.advance(Duration::from_secs(301));
+        lessor_testkit::eventually("the queue unloads", Duration::from_secs(5), || async {
+            match unloaded(&engine, "cycling") {
+                Some(true) => Ok(()),
+                other => Err(format!("cycle {cycle}: {other:?}")),
+            }
+        })
+        .await;
+        let stats = c
+            .queue_stats(&pb::QueueStatsRequest {
+                queue_name: "cycling".into(),
+                ..Default::default()
+            })
+            .await
+            .expect("stats loads the queue again");
+        let total: i32 = stats
+            .logical_queues
+            .iter()
+            .flat_map(|l| &l.partitions)
+            .map(|p| p.total)
+            .sum();
+        assert_eq!(total, 1, "cycle {cycle}");
+    }
+    b.clock.advance(Duration::from_secs(301));
+    lessor_testkit::eventually("the queue unloads", Duration::from_secs(5), || async {
+        match (unloaded(&engine, "cycling"), engine.wake_tasks()) {
+            (Some(true), 1) => Ok(()),
+            other => Err(format!("(unloaded, wake tasks) {other:?} after {CYCLES} cycles")),
+        }
+    })
+    .await;
+    // The task left still loads the queue at the item's expiry, with no request.
+    b.clock.advance(Duration::from_secs(24 * 3600));
+    lessor_testkit::eventually(
+        "the expired item reaches the dead-letter queue",
+        Duration::from_secs(5),
+        || async {
+            match gauge(&engine, "cycling", |m| m.dead_lettered.load(Ordering::Relaxed)) {
+                1 => Ok(()),
+                n => Err(format!("dead-lettered {n}")),
+            }
+        },
+    )
+    .await;
+    lessor_testkit::eventually("no task waits", Duration::from_secs(5), || async {
+        match engine.wake_tasks() {
+            0 => Ok(()),
+            n => Err(format!("{n} wake tasks")),
+        }
+    })
+    .await;
 }
 
 /// A dedup key outlives its item: within the window, a produce with the key of an item already completed is a

@@ -21,7 +21,7 @@ mod tests;
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock, Weak};
 use std::time::Duration;
 
@@ -374,8 +374,11 @@ pub(crate) struct Inner {
     queues: RwLock<HashMap<String, Arc<QueueHandle>>>,
     /// The metrics of queues unloaded for being idle, with the last figures their tasks published: `/metrics`
     /// keeps reporting their depth, and the next load goes on from them. A few hundred bytes per queue, against the
-    /// tens of kilobytes of a loaded one. Lock order: `queues` first.
-    unloaded: RwLock<HashMap<String, Arc<QueueMetrics>>>,
+    /// tens of kilobytes of a loaded one, and the task that loads the queue again at its earliest deadline. Lock
+    /// order: `queues` first.
+    unloaded: RwLock<HashMap<String, Unloaded>>,
+    /// Tasks waiting to load an unloaded queue at its deadline (see [`Engine::wake_tasks`]).
+    wake_tasks: Arc<AtomicUsize>,
     /// The counters of deleted queues, summed (see [`MetricsSnapshot::deleted`]). Added to under the `unloaded`
     /// lock, in the same critical section that drops the queue's metrics, and read under it: a snapshot counts a
     /// deleted queue either in its table or here, never in both or neither.
@@ -399,6 +402,48 @@ pub(crate) struct Inner {
     /// Requests of the serving path (produce, lease, complete, retry, extend) taken by any queue so far: background
     /// work (a rebalance) reads it to see whether the server is serving and yields when it is.
     activity: Arc<AtomicU64>,
+}
+
+/// An entry of the unloaded table: the queue's metrics, and the task that loads it again at its earliest deadline.
+#[derive(Debug)]
+struct Unloaded {
+    metrics: Arc<QueueMetrics>,
+    /// Dropped with the entry (the queue loaded again, deleted, or forgotten), which ends the task.
+    _wake: Option<WakeTask>,
+}
+
+/// Ends its waiting task when dropped, unless the task has begun to load the queue: whichever of the two claims
+/// `started` first decides, so a load under way is never cut short (the task drops this very entry when it loads
+/// the queue).
+#[derive(Debug)]
+struct WakeTask {
+    started: Arc<AtomicBool>,
+    task: tokio::task::AbortHandle,
+}
+
+impl Drop for WakeTask {
+    fn drop(&mut self) {
+        if !self.started.swap(true, Ordering::AcqRel) {
+            self.task.abort();
+        }
+    }
+}
+
+/// Counts a waiting task in [`Inner::wake_tasks`] while it exists; moved into the task, so an aborted one counts
+/// off too.
+struct WakeCount(Arc<AtomicUsize>);
+
+impl WakeCount {
+    fn new(n: &Arc<AtomicUsize>) -> WakeCount {
+        n.fetch_add(1, Ordering::Relaxed);
+        WakeCount(n.clone())
+    }
+}
+
+impl Drop for WakeCount {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// The engine handle; cheap to clone.
@@ -427,6 +472,7 @@ impl Engine {
                 config: Arc::new(config),
                 queues: RwLock::new(HashMap::new()),
                 unloaded: RwLock::new(HashMap::new()),
+                wake_tasks: Arc::new(AtomicUsize::new(0)),
                 deleted: QueueMetrics::default(),
                 transitions: AtomicU64::new(0),
                 loads: AtomicU64::new(0),
@@ -760,6 +806,7 @@ impl Engine {
             let mut unloaded = self.inner.unloaded.write().map_err(poisoned)?;
             if let Some(m) = unloaded
                 .remove(name)
+                .map(|u| u.metrics)
                 .or_else(|| handle.as_ref().map(|h| h.metrics.clone()))
             {
                 self.inner.deleted.add_counters(&m);
@@ -975,10 +1022,12 @@ impl Engine {
         let metrics: Arc<QueueMetrics> = {
             let mut unloaded = self.inner.unloaded.write().map_err(poisoned)?;
             match unloaded.get(name) {
-                Some(m) if m.created_at.load(Ordering::Relaxed) == info.created_at.0 => m.clone(),
+                Some(u) if u.metrics.created_at.load(Ordering::Relaxed) == info.created_at.0 => {
+                    u.metrics.clone()
+                }
                 Some(_) => {
                     if let Some(old) = unloaded.remove(name) {
-                        self.inner.deleted.add_counters(&old);
+                        self.inner.deleted.add_counters(&old.metrics);
                     }
                     Arc::default()
                 }
@@ -1047,8 +1096,8 @@ impl Engine {
             return Ok(());
         }
         let mut unloaded = self.inner.unloaded.write().map_err(poisoned)?;
-        if let Some(m) = unloaded.remove(name) {
-            self.inner.deleted.add_counters(&m);
+        if let Some(u) = unloaded.remove(name) {
+            self.inner.deleted.add_counters(&u.metrics);
             shrink_sparse(&mut unloaded);
         }
         Ok(())
@@ -1078,25 +1127,48 @@ impl Engine {
     /// aside; the requests it handed back go to the queue's next task. A handle that is no longer the table's (the
     /// queue was deleted meanwhile) is left alone. At `wake` (the earliest deadline the queue held: a ready item's
     /// expiry), the queue is loaded again if it is still unloaded, so its items expire on time.
-    fn unloaded(&self, name: &str, load: u64, left: Vec<Msg>, wake: Option<Ts>) {
-        if let Some(at) = wake {
-            let inner = Arc::downgrade(&self.inner);
-            let clock = self.inner.config.clock.clone();
-            let name = name.to_string();
-            // A sleeping task per unloaded queue with a deadline (a few hundred bytes, nothing of the queue's
-            // state); it holds no strong reference, so a dropped engine is not kept alive by it.
-            tokio::spawn(async move {
-                clock.sleep_until(at).await;
-                let Some(inner) = inner.upgrade() else { return };
-                let engine = Engine { inner };
-                let still = engine.inner.unloaded.read().is_ok_and(|u| u.contains_key(&name));
-                if still && !engine.inner.shutting_down.load(Ordering::Acquire) {
-                    if let Err(e) = engine.handle(&name).await {
-                        tracing::debug!(queue = %name, error = %e, "unloaded queue not loaded at its deadline");
-                    }
+    /// Starts the task that loads the unloaded queue `name` again at `at`, if it is still unloaded then.
+    fn wake_task(&self, name: &str, at: Ts) -> WakeTask {
+        let inner = Arc::downgrade(&self.inner);
+        let clock = self.inner.config.clock.clone();
+        let name = name.to_string();
+        let started = Arc::new(AtomicBool::new(false));
+        let claim = started.clone();
+        let count = WakeCount::new(&self.inner.wake_tasks);
+        let task = tokio::spawn(async move {
+            let _count = count;
+            clock.sleep_until(at).await;
+            if claim.swap(true, Ordering::AcqRel) {
+                // The entry went (the queue was loaded, deleted or forgotten) as the sleep ended.
+                return;
+            }
+            let Some(inner) = inner.upgrade() else { return };
+            let engine = Engine { inner };
+            let still = engine.inner.unloaded.read().is_ok_and(|u| u.contains_key(&name));
+            if still && !engine.inner.shutting_down.load(Ordering::Acquire) {
+                if let Err(e) = engine.handle(&name).await {
+                    tracing::debug!(queue = %name, error = %e, "unloaded queue not loaded at its deadline");
                 }
-            });
+            }
+        });
+        WakeTask {
+            started,
+            task: task.abort_handle(),
         }
+    }
+
+    /// How many tasks wait to load an unloaded queue at its earliest deadline: at most one per unloaded queue.
+    pub fn wake_tasks(&self) -> usize {
+        self.inner.wake_tasks.load(Ordering::Relaxed)
+    }
+
+    fn unloaded(&self, name: &str, load: u64, left: Vec<Msg>, wake: Option<Ts>) {
+        // A sleeping task per unloaded queue with a deadline (a few hundred bytes, nothing of the queue's state); it
+        // holds no strong reference, so a dropped engine is not kept alive by it. It lives in the queue's entry of
+        // the unloaded table and goes with it (see `WakeTask`): each unload used to start one that slept until its
+        // deadline whatever happened meanwhile, so a queue loaded and unloaded every few minutes while its oldest
+        // item waited for its expiry (days, for a dead-letter queue) gathered one task per cycle.
+        let wake = wake.map(|at| self.wake_task(name, at));
         if let Ok(mut queues) = self.inner.queues.write() {
             if let Some(h) = queues.get(name).filter(|h| h.load == load).cloned() {
                 queues.remove(name);
@@ -1106,7 +1178,13 @@ impl Engine {
                         self.inner.transitions.fetch_add(1, Ordering::Relaxed) + 1,
                         Ordering::Relaxed,
                     );
-                    unloaded.insert(name.to_string(), h.metrics.clone());
+                    unloaded.insert(
+                        name.to_string(),
+                        Unloaded {
+                            metrics: h.metrics.clone(),
+                            _wake: wake,
+                        },
+                    );
                 }
             }
         }
@@ -1758,7 +1836,7 @@ impl Engine {
                 unloaded
                     .iter()
                     .filter(|(k, _)| !queues.contains_key(*k))
-                    .map(|(k, v)| (k.clone(), v.clone())),
+                    .map(|(k, u)| (k.clone(), u.metrics.clone())),
             );
         }
         out
@@ -1790,7 +1868,7 @@ impl Engine {
                 unloaded
                     .iter()
                     .filter(|(k, _)| !queues.contains_key(*k))
-                    .map(|(k, m)| entry(k, m, false)),
+                    .map(|(k, u)| entry(k, &u.metrics, false)),
             );
             deleted.add_counters(&self.inner.deleted);
         }
