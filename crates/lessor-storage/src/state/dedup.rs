@@ -68,13 +68,19 @@ impl DedupSet {
         Some(name)
     }
 
+    /// The room of the record queue, the key ring and the group queue (tests).
+    #[cfg(test)]
+    pub(crate) fn capacities(&self) -> (usize, usize, usize) {
+        (self.fifo.capacity(), self.keys.capacity(), self.groups.capacity())
+    }
+
     /// Drops up to `limit` records from the front that ended at or before `now`, calling `dropped(until, id)` with
     /// a group's name when its last record goes. Records not sealed into a group yet are never dropped.
     pub(crate) fn prune(&mut self, now: Ts, limit: usize, mut dropped: impl FnMut(Ts, ItemId)) {
         let sealed = self.fifo.len() - self.open as usize;
         for _ in 0..limit.min(sealed) {
             if self.fifo.front().is_none_or(|r| r.until > now) {
-                return;
+                break;
             }
             if let Some(r) = self.fifo.pop_front() {
                 self.keys.drain(..r.len as usize);
@@ -88,6 +94,10 @@ impl DedupSet {
                 }
             }
         }
+        // A burst of keys leaves its room behind once its window ends (see `PartitionState::shrink_drained`).
+        super::shrink_deque(&mut self.fifo);
+        super::shrink_deque(&mut self.keys);
+        super::shrink_deque(&mut self.groups);
     }
 
     /// The records that live at `now` (`until > now`), in the order they were added. A key recorded twice while
