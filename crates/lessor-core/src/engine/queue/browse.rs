@@ -27,6 +27,8 @@ const MAX_HOLDERS: usize = 1_000_000;
 const MAX_BATCHED_IDS: usize = 4 * MAX_HOLDERS;
 /// Most batches [`Holders::prune`] drops per pass, so one pass after a long pause stays short.
 const PRUNE_BATCHES: usize = 10_000;
+/// Below this many slots the tables keep their room (see `Holders::shrink`).
+const SHRINK_MIN: usize = 1024;
 
 /// A hash map keyed by item: ids are assigned by the server, not chosen by clients, so a fast non-keyed hash is
 /// safe here, and cheaper than SipHash on the lease path.
@@ -177,6 +179,20 @@ impl Holders {
                 self.count_off(h.batch);
             }
         }
+        self.shrink();
+    }
+
+    /// Gives back the room of a burst of leases once it has been completed or has expired: a busy queue never
+    /// unloads, and kept the tables of its largest burst (up to the caps, some 60 MB) for as long as it ran. O(1)
+    /// unless it shrinks, which copies what is left and comes again only once half of that has gone.
+    fn shrink(&mut self) {
+        fn sparse<K: std::hash::Hash + Eq, V>(m: &mut FastMap<K, V>) {
+            if m.capacity() > SHRINK_MIN && m.len() < m.capacity() / 4 {
+                m.shrink_to(m.len() * 2);
+            }
+        }
+        sparse(&mut self.by_item);
+        sparse(&mut self.batches);
     }
 
     /// Forgets leases whose deadline passed (bounded work per call).
@@ -200,6 +216,8 @@ impl Holders {
                     }
                 }
             }
+            // Here rather than once at the end, which the returns above skip: O(1) per batch.
+            self.shrink();
         }
     }
 
@@ -316,6 +334,39 @@ mod tests {
         h.release(0, &[ItemId(100)]);
         h.release(1, &(1..51).map(ItemId).collect::<Vec<_>>());
         assert_eq!(h.sizes(), (0, 0, 0, 0));
+    }
+
+    #[test]
+    fn a_burst_of_leases_gives_its_room_back() {
+        let mut h = Holders::default();
+        for call in 0..1000u64 {
+            h.record(0, "w", &leased(call * 100..call * 100 + 100, 60));
+        }
+        assert!(h.by_item.capacity() >= 100_000);
+        for call in 0..1000u64 {
+            h.release(0, &(call * 100..call * 100 + 100).map(ItemId).collect::<Vec<_>>());
+        }
+        assert_eq!(h.sizes(), (0, 0, 0, 0));
+        assert!(
+            h.by_item.capacity() <= 2 * SHRINK_MIN && h.batches.capacity() <= 2 * SHRINK_MIN,
+            "{} / {} slots kept",
+            h.by_item.capacity(),
+            h.batches.capacity()
+        );
+        // The same once the leases expire instead.
+        for call in 0..1000u64 {
+            h.record(0, "w", &leased(call * 100..call * 100 + 100, 60 + call as i64));
+        }
+        for t in 0..2000 {
+            h.prune(Ts(60 + t));
+        }
+        assert_eq!(h.sizes(), (0, 0, 0, 0));
+        assert!(
+            h.by_item.capacity() <= 2 * SHRINK_MIN && h.batches.capacity() <= 2 * SHRINK_MIN,
+            "{} / {} slots kept after expiry",
+            h.by_item.capacity(),
+            h.batches.capacity()
+        );
     }
 
     #[test]
