@@ -516,6 +516,8 @@ struct UnloadedOnA {
     ca: Client,
     b: lessor_server::RunningServer,
     cb: Client,
+    /// A's clock.
+    clock: ManualClock,
 }
 
 #[cfg(feature = "postgres")]
@@ -538,6 +540,7 @@ async fn unloaded_on_a(queue: &str) -> UnloadedOnA {
         ca,
         b,
         cb,
+        clock,
     }
 }
 
@@ -552,7 +555,9 @@ async fn an_unloaded_queue_deleted_by_another_server_leaves_the_totals_once_look
     if lessor_testkit::database_or_skip().is_none() {
         return;
     }
-    let UnloadedOnA { _db, a, ca, b, cb } = unloaded_on_a("idle").await;
+    let UnloadedOnA {
+        _db, a, ca, b, cb, ..
+    } = unloaded_on_a("idle").await;
     let s = scrape(&ca).await;
     assert_eq!(value(&s, "lessor_queues_ready_items"), 3.0);
     cb.queues_delete(&pb::QueuesDeleteRequest {
@@ -577,6 +582,44 @@ async fn an_unloaded_queue_deleted_by_another_server_leaves_the_totals_once_look
     b.stop().await;
 }
 
+/// The same queue, never asked for here again: the sweep that runs every idle-unload time on a server sharing its
+/// store finds its definition gone and forgets it, its depth out of the totals and its counts kept. Before the
+/// sweep, a queue with nothing due (here 3 items expiring in a day) stayed in the table and in `/metrics` for as
+/// long as the process ran, unless a request or a deadline happened to look it up.
+#[cfg(feature = "postgres")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unloaded_queue_deleted_by_another_server_is_forgotten_by_the_next_sweep() {
+    if lessor_testkit::database_or_skip().is_none() {
+        return;
+    }
+    let UnloadedOnA {
+        _db,
+        a,
+        ca,
+        b,
+        cb,
+        clock,
+    } = unloaded_on_a("swept").await;
+    cb.queues_delete(&pb::QueuesDeleteRequest {
+        queue_name: "swept".into(),
+        force: true,
+    })
+    .await
+    .expect("delete on B");
+    assert_eq!(
+        value(&scrape(&ca).await, "lessor_queues_ready_items"),
+        3.0,
+        "no sweep yet"
+    );
+    clock.advance(Duration::from_secs(301));
+    let s = scrape_settled(&ca, "lessor_queues_ready_items", 0.0).await;
+    assert_eq!(value(&s, "lessor_queues_produced_total"), 3.0);
+    assert!(queues_with_series(&s).is_empty(), "{:?}", queues_with_series(&s));
+    assert_eq!(a.engine.wake_tasks(), 0, "the queue's expiry task went with it");
+    a.stop().await;
+    b.stop().await;
+}
+
 /// A queue unloaded here (idle), then deleted and created again under its name by another server sharing the
 /// store: loaded here again, it is a new queue. Its per-queue counters start from 0, and the old queue's counts
 /// stay in the total counters as a deleted queue's. They used to go on from the old queue's (3 produced before, 1
@@ -587,7 +630,9 @@ async fn a_queue_created_again_by_another_server_while_unloaded_here_counts_from
     if lessor_testkit::database_or_skip().is_none() {
         return;
     }
-    let UnloadedOnA { _db, a, ca, b, cb } = unloaded_on_a("again").await;
+    let UnloadedOnA {
+        _db, a, ca, b, cb, ..
+    } = unloaded_on_a("again").await;
     cb.queues_delete(&pb::QueuesDeleteRequest {
         queue_name: "again".into(),
         force: true,

@@ -404,6 +404,11 @@ pub(crate) struct Inner {
     activity: Arc<AtomicU64>,
 }
 
+/// Shortest period of [`Engine::forget_deleted_elsewhere`]'s sweep (otherwise the idle-unload time).
+const MIN_FORGET_SWEEP: Duration = Duration::from_secs(10);
+/// Definitions read per page by [`Engine::forget_deleted_elsewhere`].
+const FORGET_PAGE: usize = 1000;
+
 /// An entry of the unloaded table: the queue's metrics, and the task that loads it again at its earliest deadline.
 #[derive(Debug)]
 struct Unloaded {
@@ -490,8 +495,27 @@ impl Engine {
     /// Forwards the stores' notices (items another server sharing a store made ready) to the queue tasks holding
     /// those partitions, so consumers waiting here are served at once rather than at the next periodic refresh
     /// (which stays, and covers any notice lost). Call once, from within the runtime; the forwarding tasks end with
-    /// the engine or the store.
+    /// the engine or the store. With a shared store, also starts the sweep that forgets queues unloaded here and
+    /// deleted by another server (see [`Engine::forget_deleted_elsewhere`]).
     pub fn watch_notices(&self) {
+        let idle = self.inner.config.limits.queue_idle_unload;
+        if !idle.is_zero() && self.inner.config.stores.iter().any(|s| s.store.shared()) {
+            let inner = Arc::downgrade(&self.inner);
+            let clock = self.inner.config.clock.clone();
+            let every = idle.max(MIN_FORGET_SWEEP);
+            tokio::spawn(async move {
+                loop {
+                    clock.sleep_until(clock.now().add(every)).await;
+                    let Some(inner) = inner.upgrade() else { return };
+                    if inner.shutting_down.load(Ordering::Acquire) {
+                        return;
+                    }
+                    if let Err(e) = (Engine { inner }).forget_deleted_elsewhere().await {
+                        tracing::debug!(error = %e, "sweep of queues deleted by other servers failed");
+                    }
+                }
+            });
+        }
         for s in &self.inner.config.stores {
             let Some(mut rx) = s.store.notices() else {
                 continue;
@@ -1089,18 +1113,65 @@ impl Engine {
     /// sharing the store deleted has no task here to notice, so its last figures would stay in the unloaded table
     /// (and its depth in `/metrics`, the totals included) for as long as the process runs. As a local delete, its
     /// counters pass to the deleted queues' whole in the critical section that drops it. A handle still in the
-    /// table is left to its task (see [`Engine::gone`]).
-    fn forget_deleted(&self, name: &str) -> Result<(), QueueError> {
+    /// table is left to its task (see [`Engine::gone`]). Whether it forgot an entry.
+    fn forget_deleted(&self, name: &str) -> Result<bool, QueueError> {
         let queues = self.inner.queues.read().map_err(poisoned)?;
         if queues.contains_key(name) {
-            return Ok(());
+            return Ok(false);
         }
         let mut unloaded = self.inner.unloaded.write().map_err(poisoned)?;
-        if let Some(u) = unloaded.remove(name) {
-            self.inner.deleted.add_counters(&u.metrics);
-            shrink_sparse(&mut unloaded);
+        let Some(u) = unloaded.remove(name) else {
+            return Ok(false);
+        };
+        self.inner.deleted.add_counters(&u.metrics);
+        shrink_sparse(&mut unloaded);
+        Ok(true)
+    }
+
+    /// Forgets the queues unloaded here whose definitions are gone (another server sharing the store deleted
+    /// them), as [`Engine::forget_deleted`] does when a request or a deadline looks one up: an empty queue has no
+    /// deadline and may never be asked for again, and its entry (a few hundred bytes, its depth in `/metrics`) stayed
+    /// for as long as the process ran. Walks the definitions in name order from each unloaded name not yet seen, a
+    /// page at a time, and looks each missing one up again under the load lock before forgetting it (a queue
+    /// created meanwhile stays). Returns how many it forgot.
+    pub async fn forget_deleted_elsewhere(&self) -> Result<usize, QueueError> {
+        let mut names: Vec<String> = self
+            .inner
+            .unloaded
+            .read()
+            .map_err(poisoned)?
+            .keys()
+            .cloned()
+            .collect();
+        names.sort_unstable();
+        let mut missing = Vec::new();
+        let mut next = 0;
+        while next < names.len() {
+            let page = self.inner.config.queues.list(&names[next], FORGET_PAGE).await?;
+            let last = page.last().map(|q| q.name.clone());
+            let full = page.len() == FORGET_PAGE;
+            let mut found = page.into_iter().map(|q| q.name).peekable();
+            // Every unloaded name up to the page's last (or all of them, when the page is the end of the list) is
+            // decided by this page.
+            while let Some(name) = names.get(next) {
+                if full && last.as_ref().is_some_and(|l| name > l) {
+                    break;
+                }
+                while found.next_if(|f| f < name).is_some() {}
+                if found.peek() != Some(name) {
+                    missing.push(name.clone());
+                }
+                next += 1;
+            }
         }
-        Ok(())
+        let mut forgot = 0;
+        for name in missing {
+            let _guard = self.inner.load_lock.lock().await;
+            if self.inner.config.queues.get(&name).await?.is_none() && self.forget_deleted(&name)? {
+                forgot += 1;
+            }
+        }
+        Ok(forgot)
     }
 
     /// Called by a task (load number `load`) that stopped because another server deleted its queue: as a local

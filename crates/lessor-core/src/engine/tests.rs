@@ -1001,3 +1001,79 @@ async fn a_request_meeting_an_inbox_closed_by_an_unload_is_served_by_the_next_lo
     assert_eq!(engine.loaded_queues(), (1, 2), "loaded again, once");
     assert!(!engine.queue_metrics()[0].1.unloaded.load(Ordering::SeqCst));
 }
+
+/// [`Engine::forget_deleted_elsewhere`]: of 2,500 queues unloaded here, among 2,500 more never loaded here, every
+/// third is deleted behind the engine's back (as another server sharing the store would): one sweep forgets exactly
+/// those, over several pages of definitions, and keeps the rest; a second forgets nothing.
+#[tokio::test]
+async fn a_sweep_forgets_exactly_the_unloaded_queues_deleted_elsewhere() {
+    let clock = ManualClock::starting_now();
+    let store = Gated::new();
+    let queues = Arc::new(Queues::default());
+    let engine = Engine::new(EngineConfig {
+        queues: queues.clone(),
+        stores: vec![NamedStore {
+            name: "gated".into(),
+            affinity: 1.0,
+            store: Arc::new(store.clone()),
+        }],
+        limits: Limits {
+            queue_idle_unload: Duration::from_secs(60),
+            ..Default::default()
+        },
+        clock: Arc::new(clock.clone()),
+    })
+    .expect("engine");
+    let info = |name: String| QueueInfo {
+        name,
+        lease_timeout: Duration::from_secs(60),
+        expire_timeout: Duration::from_secs(3600),
+        requested_partitions: 1,
+        ..Default::default()
+    };
+    const N: usize = 2500;
+    for i in 0..N {
+        let name = format!("q{i:05}");
+        engine.create_queue(info(name.clone())).await.expect("create");
+        finishes(engine.stats(&name))
+            .await
+            .expect("stats loads the queue");
+        // Never loaded here: the sweep must step over these.
+        queues.add(&info(format!("q{i:05}-other"))).await.expect("add");
+    }
+    clock.advance(Duration::from_secs(61));
+    for _ in 0..10_000 {
+        if engine.loaded_queues().0 == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    assert_eq!(engine.loaded_queues().0, 0, "every queue unloaded");
+    assert_eq!(engine.queue_metrics().len(), N);
+    let mut deleted = 0;
+    for i in (0..N).step_by(3) {
+        queues.delete(&format!("q{i:05}")).await.expect("delete");
+        deleted += 1;
+    }
+    let lists = queues.2.load(Ordering::Relaxed);
+    assert_eq!(
+        finishes(engine.forget_deleted_elsewhere()).await.expect("sweep"),
+        deleted
+    );
+    let pages = queues.2.load(Ordering::Relaxed) - lists;
+    assert!(
+        (4..=8).contains(&pages),
+        "{pages} pages for about 4,200 definitions"
+    );
+    let mut left: Vec<String> = engine.queue_metrics().into_iter().map(|(q, _)| q).collect();
+    left.sort();
+    let expected: Vec<String> = (0..N)
+        .filter(|i| i % 3 != 0)
+        .map(|i| format!("q{i:05}"))
+        .collect();
+    assert_eq!(left, expected);
+    assert_eq!(
+        finishes(engine.forget_deleted_elsewhere()).await.expect("sweep"),
+        0
+    );
+}
