@@ -179,6 +179,11 @@ pub fn metrics() -> &'static OffloadMetrics {
     M.get_or_init(OffloadMetrics::default)
 }
 
+/// Most object deletions held back for open snapshots (see `Shared::snapshots`; 100-200 bytes each, a key): the
+/// objects released beyond them are left to the sweeper, which deletes objects no item references once no snapshot
+/// is open.
+const MAX_HELD_DELETES: usize = 100_000;
+
 /// What one sweep did.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SweepOutcome {
@@ -324,7 +329,17 @@ impl Shared {
         {
             let mut s = lock(&self.snapshots);
             if s.0 > 0 {
-                s.1.extend(keys);
+                // A backup of a deep partition, paced, keeps its snapshot open for hours, while completions go on
+                // across the store: without a bound the held keys grew with every completion meanwhile.
+                let room = MAX_HELD_DELETES.saturating_sub(s.1.len());
+                if keys.len() > room && room > 0 {
+                    tracing::info!(
+                        held = MAX_HELD_DELETES,
+                        "object deletions held for an open snapshot reached their bound; later ones are left to the \
+                         sweeper, which deletes unreferenced objects once no snapshot is open"
+                    );
+                }
+                s.1.extend(keys.into_iter().take(room));
                 return;
             }
         }
@@ -1407,6 +1422,28 @@ mod tests {
             payload: Bytes::copy_from_slice(p),
             ..Default::default()
         }
+    }
+
+    /// Deletions held for an open snapshot stop at their bound (the rest are the sweeper's), and go when it closes.
+    #[tokio::test]
+    async fn deletions_held_for_a_snapshot_are_bounded() {
+        let objects: Arc<dyn ObjectStore> = Arc::new(object_store::memory::InMemory::new());
+        let shared = Arc::new(Shared {
+            root: "p/s/".into(),
+            settings: OffloadSettings::default(),
+            objects: Some(objects),
+            in_flight: Mutex::new(HashSet::new()),
+            open: Mutex::new(HashMap::new()),
+            snapshots: Mutex::new((0, Vec::new())),
+        });
+        shared.snapshot_opened();
+        for batch in 0..(MAX_HELD_DELETES / 1000 + 50) {
+            shared.delete_later((0..1000).map(|i| format!("q/0/{batch}-{i}")).collect());
+        }
+        assert_eq!(lock(&shared.snapshots).1.len(), MAX_HELD_DELETES);
+        assert_eq!(lock(&shared.snapshots).1[0], "q/0/0-0", "the first held are kept");
+        shared.snapshot_closed();
+        assert!(lock(&shared.snapshots).1.is_empty());
     }
 
     #[tokio::test]
