@@ -184,6 +184,9 @@ pub fn metrics() -> &'static OffloadMetrics {
 /// is open.
 const MAX_HELD_DELETES: usize = 100_000;
 
+/// Most object keys of dead items an [`OffloadPartition`] remembers (see `OffloadPartition::remember_dead`).
+const MAX_DEAD_KEYS: usize = 100_000;
+
 /// What one sweep did.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SweepOutcome {
@@ -864,6 +867,22 @@ pub struct OffloadPartition {
 }
 
 impl OffloadPartition {
+    /// Remembers the object keys of dead items read for the dead-letter transfer, for `remove_dead`. An entry goes
+    /// when this server removes its item; an item another server sharing the partition transferred and removed
+    /// (or one a byte bound cut from the answer) left its entry for as long as the partition stayed open. Past
+    /// [`MAX_DEAD_KEYS`] the map starts again: a key forgotten leaves its object to the sweeper.
+    fn remember_dead(&self, items: &[Item]) {
+        let mut dead = lock(&self.dead);
+        if dead.len() + items.len() > MAX_DEAD_KEYS {
+            *dead = HashMap::new();
+        }
+        for it in items {
+            if let Some(k) = frame::object_key(&it.payload) {
+                dead.insert(it.id, k);
+            }
+        }
+    }
+
     /// The object keys of `ids` as stored now (ready, leased or scheduled), read before a delete.
     ///
     /// Leased items are read from the partition too, not from the keys remembered at lease time: in a partition
@@ -1138,14 +1157,7 @@ impl Partition for OffloadPartition {
 
     async fn dead_items(&self, limit: usize) -> Result<Vec<Item>, StorageError> {
         let items = self.inner.dead_items(limit).await?;
-        {
-            let mut dead = lock(&self.dead);
-            for it in &items {
-                if let Some(k) = frame::object_key(&it.payload) {
-                    dead.insert(it.id, k);
-                }
-            }
-        }
+        self.remember_dead(&items);
         self.shared.resolve_all(items).await
     }
 
@@ -1157,14 +1169,7 @@ impl Partition for OffloadPartition {
         max_bytes: u64,
     ) -> Result<(Vec<Item>, bool), StorageError> {
         let (items, capped) = self.inner.dead_items_within(limit, max_bytes).await?;
-        {
-            let mut dead = lock(&self.dead);
-            for it in &items {
-                if let Some(k) = frame::object_key(&it.payload) {
-                    dead.insert(it.id, k);
-                }
-            }
-        }
+        self.remember_dead(&items);
         let (items, cut) =
             lessor_core::storage::cut_at_bytes(self.shared.resolve_all(items).await?, max_bytes);
         Ok((items, capped || cut))
@@ -1444,6 +1449,47 @@ mod tests {
         assert_eq!(lock(&shared.snapshots).1[0], "q/0/0-0", "the first held are kept");
         shared.snapshot_closed();
         assert!(lock(&shared.snapshots).1.is_empty());
+    }
+
+    /// The keys of dead items read but removed elsewhere do not pile up: past the bound the map starts again.
+    #[tokio::test]
+    async fn dead_item_keys_are_bounded() {
+        let store =
+            OffloadStore::new(Arc::new(MemoryStore::new()), "s", OffloadSettings::default()).expect("wrap");
+        let p = OffloadPartition {
+            inner: store.inner.open("q", 0).await.expect("open"),
+            shared: store.shared.clone(),
+            dir: "q/0/".into(),
+            leased: Mutex::new(HashMap::new()),
+            dead: Mutex::new(HashMap::new()),
+        };
+        let dead = |from: u64| -> Vec<Item> {
+            (from..from + 1000)
+                .map(|id| Item {
+                    id: ItemId(id),
+                    payload: Bytes::from(
+                        frame::ObjectRef {
+                            codec: Compression::None,
+                            len: 3,
+                            crc: 0,
+                            key: format!("k{id}"),
+                        }
+                        .encode(),
+                    ),
+                    ..Default::default()
+                })
+                .collect()
+        };
+        for batch in 0..(MAX_DEAD_KEYS as u64 / 1000 + 30) {
+            p.remember_dead(&dead(batch * 1000));
+            assert!(lock(&p.dead).len() <= MAX_DEAD_KEYS);
+        }
+        let last = MAX_DEAD_KEYS as u64 + 29_000;
+        assert_eq!(
+            lock(&p.dead).get(&ItemId(last)),
+            Some(&format!("k{last}")),
+            "the last read is known"
+        );
     }
 
     #[tokio::test]
