@@ -13,7 +13,10 @@ For DURATION seconds (default 600), threads drive one server started here:
 Prints the server's RSS and item counts every SAMPLE seconds (default 15), and the growth of RSS between the end of
 the first third and the end. The idle-unload time is 5 s (`limits.queue-idle-unload`), so the churn queues unload.
 
-Usage: [DURATION=600] [SAMPLE=15] [RATE=10000 items/s] [DRIVER=fjall|log|memory] python3 scripts/soak.py BINARY DATADIR PORT"""
+SKIP leaves out some of the side workloads, to find which one a growth comes with: SKIP=churn,redriver,browser,pauser.
+
+Usage: [DURATION=600] [SAMPLE=15] [RATE=10000 items/s] [DRIVER=fjall|log|memory] [SKIP=...] python3 scripts/soak.py
+BINARY DATADIR PORT"""
 import base64, http.client, json, os, random, subprocess, sys, threading, time, urllib.request
 
 BIN, DATA, PORT = sys.argv[1], sys.argv[2], int(sys.argv[3])
@@ -34,16 +37,17 @@ class Conn:
     def __init__(self):
         self.c = http.client.HTTPConnection("127.0.0.1", PORT, timeout=60)
 
-    def call(self, path, body, ok=(200,)):
+    def call(self, path, body, ok=(200,), again=True):
         try:
             self.c.request("POST", path, json.dumps(body), {"Content-Type": "application/json"})
             r = self.c.getresponse()
             data = r.read()
         except (http.client.HTTPException, OSError):
+            # The server closes a keep-alive connection idle for a while: once more on a new one.
             self.c.close()
             self.c = http.client.HTTPConnection("127.0.0.1", PORT, timeout=60)
             count("reconnects")
-            return None
+            return self.call(path, body, ok, False) if again else None
         if r.status not in ok:
             key = f"{path} {r.status} {data[:120]!r}"
             with lock:
@@ -179,8 +183,11 @@ def main():
     with open(conf, "w") as f:
         f.write(queues + f"partition-storage:\n  - name: default\n    driver: {DRIVER}\n    affinity: 1\n" + store
                 + "limits:\n  queue-idle-unload: 5s\n")
+    # SERVER_ENV="K=V;K=V" for the server alone (say, a heap profiler's LD_PRELOAD).
+    env = dict(os.environ)
+    env.update(kv.split("=", 1) for kv in os.environ.get("SERVER_ENV", "").split(";") if kv)
     p = subprocess.Popen([BIN, "server", "--address", f"127.0.0.1:{PORT}", "--log-level", "warn",
-                          "--config", conf], stdout=subprocess.DEVNULL, stderr=open(DATA + ".log", "a"))
+                          "--config", conf], stdout=subprocess.DEVNULL, stderr=open(DATA + ".log", "a"), env=env)
     try:
         for _ in range(600):
             try:
@@ -199,7 +206,8 @@ def main():
                                      "requested_partitions": 1})
         threads = [threading.Thread(target=producer, args=(n,)) for n in range(PRODUCERS)]
         threads += [threading.Thread(target=consumer, args=(n,)) for n in range(3)]
-        threads += [threading.Thread(target=f) for f in (redriver, browser, churn, pauser)]
+        skip = set(filter(None, os.environ.get("SKIP", "").split(",")))
+        threads += [threading.Thread(target=f) for f in (redriver, browser, churn, pauser) if f.__name__ not in skip]
         for t in threads:
             t.start()
         start, samples = time.time(), []

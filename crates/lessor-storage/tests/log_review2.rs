@@ -177,13 +177,19 @@ async fn a_dedup_group_dropped_after_a_cut_checkpoint_stays_dropped() {
     batch[1].dedup_until = T0.add(SEC * 20);
     p.produce(batch).await.expect("produce");
     let policy = LifecyclePolicy::default();
-    // key-a goes; the group (named by key-a's record) keeps key-b.
+    // key-a has ended; the group (named by key-a's record) keeps it until key-b ends too, and leaves whole (groups
+    // used to lose their first records one by one, and a checkpoint renamed them after the first left).
     p.lifecycle(T0.add(SEC * 15), policy, 100)
         .await
         .expect("lifecycle");
     let all = Ts(i64::MIN);
-    assert_eq!(p.dedup_records(all).await.expect("records").len(), 1);
-    // A checkpoint that does not end (renames the group after key-b's record).
+    assert_eq!(p.dedup_records(all).await.expect("records").len(), 2);
+    assert_eq!(
+        p.dedup_records(T0.add(SEC * 15)).await.expect("records").len(),
+        1,
+        "key-a has ended"
+    );
+    // A checkpoint that does not end.
     store.checkpoint_cut_for_tests().expect("cut checkpoint");
     // key-b goes: the whole group is dropped, by the name the checkpoint gave it.
     p.lifecycle(T0.add(SEC * 25), policy, 100)

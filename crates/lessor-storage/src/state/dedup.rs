@@ -5,185 +5,254 @@
 //! only check for stores owned by one process, and it is rebuilt from these records when a queue opens (see
 //! [`lessor_core::storage::Partition::produce`]). A second lookup table here cost as much again as the engine's
 //! index for nothing (each key hashed twice, two tables growing and missing the cache), so records are only a FIFO:
-//! - Records live in the order they were added; their keys are copied back to back into one ring of bytes in the
-//!   same order, so a record costs its key's length and 24 bytes, with no allocation of its own: a boxed string
-//!   per key cost an allocation, a free at the far end of the window (a cache miss on memory written long ago,
-//!   on the queue's task) and the allocator's rounding. Their `until` is `created_at + window`, so the FIFO is in
-//!   expiry order and expired records are dropped from its front, O(1) each, no hashing. When the order is broken (the window was shortened, the clock stepped back), an
-//!   expired record behind a live one waits for it; [`DedupSet::live`] checks `until`, so it is only kept longer,
-//!   never obeyed.
-//! - A key recorded again (the engine found its record ended) leaves both records in the FIFO until their turn;
-//!   readers keep the later `until` of a key.
 //! - Records are stored on disk in groups, one per produce call (one key-value entry for a whole batch instead of
 //!   one per item: a third entry per item cost fjall more than the rest of the key's work together). A group is
-//!   named by its first record's `(until, id)` and is reported dropped when its last record leaves the FIFO;
-//!   records of a call are consecutive in the FIFO, so the groups leave in the order they came.
+//!   named by its first record's `(until, id)` and leaves whole, reported dropped, once the last `until` of its
+//!   records has passed.
+//! - Groups live in FIFO lanes, records in the order they were added within a lane; their keys are copied back to
+//!   back into one ring of bytes per lane in the same order, so a record costs its key's length and 24 bytes, with
+//!   no allocation of its own: a boxed string per key cost an allocation, a free at the far end of the window (a
+//!   cache miss on memory written long ago, on the queue's task) and the allocator's rounding.
+//! - A record's `until` is `created_at + window`, but a queue has two windows: its own (5 minutes by default) for
+//!   producers' keys, and at least an hour (`REDRIVE_DEDUP_WINDOW`) for the records of dead-letter moves and
+//!   redrives into it. In one FIFO, every key produced behind an hour-long record waited for it: a queue that took
+//!   redrives kept an hour of its producers' keys instead of its window's (memory and store growing by about 10 MB
+//!   a minute at 2,500 keyed items/s, `scripts/soak.py`). So a group goes to the lane whose last group ends latest
+//!   but not after it (each lane stays in expiry order, and each window gets a lane of its own), at most
+//!   [`MAX_LANES`]; past that (windows changed often, the clock stepped back) it goes behind the lane that ends
+//!   latest, where it is only kept longer, never obeyed: [`DedupSet::live`] checks `until`.
+//! - A key recorded again (the engine found its record ended) leaves both records until their turn; readers keep
+//!   the later `until` of a key.
 
 use std::collections::VecDeque;
 
 use lessor_core::time::Ts;
 use lessor_core::types::{DedupRecord, ItemId};
 
+/// Most lanes a partition's records use (see the module docs): two windows need two.
+const MAX_LANES: usize = 4;
+
 #[derive(Debug)]
 struct Record {
     until: Ts,
     id: u64,
-    /// Length of its key in [`DedupSet::keys`].
+    /// Length of its key in its lane's `keys`.
     len: u32,
+}
+
+/// The records of one produce call.
+#[derive(Debug, Clone, Copy)]
+struct Group {
+    /// How many records, consecutive in the lane.
+    n: u32,
+    /// Its first record's `(until, id)`: the group's name in a store.
+    name: (Ts, ItemId),
+    /// The last `until` of its records: when it leaves.
+    last: Ts,
+}
+
+/// Groups in expiry order (but when [`MAX_LANES`] are taken), with their records and keys.
+#[derive(Debug, Default)]
+struct Lane {
+    fifo: VecDeque<Record>,
+    keys: VecDeque<u8>,
+    groups: VecDeque<Group>,
+}
+
+impl Lane {
+    /// When its last group leaves.
+    fn last(&self) -> Option<Ts> {
+        self.groups.back().map(|g| g.last)
+    }
+
+    /// Its records with their keys, in order.
+    fn records(&self) -> impl Iterator<Item = (&Record, Vec<u8>)> {
+        let mut bytes = self.keys.iter();
+        self.fifo
+            .iter()
+            .map(move |r| (r, bytes.by_ref().take(r.len as usize).copied().collect()))
+    }
 }
 
 /// A partition's dedup records.
 #[derive(Debug, Default)]
 pub(crate) struct DedupSet {
-    /// Records in the order they were added.
-    fifo: VecDeque<Record>,
-    /// The records' keys, back to back, in the same order.
-    keys: VecDeque<u8>,
-    /// The groups of the FIFO's records, in the same order: (records still in the FIFO, the group's name).
-    groups: VecDeque<(u32, Ts, ItemId)>,
-    /// Records added since the last [`DedupSet::seal`], not yet in a group.
-    open: u32,
+    lanes: Vec<Lane>,
+    /// Records added since the last [`DedupSet::seal`], not yet in a group, and their keys.
+    open: Vec<Record>,
+    open_keys: Vec<u8>,
+}
+
+fn record(r: &Record, key: Vec<u8>) -> DedupRecord {
+    DedupRecord {
+        // Keys were strings when they came in; a lossy read can only matter if memory was corrupted.
+        dedup_id: String::from_utf8(key)
+            .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned()),
+        id: ItemId(r.id),
+        until: r.until,
+    }
 }
 
 impl DedupSet {
     /// Records `key` for item `id` until `until`.
     pub(crate) fn insert(&mut self, key: &str, id: ItemId, until: Ts) {
-        self.keys.extend(key.as_bytes());
-        self.fifo.push_back(Record {
+        self.open_keys.extend_from_slice(key.as_bytes());
+        self.open.push(Record {
             until,
             id: id.0,
             len: key.len() as u32,
         });
-        self.open += 1;
     }
 
     /// Closes the records added since the last call into one group, named by the first of them; returns that name,
     /// or `None` when nothing was added.
     pub(crate) fn seal(&mut self) -> Option<(Ts, ItemId)> {
-        let n = std::mem::take(&mut self.open);
-        let first = self.fifo.len().checked_sub(n as usize)?;
-        let r = self.fifo.get(first).filter(|_| n > 0)?;
-        let name = (r.until, ItemId(r.id));
-        self.groups.push_back((n, name.0, name.1));
+        let first = self.open.first()?;
+        let name = (first.until, ItemId(first.id));
+        let last = self.open.iter().map(|r| r.until).max().unwrap_or(first.until);
+        // The lane that ends latest but not after this group; else an empty or a new one; else (all taken) the one
+        // that ends latest.
+        let fits = self
+            .lanes
+            .iter()
+            .enumerate()
+            .filter_map(|(i, l)| l.last().filter(|&t| t <= last).map(|t| (t, i)))
+            .max()
+            .map(|(_, i)| i);
+        let at = match fits.or_else(|| self.lanes.iter().position(|l| l.groups.is_empty())) {
+            Some(i) => i,
+            None if self.lanes.len() < MAX_LANES => {
+                self.lanes.push(Lane::default());
+                self.lanes.len() - 1
+            }
+            None => self
+                .lanes
+                .iter()
+                .enumerate()
+                .max_by_key(|(_, l)| l.last())
+                .map_or(0, |(i, _)| i),
+        };
+        let lane = &mut self.lanes[at];
+        lane.groups.push_back(Group {
+            n: self.open.len() as u32,
+            name,
+            last,
+        });
+        lane.fifo.extend(self.open.drain(..));
+        lane.keys.extend(self.open_keys.drain(..));
         Some(name)
     }
 
-    /// The room of the record queue, the key ring and the group queue (tests).
+    /// The room of the record queues, the key rings and the group queues (tests).
     #[cfg(test)]
     pub(crate) fn capacities(&self) -> (usize, usize, usize) {
-        (self.fifo.capacity(), self.keys.capacity(), self.groups.capacity())
+        self.lanes.iter().fold((0, 0, 0), |(f, k, g), l| {
+            (
+                f + l.fifo.capacity(),
+                k + l.keys.capacity(),
+                g + l.groups.capacity(),
+            )
+        })
     }
 
-    /// Drops up to `limit` records from the front that ended at or before `now`, calling `dropped(until, id)` with
-    /// a group's name when its last record goes. Records not sealed into a group yet are never dropped.
+    /// Drops the groups at the front of each lane whose records all ended at or before `now`, about `limit` records
+    /// at most, calling `dropped(until, id)` with each group's name. Records not sealed into a group yet are never
+    /// dropped.
     pub(crate) fn prune(&mut self, now: Ts, limit: usize, mut dropped: impl FnMut(Ts, ItemId)) {
-        let sealed = self.fifo.len() - self.open as usize;
-        for _ in 0..limit.min(sealed) {
-            if self.fifo.front().is_none_or(|r| r.until > now) {
-                break;
-            }
-            if let Some(r) = self.fifo.pop_front() {
-                self.keys.drain(..r.len as usize);
-            }
-            if let Some(g) = self.groups.front_mut() {
-                g.0 -= 1;
-                if g.0 == 0 {
-                    let (_, until, id) = *g;
-                    self.groups.pop_front();
-                    dropped(until, id);
+        let mut budget = limit;
+        for lane in &mut self.lanes {
+            while budget > 0 {
+                let Some(g) = lane.groups.front().copied().filter(|g| g.last <= now) else {
+                    break;
+                };
+                lane.groups.pop_front();
+                for r in lane.fifo.drain(..g.n as usize) {
+                    lane.keys.drain(..r.len as usize);
                 }
+                dropped(g.name.0, g.name.1);
+                budget = budget.saturating_sub(g.n as usize);
             }
+            // A burst of keys leaves its room behind once its window ends (see `PartitionState::shrink_drained`).
+            super::shrink_deque(&mut lane.fifo);
+            super::shrink_deque(&mut lane.keys);
+            super::shrink_deque(&mut lane.groups);
         }
-        // A burst of keys leaves its room behind once its window ends (see `PartitionState::shrink_drained`).
-        super::shrink_deque(&mut self.fifo);
-        super::shrink_deque(&mut self.keys);
-        super::shrink_deque(&mut self.groups);
+        self.lanes.retain(|l| !l.groups.is_empty());
     }
 
-    /// The records that live at `now` (`until > now`), in the order they were added. A key recorded twice while
-    /// both records live (only when the caller broke the contract, or the clock stepped back) is listed twice; the
-    /// engine keeps the later `until`.
+    /// The records that live at `now` (`until > now`), lane by lane. A key recorded twice while both records live
+    /// (only when the caller broke the contract, or the clock stepped back) is listed twice; the engine keeps the
+    /// later `until`.
     pub(crate) fn live(&self, now: Ts) -> Vec<DedupRecord> {
         let mut out = Vec::new();
-        let mut bytes = self.keys.iter();
-        for r in &self.fifo {
+        for lane in &self.lanes {
+            out.extend(
+                lane.records()
+                    .filter(|(r, _)| r.until > now)
+                    .map(|(r, k)| record(r, k)),
+            );
+        }
+        let mut bytes = self.open_keys.iter();
+        for r in &self.open {
             let key: Vec<u8> = bytes.by_ref().take(r.len as usize).copied().collect();
             if r.until > now {
-                out.push(DedupRecord {
-                    // Keys were strings when they came in; a lossy read can only matter if memory was corrupted.
-                    dedup_id: String::from_utf8(key)
-                        .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned()),
-                    id: ItemId(r.id),
-                    until: r.until,
-                });
+                out.push(record(r, key));
             }
         }
         out
     }
 
-    /// Every record, ended ones not yet dropped included, in its group, each group named by its first record
-    /// (a store that writes its groups whole, as the log store's checkpoints do). A group whose first records
-    /// were dropped already is renamed after the first it still has, so that the name its drop will report is the
-    /// one it was written under. Also the renamed groups: their index in the list and their name before.
+    /// Every record, ended ones not yet dropped included, in its group, each group under its name (its first
+    /// record: a store that writes its groups whole, as the log store's checkpoints do). Groups leave whole, so
+    /// none is ever renamed: the second list, of renamed groups, is empty.
     pub(crate) fn named_groups(&mut self) -> (Vec<Vec<DedupRecord>>, super::DedupRenames) {
-        let mut out = Vec::with_capacity(self.groups.len() + 1);
-        let mut bytes = self.keys.iter();
-        let mut records = self.fifo.iter();
-        let mut take = |n: u32| -> Vec<DedupRecord> {
-            records
-                .by_ref()
-                .take(n as usize)
-                .map(|r| {
-                    let key: Vec<u8> = bytes.by_ref().take(r.len as usize).copied().collect();
-                    DedupRecord {
-                        dedup_id: String::from_utf8(key)
-                            .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned()),
-                        id: ItemId(r.id),
-                        until: r.until,
-                    }
-                })
-                .collect()
-        };
-        let mut renamed = Vec::new();
-        for g in self.groups.iter_mut() {
-            let group = take(g.0);
-            if let Some(first) = group.first() {
-                if (g.1, g.2) != (first.until, first.id) {
-                    renamed.push((out.len(), (g.1, g.2)));
-                    (g.1, g.2) = (first.until, first.id);
-                }
-                out.push(group);
+        let mut out = Vec::new();
+        for lane in &self.lanes {
+            let mut records = lane.records();
+            for g in &lane.groups {
+                out.push(
+                    records
+                        .by_ref()
+                        .take(g.n as usize)
+                        .map(|(r, k)| record(r, k))
+                        .collect(),
+                );
             }
         }
         // Records not sealed into a group yet (none between two calls of a partition).
-        let open = take(self.open);
-        if !open.is_empty() {
-            out.push(open);
+        if !self.open.is_empty() {
+            let mut bytes = self.open_keys.iter();
+            out.push(
+                self.open
+                    .iter()
+                    .map(|r| record(r, bytes.by_ref().take(r.len as usize).copied().collect()))
+                    .collect(),
+            );
         }
-        (out, renamed)
+        (out, Vec::new())
     }
 
     /// Adds stored groups of records (any order, expired ones included: they are dropped in turn, and reported so);
     /// a group is named by its first record.
     pub(crate) fn restore(&mut self, groups: impl IntoIterator<Item = Vec<DedupRecord>>) {
         let mut groups: Vec<Vec<DedupRecord>> = groups.into_iter().filter(|g| !g.is_empty()).collect();
-        groups.sort_by_key(|g| (g[0].until, g[0].id));
+        groups.sort_by_key(|g| (g.iter().map(|r| r.until).max(), g[0].until, g[0].id));
+        // Sealed in the order they end, each group's records as they were written (its name stays its first's).
+        let open = std::mem::take(&mut self.open);
+        let open_keys = std::mem::take(&mut self.open_keys);
         for g in groups {
-            self.groups.push_back((g.len() as u32, g[0].until, g[0].id));
             for r in g {
-                self.keys.extend(r.dedup_id.as_bytes());
-                self.fifo.push_back(Record {
-                    until: r.until,
-                    id: r.id.0,
-                    len: r.dedup_id.len() as u32,
-                });
+                self.insert(&r.dedup_id, r.id, r.until);
             }
+            self.seal();
         }
+        self.open = open;
+        self.open_keys = open_keys;
     }
 
     /// Records held, expired ones not yet dropped included.
     pub(crate) fn len(&self) -> usize {
-        self.fifo.len()
+        self.lanes.iter().map(|l| l.fifo.len()).sum::<usize>() + self.open.len()
     }
 }
 
@@ -196,10 +265,10 @@ mod tests {
         s.seal();
     }
 
-    /// An expired record stuck behind a live one (the window was shortened) is listed by no `live`, and dropped
-    /// once the record in front of it goes.
+    /// Records of a short window behind one of a long window (a redrive's hour before a queue's own keys) leave on
+    /// time: they used to wait for it.
     #[test]
-    fn out_of_order_expiry_is_only_kept_longer() {
+    fn a_long_record_does_not_hold_back_the_short_ones_behind_it() {
         let mut s = DedupSet::default();
         add(&mut s, "long", 1, 1000);
         add(&mut s, "short", 2, 10);
@@ -210,12 +279,51 @@ mod tests {
         );
         let mut dropped = Vec::new();
         s.prune(Ts(40), 10, |t, id| dropped.push((t, id)));
-        assert!(dropped.is_empty(), "the live front record holds the others back");
+        assert_eq!(dropped, vec![(Ts(10), ItemId(2)), (Ts(30), ItemId(3))]);
+        assert_eq!(s.len(), 1);
         s.prune(Ts(1000), 10, |t, id| dropped.push((t, id)));
-        assert_eq!(
-            dropped,
-            vec![(Ts(1000), ItemId(1)), (Ts(10), ItemId(2)), (Ts(30), ItemId(3))]
-        );
+        assert_eq!(dropped.last(), Some(&(Ts(1000), ItemId(1))));
+        assert_eq!(s.len(), 0);
+    }
+
+    /// A steady mix of two windows (a queue's own keys, 30 ticks, and redrive records, 3,600) keeps only the records
+    /// that live, plus one call's worth: it used to keep every record of the last 3,600 ticks.
+    #[test]
+    fn two_windows_keep_only_what_lives() {
+        let mut s = DedupSet::default();
+        let mut id = 0;
+        for now in 0..10_000i64 {
+            for _ in 0..10 {
+                id += 1;
+                add(&mut s, &format!("k{id}"), id, now + 30);
+            }
+            if now % 10 == 0 {
+                id += 1;
+                add(&mut s, &format!("r{id}"), id, now + 3600);
+            }
+            s.prune(Ts(now), 100, |_, _| {});
+            assert!(s.lanes.len() <= 2, "{} lanes", s.lanes.len());
+        }
+        let live = s.live(Ts(9_999)).len();
+        assert!(s.len() <= live + 20, "{} records held for {live} live", s.len());
+        assert_eq!(live, 30 * 10 + 360);
+    }
+
+    /// Past MAX_LANES windows, a group goes behind the lane that ends latest: only kept longer.
+    #[test]
+    fn more_windows_than_lanes_only_keep_records_longer() {
+        let mut s = DedupSet::default();
+        for (i, until) in [100, 90, 80, 70, 60, 50].into_iter().enumerate() {
+            add(&mut s, "k", i as u64, until);
+        }
+        assert_eq!(s.lanes.len(), MAX_LANES);
+        // 60 went behind 100 (the lane that ended latest), then 50 behind 90.
+        let mut dropped = Vec::new();
+        s.prune(Ts(95), 100, |t, _| dropped.push(t.0));
+        dropped.sort();
+        assert_eq!(dropped, vec![50, 70, 80, 90], "60 waits behind 100");
+        assert_eq!(s.live(Ts(95)).len(), 1, "60 ended: kept, not obeyed");
+        s.prune(Ts(100), 100, |t, _| dropped.push(t.0));
         assert_eq!(s.len(), 0);
     }
 
@@ -232,7 +340,7 @@ mod tests {
         let keys: Vec<&str> = live.iter().map(|r| r.dedup_id.as_str()).collect();
         assert_eq!(keys, vec!["ünïcode-κey", "x".repeat(128).as_str()]);
         assert_eq!(
-            s.keys.len(),
+            s.lanes.iter().map(|l| l.keys.len()).sum::<usize>(),
             "ünïcode-κey".len() + 128,
             "pruned keys' bytes are gone"
         );
