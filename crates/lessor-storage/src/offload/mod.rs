@@ -1467,15 +1467,13 @@ mod tests {
             (from..from + 1000)
                 .map(|id| Item {
                     id: ItemId(id),
-                    payload: Bytes::from(
-                        frame::ObjectRef {
-                            codec: Compression::None,
-                            len: 3,
-                            crc: 0,
-                            key: format!("k{id}"),
-                        }
-                        .encode(),
-                    ),
+                    payload: frame::ObjectRef {
+                        codec: Compression::None,
+                        len: 3,
+                        crc: 0,
+                        key: format!("k{id}"),
+                    }
+                    .encode(),
                     ..Default::default()
                 })
                 .collect()
