@@ -77,10 +77,12 @@ impl Lane {
 /// A partition's dedup records.
 #[derive(Debug, Default)]
 pub(crate) struct DedupSet {
+    /// Lanes are never removed (an empty one is taken again first), so that `open_lane` stays valid.
     lanes: Vec<Lane>,
-    /// Records added since the last [`DedupSet::seal`], not yet in a group, and their keys.
-    open: Vec<Record>,
-    open_keys: Vec<u8>,
+    /// Records added since the last [`DedupSet::seal`], not yet in a group: the last `open` records of lane
+    /// `open_lane` (the lane of the last group, where the next one most likely goes, so that a seal moves nothing).
+    open: u32,
+    open_lane: usize,
 }
 
 fn record(r: &Record, key: Vec<u8>) -> DedupRecord {
@@ -96,20 +98,33 @@ fn record(r: &Record, key: Vec<u8>) -> DedupRecord {
 impl DedupSet {
     /// Records `key` for item `id` until `until`.
     pub(crate) fn insert(&mut self, key: &str, id: ItemId, until: Ts) {
-        self.open_keys.extend_from_slice(key.as_bytes());
-        self.open.push(Record {
+        if self.lanes.is_empty() {
+            self.lanes.push(Lane::default());
+        }
+        let lane = &mut self.lanes[self.open_lane];
+        lane.keys.extend(key.as_bytes());
+        lane.fifo.push_back(Record {
             until,
             id: id.0,
             len: key.len() as u32,
         });
+        self.open += 1;
+    }
+
+    /// The records added since the last seal.
+    fn open_records(&self) -> impl Iterator<Item = &Record> {
+        let fifo = self.lanes.get(self.open_lane).map(|l| &l.fifo);
+        let skip = fifo.map_or(0, |f| f.len() - self.open as usize);
+        fifo.into_iter().flat_map(move |f| f.iter().skip(skip))
     }
 
     /// Closes the records added since the last call into one group, named by the first of them; returns that name,
     /// or `None` when nothing was added.
     pub(crate) fn seal(&mut self) -> Option<(Ts, ItemId)> {
-        let first = self.open.first()?;
+        let first = self.open_records().next()?;
         let name = (first.until, ItemId(first.id));
-        let last = self.open.iter().map(|r| r.until).max().unwrap_or(first.until);
+        let last = self.open_records().map(|r| r.until).max().unwrap_or(first.until);
+        let n = std::mem::take(&mut self.open);
         // The lane that ends latest but not after this group; else an empty or a new one; else (all taken) the one
         // that ends latest.
         let fits = self
@@ -132,14 +147,18 @@ impl DedupSet {
                 .max_by_key(|(_, l)| l.last())
                 .map_or(0, |(i, _)| i),
         };
-        let lane = &mut self.lanes[at];
-        lane.groups.push_back(Group {
-            n: self.open.len() as u32,
-            name,
-            last,
-        });
-        lane.fifo.extend(self.open.drain(..));
-        lane.keys.extend(self.open_keys.drain(..));
+        if at != self.open_lane {
+            // The records move from the tail of the lane they were added to.
+            let from = &mut self.lanes[self.open_lane];
+            let records: Vec<Record> = from.fifo.drain(from.fifo.len() - n as usize..).collect();
+            let bytes: usize = records.iter().map(|r| r.len as usize).sum();
+            let keys: Vec<u8> = from.keys.drain(from.keys.len() - bytes..).collect();
+            let to = &mut self.lanes[at];
+            to.fifo.extend(records);
+            to.keys.extend(keys);
+            self.open_lane = at;
+        }
+        self.lanes[at].groups.push_back(Group { n, name, last });
         Some(name)
     }
 
@@ -177,7 +196,6 @@ impl DedupSet {
             super::shrink_deque(&mut lane.keys);
             super::shrink_deque(&mut lane.groups);
         }
-        self.lanes.retain(|l| !l.groups.is_empty());
     }
 
     /// The records that live at `now` (`until > now`), lane by lane. A key recorded twice while both records live
@@ -185,19 +203,13 @@ impl DedupSet {
     /// later `until`.
     pub(crate) fn live(&self, now: Ts) -> Vec<DedupRecord> {
         let mut out = Vec::new();
+        // Open records included: they are the tail of their lane.
         for lane in &self.lanes {
             out.extend(
                 lane.records()
                     .filter(|(r, _)| r.until > now)
                     .map(|(r, k)| record(r, k)),
             );
-        }
-        let mut bytes = self.open_keys.iter();
-        for r in &self.open {
-            let key: Vec<u8> = bytes.by_ref().take(r.len as usize).copied().collect();
-            if r.until > now {
-                out.push(record(r, key));
-            }
         }
         out
     }
@@ -207,7 +219,8 @@ impl DedupSet {
     /// none is ever renamed: the second list, of renamed groups, is empty.
     pub(crate) fn named_groups(&mut self) -> (Vec<Vec<DedupRecord>>, super::DedupRenames) {
         let mut out = Vec::new();
-        for lane in &self.lanes {
+        let mut open = Vec::new();
+        for (i, lane) in self.lanes.iter().enumerate() {
             let mut records = lane.records();
             for g in &lane.groups {
                 out.push(
@@ -218,16 +231,13 @@ impl DedupSet {
                         .collect(),
                 );
             }
+            if i == self.open_lane {
+                open = records.map(|(r, k)| record(r, k)).collect();
+            }
         }
         // Records not sealed into a group yet (none between two calls of a partition).
-        if !self.open.is_empty() {
-            let mut bytes = self.open_keys.iter();
-            out.push(
-                self.open
-                    .iter()
-                    .map(|r| record(r, bytes.by_ref().take(r.len as usize).copied().collect()))
-                    .collect(),
-            );
+        if !open.is_empty() {
+            out.push(open);
         }
         (out, Vec::new())
     }
@@ -237,22 +247,20 @@ impl DedupSet {
     pub(crate) fn restore(&mut self, groups: impl IntoIterator<Item = Vec<DedupRecord>>) {
         let mut groups: Vec<Vec<DedupRecord>> = groups.into_iter().filter(|g| !g.is_empty()).collect();
         groups.sort_by_key(|g| (g.iter().map(|r| r.until).max(), g[0].until, g[0].id));
-        // Sealed in the order they end, each group's records as they were written (its name stays its first's).
-        let open = std::mem::take(&mut self.open);
-        let open_keys = std::mem::take(&mut self.open_keys);
+        // Sealed in the order they end, each group's records as they were written (its name stays its first's). A
+        // restore comes before any produce; records still open would join the first group, so they are sealed first.
+        self.seal();
         for g in groups {
             for r in g {
                 self.insert(&r.dedup_id, r.id, r.until);
             }
             self.seal();
         }
-        self.open = open;
-        self.open_keys = open_keys;
     }
 
     /// Records held, expired ones not yet dropped included.
     pub(crate) fn len(&self) -> usize {
-        self.lanes.iter().map(|l| l.fifo.len()).sum::<usize>() + self.open.len()
+        self.lanes.iter().map(|l| l.fifo.len()).sum()
     }
 }
 
