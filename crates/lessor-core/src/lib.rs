@@ -14,6 +14,7 @@
 //!   their contracts.
 //! - [`durability`]: deferred durability, so that a queue task's passes overlap the fsyncs of the ones before.
 //! - [`auth`]: namespaces, users, API keys, roles and bindings; authentication and authorisation.
+//! - [`shrink`]: giving back the room of maps and queues that have emptied.
 //! - [`engine`]: the queue manager and the one task per queue that batches concurrent requests into one storage
 //!   call per partition per kind.
 
@@ -21,6 +22,7 @@ pub mod auth;
 pub mod durability;
 pub mod engine;
 pub mod error;
+pub mod shrink;
 pub mod storage;
 pub mod time;
 pub mod types;

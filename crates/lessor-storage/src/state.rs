@@ -1569,8 +1569,8 @@ impl PartitionState {
     /// each with a source id, left about 550 MB of empty `by_source` table once drained). Each check is O(1); a
     /// shrink copies what is left, and comes again only once half of that has gone.
     fn shrink_drained(&mut self) {
-        shrink_map(&mut self.by_source);
-        shrink_map(&mut self.on_disk);
+        lessor_core::shrink::map(&mut self.by_source, SHRINK_MIN);
+        lessor_core::shrink::map(&mut self.on_disk, SHRINK_MIN);
         for prio in self.prios.iter_mut().flatten() {
             shrink_deque(&mut prio.fifo);
         }
@@ -2800,19 +2800,9 @@ impl Sweep {
 /// Below this many slots a collection keeps its room: shrinking small ones would only churn the allocator.
 const SHRINK_MIN: usize = 1024;
 
-/// Shrinks `m` to twice its length once it fills under a quarter of its room (see
-/// [`PartitionState::shrink_drained`]).
-fn shrink_map<K: std::hash::Hash + Eq, V, S: std::hash::BuildHasher>(m: &mut HashMap<K, V, S>) {
-    if m.capacity() > SHRINK_MIN && m.len() < m.capacity() / 4 {
-        m.shrink_to(m.len() * 2);
-    }
-}
-
-/// [`shrink_map`] for a queue.
+/// See [`lessor_core::shrink::deque`]; for the `dedup` submodule.
 pub(crate) fn shrink_deque<T>(d: &mut VecDeque<T>) {
-    if d.capacity() > SHRINK_MIN && d.len() < d.capacity() / 4 {
-        d.shrink_to(d.len() * 2);
-    }
+    lessor_core::shrink::deque(d, SHRINK_MIN);
 }
 
 #[cfg(test)]

@@ -2061,14 +2061,10 @@ fn instance_id() -> String {
     raw.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// Gives back the slots of a table of queues that has emptied to a quarter of its capacity. A `HashMap` never
-/// shrinks on its own, so a burst of loaded queues (or of unloaded ones loaded again) left their slots, 33 bytes or
-/// more each, for the life of the process. Shrinking to twice the entries left makes the next shrink wait until
-/// the table has halved twice more, so the rehash costs O(1) per removal over time.
+/// Gives back the slots of a table of queues that has emptied (a burst of loaded queues, or of unloaded ones loaded
+/// again, left their slots, 33 bytes or more each, for the life of the process).
 fn shrink_sparse<V>(map: &mut HashMap<String, V>) {
-    if map.capacity() > 64 && map.len() < map.capacity() / 4 {
-        map.shrink_to(map.len() * 2);
-    }
+    crate::shrink::map(map, 64);
 }
 
 fn poisoned<T>(_: T) -> QueueError {

@@ -1178,9 +1178,7 @@ impl FjallStore {
 /// slots for the life of the store. Shrinking to twice the entries left makes the next shrink wait until the table
 /// has halved twice more, so the rehash costs O(1) per removal over time.
 fn shrink_sparse<V>(map: &mut HashMap<String, V>) {
-    if map.capacity() > 64 && map.len() < map.capacity() / 4 {
-        map.shrink_to(map.len() * 2);
-    }
+    lessor_core::shrink::map(map, 64);
 }
 
 /// Reads the catalog: live partitions, the next pid, and the pids whose deletion is unfinished.

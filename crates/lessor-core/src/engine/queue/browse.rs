@@ -186,13 +186,8 @@ impl Holders {
     /// unloads, and kept the tables of its largest burst (up to the caps, some 60 MB) for as long as it ran. O(1)
     /// unless it shrinks, which copies what is left and comes again only once half of that has gone.
     fn shrink(&mut self) {
-        fn sparse<K: std::hash::Hash + Eq, V>(m: &mut FastMap<K, V>) {
-            if m.capacity() > SHRINK_MIN && m.len() < m.capacity() / 4 {
-                m.shrink_to(m.len() * 2);
-            }
-        }
-        sparse(&mut self.by_item);
-        sparse(&mut self.batches);
+        crate::shrink::map(&mut self.by_item, SHRINK_MIN);
+        crate::shrink::map(&mut self.batches, SHRINK_MIN);
     }
 
     /// Forgets leases whose deadline passed (bounded work per call).
