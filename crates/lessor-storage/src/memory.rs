@@ -523,12 +523,10 @@ impl MemoryPartition {
     ) -> Result<u64, StorageError> {
         let Some(log) = &self.log else { return Ok(0) };
         let (mut bytes, dedup) = {
-            let mut st = self.state()?;
-            // Every record, ended ones not yet dropped included: which have ended is the engine's clock's call.
-            let (groups, renamed) = st.dedup_groups();
-            // Logged before the begin record, as changes of their own: whether or not this checkpoint ends, replay
-            // knows each group by the name its drop will be logged under.
-            log.checkpoint_renames(&groups, &renamed)?;
+            let st = self.state()?;
+            // Every record, ended ones not yet dropped included: which have ended is the engine's clock's call. Each
+            // group is copied under the name its drop will be logged under (groups are never renamed).
+            let groups = st.dedup_groups();
             let Some(b) = log.checkpoint_begin(&st, queue, partition)? else {
                 return Ok(0);
             };

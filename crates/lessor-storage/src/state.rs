@@ -128,9 +128,6 @@ use dedup::DedupSet;
 use paging::NONE;
 pub use paging::{PageRead, Paged, PagedSched, PagingCounts, SchedKey, SchedMove, SchedRead};
 
-/// Dedup groups renamed by [`PartitionState::dedup_groups`]: their index in its list and their name before.
-pub type DedupRenames = Vec<(usize, (Ts, ItemId))>;
-
 /// What an operation changed, for a persistent backend to write in one atomic batch.
 #[derive(Debug, Default, Clone)]
 pub struct Changes {
@@ -1805,10 +1802,9 @@ impl PartitionState {
     }
 
     /// Every dedup record, ended ones not yet dropped included, in groups named by their first record (see
-    /// `DedupSet::named_groups`): what the log store's checkpoint writes. Also the groups this renamed (after the
-    /// first record they still have): their index in the list and their name before, which the log's earlier
-    /// records know them by.
-    pub fn dedup_groups(&mut self) -> (Vec<Vec<DedupRecord>>, DedupRenames) {
+    /// `DedupSet::named_groups`): what the log store's checkpoint writes. Groups leave whole, never a record at a
+    /// time, so a group keeps the name the log's earlier records know it by.
+    pub fn dedup_groups(&self) -> Vec<Vec<DedupRecord>> {
         self.dedup.named_groups()
     }
 

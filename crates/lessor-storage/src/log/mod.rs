@@ -826,28 +826,6 @@ fn checkpoint_loop(inner: Weak<Inner>, rx: std::sync::mpsc::Receiver<()>) {
 }
 
 impl PartLog {
-    /// Logs the dedup groups a checkpoint renamed (`PartitionState::dedup_groups`), each as a change set that
-    /// drops it under its old name and writes it whole under the new one, under the partition's lock. Nothing
-    /// when the partition was destroyed.
-    pub(crate) fn checkpoint_renames(
-        &self,
-        groups: &[Vec<DedupRecord>],
-        renamed: &[(usize, (Ts, ItemId))],
-    ) -> Result<(), StorageError> {
-        if self.destroyed.load(Ordering::Acquire) {
-            return Ok(());
-        }
-        for &(i, old) in renamed {
-            let ch = Changes {
-                dedup_put: groups[i].clone(),
-                dedup_del: vec![old],
-                ..Changes::default()
-            };
-            self.append(&ch, false)?;
-        }
-        Ok(())
-    }
-
     /// Starts this partition's checkpoint: its begin record (the point in the log after which its changes are
     /// replayed over the copy), under the partition's lock. `Ok(None)` when the partition was destroyed.
     pub(crate) fn checkpoint_begin(

@@ -216,8 +216,8 @@ impl DedupSet {
 
     /// Every record, ended ones not yet dropped included, in its group, each group under its name (its first
     /// record: a store that writes its groups whole, as the log store's checkpoints do). Groups leave whole, so
-    /// none is ever renamed: the second list, of renamed groups, is empty.
-    pub(crate) fn named_groups(&mut self) -> (Vec<Vec<DedupRecord>>, super::DedupRenames) {
+    /// none is ever renamed.
+    pub(crate) fn named_groups(&self) -> Vec<Vec<DedupRecord>> {
         let mut out = Vec::new();
         let mut open = Vec::new();
         for (i, lane) in self.lanes.iter().enumerate() {
@@ -239,7 +239,7 @@ impl DedupSet {
         if !open.is_empty() {
             out.push(open);
         }
-        (out, Vec::new())
+        out
     }
 
     /// Adds stored groups of records (any order, expired ones included: they are dropped in turn, and reported so);
