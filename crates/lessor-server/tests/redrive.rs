@@ -395,3 +395,75 @@ async fn a_batch_that_fails_at_its_second_target_keeps_what_the_first_took() {
     }
     panic!("a was never tried first");
 }
+
+/// A redrive whose target refuses its batches, then cancelled: the claim it held on the dead-letter queue's items
+/// goes with it. The claim used to stay for as long as the queue stayed loaded: consumers of the dead-letter queue
+/// had their completes of those items answered as for ids that are gone, and the queue never unloaded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_redrive_leaves_no_claim_behind() {
+    let clock = ManualClock::starting_now();
+    let e = engine(&clock);
+    setup(&e, 3, 0).await;
+    // A queue being restored refuses every write, a redrive's batch included (a retry, not a failure).
+    e.restore_begin(queue("t", "", 1), false)
+        .await
+        .expect("restoring target");
+    let t = e
+        .redrive_start(RedriveRequest {
+            dead_queue: "dlq".into(),
+            target_queue: "t".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("start");
+    // The first round claims the items, fails its move and sleeps until the next: stats are answered meanwhile.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let c = e.redrive_cancel(&t.id).await.expect("cancel");
+    assert_eq!(c.status, RedriveStatus::Cancelled);
+    // The runner sees the cancel at its next round, and stops.
+    clock.advance(Duration::from_secs(10));
+    let l = e.lease("dlq", 10, "worker", T).await.expect("lease");
+    assert_eq!(l.items.len(), 3);
+    let ids: Vec<_> = l.items.iter().map(|it| it.id).collect();
+    poll_until(Duration::from_secs(10), Duration::from_millis(20), || async {
+        e.complete("dlq", l.partition, ids.clone(), T)
+            .await
+            .map_err(|err| err.to_string())
+    })
+    .await
+    .expect("a consumer of the dead-letter queue completes what it leased");
+    assert_eq!(depth(&e, "dlq").await, 0);
+}
+
+/// `max_items` holds across the partitions of one round: a round takes up to a batch from each partition, and took
+/// it from each whatever the others had moved.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_items_holds_across_partitions() {
+    let clock = ManualClock::starting_now();
+    let e = engine(&clock);
+    setup(&e, 0, 0).await;
+    // Items straight into both partitions of the dead-letter queue (dead-letter moves all go to partition 0).
+    for p in 0..2 {
+        let items: Vec<lessor_core::types::Item> = (0..6)
+            .map(|i| lessor_core::types::Item {
+                payload: bytes::Bytes::from(format!("p{p}-{i}")),
+                ..Default::default()
+            })
+            .collect();
+        e.storage_import("dlq", p, items).await.expect("import");
+    }
+    let t = e
+        .redrive_start(RedriveRequest {
+            dead_queue: "dlq".into(),
+            target_queue: "a".into(),
+            max_items: 8,
+            ..Default::default()
+        })
+        .await
+        .expect("start");
+    let done = wait_done(&e, &t.id).await;
+    assert_eq!(done.status, RedriveStatus::Completed, "{done:?}");
+    assert_eq!(done.moved, 8, "{done:?}");
+    assert_eq!(depth(&e, "a").await, 8);
+    assert_eq!(depth(&e, "dlq").await, 4);
+}

@@ -414,7 +414,38 @@ impl Engine {
     /// (idempotent by source id and dedup record), then deleted from the dead-letter queue. Progress is saved after
     /// every batch; a killed server resumes the task and repeats at most the batch in flight, which the targets
     /// recognise, so nothing is lost or doubled.
-    async fn run_redrive(&self, mut t: Stored) -> Result<(), QueueError> {
+    async fn run_redrive(&self, t: Stored) -> Result<(), QueueError> {
+        let dead_queue = t.dead_queue.clone();
+        let mut held = HashMap::new();
+        let r = self.redrive_rounds(t, &mut held).await;
+        // Whatever way the runner stopped (done, failed, cancelled, taken over, shutting down), the claims it still
+        // holds go: a claim left behind made the dead-letter queue answer its consumers' completes and retries of
+        // those items as if the ids were gone, for as long as the queue stayed loaded, and kept it from unloading.
+        for p in held.into_keys() {
+            self.release_claim(&dead_queue, p).await;
+        }
+        r
+    }
+
+    /// Gives up the claim of a redrive on `partition` of `dead_queue` (best effort: a queue that is gone or
+    /// unloaded holds no claims).
+    async fn release_claim(&self, dead_queue: &str, partition: u32) {
+        let _ = self
+            .call(dead_queue, |reply| {
+                Msg::Cold(Cold::Claim {
+                    partition,
+                    ids: Vec::new(),
+                    reply,
+                })
+            })
+            .await;
+    }
+
+    /// The rounds of [`Engine::run_redrive`]. `held` tracks the partitions where this runner holds a claim, each
+    /// with whether some of its claimed items may have reached their target without leaving the dead-letter queue
+    /// (a failed delete): those stay claimed until a later round moves them, so that a consumer of the dead-letter
+    /// queue cannot complete an item that also lives in its target.
+    async fn redrive_rounds(&self, mut t: Stored, held: &mut HashMap<u32, bool>) -> Result<(), QueueError> {
         let started = self.clock().now();
         let moved_at_start = t.moved;
         let mut pivots: HashMap<u32, Option<ItemId>> = HashMap::new();
@@ -467,6 +498,15 @@ impl Engine {
             // Per round: whether each origin queue names this dead-letter queue (see below).
             let mut owners: HashMap<String, bool> = HashMap::new();
             for p in 0..info.partitions.len() as u32 {
+                // What is left of max_items, partition by partition: a round takes up to `want` from each.
+                let want = if t.max_items > 0 {
+                    want.min(t.max_items.saturating_sub(t.moved) as usize)
+                } else {
+                    want
+                };
+                if want == 0 {
+                    break;
+                }
                 let pivot = pivots.get(&p).copied().flatten();
                 // The page is bounded in bytes too (limits.max_lease_bytes), so a batch of 5 MB items stays small.
                 let items = match self
@@ -545,6 +585,7 @@ impl Engine {
                 }
                 if batch.is_empty() {
                     pivots.insert(p, next_pivot);
+                    self.drop_settled_claim(&t.dead_queue, p, held).await;
                     continue;
                 }
                 // Claim the batch in the dead-letter queue before its copies are written: what a consumer leased
@@ -562,7 +603,15 @@ impl Engine {
                     })
                     .await
                 {
-                    Ok(c) => c.into_iter().collect::<HashSet<ItemId>>(),
+                    Ok(c) => {
+                        // The claim replaced this partition's last one, items in doubt included: those still
+                        // ready are in this batch again and move with it (their target knows them by their dedup
+                        // key). One a consumer leased since loses its claim here (a failed delete, then a lease of
+                        // a claimed item, before this round): it may then be delivered from both queues, which an
+                        // at-least-once queue allows.
+                        held.insert(p, false);
+                        c.into_iter().collect::<HashSet<ItemId>>()
+                    }
                     Err(e) => {
                         tracing::warn!(task = %t.id, partition = p, error = %e, "redrive claim failed; will retry");
                         exhausted = false;
@@ -574,34 +623,38 @@ impl Engine {
                 t.skipped += (before - batch.len()) as u64;
                 if batch.is_empty() {
                     pivots.insert(p, next_pivot);
+                    held.remove(&p);
                     continue;
                 }
                 match self.move_batch(&t.dead_queue, p, batch).await {
                     Ok(n) => {
                         t.moved += n;
                         progressed = true;
+                        // Every claimed item left the dead-letter queue, and its claim with it.
+                        held.remove(&p);
                         // Moved items are gone and skipped ones stay skipped: continue after the last one looked at.
                         pivots.insert(p, next_pivot);
                     }
                     Err(MoveError::Fatal(n, msg)) => {
                         t.moved += n;
                         // What is left of the batch was not written anywhere: consumers may have it.
-                        let _ = self
-                            .call(&t.dead_queue, |reply| {
-                                Msg::Cold(Cold::Claim {
-                                    partition: p,
-                                    ids: Vec::new(),
-                                    reply,
-                                })
-                            })
-                            .await;
+                        held.remove(&p);
+                        self.release_claim(&t.dead_queue, p).await;
                         return self.finish(&mut t, "failed", &msg).await;
                     }
-                    Err(MoveError::Retry(n, e)) => {
+                    Err(MoveError::Retry(n, e, in_doubt)) => {
                         // The targets that took their items before the failure are done (their items left the
-                        // dead-letter queue); the rest is listed again next round.
+                        // dead-letter queue); the rest is listed again next round. Items a target took but the
+                        // dead-letter queue did not delete stay claimed; otherwise no claimed item was written
+                        // anywhere, and consumers may have them back until the next round claims them again.
                         t.moved += n;
                         progressed |= n > 0;
+                        if in_doubt {
+                            held.insert(p, true);
+                        } else {
+                            held.remove(&p);
+                            self.release_claim(&t.dead_queue, p).await;
+                        }
                         tracing::warn!(task = %t.id, partition = p, error = %e, "redrive batch failed; will retry");
                         exhausted = false;
                     }
@@ -662,15 +715,24 @@ impl Engine {
                         format!("target queue '{q}' does not exist"),
                     ))
                 }
-                Err(e) => return Err(MoveError::Retry(moved, e)),
+                Err(e) => return Err(MoveError::Retry(moved, e, false)),
             }
             let n = ids.len() as u64;
             self.storage_delete(dead_queue, partition, ids)
                 .await
-                .map_err(|e| MoveError::Retry(moved, e))?;
+                .map_err(|e| MoveError::Retry(moved, e, true))?;
             moved += n;
         }
         Ok(moved)
+    }
+
+    /// A round found nothing to move in `partition`: the runner's claim there goes, unless it covers items that
+    /// may be in their target too (see [`Engine::redrive_rounds`]).
+    async fn drop_settled_claim(&self, dead_queue: &str, partition: u32, held: &mut HashMap<u32, bool>) {
+        if held.get(&partition) == Some(&false) {
+            held.remove(&partition);
+            self.release_claim(dead_queue, partition).await;
+        }
     }
 
     /// Items left in the dead-letter queue (ready, leased and scheduled), for progress.
@@ -715,8 +777,9 @@ impl Engine {
 enum MoveError {
     /// Stops the task; the items moved before it.
     Fatal(u64, String),
-    /// Tried again; the items moved before it.
-    Retry(u64, QueueError),
+    /// Tried again; the items moved before it, and whether the failed step was a delete from the dead-letter
+    /// queue after the target took the items (they may be in both places until a later round).
+    Retry(u64, QueueError, bool),
 }
 
 fn no_such_task(id: &str) -> QueueError {
