@@ -1239,7 +1239,6 @@ impl Engine {
         // the unloaded table and goes with it (see `WakeTask`): each unload used to start one that slept until its
         // deadline whatever happened meanwhile, so a queue loaded and unloaded every few minutes while its oldest
         // item waited for its expiry (days, for a dead-letter queue) gathered one task per cycle.
-        let wake = wake.map(|at| self.wake_task(name, at));
         if let Ok(mut queues) = self.inner.queues.write() {
             if let Some(h) = queues.get(name).filter(|h| h.load == load).cloned() {
                 queues.remove(name);
@@ -1249,6 +1248,10 @@ impl Engine {
                         self.inner.transitions.fetch_add(1, Ordering::Relaxed) + 1,
                         Ordering::Relaxed,
                     );
+                    // Started under the table's lock, which its check that the queue is still unloaded takes: a
+                    // deadline already past let a task started before the entry existed find none, and end, so
+                    // the queue was not loaded at its deadline (nor ever, unless asked for).
+                    let wake = wake.map(|at| self.wake_task(name, at));
                     unloaded.insert(
                         name.to_string(),
                         Unloaded {
