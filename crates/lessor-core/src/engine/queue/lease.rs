@@ -20,7 +20,7 @@ impl QueueTask {
     /// (round-robin), so concurrent consumers share fairly. A waiter that got anything is answered.
     pub(super) async fn serve_leases(&mut self, now: Ts) {
         self.waiters.retain(|w| !w.reply.is_closed());
-        if self.info.paused {
+        if self.info.paused || self.waiters.is_empty() {
             // Waiters long-poll until the queue is resumed (the resume's pass serves them) or their timeout ends.
             return;
         }
