@@ -347,3 +347,54 @@ fn pages_taken_while_the_partition_changes_miss_no_untouched_item() {
         }
     }
 }
+
+/// A first destroy of q/0 waits for the partition's lock to log the destruction; meanwhile q/0 is opened again (a
+/// new pid) and destroyed again, and that second destroy is acknowledged. A crash then, before the first
+/// destruction is logged: replay found the first pid live and the second destroyed (its name forgotten), and served
+/// the first one's items again. The last pid of a name decides: it was destroyed, so the name is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_destroy_of_a_recreated_partition_stays_destroyed_after_a_crash() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (store, old, release) = store_with_held_partition(dir.path()).await;
+    drop(old);
+    let first = {
+        let store = store.clone();
+        tokio::spawn(async move { store.destroy("q", 0).await.expect("first destroy") })
+    };
+    let waited = std::time::Instant::now();
+    while store.destroys_in_progress() == 0 {
+        assert!(
+            waited.elapsed() < Duration::from_secs(10),
+            "the first destroy never started"
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let new = store.open("q", 0).await.expect("open again");
+    new.produce(vec![item("new")]).await.expect("produce");
+    drop(new);
+    tokio::time::timeout(Duration::from_secs(5), store.destroy("q", 0))
+        .await
+        .expect("the second destroy answers")
+        .expect("second destroy");
+    // A crash right after the second destroy's answer.
+    let crashed = tempfile::tempdir().expect("temp dir");
+    copy_dir(&dir.path().join(LOG_DIR), &crashed.path().join(LOG_DIR));
+    drop(release);
+    first.await.expect("first destroy task");
+    let s = open(crashed.path());
+    let p = s.open("q", 0).await.expect("open");
+    let c = p.counts().await.expect("counts");
+    assert_eq!(
+        c.ready, 0,
+        "acknowledged destroy undone: {} items of the older incarnation are back",
+        c.ready
+    );
+    drop(p);
+    // The restart logged the first pid's destruction: it stays gone in the run after.
+    let s = reopen(s, crashed.path()).await;
+    let p = s.open("q", 0).await.expect("open");
+    assert_eq!(p.counts().await.expect("counts").ready, 0);
+    drop(p);
+    s.close().await;
+    store.close().await;
+}

@@ -478,7 +478,14 @@ impl Replay {
                 };
             }
             R_DESTROY => {
+                // The name stays: a destroyed pid makes every earlier pid of its name a loser at open (see
+                // `LogStore::open_with`), including one whose own destruction was never logged.
+                let name = p
+                    .name
+                    .take()
+                    .or_else(|| p.pending.take().and_then(|cp| cp.copy.name));
                 *p = Replayed {
+                    name,
                     destroyed: true,
                     ..Replayed::default()
                 }
@@ -607,19 +614,36 @@ impl LogStore {
         let wal = Wal::open(&dir, durability, |body| replay.record(body))?;
         let mut parts = HashMap::new();
         let mut items = 0usize;
-        // In pid order: a name is given a new pid only once its partition left the map (a destroy under way), so
-        // when a crash came before that destroy was logged, the later pid is the partition and the earlier one is
-        // the destroyed one.
+        // A name is given a new pid only once its partition left the map (a destroy under way), so the last pid of
+        // a name decides what the name is: that partition when it is live, none when it was destroyed. Every
+        // earlier pid of the name was being destroyed, logged or not: when a crash came before that was logged, it
+        // must not be the partition, neither beside a live later pid nor once that one is destroyed (a destroy
+        // acknowledged for the later pid would be undone by the earlier one coming back).
+        let mut last: HashMap<(String, u32), u64> = HashMap::new();
+        for (&pid, p) in &replay.parts {
+            if let Some(name) = &p.name {
+                let at = last.entry(name.clone()).or_insert(pid);
+                *at = (*at).max(pid);
+            }
+        }
         let mut replayed: Vec<(u64, Replayed)> = replay.parts.into_iter().collect();
         replayed.sort_unstable_by_key(|(pid, _)| *pid);
-        // The earlier of two live pids of one name: destroyed below, or it would be the partition again once the
-        // later one is destroyed.
-        let mut pids: HashMap<(String, u32), u64> = HashMap::new();
+        // Earlier live pids of a name: their destruction is logged below, or they would be the partition again in a
+        // run whose log no longer holds the later pid's records.
         let mut losers = Vec::new();
         for (pid, p) in replayed {
-            let (Some((queue, partition)), false) = (p.name, p.destroyed) else {
+            let Some((queue, partition)) = p.name else {
                 continue;
             };
+            if last.get(&(queue.clone(), partition)) != Some(&pid) {
+                if !p.destroyed {
+                    losers.push(pid);
+                }
+                continue;
+            }
+            if p.destroyed {
+                continue;
+            }
             items += p.items.len();
             let floor = ItemId::floor_for(partition).0.max(p.next_id);
             let mut records = p.items;
@@ -645,9 +669,6 @@ impl LogStore {
                 destroyed: AtomicBool::new(false),
                 last: AtomicU64::new(0),
             };
-            if let Some(earlier) = pids.insert((queue.clone(), partition), pid) {
-                losers.push(earlier);
-            }
             parts.insert(
                 (queue, partition),
                 Arc::new(MemoryPartition::logged(state, log, budget.clone())),
