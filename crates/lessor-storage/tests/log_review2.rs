@@ -398,3 +398,49 @@ async fn a_destroy_of_a_recreated_partition_stays_destroyed_after_a_crash() {
     s.close().await;
     store.close().await;
 }
+
+/// An fsync fails (here: an injected failure, held until the test lets it fail) while a checkpoint rotates the
+/// segment. On Linux the rotation's own fsync of the same file then succeeds over the pages the failure dropped;
+/// it raised `synced` over every record written, and a produce waiting in the fsync thread's next group, whose
+/// record the failed fsync should have covered, was answered durable from `synced` before the poison was looked at.
+/// fsyncs now run one at a time, none once the log is poisoned, and the poison is checked first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn no_write_is_answered_durable_after_a_failed_fsync() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = Arc::new(open(dir.path()));
+    let p = store.open("f", 0).await.expect("open");
+    let (entered, release) = store.fail_next_fsync_for_tests();
+    let mut a = Box::pin(p.produce(vec![item("a")]));
+    assert!(!poll_once(a.as_mut()), "a produce answered before its fsync");
+    tokio::task::spawn_blocking(move || entered.recv_timeout(Duration::from_secs(10)))
+        .await
+        .expect("join")
+        .expect("the fsync thread took the first produce");
+    // Queued behind the failing fsync: its record is in the file that fsync should have made durable.
+    let mut b = Box::pin(p.produce(vec![item("b")]));
+    assert!(!poll_once(b.as_mut()), "a produce answered before its fsync");
+    let segments = store.segments();
+    let checkpoint = {
+        let store = store.clone();
+        tokio::task::spawn_blocking(move || store.checkpoint_now())
+    };
+    // The rotation either runs now (as it did) or waits for the failing fsync.
+    let waited = std::time::Instant::now();
+    while store.segments() == segments && waited.elapsed() < Duration::from_millis(500) {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    drop(release);
+    let e = a.await.expect_err("the first produce's fsync failed");
+    assert_eq!(e.kind, lessor_core::error::StorageErrorKind::Poisoned, "{e}");
+    let b = b.await;
+    assert!(
+        b.is_err(),
+        "a produce was answered durable after the fsync that should have covered it failed"
+    );
+    checkpoint
+        .await
+        .expect("join")
+        .expect_err("the checkpoint cannot be made durable");
+    drop(p);
+    store.close().await;
+}

@@ -739,6 +739,14 @@ impl LogStore {
         self.inner.wal.fsyncs()
     }
 
+    /// Makes the next fsync of the log fail as a write-back error would (tests): the returned receiver hears when it
+    /// starts, and it fails once the returned sender is sent to or dropped (until then it holds off every other
+    /// fsync of the log, and a rotation with the appends behind it).
+    #[doc(hidden)]
+    pub fn fail_next_fsync_for_tests(&self) -> (std::sync::mpsc::Receiver<()>, std::sync::mpsc::Sender<()>) {
+        self.inner.wal.fail_next_fsync()
+    }
+
     /// Runs a checkpoint now, whatever was appended (tests). Blocking.
     #[doc(hidden)]
     pub fn checkpoint_now(&self) -> Result<(), StorageError> {

@@ -11,7 +11,8 @@
 //!
 //! A segment is fsynced before the next one is created, so a waiter whose record is in an older segment is covered.
 //! A failed write or fsync poisons the log for good (the kernel may have dropped the dirty pages, and the store's
-//! memory is already ahead of its disk): every later append and wait fails until the process restarts.
+//! memory is already ahead of its disk): every later append and wait fails until the process restarts. fsyncs of
+//! segments run one at a time and none starts once one failed (a later one could succeed over the dropped pages).
 //!
 //! At open, [`Wal::open`] reads every segment in order and hands each record body to the caller. A frame cut short
 //! or failing its CRC in the *last* segment is the tail of an append a crash interrupted, never acknowledged: the
@@ -59,6 +60,12 @@ struct SyncProgress {
 
 type Waiter = (u64, oneshot::Sender<Result<(), StorageError>>);
 
+/// The next fsync of a segment tells `entered`, waits until `release` is sent to or dropped, then fails (tests).
+struct SyncFault {
+    entered: mpsc::Sender<()>,
+    release: mpsc::Receiver<()>,
+}
+
 /// The log (see the module doc).
 pub(crate) struct Wal {
     dir: PathBuf,
@@ -68,7 +75,12 @@ pub(crate) struct Wal {
     written: AtomicU64,
     sync: Mutex<SyncProgress>,
     synced_cv: Condvar,
+    /// Held by each fsync of a segment from before it starts until its outcome is published (see [`Wal::fsync`]).
+    /// Locked after `active` and before `sync`.
+    fsync_lock: Mutex<()>,
     poison: OnceLock<StorageError>,
+    /// A failure armed for the next fsync of a segment (tests: see [`Wal::fail_next_fsync`]).
+    fault: Mutex<Option<SyncFault>>,
     /// The sync thread's inbox (`sync` only); `None` once closed.
     waiters: Mutex<Option<mpsc::Sender<Waiter>>>,
     threads: Mutex<Vec<JoinHandle<()>>>,
@@ -162,7 +174,9 @@ impl Wal {
             written: AtomicU64::new(0),
             sync: Mutex::new(SyncProgress::default()),
             synced_cv: Condvar::new(),
+            fsync_lock: Mutex::new(()),
             poison: OnceLock::new(),
+            fault: Mutex::new(None),
             waiters: Mutex::new(None),
             threads: Mutex::new(Vec::new()),
             since_checkpoint: AtomicU64::new(total),
@@ -282,11 +296,9 @@ impl Wal {
     }
 
     fn rotate_locked(&self, a: &mut Active) -> Result<(), StorageError> {
+        // Everything written so far is in this segment (or an older one, fsynced before this one was created).
         let top = self.written.load(Ordering::Acquire);
-        if let Err(e) = a.file.sync_data() {
-            return Err(self.poison(format!("the fsync of a full segment failed: {e}")));
-        }
-        self.fsyncs.fetch_add(1, Ordering::Relaxed);
+        self.fsync(&a.file, top, "the fsync of a full segment failed")?;
         let next = a.id + 1;
         let file = match create_segment(&self.dir, next) {
             Ok(f) => f,
@@ -297,11 +309,54 @@ impl Wal {
             file: Arc::new(file),
             len: 0,
         };
-        // Everything written so far was in the segment just fsynced (or an older one).
-        let mut p = lock(&self.sync);
-        p.synced = p.synced.max(top);
-        self.synced_cv.notify_all();
         Ok(())
+    }
+
+    /// fsyncs `file`, which holds every append up to `target`, and publishes the outcome: `synced` raised to
+    /// `target`, or the log poisoned. One at a time, and none once the log is poisoned, the outcome published before
+    /// the next may start: on Linux an fsync reports a write-back error once, and the next fsync of the same file
+    /// returns success although the pages that failed were dropped, never written. An fsync beside or after a failed
+    /// one (the fsync thread's next group, a checkpoint's, a rotation's) would raise `synced` over records that are
+    /// not on the disk, and answer their writes as durable. Blocking.
+    fn fsync(&self, file: &File, target: u64, what: &str) -> Result<(), StorageError> {
+        let _one = lock(&self.fsync_lock);
+        self.check()?;
+        let res = self.sync_file(file);
+        self.fsyncs.fetch_add(1, Ordering::Relaxed);
+        let mut p = lock(&self.sync);
+        let res = match res {
+            Ok(()) => {
+                p.synced = p.synced.max(target);
+                Ok(())
+            }
+            // Poisoned under the lock of `sync`: a waiter woken next finds the poison, not a lower `synced`.
+            Err(e) => Err(self.poison(format!("{what}: {e}"))),
+        };
+        self.synced_cv.notify_all();
+        res
+    }
+
+    /// `file.sync_data()`, or the failure a test armed.
+    fn sync_file(&self, file: &File) -> io::Result<()> {
+        let fault = lock(&self.fault).take();
+        if let Some(f) = fault {
+            let _ = f.entered.send(());
+            let _ = f.release.recv();
+            return Err(io::Error::other("a failure injected by a test"));
+        }
+        file.sync_data()
+    }
+
+    /// Makes the next fsync of a segment fail as a write-back error would (tests): it is reported on the returned
+    /// receiver when it starts, and fails once the returned sender is sent to or dropped.
+    pub(crate) fn fail_next_fsync(&self) -> (mpsc::Receiver<()>, mpsc::Sender<()>) {
+        let (entered, started) = mpsc::channel();
+        let (release, wait) = mpsc::channel();
+        *lock(&self.fault) = Some(SyncFault {
+            entered,
+            release: wait,
+        });
+        (started, release)
     }
 
     /// Waits until an fsync covers the append with sequence `seq`, making that fsync itself when none is running.
@@ -309,10 +364,12 @@ impl Wal {
     pub(crate) fn wait_durable(&self, seq: u64) -> Result<(), StorageError> {
         let mut p = lock(&self.sync);
         loop {
+            // The poison first: once an fsync failed, nothing is answered durable, not even a record `synced`
+            // covers (an fsync running beside the failed one may have raised it).
+            self.check()?;
             if p.synced >= seq {
                 return Ok(());
             }
-            self.check()?;
             if p.syncing {
                 p = self.synced_cv.wait(p).unwrap_or_else(|e| e.into_inner());
                 continue;
@@ -323,20 +380,11 @@ impl Wal {
                 let a = lock(&self.active);
                 (self.written.load(Ordering::Acquire), a.file.clone())
             };
-            let res = file.sync_data();
-            self.fsyncs.fetch_add(1, Ordering::Relaxed);
+            let res = self.fsync(&file, target, "an fsync failed");
             p = lock(&self.sync);
             p.syncing = false;
-            match res {
-                Ok(()) => p.synced = p.synced.max(target),
-                Err(e) => {
-                    drop(p);
-                    let err = self.poison(format!("an fsync failed: {e}"));
-                    self.synced_cv.notify_all();
-                    return Err(err);
-                }
-            }
             self.synced_cv.notify_all();
+            res?;
         }
     }
 
