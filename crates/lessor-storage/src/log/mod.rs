@@ -111,8 +111,13 @@ impl PartLog {
                 .flatten());
         }
         let mut seq = None;
-        for mut body in encode_changes(self.pid, changes) {
-            seq = Some(self.wal.append(&mut body)?);
+        for mut body in encode_changes(self.pid, changes, RECORD_BYTES, wal::MAX_BODY) {
+            // The change is in RAM already, and maybe some of its part records in the log (the next change set's
+            // last record would take them as its own): any failure poisons, not only a failed write.
+            seq = Some(self.wal.append(&mut body).map_err(|e| {
+                self.wal
+                    .poison(format!("a change set could not be logged: {}", e.message))
+            })?);
         }
         if let Some(seq) = seq {
             self.last.store(seq, Ordering::Relaxed);
@@ -204,11 +209,14 @@ impl Rec {
     }
 }
 
-/// The records of one change set: usually one; a change set whose items are larger than
-/// [`RECORD_BYTES`] goes out as part records carrying some of its items, then the record with the rest
-/// (replay applies the parts only with that last record, so a crash between them loses the whole unacknowledged
-/// change set, never half of it).
-fn encode_changes(pid: u64, ch: &Changes) -> Vec<Vec<u8>> {
+/// The records of one change set: usually one. A change set larger than about `limit` bytes ([`RECORD_BYTES`]
+/// outside tests; `max_body`, the log's record limit, is [`wal::MAX_BODY`]) goes out as part records, then a last record with the rest (replay applies the parts only with
+/// that last record, so a crash between them loses the whole unacknowledged change set, never half of it). Each
+/// record carries the next stretch of the set's operations in the order replay applies them: items, removed ids,
+/// the dedup group, removed groups. Every list is split, not only the items: a clear of a large partition removes
+/// more ids than one record may hold (8 bytes each, over the log's record limit beyond 134 million), and a record
+/// refused for its size came after the change was made in RAM.
+fn encode_changes(pid: u64, ch: &Changes, limit: usize, max_body: usize) -> Vec<Vec<u8>> {
     if ch.put_kept
         && !ch.put.is_empty()
         && ch.del.is_empty()
@@ -216,77 +224,95 @@ fn encode_changes(pid: u64, ch: &Changes) -> Vec<Vec<u8>> {
         && ch.dedup_del.is_empty()
     {
         // A lease or an extension: the items' payloads are in the log already (see `R_STATES`).
-        let mut r = Rec::new(
-            R_STATES,
-            pid,
-            ch.put
-                .iter()
-                .map(|it| 48 + it.reference.len() + it.kind.len() + it.encoding.len() + it.source_id.len())
-                .sum(),
-        );
+        let size = ch
+            .put
+            .iter()
+            .map(|it| 48 + it.reference.len() + it.kind.len() + it.encoding.len() + it.source_id.len())
+            .sum();
+        let mut r = Rec::new(R_STATES, pid, size);
         r.states(ch.put.iter());
-        return vec![r.0];
+        // A state record cannot be split (replay applies each at once): one over the log's limit (a lease of
+        // millions of items) logs the items whole, in parts, as before state records, one change set all the same.
+        if r.0.len() - wal::FRAME_HEADER <= max_body {
+            return vec![r.0];
+        }
     }
     let mut out = Vec::new();
-    let mut rest = &ch.put[..];
+    let (mut items, mut del, mut dedup_del) = (&ch.put[..], &ch.del[..], &ch.dedup_del[..]);
+    // One dedup group at most per change set (a produce call's), named by its first record, and kept whole (a
+    // record holds one group at most): in a record of its own when it does not fit beside the rest.
+    let mut group = (!ch.dedup_put.is_empty()).then(|| (&ch.dedup_put[..], dedup_len(&ch.dedup_put) + 20));
     loop {
-        let (n, size) = fill(rest);
-        let last = n == rest.len();
-        let (chunk, tail) = rest.split_at(n);
-        rest = tail;
-        if !last {
-            let mut r = Rec::new(R_CHANGES_PART, pid, size + 32);
-            r.items(chunk.iter());
-            r.u32(0);
-            r.0.push(0);
-            r.u32(0);
-            out.push(r.0);
-            continue;
+        let (n, mut size) = fill(items, limit);
+        let (chunk, rest) = items.split_at(n);
+        items = rest;
+        // What follows the items goes in once no item is left for a later record, so the order holds.
+        let (mut dels, mut grouped, mut dedup_dels) = (&[][..], None, &[][..]);
+        if items.is_empty() {
+            (dels, del) = del.split_at(del.len().min(room(limit, size, 8)));
+            size += dels.len() * 8;
+            if del.is_empty() {
+                if let Some((g, len)) = group {
+                    if size == 0 || size + len <= limit {
+                        grouped = Some(g);
+                        group = None;
+                        size += len;
+                    }
+                }
+                if group.is_none() {
+                    (dedup_dels, dedup_del) = dedup_del.split_at(dedup_del.len().min(room(limit, size, 16)));
+                    size += dedup_dels.len() * 16;
+                }
+            }
         }
-        let dedup = if ch.dedup_put.is_empty() {
-            0
-        } else {
-            dedup_len(&ch.dedup_put) + 20
-        };
-        let mut r = Rec::new(
-            R_CHANGES,
-            pid,
-            size + ch.del.len() * 8 + dedup + ch.dedup_del.len() * 16 + 32,
-        );
+        let last = items.is_empty() && del.is_empty() && group.is_none() && dedup_del.is_empty();
+        let kind = if last { R_CHANGES } else { R_CHANGES_PART };
+        let mut r = Rec::new(kind, pid, size + 32);
         r.items(chunk.iter());
-        r.u32(ch.del.len() as u32);
-        for id in &ch.del {
+        r.u32(dels.len() as u32);
+        for id in dels {
             r.u64(id.0);
         }
-        // One dedup group at most per change set (a produce call's), named by its first record.
-        match ch.dedup_put.first() {
-            Some(first) => {
+        match grouped.and_then(|g| Some((g, g.first()?))) {
+            Some((g, first)) => {
                 r.0.push(1);
                 r.u64(first.until.0 as u64);
                 r.u64(first.id.0);
                 // The group is encoded in place after room for its length.
                 let at = r.0.len();
                 r.u32(0);
-                encode_dedup_into(&ch.dedup_put, &mut r.0);
+                encode_dedup_into(g, &mut r.0);
                 let len = (r.0.len() - at - 4) as u32;
                 r.0[at..at + 4].copy_from_slice(&len.to_le_bytes());
             }
             None => r.0.push(0),
         }
-        r.u32(ch.dedup_del.len() as u32);
-        for (until, id) in &ch.dedup_del {
+        r.u32(dedup_dels.len() as u32);
+        for (until, id) in dedup_dels {
             r.u64(until.0 as u64);
             r.u64(id.0);
         }
         out.push(r.0);
-        return out;
+        if last {
+            return out;
+        }
     }
 }
 
-/// How many of `items` (one at least) fit in about [`RECORD_BYTES`], and their size.
-fn fill(items: &[Item]) -> (usize, usize) {
+/// How many entries of `each` bytes fit in a record of about `limit` bytes that holds `size` already: one at least
+/// in an empty record, so every record makes progress.
+fn room(limit: usize, size: usize, each: usize) -> usize {
+    if size == 0 {
+        (limit / each).max(1)
+    } else {
+        limit.saturating_sub(size) / each
+    }
+}
+
+/// How many of `items` (one at least, when there is one) fit in about `limit` bytes, and their size.
+fn fill(items: &[Item], limit: usize) -> (usize, usize) {
     let (mut n, mut size) = (0, 0);
-    while n < items.len() && (n == 0 || size + items[n].payload.len() + 64 <= RECORD_BYTES) {
+    while n < items.len() && (n == 0 || size + items[n].payload.len() + 64 <= limit) {
         size += items[n].payload.len() + 64;
         n += 1;
     }
@@ -889,7 +915,7 @@ impl PartLog {
         let mut bytes = 0;
         let mut rest = items;
         while !rest.is_empty() {
-            let (n, size) = fill(rest);
+            let (n, size) = fill(rest, RECORD_BYTES);
             let (chunk, tail) = rest.split_at(n);
             rest = tail;
             let mut r = Rec::new(R_CHECKPOINT_ITEMS, self.pid, size);
@@ -1049,5 +1075,131 @@ impl PartLog {
         let seq = self.wal.append(&mut r.0)?;
         self.last.store(seq, Ordering::Relaxed);
         Ok(seq)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn item(id: u64) -> Item {
+        Item {
+            id: ItemId(id),
+            reference: format!("ref-{id}"),
+            payload: bytes::Bytes::from(vec![b'x'; 100]),
+            ..Item::default()
+        }
+    }
+
+    fn dedup(key: &str, id: u64) -> DedupRecord {
+        DedupRecord {
+            dedup_id: key.to_string(),
+            id: ItemId(id),
+            until: Ts(5),
+        }
+    }
+
+    /// Each record's kind, and the operations of all of them in order: `p`ut, `s`tate, `d`el, dedup `g`roup,
+    /// dedup drop (`x`), by id.
+    fn read(records: &[Vec<u8>]) -> (Vec<u8>, Vec<(char, u64)>) {
+        let (mut kinds, mut ops) = (Vec::new(), Vec::new());
+        for r in records {
+            let mut c = Cursor {
+                buf: &r[wal::FRAME_HEADER..],
+            };
+            let kind = c.byte().expect("kind");
+            c.u64().expect("pid");
+            kinds.push(kind);
+            let read = if kind == R_STATES { c.states() } else { c.ops() };
+            ops.extend(read.expect("ops").into_iter().map(|op| match op {
+                Op::Put(id, _) => ('p', id),
+                Op::State(id, _) => ('s', id),
+                Op::Del(id) => ('d', id),
+                Op::DedupPut((_, id), _) => ('g', id),
+                Op::DedupDel((_, id)) => ('x', id),
+            }));
+        }
+        (kinds, ops)
+    }
+
+    /// A change set whose removed ids alone are over the record size (a clear of a large partition: 8 bytes an id,
+    /// over the log's limit beyond 134 million) is split into parts like one of large items, each record about
+    /// the size, the operations in their order; replay applies them all with the last record. (The removed ids
+    /// went in one record, which the log refused for its size after the change was made in RAM.)
+    #[test]
+    fn a_change_set_of_many_removed_ids_is_logged_in_parts() {
+        let ch = Changes {
+            put: (3001..3004).map(item).collect(),
+            del: (1..=1990).map(ItemId).collect(),
+            dedup_put: vec![dedup("a", 3001), dedup("b", 3002)],
+            dedup_del: (0..200).map(|n| (Ts(1), ItemId(n))).collect(),
+            ..Changes::default()
+        };
+        let want: Vec<(char, u64)> = (3001..3004)
+            .map(|id| ('p', id))
+            .chain((1..=1990).map(|id| ('d', id)))
+            .chain([('g', 3001)])
+            .chain((0..200).map(|id| ('x', id)))
+            .collect();
+        for limit in [1, 64, 1024, 4096] {
+            let records = encode_changes(7, &ch, limit, 1 << 30);
+            let (kinds, ops) = read(&records);
+            assert!(records.len() > 1, "limit {limit}: one record");
+            for r in &records {
+                // At most one item over the size, or the group (kept whole), or a little framing.
+                let len = r.len() - wal::FRAME_HEADER;
+                assert!(
+                    len <= limit.max(200) + 40,
+                    "limit {limit}: a record of {len} bytes"
+                );
+            }
+            assert_eq!(kinds.last(), Some(&R_CHANGES), "limit {limit}");
+            assert!(
+                kinds[..kinds.len() - 1].iter().all(|&k| k == R_CHANGES_PART),
+                "limit {limit}: {kinds:?}"
+            );
+            assert_eq!(ops, want, "limit {limit}: the operations in their order");
+        }
+
+        // Replayed: a partition of 2000 items, then the change set.
+        let mut replay = Replay::default();
+        let mut create = Rec::new(R_CREATE, 7, 8);
+        create.bytes(b"q");
+        create.u32(0);
+        let before = Changes {
+            put: (1..=2000).map(item).collect(),
+            ..Changes::default()
+        };
+        let records = [
+            vec![create.0],
+            encode_changes(7, &before, 1024, 1 << 30),
+            encode_changes(7, &ch, 1024, 1 << 30),
+        ];
+        for r in records.iter().flatten() {
+            replay.record(&r[wal::FRAME_HEADER..]).expect("replay");
+        }
+        let p = &replay.parts[&7];
+        let mut ids: Vec<u64> = p.items.keys().copied().collect();
+        ids.sort_unstable();
+        assert_eq!(ids, (1991..=2000).chain(3001..3004).collect::<Vec<_>>());
+        assert_eq!(p.dedup.keys().map(|k| k.1).collect::<Vec<_>>(), vec![3001]);
+        assert!(p.parts.is_empty());
+    }
+
+    /// A lease's state record cannot be split: one over the log's limit logs the items whole, in parts (it was
+    /// refused for its size after the lease was made in RAM).
+    #[test]
+    fn a_state_record_over_the_limit_logs_the_items_whole() {
+        let ch = Changes {
+            put: (1..=500).map(item).collect(),
+            put_kept: true,
+            ..Changes::default()
+        };
+        let (kinds, ops) = read(&encode_changes(7, &ch, 1 << 20, 1 << 30));
+        assert_eq!(kinds, vec![R_STATES]);
+        assert_eq!(ops, (1..=500).map(|id| ('s', id)).collect::<Vec<_>>());
+        let (kinds, ops) = read(&encode_changes(7, &ch, 4096, 8192));
+        assert!(kinds.len() > 1 && kinds.last() == Some(&R_CHANGES), "{kinds:?}");
+        assert_eq!(ops, (1..=500).map(|id| ('p', id)).collect::<Vec<_>>());
     }
 }

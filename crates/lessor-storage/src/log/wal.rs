@@ -242,7 +242,8 @@ impl Wal {
         }
     }
 
-    fn poison(&self, why: String) -> StorageError {
+    /// Poisons the log (unless it is already: the first poison stays); the error every operation gets from here.
+    pub(crate) fn poison(&self, why: String) -> StorageError {
         let e = StorageError::new(
             StorageErrorKind::Poisoned,
             format!(
