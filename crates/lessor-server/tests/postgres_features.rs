@@ -392,3 +392,89 @@ async fn a_queue_deleted_on_one_server_is_not_served_by_the_other() {
     a.shutdown().await;
     b.shutdown().await;
 }
+
+/// Dead letters accepted into a dead-letter queue on PostgreSQL do not count the partition's rows: a count is a
+/// statement whose cost grows with the partition's depth, and it ran for every batch of dead letters, so a deep
+/// enough dead-letter queue answered its senders later than they wait, and they sent again without end. The counts
+/// follow what the store reports stored (the periodic refresh re-reads them).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letters_into_a_shared_store_do_not_count_its_rows() {
+    use lessor_core::engine::{EngineConfig, NamedStore};
+    use lessor_storage::postgres::{PgConfig, PgQueues, PgStore};
+    use lessor_testkit::hooked::{before, HookedStore, Op};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    if lessor_testkit::database_or_skip().is_none() {
+        return;
+    }
+    let db = Database::create("lessor_dlcount").await;
+    let cfg = PgConfig::new(db.url().to_string()).with_max_conns(4);
+    let counts = Arc::new(AtomicUsize::new(0));
+    let seen = counts.clone();
+    let hook = before(move |c| {
+        if c.op == Op::Counts && c.queue == "dlq" {
+            seen.fetch_add(1, Ordering::SeqCst);
+        }
+        Ok(())
+    });
+    let clock = ManualClock::starting_now();
+    let e = Engine::new(EngineConfig {
+        queues: Arc::new(PgQueues::new(&cfg).expect("queues")),
+        stores: vec![NamedStore {
+            name: "pg-0".into(),
+            affinity: 1.0,
+            store: Arc::new(HookedStore::new(
+                Arc::new(PgStore::new(&cfg).expect("store")),
+                hook,
+            )),
+        }],
+        limits: Default::default(),
+        clock: Arc::new(clock.clone()),
+    })
+    .expect("engine");
+    e.create_queue(queue("dlq", "", 1)).await.expect("dlq");
+    e.create_queue(queue("src", "dlq", 1)).await.expect("src");
+    let depth = |q: &'static str| {
+        let e = e.clone();
+        async move {
+            let s = e.stats(q).await.expect("stats");
+            s.partitions.iter().map(|p| p.total).sum::<u64>()
+        }
+    };
+    assert_eq!(depth("dlq").await, 0);
+    let loaded = counts.load(Ordering::SeqCst);
+    for round in 0..5 {
+        let items = (0..20)
+            .map(|i| ProduceItem {
+                payload: bytes::Bytes::from(format!("r{round}-{i}")),
+                ..Default::default()
+            })
+            .collect();
+        e.produce("src", items, T).await.expect("produce");
+        let l = e.lease("src", 20, "killer", T).await.expect("lease");
+        let dead = l
+            .items
+            .iter()
+            .map(|it| RetryItem {
+                id: it.id,
+                retry_at: Default::default(),
+                dead: true,
+            })
+            .collect();
+        e.retry("src", l.partition, dead).await.expect("retry dead");
+        let want = 20 * (round + 1);
+        poll_until(Duration::from_secs(10), Duration::from_millis(10), || async {
+            match depth("dlq").await {
+                n if n == want => Ok(()),
+                n => Err(format!("{n} of {want} dead letters")),
+            }
+        })
+        .await
+        .expect("the batch reaches the dead-letter queue");
+    }
+    assert_eq!(
+        counts.load(Ordering::SeqCst),
+        loaded,
+        "5 batches of dead letters counted the dead-letter queue's rows"
+    );
+}

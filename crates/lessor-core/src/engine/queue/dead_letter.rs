@@ -145,17 +145,14 @@ impl QueueTask {
             return;
         }
         let n = all.len() as u64;
-        match h.produce(all).await {
-            Ok(_) => {
+        let shared = self.parts[0].shared;
+        match store_counting(&h, all, shared).await {
+            Ok(stored) => {
                 for k in keys {
                     self.dedup.insert(k, until, now);
                 }
                 self.parts[0].pull_deadline(expire);
-                // Duplicates were skipped by the store; re-read the exact count rather than guess.
-                match h.counts().await {
-                    Ok(c) => self.parts[0].counts = c,
-                    Err(_) => self.parts[0].counts.ready += n,
-                }
+                self.parts[0].counts = recount(&h, self.parts[0].counts, stored, n).await;
                 self.parts[0].top_priority = crate::types::MAX_PRIORITY;
                 self.metrics.produced.fetch_add(n, Ordering::Relaxed);
                 for (_, reply) in requests {
@@ -217,21 +214,21 @@ impl QueueTask {
             };
             let count = items.len() as u64;
             let top = items.iter().map(|it| it.priority).max().unwrap_or(0);
-            if let Err(e) = h.produce(items).await {
-                let name = self.info.name.clone();
-                self.parts[p].fail(now, &name, &e);
-                let _ = reply.send(Err(QueueError::from_storage(&e)));
-                return;
-            }
+            let stored = match store_counting(&h, items, self.parts[p].shared).await {
+                Ok(stored) => stored,
+                Err(e) => {
+                    let name = self.info.name.clone();
+                    self.parts[p].fail(now, &name, &e);
+                    let _ = reply.send(Err(QueueError::from_storage(&e)));
+                    return;
+                }
+            };
             for h in keys {
                 self.dedup.insert(h, until, now);
             }
             let part = &mut self.parts[p];
             part.pull_deadline(expire);
-            match h.counts().await {
-                Ok(c) => part.counts = c,
-                Err(_) => part.counts.ready += count,
-            }
+            part.counts = recount(&h, part.counts, stored, count).await;
             part.top_priority = part.top_priority.max(top);
             self.metrics.produced.fetch_add(count, Ordering::Relaxed);
         }
@@ -248,4 +245,43 @@ fn stable_hash(s: &str) -> u64 {
         h = h.wrapping_mul(0x0000_0100_0000_01b3);
     }
     h
+}
+
+/// Stores moved items (dead letters, a redrive's batch), and how many the store took (`None`: not told, for a store
+/// owned by this process, which skips duplicates by source id without saying so). A shared store tells, item by
+/// item: see [`recount`].
+async fn store_counting(
+    h: &Arc<dyn Partition>,
+    items: Vec<NewItem>,
+    shared: bool,
+) -> Result<Option<u64>, crate::error::StorageError> {
+    if shared {
+        let (_, stored) = h.produce_reporting(items).await?;
+        Ok(Some(stored.iter().filter(|s| **s).count() as u64))
+    } else {
+        h.produce(items).await.map(|_| None)
+    }
+}
+
+/// The partition's counts after a move stored `stored` of `sent` items. A shared store (PostgreSQL) counts its
+/// rows for `counts`, a statement whose cost grows with the partition's depth, and a dead-letter queue is deep: it
+/// ran for every batch of dead letters and every redrive group, so a deep enough dead-letter queue took longer
+/// than a sender waits, and a source retried a move that had landed, without end. Its counts come from what the
+/// store reported instead (and are re-read by the periodic refresh); a store owned by this process counts in
+/// O(1), exactly.
+async fn recount(
+    h: &Arc<dyn Partition>,
+    counts: crate::types::PartitionCounts,
+    stored: Option<u64>,
+    sent: u64,
+) -> crate::types::PartitionCounts {
+    let mut after = counts;
+    match stored {
+        Some(n) => after.ready += n,
+        None => match h.counts().await {
+            Ok(c) => after = c,
+            Err(_) => after.ready += sent,
+        },
+    }
+    after
 }
