@@ -440,10 +440,53 @@ pub fn frame(kind: RecordKind, body: &[u8]) -> Vec<u8> {
 
 /// Decompresses and decodes a record body.
 pub fn decode_body<M: Message + Default>(body: &[u8]) -> Result<M, BackupError> {
-    let raw = zstd::bulk::decompress(body, MAX_RECORD)
-        .map_err(|e| BackupError::Corrupt(format!("a record does not decompress: {e}")))?;
+    let raw = decompress(body)?;
     // From `Bytes`, so `bytes` fields are slices of this buffer rather than copies.
     M::decode(Bytes::from(raw)).map_err(|e| BackupError::Corrupt(format!("a record does not decode: {e}")))
+}
+
+/// A record body decompressed, at most [`MAX_RECORD`] bytes. Read as a stream into a buffer that grows with what
+/// comes out: a bulk decompression takes a buffer of the limit up front, 64 MiB for every record whatever its size
+/// (a restore page of a few hundred bytes allocated that much on the server).
+fn decompress(body: &[u8]) -> Result<Vec<u8>, BackupError> {
+    let fail = |e: std::io::Error| BackupError::Corrupt(format!("a record does not decompress: {e}"));
+    let mut raw = Vec::new();
+    zstd::stream::read::Decoder::new(body)
+        .map_err(fail)?
+        .take(MAX_RECORD as u64 + 1)
+        .read_to_end(&mut raw)
+        .map_err(fail)?;
+    if raw.len() > MAX_RECORD {
+        return Err(BackupError::Corrupt(format!(
+            "a record decompresses to more than {MAX_RECORD} bytes"
+        )));
+    }
+    Ok(raw)
+}
+
+/// [`decode_body`] for an [`ItemBlock`] that holds at most `max_items` items, counted on the wire before anything
+/// is decoded. An item decodes to a record of about 180 bytes whatever its encoded size, and an empty one is 2
+/// bytes: a block of 64 MiB (the most a record decompresses to) of empty items is a zstd frame of a few KB that
+/// decoded to 33 million records, over 6 GB, before the count was checked. Refused, it allocates nothing but the
+/// decompressed bytes.
+pub fn decode_item_block(body: &[u8], max_items: usize) -> Result<ItemBlock, BackupError> {
+    let raw = decompress(body)?;
+    let corrupt = |e: prost::DecodeError| BackupError::Corrupt(format!("a record does not decode: {e}"));
+    let mut buf = &raw[..];
+    let mut items = 0usize;
+    while !buf.is_empty() {
+        let (tag, wire_type) = prost::encoding::decode_key(&mut buf).map_err(corrupt)?;
+        if tag == 4 {
+            items += 1;
+            if items > max_items {
+                return Err(BackupError::Corrupt(format!(
+                    "a block holds more than {max_items} items, the most one restore page takes"
+                )));
+            }
+        }
+        prost::encoding::skip_field(wire_type, tag, &mut buf, Default::default()).map_err(corrupt)?;
+    }
+    ItemBlock::decode(Bytes::from(raw)).map_err(corrupt)
 }
 
 /// A record as read from a file: its kind and its stored (compressed, checksum-verified) body.

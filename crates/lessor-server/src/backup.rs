@@ -350,7 +350,9 @@ pub(crate) fn restore_import(api: Api) -> Api {
                     "it does not match its crc32: the block was damaged",
                 ));
             }
-            let block = tokio::task::spawn_blocking(move || fmt::decode_body::<fmt::ItemBlock>(&r.block))
+            // Counted before it is decoded: see `decode_item_block`.
+            let max = ctx.engine.max_restore_page();
+            let block = tokio::task::spawn_blocking(move || fmt::decode_item_block(&r.block, max))
                 .await
                 .map_err(|e| ApiError::Queue(QueueError::StorageFailed(format!("decoding a block: {e}"))))?
                 .map_err(|e| invalid("block", e))?;

@@ -84,3 +84,54 @@ async fn a_body_of_empty_items_is_refused_before_it_is_decoded() {
         );
     }
 }
+
+/// A restore page is a zstd frame of an item block: 1,000,000 empty items (100 times the most a page takes)
+/// compress to a few hundred bytes and decoded to about 180 MB of records before the page's item count was checked
+/// (64 MiB of them, the most a frame may decompress to, to over 6 GB). The items are counted on the wire first: the
+/// page is refused with 400, and the server allocates little more than the decompressed bytes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restore_page_of_empty_items_is_refused_before_it_is_decoded() {
+    use base64::Engine as _;
+    let srv = start(&Config::memory(), "127.0.0.1:0", None)
+        .await
+        .expect("server");
+    let block = lessor_proto::backup::ItemBlockShallow {
+        queue: "q".into(),
+        partition: 0,
+        first: 0,
+        items: vec![bytes::Bytes::new(); 1_000_000],
+    };
+    let frame = lessor_proto::backup::compress(&block);
+    drop(block);
+    assert!(frame.len() < 10_000, "{} bytes", frame.len());
+    let body = serde_json::json!({
+        "queue_name": "q",
+        "block": base64::engine::general_purpose::STANDARD.encode(&frame),
+        "crc32": crc32fast::hash(&frame),
+    })
+    .to_string();
+    let http = reqwest::Client::new();
+    let url = format!("{}/v1/storage.restore.import", srv.endpoint());
+    let before = allocated();
+    let answer = http
+        .post(&url)
+        .header("content-type", "application/json")
+        .body(body)
+        .send()
+        .await
+        .expect("sent");
+    let status = answer.status().as_u16();
+    let text = answer.text().await.expect("answer");
+    let grew = allocated() - before;
+    assert_eq!(status, 400, "{text}");
+    assert!(
+        text.contains("block is invalid;") && text.contains("more than 10000 items"),
+        "{text}"
+    );
+    // The decompressed frame is 2 MB; its records would have been about 180 MB.
+    assert!(
+        grew < 16 << 20,
+        "a {}-byte page made the server allocate {grew} bytes",
+        frame.len()
+    );
+}

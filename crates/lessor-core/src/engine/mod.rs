@@ -1785,6 +1785,11 @@ impl Engine {
             .await
     }
 
+    /// The most items one restore page (`restore_import`) takes.
+    pub fn max_restore_page(&self) -> usize {
+        self.limits().max_produce_batch * 10
+    }
+
     /// Starts (or resumes) the restore of a queue: creates it from `info` with [`QueueInfo::restoring`] set, on
     /// this server's stores (the placement of the backed-up server is not kept: `info.partitions` only gives the
     /// partition count). A queue of that name that is already restoring with as many partitions is resumed; any
@@ -1831,7 +1836,7 @@ impl Engine {
         offset: u64,
         items: Vec<Item>,
     ) -> Result<u64, QueueError> {
-        let max = self.limits().max_produce_batch * 10;
+        let max = self.max_restore_page();
         if items.len() > max {
             return Err(validate::invalid(
                 "items",
