@@ -284,3 +284,116 @@ async fn a_request_without_a_key_is_refused_before_its_body_is_read() {
         head.lines().next().unwrap_or_default()
     );
 }
+
+/// `storage.restore.begin` with `overwrite` deletes the queue it replaces and its items: in the caller's own
+/// namespace too, that takes `queue.delete`, as `queues.delete` does (create and produce alone were enough).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restore_begin_overwrite_takes_the_delete_permission() {
+    let env = setup(&["queue.create", "queue.produce"]).await;
+    env.admin
+        .queues_create(&queue("a-q", "team-a", ""))
+        .await
+        .expect("a-q");
+    env.admin
+        .queue_produce(&pb::QueueProduceRequest {
+            queue_name: "a-q".into(),
+            request_timeout: "5s".into(),
+            items: vec![pb::QueueProduceItem {
+                bytes: b"kept".to_vec(),
+                ..Default::default()
+            }],
+        })
+        .await
+        .expect("produce into a-q");
+    let record = lessor_proto::backup::QueueRecord {
+        name: "a-q".into(),
+        namespace: "team-a".into(),
+        lease_timeout_ns: 60_000_000_000,
+        expire_timeout_ns: 3_600_000_000_000,
+        partitions: 1,
+        ..Default::default()
+    };
+    let r = env
+        .attacker
+        .call::<lessor_client::routes::StorageRestoreBegin>(&pb::RestoreBeginRequest {
+            queue: record.encode_to_vec(),
+            namespace: "team-a".into(),
+            overwrite: true,
+        })
+        .await;
+    assert_denied(r, "restore.begin with overwrite, without queue.delete");
+    let stats = env
+        .admin
+        .queue_stats(&pb::QueueStatsRequest {
+            queue_name: "a-q".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("a-q stats");
+    let total: i32 = stats.logical_queues[0].partitions.iter().map(|p| p.total).sum();
+    assert_eq!(total, 1, "a-q's item is still there");
+}
+
+/// A dead-letter queue in use restored with `overwrite` into another namespace would take the dead letters of the
+/// queues naming it there, which their owners never allowed: refused, as deleting it is without `force`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restore_begin_overwrite_cannot_move_a_dead_letter_queue_in_use() {
+    let env = setup(&["queue.create", "queue.produce", "queue.delete", "queue.lease"]).await;
+    // team-b's queue dead-letters into team-a's `a-dlq`; the attacker has rights in team-a only.
+    env.admin
+        .queues_create(&queue("a-dlq", "team-a", ""))
+        .await
+        .expect("a-dlq");
+    env.admin
+        .queues_create(&queue("b-src", "team-b", "a-dlq"))
+        .await
+        .expect("b-src");
+    let record = lessor_proto::backup::QueueRecord {
+        name: "a-dlq".into(),
+        namespace: "team-b".into(),
+        lease_timeout_ns: 60_000_000_000,
+        expire_timeout_ns: 3_600_000_000_000,
+        partitions: 1,
+        ..Default::default()
+    };
+    // As the admin (every right everywhere): the rule is about where the dead letters go, not who asks.
+    let r = env
+        .admin
+        .call::<lessor_client::routes::StorageRestoreBegin>(&pb::RestoreBeginRequest {
+            queue: record.encode_to_vec(),
+            namespace: "team-b".into(),
+            overwrite: true,
+        })
+        .await;
+    match r {
+        Err(ClientError::Api { code, message, .. }) => {
+            assert_eq!(code, 400, "{message}");
+            assert!(
+                message.starts_with("queue is invalid;") && message.contains("dead_queue of another queue"),
+                "{message}"
+            );
+        }
+        other => panic!("restore.begin moving a dead-letter queue in use answered {other:?}"),
+    }
+    let info = env
+        .admin
+        .queues_info(&pb::QueuesInfoRequest {
+            queue_name: "a-dlq".into(),
+        })
+        .await
+        .expect("a-dlq info");
+    assert_eq!(info.namespace, "team-a");
+    // In its own namespace the restore may replace it (the dead letters keep flowing where they were allowed).
+    let record = lessor_proto::backup::QueueRecord {
+        namespace: "team-a".into(),
+        ..record
+    };
+    env.attacker
+        .call::<lessor_client::routes::StorageRestoreBegin>(&pb::RestoreBeginRequest {
+            queue: record.encode_to_vec(),
+            namespace: "team-a".into(),
+            overwrite: true,
+        })
+        .await
+        .expect("replaced in its own namespace");
+}

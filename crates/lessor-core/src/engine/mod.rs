@@ -1810,6 +1810,23 @@ impl Engine {
                 return Err(QueueError::QueueExists(info.name));
             }
             let _guard = self.inner.load_lock.lock().await;
+            // A dead-letter queue in use is put back under its name at once, so the queues naming it keep their
+            // dead letters flowing, but only into the namespace they were given: restored into another one, the
+            // name would take other namespaces' dead letters there, which their owners never allowed (see
+            // `delete_queue_with`).
+            let namespace = |ns: &str| if ns.is_empty() { DEFAULT_NAMESPACE } else { ns }.to_string();
+            if namespace(&existing.namespace) != namespace(&info.namespace)
+                && !self.dead_letter_users(&info.name).await?.is_empty()
+            {
+                return Err(validate::invalid(
+                    "queue",
+                    format!(
+                        "'{}' is the dead_queue of another queue; a restore may replace it in its namespace                          '{}' only, or point that queue at another dead_queue first",
+                        info.name,
+                        namespace(&existing.namespace)
+                    ),
+                ));
+            }
             self.delete_queue_in_use(&info.name, existing).await?;
         }
         info.partitions = Vec::new();
