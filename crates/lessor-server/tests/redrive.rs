@@ -467,3 +467,81 @@ async fn max_items_holds_across_partitions() {
     assert_eq!(depth(&e, "a").await, 8);
     assert_eq!(depth(&e, "dlq").await, 4);
 }
+
+/// An item goes back to the queue its source id names only when that queue names this dead-letter queue; a read of
+/// that queue's definition that fails (a store error) decides nothing: the item waits for the next round. It was
+/// taken as a yes, so a forged source id (from `storage/items.import`) reached a queue that never named this
+/// dead-letter queue whenever the queue store failed a read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_read_of_the_source_queue_moves_nothing() {
+    use lessor_core::error::StorageError;
+    use lessor_testkit::hooked::{before, HookedQueues, Op};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    let clock = ManualClock::starting_now();
+    let failing = Arc::new(AtomicUsize::new(0));
+    let fail = failing.clone();
+    let hook = before(move |c| {
+        if c.op == Op::QueueGet && c.queue == "victim" && fail.load(Ordering::SeqCst) > 0 {
+            fail.fetch_sub(1, Ordering::SeqCst);
+            return Err(StorageError::unavailable("injected: queue store down"));
+        }
+        Ok(())
+    });
+    let e = Engine::new(EngineConfig {
+        queues: Arc::new(HookedQueues::new(Arc::new(MemoryQueues::new()), hook)),
+        stores: vec![NamedStore {
+            name: "mem".into(),
+            affinity: 1.0,
+            store: Arc::new(MemoryStore::new()),
+        }],
+        limits: Limits::default(),
+        clock: Arc::new(clock.clone()),
+    })
+    .expect("engine");
+    e.create_queue(queue("dlq", "", 1)).await.expect("dlq");
+    e.create_queue(queue("a", "dlq", 1)).await.expect("a");
+    // Another queue, which does not name dlq as its dead-letter queue.
+    e.create_queue(queue("victim", "", 1)).await.expect("victim");
+    let forged = lessor_core::types::Item {
+        source_id: "victim/0/0000000000000001".into(),
+        payload: bytes::Bytes::from_static(b"forged"),
+        ..Default::default()
+    };
+    e.storage_import("dlq", 0, vec![forged]).await.expect("import");
+    failing.store(1, Ordering::SeqCst);
+    let t = e
+        .redrive_start(RedriveRequest {
+            dead_queue: "dlq".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("start");
+    // The first round's read fails; the next round (after the retry delay) reads it and skips the item.
+    poll_until(Duration::from_secs(10), Duration::from_millis(10), || async {
+        if failing.load(Ordering::SeqCst) == 0 {
+            Ok(())
+        } else {
+            Err("no read of victim yet".to_string())
+        }
+    })
+    .await
+    .expect("the runner read victim's definition");
+    // The runner sleeps for the retry delay on the manual clock, from whenever it got there: move time on until
+    // it has finished.
+    let done = poll_until(Duration::from_secs(20), Duration::from_millis(20), || async {
+        clock.advance(Duration::from_secs(2));
+        let t = e.redrive_get(&t.id).await.expect("get");
+        if t.status != RedriveStatus::Running {
+            Ok(t)
+        } else {
+            Err(format!("{t:?}"))
+        }
+    })
+    .await
+    .expect("redrive finishes");
+    assert_eq!(done.status, RedriveStatus::Completed, "{done:?}");
+    assert_eq!(done.moved, 0, "{done:?}");
+    assert_eq!(depth(&e, "victim").await, 0, "the forged item reached victim");
+    assert_eq!(depth(&e, "dlq").await, 1);
+}

@@ -532,6 +532,10 @@ impl Engine {
                 // queue as its own: a source id is data (`storage/items.import` and restores take it from the
                 // client), and a forged one would otherwise write into any queue, in any namespace, with no
                 // check of the caller's rights there. A queue that does not exist fails the move as before.
+                // A definition that cannot be read now (a store error) decides nothing: the partition waits for the
+                // next round. Taking it as the owner, as before, let a forged source id through whenever the queue
+                // store failed a read.
+                let mut unsure = false;
                 if t.target_queue.is_empty() {
                     for it in &items {
                         let Some(origin) = source_queue_of(&it.source_id) else {
@@ -540,11 +544,21 @@ impl Engine {
                         if !owners.contains_key(origin) {
                             let ok = match self.queue_info(origin).await {
                                 Ok(info) => info.dead_queue == t.dead_queue,
-                                Err(_) => true,
+                                // The move fails the task, as for a target that does not exist.
+                                Err(QueueError::QueueNotFound(_)) => true,
+                                Err(e) => {
+                                    tracing::warn!(task = %t.id, queue = origin, error = %e, "redrive cannot read a source queue; will retry");
+                                    unsure = true;
+                                    break;
+                                }
                             };
                             owners.insert(origin.to_string(), ok);
                         }
                     }
+                }
+                if unsure {
+                    exhausted = false;
+                    continue;
                 }
                 let mut batch: Vec<(String, ItemId, NewItem)> = Vec::new();
                 let mut next_pivot = pivot;
