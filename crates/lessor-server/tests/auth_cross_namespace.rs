@@ -91,27 +91,35 @@ async fn victim_payloads(admin: &Client) -> Vec<String> {
         .collect()
 }
 
-/// `storage.restore.begin` is authorised in the namespace the request names, but with `overwrite` it deletes an
-/// existing queue of that name whatever its namespace, and re-creates it in the caller's namespace.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn restore_begin_overwrite_cannot_take_another_namespaces_queue() {
-    let env = setup(&["queue.create", "queue.produce"]).await;
+/// `storage.restore.begin` of a one-partition queue `name` into namespace `ns`, with `overwrite`.
+async fn restore_over(
+    client: &Client,
+    name: &str,
+    ns: &str,
+) -> Result<pb::RestoreBeginResponse, ClientError> {
     let record = lessor_proto::backup::QueueRecord {
-        name: "b-q".into(),
-        namespace: "team-a".into(),
+        name: name.into(),
+        namespace: ns.into(),
         lease_timeout_ns: 60_000_000_000,
         expire_timeout_ns: 3_600_000_000_000,
         partitions: 1,
         ..Default::default()
     };
-    let r = env
-        .attacker
+    client
         .call::<lessor_client::routes::StorageRestoreBegin>(&pb::RestoreBeginRequest {
             queue: record.encode_to_vec(),
-            namespace: "team-a".into(),
+            namespace: ns.into(),
             overwrite: true,
         })
-        .await;
+        .await
+}
+
+/// `storage.restore.begin` is authorised in the namespace the request names, but with `overwrite` it deletes an
+/// existing queue of that name whatever its namespace, and re-creates it in the caller's namespace.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restore_begin_overwrite_cannot_take_another_namespaces_queue() {
+    let env = setup(&["queue.create", "queue.produce"]).await;
+    let r = restore_over(&env.attacker, "b-q", "team-a").await;
     let info = env
         .admin
         .queues_info(&pb::QueuesInfoRequest {
@@ -305,22 +313,7 @@ async fn restore_begin_overwrite_takes_the_delete_permission() {
         })
         .await
         .expect("produce into a-q");
-    let record = lessor_proto::backup::QueueRecord {
-        name: "a-q".into(),
-        namespace: "team-a".into(),
-        lease_timeout_ns: 60_000_000_000,
-        expire_timeout_ns: 3_600_000_000_000,
-        partitions: 1,
-        ..Default::default()
-    };
-    let r = env
-        .attacker
-        .call::<lessor_client::routes::StorageRestoreBegin>(&pb::RestoreBeginRequest {
-            queue: record.encode_to_vec(),
-            namespace: "team-a".into(),
-            overwrite: true,
-        })
-        .await;
+    let r = restore_over(&env.attacker, "a-q", "team-a").await;
     assert_denied(r, "restore.begin with overwrite, without queue.delete");
     let stats = env
         .admin
@@ -348,23 +341,8 @@ async fn restore_begin_overwrite_cannot_move_a_dead_letter_queue_in_use() {
         .queues_create(&queue("b-src", "team-b", "a-dlq"))
         .await
         .expect("b-src");
-    let record = lessor_proto::backup::QueueRecord {
-        name: "a-dlq".into(),
-        namespace: "team-b".into(),
-        lease_timeout_ns: 60_000_000_000,
-        expire_timeout_ns: 3_600_000_000_000,
-        partitions: 1,
-        ..Default::default()
-    };
     // As the admin (every right everywhere): the rule is about where the dead letters go, not who asks.
-    let r = env
-        .admin
-        .call::<lessor_client::routes::StorageRestoreBegin>(&pb::RestoreBeginRequest {
-            queue: record.encode_to_vec(),
-            namespace: "team-b".into(),
-            overwrite: true,
-        })
-        .await;
+    let r = restore_over(&env.admin, "a-dlq", "team-b").await;
     match r {
         Err(ClientError::Api { code, message, .. }) => {
             assert_eq!(code, 400, "{message}");
@@ -384,16 +362,7 @@ async fn restore_begin_overwrite_cannot_move_a_dead_letter_queue_in_use() {
         .expect("a-dlq info");
     assert_eq!(info.namespace, "team-a");
     // In its own namespace the restore may replace it (the dead letters keep flowing where they were allowed).
-    let record = lessor_proto::backup::QueueRecord {
-        namespace: "team-a".into(),
-        ..record
-    };
-    env.attacker
-        .call::<lessor_client::routes::StorageRestoreBegin>(&pb::RestoreBeginRequest {
-            queue: record.encode_to_vec(),
-            namespace: "team-a".into(),
-            overwrite: true,
-        })
+    restore_over(&env.attacker, "a-dlq", "team-a")
         .await
         .expect("replaced in its own namespace");
 }
