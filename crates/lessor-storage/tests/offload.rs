@@ -17,6 +17,7 @@ use lessor_core::types::{ClearRequest, NewItem};
 use lessor_storage::fjall::{Durability, FjallStore};
 use lessor_storage::memory::MemoryStore;
 use lessor_storage::offload::{self, Compression, ObjectStoreConfig, OffloadSettings, OffloadStore};
+use lessor_testkit::hooked::{Gate, HookedStore, Op};
 use object_store::path::Path as ObjPath;
 use object_store::{ObjectStore, PutPayload};
 
@@ -702,6 +703,48 @@ async fn completes_during_a_snapshot_keep_its_objects_until_it_is_done() {
         "every item whole, as of the snapshot"
     );
     assert_eq!(env.keys().await.len(), 4, "objects held while the snapshot lives");
+    drop(snap);
+    env.keys_become(0).await;
+}
+
+/// A sweep already past its check for open snapshots when a backup opens one: the backup's snapshot holds an item
+/// a consumer completes before the sweep takes its reference snapshot, so the item's object looks unreferenced
+/// there. The sweep looks again before deleting and stops; the object goes once the snapshot is done. Before, the
+/// sweep deleted it and the backup failed with "payload ... is missing".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sweep_already_running_when_a_snapshot_opens_deletes_what_it_reads() {
+    let Some(env) = env("sweep-snapshot-race").await else {
+        return;
+    };
+    // Stops the sweep's reference snapshot (the first snapshot of the inner partition).
+    let gate = Gate::on(|c| c.op == Op::Snapshot);
+    let inner = Arc::new(HookedStore::new(Arc::new(MemoryStore::new()), gate.clone()));
+    let store = OffloadStore::new(inner, "ram-0", env.settings()).unwrap();
+    store.create("q", &[0]).await.unwrap();
+    let p = store.open("q", 0).await.unwrap();
+    let big = payload(100_000, 40);
+    p.produce(vec![item(big.clone())]).await.unwrap();
+    // Older than the grace to the second listed times have.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    gate.arm(0);
+    let s2 = store.clone();
+    let sweep = tokio::spawn(async move { s2.sweep().await });
+    gate.reached().await;
+    // The sweep has listed the object and waits for its reference snapshot: a backup opens its snapshot, and a
+    // consumer completes the item (the object's deletion is held for the snapshot).
+    let mut snap = p.snapshot().await.unwrap();
+    let leased = p.lease(1, T0.add(Duration::from_secs(60))).await.unwrap();
+    let r = p.complete(vec![vec![leased[0].id]]).await.unwrap();
+    assert!(r[0].is_ok());
+    gate.release();
+    let o = sweep.await.unwrap().unwrap();
+    assert_eq!(o.swept, 0, "{o:?}");
+    let page = snap
+        .next(10)
+        .await
+        .expect("the snapshot reads the item completed since it was taken");
+    assert_eq!(page.len(), 1);
+    assert_eq!(page[0].payload, big);
     drop(snap);
     env.keys_become(0).await;
 }

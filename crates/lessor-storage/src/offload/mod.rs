@@ -615,18 +615,32 @@ impl Shared {
                     .map(|(_, path)| path)
                     .collect()
             };
-            out.swept += orphans.len() as u64;
-            if !orphans.is_empty() {
-                tracing::info!(
-                    dir,
-                    count = orphans.len(),
-                    "sweeping unreferenced payload objects"
-                );
-                metrics()
-                    .orphans_swept
-                    .fetch_add(orphans.len() as u64, Ordering::Relaxed);
-                self.delete_paths(orphans).await;
+            if orphans.is_empty() {
+                continue;
             }
+            // Checked again after the reference snapshot: a snapshot opened since the check at the top (a backup)
+            // may hold an item that was completed before that reference snapshot, so looks unreferenced here while
+            // the backup still has to read its object. Checking after the reference snapshot is enough: a snapshot
+            // counted after this check takes its inner snapshot later still (`snapshot` counts it first), when
+            // these objects were already unreferenced, and one opened and closed meanwhile has read what it read.
+            // The sweep stops; a later one judges the rest.
+            if lock(&self.snapshots).0 > 0 {
+                tracing::debug!(
+                    root = self.root,
+                    "a snapshot opened during the sweep; the rest waits for a later one"
+                );
+                return Ok(out);
+            }
+            out.swept += orphans.len() as u64;
+            tracing::info!(
+                dir,
+                count = orphans.len(),
+                "sweeping unreferenced payload objects"
+            );
+            metrics()
+                .orphans_swept
+                .fetch_add(orphans.len() as u64, Ordering::Relaxed);
+            self.delete_paths(orphans).await;
         }
         Ok(out)
     }
