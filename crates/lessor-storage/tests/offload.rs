@@ -749,6 +749,53 @@ async fn a_sweep_already_running_when_a_snapshot_opens_deletes_what_it_reads() {
     env.keys_become(0).await;
 }
 
+/// A rebalance destroys its source partition while a paced backup still reads a snapshot of it taken before: the
+/// partition's items go at once, its objects once the snapshot is done, so the backup reads every item whole.
+/// Before, the destroy deleted every object of the partition at once and the backup failed with "payload ... is
+/// missing".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn destroy_during_an_open_snapshot_deletes_what_it_reads() {
+    let Some(env) = env("destroy-snapshot").await else {
+        return;
+    };
+    let store = memory_store(&env, env.settings()).await;
+    store.create("q", &[0]).await.unwrap();
+    let p = store.open("q", 0).await.unwrap();
+    let payloads: Vec<Bytes> = (0..2).map(|i| payload(100_000, 50 + i)).collect();
+    let ids = p
+        .produce(payloads.iter().cloned().map(item).collect())
+        .await
+        .unwrap();
+    let mut snap = p.snapshot().await.unwrap();
+    // The rebalance moves the items away (their deletions are held for the snapshot), then destroys the partition.
+    p.delete(ids).await.unwrap();
+    drop(p);
+    store.destroy("q", 0).await.unwrap();
+    assert!(
+        store
+            .open("q", 0)
+            .await
+            .unwrap()
+            .list(None, 10, false)
+            .await
+            .unwrap()
+            .is_empty(),
+        "the partition's items are gone at once"
+    );
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(env.keys().await.len(), 2, "objects held while the snapshot lives");
+    let page = snap
+        .next(10)
+        .await
+        .expect("the snapshot reads the items of the destroyed partition");
+    assert_eq!(
+        page.into_iter().map(|it| it.payload).collect::<Vec<_>>(),
+        payloads
+    );
+    drop(snap);
+    env.keys_become(0).await;
+}
+
 /// A store that refuses a produce for want of room (`Full`: its memory budget) stored nothing, so the objects the
 /// produce uploaded first are nobody's: they are deleted at once instead of waiting for the sweeper.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -20,7 +20,8 @@
 //!   leased items are remembered from the lease), remove_dead, delete (keys looked up before), clear (a snapshot
 //!   before and after: exactly the keys that went away), destroy (everything under the partition's prefix; objects
 //!   that could not be deleted fail the destroy with `PayloadUnavailable`, to be retried, since the sweeper never
-//!   judges a partition that is gone).
+//!   judges a partition that is gone). While a snapshot is open (a backup, a migration) deletions are held until
+//!   the last one closes, a destroy's too; the sweeper does not run then either.
 //!   Items that die without a dead-letter queue (lifecycle, retry) leave their object to the sweeper.
 //! - **sweeper**: a task per store lists the objects under the store's prefix and deletes those older than the
 //!   grace period that no item of an open partition references (read from an inner snapshot) and that no produce
@@ -210,8 +211,9 @@ struct Shared {
     open: Mutex<HashMap<String, Weak<dyn Partition>>>,
     /// Snapshots open in this process, and the object deletions held back while any is: a snapshot (an online
     /// backup, a migration) reads items as they were when it was taken, so the object of an item completed since
-    /// must stay until it has been read. Without this, a completion during a backup failed the backup.
-    snapshots: Mutex<(usize, Vec<String>)>,
+    /// must stay until it has been read. Without this, a completion during a backup failed the backup. The held
+    /// objects are named by path, as listed (see [`listed`]): a destroy holds the listed objects of a directory.
+    snapshots: Mutex<(usize, Vec<ObjPath>)>,
 }
 
 impl fmt::Debug for Shared {
@@ -342,7 +344,7 @@ impl Shared {
                          sweeper, which deletes unreferenced objects once no snapshot is open"
                     );
                 }
-                s.1.extend(keys.into_iter().take(room));
+                s.1.extend(keys.iter().take(room).map(|k| listed(k)));
                 return;
             }
         }
@@ -370,7 +372,9 @@ impl Shared {
         }
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
             let me = self.clone();
-            rt.spawn(async move { me.delete_keys(held).await });
+            rt.spawn(async move {
+                me.delete_paths(held).await;
+            });
         }
     }
 
@@ -657,6 +661,12 @@ impl Shared {
     /// in it, as `new_key` makes them. A listing is recursive, and the directory of partition N of a queue named
     /// `segments` is also the start of every cold-segment key of the queue named N, when both share an entry.
     ///
+    /// While a snapshot is open the objects are held like `delete_later`'s, up to the same bound: a paced backup
+    /// may still be reading a snapshot of the partition taken before a rebalance drained and destroyed it. Those
+    /// beyond the bound are deleted at once (the snapshot then fails to read them, as it would without holding):
+    /// unlike a completion's, they cannot be left to the sweeper, which never judges the directory of a partition
+    /// that is gone, so they would stay for good.
+    ///
     /// # Errors
     /// [`StorageErrorKind::PayloadUnavailable`] when the directory could not be listed or an object not deleted:
     /// nothing else ever deletes them (the sweeper judges the directories of open partitions only), so the destroy
@@ -687,6 +697,29 @@ impl Shared {
                     .is_some_and(|rest| !rest.contains('/'))
             })
             .collect();
+        // Decided under the lock `snapshot` counts under, after the inner destroy: a snapshot counted later sees
+        // no item of the partition, so reads none of these.
+        let paths = {
+            let mut s = lock(&self.snapshots);
+            if s.0 > 0 {
+                let room = MAX_HELD_DELETES.saturating_sub(s.1.len());
+                let mut paths = paths;
+                let rest = paths.split_off(room.min(paths.len()));
+                s.1.extend(paths);
+                if !rest.is_empty() {
+                    tracing::warn!(
+                        dir,
+                        count = rest.len(),
+                        held = MAX_HELD_DELETES,
+                        "object deletions held for an open snapshot reached their bound; objects of a destroyed \
+                         partition deleted at once (a snapshot still reading them fails)"
+                    );
+                }
+                rest
+            } else {
+                paths
+            }
+        };
         match self.delete_paths(paths).await {
             0 => Ok(()),
             n => Err(StorageError::new(
@@ -1460,7 +1493,11 @@ mod tests {
             shared.delete_later((0..1000).map(|i| format!("q/0/{batch}-{i}")).collect());
         }
         assert_eq!(lock(&shared.snapshots).1.len(), MAX_HELD_DELETES);
-        assert_eq!(lock(&shared.snapshots).1[0], "q/0/0-0", "the first held are kept");
+        assert_eq!(
+            lock(&shared.snapshots).1[0].as_ref(),
+            "q/0/0-0",
+            "the first held are kept"
+        );
         shared.snapshot_closed();
         assert!(lock(&shared.snapshots).1.is_empty());
     }
