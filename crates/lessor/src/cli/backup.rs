@@ -783,6 +783,8 @@ pub async fn migrate(args: MigrateArgs, json: bool) -> Result<(), String> {
     let started = Instant::now();
     let load = |p: &str| lessor_server::Config::from_file(p).map_err(|e| format!("'{p}': {e}"));
     let (from_cfg, to_cfg) = (load(&args.from)?, load(&args.to)?);
+    // Before either side is opened: opening the target starts its payload sweeper.
+    separate_offload_roots(&from_cfg, &to_cfg)?;
     let clock: lessor_core::time::SharedClock = Arc::new(lessor_core::time::SystemClock);
     let src = from_cfg
         .build_engine(clock.clone())
@@ -807,6 +809,58 @@ pub async fn migrate(args: MigrateArgs, json: bool) -> Result<(), String> {
             "migrated {} queues, {items} items and {auth_keys} auth records in {secs:.1}s",
             queues.len()
         );
+    }
+    Ok(())
+}
+
+/// Refuses a migration whose source and target offload payloads under the same objects: a partition store with
+/// `payload-offload` keeps its objects under `<prefix><store name>/` of its bucket, and takes every object there
+/// as its own. A target sharing that root with the source (a driver change that keeps the store's name and its
+/// object-storage entry) would have its sweeper delete the source's objects, which no item of the target
+/// references yet, and a queue deletion under `--overwrite` delete those of the source's queue of the same name.
+/// Roots that nest (one a prefix of the other) are refused too: a listing under the outer one is recursive.
+fn separate_offload_roots(from: &lessor_server::Config, to: &lessor_server::Config) -> Result<(), String> {
+    let roots =
+        |c: &lessor_server::Config, which: &str| -> Result<Vec<(String, String, String, String)>, String> {
+            let specs = c
+                .store_specs()
+                .map_err(|e| format!("the {which} configuration: {e}"))?;
+            Ok(specs
+                .partitions
+                .iter()
+                .filter_map(|p| {
+                    let o = p.spec.offload()?.object_store.as_ref()?;
+                    // As `OffloadStore::new` names the root.
+                    let store = if p.name.is_empty() { "default" } else { &p.name };
+                    Some((
+                        p.name.clone(),
+                        o.endpoint.trim_end_matches('/').to_string(),
+                        o.bucket.clone(),
+                        format!("{}{store}/", o.prefix),
+                    ))
+                })
+                .collect())
+        };
+    let (sources, targets) = (roots(from, "source")?, roots(to, "target")?);
+    for (s_name, s_endpoint, s_bucket, s_root) in &sources {
+        for (t_name, t_endpoint, t_bucket, t_root) in &targets {
+            if s_endpoint == t_endpoint
+                && s_bucket == t_bucket
+                && (s_root.starts_with(t_root.as_str()) || t_root.starts_with(s_root.as_str()))
+            {
+                let at = if s_endpoint.is_empty() {
+                    "AWS"
+                } else {
+                    s_endpoint.as_str()
+                };
+                return Err(format!(
+                    "the source's partition store '{s_name}' and the target's '{t_name}' offload payloads to the same \
+                     objects (bucket '{s_bucket}' at {at}, under '{s_root}' and '{t_root}'): the target would delete \
+                     the source's payloads. A payload-offload root belongs to one store of one data directory: give \
+                     the target's object-storage entry another prefix, or its partition store another name"
+                ));
+            }
+        }
     }
     Ok(())
 }
@@ -968,6 +1022,50 @@ async fn copy_auth(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A migration between configurations whose partition stores offload payloads to the same root (same bucket,
+    /// endpoint, prefix and store name) is refused before anything is opened; another prefix or store name is not.
+    #[test]
+    fn a_migration_between_stores_sharing_an_offload_root_is_refused() {
+        let cfg = |driver: &str, prefix: &str, name: &str| {
+            lessor_server::Config::from_yaml(&format!(
+                "object-storage:\n  - name: s3-0\n    endpoint: http://127.0.0.1:9000\n    bucket: b\n    \
+                 path-style: true\n    prefix: {prefix}\nqueue-storage:\n  driver: memory\npartition-storage:\n  \
+                 - name: {name}\n    driver: {driver}\n    config: {{ payload-offload: s3-0 }}\n"
+            ))
+            .expect("config")
+        };
+        let e = separate_offload_roots(
+            &cfg("memory", "lessor/", "disk-0"),
+            &cfg("memory", "lessor/", "disk-0"),
+        )
+        .expect_err("same root");
+        assert!(
+            e.contains("'disk-0'") && e.contains("under 'lessor/disk-0/'") && e.contains("another prefix"),
+            "{e}"
+        );
+        // Nested: the source's sweeper lists the target's objects too.
+        assert!(separate_offload_roots(
+            &cfg("memory", "lessor/", "disk-0"),
+            &cfg("memory", "lessor/disk-0/", "x")
+        )
+        .is_err());
+        separate_offload_roots(
+            &cfg("memory", "lessor/", "disk-0"),
+            &cfg("memory", "new/", "disk-0"),
+        )
+        .expect("another prefix");
+        separate_offload_roots(
+            &cfg("memory", "lessor/", "disk-0"),
+            &cfg("memory", "lessor/", "pg-0"),
+        )
+        .expect("another store name");
+        separate_offload_roots(
+            &cfg("memory", "lessor/", "disk-0"),
+            &lessor_server::Config::from_yaml("queue-storage:\n  driver: memory\n").expect("config"),
+        )
+        .expect("no offload on the target");
+    }
 
     #[test]
     fn locations_parse() {
