@@ -476,6 +476,7 @@ pub fn decode_item_block(body: &[u8], max_items: usize) -> Result<ItemBlock, Bac
     let mut items = 0usize;
     while !buf.is_empty() {
         let (tag, wire_type) = prost::encoding::decode_key(&mut buf).map_err(corrupt)?;
+        // Field 4 of `ItemBlock`: `items`, one entry per item.
         if tag == 4 {
             items += 1;
             if items > max_items {

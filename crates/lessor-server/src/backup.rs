@@ -314,17 +314,15 @@ pub(crate) fn restore_begin(api: Api) -> Api {
                 // would be deleted and re-created in the caller's namespace) nor to resume: the caller needs the
                 // rights to delete it and to write into it there.
                 if let Some(existing) = ctx.engine.queue_namespace(&rec.name).await? {
-                    if r.overwrite {
-                        // Replacing a queue deletes it and its items, in the caller's namespace too: as
-                        // `queues.delete` does, that takes `queue.delete` (create and produce alone did).
+                    let elsewhere = *existing != ns(&rec.namespace);
+                    // Replacing a queue deletes it and its items, in the caller's namespace too: as `queues.delete`
+                    // does, that takes `queue.delete` (create and produce alone did).
+                    if r.overwrite || elsewhere {
                         ctx.auth
                             .authorize(&ctx.principal, &existing, Permission::QueueDelete)
                             .await?;
                     }
-                    if *existing != ns(&rec.namespace) {
-                        ctx.auth
-                            .authorize(&ctx.principal, &existing, Permission::QueueDelete)
-                            .await?;
+                    if elsewhere {
                         ctx.auth
                             .authorize(&ctx.principal, &existing, Permission::QueueProduce)
                             .await?;

@@ -82,6 +82,11 @@ pub fn client(cfg: &ObjectStoreConfig) -> Result<Arc<dyn ObjectStore>, StorageEr
 }
 
 impl ObjectStoreConfig {
+    /// Where the partition store named `store` keeps its objects in this bucket (see [`object_root`]).
+    pub fn root_of(&self, store: &str) -> String {
+        object_root(&self.prefix, store)
+    }
+
     /// See [`client`].
     fn build_client(&self) -> Result<Arc<dyn ObjectStore>, StorageError> {
         let region = if self.region.is_empty() {
@@ -757,6 +762,13 @@ pub struct OffloadStore {
     sweeper: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
+/// Where the partition store named `store` keeps its objects under an object-storage entry's `prefix`: every object
+/// below it is the store's own (its sweeper deletes what no item references), so two stores must never share one.
+pub fn object_root(prefix: &str, store: &str) -> String {
+    let store_dir = if store.is_empty() { "default" } else { store };
+    format!("{prefix}{store_dir}/")
+}
+
 impl OffloadStore {
     /// Wraps `inner`, the partition store named `store` in the configuration. With an object store configured, a
     /// sweeper task starts (call from within a Tokio runtime).
@@ -772,11 +784,10 @@ impl OffloadStore {
         let prefix = settings
             .object_store
             .as_ref()
-            .map(|o| o.prefix.clone())
+            .map(|o| o.prefix.as_str())
             .unwrap_or_default();
-        let store_dir = if store.is_empty() { "default" } else { store };
         let shared = Arc::new(Shared {
-            root: format!("{prefix}{store_dir}/"),
+            root: object_root(prefix, store),
             settings,
             objects,
             in_flight: Mutex::new(HashSet::new()),

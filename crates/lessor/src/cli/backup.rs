@@ -830,13 +830,11 @@ fn separate_offload_roots(from: &lessor_server::Config, to: &lessor_server::Conf
                 .iter()
                 .filter_map(|p| {
                     let o = p.spec.offload()?.object_store.as_ref()?;
-                    // As `OffloadStore::new` names the root.
-                    let store = if p.name.is_empty() { "default" } else { &p.name };
                     Some((
                         p.name.clone(),
                         o.endpoint.trim_end_matches('/').to_string(),
                         o.bucket.clone(),
-                        format!("{}{store}/", o.prefix),
+                        o.root_of(&p.name),
                     ))
                 })
                 .collect())
