@@ -145,6 +145,21 @@ pub async fn spill(env: &Env, p: &Arc<dyn Partition>, want: usize) {
     panic!("fewer than {want} segments: {:?}", env.segments().await);
 }
 
+/// Like `spill`, then runs lifecycle calls until the store counts `want` segments written (`written` reads its
+/// counter). A segment's object is listed as soon as its upload ends, before the background job has handed its
+/// result back, so the call after `spill` may still find the last job running and not commit it.
+pub async fn spill_committed(env: &Env, p: &Arc<dyn Partition>, want: usize, written: impl Fn() -> u64) {
+    spill(env, p, want).await;
+    for _ in 0..2000 {
+        if written() >= want as u64 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        p.lifecycle(T0, POLICY, 100).await.unwrap();
+    }
+    panic!("fewer than {want} segments committed: {}", written());
+}
+
 /// Runs lifecycle calls until no new segment appears for a while (every full segment's worth is spilled).
 pub async fn settle(env: &Env, p: &Arc<dyn Partition>) {
     let (mut last, mut quiet) = (usize::MAX, 0);
