@@ -182,9 +182,10 @@ pub enum QueueError {
     /// end is unknown to the caller, as with any timeout; the argument names the request.
     #[error("request timeout; {0} did not finish within request_timeout, try again")]
     RequestTimeout(&'static str),
-    /// A request without a `request_timeout` of its own (retry, stats, browse) found no answer within
-    /// `limits.default-request-timeout` (454): its queue is stuck in a storage call. As with any timeout, the
-    /// request may still be carried out.
+    /// A request without a `request_timeout` of its own (retry, stats, browse, and the admin calls that wait for a
+    /// queue's task: clear, reload, the storage API, update, delete, snapshots, restore pages...) found no answer
+    /// within `limits.default-request-timeout` (454): its queue is stuck in a storage call. As with any timeout,
+    /// the request may still be carried out (a delete that timed out deleted nothing).
     #[error("request timeout; {0} did not finish within limits.default-request-timeout ({1:?}), try again")]
     Untimed(&'static str, std::time::Duration),
     /// The queue's inbox is full (454).

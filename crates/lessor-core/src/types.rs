@@ -480,9 +480,11 @@ pub struct Limits {
     /// scheduled item, no waiting lease request, no rebalance...), unloads: its task stops and frees its memory,
     /// and the next request loads it again. Zero keeps every queue loaded once touched.
     pub queue_idle_unload: Duration,
-    /// How long a request that carries no `request_timeout` of its own (retry, stats, browse) waits for its queue
-    /// before [`crate::error::QueueError::Untimed`] (454): bounds the wait on a queue whose storage call never
-    /// returns, as the other requests' own timeouts do.
+    /// How long a request that carries no `request_timeout` of its own (retry, stats, browse, and every admin call
+    /// that waits for a queue's task: clear, reload, the storage API, definition updates, deletes, snapshots,
+    /// restore pages, rebalance hand-overs) waits for its queue before [`crate::error::QueueError::Untimed`] (454):
+    /// bounds the wait on a queue whose storage call never returns, as the other requests' own timeouts do. A
+    /// shutdown waits as long for each queue's task to stop.
     pub default_request_timeout: Duration,
 }
 

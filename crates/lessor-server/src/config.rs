@@ -524,8 +524,10 @@ pub struct LimitsSection {
     /// Most queues with per-queue series in `/metrics` (default 10,000, at most 1,000,000; 0: none, only the
     /// server-wide totals); see [`crate::metrics`].
     pub metrics_max_queues: Option<usize>,
-    /// How long `queue.retry`, `queue.stats` and browsing, whose requests carry no `request_timeout`, wait for a
-    /// queue stuck in a storage call before 454 (Go duration, default 30s, between 1ms and 15m).
+    /// How long requests that carry no `request_timeout` (`queue.retry`, `queue.stats`, browsing, and the admin
+    /// calls that wait for a queue's task: clear, reload, `storage/items.*`, update, delete, pause, rebalance,
+    /// snapshots, restore pages) wait for a queue stuck in a storage call before 454 (Go duration, default 30s,
+    /// between 1ms and 15m); see [`lessor_core::types::Limits::default_request_timeout`].
     pub default_request_timeout: Option<String>,
     /// Body bytes of requests read and not yet answered, server-wide (default 1 GiB); see [`crate::inflight`].
     pub max_inflight_bytes: Option<u64>,

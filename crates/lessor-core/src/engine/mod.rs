@@ -25,8 +25,7 @@ use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering}
 use std::sync::{Arc, RwLock, Weak};
 use std::time::Duration;
 
-use tokio::sync::{mpsc, oneshot, Mutex};
-use tokio::task::JoinHandle;
+use tokio::sync::{mpsc, oneshot, watch, Mutex, MutexGuard};
 
 pub use placement::{place, shares, StoreWeight};
 pub use rebalance::{PartitionMove, RebalanceProgress, RebalanceRequest, RebalanceStatus, RebalanceTask};
@@ -39,7 +38,7 @@ use crate::types::{
     ClearRequest, Item, ItemId, Limits, NewItem, PartitionInfo, QueueInfo, RetryItem, DEFAULT_NAMESPACE,
 };
 use crate::validate;
-use queue::{Cold, DeadLetterSink, Msg, QueueTask};
+use queue::{Cold, DeadLetterSink, Msg, NextInfo, QueueTask};
 
 /// One configured partition store.
 #[derive(Clone, Debug)]
@@ -361,7 +360,11 @@ struct QueueHandle {
     namespace: Arc<str>,
     tx: mpsc::Sender<Msg>,
     metrics: Arc<QueueMetrics>,
-    task: Arc<Mutex<Option<JoinHandle<()>>>>,
+    /// Its sender is dropped when the task has ended (partitions closed, metrics moved aside when it unloaded):
+    /// any number of waiters see it, none of them holding a lock meanwhile (see [`QueueHandle::wait_stopped`]).
+    stopped: watch::Receiver<()>,
+    /// Where definitions stored after the load wait for the task (see [`NextInfo`]).
+    next_info: Arc<NextInfo>,
     /// Which load of the queue this is (see `Inner::loads`): an unloading task removes its own handle, never the
     /// next one's.
     load: u64,
@@ -387,7 +390,18 @@ pub(crate) struct Inner {
     transitions: AtomicU64,
     /// Queue loads so far (each task's `QueueHandle::load`).
     loads: AtomicU64,
+    /// Serialises the loads of queues with the changes of their definitions (update, delete), so that a task
+    /// takes definitions in store order and no queue loads while it is deleted. Held only for storage calls on
+    /// the queue definitions and for changes of the tables, never while waiting for a queue's task: a task stuck
+    /// in a storage call would hold every other queue's load, update and delete with it. What waits for one
+    /// queue's task (its delete stopping it, a load waiting for its previous task to end) does so without it, and
+    /// `deleting` keeps that queue's loads and changes out meanwhile.
     load_lock: Mutex<()>,
+    /// The queues being deleted, each with a receiver whose sender the delete drops when it ends (see
+    /// [`Engine::lock_queue`]). Changed under `load_lock`.
+    deleting: std::sync::Mutex<HashMap<String, watch::Receiver<()>>>,
+    /// Numbers the definitions handed to queue tasks (see [`NextInfo`]), in store order: taken under `load_lock`.
+    info_seq: AtomicU64,
     shutting_down: AtomicBool,
     /// This engine's id among servers sharing a store (owner of the redrive tasks it runs).
     instance: String,
@@ -482,6 +496,8 @@ impl Engine {
                 transitions: AtomicU64::new(0),
                 loads: AtomicU64::new(0),
                 load_lock: Mutex::new(()),
+                deleting: Default::default(),
+                info_seq: AtomicU64::new(0),
                 shutting_down: AtomicBool::new(false),
                 instance: instance_id(),
                 redrives: Default::default(),
@@ -675,6 +691,19 @@ impl Engine {
                 "dead_queue does not exist; '{dead_queue}' was not found, create it first"
             )));
         };
+        // A queue whose delete is under way still has its definition until the delete ends; an update naming it
+        // (under the load lock, as the delete's check for users is) would be left pointing at a deleted queue.
+        if self
+            .inner
+            .deleting
+            .lock()
+            .map_err(poisoned)?
+            .contains_key(dead_queue)
+        {
+            return Err(QueueError::Invalid(format!(
+                "dead_queue does not exist; '{dead_queue}' is being deleted"
+            )));
+        }
         if !dlq.dead_queue.is_empty() {
             return Err(validate::invalid(
                 "dead_queue",
@@ -685,15 +714,19 @@ impl Engine {
     }
 
     /// Changes the fields the update sets, and only those.
+    ///
+    /// Returns once the queue's task took the new definition, or [`QueueError::Untimed`] when it does not within
+    /// `limits.default_request_timeout` (a task stuck in a storage call): the definition is stored then, and the
+    /// task takes it as soon as it is free again (a retry of the update stores the same fields and waits again).
     pub async fn update_queue(&self, update: QueueUpdate) -> Result<(), QueueError> {
         self.check_running()?;
         validate::queue_name("queue_name", &update.name)?;
+        let deadline = self.admin_deadline();
         let taken = {
-            let _guard = self.inner.load_lock.lock().await;
+            let _guard = self.lock_queue(&update.name).await?;
             self.update_queue_locked(update).await?
         };
-        taken.wait().await;
-        Ok(())
+        taken.wait(deadline, "update").await
     }
 
     /// [`Engine::update_queue`] for a caller holding the load lock; the caller waits for the task to take the new
@@ -755,7 +788,7 @@ impl Engine {
         validate_options(&info)?;
         info.updated_at = self.clock().now();
         self.inner.config.queues.update(&info).await?;
-        Ok(self.push_info(info).await)
+        Ok(self.push_info(info))
     }
 
     /// Deletes a queue with its items. Waiting requests get "queue is shutting down".
@@ -764,6 +797,12 @@ impl Engine {
     /// disk) or a crash in between, left the items on disk under a name free for a new queue, which then served
     /// them (the stores reuse a partition that exists). Now a failed destroy fails the request and keeps the
     /// definition, so the delete can be retried; a crash leaves the queue defined, with what was not destroyed yet.
+    ///
+    /// A queue whose task does not stop within `limits.default_request_timeout` (stuck in a storage call) is not
+    /// deleted: the request fails with [`QueueError::Untimed`] and the queue stays, with its items. Its task may
+    /// still stop once its call returns (answering what waits in its inbox with "queue is shutting down"); the
+    /// next request loads it again, and a retried delete goes on from there. Meanwhile only requests to that
+    /// queue wait for the delete: the engine-wide load lock is not held while its task stops.
     pub async fn delete_queue(&self, name: &str) -> Result<(), QueueError> {
         self.delete_queue_with(name, false).await
     }
@@ -779,41 +818,60 @@ impl Engine {
     pub async fn delete_queue_with(&self, name: &str, force: bool) -> Result<(), QueueError> {
         self.check_running()?;
         validate::queue_name("queue_name", name)?;
-        let _guard = self.inner.load_lock.lock().await;
-        let Some(info) = self.inner.config.queues.get(name).await? else {
-            return Err(QueueError::QueueNotFound(name.to_string()));
+        let deadline = self.admin_deadline();
+        let (info, deleting, cleared) = {
+            let _guard = self.lock_queue(name).await?;
+            let Some(info) = self.inner.config.queues.get(name).await? else {
+                return Err(QueueError::QueueNotFound(name.to_string()));
+            };
+            let users = self.dead_letter_users(name).await?;
+            let mut cleared = Vec::new();
+            if !users.is_empty() {
+                if !force {
+                    return Err(validate::invalid(
+                        "queue_name",
+                        format!(
+                            "'{name}' is the dead_queue of another queue; point that queue at another dead_queue, \
+                             delete it first, or delete with force to clear its dead_queue"
+                        ),
+                    ));
+                }
+                for user in users {
+                    tracing::info!(queue = %user, dead_queue = name, "dead_queue cleared: its dead-letter queue is deleted");
+                    cleared.push(
+                        self.update_queue_locked(QueueUpdate {
+                            name: user,
+                            dead_queue: Some(String::new()),
+                            ..Default::default()
+                        })
+                        .await?,
+                    );
+                }
+            }
+            // Marked in the critical section that found no user (or cleared them): from here no update may name
+            // the queue as a dead-letter queue (see `validate_dead_queue`), and nothing loads it.
+            (info, self.mark_deleting(name)?, cleared)
         };
-        let users = self.dead_letter_users(name).await?;
-        if !users.is_empty() {
-            if !force {
-                return Err(validate::invalid(
-                    "queue_name",
-                    format!(
-                        "'{name}' is the dead_queue of another queue; point that queue at another dead_queue, \
-                         delete it first, or delete with force to clear its dead_queue"
-                    ),
-                ));
-            }
-            for user in users {
-                tracing::info!(queue = %user, dead_queue = name, "dead_queue cleared: its dead-letter queue is deleted");
-                // Taken under the lock: a user's task must not move dead items to the name after the delete
-                // (a queue created under it meanwhile would receive them).
-                self.update_queue_locked(QueueUpdate {
-                    name: user,
-                    dead_queue: Some(String::new()),
-                    ..Default::default()
-                })
-                .await?
-                .wait()
-                .await;
-            }
+        // A user's task must have taken its cleared dead_queue before the definition goes: it must not move dead
+        // items to the name after the delete (a queue created under it meanwhile would receive them). A user stuck
+        // in a storage call fails the delete (its dead_queue stays cleared; a retry finds no user).
+        for taken in cleared {
+            taken.wait(deadline, "delete").await?;
         }
-        self.delete_queue_in_use(name, info).await
+        self.delete_queue_in_use(name, info, deleting, deadline).await
     }
 
     /// [`Engine::delete_queue`] without the dead-letter check: a restore with overwrite puts a queue of the same
-    /// name back at once.
-    async fn delete_queue_in_use(&self, name: &str, info: QueueInfo) -> Result<(), QueueError> {
+    /// name back at once. The caller marked the queue as being deleted (`deleting`), under the load lock; this
+    /// stops its task without that lock, by `deadline`, then destroys its partitions and, under the lock again,
+    /// its definition.
+    async fn delete_queue_in_use(
+        &self,
+        name: &str,
+        info: QueueInfo,
+        deleting: Deleting<'_>,
+        deadline: AdminDeadline,
+    ) -> Result<(), QueueError> {
         let handle = {
             let mut queues = self.inner.queues.write().map_err(poisoned)?;
             let h = queues.remove(name);
@@ -821,7 +879,19 @@ impl Engine {
             h
         };
         if let Some(h) = &handle {
-            stop_queue(h).await;
+            let stopped = deadline.bound("delete", async {
+                stop_queue(h).await;
+                Ok(())
+            });
+            if let Err(e) = stopped.await {
+                // Back in the table, where nothing replaced it (loads of the queue wait for `deleting`): the
+                // queue stays, and requests reach its task again. If the shutdown got into its inbox, the task
+                // stops once its storage call returns, and the next request loads the queue afresh.
+                let mut queues = self.inner.queues.write().map_err(poisoned)?;
+                queues.entry(name.to_string()).or_insert_with(|| h.clone());
+                tracing::warn!(queue = name, timeout = ?deadline.limit, "queue not deleted: its task did not stop in time (stuck in a storage call?)");
+                return Err(e);
+            }
         }
         // After the stop: a task unloading meanwhile finds its handle gone and leaves no metrics behind, and the
         // stopped task counts nothing more, so its counters pass to the deleted queues' whole. The handle's
@@ -853,12 +923,57 @@ impl Engine {
                 return Err(e.into());
             }
         }
+        let _guard = self.inner.load_lock.lock().await;
         // A rebalance under way ends with the queue: its moves' destinations (not in the stored placement yet)
         // hold copies of moved items, and the stores reuse a partition that exists, so a queue created again under
         // the name and placed there, or the old move resumed on it, served them.
         self.end_rebalances_of_deleted(name).await?;
         self.inner.config.queues.delete(name).await?;
+        // Under the lock: whoever waited for the delete finds the definition gone.
+        drop(deleting);
         Ok(())
+    }
+
+    /// The deadline of an admin call's waits on a queue's task: `limits.default_request_timeout` from now, in
+    /// real time (tokio's clock), as [`Engine::untimed`]'s.
+    fn admin_deadline(&self) -> AdminDeadline {
+        let limit = self.limits().default_request_timeout;
+        AdminDeadline {
+            at: tokio::time::Instant::now() + limit,
+            limit,
+        }
+    }
+
+    /// Takes the load lock once no delete of `name` is under way (a delete's wait for the queue's task happens
+    /// without the lock; see [`Inner::load_lock`]). A delete ends by its own deadline, so this waits at most about
+    /// that long (plus the delete's storage calls).
+    async fn lock_queue(&self, name: &str) -> Result<MutexGuard<'_, ()>, QueueError> {
+        loop {
+            let guard = self.inner.load_lock.lock().await;
+            let pending = self.inner.deleting.lock().map_err(poisoned)?.get(name).cloned();
+            let Some(mut ended) = pending else {
+                return Ok(guard);
+            };
+            drop(guard);
+            // Resolves (with an error: nothing is ever sent) once the delete drops its sender.
+            let _ = ended.changed().await;
+        }
+    }
+
+    /// Marks `name` as being deleted until the returned guard drops. Called under the load lock taken with
+    /// [`Engine::lock_queue`], so no other delete of it is under way.
+    fn mark_deleting(&self, name: &str) -> Result<Deleting<'_>, QueueError> {
+        let (tx, rx) = watch::channel(());
+        self.inner
+            .deleting
+            .lock()
+            .map_err(poisoned)?
+            .insert(name.to_string(), rx);
+        Ok(Deleting {
+            inner: &self.inner,
+            name: name.to_string(),
+            _ended: tx,
+        })
     }
 
     /// Checks that no store gets more partitions of the queue than it holds, then creates partitions
@@ -984,7 +1099,9 @@ impl Engine {
     /// when it is not running yet (the request being authorised is about to use it anyway), so a running queue
     /// answers without a storage read.
     pub async fn queue_namespace(&self, name: &str) -> Result<Option<Arc<str>>, QueueError> {
-        match self.handle(name).await {
+        // Bounded as an admin call: a load may wait for the queue's previous task to end, or for its delete.
+        let handle = self.untimed("queue lookup", self.handle(name)).await;
+        match handle {
             Ok(h) => Ok(Some(h.namespace.clone())),
             Err(QueueError::QueueNotFound(_) | QueueError::Invalid(_)) => Ok(None),
             Err(e) => Err(e),
@@ -1016,19 +1133,23 @@ impl Engine {
                 return Ok(h.clone());
             }
         }
-        let _guard = self.inner.load_lock.lock().await;
-        let stopped = self.inner.queues.read().map_err(poisoned)?.get(name).cloned();
-        if let Some(h) = stopped {
-            if !h.tx.is_closed() {
-                return Ok(h);
+        let (_guard, stale) = loop {
+            let guard = self.lock_queue(name).await?;
+            let current = self.inner.queues.read().map_err(poisoned)?.get(name).cloned();
+            match current {
+                Some(h) if !h.tx.is_closed() => return Ok(h),
+                // The task is stopping: it closes its partitions and, when it unloaded, moves its metrics aside
+                // before it ends. The next task opens the partitions only after that, which is waited for
+                // without the load lock (a stuck close would hold every other queue's load with it).
+                Some(h) if !h.has_stopped() => {
+                    drop(guard);
+                    h.wait_stopped().await;
+                }
+                // A task that ended and left its handle here (stopped by a delete that then timed out, see
+                // `delete_queue_in_use`): its figures go on in the next task's.
+                stale => break (guard, stale),
             }
-            // The task is stopping (or stopped): it closes its partitions and, when it unloaded, moves its metrics
-            // aside before it ends. The next task opens the partitions only after that.
-            let join = h.task.lock().await.take();
-            if let Some(join) = join {
-                let _ = join.await;
-            }
-        }
+        };
         self.check_running()?;
         let Some(info) = self.inner.config.queues.get(name).await? else {
             self.forget_deleted(name)?;
@@ -1055,7 +1176,16 @@ impl Engine {
                     }
                     Arc::default()
                 }
-                None => Arc::default(),
+                None => match stale {
+                    Some(h) if h.metrics.created_at.load(Ordering::Relaxed) == info.created_at.0 => {
+                        h.metrics.clone()
+                    }
+                    Some(h) => {
+                        self.inner.deleted.add_counters(&h.metrics);
+                        Arc::default()
+                    }
+                    None => Arc::default(),
+                },
             }
         };
         metrics.created_at.store(info.created_at.0, Ordering::Relaxed);
@@ -1065,6 +1195,8 @@ impl Engine {
         } else {
             info.namespace.as_str().into()
         };
+        // The definition just read is at least as new as every one numbered so far (all stored under this lock).
+        let next_info = Arc::new(NextInfo::new(self.inner.info_seq.load(Ordering::Relaxed)));
         let task = QueueTask::new(
             info,
             rx,
@@ -1073,11 +1205,15 @@ impl Engine {
             metrics.clone(),
         )
         .with_activity(self.inner.activity.clone())
+        .with_next_info(next_info.clone())
         .with_rebalance(plan);
         let load = self.inner.loads.fetch_add(1, Ordering::Relaxed) + 1;
         let engine = Arc::downgrade(&self.inner);
         let queue = name.to_string();
-        let join = tokio::spawn(async move {
+        let (ended, stopped) = watch::channel(());
+        tokio::spawn(async move {
+            // Dropped when the task is over, its exit handled (or when it panicked): see `QueueHandle::stopped`.
+            let _ended = ended;
             let exit = task.run().await;
             let Some(inner) = engine.upgrade() else { return };
             match exit {
@@ -1090,7 +1226,8 @@ impl Engine {
             namespace,
             tx,
             metrics: metrics.clone(),
-            task: Arc::new(Mutex::new(Some(join))),
+            stopped,
+            next_info,
             load,
         });
         {
@@ -1166,7 +1303,7 @@ impl Engine {
         }
         let mut forgot = 0;
         for name in missing {
-            let _guard = self.inner.load_lock.lock().await;
+            let _guard = self.lock_queue(&name).await?;
             if self.inner.config.queues.get(&name).await?.is_none() && self.forget_deleted(&name)? {
                 forgot += 1;
             }
@@ -1271,13 +1408,11 @@ impl Engine {
         tokio::spawn(async move {
             for m in left {
                 // A definition update and a rebalance plan are in the store already, where the next task reads
-                // them: acknowledged, not forwarded (their senders may hold the load lock, which loading takes). A
-                // store notice wakes no one in an unloaded queue; a stop has nothing left to stop.
+                // them: acknowledged, not forwarded. A store notice wakes no one in an unloaded queue; a stop has
+                // nothing left to stop.
                 if matches!(
                     m,
-                    Msg::Wake(_)
-                        | Msg::Shutdown(_)
-                        | Msg::Cold(Cold::UpdateInfo(..) | Cold::RebalanceInstall(..))
+                    Msg::Wake(_) | Msg::Definition | Msg::Shutdown(_) | Msg::Cold(Cold::RebalanceInstall(..))
                 ) {
                     queue::refuse(m, QueueError::QueueShuttingDown);
                     continue;
@@ -1550,7 +1685,7 @@ impl Engine {
     /// Stores a change of a queue's definition that `change` makes (it returns whether it changed anything;
     /// nothing is written when not) and hands it to the queue's task: under the load lock, so tasks take
     /// definitions in store order; the wait for the task to take it comes after the lock is released (its task may
-    /// need the lock meanwhile, to load a dead-letter queue).
+    /// need the lock meanwhile, to load a dead-letter queue), bounded as [`Engine::update_queue`]'s.
     async fn set_state(
         &self,
         queue: &str,
@@ -1558,8 +1693,9 @@ impl Engine {
     ) -> Result<(), QueueError> {
         self.check_running()?;
         validate::queue_name("queue_name", queue)?;
+        let deadline = self.admin_deadline();
         let taken = {
-            let _guard = self.inner.load_lock.lock().await;
+            let _guard = self.lock_queue(queue).await?;
             let Some(mut info) = self.inner.config.queues.get(queue).await? else {
                 return Err(QueueError::QueueNotFound(queue.to_string()));
             };
@@ -1568,33 +1704,40 @@ impl Engine {
             }
             info.updated_at = self.clock().now();
             self.inner.config.queues.update(&info).await?;
-            self.push_info(info).await
+            self.push_info(info)
         };
-        taken.wait().await;
-        Ok(())
+        taken.wait(deadline, "update").await
     }
 
-    /// Hands a stored definition to the queue's task, when it runs. Sent under the load lock, so that the task
-    /// takes definitions in the order they were stored; the caller waits for the task to take it (see
+    /// Hands a stored definition to the queue's task, when it runs. Called under the load lock, which numbers
+    /// the definition in store order, so that the task takes definitions in the order they were stored; never
+    /// waits (see [`NextInfo`]). The caller waits for the task to take it, after the lock is released (see
     /// [`InfoTaken`]).
-    async fn push_info(&self, info: QueueInfo) -> InfoTaken {
+    fn push_info(&self, info: QueueInfo) -> InfoTaken {
+        let seq = self.inner.info_seq.fetch_add(1, Ordering::Relaxed) + 1;
         let handle = self
             .inner
             .queues
             .read()
             .ok()
             .and_then(|q| q.get(&info.name).cloned());
-        if let Some(h) = handle {
-            let (tx, rx) = oneshot::channel();
-            if h.tx
-                .send(Msg::Cold(Cold::UpdateInfo(Box::new(info), tx)))
-                .await
-                .is_ok()
-            {
-                return InfoTaken(Some(rx));
+        let Some(h) = handle else {
+            return InfoTaken(None);
+        };
+        h.next_info.put(seq, info);
+        match h.tx.try_send(Msg::Definition) {
+            // A full inbox: the task is busy, and takes the definition at its next pass.
+            Ok(()) | Err(mpsc::error::TrySendError::Full(_)) => InfoTaken(Some(PendingInfo {
+                seq,
+                taken: h.next_info.taken(),
+                stopped: h.stopped.clone(),
+            })),
+            // The task is stopping; the next one reads the definition from the store.
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                h.next_info.clear();
+                InfoTaken(None)
             }
         }
-        InfoTaken(None)
     }
 
     /// One page of a partition's items, without leasing them (see [`BrowseRequest`]).
@@ -1615,8 +1758,11 @@ impl Engine {
         .await
     }
 
-    /// Runs `request`, one without a `request_timeout` of its own, for at most `limits.default_request_timeout`
-    /// of real time (see [`Engine::unstuck`] for why real time), then gives up with [`QueueError::Untimed`].
+    /// Runs `request`, one without a `request_timeout` of its own (retry, stats, browse, clear, reload, the storage
+    /// API, snapshots, restore pages, the engine's own calls to queue tasks), for at most
+    /// `limits.default_request_timeout` of real time (see [`Engine::unstuck`] for why real time), then gives up
+    /// with [`QueueError::Untimed`]: a queue task stuck in a storage call must not hold its caller forever. As
+    /// with any timeout, the request may still be carried out afterwards.
     async fn untimed<T>(
         &self,
         what: &'static str,
@@ -1678,13 +1824,17 @@ impl Engine {
                 "one of 'queue', 'scheduled' must be true",
             ));
         }
-        self.call(queue, |reply| Msg::Cold(Cold::Clear(request, reply)))
-            .await
+        self.untimed(
+            "clear",
+            self.call(queue, |reply| Msg::Cold(Cold::Clear(request, reply))),
+        )
+        .await
     }
 
     /// Re-reads every partition's counts and deadlines from storage and retries failed partitions now.
     pub async fn reload(&self, queue: &str) -> Result<(), QueueError> {
-        self.call(queue, |reply| Msg::Cold(Cold::Reload(reply))).await
+        self.untimed("reload", self.call(queue, |reply| Msg::Cold(Cold::Reload(reply))))
+            .await
     }
 
     /// Lists stored items of a partition (ready and leased, or scheduled), from `pivot` (inclusive) when given.
@@ -1712,15 +1862,18 @@ impl Engine {
         limit: usize,
         scheduled: bool,
     ) -> Result<(Vec<Item>, bool), QueueError> {
-        self.call(queue, |reply| {
-            Msg::Cold(Cold::List {
-                partition,
-                pivot,
-                limit,
-                scheduled,
-                reply,
-            })
-        })
+        self.untimed(
+            "storage list",
+            self.call(queue, |reply| {
+                Msg::Cold(Cold::List {
+                    partition,
+                    pivot,
+                    limit,
+                    scheduled,
+                    reply,
+                })
+            }),
+        )
         .await
     }
 
@@ -1741,13 +1894,16 @@ impl Engine {
                 format!("at most {max} items per import"),
             ));
         }
-        self.call(queue, |reply| {
-            Msg::Cold(Cold::Import {
-                partition,
-                items,
-                reply,
-            })
-        })
+        self.untimed(
+            "storage import",
+            self.call(queue, |reply| {
+                Msg::Cold(Cold::Import {
+                    partition,
+                    items,
+                    reply,
+                })
+            }),
+        )
         .await
     }
 
@@ -1761,13 +1917,16 @@ impl Engine {
         if ids.is_empty() {
             return Err(validate::invalid("ids", "cannot be empty"));
         }
-        self.call(queue, |reply| {
-            Msg::Cold(Cold::Delete {
-                partition,
-                ids,
-                reply,
-            })
-        })
+        self.untimed(
+            "storage delete",
+            self.call(queue, |reply| {
+                Msg::Cold(Cold::Delete {
+                    partition,
+                    ids,
+                    reply,
+                })
+            }),
+        )
         .await
     }
 
@@ -1781,8 +1940,11 @@ impl Engine {
         queue: &str,
         partition: u32,
     ) -> Result<Box<dyn crate::storage::PartitionSnapshot>, QueueError> {
-        self.call(queue, |reply| Msg::Cold(Cold::Snapshot { partition, reply }))
-            .await
+        self.untimed(
+            "snapshot",
+            self.call(queue, |reply| Msg::Cold(Cold::Snapshot { partition, reply })),
+        )
+        .await
     }
 
     /// The most items one restore page (`restore_import`) takes.
@@ -1809,16 +1971,20 @@ impl Engine {
             if !overwrite {
                 return Err(QueueError::QueueExists(info.name));
             }
-            let _guard = self.inner.load_lock.lock().await;
-            // A dead-letter queue in use is put back under its name at once, so the queues naming it keep their
-            // dead letters flowing, but only into the namespace they were given: restored into another one, the
-            // name would take other namespaces' dead letters there, which their owners never allowed (see
-            // `delete_queue_with`).
-            let namespace = |ns: &str| if ns.is_empty() { DEFAULT_NAMESPACE } else { ns }.to_string();
-            if namespace(&existing.namespace) != namespace(&info.namespace)
-                && !self.dead_letter_users(&info.name).await?.is_empty()
-            {
-                return Err(validate::invalid(
+            let deadline = self.admin_deadline();
+            let guard = self.lock_queue(&info.name).await?;
+            // Read again under the lock (a delete may have ended meanwhile): the first read only said whether to
+            // go on.
+            if let Some(existing) = self.inner.config.queues.get(&info.name).await? {
+                // A dead-letter queue in use is put back under its name at once, so the queues naming it keep their
+                // dead letters flowing, but only into the namespace they were given: restored into another one, the
+                // name would take other namespaces' dead letters there, which their owners never allowed (see
+                // `delete_queue_with`).
+                let namespace = |ns: &str| if ns.is_empty() { DEFAULT_NAMESPACE } else { ns }.to_string();
+                if namespace(&existing.namespace) != namespace(&info.namespace)
+                    && !self.dead_letter_users(&info.name).await?.is_empty()
+                {
+                    return Err(validate::invalid(
                     "queue",
                     format!(
                         "'{}' is the dead_queue of another queue; a restore may replace it in its namespace                          '{}' only, or point that queue at another dead_queue first",
@@ -1826,8 +1992,12 @@ impl Engine {
                         namespace(&existing.namespace)
                     ),
                 ));
+                }
+                let deleting = self.mark_deleting(&info.name)?;
+                drop(guard);
+                self.delete_queue_in_use(&info.name, existing, deleting, deadline)
+                    .await?;
             }
-            self.delete_queue_in_use(&info.name, existing).await?;
         }
         info.partitions = Vec::new();
         info.requested_partitions = count;
@@ -1860,14 +2030,17 @@ impl Engine {
                 format!("at most {max} items per restore page"),
             ));
         }
-        self.call(queue, |reply| {
-            Msg::Cold(Cold::RestoreImport {
-                partition,
-                offset,
-                items,
-                reply,
-            })
-        })
+        self.untimed(
+            "restore import",
+            self.call(queue, |reply| {
+                Msg::Cold(Cold::RestoreImport {
+                    partition,
+                    offset,
+                    items,
+                    reply,
+                })
+            }),
+        )
         .await
     }
 
@@ -1973,14 +2146,27 @@ impl Engine {
 
     /// Stops every queue: waiting requests get "queue is shutting down", in-flight storage calls finish, stores
     /// close. Later calls get "service is shutting down".
+    ///
+    /// A queue whose task does not stop within `limits.default_request_timeout` (stuck in a storage call that
+    /// never returns) is left behind with a warning, and the stores close all the same: what its call was writing
+    /// was never acknowledged, and a shutdown must end.
     pub async fn shutdown(&self) {
         self.inner.shutting_down.store(true, Ordering::Release);
-        let _guard = self.inner.load_lock.lock().await;
-        let handles: Vec<_> = match self.inner.queues.write() {
-            Ok(mut m) => m.drain().map(|(_, h)| h).collect(),
-            Err(_) => Vec::new(),
+        // Taken under the lock (no load is half done then; later ones see `shutting_down`), stopped without it.
+        let handles: Vec<_> = {
+            let _guard = self.inner.load_lock.lock().await;
+            match self.inner.queues.write() {
+                Ok(mut m) => m.drain().collect(),
+                Err(_) => Vec::new(),
+            }
         };
-        futures::future::join_all(handles.iter().map(|h| stop_queue(h))).await;
+        let limit = self.limits().default_request_timeout;
+        futures::future::join_all(handles.iter().map(|(name, h)| async move {
+            if tokio::time::timeout(limit, stop_queue(h)).await.is_err() {
+                tracing::warn!(queue = %name, timeout = ?limit, "queue task did not stop in time (stuck in a storage call?); closing the stores without it");
+            }
+        }))
+        .await;
         for s in &self.inner.config.stores {
             s.store.close().await;
         }
@@ -2049,26 +2235,107 @@ impl Engine {
 /// move loads its dead-letter queue (an unloaded one, as idle dead-letter queues are). Waiting under the lock
 /// stalled the update, the task and every queue load until the move gave up after its timeout (5 s).
 #[must_use]
-struct InfoTaken(Option<oneshot::Receiver<()>>);
+struct InfoTaken(Option<PendingInfo>);
+
+/// What [`InfoTaken`] waits for: the task taking definition number `seq`, or ending.
+struct PendingInfo {
+    seq: u64,
+    taken: watch::Receiver<u64>,
+    stopped: watch::Receiver<()>,
+}
 
 impl InfoTaken {
-    /// Resolves once the task took the definition (or stopped without it: the next one reads it from the store).
-    async fn wait(self) {
-        if let Some(rx) = self.0 {
-            let _ = rx.await;
+    /// Resolves once the task took the definition (or stopped without it: the next one reads it from the store),
+    /// or with [`QueueError::Untimed`] (naming the request `what`) at `deadline`: the definition is stored, and
+    /// the task takes it once its storage call returns.
+    async fn wait(self, deadline: AdminDeadline, what: &'static str) -> Result<(), QueueError> {
+        let Some(PendingInfo {
+            seq,
+            mut taken,
+            stopped,
+        }) = self.0
+        else {
+            return Ok(());
+        };
+        let done = async {
+            tokio::select! {
+                _ = taken.wait_for(|&t| t >= seq) => {}
+                () = wait_ended(stopped) => {}
+            }
+        };
+        deadline
+            .bound(what, async {
+                done.await;
+                Ok(())
+            })
+            .await
+    }
+}
+
+/// When an admin call stops waiting for a queue's task (see [`Engine::admin_deadline`]), and the limit it was set
+/// from, for the error.
+#[derive(Clone, Copy, Debug)]
+struct AdminDeadline {
+    at: tokio::time::Instant,
+    limit: Duration,
+}
+
+impl AdminDeadline {
+    /// Runs `f` until the deadline, then gives up with [`QueueError::Untimed`] naming the request `what`.
+    async fn bound<T>(
+        self,
+        what: &'static str,
+        f: impl Future<Output = Result<T, QueueError>>,
+    ) -> Result<T, QueueError> {
+        tokio::time::timeout_at(self.at, f)
+            .await
+            .unwrap_or(Err(QueueError::Untimed(what, self.limit)))
+    }
+}
+
+/// The queue being deleted, marked in [`Inner::deleting`] until this drops.
+struct Deleting<'a> {
+    inner: &'a Inner,
+    name: String,
+    /// Dropped with the guard: wakes whoever waits for the delete (see [`Engine::lock_queue`]).
+    _ended: watch::Sender<()>,
+}
+
+impl Drop for Deleting<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut deleting) = self.inner.deleting.lock() {
+            deleting.remove(&self.name);
+            shrink_sparse(&mut deleting);
         }
     }
 }
 
+impl QueueHandle {
+    /// Whether the queue's task has ended.
+    fn has_stopped(&self) -> bool {
+        self.stopped.has_changed().is_err()
+    }
+
+    /// Resolves once the queue's task has ended.
+    async fn wait_stopped(&self) {
+        wait_ended(self.stopped.clone()).await;
+    }
+}
+
+/// Resolves once the sender of `rx` is dropped (nothing is ever sent on these channels).
+async fn wait_ended(mut rx: watch::Receiver<()>) {
+    while rx.changed().await.is_ok() {}
+}
+
+/// Stops a queue's task and waits until it has ended. Not bounded here: callers bound it (a delete by its
+/// deadline, a shutdown by the admin timeout), and hold no engine-wide lock while they wait.
 async fn stop_queue(h: &QueueHandle) {
     let (tx, rx) = oneshot::channel();
-    // A full inbox must not stop shutdown: wait for room, the task drains it.
+    // A full inbox: wait for room, the task drains it.
     if h.tx.send(Msg::Shutdown(tx)).await.is_ok() {
         let _ = rx.await;
     }
-    if let Some(join) = h.task.lock().await.take() {
-        let _ = join.await;
-    }
+    h.wait_stopped().await;
 }
 
 /// Fewest queue definitions one store read of a namespace's page of queues asks for. Larger chunks cost fewer

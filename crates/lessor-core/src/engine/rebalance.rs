@@ -443,8 +443,16 @@ impl Engine {
         let plan = stored.plan(have);
         let (tx, rx) = tokio::sync::oneshot::channel();
         let msg = super::Msg::Cold(Cold::RebalanceInstall(Box::new(plan), tx));
-        if self.deliver(&info.name, msg, true).await.is_ok() {
-            let _ = rx.await;
+        // Bounded: a queue task stuck in a storage call takes the plan later, or its watcher hands it over again
+        // (a report says whether it is installed); the task is saved and running either way.
+        let install = async {
+            if self.deliver(&info.name, msg, true).await.is_ok() {
+                let _ = rx.await;
+            }
+            Ok(())
+        };
+        if let Err(e) = self.untimed("rebalance start", install).await {
+            tracing::warn!(task = %stored.id, queue = %stored.queue, error = %e, "rebalance plan not taken yet; its watcher hands it over");
         }
         tracing::info!(task = %stored.id, queue = %stored.queue, moves = stored.moves.len(), partitions = shrink, "rebalance started");
         let task = stored.task();
@@ -648,8 +656,13 @@ impl Engine {
             finish,
             reply: tx,
         });
-        self.deliver(&t.queue, msg, true).await.map_err(|(_, e)| e)?;
-        rx.await.map_err(|_| QueueError::QueueShuttingDown)
+        // Bounded: the watcher retries a report that failed, so a queue task stuck in a storage call does not
+        // hold it for good.
+        self.untimed("rebalance report", async {
+            self.deliver(&t.queue, msg, true).await.map_err(|(_, e)| e)?;
+            rx.await.map_err(|_| QueueError::QueueShuttingDown)
+        })
+        .await
     }
 
     /// The watcher: polls the queue task, persists the placement before destroying old partitions, saves
@@ -749,14 +762,21 @@ impl Engine {
     async fn install_plan(&self, t: &Stored, partitions: usize) -> Result<(), QueueError> {
         let (tx, rx) = tokio::sync::oneshot::channel();
         let msg = super::Msg::Cold(Cold::RebalanceInstall(Box::new(t.plan(partitions)), tx));
-        match self.deliver(&t.queue, msg, true).await {
-            Ok(()) => {
-                let _ = rx.await;
-                Ok(())
+        let install = async {
+            match self.deliver(&t.queue, msg, true).await {
+                Ok(()) => {
+                    let _ = rx.await;
+                    Ok(())
+                }
+                // As before: a queue that is gone is the watcher's next look to find.
+                Err((_, QueueError::QueueShuttingDown)) => Ok(()),
+                Err((_, e)) => Err(e),
             }
-            // As before: a queue that is gone is the watcher's next look to find.
-            Err((_, QueueError::QueueShuttingDown)) => Ok(()),
-            Err((_, e)) => Err(e),
+        };
+        match self.untimed("rebalance install", install).await {
+            // A queue task stuck in a storage call: the watcher's next report says whether it took the plan.
+            Err(QueueError::Untimed(..)) => Ok(()),
+            r => r,
         }
     }
 
@@ -838,7 +858,8 @@ impl Engine {
     /// Stores the queue task's placement when it differs from the stored one.
     async fn persist_placement(&self, t: &Stored, report: &RebalanceReport) -> Result<(), QueueError> {
         let queue = t.queue.as_str();
-        let _guard = self.inner.load_lock.lock().await;
+        // Not while the queue is being deleted: the delete destroys the partitions of the placement it read.
+        let _guard = self.lock_queue(queue).await?;
         let Some(mut info) = self.inner.config.queues.get(queue).await? else {
             return Err(QueueError::QueueNotFound(queue.to_string()));
         };

@@ -430,15 +430,14 @@ impl Engine {
     /// Gives up the claim of a redrive on `partition` of `dead_queue` (best effort: a queue that is gone or
     /// unloaded holds no claims).
     async fn release_claim(&self, dead_queue: &str, partition: u32) {
-        let _ = self
-            .call(dead_queue, |reply| {
-                Msg::Cold(Cold::Claim {
-                    partition,
-                    ids: Vec::new(),
-                    reply,
-                })
+        let release = self.call(dead_queue, |reply| {
+            Msg::Cold(Cold::Claim {
+                partition,
+                ids: Vec::new(),
+                reply,
             })
-            .await;
+        });
+        let _ = self.untimed("redrive release", release).await;
     }
 
     /// The rounds of [`Engine::run_redrive`]. `held` tracks the partitions where this runner holds a claim, each
@@ -607,16 +606,16 @@ impl Engine {
                 // deleted cannot complete or retry it (it is delivered again from its target). Without the claim a
                 // consumer could complete an item between the list and the delete, and the item was redriven too.
                 let ids: Vec<ItemId> = batch.iter().map(|b| b.1).collect();
-                let claimed = match self
-                    .call(&t.dead_queue, |reply| {
-                        Msg::Cold(Cold::Claim {
-                            partition: p,
-                            ids,
-                            reply,
-                        })
+                let claim = self.call(&t.dead_queue, |reply| {
+                    Msg::Cold(Cold::Claim {
+                        partition: p,
+                        ids,
+                        reply,
                     })
-                    .await
-                {
+                });
+                // Bounded, as every call to a queue task: a dead-letter queue stuck in a storage call fails the
+                // round, which is retried.
+                let claimed = match self.untimed("redrive claim", claim).await {
                     Ok(c) => {
                         // The claim replaced this partition's last one, items in doubt included: those still
                         // ready are in this batch again and move with it (their target knows them by their dedup
@@ -720,7 +719,12 @@ impl Engine {
         }
         let mut moved = 0;
         for (target, (items, ids)) in by_target {
-            let r = self.call(&target, |reply| Msg::Moved { items, reply }).await;
+            let r = self
+                .untimed(
+                    "redrive move",
+                    self.call(&target, |reply| Msg::Moved { items, reply }),
+                )
+                .await;
             match r {
                 Ok(()) => {}
                 Err(QueueError::QueueNotFound(q)) => {

@@ -1077,3 +1077,197 @@ async fn a_sweep_forgets_exactly_the_unloaded_queues_deleted_elsewhere() {
         0
     );
 }
+
+/// The error of a call that must fail (its success value need not be `Debug`).
+fn failed<T>(r: Result<T, QueueError>) -> QueueError {
+    match r {
+        Ok(_) => panic!("a call to a stuck queue succeeded"),
+        Err(e) => e,
+    }
+}
+
+/// Holds queue `q`'s task in a produce whose storage call hangs, and returns the produce's task (it succeeds once
+/// the store's gate opens).
+async fn stick(engine: &Engine, store: &Gated) -> tokio::task::JoinHandle<Result<(), QueueError>> {
+    let produce = {
+        let engine = engine.clone();
+        // A request_timeout on the engine's (manual) clock, which the test never moves: the produce waits.
+        tokio::spawn(async move {
+            engine
+                .produce("q", vec![item("a")], Some(Duration::from_secs(60)))
+                .await
+        })
+    };
+    until(|| store.entered.load(Ordering::SeqCst)).await;
+    produce
+}
+
+/// Every admin call that waits for a queue's task gives up after `limits.default_request_timeout` with 454
+/// `Untimed` when the task is stuck in a storage call, instead of waiting for as long as the call hangs (before:
+/// clear, reload, the storage API, snapshots, restore pages, updates and deletes waited without bound). Time is
+/// tokio's, paused: the bound passes without a real wait. The stuck queue is intact afterwards, and a delete
+/// retried once storage answers deletes it.
+#[tokio::test(start_paused = true)]
+async fn admin_calls_to_a_stuck_queue_give_up_with_454_after_the_default_request_timeout() {
+    let clock = ManualClock::starting_now();
+    let store = Gated::new();
+    let limit = Duration::from_secs(2);
+    let limits = Limits {
+        default_request_timeout: limit,
+        ..Default::default()
+    };
+    let engine = engine_with_limits(&store, &clock, limits).await;
+    let produce = stick(&engine, &store).await;
+
+    let clear = ClearRequest {
+        queue: true,
+        ..Default::default()
+    };
+    let id = ItemId(1);
+    let calls: Vec<(&str, QueueError)> = vec![
+        ("clear", failed(finishes(engine.clear("q", clear)).await)),
+        ("reload", failed(finishes(engine.reload("q")).await)),
+        (
+            "storage list",
+            failed(finishes(engine.storage_list("q", 0, None, 10, false)).await),
+        ),
+        (
+            "storage import",
+            failed(finishes(engine.storage_import("q", 0, vec![Item::default()])).await),
+        ),
+        (
+            "storage delete",
+            failed(finishes(engine.storage_delete("q", 0, vec![id])).await),
+        ),
+        ("snapshot", failed(finishes(engine.snapshot("q", 0)).await)),
+        (
+            "restore import",
+            failed(finishes(engine.restore_import("q", 0, 0, vec![Item::default()])).await),
+        ),
+        ("stats", failed(finishes(engine.stats("q")).await)),
+        (
+            "update",
+            failed(
+                finishes(engine.update_queue(QueueUpdate {
+                    name: "q".into(),
+                    max_attempts: Some(3),
+                    ..Default::default()
+                }))
+                .await,
+            ),
+        ),
+        ("update", failed(finishes(engine.set_paused("q", true)).await)),
+        ("delete", failed(finishes(engine.delete_queue("q")).await)),
+    ];
+    for (what, err) in calls {
+        assert!(
+            matches!(err, QueueError::Untimed(w, l) if w == what && l == limit),
+            "{what}: {err:?}"
+        );
+        // Querator's constant part: clients retry a "request timeout".
+        assert!(err.to_string().starts_with("request timeout; "), "{err}");
+    }
+
+    // Storage answers: the stuck produce is stored and acknowledged, and the queue is still there, with the
+    // definitions stored meanwhile. The delete that timed out got its shutdown into the inbox: the task stops, and
+    // the next request loads the queue afresh.
+    store.gate.add_permits(100);
+    finishes(produce)
+        .await
+        .expect("joined")
+        .expect("the stuck produce is stored");
+    let info = finishes(engine.queue_info("q")).await.expect("still defined");
+    assert_eq!(info.max_attempts, 3);
+    assert!(info.paused);
+    until(|| engine.loaded_queues().0 == 0).await;
+    finishes(engine.produce("q", vec![item("b")], Some(Duration::from_secs(5))))
+        .await
+        .expect("served by the next load");
+    assert_eq!(store.stored.load(Ordering::SeqCst), 2);
+    let stats = finishes(engine.stats("q")).await.expect("stats");
+    assert_eq!(stats.partitions.len(), 1);
+    finishes(engine.delete_queue("q"))
+        .await
+        .expect("delete once storage answers");
+    assert!(matches!(
+        finishes(engine.queue_info("q")).await,
+        Err(QueueError::QueueNotFound(_))
+    ));
+}
+
+/// A queue whose task is stuck in a storage call, with its delete waiting for the task to stop, holds up nothing
+/// of any other queue: another one is created, loaded, updated, paused and deleted meanwhile. (Before, the delete
+/// waited for the stuck task under the engine-wide load lock, and every other queue's load, update and delete
+/// waited behind it for as long as the storage call hung.) The stuck queue's delete itself ends with 454 at its
+/// bound, and a queue can no longer name it as its dead-letter queue while it is being deleted.
+#[tokio::test(start_paused = true)]
+async fn a_stuck_queue_holds_no_other_queue_while_its_delete_waits() {
+    let clock = ManualClock::starting_now();
+    let store = Gated::new();
+    let limit = Duration::from_secs(600);
+    let limits = Limits {
+        default_request_timeout: limit,
+        ..Default::default()
+    };
+    let engine = engine_with_limits(&store, &clock, limits).await;
+    let _produce = stick(&engine, &store).await;
+    let delete = {
+        let engine = engine.clone();
+        tokio::spawn(async move { engine.delete_queue("q").await })
+    };
+    // The delete took the queue's handle out of the table: it is waiting for the stuck task to stop.
+    until(|| engine.inner.queues.read().expect("table").get("q").is_none()).await;
+
+    let others = async {
+        let info = QueueInfo {
+            name: "other".into(),
+            lease_timeout: Duration::from_secs(60),
+            expire_timeout: Duration::from_secs(3600),
+            requested_partitions: 1,
+            ..Default::default()
+        };
+        engine.create_queue(info).await.expect("create");
+        // Loads it.
+        engine.stats("other").await.expect("stats");
+        engine
+            .update_queue(QueueUpdate {
+                name: "other".into(),
+                max_attempts: Some(5),
+                ..Default::default()
+            })
+            .await
+            .expect("update");
+        engine.set_paused("other", true).await.expect("pause");
+        assert_eq!(engine.queue_info("other").await.expect("info").max_attempts, 5);
+        let err = engine
+            .update_queue(QueueUpdate {
+                name: "other".into(),
+                dead_queue: Some("q".into()),
+                ..Default::default()
+            })
+            .await
+            .expect_err("q is being deleted");
+        assert!(
+            err.to_string().starts_with("dead_queue does not exist; "),
+            "{err}"
+        );
+        engine.delete_queue("other").await.expect("delete");
+    };
+    // Well within the stuck delete's bound: none of it waits for the stuck queue.
+    tokio::time::timeout(limit / 10, others)
+        .await
+        .expect("another queue's create, load, update and delete wait for a stuck one");
+    assert!(!delete.is_finished(), "the stuck queue's delete gave up early");
+
+    let err = tokio::time::timeout(limit * 2, delete)
+        .await
+        .expect("the delete gives up at its bound")
+        .expect("joined")
+        .expect_err("the task never stopped");
+    assert!(
+        matches!(err, QueueError::Untimed("delete", l) if l == limit),
+        "{err:?}"
+    );
+    assert!(finishes(engine.queue_info("q")).await.is_ok(), "not deleted");
+    store.gate.add_permits(100);
+}

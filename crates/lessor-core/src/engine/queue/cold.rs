@@ -1,5 +1,6 @@
 //! Cold requests, answered one by one after the batched work of a pass: stats, clear, reload, the storage API
-//! (list, import, delete) and definition updates.
+//! (list, import, delete), backup and restore, and rebalance hand-overs. (Definition updates come beside the inbox:
+//! see [`super::NextInfo`].)
 
 use std::collections::HashSet;
 
@@ -198,10 +199,6 @@ impl QueueTask {
             }
             Cold::RebalanceReport { id, finish, reply } => {
                 let _ = reply.send(self.rebalance_report(&id, finish));
-            }
-            Cold::UpdateInfo(info, done) => {
-                self.apply_info(*info, now);
-                let _ = done.send(());
             }
         }
     }

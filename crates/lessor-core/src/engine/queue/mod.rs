@@ -15,7 +15,8 @@
 //! - [`lifecycle`]: lease expiry, schedules and item expiry as their deadlines come due;
 //! - [`dead_letter`]: moving dead items to the dead-letter queue (through a [`DeadLetterSink`]) and accepting
 //!   items moved here;
-//! - [`cold`]: stats, clear, reload, the storage API and definition updates, answered one by one;
+//! - [`cold`]: stats, clear, reload and the storage API, answered one by one (definition updates arrive beside
+//!   the inbox, see [`NextInfo`], and are taken at the start of each pass);
 //! - [`health`]: opening partitions, probing failed ones and re-reading shared ones.
 
 use std::collections::{HashMap, VecDeque};
@@ -23,7 +24,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 
 mod ack;
 mod browse;
@@ -176,7 +177,61 @@ pub(crate) enum Msg {
     Cold(Cold),
     /// Another server made items ready in this partition (a store notice): re-read it now.
     Wake(u32),
+    /// A new definition waits in the task's [`NextInfo`]: only a wake-up, since every pass looks there first.
+    Definition,
     Shutdown(oneshot::Sender<()>),
+}
+
+/// The newest definition stored for a loaded queue that its task has not taken yet (see `Engine::push_info`), and
+/// the number of the last one it took.
+///
+/// Handed over beside the inbox rather than through it: the engine stores a definition and hands it over under its
+/// load lock (so tasks take definitions in store order), and waiting there for room in the inbox of a task stuck in
+/// a storage call held that lock, and with it every other queue's load, update and delete, for as long as the call
+/// hung. Putting a definition here never waits; a [`Msg::Definition`] wakes an idle task, and a task with a full
+/// inbox looks here at its next pass anyway. Only the newest definition is kept: each one is whole, and taking it
+/// also takes the ones it replaced.
+#[derive(Debug)]
+pub(crate) struct NextInfo {
+    /// The definition waiting, with its number (numbers grow in store order).
+    slot: std::sync::Mutex<Option<(u64, Box<QueueInfo>)>>,
+    /// The number of the last definition the task took.
+    taken: watch::Sender<u64>,
+}
+
+impl NextInfo {
+    /// A slot for a task that loaded definition number `seq` (or a newer one) from the store.
+    pub(crate) fn new(seq: u64) -> NextInfo {
+        NextInfo {
+            slot: std::sync::Mutex::new(None),
+            taken: watch::Sender::new(seq),
+        }
+    }
+
+    /// Leaves definition number `seq` for the task, unless a newer one waits already.
+    pub(crate) fn put(&self, seq: u64, info: QueueInfo) {
+        if let Ok(mut slot) = self.slot.lock() {
+            if slot.as_ref().is_none_or(|(s, _)| *s < seq) {
+                *slot = Some((seq, Box::new(info)));
+            }
+        }
+    }
+
+    /// Drops the waiting definition (its task stopped: the next one reads the store).
+    pub(crate) fn clear(&self) {
+        if let Ok(mut slot) = self.slot.lock() {
+            *slot = None;
+        }
+    }
+
+    /// Follows the number of the last definition the task took.
+    pub(crate) fn taken(&self) -> watch::Receiver<u64> {
+        self.taken.subscribe()
+    }
+
+    fn take(&self) -> Option<(u64, Box<QueueInfo>)> {
+        self.slot.lock().ok()?.take()
+    }
 }
 
 /// A request answered on its own, after the batched work of a pass.
@@ -210,7 +265,6 @@ pub(crate) enum Cold {
         ids: Vec<ItemId>,
         reply: Reply<Vec<ItemId>>,
     },
-    UpdateInfo(Box<QueueInfo>, oneshot::Sender<()>),
     Browse {
         request: BrowseRequest,
         reply: Reply<BrowsePage>,
@@ -348,6 +402,8 @@ pub(crate) struct QueueTask {
     /// When the last request arrived (or the task started): the queue unloads itself once it has had none for
     /// `limits.queue_idle_unload` and holds nothing that needs the task (see [`QueueTask::idle`]).
     last_request: Ts,
+    /// Definitions stored since the task loaded, handed over beside the inbox (see [`NextInfo`]).
+    next_info: Arc<NextInfo>,
 }
 
 /// How a task ended (see [`QueueTask::run`]).
@@ -396,6 +452,7 @@ impl QueueTask {
             gone: false,
             redriving: HashMap::new(),
             last_request: Ts::ZERO,
+            next_info: Arc::new(NextInfo::new(0)),
         };
         t.last_request = t.now();
         t.set_info(info);
@@ -405,6 +462,12 @@ impl QueueTask {
     /// A task that reads the engine's count of serving requests (see `activity`).
     pub(crate) fn with_activity(mut self, activity: Arc<std::sync::atomic::AtomicU64>) -> Self {
         self.activity = activity;
+        self
+    }
+
+    /// A task that takes the definitions the engine stores later from `next` (see [`NextInfo`]).
+    pub(crate) fn with_next_info(mut self, next: Arc<NextInfo>) -> Self {
+        self.next_info = next;
         self
     }
 
@@ -605,6 +668,11 @@ impl QueueTask {
         if batch.iter().any(|m| !matches!(m, Msg::Wake(_))) {
             self.last_request = now;
         }
+        if let Some((seq, info)) = self.next_info.take() {
+            // Before the partitions are probed: the ones a grown definition adds are opened in this pass.
+            self.apply_info(*info, now);
+            self.next_info.taken.send_replace(seq);
+        }
         let counts_before = self.total_counts();
         self.recover(now).await;
         if self.gone {
@@ -696,6 +764,8 @@ impl QueueTask {
                         }
                     }
                 }
+                // Taken at the start of the pass (see `NextInfo`).
+                Msg::Definition => {}
                 Msg::Shutdown(done) => shutdown = Some(done),
             }
         }
@@ -868,14 +938,13 @@ pub(crate) fn refuse(m: Msg, e: QueueError) {
             Cold::List { reply, .. } => drop(reply.send(Err(e))),
             Cold::Import { reply, .. } => drop(reply.send(Err(e))),
             Cold::Claim { reply, .. } => drop(reply.send(Err(e))),
-            Cold::UpdateInfo(_, done) => drop(done.send(())),
             Cold::Browse { reply, .. } => drop(reply.send(Err(e))),
             Cold::Snapshot { reply, .. } => drop(reply.send(Err(e))),
             Cold::RestoreImport { reply, .. } => drop(reply.send(Err(e))),
             Cold::RebalanceInstall(_, done) => drop(done.send(())),
             Cold::RebalanceReport { reply, .. } => drop(reply),
         },
-        Msg::Wake(_) => {}
+        Msg::Wake(_) | Msg::Definition => {}
         Msg::Shutdown(done) => drop(done.send(())),
     }
 }

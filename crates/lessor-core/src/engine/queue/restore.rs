@@ -30,7 +30,7 @@ impl QueueTask {
                 | Msg::Moved { reply, .. } => drop(reply.send(Err(err.clone()))),
                 Msg::Lease { reply, .. } => drop(reply.send(Err(err.clone()))),
                 // Nothing is served while restoring: a wake has nothing to do.
-                Msg::Wake(_) => {}
+                Msg::Wake(_) | Msg::Definition => {}
                 other @ (Msg::Cold(_) | Msg::Shutdown(_)) => batch.push(other),
             }
         }
