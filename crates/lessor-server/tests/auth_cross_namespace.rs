@@ -347,7 +347,9 @@ async fn restore_begin_overwrite_cannot_move_a_dead_letter_queue_in_use() {
         Err(ClientError::Api { code, message, .. }) => {
             assert_eq!(code, 400, "{message}");
             assert!(
-                message.starts_with("queue is invalid;") && message.contains("dead_queue of another queue"),
+                message.starts_with("queue is invalid;")
+                    && message.contains("dead_queue of another queue")
+                    && message.contains("in its namespace 'team-a' only"),
                 "{message}"
             );
         }

@@ -1985,13 +1985,14 @@ impl Engine {
                     && !self.dead_letter_users(&info.name).await?.is_empty()
                 {
                     return Err(validate::invalid(
-                    "queue",
-                    format!(
-                        "'{}' is the dead_queue of another queue; a restore may replace it in its namespace                          '{}' only, or point that queue at another dead_queue first",
-                        info.name,
-                        namespace(&existing.namespace)
-                    ),
-                ));
+                        "queue",
+                        format!(
+                            "'{}' is the dead_queue of another queue; a restore may replace it in its namespace \
+                             '{}' only, or point that queue at another dead_queue first",
+                            info.name,
+                            namespace(&existing.namespace)
+                        ),
+                    ));
                 }
                 let deleting = self.mark_deleting(&info.name)?;
                 drop(guard);
