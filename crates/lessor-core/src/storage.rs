@@ -71,16 +71,23 @@ pub trait PartitionStore: Send + Sync + Debug + 'static {
         crate::validate::MAX_PARTITIONS
     }
     /// Prepares partitions `partitions` of `queue` before the queue's definition is stored (queue creation or
-    /// growth), so that the request asking for many partitions pays for them, not the first produce. Idempotent:
-    /// partitions that exist stay as they are. The default does nothing (`open` creates on first use).
+    /// growth, a rebalance's destination), so that the request asking for many partitions pays for them, not the
+    /// first produce. Idempotent: partitions that exist stay as they are; a destroyed one is made again, empty. The
+    /// default does nothing (`open` creates on first use).
     async fn create(&self, queue: &str, partitions: &[u32]) -> Result<(), StorageError> {
         let _ = (queue, partitions);
         Ok(())
     }
     /// Opens (creating on first use) partition `partition` of `queue`. Fails while the backend is down; the engine
     /// keeps the partition marked failed and tries again.
+    ///
+    /// A partition that [`destroy`](Self::destroy) removed may be refused until [`create`](Self::create) makes it
+    /// again, and a [`shared`](Self::shared) store must refuse it: the engine destroys a queue's partitions before
+    /// its definition, and another server that still serves the queue (or loads it meanwhile) would otherwise make
+    /// the deleted partition again and store items into it, which a queue created later under the name would find.
     async fn open(&self, queue: &str, partition: u32) -> Result<Arc<dyn Partition>, StorageError>;
-    /// Deletes a partition's items for good (queue deletion). Deleting a missing partition is `Ok`.
+    /// Deletes a partition's items for good (queue deletion). Deleting a missing partition is `Ok`. Only
+    /// [`create`](Self::create) makes the partition again (see [`open`](Self::open)).
     async fn destroy(&self, queue: &str, partition: u32) -> Result<(), StorageError>;
     /// Deletes several partitions of `queue` for good (queue deletion). Stores that can do it in one write
     /// override this; the default destroys them one by one and stops at the first failure.

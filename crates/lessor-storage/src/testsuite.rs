@@ -946,6 +946,9 @@ pub async fn reopen_keeps_items_and_id_order(b: TestBackend) {
     let more = p.produce(items(1)).await.expect("produce");
     assert!(more[0] > ids[2]);
     b.partitions.destroy(&q, 3).await.expect("destroy");
+    // Made again by a create (a queue created anew under the name): a shared store refuses to open a destroyed
+    // partition without one.
+    b.partitions.create(&q, &[3]).await.expect("create after destroy");
     let p = b.partitions.open(&q, 3).await.expect("open after destroy");
     assert_eq!(
         p.counts().await.expect("counts").ready,

@@ -280,6 +280,7 @@ async fn tables_are_named_by_queue_hash_and_partition() {
     // Another run may have left it: start from nothing.
     store.destroy("hello", 0).await.expect("destroy");
     assert!(!exists("items_5d41402abc4b_000000").await);
+    store.create("hello", &[0]).await.expect("create");
     let p = store.open("hello", 0).await.expect("open");
     assert!(exists("items_5d41402abc4b_000000").await);
     assert!(exists("items_5d41402abc4b_000000_id_seq").await);
@@ -435,7 +436,7 @@ async fn a_version_1_schema_migrates_and_gains_the_auth_store() {
         .expect("version")
         .get(0);
     assert_eq!(v, lessor_storage::postgres::SCHEMA_VERSION);
-    assert_eq!(v, 5);
+    assert_eq!(v, 6);
     drop(client);
     queues.close().await;
 }
@@ -1251,6 +1252,77 @@ async fn a_queue_created_again_under_its_name_forgets_the_old_keys() {
             assert_eq!(stored, [false], "the new record holds");
         }
     }
+    a.destroy_many(&queue, &[0, 1]).await.ok();
+}
+
+/// The delete window: the engine destroys a queue's partitions before its definition, so another server may still
+/// serve the queue while its tables go, or load it from the definition meanwhile. Neither may make the tables again
+/// by opening them: a produce there would be acknowledged into the deleted queue, and a queue created later under
+/// the name would find those items (and their dedup keys). The other server's calls fail instead, and the queue
+/// created again starts empty and forgets the keys.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_server_serving_a_queue_being_deleted_does_not_make_its_tables_again() {
+    let Some((a, b)) = two_servers() else {
+        return;
+    };
+    let queue = unique_queue("pg-delete-window");
+    let keyed = |tag: &str| NewItem {
+        expire_deadline: T0.add(SEC * 3600),
+        created_at: T0,
+        payload: Bytes::from(tag.to_string()),
+        dedup_id: format!("key-{tag}"),
+        dedup_until: T0.add(SEC * 300),
+        ..Default::default()
+    };
+    a.create(&queue, &[0, 1]).await.expect("create");
+    // B serves partition 0 (opened before the delete); partition 1 it has not opened yet.
+    let b0 = b.open(&queue, 0).await.expect("B opens partition 0");
+    b0.produce(vec![keyed("old")])
+        .await
+        .expect("produce before the delete");
+    // Server A deletes the queue: its partitions go, its definition (not modelled here) is still there.
+    a.destroy_many(&queue, &[0, 1]).await.expect("destroy");
+
+    // B still serves partition 0: its produce fails (nothing acknowledged), and so does opening it again, as the
+    // engine does after a failure, and opening partition 1, as a load from the definition does.
+    b0.produce(vec![keyed("stale")])
+        .await
+        .expect_err("a produce into a destroyed partition is refused");
+    let again = b.open(&queue, 0).await;
+    let fresh = b.open(&queue, 1).await;
+    let reopened = (again.is_ok(), fresh.is_ok());
+    // Had the opens made the tables again, B stored these (acknowledged) into the deleted queue.
+    for p in [again, fresh].into_iter().flatten() {
+        p.produce(vec![keyed("stale")])
+            .await
+            .expect("stored in a re-made table");
+    }
+
+    // The queue is created again under its name (through B this time): empty, and the old keys are forgotten.
+    b.create(&queue, &[0, 1]).await.expect("create again");
+    for (store, part) in [(&a, 0u32), (&b, 1)] {
+        let p = store.open(&queue, part).await.expect("open the new queue");
+        let c = p.counts().await.expect("counts");
+        assert_eq!(
+            (c.ready, c.leased, c.scheduled),
+            (0, 0, 0),
+            "partition {part} of the queue created again holds the deleted queue's items"
+        );
+        let (_, stored) = p
+            .produce_reporting(vec![keyed("old"), keyed("stale")])
+            .await
+            .expect("produce into the new queue");
+        assert_eq!(
+            stored,
+            [part == 0, part == 0],
+            "partition {part}: the deleted queue's keys are forgotten (and partition 0's are the new queue's)"
+        );
+    }
+    assert_eq!(
+        reopened,
+        (false, false),
+        "B opened the destroyed partitions (0 as served, 1 as loaded)"
+    );
     a.destroy_many(&queue, &[0, 1]).await.ok();
 }
 

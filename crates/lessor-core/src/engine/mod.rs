@@ -623,6 +623,14 @@ impl Engine {
         } else {
             self.validate_placement(&info)?;
         }
+        // A queue that exists is not touched: creating its partitions would make again, empty, those that a delete
+        // running on another server has just destroyed (it removes the definition next), and servers that still
+        // serve the deleted queue would store into them what a queue created later under the name then finds. A
+        // definition found absent here was removed after its partitions were destroyed, so the create below starts
+        // the new queue afresh.
+        if self.inner.config.queues.get(&info.name).await?.is_some() {
+            return Err(QueueError::QueueExists(info.name));
+        }
         self.prepare_partitions(&info.name, &info.partitions, 0).await?;
         let now = self.clock().now();
         info.created_at = now;

@@ -44,7 +44,7 @@ use tokio_postgres::Row;
 
 use super::dedup::QueueKeys;
 use super::pool::{acquire, pg_err, prepare, PgConfig, Shared, Tx};
-use super::schema::{self, table_name};
+use super::schema::{self, table_name, Ensure};
 use super::sql::{Sql, RETRY_DELETE, RETRY_KEEP_DEAD, RETRY_RELEASE, RETRY_REQUEUE, RETRY_SCHEDULE};
 
 /// Partitions in PostgreSQL, one table each.
@@ -55,8 +55,9 @@ pub struct PgStore {
 
 impl PgStore {
     /// A store on the pool of `cfg.connection_string` (shared with every other store using the same string).
-    /// Never connects: tables are created on first open, and calls fail with `Unavailable` while the database is
-    /// down. Fails only on an invalid configuration.
+    /// Never connects: tables are created by `create` (or by the first open of a partition never created nor
+    /// destroyed), and calls fail with `Unavailable` while the database is down. Fails only on an invalid
+    /// configuration.
     pub fn new(cfg: &PgConfig) -> Result<Self, StorageError> {
         Ok(PgStore {
             shared: Mutex::new(Some(acquire(cfg)?)),
@@ -102,12 +103,16 @@ impl PartitionStore for PgStore {
         // A table, its sequence and its indexes are one transaction each: a few at a time keeps the pool's other
         // users served while a wide queue is created.
         for chunk in partitions.chunks(CREATE_CONCURRENCY) {
-            futures::future::try_join_all(chunk.iter().map(|&p| {
-                let table = table_name(queue, p);
-                let shared = shared.clone();
-                let first_id = i64::try_from(ItemId::floor_for(p).0).unwrap_or(i64::MAX);
-                async move { schema::ensure_partition(&shared, &table, queue, p, first_id).await }
-            }))
+            futures::future::try_join_all(
+                chunk.iter().map(|&p| {
+                    let table = table_name(queue, p);
+                    let shared = shared.clone();
+                    let first_id = i64::try_from(ItemId::floor_for(p).0).unwrap_or(i64::MAX);
+                    async move {
+                        schema::ensure_partition(&shared, &table, queue, p, first_id, Ensure::Create).await
+                    }
+                }),
+            )
             .await?;
         }
         Ok(())
@@ -119,7 +124,8 @@ impl PartitionStore for PgStore {
         // A new table's ids start at the current time in microseconds, so a queue deleted and created again never
         // reuses an id that a consumer of the old queue may still hold (offset per partition: see `floor_for`).
         let first_id = i64::try_from(ItemId::floor_for(partition).0).unwrap_or(i64::MAX);
-        schema::ensure_partition(&shared, &table, queue, partition, first_id).await?;
+        // Never creates a table that a destroy dropped: see `ensure_partition`.
+        schema::ensure_partition(&shared, &table, queue, partition, first_id, Ensure::Open).await?;
         let keys = schema::dedup_secret(&shared).await?.queue(queue);
         Ok(Arc::new(PgPartition {
             sql: Sql::new(&table),
@@ -138,6 +144,7 @@ impl PartitionStore for PgStore {
     async fn destroy(&self, queue: &str, partition: u32) -> Result<(), StorageError> {
         let shared = self.shared()?;
         schema::drop_partition(&shared, &table_name(queue, partition), queue, partition).await?;
+        schema::purge_tombstones(&shared).await;
         schema::drop_queue_dedup(&shared, queue).await
     }
 
@@ -152,6 +159,7 @@ impl PartitionStore for PgStore {
             }))
             .await?;
         }
+        schema::purge_tombstones(&shared).await;
         schema::drop_queue_dedup(&shared, queue).await
     }
 

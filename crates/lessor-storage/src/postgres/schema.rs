@@ -14,8 +14,11 @@
 //! - `lessor_dedup` (version 3, replaced in version 5 by `lessor_dedup_keys` and `lessor_dedup_secret`): the dedup
 //!   records of every queue, keyed by a 128-bit keyed hash of `(queue, dedup_id)` (see [`super::dedup`]), so that
 //!   servers producing into different partitions of one queue agree on which item a key stored.
+//! - `lessor_dropped_partitions` (version 6): the item tables dropped by a destroy, so that a server which still
+//!   serves the queue (or loads it while the delete runs) cannot create them again by opening them: only
+//!   [`PartitionStore::create`](lessor_core::storage::PartitionStore::create) does (see [`ensure_partition`]).
 //! - `items_<12 hex digits of md5(queue)>_<partition, 6 digits>` and its id sequence: one partition's items, created
-//!   on first open (see [`partition_ddl`]).
+//!   when the queue or partition is created (see [`partition_ddl`]).
 //!
 //! Timestamps are `BIGINT` microseconds since the Unix epoch (exactly [`lessor_core::time::Ts`]), 0 meaning unset,
 //! so values round-trip bit for bit and the partial-index predicates compare integers.
@@ -127,6 +130,18 @@ const MIGRATIONS: &[&str] = &[
         autovacuum_analyze_scale_factor = 0.05
     );
     CREATE INDEX lessor_dedup_keys_until ON lessor_dedup_keys (queue_id, until);
+    "#,
+    // 6: tombstones of dropped item tables (see `ensure_partition`): a table named here is made again only by the
+    // create of its queue or partition, never by an open. `dropped_at` (microseconds) lets old tombstones go
+    // (`purge_tombstones`).
+    r#"
+    CREATE TABLE lessor_dropped_partitions (
+        table_name TEXT PRIMARY KEY,
+        queue TEXT NOT NULL,
+        partition BIGINT NOT NULL,
+        dropped_at BIGINT NOT NULL
+    );
+    CREATE INDEX lessor_dropped_partitions_at ON lessor_dropped_partitions (dropped_at);
     "#,
 ];
 
@@ -422,7 +437,74 @@ fn owner_mismatch(table: &str, queue: &str, partition: u32, owner: &str, owner_p
     )
 }
 
-/// Creates partition `partition` of `queue` unless it exists, and upgrades its table when an older build made it.
+/// Why [`ensure_partition`] is called.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Ensure {
+    /// The queue or partition is being created (`PartitionStore::create`, before its definition is stored): the
+    /// table is made, fresh if a destroy dropped it before.
+    Create,
+    /// A server opens a partition it serves (`PartitionStore::open`): an existing table is used (and upgraded); a
+    /// dropped one is refused, never made again.
+    Open,
+}
+
+/// How long the tombstone of a dropped table is kept (see [`purge_tombstones`]).
+///
+/// A tombstone only has to outlive the servers that may still open the partition after its queue was deleted (or
+/// its partition moved): those that loaded the definition before the delete. Each of them re-reads the definition
+/// every `shared_refresh` (half a second) before it opens anything, and stops serving a queue whose definition is
+/// gone, so a day is ample even for a server whose queue store was unreachable meanwhile. A queue whose definition
+/// outlived its partitions (its delete failed after the drops, and was not retried) serves again, empty, after that
+/// long, as before tombstones.
+const TOMBSTONE_TTL: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
+
+/// The state of an item table as [`ensure_partition`] reads it.
+struct TableState {
+    /// The registration's queue and partition, when the table is registered.
+    owner: Option<(String, i64)>,
+    layout: Option<i32>,
+    exists: bool,
+    /// A destroy of this queue's partition dropped the table, and no create made it again since.
+    dropped: bool,
+}
+
+/// The query behind [`TableState`]: one row for any table name.
+const TABLE_STATE: &str = "SELECT p.queue, p.partition, p.layout, to_regclass(x.t) IS NOT NULL,
+            d.queue IS NOT NULL AND d.queue = $2 AND d.partition = $3
+     FROM (SELECT $1::text AS t) x
+     LEFT JOIN lessor_partitions p ON p.table_name = x.t
+     LEFT JOIN lessor_dropped_partitions d ON d.table_name = x.t";
+
+fn table_state(r: &tokio_postgres::Row) -> Result<TableState, StorageError> {
+    let owner: Option<String> = r.try_get(0).map_err(pg_err)?;
+    let owner_part: Option<i64> = r.try_get(1).map_err(pg_err)?;
+    Ok(TableState {
+        owner: owner.zip(owner_part),
+        layout: r.try_get(2).map_err(pg_err)?,
+        exists: r.try_get(3).map_err(pg_err)?,
+        dropped: r.try_get(4).map_err(pg_err)?,
+    })
+}
+
+fn dropped_error(table: &str, queue: &str, partition: u32) -> StorageError {
+    StorageError::other(format!(
+        "postgres: partition {partition} of queue '{queue}' (table {table}) was destroyed (the queue was deleted or \
+         the partition moved); only creating the queue or partition again makes it"
+    ))
+}
+
+/// Makes partition `partition` of `queue` ready to use: creates its table when `why` is [`Ensure::Create`] (fresh
+/// when a destroy dropped it), and upgrades a table an older build made.
+///
+/// An open never makes a table a destroy dropped. The engine deletes a queue's partitions before its definition, and
+/// another server may still serve the queue (it notices the delete within `shared_refresh`) or load it from the
+/// definition meanwhile; when an open created missing tables, such a server made the deleted queue's tables again,
+/// stored items into them (acknowledged), and a queue created later under the name found them (with their dedup
+/// records kept). The tombstone in `lessor_dropped_partitions`, written in the drop's transaction and cleared in
+/// the create's, under the table's advisory lock, makes the open fail instead (the server's produce fails, nothing is
+/// acknowledged), and a create after it starts from an empty table. An open of a table never created nor dropped
+/// still creates it (a queue defined by a build from before `create`, and tests that open without creating).
+///
 /// Checks first without locking, so opening an existing, current partition costs one query; several servers
 /// opening it at once serialise on the table's advisory lock, and the later ones find the work done.
 pub(crate) async fn ensure_partition(
@@ -431,54 +513,62 @@ pub(crate) async fn ensure_partition(
     queue: &str,
     partition: u32,
     first_id: i64,
+    why: Ensure,
 ) -> Result<(), StorageError> {
     ensure(shared).await?;
     let conn = shared.conn().await?;
-    let check = prepare(
-        &conn,
-        "SELECT queue, partition, to_regclass($1) IS NOT NULL, layout
-         FROM lessor_partitions WHERE table_name = $1",
-    )
-    .await?;
-    let rows = conn.query(&check, &[&table]).await.map_err(pg_err)?;
-    if let Some(r) = rows.first() {
-        let owner: String = r.try_get(0).map_err(pg_err)?;
-        let owner_part: i64 = r.try_get(1).map_err(pg_err)?;
-        let exists: bool = r.try_get(2).map_err(pg_err)?;
-        let layout: i32 = r.try_get(3).map_err(pg_err)?;
-        if owner != queue || owner_part != i64::from(partition) {
-            return Err(owner_mismatch(table, queue, partition, &owner, owner_part));
-        }
-        if exists && layout >= PARTITION_LAYOUT {
-            return Ok(());
-        }
-    }
-    let lock = format!("SELECT pg_advisory_xact_lock({TABLE_LOCK_CLASS}, hashtext('{table}'))");
-    let tx = Tx::begin_simple(conn, &lock).await?;
-    // Read again under the lock: another server may have created or upgraded the table meanwhile.
-    let state = prepare(
-        tx.conn()?,
-        "SELECT p.queue, p.partition, p.layout, to_regclass($1) IS NOT NULL
-         FROM (SELECT $1::text AS t) x LEFT JOIN lessor_partitions p ON p.table_name = x.t",
-    )
-    .await?;
-    let (tx, rows) = tx.query(&state, &[&table]).await?;
+    let part = i64::from(partition);
+    let check = prepare(&conn, TABLE_STATE).await?;
+    let rows = conn
+        .query(&check, &[&table, &queue, &part])
+        .await
+        .map_err(pg_err)?;
     let r = rows
         .first()
         .ok_or_else(|| StorageError::other("postgres: no partition state row"))?;
-    let owner: Option<String> = r.try_get(0).map_err(pg_err)?;
-    let owner_part: Option<i64> = r.try_get(1).map_err(pg_err)?;
-    let layout: Option<i32> = r.try_get(2).map_err(pg_err)?;
-    let exists: bool = r.try_get(3).map_err(pg_err)?;
-    if let (Some(owner), Some(owner_part)) = (&owner, owner_part) {
-        if owner != queue || owner_part != i64::from(partition) {
-            tx.rollback().await;
-            return Err(owner_mismatch(table, queue, partition, owner, owner_part));
+    let s = table_state(r)?;
+    if let Some((owner, owner_part)) = &s.owner {
+        if owner != queue || *owner_part != part {
+            return Err(owner_mismatch(table, queue, partition, owner, *owner_part));
         }
     }
-    let ddl = if !exists {
+    if s.dropped && why == Ensure::Open {
+        return Err(dropped_error(table, queue, partition));
+    }
+    if !s.dropped && s.exists && s.owner.is_some() && s.layout.is_some_and(|l| l >= PARTITION_LAYOUT) {
+        return Ok(());
+    }
+    let lock = format!("SELECT pg_advisory_xact_lock({TABLE_LOCK_CLASS}, hashtext('{table}'))");
+    let tx = Tx::begin_simple(conn, &lock).await?;
+    // Read again under the lock: another server may have created, upgraded or dropped the table meanwhile.
+    let state = prepare(tx.conn()?, TABLE_STATE).await?;
+    let (tx, rows) = tx.query(&state, &[&table, &queue, &part]).await?;
+    let r = rows
+        .first()
+        .ok_or_else(|| StorageError::other("postgres: no partition state row"))?;
+    let s = table_state(r)?;
+    if let Some((owner, owner_part)) = &s.owner {
+        if owner != queue || *owner_part != part {
+            tx.rollback().await;
+            return Err(owner_mismatch(table, queue, partition, owner, *owner_part));
+        }
+    }
+    let ddl = if s.dropped {
+        if why == Ensure::Open {
+            tx.rollback().await;
+            return Err(dropped_error(table, queue, partition));
+        }
+        // A table that exists in spite of the tombstone was made by a build from before tombstones while the
+        // queue was being deleted: what it holds belongs to the deleted queue, and the new one starts empty.
+        format!(
+            "DROP TABLE IF EXISTS {table}; DROP SEQUENCE IF EXISTS {table}_id_seq;
+             DELETE FROM lessor_dropped_partitions WHERE table_name = '{table}';
+             {}",
+            partition_ddl(table, first_id)
+        )
+    } else if !s.exists {
         partition_ddl(table, first_id)
-    } else if layout.is_none_or(|l| l < PARTITION_LAYOUT) {
+    } else if s.owner.is_none() || s.layout.is_none_or(|l| l < PARTITION_LAYOUT) {
         // A table without a registration row can only be ours from before registration was atomic; upgrading
         // it is idempotent either way.
         upgrade_ddl(table)
@@ -486,26 +576,26 @@ pub(crate) async fn ensure_partition(
         return tx.commit().await;
     };
     let tx = tx.batch(&ddl).await?;
+    // A new registration, or a layout upgrade of the existing one (which keeps its creation time).
     let register = prepare(
         tx.conn()?,
         "INSERT INTO lessor_partitions (table_name, queue, partition, created_at, layout)
-         VALUES ($1, $2, $3, $4, $5) ON CONFLICT (table_name) DO UPDATE SET layout = EXCLUDED.layout",
+         VALUES ($1, $2, $3, $4, $5)
+         ON CONFLICT (table_name) DO UPDATE SET layout = EXCLUDED.layout,
+            created_at = CASE WHEN $6::bool THEN EXCLUDED.created_at ELSE lessor_partitions.created_at END",
     )
     .await?;
     // The registration's creation time, in microseconds (the first id is that plus the partition's offset).
     let created_at = i64::try_from(lessor_core::types::ItemId::floor_now().0).unwrap_or(i64::MAX);
+    let fresh = s.dropped || !s.exists;
     tx.query_commit(
         &register,
-        &[
-            &table,
-            &queue,
-            &i64::from(partition),
-            &created_at,
-            &PARTITION_LAYOUT,
-        ],
+        &[&table, &queue, &part, &created_at, &PARTITION_LAYOUT, &fresh],
     )
     .await?;
-    if exists {
+    if fresh {
+        tracing::info!(queue, partition, table, "postgres: created partition table");
+    } else {
         tracing::info!(
             queue,
             partition,
@@ -513,13 +603,13 @@ pub(crate) async fn ensure_partition(
             layout = PARTITION_LAYOUT,
             "postgres: upgraded partition table"
         );
-    } else {
-        tracing::info!(queue, partition, table, "postgres: created partition table");
     }
     Ok(())
 }
 
-/// Drops a partition's table and sequence. A table registered to another queue (a hash collision) is left alone.
+/// Drops a partition's table and sequence, and leaves its tombstone (see [`ensure_partition`]), in one
+/// transaction under the table's advisory lock. A table registered to another queue (a hash collision) is left
+/// alone. A partition that has no table gets its tombstone all the same: a server may be about to open it.
 pub(crate) async fn drop_partition(
     shared: &Shared,
     table: &str,
@@ -549,9 +639,44 @@ pub(crate) async fn drop_partition(
             "DROP TABLE IF EXISTS {table}; DROP SEQUENCE IF EXISTS {table}_id_seq;"
         ))
         .await?;
-    let unregister = prepare(tx.conn()?, "DELETE FROM lessor_partitions WHERE table_name = $1").await?;
-    tx.query_commit(&unregister, &[&table]).await?;
+    let unregister = prepare(
+        tx.conn()?,
+        "WITH gone AS (DELETE FROM lessor_partitions WHERE table_name = $1)
+         INSERT INTO lessor_dropped_partitions (table_name, queue, partition, dropped_at) VALUES ($1, $2, $3, $4)
+         ON CONFLICT (table_name) DO UPDATE
+            SET queue = EXCLUDED.queue, partition = EXCLUDED.partition, dropped_at = EXCLUDED.dropped_at",
+    )
+    .await?;
+    tx.query_commit(
+        &unregister,
+        &[&table, &queue, &i64::from(partition), &now_micros()],
+    )
+    .await?;
     Ok(())
+}
+
+fn now_micros() -> i64 {
+    i64::try_from(lessor_core::types::ItemId::floor_now().0).unwrap_or(i64::MAX)
+}
+
+/// Forgets the tombstones older than [`TOMBSTONE_TTL`], so that a database whose queues come and go under ever new
+/// names keeps a bounded number of them. After a destroy; a failure is only logged.
+pub(crate) async fn purge_tombstones(shared: &Shared) {
+    let purged = async {
+        let conn = shared.conn().await?;
+        let stmt = prepare(
+            &conn,
+            "DELETE FROM lessor_dropped_partitions WHERE dropped_at < $1",
+        )
+        .await?;
+        let horizon =
+            now_micros().saturating_sub(i64::try_from(TOMBSTONE_TTL.as_micros()).unwrap_or(i64::MAX));
+        conn.execute(&stmt, &[&horizon]).await.map_err(pg_err)
+    }
+    .await;
+    if let Err(e) = purged {
+        tracing::debug!(error = %e, "postgres: old tombstones of dropped tables not purged");
+    }
 }
 
 /// Rows deleted per statement when a queue's dedup records go.
