@@ -203,6 +203,41 @@ pub struct LifecycleOutcome {
     pub dead: u64,
     /// True when `limit` stopped the pass before every due action was taken.
     pub more: bool,
+    /// How the pass changed the partition's counts, from what its statements moved, for a store whose
+    /// [`Partition::counts`] costs time that grows with the partition's depth (PostgreSQL counts rows): the engine
+    /// then follows its counts with this instead of counting after every pass. `None` (stores that count in O(1)):
+    /// the engine calls [`Partition::counts`].
+    pub counts_delta: Option<CountsDelta>,
+}
+
+/// A change of a partition's [`PartitionCounts`] (see [`LifecycleOutcome::counts_delta`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CountsDelta {
+    /// Change of the ready items.
+    pub ready: i64,
+    /// Change of the leased items.
+    pub leased: i64,
+    /// Change of the scheduled items.
+    pub scheduled: i64,
+}
+
+impl CountsDelta {
+    /// `counts` changed by this delta, each count kept at zero or above (counts of a shared store may be behind
+    /// what another server did).
+    pub fn apply(&self, counts: PartitionCounts) -> PartitionCounts {
+        let add = |c: u64, d: i64| {
+            if d >= 0 {
+                c.saturating_add(d.unsigned_abs())
+            } else {
+                c.saturating_sub(d.unsigned_abs())
+            }
+        };
+        PartitionCounts {
+            ready: add(counts.ready, self.ready),
+            leased: add(counts.leased, self.leased),
+            scheduled: add(counts.scheduled, self.scheduled),
+        }
+    }
 }
 
 /// One partition of one queue. Not shared: one queue task calls it, one call at a time.

@@ -478,3 +478,101 @@ async fn dead_letters_into_a_shared_store_do_not_count_its_rows() {
         "5 batches of dead letters counted the dead-letter queue's rows"
     );
 }
+
+/// Lifecycle passes on PostgreSQL do not count the partition's rows: a pass comes due at every lease end, schedule
+/// and expiry, and a count is a statement whose cost grows with the partition's depth. The counts follow what the
+/// pass reports it moved (the periodic refresh, here an hour away, and an explicit stats re-read them), and agree
+/// with the rows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lifecycle_passes_on_a_shared_store_do_not_count_its_rows() {
+    use lessor_core::engine::{EngineConfig, NamedStore};
+    use lessor_core::types::Limits;
+    use lessor_storage::postgres::{PgConfig, PgQueues, PgStore};
+    use lessor_testkit::hooked::{before, HookedStore, Op};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    if lessor_testkit::database_or_skip().is_none() {
+        return;
+    }
+    let db = Database::create("lessor_lccount").await;
+    let cfg = PgConfig::new(db.url().to_string()).with_max_conns(4);
+    let counts = Arc::new(AtomicUsize::new(0));
+    let seen = counts.clone();
+    let hook = before(move |c| {
+        if c.op == Op::Counts && c.queue == "jobs" {
+            seen.fetch_add(1, Ordering::SeqCst);
+        }
+        Ok(())
+    });
+    let clock = ManualClock::starting_now();
+    let e = Engine::new(EngineConfig {
+        queues: Arc::new(PgQueues::new(&cfg).expect("queues")),
+        stores: vec![NamedStore {
+            name: "pg-0".into(),
+            affinity: 1.0,
+            store: Arc::new(HookedStore::new(
+                Arc::new(PgStore::new(&cfg).expect("store")),
+                hook,
+            )),
+        }],
+        limits: Limits {
+            shared_refresh: Duration::from_secs(3600),
+            ..Default::default()
+        },
+        clock: Arc::new(clock.clone()),
+    })
+    .expect("engine");
+    e.create_queue(QueueInfo {
+        max_attempts: 3,
+        ..queue("jobs", "", 1)
+    })
+    .await
+    .expect("create");
+    let items = (0..100)
+        .map(|i| ProduceItem {
+            payload: bytes::Bytes::from(format!("item-{i}")),
+            ..Default::default()
+        })
+        .collect();
+    e.produce("jobs", items, T).await.expect("produce");
+    let loaded = counts.load(Ordering::SeqCst);
+    // Each round leases 20 items and lets the lease run out; the next lease's pass expires them first (an item
+    // leased a third time dies on its expiry: max_attempts 3).
+    for round in 0..6 {
+        let l = e.lease("jobs", 20, &format!("w{round}"), T).await.expect("lease");
+        assert!(!l.items.is_empty(), "round {round} leased nothing");
+        clock.advance(Duration::from_secs(31));
+    }
+    // One more pass for the last round's expiry.
+    let l = e.lease("jobs", 5, "last", T).await.expect("lease");
+    let passes_counted = counts.load(Ordering::SeqCst) - loaded;
+    let metrics = e
+        .queue_metrics()
+        .into_iter()
+        .find(|(n, _)| n == "jobs")
+        .expect("metrics")
+        .1;
+    let s = e.stats("jobs").await.expect("stats");
+    let p = &s.partitions[0];
+    let rows = (p.total - p.total_leased, p.total_leased, p.scheduled);
+    assert_eq!(rows.1, l.items.len() as u64, "the last lease holds its items");
+    // The gauges are published at the end of a pass, after its replies.
+    poll_until(Duration::from_secs(5), Duration::from_millis(10), || async {
+        let followed = (
+            metrics.ready.load(Ordering::Relaxed),
+            metrics.leased_now.load(Ordering::Relaxed),
+            metrics.scheduled.load(Ordering::Relaxed),
+        );
+        if followed == rows {
+            Ok(())
+        } else {
+            Err(format!("followed {followed:?}, rows {rows:?}"))
+        }
+    })
+    .await
+    .expect("the counts followed through the lifecycle passes agree with the rows");
+    assert_eq!(
+        passes_counted, 0,
+        "the lifecycle passes counted the partition's rows {passes_counted} times"
+    );
+}

@@ -1326,6 +1326,98 @@ async fn a_server_serving_a_queue_being_deleted_does_not_make_its_tables_again()
     a.destroy_many(&queue, &[0, 1]).await.ok();
 }
 
+/// A lifecycle pass reports how it changed the partition's counts (the engine follows them with it instead of
+/// counting rows after every pass): expired leases requeued, scheduled or dead, schedules come due, and ready and
+/// leased items past their expiry, under each kind of policy and when the limit cuts the pass short.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lifecycle_pass_reports_how_it_changed_the_counts() {
+    let Some((a, _b)) = two_servers() else {
+        return;
+    };
+    let item = |expire: u64, enqueue: u64| NewItem {
+        expire_deadline: T0.add(Duration::from_secs(expire)),
+        enqueue_at: if enqueue == 0 {
+            Ts::ZERO
+        } else {
+            T0.add(Duration::from_secs(enqueue))
+        },
+        created_at: T0,
+        payload: Bytes::from_static(b"x"),
+        ..Default::default()
+    };
+    let backoff = Backoff {
+        base: SEC * 5,
+        factor: 2.0,
+        max: SEC * 60,
+        jitter: 0.0,
+    };
+    let policies = [
+        LifecyclePolicy::default(),
+        LifecyclePolicy {
+            max_attempts: 1,
+            has_dead_queue: true,
+            ..Default::default()
+        },
+        LifecyclePolicy {
+            backoff,
+            ..Default::default()
+        },
+        LifecyclePolicy {
+            max_attempts: 1,
+            backoff,
+            ..Default::default()
+        },
+    ];
+    let now = T0.add(SEC * 100);
+    for (case, policy) in policies.iter().enumerate() {
+        for limit in [10_000, 3] {
+            let q = unique_queue("pg-lifecycle-delta");
+            a.create(&q, &[0]).await.expect("create");
+            let p = a.open(&q, 0).await.expect("open");
+            // Leased, expiring at 60 s, lease ending at 500 s: die as leased items.
+            p.produce(vec![item(60, 0), item(60, 0)]).await.expect("produce");
+            p.lease(2, T0.add(SEC * 500)).await.expect("lease");
+            // Leased, lease ending at 50 s: requeued, scheduled or dead by the policy.
+            p.produce((0..4).map(|_| item(3600, 0)).collect())
+                .await
+                .expect("produce");
+            p.lease(4, T0.add(SEC * 50)).await.expect("lease");
+            // Ready, expiring at 10 s: die as ready items; ready for good; scheduled, due at 20 s and at 900 s.
+            p.produce(vec![
+                item(10, 0),
+                item(10, 0),
+                item(10, 0),
+                item(3600, 0),
+                item(3600, 20),
+            ])
+            .await
+            .expect("produce");
+            p.produce(vec![item(3600, 20), item(3600, 900)])
+                .await
+                .expect("produce");
+            let mut counts = p.counts().await.expect("counts");
+            let mut passes = 0;
+            loop {
+                let o = p.lifecycle(now, *policy, limit).await.expect("lifecycle");
+                let delta = o.counts_delta.expect("the pass reports how the counts changed");
+                let after = p.counts().await.expect("counts");
+                assert_eq!(
+                    delta.apply(counts),
+                    after,
+                    "policy {case}, limit {limit}, pass {passes}: {o:?}"
+                );
+                counts = after;
+                passes += 1;
+                if !o.more {
+                    break;
+                }
+            }
+            assert!(limit > 10 || passes > 1, "the limit cut the pass short");
+            a.destroy(&q, 0).await.expect("destroy");
+        }
+    }
+}
+
 /// Opens partition `part` of `q`, again after transient errors (as the engine does on its backoff).
 async fn open_retrying(s: &PgStore, part: u32) -> Arc<dyn Partition> {
     for _ in 0..100 {

@@ -33,8 +33,8 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use lessor_core::error::{ItemError, StorageError};
 use lessor_core::storage::{
-    LifecycleOutcome, LifecyclePolicy, Partition, PartitionSnapshot, PartitionStore, RetryAction, RetryOp,
-    RetryOutcome,
+    CountsDelta, LifecycleOutcome, LifecyclePolicy, Partition, PartitionSnapshot, PartitionStore,
+    RetryAction, RetryOp, RetryOutcome,
 };
 use lessor_core::time::Ts;
 use lessor_core::types::{
@@ -319,6 +319,11 @@ fn count(v: i64) -> u64 {
     u64::try_from(v).unwrap_or(0)
 }
 
+/// A count as a change of counts.
+fn signed(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
 fn limit_param(n: usize) -> i64 {
     i64::try_from(n).unwrap_or(i64::MAX)
 }
@@ -574,18 +579,24 @@ impl PgPartition {
         Ok(())
     }
 
-    /// The moves of a lifecycle pass, in one transaction; `more` says whether the limit was reached.
+    /// The moves of a lifecycle pass, in one transaction; `more` says whether the limit was reached, and
+    /// `counts_delta` how the moves changed the partition's counts (each moved row was locked by the statement that
+    /// moved it, so the delta is exact for this pass; see `LifecycleOutcome::counts_delta`).
     async fn lifecycle_moves(
         &self,
         now: Ts,
         policy: LifecyclePolicy,
         limit: usize,
     ) -> Result<LifecycleOutcome, StorageError> {
-        let mut o = LifecycleOutcome::default();
+        let mut o = LifecycleOutcome {
+            counts_delta: Some(CountsDelta::default()),
+            ..LifecycleOutcome::default()
+        };
         if limit == 0 {
             o.more = true;
             return Ok(o);
         }
+        let mut delta = CountsDelta::default();
         let shared = self.shared()?;
         let conn = shared.conn().await?;
         let due = prepare(&conn, &self.sql.enqueue_due).await?;
@@ -616,6 +627,9 @@ impl PgPartition {
                     op_at.push(schedule_at(now.add(policy.backoff.delay(attempts, item_id(id)))));
                 }
             }
+            // Expired leases went into the schedule, or died.
+            delta.leased -= signed(o.lease_expired + o.dead);
+            delta.scheduled += signed(o.lease_expired);
             if op_ids.is_empty() {
                 tx
             } else {
@@ -630,6 +644,9 @@ impl PgPartition {
                 .ok_or_else(|| StorageError::other("postgres: no lifecycle row"))?;
             o.lease_expired = count(row.try_get(0).map_err(pg_err)?);
             o.dead = count(row.try_get(1).map_err(pg_err)?);
+            // Expired leases went to the tail, or died.
+            delta.leased -= signed(o.lease_expired + o.dead);
+            delta.ready += signed(o.lease_expired);
             tx
         };
         let mut left = limit.saturating_sub(usize::try_from(o.lease_expired + o.dead).unwrap_or(usize::MAX));
@@ -647,6 +664,8 @@ impl PgPartition {
                 .transpose()
                 .map_err(pg_err)?;
             o.enqueued = count(n.unwrap_or(0));
+            delta.scheduled -= signed(o.enqueued);
+            delta.ready += signed(o.enqueued);
             left = left.saturating_sub(usize::try_from(o.enqueued).unwrap_or(usize::MAX));
         }
         let tx = tx.ok_or_else(|| StorageError::other("postgres: transaction lost"))?;
@@ -654,17 +673,23 @@ impl PgPartition {
             let rows = tx
                 .query_commit(&expire, &[&now.0, &limit_param(left), &keep])
                 .await?;
-            let n = rows
-                .first()
-                .map(|r| r.try_get::<_, i64>(0))
-                .transpose()
-                .map_err(pg_err)?;
-            o.dead += count(n.unwrap_or(0));
-            left = left.saturating_sub(usize::try_from(count(n.unwrap_or(0))).unwrap_or(usize::MAX));
+            let (n, ready) = match rows.first() {
+                Some(r) => (
+                    count(r.try_get(0).map_err(pg_err)?),
+                    count(r.try_get(1).map_err(pg_err)?),
+                ),
+                None => (0, 0),
+            };
+            o.dead += n;
+            // Ready and leased items died (the ready ones may be those the statements above just requeued).
+            delta.ready -= signed(ready);
+            delta.leased -= signed(n.saturating_sub(ready));
+            left = left.saturating_sub(usize::try_from(n).unwrap_or(usize::MAX));
         } else {
             tx.commit().await?;
         }
         o.more = left == 0;
+        o.counts_delta = Some(delta);
         Ok(o)
     }
 

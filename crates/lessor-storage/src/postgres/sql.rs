@@ -466,13 +466,15 @@ impl Sql {
                 fresh = fresh_ids(t, "rq"),
                 moved = move_to_tail(t, "moved", "rq"),
             ),
-            // $1 now, $2 limit, $3 keep dead items. Live items past their expire deadline die.
+            // $1 now, $2 limit, $3 keep dead items. Live items past their expire deadline die; returns how many,
+            // and how many of them were ready (the others were leased), for the caller's counts.
             expire_items: format!(
                 "WITH due AS MATERIALIZED (
-                    SELECT id FROM {t} WHERE {LIVE} AND expire_deadline <= $1::int8
+                    SELECT id, is_leased FROM {t} WHERE {LIVE} AND expire_deadline <= $1::int8
                     ORDER BY expire_deadline, id LIMIT $2::int8 FOR UPDATE SKIP LOCKED),
                  {kill}
-                 SELECT (SELECT count(*) FROM kept) + (SELECT count(*) FROM deleted)",
+                 SELECT (SELECT count(*) FROM kept) + (SELECT count(*) FROM deleted),
+                        (SELECT count(*) FROM due WHERE NOT is_leased)",
                 kill = kill(t, "SELECT id FROM due WHERE $3::bool", "SELECT id FROM due WHERE NOT $3::bool"),
             ),
             dead_items: format!("SELECT {COLS} FROM {t} AS t WHERE dead ORDER BY id LIMIT $1::int8"),

@@ -11,7 +11,7 @@ const LIFECYCLE_LIMIT: usize = 10_000;
 
 impl QueueTask {
     /// Runs storage's lifecycle on every healthy partition whose earliest deadline has come, then re-reads its
-    /// counts and next deadline.
+    /// next deadline and its counts (or follows them with what the pass reports moved, see `counts_delta`).
     pub(super) async fn lifecycle(&mut self, now: Ts) {
         let policy = self.policy();
         for i in 0..self.parts.len() {
@@ -55,7 +55,17 @@ impl QueueTask {
                     }
                 }
             }
-            match (h.counts().await, h.next_deadline().await) {
+            // A shared store (PostgreSQL) tells how its statements changed the counts: counting its rows instead
+            // costs time that grows with the partition's depth, and a pass comes due at every lease end, schedule
+            // and expiry. The counts then follow what this server did, exactly (each due action is taken by one
+            // server only, under the rows' locks); what other servers do (their produces, leases, lifecycle) shows
+            // at the partition's periodic refresh, which counts at most one `shared_refresh` (or twenty times the
+            // last count's time) later, or in an explicit `queue.stats`. Stores that count in O(1) are counted.
+            let counts = match outcome.counts_delta {
+                Some(delta) => Ok(delta.apply(self.parts[i].counts)),
+                None => h.counts().await,
+            };
+            match (counts, h.next_deadline().await) {
                 (Ok(c), Ok(d)) => {
                     let p = &mut self.parts[i];
                     p.counts = c;
