@@ -12,6 +12,12 @@
 //! id order, each saying at which item of the partition's stream it starts), and last the [`BackupTrailer`] (item
 //! counts per partition). A file without a valid trailer and end marker is incomplete and is never restored.
 //!
+//! Every record decompresses to at most [`MAX_RECORD`] bytes, which bounds what a reader allocates for one; an
+//! item whose payload is larger than [`PART_BYTES`] is therefore not held in one record but split (version 2): its
+//! block carries it with an empty payload and says how long the payload is, and [`PayloadPart`] records right
+//! after the block carry the payload's bytes in order. So any item a server accepted can be backed up, whatever
+//! `limits.max-offload-produce-body` allows. Version 1 files (no parts) are read as they always were.
+//!
 //! Everything streams: the server encodes one block at a time into the response, the [`Reader`] decodes one
 //! record at a time from any [`std::io::Read`], so neither end holds a whole backup in memory. The server (which
 //! produces the format) and the CLI (which writes, verifies and restores it) both use this module, which is why it
@@ -30,11 +36,22 @@ use prost::Message;
 pub const MAGIC: &[u8; 8] = b"LESSORBK";
 /// The bytes after the trailer record: a file that does not end with them was cut short.
 pub const END_MAGIC: &[u8; 8] = b"LSRBKEND";
-/// The format version this build writes; it reads this one and older ones.
-pub const FORMAT_VERSION: u32 = 1;
+/// The format version this build writes (to clients that read it); it reads this one and older ones. Version 2
+/// added [`RecordKind::Part`], [`ItemBlock::payload_len`] and [`BackupTrailer::parts`].
+pub const FORMAT_VERSION: u32 = 2;
 /// Largest stored record body accepted (compressed), and largest decompressed body: bounds what a corrupt or
-/// hostile file can make a reader allocate.
+/// hostile file can make a reader allocate, and what a restore page (see `decode_item_block`) makes the server
+/// allocate. It is not a bound on items: larger ones are split (see [`PART_BYTES`]).
 pub const MAX_RECORD: usize = 64 * 1024 * 1024;
+/// Payload bytes per [`PayloadPart`] record: a version 2 backup splits the payload of an item longer than this
+/// into parts of this size (the last one shorter), so every record stays far below [`MAX_RECORD`] however large
+/// an item is, and the server holds one part's record at a time beside the item.
+pub const PART_BYTES: usize = 16 * 1024 * 1024;
+/// Largest payload a version 1 backup (which has no parts) carries: its one record must stay within
+/// [`MAX_RECORD`] with the item's other fields and the block around it. A server writing version 1 (to a client
+/// that reads nothing newer) fails the backup on a larger item, naming it, rather than write a file that no reader
+/// takes.
+pub const V1_MAX_PAYLOAD: usize = MAX_RECORD - 1024 * 1024;
 /// Items per block the server writes (fewer when their payloads are large, see [`BLOCK_BYTES`]).
 pub const BLOCK_ITEMS: usize = 8000;
 /// Uncompressed payload bytes after which the server closes a block.
@@ -52,6 +69,8 @@ pub enum RecordKind {
     Items = 2,
     /// [`BackupTrailer`].
     Trailer = 3,
+    /// [`PayloadPart`] (version 2): bytes of the payload of the item of the block before it.
+    Part = 4,
 }
 
 impl RecordKind {
@@ -60,6 +79,7 @@ impl RecordKind {
             1 => Some(RecordKind::Header),
             2 => Some(RecordKind::Items),
             3 => Some(RecordKind::Trailer),
+            4 => Some(RecordKind::Part),
             _ => None,
         }
     }
@@ -232,6 +252,22 @@ pub struct ItemBlock {
     /// The items, in id order.
     #[prost(message, repeated, tag = "4")]
     pub items: Vec<ItemRecord>,
+    /// Version 2: when not 0, the block holds one item whose payload is this many bytes, carried by the
+    /// [`PayloadPart`] records that follow the block (its `payload` here is empty). See [`PART_BYTES`].
+    #[prost(uint64, tag = "5")]
+    pub payload_len: u64,
+}
+
+/// Bytes of a split payload (version 2): the records of kind [`RecordKind::Part`] that follow a block whose
+/// [`ItemBlock::payload_len`] is set carry its item's payload, in order and without gaps, `offset` 0 first.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct PayloadPart {
+    /// Where these bytes start in the payload.
+    #[prost(uint64, tag = "1")]
+    pub offset: u64,
+    /// The bytes (at most [`PART_BYTES`] as the server writes them; readers take any length within a record).
+    #[prost(bytes = "bytes", tag = "2")]
+    pub bytes: Bytes,
 }
 
 /// An [`ItemBlock`] read without decoding its items (each stays an encoded [`ItemRecord`]): what a quick check of
@@ -250,6 +286,9 @@ pub struct ItemBlockShallow {
     /// The encoded items.
     #[prost(bytes = "bytes", repeated, tag = "4")]
     pub items: Vec<Bytes>,
+    /// See [`ItemBlock::payload_len`].
+    #[prost(uint64, tag = "5")]
+    pub payload_len: u64,
 }
 
 /// Item count of one partition.
@@ -278,6 +317,9 @@ pub struct BackupTrailer {
     /// Items in the file.
     #[prost(uint64, tag = "3")]
     pub items: u64,
+    /// Version 2: [`PayloadPart`] records in the file.
+    #[prost(uint64, tag = "4")]
+    pub parts: u64,
 }
 
 fn nanos(d: Duration) -> u64 {
@@ -403,11 +445,78 @@ impl ItemRecord {
     }
 }
 
-/// The start of a file: magic and version.
+/// The start of a file of this build's version: magic and version.
 pub fn encode_start() -> Vec<u8> {
+    encode_start_as(FORMAT_VERSION)
+}
+
+/// The start of a file of format `version` (1 to [`FORMAT_VERSION`]), for a client that reads no newer one.
+pub fn encode_start_as(version: u32) -> Vec<u8> {
     let mut out = MAGIC.to_vec();
-    out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+    out.extend_from_slice(&version.to_le_bytes());
     out
+}
+
+/// Splits the one item of `block` (the server gives an item longer than [`PART_BYTES`] a block of its own): returns
+/// the block to write, its item's payload emptied and [`ItemBlock::payload_len`] set, and the payload, which the
+/// caller writes after it as [`PayloadPart`]s of `payload.slice(..)` of at most [`PART_BYTES`], one record at a
+/// time, so the item is held once and one part's record beside it.
+pub fn split_item(mut block: ItemBlock) -> (ItemBlock, Bytes) {
+    let payload = block
+        .items
+        .first_mut()
+        .map(|it| std::mem::take(&mut it.payload))
+        .unwrap_or_default();
+    block.payload_len = payload.len() as u64;
+    (block, payload)
+}
+
+/// Puts a split item back together: `parts` (decoded [`PayloadPart`]s, in file order) become the payload of the
+/// one item of `block`, which must have [`ItemBlock::payload_len`] set; the result is an ordinary block (no
+/// `payload_len`), as a restore page carries it.
+///
+/// # Errors
+/// [`BackupError::Corrupt`] when the block does not hold exactly one item with an empty payload, or when the
+/// parts leave a gap, overlap, or do not add up to `payload_len`.
+pub fn join_parts(
+    mut block: ItemBlock,
+    parts: impl IntoIterator<Item = PayloadPart>,
+) -> Result<ItemBlock, BackupError> {
+    let len = usize::try_from(block.payload_len)
+        .map_err(|_| BackupError::Corrupt(format!("a split payload of {} bytes", block.payload_len)))?;
+    let [item] = block.items.as_mut_slice() else {
+        return Err(BackupError::Corrupt(format!(
+            "a block with a split payload holds {} items, not one",
+            block.items.len()
+        )));
+    };
+    if !item.payload.is_empty() {
+        return Err(BackupError::Corrupt(
+            "a block with a split payload holds payload bytes of its own".into(),
+        ));
+    }
+    // Reserved only as the parts arrive: `payload_len` is whatever the file says.
+    let mut payload = Vec::new();
+    for p in parts {
+        if p.offset != payload.len() as u64 || payload.len() + p.bytes.len() > len {
+            return Err(BackupError::Corrupt(format!(
+                "a payload part of {} bytes at offset {} of a {len}-byte payload, after {} bytes",
+                p.bytes.len(),
+                p.offset,
+                payload.len()
+            )));
+        }
+        payload.extend_from_slice(&p.bytes);
+    }
+    if payload.len() != len {
+        return Err(BackupError::Corrupt(format!(
+            "the parts of a {len}-byte payload hold {} bytes",
+            payload.len()
+        )));
+    }
+    item.payload = Bytes::from(payload);
+    block.payload_len = 0;
+    Ok(block)
 }
 
 /// The end marker, after the trailer record.
@@ -470,7 +579,13 @@ fn decompress(body: &[u8]) -> Result<Vec<u8>, BackupError> {
 /// decoded to 33 million records, over 6 GB, before the count was checked. Refused, it allocates nothing but the
 /// decompressed bytes.
 pub fn decode_item_block(body: &[u8], max_items: usize) -> Result<ItemBlock, BackupError> {
-    let raw = decompress(body)?;
+    decode_item_block_raw(Bytes::from(decompress(body)?), max_items)
+}
+
+/// [`decode_item_block`] for a block that is not compressed (a restore page holding an item larger than a
+/// compressed page may decompress to): what it allocates is bounded by its own size, which the caller already
+/// holds (the request's body, within its limit), and by the item count checked first.
+pub fn decode_item_block_raw(raw: Bytes, max_items: usize) -> Result<ItemBlock, BackupError> {
     let corrupt = |e: prost::DecodeError| BackupError::Corrupt(format!("a record does not decode: {e}"));
     let mut buf = &raw[..];
     let mut items = 0usize;
@@ -487,7 +602,14 @@ pub fn decode_item_block(body: &[u8], max_items: usize) -> Result<ItemBlock, Bac
         }
         prost::encoding::skip_field(wire_type, tag, &mut buf, Default::default()).map_err(corrupt)?;
     }
-    ItemBlock::decode(Bytes::from(raw)).map_err(corrupt)
+    let block = ItemBlock::decode(raw).map_err(corrupt)?;
+    if block.payload_len != 0 {
+        return Err(BackupError::Corrupt(
+            "a block whose payload is split into parts; a restore page carries whole items (join the parts first)"
+                .into(),
+        ));
+    }
+    Ok(block)
 }
 
 /// A record as read from a file: its kind and its stored (compressed, checksum-verified) body.
@@ -571,12 +693,14 @@ impl<R: Read> Reader<R> {
             &mut head,
             "a record header (no trailer was written)",
         )?;
-        let kind = RecordKind::from_u8(head[0]).ok_or_else(|| {
-            BackupError::Corrupt(format!(
-                "record {} (at byte {at}) has unknown kind {}",
-                self.records, head[0]
-            ))
-        })?;
+        let kind = RecordKind::from_u8(head[0])
+            .filter(|k| *k != RecordKind::Part || self.version >= 2)
+            .ok_or_else(|| {
+                BackupError::Corrupt(format!(
+                    "record {} (at byte {at}) has unknown kind {} for format version {}",
+                    self.records, head[0], self.version
+                ))
+            })?;
         let len = u32::from_le_bytes([head[1], head[2], head[3], head[4]]) as usize;
         let crc = u32::from_le_bytes([head[5], head[6], head[7], head[8]]);
         if len > MAX_RECORD {
@@ -624,6 +748,8 @@ pub struct Summary {
     pub blocks: u64,
     /// Items.
     pub items: u64,
+    /// Payload part records (version 2).
+    pub parts: u64,
 }
 
 /// How deeply [`verify_with`] checks item blocks.
@@ -659,25 +785,67 @@ pub fn verify_with<R: Read>(
     let header: BackupHeader = decode_body(&first.body)?;
     let queues: HashMap<&str, &QueueRecord> = header.queues.iter().map(|q| (q.name.as_str(), q)).collect();
     let mut s = Summary::default();
+    // The split payload whose parts are due: (its length, bytes seen so far).
+    let mut split: Option<(u64, u64)> = None;
     loop {
         let Some(rec) = r.next_raw()? else {
             return Err(BackupError::Truncated("no trailer".into()));
         };
+        if let (Some((len, got)), RecordKind::Header | RecordKind::Items | RecordKind::Trailer) =
+            (split, rec.kind)
+        {
+            return Err(BackupError::Corrupt(format!(
+                "a split payload of {len} bytes ends after {got} bytes, before its last part"
+            )));
+        }
         match rec.kind {
             RecordKind::Header => return Err(BackupError::Corrupt("a second header".into())),
+            RecordKind::Part => {
+                let Some((len, got)) = split else {
+                    return Err(BackupError::Corrupt(
+                        "a payload part that follows no block with a split payload".into(),
+                    ));
+                };
+                let part: PayloadPart = decode_body(&rec.body)?;
+                let n = part.bytes.len() as u64;
+                if part.offset != got || n == 0 || got + n > len {
+                    return Err(BackupError::Corrupt(format!(
+                        "a payload part of {n} bytes at offset {} of a {len}-byte payload, after {got} bytes",
+                        part.offset
+                    )));
+                }
+                split = (got + n < len).then_some((len, got + n));
+                s.parts += 1;
+                on_block(0, rec.body.len() as u64 + 9);
+            }
             RecordKind::Items => {
                 let block: ItemBlockShallow = match depth {
                     Depth::Blocks => decode_body(&rec.body)?,
                     Depth::Items => {
                         let b: ItemBlock = decode_body(&rec.body)?;
+                        if b.payload_len != 0 && b.items.iter().any(|it| !it.payload.is_empty()) {
+                            return Err(BackupError::Corrupt(
+                                "a block with a split payload holds payload bytes of its own".into(),
+                            ));
+                        }
                         ItemBlockShallow {
                             queue: b.queue,
                             partition: b.partition,
                             first: b.first,
                             items: vec![Bytes::new(); b.items.len()],
+                            payload_len: b.payload_len,
                         }
                     }
                 };
+                if block.payload_len != 0 {
+                    if block.items.len() != 1 {
+                        return Err(BackupError::Corrupt(format!(
+                            "a block with a split payload holds {} items, not one",
+                            block.items.len()
+                        )));
+                    }
+                    split = Some((block.payload_len, 0));
+                }
                 let Some(q) = queues.get(block.queue.as_str()) else {
                     return Err(BackupError::Corrupt(format!(
                         "a block of queue '{}', which the header does not list",
@@ -707,10 +875,10 @@ pub fn verify_with<R: Read>(
             }
             RecordKind::Trailer => {
                 let t: BackupTrailer = decode_body(&rec.body)?;
-                if t.items != s.items || t.blocks != s.blocks {
+                if t.items != s.items || t.blocks != s.blocks || t.parts != s.parts {
                     return Err(BackupError::Corrupt(format!(
-                        "the trailer counts {} items in {} blocks, the file holds {} in {}",
-                        t.items, t.blocks, s.items, s.blocks
+                        "the trailer counts {} items in {} blocks and {} payload parts, the file holds {} in {} and {}",
+                        t.items, t.blocks, t.parts, s.items, s.blocks, s.parts
                     )));
                 }
                 for pc in &t.partitions {
@@ -764,9 +932,12 @@ mod tests {
                 partition: p,
                 first,
                 items: (first..first + n).map(item).collect(),
+                payload_len: 0,
             };
             out.extend(encode_record(RecordKind::Items, &block));
         }
+        // A split item (as the server writes one above PART_BYTES; readers take parts of any length).
+        out.extend(split_records(1, 1, b"0123456789", &[4, 6]));
         let trailer = BackupTrailer {
             partitions: vec![
                 PartitionCount {
@@ -777,23 +948,227 @@ mod tests {
                 PartitionCount {
                     queue: "q".into(),
                     partition: 1,
-                    items: 1,
+                    items: 2,
                 },
             ],
-            blocks: 3,
-            items: 6,
+            blocks: 4,
+            items: 7,
+            parts: 2,
         };
         out.extend(encode_record(RecordKind::Trailer, &trailer));
         out.extend(encode_end());
         out
     }
 
+    /// The records of one item of partition `partition`, item `first`, whose payload is split into parts of
+    /// `sizes` bytes.
+    fn split_records(partition: u32, first: u64, payload: &[u8], sizes: &[usize]) -> Vec<u8> {
+        let block = ItemBlock {
+            queue: "q".into(),
+            partition,
+            first,
+            items: vec![ItemRecord {
+                id: 100,
+                payload: Bytes::copy_from_slice(payload),
+                ..Default::default()
+            }],
+            payload_len: 0,
+        };
+        let (block, payload) = split_item(block);
+        let mut out = encode_record(RecordKind::Items, &block);
+        let mut at = 0;
+        for n in sizes {
+            let part = PayloadPart {
+                offset: at as u64,
+                bytes: payload.slice(at..at + n),
+            };
+            out.extend(encode_record(RecordKind::Part, &part));
+            at += n;
+        }
+        out
+    }
+
     #[test]
     fn a_complete_file_verifies() {
-        let s = verify(sample().as_slice(), |_, _| {}).unwrap();
-        assert_eq!(s.items, 6);
-        assert_eq!(s.blocks, 3);
-        assert_eq!(s.counts[&("q".to_string(), 0)], 5);
+        for depth in [Depth::Items, Depth::Blocks] {
+            let s = verify_with(sample().as_slice(), depth, |_, _| {}).unwrap();
+            assert_eq!(s.items, 7);
+            assert_eq!(s.blocks, 4);
+            assert_eq!(s.parts, 2);
+            assert_eq!(s.counts[&("q".to_string(), 0)], 5);
+            assert_eq!(s.counts[&("q".to_string(), 1)], 2);
+        }
+    }
+
+    /// An item larger than a record may hold is carried in parts: the server's split and the reader's join give
+    /// back the payload byte for byte, and every record of it stays within MAX_RECORD.
+    #[test]
+    fn a_split_payload_joins_back_byte_for_byte() {
+        let payload: Vec<u8> = (0..PART_BYTES * 2 + 12345).map(|i| (i * 7 % 251) as u8).collect();
+        let sizes = [PART_BYTES, PART_BYTES, 12345];
+        let records = split_records(0, 0, &payload, &sizes);
+        let file = [encode_start(), records].concat();
+        let mut r = Reader::new(file.as_slice()).unwrap();
+        let block = r.next_raw().unwrap().unwrap();
+        assert_eq!(block.kind, RecordKind::Items);
+        let block: ItemBlock = decode_body(&block.body).unwrap();
+        assert_eq!(block.payload_len, payload.len() as u64);
+        assert!(block.items[0].payload.is_empty());
+        let mut parts = Vec::new();
+        for _ in sizes {
+            let rec = r.next_raw().unwrap().unwrap();
+            assert_eq!(rec.kind, RecordKind::Part);
+            assert!(rec.body.len() <= MAX_RECORD);
+            parts.push(decode_body::<PayloadPart>(&rec.body).unwrap());
+        }
+        let whole = join_parts(block.clone(), parts.clone()).unwrap();
+        assert_eq!(whole.payload_len, 0);
+        assert_eq!(
+            whole.items[0].payload, payload,
+            "the payload comes back byte for byte"
+        );
+        // A part missing, or out of order: refused.
+        assert!(join_parts(block.clone(), parts[..2].to_vec()).is_err());
+        parts.swap(0, 1);
+        assert!(join_parts(block, parts).is_err());
+    }
+
+    /// Parts where none are due, or missing where they are, are refused; so is a part in a version 1 file.
+    #[test]
+    fn misplaced_or_missing_parts_are_refused() {
+        let head = || {
+            let header = BackupHeader {
+                queues: vec![QueueRecord {
+                    name: "q".into(),
+                    partitions: 1,
+                    ..Default::default()
+                }],
+                ..Default::default()
+            };
+            [encode_start(), encode_record(RecordKind::Header, &header)].concat()
+        };
+        let tail = |items: u64, parts: u64| {
+            let t = BackupTrailer {
+                partitions: vec![PartitionCount {
+                    queue: "q".into(),
+                    partition: 0,
+                    items,
+                }],
+                blocks: items,
+                items,
+                parts,
+            };
+            [encode_record(RecordKind::Trailer, &t), encode_end()].concat()
+        };
+        let ok = [head(), split_records(0, 0, b"abcdef", &[3, 3]), tail(1, 2)].concat();
+        verify(ok.as_slice(), |_, _| {}).unwrap();
+        let cases = [
+            (
+                "a missing last part",
+                [head(), split_records(0, 0, b"abcdef", &[3]), tail(1, 1)].concat(),
+            ),
+            ("a part too many", {
+                let mut extra = split_records(0, 0, b"abcdef", &[3, 3]);
+                extra.extend(encode_record(
+                    RecordKind::Part,
+                    &PayloadPart {
+                        offset: 6,
+                        bytes: Bytes::from_static(b"x"),
+                    },
+                ));
+                [head(), extra, tail(1, 3)].concat()
+            }),
+            (
+                "the parts' count",
+                [head(), split_records(0, 0, b"abcdef", &[3, 3]), tail(1, 1)].concat(),
+            ),
+        ];
+        for (what, file) in cases {
+            assert!(
+                matches!(verify(file.as_slice(), |_, _| {}), Err(BackupError::Corrupt(_))),
+                "{what} went unnoticed"
+            );
+        }
+        let mut v1 = ok.clone();
+        v1[8..12].copy_from_slice(&1u32.to_le_bytes());
+        let e = verify(v1.as_slice(), |_, _| {}).unwrap_err();
+        assert!(
+            e.to_string().contains("unknown kind 4 for format version 1"),
+            "{e}"
+        );
+    }
+
+    /// A file this build writes as version 1 (to an older client) is read as it always was.
+    #[test]
+    fn a_version_1_file_still_verifies() {
+        let mut out = encode_start_as(1);
+        out.extend(encode_record(
+            RecordKind::Header,
+            &BackupHeader {
+                queues: vec![QueueRecord {
+                    name: "q".into(),
+                    partitions: 1,
+                    ..Default::default()
+                }],
+                ..Default::default()
+            },
+        ));
+        out.extend(encode_record(
+            RecordKind::Items,
+            &ItemBlock {
+                queue: "q".into(),
+                items: vec![ItemRecord::default(); 3],
+                ..Default::default()
+            },
+        ));
+        out.extend(encode_record(
+            RecordKind::Trailer,
+            &BackupTrailer {
+                partitions: vec![PartitionCount {
+                    queue: "q".into(),
+                    partition: 0,
+                    items: 3,
+                }],
+                blocks: 1,
+                items: 3,
+                parts: 0,
+            },
+        ));
+        out.extend(encode_end());
+        let s = verify(out.as_slice(), |_, _| {}).unwrap();
+        assert_eq!((s.items, s.blocks, s.parts), (3, 1, 0));
+        assert_eq!(Reader::new(out.as_slice()).unwrap().version(), 1);
+    }
+
+    /// A restore page sent uncompressed is counted before it is decoded as a compressed one is, and a page must
+    /// carry whole items.
+    #[test]
+    fn an_uncompressed_page_is_counted_and_holds_whole_items() {
+        let shallow = ItemBlockShallow {
+            queue: "q".into(),
+            items: vec![Bytes::new(); 11],
+            ..Default::default()
+        };
+        let e = decode_item_block_raw(Bytes::from(shallow.encode_to_vec()), 10).unwrap_err();
+        assert!(e.to_string().contains("more than 10 items"), "{e}");
+        let split = ItemBlock {
+            items: vec![ItemRecord::default()],
+            payload_len: 5,
+            ..Default::default()
+        };
+        let e = decode_item_block_raw(Bytes::from(split.encode_to_vec()), 10).unwrap_err();
+        assert!(e.to_string().contains("whole items"), "{e}");
+        let whole = ItemBlock {
+            items: vec![ItemRecord::default(); 10],
+            ..Default::default()
+        };
+        assert_eq!(
+            decode_item_block_raw(Bytes::from(whole.encode_to_vec()), 10)
+                .unwrap()
+                .items
+                .len(),
+            10
+        );
     }
 
     #[test]
@@ -824,9 +1199,9 @@ mod tests {
     #[test]
     fn a_future_version_is_refused_by_name() {
         let mut f = sample();
-        f[8..12].copy_from_slice(&2u32.to_le_bytes());
+        f[8..12].copy_from_slice(&(FORMAT_VERSION + 1).to_le_bytes());
         let e = verify(f.as_slice(), |_, _| {}).unwrap_err();
-        assert!(matches!(e, BackupError::FutureVersion(2)));
+        assert!(matches!(e, BackupError::FutureVersion(v) if v == FORMAT_VERSION + 1));
         assert!(e.to_string().contains("newer than this build"), "{e}");
     }
 }

@@ -363,6 +363,12 @@ message! {
         #[json(I64, "max_items_per_sec", "maxItemsPerSec")]
         #[prost(int64, tag = "2")]
         pub max_items_per_sec: i64,
+        /// The newest backup format version the client reads (0: version 1, what clients before version 2 read).
+        /// The server writes the newest version it knows up to this one; version 1 cannot carry an item larger
+        /// than a record ([`crate::backup::V1_MAX_PAYLOAD`]), so such an item fails a version 1 backup by name.
+        #[json(I32, "format_version", "formatVersion")]
+        #[prost(int32, tag = "3")]
+        pub format_version: i32,
     }
 }
 
@@ -406,7 +412,8 @@ message! {
         #[prost(string, tag = "1")]
         pub queue_name: String,
         /// The block as stored in the file: a zstd-compressed [`crate::backup::ItemBlock`] (its partition and
-        /// first item say where it goes; its queue name is ignored).
+        /// first item say where it goes; its queue name is ignored), or uncompressed (see `uncompressed`). It
+        /// holds whole items: a split item's parts are joined into it first.
         #[json(Bytes, "block")]
         #[prost(bytes = "vec", tag = "2")]
         pub block: Vec<u8>,
@@ -414,6 +421,12 @@ message! {
         #[json(I64, "crc32")]
         #[prost(int64, tag = "3")]
         pub crc32: i64,
+        /// `block` is the protobuf [`crate::backup::ItemBlock`] itself, not compressed: how a page holding an item
+        /// too large for a compressed page (which decompresses to at most [`crate::backup::MAX_RECORD`] bytes) is
+        /// sent. Its size is then its decoded size, bounded by the route's body limit.
+        #[json(Bool, "uncompressed")]
+        #[prost(bool, tag = "4")]
+        pub uncompressed: bool,
     }
 }
 

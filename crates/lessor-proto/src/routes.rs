@@ -77,6 +77,10 @@ pub const UPDATE_BODY: usize = 512 * 1000;
 pub const IMPORT_BODY: usize = 64 * 1000 * 1000;
 /// Default of the configurable produce limit (`limits.max-produce-body`, 5 MB).
 pub const DEFAULT_MAX_PRODUCE_BODY: usize = 5_000_000;
+/// Room a restore page needs beyond the payload of its item: the item's other fields (a few strings the produce
+/// body held too, and what the server adds, such as a dead letter's source id), the block and the request around
+/// it. See [`BodyLimit::RestorePage`].
+pub const RESTORE_PAGE_SLACK: usize = 1024 * 1024;
 
 /// How large a request body a route accepts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -85,14 +89,28 @@ pub enum BodyLimit {
     Fixed(usize),
     /// The server's configured produce limit (`limits.max-produce-body`, [`DEFAULT_MAX_PRODUCE_BODY`] unless set).
     MaxProduceBody,
+    /// A restore page (`storage.restore.import`): [`IMPORT_BODY`], or the largest produce body the server takes
+    /// if larger, plus [`RESTORE_PAGE_SLACK`]. A page holding one item too large for a compressed page is sent
+    /// uncompressed (in protobuf, as Lessor's client does), so every item the server accepted can be restored
+    /// into a server configured alike, whatever `limits.max-offload-produce-body` allows.
+    RestorePage,
 }
 
 impl BodyLimit {
-    /// The limit in bytes, given the server's configured produce limit.
+    /// The limit in bytes, given the server's largest produce limit (the one for queues whose payloads are
+    /// offloaded, when it is larger).
     pub const fn bytes(self, max_produce_body: usize) -> usize {
         match self {
             BodyLimit::Fixed(n) => n,
             BodyLimit::MaxProduceBody => max_produce_body,
+            BodyLimit::RestorePage => {
+                let largest = if max_produce_body > IMPORT_BODY {
+                    max_produce_body
+                } else {
+                    IMPORT_BODY
+                };
+                largest.saturating_add(RESTORE_PAGE_SLACK)
+            }
         }
     }
 }
@@ -300,7 +318,7 @@ routes! {
         BodyLimit::Fixed(DEFAULT_BODY), QueueCreate, |r| Target::Namespace(&r.namespace);
     /// Lessor extension: imports one backup block into a restoring queue, exactly once.
     StorageRestoreImport => "/v1/storage.restore.import", RestoreImportRequest => RestoreImportResponse,
-        BodyLimit::Fixed(IMPORT_BODY), QueueProduce, |r| Target::Queue(&r.queue_name);
+        BodyLimit::RestorePage, QueueProduce, |r| Target::Queue(&r.queue_name);
     /// Lessor extension: ends a restore; the queue takes traffic again.
     StorageRestoreFinish => "/v1/storage.restore.finish", RestoreFinishRequest => Reply,
         BodyLimit::Fixed(SMALL_BODY), QueueProduce, |r| Target::Queue(&r.queue_name);
@@ -419,6 +437,15 @@ mod tests {
         );
         assert_eq!(QueueProduce::BODY_LIMIT.bytes(1000), 1000);
         assert_eq!(StorageItemsImport::BODY_LIMIT.bytes(1000), 64_000_000);
+        // A restore page takes the largest item the server accepts, with room around it.
+        assert_eq!(
+            StorageRestoreImport::BODY_LIMIT.bytes(1000),
+            64_000_000 + RESTORE_PAGE_SLACK
+        );
+        assert_eq!(
+            StorageRestoreImport::BODY_LIMIT.bytes(200_000_000),
+            200_000_000 + RESTORE_PAGE_SLACK
+        );
         assert_eq!(QueueReload::PERMISSION.as_str(), "queue.update");
         assert_eq!(StorageItemsDelete::PERMISSION.as_str(), "queue.clear");
         assert_eq!(route("/v1/queue.nope"), None);

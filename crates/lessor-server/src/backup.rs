@@ -7,8 +7,14 @@
 //! only its own backup (the channel between producer and response holds a few blocks). A failure mid-way ends the
 //! response with an error before the trailer: the client is left with a file that says it is incomplete.
 //!
+//! An item whose payload is larger than [`fmt::PART_BYTES`] gets a block of its own and its payload follows in
+//! part records (format version 2, written to clients that read it), so no record outgrows what a reader takes
+//! whatever the item size the server accepted.
+//!
 //! A restore creates the queue in the restoring state (`QueueInfo::restoring`), imports blocks as the client sends
-//! them (each exactly once, see the engine's restore), and finishes.
+//! them (each exactly once, see the engine's restore), and finishes. A page is a compressed block as stored
+//! (decompressing to at most [`fmt::MAX_RECORD`] bytes) or, for an item larger than that, the block uncompressed:
+//! either way a page decodes to little more than its own bytes.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -83,7 +89,17 @@ pub(crate) async fn backup(State(st): State<AppState>, req: Request) -> Response
             return Err(invalid("max_items_per_sec", "cannot be negative"));
         }
         let rate = u64::try_from(msg.max_items_per_sec).unwrap_or(0);
-        Ok(stream_backup(st.engine.clone(), st.metrics.clone(), queues, rate))
+        // The newest version the client reads, at most this build's: a client that does not say reads version 1.
+        let version = u32::try_from(msg.format_version)
+            .unwrap_or(0)
+            .clamp(1, fmt::FORMAT_VERSION);
+        Ok(stream_backup(
+            st.engine.clone(),
+            st.metrics.clone(),
+            queues,
+            rate,
+            version,
+        ))
     }
     .await;
     let (response, code) = match started {
@@ -135,12 +151,18 @@ fn backup_id() -> String {
 }
 
 /// Starts the producer task and answers with the stream it feeds.
-fn stream_backup(engine: Engine, metrics: Arc<Metrics>, queues: Vec<QueueInfo>, rate: u64) -> Response {
+fn stream_backup(
+    engine: Engine,
+    metrics: Arc<Metrics>,
+    queues: Vec<QueueInfo>,
+    rate: u64,
+    version: u32,
+) -> Response {
     let (tx, rx) = mpsc::channel::<Result<Bytes, std::io::Error>>(IN_FLIGHT_BLOCKS);
     tokio::spawn(async move {
         metrics.backups_running.inc();
         let started = Instant::now();
-        let r = produce_backup(&engine, &metrics, &queues, rate, &tx).await;
+        let r = produce_backup(&engine, &metrics, &queues, rate, version, &tx).await;
         metrics.backups_running.dec();
         match r {
             Ok(items) => {
@@ -162,12 +184,13 @@ fn stream_backup(engine: Engine, metrics: Arc<Metrics>, queues: Vec<QueueInfo>, 
     r
 }
 
-/// Writes the whole backup into `tx`; returns the item count. `Err` names what failed.
+/// Writes the whole backup into `tx` in format `version`; returns the item count. `Err` names what failed.
 async fn produce_backup(
     engine: &Engine,
     metrics: &Metrics,
     queues: &[QueueInfo],
     rate: u64,
+    version: u32,
     tx: &mpsc::Sender<Result<Bytes, std::io::Error>>,
 ) -> Result<u64, String> {
     let started = Instant::now();
@@ -183,7 +206,7 @@ async fn produce_backup(
         server_version: env!("CARGO_PKG_VERSION").to_string(),
         queues: queues.iter().map(fmt::QueueRecord::from_info).collect(),
     };
-    let mut start = fmt::encode_start();
+    let mut start = fmt::encode_start_as(version);
     start.extend(fmt::encode_record(RecordKind::Header, &header));
     send(start).await?;
     let mut trailer = fmt::BackupTrailer::default();
@@ -216,7 +239,8 @@ async fn produce_backup(
                 }
                 // A page of more than BLOCK_BYTES of payload goes in several blocks of at most BLOCK_BYTES (or one
                 // item): a block must stay far below the largest record a reader takes (MAX_RECORD) and the body a
-                // restore accepts.
+                // restore accepts. An item above BLOCK_BYTES is thus alone in its block, and one above PART_BYTES
+                // is then split into part records.
                 let mut blocks: Vec<Vec<lessor_core::types::Item>> = Vec::new();
                 let mut bytes = 0usize;
                 for it in items {
@@ -234,21 +258,61 @@ async fn produce_backup(
                 for items in blocks {
                     let work = Instant::now();
                     let n = items.len() as u64;
+                    let big = match items.as_slice() {
+                        [it] if it.payload.len() > fmt::PART_BYTES => Some((it.id, it.payload.len())),
+                        _ => None,
+                    };
+                    if let Some((id, len)) = big.filter(|&(_, len)| version < 2 && len > fmt::V1_MAX_PAYLOAD)
+                    {
+                        // A version 1 file carries an item in one record: the client's reader would refuse this
+                        // one (and every restore would), so the backup fails here and says why.
+                        return Err(format!(
+                            "item {id} of partition {partition} of '{}' holds {len} bytes of payload, more than \
+                             the {} a version 1 backup carries; back up with a lessor client that reads format \
+                             version {} (this server's)",
+                            q.name,
+                            fmt::V1_MAX_PAYLOAD,
+                            fmt::FORMAT_VERSION
+                        ));
+                    }
+                    let split = big.is_some() && version >= 2;
                     let queue = q.name.clone();
                     // Converting and encoding are CPU work: on the blocking pool, off the serving threads.
-                    let record = tokio::task::spawn_blocking(move || {
+                    let (record, payload) = tokio::task::spawn_blocking(move || {
                         let block = fmt::ItemBlock {
                             queue,
                             partition,
                             first,
                             items: items.into_iter().map(fmt::ItemRecord::from_owned).collect(),
+                            payload_len: 0,
                         };
-                        fmt::encode_record(RecordKind::Items, &block)
+                        let (block, payload) = if split {
+                            fmt::split_item(block)
+                        } else {
+                            (block, Bytes::new())
+                        };
+                        (fmt::encode_record(RecordKind::Items, &block), payload)
                     })
                     .await
                     .map_err(|e| format!("encoding a block: {e}"))?;
-                    let took = took + work.elapsed();
+                    let mut took = took + work.elapsed();
                     send(record).await?;
+                    // The parts of a split payload, one record at a time: the item is held once (`payload`, a
+                    // shared buffer the parts are slices of) and the channel holds a few parts.
+                    for offset in (0..payload.len()).step_by(fmt::PART_BYTES) {
+                        let work = Instant::now();
+                        let part = fmt::PayloadPart {
+                            offset: offset as u64,
+                            bytes: payload.slice(offset..payload.len().min(offset + fmt::PART_BYTES)),
+                        };
+                        let record =
+                            tokio::task::spawn_blocking(move || fmt::encode_record(RecordKind::Part, &part))
+                                .await
+                                .map_err(|e| format!("encoding a payload part: {e}"))?;
+                        took += work.elapsed();
+                        send(record).await?;
+                        trailer.parts += 1;
+                    }
                     if metrics.answered.load(std::sync::atomic::Ordering::Relaxed) != answered {
                         tokio::time::sleep(took.saturating_mul(YIELD_FACTOR)).await;
                     }
@@ -355,12 +419,19 @@ pub(crate) fn restore_import(api: Api) -> Api {
                     "it does not match its crc32: the block was damaged",
                 ));
             }
-            // Counted before it is decoded: see `decode_item_block`.
+            // Counted before it is decoded: see `decode_item_block`. An uncompressed page (an item larger than a
+            // compressed page may decompress to) allocates what its body holds, which the route's limit bounds.
             let max = ctx.engine.max_restore_page();
-            let block = tokio::task::spawn_blocking(move || fmt::decode_item_block(&r.block, max))
-                .await
-                .map_err(|e| ApiError::Queue(QueueError::StorageFailed(format!("decoding a block: {e}"))))?
-                .map_err(|e| invalid("block", e))?;
+            let block = tokio::task::spawn_blocking(move || {
+                if r.uncompressed {
+                    fmt::decode_item_block_raw(Bytes::from(r.block), max)
+                } else {
+                    fmt::decode_item_block(&r.block, max)
+                }
+            })
+            .await
+            .map_err(|e| ApiError::Queue(QueueError::StorageFailed(format!("decoding a block: {e}"))))?
+            .map_err(|e| invalid("block", e))?;
             let n = block.items.len() as u64;
             let items = block.items.into_iter().map(fmt::ItemRecord::into_item).collect();
             let have = ctx

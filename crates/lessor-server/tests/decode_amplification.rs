@@ -100,6 +100,7 @@ async fn a_restore_page_of_empty_items_is_refused_before_it_is_decoded() {
         partition: 0,
         first: 0,
         items: vec![bytes::Bytes::new(); 1_000_000],
+        payload_len: 0,
     };
     let frame = lessor_proto::backup::compress(&block);
     drop(block);
@@ -134,4 +135,98 @@ async fn a_restore_page_of_empty_items_is_refused_before_it_is_decoded() {
         "a {}-byte page made the server allocate {grew} bytes",
         frame.len()
     );
+}
+
+/// A server that accepts items of 200 MB (`limits.max-offload-produce-body`) takes restore pages of that size, so
+/// that such an item can be restored. The pages that allow it do not make a small request decode into a large
+/// allocation: a compressed page still decompresses to at most 64 MiB whatever the body limit (one item of 100 MB
+/// of zeros is a frame of a few KB, refused), and an uncompressed page (how an item above 64 MiB travels) is counted
+/// before it is decoded and allocates what its own body holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restore_pages_sized_for_large_items_still_refuse_amplification() {
+    use lessor_proto::backup as fmt;
+    use prost::Message as _;
+    let mut config = Config::memory();
+    config.limits.max_offload_produce_body = Some(200_000_000);
+    let srv = start(&config, "127.0.0.1:0", None).await.expect("server");
+    let client = Client::new(&srv.endpoint()).expect("client");
+    client
+        .queues_create(&pb::QueueInfo {
+            queue_name: "q".into(),
+            lease_timeout: "1m".into(),
+            expire_timeout: "24h".into(),
+            requested_partitions: 1,
+            ..Default::default()
+        })
+        .await
+        .expect("create q");
+    let zeros = fmt::ItemBlock {
+        queue: "q".into(),
+        items: vec![fmt::ItemRecord {
+            payload: bytes::Bytes::from(vec![0u8; 100_000_000]),
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    let bomb = fmt::compress(&zeros);
+    drop(zeros);
+    assert!(bomb.len() < 100_000, "{} bytes", bomb.len());
+    let empties = fmt::ItemBlockShallow {
+        queue: "q".into(),
+        items: vec![bytes::Bytes::new(); 1_000_000],
+        ..Default::default()
+    }
+    .encode_to_vec();
+    let cases = [
+        (
+            "a compressed page of a 100 MB item",
+            bomb,
+            false,
+            "decompresses to more than 67108864 bytes",
+            200 << 20,
+        ),
+        (
+            "an uncompressed page of empty items",
+            empties,
+            true,
+            "more than 10000 items",
+            0,
+        ),
+    ];
+    let http = reqwest::Client::new();
+    let url = format!("{}/v1/storage.restore.import", srv.endpoint());
+    for (what, block, uncompressed, refusal, most) in cases {
+        let len = block.len();
+        let body = pb::RestoreImportRequest {
+            queue_name: "q".into(),
+            crc32: i64::from(crc32fast::hash(&block)),
+            block,
+            uncompressed,
+        }
+        .encode_to_vec();
+        let before = allocated();
+        let answer = http
+            .post(&url)
+            .header("content-type", "application/protobuf")
+            .header("accept", "application/json")
+            .body(body)
+            .send()
+            .await
+            .expect("sent");
+        let status = answer.status().as_u16();
+        let text = answer.text().await.expect("answer");
+        let grew = allocated() - before;
+        assert_eq!(status, 400, "{what}: {text}");
+        assert!(
+            text.contains("block is invalid;") && text.contains(refusal),
+            "{what}: {text}"
+        );
+        // The compressed page: what 64 MiB decompressed into a growing buffer takes, never its 100 MB (the
+        // item's records and copies would be several times that). The uncompressed one: a few times its body.
+        let most = if most == 0 { 8 * len } else { most };
+        assert!(
+            grew < most,
+            "{what}: a {len}-byte page made the server allocate {grew} bytes"
+        );
+    }
 }

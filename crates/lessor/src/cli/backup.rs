@@ -318,6 +318,8 @@ pub async fn backup(c: &Client, args: BackupArgs, json: bool) -> Result<(), Stri
         .storage_backup(&pb::StorageBackupRequest {
             queue_names: args.queues.clone(),
             max_items_per_sec: args.max_rate,
+            // Version 2 carries items larger than a record in parts; a server that predates it writes version 1.
+            format_version: i32::try_from(fmt::FORMAT_VERSION).unwrap_or(1),
         })
         .await
         .map_err(|e| format!("starting the backup: {e}"))?;
@@ -415,6 +417,9 @@ struct BlockRef {
     offset: u64,
     len: usize,
     crc: u32,
+    /// The byte offsets and lengths of the bodies of the part records carrying the payload of the block's one
+    /// item, when it was split (format version 2); empty otherwise.
+    parts: Vec<(u64, usize)>,
 }
 
 /// A verified local backup: its summary and where each queue's blocks are.
@@ -433,20 +438,31 @@ fn verify_file(path: &Path, bar: &ProgressBar) -> Result<Verified, String> {
         .map_err(|e| describe(path, &e))?;
     let mut blocks: BTreeMap<String, Vec<BlockRef>> = BTreeMap::new();
     let mut offset = 12u64;
+    // The queue of the last block: part records belong to it (the verification checked their order).
+    let mut last = String::new();
     while let Some(rec) = r.next_raw().map_err(|e| describe(path, &e))? {
         let body_at = offset + 9;
         offset = body_at + rec.body.len() as u64;
-        if rec.kind != RecordKind::Items {
-            continue;
+        match rec.kind {
+            RecordKind::Items => {}
+            RecordKind::Part => {
+                if let Some(b) = blocks.get_mut(&last).and_then(|b| b.last_mut()) {
+                    b.parts.push((body_at, rec.body.len()));
+                }
+                continue;
+            }
+            RecordKind::Header | RecordKind::Trailer => continue,
         }
-        let block: fmt::ItemBlock = fmt::decode_body(&rec.body).map_err(|e| describe(path, &e))?;
-        blocks.entry(block.queue.clone()).or_default().push(BlockRef {
+        let block: fmt::ItemBlockShallow = fmt::decode_body(&rec.body).map_err(|e| describe(path, &e))?;
+        last.clone_from(&block.queue);
+        blocks.entry(block.queue).or_default().push(BlockRef {
             partition: block.partition,
             first: block.first,
             items: block.items.len() as u64,
             offset: body_at,
             len: rec.body.len(),
             crc: crc32(&rec.body),
+            parts: Vec::new(),
         });
     }
     Ok(Verified { summary, blocks })
@@ -749,16 +765,36 @@ async fn restore_partition(
             bar.inc(b.items);
             continue;
         }
-        let mut body = vec![0u8; b.len];
-        file.seek(SeekFrom::Start(b.offset))
-            .and_then(|_| file.read_exact(&mut body))
-            .map_err(|e| format!("reading '{}': {e}", path.display()))?;
-        let r = c
-            .call::<pb::routes::StorageRestoreImport>(&pb::RestoreImportRequest {
+        let mut read = |offset: u64, len: usize| {
+            let mut body = vec![0u8; len];
+            file.seek(SeekFrom::Start(offset))
+                .and_then(|_| file.read_exact(&mut body))
+                .map_err(|e| format!("reading '{}': {e}", path.display()))?;
+            Ok::<_, String>(body)
+        };
+        let body = read(b.offset, b.len)?;
+        let request = if b.parts.is_empty() {
+            pb::RestoreImportRequest {
                 queue_name: queue.to_string(),
                 block: body,
                 crc32: i64::from(b.crc),
-            })
+                uncompressed: false,
+            }
+        } else {
+            let parts = b
+                .parts
+                .iter()
+                .map(|&(offset, len)| read(offset, len))
+                .collect::<Result<Vec<_>, _>>()?;
+            let what = format!("restoring partition {} of '{queue}'", b.partition);
+            tokio::task::spawn_blocking(move || whole_item_page(&body, &parts))
+                .await
+                .map_err(|e| format!("{what}: {e}"))?
+                .map_err(|e| format!("{what}: {}", describe(path, &e)))?
+                .into_request(queue)
+        };
+        let r = c
+            .call::<pb::routes::StorageRestoreImport>(&request)
             .await
             .map_err(|e| format!("restoring partition {} of '{queue}': {e}", b.partition))?;
         let now = u64::try_from(r.partition_items).unwrap_or(0);
@@ -774,6 +810,47 @@ async fn restore_partition(
         bar.inc(b.items);
     }
     Ok((sent, skipped))
+}
+
+/// A restore page of one item whose payload a backup carries in parts.
+struct WholeItemPage {
+    block: Vec<u8>,
+    uncompressed: bool,
+}
+
+impl WholeItemPage {
+    fn into_request(self, queue: &str) -> pb::RestoreImportRequest {
+        pb::RestoreImportRequest {
+            queue_name: queue.to_string(),
+            crc32: i64::from(crc32(&self.block)),
+            block: self.block,
+            uncompressed: self.uncompressed,
+        }
+    }
+}
+
+/// Joins a split item (its block's stored body and its part records' bodies) into one restore page: compressed,
+/// as stored blocks are, when it decompresses within what a server takes of a compressed page (any server
+/// version restores it then); else the block uncompressed, which a server decodes without decompressing (it
+/// allocates what the body holds, and takes bodies as large as the largest item it accepts).
+fn whole_item_page(block: &[u8], parts: &[Vec<u8>]) -> Result<WholeItemPage, BackupError> {
+    let block: fmt::ItemBlock = fmt::decode_body(block)?;
+    let parts = parts
+        .iter()
+        .map(|p| fmt::decode_body::<fmt::PayloadPart>(p))
+        .collect::<Result<Vec<_>, _>>()?;
+    let block = fmt::join_parts(block, parts)?;
+    Ok(if block.encoded_len() <= fmt::MAX_RECORD {
+        WholeItemPage {
+            block: fmt::compress(&block),
+            uncompressed: false,
+        }
+    } else {
+        WholeItemPage {
+            block: block.encode_to_vec(),
+            uncompressed: true,
+        }
+    })
 }
 
 /// `lessor migrate`: copies queue definitions, items and auth data from one storage configuration to another,
