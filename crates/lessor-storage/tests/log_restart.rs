@@ -418,3 +418,25 @@ fn pages_of_a_partition_cover_every_item_once() {
         assert_eq!(paged, all, "page size {limit}");
     }
 }
+
+/// Closing a store with `durability: interval` returns at once whatever its `sync-interval`: the interval thread
+/// slept the whole interval before it could see the close, and close joins it, so a server configured with
+/// `sync-interval: 1h` stayed in "shutting down" for up to an hour after SIGTERM (found by review). The close runs on
+/// a thread of its own so that a close that hangs fails the test instead of hanging it.
+#[test]
+fn close_does_not_wait_for_the_sync_interval() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = LogStore::open(dir.path(), Durability::Interval(Duration::from_secs(3600))).expect("open");
+    let (done, closed) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(store.close());
+        let _ = done.send(());
+    });
+    closed
+        .recv_timeout(Duration::from_secs(10))
+        .expect("close returns well before the 1h sync interval ends");
+}

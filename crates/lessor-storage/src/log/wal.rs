@@ -83,6 +83,9 @@ pub(crate) struct Wal {
     fault: Mutex<Option<SyncFault>>,
     /// The sync thread's inbox (`sync` only); `None` once closed.
     waiters: Mutex<Option<mpsc::Sender<Waiter>>>,
+    /// Wakes the interval thread (`interval` only) when dropped, so that a close does not wait for the rest of a
+    /// `sync-interval` (which may be long) before that thread sees it; `None` once closed.
+    interval_stop: Mutex<Option<mpsc::Sender<()>>>,
     threads: Mutex<Vec<JoinHandle<()>>>,
     /// Bytes appended since the last checkpoint began, and the bytes the last checkpoint wrote.
     since_checkpoint: AtomicU64,
@@ -178,6 +181,7 @@ impl Wal {
             poison: OnceLock::new(),
             fault: Mutex::new(None),
             waiters: Mutex::new(None),
+            interval_stop: Mutex::new(None),
             threads: Mutex::new(Vec::new()),
             since_checkpoint: AtomicU64::new(total),
             checkpoint_bytes: AtomicU64::new(0),
@@ -215,10 +219,15 @@ impl Wal {
             }
             Durability::Interval(every) => {
                 let wal = Arc::downgrade(self);
+                let (stop, stopped) = mpsc::channel::<()>();
                 let t = std::thread::Builder::new()
                     .name("lessor-log-interval".into())
                     .spawn(move || loop {
-                        std::thread::sleep(every);
+                        // Not a sleep: close drops `stop` and joins this thread, which must not first sleep out
+                        // the rest of the interval (an hour with `sync-interval: 1h`).
+                        if !matches!(stopped.recv_timeout(every), Err(mpsc::RecvTimeoutError::Timeout)) {
+                            return;
+                        }
                         let Some(w) = wal.upgrade() else { return };
                         if w.check().is_err() {
                             return;
@@ -227,6 +236,7 @@ impl Wal {
                         let _ = w.wait_durable(top);
                     })?;
                 *lock(&self.waiters) = None;
+                *lock(&self.interval_stop) = Some(stop);
                 lock(&self.threads).push(t);
             }
             Durability::None => {}
@@ -495,6 +505,7 @@ impl Wal {
         }
         let _ = self.poison.set(closed_error());
         drop(lock(&self.waiters).take());
+        drop(lock(&self.interval_stop).take());
         let threads = std::mem::take(&mut *lock(&self.threads));
         for t in threads {
             if t.thread().id() != std::thread::current().id() {
