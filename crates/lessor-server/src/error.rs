@@ -35,6 +35,10 @@ pub enum ApiError {
     /// The body could not be read from the connection.
     #[error("request body could not be read; {0}")]
     BodyRead(String),
+    /// A browser sent the request for a page of another origin (`Sec-Fetch-Site` or `Origin`, given here); see
+    /// `http::cross_site`.
+    #[error("cross-site request refused; a page of another origin ('{0}') may not call this server")]
+    CrossSite(String),
 }
 
 impl ApiError {
@@ -83,6 +87,7 @@ impl ApiError {
             ApiError::InflightFull(_) => 454,
             ApiError::TooManyValues(_) => 400,
             ApiError::NoSuchMethod(_) => 501,
+            ApiError::CrossSite(_) => 403,
         }
     }
 }

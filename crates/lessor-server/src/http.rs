@@ -488,6 +488,7 @@ pub(crate) fn check_head(
     if parts.method != Method::POST {
         return Err(ApiError::MethodNotAllowed(parts.method.to_string()));
     }
+    cross_site(&parts.headers)?;
     // curl sends form-urlencoded unless told otherwise; a form body is never valid here, so reading it as JSON
     // lets `curl -d '{...}'` work (Querator answers 455).
     let ct = header_str(&parts.headers, header::CONTENT_TYPE).filter(|ct| {
@@ -496,6 +497,36 @@ pub(crate) fn check_head(
             .starts_with("application/x-www-form-urlencoded")
     });
     Ok(pb::request_encoding(ct)?)
+}
+
+/// Refuses a request that a browser sent on behalf of a page of another origin.
+///
+/// Without a key (auth off, or an open door) a request needs no credentials, and a page of any site can make its
+/// visitor's browser POST to this server without a CORS preflight when the request is "simple": no `Content-Type`,
+/// or `application/x-www-form-urlencoded` (read as JSON, see [`check_head`]), and no `Authorization`. Its answer
+/// stays unreadable to that page, but the call is made: `queues.delete`, `queue.clear`, `queue.produce`... No client
+/// but a browser has a use for that (a page of another origin cannot send a key: that needs a preflight, which this
+/// server does not answer), so browsers' own word on where a request comes from decides: `Sec-Fetch-Site` when
+/// they send it (every current browser), else `Origin` against `Host`. Requests without either (curl, the Go and
+/// Rust clients) and the dashboard's own (same origin) are served as before.
+fn cross_site(headers: &HeaderMap) -> Result<(), ApiError> {
+    if let Some(site) = header_str(headers, header::HeaderName::from_static("sec-fetch-site")) {
+        return match site.trim().to_ascii_lowercase().as_str() {
+            // `none`: typed by the user (address bar, bookmark); never a POST, but not forged either.
+            "same-origin" | "none" => Ok(()),
+            _ => Err(ApiError::CrossSite(site.trim().to_string())),
+        };
+    }
+    let Some(origin) = header_str(headers, header::ORIGIN) else {
+        return Ok(());
+    };
+    // `scheme://host[:port]` (or `null`); its authority must be the one the request was sent to.
+    let authority = origin.split_once("://").map(|(_, a)| a.trim_end_matches('/'));
+    let host = header_str(headers, header::HOST);
+    match (authority, host) {
+        (Some(a), Some(h)) if a.eq_ignore_ascii_case(h.trim()) => Ok(()),
+        _ => Err(ApiError::CrossSite(origin.to_string())),
+    }
 }
 
 /// A request body being read, with what the connection needs to know afterwards.

@@ -681,3 +681,98 @@ async fn whoami_names_the_caller_without_secrets() {
     assert_eq!(open.username, "");
     srv.stop().await;
 }
+
+/// POSTs `body` to `path` with the given headers and no others but those reqwest always sends; returns the status.
+async fn post_with(base: &str, path: &str, headers: &[(&str, &str)], body: &str) -> u16 {
+    let mut req = reqwest::Client::new()
+        .post(format!("{base}{path}"))
+        .body(body.to_string());
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    req.send().await.expect("POST").status().as_u16()
+}
+
+/// With auth off (the default) or an open door, anonymous requests may do anything, so a request a page of another
+/// site makes a visitor's browser send needs no credentials: `fetch(url, {method: 'POST', mode: 'no-cors', headers:
+/// {'Content-Type': 'application/x-www-form-urlencoded'}, body: '{"queue_name":"jobs"}'})` is a CORS "simple
+/// request" (no preflight), which the server read as JSON and obeyed, deleting the queue (found by review). Such
+/// requests are refused by what the browser says of them (`Sec-Fetch-Site`, or an `Origin` other than the server's
+/// own); the dashboard's own requests, and clients that are not browsers, are served as before.
+#[tokio::test]
+async fn requests_a_browser_sends_for_another_site_are_refused() {
+    let (srv, c) = start(&Config::memory()).await;
+    let base = srv.endpoint();
+    let host = base.trim_start_matches("http://").to_string();
+    c.queues_create(&pb::QueueInfo {
+        queue_name: "jobs".into(),
+        lease_timeout: "1m".into(),
+        expire_timeout: "1h".into(),
+        requested_partitions: 1,
+        ..Default::default()
+    })
+    .await
+    .expect("create");
+    let delete = r#"{"queue_name":"jobs"}"#;
+    let form = ("content-type", "application/x-www-form-urlencoded");
+    let forged: [&[(&str, &str)]; 5] = [
+        // A current browser: fetch() or a form from another site.
+        &[
+            ("origin", "https://evil.example"),
+            ("sec-fetch-site", "cross-site"),
+            form,
+        ],
+        // A sibling host of the same site is another origin too.
+        &[
+            ("origin", "https://a.example"),
+            ("sec-fetch-site", "same-site"),
+            form,
+        ],
+        // An older browser without Sec-Fetch-*: only Origin tells.
+        &[("origin", "https://evil.example"), form],
+        // A sandboxed frame or a file:// page.
+        &[("origin", "null")],
+        // No Content-Type at all (a Blob body) is read as JSON as well.
+        &[
+            ("origin", "https://evil.example"),
+            ("sec-fetch-site", "cross-site"),
+        ],
+    ];
+    for headers in forged {
+        assert_eq!(
+            post_with(&base, "/v1/queues.delete", headers, delete).await,
+            403,
+            "{headers:?}"
+        );
+    }
+    let info = c
+        .queues_info(&pb::QueuesInfoRequest {
+            queue_name: "jobs".into(),
+        })
+        .await
+        .expect("the queue is still there");
+    assert_eq!(info.queue_name, "jobs");
+    // The dashboard's own calls (same origin), and curl, Querator's clients and this crate's (no Origin), still
+    // work.
+    let own_origin = format!("http://{host}");
+    let json = ("content-type", "application/json");
+    let list = r#"{"limit":10}"#;
+    for headers in [
+        &[
+            ("origin", own_origin.as_str()),
+            ("sec-fetch-site", "same-origin"),
+            json,
+        ][..],
+        &[("origin", own_origin.as_str()), json][..],
+        &[("sec-fetch-site", "none"), json][..],
+        &[form][..],
+        &[][..],
+    ] {
+        assert_eq!(
+            post_with(&base, "/v1/queues.list", headers, list).await,
+            200,
+            "{headers:?}"
+        );
+    }
+    srv.stop().await;
+}
