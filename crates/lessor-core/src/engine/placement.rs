@@ -17,14 +17,16 @@ pub struct StoreWeight {
 
 /// How many of `n` partitions each store gets.
 pub fn shares(stores: &[StoreWeight], n: u32) -> Vec<u32> {
-    let total: f64 = stores.iter().map(|s| s.affinity.max(0.0)).sum();
-    if total <= 0.0 || stores.is_empty() {
+    // Affinities are taken relative to the largest: each is finite (the configuration refuses others), but their
+    // sum need not be (two of 1e308 made it infinite, every share 0, and the remainder pass then dealt partitions
+    // round-robin, a store of affinity ~0 included).
+    let largest = stores.iter().map(|s| s.affinity).fold(0.0, f64::max);
+    if largest <= 0.0 || !largest.is_finite() {
         return vec![0; stores.len()];
     }
-    let exact: Vec<f64> = stores
-        .iter()
-        .map(|s| s.affinity.max(0.0) / total * f64::from(n))
-        .collect();
+    let weight = |s: &StoreWeight| s.affinity.max(0.0) / largest;
+    let total: f64 = stores.iter().map(weight).sum();
+    let exact: Vec<f64> = stores.iter().map(|s| weight(s) / total * f64::from(n)).collect();
     let mut counts: Vec<u32> = exact.iter().map(|e| e.floor() as u32).collect();
     let placed: u32 = counts.iter().sum();
     let mut order: Vec<usize> = (0..stores.len()).filter(|&i| stores[i].affinity > 0.0).collect();
@@ -71,6 +73,14 @@ mod tests {
                 affinity,
             })
             .collect()
+    }
+
+    /// Affinities each finite but whose sum is not: the shares still follow them (found by review: they were dealt
+    /// round-robin, `[1, 1, 1]` here, the store of affinity 1e-300 getting a third of the partitions).
+    #[test]
+    fn huge_affinities_keep_their_proportions() {
+        assert_eq!(shares(&w(&[1e308, 1e308, 1e-300]), 3), vec![2, 1, 0]);
+        assert_eq!(shares(&w(&[f64::MAX, f64::MAX / 3.0]), 4), vec![3, 1]);
     }
 
     #[test]
