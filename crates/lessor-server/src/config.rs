@@ -40,6 +40,10 @@ const MAX_DEDUP_KEYS: usize = 1_000_000_000;
 /// Highest `limits.max-lease-bytes` accepted (1 GiB): above it a single answer is the memory problem the limit
 /// exists to prevent.
 const MAX_LEASE_BYTES_LIMIT: u64 = 1 << 30;
+/// Highest `limits.max-produce-body` and `limits.max-offload-produce-body` accepted (1 GiB): a body is held in
+/// memory whole, and one larger than `limits.max-inflight-bytes` is let through alone, so without a cap one client
+/// could make the server hold any amount; a lease answer carries at least one item, and its own cap is the same.
+pub const MAX_PRODUCE_BODY_LIMIT: usize = 1 << 30;
 /// Lowest `limits.max-inflight-bytes` accepted: below it a server could not hold one small request per client.
 const MIN_INFLIGHT_BYTES: u64 = 64 * 1024;
 /// Highest `limits.max-inflight-bytes` accepted (1 TiB): the bound must stay below any machine's memory to mean
@@ -722,6 +726,20 @@ impl Config {
                 }
             }
         }
+        for (field, value) in [
+            ("limits.max-produce-body", self.limits.max_produce_body),
+            (
+                "limits.max-offload-produce-body",
+                self.limits.max_offload_produce_body,
+            ),
+        ] {
+            if value.is_some_and(|n| n == 0 || n > MAX_PRODUCE_BODY_LIMIT) {
+                return Err(ConfigError::Limit {
+                    field,
+                    reason: format!("must be between 1 and {MAX_PRODUCE_BODY_LIMIT}"),
+                });
+            }
+        }
         if let Some(n) = self.limits.max_lease_bytes {
             if n == 0 || n > MAX_LEASE_BYTES_LIMIT {
                 return Err(ConfigError::Limit {
@@ -1308,6 +1326,24 @@ mod tests {
         .expect_err("unknown key")
         .to_string();
         assert!(e.contains("storge-dir"), "{e}");
+    }
+
+    /// `limits.max-produce-body` and `limits.max-offload-produce-body` are between 1 and 1 GiB: a body is held whole.
+    #[test]
+    fn produce_body_limits_are_bounded() {
+        let c = Config::from_yaml("limits:\n  max-offload-produce-body: 1073741824\n").expect("valid");
+        assert_eq!(c.max_offload_produce_body(), 1 << 30);
+        for key in ["max-produce-body", "max-offload-produce-body"] {
+            for bad in ["0", "1073741825", "18446744073709551615"] {
+                let e = Config::from_yaml(&format!("limits:\n  {key}: {bad}\n"))
+                    .expect_err(bad)
+                    .to_string();
+                assert!(
+                    e.contains(&format!("limits.{key}")) && e.contains("between 1 and 1073741824"),
+                    "{key} {bad}: {e}"
+                );
+            }
+        }
     }
 
     /// `limits.max-lease-bytes` is between 1 and 1 GiB; the default is 16 MiB.

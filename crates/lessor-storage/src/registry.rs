@@ -933,6 +933,18 @@ mod tests {
                     .starts_with("config.max-conns: 'ten' is not a whole number"),
                 "{e}"
             );
+            // The pool reserves room for every connection: a size beyond any server's limit is refused.
+            let e = StoreSpec::from_settings(
+                "postgres",
+                &settings()
+                    .with("connection-string", "postgres://x")
+                    .with("max-conns", "4294967295"),
+            )
+            .expect_err("huge pool");
+            assert_eq!(
+                e.to_string(),
+                "config.max-conns: 4294967295 is more than the 10000 connections a pool may open"
+            );
         }
     }
 

@@ -34,10 +34,22 @@ pub struct PostgresConfig {
     pub pg: PgConfig,
 }
 
+/// Highest `max-conns` accepted.
+#[cfg(feature = "postgres")]
+pub const MAX_CONNS: u32 = 10_000;
+
 #[cfg(feature = "postgres")]
 fn parse(s: &Settings) -> Result<Arc<dyn DriverConfig>, SpecError> {
     let mut pg = PgConfig::new(s.required("connection-string", DRIVER.name)?);
     if let Some(n) = s.u32("max-conns")? {
+        // The pool reserves room for every connection up front, and a PostgreSQL server allows 100 by default: a
+        // value beyond a few thousand is a typo, never a plan.
+        if n > MAX_CONNS {
+            return Err(SpecError::Invalid {
+                key: "max-conns",
+                reason: format!("{n} is more than the {MAX_CONNS} connections a pool may open"),
+            });
+        }
         pg = pg.with_max_conns(n);
     }
     Ok(Arc::new(PostgresConfig { pg }))
