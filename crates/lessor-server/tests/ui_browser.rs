@@ -686,6 +686,28 @@ async fn tour(config: Config, shots: bool, backend: &str) {
         .await
         .expect("info");
     assert_eq!(info.max_attempts, 7);
+    // A cleared field cannot be saved as cleared (an empty value means "unchanged"): the page says so, and shows
+    // what is stored, instead of "Settings saved.".
+    b.js(
+        "document.querySelector('#set-dead_queue').value = ''; return null",
+        json!([]),
+    )
+    .await;
+    b.click_confirm("#save-settings").await;
+    b.wait_for(
+        "cleared field reported",
+        "const s = document.querySelector('#status-msg'); return s && s.textContent.includes('dead_queue kept the stored value')",
+        json!([]),
+    )
+    .await;
+    assert_eq!(
+        b.js(
+            "return document.querySelector('#set-dead_queue').value",
+            json!([])
+        )
+        .await,
+        json!("orders-dead")
+    );
     if shots {
         b.screenshots(&dir, "queue").await;
     }

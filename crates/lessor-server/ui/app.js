@@ -257,7 +257,26 @@ async function pageQueue(name) {
     delete upd.created_at; delete upd.updated_at; delete upd.partitions;
     for (const [k, v] of f.entries()) upd[k] = k === 'max_attempts' ? n(v) : String(v);
     if (!confirm('Update the settings of ' + name + '?')) return;
-    try { await api('queues.update', upd); status('Settings saved.'); info = await api('queues.info', { queue_name: name }); } catch (err) { showError(err); }
+    try {
+      await api('queues.update', upd);
+      info = await api('queues.info', { queue_name: name });
+    } catch (err) { showError(err); return; }
+    // queues.update reads an empty text or a zero as "unchanged" (Querator's rule), so a field the user cleared
+    // keeps its stored value: say so, and show what is stored, rather than report a change that did not happen.
+    const stored = (k) => (info[k] === undefined || info[k] === null ? '' : String(info[k]));
+    const kept = [];
+    for (const [k, v] of f.entries()) {
+      const cleared = k === 'max_attempts' ? n(v) === 0 : String(v).trim() === '';
+      if (cleared && stored(k) !== '' && stored(k) !== '0') kept.push(k);
+      const input = document.getElementById('set-' + k);
+      if (input) input.value = stored(k);
+    }
+    if (kept.length) {
+      status('Saved, but ' + kept.join(', ') + ' kept the stored value: an empty or zero value means "unchanged". ' +
+        'To retire a dead-letter queue, delete it with force (lessor delete --force).', 'error');
+    } else {
+      status('Settings saved.');
+    }
   });
   const act = (id, label, question, fn, danger) => h('button', { id, type: 'button', class: danger ? 'danger' : '', onclick: async () => {
     if (!confirm(question)) return;
