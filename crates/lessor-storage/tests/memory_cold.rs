@@ -653,3 +653,63 @@ async fn the_longest_queue_name_of_encoded_characters_spills_to_keys_s3_accepts(
     drop(p);
     env.segments_gone().await;
 }
+
+/// Produces `n` items of priority `prio` (expiring at `expire`) in batches of 50; returns their ids in order.
+async fn produce_prio(p: &Arc<dyn Partition>, n: usize, prio: u8, expire: Ts) -> Vec<ItemId> {
+    let mut ids = Vec::new();
+    for chunk in 0..n.div_ceil(50) {
+        let batch: Vec<NewItem> = (chunk * 50..n.min(chunk * 50 + 50))
+            .map(|i| NewItem {
+                expire_deadline: expire,
+                created_at: T0,
+                payload: Bytes::from(format!("p{prio}-{i}")),
+                priority: prio,
+                ..Default::default()
+            })
+            .collect();
+        ids.extend(p.produce(batch).await.unwrap());
+    }
+    ids
+}
+
+/// A segment of a low priority that cannot be read holds up only what comes after it: ready items of a higher
+/// priority come before it in serving order, and a lease asking for more than them gets them rather than fail as
+/// unavailable (which took the whole partition out of service in the engine, its high-priority items with it, for
+/// as long as the segment stayed unreadable).
+#[tokio::test]
+async fn a_missing_low_priority_segment_does_not_hold_up_higher_priorities() {
+    let Some(env) = env(BUCKET, "missing-prio").await else {
+        return;
+    };
+    let store = env.open().await;
+    let p = store.open("q", 12).await.unwrap();
+    let low = produce_prio(&p, 300, 0, FAR).await;
+    spill(&env, &p, 3).await;
+    let victim = env.segments().await[0].clone();
+    env.client.delete(&ObjPath::from(victim.as_str())).await.unwrap();
+    // Serve the priority-0 items before the missing segment, until a lease needs it.
+    let mut served = 0;
+    loop {
+        match p.lease(1, LEASE).await {
+            Ok(got) => {
+                assert_eq!(got.len(), 1, "ran dry before the missing segment");
+                assert_eq!(got[0].id, low[served]);
+                served += 1;
+            }
+            Err(e) => {
+                assert_eq!(e.kind, StorageErrorKind::Unavailable, "{e}");
+                break;
+            }
+        }
+        assert!(served < 300, "the missing segment was never needed");
+    }
+    // Items of a higher priority come before every priority-0 item: a lease of more than them serves them.
+    let high = produce_prio(&p, 3, 9, FAR).await;
+    let got = p.lease(10, LEASE).await.expect("the priority-9 items are served");
+    assert_eq!(got.iter().map(|it| it.id).collect::<Vec<_>>(), high);
+    // The priority-0 items behind the missing segment are still not served, and still queued.
+    let e = p.lease(10, LEASE).await.expect_err("still missing");
+    assert_eq!(e.kind, StorageErrorKind::Unavailable, "{e}");
+    assert!(e.message.contains(&victim), "{e}");
+    assert_eq!(p.counts().await.unwrap().ready, 300 - served as u64);
+}

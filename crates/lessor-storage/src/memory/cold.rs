@@ -1148,8 +1148,20 @@ impl Partition for ColdPartition {
     ) -> Result<(Vec<Item>, bool), StorageError> {
         let mut g = self.inner.lock().await;
         self.pre(&mut g).await?;
-        self.page_in(&mut g, n).await?;
-        let (out, _, capped) = g.state.lease_within(n, lease_deadline, max_bytes);
+        // A segment that cannot be loaded stops the page-in at its priority (the reads are planned highest priority
+        // first), and the state's lease stops there too: what comes before it in serving order (higher priorities,
+        // the priority's resident head) is served, and the lease fails only when nothing is. Failing whenever a
+        // lease asked for more than that took the partition out of service, higher priorities included, for as
+        // long as a low priority's segment was unreadable.
+        let unloaded = self.page_in(&mut g, n).await.err();
+        let (out, _, mut capped) = g.state.lease_within(n, lease_deadline, max_bytes);
+        if let Some(e) = unloaded {
+            if out.is_empty() {
+                return Err(e);
+            }
+            // Nothing more can be served until the segment loads: not "ask again in this pass".
+            capped = false;
+        }
         // Read ahead for the next lease (RAM records only; segments come back in the background).
         self.page_in(&mut g, 0).await?;
         self.post(&mut g).await?;
