@@ -936,15 +936,26 @@ impl ColdPartition {
                 .map(|(_, e)| e.clone())
                 .collect();
             // Segments first, one at a time (see `take_from_segment`): one whose rest could not be written back
-            // is loaded into the records instead, which the walk below then reads.
+            // is loaded into the records instead, which the walk below then reads. One that cannot be read (logged
+            // and counted there) postpones the expiry of the segments from it on to `retry`, and only that: failing
+            // the call instead stopped the whole lifecycle (expired leases held, schedules not run) for as long as
+            // the segment stayed unreadable, while its deadline, passed, had the engine call again at once.
             let mut budget = SWEEP_LIMIT;
+            let mut retry = None;
             for e in due_segs {
                 if budget == 0 {
                     break;
                 }
-                let items = self
+                let items = match self
                     .take_from_segment(g, p, e, budget, |_, r| peek(r).map_or(i64::MIN, |x| x.0) <= now.0)
-                    .await?;
+                    .await
+                {
+                    Ok(items) => items,
+                    Err(_) => {
+                        retry = Some(now.add(FAILURE_BACKOFF).0);
+                        break;
+                    }
+                };
                 budget -= items.len();
                 dead += g.state.drop_paged(items, Some(policy)).0;
             }
@@ -977,6 +988,8 @@ impl ColdPartition {
                     .map(|(_, e)| e.min_expire)
                     .min()
                     .unwrap_or(i64::MAX);
+                // Due segments left unread come due again at the retry (their items expire that much late).
+                let seg_min = retry.map_or(seg_min, |r| seg_min.max(r));
                 g.state.set_paged_min_expire(p, rest_min.min(seg_min));
             } else {
                 more = true;
