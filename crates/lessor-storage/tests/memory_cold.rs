@@ -765,3 +765,44 @@ async fn an_unreadable_segment_due_to_expire_does_not_stop_the_lifecycle() {
         stats.tiers
     );
 }
+
+/// A delete by id of an item held in RAM (here leased) does not fetch the segment of another priority whose id
+/// range happens to hold its id (ids are handed out in blocks of 1,024 per priority, so a segment of one priority
+/// spans the blocks of others): it is answered from RAM, and does not fail when that segment cannot be read.
+#[tokio::test]
+async fn a_delete_of_an_item_in_ram_fetches_no_segment() {
+    let Some(env) = env(BUCKET, "delete-ram").await else {
+        return;
+    };
+    let store = env.open().await;
+    let p = store.open("q", 14).await.unwrap();
+    // Priority 0 fills its first block, priority 9 opens one after it, priority 0 goes on in a block after that.
+    let _ = produce_prio(&p, 1020, 0, FAR).await;
+    let high = produce_prio(&p, 1, 9, FAR).await[0];
+    let _ = produce_prio(&p, 40, 0, FAR).await;
+    spill(&env, &p, 50).await;
+    settle(&env, &p).await;
+    let got = p.lease(1, LEASE).await.unwrap();
+    assert_eq!(got[0].id, high);
+    // The priority-0 segment whose id range holds the leased item's id is gone.
+    let cp = store.cold_partition("q", 14).unwrap();
+    let spanning: Vec<String> = env
+        .segments()
+        .await
+        .into_iter()
+        .filter(|k| {
+            let name = k.rsplit('/').next().unwrap();
+            let first: u64 = name.split('-').next().unwrap().parse().unwrap();
+            first < high.0
+        })
+        .collect();
+    let victim = spanning.last().expect("a segment below the leased id").clone();
+    env.client.delete(&ObjPath::from(victim.as_str())).await.unwrap();
+    let (_, _, failed) = store.segment_counters();
+    p.delete(vec![high])
+        .await
+        .expect("a delete of a leased item needs no segment");
+    assert_eq!(store.segment_counters().2, failed, "a segment was fetched");
+    assert_eq!(p.counts().await.unwrap().leased, 0);
+    assert!(cp.segment_keys().await.contains(&victim));
+}

@@ -1334,16 +1334,25 @@ impl Partition for ColdPartition {
         // A spill in flight may hold records this removes: it is abandoned (bumped before loading, so one that
         // commits while a segment loads is abandoned too).
         g.gen += 1;
+        // Only ids that may be paged are looked for in segments: an item in RAM (ready, leased) is answered from
+        // there. A segment's id range holds the ids of other priorities too (ids are handed out in blocks per
+        // priority), so looking for every id fetched segments for nothing, and failed the delete of a leased item
+        // when such a segment could not be read.
+        let cold: Vec<u64> = ids
+            .iter()
+            .map(|id| id.0)
+            .filter(|&id| !g.state.contains_live(id) && g.state.paged().may_hold(id))
+            .collect();
         let hit: Vec<(u8, ManifestEntry)> = g
             .segs
             .iter()
-            .filter(|(_, e)| ids.iter().any(|id| id.0 >= e.first && id.0 <= e.last))
+            .filter(|(_, e)| cold.iter().any(|&id| id >= e.first && id <= e.last))
             .map(|(&(p, _), e)| (p, e.clone()))
             .collect();
         if !hit.is_empty() {
             // One segment at a time: its named items are dropped and the rest goes back to object storage before
             // the next is fetched (see `take_from_segment`).
-            let named: HashSet<u64> = ids.iter().map(|id| id.0).collect();
+            let named: HashSet<u64> = cold.into_iter().collect();
             for (p, e) in hit {
                 let items = self
                     .take_from_segment(&mut g, p, e, usize::MAX, |id, _| named.contains(&id))
