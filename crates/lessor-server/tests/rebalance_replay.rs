@@ -491,3 +491,117 @@ async fn a_cancelled_rebalance_killed_mid_chunk_resumes_as_a_cancel() {
         }
     }
 }
+
+/// A chunk whose delete from the source fails (a storage error, no crash) is settled by the replay of its journal
+/// at the next step, 500 ms later; the source's lifecycle must not run in between. It did: a scheduled item of the
+/// chunk (already copied to the destination) that came due was requeued in the source with a new id, so the
+/// replay, which looks the chunk up by id, found nothing to settle, and the move then carried the requeued item
+/// over a second time: every such item was served twice from the partition's new store. (The same for a shrink's
+/// source, and after a crash whose replay failed once.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chunk_whose_delete_failed_is_not_doubled_by_a_schedule_coming_due_before_its_replay() {
+    let clock = ManualClock::starting_now();
+    let failing = Arc::new(AtomicBool::new(false));
+    let fail = failing.clone();
+    let hook = lessor_testkit::hooked::before(move |c| {
+        if c.op == Op::Delete && fail.load(Ordering::SeqCst) {
+            Err(StorageError::other(
+                "injected: the source's disk refused the delete",
+            ))
+        } else {
+            Ok(())
+        }
+    });
+    let b = Arc::new(MemoryStore::new());
+    let e = Engine::new(EngineConfig {
+        queues: Arc::new(MemoryQueues::new()),
+        stores: vec![
+            NamedStore {
+                name: "a".into(),
+                affinity: 1.0,
+                store: Arc::new(HookedStore::new(Arc::new(MemoryStore::new()), hook)),
+            },
+            NamedStore {
+                name: "b".into(),
+                affinity: 0.0,
+                store: b.clone(),
+            },
+        ],
+        limits: Limits::default(),
+        clock: Arc::new(clock.clone()),
+    })
+    .expect("engine");
+    e.create_queue(QueueInfo {
+        name: "q".into(),
+        lease_timeout: Duration::from_secs(60),
+        expire_timeout: Duration::from_secs(3600),
+        requested_partitions: 1,
+        ..Default::default()
+    })
+    .await
+    .expect("create");
+    // Ten items scheduled a second from now, in partition 0 (the only one while they are produced).
+    let due = clock.now().add(Duration::from_secs(1));
+    let items: Vec<ProduceItem> = (0..10)
+        .map(|i| ProduceItem {
+            payload: Bytes::from(format!("s{i}")),
+            enqueue_at: due,
+            ..Default::default()
+        })
+        .collect();
+    e.produce("q", items, T).await.expect("produce");
+    e.update_queue(lessor_core::engine::QueueUpdate {
+        name: "q".into(),
+        requested_partitions: Some(2),
+        ..Default::default()
+    })
+    .await
+    .expect("grow");
+    failing.store(true, Ordering::SeqCst);
+    let task = e
+        .rebalance_start(RebalanceRequest {
+            queue: "q".into(),
+            moves: vec![PartitionMove {
+                partition: 0,
+                to_store: "b".into(),
+            }],
+            ..Default::default()
+        })
+        .await
+        .expect("start");
+    // The chunk reached `b`; its delete from `a` fails, and is tried again every 500 ms.
+    run_until(&clock, "the chunk is imported", || {
+        let b = b.clone();
+        Box::pin(async move {
+            let c = b
+                .open("q", 0)
+                .await
+                .expect("open")
+                .counts()
+                .await
+                .expect("counts");
+            c.scheduled == 10
+        })
+    })
+    .await;
+    // The schedule comes due while the delete still fails.
+    for _ in 0..8 {
+        clock.advance(Duration::from_millis(250));
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    failing.store(false, Ordering::SeqCst);
+    let (e2, id) = (e.clone(), task.id.clone());
+    run_until(&clock, "the move completes", move || {
+        let (e, id) = (e2.clone(), id.clone());
+        Box::pin(async move {
+            e.rebalance_get(&id)
+                .await
+                .is_ok_and(|t| t.status == RebalanceStatus::Completed)
+        })
+    })
+    .await;
+    // `every_item` panics on an item seen twice.
+    let all = every_item(&e, 2).await;
+    assert_eq!(all.len(), 10, "{all:?}");
+    e.shutdown().await;
+}

@@ -10,7 +10,9 @@
 //! Exactly once across a crash: before a chunk is imported its ids are written to a journal in the metadata store,
 //! and every imported item carries a source id naming the rebalance task and its old place. A task that starts
 //! with a journal redoes that chunk before anything else (before the lifecycle and before any lease is served):
-//! the import skips the items the target already holds (by source id), then the chunk leaves the source. Since
+//! the import skips the items the target already holds (by source id), then the chunk leaves the source. Until
+//! then the lifecycle of the partitions being drained waits (see [`QueueTask::lifecycle_held`]): it would give
+//! items of the chunk new ids, which the replay does not find. Since
 //! the copy of a chunk cannot be served before its source is deleted in the same step, "already in the target"
 //! and "imported" are the same thing, so no item is lost, doubled or brought back after completion.
 //!
@@ -177,6 +179,18 @@ impl QueueTask {
         for p in &mut self.parts {
             p.draining = shrink.is_some_and(|n| p.num >= n || unsettled) || moving == Some(p.num);
         }
+    }
+
+    /// Whether partition `i`'s lifecycle waits for the rebalance: while the chunk in flight is not settled (its
+    /// journal not replayed yet: at load, or after a step failed between import and delete), the partitions it
+    /// drains (and a shrink's targets) are left alone. The replay finds the chunk by id, and a lifecycle pass
+    /// changes ids: a scheduled item of the chunk coming due, already copied to the target, was requeued in the
+    /// source with a new id, so the replay left it there and the move carried it over a second time.
+    pub(super) fn lifecycle_held(&self, i: usize) -> bool {
+        self.rebalance
+            .as_ref()
+            .is_some_and(|rb| !rb.reconciled && !rb.done)
+            && self.parts.get(i).is_some_and(|p| p.draining)
     }
 
     /// The report the engine polls; `finish` drops a finished rebalance (the engine persisted its outcome).

@@ -19,7 +19,7 @@ impl QueueTask {
                 continue;
             };
             let due = matches!(self.parts[i].next_deadline, Some(d) if d <= now);
-            if !due {
+            if !due || self.lifecycle_held(i) {
                 continue;
             }
             let name = self.info.name.clone();

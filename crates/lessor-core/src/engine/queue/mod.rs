@@ -871,11 +871,13 @@ impl QueueTask {
         for w in &self.waiters {
             wake = wake.min(w.deadline);
         }
-        for p in &self.parts {
+        for (i, p) in self.parts.iter().enumerate() {
             if p.failures > 0 {
                 wake = wake.min(p.retry_at);
             } else {
-                if let Some(d) = p.next_deadline {
+                // A lifecycle held by the rebalance waits for its next step (in `rebalance_wake`): its deadline,
+                // passed already, would wake the loop at once, over and over.
+                if let Some(d) = p.next_deadline.filter(|_| !self.lifecycle_held(i)) {
                     wake = wake.min(d);
                 }
                 if p.shared {
