@@ -331,3 +331,117 @@ async fn a_progress_save_racing_the_delete_does_not_put_the_task_back_to_running
     );
     e.shutdown().await;
 }
+
+/// A queue deleted after a move switched its partition (the new placement is stored) but before the old partition
+/// was destroyed (the watcher's destroy failed, and is retried; a delete can also come between the two writes): the
+/// delete destroys the stored placement and the move's destination, and it left the old partition in `a`, with
+/// the dedup records it kept. A queue created again under the name with its partition 0 in `a` reopened it, and
+/// producing one of those keys was answered as a duplicate and stored nothing: the item was lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queue_deleted_before_the_old_partition_is_destroyed_leaves_no_dedup_key_behind() {
+    let failing = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let fail = failing.clone();
+    // Store 'a' refuses the watcher's destroys until the delete's own destroy of the queue's partitions (one call
+    // per store) reaches it: from there it works again, so the delete goes through.
+    let hook = lessor_testkit::hooked::before(move |c| {
+        if c.op == Op::DestroyMany {
+            fail.store(false, Ordering::SeqCst);
+        }
+        if c.op == Op::Destroy && fail.load(Ordering::SeqCst) {
+            Err(StorageError::other("injected: store 'a' refused the destroy"))
+        } else {
+            Ok(())
+        }
+    });
+    let stores: Vec<(&str, f64, Arc<dyn PartitionStore>)> = vec![
+        (
+            "a",
+            1.0,
+            Arc::new(lessor_testkit::hooked::HookedStore::new(
+                Arc::new(MemoryStore::new()),
+                hook,
+            )),
+        ),
+        ("b", 0.0, Arc::new(MemoryStore::new())),
+    ];
+    let e = Engine::new(EngineConfig {
+        queues: Arc::new(MemoryQueues::new()),
+        stores: stores
+            .into_iter()
+            .map(|(name, affinity, store)| NamedStore {
+                name: name.into(),
+                affinity,
+                store,
+            })
+            .collect(),
+        limits: Limits::default(),
+        clock: Arc::new(SystemClock),
+    })
+    .expect("engine");
+    let keyed = |key: &str| ProduceItem {
+        payload: bytes::Bytes::from(format!("payload of {key}")),
+        dedup_id: key.to_string(),
+        ..Default::default()
+    };
+    let keys = ["k1", "k2", "k3"];
+    let mut q = queue(1);
+    q.dedup_window = Duration::from_secs(3600);
+    e.create_queue(q.clone()).await.expect("create");
+    e.produce("q", keys.iter().map(|k| keyed(k)).collect(), T)
+        .await
+        .expect("produce");
+    e.update_queue(lessor_core::engine::QueueUpdate {
+        name: "q".into(),
+        requested_partitions: Some(2),
+        ..Default::default()
+    })
+    .await
+    .expect("grow");
+    failing.store(true, Ordering::SeqCst);
+    let task = e
+        .rebalance_start(RebalanceRequest {
+            queue: "q".into(),
+            moves: vec![PartitionMove {
+                partition: 0,
+                to_store: "b".into(),
+            }],
+            ..Default::default()
+        })
+        .await
+        .expect("start");
+    // The partition is switched and the placement stored; the old partition's destroy fails, so the task waits.
+    let e2 = e.clone();
+    poll_until(Duration::from_secs(30), Duration::from_millis(20), move || {
+        let e = e2.clone();
+        async move {
+            let info = e.queue_info("q").await.map_err(|e| e.to_string())?;
+            if info.partitions[0].storage_name == "b" {
+                Ok(())
+            } else {
+                Err("partition 0 not switched yet".to_string())
+            }
+        }
+    })
+    .await
+    .expect("the placement is stored");
+    let t = e.rebalance_get(&task.id).await.expect("task");
+    assert_eq!(t.status, RebalanceStatus::Running, "{t:?}");
+    e.delete_queue("q").await.expect("delete");
+    // Created again, placed as queues are (both partitions in `a`).
+    let mut again = queue(2);
+    again.dedup_window = Duration::from_secs(3600);
+    e.create_queue(again).await.expect("create again");
+    e.produce("q", keys.iter().map(|k| keyed(k)).collect(), T)
+        .await
+        .expect("produce into the new queue");
+    let stored = items_of(&e, 0).await.len() + items_of(&e, 1).await.len();
+    assert_eq!(
+        stored,
+        keys.len(),
+        "the new queue took the deleted queue's dedup keys for its own: its produce stored {stored} of {} items",
+        keys.len()
+    );
+    let done = wait_done(&e, &task.id).await;
+    assert_eq!(done.status, RebalanceStatus::Failed, "{done:?}");
+    e.shutdown().await;
+}

@@ -240,7 +240,8 @@ impl Engine {
     }
 
     /// Ends the running rebalances of `queue`, which is being deleted (its task is stopped; the caller holds the
-    /// load lock): destroys their moves' destinations and marks them failed, so that no watcher hands them to a
+    /// load lock): destroys their moves' destinations and the old partitions not destroyed yet, and marks them
+    /// failed, so that no watcher hands them to a
     /// queue created again under the name. The records are read and written under the task lock, as the watcher's
     /// progress saves are: without it, a save that loaded the record before this write and stored it after put the
     /// task back to running, and until the watcher's next poll a queue created again under the name could not be
@@ -254,6 +255,13 @@ impl Engine {
             }
             for m in &t.moves {
                 self.destroy_partition(queue, &m.to_store, m.partition).await?;
+            }
+            // And the partitions it emptied that no placement names any more (switched away, or dropped by a
+            // shrink) and its watcher has not destroyed yet: the delete destroyed the placement it read, and one
+            // left behind kept its dedup records, which a queue created again under the name and placed there
+            // took for its own (a produce of such a key stored nothing). Those still named are gone already.
+            for s in t.sources.iter().filter(|s| !t.destroyed.contains(s)) {
+                self.destroy_partition(queue, &s.store, s.partition).await?;
             }
             t.status = "failed".into();
             t.error = "the queue was deleted".into();
