@@ -123,6 +123,11 @@ pub(super) struct Rebalance {
 struct Journal {
     source: u32,
     ids: Vec<u64>,
+    /// The task's item count once this chunk is moved: the watcher saves the count only every poll, so a chunk
+    /// moved after its last save and before a crash would otherwise be counted by nobody (the replay finds it gone
+    /// from the source). Absent (0) in journals of older versions.
+    #[serde(default)]
+    moved: u64,
 }
 
 fn journal_key(id: &str) -> Vec<u8> {
@@ -578,7 +583,8 @@ impl QueueTask {
         let ids: Vec<ItemId> = chunk.iter().map(|it| it.id).collect();
         let work = std::time::Instant::now();
         let served = self.activity.load(Ordering::Relaxed);
-        self.write_journal(&id, num, &ids).await?;
+        let moved_after = self.rebalance.as_ref().map_or(0, |r| r.moved) + ids.len() as u64;
+        self.write_journal(&id, num, &ids, moved_after).await?;
         let n = self.import_and_delete(&id, num, &src, &target, chunk).await?;
         let took = work.elapsed();
         self.probe(i, now).await;
@@ -635,10 +641,11 @@ impl QueueTask {
         Ok(n)
     }
 
-    async fn write_journal(&self, task: &str, source: u32, ids: &[ItemId]) -> Result<(), String> {
+    async fn write_journal(&self, task: &str, source: u32, ids: &[ItemId], moved: u64) -> Result<(), String> {
         let j = Journal {
             source,
             ids: ids.iter().map(|i| i.0).collect(),
+            moved,
         };
         let mut c = Commit {
             silent: true,
@@ -722,6 +729,10 @@ impl QueueTask {
                     break;
                 }
             }
+        }
+        // Settled below or before the crash: the chunk counts either way.
+        if let Some(rb) = &mut self.rebalance {
+            rb.moved = rb.moved.max(j.moved.saturating_sub(found.len() as u64));
         }
         if found.is_empty() {
             return Ok(());
