@@ -619,3 +619,58 @@ async fn destroy_while_object_storage_is_down_fails_instead_of_leaking_the_segme
     assert!(left.is_empty(), "segments left: {left:?}");
     store.close().await;
 }
+
+/// A segment of a low priority that cannot be read holds up only what comes after it: produce goes on, ready items
+/// of a higher priority come before it in serving order, and a lease asking for more than them gets them rather
+/// than fail as unavailable (which took the whole partition out of service in the engine, its high-priority items
+/// with it, for as long as the segment stayed unreadable). The memory store's
+/// `memory_cold::a_missing_low_priority_segment_does_not_hold_up_higher_priorities`, on fjall.
+#[tokio::test]
+async fn a_missing_low_priority_segment_does_not_hold_up_higher_priorities() {
+    let Some(env) = env(BUCKET, "missing-prio").await else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let store = env.open(dir.path());
+    let p = store.open("q", 9).await.unwrap();
+    let low = produce_prio(&p, 300, 0, FAR).await;
+    spill(&env, &p, 3).await;
+    let victim = env.segments().await[0].clone();
+    env.client.delete(&ObjPath::from(victim.as_str())).await.unwrap();
+    // Serve the priority-0 items before the missing segment, until a lease needs it.
+    let mut served = 0;
+    loop {
+        match p.lease(1, LEASE).await {
+            Ok(got) => {
+                assert_eq!(got.len(), 1, "ran dry before the missing segment");
+                assert_eq!(got[0].id, low[served]);
+                served += 1;
+            }
+            Err(e) => {
+                assert_eq!(e.kind, StorageErrorKind::Unavailable, "{e}");
+                break;
+            }
+        }
+        assert!(served < 300, "the missing segment was never needed");
+    }
+    // Items of a higher priority are produced, and come before every priority-0 item: a lease of more than them
+    // serves them.
+    let mut high = Vec::new();
+    for i in 0..3 {
+        let item = lessor_core::types::NewItem {
+            expire_deadline: FAR,
+            created_at: T0,
+            payload: bytes::Bytes::from(format!("p9-{i}")),
+            priority: 9,
+            ..Default::default()
+        };
+        high.extend(p.produce(vec![item]).await.expect("produce goes on"));
+    }
+    let got = p.lease(10, LEASE).await.expect("the priority-9 items are served");
+    assert_eq!(got.iter().map(|it| it.id).collect::<Vec<_>>(), high);
+    // The priority-0 items behind the missing segment are still not served, and still queued.
+    let e = p.lease(10, LEASE).await.expect_err("still missing");
+    assert_eq!(e.kind, StorageErrorKind::Unavailable, "{e}");
+    assert!(e.message.contains(&victim), "{e}");
+    assert_eq!(p.counts().await.unwrap().ready, 300 - served as u64);
+}

@@ -654,24 +654,6 @@ async fn the_longest_queue_name_of_encoded_characters_spills_to_keys_s3_accepts(
     env.segments_gone().await;
 }
 
-/// Produces `n` items of priority `prio` (expiring at `expire`) in batches of 50; returns their ids in order.
-async fn produce_prio(p: &Arc<dyn Partition>, n: usize, prio: u8, expire: Ts) -> Vec<ItemId> {
-    let mut ids = Vec::new();
-    for chunk in 0..n.div_ceil(50) {
-        let batch: Vec<NewItem> = (chunk * 50..n.min(chunk * 50 + 50))
-            .map(|i| NewItem {
-                expire_deadline: expire,
-                created_at: T0,
-                payload: Bytes::from(format!("p{prio}-{i}")),
-                priority: prio,
-                ..Default::default()
-            })
-            .collect();
-        ids.extend(p.produce(batch).await.unwrap());
-    }
-    ids
-}
-
 /// A segment of a low priority that cannot be read holds up only what comes after it: ready items of a higher
 /// priority come before it in serving order, and a lease asking for more than them gets them rather than fail as
 /// unavailable (which took the whole partition out of service in the engine, its high-priority items with it, for

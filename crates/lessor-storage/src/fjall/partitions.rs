@@ -1723,21 +1723,35 @@ impl FjallPartition {
         &self,
         op: impl FnOnce(&mut PartitionState) -> (T, Changes),
     ) -> Result<T, StorageError> {
-        self.write_paged(0, op).await
+        // Nothing is urgent for an operation that leases nothing: no segment can be left unloaded.
+        self.write_paged(0, op, |_| true).await
     }
 
     /// [`FjallPartition::write`] for an operation that leases up to `want` items: the pages it needs (and any
-    /// priority whose resident head ran low) are read in first.
+    /// priority whose resident head ran low) are read in first. When a segment the lease needs cannot be loaded,
+    /// the reads stop at its priority, the operation serves what comes before it, and `served` says whether that
+    /// is something (it may also adjust the answer): if not, the call fails with the segment's error.
     async fn write_paged<T>(
         &self,
         want: usize,
         op: impl FnOnce(&mut PartitionState) -> (T, Changes),
+        served: impl FnOnce(&mut T) -> bool,
     ) -> Result<T, StorageError> {
         let mut g = self.lock().await?;
         self.shared.check_writable().await?;
-        self.page_in(&mut g, want).await?;
-        let (out, ch) = op(&mut g.state);
-        self.commit(g, out, ch).await
+        let unloaded = self.page_in(&mut g, want).await?;
+        let (mut out, ch) = op(&mut g.state);
+        let Some(e) = unloaded else {
+            return self.commit(g, out, ch).await;
+        };
+        // The page-ins done (higher priorities') and what the operation changed are written either way.
+        let any = served(&mut out);
+        self.commit_mut(&mut g, ch).await?;
+        if any {
+            Ok(out)
+        } else {
+            Err(e)
+        }
     }
 
     /// [`FjallPartition::write`] for an operation on leased items named by `ids`: the ones that are paged items
@@ -1825,21 +1839,42 @@ impl FjallPartition {
     /// starts the next read-ahead when a priority's resident head ran low. Disk reads run off the async runtime; a
     /// read-ahead runs while the partition serves. What comes in is moved from paged records to items by the
     /// operation's write.
-    async fn page_in(&self, g: &mut Inner, want: usize) -> Result<(), StorageError> {
+    ///
+    /// `Ok(Some(_))`: a cold segment the lease needs could not be loaded (see [`FjallPartition::cold_guard`]).
+    /// The reads are planned highest priority first and stop at that priority, after reading its records on disk
+    /// before the segment; its resident head then runs out while it still has paged items, which ends the state's
+    /// lease there: what the lease serves is exactly what comes before the segment in serving order. Never with
+    /// `want` 0 (nothing is urgent then).
+    async fn page_in(&self, g: &mut Inner, want: usize) -> Result<Option<StorageError>, StorageError> {
         #[cfg(feature = "s3")]
         self.cold_poll(g).await?;
         if g.state.paged().is_empty() && g.prefetch.is_none() {
-            return Ok(());
+            return Ok(None);
         }
         if g.prefetch.as_ref().is_some_and(|f| f.task.is_finished()) {
             self.finish_prefetch(g).await?;
         }
+        #[allow(unused_mut)]
+        let mut unloaded: Option<StorageError> = None;
+        // The priority whose segment could not be loaded just now: its read-ahead would only try it again.
+        #[allow(unused_mut, unused_variables)]
+        let mut failed: Option<u8> = None;
         if !g.state.page_plan(want, true).is_empty() {
             self.finish_prefetch(g).await?;
-            let plan = g.state.page_plan(want, true);
+            #[allow(unused_mut)]
+            let mut plan = g.state.page_plan(want, true);
+            // Failing the whole lease instead took the partition out of service in the engine (produce and every
+            // priority with it) for as long as a low priority's segment stayed unreadable.
             #[cfg(feature = "s3")]
-            for r in &plan {
-                self.cold_guard(g, r.prio, r.from, r.n).await?;
+            for i in 0..plan.len() {
+                let r = plan[i];
+                if let Some(u) = self.cold_guard(g, r.prio, r.from, r.n).await? {
+                    plan[i].n = u.before;
+                    plan.truncate(if u.before > 0 { i + 1 } else { i });
+                    failed = Some(r.prio);
+                    unloaded = Some(u.error);
+                    break;
+                }
             }
             if !plan.is_empty() {
                 let epoch = g.state.paged_epoch();
@@ -1848,10 +1883,27 @@ impl FjallPartition {
             }
         }
         if g.prefetch.is_none() {
-            let plan = g.state.page_plan(0, false);
+            #[allow(unused_mut)]
+            let mut plan = g.state.page_plan(0, false);
+            // A read-ahead that would pass a segment that cannot be loaded reads only the records before it (the
+            // failure is logged and counted; the next lease that needs the segment tries again and gets the
+            // error): failing instead failed every write of the partition, produce included, while the segment
+            // stayed unreadable.
             #[cfg(feature = "s3")]
-            for r in &plan {
-                self.cold_guard(g, r.prio, r.from, r.n).await?;
+            {
+                let mut ahead = Vec::with_capacity(plan.len());
+                for mut r in plan {
+                    if failed == Some(r.prio) {
+                        continue;
+                    }
+                    if let Some(u) = self.cold_guard(g, r.prio, r.from, r.n).await? {
+                        r.n = u.before;
+                    }
+                    if r.n > 0 {
+                        ahead.push(r);
+                    }
+                }
+                plan = ahead;
             }
             if !plan.is_empty() {
                 let epoch = g.state.paged_epoch();
@@ -1862,7 +1914,7 @@ impl FjallPartition {
                 g.prefetch = Some(Prefetch { epoch, task });
             }
         }
-        Ok(())
+        Ok(unloaded)
     }
 
     /// Waits for the read-ahead in flight, if any, and applies it unless the paged items changed since it started.
@@ -2375,7 +2427,8 @@ impl Partition for FjallPartition {
     }
 
     async fn lease(&self, n: usize, lease_deadline: Ts) -> Result<Vec<Item>, StorageError> {
-        self.write_paged(n, |s| s.lease(n, lease_deadline)).await
+        self.write_paged(n, |s| s.lease(n, lease_deadline), |out| !out.is_empty())
+            .await
     }
 
     async fn lease_within(
@@ -2384,10 +2437,18 @@ impl Partition for FjallPartition {
         lease_deadline: Ts,
         max_bytes: u64,
     ) -> Result<(Vec<Item>, bool), StorageError> {
-        self.write_paged(n, |s| {
-            let (out, ch, capped) = s.lease_within(n, lease_deadline, max_bytes);
-            ((out, capped), ch)
-        })
+        self.write_paged(
+            n,
+            |s| {
+                let (out, ch, capped) = s.lease_within(n, lease_deadline, max_bytes);
+                ((out, capped), ch)
+            },
+            |(out, capped)| {
+                // Nothing more can be served until the segment loads: not "ask again in this pass".
+                *capped = false;
+                !out.is_empty()
+            },
+        )
         .await
     }
 

@@ -131,6 +131,24 @@ pub async fn produce(p: &Arc<dyn Partition>, n: usize) -> Model {
     model
 }
 
+/// Produces `n` items of priority `prio` (expiring at `expire`) in batches of 50; returns their ids in order.
+pub async fn produce_prio(p: &Arc<dyn Partition>, n: usize, prio: u8, expire: Ts) -> Vec<ItemId> {
+    let mut ids = Vec::new();
+    for chunk in 0..n.div_ceil(50) {
+        let batch: Vec<NewItem> = (chunk * 50..n.min(chunk * 50 + 50))
+            .map(|i| NewItem {
+                expire_deadline: expire,
+                created_at: T0,
+                payload: Bytes::from(format!("p{prio}-{i}")),
+                priority: prio,
+                ..Default::default()
+            })
+            .collect();
+        ids.extend(p.produce(batch).await.unwrap());
+    }
+    ids
+}
+
 /// Runs lifecycle calls (which start and finish the background spills) until `want` segments exist.
 pub async fn spill(env: &Env, p: &Arc<dyn Partition>, want: usize) {
     for _ in 0..2000 {

@@ -144,6 +144,16 @@ impl ColdCtx {
 /// See [`ColdState::dry`]: (paged count, paged-from id, generation, last segment's last id) of one priority.
 pub(crate) type DryMark = (u64, u64, u64, Option<u64>);
 
+/// A segment that a read of paged records would pass and that could not be loaded (see
+/// [`FjallPartition::cold_guard`]).
+pub(super) struct Unloaded {
+    /// The paged records of the priority on disk between the read's first id and the segment: fewer than the read
+    /// wanted, and a read of that many passes no segment.
+    pub(super) before: usize,
+    /// Why the segment could not be loaded (`Unavailable`, naming it).
+    pub(super) error: StorageError,
+}
+
 /// A partition's segments and background cold work, behind its lock.
 #[derive(Default)]
 pub(crate) struct ColdState {
@@ -326,17 +336,19 @@ impl FjallPartition {
     }
 
     /// Makes sure a read of up to `n` paged records of `prio` from id `from` on cannot pass over a segment:
-    /// loads (now, on the caller's path) each segment with fewer than `n` disk records before it.
+    /// loads (now, on the caller's path) each segment with fewer than `n` disk records before it. `Ok(Some(_))`:
+    /// such a segment could not be fetched (reported; see [`FjallPartition::try_load_now`]); the segments before
+    /// it are loaded, and a read of [`Unloaded::before`] records is all that passes none.
     pub(super) async fn cold_guard(
         &self,
         g: &mut Inner,
         prio: u8,
         from: u64,
         n: usize,
-    ) -> Result<(), StorageError> {
+    ) -> Result<Option<Unloaded>, StorageError> {
         loop {
             let Some(e) = g.cold.next(prio, from).cloned() else {
-                return Ok(());
+                return Ok(None);
             };
             let before = if e.first <= from {
                 0
@@ -344,9 +356,13 @@ impl FjallPartition {
                 self.disk_records_before(prio, from, e.first, n as u64).await?
             };
             if before >= n as u64 {
-                return Ok(());
+                return Ok(None);
             }
-            self.load_now(g, prio, e).await?;
+            if let Some(error) = self.try_load_now(g, prio, e).await? {
+                // Counted up to `n` and below it: exact.
+                let before = usize::try_from(before).unwrap_or(usize::MAX);
+                return Ok(Some(Unloaded { before, error }));
+            }
         }
     }
 
@@ -448,22 +464,42 @@ impl FjallPartition {
     /// Fetches, verifies and commits segment `e` of `prio` now. A missing or damaged segment is an
     /// `Unavailable` error naming it (the caller's lease gets 454 and its items stay where they are).
     async fn load_now(&self, g: &mut Inner, prio: u8, e: ManifestEntry) -> Result<(), StorageError> {
+        match self.try_load_now(g, prio, e).await? {
+            None => Ok(()),
+            Some(unread) => Err(unread),
+        }
+    }
+
+    /// [`FjallPartition::load_now`] telling a segment that could not be fetched (`Ok(Some(_))`: missing, damaged,
+    /// object storage down, or no object store; logged and counted, nothing changed) from a failure of the
+    /// partition itself (`Err`: a disk read or write), so that a caller can serve what comes before the segment.
+    pub(super) async fn try_load_now(
+        &self,
+        g: &mut Inner,
+        prio: u8,
+        e: ManifestEntry,
+    ) -> Result<Option<StorageError>, StorageError> {
         let what = self.what();
         let Some(ctx) = self.cold_ctx() else {
-            return Err(StorageError::unavailable(format!(
+            return Ok(Some(StorageError::unavailable(format!(
                 "{what}: cold segment '{}' holds queued items but the store has no cold-segments object store",
                 e.key
-            )));
+            ))));
         };
         // A background load of the same segment may be in flight: let it finish first.
         self.finish_cold_job(g, true).await?;
         if !g.cold.segs.contains_key(&(prio, e.first)) {
-            return Ok(());
+            return Ok(None);
         }
-        let records = fetch(&ctx, &what, prio, &e)
-            .await
-            .inspect_err(|err| self.report(&e, err))?;
-        self.commit_load(g, &ctx, prio, e, records).await
+        let records = match fetch(&ctx, &what, prio, &e).await {
+            Ok(records) => records,
+            Err(err) => {
+                self.report(&e, &err);
+                return Ok(Some(err));
+            }
+        };
+        self.commit_load(g, &ctx, prio, e, records).await?;
+        Ok(None)
     }
 
     fn report(&self, e: &ManifestEntry, err: &StorageError) {
