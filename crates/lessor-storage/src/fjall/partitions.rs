@@ -2162,11 +2162,18 @@ impl FjallPartition {
         let mut dead = 0;
         let mut more = false;
         for p in g.state.paged_expiry_due(now) {
+            // The first id of a due segment that could not be read, if any: it is logged and counted, its items
+            // (and those of the due segments after it) stay in it, unswept, and the rest of the sweep and of the
+            // lifecycle goes on. Failing the call instead stopped the whole lifecycle (expired leases held,
+            // schedules not run) for as long as the segment stayed unreadable.
             #[cfg(feature = "s3")]
-            {
-                self.cold_guard_due(g, p, now).await?;
+            let unread = {
+                let unread = self.cold_guard_due(g, p, now).await?;
                 g.cold.gen += 1;
-            }
+                unread
+            };
+            #[cfg(not(feature = "s3"))]
+            let unread: Option<u64> = None;
             let ordered = g.state.paged().ordered[usize::from(p)];
             let mut from = g.state.paged().from[usize::from(p)];
             let mut budget = SWEEP_LIMIT;
@@ -2213,8 +2220,10 @@ impl FjallPartition {
                 dead += n;
                 if ordered {
                     // Everything below the last one expired went with it: later reads start past their records.
+                    // Not past a segment left unread, whose items are still there.
                     if let Some(last) = last {
-                        g.state.raise_paged_from(p, last + 1);
+                        g.state
+                            .raise_paged_from(p, unread.map_or(last + 1, |f| f.min(last + 1)));
                     }
                 }
                 match (stop, last) {
@@ -2226,9 +2235,18 @@ impl FjallPartition {
                 }
             };
             if complete {
-                // Segments left hold items that are not due yet: their bound counts too.
+                // Segments left hold items that are not due yet: their bound counts too. Due segments left unread
+                // come due again after the backoff (their items expire that much late): a bound already passed
+                // had the engine run the lifecycle again at once.
                 #[cfg(feature = "s3")]
-                let rest_min = rest_min.min(g.cold.min_expire(p));
+                let rest_min = {
+                    let seg_min = g.cold.min_expire(p);
+                    let seg_min = match unread {
+                        Some(_) => seg_min.max(now.add(cold::FAILURE_BACKOFF).0),
+                        None => seg_min,
+                    };
+                    rest_min.min(seg_min)
+                };
                 g.state.set_paged_min_expire(p, rest_min);
             } else {
                 more = true;

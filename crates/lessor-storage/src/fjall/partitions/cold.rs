@@ -47,8 +47,9 @@ use crate::state::paging::PRIORITIES;
 pub(crate) const TICK: Duration = Duration::from_secs(1);
 /// Time between two steps while a spill or load is in flight.
 const BUSY_TICK: Duration = Duration::from_millis(20);
-/// After a failed spill or load, no new one starts for this long (object storage down: no busy retry loop).
-const FAILURE_BACKOFF: Duration = Duration::from_secs(10);
+/// After a failed spill or load, no new one starts for this long (object storage down: no busy retry loop); an
+/// expiry sweep that could not read a due segment tries it again after this long too.
+pub(super) const FAILURE_BACKOFF: Duration = Duration::from_secs(10);
 
 /// Starts the task that drives partition `p`'s cold work: every [`TICK`] it commits a finished spill or load and
 /// starts the next one (the queue's own calls only poll, and the storage contract's lifecycle runs only when an
@@ -384,8 +385,15 @@ impl FjallPartition {
         Ok(())
     }
 
-    /// Loads the segments of `prio` with an item due at `now` (an expiry sweep must see them).
-    pub(super) async fn cold_guard_due(&self, g: &mut Inner, prio: u8, now: Ts) -> Result<(), StorageError> {
+    /// Loads the segments of `prio` with an item due at `now` (an expiry sweep must see them), lowest first.
+    /// `Ok(Some(first))`: the segment starting at id `first` could not be fetched (reported; see
+    /// [`FjallPartition::try_load_now`]): it and the due segments after it stay cold, those before it are loaded.
+    pub(super) async fn cold_guard_due(
+        &self,
+        g: &mut Inner,
+        prio: u8,
+        now: Ts,
+    ) -> Result<Option<u64>, StorageError> {
         // As in `cold_guard_ids`: no spill may be committed after the segments to load are chosen.
         self.finish_cold_job(g, true).await?;
         let due: Vec<ManifestEntry> = g
@@ -396,9 +404,12 @@ impl FjallPartition {
             .map(|(_, e)| e.clone())
             .collect();
         for e in due {
-            self.load_now(g, prio, e).await?;
+            let first = e.first;
+            if self.try_load_now(g, prio, e).await?.is_some() {
+                return Ok(Some(first));
+            }
         }
-        Ok(())
+        Ok(None)
     }
 
     /// Loads every segment (a snapshot reads the records of the whole partition).
