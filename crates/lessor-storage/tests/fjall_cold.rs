@@ -732,3 +732,47 @@ async fn an_unreadable_segment_due_to_expire_does_not_stop_the_lifecycle() {
     let fp = store.live_partition("q", 10).unwrap();
     assert!(fp.segment_keys().await.unwrap().0.contains(&victim));
 }
+
+/// A delete by id of an item held in memory (here leased) does not fetch the segment of another priority whose id
+/// range happens to hold its id (ids are handed out in blocks per priority, so a segment of one priority spans the
+/// blocks of others): it is answered without it, and does not fail when that segment cannot be read. The memory
+/// store's `memory_cold::a_delete_of_an_item_in_ram_fetches_no_segment`, on fjall.
+#[tokio::test]
+async fn a_delete_of_an_item_in_memory_fetches_no_segment() {
+    let Some(env) = env(BUCKET, "delete-ram").await else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let store = env.open(dir.path());
+    let p = store.open("q", 11).await.unwrap();
+    // Priority 0 fills its first block, priority 9 opens one after it, priority 0 goes on in a block after that.
+    let _ = produce_prio(&p, 1020, 0, FAR).await;
+    let high = produce_prio(&p, 1, 9, FAR).await[0];
+    let _ = produce_prio(&p, 40, 0, FAR).await;
+    spill(&env, &p, 40).await;
+    settle(&env, &p).await;
+    let got = p.lease(1, LEASE).await.unwrap();
+    assert_eq!(got[0].id, high);
+    // The priority-0 segment whose id range holds the leased item's id is gone.
+    let fp = store.live_partition("q", 11).unwrap();
+    let spanning: Vec<String> = env
+        .segments()
+        .await
+        .into_iter()
+        .filter(|k| {
+            let name = k.rsplit('/').next().unwrap();
+            let first: u64 = name.split('-').next().unwrap().parse().unwrap();
+            first < high.0
+        })
+        .collect();
+    let victim = spanning.last().expect("a segment below the leased id").clone();
+    eprintln!("leased id {}, victim {victim}", high.0);
+    env.client.delete(&ObjPath::from(victim.as_str())).await.unwrap();
+    let (_, _, failed) = store.segment_counters();
+    p.delete(vec![high])
+        .await
+        .expect("a delete of a leased item needs no segment");
+    assert_eq!(store.segment_counters().2, failed, "a segment was fetched");
+    assert_eq!(p.counts().await.unwrap().leased, 0);
+    assert!(fp.segment_keys().await.unwrap().0.contains(&victim));
+}

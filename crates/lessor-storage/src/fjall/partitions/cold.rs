@@ -367,16 +367,25 @@ impl FjallPartition {
         }
     }
 
-    /// Loads every segment holding one of `ids` (a delete by id must see them).
+    /// Loads every segment that may hold one of `ids` (a delete by id must see them).
     pub(super) async fn cold_guard_ids(&self, g: &mut Inner, ids: &[u64]) -> Result<(), StorageError> {
         // A spill in flight would otherwise be committed by the first load below, after the segments to load were
         // chosen: its segment could hold one of the ids and be missed.
         self.finish_cold_job(g, true).await?;
+        // Only ids that may be paged are looked for: a segment item is a paged item (not live in the state, at or
+        // above its priority's paged boundary). A segment's id range holds the ids of other priorities too (ids are
+        // handed out in blocks per priority), so looking for every id fetched segments for nothing, and failed the
+        // delete of a leased or resident item when such a segment could not be read.
+        let cold: Vec<u64> = ids
+            .iter()
+            .copied()
+            .filter(|&id| !g.state.contains_live(id) && g.state.paged().may_hold(id))
+            .collect();
         let hit: Vec<(u8, ManifestEntry)> = g
             .cold
             .segs
             .iter()
-            .filter(|(_, e)| ids.iter().any(|&id| id >= e.first && id <= e.last))
+            .filter(|(_, e)| cold.iter().any(|&id| id >= e.first && id <= e.last))
             .map(|(&(p, _), e)| (p, e.clone()))
             .collect();
         for (p, e) in hit {
