@@ -12,7 +12,6 @@ use std::time::Duration;
 
 use lessor_core::error::StorageErrorKind;
 use lessor_core::storage::PartitionStore;
-use lessor_core::time::Ts;
 use lessor_core::types::ItemId;
 use lessor_storage::fjall::{Durability, FjallStore};
 use lessor_storage::registry::ColdSettings;
@@ -690,44 +689,7 @@ async fn an_unreadable_segment_due_to_expire_does_not_stop_the_lifecycle() {
     let dir = tempfile::tempdir().unwrap();
     let store = env.open(dir.path());
     let p = store.open("q", 10).await.unwrap();
-    let due = Ts(T0.0 + 1_000_000);
-    let backlog = produce_prio(&p, 300, 0, due).await;
-    spill(&env, &p, 3).await;
-    let victim = env.segments().await[0].clone();
-    env.client.delete(&ObjPath::from(victim.as_str())).await.unwrap();
-    // A priority-9 item, leased until T0 + 0.5 s.
-    let held = produce_prio(&p, 1, 9, FAR).await[0];
-    let got = p.lease(1, Ts(T0.0 + 500_000)).await.unwrap();
-    assert_eq!(got[0].id, held);
-    let later = Ts(T0.0 + 2_000_000);
-    let o = p
-        .lifecycle(later, POLICY, 1000)
-        .await
-        .expect("the lifecycle goes on");
-    assert_eq!(o.lease_expired, 1, "{o:?}");
-    // The lease went back: the item is served again, ahead of every priority-0 item.
-    let again = p.lease(1, LEASE).await.unwrap();
-    assert_eq!(
-        again
-            .iter()
-            .map(|it| (it.priority, it.attempts, &it.payload[..]))
-            .collect::<Vec<_>>(),
-        vec![(9, 2, &b"p9-0"[..])]
-    );
-    // The due items outside segments expired; those in segments did not, and are retried later, not at once.
-    let next = p.next_deadline().await.unwrap().unwrap();
-    assert!(next > later, "next deadline {next:?} is not after {later:?}");
-    let stats = p.stats(later).await.unwrap();
-    assert!(
-        stats.counts.ready > 0 && stats.counts.ready < backlog.len() as u64,
-        "{} ready",
-        stats.counts.ready
-    );
-    assert_eq!(
-        stats.counts.ready, stats.tiers.object.items,
-        "only the segments' items are left: {:?}",
-        stats.tiers
-    );
+    let victim = check_unreadable_due_segment(&env, &p).await;
     // The unreadable segment is still named by the manifest: its items wait for it, nothing is lost.
     let fp = store.live_partition("q", 10).unwrap();
     assert!(fp.segment_keys().await.unwrap().0.contains(&victim));
