@@ -635,6 +635,12 @@ impl Engine {
         let now = self.clock().now();
         info.created_at = now;
         info.updated_at = now;
+        // The dead-letter queue is checked again, and the definition stored, under the load lock, as a delete's
+        // check for the queues naming it is: a delete of it that ran while the partitions were prepared (outside
+        // the lock: they may be many) found no user and went on, and the queue would have named a deleted one. A
+        // queue created later under that name, in any namespace, would then have received its dead letters.
+        let _guard = self.inner.load_lock.lock().await;
+        self.validate_dead_queue(&info.name, &info.dead_queue).await?;
         match self.inner.config.queues.add(&info).await {
             Ok(()) => Ok(()),
             Err(e) if e.kind == StorageErrorKind::AlreadyExists => Err(QueueError::QueueExists(info.name)),

@@ -93,6 +93,10 @@ struct Gated {
     /// When set, a produce inside a queue task's pass returns once written and defers its durability to the pass
     /// (as fjall does); the test makes each write durable (or not) through the senders collected here.
     durable: Option<Arc<Mutex<Vec<DurableTx>>>>,
+    /// When set, `create` of a queue of this name waits for a permit from the semaphore (none at first).
+    create_gate: Option<(&'static str, Arc<Semaphore>)>,
+    /// Set once a gated `create` has started waiting.
+    create_entered: Arc<AtomicBool>,
 }
 
 impl Gated {
@@ -109,6 +113,8 @@ impl Gated {
             produces: Arc::default(),
             fail_produce: Arc::default(),
             durable: None,
+            create_gate: None,
+            create_entered: Arc::default(),
         }
     }
 
@@ -129,6 +135,15 @@ impl PartitionStore for Gated {
     }
     fn shared(&self) -> bool {
         self.shared
+    }
+    async fn create(&self, queue: &str, _partitions: &[u32]) -> Result<(), StorageError> {
+        if let Some((name, gate)) = &self.create_gate {
+            if queue == *name {
+                self.create_entered.store(true, Ordering::SeqCst);
+                let _permit = gate.acquire().await.expect("create gate");
+            }
+        }
+        Ok(())
     }
     async fn open(&self, _queue: &str, _partition: u32) -> Result<Arc<dyn Partition>, StorageError> {
         Ok(Arc::new(self.clone()))
@@ -1270,4 +1285,48 @@ async fn a_stuck_queue_holds_no_other_queue_while_its_delete_waits() {
     );
     assert!(finishes(engine.queue_info("q")).await.is_ok(), "not deleted");
     store.gate.add_permits(100);
+}
+
+/// A create naming a dead-letter queue that is deleted while the create prepares its partitions fails, instead of
+/// storing a queue that names a deleted one (a queue created later under that name, in any namespace, would receive
+/// its dead letters). The dead-letter check ran before the partitions were prepared, outside the lock the delete's
+/// check for users takes, so the delete found no user and went on.
+#[tokio::test]
+async fn a_create_naming_a_dead_letter_queue_deleted_meanwhile_fails() {
+    let clock = ManualClock::starting_now();
+    let gate = Arc::new(Semaphore::new(0));
+    let store = Gated {
+        create_gate: Some(("user", gate.clone())),
+        ..Gated::new()
+    };
+    let engine = engine_over(&store, &clock).await;
+    let queue = |name: &str, dead_queue: &str| QueueInfo {
+        name: name.into(),
+        dead_queue: dead_queue.into(),
+        lease_timeout: Duration::from_secs(60),
+        expire_timeout: Duration::from_secs(3600),
+        requested_partitions: 1,
+        ..Default::default()
+    };
+    engine.create_queue(queue("dlq", "")).await.expect("dlq");
+    let create = {
+        let engine = engine.clone();
+        let info = queue("user", "dlq");
+        tokio::spawn(async move { engine.create_queue(info).await })
+    };
+    // The create checked its dead-letter queue and waits in its partitions' preparation.
+    until(|| store.create_entered.load(Ordering::SeqCst)).await;
+    finishes(engine.delete_queue("dlq"))
+        .await
+        .expect("no queue names dlq yet");
+    gate.add_permits(1);
+    let created = finishes(create).await.expect("create task");
+    match created {
+        Err(QueueError::Invalid(m)) => assert!(m.starts_with("dead_queue does not exist;"), "{m}"),
+        other => panic!("a create naming a queue deleted meanwhile answered {other:?}"),
+    }
+    assert!(
+        matches!(engine.queue_info("user").await, Err(QueueError::QueueNotFound(_))),
+        "no definition of 'user' is left"
+    );
 }
