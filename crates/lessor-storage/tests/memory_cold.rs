@@ -721,28 +721,8 @@ async fn a_delete_of_an_item_in_ram_fetches_no_segment() {
     };
     let store = env.open().await;
     let p = store.open("q", 14).await.unwrap();
-    // Priority 0 fills its first block, priority 9 opens one after it, priority 0 goes on in a block after that.
-    let _ = produce_prio(&p, 1020, 0, FAR).await;
-    let high = produce_prio(&p, 1, 9, FAR).await[0];
-    let _ = produce_prio(&p, 40, 0, FAR).await;
-    spill(&env, &p, 50).await;
-    settle(&env, &p).await;
-    let got = p.lease(1, LEASE).await.unwrap();
-    assert_eq!(got[0].id, high);
-    // The priority-0 segment whose id range holds the leased item's id is gone.
+    let (high, victim) = lease_an_item_inside_a_lost_segment(&env, &p, 50).await;
     let cp = store.cold_partition("q", 14).unwrap();
-    let spanning: Vec<String> = env
-        .segments()
-        .await
-        .into_iter()
-        .filter(|k| {
-            let name = k.rsplit('/').next().unwrap();
-            let first: u64 = name.split('-').next().unwrap().parse().unwrap();
-            first < high.0
-        })
-        .collect();
-    let victim = spanning.last().expect("a segment below the leased id").clone();
-    env.client.delete(&ObjPath::from(victim.as_str())).await.unwrap();
     let (_, _, failed) = store.segment_counters();
     p.delete(vec![high])
         .await

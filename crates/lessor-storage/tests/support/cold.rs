@@ -356,3 +356,35 @@ pub async fn check_unreadable_due_segment(env: &Env, p: &Arc<dyn Partition>) -> 
     );
     victim
 }
+
+/// Leases a priority-9 item whose id lies inside the id range of a priority-0 segment (ids are handed out in blocks
+/// of 1,024 per priority, so a segment of one priority spans the blocks of others), after spilling `want` segments,
+/// then deletes that segment's object behind the store's back. Returns the leased id and the deleted key.
+pub async fn lease_an_item_inside_a_lost_segment(
+    env: &Env,
+    p: &Arc<dyn Partition>,
+    want: usize,
+) -> (ItemId, String) {
+    // Priority 0 fills its first block, priority 9 opens one after it, priority 0 goes on in a block after that.
+    let _ = produce_prio(p, 1020, 0, FAR).await;
+    let high = produce_prio(p, 1, 9, FAR).await[0];
+    let _ = produce_prio(p, 40, 0, FAR).await;
+    spill(env, p, want).await;
+    settle(env, p).await;
+    let got = p.lease(1, LEASE).await.unwrap();
+    assert_eq!(got[0].id, high);
+    // The priority-0 segment whose id range holds the leased item's id goes.
+    let spanning: Vec<String> = env
+        .segments()
+        .await
+        .into_iter()
+        .filter(|k| {
+            let name = k.rsplit('/').next().unwrap();
+            let first: u64 = name.split('-').next().unwrap().parse().unwrap();
+            first < high.0
+        })
+        .collect();
+    let victim = spanning.last().expect("a segment below the leased id").clone();
+    env.client.delete(&ObjPath::from(victim.as_str())).await.unwrap();
+    (high, victim)
+}
