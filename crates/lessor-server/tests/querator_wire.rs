@@ -11,6 +11,11 @@
 //! (`Accept`). JSON replies are checked key by key; protobuf replies are walked on the wire, field number by field
 //! number, since a decoder built from Lessor's own types would skip nothing.
 //!
+//! Every reply is also checked for duh-go's `X-Content-Type-Options: nosniff`. Further tests pin the rest of
+//! Querator's transport (§1.1, §1.5: the `Authorization` header with auth off, `GET /health`), messages whose
+//! constant part clients match on (§2.5, §2.6, §2.10), the 100 ms scheduling threshold (§2.1), and the places where
+//! Lessor deliberately accepts what Querator refuses (docs/compatibility.md).
+//!
 //! The real server runs on port 0 over memory storage with the system clock.
 
 use std::time::Duration;
@@ -360,6 +365,11 @@ impl Wire {
             .and_then(|v| v.to_str().ok())
             .unwrap_or("")
             .to_string();
+        let nosniff = res
+            .headers()
+            .get("x-content-type-options")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
         let body = res.bytes().await.expect("body");
         assert_eq!(
             code,
@@ -368,6 +378,12 @@ impl Wire {
             String::from_utf8_lossy(&body)
         );
         assert_eq!(content_type, way.reply.content_type(), "{at}: Content-Type");
+        // duh-go sets it on every reply, success or error.
+        assert_eq!(
+            nosniff.as_deref(),
+            Some("nosniff"),
+            "{at}: X-Content-Type-Options"
+        );
         match way.reply {
             pb::Encoding::Json => {
                 let v: Value = serde_json::from_slice(&body)
@@ -630,6 +646,61 @@ async fn every_querator_reply_decodes_strictly_in_both_encodings() {
         .await;
         assert_eq!(dead.items.len(), 1, "{way:?}");
         assert!(!dead.items[0].source_id.is_empty(), "{way:?}");
+
+        // The retried item is back in the queue under a new id, held by nobody: completing or retrying it is
+        // Querator's 400 with its constant part (§2.5, §2.6), which clients match on.
+        let listed: pb::StorageItemsListResponse = w
+            .call(
+                way,
+                "/v1/storage/items.list",
+                &list_req,
+                200,
+                &ITEMS_LIST_RESPONSE,
+            )
+            .await;
+        let ready = listed
+            .items
+            .iter()
+            .find(|i| !i.is_leased)
+            .unwrap_or_else(|| panic!("the retried item is listed un-leased ({way:?}): {listed:?}"))
+            .id
+            .clone();
+        w.error(
+            way,
+            "/v1/queue.complete",
+            &pb::QueueCompleteRequest {
+                queue_name: q.clone(),
+                partition: lease.partition,
+                request_timeout: "5s".into(),
+                ids: vec![ready.clone()],
+            },
+            400,
+            &format!("item(s) cannot be completed; '{ready}' is not marked as leased"),
+        )
+        .await;
+        w.error(
+            way,
+            "/v1/queue.retry",
+            &pb::QueueRetryRequest {
+                queue_name: q.clone(),
+                partition: lease.partition,
+                items: vec![pb::QueueRetryItem {
+                    id: ready.clone(),
+                    ..Default::default()
+                }],
+            },
+            400,
+            &format!("item(s) cannot be retried; '{ready}' is not marked as leased"),
+        )
+        .await;
+        w.error(
+            way,
+            "/v1/queues.create",
+            &queue_info(&q),
+            400,
+            &format!("invalid queue; '{q}' already exists"),
+        )
+        .await;
 
         // storage/items.import and .delete.
         let imported: pb::StorageItemsImportResponse = w
@@ -960,5 +1031,322 @@ async fn wrong_methods_and_paths_get_querators_envelopes() {
         check_json(&v, &REPLY, &at);
         assert_eq!(v["message"], message.as_str(), "{at}");
     }
+    srv.stop().await;
+}
+
+/// Querator reads the `Authorization` header before anything else (§1.1): one without the `Bearer ` prefix is 401
+/// `invalid authorization header format` even with auth off, and with auth off any bearer token is the anonymous
+/// caller. A Querator client configured with a key keeps working against a server without auth.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn authorization_headers_are_read_as_querator_reads_them_with_auth_off() {
+    let (srv, w) = server().await;
+    let send = |authorization: &'static str| {
+        w.http
+            .post(format!("{}/v1/queues.list", w.endpoint))
+            .header("Content-Type", "application/json")
+            .header("Authorization", authorization)
+            .body("{}")
+            .send()
+    };
+    for header in ["Basic dXNlcjpwYXNz", "bearer qtr-live-abc", "Bearer"] {
+        let res = send(header).await.expect("send");
+        let code = res.status().as_u16();
+        let body = res.bytes().await.expect("body");
+        assert_eq!(code, 401, "{header:?}: body {}", String::from_utf8_lossy(&body));
+        let v: Value = serde_json::from_slice(&body).expect("a JSON envelope");
+        check_json(&v, &REPLY, header);
+        assert_eq!(
+            (v["code"].as_i64(), v["message"].as_str()),
+            (Some(401), Some("invalid authorization header format")),
+            "{header:?}"
+        );
+    }
+    let res = send("Bearer qtr-live-not-a-key-anyone-issued")
+        .await
+        .expect("send");
+    assert_eq!(res.status().as_u16(), 200, "a bearer token with auth off");
+    srv.stop().await;
+}
+
+/// `GET /health` as Querator serves it (§1.5): 200 with `application/health+json` and the draft's body, `status`,
+/// `version` and one `queues:storage` check of `componentType` `datastore` with its `status` and an RFC 3339 `time`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_answers_querators_health_json() {
+    let (srv, w) = server().await;
+    let res = w
+        .http
+        .get(format!("{}/health", w.endpoint))
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(res.status().as_u16(), 200);
+    assert_eq!(
+        res.headers().get("content-type").and_then(|v| v.to_str().ok()),
+        Some("application/health+json")
+    );
+    let v: Value = serde_json::from_slice(&res.bytes().await.expect("body")).expect("JSON body");
+    let mut keys: Vec<&str> = v
+        .as_object()
+        .expect("object")
+        .keys()
+        .map(String::as_str)
+        .collect();
+    keys.sort_unstable();
+    assert_eq!(keys, ["checks", "status", "version"], "{v}");
+    assert_eq!(v["status"], "pass", "{v}");
+    assert!(v["version"].as_str().is_some_and(|s| !s.is_empty()), "{v}");
+    let checks = v["checks"]["queues:storage"]
+        .as_array()
+        .expect("queues:storage checks");
+    assert_eq!(checks.len(), 1, "{v}");
+    assert_eq!(checks[0]["componentType"], "datastore", "{v}");
+    assert_eq!(checks[0]["status"], "pass", "{v}");
+    check_json_timestamp(checks[0]["time"].as_str().expect("time"), "checks.time");
+    srv.stop().await;
+}
+
+/// Deleting a queue answers the leases waiting on it with Querator's 453 `queue is shutting down` (§2.10), in the
+/// envelope, at once rather than at their request_timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleting_a_queue_answers_its_waiting_leases_453() {
+    let (srv, w) = server().await;
+    let way = WAYS[2]; // protobuf requests, JSON replies: Querator's Go client
+    w.ok(way, "/v1/queues.create", &queue_info("gone")).await;
+    let started = std::time::Instant::now();
+    let waiting = pb::QueueLeaseRequest {
+        queue_name: "gone".into(),
+        batch_size: 1,
+        client_id: "waiting".into(),
+        request_timeout: "20s".into(),
+    };
+    let lease = w.error(way, "/v1/queue.lease", &waiting, 453, "queue is shutting down");
+    let delete = async {
+        lessor_testkit::eventually::eventually(
+            "the lease waits on the queue",
+            Duration::from_secs(10),
+            || async {
+                let s: pb::QueueStatsResponse = w
+                    .call(
+                        way,
+                        "/v1/queue.stats",
+                        &pb::QueueStatsRequest {
+                            queue_name: "gone".into(),
+                            ..Default::default()
+                        },
+                        200,
+                        &STATS_RESPONSE,
+                    )
+                    .await;
+                match s.logical_queues.first().map(|l| l.lease_waiting) {
+                    Some(1) => Ok(()),
+                    other => Err(format!("lease_waiting {other:?}")),
+                }
+            },
+        )
+        .await;
+        w.ok(
+            way,
+            "/v1/queues.delete",
+            &pb::QueuesDeleteRequest {
+                queue_name: "gone".into(),
+                force: false,
+            },
+        )
+        .await;
+    };
+    tokio::join!(lease, delete);
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "the waiting lease was answered at its timeout, not at the delete"
+    );
+    srv.stop().await;
+}
+
+/// A Timestamp `ms` milliseconds from now (negative: in the past), on the system clock the server runs on.
+fn from_now(ms: i64) -> pb::Timestamp {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("after 1970");
+    let nanos = i128::try_from(now.as_nanos()).expect("nanos") + i128::from(ms) * 1_000_000;
+    pb::Timestamp::from_unix_nanos(nanos)
+}
+
+/// Querator's rules for what a produce may carry and when an item is scheduled (§2.1, §2.3): an `enqueue_at` or
+/// `retry_at` less than 100 ms ahead (or past) is "now", so the item is ready at once and never listed as
+/// scheduled (Querator's `NearImmediate` and `PastTimestamp` tests); an item without payload is accepted; and a
+/// list `limit` above 65,536 or below 0 is a 400 (`limit is invalid; ...`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn near_and_past_schedules_are_immediate_and_empty_items_are_accepted() {
+    let (srv, w) = server().await;
+    let way = WAYS[2];
+    w.ok(way, "/v1/queues.create", &queue_info("now")).await;
+    w.ok(
+        way,
+        "/v1/queue.produce",
+        &pb::QueueProduceRequest {
+            queue_name: "now".into(),
+            request_timeout: "1m".into(),
+            items: vec![
+                pb::QueueProduceItem {
+                    utf8: "near".into(),
+                    enqueue_at: Some(from_now(50)),
+                    ..Default::default()
+                },
+                pb::QueueProduceItem {
+                    utf8: "past".into(),
+                    enqueue_at: Some(from_now(-60_000)),
+                    ..Default::default()
+                },
+                // No payload at all.
+                pb::QueueProduceItem::default(),
+            ],
+        },
+    )
+    .await;
+    let list = |path: &'static str| {
+        let w = &w;
+        async move {
+            let r: pb::StorageItemsListResponse = w
+                .call(
+                    way,
+                    path,
+                    &pb::StorageItemsListRequest {
+                        queue_name: "now".into(),
+                        ..Default::default()
+                    },
+                    200,
+                    &ITEMS_LIST_RESPONSE,
+                )
+                .await;
+            r.items
+        }
+    };
+    assert_eq!(
+        list("/v1/storage/items.list").await.len(),
+        3,
+        "all three ready at once"
+    );
+    assert!(list("/v1/storage/scheduled.list").await.is_empty());
+
+    // A retry 50 ms ahead is a retry now: the item is ready again at once.
+    let lease: pb::QueueLeaseResponse = w
+        .call(
+            way,
+            "/v1/queue.lease",
+            &pb::QueueLeaseRequest {
+                queue_name: "now".into(),
+                batch_size: 1,
+                client_id: "c".into(),
+                request_timeout: "5s".into(),
+            },
+            200,
+            &LEASE_RESPONSE,
+        )
+        .await;
+    w.ok(
+        way,
+        "/v1/queue.retry",
+        &pb::QueueRetryRequest {
+            queue_name: "now".into(),
+            partition: lease.partition,
+            items: vec![pb::QueueRetryItem {
+                id: lease.items[0].id.clone(),
+                retry_at: Some(from_now(50)),
+                dead: false,
+            }],
+        },
+    )
+    .await;
+    let ready = list("/v1/storage/items.list").await;
+    assert_eq!(ready.len(), 3);
+    assert!(ready.iter().all(|i| !i.is_leased), "{ready:?}");
+    assert!(list("/v1/storage/scheduled.list").await.is_empty());
+
+    for limit in [65_537, -1] {
+        w.error(
+            way,
+            "/v1/queues.list",
+            &pb::QueuesListRequest {
+                limit,
+                ..Default::default()
+            },
+            400,
+            "limit is invalid; ",
+        )
+        .await;
+        w.error(
+            way,
+            "/v1/storage/items.list",
+            &pb::StorageItemsListRequest {
+                queue_name: "now".into(),
+                limit,
+                ..Default::default()
+            },
+            400,
+            "limit is invalid; ",
+        )
+        .await;
+    }
+    srv.stop().await;
+}
+
+/// Where Lessor accepts what Querator refuses (compatibility.md, "Deliberate differences in form"): an `Accept`
+/// listing several types is answered in the first one Lessor speaks (Querator reads only the first type: 455),
+/// `application/x-protobuf` is protobuf, and a produce may wait the full 15 minutes (Querator refuses a produce
+/// `request_timeout` of `15m` itself, though lease and complete take it). No Querator client relies on these
+/// refusals; the test pins the documented leniency.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn documented_leniencies_over_querator() {
+    let (srv, w) = server().await;
+    w.ok(WAYS[0], "/v1/queues.create", &queue_info("lenient")).await;
+    let produce = |timeout: &str| pb::QueueProduceRequest {
+        queue_name: "lenient".into(),
+        request_timeout: timeout.into(),
+        items: vec![pb::QueueProduceItem {
+            utf8: "x".into(),
+            ..Default::default()
+        }],
+    };
+    let post = |content_type: &'static str, accept: &'static str, body: Vec<u8>| {
+        w.http
+            .post(format!("{}/v1/queue.produce", w.endpoint))
+            .header("Content-Type", content_type)
+            .header("Accept", accept)
+            .body(body)
+            .send()
+    };
+    let res = post(
+        "application/json",
+        "text/html, application/json;q=0.9",
+        pb::encode(pb::Encoding::Json, &produce("1m")),
+    )
+    .await
+    .expect("send");
+    assert_eq!(res.status().as_u16(), 200);
+    assert_eq!(
+        res.headers().get("content-type").and_then(|v| v.to_str().ok()),
+        Some("application/json")
+    );
+    let res = post(
+        "application/x-protobuf",
+        "application/x-protobuf",
+        pb::encode(pb::Encoding::Protobuf, &produce("1m")),
+    )
+    .await
+    .expect("send");
+    assert_eq!(res.status().as_u16(), 200);
+    assert_eq!(
+        res.headers().get("content-type").and_then(|v| v.to_str().ok()),
+        Some("application/protobuf")
+    );
+    w.ok(WAYS[0], "/v1/queue.produce", &produce("15m")).await;
+    w.error(
+        WAYS[0],
+        "/v1/queue.produce",
+        &produce("15m1s"),
+        400,
+        "request timeout is invalid; ",
+    )
+    .await;
     srv.stop().await;
 }
