@@ -622,6 +622,17 @@ async fn clear_modes(enc: Encoding) {
         400,
         "one of 'queue', 'scheduled'",
     );
+    // As in Querator, the queue is looked up before the flags are read: a request wrong twice names the queue.
+    assert_api(
+        e.c.queue_clear(&pb::QueueClearRequest {
+            queue_name: "no-such-queue".into(),
+            ..Default::default()
+        })
+        .await
+        .expect_err("no queue"),
+        400,
+        "queue does not exist; ",
+    );
     e.c.queue_clear(&clear(true, false, false))
         .await
         .expect("clear ready");

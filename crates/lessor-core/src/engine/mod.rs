@@ -1833,6 +1833,9 @@ impl Engine {
     /// Clears items as the request says.
     pub async fn clear(&self, queue: &str, request: ClearRequest) -> Result<(), QueueError> {
         if !request.queue && !request.scheduled {
+            // Querator looks the queue up before it reads the flags: a request naming a queue that does not exist
+            // gets 'queue does not exist' whatever its flags. Only the refused request pays for the look-up.
+            self.queue_info(queue).await?;
             return Err(validate::rejected(
                 "clear request",
                 "one of 'queue', 'scheduled' must be true",
