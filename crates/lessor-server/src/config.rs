@@ -1694,7 +1694,14 @@ mod tests {
             .take_while(|l| l.starts_with('#'))
             .map(|l| format!("{}\n", l.trim_start_matches('#').strip_prefix(' ').unwrap_or("")))
             .collect();
-        for key in ["tls", "cert-file", "key-file", "client-ca-file", "client-auth"] {
+        for key in [
+            "tls",
+            "cert-file",
+            "key-file",
+            "client-ca-file",
+            "client-auth",
+            "reload-interval",
+        ] {
             assert!(
                 tls_block
                     .lines()
@@ -1787,6 +1794,26 @@ mod tests {
         let tls = c.tls.expect("tls");
         assert_eq!(tls.cert_file, std::path::PathBuf::from("/x/a.crt"));
         assert!(tls.client_ca_file.is_none() && tls.client_auth.is_none());
+        assert_eq!(
+            tls.reload_every().unwrap(),
+            Some(crate::tls::DEFAULT_RELOAD_INTERVAL)
+        );
+        let with = |v: &str| {
+            Config::from_yaml(&format!(
+                "tls:\n  cert-file: a\n  key-file: b\n  reload-interval: {v}\n"
+            ))
+        };
+        let tls = with("0").expect("0 turns the periodic check off").tls.unwrap();
+        assert_eq!(tls.reload_every().unwrap(), None);
+        let tls = with("30s").expect("30s").tls.unwrap();
+        assert_eq!(
+            tls.reload_every().unwrap(),
+            Some(std::time::Duration::from_secs(30))
+        );
+        for bad in ["soon", "-1m", "25h"] {
+            let e = with(bad).expect_err(bad).to_string();
+            assert!(e.contains("tls.reload-interval") && e.contains(bad), "{e}");
+        }
     }
 
     #[test]

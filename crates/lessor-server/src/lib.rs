@@ -437,20 +437,21 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let listener = axum::serve::ListenerExt::tap_io(listener, |tcp: &mut TcpStream| set_nodelay(tcp));
-    serve_on(listener, engine, options, shutdown).await
+    serve_on(listener, None, engine, options, shutdown).await
 }
 
 /// [`serve`] over TLS: the same router and shutdown, on connections whose handshake finished (see [`tls`]).
-/// Build `tls` with [`tls::TlsSection::server_config`].
+/// Build `tls` with [`tls::TlsSection::load`]; its files are read again while serving (`tls.reload-interval`,
+/// `SIGHUP`).
 pub async fn serve_tls(
     listener: TcpListener,
-    tls: Arc<rustls::ServerConfig>,
+    tls: Arc<tls::TlsCertificates>,
     engine: Engine,
     options: ServeOptions,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let listener = tls::TlsListener::new(listener, tls, set_nodelay, options.max_connections)?;
-    serve_on(listener, engine, options, shutdown).await
+    let listener = tls::TlsListener::new(listener, tls.clone(), set_nodelay, options.max_connections)?;
+    serve_on(listener, Some(tls), engine, options, shutdown).await
 }
 
 /// Replies are small and latency matters: never let Nagle hold a reply back waiting for an ACK.
@@ -462,6 +463,7 @@ fn set_nodelay(tcp: &TcpStream) {
 
 async fn serve_on<L>(
     listener: L,
+    tls: Option<Arc<tls::TlsCertificates>>,
     engine: Engine,
     options: ServeOptions,
     shutdown: impl Future<Output = ()> + Send + 'static,
@@ -483,6 +485,7 @@ where
     .with_body_read_timeout(options.body_read_timeout);
     state.metrics.set_max_queues(options.metrics_max_queues);
     let history = state.history.clone();
+    let state_metrics = state.metrics.clone();
     let mut app = http::router(state);
     if options.ui {
         app = app.merge(ui::router());
@@ -497,6 +500,9 @@ where
             tokio::spawn(async move { auth.watch(AUTH_POLL, std::future::pending::<()>()).await })
         });
     let _stop_watcher = AbortOnDrop(watcher);
+    // Certificate files replaced while the server runs are picked up without a restart.
+    let tls_watcher = tls.map(|certs| tokio::spawn(certs.watch(state_metrics)));
+    let _stop_tls_watcher = AbortOnDrop(tls_watcher);
     accept_loop(listener, app, &options, async move {
         shutdown.await;
         tracing::info!("shutting down");
@@ -605,14 +611,19 @@ pub struct RunningServer {
     pub engine: Engine,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<std::io::Result<()>>>,
-    https: bool,
+    tls: Option<Arc<tls::TlsCertificates>>,
 }
 
 impl RunningServer {
     /// `http://<addr>`, or `https://<addr>` when the configuration has a `tls` section.
     pub fn endpoint(&self) -> String {
-        let scheme = if self.https { "https" } else { "http" };
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
         format!("{scheme}://{}", self.addr)
+    }
+
+    /// The TLS configuration the server serves (and reloads), when it has a `tls` section.
+    pub fn tls(&self) -> Option<&Arc<tls::TlsCertificates>> {
+        self.tls.as_ref()
     }
 
     /// Stops the server gracefully and waits for it.
@@ -649,11 +660,7 @@ pub async fn start(
 ) -> Result<RunningServer, StartError> {
     let clock = clock.unwrap_or_else(|| Arc::new(SystemClock));
     // Certificate problems are found before any store is opened.
-    let tls = config
-        .tls
-        .as_ref()
-        .map(tls::TlsSection::server_config)
-        .transpose()?;
+    let tls = config.tls.as_ref().map(tls::TlsSection::load).transpose()?;
     let engine = build_engine(config, clock).await?;
     let listen_error = |source| StartError::Listen {
         address: address.to_string(),
@@ -667,8 +674,7 @@ pub async fn start(
     let stopped = async move {
         let _ = rx.await;
     };
-    let https = tls.is_some();
-    let task = match tls {
+    let task = match tls.clone() {
         None => tokio::spawn(serve(listener, engine.clone(), options, stopped)),
         Some(tls) => tokio::spawn(serve_tls(listener, tls, engine.clone(), options, stopped)),
     };
@@ -677,6 +683,6 @@ pub async fn start(
         engine,
         stop: Some(tx),
         task: Some(task),
-        https,
+        tls,
     })
 }

@@ -58,6 +58,10 @@ pub struct Metrics {
     pub backups_running: Gauge,
     /// Items restored from backups (including blocks sent again by a resumed restore).
     pub restore_items: Counter,
+    /// TLS certificate files read again and put in use while serving (see [`crate::tls::TlsCertificates`]).
+    pub tls_reloads: Counter,
+    /// TLS certificate files that changed but could not be used (the previous ones went on serving).
+    pub tls_reload_failures: Counter,
     /// Requests answered by the API routes (not exported): background work such as a backup reads it to see
     /// whether the server is serving, and yields while it is.
     pub answered: std::sync::atomic::AtomicU64,
@@ -109,6 +113,18 @@ impl Metrics {
             "Items received by restores (blocks a resumed restore sends again count again)",
             restore_items.clone(),
         );
+        let tls_reloads = Counter::default();
+        let tls_reload_failures = Counter::default();
+        registry.register(
+            "tls_reloads",
+            "TLS certificate files read again and put in use while serving",
+            tls_reloads.clone(),
+        );
+        registry.register(
+            "tls_reload_failures",
+            "TLS certificate files that changed but could not be used; the previous ones went on serving",
+            tls_reload_failures.clone(),
+        );
         let max_queues = Arc::new(AtomicUsize::new(crate::config::DEFAULT_METRICS_MAX_QUEUES));
         let floor = Arc::default();
         registry.register_collector(Box::new(QueueCollector {
@@ -128,6 +144,8 @@ impl Metrics {
             backups_failed,
             backups_running,
             restore_items,
+            tls_reloads,
+            tls_reload_failures,
             answered: std::sync::atomic::AtomicU64::new(0),
             max_queues,
             engine,

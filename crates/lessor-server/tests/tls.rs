@@ -6,6 +6,8 @@
 //! * A failed or stalled handshake does not hold up other clients, and a stalled one is closed after the
 //!   handshake limit; sockets that never handshake hold at most `limits.max-connections` places.
 //! * Bad files stop the server at start-up with the key, the file and the problem.
+//! * Certificate files replaced while the server runs serve new connections without a restart (on the periodic
+//!   check and when asked); changed files that do not make a good configuration leave the previous one serving.
 #![allow(clippy::unwrap_used)]
 
 use std::path::Path;
@@ -13,7 +15,7 @@ use std::time::Duration;
 
 use lessor_client::proto::{self as pb, QueueLeaseRequest, QueueProduceItem, QueueProduceRequest};
 use lessor_client::{Client, ClientError, TlsConfig};
-use lessor_server::tls::{ClientAuth, TlsSection, HANDSHAKE_TIMEOUT};
+use lessor_server::tls::{ClientAuth, Reload, TlsCertificates, TlsError, TlsSection, HANDSHAKE_TIMEOUT};
 use lessor_server::{Config, RunningServer, StartError};
 use lessor_testkit::tls::{CertFiles, TestCa};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -25,6 +27,7 @@ fn tls_config(server: &CertFiles, client_ca: Option<&Path>, auth: Option<ClientA
             key_file: server.key.clone(),
             client_ca_file: client_ca.map(Path::to_path_buf),
             client_auth: auth,
+            reload_interval: None,
         }),
         ..Config::memory()
     }
@@ -391,6 +394,119 @@ async fn stalled_handshakes_are_bounded_by_max_connections() {
     assert!(
         served.is_ok(),
         "not served once the stalled sockets went: {served:?}"
+    );
+    srv.stop().await;
+}
+
+/// Copies `from`'s certificate and key over `to`'s files, as a renewal does.
+fn install(from: &CertFiles, to: &CertFiles) {
+    std::fs::copy(&from.cert, &to.cert).unwrap();
+    std::fs::copy(&from.key, &to.key).unwrap();
+}
+
+/// [`TlsCertificates::reload`] off the runtime's threads, as the server's own check runs it.
+async fn reload(certs: &std::sync::Arc<TlsCertificates>, force: bool) -> Result<Reload, TlsError> {
+    let certs = certs.clone();
+    tokio::task::spawn_blocking(move || certs.reload(force))
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn certificate_files_replaced_while_serving_are_used_without_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let first_ca = TestCa::new(dir.path(), "first");
+    let second_ca = TestCa::new(dir.path(), "second");
+    // The files the configuration names; renewals are copied over them.
+    let live = first_ca.server("live", &["127.0.0.1"]);
+    let mut config = tls_config(&live, None, None);
+    // No periodic check: this test says when the files are read again.
+    config.tls.as_mut().unwrap().reload_interval = Some("0".into());
+    let srv = start(&config).await;
+    let certs = srv.tls().expect("a TLS server").clone();
+    let trusting = |ca: &TestCa| client(&srv, &TlsConfig::new().add_ca_file(ca.ca_file()).unwrap());
+
+    produce_and_lease(&trusting(&first_ca), "q1").await.unwrap();
+    assert_refused(
+        trusting(&second_ca).health().await,
+        "second CA before the renewal",
+    );
+    assert_eq!(reload(&certs, false).await.unwrap(), Reload::Unchanged);
+    // A connection open across the renewal keeps the session it started with.
+    let open = trusting(&first_ca);
+    open.health().await.unwrap();
+
+    // A renewal by another CA: new connections get the new certificate.
+    install(&second_ca.server("renewed", &["127.0.0.1"]), &live);
+    assert_eq!(reload(&certs, false).await.unwrap(), Reload::Replaced);
+    produce_and_lease(&trusting(&second_ca), "q2").await.unwrap();
+    assert_refused(trusting(&first_ca).health().await, "first CA after the renewal");
+    open.health()
+        .await
+        .expect("the connection open across the renewal");
+
+    // Half a renewal: the certificate written, its key not yet. Refused, and the previous pair goes on serving.
+    let third = first_ca.server("third", &["127.0.0.1"]);
+    std::fs::copy(&third.cert, &live.cert).unwrap();
+    match reload(&certs, false).await {
+        Err(e @ TlsError::KeyMismatch { .. }) => {
+            assert!(e.to_string().contains("does not match"), "{e}")
+        }
+        other => panic!("a certificate without its key must be refused, got {other:?}"),
+    }
+    produce_and_lease(&trusting(&second_ca), "q3").await.unwrap();
+    // Reported once: the same files are 'unchanged' at the next check, unless an operator asks (SIGHUP).
+    assert_eq!(reload(&certs, false).await.unwrap(), Reload::Unchanged);
+    assert!(
+        reload(&certs, true).await.is_err(),
+        "asked for, the broken pair is reported again"
+    );
+    // A file that cannot be read is refused the same way.
+    std::fs::remove_file(&live.key).unwrap();
+    assert!(matches!(reload(&certs, false).await, Err(TlsError::Read { .. })));
+    produce_and_lease(&trusting(&second_ca), "q4").await.unwrap();
+    // The key arrives: the pair is used.
+    std::fs::copy(&third.key, &live.key).unwrap();
+    assert_eq!(reload(&certs, false).await.unwrap(), Reload::Replaced);
+    produce_and_lease(&trusting(&first_ca), "q5").await.unwrap();
+    assert_refused(
+        trusting(&second_ca).health().await,
+        "second CA after the third certificate",
+    );
+    srv.stop().await;
+}
+
+#[tokio::test]
+async fn the_periodic_check_picks_up_renewed_files_and_counts_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let first_ca = TestCa::new(dir.path(), "first");
+    let second_ca = TestCa::new(dir.path(), "second");
+    let live = first_ca.server("live", &["127.0.0.1"]);
+    let mut config = tls_config(&live, None, None);
+    config.tls.as_mut().unwrap().reload_interval = Some("50ms".into());
+    let srv = start(&config).await;
+    let trusting = |ca: &TestCa| client(&srv, &TlsConfig::new().add_ca_file(ca.ca_file()).unwrap());
+    produce_and_lease(&trusting(&first_ca), "q1").await.unwrap();
+
+    install(&second_ca.server("renewed", &["127.0.0.1"]), &live);
+    // Bounded: the check runs every 50 ms; ten seconds allows for a loaded machine.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while trusting(&second_ca).health().await.is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the renewed certificate was not picked up"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    produce_and_lease(&trusting(&second_ca), "q2").await.unwrap();
+    let metrics = trusting(&second_ca).metrics().await.unwrap();
+    assert!(metrics.contains("lessor_tls_reloads_total 1\n"), "{metrics}");
+    // A check that ran between the two copies saw a certificate without its key: that one counts as a failure,
+    // so failures are 0 or 1 here, never more (the same files are reported once).
+    assert!(
+        metrics.contains("lessor_tls_reload_failures_total 0\n")
+            || metrics.contains("lessor_tls_reload_failures_total 1\n"),
+        "{metrics}"
     );
     srv.stop().await;
 }

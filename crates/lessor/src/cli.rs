@@ -801,7 +801,7 @@ async fn server(args: ServerArgs) -> Result<(), StartError> {
     let tls = config
         .tls
         .as_ref()
-        .map(lessor_server::tls::TlsSection::server_config)
+        .map(lessor_server::tls::TlsSection::load)
         .transpose()?;
     let engine =
         lessor_server::build_engine(&config, std::sync::Arc::new(lessor_core::time::SystemClock)).await?;

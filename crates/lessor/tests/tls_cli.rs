@@ -5,6 +5,8 @@
 //! * Without the client certificate, or without the CA, the command fails with a TLS error and changes nothing.
 //! * A bad `--tls-ca` file is named in the error before anything is sent.
 //! * A server whose key does not match its certificate does not start, and says which files.
+//! * `SIGHUP` makes the server read its certificate files again: renewed files serve new connections, and the
+//!   signal does not stop it.
 #![allow(clippy::unwrap_used)]
 
 use std::path::Path;
@@ -174,5 +176,64 @@ async fn client_commands_speak_https_with_the_tls_flags() {
     assert!(
         out.contains("does not match") && out.contains("main-server.crt") && out.contains("main-other.key"),
         "{out}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_makes_the_server_read_renewed_certificate_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let first_ca = TestCa::new(dir.path(), "first");
+    let second_ca = TestCa::new(dir.path(), "second");
+    let live = first_ca.server("live", &["127.0.0.1"]);
+    let config = dir.path().join("lessor.yaml");
+    // No periodic check: only the signal reads the files again.
+    std::fs::write(
+        &config,
+        format!(
+            "queue-storage: {{ driver: memory }}\npartition-storage:\n  - {{ name: m, driver: memory }}\n\
+             tls:\n  cert-file: {}\n  key-file: {}\n  reload-interval: 0s\n",
+            live.cert.display(),
+            live.key.display(),
+        ),
+    )
+    .unwrap();
+    let srv = ServerCommand::new(env!("CARGO_BIN_EXE_lessor"), dir.path().join("server.log"))
+        .config(&config)
+        .https(TlsConfig::new().add_ca_file(first_ca.ca_file()).unwrap())
+        .start()
+        .await;
+    let trusting = |ca: &TestCa| {
+        lessor_client::Client::new(srv.endpoint())
+            .unwrap()
+            .with_tls(&TlsConfig::new().add_ca_file(ca.ca_file()).unwrap())
+            .unwrap()
+    };
+    assert!(trusting(&second_ca).health().await.is_err());
+
+    let renewed = second_ca.server("renewed", &["127.0.0.1"]);
+    std::fs::copy(&renewed.cert, &live.cert).unwrap();
+    std::fs::copy(&renewed.key, &live.key).unwrap();
+    // Not read again without the signal.
+    assert!(trusting(&first_ca).health().await.is_ok(), "{}", srv.log_tail());
+    let hup = Command::new("kill")
+        .args(["-HUP", &srv.pid().to_string()])
+        .output()
+        .expect("run kill");
+    assert!(hup.status.success(), "{}", text(&hup));
+    // Bounded: the reload runs as soon as the server's task sees the signal.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while trusting(&second_ca).health().await.is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the renewed certificate was not served after SIGHUP; log:\n{}",
+            srv.log_tail()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert!(trusting(&first_ca).health().await.is_err());
+    assert!(
+        srv.log_tail().contains("certificate files read again"),
+        "{}",
+        srv.log_tail()
     );
 }
