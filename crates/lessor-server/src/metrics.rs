@@ -561,7 +561,7 @@ impl prometheus_client::collector::Collector for OffloadCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         use lessor_storage::offload::{metrics, LATENCY_BUCKETS};
         let m = metrics();
-        let counters: [(&str, &str, &std::sync::atomic::AtomicU64); 9] = [
+        let counters: [(&str, &str, &std::sync::atomic::AtomicU64); 10] = [
             (
                 "offload_objects_written",
                 "Payload objects written to object storage",
@@ -606,6 +606,11 @@ impl prometheus_client::collector::Collector for OffloadCollector {
                 "cold_segment_load_errors",
                 "Cold segment loads that failed (missing, corrupt, object storage unavailable)",
                 &m.segment_failures,
+            ),
+            (
+                "cold_segment_fetches_paused",
+                "Cold segment fetches not made because the segment's last fetch failed and its retry pause has not passed",
+                &m.segment_fetches_paused,
             ),
         ];
         for (name, help, v) in counters {

@@ -152,7 +152,19 @@ impl MemoryStore {
         settings: crate::registry::ColdSettings,
         store_name: &str,
     ) -> Result<Self, StorageError> {
-        let ctx = Arc::new(cold::ColdCtx::new(settings, store_name)?);
+        Self::with_cold_clock(settings, store_name, Arc::new(lessor_core::time::SystemClock)).await
+    }
+
+    /// [`MemoryStore::with_cold`] whose retry pauses of segments that could not be fetched are timed by `clock`
+    /// (tests: a manual clock passes a pause without waiting for it).
+    #[cfg(feature = "s3")]
+    #[doc(hidden)]
+    pub async fn with_cold_clock(
+        settings: crate::registry::ColdSettings,
+        store_name: &str,
+        clock: lessor_core::time::SharedClock,
+    ) -> Result<Self, StorageError> {
+        let ctx = Arc::new(cold::ColdCtx::new(settings, store_name, clock)?);
         // Bounded, so a slow object store delays the start by that much at most; what is left stays for a later
         // start. (Not in the background: objects this run writes must never be in the listing.)
         match tokio::time::timeout(SWEEP_AT_OPEN, ctx.sweep_all()).await {

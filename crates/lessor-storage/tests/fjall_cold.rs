@@ -8,10 +8,12 @@
 #![allow(clippy::unwrap_used)]
 
 use std::cmp::Reverse;
+use std::sync::Arc;
 use std::time::Duration;
 
 use lessor_core::error::StorageErrorKind;
 use lessor_core::storage::PartitionStore;
+use lessor_core::time::{ManualClock, SharedClock};
 use lessor_core::types::ItemId;
 use lessor_storage::fjall::{Durability, FjallStore};
 use lessor_storage::registry::ColdSettings;
@@ -26,10 +28,15 @@ use support::*;
 const BUCKET: &str = "lessor-cold";
 impl Env {
     fn open(&self, dir: &std::path::Path) -> FjallStore {
+        self.open_clock(dir, Arc::new(ManualClock::new(T0)))
+    }
+
+    /// A store whose segment retry pauses are timed by `clock`.
+    fn open_clock(&self, dir: &std::path::Path, clock: SharedClock) -> FjallStore {
         let store = FjallStore::open(dir, Durability::None).unwrap();
         store.set_memory_window(5);
         store
-            .set_cold(
+            .set_cold_clock(
                 ColdSettings {
                     object_store: self.cfg.clone(),
                     after_depth: 10,
@@ -38,6 +45,7 @@ impl Env {
                     prefetch_items: 5,
                 },
                 "disk-0",
+                clock,
             )
             .unwrap();
         store
@@ -239,10 +247,12 @@ async fn a_missing_segment_is_unavailable_and_named_never_skipped() {
     let e = failed.expect("a lease fails at the missing segment");
     assert_eq!(e.kind, StorageErrorKind::Unavailable, "{e}");
     assert!(e.message.contains(&victim), "{e}");
-    // It keeps failing the same way (the items stay), and the failure is counted.
+    // It keeps failing the same way (the items stay; the segment is in its retry pause), and the failure is
+    // counted.
     let again = p.lease(3, LEASE).await.expect_err("still missing");
     assert_eq!(again.kind, StorageErrorKind::Unavailable);
-    assert!(store.segment_counters().2 >= 2);
+    assert!(again.message.contains(&victim), "{again}");
+    assert!(store.segment_counters().2 >= 1);
 }
 
 #[tokio::test]
@@ -716,4 +726,21 @@ async fn a_delete_of_an_item_in_memory_fetches_no_segment() {
     assert_eq!(store.segment_counters().2, failed, "a segment was fetched");
     assert_eq!(p.counts().await.unwrap().leased, 0);
     assert!(fp.segment_keys().await.unwrap().0.contains(&victim));
+}
+
+/// A segment that could not be fetched is not fetched again by every lease and lifecycle pass: it waits for a
+/// retry pause (1 s, doubling at each failure) on the store's clock, and its items come back in order once the
+/// object is there again and the pause has passed. Fetched at every call, a lost object (or object storage down)
+/// cost every lease of the partition a GET (and, with the store down, its timeout). The memory store's
+/// `memory_cold::an_unreadable_segment_is_not_fetched_again_before_its_pause`, on fjall.
+#[tokio::test]
+async fn an_unreadable_segment_is_not_fetched_again_before_its_pause() {
+    let Some(env) = env(BUCKET, "paused").await else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(ManualClock::new(T0));
+    let store = env.open_clock(dir.path(), clock.clone());
+    let p = store.open("q", 12).await.unwrap();
+    check_paused_segment(&env, &p, &clock, || store.segment_counters().2).await;
 }

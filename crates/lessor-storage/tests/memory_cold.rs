@@ -14,7 +14,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use lessor_core::error::StorageErrorKind;
 use lessor_core::storage::{Partition, PartitionStore};
-use lessor_core::time::Ts;
+use lessor_core::time::{ManualClock, SharedClock, Ts};
 use lessor_core::types::{ItemId, NewItem};
 use lessor_storage::memory::MemoryStore;
 use lessor_storage::registry::ColdSettings;
@@ -34,7 +34,12 @@ const SEG: u32 = 20;
 
 impl Env {
     async fn open(&self) -> MemoryStore {
-        MemoryStore::with_cold(
+        self.open_clock(Arc::new(ManualClock::new(T0))).await
+    }
+
+    /// A store whose segment retry pauses are timed by `clock`.
+    async fn open_clock(&self, clock: SharedClock) -> MemoryStore {
+        MemoryStore::with_cold_clock(
             ColdSettings {
                 object_store: self.cfg.clone(),
                 after_depth: DEPTH,
@@ -43,6 +48,7 @@ impl Env {
                 prefetch_items: 5,
             },
             "mem-0",
+            clock,
         )
         .await
         .unwrap()
@@ -485,10 +491,12 @@ async fn a_missing_segment_is_unavailable_and_named_never_skipped() {
     let e = failed.expect("a lease fails at the missing segment");
     assert_eq!(e.kind, StorageErrorKind::Unavailable, "{e}");
     assert!(e.message.contains(&victim), "{e}");
-    // It keeps failing the same way (the items stay queued), and the failure is counted.
+    // It keeps failing the same way (the items stay queued; the segment is in its retry pause), and the failure
+    // is counted.
     let again = p.lease(3, LEASE).await.expect_err("still missing");
     assert_eq!(again.kind, StorageErrorKind::Unavailable);
-    assert!(store.segment_counters().2 >= 2);
+    assert!(again.message.contains(&victim), "{again}");
+    assert!(store.segment_counters().2 >= 1);
     assert!(p.counts().await.unwrap().ready > 0);
 }
 
@@ -730,4 +738,19 @@ async fn a_delete_of_an_item_in_ram_fetches_no_segment() {
     assert_eq!(store.segment_counters().2, failed, "a segment was fetched");
     assert_eq!(p.counts().await.unwrap().leased, 0);
     assert!(cp.segment_keys().await.contains(&victim));
+}
+
+/// A segment that could not be fetched is not fetched again by every lease and lifecycle pass: it waits for a
+/// retry pause (1 s, doubling at each failure) on the store's clock, and its items come back in order once the
+/// object is there again and the pause has passed. Fetched at every call, a lost object (or object storage down)
+/// cost every lease of the partition a GET (and, with the store down, its timeout).
+#[tokio::test]
+async fn an_unreadable_segment_is_not_fetched_again_before_its_pause() {
+    let Some(env) = env(BUCKET, "paused").await else {
+        return;
+    };
+    let clock = Arc::new(ManualClock::new(T0));
+    let store = env.open_clock(clock.clone()).await;
+    let p = store.open("q", 15).await.unwrap();
+    check_paused_segment(&env, &p, &clock, || store.segment_counters().2).await;
 }

@@ -896,7 +896,23 @@ impl FjallStore {
         settings: crate::registry::ColdSettings,
         store_name: &str,
     ) -> Result<(), StorageError> {
-        let ctx = cold::ColdCtx::new(settings, store_name)?;
+        self.set_cold_clock(settings, store_name, Arc::new(lessor_core::time::SystemClock))
+    }
+
+    /// [`FjallStore::set_cold`] whose retry pauses of segments that could not be fetched are timed by `clock`
+    /// (tests: a manual clock passes a pause without waiting for it).
+    ///
+    /// # Errors
+    /// The object store's client cannot be built from `settings`.
+    #[cfg(feature = "s3")]
+    #[doc(hidden)]
+    pub fn set_cold_clock(
+        &self,
+        settings: crate::registry::ColdSettings,
+        store_name: &str,
+        clock: lessor_core::time::SharedClock,
+    ) -> Result<(), StorageError> {
+        let ctx = cold::ColdCtx::new(settings, store_name, clock)?;
         *self.shared.cold.write().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(ctx));
         Ok(())
     }

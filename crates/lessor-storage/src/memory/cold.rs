@@ -25,6 +25,8 @@
 //! Object storage down: spills fail and are retried after a pause, the records stay in RAM (which grows; the
 //! failure is logged), produce and lease go on. A lease that needs a segment that cannot be fetched, or whose
 //! checksum does not match, fails as unavailable (454 on the wire) naming the segment, and its items stay queued.
+//! Such a segment is not fetched again before a retry pause that doubles at every failure (see
+//! `segment_io::FetchPauses`): meanwhile whatever needs it gets the last failure at once, without a request.
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -37,14 +39,14 @@ use lessor_core::error::{ItemError, StorageError, StorageErrorKind};
 use lessor_core::storage::{
     CopiedSnapshot, LifecycleOutcome, LifecyclePolicy, Partition, PartitionSnapshot, RetryOp, RetryOutcome,
 };
-use lessor_core::time::Ts;
+use lessor_core::time::{SharedClock, Ts};
 use lessor_core::types::{
     ClearRequest, DedupRecord, Item, ItemId, NewItem, PartitionCounts, PartitionStats, MAX_PRIORITY,
 };
 use object_store::path::Path as ObjPath;
 
 use crate::offload::segment::{self, ManifestEntry};
-use crate::offload::segment_io::{self, random, SegmentObjects};
+use crate::offload::segment_io::{self, random, FetchPauses, SegmentObjects};
 use crate::registry::ColdSettings;
 use crate::state::paging::PRIORITIES;
 use crate::state::{PageRead, PartitionState};
@@ -72,6 +74,8 @@ pub(crate) struct ColdCtx {
     base: String,
     /// Every object of this store is under this prefix (`{base}memory`); what is there at open is an orphan.
     root: String,
+    /// What the retry pauses of segments that could not be fetched are timed by (see [`FetchPauses`]).
+    clock: SharedClock,
     /// Partition numbers for segment keys: a queue deleted and created again gets a new one, so deleting the old
     /// one's segments never touches the new one's.
     next_pid: AtomicU64,
@@ -90,8 +94,13 @@ pub(crate) struct ColdCtx {
 }
 
 impl ColdCtx {
-    /// Builds the client for `settings`' object store; `store_name` goes into every key.
-    pub(crate) fn new(settings: ColdSettings, store_name: &str) -> Result<ColdCtx, StorageError> {
+    /// Builds the client for `settings`' object store; `store_name` goes into every key; `clock` times the retry
+    /// pauses of segments that could not be fetched.
+    pub(crate) fn new(
+        settings: ColdSettings,
+        store_name: &str,
+        clock: SharedClock,
+    ) -> Result<ColdCtx, StorageError> {
         let objects = SegmentObjects::new(crate::offload::client(&settings.object_store)?);
         let base = format!("{}{}/", settings.object_store.prefix, store_name);
         let root = format!("{base}memory");
@@ -100,6 +109,7 @@ impl ColdCtx {
             settings,
             base,
             root,
+            clock,
             next_pid: AtomicU64::new(1),
             eager: AtomicBool::new(false),
             written: AtomicU64::new(0),
@@ -161,6 +171,8 @@ pub struct ColdPartition {
     pid: u64,
     /// Set by a destroy: the ticker stops and no spill starts.
     gone: AtomicBool,
+    /// Segments whose last fetch failed, not fetched again before their pause ends.
+    pauses: FetchPauses,
     /// An async lock: a lease that needs a segment holds it while the segment is fetched (the queue task is the
     /// only caller, so nothing else waits behind it but the ticker).
     inner: tokio::sync::Mutex<Inner>,
@@ -251,8 +263,8 @@ impl Drop for Inner {
 /// Background cold work in flight.
 struct Job {
     gen: u64,
-    /// A load (its failure counts as a failed segment load).
-    load: bool,
+    /// A load: the key of the segment it fetches (its failure counts as a failed segment load and pauses it).
+    load: Option<String>,
     task: tokio::task::JoinHandle<Result<Done, StorageError>>,
 }
 
@@ -284,6 +296,7 @@ impl ColdPartition {
             part_no,
             pid,
             gone: AtomicBool::new(false),
+            pauses: FetchPauses::default(),
             inner: tokio::sync::Mutex::new(Inner {
                 // Nothing to persist: only the spilled items are handed over, to be kept as records.
                 state: PartitionState::new(floor)
@@ -318,7 +331,7 @@ impl ColdPartition {
             // A load writes nothing and is stopped. A spill is waited for, not aborted: its PUT may already be on
             // the wire, and an aborted request the server still completes would land after the listing below and
             // stay in the bucket until the next start (it is bounded by the client's request and retry timeouts).
-            if job.load {
+            if job.load.is_some() {
                 job.task.abort();
             }
             let _ = job.task.await;
@@ -430,9 +443,11 @@ impl ColdPartition {
             Ok(Ok(d)) => d,
             Ok(Err(e)) => {
                 // A spill whose object could not be written keeps its records in RAM; a failed background load is
-                // retried later, or by the lease that needs it, which gets the error.
-                if load {
+                // retried later, or by the lease that needs it, which gets the error. The segment is paused as a
+                // failed fetch on the caller's path pauses it.
+                if let Some(key) = load {
                     self.count_failure();
+                    self.pause(g, &key, &e);
                 }
                 tracing::warn!(queue = %self.queue, partition = self.part_no, error = %e, "cold segment work failed; retried later");
                 g.backoff_until = Some(Instant::now() + FAILURE_BACKOFF);
@@ -484,6 +499,41 @@ impl ColdPartition {
             .fetch_add(1, Ordering::Relaxed);
     }
 
+    /// Starts or lengthens the retry pause of segment `key` after a failed fetch; returns it.
+    fn pause(&self, g: &Inner, key: &str, err: &StorageError) -> Duration {
+        self.pauses.failed(key, self.ctx.clock.now(), err, |k| {
+            g.segs.values().any(|e| e.key == k)
+        })
+    }
+
+    /// Fetches and verifies segment `e` of `prio` for a caller that needs it now (`why`: for the log), unless the
+    /// segment is in its retry pause: then the last failure is answered at once, with no request. A failed fetch is
+    /// counted, logged at error level with the pause it starts, and pauses the segment.
+    async fn fetch_now(
+        &self,
+        g: &Inner,
+        prio: u8,
+        e: &ManifestEntry,
+        why: &str,
+    ) -> Result<Vec<(u64, Vec<u8>)>, StorageError> {
+        if let Some(err) = self.pauses.check(&e.key, self.ctx.clock.now()) {
+            tracing::debug!(queue = %self.queue, partition = self.part_no, segment = %e.key, "cold segment in its retry pause; not fetched {why}");
+            return Err(err);
+        }
+        match fetch(&self.ctx, &self.what(), prio, e).await {
+            Ok(records) => {
+                self.pauses.succeeded(&e.key);
+                Ok(records)
+            }
+            Err(err) => {
+                self.count_failure();
+                let pause = self.pause(g, &e.key, &err);
+                tracing::error!(queue = %self.queue, partition = self.part_no, segment = %e.key, error = %err, retry_in_s = pause.as_secs_f64(), "cold segment could not be loaded {why}; not fetched again before the pause");
+                Err(err)
+            }
+        }
+    }
+
     fn commit_load(&self, g: &mut Inner, prio: u8, e: ManifestEntry, records: Vec<(u64, Vec<u8>)>) {
         let map = &mut g.recs[usize::from(prio)];
         heavy(|| {
@@ -503,11 +553,15 @@ impl ColdPartition {
     /// Starts a load or a spill (see [`ColdPartition::step`]).
     fn start(&self, g: &mut Inner) {
         let set = &self.ctx.settings;
-        // Prefetch.
+        // Prefetch. A segment in its retry pause is passed over (a lease that needs it gets the pause's error).
+        let now = self.ctx.clock.now();
         for p in 0..PRIORITIES as u8 {
             let Some(e) = g.next_seg(p, 0).cloned() else {
                 continue;
             };
+            if self.pauses.paused(&e.key, now) {
+                continue;
+            }
             let from = g.state.paged().from[usize::from(p)];
             let mark = (from, g.gen, e.first);
             if g.ahead_ok[usize::from(p)] == Some(mark) {
@@ -518,7 +572,7 @@ impl ColdPartition {
                 g.ahead_ok[usize::from(p)] = Some(mark);
                 continue;
             }
-            let (ctx, what) = (self.ctx.clone(), self.what());
+            let (ctx, what, key) = (self.ctx.clone(), self.what(), e.key.clone());
             let task = tokio::spawn(async move {
                 let records = fetch(&ctx, &what, p, &e).await?;
                 Ok(Done::Loaded {
@@ -529,7 +583,7 @@ impl ColdPartition {
             });
             g.job = Some(Job {
                 gen: g.gen,
-                load: true,
+                load: Some(key),
                 task,
             });
             return;
@@ -610,7 +664,7 @@ impl ColdPartition {
             });
             g.job = Some(Job {
                 gen: g.gen,
-                load: false,
+                load: None,
                 task,
             });
             return;
@@ -625,18 +679,9 @@ impl ColdPartition {
         if g.segs.get(&(prio, e.first)).is_none_or(|x| x.key != e.key) {
             return Ok(());
         }
-        let what = self.what();
-        match fetch(&self.ctx, &what, prio, &e).await {
-            Ok(records) => {
-                self.commit_load(g, prio, e, records);
-                Ok(())
-            }
-            Err(err) => {
-                self.count_failure();
-                tracing::error!(queue = %self.queue, partition = self.part_no, segment = %e.key, error = %err, "cold segment could not be loaded");
-                Err(err)
-            }
-        }
+        let records = self.fetch_now(g, prio, &e, "for a read").await?;
+        self.commit_load(g, prio, e, records);
+        Ok(())
     }
 
     /// Takes the records `take` picks (at most `limit`) out of segment `e` of `prio`, on the caller's path, and
@@ -661,14 +706,7 @@ impl ColdPartition {
             return Ok(Vec::new());
         }
         let what = self.what();
-        let records = match fetch(&self.ctx, &what, prio, &e).await {
-            Ok(records) => records,
-            Err(err) => {
-                self.count_failure();
-                tracing::error!(queue = %self.queue, partition = self.part_no, segment = %e.key, error = %err, "cold segment could not be loaded");
-                return Err(err);
-            }
-        };
+        let records = self.fetch_now(g, prio, &e, "for a delete or an expiry").await?;
         let (mut taken, mut kept) = (Vec::new(), Vec::new());
         for (id, r) in records {
             if taken.len() < limit && take(id, &r) {
@@ -780,12 +818,7 @@ impl ColdPartition {
         let what = what.as_str();
         segment_io::list_segments(
             |at| g.next_seg(prio, at),
-            |e| async move {
-                fetch(&self.ctx, what, prio, e).await.inspect_err(|err| {
-                    self.count_failure();
-                    tracing::error!(queue = %self.queue, partition = self.part_no, segment = %e.key, error = %err, "cold segment could not be read for a list");
-                })
-            },
+            |e| self.fetch_now(g, prio, e, "for a list"),
             |id, r| decode_record(id, r, what),
             from,
             limit,

@@ -155,6 +155,9 @@ pub struct OffloadMetrics {
     pub segments_swept: AtomicU64,
     /// Segment loads that failed (missing, corrupt, object storage unavailable); the log names each.
     pub segment_failures: AtomicU64,
+    /// Segment fetches not made because the segment's last fetch failed and its retry pause has not passed yet
+    /// (answered with that failure instead; see `segment_io::FetchPauses`).
+    pub segment_fetches_paused: AtomicU64,
     /// Object-storage request latency: counts per bucket of [`LATENCY_BUCKETS`] (cumulative on export).
     pub latency_counts: [AtomicU64; LATENCY_BUCKETS.len() + 1],
     /// Sum of object-storage request latencies, in microseconds.

@@ -1,13 +1,17 @@
 //! Object-storage requests for cold segments, shared by the backends that move backlog to segments (fjall and
 //! memory): every request is timed into the object-storage latency histogram, a failed one is reported as
 //! unavailable naming the segment (454 on the wire: the caller retries), and a fetched body is checked against the
-//! manifest entry that named it before any of its records is used.
+//! manifest entry that named it before any of its records is used. A segment whose fetch failed is not fetched again
+//! before a pause that doubles at every failure ([`FetchPauses`]).
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
 use lessor_core::error::{StorageError, StorageErrorKind};
+use lessor_core::time::Ts;
 use lessor_core::types::Item;
 use object_store::path::Path as ObjPath;
 use object_store::{ObjectMeta, ObjectStore, PutPayload};
@@ -161,6 +165,115 @@ impl SegmentObjects {
     }
 }
 
+/// Pause after a segment's first failed fetch; each failure after it doubles the pause, up to [`MAX_PAUSE`].
+pub(crate) const FIRST_PAUSE: Duration = Duration::from_secs(1);
+/// Longest pause between two fetches of a segment that keeps failing.
+pub(crate) const MAX_PAUSE: Duration = Duration::from_secs(300);
+
+/// The segments of one partition whose last fetch failed, each with the time before which it is not fetched again.
+///
+/// Without it a segment that could not be read (a lost or damaged object, object storage down) was fetched again by
+/// every lease, lifecycle pass, delete and list that reached it: a GET (and, with the store down, its timeout) per
+/// call, hammering the store and slowing the partition while nothing had changed. Now the first failure pauses the
+/// segment for [`FIRST_PAUSE`], each failure after the pause doubles it (up to [`MAX_PAUSE`]), and a success
+/// forgets it. While paused, a caller that needs the segment gets the error at once (`Unavailable`, naming the
+/// segment, the last failure and when it is tried again), exactly as if the fetch had failed: its items stay where
+/// they are, nothing is dropped. Only the failed fetch is logged at error level and counted as a load error, so a
+/// segment logs at most once per pause; the calls answered from the pause count in `segment_fetches_paused`.
+///
+/// Time is the cold context's clock (the wall clock in the server, a manual one in tests). Held outside the
+/// partition's lock state (a list reads segments under a shared borrow of it), behind a mutex never held across an
+/// await; boxed, so that a partition that never failed a fetch pays for an empty pointer only.
+#[derive(Default)]
+// Boxed on purpose: an empty `HashMap` is 48 bytes in every partition of an `s3` build, a pointer 8.
+#[allow(clippy::box_collection)]
+pub(crate) struct FetchPauses(Mutex<Option<Box<HashMap<String, Pause>>>>);
+
+/// The pause of one segment (see [`FetchPauses`]).
+struct Pause {
+    /// Not fetched again before this.
+    until: Ts,
+    /// The pause that ends at `until` (the next failure doubles it).
+    wait: Duration,
+    /// Failed fetches in a row.
+    failures: u32,
+    /// The last failure's message.
+    error: String,
+}
+
+impl FetchPauses {
+    #[allow(clippy::box_collection)]
+    fn map(&self) -> std::sync::MutexGuard<'_, Option<Box<HashMap<String, Pause>>>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The error to answer instead of fetching segment `key` at `now`, while its pause lasts (counted in
+    /// `segment_fetches_paused`); `None`: fetch it.
+    pub(crate) fn check(&self, key: &str, now: Ts) -> Option<StorageError> {
+        let map = self.map();
+        let p = map.as_ref()?.get(key).filter(|p| now < p.until)?;
+        super::metrics()
+            .segment_fetches_paused
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let left = p.until.since(now);
+        Some(StorageError::unavailable(format!(
+            "{} (failed {} times in a row; not fetched again for {:.1} s)",
+            p.error,
+            p.failures,
+            left.as_secs_f64()
+        )))
+    }
+
+    /// Whether segment `key` is in its pause at `now` (a background prefetch passes it over), uncounted.
+    pub(crate) fn paused(&self, key: &str, now: Ts) -> bool {
+        self.map()
+            .as_ref()
+            .and_then(|m| m.get(key))
+            .is_some_and(|p| now < p.until)
+    }
+
+    /// Records a failed fetch of segment `key` at `now` and returns the pause it starts. `live` says whether a key
+    /// still names a segment of the partition: the pauses of segments gone since (loaded, rewritten, cleared) are
+    /// dropped here, so the map holds at most the partition's segments.
+    pub(crate) fn failed(
+        &self,
+        key: &str,
+        now: Ts,
+        err: &StorageError,
+        live: impl Fn(&str) -> bool,
+    ) -> Duration {
+        let mut map = self.map();
+        let m = map.get_or_insert_default();
+        m.retain(|k, _| k == key || live(k));
+        let p = m.entry(key.to_string()).or_insert(Pause {
+            until: now,
+            wait: Duration::ZERO,
+            failures: 0,
+            error: String::new(),
+        });
+        p.wait = if p.failures == 0 {
+            FIRST_PAUSE
+        } else {
+            (p.wait * 2).min(MAX_PAUSE)
+        };
+        p.failures = p.failures.saturating_add(1);
+        p.until = now.add(p.wait);
+        p.error = err.message.clone();
+        p.wait
+    }
+
+    /// Forgets the pause of segment `key` after a fetch of it succeeded.
+    pub(crate) fn succeeded(&self, key: &str) {
+        let mut map = self.map();
+        if let Some(m) = map.as_mut() {
+            m.remove(key);
+            if m.is_empty() {
+                *map = None;
+            }
+        }
+    }
+}
+
 /// Adds an object-storage request's duration to the shared latency histogram when dropped.
 struct Timed(std::time::Instant);
 
@@ -257,4 +370,40 @@ pub(crate) fn verify(
         )));
     }
     Ok(s.records)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_pause_doubles_at_each_failure_up_to_the_most_and_ends_with_a_success() {
+        let pauses = FetchPauses::default();
+        let err = StorageError::unavailable("p: cold segment 'k': gone");
+        let t0 = Ts(1_000_000_000);
+        assert!(pauses.check("k", t0).is_none());
+        assert_eq!(pauses.failed("k", t0, &err, |_| true), FIRST_PAUSE);
+        let e = pauses.check("k", t0).expect("paused");
+        assert!(
+            e.message.contains("cold segment 'k': gone") && e.message.contains("not fetched again"),
+            "{e}"
+        );
+        assert!(pauses.paused("k", t0) && !pauses.paused("other", t0));
+        // Passed at its end, not before.
+        assert!(pauses.paused("k", t0.add(FIRST_PAUSE - Duration::from_micros(1))));
+        assert!(pauses.check("k", t0.add(FIRST_PAUSE)).is_none());
+        let mut now = t0;
+        let mut waits = Vec::new();
+        for _ in 0..12 {
+            now = now.add(Duration::from_secs(1000));
+            waits.push(pauses.failed("k", now, &err, |_| true).as_secs());
+        }
+        assert_eq!(waits, [2, 4, 8, 16, 32, 64, 128, 256, 300, 300, 300, 300]);
+        pauses.succeeded("k");
+        assert!(pauses.check("k", now).is_none());
+        assert_eq!(pauses.failed("k", now, &err, |_| true), FIRST_PAUSE);
+        // The pauses of segments gone since are dropped at the next failure.
+        pauses.failed("j", now, &err, |k| k != "k");
+        assert!(!pauses.paused("k", now) && pauses.paused("j", now));
+    }
 }

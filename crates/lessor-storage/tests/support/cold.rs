@@ -1,6 +1,7 @@
 //! What the cold-segment tests of the fjall and memory backends share (`fjall_cold.rs`, `memory_cold.rs`): the
 //! object-store environment on the S3 test server, a model of the ready queue to produce against and drain against,
-//! and the check of the payload sweeper's snapshot. Each test file opens its own store on the environment.
+//! and the checks both stores must pass (the payload sweeper's snapshot, an unreadable segment). Each test file opens
+//! its own store on the environment.
 #![allow(dead_code)]
 
 use std::cmp::Reverse;
@@ -10,12 +11,13 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures::TryStreamExt;
+use lessor_core::error::StorageErrorKind;
 use lessor_core::storage::{LifecyclePolicy, Partition, PartitionSnapshot};
-use lessor_core::time::Ts;
+use lessor_core::time::{ManualClock, Ts};
 use lessor_core::types::{Backoff, ItemId, NewItem};
 use lessor_storage::offload::{self, ObjectStoreConfig};
 use object_store::path::Path as ObjPath;
-use object_store::ObjectStore;
+use object_store::{ObjectStore, PutPayload};
 
 pub const T0: Ts = Ts(1_800_000_000_000_000);
 pub const LEASE: Ts = Ts(1_800_000_100_000_000);
@@ -387,4 +389,91 @@ pub async fn lease_an_item_inside_a_lost_segment(
     let victim = spanning.last().expect("a segment below the leased id").clone();
     env.client.delete(&ObjPath::from(victim.as_str())).await.unwrap();
     (high, victim)
+}
+
+/// Leases every ready item, `batch` at a time with lifecycle calls between (which prefetch segments), without
+/// completing them; returns their ids in the order leased.
+pub async fn lease_all(p: &Arc<dyn Partition>, batch: usize) -> Vec<ItemId> {
+    let mut ids = Vec::new();
+    loop {
+        let got = p.lease(batch, LEASE).await.unwrap();
+        if got.is_empty() {
+            return ids;
+        }
+        ids.extend(got.iter().map(|it| it.id));
+        p.lifecycle(T0, POLICY, 100).await.unwrap();
+    }
+}
+
+/// A segment whose fetch failed is not fetched again before its retry pause passes, timed by the store's `clock`:
+/// leases, lifecycle passes and a list meanwhile get the failure at once, naming the segment and the pause, and no
+/// request (`failed` reads the store's count of failed segment fetches); the pause doubles at each failure; once it
+/// has passed with the object back, the segment's items are served, in order. With a 300-item priority-0 backlog
+/// in segments whose first object goes missing.
+pub async fn check_paused_segment(
+    env: &Env,
+    p: &Arc<dyn Partition>,
+    clock: &ManualClock,
+    failed: impl Fn() -> u64,
+) {
+    let low = produce_prio(p, 300, 0, FAR).await;
+    spill(env, p, 3).await;
+    let victim = env.segments().await[0].clone();
+    let path = ObjPath::from(victim.as_str());
+    let body = env.client.get(&path).await.unwrap().bytes().await.unwrap();
+    env.client.delete(&path).await.unwrap();
+    // Serve the items before the missing segment, until a lease needs it.
+    let mut served = 0;
+    let e = loop {
+        match p.lease(1, LEASE).await {
+            Ok(got) => {
+                assert_eq!(got.len(), 1, "ran dry before the missing segment");
+                assert_eq!(got[0].id, low[served]);
+                served += 1;
+            }
+            Err(e) => break e,
+        }
+        assert!(served < 300, "the missing segment was never needed");
+    };
+    assert_eq!(e.kind, StorageErrorKind::Unavailable, "{e}");
+    assert!(e.message.contains(&victim), "{e}");
+    let fetched = failed();
+    assert!(fetched >= 1, "the failed fetch is counted");
+    // During the pause: no fetch, whatever needs the segment; the answer names it and says it is paused.
+    for i in 0..20 {
+        let e = p.lease(5, LEASE).await.expect_err("still missing");
+        assert_eq!(e.kind, StorageErrorKind::Unavailable, "{e}");
+        assert!(e.message.contains(&victim), "{e}");
+        p.lifecycle(T0, POLICY, 100).await.expect("the lifecycle goes on");
+        assert_eq!(
+            failed(),
+            fetched,
+            "lease and lifecycle {i} fetched the segment again during its pause"
+        );
+        assert!(e.message.contains("not fetched again"), "{e}");
+    }
+    let e = p
+        .list(None, 1000, false)
+        .await
+        .expect_err("a list reaching the segment");
+    assert!(e.message.contains(&victim), "{e}");
+    assert_eq!(
+        failed(),
+        fetched,
+        "the segment was fetched again during its pause"
+    );
+    // The pause (1 s) passes: one more fetch, which fails and doubles the pause.
+    clock.advance(Duration::from_secs(1));
+    let e = p.lease(5, LEASE).await.expect_err("still missing");
+    assert!(e.message.contains(&victim), "{e}");
+    assert_eq!(failed(), fetched + 1, "one fetch once the pause passed");
+    clock.advance(Duration::from_secs(1));
+    let e = p.lease(5, LEASE).await.expect_err("still paused");
+    assert!(e.message.contains("not fetched again"), "{e}");
+    assert_eq!(failed(), fetched + 1, "the second pause is 2 s");
+    // The object is back and the pause over: every item left comes back, in order.
+    env.client.put(&path, PutPayload::from(body)).await.unwrap();
+    clock.advance(Duration::from_secs(1));
+    assert_eq!(lease_all(p, 7).await, low[served..]);
+    assert_eq!(failed(), fetched + 1);
 }

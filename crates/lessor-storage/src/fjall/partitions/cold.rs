@@ -27,6 +27,10 @@
 //! lifecycle calls; the object I/O runs in a spawned task meanwhile, so the queue keeps serving. A spill started
 //! before a change to the records it took (delete, expiry, clear, a page-in past its first id) is abandoned and
 //! its object deleted.
+//!
+//! A segment that cannot be fetched (a lost or damaged object, object storage down) is not fetched again before a
+//! retry pause that doubles at every failure (`segment_io::FetchPauses`): meanwhile whatever needs it gets the last
+//! failure at once, without a request, exactly as if the fetch had failed.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
@@ -34,12 +38,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use lessor_core::error::{StorageError, StorageErrorKind};
-use lessor_core::time::Ts;
+use lessor_core::time::{SharedClock, Ts};
 use object_store::path::Path as ObjPath;
 
 use super::{blocking, pg, FjallPartition, Inner, Unit, ITEMS};
 use crate::offload::segment::{self, ManifestEntry};
-use crate::offload::segment_io::{list_segments, random, SegmentObjects};
+use crate::offload::segment_io::{list_segments, random, FetchPauses, SegmentObjects};
 use crate::registry::ColdSettings;
 use crate::state::paging::PRIORITIES;
 
@@ -101,6 +105,8 @@ pub(crate) struct ColdCtx {
     settings: ColdSettings,
     /// `{object-store prefix}{store name}` (object keys start with it).
     prefix: String,
+    /// What the retry pauses of segments that could not be fetched are timed by (see [`FetchPauses`]).
+    clock: SharedClock,
     /// Tests: every call spills or loads what is due and waits for it (not only lifecycle calls).
     pub(crate) eager: std::sync::atomic::AtomicBool,
 }
@@ -109,14 +115,20 @@ pub(crate) struct ColdCtx {
 const LATER: &str = "the sweeper will retry";
 
 impl ColdCtx {
-    /// Builds the client for `settings`' object store; `store_name` goes into every key.
-    pub(crate) fn new(settings: ColdSettings, store_name: &str) -> Result<ColdCtx, StorageError> {
+    /// Builds the client for `settings`' object store; `store_name` goes into every key; `clock` times the retry
+    /// pauses of segments that could not be fetched.
+    pub(crate) fn new(
+        settings: ColdSettings,
+        store_name: &str,
+        clock: SharedClock,
+    ) -> Result<ColdCtx, StorageError> {
         let client = crate::offload::client(&settings.object_store)?;
         let prefix = format!("{}{}", settings.object_store.prefix, store_name);
         Ok(ColdCtx {
             objects: SegmentObjects::new(client),
             settings,
             prefix,
+            clock,
             eager: std::sync::atomic::AtomicBool::new(false),
         })
     }
@@ -167,6 +179,8 @@ pub(crate) struct ColdState {
     pub(crate) backoff_until: Option<std::time::Instant>,
     /// The spill or load in flight.
     pub(crate) job: Option<Job>,
+    /// Segments whose last fetch failed, not fetched again before their pause ends.
+    pub(crate) pauses: FetchPauses,
     /// What the cold work found, from its first finding on. Boxed, and only in a partition that does cold work:
     /// inline, the marks took about 800 bytes in every partition of an `s3` build, cold segments configured or not,
     /// and a queue may have 65,536 partitions (`loaded_memory.rs`).
@@ -232,6 +246,8 @@ pub(crate) struct Job {
     gen: u64,
     /// The tag that ends the key of the object a spill writes (the sweeper must leave it alone).
     key: Option<String>,
+    /// A load: the key of the segment it fetches (its failure pauses the segment).
+    load: Option<String>,
     task: tokio::task::JoinHandle<Result<Done, StorageError>>,
 }
 
@@ -468,7 +484,7 @@ impl FjallPartition {
                             e.key
                         )));
                     };
-                    fetch(&ctx, what, prio, e).await.inspect_err(|err| self.report(e, err))
+                    self.fetch_now(g, &ctx, prio, e, "for a list").await
                 }
             },
             |id, r| pg::decode_record(id, r, what),
@@ -511,24 +527,52 @@ impl FjallPartition {
         if !g.cold.segs.contains_key(&(prio, e.first)) {
             return Ok(None);
         }
-        let records = match fetch(&ctx, &what, prio, &e).await {
+        let records = match self.fetch_now(g, &ctx, prio, &e, "for a read").await {
             Ok(records) => records,
-            Err(err) => {
-                self.report(&e, &err);
-                return Ok(Some(err));
-            }
+            Err(err) => return Ok(Some(err)),
         };
         self.commit_load(g, &ctx, prio, e, records).await?;
         Ok(None)
     }
 
-    fn report(&self, e: &ManifestEntry, err: &StorageError) {
+    /// Fetches and verifies segment `e` of `prio` for a caller that needs it now (`why`: for the log), unless the
+    /// segment is in its retry pause: then the last failure is answered at once, with no request. A failed fetch is
+    /// counted, logged at error level with the pause it starts, and pauses the segment.
+    async fn fetch_now(
+        &self,
+        g: &Inner,
+        ctx: &Arc<ColdCtx>,
+        prio: u8,
+        e: &ManifestEntry,
+        why: &str,
+    ) -> Result<Vec<(u64, Vec<u8>)>, StorageError> {
         let (queue, partition) = self.queue_partition();
-        self.shared.segment_failures.fetch_add(1, Ordering::Relaxed);
-        crate::offload::metrics()
-            .segment_failures
-            .fetch_add(1, Ordering::Relaxed);
-        tracing::error!(queue, partition, segment = %e.key, error = %err, "cold segment could not be loaded");
+        if let Some(err) = g.cold.pauses.check(&e.key, ctx.clock.now()) {
+            tracing::debug!(queue, partition, segment = %e.key, "cold segment in its retry pause; not fetched {why}");
+            return Err(err);
+        }
+        match fetch(ctx, &self.what(), prio, e).await {
+            Ok(records) => {
+                g.cold.pauses.succeeded(&e.key);
+                Ok(records)
+            }
+            Err(err) => {
+                self.shared.segment_failures.fetch_add(1, Ordering::Relaxed);
+                crate::offload::metrics()
+                    .segment_failures
+                    .fetch_add(1, Ordering::Relaxed);
+                let pause = self.pause(g, ctx, &e.key, &err);
+                tracing::error!(queue, partition, segment = %e.key, error = %err, retry_in_s = pause.as_secs_f64(), "cold segment could not be loaded {why}; not fetched again before the pause");
+                Err(err)
+            }
+        }
+    }
+
+    /// Starts or lengthens the retry pause of segment `key` after a failed fetch; returns it.
+    fn pause(&self, g: &Inner, ctx: &ColdCtx, key: &str, err: &StorageError) -> Duration {
+        g.cold.pauses.failed(key, ctx.clock.now(), err, |k| {
+            g.cold.segs.values().any(|e| e.key == k)
+        })
     }
 
     async fn commit_load(
@@ -583,7 +627,11 @@ impl FjallPartition {
             Ok(Ok(d)) => d,
             Ok(Err(e)) => {
                 // A spill whose object could not be written, or a background load that failed: retried by a
-                // later lifecycle call (a lease that needs the segment loads it itself and gets the error).
+                // later lifecycle call (a lease that needs the segment loads it itself and gets the error). The
+                // segment of a failed load is paused as a failed fetch on the caller's path pauses it.
+                if let Some(key) = &job.load {
+                    self.pause(g, &ctx, key, &e);
+                }
                 tracing::warn!(partition = %self.name, error = %e, "cold segment work failed; retried later");
                 g.cold.backoff_until = Some(std::time::Instant::now() + FAILURE_BACKOFF);
                 return Ok(());
@@ -675,12 +723,16 @@ impl FjallPartition {
         }
         let what = self.what();
         let set = &ctx.settings;
-        // Prefetch.
+        // Prefetch. A segment in its retry pause is passed over (a read that needs it gets the pause's error).
+        let now = ctx.clock.now();
         for p in 0..PRIORITIES as u8 {
             let from = g.state.paged().from[usize::from(p)];
             let Some(e) = g.cold.next(p, 0).cloned() else {
                 continue;
             };
+            if g.cold.pauses.paused(&e.key, now) {
+                continue;
+            }
             let mark = (from, g.cold.gen, e.first);
             if g.cold.marks.as_ref().and_then(|m| m.ahead_ok[usize::from(p)]) == Some(mark) {
                 continue;
@@ -691,7 +743,7 @@ impl FjallPartition {
             if before >= set.prefetch_items {
                 g.cold.marks.get_or_insert_default().ahead_ok[usize::from(p)] = Some(mark);
             } else {
-                let (ctx2, what2) = (ctx.clone(), what.clone());
+                let (ctx2, what2, load) = (ctx.clone(), what.clone(), Some(e.key.clone()));
                 let task = tokio::spawn(async move {
                     let records = fetch(&ctx2, &what2, p, &e).await?;
                     Ok(Done::Loaded {
@@ -703,6 +755,7 @@ impl FjallPartition {
                 g.cold.job = Some(Job {
                     gen: g.cold.gen,
                     key: None,
+                    load,
                     task,
                 });
                 return Ok(());
@@ -821,6 +874,7 @@ impl FjallPartition {
             g.cold.job = Some(Job {
                 gen: g.cold.gen,
                 key,
+                load: None,
                 task,
             });
             return Ok(());
