@@ -229,6 +229,16 @@ impl MemoryStore {
             .map_or(0, |c| c.throttled.load(std::sync::atomic::Ordering::Relaxed))
     }
 
+    /// Spills whose object was written but which were abandoned at their commit because a change removed some of
+    /// their records meanwhile (cold segments only; tests).
+    #[cfg(feature = "s3")]
+    #[doc(hidden)]
+    pub fn abandoned_spills(&self) -> u64 {
+        self.cold
+            .as_ref()
+            .map_or(0, |c| c.abandoned.load(std::sync::atomic::Ordering::Relaxed))
+    }
+
     /// The open cold partition `partition` of `queue` (tests).
     #[cfg(feature = "s3")]
     pub fn cold_partition(&self, queue: &str, partition: u32) -> Option<Arc<cold::ColdPartition>> {

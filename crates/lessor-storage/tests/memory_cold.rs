@@ -754,3 +754,68 @@ async fn an_unreadable_segment_is_not_fetched_again_before_its_pause() {
     let p = store.open("q", 15).await.unwrap();
     check_paused_segment(&env, &p, &clock, || store.segment_counters().2).await;
 }
+
+/// A spill in flight (its object being written) survives an expiry and a delete of items it does not hold: it
+/// commits, its upload not wasted. Both used to abandon whatever spill was in flight (and have it redone), so under
+/// steady expiries or deletes a spill might never land.
+#[tokio::test]
+async fn a_spill_in_flight_survives_a_delete_and_an_expiry_of_other_items() {
+    let Some(env) = env(BUCKET, "spill-survives").await else {
+        return;
+    };
+    let store = env.open().await;
+    let p = store.open("q", 16).await.unwrap();
+    let cp = store.cold_partition("q", 16).unwrap();
+    // Priority 0: the window's 10 items resident, 35 records, a segment's worth (20) beyond the depth (10). Then
+    // 5 priority-2 records due at T0 + 1 s.
+    let ids = produce_prio(&p, 45, 0, FAR).await;
+    let due = Ts(T0.0 + 1_000_000);
+    let _ = produce_prio(&p, 5, 2, due).await;
+    // This call starts the spill of priority 0's ids[20..40]; the calls below run while it is in flight (a
+    // current-thread runtime: its task runs only when this one waits).
+    p.lifecycle(T0, POLICY, 100).await.unwrap();
+    assert!(cp.spill_in_flight().await, "a spill started");
+    let o = p.lifecycle(Ts(due.0 + 1), POLICY, 100).await.unwrap();
+    assert_eq!(o.dead, 5, "{o:?}");
+    p.delete(vec![ids[44]]).await.unwrap();
+    assert!(cp.spill_in_flight().await, "the spill was in flight across both");
+    spill_committed(&env, &p, 1, || store.segment_counters().0).await;
+    assert_eq!(store.abandoned_spills(), 0, "the spill was abandoned");
+    assert_eq!(env.segments().await.len(), 1);
+    assert_eq!(lease_all(&p, 9).await, ids[..44]);
+}
+
+/// A spill in flight holding an item that a delete removes is abandoned, also when the delete commits it by
+/// waiting for it (the delete fetches a segment, which first waits for the job in flight): the deleted item does
+/// not come back from its segment.
+#[tokio::test]
+async fn a_spill_in_flight_across_a_delete_of_its_item_does_not_bring_it_back() {
+    let Some(env) = env(BUCKET, "spill-doomed").await else {
+        return;
+    };
+    let store = env.open().await;
+    let p = store.open("q", 17).await.unwrap();
+    let cp = store.cold_partition("q", 17).unwrap();
+    // A first segment (ids[20..40]), then 25 more items: the records beyond it make the next spill (ids[40..60]).
+    let mut ids = produce_prio(&p, 45, 0, FAR).await;
+    spill_committed(&env, &p, 1, || store.segment_counters().0).await;
+    ids.extend(produce_prio(&p, 25, 0, FAR).await);
+    p.lifecycle(T0, POLICY, 100).await.unwrap();
+    assert!(cp.spill_in_flight().await, "a second spill started");
+    // One item of the segment, one of the spill in flight.
+    p.delete(vec![ids[25], ids[50]]).await.unwrap();
+    spill_committed(&env, &p, 2, || store.segment_counters().0).await;
+    let want: Vec<ItemId> = ids
+        .iter()
+        .copied()
+        .filter(|&id| id != ids[25] && id != ids[50])
+        .collect();
+    let ready = p.counts().await.unwrap().ready;
+    assert_eq!(lease_all(&p, 9).await, want, "a deleted item came back");
+    assert_eq!(ready, want.len() as u64);
+    assert_eq!(
+        store.abandoned_spills(),
+        1,
+        "the spill holding a deleted item is abandoned"
+    );
+}

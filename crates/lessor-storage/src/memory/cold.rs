@@ -27,6 +27,10 @@
 //! checksum does not match, fails as unavailable (454 on the wire) naming the segment, and its items stay queued.
 //! Such a segment is not fetched again before a retry pause that doubles at every failure (see
 //! `segment_io::FetchPauses`): meanwhile whatever needs it gets the last failure at once, without a request.
+//!
+//! A spill in flight (its object being written) survives the changes that do not touch its records: a delete or
+//! an expiry of other items, produce, lease. One whose records a delete, an expiry or a clear removes is abandoned
+//! and its object deleted, so that no removed item comes back from it.
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -85,6 +89,9 @@ pub(crate) struct ColdCtx {
     pub(crate) written: AtomicU64,
     pub(crate) loaded: AtomicU64,
     pub(crate) failed: AtomicU64,
+    /// Spills whose object was written but not committed (a change removed some of their records meanwhile), so
+    /// that the upload was wasted (tests).
+    pub(crate) abandoned: AtomicU64,
     /// Spills a produce waited for (producers faster than object storage; see `ColdPartition::throttle`).
     pub(crate) throttled: AtomicU64,
     /// Tests: how many of the next segment rewrites (a delete's or an expiry's write-back, see
@@ -115,6 +122,7 @@ impl ColdCtx {
             written: AtomicU64::new(0),
             loaded: AtomicU64::new(0),
             failed: AtomicU64::new(0),
+            abandoned: AtomicU64::new(0),
             throttled: AtomicU64::new(0),
             fail_rewrites: AtomicU64::new(0),
         })
@@ -194,8 +202,9 @@ struct Inner {
     recs: [BTreeMap<u64, Box<[u8]>>; PRIORITIES],
     /// Manifest entries by (priority, first id).
     segs: BTreeMap<(u8, u64), ManifestEntry>,
-    /// Bumped by every change that removes records other than from the head (delete, expiry, clear): a spill
-    /// started before it is abandoned.
+    /// Bumped by every change that removes records other than from the head (delete, expiry, clear): a prefetch
+    /// check's mark (`ahead_ok`) taken before it is stale. (A spill in flight is not judged by it: see
+    /// [`Job::doomed`].)
     gen: u64,
     /// No spill or load starts before this (set after a failure).
     backoff_until: Option<Instant>,
@@ -262,10 +271,41 @@ impl Drop for Inner {
 
 /// Background cold work in flight.
 struct Job {
-    gen: u64,
     /// A load: the key of the segment it fetches (its failure counts as a failed segment load and pauses it).
     load: Option<String>,
+    /// A spill: what its segment holds.
+    spill: Option<SpillOf>,
+    /// Set by a change that removes records this spill holds (a delete of one of them, an expiry of its priority
+    /// reaching its deadlines, a clear): it is abandoned when it ends and its object deleted, so no removed item
+    /// comes back from it. Only such a change: every delete and expiry used to abandon the spill in flight (a
+    /// generation bump), whatever it removed, so under steady expiries or deletes of other items a spill's upload
+    /// was wasted and redone, and might never land (`memory_cold::a_spill_in_flight_survives_a_delete_and_an_expiry_of_other_items`).
+    doomed: bool,
     task: tokio::task::JoinHandle<Result<Done, StorageError>>,
+}
+
+/// The records a spill in flight took: every record of `prio` in RAM with an id in `first..=last` when it started
+/// (a spill takes consecutive records, and records that arrive later have higher ids).
+#[derive(Clone, Copy)]
+struct SpillOf {
+    prio: u8,
+    first: u64,
+    last: u64,
+    /// Their earliest expiry deadline.
+    min_expire: i64,
+}
+
+impl Inner {
+    /// Marks the spill in flight doomed when `hit` says it holds a record this change removes (see [`Job::doomed`]).
+    fn doom_spill_if(&mut self, hit: impl FnOnce(&SpillOf, &BTreeMap<u64, Box<[u8]>>) -> bool) {
+        if let Some(job) = self.job.as_mut() {
+            if let Some(s) = &job.spill {
+                if hit(s, &self.recs[usize::from(s.prio)]) {
+                    job.doomed = true;
+                }
+            }
+        }
+    }
 }
 
 /// What a finished job hands back to be committed under the lock.
@@ -363,6 +403,17 @@ impl ColdPartition {
         (recs, g.state.resident_ready())
     }
 
+    /// Whether a spill is in flight, its task not finished yet (tests: what happens meanwhile happens across it).
+    #[doc(hidden)]
+    pub async fn spill_in_flight(&self) -> bool {
+        self.inner
+            .lock()
+            .await
+            .job
+            .as_ref()
+            .is_some_and(|j| j.spill.is_some() && !j.task.is_finished())
+    }
+
     /// Keeps RAM bounded when producers outrun object storage: while a priority holds more than
     /// `cold-after-depth` plus [`THROTTLE_SEGMENTS`] segments' worth of records in RAM, the produce that got it
     /// there waits for the spill in flight and starts the next one, so producers are slowed to the pace of the
@@ -438,7 +489,7 @@ impl ColdPartition {
         let Some(job) = g.job.take() else {
             return Ok(());
         };
-        let (gen, load) = (job.gen, job.load);
+        let (doomed, load) = (job.doomed, job.load);
         let done = match job.task.await {
             Ok(Ok(d)) => d,
             Ok(Err(e)) => {
@@ -468,11 +519,15 @@ impl ColdPartition {
             Done::Spilled { prio, entry, ids } => {
                 let pi = usize::from(prio);
                 let paged = g.state.paged();
-                let intact = gen == g.gen
+                // Its records are all still there and none of them was paged in: nothing removed is in the segment.
+                // The `ids` test alone misses a delete or expiry that is under way (the spill committed by the
+                // wait of a segment it fetches, before it takes the records), which `doomed` covers.
+                let intact = !doomed
                     && paged.count[pi] > 0
                     && paged.from[pi] <= entry.first
                     && ids.iter().all(|id| g.recs[pi].contains_key(id));
                 if !intact {
+                    self.ctx.abandoned.fetch_add(1, Ordering::Relaxed);
                     let ctx = self.ctx.clone();
                     tokio::spawn(async move { ctx.delete(&entry.key).await });
                     return Ok(());
@@ -582,8 +637,9 @@ impl ColdPartition {
                 })
             });
             g.job = Some(Job {
-                gen: g.gen,
                 load: Some(key),
+                spill: None,
+                doomed: false,
                 task,
             });
             return;
@@ -648,6 +704,12 @@ impl ColdPartition {
                 &segment::key_tag(self.pid, random()),
             ))
             .to_string();
+            let spill = SpillOf {
+                prio: p,
+                first: entry.first,
+                last: entry.last,
+                min_expire: entry.min_expire,
+            };
             let (ctx, what) = (self.ctx.clone(), self.what());
             let task = tokio::spawn(async move {
                 let ids: Vec<u64> = records.iter().map(|r| r.0).collect();
@@ -663,8 +725,9 @@ impl ColdPartition {
                 Ok(Done::Spilled { prio: p, entry, ids })
             });
             g.job = Some(Job {
-                gen: g.gen,
                 load: None,
+                spill: Some(spill),
+                doomed: false,
                 task,
             });
             return;
@@ -960,8 +1023,10 @@ impl ColdPartition {
         let (mut dead, mut more) = (0, false);
         let what = self.what();
         for p in g.state.paged_expiry_due(now) {
-            // A spill started before takes records this sweep may remove.
             g.gen += 1;
+            // A spill in flight holding records due now is abandoned (marked before any segment is fetched, as in
+            // `delete`); one of another priority, or holding none due, goes on.
+            g.doom_spill_if(|s, _| s.prio == p && s.min_expire <= now.0);
             let due_segs: Vec<ManifestEntry> = g
                 .segs
                 .range((p, 0)..=(p, u64::MAX))
@@ -1364,8 +1429,6 @@ impl Partition for ColdPartition {
     async fn delete(&self, ids: Vec<ItemId>) -> Result<(), StorageError> {
         let mut g = self.inner.lock().await;
         self.pre(&mut g).await?;
-        // A spill in flight may hold records this removes: it is abandoned (bumped before loading, so one that
-        // commits while a segment loads is abandoned too).
         g.gen += 1;
         // Only ids that may be paged are looked for in segments: an item in RAM (ready, leased) is answered from
         // there. A segment's id range holds the ids of other priorities too (ids are handed out in blocks per
@@ -1376,6 +1439,12 @@ impl Partition for ColdPartition {
             .map(|id| id.0)
             .filter(|&id| !g.state.contains_live(id) && g.state.paged().may_hold(id))
             .collect();
+        // A spill in flight holding one of them is abandoned: marked before any segment is fetched, since the wait
+        // for that spill may commit it before the records are taken. One holding none of them goes on.
+        g.doom_spill_if(|s, recs| {
+            cold.iter()
+                .any(|&id| (s.first..=s.last).contains(&id) && recs.contains_key(&id))
+        });
         let hit: Vec<(u8, ManifestEntry)> = g
             .segs
             .iter()
@@ -1406,6 +1475,7 @@ impl Partition for ColdPartition {
             // A spill in flight is abandoned (its object deleted) and a load put back, then dropped with the rest;
             // aborting instead could leave an object written but named by nothing.
             g.gen += 1;
+            g.doom_spill_if(|_, _| true);
             self.finish_job(&mut g, true).await?;
             let gone: Vec<ManifestEntry> = std::mem::take(&mut g.segs).into_values().collect();
             if !gone.is_empty() {
