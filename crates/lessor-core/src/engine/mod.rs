@@ -1420,6 +1420,11 @@ impl Engine {
         let name = name.to_string();
         // On its own task: loading waits for the unloading task to end, which this is still part of.
         tokio::spawn(async move {
+            // One bound for all of them, as for an admin call: the next task may be stuck in a storage call with a
+            // full inbox (or not load at all), and the wait for its room was unbounded, which held these requests
+            // (and this task) for as long as its call hung. Their callers stop waiting at their own bounds; what is
+            // still here at this one is answered 454.
+            let deadline = engine.admin_deadline();
             for m in left {
                 // A definition update and a rebalance plan are in the store already, where the next task reads
                 // them: acknowledged, not forwarded. A store notice wakes no one in an unloaded queue; a stop has
@@ -1431,7 +1436,7 @@ impl Engine {
                     queue::refuse(m, QueueError::QueueShuttingDown);
                     continue;
                 }
-                if let Err((m, e)) = engine.deliver(&name, m, true).await {
+                if let Err((m, e)) = engine.deliver(&name, m, Some(deadline)).await {
                     queue::refuse(m, e);
                 }
             }
@@ -1441,9 +1446,15 @@ impl Engine {
     /// Puts `msg` in the inbox of the queue's task, loading the queue when needed. An inbox found closed belongs
     /// to a task that stopped on its own (unloaded for being idle, or its queue deleted by another server): the
     /// queue is loaded again and the message goes there, so a request racing an unload is never refused for it.
-    /// `wait` waits for room in a full inbox; otherwise a full inbox is [`QueueError::Overloaded`]. On failure the
-    /// message comes back with the error.
-    async fn deliver(&self, name: &str, mut msg: Msg, wait: bool) -> Result<(), (Msg, QueueError)> {
+    /// With `wait`, waits for room in a full inbox until that deadline, then gives up with [`QueueError::Untimed`]
+    /// ("delivery"); without, a full inbox is [`QueueError::Overloaded`]. On failure the message comes back with the
+    /// error.
+    async fn deliver(
+        &self,
+        name: &str,
+        mut msg: Msg,
+        wait: Option<AdminDeadline>,
+    ) -> Result<(), (Msg, QueueError)> {
         // More than one retry only when the queue unloads again before the message reaches its new task: a clock
         // jumping by the idle time (tests), nothing a real clock does; bounded all the same.
         for _ in 0..4 {
@@ -1451,10 +1462,15 @@ impl Engine {
                 Ok(h) => h,
                 Err(e) => return Err((msg, e)),
             };
-            let closed = if wait {
-                match h.tx.send(msg).await {
-                    Ok(()) => return Ok(()),
-                    Err(mpsc::error::SendError(m)) => m,
+            let closed = if let Some(deadline) = wait {
+                // Room first, then the message: a wait given up on still holds it, to hand back.
+                match tokio::time::timeout_at(deadline.at, h.tx.reserve()).await {
+                    Ok(Ok(permit)) => {
+                        permit.send(msg);
+                        return Ok(());
+                    }
+                    Ok(Err(mpsc::error::SendError(()))) => msg,
+                    Err(_) => return Err((msg, QueueError::Untimed("delivery", deadline.limit))),
                 }
             } else {
                 match h.tx.try_send(msg) {
@@ -1473,7 +1489,7 @@ impl Engine {
 
     async fn call<T>(&self, name: &str, make: impl FnOnce(queue::Reply<T>) -> Msg) -> Result<T, QueueError> {
         let (tx, rx) = queue::reply();
-        if let Err((_, e)) = self.deliver(name, make(tx), false).await {
+        if let Err((_, e)) = self.deliver(name, make(tx), None).await {
             return Err(e);
         }
         rx.recv().await.unwrap_or(Err(QueueError::QueueShuttingDown))

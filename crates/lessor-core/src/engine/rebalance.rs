@@ -454,7 +454,11 @@ impl Engine {
         // Bounded: a queue task stuck in a storage call takes the plan later, or its watcher hands it over again
         // (a report says whether it is installed); the task is saved and running either way.
         let install = async {
-            if self.deliver(&info.name, msg, true).await.is_ok() {
+            if self
+                .deliver(&info.name, msg, Some(self.admin_deadline()))
+                .await
+                .is_ok()
+            {
                 let _ = rx.await;
             }
             Ok(())
@@ -667,7 +671,9 @@ impl Engine {
         // Bounded: the watcher retries a report that failed, so a queue task stuck in a storage call does not
         // hold it for good.
         self.untimed("rebalance report", async {
-            self.deliver(&t.queue, msg, true).await.map_err(|(_, e)| e)?;
+            self.deliver(&t.queue, msg, Some(self.admin_deadline()))
+                .await
+                .map_err(|(_, e)| e)?;
             rx.await.map_err(|_| QueueError::QueueShuttingDown)
         })
         .await
@@ -771,7 +777,7 @@ impl Engine {
         let (tx, rx) = tokio::sync::oneshot::channel();
         let msg = super::Msg::Cold(Cold::RebalanceInstall(Box::new(t.plan(partitions)), tx));
         let install = async {
-            match self.deliver(&t.queue, msg, true).await {
+            match self.deliver(&t.queue, msg, Some(self.admin_deadline())).await {
                 Ok(()) => {
                     let _ = rx.await;
                     Ok(())

@@ -1010,7 +1010,7 @@ async fn a_request_meeting_an_inbox_closed_by_an_unload_is_served_by_the_next_lo
     let Err(tokio::sync::mpsc::error::TrySendError::Closed(msg)) = stale.tx.try_send(msg) else {
         panic!("the old inbox took the request");
     };
-    assert!(finishes(engine.deliver("q", msg, false)).await.is_ok());
+    assert!(finishes(engine.deliver("q", msg, None)).await.is_ok());
     let stats = finishes(answer.recv()).await.expect("answered");
     assert_eq!(stats.expect("stats").partitions.len(), 1);
     assert_eq!(engine.loaded_queues(), (1, 2), "loaded again, once");
@@ -1329,4 +1329,51 @@ async fn a_create_naming_a_dead_letter_queue_deleted_meanwhile_fails() {
         matches!(engine.queue_info("user").await, Err(QueueError::QueueNotFound(_))),
         "no definition of 'user' is left"
     );
+}
+
+/// Requests an unloading queue hands on to its next task wait for room in that task's inbox by
+/// `limits.default-request-timeout`, then get 454: the task may be stuck in a storage call with a full inbox. The
+/// wait was unbounded, so they (and the task forwarding them) stayed for as long as the storage call hung.
+#[tokio::test(start_paused = true)]
+async fn requests_handed_on_by_an_unloaded_queue_give_up_on_a_stuck_next_task() {
+    let clock = ManualClock::starting_now();
+    let store = Gated::new();
+    let limit = Duration::from_secs(2);
+    let limits = Limits {
+        default_request_timeout: limit,
+        max_requests_per_queue: 1,
+        ..Default::default()
+    };
+    let engine = engine_with_limits(&store, &clock, limits).await;
+    let _produce = stick(&engine, &store).await;
+    let handle = engine
+        .inner
+        .queues
+        .read()
+        .expect("table")
+        .get("q")
+        .cloned()
+        .expect("loaded");
+    // One request fills the stuck task's inbox (room for one).
+    let _fill = {
+        let engine = engine.clone();
+        tokio::spawn(async move { engine.stats("q").await })
+    };
+    until(|| handle.tx.capacity() == 0).await;
+
+    // As an unload hands them on (load 0 is no load's: the table is left alone).
+    let (reply, answer) = super::queue::reply();
+    engine.unloaded(
+        "q",
+        0,
+        vec![super::Msg::Cold(super::queue::Cold::Stats(reply))],
+        None,
+    );
+    let answered = finishes(answer.recv()).await.expect("answered");
+    let err = failed(answered);
+    assert!(
+        matches!(err, QueueError::Untimed("delivery", l) if l == limit),
+        "{err:?}"
+    );
+    store.gate.add_permits(100);
 }
