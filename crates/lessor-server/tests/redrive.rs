@@ -416,8 +416,18 @@ async fn a_stopped_redrive_leaves_no_claim_behind() {
         })
         .await
         .expect("start");
-    // The first round claims the items, fails its move and sleeps until the next: stats are answered meanwhile.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The first round claims the items, fails its move and saves the task (its `remaining`, 0 until then) before
+    // it sleeps until the next: waited for on that save rather than for a guessed real time.
+    poll_until(Duration::from_secs(10), Duration::from_millis(5), || async {
+        let now = e.redrive_get(&t.id).await.map_err(|err| err.to_string())?;
+        if now.remaining == 3 {
+            Ok(())
+        } else {
+            Err(format!("{now:?}"))
+        }
+    })
+    .await
+    .expect("the first round ends");
     let c = e.redrive_cancel(&t.id).await.expect("cancel");
     assert_eq!(c.status, RedriveStatus::Cancelled);
     // The runner sees the cancel at its next round, and stops.
