@@ -416,6 +416,22 @@ pub(crate) struct Inner {
     /// Requests of the serving path (produce, lease, complete, retry, extend) taken by any queue so far: background
     /// work (a rebalance) reads it to see whether the server is serving and yields when it is.
     activity: Arc<AtomicU64>,
+    /// Tests only: runs in [`Engine::unloaded`] before it takes the tables' locks, so a test can act between the
+    /// unload and the queue's entry in the unloaded table (see `tests::a_deadline_passed_during_the_unload_still_loads_the_queue`).
+    #[cfg(test)]
+    unload_hook: std::sync::Mutex<Option<TestHook>>,
+}
+
+/// A test's callback (see `Inner::unload_hook`).
+#[cfg(test)]
+#[derive(Clone)]
+struct TestHook(Arc<dyn Fn() + Send + Sync>);
+
+#[cfg(test)]
+impl std::fmt::Debug for TestHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TestHook")
+    }
 }
 
 /// Shortest period of [`Engine::forget_deleted_elsewhere`]'s sweep (otherwise the idle-unload time).
@@ -504,6 +520,8 @@ impl Engine {
                 rebalances: Default::default(),
                 task_lock: Mutex::new(()),
                 activity: Arc::new(AtomicU64::new(0)),
+                #[cfg(test)]
+                unload_hook: Default::default(),
             }),
         })
     }
@@ -1390,6 +1408,10 @@ impl Engine {
         // the unloaded table and goes with it (see `WakeTask`): each unload used to start one that slept until its
         // deadline whatever happened meanwhile, so a queue loaded and unloaded every few minutes while its oldest
         // item waited for its expiry (days, for a dead-letter queue) gathered one task per cycle.
+        #[cfg(test)]
+        if let Some(hook) = self.inner.unload_hook.lock().ok().and_then(|h| h.clone()) {
+            (hook.0)();
+        }
         if let Ok(mut queues) = self.inner.queues.write() {
             if let Some(h) = queues.get(name).filter(|h| h.load == load).cloned() {
                 queues.remove(name);

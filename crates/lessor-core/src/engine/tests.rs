@@ -97,6 +97,8 @@ struct Gated {
     create_gate: Option<(&'static str, Arc<Semaphore>)>,
     /// Set once a gated `create` has started waiting.
     create_entered: Arc<AtomicBool>,
+    /// What `next_deadline` reports (a ready item's expiry, say).
+    deadline: Option<Ts>,
 }
 
 impl Gated {
@@ -115,6 +117,7 @@ impl Gated {
             durable: None,
             create_gate: None,
             create_entered: Arc::default(),
+            deadline: None,
         }
     }
 
@@ -223,7 +226,7 @@ impl Partition for Gated {
         unused()
     }
     async fn next_deadline(&self) -> Result<Option<Ts>, StorageError> {
-        Ok(None)
+        Ok(self.deadline)
     }
     async fn counts(&self) -> Result<PartitionCounts, StorageError> {
         self.counts_calls.fetch_add(1, Ordering::SeqCst);
@@ -1376,4 +1379,48 @@ async fn requests_handed_on_by_an_unloaded_queue_give_up_on_a_stuck_next_task() 
         "{err:?}"
     );
     store.gate.add_permits(100);
+}
+
+/// A queue whose earliest deadline passes while it unloads is loaded again at once, with no request. Its wake task
+/// used to start before the queue's entry in the unloaded table existed: with the deadline past, it could run on
+/// the other worker in between, find no entry, and end, so the queue was not loaded at its deadline (nor ever,
+/// unless asked for). The window was a few instructions wide; the test widens it on purpose with a hook that runs
+/// right before the tables are changed: it moves the clock past the deadline, then waits for any wake task started
+/// so far to end. The wake task now starts under the unloaded table's lock, after the entry exists, and loads the
+/// queue.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deadline_passed_during_the_unload_still_loads_the_queue() {
+    let clock = ManualClock::starting_now();
+    let store = Gated {
+        deadline: Some(crate::time::Clock::now(&clock).add(Duration::from_secs(3600))),
+        ..Gated::new()
+    };
+    let limits = Limits {
+        queue_idle_unload: Duration::from_secs(60),
+        ..Default::default()
+    };
+    let engine = engine_with_limits(&store, &clock, limits).await;
+    finishes(engine.stats("q")).await.expect("stats loads the queue");
+    assert_eq!(engine.loaded_queues(), (1, 1));
+    let hook = {
+        let clock = clock.clone();
+        let inner = Arc::downgrade(&engine.inner);
+        move || {
+            clock.advance(Duration::from_secs(3600));
+            let Some(inner) = inner.upgrade() else { return };
+            // On this worker, blocking it: a wake task started before this point runs on the other one, and looks
+            // for the queue's entry before it exists.
+            let started = std::time::Instant::now();
+            while inner.wake_tasks.load(Ordering::SeqCst) > 0 {
+                assert!(
+                    started.elapsed() < Duration::from_secs(10),
+                    "a wake task never ended"
+                );
+                std::thread::yield_now();
+            }
+        }
+    };
+    *engine.inner.unload_hook.lock().expect("hook") = Some(super::TestHook(Arc::new(hook)));
+    clock.advance(Duration::from_secs(61));
+    until(|| engine.loaded_queues() == (1, 2)).await;
 }
