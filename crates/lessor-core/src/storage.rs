@@ -46,6 +46,16 @@ pub trait QueuesStore: Send + Sync + Debug + 'static {
     async fn update(&self, info: &QueueInfo) -> Result<(), StorageError>;
     /// Removes a queue's definition; removing a missing queue is `Ok`.
     async fn delete(&self, name: &str) -> Result<(), StorageError>;
+    /// Removes the definition of `name` only while it is the incarnation created at `created_at` (see
+    /// [`PartitionStore::create_incarnation`]); another one (the queue was deleted and created again meanwhile, by
+    /// another server sharing the store) stays, as does a missing one (`Ok`). Stores shared by several servers do it
+    /// in one atomic write; the default reads, then deletes, which is atomic for a store owned by one server.
+    async fn delete_incarnation(&self, name: &str, created_at: Ts) -> Result<(), StorageError> {
+        match self.get(name).await? {
+            Some(info) if info.created_at == created_at => self.delete(name).await,
+            _ => Ok(()),
+        }
+    }
     /// Up to `limit` queues in name order, starting at `pivot` (inclusive).
     async fn list(&self, pivot: &str, limit: usize) -> Result<Vec<QueueInfo>, StorageError>;
     /// A cheap round trip that proves the store answers (health checks).
@@ -119,6 +129,45 @@ pub trait PartitionStore: Send + Sync + Debug + 'static {
     /// did. `None` (the default): the store has no object storage, so there is nothing to sweep.
     async fn sweep_objects(&self) -> Option<Result<crate::types::SweepReport, StorageError>> {
         None
+    }
+    /// [`create`](Self::create) for one incarnation of the queue: `incarnation` is the `created_at` of the definition
+    /// the partitions are made for (the engine's identity of a queue: a queue deleted and created again under its
+    /// name is another one). A [`shared`](Self::shared) store keeps each incarnation's partitions apart, so that a
+    /// delete of an older incarnation still running on another server (it read the definition before the queue was
+    /// deleted and created again) destroys only that incarnation's partitions, and an open for it cannot reach the
+    /// new queue's. `Ts::ZERO` names the partitions a store made before it knew incarnations. The default ignores
+    /// the incarnation: a store owned by one server sees one delete of a name at a time.
+    async fn create_incarnation(
+        &self,
+        queue: &str,
+        incarnation: Ts,
+        partitions: &[u32],
+    ) -> Result<(), StorageError> {
+        let _ = incarnation;
+        self.create(queue, partitions).await
+    }
+    /// [`open`](Self::open) of a partition of one incarnation of the queue (see
+    /// [`create_incarnation`](Self::create_incarnation)). The default ignores the incarnation.
+    async fn open_incarnation(
+        &self,
+        queue: &str,
+        incarnation: Ts,
+        partition: u32,
+    ) -> Result<Arc<dyn Partition>, StorageError> {
+        let _ = incarnation;
+        self.open(queue, partition).await
+    }
+    /// [`destroy_many`](Self::destroy_many) of partitions of one incarnation of the queue (see
+    /// [`create_incarnation`](Self::create_incarnation)): partitions of another incarnation are left as they are.
+    /// The default ignores the incarnation.
+    async fn destroy_many_incarnation(
+        &self,
+        queue: &str,
+        incarnation: Ts,
+        partitions: &[u32],
+    ) -> Result<(), StorageError> {
+        let _ = incarnation;
+        self.destroy_many(queue, partitions).await
     }
     /// Releases resources.
     async fn close(&self);

@@ -12,7 +12,6 @@
 use std::time::{Duration, Instant};
 
 use lessor_client::{proto as pb, Client, ClientError};
-use lessor_storage::postgres::table_name;
 use lessor_testkit::server::postgres_config;
 use lessor_testkit::{connect, postgres_installed, skip_or_fail, Cluster, TestDatabase};
 
@@ -101,11 +100,17 @@ async fn a_locked_partition_table_answers_454_within_the_request_timeout() {
 
     // The operator's session: holds an exclusive lock on the partition table until it rolls back.
     let admin = connect(db.url()).await;
+    // The registered table: its name also carries the queue's incarnation.
+    let table: String = admin
+        .query_one(
+            "SELECT table_name FROM lessor_partitions WHERE queue = 'locked' AND partition = 0",
+            &[],
+        )
+        .await
+        .expect("the partition's table")
+        .get(0);
     admin
-        .batch_execute(&format!(
-            "BEGIN; LOCK TABLE {} IN ACCESS EXCLUSIVE MODE",
-            table_name("locked", 0)
-        ))
+        .batch_execute(&format!("BEGIN; LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE"))
         .await
         .expect("lock");
 

@@ -15,7 +15,6 @@ use std::time::Duration;
 
 use lessor_client::{proto as pb, Client};
 use lessor_server::{Config, RunningServer};
-use lessor_storage::postgres::table_name;
 
 use lessor_testkit::{connect, TestDatabase as Database};
 
@@ -29,7 +28,7 @@ async fn postgres_partitions(db: &Database, queue: &str) -> BTreeMap<u32, i64> {
     let c = connect(db.url()).await;
     let rows = c
         .query(
-            "SELECT partition FROM lessor_partitions WHERE queue = $1 ORDER BY partition",
+            "SELECT partition, table_name FROM lessor_partitions WHERE queue = $1 ORDER BY partition",
             &[&queue],
         )
         .await
@@ -38,8 +37,10 @@ async fn postgres_partitions(db: &Database, queue: &str) -> BTreeMap<u32, i64> {
     for r in rows {
         let p: i64 = r.get(0);
         let p = u32::try_from(p).expect("partition number");
+        // The registered table: its name also carries the queue's incarnation.
+        let table: String = r.get(1);
         let n: i64 = c
-            .query_one(&format!("SELECT count(*) FROM {}", table_name(queue, p)), &[])
+            .query_one(&format!("SELECT count(*) FROM {table}"), &[])
             .await
             .expect("count items")
             .get(0);

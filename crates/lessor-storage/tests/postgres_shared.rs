@@ -436,7 +436,7 @@ async fn a_version_1_schema_migrates_and_gains_the_auth_store() {
         .expect("version")
         .get(0);
     assert_eq!(v, lessor_storage::postgres::SCHEMA_VERSION);
-    assert_eq!(v, 6);
+    assert_eq!(v, 7);
     drop(client);
     queues.close().await;
 }
@@ -1773,4 +1773,168 @@ async fn a_missing_dedup_secret_is_refused_not_drawn_again() {
     );
     running.close().await;
     starting.close().await;
+}
+
+/// Incarnations: a queue deleted and created again under its name is another incarnation, with other tables. A
+/// delete of the old incarnation that another server runs late (it read the old definition before the delete and
+/// the create) drops only the old tables: the new queue keeps its items and its partitions open (before, the late
+/// drop dropped the new tables and tombstoned them for a day). A server still serving the old incarnation can
+/// neither make its tables again nor store into the new ones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_late_destroy_of_an_old_incarnation_leaves_the_new_one_alone() {
+    let Some((a, b)) = two_servers() else {
+        return;
+    };
+    let queue = unique_queue("pg-incarnations");
+    let (old, new) = (Ts(1_000_000), Ts(2_000_000));
+    a.create_incarnation(&queue, old, &[0, 1]).await.expect("create");
+    // B serves partition 0 of the old queue.
+    let b0 = b
+        .open_incarnation(&queue, old, 0)
+        .await
+        .expect("open the old queue");
+    b0.produce(items(1, "old"))
+        .await
+        .expect("produce into the old queue");
+    // A deletes the queue, and creates it again.
+    a.destroy_many_incarnation(&queue, old, &[0, 1])
+        .await
+        .expect("delete");
+    a.create_incarnation(&queue, new, &[0, 1])
+        .await
+        .expect("create again");
+    let n0 = a
+        .open_incarnation(&queue, new, 0)
+        .await
+        .expect("open the new queue");
+    n0.produce(items(2, "new"))
+        .await
+        .expect("produce into the new queue");
+    // B, still serving the old queue: its produce fails, and its opens are refused.
+    b0.produce(items(1, "stale"))
+        .await
+        .expect_err("a produce through the old queue's handle is refused");
+    for p in [0, 1] {
+        assert!(
+            b.open_incarnation(&queue, old, p).await.is_err(),
+            "partition {p} of the deleted incarnation was opened"
+        );
+    }
+    // A delete of the old queue that B runs late: the new queue is not touched.
+    b.destroy_many_incarnation(&queue, old, &[0, 1])
+        .await
+        .expect("the late delete");
+    for (store, p) in [(&a, 0u32), (&b, 1)] {
+        let h = store
+            .open_incarnation(&queue, new, p)
+            .await
+            .expect("the new queue's partitions open");
+        let c = h.counts().await.expect("counts");
+        assert_eq!(c.ready, if p == 0 { 2 } else { 0 }, "partition {p}");
+    }
+    assert_eq!(
+        n0.counts().await.expect("counts").ready,
+        2,
+        "the handle of the new queue still reads its table"
+    );
+    a.destroy_many_incarnation(&queue, new, &[0, 1]).await.ok();
+}
+
+/// Schema version 7 (incarnations): a database at version 6 migrates; a queue created before keeps its tables of
+/// incarnation 0, which an open of any incarnation uses (upgraded, with their items) until a destroy of the queue
+/// drops them; a partition a version-6 destroy tombstoned stays refused; a create after the destroy makes fresh
+/// tables of the new incarnation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_version_6_database_migrates_and_its_tables_serve_on() {
+    if lessor_testkit::database_or_skip().is_none() {
+        return;
+    }
+    let db = lessor_testkit::TestDatabase::create("lessor_incarnations").await;
+    let (t0, t1) = (table_name("old", 0), table_name("old", 1));
+    lessor_testkit::execute(
+        db.url(),
+        &format!(
+            "CREATE TABLE lessor_schema (singleton BOOLEAN PRIMARY KEY DEFAULT true CHECK (singleton),
+                                         version INTEGER NOT NULL);
+             INSERT INTO lessor_schema VALUES (true, 6);
+             {ddl}
+             INSERT INTO lessor_dedup_secret (singleton, secret) VALUES (true, '\\x{secret}'::bytea);
+             {table}
+             INSERT INTO {t0} (expire_deadline, created_at, payload, payload_len)
+                 SELECT {exp}, {now}, convert_to('kept-' || g, 'UTF8'), 6 FROM generate_series(1, 2) g;
+             INSERT INTO lessor_partitions (table_name, queue, partition, created_at, layout)
+                 VALUES ('{t0}', 'old', 0, 1, 1);
+             INSERT INTO lessor_dropped_partitions (table_name, queue, partition, dropped_at)
+                 VALUES ('{t1}', 'old', 1, {now});",
+            ddl = lessor_storage::postgres::migrations_up_to(6),
+            secret = "ab".repeat(32),
+            table = layout_1_ddl(&t0),
+            exp = T0.add(SEC * 3600).0,
+            now = ItemId::floor_now().0,
+        ),
+    )
+    .await
+    .expect("a version 6 schema with a queue");
+    let store = PgStore::new(&PgConfig::new(unique_url(db.url()))).expect("store");
+    let inc = Ts(1_700_000_000_000_000);
+    let p0 = store
+        .open_incarnation("old", inc, 0)
+        .await
+        .expect("the old table serves the queue's incarnation");
+    let leased = p0.lease(5, T0.add(SEC * 60)).await.expect("lease");
+    let payloads: Vec<&[u8]> = leased.iter().map(|i| &i.payload[..]).collect();
+    assert_eq!(payloads, vec![&b"kept-1"[..], b"kept-2"]);
+    assert!(
+        store.open_incarnation("old", inc, 1).await.is_err(),
+        "a partition a version-6 destroy tombstoned was opened"
+    );
+    let client = lessor_testkit::connect(db.url()).await;
+    let row = client
+        .query_one(
+            "SELECT (SELECT version FROM lessor_schema),
+                    (SELECT incarnation FROM lessor_partitions WHERE table_name = $1)",
+            &[&t0],
+        )
+        .await
+        .expect("version");
+    let (version, registered): (i32, i64) = (row.get(0), row.get(1));
+    assert_eq!(
+        (version, registered),
+        (lessor_storage::postgres::SCHEMA_VERSION, 0)
+    );
+    assert_eq!(version, 7);
+    store
+        .destroy_many_incarnation("old", inc, &[0, 1])
+        .await
+        .expect("delete");
+    let gone: Option<String> = client
+        .query_one("SELECT to_regclass($1)::text", &[&t0])
+        .await
+        .expect("regclass")
+        .get(0);
+    assert_eq!(gone, None, "the destroy drops the table of incarnation 0");
+    assert!(store.open_incarnation("old", inc, 0).await.is_err());
+    let again = Ts(inc.0 + 1);
+    store
+        .create_incarnation("old", again, &[0, 1])
+        .await
+        .expect("create again");
+    for p in [0, 1] {
+        let h = store.open_incarnation("old", again, p).await.expect("open");
+        assert_eq!(h.counts().await.expect("counts").ready, 0, "partition {p}");
+    }
+    let named: String = client
+        .query_one(
+            "SELECT table_name FROM lessor_partitions WHERE queue = 'old' AND partition = 0",
+            &[],
+        )
+        .await
+        .expect("registration")
+        .get(0);
+    assert_eq!(
+        named,
+        lessor_storage::postgres::incarnation_table_name("old", 0, again.0)
+    );
+    drop(client);
+    store.close().await;
 }

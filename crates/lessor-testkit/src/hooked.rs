@@ -358,6 +358,44 @@ impl PartitionStore for HookedStore {
         let call = Call::new(Op::DestroyMany, queue, None);
         hooked(&*self.hook, call, self.inner.destroy_many(queue, partitions)).await
     }
+    async fn create_incarnation(
+        &self,
+        queue: &str,
+        incarnation: Ts,
+        partitions: &[u32],
+    ) -> Result<(), StorageError> {
+        let call = Call::new(Op::Create, queue, None);
+        let inner = self.inner.create_incarnation(queue, incarnation, partitions);
+        hooked(&*self.hook, call, inner).await
+    }
+    async fn open_incarnation(
+        &self,
+        queue: &str,
+        incarnation: Ts,
+        partition: u32,
+    ) -> Result<Arc<dyn Partition>, StorageError> {
+        let call = Call::new(Op::Open, queue, Some(partition));
+        let inner = self.inner.open_incarnation(queue, incarnation, partition);
+        let inner = hooked(&*self.hook, call, inner).await?;
+        Ok(Arc::new(HookedPartition {
+            inner,
+            hook: self.hook.clone(),
+            queue: queue.to_string(),
+            partition,
+        }))
+    }
+    async fn destroy_many_incarnation(
+        &self,
+        queue: &str,
+        incarnation: Ts,
+        partitions: &[u32],
+    ) -> Result<(), StorageError> {
+        let call = Call::new(Op::DestroyMany, queue, None);
+        let inner = self
+            .inner
+            .destroy_many_incarnation(queue, incarnation, partitions);
+        hooked(&*self.hook, call, inner).await
+    }
     fn shared(&self) -> bool {
         self.inner.shared()
     }
@@ -682,6 +720,14 @@ impl QueuesStore for HookedQueues {
             &*self.hook,
             Call::new(Op::QueueDelete, name, None),
             self.inner.delete(name),
+        )
+        .await
+    }
+    async fn delete_incarnation(&self, name: &str, created_at: Ts) -> Result<(), StorageError> {
+        hooked(
+            &*self.hook,
+            Call::new(Op::QueueDelete, name, None),
+            self.inner.delete_incarnation(name, created_at),
         )
         .await
     }

@@ -612,7 +612,14 @@ impl Engine {
     // ---- queue definitions -------------------------------------------------------------------------------------
 
     /// Creates a queue.
-    pub async fn create_queue(&self, mut info: QueueInfo) -> Result<(), QueueError> {
+    pub async fn create_queue(&self, info: QueueInfo) -> Result<(), QueueError> {
+        self.create_queue_at(info, Ts::ZERO).await
+    }
+
+    /// [`Engine::create_queue`], with the creation time `created_at` unless it is zero (a restore keeps the
+    /// backed-up queue's). The creation time is the queue's incarnation (see
+    /// [`PartitionStore::create_incarnation`]): its partitions are made for it before the definition is stored.
+    async fn create_queue_at(&self, mut info: QueueInfo, created_at: Ts) -> Result<(), QueueError> {
         self.check_running()?;
         validate::queue_name("queue_name", &info.name)?;
         validate_options(&info)?;
@@ -649,20 +656,69 @@ impl Engine {
         if self.inner.config.queues.get(&info.name).await?.is_some() {
             return Err(QueueError::QueueExists(info.name));
         }
-        self.prepare_partitions(&info.name, &info.partitions, 0).await?;
         let now = self.clock().now();
-        info.created_at = now;
+        info.created_at = if created_at.is_zero() { now } else { created_at };
         info.updated_at = now;
+        // Made for this incarnation: a delete of an older one still running on another server (it read the
+        // definition before a delete there and this create) destroys only its own partitions, not these.
+        if let Err(e) = self
+            .prepare_partitions(&info.name, info.created_at, &info.partitions, 0)
+            .await
+        {
+            self.forget_unstored_partitions(&info).await;
+            return Err(e);
+        }
         // The dead-letter queue is checked again, and the definition stored, under the load lock, as a delete's
         // check for the queues naming it is: a delete of it that ran while the partitions were prepared (outside
         // the lock: they may be many) found no user and went on, and the queue would have named a deleted one. A
         // queue created later under that name, in any namespace, would then have received its dead letters.
-        let _guard = self.inner.load_lock.lock().await;
-        self.validate_dead_queue(&info.name, &info.dead_queue).await?;
-        match self.inner.config.queues.add(&info).await {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind == StorageErrorKind::AlreadyExists => Err(QueueError::QueueExists(info.name)),
-            Err(e) => Err(e.into()),
+        let guard = self.inner.load_lock.lock().await;
+        let stored = match self.validate_dead_queue(&info.name, &info.dead_queue).await {
+            Ok(()) => self.inner.config.queues.add(&info).await.map_err(|e| {
+                if e.kind == StorageErrorKind::AlreadyExists {
+                    QueueError::QueueExists(info.name.clone())
+                } else {
+                    e.into()
+                }
+            }),
+            Err(e) => Err(e),
+        };
+        drop(guard);
+        if stored.is_err() {
+            self.forget_unstored_partitions(&info).await;
+        }
+        stored
+    }
+
+    /// Destroys, best effort, the partitions a create made for a definition it did not store (its partitions
+    /// failed half-way, or a create of the name on another server stored its definition first): nothing would
+    /// ever serve or destroy them, and a shared store keeps the queue's dedup records while any of its partitions
+    /// is left (see [`PartitionStore::create_incarnation`]). Only in shared stores, which keep incarnations apart: in
+    /// a store that does not, the partitions may be the stored queue's own. A definition stored under the same
+    /// incarnation (two creates in the same microsecond) shares them, so they stay.
+    async fn forget_unstored_partitions(&self, info: &QueueInfo) {
+        match self.inner.config.queues.get(&info.name).await {
+            Ok(Some(stored)) if stored.created_at == info.created_at => return,
+            Ok(_) => {}
+            Err(_) => return,
+        }
+        for s in self.inner.config.stores.iter().filter(|s| s.store.shared()) {
+            let mine: Vec<u32> = info
+                .partitions
+                .iter()
+                .filter(|p| p.storage_name == s.name)
+                .map(|p| p.partition)
+                .collect();
+            if mine.is_empty() {
+                continue;
+            }
+            if let Err(e) = s
+                .store
+                .destroy_many_incarnation(&info.name, info.created_at, &mine)
+                .await
+            {
+                tracing::warn!(queue = %info.name, store = %s.name, error = %e, "partitions of a queue not created are left behind");
+            }
         }
     }
 
@@ -805,7 +861,7 @@ impl Engine {
             validate::partition_count(n)?;
             info.partitions.extend(place(&self.weights(), have, n - have));
             info.requested_partitions = n;
-            self.prepare_partitions(&info.name, &info.partitions, have as usize)
+            self.prepare_partitions(&info.name, info.created_at, &info.partitions, have as usize)
                 .await?;
         }
         if let Some(w) = update.dedup_window {
@@ -950,7 +1006,13 @@ impl Engine {
             if mine.is_empty() {
                 continue;
             }
-            if let Err(e) = s.store.destroy_many(name, &mine).await {
+            // Only the incarnation read above: when another server deleted the queue and created it again meanwhile,
+            // the new queue's partitions are not this delete's.
+            if let Err(e) = s
+                .store
+                .destroy_many_incarnation(name, info.created_at, &mine)
+                .await
+            {
                 tracing::warn!(queue = name, store = %s.name, partitions = mine.len(), error = %e, "partition data not removed; the queue stays defined");
                 return Err(e.into());
             }
@@ -960,7 +1022,12 @@ impl Engine {
         // hold copies of moved items, and the stores reuse a partition that exists, so a queue created again under
         // the name and placed there, or the old move resumed on it, served them.
         self.end_rebalances_of_deleted(name).await?;
-        self.inner.config.queues.delete(name).await?;
+        // The definition read above, not a new queue another server created under the name meanwhile.
+        self.inner
+            .config
+            .queues
+            .delete_incarnation(name, info.created_at)
+            .await?;
         // Under the lock: whoever waited for the delete finds the definition gone.
         drop(deleting);
         Ok(())
@@ -1014,6 +1081,7 @@ impl Engine {
     async fn prepare_partitions(
         &self,
         queue: &str,
+        incarnation: Ts,
         placement: &[PartitionInfo],
         from: usize,
     ) -> Result<(), QueueError> {
@@ -1036,7 +1104,7 @@ impl Engine {
                 .map(|p| p.partition)
                 .collect();
             if !new.is_empty() {
-                s.store.create(queue, &new).await?;
+                s.store.create_incarnation(queue, incarnation, &new).await?;
             }
         }
         Ok(())
@@ -2058,15 +2126,11 @@ impl Engine {
         info.partitions = Vec::new();
         info.requested_partitions = count;
         info.restoring = true;
+        // The definition keeps the backed-up queue's creation time, from its create on: it is the incarnation its
+        // partitions are made for (changed afterwards, the partitions would be another incarnation's).
         let created_at = info.created_at;
-        self.create_queue(info.clone()).await?;
-        let mut stored = self.queue_info(&info.name).await?;
-        if !created_at.is_zero() && stored.created_at != created_at {
-            // The definition keeps the backed-up queue's creation time.
-            stored.created_at = created_at;
-            self.inner.config.queues.update(&stored).await?;
-        }
-        Ok(stored)
+        self.create_queue_at(info.clone(), created_at).await?;
+        self.queue_info(&info.name).await
     }
 
     /// Imports one restore page of `partition`, starting at item `offset` of that partition's backup stream: the

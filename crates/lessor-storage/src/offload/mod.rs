@@ -838,6 +838,35 @@ impl OffloadStore {
     }
 }
 
+impl OffloadStore {
+    /// `inner`, partition `partition` of `queue`, behind this store.
+    fn wrap(&self, queue: &str, partition: u32, inner: Arc<dyn Partition>) -> Arc<dyn Partition> {
+        let dir = self.dir(queue, partition);
+        lock(&self.shared.open).insert(listed_dir(&dir), Arc::downgrade(&inner));
+        Arc::new(OffloadPartition {
+            inner,
+            shared: self.shared.clone(),
+            dir,
+            leased: Mutex::new(HashMap::new()),
+            dead: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// Deletes the objects of destroyed partitions (after their items: an item never references a deleted object).
+    async fn delete_objects(&self, queue: &str, partitions: &[u32]) -> Result<(), StorageError> {
+        let mut first_err = None;
+        for &p in partitions {
+            let dir = self.dir(queue, p);
+            lock(&self.shared.open).remove(&listed_dir(&dir));
+            if let Err(e) = self.shared.delete_dir(&dir).await {
+                tracing::warn!(dir, error = %e, "objects of a destroyed partition not deleted");
+                first_err.get_or_insert(e);
+            }
+        }
+        first_err.map_or(Ok(()), Err)
+    }
+}
+
 #[async_trait]
 impl PartitionStore for OffloadStore {
     fn driver(&self) -> &'static str {
@@ -852,17 +881,30 @@ impl PartitionStore for OffloadStore {
         self.inner.create(queue, partitions).await
     }
 
+    async fn create_incarnation(
+        &self,
+        queue: &str,
+        incarnation: Ts,
+        partitions: &[u32],
+    ) -> Result<(), StorageError> {
+        self.inner
+            .create_incarnation(queue, incarnation, partitions)
+            .await
+    }
+
     async fn open(&self, queue: &str, partition: u32) -> Result<Arc<dyn Partition>, StorageError> {
         let inner = self.inner.open(queue, partition).await?;
-        let dir = self.dir(queue, partition);
-        lock(&self.shared.open).insert(listed_dir(&dir), Arc::downgrade(&inner));
-        Ok(Arc::new(OffloadPartition {
-            inner,
-            shared: self.shared.clone(),
-            dir,
-            leased: Mutex::new(HashMap::new()),
-            dead: Mutex::new(HashMap::new()),
-        }))
+        Ok(self.wrap(queue, partition, inner))
+    }
+
+    async fn open_incarnation(
+        &self,
+        queue: &str,
+        incarnation: Ts,
+        partition: u32,
+    ) -> Result<Arc<dyn Partition>, StorageError> {
+        let inner = self.inner.open_incarnation(queue, incarnation, partition).await?;
+        Ok(self.wrap(queue, partition, inner))
     }
 
     /// The items first, then their objects (an item never references a deleted object). Objects that could not be
@@ -874,16 +916,22 @@ impl PartitionStore for OffloadStore {
 
     async fn destroy_many(&self, queue: &str, partitions: &[u32]) -> Result<(), StorageError> {
         self.inner.destroy_many(queue, partitions).await?;
-        let mut first_err = None;
-        for &p in partitions {
-            let dir = self.dir(queue, p);
-            lock(&self.shared.open).remove(&listed_dir(&dir));
-            if let Err(e) = self.shared.delete_dir(&dir).await {
-                tracing::warn!(dir, error = %e, "objects of a destroyed partition not deleted");
-                first_err.get_or_insert(e);
-            }
-        }
-        first_err.map_or(Ok(()), Err)
+        self.delete_objects(queue, partitions).await
+    }
+
+    /// Objects are kept per queue name and partition, not per incarnation: a delete of an older incarnation that
+    /// runs late (see [`PartitionStore::create_incarnation`]) deletes those of a queue created again under the name
+    /// meanwhile too (a known limit of offloading from a shared store, see docs/operations.md).
+    async fn destroy_many_incarnation(
+        &self,
+        queue: &str,
+        incarnation: Ts,
+        partitions: &[u32],
+    ) -> Result<(), StorageError> {
+        self.inner
+            .destroy_many_incarnation(queue, incarnation, partitions)
+            .await?;
+        self.delete_objects(queue, partitions).await
     }
 
     fn shared(&self) -> bool {

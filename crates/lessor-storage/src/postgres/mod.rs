@@ -43,4 +43,4 @@ pub use auth::PgAuth;
 pub use partition::{PgPartition, PgStore, MAX_PARTITIONS};
 pub use pool::PgConfig;
 pub use queues::PgQueues;
-pub use schema::{migrations_up_to, table_name, PARTITION_LAYOUT, SCHEMA_VERSION};
+pub use schema::{incarnation_table_name, migrations_up_to, table_name, PARTITION_LAYOUT, SCHEMA_VERSION};

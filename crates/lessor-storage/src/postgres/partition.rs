@@ -44,7 +44,7 @@ use tokio_postgres::Row;
 
 use super::dedup::QueueKeys;
 use super::pool::{acquire, pg_err, prepare, PgConfig, Shared, Tx};
-use super::schema::{self, table_name, Ensure};
+use super::schema::{self, Ensure};
 use super::sql::{Sql, RETRY_DELETE, RETRY_KEEP_DEAD, RETRY_RELEASE, RETRY_REQUEUE, RETRY_SCHEDULE};
 
 /// Partitions in PostgreSQL, one table each.
@@ -99,33 +99,52 @@ impl PartitionStore for PgStore {
     }
 
     async fn create(&self, queue: &str, partitions: &[u32]) -> Result<(), StorageError> {
+        self.create_incarnation(queue, Ts::ZERO, partitions).await
+    }
+
+    /// Tables of the incarnation (see `schema::incarnation_table_name`).
+    async fn create_incarnation(
+        &self,
+        queue: &str,
+        incarnation: Ts,
+        partitions: &[u32],
+    ) -> Result<(), StorageError> {
         let shared = self.shared()?;
         // A table, its sequence and its indexes are one transaction each: a few at a time keeps the pool's other
         // users served while a wide queue is created.
         for chunk in partitions.chunks(CREATE_CONCURRENCY) {
-            futures::future::try_join_all(
-                chunk.iter().map(|&p| {
-                    let table = table_name(queue, p);
-                    let shared = shared.clone();
-                    let first_id = i64::try_from(ItemId::floor_for(p).0).unwrap_or(i64::MAX);
-                    async move {
-                        schema::ensure_partition(&shared, &table, queue, p, first_id, Ensure::Create).await
-                    }
-                }),
-            )
+            futures::future::try_join_all(chunk.iter().map(|&p| {
+                let shared = shared.clone();
+                let first_id = i64::try_from(ItemId::floor_for(p).0).unwrap_or(i64::MAX);
+                async move {
+                    schema::ensure_partition(&shared, queue, p, incarnation.0, first_id, Ensure::Create)
+                        .await
+                        .map(|_| ())
+                }
+            }))
             .await?;
         }
         Ok(())
     }
 
     async fn open(&self, queue: &str, partition: u32) -> Result<Arc<dyn Partition>, StorageError> {
+        self.open_incarnation(queue, Ts::ZERO, partition).await
+    }
+
+    async fn open_incarnation(
+        &self,
+        queue: &str,
+        incarnation: Ts,
+        partition: u32,
+    ) -> Result<Arc<dyn Partition>, StorageError> {
         let shared = self.shared()?;
-        let table = table_name(queue, partition);
         // A new table's ids start at the current time in microseconds, so a queue deleted and created again never
         // reuses an id that a consumer of the old queue may still hold (offset per partition: see `floor_for`).
         let first_id = i64::try_from(ItemId::floor_for(partition).0).unwrap_or(i64::MAX);
         // Never creates a table that a destroy dropped: see `ensure_partition`.
-        schema::ensure_partition(&shared, &table, queue, partition, first_id, Ensure::Open).await?;
+        let table =
+            schema::ensure_partition(&shared, queue, partition, incarnation.0, first_id, Ensure::Open)
+                .await?;
         let keys = schema::dedup_secret(&shared).await?.queue(queue);
         Ok(Arc::new(PgPartition {
             sql: Sql::new(&table),
@@ -143,19 +162,28 @@ impl PartitionStore for PgStore {
 
     async fn destroy(&self, queue: &str, partition: u32) -> Result<(), StorageError> {
         let shared = self.shared()?;
-        schema::drop_partition(&shared, &table_name(queue, partition), queue, partition).await?;
+        schema::drop_partition(&shared, queue, partition, 0).await?;
         schema::purge_tombstones(&shared).await;
         schema::drop_queue_dedup(&shared, queue).await
     }
 
     async fn destroy_many(&self, queue: &str, partitions: &[u32]) -> Result<(), StorageError> {
+        self.destroy_many_incarnation(queue, Ts::ZERO, partitions).await
+    }
+
+    /// Drops the incarnation's tables only: see `schema::drop_partition`.
+    async fn destroy_many_incarnation(
+        &self,
+        queue: &str,
+        incarnation: Ts,
+        partitions: &[u32],
+    ) -> Result<(), StorageError> {
         let shared = self.shared()?;
         // As in `create`: a few tables at a time, not one after another (1,000 tables took 12 s in sequence).
         for chunk in partitions.chunks(CREATE_CONCURRENCY) {
             futures::future::try_join_all(chunk.iter().map(|&p| {
-                let table = table_name(queue, p);
                 let shared = shared.clone();
-                async move { schema::drop_partition(&shared, &table, queue, p).await }
+                async move { schema::drop_partition(&shared, queue, p, incarnation.0).await }
             }))
             .await?;
         }

@@ -241,6 +241,17 @@ impl QueuesStore for PgQueues {
         Ok(())
     }
 
+    /// One statement: a create of the name on another server cannot slip in between a read and the delete.
+    async fn delete_incarnation(&self, name: &str, created_at: Ts) -> Result<(), StorageError> {
+        let shared = self.shared().await?;
+        let conn = shared.conn().await?;
+        let stmt = prepare(&conn, "DELETE FROM queues WHERE name = $1 AND created_at = $2").await?;
+        conn.execute(&stmt, &[&name, &created_at.0])
+            .await
+            .map_err(pg_err)?;
+        Ok(())
+    }
+
     async fn list(&self, pivot: &str, limit: usize) -> Result<Vec<QueueInfo>, StorageError> {
         let shared = self.shared().await?;
         let conn = shared.conn().await?;

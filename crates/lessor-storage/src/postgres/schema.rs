@@ -17,8 +17,11 @@
 //! - `lessor_dropped_partitions` (version 6): the item tables dropped by a destroy, so that a server which still
 //!   serves the queue (or loads it while the delete runs) cannot create them again by opening them: only
 //!   [`PartitionStore::create`](lessor_core::storage::PartitionStore::create) does (see [`ensure_partition`]).
-//! - `items_<12 hex digits of md5(queue)>_<partition, 6 digits>` and its id sequence: one partition's items, created
-//!   when the queue or partition is created (see [`partition_ddl`]).
+//! - (version 7) the incarnation of each registered and each dropped table (see [`incarnation_table_name`]).
+//! - `items_<12 hex digits of md5(queue)>_<incarnation, hex>_<partition, 6 digits>` and its id sequence: one
+//!   partition's items, of one incarnation of the queue, created when the queue or partition is created (see
+//!   [`partition_ddl`]); `items_<12 hex digits>_<partition>` for the tables made before incarnations (version 6 and
+//!   earlier), which are used on as they are.
 //!
 //! Timestamps are `BIGINT` microseconds since the Unix epoch (exactly [`lessor_core::time::Ts`]), 0 meaning unset,
 //! so values round-trip bit for bit and the partial-index predicates compare integers.
@@ -142,6 +145,12 @@ const MIGRATIONS: &[&str] = &[
         dropped_at BIGINT NOT NULL
     );
     CREATE INDEX lessor_dropped_partitions_at ON lessor_dropped_partitions (dropped_at);
+    "#,
+    // 7: the incarnation (the queue definition's `created_at`, see `incarnation_table_name`) each item table and
+    // tombstone belongs to; 0 for those of the earlier versions, which named no incarnation.
+    r#"
+    ALTER TABLE lessor_partitions ADD COLUMN incarnation BIGINT NOT NULL DEFAULT 0;
+    ALTER TABLE lessor_dropped_partitions ADD COLUMN incarnation BIGINT NOT NULL DEFAULT 0;
     "#,
 ];
 
@@ -340,9 +349,29 @@ pub(crate) async fn dedup_secret(shared: &Shared) -> Result<super::dedup::DedupS
 /// partition zero-padded to 6 digits (`hello`, 0 -> `items_5d41402abc4b_000000`). Only `[a-z0-9_]`, so the name is
 /// safe to splice into SQL unquoted.
 pub fn table_name(queue: &str, partition: u32) -> String {
+    format!("items_{}_{partition:06}", queue_hash(queue))
+}
+
+fn queue_hash(queue: &str) -> String {
     let digest = Md5::digest(queue.as_bytes());
-    let hex: String = digest[..6].iter().map(|b| format!("{b:02x}")).collect();
-    format!("items_{hex}_{partition:06}")
+    digest[..6].iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The item table of partition `partition` of the incarnation `incarnation` of `queue` (the `created_at` of its
+/// definition, in microseconds): `items_<12 hex digits of md5(queue)>_<incarnation, hex>_<partition, 6 digits>`, or
+/// [`table_name`] for incarnation 0 (the tables made before incarnations, and stores used without them).
+///
+/// A queue deleted and created again under its name is another incarnation, so its tables are others: a delete of
+/// the old one that another server runs late (it read the old definition before the delete and the create) drops
+/// the old tables only, and a server still serving the old queue finds its tables gone (its calls fail) instead of
+/// storing into the new queue's. At most 46 characters, 53 with the sequence's suffix: within PostgreSQL's 63.
+pub fn incarnation_table_name(queue: &str, partition: u32, incarnation: i64) -> String {
+    if incarnation == 0 {
+        return table_name(queue, partition);
+    }
+    // As unsigned: a creation time before 1970 (a restored definition's) still names one table.
+    let inc = incarnation as u64;
+    format!("items_{}_{inc:x}_{partition:06}", queue_hash(queue))
 }
 
 /// The layout of item tables this build creates: 2 added `priority` and the `_ready_p` index (replacing `_ready`).
@@ -427,12 +456,13 @@ pub(crate) fn upgrade_ddl(table: &str) -> String {
     )
 }
 
-fn owner_mismatch(table: &str, queue: &str, partition: u32, owner: &str, owner_part: i64) -> StorageError {
+fn owner_mismatch(table: &str, queue: &str, partition: u32, owner: &Owner) -> StorageError {
     StorageError::new(
         StorageErrorKind::Config,
         format!(
-            "postgres: table {table} for queue '{queue}' partition {partition} already holds queue '{owner}' \
-             partition {owner_part} (the queue names' md5 prefixes collide; rename one queue)"
+            "postgres: table {table} for queue '{queue}' partition {partition} already holds queue '{}' \
+             partition {} (the queue names' md5 prefixes collide; rename one queue)",
+            owner.queue, owner.partition
         ),
     )
 }
@@ -455,35 +485,58 @@ pub(crate) enum Ensure {
 /// every `shared_refresh` (half a second) before it opens anything, and stops serving a queue whose definition is
 /// gone, so a day is ample even for a server whose queue store was unreachable meanwhile. A queue whose definition
 /// outlived its partitions (its delete failed after the drops, and was not retried) serves again, empty, after that
-/// long, as before tombstones.
+/// long, as before tombstones. A queue created again under the name is another incarnation with other tables (see
+/// [`incarnation_table_name`]): no tombstone of the old one ever refuses it.
 const TOMBSTONE_TTL: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
+
+/// Whom a registered table belongs to.
+struct Owner {
+    queue: String,
+    partition: i64,
+    incarnation: i64,
+}
 
 /// The state of an item table as [`ensure_partition`] reads it.
 struct TableState {
-    /// The registration's queue and partition, when the table is registered.
-    owner: Option<(String, i64)>,
+    /// The registration, when the table is registered.
+    owner: Option<Owner>,
     layout: Option<i32>,
     exists: bool,
-    /// A destroy of this queue's partition dropped the table, and no create made it again since.
+    /// A destroy of this incarnation of the queue's partition dropped the table, and no create made it again since.
     dropped: bool,
 }
 
 /// The query behind [`TableState`]: one row for any table name.
-const TABLE_STATE: &str = "SELECT p.queue, p.partition, p.layout, to_regclass(x.t) IS NOT NULL,
-            d.queue IS NOT NULL AND d.queue = $2 AND d.partition = $3
+const TABLE_STATE: &str =
+    "SELECT p.queue, p.partition, p.incarnation, p.layout, to_regclass(x.t) IS NOT NULL,
+            d.queue IS NOT NULL AND d.queue = $2 AND d.partition = $3 AND d.incarnation = $4
      FROM (SELECT $1::text AS t) x
      LEFT JOIN lessor_partitions p ON p.table_name = x.t
      LEFT JOIN lessor_dropped_partitions d ON d.table_name = x.t";
 
 fn table_state(r: &tokio_postgres::Row) -> Result<TableState, StorageError> {
-    let owner: Option<String> = r.try_get(0).map_err(pg_err)?;
-    let owner_part: Option<i64> = r.try_get(1).map_err(pg_err)?;
+    let queue: Option<String> = r.try_get(0).map_err(pg_err)?;
+    let partition: Option<i64> = r.try_get(1).map_err(pg_err)?;
+    let incarnation: Option<i64> = r.try_get(2).map_err(pg_err)?;
     Ok(TableState {
-        owner: owner.zip(owner_part),
-        layout: r.try_get(2).map_err(pg_err)?,
-        exists: r.try_get(3).map_err(pg_err)?,
-        dropped: r.try_get(4).map_err(pg_err)?,
+        owner: queue.zip(partition).map(|(queue, partition)| Owner {
+            queue,
+            partition,
+            incarnation: incarnation.unwrap_or(0),
+        }),
+        layout: r.try_get(3).map_err(pg_err)?,
+        exists: r.try_get(4).map_err(pg_err)?,
+        dropped: r.try_get(5).map_err(pg_err)?,
     })
+}
+
+impl TableState {
+    /// The registration names another queue, partition or incarnation: a hash collision of two queue names.
+    fn foreign(&self, queue: &str, partition: i64, incarnation: i64) -> Option<&Owner> {
+        self.owner
+            .as_ref()
+            .filter(|o| o.queue != queue || o.partition != partition || o.incarnation != incarnation)
+    }
 }
 
 fn dropped_error(table: &str, queue: &str, partition: u32) -> StorageError {
@@ -493,8 +546,28 @@ fn dropped_error(table: &str, queue: &str, partition: u32) -> StorageError {
     ))
 }
 
-/// Makes partition `partition` of `queue` ready to use: creates its table when `why` is [`Ensure::Create`] (fresh
-/// when a destroy dropped it), and upgrades a table an older build made.
+/// Reads the state of `table` (registered, if at all, to `queue`, `partition`, `incarnation`) outside any lock.
+async fn read_state(
+    conn: &deadpool_postgres::Object,
+    table: &str,
+    queue: &str,
+    part: i64,
+    incarnation: i64,
+) -> Result<TableState, StorageError> {
+    let check = prepare(conn, TABLE_STATE).await?;
+    let rows = conn
+        .query(&check, &[&table, &queue, &part, &incarnation])
+        .await
+        .map_err(pg_err)?;
+    let r = rows
+        .first()
+        .ok_or_else(|| StorageError::other("postgres: no partition state row"))?;
+    table_state(r)
+}
+
+/// Makes partition `partition` of the incarnation `incarnation` of `queue` ready to use, and returns its table:
+/// creates the table when `why` is [`Ensure::Create`] (fresh when a destroy dropped it), and upgrades a table an
+/// older build made.
 ///
 /// An open never makes a table a destroy dropped. The engine deletes a queue's partitions before its definition, and
 /// another server may still serve the queue (it notices the delete within `shared_refresh`) or load it from the
@@ -505,58 +578,67 @@ fn dropped_error(table: &str, queue: &str, partition: u32) -> StorageError {
 /// acknowledged), and a create after it starts from an empty table. An open of a table never created nor dropped
 /// still creates it (a queue defined by a build from before `create`, and tests that open without creating).
 ///
+/// Tombstones and tables are per incarnation (see [`incarnation_table_name`]): when the tables were named by queue
+/// and partition alone, a delete of the old queue still running on another server (it read the old definition)
+/// dropped and tombstoned the tables that a create of the name had just made, and the new queue's opens were refused
+/// for a day, or its acknowledged items dropped. An open of an incarnation that has no table of its name (a queue
+/// created before incarnations) uses the partition's table of incarnation 0, unless a destroy dropped that one.
+///
 /// Checks first without locking, so opening an existing, current partition costs one query; several servers
 /// opening it at once serialise on the table's advisory lock, and the later ones find the work done.
 pub(crate) async fn ensure_partition(
     shared: &Shared,
-    table: &str,
     queue: &str,
     partition: u32,
+    incarnation: i64,
     first_id: i64,
     why: Ensure,
-) -> Result<(), StorageError> {
+) -> Result<String, StorageError> {
     ensure(shared).await?;
+    let table = incarnation_table_name(queue, partition, incarnation);
     let conn = shared.conn().await?;
     let part = i64::from(partition);
-    let check = prepare(&conn, TABLE_STATE).await?;
-    let rows = conn
-        .query(&check, &[&table, &queue, &part])
-        .await
-        .map_err(pg_err)?;
-    let r = rows
-        .first()
-        .ok_or_else(|| StorageError::other("postgres: no partition state row"))?;
-    let s = table_state(r)?;
-    if let Some((owner, owner_part)) = &s.owner {
-        if owner != queue || *owner_part != part {
-            return Err(owner_mismatch(table, queue, partition, owner, *owner_part));
-        }
+    let s = read_state(&conn, &table, queue, part, incarnation).await?;
+    if let Some(owner) = s.foreign(queue, part, incarnation) {
+        return Err(owner_mismatch(&table, queue, partition, owner));
     }
     if s.dropped && why == Ensure::Open {
-        return Err(dropped_error(table, queue, partition));
+        return Err(dropped_error(&table, queue, partition));
     }
     if !s.dropped && s.exists && s.owner.is_some() && s.layout.is_some_and(|l| l >= PARTITION_LAYOUT) {
-        return Ok(());
+        return Ok(table);
+    }
+    if why == Ensure::Open && incarnation != 0 && !s.dropped && !s.exists && s.owner.is_none() {
+        // A queue created before incarnations keeps its tables of incarnation 0; one a destroy dropped is refused
+        // as any other (a delete by a build from before incarnations tombstoned that name only).
+        let legacy = table_name(queue, partition);
+        let l = read_state(&conn, &legacy, queue, part, 0).await?;
+        if l.dropped {
+            return Err(dropped_error(&legacy, queue, partition));
+        }
+        if l.exists && l.foreign(queue, part, 0).is_none() {
+            drop(conn);
+            return Box::pin(ensure_partition(shared, queue, partition, 0, first_id, why)).await;
+        }
     }
     let lock = format!("SELECT pg_advisory_xact_lock({TABLE_LOCK_CLASS}, hashtext('{table}'))");
     let tx = Tx::begin_simple(conn, &lock).await?;
     // Read again under the lock: another server may have created, upgraded or dropped the table meanwhile.
     let state = prepare(tx.conn()?, TABLE_STATE).await?;
-    let (tx, rows) = tx.query(&state, &[&table, &queue, &part]).await?;
+    let (tx, rows) = tx.query(&state, &[&table, &queue, &part, &incarnation]).await?;
     let r = rows
         .first()
         .ok_or_else(|| StorageError::other("postgres: no partition state row"))?;
     let s = table_state(r)?;
-    if let Some((owner, owner_part)) = &s.owner {
-        if owner != queue || *owner_part != part {
-            tx.rollback().await;
-            return Err(owner_mismatch(table, queue, partition, owner, *owner_part));
-        }
+    if let Some(owner) = s.foreign(queue, part, incarnation) {
+        let e = owner_mismatch(&table, queue, partition, owner);
+        tx.rollback().await;
+        return Err(e);
     }
     let ddl = if s.dropped {
         if why == Ensure::Open {
             tx.rollback().await;
-            return Err(dropped_error(table, queue, partition));
+            return Err(dropped_error(&table, queue, partition));
         }
         // A table that exists in spite of the tombstone was made by a build from before tombstones while the
         // queue was being deleted: what it holds belongs to the deleted queue, and the new one starts empty.
@@ -564,23 +646,24 @@ pub(crate) async fn ensure_partition(
             "DROP TABLE IF EXISTS {table}; DROP SEQUENCE IF EXISTS {table}_id_seq;
              DELETE FROM lessor_dropped_partitions WHERE table_name = '{table}';
              {}",
-            partition_ddl(table, first_id)
+            partition_ddl(&table, first_id)
         )
     } else if !s.exists {
-        partition_ddl(table, first_id)
+        partition_ddl(&table, first_id)
     } else if s.owner.is_none() || s.layout.is_none_or(|l| l < PARTITION_LAYOUT) {
         // A table without a registration row can only be ours from before registration was atomic; upgrading
         // it is idempotent either way.
-        upgrade_ddl(table)
+        upgrade_ddl(&table)
     } else {
-        return tx.commit().await;
+        tx.commit().await?;
+        return Ok(table);
     };
     let tx = tx.batch(&ddl).await?;
     // A new registration, or a layout upgrade of the existing one (which keeps its creation time).
     let register = prepare(
         tx.conn()?,
-        "INSERT INTO lessor_partitions (table_name, queue, partition, created_at, layout)
-         VALUES ($1, $2, $3, $4, $5)
+        "INSERT INTO lessor_partitions (table_name, queue, partition, created_at, layout, incarnation)
+         VALUES ($1, $2, $3, $4, $5, $7)
          ON CONFLICT (table_name) DO UPDATE SET layout = EXCLUDED.layout,
             created_at = CASE WHEN $6::bool THEN EXCLUDED.created_at ELSE lessor_partitions.created_at END",
     )
@@ -590,46 +673,83 @@ pub(crate) async fn ensure_partition(
     let fresh = s.dropped || !s.exists;
     tx.query_commit(
         &register,
-        &[&table, &queue, &part, &created_at, &PARTITION_LAYOUT, &fresh],
+        &[
+            &table,
+            &queue,
+            &part,
+            &created_at,
+            &PARTITION_LAYOUT,
+            &fresh,
+            &incarnation,
+        ],
     )
     .await?;
     if fresh {
-        tracing::info!(queue, partition, table, "postgres: created partition table");
+        tracing::info!(
+            queue,
+            partition,
+            incarnation,
+            table,
+            "postgres: created partition table"
+        );
     } else {
         tracing::info!(
             queue,
             partition,
+            incarnation,
             table,
             layout = PARTITION_LAYOUT,
             "postgres: upgraded partition table"
         );
     }
+    Ok(table)
+}
+
+/// Destroys partition `partition` of the incarnation `incarnation` of `queue`: drops its table and leaves the
+/// table's tombstone (see [`drop_table`]). Another incarnation's table stays: a delete of the old queue that runs
+/// late never touches a queue created again under the name. A partition of an incarnation other than 0 may still
+/// live in its table of incarnation 0 (a queue created before incarnations, see [`ensure_partition`]), which is
+/// dropped too: only such a queue, the oldest of its name since the upgrade, ever has one (no build that knows
+/// incarnations makes a table of incarnation 0 for the engine), so it is this delete's or was dropped already.
+pub(crate) async fn drop_partition(
+    shared: &Shared,
+    queue: &str,
+    partition: u32,
+    incarnation: i64,
+) -> Result<(), StorageError> {
+    drop_table(shared, queue, partition, incarnation).await?;
+    if incarnation != 0 {
+        drop_table(shared, queue, partition, 0).await?;
+    }
     Ok(())
 }
 
-/// Drops a partition's table and sequence, and leaves its tombstone (see [`ensure_partition`]), in one
-/// transaction under the table's advisory lock. A table registered to another queue (a hash collision) is left
-/// alone. A partition that has no table gets its tombstone all the same: a server may be about to open it.
-pub(crate) async fn drop_partition(
+/// Drops a partition's table of one incarnation and its sequence, and leaves its tombstone (see
+/// [`ensure_partition`]), in one transaction under the table's advisory lock. A table registered to another queue
+/// (a hash collision) is left alone. A partition that has no table gets its tombstone all the same: a server may be
+/// about to open it.
+async fn drop_table(
     shared: &Shared,
-    table: &str,
     queue: &str,
     partition: u32,
+    incarnation: i64,
 ) -> Result<(), StorageError> {
     ensure(shared).await?;
+    let table = incarnation_table_name(queue, partition, incarnation);
     let conn = shared.conn().await?;
     let lock = format!("SELECT pg_advisory_xact_lock({TABLE_LOCK_CLASS}, hashtext('{table}'))");
     let tx = Tx::begin_simple(conn, &lock).await?;
     let owner = prepare(
         tx.conn()?,
-        "SELECT queue, partition FROM lessor_partitions WHERE table_name = $1",
+        "SELECT queue, partition, incarnation FROM lessor_partitions WHERE table_name = $1",
     )
     .await?;
     let (tx, rows) = tx.query(&owner, &[&table]).await?;
     if let Some(r) = rows.first() {
         let owner: String = r.try_get(0).map_err(pg_err)?;
         let owner_part: i64 = r.try_get(1).map_err(pg_err)?;
-        if owner != queue || owner_part != i64::from(partition) {
+        let owner_inc: i64 = r.try_get(2).map_err(pg_err)?;
+        if owner != queue || owner_part != i64::from(partition) || owner_inc != incarnation {
             tx.rollback().await;
             return Ok(());
         }
@@ -642,14 +762,16 @@ pub(crate) async fn drop_partition(
     let unregister = prepare(
         tx.conn()?,
         "WITH gone AS (DELETE FROM lessor_partitions WHERE table_name = $1)
-         INSERT INTO lessor_dropped_partitions (table_name, queue, partition, dropped_at) VALUES ($1, $2, $3, $4)
+         INSERT INTO lessor_dropped_partitions (table_name, queue, partition, dropped_at, incarnation)
+         VALUES ($1, $2, $3, $4, $5)
          ON CONFLICT (table_name) DO UPDATE
-            SET queue = EXCLUDED.queue, partition = EXCLUDED.partition, dropped_at = EXCLUDED.dropped_at",
+            SET queue = EXCLUDED.queue, partition = EXCLUDED.partition, dropped_at = EXCLUDED.dropped_at,
+                incarnation = EXCLUDED.incarnation",
     )
     .await?;
     tx.query_commit(
         &unregister,
-        &[&table, &queue, &i64::from(partition), &now_micros()],
+        &[&table, &queue, &i64::from(partition), &now_micros(), &incarnation],
     )
     .await?;
     Ok(())

@@ -465,7 +465,7 @@ impl QueueTask {
         };
         let store = s.store.clone();
         let handle = store
-            .open(&self.info.name, partition)
+            .open_incarnation(&self.info.name, self.info.created_at, partition)
             .await
             .map_err(|e| format!("opening partition {partition} in '{to}': {e}"))?;
         if let Some(rb) = &mut self.rebalance {

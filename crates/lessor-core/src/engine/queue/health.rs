@@ -95,6 +95,8 @@ impl QueueTask {
             return;
         }
         let name = self.info.name.clone();
+        // The incarnation this task serves: an open never reaches partitions of a queue created again under the name.
+        let incarnation = self.info.created_at;
         let probes: Vec<_> = which
             .iter()
             .filter(|&&i| i < self.parts.len())
@@ -107,7 +109,7 @@ impl QueueTask {
                         let (h, records) = match handle {
                             Some(h) => (h, Vec::new()),
                             None => {
-                                let h = store.open(&name, num).await?;
+                                let h = store.open_incarnation(&name, incarnation, num).await?;
                                 let records = h.dedup_records(now).await?;
                                 (h, records)
                             }
