@@ -157,6 +157,18 @@ pub trait PartitionStore: Send + Sync + Debug + 'static {
         let _ = incarnation;
         self.open(queue, partition).await
     }
+    /// [`destroy`](Self::destroy) of a partition of one incarnation of the queue (see
+    /// [`create_incarnation`](Self::create_incarnation)): another incarnation's partition is left as it is. The
+    /// default ignores the incarnation.
+    async fn destroy_incarnation(
+        &self,
+        queue: &str,
+        incarnation: Ts,
+        partition: u32,
+    ) -> Result<(), StorageError> {
+        let _ = incarnation;
+        self.destroy(queue, partition).await
+    }
     /// [`destroy_many`](Self::destroy_many) of partitions of one incarnation of the queue (see
     /// [`create_incarnation`](Self::create_incarnation)): partitions of another incarnation are left as they are.
     /// The default ignores the incarnation.

@@ -384,6 +384,17 @@ impl PartitionStore for HookedStore {
             partition,
         }))
     }
+    async fn destroy_incarnation(
+        &self,
+        queue: &str,
+        incarnation: Ts,
+        partition: u32,
+    ) -> Result<(), StorageError> {
+        // A destroy like any other for the hooks.
+        let call = Call::new(Op::Destroy, queue, Some(partition));
+        let inner = self.inner.destroy_incarnation(queue, incarnation, partition);
+        hooked(&*self.hook, call, inner).await
+    }
     async fn destroy_many_incarnation(
         &self,
         queue: &str,

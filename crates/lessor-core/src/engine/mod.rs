@@ -1021,7 +1021,7 @@ impl Engine {
         // A rebalance under way ends with the queue: its moves' destinations (not in the stored placement yet)
         // hold copies of moved items, and the stores reuse a partition that exists, so a queue created again under
         // the name and placed there, or the old move resumed on it, served them.
-        self.end_rebalances_of_deleted(name).await?;
+        self.end_rebalances_of_deleted(name, info.created_at).await?;
         // The definition read above, not a new queue another server created under the name meanwhile.
         self.inner
             .config

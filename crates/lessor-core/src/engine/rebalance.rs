@@ -168,6 +168,15 @@ struct Stored {
     /// The sources destroyed so far (a destroy repeated after a crash is harmless: stores destroy idempotently).
     #[serde(default)]
     destroyed: Vec<Place>,
+    /// The incarnation of the queue the task moves (its definition's `created_at`, see
+    /// [`PartitionStore::create_incarnation`](crate::storage::PartitionStore::create_incarnation)): the destinations
+    /// are made for it and only its partitions are destroyed, also once the queue was deleted and maybe created
+    /// again under the name. A store that keeps incarnations apart (PostgreSQL) names their partitions apart, so a
+    /// destroy of another incarnation would leave this one's partitions, with the moved items' old copies, to be
+    /// served again by a later move back to the store. 0 in tasks saved by older builds: they create and destroy the
+    /// partitions of incarnation 0, as those builds did.
+    #[serde(default)]
+    incarnation: i64,
 }
 
 impl Stored {
@@ -247,21 +256,33 @@ impl Engine {
     /// task back to running, and until the watcher's next poll a queue created again under the name could not be
     /// rebalanced nor have its partition count changed. Taking it under the load lock is safe: no holder of the
     /// task lock waits for the load lock (see `rebalance_start`).
-    pub(crate) async fn end_rebalances_of_deleted(&self, queue: &str) -> Result<(), QueueError> {
+    ///
+    /// `incarnation` is the deleted queue's: a task of a newer one (a queue created again under the name, on another
+    /// server sharing the stores, while this delete of the old one was late) is left running with its partitions.
+    pub(crate) async fn end_rebalances_of_deleted(
+        &self,
+        queue: &str,
+        incarnation: Ts,
+    ) -> Result<(), QueueError> {
         let _tasks = self.inner.task_lock.lock().await;
         for mut t in self.all_rebalances().await? {
             if t.queue != queue || t.status != "running" {
                 continue;
             }
+            // Tasks saved by older builds do not know their incarnation (0): ended as before. One of an older
+            // incarnation is ended too: its destroys reach its own partitions only.
+            if t.incarnation != 0 && t.incarnation > incarnation.0 {
+                continue;
+            }
             for m in &t.moves {
-                self.destroy_partition(queue, &m.to_store, m.partition).await?;
+                self.destroy_partition(&t, &m.to_store, m.partition).await?;
             }
             // And the partitions it emptied that no placement names any more (switched away, or dropped by a
             // shrink) and its watcher has not destroyed yet: the delete destroyed the placement it read, and one
             // left behind kept its dedup records, which a queue created again under the name and placed there
             // took for its own (a produce of such a key stored nothing). Those still named are gone already.
             for s in t.sources.iter().filter(|s| !t.destroyed.contains(s)) {
-                self.destroy_partition(queue, &s.store, s.partition).await?;
+                self.destroy_partition(&t, &s.store, s.partition).await?;
             }
             t.status = "failed".into();
             t.error = "the queue was deleted".into();
@@ -411,10 +432,15 @@ impl Engine {
                 ));
             }
         }
+        // Of the queue's incarnation, as its other partitions: the queue task opens the destination as its own.
         for m in &moves {
             if let Some(s) = self.inner.config.stores.iter().find(|s| s.name == m.to_store) {
-                s.store.destroy(&info.name, m.partition).await?;
-                s.store.create(&info.name, &[m.partition]).await?;
+                s.store
+                    .destroy_incarnation(&info.name, info.created_at, m.partition)
+                    .await?;
+                s.store
+                    .create_incarnation(&info.name, info.created_at, &[m.partition])
+                    .await?;
             }
         }
         self.forget_old_rebalances().await?;
@@ -443,6 +469,7 @@ impl Engine {
             created_at: now.0,
             updated_at: now.0,
             sources,
+            incarnation: info.created_at.0,
             ..Default::default()
         };
         self.save_rebalance(&stored).await?;
@@ -723,10 +750,8 @@ impl Engine {
             if t.sources.is_empty() {
                 // A task saved by an older version: destroy what the queue task reports retired.
                 for (store, partition) in &report.retired {
-                    if let Some(s) = self.inner.config.stores.iter().find(|s| &s.name == store) {
-                        if let Err(e) = s.store.destroy(&t.queue, *partition).await {
-                            tracing::warn!(task = %t.id, store = %store, partition, error = %e, "old partition not removed");
-                        }
+                    if let Err(e) = self.destroy_partition(&t, store, *partition).await {
+                        tracing::warn!(task = %t.id, store = %store, partition, error = %e, "old partition not removed");
                     }
                 }
             }
@@ -838,7 +863,7 @@ impl Engine {
             if t.destroyed.contains(s) || named(s.partition, &s.store) {
                 continue;
             }
-            match self.destroy_partition(&t.queue, &s.store, s.partition).await {
+            match self.destroy_partition(t, &s.store, s.partition).await {
                 Ok(()) => gone.push(s.clone()),
                 Err(e) => {
                     tracing::warn!(task = %t.id, store = %s.store, partition = s.partition, error = %e, "old partition not removed yet; will retry");
@@ -852,7 +877,7 @@ impl Engine {
                 if named(m.partition, &m.to_store) {
                     continue;
                 }
-                if let Err(e) = self.destroy_partition(&t.queue, &m.to_store, m.partition).await {
+                if let Err(e) = self.destroy_partition(t, &m.to_store, m.partition).await {
                     tracing::warn!(task = %t.id, store = %m.to_store, partition = m.partition, error = %e, "unused destination not removed yet; will retry");
                     ok = false;
                 }
@@ -861,9 +886,14 @@ impl Engine {
         ok
     }
 
-    async fn destroy_partition(&self, queue: &str, store: &str, partition: u32) -> Result<(), QueueError> {
+    /// Destroys partition `partition` of the task's queue in `store`: the partition of the task's incarnation only (a
+    /// queue created again under the name since has its own).
+    async fn destroy_partition(&self, t: &Stored, store: &str, partition: u32) -> Result<(), QueueError> {
         match self.inner.config.stores.iter().find(|s| s.name == store) {
-            Some(s) => Ok(s.store.destroy(queue, partition).await?),
+            Some(s) => Ok(s
+                .store
+                .destroy_incarnation(&t.queue, Ts(t.incarnation), partition)
+                .await?),
             // A store gone from the configuration holds nothing this server can reach.
             None => Ok(()),
         }
@@ -896,9 +926,7 @@ impl Engine {
         // same name since owns its partitions, so then nothing is destroyed).
         let gone = destroy && matches!(self.inner.config.queues.get(&t.queue).await, Ok(None));
         for m in t.moves.iter().filter(|_| gone) {
-            if let Some(s) = self.inner.config.stores.iter().find(|s| s.name == m.to_store) {
-                let _ = s.store.destroy(&t.queue, m.partition).await;
-            }
+            let _ = self.destroy_partition(t, &m.to_store, m.partition).await;
         }
         t.status = "failed".into();
         t.error = error.into();

@@ -919,6 +919,17 @@ impl PartitionStore for OffloadStore {
         self.delete_objects(queue, partitions).await
     }
 
+    /// As [`destroy`](PartitionStore::destroy) (see `destroy_many_incarnation` for the objects).
+    async fn destroy_incarnation(
+        &self,
+        queue: &str,
+        incarnation: Ts,
+        partition: u32,
+    ) -> Result<(), StorageError> {
+        self.destroy_many_incarnation(queue, incarnation, &[partition])
+            .await
+    }
+
     /// Objects are kept per queue name and partition, not per incarnation: a delete of an older incarnation that
     /// runs late (see [`PartitionStore::create_incarnation`]) deletes those of a queue created again under the name
     /// meanwhile too (a known limit of offloading from a shared store, see docs/operations.md).

@@ -171,6 +171,16 @@ impl PartitionStore for PgStore {
         self.destroy_many_incarnation(queue, Ts::ZERO, partitions).await
     }
 
+    async fn destroy_incarnation(
+        &self,
+        queue: &str,
+        incarnation: Ts,
+        partition: u32,
+    ) -> Result<(), StorageError> {
+        self.destroy_many_incarnation(queue, incarnation, &[partition])
+            .await
+    }
+
     /// Drops the incarnation's tables only: see `schema::drop_partition`.
     async fn destroy_many_incarnation(
         &self,
