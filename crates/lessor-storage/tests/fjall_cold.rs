@@ -3,7 +3,8 @@
 //! backlog goes to segments and comes back in exact priority and FIFO order, across a restart, without loss or
 //! duplicates; a segment deleted behind Lessor's back makes the lease fail as unavailable (454) naming the
 //! segment, never serve other bytes; orphans are swept and live segments are not; browsing pages through segments
-//! without bringing them back.
+//! without bringing them back; a delete or an expiry does not wait for a spill in flight, and brings no removed item
+//! back through it.
 #![cfg(all(feature = "s3", feature = "fjall"))]
 #![allow(clippy::unwrap_used)]
 
@@ -13,7 +14,7 @@ use std::time::Duration;
 
 use lessor_core::error::StorageErrorKind;
 use lessor_core::storage::PartitionStore;
-use lessor_core::time::{ManualClock, SharedClock};
+use lessor_core::time::{ManualClock, SharedClock, Ts};
 use lessor_core::types::ItemId;
 use lessor_storage::fjall::{Durability, FjallStore};
 use lessor_storage::registry::ColdSettings;
@@ -743,4 +744,208 @@ async fn an_unreadable_segment_is_not_fetched_again_before_its_pause() {
     let store = env.open_clock(dir.path(), clock.clone());
     let p = store.open("q", 12).await.unwrap();
     check_paused_segment(&env, &p, &clock, || store.segment_counters().2).await;
+}
+
+/// Waits up to 10 s for `f` (the calls below are answered at once when nothing holds them up; without the bound, a
+/// call stuck behind a held spill would hang the test instead of failing it).
+async fn within<T>(what: &str, f: impl std::future::Future<Output = T>) -> T {
+    match tokio::time::timeout(Duration::from_secs(10), f).await {
+        Ok(v) => v,
+        Err(_) => panic!("{what}"),
+    }
+}
+
+/// A delete by id and an expiry pass that meet a spill in flight (its object being written, held here for as long
+/// as the test wants) do not wait for its upload, and neither do the produce and lease of the partition behind
+/// them. Both used to wait for the spill and commit it first while holding the partition's lock, so every call of
+/// the partition (the queue's produces and leases) waited for an object-store PUT, for as long as the object store
+/// took to answer (its timeout when it was down). The spill, holding none of the items removed, then commits its
+/// own upload.
+#[tokio::test]
+async fn a_delete_or_an_expiry_does_not_hold_the_partition_for_a_spill_in_flight() {
+    let Some(env) = env(BUCKET, "spill-held").await else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let store = env.open(dir.path());
+    let p = store.open("q", 13).await.unwrap();
+    let fp = store.live_partition("q", 13).unwrap();
+    store.hold_cold_spills(true);
+    // Priority 0: 5 items resident, 40 paged, a segment's worth (20) beyond the depth (10): the spill takes
+    // ids[15..35]. Then 5 paged priority-2 items due at T0 + 1 s.
+    let ids = produce_prio(&p, 45, 0, FAR).await;
+    let due = Ts(T0.0 + 1_000_000);
+    let _ = produce_prio(&p, 5, 2, due).await;
+    p.lifecycle(T0, POLICY, 100).await.unwrap();
+    store.cold_spills_held(1).await;
+    let tag = fp.segment_keys().await.unwrap().1.expect("a spill in flight");
+    // A delete of an item after the spill's range, and a produce behind it.
+    let del = tokio::spawn({
+        let (p, last) = (p.clone(), ids[44]);
+        async move { p.delete(vec![last]).await }
+    });
+    tokio::task::yield_now().await;
+    let more = within(
+        "the produce waited for the spill's upload (behind a delete)",
+        produce_prio(&p, 1, 0, FAR),
+    )
+    .await;
+    within("the delete waited for the spill's upload", del)
+        .await
+        .unwrap()
+        .unwrap();
+    // An expiry pass of priority 2, and a lease behind it.
+    let pass = tokio::spawn({
+        let p = p.clone();
+        async move { p.lifecycle(Ts(due.0 + 1), POLICY, 100).await }
+    });
+    tokio::task::yield_now().await;
+    let got = within(
+        "the lease waited for the spill's upload (behind an expiry)",
+        p.lease(1, LEASE),
+    )
+    .await
+    .unwrap();
+    assert_eq!(got.iter().map(|it| it.id).collect::<Vec<_>>(), [ids[0]]);
+    let o = within("the expiry waited for the spill's upload", pass)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(o.dead, 5, "{o:?}");
+    assert_eq!(store.segment_counters().0, 0, "the spill is still held");
+    // Its upload ends: that spill commits (not one started again), and nothing is lost or doubled.
+    store.hold_cold_spills(false);
+    spill_committed(&env, &p, 1, || store.segment_counters().0).await;
+    let segs = fp.segment_keys().await.unwrap().0;
+    assert!(segs.len() == 1 && segs[0].ends_with(&tag), "{segs:?}, held {tag}");
+    let mut want: Vec<ItemId> = ids[1..44].to_vec();
+    want.extend(more);
+    assert_eq!(lease_all(&p, 9).await, want);
+}
+
+/// A spill in flight holding an item that a delete removes meanwhile is abandoned when its upload ends, its object
+/// deleted: the item does not come back from its segment, and the next spill takes the rest.
+#[tokio::test]
+async fn a_spill_in_flight_holding_a_deleted_item_is_abandoned() {
+    check_spill_across_a_removal("spill-deleted", 14, false).await;
+}
+
+/// [`a_spill_in_flight_holding_a_deleted_item_is_abandoned`] for an item expired by a lifecycle pass.
+#[tokio::test]
+async fn a_spill_in_flight_holding_an_expired_item_is_abandoned() {
+    check_spill_across_a_removal("spill-expired", 15, true).await;
+}
+
+/// 45 priority-0 items in partition `part`, ids[20] due at T0 + 1 s; the spill of ids[15..35] is held while
+/// ids[20] expires (`expire`) or is deleted, then its upload ends.
+async fn check_spill_across_a_removal(test: &str, part: u32, expire: bool) {
+    let Some(env) = env(BUCKET, test).await else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let store = env.open(dir.path());
+    let p = store.open("q", part).await.unwrap();
+    let fp = store.live_partition("q", part).unwrap();
+    store.hold_cold_spills(true);
+    let due = Ts(T0.0 + 1_000_000);
+    let mut ids = produce_prio(&p, 20, 0, FAR).await;
+    ids.extend(produce_prio(&p, 1, 0, due).await);
+    ids.extend(produce_prio(&p, 24, 0, FAR).await);
+    p.lifecycle(T0, POLICY, 100).await.unwrap();
+    store.cold_spills_held(1).await;
+    let tag = fp.segment_keys().await.unwrap().1.expect("a spill in flight");
+    if expire {
+        let o = within(
+            "the expiry waited for the spill's upload",
+            p.lifecycle(Ts(due.0 + 1), POLICY, 100),
+        )
+        .await
+        .unwrap();
+        assert_eq!(o.dead, 1, "{o:?}");
+    } else {
+        within(
+            "the delete waited for the spill's upload",
+            p.delete(vec![ids[20]]),
+        )
+        .await
+        .unwrap();
+    }
+    store.hold_cold_spills(false);
+    spill_committed(&env, &p, 1, || store.segment_counters().0).await;
+    let segs = fp.segment_keys().await.unwrap().0;
+    assert!(
+        segs.len() == 1 && !segs[0].ends_with(&tag),
+        "the spill holding the removed item was committed: {segs:?}"
+    );
+    let want: Vec<ItemId> = ids.iter().copied().filter(|&id| id != ids[20]).collect();
+    let ready = p.counts().await.unwrap().ready;
+    assert_eq!(lease_all(&p, 9).await, want, "the removed item came back");
+    assert_eq!(ready, want.len() as u64);
+    // The abandoned spill's object is deleted.
+    let gone = lessor_testkit::eventually::poll_until(
+        Duration::from_secs(10),
+        Duration::from_millis(20),
+        || async {
+            let left: Vec<String> = env
+                .segments()
+                .await
+                .into_iter()
+                .filter(|k| k.ends_with(&tag))
+                .collect();
+            if left.is_empty() {
+                Ok(())
+            } else {
+                Err(format!("left: {left:?}"))
+            }
+        },
+    )
+    .await;
+    assert!(gone.is_ok(), "{gone:?}");
+}
+
+/// A delete naming an item of a committed segment and one of the spill in flight loads that segment without
+/// waiting for the spill's upload (the load used to wait for any job in flight, a spill's PUT included, under the
+/// partition's lock); neither deleted item comes back, and the spill is abandoned.
+#[tokio::test]
+async fn a_delete_reaching_a_segment_does_not_wait_for_the_spill_in_flight() {
+    let Some(env) = env(BUCKET, "spill-load").await else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let store = env.open(dir.path());
+    let p = store.open("q", 16).await.unwrap();
+    let fp = store.live_partition("q", 16).unwrap();
+    // A first segment (ids[15..35]), then 25 more items: the next spill takes ids[35..55].
+    let mut ids = produce_prio(&p, 45, 0, FAR).await;
+    spill_committed(&env, &p, 1, || store.segment_counters().0).await;
+    store.hold_cold_spills(true);
+    ids.extend(produce_prio(&p, 25, 0, FAR).await);
+    p.lifecycle(T0, POLICY, 100).await.unwrap();
+    store.cold_spills_held(1).await;
+    let tag = fp
+        .segment_keys()
+        .await
+        .unwrap()
+        .1
+        .expect("a second spill in flight");
+    within(
+        "the delete's segment load waited for the spill's upload",
+        p.delete(vec![ids[25], ids[40]]),
+    )
+    .await
+    .unwrap();
+    assert_eq!(store.segment_counters().1, 1, "the segment was loaded");
+    store.hold_cold_spills(false);
+    spill_committed(&env, &p, 2, || store.segment_counters().0).await;
+    let segs = fp.segment_keys().await.unwrap().0;
+    assert!(
+        segs.iter().all(|k| !k.ends_with(&tag)),
+        "the spill holding a deleted item was committed: {segs:?}"
+    );
+    let want: Vec<ItemId> = ids
+        .iter()
+        .copied()
+        .filter(|&id| id != ids[25] && id != ids[40])
+        .collect();
+    assert_eq!(lease_all(&p, 9).await, want, "a deleted item came back");
 }

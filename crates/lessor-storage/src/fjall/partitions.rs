@@ -933,6 +933,38 @@ impl FjallStore {
         }
     }
 
+    /// Tests: while `hold`, every spill waits before it writes its object, as an upload to a slow object store
+    /// would, until released.
+    #[cfg(feature = "s3")]
+    #[doc(hidden)]
+    pub fn hold_cold_spills(&self, hold: bool) {
+        if let Some(c) = self
+            .shared
+            .cold
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+        {
+            c.hold.send_replace(hold);
+        }
+    }
+
+    /// Tests: waits until `n` spills in all have reached the wait of [`FjallStore::hold_cold_spills`].
+    #[cfg(feature = "s3")]
+    #[doc(hidden)]
+    pub async fn cold_spills_held(&self, n: u64) {
+        let held = self
+            .shared
+            .cold
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .map(|c| c.held.subscribe());
+        if let Some(mut held) = held {
+            let _ = held.wait_for(|&k| k >= n).await;
+        }
+    }
+
     /// Cold segments written, loaded back, and failed to load (missing, corrupt, object store down) since the
     /// store opened.
     pub fn segment_counters(&self) -> (u64, u64, u64) {
@@ -1719,6 +1751,10 @@ impl FjallPartition {
             {
                 g.cold.segs = self.shared.manifest(self.pid, &self.name).await?;
                 g.cold.gen += 1;
+                // What the failed write did is unknown here: a spill in flight is abandoned.
+                if let Some(removed) = g.cold.spill_removed() {
+                    removed.all = true;
+                }
             }
         }
         Ok(g)

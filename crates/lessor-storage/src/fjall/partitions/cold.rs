@@ -24,9 +24,10 @@
 //! merges their items into the page and leaves them cold ([`FjallPartition::cold_list`]).
 //!
 //! The background work (one spill or load at a time per partition) is started and finished by the partition's
-//! lifecycle calls; the object I/O runs in a spawned task meanwhile, so the queue keeps serving. A spill started
-//! before a change to the records it took (delete, expiry, clear, a page-in past its first id) is abandoned and
-//! its object deleted.
+//! lifecycle calls; the object I/O runs in a spawned task meanwhile, so the queue keeps serving. Nothing the
+//! queue does waits for a spill in flight but a snapshot: a delete, an expiry or a lease that meets one goes on,
+//! and the spill is abandoned at its commit (its object deleted) only if it holds a record they removed (see
+//! [`Removed`]) or a page-in went past its first id; a clear abandons it at once.
 //!
 //! A segment that cannot be fetched (a lost or damaged object, object storage down) is not fetched again before a
 //! retry pause that doubles at every failure (`segment_io::FetchPauses`): meanwhile whatever needs it gets the last
@@ -109,6 +110,11 @@ pub(crate) struct ColdCtx {
     clock: SharedClock,
     /// Tests: every call spills or loads what is due and waits for it (not only lifecycle calls).
     pub(crate) eager: std::sync::atomic::AtomicBool,
+    /// Tests: while true, a spill waits before it writes its object, as if the upload took that long (see
+    /// `FjallStore::hold_cold_spills`).
+    pub(crate) hold: tokio::sync::watch::Sender<bool>,
+    /// Tests: the spills that reached that wait.
+    pub(crate) held: tokio::sync::watch::Sender<u64>,
 }
 
 /// What deletes an object whose deletion failed.
@@ -130,7 +136,19 @@ impl ColdCtx {
             prefix,
             clock,
             eager: std::sync::atomic::AtomicBool::new(false),
+            hold: tokio::sync::watch::Sender::new(false),
+            held: tokio::sync::watch::Sender::new(0),
         })
+    }
+
+    /// Tests: waits while spills are held (see [`ColdCtx::hold`]). One borrow when they are not.
+    async fn wait_if_held(&self) {
+        if !*self.hold.borrow() {
+            return;
+        }
+        self.held.send_modify(|n| *n += 1);
+        // Subscribed after the check: a release in between is seen as the current value.
+        let _ = self.hold.subscribe().wait_for(|h| !*h).await;
     }
 
     /// Deletes every segment object of partition `partition` of `queue` written under pid `pid` (a destroyed
@@ -172,8 +190,9 @@ pub(super) struct Unloaded {
 pub(crate) struct ColdState {
     /// Manifest entries by (priority, first id).
     pub(crate) segs: BTreeMap<(u8, u64), ManifestEntry>,
-    /// Bumped by every change that removes paged records other than from the head (delete, expiry, clear): a
-    /// spill started before it is abandoned.
+    /// Bumped by every change that removes paged records other than from the head (delete, expiry, clear, a
+    /// re-read): a mark of [`Marks`] taken before it is stale. (A spill in flight is not judged by it: see
+    /// [`Removed`].)
     pub(crate) gen: u64,
     /// No spill or load starts before this (set after a failure).
     pub(crate) backoff_until: Option<std::time::Instant>,
@@ -231,6 +250,14 @@ impl ColdState {
         job.key
     }
 
+    /// What the spill in flight, if any, must be told is removed (see [`Removed`]).
+    pub(crate) fn spill_removed(&mut self) -> Option<&mut Removed> {
+        self.job
+            .as_mut()
+            .filter(|j| j.load.is_none())
+            .map(|j| &mut j.removed)
+    }
+
     /// Earliest expiry deadline among the segments of `prio`.
     pub(crate) fn min_expire(&self, prio: u8) -> i64 {
         self.segs
@@ -243,12 +270,54 @@ impl ColdState {
 
 /// Background cold work in flight.
 pub(crate) struct Job {
-    gen: u64,
+    /// A spill: the paged records removed since it started, which its segment must not hold.
+    removed: Removed,
     /// The tag that ends the key of the object a spill writes (the sweeper must leave it alone).
     key: Option<String>,
     /// A load: the key of the segment it fetches (its failure pauses the segment).
     load: Option<String>,
     task: tokio::task::JoinHandle<Result<Done, StorageError>>,
+}
+
+/// The paged records a delete, an expiry or a re-read removed while a spill was in flight. The spill reads its
+/// records in its task, so which ones it took is known only at its commit: a spill holding one of them is abandoned
+/// there and its object deleted, so that no removed item comes back from it; one holding none of them commits.
+/// A delete and an expiry pass used to wait for the spill in flight and commit it first, under the partition's
+/// lock: every call of the partition (produce, lease) then waited for the spill's upload, up to the object store's
+/// timeout (`fjall_cold::a_delete_or_an_expiry_does_not_hold_the_partition_for_a_spill_in_flight`). Abandoning
+/// every spill instead, as a generation bump did in the memory store, wasted the upload at every delete or expiry
+/// of other items.
+#[derive(Default)]
+pub(crate) struct Removed {
+    /// Anything may have gone (the partition was re-read from disk after a failed write).
+    pub(crate) all: bool,
+    /// Ids a delete named that may be paged records (a few per delete, only while a spill is in flight).
+    ids: Vec<u64>,
+    /// Per priority, the latest time an expiry pass swept at: the records due then may be gone.
+    due: [Option<i64>; PRIORITIES],
+}
+
+impl Removed {
+    /// Records that a delete of `ids` (those that may be paged) removes them.
+    pub(crate) fn deleted(&mut self, ids: &[u64]) {
+        self.ids.extend_from_slice(ids);
+    }
+
+    /// Records that an expiry pass of `prio` at `now` removes its paged records due then.
+    pub(crate) fn expired(&mut self, prio: u8, now: Ts) {
+        let due = &mut self.due[usize::from(prio)];
+        *due = Some(due.map_or(now.0, |d| d.max(now.0)));
+    }
+
+    /// Whether the segment `entry` of `prio`, holding the records `ids` (ascending), may hold a removed record.
+    fn hit(&self, prio: u8, entry: &ManifestEntry, ids: &[u64]) -> bool {
+        self.all
+            || self.due[usize::from(prio)].is_some_and(|now| entry.min_expire <= now)
+            || self
+                .ids
+                .iter()
+                .any(|id| (entry.first..=entry.last).contains(id) && ids.binary_search(id).is_ok())
+    }
 }
 
 impl Drop for ColdState {
@@ -385,9 +454,9 @@ impl FjallPartition {
 
     /// Loads every segment that may hold one of `ids` (a delete by id must see them).
     pub(super) async fn cold_guard_ids(&self, g: &mut Inner, ids: &[u64]) -> Result<(), StorageError> {
-        // A spill in flight would otherwise be committed by the first load below, after the segments to load were
-        // chosen: its segment could hold one of the ids and be missed.
-        self.finish_cold_job(g, true).await?;
+        // A spill already done is committed first (its segment may hold one of the ids); one in flight is not
+        // waited for, but told the ids, before anything is loaded (see `Removed`).
+        self.finish_cold_job(g, false).await?;
         // Only ids that may be paged are looked for: a segment item is a paged item (not live in the state, at or
         // above its priority's paged boundary). A segment's id range holds the ids of other priorities too (ids are
         // handed out in blocks per priority), so looking for every id fetched segments for nothing, and failed the
@@ -397,6 +466,9 @@ impl FjallPartition {
             .copied()
             .filter(|&id| !g.state.contains_live(id) && g.state.paged().may_hold(id))
             .collect();
+        if let Some(removed) = g.cold.spill_removed() {
+            removed.deleted(&cold);
+        }
         let hit: Vec<(u8, ManifestEntry)> = g
             .cold
             .segs
@@ -419,8 +491,11 @@ impl FjallPartition {
         prio: u8,
         now: Ts,
     ) -> Result<Option<u64>, StorageError> {
-        // As in `cold_guard_ids`: no spill may be committed after the segments to load are chosen.
-        self.finish_cold_job(g, true).await?;
+        // As in `cold_guard_ids`: a spill done is committed, one in flight is told what may go.
+        self.finish_cold_job(g, false).await?;
+        if let Some(removed) = g.cold.spill_removed() {
+            removed.expired(prio, now);
+        }
         let due: Vec<ManifestEntry> = g
             .cold
             .segs
@@ -522,8 +597,13 @@ impl FjallPartition {
                 e.key
             ))));
         };
-        // A background load of the same segment may be in flight: let it finish first.
-        self.finish_cold_job(g, true).await?;
+        // A background load of the same segment may be in flight: let it finish first. A spill in flight is not
+        // waited for (its upload can take up to the object store's timeout, under the partition's lock): its
+        // segment comes after every segment of its priority, so it holds none of this one's records, and what the
+        // caller removes is kept out of it by `Removed`.
+        if g.cold.job.as_ref().is_some_and(|j| j.load.is_some()) {
+            self.finish_cold_job(g, true).await?;
+        }
         if !g.cold.segs.contains_key(&(prio, e.first)) {
             return Ok(None);
         }
@@ -655,7 +735,9 @@ impl FjallPartition {
                 // Apply a read-ahead first: it may have paged in records of the range.
                 self.finish_prefetch(g).await?;
                 let paged = g.state.paged();
-                let intact = job.gen == g.cold.gen
+                // None of its records was removed meanwhile (see `Removed`) nor paged in (the head is not past
+                // its first id).
+                let intact = !job.removed.hit(prio, &entry, &ids)
                     && paged.count[usize::from(prio)] > 0
                     && paged.from[usize::from(prio)] <= entry.first;
                 if !intact {
@@ -753,7 +835,7 @@ impl FjallPartition {
                     })
                 });
                 g.cold.job = Some(Job {
-                    gen: g.cold.gen,
+                    removed: Removed::default(),
                     key: None,
                     load,
                     task,
@@ -806,9 +888,9 @@ impl FjallPartition {
             let job_tag = tag.clone();
             // The records are read, decoded and encoded in the job, off the partition's lock: read under it, a
             // segment's worth (and the skip over the cold depth) held the queue up for as long as the read took.
-            // Reading later is safe: whatever changes the range meanwhile (a delete, expiry or clear bumps the
-            // generation; a page-in past the segment's first id) makes the commit abandon the segment, and a
-            // record produced meanwhile has a higher id than the ones before it.
+            // Reading later is safe: whatever removes one of the records it read meanwhile (a delete or an expiry,
+            // told to `Removed`; a page-in past the segment's first id; a clear, which aborts it) makes the commit
+            // abandon the segment, and a record produced meanwhile has a higher id than the ones before it.
             let task = tokio::spawn(async move {
                 let prefix = ctx2.prefix.clone();
                 let read = blocking(move || {
@@ -867,12 +949,13 @@ impl FjallPartition {
                 let Some((entry, ids, body, what)) = read else {
                     return Ok(Done::Nothing { prio: p, mark });
                 };
+                ctx2.wait_if_held().await;
                 ctx2.objects.put(&what, &entry.key, body).await?;
                 Ok(Done::Spilled { prio: p, entry, ids })
             });
             let key = Some(job_tag);
             g.cold.job = Some(Job {
-                gen: g.cold.gen,
+                removed: Removed::default(),
                 key,
                 load: None,
                 task,
