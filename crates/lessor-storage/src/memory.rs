@@ -221,6 +221,25 @@ impl MemoryStore {
         }
     }
 
+    /// Tests: while `hold`, every spill waits before it writes its object, as an upload to a slow object store
+    /// would, until released (cold segments only).
+    #[cfg(feature = "s3")]
+    #[doc(hidden)]
+    pub fn hold_cold_spills(&self, hold: bool) {
+        if let Some(c) = &self.cold {
+            c.hold.send_replace(hold);
+        }
+    }
+
+    /// Tests: waits until `n` spills in all have reached the wait of [`MemoryStore::hold_cold_spills`].
+    #[cfg(feature = "s3")]
+    #[doc(hidden)]
+    pub async fn cold_spills_held(&self, n: u64) {
+        if let Some(c) = &self.cold {
+            let _ = c.held.subscribe().wait_for(|&k| k >= n).await;
+        }
+    }
+
     /// Spills a produce waited for because producers outran object storage (cold segments only).
     #[cfg(feature = "s3")]
     pub fn throttled_produces(&self) -> u64 {

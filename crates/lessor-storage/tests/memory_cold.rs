@@ -785,9 +785,9 @@ async fn a_spill_in_flight_survives_a_delete_and_an_expiry_of_other_items() {
     assert_eq!(lease_all(&p, 9).await, ids[..44]);
 }
 
-/// A spill in flight holding an item that a delete removes is abandoned, also when the delete commits it by
-/// waiting for it (the delete fetches a segment, which first waits for the job in flight): the deleted item does
-/// not come back from its segment.
+/// A spill in flight holding an item that a delete removes is abandoned when its upload ends, also when the delete
+/// fetches a segment meanwhile (it no longer waits for the spill there): the deleted item does not come back from
+/// its segment.
 #[tokio::test]
 async fn a_spill_in_flight_across_a_delete_of_its_item_does_not_bring_it_back() {
     let Some(env) = env(BUCKET, "spill-doomed").await else {
@@ -818,4 +818,129 @@ async fn a_spill_in_flight_across_a_delete_of_its_item_does_not_bring_it_back() 
         1,
         "the spill holding a deleted item is abandoned"
     );
+}
+
+/// `f`, or a failure saying `what` once 10 s have passed (a wait for a held spill would never end).
+async fn within<T>(what: &str, f: impl std::future::Future<Output = T>) -> T {
+    match tokio::time::timeout(Duration::from_secs(10), f).await {
+        Ok(v) => v,
+        Err(_) => panic!("{what}"),
+    }
+}
+
+/// A delete, a lease and a snapshot that need a committed segment while a spill is in flight (its object being
+/// written, held here for as long as the test wants) fetch that segment without waiting for the spill's upload,
+/// and neither does the produce behind each of them. The segment load (and a delete's or an expiry's take from a
+/// segment) used to wait for whatever job was in flight, a spill's PUT included, under the partition's lock: every
+/// call of the partition, and the queue's task that makes them one after the other, waited for the upload, up to
+/// the object store's timeout when it hung. The spill, holding none of the items removed, then commits its own
+/// upload, and every item is served once.
+#[tokio::test]
+async fn a_delete_a_lease_or_a_snapshot_reaching_a_segment_does_not_wait_for_the_spill_in_flight() {
+    let Some(env) = env(BUCKET, "spill-held").await else {
+        return;
+    };
+    let store = env.open().await;
+    let p = store.open("q", 18).await.unwrap();
+    // A first segment (ids[20..40]), then 25 more items: the next spill takes ids[40..60], held before its PUT.
+    let mut ids = produce_prio(&p, 45, 0, FAR).await;
+    spill_committed(&env, &p, 1, || store.segment_counters().0).await;
+    store.hold_cold_spills(true);
+    ids.extend(produce_prio(&p, 25, 0, FAR).await);
+    p.lifecycle(T0, POLICY, 100).await.unwrap();
+    store.cold_spills_held(1).await;
+    let mut more = Vec::new();
+    // A delete of an item of the committed segment (fetched, the rest written back), and a produce behind it.
+    let del = tokio::spawn({
+        let (p, id) = (p.clone(), ids[25]);
+        async move { p.delete(vec![id]).await }
+    });
+    tokio::task::yield_now().await;
+    more.extend(
+        within(
+            "the produce waited for the spill's upload (behind a delete)",
+            produce_prio(&p, 1, 0, FAR),
+        )
+        .await,
+    );
+    within("the delete waited for the spill's upload", del)
+        .await
+        .unwrap()
+        .unwrap();
+    // A lease reaching into that segment (10 records stand before it), and a produce behind it. It reads 25
+    // records, up to ids[35]: one reading past ids[40] would take records of the spill, which is then abandoned.
+    let lease = tokio::spawn({
+        let p = p.clone();
+        async move { p.lease(20, LEASE).await }
+    });
+    tokio::task::yield_now().await;
+    more.extend(
+        within(
+            "the produce waited for the spill's upload (behind a lease)",
+            produce_prio(&p, 1, 0, FAR),
+        )
+        .await,
+    );
+    let got = within("the lease waited for the spill's upload", lease)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(got.iter().map(|it| it.id).collect::<Vec<_>>(), ids[..20]);
+    // A snapshot (every segment loaded back), and a produce behind it. The held spill's records are still in RAM,
+    // so the snapshot has them without it.
+    let snap = tokio::spawn({
+        let p = p.clone();
+        async move {
+            let mut s = p.snapshot().await?;
+            let mut all = Vec::new();
+            loop {
+                let page = s.next(1000).await?;
+                if page.is_empty() {
+                    return Ok::<_, lessor_core::error::StorageError>(all);
+                }
+                all.extend(page.into_iter().map(|it| it.id));
+            }
+        }
+    });
+    tokio::task::yield_now().await;
+    more.extend(
+        within(
+            "the produce waited for the spill's upload (behind a snapshot)",
+            produce_prio(&p, 1, 0, FAR),
+        )
+        .await,
+    );
+    let copied = within("the snapshot waited for the spill's upload", snap)
+        .await
+        .unwrap()
+        .unwrap();
+    let mut want: Vec<ItemId> = ids.iter().copied().filter(|&id| id != ids[25]).collect();
+    want.extend(&more[..2]);
+    assert_eq!(copied, want, "the snapshot holds every item once");
+    assert_eq!(store.segment_counters().0, 1, "the spill is still held");
+    // Its upload ends: that spill commits (not abandoned and redone), and nothing is lost or doubled.
+    store.hold_cold_spills(false);
+    // Lifecycle calls commit it once its upload ends (`spill_committed` counts objects, and the snapshot loaded the
+    // first segment back, deleting its object).
+    let committed = lessor_testkit::eventually::poll_until(
+        Duration::from_secs(10),
+        Duration::from_millis(20),
+        || async {
+            p.lifecycle(T0, POLICY, 100).await.unwrap();
+            match store.segment_counters().0 {
+                2.. => Ok(()),
+                n => Err(format!("{n} segments committed")),
+            }
+        },
+    )
+    .await;
+    assert!(committed.is_ok(), "{committed:?}");
+    assert_eq!(store.abandoned_spills(), 0, "the held spill was abandoned");
+    let rest: Vec<ItemId> = ids[20..]
+        .iter()
+        .chain(&more)
+        .copied()
+        .filter(|&id| id != ids[25])
+        .collect();
+    assert_eq!(lease_all(&p, 9).await, rest, "an item lost or served twice");
 }

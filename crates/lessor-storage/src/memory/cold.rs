@@ -30,7 +30,9 @@
 //!
 //! A spill in flight (its object being written) survives the changes that do not touch its records: a delete or
 //! an expiry of other items, produce, lease. One whose records a delete, an expiry or a clear removes is abandoned
-//! and its object deleted, so that no removed item comes back from it.
+//! and its object deleted, so that no removed item comes back from it. Only a clear, a destroy and a produce
+//! outrunning object storage (`ColdPartition::throttle`) wait for it: a delete, an expiry, a lease or a snapshot
+//! that needs a segment fetches it while the upload goes on (`ColdPartition::finish_load`).
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -98,6 +100,11 @@ pub(crate) struct ColdCtx {
     /// `ColdPartition::take_from_segment`) fail as an unreachable object store would fail their PUT, after their
     /// segment was fetched.
     pub(crate) fail_rewrites: AtomicU64,
+    /// Tests: while true, a spill waits before it writes its object, as if the upload took that long (see
+    /// `MemoryStore::hold_cold_spills`).
+    pub(crate) hold: tokio::sync::watch::Sender<bool>,
+    /// Tests: the spills that reached that wait.
+    pub(crate) held: tokio::sync::watch::Sender<u64>,
 }
 
 impl ColdCtx {
@@ -125,7 +132,19 @@ impl ColdCtx {
             abandoned: AtomicU64::new(0),
             throttled: AtomicU64::new(0),
             fail_rewrites: AtomicU64::new(0),
+            hold: tokio::sync::watch::Sender::new(false),
+            held: tokio::sync::watch::Sender::new(0),
         })
+    }
+
+    /// Tests: waits while spills are held (see [`ColdCtx::hold`]). One borrow when they are not.
+    async fn wait_if_held(&self) {
+        if !*self.hold.borrow() {
+            return;
+        }
+        self.held.send_modify(|n| *n += 1);
+        // Subscribed after the check: a release in between is seen as the current value.
+        let _ = self.hold.subscribe().wait_for(|h| !*h).await;
     }
 
     /// Deletes every object under the store's prefix: the segments of a previous run of this store, which nothing
@@ -520,8 +539,8 @@ impl ColdPartition {
                 let pi = usize::from(prio);
                 let paged = g.state.paged();
                 // Its records are all still there and none of them was paged in: nothing removed is in the segment.
-                // The `ids` test alone misses a delete or expiry that is under way (the spill committed by the
-                // wait of a segment it fetches, before it takes the records), which `doomed` covers.
+                // The `ids` test alone misses a change that commits the spill before it takes the records (a clear
+                // waits for it), which `doomed` covers.
                 let intact = !doomed
                     && paged.count[pi] > 0
                     && paged.from[pi] <= entry.first
@@ -721,6 +740,7 @@ impl ColdPartition {
                 .map_err(|e| StorageError::other(format!("segment encoding failed: {e}")))?
                 .map_err(|e| StorageError::other(format!("segment encoding failed: {e}")))?;
                 entry.crc = crc;
+                ctx.wait_if_held().await;
                 ctx.put(&what, &entry.key, body).await?;
                 Ok(Done::Spilled { prio: p, entry, ids })
             });
@@ -734,11 +754,28 @@ impl ColdPartition {
         }
     }
 
+    /// Before a segment is fetched on the caller's path: waits for a background load in flight and commits it (it
+    /// may be fetching the same segment). A spill in flight is not waited for: its upload can take up to the object
+    /// store's timeout, and the caller holds the partition's lock, so every produce and lease of the partition, and
+    /// the queue's task that makes these calls one after the other, waited that long
+    /// (`memory_cold::a_delete_a_lease_or_a_snapshot_reaching_a_segment_does_not_wait_for_the_spill_in_flight`).
+    /// Nothing needs it: a spill's segment comes after every segment of its priority (`start` begins it right after
+    /// the priority's last segment, or with none there; only a spill adds a segment, and a delete's or an expiry's
+    /// rewrite keeps a segment within its old range), so the segment fetched holds none of the spill's records and
+    /// putting its records back or rewriting it touches none of them; the spill's records stay in RAM until its
+    /// commit, which still abandons it if any of them was removed meanwhile ([`Job::doomed`], the `intact` test of
+    /// [`ColdPartition::finish_job`]).
+    async fn finish_load(&self, g: &mut Inner) -> Result<(), StorageError> {
+        if g.job.as_ref().is_some_and(|j| j.load.is_some()) {
+            self.finish_job(g, true).await?;
+        }
+        Ok(())
+    }
+
     /// Fetches, verifies and commits segment `e` of `prio` now, on the caller's path. A missing or damaged segment
     /// is an `Unavailable` error naming it.
     async fn load_now(&self, g: &mut Inner, prio: u8, e: ManifestEntry) -> Result<(), StorageError> {
-        // A background load of the same segment may be in flight: let it finish first.
-        self.finish_job(g, true).await?;
+        self.finish_load(g).await?;
         if g.segs.get(&(prio, e.first)).is_none_or(|x| x.key != e.key) {
             return Ok(());
         }
@@ -763,8 +800,7 @@ impl ColdPartition {
         limit: usize,
         mut take: impl FnMut(u64, &[u8]) -> bool,
     ) -> Result<Vec<Item>, StorageError> {
-        // A background load of the same segment may be in flight: let it finish first.
-        self.finish_job(g, true).await?;
+        self.finish_load(g).await?;
         if g.segs.get(&(prio, e.first)).is_none_or(|x| x.key != e.key) {
             return Ok(Vec::new());
         }
@@ -892,9 +928,11 @@ impl ColdPartition {
         .await
     }
 
-    /// Loads every segment (a snapshot copies every item).
+    /// Loads every segment (a snapshot copies every item). A spill in flight is neither waited for nor committed
+    /// (see [`ColdPartition::finish_load`]): its records are still in RAM, where the copy finds them, and its
+    /// segment, once committed, is not in the copy's way. Committing it first, as before, waited for its upload under
+    /// the partition's lock and then fetched back the segment just written.
     async fn guard_all(&self, g: &mut Inner) -> Result<(), StorageError> {
-        self.finish_job(g, true).await?;
         while let Some((&(p, _), e)) = g.segs.iter().next() {
             let e = e.clone();
             self.load_now(g, p, e).await?;
@@ -1024,8 +1062,8 @@ impl ColdPartition {
         let what = self.what();
         for p in g.state.paged_expiry_due(now) {
             g.gen += 1;
-            // A spill in flight holding records due now is abandoned (marked before any segment is fetched, as in
-            // `delete`); one of another priority, or holding none due, goes on.
+            // A spill in flight holding records due now is abandoned when it ends (marked before any segment is
+            // fetched, as in `delete`); one of another priority, or holding none due, goes on. Neither is waited for.
             g.doom_spill_if(|s, _| s.prio == p && s.min_expire <= now.0);
             let due_segs: Vec<ManifestEntry> = g
                 .segs
@@ -1439,8 +1477,9 @@ impl Partition for ColdPartition {
             .map(|id| id.0)
             .filter(|&id| !g.state.contains_live(id) && g.state.paged().may_hold(id))
             .collect();
-        // A spill in flight holding one of them is abandoned: marked before any segment is fetched, since the wait
-        // for that spill may commit it before the records are taken. One holding none of them goes on.
+        // A spill in flight holding one of them is abandoned when it ends (it is not waited for: see `finish_load`):
+        // marked before any segment is fetched, as a change committing it before the records are taken would
+        // otherwise keep it. One holding none of them goes on.
         g.doom_spill_if(|s, recs| {
             cold.iter()
                 .any(|&id| (s.first..=s.last).contains(&id) && recs.contains_key(&id))
