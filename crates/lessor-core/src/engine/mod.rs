@@ -434,6 +434,15 @@ impl std::fmt::Debug for TestHook {
     }
 }
 
+/// The partitions of `placement` placed in the store named `store`, by number.
+fn placed_in(placement: &[PartitionInfo], store: &str) -> Vec<u32> {
+    placement
+        .iter()
+        .filter(|p| p.storage_name == store)
+        .map(|p| p.partition)
+        .collect()
+}
+
 /// Shortest period of [`Engine::forget_deleted_elsewhere`]'s sweep (otherwise the idle-unload time).
 const MIN_FORGET_SWEEP: Duration = Duration::from_secs(10);
 /// Definitions read per page by [`Engine::forget_deleted_elsewhere`].
@@ -703,12 +712,7 @@ impl Engine {
             Err(_) => return,
         }
         for s in self.inner.config.stores.iter().filter(|s| s.store.shared()) {
-            let mine: Vec<u32> = info
-                .partitions
-                .iter()
-                .filter(|p| p.storage_name == s.name)
-                .map(|p| p.partition)
-                .collect();
+            let mine = placed_in(&info.partitions, &s.name);
             if mine.is_empty() {
                 continue;
             }
@@ -997,12 +1001,7 @@ impl Engine {
         }
         // One call per store: a store that can delete many partitions in one write does (fjall).
         for s in &self.inner.config.stores {
-            let mine: Vec<u32> = info
-                .partitions
-                .iter()
-                .filter(|p| p.storage_name == s.name)
-                .map(|p| p.partition)
-                .collect();
+            let mine = placed_in(&info.partitions, &s.name);
             if mine.is_empty() {
                 continue;
             }
@@ -1098,11 +1097,7 @@ impl Engine {
             }
         }
         for s in &self.inner.config.stores {
-            let new: Vec<u32> = placement[from.min(placement.len())..]
-                .iter()
-                .filter(|p| p.storage_name == s.name)
-                .map(|p| p.partition)
-                .collect();
+            let new = placed_in(&placement[from.min(placement.len())..], &s.name);
             if !new.is_empty() {
                 s.store.create_incarnation(queue, incarnation, &new).await?;
             }
