@@ -196,8 +196,10 @@ pub(crate) struct ColdState {
     pub(crate) gen: u64,
     /// No spill or load starts before this (set after a failure).
     pub(crate) backoff_until: Option<std::time::Instant>,
-    /// The spill or load in flight.
-    pub(crate) job: Option<Job>,
+    /// The spill or load in flight. Boxed: every partition of a loaded queue holds this state inline, cold segments
+    /// configured or not, and a job (with what a spill must be told was removed, `Removed`) is about 250 bytes that
+    /// only a partition doing cold work needs (`loaded_memory.rs` bounds a loaded queue's bytes).
+    pub(crate) job: Option<Box<Job>>,
     /// Segments whose last fetch failed, not fetched again before their pause ends.
     pub(crate) pauses: FetchPauses,
     /// What the cold work found, from its first finding on. Boxed, and only in a partition that does cold work:
@@ -834,12 +836,12 @@ impl FjallPartition {
                         records,
                     })
                 });
-                g.cold.job = Some(Job {
+                g.cold.job = Some(Box::new(Job {
                     removed: Removed::default(),
                     key: None,
                     load,
                     task,
-                });
+                }));
                 return Ok(());
             }
         }
@@ -954,12 +956,12 @@ impl FjallPartition {
                 Ok(Done::Spilled { prio: p, entry, ids })
             });
             let key = Some(job_tag);
-            g.cold.job = Some(Job {
+            g.cold.job = Some(Box::new(Job {
                 removed: Removed::default(),
                 key,
                 load: None,
                 task,
-            });
+            }));
             return Ok(());
         }
         Ok(())
