@@ -13,7 +13,7 @@
 
 use std::cmp::Reverse;
 use std::collections::BTreeSet;
-use std::ops::{Bound, Deref, RangeBounds};
+use std::ops::{Bound, Deref};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -127,56 +127,23 @@ struct Share {
 impl Share {
     fn of(p: &Part) -> Share {
         let healthy = p.failures == 0;
+        let servable = p.servable();
         Share {
             counts: p.counts,
             failing: !healthy,
             deadline: p.next_deadline.filter(|_| healthy),
             retry: (!healthy).then_some(p.retry_at),
             refresh: (healthy && p.shared).then_some(p.refresh_at),
-            load: Share::load_of(p),
-            pick: Share::pick_of(p),
+            load: servable.then(|| p.counts.ready + p.counts.scheduled),
+            pick: (servable && (p.counts.ready > 0 || p.shared)).then_some((p.top_priority, p.counts.ready)),
         }
-    }
-
-    /// When the partition is probed (failing) or refreshed (healthy and shared) next.
-    fn probe_of(p: &Part) -> Option<Ts> {
-        if p.failures > 0 {
-            Some(p.retry_at)
-        } else {
-            p.shared.then_some(p.refresh_at)
-        }
-    }
-
-    /// Its load, while it takes new items.
-    fn load_of(p: &Part) -> Option<u64> {
-        p.servable().then(|| p.counts.ready + p.counts.scheduled)
-    }
-
-    /// Its place in the lease order, while it serves leases and may hold ready items.
-    fn pick_of(p: &Part) -> Option<(u8, u64)> {
-        (p.servable() && (p.counts.ready > 0 || p.shared)).then_some((p.top_priority, p.counts.ready))
     }
 }
-
-/// The partition count above which [`Parts`] keeps its index (see [`Index`]). At or below it the figures are
-/// scans, as they were before the index: over a few dozen partitions a scan costs less than keeping the sets up to
-/// date on every change, and the sets' nodes (a few hundred bytes per set in use) would be most of what an idle
-/// 1-partition queue holds (`lessor-server`'s `loaded_memory` test bounds it).
-const WIDE: usize = 64;
 
 /// The task's partitions (index = partition number), read through `Deref` and changed through [`Parts::modify`].
 #[derive(Default)]
 pub(super) struct Parts {
     list: Vec<Part>,
-    /// The figures kept up to date, once the queue has more than [`WIDE`] partitions; `None` (nothing allocated,
-    /// nothing done per change) below, where every figure is a scan. Kept if the queue shrinks again: a shrink is
-    /// rare, and the index stays exact whatever the count.
-    index: Option<Box<Index>>,
-}
-
-/// What a pass reads over all the partitions, kept by difference as they change (for a wide queue, see [`WIDE`]).
-#[derive(Default)]
-struct Index {
     /// The sum of every partition's counts.
     totals: PartitionCounts,
     /// Partitions failing (or not opened yet).
@@ -195,59 +162,6 @@ struct Index {
     picks: BTreeSet<PickKey>,
 }
 
-impl Index {
-    fn add(&mut self, i: usize, s: Share, shared: bool) {
-        self.totals.ready += s.counts.ready;
-        self.totals.leased += s.counts.leased;
-        self.totals.scheduled += s.counts.scheduled;
-        self.failing += usize::from(s.failing);
-        self.shared += usize::from(shared);
-        if let Some(t) = s.deadline {
-            self.deadlines.insert((t, i));
-        }
-        if let Some(t) = s.retry {
-            self.retries.insert((t, i));
-        }
-        if let Some(t) = s.refresh {
-            self.refreshes.insert((t, i));
-        }
-        if let Some(l) = s.load {
-            self.by_load.insert((l, i));
-        }
-        if let Some((top, ready)) = s.pick {
-            self.picks.insert((top, ready, Reverse(i)));
-        }
-    }
-
-    fn remove(&mut self, i: usize, s: Share, shared: bool) {
-        // The totals hold this share: they cannot go below zero.
-        self.totals.ready -= s.counts.ready;
-        self.totals.leased -= s.counts.leased;
-        self.totals.scheduled -= s.counts.scheduled;
-        self.failing -= usize::from(s.failing);
-        self.shared -= usize::from(shared);
-        if let Some(t) = s.deadline {
-            self.deadlines.remove(&(t, i));
-        }
-        if let Some(t) = s.retry {
-            self.retries.remove(&(t, i));
-        }
-        if let Some(t) = s.refresh {
-            self.refreshes.remove(&(t, i));
-        }
-        if let Some(l) = s.load {
-            self.by_load.remove(&(l, i));
-        }
-        if let Some((top, ready)) = s.pick {
-            self.picks.remove(&(top, ready, Reverse(i)));
-        }
-    }
-
-    fn due(set: &BTreeSet<(Ts, usize)>, now: Ts, into: &mut Vec<usize>) {
-        into.extend(set.range(..=(now, usize::MAX)).map(|&(_, i)| i));
-    }
-}
-
 impl Deref for Parts {
     type Target = [Part];
     fn deref(&self) -> &[Part] {
@@ -262,30 +176,18 @@ impl Parts {
 
     pub(super) fn push(&mut self, p: Part) {
         let i = self.list.len();
-        if let Some(ix) = &mut self.index {
-            ix.add(i, Share::of(&p), p.shared);
-        }
+        let share = Share::of(&p);
+        self.shared += usize::from(p.shared);
         self.list.push(p);
-        if self.index.is_none() && self.list.len() > WIDE {
-            self.build_index();
-        }
-    }
-
-    /// Builds the index from every partition (a definition grown past [`WIDE`]).
-    fn build_index(&mut self) {
-        let mut ix = Box::<Index>::default();
-        for (i, p) in self.list.iter().enumerate() {
-            ix.add(i, Share::of(p), p.shared);
-        }
-        self.index = Some(ix);
+        self.add(i, share);
     }
 
     /// Removes the partitions from index `n` on (a shrink).
     pub(super) fn split_off(&mut self, n: usize) -> Vec<Part> {
-        if let Some(ix) = &mut self.index {
-            for (i, p) in self.list.iter().enumerate().skip(n) {
-                ix.remove(i, Share::of(p), p.shared);
-            }
+        for i in n..self.list.len() {
+            let share = Share::of(&self.list[i]);
+            self.remove(i, share);
+            self.shared -= usize::from(self.list[i].shared);
         }
         self.list.split_off(n.min(self.list.len()))
     }
@@ -293,16 +195,15 @@ impl Parts {
     /// Changes partition `i` through `f`, and the figures with it.
     pub(super) fn modify<R>(&mut self, i: usize, f: impl FnOnce(&mut Part) -> R) -> R {
         let p = &mut self.list[i];
-        let Some(ix) = &mut self.index else {
-            // No index: nothing to follow (the figures are scans).
-            return f(p);
-        };
         let (before, was_shared) = (Share::of(p), p.shared);
         let r = f(p);
         let (after, is_shared) = (Share::of(p), p.shared);
-        if before != after || was_shared != is_shared {
-            ix.remove(i, before, was_shared);
-            ix.add(i, after, is_shared);
+        if before != after {
+            self.remove(i, before);
+            self.add(i, after);
+        }
+        if was_shared != is_shared {
+            self.shared = self.shared + usize::from(is_shared) - usize::from(was_shared);
         }
         r
     }
@@ -325,123 +226,110 @@ impl Parts {
         self.modify(i, |p| p.pull_deadline(t));
     }
 
+    fn add(&mut self, i: usize, s: Share) {
+        self.totals.ready += s.counts.ready;
+        self.totals.leased += s.counts.leased;
+        self.totals.scheduled += s.counts.scheduled;
+        self.failing += usize::from(s.failing);
+        if let Some(t) = s.deadline {
+            self.deadlines.insert((t, i));
+        }
+        if let Some(t) = s.retry {
+            self.retries.insert((t, i));
+        }
+        if let Some(t) = s.refresh {
+            self.refreshes.insert((t, i));
+        }
+        if let Some(l) = s.load {
+            self.by_load.insert((l, i));
+        }
+        if let Some((top, ready)) = s.pick {
+            self.picks.insert((top, ready, Reverse(i)));
+        }
+    }
+
+    fn remove(&mut self, i: usize, s: Share) {
+        // The totals hold this share: they cannot go below zero.
+        self.totals.ready -= s.counts.ready;
+        self.totals.leased -= s.counts.leased;
+        self.totals.scheduled -= s.counts.scheduled;
+        self.failing -= usize::from(s.failing);
+        if let Some(t) = s.deadline {
+            self.deadlines.remove(&(t, i));
+        }
+        if let Some(t) = s.retry {
+            self.retries.remove(&(t, i));
+        }
+        if let Some(t) = s.refresh {
+            self.refreshes.remove(&(t, i));
+        }
+        if let Some(l) = s.load {
+            self.by_load.remove(&(l, i));
+        }
+        if let Some((top, ready)) = s.pick {
+            self.picks.remove(&(top, ready, Reverse(i)));
+        }
+    }
+
     /// Ready, leased and scheduled items over every partition.
     pub(super) fn totals(&self) -> PartitionCounts {
-        if let Some(ix) = &self.index {
-            return ix.totals;
-        }
-        let mut c = PartitionCounts::default();
-        for p in &self.list {
-            c.ready += p.counts.ready;
-            c.leased += p.counts.leased;
-            c.scheduled += p.counts.scheduled;
-        }
-        c
+        self.totals
     }
 
     /// Partitions failing (or not opened yet).
     pub(super) fn failing(&self) -> usize {
-        match &self.index {
-            Some(ix) => ix.failing,
-            None => self.list.iter().filter(|p| p.failures > 0).count(),
-        }
+        self.failing
     }
 
     pub(super) fn any_shared(&self) -> bool {
-        match &self.index {
-            Some(ix) => ix.shared > 0,
-            None => self.list.iter().any(|p| p.shared),
-        }
+        self.shared > 0
     }
 
     /// Partitions taking new items.
     pub(super) fn servable(&self) -> usize {
-        match &self.index {
-            Some(ix) => ix.by_load.len(),
-            None => self.list.iter().filter(|p| p.servable()).count(),
-        }
+        self.by_load.len()
     }
 
     /// The earliest lifecycle deadline of a healthy partition.
     pub(super) fn first_deadline(&self) -> Option<Ts> {
-        match &self.index {
-            Some(ix) => ix.deadlines.first().map(|&(t, _)| t),
-            None => self
-                .list
-                .iter()
-                .filter(|p| p.failures == 0)
-                .filter_map(|p| p.next_deadline)
-                .min(),
-        }
+        self.deadlines.first().map(|&(t, _)| t)
     }
 
     /// The earliest probe of a failing partition or refresh of a shared one.
     pub(super) fn first_probe(&self) -> Option<Ts> {
-        match &self.index {
-            Some(ix) => {
-                let retry = ix.retries.first().map(|&(t, _)| t);
-                let refresh = ix.refreshes.first().map(|&(t, _)| t);
-                retry.into_iter().chain(refresh).min()
-            }
-            None => self.list.iter().filter_map(Share::probe_of).min(),
-        }
+        let retry = self.retries.first().map(|&(t, _)| t);
+        let refresh = self.refreshes.first().map(|&(t, _)| t);
+        retry.into_iter().chain(refresh).min()
     }
 
     /// The healthy partitions whose lifecycle deadline is `now` or earlier, by index.
     pub(super) fn due_deadlines(&self, now: Ts) -> Vec<usize> {
-        match &self.index {
-            Some(ix) => {
-                let mut due = Vec::new();
-                Index::due(&ix.deadlines, now, &mut due);
-                due.sort_unstable();
-                due
-            }
-            None => (0..self.list.len())
-                .filter(|&i| {
-                    let p = &self.list[i];
-                    p.failures == 0 && p.next_deadline.is_some_and(|d| d <= now)
-                })
-                .collect(),
-        }
+        Self::due(&self.deadlines, now, Vec::new())
     }
 
     /// The failing partitions whose probe and the shared ones whose refresh is `now` or earlier, by index.
     pub(super) fn due_probes(&self, now: Ts) -> Vec<usize> {
-        match &self.index {
-            Some(ix) => {
-                let mut due = Vec::new();
-                Index::due(&ix.retries, now, &mut due);
-                Index::due(&ix.refreshes, now, &mut due);
-                due.sort_unstable();
-                due
-            }
-            None => (0..self.list.len())
-                .filter(|&i| Share::probe_of(&self.list[i]).is_some_and(|t| t <= now))
-                .collect(),
-        }
+        let due = Self::due(&self.retries, now, Vec::new());
+        Self::due(&self.refreshes, now, due)
+    }
+
+    fn due(set: &BTreeSet<(Ts, usize)>, now: Ts, mut into: Vec<usize>) -> Vec<usize> {
+        into.extend(set.range(..=(now, usize::MAX)).map(|&(_, i)| i));
+        into.sort_unstable();
+        into
     }
 
     /// The least loaded partition taking new items, not in `exclude` (the partitions a request already failed on).
     pub(super) fn least_loaded(&self, exclude: &[usize]) -> Option<usize> {
-        match &self.index {
-            Some(ix) => ix.by_load.iter().map(|&(_, i)| i).find(|i| !exclude.contains(i)),
-            None => (0..self.list.len())
-                .filter(|i| !exclude.contains(i))
-                .filter_map(|i| Share::load_of(&self.list[i]).map(|l| (l, i)))
-                .min()
-                .map(|(_, i)| i),
-        }
+        self.by_load
+            .iter()
+            .map(|&(_, i)| i)
+            .find(|i| !exclude.contains(i))
     }
 
     /// The best partition for a lease below `bound` in lease order (see [`PickKey`]), with its key.
     pub(super) fn best_pick(&self, bound: Bound<PickKey>) -> Option<PickKey> {
-        match &self.index {
-            Some(ix) => ix.picks.range((Bound::Unbounded, bound)).next_back().copied(),
-            None => (0..self.list.len())
-                .filter_map(|i| Share::pick_of(&self.list[i]).map(|(top, ready)| (top, ready, Reverse(i))))
-                .filter(|k| (Bound::Unbounded, bound).contains(k))
-                .max(),
-        }
+        self.picks.range((Bound::Unbounded, bound)).next_back().copied()
     }
 }
 
@@ -469,20 +357,14 @@ mod tests {
         async fn close(&self) {}
     }
 
-    /// Partitions `0..n` (every third on a shared store), not opened, with the index built from the start when
-    /// `indexed` (whatever `n`: both ways of reading the figures are checked on the same changes). Without a handle
-    /// they take no items and serve no lease: the load and lease orders are checked by the engine's tests and
-    /// lessor-storage's `wide_queue` (4,096 partitions, indexed).
-    fn parts(n: usize, indexed: bool) -> Parts {
+    /// Partitions `0..n` (every third on a shared store), not opened. Without a handle they take no items and serve
+    /// no lease: the load and lease orders are checked by the engine's tests (`many_partitions_*`).
+    fn parts(n: usize) -> Parts {
         let mut parts = Parts::default();
-        if indexed {
-            parts.build_index();
-        }
         for i in 0..n {
             let store: Arc<dyn PartitionStore> = Arc::new(Nowhere(i % 3 == 0));
             parts.push(Part::unopened(i as u32, store, String::new()));
         }
-        assert_eq!(parts.index.is_some(), indexed || n > WIDE);
         parts
     }
 
@@ -532,14 +414,8 @@ mod tests {
 
     #[test]
     fn the_figures_follow_every_change() {
-        for indexed in [false, true] {
-            figures_follow_every_change(indexed);
-        }
-    }
-
-    fn figures_follow_every_change(indexed: bool) {
         let t = |s: i64| Ts(s * 1_000_000);
-        let mut p = parts(10, indexed);
+        let mut p = parts(10);
         check(&p, t(0));
         // Opened: healthy, deadlines and refreshes set.
         for i in 0..10 {
@@ -593,36 +469,6 @@ mod tests {
 
     #[test]
     fn many_random_changes_keep_the_figures() {
-        // 64 partitions: at WIDE, not indexed unless asked.
-        for indexed in [false, true] {
-            random_changes_keep_the_figures(indexed);
-        }
-    }
-
-    /// A queue grown past [`WIDE`] builds its index from what its partitions hold then, and keeps it when it shrinks.
-    #[test]
-    fn the_index_is_built_past_wide_and_kept_after_a_shrink() {
-        let mut p = parts(WIDE, false);
-        p.modify(3, |x| {
-            x.failures = 0;
-            x.next_deadline = Some(Ts(7));
-            x.counts.ready = 5;
-        });
-        let store: Arc<dyn PartitionStore> = Arc::new(Nowhere(false));
-        p.push(Part::unopened(WIDE as u32, store, String::new()));
-        assert!(p.index.is_some());
-        assert_eq!(p.first_deadline(), Some(Ts(7)));
-        assert_eq!(p.totals().ready, 5);
-        check(&p, Ts(7));
-        p.split_off(4);
-        assert!(p.index.is_some());
-        check(&p, Ts(7));
-        p.split_off(2);
-        assert_eq!(p.first_deadline(), None);
-        check(&p, Ts(7));
-    }
-
-    fn random_changes_keep_the_figures(indexed: bool) {
         let mut rng = 0x2545_f491_4f6c_dd1du64;
         let mut next = move |m: u64| {
             rng ^= rng << 13;
@@ -630,7 +476,7 @@ mod tests {
             rng ^= rng << 17;
             rng % m
         };
-        let mut p = parts(64, indexed);
+        let mut p = parts(64);
         let e = StorageError::unavailable("down");
         for step in 0..5000 {
             let i = next(64) as usize;
