@@ -46,9 +46,8 @@ impl QueueTask {
                         match r {
                             Ok(()) => {
                                 self.holders.release(partition, &ids);
-                                self.parts.modify(partition as usize, |p| {
-                                    p.counts.leased = p.counts.leased.saturating_sub(ids.len() as u64)
-                                });
+                                let p = &mut self.parts[partition as usize];
+                                p.counts.leased = p.counts.leased.saturating_sub(ids.len() as u64);
                                 self.metrics
                                     .completed
                                     .fetch_add(ids.len() as u64, Ordering::Relaxed);
@@ -62,7 +61,7 @@ impl QueueTask {
                 }
                 Err(e) => {
                     let name = self.info.name.clone();
-                    self.parts.fail(partition as usize, now, &name, &e);
+                    self.parts[partition as usize].fail(now, &name, &e);
                     for (_, reply) in reqs {
                         let _ = reply.send(Err(QueueError::from_storage(&e)));
                     }
@@ -114,7 +113,8 @@ impl QueueTask {
             }
         }
         for (partition, reqs, ops, res) in join_all(calls).await {
-            self.parts.modify(partition as usize, |p| match res {
+            let p = &mut self.parts[partition as usize];
+            match res {
                 Ok(results) => {
                     for (((_, reply), ops), r) in reqs.into_iter().zip(ops).zip(results) {
                         match r {
@@ -164,7 +164,7 @@ impl QueueTask {
                         let _ = reply.send(Err(QueueError::from_storage(&e)));
                     }
                 }
-            });
+            }
         }
     }
 
@@ -215,7 +215,7 @@ impl QueueTask {
                             Ok(()) => {
                                 // The new deadline may be earlier than the lease's (a shorter lease_timeout):
                                 // the lifecycle must look then, not at the old deadline.
-                                self.parts.pull_deadline(partition as usize, deadline);
+                                self.parts[partition as usize].pull_deadline(deadline);
                                 self.holders.extend(partition, &ids, deadline);
                                 self.metrics
                                     .extended
@@ -230,7 +230,7 @@ impl QueueTask {
                 }
                 Err(e) => {
                     let name = self.info.name.clone();
-                    self.parts.fail(partition as usize, now, &name, &e);
+                    self.parts[partition as usize].fail(now, &name, &e);
                     for (_, _, reply) in reqs {
                         let _ = reply.send(Err(QueueError::from_storage(&e)));
                     }

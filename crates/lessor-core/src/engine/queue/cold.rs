@@ -25,7 +25,7 @@ impl QueueTask {
                     ..Default::default()
                 };
                 let mut tiers = crate::types::TierStats::default();
-                for p in self.parts.iter() {
+                for p in &self.parts {
                     let mut r = PartitionReport {
                         partition: p.num,
                         failures: p.failures,
@@ -66,7 +66,7 @@ impl QueueTask {
                         continue;
                     }
                     if let Ok(c) = h.counts().await {
-                        self.parts.modify(i, |p| p.counts = c);
+                        self.parts[i].counts = c;
                     }
                 }
                 // Items a move already carried to the partition's new store are the queue's items too.

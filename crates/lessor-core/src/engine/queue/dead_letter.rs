@@ -53,7 +53,7 @@ impl QueueTask {
             {
                 Ok((items, _)) if items.is_empty() => return,
                 Ok(r) => r,
-                Err(e) => return self.parts.fail(i, now, &name, &e),
+                Err(e) => return self.parts[i].fail(now, &name, &e),
             };
             let ids: Vec<ItemId> = items.iter().map(|it| it.id).collect();
             let news: Vec<NewItem> = items
@@ -92,7 +92,7 @@ impl QueueTask {
                 }
             }
             if let Err(e) = h.remove_dead(ids).await {
-                return self.parts.fail(i, now, &name, &e);
+                return self.parts[i].fail(now, &name, &e);
             }
             if !full {
                 return;
@@ -151,12 +151,9 @@ impl QueueTask {
                 for k in keys {
                     self.dedup.insert(k, until, now);
                 }
-                let counts = recount(&h, self.parts[0].counts, stored, n).await;
-                self.parts.modify(0, |p| {
-                    p.pull_deadline(expire);
-                    p.counts = counts;
-                    p.top_priority = crate::types::MAX_PRIORITY;
-                });
+                self.parts[0].pull_deadline(expire);
+                self.parts[0].counts = recount(&h, self.parts[0].counts, stored, n).await;
+                self.parts[0].top_priority = crate::types::MAX_PRIORITY;
                 self.metrics.produced.fetch_add(n, Ordering::Relaxed);
                 for (_, reply) in requests {
                     let _ = reply.send(Ok(()));
@@ -164,7 +161,7 @@ impl QueueTask {
             }
             Err(e) => {
                 let name = self.info.name.clone();
-                self.parts.fail(0, now, &name, &e);
+                self.parts[0].fail(now, &name, &e);
                 for (_, reply) in requests {
                     let _ = reply.send(Err(QueueError::from_storage(&e)));
                 }
@@ -221,7 +218,7 @@ impl QueueTask {
                 Ok(stored) => stored,
                 Err(e) => {
                     let name = self.info.name.clone();
-                    self.parts.fail(p, now, &name, &e);
+                    self.parts[p].fail(now, &name, &e);
                     let _ = reply.send(Err(QueueError::from_storage(&e)));
                     return;
                 }
@@ -229,12 +226,10 @@ impl QueueTask {
             for h in keys {
                 self.dedup.insert(h, until, now);
             }
-            let counts = recount(&h, self.parts[p].counts, stored, count).await;
-            self.parts.modify(p, |part| {
-                part.pull_deadline(expire);
-                part.counts = counts;
-                part.top_priority = part.top_priority.max(top);
-            });
+            let part = &mut self.parts[p];
+            part.pull_deadline(expire);
+            part.counts = recount(&h, part.counts, stored, count).await;
+            part.top_priority = part.top_priority.max(top);
             self.metrics.produced.fetch_add(count, Ordering::Relaxed);
         }
         let _ = reply.send(Ok(()));

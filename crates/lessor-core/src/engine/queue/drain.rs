@@ -146,7 +146,9 @@ impl QueueTask {
             }
             return;
         }
-        self.parts.modify_all(|p| p.draining = false);
+        for p in &mut self.parts {
+            p.draining = false;
+        }
         self.rebalance = Some(Box::new(Rebalance {
             moved: plan.moved,
             plan,
@@ -179,9 +181,9 @@ impl QueueTask {
         // Until the chunk in flight is settled (at load, or after a step failed between import and delete), a
         // shrink's targets may hold copies whose originals are still in the source: they serve nothing either.
         let unsettled = !rb.reconciled;
-        self.parts.modify_all(|p| {
+        for p in &mut self.parts {
             p.draining = shrink.is_some_and(|n| p.num >= n || unsettled) || moving == Some(p.num);
-        });
+        }
     }
 
     /// Whether partition `i`'s lifecycle waits for the rebalance: while the chunk in flight is not settled (its
@@ -190,14 +192,10 @@ impl QueueTask {
     /// changes ids: a scheduled item of the chunk coming due, already copied to the target, was requeued in the
     /// source with a new id, so the replay left it there and the move carried it over a second time.
     pub(super) fn lifecycle_held(&self, i: usize) -> bool {
-        self.holds_lifecycle() && self.parts.get(i).is_some_and(|p| p.draining)
-    }
-
-    /// Whether the rebalance holds the lifecycle of the partitions it drains (see [`QueueTask::lifecycle_held`]).
-    pub(super) fn holds_lifecycle(&self) -> bool {
         self.rebalance
             .as_ref()
             .is_some_and(|rb| !rb.reconciled && !rb.done)
+            && self.parts.get(i).is_some_and(|p| p.draining)
     }
 
     /// The report the engine polls; `finish` drops a finished rebalance (the engine persisted its outcome).
@@ -229,7 +227,9 @@ impl QueueTask {
         };
         if finish && rb.done {
             self.rebalance = None;
-            self.parts.modify_all(|p| p.draining = false);
+            for p in &mut self.parts {
+                p.draining = false;
+            }
         }
         report
     }
@@ -325,7 +325,7 @@ impl QueueTask {
                 .ok_or_else(|| format!("target partition {} is unavailable", i % n))?;
             self.carry_dedup(i, &target, now).await?;
         }
-        let dropped = self.parts.split_off(n);
+        let dropped: Vec<_> = self.parts.drain(n..).collect();
         let mut retired = Vec::new();
         for p in dropped {
             if let Some(h) = p.handle {
@@ -370,17 +370,16 @@ impl QueueTask {
             return Ok(());
         };
         let old_store = self.parts[i].store_name.clone();
-        if let Some(h) = self.parts.modify(i, |p| p.handle.take()) {
+        if let Some(h) = self.parts[i].handle.take() {
             h.close().await;
         }
-        self.parts.modify(i, |p| {
-            p.store = d.store;
-            p.store_name = d.store_name.clone();
-            p.shared = false;
-            p.handle = Some(d.handle);
-            p.draining = false;
-            p.top_priority = crate::types::MAX_PRIORITY;
-        });
+        let p = &mut self.parts[i];
+        p.store = d.store;
+        p.store_name = d.store_name.clone();
+        p.shared = false;
+        p.handle = Some(d.handle);
+        p.draining = false;
+        p.top_priority = crate::types::MAX_PRIORITY;
         if let Some(info) = self.info.partitions.get_mut(i) {
             info.storage_name = d.store_name.clone();
         }
@@ -498,7 +497,7 @@ impl QueueTask {
             .healthy()
             .ok_or_else(|| format!("partition {} is unavailable", self.parts[i].num))?;
         let c = h.counts().await.map_err(|e| e.to_string())?;
-        self.parts.modify(i, |p| p.counts = c);
+        self.parts[i].counts = c;
         if c.ready + c.leased + c.scheduled > 0 {
             return Ok(false);
         }

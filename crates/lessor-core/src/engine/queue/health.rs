@@ -20,7 +20,12 @@ impl QueueTask {
     /// Probes the failed partitions whose backoff is over and the shared ones due a refresh.
     pub(super) async fn recover(&mut self, now: Ts) {
         self.refresh_definition(now, false).await;
-        let due = self.parts.due_probes(now);
+        let due: Vec<usize> = (0..self.parts.len())
+            .filter(|&i| {
+                let p = &self.parts[i];
+                (p.failures > 0 && p.retry_at <= now) || (p.failures == 0 && p.shared && p.refresh_at <= now)
+            })
+            .collect();
         self.probe_many(&due, now).await;
     }
 
@@ -31,7 +36,7 @@ impl QueueTask {
     /// served here). A definition that is gone, or was created anew under the same name, stops the task (`gone`).
     /// A failed read keeps the definition held and tries again next time.
     pub(super) async fn refresh_definition(&mut self, now: Ts, force: bool) {
-        if self.gone || !self.parts.any_shared() || (!force && now < self.definition_at) {
+        if self.gone || !self.parts.iter().any(|p| p.shared) || (!force && now < self.definition_at) {
             return;
         }
         self.definition_at = now.add(self.config.limits.shared_refresh);
@@ -70,11 +75,11 @@ impl QueueTask {
     pub(super) fn apply_info(&mut self, info: crate::types::QueueInfo, now: Ts) {
         self.set_info(info);
         // A lowered max_attempts or a new dead-letter queue applies to items already dead or leased.
-        self.parts.modify_all(|p| {
+        for p in &mut self.parts {
             if p.failures == 0 {
                 p.pull_deadline(now);
             }
-        });
+        }
     }
 
     /// Opens (if needed) and re-reads a partition; marks it healthy or failed.
@@ -140,19 +145,18 @@ impl QueueTask {
                         let k = super::dedup::KeyHash::of(&r.dedup_id);
                         self.dedup.insert(k, r.until, now);
                     }
-                    self.parts.modify(i, |p| {
-                        p.handle = Some(h);
-                        p.counts = counts;
-                        p.top_priority = crate::types::MAX_PRIORITY;
-                        p.next_deadline = deadline;
-                        if p.failures > 1 {
-                            tracing::info!(queue = %name, partition = p.num, "partition recovered");
-                        }
-                        p.failures = 0;
-                        p.refresh_at = now.add(refresh);
-                    });
+                    let p = &mut self.parts[i];
+                    p.handle = Some(h);
+                    p.counts = counts;
+                    p.top_priority = crate::types::MAX_PRIORITY;
+                    p.next_deadline = deadline;
+                    if p.failures > 1 {
+                        tracing::info!(queue = %name, partition = p.num, "partition recovered");
+                    }
+                    p.failures = 0;
+                    p.refresh_at = now.add(refresh);
                 }
-                Err(e) => self.parts.fail(i, now, &name, &e),
+                Err(e) => self.parts[i].fail(now, &name, &e),
             }
         }
     }

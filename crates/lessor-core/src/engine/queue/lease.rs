@@ -5,8 +5,7 @@
 use std::sync::atomic::Ordering;
 
 use std::cmp::Reverse;
-use std::collections::VecDeque;
-use std::ops::Bound;
+use std::collections::{BinaryHeap, VecDeque};
 
 use super::QueueTask;
 use crate::engine::LeaseResult;
@@ -26,19 +25,22 @@ impl QueueTask {
             return;
         }
         // The partitions worth a storage call, best first: highest priority (an upper bound the task keeps per
-        // partition), then the fullest. `Parts` keeps them in that order as they change, so a round costs a look-up,
-        // not a scan: the pass goes down the order from the top, each partition once (its place only goes down as
-        // it is leased from), except one that stopped at the byte bound with items left, asked again. (Scanning
-        // every partition per round, then building a heap of them per pass, cost each pass the partition count:
-        // with 65,535 partitions, one item in each of 2,000 and 500 single-item leases waiting, 1.2-1.6 s to serve
-        // them all, then 0.37-0.39 s.)
-        let mut below = Bound::Unbounded;
+        // partition), then the fullest. Built once per pass and popped per round (only the partition just leased
+        // from changes while the pass runs), where each round used to scan every partition and check it against
+        // the list of those tried: with 65,535 partitions, one item in each of 2,000 and 500 single-item leases
+        // waiting, 1.2-1.6 s to serve them all, now 0.37-0.39 s (what is left is the pass's other scans).
+        let mut picks: BinaryHeap<(u8, u64, Reverse<usize>)> = self
+            .parts
+            .iter()
+            .enumerate()
+            .filter(|(_, p)| p.failures == 0 && p.handle.is_some() && !p.draining)
+            .filter(|(_, p)| p.counts.ready > 0 || p.shared)
+            .map(|(i, p)| (p.top_priority, p.counts.ready, Reverse(i)))
+            .collect();
         while !self.waiters.is_empty() {
-            let Some(key) = self.parts.best_pick(below) else {
+            let Some((_, _, Reverse(i))) = picks.pop() else {
                 return;
             };
-            below = Bound::Excluded(key);
-            let Reverse(i) = key.2;
             let Some(h) = self.parts[i].healthy() else {
                 continue;
             };
@@ -52,34 +54,29 @@ impl QueueTask {
                 Ok(r) => r,
                 Err(e) => {
                     let name = self.info.name.clone();
-                    self.parts.fail(i, now, &name, &e);
+                    self.parts[i].fail(now, &name, &e);
                     continue;
                 }
             };
+            let p = &mut self.parts[i];
             let got = items.len() as u64;
-            let num = self.parts.modify(i, |p| {
-                // Items come highest priority first: what is left is at most the last one's priority.
-                p.top_priority = items.last().map_or(0, |it| it.priority);
-                if capped && got > 0 {
-                    // Stopped at the byte bound with items left: the waiters still unserved ask this partition
-                    // again in this pass (each call answers at least one of them).
-                    p.counts.ready = p.counts.ready.saturating_sub(got).max(1);
-                } else if got < want as u64 {
-                    // The partition had fewer ready items than we believed (shared store, or drift): trust storage.
-                    p.counts.ready = 0;
-                    p.top_priority = 0;
-                } else {
-                    p.counts.ready = p.counts.ready.saturating_sub(got);
-                }
-                p.counts.leased += got;
-                if got > 0 {
-                    p.pull_deadline(deadline);
-                }
-                p.num
-            });
+            // Items come highest priority first: what is left is at most the last one's priority.
+            p.top_priority = items.last().map_or(0, |it| it.priority);
             if capped && got > 0 {
-                // Its place is at most the one it had: the next round looks there first.
-                below = Bound::Included(key);
+                // Stopped at the byte bound with items left: the waiters still unserved ask this partition again
+                // in this pass (each call answers at least one of them).
+                p.counts.ready = p.counts.ready.saturating_sub(got).max(1);
+                picks.push((p.top_priority, p.counts.ready, Reverse(i)));
+            } else if got < want as u64 {
+                // The partition had fewer ready items than we believed (shared store, or drift): trust storage.
+                p.counts.ready = 0;
+                p.top_priority = 0;
+            } else {
+                p.counts.ready = p.counts.ready.saturating_sub(got);
+            }
+            p.counts.leased += got;
+            if got > 0 {
+                p.pull_deadline(deadline);
             }
             self.metrics.leased.fetch_add(got, Ordering::Relaxed);
             let waited: u64 = items
@@ -92,6 +89,7 @@ impl QueueTask {
                 })
                 .fold(0u64, u64::saturating_add);
             self.metrics.lease_age_us.fetch_add(waited, Ordering::Relaxed);
+            let num = p.num;
             let orphans = self.deal(num, items);
             if !orphans.is_empty() {
                 self.give_back(i, h, orphans, now).await;
@@ -166,13 +164,12 @@ impl QueueTask {
         match h.retry(vec![ops], policy).await {
             Ok(mut results) => match results.pop() {
                 Some(Ok(o)) => {
-                    self.parts.modify(i, |p| {
-                        p.counts.leased = p.counts.leased.saturating_sub(n);
-                        p.counts.ready += o.requeued;
-                        if o.requeued > 0 {
-                            p.top_priority = crate::types::MAX_PRIORITY;
-                        }
-                    });
+                    let p = &mut self.parts[i];
+                    p.counts.leased = p.counts.leased.saturating_sub(n);
+                    p.counts.ready += o.requeued;
+                    if o.requeued > 0 {
+                        p.top_priority = crate::types::MAX_PRIORITY;
+                    }
                     tracing::info!(
                         queue = %self.info.name,
                         items = n,
@@ -188,7 +185,7 @@ impl QueueTask {
             },
             Err(e) => {
                 let name = self.info.name.clone();
-                self.parts.fail(i, now, &name, &e);
+                self.parts[i].fail(now, &name, &e);
             }
         }
     }

@@ -11,22 +11,22 @@ const LIFECYCLE_LIMIT: usize = 10_000;
 
 impl QueueTask {
     /// Runs storage's lifecycle on every healthy partition whose earliest deadline has come, then re-reads its
-    /// next deadline and its counts (or follows them with what the pass reports moved, see `counts_delta`). Only
-    /// those partitions are looked at (see [`super::parts`]).
+    /// next deadline and its counts (or follows them with what the pass reports moved, see `counts_delta`).
     pub(super) async fn lifecycle(&mut self, now: Ts) {
         let policy = self.policy();
-        for i in self.parts.due_deadlines(now) {
+        for i in 0..self.parts.len() {
             let Some(h) = self.parts[i].healthy() else {
                 continue;
             };
-            if self.lifecycle_held(i) {
+            let due = matches!(self.parts[i].next_deadline, Some(d) if d <= now);
+            if !due || self.lifecycle_held(i) {
                 continue;
             }
             let name = self.info.name.clone();
             let outcome = match h.lifecycle(now, policy, LIFECYCLE_LIMIT).await {
                 Ok(o) => o,
                 Err(e) => {
-                    self.parts.fail(i, now, &name, &e);
+                    self.parts[i].fail(now, &name, &e);
                     continue;
                 }
             };
@@ -50,7 +50,7 @@ impl QueueTask {
                     if !items.is_empty() {
                         let ids = items.iter().map(|it| it.id).collect();
                         if let Err(e) = h.remove_dead(ids).await {
-                            self.parts.fail(i, now, &name, &e);
+                            self.parts[i].fail(now, &name, &e);
                         }
                     }
                 }
@@ -67,24 +67,22 @@ impl QueueTask {
             };
             match (counts, h.next_deadline().await) {
                 (Ok(c), Ok(d)) => {
-                    let dead_retry_at = self.dead_retry_at;
-                    self.parts.modify(i, |p| {
-                        p.counts = c;
-                        p.top_priority = crate::types::MAX_PRIORITY;
-                        p.next_deadline = d;
-                        if outcome.more {
-                            p.next_deadline = Some(now);
+                    let p = &mut self.parts[i];
+                    p.counts = c;
+                    p.top_priority = crate::types::MAX_PRIORITY;
+                    p.next_deadline = d;
+                    if outcome.more {
+                        p.next_deadline = Some(now);
+                    }
+                    // Dead items still waiting for a dead-letter queue that failed: come back after the backoff,
+                    // not in a tight loop.
+                    if let Some(d) = p.next_deadline {
+                        if d < self.dead_retry_at && d <= now {
+                            p.next_deadline = Some(self.dead_retry_at);
                         }
-                        // Dead items still waiting for a dead-letter queue that failed: come back after the
-                        // backoff, not in a tight loop.
-                        if let Some(d) = p.next_deadline {
-                            if d < dead_retry_at && d <= now {
-                                p.next_deadline = Some(dead_retry_at);
-                            }
-                        }
-                    });
+                    }
                 }
-                (Err(e), _) | (_, Err(e)) => self.parts.fail(i, now, &name, &e),
+                (Err(e), _) | (_, Err(e)) => self.parts[i].fail(now, &name, &e),
             }
         }
     }

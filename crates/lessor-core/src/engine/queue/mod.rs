@@ -35,7 +35,6 @@ mod drain;
 mod health;
 mod lease;
 mod lifecycle;
-mod parts;
 mod produce;
 mod restore;
 
@@ -45,12 +44,11 @@ pub(crate) use drain::{
     Plan as RebalancePlan, Report as RebalanceReport, JOURNAL_TAG, SOURCE_PREFIX as REBALANCE_SOURCE_PREFIX,
 };
 use health::MissingStore;
-use parts::{Part, Parts};
 
 use super::{BrowsePage, BrowseRequest, EngineConfig, LeaseResult, ProduceItem, QueueMetrics, QueueStats};
 use crate::durability::{self, Gate, Pass};
-use crate::error::QueueError;
-use crate::storage::{LifecyclePolicy, PartitionSnapshot, PartitionStore};
+use crate::error::{QueueError, StorageError};
+use crate::storage::{LifecyclePolicy, Partition, PartitionSnapshot, PartitionStore};
 use crate::time::Ts;
 use crate::types::{
     ClearRequest, Item, ItemId, NewItem, PartitionCounts, PartitionInfo, QueueInfo, RetryItem,
@@ -294,6 +292,64 @@ pub(crate) enum Cold {
     },
 }
 
+/// What the task knows about one partition: its handle, its health and the counts it balances load by.
+struct Part {
+    /// Partition number.
+    num: u32,
+    /// The store that holds it.
+    store: Arc<dyn PartitionStore>,
+    /// That store's configured name.
+    store_name: String,
+    /// Being drained by a rebalance: takes no new items and serves no lease (see [`drain`]).
+    draining: bool,
+    /// Whether other servers may change it (counts are then re-read every [`health`] refresh).
+    shared: bool,
+    /// Open handle; `None` until the first successful probe.
+    handle: Option<Arc<dyn Partition>>,
+    /// Counts as of the last storage call, adjusted by every call since.
+    counts: PartitionCounts,
+    /// Consecutive failures; 0 means healthy.
+    failures: u32,
+    /// When a failed partition is probed again.
+    retry_at: Ts,
+    /// The earliest lifecycle deadline (lease end, schedule, expiry) in the partition.
+    next_deadline: Option<Ts>,
+    /// When a shared partition's counts are re-read.
+    refresh_at: Ts,
+    /// No ready item of the partition has a higher priority than this (an upper bound: raised by produce and by
+    /// anything that may make items ready, lowered by what a lease returns).
+    top_priority: u8,
+}
+
+impl Part {
+    fn healthy(&self) -> Option<Arc<dyn Partition>> {
+        if self.failures == 0 {
+            self.handle.clone()
+        } else {
+            None
+        }
+    }
+
+    fn fail(&mut self, now: Ts, queue: &str, e: &StorageError) {
+        // A full store refused items; the partition serves on, and its consumers are what makes room. (Every
+        // caller answers its request with the error all the same.)
+        if e.kind == crate::error::StorageErrorKind::Full {
+            tracing::debug!(queue, partition = self.num, error = %e, "partition full");
+            return;
+        }
+        self.failures = self.failures.saturating_add(1);
+        // Back off 500 ms growing by 1.5x up to 5 s, so a dead backend is probed but not hammered.
+        let backoff = (500.0 * 1.5f64.powi(self.failures.min(10) as i32 - 1)).min(5000.0);
+        self.retry_at = now.add(Duration::from_millis(backoff as u64));
+        tracing::warn!(queue, partition = self.num, failures = self.failures, error = %e, "partition failing");
+    }
+
+    /// Makes sure the lifecycle runs no later than `t`.
+    fn pull_deadline(&mut self, t: Ts) {
+        self.next_deadline = Some(self.next_deadline.map_or(t, |d| d.min(t)));
+    }
+}
+
 /// A lease request waiting (long-polling) for items.
 struct Waiter {
     client_id: String,
@@ -305,7 +361,7 @@ struct Waiter {
 /// One queue's task: its definition, its partitions, its waiting leases and its inbox.
 pub(crate) struct QueueTask {
     info: QueueInfo,
-    parts: Parts,
+    parts: Vec<Part>,
     /// Lease requests in arrival order (the order items are dealt in).
     waiters: VecDeque<Waiter>,
     rx: mpsc::Receiver<Msg>,
@@ -377,7 +433,7 @@ impl QueueTask {
     ) -> Self {
         let mut t = QueueTask {
             info: QueueInfo::default(),
-            parts: Parts::default(),
+            parts: Vec::new(),
             waiters: VecDeque::new(),
             rx,
             dead_letters,
@@ -437,8 +493,22 @@ impl QueueTask {
             .reserve_exact(info.partitions.len().saturating_sub(self.parts.len()));
         for p in &info.partitions[self.parts.len().min(info.partitions.len())..] {
             let store = self.find_store(p);
-            self.parts
-                .push(Part::unopened(p.partition, store, p.storage_name.clone()));
+            let shared = store.shared();
+            self.parts.push(Part {
+                num: p.partition,
+                store,
+                store_name: p.storage_name.clone(),
+                draining: false,
+                shared,
+                handle: None,
+                counts: PartitionCounts::default(),
+                // Not opened yet: "failed" with a retry due now, so the first pass opens it.
+                failures: 1,
+                retry_at: Ts::ZERO,
+                next_deadline: None,
+                refresh_at: Ts::ZERO,
+                top_priority: crate::types::MAX_PRIORITY,
+            });
         }
         self.info = info;
     }
@@ -454,7 +524,7 @@ impl QueueTask {
 
     /// Whether a rebalance drains partition `num` (it must take no new item).
     fn is_draining(&self, num: u32) -> bool {
-        self.parts.get(num as usize).is_some_and(|p| p.draining)
+        self.parts.iter().any(|p| p.num == num && p.draining)
     }
 
     fn policy(&self) -> LifecyclePolicy {
@@ -493,8 +563,7 @@ impl QueueTask {
                 // (the queue then stayed loaded until its next request).
                 let now = self.now();
                 if self.idle(now) {
-                    // Every partition is healthy (see `idle`): the earliest healthy deadline is the earliest.
-                    let wake = self.parts.first_deadline();
+                    let wake = self.parts.iter().filter_map(|p| p.next_deadline).min();
                     return Exit::Unloaded(Box::pin(self.unload()).await, wake);
                 }
                 let wake = self.next_wake(now);
@@ -553,10 +622,12 @@ impl QueueTask {
             && self.redriving.values().all(|ids| ids.is_empty())
             && self.tiers_due.is_none()
             && now >= self.dead_retry_at
-            && self.parts.failing() == 0
-            && self.parts.totals().leased == 0
-            && self.parts.totals().scheduled == 0
-            && self.parts.first_deadline().is_none_or(|d| d > now)
+            && self.parts.iter().all(|p| {
+                p.failures == 0
+                    && p.counts.leased == 0
+                    && p.counts.scheduled == 0
+                    && p.next_deadline.is_none_or(|d| d > now)
+            })
     }
 
     /// Stops the idle queue and frees its state; returns the requests that reached the inbox meanwhile, unanswered
@@ -574,8 +645,8 @@ impl QueueTask {
         while let Ok(m) = self.rx.try_recv() {
             left.push(m);
         }
-        for i in 0..self.parts.len() {
-            if let Some(h) = self.parts.modify(i, |p| p.handle.take()) {
+        for p in &mut self.parts {
+            if let Some(h) = p.handle.take() {
                 h.close().await;
             }
         }
@@ -687,10 +758,10 @@ impl QueueTask {
                     .push((ids, lease_timeout, reply)),
                 Msg::Cold(c) => colds.push(c),
                 Msg::Wake(p) => {
-                    // The index is the partition's number.
-                    let i = p as usize;
-                    if self.parts.get(i).is_some_and(|x| x.shared) && !woken.contains(&i) {
-                        woken.push(i);
+                    if let Some(i) = self.parts.iter().position(|x| x.num == p && x.shared) {
+                        if !woken.contains(&i) {
+                            woken.push(i);
+                        }
                     }
                 }
                 // Taken at the start of the pass (see `NextInfo`).
@@ -701,10 +772,9 @@ impl QueueTask {
         // A woken partition has ready items another server made: it goes first when the waiters are served (a
         // lease is the one round trip that finds them; its counts are re-read at the periodic refresh).
         for i in woken {
-            self.parts.modify(i, |p| {
-                p.counts.ready = p.counts.ready.max(1);
-                p.top_priority = crate::types::MAX_PRIORITY;
-            });
+            let p = &mut self.parts[i];
+            p.counts.ready = p.counts.ready.max(1);
+            p.top_priority = crate::types::MAX_PRIORITY;
         }
         // Produce, complete, retry, extend and lease depend on durability only for their replies: their writes are
         // deferred to the pass, which answers them once an fsync covers them while the task goes on (see
@@ -748,8 +818,10 @@ impl QueueTask {
     }
 
     /// Ready, leased and scheduled items over every partition.
-    fn total_counts(&self) -> PartitionCounts {
-        self.parts.totals()
+    fn total_counts(&self) -> (u64, u64, u64) {
+        self.parts.iter().fold((0, 0, 0), |(r, l, s), p| {
+            (r + p.counts.ready, l + p.counts.leased, s + p.counts.scheduled)
+        })
     }
 
     /// Schedules a read of the tier figures, at most one per [`super::TIER_REFRESH`].
@@ -766,7 +838,7 @@ impl QueueTask {
             return;
         }
         let mut sum = crate::types::TierStats::default();
-        for p in self.parts.iter() {
+        for p in &self.parts {
             if let Some(h) = p.healthy() {
                 match h.stats(now).await {
                     Ok(s) => sum.add(&s.tiers),
@@ -799,29 +871,34 @@ impl QueueTask {
         for w in &self.waiters {
             wake = wake.min(w.deadline);
         }
-        if let Some(t) = self.parts.first_probe() {
-            wake = wake.min(t);
+        for (i, p) in self.parts.iter().enumerate() {
+            if p.failures > 0 {
+                wake = wake.min(p.retry_at);
+            } else {
+                // A lifecycle held by the rebalance waits for its next step (in `rebalance_wake`): its deadline,
+                // passed already, would wake the loop at once, over and over.
+                if let Some(d) = p.next_deadline.filter(|_| !self.lifecycle_held(i)) {
+                    wake = wake.min(d);
+                }
+                if p.shared {
+                    wake = wake.min(p.refresh_at);
+                }
+            }
         }
-        let deadline = if self.holds_lifecycle() {
-            // A lifecycle held by the rebalance waits for its next step (in `rebalance_wake`): its deadline,
-            // passed already, would wake the loop at once, over and over. Rare (a rebalance's chunk not settled
-            // yet), and the rebalance's step costs a scan anyway: the others' deadlines are found by one.
-            (0..self.parts.len())
-                .filter(|&i| self.parts[i].failures == 0 && !self.lifecycle_held(i))
-                .filter_map(|i| self.parts[i].next_deadline)
-                .min()
-        } else {
-            self.parts.first_deadline()
-        };
-        deadline.map_or(wake, |d| wake.min(d))
+        wake
     }
 
     /// Publishes the gauges `/metrics` reads.
     fn publish(&self) {
-        let c = self.parts.totals();
-        self.metrics.ready.store(c.ready, Ordering::Relaxed);
-        self.metrics.leased_now.store(c.leased, Ordering::Relaxed);
-        self.metrics.scheduled.store(c.scheduled, Ordering::Relaxed);
+        let (mut ready, mut leased, mut scheduled) = (0, 0, 0);
+        for p in &self.parts {
+            ready += p.counts.ready;
+            leased += p.counts.leased;
+            scheduled += p.counts.scheduled;
+        }
+        self.metrics.ready.store(ready, Ordering::Relaxed);
+        self.metrics.leased_now.store(leased, Ordering::Relaxed);
+        self.metrics.scheduled.store(scheduled, Ordering::Relaxed);
         self.metrics
             .lease_waiting
             .store(self.waiters.len() as u64, Ordering::Relaxed);
@@ -839,8 +916,8 @@ impl QueueTask {
         while let Ok(m) = self.rx.try_recv() {
             refuse(m, QueueError::QueueShuttingDown);
         }
-        for i in 0..self.parts.len() {
-            if let Some(h) = self.parts.modify(i, |p| p.handle.take()) {
+        for p in &mut self.parts {
+            if let Some(h) = p.handle.take() {
                 h.close().await;
             }
         }
