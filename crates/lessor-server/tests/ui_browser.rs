@@ -223,8 +223,9 @@ impl Browser {
     }
 
     /// Calls `/element/{id}/{action}` on the element `selector` finds. The page re-renders on its refresh timer,
-    /// which can replace the element between the find and the call ("stale element reference"): it is then found
-    /// again, until [`WAIT`] has passed.
+    /// which can replace the element between the find and the call ("stale element reference"), and a window just
+    /// resized may not have laid it out again yet ("element not interactable", seen once in CI right after the
+    /// tour's phone-width screenshots): it is then found again, until [`WAIT`] has passed.
     async fn on_element(&self, selector: &str, action: &str, body: Value) {
         let started = Instant::now();
         loop {
@@ -234,7 +235,12 @@ impl Browser {
                 .await
             {
                 Ok(_) => return,
-                Err(e) if e.contains("stale element") && started.elapsed() < WAIT => {}
+                Err(e)
+                    if (e.contains("stale element") || e.contains("not interactable"))
+                        && started.elapsed() < WAIT =>
+                {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
                 Err(e) => panic!("{action} on {selector}: {e}"),
             }
         }
