@@ -746,15 +746,6 @@ async fn an_unreadable_segment_is_not_fetched_again_before_its_pause() {
     check_paused_segment(&env, &p, &clock, || store.segment_counters().2).await;
 }
 
-/// Waits up to 10 s for `f` (the calls below are answered at once when nothing holds them up; without the bound, a
-/// call stuck behind a held spill would hang the test instead of failing it).
-async fn within<T>(what: &str, f: impl std::future::Future<Output = T>) -> T {
-    match tokio::time::timeout(Duration::from_secs(10), f).await {
-        Ok(v) => v,
-        Err(_) => panic!("{what}"),
-    }
-}
-
 /// A delete by id and an expiry pass that meet a spill in flight (its object being written, held here for as long
 /// as the test wants) do not wait for its upload, and neither do the produce and lease of the partition behind
 /// them. Both used to wait for the spill and commit it first while holding the partition's lock, so every call of

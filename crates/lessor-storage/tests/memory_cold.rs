@@ -820,14 +820,6 @@ async fn a_spill_in_flight_across_a_delete_of_its_item_does_not_bring_it_back() 
     );
 }
 
-/// `f`, or a failure saying `what` once 10 s have passed (a wait for a held spill would never end).
-async fn within<T>(what: &str, f: impl std::future::Future<Output = T>) -> T {
-    match tokio::time::timeout(Duration::from_secs(10), f).await {
-        Ok(v) => v,
-        Err(_) => panic!("{what}"),
-    }
-}
-
 /// A delete, a lease and a snapshot that need a committed segment while a spill is in flight (its object being
 /// written, held here for as long as the test wants) fetch that segment without waiting for the spill's upload,
 /// and neither does the produce behind each of them. The segment load (and a delete's or an expiry's take from a

@@ -477,3 +477,13 @@ pub async fn check_paused_segment(
     assert_eq!(lease_all(p, 7).await, low[served..]);
     assert_eq!(failed(), fetched + 1);
 }
+
+/// Waits up to 10 s for `f`, else fails saying `what`: the calls of the held-spill tests are answered at once when
+/// nothing holds them up, and without the bound a call stuck behind a held spill would hang the test instead of
+/// failing it.
+pub async fn within<T>(what: &str, f: impl std::future::Future<Output = T>) -> T {
+    match tokio::time::timeout(Duration::from_secs(10), f).await {
+        Ok(v) => v,
+        Err(_) => panic!("{what}"),
+    }
+}
